@@ -1,0 +1,203 @@
+"""ModelSpec: the shape of a decoder-only transformer, its presets, and Hugging Face configs.
+
+Parameter count (LLaMA family, untied embeddings; REFERENCE.md "Formulas"):
+``L·(2h² + 2·h·g·d + 3·h·f + 2h) + h + 2·V·h``, plus q/k/v biases for Qwen2-style
+models, minus one ``V·h`` for tied embeddings, and a scalar value head (``h`` weights) in
+place of the LM head for critics and reward models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from estimator.errors import ConfigError
+
+HEAD_KINDS = ("lm", "value")
+BF16_BYTES = 2
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer (RMSNorm, rotary, SwiGLU, grouped-query attention)."""
+
+    name: str
+    layers: int  # transformer blocks
+    hidden: int  # model width h
+    ffn: int  # SwiGLU inner width f
+    heads: int  # attention (query) heads a
+    kv_heads: int  # key/value heads g (grouped-query attention); == heads for MHA
+    vocab: int  # vocabulary size V
+    head: str = "lm"  # "lm" (vocab logits) or "value" (one scalar per token)
+    tied_embeddings: bool = False  # LM head shares the embedding matrix
+    qkv_bias: bool = False  # q/k/v projections carry biases (Qwen2)
+    rope_theta: float = 10000.0  # rotary base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+
+    def __post_init__(self) -> None:
+        problems = []
+        for field in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{field}={value!r} must be a positive integer")
+        if not problems:
+            if self.hidden % self.heads:
+                problems.append(f"hidden={self.hidden} must be divisible by heads={self.heads}")
+            if self.heads % self.kv_heads:
+                problems.append(f"heads={self.heads} must be divisible by kv_heads={self.kv_heads}")
+            if self.head_dim % 2:
+                problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.head not in HEAD_KINDS:
+            problems.append(f"head={self.head!r} must be one of {HEAD_KINDS}")
+        if self.head == "value" and self.tied_embeddings:
+            problems.append("tied_embeddings=True needs head='lm'")
+        if problems:
+            raise ConfigError(f"model {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the K (or V) projection output: g·d."""
+        return self.kv_heads * self.head_dim
+
+    @property
+    def params_per_layer(self) -> int:
+        h, f, kv = self.hidden, self.ffn, self.kv_dim
+        attn = 2 * h * h + 2 * h * kv + (h + 2 * kv if self.qkv_bias else 0)
+        return attn + 3 * h * f + 2 * h  # + two RMSNorm weight vectors
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def head_params(self) -> int:
+        if self.head == "value":
+            return self.hidden
+        return 0 if self.tied_embeddings else self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        """Total parameter count."""
+        return (
+            self.layers * self.params_per_layer
+            + self.hidden  # final norm
+            + self.embedding_params
+            + self.head_params
+        )
+
+    def bytes(self, bytes_per_param: int = BF16_BYTES) -> int:
+        """Bytes of the weights at ``bytes_per_param`` (bf16 by default)."""
+        return self.params * bytes_per_param
+
+    def as_value_model(self) -> ModelSpec:
+        """The same trunk with a scalar value head (critic / reward model)."""
+        return dataclasses.replace(self, head="value", tied_embeddings=False)
+
+
+def _llama(name: str, layers: int, hidden: int, ffn: int, heads: int, kv: int, vocab: int,
+           theta: float = 10000.0, eps: float = 1e-5) -> ModelSpec:
+    return ModelSpec(name, layers, hidden, ffn, heads, kv, vocab, rope_theta=theta, norm_eps=eps)
+
+
+def _qwen(name: str, layers: int, hidden: int, ffn: int, heads: int, kv: int, vocab: int,
+          tied: bool) -> ModelSpec:
+    return ModelSpec(name, layers, hidden, ffn, heads, kv, vocab, tied_embeddings=tied,
+                     qkv_bias=True, rope_theta=1_000_000.0, norm_eps=1e-6)
+
+
+# Values from each model's published Hugging Face config.json.
+PRESETS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in (
+        _llama("llama2-7b", 32, 4096, 11008, 32, 32, 32000),
+        _llama("llama2-13b", 40, 5120, 13824, 40, 40, 32000),
+        _llama("codellama-34b", 48, 8192, 22016, 64, 8, 32000, theta=1_000_000.0),
+        _llama("llama2-70b", 80, 8192, 28672, 64, 8, 32000),
+        _llama("llama3-8b", 32, 4096, 14336, 32, 8, 128256, theta=500_000.0),
+        _llama("llama3-70b", 80, 8192, 28672, 64, 8, 128256, theta=500_000.0),
+        _qwen("qwen2.5-0.5b", 24, 896, 4864, 14, 2, 151936, tied=True),
+        _qwen("qwen2.5-1.5b", 28, 1536, 8960, 12, 2, 151936, tied=True),
+        _qwen("qwen2.5-3b", 36, 2048, 11008, 16, 2, 151936, tied=True),
+        _qwen("qwen2.5-7b", 28, 3584, 18944, 28, 4, 152064, tied=False),
+        _qwen("qwen2.5-14b", 48, 5120, 13824, 40, 8, 152064, tied=False),
+        _qwen("qwen2.5-32b", 64, 5120, 27648, 40, 8, 152064, tied=False),
+        _qwen("qwen2.5-72b", 80, 8192, 29568, 64, 8, 152064, tied=False),
+        # Tiny models the CPU executor runs in seconds.
+        _llama("tiny-2l-128h", 2, 128, 256, 4, 2, 256),
+        _llama("tiny-4l-256h", 4, 256, 512, 8, 4, 512),
+    )
+}
+
+_HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+}
+_HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
+
+def from_hf_config(path: str | Path) -> ModelSpec:
+    """Read a Hugging Face ``config.json`` (LLaMA, Mistral or Qwen2 style) into a ModelSpec.
+
+    ``path`` is the file or the directory that holds it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"model config {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"model config {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"model config {str(path)!r} must hold a JSON object")
+    archs = cfg.get("architectures") or []
+    style = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
+    style = style or _HF_MODEL_TYPES.get(cfg.get("model_type", ""))
+    if style is None:
+        raise ConfigError(
+            f"model config {str(path)!r}: unsupported architecture "
+            f"{archs or cfg.get('model_type')!r}; supported: {sorted(_HF_ARCHITECTURES)}"
+        )
+    required = ("num_hidden_layers", "hidden_size", "intermediate_size",
+                "num_attention_heads", "vocab_size")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise ConfigError(f"model config {str(path)!r} lacks keys {missing}")
+    heads = cfg["num_attention_heads"]
+    return ModelSpec(
+        name=path.parent.name or path.stem,
+        layers=cfg["num_hidden_layers"],
+        hidden=cfg["hidden_size"],
+        ffn=cfg["intermediate_size"],
+        heads=heads,
+        kv_heads=cfg.get("num_key_value_heads") or heads,
+        vocab=cfg["vocab_size"],
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=bool(cfg.get("attention_bias", style == "qwen2")),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+    )
+
+
+def get_model(name_or_path: str, base_dir: str | Path | None = None) -> ModelSpec:
+    """A preset by name, or a Hugging Face config by path (relative to ``base_dir``)."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    looks_like_path = "/" in name_or_path or name_or_path.endswith(".json")
+    if looks_like_path:
+        path = Path(name_or_path)
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+        return from_hf_config(path)
+    raise ConfigError(
+        f"unknown model preset {name_or_path!r}; known presets: {', '.join(sorted(PRESETS))} "
+        "(or give a path to a Hugging Face config.json)"
+    )

@@ -1,0 +1,68 @@
+"""Work of transformer ops as pure functions of shapes: FLOPs, each citing its formula.
+
+Conventions: one multiply-add is 2 FLOPs (``2·m·n·k`` for an m×k by k×n product, as in
+Calculon's ``Linear``). Symbols follow REFERENCE.md: h hidden, f ffn, V vocab, L layers,
+``kv = g·d`` width of K (or V). Attention is causal: query position i attends to i+1 keys
+(its own and every earlier one), so a forward over ``s`` new tokens after ``c`` cached ones
+attends ``s·c + s(s+1)/2`` keys; each attended key costs ``4·h`` FLOPs (QKᵀ and the weighted
+sum of V, 2·d each per head; Korthikanti et al. 2022 count ``4·s²·h`` for the non-causal
+square).
+"""
+
+from __future__ import annotations
+
+from estimator.models import ModelSpec
+from estimator.workflow import Call
+
+BACKWARD_FACTOR = 2.0  # backward ≈ 2 × forward (grads w.r.t. inputs and weights)
+
+
+def linear_flops(m: int, n: int, k: int) -> float:
+    """(m×k)·(k×n): ``2·m·n·k``."""
+    return 2.0 * m * n * k
+
+
+def projection_flops_per_token(model: ModelSpec) -> float:
+    """Per layer and token: q, k, v, o projections ``2·(2h² + 2·h·kv)`` + SwiGLU ``2·3·h·f``."""
+    h = model.hidden
+    return 2.0 * (2 * h * h + 2 * h * model.kv_dim) + 2.0 * 3 * h * model.ffn
+
+
+def attended_keys(new: int, cached: int = 0) -> float:
+    """Causal (query, key) pairs when ``new`` tokens follow ``cached`` ones."""
+    return new * cached + new * (new + 1) / 2.0
+
+
+def attention_core_flops(model: ModelSpec, new: int, cached: int = 0) -> float:
+    """Per layer and sequence: ``4·h`` per attended key (scores + weighted sum)."""
+    return 4.0 * model.hidden * attended_keys(new, cached)
+
+
+def head_flops_per_token(model: ModelSpec) -> float:
+    """LM head ``2·h·V`` or scalar value head ``2·h``."""
+    return 2.0 * model.hidden * (model.vocab if model.head == "lm" else 1)
+
+
+def forward_flops(model: ModelSpec, batch: int, new: int, cached: int = 0,
+                  head_tokens: int | None = None) -> float:
+    """One forward of ``batch`` sequences over ``new`` tokens after ``cached`` ones; the head
+    runs on ``head_tokens`` positions per sequence (default: all ``new``)."""
+    head_tokens = new if head_tokens is None else head_tokens
+    per_seq = model.layers * (new * projection_flops_per_token(model)
+                              + attention_core_flops(model, new, cached))
+    return batch * (per_seq + head_tokens * head_flops_per_token(model))
+
+
+def generate_flops(model: ModelSpec, batch: int, prompt_len: int, gen_len: int) -> float:
+    """Prefill of the prompt plus ``gen_len − 1`` one-token decode steps; the head runs once
+    per generated token. Equal to a forward over ``prompt + gen − 1`` tokens."""
+    return forward_flops(model, batch, prompt_len + gen_len - 1, head_tokens=gen_len)
+
+
+def call_flops(call: Call, model: ModelSpec) -> float:
+    """FLOPs of one execution of ``call`` (all minibatches; no activation recompute)."""
+    w = call.workload
+    if call.kind == "generate":
+        return generate_flops(model, w.seqs, w.prompt_len, w.gen_len)
+    fwd = forward_flops(model, w.seqs, w.seq_len)
+    return fwd * (1.0 + BACKWARD_FACTOR) if call.kind == "train" else fwd

@@ -1,0 +1,226 @@
+"""Layouts and plans: which devices and which parallel degrees each call runs with.
+
+Rank order inside a mesh (Megatron's): tensor-parallel ranks are innermost and contiguous,
+then data-parallel, then pipeline stages outermost::
+
+    device = mesh.first + (pp_rank · dp + dp_rank) · tp + tp_rank
+
+so a tensor-parallel group is ``tp`` neighbouring devices and stays inside a node whenever
+``tp`` divides the devices per node. Executor and estimator both use :meth:`Layout.device`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from estimator.cluster import Cluster, DeviceMesh
+from estimator.errors import ConfigError, PlanInvalidError
+from estimator.models import ModelSpec
+from estimator.workflow import Call
+
+if TYPE_CHECKING:
+    from estimator.experiment import Experiment
+
+PLAN_FORMAT = "rlhf-plan/plan-v1"
+MICRO_BATCH_CHOICES = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True, order=True)
+class Layout:
+    """A mesh and the (dp, tp, pp) degrees plus micro-batches a call runs with."""
+
+    mesh: DeviceMesh
+    dp: int  # data-parallel degree
+    tp: int  # tensor-parallel degree
+    pp: int  # pipeline stages
+    micro_batches: int = 1  # per data-parallel rank and minibatch
+
+    def __post_init__(self) -> None:
+        bad = [
+            f"{k}={getattr(self, k)!r}"
+            for k in ("dp", "tp", "pp", "micro_batches")
+            if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)
+            or getattr(self, k) < 1
+        ]
+        if bad:
+            raise ConfigError(f"layout {', '.join(bad)}: degrees must be positive integers")
+
+    @property
+    def size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    def device(self, dp_rank: int, tp_rank: int, pp_rank: int) -> int:
+        """Global device id of the rank with these coordinates."""
+        return self.mesh.first + (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
+    def coords(self, device: int) -> tuple[int, int, int]:
+        """``(dp_rank, tp_rank, pp_rank)`` of a global device id in this layout."""
+        local = device - self.mesh.first
+        if not 0 <= local < self.size:
+            raise ValueError(f"device {device} is not in layout mesh {self.mesh}")
+        tp_rank = local % self.tp
+        dp_rank = (local // self.tp) % self.dp
+        return dp_rank, tp_rank, local // (self.tp * self.dp)
+
+    def stage_layers(self, layers: int, pp_rank: int) -> range:
+        """Transformer blocks held by pipeline stage ``pp_rank`` (as even as possible, earlier
+        stages take the remainder)."""
+        base, extra = divmod(layers, self.pp)
+        start = pp_rank * base + min(pp_rank, extra)
+        return range(start, start + base + (1 if pp_rank < extra else 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mesh": str(self.mesh), "dp": self.dp, "tp": self.tp, "pp": self.pp,
+                "micro_batches": self.micro_batches}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "layout") -> Layout:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: must be an object with mesh, dp, tp, pp, micro_batches")
+        allowed = {"mesh", "dp", "tp", "pp", "micro_batches"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+        missing = sorted({"mesh", "dp", "tp", "pp"} - set(data))
+        if missing:
+            raise ConfigError(f"{where}: missing key(s) {missing}")
+        for k in ("dp", "tp", "pp", "micro_batches"):
+            v = data.get(k, 1)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{where}.{k}={v!r} must be a positive integer")
+        try:
+            mesh = DeviceMesh.parse(data["mesh"])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.mesh: {exc}") from None
+        return cls(mesh, data["dp"], data["tp"], data["pp"], data.get("micro_batches", 1))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """call name → Layout."""
+
+    layouts: dict[str, Layout]
+
+    def __getitem__(self, call: str) -> Layout:
+        return self.layouts[call]
+
+    def __contains__(self, call: object) -> bool:
+        return call in self.layouts
+
+    def to_json(self) -> str:
+        return json.dumps({"format": PLAN_FORMAT,
+                           "calls": {c: lay.to_dict() for c, lay in self.layouts.items()}},
+                          indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "plan") -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("calls"), dict):
+            raise ConfigError(f"{where}: must be a JSON object with a 'calls' object")
+        unknown = sorted(set(data) - {"format", "calls"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: ['calls', 'format']")
+        if data.get("format", PLAN_FORMAT) != PLAN_FORMAT:
+            raise ConfigError(f"{where}: format={data['format']!r}, expected {PLAN_FORMAT!r}")
+        return cls({c: Layout.from_dict(v, f"{where}: calls.{c}") for c, v in data["calls"].items()})
+
+    @classmethod
+    def load(cls, path: str) -> Plan:
+        try:
+            with open(path) as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise ConfigError(f"plan file {path!r}: {exc.strerror}") from None
+        return cls.from_json(text, where=f"plan {path}")
+
+    def table(self) -> str:
+        """A readable table of the plan."""
+        rows = [("call", "mesh", "devices", "dp", "tp", "pp", "micro_batches")]
+        rows += [(c, str(lay.mesh), str(lay.mesh.size), str(lay.dp), str(lay.tp), str(lay.pp),
+                  str(lay.micro_batches)) for c, lay in self.layouts.items()]
+        return format_table(rows)
+
+
+def format_table(rows: list[tuple[str, ...]], right: set[int] | None = None) -> str:
+    """Align rows (first row is the header) into a plain-text table."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    right = right if right is not None else set(range(1, len(widths)))
+
+    def fmt(row: tuple[str, ...]) -> str:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + [fmt(r) for r in rows[1:]])
+
+
+def layout_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layout) -> list[str]:
+    """Every rule ``layout`` breaks for ``call`` (empty: valid). Memory is the estimator's."""
+    name = call.name
+    out = [f"call {name}: {p}" for p in cluster.mesh_problems(layout.mesh)]
+    if layout.size != layout.mesh.size:
+        out.append(f"call {name}: dp·tp·pp = {layout.dp}·{layout.tp}·{layout.pp} = {layout.size} "
+                   f"must equal mesh {layout.mesh} size {layout.mesh.size}")
+    for dim in ("heads", "kv_heads", "ffn", "vocab"):
+        value = getattr(model, dim)
+        if value % layout.tp:
+            out.append(f"call {name}: tp={layout.tp} must divide {dim}={value} of model {model.name}")
+    dpn = cluster.devices_per_node
+    if layout.tp > dpn or (layout.mesh.size > dpn and dpn % layout.tp):
+        out.append(f"call {name}: tp={layout.tp} spans nodes; tensor-parallel groups must fit in "
+                   f"one node of {dpn} devices (tp must divide {dpn})")
+    if layout.pp > model.layers:
+        out.append(f"call {name}: pp={layout.pp} exceeds layers={model.layers} of model {model.name}")
+    w = call.workload
+    per_step = w.units_per_minibatch
+    split = layout.dp * layout.micro_batches
+    if per_step % split:
+        unit = "pairs" if w.paired else "sequences"
+        step = f"per minibatch ({w.minibatches} minibatches)" if w.minibatches > 1 else ""
+        out.append(f"call {name}: batch of {per_step} {unit} {step} is not divisible by "
+                   f"dp·micro_batches = {layout.dp}·{layout.micro_batches} = {split}".replace("  ", " "))
+    return out
+
+
+def validate(plan: Plan, experiment: Experiment) -> list[str]:
+    """Every violated rule of ``plan`` for ``experiment``, each naming call, value and rule."""
+    wf = experiment.workflow
+    out = [f"call {c}: unknown call; the {wf.algorithm} workflow has {list(wf.call_names)}"
+           for c in plan.layouts if c not in wf]
+    out += [f"call {c}: missing from the plan" for c in wf.call_names if c not in plan]
+    for c in wf.call_names:
+        if c in plan:
+            call = wf[c]
+            out += layout_problems(call, experiment.models[call.role], experiment.cluster, plan[c])
+    return out
+
+
+def check(plan: Plan, experiment: Experiment) -> Plan:
+    """``plan`` if valid; otherwise raise :class:`PlanInvalidError` with every message."""
+    problems = validate(plan, experiment)
+    if problems:
+        raise PlanInvalidError(problems)
+    return plan
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def enumerate_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> list[Layout]:
+    """Every valid layout of ``call``: each mesh × (dp, tp, pp) × micro-batch choice."""
+    out = []
+    for mesh in cluster.meshes():
+        for tp in divisors(mesh.size):
+            for pp in divisors(mesh.size // tp):
+                dp = mesh.size // (tp * pp)
+                for mb in MICRO_BATCH_CHOICES:
+                    lay = Layout(mesh, dp, tp, pp, mb)
+                    if not layout_problems(call, model, cluster, lay):
+                        out.append(lay)
+    return out

@@ -1,0 +1,162 @@
+"""Timeline: what happened (measured) or will happen (predicted), span by span.
+
+The estimator and the executor produce the same type, so analysis compares them row by row.
+A span is one op of one call on one device: ``(device, iteration, call, op, micro_batch,
+stage, start_s, end_s)``. Communication spans also name the link they used in ``resource``
+(compute spans leave it empty); a span that occupies only a link has ``device = -1``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from estimator.errors import ConfigError
+from estimator.io import atomic_write_json
+
+TIMELINE_FORMAT = "rlhf-plan/timeline-v1"
+
+
+@dataclass(frozen=True, order=True)
+class Span:
+    """One op of one call on one device, in seconds from the start of the run."""
+
+    start_s: float  # seconds since the run started
+    end_s: float  # seconds since the run started
+    device: int  # global device id; -1 for a span on a link only
+    iteration: int
+    call: str  # call name, e.g. "actor_gen"
+    op: str  # e.g. "forward", "backward", "decode", "realloc", "tp_allreduce", "call"
+    micro_batch: int = -1  # -1 when the op is not per micro-batch
+    stage: int = -1  # pipeline stage, -1 when not pipelined
+    resource: str = ""  # link name for communication spans ("" for device compute)
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Spans of one run plus where they come from (``predicted`` or ``measured``)."""
+
+    spans: tuple[Span, ...]
+    source: str = "predicted"  # predicted | measured
+    meta: dict[str, Any] | None = None  # free-form provenance (plan, profile, host, …)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spans", tuple(sorted(self.spans)))
+
+    @classmethod
+    def of(cls, spans: Iterable[Span], source: str = "predicted", **meta: Any) -> Timeline:
+        return cls(tuple(spans), source, meta or None)
+
+    @property
+    def iterations(self) -> list[int]:
+        return sorted({s.iteration for s in self.spans})
+
+    @property
+    def makespan_s(self) -> float:
+        return max((s.end_s for s in self.spans), default=0.0)
+
+    def call_intervals(self) -> dict[tuple[int, str], tuple[float, float]]:
+        """(iteration, call) → (first start, last end) over all its spans."""
+        out: dict[tuple[int, str], tuple[float, float]] = {}
+        for s in self.spans:
+            key = (s.iteration, s.call)
+            lo, hi = out.get(key, (s.start_s, s.end_s))
+            out[key] = (min(lo, s.start_s), max(hi, s.end_s))
+        return out
+
+    def iteration_ends(self) -> list[float]:
+        ends: dict[int, float] = {}
+        for s in self.spans:
+            ends[s.iteration] = max(ends.get(s.iteration, 0.0), s.end_s)
+        return [ends[i] for i in sorted(ends)]
+
+    def iteration_times(self) -> list[float]:
+        """Time between consecutive iteration ends (the first from time 0)."""
+        ends = self.iteration_ends()
+        return [e - (ends[i - 1] if i else 0.0) for i, e in enumerate(ends)]
+
+    def steady_state_s(self, warmup: int = 1) -> float:
+        """Mean iteration period after ``warmup`` iterations (all of them if too few)."""
+        ends = self.iteration_ends()
+        if not ends:
+            return 0.0
+        if len(ends) <= warmup:
+            return ends[-1] / len(ends)
+        base = ends[warmup - 1] if warmup > 0 else 0.0
+        return (ends[-1] - base) / (len(ends) - warmup)
+
+    def per_call(self, iteration: int | None = None) -> dict[str, dict[str, float]]:
+        """call → {start_s, end_s, duration_s} (in ``iteration``; default: the last one)."""
+        its = self.iterations
+        if not its:
+            return {}
+        it = its[-1] if iteration is None else iteration
+        return {c: {"start_s": lo, "end_s": hi, "duration_s": hi - lo}
+                for (i, c), (lo, hi) in self.call_intervals().items() if i == it}
+
+    def to_dataframe(self):  # -> pandas.DataFrame (imported lazily: pandas is slow to import)
+        import pandas as pd
+
+        cols = [f.name for f in fields(Span)]
+        df = pd.DataFrame([asdict(s) for s in self.spans], columns=cols)
+        df["duration_s"] = df["end_s"] - df["start_s"]
+        return df
+
+    def chrome_trace(self) -> dict[str, Any]:
+        """Chrome trace-event JSON (opens in Perfetto / chrome://tracing); one track per device
+        and one per link, times in microseconds."""
+        events: list[dict[str, Any]] = []
+        tracks: dict[str, int] = {}
+
+        def tid(name: str) -> int:
+            if name not in tracks:
+                tracks[name] = len(tracks)
+                events.append({"ph": "M", "name": "thread_name", "pid": 0, "tid": tracks[name],
+                               "args": {"name": name}})
+            return tracks[name]
+
+        for s in self.spans:
+            track = s.resource if s.resource else f"device {s.device}"
+            events.append({
+                "name": f"{s.call}:{s.op}", "cat": s.call, "ph": "X", "pid": 0, "tid": tid(track),
+                "ts": s.start_s * 1e6, "dur": max(s.duration_s, 0.0) * 1e6,
+                "args": {"iteration": s.iteration, "micro_batch": s.micro_batch, "stage": s.stage,
+                         "device": s.device},
+            })
+        return {"traceEvents": events, "displayTimeUnit": "ms",
+                "otherData": {"source": self.source, **(self.meta or {})}}
+
+    def write_chrome_trace(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.chrome_trace())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": TIMELINE_FORMAT, "source": self.source, "meta": self.meta or {},
+                "spans": [asdict(s) for s in self.spans]}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "timeline") -> Timeline:
+        if not isinstance(data, dict) or data.get("format") != TIMELINE_FORMAT:
+            raise ConfigError(f"{where}: not a {TIMELINE_FORMAT} document")
+        try:
+            spans = tuple(Span(**s) for s in data["spans"])
+        except (TypeError, KeyError) as exc:
+            raise ConfigError(f"{where}: bad span: {exc}") from None
+        return cls(spans, data.get("source", "predicted"), data.get("meta") or None)
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Timeline:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"timeline {str(path)!r}: {exc}") from None
+        return cls.from_dict(data, where=f"timeline {path}")

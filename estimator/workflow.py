@@ -1,0 +1,286 @@
+"""Calls and workflows: the dataflow graph of one RLHF iteration.
+
+A :class:`Workflow` is a set of :class:`Call` s. Data edges come from what calls read and
+write (``seq`` written by ``actor_gen`` and read by ``ref_inf`` makes an edge). Version edges
+tie iterations together: the train call of role R in iteration i precedes every call of R in
+iteration i+1, because those calls need the updated weights. Unrolling K iterations gives the
+graph the simulator and the runtime both execute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from estimator.errors import ConfigError
+
+CALL_KINDS = ("generate", "inference", "train")
+ALGORITHMS = ("ppo", "grpo", "dpo", "remax", "sft", "rw")
+# Data every iteration starts from; produced by no call.
+SOURCES = frozenset({"prompts", "pairs"})
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one execution of a call processes."""
+
+    seqs: int  # sequences per execution (all minibatches together)
+    prompt_len: int  # tokens of prompt per sequence
+    gen_len: int  # tokens generated (generate) or of response (inference/train) per sequence
+    minibatches: int = 1  # optimizer steps per execution (train); 1 otherwise
+    paired: bool = False  # sequences come as (chosen, rejected) pairs kept together
+    greedy: bool = False  # generate: argmax decoding instead of sampling
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name}={getattr(self, name)!r} must be a positive integer"
+            for name in ("seqs", "prompt_len", "gen_len", "minibatches")
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1
+        ]
+        if not problems and self.paired and self.seqs % 2:
+            problems.append(f"seqs={self.seqs} must be even for paired data")
+        if problems:
+            raise ConfigError("workload: " + "; ".join(problems))
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.gen_len
+
+    @property
+    def units(self) -> int:
+        """Indivisible samples: pairs for paired data, sequences otherwise."""
+        return self.seqs // 2 if self.paired else self.seqs
+
+    @property
+    def units_per_minibatch(self) -> int:
+        return self.units // self.minibatches
+
+
+@dataclass(frozen=True)
+class Call:
+    """One model function call of the workflow."""
+
+    name: str  # unique in the workflow, e.g. "actor_gen"
+    role: str  # the model it runs, e.g. "actor"
+    kind: str  # generate | inference | train
+    inputs: tuple[str, ...]  # data names it reads
+    outputs: tuple[str, ...]  # data names it writes
+    workload: Workload
+
+    def __post_init__(self) -> None:
+        if self.kind not in CALL_KINDS:
+            raise ConfigError(f"call {self.name!r}: kind={self.kind!r} must be one of {CALL_KINDS}")
+
+
+@dataclass(frozen=True)
+class CallInstance:
+    """A call in a given iteration of an unrolled workflow."""
+
+    iteration: int
+    call: str
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """The dataflow graph of one iteration plus version edges across iterations."""
+
+    algorithm: str
+    calls: tuple[Call, ...]
+    _index: Mapping[str, Call] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.calls]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"workflow {self.algorithm}: duplicate call names {dupes}")
+        producers: dict[str, str] = {}
+        for c in self.calls:
+            for out in c.outputs:
+                if out in producers:
+                    raise ConfigError(
+                        f"workflow {self.algorithm}: data {out!r} written by both "
+                        f"{producers[out]!r} and {c.name!r}")
+                producers[out] = c.name
+        for c in self.calls:
+            unknown = [i for i in c.inputs if i not in producers and i not in SOURCES]
+            if unknown:
+                raise ConfigError(f"call {c.name!r} reads {unknown}, which no call writes")
+        object.__setattr__(self, "_index", {c.name: c for c in self.calls})
+        self.topological_order()  # raises on cycles
+
+    def __getitem__(self, name: str) -> Call:
+        return self._index[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    @property
+    def call_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.calls)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.role for c in self.calls))
+
+    def producer(self, data: str) -> str | None:
+        return next((c.name for c in self.calls if data in c.outputs), None)
+
+    def edges(self) -> list[tuple[str, str, str]]:
+        """Data edges ``(producer, consumer, data)`` within one iteration, in call order."""
+        out = []
+        for consumer in self.calls:
+            for data in consumer.inputs:
+                prod = self.producer(data)
+                if prod is not None:
+                    out.append((prod, consumer.name, data))
+        return out
+
+    def predecessors(self, name: str) -> list[str]:
+        return list(dict.fromkeys(p for p, c, _ in self.edges() if c == name))
+
+    def version_edges(self) -> list[tuple[str, str]]:
+        """``(train call of role R, call of R)``: the first in iteration i, the second in i+1."""
+        out = []
+        for train in self.calls:
+            if train.kind != "train":
+                continue
+            out.extend((train.name, c.name) for c in self.calls if c.role == train.role)
+        return out
+
+    def trained_roles(self) -> dict[str, str]:
+        """role → its train call."""
+        return {c.role: c.name for c in self.calls if c.kind == "train"}
+
+    def topological_order(self) -> list[str]:
+        """Calls ordered so every producer precedes its consumers; ties keep declaration order."""
+        preds = {c.name: set(self.predecessors(c.name)) for c in self.calls}
+        order: list[str] = []
+        while len(order) < len(self.calls):
+            ready = [c.name for c in self.calls if c.name not in order and preds[c.name] <= set(order)]
+            if not ready:
+                cycle = sorted(n for n in preds if n not in order)
+                raise ConfigError(f"workflow {self.algorithm}: dependency cycle among {cycle}")
+            order.append(ready[0])
+        return order
+
+    def unroll(self, iterations: int) -> tuple[list[CallInstance], list[tuple[CallInstance, CallInstance]]]:
+        """Instances of every call in ``iterations`` iterations and all edges between them.
+
+        Nodes come in (iteration, topological) order, which is itself a valid topological
+        order of the unrolled graph.
+        """
+        if iterations < 1:
+            raise ConfigError(f"iterations={iterations} must be at least 1")
+        order = self.topological_order()
+        nodes = [CallInstance(i, n) for i in range(iterations) for n in order]
+        edges: list[tuple[CallInstance, CallInstance]] = []
+        data_edges = list(dict.fromkeys((p, c) for p, c, _ in self.edges()))
+        for i in range(iterations):
+            edges.extend((CallInstance(i, p), CallInstance(i, c)) for p, c in data_edges)
+            if i + 1 < iterations:
+                edges.extend((CallInstance(i, t), CallInstance(i + 1, c)) for t, c in self.version_edges())
+        return nodes, edges
+
+
+@dataclass(frozen=True)
+class WorkflowParams:
+    """The workload knobs of an experiment that shape its workflow."""
+
+    batch_size: int  # prompts (or pairs) per iteration
+    prompt_len: int
+    gen_len: int
+    ppo_minibatches: int = 1
+    group_size: int = 1  # grpo: samples per prompt
+
+
+CallSpec = tuple[str, str, str, tuple[str, ...], tuple[str, ...], Workload]
+
+
+def _calls(specs: Iterable[CallSpec]) -> tuple[Call, ...]:
+    return tuple(Call(*spec) for spec in specs)
+
+
+def ppo(p: WorkflowParams) -> Workflow:
+    gen = Workload(p.batch_size, p.prompt_len, p.gen_len)
+    inf = Workload(p.batch_size, p.prompt_len, p.gen_len)
+    train = Workload(p.batch_size, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches)
+    rl_data = ("seq", "old_logp", "ref_logp", "rewards", "values")
+    return Workflow("ppo", _calls([
+        ("actor_gen", "actor", "generate", ("prompts",), ("seq", "old_logp"), gen),
+        ("ref_inf", "ref", "inference", ("seq",), ("ref_logp",), inf),
+        ("reward_inf", "reward", "inference", ("seq",), ("rewards",), inf),
+        ("critic_inf", "critic", "inference", ("seq",), ("values",), inf),
+        ("actor_train", "actor", "train", rl_data, (), train),
+        ("critic_train", "critic", "train", rl_data, (), train),
+    ]))
+
+
+def grpo(p: WorkflowParams) -> Workflow:
+    n = p.batch_size * p.group_size
+    gen = Workload(n, p.prompt_len, p.gen_len)
+    inf = Workload(n, p.prompt_len, p.gen_len)
+    train = Workload(n, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches)
+    return Workflow("grpo", _calls([
+        ("actor_gen", "actor", "generate", ("prompts",), ("seq", "old_logp"), gen),
+        ("ref_inf", "ref", "inference", ("seq",), ("ref_logp",), inf),
+        ("reward_inf", "reward", "inference", ("seq",), ("rewards",), inf),
+        ("actor_train", "actor", "train", ("seq", "old_logp", "ref_logp", "rewards"), (), train),
+    ]))
+
+
+def dpo(p: WorkflowParams) -> Workflow:
+    inf = Workload(2 * p.batch_size, p.prompt_len, p.gen_len, paired=True)
+    train = Workload(2 * p.batch_size, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches,
+                     paired=True)
+    return Workflow("dpo", _calls([
+        ("ref_inf", "ref", "inference", ("pairs",), ("ref_logp",), inf),
+        ("actor_train", "actor", "train", ("pairs", "ref_logp"), (), train),
+    ]))
+
+
+def remax(p: WorkflowParams) -> Workflow:
+    sampled = Workload(p.batch_size, p.prompt_len, p.gen_len)
+    greedy = Workload(p.batch_size, p.prompt_len, p.gen_len, greedy=True)
+    inf = Workload(p.batch_size, p.prompt_len, p.gen_len)
+    train = Workload(p.batch_size, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches)
+    return Workflow("remax", _calls([
+        ("actor_gen", "actor", "generate", ("prompts",), ("seq", "old_logp"), sampled),
+        ("actor_gen_greedy", "actor", "generate", ("prompts",), ("seq_greedy",), greedy),
+        ("reward_inf", "reward", "inference", ("seq",), ("rewards",), inf),
+        ("reward_inf_greedy", "reward", "inference", ("seq_greedy",), ("rewards_greedy",), inf),
+        ("ref_inf", "ref", "inference", ("seq",), ("ref_logp",), inf),
+        ("actor_train", "actor", "train",
+         ("seq", "old_logp", "ref_logp", "rewards", "rewards_greedy"), (), train),
+    ]))
+
+
+def sft(p: WorkflowParams) -> Workflow:
+    train = Workload(p.batch_size, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches)
+    return Workflow("sft", _calls([("actor_train", "actor", "train", ("prompts",), (), train)]))
+
+
+def rw(p: WorkflowParams) -> Workflow:
+    train = Workload(2 * p.batch_size, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches,
+                     paired=True)
+    return Workflow("rw", _calls([("reward_train", "reward", "train", ("pairs",), (), train)]))
+
+
+PRESETS = {"ppo": ppo, "grpo": grpo, "dpo": dpo, "remax": remax, "sft": sft, "rw": rw}
+
+# The model roles each algorithm needs.
+ROLES = {
+    "ppo": ("actor", "critic", "ref", "reward"),
+    "grpo": ("actor", "ref", "reward"),
+    "dpo": ("actor", "ref"),
+    "remax": ("actor", "ref", "reward"),
+    "sft": ("actor",),
+    "rw": ("reward",),
+}
+# Roles whose model carries a scalar value head.
+VALUE_ROLES = frozenset({"critic", "reward"})
+
+
+def build(algorithm: str, params: WorkflowParams) -> Workflow:
+    if algorithm not in PRESETS:
+        raise ConfigError(f"algorithm={algorithm!r} must be one of {', '.join(ALGORITHMS)}")
+    return PRESETS[algorithm](params)
