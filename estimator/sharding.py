@@ -1,0 +1,259 @@
+"""Shard math: which slice of which parameter and which batch rows each device holds, and who
+sends what when parameters or call outputs move between layouts.
+
+Pure functions of (model, layout, device); no process group, no tensors. The executor moves
+exactly these slices; the estimator charges exactly these bytes.
+
+Parameters use Hugging Face LLaMA names. Tensor-parallel splits (Megatron):
+
+- column-parallel (split the output rows, dim 0): q/k/v projections (+ biases), gate, up;
+- row-parallel (split the input columns, dim 1): o_proj, down_proj;
+- vocab-parallel (split dim 0): embedding and LM head;
+- replicated: RMSNorm weights, the scalar value head.
+
+Pipeline stages own contiguous blocks of layers (:meth:`Layout.stage_layers`); the first
+stage owns the embedding, the last the final norm and the head (and, with tied embeddings, a
+copy of the embedding that serves as the head).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from estimator.models import ModelSpec
+from estimator.plan import Layout
+from estimator.workflow import Call
+
+Box = tuple[tuple[int, int], ...]  # per dimension [start, stop)
+Range = tuple[int, int]  # [start, stop)
+
+COLUMN, ROW, VOCAB, REPLICATED = "column", "row", "vocab", "replicated"
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter tensor of a model."""
+
+    name: str  # Hugging Face-style name, e.g. "layers.0.self_attn.q_proj.weight"
+    shape: tuple[int, ...]  # full (unsharded) shape
+    split: str  # column | row | vocab | replicated
+    layer: int | None  # transformer block, or None for embedding / final norm / head
+    where: str = "block"  # block | first (embedding) | last (norm, head)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def split_dim(self) -> int | None:
+        return {COLUMN: 0, VOCAB: 0, ROW: 1}.get(self.split)
+
+
+def param_inventory(model: ModelSpec) -> list[ParamInfo]:
+    """Every parameter of ``model`` in a fixed order (embedding, blocks, final norm, head)."""
+    h, f, kv, v = model.hidden, model.ffn, model.kv_dim, model.vocab
+    out = [ParamInfo("embed_tokens.weight", (v, h), VOCAB, None, "first")]
+    for i in range(model.layers):
+        p = f"layers.{i}."
+        out.append(ParamInfo(p + "input_layernorm.weight", (h,), REPLICATED, i))
+        for proj, rows in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
+            out.append(ParamInfo(p + f"self_attn.{proj}.weight", (rows, h), COLUMN, i))
+            if model.qkv_bias:
+                out.append(ParamInfo(p + f"self_attn.{proj}.bias", (rows,), COLUMN, i))
+        out.append(ParamInfo(p + "self_attn.o_proj.weight", (h, h), ROW, i))
+        out.append(ParamInfo(p + "post_attention_layernorm.weight", (h,), REPLICATED, i))
+        out.append(ParamInfo(p + "mlp.gate_proj.weight", (f, h), COLUMN, i))
+        out.append(ParamInfo(p + "mlp.up_proj.weight", (f, h), COLUMN, i))
+        out.append(ParamInfo(p + "mlp.down_proj.weight", (h, f), ROW, i))
+    out.append(ParamInfo("norm.weight", (h,), REPLICATED, None, "last"))
+    if model.head == "value":
+        out.append(ParamInfo("value_head.weight", (1, h), REPLICATED, None, "last"))
+    elif not model.tied_embeddings:
+        out.append(ParamInfo("lm_head.weight", (v, h), VOCAB, None, "last"))
+    return out
+
+
+def on_stage(info: ParamInfo, model: ModelSpec, layout: Layout, pp_rank: int) -> bool:
+    """Whether pipeline stage ``pp_rank`` of ``layout`` holds ``info``."""
+    if info.where == "block":
+        return info.layer in layout.stage_layers(model.layers, pp_rank)
+    last = pp_rank == layout.pp - 1
+    if info.where == "first":
+        return pp_rank == 0 or (last and model.tied_embeddings)
+    return last
+
+
+def tp_box(info: ParamInfo, tp: int, tp_rank: int) -> Box:
+    """The slice of ``info`` that tensor-parallel rank ``tp_rank`` of ``tp`` holds."""
+    box = [(0, d) for d in info.shape]
+    dim = info.split_dim
+    if dim is not None and tp > 1:
+        size = info.shape[dim] // tp
+        box[dim] = (tp_rank * size, (tp_rank + 1) * size)
+    return tuple(box)
+
+
+def shard(model: ModelSpec, layout: Layout, device: int) -> dict[str, Box]:
+    """name → global box of every parameter slice ``device`` holds under ``layout``."""
+    _, tp_rank, pp_rank = layout.coords(device)
+    return {p.name: tp_box(p, layout.tp, tp_rank)
+            for p in param_inventory(model) if on_stage(p, model, layout, pp_rank)}
+
+
+def box_numel(box: Box) -> int:
+    n = 1
+    for lo, hi in box:
+        n *= hi - lo
+    return n
+
+
+def intersect(a: Box, b: Box) -> Box | None:
+    out = tuple((max(lo1, lo2), min(hi1, hi2)) for (lo1, hi1), (lo2, hi2) in zip(a, b))
+    return out if all(lo < hi for lo, hi in out) else None
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """``box`` of parameter ``name`` (global coordinates) goes from ``src`` to ``dst``."""
+
+    src: int  # global device id of the sender
+    dst: int  # global device id of the receiver (== src: a local copy)
+    name: str
+    box: Box
+
+    @property
+    def numel(self) -> int:
+        return box_numel(self.box)
+
+
+def _pick(candidates: list[int], dst: int, devices_per_node: int) -> int:
+    """The sender among replicas: the receiver itself, else one on its node, else spread
+    receivers over replicas round-robin (deterministic)."""
+    if dst in candidates:
+        return dst
+    same_node = [c for c in candidates if c // devices_per_node == dst // devices_per_node]
+    pool = same_node or candidates
+    return pool[dst % len(pool)]
+
+
+def realloc_plan(model: ModelSpec, src: Layout, dst: Layout, devices_per_node: int) -> list[Transfer]:
+    """Every slice each device of ``dst`` needs, and which device of ``src`` sends it.
+
+    Each destination slice is covered exactly once (tiling); among the data-parallel
+    replicas of ``src`` that hold a slice, the receiver itself or a device on its node is
+    preferred, so intra-node links carry what they can.
+    """
+    inventory = param_inventory(model)
+    out: list[Transfer] = []
+    for d in dst.mesh.devices:
+        _, dtp, dpp = dst.coords(d)
+        for p in inventory:
+            if not on_stage(p, model, dst, dpp):
+                continue
+            need = tp_box(p, dst.tp, dtp)
+            for spp in range(src.pp):
+                if not on_stage(p, model, src, spp):
+                    continue
+                for stp in range(src.tp):
+                    part = intersect(need, tp_box(p, src.tp, stp))
+                    if part is None:
+                        continue
+                    holders = [src.device(i, stp, spp) for i in range(src.dp)]
+                    out.append(Transfer(_pick(holders, d, devices_per_node), d, p.name, part))
+                break  # one stage holding the parameter suffices (tied copies are identical)
+    return out
+
+
+def group_by_pair(transfers: list[Transfer]) -> dict[tuple[int, int], list[Transfer]]:
+    """(src, dst) → transfers, in plan order: one batched message per pair."""
+    out: dict[tuple[int, int], list[Transfer]] = defaultdict(list)
+    for t in transfers:
+        out[(t.src, t.dst)].append(t)
+    return dict(out)
+
+
+# ---- batch rows -------------------------------------------------------------------------
+
+
+def dp_rows(call: Call, layout: Layout, dp_rank: int) -> list[Range]:
+    """Global row ranges (sequences) data-parallel rank ``dp_rank`` processes, in order.
+
+    Train calls split every PPO minibatch over the dp ranks, so every optimizer step sees
+    the same global rows under any layout; other calls split the batch in dp blocks. Paired
+    data keeps (chosen, rejected) rows together.
+    """
+    w = call.workload
+    per_unit = 2 if w.paired else 1
+    steps = w.minibatches if call.kind == "train" else 1
+    step_units = w.units // steps
+    share = step_units // layout.dp
+    out = []
+    for k in range(steps):
+        start = (k * step_units + dp_rank * share) * per_unit
+        out.append((start, start + share * per_unit))
+    return out
+
+
+def micro_batch_rows(call: Call, layout: Layout, dp_rank: int) -> list[list[Range]]:
+    """Per minibatch (one entry for non-train calls), the row range of each micro-batch."""
+    per_unit = 2 if call.workload.paired else 1
+    out = []
+    for lo, hi in dp_rows(call, layout, dp_rank):
+        units = (hi - lo) // per_unit
+        size = units // layout.micro_batches * per_unit
+        out.append([(lo + j * size, lo + (j + 1) * size) for j in range(layout.micro_batches)])
+    return out
+
+
+@dataclass(frozen=True)
+class RowTransfer:
+    """Rows ``[start, stop)`` of a call output go from ``src`` to ``dst``."""
+
+    src: int
+    dst: int
+    rows: Range
+
+
+def output_holders(call: Call, layout: Layout) -> dict[int, list[Range]]:
+    """Devices that hold a call's outputs (every tp rank of the last stage) and their rows."""
+    last = layout.pp - 1
+    return {layout.device(i, t, last): dp_rows(call, layout, i)
+            for i in range(layout.dp) for t in range(layout.tp)}
+
+
+def input_needs(call: Call, layout: Layout) -> dict[int, list[Range]]:
+    """Rows every device of a consuming call needs (all its stages: the first embeds tokens,
+    the last computes losses against them)."""
+    return {d: dp_rows(call, layout, layout.coords(d)[0]) for d in layout.mesh.devices}
+
+
+def rows_plan(holders: dict[int, list[Range]], needs: dict[int, list[Range]],
+              devices_per_node: int) -> list[RowTransfer]:
+    """Cover every needed row range exactly once from the holders (receiver itself first,
+    then its node, then round-robin)."""
+    out = []
+    for dst, ranges in needs.items():
+        for lo, hi in ranges:
+            cuts = sorted({lo, hi} | {b for rs in holders.values() for r in rs for b in r if lo < b < hi})
+            for a, b in zip(cuts, cuts[1:]):
+                cands = [s for s, rs in holders.items() if any(r0 <= a and b <= r1 for r0, r1 in rs)]
+                if not cands:
+                    raise ValueError(f"rows {a}-{b} needed by device {dst} are held by no device")
+                out.append(RowTransfer(_pick(cands, dst, devices_per_node), dst, (a, b)))
+    return _merge_rows(out)
+
+
+def _merge_rows(transfers: list[RowTransfer]) -> list[RowTransfer]:
+    """Join adjacent row ranges between the same pair into one message."""
+    out: list[RowTransfer] = []
+    for t in transfers:
+        prev = out[-1] if out else None
+        if prev and (prev.src, prev.dst) == (t.src, t.dst) and prev.rows[1] == t.rows[0]:
+            out[-1] = RowTransfer(t.src, t.dst, (prev.rows[0], t.rows[1]))
+        else:
+            out.append(t)
+    return out
