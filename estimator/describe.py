@@ -1,0 +1,113 @@
+"""Describe an experiment: its models, calls, cluster and how many layouts each call has.
+
+Usage::
+
+    python -m estimator.describe examples/ppo-llama2-7b-8xh100.yaml
+    python -m estimator.describe examples/ppo-llama2-7b-8xh100.yaml --json
+    python -m estimator.describe examples/ppo-tiny-2xcpu.yaml --plan examples/plans/ppo-tiny-2xcpu/tp2.json
+
+With ``--plan`` it also checks the plan against the experiment and prints it as a table.
+
+Exit codes: 0 on success, 2 when the experiment or plan is invalid (one line per violated rule,
+naming the key or the call, the value and the rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from estimator.errors import cli_guard
+from estimator.experiment import Experiment, load_experiment
+from estimator.ops import call_flops
+from estimator.plan import Plan, check, enumerate_layouts, format_table
+
+
+def describe(exp: Experiment) -> dict[str, Any]:
+    """The experiment as one JSON-ready object."""
+    models = {
+        role: {"name": m.name, "params": m.params, "bytes_bf16": m.bytes(), "layers": m.layers,
+               "hidden": m.hidden, "ffn": m.ffn, "heads": m.heads, "kv_heads": m.kv_heads,
+               "vocab": m.vocab, "head": m.head}
+        for role, m in exp.models.items()
+    }
+    wf = exp.workflow
+    calls = []
+    for name in wf.topological_order():
+        c = wf[name]
+        model = exp.models[c.role]
+        w = c.workload
+        calls.append({
+            "name": name, "kind": c.kind, "role": c.role, "model": model.name,
+            "after": wf.predecessors(name),
+            "workload": {"seqs": w.seqs, "prompt_len": w.prompt_len, "gen_len": w.gen_len,
+                         "minibatches": w.minibatches, "paired": w.paired, "greedy": w.greedy},
+            "flops": call_flops(c, model),
+            "layouts": len(enumerate_layouts(c, model, exp.cluster)),
+        })
+    cl = exp.cluster
+    return {
+        "name": exp.name,
+        "algorithm": exp.algorithm,
+        "models": models,
+        "calls": calls,
+        "version_edges": [list(e) for e in wf.version_edges()],
+        "cluster": {"nodes": cl.nodes, "devices_per_node": cl.devices_per_node, "devices": cl.num_devices,
+                    "device": cl.device, "meshes": len(cl.meshes())},
+    }
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def render(info: dict[str, Any]) -> str:
+    cl = info["cluster"]
+    parts = [f"experiment {info['name']}: {info['algorithm']} on {cl['nodes']} node(s) x "
+             f"{cl['devices_per_node']} {cl['device']} = {cl['devices']} devices, {cl['meshes']} valid meshes", ""]
+    rows = [("role", "model", "params", "bf16 bytes", "layers", "hidden", "heads/kv", "head")]
+    rows += [(r, m["name"], _human(m["params"]), _human(m["bytes_bf16"], "B"), str(m["layers"]), str(m["hidden"]),
+              f"{m['heads']}/{m['kv_heads']}", m["head"]) for r, m in info["models"].items()]
+    parts += [format_table(rows), ""]
+    rows = [("call", "kind", "role", "after", "seqs", "prompt", "gen", "minibatches", "FLOPs", "layouts")]
+    rows += [(c["name"], c["kind"], c["role"], ",".join(c["after"]) or "-", str(c["workload"]["seqs"]),
+              str(c["workload"]["prompt_len"]), str(c["workload"]["gen_len"]), str(c["workload"]["minibatches"]),
+              _human(c["flops"]), str(c["layouts"])) for c in info["calls"]]
+    parts.append(format_table(rows, right={4, 5, 6, 7, 8, 9}))
+    if info["version_edges"]:
+        edges = ", ".join(f"{a}(i) -> {b}(i+1)" for a, b in info["version_edges"])
+        parts += ["", f"version edges: {edges}"]
+    return "\n".join(parts)
+
+
+def _main(argv: list[str] | None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m estimator.describe", description=__doc__.split("\n")[0])
+    ap.add_argument("experiment", help="experiment YAML file (see examples/)")
+    ap.add_argument("--plan", help="plan JSON file to check against the experiment")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    exp = load_experiment(args.experiment)
+    plan = check(Plan.load(args.plan), exp) if args.plan else None
+    info = describe(exp)
+    if plan is not None:
+        info["plan"] = {c: lay.to_dict() for c, lay in plan.layouts.items()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(render(info))
+        if plan is not None:
+            print(f"\nplan {args.plan} is valid:\n{plan.table()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_guard(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

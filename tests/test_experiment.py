@@ -1,0 +1,147 @@
+"""Experiment YAML files: the examples load; every kind of mistake names its key."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from estimator.describe import main as describe_main
+from estimator.errors import ConfigError
+from estimator.experiment import load_experiment
+from tests.conftest import EXAMPLES, ROOT
+
+GOOD = {
+    "algorithm": "ppo",
+    "models": {"actor": "tiny-2l-128h", "critic": "tiny-2l-128h", "ref": "tiny-2l-128h", "reward": "tiny-2l-128h"},
+    "batch_size": 8, "prompt_len": 16, "gen_len": 16, "ppo_minibatches": 2,
+    "cluster": {"nodes": 1, "devices_per_node": 2, "device": "cpu"},
+}
+
+
+def _write(tmp_path, data, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_load(path):
+    exp = load_experiment(path)
+    assert exp.workflow.call_names
+    assert set(exp.models) == set(exp.workflow.roles)
+
+
+def test_required_examples_exist():
+    names = {p.name for p in EXAMPLES.glob("*.yaml")}
+    assert {"ppo-llama2-7b-8xh100.yaml", "ppo-llama2-70b-128xh100.yaml", "grpo-qwen2.5-7b-16xh100.yaml",
+            "dpo-llama3-8b-8xa100.yaml", "ppo-tiny-2xcpu.yaml", "grpo-tiny-2xcpu.yaml"} <= names
+    assert load_experiment(EXAMPLES / "ppo-llama2-70b-128xh100.yaml").cluster.num_devices == 128
+
+
+def test_value_roles_get_value_heads(tmp_path):
+    exp = load_experiment(_write(tmp_path, GOOD))
+    assert exp.models["critic"].head == "value" and exp.models["reward"].head == "value"
+    assert exp.models["actor"].head == "lm"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"batchsize": 8}, "unknown key 'batchsize' (did you mean 'batch_size'?)"),
+    ({"algorithm": "ppo3"}, "algorithm='ppo3' must be one of"),
+    ({"models": {**GOOD["models"], "actor": "llama9-7b"}}, "models.actor: unknown model preset 'llama9-7b'"),
+    ({"models": {**GOOD["models"], "critc": "tiny-2l-128h"}}, "unknown key 'critc' (did you mean 'critic'?)"),
+    ({"models": {"actor": "tiny-2l-128h"}}, "missing ['critic', 'ref', 'reward']"),
+    ({"batch_size": "eight"}, "batch_size='eight' must be an integer"),
+    ({"batch_size": 0}, "batch_size=0 must be at least 1"),
+    ({"gen_len": 2.5}, "gen_len=2.5 must be an integer"),
+    ({"ppo_minibatches": 3}, "ppo_minibatches=3 must divide batch_size=8"),
+    ({"group_size": 4}, "group_size=4 applies to grpo only"),
+    ({"cluster": {"nodes": 1, "devices_per_node": 2}}, "cluster is missing key(s) device"),
+    ({"cluster": {"nodes": 1, "devices_per_node": 2, "device": "cpu", "gpus": 2}}, "cluster: unknown key 'gpus'"),
+    ({"cluster": {"nodes": -1, "devices_per_node": 2, "device": "cpu"}}, "cluster.nodes=-1 must be at least 1"),
+    ({"hyperparams": {"lr": -1.0}}, "hyperparams.lr=-1.0 must be positive"),
+    ({"hyperparams": {"kl": 0.1}}, "unknown key 'kl'"),
+    ({"seed": -3}, "seed=-3 must be a non-negative integer"),
+    ({"prompts": "nowhere.jsonl"}, "prompts='nowhere.jsonl'"),
+])
+def test_loader_errors_name_the_key(tmp_path, change, message):
+    with pytest.raises(ConfigError) as err:
+        load_experiment(_write(tmp_path, {**GOOD, **change}))
+    assert message in str(err.value)
+    assert str(tmp_path / "exp.yaml") in str(err.value)
+
+
+def test_loader_missing_keys_and_bad_yaml(tmp_path):
+    data = {k: v for k, v in GOOD.items() if k != "gen_len"}
+    with pytest.raises(ConfigError, match="missing required key\\(s\\) gen_len"):
+        load_experiment(_write(tmp_path, data))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_experiment(_write(tmp_path, "algorithm: [ppo\n", "bad.yaml"))
+    with pytest.raises(ConfigError, match="does-not-exist.yaml"):
+        load_experiment(tmp_path / "does-not-exist.yaml")
+
+
+def test_model_from_hf_config_path_relative_to_experiment(tmp_path):
+    (tmp_path / "mymodel").mkdir()
+    (tmp_path / "mymodel" / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100}))
+    data = {**GOOD, "algorithm": "sft", "models": {"actor": "mymodel/config.json"}}
+    exp = load_experiment(_write(tmp_path, data))
+    assert exp.models["actor"].hidden == 64 and exp.models["actor"].kv_heads == 2
+
+
+def test_describe_json_reports_actor_params_and_topological_calls(capsys):
+    assert describe_main([str(EXAMPLES / "ppo-llama2-7b-8xh100.yaml"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["models"]["actor"]["params"] == pytest.approx(6.74e9, rel=5e-3)
+    names = [c["name"] for c in info["calls"]]
+    assert len(names) == 6 and names[0] == "actor_gen" and set(names[-2:]) == {"actor_train", "critic_train"}
+    seen = set()
+    for c in info["calls"]:
+        assert set(c["after"]) <= seen
+        seen.add(c["name"])
+        assert c["flops"] > 0 and c["layouts"] > 0 and c["kind"] and c["role"]
+    assert info["cluster"]["devices"] == 8
+
+
+def test_describe_table(capsys):
+    assert describe_main([str(EXAMPLES / "grpo-qwen2.5-7b-16xh100.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "actor_gen" in out and "qwen2.5-7b" in out and "version edges" in out
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "estimator.describe", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_cli_misspelled_key_is_one_line_exit_2(tmp_path):
+    r = _cli(str(_write(tmp_path, {**GOOD, "gen_lenght": 4})))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "gen_lenght" in r.stderr
+
+
+def test_cli_unknown_preset_exit_2(tmp_path):
+    r = _cli(str(_write(tmp_path, {**GOOD, "models": {**GOOD["models"], "ref": "gpt5"}})))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "'gpt5'" in r.stderr
+
+
+def test_cli_plan_tp_not_dividing_heads_exit_2(tmp_path):
+    exp = _write(tmp_path, GOOD)
+    layouts = {c: {"mesh": "0", "dp": 1, "tp": 1, "pp": 1} for c in load_experiment(exp).workflow.call_names}
+    layouts["ref_inf"] = {"mesh": "0-1", "dp": 1, "tp": 2, "pp": 1}
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"calls": layouts}))
+    assert _cli(str(exp), "--plan", str(plan)).returncode == 0
+    tiny3 = {**GOOD, "models": {r: "tiny-4l-256h" for r in GOOD["models"]},
+             "cluster": {"nodes": 1, "devices_per_node": 4, "device": "cpu"}}
+    layouts["ref_inf"] = {"mesh": "0-2", "dp": 1, "tp": 3, "pp": 1}
+    plan.write_text(json.dumps({"calls": layouts}))
+    r = _cli(str(_write(tmp_path, tiny3, "tiny3.yaml")), "--plan", str(plan))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "call ref_inf: tp=3 must divide heads=8" in r.stderr

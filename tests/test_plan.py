@@ -1,0 +1,172 @@
+"""Meshes, layouts and plans: enumeration, validation rules, rank order, JSON round trip."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from estimator.cluster import Cluster, DeviceMesh
+from estimator.errors import ConfigError
+from estimator.models import PRESETS, ModelSpec
+from estimator.plan import Layout, Plan, enumerate_layouts, layout_problems, validate
+from estimator.workflow import Call, Workload
+from tests.conftest import tiny_experiment
+
+clusters = st.builds(Cluster, nodes=st.integers(1, 4), devices_per_node=st.sampled_from([1, 2, 4, 6, 8]),
+                     device=st.just("h100-sxm"))
+models = st.sampled_from([PRESETS[n] for n in ("tiny-2l-128h", "tiny-4l-256h", "llama2-7b", "qwen2.5-0.5b",
+                                                  "llama3-8b")])
+
+
+def _call(seqs=64, minibatches=2, kind="train", paired=False):
+    return Call("c", "actor", kind, (), (), Workload(seqs, 8, 8, minibatches if kind == "train" else 1, paired))
+
+
+def _rules(problems):
+    keys = {"must equal mesh": "size", "must divide heads": "heads", "must divide kv_heads": "kv_heads",
+            "spans nodes": "span", "exceeds layers": "layers", "not divisible by dp": "batch",
+            "must be whole nodes": "mesh", "aligned power-of-two": "mesh", "exceeds the cluster": "mesh",
+            "must divide ffn": "ffn", "must divide vocab": "vocab"}
+    return {rule for p in problems for k, rule in keys.items() if k in p}
+
+
+@given(clusters)
+def test_enumerated_meshes_are_exactly_the_valid_ones(cluster):
+    meshes = cluster.meshes()
+    assert len(set(meshes)) == len(meshes)
+    brute = {DeviceMesh(f, s) for f in range(cluster.num_devices) for s in range(1, cluster.num_devices - f + 1)
+             if not cluster.mesh_problems(DeviceMesh(f, s))}
+    assert set(meshes) == brute
+    for m in meshes:
+        nodes = cluster.mesh_nodes(m)
+        assert len(nodes) == 1 or m.size == len(nodes) * cluster.devices_per_node
+
+
+@settings(max_examples=60, deadline=None)
+@given(clusters, models, st.sampled_from([8, 16, 48, 64]), st.sampled_from([1, 2, 4]))
+def test_every_enumerated_layout_validates(cluster, model, seqs, minibatches):
+    call = _call(seqs * minibatches, minibatches)
+    layouts = enumerate_layouts(call, model, cluster)
+    assert layouts, "a single device with dp=tp=pp=1 is always valid"
+    for lay in layouts:
+        assert layout_problems(call, model, cluster, lay) == []
+        assert lay.size == lay.mesh.size
+
+
+@settings(max_examples=200, deadline=None)
+@given(clusters, models, st.integers(0, 40), st.integers(1, 40), st.integers(1, 9), st.integers(1, 9),
+       st.integers(1, 90), st.sampled_from([1, 2, 3, 4]))
+def test_random_layouts_are_judged_by_the_right_rules(cluster, model, first, size, tp, pp, dp, mb):
+    call = _call(48, 2)
+    lay = Layout(DeviceMesh(first, size), dp, tp, pp, mb)
+    got = _rules(layout_problems(call, model, cluster, lay))
+    dpn = cluster.devices_per_node
+    expected = set()
+    if cluster.mesh_problems(lay.mesh):
+        expected.add("mesh")
+    if dp * tp * pp != size:
+        expected.add("size")
+    for dim in ("heads", "kv_heads", "ffn", "vocab"):
+        if getattr(model, dim) % tp:
+            expected.add(dim)
+    if tp > dpn or (size > dpn and dpn % tp):
+        expected.add("span")
+    if pp > model.layers:
+        expected.add("layers")
+    if 24 % (dp * mb):
+        expected.add("batch")
+    assert got == expected
+
+
+def test_rank_order_tp_innermost_then_dp_then_pp():
+    lay = Layout(DeviceMesh(8, 8), dp=2, tp=2, pp=2)
+    assert [lay.device(d, t, p) for p in range(2) for d in range(2) for t in range(2)] == list(range(8, 16))
+    for dev in lay.mesh.devices:
+        assert lay.device(*lay.coords(dev)) == dev
+    with pytest.raises(ValueError):
+        lay.coords(3)
+
+
+@given(st.integers(1, 100), st.integers(1, 16))
+def test_stage_layers_partition_all_layers(layers, pp):
+    lay = Layout(DeviceMesh(0, pp), 1, 1, pp)
+    if pp > layers:
+        return
+    stages = [lay.stage_layers(layers, s) for s in range(pp)]
+    assert [i for r in stages for i in r] == list(range(layers))
+    assert max(len(r) for r in stages) - min(len(r) for r in stages) <= 1
+
+
+layouts = st.builds(Layout, st.builds(DeviceMesh, st.integers(0, 64), st.integers(1, 64)), st.integers(1, 8),
+                    st.integers(1, 8), st.integers(1, 8), st.integers(1, 32))
+
+
+@given(st.dictionaries(st.text("abcdefgh_", min_size=1, max_size=12), layouts, max_size=6))
+def test_plans_round_trip_through_json(layouts_by_call):
+    plan = Plan(layouts_by_call)
+    again = Plan.from_json(plan.to_json())
+    assert again == plan
+    assert again.to_json() == plan.to_json()
+
+
+def test_validate_reports_unknown_missing_and_each_rule():
+    exp = tiny_experiment("ppo", nodes=2, devices_per_node=2, batch_size=8, minibatches=2)
+    good = Layout(DeviceMesh(0, 1), 1, 1, 1)
+    plan = Plan({c: good for c in exp.workflow.call_names})
+    assert validate(plan, exp) == []
+    layouts = dict(plan.layouts)
+    layouts["actor_gen"] = Layout(DeviceMesh(0, 4), 1, 4, 1)  # tp spans nodes (2 per node)
+    layouts["ref_inf"] = Layout(DeviceMesh(0, 2), 1, 1, 3)  # 3 != 2 and pp > 2 layers
+    layouts["actor_train"] = Layout(DeviceMesh(0, 2), 2, 1, 1, 4)  # 4 seqs per minibatch over 2·4
+    del layouts["critic_train"]
+    layouts["critic_gen"] = good
+    msgs = validate(Plan(layouts), exp)
+    text = "\n".join(msgs)
+    assert "call critic_gen: unknown call" in text
+    assert "call critic_train: missing from the plan" in text
+    assert "call actor_gen: tp=4 spans nodes" in text
+    assert "call ref_inf: dp·tp·pp = 1·1·3 = 3 must equal mesh 0-1 size 2" in text
+    assert "call ref_inf: pp=3 exceeds layers=2" in text
+    assert "call actor_train: batch of 4 sequences per minibatch (2 minibatches) is not divisible by " \
+           "dp·micro_batches = 2·4 = 8" in text
+    assert "call actor_gen: tp=4 must divide kv_heads=2" in text
+    assert len(msgs) == 7
+
+
+def test_paired_batch_divisibility_counts_pairs():
+    cluster = Cluster(1, 4, "cpu")
+    model = PRESETS["tiny-2l-128h"]
+    call = _call(seqs=12, minibatches=1, paired=True)  # 6 pairs
+    assert layout_problems(call, model, cluster, Layout(DeviceMesh(0, 2), 2, 1, 1, 3)) == []
+    assert "6 pairs" in layout_problems(call, model, cluster, Layout(DeviceMesh(0, 4), 4, 1, 1))[0]
+
+
+@pytest.mark.parametrize("text,error", [
+    ("[]", "must be a JSON object with a 'calls' object"),
+    ('{"calls": {"a": {"mesh": "0-1", "dp": 2, "tp": 1}}}', "missing key(s) ['pp']"),
+    ('{"calls": {"a": {"mesh": "0-1", "dp": 2, "tp": 1, "pp": 1, "zero": 1}}}', "unknown key(s) ['zero']"),
+    ('{"calls": {"a": {"mesh": "1-0", "dp": 1, "tp": 1, "pp": 1}}}', "last device 0 is before first 1"),
+    ('{"calls": {"a": {"mesh": "x", "dp": 1, "tp": 1, "pp": 1}}}', "calls.a.mesh"),
+    ('{"calls": {"a": {"mesh": "0", "dp": 0, "tp": 1, "pp": 1}}}', "calls.a.dp=0 must be a positive integer"),
+    ('{"calls": {}', "not valid JSON"),
+])
+def test_plan_json_errors_name_the_key(text, error):
+    with pytest.raises(ConfigError) as err:
+        Plan.from_json(text)
+    assert error in str(err.value)
+
+
+def test_plan_table_lists_every_call():
+    plan = Plan({"actor_gen": Layout(DeviceMesh(0, 8), 1, 8, 1), "ref_inf": Layout(DeviceMesh(4, 4), 2, 2, 1, 4)})
+    lines = plan.table().splitlines()
+    assert lines[0].split() == ["call", "mesh", "devices", "dp", "tp", "pp", "micro_batches"]
+    assert lines[2].split() == ["actor_gen", "0-7", "8", "1", "8", "1", "1"]
+    assert lines[3].split() == ["ref_inf", "4-7", "4", "2", "2", "1", "4"]
+
+
+def test_model_spec_tp_divisibility_is_checked_for_value_heads_too():
+    critic = ModelSpec("c", 2, 64, 100, 4, 2, 100, head="value")
+    call = _call(8, 1, kind="inference")
+    probs = layout_problems(call, critic, Cluster(1, 8, "x"), Layout(DeviceMesh(0, 8), 1, 8, 1))
+    assert _rules(probs) == {"heads", "kv_heads", "ffn", "vocab"}

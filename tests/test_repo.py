@@ -1,0 +1,33 @@
+"""The front door: the README's commands match CI, and the tree is lint-clean."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S)
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_cmd = next(block.strip() for block in _readme_commands() if "pytest" in block)
+    assert test_cmd in ci.splitlines()
+
+
+def test_readme_set_up_command_pins_the_cpu_torch_and_runs_the_main_job():
+    setup = _readme_commands()[0]
+    assert "torch==2.13.0" in setup and "python -m " in setup
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is installed by the dev extra")
+def test_ruff_clean():
+    r = subprocess.run(["ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
