@@ -130,7 +130,7 @@ class Transfer:
         return box_numel(self.box)
 
 
-def _pick(candidates: list[int], dst: int, devices_per_node: int) -> int:
+def pick_sender(candidates: list[int], dst: int, devices_per_node: int) -> int:
     """The sender among replicas: the receiver itself, else one on its node, else spread
     receivers over replicas round-robin (deterministic)."""
     if dst in candidates:
@@ -155,16 +155,16 @@ def realloc_plan(model: ModelSpec, src: Layout, dst: Layout, devices_per_node: i
             if not on_stage(p, model, dst, dpp):
                 continue
             need = tp_box(p, dst.tp, dtp)
-            for spp in range(src.pp):
-                if not on_stage(p, model, src, spp):
+            # Every stage holding the parameter holds the same values (tied copies are kept
+            # identical), and a replicated parameter is one slice held by every tp rank.
+            stages = [s for s in range(src.pp) if on_stage(p, model, src, s)]
+            slices = [[t] for t in range(src.tp)] if p.split_dim is not None else [list(range(src.tp))]
+            for tps in slices:
+                part = intersect(need, tp_box(p, src.tp, tps[0]))
+                if part is None:
                     continue
-                for stp in range(src.tp):
-                    part = intersect(need, tp_box(p, src.tp, stp))
-                    if part is None:
-                        continue
-                    holders = [src.device(i, stp, spp) for i in range(src.dp)]
-                    out.append(Transfer(_pick(holders, d, devices_per_node), d, p.name, part))
-                break  # one stage holding the parameter suffices (tied copies are identical)
+                holders = [src.device(i, t, s) for s in stages for t in tps for i in range(src.dp)]
+                out.append(Transfer(pick_sender(holders, d, devices_per_node), d, p.name, part))
     return out
 
 
@@ -243,7 +243,7 @@ def rows_plan(holders: dict[int, list[Range]], needs: dict[int, list[Range]],
                 cands = [s for s, rs in holders.items() if any(r0 <= a and b <= r1 for r0, r1 in rs)]
                 if not cands:
                     raise ValueError(f"rows {a}-{b} needed by device {dst} are held by no device")
-                out.append(RowTransfer(_pick(cands, dst, devices_per_node), dst, (a, b)))
+                out.append(RowTransfer(pick_sender(cands, dst, devices_per_node), dst, (a, b)))
     return _merge_rows(out)
 
 

@@ -1,0 +1,365 @@
+"""Fast evaluator: call-level closed forms, list-scheduled over the unrolled dataflow.
+
+Screens many plans a second for the search; the simulator re-ranks the best (DESIGN §4.8).
+Each call's duration on its layout comes from a closed form of its lowered stage costs
+(:mod:`estimator.lowering`), cached per (call, layout):
+
+- inference, ``m`` micro-batches through ``p`` stages with forward ``f_k`` and send ``s_k``:
+  ``Σ f_k + Σ s_k + (m − 1)·max f_k``;
+- training, per optimizer step, 1F1B: ``Σ (f_k + b_k) + 2·Σ s_k + (m − 1)·max (f_k + b_k)``,
+  then each stage's gradient all-reduce and Adam step, the step ending with its slowest stage
+  and the next starting as soon as each stage is free again;
+- generation: the prefill pipeline, then the decode chunks stage by stage (the recurrence the
+  simulator follows, chunk by chunk).
+
+Reallocation and data transfers cost what they cost on idle links (cached per pair of
+layouts). Call instances of ``K`` iterations are then scheduled in (iteration, topological)
+order exactly as the simulator orders them: a call starts when every earlier call on an
+overlapping mesh has ended and its weights are ready, reallocates, waits for its inputs, runs.
+The steady-state period is ``(end of iteration K − end of iteration 1)/(K − 1)``. What the
+evaluator leaves out is contention between concurrent transfers on shared links.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from operator import add
+
+import numpy as np
+
+from estimator.experiment import Experiment
+from estimator.instances import instance_graph
+from estimator.lowering import CallCost, Costs
+from estimator.memory import call_bytes, home_bytes
+from estimator.plan import Layout, Plan
+from estimator.profiles import Profile
+
+
+def inference_s(cc: CallCost) -> float:
+    f = [st.fwd.total_s for st in cc.stages]
+    sends = sum(st.send_s for st in cc.stages)
+    return sum(f) + sends + (cc.micro_batches - 1) * max(f)
+
+
+def train_s(cc: CallCost) -> float:
+    m, st = cc.micro_batches, cc.stages
+    f = [s.fwd.total_s for s in st]
+    b = [s.bwd.total_s for s in st]
+    sends = [s.send_s for s in st]
+    pipe = sum(f) + sum(b) + 2 * sum(sends) + (m - 1) * max(x + y for x, y in zip(f, b))
+    finish, lead_b, lead_f, period = [], 0.0, 0.0, 0.0
+    for k, s in enumerate(st):
+        done = pipe - lead_b + s.dp_allreduce_s + s.optimizer_s  # stage k's last backward ends lead_b early
+        finish.append(done)
+        period = max(period, done - lead_f)  # the next step reaches stage k lead_f after stage 0
+        lead_b += b[k] + sends[k]
+        lead_f += f[k] + sends[k]
+    return (cc.minibatches - 1) * period + max(finish)
+
+
+def generate_s(cc: CallCost) -> float:
+    st, m = cc.stages, cc.micro_batches
+    f = [s.fwd.total_s for s in st]
+    prefill_end, reach, peak = [], 0.0, 0.0
+    for k, s in enumerate(st):
+        peak = max(peak, f[k])
+        reach += f[k]
+        prefill_end.append(reach + (m - 1) * peak)  # stage k's last prefill
+        reach += s.send_s
+    token = reach - st[-1].send_s + cc.feedback_s  # micro-batch 0's first token back at stage 0
+    free = list(prefill_end)
+    free[0] = max(free[0], token)
+    chunks = len(st[0].decode)
+    for q in range(chunks):
+        start_prev = 0.0
+        for k, s in enumerate(st):
+            start = free[k] if k == 0 else max(free[k], start_prev + st[k - 1].decode[q].lag_s)
+            free[k] = start + s.decode[q].duration_s
+            start_prev = start
+    return max(free)
+
+
+def call_s(cc: CallCost) -> float:
+    """Closed-form duration of a lowered call on idle links."""
+    if cc.kind == "train":
+        return train_s(cc)
+    if cc.kind == "generate":
+        return generate_s(cc)
+    return inference_s(cc)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    iteration_s: float  # steady-state period
+    feasible: bool  # fits in memory
+    peak_memory_bytes: float  # the fullest device
+    names: tuple[str, ...]  # calls in topological order
+    starts_s: list[float]  # per call: start in the last iteration, seconds
+    ends_s: list[float]  # per call: end in the last iteration, seconds
+
+    @property
+    def calls(self) -> dict[str, tuple[float, float]]:
+        """call → (start, end) in the last simulated iteration."""
+        return {n: (s, e) for n, s, e in zip(self.names, self.starts_s, self.ends_s)}
+
+
+@dataclass(frozen=True)
+class BatchEvaluation:
+    iteration_s: np.ndarray  # per plan: steady-state period
+    feasible: np.ndarray  # per plan: fits in memory
+    peak_memory_bytes: np.ndarray  # per plan: the fullest device
+
+
+KEY = 1 << 32  # packs two layout ids into one integer key
+SMALL_CLUSTER = 64  # up to this many devices, memory vectors are summed as Python tuples
+
+
+class Evaluator:
+    """Evaluate many plans of one experiment on one profile; caches persist across plans.
+
+    Layouts are interned to small integers the first time they are seen, so the hot path
+    hashes each of a plan's layouts once and looks everything else up by integer keys."""
+
+    def __init__(self, experiment: Experiment, profile: Profile, iterations: int = 3, costs: Costs | None = None):
+        self.experiment, self.profile, self.iterations = experiment, profile, iterations
+        self.costs = costs if costs is not None else Costs(experiment, profile)
+        wf = experiment.workflow
+        self.names = tuple(wf.topological_order())
+        self.n = len(self.names)
+        index = {n: i for i, n in enumerate(self.names)}
+        graph = instance_graph(wf, 1)
+        # per call (topological index): producers and version predecessors, by call index
+        self.data_preds = [tuple(index[graph.nodes[j].call] for j in graph.data_preds[i]) for i in range(self.n)]
+        self.version_preds = [tuple(dict.fromkeys(index[t] for t, c in wf.version_edges() if c == n))
+                              for n in self.names]
+        self.roles = [wf[n].role for n in self.names]
+        self.home = [index[self.costs.homes[r]] for r in self.roles]
+        self.trained = set(wf.trained_roles())
+        self.capacity = profile.capacity_bytes
+        self.num_devices = experiment.cluster.num_devices
+        # data edges as (consumer, its e-th producer, producer), and each consumer's columns
+        self._edges = [(c, e, p) for c in range(self.n) for e, p in enumerate(self.data_preds[c])]
+        self._edge_cols = [[i for i, (c2, _, _) in enumerate(self._edges) if c2 == c] for c in range(self.n)]
+        # interned layouts: id → layout, device span, mesh id, placement id (micro-batches aside)
+        self._ids: dict[Layout, int] = {}
+        self._layouts: list[Layout] = []
+        self._span: list[tuple[int, int]] = []
+        self._mesh_of: list[int] = []
+        self._meshes: dict = {}
+        self._place_of: list[int] = []
+        self._places: dict[tuple, int] = {}
+        # caches, per call: duration by layout; reallocation by home · KEY + layout; per
+        # producer, data transfer by src · KEY + dst; memory vectors by layout (home) and by
+        # 2·layout + away-from-home (call)
+        self._duration: list[dict[int, float]] = [{} for _ in range(self.n)]
+        self._realloc: list[dict[int, float]] = [{} for _ in range(self.n)]
+        self._data: list[list[dict[int, float]]] = [[{} for _ in p] for p in self.data_preds]
+        self._static: list[dict[int, int]] = [{} for _ in range(self.n)]
+        self._dynamic: list[dict[int, int]] = [{} for _ in range(self.n)]
+        self._mem_rows: list[np.ndarray] = []
+        self._mem_tuples: list[tuple[float, ...]] = []
+        self._mem_matrix: np.ndarray | None = None
+
+    # -- interning and cached pieces
+
+    def _id(self, layout: Layout) -> int:
+        i = self._ids.get(layout)
+        if i is None:
+            i = self._ids[layout] = len(self._layouts)
+            self._layouts.append(layout)
+            self._span.append((layout.mesh.first, layout.mesh.first + layout.mesh.size))
+            self._mesh_of.append(self._meshes.setdefault(layout.mesh, len(self._meshes)))
+            place = (layout.mesh, layout.dp, layout.tp, layout.pp)
+            self._place_of.append(self._places.setdefault(place, len(self._places)))
+        return i
+
+    def _lids(self, plan: Plan) -> list[int]:
+        ids, layouts = self._ids, plan.layouts
+        out = []
+        for name in self.names:
+            i = ids.get(layouts[name])
+            out.append(self._id(layouts[name]) if i is None else i)
+        return out
+
+    def duration_s(self, c: int, lid: int) -> float:
+        v = self._duration[c].get(lid)
+        if v is None:
+            v = self._duration[c][lid] = call_s(self.costs.call(self.names[c], self._layouts[lid]))
+        return v
+
+    def _realloc_s(self, c: int, home: int, lid: int) -> float:
+        if self._place_of[home] == self._place_of[lid]:
+            return 0.0
+        v = self._realloc[c].get(home * KEY + lid)
+        if v is None:
+            v = self._realloc[c][home * KEY + lid] = self.costs.realloc_s(
+                self.roles[c], self._layouts[home], self._layouts[lid])
+        return v
+
+    def _data_s(self, c: int, e: int, src: int, dst: int) -> float:
+        v = self._data[c][e].get(src * KEY + dst)
+        if v is None:
+            p = self.data_preds[c][e]
+            v = self._data[c][e][src * KEY + dst] = self.costs.data_s(
+                self.names[p], self._layouts[src], self.names[c], self._layouts[dst])
+        return v
+
+    def _inputs(self, lids: list[int]) -> tuple[list[float], list[float], list[list[tuple[int, float]]]]:
+        """Per call: duration, reallocation time, and (producer, transfer time) of its inputs."""
+        dur, realloc, data = [], [], []
+        place, home = self._place_of, self.home
+        for c, lid in enumerate(lids):
+            v = self._duration[c].get(lid)
+            dur.append(self.duration_s(c, lid) if v is None else v)
+            h = lids[home[c]]
+            if place[h] == place[lid]:
+                realloc.append(0.0)
+            else:
+                v = self._realloc[c].get(h * KEY + lid)
+                realloc.append(self._realloc_s(c, h, lid) if v is None else v)
+            row = []
+            for e, p in enumerate(self.data_preds[c]):
+                v = self._data[c][e].get(lids[p] * KEY + lid)
+                row.append((p, self._data_s(c, e, lids[p], lid) if v is None else v))
+            data.append(row)
+        return dur, realloc, data
+
+    # -- memory
+
+    def _per_device(self, layout: Layout, per_stage: list[dict[str, float]]) -> int:
+        out = np.zeros(self.num_devices)
+        block = layout.dp * layout.tp
+        for k, parts in enumerate(per_stage):
+            lo = layout.mesh.first + k * block
+            out[lo:lo + block] = sum(parts.values())
+        self._mem_rows.append(out)
+        self._mem_tuples.append(tuple(out.tolist()))
+        self._mem_matrix = None
+        return len(self._mem_rows) - 1
+
+    def _memory_rows(self, lids: list[int]) -> tuple[list[int], list[int]]:
+        """Rows of the homes' and the calls' per-device bytes under these layouts."""
+        statics, dynamics = [], []
+        place, home, static, dynamic = self._place_of, self.home, self._static, self._dynamic
+        for c, lid in enumerate(lids):
+            if home[c] == c:
+                row = static[c].get(lid)
+                statics.append(self._static_row(c, lid) if row is None else row)
+            key = 2 * lid + (place[lid] == place[lids[home[c]]])
+            row = dynamic[c].get(key)
+            dynamics.append(self._dynamic_row(c, lid, key) if row is None else row)
+        return statics, dynamics
+
+    def _static_row(self, c: int, lid: int) -> int:
+        role, layout = self.roles[c], self._layouts[lid]
+        parts = home_bytes(self.experiment.models[role], layout, role in self.trained)
+        row = self._static[c][lid] = self._per_device(layout, parts)
+        return row
+
+    def _dynamic_row(self, c: int, lid: int, key: int) -> int:
+        call, layout = self.experiment.workflow[self.names[c]], self._layouts[lid]
+        parts = call_bytes(call, self.experiment.models[call.role], layout, at_home=bool(key & 1))
+        row = self._dynamic[c][key] = self._per_device(layout, parts)
+        return row
+
+    def _matrix(self) -> np.ndarray:
+        if self._mem_matrix is None:
+            self._mem_matrix = np.vstack(self._mem_rows)
+        return self._mem_matrix
+
+    def peak_memory_bytes(self, lids: list[int]) -> float:
+        """The fullest device: every role's home plus the largest call on the device."""
+        statics, dynamics = self._memory_rows(lids)
+        if self.num_devices <= SMALL_CLUSTER:
+            t = self._mem_tuples
+            static = map(sum, zip(*[t[r] for r in statics]))
+            dynamic = t[dynamics[0]] if len(dynamics) == 1 else map(max, *[t[r] for r in dynamics])
+            return max(map(add, static, dynamic))
+        rows = self._matrix()
+        return float((rows[statics].sum(axis=0) + rows[dynamics].max(axis=0)).max())
+
+    # -- scheduling
+
+    def _schedule(self, lids: list[int]) -> tuple[list[float], list[float], list[float]]:
+        """Ends of every iteration, and starts/ends of the last iteration's calls. A device is
+        free when the last call placed on it ends (calls run in instance order)."""
+        n, version = self.n, self.version_preds
+        dur, realloc, data = self._inputs(lids)
+        spans = [self._span[lid] for lid in lids]
+        free = [0.0] * self.num_devices
+        last_end = [0.0] * n
+        starts = [0.0] * n
+        ends_per_it = []
+        for it in range(self.iterations):
+            prev = last_end[:]  # previous iteration's ends, for version edges
+            it_end = 0.0
+            for c in range(n):
+                a, b = spans[c]
+                t = max(free[a:b])
+                if it:
+                    for v in version[c]:
+                        if prev[v] > t:
+                            t = prev[v]
+                starts[c] = t
+                t += realloc[c]
+                for p, ds in data[c]:
+                    if last_end[p] + ds > t:
+                        t = last_end[p] + ds
+                t += dur[c]
+                last_end[c] = t
+                free[a:b] = [t] * (b - a)
+                if t > it_end:
+                    it_end = t
+            ends_per_it.append(it_end)
+        return ends_per_it, starts, last_end
+
+    def period_s(self, plan: Plan) -> float:
+        """Steady-state iteration time of ``plan`` (no memory check)."""
+        ends = self._schedule(self._lids(plan))[0]
+        return (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0]
+
+    def evaluate(self, plan: Plan) -> Evaluation:
+        lids = self._lids(plan)
+        ends, starts, last = self._schedule(lids)
+        period = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0]
+        peak = self.peak_memory_bytes(lids)
+        return Evaluation(period, peak <= self.capacity, peak, self.names, starts, last)
+
+    def evaluate_many(self, plans: list[Plan]) -> BatchEvaluation:
+        """Evaluate ``plans`` together: the lookups are per plan, the scheduling and memory
+        arithmetic run once over arrays of all plans (same results as :meth:`evaluate`)."""
+        n = self.n
+        rows_lids, rows_dur, rows_re, rows_data, rows_st, rows_dyn = [], [], [], [], [], []
+        for plan in plans:
+            lids = self._lids(plan)
+            dur, realloc, data = self._inputs(lids)
+            rows_lids.append(lids)
+            rows_dur.append(dur)
+            rows_re.append(realloc)
+            rows_data.append([ds for row in data for _, ds in row])
+            st, dyn = self._memory_rows(lids)
+            rows_st.append(st)
+            rows_dyn.append(dyn)
+        spans = np.asarray(self._span)[np.asarray(rows_lids)]  # (plans, calls, 2)
+        first, stop = spans[:, :, 0], spans[:, :, 1]
+        overlap = (first[:, :, None] < stop[:, None, :]) & (first[:, None, :] < stop[:, :, None])
+        dur, realloc = np.asarray(rows_dur), np.asarray(rows_re)
+        data = np.asarray(rows_data).reshape(len(plans), -1)
+        last = np.zeros((len(plans), n))
+        ends = []
+        for it in range(self.iterations):
+            prev = last.copy()
+            for c in range(n):
+                t = np.where(overlap[:, c, :], last, 0.0).max(axis=1)
+                if it:
+                    for v in self.version_preds[c]:
+                        t = np.maximum(t, prev[:, v])
+                t = t + realloc[:, c]
+                for col in self._edge_cols[c]:
+                    t = np.maximum(t, last[:, self._edges[col][2]] + data[:, col])
+                last[:, c] = t + dur[:, c]
+            ends.append(last.max(axis=1))
+        period = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0]
+        rows = self._matrix()
+        peak = (rows[np.asarray(rows_st)].sum(axis=1) + rows[np.asarray(rows_dyn)].max(axis=1)).max(axis=1)
+        return BatchEvaluation(period, peak <= self.capacity, peak)

@@ -1,0 +1,205 @@
+"""Memory per device: what each role keeps at home, what each call adds while it runs, the peak.
+
+Assumptions (bytes per parameter ``P`` of a device's shard, see :func:`cost.stage_params`):
+
+- **Home.** Every role keeps its weights (bf16, 2·P) on its home layout for the whole run: the
+  layout of its train call, or else of its first call in topological order. A trained role
+  also keeps bf16 gradients (2·P) and mixed-precision Adam state — fp32 master weights, first
+  and second moments, 12·P — replicated over data-parallel ranks, 16·P in all, because the
+  executor all-reduces gradients and steps a full optimizer on every replica (no ZeRO).
+  ``zero1=True`` shards the fp32 state over data-parallel ranks instead: ``4 + 12/dp`` per
+  parameter (ZeRO-1 / Megatron's distributed optimizer); it changes memory only — the
+  simulator times the replicated optimizer the executor runs.
+- **Reallocated copy.** A call on a layout other than its role's home holds its own bf16 copy
+  of the shard (2·P) while it runs; the copy is dropped after it.
+- **Activations** (Korthikanti et al. 2022, recounted for LLaMA blocks: RMSNorm, SwiGLU,
+  grouped-query attention, FlashAttention so no ``a·s²`` term, no dropout, no sequence
+  parallelism, bf16). Saved per token and layer: the inputs of both norms and of the q/k/v and
+  gate/up projections, replicated over tensor-parallel ranks (8h bytes); Q, O (4h), K and V
+  (4·kv) and the attention log-sum-exp (4a, fp32), split over ranks; gate and up outputs, their
+  SiLU and product (8f), split. Per token per layer: ``8h + (4h + 4kv + 8f + 4a)/t`` bytes
+  (LLaMA-2-7B, t=1: 37.5·h, against Korthikanti's 34·h for a GPT block).
+  Training under 1F1B keeps ``min(m, p − stage)`` micro-batches in flight on a stage; the last
+  stage also holds fp32 log-probabilities over the gathered vocabulary, their gradient and the
+  bf16 logits (10 bytes per token and vocabulary entry). Inference and prefill hold one layer's
+  working set (the same per-layer count, one micro-batch) plus the head's logits.
+- **KV cache** for generation: ``2·layers·(kv/t)·(prompt + gen)·2`` bytes per sequence for every
+  sequence of the data-parallel rank (all micro-batches stay resident).
+
+Calls on one device run one at a time, so a device's peak is its homes plus the largest call.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from estimator.cost import BF16, FP32, stage_params
+from estimator.experiment import Experiment
+from estimator.models import ModelSpec
+from estimator.plan import Layout, Plan
+from estimator.workflow import Call, Workflow
+
+GiB = float(1 << 30)
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes in GiB, or MiB / KiB when smaller."""
+    for unit, size in (("GiB", GiB), ("MiB", float(1 << 20)), ("KiB", 1024.0)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+PARTS = ("weights", "grads", "optimizer", "realloc", "activations", "kv_cache")
+
+
+def home_calls(workflow: Workflow) -> dict[str, str]:
+    """role → the call whose layout is the role's home: its train call, else its first call in
+    topological order."""
+    first: dict[str, str] = {}
+    train: dict[str, str] = {}
+    for name in workflow.topological_order():
+        call = workflow[name]
+        first.setdefault(call.role, name)
+        if call.kind == "train":
+            train.setdefault(call.role, name)
+    return {role: train.get(role, call) for role, call in first.items()}
+
+
+def stage_param_counts(model: ModelSpec, layout: Layout) -> list[float]:
+    """Parameters per device of each pipeline stage."""
+    return [stage_params(model, layout.tp, layout.pp, k, len(layout.stage_layers(model.layers, k)))
+            for k in range(layout.pp)]
+
+
+def home_bytes(model: ModelSpec, layout: Layout, trained: bool, zero1: bool = False) -> list[dict[str, float]]:
+    """Per stage: bytes a role keeps on each device of its home layout."""
+    out = []
+    for p in stage_param_counts(model, layout):
+        parts = {"weights": BF16 * p}
+        if trained:
+            parts["grads"] = BF16 * p
+            parts["optimizer"] = 3 * FP32 * p / (layout.dp if zero1 else 1)
+        out.append(parts)
+    return out
+
+
+def activation_bytes_per_token_layer(model: ModelSpec, tp: int) -> float:
+    """Saved activations of one block per token (see the module docstring)."""
+    h, kv, f, a = model.hidden, model.kv_dim, model.ffn, model.heads
+    return 8 * h + (4 * h + 4 * kv + 8 * f + 4 * a) / tp
+
+
+def head_bytes(model: ModelSpec, tokens: float) -> float:
+    """Logits of ``tokens`` positions on the last stage: bf16 gathered logits, fp32
+    log-probabilities and their gradient (or a scalar per position for a value head)."""
+    if model.head == "value":
+        return 2 * FP32 * tokens
+    return (BF16 + 2 * FP32) * tokens * model.vocab
+
+
+def call_bytes(call: Call, model: ModelSpec, layout: Layout, at_home: bool) -> list[dict[str, float]]:
+    """Per stage: bytes ``call`` adds on each device while it runs."""
+    w = call.workload
+    rows = w.units_per_minibatch * (2 if w.paired else 1) // layout.dp  # sequences per dp rank and step
+    if call.kind != "train":
+        rows = w.seqs // layout.dp
+    mb = rows / layout.micro_batches  # sequences per micro-batch
+    per_layer = activation_bytes_per_token_layer(model, layout.tp)
+    out = []
+    for k, p in enumerate(stage_param_counts(model, layout)):
+        layers = len(layout.stage_layers(model.layers, k))
+        last = k == layout.pp - 1
+        parts = {"realloc": 0.0 if at_home else BF16 * p}
+        if call.kind == "train":
+            tokens = mb * w.seq_len
+            in_flight = min(layout.micro_batches, layout.pp - k)
+            parts["activations"] = in_flight * tokens * (layers * per_layer + BF16 * model.hidden)
+            parts["activations"] += head_bytes(model, tokens) if last else 0.0
+        elif call.kind == "inference":
+            tokens = mb * w.seq_len
+            parts["activations"] = tokens * per_layer + (head_bytes(model, tokens) if last else 0.0)
+        else:
+            kv_per_seq = 2 * layers * (model.kv_dim / layout.tp) * w.seq_len * BF16
+            parts["kv_cache"] = rows * kv_per_seq
+            parts["activations"] = mb * w.prompt_len * per_layer + (head_bytes(model, mb) if last else 0.0)
+        out.append(parts)
+    return out
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """The peak of one device and what makes it up."""
+
+    device: int
+    peak_bytes: float  # homes + the largest call
+    call: str  # the call running at the peak ("" when none runs on the device)
+    parts: dict[str, float] = field(default_factory=dict)  # PARTS → bytes at the peak
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    capacity_bytes: float
+    devices: tuple[DeviceMemory, ...]  # one per device of the cluster
+
+    @property
+    def peak(self) -> DeviceMemory:
+        return max(self.devices, key=lambda d: (d.peak_bytes, -d.device))
+
+    @property
+    def over(self) -> list[DeviceMemory]:
+        return [d for d in self.devices if d.peak_bytes > self.capacity_bytes]
+
+    @property
+    def feasible(self) -> bool:
+        return not self.over
+
+    def reasons(self) -> list[str]:
+        """Why the plan does not fit: the worst device, with what fills it."""
+        over = self.over
+        if not over:
+            return []
+        worst = max(over, key=lambda d: (d.peak_bytes, -d.device))
+        parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in worst.parts.items() if v > 0)
+        msg = (f"predicted {fmt_bytes(worst.peak_bytes)} on device {worst.device} against "
+               f"{fmt_bytes(self.capacity_bytes)} during {worst.call or 'no call'} ({parts})")
+        if len(over) > 1:
+            msg += f"; {len(over) - 1} more device(s) over capacity"
+        return [msg]
+
+
+def _stage_devices(layout: Layout, stage: int) -> range:
+    block = layout.dp * layout.tp
+    return range(layout.mesh.first + stage * block, layout.mesh.first + (stage + 1) * block)
+
+
+def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float, zero1: bool = False) -> MemoryReport:
+    """Peak memory of every device under ``plan``."""
+    wf = experiment.workflow
+    homes = home_calls(wf)
+    trained = wf.trained_roles()
+    static: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PARTS, 0.0))
+    for role, call in homes.items():
+        layout = plan[call]
+        for k, parts in enumerate(home_bytes(experiment.models[role], layout, role in trained, zero1)):
+            for d in _stage_devices(layout, k):
+                for key, v in parts.items():
+                    static[d][key] += v
+    best: dict[int, tuple[float, str, dict[str, float]]] = {}
+    for name in wf.topological_order():
+        call = wf[name]
+        layout = plan[name]
+        home = plan[homes[call.role]]
+        at_home = (layout.mesh, layout.dp, layout.tp, layout.pp) == (home.mesh, home.dp, home.tp, home.pp)
+        for k, parts in enumerate(call_bytes(call, experiment.models[call.role], layout, at_home)):
+            total = sum(parts.values())
+            for d in _stage_devices(layout, k):
+                if d not in best or total > best[d][0]:
+                    best[d] = (total, name, parts)
+    devices = []
+    for d in range(experiment.cluster.num_devices):
+        dyn, name, parts = best.get(d, (0.0, "", {}))
+        merged = dict(static[d]) if d in static else dict.fromkeys(PARTS, 0.0)
+        for key, v in parts.items():
+            merged[key] += v
+        devices.append(DeviceMemory(d, sum(merged.values()), name, merged))
+    return MemoryReport(capacity_bytes, tuple(devices))

@@ -1,0 +1,171 @@
+"""Predict a plan's iteration time, per-call timeline and memory per device.
+
+Usage::
+
+    python -m estimator.predict examples/ppo-llama2-7b-8xh100.yaml
+    python -m estimator.predict examples/ppo-llama2-7b-8xh100.yaml --json
+    python -m estimator.predict examples/ppo-tiny-2xcpu.yaml --plan PLAN.json --iterations 5
+    python -m estimator.predict examples/ppo-llama2-70b-128xh100.yaml --profile h100-sxm --trace trace.json
+    python -m estimator.predict examples/dpo-llama3-8b-8xa100.yaml --profile calibration/profiles/a100-80g.json
+
+Without ``--plan`` it predicts the symmetric baseline (every call on all devices, tp across a
+node, pp across nodes) and says so. ``--profile`` names a shipped profile or a profile file
+(default: the cluster's device). ``--trace`` writes a Chrome trace (open it in Perfetto).
+
+Prints the steady-state iteration time, a per-call table (layout, start and duration in the
+last simulated iteration, of which communication and parameter reallocation), peak memory
+per device against capacity, model FLOP utilisation and the roofline lower bound. ``--json``
+prints one object instead, with ``iteration_s``, ``feasible``, ``reasons``,
+``peak_memory_bytes``, ``roofline_s``, ``mfu`` and ``calls.<name>.{start_s, duration_s, ...}``.
+
+Exit codes: 0 predicted; 1 the plan does not fit in memory (the reasons are printed);
+2 invalid experiment, profile or plan (one line per violated rule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from estimator.baselines import symmetric_plan
+from estimator.errors import cli_guard
+from estimator.experiment import Experiment, load_experiment
+from estimator.memory import GiB, MemoryReport, plan_memory
+from estimator.plan import Plan, check, format_table
+from estimator.profiles import Profile, load_profile
+from estimator.roofline import mfu, roofline_s
+from estimator.simulator import SimResult, simulate
+
+COMM_OPS = ("tp_allreduce", "dp_allreduce")
+EXIT_INFEASIBLE = 1
+
+
+class Progress:
+    """Progress lines on stderr, only once a run has taken more than a second."""
+
+    def __init__(self, quiet: bool = False):
+        self.start = time.monotonic()
+        self.last = self.start
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        if not self.quiet and now - self.start > 1.0 and now - self.last > 0.5:
+            print(f"  {message}", file=sys.stderr, flush=True)
+            self.last = now
+
+
+def call_rows(result: SimResult) -> dict[str, dict[str, float]]:
+    """Per call of the last iteration: start (from the iteration's first start), duration, and
+    of which communication (tensor/data-parallel collectives on its busiest stage, plus waiting
+    for inputs) and reallocation."""
+    last = max(result.records)[0]
+    recs = {c: r for (it, c), r in result.records.items() if it == last}
+    origin = min(r.start_s for r in recs.values())
+    comm: dict[tuple[str, int], float] = {}
+    for start, end, _, it, call, op, _, stage, _ in result.rows:
+        if it == last and op in COMM_OPS:
+            comm[(call, stage)] = comm.get((call, stage), 0.0) + (end - start)
+    out = {}
+    for c, r in recs.items():
+        busiest = max((v for (call, _), v in comm.items() if call == c), default=0.0)
+        out[c] = {"start_s": r.start_s - origin, "duration_s": r.duration_s,
+                  "comm_s": busiest + r.data_s, "realloc_s": r.realloc_s}
+    return out
+
+
+def memory_groups(report: MemoryReport) -> list[tuple[str, float, str]]:
+    """Consecutive devices with the same peak and call, as (device range, peak, call)."""
+    out: list[tuple[int, int, float, str]] = []
+    for d in report.devices:
+        key = (round(d.peak_bytes / GiB, 1), d.call)
+        if out and (out[-1][2], out[-1][3]) == key and out[-1][1] == d.device - 1:
+            out[-1] = (out[-1][0], d.device, *key)
+        else:
+            out.append((d.device, d.device, *key))
+    return [(str(a) if a == b else f"{a}-{b}", peak, call) for a, b, peak, call in out]
+
+
+def predict(experiment: Experiment, plan: Plan, profile: Profile, iterations: int = 3,
+            progress: Progress | None = None) -> tuple[SimResult, MemoryReport, dict[str, Any]]:
+    """Simulate ``plan`` and check its memory; returns the result, the memory report and the
+    summary object that ``--json`` prints."""
+    result = simulate(experiment, plan, profile, iterations, progress=progress)
+    memory = plan_memory(experiment, plan, profile.capacity_bytes)
+    period = result.iteration_s
+    rows = call_rows(result)
+    summary = {
+        "experiment": experiment.name,
+        "profile": profile.name,
+        "iterations": iterations,
+        "iteration_s": period,
+        "feasible": memory.feasible,
+        "reasons": memory.reasons(),
+        "peak_memory_bytes": memory.peak.peak_bytes,
+        "capacity_bytes": memory.capacity_bytes,
+        "memory_per_device_bytes": [d.peak_bytes for d in memory.devices],
+        "roofline_s": roofline_s(experiment, profile),
+        "mfu": mfu(experiment, profile, period),
+        "calls": {c: {**plan[c].to_dict(), **rows[c]} for c in experiment.workflow.topological_order()},
+    }
+    return result, memory, summary
+
+
+def render(summary: dict[str, Any], memory: MemoryReport, plan_source: str) -> str:
+    lines = [f"experiment {summary['experiment']} on profile {summary['profile']}: {plan_source}",
+             f"predicted iteration time {summary['iteration_s']:.3f} s (steady state over "
+             f"{summary['iterations']} simulated iterations)", ""]
+    rows = [("call", "mesh", "dp", "tp", "pp", "micro", "start s", "duration s", "comm s", "realloc s")]
+    for c, v in summary["calls"].items():
+        rows.append((c, v["mesh"], str(v["dp"]), str(v["tp"]), str(v["pp"]), str(v["micro_batches"]),
+                     f"{v['start_s']:.3f}", f"{v['duration_s']:.3f}", f"{v['comm_s']:.3f}", f"{v['realloc_s']:.3f}"))
+    lines += [format_table(rows), ""]
+    mem_rows = [("devices", "peak GiB", "capacity GiB", "largest call")]
+    cap = f"{memory.capacity_bytes / GiB:.1f}"
+    mem_rows += [(devs, f"{peak:.1f}", cap, call or "-") for devs, peak, call in memory_groups(memory)]
+    lines += [format_table(mem_rows, right={1, 2}), ""]
+    lines.append(f"model FLOP utilisation {100 * summary['mfu']:.1f} %")
+    lines.append(f"roofline lower bound {summary['roofline_s']:.3f} s "
+                 f"({summary['iteration_s'] / summary['roofline_s']:.2f}x above it)")
+    lines.append("fits in memory" if summary["feasible"] else "DOES NOT FIT: " + "; ".join(summary["reasons"]))
+    return "\n".join(lines)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m estimator.predict", description=__doc__.split("\n")[0])
+    parser.add_argument("experiment", help="experiment YAML file")
+    parser.add_argument("--plan", help="plan JSON file (default: the symmetric baseline)")
+    parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
+    parser.add_argument("--iterations", type=int, default=3,
+                        help="iterations to simulate (default 3; the first is warm-up)")
+    parser.add_argument("--trace", help="write a Chrome trace (JSON) here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    experiment = load_experiment(args.experiment)
+    profile = load_profile(args.profile or experiment.cluster.device)
+    if args.plan:
+        plan, source = check(Plan.load(args.plan), experiment), f"plan {args.plan}"
+    else:
+        plan, source = symmetric_plan(experiment, profile), "symmetric baseline plan (no --plan given)"
+    progress = Progress(quiet=args.json)
+    result, memory, summary = predict(experiment, plan, profile, args.iterations, progress)
+    if args.trace:
+        result.timeline().write_chrome_trace(args.trace)
+    if args.json:
+        print(json.dumps({**summary, "plan_source": source}, indent=2))
+    else:
+        print(render(summary, memory, source))
+        if args.trace:
+            print(f"wrote Chrome trace {args.trace}")
+    return 0 if memory.feasible else EXIT_INFEASIBLE
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_guard(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Hardware profiles: what one device computes, stores and moves, and where each number comes from.
+
+A profile is a JSON file (``calibration/profiles/<name>.json``) in one format for measured and
+datasheet profiles. Every object that holds numbers also holds ``cite`` (a datasheet,
+paper or public benchmark) or ``command`` (the measurement that produced them)::
+
+    {"format": "rlhf-plan/profile-v1", "name": "h100-sxm", "source": "datasheet",
+     "device": "NVIDIA H100 80GB HBM3 (SXM5)", "date": "2026-11-21", "software": {},
+     "compute": {"peak": {"flops_per_s": 989.4e12, "cite": "..."},
+                 "efficiency": {"by": "flops", "interpolation": "log-linear",
+                                "points": [[2.1e9, 0.18], ...], "cite": "..."},
+                 "launch": {"overhead_s": 5e-6, "cite": "..."}},
+     "memory": {"capacity": {"bytes": ..., "cite": ...}, "bandwidth": {"bytes_per_s": ..., "cite": ...},
+                "efficiency": {"by": "bytes", ...}},
+     "links": {"intra": {"name": "...", "all_reduce": {"alpha_s": ..., "busbw_bytes_per_s": ..., "cite": ...},
+                         "all_gather": ..., "reduce_scatter": ..., "p2p": ..., "broadcast": ...},
+               "inter": {...}}}
+
+Efficiency curves map an op's size (FLOPs or bytes) to the fraction of peak it reaches; they
+are looked up by interpolation in log(size) between points (or as steps, Calculon-style) and
+held flat beyond the first and last point. Link figures are nccl-tests *bus* bandwidths, so a
+collective over ``n`` ranks moves ``factor(n)·S`` bytes at ``busbw`` (nccl-tests
+doc/PERFORMANCE.md): all-reduce ``2(n−1)/n``, all-gather and reduce-scatter ``(n−1)/n``,
+broadcast and point-to-point 1.
+
+Loading parses and checks the file once and precomputes the lookup tables, so cost functions
+in the hot loop only interpolate.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from estimator.errors import ConfigError
+from estimator.io import atomic_write_json
+
+PROFILE_FORMAT = "rlhf-plan/profile-v1"
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "profiles"
+SOURCES = ("measured", "datasheet")
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "p2p", "broadcast")
+LINK_CLASSES = ("intra", "inter")  # inside a node (NVLink) / between nodes (NIC)
+INTERPOLATIONS = ("log-linear", "step")
+
+
+def bus_factor(kind: str, n: int) -> float:
+    """Bytes on the busiest link per byte of message, for ``n`` ranks (nccl-tests busbw)."""
+    if kind == "all_reduce":
+        return 2.0 * (n - 1) / n
+    if kind in ("all_gather", "reduce_scatter"):
+        return (n - 1) / n
+    return 1.0
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Efficiency in (0, 1] against op size; flat beyond the first and last point."""
+
+    points: tuple[tuple[float, float], ...]  # (size in FLOPs or bytes, efficiency), ascending
+    interpolation: str = "log-linear"  # log-linear | step (value of the largest size <= x)
+    _logx: list[float] = field(init=False, repr=False, compare=False)
+    _ys: list[float] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.points:
+            problems.append("needs at least one point")
+        sizes = [p[0] for p in self.points]
+        if any(s <= 0 for s in sizes) or sizes != sorted(set(sizes)):
+            problems.append(f"sizes {sizes} must be positive and strictly ascending")
+        bad = [e for _, e in self.points if not 0 < e <= 1]
+        if bad:
+            problems.append(f"efficiencies {bad} must lie in (0, 1]")
+        if self.interpolation not in INTERPOLATIONS:
+            problems.append(f"interpolation={self.interpolation!r} must be one of {INTERPOLATIONS}")
+        if problems:
+            raise ConfigError("efficiency curve: " + "; ".join(problems))
+        object.__setattr__(self, "_logx", [math.log(s) for s in sizes])
+        object.__setattr__(self, "_ys", [float(e) for _, e in self.points])
+
+    def __call__(self, size: float) -> float:
+        """Efficiency of one op of ``size``."""
+        xs, ys = self._logx, self._ys
+        if size <= 0:
+            return ys[0]
+        x = math.log(size)
+        i = bisect.bisect_right(xs, x)
+        if i == 0:
+            return ys[0]
+        if i == len(xs) or self.interpolation == "step":
+            return ys[i - 1]
+        w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return ys[i - 1] + w * (ys[i] - ys[i - 1])
+
+    def many(self, sizes: np.ndarray) -> np.ndarray:
+        """Vectorised :meth:`__call__`."""
+        x = np.log(np.maximum(np.asarray(sizes, dtype=float), 1e-300))
+        if self.interpolation == "log-linear":
+            return np.interp(x, self._logx, self._ys)
+        idx = np.searchsorted(self._logx, x, side="right") - 1
+        return np.asarray(self._ys)[np.clip(idx, 0, len(self._ys) - 1)]
+
+
+@dataclass(frozen=True)
+class LinkCost:
+    """One collective kind on one link class: ``alpha_s + factor(n)·S / busbw``."""
+
+    alpha_s: float  # latency of one collective call, seconds
+    busbw_Bps: float  # nccl-tests bus bandwidth, bytes/s
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One device kind: compute, memory and links, with the provenance of every number."""
+
+    name: str
+    source: str  # measured | datasheet
+    device: str  # device model in words
+    date: str  # ISO date the figures were collected
+    software: dict[str, str]  # versions (driver, CUDA, torch, NCCL) of a measurement
+    peak_flops: float  # dense bf16 FLOP/s
+    flops_efficiency: Curve  # by FLOPs of one op
+    launch_overhead_s: float  # per kernel issued, seconds
+    capacity_bytes: float  # device memory, bytes
+    mem_bandwidth_Bps: float  # device memory bandwidth, bytes/s
+    mem_efficiency: Curve  # by bytes of one op
+    links: dict[str, dict[str, LinkCost]]  # link class → collective → cost
+    link_names: dict[str, str]  # link class → what it is, e.g. "NVLink 4 via NVSwitch"
+    raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)  # the file
+    path: str = ""  # where it was loaded from
+
+    def compute_s(self, flops: float) -> float:
+        """Seconds to do ``flops`` in one op at the fitted efficiency."""
+        return flops / (self.peak_flops * self.flops_efficiency(flops)) if flops > 0 else 0.0
+
+    def memory_s(self, nbytes: float) -> float:
+        """Seconds to move ``nbytes`` through device memory in one op."""
+        return nbytes / (self.mem_bandwidth_Bps * self.mem_efficiency(nbytes)) if nbytes > 0 else 0.0
+
+    def op_s(self, flops: float, nbytes: float, launches: int = 1) -> float:
+        """Roofline with an issue floor: kernels run asynchronously after a host-side launch,
+        so a stream of ops takes, per op, the longest of its compute, its memory traffic and
+        the time to issue it."""
+        return max(self.compute_s(flops), self.memory_s(nbytes), launches * self.launch_overhead_s)
+
+    def link(self, link_class: str, kind: str) -> LinkCost:
+        return self.links[link_class][kind]
+
+    def collective_s(self, kind: str, size_bytes: float, n: int, link_class: str = "intra") -> float:
+        """One collective of ``size_bytes`` per rank over ``n`` ranks on one link class."""
+        if n <= 1 or size_bytes <= 0:
+            return 0.0
+        c = self.links[link_class][kind]
+        return c.alpha_s + bus_factor(kind, n) * size_bytes / c.busbw_Bps
+
+    def group_collective_s(self, kind: str, size_bytes: float, per_node: int, nodes: int) -> float:
+        """A collective over ``per_node`` ranks on each of ``nodes`` nodes, hierarchically:
+        the intra-node phase on NVLink, then ``1/per_node`` of the data per rank across nodes
+        on each rank's own NIC (REFERENCE.md "Hierarchical")."""
+        if nodes <= 1:
+            return self.collective_s(kind, size_bytes, per_node, "intra")
+        if kind == "p2p" or kind == "broadcast":
+            return self.collective_s(kind, size_bytes, 2, "inter")
+        intra = self.collective_s(kind, size_bytes, per_node, "intra")
+        return intra + self.collective_s(kind, size_bytes / per_node, nodes, "inter")
+
+    def p2p_s(self, size_bytes: float, link_class: str) -> float:
+        """One point-to-point message."""
+        if size_bytes <= 0:
+            return 0.0
+        c = self.links[link_class]["p2p"]
+        return c.alpha_s + size_bytes / c.busbw_Bps
+
+    def provenance(self) -> dict[str, str]:
+        """Dotted path of every group of numbers → its citation or command."""
+        out: dict[str, str] = {}
+
+        def walk(node: Any, path: str) -> None:
+            if isinstance(node, dict):
+                where = node.get("cite") or node.get("command")
+                if where and any(isinstance(v, (int, float, list)) for v in node.values()):
+                    out[path] = str(where)
+                for k, v in node.items():
+                    walk(v, f"{path}.{k}" if path else k)
+
+        walk({k: self.raw[k] for k in ("compute", "memory", "links") if k in self.raw}, "")
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.raw)
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+def known_profiles() -> list[str]:
+    """Names of the shipped profiles."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """A shipped profile by name (``calibration/profiles/<name>.json``) or a profile file by path."""
+    text = str(name_or_path)
+    path = Path(text)
+    if not (text.endswith(".json") or "/" in text or path.is_file()):
+        path = PROFILE_DIR / f"{text}.json"
+        if not path.is_file():
+            raise ConfigError(f"unknown hardware profile {text!r}; known profiles: "
+                              f"{', '.join(known_profiles())} (or give a path to a profile .json)")
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"hardware profile {str(path)!r}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"hardware profile {str(path)!r}: not valid JSON: {exc}") from None
+    return profile_from_dict(data, where=f"profile {path}", path=str(path))
+
+
+def _obj(data: Any, key: str, where: str, keys: tuple[str, ...], numbers: bool = True) -> dict:
+    """``data[key]`` as an object with exactly ``keys`` (+ cite/command when it holds numbers)."""
+    node = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(node, dict):
+        raise ConfigError(f"{where}: {key} must be an object with keys {list(keys)}")
+    extra = ("cite", "command") if numbers else ("name",)
+    unknown = sorted(set(node) - set(keys) - set(extra))
+    missing = sorted(set(keys) - set(node))
+    if unknown or missing:
+        raise ConfigError(f"{where}: {key}: " + "; ".join(
+            ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else []))
+            + f"; allowed: {sorted(set(keys) | set(extra))}")
+    if numbers and not (str(node.get("cite", "")).strip() or str(node.get("command", "")).strip()):
+        raise ConfigError(f"{where}: {key} needs a 'cite' (source of the figures) or a 'command' "
+                          "(the measurement that produced them)")
+    return node
+
+
+def _positive(node: dict, key: str, where: str, zero_ok: bool = False) -> float:
+    v = node[key]
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or v < 0 or (v == 0 and not zero_ok):
+        rule = "a non-negative" if zero_ok else "a positive"
+        raise ConfigError(f"{where}.{key}={v!r} must be {rule} number")
+    return float(v)
+
+
+def _curve(node: dict, where: str, by: str) -> Curve:
+    if node["by"] != by:
+        raise ConfigError(f"{where}.by={node['by']!r} must be {by!r}")
+    pts = node["points"]
+    if not isinstance(pts, list) or not all(isinstance(p, list) and len(p) == 2 for p in pts):
+        raise ConfigError(f"{where}.points must be a list of [size, efficiency] pairs")
+    try:
+        return Curve(tuple((float(s), float(e)) for s, e in pts), node["interpolation"])
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _links(data: dict, where: str) -> tuple[dict[str, dict[str, LinkCost]], dict[str, str]]:
+    links = _obj(data, "links", where, LINK_CLASSES, numbers=False)
+    costs: dict[str, dict[str, LinkCost]] = {}
+    names = {}
+    for cls in LINK_CLASSES:
+        node = _obj(links, cls, f"{where}: links", COLLECTIVES, numbers=False)
+        names[cls] = str(node.get("name", cls))
+        costs[cls] = {}
+        for kind in COLLECTIVES:
+            w = f"{where}: links.{cls}"
+            entry = _obj(node, kind, w, ("alpha_s", "busbw_bytes_per_s"))
+            costs[cls][kind] = LinkCost(_positive(entry, "alpha_s", f"{w}.{kind}", zero_ok=True),
+                                        _positive(entry, "busbw_bytes_per_s", f"{w}.{kind}"))
+    return costs, names
+
+
+def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Profile:
+    """Check a parsed profile document and build its lookup object."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a JSON object")
+    top = ("format", "name", "source", "device", "date", "software", "compute", "memory", "links")
+    unknown = sorted(set(data) - set(top) - {"notes"})
+    missing = sorted(set(top) - set(data))
+    if unknown or missing:
+        raise ConfigError(f"{where}: " + "; ".join(
+            ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else []))
+            + f"; allowed: {sorted(set(top) | {'notes'})}")
+    if data["format"] != PROFILE_FORMAT:
+        raise ConfigError(f"{where}: format={data['format']!r}, expected {PROFILE_FORMAT!r}")
+    if data["source"] not in SOURCES:
+        raise ConfigError(f"{where}: source={data['source']!r} must be one of {SOURCES}")
+    if not isinstance(data["software"], dict):
+        raise ConfigError(f"{where}: software must be an object of name → version")
+    compute = _obj(data, "compute", where, ("peak", "efficiency", "launch"), numbers=False)
+    memory = _obj(data, "memory", where, ("capacity", "bandwidth", "efficiency"), numbers=False)
+    w = f"{where}: compute"
+    peak = _obj(compute, "peak", w, ("flops_per_s",))
+    launch = _obj(compute, "launch", w, ("overhead_s",))
+    ceff = _obj(compute, "efficiency", w, ("by", "interpolation", "points"))
+    m = f"{where}: memory"
+    cap = _obj(memory, "capacity", m, ("bytes",))
+    bw = _obj(memory, "bandwidth", m, ("bytes_per_s",))
+    meff = _obj(memory, "efficiency", m, ("by", "interpolation", "points"))
+    links, names = _links(data, where)
+    return Profile(
+        name=str(data["name"]), source=data["source"], device=str(data["device"]), date=str(data["date"]),
+        software={str(k): str(v) for k, v in data["software"].items()},
+        peak_flops=_positive(peak, "flops_per_s", f"{w}.peak"),
+        flops_efficiency=_curve(ceff, f"{w}.efficiency", "flops"),
+        launch_overhead_s=_positive(launch, "overhead_s", f"{w}.launch", zero_ok=True),
+        capacity_bytes=_positive(cap, "bytes", f"{m}.capacity"),
+        mem_bandwidth_Bps=_positive(bw, "bytes_per_s", f"{m}.bandwidth"),
+        mem_efficiency=_curve(meff, f"{m}.efficiency", "bytes"),
+        links=links, link_names=names, raw=data, path=path,
+    )

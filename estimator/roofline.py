@@ -1,0 +1,49 @@
+"""Lower bounds no plan can beat, and model FLOP utilisation.
+
+Each call needs at least ``max(F/(N·peak), B/(N·bw))`` seconds of the whole cluster of ``N``
+devices: its FLOPs ``F`` (:func:`estimator.ops.call_flops`) at peak, and the bytes ``B`` it
+must read from device memory at full bandwidth — for generation, every decode step reads all
+weights once and every sequence's KV cache; otherwise the weights once. Calls of one iteration
+share the cluster, so the sum over calls bounds the steady-state iteration time from below.
+"""
+
+from __future__ import annotations
+
+from estimator.cost import BF16
+from estimator.experiment import Experiment
+from estimator.models import ModelSpec
+from estimator.ops import call_flops
+from estimator.profiles import Profile
+from estimator.workflow import Call
+
+
+def decode_bytes(call: Call, model: ModelSpec) -> float:
+    """Bytes every decode step of a generate call must read, summed over its steps."""
+    w = call.workload
+    steps = w.gen_len - 1
+    kv_token = 2 * model.layers * model.kv_dim * BF16  # K and V of one cached token
+    # step t (1-based) attends prompt + t positions of each sequence
+    kv = w.seqs * kv_token * (steps * w.prompt_len + steps * (steps + 1) / 2)
+    return steps * model.bytes() + kv
+
+
+def call_floor_s(call: Call, model: ModelSpec, profile: Profile, devices: int) -> float:
+    flops = call_flops(call, model) / (devices * profile.peak_flops)
+    nbytes = decode_bytes(call, model) if call.kind == "generate" else float(model.bytes())
+    return max(flops, nbytes / (devices * profile.mem_bandwidth_Bps))
+
+
+def roofline_s(experiment: Experiment, profile: Profile) -> float:
+    """Lower bound on the iteration time of any plan for ``experiment`` on its cluster."""
+    n = experiment.cluster.num_devices
+    return sum(call_floor_s(c, experiment.models[c.role], profile, n) for c in experiment.workflow.calls)
+
+
+def model_flops(experiment: Experiment) -> float:
+    """FLOPs of one iteration's calls (no recompute)."""
+    return sum(call_flops(c, experiment.models[c.role]) for c in experiment.workflow.calls)
+
+
+def mfu(experiment: Experiment, profile: Profile, iteration_s: float) -> float:
+    """Model FLOP utilisation of the whole cluster at ``iteration_s`` per iteration."""
+    return model_flops(experiment) / (iteration_s * experiment.cluster.num_devices * profile.peak_flops)

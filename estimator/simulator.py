@@ -1,0 +1,297 @@
+"""Discrete-event simulation of a plan (simpy): devices compute, links carry, iterations overlap.
+
+Lowering (:mod:`estimator.lowering`) turns each call under its layout into per-stage tasks.
+Here every call instance of ``K`` unrolled iterations is a simpy process that
+
+1. waits for its mesh (every earlier instance on an overlapping mesh has ended: each device
+   runs its calls in (iteration, topological) order) and for the weights it needs (its role's
+   train call of the previous iteration: version edges);
+2. reallocates its role's parameters from their home layout when it runs elsewhere
+   (point-to-point messages, one per (sender, receiver) pair, on the links they use);
+3. waits for its input data, which each producer sends the moment it ends;
+4. runs one process per pipeline stage — forward passes per micro-batch for inference,
+   1F1B for training followed by the gradient all-reduce and the optimizer step per
+   minibatch, micro-batched prefill then chunked decoding for generation — exchanging
+   activations and gradients as messages between stages.
+
+A stage process stands for all ``dp·tp`` devices of its stage, which run in lock step; spans
+are recorded on the stage's first device. Devices are claimed call by call in a fixed order
+(step 1) rather than through a ``simpy.Resource`` queue, so whichever call becomes ready first
+cannot overtake an earlier one on a shared device: the order is each device's program, the same
+one the fast evaluator schedules. Links are the device ports of
+:class:`estimator.transfers.LinkBook`, shared first come, first served: concurrent messages on
+one port queue behind each other. Tensor-parallel collectives run inside each stage task,
+timed from the link profile, without reserving ports.
+
+Determinism: one environment per run, nothing global; processes start in instance order and
+stages in pipeline order, and simpy breaks ties in time by scheduling order, so equal inputs
+give identical timelines, and link requests made at the same instant are served in the order
+the requesting processes run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import simpy
+
+from estimator.experiment import Experiment
+from estimator.instances import device_preds, instance_graph
+from estimator.lowering import CallCost, Costs, StageCost
+from estimator.plan import Plan
+from estimator.profiles import Profile
+from estimator.timeline import Span, Timeline
+from estimator.transfers import LinkBook, local_copy_s
+
+SpanRow = tuple[float, float, int, int, str, str, int, int, str]  # Span's fields, in order
+FORWARD, BACKWARD = "F", "B"
+
+
+def schedule_1f1b(stages: int, stage: int, micro_batches: int) -> list[tuple[str, int]]:
+    """PipeDream-flush order of one stage (the executor's): warm-up forwards, one forward
+    one backward, cool-down backwards."""
+    warmup = min(stages - stage - 1, micro_batches)
+    order = [(FORWARD, i) for i in range(warmup)]
+    for i in range(micro_batches - warmup):
+        order += [(FORWARD, warmup + i), (BACKWARD, i)]
+    return order + [(BACKWARD, i) for i in range(micro_batches - warmup, micro_batches)]
+
+
+class Mailbox:
+    """Arrival times of messages between the stage processes of one call instance."""
+
+    def __init__(self, env: simpy.Environment):
+        self.env = env
+        self.times: dict[tuple, float] = {}
+        self.waiting: dict[tuple, simpy.Event] = {}
+
+    def put(self, key: tuple, arrival_s: float) -> None:
+        self.times[key] = arrival_s
+        ev = self.waiting.pop(key, None)
+        if ev is not None:
+            ev.succeed()
+
+    def wait(self, key: tuple) -> Generator[simpy.Event, Any, None]:
+        if key not in self.times:
+            ev = self.waiting[key] = self.env.event()
+            yield ev
+        delay = self.times[key] - self.env.now
+        if delay > 0:
+            yield self.env.timeout(delay)
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One call instance as simulated."""
+
+    iteration: int
+    call: str
+    start_s: float  # its mesh is free and its weights are ready: reallocation may start
+    compute_start_s: float  # parameters and inputs are in place
+    end_s: float
+    realloc_s: float  # time spent reallocating parameters
+    data_s: float  # time from the end of reallocation until the inputs arrived
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass
+class SimResult:
+    """What a simulation produced; the full timeline is built on demand."""
+
+    iterations: int
+    records: dict[tuple[int, str], CallRecord]
+    rows: list[SpanRow] = field(repr=False)
+    meta: dict[str, Any] = field(default_factory=dict)
+    _timeline: Timeline | None = field(default=None, repr=False)
+
+    def iteration_ends(self) -> list[float]:
+        ends: dict[int, float] = {}
+        for (it, _), r in self.records.items():
+            ends[it] = max(ends.get(it, 0.0), r.end_s)
+        return [ends[i] for i in sorted(ends)]
+
+    @property
+    def iteration_s(self) -> float:
+        """Steady-state period: :meth:`Timeline.steady_state_s` of one span per call instance."""
+        spans = [Span(r.start_s, r.end_s, -1, r.iteration, r.call, "call") for r in self.records.values()]
+        return Timeline.of(spans).steady_state_s()
+
+    def timeline(self) -> Timeline:
+        if self._timeline is None:
+            spans = [Span(*row) for row in sorted(self.rows)]
+            self._timeline = Timeline(tuple(spans), "predicted", dict(self.meta))
+        return self._timeline
+
+
+class Simulation:
+    """One simulation of ``plan`` for ``K`` iterations."""
+
+    def __init__(self, experiment: Experiment, plan: Plan, profile: Profile, iterations: int = 3,
+                 costs: Costs | None = None, progress: Callable[[str], None] | None = None,
+                 env: simpy.Environment | None = None):
+        self.experiment, self.plan, self.profile = experiment, plan, profile
+        self.costs = costs if costs is not None else Costs(experiment, profile)
+        self.graph = instance_graph(experiment.workflow, iterations)
+        self.dev_preds = device_preds(self.graph, plan)
+        self.iterations = iterations
+        self.progress = progress
+        self.env = env if env is not None else simpy.Environment()
+        self.book = LinkBook(experiment.cluster.num_devices)
+        self.done = [self.env.event() for _ in self.graph.nodes]
+        self.arrivals: dict[tuple[int, int], float] = {}
+        self.rows: list[SpanRow] = []
+        self.records: dict[tuple[int, str], CallRecord] = {}
+
+    def run(self) -> SimResult:
+        for i in range(len(self.graph.nodes)):
+            self.env.process(self._instance(i))
+        self.env.run()
+        meta = {"plan": {c: lay.to_dict() for c, lay in self.plan.layouts.items()},
+                "profile": self.profile.name, "iterations": self.iterations,
+                "spans": "one device per pipeline stage stands for its dp·tp lock-step devices"}
+        return SimResult(self.iterations, self.records, self.rows, meta)
+
+    # -- one call instance
+
+    def _after(self, indices: tuple[int, ...]) -> Generator[simpy.Event, Any, None]:
+        for j in indices:
+            if not self.done[j].processed:
+                yield self.done[j]
+
+    def _instance(self, i: int) -> Generator[simpy.Event, Any, None]:
+        env, node = self.env, self.graph.nodes[i]
+        yield from self._after(self.dev_preds[i] + self.graph.version_preds[i])
+        start = env.now
+        cc = self.costs.call(node.call, self.plan[node.call])
+        yield from self._realloc(node.iteration, cc)
+        realloc_end = env.now
+        yield from self._after(self.graph.data_preds[i])
+        arrival = max((self.arrivals[(j, i)] for j in self.graph.data_preds[i]), default=env.now)
+        if arrival > env.now:
+            yield env.timeout(arrival - env.now)
+        compute_start = env.now
+        box = Mailbox(env)
+        run = {"generate": self._generate, "inference": self._inference, "train": self._train}[cc.kind]
+        yield env.all_of([env.process(run(node.iteration, cc, st, box)) for st in cc.stages])
+        self.records[(node.iteration, node.call)] = CallRecord(
+            node.iteration, node.call, start, compute_start, env.now, realloc_end - start, compute_start - realloc_end)
+        self._send_outputs(i)
+        self.done[i].succeed()
+        if self.progress is not None:
+            self.progress(f"iteration {node.iteration} {node.call} done at {env.now:.3f} s simulated")
+
+    def _realloc(self, it: int, cc: CallCost) -> Generator[simpy.Event, Any, None]:
+        role = self.experiment.workflow[cc.call].role
+        home = self.plan[self.costs.homes[role]]
+        pairs = self.costs.realloc_pairs(role, home, cc.layout)
+        if not pairs:
+            return
+        now = self.env.now
+        _, end = self.book.send_all(pairs, now, self.profile, self.costs.dpn)
+        end = max(end, now + local_copy_s(pairs, self.profile))
+        for st in cc.stages:
+            self.rows.append((now, end, st.rep, it, cc.call, "realloc", -1, st.index, f"realloc {role}"))
+        if end > now:
+            yield self.env.timeout(end - now)
+
+    def _send_outputs(self, i: int) -> None:
+        """Send this instance's outputs to each consumer's devices now."""
+        node = self.graph.nodes[i]
+        for j in self.graph.data_succs[i]:
+            consumer = self.graph.nodes[j].call
+            pairs = self.costs.data_pairs(node.call, self.plan[node.call], consumer, self.plan[consumer])
+            start, end = self.book.send_all(pairs, self.env.now, self.profile, self.costs.dpn)
+            self.arrivals[(i, j)] = end
+            if end > start:
+                self.rows.append((start, end, -1, node.iteration, consumer, "data", -1, -1,
+                                  f"data {node.call}->{consumer}"))
+
+    # -- stage processes
+
+    def _compute(self, it: int, cc: CallCost, st: StageCost, op: str, mb: int,
+                 compute_s: float, comm_s: float) -> simpy.Timeout:
+        now = self.env.now
+        self.rows.append((now, now + compute_s, st.rep, it, cc.call, op, mb, st.index, ""))
+        if comm_s > 0:
+            self.rows.append((now + compute_s, now + compute_s + comm_s, st.rep, it, cc.call, "tp_allreduce",
+                              mb, st.index, f"nvlink dev{st.devices[0]}-{st.devices[-1]}"))
+        return self.env.timeout(compute_s + comm_s)
+
+    def _send(self, it: int, cc: CallCost, st: StageCost, ports: tuple[int, ...], mb: int,
+              duration_s: float) -> float:
+        """Book a message between stages on its ports now; returns its arrival."""
+        start, end = self.book.reserve(ports, self.env.now, duration_s)
+        self.rows.append((start, end, -1, it, cc.call, "pp_send", mb, st.index, f"pp dev{ports[0] // 4}"))
+        return end
+
+    def _inference(self, it: int, cc: CallCost, st: StageCost, box: Mailbox) -> Generator:
+        k, last = st.index, st.index == cc.pp - 1
+        for j in range(cc.micro_batches):
+            if k > 0:
+                yield from box.wait(("f", k, j))
+            yield self._compute(it, cc, st, "forward", j, st.fwd.compute_s, st.fwd.comm_s)
+            if not last:
+                box.put(("f", k + 1, j), self._send(it, cc, st, st.send_ports, j, st.send_s))
+
+    def _train(self, it: int, cc: CallCost, st: StageCost, box: Mailbox) -> Generator:
+        k, last = st.index, st.index == cc.pp - 1
+        for step in range(cc.minibatches):
+            for op, j in schedule_1f1b(cc.pp, k, cc.micro_batches):
+                if op == FORWARD:
+                    if k > 0:
+                        yield from box.wait(("f", step, k, j))
+                    yield self._compute(it, cc, st, "forward", j, st.fwd.compute_s, st.fwd.comm_s)
+                    if not last:
+                        box.put(("f", step, k + 1, j), self._send(it, cc, st, st.send_ports, j, st.send_s))
+                else:
+                    if not last:
+                        yield from box.wait(("b", step, k, j))
+                    yield self._compute(it, cc, st, "backward", j, st.bwd.compute_s, st.bwd.comm_s)
+                    if k > 0:
+                        prev = cc.stages[k - 1]
+                        box.put(("b", step, k - 1, j), self._send(it, cc, prev, prev.recv_ports, j, prev.send_s))
+            if st.dp_allreduce_s > 0:
+                start, end = self.book.reserve(st.dp_ports, self.env.now, st.dp_allreduce_s)
+                self.rows.append((start, end, st.rep, it, cc.call, "dp_allreduce", -1, k,
+                                  f"dp dev{st.devices[0]}-{st.devices[-1]}"))
+                yield self.env.timeout(end - self.env.now)
+            now = self.env.now
+            self.rows.append((now, now + st.optimizer_s, st.rep, it, cc.call, "optimizer", -1, k, ""))
+            yield self.env.timeout(st.optimizer_s)
+
+    def _generate(self, it: int, cc: CallCost, st: StageCost, box: Mailbox) -> Generator:
+        k, last = st.index, st.index == cc.pp - 1
+        for j in range(cc.micro_batches):
+            if k > 0:
+                yield from box.wait(("p", k, j))
+            yield self._compute(it, cc, st, "prefill", j, st.fwd.compute_s, st.fwd.comm_s)
+            if not last:
+                box.put(("p", k + 1, j), self._send(it, cc, st, st.send_ports, j, st.send_s))
+            elif j == 0:
+                box.put(("token",), self.env.now + cc.feedback_s)
+        for q, chunk in enumerate(st.decode):
+            if k > 0:
+                yield from box.wait(("c", k, q))
+            elif q == 0:
+                yield from box.wait(("token",))
+            now = self.env.now
+            if not last:
+                box.put(("c", k + 1, q), now + chunk.lag_s)
+                # the chunk's activations occupy the link; the round time already counts their latency
+                self._send(it, cc, st, st.send_ports, -1, self.profile.p2p_s(chunk.send_bytes, st.send_class))
+            self.rows.append((now, now + chunk.compute_s, st.rep, it, cc.call, "decode", -1, k, ""))
+            if chunk.comm_s > 0:
+                self.rows.append((now + chunk.compute_s, now + chunk.compute_s + chunk.comm_s, st.rep, it, cc.call,
+                                  "tp_allreduce", -1, k, f"nvlink dev{st.devices[0]}-{st.devices[-1]}"))
+            yield self.env.timeout(chunk.duration_s)
+
+
+def simulate(experiment: Experiment, plan: Plan, profile: Profile, iterations: int = 3,
+             costs: Costs | None = None, progress: Callable[[str], None] | None = None) -> SimResult:
+    """Simulate ``iterations`` iterations of ``plan``; see :class:`SimResult`."""
+    return Simulation(experiment, plan, profile, iterations, costs, progress).run()

@@ -1,0 +1,191 @@
+"""Bytes that move between devices and the links that carry them.
+
+Parameter reallocation and call outputs move as point-to-point messages, one per (sender,
+receiver) pair. :func:`realloc_bytes` is an aggregated, exact equivalent of
+:func:`estimator.sharding.realloc_plan` — it sums bytes per pair per (pipeline stage,
+tensor-parallel slice) instead of per parameter, so it stays fast for 70B models on 128
+devices — and :func:`data_bytes` sums :func:`estimator.sharding.rows_plan` per pair.
+
+Links. Every device has four ports: NVLink out and in (to devices of its node, through the
+switch) and NIC out and in (to other nodes; one NIC per device). A message from ``s`` to ``d``
+holds ``s``'s out-port and ``d``'s in-port of the class its route needs; a collective holds
+both ports of every member (NIC ports too when it spans nodes). :class:`LinkBook` shares ports
+first come, first served: a transfer starts when all its ports are free and holds them for its
+whole duration (``α + S/B`` from the profile), so two transfers on one port take twice as long
+as one. A transfer reserves all its ports at once rather than holding some while waiting for
+others, which would idle them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+
+from estimator.cost import BF16, FP32, INT64, layer_split_params
+from estimator.models import ModelSpec
+from estimator.plan import Layout
+from estimator.profiles import Profile
+from estimator.sharding import pick_sender, input_needs, output_holders, rows_plan
+from estimator.workflow import Call
+
+Pair = tuple[int, int]  # (sender, receiver) global device ids
+NVL_OUT, NVL_IN, NIC_OUT, NIC_IN = range(4)
+PORT_NAMES = ("nvlink-out", "nvlink-in", "nic-out", "nic-in")
+
+
+def _overlap(a: range, b: range) -> int:
+    return max(0, min(a.stop, b.stop) - max(a.start, b.start))
+
+
+def realloc_bytes(model: ModelSpec, src: Layout, dst: Layout, devices_per_node: int) -> dict[Pair, int]:
+    """Bytes (bf16) each (sender, receiver) pair moves when ``model`` goes from ``src`` to ``dst``;
+    pairs with ``sender == receiver`` are local copies. Equal to summing
+    :func:`~estimator.sharding.realloc_plan` per pair, including its choice of sender among the
+    replicas that hold a slice (data-parallel ranks; every tensor-parallel rank for replicated
+    parameters; both ends of a pipeline for tied embeddings)."""
+    h, L = model.hidden, model.layers
+    split_layer, rep_layer = layer_split_params(model), 2 * h
+    embed = model.vocab * h
+    tied = model.tied_embeddings and model.head == "lm"
+    head_split = 0 if model.head == "value" or tied else embed
+    last_rep = h + (h if model.head == "value" else 0)  # final norm (+ value head)
+    lcm = math.lcm(src.tp, dst.tp)
+    last = src.pp - 1
+    embed_stages = [0, last] if tied and last > 0 else [0]
+    src_layers = [src.stage_layers(L, k) for k in range(src.pp)]
+    out: dict[Pair, int] = defaultdict(int)
+
+    def split_from(d: int, stages: list[int], lo: int, hi: int, numel: int) -> None:
+        for stp in range(src.tp):
+            ov = _overlap(range(lo, hi), range(stp * lcm // src.tp, (stp + 1) * lcm // src.tp))
+            if ov:
+                holders = [src.device(i, stp, s) for s in stages for i in range(src.dp)]
+                out[(pick_sender(holders, d, devices_per_node), d)] += numel * ov // lcm * BF16
+
+    def replicated_from(d: int, stage: int, numel: int) -> None:
+        holders = [src.device(i, t, stage) for t in range(src.tp) for i in range(src.dp)]
+        out[(pick_sender(holders, d, devices_per_node), d)] += numel * BF16
+
+    for d in dst.mesh.devices:
+        _, dtp, dpp = dst.coords(d)
+        lo, hi = dtp * lcm // dst.tp, (dtp + 1) * lcm // dst.tp
+        dst_layers = dst.stage_layers(L, dpp)
+        if dpp == 0 or (dpp == dst.pp - 1 and tied):
+            split_from(d, embed_stages, lo, hi, embed)
+        for spp in range(src.pp):
+            common = _overlap(dst_layers, src_layers[spp])
+            if common:
+                split_from(d, [spp], lo, hi, common * split_layer)
+                replicated_from(d, spp, common * rep_layer)
+        if dpp == dst.pp - 1:
+            if head_split:
+                split_from(d, [last], lo, hi, head_split)
+            replicated_from(d, last, last_rep)
+    return dict(out)
+
+
+def row_bytes(data: str, call: Call) -> int:
+    """Bytes per sequence of a call output: token ids (int64 per position) for sequences,
+    fp32 per generated token for log-probabilities and values, one fp32 for a reward."""
+    w = call.workload
+    if data.startswith("seq"):
+        return INT64 * w.seq_len
+    if data.startswith("reward"):
+        return FP32
+    return FP32 * w.gen_len
+
+
+def data_bytes(producer: Call, src: Layout, consumer: Call, dst: Layout, data: Iterable[str],
+               devices_per_node: int) -> dict[Pair, int]:
+    """Bytes per (sender, receiver) pair that bring ``data`` written by ``producer`` under ``src``
+    to every device of ``consumer`` under ``dst`` (who sends what: sharding.rows_plan)."""
+    per_row = sum(row_bytes(name, producer) for name in data)
+    out: dict[Pair, int] = defaultdict(int)
+    plan = rows_plan(output_holders(producer, src), input_needs(consumer, dst), devices_per_node)
+    for t in plan:
+        out[(t.src, t.dst)] += (t.rows[1] - t.rows[0]) * per_row
+    return dict(out)
+
+
+def link_class(a: int, b: int, devices_per_node: int) -> str:
+    return "intra" if a // devices_per_node == b // devices_per_node else "inter"
+
+
+def pair_ports(src: int, dst: int, devices_per_node: int) -> tuple[int, int]:
+    if src // devices_per_node == dst // devices_per_node:
+        return 4 * src + NVL_OUT, 4 * dst + NVL_IN
+    return 4 * src + NIC_OUT, 4 * dst + NIC_IN
+
+
+def group_shape(devices: Iterable[int], devices_per_node: int) -> tuple[int, int]:
+    """(most members on one node, nodes spanned) of a communication group."""
+    per_node: dict[int, int] = defaultdict(int)
+    for d in devices:
+        per_node[d // devices_per_node] += 1
+    return max(per_node.values()), len(per_node)
+
+
+def group_ports(devices: Iterable[int], devices_per_node: int) -> list[int]:
+    """Both NVLink ports of every member, and both NIC ports too when the group spans nodes."""
+    devices = list(devices)
+    spans = len({d // devices_per_node for d in devices}) > 1
+    kinds = (NVL_OUT, NVL_IN, NIC_OUT, NIC_IN) if spans else (NVL_OUT, NVL_IN)
+    return [4 * d + k for d in devices for k in kinds]
+
+
+def port_name(port: int, devices_per_node: int) -> str:
+    d = port // 4
+    return f"{PORT_NAMES[port % 4]} dev{d} (node {d // devices_per_node})"
+
+
+class LinkBook:
+    """First-come, first-served reservations of device ports (see the module docstring)."""
+
+    def __init__(self, num_devices: int):
+        self.free_at = [0.0] * (4 * num_devices)  # seconds: when each port is next free
+
+    def reserve(self, ports: Iterable[int], now: float, duration_s: float) -> tuple[float, float]:
+        """Hold ``ports`` together for ``duration_s`` from the earliest time all are free, not
+        before ``now``; returns (start, end)."""
+        ports = list(ports)
+        free = self.free_at
+        start = max([now] + [free[p] for p in ports])
+        end = start + duration_s
+        for p in ports:
+            free[p] = end
+        return start, end
+
+    def send_all(self, pairs: dict[Pair, int], now: float, profile: Profile,
+                 devices_per_node: int) -> tuple[float, float]:
+        """Reserve one message per (sender, receiver) pair, all issued at ``now``; return (first
+        start, last arrival). Messages go in the order of a linear-shift all-to-all — by
+        ``(receiver − sender) mod N``, then sender — so each round pairs distinct senders with
+        distinct receivers and no port idles while another is free. Local pairs (sender ==
+        receiver) take no link."""
+        n = len(self.free_at) // 4
+        first, end = None, now
+        for (s, d), nbytes in sorted(pairs.items(), key=lambda kv: ((kv[0][1] - kv[0][0]) % n, kv[0][0])):
+            if s == d or nbytes <= 0:
+                continue
+            cls = link_class(s, d, devices_per_node)
+            start, stop = self.reserve(pair_ports(s, d, devices_per_node), now, profile.p2p_s(nbytes, cls))
+            first = start if first is None else min(first, start)
+            end = max(end, stop)
+        return (now if first is None else first), end
+
+
+def local_copy_s(pairs: dict[Pair, int], profile: Profile) -> float:
+    """Slices a device copies from its own memory (read + write), the slowest device's time."""
+    per_device: dict[int, int] = defaultdict(int)
+    for (s, d), nbytes in pairs.items():
+        if s == d:
+            per_device[d] += nbytes
+    return max((profile.memory_s(2 * b) for b in per_device.values()), default=0.0)
+
+
+def isolated_transfer_s(pairs: dict[Pair, int], profile: Profile, num_devices: int, devices_per_node: int,
+                        local_copies: bool = False) -> float:
+    """Time to move ``pairs`` on otherwise idle links (and local copies, when they count)."""
+    t = LinkBook(num_devices).send_all(pairs, 0.0, profile, devices_per_node)[1]
+    return max(t, local_copy_s(pairs, profile)) if local_copies else t

@@ -1,0 +1,180 @@
+"""Cost model: work per op, stage times, transfers per pair, and plausibility on real profiles."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from estimator.cluster import Cluster, DeviceMesh
+from estimator.cost import (
+    BF16,
+    attention_core,
+    decode_stage,
+    forward_stage,
+    gemm,
+    layer_ops,
+    stage_params,
+)
+from estimator.evaluator import call_s
+from estimator.experiment import load_experiment
+from estimator.lowering import lower_call
+from estimator.models import PRESETS, ModelSpec
+from estimator.ops import attention_core_flops, forward_flops, projection_flops_per_token
+from estimator.plan import Layout, divisors
+from estimator.profiles import load_profile
+from estimator.sharding import box_numel, realloc_plan, shard
+from estimator.transfers import LinkBook, data_bytes, pair_ports, realloc_bytes
+from estimator.workflow import Call, Workload
+from tests.conftest import EXAMPLES
+from tests.synthetic import linear_profile
+
+TINY = PRESETS["tiny-2l-128h"]
+TIED = ModelSpec("tied", 3, 64, 128, 4, 2, 64, tied_embeddings=True, qkv_bias=True)
+
+
+def test_gemm_work_is_2mnk_and_reads_both_operands():
+    w = gemm(4, 8, 16)
+    assert w.flops == 2 * 4 * 8 * 16
+    assert w.bytes == BF16 * (4 * 16 + 16 * 8 + 4 * 8)
+
+
+def test_layer_flops_follow_ops():
+    m = PRESETS["llama2-7b"]
+    for tp in (1, 2, 8):
+        ops = layer_ops(m, tp, batch=2, new=64, cached=32)
+        matmul = sum(w.flops for w in ops if w.launches == 1 and w.flops > w.bytes / 4)  # the GEMMs
+        attn = attention_core(m, tp, 2, 64, 32).flops
+        assert matmul == pytest.approx(2 * 64 * projection_flops_per_token(m) / tp)
+        assert attn == pytest.approx(2 * attention_core_flops(m, 64, 32) / tp)
+
+
+def test_forward_stage_on_a_linear_profile_is_flops_over_peak():
+    p = linear_profile(peak=1e12, bw=1e30, link_bw=1e9)
+    m = PRESETS["llama2-7b"]
+    t = forward_stage(p, m, tp=1, layers=m.layers, first=True, last=True, batch=4, new=128)
+    elementwise = sum(w.flops for w in layer_ops(m, 1, 4, 128, 0) if w.launches > 1 or w.flops < w.bytes)
+    want = forward_flops(m, 4, 128) + m.layers * elementwise
+    assert t.comm_s == 0.0
+    assert t.compute_s == pytest.approx(want / 1e12, rel=1e-2)
+
+
+def test_tp_communication_counts_two_allreduces_per_layer():
+    p = linear_profile(peak=1e30, bw=1e30, link_bw=1e9)
+    m = PRESETS["llama2-7b"].as_value_model()
+    t = forward_stage(p, m, tp=4, layers=3, first=False, last=False, batch=2, new=8)
+    one = 2 * 3 / 4 * (2 * 8 * m.hidden * BF16) / 1e9
+    assert t.comm_s == pytest.approx(2 * 3 * one)
+
+
+def test_stage_params_match_the_shards():
+    for model in (TINY, TIED, PRESETS["tiny-4l-256h"].as_value_model()):
+        for tp in (1, 2):
+            for pp in (1, 2):
+                lay = Layout(DeviceMesh(0, tp * pp), 1, tp, pp)
+                for dev in lay.mesh.devices:
+                    k = lay.coords(dev)[2]
+                    want = sum(box_numel(b) for b in shard(model, lay, dev).values())
+                    assert stage_params(model, tp, pp, k, len(lay.stage_layers(model.layers, k))) == want
+
+
+def _reference(model, src, dst, dpn):
+    out = defaultdict(int)
+    for t in realloc_plan(model, src, dst, dpn):
+        out[(t.src, t.dst)] += t.numel * BF16
+    return dict(out)
+
+
+def _layouts(cluster: Cluster, model: ModelSpec) -> list[Layout]:
+    out = []
+    for mesh in cluster.meshes():
+        for tp in divisors(mesh.size):
+            for pp in divisors(mesh.size // tp):
+                if model.heads % tp == 0 and model.kv_heads % tp == 0 and pp <= model.layers:
+                    out.append(Layout(mesh, mesh.size // (tp * pp), tp, pp))
+    return out
+
+
+@pytest.mark.parametrize("model", [TINY, TIED, PRESETS["tiny-4l-256h"].as_value_model()], ids=lambda m: m.name)
+def test_fast_realloc_matches_realloc_plan_exactly(model):
+    cluster = Cluster(2, 4, "cpu")
+    lays = _layouts(cluster, model)
+    for i, src in enumerate(lays):
+        for dst in lays[i % 3::3]:
+            assert realloc_bytes(model, src, dst, 4) == _reference(model, src, dst, 4), (src, dst)
+
+
+def test_realloc_bytes_by_hand():
+    # tiny-2l-128h: per block 147456 split parameters + 256 norm weights; embedding and head
+    # 32768 each (vocab split); final norm 128.
+    split, rep, embed = 147456, 256, 32768
+    mesh = DeviceMesh(0, 2)
+    tp2, dp2 = Layout(mesh, 1, 2, 1), Layout(mesh, 2, 1, 1)
+    # tp=2 → dp=2: each device keeps its half, receives the other half; norms are local
+    half = (2 * split + 2 * embed) // 2
+    assert realloc_bytes(TINY, tp2, dp2, 4) == {
+        (0, 0): BF16 * (half + 2 * rep + 128), (1, 0): BF16 * half,
+        (0, 1): BF16 * half, (1, 1): BF16 * (half + 2 * rep + 128)}
+    # pp=2 on devices 0-1 → tp=2 on devices 2-3: stage 0 sends block 0 and the embedding,
+    # stage 1 block 1, the head and the final norm, halves of split weights to each rank
+    pp2, tp2b = Layout(mesh, 1, 1, 2), Layout(DeviceMesh(2, 2), 1, 2, 1)
+    from_0 = BF16 * (split // 2 + rep + embed // 2)
+    from_1 = BF16 * (split // 2 + rep + embed // 2 + 128)
+    assert realloc_bytes(TINY, pp2, tp2b, 4) == {(0, 2): from_0, (1, 2): from_1, (0, 3): from_0, (1, 3): from_1}
+
+
+def test_data_bytes_by_hand():
+    w = Workload(8, 4, 6)
+    gen = Call("gen", "actor", "generate", ("prompts",), ("seq", "old_logp"), w)
+    train = Call("train", "actor", "train", ("seq", "old_logp"), (), Workload(8, 4, 6, minibatches=2))
+    src = Layout(DeviceMesh(0, 2), 2, 1, 1)  # rows 0-3 on device 0, 4-7 on device 1
+    dst = Layout(DeviceMesh(2, 2), 1, 1, 2)  # both stages need every row
+    per_row = 8 * (4 + 6) + 4 * 6  # int64 tokens per position + fp32 log-prob per generated token
+    got = data_bytes(gen, src, train, dst, ("seq", "old_logp"), 4)
+    assert got == {(0, 2): 4 * per_row, (1, 2): 4 * per_row, (0, 3): 4 * per_row, (1, 3): 4 * per_row}
+
+
+def test_link_book_shares_ports_first_come_first_served():
+    p = linear_profile(link_bw=1e9)
+    book = LinkBook(4)
+    alone = LinkBook(4).send_all({(0, 1): 10**9}, 0.0, p, 4)[1]
+    # two messages out of device 0 at once: the second waits for the first
+    end = book.send_all({(0, 1): 10**9, (0, 2): 10**9}, 0.0, p, 4)[1]
+    assert alone == pytest.approx(1.0) and end == pytest.approx(2.0)
+    # a message between other devices is not delayed
+    assert book.reserve(pair_ports(2, 3, 4), 0.0, 1.0) == (0.0, 1.0)
+
+
+def test_decode_steps_integrate_kv_growth_exactly():
+    prof = load_profile("h100-sxm")
+    m = PRESETS["llama2-7b"]
+    cached = np.arange(100, 164, dtype=float)
+    comp, comm = decode_stage(prof, m, 1, m.layers, True, True, 4, cached)
+    one = [decode_stage(prof, m, 1, m.layers, True, True, 4, np.array([c]))[0][0] for c in cached]
+    assert np.allclose(comp, one)
+    assert np.all(np.diff(comp) >= 0)  # the cache only grows
+    call = Call("gen", "actor", "generate", ("prompts",), ("seq",), Workload(8, 100, 65))
+    cc = lower_call(call, m, Layout(DeviceMesh(0, 1), 1, 1, 1, 2), 8, prof)
+    decode_total = sum(ch.duration_s for ch in cc.stages[0].decode)
+    comp2, comm2 = decode_stage(prof, m, 1, m.layers, True, True, 4, cached)
+    assert decode_total == pytest.approx(2 * float((comp2 + comm2).sum()))  # two micro-batches per step
+
+
+def test_decode_step_at_batch_one_reads_all_weights():
+    prof = load_profile("h100-sxm")
+    m = PRESETS["llama2-7b"]
+    comp, comm = decode_stage(prof, m, 1, m.layers, True, True, 1, np.array([255.0]))
+    assert comp[0] + comm[0] >= m.bytes() / prof.mem_bandwidth_Bps
+
+
+@pytest.mark.parametrize("dp,tp,pp,mb", [(1, 8, 1, 4), (2, 4, 1, 4), (1, 4, 2, 8), (4, 2, 1, 2), (1, 2, 4, 8)])
+def test_llama2_7b_training_mfu_is_plausible_on_h100(dp, tp, pp, mb):
+    exp = load_experiment(EXAMPLES / "ppo-llama2-7b-8xh100.yaml")
+    prof = load_profile("h100-sxm")
+    call = exp.workflow["actor_train"]
+    model = exp.models["actor"]
+    cc = lower_call(call, model, Layout(DeviceMesh(0, 8), dp, tp, pp, mb), 8, prof)
+    from estimator.ops import call_flops
+    mfu = call_flops(call, model) / (call_s(cc) * 8 * prof.peak_flops)
+    assert 0.30 <= mfu <= 0.65, mfu

@@ -1,0 +1,166 @@
+"""Simulator: hand-computed timelines on round numbers, link sharing, version edges, ties."""
+
+from __future__ import annotations
+
+import pytest
+
+from estimator.baselines import symmetric_plan
+from estimator.experiment import load_experiment
+from estimator.lowering import DecodeChunk
+from estimator.profiles import load_profile
+from estimator.roofline import roofline_s
+from estimator.simulator import schedule_1f1b, simulate
+from estimator.workflow import Call
+from tests.conftest import EXAMPLES
+from tests.synthetic import StubCosts, call_cost, lay, linear_profile, plan_of, workload, world
+
+PROF = linear_profile(link_bw=1e9)
+
+
+def _call(name: str, role: str, kind: str = "inference", inputs=("prompts",), outputs=()) -> Call:
+    return Call(name, role, kind, tuple(inputs), tuple(outputs) or (f"{name}_out",), workload())
+
+
+def _run(calls, costs: dict, layouts: dict, iterations: int = 1, data=None, realloc=None, homes=None):
+    w = world(calls)
+    homes = homes or {c.role: c.name for c in calls}
+    stub = StubCosts(costs, homes, PROF, data=data or {}, realloc=realloc or {})
+    return simulate(w, plan_of(layouts), PROF, iterations, costs=stub)
+
+
+def _spans(result, op: str, call: str | None = None):
+    return sorted((r[0], r[1], r[2], r[6], r[7]) for r in result.rows if r[5] == op and call in (None, r[4]))
+
+
+def test_single_call():
+    a = lay(0, 4, mb=2)
+    r = _run([_call("a", "x")], {"a": call_cost("a", "inference", a, fwd=1.0)}, {"a": a}, iterations=3)
+    assert _spans(r, "forward") == [(0, 1, 0, 0, 0), (1, 2, 0, 1, 0), (2, 3, 0, 0, 0), (3, 4, 0, 1, 0),
+                                    (4, 5, 0, 0, 0), (5, 6, 0, 1, 0)]
+    assert r.iteration_ends() == [2.0, 4.0, 6.0]
+    assert r.iteration_s == pytest.approx(2.0)
+
+
+def test_two_calls_on_disjoint_meshes_run_concurrently():
+    a, b = lay(0, 4), lay(4, 4)
+    costs = {"a": call_cost("a", "inference", a, 3.0), "b": call_cost("b", "inference", b, 2.0)}
+    r = _run([_call("a", "x"), _call("b", "y")], costs, {"a": a, "b": b})
+    assert (r.records[(0, "a")].start_s, r.records[(0, "a")].end_s) == (0.0, 3.0)
+    assert (r.records[(0, "b")].start_s, r.records[(0, "b")].end_s) == (0.0, 2.0)
+
+
+def test_two_calls_on_one_mesh_are_serialised():
+    a, b = lay(0, 4), lay(2, 2)  # overlapping meshes
+    costs = {"a": call_cost("a", "inference", a, 3.0), "b": call_cost("b", "inference", b, 2.0)}
+    r = _run([_call("a", "x"), _call("b", "y")], costs, {"a": a, "b": b})
+    assert (r.records[(0, "b")].start_s, r.records[(0, "b")].end_s) == (3.0, 5.0)
+
+
+@pytest.mark.parametrize("p,m", [(4, 8), (2, 2), (3, 1), (1, 4)])
+def test_1f1b_bubble_fraction(p, m):
+    f, b = 1.0, 2.0
+    layout = lay(0, p, pp=p, mb=m)
+    r = _run([_call("t", "actor", "train")], {"t": call_cost("t", "train", layout, f, b)}, {"t": layout})
+    total = r.records[(0, "t")].end_s
+    assert total == pytest.approx((m + p - 1) * (f + b))
+    busy = m * (f + b)  # per stage
+    assert 1 - busy / total == pytest.approx((p - 1) / (m + p - 1))
+    # stage k starts k forwards late and ends k backwards early
+    for k in range(p):
+        fwd = [s for s in _spans(r, "forward") if s[4] == k]
+        bwd = [s for s in _spans(r, "backward") if s[4] == k]
+        assert fwd[0][0] == pytest.approx(k * f)
+        assert bwd[-1][1] == pytest.approx(total - k * b)
+
+
+def test_1f1b_order_matches_the_executor():
+    assert schedule_1f1b(4, 0, 6) == [("F", 0), ("F", 1), ("F", 2), ("F", 3), ("B", 0), ("F", 4), ("B", 1),
+                                       ("F", 5), ("B", 2), ("B", 3), ("B", 4), ("B", 5)]
+    assert schedule_1f1b(4, 3, 2) == [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
+
+
+def _fanout(order: tuple[str, str], gb: int = 10**9):
+    """Producer a on device 0; consumers on devices 1 and 2 both receive ``gb`` bytes from it."""
+    la, lb, lc = lay(0, 1), lay(1, 1), lay(2, 2)
+    calls = {"a": _call("a", "x", outputs=("d",)), "b": _call("b", "y", inputs=("d",)),
+             "c": _call("c", "z", inputs=("d",))}
+    costs = {"a": call_cost("a", "inference", la, 1.0), "b": call_cost("b", "inference", lb, 1.0),
+             "c": call_cost("c", "inference", lc, 1.0)}
+    data = {("a", "b"): {(0, 1): gb}, ("a", "c"): {(0, 2): gb}}
+    return _run([calls["a"]] + [calls[n] for n in order], costs, {"a": la, "b": lb, "c": lc}, data=data)
+
+
+def test_shared_link_slows_concurrent_transfers():
+    r = _fanout(("b", "c"))
+    # each message alone takes 1 s; both leave device 0's NVLink port at t=1, so one waits
+    assert r.records[(0, "b")].compute_start_s == pytest.approx(2.0)
+    assert r.records[(0, "c")].compute_start_s == pytest.approx(3.0)
+    alone = _run([_call("a", "x", outputs=("d",)), _call("b", "y", inputs=("d",))],
+                 {"a": call_cost("a", "inference", lay(0, 1), 1.0), "b": call_cost("b", "inference", lay(1, 1), 1.0)},
+                 {"a": lay(0, 1), "b": lay(1, 1)}, data={("a", "b"): {(0, 1): 10**9}})
+    assert alone.records[(0, "b")].compute_start_s == pytest.approx(2.0)
+    assert len(_spans(r, "data")) == 2
+
+
+def test_ties_break_by_topological_order_and_runs_repeat_exactly():
+    first = _fanout(("b", "c"))
+    swapped = _fanout(("c", "b"))  # c declared first: its message leaves first
+    assert swapped.records[(0, "c")].compute_start_s == pytest.approx(2.0)
+    assert swapped.records[(0, "b")].compute_start_s == pytest.approx(3.0)
+    again = _fanout(("b", "c"))
+    assert again.rows == first.rows and again.records == first.records
+
+
+def test_version_edges_make_generation_wait_for_last_training():
+    gen_l, train_l = lay(0, 4), lay(4, 4)
+    calls = [_call("gen", "actor", "generate", outputs=("seq",)), _call("train", "actor", "train", inputs=("seq",))]
+    costs = {"gen": call_cost("gen", "generate", gen_l, 1.0), "train": call_cost("train", "train", train_l, 1.0, 1.0)}
+    r = _run(calls, costs, {"gen": gen_l, "train": train_l}, iterations=3, homes={"actor": "train"})
+    starts = [r.records[(i, "gen")].start_s for i in range(3)]
+    assert starts == [0.0, 3.0, 6.0]  # not 1.0: iteration 1 needs iteration 0's trained weights
+    assert r.iteration_s == pytest.approx(3.0)
+
+
+def test_reallocation_precedes_the_call_and_uses_links():
+    gen_l, train_l = lay(0, 2), lay(2, 2)
+    calls = [_call("gen", "actor", "generate", outputs=("seq",)), _call("train", "actor", "train", inputs=("seq",))]
+    costs = {"gen": call_cost("gen", "generate", gen_l, 1.0), "train": call_cost("train", "train", train_l, 1.0, 1.0)}
+    realloc = {("actor", "gen"): {(2, 0): 2 * 10**9, (3, 1): 10**9}}  # 2 s and 1 s on separate ports
+    r = _run(calls, costs, {"gen": gen_l, "train": train_l}, realloc=realloc, homes={"actor": "train"})
+    rec = r.records[(0, "gen")]
+    assert rec.realloc_s == pytest.approx(2.0) and rec.compute_start_s == pytest.approx(2.0)
+    assert _spans(r, "realloc")[0][:2] == (0.0, 2.0)
+
+
+def test_pipelined_decode_chunks_start_one_micro_batch_apart():
+    layout = lay(0, 2, pp=2, mb=2)
+    chunk = DecodeChunk(steps=4, duration_s=8.0, compute_s=8.0, comm_s=0.0, lag_s=1.0, send_bytes=0.0)
+    cc = call_cost("gen", "generate", layout, 1.0, decode=(chunk, chunk))
+    r = _run([_call("gen", "actor", "generate")], {"gen": cc}, {"gen": layout})
+    dec = _spans(r, "decode")
+    # prefill: stage 0 [0,1] [1,2], stage 1 [1,2] [2,3]; decode waits for micro-batch 0's token (t=2)
+    assert [(s[0], s[4]) for s in dec] == [(2.0, 0), (3.0, 1), (10.0, 0), (11.0, 1)]
+    assert r.records[(0, "gen")].end_s == pytest.approx(19.0)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.yaml")))
+def test_predictions_never_beat_the_roofline(name):
+    exp = load_experiment(EXAMPLES / f"{name}.yaml")
+    prof = load_profile(exp.cluster.device)
+    result = simulate(exp, symmetric_plan(exp, prof), prof)
+    assert result.iteration_s >= roofline_s(exp, prof)
+
+
+def test_simulation_is_deterministic_and_exports_a_timeline():
+    exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    prof = load_profile("cpu")
+    plan = symmetric_plan(exp, prof)
+    a, b = simulate(exp, plan, prof), simulate(exp, plan, prof)
+    assert a.rows == b.rows
+    tl = a.timeline()
+    assert tl.steady_state_s() == pytest.approx(a.iteration_s)
+    ops = {s.op for s in tl.spans}
+    assert {"forward", "backward", "prefill", "decode", "tp_allreduce", "optimizer"} <= ops
+    df = tl.to_dataframe()
+    assert len(df) == len(tl.spans)
+    assert "traceEvents" in tl.chrome_trace()
