@@ -32,6 +32,7 @@ import yaml
 from estimator.cluster import Cluster
 from estimator.errors import ConfigError
 from estimator.models import ModelSpec, get_model
+from estimator.profiles import known_profiles
 from estimator.workflow import ALGORITHMS, ROLES, VALUE_ROLES, Workflow, WorkflowParams, build
 
 
@@ -167,8 +168,17 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
         raise ConfigError(f"{where}: cluster is missing key(s) {', '.join(missing)}")
     nodes = _positive_int(where, "cluster.nodes", cl["nodes"])
     dpn = _positive_int(where, "cluster.devices_per_node", cl["devices_per_node"])
-    if not isinstance(cl["device"], str):
-        raise ConfigError(f"{where}: cluster.device={cl['device']!r} must be a profile name")
+    device = cl["device"]
+    if not isinstance(device, str):
+        raise ConfigError(f"{where}: cluster.device={device!r} must be a profile name")
+    if device.endswith(".json") or "/" in device:
+        path = Path(device) if base_dir is None or Path(device).is_absolute() else base_dir / device
+        if not path.is_file():
+            raise ConfigError(f"{where}: cluster.device={device!r}: profile file {str(path)!r} does not exist")
+        device = str(path)
+    elif device not in known_profiles():
+        raise ConfigError(f"{where}: cluster.device={device!r} is not a known hardware profile; "
+                          f"known: {', '.join(known_profiles())} (or a path to a profile .json)")
 
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
@@ -187,7 +197,7 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
             algorithm=algorithm,
             models=models,
             params=WorkflowParams(**ints),
-            cluster=Cluster(nodes, dpn, cl["device"]),
+            cluster=Cluster(nodes, dpn, device),
             hyper=_hyperparams(where, raw.get("hyperparams", {})),
             seed=seed,
             prompts_path=prompts,
