@@ -26,7 +26,7 @@ from estimator.cost import BF16, FP32, INT64, layer_split_params
 from estimator.models import ModelSpec
 from estimator.plan import Layout
 from estimator.profiles import Profile
-from estimator.sharding import pick_sender, input_needs, output_holders, rows_plan
+from estimator.sharding import input_needs, output_holders, pick_sender, rows_plan
 from estimator.workflow import Call
 
 Pair = tuple[int, int]  # (sender, receiver) global device ids
