@@ -1,0 +1,254 @@
+"""Data every iteration starts from, and sampling that no parallel layout can change.
+
+Sources (the ``prompts`` and ``pairs`` a workflow reads) are a pure function of
+``(seed, iteration, row)``: every device builds exactly the rows it needs, so no source data
+ever moves between devices.
+
+- Synthetic: token ids in ``[0, vocab)`` from a counter-based hash (:func:`hash_keys`).
+- JSONL (``prompts:`` in the experiment): one example per line, used in order and cycled.
+  ``prompts`` lines are lists of token ids, left-padded with :data:`PAD_ID` or left-truncated
+  (keeping the last tokens, which the generation continues from) to ``prompt_len``. For
+  ``sft`` a list is a whole example fitted to ``prompt_len + gen_len`` the same way, or an
+  object ``{"prompt": [...], "response": [...]}``. ``pairs`` (dpo, rw) lines are objects
+  ``{"prompt": [...], "chosen": [...], "rejected": [...]}``; responses are right-padded or
+  truncated to ``gen_len``. There is no attention mask: pads are ordinary tokens.
+
+Sampling (:func:`sample`) is Gumbel-max over ``logits / temperature`` with noise from the same
+hash of ``(seed, iteration, call, step, global row, vocab index)``: a sequence draws the same
+token whichever device, micro-batch or data-parallel rank generates it.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from estimator.errors import ConfigError
+
+PAD_ID = 0
+_M32 = 0xFFFFFFFF
+
+# Stream tags that keep the hash streams of different uses apart.
+STREAM_PROMPT, STREAM_CHOSEN, STREAM_REJECTED, STREAM_SAMPLE = 1, 2, 3, 4
+
+
+# ---- counter-based hash (int64 torch ops, exact on every device) ----------------------------
+
+
+def _mul32(a: Tensor, c: int) -> Tensor:
+    """``a·c mod 2³²`` for ``a`` in ``[0, 2³²)``, split in 16-bit halves so int64 never overflows."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (a * lo + (((a * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser (Appleby 2008): a bijective avalanche of ``h``."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _combine(h: Tensor, key: Tensor | int) -> Tensor:
+    """Fold one key into the running hash (boost ``hash_combine``, then re-mixed)."""
+    key = torch.as_tensor(key, dtype=torch.int64, device=h.device) & _M32
+    mixed = (key + 0x9E3779B9 + ((h << 6) & _M32) + (h >> 2)) & _M32
+    return _fmix32(h ^ mixed)
+
+
+def _combine_int(h: int, key: int) -> int:
+    """:func:`_combine` on Python integers (the same bits, without tensor overhead)."""
+    mixed = ((key & _M32) + 0x9E3779B9 + ((h << 6) & _M32) + (h >> 2)) & _M32
+    h ^= mixed
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def hash_keys(*keys: Tensor | int, device: torch.device | str = "cpu") -> Tensor:
+    """32-bit hash (as int64 in ``[0, 2³²)``) of the keys, broadcast elementwise."""
+    prefix = 0
+    while keys and isinstance(keys[0], int):  # scalar keys first, in plain integers
+        prefix, keys = _combine_int(prefix, keys[0]), keys[1:]
+    h = torch.tensor(prefix, dtype=torch.int64, device=device)
+    for k in keys:
+        h = _combine(h, k)
+    return h
+
+
+def uniform(h: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Map hashes to uniforms strictly inside (0, 1) (24 bits, exact in float32)."""
+    return ((h >> 8).to(dtype) + 0.5) / float(1 << 24)
+
+
+def name_key(name: str) -> int:
+    """A stable 32-bit key of a call name (``hash()`` is salted per process)."""
+    return zlib.crc32(name.encode())
+
+
+# ---- sampling -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Chooses the next token of each row; plan-invariant by construction."""
+
+    seed: int
+    iteration: int
+    call: str
+    temperature: float = 1.0
+    greedy: bool = False
+
+    def __call__(self, rows: Tensor, step: int, logits: Tensor) -> Tensor:
+        """``rows`` (b,) global row ids, ``logits`` (b, V) → token ids (b,)."""
+        if self.greedy:
+            return logits.argmax(-1)
+        vocab = torch.arange(logits.shape[-1], device=logits.device)
+        h = hash_keys(self.seed, self.iteration, name_key(self.call), STREAM_SAMPLE, step,
+                      rows.to(logits.device)[:, None], vocab[None, :], device=logits.device)
+        gumbel = -torch.log(-torch.log(uniform(h, torch.float64)))  # (b, V)
+        return (logits.double() / self.temperature + gumbel).argmax(-1)
+
+
+def sample(logits: Tensor, rows: Tensor, step: int, seed: int, iteration: int, call: str,
+           temperature: float = 1.0, greedy: bool = False) -> Tensor:
+    """Gumbel-max sample (or argmax) of the next token for global ``rows`` at ``step``."""
+    return Sampler(seed, iteration, call, temperature, greedy)(rows, step, logits)
+
+
+# ---- sources --------------------------------------------------------------------------------
+
+
+def _synthetic(seed: int, iteration: int, stream: int, rows: Tensor, length: int, vocab: int) -> Tensor:
+    pos = torch.arange(length)
+    return hash_keys(seed, iteration, stream, rows[:, None], pos[None, :]) % vocab  # (b, length)
+
+
+def fit_left(ids: list[int], length: int) -> list[int]:
+    """Left-pad with :data:`PAD_ID`, or keep the last ``length`` ids."""
+    return [PAD_ID] * (length - len(ids)) + ids[-length:] if length else []
+
+
+def fit_right(ids: list[int], length: int) -> list[int]:
+    """Right-pad with :data:`PAD_ID`, or keep the first ``length`` ids."""
+    return ids[:length] + [PAD_ID] * (length - len(ids))
+
+
+def _ids(value: Any, vocab: int, where: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise ConfigError(f"{where}: must be a JSON list of integer token ids")
+    bad = [i for i in value if not 0 <= i < vocab]
+    if bad:
+        raise ConfigError(f"{where}: token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+    return value
+
+
+def _example(raw: Any, kind: str, prompt_len: int, gen_len: int, vocab: int, where: str) -> list[int]:
+    """One JSONL line as the token ids of one example (pairs: prompt+chosen, prompt+rejected)."""
+    if kind == "pairs":
+        keys = ("prompt", "chosen", "rejected")
+        if not isinstance(raw, dict) or sorted(raw) != sorted(keys):
+            raise ConfigError(f"{where}: a pair must be an object with keys {list(keys)}")
+        prompt = fit_left(_ids(raw["prompt"], vocab, f"{where}: prompt"), prompt_len)
+        return [*prompt, *fit_right(_ids(raw["chosen"], vocab, f"{where}: chosen"), gen_len),
+                *prompt, *fit_right(_ids(raw["rejected"], vocab, f"{where}: rejected"), gen_len)]
+    if kind == "sft" and isinstance(raw, dict):
+        if sorted(raw) != ["prompt", "response"]:
+            raise ConfigError(f"{where}: an sft example must be a list or an object with keys prompt, response")
+        return (fit_left(_ids(raw["prompt"], vocab, f"{where}: prompt"), prompt_len)
+                + fit_right(_ids(raw["response"], vocab, f"{where}: response"), gen_len))
+    length = prompt_len + gen_len if kind == "sft" else prompt_len
+    return fit_left(_ids(raw, vocab, where), length)
+
+
+def load_jsonl(path: str | Path, kind: str, prompt_len: int, gen_len: int, vocab: int) -> Tensor:
+    """Every example of a JSONL file as one row each: (n, width) token ids.
+
+    ``kind`` is ``prompts``, ``sft`` or ``pairs`` (a pair's row is chosen then rejected).
+    Errors name the file and line number.
+    """
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"prompts file {str(path)!r}: {exc.strerror}") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"prompts file {str(path)!r} line {n}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid JSON: {exc.msg}") from None
+        rows.append(_example(raw, kind, prompt_len, gen_len, vocab, where))
+    if not rows:
+        raise ConfigError(f"prompts file {str(path)!r} holds no examples")
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class Source:
+    """The rows of an experiment's source data, as a pure function of (iteration, rows).
+
+    ``kind``: ``prompts`` (prompt_len tokens, one row per sequence; ``group_size`` consecutive
+    rows share a prompt), ``sft`` (prompt + response) or ``pairs`` (rows 2i chosen, 2i+1
+    rejected; prompt + response each).
+    """
+
+    kind: str
+    seed: int
+    prompt_len: int
+    gen_len: int
+    vocab: int
+    examples_per_iteration: int  # prompts or pairs per iteration
+    group_size: int = 1
+    table: Tensor | None = None  # (n, width) loaded examples, or None for synthetic
+
+    def rows(self, iteration: int, lo: int, hi: int) -> Tensor:
+        """Global rows ``[lo, hi)`` of this iteration's data: (hi − lo, width) token ids."""
+        rows = torch.arange(lo, hi)
+        per = 2 if self.kind == "pairs" else self.group_size
+        example = iteration * self.examples_per_iteration + rows // per
+        if self.table is not None:
+            picked = self.table[example % self.table.shape[0]]
+            if self.kind != "pairs":
+                return picked
+            width = self.prompt_len + self.gen_len
+            side = (rows % 2)[:, None]
+            return torch.where(side == 0, picked[:, :width], picked[:, width:])
+        return self._synthetic(iteration, rows, example)
+
+    def _synthetic(self, iteration: int, rows: Tensor, example: Tensor) -> Tensor:
+        prompt = _synthetic(self.seed, iteration, STREAM_PROMPT, example, self.prompt_len, self.vocab)
+        if self.kind == "prompts":
+            return prompt
+        if self.kind == "sft":
+            resp = _synthetic(self.seed, iteration, STREAM_CHOSEN, example, self.gen_len, self.vocab)
+            return torch.cat((prompt, resp), dim=1)
+        chosen = _synthetic(self.seed, iteration, STREAM_CHOSEN, example, self.gen_len, self.vocab)
+        rejected = _synthetic(self.seed, iteration, STREAM_REJECTED, example, self.gen_len, self.vocab)
+        resp = torch.where((rows % 2)[:, None] == 0, chosen, rejected)
+        return torch.cat((prompt, resp), dim=1)
+
+
+def source_for(experiment: Any) -> Source:
+    """The :class:`Source` of an experiment (loads and checks its JSONL file, if any).
+
+    The vocabulary is the smallest of the experiment's models, so every model can read the data.
+    """
+    p = experiment.params
+    kind = {"dpo": "pairs", "rw": "pairs", "sft": "sft"}.get(experiment.algorithm, "prompts")
+    vocab = min(m.vocab for m in experiment.models.values())
+    table = None
+    if experiment.prompts_path is not None:
+        table = load_jsonl(experiment.prompts_path, kind, p.prompt_len, p.gen_len, vocab)
+    return Source(kind, experiment.seed, p.prompt_len, p.gen_len, vocab, p.batch_size, p.group_size, table)

@@ -1,0 +1,160 @@
+"""Call outputs travel from their producer to their consumers as soon as they exist.
+
+Who sends which rows to whom is the pure plan of :func:`estimator.sharding.rows_plan`: the
+holders of an output (every tensor-parallel rank of the producer's last stage) cover the rows
+each device of a consuming call needs. Everything one device sends another for one (consumer,
+data) pair is one message.
+
+A holder *pushes* its messages with non-blocking sends the moment the producing call finishes;
+a consumer receives them when it starts. So a producer never waits for its consumers, and calls
+on disjoint meshes overlap as far as the dataflow allows. Messages travel on a process group of
+their own, so they cannot be confused with pipeline or reallocation traffic between the same
+two devices. Within the group, both ends know the exact order in which a sender posts its
+messages (:func:`message_schedule`: producers in the global call order, then consumers, then
+inputs), and a receiver posts its receives in that order (:class:`Mailbox`), which keeps
+point-to-point matching right without tags (NCCL has none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from estimator.experiment import Experiment
+from estimator.plan import Layout, Plan
+from estimator.sharding import Range, RowTransfer, input_needs, output_holders, rows_plan
+from estimator.workflow import SOURCES, Call
+from executor.realloc import gather_rows
+
+Pieces = list[tuple[Range, Tensor]]  # (global row range, those rows)
+
+
+@dataclass(frozen=True)
+class Message:
+    """The rows of ``data`` that ``src`` sends ``dst`` for call ``consumer`` (one iteration)."""
+
+    producer: str
+    consumer: str
+    data: str
+    src: int
+    dst: int
+    rows: tuple[Range, ...]  # in the order of the consumer's rows plan
+
+    @property
+    def num_rows(self) -> int:
+        return sum(hi - lo for lo, hi in self.rows)
+
+
+def data_needs(experiment: Experiment, call: Call, layout: Layout, name: str) -> dict[int, list[Range]]:
+    """Rows of input ``name`` each device of ``call`` needs. GRPO's train call needs every
+    reward on every device (group statistics); everything else follows the call's rows."""
+    if experiment.algorithm == "grpo" and call.kind == "train" and name == "rewards":
+        return {d: [(0, call.workload.seqs)] for d in layout.mesh.devices}
+    return input_needs(call, layout)
+
+
+def input_plan(experiment: Experiment, plan: Plan, consumer: str, data: str) -> list[RowTransfer]:
+    wf = experiment.workflow
+    producer = wf.producer(data)
+    holders = output_holders(wf[producer], plan[producer])
+    needs = data_needs(experiment, wf[consumer], plan[consumer], data)
+    return rows_plan(holders, needs, experiment.cluster.devices_per_node)
+
+
+def message_schedule(experiment: Experiment, plan: Plan) -> list[Message]:
+    """Every message of one iteration in the order senders post them: by producer (global
+    order), consumer (global order), input (the consumer's order), then the rows plan."""
+    wf = experiment.workflow
+    order = wf.topological_order()
+    out = []
+    for producer in order:
+        for consumer in order:
+            for data in wf[consumer].inputs:
+                if data in SOURCES or wf.producer(data) != producer:
+                    continue
+                pairs: dict[tuple[int, int], list[Range]] = {}
+                for t in input_plan(experiment, plan, consumer, data):
+                    if t.src != t.dst:
+                        pairs.setdefault((t.src, t.dst), []).append(t.rows)
+                out += [Message(producer, consumer, data, s, d, tuple(rows)) for (s, d), rows in pairs.items()]
+    return out
+
+
+class Outbox:
+    """Sends a device has posted; their buffers live until the sends complete."""
+
+    def __init__(self, device: int, group: dist.ProcessGroup | None):
+        self.device, self.group = device, group
+        self.pending: list[tuple[int, dist.Work, Tensor]] = []  # (iteration, work, buffer)
+
+    def push(self, iteration: int, messages: list[Message], held: dict[str, Pieces]) -> None:
+        """Post this device's messages of a producer that just finished."""
+        for m in messages:
+            if m.src == self.device:
+                buf = gather_rows(held[m.data], list(m.rows)).contiguous().view(-1)
+                self.pending.append((iteration, dist.isend(buf, m.dst, group=self.group), buf))
+
+    def wait(self, before: int | None = None) -> None:
+        """Complete the sends of iterations before ``before`` (all when None)."""
+        keep = []
+        for it, work, buf in self.pending:
+            if before is None or it < before:
+                work.wait()
+            else:
+                keep.append((it, work, buf))
+        self.pending = keep
+
+
+class Mailbox:
+    """Receives of one device, posted in each sender's order (see the module docstring)."""
+
+    def __init__(self, device: int, schedule: list[Message], iterations: int, row_specs: dict,
+                 group: dist.ProcessGroup | None, torch_device: torch.device):
+        self.device, self.group, self.torch_device = device, group, torch_device
+        self.row_specs = row_specs  # data name → (row shape, dtype)
+        senders = sorted({m.src for m in schedule if m.dst == device})
+        self.expected = {s: self._expected(schedule, s, iterations) for s in senders}
+        self.posted: dict[tuple[int, str, str, int], tuple[Message, Tensor, dist.Work]] = {}
+
+    def _expected(self, schedule: list[Message], src: int, iterations: int) -> Iterator[tuple[int, Message]]:
+        for it in range(iterations):
+            for m in schedule:
+                if m.src == src and m.dst == self.device:
+                    yield it, m
+
+    def _post(self, it: int, m: Message) -> None:
+        shape, dtype = self.row_specs[m.data]
+        buf = torch.empty((m.num_rows, *shape), dtype=dtype, device=self.torch_device)
+        self.posted[(it, m.consumer, m.data, m.src)] = (m, buf, dist.irecv(buf, m.src, group=self.group))
+
+    def receive(self, it: int, consumer: str, data: str, src: int) -> Pieces:
+        """The rows ``src`` sends this device for (iteration, consumer, data), as pieces."""
+        key = (it, consumer, data, src)
+        while key not in self.posted:
+            self._post(*next(self.expected[src]))
+        m, buf, work = self.posted.pop(key)
+        work.wait()
+        parts = buf.split([hi - lo for lo, hi in m.rows])
+        return list(zip(m.rows, parts))
+
+
+def gather_input(transfers: list[RowTransfer], device: int, it: int, consumer: str, data: str,
+                 held: dict[str, Pieces], mailbox: Mailbox) -> Pieces:
+    """The pieces of ``data`` this device needs for ``consumer``: its own rows copied, the
+    others received."""
+    out: Pieces = []
+    received: dict[int, Pieces] = {}
+    for t in transfers:
+        if t.dst != device:
+            continue
+        if t.src == device:
+            out.append((t.rows, gather_rows(held[data], [t.rows]).clone()))
+            continue
+        if t.src not in received:
+            received[t.src] = mailbox.receive(it, consumer, data, t.src)
+        out.append(received[t.src].pop(0))
+    return out

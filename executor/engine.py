@@ -1,0 +1,283 @@
+"""One model on one device under one layout: forward, 1F1B training step, KV-cached generation.
+
+The parallelisms compose in a fixed order (torchtitan's ``parallelize_llama``):
+
+1. pipeline — the stage owns blocks ``Layout.stage_layers``; the first stage embeds tokens,
+   others receive activations from the previous stage; the last applies the final norm and
+   head, others send activations on (:func:`schedule_1f1b` orders training);
+2. tensor — inside the stage, Megatron's f/g operators around column- and row-parallel
+   projections (:func:`tensor_parallel_hooks`), a vocab-parallel embedding and an LM head
+   gathered over the vocabulary (:class:`TensorParallel`);
+3. data — after the backward passes, gradients are summed over replicas
+   (:func:`reduce_gradients`, which first joins the two copies of tied embeddings).
+
+The model code (:mod:`executor.model`) stays free of all three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from estimator.models import ModelSpec
+from estimator.plan import Layout
+from estimator.sharding import shard
+from executor import model as M
+from executor.comm import (
+    GroupRegistry,
+    StageLink,
+    all_reduce_sum,
+    copy_to_region,
+    gather_from_region,
+    reduce_from_region,
+    vocab_parallel_embed,
+)
+
+LossFn = Callable[[int, Tensor], Tensor]
+ChooseFn = Callable[[int, int, Tensor], Tensor]
+FORWARD, BACKWARD = "F", "B"
+CPU = torch.device("cpu")
+
+
+# ---- 1. pipeline ------------------------------------------------------------------------------
+
+
+def schedule_1f1b(stages: int, stage: int, micro_batches: int) -> list[tuple[str, int]]:
+    """PipeDream-flush order of one stage: warm-up forwards, steady one-forward-one-backward,
+    cool-down backwards. Later stages warm up less, so at most ``stages - stage`` micro-batches'
+    activations are alive at once."""
+    warmup = min(stages - stage - 1, micro_batches)
+    order = [(FORWARD, i) for i in range(warmup)]
+    for i in range(micro_batches - warmup):
+        order += [(FORWARD, warmup + i), (BACKWARD, i)]
+    return order + [(BACKWARD, i) for i in range(micro_batches - warmup, micro_batches)]
+
+
+# ---- 2. tensor ---------------------------------------------------------------------------------
+
+
+def tensor_parallel_hooks(group: dist.ProcessGroup | None) -> M.TPHooks:
+    """f before column-parallel projections, g after row-parallel ones."""
+    if group is None:
+        return M.NO_TP
+    return M.TPHooks(enter=lambda x: copy_to_region(x, group), exit=lambda y: reduce_from_region(y, group))
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """The ends of the model under tensor parallelism: vocab-parallel embedding and LM head."""
+
+    model: ModelSpec
+    group: dist.ProcessGroup | None
+    vocab_start: int  # first vocabulary row of this rank's embedding / head slice
+
+    def embed(self, params: M.Params, tokens: Tensor) -> Tensor:
+        if self.group is None:
+            return M.embed(params, tokens)
+        return vocab_parallel_embed(params["embed_tokens.weight"], tokens, self.vocab_start, self.group)
+
+    def final(self, params: M.Params, x: Tensor) -> Tensor:
+        """Logits over the full vocabulary (B, T, V), or values (B, T)."""
+        x = M.final_norm(params, x, self.model)
+        if self.model.head == "value":
+            return M.head(params, x, self.model)  # replicated: every rank computes the same values
+        local = M.head(params, copy_to_region(x, self.group), self.model)  # (B, T, V/tp)
+        return gather_from_region(local, self.group)  # (B, T, V)
+
+    @property
+    def hooks(self) -> M.TPHooks:
+        return tensor_parallel_hooks(self.group)
+
+
+# ---- 3. data -----------------------------------------------------------------------------------
+
+
+def reduce_gradients(params: M.Params, model: ModelSpec, embed_group: dist.ProcessGroup | None,
+                     dp_group: dist.ProcessGroup | None) -> None:
+    """Sum gradients: the tied embedding's first- and last-stage copies (one parameter in two
+    places), then over data-parallel replicas (callers normalise losses by the global count)."""
+    for p in params.values():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if model.tied_embeddings and "embed_tokens.weight" in params:
+        all_reduce_sum([params["embed_tokens.weight"].grad], embed_group)
+    all_reduce_sum([p.grad for p in params.values()], dp_group)
+
+
+# ---- the engine --------------------------------------------------------------------------------
+
+
+class Engine:
+    """Runs one call's compute for ``model`` on global rank ``device`` under ``layout``.
+
+    ``params`` are this device's shards (names and shapes of :func:`estimator.sharding.shard`);
+    the engine computes with these very tensors, so an optimizer over them sees the gradients.
+    """
+
+    def __init__(self, model: ModelSpec, layout: Layout, device: int, params: M.Params,
+                 groups: GroupRegistry, torch_device: torch.device = CPU):
+        self.model, self.layout, self.device = model, layout, device
+        self.params = params
+        self.torch_device = torch_device
+        self.boxes = shard(model, layout, device)
+        _check_params(params, self.boxes)
+        self.dtype = next(iter(params.values())).dtype
+        dp_rank, tp_rank, pp_rank = layout.coords(device)
+        self.stage = pp_rank
+        self.first, self.last = pp_rank == 0, pp_rank == layout.pp - 1
+        self.layers = layout.stage_layers(model.layers, pp_rank)
+        self.prev, self.next = groups.prev_stage(layout, device), groups.next_stage(layout, device)
+        self.first_rank = layout.device(dp_rank, tp_rank, 0)
+        self.last_rank = layout.device(dp_rank, tp_rank, layout.pp - 1)
+        self.tp_root = layout.device(dp_rank, 0, pp_rank)
+        self.tp_group = groups.tp(layout, device)
+        self.dp_group = groups.dp(layout, device)
+        tied_copies = model.tied_embeddings and layout.pp > 1 and (self.first or self.last)
+        self.embed_group = groups.embed(layout, device) if tied_copies else None
+        # The embedding and the LM head split the vocabulary alike.
+        vocab_box = self.boxes.get("embed_tokens.weight") or self.boxes.get("lm_head.weight")
+        self.tensor = TensorParallel(model, self.tp_group, vocab_box[0][0] if vocab_box else 0)
+        self.link = StageLink()
+
+    # -- one stage's computation: pipeline ends around tensor-parallel blocks
+
+    def _stage(self, inp: Tensor, start: int, cache: M.KVCache | None) -> Tensor:
+        x = self.tensor.embed(self.params, inp) if self.first else inp
+        ctx = M.context(self.model, start, x.shape[1], x.dtype, x.device, cache, self.tensor.hooks)
+        x = M.blocks(self.params, self.layers, x, ctx)
+        return self.tensor.final(self.params, x) if self.last else x
+
+    def _input(self, tokens: Tensor) -> Tensor:
+        """Tokens on the first stage; the previous stage's activations (B, T, C) elsewhere."""
+        if self.first:
+            self.link.flush()
+            return tokens.to(self.torch_device)
+        b, t = tokens.shape
+        return self.link.recv((b, t, self.model.hidden), self.dtype, self.torch_device, self.prev)
+
+    # -- inference
+
+    @torch.no_grad()
+    def forward(self, micro_batches: list[Tensor]) -> list[Tensor] | None:
+        """Logits (B, T, V) or values (B, T) per micro-batch on the last stage; None elsewhere."""
+        outs = []
+        for tokens in micro_batches:
+            y = self._stage(self._input(tokens), 0, None)
+            if self.last:
+                outs.append(y)
+            else:
+                self.link.send(y, self.next)
+        self.link.wait()
+        return outs if self.last else None
+
+    # -- training
+
+    def forward_backward(self, micro_batches: list[Tensor], loss_fn: LossFn) -> float | None:
+        """One 1F1B pass; this pass's gradients, summed over micro-batches and replicas, are
+        added to each parameter's ``.grad``. Returns the summed loss on the last stage, None
+        elsewhere."""
+        earlier = {n: p.grad for n, p in self.params.items()}
+        for p in self.params.values():
+            p.requires_grad_(True)
+            p.grad = None  # reduce only this pass's contribution over replicas
+        saved: dict[int, tuple[Tensor, Tensor]] = {}
+        losses = []
+        for op, mb in schedule_1f1b(self.layout.pp, self.stage, len(micro_batches)):
+            if op == FORWARD:
+                saved[mb] = self._train_forward(mb, micro_batches[mb], loss_fn)
+                if self.last:
+                    losses.append(saved[mb][1].detach())
+            else:
+                self._train_backward(*saved.pop(mb))
+        self.link.wait()
+        reduce_gradients(self.params, self.model, self.embed_group, self.dp_group)
+        for n, p in self.params.items():
+            if earlier[n] is not None:  # keep the caller's gradient tensors
+                p.grad = earlier[n].add_(p.grad)
+        return float(torch.stack(losses).sum()) if self.last else None
+
+    def _train_forward(self, mb: int, tokens: Tensor, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
+        inp = self._input(tokens)
+        if not self.first:
+            inp.requires_grad_(True)
+        out = self._stage(inp, 0, None)
+        if self.last:
+            return inp, loss_fn(mb, out)
+        self.link.send(out, self.next)
+        return inp, out
+
+    def _train_backward(self, inp: Tensor, out: Tensor) -> None:
+        if self.last:
+            self.link.flush()
+            grad = None
+        else:
+            grad = self.link.recv(tuple(out.shape), out.dtype, self.torch_device, self.next)
+        torch.autograd.backward(out, grad)
+        if not self.first:
+            self.link.send(inp.grad, self.prev)
+
+    # -- generation
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Tensor], gen_len: int,
+                 choose: ChooseFn) -> list[tuple[Tensor, Tensor]] | None:
+        """KV-cached generation of ``gen_len`` tokens per sequence, micro-batches interleaved
+        through the stages. Returns (sequences (B, P+gen_len), logp (B, gen_len)) per
+        micro-batch on the last stage, None elsewhere."""
+        caches = [M.KVCache(p.shape[1] + gen_len) for p in prompts]
+        seqs = [p.to(self.torch_device) for p in prompts]
+        logps: list[list[Tensor]] = [[] for _ in prompts]
+        for step in range(gen_len):
+            for mb, prompt in enumerate(prompts):
+                start = 0 if step == 0 else prompt.shape[1] + step - 1
+                y = self._stage(self._gen_input(prompt, seqs[mb], step), start, caches[mb])
+                if not self.last:
+                    self.link.send(y, self.next)
+                    continue
+                tok, logp = self._choose(mb, step, y[:, -1], choose)
+                seqs[mb] = torch.cat((seqs[mb], tok[:, None]), dim=1)
+                logps[mb].append(logp)
+                if step + 1 < gen_len and not self.first:
+                    self.link.send(tok[:, None], self.first_rank)
+        self.link.wait()
+        if not self.last:
+            return None
+        return [(s, torch.stack(lp, dim=1)) for s, lp in zip(seqs, logps)]
+
+    def _gen_input(self, prompt: Tensor, seq: Tensor, step: int) -> Tensor:
+        """The prompt first, then the token chosen last step (from the last stage, or held
+        here when this stage is also the last); activations on later stages."""
+        b, p = prompt.shape
+        if not self.first:
+            return self.link.recv((b, p if step == 0 else 1, self.model.hidden), self.dtype, self.torch_device,
+                                  self.prev)
+        if step > 0 and not self.last:
+            return self.link.recv((b, 1), torch.long, self.torch_device, self.last_rank)
+        self.link.flush()
+        return prompt.to(self.torch_device) if step == 0 else seq[:, -1:]
+
+    def _choose(self, mb: int, step: int, logits: Tensor, choose: ChooseFn) -> tuple[Tensor, Tensor]:
+        """Next tokens (B,) and their log-probabilities (B,) from logits (B, V). Tensor-parallel
+        ranks adopt the choice of their first rank, so sampling cannot diverge between them."""
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        tok = choose(mb, step, logits).to(device=self.torch_device, dtype=torch.long).contiguous()
+        if self.tp_group is not None:
+            dist.broadcast(tok, self.tp_root, group=self.tp_group)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+        return tok, logp
+
+
+def _check_params(params: M.Params, boxes: dict) -> None:
+    """The shards must be exactly those :func:`estimator.sharding.shard` names, box shapes."""
+    problems = [f"missing {n!r}" for n in boxes if n not in params]
+    problems += [f"unexpected {n!r}" for n in params if n not in boxes]
+    for n, box in boxes.items():
+        want = tuple(hi - lo for lo, hi in box)
+        if n in params and tuple(params[n].shape) != want:
+            problems.append(f"{n!r} has shape {list(params[n].shape)}, expected {list(want)}")
+    if problems:
+        raise ValueError("engine params do not match the layout's shards: " + "; ".join(problems))

@@ -1,0 +1,149 @@
+"""Start one process per device on this machine (gloo) and watch them.
+
+Each worker says what it is doing now (the call it entered) in a small shared-memory buffer,
+which costs nothing per call, and reports through files in a private temporary directory:
+``error.R`` holds rank R's traceback if it raised, ``result.R`` what it returns. The parent
+polls the workers' exit codes; the first one to fail makes it kill every other worker and raise
+:class:`WorkerFailed` naming the rank, the call it was in and why — a crash never turns into a
+hang. Workers also die with the parent (``PR_SET_PDEATHSIG`` on Linux), so no process outlives
+a killed run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+POLL_S = 0.05
+GRACE_S = 1.0  # after a failure, how long to wait for other ranks' reports before killing them
+DEFAULT_TIMEOUT_S = 1800.0  # collective timeout: generation on big models can keep peers waiting
+STATUS_BYTES = 256  # room for "call <name> (iteration <i>)"
+
+
+class WorkerFailed(RuntimeError):
+    """A worker raised or died; names the rank and the call it was in."""
+
+    def __init__(self, rank: int, where: str, reason: str, details: str = ""):
+        self.rank, self.where, self.reason, self.details = rank, where, reason, details
+        super().__init__(f"rank {rank} failed in {where}: {reason}")
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        except OSError:
+            pass
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _child(rank: int, world: int, workdir: str, timeout_s: float, where: Any, fn: Callable, args: tuple) -> None:
+    import torch.distributed as dist
+
+    _die_with_parent()
+    torch.set_num_threads(1)
+    work = Path(workdir)
+
+    def status(text: str) -> None:
+        where.value = text.encode()[:STATUS_BYTES - 1]
+
+    try:
+        status("start-up")
+        # Rendezvous through a file in the private directory: no port to race other programs for.
+        dist.init_process_group("gloo", init_method=f"file://{work / 'rendezvous'}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+        result = fn(rank, world, status, *args)
+        tmp = work / f"result.{rank}.tmp"
+        torch.save(result, tmp)
+        os.replace(tmp, work / f"result.{rank}")
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - every failure is reported to the parent
+        _write(work / f"error.{rank}", f"{time.time()}\n{traceback.format_exc()}")
+        os._exit(1)  # skip interpreter teardown: peers may be blocked on this rank
+
+
+def _reason(work: Path, rank: int, code: int) -> tuple[str, str, float]:
+    """(one-line reason, full traceback, time of failure) of a failed rank."""
+    err = work / f"error.{rank}"
+    if err.exists():
+        stamp, _, tb = err.read_text().partition("\n")
+        last = next((ln for ln in reversed(tb.strip().splitlines()) if ln.strip()), "error")
+        return last.strip(), tb, float(stamp)
+    how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    return f"{how} without a traceback", "", 0.0  # died abruptly: the likeliest root cause
+
+
+def _where(status: Any) -> str:
+    return status.value.decode(errors="replace") or "start-up"
+
+
+def _stop(procs: list[Any]) -> None:
+    started = [p for p in procs if p.pid is not None]
+    for p in started:
+        if p.is_alive():
+            p.kill()
+    for p in started:
+        p.join(timeout=10)
+
+
+def launch(world: int, fn: Callable, args: tuple = (), timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+    """Run ``fn(rank, world, status, *args)`` in ``world`` gloo processes; results by rank.
+
+    ``fn`` must be importable (it is pickled into spawned processes) and call ``status(text)``
+    to say where it is. Raises :class:`WorkerFailed` as soon as any process fails.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="rlhf-plan-run-") as workdir:
+        work = Path(workdir)
+        status = [ctx.Array("c", STATUS_BYTES, lock=False) for _ in range(world)]
+        procs = [ctx.Process(target=_child, args=(r, world, workdir, timeout_s, status[r], fn, args),
+                             daemon=True) for r in range(world)]
+        try:
+            for p in procs:
+                p.start()
+            _watch(procs, work, status)
+        finally:
+            _stop(procs)
+        return [torch.load(work / f"result.{r}", weights_only=False) for r in range(world)]
+
+
+def _watch(procs: list[Any], work: Path, status: list[Any]) -> None:
+    """Return when every process exited cleanly; raise on the first failure."""
+    while True:
+        codes = [p.exitcode for p in procs]
+        if any(c not in (None, 0) for c in codes):
+            time.sleep(GRACE_S)  # let peers that noticed the failure report too
+            _raise_failure([p.exitcode for p in procs], work, status)
+        if all(c == 0 for c in codes):
+            return
+        time.sleep(POLL_S)
+
+
+def _raise_failure(codes: list[int | None], work: Path, status: list[Any]) -> None:
+    """Blame the rank that died without a report, else the one that failed first."""
+    failed = []
+    for rank, code in enumerate(codes):
+        if code not in (None, 0):
+            reason, details, when = _reason(work, rank, code)
+            failed.append((when, rank, reason, details))
+    when, rank, reason, details = min(failed)
+    raise WorkerFailed(rank, _where(status[rank]), reason, details)

@@ -1,0 +1,275 @@
+"""The decoder as plain torch functions over an explicit parameter dict.
+
+LLaMA architecture (RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query causal attention)
+with an LM head or a scalar value head. Parameters are a ``dict[str, Tensor]`` keyed by the
+names of :func:`estimator.sharding.param_inventory`, so one set of functions runs both the
+full model and a tensor-parallel shard: head counts and widths are read from the tensors'
+shapes (a shard of ``tp`` has ``heads/tp`` query heads, ``kv_heads/tp`` key/value heads and
+``ffn/tp`` MLP width). There is no parallel code here: the engine passes :class:`TPHooks` that
+wrap the column-parallel inputs and row-parallel outputs of each sub-layer, and handles the
+vocab-parallel embedding and head itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from estimator.models import ModelSpec
+from estimator.plan import Layout
+from estimator.sharding import Box, param_inventory, shard
+
+INIT_STD = 0.02  # GPT-2 / LLaMA initializer range
+
+Params = dict[str, Tensor]
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class TPHooks:
+    """Where tensor parallelism enters a sub-layer (Megatron's f and g operators).
+
+    ``enter`` wraps the input of the column-parallel projections (q/k/v, gate/up), ``exit``
+    the output of the row-parallel projections (o_proj, down_proj). Identity when unsharded.
+    """
+
+    enter: Callable[[Tensor], Tensor] = _identity
+    exit: Callable[[Tensor], Tensor] = _identity
+
+
+NO_TP = TPHooks()
+
+
+# ---- initialisation -------------------------------------------------------------------------
+
+
+def _param_seed(seed: int, name: str) -> int:
+    """A stable 63-bit seed for one parameter (``hash()`` is salted per process)."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def init_param(name: str, shape: tuple[int, ...], seed: int, dtype: torch.dtype) -> Tensor:
+    """The full initial value of one parameter; depends only on (seed, name, shape)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    gen = torch.Generator().manual_seed(_param_seed(seed, name))
+    # Drawn in float32 so every dtype sees the same values up to its rounding.
+    return (torch.randn(shape, generator=gen, dtype=torch.float32) * INIT_STD).to(dtype)
+
+
+def init_params(model: ModelSpec, seed: int, dtype: torch.dtype = torch.float32) -> Params:
+    """Full (unsharded) initial parameters of ``model``."""
+    return {p.name: init_param(p.name, p.shape, seed, dtype) for p in param_inventory(model)}
+
+
+def box_index(box: Box) -> tuple[slice, ...]:
+    """A global box as an index into a full tensor."""
+    return tuple(slice(lo, hi) for lo, hi in box)
+
+
+def local_index(box: Box, held: Box) -> tuple[slice, ...]:
+    """``box`` (global coordinates) as an index into a shard that holds global box ``held``."""
+    return tuple(slice(lo - h0, hi - h0) for (lo, hi), (h0, _) in zip(box, held))
+
+
+def init_shards(model: ModelSpec, layout: Layout, device: int, seed: int,
+                dtype: torch.dtype = torch.float32) -> Params:
+    """This device's shards of :func:`init_params` under ``layout`` (one full tensor at a time)."""
+    shapes = {p.name: p.shape for p in param_inventory(model)}
+    return {name: init_param(name, shapes[name], seed, dtype)[box_index(box)].clone()
+            for name, box in shard(model, layout, device).items()}
+
+
+# ---- building blocks ------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms and rotary angles in at least float32, as Hugging Face LLaMA does."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.to(_compute_dtype(x.dtype))
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rotary(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin for ``positions`` (T,), each (T, head_dim) in the rotate-half layout of
+    Hugging Face LLaMA checkpoints."""
+    ct = _compute_dtype(dtype)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=ct, device=positions.device) / head_dim)
+    angles = positions.to(ct)[:, None] * inv_freq[None, :]  # (T, hs/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hs)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, nh, T, hs); cos, sin: (T, hs)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of past positions, per transformer block, for incremental decoding.
+
+    Buffers are allocated on first use with the shapes the block produces, so a tensor-parallel
+    shard caches only its own key/value heads.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len  # positions the cache can hold
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, g, T, hs) at positions ``start..start+T``; return all keys and values
+        up to ``start+T``."""
+        b, g, t, hs = k.shape
+        if start + t > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot hold {start + t}")
+        if layer not in self.keys:
+            self.keys[layer] = k.new_empty((b, g, self.max_len, hs))
+            self.values[layer] = v.new_empty((b, g, self.max_len, hs))
+        self.keys[layer][:, :, start:start + t] = k
+        self.values[layer][:, :, start:start + t] = v
+        return self.keys[layer][:, :, :start + t], self.values[layer][:, :, :start + t]
+
+
+@dataclass
+class Context:
+    """What every block of one forward pass shares: rotary tables, cache, hooks."""
+
+    model: ModelSpec
+    start: int  # position of the first token of this pass
+    cos: Tensor  # (T, hs)
+    sin: Tensor  # (T, hs)
+    cache: KVCache | None = None
+    hooks: TPHooks = field(default_factory=TPHooks)
+
+
+def context(model: ModelSpec, start: int, length: int, dtype: torch.dtype, device: torch.device,
+            cache: KVCache | None = None, hooks: TPHooks = NO_TP) -> Context:
+    positions = torch.arange(start, start + length, device=device)
+    cos, sin = rotary(positions, model.head_dim, model.rope_theta, dtype)
+    return Context(model, start, cos, sin, cache, hooks)
+
+
+def _linear(params: Params, name: str, x: Tensor) -> Tensor:
+    return F.linear(x, params[name + ".weight"], params.get(name + ".bias"))
+
+
+def attention(params: Params, layer: int, x: Tensor, ctx: Context) -> Tensor:
+    """Grouped-query causal self-attention of block ``layer``; x: (B, T, C) normed input."""
+    p = f"layers.{layer}.self_attn."
+    hs = ctx.model.head_dim
+    b, t, _ = x.shape
+    x = ctx.hooks.enter(x)
+    q = _linear(params, p + "q_proj", x).view(b, t, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
+    k = _linear(params, p + "k_proj", x).view(b, t, -1, hs).transpose(1, 2)  # (B, g, T, hs)
+    v = _linear(params, p + "v_proj", x).view(b, t, -1, hs).transpose(1, 2)  # (B, g, T, hs)
+    q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+    if ctx.cache is not None:
+        k, v = ctx.cache.update(layer, ctx.start, k, v)  # (B, g, S, hs), S = start + T
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
+    v = v.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(ctx.start, t, x.device),
+                                       is_causal=ctx.start == 0 and t > 1)
+    y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, nh·hs)
+    return ctx.hooks.exit(_linear(params, p + "o_proj", y))
+
+
+def _causal_mask(start: int, t: int, device: torch.device) -> Tensor | None:
+    """Query i (position start+i) sees keys 0..start+i; None where is_causal or no mask does."""
+    if start == 0 or t == 1:
+        return None
+    keys = torch.arange(start + t, device=device)
+    queries = torch.arange(start, start + t, device=device)
+    return keys[None, :] <= queries[:, None]  # (T, S)
+
+
+def mlp(params: Params, layer: int, x: Tensor, ctx: Context) -> Tensor:
+    """SwiGLU: down(silu(gate(x)) · up(x)); x: (B, T, C) normed input."""
+    p = f"layers.{layer}.mlp."
+    x = ctx.hooks.enter(x)
+    inner = F.silu(_linear(params, p + "gate_proj", x)) * _linear(params, p + "up_proj", x)
+    return ctx.hooks.exit(_linear(params, p + "down_proj", inner))
+
+
+def block(params: Params, layer: int, x: Tensor, ctx: Context) -> Tensor:
+    """One pre-norm transformer block; x: (B, T, C) residual stream."""
+    p = f"layers.{layer}."
+    eps = ctx.model.norm_eps
+    x = x + attention(params, layer, rms_norm(x, params[p + "input_layernorm.weight"], eps), ctx)
+    return x + mlp(params, layer, rms_norm(x, params[p + "post_attention_layernorm.weight"], eps), ctx)
+
+
+def embed(params: Params, tokens: Tensor) -> Tensor:
+    """tokens (B, T) → (B, T, C)."""
+    return F.embedding(tokens, params["embed_tokens.weight"])
+
+
+def head_weight_name(model: ModelSpec) -> str:
+    if model.head == "value":
+        return "value_head.weight"
+    return "embed_tokens.weight" if model.tied_embeddings else "lm_head.weight"
+
+
+def final_norm(params: Params, x: Tensor, model: ModelSpec) -> Tensor:
+    return rms_norm(x, params["norm.weight"], model.norm_eps)
+
+
+def head(params: Params, x: Tensor, model: ModelSpec) -> Tensor:
+    """Normed hidden (B, T, C) → logits (B, T, V) (the local vocab slice for a shard) or
+    values (B, T)."""
+    out = F.linear(x, params[head_weight_name(model)])
+    return out.squeeze(-1) if model.head == "value" else out
+
+
+def final(params: Params, x: Tensor, model: ModelSpec) -> Tensor:
+    """Final norm and head."""
+    return head(params, final_norm(params, x, model), model)
+
+
+def blocks(params: Params, layers: Iterable[int], x: Tensor, ctx: Context) -> Tensor:
+    for i in layers:
+        x = block(params, i, x, ctx)
+    return x
+
+
+def forward(params: Params, model: ModelSpec, tokens: Tensor, cache: KVCache | None = None,
+            start: int = 0) -> Tensor:
+    """The full, unsharded model: tokens (B, T) → logits (B, T, V) or values (B, T)."""
+    x = embed(params, tokens)
+    ctx = context(model, start, tokens.shape[1], x.dtype, x.device, cache)
+    return final(params, blocks(params, range(model.layers), x, ctx), model)
+
+
+@torch.no_grad()
+def greedy_generate(params: Params, model: ModelSpec, prompt: Tensor, gen_len: int) -> tuple[Tensor, Tensor]:
+    """Reference KV-cached greedy decoding: (sequences (B, P+gen_len), logp (B, gen_len))."""
+    cache = KVCache(prompt.shape[1] + gen_len)
+    seq, logps = prompt, []
+    inp, start = prompt, 0
+    for _ in range(gen_len):
+        logits = forward(params, model, inp, cache, start)[:, -1]  # (B, V)
+        tok = logits.argmax(-1)
+        logps.append(torch.log_softmax(logits.to(_compute_dtype(logits.dtype)), -1).gather(-1, tok[:, None]))
+        start += inp.shape[1]
+        inp = tok[:, None]
+        seq = torch.cat((seq, inp), dim=1)
+    return seq, torch.cat(logps, dim=1)

@@ -1,0 +1,184 @@
+"""Run a plan for real: K iterations of an experiment's workflow, timed per call.
+
+On CPU it starts one gloo process per device of the experiment's cluster itself::
+
+    python -m executor.run examples/ppo-tiny-2xcpu.yaml --plan examples/plans/ppo-tiny-2xcpu/dp2.json
+    python -m executor.run examples/ppo-tiny-2xcpu.yaml --plan examples/plans/ppo-tiny-2xcpu/disjoint.json \\
+        --iterations 4 --trace trace.json --json
+
+On GPUs it runs under ``torchrun``, one process per GPU (NCCL, ``cuda:LOCAL_RANK``); rank 0
+prints the results. Across nodes, run this on every node with its ``--node_rank``::
+
+    torchrun --nnodes 16 --nproc_per_node 8 --node_rank N --master_addr HOST0 --master_port 29500 \\
+        -m executor.run examples/ppo-llama2-70b-128xh100.yaml --plan plan.json --dtype bfloat16
+
+The plan is validated first; an invalid plan exits with code 2 and one line per violated rule
+before any process starts. The first ``--warmup`` iterations (default 1 when there are more
+than one) are left out of the steady-state iteration time. ``--json`` prints ``iteration_s``
+(steady state), ``iterations_s`` (each), ``warmup_iterations`` and per call ``duration_s`` (its
+compute, first start to last end over its devices), ``realloc_s``, ``data_s`` and ``span_s``
+(entry to exit, waiting for inputs included).
+A worker that fails stops the run with exit code 1, naming its rank and call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import timedelta
+from typing import Any
+
+from estimator.errors import ConfigError, cli_guard
+from estimator.experiment import Experiment, load_experiment
+from estimator.plan import Plan, check, format_table
+from executor.data import source_for
+from executor.launch import DEFAULT_TIMEOUT_S, WorkerFailed, launch
+from executor.runtime import DTYPES, RunOptions, RunResult, merge, run_rank
+
+EXIT_FAILED = 1
+
+
+def parse_fault(text: str | None) -> tuple[int, str] | None:
+    """``RANK:CALL`` → (rank, call)."""
+    if text is None:
+        return None
+    rank, sep, call = text.partition(":")
+    if not sep or not rank.isdigit() or not call:
+        raise ConfigError(f"--inject-fault {text!r} must look like RANK:CALL, e.g. 1:actor_train")
+    return int(rank), call
+
+
+def options_from(args: argparse.Namespace, experiment: Experiment) -> RunOptions:
+    if args.iterations < 1:
+        raise ConfigError(f"--iterations={args.iterations} must be at least 1")
+    warmup = args.warmup if args.warmup is not None else (1 if args.iterations > 1 else 0)
+    if not 0 <= warmup < args.iterations:
+        raise ConfigError(f"--warmup={warmup} must be below --iterations={args.iterations}")
+    fault = parse_fault(args.inject_fault)
+    if fault is not None and fault[1] not in experiment.workflow:
+        raise ConfigError(f"--inject-fault: unknown call {fault[1]!r}; calls: {list(experiment.workflow.call_names)}")
+    return RunOptions(args.iterations, warmup, args.dtype, fault=fault)
+
+
+def run_local(experiment: Experiment, plan: Plan, options: RunOptions,
+              timeout_s: float = DEFAULT_TIMEOUT_S) -> RunResult:
+    """Run on this machine: one gloo process per device of the experiment's cluster."""
+    world = experiment.cluster.num_devices
+    results = launch(world, run_rank, (experiment, plan, options), timeout_s=timeout_s)
+    return merge(results, experiment, plan, options, backend="gloo", world_size=world)
+
+
+def run_torchrun(experiment: Experiment, plan: Plan, options: RunOptions, timeout_s: float) -> RunResult | None:
+    """Run as one rank started by torchrun; rank 0 returns the merged result, others None."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != experiment.cluster.num_devices:
+        raise ConfigError(f"torchrun started {world} processes; the experiment's cluster has "
+                          f"{experiment.cluster.num_devices} devices")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    where = ["start-up"]  # what this rank is doing; run_rank appends as it goes
+    try:
+        result = run_rank(rank, world, where.append, experiment, plan, options, device)
+        gathered: list[Any] = [None] * world if rank == 0 else []
+        dist.gather_object(result, gathered if rank == 0 else None, dst=0)
+    except Exception as exc:
+        # torchrun stops the other ranks; say where this one was (no teardown: peers may hang in it)
+        print(f"error: rank {rank} failed in {where[-1]}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise
+    dist.destroy_process_group()
+    return merge(gathered, experiment, plan, options, backend=backend, world_size=world) if rank == 0 else None
+
+
+def report(result: RunResult, experiment: Experiment, plan: Plan) -> dict[str, Any]:
+    stats = result.call_stats()
+    empty = {"duration_s": 0.0, "span_s": 0.0, "realloc_s": 0.0, "data_s": 0.0}
+    return {
+        "experiment": experiment.name,
+        "iteration_s": result.iteration_s,
+        "iterations_s": result.iterations_s,
+        "warmup_iterations": result.warmup,
+        "calls": {name: {**stats.get(name, empty), **plan[name].to_dict()}
+                  for name in experiment.workflow.topological_order()},
+    }
+
+
+def table(rep: dict[str, Any], experiment: Experiment) -> str:
+    warm = rep["warmup_iterations"]
+    its = [("iteration", "time_s", "")] + [
+        (str(i), f"{t:.4f}", "warm-up (excluded)" if i < warm else "") for i, t in enumerate(rep["iterations_s"])]
+    rows = [("call", "role", "kind", "mesh", "dp", "tp", "pp", "mb", "compute_s", "realloc_s", "data_s", "span_s")]
+    for name, c in rep["calls"].items():
+        call = experiment.workflow[name]
+        times = (f"{c[k]:.4f}" for k in ("duration_s", "realloc_s", "data_s", "span_s"))
+        rows.append((name, call.role, call.kind, c["mesh"], str(c["dp"]), str(c["tp"]), str(c["pp"]),
+                     str(c["micro_batches"]), *times))
+    steady = (f"steady-state iteration: {rep['iteration_s']:.4f} s "
+              f"(excludes {warm} warm-up iteration{'s' if warm != 1 else ''})" if warm else
+              f"iteration: {rep['iteration_s']:.4f} s (no warm-up excluded; use --iterations > 1)")
+    return "\n\n".join([format_table(its, right={1}), format_table(rows, right=set(range(4, 12))), steady])
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m executor.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("experiment", help="experiment YAML file")
+    ap.add_argument("--plan", required=True, help="plan JSON file (rlhf-plan/plan-v1)")
+    ap.add_argument("--iterations", type=int, default=3, help="iterations to run (default 3)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="iterations left out of the steady-state time (default 1 if iterations > 1)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default float32)")
+    ap.add_argument("--trace", help="write a Chrome trace (Perfetto) of the measured timeline here")
+    ap.add_argument("--timeline", help="write the measured timeline (rlhf-plan/timeline-v1 JSON) here")
+    ap.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
+                    help=f"collective timeout per operation (default {DEFAULT_TIMEOUT_S:.0f})")
+    ap.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+    ap.add_argument("--inject-fault", metavar="RANK:CALL",
+                    help="testing only: RANK exits abruptly when it starts CALL's compute")
+    return ap
+
+
+def _main(argv: list[str] | None) -> int:
+    args = _parser().parse_args(argv)
+    experiment = load_experiment(args.experiment)
+    plan = check(Plan.load(args.plan), experiment)
+    options = options_from(args, experiment)
+    source_for(experiment)  # a bad prompts file fails here, before any process starts
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    try:
+        if under_torchrun:
+            result = run_torchrun(experiment, plan, options, args.timeout_s)
+        else:
+            result = run_local(experiment, plan, options, args.timeout_s)
+    except WorkerFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.details:
+            print(exc.details.rstrip(), file=sys.stderr)
+        return EXIT_FAILED
+    if result is None:  # a torchrun rank other than 0
+        return 0
+    if args.trace:
+        result.timeline.write_chrome_trace(args.trace)
+    if args.timeline:
+        result.timeline.save(args.timeline)
+    rep = report(result, experiment, plan)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print(table(rep, experiment))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_guard(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

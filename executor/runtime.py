@@ -1,0 +1,323 @@
+"""Run K iterations of a workflow as a plan places it: one process per device.
+
+Every process walks the same global order — the nodes of :meth:`Workflow.unroll`, iteration by
+iteration in topological order — and takes part in whatever involves its device:
+
+1. **realloc** — a model's weights live at its HOME layout (its train call's layout, else its
+   first call's); a call on a differently sharded layout first receives its own copy from home
+   (:func:`executor.realloc.reallocate`; every device of home ∪ call takes part) and drops it
+   after the call;
+2. **data** — each input comes from the devices that hold the producer's output (its last
+   stage), which pushed it the moment the producer finished (:mod:`executor.dataflow`); the
+   call receives it when it starts. Source data (prompts, pairs) is built in place from
+   (seed, iteration, row);
+3. **compute** — the call itself (:mod:`executor.calls`); outputs stay on their holders until
+   the iteration ends.
+
+Steps that do not involve a device cost it nothing, so calls on disjoint meshes run
+concurrently; a device waits only where data or weights must reach it. Each process records
+spans ``(call, op, micro_batch, start, end)`` on a clock zeroed by a barrier at the start;
+:func:`merge` joins them into one measured :class:`estimator.timeline.Timeline`.
+
+Initial weights depend only on (experiment seed, role) — see :func:`role_seed` — so a run's
+numbers do not depend on the plan.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from estimator.experiment import Experiment
+from estimator.plan import Layout, Plan
+from estimator.sharding import dp_rows, param_inventory, shard
+from estimator.timeline import Span, Timeline
+from estimator.workflow import SOURCES, Call
+from executor import model as M
+from executor.calls import CallRun, Pieces, row_spec, run_call
+from executor.comm import GroupRegistry, build_groups
+from executor.data import Source, name_key, source_for
+from executor.dataflow import Mailbox, Outbox, gather_input, input_plan, message_schedule
+from executor.engine import Engine
+from executor.optim import ShardAdam
+from executor.realloc import reallocate
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+FAULT_EXIT_CODE = 13  # exit status of a process stopped by fault injection
+# The reference starts as the actor and the critic as the reward model (InstructGPT's recipe),
+# so their initial weights share a seed.
+INIT_FROM = {"ref": "actor", "critic": "reward"}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a plan (the experiment and the plan say what)."""
+
+    iterations: int = 1
+    warmup: int = 0  # leading iterations left out of the steady-state time
+    dtype: str = "float32"  # float32 | float64 | bfloat16
+    return_params: bool = False  # send each device's final home shards back (tests)
+    # Testing aid: (rank, call) — that rank exits abruptly (os._exit) when it starts the call's
+    # compute, as a crashed worker would. Never set in normal runs.
+    fault: tuple[int, str] | None = None
+
+
+def role_seed(experiment_seed: int, role: str) -> int:
+    """Seed of a role's initial weights (ref shares the actor's, critic the reward model's)."""
+    return experiment_seed * 1_000_003 + name_key(INIT_FROM.get(role, role)) % 1_000_003
+
+
+def home_layouts(experiment: Experiment, plan: Plan) -> dict[str, Layout]:
+    """role → home layout: its train call's layout if it has one, else its first call's
+    (topological order)."""
+    wf = experiment.workflow
+    trained = wf.trained_roles()
+    homes: dict[str, Layout] = {}
+    for name in wf.topological_order():
+        role = wf[name].role
+        homes.setdefault(role, plan[trained.get(role, name)])
+    return homes
+
+
+def same_shards(a: Layout, b: Layout) -> bool:
+    """Whether two layouts hold the same slices on the same devices (micro-batches aside)."""
+    return (a.mesh, a.dp, a.tp, a.pp) == (b.mesh, b.dp, b.tp, b.pp)
+
+
+def group_layouts(experiment: Experiment, plan: Plan) -> list[Layout]:
+    """Every layout whose process groups the run needs, in a fixed order."""
+    order = experiment.workflow.topological_order()
+    return list(dict.fromkeys([plan[c] for c in order] + list(home_layouts(experiment, plan).values())))
+
+
+@dataclass
+class RankResult:
+    """What one process brings back."""
+
+    device: int
+    spans: list[Span]
+    losses: dict[tuple[int, str, int], float]  # (iteration, call, minibatch) → loss summed here
+    params: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # role → home shards
+
+
+class Recorder:
+    """Spans of one device on a clock that starts at a common barrier."""
+
+    def __init__(self, device: int, t0: float, sync: Callable[[], None]):
+        self.device, self.t0, self.sync = device, t0, sync
+        self.spans: list[Span] = []
+
+    @contextmanager
+    def span(self, iteration: int, call: str, op: str, stage: int = -1) -> Iterator[None]:
+        start = time.perf_counter() - self.t0
+        yield
+        self.sync()  # GPU work is asynchronous: close the span when it is done
+        end = time.perf_counter() - self.t0
+        self.spans.append(Span(start, end, self.device, iteration, call, op, -1, stage))
+
+
+class RankRuntime:
+    """The part of a run one device plays."""
+
+    def __init__(self, experiment: Experiment, plan: Plan, device: int, world_size: int, options: RunOptions,
+                 torch_device: torch.device, status: Callable[[str], None]):
+        self.exp, self.plan, self.device, self.options = experiment, plan, device, options
+        self.torch_device, self.status = torch_device, status
+        self.dtype = DTYPES[options.dtype]
+        self.dpn = experiment.cluster.devices_per_node
+        self.homes = home_layouts(experiment, plan)
+        self.source: Source = source_for(experiment)
+        self.groups: GroupRegistry = build_groups(group_layouts(experiment, plan), world_size)
+        self.params = {role: self._init(role) for role, home in self.homes.items() if self._in(home)}
+        trained = experiment.workflow.trained_roles()
+        self.optimizers = {role: ShardAdam(p, experiment.hyper.lr)
+                           for role, p in self.params.items() if role in trained}
+        self.store: dict[str, Pieces] = {}  # outputs held here in the current iteration
+        self.schedule = message_schedule(experiment, plan)
+        self.input_plans = {(c.name, d): input_plan(experiment, plan, c.name, d)
+                            for c in experiment.workflow.calls for d in c.inputs if d not in SOURCES}
+        # Call outputs travel on a group of their own (see executor.dataflow).
+        data_group = dist.new_group(list(range(world_size))) if world_size > 1 else None
+        specs = {d: row_spec(d, experiment, self.dtype) for c in experiment.workflow.calls for d in c.inputs}
+        self.outbox = Outbox(device, data_group)
+        self.mailbox = Mailbox(device, self.schedule, options.iterations, specs, data_group, torch_device)
+        self.losses: dict[tuple[int, str, int], float] = {}
+        self.rec: Recorder | None = None
+
+    def _in(self, layout: Layout) -> bool:
+        return self.device in layout.mesh.devices
+
+    def _init(self, role: str) -> M.Params:
+        model = self.exp.models[role]
+        seed = role_seed(self.exp.seed, role)
+        params = M.init_shards(model, self.homes[role], self.device, seed, self.dtype)
+        return {n: t.to(self.torch_device) for n, t in params.items()}
+
+    def run(self) -> RankResult:
+        dist.barrier()
+        # Only the compute stream: a device-wide synchronize would also wait for pushed sends
+        # whose receivers have not posted yet (see executor.dataflow) and could deadlock.
+        sync = torch.cuda.current_stream(self.torch_device).synchronize if self.torch_device.type == "cuda" \
+            else (lambda: None)
+        self.rec = Recorder(self.device, time.perf_counter(), sync)
+        nodes, _ = self.exp.workflow.unroll(self.options.iterations)
+        for i, node in enumerate(nodes):
+            self.run_call(node.iteration, self.exp.workflow[node.call])
+            if i + 1 == len(nodes) or nodes[i + 1].iteration != node.iteration:
+                self.store.clear()  # every consumer of this iteration's data on this device is done
+                self.outbox.wait(before=node.iteration)  # bound the send buffers alive
+        self.outbox.wait()
+        self.status("finished")
+        params = {}
+        if self.options.return_params:
+            params = {r: {n: t.detach().cpu() for n, t in p.items()} for r, p in self.params.items()}
+        return RankResult(self.device, self.rec.spans, self.losses, params)
+
+    # -- one call
+
+    def run_call(self, it: int, call: Call) -> None:
+        layout, home = self.plan[call.name], self.homes[call.role]
+        realloc = not same_shards(layout, home)
+        if not (self._in(layout) or (realloc and self._in(home))):
+            return
+        self.status(f"call {call.name} (iteration {it})")
+        stage = layout.coords(self.device)[2] if self._in(layout) else -1
+        with self.rec.span(it, call.name, "call", stage):
+            params = self._realloc(it, call, layout, home) if realloc else self.params.get(call.role)
+            if self._in(layout):
+                inputs = self._inputs(it, call, layout)
+                self._compute(it, call, layout, params, inputs, stage)
+
+    def _realloc(self, it: int, call: Call, layout: Layout, home: Layout) -> M.Params | None:
+        with self.rec.span(it, call.name, "realloc"):
+            return reallocate(self.exp.models[call.role], home, self.params.get(call.role), layout, self.device,
+                              self.dpn, self.dtype, self.torch_device)
+
+    def _inputs(self, it: int, call: Call, layout: Layout) -> dict[str, Pieces]:
+        """Source rows built here; produced rows copied or received (waiting for producers)."""
+        rows = dp_rows(call, layout, layout.coords(self.device)[0])
+        inputs = {name: [(r, self.source.rows(it, *r).to(self.torch_device)) for r in rows]
+                  for name in call.inputs if name in SOURCES}
+        produced = [name for name in call.inputs if name not in SOURCES]
+        if produced:
+            with self.rec.span(it, call.name, "data"):
+                for name in produced:
+                    inputs[name] = gather_input(self.input_plans[(call.name, name)], self.device, it, call.name,
+                                                name, self.store, self.mailbox)
+        return inputs
+
+    def _compute(self, it: int, call: Call, layout: Layout, params: M.Params, inputs: dict, stage: int) -> None:
+        if self.options.fault == (self.device, call.name):
+            os._exit(FAULT_EXIT_CODE)
+        engine = Engine(self.exp.models[call.role], layout, self.device, params, self.groups, self.torch_device)
+        run = CallRun(self.exp, call, layout, self.device, it, engine, inputs,
+                      span=lambda op: self.rec.span(it, call.name, op, stage))
+        with self.rec.span(it, call.name, "compute", stage):
+            outputs = run_call(run, self.optimizers.get(call.role))
+        if outputs:
+            self.store.update(outputs)
+            with self.rec.span(it, call.name, "data"):
+                self.outbox.push(it, [m for m in self.schedule if m.producer == call.name], self.store)
+        _, tp_rank, _ = layout.coords(self.device)
+        if tp_rank == 0:  # tensor-parallel ranks share one loss; count it once
+            for k, loss in enumerate(run.losses):
+                self.losses[(it, call.name, k)] = loss
+
+
+# ---- merging what the processes bring back -----------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """A whole run: the measured timeline, the train losses and (on request) the final weights."""
+
+    timeline: Timeline
+    warmup: int  # iterations left out of the steady-state time
+    losses: dict[tuple[int, str, int], float]  # (iteration, call, minibatch) → minibatch loss
+    params: dict[str, dict[str, Tensor]]  # role → full tensors (empty unless requested)
+
+    @property
+    def iteration_s(self) -> float:
+        """Steady-state time per iteration (after the warm-up iterations)."""
+        return self.timeline.steady_state_s(self.warmup)
+
+    @property
+    def iterations_s(self) -> list[float]:
+        return self.timeline.iteration_times()
+
+    def call_stats(self) -> dict[str, dict[str, float]]:
+        """call → seconds, averaged over the iterations after the warm-up:
+
+        - ``duration_s``: first compute start to last compute end over the call's devices;
+        - ``span_s``: first entry to last exit, including waiting for inputs and weights;
+        - ``realloc_s``, ``data_s``: the longest time any device spent receiving weights or
+          moving inputs (waiting for a busy producer included).
+        """
+        its = self.timeline.iterations
+        steady = set([i for i in its if i >= self.warmup] or its)
+        per: dict[tuple[int, str], dict[str, Any]] = {}
+        for s in self.timeline.spans:
+            if s.iteration not in steady:
+                continue
+            d = per.setdefault((s.iteration, s.call), {"compute": [], "call": [], "realloc": {}, "data": {}})
+            if s.op in ("compute", "call"):
+                d[s.op].append((s.start_s, s.end_s))
+            elif s.op in ("realloc", "data"):
+                d[s.op][s.device] = d[s.op].get(s.device, 0.0) + s.duration_s
+        out: dict[str, dict[str, list[float]]] = {}
+        for (_, call), d in per.items():
+            acc = out.setdefault(call, {"duration_s": [], "span_s": [], "realloc_s": [], "data_s": []})
+            acc["duration_s"].append(_extent(d["compute"]))
+            acc["span_s"].append(_extent(d["call"]))
+            acc["realloc_s"].append(max(d["realloc"].values(), default=0.0))
+            acc["data_s"].append(max(d["data"].values(), default=0.0))
+        return {c: {k: sum(v) / len(v) for k, v in acc.items()} for c, acc in out.items()}
+
+
+def _extent(intervals: list[tuple[float, float]]) -> float:
+    return max(e for _, e in intervals) - min(s for s, _ in intervals) if intervals else 0.0
+
+
+def merge(results: list[RankResult], experiment: Experiment, plan: Plan, options: RunOptions,
+          **meta: Any) -> RunResult:
+    """One timeline, summed losses and full parameters from every process's result."""
+    spans = [s for r in results for s in r.spans]
+    timeline = Timeline.of(spans, source="measured", experiment=experiment.name, dtype=options.dtype,
+                           warmup_iterations=options.warmup, **meta)
+    losses: dict[tuple[int, str, int], float] = {}
+    for r in results:
+        for key, value in r.losses.items():
+            losses[key] = losses.get(key, 0.0) + value
+    return RunResult(timeline, options.warmup, losses, assemble_params(results, experiment, plan))
+
+
+def assemble_params(results: list[RankResult], experiment: Experiment, plan: Plan) -> dict[str, dict[str, Tensor]]:
+    """Full tensors of each role from the home shards the processes sent back."""
+    homes = home_layouts(experiment, plan)
+    full: dict[str, dict[str, Tensor]] = {}
+    for r in results:
+        for role, shards in r.params.items():
+            model = experiment.models[role]
+            boxes = shard(model, homes[role], r.device)
+            shapes = {p.name: p.shape for p in param_inventory(model)}
+            out = full.setdefault(role, {})
+            for name, t in shards.items():
+                if name not in out:
+                    out[name] = torch.empty(shapes[name], dtype=t.dtype)
+                out[name][M.box_index(boxes[name])] = t
+    return full
+
+
+def run_rank(rank: int, world_size: int, status: Callable[[str], None], experiment: Experiment, plan: Plan,
+             options: RunOptions, torch_device: torch.device | None = None) -> RankResult:
+    """This process's part of the run; the default process group must be initialised."""
+    torch_device = torch_device or torch.device("cpu")
+    return RankRuntime(experiment, plan, rank, world_size, options, torch_device, status).run()

@@ -1,0 +1,205 @@
+"""The plain-torch decoder: deterministic initialisation, an independent naive reference,
+causality, KV-cache consistency, and Hugging Face checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from estimator.cluster import DeviceMesh
+from estimator.errors import ConfigError
+from estimator.models import ModelSpec
+from estimator.plan import Layout
+from estimator.sharding import param_inventory, shard
+from executor import model as M
+from executor.hf import hf_config, load_hf, save_hf
+
+TINY = ModelSpec("t", 2, 32, 64, 4, 2, 64, qkv_bias=True, rope_theta=500.0, norm_eps=1e-6)
+F64 = torch.float64
+
+
+def _tokens(b: int, t: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- initialisation ---------------------------------------------------------------------------
+
+
+def test_init_has_inventory_names_and_shapes():
+    for model in (TINY, TINY.as_value_model(), ModelSpec("u", 1, 16, 32, 2, 1, 8, tied_embeddings=True)):
+        params = M.init_params(model, 0, F64)
+        assert {n: tuple(t.shape) for n, t in params.items()} == {p.name: p.shape for p in param_inventory(model)}
+
+
+def test_init_depends_only_on_seed_and_name():
+    a = M.init_params(TINY, 3, F64)
+    deeper = ModelSpec("t4", 4, 32, 64, 4, 2, 64, qkv_bias=True)
+    b = M.init_params(deeper, 3, F64)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    c = M.init_params(TINY, 4, F64)
+    assert not torch.equal(a["layers.0.self_attn.q_proj.weight"], c["layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(a["layers.0.self_attn.q_proj.weight"], a["layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(a["norm.weight"], torch.ones(32, dtype=F64))
+    assert 0.015 < float(a["layers.0.mlp.up_proj.weight"].std()) < 0.025
+
+
+def test_init_shards_are_slices_of_the_full_init():
+    layout = Layout(DeviceMesh(0, 4), 1, 2, 2)
+    full = M.init_params(TINY, 1, F64)
+    for device in layout.mesh.devices:
+        local = M.init_shards(TINY, layout, device, 1, F64)
+        boxes = shard(TINY, layout, device)
+        assert set(local) == set(boxes)
+        assert all(torch.equal(local[n], full[n][M.box_index(b)]) for n, b in boxes.items())
+
+
+# ---- forward ----------------------------------------------------------------------------------
+
+
+def _naive_forward(p: dict, model: ModelSpec, tokens: torch.Tensor) -> torch.Tensor:
+    """Loops over heads, explicit softmax and angles: written independently of executor.model."""
+    hs, eps = model.head_dim, model.norm_eps
+    b, t = tokens.shape
+
+    def norm(x, w):
+        return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+    def rope(x):  # x: (B, T, hs); pairs (i, i + hs/2) rotate by pos / theta^(2i/hs)
+        out = x.clone()
+        for i in range(hs // 2):
+            ang = torch.arange(t, dtype=F64) / model.rope_theta ** (2 * i / hs)
+            a, c = x[..., i], x[..., i + hs // 2]
+            out[..., i] = a * torch.cos(ang) - c * torch.sin(ang)
+            out[..., i + hs // 2] = c * torch.cos(ang) + a * torch.sin(ang)
+        return out
+
+    x = p["embed_tokens.weight"][tokens]
+    mask = torch.full((t, t), -math.inf, dtype=F64).triu(1)
+    for layer in range(model.layers):
+        pre = f"layers.{layer}."
+        h = norm(x, p[pre + "input_layernorm.weight"])
+        q, k, v = (h @ p[pre + f"self_attn.{n}.weight"].T + p[pre + f"self_attn.{n}.bias"]
+                   for n in ("q_proj", "k_proj", "v_proj"))
+        heads = []
+        for j in range(model.heads):
+            g = j // (model.heads // model.kv_heads)
+            qj, kj = rope(q[..., j * hs:(j + 1) * hs]), rope(k[..., g * hs:(g + 1) * hs])
+            att = torch.softmax(qj @ kj.transpose(1, 2) / math.sqrt(hs) + mask, dim=-1)
+            heads.append(att @ v[..., g * hs:(g + 1) * hs])
+        x = x + torch.cat(heads, -1) @ p[pre + "self_attn.o_proj.weight"].T
+        h = norm(x, p[pre + "post_attention_layernorm.weight"])
+        gate, up = h @ p[pre + "mlp.gate_proj.weight"].T, h @ p[pre + "mlp.up_proj.weight"].T
+        x = x + (gate * torch.sigmoid(gate) * up) @ p[pre + "mlp.down_proj.weight"].T
+    return norm(x, p["norm.weight"]) @ p["lm_head.weight"].T
+
+
+def test_forward_matches_naive_reference():
+    params = M.init_params(TINY, 0, F64)
+    params = {n: t + 0.01 * torch.randn_like(t) if "norm" in n else t for n, t in params.items()}
+    tokens = _tokens(2, 7, TINY.vocab)
+    torch.testing.assert_close(M.forward(params, TINY, tokens), _naive_forward(params, TINY, tokens),
+                               rtol=0, atol=1e-12)
+
+
+def test_forward_is_causal_and_value_head_is_scalar():
+    params = M.init_params(TINY, 0, F64)
+    a, b = _tokens(1, 8, TINY.vocab, 1), _tokens(1, 8, TINY.vocab, 1)
+    b[0, 5] = (a[0, 5] + 1) % TINY.vocab
+    la, lb = M.forward(params, TINY, a), M.forward(params, TINY, b)
+    assert torch.equal(la[:, :5], lb[:, :5]) and not torch.allclose(la[:, 5:], lb[:, 5:])
+    critic = TINY.as_value_model()
+    assert M.forward(M.init_params(critic, 0, F64), critic, a).shape == (1, 8)
+
+
+def test_kv_cache_chunks_match_one_pass():
+    params = M.init_params(TINY, 0, F64)
+    tokens = _tokens(3, 9, TINY.vocab)
+    cache = M.KVCache(9)
+    chunks = [M.forward(params, TINY, tokens[:, lo:hi], cache, lo) for lo, hi in ((0, 4), (4, 7), (7, 8), (8, 9))]
+    torch.testing.assert_close(torch.cat(chunks, 1), M.forward(params, TINY, tokens), rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="cannot hold"):
+        M.forward(params, TINY, tokens[:, :1], cache, 9)
+
+
+def test_greedy_generate_extends_the_prompt_with_argmax_tokens():
+    params = M.init_params(TINY, 0, F64)
+    prompt = _tokens(2, 3, TINY.vocab)
+    seq, logp = M.greedy_generate(params, TINY, prompt, 4)
+    assert seq.shape == (2, 7) and logp.shape == (2, 4) and torch.equal(seq[:, :3], prompt)
+    logits = M.forward(params, TINY, seq[:, :-1])[:, 2:]  # (B, gen, V): predictions of new tokens
+    assert torch.equal(logits.argmax(-1), seq[:, 3:])
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(-1, seq[:, 3:, None])[..., 0])
+
+
+def test_bfloat16_runs():
+    params = M.init_params(TINY, 0, torch.bfloat16)
+    assert M.forward(params, TINY, _tokens(1, 4, TINY.vocab)).dtype == torch.bfloat16
+
+
+# ---- Hugging Face checkpoints -----------------------------------------------------------------
+
+
+def _write_raw(path, model: ModelSpec, params: dict, drop: str | None = None, reshape: str | None = None):
+    """A checkpoint as Hugging Face writes it: ``model.`` prefix on the trunk."""
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in params.items():
+        key = name if name in ("lm_head.weight", "score.weight") else "model." + name
+        if name == drop:
+            continue
+        tensors[key] = t[:-1].contiguous() if name == reshape else t.contiguous()
+    half = len(tensors) // 2  # two shard files, as large checkpoints come
+    items = sorted(tensors.items())
+    save_file(dict(items[:half]), str(path / "model-00001-of-00002.safetensors"))
+    save_file(dict(items[half:]), str(path / "model-00002-of-00002.safetensors"))
+    (path / "config.json").write_text(json.dumps(hf_config(model)))
+
+
+def test_load_hf_checkpoint(tmp_path):
+    params = M.init_params(TINY, 5, torch.float32)
+    _write_raw(tmp_path / "ckpt", TINY, params)
+    spec, loaded = load_hf(tmp_path / "ckpt", F64)
+    assert (spec.layers, spec.hidden, spec.ffn, spec.heads, spec.kv_heads, spec.vocab, spec.qkv_bias,
+            spec.rope_theta, spec.norm_eps) == (2, 32, 64, 4, 2, 64, True, 500.0, 1e-6)
+    assert set(loaded) == set(params)
+    assert all(loaded[n].dtype == F64 and torch.equal(loaded[n], params[n].to(F64)) for n in params)
+
+
+def test_save_load_round_trip_and_sliced_load(tmp_path):
+    tied = ModelSpec("tied", 2, 32, 64, 4, 2, 64, tied_embeddings=True)
+    params = M.init_params(tied, 5, F64)
+    save_hf(tmp_path / "ckpt", tied, params)
+    spec, loaded = load_hf(tmp_path / "ckpt", F64)
+    assert spec.tied_embeddings and all(torch.equal(loaded[n], params[n]) for n in params)
+    layout = Layout(DeviceMesh(0, 4), 1, 2, 2)
+    boxes = shard(tied, layout, 3)
+    _, part = load_hf(tmp_path / "ckpt", F64, boxes=boxes)
+    assert all(torch.equal(part[n], params[n][M.box_index(b)]) for n, b in boxes.items())
+
+
+def test_load_value_head_from_score(tmp_path):
+    critic = TINY.as_value_model()
+    params = M.init_params(critic, 5, F64)
+    params["score.weight"] = params.pop("value_head.weight")
+    _write_raw(tmp_path / "rm", critic, params)
+    _, loaded = load_hf(tmp_path / "rm", F64, model=critic)
+    assert torch.equal(loaded["value_head.weight"], params["score.weight"])
+
+
+def test_load_names_missing_and_misshapen_tensors(tmp_path):
+    params = M.init_params(TINY, 5, torch.float32)
+    _write_raw(tmp_path / "a", TINY, params, drop="layers.1.mlp.up_proj.weight")
+    with pytest.raises(ConfigError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
+        load_hf(tmp_path / "a")
+    _write_raw(tmp_path / "b", TINY, params, reshape="layers.0.self_attn.k_proj.weight")
+    misshapen = r"layers\.0\.self_attn\.k_proj\.weight.*shape \[15, 32\], expected \[16, 32\]"
+    with pytest.raises(ConfigError, match=misshapen):
+        load_hf(tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "config.json").write_text(json.dumps(hf_config(TINY)))
+    with pytest.raises(ConfigError, match="no \\*.safetensors"):
+        load_hf(tmp_path / "c")

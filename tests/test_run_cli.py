@@ -1,0 +1,102 @@
+"""``python -m executor.run``: validation before any process starts, the report, the files it
+writes, and a worker that dies mid-call."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from estimator.experiment import load_experiment
+from estimator.timeline import Timeline
+from executor.run import main, table
+from tests.conftest import EXAMPLES, ROOT
+
+PPO = str(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+PLANS = EXAMPLES / "plans" / "ppo-tiny-2xcpu"
+
+
+def _bad_plan(tmp_path) -> str:
+    plan = json.loads((PLANS / "tp2.json").read_text())
+    plan["calls"]["actor_gen"].update(dp=2)  # 2·2·1 ≠ 2 devices
+    del plan["calls"]["critic_train"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(plan))
+    return str(path)
+
+
+def test_invalid_plan_exits_2_with_every_message_before_starting(tmp_path, capsys, monkeypatch):
+    import executor.run as run
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("processes started for an invalid plan")
+
+    monkeypatch.setattr(run, "launch", no_launch)
+    assert main([PPO, "--plan", _bad_plan(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: call actor_gen: dp·tp·pp = 2·2·1 = 4 must equal mesh 0-1 size 2" in err
+    assert "error: call critic_train: missing from the plan" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--iterations", "0"], "--iterations=0 must be at least 1"),
+    (["--iterations", "2", "--warmup", "2"], "--warmup=2 must be below --iterations=2"),
+    (["--inject-fault", "one:actor_train"], "must look like RANK:CALL"),
+    (["--inject-fault", "1:nope"], "unknown call 'nope'"),
+])
+def test_bad_flags_exit_2(flags, message, capsys):
+    assert main([PPO, "--plan", str(PLANS / "dp2.json"), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_experiment_exits_2(capsys):
+    assert main(["nope.yaml", "--plan", str(PLANS / "dp2.json")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_json_report_trace_and_timeline(tmp_path, capsys):
+    trace, timeline = tmp_path / "trace.json", tmp_path / "timeline.json"
+    code = main([PPO, "--plan", str(PLANS / "gen-vs-train.json"), "--iterations", "2", "--json",
+                 "--trace", str(trace), "--timeline", str(timeline)])
+    assert code == 0
+    rep = json.loads(capsys.readouterr().out)
+    exp = load_experiment(PPO)
+    assert rep["warmup_iterations"] == 1 and len(rep["iterations_s"]) == 2
+    assert rep["iteration_s"] == pytest.approx(rep["iterations_s"][1])
+    assert set(rep["calls"]) == set(exp.workflow.call_names)
+    for c in rep["calls"].values():
+        assert c["duration_s"] > 0 and {"realloc_s", "data_s", "span_s", "mesh", "dp", "tp", "pp"} <= set(c)
+    assert rep["calls"]["actor_gen"]["realloc_s"] > 0  # generation runs away from the actor's home
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert any(e.get("name") == "actor_train:compute" for e in events)
+    tl = Timeline.load(timeline)
+    assert tl.source == "measured" and tl.iterations == [0, 1] and tl.meta["warmup_iterations"] == 1
+    text = table(rep, exp)
+    assert "warm-up (excluded)" in text and "excludes 1 warm-up iteration" in text
+    assert all(name in text for name in exp.workflow.call_names)
+
+
+def test_a_worker_killed_mid_call_fails_the_run_within_60s():
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "executor.run", PPO, "--plan", str(PLANS / "dp2.json"), "--iterations", "2",
+         "--inject-fault", "1:critic_train"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 60
+    assert proc.returncode == 1
+    assert "rank 1 failed in call critic_train (iteration 0)" in proc.stderr
+    assert "exited with code 13" in proc.stderr
+
+
+def test_runs_under_torchrun(tmp_path):
+    """The multi-node path (torchrun sets RANK/WORLD_SIZE; here gloo on CPU): rank 0 reports."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "executor.run", PPO, "--plan", str(PLANS / "disjoint.json"), "--iterations", "1", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert len(rep["iterations_s"]) == 1 and rep["calls"]["critic_train"]["duration_s"] > 0

@@ -1,0 +1,245 @@
+"""The runtime: any valid plan computes the same update (plan invariance, float64), the measured
+timeline, home layouts, and failures that stop the run instead of hanging it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from estimator.cluster import DeviceMesh
+from estimator.experiment import Experiment, load_experiment
+from estimator.plan import Layout, Plan, check
+from executor.dataflow import message_schedule
+from executor.launch import WorkerFailed, launch
+from executor.runtime import RunOptions, RunResult, home_layouts, merge, role_seed, run_rank
+from tests.conftest import EXAMPLES, tiny_experiment
+
+PLANS = EXAMPLES / "plans"
+TOL = 1e-9
+
+
+def _run_many(rank: int, world: int, status, runs: list[tuple[Experiment, Plan]], options: RunOptions):
+    return [run_rank(rank, world, status, exp, plan, options) for exp, plan in runs]
+
+
+def run_many(runs: list[tuple[Experiment, Plan]], iterations: int = 1) -> list[RunResult]:
+    """Run every (experiment, plan) in one set of processes (one start-up for all)."""
+    options = RunOptions(iterations=iterations, dtype="float64", return_params=True)
+    for exp, plan in runs:
+        check(plan, exp)
+    world = runs[0][0].cluster.num_devices
+    per_rank = launch(world, _run_many, (runs, options), timeout_s=120)
+    return [merge([r[i] for r in per_rank], exp, plan, options) for i, (exp, plan) in enumerate(runs)]
+
+
+def run_all(experiment: Experiment, plans: list[Plan], iterations: int = 1) -> list[RunResult]:
+    return run_many([(experiment, plan) for plan in plans], iterations)
+
+
+def _initial(experiment: Experiment, role: str) -> dict[str, torch.Tensor]:
+    from executor.model import init_params
+
+    return init_params(experiment.models[role], role_seed(experiment.seed, role), torch.float64)
+
+
+def assert_invariant(experiment: Experiment, names: list[str], results: list[RunResult], roles: tuple[str, ...]):
+    base = results[names.index("single-device")]
+    for role in roles:
+        init = _initial(experiment, role)
+        moved = max((base.params[role][n] - init[n]).abs().max().item() for n in init)
+        assert moved > 1e-8, f"{role} did not train"
+    assert base.losses, "no train losses recorded"
+    for name, res in zip(names, results):
+        for role in roles:
+            for pname, ref in base.params[role].items():
+                diff = (res.params[role][pname] - ref).abs().max().item()
+                assert diff < TOL, f"plan {name}: {role} {pname} differs by {diff:.3g}"
+        assert res.losses.keys() == base.losses.keys(), name
+        for key, loss in base.losses.items():
+            assert abs(res.losses[key] - loss) < TOL, f"plan {name}: loss {key} {res.losses[key]} != {loss}"
+
+
+def _example_plans(directory: str) -> tuple[list[str], list[Plan]]:
+    files = sorted((PLANS / directory).glob("*.json"))
+    return [f.stem for f in files], [Plan.load(str(f)) for f in files]
+
+
+@pytest.fixture(scope="module")
+def ppo_runs() -> tuple[Experiment, dict[str, RunResult]]:
+    """One PPO iteration under every example plan, all in one set of processes."""
+    exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    names, plans = _example_plans("ppo-tiny-2xcpu")
+    return exp, dict(zip(names, run_all(exp, plans)))
+
+
+def test_ppo_update_is_the_same_under_every_example_plan(ppo_runs):
+    exp, runs = ppo_runs
+    assert len(runs) >= 7 and "single-device" in runs
+    assert_invariant(exp, list(runs), list(runs.values()), ("actor", "critic"))
+
+
+def test_single_device_plan_matches_the_plain_torch_loop(ppo_runs):
+    """An oracle outside the executor: the textbook single-process PPO loop."""
+    from executor.reference import run_ppo
+
+    exp, runs = ppo_runs
+    expect = run_ppo(exp, iterations=1, dtype=torch.float64)
+    for role in ("actor", "critic"):
+        for name, t in expect[role].items():
+            diff = (runs["single-device"].params[role][name] - t.detach()).abs().max().item()
+            assert diff < TOL, f"{role} {name} differs from the reference by {diff:.3g}"
+
+
+def test_grpo_update_is_the_same_under_every_example_plan():
+    exp = load_experiment(EXAMPLES / "grpo-tiny-2xcpu.yaml")
+    names, plans = _example_plans("grpo-tiny-2xcpu")
+    assert len(names) >= 4
+    assert_invariant(exp, names, run_all(exp, plans), ("actor",))
+
+
+def test_dpo_update_is_the_same_under_every_example_plan():
+    exp = load_experiment(EXAMPLES / "dpo-tiny-2xcpu.yaml")
+    names, plans = _example_plans("dpo-tiny-2xcpu")
+    assert len(names) >= 4
+    assert_invariant(exp, names, run_all(exp, plans), ("actor",))
+
+
+def _layout(mesh: str, dp: int = 1, tp: int = 1, pp: int = 1, mb: int = 1) -> Layout:
+    return Layout(DeviceMesh.parse(mesh), dp, tp, pp, mb)
+
+
+def test_remax_sft_and_rw_train_the_same_under_two_plans(tmp_path):
+    examples = tmp_path / "sft.jsonl"  # sft reads a prompts file: the JSONL path end to end
+    examples.write_text("\n".join(json.dumps(list(range(i, i + 20 + i))) for i in range(5)) + "\n")
+    runs, roles = [], []
+    for algorithm, role in (("remax", "actor"), ("sft", "actor"), ("rw", "reward")):
+        exp = tiny_experiment(algorithm, devices_per_node=2, batch_size=4, minibatches=2)
+        if algorithm == "sft":
+            exp = dataclasses.replace(exp, prompts_path=str(examples))
+        calls = exp.workflow.call_names
+        single = Plan({c: _layout("0") for c in calls})
+        # calls sharded differently: reallocation between layouts, tp, pp and dp in one plan
+        shapes = [dict(pp=2, mb=2), dict(tp=2), dict(dp=2)]
+        mixed = Plan({c: _layout("0-1", **shapes[i % 3]) for i, c in enumerate(calls)})
+        runs += [(exp, single), (exp, mixed)]
+        roles.append(role)
+    results = run_many(runs)
+    for i, role in enumerate(roles):
+        exp = runs[2 * i][0]
+        assert_invariant(exp, ["single-device", "mixed"], results[2 * i:2 * i + 2], (role,))
+
+
+def test_timeline_spans_and_concurrency(ppo_runs):
+    res = ppo_runs[1]["disjoint"]
+    tl = res.timeline
+    assert tl.source == "measured" and tl.iterations == [0]
+    assert {s.op for s in tl.spans} >= {"call", "compute", "data"}
+    assert {s.device for s in tl.spans if s.call == "critic_train"} == {1}
+    # actor and critic train on disjoint devices at the same time
+    compute = {(s.iteration, s.call): (s.start_s, s.end_s) for s in tl.spans if s.op == "compute"}
+    a, c = compute[(0, "actor_train")], compute[(0, "critic_train")]
+    assert a[0] < c[1] and c[0] < a[1], f"actor_train {a} and critic_train {c} do not overlap"
+    assert len(res.iterations_s) == 1 and res.iteration_s > 0
+    stats = res.call_stats()
+    assert set(stats) == set(ppo_runs[0].workflow.call_names)
+    assert all(st["span_s"] >= st["duration_s"] > 0 for st in stats.values())
+
+
+def test_realloc_spans_appear_when_a_call_leaves_home(ppo_runs):
+    res = ppo_runs[1]["gen-vs-train"]
+    realloc = {s.call for s in res.timeline.spans if s.op == "realloc"}
+    assert realloc == {"actor_gen", "critic_inf"}
+
+
+def test_home_layouts_are_train_layouts_else_first_calls():
+    exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    plan = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "gen-vs-train.json"))
+    homes = home_layouts(exp, plan)
+    assert homes == {"actor": plan["actor_train"], "critic": plan["critic_train"],
+                     "ref": plan["ref_inf"], "reward": plan["reward_inf"]}
+
+
+def test_message_schedule_skips_local_rows_and_orders_by_producer():
+    exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    single = message_schedule(exp, Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "single-device.json")))
+    assert single == []
+    msgs = message_schedule(exp, Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "disjoint.json")))
+    order = exp.workflow.topological_order()
+    assert [order.index(m.producer) for m in msgs] == sorted(order.index(m.producer) for m in msgs)
+    assert {(m.src, m.dst) for m in msgs} == {(0, 1), (1, 0)}
+    assert all(m.num_rows == 8 for m in msgs)
+
+
+def test_role_seeds_tie_ref_to_actor_and_critic_to_reward():
+    assert role_seed(3, "ref") == role_seed(3, "actor")
+    assert role_seed(3, "critic") == role_seed(3, "reward")
+    assert role_seed(3, "actor") != role_seed(3, "reward") != role_seed(4, "reward")
+
+
+def _raise_on_rank_one(rank: int, world: int, status) -> int:
+    status("call boom (iteration 0)")
+    if rank == 1:
+        raise RuntimeError("planned failure")
+    time.sleep(600)  # a peer that would wait forever
+    return rank
+
+
+def test_a_raising_worker_stops_the_run_naming_rank_and_call():
+    start = time.monotonic()
+    with pytest.raises(WorkerFailed) as info:
+        launch(2, _raise_on_rank_one)
+    assert time.monotonic() - start < 60
+    exc = info.value
+    assert exc.rank == 1 and "call boom" in exc.where and "planned failure" in exc.reason
+    assert "RuntimeError" in exc.details
+    assert multiprocessing.active_children() == []
+
+
+def test_a_worker_that_dies_mid_call_stops_the_run():
+    exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    plan = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "dp2.json"))
+    options = RunOptions(iterations=2, fault=(1, "actor_train"))
+    start = time.monotonic()
+    with pytest.raises(WorkerFailed) as info:
+        launch(2, run_rank, (exp, plan, options), timeout_s=120)
+    assert time.monotonic() - start < 60
+    assert info.value.rank == 1 and "actor_train" in info.value.where
+    assert "exited with code 13" in info.value.reason
+    assert multiprocessing.active_children() == []
+
+
+def test_example_plans_are_valid():
+    for exp_file in ("ppo-tiny-2xcpu", "grpo-tiny-2xcpu", "dpo-tiny-2xcpu"):
+        exp = load_experiment(EXAMPLES / f"{exp_file}.yaml")
+        for f in Path(PLANS / exp_file).glob("*.json"):
+            check(Plan.load(str(f)), exp)
+
+
+def test_shard_adam_is_adam_and_keeps_float32_master_weights_for_16_bit():
+    from executor.optim import ShardAdam
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    grad = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    mine, ref = {"w": w.clone().requires_grad_()}, w.clone().requires_grad_()
+    opt, torch_opt = ShardAdam(mine, lr=0.1), torch.optim.Adam([ref], lr=0.1)
+    for _ in range(3):
+        mine["w"].grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        torch_opt.step()
+        opt.zero_grad()
+    assert torch.equal(mine["w"], ref) and mine["w"].grad is None
+
+    low = {"w": w.to(torch.bfloat16).requires_grad_()}
+    opt = ShardAdam(low, lr=1e-4)  # far below bf16's resolution near 1: only the master moves
+    low["w"].grad = grad.to(torch.bfloat16)
+    opt.step()
+    assert opt.master[0].dtype == torch.float32
+    assert not torch.equal(opt.master[0], w.to(torch.bfloat16).float())
+    assert torch.equal(low["w"], opt.master[0].to(torch.bfloat16))
