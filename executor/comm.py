@@ -9,6 +9,7 @@ an argument; a ``None`` group (degree 1) makes each of them the identity.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -89,16 +90,18 @@ class GroupRegistry:
         return stage_neighbour(layout, device, +1)
 
 
-def build_groups(layouts: list[Layout], world_size: int, backend: str | None = None) -> GroupRegistry:
+def build_groups(layouts: list[Layout], world_size: int, backend: str | None = None,
+                 timeout: timedelta | None = None) -> GroupRegistry:
     """Create every group ``layouts`` need. Every process must call this with the same list in
-    the same order; groups shared by several layouts are created once."""
+    the same order; groups shared by several layouts are created once. ``timeout`` bounds every
+    collective on them (torch's own default is 30 minutes whatever the default group has)."""
     outside = [str(lay.mesh) for lay in layouts if lay.mesh.last >= world_size]
     if outside:
         raise ConfigError(f"layout meshes {outside} exceed the world of {world_size} processes")
     wanted = dict.fromkeys(r for lay in layouts for r in layout_groups(lay) if len(r) > 1)
     registry = GroupRegistry(world_size)
     for ranks in wanted:
-        registry.groups[ranks] = dist.new_group(list(ranks), backend=backend)
+        registry.groups[ranks] = dist.new_group(list(ranks), backend=backend, timeout=timeout)
     return registry
 
 

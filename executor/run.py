@@ -59,7 +59,7 @@ def options_from(args: argparse.Namespace, experiment: Experiment) -> RunOptions
     fault = parse_fault(args.inject_fault)
     if fault is not None and fault[1] not in experiment.workflow:
         raise ConfigError(f"--inject-fault: unknown call {fault[1]!r}; calls: {list(experiment.workflow.call_names)}")
-    return RunOptions(args.iterations, warmup, args.dtype, fault=fault)
+    return RunOptions(args.iterations, warmup, args.dtype, fault=fault, timeout_s=args.timeout_s)
 
 
 def run_local(experiment: Experiment, plan: Plan, options: RunOptions,

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -68,6 +69,7 @@ class RunOptions:
     # Testing aid: (rank, call) — that rank exits abruptly (os._exit) when it starts the call's
     # compute, as a crashed worker would. Never set in normal runs.
     fault: tuple[int, str] | None = None
+    timeout_s: float | None = None  # per-collective timeout on every group the run creates
 
 
 def role_seed(experiment_seed: int, role: str) -> int:
@@ -135,7 +137,8 @@ class RankRuntime:
         self.dpn = experiment.cluster.devices_per_node
         self.homes = home_layouts(experiment, plan)
         self.source: Source = source_for(experiment)
-        self.groups: GroupRegistry = build_groups(group_layouts(experiment, plan), world_size)
+        timeout = timedelta(seconds=options.timeout_s) if options.timeout_s else None
+        self.groups: GroupRegistry = build_groups(group_layouts(experiment, plan), world_size, timeout=timeout)
         self.params = {role: self._init(role) for role, home in self.homes.items() if self._in(home)}
         trained = experiment.workflow.trained_roles()
         self.optimizers = {role: ShardAdam(p, experiment.hyper.lr)
@@ -145,7 +148,7 @@ class RankRuntime:
         self.input_plans = {(c.name, d): input_plan(experiment, plan, c.name, d)
                             for c in experiment.workflow.calls for d in c.inputs if d not in SOURCES}
         # Call outputs travel on a group of their own (see executor.dataflow).
-        data_group = dist.new_group(list(range(world_size))) if world_size > 1 else None
+        data_group = dist.new_group(list(range(world_size)), timeout=timeout) if world_size > 1 else None
         specs = {d: row_spec(d, experiment, self.dtype) for c in experiment.workflow.calls for d in c.inputs}
         self.outbox = Outbox(device, data_group)
         self.mailbox = Mailbox(device, self.schedule, options.iterations, specs, data_group, torch_device)

@@ -97,6 +97,6 @@ def test_runs_under_torchrun(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "executor.run", PPO, "--plan", str(PLANS / "disjoint.json"), "--iterations", "1", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     rep = json.loads(proc.stdout)
     assert len(rep["iterations_s"]) == 1 and rep["calls"]["critic_train"]["duration_s"] > 0
