@@ -10,10 +10,12 @@ by the time of the slowest process::
     python -m benchmarks.bench_realloc --thp                # transparent huge pages for tensors
     python -m benchmarks.bench_realloc --json
 
-A reallocation allocates the shards it returns; on CPU, first-touch page faults of fresh
-memory cost about as much as the copy itself, while the point-to-point baseline reuses one
-buffer. ``--thp`` sets ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator then asks for
-transparent huge pages), which removes most of that cost.
+The processes start as the executor starts its workers (:func:`executor.launch.launch`), so
+freed memory is reused as in a run. A reallocation allocates the shards it returns; on CPU,
+faulting fresh pages in costs about as much as the copy itself, while the point-to-point
+baseline reuses one buffer. ``--default-malloc`` leaves malloc returning freed blocks to the
+system, to show that cost; ``--thp`` sets ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's CPU allocator
+then asks for transparent huge pages), which makes faulting cheaper.
 """
 
 from __future__ import annotations
@@ -21,18 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from estimator.cluster import DeviceMesh
 from estimator.models import PRESETS, ModelSpec
 from estimator.plan import Layout, format_table
 from estimator.sharding import realloc_plan, shard
+from executor.launch import launch
 from executor.realloc import reallocate
 
 BENCH_MODEL = ModelSpec("bench-100m", 8, 768, 2048, 12, 4, 32000)
@@ -74,8 +76,7 @@ def _time_realloc(model: ModelSpec, src: Layout, dst: Layout, rank: int, dtype: 
     return _slowest(time.perf_counter() - start)
 
 
-def _time_p2p(numel: int, rank: int, dtype: torch.dtype) -> float:
-    buf = torch.ones(numel, dtype=dtype) if rank == 0 else torch.empty(numel, dtype=dtype)
+def _time_p2p(buf: torch.Tensor, rank: int) -> float:
     dist.barrier()
     start = time.perf_counter()
     if rank == 0:
@@ -85,38 +86,27 @@ def _time_p2p(numel: int, rank: int, dtype: torch.dtype) -> float:
     return _slowest(time.perf_counter() - start)
 
 
-def _worker(rank: int, port: int, model: ModelSpec, repeats: int, dtype: torch.dtype, queue) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank: int, world: int, status: Callable[[str], None], model: ModelSpec, repeats: int,
+            dtype: torch.dtype) -> list[dict]:
     rows = []
     itemsize = torch.empty((), dtype=dtype).element_size()
     for name, src, dst in PAIRS:
+        status(name)
         nbytes = moved_bytes(model, src, dst, itemsize)
         realloc, p2p = [], []
+        buf = torch.ones(nbytes // itemsize, dtype=dtype)  # one buffer, reused: the best case of plain p2p
         for _ in range(repeats + 1):  # alternated, so both see the same machine load; first is warm-up
             realloc.append(_time_realloc(model, src, dst, rank, dtype))
-            p2p.append(_time_p2p(nbytes // itemsize, rank, dtype))
+            p2p.append(_time_p2p(buf, rank))
+        del buf  # before the next pair allocates its own
         realloc, p2p = realloc[1:], p2p[1:]
         rows.append({"pair": name, "moved_bytes": nbytes, "realloc_s": statistics.median(realloc),
                      "p2p_s": statistics.median(p2p)})
-    if rank == 0:
-        queue.put(rows)
-    dist.destroy_process_group()
+    return rows
 
 
-def run(model: ModelSpec, repeats: int, dtype: torch.dtype) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, port, model, repeats, dtype, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    rows = queue.get(timeout=1800)
-    for p in procs:
-        p.join()
+def run(model: ModelSpec, repeats: int, dtype: torch.dtype, retain_memory: bool = True) -> list[dict]:
+    rows = launch(2, _worker, (model, repeats, dtype), retain_memory=retain_memory)[0]
     for r in rows:
         r["realloc_gb_s"] = r["moved_bytes"] / r["realloc_s"] / 1e9
         r["p2p_gb_s"] = r["moved_bytes"] / r["p2p_s"] / 1e9
@@ -137,17 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--thp", action="store_true", help="transparent huge pages for tensor memory")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="let malloc return freed blocks to the system (executor.launch.retain_freed_memory off)")
     parser.add_argument("--json", action="store_true", help="print machine-readable rows")
     args = parser.parse_args(argv)
     model = BENCH_MODEL if args.model == BENCH_MODEL.name else PRESETS[args.model]
     if args.thp:
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # read by the spawned workers' allocator
-    rows = run(model, args.repeats, getattr(torch, args.dtype))
+    rows = run(model, args.repeats, getattr(torch, args.dtype), retain_memory=not args.default_malloc)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print(f"{model.name}: {model.params / 1e6:.0f}M parameters, {args.dtype}, 2 gloo processes, "
-              f"median of {args.repeats}{', huge pages' if args.thp else ''}")
+              f"median of {args.repeats}{', huge pages' if args.thp else ''}"
+              f"{', default malloc' if args.default_malloc else ''}")
         print(table(rows))
     return 0
 

@@ -105,6 +105,11 @@ class Workflow:
             unknown = [i for i in c.inputs if i not in producers and i not in SOURCES]
             if unknown:
                 raise ConfigError(f"call {c.name!r} reads {unknown}, which no call writes")
+        trains = [c.role for c in self.calls if c.kind == "train"]
+        twice = sorted({r for r in trains if trains.count(r) > 1})
+        if twice:
+            # A role's weights live at its train call's layout; two train calls would need two homes.
+            raise ConfigError(f"workflow {self.algorithm}: roles {twice} have more than one train call")
         object.__setattr__(self, "_index", {c.name: c for c in self.calls})
         self.topological_order()  # raises on cycles
 

@@ -7,6 +7,11 @@ polls the workers' exit codes; the first one to fail makes it kill every other w
 :class:`WorkerFailed` naming the rank, the call it was in and why — a crash never turns into a
 hang. Workers also die with the parent (``PR_SET_PDEATHSIG`` on Linux), so no process outlives
 a killed run.
+
+Workers keep the memory they free for reuse (:func:`retain_freed_memory`), as the CUDA caching
+allocator does on GPUs: a run allocates and frees tensors of the same sizes over and over
+(reallocated weights, activations), and on CPU faulting fresh pages in costs about as much as
+filling them.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ POLL_S = 0.05
 GRACE_S = 1.0  # after a failure, how long to wait for other ranks' reports before killing them
 DEFAULT_TIMEOUT_S = 1800.0  # collective timeout: generation on big models can keep peers waiting
 STATUS_BYTES = 256  # room for "call <name> (iteration <i>)"
+# glibc mallopt parameters (malloc.h) and the largest value they take (a C int).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MALLOPT_MAX = 2**31 - 1
 
 
 class WorkerFailed(RuntimeError):
@@ -48,16 +56,39 @@ def _die_with_parent() -> None:
             pass
 
 
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks of up to 2 GiB for reuse; whether it applied.
+
+    By default a block over 32 MiB is a private mapping, unmapped when freed, and free memory at
+    the top of the heap goes back to the system, so the next tensor of that size faults every
+    page in again. Here such blocks come from the heap and the heap is not trimmed below 2 GiB
+    of free memory: the process stays at about its peak footprint instead (plus what
+    fragmentation leaves). No-op off glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # another libc: other knobs
+        return False
+    return all(libc.mallopt(param, MALLOPT_MAX) == 1 for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
+
+
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _child(rank: int, world: int, workdir: str, timeout_s: float, where: Any, fn: Callable, args: tuple) -> None:
+def _child(rank: int, world: int, workdir: str, timeout_s: float, retain_memory: bool, where: Any, fn: Callable,
+           args: tuple) -> None:
     import torch.distributed as dist
 
     _die_with_parent()
+    if retain_memory:
+        retain_freed_memory()
     torch.set_num_threads(1)
     work = Path(workdir)
 
@@ -103,11 +134,14 @@ def _stop(procs: list[Any]) -> None:
         p.join(timeout=10)
 
 
-def launch(world: int, fn: Callable, args: tuple = (), timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+def launch(world: int, fn: Callable, args: tuple = (), timeout_s: float = DEFAULT_TIMEOUT_S,
+           retain_memory: bool = True) -> list[Any]:
     """Run ``fn(rank, world, status, *args)`` in ``world`` gloo processes; results by rank.
 
     ``fn`` must be importable (it is pickled into spawned processes) and call ``status(text)``
     to say where it is. Raises :class:`WorkerFailed` as soon as any process fails.
+    ``retain_memory=False`` leaves the workers' malloc at its defaults (see
+    :func:`retain_freed_memory`).
     """
     import torch.multiprocessing as mp
 
@@ -115,7 +149,7 @@ def launch(world: int, fn: Callable, args: tuple = (), timeout_s: float = DEFAUL
     with tempfile.TemporaryDirectory(prefix="rlhf-plan-run-") as workdir:
         work = Path(workdir)
         status = [ctx.Array("c", STATUS_BYTES, lock=False) for _ in range(world)]
-        procs = [ctx.Process(target=_child, args=(r, world, workdir, timeout_s, status[r], fn, args),
+        procs = [ctx.Process(target=_child, args=(r, world, workdir, timeout_s, retain_memory, status[r], fn, args),
                              daemon=True) for r in range(world)]
         try:
             for p in procs:

@@ -4,9 +4,10 @@ Every process walks the same global order — the nodes of :meth:`Workflow.unrol
 iteration in topological order — and takes part in whatever involves its device:
 
 1. **realloc** — a model's weights live at its HOME layout (its train call's layout, else its
-   first call's); a call on a differently sharded layout first receives its own copy from home
-   (:func:`executor.realloc.reallocate`; every device of home ∪ call takes part) and drops it
-   after the call;
+   first call's); a call on a differently sharded layout first receives its shards from home
+   (:func:`executor.realloc.reallocate`; every device of home ∪ call takes part; shards a
+   device already holds whole arrive as read-only views of its home shards) and drops them
+   after the call. Only home shards are ever trained, so those views never change under a call;
 2. **data** — each input comes from the devices that hold the producer's output (its last
    stage), which pushed it the moment the producer finished (:mod:`executor.dataflow`); the
    call receives it when it starts. Source data (prompts, pairs) is built in place from

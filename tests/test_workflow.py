@@ -100,6 +100,9 @@ def test_workflow_rejects_cycles_duplicates_and_dangling_inputs():
         Workflow("t", (a, b))
     with pytest.raises(ConfigError, match="duplicate call names"):
         Workflow("t", (b, b))
+    t1 = Call("t1", "x", "train", (), (), w)
+    with pytest.raises(ConfigError, match="roles \\['x'\\] have more than one train call"):
+        Workflow("t", (t1, Call("t2", "x", "train", (), (), w)))
     with pytest.raises(ConfigError, match="reads \\['z'\\], which no call writes"):
         Workflow("t", (Call("c", "x", "inference", ("z",), (), w),))
 
