@@ -229,14 +229,22 @@ class Simulation:
         self.rows.append((start, end, -1, it, cc.call, "pp_send", mb, st.index, f"pp dev{ports[0] // 4}"))
         return end
 
-    def _inference(self, it: int, cc: CallCost, st: StageCost, box: Mailbox) -> Generator:
+    def _forwards(self, it: int, cc: CallCost, st: StageCost, box: Mailbox, tag: str, op: str,
+                  on_last_first: Callable[[], None] | None = None) -> Generator:
+        """Every micro-batch's forward on this stage: wait for the previous stage's activations,
+        compute, send them on; the last stage calls ``on_last_first`` once micro-batch 0 is done."""
         k, last = st.index, st.index == cc.pp - 1
         for j in range(cc.micro_batches):
             if k > 0:
-                yield from box.wait(("f", k, j))
-            yield self._compute(it, cc, st, "forward", j, st.fwd.compute_s, st.fwd.comm_s)
+                yield from box.wait((tag, k, j))
+            yield self._compute(it, cc, st, op, j, st.fwd.compute_s, st.fwd.comm_s)
             if not last:
-                box.put(("f", k + 1, j), self._send(it, cc, st, st.send_ports, j, st.send_s))
+                box.put((tag, k + 1, j), self._send(it, cc, st, st.send_ports, j, st.send_s))
+            elif j == 0 and on_last_first is not None:
+                on_last_first()
+
+    def _inference(self, it: int, cc: CallCost, st: StageCost, box: Mailbox) -> Generator:
+        yield from self._forwards(it, cc, st, box, "f", "forward")
 
     def _train(self, it: int, cc: CallCost, st: StageCost, box: Mailbox) -> Generator:
         k, last = st.index, st.index == cc.pp - 1
@@ -266,14 +274,11 @@ class Simulation:
 
     def _generate(self, it: int, cc: CallCost, st: StageCost, box: Mailbox) -> Generator:
         k, last = st.index, st.index == cc.pp - 1
-        for j in range(cc.micro_batches):
-            if k > 0:
-                yield from box.wait(("p", k, j))
-            yield self._compute(it, cc, st, "prefill", j, st.fwd.compute_s, st.fwd.comm_s)
-            if not last:
-                box.put(("p", k + 1, j), self._send(it, cc, st, st.send_ports, j, st.send_s))
-            elif j == 0:
-                box.put(("token",), self.env.now + cc.feedback_s)
+
+        def first_token() -> None:  # the first sampled token heads back to the first stage
+            box.put(("token",), self.env.now + cc.feedback_s)
+
+        yield from self._forwards(it, cc, st, box, "p", "prefill", first_token)
         for q, chunk in enumerate(st.decode):
             if k > 0:
                 yield from box.wait(("c", k, q))
