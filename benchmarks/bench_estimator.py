@@ -55,10 +55,10 @@ def bench_simulator(repeats: int) -> dict[str, float]:
     simulate(exp, plan, prof, 3, costs=costs)
     warm = best_of(repeats, lambda: simulate(exp, plan, prof, 3, costs=costs).iteration_s)
     result = simulate(exp, plan, prof, 3, costs=costs)
-    timeline = best_of(repeats, lambda: (setattr(result, "_timeline", None), result.timeline()))
+    timeline = best_of(repeats, lambda: (result._timelines.clear(), result.timeline()))
     return {"sim_cold_wall_s": cold[0], "sim_cold_cpu_s": cold[1], "sim_warm_wall_s": warm[0],
             "sim_warm_cpu_s": warm[1], "timeline_wall_s": timeline[0], "timeline_cpu_s": timeline[1],
-            "iteration_s": result.iteration_s, "spans": len(result.rows)}
+            "iteration_s": result.iteration_s, "spans": len(result.timeline().spans)}
 
 
 def bench_evaluator(plans: int, repeats: int) -> dict[str, float]:

@@ -41,6 +41,7 @@ from estimator.simulator import SimResult, simulate
 
 COMM_OPS = ("tp_allreduce", "dp_allreduce")
 EXIT_INFEASIBLE = 1
+TRACE_PER_DEVICE_MAX = 16  # larger clusters get one trace track per pipeline stage
 
 
 class Progress:
@@ -152,14 +153,18 @@ def _main(argv: list[str] | None) -> int:
         plan, source = symmetric_plan(experiment, profile), "symmetric baseline plan (no --plan given)"
     progress = Progress(quiet=args.json)
     result, memory, summary = predict(experiment, plan, profile, args.iterations, progress)
+    # One track per device up to TRACE_PER_DEVICE_MAX devices; beyond, one per pipeline stage
+    # (its dp·tp devices run in lock-step) keeps the trace small enough for Perfetto.
+    per_device = experiment.cluster.num_devices <= TRACE_PER_DEVICE_MAX
     if args.trace:
-        result.timeline().write_chrome_trace(args.trace)
+        result.timeline(per_device).write_chrome_trace(args.trace)
     if args.json:
         print(json.dumps({**summary, "plan_source": source}, indent=2))
     else:
         print(render(summary, memory, source))
         if args.trace:
-            print(f"wrote Chrome trace {args.trace}")
+            tracks = "one track per device" if per_device else "one track per pipeline stage"
+            print(f"wrote Chrome trace {args.trace} ({tracks}, plus one per link)")
     return 0 if memory.feasible else EXIT_INFEASIBLE
 
 

@@ -107,7 +107,10 @@ class SimResult:
     records: dict[tuple[int, str], CallRecord]
     rows: list[SpanRow] = field(repr=False)
     meta: dict[str, Any] = field(default_factory=dict)
-    _timeline: Timeline | None = field(default=None, repr=False)
+    # (call, pipeline stage) → its devices; the simulation runs each stage's dp·tp devices in
+    # lock-step and records one of them, the timeline repeats its spans on all of them.
+    stage_devices: dict[tuple[str, int], range] = field(default_factory=dict, repr=False)
+    _timelines: dict[bool, Timeline] = field(default_factory=dict, repr=False)
 
     def iteration_ends(self) -> list[float]:
         ends: dict[int, float] = {}
@@ -121,11 +124,26 @@ class SimResult:
         spans = [Span(r.start_s, r.end_s, -1, r.iteration, r.call, "call") for r in self.records.values()]
         return Timeline.of(spans).steady_state_s()
 
-    def timeline(self) -> Timeline:
-        if self._timeline is None:
-            spans = [Span(*row) for row in sorted(self.rows)]
-            self._timeline = Timeline(tuple(spans), "predicted", dict(self.meta))
-        return self._timeline
+    def timeline(self, per_device: bool = True) -> Timeline:
+        """The predicted timeline: a device span on every device of its stage (``per_device``),
+        or on one device per stage (smaller, for large clusters)."""
+        if per_device not in self._timelines:
+            spans = [Span(*row) for row in self._rows(per_device)]
+            meta = {**self.meta, "spans": "every device" if per_device else "one device per pipeline stage"}
+            self._timelines[per_device] = Timeline(tuple(spans), "predicted", meta)
+        return self._timelines[per_device]
+
+    def _rows(self, per_device: bool) -> list[SpanRow]:
+        if not per_device:
+            return self.rows
+        out = []
+        for row in self.rows:
+            devices = self.stage_devices.get((row[4], row[7])) if row[2] >= 0 else None
+            if devices:
+                out.extend((row[0], row[1], d, *row[3:]) for d in devices)
+            else:
+                out.append(row)
+        return out
 
 
 class Simulation:
@@ -152,9 +170,10 @@ class Simulation:
             self.env.process(self._instance(i))
         self.env.run()
         meta = {"plan": {c: lay.to_dict() for c, lay in self.plan.layouts.items()},
-                "profile": self.profile.name, "iterations": self.iterations,
-                "spans": "one device per pipeline stage stands for its dp·tp lock-step devices"}
-        return SimResult(self.iterations, self.records, self.rows, meta)
+                "profile": self.profile.name, "iterations": self.iterations}
+        stages = {(c, k): range(lay.mesh.first + k * lay.dp * lay.tp, lay.mesh.first + (k + 1) * lay.dp * lay.tp)
+                  for c, lay in self.plan.layouts.items() for k in range(lay.pp)}
+        return SimResult(self.iterations, self.records, self.rows, meta, stages)
 
     # -- one call instance
 

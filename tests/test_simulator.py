@@ -164,3 +164,19 @@ def test_simulation_is_deterministic_and_exports_a_timeline():
     df = tl.to_dataframe()
     assert len(df) == len(tl.spans)
     assert "traceEvents" in tl.chrome_trace()
+
+
+def test_timeline_has_every_device_of_a_stage():
+    exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    prof = load_profile("cpu")
+    plan = symmetric_plan(exp, prof)  # tp=2: both devices run every stage span in lock-step
+    result = simulate(exp, plan, prof)
+    full, compact = result.timeline(), result.timeline(per_device=False)
+    compute = [s for s in compact.spans if s.device >= 0]
+    links = [s for s in compact.spans if s.device < 0]
+    assert len(full.spans) == 2 * len(compute) + len(links)
+    for s in compute:
+        twins = {t.device for t in full.spans if (t.start_s, t.end_s, t.call, t.op, t.micro_batch) ==
+                 (s.start_s, s.end_s, s.call, s.op, s.micro_batch)}
+        assert twins == {0, 1}
+    assert full.steady_state_s() == pytest.approx(compact.steady_state_s())
