@@ -1,13 +1,15 @@
-"""The executor's overhead: its single-device PPO iteration against a plain torch loop.
+"""The executor's overhead against a plain torch loop, and its reallocation throughput.
 
 Both run the same math on one CPU thread in a process of their own: the executor under the
 single-device plan (runtime, engine, data movement, span recording), and
 :mod:`executor.reference`, the textbook single-process loop over the same model functions. The
-first ``--warmup`` iterations are left out of both. Goal: overhead ≤ 10 %::
+first ``--warmup`` iterations are left out of both. Goal: overhead ≤ 10 %. Then the
+reallocation table of :mod:`benchmarks.bench_realloc` (goal: ≥ 70 % of gloo's point-to-point
+bandwidth; ``--skip-realloc`` leaves it out)::
 
-    python -m benchmarks.bench_executor
-    python -m benchmarks.bench_executor --model tiny-4l-256h --iterations 6 --rounds 5
-    python -m benchmarks.bench_executor --json
+    python benchmarks/bench_executor.py
+    python benchmarks/bench_executor.py --model tiny-4l-256h --iterations 6 --rounds 5
+    python benchmarks/bench_executor.py --json
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from estimator.plan import Layout, Plan, format_table
 from estimator.workflow import VALUE_ROLES
 from executor.launch import launch
 from executor.runtime import DTYPES, RunOptions, merge, run_rank
+
+try:
+    from benchmarks import bench_realloc  # python -m benchmarks.bench_executor
+except ImportError:  # python benchmarks/bench_executor.py: this folder is on sys.path
+    import bench_realloc
 
 DEFAULT_EXPERIMENT = "examples/ppo-tiny-2xcpu.yaml"
 
@@ -83,6 +90,7 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5, help="alternating runs of each loop; the best counts")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--skip-realloc", action="store_true", help="leave out the reallocation throughput table")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     exp = one_device(load_experiment(args.experiment), args.model)
@@ -91,8 +99,9 @@ def _main(argv: list[str] | None) -> int:
     out = measure(exp, args.iterations, args.warmup, args.dtype, args.rounds)
     out.update(model=exp.models["actor"].name, iterations=args.iterations, warmup=args.warmup, dtype=args.dtype,
                rounds=args.rounds)
+    realloc = [] if args.skip_realloc else bench_realloc.run(bench_realloc.BENCH_MODEL, 5, torch.float32)
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps({**out, "realloc": realloc}, indent=2))
         return 0
     rows = [("loop", "iteration_s", "vs plain torch"),
             ("plain torch (executor.reference)", f"{out['plain_torch_s']:.4f}", ""),
@@ -100,6 +109,11 @@ def _main(argv: list[str] | None) -> int:
     print(f"PPO, {out['model']}, {args.dtype}, 1 CPU thread; best of {args.rounds} rounds, each the mean of "
           f"{args.iterations - args.warmup} iterations after {args.warmup} warm-up")
     print(format_table(rows))
+    if realloc:
+        model = bench_realloc.BENCH_MODEL
+        print(f"\nreallocation, {model.name} ({model.params / 1e6:.0f}M parameters, float32), 2 gloo processes, "
+              "median of 5; goal >= 70 % of point-to-point bandwidth")
+        print(bench_realloc.table(realloc))
     return 0
 
 
