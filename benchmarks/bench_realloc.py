@@ -33,7 +33,7 @@ import torch.distributed as dist
 from estimator.cluster import DeviceMesh
 from estimator.models import PRESETS, ModelSpec
 from estimator.plan import Layout, format_table
-from estimator.sharding import realloc_plan, shard
+from estimator.sharding import box_shape, realloc_plan, shard
 from executor.launch import launch
 from executor.realloc import reallocate
 
@@ -69,7 +69,7 @@ def _slowest(seconds: float) -> float:
 def _time_realloc(model: ModelSpec, src: Layout, dst: Layout, rank: int, dtype: torch.dtype) -> float:
     params = None
     if rank in src.mesh.devices:
-        params = {n: torch.ones([hi - lo for lo, hi in b], dtype=dtype) for n, b in shard(model, src, rank).items()}
+        params = {n: torch.ones(box_shape(b), dtype=dtype) for n, b in shard(model, src, rank).items()}
     dist.barrier()
     start = time.perf_counter()
     reallocate(model, src, params, dst, rank, DEVICES_PER_NODE, dtype)

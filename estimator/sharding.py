@@ -104,10 +104,14 @@ def shard(model: ModelSpec, layout: Layout, device: int) -> dict[str, Box]:
             for p in param_inventory(model) if on_stage(p, model, layout, pp_rank)}
 
 
+def box_shape(box: Box) -> tuple[int, ...]:
+    return tuple(hi - lo for lo, hi in box)
+
+
 def box_numel(box: Box) -> int:
     n = 1
-    for lo, hi in box:
-        n *= hi - lo
+    for size in box_shape(box):
+        n *= size
     return n
 
 

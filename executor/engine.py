@@ -25,7 +25,7 @@ from torch import Tensor
 
 from estimator.models import ModelSpec
 from estimator.plan import Layout
-from estimator.sharding import shard
+from estimator.sharding import box_shape, shard
 from executor import model as M
 from executor.comm import (
     GroupRegistry,
@@ -276,7 +276,7 @@ def _check_params(params: M.Params, boxes: dict) -> None:
     problems = [f"missing {n!r}" for n in boxes if n not in params]
     problems += [f"unexpected {n!r}" for n in params if n not in boxes]
     for n, box in boxes.items():
-        want = tuple(hi - lo for lo, hi in box)
+        want = box_shape(box)
         if n in params and tuple(params[n].shape) != want:
             problems.append(f"{n!r} has shape {list(params[n].shape)}, expected {list(want)}")
     if problems:

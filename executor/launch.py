@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from estimator.io import atomic_write_text
+
 POLL_S = 0.05
 GRACE_S = 1.0  # after a failure, how long to wait for other ranks' reports before killing them
 DEFAULT_TIMEOUT_S = 1800.0  # collective timeout: generation on big models can keep peers waiting
@@ -76,12 +78,6 @@ def retain_freed_memory() -> bool:
     return all(libc.mallopt(param, MALLOPT_MAX) == 1 for param in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _child(rank: int, world: int, workdir: str, timeout_s: float, retain_memory: bool, where: Any, fn: Callable,
            args: tuple) -> None:
     import torch.distributed as dist
@@ -106,7 +102,7 @@ def _child(rank: int, world: int, workdir: str, timeout_s: float, retain_memory:
         os.replace(tmp, work / f"result.{rank}")
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - every failure is reported to the parent
-        _write(work / f"error.{rank}", f"{time.time()}\n{traceback.format_exc()}")
+        atomic_write_text(work / f"error.{rank}", f"{time.time()}\n{traceback.format_exc()}")
         os._exit(1)  # skip interpreter teardown: peers may be blocked on this rank
 
 

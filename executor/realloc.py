@@ -31,7 +31,7 @@ from torch import Tensor
 
 from estimator.models import ModelSpec
 from estimator.plan import Layout
-from estimator.sharding import Box, Range, RowTransfer, Transfer, group_by_pair, realloc_plan, shard
+from estimator.sharding import Box, Range, RowTransfer, Transfer, box_shape, group_by_pair, realloc_plan, shard
 from executor.comm import exchange
 from executor.model import Params, local_index
 
@@ -122,7 +122,7 @@ def reallocate(model: ModelSpec, src: Layout, src_params: Params | None, dst: La
     packed_in = [(seg, torch.empty(seg.numel, dtype=dtype, device=torch_device), s)
                  for seg, s in r.recvs if not seg.direct]
     out = {**aliased, **_whole_views(packed_in, r.dst_boxes)}
-    out.update({n: torch.empty(_shape(b), dtype=dtype, device=torch_device)
+    out.update({n: torch.empty(box_shape(b), dtype=dtype, device=torch_device)
                 for n, b in r.dst_boxes.items() if n not in out})
     direct_in, unpack = _direct_targets(r, out, dtype, torch_device)
     works, sent = _post(r, src_params, direct_in, packed_in, dtype, torch_device)
@@ -174,7 +174,7 @@ def _whole_views(packed_in: list[tuple[Segment, Tensor, int]], boxes: dict[str, 
     for seg, buf, _ in packed_in:
         for t, piece in zip(seg.transfers, _split(buf, seg.transfers)):
             if t.box == boxes[t.name]:
-                out[t.name] = piece.view(_shape(t.box))
+                out[t.name] = piece.view(box_shape(t.box))
     return out
 
 
@@ -194,10 +194,6 @@ def _direct_targets(r: Route, out: Params, dtype: torch.dtype,
             recvs.append((buf, s))
             unpack.append((t, buf))
     return recvs, unpack
-
-
-def _shape(box: Box) -> tuple[int, ...]:
-    return tuple(hi - lo for lo, hi in box)
 
 
 def _split(buf: Tensor, transfers: tuple[Transfer, ...]) -> list[Tensor]:
@@ -222,14 +218,14 @@ def _pack(params: Params | None, boxes: dict[str, Box], transfers: tuple[Transfe
     """One flat message of the slices, each copied once, straight into its place."""
     flat = torch.empty(sum(t.numel for t in transfers), dtype=dtype, device=torch_device)
     for t, piece in zip(transfers, _split(flat, transfers)):
-        piece.view(_shape(t.box)).copy_(_take(params, boxes, t))
+        piece.view(box_shape(t.box)).copy_(_take(params, boxes, t))
     return flat
 
 
 def _place(out: Params, boxes: dict[str, Box], t: Transfer, piece: Tensor) -> None:
     """Copy a received slice into its shard, unless it is the shard already (a view)."""
     if out[t.name].data_ptr() != piece.data_ptr():
-        out[t.name][local_index(t.box, boxes[t.name])] = piece.view(_shape(t.box))
+        out[t.name][local_index(t.box, boxes[t.name])] = piece.view(box_shape(t.box))
 
 
 # ---- call outputs -----------------------------------------------------------------------------
