@@ -109,6 +109,14 @@ class Outbox:
         self.pending = keep
 
 
+def _expected(schedule: list[Message], src: int, dst: int, iterations: int) -> Iterator[tuple[int, Message]]:
+    """The messages ``src`` sends ``dst``, in the order it sends them, over all iterations."""
+    for it in range(iterations):
+        for m in schedule:
+            if m.src == src and m.dst == dst:
+                yield it, m
+
+
 class Mailbox:
     """Receives of one device, posted in each sender's order (see the module docstring)."""
 
@@ -117,14 +125,11 @@ class Mailbox:
         self.device, self.group, self.torch_device = device, group, torch_device
         self.row_specs = row_specs  # data name → (row shape, dtype)
         senders = sorted({m.src for m in schedule if m.dst == device})
-        self.expected = {s: self._expected(schedule, s, iterations) for s in senders}
+        # Plain generators, not bound methods: a generator holding ``self`` would make a reference
+        # cycle that keeps the process group alive past destroy_process_group, and gloo aborts
+        # when it is finally collected at interpreter exit.
+        self.expected = {s: _expected(schedule, s, device, iterations) for s in senders}
         self.posted: dict[tuple[int, str, str, int], tuple[Message, Tensor, dist.Work]] = {}
-
-    def _expected(self, schedule: list[Message], src: int, iterations: int) -> Iterator[tuple[int, Message]]:
-        for it in range(iterations):
-            for m in schedule:
-                if m.src == src and m.dst == self.device:
-                    yield it, m
 
     def _post(self, it: int, m: Message) -> None:
         shape, dtype = self.row_specs[m.data]

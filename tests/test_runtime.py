@@ -4,9 +4,11 @@ timeline, home layouts, and failures that stop the run instead of hanging it."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import multiprocessing
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import torch
 from estimator.cluster import DeviceMesh
 from estimator.experiment import Experiment, load_experiment
 from estimator.plan import Layout, Plan, check
-from executor.dataflow import message_schedule
+from executor.dataflow import Mailbox, message_schedule
 from executor.launch import WorkerFailed, launch
 from executor.runtime import RunOptions, RunResult, home_layouts, merge, role_seed, run_rank
 from tests.conftest import EXAMPLES, tiny_experiment
@@ -174,6 +176,22 @@ def test_message_schedule_skips_local_rows_and_orders_by_producer():
     assert [order.index(m.producer) for m in msgs] == sorted(order.index(m.producer) for m in msgs)
     assert {(m.src, m.dst) for m in msgs} == {(0, 1), (1, 0)}
     assert all(m.num_rows == 8 for m in msgs)
+
+
+def test_a_mailbox_is_freed_without_the_cycle_collector():
+    """A reference cycle would keep the data group alive past destroy_process_group; gloo then
+    aborts the process at interpreter exit (seen under torchrun)."""
+    exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    msgs = message_schedule(exp, Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "disjoint.json")))
+    gc.disable()
+    try:
+        box = Mailbox(1, msgs, 2, {}, None, torch.device("cpu"))
+        assert box.expected  # device 1 expects messages from device 0
+        ref = weakref.ref(box)
+        del box
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_role_seeds_tie_ref_to_actor_and_critic_to_reward():
