@@ -24,6 +24,7 @@ A worker that fails stops the run with exit code 1, naming its rank and call.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -94,6 +95,10 @@ def run_torchrun(experiment: Experiment, plan: Plan, options: RunOptions, timeou
         # torchrun stops the other ranks; say where this one was (no teardown: peers may hang in it)
         print(f"error: rank {rank} failed in {where[-1]}: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise
+    # Free every process group before destroying them: torch's first optimizer leaves a traceback
+    # cycle (a lazy import) that pins this rank's runtime, and a gloo group still alive at
+    # interpreter exit aborts the process ("terminate called without an active exception").
+    gc.collect()
     dist.destroy_process_group()
     return merge(gathered, experiment, plan, options, backend=backend, world_size=world) if rank == 0 else None
 
