@@ -5,6 +5,7 @@ Schema (every key but the first eight is optional)::
     algorithm: ppo            # ppo | grpo | dpo | remax | sft | rw
     models: {actor: llama2-7b, critic: llama2-7b, ref: llama2-7b, reward: llama2-7b}
                               # preset name, or a path to a Hugging Face config.json
+                              # (the executor starts from the weights beside it, if any)
     batch_size: 512           # prompts (pairs for dpo/rw) per iteration
     prompt_len: 128
     gen_len: 128              # generated tokens (response tokens for dpo/rw/sft)
@@ -31,7 +32,7 @@ import yaml
 
 from estimator.cluster import Cluster
 from estimator.errors import ConfigError
-from estimator.models import ModelSpec, get_model
+from estimator.models import ModelSpec, checkpoint_dir, get_model
 from estimator.profiles import known_profiles
 from estimator.workflow import ALGORITHMS, ROLES, VALUE_ROLES, Workflow, WorkflowParams, build
 
@@ -62,6 +63,9 @@ class Experiment:
     seed: int = 0
     prompts_path: str | None = None  # JSONL of token ids, or None for synthetic prompts
     name: str = "experiment"
+    # role → Hugging Face checkpoint directory its initial weights come from (executor only;
+    # roles without one start from seeded weights)
+    checkpoints: dict[str, str] = field(default_factory=dict)
     workflow: Workflow = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -143,7 +147,7 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
         raise ConfigError(f"{where}: algorithm={algorithm!r} must be one of {', '.join(ALGORITHMS)}")
 
     models_raw = _mapping(where, "models", raw["models"])
-    models = {}
+    models, checkpoints = {}, {}
     for role, name in models_raw.items():
         if role not in ROLES[algorithm]:
             raise _unknown_key(f"{where}: models ({algorithm} roles)", role, list(ROLES[algorithm]))
@@ -154,6 +158,9 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
         except ConfigError as exc:
             raise ConfigError(f"{where}: models.{role}: {exc}") from None
         models[role] = spec.as_value_model() if role in VALUE_ROLES else spec
+        ckpt = checkpoint_dir(name, base_dir)
+        if ckpt is not None:
+            checkpoints[role] = str(ckpt)
 
     ints = {k: _positive_int(where, k, raw[k]) for k in ("batch_size", "prompt_len", "gen_len")}
     ints["ppo_minibatches"] = _positive_int(where, "ppo_minibatches", raw.get("ppo_minibatches", 1))
@@ -202,6 +209,7 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
             seed=seed,
             prompts_path=prompts,
             name=str(name),
+            checkpoints=checkpoints,
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

@@ -187,15 +187,30 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     )
 
 
+def model_path(name_or_path: str, base_dir: str | Path | None = None) -> Path | None:
+    """The path a model entry names (relative to ``base_dir``), or None for a preset name."""
+    if name_or_path in PRESETS or not ("/" in name_or_path or name_or_path.endswith(".json")):
+        return None
+    path = Path(name_or_path)
+    return Path(base_dir) / path if base_dir is not None and not path.is_absolute() else path
+
+
+def checkpoint_dir(name_or_path: str, base_dir: str | Path | None = None) -> Path | None:
+    """The Hugging Face checkpoint directory a model entry names: the directory of its
+    ``config.json`` when that directory also holds ``*.safetensors`` weights, else None."""
+    path = model_path(name_or_path, base_dir)
+    if path is None:
+        return None
+    folder = path if path.is_dir() else path.parent
+    return folder if any(folder.glob("*.safetensors")) else None
+
+
 def get_model(name_or_path: str, base_dir: str | Path | None = None) -> ModelSpec:
     """A preset by name, or a Hugging Face config by path (relative to ``base_dir``)."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]
-    looks_like_path = "/" in name_or_path or name_or_path.endswith(".json")
-    if looks_like_path:
-        path = Path(name_or_path)
-        if base_dir is not None and not path.is_absolute():
-            path = Path(base_dir) / path
+    path = model_path(name_or_path, base_dir)
+    if path is not None:
         return from_hf_config(path)
     raise ConfigError(
         f"unknown model preset {name_or_path!r}; known presets: {', '.join(sorted(PRESETS))} "

@@ -104,6 +104,11 @@ def shard(model: ModelSpec, layout: Layout, device: int) -> dict[str, Box]:
             for p in param_inventory(model) if on_stage(p, model, layout, pp_rank)}
 
 
+def full_boxes(model: ModelSpec) -> dict[str, Box]:
+    """name → the whole of every parameter of ``model``."""
+    return {p.name: tp_box(p, 1, 0) for p in param_inventory(model)}
+
+
 def box_shape(box: Box) -> tuple[int, ...]:
     return tuple(hi - lo for lo, hi in box)
 

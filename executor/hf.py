@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from estimator.errors import ConfigError
 from estimator.models import ModelSpec, from_hf_config
-from estimator.sharding import Box, param_inventory
+from estimator.sharding import Box, full_boxes, param_inventory
 from executor.model import Params, box_index
 
 TRUNK_PREFIX = "model."
@@ -59,7 +59,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, model: ModelSp
     spec = model or from_hf_config(path)
     index = _index(path)
     inventory = {p.name: p for p in param_inventory(spec)}
-    wanted = boxes if boxes is not None else {n: tuple((0, d) for d in p.shape) for n, p in inventory.items()}
+    wanted = boxes if boxes is not None else full_boxes(spec)
     problems = _check(path, index, inventory, wanted)
     if problems:
         raise ConfigError(f"checkpoint {str(path)!r}: " + "; ".join(problems))
@@ -69,6 +69,27 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, model: ModelSp
         with safe_open(index[key], framework="pt") as fh:
             out[name] = fh.get_slice(key)[box_index(box)].to(dtype)
     return spec, out
+
+
+def check_checkpoint(path: str | Path, model: ModelSpec) -> None:
+    """Raise :class:`ConfigError` naming every tensor of ``model`` that the checkpoint in ``path``
+    lacks or holds in the wrong shape (reads headers only). A value model's head may be absent:
+    it is then initialised fresh."""
+    path = Path(path)
+    index = _index(path)
+    wanted = full_boxes(model)
+    if model.head == "value" and not has_value_head(path):
+        wanted.pop("value_head.weight")
+    problems = _check(path, index, {p.name: p for p in param_inventory(model)}, wanted)
+    if problems:
+        raise ConfigError(f"checkpoint {str(path)!r}: " + "; ".join(problems))
+
+
+def has_value_head(path: str | Path) -> bool:
+    """Whether the checkpoint in ``path`` holds a scalar value head (a reward model's or a
+    critic's), rather than only a language model's."""
+    index = _index(Path(path))
+    return any(n in index for n in _VALUE_HEAD_NAMES)
 
 
 def _found(name: str, index: dict[str, Path]) -> str | None:

@@ -81,12 +81,16 @@ def local_index(box: Box, held: Box) -> tuple[slice, ...]:
     return tuple(slice(lo - h0, hi - h0) for (lo, hi), (h0, _) in zip(box, held))
 
 
+def init_boxes(model: ModelSpec, boxes: dict[str, Box], seed: int, dtype: torch.dtype = torch.float32) -> Params:
+    """The slices ``boxes`` (name → global box) of :func:`init_params` (one full tensor at a time)."""
+    shapes = {p.name: p.shape for p in param_inventory(model)}
+    return {name: init_param(name, shapes[name], seed, dtype)[box_index(box)].clone() for name, box in boxes.items()}
+
+
 def init_shards(model: ModelSpec, layout: Layout, device: int, seed: int,
                 dtype: torch.dtype = torch.float32) -> Params:
-    """This device's shards of :func:`init_params` under ``layout`` (one full tensor at a time)."""
-    shapes = {p.name: p.shape for p in param_inventory(model)}
-    return {name: init_param(name, shapes[name], seed, dtype)[box_index(box)].clone()
-            for name, box in shard(model, layout, device).items()}
+    """This device's shards of :func:`init_params` under ``layout``."""
+    return init_boxes(model, shard(model, layout, device), seed, dtype)
 
 
 # ---- building blocks ------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 The same math as the executor's single-device plan, written as the textbook loop: the oracle
 the executor is tested against and the baseline ``benchmarks/bench_executor.py`` times it
 against. Initial weights, prompts and sampling are those of the executor
-(:func:`executor.runtime.role_seed`, :mod:`executor.data`).
+(:func:`executor.runtime.initial_params`, :mod:`executor.data`).
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ import torch
 from torch import Tensor
 
 from estimator.experiment import Experiment
+from estimator.sharding import full_boxes
 from executor import model as M
 from executor import rlhf
 from executor.data import Sampler, source_for
-from executor.runtime import role_seed
+from executor.runtime import initial_params
 
 Params = dict[str, Tensor]
 
 
 def init_roles(experiment: Experiment, dtype: torch.dtype) -> dict[str, Params]:
-    return {role: M.init_params(spec, role_seed(experiment.seed, role), dtype)
-            for role, spec in experiment.models.items()}
+    return {role: initial_params(experiment, role, full_boxes(spec), dtype) for role, spec in experiment.models.items()}
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from estimator.errors import ConfigError, cli_guard
 from estimator.experiment import Experiment, load_experiment
 from estimator.plan import Plan, check, format_table
 from executor.data import source_for
+from executor.hf import check_checkpoint
 from executor.launch import DEFAULT_TIMEOUT_S, WorkerFailed, launch
 from executor.runtime import DTYPES, RunOptions, RunResult, merge, run_rank
 
@@ -111,6 +112,7 @@ def report(result: RunResult, experiment: Experiment, plan: Plan) -> dict[str, A
         "iteration_s": result.iteration_s,
         "iterations_s": result.iterations_s,
         "warmup_iterations": result.warmup,
+        "initial_weights": {role: experiment.checkpoints.get(role, "seeded") for role in experiment.models},
         "calls": {name: {**stats.get(name, empty), **plan[name].to_dict()}
                   for name in experiment.workflow.topological_order()},
     }
@@ -129,7 +131,9 @@ def table(rep: dict[str, Any], experiment: Experiment) -> str:
     steady = (f"steady-state iteration: {rep['iteration_s']:.4f} s "
               f"(excludes {warm} warm-up iteration{'s' if warm != 1 else ''})" if warm else
               f"iteration: {rep['iteration_s']:.4f} s (no warm-up excluded; use --iterations > 1)")
-    return "\n\n".join([format_table(its, right={1}), format_table(rows, right=set(range(4, 12))), steady])
+    weights = "initial weights: " + "; ".join(f"{role} {src}" for role, src in rep["initial_weights"].items())
+    return "\n\n".join([format_table(its, right={1}), format_table(rows, right=set(range(4, 12))), steady,
+                        weights])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -156,6 +160,11 @@ def _main(argv: list[str] | None) -> int:
     plan = check(Plan.load(args.plan), experiment)
     options = options_from(args, experiment)
     source_for(experiment)  # a bad prompts file fails here, before any process starts
+    for role, path in experiment.checkpoints.items():  # so does a checkpoint that does not fit its model
+        try:
+            check_checkpoint(path, experiment.models[role])
+        except ConfigError as exc:
+            raise ConfigError(f"models.{role}: {exc}") from None
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     try:
         if under_torchrun:

@@ -20,8 +20,9 @@ concurrently; a device waits only where data or weights must reach it. Each proc
 spans ``(call, op, micro_batch, start, end)`` on a clock zeroed by a barrier at the start;
 :func:`merge` joins them into one measured :class:`estimator.timeline.Timeline`.
 
-Initial weights depend only on (experiment seed, role) — see :func:`role_seed` — so a run's
-numbers do not depend on the plan.
+Initial weights depend only on (experiment seed, role) — see :func:`role_seed` — or come from
+the role's Hugging Face checkpoint (:func:`initial_params`), so a run's numbers do not depend on
+the plan.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from estimator.experiment import Experiment
 from estimator.plan import Layout, Plan
-from estimator.sharding import dp_rows, param_inventory, shard
+from estimator.sharding import Box, dp_rows, param_inventory, shard
 from estimator.timeline import Span, Timeline
 from estimator.workflow import SOURCES, Call
 from executor import model as M
@@ -49,6 +50,7 @@ from executor.comm import GroupRegistry, build_groups
 from executor.data import Source, name_key, source_for
 from executor.dataflow import Mailbox, Outbox, gather_input, input_plan, message_schedule
 from executor.engine import Engine
+from executor.hf import has_value_head, load_hf
 from executor.optim import ShardAdam
 from executor.realloc import reallocate
 
@@ -76,6 +78,22 @@ class RunOptions:
 def role_seed(experiment_seed: int, role: str) -> int:
     """Seed of a role's initial weights (ref shares the actor's, critic the reward model's)."""
     return experiment_seed * 1_000_003 + name_key(INIT_FROM.get(role, role)) % 1_000_003
+
+
+def initial_params(experiment: Experiment, role: str, boxes: dict[str, Box], dtype: torch.dtype) -> M.Params:
+    """The slices ``boxes`` (name → global box) of a role's initial weights.
+
+    They come from the role's Hugging Face checkpoint when the experiment names one (only those
+    slices are read), else from :func:`role_seed`. A value model whose checkpoint has no value
+    head (a critic started from a language model) gets a seeded head."""
+    model, seed = experiment.models[role], role_seed(experiment.seed, role)
+    ckpt = experiment.checkpoints.get(role)
+    if ckpt is None:
+        return M.init_boxes(model, boxes, seed, dtype)
+    fresh = {M.head_weight_name(model)} if model.head == "value" and not has_value_head(ckpt) else set()
+    _, loaded = load_hf(ckpt, dtype, model, {n: b for n, b in boxes.items() if n not in fresh})
+    loaded.update(M.init_boxes(model, {n: b for n, b in boxes.items() if n not in loaded}, seed, dtype))
+    return {n: loaded[n] for n in boxes}
 
 
 def home_layouts(experiment: Experiment, plan: Plan) -> dict[str, Layout]:
@@ -160,9 +178,8 @@ class RankRuntime:
         return self.device in layout.mesh.devices
 
     def _init(self, role: str) -> M.Params:
-        model = self.exp.models[role]
-        seed = role_seed(self.exp.seed, role)
-        params = M.init_shards(model, self.homes[role], self.device, seed, self.dtype)
+        boxes = shard(self.exp.models[role], self.homes[role], self.device)
+        params = initial_params(self.exp, role, boxes, self.dtype)
         return {n: t.to(self.torch_device) for n, t in params.items()}
 
     def run(self) -> RankResult:

@@ -52,6 +52,24 @@ def test_bad_flags_exit_2(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_checkpoint_that_does_not_fit_exits_2_before_starting(tmp_path, capsys, monkeypatch):
+    import executor.run as run
+    from estimator.models import PRESETS
+    from executor import model as M
+    from executor.hf import save_hf
+
+    spec = PRESETS["tiny-2l-128h"]
+    params = M.init_params(spec, 0)
+    del params["layers.1.mlp.down_proj.weight"]
+    save_hf(tmp_path / "sft", spec, params)
+    (tmp_path / "exp.yaml").write_text(
+        (EXAMPLES / "ppo-tiny-2xcpu.yaml").read_text().replace("actor: tiny-2l-128h", "actor: sft/config.json"))
+    monkeypatch.setattr(run, "launch", lambda *a, **k: pytest.fail("processes started for a bad checkpoint"))
+    assert main([str(tmp_path / "exp.yaml"), "--plan", str(PLANS / "dp2.json")]) == 2
+    err = capsys.readouterr().err
+    assert "models.actor: checkpoint" in err and "'model.layers.1.mlp.down_proj.weight' is missing" in err
+
+
 def test_missing_experiment_exits_2(capsys):
     assert main(["nope.yaml", "--plan", str(PLANS / "dp2.json")]) == 2
     assert "nope.yaml" in capsys.readouterr().err

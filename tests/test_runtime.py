@@ -16,10 +16,12 @@ import torch
 
 from estimator.cluster import DeviceMesh
 from estimator.experiment import Experiment, load_experiment
+from estimator.models import PRESETS
 from estimator.plan import Layout, Plan, check
+from estimator.sharding import shard
 from executor.dataflow import Mailbox, message_schedule
 from executor.launch import WorkerFailed, launch
-from executor.runtime import RunOptions, RunResult, home_layouts, merge, role_seed, run_rank
+from executor.runtime import RunOptions, RunResult, home_layouts, initial_params, merge, role_seed, run_rank
 from tests.conftest import EXAMPLES, tiny_experiment
 
 PLANS = EXAMPLES / "plans"
@@ -135,6 +137,52 @@ def test_remax_sft_and_rw_train_the_same_under_two_plans(tmp_path):
     for i, role in enumerate(roles):
         exp = runs[2 * i][0]
         assert_invariant(exp, ["single-device", "mixed"], results[2 * i:2 * i + 2], (role,))
+
+
+def test_runs_start_from_hugging_face_checkpoints(tmp_path):
+    """Roles whose model entry is a checkpoint's config.json start from its weights, each rank
+    reading only its slices; a critic started from a language model gets a seeded value head."""
+    from executor import model as M
+    from executor.hf import save_hf
+    from executor.reference import run_ppo
+
+    spec = PRESETS["tiny-2l-128h"]
+    lm, rm = M.init_params(spec, 11, torch.float64), M.init_params(spec.as_value_model(), 12, torch.float64)
+    save_hf(tmp_path / "sft", spec, lm)
+    save_hf(tmp_path / "rm", spec.as_value_model(), rm)
+    (tmp_path / "bare").mkdir()  # a config without weights: estimator-only, seeded in the executor
+    (tmp_path / "bare" / "config.json").write_text((tmp_path / "sft" / "config.json").read_text())
+    yaml = (EXAMPLES / "ppo-tiny-2xcpu.yaml").read_text().replace(
+        "models: {actor: tiny-2l-128h, critic: tiny-2l-128h, ref: tiny-2l-128h, reward: tiny-2l-128h}",
+        "models: {actor: sft/config.json, critic: ./sft, ref: bare/config.json, reward: rm/config.json}")
+    (tmp_path / "exp.yaml").write_text(yaml)
+    exp = load_experiment(tmp_path / "exp.yaml")
+    assert exp.checkpoints == {"actor": str(tmp_path / "sft"), "critic": str(tmp_path / "sft"),
+                               "reward": str(tmp_path / "rm")}
+
+    layout = _layout("0-1", tp=2)
+    for role, expect in (("actor", lm), ("reward", rm), ("critic", lm)):
+        boxes = shard(exp.models[role], layout, 1)
+        got = initial_params(exp, role, boxes, torch.float64)
+        assert list(got) == list(boxes)
+        for name, box in boxes.items():
+            if role == "critic" and name == "value_head.weight":
+                want = M.init_param(name, (1, spec.hidden), role_seed(exp.seed, "critic"), torch.float64)
+            else:
+                want = expect[name]
+            assert torch.equal(got[name], want[M.box_index(box)]), (role, name)
+    boxes = shard(exp.models["ref"], layout, 1)
+    seeded = initial_params(exp, "ref", boxes, torch.float64)
+    assert all(torch.equal(seeded[n], t) for n, t in
+               M.init_boxes(exp.models["ref"], boxes, role_seed(exp.seed, "ref"), torch.float64).items())
+
+    plans = [Plan.load(str(PLANS / "ppo-tiny-2xcpu" / f"{n}.json")) for n in ("single-device", "tp2", "pp2")]
+    results = run_all(exp, plans)
+    assert_invariant(exp, ["single-device", "tp2", "pp2"], results, ("actor", "critic"))
+    expect = run_ppo(exp, iterations=1, dtype=torch.float64)  # full checkpoints, one process
+    for role in ("actor", "critic"):
+        for name, t in expect[role].items():
+            assert (results[0].params[role][name] - t.detach()).abs().max().item() < TOL, (role, name)
 
 
 def test_timeline_spans_and_concurrency(ppo_runs):
