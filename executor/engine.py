@@ -11,12 +11,15 @@ The parallelisms compose in a fixed order (torchtitan's ``parallelize_llama``):
 3. data — after the backward passes, gradients are summed over replicas
    (:func:`reduce_gradients`, which first joins the two copies of tied embeddings).
 
-The model code (:mod:`executor.model`) stays free of all three.
+The model code (:mod:`executor.model`) stays free of all three. The engine times each
+micro-batch's compute on its stage through ``mark`` (``forward``, ``backward``, ``prefill``,
+``decode`` and the gradient ``dp_allreduce``), leaving out the waits for a neighbour's data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +42,11 @@ from executor.comm import (
 
 LossFn = Callable[[int, Tensor], Tensor]
 ChooseFn = Callable[[int, int, Tensor], Tensor]
+MarkFn = Callable[[str, int], AbstractContextManager]  # (op, micro-batch) → a timed block
+
+
+def _no_mark(op: str, micro_batch: int) -> AbstractContextManager:
+    return nullcontext()
 FORWARD, BACKWARD = "F", "B"
 CPU = torch.device("cpu")
 
@@ -119,8 +127,9 @@ class Engine:
     """
 
     def __init__(self, model: ModelSpec, layout: Layout, device: int, params: M.Params,
-                 groups: GroupRegistry, torch_device: torch.device = CPU):
+                 groups: GroupRegistry, torch_device: torch.device = CPU, mark: MarkFn = _no_mark):
         self.model, self.layout, self.device = model, layout, device
+        self.mark = mark  # times one op of one micro-batch on this stage (see executor.runtime.Recorder)
         self.params = params
         self.torch_device = torch_device
         self.boxes = shard(model, layout, device)
@@ -165,8 +174,10 @@ class Engine:
     def forward(self, micro_batches: list[Tensor]) -> list[Tensor] | None:
         """Logits (B, T, V) or values (B, T) per micro-batch on the last stage; None elsewhere."""
         outs = []
-        for tokens in micro_batches:
-            y = self._stage(self._input(tokens), 0, None)
+        for mb, tokens in enumerate(micro_batches):
+            inp = self._input(tokens)
+            with self.mark("forward", mb):
+                y = self._stage(inp, 0, None)
             if self.last:
                 outs.append(y)
             else:
@@ -192,9 +203,11 @@ class Engine:
                 if self.last:
                     losses.append(saved[mb][1].detach())
             else:
-                self._train_backward(*saved.pop(mb))
+                self._train_backward(mb, *saved.pop(mb))
         self.link.wait()
-        reduce_gradients(self.params, self.model, self.embed_group, self.dp_group)
+        if self.dp_group is not None or self.embed_group is not None:
+            with self.mark("dp_allreduce", -1):
+                reduce_gradients(self.params, self.model, self.embed_group, self.dp_group)
         for n, p in self.params.items():
             if earlier[n] is not None:  # keep the caller's gradient tensors
                 p.grad = earlier[n].add_(p.grad)
@@ -204,19 +217,21 @@ class Engine:
         inp = self._input(tokens)
         if not self.first:
             inp.requires_grad_(True)
-        out = self._stage(inp, 0, None)
-        if self.last:
-            return inp, loss_fn(mb, out)
+        with self.mark("forward", mb):
+            out = self._stage(inp, 0, None)
+            if self.last:
+                return inp, loss_fn(mb, out)
         self.link.send(out, self.next)
         return inp, out
 
-    def _train_backward(self, inp: Tensor, out: Tensor) -> None:
+    def _train_backward(self, mb: int, inp: Tensor, out: Tensor) -> None:
         if self.last:
             self.link.flush()
             grad = None
         else:
             grad = self.link.recv(tuple(out.shape), out.dtype, self.torch_device, self.next)
-        torch.autograd.backward(out, grad)
+        with self.mark("backward", mb):
+            torch.autograd.backward(out, grad)
         if not self.first:
             self.link.send(inp.grad, self.prev)
 
@@ -234,11 +249,14 @@ class Engine:
         for step in range(gen_len):
             for mb, prompt in enumerate(prompts):
                 start = 0 if step == 0 else prompt.shape[1] + step - 1
-                y = self._stage(self._gen_input(prompt, seqs[mb], step), start, caches[mb])
+                inp = self._gen_input(prompt, seqs[mb], step)
+                with self.mark("prefill" if step == 0 else "decode", mb):
+                    y = self._stage(inp, start, caches[mb])
+                    if self.last:
+                        tok, logp = self._choose(mb, step, y[:, -1], choose)
                 if not self.last:
                     self.link.send(y, self.next)
                     continue
-                tok, logp = self._choose(mb, step, y[:, -1], choose)
                 seqs[mb] = torch.cat((seqs[mb], tok[:, None]), dim=1)
                 logps[mb].append(logp)
                 if step + 1 < gen_len and not self.first:

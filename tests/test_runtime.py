@@ -20,6 +20,7 @@ from estimator.models import PRESETS
 from estimator.plan import Layout, Plan, check
 from estimator.sharding import shard
 from executor.dataflow import Mailbox, message_schedule
+from executor.engine import BACKWARD, FORWARD, schedule_1f1b
 from executor.launch import WorkerFailed, launch
 from executor.runtime import RunOptions, RunResult, home_layouts, initial_params, merge, role_seed, run_rank
 from tests.conftest import EXAMPLES, tiny_experiment
@@ -199,6 +200,42 @@ def test_timeline_spans_and_concurrency(ppo_runs):
     stats = res.call_stats()
     assert set(stats) == set(ppo_runs[0].workflow.call_names)
     assert all(st["span_s"] >= st["duration_s"] > 0 for st in stats.values())
+
+
+def test_micro_batch_spans_follow_the_plan(ppo_runs):
+    """Per micro-batch and stage: forwards and backwards of every micro-batch of every PPO
+    minibatch (1F1B order on each stage), prefill and decode steps, all inside the compute."""
+    exp, runs = ppo_runs
+    plan = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "mixed-micro-batches.json"))
+    spans = runs["mixed-micro-batches"].timeline.spans
+    minibatches, gen_len = exp.params.ppo_minibatches, exp.params.gen_len
+    compute = {(s.call, s.device): (s.start_s, s.end_s) for s in spans if s.op == "compute"}
+    for s in spans:
+        if s.op in ("forward", "backward", "prefill", "decode", "dp_allreduce"):
+            lo, hi = compute[(s.call, s.device)]
+            assert lo <= s.start_s <= s.end_s <= hi, s
+
+    def ops(call: str, device: int) -> list[tuple[str, int]]:
+        return [(s.op, s.micro_batch) for s in sorted(spans, key=lambda s: s.start_s)
+                if s.call == call and s.device == device and s.op in ("forward", "backward", "dp_allreduce")]
+
+    m = plan["actor_train"].micro_batches  # pp=2: stage 0 on device 0, stage 1 on device 1
+    for device, stage in ((0, 0), (1, 1)):
+        names = {FORWARD: "forward", BACKWARD: "backward"}
+        assert ops("actor_train", device) == [(names[o], j) for o, j in schedule_1f1b(2, stage, m)] * minibatches
+        assert {s.stage for s in spans if s.call == "actor_train" and s.device == device and s.op == "forward"} \
+            == {stage}
+    m = plan["critic_train"].micro_batches  # dp=2: m micro-batches per replica, gradients reduced per minibatch
+    one = [("forward", j) for j in range(m)] + [("backward", j) for j in range(m)]
+    for device in (0, 1):
+        got = ops("critic_train", device)
+        assert [o for o in got if o[0] == "dp_allreduce"] == [("dp_allreduce", -1)] * minibatches
+        assert sorted(o for o in got if o[0] != "dp_allreduce") == sorted(one * minibatches)
+    m = plan["actor_gen"].micro_batches
+    gen = [(s.op, s.micro_batch) for s in spans if s.call == "actor_gen" and s.op in ("prefill", "decode")]
+    assert sorted(gen) == sorted([("prefill", j) for j in range(m)] + [("decode", j) for j in range(m)] * (gen_len - 1))
+    fwd = {s.micro_batch for s in spans if s.call == "ref_inf" and s.op == "forward"}
+    assert fwd == set(range(plan["ref_inf"].micro_batches))  # dp=2: micro-batches of each replica
 
 
 def test_realloc_spans_appear_when_a_call_leaves_home(ppo_runs):
