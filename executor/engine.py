@@ -154,11 +154,15 @@ class Engine:
 
     # -- one stage's computation: pipeline ends around tensor-parallel blocks
 
-    def _stage(self, inp: Tensor, start: int, cache: M.KVCache | None) -> Tensor:
+    def _stage(self, inp: Tensor, start: int, cache: M.KVCache | None, last_position: bool = False) -> Tensor:
+        """This stage's blocks; on the last stage also the head, on the last position only when
+        ``last_position`` (generation needs no logits for the prompt's other positions)."""
         x = self.tensor.embed(self.params, inp) if self.first else inp
         ctx = M.context(self.model, start, x.shape[1], x.dtype, x.device, cache, self.tensor.hooks)
         x = M.blocks(self.params, self.layers, x, ctx)
-        return self.tensor.final(self.params, x) if self.last else x
+        if not self.last:
+            return x
+        return self.tensor.final(self.params, x[:, -1:] if last_position else x)
 
     def _input(self, tokens: Tensor) -> Tensor:
         """Tokens on the first stage; the previous stage's activations (B, T, C) elsewhere."""
@@ -251,7 +255,7 @@ class Engine:
                 start = 0 if step == 0 else prompt.shape[1] + step - 1
                 inp = self._gen_input(prompt, seqs[mb], step)
                 with self.mark("prefill" if step == 0 else "decode", mb):
-                    y = self._stage(inp, start, caches[mb])
+                    y = self._stage(inp, start, caches[mb], last_position=True)
                     if self.last:
                         tok, logp = self._choose(mb, step, y[:, -1], choose)
                 if not self.last:

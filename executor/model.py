@@ -256,11 +256,13 @@ def blocks(params: Params, layers: Iterable[int], x: Tensor, ctx: Context) -> Te
 
 
 def forward(params: Params, model: ModelSpec, tokens: Tensor, cache: KVCache | None = None,
-            start: int = 0) -> Tensor:
-    """The full, unsharded model: tokens (B, T) → logits (B, T, V) or values (B, T)."""
+            start: int = 0, last_position: bool = False) -> Tensor:
+    """The full, unsharded model: tokens (B, T) → logits (B, T, V) or values (B, T); with
+    ``last_position``, those of the last position only (B, 1, V) or (B, 1)."""
     x = embed(params, tokens)
     ctx = context(model, start, tokens.shape[1], x.dtype, x.device, cache)
-    return final(params, blocks(params, range(model.layers), x, ctx), model)
+    x = blocks(params, range(model.layers), x, ctx)
+    return final(params, x[:, -1:] if last_position else x, model)
 
 
 @torch.no_grad()
@@ -270,7 +272,7 @@ def greedy_generate(params: Params, model: ModelSpec, prompt: Tensor, gen_len: i
     seq, logps = prompt, []
     inp, start = prompt, 0
     for _ in range(gen_len):
-        logits = forward(params, model, inp, cache, start)[:, -1]  # (B, V)
+        logits = forward(params, model, inp, cache, start, last_position=True)[:, -1]  # (B, V)
         tok = logits.argmax(-1)
         logps.append(torch.log_softmax(logits.to(_compute_dtype(logits.dtype)), -1).gather(-1, tok[:, None]))
         start += inp.shape[1]

@@ -33,7 +33,7 @@ def generate(params: Params, experiment: Experiment, prompts: Tensor, sampler: S
     rows = torch.arange(prompts.shape[0])
     seq, inp, start, logps = prompts, prompts, 0, []
     for step in range(gen_len):
-        logits = M.forward(params, spec, inp, cache, start)[:, -1]  # (B, V)
+        logits = M.forward(params, spec, inp, cache, start, last_position=True)[:, -1]  # (B, V)
         tok = sampler(rows, step, logits)
         logps.append(rlhf.token_logp(logits, tok, temp))
         start += inp.shape[1]

@@ -103,6 +103,9 @@ def test_forward_matches_naive_reference():
     tokens = _tokens(2, 7, TINY.vocab)
     torch.testing.assert_close(M.forward(params, TINY, tokens), _naive_forward(params, TINY, tokens),
                                rtol=0, atol=1e-12)
+    last = M.forward(params, TINY, tokens, last_position=True)  # what generation computes
+    assert last.shape == (2, 1, TINY.vocab)
+    torch.testing.assert_close(last, M.forward(params, TINY, tokens)[:, -1:], rtol=0, atol=1e-12)
 
 
 def test_forward_is_causal_and_value_head_is_scalar():
