@@ -10,8 +10,9 @@ copies, and they compete for the same cores):
 - the other slices of a (sender, receiver) pair, and slices too small to be worth a message of
   their own, travel packed in one flat message; a shard that arrives whole in it is a view of
   the receive buffer;
-- a shard a device keeps whole, as a contiguous run of a shard it already holds, is a view of
-  that shard (no copy); other slices it keeps are copied while the messages are in flight.
+- a shard a device keeps whole, as a slice of a shard it already holds, is a view of that shard
+  (no copy; strided when the slice is not one run of memory); other slices it keeps are copied
+  while the messages are in flight.
 
 Each device posts its sends and receives in two batches (:func:`executor.comm.exchange`): the
 direct slices first, then the packed messages once packed, so packing overlaps the transfers.
@@ -154,12 +155,14 @@ def _post(r: Route, params: Params | None, direct_in: list[tuple[Tensor, int]],
 
 
 def _aliases(params: Params | None, r: Route, dtype: torch.dtype, torch_device: torch.device) -> Params:
-    """Shards this device keeps whole as a contiguous run of a shard it holds: views of it."""
+    """Shards this device keeps whole, as a slice of a shard it holds: views of it. A slice
+    across the last dimension (a row-parallel weight's half) is a strided view whose rows are
+    contiguous: matrix products read it in place, with the full row length as leading dimension."""
     out = {}
     for t in r.keep:
         if t.box == r.dst_boxes[t.name]:
             part = _take(params, r.src_boxes, t)
-            if part.is_contiguous() and part.dtype == dtype and _on(part, torch_device):
+            if part.dtype == dtype and _on(part, torch_device):
                 out[t.name] = part
     return out
 

@@ -117,10 +117,10 @@ def _aliases(rank: int, world: int) -> dict[str, bool]:
 
 def test_realloc_returns_views_of_shards_kept_whole():
     shared = run_gloo(2, _aliases)[0]  # device 0: stage 0 (embedding, layer 0) → tp rank 0
-    column = ["embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.bias",
-              "layers.0.mlp.up_proj.weight", "layers.0.input_layernorm.weight"]
-    assert all(shared[n] for n in column)  # dim-0 halves and replicated: contiguous runs
-    assert not any(shared[n] for n in ["layers.0.self_attn.o_proj.weight", "layers.0.mlp.down_proj.weight"])
+    kept = ["embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_proj.bias",
+            "layers.0.mlp.up_proj.weight", "layers.0.input_layernorm.weight",  # dim-0 halves, replicated
+            "layers.0.self_attn.o_proj.weight", "layers.0.mlp.down_proj.weight"]  # dim-1 halves: strided
+    assert all(shared[n] for n in kept)
     assert not any(v for n, v in shared.items() if n.startswith("layers.1."))  # received
 
 
