@@ -80,7 +80,7 @@ class StageCost:
     send_s: float  # activation (or gradient) message to the neighbour stage, one micro-batch
     send_ports: tuple[int, ...]  # ports a forward send to the next stage holds
     recv_ports: tuple[int, ...]  # ports a gradient message from the next stage back to this one holds
-    dp_allreduce_s: float  # gradient all-reduce over data-parallel replicas, per optimizer step
+    dp_allreduce_s: float  # gradient all-reduces per optimizer step: tied-embedding copies, then data-parallel
     dp_ports: tuple[int, ...]  # ports that all-reduce holds
     optimizer_s: float  # Adam step, per optimizer step
     send_class: str = "intra"  # link class of the sends to the next stage
@@ -211,6 +211,14 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
             if layout.dp > 1:
                 ar = profile.group_collective_s("all_reduce", params * BF16, *group_shape(group, dpn))
                 dp_ports = tuple(group_ports(_stage_devices(layout, k), dpn))
+            if model.tied_embeddings and p > 1 and (first or last):
+                # the two copies of a tied embedding (first stage, last stage) sum their gradients
+                # before the data-parallel all-reduce, as the executor's reduce_gradients does
+                pair = [layout.device(0, 0, 0), layout.device(0, 0, p - 1)]
+                ar += profile.group_collective_s("all_reduce", model.vocab * model.hidden / layout.tp * BF16,
+                                                 *group_shape(pair, dpn))
+                # (it holds this stage's own ports; a partner on another node also uses the NICs)
+                dp_ports = tuple(sorted({*dp_ports, *group_ports(_stage_devices(layout, k), dpn)}))
             opt_w = optimizer_work(params)
             opt = profile.op_s(opt_w.flops, opt_w.bytes, opt_w.launches)
         send_s, send_ports, recv_ports, cls = _send(profile, layout, k, b * new * model.hidden * BF16, dpn)
@@ -275,7 +283,7 @@ class Costs:
         key = (producer, placement(src), consumer, placement(dst))
         if key not in self._data:
             wf = self.workflow
-            self._data[key] = data_bytes(wf[producer], src, wf[consumer], dst,
+            self._data[key] = data_bytes(self.experiment.algorithm, wf[producer], src, wf[consumer], dst,
                                          self.edge_data[(producer, consumer)], self.dpn)
         return self._data[key]
 

@@ -240,6 +240,14 @@ def input_needs(call: Call, layout: Layout) -> dict[int, list[Range]]:
     return {d: dp_rows(call, layout, layout.coords(d)[0]) for d in layout.mesh.devices}
 
 
+def data_needs(algorithm: str, call: Call, layout: Layout, name: str) -> dict[int, list[Range]]:
+    """Rows of input ``name`` each device of ``call`` needs. GRPO's train call needs every
+    reward on every device (group statistics); everything else follows the call's rows."""
+    if algorithm == "grpo" and call.kind == "train" and name == "rewards":
+        return {d: [(0, call.workload.seqs)] for d in layout.mesh.devices}
+    return input_needs(call, layout)
+
+
 def rows_plan(holders: dict[int, list[Range]], needs: dict[int, list[Range]],
               devices_per_node: int) -> list[RowTransfer]:
     """Cover every needed row range exactly once from the holders (receiver itself first,

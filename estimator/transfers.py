@@ -26,7 +26,7 @@ from estimator.cost import BF16, FP32, INT64, layer_split_params
 from estimator.models import ModelSpec
 from estimator.plan import Layout
 from estimator.profiles import Profile
-from estimator.sharding import input_needs, output_holders, pick_sender, rows_plan
+from estimator.sharding import data_needs, output_holders, pick_sender, rows_plan
 from estimator.workflow import Call
 
 Pair = tuple[int, int]  # (sender, receiver) global device ids
@@ -96,15 +96,17 @@ def row_bytes(data: str, call: Call) -> int:
     return FP32 * w.gen_len
 
 
-def data_bytes(producer: Call, src: Layout, consumer: Call, dst: Layout, data: Iterable[str],
+def data_bytes(algorithm: str, producer: Call, src: Layout, consumer: Call, dst: Layout, data: Iterable[str],
                devices_per_node: int) -> dict[Pair, int]:
     """Bytes per (sender, receiver) pair that bring ``data`` written by ``producer`` under ``src``
-    to every device of ``consumer`` under ``dst`` (who sends what: sharding.rows_plan)."""
-    per_row = sum(row_bytes(name, producer) for name in data)
+    to every device of ``consumer`` under ``dst`` (who needs what: sharding.data_needs; who
+    sends it: sharding.rows_plan)."""
+    holders = output_holders(producer, src)
     out: dict[Pair, int] = defaultdict(int)
-    plan = rows_plan(output_holders(producer, src), input_needs(consumer, dst), devices_per_node)
-    for t in plan:
-        out[(t.src, t.dst)] += (t.rows[1] - t.rows[0]) * per_row
+    for name in data:
+        per_row = row_bytes(name, producer)
+        for t in rows_plan(holders, data_needs(algorithm, consumer, dst, name), devices_per_node):
+            out[(t.src, t.dst)] += (t.rows[1] - t.rows[0]) * per_row
     return dict(out)
 
 

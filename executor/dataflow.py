@@ -25,9 +25,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from estimator.experiment import Experiment
-from estimator.plan import Layout, Plan
-from estimator.sharding import Range, RowTransfer, input_needs, output_holders, rows_plan
-from estimator.workflow import SOURCES, Call
+from estimator.plan import Plan
+from estimator.sharding import Range, RowTransfer, data_needs, output_holders, rows_plan
+from estimator.workflow import SOURCES
 from executor.realloc import gather_rows
 
 Pieces = list[tuple[Range, Tensor]]  # (global row range, those rows)
@@ -49,19 +49,11 @@ class Message:
         return sum(hi - lo for lo, hi in self.rows)
 
 
-def data_needs(experiment: Experiment, call: Call, layout: Layout, name: str) -> dict[int, list[Range]]:
-    """Rows of input ``name`` each device of ``call`` needs. GRPO's train call needs every
-    reward on every device (group statistics); everything else follows the call's rows."""
-    if experiment.algorithm == "grpo" and call.kind == "train" and name == "rewards":
-        return {d: [(0, call.workload.seqs)] for d in layout.mesh.devices}
-    return input_needs(call, layout)
-
-
 def input_plan(experiment: Experiment, plan: Plan, consumer: str, data: str) -> list[RowTransfer]:
     wf = experiment.workflow
     producer = wf.producer(data)
     holders = output_holders(wf[producer], plan[producer])
-    needs = data_needs(experiment, wf[consumer], plan[consumer], data)
+    needs = data_needs(experiment.algorithm, wf[consumer], plan[consumer], data)
     return rows_plan(holders, needs, experiment.cluster.devices_per_node)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import numpy as np
@@ -131,8 +132,22 @@ def test_data_bytes_by_hand():
     src = Layout(DeviceMesh(0, 2), 2, 1, 1)  # rows 0-3 on device 0, 4-7 on device 1
     dst = Layout(DeviceMesh(2, 2), 1, 1, 2)  # both stages need every row
     per_row = 8 * (4 + 6) + 4 * 6  # int64 tokens per position + fp32 log-prob per generated token
-    got = data_bytes(gen, src, train, dst, ("seq", "old_logp"), 4)
+    got = data_bytes("ppo", gen, src, train, dst, ("seq", "old_logp"), 4)
     assert got == {(0, 2): 4 * per_row, (1, 2): 4 * per_row, (0, 3): 4 * per_row, (1, 3): 4 * per_row}
+
+
+def test_grpo_train_gets_every_reward_on_every_device():
+    """Group statistics need a whole group's rewards wherever a group's rows are trained: the
+    executor delivers the full vector to each device, and the estimator charges it."""
+    w = Workload(8, 4, 6)
+    reward = Call("reward_inf", "reward", "inference", ("seq",), ("rewards",), w)
+    train = Call("actor_train", "actor", "train", ("seq", "rewards"), (), Workload(8, 4, 6, minibatches=2))
+    src = Layout(DeviceMesh(0, 1), 1, 1, 1)  # every reward on device 0
+    dst = Layout(DeviceMesh(0, 4), 4, 1, 1)  # two rows per replica
+    fp32 = 4
+    # (0, 0): device 0's own rows, a local copy
+    assert data_bytes("ppo", reward, src, train, dst, ("rewards",), 4) == {(0, d): 2 * fp32 for d in range(4)}
+    assert data_bytes("grpo", reward, src, train, dst, ("rewards",), 4) == {(0, d): 8 * fp32 for d in range(4)}
 
 
 def test_link_book_shares_ports_first_come_first_served():
@@ -166,6 +181,25 @@ def test_decode_step_at_batch_one_reads_all_weights():
     m = PRESETS["llama2-7b"]
     comp, comm = decode_stage(prof, m, 1, m.layers, True, True, 1, np.array([255.0]))
     assert comp[0] + comm[0] >= m.bytes() / prof.mem_bandwidth_Bps
+
+
+def test_tied_embedding_copies_sum_their_gradients_across_the_pipeline():
+    """With pp > 1 a tied embedding lives on the first and last stages; each train step sums
+    the two copies' gradients (V·h/tp bf16 between the two stages) before the dp all-reduce."""
+    prof = load_profile("h100-sxm")
+    tied = PRESETS["qwen2.5-0.5b"]
+    untied = dataclasses.replace(tied, tied_embeddings=False)
+    call = Call("train", "actor", "train", ("seq",), (), Workload(16, 64, 64))
+    pair_s = prof.group_collective_s("all_reduce", tied.vocab * tied.hidden / 2 * 2, 2, 1)
+    for dp, pp in ((1, 3), (2, 2)):
+        layout = Layout(DeviceMesh(0, 2 * dp * pp), dp, 2, pp, 2)
+        with_tied = [st.dp_allreduce_s for st in lower_call(call, tied, layout, 8, prof).stages]
+        without = [st.dp_allreduce_s for st in lower_call(call, untied, layout, 8, prof).stages]
+        extra = [a - b for a, b in zip(with_tied, without)]
+        assert extra[0] == pytest.approx(pair_s) and extra[-1] == pytest.approx(pair_s)
+        assert all(e == 0 for e in extra[1:-1])
+    one_stage = Layout(DeviceMesh(0, 2), 1, 2, 1, 2)  # one copy: nothing to sum
+    assert lower_call(call, tied, one_stage, 8, prof).stages[0].dp_allreduce_s == 0
 
 
 @pytest.mark.parametrize("dp,tp,pp,mb", [(1, 8, 1, 4), (2, 4, 1, 4), (1, 4, 2, 8), (4, 2, 1, 2), (1, 2, 4, 8)])
