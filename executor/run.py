@@ -61,13 +61,16 @@ def options_from(args: argparse.Namespace, experiment: Experiment) -> RunOptions
     fault = parse_fault(args.inject_fault)
     if fault is not None and fault[1] not in experiment.workflow:
         raise ConfigError(f"--inject-fault: unknown call {fault[1]!r}; calls: {list(experiment.workflow.call_names)}")
-    return RunOptions(args.iterations, warmup, args.dtype, fault=fault, timeout_s=args.timeout_s)
+    return RunOptions(args.iterations, warmup, args.dtype, fault=fault, timeout_s=args.timeout_s, progress=True)
 
 
 def run_local(experiment: Experiment, plan: Plan, options: RunOptions,
               timeout_s: float = DEFAULT_TIMEOUT_S) -> RunResult:
     """Run on this machine: one gloo process per device of the experiment's cluster."""
     world = experiment.cluster.num_devices
+    if options.progress:
+        print(f"starting {world} gloo worker processes (one per device of {experiment.name})", file=sys.stderr,
+              flush=True)
     results = launch(world, run_rank, (experiment, plan, options), timeout_s=timeout_s)
     return merge(results, experiment, plan, options, backend="gloo", world_size=world)
 
@@ -87,6 +90,8 @@ def run_torchrun(experiment: Experiment, plan: Plan, options: RunOptions, timeou
         torch.cuda.set_device(device)
     backend = "nccl" if cuda else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if rank == 0 and options.progress:
+        print(f"rank 0 of {world} under torchrun ({backend}) started", file=sys.stderr, flush=True)
     where = ["start-up"]  # what this rank is doing; run_rank appends as it goes
     try:
         result = run_rank(rank, world, where.append, experiment, plan, options, device)

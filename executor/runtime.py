@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -74,6 +75,7 @@ class RunOptions:
     # compute, as a crashed worker would. Never set in normal runs.
     fault: tuple[int, str] | None = None
     timeout_s: float | None = None  # per-collective timeout on every group the run creates
+    progress: bool = False  # print a line to stderr as each iteration ends
 
 
 def role_seed(experiment_seed: int, role: str) -> int:
@@ -233,11 +235,17 @@ class RankRuntime:
         dist.barrier()
         self.rec = Recorder(self.device, self.torch_device)
         nodes, _ = self.exp.workflow.unroll(self.options.iterations)
+        # The last stage of the last call in topological order ends (close to) every iteration.
+        final = self.plan[self.exp.workflow.topological_order()[-1]]
+        reporter = self.options.progress and self.device == final.device(0, 0, final.pp - 1)
         for i, node in enumerate(nodes):
             self.run_call(node.iteration, self.exp.workflow[node.call])
             if i + 1 == len(nodes) or nodes[i + 1].iteration != node.iteration:
                 self.store.clear()  # every consumer of this iteration's data on this device is done
                 self.outbox.wait(before=node.iteration)  # bound the send buffers alive
+                if reporter:
+                    print(f"iteration {node.iteration + 1}/{self.options.iterations} done "
+                          f"after {time.perf_counter() - self.rec.t0:.2f} s", file=sys.stderr, flush=True)
         self.outbox.wait()
         self.status("finished")
         params = {}

@@ -75,12 +75,16 @@ def test_missing_experiment_exits_2(capsys):
     assert "nope.yaml" in capsys.readouterr().err
 
 
-def test_json_report_trace_and_timeline(tmp_path, capsys):
+def test_json_report_trace_and_timeline(tmp_path, capfd):
     trace, timeline = tmp_path / "trace.json", tmp_path / "timeline.json"
     code = main([PPO, "--plan", str(PLANS / "gen-vs-train.json"), "--iterations", "2", "--json",
                  "--trace", str(trace), "--timeline", str(timeline)])
     assert code == 0
-    rep = json.loads(capsys.readouterr().out)
+    out, err = capfd.readouterr()  # the workers' progress lines reach the terminal's stderr
+    rep = json.loads(out)
+    assert "starting 2 gloo worker processes" in err
+    assert [ln.split(" done")[0] for ln in err.splitlines() if " done after " in ln] == \
+        ["iteration 1/2", "iteration 2/2"]
     exp = load_experiment(PPO)
     assert rep["warmup_iterations"] == 1 and len(rep["iterations_s"]) == 2
     assert rep["iteration_s"] == pytest.approx(rep["iterations_s"][1])
