@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    print("timing the simulator (70B PPO, 3 iterations) ...", file=sys.stderr, flush=True)
     sim = bench_simulator(args.repeats)
+    print(f"timing the evaluator ({args.plans} random plans) ...", file=sys.stderr, flush=True)
     ev = bench_evaluator(args.plans, args.repeats)
     if args.json:
         print(json.dumps({"simulator": sim, "evaluator": ev}, indent=2))

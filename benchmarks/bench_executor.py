@@ -72,11 +72,13 @@ def measure(experiment: Experiment, iterations: int, warmup: int, dtype: str, ro
     plan = Plan({c: Layout(DeviceMesh(0, 1), 1, 1, 1, 1) for c in experiment.workflow.call_names})
     options = RunOptions(iterations, warmup, dtype)
     executor, plain = [], []
-    for _ in range(rounds):
+    for i in range(rounds):
         result = merge(launch(1, run_rank, (experiment, plan, options)), experiment, plan, options)
         executor.append(result.iteration_s)
         (ref_times,) = launch(1, _reference, (experiment, iterations, dtype))
         plain.append(statistics.fmean(ref_times[warmup:]))
+        print(f"round {i + 1}/{rounds}: executor {executor[-1]:.4f} s, plain torch {plain[-1]:.4f} s",
+              file=sys.stderr, flush=True)
     executor_s, plain_s = min(executor), min(plain)
     return {"executor_s": executor_s, "plain_torch_s": plain_s, "overhead": executor_s / plain_s - 1.0,
             "executor_rounds_s": executor, "plain_torch_rounds_s": plain}

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -102,6 +103,8 @@ def _worker(rank: int, world: int, status: Callable[[str], None], model: ModelSp
         realloc, p2p = realloc[1:], p2p[1:]
         rows.append({"pair": name, "moved_bytes": nbytes, "realloc_s": statistics.median(realloc),
                      "p2p_s": statistics.median(p2p)})
+        if rank == 0:
+            print(f"reallocation {len(rows)}/{len(PAIRS)} ({name}) measured", file=sys.stderr, flush=True)
     return rows
 
 
