@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 
 from estimator.baselines import symmetric_plan
 from estimator.experiment import load_experiment
 from estimator.lowering import DecodeChunk
+from estimator.plan import Plan
 from estimator.profiles import load_profile
 from estimator.roofline import roofline_s
 from estimator.simulator import schedule_1f1b, simulate
 from estimator.workflow import Call
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, ROOT
 from tests.synthetic import StubCosts, call_cost, lay, linear_profile, plan_of, workload, world
 
 PROF = linear_profile(link_bw=1e9)
@@ -180,3 +184,30 @@ def test_timeline_has_every_device_of_a_stage():
                  (s.start_s, s.end_s, s.call, s.op, s.micro_batch)}
         assert twins == {0, 1}
     assert full.steady_state_s() == pytest.approx(compact.steady_state_s())
+
+
+GOLDEN = ROOT / "tests" / "golden" / "ppo-tiny-mixed-h100-trace.json"
+
+
+def _trace_events(trace: dict) -> list[tuple]:
+    """(name, track, iteration, micro-batch, stage, device) and (start, duration) per span."""
+    tracks = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    return [((e["name"], tracks[e["tid"]], e["args"]["iteration"], e["args"]["micro_batch"], e["args"]["stage"],
+              e["args"]["device"]), (e["ts"], e["dur"])) for e in trace["traceEvents"] if e["ph"] == "X"]
+
+
+def test_predicted_trace_matches_the_golden_file():
+    """The whole predicted trace of one small plan: any change to lowering, costs or scheduling
+    shows here. After a deliberate change, regenerate with
+    ``RLHF_PLAN_UPDATE_GOLDEN=1 python -m pytest tests/test_simulator.py -k golden`` and review
+    the diff."""
+    exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    plan = Plan.load(str(EXAMPLES / "plans" / "ppo-tiny-2xcpu" / "mixed-micro-batches.json"))
+    trace = simulate(exp, plan, load_profile("h100-sxm"), 2).timeline().chrome_trace()
+    trace = {"traceEvents": trace["traceEvents"]}  # provenance (meta) is not part of the contract
+    if os.environ.get("RLHF_PLAN_UPDATE_GOLDEN"):
+        GOLDEN.write_text(json.dumps(trace, indent=1) + "\n")
+    got, want = _trace_events(trace), _trace_events(json.loads(GOLDEN.read_text()))
+    assert [k for k, _ in got] == [k for k, _ in want]
+    for (key, times), (_, expected) in zip(got, want):
+        assert times == pytest.approx(expected, rel=1e-9, abs=1e-6), key
