@@ -129,7 +129,7 @@ class Engine:
     def __init__(self, model: ModelSpec, layout: Layout, device: int, params: M.Params,
                  groups: GroupRegistry, torch_device: torch.device = CPU, mark: MarkFn = _no_mark):
         self.model, self.layout, self.device = model, layout, device
-        self.mark = mark  # times one op of one micro-batch on this stage (see executor.runtime.Recorder)
+        self.mark = mark  # times one op of one micro-batch on this stage (see executor.recorder.Recorder)
         self.params = params
         self.torch_device = torch_device
         self.boxes = shard(model, layout, device)
