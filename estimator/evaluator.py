@@ -14,10 +14,12 @@ Each call's duration on its layout comes from a closed form of its lowered stage
 
 Reallocation and data transfers cost what they cost on idle links (cached per pair of
 layouts). Call instances of ``K`` iterations are then scheduled in (iteration, topological)
-order exactly as the simulator orders them: a call starts when every earlier call on an
-overlapping mesh has ended and its weights are ready, reallocates, waits for its inputs, runs.
-The steady-state period is ``(end of iteration K − end of iteration 1)/(K − 1)``. What the
-evaluator leaves out is contention between concurrent transfers on shared links.
+order exactly as the simulator orders them (:mod:`estimator.instances`): a call starts when
+every device it occupies is free — its mesh, and its home's when it reallocates — and its
+weights are ready, reallocates (freeing the home's devices), waits for its inputs, runs. The
+steady-state period is ``(end of iteration K − end of iteration 1)/(K − 1)``. What the
+evaluator leaves out is contention on shared links: between concurrent transfers, and between
+transfers and tensor-parallel collectives.
 """
 
 from __future__ import annotations
@@ -282,10 +284,15 @@ class Evaluator:
 
     def _schedule(self, lids: list[int]) -> tuple[list[float], list[float], list[float]]:
         """Ends of every iteration, and starts/ends of the last iteration's calls. A device is
-        free when the last call placed on it ends (calls run in instance order)."""
-        n, version = self.n, self.version_preds
+        free when the last call that occupies it ends, or has reallocated where only that call's
+        home occupies it (calls run in instance order; see :mod:`estimator.instances`)."""
+        n, version, place, span = self.n, self.version_preds, self._place_of, self._span
         dur, realloc, data = self._inputs(lids)
-        spans = [self._span[lid] for lid in lids]
+        spans, homes = [], []  # per call: its mesh's devices; its home's when it reallocates, else None
+        for lid, h in zip(lids, self.home):
+            h = lids[h]
+            spans.append(span[lid])
+            homes.append(span[h] if place[h] != place[lid] else None)
         free = [0.0] * self.num_devices
         last_end = [0.0] * n
         starts = [0.0] * n
@@ -296,12 +303,18 @@ class Evaluator:
             for c in range(n):
                 a, b = spans[c]
                 t = max(free[a:b])
+                away = homes[c]
+                if away:
+                    ha, hb = away
+                    t = max(t, *free[ha:hb])
                 if it:
                     for v in version[c]:
                         if prev[v] > t:
                             t = prev[v]
                 starts[c] = t
                 t += realloc[c]
+                if away:
+                    free[ha:hb] = [t] * (hb - ha)  # the home's devices have sent the weights
                 for p, ds in data[c]:
                     if last_end[p] + ds > t:
                         t = last_end[p] + ds
@@ -340,21 +353,34 @@ class Evaluator:
             st, dyn = self._memory_rows(lids)
             rows_st.append(st)
             rows_dyn.append(dyn)
-        spans = np.asarray(self._span)[np.asarray(rows_lids)]  # (plans, calls, 2)
-        first, stop = spans[:, :, 0], spans[:, :, 1]
-        overlap = (first[:, :, None] < stop[:, None, :]) & (first[:, None, :] < stop[:, :, None])
+        lids_a = np.asarray(rows_lids)  # (plans, calls)
+        homes_a = lids_a[:, self.home]
+        all_spans = np.asarray(self._span)
+        mesh, home = all_spans[lids_a], all_spans[homes_a]  # (plans, calls, 2)
+        place = np.asarray(self._place_of)
+        away = place[homes_a] != place[lids_a]  # (plans, calls): reallocates, so occupies its home too
+
+        def meets(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # [p, c, c']: x of c overlaps y of c'
+            return (x[:, :, None, 0] < y[:, None, :, 1]) & (y[:, None, :, 0] < x[:, :, None, 1])
+
+        mine_h = away[:, :, None] & meets(home, mesh)
+        ended = meets(mesh, mesh) | mine_h  # c occupies a device of c''s mesh: wait for c' to end
+        reallocated = away[:, None, :] & (meets(mesh, home) | (away[:, :, None] & meets(home, home)))
         dur, realloc = np.asarray(rows_dur), np.asarray(rows_re)
         data = np.asarray(rows_data).reshape(len(plans), -1)
         last = np.zeros((len(plans), n))
+        last_re = np.zeros((len(plans), n))  # when each call's home devices were free again
         ends = []
         for it in range(self.iterations):
             prev = last.copy()
             for c in range(n):
-                t = np.where(overlap[:, c, :], last, 0.0).max(axis=1)
+                t = np.maximum(np.where(ended[:, c, :], last, 0.0).max(axis=1),
+                               np.where(reallocated[:, c, :], last_re, 0.0).max(axis=1))
                 if it:
                     for v in self.version_preds[c]:
                         t = np.maximum(t, prev[:, v])
                 t = t + realloc[:, c]
+                last_re[:, c] = t
                 for col in self._edge_cols[c]:
                     t = np.maximum(t, last[:, self._edges[col][2]] + data[:, col])
                 last[:, c] = t + dur[:, c]

@@ -1,20 +1,26 @@
 """The unrolled graph of call instances both the simulator and the evaluator schedule.
 
 Instances come in (iteration, topological) order, which is also the order in which each
-device runs the calls placed on it: a call instance starts on its mesh only after every
-earlier instance on an overlapping mesh has ended (a runtime that gives each device a fixed
-program runs them this way). Its predecessors are of three kinds:
+device runs the calls placed on it (a runtime that gives each device a fixed program runs them
+this way, as the executor does). An instance occupies its mesh from its start to its end and,
+when it runs away from its role's home layout, the home's devices too until its reallocation
+ends (they send the weights). It starts once every device it occupies is free. Its
+predecessors are of three kinds:
 
 - data: producers of what it reads, same iteration (their outputs are sent when they end);
 - version: its role's train call of the previous iteration (the weights it needs);
-- device: the latest earlier instance of every call whose mesh overlaps its own.
+- device: the latest earlier instance of every call that occupies one of its devices — until
+  that instance ends where its mesh meets them, until its reallocation ends where only its
+  home does (:func:`device_preds`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from estimator.plan import Plan
+from estimator.cluster import DeviceMesh
+from estimator.lowering import same_placement
+from estimator.plan import Layout, Plan
 from estimator.workflow import CallInstance, Workflow
 
 
@@ -43,12 +49,38 @@ def instance_graph(workflow: Workflow, iterations: int) -> InstanceGraph:
     return InstanceGraph(tuple(nodes), freeze(data), freeze(version), freeze(succs))
 
 
-def device_preds(graph: InstanceGraph, plan: Plan) -> list[tuple[int, ...]]:
-    """Per node: the latest earlier instance of each call whose mesh overlaps its mesh."""
+@dataclass(frozen=True)
+class DevicePreds:
+    """Per node, the earlier instances it waits for on shared devices."""
+
+    ended: tuple[tuple[int, ...], ...]  # must have ended (their mesh meets this node's devices)
+    reallocated: tuple[tuple[int, ...], ...]  # must have reallocated (only their home does)
+
+
+def occupied(call: str, plan: Plan, homes: dict[str, Layout]) -> tuple[DeviceMesh, ...]:
+    """The meshes an instance of ``call`` occupies: its own, and its home's when it reallocates."""
+    layout, home = plan[call], homes[call]
+    return (layout.mesh,) if same_placement(layout, home) else (layout.mesh, home.mesh)
+
+
+def _meet(a: tuple[DeviceMesh, ...], b: tuple[DeviceMesh, ...]) -> bool:
+    return any(x.overlaps(y) for x in a for y in b)
+
+
+def device_preds(graph: InstanceGraph, plan: Plan, homes: dict[str, Layout]) -> DevicePreds:
+    """``homes``: call name → the home layout of its role (where its weights live)."""
     latest: dict[str, int] = {}
-    out = []
+    ended, reallocated = [], []
     for i, node in enumerate(graph.nodes):
-        mesh = plan[node.call].mesh
-        out.append(tuple(j for c, j in latest.items() if plan[c].mesh.overlaps(mesh)))
+        mine = occupied(node.call, plan, homes)
+        e, r = [], []
+        for c, j in latest.items():
+            theirs = occupied(c, plan, homes)
+            if _meet((theirs[0],), mine):
+                e.append(j)
+            elif _meet(theirs[1:], mine):
+                r.append(j)
+        ended.append(tuple(e))
+        reallocated.append(tuple(r))
         latest[node.call] = i
-    return out
+    return DevicePreds(tuple(ended), tuple(reallocated))

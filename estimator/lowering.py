@@ -85,6 +85,7 @@ class StageCost:
     optimizer_s: float  # Adam step, per optimizer step
     send_class: str = "intra"  # link class of the sends to the next stage
     decode: tuple[DecodeChunk, ...] = ()  # generation only
+    tp_ports: tuple[int, ...] = ()  # ports the tensor-parallel collectives hold (tp > 1)
 
     @property
     def rep(self) -> int:
@@ -222,8 +223,9 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
             opt_w = optimizer_work(params)
             opt = profile.op_s(opt_w.flops, opt_w.bytes, opt_w.launches)
         send_s, send_ports, recv_ports, cls = _send(profile, layout, k, b * new * model.hidden * BF16, dpn)
+        tp_ports = tuple(group_ports(_stage_devices(layout, k), dpn)) if layout.tp > 1 else ()
         stages.append(StageCost(k, _stage_devices(layout, k), fwd, bwd, send_s, send_ports, recv_ports,
-                                ar, dp_ports, opt, cls, decode[k]))
+                                ar, dp_ports, opt, cls, decode[k], tp_ports))
     steps = w.gen_len - 1 if call.kind == "generate" else 0
     return CallCost(call.name, call.kind, layout, tuple(stages), layout.micro_batches,
                     w.minibatches if call.kind == "train" else 1, feedback, max(steps, 0))

@@ -3,9 +3,10 @@
 Lowering (:mod:`estimator.lowering`) turns each call under its layout into per-stage tasks.
 Here every call instance of ``K`` unrolled iterations is a simpy process that
 
-1. waits for its mesh (every earlier instance on an overlapping mesh has ended: each device
-   runs its calls in (iteration, topological) order) and for the weights it needs (its role's
-   train call of the previous iteration: version edges);
+1. waits for its devices (each device runs its calls in (iteration, topological) order; an
+   instance that reallocates also needs its home's devices, which are free again once it has
+   reallocated: :func:`estimator.instances.device_preds`) and for the weights it needs (its
+   role's train call of the previous iteration: version edges);
 2. reallocates its role's parameters from their home layout when it runs elsewhere
    (point-to-point messages, one per (sender, receiver) pair, on the links they use);
 3. waits for its input data, which each producer sends the moment it ends;
@@ -20,8 +21,8 @@ are recorded on the stage's first device. Devices are claimed call by call in a 
 cannot overtake an earlier one on a shared device: the order is each device's program, the same
 one the fast evaluator schedules. Links are the device ports of
 :class:`estimator.transfers.LinkBook`, shared first come, first served: concurrent messages on
-one port queue behind each other. Tensor-parallel collectives run inside each stage task,
-timed from the link profile, without reserving ports.
+one port queue behind each other. Tensor-parallel collectives hold the NVLink ports of their
+stage for their total time at the end of each task (see :meth:`Simulation._tp_comm`).
 
 Determinism: one environment per run, nothing global; processes start in instance order and
 stages in pipeline order, and simpy breaks ties in time by scheduling order, so equal inputs
@@ -155,12 +156,15 @@ class Simulation:
         self.experiment, self.plan, self.profile = experiment, plan, profile
         self.costs = costs if costs is not None else Costs(experiment, profile)
         self.graph = instance_graph(experiment.workflow, iterations)
-        self.dev_preds = device_preds(self.graph, plan)
+        wf = experiment.workflow
+        homes = {c: plan[self.costs.homes[wf[c].role]] for c in wf.call_names}
+        self.dev_preds = device_preds(self.graph, plan, homes)
         self.iterations = iterations
         self.progress = progress
         self.env = env if env is not None else simpy.Environment()
         self.book = LinkBook(experiment.cluster.num_devices)
         self.done = [self.env.event() for _ in self.graph.nodes]
+        self.reallocated = [self.env.event() for _ in self.graph.nodes]  # home devices free again
         self.arrivals: dict[tuple[int, int], float] = {}
         self.rows: list[SpanRow] = []
         self.records: dict[tuple[int, str], CallRecord] = {}
@@ -177,18 +181,22 @@ class Simulation:
 
     # -- one call instance
 
-    def _after(self, indices: tuple[int, ...]) -> Generator[simpy.Event, Any, None]:
+    def _after(self, indices: tuple[int, ...], events: list[simpy.Event] | None = None
+               ) -> Generator[simpy.Event, Any, None]:
         for j in indices:
-            if not self.done[j].processed:
-                yield self.done[j]
+            ev = (events or self.done)[j]
+            if not ev.processed:
+                yield ev
 
     def _instance(self, i: int) -> Generator[simpy.Event, Any, None]:
         env, node = self.env, self.graph.nodes[i]
-        yield from self._after(self.dev_preds[i] + self.graph.version_preds[i])
+        yield from self._after(self.dev_preds.ended[i] + self.graph.version_preds[i])
+        yield from self._after(self.dev_preds.reallocated[i], self.reallocated)
         start = env.now
         cc = self.costs.call(node.call, self.plan[node.call])
         yield from self._realloc(node.iteration, cc)
         realloc_end = env.now
+        self.reallocated[i].succeed()
         yield from self._after(self.graph.data_preds[i])
         arrival = max((self.arrivals[(j, i)] for j in self.graph.data_preds[i]), default=env.now)
         if arrival > env.now:
@@ -236,10 +244,20 @@ class Simulation:
                  compute_s: float, comm_s: float) -> simpy.Timeout:
         now = self.env.now
         self.rows.append((now, now + compute_s, st.rep, it, cc.call, op, mb, st.index, ""))
-        if comm_s > 0:
-            self.rows.append((now + compute_s, now + compute_s + comm_s, st.rep, it, cc.call, "tp_allreduce",
-                              mb, st.index, f"nvlink dev{st.devices[0]}-{st.devices[-1]}"))
-        return self.env.timeout(compute_s + comm_s)
+        return self.env.timeout(self._tp_comm(it, cc, st, mb, now + compute_s, comm_s) - now)
+
+    def _tp_comm(self, it: int, cc: CallCost, st: StageCost, mb: int, at: float, comm_s: float) -> float:
+        """Book a task's tensor-parallel collectives on the stage's NVLink ports, from ``at`` (the
+        end of its compute) or as soon as the ports are free after it; returns their end. They
+        interleave with the layers from the task's start, so they are booked when the task
+        starts: a transfer requested while it computes queues behind them, one requested before
+        it delays them. The ports are held for their total time once the compute is done."""
+        if comm_s <= 0:
+            return at
+        start, end = self.book.reserve(st.tp_ports, at, comm_s)
+        self.rows.append((start, end, st.rep, it, cc.call, "tp_allreduce", mb, st.index,
+                          f"nvlink dev{st.devices[0]}-{st.devices[-1]}"))
+        return end
 
     def _send(self, it: int, cc: CallCost, st: StageCost, ports: tuple[int, ...], mb: int,
               duration_s: float) -> float:
@@ -304,15 +322,14 @@ class Simulation:
             elif q == 0:
                 yield from box.wait(("token",))
             now = self.env.now
+            self.rows.append((now, now + chunk.compute_s, st.rep, it, cc.call, "decode", -1, k, ""))
+            at = now + chunk.compute_s
+            delay = self._tp_comm(it, cc, st, -1, at, chunk.comm_s) - (at + chunk.comm_s)  # busy ports
             if not last:
-                box.put(("c", k + 1, q), now + chunk.lag_s)
+                box.put(("c", k + 1, q), now + chunk.lag_s + delay)
                 # the chunk's activations occupy the link; the round time already counts their latency
                 self._send(it, cc, st, st.send_ports, -1, self.profile.p2p_s(chunk.send_bytes, st.send_class))
-            self.rows.append((now, now + chunk.compute_s, st.rep, it, cc.call, "decode", -1, k, ""))
-            if chunk.comm_s > 0:
-                self.rows.append((now + chunk.compute_s, now + chunk.compute_s + chunk.comm_s, st.rep, it, cc.call,
-                                  "tp_allreduce", -1, k, f"nvlink dev{st.devices[0]}-{st.devices[-1]}"))
-            yield self.env.timeout(chunk.duration_s)
+            yield self.env.timeout(chunk.duration_s + delay)
 
 
 def simulate(experiment: Experiment, plan: Plan, profile: Profile, iterations: int = 3,

@@ -18,6 +18,7 @@ others, which would idle them.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -142,20 +143,48 @@ def port_name(port: int, devices_per_node: int) -> str:
 
 
 class LinkBook:
-    """First-come, first-served reservations of device ports (see the module docstring)."""
+    """First-come, first-served reservations of device ports (see the module docstring).
+
+    A port keeps the intervals booked on it; a request takes the earliest window, not before
+    the time it is made, in which all its ports are free. A booking that had to wait for one
+    port leaves its other ports free before it, and later requests may use those gaps: a port
+    is never held idle for a transfer that cannot start yet. Requests never start before the
+    simulation's present, so intervals that ended before the request time are dropped."""
 
     def __init__(self, num_devices: int):
-        self.free_at = [0.0] * (4 * num_devices)  # seconds: when each port is next free
+        self.num_devices = num_devices
+        self.busy: list[list[tuple[float, float]]] = [[] for _ in range(4 * num_devices)]  # (start, end), sorted
+        self.free_at = [0.0] * (4 * num_devices)  # seconds: end of each port's last booking
 
     def reserve(self, ports: Iterable[int], now: float, duration_s: float) -> tuple[float, float]:
         """Hold ``ports`` together for ``duration_s`` from the earliest time all are free, not
         before ``now``; returns (start, end)."""
         ports = list(ports)
-        free = self.free_at
-        start = max([now] + [free[p] for p in ports])
+        busy, free = self.busy, self.free_at
+        if all(free[p] <= now for p in ports):  # the common case: every port idle from now on
+            end = now + duration_s
+            for p in ports:
+                busy[p] = [(now, end)]
+                free[p] = end
+            return now, end
+        booked = [busy[p] for p in ports]
+        for b in booked:
+            while b and b[0][1] <= now:
+                b.pop(0)
+        start, moved = now, True
+        while moved:
+            moved = False
+            for b in booked:
+                for lo, hi in b:
+                    if hi <= start:
+                        continue
+                    if lo < start + duration_s:  # overlaps the window: start after it
+                        start, moved = hi, True
+                    break
         end = start + duration_s
-        for p in ports:
-            free[p] = end
+        for p, b in zip(ports, booked):
+            bisect.insort(b, (start, end))
+            free[p] = max(free[p], end)
         return start, end
 
     def send_all(self, pairs: dict[Pair, int], now: float, profile: Profile,
@@ -165,7 +194,7 @@ class LinkBook:
         ``(receiver − sender) mod N``, then sender — so each round pairs distinct senders with
         distinct receivers and no port idles while another is free. Local pairs (sender ==
         receiver) take no link."""
-        n = len(self.free_at) // 4
+        n = self.num_devices
         first, end = None, now
         for (s, d), nbytes in sorted(pairs.items(), key=lambda kv: ((kv[0][1] - kv[0][0]) % n, kv[0][0])):
             if s == d or nbytes <= 0:

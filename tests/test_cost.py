@@ -161,6 +161,17 @@ def test_link_book_shares_ports_first_come_first_served():
     assert book.reserve(pair_ports(2, 3, 4), 0.0, 1.0) == (0.0, 1.0)
 
 
+def test_link_book_fills_gaps_a_waiting_transfer_leaves():
+    book = LinkBook(4)
+    assert book.reserve(pair_ports(0, 1, 4), 0.0, 5.0) == (0.0, 5.0)  # 0 → 1 until 5 s
+    # 0 → 2 waits for device 0's out-port; device 2's in-port stays free before 5 s ...
+    assert book.reserve(pair_ports(0, 2, 4), 0.0, 1.0) == (5.0, 6.0)
+    # ... so 3 → 2 uses it at once, and a transfer too long for the gap goes after 6 s
+    assert book.reserve(pair_ports(3, 2, 4), 1.0, 2.0) == (1.0, 3.0)
+    assert book.reserve(pair_ports(3, 2, 4), 3.0, 2.5) == (6.0, 8.5)
+    assert book.reserve(pair_ports(3, 2, 4), 3.0, 2.0) == (3.0, 5.0)  # exactly fits the gap left
+
+
 def test_decode_steps_integrate_kv_growth_exactly():
     prof = load_profile("h100-sxm")
     m = PRESETS["llama2-7b"]

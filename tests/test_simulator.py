@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import pytest
 
 from estimator.baselines import symmetric_plan
+from estimator.cost import StageTime
 from estimator.experiment import load_experiment
 from estimator.lowering import DecodeChunk
 from estimator.plan import Plan
 from estimator.profiles import load_profile
 from estimator.roofline import roofline_s
 from estimator.simulator import schedule_1f1b, simulate
+from estimator.transfers import group_ports
 from estimator.workflow import Call
 from tests.conftest import EXAMPLES, ROOT
 from tests.synthetic import StubCosts, call_cost, lay, linear_profile, plan_of, workload, world
@@ -134,6 +137,43 @@ def test_reallocation_precedes_the_call_and_uses_links():
     rec = r.records[(0, "gen")]
     assert rec.realloc_s == pytest.approx(2.0) and rec.compute_start_s == pytest.approx(2.0)
     assert _spans(r, "realloc")[0][:2] == (0.0, 2.0)
+
+
+def test_home_devices_send_weights_only_when_free_and_are_free_again_after():
+    """A call away from home needs its home's devices for the reallocation: it waits for the
+    call running there, and the next call on the home devices waits only for the reallocation."""
+    busy_l, gen_l, train_l = lay(0, 1), lay(2, 1), lay(0, 2)
+    calls = [_call("busy", "b"), _call("gen", "actor", "generate", outputs=("seq",)),
+             _call("train", "actor", "train")]
+    costs = {"busy": call_cost("busy", "inference", busy_l, 3.0), "gen": call_cost("gen", "generate", gen_l, 1.0),
+             "train": call_cost("train", "train", train_l, 1.0, 1.0)}
+    realloc = {("actor", "gen"): {(0, 2): 10**9}}  # 1 s from device 0 (busy until 3 s)
+    r = _run(calls, costs, {"busy": busy_l, "gen": gen_l, "train": train_l}, realloc=realloc,
+             homes={"actor": "train", "b": "busy"})
+    gen, train = r.records[(0, "gen")], r.records[(0, "train")]
+    assert (gen.start_s, gen.compute_start_s, gen.end_s) == pytest.approx((3.0, 4.0, 5.0))
+    assert (train.start_s, train.end_s) == pytest.approx((4.0, 6.0))
+
+
+def test_tensor_parallel_collectives_wait_for_a_busy_nvlink_port():
+    """Call t (tp=2 on devices 0-1) starts at 0.5 s and computes 1 s; its collectives then need
+    both devices' NVLink ports for 1 s, but a data transfer into device 1 (requested at 0.25 s,
+    before t started) holds device 1's in-port until 2.25 s. (A task books its collectives when
+    it starts: transfers requested while it computes queue behind them.)"""
+    w_l, p_l, t_l, q_l = lay(0, 1), lay(2, 1), lay(0, 2, tp=2), lay(1, 1)
+    t_cost = call_cost("t", "inference", t_l, 1.0)
+    t_cost = dataclasses.replace(t_cost, stages=tuple(
+        dataclasses.replace(st, fwd=StageTime(1.0, 1.0), tp_ports=tuple(group_ports(st.devices, 8)))
+        for st in t_cost.stages))
+    costs = {"w": call_cost("w", "inference", w_l, 0.5), "p": call_cost("p", "inference", p_l, 0.25),
+             "t": t_cost, "q": call_cost("q", "inference", q_l, 1.0)}
+    calls = [_call("w", "v"), _call("p", "y", outputs=("d",)), _call("t", "x"), _call("q", "z", inputs=("d",))]
+    layouts = {"w": w_l, "p": p_l, "t": t_l, "q": q_l}
+    r = _run(calls, costs, layouts, data={("p", "q"): {(2, 1): 2 * 10**9}})
+    assert _spans(r, "tp_allreduce", "t") == [(2.25, 3.25, 0, 0, 0)]
+    assert (r.records[(0, "q")].compute_start_s, r.records[(0, "q")].end_s) == pytest.approx((3.25, 4.25))
+    quiet = _run(calls, costs, layouts, data={("p", "q"): {(2, 3): 2 * 10**9}})  # the transfer avoids t
+    assert _spans(quiet, "tp_allreduce", "t") == [(1.5, 2.5, 0, 0, 0)]
 
 
 def test_pipelined_decode_chunks_start_one_micro_batch_apart():
