@@ -202,7 +202,7 @@ def checkpoint_dir(name_or_path: str, base_dir: str | Path | None = None) -> Pat
     if path is None:
         return None
     folder = path if path.is_dir() else path.parent
-    return folder if any(folder.glob("*.safetensors")) else None
+    return folder.resolve() if any(folder.glob("*.safetensors")) else None
 
 
 def get_model(name_or_path: str, base_dir: str | Path | None = None) -> ModelSpec:
