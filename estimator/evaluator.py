@@ -363,8 +363,7 @@ class Evaluator:
         def meets(x: np.ndarray, y: np.ndarray) -> np.ndarray:  # [p, c, c']: x of c overlaps y of c'
             return (x[:, :, None, 0] < y[:, None, :, 1]) & (y[:, None, :, 0] < x[:, :, None, 1])
 
-        mine_h = away[:, :, None] & meets(home, mesh)
-        ended = meets(mesh, mesh) | mine_h  # c occupies a device of c''s mesh: wait for c' to end
+        ended = meets(mesh, mesh) | (away[:, :, None] & meets(home, mesh))  # c occupies c''s mesh: wait for its end
         reallocated = away[:, None, :] & (meets(mesh, home) | (away[:, :, None] & meets(home, home)))
         dur, realloc = np.asarray(rows_dur), np.asarray(rows_re)
         data = np.asarray(rows_data).reshape(len(plans), -1)

@@ -69,13 +69,14 @@ def _meet(a: tuple[DeviceMesh, ...], b: tuple[DeviceMesh, ...]) -> bool:
 
 def device_preds(graph: InstanceGraph, plan: Plan, homes: dict[str, Layout]) -> DevicePreds:
     """``homes``: call name → the home layout of its role (where its weights live)."""
+    occ = {c: occupied(c, plan, homes) for c in homes}
     latest: dict[str, int] = {}
     ended, reallocated = [], []
     for i, node in enumerate(graph.nodes):
-        mine = occupied(node.call, plan, homes)
+        mine = occ[node.call]
         e, r = [], []
         for c, j in latest.items():
-            theirs = occupied(c, plan, homes)
+            theirs = occ[c]
             if _meet((theirs[0],), mine):
                 e.append(j)
             elif _meet(theirs[1:], mine):

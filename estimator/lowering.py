@@ -203,6 +203,8 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
     for k in range(p):
         layers = len(layout.stage_layers(model.layers, k))
         first, last = k == 0, k == p - 1
+        devices = _stage_devices(layout, k)
+        ports = tuple(group_ports(devices, dpn))  # every port of the stage's devices (group_ports)
         fwd = forward_stage(profile, model, layout.tp, layers, first, last, b, new, 0, head)
         bwd, ar, opt, dp_ports = StageTime(0.0, 0.0), 0.0, 0.0, ()
         if call.kind == "train":
@@ -211,7 +213,7 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
             group = [layout.device(i, 0, k) for i in range(layout.dp)]
             if layout.dp > 1:
                 ar = profile.group_collective_s("all_reduce", params * BF16, *group_shape(group, dpn))
-                dp_ports = tuple(group_ports(_stage_devices(layout, k), dpn))
+                dp_ports = ports
             if model.tied_embeddings and p > 1 and (first or last):
                 # the two copies of a tied embedding (first stage, last stage) sum their gradients
                 # before the data-parallel all-reduce, as the executor's reduce_gradients does
@@ -219,13 +221,12 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
                 ar += profile.group_collective_s("all_reduce", model.vocab * model.hidden / layout.tp * BF16,
                                                  *group_shape(pair, dpn))
                 # (it holds this stage's own ports; a partner on another node also uses the NICs)
-                dp_ports = tuple(sorted({*dp_ports, *group_ports(_stage_devices(layout, k), dpn)}))
+                dp_ports = ports
             opt_w = optimizer_work(params)
             opt = profile.op_s(opt_w.flops, opt_w.bytes, opt_w.launches)
         send_s, send_ports, recv_ports, cls = _send(profile, layout, k, b * new * model.hidden * BF16, dpn)
-        tp_ports = tuple(group_ports(_stage_devices(layout, k), dpn)) if layout.tp > 1 else ()
-        stages.append(StageCost(k, _stage_devices(layout, k), fwd, bwd, send_s, send_ports, recv_ports,
-                                ar, dp_ports, opt, cls, decode[k], tp_ports))
+        stages.append(StageCost(k, devices, fwd, bwd, send_s, send_ports, recv_ports, ar, dp_ports, opt, cls,
+                                decode[k], ports if layout.tp > 1 else ()))
     steps = w.gen_len - 1 if call.kind == "generate" else 0
     return CallCost(call.name, call.kind, layout, tuple(stages), layout.micro_batches,
                     w.minibatches if call.kind == "train" else 1, feedback, max(steps, 0))

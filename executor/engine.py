@@ -43,12 +43,12 @@ from executor.comm import (
 LossFn = Callable[[int, Tensor], Tensor]
 ChooseFn = Callable[[int, int, Tensor], Tensor]
 MarkFn = Callable[[str, int], AbstractContextManager]  # (op, micro-batch) → a timed block
+FORWARD, BACKWARD = "F", "B"
+CPU = torch.device("cpu")
 
 
 def _no_mark(op: str, micro_batch: int) -> AbstractContextManager:
     return nullcontext()
-FORWARD, BACKWARD = "F", "B"
-CPU = torch.device("cpu")
 
 
 # ---- 1. pipeline ------------------------------------------------------------------------------

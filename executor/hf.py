@@ -47,24 +47,21 @@ def _index(path: Path) -> dict[str, Path]:
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, model: ModelSpec | None = None,
-            boxes: dict[str, Box] | None = None) -> tuple[ModelSpec, Params]:
+            boxes: dict[str, Box] | None = None, fresh_head: bool = False) -> tuple[ModelSpec, Params]:
     """Read a checkpoint into a params dict keyed by :func:`param_inventory` names.
 
     ``model`` defaults to the spec of ``config.json`` (give ``spec.as_value_model()`` to load a
     critic). ``boxes`` (name → global box, e.g. :func:`estimator.sharding.shard`) reads only
-    those slices of those parameters; by default every parameter is read whole. Raises
+    those slices of those parameters; by default every parameter is read whole. With
+    ``fresh_head``, a value model's head that the checkpoint lacks (a language model's
+    checkpoint) is left out of the result for the caller to initialise. Raises
     :class:`ConfigError` naming any tensor that is missing or has the wrong shape.
     """
     path = Path(path)
     spec = model or from_hf_config(path)
     index = _index(path)
-    inventory = {p.name: p for p in param_inventory(spec)}
-    wanted = boxes if boxes is not None else full_boxes(spec)
-    problems = _check(path, index, inventory, wanted)
-    if problems:
-        raise ConfigError(f"checkpoint {str(path)!r}: " + "; ".join(problems))
     out: Params = {}
-    for name, box in wanted.items():
+    for name, box in _wanted(path, index, spec, boxes, fresh_head).items():
         key = _found(name, index)
         with safe_open(index[key], framework="pt") as fh:
             out[name] = fh.get_slice(key)[box_index(box)].to(dtype)
@@ -73,23 +70,24 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, model: ModelSp
 
 def check_checkpoint(path: str | Path, model: ModelSpec) -> None:
     """Raise :class:`ConfigError` naming every tensor of ``model`` that the checkpoint in ``path``
-    lacks or holds in the wrong shape (reads headers only). A value model's head may be absent:
-    it is then initialised fresh."""
+    lacks or holds in the wrong shape (reads headers only), as ``load_hf(..., fresh_head=True)``
+    would."""
     path = Path(path)
-    index = _index(path)
-    wanted = full_boxes(model)
-    if model.head == "value" and not has_value_head(path):
-        wanted.pop("value_head.weight")
+    _wanted(path, _index(path), model, None, fresh_head=True)
+
+
+def _wanted(path: Path, index: dict[str, Path], model: ModelSpec, boxes: dict[str, Box] | None,
+            fresh_head: bool) -> dict[str, Box]:
+    """The boxes to read (default: every parameter whole), less a value head the checkpoint
+    lacks when ``fresh_head``; raises :class:`ConfigError` naming every missing or misshapen
+    tensor."""
+    wanted = boxes if boxes is not None else full_boxes(model)
+    if fresh_head and model.head == "value" and not any(n in index for n in _VALUE_HEAD_NAMES):
+        wanted = {n: b for n, b in wanted.items() if n != "value_head.weight"}
     problems = _check(path, index, {p.name: p for p in param_inventory(model)}, wanted)
     if problems:
         raise ConfigError(f"checkpoint {str(path)!r}: " + "; ".join(problems))
-
-
-def has_value_head(path: str | Path) -> bool:
-    """Whether the checkpoint in ``path`` holds a scalar value head (a reward model's or a
-    critic's), rather than only a language model's."""
-    index = _index(Path(path))
-    return any(n in index for n in _VALUE_HEAD_NAMES)
+    return wanted
 
 
 def _found(name: str, index: dict[str, Path]) -> str | None:

@@ -50,7 +50,7 @@ from executor.comm import GroupRegistry, build_groups
 from executor.data import Source, name_key, source_for
 from executor.dataflow import Mailbox, Outbox, gather_input, input_plan, message_schedule
 from executor.engine import Engine
-from executor.hf import has_value_head, load_hf
+from executor.hf import load_hf
 from executor.optim import ShardAdam
 from executor.realloc import reallocate
 from executor.recorder import Recorder
@@ -92,8 +92,7 @@ def initial_params(experiment: Experiment, role: str, boxes: dict[str, Box], dty
     ckpt = experiment.checkpoints.get(role)
     if ckpt is None:
         return M.init_boxes(model, boxes, seed, dtype)
-    fresh = {M.head_weight_name(model)} if model.head == "value" and not has_value_head(ckpt) else set()
-    _, loaded = load_hf(ckpt, dtype, model, {n: b for n, b in boxes.items() if n not in fresh})
+    _, loaded = load_hf(ckpt, dtype, model, boxes, fresh_head=True)
     loaded.update(M.init_boxes(model, {n: b for n, b in boxes.items() if n not in loaded}, seed, dtype))
     return {n: loaded[n] for n in boxes}
 
