@@ -125,7 +125,8 @@ def run_executor(experiment_path: Path, plan_file: Path, iterations: int, out: P
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        raise RuntimeError(f"exit {proc.returncode}: {lines[-1] if lines else 'no output'}")
+        errors = [ln for ln in lines if ln.startswith("error:")] or lines[-1:] or ["no output"]
+        raise RuntimeError(f"exit {proc.returncode}: " + "; ".join(errors[:3]) + (" …" if len(errors) > 3 else ""))
     return Timeline.load(out)
 
 
@@ -170,7 +171,7 @@ def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: lis
     wide = compare.plans_wide(plans.rename(columns={"predicted_s": "predicted_iteration_s",
                                                     "measured_s": "measured_iteration_s"}), calls)
     for name, df in (("plans.csv", wide), ("calls.csv", calls), ("ops.csv", ops)):
-        atomic_write_text(out / name, df.to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(out / name, df.to_csv(index=False, float_format="%.9g"))
     s = compare.summary(plans, calls, ops)
     best = plans.loc[plans["measured_s"].idxmin(), "plan"]
     plot.scatter(plans, out / "scatter.png", f"{experiment.name}: predicted vs measured iteration time")
