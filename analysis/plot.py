@@ -44,6 +44,7 @@ PER_DEVICE_MAX = 16  # above this many devices, one row per pipeline stage
 COMM_OPS = {"tp_allreduce", "dp_allreduce", "pp_send", "data"}
 WRAPPERS = {"call", "compute"}
 DPI = 130
+HATCH = "0.3"  # hatch lines of communication (no outline: dense traffic would turn black)
 
 
 @cache
@@ -129,13 +130,13 @@ def gantt(tl: Timeline, ax: Axes, iterations: int | None = None, title: str | No
         color = call_color(call)
         if device < 0:
             ax.broken_barh(bars, (link_y[resource.split(" ")[0]] - 0.15, 0.3), facecolors=color,
-                           edgecolor="black", linewidth=0.3, hatch="xx")
+                           edgecolor=HATCH, linewidth=0, hatch="xx")
         elif op in WRAPPERS:
             if op == "compute":  # the executor's whole compute window, faint behind its ops
                 ax.broken_barh(bars, (ys[device] - 0.3, 0.6), facecolors=color, alpha=0.18, linewidth=0)
         elif op in COMM_OPS:
-            ax.broken_barh(bars, (ys[device] + 0.3, 0.15), facecolors=color, edgecolor="black",
-                           linewidth=0.3, hatch="xx")
+            ax.broken_barh(bars, (ys[device] + 0.3, 0.15), facecolors=color, edgecolor=HATCH,
+                           linewidth=0, hatch="xx")
         elif op == "realloc":
             ax.broken_barh(bars, (ys[device] - 0.3, 0.6), facecolors="white", edgecolor=color, linewidth=0.8,
                            hatch="////")
@@ -151,13 +152,19 @@ def gantt(tl: Timeline, ax: Axes, iterations: int | None = None, title: str | No
     ax.set_title(title or _title(tl), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     if legend:
-        handles = [Patch(color=call_color(c), label=c) for c in dict.fromkeys(df["call"])]
+        handles = [Patch(color=call_color(c), label=c) for c in _call_order(df["call"])]
         handles += [Patch(facecolor="white", edgecolor="grey", hatch="////", label="reallocation"),
-                    Patch(facecolor="lightgrey", edgecolor="black", hatch="xx", label="communication / data")]
+                    Patch(facecolor="lightgrey", edgecolor=HATCH, hatch="xx", label="communication / data")]
         if (df["op"] == "compute").any():
             handles.append(Patch(color="grey", alpha=0.18, label="compute window"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return ax
+
+
+def _call_order(calls: pd.Series) -> list[str]:
+    """Preset calls in their workflow order, then the others by name: the same legend every time."""
+    known = _known_calls()
+    return sorted(set(calls), key=lambda c: (known.index(c) if c in known else len(known), c))
 
 
 def _title(tl: Timeline) -> str:
