@@ -225,7 +225,7 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
     experiment = load_experiment(args.experiment)
     profile = load_profile(args.profile or experiment.cluster.device)
-    out = Path(args.out or ROOT / "analysis" / "results" / experiment.name)
+    out = Path(args.out or Path("analysis", "results", experiment.name))
     if args.plan_dir:
         cands, notes = from_dir(Path(args.plan_dir), experiment), [f"plans from {args.plan_dir}"]
     else:

@@ -174,7 +174,7 @@ def plot_sweep(df: pd.DataFrame, keys: Sequence[str], out: Path) -> Path:
     return _save(fig, out)
 
 
-def search_functions() -> tuple[Searcher, Baselines]:
+def search_functions(budget_s: float, seed: int) -> tuple[Searcher, Baselines]:
     """The search and the baselines from the ``search`` package; ConfigError when it is absent."""
     try:
         import search.baselines as sb
@@ -186,7 +186,7 @@ def search_functions() -> tuple[Searcher, Baselines]:
     names = getattr(sb, "NAMES", None) or getattr(sb, "BASELINES", None) or ("symmetric",)
 
     def searcher(exp: Experiment, profile: Profile) -> Plan:
-        return run_search(exp, profile, time_budget_s=SEARCH_BUDGET_S, max_evals=20_000, seed=0).plan
+        return run_search(exp, profile, time_budget_s=budget_s, max_evals=20_000, seed=seed).plan
 
     def baselines(exp: Experiment, profile: Profile) -> dict[str, Plan]:
         built = {n: sb.build(n, exp, profile) for n in names}
@@ -195,14 +195,14 @@ def search_functions() -> tuple[Searcher, Baselines]:
     return searcher, baselines
 
 
-SEARCH_BUDGET_S = 10.0
-
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m analysis.whatif", description=__doc__.split("\n\n")[0])
     ap.add_argument("experiment", help="experiment YAML file")
     ap.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2", help="a key and its values")
     ap.add_argument("--profile", help="profile name or file (default: each point's cluster device)")
+    ap.add_argument("--search-budget-s", type=float, default=10.0, help="search time per point (default 10)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the search (default 0)")
     ap.add_argument("--out", help="output directory (default analysis/results/whatif-<experiment>)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     return ap
@@ -212,8 +212,8 @@ def _main(argv: list[str] | None, functions: tuple[Searcher, Baselines] | None =
     args = _parser().parse_args(argv)
     experiment = load_experiment(args.experiment)
     varies = parse_vary(args.vary, experiment.algorithm)
-    searcher, baselines = functions or search_functions()
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"whatif-{experiment.name}")
+    searcher, baselines = functions or search_functions(args.search_budget_s, args.seed)
+    out = Path(args.out or Path("analysis", "results", f"whatif-{experiment.name}"))
     df = sweep(experiment, varies, args.profile, searcher, baselines, out)
     atomic_write_text(out / "whatif.csv", df.to_csv(index=False, float_format="%.9g"))
     atomic_write_json(out / "whatif.json", json.loads(df.to_json(orient="records")))
