@@ -43,6 +43,7 @@ KIND_ORDER = ("prefill", "decode", "forward", "backward", "optimizer", "tp_comm"
 UNSTAGED = {"realloc", "data"}
 OUTSIDE_COMPUTE = {"realloc", "data", "call", "compute"}
 CALL_KEYS, OP_KEYS = ["plan", "call"], ["plan", "call", "stage", "kind"]
+_VALUES = ["predicted_s", "measured_s", "measured_min_s", "measured_max_s"]
 
 
 def default_warmup(timeline: Timeline) -> int:
@@ -138,9 +139,6 @@ def compare_plan(plan_id: str, predicted: Timeline, measured: Sequence[Timeline]
     pred_ops = ops_of(predicted).rename(columns={"duration_s": "predicted_s"})
     ops = pred_ops.merge(ops, on=OP_KEYS, how="outer")
     return PlanFrames(plan, calls[CALL_KEYS + ["call_kind"] + _VALUES], ops[OP_KEYS + _VALUES])
-
-
-_VALUES = ["predicted_s", "measured_s", "measured_min_s", "measured_max_s"]
 
 
 def join(frames: Sequence[PlanFrames]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

@@ -95,13 +95,15 @@ def choose(experiment: Experiment, profile: Profile, n: int, seed: int,
     from analysis.sampler import sample_plans
 
     first, note = search_plans(experiment, profile, seed, budget_s)
+    notes = [note]
     unique: dict[str, Candidate] = {}
     for c in first:
-        unique.setdefault(c.plan.to_json(), c)
+        same = unique.setdefault(c.plan.to_json(), c)
+        if same is not c:
+            notes.append(f"{c.id} is the same plan as {same.id}; validated once as {same.id}")
     sampled, missing = sample_plans(experiment, profile, max(n - len(unique), 0), seed,
                                     exclude=[c.plan for c in unique.values()])
     cands = list(unique.values()) + [Candidate(f"sample-{i:02d}", p, "sample") for i, p in enumerate(sampled)]
-    notes = [note]
     if missing:
         notes.append(f"no valid plan of kind(s) {missing} exists for this experiment; the sample lacks them")
     return cands, notes

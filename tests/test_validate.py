@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +14,7 @@ import pytest
 
 from analysis import validate
 from analysis.sampler import KINDS, plan_kinds, sample_plans
+from estimator.baselines import symmetric_plan
 from estimator.errors import EXIT_INVALID
 from estimator.experiment import load_experiment
 from estimator.memory import plan_memory
@@ -113,3 +116,20 @@ def test_a_failed_run_is_reported_not_hidden(tmp_path: Path):
     expected = "exit 2: error: call ref_inf: missing from the plan; error: call reward_inf"
     with pytest.raises(RuntimeError, match=expected):
         validate.run_executor(EXAMPLES / "ppo-tiny-2xcpu.yaml", bad, 1, tmp_path / "m.json")
+
+
+def test_baselines_and_the_searched_best_come_from_search_when_present(monkeypatch, ppo_tiny):
+    profile = load_profile("cpu")
+    plans = {"symmetric": symmetric_plan(ppo_tiny, profile),
+             "single": Plan.load(str(EXAMPLES / "plans" / "ppo-tiny-2xcpu" / "single-device.json"))}
+    pkg, base = types.ModuleType("search"), types.ModuleType("search.baselines")
+    base.NAMES = ("symmetric", "single", "none")
+    base.build = lambda name, e, p: None if name == "none" else types.SimpleNamespace(plan=plans[name])
+    pkg.baselines = base
+    pkg.run_search = lambda e, p, time_budget_s, max_evals, seed: types.SimpleNamespace(plan=plans["single"])
+    monkeypatch.setitem(sys.modules, "search", pkg)
+    monkeypatch.setitem(sys.modules, "search.baselines", base)
+    cands, notes = validate.choose(ppo_tiny, profile, 5, 0, 1.0)
+    assert [c.id for c in cands[:2]] == ["baseline-symmetric", "baseline-single"]
+    assert len(cands) == 5 and all(c.origin == "sample" for c in cands[2:])
+    assert any("searched-best is the same plan as baseline-single" in n for n in notes)
