@@ -36,7 +36,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 
+from analysis.compare import KIND_ORDER  # noqa: E402
 from estimator.errors import ConfigError, cli_guard  # noqa: E402
 from estimator.timeline import TIMELINE_FORMAT, Span, Timeline  # noqa: E402
 
@@ -229,9 +231,13 @@ def scatter(plans: pd.DataFrame, out: str | Path, title: str = "") -> Path:
         for _, r in df.iterrows():
             ax.annotate(str(r["plan"]), (r["predicted_s"], r["measured_s"]), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
-    if hi / lo > 10:
+    values = pd.concat([df["predicted_s"], df["measured_s"]])
+    if values.max() / values.min() > 10:  # plans a decade apart: log axes, plain-number ticks
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(NullFormatter())  # labelled minor ticks would overlap
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("predicted iteration time (s)")
@@ -251,6 +257,9 @@ def _bars(ax: Axes, df: pd.DataFrame, by: str, what: str) -> None:
     g = known.groupby(by, sort=False)
     med, top = 100 * g["ape"].median(), 100 * g["ape"].max()
     beyond = 100 * g["ape_beyond_spread"].median()
+    if by == "kind":  # op kinds in the pipeline's order, not the order they were met
+        order = [k for k in KIND_ORDER if k in med.index]
+        med, top, beyond = med[order], top[order], beyond[order]
     x = range(len(med))
     ax.bar([i - 0.2 for i in x], med, width=0.4, yerr=[[0] * len(med), top - med], capsize=3,
            color=[call_color(k) if by == "call" else "tab:blue" for k in med.index], label="median |error| (bar: max)")
