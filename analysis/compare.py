@@ -210,14 +210,25 @@ def _pct(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
+def plan_table(plans: pd.DataFrame) -> str:
+    """Per plan: predicted and measured (median, min–max over runs) iteration time and the errors."""
+    rows = [("plan", "predicted_s", "measured_s", "runs min–max", "|err|", "beyond spread")]
+    for _, r in plans.sort_values("measured_s").iterrows():
+        rows.append((str(r["plan"]), f"{r['predicted_s']:.4f}", f"{r['measured_s']:.4f}",
+                     f"{r['measured_min_s']:.4f}–{r['measured_max_s']:.4f}", _pct(r["ape"]),
+                     _pct(r["ape_beyond_spread"])))
+    return format_table(rows)
+
+
 def summary_table(s: Mapping[str, Any]) -> str:
     """The summary as readable tables."""
     rows = [("level", "what", "n", "median |err|", "max |err|", "median beyond spread", "max beyond spread",
-             "unmeasured")]
+             "unmeasured", "unpredicted")]
 
     def add(level: str, what: str, e: Mapping[str, Any]) -> None:
         rows.append((level, what, str(e["n"]), _pct(e["median_ape"]), _pct(e["max_ape"]),
-                     _pct(e["median_ape_beyond_spread"]), _pct(e["max_ape_beyond_spread"]), str(e["unmeasured"])))
+                     _pct(e["median_ape_beyond_spread"]), _pct(e["max_ape_beyond_spread"]), str(e["unmeasured"]),
+                     str(e["unpredicted"])))
 
     add("iteration", "plan", s["iteration"])
     for k, e in s["call_kind"].items():
@@ -225,7 +236,7 @@ def summary_table(s: Mapping[str, Any]) -> str:
     for k, e in s["op_kind"].items():
         add("op kind", k, e)
     r = s["ranking"]
-    lines = [format_table(rows, right=set(range(2, 8))), "",
+    lines = [format_table(rows, right=set(range(2, 9))), "",
              f"rank correlation over {r['plans']} plans: Spearman {r['spearman']:.3f}, Kendall {r['kendall']:.3f}"]
     if "predicted_best" in r:
         verdict = ("is the measured best" if r["predicted_best_is_measured_best"] else

@@ -186,7 +186,8 @@ def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: lis
     text = "\n".join([f"validation of {experiment.name}: {len(done)} plans measured",
                       *[f"note: {n}" for n in notes],
                       *[f"failed: {k}: {'; '.join(v)}" for k, v in failed.items()], "",
-                      compare.summary_table(s), "", f"settings: {json.dumps(settings)}"])
+                      compare.plan_table(plans), "", compare.summary_table(s), "",
+                      f"settings: {json.dumps(settings)}"])
     atomic_write_text(out / "summary.txt", text + "\n")
     atomic_write_json(out / "summary.json", _nan_to_none(doc))
     return {"text": text, "summary": _nan_to_none(doc)}

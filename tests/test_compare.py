@@ -7,7 +7,16 @@ import math
 import pandas as pd
 import pytest
 
-from analysis.compare import compare_plan, join, op_durations, plans_wide, ranking, summary, summary_table
+from analysis.compare import (
+    compare_plan,
+    join,
+    op_durations,
+    plan_table,
+    plans_wide,
+    ranking,
+    summary,
+    summary_table,
+)
 from estimator.timeline import Span, Timeline
 
 KINDS = {"gen": "generate", "train": "train"}
@@ -97,6 +106,8 @@ def test_summary_per_iteration_call_kind_and_op_kind(joined):
     assert s["op_kind"]["tp_comm"] == {**s["op_kind"]["tp_comm"], "n": 0, "unmeasured": 1}
     text = summary_table(s)
     assert "16.7%" in text and "decode" in text and "tp_comm" in text
+    plans = plan_table(joined[0])
+    assert "11.0000–13.0000" in plans and "8.3%" in plans  # the runs' spread and the error beyond it
 
 
 def test_steady_state_leaves_out_the_warm_up_iteration():
