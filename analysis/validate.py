@@ -181,8 +181,9 @@ def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: lis
     chosen = next(c for c in done if c.id == best)
     plot.stacked(chosen.predicted, chosen.measured[0], out / "timelines.png", f"{experiment.name}, plan {best}")
     failed = {c.id: c.failures for c in cands if c.failures}
+    per_plan = json.loads(plans.drop(columns=["plan_file"]).to_json(orient="records"))
     doc = {"experiment": experiment.name, "settings": settings, "notes": notes, "failed_runs": failed,
-           **json.loads(json.dumps(s, default=_plain))}
+           "plans": per_plan, **json.loads(json.dumps(s, default=_plain))}
     text = "\n".join([f"validation of {experiment.name}: {len(done)} plans measured",
                       *[f"note: {n}" for n in notes],
                       *[f"failed: {k}: {'; '.join(v)}" for k, v in failed.items()], "",

@@ -79,6 +79,7 @@ def test_driver_writes_tables_figures_and_summary(tmp_path: Path, capsys):
     assert s["ranking"]["spearman"] == pytest.approx(1.0)
     assert s["ranking"]["predicted_best_is_measured_best"]
     assert any("search package not available" in n for n in s["notes"])  # said, not silent
+    assert [p["runs"] for p in s["plans"]] == [2, 2, 2]
     plans = pd.read_csv(out / "plans.csv")
     assert len(plans) == 3 and plans["plan"][0] == "symmetric"
     assert {"plan_file", "predicted_iteration_s", "measured_iteration_s", "actor_gen_predicted_s",
