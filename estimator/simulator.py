@@ -43,21 +43,11 @@ from estimator.instances import device_preds, instance_graph
 from estimator.lowering import CallCost, Costs, StageCost
 from estimator.plan import Plan
 from estimator.profiles import Profile
+from estimator.schedule import FORWARD, generation_rounds, schedule_1f1b
 from estimator.timeline import Span, Timeline
 from estimator.transfers import LinkBook, local_copy_s
 
 SpanRow = tuple[float, float, int, int, str, str, int, int, str]  # Span's fields, in order
-FORWARD, BACKWARD = "F", "B"
-
-
-def schedule_1f1b(stages: int, stage: int, micro_batches: int) -> list[tuple[str, int]]:
-    """PipeDream-flush order of one stage (the executor's): warm-up forwards, one forward
-    one backward, cool-down backwards."""
-    warmup = min(stages - stage - 1, micro_batches)
-    order = [(FORWARD, i) for i in range(warmup)]
-    for i in range(micro_batches - warmup):
-        order += [(FORWARD, warmup + i), (BACKWARD, i)]
-    return order + [(BACKWARD, i) for i in range(micro_batches - warmup, micro_batches)]
 
 
 class Mailbox:
@@ -267,11 +257,12 @@ class Simulation:
         return end
 
     def _forwards(self, it: int, cc: CallCost, st: StageCost, box: Mailbox, tag: str, op: str,
-                  on_last_first: Callable[[], None] | None = None) -> Generator:
-        """Every micro-batch's forward on this stage: wait for the previous stage's activations,
-        compute, send them on; the last stage calls ``on_last_first`` once micro-batch 0 is done."""
+                  on_last_first: Callable[[], None] | None = None, order: list[int] | None = None) -> Generator:
+        """Every micro-batch's forward on this stage (in ``order``, default 0, 1, …): wait for the
+        previous stage's activations, compute, send them on; the last stage calls
+        ``on_last_first`` once micro-batch 0 is done."""
         k, last = st.index, st.index == cc.pp - 1
-        for j in range(cc.micro_batches):
+        for j in order if order is not None else range(cc.micro_batches):
             if k > 0:
                 yield from box.wait((tag, k, j))
             yield self._compute(it, cc, st, op, j, st.fwd.compute_s, st.fwd.comm_s)
@@ -315,7 +306,9 @@ class Simulation:
         def first_token() -> None:  # the first sampled token heads back to the first stage
             box.put(("token",), self.env.now + cc.feedback_s)
 
-        yield from self._forwards(it, cc, st, box, "p", "prefill", first_token)
+        # Round 0 of the generation schedule the executor follows: every micro-batch's prefill.
+        prefill = [mb for _, mb in generation_rounds(cc.micro_batches, 1)[0]]
+        yield from self._forwards(it, cc, st, box, "p", "prefill", first_token, prefill)
         for q, chunk in enumerate(st.decode):
             if k > 0:
                 yield from box.wait(("c", k, q))

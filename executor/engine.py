@@ -4,7 +4,8 @@ The parallelisms compose in a fixed order (torchtitan's ``parallelize_llama``):
 
 1. pipeline — the stage owns blocks ``Layout.stage_layers``; the first stage embeds tokens,
    others receive activations from the previous stage; the last applies the final norm and
-   head, others send activations on (:func:`schedule_1f1b` orders training);
+   head, others send activations on (:func:`estimator.schedule.schedule_1f1b` orders training,
+   :func:`estimator.schedule.generation_rounds` generation);
 2. tensor — inside the stage, Megatron's f/g operators around column- and row-parallel
    projections (:func:`tensor_parallel_hooks`), a vocab-parallel embedding and an LM head
    gathered over the vocabulary (:class:`TensorParallel`);
@@ -28,6 +29,7 @@ from torch import Tensor
 
 from estimator.models import ModelSpec
 from estimator.plan import Layout
+from estimator.schedule import FORWARD, generation_rounds, schedule_1f1b
 from estimator.sharding import box_shape, shard
 from executor import model as M
 from executor.comm import (
@@ -43,7 +45,6 @@ from executor.comm import (
 LossFn = Callable[[int, Tensor], Tensor]
 ChooseFn = Callable[[int, int, Tensor], Tensor]
 MarkFn = Callable[[str, int], AbstractContextManager]  # (op, micro-batch) → a timed block
-FORWARD, BACKWARD = "F", "B"
 CPU = torch.device("cpu")
 
 
@@ -52,17 +53,6 @@ def _no_mark(op: str, micro_batch: int) -> AbstractContextManager:
 
 
 # ---- 1. pipeline ------------------------------------------------------------------------------
-
-
-def schedule_1f1b(stages: int, stage: int, micro_batches: int) -> list[tuple[str, int]]:
-    """PipeDream-flush order of one stage: warm-up forwards, steady one-forward-one-backward,
-    cool-down backwards. Later stages warm up less, so at most ``stages - stage`` micro-batches'
-    activations are alive at once."""
-    warmup = min(stages - stage - 1, micro_batches)
-    order = [(FORWARD, i) for i in range(warmup)]
-    for i in range(micro_batches - warmup):
-        order += [(FORWARD, warmup + i), (BACKWARD, i)]
-    return order + [(BACKWARD, i) for i in range(micro_batches - warmup, micro_batches)]
 
 
 # ---- 2. tensor ---------------------------------------------------------------------------------
@@ -250,11 +240,12 @@ class Engine:
         caches = [M.KVCache(p.shape[1] + gen_len) for p in prompts]
         seqs = [p.to(self.torch_device) for p in prompts]
         logps: list[list[Tensor]] = [[] for _ in prompts]
-        for step in range(gen_len):
-            for mb, prompt in enumerate(prompts):
+        for step, rnd in enumerate(generation_rounds(len(prompts), gen_len)):
+            for op, mb in rnd:
+                prompt = prompts[mb]
                 start = 0 if step == 0 else prompt.shape[1] + step - 1
                 inp = self._gen_input(prompt, seqs[mb], step)
-                with self.mark("prefill" if step == 0 else "decode", mb):
+                with self.mark(op, mb):
                     y = self._stage(inp, start, caches[mb], last_position=True)
                     if self.last:
                         tok, logp = self._choose(mb, step, y[:, -1], choose)

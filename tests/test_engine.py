@@ -13,7 +13,7 @@ from estimator.plan import Layout
 from estimator.sharding import shard
 from executor import model as M
 from executor.comm import build_groups, dp_ranks, embed_ranks, layout_groups, stage_neighbour, tp_ranks
-from executor.engine import BACKWARD, FORWARD, Engine, schedule_1f1b
+from executor.engine import Engine
 from tests.conftest import run_gloo
 
 SEED = 7
@@ -138,25 +138,6 @@ def test_two_ranks_match_unsharded(model, dp, tp, pp, micro_batches, generate):
 )
 def test_four_ranks_match_unsharded(model, dp, tp, pp, micro_batches, generate):
     _check(run_gloo(4, _engine_case, model, _layout(4, dp, tp, pp, micro_batches), generate))
-
-
-def test_1f1b_order_runs_each_micro_batch_forward_then_backward_once():
-    for stages in (1, 2, 4):
-        for micro_batches in (1, 3, 8):
-            for stage in range(stages):
-                order = schedule_1f1b(stages, stage, micro_batches)
-                assert sorted(order) == sorted([(op, i) for op in (FORWARD, BACKWARD) for i in range(micro_batches)])
-                assert all(order.index((FORWARD, i)) < order.index((BACKWARD, i)) for i in range(micro_batches))
-                alive = max(sum(1 for op, _ in order[:k] if op == FORWARD)
-                            - sum(1 for op, _ in order[:k] if op == BACKWARD) for k in range(len(order) + 1))
-                assert alive <= min(stages - stage, micro_batches)
-
-
-def test_1f1b_last_stage_alternates():
-    assert schedule_1f1b(2, 1, 3) == [(FORWARD, 0), (BACKWARD, 0), (FORWARD, 1), (BACKWARD, 1),
-                                      (FORWARD, 2), (BACKWARD, 2)]
-    assert schedule_1f1b(2, 0, 3) == [(FORWARD, 0), (FORWARD, 1), (BACKWARD, 0), (FORWARD, 2),
-                                      (BACKWARD, 1), (BACKWARD, 2)]
 
 
 def test_engine_rejects_wrong_shards():

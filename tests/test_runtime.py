@@ -18,9 +18,9 @@ from estimator.cluster import DeviceMesh
 from estimator.experiment import Experiment, load_experiment
 from estimator.models import PRESETS
 from estimator.plan import Layout, Plan, check
+from estimator.schedule import BACKWARD, FORWARD, schedule_1f1b
 from estimator.sharding import shard
 from executor.dataflow import Mailbox, message_schedule
-from executor.engine import BACKWARD, FORWARD, schedule_1f1b
 from executor.launch import WorkerFailed, launch
 from executor.runtime import RunOptions, RunResult, home_layouts, initial_params, merge, role_seed, run_rank
 from tests.conftest import EXAMPLES, tiny_experiment

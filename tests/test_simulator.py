@@ -15,7 +15,7 @@ from estimator.lowering import DecodeChunk
 from estimator.plan import Plan
 from estimator.profiles import load_profile
 from estimator.roofline import roofline_s
-from estimator.simulator import schedule_1f1b, simulate
+from estimator.simulator import simulate
 from estimator.transfers import group_ports
 from estimator.workflow import Call
 from tests.conftest import EXAMPLES, ROOT
@@ -78,12 +78,6 @@ def test_1f1b_bubble_fraction(p, m):
         bwd = [s for s in _spans(r, "backward") if s[4] == k]
         assert fwd[0][0] == pytest.approx(k * f)
         assert bwd[-1][1] == pytest.approx(total - k * b)
-
-
-def test_1f1b_order_matches_the_executor():
-    assert schedule_1f1b(4, 0, 6) == [("F", 0), ("F", 1), ("F", 2), ("F", 3), ("B", 0), ("F", 4), ("B", 1),
-                                       ("F", 5), ("B", 2), ("B", 3), ("B", 4), ("B", 5)]
-    assert schedule_1f1b(4, 3, 2) == [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
 
 
 def _fanout(order: tuple[str, str], gb: int = 10**9):

@@ -1,0 +1,246 @@
+"""Predicted against measured: timelines joined per plan, per call and per op kind, and the errors.
+
+Both sides are :class:`estimator.timeline.Timeline` s — the simulator's prediction and the
+executor's ``--timeline`` — so the joins are on the same columns (DESIGN §4.9). Only steady-state
+iterations count (those after ``warmup``; all of them when there are no more). Three levels:
+
+- **plan**: the steady-state iteration time (:meth:`Timeline.steady_state_s`);
+- **call**: each call's compute window per iteration — first to last of its ``compute`` spans
+  when the timeline has them (the executor's, which enclose everything it does for the call
+  besides reallocation and waiting for inputs), else of its op spans (the simulator's);
+- **op kind**: per (call, pipeline stage, kind) the seconds a device spends in that kind per
+  iteration (max over the stage's devices, as the executor reports reallocation and data time)
+  — so decode, recorded per step by the executor and per chunk by the simulator, is compared
+  summed per call and stage. Reallocation and data movement are compared per call (stage -1):
+  the executor records them per device, outside any stage.
+
+A plan measured in several fresh runs gets the median of the runs and their min/max. An error
+only counts against the model where the prediction lies outside that spread:
+``ape_beyond_spread = max(0, predicted − max, min − predicted) / measured``, next to the plain
+absolute percentage error ``ape = |predicted − measured| / measured`` (both as fractions).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from estimator.plan import format_table
+from estimator.timeline import Timeline
+
+OP_KINDS = {"prefill": "prefill", "decode": "decode", "forward": "forward", "backward": "backward",
+            "optimizer": "optimizer", "tp_allreduce": "tp_comm", "pp_send": "pp_comm", "dp_allreduce": "dp_comm",
+            "realloc": "realloc", "data": "data"}
+KIND_ORDER = ("prefill", "decode", "forward", "backward", "optimizer", "tp_comm", "pp_comm", "dp_comm",
+              "realloc", "data")
+UNSTAGED = {"realloc", "data"}
+OUTSIDE_COMPUTE = {"realloc", "data", "call", "compute"}
+CALL_KEYS, OP_KEYS = ["plan", "call"], ["plan", "call", "stage", "kind"]
+_VALUES = ["predicted_s", "measured_s", "measured_min_s", "measured_max_s"]
+
+
+def default_warmup(timeline: Timeline) -> int:
+    """One warm-up iteration when there are several (the executor's and the simulator's rule)."""
+    return 1 if len(timeline.iterations) > 1 else 0
+
+
+def steady_iterations(timeline: Timeline, warmup: int) -> list[int]:
+    its = timeline.iterations
+    return [i for i in its if i >= warmup] or its
+
+
+def call_durations(timeline: Timeline, warmup: int) -> pd.Series:
+    """call → its compute window in seconds, averaged over the steady iterations."""
+    df = timeline.to_dataframe()
+    df = df[df["iteration"].isin(steady_iterations(timeline, warmup))]
+    wrapped = df[df["op"] == "compute"]
+    spans = wrapped if not wrapped.empty else df[~df["op"].isin(OUTSIDE_COMPUTE)]
+    window = spans.groupby(["call", "iteration"]).agg(lo=("start_s", "min"), hi=("end_s", "max"))
+    return (window["hi"] - window["lo"]).groupby("call").mean().rename("duration_s")
+
+
+def op_durations(timeline: Timeline, warmup: int) -> pd.DataFrame:
+    """Rows (call, stage, kind, duration_s): seconds per steady iteration on the stage's busiest device."""
+    df = timeline.to_dataframe()
+    steady = steady_iterations(timeline, warmup)
+    df = df[df["iteration"].isin(steady) & df["op"].isin(OP_KINDS)].copy()
+    df["kind"] = df["op"].map(OP_KINDS)
+    df.loc[df["kind"].isin(UNSTAGED), "stage"] = -1
+    per_device = df.groupby(["call", "stage", "kind", "iteration", "device"])["duration_s"].sum()
+    per_iter = per_device.groupby(["call", "stage", "kind", "iteration"]).max().unstack("iteration")
+    # an iteration without the op spent no time in it
+    per_iter = per_iter.reindex(columns=steady).fillna(0.0)
+    return per_iter.mean(axis=1).rename("duration_s").reset_index()
+
+
+def _runs(frames: Sequence[pd.DataFrame], keys: list[str]) -> pd.DataFrame:
+    """Median, min and max over runs of ``duration_s`` per key (a key missing from a run: 0 s)."""
+    both = pd.concat([f.assign(run=r) for r, f in enumerate(frames)], ignore_index=True)
+    wide = both.pivot_table(index=keys, columns="run", values="duration_s", aggfunc="sum").fillna(0.0)
+    return pd.DataFrame({"measured_s": wide.median(axis=1), "measured_min_s": wide.min(axis=1),
+                         "measured_max_s": wide.max(axis=1)}).reset_index()
+
+
+def add_errors(df: pd.DataFrame) -> pd.DataFrame:
+    """``ape`` and ``ape_beyond_spread`` (fractions; NaN where either side is missing or zero)."""
+    df = df.copy()
+    meas, pred = df["measured_s"], df["predicted_s"]
+    ok = meas.gt(0) & pred.notna() & meas.notna()
+    outside = np.maximum.reduce([np.zeros(len(df)), (pred - df["measured_max_s"]).to_numpy(),
+                                 (df["measured_min_s"] - pred).to_numpy()])
+    df["ape"] = ((pred - meas).abs() / meas).where(ok)
+    df["ape_beyond_spread"] = pd.Series(outside, index=df.index).div(meas).where(ok)
+    return df
+
+
+@dataclass(frozen=True)
+class PlanFrames:
+    """One plan, predicted and measured, at the three levels (not yet with errors)."""
+
+    plan: pd.DataFrame
+    calls: pd.DataFrame
+    ops: pd.DataFrame
+
+
+def compare_plan(plan_id: str, predicted: Timeline, measured: Sequence[Timeline],
+                 call_kinds: Mapping[str, str], warmup: int | None = None) -> PlanFrames:
+    """Join one plan's prediction with its measured runs. ``call_kinds``: call → generate |
+    inference | train. ``warmup`` defaults to :func:`default_warmup` of each timeline."""
+    if not measured:
+        raise ValueError(f"plan {plan_id}: no measured run to compare with")
+
+    def wu(tl: Timeline) -> int:
+        return default_warmup(tl) if warmup is None else warmup
+
+    iters = pd.DataFrame({"duration_s": [m.steady_state_s(wu(m)) for m in measured], "plan": plan_id})
+    plan = _runs([iters.iloc[[r]] for r in range(len(measured))], ["plan"])
+    plan.insert(1, "predicted_s", predicted.steady_state_s(wu(predicted)))
+    plan["runs"] = len(measured)
+
+    def calls_of(tl: Timeline) -> pd.DataFrame:
+        return call_durations(tl, wu(tl)).reset_index().assign(plan=plan_id)
+
+    calls = _runs([calls_of(m) for m in measured], CALL_KEYS)
+    pred_calls = calls_of(predicted).rename(columns={"duration_s": "predicted_s"})
+    calls = pred_calls.merge(calls, on=CALL_KEYS, how="outer")
+    calls.insert(2, "call_kind", calls["call"].map(call_kinds))
+
+    def ops_of(tl: Timeline) -> pd.DataFrame:
+        return op_durations(tl, wu(tl)).assign(plan=plan_id)
+
+    ops = _runs([ops_of(m) for m in measured], OP_KEYS)
+    pred_ops = ops_of(predicted).rename(columns={"duration_s": "predicted_s"})
+    ops = pred_ops.merge(ops, on=OP_KEYS, how="outer")
+    return PlanFrames(plan, calls[CALL_KEYS + ["call_kind"] + _VALUES], ops[OP_KEYS + _VALUES])
+
+
+def join(frames: Sequence[PlanFrames]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(plans, calls, ops) over all plans, each with its errors."""
+    if not frames:
+        raise ValueError("no plan to join")
+    plans = add_errors(pd.concat([f.plan for f in frames], ignore_index=True))
+    calls = add_errors(pd.concat([f.calls for f in frames], ignore_index=True))
+    ops = add_errors(pd.concat([f.ops for f in frames], ignore_index=True))
+    ops["kind"] = pd.Categorical(ops["kind"], categories=list(KIND_ORDER))
+    ops = ops.sort_values(OP_KEYS, kind="stable").reset_index(drop=True)
+    ops["kind"] = ops["kind"].astype(str)
+    return plans, calls, ops
+
+
+def plans_wide(plans: pd.DataFrame, calls: pd.DataFrame) -> pd.DataFrame:
+    """One row per plan with ``<call>_predicted_s`` and ``<call>_measured_s`` columns added."""
+    wide = calls.pivot_table(index="plan", columns="call", values=["predicted_s", "measured_s"], sort=False)
+    wide.columns = [f"{call}_{value}" for value, call in wide.columns]
+    order = [f"{c}_{v}" for c in dict.fromkeys(calls["call"]) for v in ("predicted_s", "measured_s")]
+    return plans.merge(wide[[c for c in order if c in wide.columns]], left_on="plan", right_index=True, how="left")
+
+
+def _errors(df: pd.DataFrame) -> dict[str, Any]:
+    known = df.dropna(subset=["ape"])
+    out: dict[str, Any] = {"n": int(len(known)), "unmeasured": int(df["measured_s"].isna().sum()),
+                           "unpredicted": int(df["predicted_s"].isna().sum())}
+    for col, name in (("ape", ""), ("ape_beyond_spread", "_beyond_spread")):
+        vals = known[col]
+        out[f"median_ape{name}"] = float(vals.median()) if len(vals) else math.nan
+        out[f"max_ape{name}"] = float(vals.max()) if len(vals) else math.nan
+    return out
+
+
+def ranking(plans: pd.DataFrame) -> dict[str, Any]:
+    """Rank agreement of predicted and measured plan times, and how the predicted-best plan did."""
+    both = plans.dropna(subset=["predicted_s", "measured_s"])
+    out: dict[str, Any] = {"plans": int(len(both)), "spearman": math.nan, "kendall": math.nan}
+    if both.empty:
+        return out
+    if len(both) >= 2:
+        with warnings.catch_warnings():  # constant input → NaN, which is the honest answer
+            warnings.simplefilter("ignore")
+            out["spearman"] = float(stats.spearmanr(both["predicted_s"], both["measured_s"]).statistic)
+            out["kendall"] = float(stats.kendalltau(both["predicted_s"], both["measured_s"]).statistic)
+    pred_best = both.loc[both["predicted_s"].idxmin()]
+    meas_best = both.loc[both["measured_s"].idxmin()]
+    out.update({
+        "predicted_best": pred_best["plan"], "measured_best": meas_best["plan"],
+        "predicted_best_is_measured_best": bool(pred_best["plan"] == meas_best["plan"]),
+        "predicted_best_behind": float(pred_best["measured_s"] / meas_best["measured_s"] - 1.0),
+        # the two plans' measured spreads overlap: the runs cannot tell them apart
+        "predicted_best_within_spread": bool(pred_best["measured_min_s"] <= meas_best["measured_max_s"]),
+    })
+    return out
+
+
+def summary(plans: pd.DataFrame, calls: pd.DataFrame, ops: pd.DataFrame) -> dict[str, Any]:
+    """Median and max absolute percentage errors per iteration, call kind and op kind; ranking."""
+    return {
+        "iteration": _errors(plans),
+        "call_kind": {k: _errors(g) for k, g in calls.groupby("call_kind", sort=False)},
+        "op_kind": {k: _errors(ops[ops["kind"] == k]) for k in KIND_ORDER if (ops["kind"] == k).any()},
+        "ranking": ranking(plans),
+    }
+
+
+def _pct(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def plan_table(plans: pd.DataFrame) -> str:
+    """Per plan: predicted and measured (median, min–max over runs) iteration time and the errors."""
+    rows = [("plan", "predicted_s", "measured_s", "runs min–max", "|err|", "beyond spread")]
+    for _, r in plans.sort_values("measured_s").iterrows():
+        rows.append((str(r["plan"]), f"{r['predicted_s']:.4f}", f"{r['measured_s']:.4f}",
+                     f"{r['measured_min_s']:.4f}–{r['measured_max_s']:.4f}", _pct(r["ape"]),
+                     _pct(r["ape_beyond_spread"])))
+    return format_table(rows)
+
+
+def summary_table(s: Mapping[str, Any]) -> str:
+    """The summary as readable tables."""
+    rows = [("level", "what", "n", "median |err|", "max |err|", "median beyond spread", "max beyond spread",
+             "unmeasured", "unpredicted")]
+
+    def add(level: str, what: str, e: Mapping[str, Any]) -> None:
+        rows.append((level, what, str(e["n"]), _pct(e["median_ape"]), _pct(e["max_ape"]),
+                     _pct(e["median_ape_beyond_spread"]), _pct(e["max_ape_beyond_spread"]), str(e["unmeasured"]),
+                     str(e["unpredicted"])))
+
+    add("iteration", "plan", s["iteration"])
+    for k, e in s["call_kind"].items():
+        add("call kind", k, e)
+    for k, e in s["op_kind"].items():
+        add("op kind", k, e)
+    r = s["ranking"]
+    lines = [format_table(rows, right=set(range(2, 9))), "",
+             f"rank correlation over {r['plans']} plans: Spearman {r['spearman']:.3f}, Kendall {r['kendall']:.3f}"]
+    if "predicted_best" in r:
+        verdict = ("is the measured best" if r["predicted_best_is_measured_best"] else
+                   f"is {_pct(r['predicted_best_behind'])} behind the measured best {r['measured_best']}"
+                   + (" (within the runs' spread)" if r["predicted_best_within_spread"] else ""))
+        lines.append(f"predicted-best plan {r['predicted_best']} {verdict}")
+    return "\n".join(lines)

@@ -1,0 +1,257 @@
+"""Validate predictions on real executions: predict plans, run them, compare, draw.
+
+Usage::
+
+    python -m analysis.validate examples/ppo-tiny-2xcpu.yaml --plans 20 --out analysis/results/ppo-tiny-2xcpu
+    python -m analysis.validate examples/dpo-tiny-2xcpu.yaml --plan-dir examples/plans/dpo-tiny-2xcpu --runs 3
+    python -m analysis.validate examples/grpo-tiny-2xcpu.yaml --plans 4 --iterations 3 --runs 1 --json
+
+The plans: every baseline and the searched best plan (from the ``search`` package; without
+it, the symmetric baseline :func:`estimator.baselines.symmetric_plan` only, and the output says
+so), then a seeded sample covering every structural kind (:mod:`analysis.sampler`) up to
+``--plans``; or exactly the plan files in ``--plan-dir``. Each plan is simulated for
+``--iterations`` iterations and run with ``python -m executor.run`` in ``--runs`` fresh
+processes, one run at a time (progress bar on stderr). Everything is written into ``--out``
+(default ``analysis/results/<experiment>``), each file atomically:
+
+- ``plans/<id>.json`` the plans, ``timelines/<id>.predicted.json`` and ``<id>.measured-<r>.json``;
+- ``plans.csv`` (per plan: predicted and measured iteration time, the runs' min and max, the
+  errors, and per call predicted and measured duration), ``calls.csv``, ``ops.csv``
+  (:mod:`analysis.compare`);
+- ``scatter.png``, ``errors.png``, ``timelines.png`` (the measured-best plan, predicted above
+  measured) (:mod:`analysis.plot`);
+- ``summary.txt`` and ``summary.json``: median and max absolute error per iteration, call kind
+  and op kind, Spearman and Kendall rank correlation, whether the predicted-best plan is the
+  measured-best.
+
+Exit codes: 0 done (runs that failed are listed and left out); 1 no plan could be measured;
+2 invalid experiment, profile, plan or option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from estimator.baselines import symmetric_plan
+from estimator.errors import ConfigError, cli_guard
+from estimator.experiment import Experiment, load_experiment
+from estimator.io import atomic_write_json, atomic_write_text
+from estimator.plan import Plan, check
+from estimator.profiles import Profile, load_profile
+from estimator.simulator import simulate
+from estimator.timeline import Timeline
+
+ROOT = Path(__file__).resolve().parent.parent
+PER_DEVICE_MAX = 16  # predicted timelines of larger clusters keep one device per stage
+EXIT_NOTHING_MEASURED = 1
+Runner = Callable[[Path, Path, int, Path], Timeline]  # (experiment, plan file, iterations, timeline out)
+
+
+@dataclass
+class Candidate:
+    """One plan to validate and what became of it."""
+
+    id: str
+    plan: Plan
+    origin: str  # baseline | search | sample | file
+    predicted: Timeline | None = None
+    measured: list[Timeline] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def search_plans(experiment: Experiment, profile: Profile, seed: int, budget_s: float) -> tuple[list[Candidate], str]:
+    """Every baseline and the searched best from the ``search`` package, and a note on what was used."""
+    try:
+        import search.baselines as sb
+
+        from search import run_search
+    except ImportError:
+        note = ("search package not available: using the symmetric baseline (estimator.baselines.symmetric_plan) "
+                "and sampled plans only, no searched-best plan")
+        return [Candidate("symmetric", symmetric_plan(experiment, profile), "baseline")], note
+    names = getattr(sb, "NAMES", None) or getattr(sb, "BASELINES", None) or ("symmetric",)
+    out = []
+    for name in names:
+        built = sb.build(name, experiment, profile)
+        if built is not None and built.plan is not None:
+            out.append(Candidate(f"baseline-{name}", built.plan, "baseline"))
+    best = run_search(experiment, profile, time_budget_s=budget_s, max_evals=20_000, seed=seed)
+    out.append(Candidate("searched-best", best.plan, "search"))
+    return out, f"baselines {list(names)} and the searched best plan from the search package"
+
+
+def choose(experiment: Experiment, profile: Profile, n: int, seed: int,
+           budget_s: float) -> tuple[list[Candidate], list[str]]:
+    """The plans to validate: baselines and the searched best, then a sample up to ``n``."""
+    from analysis.sampler import sample_plans
+
+    first, note = search_plans(experiment, profile, seed, budget_s)
+    notes = [note]
+    unique: dict[str, Candidate] = {}
+    for c in first:
+        same = unique.setdefault(c.plan.to_json(), c)
+        if same is not c:
+            notes.append(f"{c.id} is the same plan as {same.id}; validated once as {same.id}")
+    sampled, missing = sample_plans(experiment, profile, max(n - len(unique), 0), seed,
+                                    exclude=[c.plan for c in unique.values()])
+    cands = list(unique.values()) + [Candidate(f"sample-{i:02d}", p, "sample") for i, p in enumerate(sampled)]
+    if missing:
+        notes.append(f"no valid plan of kind(s) {missing} exists for this experiment; the sample lacks them")
+    return cands, notes
+
+
+def from_dir(directory: Path, experiment: Experiment) -> list[Candidate]:
+    files = sorted(directory.glob("*.json"))
+    if not files:
+        raise ConfigError(f"--plan-dir {str(directory)!r}: no *.json plan files")
+    return [Candidate(f.stem, check(Plan.load(str(f)), experiment), "file") for f in files]
+
+
+def run_executor(experiment_path: Path, plan_file: Path, iterations: int, out: Path, timeout_s: float = 900.0
+                 ) -> Timeline:
+    """One fresh ``python -m executor.run`` process; its measured timeline."""
+    # the executor of this very tree, whatever the caller's working directory
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "executor.run", str(experiment_path), "--plan", str(plan_file),
+           "--iterations", str(iterations), "--timeline", str(out), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith("error:")] or lines[-1:] or ["no output"]
+        raise RuntimeError(f"exit {proc.returncode}: " + "; ".join(errors[:3]) + (" …" if len(errors) > 3 else ""))
+    return Timeline.load(out)
+
+
+def measure(cands: list[Candidate], experiment_path: Path, out: Path, iterations: int, runs: int,
+            runner: Runner) -> None:
+    """Run every plan ``runs`` times, one run at a time, with a progress bar."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(cands) * runs, desc="executor runs", unit="run", file=sys.stderr) as bar:
+        for c in cands:
+            for r in range(runs):
+                bar.set_postfix_str(f"{c.id} run {r + 1}/{runs}")
+                try:
+                    c.measured.append(runner(experiment_path, out / "plans" / f"{c.id}.json", iterations,
+                                             out / "timelines" / f"{c.id}.measured-{r}.json"))
+                except (RuntimeError, subprocess.TimeoutExpired, ConfigError) as exc:
+                    c.failures.append(f"run {r}: {exc}")
+                bar.update()
+
+
+def predict(cands: list[Candidate], experiment: Experiment, profile: Profile, iterations: int, out: Path) -> None:
+    per_device = experiment.cluster.num_devices <= PER_DEVICE_MAX
+    for c in cands:
+        atomic_write_text(out / "plans" / f"{c.id}.json", c.plan.to_json())
+        c.predicted = simulate(experiment, c.plan, profile, iterations).timeline(per_device)
+        c.predicted.save(out / "timelines" / f"{c.id}.predicted.json")
+
+
+def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: list[str], settings: dict[str, Any]
+           ) -> dict[str, Any]:
+    """Join, summarise, write the CSVs, figures and summary; the summary as a dict."""
+    from analysis import compare, plot
+
+    kinds = {c: experiment.workflow[c].kind for c in experiment.workflow.call_names}
+    done = [c for c in cands if c.measured]
+    if not done:
+        raise RuntimeError("no plan could be measured: " + "; ".join(f"{c.id}: {c.failures[-1]}" for c in cands))
+    plans, calls, ops = compare.join([compare.compare_plan(c.id, c.predicted, c.measured, kinds) for c in done])
+    origin = {c.id: c.origin for c in cands}
+    plans.insert(1, "plan_file", [f"plans/{p}.json" for p in plans["plan"]])
+    plans.insert(2, "origin", plans["plan"].map(origin))
+    wide = compare.plans_wide(plans.rename(columns={"predicted_s": "predicted_iteration_s",
+                                                    "measured_s": "measured_iteration_s"}), calls)
+    for name, df in (("plans.csv", wide), ("calls.csv", calls), ("ops.csv", ops)):
+        atomic_write_text(out / name, df.to_csv(index=False, float_format="%.9g"))
+    s = compare.summary(plans, calls, ops)
+    best = plans.loc[plans["measured_s"].idxmin(), "plan"]
+    plot.scatter(plans, out / "scatter.png", f"{experiment.name}: predicted vs measured iteration time")
+    plot.error_bars(calls, ops, out / "errors.png")
+    chosen = next(c for c in done if c.id == best)
+    plot.stacked(chosen.predicted, chosen.measured[0], out / "timelines.png", f"{experiment.name}, plan {best}")
+    failed = {c.id: c.failures for c in cands if c.failures}
+    per_plan = json.loads(plans.drop(columns=["plan_file"]).to_json(orient="records"))
+    doc = {"experiment": experiment.name, "settings": settings, "notes": notes, "failed_runs": failed,
+           "plans": per_plan, **json.loads(json.dumps(s, default=_plain))}
+    text = "\n".join([f"validation of {experiment.name}: {len(done)} plans measured",
+                      *[f"note: {n}" for n in notes],
+                      *[f"failed: {k}: {'; '.join(v)}" for k, v in failed.items()], "",
+                      compare.plan_table(plans), "", compare.summary_table(s), "",
+                      f"settings: {json.dumps(settings)}"])
+    atomic_write_text(out / "summary.txt", text + "\n")
+    atomic_write_json(out / "summary.json", _nan_to_none(doc))
+    return {"text": text, "summary": _nan_to_none(doc)}
+
+
+def _plain(x: Any) -> Any:
+    return x.item() if hasattr(x, "item") else str(x)
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m analysis.validate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("experiment", help="experiment YAML file")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--plans", type=int, default=20, help="plans to validate (default 20)")
+    which.add_argument("--plan-dir", help="validate exactly the plan files (*.json) in this directory")
+    ap.add_argument("--iterations", type=int, default=3, help="iterations per run; the first is warm-up (default 3)")
+    ap.add_argument("--runs", type=int, default=3, help="fresh executor runs per plan (default 3)")
+    ap.add_argument("--profile", help="profile name or file (default: the cluster's device)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the plan sample and the search (default 0)")
+    ap.add_argument("--search-budget-s", type=float, default=30.0, help="time for the search (default 30)")
+    ap.add_argument("--out", help="output directory (default analysis/results/<experiment>)")
+    ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    return ap
+
+
+def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
+    args = _parser().parse_args(argv)
+    for flag in ("plans", "iterations", "runs"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
+    experiment = load_experiment(args.experiment)
+    profile = load_profile(args.profile or experiment.cluster.device)
+    out = Path(args.out or Path("analysis", "results", experiment.name))
+    if args.plan_dir:
+        cands, notes = from_dir(Path(args.plan_dir), experiment), [f"plans from {args.plan_dir}"]
+    else:
+        cands, notes = choose(experiment, profile, args.plans, args.seed, args.search_budget_s)
+    settings = {"experiment": str(args.experiment), "plans": len(cands), "iterations": args.iterations,
+                "runs": args.runs, "profile": profile.name, "seed": args.seed}
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    predict(cands, experiment, profile, args.iterations, out)
+    measure(cands, Path(args.experiment), out, args.iterations, args.runs, runner)
+    try:
+        rep = report(cands, experiment, out, notes, settings)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NOTHING_MEASURED
+    print(json.dumps(rep["summary"], indent=2) if args.json else rep["text"] + f"\n\nwrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None, runner: Runner = run_executor) -> int:
+    return cli_guard(lambda a: _main(a, runner), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

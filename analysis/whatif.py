@@ -1,0 +1,234 @@
+"""What if: the best plan's predicted speed as the cluster, workload or models change.
+
+Usage::
+
+    python -m analysis.whatif examples/ppo-llama2-7b-8xh100.yaml --vary nodes=1,2,4
+    python -m analysis.whatif examples/ppo-llama2-7b-8xh100.yaml --vary gen_len=128,256,512 --vary nodes=1,2
+    python -m analysis.whatif examples/ppo-llama2-7b-8xh100.yaml --vary actor=llama2-7b,llama2-13b --json
+    python -m analysis.whatif examples/grpo-qwen2.5-7b-16xh100.yaml --vary device=h100-sxm,h800,a100-80g
+
+Keys: ``nodes``, ``devices_per_node``, ``device`` (the cluster), ``gen_len``, ``prompt_len``,
+``batch_size``, ``group_size`` (the workload), or a role of the algorithm (``actor``,
+``critic``, …) set to a model preset. Several ``--vary`` make a grid. At every point the
+experiment is changed with :func:`dataclasses.replace`, the search finds its best plan
+(``search.run_search``), the simulator times it and every baseline (``search.baselines``), and
+the row gets the best iteration time, throughput (tokens/s: every sequence's prompt and
+generated tokens; samples/s: sequences trained), GPU-hours per 1,000 steps and the speedup
+over each baseline. ``--out`` (default ``analysis/results/whatif-<experiment>``) receives
+``whatif.csv``, ``whatif.png``, ``whatif.json`` and each point's best plan under ``plans/``.
+
+The search package is required; without it the command says so and exits 2. Exit code 2 also
+for an unknown key, a bad value, or a point whose experiment is invalid (named).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from estimator.errors import ConfigError, cli_guard
+from estimator.experiment import Experiment, load_experiment
+from estimator.io import atomic_write_json, atomic_write_text
+from estimator.models import get_model
+from estimator.plan import Plan, check
+from estimator.profiles import Profile, load_profile
+from estimator.simulator import simulate
+from estimator.workflow import ROLES, VALUE_ROLES
+
+CLUSTER_KEYS = {"nodes": int, "devices_per_node": int, "device": str}
+WORKLOAD_KEYS = {"gen_len": int, "prompt_len": int, "batch_size": int, "group_size": int}
+Searcher = Callable[[Experiment, Profile], Plan]  # the best plan the search finds
+Baselines = Callable[[Experiment, Profile], dict[str, Plan]]  # baseline name → plan (those that exist)
+
+
+def parse_vary(texts: Sequence[str], algorithm: str) -> dict[str, list[Any]]:
+    """``["nodes=1,2", "actor=llama2-13b"]`` → ``{"nodes": [1, 2], "actor": ["llama2-13b"]}``."""
+    roles = ROLES[algorithm]
+    out: dict[str, list[Any]] = {}
+    for text in texts:
+        key, sep, values = text.partition("=")
+        kind = CLUSTER_KEYS.get(key) or WORKLOAD_KEYS.get(key) or (str if key in roles else None)
+        if not sep or not values:
+            raise ConfigError(f"--vary {text!r} must look like KEY=V1,V2,…")
+        if kind is None:
+            allowed = [*CLUSTER_KEYS, *WORKLOAD_KEYS, *roles]
+            raise ConfigError(f"--vary {text!r}: unknown key {key!r}; allowed: {allowed}")
+        if key in out:
+            raise ConfigError(f"--vary {key} given twice")
+        items = [v.strip() for v in values.split(",")]
+        if kind is int:
+            bad = [v for v in items if not v.isdigit() or int(v) < 1]
+            if bad:
+                raise ConfigError(f"--vary {key}={values}: {bad} must be positive integers")
+        out[key] = [kind(v) for v in items]
+    if not out:
+        raise ConfigError("give at least one --vary KEY=V1,V2,…")
+    return out
+
+
+def apply(experiment: Experiment, point: Mapping[str, Any]) -> Experiment:
+    """The experiment with ``point``'s values (cluster fields, workload fields, role models)."""
+    cluster = dataclasses.replace(experiment.cluster, **{k: v for k, v in point.items() if k in CLUSTER_KEYS})
+    params = dataclasses.replace(experiment.params, **{k: v for k, v in point.items() if k in WORKLOAD_KEYS})
+    models = dict(experiment.models)
+    for role, name in point.items():
+        if role in models:
+            spec = get_model(name)
+            models[role] = spec.as_value_model() if role in VALUE_ROLES else spec
+    label = ",".join(f"{k}={v}" for k, v in point.items())
+    try:
+        return dataclasses.replace(experiment, cluster=cluster, params=params, models=models,
+                                   name=f"{experiment.name}[{label}]")
+    except ConfigError as exc:
+        raise ConfigError(f"point {label}: {exc}") from None
+
+
+def samples_per_iteration(experiment: Experiment) -> int:
+    """Sequences the iteration trains on (its train call's, else its first call's)."""
+    calls = experiment.workflow.calls
+    train = [c for c in calls if c.kind == "train"]
+    return (train or list(calls))[0].workload.seqs
+
+
+def point_row(experiment: Experiment, profile: Profile, best: Plan, baselines: Mapping[str, Plan],
+              iterations: int = 3) -> dict[str, Any]:
+    """The figures of one point: the best plan's predicted time, throughput, cost and speedups."""
+    best_s = simulate(experiment, best, profile, iterations).iteration_s
+    seqs = samples_per_iteration(experiment)
+    tokens = seqs * (experiment.params.prompt_len + experiment.params.gen_len)
+    row: dict[str, Any] = {
+        "best_iteration_s": best_s, "tokens_per_s": tokens / best_s, "samples_per_s": seqs / best_s,
+        "gpu_hours_per_1000_steps": best_s * 1000 * experiment.cluster.num_devices / 3600,
+    }
+    for name, plan in baselines.items():
+        base_s = simulate(experiment, plan, profile, iterations).iteration_s
+        row[f"{name}_iteration_s"] = base_s
+        row[f"speedup_over_{name}"] = base_s / best_s
+    return row
+
+
+def sweep(experiment: Experiment, varies: Mapping[str, list[Any]], profile_arg: str | None, searcher: Searcher,
+          baselines: Baselines, out: Path) -> pd.DataFrame:
+    """One row per grid point (progress bar on stderr); each point's best plan is written to ``out/plans``."""
+    from tqdm import tqdm
+
+    if profile_arg and "device" in varies:
+        raise ConfigError("--profile and --vary device exclude each other: each device brings its own profile")
+    points = [dict(zip(varies, values)) for values in itertools.product(*varies.values())]
+    rows = []
+    for i, point in enumerate(tqdm(points, desc="what-if points", unit="point", file=sys.stderr)):
+        exp = apply(experiment, point)
+        profile = load_profile(profile_arg or exp.cluster.device)
+        best = check(searcher(exp, profile), exp)
+        plan_file = out / "plans" / f"point-{i:02d}.json"
+        atomic_write_text(plan_file, best.to_json())
+        rows.append({**point, **point_row(exp, profile, best, baselines(exp, profile)),
+                     "plan_file": str(plan_file.relative_to(out))})
+    return pd.DataFrame(rows)
+
+
+def plot_sweep(df: pd.DataFrame, keys: Sequence[str], out: Path) -> Path:
+    """Best iteration time, throughput, GPU-hours and speedups against the first varied key,
+    one line per combination of the others."""
+    from analysis.plot import _save, plt
+
+    x, rest = keys[0], list(keys[1:])
+    numeric = pd.api.types.is_numeric_dtype(df[x])
+    speedups = [c for c in df.columns if c.startswith("speedup_over_")]
+    panels = [("best_iteration_s", "best iteration time (s)"), ("tokens_per_s", "tokens/s"),
+              ("samples_per_s", "samples/s"), ("gpu_hours_per_1000_steps", "GPU-hours per 1,000 steps")]
+    fig, grid = plt.subplots(2, 3, figsize=(13, 7.5))
+    axes = list(grid.flat)[:len(panels) + (1 if speedups else 0)]
+    for ax in list(grid.flat)[len(axes):]:
+        ax.set_visible(False)
+    groups = df.groupby(rest, sort=False) if rest else [((), df)]
+    for key, g in groups:
+        label = ", ".join(f"{k}={v}" for k, v in zip(rest, key if isinstance(key, tuple) else (key,)))
+        xs = g[x] if numeric else g[x].astype(str)
+        style = "-" if numeric else ""  # no line between unordered values (devices, models)
+        for ax, (col, _) in zip(axes, panels):
+            ax.plot(xs, g[col], marker="o", linestyle=style, label=label or None)
+        for col in speedups:
+            axes[-1].plot(xs, g[col], marker="o", linestyle=style,
+                          label=f"{col.removeprefix('speedup_over_')} {label}".strip())
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_title(title, fontsize=10)
+    if speedups:
+        axes[-1].axhline(1.0, color="black", linewidth=0.8)
+        axes[-1].set_title("speedup of the best plan over each baseline", fontsize=10)
+        axes[-1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+    if rest:
+        axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def search_functions(budget_s: float, seed: int) -> tuple[Searcher, Baselines]:
+    """The search and the baselines from the ``search`` package; ConfigError when it is absent."""
+    try:
+        import search.baselines as sb
+
+        from search import run_search
+    except ImportError:
+        raise ConfigError("analysis.whatif needs the search package (search.run_search and search.baselines), "
+                          "which is not installed here") from None
+    names = getattr(sb, "NAMES", None) or getattr(sb, "BASELINES", None) or ("symmetric",)
+
+    def searcher(exp: Experiment, profile: Profile) -> Plan:
+        return run_search(exp, profile, time_budget_s=budget_s, max_evals=20_000, seed=seed).plan
+
+    def baselines(exp: Experiment, profile: Profile) -> dict[str, Plan]:
+        built = {n: sb.build(n, exp, profile) for n in names}
+        return {n: b.plan for n, b in built.items() if b is not None and b.plan is not None}
+
+    return searcher, baselines
+
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m analysis.whatif", description=__doc__.split("\n\n")[0])
+    ap.add_argument("experiment", help="experiment YAML file")
+    ap.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2", help="a key and its values")
+    ap.add_argument("--profile", help="profile name or file (default: each point's cluster device)")
+    ap.add_argument("--search-budget-s", type=float, default=10.0, help="search time per point (default 10)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the search (default 0)")
+    ap.add_argument("--out", help="output directory (default analysis/results/whatif-<experiment>)")
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    return ap
+
+
+def _main(argv: list[str] | None, functions: tuple[Searcher, Baselines] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    experiment = load_experiment(args.experiment)
+    varies = parse_vary(args.vary, experiment.algorithm)
+    searcher, baselines = functions or search_functions(args.search_budget_s, args.seed)
+    out = Path(args.out or Path("analysis", "results", f"whatif-{experiment.name}"))
+    df = sweep(experiment, varies, args.profile, searcher, baselines, out)
+    atomic_write_text(out / "whatif.csv", df.to_csv(index=False, float_format="%.9g"))
+    atomic_write_json(out / "whatif.json", json.loads(df.to_json(orient="records")))
+    plot_sweep(df, list(varies), out / "whatif.png")
+    if args.json:
+        print(df.to_json(orient="records", indent=2))
+    else:
+        print(df.drop(columns=["plan_file"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(f"\nwrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None, functions: tuple[Searcher, Baselines] | None = None) -> int:
+    return cli_guard(lambda a: _main(a, functions), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The validation driver: plan sampler coverage, and the whole pipeline with a stand-in executor
+whose timelines are the prediction stretched by a known factor (so every error is known)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis import validate
+from analysis.sampler import KINDS, plan_kinds, sample_plans
+from estimator.baselines import symmetric_plan
+from estimator.errors import EXIT_INVALID
+from estimator.experiment import load_experiment
+from estimator.memory import plan_memory
+from estimator.plan import Plan
+from estimator.plan import validate as plan_problems
+from estimator.profiles import load_profile
+from estimator.timeline import Timeline
+from tests.conftest import EXAMPLES
+
+STRETCH = 1.25  # measured = 1.25 × predicted: every absolute error is 0.25 / 1.25 = 20 %
+
+
+@pytest.mark.parametrize("name", ["ppo-tiny-2xcpu", "grpo-tiny-2xcpu"])
+def test_sample_covers_every_structural_kind_with_valid_distinct_plans(name: str):
+    exp = load_experiment(EXAMPLES / f"{name}.yaml")
+    profile = load_profile(exp.cluster.device)
+    plans, missing = sample_plans(exp, profile, 20, seed=3)
+    assert missing == [] and len(plans) == 20
+    assert set().union(*(plan_kinds(p, exp) for p in plans)) == set(KINDS)
+    assert len({p.to_json() for p in plans}) == 20
+    assert all(not plan_problems(p, exp) and plan_memory(exp, p, profile.capacity_bytes).feasible for p in plans)
+    again, _ = sample_plans(exp, profile, 20, seed=3)
+    assert [p.to_json() for p in again] == [p.to_json() for p in plans]
+    other, _ = sample_plans(exp, profile, 20, seed=4)
+    assert [p.to_json() for p in other] != [p.to_json() for p in plans]
+
+
+def test_sample_says_which_kinds_the_experiment_cannot_have():
+    exp = load_experiment(EXAMPLES / "dpo-tiny-2xcpu.yaml")  # one call per role: nothing to reallocate
+    plans, missing = sample_plans(exp, load_profile("cpu"), 10, seed=0)
+    assert missing == ["realloc"]
+    assert set().union(*(plan_kinds(p, exp) for p in plans)) == set(KINDS) - {"realloc"}
+
+
+def test_plan_kinds_of_the_example_plans(ppo_tiny):
+    def kinds(name: str) -> set[str]:
+        return plan_kinds(Plan.load(str(EXAMPLES / "plans" / "ppo-tiny-2xcpu" / f"{name}.json")), ppo_tiny)
+
+    assert kinds("single-device") == set()
+    assert kinds("tp2") == {"tp"}
+    assert "disjoint" in kinds("disjoint")
+    assert "realloc" in kinds("gen-vs-train")
+
+
+def stretched_runner(experiment: Path, plan_file: Path, iterations: int, out: Path) -> Timeline:
+    """Stand-in for the executor: the plan's predicted timeline, every time × STRETCH."""
+    pred = Timeline.load(out.parent / f"{plan_file.stem}.predicted.json")
+    spans = [dataclasses.replace(s, start_s=s.start_s * STRETCH, end_s=s.end_s * STRETCH) for s in pred.spans]
+    tl = Timeline.of(spans, "measured")
+    tl.save(out)
+    return tl
+
+
+def test_driver_writes_tables_figures_and_summary(tmp_path: Path, capsys):
+    out = tmp_path / "val"
+    rc = validate.main([str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--plans", "3", "--iterations", "2", "--runs", "2",
+                        "--out", str(out), "--json"], runner=stretched_runner)
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["iteration"]["median_ape"] == pytest.approx(0.2) and s["iteration"]["max_ape"] == pytest.approx(0.2)
+    assert s["op_kind"]["decode"]["median_ape"] == pytest.approx(0.2)
+    assert s["ranking"]["spearman"] == pytest.approx(1.0)
+    assert s["ranking"]["predicted_best_is_measured_best"]
+    assert any("search package not available" in n for n in s["notes"])  # said, not silent
+    assert [p["runs"] for p in s["plans"]] == [2, 2, 2]
+    plans = pd.read_csv(out / "plans.csv")
+    assert len(plans) == 3 and plans["plan"][0] == "symmetric"
+    assert {"plan_file", "predicted_iteration_s", "measured_iteration_s", "actor_gen_predicted_s",
+            "actor_gen_measured_s"} <= set(plans.columns)
+    assert (plans["measured_iteration_s"] / plans["predicted_iteration_s"]).to_numpy() == pytest.approx(STRETCH)
+    assert all((out / f).stat().st_size > 1000 for f in ("scatter.png", "errors.png", "timelines.png"))
+    calls, ops = pd.read_csv(out / "calls.csv"), pd.read_csv(out / "ops.csv")
+    assert calls["ape"].to_numpy() == pytest.approx(0.2, abs=1e-5)
+    assert set(ops["kind"]) >= {"prefill", "decode", "forward", "backward", "optimizer"}
+    assert "Spearman" in (out / "summary.txt").read_text()
+    assert sorted(p.name for p in (out / "timelines").iterdir())[:2] == ["sample-00.measured-0.json",
+                                                                       "sample-00.measured-1.json"]
+
+
+def test_driver_validates_a_plan_directory(tmp_path: Path, capsys):
+    rc = validate.main([str(EXAMPLES / "dpo-tiny-2xcpu.yaml"), "--plan-dir", str(EXAMPLES / "plans" / "dpo-tiny-2xcpu"),
+                        "--iterations", "1", "--runs", "1", "--out", str(tmp_path)], runner=stretched_runner)
+    assert rc == 0
+    plans = pd.read_csv(tmp_path / "plans.csv")
+    assert sorted(plans["plan"]) == sorted(p.stem for p in (EXAMPLES / "plans" / "dpo-tiny-2xcpu").glob("*.json"))
+    assert "predicted-best plan" in capsys.readouterr().out
+
+
+def test_bad_options_exit_2_with_one_line(tmp_path: Path, capsys):
+    assert validate.main([str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--runs", "0"]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err.strip() == "error: --runs=0 must be at least 1"
+    assert validate.main([str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--plan-dir", str(tmp_path)]) == EXIT_INVALID
+    assert "no *.json plan files" in capsys.readouterr().err
+
+
+def test_a_failed_run_is_reported_not_hidden(tmp_path: Path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"calls": {"actor_gen": {"mesh": "0", "dp": 1, "tp": 1, "pp": 1}}}))
+    expected = "exit 2: error: call ref_inf: missing from the plan; error: call reward_inf"
+    with pytest.raises(RuntimeError, match=expected):
+        validate.run_executor(EXAMPLES / "ppo-tiny-2xcpu.yaml", bad, 1, tmp_path / "m.json")
+
+
+def test_baselines_and_the_searched_best_come_from_search_when_present(monkeypatch, ppo_tiny):
+    profile = load_profile("cpu")
+    plans = {"symmetric": symmetric_plan(ppo_tiny, profile),
+             "single": Plan.load(str(EXAMPLES / "plans" / "ppo-tiny-2xcpu" / "single-device.json"))}
+    pkg, base = types.ModuleType("search"), types.ModuleType("search.baselines")
+    base.NAMES = ("symmetric", "single", "none")
+    base.build = lambda name, e, p: None if name == "none" else types.SimpleNamespace(plan=plans[name])
+    pkg.baselines = base
+    pkg.run_search = lambda e, p, time_budget_s, max_evals, seed: types.SimpleNamespace(plan=plans["single"])
+    monkeypatch.setitem(sys.modules, "search", pkg)
+    monkeypatch.setitem(sys.modules, "search.baselines", base)
+    cands, notes = validate.choose(ppo_tiny, profile, 5, 0, 1.0)
+    assert [c.id for c in cands[:2]] == ["baseline-symmetric", "baseline-single"]
+    assert len(cands) == 5 and all(c.origin == "sample" for c in cands[2:])
+    assert any("searched-best is the same plan as baseline-single" in n for n in notes)

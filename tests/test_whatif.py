@@ -1,0 +1,84 @@
+"""What-if sweeps: keys, the changed experiments, the figures of a point, and the refusal
+without the search package. A stand-in search (the symmetric plan) keeps them independent
+of the search itself."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from analysis import whatif
+from estimator.baselines import symmetric_plan
+from estimator.errors import EXIT_INVALID, ConfigError
+from estimator.experiment import load_experiment
+from estimator.profiles import load_profile
+from estimator.simulator import simulate
+from tests.conftest import EXAMPLES
+
+EXP = EXAMPLES / "ppo-llama2-7b-8xh100.yaml"
+STAND_IN = (lambda e, p: symmetric_plan(e, p), lambda e, p: {"symmetric": symmetric_plan(e)})
+
+
+def test_parse_vary_types_values_and_rejects_bad_keys():
+    assert whatif.parse_vary(["nodes=1,2", "actor=llama2-13b", "device=h800"], "ppo") == {
+        "nodes": [1, 2], "actor": ["llama2-13b"], "device": ["h800"]}
+    with pytest.raises(ConfigError, match="unknown key 'critic'"):
+        whatif.parse_vary(["critic=llama2-7b"], "grpo")  # grpo has no critic
+    with pytest.raises(ConfigError, match=r"\['0'\] must be positive integers"):
+        whatif.parse_vary(["gen_len=128,0"], "ppo")
+    with pytest.raises(ConfigError, match="given twice"):
+        whatif.parse_vary(["nodes=1", "nodes=2"], "ppo")
+
+
+def test_apply_changes_cluster_workload_and_models():
+    exp = load_experiment(EXP)
+    changed = whatif.apply(exp, {"nodes": 2, "gen_len": 256, "critic": "llama2-13b"})
+    assert changed.cluster.num_devices == 16 and changed.params.gen_len == 256
+    assert changed.workflow["actor_gen"].workload.gen_len == 256
+    assert changed.models["critic"].head == "value" and changed.models["critic"].layers == 40
+    assert exp.cluster.nodes == 1  # the original is untouched
+    with pytest.raises(ConfigError, match="point batch_size=3"):
+        whatif.apply(exp, {"batch_size": 3})  # ppo_minibatches=4 does not divide 3
+
+
+def test_point_row_figures():
+    exp = load_experiment(EXP)
+    profile = load_profile("h100-sxm")
+    plan = symmetric_plan(exp, profile)
+    row = whatif.point_row(exp, profile, plan, {"symmetric": plan})
+    t = simulate(exp, plan, profile).iteration_s
+    seqs = exp.params.batch_size
+    assert row["best_iteration_s"] == pytest.approx(t)
+    assert row["samples_per_s"] == pytest.approx(seqs / t)
+    assert row["tokens_per_s"] == pytest.approx(seqs * (exp.params.prompt_len + exp.params.gen_len) / t)
+    assert row["gpu_hours_per_1000_steps"] == pytest.approx(t * 1000 * 8 / 3600)
+    assert row["speedup_over_symmetric"] == pytest.approx(1.0)
+
+
+def test_sweep_over_a_grid_writes_csv_plot_and_plans(tmp_path: Path):
+    rc = whatif.main([str(EXP), "--vary", "gen_len=64,128", "--vary", "nodes=1,2", "--out", str(tmp_path)],
+                     functions=STAND_IN)
+    assert rc == 0
+    df = pd.read_csv(tmp_path / "whatif.csv")
+    assert list(zip(df["gen_len"], df["nodes"])) == [(64, 1), (64, 2), (128, 1), (128, 2)]
+    # twice the generation length costs time on the same cluster
+    by = df.set_index(["gen_len", "nodes"])["best_iteration_s"]
+    assert by[(128, 1)] > by[(64, 1)] and by[(128, 2)] > by[(64, 2)]
+    assert all((tmp_path / p).is_file() for p in df["plan_file"])
+    assert (tmp_path / "whatif.png").stat().st_size > 1000
+
+
+def test_profile_and_device_cannot_both_be_given(tmp_path: Path, capsys):
+    rc = whatif.main([str(EXP), "--vary", "device=h800", "--profile", "h100-sxm", "--out", str(tmp_path)],
+                     functions=STAND_IN)
+    assert rc == EXIT_INVALID and "exclude each other" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("search.baselines") is not None, reason="the search package is here")
+def test_without_the_search_package_it_refuses(capsys):
+    assert whatif.main([str(EXP), "--vary", "nodes=1,2"]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs the search package" in err
