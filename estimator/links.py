@@ -240,26 +240,25 @@ def _exact(node: Any, keys: tuple[str, ...], where: str, optional: tuple[str, ..
 def fit_time_curve(sizes: np.ndarray, times: np.ndarray, max_points: int = 40) -> list[list[float]]:
     """Curve points ``[[size_bytes, time_s], ...]`` fitted to measured collective times.
 
-    Times of one size are pooled by their median; more sizes than ``max_points`` are pooled
-    in equal log-size bins (a knot at each bin's geometric-mean size); the knots' log times
-    are then fitted by weighted isotonic least squares (``scipy.optimize.isotonic_regression``),
-    so the curve never says a larger message is faster, whatever the noise of small messages.
+    Times of one size are pooled by their median; the medians' log times are fitted by
+    isotonic least squares weighted by rows per size (``scipy.optimize.isotonic_regression``),
+    so the curve never says a larger message is faster, whatever the noise of small messages;
+    of more than ``max_points`` sizes, the knots kept are the measured sizes nearest to
+    ``max_points`` log-spaced ones, always including the smallest and the largest.
     """
     from scipy.optimize import isotonic_regression
 
     df = pd.DataFrame({"s": np.asarray(sizes, dtype=float), "t": np.asarray(times, dtype=float)})
     if df.empty or (df.s <= 0).any() or (df.t <= 0).any() or not np.isfinite(df.to_numpy()).all():
         raise ConfigError(f"collective curve: sizes and times must be positive and finite, got {len(df)} rows")
-    per_size = df.groupby("s").t.median()
-    logs, logt = np.log(per_size.index.to_numpy()), np.log(per_size.to_numpy())
-    if len(per_size) > max_points:
-        bins = np.minimum(((logs - logs[0]) / (logs[-1] - logs[0]) * max_points).astype(int), max_points - 1)
-        g = pd.DataFrame({"b": bins, "x": logs, "y": logt}).groupby("b")
-        logs, logt, w = g.x.mean().to_numpy(), g.y.median().to_numpy(), g.size().to_numpy().astype(float)
-    else:
-        w = np.ones_like(logs)
-    fitted = isotonic_regression(logt, weights=w).x
+    g = df.groupby("s").t
+    logs, logt, w = np.log(g.median().index.to_numpy()), np.log(g.median().to_numpy()), g.size().to_numpy()
+    fitted = isotonic_regression(logt, weights=w.astype(float)).x
+    keep = np.arange(len(logs))
+    if len(logs) > max_points:
+        targets = np.linspace(logs[0], logs[-1], max_points)
+        keep = np.unique(np.abs(logs[None, :] - targets[:, None]).argmin(axis=1))
     points: dict[float, float] = {}  # rounding may merge neighbouring knots: keep the later time
-    for s, t in zip(logs, fitted):
-        points[float(max(1, round(math.exp(s))))] = float(f"{math.exp(t):.4g}")
+    for i in keep:
+        points[float(max(1, round(math.exp(logs[i]))))] = float(f"{math.exp(fitted[i]):.4g}")
     return [[s, t] for s, t in points.items()]
