@@ -67,7 +67,7 @@ def fit_links(raw: pd.DataFrame, holdout: float | Collection[int] = 0.25, comman
         raise ConfigError(f"raw collective timings: missing column(s) {missing}")
     if not (command or cite):
         raise ConfigError("fit_links needs the command that measured the rows or a cite for them")
-    raw = raw[raw.size_bytes > 0].copy()
+    raw = raw[raw.size_bytes > 0].reset_index(drop=True)
     raw["group"] = raw.group.astype(str)
     held = split_holdout(raw, holdout)
     links: dict[str, dict[str, dict]] = {}
