@@ -10,8 +10,9 @@ broadcast or message, the gathered output of an all-gather, the input of a reduc
 
 Each (kind, group size, size) is warmed up, then timed ``repeats`` times; before each timed
 repeat the group meets at a barrier, and a repeat runs enough back-to-back calls to last
-about ``min_repeat_s`` (so a barrier's skew between ranks does not swamp a small message),
-its time per call taken as the slowest rank's. The rows hold the median and the 10th/90th
+about ``min_repeat_s``; its time per call runs from the last rank's start to the last rank's
+end on one host (the slowest rank's own time across hosts), so neither a barrier's exit skew
+nor an early rank's wait is charged. The rows hold the median and the 10th/90th
 percentiles over the repeats. Groups are the first ``g`` ranks for every power of two
 ``g`` from 2 to the world size (and the world size itself).
 
@@ -81,8 +82,8 @@ class Grid:
 
 GRIDS = {
     "tiny": Grid(tuple(size_grid(1 << 14)), warmup=1, repeats=3, min_repeat_s=2e-4, max_calls=4),
-    "quick": Grid(tuple(size_grid(64 << 20)), repeats=5),
-    "full": Grid(tuple(size_grid(256 << 20)), repeats=9),
+    "quick": Grid(tuple(size_grid(64 << 20)), repeats=9, min_repeat_s=1e-3),
+    "full": Grid(tuple(size_grid(256 << 20)), repeats=15, min_repeat_s=1e-3),
 }
 
 
@@ -125,9 +126,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_one(op: Callable[[], None], grid: Grid, group: dist.ProcessGroup,
-              device: torch.device) -> tuple[np.ndarray, int]:
-    """Per-call seconds of each timed repeat (slowest rank), and calls per repeat."""
+def _time_one(op: Callable[[], None], grid: Grid, group: dist.ProcessGroup, device: torch.device,
+              shared_clock: bool) -> tuple[np.ndarray, int]:
+    """Per-call seconds of each timed repeat, and calls per repeat.
+
+    With a clock all ranks share (one host: ``time.perf_counter`` is the system's monotonic
+    clock), a repeat lasts from the last rank's start to the last rank's end, so the skew of
+    the barrier's exit is not charged; otherwise it is the slowest rank's own elapsed time.
+    """
     t0 = time.perf_counter()
     for _ in range(max(1, grid.warmup)):
         op()
@@ -135,22 +141,28 @@ def _time_one(op: Callable[[], None], grid: Grid, group: dist.ProcessGroup,
     est = torch.tensor([(time.perf_counter() - t0) / max(1, grid.warmup)], dtype=torch.float64, device=device)
     dist.all_reduce(est, op=dist.ReduceOp.MAX, group=group)  # every rank runs the same number of calls
     calls = int(min(grid.max_calls, max(1, math.ceil(grid.min_repeat_s / max(est.item(), 1e-9)))))
-    times = torch.zeros(grid.repeats, dtype=torch.float64, device=device)
+    marks = torch.zeros(2, grid.repeats, dtype=torch.float64, device=device)  # (start, end) per repeat
     for r in range(grid.repeats):
         dist.barrier(group=group)
         _sync(device)
-        t0 = time.perf_counter()
+        marks[0, r] = time.perf_counter()
         for _ in range(calls):
             op()
         _sync(device)
-        times[r] = (time.perf_counter() - t0) / calls
-    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
-    return times.cpu().numpy(), calls
+        marks[1, r] = time.perf_counter()
+    if shared_clock:
+        dist.all_reduce(marks, op=dist.ReduceOp.MAX, group=group)
+        return (marks[1] - marks[0]).cpu().numpy() / calls, calls
+    elapsed = marks[1] - marks[0]
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
+    return elapsed.cpu().numpy() / calls, calls
 
 
-def measure(grid: Grid, device: torch.device | None = None, tick: Callable[[int], None] | None = None) -> list[dict]:
+def measure(grid: Grid, device: torch.device | None = None, tick: Callable[[int], None] | None = None,
+            shared_clock: bool = False) -> list[dict]:
     """Time ``grid`` inside an initialised default process group; every rank calls it, rank
-    0 gets the rows (the others an empty list). ``tick(n)`` reports n more cases done."""
+    0 gets the rows (the others an empty list). ``tick(n)`` reports n more cases done;
+    ``shared_clock``: all ranks run on one host (see :func:`_time_one`)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = device or torch.device("cpu")
     backend = str(dist.get_backend())
@@ -162,7 +174,8 @@ def measure(grid: Grid, device: torch.device | None = None, tick: Callable[[int]
                 continue
             for size in grid.sizes:
                 if rank < g:
-                    times, calls = _time_one(_op(kind, size, g, rank, group, device), grid, group, device)
+                    op = _op(kind, size, g, rank, group, device)
+                    times, calls = _time_one(op, grid, group, device, shared_clock)
                     if rank == 0:
                         p10, med, p90 = np.percentile(times, [10, 50, 90])
                         rows.append(dict(kind=kind, link_class="intra", group=str(g), group_size=g,
@@ -190,7 +203,7 @@ def _worker(rank: int, world: int, port: int, grid: Grid, queue) -> None:
     torch.set_num_threads(1)  # one core per simulated device, as the executor runs
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        rows = measure(grid, tick=lambda n: queue.put(("tick", n)))
+        rows = measure(grid, tick=lambda n: queue.put(("tick", n)), shared_clock=True)
         if rank == 0:
             queue.put(("rows", rows))
     finally:
