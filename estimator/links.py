@@ -28,6 +28,7 @@ beside them) only document the summary; without curves the α + busbw formula ap
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class TimeCurve:
     _logs: np.ndarray = field(init=False, repr=False, compare=False)
     _logt: np.ndarray = field(init=False, repr=False, compare=False)
     _tail_Bps: float = field(init=False, repr=False, compare=False)
+    _lists: tuple[list[float], list[float]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         sizes = [p[0] for p in self.points]
@@ -78,6 +80,7 @@ class TimeCurve:
             raise ConfigError("; ".join(problems))
         object.__setattr__(self, "_logs", np.log(np.asarray(sizes, dtype=float)))
         object.__setattr__(self, "_logt", np.log(np.asarray(times, dtype=float)))
+        object.__setattr__(self, "_lists", (self._logs.tolist(), self._logt.tolist()))
         (s1, t1) = self.points[-1]
         s0, t0 = self.points[-2] if len(self.points) > 1 else (0.0, 0.0)
         # Incremental bandwidth of the last segment; a flat last segment (latency-bound or a
@@ -86,8 +89,17 @@ class TimeCurve:
         object.__setattr__(self, "_tail_Bps", float(tail))
 
     def __call__(self, size_bytes: float) -> float:
-        """Seconds for one collective of ``size_bytes``."""
-        return float(self.many(np.asarray([size_bytes]))[0])
+        """Seconds for one collective of ``size_bytes`` (scalar path: the cost model's hot loop)."""
+        (s0, t0), (s1, t1) = self.points[0], self.points[-1]
+        if size_bytes >= s1:
+            return t1 + (size_bytes - s1) / self._tail_Bps
+        if size_bytes <= s0:
+            return t0
+        xs, ys = self._lists
+        x = math.log(size_bytes)
+        i = bisect.bisect_right(xs, x)
+        w = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return math.exp(ys[i - 1] + w * (ys[i] - ys[i - 1]))
 
     def many(self, sizes: np.ndarray) -> np.ndarray:
         """Vectorised :meth:`__call__`."""
