@@ -32,6 +32,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 
 import numpy as np
 import pandas as pd
@@ -201,7 +202,8 @@ def cases(grid: Grid, world_size: int) -> int:
 
 def _worker(rank: int, world: int, port: int, grid: Grid, queue) -> None:
     torch.set_num_threads(1)  # one core per simulated device, as the executor runs
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))  # a peer that died fails the run, not hangs it
     try:
         rows = measure(grid, tick=lambda n: queue.put(("tick", n)), shared_clock=True)
         if rank == 0:
@@ -225,23 +227,32 @@ def run_local(grid: Grid, world_size: int = 2, progress=None) -> pd.DataFrame:
     queue = ctx.SimpleQueue()
     procs = mp.start_processes(_worker, args=(world_size, _free_port(), grid, queue), nprocs=world_size,
                                join=False, start_method="spawn")
+    try:
+        rows = _collect(procs, queue, progress)
+    except BaseException:  # interrupted or a worker failed: leave no process behind
+        for proc in procs.processes:
+            if proc.is_alive():
+                proc.terminate()
+        raise
+    return frame(rows)
+
+
+def _collect(procs, queue, progress) -> list[dict]:
+    """Forward progress ticks until the workers exit; rank 0's rows."""
     rows = None
-    while rows is None:
+    while True:
         while not queue.empty():
             what, payload = queue.get()
             if what == "tick" and progress is not None:
                 progress.update(payload)
             elif what == "rows":
                 rows = payload
-        if rows is None and procs.join(timeout=0.05):
-            break  # all exited: the rows came or a worker failed (join raises then)
-    while not procs.join(timeout=1.0):
-        pass
-    if rows is None:
-        while not queue.empty():
-            what, payload = queue.get()
-            rows = payload if what == "rows" else rows
-    return frame(rows or [])
+        if procs.join(timeout=0.05):  # raises if a worker failed
+            break
+    while not queue.empty():
+        what, payload = queue.get()
+        rows = payload if what == "rows" else rows
+    return rows or []
 
 
 def frame(rows: list[dict]) -> pd.DataFrame:
