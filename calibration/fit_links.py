@@ -29,7 +29,7 @@ import pandas as pd
 
 from estimator.errors import ConfigError, cli_guard
 from estimator.io import atomic_write_json, atomic_write_text
-from estimator.links import TimeCurve, fit_time_curve
+from estimator.links import TimeCurve, fit_time_curve, merge_entry
 from estimator.profiles import PROFILE_DIR, PROFILE_FORMAT, load_profile, profile_from_dict
 
 KEYS = ["link_class", "kind", "group"]
@@ -95,13 +95,16 @@ def _ape(curve: TimeCurve, test: pd.DataFrame) -> np.ndarray:
 
 
 def apply_links(profile: dict, links: dict, raw_csv: str | None = None) -> dict:
-    """``profile`` (a parsed profile document) with the fitted entries in place of its own;
-    classes and kinds not fitted keep theirs. ``raw_csv`` names the raw file beside it."""
+    """``profile`` (a parsed profile document) with the fitted curves merged into its entries
+    (:func:`estimator.links.merge_entry`); classes and kinds not fitted keep theirs.
+    ``raw_csv`` names the raw file beside it."""
     out = copy.deepcopy(profile)
     out["format"] = PROFILE_FORMAT
     for cls, kinds in links.items():
         for kind, entry in kinds.items():
-            out["links"][cls][kind] = {**entry, **({"raw": raw_csv} if raw_csv else {})}
+            source = {k: v for k, v in entry.items() if k in ("cite", "command")}
+            merged = merge_entry(out["links"][cls][kind], entry["curves"], source)
+            out["links"][cls][kind] = {**merged, **({"raw": raw_csv} if raw_csv else {})}
     profile_from_dict(out, where="profile with fitted links")  # the result must load
     return out
 

@@ -274,3 +274,20 @@ def fit_time_curve(sizes: np.ndarray, times: np.ndarray, max_points: int = 40) -
     for i in keep:
         points[float(max(1, round(math.exp(logs[i]))))] = float(f"{math.exp(fitted[i]):.4g}")
     return [[s, t] for s, t in points.items()]
+
+
+def merge_entry(base: dict, curves: dict[str, list], source: dict[str, str]) -> dict:
+    """A ``links`` entry: ``base`` with ``curves`` measured anew (group key → points) and
+    ``source`` (``{"cite": ...}`` or ``{"command": ...}``) naming where they came from.
+
+    Curves of groups not measured anew stay; the α + busbw pair stays (with its citation
+    appended) only while no single-node curve exists, since multi-node curves alone cannot
+    serve a collective inside a node or across one rank per node.
+    """
+    merged = {**base.get("curves", {}), **curves}
+    out: dict[str, Any] = {"curves": merged, **source}
+    if all("x" in g for g in merged):
+        out.update({k: base[k] for k in ("alpha_s", "busbw_bytes_per_s") if k in base})
+        key = next(iter(source))
+        out[key] = f"{source[key]}; alpha_s/busbw_bytes_per_s kept: {base.get('cite') or base.get('command')}"
+    return out

@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 from estimator.errors import ConfigError
-from estimator.links import fit_time_curve
+from estimator.links import fit_time_curve, merge_entry
 from estimator.profiles import PROFILE_FORMAT, profile_from_dict
 
 # nccl-tests binary → collective kind of the profile
@@ -261,17 +261,11 @@ def import_nccl_tests(files: list[str | Path], base: dict, name: str) -> dict:
     versions = {k: v for r in runs for k, v in r.versions.items()}
     out["software"] = {**out.get("software", {}), **versions}
     for (cls, kind), part in frame.groupby(["link_class", "kind"], sort=True):
-        entry = out["links"][cls][kind]
-        curves = dict(entry.get("curves", {}))
         srcs = sorted({Path(p).name for p in part.path})
-        for group, g in part.groupby("group"):
-            curves[group] = fit_time_curve(g.size_bytes.to_numpy(), g.time_s.to_numpy())
+        curves = {group: fit_time_curve(g.size_bytes.to_numpy(), g.time_s.to_numpy())
+                  for group, g in part.groupby("group")}
         measured = f"nccl-tests output {', '.join(srcs)} ({'in' if IN_PLACE[kind] else 'out-of'}-place times, " \
                    "pooled by median and fitted monotone by estimator.links.fit_time_curve)"
-        new = {"curves": curves, "cite": measured}
-        if all("x" in g for g in curves):
-            new.update({k: entry[k] for k in ("alpha_s", "busbw_bytes_per_s") if k in entry})
-            new["cite"] += f"; alpha_s/busbw_bytes_per_s kept: {entry.get('cite') or entry.get('command')}"
-        out["links"][cls][kind] = new
+        out["links"][cls][kind] = merge_entry(out["links"][cls][kind], curves, {"cite": measured})
     profile_from_dict(out, where=f"profile {name!r} imported from nccl-tests")  # checks the result
     return out

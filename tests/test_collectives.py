@@ -212,3 +212,15 @@ def test_tiny_calibration_over_gloo_reproduces_its_own_measurements(tmp_path):
         # the isotonic least-squares fit is at least as close as the best constant (in log time)
         resid = np.sum(np.log(got / want) ** 2)
         assert resid <= np.sum((np.log(want) - np.log(want).mean()) ** 2) * 1.0001 + 1e-6
+
+
+def test_multi_node_fit_keeps_the_pair_that_serves_other_shapes():
+    raw = _synthetic_raw(group="8").assign(link_class="inter", group="2x8", group_size=16)
+    links, _ = fit_links(raw, 0.0, cite="vidur a100_dgx, 2 nodes", max_points=100)
+    doc = apply_links(linear_profile_dict(alpha=1e-5), links)
+    entry = doc["links"]["inter"]["all_reduce"]
+    assert entry["alpha_s"] == 1e-5 and "alpha_s/busbw_bytes_per_s kept: synthetic" in entry["cite"]
+    prof = profile_from_dict(doc)
+    s, t = raw.size_bytes.iloc[20], raw.median_s.iloc[20]
+    assert prof.group_collective_s("all_reduce", s, 8, 2) == pytest.approx(t, rel=1e-3)
+    assert prof.collective_s("all_reduce", s, 2, "inter") == pytest.approx(1e-5 + s / 1e9)
