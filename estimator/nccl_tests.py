@@ -69,7 +69,7 @@ class NcclRun:
     def group(self) -> str:
         """The curve key: ranks on one node, ``"2"`` for a point-to-point pair, ``"<nodes>x<per_node>"``."""
         if self.kind == "p2p":
-            return "2"  # sendrecv: each rank exchanges with its ring neighbours, one pair at a time
+            return "2"  # sendrecv: each rank sends to its ring successor as it receives from its predecessor
         if self.nodes <= 1:
             return str(self.nranks)
         per_node = self.nranks // self.nodes
@@ -150,7 +150,7 @@ def parse_text(text: str, path: str = "<text>", kind: str | None = None) -> list
     program, table, rows, versions = None, None, [], {}
 
     def close(lineno: int) -> None:
-        nonlocal table, rows, ranks
+        nonlocal table, rows
         if table is not None and rows:
             k = kind or _kind_from(program or path, path, f"{path}:{lineno}")
             n, hosts = _group_shape(ranks, f"{path}:{lineno}")
