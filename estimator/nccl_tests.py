@@ -13,7 +13,9 @@ the best measurement of a cluster's collectives there is. :func:`parse_nccl_test
 - ``-J`` JSON output (format version 3 of nccl-tests 2.17 on).
 
 The group comes from the ``#  Rank N Group G Pid P on HOST device D ...`` lines (or the JSON
-``devices``): ranks per group, and hosts for the number of nodes. A run on several hosts
+``devices``): ranks per group, and hosts for the number of nodes. Without them, NCCL_DEBUG=INFO
+``... nranks N ... Init COMPLETE`` lines give the ranks (their host prefixes the hosts), and
+failing those ``# nThread T nGpus G`` gives T·G ranks of one process on one host. A run on several hosts
 becomes a multi-node curve ``"<nodes>x<per_node>"`` of ``links.inter``.
 :func:`import_nccl_tests` builds a profile from a base profile and such files.
 
@@ -48,6 +50,8 @@ _PREFIX = re.compile(r"^\[\d+,\d+\]<std(?:out|err)>:\s?")
 _RANK = re.compile(r"^#\s+Rank\s+(\d+)\s+(?:Group\s+(\d+)\s+)?(?:Pid\s+\d+\s+)?on\s+(\S+)\s+device")
 _STARTING = re.compile(r"^#\s*Collective test starting:\s*(\S+)")
 _VERSION = re.compile(r"^#\s*nccl-tests version (\S+) nccl-headers=\d+ nccl-library=(\d+)")
+_NTHREAD = re.compile(r"^#\s*nThread (\d+) nGpus (\d+)")
+_INFO_NRANKS = re.compile(r"^([^:\s]+):\d+:\d+ .*NCCL INFO .*\bnranks (\d+)\b")
 
 
 @dataclass(frozen=True)
@@ -86,9 +90,11 @@ def _kind_from(name: str, path: str, where: str) -> str:
                       f"supported: {', '.join(b + '_perf' for b in BINARIES)}")
 
 
-def _group_shape(ranks: dict[int, tuple[int, str]], where: str) -> tuple[int, int]:
-    """(ranks per communicator, hosts) from rank → (group, host)."""
+def _group_shape(ranks: dict[int, tuple[int, str]], fallback: tuple[int, int] | None, where: str) -> tuple[int, int]:
+    """(ranks per communicator, hosts) from rank → (group, host), else from ``fallback``."""
     if not ranks:
+        if fallback:
+            return fallback
         raise ConfigError(f"{where}: no '#  Rank N ... on HOST device D' lines: the group size is unknown")
     groups: dict[int, set[str]] = {}
     sizes: dict[int, int] = {}
@@ -148,12 +154,15 @@ def parse_text(text: str, path: str = "<text>", kind: str | None = None) -> list
     runs: list[NcclRun] = []
     ranks: dict[int, tuple[int, str]] = {}
     program, table, rows, versions = None, None, [], {}
+    local: tuple[int, int] | None = None  # nThread × nGpus of one process, on one host
+    info: dict[str, int] = {}  # host → nranks, from NCCL_DEBUG=INFO 'Init COMPLETE' lines
 
     def close(lineno: int) -> None:
         nonlocal table, rows
         if table is not None and rows:
             k = kind or _kind_from(program or path, path, f"{path}:{lineno}")
-            n, hosts = _group_shape(ranks, f"{path}:{lineno}")
+            fallback = (max(info.values()), len(info)) if info else local
+            n, hosts = _group_shape(ranks, fallback, f"{path}:{lineno}")
             runs.append(NcclRun(path, k, n, hosts, pd.DataFrame(rows), dict(versions)))
         table, rows = None, []
 
@@ -165,9 +174,11 @@ def parse_text(text: str, path: str = "<text>", kind: str | None = None) -> list
             continue
         if line.startswith("#"):
             body = line.lstrip("#").split()
-            if (m := _STARTING.match(line)) or line.startswith("# nThread"):
+            if (m := _STARTING.match(line)) or (t := _NTHREAD.match(line)):
                 close(lineno)  # a new run: its devices follow
                 program, ranks = (m.group(1) if m else program), {}
+                if not m:
+                    local, info = (int(t.group(1)) * int(t.group(2)), 1), {}
             elif m := _VERSION.match(line):
                 versions = {"nccl-tests": m.group(1), "nccl": m.group(2)}
             elif m := _RANK.match(line):
@@ -176,12 +187,14 @@ def parse_text(text: str, path: str = "<text>", kind: str | None = None) -> list
                 close(lineno)
                 table = _TextTable(body, where)
             continue
+        if "NCCL" in line:  # NCCL_DEBUG log lines, also inside the table
+            if m := _INFO_NRANKS.match(line):
+                info[m.group(1)] = int(m.group(2))
+            continue
         tokens = line.split()
         if table is None or not tokens:
             continue
         if not tokens[0].isdigit():
-            if "NCCL" in line:  # NCCL_DEBUG log lines interleave with the table
-                continue
             raise ConfigError(f"{where}: not a results row: {line.strip()!r}")
         row = _parse_row(tokens, table, IN_PLACE[kind or _kind_from(program or path, path, where)], where)
         rows.append({**row, "line": lineno})
@@ -203,7 +216,7 @@ def parse_json(data: Any, path: str = "<json>", kind: str | None = None) -> list
         ranks = {int(d["rank"]): (int(d.get("group", 0)), str(d["hostname"])) for d in devices}
     except (KeyError, TypeError, ValueError):
         raise ConfigError(f"{path}: config.devices entries need 'rank' and 'hostname'") from None
-    n, hosts = _group_shape(ranks, path)
+    n, hosts = _group_shape(ranks, None, path)
     rows = []
     half = "in_place" if IN_PLACE[k] else "out_of_place"
     for i, r in enumerate(data["results"]):

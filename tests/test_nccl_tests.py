@@ -78,7 +78,7 @@ def _lines(name: str) -> list[str]:
     (lambda ls: ls[:22] + ["         abc  junk\n"] + ls[22:], r"bad\.txt:23: not a results row: 'abc  junk'"),
     (lambda ls: [ls[i].replace("       0\n", "       3\n") if i == 20 else ls[i] for i in range(len(ls))],
      r"bad\.txt:21: 3 wrong elements"),
-    (lambda ls: [x for x in ls if "Rank" not in x], r"no '#  Rank N"),
+    (lambda ls: [x for x in ls if "Rank" not in x and "nThread" not in x], r"no '#  Rank N"),
     (lambda ls: [x for x in ls if not x.lstrip("#").strip().startswith(("size", "(B)"))],
      r"no nccl-tests results table"),
 ])
@@ -87,6 +87,17 @@ def test_malformed_text_names_file_and_line(tmp_path, edit, match):
     path.write_text("".join(edit(_lines("all_reduce_perf.h100x8.txt"))))
     with pytest.raises(ConfigError, match=match):
         parse_nccl_tests(path)
+
+
+def test_without_rank_lines_the_group_comes_from_nccl_info_or_nthread_ngpus():
+    lines = [x for x in _lines("all_gather_perf.2x8.mpirun.txt") if "Rank" not in x]
+    info = [f"node-{h}:{20311 + r}:{20390 + r} [{r}] NCCL INFO comm 0x55d1c3a0 rank {8 * (h == 'b') + r} nranks 16 "
+            f"cudaDev {r} busId 18000 commId 0x7a1c2b3d4e5f6071 - Init COMPLETE\n" for h in "ab" for r in range(8)]
+    run, = parse_text("".join(lines[:3] + info + lines[3:]), "all_gather_perf.log")
+    assert (run.nranks, run.nodes, run.group) == (16, 2, "2x8")
+    lines = [x for x in _lines("all_reduce_perf.h100x8.txt") if "Rank" not in x]
+    run, = parse_text("".join(lines), "all_reduce_perf.log")  # nThread 1 nGpus 8: one process
+    assert (run.nranks, run.nodes, run.group) == (8, 1, "8")
 
 
 def test_unnamed_output_needs_a_telling_file_name(tmp_path):
