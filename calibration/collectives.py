@@ -20,6 +20,7 @@ Run locally (spawned processes) or from ranks under torchrun::
 
     from calibration.collectives import GRIDS, run_local
     raw = run_local(GRIDS["quick"], world_size=2)          # pandas DataFrame of raw rows
+    raw = run_local(GRIDS["full"], world_size=8, device="cuda")   # NCCL, one GPU per process
 
     # torchrun --nproc-per-node 8 script.py, after init_process_group:
     rows = measure(GRIDS["full"], device=torch.device("cuda", local_rank))
@@ -200,12 +201,16 @@ def cases(grid: Grid, world_size: int) -> int:
     return per * len(grid.sizes)
 
 
-def _worker(rank: int, world: int, port: int, grid: Grid, queue) -> None:
+def _worker(rank: int, world: int, port: int, grid: Grid, queue, device_type: str) -> None:
     torch.set_num_threads(1)  # one core per simulated device, as the executor runs
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world,
                             timeout=timedelta(seconds=300))  # a peer that died fails the run, not hangs it
     try:
-        rows = measure(grid, tick=lambda n: queue.put(("tick", n)), shared_clock=True)
+        rows = measure(grid, device, tick=lambda n: queue.put(("tick", n)), shared_clock=True)
         if rank == 0:
             queue.put(("rows", rows))
     finally:
@@ -218,14 +223,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_local(grid: Grid, world_size: int = 2, progress=None) -> pd.DataFrame:
-    """Spawn ``world_size`` gloo processes on this host and time ``grid``; ``progress`` is a
-    tqdm bar (or anything with ``update(n)``) advanced once per case."""
+def run_local(grid: Grid, world_size: int = 2, progress=None, device: str = "cpu") -> pd.DataFrame:
+    """Spawn ``world_size`` processes on this host and time ``grid``: gloo on CPU, or NCCL
+    with one GPU per process (``device="cuda"``); ``progress`` is a tqdm bar (or anything with
+    ``update(n)``) advanced once per case."""
     if world_size < 2:
         raise ConfigError(f"collective benchmarks need a world size of at least 2, got {world_size}")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"collective benchmarks: device={device!r} must be 'cpu' or 'cuda'")
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        raise ConfigError(f"collective benchmarks over NCCL need one GPU per process: world size {world_size}, "
+                          f"{torch.cuda.device_count()} GPU(s) visible")
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    procs = mp.start_processes(_worker, args=(world_size, _free_port(), grid, queue), nprocs=world_size,
+    procs = mp.start_processes(_worker, args=(world_size, _free_port(), grid, queue, device), nprocs=world_size,
                                join=False, start_method="spawn")
     try:
         rows = _collect(procs, queue, progress)

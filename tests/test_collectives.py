@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from calibration.collectives import GRIDS, KINDS, Grid, cases, run_local, size_grid
 from calibration.fit_links import apply_links, fit_links, load_vidur_network, split_holdout
@@ -181,6 +182,14 @@ def test_grids_and_case_count():
     assert cases(GRIDS["tiny"], 4) == (2 * len(KINDS) - 1) * len(GRIDS["tiny"].sizes)  # p2p only in pairs
     with pytest.raises(ConfigError, match=r"unknown kind\(s\) \['all_to_all'\]"):
         Grid((4,), kinds=("all_to_all",))
+    with pytest.raises(ConfigError, match=r"world size 1"):
+        run_local(GRIDS["tiny"], 1)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this host can run NCCL collectives")
+def test_nccl_needs_a_gpu_per_process():
+    with pytest.raises(ConfigError, match=r"one GPU per process: world size 2"):
+        run_local(GRIDS["tiny"], 2, device="cuda")
 
 
 class _Bar:
