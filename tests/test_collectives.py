@@ -182,7 +182,7 @@ def test_grids_and_case_count():
     assert cases(GRIDS["tiny"], 4) == (2 * len(KINDS) - 1) * len(GRIDS["tiny"].sizes)  # p2p only in pairs
     with pytest.raises(ConfigError, match=r"unknown kind\(s\) \['all_to_all'\]"):
         Grid((4,), kinds=("all_to_all",))
-    with pytest.raises(ConfigError, match=r"world size 1"):
+    with pytest.raises(ConfigError, match=r"world size of at least 2, got 1"):
         run_local(GRIDS["tiny"], 1)
 
 
