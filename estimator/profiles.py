@@ -13,15 +13,26 @@ paper or public benchmark) or ``command`` (the measurement that produced them)::
      "memory": {"capacity": {"bytes": ..., "cite": ...}, "bandwidth": {"bytes_per_s": ..., "cite": ...},
                 "efficiency": {"by": "bytes", ...}},
      "links": {"intra": {"name": "...", "all_reduce": {"alpha_s": ..., "busbw_bytes_per_s": ..., "cite": ...},
-                         "all_gather": ..., "reduce_scatter": ..., "p2p": ..., "broadcast": ...},
-               "inter": {...}}}
+                         "all_gather": {"curves": {"2": [[size_bytes, time_s], ...], "8": [...]},
+                                        "command": ...}, "reduce_scatter": ..., "p2p": ..., "broadcast": ...},
+               "inter": {..., "all_reduce": {"curves": {"2x8": [...]}, "alpha_s": ..., ...}}}}
 
 Efficiency curves map an op's size (FLOPs or bytes) to the fraction of peak it reaches; they
 are looked up by interpolation in log(size) between points (or as steps, Calculon-style) and
-held flat beyond the first and last point. Link figures are nccl-tests *bus* bandwidths, so a
-collective over ``n`` ranks moves ``factor(n)·S`` bytes at ``busbw`` (nccl-tests
-doc/PERFORMANCE.md): all-reduce ``2(n−1)/n``, all-gather and reduce-scatter ``(n−1)/n``,
-broadcast and point-to-point 1.
+held flat beyond the first and last point.
+
+Links (``estimator/links.py`` has the whole rule): each collective kind on each link class
+holds measured time curves per group size — interpolated in log(size)–log(time), held at the
+smallest size's time below it, extended at the last segment's bandwidth beyond the largest,
+and served to a group size not measured from the nearest measured one scaled by the bus
+factors — or a latency + nccl-tests *bus* bandwidth, so a collective over ``n`` ranks takes
+``alpha_s + factor(n)·S/busbw`` (nccl-tests doc/PERFORMANCE.md): all-reduce ``2(n−1)/n``,
+all-gather and reduce-scatter ``(n−1)/n``, broadcast and point-to-point 1. A collective over
+several nodes uses a measured ``"<nodes>x<per_node>"`` curve of ``links.inter`` where one
+exists and composes the intra-node and inter-node phases only where none does.
+
+Format ``rlhf-plan/profile-v2`` adds the curves; a ``rlhf-plan/profile-v1`` file (α + busbw
+only) still loads unchanged.
 
 Loading parses and checks the file once and precomputes the lookup tables, so cost functions
 in the hot loop only interpolate.
@@ -40,22 +51,16 @@ import numpy as np
 
 from estimator.errors import ConfigError
 from estimator.io import atomic_write_json
+from estimator.links import COLLECTIVES, LINK_CLASSES, LinkCost, bus_factor, parse_links
 
-PROFILE_FORMAT = "rlhf-plan/profile-v1"
+__all__ = ["COLLECTIVES", "FORMATS", "LINK_CLASSES", "PROFILE_DIR", "PROFILE_FORMAT", "Curve", "LinkCost",
+           "Profile", "bus_factor", "known_profiles", "load_profile", "profile_from_dict"]
+
+PROFILE_FORMAT = "rlhf-plan/profile-v2"  # what new files are written in
+FORMATS = ("rlhf-plan/profile-v1", PROFILE_FORMAT)  # what loads; v1 has no collective curves
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "profiles"
 SOURCES = ("measured", "datasheet")
-COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "p2p", "broadcast")
-LINK_CLASSES = ("intra", "inter")  # inside a node (NVLink) / between nodes (NIC)
 INTERPOLATIONS = ("log-linear", "step")
-
-
-def bus_factor(kind: str, n: int) -> float:
-    """Bytes on the busiest link per byte of message, for ``n`` ranks (nccl-tests busbw)."""
-    if kind == "all_reduce":
-        return 2.0 * (n - 1) / n
-    if kind in ("all_gather", "reduce_scatter"):
-        return (n - 1) / n
-    return 1.0
 
 
 @dataclass(frozen=True)
@@ -108,14 +113,6 @@ class Curve:
 
 
 @dataclass(frozen=True)
-class LinkCost:
-    """One collective kind on one link class: ``alpha_s + factor(n)·S / busbw``."""
-
-    alpha_s: float  # latency of one collective call, seconds
-    busbw_Bps: float  # nccl-tests bus bandwidth, bytes/s
-
-
-@dataclass(frozen=True)
 class Profile:
     """One device kind: compute, memory and links, with the provenance of every number."""
 
@@ -156,15 +153,20 @@ class Profile:
         """One collective of ``size_bytes`` per rank over ``n`` ranks on one link class."""
         if n <= 1 or size_bytes <= 0:
             return 0.0
-        c = self.links[link_class][kind]
-        return c.alpha_s + bus_factor(kind, n) * size_bytes / c.busbw_Bps
+        return self.links[link_class][kind].time_s(size_bytes, n)
 
     def group_collective_s(self, kind: str, size_bytes: float, per_node: int, nodes: int) -> float:
-        """A collective over ``per_node`` ranks on each of ``nodes`` nodes, hierarchically:
-        the intra-node phase on NVLink, then ``1/per_node`` of the data per rank across nodes
-        on each rank's own NIC (REFERENCE.md "Hierarchical")."""
+        """A collective over ``per_node`` ranks on each of ``nodes`` nodes: a measured multi-node
+        curve where the profile has one for that shape; otherwise hierarchically, the
+        intra-node phase on NVLink, then ``1/per_node`` of the data per rank across nodes on
+        each rank's own NIC (REFERENCE.md "Hierarchical")."""
         if nodes <= 1:
             return self.collective_s(kind, size_bytes, per_node, "intra")
+        if size_bytes <= 0:
+            return 0.0
+        measured = self.links["inter"][kind].multi_node_s(size_bytes, nodes, per_node)
+        if measured is not None:
+            return measured
         if kind == "p2p" or kind == "broadcast":
             return self.collective_s(kind, size_bytes, 2, "inter")
         intra = self.collective_s(kind, size_bytes, per_node, "intra")
@@ -174,8 +176,7 @@ class Profile:
         """One point-to-point message."""
         if size_bytes <= 0:
             return 0.0
-        c = self.links[link_class]["p2p"]
-        return c.alpha_s + size_bytes / c.busbw_Bps
+        return self.links[link_class]["p2p"].time_s(size_bytes, 2)
 
     def provenance(self) -> dict[str, str]:
         """Dotted path of every group of numbers → its citation or command."""
@@ -184,7 +185,7 @@ class Profile:
         def walk(node: Any, path: str) -> None:
             if isinstance(node, dict):
                 where = node.get("cite") or node.get("command")
-                if where and any(isinstance(v, (int, float, list)) for v in node.values()):
+                if where and ("curves" in node or any(isinstance(v, (int, float, list)) for v in node.values())):
                     out[path] = str(where)
                 for k, v in node.items():
                     walk(v, f"{path}.{k}" if path else k)
@@ -261,22 +262,6 @@ def _curve(node: dict, where: str, by: str) -> Curve:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _links(data: dict, where: str) -> tuple[dict[str, dict[str, LinkCost]], dict[str, str]]:
-    links = _obj(data, "links", where, LINK_CLASSES, numbers=False)
-    costs: dict[str, dict[str, LinkCost]] = {}
-    names = {}
-    for cls in LINK_CLASSES:
-        node = _obj(links, cls, f"{where}: links", COLLECTIVES, numbers=False)
-        names[cls] = str(node.get("name", cls))
-        costs[cls] = {}
-        for kind in COLLECTIVES:
-            w = f"{where}: links.{cls}"
-            entry = _obj(node, kind, w, ("alpha_s", "busbw_bytes_per_s"))
-            costs[cls][kind] = LinkCost(_positive(entry, "alpha_s", f"{w}.{kind}", zero_ok=True),
-                                        _positive(entry, "busbw_bytes_per_s", f"{w}.{kind}"))
-    return costs, names
-
-
 def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Profile:
     """Check a parsed profile document and build its lookup object."""
     if not isinstance(data, dict):
@@ -288,8 +273,8 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         raise ConfigError(f"{where}: " + "; ".join(
             ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else []))
             + f"; allowed: {sorted(set(top) | {'notes'})}")
-    if data["format"] != PROFILE_FORMAT:
-        raise ConfigError(f"{where}: format={data['format']!r}, expected {PROFILE_FORMAT!r}")
+    if data["format"] not in FORMATS:
+        raise ConfigError(f"{where}: format={data['format']!r} must be one of {FORMATS}")
     if data["source"] not in SOURCES:
         raise ConfigError(f"{where}: source={data['source']!r} must be one of {SOURCES}")
     if not isinstance(data["software"], dict):
@@ -304,7 +289,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     cap = _obj(memory, "capacity", m, ("bytes",))
     bw = _obj(memory, "bandwidth", m, ("bytes_per_s",))
     meff = _obj(memory, "efficiency", m, ("by", "interpolation", "points"))
-    links, names = _links(data, where)
+    links, names = parse_links(data["links"], where, curves_allowed=data["format"] != FORMATS[0])
     return Profile(
         name=str(data["name"]), source=data["source"], device=str(data["device"]), date=str(data["date"]),
         software={str(k): str(v) for k, v in data["software"].items()},
