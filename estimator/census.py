@@ -1,0 +1,133 @@
+"""The executor's op census, read as data: what each piece of a call dispatches, for any shape.
+
+``calibration/census/executor.json`` is written by ``python -m calibration.census``, which runs
+the executor's own code under a dispatch recorder (see that module); the estimator never
+imports the executor or torch. Per run dtype and piece it lists aten ops, each with a count,
+its FLOPs and the bytes it reads and writes, every one a monomial ``c·Π symbol^e`` of shape
+symbols (``rows``, ``tokens``, ``kv_len``, ``hidden``, ``kv_heads``, ``group``,
+``half_head_dim``, ``ffn``, ``vocab_local``, ``tp``, ``vocab``, ``response``, ``numel``).
+
+:func:`piece_work` evaluates one piece at concrete symbols (numpy arrays allowed, so decode
+steps over a growing KV length evaluate in one call) into per-op arrays of FLOPs, bytes and
+launches, which :meth:`estimator.profiles.Profile.ops_s_many` turns into seconds op by op.
+FLOPs are torch's ``FlopCounterMode`` formulas (``2·m·n·k`` per product; attention's full
+``4·b·heads·q·k·d`` square, causal or not, as the counter counts it and the CPU math kernel
+computes it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from estimator.errors import ConfigError
+from estimator.models import ModelSpec
+
+CENSUS_FORMAT = "rlhf-plan/census-v1"
+CENSUS_PATH = Path(__file__).resolve().parent.parent / "calibration" / "census" / "executor.json"
+
+
+@dataclass(frozen=True)
+class PieceWork:
+    """One piece at concrete shapes: per op (row) FLOPs, bytes and dispatches."""
+
+    flops: np.ndarray  # (ops, ...) FLOPs of one op of each entry
+    bytes: np.ndarray  # (ops, ...) bytes one op reads and writes
+    count: np.ndarray  # (ops, ...) how many such ops the piece dispatches
+
+    @property
+    def launches(self) -> np.ndarray:
+        return self.count.sum(axis=0)
+
+
+@dataclass(frozen=True)
+class Census:
+    """The parsed census document: dtype → piece → op entries."""
+
+    dtypes: dict[str, dict[str, list]]
+    torch: str
+
+    def piece(self, dtype: str, name: str) -> list:
+        try:
+            return self.dtypes[dtype][name]
+        except KeyError:
+            known = sorted(self.dtypes.get(dtype, {}))
+            raise ConfigError(f"census has no piece {name!r} for dtype {dtype!r} "
+                              f"(known dtypes {sorted(self.dtypes)}; pieces {known[:6]}…); "
+                              "regenerate it with: python -m calibration.census") from None
+
+
+@lru_cache(maxsize=4)
+def load_census(path: str | None = None) -> Census:
+    where = Path(path) if path else CENSUS_PATH
+    try:
+        data = json.loads(where.read_text())
+    except OSError as exc:
+        raise ConfigError(f"op census {str(where)!r}: {exc.strerror}; "
+                          "generate it with: python -m calibration.census") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"op census {str(where)!r}: not valid JSON: {exc}") from None
+    if data.get("format") != CENSUS_FORMAT:
+        raise ConfigError(f"op census {str(where)!r}: format={data.get('format')!r}, expected {CENSUS_FORMAT!r}")
+    return Census(data["dtypes"], str(data.get("torch", "")))
+
+
+def _mono(m: list, values: dict) -> np.ndarray | float:
+    c, exps = m
+    out = float(c)
+    for sym, e in exps.items():
+        out = out * np.asarray(values[sym], dtype=float) ** e
+    return out
+
+
+def piece_work(entries: list, values: dict) -> PieceWork:
+    """Evaluate a piece's entries at ``values`` (symbol → number or array)."""
+    flops, nbytes, count = [], [], []
+    for e in entries:
+        flops.append(_mono(e["flops"], values))
+        nbytes.append(sum((_mono(t, values) for t in e["bytes"]), 0.0))
+        count.append(_mono(e["count"], values))
+    shape = np.broadcast(*flops, *nbytes, *count, np.zeros(())).shape if entries else ()
+    stack = lambda xs: np.array([np.broadcast_to(x, shape) for x in xs], dtype=float).reshape(len(xs), *shape)  # noqa: E731
+    return PieceWork(stack(flops), stack(nbytes), stack(count))
+
+
+def model_symbols(model: ModelSpec, tp: int) -> dict[str, float]:
+    """The model's shape symbols on one rank of a tensor-parallel group of ``tp``."""
+    g = model.kv_heads // tp
+    return {"hidden": model.hidden, "kv_heads": g, "group": model.heads // model.kv_heads,
+            "half_head_dim": model.head_dim / 2, "ffn": model.ffn / tp, "vocab_local": model.vocab / tp,
+            "vocab": model.vocab, "tp": tp}
+
+
+def block_piece(phase: str, model: ModelSpec, tp: int) -> str:
+    """Census name of one block's ``phase`` (forward | prefill | decode | backward)."""
+    return f"block_{phase}" + ("@tp" if tp > 1 else "") + ("+bias" if model.qkv_bias else "")
+
+
+def end_piece(name: str, tp: int) -> str:
+    """Census name of a vocabulary-split piece (embed, head_lm, …) on a group of ``tp``."""
+    return name + ("@tp" if tp > 1 else "")
+
+
+def dp_allreduce_entries(census: Census, dtype: str) -> tuple[list, list]:
+    """The flatten copies around a data-parallel all-reduce of ``k`` tensors, as (entries for
+    two tensors, entries for three): linear in ``k``, evaluated by :func:`dp_flatten_work`."""
+    return census.piece(dtype, "dp_allreduce_2"), census.piece(dtype, "dp_allreduce_3")
+
+
+def dp_flatten_work(census: Census, dtype: str, tensors: int, numel: float) -> tuple[float, float]:
+    """(bytes, dispatches) of flattening ``tensors`` gradients of ``numel`` elements in all
+    into one all-reduce and back; nothing when there is only one tensor."""
+    if tensors <= 1:
+        return 0.0, 0.0
+    two, three = dp_allreduce_entries(census, dtype)
+    w2, w3 = piece_work(two, {"numel": 1.0}), piece_work(three, {"numel": 1.0})
+    per_elem = float((w2.bytes * w2.count).sum()) / 2.0  # bytes per gradient element
+    per_tensor = float(w3.launches - w2.launches)
+    base = float(w2.launches) - 2 * per_tensor
+    return per_elem * numel, base + per_tensor * tensors
