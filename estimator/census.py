@@ -91,7 +91,7 @@ def piece_work(entries: list, values: dict) -> PieceWork:
         flops.append(_mono(e["flops"], values))
         nbytes.append(sum((_mono(t, values) for t in e["bytes"]), 0.0))
         count.append(_mono(e["count"], values))
-    shape = np.broadcast(*flops, *nbytes, *count, np.zeros(())).shape if entries else ()
+    shape = np.broadcast_shapes(*(np.shape(x) for x in flops + nbytes + count))
     stack = lambda xs: np.array([np.broadcast_to(x, shape) for x in xs], dtype=float).reshape(len(xs), *shape)  # noqa: E731
     return PieceWork(stack(flops), stack(nbytes), stack(count))
 
