@@ -109,10 +109,14 @@ def rotary(v, dt, tp, bias, decode=False) -> Thunk:
     return lambda: M.context(spec, start, t, dt, torch.device("cpu"))
 
 
-def embed(v, dt, tp, bias) -> Thunk:
-    w = _rand(v["vocab_local"], v["hidden"], dtype=dt)
+def embed(v, dt, tp, bias, backward=False) -> Thunk:
+    w = _rand(v["vocab_local"], v["hidden"], dtype=dt, grad=backward)
     tokens = torch.randint(0, v["vocab_local"] * (v["tp"] if tp else 1), (v["rows"], v["tokens"]))
     ends = TensorParallel(_spec(v), _group(v, tp), 0)
+    if backward:
+        out = ends.embed({"embed_tokens.weight": w}, tokens)
+        grad = torch.randn_like(out)
+        return lambda: torch.autograd.backward(out, grad)
     return torch.no_grad()(lambda: ends.embed({"embed_tokens.weight": w}, tokens))
 
 
@@ -200,6 +204,7 @@ def _pieces() -> dict[str, Callable]:
                 out[name + tag] = (block_forward, tp, bias, kw)
         tag = "@tp" if tp else ""
         out["embed" + tag] = (embed, tp, False, {})
+        out["embed_backward" + tag] = (embed, tp, False, {"backward": True})
         for kind in ("lm", "value"):
             out[f"head_{kind}{tag}"] = (head, tp, False, {"kind": kind})
             out[f"head_{kind}_backward{tag}"] = (head, tp, False, {"kind": kind, "backward": True})
