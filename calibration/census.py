@@ -37,9 +37,8 @@ from estimator.census import CENSUS_FORMAT, CENSUS_PATH
 from estimator.errors import cli_guard
 from estimator.io import atomic_write_json
 from estimator.models import ModelSpec
-from executor import comm
+from executor import comm, rlhf
 from executor import model as M
-from executor import rlhf
 from executor.data import Sampler
 from executor.engine import Engine, TensorParallel, tensor_parallel_hooks
 from executor.optim import ShardAdam

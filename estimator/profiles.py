@@ -325,7 +325,8 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         raise ConfigError(f"{where}: source={data['source']!r} must be one of {SOURCES}")
     if not isinstance(data["software"], dict):
         raise ConfigError(f"{where}: software must be an object of name → version")
-    compute = _obj(data, "compute", where, ("peak", "efficiency", "launch"), numbers=False, optional=("compose", "dtype"))
+    compute = _obj(data, "compute", where, ("peak", "efficiency", "launch"), numbers=False,
+                   optional=("compose", "dtype"))
     memory = _obj(data, "memory", where, ("capacity", "bandwidth", "efficiency"), numbers=False)
     w = f"{where}: compute"
     peak = _obj(compute, "peak", w, ("flops_per_s",))
