@@ -224,24 +224,35 @@ def _pieces() -> dict[str, Callable]:
 PIECES = _pieces()
 
 
-def _init_fake_world() -> None:
-    if not dist.is_initialized():
-        from torch.testing._internal.distributed.fake_pg import FakeStore
+def _init_fake_world() -> bool:
+    """An in-process world of MAX_TP fake ranks; True if this call created it."""
+    if dist.is_initialized():
+        return False
+    from torch.testing._internal.distributed.fake_pg import FakeStore
 
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=MAX_TP)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=MAX_TP)
+    return True
 
 
-def build(names: list[str] | None = None, progress: bool = False) -> dict:
-    """The census document (every piece unless ``names`` selects some)."""
-    _init_fake_world()
+def build(names: list[str] | None = None, dtypes: list[str] | None = None, progress: bool = False) -> dict:
+    """The census document (every piece and dtype unless ``names`` / ``dtypes`` select some)."""
+    created = _init_fake_world()
+    try:
+        return _build(names, dtypes, progress)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _build(names: list[str] | None, dtypes: list[str] | None, progress: bool) -> dict:
     torch.manual_seed(0)
     selected = {n: PIECES[n] for n in (names or PIECES)}
-    work = [(d, n) for d in DTYPES for n in selected]
+    work = [(d, n) for d in (dtypes or DTYPES) for n in selected]
     if progress:
         from tqdm import tqdm
 
         work = tqdm(work, desc="census", unit="piece", file=sys.stderr)
-    pieces: dict[str, dict[str, list]] = {d: {} for d in DTYPES}
+    pieces: dict[str, dict[str, list]] = {d: {} for d in (dtypes or DTYPES)}
     for dname, name in work:
         fn, tp, bias, kw = selected[name]
         dt = DTYPES[dname]
