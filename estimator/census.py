@@ -18,7 +18,7 @@ computes it).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -50,6 +50,14 @@ class Census:
 
     dtypes: dict[str, dict[str, list]]
     torch: str
+    _compiled: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def compiled(self, dtype: str, name: str) -> Compiled:
+        """:func:`compile_piece` of one piece, compiled once."""
+        key = (dtype, name)
+        if key not in self._compiled:
+            self._compiled[key] = compile_piece(self.piece(dtype, name))
+        return self._compiled[key]
 
     def piece(self, dtype: str, name: str) -> list:
         try:
@@ -76,24 +84,48 @@ def load_census(path: str | None = None) -> Census:
     return Census(data["dtypes"], str(data.get("torch", "")))
 
 
-def _mono(m: list, values: dict) -> np.ndarray | float:
-    c, exps = m
-    out = float(c)
-    for sym, e in exps.items():
-        out = out * np.asarray(values[sym], dtype=float) ** e
-    return out
+@dataclass(frozen=True)
+class Compiled:
+    """A piece's monomials as matrices, so evaluating it is a few numpy products."""
+
+    symbols: tuple[str, ...]
+    coef: np.ndarray  # (3, ops): count, flops, bytes-term constants per row of ``exps``
+    exps: np.ndarray  # (rows, symbols) exponents: counts, then flops, then bytes terms
+    term_op: np.ndarray  # (terms,) which op each bytes term belongs to
+    ops: int
+
+    def __call__(self, values: dict) -> PieceWork:
+        n = self.ops
+        if not n:
+            empty = np.zeros((0,))
+            return PieceWork(empty, empty, empty)
+        logs = [np.log(np.asarray(values[s], dtype=float)) for s in self.symbols]
+        shape = np.broadcast_shapes(*(np.shape(v) for v in logs)) if logs else ()
+        if logs:
+            stacked = np.stack([np.broadcast_to(v, shape) for v in logs])  # (symbols, ...)
+            rows = np.exp(np.tensordot(self.exps, stacked, axes=(1, 0)))  # (rows, ...)
+        else:
+            rows = np.ones((self.exps.shape[0],) + shape)
+        rows = rows * self.coef.reshape(-1, *([1] * len(shape)))
+        count, flops, terms = rows[:n], rows[n:2 * n], rows[2 * n:]
+        nbytes = np.zeros((n,) + shape)
+        np.add.at(nbytes, self.term_op, terms)
+        return PieceWork(flops, nbytes, count)
+
+
+def compile_piece(entries: list) -> Compiled:
+    monos = [e["count"] for e in entries] + [e["flops"] for e in entries]
+    term_op = [i for i, e in enumerate(entries) for _ in e["bytes"]]
+    monos += [t for e in entries for t in e["bytes"]]
+    symbols = tuple(sorted({s for _, exps in monos for s in exps}))
+    exps = np.array([[m[1].get(s, 0) for s in symbols] for m in monos], dtype=float).reshape(len(monos), len(symbols))
+    coef = np.array([float(m[0]) for m in monos])
+    return Compiled(symbols, coef, exps, np.array(term_op, dtype=int), len(entries))
 
 
 def piece_work(entries: list, values: dict) -> PieceWork:
-    """Evaluate a piece's entries at ``values`` (symbol → number or array)."""
-    flops, nbytes, count = [], [], []
-    for e in entries:
-        flops.append(_mono(e["flops"], values))
-        nbytes.append(sum((_mono(t, values) for t in e["bytes"]), 0.0))
-        count.append(_mono(e["count"], values))
-    shape = np.broadcast_shapes(*(np.shape(x) for x in flops + nbytes + count))
-    stack = lambda xs: np.array([np.broadcast_to(x, shape) for x in xs], dtype=float).reshape(len(xs), *shape)  # noqa: E731
-    return PieceWork(stack(flops), stack(nbytes), stack(count))
+    """Evaluate a piece's entries at ``values`` (symbol → positive number or array)."""
+    return compile_piece(entries)(values)
 
 
 def model_symbols(model: ModelSpec, tp: int) -> dict[str, float]:

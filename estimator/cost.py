@@ -33,7 +33,6 @@ from estimator.census import (
     end_piece,
     load_census,
     model_symbols,
-    piece_work,
 )
 from estimator.models import ModelSpec
 from estimator.profiles import Profile
@@ -48,7 +47,7 @@ Extra = tuple[str, dict]  # a census piece on the last stage and its symbols bey
 
 def piece_s(profile: Profile, name: str, values: dict) -> np.ndarray | float:
     """Seconds of one census piece at ``values`` (arrays give an array)."""
-    w = piece_work(load_census().piece(profile.dtype, name), values)
+    w = load_census().compiled(profile.dtype, name)(values)
     if not len(w.count):
         return 0.0
     t = (w.count * profile.ops_s_many(w.flops, w.bytes, 1.0)).sum(axis=0)

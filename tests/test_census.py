@@ -4,6 +4,7 @@ ops.py's FLOP formulas against torch's counter."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -86,7 +87,7 @@ def test_census_is_exact_at_real_model_shapes(model):
         b, s = 3, 10
         ctx = M.context(model, 0, s, torch.float32, torch.device("cpu"))
         x = torch.randn(b, s, model.hidden)
-        got = _recorded(torch.no_grad()(lambda: M.block(params, 0, x, ctx)))
+        got = _recorded(torch.no_grad()(functools.partial(M.block, params, 0, x, ctx)))
         want = _census(block_piece("forward", model, 1), model, tp, rows=b, tokens=s)
         assert got == pytest.approx(want, rel=1e-12)
         cache = M.KVCache(s + 1)
@@ -94,7 +95,7 @@ def test_census_is_exact_at_real_model_shapes(model):
             M.block(params, 0, x, M.context(model, 0, s, torch.float32, torch.device("cpu"), cache))
         step = M.context(model, s, 1, torch.float32, torch.device("cpu"), cache)
         x1 = x[:, :1].contiguous()
-        got = _recorded(torch.no_grad()(lambda: M.block(params, 0, x1, step)))
+        got = _recorded(torch.no_grad()(functools.partial(M.block, params, 0, x1, step)))
         assert got == pytest.approx(_census(block_piece("decode", model, 1), model, tp, rows=b, kv_len=s + 1))
 
 
