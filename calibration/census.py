@@ -176,13 +176,16 @@ def loss(v, dt, tp, bias, name="ppo_actor", backward=False) -> Thunk:
     return torch.no_grad()(lambda: fn(logits, values, seq, p, t))
 
 
-def optimizer(v, dt, tp, bias) -> Thunk:
-    """One Adam step and zero_grad on one parameter tensor (after a first step made the state)."""
-    w = _rand(v["numel"], dtype=dt, grad=True)
-    opt = ShardAdam({"w": w}, 1e-4)
-    w.grad = torch.randn_like(w)
-    opt.step()
-    w.grad = torch.randn_like(w)
+def optimizer(v, dt, tp, bias, tensors=2) -> Thunk:
+    """One Adam step and zero_grad over ``tensors`` parameters of ``numel`` elements each
+    (after a first step made the state)."""
+    ws = {f"w{i}": _rand(v["numel"], dtype=dt, grad=True) for i in range(tensors)}
+    opt = ShardAdam(ws, 1e-4)
+    for _ in range(2):
+        for w in ws.values():
+            w.grad = torch.randn_like(w)
+        if _ == 0:
+            opt.step()
     return lambda: (opt.step(), opt.zero_grad())
 
 
@@ -215,8 +218,8 @@ def _pieces() -> dict[str, Callable]:
         out[f"loss_{name}"] = (loss, False, False, {"name": name})
         if name != "ref_logp":
             out[f"loss_{name}_backward"] = (loss, False, False, {"name": name, "backward": True})
-    out["optimizer"] = (optimizer, False, False, {})
-    for k in (2, 3):
+    for k in (2, 3):  # linear in the number of tensors: two counts fix it
+        out[f"optimizer_{k}"] = (optimizer, False, False, {"tensors": k})
         out[f"dp_allreduce_{k}"] = (dp_allreduce, False, False, {"tensors": k})
     return out
 

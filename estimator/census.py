@@ -146,20 +146,17 @@ def end_piece(name: str, tp: int) -> str:
     return name + ("@tp" if tp > 1 else "")
 
 
-def dp_allreduce_entries(census: Census, dtype: str) -> tuple[list, list]:
-    """The flatten copies around a data-parallel all-reduce of ``k`` tensors, as (entries for
-    two tensors, entries for three): linear in ``k``, evaluated by :func:`dp_flatten_work`."""
-    return census.piece(dtype, "dp_allreduce_2"), census.piece(dtype, "dp_allreduce_3")
-
-
-def dp_flatten_work(census: Census, dtype: str, tensors: int, numel: float) -> tuple[float, float]:
-    """(bytes, dispatches) of flattening ``tensors`` gradients of ``numel`` elements in all
-    into one all-reduce and back; nothing when there is only one tensor."""
-    if tensors <= 1:
-        return 0.0, 0.0
-    two, three = dp_allreduce_entries(census, dtype)
-    w2, w3 = piece_work(two, {"numel": 1.0}), piece_work(three, {"numel": 1.0})
-    per_elem = float((w2.bytes * w2.count).sum()) / 2.0  # bytes per gradient element
+def tensors_work(census: Census, dtype: str, piece: str, tensors: int, numel: float) -> tuple[float, float, float]:
+    """(FLOPs, bytes, dispatches) of a piece over ``tensors`` parameter tensors of ``numel``
+    elements in all: ``optimizer`` (foreach Adam and zero_grad) or ``dp_allreduce`` (the
+    flatten copies around one data-parallel all-reduce). Both are recorded at two and three
+    tensors; work is linear in the elements, dispatches in the tensors."""
+    if tensors <= 0:
+        return 0.0, 0.0, 0.0
+    w2 = census.compiled(dtype, f"{piece}_2")({"numel": 1.0})
+    w3 = census.compiled(dtype, f"{piece}_3")({"numel": 1.0})
     per_tensor = float(w3.launches - w2.launches)
-    base = float(w2.launches) - 2 * per_tensor
-    return per_elem * numel, base + per_tensor * tensors
+    launches = float(w2.launches) + per_tensor * (tensors - 2)
+    flops = float((w2.flops * w2.count).sum()) / 2.0 * numel  # per element of the two tensors
+    nbytes = float((w2.bytes * w2.count).sum()) / 2.0 * numel
+    return flops, nbytes, launches

@@ -27,13 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from estimator.census import (
-    block_piece,
-    dp_flatten_work,
-    end_piece,
-    load_census,
-    model_symbols,
-)
+from estimator.census import block_piece, end_piece, load_census, model_symbols, tensors_work
 from estimator.models import ModelSpec
 from estimator.profiles import Profile
 
@@ -174,14 +168,15 @@ def stage_params(model: ModelSpec, tp: int, pp: int, stage: int, stage_layers: i
 
 def optimizer_s(profile: Profile, numels: list[int]) -> float:
     """One ``ShardAdam`` step and ``zero_grad`` over parameter tensors of ``numels`` elements:
-    the census's per-tensor ops, each tensor at its own size."""
-    if not numels:
-        return 0.0
-    return float(np.sum(piece_s(profile, "optimizer", {"numel": np.asarray(numels, dtype=float)})))
+    the census's multi-tensor ops, each over all the tensors' bytes, plus its per-tensor ops."""
+    flops, nbytes, launches = tensors_work(load_census(), profile.dtype, "optimizer", len(numels), float(sum(numels)))
+    return profile.op_s(flops, nbytes, launches) if numels else 0.0
 
 
 def dp_flatten_s(profile: Profile, numels: list[int]) -> float:
     """The local copies that flatten ``numels`` gradients into one data-parallel all-reduce
-    and back, as one memory-bound pass."""
-    nbytes, launches = dp_flatten_work(load_census(), profile.dtype, len(numels), float(sum(numels)))
-    return profile.op_s(0.0, nbytes, launches) if launches else 0.0
+    and back (none for a single tensor, which is reduced in place), as one memory-bound pass."""
+    if len(numels) <= 1:
+        return 0.0
+    _, nbytes, launches = tensors_work(load_census(), profile.dtype, "dp_allreduce", len(numels), float(sum(numels)))
+    return profile.op_s(0.0, nbytes, launches)

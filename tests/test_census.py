@@ -24,7 +24,7 @@ GQA = ModelSpec("gqa", 2, 256, 384, 8, 2, 96)  # four query heads per K/V head
 TIED = ModelSpec("tied", 2, 128, 256, 4, 4, 80, tied_embeddings=True, qkv_bias=True)
 # representative pieces: tp hooks, KV cache, backward, vocab-parallel ends, sampler, loss, Adam
 CHECKED = ["block_forward@tp", "block_decode", "block_backward+bias", "embed@tp", "head_lm@tp",
-           "head_lm_backward@tp", "sample", "loss_ppo_actor_backward", "optimizer", "dp_allreduce_3"]
+           "head_lm_backward@tp", "sample", "loss_ppo_actor_backward", "optimizer_3", "dp_allreduce_3"]
 
 
 def test_committed_census_is_current_with_the_executor():

@@ -17,18 +17,19 @@ from estimator.cost import (
     forward_stage,
     stage_params,
 )
+from estimator.errors import ConfigError
 from estimator.evaluator import call_s
 from estimator.experiment import load_experiment
 from estimator.lowering import lower_call
 from estimator.models import PRESETS, ModelSpec
 from estimator.ops import head_flops_per_token, projection_flops_per_token
 from estimator.plan import Layout, divisors
-from estimator.profiles import load_profile
+from estimator.profiles import load_profile, profile_from_dict
 from estimator.sharding import box_numel, realloc_plan, shard
 from estimator.transfers import LinkBook, data_bytes, pair_ports, realloc_bytes
 from estimator.workflow import Call, Workload
 from tests.conftest import EXAMPLES
-from tests.synthetic import linear_profile
+from tests.synthetic import linear_profile, linear_profile_dict
 
 TINY = PRESETS["tiny-2l-128h"]
 TIED = ModelSpec("tied", 3, 64, 128, 4, 2, 64, tied_embeddings=True, qkv_bias=True)
@@ -230,3 +231,69 @@ def test_llama2_7b_training_mfu_is_plausible_on_h100(dp, tp, pp, mb):
     # unfused rotary and SwiGLU, the loss over float32 logits — work the census charges and
     # Megatron's fused kernels (40–52 % MFU) avoid, so eager plans land lower.
     assert 0.12 <= mfu <= 0.65, mfu
+
+
+# ---- the compute section: how host dispatch and device work compose; executor terms ---------
+
+
+def _profile(compose: str | None = None, executor: dict | None = None, **kw):
+    d = linear_profile_dict(**kw)
+    if compose:
+        d["compute"]["compose"] = {"mode": compose, "cite": "test"}
+    if executor is not None:
+        d["executor"] = executor
+    return profile_from_dict(d)
+
+
+def test_serial_adds_dispatch_and_overlap_takes_the_longer():
+    serial, overlap = _profile("serial", launch=1e-3), _profile("overlap", launch=1e-3)
+    assert _profile(launch=1e-3).compose == "overlap"  # the default
+    assert serial.op_s(1e12, 0.0, 3) == pytest.approx(1.0 + 3e-3)
+    assert overlap.op_s(1e12, 0.0, 3) == pytest.approx(1.0)
+    assert overlap.op_s(1e6, 0.0, 3) == pytest.approx(3e-3)
+    flops, nbytes = np.array([0.0, 1e6, 1e9, 1e12]), np.array([1e3, 0.0, 1e12, 1e6])
+    for p in (serial, overlap):
+        many = p.ops_s_many(flops, nbytes, 2.0)
+        assert many == pytest.approx([p.op_s(f, b, 2) for f, b in zip(flops, nbytes)])
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"call_overhead_s": -1.0, "micro_batch_overhead_s": 0.0, "command": "x"}, "call_overhead_s=-1.0"),
+    ({"call_overhead_s": 0.0, "micro_batch_overhead_s": float("nan"), "command": "x"}, "micro_batch_overhead_s"),
+    ({"call_overhead_s": 0.0, "command": "x"}, "missing key"),
+    ({"call_overhead_s": 0.0, "micro_batch_overhead_s": 0.0}, "cite"),
+])
+def test_executor_section_is_checked(edit, match):
+    with pytest.raises(ConfigError, match=match):
+        _profile(executor=edit)
+    with pytest.raises(ConfigError, match="compose.mode"):
+        _profile("sometimes")
+
+
+def test_lowering_charges_the_executor_bookkeeping():
+    """Per micro-batch stage pass (forward, backward, each decode step) and once per call,
+    spread over the call's passes so a stage's busy time grows by exactly that much."""
+    m = PRESETS["tiny-2l-128h"]
+    base = _profile(launch=1e-6)
+    extra = _profile(launch=1e-6, executor={"call_overhead_s": 0.04, "micro_batch_overhead_s": 0.001, "command": "t"})
+    lay = Layout(DeviceMesh(0, 2), 1, 1, 2, 4)
+    train = Call("train", "actor", "train", ("seq",), (), Workload(16, 8, 8, minibatches=2))
+    a, b = lower_call(train, m, lay, 8, base), lower_call(train, m, lay, 8, extra)
+    for sa, sb in zip(a.stages, b.stages):
+        assert sb.fwd.compute_s - sa.fwd.compute_s == pytest.approx(0.001 + 0.04 / 8)  # 4 micro-batches × 2 steps
+        assert sb.bwd.compute_s - sa.bwd.compute_s == pytest.approx(0.001)
+    gen = Call("gen", "actor", "generate", ("prompts",), ("seq",), Workload(8, 8, 5))
+    a, b = lower_call(gen, m, lay, 8, base), lower_call(gen, m, lay, 8, extra)
+    for sa, sb in zip(a.stages, b.stages):
+        assert sb.fwd.compute_s - sa.fwd.compute_s == pytest.approx(0.001 + 0.04 / 4)
+        more = sum(c.compute_s for c in sb.decode) - sum(c.compute_s for c in sa.decode)
+        assert more == pytest.approx(4 * 4 * 0.001)  # 4 decode steps × 4 micro-batches
+
+
+def test_census_dtype_follows_the_profile():
+    """The CPU profile runs float32 (the executor's CPU default): no bf16↔fp32 casts."""
+    cpu, h100 = load_profile("cpu"), load_profile("h100-sxm")
+    assert (cpu.dtype, h100.dtype) == ("float32", "bfloat16")
+    f32 = sum(e["count"][0] for e in load_census().piece("float32", "block_forward"))
+    bf16 = sum(e["count"][0] for e in load_census().piece("bfloat16", "block_forward"))
+    assert bf16 > f32  # the norms' up- and down-casts
