@@ -19,6 +19,9 @@ a loss (pair losses see ``2·rows`` rows), ``numel`` of a parameter tensor.
 
     python -m calibration.census            # rewrite calibration/census/executor.json
     python -m calibration.census --check    # exit 1, naming the pieces that changed, if stale
+    python -m calibration.census --check --json
+
+It prints, per piece and dtype, the aten ops dispatched at the first prime assignment.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from calibration.opcount import check_against, record, symbolic
+from calibration.opcount import check_against, record, symbolic, totals
 from estimator.census import CENSUS_FORMAT, CENSUS_PATH
 from estimator.errors import cli_guard
 from estimator.io import atomic_write_json
 from estimator.models import ModelSpec
+from estimator.plan import format_table
 from executor import comm, rlhf
 from executor import model as M
 from executor.data import Sampler
@@ -277,27 +281,45 @@ def stale(current: dict, committed: dict) -> list[str]:
     return out
 
 
+def _table(doc: dict) -> str:
+    """Per piece, the aten ops it dispatches at the census's first prime assignment."""
+    rows = [("piece",) + tuple(f"ops ({d})" for d in doc["dtypes"])]
+    names = sorted({n for pieces in doc["dtypes"].values() for n in pieces})
+    for n in names:
+        counts = [totals(doc["dtypes"][d].get(n, []), PRIMES_A)[0] for d in doc["dtypes"]]
+        rows.append((n,) + tuple(f"{c:.0f}" for c in counts))
+    return format_table(rows)
+
+
 def _main(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(prog="python -m calibration.census", description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if the committed census is stale")
     ap.add_argument("--out", default=str(CENSUS_PATH), help=f"census file (default {CENSUS_PATH})")
+    ap.add_argument("--json", action="store_true", help="print one JSON object: path, pieces, stale pieces")
     args = ap.parse_args(argv)
     doc = build(progress=True)
-    if not args.check:
+    changed: list[str] = []
+    if args.check:
+        try:
+            committed = json.loads(open(args.out).read())
+        except (OSError, json.JSONDecodeError):
+            committed = {}
+        changed = stale(doc, committed)
+    else:
         atomic_write_json(args.out, doc)
-        print(f"wrote {args.out}: {len(PIECES)} pieces × {len(DTYPES)} dtypes")
-        return 0
-    try:
-        committed = json.loads(open(args.out).read())
-    except (OSError, json.JSONDecodeError):
-        committed = {}
-    changed = stale(doc, committed)
-    if changed:
-        print(f"census {args.out} is stale; changed: {', '.join(changed)}; "
-              "regenerate with: python -m calibration.census")
-        return 1
-    print(f"census {args.out} is current ({len(PIECES)} pieces × {len(DTYPES)} dtypes)")
-    return 0
+    if args.json:
+        print(json.dumps({"path": args.out, "pieces": sorted(PIECES), "dtypes": sorted(DTYPES),
+                          "written": not args.check, "stale": changed}))
+    else:
+        print(_table(doc))
+        if not args.check:
+            print(f"wrote {args.out}: {len(PIECES)} pieces × {len(DTYPES)} dtypes")
+        elif changed:
+            print(f"census {args.out} is stale; changed: {', '.join(changed)}; "
+                  "regenerate with: python -m calibration.census")
+        else:
+            print(f"census {args.out} is current ({len(PIECES)} pieces × {len(DTYPES)} dtypes)")
+    return 1 if changed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

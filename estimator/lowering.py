@@ -17,6 +17,11 @@ ends after ``m·d_k``); the next stage starts a chunk one micro-batch (``d_k + s
 previous one. This is exact for equal stages and constant step times; KV growth enters
 exactly, step by step.
 
+Each stage's task costs come from the executor's op census (:mod:`estimator.cost`): on the last
+stage the head is followed by the token choice (generation), the ``ref_logp`` log-probs
+(inference) or the call's loss and its backward (training, named by algorithm and role). The
+profile's per-call executor overhead is spread evenly over the call's forward passes.
+
 :class:`Costs` caches all of it per (call, layout) and transfers per pair of layouts, so the
 simulator and the evaluator pay for lowering once.
 """
