@@ -37,6 +37,26 @@ def test_committed_census_is_current_with_the_executor():
     assert C.stale(fresh, doc) == []
 
 
+def test_committed_census_has_every_piece_for_every_dtype():
+    committed = load_census()
+    assert set(committed.dtypes) == set(C.DTYPES)
+    for pieces in committed.dtypes.values():
+        assert set(pieces) == set(C.PIECES)
+
+
+def test_census_backward_and_sampling_are_exact_at_real_shapes():
+    """The backward of a real block and the engine's token choice over a real vocabulary."""
+    model, b, s = GQA, 2, 9
+    params = {n: p.requires_grad_(True) for n, p in M.init_params(model, 0).items() if n.startswith("layers.0.")}
+    x = torch.randn(b, s, model.hidden, requires_grad=True)
+    out = M.block(params, 0, x, M.context(model, 0, s, torch.float32, torch.device("cpu")))
+    grad = torch.randn_like(out)
+    got = _recorded(functools.partial(torch.autograd.backward, out, grad))
+    assert got == pytest.approx(_census("block_backward", model, 1, rows=b, tokens=s))
+    thunk = C.choose({"rows": b, "vocab": model.vocab}, torch.float32, False, False)
+    assert _recorded(thunk) == pytest.approx(_census("sample", model, 1, rows=b))
+
+
 def test_stale_names_the_pieces_that_changed():
     doc = {"dtypes": {"float32": {"a": [{"op": "aten.mm"}], "b": []}}}
     changed = copy.deepcopy(doc)
