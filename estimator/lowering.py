@@ -17,6 +17,11 @@ ends after ``m·d_k``); the next stage starts a chunk one micro-batch (``d_k + s
 previous one. This is exact for equal stages and constant step times; KV growth enters
 exactly, step by step.
 
+Each stage's task costs come from the executor's op census (:mod:`estimator.cost`): on the last
+stage the head is followed by the token choice (generation), the ``ref_logp`` log-probs
+(inference) or the call's loss and its backward (training, named by algorithm and role). The
+profile's per-call executor overhead is spread evenly over the call's forward passes.
+
 :class:`Costs` caches all of it per (call, layout) and transfers per pair of layouts, so the
 simulator and the evaluator pay for lowering once.
 """
@@ -30,11 +35,14 @@ import numpy as np
 from estimator.cost import (
     BF16,
     INT64,
+    PAIRED_LOSSES,
+    Extra,
     StageTime,
     backward_stage,
     decode_stage,
+    dp_flatten_s,
     forward_stage,
-    optimizer_work,
+    optimizer_s,
     stage_params,
 )
 from estimator.experiment import Experiment
@@ -42,6 +50,7 @@ from estimator.memory import home_calls
 from estimator.models import ModelSpec
 from estimator.plan import Layout
 from estimator.profiles import Profile
+from estimator.sharding import box_numel, shard
 from estimator.transfers import (
     Pair,
     data_bytes,
@@ -163,9 +172,10 @@ def _decode(profile: Profile, call: Call, model: ModelSpec, layout: Layout, b: f
         return [() for _ in range(p)], 0.0
     cached = w.prompt_len + np.arange(steps, dtype=float)  # tokens in the cache before each step
     d, comp, comm, sends = [], [], [], []
+    choose = "greedy" if w.greedy else "sample"
     for k in range(p):
         c, a = decode_stage(profile, model, layout.tp, len(layout.stage_layers(model.layers, k)),
-                            k == 0, k == p - 1, b, cached)
+                            k == 0, k == p - 1, b, cached, choose)
         comp.append(c)
         comm.append(a)
         d.append(c + a)
@@ -189,30 +199,54 @@ def _decode(profile: Profile, call: Call, model: ModelSpec, layout: Layout, b: f
     return out, feedback
 
 
-def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: int, profile: Profile) -> CallCost:
-    """Per-stage task costs of ``call`` under ``layout``."""
+def _tail(call: Call, algorithm: str, b: float) -> tuple[tuple[Extra, ...], tuple[Extra, ...]]:
+    """Census pieces the last stage runs after the head, forward and backward: the token
+    choice of generation, the log-probs of a ``ref_logp`` inference, a train call's loss."""
+    w = call.workload
+    if call.kind == "generate":
+        return (("greedy" if w.greedy else "sample", {}),), ()
+    if call.kind == "inference":
+        return ((("loss_ref_logp", {"response": w.gen_len}),) if "ref_logp" in call.outputs else ()), ()
+    objective = f"{algorithm}_{call.role}"
+    over = {"response": w.gen_len, "rows": b / 2 if objective in PAIRED_LOSSES else b}
+    return ((f"loss_{objective}", over),), ((f"loss_{objective}_backward", over),)
+
+
+def _passes(call: Call, layout: Layout) -> int:
+    """Forward passes per stage in one execution of the call (micro-batches × minibatches)."""
+    return layout.micro_batches * (call.workload.minibatches if call.kind == "train" else 1)
+
+
+def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: int, profile: Profile,
+               algorithm: str = "ppo") -> CallCost:
+    """Per-stage task costs of ``call`` under ``layout`` (``algorithm`` names a train call's loss)."""
     w, dpn, p = call.workload, devices_per_node, layout.pp
     b = _rows(call, layout)
     decode, feedback = ([() for _ in range(p)], 0.0)
     if call.kind == "generate":
-        new, head = w.prompt_len, b  # prefill: the head runs on the last position only
+        new, head, phase = w.prompt_len, b, "prefill"  # prefill: the head runs on the last position only
         decode, feedback = _decode(profile, call, model, layout, b, dpn)
     else:
-        new, head = w.seq_len, None
+        new, head, phase = w.seq_len, None, "forward"
+    tail_f, tail_b = _tail(call, algorithm, b)
+    spread = profile.call_overhead_s / _passes(call, layout)  # the call's bookkeeping, over its passes
     stages = []
     for k in range(p):
         layers = len(layout.stage_layers(model.layers, k))
         first, last = k == 0, k == p - 1
         devices = _stage_devices(layout, k)
         ports = tuple(group_ports(devices, dpn))  # every port of the stage's devices (group_ports)
-        fwd = forward_stage(profile, model, layout.tp, layers, first, last, b, new, 0, head)
+        fwd = forward_stage(profile, model, layout.tp, layers, first, last, b, new, head, phase, tail_f)
+        fwd = StageTime(fwd.compute_s + spread, fwd.comm_s)
         bwd, ar, opt, dp_ports = StageTime(0.0, 0.0), 0.0, 0.0, ()
         if call.kind == "train":
-            bwd = backward_stage(profile, model, layout.tp, layers, last, b, new, fwd)
+            bwd = backward_stage(profile, model, layout.tp, layers, first, last, b, new, tail_b)
             params = stage_params(model, layout.tp, layout.pp, k, layers)
+            numels = [box_numel(box) for box in shard(model, layout, layout.device(0, 0, k)).values()]
             group = [layout.device(i, 0, k) for i in range(layout.dp)]
             if layout.dp > 1:
                 ar = profile.group_collective_s("all_reduce", params * BF16, *group_shape(group, dpn))
+                ar += dp_flatten_s(profile, numels)  # the executor's flatten copies, on the same devices
                 dp_ports = ports
             if model.tied_embeddings and p > 1 and (first or last):
                 # the two copies of a tied embedding (first stage, last stage) sum their gradients
@@ -222,8 +256,7 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
                                                  *group_shape(pair, dpn))
                 # (it holds this stage's own ports; a partner on another node also uses the NICs)
                 dp_ports = ports
-            opt_w = optimizer_work(params)
-            opt = profile.op_s(opt_w.flops, opt_w.bytes, opt_w.launches)
+            opt = optimizer_s(profile, numels)
         send_s, send_ports, recv_ports, cls = _send(profile, layout, k, b * new * model.hidden * BF16, dpn)
         stages.append(StageCost(k, devices, fwd, bwd, send_s, send_ports, recv_ports, ar, dp_ports, opt, cls,
                                 decode[k], ports if layout.tp > 1 else ()))
@@ -256,7 +289,7 @@ class Costs:
         if key not in self._calls:
             call = self.workflow[name]
             model = self.experiment.models[call.role]
-            self._calls[key] = lower_call(call, model, layout, self.dpn, self.profile)
+            self._calls[key] = lower_call(call, model, layout, self.dpn, self.profile, self.experiment.algorithm)
         return self._calls[key]
 
     def realloc_pairs(self, role: str, home: Layout, layout: Layout) -> dict[Pair, int]:

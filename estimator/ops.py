@@ -14,7 +14,9 @@ from __future__ import annotations
 from estimator.models import ModelSpec
 from estimator.workflow import Call
 
-BACKWARD_FACTOR = 2.0  # backward ≈ 2 × forward (grads w.r.t. inputs and weights)
+# Model FLOPs for MFU (PaLM Appendix B convention): backward = 2 × forward (gradients w.r.t.
+# inputs and weights). The cost model does not use it: it charges the census's backward.
+BACKWARD_FACTOR = 2.0
 
 
 def linear_flops(m: int, n: int, k: int) -> float:

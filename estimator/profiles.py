@@ -4,18 +4,26 @@ A profile is a JSON file (``calibration/profiles/<name>.json``) in one format fo
 datasheet profiles. Every object that holds numbers also holds ``cite`` (a datasheet,
 paper or public benchmark) or ``command`` (the measurement that produced them)::
 
-    {"format": "rlhf-plan/profile-v1", "name": "h100-sxm", "source": "datasheet",
+    {"format": "rlhf-plan/profile-v2", "name": "h100-sxm", "source": "datasheet",
      "device": "NVIDIA H100 80GB HBM3 (SXM5)", "date": "2026-11-21", "software": {},
      "compute": {"peak": {"flops_per_s": 989.4e12, "cite": "..."},
                  "efficiency": {"by": "flops", "interpolation": "log-linear",
                                 "points": [[2.1e9, 0.18], ...], "cite": "..."},
-                 "launch": {"overhead_s": 5e-6, "cite": "..."}},
+                 "launch": {"overhead_s": 5e-6, "cite": "..."},
+                 "compose": {"mode": "overlap", "cite": "..."},  # optional, default overlap
+                 "dtype": "bfloat16"},  # optional: the run dtype (float32 for the CPU executor)
      "memory": {"capacity": {"bytes": ..., "cite": ...}, "bandwidth": {"bytes_per_s": ..., "cite": ...},
                 "efficiency": {"by": "bytes", ...}},
      "links": {"intra": {"name": "...", "all_reduce": {"alpha_s": ..., "busbw_bytes_per_s": ..., "cite": ...},
                          "all_gather": {"curves": {"2": [[size_bytes, time_s], ...], "8": [...]},
                                         "command": ...}, "reduce_scatter": ..., "p2p": ..., "broadcast": ...},
-               "inter": {..., "all_reduce": {"curves": {"2x8": [...]}, "alpha_s": ..., ...}}}}
+               "inter": {..., "all_reduce": {"curves": {"2x8": [...]}, "alpha_s": ..., ...}}},
+     "executor": {"call_overhead_s": ..., "micro_batch_overhead_s": ..., "command": "..."}}  # optional
+
+Compute time of one op is device time (FLOPs at the efficiency curve, bytes at the memory
+curve, the longer) combined with host dispatch (``launch.overhead_s`` per aten op) by ``+``
+(``compose`` serial) or ``max`` (overlap): :meth:`Profile.op_s`. The ``executor`` section holds
+the runtime's own bookkeeping per call and per micro-batch stage pass (default 0).
 
 Efficiency curves map an op's size (FLOPs or bytes) to the fraction of peak it reaches; they
 are looked up by interpolation in log(size) between points (or as steps, Calculon-style) and
@@ -61,6 +69,8 @@ FORMATS = ("rlhf-plan/profile-v1", PROFILE_FORMAT)  # what loads; v1 has no coll
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "profiles"
 SOURCES = ("measured", "datasheet")
 INTERPOLATIONS = ("log-linear", "step")
+COMPOSE_MODES = ("serial", "overlap")
+RUN_DTYPES = ("bfloat16", "float32")  # the dtypes the op census records
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,10 @@ class Profile:
     link_names: dict[str, str]  # link class → what it is, e.g. "NVLink 4 via NVSwitch"
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)  # the file
     path: str = ""  # where it was loaded from
+    compose: str = "overlap"  # serial | overlap: how host dispatch and device work combine
+    dtype: str = "bfloat16"  # run dtype the device's figures are for (selects the op census)
+    call_overhead_s: float = 0.0  # executor bookkeeping per call, seconds
+    micro_batch_overhead_s: float = 0.0  # executor bookkeeping per micro-batch stage pass, seconds
 
     def compute_s(self, flops: float) -> float:
         """Seconds to do ``flops`` in one op at the fitted efficiency."""
@@ -140,11 +154,25 @@ class Profile:
         """Seconds to move ``nbytes`` through device memory in one op."""
         return nbytes / (self.mem_bandwidth_Bps * self.mem_efficiency(nbytes)) if nbytes > 0 else 0.0
 
-    def op_s(self, flops: float, nbytes: float, launches: int = 1) -> float:
-        """Roofline with an issue floor: kernels run asynchronously after a host-side launch,
-        so a stream of ops takes, per op, the longest of its compute, its memory traffic and
-        the time to issue it."""
-        return max(self.compute_s(flops), self.memory_s(nbytes), launches * self.launch_overhead_s)
+    def op_s(self, flops: float, nbytes: float, launches: float = 1) -> float:
+        """Device time — the longer of compute at the fitted efficiency and memory traffic at
+        the fitted bandwidth — combined with host time, ``launches`` aten ops dispatched at
+        ``launch_overhead_s`` each: added when ``compose`` is serial (CPU: dispatch and kernel
+        run one after the other on one thread), the longer of the two when it is overlap
+        (CUDA: launches are asynchronous, so a stream of ops is bound by whichever is slower)."""
+        device = max(self.compute_s(flops), self.memory_s(nbytes))
+        host = launches * self.launch_overhead_s
+        return device + host if self.compose == "serial" else max(device, host)
+
+    def ops_s_many(self, flops: np.ndarray, nbytes: np.ndarray, launches: np.ndarray | float = 1) -> np.ndarray:
+        """Vectorised :meth:`op_s` over arrays of ops."""
+        flops = np.asarray(flops, dtype=float)
+        nbytes = np.asarray(nbytes, dtype=float)
+        compute = np.where(flops > 0, flops / (self.peak_flops * self.flops_efficiency.many(flops)), 0.0)
+        memory = np.where(nbytes > 0, nbytes / (self.mem_bandwidth_Bps * self.mem_efficiency.many(nbytes)), 0.0)
+        device = np.maximum(compute, memory)
+        host = np.asarray(launches, dtype=float) * self.launch_overhead_s
+        return device + host if self.compose == "serial" else np.maximum(device, host)
 
     def link(self, link_class: str, kind: str) -> LinkCost:
         return self.links[link_class][kind]
@@ -190,7 +218,7 @@ class Profile:
                 for k, v in node.items():
                     walk(v, f"{path}.{k}" if path else k)
 
-        walk({k: self.raw[k] for k in ("compute", "memory", "links") if k in self.raw}, "")
+        walk({k: self.raw[k] for k in ("compute", "memory", "links", "executor") if k in self.raw}, "")
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -223,12 +251,14 @@ def load_profile(name_or_path: str | Path) -> Profile:
     return profile_from_dict(data, where=f"profile {path}", path=str(path))
 
 
-def _obj(data: Any, key: str, where: str, keys: tuple[str, ...], numbers: bool = True) -> dict:
-    """``data[key]`` as an object with exactly ``keys`` (+ cite/command when it holds numbers)."""
+def _obj(data: Any, key: str, where: str, keys: tuple[str, ...], numbers: bool = True,
+         optional: tuple[str, ...] = ()) -> dict:
+    """``data[key]`` as an object with exactly ``keys`` (+ cite/command when it holds numbers,
+    + any of ``optional``)."""
     node = data.get(key) if isinstance(data, dict) else None
     if not isinstance(node, dict):
         raise ConfigError(f"{where}: {key} must be an object with keys {list(keys)}")
-    extra = ("cite", "command") if numbers else ("name",)
+    extra = (("cite", "command") if numbers else ("name",)) + optional
     unknown = sorted(set(node) - set(keys) - set(extra))
     missing = sorted(set(keys) - set(node))
     if unknown or missing:
@@ -267,19 +297,21 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: must be a JSON object")
     top = ("format", "name", "source", "device", "date", "software", "compute", "memory", "links")
-    unknown = sorted(set(data) - set(top) - {"notes"})
+    optional = {"notes", "executor"}
+    unknown = sorted(set(data) - set(top) - optional)
     missing = sorted(set(top) - set(data))
     if unknown or missing:
         raise ConfigError(f"{where}: " + "; ".join(
             ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else []))
-            + f"; allowed: {sorted(set(top) | {'notes'})}")
+            + f"; allowed: {sorted(set(top) | optional)}")
     if data["format"] not in FORMATS:
         raise ConfigError(f"{where}: format={data['format']!r} must be one of {FORMATS}")
     if data["source"] not in SOURCES:
         raise ConfigError(f"{where}: source={data['source']!r} must be one of {SOURCES}")
     if not isinstance(data["software"], dict):
         raise ConfigError(f"{where}: software must be an object of name → version")
-    compute = _obj(data, "compute", where, ("peak", "efficiency", "launch"), numbers=False)
+    compute = _obj(data, "compute", where, ("peak", "efficiency", "launch"), numbers=False,
+                   optional=("compose", "dtype"))
     memory = _obj(data, "memory", where, ("capacity", "bandwidth", "efficiency"), numbers=False)
     w = f"{where}: compute"
     peak = _obj(compute, "peak", w, ("flops_per_s",))
@@ -290,6 +322,8 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     bw = _obj(memory, "bandwidth", m, ("bytes_per_s",))
     meff = _obj(memory, "efficiency", m, ("by", "interpolation", "points"))
     links, names = parse_links(data["links"], where, curves_allowed=data["format"] != FORMATS[0])
+    compose, dtype = _compose(compute, w)
+    call_s, mb_s = _executor(data, where)
     return Profile(
         name=str(data["name"]), source=data["source"], device=str(data["device"]), date=str(data["date"]),
         software={str(k): str(v) for k, v in data["software"].items()},
@@ -299,5 +333,30 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         capacity_bytes=_positive(cap, "bytes", f"{m}.capacity"),
         mem_bandwidth_Bps=_positive(bw, "bytes_per_s", f"{m}.bandwidth"),
         mem_efficiency=_curve(meff, f"{m}.efficiency", "bytes"),
-        links=links, link_names=names, raw=data, path=path,
+        links=links, link_names=names, raw=data, path=path, compose=compose, dtype=dtype,
+        call_overhead_s=call_s, micro_batch_overhead_s=mb_s,
     )
+
+
+def _compose(compute: dict, where: str) -> tuple[str, str]:
+    """``compute.compose`` ({"mode": serial | overlap, cite | command}, default overlap) and
+    ``compute.dtype`` (the run dtype, default bfloat16)."""
+    mode = "overlap"
+    if "compose" in compute:
+        node = _obj(compute, "compose", where, ("mode",))
+        mode = node["mode"]
+        if mode not in COMPOSE_MODES:
+            raise ConfigError(f"{where}.compose.mode={mode!r} must be one of {COMPOSE_MODES}")
+    dtype = compute.get("dtype", "bfloat16")
+    if dtype not in RUN_DTYPES:
+        raise ConfigError(f"{where}.dtype={dtype!r} must be one of {RUN_DTYPES}")
+    return mode, dtype
+
+
+def _executor(data: dict, where: str) -> tuple[float, float]:
+    """The optional ``executor`` section: bookkeeping per call and per micro-batch pass."""
+    if "executor" not in data:
+        return 0.0, 0.0
+    node = _obj(data, "executor", where, ("call_overhead_s", "micro_batch_overhead_s"))
+    return (_positive(node, "call_overhead_s", f"{where}: executor", zero_ok=True),
+            _positive(node, "micro_batch_overhead_s", f"{where}: executor", zero_ok=True))

@@ -125,23 +125,20 @@ def generate(c: CallRun) -> dict[str, Pieces]:
     mbs = c.micro_batches()[0]
     w, exp = c.call.workload, c.experiment
     sampler = Sampler(exp.seed, c.iteration, c.call.name, exp.hyper.temperature, w.greedy)
-    logps: list[list[Tensor]] = [[] for _ in mbs]
 
     def choose(mb: int, step: int, logits: Tensor) -> Tensor:
         lo, hi = mbs[mb]
-        tok = sampler(torch.arange(lo, hi, device=logits.device), step, logits)
-        logps[mb].append(rlhf.token_logp(logits, tok, exp.hyper.temperature))
-        return tok
+        return sampler(torch.arange(lo, hi, device=logits.device), step, logits)
 
     prompts = [c.rows(c.token_input(), r) for r in mbs]
-    res = c.engine.generate(prompts, w.gen_len, choose)
+    res = c.engine.generate(prompts, w.gen_len, choose, exp.hyper.temperature)
     if res is None:
         return {}
     seq_name, *logp_name = c.call.outputs
     out = {seq_name: c.outputs([s for s, _ in res])}
     if logp_name:
         dtype = c.engine.dtype
-        out[logp_name[0]] = c.outputs([torch.stack(lp, dim=1).to(dtype) for lp in logps])
+        out[logp_name[0]] = c.outputs([lp.to(dtype) for _, lp in res])
     return out
 
 

@@ -108,12 +108,6 @@ def build_groups(layouts: list[Layout], world_size: int, backend: str | None = N
 # ---- tensor-parallel operators (Megatron-LM, Shoeybi et al. 2019, Fig. 3) ----------------------
 
 
-def _all_reduce(x: Tensor, group: dist.ProcessGroup) -> Tensor:
-    x = x.contiguous().clone()
-    dist.all_reduce(x, group=group)
-    return x
-
-
 class _CopyToRegion(torch.autograd.Function):
     """f: identity forward, all-reduce of the input gradient backward."""
 
@@ -124,15 +118,24 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_reduce(grad, ctx.group), None
+        # autograd may hand the same gradient buffer to other consumers: reduce a copy
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
-    """g: all-reduce forward, identity backward."""
+    """g: all-reduce forward (in place: the input is a fresh projection output that no
+    backward reads), identity backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
-        return _all_reduce(x, group)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        else:
+            ctx.mark_dirty(x)
+        dist.all_reduce(x, group=group)
+        return x
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -181,6 +184,9 @@ def vocab_parallel_embed(weight: Tensor, tokens: Tensor, vocab_start: int,
 def all_reduce_sum(tensors: list[Tensor], group: dist.ProcessGroup | None) -> None:
     """Sum ``tensors`` in place over ``group`` with one flattened all-reduce."""
     if group is None or not tensors:
+        return
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        dist.all_reduce(tensors[0], group=group)  # nothing to flatten
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, group=group)

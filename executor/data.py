@@ -115,8 +115,11 @@ class Sampler:
         vocab = torch.arange(logits.shape[-1], device=logits.device)
         h = hash_keys(self.seed, self.iteration, name_key(self.call), STREAM_SAMPLE, step,
                       rows.to(logits.device)[:, None], vocab[None, :], device=logits.device)
-        gumbel = -torch.log(-torch.log(uniform(h, torch.float64)))  # (b, V)
-        return (logits.double() / self.temperature + gumbel).argmax(-1)
+        # in the logits' own precision (at least float32): the uniforms carry 24 bits, exact in
+        # float32, so only float64 runs pay for float64 arithmetic
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        gumbel = -torch.log(-torch.log(uniform(h, dtype)))  # (b, V)
+        return (logits.to(dtype) / self.temperature + gumbel).argmax(-1)
 
 
 def sample(logits: Tensor, rows: Tensor, step: int, seed: int, iteration: int, call: str,

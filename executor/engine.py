@@ -232,11 +232,12 @@ class Engine:
     # -- generation
 
     @torch.no_grad()
-    def generate(self, prompts: list[Tensor], gen_len: int,
-                 choose: ChooseFn) -> list[tuple[Tensor, Tensor]] | None:
+    def generate(self, prompts: list[Tensor], gen_len: int, choose: ChooseFn,
+                 temperature: float = 1.0) -> list[tuple[Tensor, Tensor]] | None:
         """KV-cached generation of ``gen_len`` tokens per sequence, micro-batches interleaved
         through the stages. Returns (sequences (B, P+gen_len), logp (B, gen_len)) per
-        micro-batch on the last stage, None elsewhere."""
+        micro-batch on the last stage, None elsewhere; ``logp`` is each chosen token's
+        log-probability under ``logits / temperature``."""
         caches = [M.KVCache(p.shape[1] + gen_len) for p in prompts]
         seqs = [p.to(self.torch_device) for p in prompts]
         logps: list[list[Tensor]] = [[] for _ in prompts]
@@ -248,7 +249,7 @@ class Engine:
                 with self.mark(op, mb):
                     y = self._stage(inp, start, caches[mb], last_position=True)
                     if self.last:
-                        tok, logp = self._choose(mb, step, y[:, -1], choose)
+                        tok, logp = self._choose(mb, step, y[:, -1], choose, temperature)
                 if not self.last:
                     self.link.send(y, self.next)
                     continue
@@ -273,14 +274,17 @@ class Engine:
         self.link.flush()
         return prompt.to(self.torch_device) if step == 0 else seq[:, -1:]
 
-    def _choose(self, mb: int, step: int, logits: Tensor, choose: ChooseFn) -> tuple[Tensor, Tensor]:
-        """Next tokens (B,) and their log-probabilities (B,) from logits (B, V). Tensor-parallel
-        ranks adopt the choice of their first rank, so sampling cannot diverge between them."""
+    def _choose(self, mb: int, step: int, logits: Tensor, choose: ChooseFn,
+                temperature: float) -> tuple[Tensor, Tensor]:
+        """Next tokens (B,) and their log-probabilities (B,) from logits (B, V), one
+        log-softmax per step. Tensor-parallel ranks adopt the choice of their first rank, so
+        sampling cannot diverge between them."""
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         tok = choose(mb, step, logits).to(device=self.torch_device, dtype=torch.long).contiguous()
         if self.tp_group is not None:
             dist.broadcast(tok, self.tp_root, group=self.tp_group)
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
+        scaled = logits if temperature == 1.0 else logits / temperature
+        logp = torch.log_softmax(scaled, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
         return tok, logp
 
 

@@ -25,6 +25,9 @@ from estimator.plan import Layout
 from estimator.sharding import Box, param_inventory, shard
 
 INIT_STD = 0.02  # GPT-2 / LLaMA initializer range
+# scaled_dot_product_attention takes grouped K/V heads itself from torch 2.5 on; older torch
+# (the project accepts 2.1) gets explicit copies of K and V per query head.
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 Params = dict[str, Tensor]
 
@@ -188,11 +191,14 @@ def attention(params: Params, layer: int, x: Tensor, ctx: Context) -> Tensor:
     q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
     if ctx.cache is not None:
         k, v = ctx.cache.update(layer, ctx.start, k, v)  # (B, g, S, hs), S = start + T
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
-    v = v.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(ctx.start, t, x.device),
-                                       is_causal=ctx.start == 0 and t > 1)
+    mask, causal = _causal_mask(ctx.start, t, x.device), ctx.start == 0 and t > 1
+    if SDPA_GQA:  # the kernel reads each K/V head for its whole group of query heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+    else:
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
+        v = v.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, nh·hs)
     return ctx.hooks.exit(_linear(params, p + "o_proj", y))
 

@@ -23,7 +23,9 @@ class ShardAdam:
         self.params = list(params.values())
         self.mixed = any(p.dtype not in FULL_PRECISION for p in self.params)
         self.master = [p.detach().float().clone() for p in self.params] if self.mixed else self.params
-        self.adam = torch.optim.Adam(self.master, lr=lr)
+        # multi-tensor (foreach) kernels on every device: one dispatch per Adam op for all
+        # tensors, as torch picks by default on CUDA, instead of one per tensor on CPU
+        self.adam = torch.optim.Adam(self.master, lr=lr, foreach=True)
 
     def step(self) -> None:
         if self.mixed:

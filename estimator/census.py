@@ -1,0 +1,162 @@
+"""The executor's op census, read as data: what each piece of a call dispatches, for any shape.
+
+``calibration/census/executor.json`` is written by ``python -m calibration.census``, which runs
+the executor's own code under a dispatch recorder (see that module); the estimator never
+imports the executor or torch. Per run dtype and piece it lists aten ops, each with a count,
+its FLOPs and the bytes it reads and writes, every one a monomial ``c·Π symbol^e`` of shape
+symbols (``rows``, ``tokens``, ``kv_len``, ``hidden``, ``kv_heads``, ``group``,
+``half_head_dim``, ``ffn``, ``vocab_local``, ``tp``, ``vocab``, ``response``, ``numel``).
+
+:func:`piece_work` evaluates one piece at concrete symbols (numpy arrays allowed, so decode
+steps over a growing KV length evaluate in one call) into per-op arrays of FLOPs, bytes and
+launches, which :meth:`estimator.profiles.Profile.ops_s_many` turns into seconds op by op.
+FLOPs are torch's ``FlopCounterMode`` formulas (``2·m·n·k`` per product; attention's full
+``4·b·heads·q·k·d`` square, causal or not, as the counter counts it and the CPU math kernel
+computes it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from estimator.errors import ConfigError
+from estimator.models import ModelSpec
+
+CENSUS_FORMAT = "rlhf-plan/census-v1"
+CENSUS_PATH = Path(__file__).resolve().parent.parent / "calibration" / "census" / "executor.json"
+
+
+@dataclass(frozen=True)
+class PieceWork:
+    """One piece at concrete shapes: per op (row) FLOPs, bytes and dispatches."""
+
+    flops: np.ndarray  # (ops, ...) FLOPs of one op of each entry
+    bytes: np.ndarray  # (ops, ...) bytes one op reads and writes
+    count: np.ndarray  # (ops, ...) how many such ops the piece dispatches
+
+    @property
+    def launches(self) -> np.ndarray:
+        return self.count.sum(axis=0)
+
+
+@dataclass(frozen=True)
+class Census:
+    """The parsed census document: dtype → piece → op entries."""
+
+    dtypes: dict[str, dict[str, list]]
+    torch: str
+    _compiled: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def compiled(self, dtype: str, name: str) -> Compiled:
+        """:func:`compile_piece` of one piece, compiled once."""
+        key = (dtype, name)
+        if key not in self._compiled:
+            self._compiled[key] = compile_piece(self.piece(dtype, name))
+        return self._compiled[key]
+
+    def piece(self, dtype: str, name: str) -> list:
+        try:
+            return self.dtypes[dtype][name]
+        except KeyError:
+            known = sorted(self.dtypes.get(dtype, {}))
+            raise ConfigError(f"census has no piece {name!r} for dtype {dtype!r} "
+                              f"(known dtypes {sorted(self.dtypes)}; pieces {known[:6]}…); "
+                              "regenerate it with: python -m calibration.census") from None
+
+
+@lru_cache(maxsize=4)
+def load_census(path: str | None = None) -> Census:
+    where = Path(path) if path else CENSUS_PATH
+    try:
+        data = json.loads(where.read_text())
+    except OSError as exc:
+        raise ConfigError(f"op census {str(where)!r}: {exc.strerror}; "
+                          "generate it with: python -m calibration.census") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"op census {str(where)!r}: not valid JSON: {exc}") from None
+    if data.get("format") != CENSUS_FORMAT:
+        raise ConfigError(f"op census {str(where)!r}: format={data.get('format')!r}, expected {CENSUS_FORMAT!r}")
+    return Census(data["dtypes"], str(data.get("torch", "")))
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A piece's monomials as matrices, so evaluating it is a few numpy products."""
+
+    symbols: tuple[str, ...]
+    coef: np.ndarray  # (3, ops): count, flops, bytes-term constants per row of ``exps``
+    exps: np.ndarray  # (rows, symbols) exponents: counts, then flops, then bytes terms
+    term_op: np.ndarray  # (terms,) which op each bytes term belongs to
+    ops: int
+
+    def __call__(self, values: dict) -> PieceWork:
+        n = self.ops
+        if not n:
+            empty = np.zeros((0,))
+            return PieceWork(empty, empty, empty)
+        logs = [np.log(np.asarray(values[s], dtype=float)) for s in self.symbols]
+        shape = np.broadcast_shapes(*(np.shape(v) for v in logs)) if logs else ()
+        if logs:
+            stacked = np.stack([np.broadcast_to(v, shape) for v in logs])  # (symbols, ...)
+            rows = np.exp(np.tensordot(self.exps, stacked, axes=(1, 0)))  # (rows, ...)
+        else:
+            rows = np.ones((self.exps.shape[0],) + shape)
+        rows = rows * self.coef.reshape(-1, *([1] * len(shape)))
+        count, flops, terms = rows[:n], rows[n:2 * n], rows[2 * n:]
+        nbytes = np.zeros((n,) + shape)
+        np.add.at(nbytes, self.term_op, terms)
+        return PieceWork(flops, nbytes, count)
+
+
+def compile_piece(entries: list) -> Compiled:
+    monos = [e["count"] for e in entries] + [e["flops"] for e in entries]
+    term_op = [i for i, e in enumerate(entries) for _ in e["bytes"]]
+    monos += [t for e in entries for t in e["bytes"]]
+    symbols = tuple(sorted({s for _, exps in monos for s in exps}))
+    exps = np.array([[m[1].get(s, 0) for s in symbols] for m in monos], dtype=float).reshape(len(monos), len(symbols))
+    coef = np.array([float(m[0]) for m in monos])
+    return Compiled(symbols, coef, exps, np.array(term_op, dtype=int), len(entries))
+
+
+def piece_work(entries: list, values: dict) -> PieceWork:
+    """Evaluate a piece's entries at ``values`` (symbol → positive number or array)."""
+    return compile_piece(entries)(values)
+
+
+def model_symbols(model: ModelSpec, tp: int) -> dict[str, float]:
+    """The model's shape symbols on one rank of a tensor-parallel group of ``tp``."""
+    g = model.kv_heads // tp
+    return {"hidden": model.hidden, "kv_heads": g, "group": model.heads // model.kv_heads,
+            "half_head_dim": model.head_dim / 2, "ffn": model.ffn / tp, "vocab_local": model.vocab / tp,
+            "vocab": model.vocab, "tp": tp}
+
+
+def block_piece(phase: str, model: ModelSpec, tp: int) -> str:
+    """Census name of one block's ``phase`` (forward | prefill | decode | backward)."""
+    return f"block_{phase}" + ("@tp" if tp > 1 else "") + ("+bias" if model.qkv_bias else "")
+
+
+def end_piece(name: str, tp: int) -> str:
+    """Census name of a vocabulary-split piece (embed, head_lm, …) on a group of ``tp``."""
+    return name + ("@tp" if tp > 1 else "")
+
+
+def tensors_work(census: Census, dtype: str, piece: str, tensors: int, numel: float) -> tuple[float, float, float]:
+    """(FLOPs, bytes, dispatches) of a piece over ``tensors`` parameter tensors of ``numel``
+    elements in all: ``optimizer`` (foreach Adam and zero_grad) or ``dp_allreduce`` (the
+    flatten copies around one data-parallel all-reduce). Both are recorded at two and three
+    tensors; work is linear in the elements, dispatches in the tensors."""
+    if tensors <= 0:
+        return 0.0, 0.0, 0.0
+    w2 = census.compiled(dtype, f"{piece}_2")({"numel": 1.0})
+    w3 = census.compiled(dtype, f"{piece}_3")({"numel": 1.0})
+    per_tensor = float(w3.launches - w2.launches)
+    launches = float(w2.launches) + per_tensor * (tensors - 2)
+    flops = float((w2.flops * w2.count).sum()) / 2.0 * numel  # per element of the two tensors
+    nbytes = float((w2.bytes * w2.count).sum()) / 2.0 * numel
+    return flops, nbytes, launches

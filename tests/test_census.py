@@ -1,0 +1,140 @@
+"""The op census: current with the executor, exact at shapes it was not recorded at, and
+ops.py's FLOP formulas against torch's counter."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from calibration import census as C
+from calibration.opcount import OpRecorder, check_against, monomial, symbolic, totals
+from estimator.census import block_piece, load_census, model_symbols, piece_work
+from estimator.cluster import DeviceMesh
+from estimator.models import PRESETS, ModelSpec
+from estimator.ops import head_flops_per_token, projection_flops_per_token
+from estimator.plan import Layout
+from executor import model as M
+
+TINY = PRESETS["tiny-2l-128h"]  # multi-head attention, untied
+GQA = ModelSpec("gqa", 2, 256, 384, 8, 2, 96)  # four query heads per K/V head
+TIED = ModelSpec("tied", 2, 128, 256, 4, 4, 80, tied_embeddings=True, qkv_bias=True)
+# representative pieces: tp hooks, KV cache, backward, vocab-parallel ends, sampler, loss, Adam
+CHECKED = ["block_forward@tp", "block_decode", "block_backward+bias", "embed@tp", "head_lm@tp",
+           "head_lm_backward@tp", "sample", "loss_ppo_actor_backward", "optimizer_3", "dp_allreduce_3"]
+
+
+def test_committed_census_is_current_with_the_executor():
+    """Regenerate representative pieces from the executor's code; a change to the executor
+    that the committed census does not reflect fails here (``python -m calibration.census``
+    rewrites it; ``--check`` compares every piece)."""
+    committed = load_census()
+    fresh = C.build(CHECKED, ["float32"])
+    doc = {"dtypes": {"float32": {n: committed.piece("float32", n) for n in CHECKED}}}
+    assert C.stale(fresh, doc) == []
+
+
+def test_committed_census_has_every_piece_for_every_dtype():
+    committed = load_census()
+    assert set(committed.dtypes) == set(C.DTYPES)
+    for pieces in committed.dtypes.values():
+        assert set(pieces) == set(C.PIECES)
+
+
+def test_census_backward_and_sampling_are_exact_at_real_shapes():
+    """The backward of a real block and the engine's token choice over a real vocabulary."""
+    model, b, s = GQA, 2, 9
+    params = {n: p.requires_grad_(True) for n, p in M.init_params(model, 0).items() if n.startswith("layers.0.")}
+    x = torch.randn(b, s, model.hidden, requires_grad=True)
+    out = M.block(params, 0, x, M.context(model, 0, s, torch.float32, torch.device("cpu")))
+    grad = torch.randn_like(out)
+    got = _recorded(functools.partial(torch.autograd.backward, out, grad))
+    assert got == pytest.approx(_census("block_backward", model, 1, rows=b, tokens=s))
+    thunk = C.choose({"rows": b, "vocab": model.vocab}, torch.float32, False, False)
+    assert _recorded(thunk) == pytest.approx(_census("sample", model, 1, rows=b))
+
+
+def test_stale_names_the_pieces_that_changed():
+    doc = {"dtypes": {"float32": {"a": [{"op": "aten.mm"}], "b": []}}}
+    changed = copy.deepcopy(doc)
+    changed["dtypes"]["float32"]["a"][0]["op"] = "aten.bmm"
+    changed["dtypes"]["float32"]["c"] = []
+    assert C.stale(changed, doc) == ["a (float32)", "c (float32)"]
+    assert C.stale(doc, doc) == []
+
+
+def test_monomials_factor_over_the_symbols_only():
+    primes = {11: "rows", 13: "tokens"}
+    assert monomial(2 * 11 * 11 * 13, primes) == (2, (("rows", 2), ("tokens", 1)))
+    assert monomial(0, primes) == (0, ())
+    with pytest.raises(ValueError, match="17"):
+        monomial(17 * 11, primes)
+
+
+def test_a_constant_count_is_not_read_as_a_symbol():
+    """Eleven identical views are a constant, whatever prime ``rows`` happens to be."""
+    ops_a = [("aten.view", 0, ())] * 11 + [("aten.neg", 0, ((11, 4), (11, 4)))]
+    ops_b = [("aten.view", 0, ())] * 11 + [("aten.neg", 0, ((13, 4), (13, 4)))]
+    entries = symbolic(ops_a, {"rows": 11}, ops_b, {"rows": 13})
+    assert totals(entries, {"rows": 13}) == (12.0, 0.0, 2 * 13 * 4.0)
+    check_against(entries, ops_b, {"rows": 13}, "toy")
+    with pytest.raises(ValueError, match="predicts"):
+        check_against(entries, ops_b[:-2], {"rows": 13}, "toy")
+
+
+def _recorded(thunk) -> tuple[float, float, float]:
+    rec = OpRecorder()
+    with rec:
+        thunk()
+    return (float(len(rec.ops)), float(sum(f for _, f, _ in rec.ops)),
+            float(sum(n * s for _, _, moved in rec.ops for n, s in moved)))
+
+
+def _census(name: str, model: ModelSpec, tp: int, **sym) -> tuple[float, float, float]:
+    w = piece_work(load_census().piece("float32", name), model_symbols(model, tp) | sym)
+    return (float(w.count.sum()), float((w.count * w.flops).sum()), float((w.count * w.bytes).sum()))
+
+
+@pytest.mark.parametrize("model", [TINY, GQA, TIED], ids=lambda m: m.name)
+def test_census_is_exact_at_real_model_shapes(model):
+    """The census, recorded at prime dimensions, predicts the ops, FLOPs and bytes of the
+    executor's block at a real model's shapes (a tp=2 shard: its local heads and widths)."""
+    for tp in (1, 2):
+        params = M.init_shards(model, Layout(DeviceMesh(0, tp), 1, tp, 1), 0, 0, torch.float32)
+        b, s = 3, 10
+        ctx = M.context(model, 0, s, torch.float32, torch.device("cpu"))
+        x = torch.randn(b, s, model.hidden)
+        got = _recorded(torch.no_grad()(functools.partial(M.block, params, 0, x, ctx)))
+        want = _census(block_piece("forward", model, 1), model, tp, rows=b, tokens=s)
+        assert got == pytest.approx(want, rel=1e-12)
+        cache = M.KVCache(s + 1)
+        with torch.no_grad():
+            M.block(params, 0, x, M.context(model, 0, s, torch.float32, torch.device("cpu"), cache))
+        step = M.context(model, s, 1, torch.float32, torch.device("cpu"), cache)
+        x1 = x[:, :1].contiguous()
+        got = _recorded(torch.no_grad()(functools.partial(M.block, params, 0, x1, step)))
+        assert got == pytest.approx(_census(block_piece("decode", model, 1), model, tp, rows=b, kv_len=s + 1))
+
+
+@pytest.mark.parametrize("model", [TINY, GQA, TIED], ids=lambda m: m.name)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_ops_flop_formulas_match_the_flop_counter(model, tp):
+    """ops.py's projection and head FLOPs are what FlopCounterMode counts for the executor's
+    shard of a tp group; attention is the counter's full 4·h·s² square (it counts causal
+    attention unmasked), which the census charges."""
+    params = M.init_shards(model, Layout(DeviceMesh(0, tp), 1, tp, 1), 0, 0, torch.float32)
+    b, s = 2, 12
+    tokens = torch.randint(0, model.vocab // tp, (b, s))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        x = M.embed(params, tokens)
+        x = M.blocks(params, range(model.layers), x, M.context(model, 0, s, x.dtype, x.device))
+        M.final(params, x, model)
+    counted = counter.get_total_flops()  # matrix products (the counter has no CPU attention formula)
+    want = b * s * (model.layers * projection_flops_per_token(model) + head_flops_per_token(model)) / tp
+    assert counted == pytest.approx(want, rel=1e-12)
+    census = _census(block_piece("forward", model, tp), model, tp, rows=b, tokens=s)[1]
+    attention = 4 * model.hidden / tp * b * s * s
+    assert census == pytest.approx(b * s * projection_flops_per_token(model) / tp + attention, rel=1e-12)
