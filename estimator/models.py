@@ -9,14 +9,19 @@ place of the LM head for critics and reward models.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from estimator import rules
 from estimator.errors import ConfigError
+from estimator.loading import load_json
 
 HEAD_KINDS = ("lm", "value")
 BF16_BYTES = 2
+
+
+_SHAPE_LIMITS = {"layers": rules.MAX_LAYERS, "hidden": rules.MAX_HIDDEN, "ffn": rules.MAX_FFN,
+                 "heads": rules.MAX_HEADS, "kv_heads": rules.MAX_HEADS, "vocab": rules.MAX_VOCAB}
 
 
 @dataclass(frozen=True)
@@ -38,10 +43,16 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         problems = []
-        for field in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{field}={value!r} must be a positive integer")
+        for field, hi in _SHAPE_LIMITS.items():
+            try:
+                rules.integer(field, getattr(self, field), lo=1, hi=hi)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        for field in ("rope_theta", "norm_eps"):
+            try:
+                rules.real(field, getattr(self, field), positive=True, hi=1e12 if field == "rope_theta" else 1.0)
+            except ConfigError as exc:
+                problems.append(str(exc))
         if not problems:
             if self.hidden % self.heads:
                 problems.append(f"hidden={self.hidden} must be divisible by heads={self.heads}")
@@ -148,19 +159,18 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     ``path`` is the file or the directory that holds it.
     """
     path = Path(path)
-    if path.is_dir():
+    if "\0" not in str(path) and path.is_dir():
         path = path / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"model config {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"model config {str(path)!r} is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"model config {str(path)!r} must hold a JSON object")
+    cfg = load_json(path, "model config", expect=dict)
+    where = f"model config {str(path)!r}"
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{where}: architectures={archs!r} must be a list of class names")
+    model_type = cfg.get("model_type", "")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{where}: model_type={model_type!r} must be a string")
     style = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
-    style = style or _HF_MODEL_TYPES.get(cfg.get("model_type", ""))
+    style = style or _HF_MODEL_TYPES.get(model_type)
     if style is None:
         raise ConfigError(
             f"model config {str(path)!r}: unsupported architecture "
@@ -172,6 +182,14 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     if missing:
         raise ConfigError(f"model config {str(path)!r} lacks keys {missing}")
     heads = cfg["num_attention_heads"]
+    # optional keys: a null means "the default", as in transformers' PretrainedConfig
+    rope_theta = cfg.get("rope_theta")
+    norm_eps = cfg.get("rms_norm_eps")
+    rope_theta = rules.real(f"{where}: rope_theta", 10000.0 if rope_theta is None else rope_theta, positive=True)
+    norm_eps = rules.real(f"{where}: rms_norm_eps", 1e-5 if norm_eps is None else norm_eps, positive=True)
+    for key in ("tie_word_embeddings", "attention_bias"):
+        if not isinstance(cfg.get(key, False), (bool, type(None))):
+            raise ConfigError(f"{where}: {key}={cfg[key]!r} must be true or false")
     return ModelSpec(
         name=path.parent.name or path.stem,
         layers=cfg["num_hidden_layers"],
@@ -182,8 +200,8 @@ def from_hf_config(path: str | Path) -> ModelSpec:
         vocab=cfg["vocab_size"],
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=bool(cfg.get("attention_bias", style == "qwen2")),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_theta=rope_theta,
+        norm_eps=norm_eps,
     )
 
 

@@ -30,7 +30,6 @@ in the hot loop only interpolate.
 from __future__ import annotations
 
 import bisect
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 
 from estimator.errors import ConfigError
 from estimator.io import atomic_write_json
+from estimator.loading import load_json
 
 PROFILE_FORMAT = "rlhf-plan/profile-v1"
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "profiles"
@@ -204,22 +204,26 @@ def known_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 
 
-def load_profile(name_or_path: str | Path) -> Profile:
-    """A shipped profile by name (``calibration/profiles/<name>.json``) or a profile file by path."""
+def load_profile(name_or_path: str | Path, key: str = "") -> Profile:
+    """A shipped profile by name (``calibration/profiles/<name>.json``) or a profile file by path,
+    read through :mod:`estimator.loading` and checked; ``key`` (e.g. ``"cluster.device"``)
+    prefixes every error so it names where the profile was given."""
+    prefix = f"{key}: " if key else ""
     text = str(name_or_path)
+    if not text.strip():
+        raise ConfigError(f"{prefix}the hardware profile name is empty; known profiles: "
+                          f"{', '.join(known_profiles())} (or give a path to a profile .json)")
     path = Path(text)
-    if not (text.endswith(".json") or "/" in text or path.is_file()):
+    if not (text.endswith(".json") or "/" in text or "\0" in text or path.is_file()):
         path = PROFILE_DIR / f"{text}.json"
         if not path.is_file():
-            raise ConfigError(f"unknown hardware profile {text!r}; known profiles: "
+            raise ConfigError(f"{prefix}unknown hardware profile {text!r}; known profiles: "
                               f"{', '.join(known_profiles())} (or give a path to a profile .json)")
     try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"hardware profile {str(path)!r}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"hardware profile {str(path)!r}: not valid JSON: {exc}") from None
-    return profile_from_dict(data, where=f"profile {path}", path=str(path))
+        data = load_json(path, "hardware profile", expect=dict)
+        return profile_from_dict(data, where=f"profile {path}", path=str(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc}") from None
 
 
 def _obj(data: Any, key: str, where: str, keys: tuple[str, ...], numbers: bool = True) -> dict:
