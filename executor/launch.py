@@ -28,8 +28,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from estimator.io import atomic_write_text
 
 POLL_S = 0.05
@@ -83,6 +81,7 @@ def retain_freed_memory() -> bool:
 
 def _child(rank: int, world: int, workdir: str, timeout_s: float, retain_memory: bool, where: Any, fn: Callable,
            args: tuple) -> None:
+    import torch
     import torch.distributed as dist
 
     _die_with_parent()
@@ -143,7 +142,9 @@ def launch(world: int, fn: Callable, args: tuple = (), timeout_s: float = DEFAUL
     ``retain_memory=False`` leaves the workers' malloc at its defaults (see
     :func:`retain_freed_memory`).
     """
-    import torch.multiprocessing as mp
+    # The parent imports torch only to read the results: its seconds of import would otherwise
+    # delay every worker's start. Arguments hold no tensors, so stdlib spawn pickles them.
+    import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="rlhf-plan-run-") as workdir:
@@ -157,6 +158,8 @@ def launch(world: int, fn: Callable, args: tuple = (), timeout_s: float = DEFAUL
             _watch(procs, work, status)
         finally:
             _stop(procs)
+        import torch
+
         return [torch.load(work / f"result.{r}", weights_only=False) for r in range(world)]
 
 

@@ -42,7 +42,8 @@ from executor.checkpoint import check_checkpoint
 from executor.prompts import check_prompts
 
 if TYPE_CHECKING:
-    from executor.runtime import RunOptions, RunResult
+    from executor.options import RunOptions
+    from executor.runtime import RunResult
 
 # torch (and everything that imports it) is imported only once the input is known to be valid:
 # importing it takes seconds, and an invalid plan should be refused at once.
@@ -102,14 +103,23 @@ def run_local(experiment: Experiment, plan: Plan, options: RunOptions,
               timeout_s: float = DEFAULT_TIMEOUT_S) -> RunResult:
     """Run on this machine: one gloo process per device of the experiment's cluster."""
     from executor.launch import launch
-    from executor.runtime import merge, run_rank
 
     world = experiment.cluster.num_devices
     if options.progress:
         print(f"starting {world} gloo worker processes (one per device of {experiment.name})", file=sys.stderr,
               flush=True)
-    results = launch(world, run_rank, (experiment, plan, options), timeout_s=timeout_s)
+    results = launch(world, _run_rank, (experiment, plan, options), timeout_s=timeout_s)
+    from executor.runtime import merge
+
     return merge(results, experiment, plan, options, backend="gloo", world_size=world)
+
+
+def _run_rank(*args: Any) -> Any:
+    """:func:`executor.runtime.run_rank`, imported in the worker: the parent never imports torch
+    before its workers start (their own import of it is the start-up's largest part)."""
+    from executor.runtime import run_rank
+
+    return run_rank(*args)
 
 
 def run_torchrun(experiment: Experiment, plan: Plan, options: RunOptions, timeout_s: float) -> RunResult | None:
@@ -215,7 +225,7 @@ def _main(argv: list[str] | None) -> int:
             raise ConfigError(f"models.{role}: {exc}") from None
 
     from executor.launch import WorkerFailed
-    from executor.runtime import RunOptions
+    from executor.options import RunOptions
 
     options = RunOptions(args.iterations, warmup, args.dtype, fault=fault, timeout_s=args.timeout_s, progress=True)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
