@@ -182,13 +182,10 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     if missing:
         raise ConfigError(f"model config {str(path)!r} lacks keys {missing}")
     heads = cfg["num_attention_heads"]
-    # optional keys: a null means "the default", as in transformers' PretrainedConfig
-    rope_theta = cfg.get("rope_theta")
-    norm_eps = cfg.get("rms_norm_eps")
-    rope_theta = rules.real(f"{where}: rope_theta", 10000.0 if rope_theta is None else rope_theta, positive=True)
-    norm_eps = rules.real(f"{where}: rms_norm_eps", 1e-5 if norm_eps is None else norm_eps, positive=True)
+    rope_theta = rules.real(f"{where}: rope_theta", cfg.get("rope_theta", 10000.0), positive=True)
+    norm_eps = rules.real(f"{where}: rms_norm_eps", cfg.get("rms_norm_eps", 1e-5), positive=True)
     for key in ("tie_word_embeddings", "attention_bias"):
-        if not isinstance(cfg.get(key, False), (bool, type(None))):
+        if not isinstance(cfg.get(key, False), bool):
             raise ConfigError(f"{where}: {key}={cfg[key]!r} must be true or false")
     return ModelSpec(
         name=path.parent.name or path.stem,
