@@ -159,7 +159,7 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     ``path`` is the file or the directory that holds it.
     """
     path = Path(path)
-    if "\0" not in str(path) and path.is_dir():
+    if "\0" not in str(path) and path.is_dir() and path.suffix != ".json":
         path = path / "config.json"
     cfg = load_json(path, "model config", expect=dict)
     where = f"model config {str(path)!r}"
