@@ -16,14 +16,16 @@ filling them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -153,14 +155,30 @@ def launch(world: int, fn: Callable, args: tuple = (), timeout_s: float = DEFAUL
         procs = [ctx.Process(target=_child, args=(r, world, workdir, timeout_s, retain_memory, status[r], fn, args),
                              daemon=True) for r in range(world)]
         try:
-            for p in procs:
-                p.start()
+            with _sigint_ignored():  # workers are born ignoring Ctrl-C: the parent alone stops them
+                for p in procs:
+                    p.start()
             _watch(procs, work, status)
         finally:
             _stop(procs)
         import torch
 
         return [torch.load(work / f"result.{r}", weights_only=False) for r in range(world)]
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while starting workers: an ignored signal stays ignored across exec, and
+    Python then installs no KeyboardInterrupt handler, so a Ctrl-C mid-start prints no worker
+    traceback. No-op off the main thread (only it may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _watch(procs: list[Any], work: Path, status: list[Any]) -> None:
