@@ -193,7 +193,7 @@ def from_hf_config(path: str | Path) -> ModelSpec:
         hidden=cfg["hidden_size"],
         ffn=cfg["intermediate_size"],
         heads=heads,
-        kv_heads=cfg.get("num_key_value_heads") or heads,
+        kv_heads=heads if cfg.get("num_key_value_heads") is None else cfg["num_key_value_heads"],
         vocab=cfg["vocab_size"],
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=bool(cfg.get("attention_bias", style == "qwen2")),

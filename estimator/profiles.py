@@ -259,6 +259,9 @@ def _curve(node: dict, where: str, by: str) -> Curve:
     pts = node["points"]
     if not isinstance(pts, list) or not all(isinstance(p, list) and len(p) == 2 for p in pts):
         raise ConfigError(f"{where}.points must be a list of [size, efficiency] pairs")
+    wrong = [v for p in pts for v in p if not isinstance(v, (int, float)) or isinstance(v, bool)]
+    if wrong:
+        raise ConfigError(f"{where}.points: {wrong[:3]!r} must be numbers")
     try:
         return Curve(tuple((float(s), float(e)) for s, e in pts), node["interpolation"])
     except (TypeError, ValueError) as exc:
