@@ -1,9 +1,11 @@
 """ModelSpec: the shape of a decoder-only transformer, its presets, and Hugging Face configs.
 
-Parameter count (LLaMA family, untied embeddings; REFERENCE.md "Formulas"):
-``L·(2h² + 2·h·g·d + 3·h·f + 2h) + h + 2·V·h``, plus q/k/v biases for Qwen2-style
-models, minus one ``V·h`` for tied embeddings, and a scalar value head (``h`` weights) in
-place of the LM head for critics and reward models.
+Parameter count (LLaMA family, untied embeddings; counted from the layer shapes of the LLaMA
+architecture, Touvron et al. 2023, arXiv 2302.13971, with grouped-query attention's ``g`` key/value
+heads of width ``d = h/a``): ``L·(2h² + 2·h·g·d + 3·h·f + 2h) + h + 2·V·h`` — per block the
+q and o projections, k and v, the three SwiGLU matrices and two RMSNorm weights — plus q/k/v
+biases for Qwen2-style models, minus one ``V·h`` for tied embeddings, and a scalar value head
+(``h`` weights) in place of the LM head for critics and reward models.
 """
 
 from __future__ import annotations
