@@ -47,6 +47,8 @@ class DeviceMesh:
     def parse(cls, text: str) -> DeviceMesh:
         """Parse ``"3"`` or ``"0-7"`` (inclusive device range)."""
         # at most 9 digits: more devices than any cluster, and int() of thousands of digits is slow
+        if isinstance(text, int) and not isinstance(text, bool):
+            text = str(text)  # a single device written as a JSON number
         m = re.fullmatch(r"\s*(\d{1,9})\s*(?:-\s*(\d{1,9})\s*)?", text) if isinstance(text, str) else None
         if not m:
             shown = text if len(repr(text)) <= 60 else f"{repr(text)[:57]}..."

@@ -31,7 +31,7 @@ from typing import Any
 from estimator import rules
 from estimator.cluster import Cluster
 from estimator.errors import ConfigError
-from estimator.loading import load_yaml
+from estimator.loading import check_input_path, load_yaml
 from estimator.models import ModelSpec, checkpoint_dir, get_model
 from estimator.workflow import ALGORITHMS, ROLES, VALUE_ROLES, Workflow, WorkflowParams, build
 
@@ -200,9 +200,10 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
         if not isinstance(prompts, str) or not prompts:
             raise ConfigError(f"{where}: prompts={prompts!r} must be a path to a JSONL file")
         path = Path(prompts) if base_dir is None or Path(prompts).is_absolute() else base_dir / prompts
-        if "\0" in prompts or not path.is_file():
-            raise ConfigError(f"{where}: prompts={prompts!r}: file {str(path)!r} does not exist")
-        prompts = str(path)
+        try:
+            prompts = str(check_input_path(path, "prompts file"))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: prompts={prompts!r}: {exc}") from None
     name = raw.get("name", where)
     if not isinstance(name, (str, int, float)) or isinstance(name, bool) or len(str(name)) > 200:
         raise ConfigError(f"{where}: name={str(name)[:60]!r} must be a short string (at most 200 characters)")
