@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from estimator import rules
 from estimator.cluster import Cluster, DeviceMesh
 from estimator.errors import ConfigError, PlanInvalidError
@@ -250,18 +252,30 @@ def enumerate_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> list[La
 
 
 def count_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> int:
-    """``len(enumerate_layouts(...))``, computed without listing them: for a valid mesh, the
-    rules on degrees depend on its size only through whether it spans nodes, so they are
-    checked once per (spans, tp, pp); the batch rule is arithmetic. Each size counts as many
-    times as the cluster has meshes of that size."""
-    shape_ok: dict[tuple[bool, int, int], bool] = {}
+    """``len(enumerate_layouts(...))``, computed without listing them.
+
+    For a valid mesh, the rules on degrees depend on its size only through whether it spans
+    nodes, so each (tp, pp) is checked once per kind of mesh at the first size it divides; the
+    batch rule and the count of meshes per size are arithmetic over all sizes at once. Every
+    tp that can be valid divides the devices per node (a slice's size does; a mesh spanning
+    nodes needs it)."""
+    by_size = cluster.mesh_sizes()
+    sizes = np.fromiter(by_size, dtype=np.int64, count=len(by_size))
+    meshes = np.fromiter(by_size.values(), dtype=np.int64, count=len(by_size))
+    spans = sizes > cluster.devices_per_node
+    per_step = call.workload.units_per_minibatch
     total = 0
-    for size, meshes in cluster.mesh_sizes().items():
-        spans = size > cluster.devices_per_node
-        for dp, tp, pp in _degrees(size, model, cluster):
-            key = (spans, tp, pp)
-            if key not in shape_ok:
-                shape_ok[key] = not _shape_problems(call, model, cluster, Layout(DeviceMesh(0, size), dp, tp, pp, 1))
-            if shape_ok[key]:
-                total += meshes * sum(_batch_splits(call, dp, mb) for mb in MICRO_BATCH_CHOICES)
+    for tp in divisors(cluster.devices_per_node):
+        for pp in range(1, model.layers + 1):
+            fits = sizes % (tp * pp) == 0
+            for kind in (False, True):
+                where = np.flatnonzero(fits & (spans == kind))
+                if where.size == 0:
+                    continue
+                size = int(sizes[where[0]])
+                if _shape_problems(call, model, cluster, Layout(DeviceMesh(0, size), size // (tp * pp), tp, pp, 1)):
+                    continue
+                dp = sizes[where] // (tp * pp)
+                splits = sum((per_step % (dp * mb) == 0).astype(np.int64) for mb in MICRO_BATCH_CHOICES)
+                total += int((splits * meshes[where]).sum())
     return total
