@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from estimator import rules
 from estimator.errors import ConfigError
 
 
@@ -70,12 +71,14 @@ class Cluster:
     device: str  # hardware profile name, e.g. "h100-sxm"
 
     def __post_init__(self) -> None:
-        problems = [
-            f"{k}={getattr(self, k)!r} must be a positive integer"
-            for k in ("nodes", "devices_per_node")
-            if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)
-            or getattr(self, k) < 1
-        ]
+        problems = []
+        for key, hi in (("nodes", rules.MAX_DEVICES), ("devices_per_node", rules.MAX_DEVICES_PER_NODE)):
+            try:
+                rules.integer(key, getattr(self, key), lo=1, hi=hi)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if not problems and self.nodes * self.devices_per_node > rules.MAX_DEVICES:
+            problems.append(f"{self.nodes}·{self.devices_per_node} devices exceed the limit {rules.MAX_DEVICES:,}")
         if not isinstance(self.device, str) or not self.device:
             problems.append(f"device={self.device!r} must be a non-empty profile name")
         if problems:
