@@ -70,6 +70,22 @@ def check_input_path(path: str | Path | None, what: str) -> Path:
     return p
 
 
+def is_file(path: str | Path) -> bool:
+    """``Path.is_file`` that answers False for a name the OS refuses (too long, NUL byte)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def is_dir(path: str | Path) -> bool:
+    """``Path.is_dir`` that answers False for a name the OS refuses (too long, NUL byte)."""
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def read_bytes(path: str | Path | None, what: str, max_bytes: int = MAX_DOC_BYTES) -> bytes:
     """The bytes of a regular file, at most ``max_bytes`` of them."""
     p = check_input_path(path, what)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from estimator import rules
 from estimator.errors import ConfigError
-from estimator.loading import load_json
+from estimator.loading import is_dir, load_json
 
 HEAD_KINDS = ("lm", "value")
 BF16_BYTES = 2
@@ -161,7 +161,7 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     ``path`` is the file or the directory that holds it.
     """
     path = Path(path)
-    if "\0" not in str(path) and path.is_dir() and path.suffix != ".json":
+    if is_dir(path) and path.suffix != ".json":
         path = path / "config.json"
     cfg = load_json(path, "model config", expect=dict)
     where = f"model config {str(path)!r}"
@@ -218,7 +218,7 @@ def checkpoint_dir(name_or_path: str, base_dir: str | Path | None = None) -> Pat
     path = model_path(name_or_path, base_dir)
     if path is None:
         return None
-    folder = path if path.is_dir() else path.parent
+    folder = path if is_dir(path) else path.parent
     return folder.resolve() if any(folder.glob("*.safetensors")) else None
 
 

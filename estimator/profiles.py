@@ -39,7 +39,7 @@ import numpy as np
 
 from estimator.errors import ConfigError
 from estimator.io import atomic_write_json
-from estimator.loading import load_json
+from estimator.loading import is_file, load_json
 
 PROFILE_FORMAT = "rlhf-plan/profile-v1"
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "profiles"
@@ -214,10 +214,11 @@ def load_profile(name_or_path: str | Path, key: str = "") -> Profile:
         raise ConfigError(f"{prefix}the hardware profile name is empty; known profiles: "
                           f"{', '.join(known_profiles())} (or give a path to a profile .json)")
     path = Path(text)
-    if not (text.endswith(".json") or "/" in text or "\0" in text or path.is_file()):
+    if not (text.endswith(".json") or "/" in text or "\0" in text or is_file(path)):
         path = PROFILE_DIR / f"{text}.json"
-        if not path.is_file():
-            raise ConfigError(f"{prefix}unknown hardware profile {text!r}; known profiles: "
+        if not is_file(path):
+            shown = text if len(text) <= 80 else text[:77] + "..."
+            raise ConfigError(f"{prefix}unknown hardware profile {shown!r}; known profiles: "
                               f"{', '.join(known_profiles())} (or give a path to a profile .json)")
     try:
         data = load_json(path, "hardware profile", expect=dict)
@@ -244,12 +245,20 @@ def _obj(data: Any, key: str, where: str, keys: tuple[str, ...], numbers: bool =
     return node
 
 
+# Upper bounds no device comes near (a GB200 is ~2.5e15 FLOP/s dense and 8 TB/s; 192 GB HBM):
+# a number above them is a typo or a unit error, not a device.
+_LIMITS = {"flops_per_s": 1e18, "bytes_per_s": 1e15, "busbw_bytes_per_s": 1e15, "bytes": 1e15,
+           "overhead_s": 1.0, "alpha_s": 1.0}
+
+
 def _positive(node: dict, key: str, where: str, zero_ok: bool = False) -> float:
     v = node[key]
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if not ok or v < 0 or (v == 0 and not zero_ok):
         rule = "a non-negative" if zero_ok else "a positive"
         raise ConfigError(f"{where}.{key}={v!r} must be {rule} number")
+    if key in _LIMITS and v > _LIMITS[key]:
+        raise ConfigError(f"{where}.{key}={v!r} exceeds the limit {_LIMITS[key]:g}")
     return float(v)
 
 

@@ -42,7 +42,8 @@ HF_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_
 BAD_VALUES = [math.nan, math.inf, -math.inf, -1, 2**70, -1e308, "", [], {}, True, "\x00", "x" * 5000, [[1]]]
 # Keys whose value is free text, or optional so that null means absent: any value may be valid.
 FREE = {"experiment": {"name"}, "profile": {"name", "device", "date", "notes", "cite", "command", "software"},
-        "plan": set(), "model config": {"hidden_act", "architectures", "model_type"}}  # either of the two names it
+        "plan": set(), "model config": {"hidden_act", "architectures", "model_type",  # either names the model
+                                        "tie_word_embeddings", "attention_bias"}}  # True is valid too
 NULLABLE = {"experiment": {"prompts"}, "profile": set(), "plan": set(), "model config": {"num_key_value_heads"}}
 OPTIONAL = {"experiment": {"ppo_minibatches", "group_size", "seed", "prompts", "hyperparams", "name", "lr",
                            "kl_coef", "clip_eps", "value_clip", "gamma", "lam", "dpo_beta", "temperature"},

@@ -219,3 +219,34 @@ def test_predict_trace_targets_are_checked_before_simulating(tmp_path, capsys):
     (tmp_path / "link.json").symlink_to(real)
     assert predict_main([exp, "--plan", PLAN, "--trace", str(tmp_path / "link.json"), "--json"]) == 0
     assert (tmp_path / "link.json").is_symlink() and "traceEvents" in json.loads(real.read_text())
+
+
+# ---- found by fuzzing ----------------------------------------------------------------------
+
+
+def test_an_over_long_profile_name_is_named_not_a_traceback(tmp_path, capsys):
+    _fails(capsys, describe_main, [_exp(tmp_path, cluster={"device": "x" * 5000})], "cluster.device",
+           "unknown hardware profile")
+    _fails(capsys, describe_main, [_exp(tmp_path, {"models": {**TINY["models"], "actor": "x" * 5000 + ".json"}})],
+           "models.actor", "File name too long")
+
+
+def test_profile_numbers_have_upper_bounds(tmp_path, capsys):
+    from estimator.profiles import PROFILE_DIR
+
+    prof = json.loads((PROFILE_DIR / "cpu.json").read_text())
+    prof["compute"]["launch"]["overhead_s"] = 2**70
+    (tmp_path / "p.json").write_text(json.dumps(prof))
+    _fails(capsys, predict_main, [_exp(tmp_path), "--profile", str(tmp_path / "p.json")], "--profile",
+           "compute.launch.overhead_s=1180591620717411303424 exceeds the limit 1")
+    prof = json.loads((PROFILE_DIR / "cpu.json").read_text())
+    prof["compute"]["efficiency"]["points"][0][1] = True
+    (tmp_path / "p.json").write_text(json.dumps(prof))
+    _fails(capsys, predict_main, [_exp(tmp_path), "--profile", str(tmp_path / "p.json")], "points", "must be numbers")
+
+
+def test_a_non_integer_kv_head_count_is_not_read_as_the_default(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**HF, "num_key_value_heads": ""}))
+    _fails(capsys, describe_main, [_exp(tmp_path, {"models": {**TINY["models"], "actor": "m/config.json"}})],
+           "kv_heads=''")
