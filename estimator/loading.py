@@ -1,8 +1,8 @@
 """The one loading path: every file the project reads goes through here.
 
 Experiment YAML, plan, profile and timeline JSON, Hugging Face ``config.json``, prompt JSONL,
-tables and safetensors headers are read by the functions below, so each input rule holds for
-all of them at once:
+CSV tables (:func:`load_table`) and safetensors headers are read by the functions below, so
+each input rule holds for all of them at once:
 
 - the path is non-empty, has no NUL byte, names an existing **regular** file (a directory,
   FIFO or device is named and refused; a FIFO would block the reader forever);
@@ -260,6 +260,29 @@ def load_yaml(path: str | Path | None, what: str, expect: type | tuple[type, ...
               max_bytes: int = MAX_DOC_BYTES) -> Any:
     """A YAML file, strictly parsed (see :func:`parse_yaml`)."""
     return parse_yaml(read_text(path, what, max_bytes), _where(path, what), expect)
+
+
+# ---- tables -------------------------------------------------------------------------------
+
+
+def load_table(path: str | Path | None, what: str, columns: tuple[str, ...] = (),
+               max_bytes: int = MAX_DATA_BYTES) -> Any:  # -> pandas.DataFrame
+    """A CSV table as a pandas DataFrame that has at least ``columns`` (pandas is imported
+    lazily: it is slow to import and most commands never read a table)."""
+    import io
+
+    import pandas as pd
+
+    where = _where(path, what)
+    text = read_text(path, what, max_bytes)
+    try:
+        table = pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        raise ConfigError(f"{where}: not a valid CSV table: {' '.join(str(exc).split())}") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ConfigError(f"{where}: missing column(s) {missing}; has {list(table.columns)}")
+    return table
 
 
 # ---- safetensors --------------------------------------------------------------------------

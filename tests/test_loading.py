@@ -16,6 +16,7 @@ from estimator.loading import (
     MAX_DEPTH,
     MAX_YAML_ALIASES,
     load_json,
+    load_table,
     load_yaml,
     parse_json,
     parse_yaml,
@@ -159,3 +160,14 @@ def test_output_follows_a_symlink_instead_of_replacing_it(tmp_path):
 def test_output_writes_a_regular_file_atomically(tmp_path):
     out = atomic_write_text(tmp_path / "t.json", "abc")
     assert out.read_text() == "abc" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_tables(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("tp,time_s\n1,0.5\n2,0.25\n")
+    assert list(load_table(path, "table", columns=("tp", "time_s"))["time_s"]) == [0.5, 0.25]
+    _raises(load_table, path, "table", columns=("nope",), match="missing column(s) ['nope']")
+    path.write_text("")
+    _raises(load_table, path, "table", match="not a valid CSV table")
+    path.write_bytes(b"a,b\n\xff,1\n")
+    _raises(load_table, path, "table", match="not UTF-8")
