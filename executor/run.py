@@ -18,7 +18,11 @@ than one) are left out of the steady-state iteration time. ``--json`` prints ``i
 (steady state), ``iterations_s`` (each), ``warmup_iterations`` and per call ``duration_s`` (its
 compute, first start to last end over its devices), ``realloc_s``, ``data_s`` and ``span_s``
 (entry to exit, waiting for inputs included).
-A worker that fails stops the run with exit code 1, naming its rank and call.
+A worker that fails stops the run with exit code 1, naming its rank and call; a rank that stops
+responding (hung, or stopped with SIGSTOP) is the one named once its peers' collective timeout
+expires (``--timeout-s``, default 300 s). Experiment, profile, plan, prompts, checkpoints and
+output paths are all checked before torch is imported. SIGTERM or Ctrl-C stops every worker,
+removes the run's temporary files and exits with 143 or 130 after one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import signal
 import sys
 from datetime import timedelta
@@ -65,10 +70,11 @@ def parse_fault(text: str | None) -> tuple[int, str] | None:
     """``RANK:CALL`` → (rank, call)."""
     if text is None:
         return None
-    rank, sep, call = text.partition(":")
-    if not sep or not rank.isdigit() or not call:
-        raise ConfigError(f"--inject-fault {text!r} must look like RANK:CALL, e.g. 1:actor_train")
-    return int(rank), call
+    m = re.fullmatch(r"([0-9]{1,9}):(.+)", text)
+    if m is None:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise ConfigError(f"--inject-fault {shown!r} must look like RANK:CALL, e.g. 1:actor_train")
+    return int(m.group(1)), m.group(2)
 
 
 def check_fault(fault: tuple[int, str] | None, experiment: Experiment, plan: Plan) -> None:

@@ -61,6 +61,7 @@ def test_bad_timeouts(capsys, no_launch, value):
     ("2:actor_gen", "rank 2 is out of range; the cluster has ranks 0-1"),
     ("1:actor_gen", "rank 1 never runs actor_gen (its mesh is 0)"),
     ("1:nope", "unknown call 'nope'"),
+    ("9" * 5000 + ":actor_gen", "must look like RANK:CALL"),  # int() of 5,000 digits raises
 ])
 def test_faults_that_would_never_fire(capsys, no_launch, fault, needle):
     _fails(capsys, [PPO, "--plan", DISJOINT, "--inject-fault", fault], needle)
