@@ -245,10 +245,10 @@ def _obj(data: Any, key: str, where: str, keys: tuple[str, ...], numbers: bool =
     return node
 
 
-# Upper bounds no device comes near (a GB200 is ~2.5e15 FLOP/s dense and 8 TB/s; 192 GB HBM):
-# a number above them is a typo or a unit error, not a device.
-_LIMITS = {"flops_per_s": 1e18, "bytes_per_s": 1e15, "busbw_bytes_per_s": 1e15, "bytes": 1e15,
-           "overhead_s": 1.0, "alpha_s": 1.0}
+# Upper bounds no device comes near: a launch or link latency of a second, a petabyte of memory
+# (a GB200 has 192 GB) — above them is a typo or a unit error. Rates have none: a huge rate is
+# how a synthetic profile makes a resource free.
+_LIMITS = {"overhead_s": 1.0, "alpha_s": 1.0, "bytes": 1e15}
 
 
 def _positive(node: dict, key: str, where: str, zero_ok: bool = False) -> float:
