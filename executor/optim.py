@@ -14,24 +14,51 @@ import torch
 from torch import Tensor
 
 FULL_PRECISION = (torch.float32, torch.float64)
+BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults
 
 
 class ShardAdam:
-    """``torch.optim.Adam`` over ``params`` (a device's shards), master weights if 16-bit."""
+    """Adam over ``params`` (a device's shards), master weights if 16-bit.
+
+    The step is ``torch.optim.Adam``'s own single-tensor step (what it runs on CPU tensors:
+    torch/optim/adam.py ``_single_tensor_adam``), op for op, so results are bitwise those of
+    ``torch.optim.Adam``. It is written out because constructing a ``torch.optim`` optimizer
+    imports ``torch._dynamo`` (the optimizer's ``__init__`` is wrapped in
+    ``torch._disable_dynamo``), which costs every worker seconds of start-up before its first
+    call; this class needs nothing beyond tensor ops.
+    """
 
     def __init__(self, params: dict[str, Tensor], lr: float):
         self.params = list(params.values())
+        self.lr = lr
         self.mixed = any(p.dtype not in FULL_PRECISION for p in self.params)
         self.master = [p.detach().float().clone() for p in self.params] if self.mixed else self.params
-        self.adam = torch.optim.Adam(self.master, lr=lr)
+        # per-parameter state, made at its first step with a gradient (as torch.optim does)
+        self.state: list[tuple[Tensor, Tensor] | None] = [None] * len(self.master)
+        self.steps = [0] * len(self.master)
 
     def step(self) -> None:
         if self.mixed:
             for p, m in zip(self.params, self.master):
                 m.grad = None if p.grad is None else p.grad.float()
-        self.adam.step()
-        if self.mixed:
-            with torch.no_grad():
+        beta1, beta2 = BETAS
+        with torch.no_grad():
+            for i, param in enumerate(self.master):
+                grad = param.grad
+                if grad is None:
+                    continue
+                if self.state[i] is None:
+                    self.state[i] = (torch.zeros_like(param, memory_format=torch.preserve_format),
+                                     torch.zeros_like(param, memory_format=torch.preserve_format))
+                exp_avg, exp_avg_sq = self.state[i]
+                self.steps[i] += 1
+                step = float(self.steps[i])
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step_size = self.lr / (1 - beta1**step)
+                denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(EPS)
+                param.addcdiv_(exp_avg, denom, value=-step_size)
+            if self.mixed:
                 for p, m in zip(self.params, self.master):
                     p.copy_(m)
 
