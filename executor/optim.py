@@ -18,14 +18,14 @@ BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults
 
 
 class ShardAdam:
-    """Adam over ``params`` (a device's shards), master weights if 16-bit.
+    """``torch.optim.Adam`` over ``params`` (a device's shards), master weights if 16-bit.
 
-    The step is ``torch.optim.Adam``'s own single-tensor step (what it runs on CPU tensors:
-    torch/optim/adam.py ``_single_tensor_adam``), op for op, so results are bitwise those of
-    ``torch.optim.Adam``. It is written out because constructing a ``torch.optim`` optimizer
-    imports ``torch._dynamo`` (the optimizer's ``__init__`` is wrapped in
-    ``torch._disable_dynamo``), which costs every worker seconds of start-up before its first
-    call; this class needs nothing beyond tensor ops.
+    On GPUs it is ``torch.optim.Adam`` itself (its multi-tensor step, the kernels the cost
+    model charges). On CPU, where ``torch.optim.Adam`` runs its single-tensor step
+    (torch/optim/adam.py ``_single_tensor_adam``), that step is run here op for op, so results
+    are bitwise the same: constructing a ``torch.optim`` optimizer imports ``torch._dynamo``
+    (its ``__init__`` is wrapped in ``torch._disable_dynamo``), seconds of every CPU worker's
+    start-up before its first call.
     """
 
     def __init__(self, params: dict[str, Tensor], lr: float):
@@ -33,6 +33,8 @@ class ShardAdam:
         self.lr = lr
         self.mixed = any(p.dtype not in FULL_PRECISION for p in self.params)
         self.master = [p.detach().float().clone() for p in self.params] if self.mixed else self.params
+        on_cpu = all(m.device.type == "cpu" for m in self.master)
+        self.adam = None if on_cpu else torch.optim.Adam(self.master, lr=lr, betas=BETAS, eps=EPS)
         # per-parameter state, made at its first step with a gradient (as torch.optim does)
         self.state: list[tuple[Tensor, Tensor] | None] = [None] * len(self.master)
         self.steps = [0] * len(self.master)
@@ -41,6 +43,16 @@ class ShardAdam:
         if self.mixed:
             for p, m in zip(self.params, self.master):
                 m.grad = None if p.grad is None else p.grad.float()
+        if self.adam is not None:
+            self.adam.step()
+        else:
+            self._cpu_step()
+        if self.mixed:
+            with torch.no_grad():
+                for p, m in zip(self.params, self.master):
+                    p.copy_(m)
+
+    def _cpu_step(self) -> None:
         beta1, beta2 = BETAS
         with torch.no_grad():
             for i, param in enumerate(self.master):
@@ -58,9 +70,6 @@ class ShardAdam:
                 step_size = self.lr / (1 - beta1**step)
                 denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(EPS)
                 param.addcdiv_(exp_avg, denom, value=-step_size)
-            if self.mixed:
-                for p, m in zip(self.params, self.master):
-                    p.copy_(m)
 
     def zero_grad(self) -> None:
         for p in self.params:

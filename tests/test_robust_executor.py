@@ -206,3 +206,31 @@ def test_a_signal_ends_the_run_with_one_line_and_no_leftovers(tmp_path, sig, cod
         time.sleep(0.1)
     assert all(_gone(w) for w in workers)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("rlhf-plan-run-")]
+
+
+# ---- start-up ------------------------------------------------------------------------------
+
+
+def test_cpu_adam_imports_no_dynamo_and_is_bitwise_torch_adam():
+    code = ("import sys, torch; from executor.optim import ShardAdam; p = {'w': torch.ones(3, requires_grad=True)}; "
+            "o = ShardAdam(p, 0.1); p['w'].grad = torch.ones(3); o.step(); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "False", out.stderr
+
+    import torch
+
+    from executor.optim import ShardAdam
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(5, 4, generator=g), torch.randn(7, generator=g)
+    mine = {"a": a.clone().requires_grad_(), "b": b.clone().requires_grad_()}
+    ref = [a.clone().requires_grad_(), b.clone().requires_grad_()]
+    opt, torch_opt = ShardAdam(mine, lr=3e-3), torch.optim.Adam(ref, lr=3e-3)
+    for k in range(5):
+        grads = [torch.randn(5, 4, generator=g), torch.randn(7, generator=g) if k % 2 else None]  # b skips steps
+        for t, r, gr in zip(mine.values(), ref, grads):
+            t.grad, r.grad = (None, None) if gr is None else (gr.clone(), gr.clone())
+        opt.step()
+        torch_opt.step()
+    assert torch.equal(mine["a"], ref[0]) and torch.equal(mine["b"], ref[1])
