@@ -10,6 +10,7 @@ per pipeline stage, so pipelines fill; with a profile, more while a device would
 
 from __future__ import annotations
 
+from estimator.errors import ConfigError
 from estimator.experiment import Experiment
 from estimator.memory import plan_memory
 from estimator.plan import MICRO_BATCH_CHOICES, Layout, Plan, check, divisors, layout_problems
@@ -44,7 +45,8 @@ def symmetric_plan(experiment: Experiment, profile: Profile | None = None) -> Pl
     for name in wf.topological_order():
         cands = _candidates(wf[name], experiment)
         if not cands:
-            raise ValueError(f"call {name}: no whole-cluster layout is valid")
+            raise ConfigError(f"call {name}: no whole-cluster layout is valid, so there is no symmetric "
+                              "baseline plan for this experiment; give a plan with --plan")
         layouts[name] = cands[0]
     plan = check(Plan(layouts), experiment)
     if profile is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from estimator import rules
 from estimator.errors import ConfigError
 
 
@@ -46,9 +47,14 @@ class DeviceMesh:
     @classmethod
     def parse(cls, text: str) -> DeviceMesh:
         """Parse ``"3"`` or ``"0-7"`` (inclusive device range)."""
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", str(text))
+        # at most 9 digits: more devices than any cluster, and int() of thousands of digits is slow
+        if isinstance(text, int) and not isinstance(text, bool):
+            text = str(text)  # a single device written as a JSON number
+        m = re.fullmatch(r"\s*(\d{1,9})\s*(?:-\s*(\d{1,9})\s*)?", text) if isinstance(text, str) else None
         if not m:
-            raise ConfigError(f"mesh {text!r} must be a device id or an inclusive range like '0-7'")
+            shown = text if len(repr(text)) <= 60 else f"{repr(text)[:57]}..."
+            raise ConfigError(f"mesh {shown!r} must be a device id or an inclusive range like '0-7' "
+                              "(a string of at most 9-digit numbers)")
         first = int(m.group(1))
         last = int(m.group(2)) if m.group(2) is not None else first
         if last < first:
@@ -65,12 +71,14 @@ class Cluster:
     device: str  # hardware profile name, e.g. "h100-sxm"
 
     def __post_init__(self) -> None:
-        problems = [
-            f"{k}={getattr(self, k)!r} must be a positive integer"
-            for k in ("nodes", "devices_per_node")
-            if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)
-            or getattr(self, k) < 1
-        ]
+        problems = []
+        for key, hi in (("nodes", rules.MAX_DEVICES), ("devices_per_node", rules.MAX_DEVICES_PER_NODE)):
+            try:
+                rules.integer(key, getattr(self, key), lo=1, hi=hi)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if not problems and self.nodes * self.devices_per_node > rules.MAX_DEVICES:
+            problems.append(f"{self.nodes}·{self.devices_per_node} devices exceed the limit {rules.MAX_DEVICES:,}")
         if not isinstance(self.device, str) or not self.device:
             problems.append(f"device={self.device!r} must be a non-empty profile name")
         if problems:
@@ -102,6 +110,21 @@ class Cluster:
             return [f"mesh {mesh} must be an aligned power-of-two slice of one node "
                     f"(size dividing {dpn}, first device a multiple of the size)"]
         return []
+
+    def mesh_sizes(self) -> dict[int, int]:
+        """Mesh size → how many valid meshes have it (as :meth:`meshes` lists, without listing)."""
+        dpn = self.devices_per_node
+        out = {}
+        size = 1
+        while size < dpn:
+            if dpn % size == 0:
+                out[size] = -(-self.num_devices // size)
+            size *= 2
+        out.update({n * dpn: self.nodes - n + 1 for n in range(1, self.nodes + 1)})
+        return out
+
+    def num_meshes(self) -> int:
+        return sum(self.mesh_sizes().values())
 
     def meshes(self) -> list[DeviceMesh]:
         """Every valid mesh, by size then first device."""

@@ -22,7 +22,8 @@ from typing import Any
 from estimator.errors import cli_guard
 from estimator.experiment import Experiment, load_experiment
 from estimator.ops import call_flops
-from estimator.plan import Plan, check, enumerate_layouts, format_table
+from estimator.plan import Plan, check, count_layouts, format_table
+from estimator.profiles import load_profile
 
 
 def describe(exp: Experiment) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def describe(exp: Experiment) -> dict[str, Any]:
             "workload": {"seqs": w.seqs, "prompt_len": w.prompt_len, "gen_len": w.gen_len,
                          "minibatches": w.minibatches, "paired": w.paired, "greedy": w.greedy},
             "flops": call_flops(c, model),
-            "layouts": len(enumerate_layouts(c, model, exp.cluster)),
+            "layouts": count_layouts(c, model, exp.cluster),
         })
     cl = exp.cluster
     return {
@@ -55,7 +56,7 @@ def describe(exp: Experiment) -> dict[str, Any]:
         "calls": calls,
         "version_edges": [list(e) for e in wf.version_edges()],
         "cluster": {"nodes": cl.nodes, "devices_per_node": cl.devices_per_node, "devices": cl.num_devices,
-                    "device": cl.device, "meshes": len(cl.meshes())},
+                    "device": cl.device, "meshes": cl.num_meshes()},
     }
 
 
@@ -92,7 +93,8 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     exp = load_experiment(args.experiment)
-    plan = check(Plan.load(args.plan), exp) if args.plan else None
+    load_profile(exp.cluster.device, key="cluster.device")  # a bad profile is an invalid experiment
+    plan = check(Plan.load(args.plan), exp) if args.plan is not None else None
     info = describe(exp)
     if plan is not None:
         info["plan"] = {c: lay.to_dict() for c, lay in plan.layouts.items()}

@@ -28,12 +28,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from estimator import rules
 from estimator.cluster import Cluster
 from estimator.errors import ConfigError
+from estimator.loading import check_input_path, load_yaml
 from estimator.models import ModelSpec, checkpoint_dir, get_model
-from estimator.profiles import known_profiles
 from estimator.workflow import ALGORITHMS, ROLES, VALUE_ROLES, Workflow, WorkflowParams, build
 
 
@@ -101,12 +100,19 @@ def _unknown_key(where: str, key: str, allowed: tuple[str, ...] | list[str]) -> 
     return ConfigError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
 
 
+# key → upper bound (estimator/rules.py says why each is above any real run)
+_INT_LIMITS = {"batch_size": rules.MAX_BATCH, "prompt_len": rules.MAX_SEQ_TOKENS, "gen_len": rules.MAX_SEQ_TOKENS,
+               "ppo_minibatches": rules.MAX_BATCH, "group_size": rules.MAX_GROUP, "cluster.nodes": rules.MAX_DEVICES,
+               "cluster.devices_per_node": rules.MAX_DEVICES_PER_NODE}
+# hyperparameter → (upper bound, must be > 0): discount and GAE lambda are fractions; an Adam
+# step above 1 or a clip/temperature/coefficient above 1,000 is no real setting
+_HYPER_LIMITS = {"lr": (1.0, True), "kl_coef": (1e3, False), "clip_eps": (1e3, False),
+                 "value_clip": (1e3, False), "gamma": (1.0, False), "lam": (1.0, False),
+                 "dpo_beta": (1e3, False), "temperature": (1e3, True)}
+
+
 def _positive_int(where: str, key: str, value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{where}: {key}={value!r} must be an integer")
-    if value < 1:
-        raise ConfigError(f"{where}: {key}={value} must be at least 1")
-    return value
+    return rules.integer(f"{where}: {key}", value, lo=1, hi=_INT_LIMITS[key])
 
 
 def _mapping(where: str, key: str, value: Any) -> dict:
@@ -122,13 +128,8 @@ def _hyperparams(where: str, raw: Any) -> Hyperparams:
     for k, v in raw.items():
         if k not in names:
             raise _unknown_key(f"{where}: hyperparams", k, names)
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise ConfigError(f"{where}: hyperparams.{k}={v!r} must be a number")
-        strict = k in ("lr", "temperature")
-        if v < 0 or (strict and v == 0):
-            rule = "positive" if strict else "non-negative"
-            raise ConfigError(f"{where}: hyperparams.{k}={v} must be {rule}")
-        values[k] = float(v)
+        hi, positive = _HYPER_LIMITS[k]
+        values[k] = rules.real(f"{where}: hyperparams.{k}", v, lo=0.0, hi=hi, positive=positive)
     return Hyperparams(**values)
 
 
@@ -175,30 +176,37 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
         raise ConfigError(f"{where}: cluster is missing key(s) {', '.join(missing)}")
     nodes = _positive_int(where, "cluster.nodes", cl["nodes"])
     dpn = _positive_int(where, "cluster.devices_per_node", cl["devices_per_node"])
+    if nodes * dpn > rules.MAX_DEVICES:
+        raise ConfigError(f"{where}: cluster of {nodes}·{dpn} = {nodes * dpn:,} devices exceeds the limit "
+                          f"{rules.MAX_DEVICES:,}")
     device = cl["device"]
-    if not isinstance(device, str):
-        raise ConfigError(f"{where}: cluster.device={device!r} must be a profile name")
+    if not isinstance(device, str) or not device.strip():
+        raise ConfigError(f"{where}: cluster.device={device!r} must be a profile name or a path to a profile .json")
     if device.endswith(".json") or "/" in device:
+        # relative to the experiment file; the profile itself is loaded and checked by
+        # estimator.profiles.load_profile, which every command naming one calls
         path = Path(device) if base_dir is None or Path(device).is_absolute() else base_dir / device
-        if not path.is_file():
-            raise ConfigError(f"{where}: cluster.device={device!r}: profile file {str(path)!r} does not exist")
         device = str(path)
-    elif device not in known_profiles():
-        raise ConfigError(f"{where}: cluster.device={device!r} is not a known hardware profile; "
-                          f"known: {', '.join(known_profiles())} (or a path to a profile .json)")
 
-    seed = raw.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"{where}: seed={seed!r} must be a non-negative integer")
+    seed = rules.integer(f"{where}: seed", raw.get("seed", 0), lo=0, hi=rules.MAX_SEED)
+    if ints["prompt_len"] + ints["gen_len"] > rules.MAX_SEQ_TOKENS:
+        raise ConfigError(f"{where}: prompt_len + gen_len = {ints['prompt_len'] + ints['gen_len']:,} tokens exceeds "
+                          f"the limit {rules.MAX_SEQ_TOKENS:,} per sequence")
+    if ints["batch_size"] * ints["group_size"] > rules.MAX_BATCH:
+        raise ConfigError(f"{where}: batch_size·group_size = {ints['batch_size'] * ints['group_size']:,} sequences "
+                          f"exceeds the limit {rules.MAX_BATCH:,} per iteration")
     prompts = raw.get("prompts")
     if prompts is not None:
-        if not isinstance(prompts, str):
+        if not isinstance(prompts, str) or not prompts:
             raise ConfigError(f"{where}: prompts={prompts!r} must be a path to a JSONL file")
         path = Path(prompts) if base_dir is None or Path(prompts).is_absolute() else base_dir / prompts
-        if not path.is_file():
-            raise ConfigError(f"{where}: prompts={prompts!r}: file {str(path)!r} does not exist")
-        prompts = str(path)
+        try:
+            prompts = str(check_input_path(path, "prompts file"))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: prompts={prompts!r}: {exc}") from None
     name = raw.get("name", where)
+    if not isinstance(name, (str, int, float)) or isinstance(name, bool) or len(str(name)) > 200:
+        raise ConfigError(f"{where}: name={str(name)[:60]!r} must be a short string (at most 200 characters)")
     try:
         return Experiment(
             algorithm=algorithm,
@@ -217,16 +225,8 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
 
 def load_experiment(path: str | Path) -> Experiment:
     """Load and check an experiment YAML file."""
+    raw = load_yaml(path, "experiment file")
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"experiment file {str(path)!r}: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"experiment {path}: not valid YAML: {' '.join(str(exc).split())}") from None
-    raw = raw if raw is not None else {}
-    if isinstance(raw, dict) and "name" not in raw:
+    if "name" not in raw:
         raw = {**raw, "name": path.stem}
     return experiment_from_dict(raw, where=f"experiment {path}", base_dir=path.parent)

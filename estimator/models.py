@@ -1,22 +1,29 @@
 """ModelSpec: the shape of a decoder-only transformer, its presets, and Hugging Face configs.
 
-Parameter count (LLaMA family, untied embeddings; REFERENCE.md "Formulas"):
-``L·(2h² + 2·h·g·d + 3·h·f + 2h) + h + 2·V·h``, plus q/k/v biases for Qwen2-style
-models, minus one ``V·h`` for tied embeddings, and a scalar value head (``h`` weights) in
-place of the LM head for critics and reward models.
+Parameter count (LLaMA family, untied embeddings; counted from the layer shapes of the LLaMA
+architecture, Touvron et al. 2023, arXiv 2302.13971, with grouped-query attention's ``g`` key/value
+heads of width ``d = h/a``): ``L·(2h² + 2·h·g·d + 3·h·f + 2h) + h + 2·V·h`` — per block the
+q and o projections, k and v, the three SwiGLU matrices and two RMSNorm weights — plus q/k/v
+biases for Qwen2-style models, minus one ``V·h`` for tied embeddings, and a scalar value head
+(``h`` weights) in place of the LM head for critics and reward models.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from estimator import rules
 from estimator.errors import ConfigError
+from estimator.loading import is_dir, load_json
 
 HEAD_KINDS = ("lm", "value")
 BF16_BYTES = 2
+
+
+_SHAPE_LIMITS = {"layers": rules.MAX_LAYERS, "hidden": rules.MAX_HIDDEN, "ffn": rules.MAX_FFN,
+                 "heads": rules.MAX_HEADS, "kv_heads": rules.MAX_HEADS, "vocab": rules.MAX_VOCAB}
 
 
 @dataclass(frozen=True)
@@ -38,10 +45,16 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         problems = []
-        for field in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                problems.append(f"{field}={value!r} must be a positive integer")
+        for field, hi in _SHAPE_LIMITS.items():
+            try:
+                rules.integer(field, getattr(self, field), lo=1, hi=hi)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        for field in ("rope_theta", "norm_eps"):
+            try:
+                rules.real(field, getattr(self, field), positive=True, hi=1e12 if field == "rope_theta" else 1.0)
+            except ConfigError as exc:
+                problems.append(str(exc))
         if not problems:
             if self.hidden % self.heads:
                 problems.append(f"hidden={self.hidden} must be divisible by heads={self.heads}")
@@ -148,19 +161,18 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     ``path`` is the file or the directory that holds it.
     """
     path = Path(path)
-    if path.is_dir():
+    if is_dir(path) and path.suffix != ".json":
         path = path / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"model config {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"model config {str(path)!r} is not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"model config {str(path)!r} must hold a JSON object")
+    cfg = load_json(path, "model config", expect=dict)
+    where = f"model config {str(path)!r}"
     archs = cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{where}: architectures={archs!r} must be a list of class names")
+    model_type = cfg.get("model_type", "")
+    if not isinstance(model_type, str):
+        raise ConfigError(f"{where}: model_type={model_type!r} must be a string")
     style = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
-    style = style or _HF_MODEL_TYPES.get(cfg.get("model_type", ""))
+    style = style or _HF_MODEL_TYPES.get(model_type)
     if style is None:
         raise ConfigError(
             f"model config {str(path)!r}: unsupported architecture "
@@ -172,18 +184,23 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     if missing:
         raise ConfigError(f"model config {str(path)!r} lacks keys {missing}")
     heads = cfg["num_attention_heads"]
+    rope_theta = rules.real(f"{where}: rope_theta", cfg.get("rope_theta", 10000.0), positive=True)
+    norm_eps = rules.real(f"{where}: rms_norm_eps", cfg.get("rms_norm_eps", 1e-5), positive=True)
+    for key in ("tie_word_embeddings", "attention_bias"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(f"{where}: {key}={cfg[key]!r} must be true or false")
     return ModelSpec(
         name=path.parent.name or path.stem,
         layers=cfg["num_hidden_layers"],
         hidden=cfg["hidden_size"],
         ffn=cfg["intermediate_size"],
         heads=heads,
-        kv_heads=cfg.get("num_key_value_heads") or heads,
+        kv_heads=heads if cfg.get("num_key_value_heads") is None else cfg["num_key_value_heads"],
         vocab=cfg["vocab_size"],
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=bool(cfg.get("attention_bias", style == "qwen2")),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_theta=rope_theta,
+        norm_eps=norm_eps,
     )
 
 
@@ -201,7 +218,7 @@ def checkpoint_dir(name_or_path: str, base_dir: str | Path | None = None) -> Pat
     path = model_path(name_or_path, base_dir)
     if path is None:
         return None
-    folder = path if path.is_dir() else path.parent
+    folder = path if is_dir(path) else path.parent
     return folder.resolve() if any(folder.glob("*.safetensors")) else None
 
 

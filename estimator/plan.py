@@ -12,11 +12,16 @@ so a tensor-parallel group is ``tp`` neighbouring devices and stays inside a nod
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from estimator import rules
 from estimator.cluster import Cluster, DeviceMesh
 from estimator.errors import ConfigError, PlanInvalidError
+from estimator.loading import load_json, parse_json
 from estimator.models import ModelSpec
 from estimator.workflow import Call
 
@@ -87,9 +92,8 @@ class Layout:
         if missing:
             raise ConfigError(f"{where}: missing key(s) {missing}")
         for k in ("dp", "tp", "pp", "micro_batches"):
-            v = data.get(k, 1)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{where}.{k}={v!r} must be a positive integer")
+            rules.integer(f"{where}.{k}", data.get(k, 1), lo=1, hi=rules.MAX_DEVICES if k != "micro_batches"
+                          else rules.MAX_BATCH)
         try:
             mesh = DeviceMesh.parse(data["mesh"])
         except ConfigError as exc:
@@ -116,10 +120,10 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str, where: str = "plan") -> Plan:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not valid JSON: {exc}") from None
+        return cls.from_data(parse_json(text, where, expect=None), where)
+
+    @classmethod
+    def from_data(cls, data: Any, where: str = "plan") -> Plan:
         if not isinstance(data, dict) or not isinstance(data.get("calls"), dict):
             raise ConfigError(f"{where}: must be a JSON object with a 'calls' object")
         unknown = sorted(set(data) - {"format", "calls"})
@@ -131,12 +135,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str) -> Plan:
-        try:
-            with open(path) as fh:
-                text = fh.read()
-        except OSError as exc:
-            raise ConfigError(f"plan file {path!r}: {exc.strerror}") from None
-        return cls.from_json(text, where=f"plan {path}")
+        return cls.from_data(load_json(path, "plan file", expect=None), where=f"plan {path}")
 
     def table(self) -> str:
         """A readable table of the plan."""
@@ -161,6 +160,12 @@ def format_table(rows: list[tuple[str, ...]], right: set[int] | None = None) -> 
 
 def layout_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layout) -> list[str]:
     """Every rule ``layout`` breaks for ``call`` (empty: valid). Memory is the estimator's."""
+    problem = _batch_problem(call, layout)
+    return _shape_problems(call, model, cluster, layout) + ([problem] if problem else [])
+
+
+def _shape_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layout) -> list[str]:
+    """The rules on mesh and degrees (all but the batch split, the only one micro-batches change)."""
     name = call.name
     out = [f"call {name}: {p}" for p in cluster.mesh_problems(layout.mesh)]
     if layout.size != layout.mesh.size:
@@ -176,15 +181,23 @@ def layout_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layo
                    f"one node of {dpn} devices (tp must divide {dpn})")
     if layout.pp > model.layers:
         out.append(f"call {name}: pp={layout.pp} exceeds layers={model.layers} of model {model.name}")
-    w = call.workload
-    per_step = w.units_per_minibatch
-    split = layout.dp * layout.micro_batches
-    if per_step % split:
-        unit = "pairs" if w.paired else "sequences"
-        step = f"per minibatch ({w.minibatches} minibatches)" if w.minibatches > 1 else ""
-        out.append(f"call {name}: batch of {per_step} {unit} {step} is not divisible by "
-                   f"dp·micro_batches = {layout.dp}·{layout.micro_batches} = {split}".replace("  ", " "))
     return out
+
+
+def _batch_splits(call: Call, dp: int, micro_batches: int) -> bool:
+    """Whether each optimizer step's batch splits evenly into dp·micro_batches pieces."""
+    return call.workload.units_per_minibatch % (dp * micro_batches) == 0
+
+
+def _batch_problem(call: Call, layout: Layout) -> str | None:
+    if _batch_splits(call, layout.dp, layout.micro_batches):
+        return None
+    w = call.workload
+    unit = "pairs" if w.paired else "sequences"
+    step = f"per minibatch ({w.minibatches} minibatches)" if w.minibatches > 1 else ""
+    split = layout.dp * layout.micro_batches
+    return (f"call {call.name}: batch of {w.units_per_minibatch} {unit} {step} is not divisible by "
+            f"dp·micro_batches = {layout.dp}·{layout.micro_batches} = {split}".replace("  ", " "))
 
 
 def validate(plan: Plan, experiment: Experiment) -> list[str]:
@@ -209,18 +222,60 @@ def check(plan: Plan, experiment: Experiment) -> Plan:
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Divisors of ``n`` in increasing order (trial division up to √n)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
+def _degrees(size: int, model: ModelSpec, cluster: Cluster) -> list[tuple[int, int, int]]:
+    """(dp, tp, pp) with dp·tp·pp = size, by tp then pp, skipping degrees that can never be valid
+    (tp above a node, pp above the layer count) so large clusters stay cheap."""
+    out = []
+    for tp in divisors(size):
+        if tp > cluster.devices_per_node:
+            break
+        rest = size // tp
+        out += [(rest // pp, tp, pp) for pp in range(1, min(rest, model.layers) + 1) if rest % pp == 0]
+    return out
 
 
 def enumerate_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> list[Layout]:
     """Every valid layout of ``call``: each mesh × (dp, tp, pp) × micro-batch choice."""
     out = []
     for mesh in cluster.meshes():
-        for tp in divisors(mesh.size):
-            for pp in divisors(mesh.size // tp):
-                dp = mesh.size // (tp * pp)
-                for mb in MICRO_BATCH_CHOICES:
-                    lay = Layout(mesh, dp, tp, pp, mb)
-                    if not layout_problems(call, model, cluster, lay):
-                        out.append(lay)
+        for dp, tp, pp in _degrees(mesh.size, model, cluster):
+            for mb in MICRO_BATCH_CHOICES:
+                lay = Layout(mesh, dp, tp, pp, mb)
+                if not layout_problems(call, model, cluster, lay):
+                    out.append(lay)
     return out
+
+
+def count_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> int:
+    """``len(enumerate_layouts(...))``, computed without listing them.
+
+    For a valid mesh, the rules on degrees depend on its size only through whether it spans
+    nodes, so each (tp, pp) is checked once per kind of mesh at the first size it divides; the
+    batch rule and the count of meshes per size are arithmetic over all sizes at once. Every
+    tp that can be valid divides the devices per node (a slice's size does; a mesh spanning
+    nodes needs it)."""
+    by_size = cluster.mesh_sizes()
+    sizes = np.fromiter(by_size, dtype=np.int64, count=len(by_size))
+    meshes = np.fromiter(by_size.values(), dtype=np.int64, count=len(by_size))
+    spans = sizes > cluster.devices_per_node
+    per_step = call.workload.units_per_minibatch
+    total = 0
+    for tp in divisors(cluster.devices_per_node):
+        for pp in range(1, model.layers + 1):
+            fits = sizes % (tp * pp) == 0
+            for kind in (False, True):
+                where = np.flatnonzero(fits & (spans == kind))
+                if where.size == 0:
+                    continue
+                size = int(sizes[where[0]])
+                if _shape_problems(call, model, cluster, Layout(DeviceMesh(0, size), size // (tp * pp), tp, pp, 1)):
+                    continue
+                dp = sizes[where] // (tp * pp)
+                splits = sum((per_step % (dp * mb) == 0).astype(np.int64) for mb in MICRO_BATCH_CHOICES)
+                total += int((splits * meshes[where]).sum())
+    return total

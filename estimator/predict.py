@@ -30,9 +30,11 @@ import sys
 import time
 from typing import Any
 
+from estimator import rules
 from estimator.baselines import symmetric_plan
 from estimator.errors import cli_guard
 from estimator.experiment import Experiment, load_experiment
+from estimator.io import check_output_path
 from estimator.memory import GiB, MemoryReport, plan_memory
 from estimator.plan import Plan, check, format_table
 from estimator.profiles import Profile, load_profile
@@ -145,9 +147,13 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--trace", help="write a Chrome trace (JSON) here")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    rules.integer("--iterations", args.iterations, lo=1, hi=rules.MAX_SIM_ITERATIONS)
+    trace = check_output_path(args.trace, "--trace") if args.trace is not None else None
     experiment = load_experiment(args.experiment)
-    profile = load_profile(args.profile or experiment.cluster.device)
-    if args.plan:
+    profile = load_profile(experiment.cluster.device, key="cluster.device")
+    if args.profile is not None:
+        profile = load_profile(args.profile, key="--profile")
+    if args.plan is not None:
         plan, source = check(Plan.load(args.plan), experiment), f"plan {args.plan}"
     else:
         plan, source = symmetric_plan(experiment, profile), "symmetric baseline plan (no --plan given)"
@@ -156,8 +162,8 @@ def _main(argv: list[str] | None) -> int:
     # One track per device up to TRACE_PER_DEVICE_MAX devices; beyond, one per pipeline stage
     # (its dp·tp devices run in lock-step) keeps the trace small enough for Perfetto.
     per_device = experiment.cluster.num_devices <= TRACE_PER_DEVICE_MAX
-    if args.trace:
-        result.timeline(per_device).write_chrome_trace(args.trace)
+    if trace is not None:
+        result.timeline(per_device).write_chrome_trace(trace)
     if args.json:
         print(json.dumps({**summary, "plan_source": source}, indent=2))
     else:

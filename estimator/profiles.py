@@ -49,7 +49,6 @@ in the hot loop only interpolate.
 from __future__ import annotations
 
 import bisect
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +59,7 @@ import numpy as np
 from estimator.errors import ConfigError
 from estimator.io import atomic_write_json
 from estimator.links import COLLECTIVES, LINK_CLASSES, LinkCost, bus_factor, parse_links
+from estimator.loading import is_file, load_json
 
 __all__ = ["COLLECTIVES", "FORMATS", "LINK_CLASSES", "PROFILE_DIR", "PROFILE_FORMAT", "Curve", "LinkCost",
            "Profile", "bus_factor", "known_profiles", "load_profile", "profile_from_dict"]
@@ -233,22 +233,27 @@ def known_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 
 
-def load_profile(name_or_path: str | Path) -> Profile:
-    """A shipped profile by name (``calibration/profiles/<name>.json``) or a profile file by path."""
+def load_profile(name_or_path: str | Path, key: str = "") -> Profile:
+    """A shipped profile by name (``calibration/profiles/<name>.json``) or a profile file by path,
+    read through :mod:`estimator.loading` and checked; ``key`` (e.g. ``"cluster.device"``)
+    prefixes every error so it names where the profile was given."""
+    prefix = f"{key}: " if key else ""
     text = str(name_or_path)
+    if not text.strip():
+        raise ConfigError(f"{prefix}the hardware profile name is empty; known profiles: "
+                          f"{', '.join(known_profiles())} (or give a path to a profile .json)")
     path = Path(text)
-    if not (text.endswith(".json") or "/" in text or path.is_file()):
+    if not (text.endswith(".json") or "/" in text or "\0" in text or is_file(path)):
         path = PROFILE_DIR / f"{text}.json"
-        if not path.is_file():
-            raise ConfigError(f"unknown hardware profile {text!r}; known profiles: "
+        if not is_file(path):
+            shown = text if len(text) <= 80 else text[:77] + "..."
+            raise ConfigError(f"{prefix}unknown hardware profile {shown!r}; known profiles: "
                               f"{', '.join(known_profiles())} (or give a path to a profile .json)")
     try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"hardware profile {str(path)!r}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"hardware profile {str(path)!r}: not valid JSON: {exc}") from None
-    return profile_from_dict(data, where=f"profile {path}", path=str(path))
+        data = load_json(path, "hardware profile", expect=dict)
+        return profile_from_dict(data, where=f"profile {path}", path=str(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc}") from None
 
 
 def _obj(data: Any, key: str, where: str, keys: tuple[str, ...], numbers: bool = True,
@@ -271,12 +276,20 @@ def _obj(data: Any, key: str, where: str, keys: tuple[str, ...], numbers: bool =
     return node
 
 
+# Upper bounds no device comes near: a launch or link latency of a second, a petabyte of memory
+# (a GB200 has 192 GB) — above them is a typo or a unit error. Rates have none: a huge rate is
+# how a synthetic profile makes a resource free.
+_LIMITS = {"overhead_s": 1.0, "alpha_s": 1.0, "bytes": 1e15}
+
+
 def _positive(node: dict, key: str, where: str, zero_ok: bool = False) -> float:
     v = node[key]
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if not ok or v < 0 or (v == 0 and not zero_ok):
         rule = "a non-negative" if zero_ok else "a positive"
         raise ConfigError(f"{where}.{key}={v!r} must be {rule} number")
+    if key in _LIMITS and v > _LIMITS[key]:
+        raise ConfigError(f"{where}.{key}={v!r} exceeds the limit {_LIMITS[key]:g}")
     return float(v)
 
 
@@ -286,6 +299,9 @@ def _curve(node: dict, where: str, by: str) -> Curve:
     pts = node["points"]
     if not isinstance(pts, list) or not all(isinstance(p, list) and len(p) == 2 for p in pts):
         raise ConfigError(f"{where}.points must be a list of [size, efficiency] pairs")
+    wrong = [v for p in pts for v in p if not isinstance(v, (int, float)) or isinstance(v, bool)]
+    if wrong:
+        raise ConfigError(f"{where}.points: {wrong[:3]!r} must be numbers")
     try:
         return Curve(tuple((float(s), float(e)) for s, e in pts), node["interpolation"])
     except (TypeError, ValueError) as exc:

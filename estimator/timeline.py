@@ -8,7 +8,6 @@ stage, start_s, end_s)``. Communication spans also name the link they used in ``
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from estimator.errors import ConfigError
 from estimator.io import atomic_write_json
+from estimator.loading import MAX_DATA_BYTES, load_json
 
 TIMELINE_FORMAT = "rlhf-plan/timeline-v1"
 
@@ -155,8 +155,5 @@ class Timeline:
 
     @classmethod
     def load(cls, path: str | Path) -> Timeline:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"timeline {str(path)!r}: {exc}") from None
+        data = load_json(path, "timeline", expect=dict, max_bytes=MAX_DATA_BYTES)
         return cls.from_dict(data, where=f"timeline {path}")

@@ -20,7 +20,6 @@ token whichever device, micro-batch or data-parallel rank generates it.
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from estimator.errors import ConfigError
+from executor.prompts import PAD_ID, fit_left, fit_right, read_examples, source_kind, source_vocab
 
-PAD_ID = 0
+__all__ = ["PAD_ID", "fit_left", "fit_right"]  # re-exported: part of this module's documented API
 _M32 = 0xFFFFFFFF
 
 # Stream tags that keep the hash streams of different uses apart.
@@ -136,66 +135,13 @@ def _synthetic(seed: int, iteration: int, stream: int, rows: Tensor, length: int
     return hash_keys(seed, iteration, stream, rows[:, None], pos[None, :]) % vocab  # (b, length)
 
 
-def fit_left(ids: list[int], length: int) -> list[int]:
-    """Left-pad with :data:`PAD_ID`, or keep the last ``length`` ids."""
-    return [PAD_ID] * (length - len(ids)) + ids[-length:] if length else []
-
-
-def fit_right(ids: list[int], length: int) -> list[int]:
-    """Right-pad with :data:`PAD_ID`, or keep the first ``length`` ids."""
-    return ids[:length] + [PAD_ID] * (length - len(ids))
-
-
-def _ids(value: Any, vocab: int, where: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-        raise ConfigError(f"{where}: must be a JSON list of integer token ids")
-    bad = [i for i in value if not 0 <= i < vocab]
-    if bad:
-        raise ConfigError(f"{where}: token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
-    return value
-
-
-def _example(raw: Any, kind: str, prompt_len: int, gen_len: int, vocab: int, where: str) -> list[int]:
-    """One JSONL line as the token ids of one example (pairs: prompt+chosen, prompt+rejected)."""
-    if kind == "pairs":
-        keys = ("prompt", "chosen", "rejected")
-        if not isinstance(raw, dict) or sorted(raw) != sorted(keys):
-            raise ConfigError(f"{where}: a pair must be an object with keys {list(keys)}")
-        prompt = fit_left(_ids(raw["prompt"], vocab, f"{where}: prompt"), prompt_len)
-        return [*prompt, *fit_right(_ids(raw["chosen"], vocab, f"{where}: chosen"), gen_len),
-                *prompt, *fit_right(_ids(raw["rejected"], vocab, f"{where}: rejected"), gen_len)]
-    if kind == "sft" and isinstance(raw, dict):
-        if sorted(raw) != ["prompt", "response"]:
-            raise ConfigError(f"{where}: an sft example must be a list or an object with keys prompt, response")
-        return (fit_left(_ids(raw["prompt"], vocab, f"{where}: prompt"), prompt_len)
-                + fit_right(_ids(raw["response"], vocab, f"{where}: response"), gen_len))
-    length = prompt_len + gen_len if kind == "sft" else prompt_len
-    return fit_left(_ids(raw, vocab, where), length)
-
-
 def load_jsonl(path: str | Path, kind: str, prompt_len: int, gen_len: int, vocab: int) -> Tensor:
     """Every example of a JSONL file as one row each: (n, width) token ids.
 
     ``kind`` is ``prompts``, ``sft`` or ``pairs`` (a pair's row is chosen then rejected).
     Errors name the file and line number.
     """
-    rows = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"prompts file {str(path)!r}: {exc.strerror}") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"prompts file {str(path)!r} line {n}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not valid JSON: {exc.msg}") from None
-        rows.append(_example(raw, kind, prompt_len, gen_len, vocab, where))
-    if not rows:
-        raise ConfigError(f"prompts file {str(path)!r} holds no examples")
-    return torch.tensor(rows, dtype=torch.int64)
+    return torch.tensor(read_examples(path, kind, prompt_len, gen_len, vocab), dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -249,8 +195,7 @@ def source_for(experiment: Any) -> Source:
     The vocabulary is the smallest of the experiment's models, so every model can read the data.
     """
     p = experiment.params
-    kind = {"dpo": "pairs", "rw": "pairs", "sft": "sft"}.get(experiment.algorithm, "prompts")
-    vocab = min(m.vocab for m in experiment.models.values())
+    kind, vocab = source_kind(experiment.algorithm), source_vocab(experiment)
     table = None
     if experiment.prompts_path is not None:
         table = load_jsonl(experiment.prompts_path, kind, p.prompt_len, p.gen_len, vocab)

@@ -16,35 +16,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from estimator.errors import ConfigError
 from estimator.models import ModelSpec, from_hf_config
-from estimator.sharding import Box, full_boxes, param_inventory
+from estimator.sharding import Box
+from executor.checkpoint import (
+    TRUNK_PREFIX,
+    check_checkpoint,
+    checkpoint_index,
+    checkpoint_names,
+    found_name,
+    wanted_boxes,
+)
 from executor.model import Params, box_index
 
-TRUNK_PREFIX = "model."
-_VALUE_HEAD_NAMES = ("value_head.weight", "score.weight")
-
-
-def checkpoint_names(name: str) -> tuple[str, ...]:
-    """Names a parameter may carry in a checkpoint, preferred first."""
-    if name == "value_head.weight":
-        return _VALUE_HEAD_NAMES
-    if name == "lm_head.weight":
-        return (name,)
-    return (TRUNK_PREFIX + name, name)
-
-
-def _index(path: Path) -> dict[str, Path]:
-    """Checkpoint tensor name → the safetensors file that holds it."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ConfigError(f"checkpoint {str(path)!r} has no *.safetensors files")
-    out: dict[str, Path] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as fh:
-            out.update((k, f) for k in fh.keys())
-    return out
-
+__all__ = ["TRUNK_PREFIX", "check_checkpoint", "checkpoint_names", "hf_config", "load_hf", "save_hf"]
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, model: ModelSpec | None = None,
             boxes: dict[str, Box] | None = None, fresh_head: bool = False) -> tuple[ModelSpec, Params]:
@@ -59,56 +43,13 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, model: ModelSp
     """
     path = Path(path)
     spec = model or from_hf_config(path)
-    index = _index(path)
+    index = checkpoint_index(path)
     out: Params = {}
-    for name, box in _wanted(path, index, spec, boxes, fresh_head).items():
-        key = _found(name, index)
-        with safe_open(index[key], framework="pt") as fh:
+    for name, box in wanted_boxes(path, index, spec, boxes, fresh_head).items():
+        key = found_name(name, index)
+        with safe_open(index[key][0], framework="pt") as fh:
             out[name] = fh.get_slice(key)[box_index(box)].to(dtype)
     return spec, out
-
-
-def check_checkpoint(path: str | Path, model: ModelSpec) -> None:
-    """Raise :class:`ConfigError` naming every tensor of ``model`` that the checkpoint in ``path``
-    lacks or holds in the wrong shape (reads headers only), as ``load_hf(..., fresh_head=True)``
-    would."""
-    path = Path(path)
-    _wanted(path, _index(path), model, None, fresh_head=True)
-
-
-def _wanted(path: Path, index: dict[str, Path], model: ModelSpec, boxes: dict[str, Box] | None,
-            fresh_head: bool) -> dict[str, Box]:
-    """The boxes to read (default: every parameter whole), less a value head the checkpoint
-    lacks when ``fresh_head``; raises :class:`ConfigError` naming every missing or misshapen
-    tensor."""
-    wanted = boxes if boxes is not None else full_boxes(model)
-    if fresh_head and model.head == "value" and not any(n in index for n in _VALUE_HEAD_NAMES):
-        wanted = {n: b for n, b in wanted.items() if n != "value_head.weight"}
-    problems = _check(path, index, {p.name: p for p in param_inventory(model)}, wanted)
-    if problems:
-        raise ConfigError(f"checkpoint {str(path)!r}: " + "; ".join(problems))
-    return wanted
-
-
-def _found(name: str, index: dict[str, Path]) -> str | None:
-    return next((k for k in checkpoint_names(name) if k in index), None)
-
-
-def _check(path: Path, index: dict[str, Path], inventory: dict, wanted: dict[str, Box]) -> list[str]:
-    problems = []
-    for name in wanted:
-        if name not in inventory:
-            problems.append(f"{name!r} is not a parameter of the model")
-            continue
-        key = _found(name, index)
-        if key is None:
-            problems.append(f"tensor {checkpoint_names(name)[0]!r} is missing")
-            continue
-        with safe_open(index[key], framework="pt") as fh:
-            shape = tuple(fh.get_slice(key).get_shape())
-        if shape != inventory[name].shape:
-            problems.append(f"tensor {key!r} has shape {list(shape)}, expected {list(inventory[name].shape)}")
-    return problems
 
 
 def save_hf(path: str | Path, model: ModelSpec, params: Params) -> None:

@@ -16,25 +16,28 @@ filling them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from estimator.io import atomic_write_text
 
 POLL_S = 0.05
 GRACE_S = 1.0  # after a failure, how long to wait for other ranks' reports before killing them
-DEFAULT_TIMEOUT_S = 1800.0  # collective timeout: generation on big models can keep peers waiting
+# Collective timeout: how long a rank waits for a peer before the run fails. A peer may be
+# busy that long in one call (a 70B generation keeps the ranks waiting for its output idle), so
+# minutes, not seconds; a peer that stopped is reported by name when its waiting peers time out.
+DEFAULT_TIMEOUT_S = 300.0
 STATUS_BYTES = 256  # room for "call <name> (iteration <i>)"
 # glibc mallopt parameters (malloc.h) and the largest value they take (a C int).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -80,9 +83,11 @@ def retain_freed_memory() -> bool:
 
 def _child(rank: int, world: int, workdir: str, timeout_s: float, retain_memory: bool, where: Any, fn: Callable,
            args: tuple) -> None:
+    import torch
     import torch.distributed as dist
 
     _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
     if retain_memory:
         retain_freed_memory()
     torch.set_num_threads(1)
@@ -139,7 +144,9 @@ def launch(world: int, fn: Callable, args: tuple = (), timeout_s: float = DEFAUL
     ``retain_memory=False`` leaves the workers' malloc at its defaults (see
     :func:`retain_freed_memory`).
     """
-    import torch.multiprocessing as mp
+    # The parent imports torch only to read the results: its seconds of import would otherwise
+    # delay every worker's start. Arguments hold no tensors, so stdlib spawn pickles them.
+    import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="rlhf-plan-run-") as workdir:
@@ -148,12 +155,30 @@ def launch(world: int, fn: Callable, args: tuple = (), timeout_s: float = DEFAUL
         procs = [ctx.Process(target=_child, args=(r, world, workdir, timeout_s, retain_memory, status[r], fn, args),
                              daemon=True) for r in range(world)]
         try:
-            for p in procs:
-                p.start()
+            with _sigint_ignored():  # workers are born ignoring Ctrl-C: the parent alone stops them
+                for p in procs:
+                    p.start()
             _watch(procs, work, status)
         finally:
             _stop(procs)
+        import torch
+
         return [torch.load(work / f"result.{r}", weights_only=False) for r in range(world)]
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while starting workers: an ignored signal stays ignored across exec, and
+    Python then installs no KeyboardInterrupt handler, so a Ctrl-C mid-start prints no worker
+    traceback. No-op off the main thread (only it may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _watch(procs: list[Any], work: Path, status: list[Any]) -> None:
@@ -162,18 +187,40 @@ def _watch(procs: list[Any], work: Path, status: list[Any]) -> None:
         codes = [p.exitcode for p in procs]
         if any(c not in (None, 0) for c in codes):
             time.sleep(GRACE_S)  # let peers that noticed the failure report too
-            _raise_failure([p.exitcode for p in procs], work, status)
+            _raise_failure([p.exitcode for p in procs], work, status, procs)
         if all(c == 0 for c in codes):
             return
         time.sleep(POLL_S)
 
 
-def _raise_failure(codes: list[int | None], work: Path, status: list[Any]) -> None:
-    """Blame the rank that died without a report, else the one that failed first."""
+def _raise_failure(codes: list[int | None], work: Path, status: list[Any], procs: list[Any] | None = None) -> None:
+    """Blame the rank that died without a report, else a rank that stopped responding while its
+    peers timed out waiting for it, else the one that failed first."""
     failed = []
     for rank, code in enumerate(codes):
         if code not in (None, 0):
             reason, details, when = _reason(work, rank, code)
             failed.append((when, rank, reason, details))
     when, rank, reason, details = min(failed)
+    silent = [r for r, c in enumerate(codes) if c is None]
+    if when and silent and any(_timed_out(d) for _, _, _, d in failed):
+        hung = silent[0]
+        state = _proc_state(procs[hung].pid) if procs is not None else None
+        how = "is stopped (SIGSTOP)" if state in ("T", "t") else "is still running but silent"
+        raise WorkerFailed(hung, _where(status[hung]), f"stopped responding: rank(s) "
+                           f"{', '.join(str(r) for _, r, _, _ in sorted(failed))} timed out waiting for it; "
+                           f"it {how}", details)
     raise WorkerFailed(rank, _where(status[rank]), reason, details)
+
+
+def _timed_out(traceback_text: str) -> bool:
+    """Whether a worker's traceback is a collective timeout (gloo: "Timed out waiting ...")."""
+    return "timed out" in traceback_text.lower() or "timeout" in traceback_text.lower()
+
+
+def _proc_state(pid: int | None) -> str | None:
+    """A process's state letter from ``/proc/PID/stat`` (``T``: stopped), None off Linux."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None

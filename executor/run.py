@@ -18,7 +18,11 @@ than one) are left out of the steady-state iteration time. ``--json`` prints ``i
 (steady state), ``iterations_s`` (each), ``warmup_iterations`` and per call ``duration_s`` (its
 compute, first start to last end over its devices), ``realloc_s``, ``data_s`` and ``span_s``
 (entry to exit, waiting for inputs included).
-A worker that fails stops the run with exit code 1, naming its rank and call.
+A worker that fails stops the run with exit code 1, naming its rank and call; a rank that stops
+responding (hung, or stopped with SIGSTOP) is the one named once its peers' collective timeout
+expires (``--timeout-s``, default 300 s). Experiment, profile, plan, prompts, checkpoints and
+output paths are all checked before torch is imported. SIGTERM or Ctrl-C stops every worker,
+removes the run's temporary files and exits with 143 or 130 after one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -27,58 +31,109 @@ import argparse
 import gc
 import json
 import os
+import re
+import signal
 import sys
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from estimator import rules
 from estimator.errors import ConfigError, cli_guard
 from estimator.experiment import Experiment, load_experiment
+from estimator.io import check_output_path
 from estimator.plan import Plan, check, format_table
-from executor.data import source_for
-from executor.hf import check_checkpoint
-from executor.launch import DEFAULT_TIMEOUT_S, WorkerFailed, launch
-from executor.runtime import DTYPES, RunOptions, RunResult, merge, run_rank
+from estimator.profiles import load_profile
+from executor.checkpoint import check_checkpoint
+from executor.prompts import check_prompts
 
+if TYPE_CHECKING:
+    from executor.options import RunOptions
+    from executor.runtime import RunResult
+
+# torch (and everything that imports it) is imported only once the input is known to be valid:
+# importing it takes seconds, and an invalid plan should be refused at once.
 EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+DTYPE_NAMES = ("bfloat16", "float32", "float64")  # executor.runtime.DTYPES; a test holds them equal
+DEFAULT_TIMEOUT_S = 300.0  # executor.launch.DEFAULT_TIMEOUT_S; a test holds them equal
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so every ``finally`` (workers, temp files) runs."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Interrupted("SIGTERM")
 
 
 def parse_fault(text: str | None) -> tuple[int, str] | None:
     """``RANK:CALL`` → (rank, call)."""
     if text is None:
         return None
-    rank, sep, call = text.partition(":")
-    if not sep or not rank.isdigit() or not call:
-        raise ConfigError(f"--inject-fault {text!r} must look like RANK:CALL, e.g. 1:actor_train")
-    return int(rank), call
+    m = re.fullmatch(r"([0-9]{1,9}):(.+)", text)
+    if m is None:
+        shown = text if len(text) <= 60 else text[:57] + "..."
+        raise ConfigError(f"--inject-fault {shown!r} must look like RANK:CALL, e.g. 1:actor_train")
+    return int(m.group(1)), m.group(2)
 
 
-def options_from(args: argparse.Namespace, experiment: Experiment) -> RunOptions:
-    if args.iterations < 1:
-        raise ConfigError(f"--iterations={args.iterations} must be at least 1")
+def check_fault(fault: tuple[int, str] | None, experiment: Experiment, plan: Plan) -> None:
+    """A fault must name a rank and a call that rank runs, or it would never fire."""
+    if fault is None:
+        return
+    rank, call = fault
+    world = experiment.cluster.num_devices
+    if rank >= world:
+        raise ConfigError(f"--inject-fault: rank {rank} is out of range; the cluster has ranks 0-{world - 1}")
+    if call not in experiment.workflow:
+        raise ConfigError(f"--inject-fault: unknown call {call!r}; calls: {list(experiment.workflow.call_names)}")
+    mesh = plan[call].mesh
+    if rank not in mesh.devices:
+        raise ConfigError(f"--inject-fault: rank {rank} never runs {call} (its mesh is {mesh}), so the fault "
+                          "would never fire")
+
+
+def options_from(args: argparse.Namespace, experiment: Experiment, plan: Plan) -> tuple[int, tuple | None]:
+    """Check the flags; (warm-up iterations, fault)."""
+    rules.integer("--iterations", args.iterations, lo=1, hi=rules.MAX_RUN_ITERATIONS)
     warmup = args.warmup if args.warmup is not None else (1 if args.iterations > 1 else 0)
     if not 0 <= warmup < args.iterations:
         raise ConfigError(f"--warmup={warmup} must be below --iterations={args.iterations}")
+    rules.real("--timeout-s", args.timeout_s, positive=True, hi=rules.MAX_TIMEOUT_S)
     fault = parse_fault(args.inject_fault)
-    if fault is not None and fault[1] not in experiment.workflow:
-        raise ConfigError(f"--inject-fault: unknown call {fault[1]!r}; calls: {list(experiment.workflow.call_names)}")
-    return RunOptions(args.iterations, warmup, args.dtype, fault=fault, timeout_s=args.timeout_s, progress=True)
+    check_fault(fault, experiment, plan)
+    return warmup, fault
 
 
 def run_local(experiment: Experiment, plan: Plan, options: RunOptions,
               timeout_s: float = DEFAULT_TIMEOUT_S) -> RunResult:
     """Run on this machine: one gloo process per device of the experiment's cluster."""
+    from executor.launch import launch
+
     world = experiment.cluster.num_devices
     if options.progress:
         print(f"starting {world} gloo worker processes (one per device of {experiment.name})", file=sys.stderr,
               flush=True)
-    results = launch(world, run_rank, (experiment, plan, options), timeout_s=timeout_s)
+    results = launch(world, _run_rank, (experiment, plan, options), timeout_s=timeout_s)
+    from executor.runtime import merge
+
     return merge(results, experiment, plan, options, backend="gloo", world_size=world)
+
+
+def _run_rank(*args: Any) -> Any:
+    """:func:`executor.runtime.run_rank`, imported in the worker: the parent never imports torch
+    before its workers start (their own import of it is the start-up's largest part)."""
+    from executor.runtime import run_rank
+
+    return run_rank(*args)
 
 
 def run_torchrun(experiment: Experiment, plan: Plan, options: RunOptions, timeout_s: float) -> RunResult | None:
     """Run as one rank started by torchrun; rank 0 returns the merged result, others None."""
     import torch
     import torch.distributed as dist
+
+    from executor.runtime import merge, run_rank
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world != experiment.cluster.num_devices:
@@ -148,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--iterations", type=int, default=3, help="iterations to run (default 3)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="iterations left out of the steady-state time (default 1 if iterations > 1)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter dtype (default float32)")
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="parameter dtype (default float32)")
     ap.add_argument("--trace", help="write a Chrome trace (Perfetto) of the measured timeline here")
     ap.add_argument("--timeline", help="write the measured timeline (rlhf-plan/timeline-v1 JSON) here")
     ap.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
@@ -161,15 +216,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    # Everything is checked here, before torch is imported or any process starts.
+    outputs = {flag: check_output_path(getattr(args, flag.strip("-")), flag)
+               for flag in ("--trace", "--timeline") if getattr(args, flag.strip("-")) is not None}
     experiment = load_experiment(args.experiment)
+    load_profile(experiment.cluster.device, key="cluster.device")
     plan = check(Plan.load(args.plan), experiment)
-    options = options_from(args, experiment)
-    source_for(experiment)  # a bad prompts file fails here, before any process starts
-    for role, path in experiment.checkpoints.items():  # so does a checkpoint that does not fit its model
+    warmup, fault = options_from(args, experiment, plan)
+    check_prompts(experiment)
+    for role, path in experiment.checkpoints.items():
         try:
             check_checkpoint(path, experiment.models[role])
         except ConfigError as exc:
             raise ConfigError(f"models.{role}: {exc}") from None
+
+    from executor.launch import WorkerFailed
+    from executor.options import RunOptions
+
+    options = RunOptions(args.iterations, warmup, args.dtype, fault=fault, timeout_s=args.timeout_s, progress=True)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     try:
         if under_torchrun:
@@ -183,10 +247,10 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_FAILED
     if result is None:  # a torchrun rank other than 0
         return 0
-    if args.trace:
-        result.timeline.write_chrome_trace(args.trace)
-    if args.timeline:
-        result.timeline.save(args.timeline)
+    if "--trace" in outputs:
+        result.timeline.write_chrome_trace(outputs["--trace"])
+    if "--timeline" in outputs:
+        result.timeline.save(outputs["--timeline"])
     rep = report(result, experiment, plan)
     if args.json:
         print(json.dumps(rep, indent=2))
@@ -196,7 +260,24 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli_guard(_main, argv)
+    """Run the command; SIGTERM and Ctrl-C stop the workers, print one line and exit 130/143."""
+    in_main_thread = _is_main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    try:
+        return cli_guard(_main, argv)
+    except KeyboardInterrupt as exc:
+        how = "SIGTERM" if isinstance(exc, Interrupted) else "Ctrl-C"
+        print(f"error: interrupted by {how}; every worker was stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

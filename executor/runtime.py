@@ -52,6 +52,7 @@ from executor.dataflow import Mailbox, Outbox, gather_input, input_plan, message
 from executor.engine import Engine
 from executor.hf import load_hf
 from executor.optim import ShardAdam
+from executor.options import RunOptions
 from executor.realloc import reallocate
 from executor.recorder import Recorder
 
@@ -60,21 +61,6 @@ FAULT_EXIT_CODE = 13  # exit status of a process stopped by fault injection
 # The reference starts as the actor and the critic as the reward model (InstructGPT's recipe),
 # so their initial weights share a seed.
 INIT_FROM = {"ref": "actor", "critic": "reward"}
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run a plan (the experiment and the plan say what)."""
-
-    iterations: int = 1
-    warmup: int = 0  # leading iterations left out of the steady-state time
-    dtype: str = "float32"  # float32 | float64 | bfloat16
-    return_params: bool = False  # send each device's final home shards back (tests)
-    # Testing aid: (rank, call) — that rank exits abruptly (os._exit) when it starts the call's
-    # compute, as a crashed worker would. Never set in normal runs.
-    fault: tuple[int, str] | None = None
-    timeout_s: float | None = None  # per-collective timeout on every group the run creates
-    progress: bool = False  # print a line to stderr as each iteration ends
 
 
 def role_seed(experiment_seed: int, role: str) -> int:

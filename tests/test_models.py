@@ -9,7 +9,7 @@ import pytest
 from estimator.errors import ConfigError
 from estimator.models import PRESETS, ModelSpec, from_hf_config, get_model
 
-PUBLISHED = {  # billions, from the model cards / REFERENCE.md
+PUBLISHED = {  # billions, from the Hugging Face model cards' parameter counts
     "llama2-7b": 6.738, "llama2-13b": 13.016, "codellama-34b": 33.744, "llama2-70b": 68.977,
     "llama3-8b": 8.030, "llama3-70b": 70.554, "qwen2.5-0.5b": 0.494, "qwen2.5-1.5b": 1.544,
     "qwen2.5-7b": 7.616, "qwen2.5-14b": 14.770, "qwen2.5-32b": 32.764, "qwen2.5-72b": 72.706,

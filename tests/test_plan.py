@@ -148,7 +148,7 @@ def test_paired_batch_divisibility_counts_pairs():
     ('{"calls": {"a": {"mesh": "0-1", "dp": 2, "tp": 1, "pp": 1, "zero": 1}}}', "unknown key(s) ['zero']"),
     ('{"calls": {"a": {"mesh": "1-0", "dp": 1, "tp": 1, "pp": 1}}}', "last device 0 is before first 1"),
     ('{"calls": {"a": {"mesh": "x", "dp": 1, "tp": 1, "pp": 1}}}', "calls.a.mesh"),
-    ('{"calls": {"a": {"mesh": "0", "dp": 0, "tp": 1, "pp": 1}}}', "calls.a.dp=0 must be a positive integer"),
+    ('{"calls": {"a": {"mesh": "0", "dp": 0, "tp": 1, "pp": 1}}}', "calls.a.dp=0 must be at least 1"),
     ('{"calls": {}', "not valid JSON"),
 ])
 def test_plan_json_errors_name_the_key(text, error):

@@ -29,12 +29,12 @@ def _bad_plan(tmp_path) -> str:
 
 
 def test_invalid_plan_exits_2_with_every_message_before_starting(tmp_path, capsys, monkeypatch):
-    import executor.run as run
+    import executor.launch as launch_mod
 
     def no_launch(*args, **kwargs):
         raise AssertionError("processes started for an invalid plan")
 
-    monkeypatch.setattr(run, "launch", no_launch)
+    monkeypatch.setattr(launch_mod, "launch", no_launch)
     assert main([PPO, "--plan", _bad_plan(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "error: call actor_gen: dp·tp·pp = 2·2·1 = 4 must equal mesh 0-1 size 2" in err
@@ -53,7 +53,7 @@ def test_bad_flags_exit_2(flags, message, capsys):
 
 
 def test_a_checkpoint_that_does_not_fit_exits_2_before_starting(tmp_path, capsys, monkeypatch):
-    import executor.run as run
+    import executor.launch as launch_mod
     from estimator.models import PRESETS
     from executor import model as M
     from executor.hf import save_hf
@@ -64,7 +64,7 @@ def test_a_checkpoint_that_does_not_fit_exits_2_before_starting(tmp_path, capsys
     save_hf(tmp_path / "sft", spec, params)
     (tmp_path / "exp.yaml").write_text(
         (EXAMPLES / "ppo-tiny-2xcpu.yaml").read_text().replace("actor: tiny-2l-128h", "actor: sft/config.json"))
-    monkeypatch.setattr(run, "launch", lambda *a, **k: pytest.fail("processes started for a bad checkpoint"))
+    monkeypatch.setattr(launch_mod, "launch", lambda *a, **k: pytest.fail("processes started for a bad checkpoint"))
     assert main([str(tmp_path / "exp.yaml"), "--plan", str(PLANS / "dp2.json")]) == 2
     err = capsys.readouterr().err
     assert "models.actor: checkpoint" in err and "'model.layers.1.mlp.down_proj.weight' is missing" in err

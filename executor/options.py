@@ -1,0 +1,25 @@
+"""How to run a plan: the options of one executor run, importable without torch (so
+``python -m executor.run`` checks its flags before importing it)::
+
+    from executor.options import RunOptions
+    RunOptions(iterations=4, warmup=1, dtype="float32", timeout_s=300.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run a plan (the experiment and the plan say what)."""
+
+    iterations: int = 1
+    warmup: int = 0  # leading iterations left out of the steady-state time
+    dtype: str = "float32"  # float32 | float64 | bfloat16
+    return_params: bool = False  # send each device's final home shards back (tests)
+    # Testing aid: (rank, call) — that rank exits abruptly (os._exit) when it starts the call's
+    # compute, as a crashed worker would. Never set in normal runs.
+    fault: tuple[int, str] | None = None
+    timeout_s: float | None = None  # per-collective timeout on every group the run creates
+    progress: bool = False  # print a line to stderr as each iteration ends
