@@ -13,7 +13,8 @@ function runs backward, the autograd engine's ops too). These are the "launches"
 - Bytes are the sizes of every tensor read or written: tensor arguments plus fresh outputs.
   Views and aliases (``view``, ``t``, ``slice``, ``_unsafe_view``, ``detach``, …) move no
   data, so they are zero-work ops that still cost a dispatch; ``empty*`` allocate without
-  touching memory. In-place ops count their mutated argument once (read and write of the same
+  touching memory; row gathers (``embedding``, ``index_select``) read the indices and the rows
+  they return, not the whole table. In-place ops count their mutated argument once (read and write of the same
   bytes is one pass in the roofline sense used by the estimator's elementwise ops).
 
 Example::
@@ -37,6 +38,8 @@ aten = torch.ops.aten
 # No device work at all: the output shares the input's storage, or memory is only reserved.
 NO_DATA = frozenset({aten._unsafe_view, aten.lift_fresh, aten.empty, aten.empty_like, aten.empty_strided,
                      aten.new_empty, aten.new_empty_strided, aten.alias, aten._reshape_alias})
+# Row gathers read the rows they return, not the whole table: indices in, rows read and written.
+GATHERS = frozenset({aten.embedding, aten.index_select})
 CPU_FLASH = (aten._scaled_dot_product_flash_attention_for_cpu,)
 CPU_FLASH_BWD = (aten._scaled_dot_product_flash_attention_for_cpu_backward,)
 
@@ -88,6 +91,9 @@ def _bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     if func.is_view or func._overloadpacket in NO_DATA:
         return 0.0
     inputs = _tensors((args, kwargs))
+    if func._overloadpacket in GATHERS:
+        rows = sum(_nbytes(t) for t in _tensors(out))
+        return float(2 * rows + sum(_nbytes(t) for t in inputs if not t.is_floating_point()))
     seen = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
     fresh = [t for t in _tensors(out) if t.untyped_storage().data_ptr() not in seen]
     return float(sum(_nbytes(t) for t in inputs) + sum(_nbytes(t) for t in fresh))

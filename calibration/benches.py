@@ -128,9 +128,6 @@ def _single(case: Any, mk: Maker) -> Bench:
     if fam in ("stream", "dispatch"):
         return Bench(lambda: {"x": mk.randn(case.size), "y": mk.randn(case.size)},
                      lambda a, _: torch.add(a["x"], a["y"]))
-    if fam == "square":
-        n = case.size
-        return Bench(lambda: {"x": mk.randn(n, n), "y": mk.randn(n, n)}, lambda a, _: torch.mm(a["x"], a["y"]))
     raise ValueError(f"no bench for family {fam!r}")
 
 
@@ -157,7 +154,8 @@ def _piece(case: Any, mk: Maker) -> Bench:
                 cache = M.KVCache(kv)
                 k = mk.randn(b, dims(m, tp)["g"], kv - 1, m.head_dim)
                 cache.update(0, 0, k, k.clone())
-                return {"p": mk.block_params(m, tp, False), "x": mk.randn(b, 1, h), "ctx": _ctx(m, mk, kv - 1, 1, cache)}
+                return {"p": mk.block_params(m, tp, False), "x": mk.randn(b, 1, h),
+                        "ctx": _ctx(m, mk, kv - 1, 1, cache)}
             return Bench(decode_args, lambda a, _: M.block(a["p"], 0, a["x"], a["ctx"]))
         def args() -> Args:
             p = mk.block_params(m, tp, False)

@@ -10,8 +10,8 @@ length). For each it builds
     ``elementwise`` (residual add, SwiGLU product, SiLU, copy), ``norm`` (the executor's
     RMSNorm), ``rotary``, ``embedding``, ``softmax`` (log-softmax over the vocabulary),
     ``adam`` (one tensor's ``torch.optim.Adam`` step), and shape sweeps that pin the ends of
-    the fitted curves: ``stream`` (adds from 16 elements to millions), ``square`` (square
-    GEMMs) and ``dispatch`` (one-element adds: host cost alone);
+    the memory curve: ``stream`` (adds from 16 elements to millions) and ``dispatch``
+    (one- and four-element adds: host cost alone);
 (b) the executor's whole pieces — ``block_fwd`` (:func:`executor.model.block` at prefill with
     its KV cache, at decode, and the inference/training forward), ``block_bwd``, ``head``
     (final norm + head) and its backward, ``context`` (rotary tables of one pass) and
@@ -25,6 +25,7 @@ Usage::
 
     python -m calibration.kernels --quick            # table of the quick grid (≈1 min here)
     python -m calibration.kernels --tiny --json      # the test grid, machine-readable
+    python -m calibration.kernels --quick --csv raw.csv --experiment examples/ppo-tiny-2xcpu.yaml
 
 Library::
 
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 
 from estimator.errors import ConfigError, cli_guard
 from estimator.experiment import Experiment, load_experiment
+from estimator.io import atomic_write_text
 from estimator.models import PRESETS, ModelSpec
 
 DEFAULT_MODELS = ("tiny-2l-128h", "tiny-4l-256h")
@@ -57,7 +59,6 @@ class Level:
     prefill: tuple[tuple[int, int], ...]  # (batch, prompt length)
     train: tuple[tuple[int, int], ...]  # (batch, sequence length)
     stream: tuple[int, ...]  # elements of the ``stream`` adds
-    square: tuple[int, ...]  # n of the n×n×n ``square`` GEMMs
     repeats: int  # timed samples per case (median and spread over these)
     warmup: int  # untimed calls first
     sample_s: float  # a sample runs back-to-back calls for at least this long
@@ -65,13 +66,13 @@ class Level:
 
 
 LEVELS = {
-    "tiny": Level((2,), (8,), ((2, 8),), ((2, 8),), (16, 4096, 65536), (32, 64), 5, 2, 1e-4,
+    "tiny": Level((2,), (8,), ((2, 8),), ((2, 8),), (16, 4096, 65536), 5, 2, 1e-4,
                   models=("tiny-2l-128h",)),
     "quick": Level((1, 4, 16), (16, 48), ((1, 16), (4, 16), (8, 32)), ((2, 32), (8, 32)),
-                   tuple(4 ** k for k in range(2, 12)), (64, 128, 256, 512), 15, 3, 4e-4),
+                   tuple(4 ** k for k in range(2, 12)), 15, 3, 4e-4),
     "full": Level((1, 2, 4, 8, 16, 32), (16, 32, 64, 128), ((1, 16), (2, 16), (4, 16), (8, 16), (4, 64), (8, 64)),
                   ((1, 32), (2, 32), (4, 32), (8, 32), (16, 32), (8, 64)),
-                  tuple(2 ** k for k in range(4, 25)), (32, 64, 128, 256, 384, 512, 768, 1024), 31, 5, 1e-3),
+                  tuple(2 ** k for k in range(4, 25)), 31, 5, 1e-3),
 }
 
 
@@ -148,8 +149,6 @@ def _model_cases(m: ModelSpec, tp: int, phases: list[tuple[str, int, int, int]])
 def _sweeps(level: Level) -> Iterable[Case]:
     for n in level.stream:
         yield Case("stream", "add", "", 1, 1, 0, 0, "", size=n)
-    for n in level.square:
-        yield Case("square", "mm", "", 1, 1, 0, 0, "", size=n)
     for n in (1, 4):
         yield Case("dispatch", "add", "", 1, 1, 0, 0, "", size=n)
 
@@ -217,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
     ap.add_argument("--experiment", help="add this experiment's models and shapes")
+    ap.add_argument("--csv", metavar="RAW.csv", help="also write the raw rows (with their aten ops) here")
     ap.add_argument("--json", action="store_true", help="print the raw rows as JSON")
     args = ap.parse_args(argv)
     from tqdm import tqdm
@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = grid(args.level or "quick", experiment=args.experiment)
     with tqdm(total=len(cases), desc="kernels", unit="case", file=sys.stderr) as bar:
         raw = measure(cases, args.device, args.dtype, args.level or "quick", progress=bar.update)
+    if args.csv:
+        atomic_write_text(args.csv, raw.to_csv(index=False))
     if args.json:
         print(json.dumps(raw.drop(columns=["ops"]).to_dict(orient="records")))
     else:

@@ -213,21 +213,23 @@ def measure_compose(mk: Maker, clock: Clock, level: Any, device_name: str) -> li
         big()
         stream()
 
-    rows = []
+    fns = {"big": big, "stream": stream, "both": both}
+    samples: dict[str, list[float]] = {op: [] for op in fns}
     with torch.no_grad():
-        for op, fn in (("big", big), ("stream", stream), ("both", both)):
-            for _ in range(max(level.warmup, 1)):
-                fn()
-            samples = []
-            for _ in range(level.repeats):
+        for _ in range(max(level.warmup, 1)):
+            both()
+        for _ in range(level.repeats):  # round robin, so drifting load touches all three alike
+            for op, fn in fns.items():
                 t0 = clock.start()
                 fn()
-                samples.append(clock.stop(t0))
-            rows.append({"family": "compose", "op": op, "model": "", "tp": 1, "batch": 0, "seq": 0, "kv": 0,
-                         "phase": "", "size": n if op != "stream" else COMPOSE_STREAM, "piece": False,
-                         "flops": 2.0 * n ** 3 if op != "stream" else 0.0, "bytes": 0.0, "launches": 0,
-                         "work_ops": 0, "median_s": float(np.median(samples)),
-                         "p10_s": float(np.percentile(samples, 10)), "p90_s": float(np.percentile(samples, 90)),
-                         "repeats": len(samples), "inner": 1, "rotate": 1, "device": device_name,
-                         "dtype": str(mk.dtype).removeprefix("torch."), "ops": ""})
+                samples[op].append(clock.stop(t0))
+    rows = []
+    for op, ts in samples.items():
+        rows.append({"family": "compose", "op": op, "model": "", "tp": 1, "batch": 0, "seq": 0, "kv": 0,
+                     "phase": "", "size": n if op != "stream" else COMPOSE_STREAM, "piece": False,
+                     "flops": 2.0 * n ** 3 if op != "stream" else 0.0, "bytes": 0.0, "launches": 0,
+                     "work_ops": 0, "median_s": float(np.median(ts)),
+                     "p10_s": float(np.percentile(ts, 10)), "p90_s": float(np.percentile(ts, 90)),
+                     "repeats": len(ts), "inner": 1, "rotate": 1, "device": device_name,
+                     "dtype": str(mk.dtype).removeprefix("torch."), "ops": ""})
     return rows
