@@ -14,8 +14,8 @@ function runs backward, the autograd engine's ops too). These are the "launches"
   Views and aliases (``view``, ``t``, ``slice``, ``_unsafe_view``, ``detach``, …) move no
   data, so they are zero-work ops that still cost a dispatch; ``empty*`` allocate without
   touching memory; row gathers (``embedding``, ``index_select``) read the indices and the rows
-  they return, not the whole table. In-place ops count their mutated argument once (read and write of the same
-  bytes is one pass in the roofline sense used by the estimator's elementwise ops).
+  they return, not the whole table. An in-place update (``add_``, ``lerp_``, …) reads its
+  target and writes it back, so the target counts twice; ``copy_`` only writes its target.
 
 Example::
 
@@ -95,8 +95,11 @@ def _bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
         rows = sum(_nbytes(t) for t in _tensors(out))
         return float(2 * rows + sum(_nbytes(t) for t in inputs if not t.is_floating_point()))
     seen = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
-    fresh = [t for t in _tensors(out) if t.untyped_storage().data_ptr() not in seen]
-    return float(sum(_nbytes(t) for t in inputs) + sum(_nbytes(t) for t in fresh))
+    outs = _tensors(out)
+    fresh = [t for t in outs if t.untyped_storage().data_ptr() not in seen]
+    # An in-place update reads its target and writes it back; a copy only writes its target.
+    rewritten = [] if func._overloadpacket is aten.copy_ else [t for t in outs if t not in fresh]
+    return float(sum(_nbytes(t) for t in inputs + fresh + rewritten))
 
 
 class OpRecorder(TorchDispatchMode):

@@ -256,12 +256,15 @@ def executor_section(raw: pd.DataFrame, command: str) -> dict:
 
 
 def report(kernels: pd.DataFrame, split: np.ndarray, p: Params) -> pd.DataFrame:
-    """Per family (and per piece) and split: n, median and max absolute error in %."""
+    """Per family (and per piece) and split: n, median and max absolute error in %, and the
+    bias (median predicted/measured − 1, in %: negative when the fit predicts too little)."""
     pred = OpTable(kernels).predict(p)
     df = kernels.assign(split=split, predicted_s=pred, error_pct=_error_pct(pred, kernels["median_s"].to_numpy()))
     df["group"] = _group(df)
-    out = (df.groupby(["group", "split"], sort=True)["error_pct"]
-             .agg(n="size", median_pct="median", max_pct="max").reset_index()
-             .rename(columns={"group": "family"}))
+    df["ratio"] = pred / kernels["median_s"].to_numpy()
+    g = df.groupby(["group", "split"], sort=True)
+    out = (g["error_pct"].agg(n="size", median_pct="median", max_pct="max")
+           .join(100.0 * (g["ratio"].median() - 1.0)).rename(columns={"ratio": "bias_pct"})
+           .reset_index().rename(columns={"group": "family"}))
     out["goal_met"] = out["median_pct"] <= GOAL_PCT
     return out

@@ -116,8 +116,10 @@ def _phases(level: Level, extra: dict[str, set]) -> list[tuple[str, int, int, in
 
 
 def _model_cases(m: ModelSpec, tp: int, phases: list[tuple[str, int, int, int]]) -> Iterable[Case]:
+    name = m.name if m.head == "lm" else f"{m.name}+value"  # critic / reward trunks share the preset name
+
     def case(family: str, op: str, phase: str, b: int, s: int, kv: int) -> Case:
-        return Case(family, op, m.name, tp, b, s, kv, phase, spec=m)
+        return Case(family, op, name, tp, b, s, kv, phase, spec=m)
 
     seen_tokens: set[int] = set()
     for phase, b, s, kv in phases:
@@ -142,8 +144,8 @@ def _model_cases(m: ModelSpec, tp: int, phases: list[tuple[str, int, int, int]])
         if phase == "prefill":
             yield case("block_fwd", "forward", phase, b, s, kv)  # inference: no cache
     for op in ("q_proj", "gate_up", "head"):
-        yield Case("adam", op, m.name, tp, 0, 0, 0, "train", spec=m)
-    yield Case("optimizer", "block", m.name, tp, 0, 0, 0, "train", spec=m)
+        yield Case("adam", op, name, tp, 0, 0, 0, "train", spec=m)
+    yield Case("optimizer", "block", name, tp, 0, 0, 0, "train", spec=m)
 
 
 def _sweeps(level: Level) -> Iterable[Case]:
@@ -162,7 +164,7 @@ def experiment_shapes(exp: Experiment) -> tuple[list[ModelSpec], dict[str, set],
     extra = {"decode_batches": batches, "kv_lengths": {p.prompt_len + 1, p.prompt_len + p.gen_len},
              "prefill": {(b, p.prompt_len) for b in batches},
              "train": {(b, p.prompt_len + p.gen_len) for b in {1, min(per_minibatch, 16)}}}
-    models = list({m.name: m for m in exp.models.values()}.values())
+    models = list({(m.name, m.head): m for m in exp.models.values()}.values())
     return models, extra, exp.cluster.devices_per_node
 
 
@@ -178,7 +180,7 @@ def grid(level: str = "quick", models: Iterable[str | ModelSpec] | None = None,
     if experiment is not None:
         exp = load_experiment(experiment) if isinstance(experiment, str) else experiment
         more, extra, max_tp = experiment_shapes(exp)
-        specs += [m for m in more if m.name not in {s.name for s in specs}]
+        specs += [m for m in more if (m.name, m.head) not in {(s.name, s.head) for s in specs}]
     phases = _phases(lv, extra)
     cases = [c for m in specs for t in tp_widths(m, max_tp) for c in _model_cases(m, t, phases)]
     return list(dict.fromkeys(cases + list(_sweeps(lv))))

@@ -109,3 +109,10 @@ def test_cuda_is_refused_with_a_message_without_a_gpu():
         torch_device("cuda")
     with pytest.raises(ConfigError, match="device='tpu'"):
         torch_device("tpu")
+
+
+def test_in_place_updates_read_and_write_their_target_and_copies_only_write():
+    a, b = torch.randn(100), torch.randn(100)
+    (add,) = record(lambda: a.add_(b))
+    (copy,) = record(lambda: a.copy_(b))
+    assert add.bytes == 3 * 400 and copy.bytes == 2 * 400
