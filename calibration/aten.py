@@ -98,7 +98,8 @@ def _bytes(func: Any, args: tuple, kwargs: dict, out: Any) -> float:
     outs = _tensors(out)
     fresh = [t for t in outs if t.untyped_storage().data_ptr() not in seen]
     # An in-place update reads its target and writes it back; a copy only writes its target.
-    rewritten = [] if func._overloadpacket is aten.copy_ else [t for t in outs if t not in fresh]
+    rewritten = [] if func._overloadpacket is aten.copy_ else [
+        t for t in outs if t.untyped_storage().data_ptr() in seen and t.numel()]
     return float(sum(_nbytes(t) for t in inputs + fresh + rewritten))
 
 

@@ -143,5 +143,5 @@ def test_tiny_grid_fit_reproduces_its_measurements_and_round_trips(tiny_measured
     measured = kern["median_s"].to_numpy()
     # On a shared machine single rows scatter; the fit as a whole must land on its data.
     assert np.median(np.abs(pred / measured - 1)) < 0.5
-    assert 0.67 < pred.sum() / measured.sum() < 1.5
+    assert np.mean((pred / measured > 0.2) & (pred / measured < 5)) > 0.95  # no row off by a unit
     assert report["n"].sum() == len(kern)
