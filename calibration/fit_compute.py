@@ -243,16 +243,28 @@ def to_sections(p: Params, command: str) -> dict:
 
 
 def executor_section(raw: pd.DataFrame, command: str) -> dict:
-    """Fixed costs of the runtime (see :mod:`calibration.overheads`)."""
+    """Fixed costs of the runtime (see :mod:`calibration.overheads`): the per-micro-batch
+    slope of the engine's time outside its marked computations, and the intercept of the
+    call's. Rows without the unmarked split fall back to totals less the stage's kernels."""
     rows = raw[raw["family"] == "executor"]
-    kernel = float(rows.loc[rows["op"] == "stage_kernels", "median_s"].median())
-    engine, call = rows[rows["op"] == "engine_forward"], rows[rows["op"] == "call"]
-    if engine["batch"].nunique() < 2 or call["batch"].nunique() < 2 or np.isnan(kernel):
-        raise ConfigError("executor rows need stage_kernels and engine_forward/call at two or more micro-batch counts")
-    slope = stats.linregress(engine["batch"], engine["median_s"]).slope
-    intercept = stats.linregress(call["batch"], call["median_s"]).intercept
-    return {"call_overhead_s": max(float(intercept), 0.0), "micro_batch_overhead_s": max(float(slope - kernel), 0.0),
-            "command": command}
+
+    def fit(op: str) -> tuple[float, float]:
+        sel = rows[rows["op"] == op]
+        if sel["batch"].nunique() < 2:
+            raise ConfigError(f"executor rows need {op!r} at two or more micro-batch counts")
+        r = stats.linregress(sel["batch"], sel["median_s"])
+        return float(r.slope), float(r.intercept)
+
+    if (rows["op"] == "engine_forward_unmarked").any():
+        per_mb, _ = fit("engine_forward_unmarked")
+        _, per_call = fit("call_unmarked")
+    else:
+        kernel = float(rows.loc[rows["op"] == "stage_kernels", "median_s"].median())
+        if np.isnan(kernel):
+            raise ConfigError("executor rows need stage_kernels to subtract from engine_forward")
+        slope, _ = fit("engine_forward")
+        per_mb, per_call = slope - kernel, fit("call")[1]
+    return {"call_overhead_s": max(per_call, 0.0), "micro_batch_overhead_s": max(per_mb, 0.0), "command": command}
 
 
 def report(kernels: pd.DataFrame, split: np.ndarray, p: Params) -> pd.DataFrame:

@@ -7,13 +7,16 @@ tokens — by running the executor's own code and comparing it with the kernels 
   blocks, final norm and head of :mod:`executor.model`) on one token;
 - ``engine_forward`` at 1, 2, 4, 8 micro-batches: :meth:`executor.engine.Engine.forward` on
   the same one-token micro-batches, with a :class:`executor.recorder.Recorder` marking each
-  micro-batch as the runtime does. The slope over micro-batches less ``stage_kernels`` is the
-  engine's bookkeeping per micro-batch (input hand-off, marks, output lists);
+  micro-batch as the runtime does. Its time outside the marked micro-batch computations
+  (``engine_forward_unmarked``: each run less its own marked spans, so a preemption that hits
+  the kernels cancels) grows by the engine's bookkeeping per micro-batch (input hand-off,
+  marks, output lists): the slope over micro-batches;
 - ``call`` at 1, 2, 4, 8 micro-batches: what the runtime does per call around the compute
   (:meth:`executor.runtime.RankRuntime._compute`): build the :class:`Engine` and the
   :class:`executor.calls.CallRun`, open the recorder's spans and run an inference call
   (``ref_inf``: forward and response log-probs) through :func:`executor.calls.run_call`.
-  Its intercept at zero micro-batches is the fixed cost of a call.
+  The intercept at zero micro-batches of its time outside the marked computations
+  (``call_unmarked``) is the fixed cost of a call.
 
 :func:`calibration.fit_compute.executor_section` turns these rows into the profile's
 ``executor`` section.
@@ -79,7 +82,7 @@ def _time(fn: Callable[[], object], repeats: int, warmup: int, clock: Clock) -> 
 
 def measure_overheads(device: str = "cpu", dtype: str = "float32", repeats: int = 31, warmup: int = 5,
                       progress: Callable[[int], object] | None = None) -> pd.DataFrame:
-    """Raw rows ``executor``/{``stage_kernels``, ``engine_forward``, ``call``} (see the module
+    """Raw rows ``executor``/{``stage_kernels``, ``engine_forward[_unmarked]``, ``call[_unmarked]``} (see the module
     docstring); ``progress(1)`` after each of the ``1 + 2·len(MICRO_BATCHES)`` measurements."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
@@ -101,22 +104,33 @@ def measure_overheads(device: str = "cpu", dtype: str = "float32", repeats: int 
             ctx = M.context(model, 0, 1, x.dtype, x.device)
             return M.final(params, M.blocks(params, range(model.layers), x, ctx), model)
 
-        rows.append(_row("stage_kernels", 1, 1, _time(kernels, repeats, warmup, clock), len(record(kernels)),
-                         name, dtype))
-        tick()
         rec = Recorder(0, dev)
+        configs: list[tuple[str, int, int, Callable[[], object]]] = [("stage_kernels", 1, 1, kernels)]
         for m in MICRO_BATCHES:
             layout = Layout(DeviceMesh(0, 1), 1, 1, 1, micro_batches=m)
             engine = Engine(model, layout, 0, params, GroupRegistry(1), dev,
                             mark=lambda op, mb: rec.fine(0, "bench", op, mb, 0))
-            batches = [token] * m
-            rows.append(_row("engine_forward", m, 1, _time(lambda e=engine, b=batches: e.forward(b), repeats,
-                                                          warmup, clock), 0, name, dtype))
+            configs.append(("engine_forward", m, 1, lambda e=engine, b=[token] * m: e.forward(b)))
+            configs.append(("call", m, 2, _call(m, params, dev, rec)))
+        samples: list[list[float]] = [[] for _ in configs]
+        outside: list[list[float]] = [[] for _ in configs]
+        for _ in range(warmup):
+            for *_, fn in configs:
+                fn()
+        for _ in range(repeats):  # round robin, so drifting load touches every configuration alike
+            for k, (*_, fn) in enumerate(configs):
+                rec.spans.clear()
+                total = _time(fn, 1, 0, clock)[0]
+                rec.finish()
+                marked = sum(sp.end_s - sp.start_s for sp in rec.spans if sp.micro_batch >= 0)
+                samples[k].append(total)
+                outside[k].append(total - marked)
+        for (op, m, seq, fn), ts, out in zip(configs, samples, outside):
+            rows.append(_row(op, m, seq, np.asarray(ts), len(record(fn)) if op == "stage_kernels" else 0, name,
+                             dtype))
+            if op != "stage_kernels":
+                rows.append(_row(op + "_unmarked", m, seq, np.asarray(out), 0, name, dtype))
             tick()
-            rows.append(_row("call", m, 2, _time(_call(m, params, dev, rec), repeats, warmup, clock), 0,
-                             name, dtype))
-            tick()
-            rec.spans.clear()  # bounded memory across repeats
     return pd.DataFrame(rows)
 
 

@@ -111,6 +111,14 @@ def test_executor_terms_are_the_engine_slope_less_kernels_and_the_call_intercept
     assert sec["micro_batch_overhead_s"] == pytest.approx(2e-4)
     assert sec["call_overhead_s"] == pytest.approx(4e-4)
     assert sec["command"] == "cmd"
+    # with each run's time outside its marked micro-batches, those are fitted directly
+    rows += [{"family": "executor", "op": "engine_forward_unmarked", "batch": m, "median_s": 5e-5 + m * 2e-5}
+             for m in MICRO_BATCHES]
+    rows += [{"family": "executor", "op": "call_unmarked", "batch": m, "median_s": 3e-4 + m * 5e-5}
+             for m in MICRO_BATCHES]
+    sec = executor_section(pd.DataFrame(rows), "cmd")
+    assert sec["micro_batch_overhead_s"] == pytest.approx(2e-5)
+    assert sec["call_overhead_s"] == pytest.approx(3e-4)
 
 
 def test_bad_inputs_name_the_rule():
