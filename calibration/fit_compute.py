@@ -218,7 +218,7 @@ def fit_compute(raw: pd.DataFrame, holdout_every: int = 2, command: str = "pytho
             return np.inf
         return float(pd.Series(np.log(pred / tt) ** 2).groupby(groups).mean().mean())
 
-    hi = float((train["median_s"] / train["launches"].clip(lower=1))[target].min())
+    hi = float((train["median_s"] / train["launches"].clip(lower=1))[target].max())
     best = optimize.minimize_scalar(loss, bounds=(0.0, hi), method="bounded", options={"xatol": hi * 1e-4})
     p = fit_params(train, work, float(best.x), mode)
     sections = to_sections(p, command)

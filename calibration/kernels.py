@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from tqdm import tqdm
 
+    from calibration.timing import torch_device
+
+    torch_device(args.device)  # refuse a missing GPU before building the grid
     cases = grid(args.level or "quick", experiment=args.experiment)
     with tqdm(total=len(cases), desc="kernels", unit="case", file=sys.stderr) as bar:
         raw = measure(cases, args.device, args.dtype, args.level or "quick", progress=bar.update)
