@@ -268,15 +268,20 @@ def executor_section(raw: pd.DataFrame, command: str) -> dict:
 
 
 def report(kernels: pd.DataFrame, split: np.ndarray, p: Params) -> pd.DataFrame:
-    """Per family (and per piece) and split: n, median and max absolute error in %, and the
-    bias (median predicted/measured − 1, in %: negative when the fit predicts too little)."""
+    """Per family (and per piece) and split: n, median and max absolute error in %, the bias
+    (median predicted/measured − 1, in %: negative when the fit predicts too little), and the
+    host time per aten op the rows show (their time less the fitted device time, per launch,
+    in µs) against the single fitted ``overhead_s``."""
     pred = OpTable(kernels).predict(p)
     df = kernels.assign(split=split, predicted_s=pred, error_pct=_error_pct(pred, kernels["median_s"].to_numpy()))
     df["group"] = _group(df)
     df["ratio"] = pred / kernels["median_s"].to_numpy()
+    device = OpTable(kernels).predict(Params(**{**p.__dict__, "overhead_s": 0.0}))
+    df["host_us"] = 1e6 * (kernels["median_s"].to_numpy() - device) / kernels["launches"].clip(lower=1).to_numpy()
     g = df.groupby(["group", "split"], sort=True)
     out = (g["error_pct"].agg(n="size", median_pct="median", max_pct="max")
            .join(100.0 * (g["ratio"].median() - 1.0)).rename(columns={"ratio": "bias_pct"})
+           .join(g["host_us"].median()).rename(columns={"host_us": "host_us_per_launch"})
            .reset_index().rename(columns={"group": "family"}))
     out["goal_met"] = out["median_pct"] <= GOAL_PCT
     return out
