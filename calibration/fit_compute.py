@@ -14,10 +14,11 @@ they cost their dispatch only). :func:`fit_compute` fits
 - ``compute.compose`` from the ``compose`` rows: the product-then-stream pair against each
   alone; serial when the pair costs more than half the stream beyond the product;
 - ``compute.launch.overhead_s`` by bounded scalar minimisation (``scipy.optimize``) of the
-  squared log error over the training rows, each family weighted alike, with the curves
-  refitted at every candidate. The training rows include half of the executor's pieces: on a
-  CPU the host time between a piece's ops (the model code's Python around each dispatch) is
-  part of each op's cost, and only whole pieces show it;
+  squared log error over the training rows of the executor's pieces (every training row when
+  the raw rows hold no piece), each piece weighted alike, with the curves refitted at every
+  candidate. Pieces, not isolated ops, set it: the estimator predicts pieces, and on a CPU
+  the host time around each dispatch inside the model code (its Python, autograd's
+  recording) is part of each op's cost that an op timed alone in a loop does not show;
 - the curves: for every training row whose work is one aten op, that op's device time (the
   row's time less its dispatches) gives an achieved rate; rates are grouped in quarter-decades of
   size and each group's median becomes a point, ``peak`` (or ``bandwidth``) the best group and
@@ -27,13 +28,14 @@ they cost their dispatch only). :func:`fit_compute` fits
   ``embedding``, ``softmax``) ``memory.efficiency`` by bytes. Rows whose device
   time is under a tenth of their time are dispatch-bound and say nothing about rates;
 - ``executor`` (when :mod:`calibration.overheads` rows are present): the per-micro-batch cost
-  is the slope of the engine's time over micro-batches less the kernels of one stage pass,
-  the per-call cost the intercept of the call's time (``scipy.stats.linregress``).
+  is the slope over micro-batches of the engine's time outside its marked computations, the
+  per-call cost the intercept of the call's (``scipy.stats.linregress``).
 
 Held-out shapes: in each family (and each piece: ``block_fwd/decode``, ``head/all``, …), rows
 sorted by size; every ``holdout_every``-th is left out of the fit. The report gives, per family
-and split (``fit``, ``held-out``), n and the median and max absolute error in %; a piece's
-prediction is the sum of its aten ops' predictions, against the piece timed as one.
+and split (``fit``, ``held-out``), n, the median and max absolute error in %, the signed bias
+and the host time per aten op the rows show; a piece's prediction is the sum of its aten ops'
+predictions, against the piece timed as one.
 
 Usage::
 

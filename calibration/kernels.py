@@ -182,8 +182,15 @@ def grid(level: str = "quick", models: Iterable[str | ModelSpec] | None = None,
         more, extra, max_tp = experiment_shapes(exp)
         specs += [m for m in more if (m.name, m.head) not in {(s.name, s.head) for s in specs}]
     phases = _phases(lv, extra)
-    cases = [c for m in specs for t in tp_widths(m, max_tp) for c in _model_cases(m, t, phases)]
+    lm_trunks = {m.name for m in specs if m.head == "lm"}
+    cases = [c for m in specs for t in tp_widths(m, max_tp) for c in _model_cases(m, t, phases)
+             if m.head == "lm" or m.name not in lm_trunks or _head_case(c)]
     return list(dict.fromkeys(cases + list(_sweeps(lv))))
+
+
+def _head_case(c: Case) -> bool:
+    """What a value-head model runs differently from its LM trunk: the head."""
+    return c.family in ("head", "head_bwd") or (c.family == "gemm" and c.op == "head")
 
 
 def _spec(m: str | ModelSpec) -> ModelSpec:

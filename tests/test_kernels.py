@@ -40,6 +40,10 @@ def test_experiment_adds_its_models_and_lengths():
     assert {(c.batch, c.seq) for c in cases if c.family == "block_fwd" and c.op == "prefill"} >= {(1, 16), (8, 16)}
     assert {c.kv for c in cases if c.op == "decode"} >= {17, 32}
     assert {(c.batch, c.seq) for c in cases if c.family == "block_bwd"} >= {(4, 32)}  # 8 rows / 2 minibatches
+    # critic and reward share the actor's trunk: only their value head is timed apart
+    value = [c for c in cases if c.model == "tiny-2l-128h+value"]
+    assert value and {c.family for c in value} == {"head", "head_bwd", "gemm"}
+    assert {c.op for c in value if c.family == "gemm"} == {"head"}
 
 
 def test_unknown_level_and_model_are_config_errors():
