@@ -1,0 +1,289 @@
+"""Fit the compute side of a profile from raw kernel rows, and report it on held-out shapes.
+
+Every raw row (:mod:`calibration.kernels`) carries the aten ops it dispatched, each with its
+FLOPs and bytes. The profile prices one aten op by the contract the estimator evaluates
+(:func:`op_times`, the one place it is written)::
+
+    device = max(flops / (peak · eff_f(flops)), bytes / (bandwidth · eff_m(bytes)))
+    time   = device + launches · overhead_s      (compose "serial": host waits, CPU)
+           = max(device, launches · overhead_s)  (compose "overlap": asynchronous kernels, CUDA)
+
+and a row is predicted as the sum over its ops (views and allocations are ops with no work:
+they cost their dispatch only). :func:`fit_compute` fits
+
+- ``compute.compose`` from the ``compose`` rows: the product-then-stream pair against each
+  alone; serial when the pair costs more than half the stream beyond the product;
+- ``compute.launch.overhead_s`` by bounded scalar minimisation (``scipy.optimize``) of the
+  squared log error over the training rows of the executor's pieces (every training row when
+  the raw rows hold no piece), each piece weighted alike, with the curves refitted at every
+  candidate. Pieces, not isolated ops, set it: the estimator predicts pieces, and on a CPU
+  the host time around each dispatch inside the model code (its Python, autograd's
+  recording) is part of each op's cost that an op timed alone in a loop does not show;
+- the curves: for every training row whose work is one aten op, that op's device time (the
+  row's time less its dispatches) gives an achieved rate; rates are grouped in quarter-decades of
+  size and each group's median becomes a point, ``peak`` (or ``bandwidth``) the best group and
+  the efficiencies relative to it. FLOP-counted ops (``gemm``, ``attention``) give
+  ``compute.efficiency`` by FLOPs (decoding's matrix-vector products included: their rate is
+  what they reach); ops without FLOPs (``elementwise``, ``stream``, ``dispatch``,
+  ``embedding``, ``softmax``) ``memory.efficiency`` by bytes. Rows whose device
+  time is under a tenth of their time are dispatch-bound and say nothing about rates;
+- ``executor`` (when :mod:`calibration.overheads` rows are present): the per-micro-batch cost
+  is the slope over micro-batches of the engine's time outside its marked computations, the
+  per-call cost the intercept of the call's (``scipy.stats.linregress``).
+
+Held-out shapes: in each family (and each piece: ``block_fwd/decode``, ``head/all``, …), rows
+sorted by size; every ``holdout_every``-th is left out of the fit. The report gives, per family
+and split (``fit``, ``held-out``), n, the median and max absolute error in %, the signed bias
+and the host time per aten op the rows show; a piece's prediction is the sum of its aten ops'
+predictions, against the piece timed as one.
+
+Usage::
+
+    from calibration.fit_compute import fit_compute
+    sections, report = fit_compute(raw, command="python -m estimator.calibrate --quick")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, stats
+
+from calibration.aten import decode
+from calibration.kernels import PIECES
+from estimator.errors import ConfigError
+
+COMPUTE_FAMILIES = ("gemm", "attention")
+MEMORY_FAMILIES = ("elementwise", "stream", "dispatch", "embedding", "softmax")
+NOT_OPS = ("compose", "executor")  # rows that are not kernel cases
+MIN_DEVICE_FRACTION = 0.1
+BIN_DECADES = 0.25
+GOAL_PCT = 10.0
+STATS = ("median_s", "p10_s", "p90_s")
+
+
+@dataclass(frozen=True)
+class Params:
+    """The numbers of the contract formula."""
+
+    peak_flops: float
+    compute_points: np.ndarray  # (k, 2): FLOPs, efficiency
+    bandwidth: float
+    memory_points: np.ndarray  # (k, 2): bytes, efficiency
+    overhead_s: float
+    mode: str  # serial | overlap
+
+
+def _eff(sizes: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Log-linear interpolation held flat beyond the ends (``estimator.profiles.Curve``)."""
+    return np.interp(np.log(np.maximum(sizes, 1e-300)), np.log(points[:, 0]), points[:, 1])
+
+
+def op_times(flops: np.ndarray, nbytes: np.ndarray, launches: np.ndarray | float, p: Params) -> np.ndarray:
+    """Seconds of ops of ``flops`` and ``nbytes`` issuing ``launches`` each, by the contract."""
+    flops, nbytes = np.asarray(flops, dtype=float), np.asarray(nbytes, dtype=float)
+    compute = np.where(flops > 0, flops / (p.peak_flops * _eff(flops, p.compute_points)), 0.0)
+    memory = np.where(nbytes > 0, nbytes / (p.bandwidth * _eff(nbytes, p.memory_points)), 0.0)
+    device, host = np.maximum(compute, memory), np.asarray(launches, dtype=float) * p.overhead_s
+    return device + host if p.mode == "serial" else np.maximum(device, host)
+
+
+class OpTable:
+    """Every aten op of every row, flattened once so predictions are one vectorised pass."""
+
+    def __init__(self, raw: pd.DataFrame):
+        rows, flops, nbytes = [], [], []
+        for i, text in enumerate(raw["ops"].fillna("")):
+            f, b = decode(text)
+            rows += [i] * len(f)
+            flops += f
+            nbytes += b
+        self.n = len(raw)
+        self.row, self.flops, self.bytes = np.asarray(rows, dtype=int), np.asarray(flops), np.asarray(nbytes)
+
+    def predict(self, p: Params) -> np.ndarray:
+        """Predicted seconds of every row: the sum of its ops."""
+        return np.bincount(self.row, weights=op_times(self.flops, self.bytes, 1.0, p), minlength=self.n)
+
+
+def params_from_sections(sections: dict) -> Params:
+    """The contract's numbers from fitted (or loaded) profile sections."""
+    c, m = sections["compute"], sections["memory"]
+    return Params(float(c["peak"]["flops_per_s"]), np.asarray(c["efficiency"]["points"], dtype=float),
+                  float(m["bandwidth"]["bytes_per_s"]), np.asarray(m["efficiency"]["points"], dtype=float),
+                  float(c["launch"]["overhead_s"]), str(c["compose"]["mode"]))
+
+
+# ---- the fit ------------------------------------------------------------------------------------
+
+
+def compose_mode(raw: pd.DataFrame) -> tuple[str, float]:
+    """``serial`` or ``overlap`` and the measured ratio (pair − product) / stream."""
+    t = raw[raw["family"] == "compose"].set_index("op")["median_s"]
+    if not {"big", "stream", "both"} <= set(t.index):
+        raise ConfigError("raw measurements hold no compose rows (big, stream, both): "
+                          "measure them with calibration.timing.measure")
+    ratio = float((t["both"] - t["big"]) / t["stream"])
+    return ("serial" if ratio > 0.5 else "overlap"), ratio
+
+
+def _curve(sizes: np.ndarray, rates: np.ndarray, what: str) -> tuple[float, np.ndarray]:
+    """Peak rate and (size, efficiency) points: medians per quarter-decade of size."""
+    if len(sizes) == 0:
+        raise ConfigError(f"no usable measurements to fit the {what} curve: the grid needs single-op rows "
+                          "whose device time exceeds their dispatch cost")
+    bins = np.floor(np.log10(sizes) / BIN_DECADES)
+    df = pd.DataFrame({"bin": bins, "logsize": np.log(sizes), "rate": rates})
+    g = df.groupby("bin").agg(logsize=("logsize", "median"), rate=("rate", "median"))
+    peak = float(g["rate"].max())
+    return peak, np.column_stack([np.exp(g["logsize"].to_numpy()), g["rate"].to_numpy() / peak])
+
+
+def _single_work(raw: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose work is one aten op, with that op's FLOPs and bytes."""
+    out = []
+    for i, text in raw["ops"].items():
+        f, b = decode(text)
+        work = [(x, y) for x, y in zip(f, b) if x > 0 or y > 0]
+        if len(work) == 1:
+            out.append((i, *work[0]))
+    return pd.DataFrame(out, columns=["idx", "op_flops", "op_bytes"]).set_index("idx")
+
+
+def fit_params(train: pd.DataFrame, work: pd.DataFrame, overhead_s: float, mode: str) -> Params:
+    """The curves at a given dispatch cost, from the training rows."""
+    rows = train.join(work, how="inner")
+    dispatches = rows["launches"] - (0 if mode == "serial" else 1)
+    device = rows["median_s"] - dispatches * overhead_s
+    usable = device > MIN_DEVICE_FRACTION * rows["median_s"]
+    comp = usable & rows["family"].isin(COMPUTE_FAMILIES) & (rows["op_flops"] > 0)
+    mem = usable & rows["family"].isin(MEMORY_FAMILIES) & (rows["op_flops"] == 0) & (rows["op_bytes"] > 0)
+    peak, cpts = _curve(rows.loc[comp, "op_flops"].to_numpy(), (rows["op_flops"] / device)[comp].to_numpy(),
+                        "compute (FLOPs)")
+    bw, mpts = _curve(rows.loc[mem, "op_bytes"].to_numpy(), (rows["op_bytes"] / device)[mem].to_numpy(),
+                      "memory (bytes)")
+    return Params(peak, cpts, bw, mpts, overhead_s, mode)
+
+
+def holdout_mask(raw: pd.DataFrame, every: int = 2) -> pd.Series:
+    """True for held-out rows: in each single-op family sorted by size, every ``every``-th."""
+    if every < 2:
+        raise ConfigError(f"holdout_every={every} must be at least 2 (every n-th shape is held out)")
+    held = pd.Series(False, index=raw.index)
+    for fam, g in raw.groupby(_group(raw)):
+        key = g["flops"] if fam in COMPUTE_FAMILIES else g["bytes"]
+        order = g.assign(key=key).sort_values(["key", "op", "model", "tp"], kind="stable").index
+        held[order[every - 1::every]] = True
+    return held
+
+
+def _is_single(raw: pd.DataFrame) -> pd.Series:
+    return ~raw["family"].isin(PIECES + NOT_OPS)
+
+
+def _group(raw: pd.DataFrame) -> pd.Series:
+    """The report's groups: a single-op family, or one piece of the executor (family/op)."""
+    return raw["family"].where(_is_single(raw), raw["family"] + "/" + raw["op"])
+
+
+def _error_pct(pred: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    return 100.0 * np.abs(pred - measured) / measured
+
+
+def fit_compute(raw: pd.DataFrame, holdout_every: int = 2, command: str = "python -m calibration.kernels",
+                stat: str = "median_s") -> tuple[dict, pd.DataFrame]:
+    """Fitted ``compute``, ``memory`` (without capacity) and, when measured, ``executor``
+    sections in the profile format, and the report (see the module docstring). ``stat`` is
+    the column fitted and reported against: the median of the repeats, or ``p10_s`` where
+    other work preempts the measurement (a loaded machine) and the fast samples are the clean
+    ones."""
+    if stat not in STATS:
+        raise ConfigError(f"stat={stat!r} must be one of {STATS}")
+    raw = raw.reset_index(drop=True).assign(median_s=raw[stat].to_numpy())
+    mode, _ = compose_mode(raw)
+    kernels = raw[~raw["family"].isin(NOT_OPS)].reset_index(drop=True)
+    held = holdout_mask(kernels, holdout_every)
+    train = kernels[~held]
+    work = _single_work(train[_is_single(train)])
+    table = OpTable(train)
+
+    # The dispatch cost is fitted to the pieces the estimator predicts (all rows if none).
+    target = ~_is_single(train) if (~_is_single(train)).any() else pd.Series(True, index=train.index)
+    tt, groups = train["median_s"][target].to_numpy(), _group(train)[target].to_numpy()
+
+    def loss(o: float) -> float:
+        try:
+            pred = table.predict(fit_params(train, work, o, mode))[target.to_numpy()]
+        except ConfigError:
+            return np.inf
+        return float(pd.Series(np.log(pred / tt) ** 2).groupby(groups).mean().mean())
+
+    hi = float((train["median_s"] / train["launches"].clip(lower=1))[target].max())
+    best = optimize.minimize_scalar(loss, bounds=(0.0, hi), method="bounded", options={"xatol": hi * 1e-4})
+    p = fit_params(train, work, float(best.x), mode)
+    sections = to_sections(p, command)
+    if (raw["family"] == "executor").any():
+        sections["executor"] = executor_section(raw, command)
+    return sections, report(kernels, np.where(held, "held-out", "fit"), p)
+
+
+def to_sections(p: Params, command: str) -> dict:
+    def points(a: np.ndarray) -> list[list[float]]:
+        return [[float(f"{s:.6g}"), float(f"{min(e, 1.0):.6g}")] for s, e in a]
+
+    curve = {"interpolation": "log-linear", "command": command}
+    return {
+        "compute": {"peak": {"flops_per_s": p.peak_flops, "command": command},
+                    "efficiency": {"by": "flops", "points": points(p.compute_points), **curve},
+                    "launch": {"overhead_s": p.overhead_s, "command": command},
+                    "compose": {"mode": p.mode, "command": command}},
+        "memory": {"bandwidth": {"bytes_per_s": p.bandwidth, "command": command},
+                   "efficiency": {"by": "bytes", "points": points(p.memory_points), **curve}},
+    }
+
+
+def executor_section(raw: pd.DataFrame, command: str) -> dict:
+    """Fixed costs of the runtime (see :mod:`calibration.overheads`): the per-micro-batch
+    slope of the engine's time outside its marked computations, and the intercept of the
+    call's. Rows without the unmarked split fall back to totals less the stage's kernels."""
+    rows = raw[raw["family"] == "executor"]
+
+    def fit(op: str) -> tuple[float, float]:
+        sel = rows[rows["op"] == op]
+        if sel["batch"].nunique() < 2:
+            raise ConfigError(f"executor rows need {op!r} at two or more micro-batch counts")
+        r = stats.linregress(sel["batch"], sel["median_s"])
+        return float(r.slope), float(r.intercept)
+
+    if (rows["op"] == "engine_forward_unmarked").any():
+        per_mb, _ = fit("engine_forward_unmarked")
+        _, per_call = fit("call_unmarked")
+    else:
+        kernel = float(rows.loc[rows["op"] == "stage_kernels", "median_s"].median())
+        if np.isnan(kernel):
+            raise ConfigError("executor rows need stage_kernels to subtract from engine_forward")
+        slope, _ = fit("engine_forward")
+        per_mb, per_call = slope - kernel, fit("call")[1]
+    return {"call_overhead_s": max(per_call, 0.0), "micro_batch_overhead_s": max(per_mb, 0.0), "command": command}
+
+
+def report(kernels: pd.DataFrame, split: np.ndarray, p: Params) -> pd.DataFrame:
+    """Per family (and per piece) and split: n, median and max absolute error in %, the bias
+    (median predicted/measured − 1, in %: negative when the fit predicts too little), and the
+    host time per aten op the rows show (their time less the fitted device time, per launch,
+    in µs) against the single fitted ``overhead_s``."""
+    pred = OpTable(kernels).predict(p)
+    df = kernels.assign(split=split, predicted_s=pred, error_pct=_error_pct(pred, kernels["median_s"].to_numpy()))
+    df["group"] = _group(df)
+    df["ratio"] = pred / kernels["median_s"].to_numpy()
+    device = OpTable(kernels).predict(Params(**{**p.__dict__, "overhead_s": 0.0}))
+    df["host_us"] = 1e6 * (kernels["median_s"].to_numpy() - device) / kernels["launches"].clip(lower=1).to_numpy()
+    g = df.groupby(["group", "split"], sort=True)
+    out = (g["error_pct"].agg(n="size", median_pct="median", max_pct="max")
+           .join(100.0 * (g["ratio"].median() - 1.0)).rename(columns={"ratio": "bias_pct"})
+           .join(g["host_us"].median()).rename(columns={"host_us": "host_us_per_launch"})
+           .reset_index().rename(columns={"group": "family"}))
+    out["goal_met"] = out["median_pct"] <= GOAL_PCT
+    return out
