@@ -13,12 +13,16 @@ they cost their dispatch only). :func:`fit_compute` fits
 
 - ``compute.compose`` from the ``compose`` rows: the product-then-stream pair against each
   alone; serial when the pair costs more than half the stream beyond the product;
-- ``compute.launch.overhead_s`` by bounded scalar minimisation (``scipy.optimize``) of the
-  squared log error over the training rows of the executor's pieces (every training row when
-  the raw rows hold no piece), each piece weighted alike, with the curves refitted at every
-  candidate. Pieces, not isolated ops, set it: the estimator predicts pieces, and on a CPU
-  the host time around each dispatch inside the model code (its Python, autograd's
-  recording) is part of each op's cost that an op timed alone in a loop does not show;
+- ``compute.launch.overhead_s`` (host cost per aten op under ``no_grad``) by bounded scalar
+  minimisation (``scipy.optimize``) of the squared log error over the training rows of the
+  executor's no-grad pieces (every no-grad row when the raw rows hold no piece), each piece
+  weighted alike, with the curves refitted at every candidate. Pieces, not isolated ops, set
+  it: the estimator predicts pieces, and on a CPU the host time around each dispatch inside the
+  model code (its Python) is part of each op's cost that an op timed alone in a loop does not
+  show. Then, with the curves held, ``grad_overhead_s`` to the training forward (autograd
+  records every op: it builds the graph node) and ``backward_overhead_s`` to the backward
+  pieces (the autograd engine runs each op), the same way (:func:`row_modes` says which rows
+  run how); eager PyTorch on a CPU pays several times the no-grad cost per op there;
 - the curves: for every training row whose work is one aten op, that op's device time (the
   row's time less its dispatches) gives an achieved rate; rates are grouped in quarter-decades of
   size and each group's median becomes a point, ``peak`` (or ``bandwidth``) the best group and
@@ -45,7 +49,8 @@ Usage::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -62,6 +67,16 @@ MIN_DEVICE_FRACTION = 0.1
 BIN_DECADES = 0.25
 GOAL_PCT = 10.0
 STATS = ("median_s", "p10_s", "p90_s")
+DISPATCH_MODES = ("nograd", "grad", "backward")  # estimator.profiles.DISPATCH_MODES
+BACKWARD_PIECES = ("block_bwd", "head_bwd")
+
+
+def row_modes(raw: pd.DataFrame) -> np.ndarray:
+    """Per row, how its ops are dispatched (an index into :data:`DISPATCH_MODES`): a backward
+    piece runs in the autograd engine, the training forward records the graph, and everything
+    else — single ops, inference, decoding, the optimizer — runs under ``no_grad``."""
+    grad = (raw["family"] == "block_fwd") & (raw["op"] == "train")
+    return np.where(raw["family"].isin(BACKWARD_PIECES), 2, np.where(grad, 1, 0))
 
 
 @dataclass(frozen=True)
@@ -72,8 +87,18 @@ class Params:
     compute_points: np.ndarray  # (k, 2): FLOPs, efficiency
     bandwidth: float
     memory_points: np.ndarray  # (k, 2): bytes, efficiency
-    overhead_s: float
+    overhead_s: float  # host cost per aten op under no_grad
     mode: str  # serial | overlap
+    grad_overhead_s: float | None = None  # per op autograd records (training forward); None: overhead_s
+    backward_overhead_s: float | None = None  # per op of a backward pass; None: overhead_s
+
+    def dispatch(self, modes: np.ndarray) -> np.ndarray:
+        """Host cost per op for each entry of ``modes`` (:data:`DISPATCH_MODES` indices), as
+        :meth:`estimator.profiles.Profile.dispatch_s` charges it."""
+        per_mode = np.array([self.overhead_s,
+                             self.overhead_s if self.grad_overhead_s is None else self.grad_overhead_s,
+                             self.overhead_s if self.backward_overhead_s is None else self.backward_overhead_s])
+        return per_mode[np.asarray(modes, dtype=int)]
 
 
 def _eff(sizes: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -81,12 +106,14 @@ def _eff(sizes: np.ndarray, points: np.ndarray) -> np.ndarray:
     return np.interp(np.log(np.maximum(sizes, 1e-300)), np.log(points[:, 0]), points[:, 1])
 
 
-def op_times(flops: np.ndarray, nbytes: np.ndarray, launches: np.ndarray | float, p: Params) -> np.ndarray:
-    """Seconds of ops of ``flops`` and ``nbytes`` issuing ``launches`` each, by the contract."""
+def op_times(flops: np.ndarray, nbytes: np.ndarray, launches: np.ndarray | float, p: Params,
+             modes: np.ndarray | int = 0) -> np.ndarray:
+    """Seconds of ops of ``flops`` and ``nbytes`` issuing ``launches`` each in dispatch
+    ``modes`` (indices into :data:`DISPATCH_MODES`), by the contract."""
     flops, nbytes = np.asarray(flops, dtype=float), np.asarray(nbytes, dtype=float)
     compute = np.where(flops > 0, flops / (p.peak_flops * _eff(flops, p.compute_points)), 0.0)
     memory = np.where(nbytes > 0, nbytes / (p.bandwidth * _eff(nbytes, p.memory_points)), 0.0)
-    device, host = np.maximum(compute, memory), np.asarray(launches, dtype=float) * p.overhead_s
+    device, host = np.maximum(compute, memory), np.asarray(launches, dtype=float) * p.dispatch(modes)
     return device + host if p.mode == "serial" else np.maximum(device, host)
 
 
@@ -102,18 +129,22 @@ class OpTable:
             nbytes += b
         self.n = len(raw)
         self.row, self.flops, self.bytes = np.asarray(rows, dtype=int), np.asarray(flops), np.asarray(nbytes)
+        self.modes = row_modes(raw.reset_index(drop=True))[self.row] if len(raw) else np.zeros(0, dtype=int)
 
     def predict(self, p: Params) -> np.ndarray:
         """Predicted seconds of every row: the sum of its ops."""
-        return np.bincount(self.row, weights=op_times(self.flops, self.bytes, 1.0, p), minlength=self.n)
+        times = op_times(self.flops, self.bytes, 1.0, p, self.modes)
+        return np.bincount(self.row, weights=times, minlength=self.n)
 
 
 def params_from_sections(sections: dict) -> Params:
     """The contract's numbers from fitted (or loaded) profile sections."""
     c, m = sections["compute"], sections["memory"]
+    launch = c["launch"]
     return Params(float(c["peak"]["flops_per_s"]), np.asarray(c["efficiency"]["points"], dtype=float),
                   float(m["bandwidth"]["bytes_per_s"]), np.asarray(m["efficiency"]["points"], dtype=float),
-                  float(c["launch"]["overhead_s"]), str(c["compose"]["mode"]))
+                  float(launch["overhead_s"]), str(c["compose"]["mode"]),
+                  launch.get("grad_overhead_s"), launch.get("backward_overhead_s"))
 
 
 # ---- the fit ------------------------------------------------------------------------------------
@@ -209,20 +240,34 @@ def fit_compute(raw: pd.DataFrame, holdout_every: int = 2, command: str = "pytho
     work = _single_work(train[_is_single(train)])
     table = OpTable(train)
 
-    # The dispatch cost is fitted to the pieces the estimator predicts (all rows if none).
-    target = ~_is_single(train) if (~_is_single(train)).any() else pd.Series(True, index=train.index)
-    tt, groups = train["median_s"][target].to_numpy(), _group(train)[target].to_numpy()
+    # The no-grad dispatch cost is fitted to the no-grad pieces the estimator predicts (every
+    # no-grad row if there is none), the curves refitted at each candidate; then the costs per
+    # op that autograd records and that a backward pass runs, each to its own pieces, the
+    # curves held.
+    modes, pieces = row_modes(train), ~_is_single(train).to_numpy()
+    base = pieces & (modes == 0) if (pieces & (modes == 0)).any() else modes == 0
 
-    def loss(o: float) -> float:
-        try:
-            pred = table.predict(fit_params(train, work, o, mode))[target.to_numpy()]
-        except ConfigError:
-            return np.inf
-        return float(pd.Series(np.log(pred / tt) ** 2).groupby(groups).mean().mean())
+    def loss(make: Callable[[float], Params], target: np.ndarray) -> Callable[[float], float]:
+        tt, groups = train["median_s"].to_numpy()[target], _group(train).to_numpy()[target]
 
-    hi = float((train["median_s"] / train["launches"].clip(lower=1))[target].max())
-    best = optimize.minimize_scalar(loss, bounds=(0.0, hi), method="bounded", options={"xatol": hi * 1e-4})
-    p = fit_params(train, work, float(best.x), mode)
+        def f(o: float) -> float:
+            try:
+                pred = table.predict(make(o))[target]
+            except ConfigError:
+                return np.inf
+            return float(pd.Series(np.log(pred / tt) ** 2).groupby(groups).mean().mean())
+        return f
+
+    def fit_one(make: Callable[[float], Params], target: np.ndarray) -> float:
+        hi = float((train["median_s"] / train["launches"].clip(lower=1)).to_numpy()[target].max())
+        best = optimize.minimize_scalar(loss(make, target), bounds=(0.0, hi), method="bounded",
+                                        options={"xatol": hi * 1e-4})
+        return float(best.x)
+
+    p = fit_params(train, work, fit_one(lambda o: fit_params(train, work, o, mode), base), mode)
+    for i, field in ((1, "grad_overhead_s"), (2, "backward_overhead_s")):
+        if (modes == i).any():
+            p = replace(p, **{field: fit_one(lambda o, f=field, q=p: replace(q, **{f: o}), modes == i)})
     sections = to_sections(p, command)
     if (raw["family"] == "executor").any():
         sections["executor"] = executor_section(raw, command)
@@ -237,7 +282,10 @@ def to_sections(p: Params, command: str) -> dict:
     return {
         "compute": {"peak": {"flops_per_s": p.peak_flops, "command": command},
                     "efficiency": {"by": "flops", "points": points(p.compute_points), **curve},
-                    "launch": {"overhead_s": p.overhead_s, "command": command},
+                    "launch": {"overhead_s": p.overhead_s, "command": command,
+                               **{k: v for k, v in (("grad_overhead_s", p.grad_overhead_s),
+                                                    ("backward_overhead_s", p.backward_overhead_s))
+                                  if v is not None}},
                     "compose": {"mode": p.mode, "command": command}},
         "memory": {"bandwidth": {"bytes_per_s": p.bandwidth, "command": command},
                    "efficiency": {"by": "bytes", "points": points(p.memory_points), **curve}},
@@ -273,12 +321,12 @@ def report(kernels: pd.DataFrame, split: np.ndarray, p: Params) -> pd.DataFrame:
     """Per family (and per piece) and split: n, median and max absolute error in %, the bias
     (median predicted/measured − 1, in %: negative when the fit predicts too little), and the
     host time per aten op the rows show (their time less the fitted device time, per launch,
-    in µs) against the single fitted ``overhead_s``."""
+    in µs) against the fitted dispatch costs."""
     pred = OpTable(kernels).predict(p)
     df = kernels.assign(split=split, predicted_s=pred, error_pct=_error_pct(pred, kernels["median_s"].to_numpy()))
     df["group"] = _group(df)
     df["ratio"] = pred / kernels["median_s"].to_numpy()
-    device = OpTable(kernels).predict(Params(**{**p.__dict__, "overhead_s": 0.0}))
+    device = OpTable(kernels).predict(replace(p, overhead_s=0.0, grad_overhead_s=0.0, backward_overhead_s=0.0))
     df["host_us"] = 1e6 * (kernels["median_s"].to_numpy() - device) / kernels["launches"].clip(lower=1).to_numpy()
     g = df.groupby(["group", "split"], sort=True)
     out = (g["error_pct"].agg(n="size", median_pct="median", max_pct="max")

@@ -126,19 +126,6 @@ def _write_all(texts: dict[Path, str], profile_path: Path) -> None:
 # ---- measuring ----------------------------------------------------------------------------------
 
 
-def _software(device: str) -> dict[str, str]:
-    import torch
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "os": platform.platform()}
-    if device == "cuda":
-        out["cuda"] = str(torch.version.cuda)
-        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-        out["gpu"] = torch.cuda.get_device_name(0)
-    else:
-        out["gloo"] = "torch.distributed gloo"
-    return out
-
-
 def _capacity(device: str, world: int, command: str) -> dict[str, Any]:
     if device == "cuda":
         import torch
@@ -179,7 +166,8 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
     world = args.world_size or (_gpu_count() if args.device == "cuda" else 2)
     cases = kernels.grid(level, experiment=args.experiment)
     dtype = "float32" if args.device == "cpu" else "bfloat16"
-    with tqdm(total=len(cases) + overheads.cases(), desc="kernels", unit="case", file=sys.stderr) as bar:
+    total = len(cases) + 1 + 2 * len(overheads.MICRO_BATCHES)  # the kernel grid, then the fixed costs
+    with tqdm(total=total, desc="kernels", unit="case", file=sys.stderr) as bar:
         raw_k = kernels.measure(cases, args.device, dtype, level, progress=bar.update)
         raw_o = overheads.measure_overheads(args.device, dtype, progress=bar.update)
     raw_kernels = pd.concat([raw_k, raw_o], ignore_index=True)
@@ -190,9 +178,10 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
             raw_links = collectives.run_local(grid, world, progress=bar, device=args.device)
     sections, report_k = fit_compute(raw_kernels, command=command)
     doc = copy.deepcopy(base)
-    info = device_info(args.device)
-    doc.update(name=name, source="measured", date=datetime.date.today().isoformat(),
-               software=_software(args.device), device=info.get("name", doc.get("device", args.device)))
+    info = {**device_info(args.device), "os": platform.platform()}
+    what = info.get("gpu") or info.get("cpu") or args.device
+    doc.update(name=name, source="measured", date=datetime.date.today().isoformat(), software=info,
+               device=f"{what}, one process per device ({'CUDA' if args.device == 'cuda' else 'one thread, gloo'})")
     doc["compute"] = {**sections["compute"], "dtype": dtype}
     doc["memory"] = {"capacity": _capacity(args.device, world, command), **sections["memory"]}
     if "executor" in sections:
@@ -219,12 +208,12 @@ def _gpu_count() -> int:
 # ---- reporting ----------------------------------------------------------------------------------
 
 
-def _table(report: Any, keys: list[str]) -> str:
-    rows = [tuple(keys) + ("n", "median |err| %", "max |err| %")]
+def _table(report: Any, keys: list[str], n: str, median: str, worst: str) -> str:
+    """The held-out rows of a fit report as a table."""
     held = report[report["split"] == "held-out"] if "split" in report.columns else report
-    for _, r in held.iterrows():
-        n = r.get("n", r.get("n_holdout", ""))
-        rows.append(tuple(str(r[k]) for k in keys) + (str(n), f"{r['median_ape_pct']:.1f}", f"{r['max_ape_pct']:.1f}"))
+    rows = [tuple(keys) + ("n", "median |err| %", "max |err| %")]
+    rows += [tuple(str(r[k]) for k in keys) + (str(r[n]), f"{r[median]:.1f}", f"{r[worst]:.1f}")
+             for _, r in held.iterrows()]
     return format_table(rows, right=set(range(len(keys), len(keys) + 3)))
 
 
@@ -245,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_args(args)
     command = "python -m estimator.calibrate " + shlex.join(argv if argv is not None else sys.argv[1:])
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.import_nccl_tests:
         from estimator.nccl_tests import import_nccl_tests
 
@@ -252,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
         files = _outputs(out, args.name)
         doc = import_nccl_tests(args.import_nccl_tests, base, args.name)
         profile_from_dict(doc, where=f"imported profile {args.name}")
-        out.mkdir(parents=True, exist_ok=True)
         _write_all({files["profile"]: json.dumps(doc, indent=2) + "\n"}, files["profile"])
         print(json.dumps({"profile": str(files["profile"]), "name": args.name}) if args.json
               else f"wrote {files['profile']} (collective curves from {len(args.import_nccl_tests)} file(s))")
@@ -266,17 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("kernels", "kernels_report", "links", "links_report"):
         if result[key] is not None:
             texts[files[key]] = result[key].to_csv(index=False)
-    out.mkdir(parents=True, exist_ok=True)
     _write_all(texts, files["profile"])
     if args.json:
         print(json.dumps(_summary(result, files), indent=2))
         return 0
     print(f"profile {name} (measured on {result['profile']['device']}) written to {files['profile']}")
     print("\nkernels and executor pieces, held-out shapes:")
-    print(_table(result["kernels_report"], ["group"]))
+    print(_table(result["kernels_report"], ["family"], "n", "median_pct", "max_pct"))
     if result["links_report"] is not None:
         print("\ncollectives, held-out sizes:")
-        print(_table(result["links_report"], ["link_class", "kind", "group"]))
+        print(_table(result["links_report"], ["link_class", "kind", "group"], "n_holdout", "median_ape_pct",
+                     "max_ape_pct"))
     return 0
 
 

@@ -39,12 +39,13 @@ PAIRED_LOSSES = ("dpo_actor", "rw_reward")  # the census records these on 2·row
 Extra = tuple[str, dict]  # a census piece on the last stage and its symbols beyond the model's
 
 
-def piece_s(profile: Profile, name: str, values: dict) -> np.ndarray | float:
-    """Seconds of one census piece at ``values`` (arrays give an array)."""
+def piece_s(profile: Profile, name: str, values: dict, mode: str = "nograd") -> np.ndarray | float:
+    """Seconds of one census piece at ``values`` (arrays give an array), its ops dispatched in
+    ``mode`` (nograd | grad: autograd records them | backward: the autograd engine runs them)."""
     w = load_census().compiled(profile.dtype, name)(values)
     if not len(w.count):
         return 0.0
-    t = (w.count * profile.ops_s_many(w.flops, w.bytes, 1.0)).sum(axis=0)
+    t = (w.count * profile.ops_s_many(w.flops, w.bytes, 1.0, mode)).sum(axis=0)
     return float(t) if np.ndim(t) == 0 else t
 
 
@@ -61,39 +62,42 @@ class StageTime:
 
 
 def tp_allreduce_s(profile: Profile, tp: int, tokens: float, h: int) -> float:
-    """One all-reduce of the ``tokens × h`` bf16 activations over the tensor-parallel group."""
-    return profile.collective_s("all_reduce", tokens * h * BF16, tp, "intra")
+    """One all-reduce of the ``tokens × h`` activations (run dtype) over the tensor-parallel group."""
+    return profile.collective_s("all_reduce", tokens * h * profile.elem_bytes, tp, "intra")
 
 
 def head_comm_s(profile: Profile, model: ModelSpec, tp: int, head_tokens: float) -> float:
     """All-gather of the LM head's logits over the vocabulary (none for a value head)."""
     if model.head == "value" or tp == 1:
         return 0.0
-    return profile.collective_s("all_gather", head_tokens * model.vocab * BF16, tp, "intra")
+    return profile.collective_s("all_gather", head_tokens * model.vocab * profile.elem_bytes, tp, "intra")
 
 
-def _extras_s(profile: Profile, sym: dict, extras: tuple[Extra, ...]) -> float:
-    return sum(piece_s(profile, name, sym | over) for name, over in extras)
+def _extras_s(profile: Profile, sym: dict, extras: tuple[Extra, ...], mode: str) -> float:
+    return sum(piece_s(profile, name, sym | over, mode) for name, over in extras)
 
 
 def forward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, first: bool, last: bool,
                   batch: float, new: int, head_tokens: float | None = None, phase: str = "forward",
-                  extras: tuple[Extra, ...] = ()) -> StageTime:
+                  extras: tuple[Extra, ...] = (), grad: bool = False) -> StageTime:
     """Forward of ``batch`` sequences over ``new`` tokens through a stage of ``layers`` blocks
     (``phase`` forward, or prefill into a KV cache); the head runs on ``head_tokens`` positions
-    (default: all), then the last stage runs ``extras`` (token choice, loss)."""
+    (default: all), then the last stage runs ``extras`` (token choice, loss). ``grad``: a
+    training forward, whose ops autograd records."""
     n = batch * new
     head_tokens = n if head_tokens is None else head_tokens
+    mode = "grad" if grad else "nograd"
     sym = model_symbols(model, tp) | {"rows": batch, "tokens": new}
-    compute = layers * piece_s(profile, block_piece(phase, model, tp), sym) + piece_s(profile, "rotary", sym)
+    compute = (layers * piece_s(profile, block_piece(phase, model, tp), sym, mode)
+               + piece_s(profile, "rotary", sym))  # the rotary tables need no gradient
     comm = 2 * layers * tp_allreduce_s(profile, tp, n, model.hidden)
     if first:
-        compute += piece_s(profile, end_piece("embed", tp), sym)
+        compute += piece_s(profile, end_piece("embed", tp), sym, mode)
         comm += tp_allreduce_s(profile, tp, n, model.hidden) if tp > 1 else 0.0
     if last:
         head = end_piece(f"head_{model.head}", tp)
-        compute += piece_s(profile, head, sym | {"tokens": head_tokens / batch})
-        compute += _extras_s(profile, sym, extras)
+        compute += piece_s(profile, head, sym | {"tokens": head_tokens / batch}, mode)
+        compute += _extras_s(profile, sym, extras, mode)
         comm += head_comm_s(profile, model, tp, head_tokens)
     return StageTime(compute + profile.micro_batch_overhead_s, comm)
 
@@ -105,12 +109,12 @@ def backward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, fir
     one more for the LM head's input on the last stage."""
     n = batch * new
     sym = model_symbols(model, tp) | {"rows": batch, "tokens": new}
-    compute = layers * piece_s(profile, block_piece("backward", model, tp), sym)
+    compute = layers * piece_s(profile, block_piece("backward", model, tp), sym, "backward")
     if first:
-        compute += piece_s(profile, end_piece("embed_backward", tp), sym)
+        compute += piece_s(profile, end_piece("embed_backward", tp), sym, "backward")
     if last:
-        compute += piece_s(profile, end_piece(f"head_{model.head}_backward", tp), sym)
-        compute += _extras_s(profile, sym, extras)
+        compute += piece_s(profile, end_piece(f"head_{model.head}_backward", tp), sym, "backward")
+        compute += _extras_s(profile, sym, extras, "backward")
     ars = 2 * layers + (1 if last and model.head == "lm" else 0)
     return StageTime(compute + profile.micro_batch_overhead_s, ars * tp_allreduce_s(profile, tp, n, model.hidden))
 

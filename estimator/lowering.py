@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from estimator.cost import (
-    BF16,
     INT64,
     PAIRED_LOSSES,
     Extra,
@@ -179,7 +178,7 @@ def _decode(profile: Profile, call: Call, model: ModelSpec, layout: Layout, b: f
         comp.append(c)
         comm.append(a)
         d.append(c + a)
-        sends.append(_send(profile, layout, k, b * model.hidden * BF16, dpn)[0])
+        sends.append(_send(profile, layout, k, b * model.hidden * profile.elem_bytes, dpn)[0])
     feedback = 0.0
     if p > 1:
         feedback = profile.p2p_s(b * INT64, link_class(layout.device(0, 0, p - 1), layout.device(0, 0, 0), dpn))
@@ -190,7 +189,7 @@ def _decode(profile: Profile, call: Call, model: ModelSpec, layout: Layout, b: f
     for k in range(p):
         busy = rounds.copy()
         busy[-1] = m * d_arr[k, -1]  # the final round ends when this stage's last micro-batch does
-        per_send = b * model.hidden * BF16 if k < p - 1 else b * INT64
+        per_send = b * model.hidden * profile.elem_bytes if k < p - 1 else b * INT64
         out.append(tuple(
             DecodeChunk(b1 - a1, float(busy[a1:b1].sum()), float(m * comp[k][a1:b1].sum()),
                         float(m * comm[k][a1:b1].sum()), float(d_arr[k, a1] + sends[k]),
@@ -236,7 +235,8 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
         first, last = k == 0, k == p - 1
         devices = _stage_devices(layout, k)
         ports = tuple(group_ports(devices, dpn))  # every port of the stage's devices (group_ports)
-        fwd = forward_stage(profile, model, layout.tp, layers, first, last, b, new, head, phase, tail_f)
+        fwd = forward_stage(profile, model, layout.tp, layers, first, last, b, new, head, phase, tail_f,
+                            grad=call.kind == "train")
         fwd = StageTime(fwd.compute_s + spread, fwd.comm_s)
         bwd, ar, opt, dp_ports = StageTime(0.0, 0.0), 0.0, 0.0, ()
         if call.kind == "train":
@@ -245,19 +245,20 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
             numels = [box_numel(box) for box in shard(model, layout, layout.device(0, 0, k)).values()]
             group = [layout.device(i, 0, k) for i in range(layout.dp)]
             if layout.dp > 1:
-                ar = profile.group_collective_s("all_reduce", params * BF16, *group_shape(group, dpn))
+                ar = profile.group_collective_s("all_reduce", params * profile.elem_bytes, *group_shape(group, dpn))
                 ar += dp_flatten_s(profile, numels)  # the executor's flatten copies, on the same devices
                 dp_ports = ports
             if model.tied_embeddings and p > 1 and (first or last):
                 # the two copies of a tied embedding (first stage, last stage) sum their gradients
                 # before the data-parallel all-reduce, as the executor's reduce_gradients does
                 pair = [layout.device(0, 0, 0), layout.device(0, 0, p - 1)]
-                ar += profile.group_collective_s("all_reduce", model.vocab * model.hidden / layout.tp * BF16,
-                                                 *group_shape(pair, dpn))
+                embed_bytes = model.vocab * model.hidden / layout.tp * profile.elem_bytes
+                ar += profile.group_collective_s("all_reduce", embed_bytes, *group_shape(pair, dpn))
                 # (it holds this stage's own ports; a partner on another node also uses the NICs)
                 dp_ports = ports
             opt = optimizer_s(profile, numels)
-        send_s, send_ports, recv_ports, cls = _send(profile, layout, k, b * new * model.hidden * BF16, dpn)
+        act_bytes = b * new * model.hidden * profile.elem_bytes  # one micro-batch's activations
+        send_s, send_ports, recv_ports, cls = _send(profile, layout, k, act_bytes, dpn)
         stages.append(StageCost(k, devices, fwd, bwd, send_s, send_ports, recv_ports, ar, dp_ports, opt, cls,
                                 decode[k], ports if layout.tp > 1 else ()))
     steps = w.gen_len - 1 if call.kind == "generate" else 0
@@ -300,7 +301,7 @@ class Costs:
         model = self.experiment.models[role]
         key = (model, placement(home), placement(layout))
         if key not in self._realloc:
-            self._realloc[key] = realloc_bytes(model, home, layout, self.dpn)
+            self._realloc[key] = realloc_bytes(model, home, layout, self.dpn, self.profile.elem_bytes)
         return self._realloc[key]
 
     def realloc_s(self, role: str, home: Layout, layout: Layout) -> float:

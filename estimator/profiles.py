@@ -9,7 +9,7 @@ paper or public benchmark) or ``command`` (the measurement that produced them)::
      "compute": {"peak": {"flops_per_s": 989.4e12, "cite": "..."},
                  "efficiency": {"by": "flops", "interpolation": "log-linear",
                                 "points": [[2.1e9, 0.18], ...], "cite": "..."},
-                 "launch": {"overhead_s": 5e-6, "cite": "..."},
+                 "launch": {"overhead_s": 5e-6, "cite": "..."},  # optional: grad_ and backward_overhead_s
                  "compose": {"mode": "overlap", "cite": "..."},  # optional, default overlap
                  "dtype": "bfloat16"},  # optional: the run dtype (float32 for the CPU executor)
      "memory": {"capacity": {"bytes": ..., "cite": ...}, "bandwidth": {"bytes_per_s": ..., "cite": ...},
@@ -21,8 +21,10 @@ paper or public benchmark) or ``command`` (the measurement that produced them)::
      "executor": {"call_overhead_s": ..., "micro_batch_overhead_s": ..., "command": "..."}}  # optional
 
 Compute time of one op is device time (FLOPs at the efficiency curve, bytes at the memory
-curve, the longer) combined with host dispatch (``launch.overhead_s`` per aten op) by ``+``
-(``compose`` serial) or ``max`` (overlap): :meth:`Profile.op_s`. The ``executor`` section holds
+curve, the longer) combined with host dispatch (``launch.overhead_s`` per aten op under
+``no_grad``; ``grad_overhead_s`` per op autograd records and ``backward_overhead_s`` per op of a
+backward pass where the profile measured them) by ``+`` (``compose`` serial) or ``max``
+(overlap): :meth:`Profile.op_s`. The ``executor`` section holds
 the runtime's own bookkeeping per call and per micro-batch stage pass (default 0).
 
 Efficiency curves map an op's size (FLOPs or bytes) to the fraction of peak it reaches; they
@@ -71,6 +73,9 @@ SOURCES = ("measured", "datasheet")
 INTERPOLATIONS = ("log-linear", "step")
 COMPOSE_MODES = ("serial", "overlap")
 RUN_DTYPES = ("bfloat16", "float32")  # the dtypes the op census records
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
+DISPATCH_MODES = ("nograd", "grad", "backward")
+DISPATCH_KEYS = ("grad_overhead_s", "backward_overhead_s")  # optional in compute.launch
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ class Profile:
     software: dict[str, str]  # versions (driver, CUDA, torch, NCCL) of a measurement
     peak_flops: float  # dense bf16 FLOP/s
     flops_efficiency: Curve  # by FLOPs of one op
-    launch_overhead_s: float  # per kernel issued, seconds
+    launch_overhead_s: float  # per aten op dispatched outside autograd (inference, generation), seconds
     capacity_bytes: float  # device memory, bytes
     mem_bandwidth_Bps: float  # device memory bandwidth, bytes/s
     mem_efficiency: Curve  # by bytes of one op
@@ -145,6 +150,25 @@ class Profile:
     dtype: str = "bfloat16"  # run dtype the device's figures are for (selects the op census)
     call_overhead_s: float = 0.0  # executor bookkeeping per call, seconds
     micro_batch_overhead_s: float = 0.0  # executor bookkeeping per micro-batch stage pass, seconds
+    grad_overhead_s: float | None = None  # per op dispatched while autograd records (training forward)
+    backward_overhead_s: float | None = None  # per op the autograd engine runs in a backward pass
+
+    def dispatch_s(self, mode: str = "nograd") -> float:
+        """Host cost of one aten op in ``mode`` (:data:`DISPATCH_MODES`): in eager PyTorch an
+        op that autograd records (it builds the graph node) or that the autograd engine runs
+        costs more host time than the same op under ``no_grad``; a profile that does not say
+        charges every mode the ``launch.overhead_s``."""
+        if mode == "grad" and self.grad_overhead_s is not None:
+            return self.grad_overhead_s
+        if mode == "backward" and self.backward_overhead_s is not None:
+            return self.backward_overhead_s
+        return self.launch_overhead_s
+
+    @property
+    def elem_bytes(self) -> int:
+        """Bytes of one element in the run dtype: what activations, gradients and parameters
+        the executor sends weigh (bf16 on GPUs, float32 for the CPU executor)."""
+        return DTYPE_BYTES[self.dtype]
 
     def compute_s(self, flops: float) -> float:
         """Seconds to do ``flops`` in one op at the fitted efficiency."""
@@ -154,24 +178,25 @@ class Profile:
         """Seconds to move ``nbytes`` through device memory in one op."""
         return nbytes / (self.mem_bandwidth_Bps * self.mem_efficiency(nbytes)) if nbytes > 0 else 0.0
 
-    def op_s(self, flops: float, nbytes: float, launches: float = 1) -> float:
+    def op_s(self, flops: float, nbytes: float, launches: float = 1, mode: str = "nograd") -> float:
         """Device time — the longer of compute at the fitted efficiency and memory traffic at
         the fitted bandwidth — combined with host time, ``launches`` aten ops dispatched at
-        ``launch_overhead_s`` each: added when ``compose`` is serial (CPU: dispatch and kernel
+        :meth:`dispatch_s` each: added when ``compose`` is serial (CPU: dispatch and kernel
         run one after the other on one thread), the longer of the two when it is overlap
         (CUDA: launches are asynchronous, so a stream of ops is bound by whichever is slower)."""
         device = max(self.compute_s(flops), self.memory_s(nbytes))
-        host = launches * self.launch_overhead_s
+        host = launches * self.dispatch_s(mode)
         return device + host if self.compose == "serial" else max(device, host)
 
-    def ops_s_many(self, flops: np.ndarray, nbytes: np.ndarray, launches: np.ndarray | float = 1) -> np.ndarray:
+    def ops_s_many(self, flops: np.ndarray, nbytes: np.ndarray, launches: np.ndarray | float = 1,
+                   mode: str = "nograd") -> np.ndarray:
         """Vectorised :meth:`op_s` over arrays of ops."""
         flops = np.asarray(flops, dtype=float)
         nbytes = np.asarray(nbytes, dtype=float)
         compute = np.where(flops > 0, flops / (self.peak_flops * self.flops_efficiency.many(flops)), 0.0)
         memory = np.where(nbytes > 0, nbytes / (self.mem_bandwidth_Bps * self.mem_efficiency.many(nbytes)), 0.0)
         device = np.maximum(compute, memory)
-        host = np.asarray(launches, dtype=float) * self.launch_overhead_s
+        host = np.asarray(launches, dtype=float) * self.dispatch_s(mode)
         return device + host if self.compose == "serial" else np.maximum(device, host)
 
     def link(self, link_class: str, kind: str) -> LinkCost:
@@ -331,7 +356,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     memory = _obj(data, "memory", where, ("capacity", "bandwidth", "efficiency"), numbers=False)
     w = f"{where}: compute"
     peak = _obj(compute, "peak", w, ("flops_per_s",))
-    launch = _obj(compute, "launch", w, ("overhead_s",))
+    launch = _obj(compute, "launch", w, ("overhead_s",), optional=DISPATCH_KEYS)
     ceff = _obj(compute, "efficiency", w, ("by", "interpolation", "points"))
     m = f"{where}: memory"
     cap = _obj(memory, "capacity", m, ("bytes",))
@@ -351,6 +376,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         mem_efficiency=_curve(meff, f"{m}.efficiency", "bytes"),
         links=links, link_names=names, raw=data, path=path, compose=compose, dtype=dtype,
         call_overhead_s=call_s, micro_batch_overhead_s=mb_s,
+        **{k: _positive(launch, k, f"{w}.launch", zero_ok=True) for k in DISPATCH_KEYS if k in launch},
     )
 
 

@@ -39,9 +39,10 @@ def _overlap(a: range, b: range) -> int:
     return max(0, min(a.stop, b.stop) - max(a.start, b.start))
 
 
-def realloc_bytes(model: ModelSpec, src: Layout, dst: Layout, devices_per_node: int) -> dict[Pair, int]:
-    """Bytes (bf16) each (sender, receiver) pair moves when ``model`` goes from ``src`` to ``dst``;
-    pairs with ``sender == receiver`` are local copies. Equal to summing
+def realloc_bytes(model: ModelSpec, src: Layout, dst: Layout, devices_per_node: int,
+                  elem_bytes: int = BF16) -> dict[Pair, int]:
+    """Bytes (``elem_bytes`` per parameter, bf16 by default) each (sender, receiver) pair moves
+    when ``model`` goes from ``src`` to ``dst``; pairs with ``sender == receiver`` are local copies. Equal to summing
     :func:`~estimator.sharding.realloc_plan` per pair, including its choice of sender among the
     replicas that hold a slice (data-parallel ranks; every tensor-parallel rank for replicated
     parameters; both ends of a pipeline for tied embeddings)."""
@@ -62,11 +63,11 @@ def realloc_bytes(model: ModelSpec, src: Layout, dst: Layout, devices_per_node: 
             ov = _overlap(range(lo, hi), range(stp * lcm // src.tp, (stp + 1) * lcm // src.tp))
             if ov:
                 holders = [src.device(i, stp, s) for s in stages for i in range(src.dp)]
-                out[(pick_sender(holders, d, devices_per_node), d)] += numel * ov // lcm * BF16
+                out[(pick_sender(holders, d, devices_per_node), d)] += numel * ov // lcm * elem_bytes
 
     def replicated_from(d: int, stage: int, numel: int) -> None:
         holders = [src.device(i, t, stage) for t in range(src.tp) for i in range(src.dp)]
-        out[(pick_sender(holders, d, devices_per_node), d)] += numel * BF16
+        out[(pick_sender(holders, d, devices_per_node), d)] += numel * elem_bytes
 
     for d in dst.mesh.devices:
         _, dtp, dpp = dst.coords(d)
