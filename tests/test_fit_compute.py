@@ -21,6 +21,7 @@ from calibration.kernels import grid, measure
 from calibration.overheads import MICRO_BATCHES, measure_overheads
 from estimator.errors import ConfigError
 from estimator.profiles import Curve
+from tests.conftest import ROOT
 
 TRUE = Params(peak_flops=50e9, compute_points=np.array([[1e4, 0.05], [1e6, 0.5], [1e8, 1.0]]),
               bandwidth=20e9, memory_points=np.array([[1e2, 0.01], [1e4, 0.2], [1e6, 1.0]]),
@@ -74,6 +75,41 @@ def test_fit_recovers_a_known_profile():
     err = np.abs(OpTable(kern).predict(p) / kern["median_s"].to_numpy() - 1)
     assert err.max() < 0.06, err.max()
     assert report["goal_met"].all() and set(report["split"]) == {"fit", "held-out"}
+
+
+def test_dispatch_costs_per_mode_are_recovered_from_training_pieces():
+    """Training forward and backward pieces priced at their own host cost per op: the fit
+    recovers each, and the estimator's profile charges them where it charges those pieces."""
+    from dataclasses import replace
+
+    from estimator.profiles import profile_from_dict
+
+    truth = replace(TRUE, grad_overhead_s=7e-6, backward_overhead_s=11e-6)
+    raw = synthetic_raw(truth)
+    singles = raw[raw["family"].isin(("gemm", "elementwise", "norm"))]
+    rng = np.random.default_rng(1)
+    extra = []
+    for family, op in (("block_fwd", "train"), ("block_bwd", "train")):
+        for i in range(12):
+            pick = singles.iloc[rng.choice(len(singles), size=20)]
+            ops = [tuple(map(float, o.split(":"))) for text in pick["ops"] for o in text.split(";")]
+            extra.append({**_row(family, op, ops, float(i)), "piece": True})
+    extra = pd.DataFrame(extra)
+    extra["median_s"] = OpTable(extra).predict(truth)
+    extra["p10_s"] = extra["p90_s"] = extra["median_s"]
+    raw = pd.concat([raw, extra], ignore_index=True)
+    sections, _ = fit_compute(raw)
+    launch = sections["compute"]["launch"]
+    assert launch["overhead_s"] == pytest.approx(3e-6, rel=0.05)
+    assert launch["grad_overhead_s"] == pytest.approx(7e-6, rel=0.05)
+    assert launch["backward_overhead_s"] == pytest.approx(11e-6, rel=0.05)
+    doc = json.loads((ROOT / "calibration/profiles/cpu.json").read_text())
+    doc["compute"] = {**doc["compute"], **sections["compute"]}
+    prof = profile_from_dict(doc)
+    assert [prof.dispatch_s(m) for m in ("nograd", "grad", "backward")] == [
+        launch["overhead_s"], launch["grad_overhead_s"], launch["backward_overhead_s"]]
+    # the same op costs more host time when autograd records it, and more again in backward
+    assert prof.op_s(0.0, 0.0, 10, "nograd") < prof.op_s(0.0, 0.0, 10, "grad") < prof.op_s(0.0, 0.0, 10, "backward")
 
 
 def test_held_out_rows_do_not_move_the_fit():

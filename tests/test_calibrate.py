@@ -1,0 +1,138 @@
+"""python -m estimator.calibrate: a tiny calibration end to end, what it writes, that the
+estimator prices work exactly as the fit does, that an interrupted run leaves the previous
+profile untouched, and that bad arguments are refused before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from calibration.fit_compute import OpTable, params_from_sections, row_modes
+from estimator import calibrate
+from estimator.profiles import load_profile
+from tests.conftest import ROOT
+
+FIXTURES = ROOT / "tests" / "fixtures" / "nccl-tests"
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("profiles")
+    assert calibrate.main(["--grid", "tiny", "--name", "tiny-cpu", "--out", str(out)]) == 0
+    return out
+
+
+def test_writes_a_measured_profile_with_its_raw_data_and_reports(tiny_profile: Path):
+    names = sorted(p.name for p in tiny_profile.iterdir())
+    assert names == ["tiny-cpu.json", "tiny-cpu.kernels.csv", "tiny-cpu.kernels.report.csv",
+                     "tiny-cpu.links.csv", "tiny-cpu.links.report.csv"]
+    prof = load_profile(tiny_profile / "tiny-cpu.json")
+    assert prof.source == "measured" and prof.compose == "serial" and prof.dtype == "float32"
+    assert "python -m estimator.calibrate --grid tiny --name tiny-cpu" in prof.raw["compute"]["launch"]["command"]
+    assert prof.micro_batch_overhead_s > 0 and prof.call_overhead_s >= 0
+    assert set(prof.software) >= {"torch", "python"}
+    report = pd.read_csv(tiny_profile / "tiny-cpu.kernels.report.csv")
+    assert set(report["split"]) == {"fit", "held-out"}
+    links = pd.read_csv(tiny_profile / "tiny-cpu.links.report.csv")
+    assert {"all_reduce", "all_gather", "broadcast", "p2p"} <= set(links["kind"])
+
+
+def test_the_estimator_prices_every_raw_row_as_the_fit_does(tiny_profile: Path):
+    """The profile file carries the fit exactly: the estimator's op pricing of each measured
+    row's aten ops equals the fit's prediction, in every dispatch mode."""
+    prof = load_profile(tiny_profile / "tiny-cpu.json")
+    raw = pd.read_csv(tiny_profile / "tiny-cpu.kernels.csv")
+    raw = raw[~raw["family"].isin(("compose", "executor"))].reset_index(drop=True)
+    table = OpTable(raw)
+    fit = table.predict(params_from_sections(prof.raw))
+    modes = np.array(["nograd", "grad", "backward"])[row_modes(raw)]
+    for mode in ("nograd", "grad", "backward"):
+        sel = table.modes == ["nograd", "grad", "backward"].index(mode)
+        est = np.bincount(table.row[sel], prof.ops_s_many(table.flops[sel], table.bytes[sel], 1.0, mode),
+                          minlength=len(raw))
+        rows = modes == mode
+        assert np.allclose(est[rows], fit[rows], rtol=1e-9), mode
+
+
+def test_collective_curves_reproduce_the_measured_medians_at_fitted_sizes(tiny_profile: Path):
+    prof = load_profile(tiny_profile / "tiny-cpu.json")
+    raw = pd.read_csv(tiny_profile / "tiny-cpu.links.csv")
+    for (kind, group), part in raw[raw["size_bytes"] > 0].groupby(["kind", "group_size"]):
+        points = prof.raw["links"]["intra"][kind]["curves"][str(group)]
+        for size, time_s in points:
+            assert prof.collective_s(kind, size, group) == pytest.approx(time_s, rel=1e-9)
+        # the curve stays within the spread of what was measured at its sizes
+        med = part.groupby("size_bytes")["median_s"].median()
+        pred = np.array([prof.collective_s(kind, s, group) for s in med.index])
+        assert np.median(np.abs(pred / med.to_numpy() - 1)) < 1.0, (kind, group)
+
+
+def test_killing_a_calibration_leaves_the_previous_profile_byte_identical(tmp_path: Path):
+    previous = (ROOT / "calibration" / "profiles" / "cpu.json").read_bytes()
+    target = tmp_path / "victim.json"
+    target.write_bytes(previous)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "estimator.calibrate", "--grid", "tiny", "--name", "victim",
+                             "--out", str(tmp_path)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            env=env, cwd=ROOT)
+    seen = b""
+    deadline = time.monotonic() + 120
+    while b"kernels" not in seen and time.monotonic() < deadline:  # the measurement has started
+        seen += os.read(proc.stderr.fileno(), 4096) or b""
+        if proc.poll() is not None:
+            break
+    assert b"kernels" in seen, seen.decode(errors="replace")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    proc.stderr.close()
+    assert target.read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim.json"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--world-size", "0"], "--world-size=0 must be between 1 and 1024"),
+    (["--name", "../x"], "--name='../x' must be"),
+    (["--base", ""], "--base must name a profile"),
+    (["--base", "no-such-profile", "--grid", "tiny"], "unknown hardware profile 'no-such-profile'"),
+    (["--import-nccl-tests", "missing.txt", "--base", "h100-sxm", "--name", "x"], "'missing.txt' is not a readable"),
+    (["--import-nccl-tests", str(FIXTURES / "all_reduce_perf.h100x8.txt")], "needs --base PROFILE and --name"),
+])
+def test_bad_arguments_exit_2_naming_them_before_any_work(argv, match, tmp_path, capsys):
+    from estimator.errors import cli_guard
+
+    assert cli_guard(calibrate.main, argv + ["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    from estimator.errors import cli_guard
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert cli_guard(calibrate.main, ["--grid", "tiny", "--out", str(f)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_nccl_tests_import_builds_a_loadable_profile_with_the_measured_curves(tmp_path):
+    src = FIXTURES / "all_reduce_perf.h100x8.txt"
+    assert calibrate.main(["--import-nccl-tests", str(src), "--base", "h100-sxm", "--name", "my-h100",
+                           "--out", str(tmp_path), "--json"]) == 0
+    prof = load_profile(tmp_path / "my-h100.json")
+    assert prof.name == "my-h100"
+    entry = prof.raw["links"]["intra"]["all_reduce"]
+    assert "8" in entry["curves"] and src.name in entry["cite"]
+    base = load_profile("h100-sxm")
+    assert prof.peak_flops == base.peak_flops  # the rest of the base is kept
+    doc = json.loads((tmp_path / "my-h100.json").read_text())
+    assert doc["format"] == "rlhf-plan/profile-v2"
