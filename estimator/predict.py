@@ -15,7 +15,8 @@ node, pp across nodes) and says so. ``--profile`` names a shipped profile or a p
 Prints the steady-state iteration time, a per-call table (layout, start and duration in the
 last simulated iteration, of which communication and parameter reallocation), peak memory
 per device against capacity, model FLOP utilisation and the roofline lower bound. ``--json``
-prints one object instead, with ``iteration_s``, ``feasible``, ``reasons``,
+prints one object instead, with ``iteration_s``, ``profile``, ``profile_source`` (measured or
+datasheet), ``profile_path``, ``feasible``, ``reasons``,
 ``peak_memory_bytes``, ``roofline_s``, ``mfu`` and ``calls.<name>.{start_s, duration_s, ...}``.
 
 Exit codes: 0 predicted; 1 the plan does not fit in memory (the reasons are printed);
@@ -103,6 +104,8 @@ def predict(experiment: Experiment, plan: Plan, profile: Profile, iterations: in
     summary = {
         "experiment": experiment.name,
         "profile": profile.name,
+        "profile_source": profile.source,  # measured | datasheet
+        "profile_path": profile.path,
         "iterations": iterations,
         "iteration_s": period,
         "feasible": memory.feasible,
@@ -118,7 +121,9 @@ def predict(experiment: Experiment, plan: Plan, profile: Profile, iterations: in
 
 
 def render(summary: dict[str, Any], memory: MemoryReport, plan_source: str) -> str:
-    lines = [f"experiment {summary['experiment']} on profile {summary['profile']}: {plan_source}",
+    where = f"{summary['profile_source']}, {summary['profile_path']}" if summary.get("profile_path") else \
+        summary["profile_source"]
+    lines = [f"experiment {summary['experiment']} on profile {summary['profile']} ({where}): {plan_source}",
              f"predicted iteration time {summary['iteration_s']:.3f} s (steady state over "
              f"{summary['iterations']} simulated iterations)", ""]
     rows = [("call", "mesh", "dp", "tp", "pp", "micro", "start s", "duration s", "comm s", "realloc s")]

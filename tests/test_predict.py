@@ -30,6 +30,17 @@ def test_json_output(capsys):
     assert "symmetric" in out["plan_source"]
 
 
+def test_output_names_the_profile_and_whether_it_is_measured(capsys):
+    assert main([str(EXAMPLES / "ppo-llama2-7b-8xh100.yaml"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["profile"], out["profile_source"]) == ("h100-sxm", "datasheet")
+    assert out["profile_path"].endswith("calibration/profiles/h100-sxm.json")
+    tiny = load_profile(load_experiment(TINY).cluster.device)
+    assert main([TINY]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"on profile {tiny.name} ({tiny.source}, {tiny.path})" in first
+
+
 def test_table_output_says_the_plan_is_symmetric(capsys):
     assert main([str(EXAMPLES / "dpo-tiny-2xcpu.yaml"), "--iterations", "4"]) == 0
     out = capsys.readouterr().out
