@@ -151,6 +151,8 @@ def measure(cands: list[Candidate], experiment_path: Path, out: Path, iterations
 
 def predict(cands: list[Candidate], experiment: Experiment, profile: Profile, iterations: int, out: Path) -> None:
     per_device = experiment.cluster.num_devices <= PER_DEVICE_MAX
+    for sub in ("plans", "timelines"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     for c in cands:
         atomic_write_text(out / "plans" / f"{c.id}.json", c.plan.to_json())
         c.predicted = simulate(experiment, c.plan, profile, iterations).timeline(per_device)

@@ -124,6 +124,7 @@ def sweep(experiment: Experiment, varies: Mapping[str, list[Any]], profile_arg: 
         raise ConfigError("--profile and --vary device exclude each other: each device brings its own profile")
     points = [dict(zip(varies, values)) for values in itertools.product(*varies.values())]
     rows = []
+    (out / "plans").mkdir(parents=True, exist_ok=True)
     for i, point in enumerate(tqdm(points, desc="what-if points", unit="point", file=sys.stderr)):
         exp = apply(experiment, point)
         profile = load_profile(profile_arg or exp.cluster.device)

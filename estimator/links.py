@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from estimator.errors import ConfigError
+from estimator.rules import MAX_LATENCY_S
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "p2p", "broadcast")
 LINK_CLASSES = ("intra", "inter")  # inside a node (NVLink) / between nodes (NIC)
@@ -156,12 +157,16 @@ class LinkCost:
 MultiCurves = dict[tuple[int, int], TimeCurve]  # (nodes, per_node) → curve
 
 
-def _number(node: dict, key: str, where: str, zero_ok: bool) -> float:
+def number(node: dict, key: str, where: str, zero_ok: bool, limit: float | None = None) -> float:
+    """``node[key]`` as a finite positive (or, with ``zero_ok``, non-negative) number at most
+    ``limit``, or :class:`ConfigError` naming it and the rule."""
     v = node[key]
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if not ok or v < 0 or (v == 0 and not zero_ok):
         rule = "a non-negative" if zero_ok else "a positive"
         raise ConfigError(f"{where}.{key}={v!r} must be {rule} number")
+    if limit is not None and v > limit:
+        raise ConfigError(f"{where}.{key}={v!r} exceeds the limit {limit:g}")
     return float(v)
 
 
@@ -215,8 +220,8 @@ def parse_entry(node: Any, kind: str, cls: str, where: str, curves_allowed: bool
                           "group size \"<n>\" (multi-node \"<nodes>x<per_node>\" curves alone cannot "
                           "serve other groups)")
     if pair:
-        alpha = _number(node, "alpha_s", where, zero_ok=True)
-        busbw = _number(node, "busbw_bytes_per_s", where, zero_ok=False)
+        alpha = number(node, "alpha_s", where, zero_ok=True, limit=MAX_LATENCY_S)
+        busbw = number(node, "busbw_bytes_per_s", where, zero_ok=False)
     else:  # summary figures of the curves: the smallest message's time, the largest's bus bandwidth
         m = max(flat)
         s, t = flat[m].points[-1]

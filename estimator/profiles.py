@@ -60,8 +60,9 @@ import numpy as np
 
 from estimator.errors import ConfigError
 from estimator.io import atomic_write_json
-from estimator.links import COLLECTIVES, LINK_CLASSES, LinkCost, bus_factor, parse_links
+from estimator.links import COLLECTIVES, LINK_CLASSES, LinkCost, bus_factor, number, parse_links
 from estimator.loading import is_file, load_json
+from estimator.rules import MAX_LATENCY_S
 
 __all__ = ["COLLECTIVES", "FORMATS", "LINK_CLASSES", "PROFILE_DIR", "PROFILE_FORMAT", "Curve", "LinkCost",
            "Profile", "bus_factor", "known_profiles", "load_profile", "profile_from_dict"]
@@ -304,18 +305,11 @@ def _obj(data: Any, key: str, where: str, keys: tuple[str, ...], numbers: bool =
 # Upper bounds no device comes near: a launch or link latency of a second, a petabyte of memory
 # (a GB200 has 192 GB) — above them is a typo or a unit error. Rates have none: a huge rate is
 # how a synthetic profile makes a resource free.
-_LIMITS = {"overhead_s": 1.0, "alpha_s": 1.0, "bytes": 1e15}
+_LIMITS = {"overhead_s": MAX_LATENCY_S, "alpha_s": MAX_LATENCY_S, "bytes": 1e15}
 
 
 def _positive(node: dict, key: str, where: str, zero_ok: bool = False) -> float:
-    v = node[key]
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or v < 0 or (v == 0 and not zero_ok):
-        rule = "a non-negative" if zero_ok else "a positive"
-        raise ConfigError(f"{where}.{key}={v!r} must be {rule} number")
-    if key in _LIMITS and v > _LIMITS[key]:
-        raise ConfigError(f"{where}.{key}={v!r} exceeds the limit {_LIMITS[key]:g}")
-    return float(v)
+    return number(node, key, where, zero_ok, _LIMITS.get(key))
 
 
 def _curve(node: dict, where: str, by: str) -> Curve:

@@ -41,6 +41,7 @@ MAX_GROUP = 1024
 MAX_SIM_ITERATIONS = 1000
 MAX_RUN_ITERATIONS = 1_000_000
 MAX_TIMEOUT_S = 86_400.0
+MAX_LATENCY_S = 1.0  # a launch or link latency of a second is a typo or a unit error
 MAX_SEED = (1 << 63) - 1  # seeds travel as int64 in the executor
 # model shapes (ModelSpec): an order of magnitude above the largest public configs
 # (LLaMA-3.1 405B: 126 layers, hidden 16,384, ffn 53,248, 128 heads; Qwen2.5: vocab 152,064)

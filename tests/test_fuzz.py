@@ -47,7 +47,8 @@ FREE = {"experiment": {"name"}, "profile": {"name", "device", "date", "notes", "
 NULLABLE = {"experiment": {"prompts"}, "profile": set(), "plan": set(), "model config": {"num_key_value_heads"}}
 OPTIONAL = {"experiment": {"ppo_minibatches", "group_size", "seed", "prompts", "hyperparams", "name", "lr",
                            "kl_coef", "clip_eps", "value_clip", "gamma", "lam", "dpo_beta", "temperature"},
-            "profile": {"notes", "cite", "command", "name"}, "plan": {"format", "micro_batches"},
+            "profile": {"notes", "cite", "command", "name", "compose", "dtype", "executor", "grad_overhead_s",
+                        "backward_overhead_s", "raw"}, "plan": {"format", "micro_batches"},
             "model config": {"num_key_value_heads", "tie_word_embeddings", "attention_bias", "rope_theta",
                              "rms_norm_eps", "hidden_act", "architectures", "model_type"}}
 
@@ -80,6 +81,20 @@ def _set(doc: Any, path: tuple, value: Any, delete: bool = False) -> Any:
     return doc
 
 
+RATES = ("flops_per_s", "bytes_per_s", "busbw_bytes_per_s")
+
+
+def _optional_link_part(doc: Any, path: tuple) -> bool:
+    """A collective entry's curve of one group size may go while another remains, and its curves
+    while it keeps a latency and bandwidth (estimator/links.py)."""
+    parent = doc
+    for k in path[:-1]:
+        parent = parent[k]
+    if len(path) > 1 and path[-2] == "curves":
+        return len(parent) > 1
+    return path[-1] == "curves" and "alpha_s" in parent
+
+
 @st.composite
 def mutations(draw, doc: Any, kind: str) -> tuple[str, Any, bool, str]:
     """(how, mutated document or raw text, whether it may still be valid, a word the error must name)."""
@@ -92,12 +107,16 @@ def mutations(draw, doc: Any, kind: str) -> tuple[str, Any, bool, str]:
     key = next((str(k) for k in reversed(path) if isinstance(k, str)), "")
     under_free = any(str(k) in FREE[kind] for k in path)
     if how == "delete" and isinstance(path[-1], str):
-        return how, _set(doc, path, None, delete=True), path[-1] in OPTIONAL[kind] or under_free, key
+        valid = path[-1] in OPTIONAL[kind] or under_free or _optional_link_part(doc, path) if kind == "profile" \
+            else path[-1] in OPTIONAL[kind] or under_free
+        return how, _set(doc, path, None, delete=True), valid, key
     if how in ("replace", "delete"):
         value = draw(st.sampled_from(BAD_VALUES + [None]))
         valid = under_free or (value is None and key in NULLABLE[kind])
         # an efficiency curve may have a point at any positive size (it is flat beyond)
         valid = valid or (kind == "profile" and "points" in path and path[-1] == 0 and value == 2**70)
+        # rates have no upper bound: a huge rate is how a synthetic profile makes a resource free
+        valid = valid or (kind == "profile" and key in RATES and value == 2**70)
         return how, _set(doc, path, value), valid, key
     if how == "nest":
         deep: Any = 1
