@@ -1,0 +1,231 @@
+"""The search: plan space, start plans, exact search or annealing, re-ranking with the simulator.
+
+:func:`run_search` builds the pruned space (:mod:`search.space`) and the four baselines
+(:mod:`search.baselines`), then
+
+1. scores the start plans — every baseline that fits and a greedy per-call plan (each call on
+   all devices with the shape the evaluator finds fastest for it alone) — with the fast
+   evaluator;
+2. if the joint space has at most :data:`search.exact.EXACT_MAX_PLANS` plans, evaluates all of
+   them (provably the evaluator's optimum); otherwise anneals in parallel chains
+   (:mod:`search.anneal`) from the start plans, until ``max_evals`` plans (exactly, for runs
+   that must repeat) or until :data:`ANNEAL_SHARE` of the time budget;
+3. re-ranks the best ``top_k`` distinct plans and every baseline that fits with the full
+   simulator, which decides. So the plan returned is never predicted slower than a baseline
+   that fits. With a time budget, simulations stop at the budget's end (a candidate not
+   simulated by then keeps its evaluator figure, flagged); with ``max_evals`` all run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import dataclass
+
+from estimator.errors import ConfigError
+from estimator.evaluator import Evaluator, call_s
+from estimator.experiment import Experiment, experiment_from_dict
+from estimator.memory import plan_memory
+from estimator.plan import Plan
+from estimator.profiles import Profile
+from estimator.roofline import mfu, roofline_s
+from estimator.simulator import simulate
+from search.anneal import Key, anneal, default_chains
+from search.baselines import BASELINES, Baseline, build
+from search.exact import EXACT_MAX_PLANS, exact_search
+from search.space import Space, build_space, make_layout
+
+ANNEAL_SHARE = 0.75  # of the time budget; the rest re-ranks with the simulator
+TOP_K = 5  # distinct evaluator candidates the simulator re-ranks
+DEFAULT_TIME_BUDGET_S = 20.0
+
+# The built-in default: PPO with four LLaMA-2 7B models on one 8×H100 node (ReaL's smallest
+# setting; the same as examples/ppo-llama2-7b-8xh100.yaml).
+DEFAULT_EXPERIMENT = {
+    "name": "ppo-llama2-7b-8xh100",
+    "algorithm": "ppo",
+    "models": {"actor": "llama2-7b", "critic": "llama2-7b", "ref": "llama2-7b", "reward": "llama2-7b"},
+    "batch_size": 512, "prompt_len": 128, "gen_len": 128, "ppo_minibatches": 4,
+    "cluster": {"nodes": 1, "devices_per_node": 8, "device": "h100-sxm"},
+}
+
+
+def default_experiment() -> Experiment:
+    return experiment_from_dict(DEFAULT_EXPERIMENT, where="built-in default experiment")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    plan: Plan
+    evaluator_s: float  # the fast evaluator's period
+    simulator_s: float | None  # the simulator's, None when the budget ended first
+    source: str  # "search" or "baseline <name>"
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    experiment: str
+    profile: str
+    plan: Plan  # the winner
+    iteration_s: float  # the simulator's steady-state period (the evaluator's if not simulated)
+    simulated: bool  # whether iteration_s comes from the simulator
+    evaluator_s: float  # the evaluator's period for the winner
+    evaluated: int  # plans the evaluator scored
+    method: str  # "exact" (the whole space) or "anneal"
+    chains: int
+    space: Space
+    baselines: dict[str, Baseline]
+    candidates: tuple[Candidate, ...]  # re-ranked, in re-ranking order
+    peak_memory_bytes: float
+    capacity_bytes: float
+    roofline_s: float
+    mfu: float
+    setup_s: float  # from the call until the search evaluated its first plan
+    elapsed_s: float
+
+    @property
+    def space_log10(self) -> float:
+        return self.space.log10_size
+
+    @property
+    def gap(self) -> float:
+        """Relative difference of the evaluator's figure from the simulator's for the winner."""
+        return self.evaluator_s / self.iteration_s - 1.0
+
+
+def _key(space: Space, plan: Plan) -> Key:
+    return tuple(plan[n] for n in space.names)
+
+
+def greedy_plan(space: Space, evaluator: Evaluator) -> Key:
+    """Each call on the largest mesh it can use, with the shape fastest for it alone."""
+    out = []
+    for cs in space.calls:
+        size = max(cs.sizes)
+        layouts = [make_layout(cs.firsts[size][0], size, sh) for sh in cs.shapes[size]]
+        out.append(min(layouts, key=lambda lay, n=cs.name: (call_s(evaluator.costs.call(n, lay)), lay)))
+    return tuple(out)
+
+
+def _sim_worker(experiment: Experiment, profile: Profile, jobs: list[tuple[int, Plan]], queue) -> None:
+    for i, plan in jobs:
+        queue.put((i, simulate(experiment, plan, profile).iteration_s))
+
+
+def simulate_all(experiment: Experiment, profile: Profile, plans: list[Plan], deadline: float | None,
+                 workers: int) -> list[float | None]:
+    """The simulator's period of each plan; with a deadline, in ``workers`` processes stopped at
+    it (plans not done by then get None)."""
+    if deadline is None:
+        return [simulate(experiment, p, profile).iteration_s for p in plans]
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    queue = ctx.Queue()
+    workers = max(1, min(workers, len(plans)))
+    procs = [ctx.Process(target=_sim_worker, daemon=True,
+                         args=(experiment, profile, [(i, p) for i, p in enumerate(plans) if i % workers == w], queue))
+             for w in range(workers)]
+    for p in procs:
+        p.start()
+    out: list[float | None] = [None] * len(plans)
+    done = 0
+    try:
+        while done < len(plans) and time.monotonic() < deadline:
+            try:
+                i, seconds = queue.get(timeout=max(0.01, min(0.2, deadline - time.monotonic())))
+            except Exception:  # queue.Empty
+                if all(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError("every simulation worker failed") from None
+                continue
+            out[i], done = seconds, done + 1
+    finally:
+        for p in procs:
+            p.terminate()
+            p.join(timeout=5)
+    return out
+
+
+def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+               max_evals: int | None = None, seed: int = 0, chains: int | None = None,
+               progress: bool = True, top_k: int = TOP_K) -> SearchResult:
+    """Find the fastest plan that fits (see the module docstring). With ``max_evals`` the result
+    depends only on the inputs and the seed; otherwise on ``time_budget_s`` seconds of search."""
+    t0 = time.monotonic()
+    chains = chains or default_chains()
+    space = build_space(experiment, profile)
+    baselines = {name: build(name, experiment, profile, simulate_it=False) for name in BASELINES}
+    ev = Evaluator(experiment, profile)
+    starts = [_key(space, b.plan) for b in baselines.values() if b.feasible and space.contains(b.plan)]
+    starts.append(greedy_plan(space, ev))
+    for key in starts:
+        ev.evaluate(Plan(dict(zip(space.names, key))))
+    setup_s = time.monotonic() - t0
+    bar = _bar(progress, max_evals if space.size > EXACT_MAX_PLANS else space.size)
+    best: dict[int, tuple[int, float]] = {}
+
+    def report(chain: int, evals: int, best_s: float) -> None:
+        best[chain] = (evals, best_s)
+        if bar is not None:
+            bar.n = sum(e for e, _ in best.values())
+            bar.set_postfix_str(f"best {min(b for _, b in best.values()):.3f} s", refresh=False)
+            bar.refresh()
+
+    if space.size <= EXACT_MAX_PLANS:
+        method, chains = "exact", 1
+        top, evaluated = exact_search(space, ev, top_k, lambda n, b: report(0, n, b))
+    else:
+        method = "anneal"
+        deadline = None if max_evals is not None else t0 + ANNEAL_SHARE * time_budget_s
+        top, evaluated = anneal(experiment, profile, space, starts, max_evals=max_evals, deadline=deadline,
+                                seed=seed, chains=chains, top_k=top_k, progress=report)
+    if bar is not None:
+        bar.close()
+    cands = [(Plan(dict(zip(space.names, key))), period, "search") for period, key in top]
+    seen = {key for _, key in top}
+    for b in baselines.values():
+        if b.feasible and _key(space, b.plan) not in seen:
+            cands.append((b.plan, ev.period_s(b.plan), f"baseline {b.name}"))
+            seen.add(_key(space, b.plan))
+    if not cands:
+        raise ConfigError(f"no plan fits in {profile.capacity_bytes / 2**30:.1f} GiB per device: no baseline "
+                          f"fits and the search found none among {evaluated:,} plans")
+    deadline = None if max_evals is not None else t0 + time_budget_s
+    sims = simulate_all(experiment, profile, [c[0] for c in cands], deadline, chains)
+    candidates = tuple(Candidate(p, e, s, src) for (p, e, src), s in zip(cands, sims))
+    return _result(experiment, profile, space, baselines, candidates, evaluated, method, chains, setup_s, t0)
+
+
+def _bar(progress: bool, total: int | None):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=" plans", desc="search", file=sys.stderr, dynamic_ncols=True,
+                bar_format="{desc}: {n_fmt} plans [{elapsed}, {rate_fmt}] {postfix}")
+
+
+def _result(experiment: Experiment, profile: Profile, space: Space, baselines: dict[str, Baseline],
+            candidates: tuple[Candidate, ...], evaluated: int, method: str, chains: int, setup_s: float,
+            t0: float) -> SearchResult:
+    by_plan = {_key(space, c.plan): c for c in candidates}
+    for name, b in baselines.items():
+        if b.feasible:
+            c = by_plan[_key(space, b.plan)]
+            seconds = c.simulator_s if c.simulator_s is not None else c.evaluator_s
+            baselines[name] = dataclasses.replace(b, iteration_s=seconds)
+    simulated = [c for c in candidates if c.simulator_s is not None]
+    if simulated:
+        win = min(simulated, key=lambda c: c.simulator_s)
+        seconds = win.simulator_s
+    else:  # the budget ended before the first simulation: the evaluator's best stands
+        win = min(candidates, key=lambda c: c.evaluator_s)
+        seconds = win.evaluator_s
+    memory = plan_memory(experiment, win.plan, profile.capacity_bytes)
+    return SearchResult(
+        experiment=experiment.name, profile=profile.name, plan=win.plan, iteration_s=seconds,
+        simulated=bool(simulated), evaluator_s=win.evaluator_s, evaluated=evaluated, method=method,
+        chains=chains, space=space, baselines=baselines, candidates=candidates,
+        peak_memory_bytes=memory.peak.peak_bytes, capacity_bytes=memory.capacity_bytes,
+        roofline_s=roofline_s(experiment, profile), mfu=mfu(experiment, profile, seconds),
+        setup_s=setup_s, elapsed_s=time.monotonic() - t0)
