@@ -4,6 +4,8 @@ A chain's state is one layout per call. Each step proposes one move:
 
 - *call*: one call gets another layout — a fresh one from its space, another shape on the same
   mesh, the same shape on another mesh of that size, or the mesh another call uses;
+- *reshape*: a role's home call gets other (dp, tp, pp) on its mesh, and so do the role's calls
+  that shared its placement (moving one alone would make it reallocate);
 - *role*: all calls of one role move together to another mesh (a random one, or the mesh of
   another role's call), keeping their shapes where the new size allows;
 - *swap*: two roles exchange their home meshes (each role's calls on its home mesh move).
@@ -139,6 +141,30 @@ class Chain:
             return None
         return state[:c] + [new] + state[c + 1:]
 
+    def _placed(self, cs: CallSpace, mesh: DeviceMesh, degrees: tuple[int, int, int], keep: Layout) -> Layout | None:
+        """``keep``'s call on ``mesh`` with these (dp, tp, pp), its micro-batches kept if valid."""
+        shapes = [sh for sh in cs.shapes.get(mesh.size, ()) if sh[:3] == degrees]
+        if not shapes or mesh.first not in cs.firsts.get(mesh.size, ()):
+            return None
+        shape = shape_of(keep) if shape_of(keep) in shapes else self._pick(shapes)
+        return make_layout(mesh.first, mesh.size, shape)
+
+    def _reshape_move(self, state: list[Layout]) -> list[Layout] | None:
+        """A role's home gets other (dp, tp, pp) on its mesh, and with it every call of the role
+        that ran on the home's placement, so none of them starts to reallocate."""
+        role = self._pick(list(self.roles))
+        home = state[self.home[role]]
+        cs = self.space.calls[self.home[role]]
+        shape = self._pick(cs.shapes[home.mesh.size])
+        new = list(state)
+        for c in self.roles[role]:
+            if shape_of(state[c])[:3] == shape_of(home)[:3] and state[c].mesh == home.mesh:
+                lay = self._placed(self.space.calls[c], home.mesh, shape[:3], state[c])
+                if lay is None:
+                    return None
+                new[c] = lay
+        return None if new == state else new
+
     def _role_move(self, state: list[Layout]) -> list[Layout] | None:
         role = self._pick(list(self.roles))
         calls = self.roles[role]
@@ -175,8 +201,10 @@ class Chain:
 
     def propose(self, state: list[Layout]) -> list[Layout] | None:
         u = self.rng.random()
-        if u < 0.7:
+        if u < 0.6:
             return self._call_move(state)
+        if u < 0.75:
+            return self._reshape_move(state)
         return self._role_move(state) if u < 0.9 else self._swap_move(state)
 
     # -- the walk

@@ -148,9 +148,12 @@ def simulate_all(experiment: Experiment, profile: Profile, plans: list[Plan], de
 
 def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float = DEFAULT_TIME_BUDGET_S,
                max_evals: int | None = None, seed: int = 0, chains: int | None = None,
-               progress: bool = True, top_k: int = TOP_K) -> SearchResult:
+               progress: bool = True, top_k: int = TOP_K, method: str = "auto") -> SearchResult:
     """Find the fastest plan that fits (see the module docstring). With ``max_evals`` the result
-    depends only on the inputs and the seed; otherwise on ``time_budget_s`` seconds of search."""
+    depends only on the inputs and the seed; otherwise on ``time_budget_s`` seconds of search.
+    ``method`` "auto" searches exactly when the space is small enough; "exact" or "anneal" force one."""
+    if method not in ("auto", "exact", "anneal"):
+        raise ConfigError(f"method={method!r} must be 'auto', 'exact' or 'anneal'")
     t0 = time.monotonic()
     chains = chains or default_chains()
     space = build_space(experiment, profile)
@@ -161,7 +164,8 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
     for key in starts:
         ev.evaluate(Plan(dict(zip(space.names, key))))
     setup_s = time.monotonic() - t0
-    bar = _bar(progress, max_evals if space.size > EXACT_MAX_PLANS else space.size)
+    exact = method == "exact" or (method == "auto" and space.size <= EXACT_MAX_PLANS)
+    bar = _bar(progress, space.size if exact else max_evals)
     best: dict[int, tuple[int, float]] = {}
 
     def report(chain: int, evals: int, best_s: float) -> None:
@@ -171,7 +175,7 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
             bar.set_postfix_str(f"best {min(b for _, b in best.values()):.3f} s", refresh=False)
             bar.refresh()
 
-    if space.size <= EXACT_MAX_PLANS:
+    if exact:
         method, chains = "exact", 1
         top, evaluated = exact_search(space, ev, top_k, lambda n, b: report(0, n, b))
     else:
