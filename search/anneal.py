@@ -66,6 +66,7 @@ def default_chains() -> int:
 class ChainResult:
     top: list[tuple[float, Key]]  # the best distinct plans that fit, fastest first
     evaluated: int  # plans evaluated
+    slowest_eval_s: float  # the longest single evaluation (new layouts cost a lowering)
 
 
 class _Top:
@@ -97,11 +98,13 @@ class Chain:
         self.top = _Top(top_k)
         self.roles = {r: [self.names.index(c) for c in calls] for r, calls in space.roles.items()}
         self.home = {r: self.names.index(c) for r, c in space.homes.items()}
-        self.evaluated = 0
+        self.evaluated, self.slowest = 0, 0.0
 
     def score(self, key: Key) -> tuple[bool, float]:
         """(fits, period if it fits else bytes over capacity)."""
+        t = time.monotonic()
         r = self.ev.evaluate(Plan(dict(zip(self.names, key))))
+        self.slowest = max(self.slowest, time.monotonic() - t)
         self.evaluated += 1
         if r.feasible:
             self.top.add(r.iteration_s, key)
@@ -252,7 +255,7 @@ class Chain:
                 last_report = now
         if progress is not None:
             progress(index, self.evaluated, best)
-        return ChainResult(self.top.sorted(), self.evaluated)
+        return ChainResult(self.top.sorted(), self.evaluated, self.slowest)
 
 
 def split_evals(max_evals: int | None, chains: int) -> list[int | None]:
@@ -275,9 +278,10 @@ def _chain_main(args: tuple, queue) -> None:
 
 def anneal(experiment: Experiment, profile: Profile, space: Space, starts: list[Key], *,
            max_evals: int | None, deadline: float | None, seed: int, chains: int, top_k: int,
-           progress: Progress | None = None) -> tuple[list[tuple[float, Key]], int]:
+           progress: Progress | None = None) -> tuple[list[tuple[float, Key]], int, float]:
     """Run ``chains`` chains (chain k starts from ``starts[k % len(starts)]``); return the best
-    distinct plans of all chains, fastest first, and the number of plans evaluated."""
+    distinct plans of all chains, fastest first, the plans evaluated and the longest single
+    evaluation."""
     shares = split_evals(max_evals, chains)
     jobs = [(experiment, profile, space, (seed, k), top_k, starts[k % len(starts)], shares[k], deadline, k)
             for k in range(chains)]
@@ -291,7 +295,7 @@ def anneal(experiment: Experiment, profile: Profile, space: Space, starts: list[
         for period, key in r.top:
             merged.setdefault(key, period)
     top = sorted((p, k) for k, p in merged.items())[:top_k]
-    return top, sum(r.evaluated for r in results)
+    return top, sum(r.evaluated for r in results), max(r.slowest_eval_s for r in results)
 
 
 def _run_processes(jobs: list[tuple], progress: Progress | None) -> list[ChainResult]:

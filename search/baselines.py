@@ -54,6 +54,7 @@ class Baseline:
     plan: Plan | None  # None when no valid plan of this kind exists for the experiment
     iteration_s: float | None  # simulated steady-state iteration time; None when it does not fit
     reason: str | None  # why it does not fit (or cannot be built); None when it fits
+    note: str | None = None  # where iteration_s comes from when not from the simulator
 
     @property
     def feasible(self) -> bool:
@@ -173,14 +174,27 @@ def _real_training(exp: Experiment, mesh: DeviceMesh, role: str) -> tuple[Device
     return mesh, min(2 if small else 4, mesh.size), 1
 
 
+def _training_meshes(exp: Experiment, share: float) -> tuple[DeviceMesh, DeviceMesh]:
+    """Disjoint actor and critic training meshes, the actor's share of nodes as close to
+    ``share`` as leaves both train calls a valid layout (one node: its two halves)."""
+    nodes = exp.cluster.nodes
+    if nodes < 2:
+        return _halves(exp)
+    for a in sorted(range(1, nodes), key=lambda a: (abs(a - nodes * share), a)):
+        actor, critic = _halves(exp, a / nodes)
+        if all(_layout(exp, n, m, *_real_training(exp, m, r)[1:]) is not None
+               for n, m, r in (("actor_train", actor, "actor"), ("critic_train", critic, "critic"))):
+            return actor, critic
+    return _halves(exp, share)
+
+
 def real_heuristic(exp: Experiment, profile: Profile) -> Plan:
     """ReaL's shipped allocation (see the module docstring)."""
     cl, wf = exp.cluster, exp.workflow
     whole = cl.whole()
     params = {r: m.params for r, m in exp.models.items()}
     if "critic" in params:
-        share = params["actor"] / (params["actor"] + params["critic"])
-        actor_mesh, critic_mesh = _halves(exp, share)
+        actor_mesh, critic_mesh = _training_meshes(exp, params["actor"] / (params["actor"] + params["critic"]))
     else:
         actor_mesh = critic_mesh = whole
     half_a, half_b = _halves(exp) if cl.num_devices > 1 else (whole, whole)

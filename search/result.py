@@ -60,9 +60,9 @@ def baseline_table(result: SearchResult) -> str:
     for name, b in result.baselines.items():
         sp = speedups(result)[name]
         if b.iteration_s is None:
-            rows.append((name, "-", "-", f"does not fit: {b.reason}"))
+            rows.append((name, "-", "-", f"does not fit: {b.reason}" if b.reason else (b.note or "")))
         else:
-            rows.append((name, f"{b.iteration_s:.3f}", f"{sp:.2f}x", ""))
+            rows.append((name, f"{b.iteration_s:.3f}", f"{sp:.2f}x", b.note or ""))
     return format_table(rows, right={1, 2})
 
 
@@ -95,7 +95,7 @@ def result_json(result: SearchResult, summary: dict[str, Any]) -> dict[str, Any]
         "evaluator_s": result.evaluator_s,
         "evaluator_gap": result.gap,
         "plan": json.loads(result.plan.to_json()),
-        "baselines": {n: {"iteration_s": b.iteration_s, "speedup": sp[n], "reason": b.reason,
+        "baselines": {n: {"iteration_s": b.iteration_s, "speedup": sp[n], "reason": b.reason, "note": b.note,
                           "plan": json.loads(b.plan.to_json()) if b.plan else None}
                       for n, b in result.baselines.items()},
         "evaluated": result.evaluated,
@@ -112,5 +112,6 @@ def result_json(result: SearchResult, summary: dict[str, Any]) -> dict[str, Any]
         "calls": summary["calls"],
         "where_time_goes": where_time_goes(summary),
         "setup_s": result.setup_s,
+        "slowest_eval_s": result.slowest_eval_s,
         "elapsed_s": result.elapsed_s,
     }

@@ -59,7 +59,7 @@ def default_experiment() -> Experiment:
 @dataclass(frozen=True)
 class Candidate:
     plan: Plan
-    evaluator_s: float  # the fast evaluator's period
+    evaluator_s: float | None  # the fast evaluator's period, None when the budget ended first
     simulator_s: float | None  # the simulator's, None when the budget ended first
     source: str  # "search" or "baseline <name>"
 
@@ -82,8 +82,9 @@ class SearchResult:
     capacity_bytes: float
     roofline_s: float
     mfu: float
-    setup_s: float  # from the call until the search evaluated its first plan
+    setup_s: float  # from the call until the search began evaluating plans
     elapsed_s: float
+    slowest_eval_s: float  # the longest single evaluation: how far a step can overrun the budget
 
     @property
     def space_log10(self) -> float:
@@ -100,50 +101,60 @@ def _key(space: Space, plan: Plan) -> Key:
 
 
 def greedy_plan(space: Space, evaluator: Evaluator) -> Key:
-    """Each call on the largest mesh it can use, with the shape fastest for it alone."""
+    """Each call on the largest mesh it can use, with the (dp, tp, pp) fastest for it alone (at
+    its fewest micro-batches that can fit)."""
     out = []
     for cs in space.calls:
         size = max(cs.sizes)
-        layouts = [make_layout(cs.firsts[size][0], size, sh) for sh in cs.shapes[size]]
+        first: dict[tuple[int, int, int], tuple] = {}
+        for sh in cs.shapes[size]:
+            first.setdefault(sh[:3], sh)
+        layouts = [make_layout(cs.firsts[size][0], size, sh) for sh in first.values()]
         out.append(min(layouts, key=lambda lay, n=cs.name: (call_s(evaluator.costs.call(n, lay)), lay)))
     return tuple(out)
 
 
-def _sim_worker(experiment: Experiment, profile: Profile, jobs: list[tuple[int, Plan]], queue) -> None:
-    for i, plan in jobs:
-        queue.put((i, simulate(experiment, plan, profile).iteration_s))
+def _sim_worker(experiment: Experiment, profile: Profile, jobs: list[tuple[int, Plan, bool]], queue) -> None:
+    ev = None
+    for i, plan, need_eval in jobs:
+        if need_eval:
+            ev = ev or Evaluator(experiment, profile)
+            queue.put((i, "evaluator", ev.period_s(plan)))
+        queue.put((i, "simulator", simulate(experiment, plan, profile).iteration_s))
 
 
-def simulate_all(experiment: Experiment, profile: Profile, plans: list[Plan], deadline: float | None,
-                 workers: int) -> list[float | None]:
-    """The simulator's period of each plan; with a deadline, in ``workers`` processes stopped at
-    it (plans not done by then get None)."""
+def simulate_all(experiment: Experiment, profile: Profile, plans: list[Plan], known: list[float | None],
+                 deadline: float | None, workers: int) -> tuple[list[float | None], list[float | None]]:
+    """The evaluator's (where ``known`` has none) and the simulator's period of each plan; with a
+    deadline, in ``workers`` processes stopped at it (figures not done by then are None)."""
+    jobs = [(i, p, k is None) for i, (p, k) in enumerate(zip(plans, known))]
+    evals, sims = list(known), [None] * len(plans)
     if deadline is None:
-        return [simulate(experiment, p, profile).iteration_s for p in plans]
+        ev = Evaluator(experiment, profile)
+        evals = [k if k is not None else ev.period_s(p) for p, k in zip(plans, known)]
+        return evals, [simulate(experiment, p, profile).iteration_s for p in plans]
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     queue = ctx.Queue()
     workers = max(1, min(workers, len(plans)))
     procs = [ctx.Process(target=_sim_worker, daemon=True,
-                         args=(experiment, profile, [(i, p) for i, p in enumerate(plans) if i % workers == w], queue))
+                         args=(experiment, profile, [j for j in jobs if j[0] % workers == w], queue))
              for w in range(workers)]
     for p in procs:
         p.start()
-    out: list[float | None] = [None] * len(plans)
-    done = 0
     try:
-        while done < len(plans) and time.monotonic() < deadline:
+        while any(s is None for s in sims) and time.monotonic() < deadline:
             try:
-                i, seconds = queue.get(timeout=max(0.01, min(0.2, deadline - time.monotonic())))
+                i, kind, seconds = queue.get(timeout=max(0.01, min(0.2, deadline - time.monotonic())))
             except Exception:  # queue.Empty
                 if all(p.exitcode not in (None, 0) for p in procs):
                     raise RuntimeError("every simulation worker failed") from None
                 continue
-            out[i], done = seconds, done + 1
+            (evals if kind == "evaluator" else sims)[i] = seconds
     finally:
         for p in procs:
             p.terminate()
             p.join(timeout=5)
-    return out
+    return evals, sims
 
 
 def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float = DEFAULT_TIME_BUDGET_S,
@@ -160,9 +171,8 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
     baselines = {name: build(name, experiment, profile, simulate_it=False) for name in BASELINES}
     ev = Evaluator(experiment, profile)
     starts = [_key(space, b.plan) for b in baselines.values() if b.feasible and space.contains(b.plan)]
-    starts.append(greedy_plan(space, ev))
-    for key in starts:
-        ev.evaluate(Plan(dict(zip(space.names, key))))
+    if len(starts) < chains:  # the greedy plan costs a lowering per shape: only when a chain needs it
+        starts.append(greedy_plan(space, ev))
     setup_s = time.monotonic() - t0
     exact = method == "exact" or (method == "auto" and space.size <= EXACT_MAX_PLANS)
     bar = _bar(progress, space.size if exact else max_evals)
@@ -177,27 +187,30 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
 
     if exact:
         method, chains = "exact", 1
+        t_exact = time.monotonic()
         top, evaluated = exact_search(space, ev, top_k, lambda n, b: report(0, n, b))
+        slowest = time.monotonic() - t_exact
     else:
         method = "anneal"
         deadline = None if max_evals is not None else t0 + ANNEAL_SHARE * time_budget_s
-        top, evaluated = anneal(experiment, profile, space, starts, max_evals=max_evals, deadline=deadline,
-                                seed=seed, chains=chains, top_k=top_k, progress=report)
+        top, evaluated, slowest = anneal(experiment, profile, space, starts, max_evals=max_evals,
+                                         deadline=deadline, seed=seed, chains=chains, top_k=top_k, progress=report)
     if bar is not None:
         bar.close()
     cands = [(Plan(dict(zip(space.names, key))), period, "search") for period, key in top]
     seen = {key for _, key in top}
     for b in baselines.values():
         if b.feasible and _key(space, b.plan) not in seen:
-            cands.append((b.plan, ev.period_s(b.plan), f"baseline {b.name}"))
+            cands.append((b.plan, None, f"baseline {b.name}"))
             seen.add(_key(space, b.plan))
     if not cands:
         raise ConfigError(f"no plan fits in {profile.capacity_bytes / 2**30:.1f} GiB per device: no baseline "
                           f"fits and the search found none among {evaluated:,} plans")
     deadline = None if max_evals is not None else t0 + time_budget_s
-    sims = simulate_all(experiment, profile, [c[0] for c in cands], deadline, chains)
-    candidates = tuple(Candidate(p, e, s, src) for (p, e, src), s in zip(cands, sims))
-    return _result(experiment, profile, space, baselines, candidates, evaluated, method, chains, setup_s, t0)
+    evals, sims = simulate_all(experiment, profile, [c[0] for c in cands], [c[1] for c in cands], deadline, chains)
+    candidates = tuple(Candidate(p, e, s, src) for (p, _, src), e, s in zip(cands, evals, sims))
+    return _result(experiment, profile, space, baselines, candidates, evaluated, method, chains, setup_s, t0,
+                   slowest)
 
 
 def _bar(progress: bool, total: int | None):
@@ -211,19 +224,24 @@ def _bar(progress: bool, total: int | None):
 
 def _result(experiment: Experiment, profile: Profile, space: Space, baselines: dict[str, Baseline],
             candidates: tuple[Candidate, ...], evaluated: int, method: str, chains: int, setup_s: float,
-            t0: float) -> SearchResult:
+            t0: float, slowest_eval_s: float) -> SearchResult:
     by_plan = {_key(space, c.plan): c for c in candidates}
     for name, b in baselines.items():
         if b.feasible:
             c = by_plan[_key(space, b.plan)]
-            seconds = c.simulator_s if c.simulator_s is not None else c.evaluator_s
-            baselines[name] = dataclasses.replace(b, iteration_s=seconds)
+            if c.simulator_s is not None:
+                baselines[name] = dataclasses.replace(b, iteration_s=c.simulator_s)
+            elif c.evaluator_s is not None:
+                baselines[name] = dataclasses.replace(b, iteration_s=c.evaluator_s,
+                                                      note="fast evaluator: the budget ended before its simulation")
+            else:
+                baselines[name] = dataclasses.replace(b, note="not predicted: the budget ended first")
     simulated = [c for c in candidates if c.simulator_s is not None]
     if simulated:
         win = min(simulated, key=lambda c: c.simulator_s)
         seconds = win.simulator_s
     else:  # the budget ended before the first simulation: the evaluator's best stands
-        win = min(candidates, key=lambda c: c.evaluator_s)
+        win = min((c for c in candidates if c.evaluator_s is not None), key=lambda c: c.evaluator_s)
         seconds = win.evaluator_s
     memory = plan_memory(experiment, win.plan, profile.capacity_bytes)
     return SearchResult(
@@ -232,4 +250,4 @@ def _result(experiment: Experiment, profile: Profile, space: Space, baselines: d
         chains=chains, space=space, baselines=baselines, candidates=candidates,
         peak_memory_bytes=memory.peak.peak_bytes, capacity_bytes=memory.capacity_bytes,
         roofline_s=roofline_s(experiment, profile), mfu=mfu(experiment, profile, seconds),
-        setup_s=setup_s, elapsed_s=time.monotonic() - t0)
+        setup_s=setup_s, elapsed_s=time.monotonic() - t0, slowest_eval_s=slowest_eval_s)
