@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from estimator.cluster import DeviceMesh
 from estimator.errors import ConfigError
 from estimator.experiment import Experiment
-from estimator.memory import call_bytes, home_bytes, home_calls
+from estimator.memory import call_bytes, fmt_bytes, home_bytes, home_calls
 from estimator.plan import MICRO_BATCH_CHOICES, Layout, Plan, divisors, format_table, layout_problems
 from estimator.profiles import Profile
 
@@ -164,8 +164,8 @@ def build_space(experiment: Experiment, profile: Profile) -> Space:
             shapes[size] = tuple(kept)
         space = CallSpace(name, call.role, shapes, {s: tuple(f) for s, f in firsts.items()}, valid)
         if not space.count:
-            gib = profile.capacity_bytes / 2**30
-            why = "no valid layout" if not valid else f"no valid layout fits in {gib:.1f} GiB"
+            cap = fmt_bytes(profile.capacity_bytes)
+            why = "no valid layout" if not valid else f"no valid layout fits in {cap} per device"
             raise ConfigError(f"call {name}: {why} on the cluster's {cl.num_devices} devices "
                               f"(model {model.name}); no plan exists")
         calls.append(space)
