@@ -54,7 +54,8 @@ def test_annealing_finds_the_optimum_the_exact_search_proves(algorithm):
 def test_the_searched_plan_is_never_predicted_slower_than_a_baseline_that_fits(path):
     exp = load_experiment(path)
     profile = load_profile(exp.cluster.device)
-    result = run_search(exp, profile, max_evals=300, chains=1, progress=False, top_k=1)
+    evals = 100 if exp.cluster.num_devices <= 16 else 20  # new layouts on 128 devices cost a lowering each
+    result = run_search(exp, profile, max_evals=evals, chains=1, progress=False, top_k=1)
     check(result.plan, exp)
     assert plan_memory(exp, result.plan, profile.capacity_bytes).feasible
     assert result.simulated and result.peak_memory_bytes <= result.capacity_bytes
