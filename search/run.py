@@ -22,6 +22,7 @@ import dataclasses
 import multiprocessing as mp
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from estimator.errors import ConfigError
@@ -83,6 +84,7 @@ class SearchResult:
     roofline_s: float
     mfu: float
     setup_s: float  # from the call until the search began evaluating plans
+    search_s: float  # the exact search or annealing itself (before re-ranking)
     elapsed_s: float
     slowest_eval_s: float  # the longest single evaluation: how far a step can overrun the budget
 
@@ -159,10 +161,13 @@ def simulate_all(experiment: Experiment, profile: Profile, plans: list[Plan], kn
 
 def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float = DEFAULT_TIME_BUDGET_S,
                max_evals: int | None = None, seed: int = 0, chains: int | None = None,
-               progress: bool = True, top_k: int = TOP_K, method: str = "auto") -> SearchResult:
+               progress: bool | Callable[[float, int, float], None] = True, top_k: int = TOP_K,
+               method: str = "auto") -> SearchResult:
     """Find the fastest plan that fits (see the module docstring). With ``max_evals`` the result
     depends only on the inputs and the seed; otherwise on ``time_budget_s`` seconds of search.
-    ``method`` "auto" searches exactly when the space is small enough; "exact" or "anneal" force one."""
+    ``method`` "auto" searches exactly when the space is small enough; "exact" or "anneal" force one.
+    ``progress``: True shows a progress bar on stderr; a callable gets (seconds since the call,
+    plans evaluated, best period so far) as the search goes."""
     if method not in ("auto", "exact", "anneal"):
         raise ConfigError(f"method={method!r} must be 'auto', 'exact' or 'anneal'")
     t0 = time.monotonic()
@@ -175,11 +180,13 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
         starts.append(greedy_plan(space, ev))
     setup_s = time.monotonic() - t0
     exact = method == "exact" or (method == "auto" and space.size <= EXACT_MAX_PLANS)
-    bar = _bar(progress, space.size if exact else max_evals)
+    bar = _bar(progress is True, space.size if exact else max_evals)
     best: dict[int, tuple[int, float]] = {}
 
     def report(chain: int, evals: int, best_s: float) -> None:
         best[chain] = (evals, best_s)
+        if callable(progress):
+            progress(time.monotonic() - t0, sum(e for e, _ in best.values()), min(b for _, b in best.values()))
         if bar is not None:
             bar.n = sum(e for e, _ in best.values())
             bar.set_postfix_str(f"best {min(b for _, b in best.values()):.3f} s", refresh=False)
@@ -197,12 +204,16 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
                                          deadline=deadline, seed=seed, chains=chains, top_k=top_k, progress=report)
     if bar is not None:
         bar.close()
-    cands = [(Plan(dict(zip(space.names, key))), period, "search") for period, key in top]
-    seen = {key for _, key in top}
+    search_s = time.monotonic() - t0 - setup_s
+    # simulated in this order while the budget lasts: the evaluator's best, the baselines (so the
+    # speed-ups are the simulator's), then the other candidates
+    found = [(Plan(dict(zip(space.names, key))), period, "search") for period, key in top]
+    cands, seen = found[:1], {key for _, key in top}
     for b in baselines.values():
         if b.feasible and _key(space, b.plan) not in seen:
             cands.append((b.plan, None, f"baseline {b.name}"))
             seen.add(_key(space, b.plan))
+    cands += found[1:]
     if not cands:
         raise ConfigError(f"no plan fits in {profile.capacity_bytes / 2**30:.1f} GiB per device: no baseline "
                           f"fits and the search found none among {evaluated:,} plans")
@@ -210,7 +221,7 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
     evals, sims = simulate_all(experiment, profile, [c[0] for c in cands], [c[1] for c in cands], deadline, chains)
     candidates = tuple(Candidate(p, e, s, src) for (p, _, src), e, s in zip(cands, evals, sims))
     return _result(experiment, profile, space, baselines, candidates, evaluated, method, chains, setup_s, t0,
-                   slowest)
+                   slowest, search_s)
 
 
 def _bar(progress: bool, total: int | None):
@@ -224,7 +235,7 @@ def _bar(progress: bool, total: int | None):
 
 def _result(experiment: Experiment, profile: Profile, space: Space, baselines: dict[str, Baseline],
             candidates: tuple[Candidate, ...], evaluated: int, method: str, chains: int, setup_s: float,
-            t0: float, slowest_eval_s: float) -> SearchResult:
+            t0: float, slowest_eval_s: float, search_s: float) -> SearchResult:
     by_plan = {_key(space, c.plan): c for c in candidates}
     for name, b in baselines.items():
         if b.feasible:
@@ -250,4 +261,4 @@ def _result(experiment: Experiment, profile: Profile, space: Space, baselines: d
         chains=chains, space=space, baselines=baselines, candidates=candidates,
         peak_memory_bytes=memory.peak.peak_bytes, capacity_bytes=memory.capacity_bytes,
         roofline_s=roofline_s(experiment, profile), mfu=mfu(experiment, profile, seconds),
-        setup_s=setup_s, elapsed_s=time.monotonic() - t0, slowest_eval_s=slowest_eval_s)
+        setup_s=setup_s, search_s=search_s, elapsed_s=time.monotonic() - t0, slowest_eval_s=slowest_eval_s)
