@@ -264,6 +264,8 @@ def _main(argv: list[str] | None) -> int:
                   f"{fmt_bytes(memory.peak.peak_bytes)} of {fmt_bytes(memory.capacity_bytes)}")
             if args.out:
                 print(f"wrote plan {args.out}")
+        elif base.plan is None:
+            print(f"no such plan for this experiment: {base.reason}")
         else:
             print(f"does not fit: {base.reason}")
     return 0 if base.feasible else 1

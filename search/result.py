@@ -60,7 +60,10 @@ def baseline_table(result: SearchResult) -> str:
     for name, b in result.baselines.items():
         sp = speedups(result)[name]
         if b.iteration_s is None:
-            rows.append((name, "-", "-", f"does not fit: {b.reason}" if b.reason else (b.note or "")))
+            why = b.note or ""
+            if b.reason:
+                why = f"does not fit: {b.reason}" if b.plan else f"not applicable: {b.reason}"
+            rows.append((name, "-", "-", why))
         else:
             rows.append((name, f"{b.iteration_s:.3f}", f"{sp:.2f}x", b.note or ""))
     return format_table(rows, right={1, 2})
