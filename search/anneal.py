@@ -18,6 +18,9 @@ penalised; a chain that starts from a plan that does not fit walks downhill in o
 until one fits. A chain that has not improved its best for :data:`PATIENCE` evaluations goes
 back to its best.
 
+Starts: the baselines that fit and a greedy per-call plan (:func:`greedy_plan`), dealt out
+to the chains in turn; each chain scores its share and walks from the best of them.
+
 Budgets: with ``max_evals`` every chain evaluates exactly its share (split deterministically,
 the first chains taking the remainder) and nothing depends on the clock, so a seed repeats
 exactly; otherwise chains stop at a wall-clock deadline, checked every step. Chains run in
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from estimator.cluster import DeviceMesh
-from estimator.evaluator import Evaluator
+from estimator.evaluator import Evaluator, call_s
 from estimator.experiment import Experiment
 from estimator.plan import Layout, Plan
 from estimator.profiles import Profile
@@ -51,6 +54,7 @@ REPORT_EVERY_S = 0.25  # progress messages from chain processes
 MAX_IDLE = 10_000  # proposals in a row that change nothing before a chain gives up
 
 Key = tuple[Layout, ...]  # one layout per call, topological order
+GREEDY = "greedy"  # a start computed by the chain itself: greedy_plan
 Progress = Callable[[int, int, float], None]  # (chain, evaluations so far, best period)
 
 
@@ -212,11 +216,20 @@ class Chain:
 
     # -- the walk
 
-    def run(self, start: Key, max_evals: int | None, deadline: float | None,
+    def run(self, starts: list[Key | str], max_evals: int | None, deadline: float | None,
             progress: Progress | None = None, index: int = 0) -> ChainResult:
+        """Walk from the best of ``starts`` (plans, or :data:`GREEDY` for :func:`greedy_plan`)."""
         t0 = time.monotonic()
-        state = list(start)
-        fits, cost = self.score(start)
+        scored = []
+        for start in starts:
+            spent = self.evaluated >= max_evals if max_evals is not None else time.monotonic() >= deadline
+            if scored and spent:  # the budget also bounds the starts (at least one is scored)
+                break
+            key = greedy_plan(self.space, self.ev) if start == GREEDY else start
+            fits, cost = self.score(key)
+            scored.append((not fits, cost, len(scored), key))
+        _, _, _, key = min(scored)
+        state, fits, cost = list(key), not min(scored)[0], min(scored)[1]
         best, best_state, since = (cost if fits else math.inf), list(state), 0
         last_report, idle = t0, 0
         while True:
@@ -258,6 +271,26 @@ class Chain:
         return ChainResult(self.top.sorted(), self.evaluated, self.slowest)
 
 
+def greedy_plan(space: Space, evaluator: Evaluator) -> Key:
+    """Each call on the largest mesh it can use, with the (dp, tp, pp) fastest for it alone (at
+    its fewest micro-batches that can fit)."""
+    out = []
+    for cs in space.calls:
+        size = max(cs.sizes)
+        first: dict[tuple[int, int, int], tuple] = {}
+        for sh in cs.shapes[size]:
+            first.setdefault(sh[:3], sh)
+        layouts = [make_layout(cs.firsts[size][0], size, sh) for sh in first.values()]
+        out.append(min(layouts, key=lambda lay, n=cs.name: (call_s(evaluator.costs.call(n, lay)), lay)))
+    return tuple(out)
+
+
+def chain_starts(starts: list[Key | str], chains: int) -> list[list[Key | str]]:
+    """Chain k scores starts k, k + chains, … and walks from the best; with more chains than
+    starts, chain k takes start k mod their number."""
+    return [starts[k::chains] or [starts[k % len(starts)]] for k in range(chains)]
+
+
 def split_evals(max_evals: int | None, chains: int) -> list[int | None]:
     """Each chain's share of the evaluation budget: equal, the first chains taking the remainder."""
     if max_evals is None:
@@ -267,10 +300,10 @@ def split_evals(max_evals: int | None, chains: int) -> list[int | None]:
 
 
 def _chain_main(args: tuple, queue) -> None:
-    experiment, profile, space, seed, top_k, start, evals, deadline, index = args
+    experiment, profile, space, seed, top_k, starts, evals, deadline, index = args
     try:
         chain = Chain(experiment, profile, space, seed, top_k)
-        result = chain.run(start, evals, deadline, lambda k, n, b: queue.put(("progress", k, n, b)), index)
+        result = chain.run(starts, evals, deadline, lambda k, n, b: queue.put(("progress", k, n, b)), index)
         queue.put(("done", index, result))
     except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
         queue.put(("error", index, f"{type(exc).__name__}: {exc}"))
@@ -279,14 +312,14 @@ def _chain_main(args: tuple, queue) -> None:
 def anneal(experiment: Experiment, profile: Profile, space: Space, starts: list[Key], *,
            max_evals: int | None, deadline: float | None, seed: int, chains: int, top_k: int,
            progress: Progress | None = None) -> tuple[list[tuple[float, Key]], int, float]:
-    """Run ``chains`` chains (chain k starts from ``starts[k % len(starts)]``); return the best
-    distinct plans of all chains, fastest first, the plans evaluated and the longest single
-    evaluation."""
+    """Run ``chains`` chains from ``starts`` (:func:`chain_starts`); return the best distinct
+    plans of all chains, fastest first, the plans evaluated and the longest single evaluation."""
     shares = split_evals(max_evals, chains)
-    jobs = [(experiment, profile, space, (seed, k), top_k, starts[k % len(starts)], shares[k], deadline, k)
+    per_chain = chain_starts(starts, chains)
+    jobs = [(experiment, profile, space, (seed, k), top_k, per_chain[k], shares[k], deadline, k)
             for k in range(chains)]
     if chains == 1:
-        results = [Chain(experiment, profile, space, (seed, 0), top_k).run(starts[0], shares[0], deadline,
+        results = [Chain(experiment, profile, space, (seed, 0), top_k).run(per_chain[0], shares[0], deadline,
                                                                            progress, 0)]
     else:
         results = _run_processes(jobs, progress)

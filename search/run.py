@@ -3,9 +3,9 @@
 :func:`run_search` builds the pruned space (:mod:`search.space`) and the four baselines
 (:mod:`search.baselines`), then
 
-1. scores the start plans — every baseline that fits and a greedy per-call plan (each call on
-   all devices with the shape the evaluator finds fastest for it alone) — with the fast
-   evaluator;
+1. hands the start plans — every baseline that fits and a greedy per-call plan (each call on
+   all devices with the shape the evaluator finds fastest for it alone) — to the chains, each
+   of which scores its share and walks from the best;
 2. if the joint space has at most :data:`search.exact.EXACT_MAX_PLANS` plans, evaluates all of
    them (provably the evaluator's optimum); otherwise anneals in parallel chains
    (:mod:`search.anneal`) from the start plans, until ``max_evals`` plans (exactly, for runs
@@ -26,17 +26,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from estimator.errors import ConfigError
-from estimator.evaluator import Evaluator, call_s
+from estimator.evaluator import Evaluator
 from estimator.experiment import Experiment, experiment_from_dict
 from estimator.memory import plan_memory
 from estimator.plan import Plan
 from estimator.profiles import Profile
 from estimator.roofline import mfu, roofline_s
 from estimator.simulator import simulate
-from search.anneal import Key, anneal, default_chains
+from search.anneal import GREEDY, Key, anneal, default_chains
 from search.baselines import BASELINES, Baseline, build
 from search.exact import EXACT_MAX_PLANS, exact_search
-from search.space import Space, build_space, make_layout
+from search.space import Space, build_space
 
 ANNEAL_SHARE = 0.75  # of the time budget; the rest re-ranks with the simulator
 TOP_K = 5  # distinct evaluator candidates the simulator re-ranks
@@ -102,20 +102,6 @@ def _key(space: Space, plan: Plan) -> Key:
     return tuple(plan[n] for n in space.names)
 
 
-def greedy_plan(space: Space, evaluator: Evaluator) -> Key:
-    """Each call on the largest mesh it can use, with the (dp, tp, pp) fastest for it alone (at
-    its fewest micro-batches that can fit)."""
-    out = []
-    for cs in space.calls:
-        size = max(cs.sizes)
-        first: dict[tuple[int, int, int], tuple] = {}
-        for sh in cs.shapes[size]:
-            first.setdefault(sh[:3], sh)
-        layouts = [make_layout(cs.firsts[size][0], size, sh) for sh in first.values()]
-        out.append(min(layouts, key=lambda lay, n=cs.name: (call_s(evaluator.costs.call(n, lay)), lay)))
-    return tuple(out)
-
-
 def _sim_worker(experiment: Experiment, profile: Profile, jobs: list[tuple[int, Plan, bool]], queue) -> None:
     ev = None
     for i, plan, need_eval in jobs:
@@ -175,9 +161,8 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
     space = build_space(experiment, profile)
     baselines = {name: build(name, experiment, profile, simulate_it=False) for name in BASELINES}
     ev = Evaluator(experiment, profile)
-    starts = [_key(space, b.plan) for b in baselines.values() if b.feasible and space.contains(b.plan)]
-    if len(starts) < chains:  # the greedy plan costs a lowering per shape: only when a chain needs it
-        starts.append(greedy_plan(space, ev))
+    starts: list = [_key(space, b.plan) for b in baselines.values() if b.feasible and space.contains(b.plan)]
+    starts.append(GREEDY)  # computed by the chain that starts from it
     setup_s = time.monotonic() - t0
     exact = method == "exact" or (method == "auto" and space.size <= EXACT_MAX_PLANS)
     bar = _bar(progress is True, space.size if exact else max_evals)
