@@ -18,6 +18,7 @@ copy of the embedding that serves as the head).
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -252,12 +253,24 @@ def rows_plan(holders: dict[int, list[Range]], needs: dict[int, list[Range]],
               devices_per_node: int) -> list[RowTransfer]:
     """Cover every needed row range exactly once from the holders (receiver itself first,
     then its node, then round-robin)."""
+    # The holders' range ends cut the rows into elementary segments; each segment's holders
+    # (in the holders' order) are listed once, so a needed piece looks its senders up by bisection.
+    bounds = sorted({b for rs in holders.values() for r in rs for b in r})
+    index = {b: i for i, b in enumerate(bounds)}
+    cover: list[list[int]] = [[] for _ in bounds]
+    for s, rs in holders.items():
+        for r0, r1 in rs:
+            for i in range(index[r0], index[r1]):
+                if not cover[i] or cover[i][-1] != s:
+                    cover[i].append(s)
     out = []
     for dst, ranges in needs.items():
         for lo, hi in ranges:
-            cuts = sorted({lo, hi} | {b for rs in holders.values() for r in rs for b in r if lo < b < hi})
+            inner = bounds[bisect.bisect_right(bounds, lo):bisect.bisect_left(bounds, hi)]
+            cuts = [lo, *inner, hi]
             for a, b in zip(cuts, cuts[1:]):
-                cands = [s for s, rs in holders.items() if any(r0 <= a and b <= r1 for r0, r1 in rs)]
+                i = bisect.bisect_right(bounds, a) - 1
+                cands = cover[i] if 0 <= i < len(bounds) - 1 and b <= bounds[i + 1] else []
                 if not cands:
                     raise ValueError(f"rows {a}-{b} needed by device {dst} are held by no device")
                 out.append(RowTransfer(pick_sender(cands, dst, devices_per_node), dst, (a, b)))

@@ -143,6 +143,15 @@ def port_name(port: int, devices_per_node: int) -> str:
     return f"{PORT_NAMES[port % 4]} dev{d} (node {d // devices_per_node})"
 
 
+def _first_ending_after(booked: list[tuple[float, float]], t: float) -> int:
+    """Index of the first interval ending after ``t`` in a port's bookings, which are disjoint
+    and sorted, so their ends are sorted too."""
+    i = bisect.bisect_right(booked, (t, math.inf)) - 1  # the last one starting at or before t
+    if i >= 0 and booked[i][1] > t:
+        return i
+    return i + 1
+
+
 class LinkBook:
     """First-come, first-served reservations of device ports (see the module docstring).
 
@@ -170,18 +179,14 @@ class LinkBook:
             return now, end
         booked = [busy[p] for p in ports]
         for b in booked:
-            while b and b[0][1] <= now:
-                b.pop(0)
+            del b[:_first_ending_after(b, now)]
         start, moved = now, True
         while moved:
             moved = False
             for b in booked:
-                for lo, hi in b:
-                    if hi <= start:
-                        continue
-                    if lo < start + duration_s:  # overlaps the window: start after it
-                        start, moved = hi, True
-                    break
+                i = _first_ending_after(b, start)
+                if i < len(b) and b[i][0] < start + duration_s:  # overlaps the window: start after it
+                    start, moved = b[i][1], True
         end = start + duration_s
         for p, b in zip(ports, booked):
             bisect.insort(b, (start, end))

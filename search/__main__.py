@@ -1,0 +1,98 @@
+"""Find the fastest plan that fits, beside the plans people write by hand.
+
+Usage::
+
+    python -m search
+    python -m search examples/ppo-llama2-70b-128xh100.yaml --time-budget 30 --out plan.json
+    python -m search examples/grpo-qwen2.5-7b-16xh100.yaml --max-evals 20000 --seed 1 --json
+    python -m search examples/ppo-tiny-2xcpu.yaml --out plan.json --trace trace.json
+    python -m search examples/dpo-llama3-8b-8xa100.yaml --profile calibration/profiles/a100-80g.json
+
+Without an experiment it searches the built-in default: PPO with four LLaMA-2 7B models on one
+8×H100 node (``examples/ppo-llama2-7b-8xh100.yaml``). ``--time-budget`` (default 20 s) bounds
+the search and its re-ranking; ``--max-evals N`` instead fixes how many plans the evaluator
+scores, so the same seed gives the same plan on any machine (the wall clock is then not
+consulted). While it runs, a progress bar on stderr shows the elapsed time, plans evaluated
+and the best iteration time so far.
+
+Prints the plan space per call, the best plan (per call: mesh, dp/tp/pp, micro-batches,
+predicted start, duration, communication and reallocation), its predicted iteration time,
+peak memory per device against capacity, MFU and the roofline bound, the fast evaluator's
+figure against the simulator's, every baseline's time (or why it does not fit) with the
+speed-up over it, and where the time goes. ``--out`` writes the plan file that
+``estimator.predict --plan`` and ``executor.run --plan`` take; ``--trace`` the predicted
+Chrome trace (Perfetto). ``--json`` prints one object with ``iteration_s``, ``plan``,
+``baselines.<name>.iteration_s`` (null when it does not fit), ``evaluated``, ``space_log10``,
+``roofline_s``, ``peak_memory_bytes`` and more.
+
+Exit codes: 0 a plan was found; 2 invalid input (checked before any search work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from estimator.errors import ConfigError, cli_guard
+from estimator.experiment import load_experiment
+from estimator.io import atomic_write_text
+from estimator.predict import TRACE_PER_DEVICE_MAX, predict
+from estimator.profiles import load_profile
+from search.checks import check_budget, check_out, check_positive
+from search.result import render_report, result_json
+from search.run import DEFAULT_TIME_BUDGET_S, default_experiment, run_search
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m search", description=__doc__.split("\n")[0])
+    parser.add_argument("experiment", nargs="?", help="experiment YAML file (default: PPO, 4× LLaMA-2 7B, 8×H100)")
+    parser.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_S,
+                        help=f"seconds for the search and its re-ranking (default {DEFAULT_TIME_BUDGET_S:g})")
+    parser.add_argument("--max-evals", type=int, help="plans to evaluate, for runs that must repeat exactly")
+    parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the chains (default 0)")
+    parser.add_argument("--chains", type=int, help="parallel chains (default: one per core)")
+    parser.add_argument("--out", help="write the best plan (JSON) here")
+    parser.add_argument("--trace", help="write the best plan's predicted Chrome trace (JSON) here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    check_budget(args.time_budget)
+    if args.max_evals is not None:
+        check_positive(args.max_evals, "--max-evals")
+    if args.chains is not None:
+        check_positive(args.chains, "--chains")
+    if args.seed < 0:
+        raise ConfigError(f"--seed {args.seed} must be a non-negative integer")
+    for flag, path in (("--out", args.out), ("--trace", args.trace)):
+        if path:
+            check_out(path, flag)
+    experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
+    profile = load_profile(args.profile or experiment.cluster.device)
+
+    result = run_search(experiment, profile, time_budget_s=args.time_budget, max_evals=args.max_evals,
+                        seed=args.seed, chains=args.chains, progress=not args.json)
+    sim, memory, summary = predict(experiment, result.plan, profile)
+    if args.out:
+        atomic_write_text(args.out, result.plan.to_json())
+    per_device = experiment.cluster.num_devices <= TRACE_PER_DEVICE_MAX
+    if args.trace:
+        sim.timeline(per_device).write_chrome_trace(args.trace)
+    if args.json:
+        print(json.dumps(result_json(result, summary), indent=2))
+        return 0
+    print(render_report(result, summary, memory))
+    if args.out:
+        print(f"wrote plan {args.out} (python -m estimator.predict {args.experiment or 'EXPERIMENT.yaml'} "
+              f"--plan {args.out})")
+    if args.trace:
+        print(f"wrote Chrome trace {args.trace}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_guard(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Baseline plans: the layouts people write by hand today, each a documented constructor.
+
+Usage::
+
+    python -m search.baselines examples/ppo-llama2-7b-8xh100.yaml --name megatron
+    python -m search.baselines examples/ppo-llama2-7b-8xh100.yaml --name real-heuristic --out plan.json
+    python -m search.baselines examples/ppo-llama2-70b-128xh100.yaml --name colocate --json
+
+- ``megatron`` — every call on all devices, tp = devices per node, pp = nodes, dp = 1 (ReaL's
+  "heuristic" baseline; :func:`estimator.baselines.symmetric_plan`).
+- ``colocate`` — every call on all devices with the smallest tp·pp that fits memory, the rest
+  data parallel (DeepSpeed-Chat style).
+- ``split`` — actor and reference on one half of the devices, critic and reward on the other
+  (OpenRLHF style).
+- ``real-heuristic`` — the allocation ReaL's code ships: generation on all devices with
+  pp = max(2, nodes), tp = 1, dp for the rest; actor and critic training on disjoint node sets
+  sized in proportion to their parameters, tp 4, dp 2, pp = their node count (on one node
+  4 + 4 devices, tp 2 / dp 2 up to 8 B parameters, tp 4 above); reference inference on all
+  devices with tp 4, dp 2; reward and critic inference on one half each.
+
+Where a model or the batch does not allow a degree, tp and then pp step down and dp takes the
+rest; micro-batches start at the fewest valid count that is at least the pipeline depth and
+rise call by call while a device would overflow. A baseline that still does not fit keeps its
+plan with a null time and the memory reason. Prints the plan, its simulated iteration time
+and peak memory; ``--out`` writes the plan file (only when it fits). Exit codes: 0 it fits;
+1 it does not fit (or cannot be built for this experiment); 2 invalid input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from estimator.baselines import symmetric_plan
+from estimator.cluster import DeviceMesh
+from estimator.errors import ConfigError, cli_guard
+from estimator.experiment import Experiment, load_experiment
+from estimator.io import atomic_write_text
+from estimator.memory import fmt_bytes, plan_memory
+from estimator.plan import MICRO_BATCH_CHOICES, Layout, Plan, check, divisors, layout_problems
+from estimator.profiles import Profile, load_profile
+from estimator.simulator import simulate
+from search.checks import check_out
+
+SMALL_MODEL_PARAMS = 8e9  # ReaL's one-node rule: tp 2 up to this size, tp 4 above
+
+
+@dataclass(frozen=True)
+class Baseline:
+    name: str
+    plan: Plan | None  # None when no valid plan of this kind exists for the experiment
+    iteration_s: float | None  # simulated steady-state iteration time; None when it does not fit
+    reason: str | None  # why it does not fit (or cannot be built); None when it fits
+    note: str | None = None  # where iteration_s comes from when not from the simulator
+
+    @property
+    def feasible(self) -> bool:
+        return self.plan is not None and self.reason is None
+
+
+def _layout(exp: Experiment, name: str, mesh: DeviceMesh, tp: int, pp: int) -> Layout | None:
+    """The layout on ``mesh`` closest to (tp, pp): tp steps down first, then pp; dp takes the rest."""
+    call, cl = exp.workflow[name], exp.cluster
+    model = exp.models[call.role]
+    for t in sorted(divisors(tp), reverse=True):
+        for p in sorted(divisors(pp), reverse=True):
+            if mesh.size % (t * p):
+                continue
+            dp = mesh.size // (t * p)
+            valid = [m for m in MICRO_BATCH_CHOICES
+                     if not layout_problems(call, model, cl, Layout(mesh, dp, t, p, m))]
+            if valid:
+                enough = [m for m in valid if m >= p]
+                return Layout(mesh, dp, t, p, enough[0] if enough else valid[-1])
+    return None
+
+
+def _fit(exp: Experiment, profile: Profile, plan: Plan) -> Plan:
+    """Raise the micro-batches of the call at the fullest device until the plan fits (or no
+    larger valid count is left)."""
+    wf, layouts = exp.workflow, dict(plan.layouts)
+    while True:
+        report = plan_memory(exp, Plan(layouts), profile.capacity_bytes)
+        name = report.peak.call
+        if report.feasible or not name:
+            return Plan(layouts)
+        lay = layouts[name]
+        more = [m for m in MICRO_BATCH_CHOICES if m > lay.micro_batches and not layout_problems(
+            wf[name], exp.models[wf[name].role], exp.cluster, Layout(lay.mesh, lay.dp, lay.tp, lay.pp, m))]
+        if not more:
+            return Plan(layouts)
+        layouts = {**layouts, name: Layout(lay.mesh, lay.dp, lay.tp, lay.pp, more[0])}
+
+
+def _halves(exp: Experiment, first_share: float = 0.5) -> tuple[DeviceMesh, DeviceMesh]:
+    """Two disjoint meshes covering the cluster: whole nodes split by ``first_share`` (at least
+    one node each), or the two halves of a single node."""
+    cl = exp.cluster
+    dpn = cl.devices_per_node
+    if cl.nodes >= 2:
+        a = min(cl.nodes - 1, max(1, round(cl.nodes * first_share)))
+        return DeviceMesh(0, a * dpn), DeviceMesh(a * dpn, (cl.nodes - a) * dpn)
+    half = DeviceMesh(dpn // 2, dpn // 2) if dpn >= 2 else None
+    if half is None or cl.mesh_problems(half):
+        raise ConfigError(f"the cluster's one node of {dpn} devices cannot be split into two aligned halves")
+    return DeviceMesh(0, dpn // 2), half
+
+
+def _build(exp: Experiment, profile: Profile, rule: Callable[[str], tuple[DeviceMesh, int, int]]) -> Plan:
+    """Lay out every call by ``rule`` (call → mesh, tp, pp), then fit micro-batches to memory."""
+    layouts = {}
+    for name in exp.workflow.topological_order():
+        mesh, tp, pp = rule(name)
+        lay = _layout(exp, name, mesh, tp, pp)
+        if lay is None:
+            raise ConfigError(f"call {name}: no valid layout on mesh {mesh}")
+        layouts[name] = lay
+    return _fit(exp, profile, check(Plan(layouts), exp))
+
+
+def megatron(exp: Experiment, profile: Profile) -> Plan:
+    """Every call on all devices, tp = devices per node, pp = nodes, dp = 1 (stepped down)."""
+    try:
+        return symmetric_plan(exp, profile)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def colocate(exp: Experiment, profile: Profile) -> Plan:
+    """Every call on all devices with the smallest model-parallel size g = tp·pp (tp inside a
+    node first) for which the plan fits; data parallelism over the rest."""
+    cl = exp.cluster
+    whole = cl.whole()
+    plan = None
+    for g in divisors(cl.num_devices):
+        tp = max(t for t in divisors(cl.devices_per_node) if g % t == 0)
+        try:
+            plan = _build(exp, profile, lambda _name, g=g, tp=tp: (whole, tp, g // tp))
+        except ConfigError:
+            continue
+        if plan_memory(exp, plan, profile.capacity_bytes).feasible:
+            return plan
+    if plan is None:
+        raise ConfigError("no whole-cluster layout is valid for every call")
+    return plan  # the most model-parallel attempt, which does not fit
+
+
+def _megatron_on(exp: Experiment, mesh: DeviceMesh) -> tuple[DeviceMesh, int, int]:
+    dpn = exp.cluster.devices_per_node
+    return mesh, min(dpn, mesh.size), max(1, mesh.size // dpn)
+
+
+def split(exp: Experiment, profile: Profile) -> Plan:
+    """Actor and reference on one half of the devices, critic and reward on the other, each
+    half Megatron-style (tp across its node, pp across its nodes)."""
+    roles = set(exp.models)
+    if not roles & {"critic", "reward"}:
+        raise ConfigError(f"the {exp.algorithm} workflow has no critic or reward model to split from the actor")
+    first, second = _halves(exp)
+    wf = exp.workflow
+    return _build(exp, profile, lambda n: _megatron_on(exp, second if wf[n].role in ("critic", "reward") else first))
+
+
+def _real_training(exp: Experiment, mesh: DeviceMesh, role: str) -> tuple[DeviceMesh, int, int]:
+    """tp 4, dp 2, pp = nodes on whole nodes; on half a node tp 2 / dp 2 for small models."""
+    dpn = exp.cluster.devices_per_node
+    if mesh.size >= dpn:
+        tp = min(4, dpn)
+        return mesh, tp, mesh.size // (tp * min(2, dpn // tp))
+    small = exp.models[role].params <= SMALL_MODEL_PARAMS
+    return mesh, min(2 if small else 4, mesh.size), 1
+
+
+def _training_meshes(exp: Experiment, share: float) -> tuple[DeviceMesh, DeviceMesh]:
+    """Disjoint actor and critic training meshes, the actor's share of nodes as close to
+    ``share`` as leaves both train calls a valid layout (one node: its two halves)."""
+    nodes = exp.cluster.nodes
+    if nodes < 2:
+        return _halves(exp)
+    for a in sorted(range(1, nodes), key=lambda a: (abs(a - nodes * share), a)):
+        actor, critic = _halves(exp, a / nodes)
+        if all(_layout(exp, n, m, *_real_training(exp, m, r)[1:]) is not None
+               for n, m, r in (("actor_train", actor, "actor"), ("critic_train", critic, "critic"))):
+            return actor, critic
+    return _halves(exp, share)
+
+
+def real_heuristic(exp: Experiment, profile: Profile) -> Plan:
+    """ReaL's shipped allocation (see the module docstring)."""
+    cl, wf = exp.cluster, exp.workflow
+    whole = cl.whole()
+    params = {r: m.params for r, m in exp.models.items()}
+    if "critic" in params:
+        actor_mesh, critic_mesh = _training_meshes(exp, params["actor"] / (params["actor"] + params["critic"]))
+    else:
+        actor_mesh = critic_mesh = whole
+    half_a, half_b = _halves(exp) if cl.num_devices > 1 else (whole, whole)
+
+    def rule(name: str) -> tuple[DeviceMesh, int, int]:
+        call = wf[name]
+        if call.kind == "generate":
+            return whole, 1, max(2, cl.nodes)
+        if call.kind == "train":
+            return _real_training(exp, critic_mesh if call.role == "critic" else actor_mesh, call.role)
+        if call.role in ("ref", "actor"):
+            tp = min(4, cl.devices_per_node)
+            return whole, tp, max(1, cl.num_devices // (tp * 2))
+        return _real_training(exp, half_b if call.role == "critic" else half_a, call.role)
+
+    return _build(exp, profile, rule)
+
+
+BASELINES: dict[str, Callable[[Experiment, Profile], Plan]] = {
+    "megatron": megatron, "colocate": colocate, "split": split, "real-heuristic": real_heuristic}
+
+
+def build(name: str, experiment: Experiment, profile: Profile, simulate_it: bool = True) -> Baseline:
+    """The baseline ``name`` for ``experiment``: its plan, simulated time (when ``simulate_it``
+    and it fits) or why it does not fit. Unknown names raise :class:`ConfigError`."""
+    if name not in BASELINES:
+        raise ConfigError(f"baseline {name!r} is not known; known: {', '.join(BASELINES)}")
+    try:
+        plan = BASELINES[name](experiment, profile)
+    except ConfigError as exc:
+        return Baseline(name, None, None, str(exc))
+    memory = plan_memory(experiment, plan, profile.capacity_bytes)
+    if not memory.feasible:
+        return Baseline(name, plan, None, memory.reasons()[0])
+    seconds = simulate(experiment, plan, profile).iteration_s if simulate_it else None
+    return Baseline(name, plan, seconds, None)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m search.baselines", description=__doc__.split("\n")[0])
+    parser.add_argument("experiment", help="experiment YAML file")
+    parser.add_argument("--name", required=True, help=f"baseline: {', '.join(BASELINES)}")
+    parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
+    parser.add_argument("--out", help="write the plan JSON here (only when it fits)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.name not in BASELINES:
+        raise ConfigError(f"--name {args.name!r} is not a baseline; known: {', '.join(BASELINES)}")
+    experiment = load_experiment(args.experiment)
+    profile = load_profile(args.profile or experiment.cluster.device)
+    if args.out:
+        check_out(args.out)
+    base = build(args.name, experiment, profile)
+    memory = plan_memory(experiment, base.plan, profile.capacity_bytes) if base.plan else None
+    if args.out and base.feasible:
+        atomic_write_text(args.out, base.plan.to_json())
+    if args.json:
+        print(json.dumps({"name": base.name, "iteration_s": base.iteration_s, "reason": base.reason,
+                          "peak_memory_bytes": memory.peak.peak_bytes if memory else None,
+                          "plan": json.loads(base.plan.to_json()) if base.plan else None}, indent=2))
+    else:
+        print(f"baseline {base.name} for {experiment.name} on profile {profile.name}")
+        if base.plan:
+            print(base.plan.table())
+        if base.feasible:
+            print(f"predicted iteration time {base.iteration_s:.3f} s; peak memory "
+                  f"{fmt_bytes(memory.peak.peak_bytes)} of {fmt_bytes(memory.capacity_bytes)}")
+            if args.out:
+                print(f"wrote plan {args.out}")
+        elif base.plan is None:
+            print(f"no such plan for this experiment: {base.reason}")
+        else:
+            print(f"does not fit: {base.reason}")
+    return 0 if base.feasible else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_guard(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The search report: the winner's table, its baselines and speed-ups, where the time goes, JSON.
+
+The per-call table, memory and roofline lines are :func:`estimator.predict.render`'s, from one
+more simulation of the winner (:func:`estimator.predict.predict`), so ``python -m search`` and
+``python -m estimator.predict --plan`` print the same figures for the same plan.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from estimator.memory import MemoryReport
+from estimator.plan import format_table
+from estimator.predict import render
+from search.run import SearchResult
+
+
+def speedups(result: SearchResult) -> dict[str, float | None]:
+    """Per baseline: its predicted iteration time over the winner's (None when it does not fit)."""
+    return {n: (b.iteration_s / result.iteration_s if b.iteration_s else None) for n, b in result.baselines.items()}
+
+
+def overlap_groups(calls: dict[str, dict[str, float]]) -> list[list[str]]:
+    """Calls of the last iteration grouped by overlapping [start, end): groups in time order."""
+    order = sorted(calls, key=lambda c: (calls[c]["start_s"], c))
+    groups: list[list[str]] = []
+    end = -1.0
+    eps = 1e-9
+    for c in order:
+        start, stop = calls[c]["start_s"], calls[c]["start_s"] + calls[c]["duration_s"]
+        if groups and start < end - eps:
+            groups[-1].append(c)
+            end = max(end, stop)
+        else:
+            groups.append([c])
+            end = stop
+    return groups
+
+
+def where_time_goes(summary: dict[str, Any]) -> list[str]:
+    """Two lines: which calls overlap, and what reallocation costs."""
+    calls = summary["calls"]
+    groups = overlap_groups(calls)
+    line1 = "in time order, '+' running together: " + " -> ".join(" + ".join(g) for g in groups)
+    moved = {c: v["realloc_s"] for c, v in calls.items() if v["realloc_s"] > 0}
+    if moved:
+        total = sum(moved.values())
+        top = max(moved, key=moved.get)
+        share = 100 * total / summary["iteration_s"]
+        line2 = (f"reallocation: {len(moved)} call(s) move parameters, {total:.3f} s in all "
+                 f"({share:.1f} % of the iteration time); most: {top} {moved[top]:.3f} s")
+    else:
+        line2 = "reallocation: none, every call runs on its role's home layout"
+    return [line1, line2]
+
+
+def baseline_table(result: SearchResult) -> str:
+    rows = [("baseline", "iteration s", "speedup of the searched plan", "note")]
+    for name, b in result.baselines.items():
+        sp = speedups(result)[name]
+        if b.iteration_s is None:
+            why = b.note or ""
+            if b.reason:
+                why = f"does not fit: {b.reason}" if b.plan else f"not applicable: {b.reason}"
+            rows.append((name, "-", "-", why))
+        else:
+            rows.append((name, f"{b.iteration_s:.3f}", f"{sp:.2f}x", b.note or ""))
+    return format_table(rows, right={1, 2})
+
+
+def render_report(result: SearchResult, summary: dict[str, Any], memory: MemoryReport) -> str:
+    how = ("exact search over the whole space" if result.method == "exact"
+           else f"simulated annealing, {result.chains} chain(s)")
+    lines = [f"plan space: 10^{result.space_log10:.1f} plans", result.space.table(), "",
+             f"searched {result.evaluated:,} plans ({how}) in {result.elapsed_s:.1f} s; "
+             f"the simulator re-ranked {sum(c.simulator_s is not None for c in result.candidates)} of "
+             f"{len(result.candidates)} candidates", ""]
+    lines.append(render(summary, memory, "searched plan"))
+    if result.simulated:
+        lines.append(f"fast evaluator {result.evaluator_s:.3f} s vs simulator {result.iteration_s:.3f} s for this plan "
+                     f"({100 * result.gap:+.2f} %)")
+    else:
+        lines.append("the time budget ended before the simulator re-ranked any candidate: the plan is the "
+                     "fast evaluator's best")
+    lines += ["", baseline_table(result), "", "where the time goes:"]
+    lines += [f"  {line}" for line in where_time_goes(summary)]
+    return "\n".join(lines)
+
+
+def result_json(result: SearchResult, summary: dict[str, Any]) -> dict[str, Any]:
+    sp = speedups(result)
+    return {
+        "experiment": result.experiment,
+        "profile": result.profile,
+        "iteration_s": result.iteration_s,
+        "simulated": result.simulated,
+        "evaluator_s": result.evaluator_s,
+        "evaluator_gap": result.gap,
+        "plan": json.loads(result.plan.to_json()),
+        "baselines": {n: {"iteration_s": b.iteration_s, "speedup": sp[n], "reason": b.reason, "note": b.note,
+                          "plan": json.loads(b.plan.to_json()) if b.plan else None}
+                      for n, b in result.baselines.items()},
+        "evaluated": result.evaluated,
+        "method": result.method,
+        "chains": result.chains,
+        "space_log10": result.space_log10,
+        "space": result.space.summary()["calls"],
+        "candidates": [{"source": c.source, "evaluator_s": c.evaluator_s, "simulator_s": c.simulator_s}
+                       for c in result.candidates],
+        "roofline_s": result.roofline_s,
+        "mfu": result.mfu,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "capacity_bytes": result.capacity_bytes,
+        "calls": summary["calls"],
+        "where_time_goes": where_time_goes(summary),
+        "setup_s": result.setup_s,
+        "slowest_eval_s": result.slowest_eval_s,
+        "elapsed_s": result.elapsed_s,
+    }

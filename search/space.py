@@ -1,0 +1,175 @@
+"""The plan space: per call, every valid mesh × (dp, tp, pp) × micro-batch count that can fit.
+
+Whether a layout is valid depends on its mesh only through the mesh's size (a mesh is an
+aligned power-of-two slice of one node or a run of whole nodes, :meth:`Cluster.meshes`), so
+a call's candidates are kept as *shapes* ``(dp, tp, pp, micro_batches)`` per mesh size plus the
+first devices of the meshes of that size. The space is counted from these, never listed: on
+128 nodes × 8 devices a call has about 10,000 meshes and a million layouts, and the joint space
+is their product (``log10`` reported).
+
+Pruning, before any search: a shape is dropped when :func:`estimator.plan.layout_problems`
+rejects it (tp must divide heads, kv heads, ffn and vocabulary and stay inside a node, pp at
+most the layers, the batch divisible by dp·micro-batches), or when the call alone cannot fit
+on a device whatever the rest of the plan is: the bytes the call adds while it runs (at home,
+so without a reallocated copy) plus, for the call that is its role's home, the role's resident
+weights, gradients and optimizer state (:mod:`estimator.memory`) exceed the capacity. Every
+plan that fits uses only kept shapes, so the pruning loses nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from estimator.cluster import DeviceMesh
+from estimator.errors import ConfigError
+from estimator.experiment import Experiment
+from estimator.memory import call_bytes, fmt_bytes, home_bytes, home_calls
+from estimator.plan import MICRO_BATCH_CHOICES, Layout, Plan, divisors, format_table, layout_problems
+from estimator.profiles import Profile
+
+Shape = tuple[int, int, int, int]  # (dp, tp, pp, micro_batches)
+
+
+def shape_of(layout: Layout) -> Shape:
+    return (layout.dp, layout.tp, layout.pp, layout.micro_batches)
+
+
+def make_layout(first: int, size: int, shape: Shape) -> Layout:
+    dp, tp, pp, mb = shape
+    return Layout(DeviceMesh(first, size), dp, tp, pp, mb)
+
+
+@dataclass(frozen=True)
+class CallSpace:
+    """The candidate layouts of one call: shapes per mesh size, and where meshes of each size start."""
+
+    name: str
+    role: str
+    shapes: dict[int, tuple[Shape, ...]]  # mesh size → shapes that are valid and can fit
+    firsts: dict[int, tuple[int, ...]]  # mesh size → first device of every mesh of that size
+    valid: int  # layouts that pass validation (before memory pruning)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(s for s in self.shapes if self.shapes[s])
+
+    @property
+    def count(self) -> int:
+        """Layouts kept (valid and able to fit)."""
+        return sum(len(self.shapes[s]) * len(self.firsts[s]) for s in self.shapes)
+
+    def contains(self, layout: Layout) -> bool:
+        s = layout.mesh.size
+        return shape_of(layout) in self.shapes.get(s, ()) and layout.mesh.first in self.firsts.get(s, ())
+
+    def layouts(self) -> list[Layout]:
+        """Every kept layout (only for small spaces: the exact search lists them)."""
+        return [make_layout(f, s, sh) for s in self.sizes for f in self.firsts[s] for sh in self.shapes[s]]
+
+
+@dataclass(frozen=True)
+class Space:
+    """Per call (topological order) its :class:`CallSpace`; roles and their calls."""
+
+    calls: tuple[CallSpace, ...]
+    roles: dict[str, tuple[str, ...]]  # role → its calls, topological order
+    homes: dict[str, str]  # role → the call whose layout is the role's home
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.calls)
+
+    def __getitem__(self, name: str) -> CallSpace:
+        return self.calls[self.names.index(name)]
+
+    @property
+    def log10_size(self) -> float:
+        """log10 of the number of joint plans (the product of the calls' kept layouts)."""
+        return sum(math.log10(c.count) for c in self.calls)
+
+    @property
+    def size(self) -> int:
+        return math.prod(c.count for c in self.calls)
+
+    def contains(self, plan: Plan) -> bool:
+        return all(c.contains(plan[c.name]) for c in self.calls)
+
+    def table(self) -> str:
+        rows = [("call", "role", "valid layouts", "kept (can fit)", "mesh sizes")]
+        rows += [(c.name, c.role, f"{c.valid:,}", f"{c.count:,}", _sizes_text(c.sizes)) for c in self.calls]
+        return format_table(rows, right={2, 3})
+
+    def summary(self) -> dict:
+        return {"log10_size": self.log10_size,
+                "calls": {c.name: {"valid": c.valid, "kept": c.count} for c in self.calls}}
+
+
+def _sizes_text(sizes: tuple[int, ...]) -> str:
+    return ",".join(map(str, sizes)) if len(sizes) <= 6 else f"{len(sizes)} sizes, {sizes[0]}-{sizes[-1]}"
+
+
+def _degrees(size: int, per_node: int, layers: int) -> list[tuple[int, int, int]]:
+    """Every (dp, tp, pp) with dp·tp·pp = size, tp inside a node and pp at most the layers
+    (a cheap first cut; :func:`layout_problems` still decides)."""
+    return [(size // (tp * pp), tp, pp) for tp in divisors(math.gcd(size, per_node))
+            for pp in divisors(size // tp) if pp <= layers]
+
+
+def _fits_alone(experiment: Experiment, name: str, layout: Layout, home: bool, capacity: float) -> bool:
+    call = experiment.workflow[name]
+    model = experiment.models[call.role]
+    dynamic = [sum(p.values()) for p in call_bytes(call, model, layout, at_home=True)]
+    if home:
+        trained = call.role in experiment.workflow.trained_roles()
+        static = [sum(p.values()) for p in home_bytes(model, layout, trained)]
+        dynamic = [a + b for a, b in zip(dynamic, static)]
+    return max(dynamic) <= capacity
+
+
+def build_space(experiment: Experiment, profile: Profile) -> Space:
+    """The pruned plan space of ``experiment`` on ``profile`` (see the module docstring).
+
+    Raises :class:`ConfigError` naming the call when a call has no layout that can fit."""
+    cl, wf = experiment.cluster, experiment.workflow
+    firsts: dict[int, list[int]] = {}
+    for mesh in cl.meshes():
+        firsts.setdefault(mesh.size, []).append(mesh.first)
+    homes = home_calls(wf)
+    calls = []
+    for name in wf.topological_order():
+        call = wf[name]
+        model = experiment.models[call.role]
+        shapes: dict[int, tuple[Shape, ...]] = {}
+        valid = 0
+        for size, starts in firsts.items():
+            kept = []
+            for dp, tp, pp in _degrees(size, cl.devices_per_node, model.layers):
+                mesh = DeviceMesh(starts[0], size)
+                # a rule mb=1 breaks, every micro-batch count breaks (dp·mb is a multiple of dp)
+                if layout_problems(call, model, cl, Layout(mesh, dp, tp, pp, 1)):
+                    continue
+                fits = False
+                for mb in MICRO_BATCH_CHOICES:
+                    lay = Layout(mesh, dp, tp, pp, mb)
+                    if mb > 1 and layout_problems(call, model, cl, lay):
+                        continue
+                    valid += len(starts)
+                    # a call's bytes never grow with more micro-batches, so once one count fits
+                    # every larger one does
+                    fits = fits or _fits_alone(experiment, name, lay, homes[call.role] == name,
+                                               profile.capacity_bytes)
+                    if fits:
+                        kept.append((dp, tp, pp, mb))
+            shapes[size] = tuple(kept)
+        space = CallSpace(name, call.role, shapes, {s: tuple(f) for s, f in firsts.items()}, valid)
+        if not space.count:
+            cap = fmt_bytes(profile.capacity_bytes)
+            why = "no valid layout" if not valid else f"no valid layout fits in {cap} per device"
+            raise ConfigError(f"call {name}: {why} on the cluster's {cl.num_devices} devices "
+                              f"(model {model.name}); no plan exists")
+        calls.append(space)
+    roles: dict[str, list[str]] = {}
+    for c in calls:
+        roles.setdefault(c.role, []).append(c.name)
+    return Space(tuple(calls), {r: tuple(v) for r, v in roles.items()}, homes)

@@ -1,0 +1,86 @@
+"""Baseline plans: each a valid plan of the documented shape, or a reason it does not fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from estimator.baselines import symmetric_plan
+from estimator.experiment import load_experiment
+from estimator.memory import plan_memory
+from estimator.plan import Plan, check
+from estimator.profiles import load_profile
+from search.baselines import BASELINES, build, main
+from tests.conftest import EXAMPLES, tiny_experiment
+from tests.synthetic import linear_profile, linear_profile_dict
+
+SEVEN_B = EXAMPLES / "ppo-llama2-7b-8xh100.yaml"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_baseline_is_a_valid_plan_that_fits_or_says_why_not(path):
+    exp = load_experiment(path)
+    profile = load_profile(exp.cluster.device)
+    for name in BASELINES:
+        b = build(name, exp, profile, simulate_it=False)
+        assert b.name == name
+        if b.feasible:
+            check(b.plan, exp)
+            assert plan_memory(exp, b.plan, profile.capacity_bytes).feasible
+        else:
+            assert b.reason and b.iteration_s is None
+
+
+def test_megatron_is_the_symmetric_plan_and_colocate_one_model_parallel_size_on_all_devices():
+    exp, profile = load_experiment(SEVEN_B), load_profile("h100-sxm")
+    assert build("megatron", exp, profile, simulate_it=False).plan == symmetric_plan(exp, profile)
+    colocate = build("colocate", exp, profile, simulate_it=False).plan
+    assert {lay.mesh for lay in colocate.layouts.values()} == {exp.cluster.whole()}
+    assert len({lay.tp * lay.pp for lay in colocate.layouts.values()}) == 1
+
+
+def test_split_puts_actor_and_reference_apart_from_critic_and_reward():
+    exp, profile = load_experiment(SEVEN_B), load_profile("h100-sxm")
+    plan = build("split", exp, profile, simulate_it=False).plan
+    first = {str(plan[c].mesh) for c in ("actor_gen", "ref_inf", "actor_train")}
+    second = {str(plan[c].mesh) for c in ("reward_inf", "critic_inf", "critic_train")}
+    assert first == {"0-3"} and second == {"4-7"}
+
+
+def test_real_heuristic_on_one_node_follows_reals_allocation():
+    exp, profile = load_experiment(SEVEN_B), load_profile("h100-sxm")
+    plan = build("real-heuristic", exp, profile, simulate_it=False).plan
+    d = {c: (str(lay.mesh), lay.dp, lay.tp, lay.pp) for c, lay in plan.layouts.items()}
+    assert d["actor_gen"] == ("0-7", 4, 1, 2)
+    assert d["ref_inf"] == ("0-7", 2, 4, 1)
+    assert d["actor_train"] == ("0-3", 2, 2, 1) and d["critic_train"] == ("4-7", 2, 2, 1)
+    assert {d["reward_inf"][0], d["critic_inf"][0]} == {"0-3", "4-7"}
+
+
+def test_real_heuristic_sizes_training_node_sets_by_model_size():
+    exp, profile = load_experiment(EXAMPLES / "ppo-llama2-70b-128xh100.yaml"), load_profile("h100-sxm")
+    plan = build("real-heuristic", exp, profile, simulate_it=False).plan
+    actor, critic = plan["actor_train"].mesh, plan["critic_train"].mesh
+    assert not actor.overlaps(critic) and actor.size > 4 * critic.size  # 70B actor, 7B critic
+    assert plan["actor_gen"].tp == 1 and plan["actor_gen"].pp == 16
+
+
+def test_a_baseline_that_cannot_fit_reports_the_memory_reason():
+    b = build("megatron", tiny_experiment("ppo"), linear_profile(capacity=3e6))
+    assert not b.feasible and b.iteration_s is None and "against" in b.reason and "during" in b.reason
+
+
+def test_cli_writes_the_plan_and_exits_by_fit(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main([str(SEVEN_B), "--name", "real-heuristic", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["iteration_s"] > 0 and summary["reason"] is None
+    check(Plan.load(str(out)), load_experiment(SEVEN_B))
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(linear_profile_dict(capacity=3e6)))
+    assert main([str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--name", "megatron", "--profile", str(small)]) == 1
+    assert "does not fit" in capsys.readouterr().out
+    assert main([str(SEVEN_B), "--name", "deepspeed"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'deepspeed'" in err[0]

@@ -1,0 +1,78 @@
+"""python -m search: bad input exits 2 before any search work; the plan, trace and JSON it writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import search.__main__ as cli
+from estimator.experiment import load_experiment
+from estimator.plan import Plan, check
+from tests.conftest import EXAMPLES
+
+TINY = str(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+
+
+@pytest.fixture
+def no_search(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the search started before the input was checked")
+
+    monkeypatch.setattr(cli, "run_search", refuse)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    return err[0]
+
+
+@pytest.mark.parametrize("budget", ["0", "-3", "nan", "inf"])
+def test_a_budget_that_is_not_positive_and_finite_exits_2(budget, capsys, no_search):
+    assert cli.main([TINY, "--time-budget", budget]) == 2
+    assert f"--time-budget {float(budget)!r}" in _one_error_line(capsys)
+
+
+def test_unknown_experiment_key_exits_2_naming_it(tmp_path, capsys, no_search):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((EXAMPLES / "ppo-tiny-2xcpu.yaml").read_text() + "gen_lenght: 4\n")
+    assert cli.main([str(bad)]) == 2
+    assert "'gen_lenght'" in _one_error_line(capsys)
+
+
+def test_unknown_profile_exits_2_naming_it(capsys, no_search):
+    assert cli.main([TINY, "--profile", "tpu-v9"]) == 2
+    assert "'tpu-v9'" in _one_error_line(capsys)
+
+
+def test_unwritable_out_exits_2_naming_it(tmp_path, capsys, no_search):
+    assert cli.main([TINY, "--out", str(tmp_path / "missing" / "plan.json")]) == 2
+    assert "does not exist" in _one_error_line(capsys)
+    assert cli.main([TINY, "--out", str(tmp_path)]) == 2
+    assert "is a directory" in _one_error_line(capsys)
+    assert cli.main([TINY, "--max-evals", "0"]) == 2
+    assert "--max-evals 0" in _one_error_line(capsys)
+
+
+def test_search_writes_a_plan_the_other_tools_take_and_prints_the_json_keys(tmp_path, capsys):
+    out, trace = tmp_path / "plan.json", tmp_path / "trace.json"
+    assert cli.main([TINY, "--max-evals", "200", "--chains", "1", "--out", str(out), "--trace", str(trace),
+                     "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    for key in ("iteration_s", "plan", "baselines", "evaluated", "space_log10", "roofline_s", "peak_memory_bytes"):
+        assert key in summary
+    assert set(summary["baselines"]) == {"megatron", "colocate", "split", "real-heuristic"}
+    assert all(b["iteration_s"] >= summary["iteration_s"] for b in summary["baselines"].values())
+    assert summary["evaluated"] == 200 and summary["roofline_s"] <= summary["iteration_s"]
+    plan = check(Plan.load(str(out)), load_experiment(TINY))
+    assert json.loads(plan.to_json()) == summary["plan"]
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_search_prints_the_report_table(capsys):
+    assert cli.main([TINY, "--max-evals", "100", "--chains", "1"]) == 0
+    text = capsys.readouterr().out
+    for needle in ("plan space: 10^", "predicted iteration time", "roofline lower bound", "real-heuristic",
+                   "where the time goes:", "reallocation"):
+        assert needle in text

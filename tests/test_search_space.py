@@ -1,0 +1,62 @@
+"""The plan space: validity and memory pruning, counting without listing."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from estimator.cluster import Cluster
+from estimator.errors import ConfigError
+from estimator.experiment import load_experiment
+from estimator.memory import plan_memory
+from estimator.plan import Plan, enumerate_layouts
+from estimator.profiles import load_profile
+from search.space import build_space
+from tests.conftest import EXAMPLES, tiny_experiment
+from tests.synthetic import linear_profile
+
+
+def test_valid_counts_match_the_enumerated_layouts_and_kept_layouts_are_valid():
+    exp = tiny_experiment("ppo")
+    space = build_space(exp, linear_profile())
+    for cs in space.calls:
+        listed = enumerate_layouts(exp.workflow[cs.name], exp.models[cs.role], exp.cluster)
+        assert cs.valid == len(listed)
+        assert set(cs.layouts()) == set(listed)  # nothing pruned with 80 GB per device
+        assert cs.count == len(listed)
+    assert space.log10_size == pytest.approx(math.log10(space.size))
+
+
+def test_memory_pruning_drops_only_layouts_no_plan_can_fit():
+    exp = load_experiment(EXAMPLES / "ppo-llama2-7b-8xh100.yaml")
+    profile = load_profile("h100-sxm")
+    space = build_space(exp, profile)
+    train = space["actor_train"]
+    listed = enumerate_layouts(exp.workflow["actor_train"], exp.models["actor"], exp.cluster)
+    dropped = [lay for lay in listed if not train.contains(lay)]
+    assert 0 < len(dropped) < len(listed)
+    cheapest = {c.name: min(c.layouts(), key=lambda lay: (lay.mesh.size, lay.micro_batches)) for c in space.calls}
+    for lay in dropped[:: max(1, len(dropped) // 10)]:
+        # with every other call on the smallest mesh it allows, the dropped layout still overflows
+        plan = Plan({**cheapest, "actor_train": lay})
+        assert not plan_memory(exp, plan, profile.capacity_bytes).feasible
+
+
+def test_a_call_that_cannot_fit_anywhere_is_an_error_naming_it():
+    exp = tiny_experiment("ppo")
+    with pytest.raises(ConfigError, match="call actor_train: no valid layout fits in 976.6 KiB per device"):
+        build_space(exp, linear_profile(capacity=1e6))
+
+
+def test_1024_devices_are_counted_not_listed():
+    exp = load_experiment(EXAMPLES / "ppo-llama2-70b-128xh100.yaml")
+    big = dataclasses.replace(exp, cluster=Cluster(128, 8, "h100-sxm"))
+    space = build_space(big, load_profile("h100-sxm"))
+    gen = space["actor_gen"]
+    meshes = big.cluster.meshes()
+    assert sum(len(f) for f in gen.firsts.values()) == len(meshes)
+    assert gen.count == sum(len(gen.shapes[s]) * len(gen.firsts[s]) for s in gen.shapes)
+    assert gen.count > 100_000 and space.log10_size > 30
+    assert space.size == math.prod(c.count for c in space.calls)
