@@ -4,23 +4,16 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from estimator.errors import ConfigError
+from estimator.io import check_output_path
 
 
 def check_out(path: str, flag: str = "--out") -> Path:
-    """``path`` can be written: not a directory, in an existing writable directory."""
-    p = Path(path)
-    if p.is_dir():
-        raise ConfigError(f"{flag} {path!r} is a directory; give a file path")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise ConfigError(f"{flag} {path!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ConfigError(f"{flag} {path!r}: not writable")
-    return p
+    """``path`` can be written (:func:`estimator.io.check_output_path`: a regular file or a
+    character device, through symlinks, in an existing writable directory)."""
+    return check_output_path(path, flag)
 
 
 def check_budget(seconds: float) -> float:
