@@ -6,10 +6,10 @@ Usage::
     python -m analysis.validate examples/dpo-tiny-2xcpu.yaml --plan-dir examples/plans/dpo-tiny-2xcpu --runs 3
     python -m analysis.validate examples/grpo-tiny-2xcpu.yaml --plans 4 --iterations 3 --runs 1 --json
 
-The plans: every baseline and the searched best plan (from the ``search`` package; without
-it, the symmetric baseline :func:`estimator.baselines.symmetric_plan` only, and the output says
-so), then a seeded sample covering every structural kind (:mod:`analysis.sampler`) up to
-``--plans``; or exactly the plan files in ``--plan-dir``. Each plan is simulated for
+The plans: every baseline that fits (:mod:`search.baselines`; those left out are named with
+the reason) and the searched best plan (:func:`search.run_search`, at most ``--search-evals``
+plans, seeded, so it repeats exactly), then a seeded sample covering every structural kind
+(:mod:`analysis.sampler`) up to ``--plans``; or exactly the plan files in ``--plan-dir``. Each plan is simulated for
 ``--iterations`` iterations and run with ``python -m executor.run`` in ``--runs`` fresh
 processes, one run at a time (progress bar on stderr). Everything is written into ``--out``
 (default ``analysis/results/<experiment>``), each file atomically:
@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from estimator.baselines import symmetric_plan
 from estimator.errors import ConfigError, cli_guard
 from estimator.experiment import Experiment, load_experiment
 from estimator.io import atomic_write_json, atomic_write_text
@@ -56,6 +55,9 @@ EXIT_NOTHING_MEASURED = 1
 Runner = Callable[[Path, Path, int, Path], Timeline]  # (experiment, plan file, iterations, timeline out)
 
 
+SEARCH_TIME_CAP_S = 3600.0  # run_search needs a time budget; with max_evals it is not what stops it
+
+
 @dataclass
 class Candidate:
     """One plan to validate and what became of it."""
@@ -68,34 +70,34 @@ class Candidate:
     failures: list[str] = field(default_factory=list)
 
 
-def search_plans(experiment: Experiment, profile: Profile, seed: int, budget_s: float) -> tuple[list[Candidate], str]:
-    """Every baseline and the searched best from the ``search`` package, and a note on what was used."""
-    try:
-        import search.baselines as sb
+def search_plans(experiment: Experiment, profile: Profile, seed: int,
+                 max_evals: int) -> tuple[list[Candidate], list[str]]:
+    """Every baseline that can be built and fits, and the searched best plan, with notes on
+    the baselines left out and why."""
+    import search.baselines as sb
+    from search import run_search
 
-        from search import run_search
-    except ImportError:
-        note = ("search package not available: using the symmetric baseline (estimator.baselines.symmetric_plan) "
-                "and sampled plans only, no searched-best plan")
-        return [Candidate("symmetric", symmetric_plan(experiment, profile), "baseline")], note
-    names = getattr(sb, "NAMES", None) or getattr(sb, "BASELINES", None) or ("symmetric",)
-    out = []
-    for name in names:
+    out, notes = [], []
+    for name in sb.BASELINES:
         built = sb.build(name, experiment, profile)
-        if built is not None and built.plan is not None:
-            out.append(Candidate(f"baseline-{name}", built.plan, "baseline"))
-    best = run_search(experiment, profile, time_budget_s=budget_s, max_evals=20_000, seed=seed)
+        if built.plan is None or built.iteration_s is None:
+            notes.append(f"baseline {name} left out: {built.reason}")
+            continue
+        out.append(Candidate(f"baseline-{name}", built.plan, "baseline"))
+    # an evaluation budget, not a wall-clock one: the same seed gives the same plan on any machine
+    best = run_search(experiment, profile, time_budget_s=SEARCH_TIME_CAP_S, max_evals=max_evals, seed=seed,
+                      progress=False)
     out.append(Candidate("searched-best", best.plan, "search"))
-    return out, f"baselines {list(names)} and the searched best plan from the search package"
+    notes.append(f"searched best plan: {best.evaluated} plans evaluated (seed {seed}, at most {max_evals})")
+    return out, notes
 
 
 def choose(experiment: Experiment, profile: Profile, n: int, seed: int,
-           budget_s: float) -> tuple[list[Candidate], list[str]]:
+           max_evals: int) -> tuple[list[Candidate], list[str]]:
     """The plans to validate: baselines and the searched best, then a sample up to ``n``."""
     from analysis.sampler import sample_plans
 
-    first, note = search_plans(experiment, profile, seed, budget_s)
-    notes = [note]
+    first, notes = search_plans(experiment, profile, seed, max_evals)
     unique: dict[str, Candidate] = {}
     for c in first:
         same = unique.setdefault(c.plan.to_json(), c)
@@ -218,7 +220,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs", type=int, default=3, help="fresh executor runs per plan (default 3)")
     ap.add_argument("--profile", help="profile name or file (default: the cluster's device)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the plan sample and the search (default 0)")
-    ap.add_argument("--search-budget-s", type=float, default=30.0, help="time for the search (default 30)")
+    ap.add_argument("--search-evals", type=int, default=20_000,
+                    help="plans the search evaluates at most, so runs repeat exactly (default 20000)")
     ap.add_argument("--out", help="output directory (default analysis/results/<experiment>)")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return ap
@@ -226,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
     args = _parser().parse_args(argv)
-    for flag in ("plans", "iterations", "runs"):
+    for flag in ("plans", "iterations", "runs", "search_evals"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
     experiment = load_experiment(args.experiment)
@@ -235,7 +238,7 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
     if args.plan_dir:
         cands, notes = from_dir(Path(args.plan_dir), experiment), [f"plans from {args.plan_dir}"]
     else:
-        cands, notes = choose(experiment, profile, args.plans, args.seed, args.search_budget_s)
+        cands, notes = choose(experiment, profile, args.plans, args.seed, args.search_evals)
     settings = {"experiment": str(args.experiment), "plans": len(cands), "iterations": args.iterations,
                 "runs": args.runs, "profile": profile.name, "seed": args.seed}
     for n in notes:

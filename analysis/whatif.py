@@ -17,8 +17,7 @@ generated tokens; samples/s: sequences trained), GPU-hours per 1,000 steps and t
 over each baseline. ``--out`` (default ``analysis/results/whatif-<experiment>``) receives
 ``whatif.csv``, ``whatif.png``, ``whatif.json`` and each point's best plan under ``plans/``.
 
-The search package is required; without it the command says so and exits 2. Exit code 2 also
-for an unknown key, a bad value, or a point whose experiment is invalid (named).
+Exit code 2 for an unknown key, a bad value, or a point whose experiment is invalid (named).
 """
 
 from __future__ import annotations
@@ -175,26 +174,20 @@ def plot_sweep(df: pd.DataFrame, keys: Sequence[str], out: Path) -> Path:
     return _save(fig, out)
 
 
-def search_functions(budget_s: float, seed: int) -> tuple[Searcher, Baselines]:
-    """The search and the baselines from the ``search`` package; ConfigError when it is absent."""
-    try:
-        import search.baselines as sb
-
-        from search import run_search
-    except ImportError:
-        raise ConfigError("analysis.whatif needs the search package (search.run_search and search.baselines), "
-                          "which is not installed here") from None
-    names = getattr(sb, "NAMES", None) or getattr(sb, "BASELINES", None) or ("symmetric",)
+def search_functions(budget_s: float, seed: int, max_evals: int | None = None) -> tuple[Searcher, Baselines]:
+    """The search (``budget_s`` per point, or exactly ``max_evals`` plans so runs repeat) and
+    the baselines that can be built, from the ``search`` package."""
+    import search.baselines as sb
+    from search import run_search
 
     def searcher(exp: Experiment, profile: Profile) -> Plan:
-        return run_search(exp, profile, time_budget_s=budget_s, max_evals=20_000, seed=seed).plan
+        return run_search(exp, profile, time_budget_s=budget_s, max_evals=max_evals, seed=seed, progress=False).plan
 
     def baselines(exp: Experiment, profile: Profile) -> dict[str, Plan]:
-        built = {n: sb.build(n, exp, profile) for n in names}
-        return {n: b.plan for n, b in built.items() if b is not None and b.plan is not None}
+        built = {n: sb.build(n, exp, profile) for n in sb.BASELINES}
+        return {n: b.plan for n, b in built.items() if b.plan is not None}
 
     return searcher, baselines
-
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -204,6 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile", help="profile name or file (default: each point's cluster device)")
     ap.add_argument("--search-budget-s", type=float, default=10.0, help="search time per point (default 10)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the search (default 0)")
+    ap.add_argument("--search-evals", type=int, help="plans the search evaluates per point instead of the "
+                    "time budget, so runs repeat exactly")
     ap.add_argument("--out", help="output directory (default analysis/results/whatif-<experiment>)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     return ap
@@ -213,7 +208,9 @@ def _main(argv: list[str] | None, functions: tuple[Searcher, Baselines] | None =
     args = _parser().parse_args(argv)
     experiment = load_experiment(args.experiment)
     varies = parse_vary(args.vary, experiment.algorithm)
-    searcher, baselines = functions or search_functions(args.search_budget_s, args.seed)
+    if args.search_evals is not None and args.search_evals < 1:
+        raise ConfigError(f"--search-evals={args.search_evals} must be at least 1")
+    searcher, baselines = functions or search_functions(args.search_budget_s, args.seed, args.search_evals)
     out = Path(args.out or Path("analysis", "results", f"whatif-{experiment.name}"))
     df = sweep(experiment, varies, args.profile, searcher, baselines, out)
     atomic_write_text(out / "whatif.csv", df.to_csv(index=False, float_format="%.9g"))
