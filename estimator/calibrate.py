@@ -14,7 +14,10 @@ A measurement runs three phases, each with a progress bar on stderr:
 1. **kernels** (:mod:`calibration.kernels`): single aten-level op families and the executor's
    own pieces (block forward at prefill and decode shapes, backward, head, optimizer) over the
    shapes plans produce — one thread per simulated device on CPU, CUDA events on a GPU — and the
-   runtime's fixed costs per call and per micro-batch (:mod:`calibration.overheads`);
+   runtime's fixed costs per call and per micro-batch (:mod:`calibration.overheads`). On CPU
+   with a world size above 1, ``world`` processes time the grid in step
+   (:mod:`calibration.together`), because the executor's processes compute at once and slow
+   each other down on a small host;
 2. **collectives** (:mod:`calibration.collectives`): every collective the executor issues over
    torch.distributed (gloo on CPU, NCCL on GPUs), message sizes from bytes to tens or hundreds
    of MB, every group size the world size allows; skipped with a world size of 1 (one GPU),
@@ -167,10 +170,17 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
     cases = kernels.grid(level, experiment=args.experiment)
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     total = len(cases) + 1 + 2 * len(overheads.MICRO_BATCHES)  # the kernel grid, then the fixed costs
-    with tqdm(total=total, desc="kernels", unit="case", file=sys.stderr) as bar:
-        raw_k = kernels.measure(cases, args.device, dtype, level, progress=bar.update)
-        raw_o = overheads.measure_overheads(args.device, dtype, progress=bar.update)
-    raw_kernels = pd.concat([raw_k, raw_o], ignore_index=True)
+    together = args.device == "cpu" and world >= 2  # the CPU executor's processes compute at once
+    with tqdm(total=total, desc="kernels" + (f" ({world} processes in step)" if together else ""), unit="case",
+              file=sys.stderr) as bar:
+        if together:
+            from calibration.together import measure_together
+
+            raw_kernels = measure_together(cases, level, dtype, world, progress=bar.update)
+        else:
+            raw_kernels = pd.concat([kernels.measure(cases, args.device, dtype, level, progress=bar.update),
+                                     overheads.measure_overheads(args.device, dtype, progress=bar.update)],
+                                    ignore_index=True)
     raw_links = None
     if world >= 2:
         grid = collectives.GRIDS[level]
@@ -181,7 +191,10 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
     info = {**device_info(args.device), "os": platform.platform()}
     what = info.get("gpu") or info.get("cpu") or args.device
     doc.update(name=name, source="measured", date=datetime.date.today().isoformat(), software=info,
-               device=f"{what}, one process per device ({'CUDA' if args.device == 'cuda' else 'one thread, gloo'})")
+               device=f"{what}, one process per device ("
+               + ("CUDA)" if args.device == "cuda" else
+                  f"one thread, gloo; kernels timed with {world} such processes busy at once)" if together
+                  else "one thread, gloo)"))
     doc["compute"] = {**sections["compute"], "dtype": dtype}
     doc["memory"] = {"capacity": _capacity(args.device, world, command), **sections["memory"]}
     if "executor" in sections:

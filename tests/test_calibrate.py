@@ -91,11 +91,33 @@ def test_killing_a_calibration_leaves_the_previous_profile_byte_identical(tmp_pa
         if proc.poll() is not None:
             break
     assert b"kernels" in seen, seen.decode(errors="replace")
+    children: list[int] = []
+    while len(children) < 2 and time.monotonic() < deadline:  # the kernels are timed in worker processes
+        time.sleep(0.05)
+        children = _children(proc.pid)
+    assert children, "no worker process started"
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     proc.stderr.close()
     assert target.read_bytes() == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == ["victim.json"]
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{c}").exists() for c in children), "workers outlived the killed calibration"
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
 
 
 @pytest.mark.parametrize("argv, match", [
