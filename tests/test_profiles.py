@@ -27,11 +27,25 @@ def test_shipped_profiles_load_and_cite_every_number():
     assert set(SHIPPED) <= set(known_profiles())
     for name in SHIPPED:
         p = load_profile(name)
-        assert p.name == name and p.source == "datasheet"
+        assert p.name == name and p.source == ("measured" if name == "cpu" else "datasheet")
         prov = p.provenance()
-        # peak, efficiency, launch, capacity, bandwidth, mem efficiency + 2 × 5 collectives
-        assert len(prov) == 6 + 2 * len(COLLECTIVES), prov.keys()
+        # peak, efficiency, launch, capacity, bandwidth, mem efficiency + 2 × 5 collectives (+ compose, executor)
+        assert len(prov) >= 6 + 2 * len(COLLECTIVES), prov.keys()
         assert all(len(v) > 10 for v in prov.values())
+
+
+def test_the_shipped_cpu_profile_is_measured_by_the_calibration_command():
+    p = load_profile("cpu")
+    command = "python -m estimator.calibrate --device cpu --world-size 2 --name cpu"
+    measured = [k for k, v in p.provenance().items() if v.startswith(command)]
+    assert {"compute.peak", "compute.launch", "memory.bandwidth", "executor"} <= set(measured)
+    assert p.raw["compute"]["compose"]["command"].startswith(command)
+    assert all(k in measured for k in p.provenance() if k.startswith("links.intra"))
+    assert p.compose == "serial" and p.dtype == "float32"
+    # what autograd records and what a backward pass runs cost more host time than no-grad ops
+    assert p.dispatch_s("nograd") < p.dispatch_s("grad") and p.dispatch_s("nograd") < p.dispatch_s("backward")
+    for f in ("cpu.kernels.csv", "cpu.kernels.report.csv", "cpu.links.csv", "cpu.links.report.csv"):
+        assert (PROFILE_DIR / f).stat().st_size > 100
 
 
 def test_datasheet_figures():
