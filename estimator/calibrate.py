@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="what to measure (default cpu)")
     ap.add_argument("--world-size", type=int, default=None,
-                    help="processes for the collectives (default: 2 on CPU, every visible GPU on CUDA)")
+                    help="simulated devices: the collectives' largest group and, on CPU, how many processes "
+                         "time the kernels at once (default: 2 on CPU, every visible GPU on CUDA)")
     ap.add_argument("--experiment", help="add this experiment's models and shapes to the grid")
     level = ap.add_mutually_exclusive_group()
     level.add_argument("--quick", action="store_const", dest="level", const="quick",
