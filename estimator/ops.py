@@ -1,7 +1,7 @@
 """Work of transformer ops as pure functions of shapes: FLOPs, each citing its formula.
 
 Conventions: one multiply-add is 2 FLOPs (``2·m·n·k`` for an m×k by k×n product, as in
-Calculon's ``Linear``). Symbols follow REFERENCE.md: h hidden, f ffn, V vocab, L layers,
+Calculon's ``Linear``). Symbols: h hidden, f ffn, V vocab, L layers,
 ``kv = g·d`` width of K (or V). Attention is causal: query position i attends to i+1 keys
 (its own and every earlier one), so a forward over ``s`` new tokens after ``c`` cached ones
 attends ``s·c + s(s+1)/2`` keys; each attended key costs ``4·h`` FLOPs (QKᵀ and the weighted

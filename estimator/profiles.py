@@ -213,7 +213,7 @@ class Profile:
         """A collective over ``per_node`` ranks on each of ``nodes`` nodes: a measured multi-node
         curve where the profile has one for that shape; otherwise hierarchically, the
         intra-node phase on NVLink, then ``1/per_node`` of the data per rank across nodes on
-        each rank's own NIC (REFERENCE.md "Hierarchical")."""
+        each rank's own NIC (a two-level ring)."""
         if nodes <= 1:
             return self.collective_s(kind, size_bytes, per_node, "intra")
         if size_bytes <= 0:
