@@ -11,8 +11,14 @@ iterations count (those after ``warmup``; all of them when there are no more). T
 - **op kind**: per (call, pipeline stage, kind) the seconds a device spends in that kind per
   iteration (max over the stage's devices, as the executor reports reallocation and data time)
   — so decode, recorded per step by the executor and per chunk by the simulator, is compared
-  summed per call and stage. Reallocation and data movement are compared per call (stage -1):
-  the executor records them per device, outside any stage.
+  summed per call and stage. Reallocation and data movement are compared per call (stage -1),
+  as the time the transfer itself takes, since the executor's spans also hold waiting for the
+  other side: a reallocation from when its last device joins to when its last device is done
+  (the executor's devices enter when their previous call ends; the simulator starts them
+  together), and a call's data from when its inputs exist and it waits for them (the later of
+  its producers' end and its own wait's start) to when the last input has landed. The
+  executor's sender-side data spans (posting a call's outputs, after its compute) are left
+  out: the simulator files transfers under the consumer only.
 
 A plan measured in several fresh runs gets the median of the runs and their min/max. An error
 only counts against the model where the prediction lies outside that spread:
@@ -66,17 +72,53 @@ def call_durations(timeline: Timeline, warmup: int) -> pd.Series:
     return (window["hi"] - window["lo"]).groupby("call").mean().rename("duration_s")
 
 
-def op_durations(timeline: Timeline, warmup: int) -> pd.DataFrame:
-    """Rows (call, stage, kind, duration_s): seconds per steady iteration on the stage's busiest device."""
+def _compute_ends(df: pd.DataFrame) -> pd.Series:
+    """(call, iteration) → when the call's computation ended: its ``compute`` spans (the
+    executor's) or else its op spans (the simulator's)."""
+    wrapped = df[df["op"] == "compute"]
+    spans = wrapped if not wrapped.empty else df[~df["op"].isin(OUTSIDE_COMPUTE)]
+    return spans.groupby(["call", "iteration"])["end_s"].max()
+
+
+def _transfers(df: pd.DataFrame, producers: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    """Rows (call, iteration, kind, duration_s) of reallocation and data transfer time proper
+    (see the module docstring)."""
+    rows = []
+    re = df[df["op"] == "realloc"]
+    for (call, it), g in re.groupby(["call", "iteration"]):
+        rows.append((call, it, "realloc", max(0.0, g["end_s"].max() - g["start_s"].max())))
+    data = df[df["op"] == "data"]
+    if not data.empty:
+        ends = _compute_ends(df)
+        starts = df[df["op"] == "compute"].groupby(["call", "iteration"])["start_s"].min()
+        for (call, it), g in data.groupby(["call", "iteration"]):
+            if (call, it) in starts.index:  # the executor's: only the waits before the compute
+                g = g[g["start_s"] < starts[(call, it)]]
+            if g.empty:
+                continue
+            ready = max((ends.get((p, it), -math.inf) for p in producers.get(call, ())), default=-math.inf)
+            per_device = [max(0.0, d["end_s"].max() - max(d["start_s"].min(), ready)) for _, d in g.groupby("device")]
+            rows.append((call, it, "data", max(per_device)))
+    return pd.DataFrame(rows, columns=["call", "iteration", "kind", "duration_s"])
+
+
+def op_durations(timeline: Timeline, warmup: int, producers: Mapping[str, Sequence[str]] | None = None
+                 ) -> pd.DataFrame:
+    """Rows (call, stage, kind, duration_s): seconds per steady iteration on the stage's busiest
+    device; reallocation and data (stage -1) as transfer time proper. ``producers``: call → the
+    calls whose outputs it reads (without it, a data wait counts from its own start)."""
     df = timeline.to_dataframe()
     steady = steady_iterations(timeline, warmup)
-    df = df[df["iteration"].isin(steady) & df["op"].isin(OP_KINDS)].copy()
-    df["kind"] = df["op"].map(OP_KINDS)
-    df.loc[df["kind"].isin(UNSTAGED), "stage"] = -1
-    per_device = df.groupby(["call", "stage", "kind", "iteration", "device"])["duration_s"].sum()
-    per_iter = per_device.groupby(["call", "stage", "kind", "iteration"]).max().unstack("iteration")
+    df = df[df["iteration"].isin(steady)]
+    staged = df[df["op"].isin(OP_KINDS) & ~df["op"].isin(UNSTAGED)].copy()
+    staged["kind"] = staged["op"].map(OP_KINDS)
+    per_device = staged.groupby(["call", "stage", "kind", "iteration", "device"])["duration_s"].sum()
+    per_iter = per_device.groupby(["call", "stage", "kind", "iteration"]).max()
+    moved = _transfers(df, producers or {}).assign(stage=-1)
+    if not moved.empty:
+        per_iter = pd.concat([per_iter, moved.set_index(["call", "stage", "kind", "iteration"])["duration_s"]])
     # an iteration without the op spent no time in it
-    per_iter = per_iter.reindex(columns=steady).fillna(0.0)
+    per_iter = per_iter.unstack("iteration").reindex(columns=steady).fillna(0.0)
     return per_iter.mean(axis=1).rename("duration_s").reset_index()
 
 
@@ -110,9 +152,11 @@ class PlanFrames:
 
 
 def compare_plan(plan_id: str, predicted: Timeline, measured: Sequence[Timeline],
-                 call_kinds: Mapping[str, str], warmup: int | None = None) -> PlanFrames:
+                 call_kinds: Mapping[str, str], warmup: int | None = None,
+                 producers: Mapping[str, Sequence[str]] | None = None) -> PlanFrames:
     """Join one plan's prediction with its measured runs. ``call_kinds``: call → generate |
-    inference | train. ``warmup`` defaults to :func:`default_warmup` of each timeline."""
+    inference | train. ``warmup`` defaults to :func:`default_warmup` of each timeline.
+    ``producers``: call → the calls it reads outputs from (:func:`op_durations`)."""
     if not measured:
         raise ValueError(f"plan {plan_id}: no measured run to compare with")
 
@@ -133,7 +177,7 @@ def compare_plan(plan_id: str, predicted: Timeline, measured: Sequence[Timeline]
     calls.insert(2, "call_kind", calls["call"].map(call_kinds))
 
     def ops_of(tl: Timeline) -> pd.DataFrame:
-        return op_durations(tl, wu(tl)).assign(plan=plan_id)
+        return op_durations(tl, wu(tl), producers).assign(plan=plan_id)
 
     ops = _runs([ops_of(m) for m in measured], OP_KEYS)
     pred_ops = ops_of(predicted).rename(columns={"duration_s": "predicted_s"})

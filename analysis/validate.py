@@ -44,6 +44,7 @@ from typing import Any
 from estimator.errors import ConfigError, cli_guard
 from estimator.experiment import Experiment, load_experiment
 from estimator.io import atomic_write_json, atomic_write_text
+from estimator.loading import load_json
 from estimator.plan import Plan, check
 from estimator.profiles import Profile, load_profile
 from estimator.simulator import simulate
@@ -118,6 +119,27 @@ def from_dir(directory: Path, experiment: Experiment) -> list[Candidate]:
     return [Candidate(f.stem, check(Plan.load(str(f)), experiment), "file") for f in files]
 
 
+def from_results(directory: Path, experiment: Experiment) -> tuple[list[Candidate], list[str]]:
+    """The plans and measured runs of an earlier validation in ``directory``, to predict again."""
+    files = sorted((directory / "plans").glob("*.json"))
+    if not files:
+        raise ConfigError(f"--rescore {str(directory)!r}: no plans/*.json (not a validation output directory)")
+    origins: dict[str, str] = {}
+    summary = directory / "summary.json"
+    if summary.is_file():
+        doc = load_json(summary, f"--rescore {summary}")
+        origins = {str(p.get("plan")): str(p.get("origin", "file")) for p in doc.get("plans", []) if isinstance(p, dict)}
+    cands = []
+    for f in files:
+        c = Candidate(f.stem, check(Plan.load(str(f)), experiment), origins.get(f.stem, "file"))
+        runs = sorted((directory / "timelines").glob(f"{f.stem}.measured-*.json"))
+        c.measured = [Timeline.load(r) for r in runs]
+        if not runs:
+            c.failures.append("no measured run in the rescored directory")
+        cands.append(c)
+    return cands, [f"measured runs from {directory}, predicted again"]
+
+
 def run_executor(experiment_path: Path, plan_file: Path, iterations: int, out: Path, timeout_s: float = 900.0
                  ) -> Timeline:
     """One fresh ``python -m executor.run`` process; its measured timeline."""
@@ -170,7 +192,11 @@ def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: lis
     done = [c for c in cands if c.measured]
     if not done:
         raise RuntimeError("no plan could be measured: " + "; ".join(f"{c.id}: {c.failures[-1]}" for c in cands))
-    plans, calls, ops = compare.join([compare.compare_plan(c.id, c.predicted, c.measured, kinds) for c in done])
+    producers: dict[str, list[str]] = {}
+    for prod, cons, _ in experiment.workflow.edges():
+        producers.setdefault(cons, []).append(prod)
+    plans, calls, ops = compare.join([compare.compare_plan(c.id, c.predicted, c.measured, kinds, producers=producers)
+                                      for c in done])
     origin = {c.id: c.origin for c in cands}
     plans.insert(1, "plan_file", [f"plans/{p}.json" for p in plans["plan"]])
     plans.insert(2, "origin", plans["plan"].map(origin))
@@ -216,6 +242,9 @@ def _parser() -> argparse.ArgumentParser:
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--plans", type=int, default=20, help="plans to validate (default 20)")
     which.add_argument("--plan-dir", help="validate exactly the plan files (*.json) in this directory")
+    which.add_argument("--rescore", metavar="DIR",
+                       help="run nothing: predict the plans of an earlier validation in DIR again (this model, "
+                            "--profile) against the runs measured there, and write the comparison into --out")
     ap.add_argument("--iterations", type=int, default=3, help="iterations per run; the first is warm-up (default 3)")
     ap.add_argument("--runs", type=int, default=3, help="fresh executor runs per plan (default 3)")
     ap.add_argument("--profile", help="profile name or file (default: the cluster's device)")
@@ -235,6 +264,17 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
     experiment = load_experiment(args.experiment)
     profile = load_profile(args.profile or experiment.cluster.device)
     out = Path(args.out or Path("analysis", "results", experiment.name))
+    if args.rescore:
+        cands, notes = from_results(Path(args.rescore), experiment)
+        runs = max(len(c.measured) for c in cands)
+        settings = {"experiment": str(args.experiment), "plans": len(cands), "iterations": args.iterations,
+                    "runs": runs, "profile": profile.name, "seed": args.seed, "rescored": str(args.rescore)}
+        predict(cands, experiment, profile, args.iterations, out)
+        if Path(args.rescore).resolve() != out.resolve():
+            for c in cands:  # the measured runs go with the comparison they belong to
+                for r, tl in enumerate(c.measured):
+                    tl.save(out / "timelines" / f"{c.id}.measured-{r}.json")
+        return _finish(cands, experiment, out, notes, settings, args.json)
     if args.plan_dir:
         cands, notes = from_dir(Path(args.plan_dir), experiment), [f"plans from {args.plan_dir}"]
     else:
@@ -245,12 +285,17 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
         print(f"note: {n}", file=sys.stderr)
     predict(cands, experiment, profile, args.iterations, out)
     measure(cands, Path(args.experiment), out, args.iterations, args.runs, runner)
+    return _finish(cands, experiment, out, notes, settings, args.json)
+
+
+def _finish(cands: list[Candidate], experiment: Experiment, out: Path, notes: list[str], settings: dict[str, Any],
+            as_json: bool) -> int:
     try:
         rep = report(cands, experiment, out, notes, settings)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NOTHING_MEASURED
-    print(json.dumps(rep["summary"], indent=2) if args.json else rep["text"] + f"\n\nwrote {out}")
+    print(json.dumps(rep["summary"], indent=2) if as_json else rep["text"] + f"\n\nwrote {out}")
     return 0
 
 

@@ -17,7 +17,9 @@ A measurement runs three phases, each with a progress bar on stderr:
    runtime's fixed costs per call and per micro-batch (:mod:`calibration.overheads`). On CPU
    with a world size above 1, ``world`` processes time the grid in step
    (:mod:`calibration.together`), because the executor's processes compute at once and slow
-   each other down on a small host;
+   each other down on a small host; then one process times the grid again alone, and the
+   profile's ``host`` section says how much faster each cost term is then
+   (:mod:`calibration.fit_host`, :mod:`estimator.contention`);
 2. **collectives** (:mod:`calibration.collectives`): every collective the executor issues over
    torch.distributed (gloo on CPU, NCCL on GPUs), message sizes from bytes to tens or hundreds
    of MB, every group size the world size allows; skipped with a world size of 1 (one GPU),
@@ -34,7 +36,8 @@ text or ``-J`` JSON output of NVIDIA's nccl-tests instead of measuring.
 
 Writes into ``--out`` (default ``calibration/profiles``): ``NAME.json`` (the profile, its
 ``command`` the exact command line), ``NAME.kernels.csv`` and ``NAME.links.csv`` (raw rows),
-``NAME.kernels.report.csv`` and ``NAME.links.report.csv`` (the held-out fit report). Every file
+``NAME.kernels.report.csv`` and ``NAME.links.report.csv`` (the held-out fit report), on CPU with
+a world size above 1 also ``NAME.kernels-alone.csv`` and ``NAME.host.report.csv``. Every file
 is written to a temporary file and renamed, the profile last, and nothing is written before
 the measurement has finished: an interrupted run leaves any previous profile byte-identical.
 
@@ -113,7 +116,8 @@ def _check_args(args: argparse.Namespace) -> None:
 def _outputs(out: Path, name: str) -> dict[str, Path]:
     files = {"profile": out / f"{name}.json", "kernels": out / f"{name}.kernels.csv",
              "kernels_report": out / f"{name}.kernels.report.csv", "links": out / f"{name}.links.csv",
-             "links_report": out / f"{name}.links.report.csv"}
+             "links_report": out / f"{name}.links.report.csv", "alone": out / f"{name}.kernels-alone.csv",
+             "host_report": out / f"{name}.host.report.csv"}
     for what, path in files.items():
         check_output_path(path, f"calibration output {what}")
     return files
@@ -182,6 +186,10 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
             raw_kernels = pd.concat([kernels.measure(cases, args.device, dtype, level, progress=bar.update),
                                      overheads.measure_overheads(args.device, dtype, progress=bar.update)],
                                     ignore_index=True)
+    raw_alone = None
+    if together:  # the same grid with one process alone: how much faster a device is with its host idle
+        with tqdm(total=total, desc="kernels (1 process alone)", unit="case", file=sys.stderr) as bar:
+            raw_alone = measure_together(cases, level, dtype, 1, progress=bar.update)
     raw_links = None
     if world >= 2:
         grid = collectives.GRIDS[level]
@@ -200,6 +208,13 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
     doc["memory"] = {"capacity": _capacity(args.device, world, command), **sections["memory"]}
     if "executor" in sections:
         doc["executor"] = sections["executor"]
+    report_h = None
+    if raw_alone is not None:
+        from calibration.fit_host import fit_host
+
+        doc["host"], report_h = fit_host(raw_kernels, raw_alone, sections, world, command=command)
+    else:
+        doc.pop("host", None)  # a base profile's host sharing says nothing of this device
     doc["notes"] = (f"Measured by `{command}` on {doc['device']}. Compute, memory, the executor's fixed costs"
                     + (" and intra-node collectives" if raw_links is not None else "")
                     + f" are fitted to the raw rows beside this file; what was not measured is kept from "
@@ -210,7 +225,7 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
         doc = apply_links(doc, links, raw_csv=f"{name}.links.csv")
     profile_from_dict(doc, where=f"calibrated profile {name}")  # what is written must load
     return {"profile": doc, "kernels": raw_kernels, "kernels_report": report_k,
-            "links": raw_links, "links_report": report_l}
+            "links": raw_links, "links_report": report_l, "alone": raw_alone, "host_report": report_h}
 
 
 def _gpu_count() -> int:
@@ -240,6 +255,7 @@ def _summary(result: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
             "device": doc["device"], "files": {k: str(v) for k, v in files.items() if k in result
                                                 and result[k] is not None or k == "profile"},
             "kernels_report": records(result.get("kernels_report")),
+            "host": doc.get("host"), "host_report": records(result.get("host_report")),
             "links_report": records(result.get("links_report"))}
 
 
@@ -266,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     files = _outputs(out, name)
     result = measure_profile(args, base, name, command)
     texts = {files["profile"]: json.dumps(result["profile"], indent=2) + "\n"}
-    for key in ("kernels", "kernels_report", "links", "links_report"):
+    for key in ("kernels", "kernels_report", "links", "links_report", "alone", "host_report"):
         if result[key] is not None:
             texts[files[key]] = result[key].to_csv(index=False)
     _write_all(texts, files["profile"])
@@ -276,6 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"profile {name} (measured on {result['profile']['device']}) written to {files['profile']}")
     print("\nkernels and executor pieces, held-out shapes:")
     print(_table(result["kernels_report"], ["family"], "n", "median_pct", "max_pct"))
+    if result["host_report"] is not None:
+        alone = result["profile"]["host"]["alone"]
+        print(f"\none process alone against {result['profile']['host']['devices']} busy: time factors "
+              + ", ".join(f"{k} {alone[k]:.3f}" for k in ("flops", "bytes", "dispatch", "executor"))
+              + "; held-out alone rows with the factors (and without):")
+        held = result["host_report"][result["host_report"]["split"] == "held-out"]
+        rows = [("family", "n", "median |err| %", "max |err| %", "median |err| % unscaled")]
+        rows += [(r.family, str(r.n), f"{r.median_pct:.1f}", f"{r.max_pct:.1f}", f"{r.median_pct_unscaled:.1f}")
+                 for r in held.itertuples()]
+        print(format_table(rows, right={1, 2, 3, 4}))
     if result["links_report"] is not None:
         print("\ncollectives, held-out sizes:")
         print(_table(result["links_report"], ["link_class", "kind", "group"], "n_holdout", "median_ape_pct",

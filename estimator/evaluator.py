@@ -29,6 +29,7 @@ from operator import add
 
 import numpy as np
 
+from estimator import contention
 from estimator.experiment import Experiment
 from estimator.instances import instance_graph
 from estimator.lowering import CallCost, Costs
@@ -161,6 +162,11 @@ class Evaluator:
         self._mem_rows: list[np.ndarray] = []
         self._mem_tuples: list[tuple[float, ...]] = []
         self._mem_matrix: np.ndarray | None = None
+        # host sharing (a CPU profile's ``host``): the profile with the host's other devices
+        # idle, and durations by layout and weight
+        self.host = profile.host
+        self._alone_costs = Costs(experiment, profile.alone()) if self.host is not None else None
+        self._weighted: list[dict[tuple[int, float], float]] = [{} for _ in range(self.n)]
 
     # -- interning and cached pieces
 
@@ -189,6 +195,39 @@ class Evaluator:
             v = self._duration[c][lid] = call_s(self.costs.call(self.names[c], self._layouts[lid]))
         return v
 
+    def call_cost(self, c: int, lid: int, weight: float = 1.0) -> CallCost:
+        """Call ``c`` lowered on layout ``lid`` with its host ``weight`` busy (:mod:`estimator.contention`)."""
+        shared = self.costs.call(self.names[c], self._layouts[lid])
+        if self._alone_costs is None or weight >= 1.0:
+            return shared
+        return contention.blend(self._alone_costs.call(self.names[c], self._layouts[lid]), shared, weight)
+
+    def _weighted_s(self, c: int, lid: int, weight: float) -> float:
+        if weight >= 1.0:
+            return self.duration_s(c, lid)
+        v = self._weighted[c].get((lid, weight))
+        if v is None:
+            v = self._weighted[c][(lid, weight)] = call_s(self.call_cost(c, lid, weight))
+        return v
+
+    def call_weights(self, plan: Plan) -> dict[str, float]:
+        """Per call: how busy its host is while it computes, 0 (alone) … 1 (every device busy),
+        the fixed point of :mod:`estimator.contention`; every call 1 when the profile says
+        nothing about sharing a host."""
+        return dict(zip(self.names, self._weights(self._lids(plan))))
+
+    def _weights(self, lids: list[int]) -> list[float]:
+        weights = [1.0] * self.n
+        if self.host is None:
+            return weights
+        spans = [self._span[lid] for lid in lids]
+        steady = list(range(1, self.iterations)) or [0]
+        for _ in range(contention.ROUNDS):
+            windows = self._schedule(lids, weights)[3]
+            weights = [contention.rounded(w) for w in contention.busy_weights(
+                spans, windows, self.experiment.cluster.devices_per_node, self.num_devices, self.host.weight, steady)]
+        return weights
+
     def _realloc_s(self, c: int, home: int, lid: int) -> float:
         if self._place_of[home] == self._place_of[lid]:
             return 0.0
@@ -206,13 +245,18 @@ class Evaluator:
                 self.names[p], self._layouts[src], self.names[c], self._layouts[dst])
         return v
 
-    def _inputs(self, lids: list[int]) -> tuple[list[float], list[float], list[list[tuple[int, float]]]]:
-        """Per call: duration, reallocation time, and (producer, transfer time) of its inputs."""
+    def _inputs(self, lids: list[int], weights: list[float] | None = None
+                ) -> tuple[list[float], list[float], list[list[tuple[int, float]]]]:
+        """Per call: duration (with its host ``weights`` busy; as profiled without), reallocation
+        time, and (producer, transfer time) of its inputs."""
         dur, realloc, data = [], [], []
         place, home = self._place_of, self.home
         for c, lid in enumerate(lids):
-            v = self._duration[c].get(lid)
-            dur.append(self.duration_s(c, lid) if v is None else v)
+            if weights is not None and weights[c] < 1.0:
+                dur.append(self._weighted_s(c, lid, weights[c]))
+            else:
+                v = self._duration[c].get(lid)
+                dur.append(self.duration_s(c, lid) if v is None else v)
             h = lids[home[c]]
             if place[h] == place[lid]:
                 realloc.append(0.0)
@@ -282,12 +326,15 @@ class Evaluator:
 
     # -- scheduling
 
-    def _schedule(self, lids: list[int]) -> tuple[list[float], list[float], list[float]]:
-        """Ends of every iteration, and starts/ends of the last iteration's calls. A device is
-        free when the last call that occupies it ends, or has reallocated where only that call's
-        home occupies it (calls run in instance order; see :mod:`estimator.instances`)."""
+    def _schedule(self, lids: list[int], weights: list[float] | None = None
+                  ) -> tuple[list[float], list[float], list[float], list[list[tuple[float, float]]]]:
+        """Ends of every iteration, starts/ends of the last iteration's calls, and every
+        iteration's compute windows per call. A device is free when the last call that occupies
+        it ends, or has reallocated where only that call's home occupies it (calls run in
+        instance order; see :mod:`estimator.instances`). ``weights``: each call's host weight
+        (:meth:`call_weights`); None charges every call as profiled."""
         n, version, place, span = self.n, self.version_preds, self._place_of, self._span
-        dur, realloc, data = self._inputs(lids)
+        dur, realloc, data = self._inputs(lids, weights)
         spans, homes = [], []  # per call: its mesh's devices; its home's when it reallocates, else None
         for lid, h in zip(lids, self.home):
             h = lids[h]
@@ -296,7 +343,7 @@ class Evaluator:
         free = [0.0] * self.num_devices
         last_end = [0.0] * n
         starts = [0.0] * n
-        ends_per_it = []
+        ends_per_it, windows = [], []
         for it in range(self.iterations):
             prev = last_end[:]  # previous iteration's ends, for version edges
             it_end = 0.0
@@ -324,16 +371,18 @@ class Evaluator:
                 if t > it_end:
                     it_end = t
             ends_per_it.append(it_end)
-        return ends_per_it, starts, last_end
+            windows.append([(e - d, e) for e, d in zip(last_end, dur)])
+        return ends_per_it, starts, last_end, windows
 
     def period_s(self, plan: Plan) -> float:
         """Steady-state iteration time of ``plan`` (no memory check)."""
-        ends = self._schedule(self._lids(plan))[0]
+        lids = self._lids(plan)
+        ends = self._schedule(lids, self._weights(lids))[0]
         return (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0]
 
     def evaluate(self, plan: Plan) -> Evaluation:
         lids = self._lids(plan)
-        ends, starts, last = self._schedule(lids)
+        ends, starts, last, _ = self._schedule(lids, self._weights(lids))
         period = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0]
         peak = self.peak_memory_bytes(lids)
         return Evaluation(period, peak <= self.capacity, peak, self.names, starts, last)
@@ -345,7 +394,7 @@ class Evaluator:
         rows_lids, rows_dur, rows_re, rows_data, rows_st, rows_dyn = [], [], [], [], [], []
         for plan in plans:
             lids = self._lids(plan)
-            dur, realloc, data = self._inputs(lids)
+            dur, realloc, data = self._inputs(lids, self._weights(lids) if self.host is not None else None)
             rows_lids.append(lids)
             rows_dur.append(dur)
             rows_re.append(realloc)

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,32 @@ RUN_DTYPES = ("bfloat16", "float32")  # the dtypes the op census records
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 DISPATCH_MODES = ("nograd", "grad", "backward")
 DISPATCH_KEYS = ("grad_overhead_s", "backward_overhead_s")  # optional in compute.launch
+ALONE_TERMS = ("flops", "bytes", "dispatch", "executor")  # host.alone: one factor per cost term
+MAX_HOST_DEVICES = 1024  # host.devices: simulated devices sharing one host's cores
+
+
+@dataclass(frozen=True)
+class HostSharing:
+    """How a host's simulated devices slow each other down (the CPU executor: one process per
+    device on one machine). The profile's compute figures hold with all ``devices`` busy; a
+    device computing alone takes ``alone[term]`` times as long for each term of an op's cost
+    (device FLOPs, memory traffic, host dispatch, the executor's fixed costs). With ``k`` of the
+    host's devices busy (itself included) each factor is interpolated linearly in ``k``:
+    :meth:`factor`."""
+
+    devices: int  # simulated devices that were busy at once when the compute figures were taken
+    alone: dict[str, float]  # term → time alone / time with every device busy
+
+    def weight(self, busy: float) -> float:
+        """Where ``busy`` devices (fractional: a time average) lie between alone (0) and every
+        device busy (1)."""
+        if self.devices <= 1:
+            return 1.0
+        return min(max((busy - 1.0) / (self.devices - 1), 0.0), 1.0)
+
+    def factor(self, term: str, busy: float) -> float:
+        a = self.alone[term]
+        return a + (1.0 - a) * self.weight(busy)
 
 
 @dataclass(frozen=True)
@@ -153,6 +179,25 @@ class Profile:
     micro_batch_overhead_s: float = 0.0  # executor bookkeeping per micro-batch stage pass, seconds
     grad_overhead_s: float | None = None  # per op dispatched while autograd records (training forward)
     backward_overhead_s: float | None = None  # per op the autograd engine runs in a backward pass
+    host: HostSharing | None = None  # devices of one host slow each other down (CPU); None: they do not
+
+    def alone(self) -> Profile:
+        """The same device computing while its host's other devices idle (``host.alone``); the
+        profile itself when it says nothing about sharing a host."""
+        if self.host is None:
+            return self
+        a = self.host.alone
+
+        def scaled(x: float | None, term: str) -> float | None:
+            return None if x is None else x * a[term]
+
+        return replace(self, peak_flops=self.peak_flops / a["flops"],
+                       mem_bandwidth_Bps=self.mem_bandwidth_Bps / a["bytes"],
+                       launch_overhead_s=self.launch_overhead_s * a["dispatch"],
+                       grad_overhead_s=scaled(self.grad_overhead_s, "dispatch"),
+                       backward_overhead_s=scaled(self.backward_overhead_s, "dispatch"),
+                       call_overhead_s=self.call_overhead_s * a["executor"],
+                       micro_batch_overhead_s=self.micro_batch_overhead_s * a["executor"], host=None)
 
     def dispatch_s(self, mode: str = "nograd") -> float:
         """Host cost of one aten op in ``mode`` (:data:`DISPATCH_MODES`): in eager PyTorch an
@@ -332,7 +377,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: must be a JSON object")
     top = ("format", "name", "source", "device", "date", "software", "compute", "memory", "links")
-    optional = {"notes", "executor"}
+    optional = {"notes", "executor", "host"}
     unknown = sorted(set(data) - set(top) - optional)
     missing = sorted(set(top) - set(data))
     if unknown or missing:
@@ -369,7 +414,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         mem_bandwidth_Bps=_positive(bw, "bytes_per_s", f"{m}.bandwidth"),
         mem_efficiency=_curve(meff, f"{m}.efficiency", "bytes"),
         links=links, link_names=names, raw=data, path=path, compose=compose, dtype=dtype,
-        call_overhead_s=call_s, micro_batch_overhead_s=mb_s,
+        call_overhead_s=call_s, micro_batch_overhead_s=mb_s, host=_host(data, where),
         **{k: _positive(launch, k, f"{w}.launch", zero_ok=True) for k in DISPATCH_KEYS if k in launch},
     )
 
@@ -396,3 +441,24 @@ def _executor(data: dict, where: str) -> tuple[float, float]:
     node = _obj(data, "executor", where, ("call_overhead_s", "micro_batch_overhead_s"))
     return (_positive(node, "call_overhead_s", f"{where}: executor", zero_ok=True),
             _positive(node, "micro_batch_overhead_s", f"{where}: executor", zero_ok=True))
+
+
+def _host(data: dict, where: str) -> HostSharing | None:
+    """The optional ``host`` section: {"devices": n, "alone": {term: factor}, cite | command}."""
+    if "host" not in data:
+        return None
+    node = _obj(data, "host", where, ("devices", "alone"), numbers=False, optional=("cite", "command"))
+    w = f"{where}: host"
+    devices = node["devices"]
+    if isinstance(devices, bool) or not isinstance(devices, int) or not 1 <= devices <= MAX_HOST_DEVICES:
+        raise ConfigError(f"{w}.devices={devices!r} must be an integer from 1 to {MAX_HOST_DEVICES}")
+    alone = _obj(node, "alone", w, ALONE_TERMS)
+    factors = {}
+    for term in ALONE_TERMS:
+        f = _positive(alone, term, f"{w}.alone")
+        if f > 1.0:
+            raise ConfigError(f"{w}.alone.{term}={f!r} must be at most 1 (a device alone is never slower "
+                              f"than with its host's other devices busy)")
+        factors[term] = f
+    return HostSharing(devices, factors)
+

@@ -38,6 +38,8 @@ from typing import Any
 
 import simpy
 
+from estimator import contention
+from estimator.evaluator import Evaluator
 from estimator.experiment import Experiment
 from estimator.instances import device_preds, instance_graph
 from estimator.lowering import CallCost, Costs, StageCost
@@ -142,9 +144,14 @@ class Simulation:
 
     def __init__(self, experiment: Experiment, plan: Plan, profile: Profile, iterations: int = 3,
                  costs: Costs | None = None, progress: Callable[[str], None] | None = None,
-                 env: simpy.Environment | None = None):
+                 env: simpy.Environment | None = None, weights: dict[str, float] | None = None):
         self.experiment, self.plan, self.profile = experiment, plan, profile
         self.costs = costs if costs is not None else Costs(experiment, profile)
+        # host sharing: each call's host weight (estimator.contention), the fast evaluator's
+        # fixed point unless given; every call as profiled when the profile says nothing of it
+        self.weights = weights if weights is not None else _host_weights(experiment, plan, profile, iterations,
+                                                                          self.costs)
+        self.alone_costs = Costs(experiment, profile.alone()) if profile.host is not None else None
         self.graph = instance_graph(experiment.workflow, iterations)
         wf = experiment.workflow
         homes = {c: plan[self.costs.homes[wf[c].role]] for c in wf.call_names}
@@ -183,7 +190,7 @@ class Simulation:
         yield from self._after(self.dev_preds.ended[i] + self.graph.version_preds[i])
         yield from self._after(self.dev_preds.reallocated[i], self.reallocated)
         start = env.now
-        cc = self.costs.call(node.call, self.plan[node.call])
+        cc = self._call_cost(node.call)
         yield from self._realloc(node.iteration, cc)
         realloc_end = env.now
         self.reallocated[i].succeed()
@@ -201,6 +208,13 @@ class Simulation:
         self.done[i].succeed()
         if self.progress is not None:
             self.progress(f"iteration {node.iteration} {node.call} done at {env.now:.3f} s simulated")
+
+    def _call_cost(self, call: str) -> CallCost:
+        shared = self.costs.call(call, self.plan[call])
+        w = self.weights.get(call, 1.0)
+        if self.alone_costs is None or w >= 1.0:
+            return shared
+        return contention.blend(self.alone_costs.call(call, self.plan[call]), shared, w)
 
     def _realloc(self, it: int, cc: CallCost) -> Generator[simpy.Event, Any, None]:
         role = self.experiment.workflow[cc.call].role
@@ -323,6 +337,13 @@ class Simulation:
                 # the chunk's activations occupy the link; the round time already counts their latency
                 self._send(it, cc, st, st.send_ports, -1, self.profile.p2p_s(chunk.send_bytes, st.send_class))
             yield self.env.timeout(chunk.duration_s + delay)
+
+
+def _host_weights(experiment: Experiment, plan: Plan, profile: Profile, iterations: int, costs: Costs
+                  ) -> dict[str, float]:
+    if profile.host is None:
+        return {}
+    return Evaluator(experiment, profile, iterations, costs).call_weights(plan)
 
 
 def simulate(experiment: Experiment, plan: Plan, profile: Profile, iterations: int = 3,

@@ -33,9 +33,17 @@ def tiny_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_writes_a_measured_profile_with_its_raw_data_and_reports(tiny_profile: Path):
     names = sorted(p.name for p in tiny_profile.iterdir())
-    assert names == ["tiny-cpu.json", "tiny-cpu.kernels.csv", "tiny-cpu.kernels.report.csv",
-                     "tiny-cpu.links.csv", "tiny-cpu.links.report.csv"]
+    assert names == ["tiny-cpu.host.report.csv", "tiny-cpu.json", "tiny-cpu.kernels-alone.csv",
+                     "tiny-cpu.kernels.csv", "tiny-cpu.kernels.report.csv", "tiny-cpu.links.csv",
+                     "tiny-cpu.links.report.csv"]
     prof = load_profile(tiny_profile / "tiny-cpu.json")
+    # the grid timed again by one process alone: the host section, every factor in (0, 1]
+    assert prof.host is not None and prof.host.devices == 2
+    assert all(0 < f <= 1 for f in prof.host.alone.values())
+    alone = pd.read_csv(tiny_profile / "tiny-cpu.kernels-alone.csv")
+    kernels = pd.read_csv(tiny_profile / "tiny-cpu.kernels.csv")
+    assert sorted(alone["family"].unique()) == sorted(kernels["family"].unique())
+    assert set(pd.read_csv(tiny_profile / "tiny-cpu.host.report.csv")["split"]) == {"fit", "held-out"}
     assert prof.source == "measured" and prof.compose == "serial" and prof.dtype == "float32"
     assert "python -m estimator.calibrate --grid tiny --name tiny-cpu" in prof.raw["compute"]["launch"]["command"]
     assert prof.micro_batch_overhead_s > 0 and prof.call_overhead_s >= 0

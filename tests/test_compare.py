@@ -139,3 +139,27 @@ def test_plans_wide_has_a_predicted_and_measured_column_per_call(joined):
     assert wide.loc[0, "gen_predicted_s"] == pytest.approx(3.0)
     assert wide.loc[0, "train_measured_s"] == pytest.approx(4.0)
     assert list(wide.columns[-4:]) == ["gen_predicted_s", "gen_measured_s", "train_predicted_s", "train_measured_s"]
+
+
+def test_reallocation_and_data_count_the_transfer_not_the_wait():
+    """The executor's realloc and data spans also hold waiting for the other side: a device
+    that enters a reallocation early waits for its peer, a consumer waits for its producer.
+    Only the transfer proper is compared; the producer's own sending span is not a data wait."""
+    spans = []
+    for it in range(2):
+        o = 10.0 * it
+        spans += [Span(o + 0.0, o + 5.5, 1, it, "gen", "realloc"),  # waits 4 s for device 0
+                  Span(o + 4.0, o + 5.4, 0, it, "gen", "realloc"),
+                  Span(o + 5.5, o + 7.0, 1, it, "gen", "compute", -1, 0),
+                  Span(o + 5.5, o + 7.0, 1, it, "gen", "prefill", 0, 0),
+                  Span(o + 7.0, o + 7.1, 1, it, "gen", "data"),  # gen posting its outputs
+                  Span(o + 5.6, o + 7.4, 0, it, "train", "data"),  # waits for gen, then 0.4 s
+                  Span(o + 7.4, o + 9.0, 0, it, "train", "compute", -1, 0),
+                  Span(o + 7.4, o + 9.0, 0, it, "train", "forward", 0, 0)]
+    ops = op_durations(Timeline.of(spans, "measured"), 1, {"train": ["gen"]}).set_index(["call", "kind"])
+    assert ops.loc[("gen", "realloc"), "duration_s"] == pytest.approx(1.5)
+    assert ops.loc[("train", "data"), "duration_s"] == pytest.approx(0.4)
+    assert ("gen", "data") not in ops.index
+    # without the producers a data wait counts from its own start
+    plain = op_durations(Timeline.of(spans, "measured"), 1).set_index(["call", "kind"])
+    assert plain.loc[("train", "data"), "duration_s"] == pytest.approx(1.8)
