@@ -128,7 +128,8 @@ def from_results(directory: Path, experiment: Experiment) -> tuple[list[Candidat
     summary = directory / "summary.json"
     if summary.is_file():
         doc = load_json(summary, f"--rescore {summary}")
-        origins = {str(p.get("plan")): str(p.get("origin", "file")) for p in doc.get("plans", []) if isinstance(p, dict)}
+        origins = {str(p.get("plan")): str(p.get("origin", "file"))
+                   for p in doc.get("plans", []) if isinstance(p, dict)}
     cands = []
     for f in files:
         c = Candidate(f.stem, check(Plan.load(str(f)), experiment), origins.get(f.stem, "file"))
