@@ -5,6 +5,7 @@ Usage::
     python -m analysis.validate examples/ppo-tiny-2xcpu.yaml --plans 20 --out analysis/results/ppo-tiny-2xcpu
     python -m analysis.validate examples/dpo-tiny-2xcpu.yaml --plan-dir examples/plans/dpo-tiny-2xcpu --runs 3
     python -m analysis.validate examples/grpo-tiny-2xcpu.yaml --plans 4 --iterations 3 --runs 1 --json
+    python -m analysis.validate examples/ppo-tiny-2xcpu.yaml --rescore analysis/results/ppo-tiny-2xcpu --out /tmp/ppo
 
 The plans: every baseline that fits (:mod:`search.baselines`; those left out are named with
 the reason) and the searched best plan (:func:`search.run_search`, at most ``--search-evals``
@@ -12,7 +13,10 @@ plans, seeded, so it repeats exactly), then a seeded sample covering every struc
 (:mod:`analysis.sampler`) up to ``--plans``; or exactly the plan files in ``--plan-dir``. Each plan is simulated for
 ``--iterations`` iterations and run with ``python -m executor.run`` in ``--runs`` fresh
 processes, one run at a time (progress bar on stderr). Everything is written into ``--out``
-(default ``analysis/results/<experiment>``), each file atomically:
+(default ``analysis/results/<experiment>``), each file atomically. ``--rescore DIR`` runs
+nothing: it predicts the plans of an earlier validation in DIR again — with this tree's model
+and ``--profile`` — against the runs measured there, so a change to the model or the profile is
+judged on the same measurements:
 
 - ``plans/<id>.json`` the plans, ``timelines/<id>.predicted.json`` and ``<id>.measured-<r>.json``;
 - ``plans.csv`` (per plan: predicted and measured iteration time, the runs' min and max, the

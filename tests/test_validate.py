@@ -19,7 +19,7 @@ from estimator.plan import Plan
 from estimator.plan import validate as plan_problems
 from estimator.profiles import load_profile
 from estimator.timeline import Timeline
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, ROOT
 
 STRETCH = 1.25  # measured = 1.25 × predicted: every absolute error is 0.25 / 1.25 = 20 %
 
@@ -90,6 +90,48 @@ def test_driver_writes_tables_figures_and_summary(tmp_path: Path, capsys):
     files = {p.name for p in (out / "timelines").iterdir()}
     assert all({f"{plan}.measured-0.json", f"{plan}.measured-1.json", f"{plan}.predicted.json"} <= files
                for plan in plans["plan"])
+
+
+def test_rescore_predicts_earlier_runs_again_with_another_profile(tmp_path: Path, capsys):
+    """--rescore runs nothing: the measured runs of an earlier validation, predicted again."""
+    first = tmp_path / "first"
+    exp = str(EXAMPLES / "dpo-tiny-2xcpu.yaml")
+    assert validate.main([exp, "--plan-dir", str(EXAMPLES / "plans" / "dpo-tiny-2xcpu"), "--iterations", "2",
+                          "--runs", "2", "--out", str(first)], runner=stretched_runner) == 0
+    capsys.readouterr()
+    # a profile twice as fast everywhere: every prediction halves against the same measurements
+    doc = json.loads((ROOT / "calibration" / "profiles" / "cpu.json").read_text())
+    doc["name"] = "cpu-2x"
+    doc["compute"]["peak"]["flops_per_s"] *= 2
+    doc["memory"]["bandwidth"]["bytes_per_s"] *= 2
+    for k in ("overhead_s", "grad_overhead_s", "backward_overhead_s"):
+        doc["compute"]["launch"][k] /= 2
+    for k in ("call_overhead_s", "micro_batch_overhead_s"):
+        doc["executor"][k] /= 2
+    for cls in doc["links"].values():
+        for kind, link in cls.items():
+            if isinstance(link, dict) and "curves" in link:
+                link["curves"] = {g: [[x, t / 2] for x, t in pts] for g, pts in link["curves"].items()}
+    fast = tmp_path / "cpu-2x.json"
+    fast.write_text(json.dumps(doc))
+    again = tmp_path / "again"
+
+    def no_runs(*_):
+        raise AssertionError("--rescore must not run the executor")
+
+    assert validate.main([exp, "--rescore", str(first), "--profile", str(fast), "--iterations", "2",
+                          "--out", str(again), "--json"], runner=no_runs) == 0
+    s = json.loads(capsys.readouterr().out)
+    before = pd.read_csv(first / "plans.csv").set_index("plan")
+    after = pd.read_csv(again / "plans.csv").set_index("plan")
+    assert (after["measured_iteration_s"] == before["measured_iteration_s"]).all()
+    ratio = after["predicted_iteration_s"] / before["predicted_iteration_s"]
+    assert ratio.to_numpy() == pytest.approx(0.5, rel=0.02)
+    assert s["settings"]["rescored"] == str(first) and s["settings"]["runs"] == 2
+    assert len(list((again / "timelines").glob("*.measured-*.json"))) == 2 * len(after)
+    # a directory that holds no validation is refused by name
+    assert validate.main([exp, "--rescore", str(tmp_path / "nothing")]) == 2
+    assert "no plans/*.json" in capsys.readouterr().err
 
 
 def test_driver_validates_a_plan_directory(tmp_path: Path, capsys):
