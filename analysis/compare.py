@@ -11,7 +11,10 @@ iterations count (those after ``warmup``; all of them when there are no more). T
 - **op kind**: per (call, pipeline stage, kind) the seconds a device spends in that kind per
   iteration (max over the stage's devices, as the executor reports reallocation and data time)
   — so decode, recorded per step by the executor and per chunk by the simulator, is compared
-  summed per call and stage. Reallocation and data movement are compared per call (stage -1),
+  summed per call and stage. Tensor-parallel collectives, which the executor runs inside its
+  forward, backward and decode spans without timing them apart, are counted in the predicted op
+  they follow when the measurement has no spans of their own. Reallocation and data movement
+  are compared per call (stage -1),
   as the time the transfer itself takes, since the executor's spans also hold waiting for the
   other side: a reallocation from when its last device joins to when its last device is done
   (the executor's devices enter when their previous call ends; the simulator starts them
@@ -47,6 +50,7 @@ OP_KINDS = {"prefill": "prefill", "decode": "decode", "forward": "forward", "bac
 KIND_ORDER = ("prefill", "decode", "forward", "backward", "optimizer", "tp_comm", "pp_comm", "dp_comm",
               "realloc", "data")
 UNSTAGED = {"realloc", "data"}
+INSIDE_OPS = ("tp_allreduce",)  # collectives a compute op encloses, when they are not timed alone
 OUTSIDE_COMPUTE = {"realloc", "data", "call", "compute"}
 CALL_KEYS, OP_KEYS = ["plan", "call"], ["plan", "call", "stage", "kind"]
 _VALUES = ["predicted_s", "measured_s", "measured_min_s", "measured_max_s"]
@@ -102,14 +106,29 @@ def _transfers(df: pd.DataFrame, producers: Mapping[str, Sequence[str]]) -> pd.D
     return pd.DataFrame(rows, columns=["call", "iteration", "kind", "duration_s"])
 
 
-def op_durations(timeline: Timeline, warmup: int, producers: Mapping[str, Sequence[str]] | None = None
-                 ) -> pd.DataFrame:
+def fold_comm(df: pd.DataFrame, ops: Sequence[str] = INSIDE_OPS) -> pd.DataFrame:
+    """``df`` with each span of ``ops`` (collectives the executor does not time on their own)
+    relabelled as the compute op it follows on its device — the executor's forward, backward or
+    decode span encloses the tensor-parallel collectives run inside it."""
+    df = df.sort_values(["device", "call", "iteration", "start_s"], kind="stable").copy()
+    inside = df["op"].isin(ops)
+    compute = df["op"].where(df["op"].isin(OP_KINDS) & ~df["op"].isin(UNSTAGED) & ~inside)
+    owner = compute.groupby([df["device"], df["call"], df["iteration"]]).ffill()
+    df.loc[inside & owner.notna(), "op"] = owner[inside & owner.notna()]
+    return df
+
+
+def op_durations(timeline: Timeline, warmup: int, producers: Mapping[str, Sequence[str]] | None = None,
+                 fold: Sequence[str] = ()) -> pd.DataFrame:
     """Rows (call, stage, kind, duration_s): seconds per steady iteration on the stage's busiest
     device; reallocation and data (stage -1) as transfer time proper. ``producers``: call → the
-    calls whose outputs it reads (without it, a data wait counts from its own start)."""
+    calls whose outputs it reads (without it, a data wait counts from its own start); ``fold``:
+    span ops counted in the compute op they follow (:func:`fold_comm`)."""
     df = timeline.to_dataframe()
     steady = steady_iterations(timeline, warmup)
     df = df[df["iteration"].isin(steady)]
+    if fold:
+        df = fold_comm(df, fold)
     staged = df[df["op"].isin(OP_KINDS) & ~df["op"].isin(UNSTAGED)].copy()
     staged["kind"] = staged["op"].map(OP_KINDS)
     per_device = staged.groupby(["call", "stage", "kind", "iteration", "device"])["duration_s"].sum()
@@ -176,11 +195,15 @@ def compare_plan(plan_id: str, predicted: Timeline, measured: Sequence[Timeline]
     calls = pred_calls.merge(calls, on=CALL_KEYS, how="outer")
     calls.insert(2, "call_kind", calls["call"].map(call_kinds))
 
-    def ops_of(tl: Timeline) -> pd.DataFrame:
-        return op_durations(tl, wu(tl), producers).assign(plan=plan_id)
+    # what the measurement does not time on its own is compared inside the op that encloses it
+    timed = set().union(*(set(m.to_dataframe()["op"]) for m in measured))
+    fold = tuple(op for op in INSIDE_OPS if op not in timed)
+
+    def ops_of(tl: Timeline, fold: Sequence[str] = ()) -> pd.DataFrame:
+        return op_durations(tl, wu(tl), producers, fold).assign(plan=plan_id)
 
     ops = _runs([ops_of(m) for m in measured], OP_KEYS)
-    pred_ops = ops_of(predicted).rename(columns={"duration_s": "predicted_s"})
+    pred_ops = ops_of(predicted, fold).rename(columns={"duration_s": "predicted_s"})
     ops = pred_ops.merge(ops, on=OP_KEYS, how="outer")
     return PlanFrames(plan, calls[CALL_KEYS + ["call_kind"] + _VALUES], ops[OP_KEYS + _VALUES])
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 import pytest
 
@@ -91,10 +89,11 @@ def test_decode_is_summed_per_call_and_stage_and_data_is_per_call(joined):
     # data: the busiest device (0.7 s) against the predicted link span (0.5 s)
     assert o.loc[("train", -1, "data"), "measured_s"] == pytest.approx(0.7)
     assert o.loc[("train", -1, "data"), "ape"] == pytest.approx(0.2 / 0.7)
-    assert o.loc[("train", 0, "forward"), "ape"] == pytest.approx(0.1 / 1.0)
-    # the executor does not time tensor-parallel collectives apart: no error, counted as unmeasured
-    assert math.isnan(o.loc[("train", 0, "tp_comm"), "measured_s"])
-    assert math.isnan(o.loc[("train", 0, "tp_comm"), "ape"])
+    # the executor does not time tensor-parallel collectives apart: the predicted 0.1 s one is
+    # counted in the forward it follows (0.9 + 0.1 s against the measured 1.0 s)
+    assert o.loc[("train", 0, "forward"), "predicted_s"] == pytest.approx(1.0)
+    assert o.loc[("train", 0, "forward"), "ape"] == pytest.approx(0.0)
+    assert ("train", 0, "tp_comm") not in o.index
 
 
 def test_summary_per_iteration_call_kind_and_op_kind(joined):
@@ -103,9 +102,9 @@ def test_summary_per_iteration_call_kind_and_op_kind(joined):
     assert s["call_kind"]["train"]["max_ape"] == pytest.approx(0.125)
     assert s["op_kind"]["decode"]["median_ape"] == pytest.approx(0.2 / 2.2)
     assert s["op_kind"]["optimizer"]["median_ape"] == pytest.approx(0.1 / 0.6)
-    assert s["op_kind"]["tp_comm"] == {**s["op_kind"]["tp_comm"], "n": 0, "unmeasured": 1}
+    assert "tp_comm" not in s["op_kind"]  # folded into the forward it follows
     text = summary_table(s)
-    assert "16.7%" in text and "decode" in text and "tp_comm" in text
+    assert "16.7%" in text and "decode" in text
     plans = plan_table(joined[0])
     assert "11.0000–13.0000" in plans and "8.3%" in plans  # the runs' spread and the error beyond it
 
@@ -163,3 +162,22 @@ def test_reallocation_and_data_count_the_transfer_not_the_wait():
     # without the producers a data wait counts from its own start
     plain = op_durations(Timeline.of(spans, "measured"), 1).set_index(["call", "kind"])
     assert plain.loc[("train", "data"), "duration_s"] == pytest.approx(1.8)
+
+
+def test_untimed_tensor_parallel_collectives_count_in_the_op_they_follow():
+    """The executor's forward span encloses its TP all-reduces; the simulator draws them apart.
+    With no measured tp spans, the prediction's are folded into the op before them."""
+    pred = Timeline.of([Span(0, 1, 0, 0, "train", "forward", 0, 0),
+                        Span(1, 1.5, 0, 0, "train", "tp_allreduce", 0, 0, "nvlink"),
+                        Span(1.5, 3.5, 0, 0, "train", "backward", 0, 0),
+                        Span(3.5, 3.75, 0, 0, "train", "tp_allreduce", 0, 0, "nvlink")], "predicted")
+    meas = Timeline.of([Span(0, 3.8, 0, 0, "train", "compute", -1, 0), Span(0, 1.6, 0, 0, "train", "forward", 0, 0),
+                        Span(1.6, 3.8, 0, 0, "train", "backward", 0, 0)], "measured")
+    ops = compare_plan("p", pred, [meas], {"train": "train"}, warmup=0).ops.set_index("kind")
+    assert ops.loc["forward", "predicted_s"] == pytest.approx(1.5)
+    assert ops.loc["backward", "predicted_s"] == pytest.approx(2.25)
+    assert "tp_comm" not in ops.index
+    # a measurement that does time them keeps them apart
+    timed = Timeline.of(list(meas.spans) + [Span(1.4, 1.6, 0, 0, "train", "tp_allreduce", 0, 0)], "measured")
+    ops = compare_plan("p", pred, [timed], {"train": "train"}, warmup=0).ops.set_index("kind")
+    assert ops.loc["forward", "predicted_s"] == pytest.approx(1.0) and "tp_comm" in ops.index

@@ -109,7 +109,7 @@ def test_rescore_predicts_earlier_runs_again_with_another_profile(tmp_path: Path
     for k in ("call_overhead_s", "micro_batch_overhead_s"):
         doc["executor"][k] /= 2
     for cls in doc["links"].values():
-        for kind, link in cls.items():
+        for link in cls.values():
             if isinstance(link, dict) and "curves" in link:
                 link["curves"] = {g: [[x, t / 2] for x, t in pts] for g, pts in link["curves"].items()}
     fast = tmp_path / "cpu-2x.json"
