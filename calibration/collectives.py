@@ -28,6 +28,7 @@ Run locally (spawned processes) or from ranks under torchrun::
 
 from __future__ import annotations
 
+import functools
 import math
 import socket
 import time
@@ -84,8 +85,12 @@ class Grid:
 
 GRIDS = {
     "tiny": Grid(tuple(size_grid(1 << 14)), warmup=1, repeats=3, min_repeat_s=2e-4, max_calls=4),
-    "quick": Grid(tuple(size_grid(64 << 20)), repeats=9, min_repeat_s=1e-3),
-    "full": Grid(tuple(size_grid(256 << 20)), repeats=15, min_repeat_s=1e-3),
+    # a repeat of many back-to-back calls: one or two calls per repeat leave small messages at the
+    # mercy of a process's wake-up on a virtual machine (medians scattered over 0.1–2 ms on 2
+    # vCPUs); the cost of one collective issued between computations is measured on its own
+    # (measure_in_situ) against these
+    "quick": Grid(tuple(size_grid(64 << 20)), repeats=9, min_repeat_s=1e-2),
+    "full": Grid(tuple(size_grid(256 << 20)), repeats=15, min_repeat_s=1e-2),
 }
 
 
@@ -189,6 +194,72 @@ def measure(grid: Grid, device: torch.device | None = None, tick: Callable[[int]
     return rows
 
 
+IN_SITU = "in_situ"  # rows of :func:`measure_in_situ`: the extra cost of a collective between computations
+IN_SITU_SIZES = (4096, 65536)  # bytes: a decode step's activations and a prefill's, on tiny models
+IN_SITU_WORK = ((64, 128, 256), (128, 256, 512))  # (m, k, n) products between the collectives
+IN_SITU_STEPS = 64  # compute → all-reduce steps per timed repeat
+
+
+def _own_elapsed(body: Callable[[], None], repeats: int, group: dist.ProcessGroup, device: torch.device) -> float:
+    """Median over ``repeats`` of the slowest rank's own time for ``body``, barrier before each."""
+    times = torch.zeros(repeats, dtype=torch.float64)
+    for r in range(repeats):
+        dist.barrier(group=group)
+        _sync(device)
+        t0 = time.perf_counter()
+        body()
+        _sync(device)
+        times[r] = time.perf_counter() - t0
+    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=group)
+    return float(times.median())
+
+
+def measure_in_situ(device: torch.device | None = None, repeats: int = 7) -> list[dict]:
+    """What a collective costs where the executor issues it: between computations. Every rank
+    of the first two runs ``IN_SITU_STEPS`` steps of (a product, an all-reduce) — tensor
+    parallelism's pattern — then the products alone and the all-reduces alone, each rank's own
+    time as the executor measures it; the difference per step, (both − products − all-reduces)
+    / steps, is what arriving at different moments (the ranks' products do not end together)
+    and waking a waiting process add to each collective. Rank 0 gets one row per (product,
+    size): kind ``in_situ``, ``median_s`` the extra seconds per collective."""
+    rank = dist.get_rank()
+    device = device or torch.device("cpu")
+    group = dist.new_group([0, 1])
+    rows: list[dict] = []
+    if rank < 2:
+        for m, k, n in IN_SITU_WORK:
+            a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+            for size in IN_SITU_SIZES:
+                buf = torch.ones(size // ELEMENT, device=device)
+
+                def steps(a: torch.Tensor = a, b: torch.Tensor = b, buf: torch.Tensor = buf, mm: bool = True,
+                          reduce: bool = True) -> None:
+                    for _ in range(IN_SITU_STEPS):
+                        if mm:
+                            torch.mm(a, b)
+                        if reduce:
+                            dist.all_reduce(buf, group=group)
+
+                steps()  # warm-up
+                t_both = _own_elapsed(steps, repeats, group, device)
+                t_mm = _own_elapsed(functools.partial(steps, reduce=False), repeats, group, device)
+                t_ar = _own_elapsed(functools.partial(steps, mm=False), repeats, group, device)
+                if rank == 0:
+                    rows.append(dict(kind=IN_SITU, link_class="intra", group="2", group_size=2, size_bytes=size,
+                                     median_s=(t_both - t_mm - t_ar) / IN_SITU_STEPS, p10_s=t_mm / IN_SITU_STEPS,
+                                     p90_s=t_ar / IN_SITU_STEPS, repeats=repeats, calls=IN_SITU_STEPS,
+                                     backend=str(dist.get_backend())))
+    dist.barrier()
+    return rows
+
+
+def in_situ_overhead_s(raw: pd.DataFrame) -> float | None:
+    """The extra seconds per collective between computations (:func:`measure_in_situ`): the
+    median over its rows, never below zero; None without such rows."""
+    rows = raw[raw["kind"] == IN_SITU]
+    return None if rows.empty else max(0.0, float(rows["median_s"].median()))
+
+
 def _actual_bytes(kind: str, size: int, g: int) -> int:
     """The size that was moved: whole elements, and a whole element per rank for gather/scatter."""
     n = max(1, size // ELEMENT)
@@ -201,7 +272,7 @@ def cases(grid: Grid, world_size: int) -> int:
     return per * len(grid.sizes)
 
 
-def _worker(rank: int, world: int, port: int, grid: Grid, queue, device_type: str) -> None:
+def _worker(rank: int, world: int, port: int, grid: Grid, queue, device_type: str, in_situ: bool = False) -> None:
     torch.set_num_threads(1)  # one core per simulated device, as the executor runs
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -211,6 +282,8 @@ def _worker(rank: int, world: int, port: int, grid: Grid, queue, device_type: st
                             timeout=timedelta(seconds=300))  # a peer that died fails the run, not hangs it
     try:
         rows = measure(grid, device, tick=lambda n: queue.put(("tick", n)), shared_clock=True)
+        if in_situ:
+            rows += measure_in_situ(device)
         if rank == 0:
             queue.put(("rows", rows))
     finally:
@@ -223,10 +296,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_local(grid: Grid, world_size: int = 2, progress=None, device: str = "cpu") -> pd.DataFrame:
+def run_local(grid: Grid, world_size: int = 2, progress=None, device: str = "cpu", in_situ: bool = False
+              ) -> pd.DataFrame:
     """Spawn ``world_size`` processes on this host and time ``grid``: gloo on CPU, or NCCL
     with one GPU per process (``device="cuda"``); ``progress`` is a tqdm bar (or anything with
-    ``update(n)``) advanced once per case."""
+    ``update(n)``) advanced once per case. ``in_situ`` adds :func:`measure_in_situ`'s rows."""
     if world_size < 2:
         raise ConfigError(f"collective benchmarks need a world size of at least 2, got {world_size}")
     if device not in ("cpu", "cuda"):
@@ -236,7 +310,8 @@ def run_local(grid: Grid, world_size: int = 2, progress=None, device: str = "cpu
                           f"{torch.cuda.device_count()} GPU(s) visible")
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    procs = mp.start_processes(_worker, args=(world_size, _free_port(), grid, queue, device), nprocs=world_size,
+    procs = mp.start_processes(_worker, args=(world_size, _free_port(), grid, queue, device, in_situ),
+                               nprocs=world_size,
                                join=False, start_method="spawn")
     try:
         rows = _collect(procs, queue, progress)

@@ -23,7 +23,9 @@ A measurement runs three phases, each with a progress bar on stderr:
 2. **collectives** (:mod:`calibration.collectives`): every collective the executor issues over
    torch.distributed (gloo on CPU, NCCL on GPUs), message sizes from bytes to tens or hundreds
    of MB, every group size the world size allows; skipped with a world size of 1 (one GPU),
-   when the links come from ``--base``;
+   when the links come from ``--base``. On CPU also what a collective costs between
+   computations, as tensor parallelism issues it, beyond its back-to-back time
+   (:func:`calibration.collectives.measure_in_situ` → ``executor.collective_overhead_s``);
 3. **fit** (:mod:`calibration.fit_compute`, :mod:`calibration.fit_links`): the compute and memory
    curves, the host dispatch cost and how it composes with device work, the executor's fixed
    costs, and one time curve per collective kind and group size — each fitted on part of the
@@ -194,7 +196,8 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
     if world >= 2:
         grid = collectives.GRIDS[level]
         with tqdm(total=collectives.cases(grid, world), desc="collectives", unit="case", file=sys.stderr) as bar:
-            raw_links = collectives.run_local(grid, world, progress=bar, device=args.device)
+            raw_links = collectives.run_local(grid, world, progress=bar, device=args.device,
+                                              in_situ=args.device == "cpu")
     sections, report_k = fit_compute(raw_kernels, command=command)
     doc = copy.deepcopy(base)
     info = {**device_info(args.device), "os": platform.platform()}
@@ -221,7 +224,12 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
                     f"profile {base.get('name')!r} with its citation.")
     report_l = None
     if raw_links is not None:
-        links, report_l = fit_links(raw_links, LINK_HOLDOUT, command=command)
+        in_situ = collectives.in_situ_overhead_s(raw_links)
+        if in_situ is not None:
+            doc.setdefault("executor", {"call_overhead_s": 0.0, "micro_batch_overhead_s": 0.0, "command": command})
+            doc["executor"]["collective_overhead_s"] = in_situ
+        links, report_l = fit_links(raw_links[raw_links["kind"] != collectives.IN_SITU], LINK_HOLDOUT,
+                                    command=command)
         doc = apply_links(doc, links, raw_csv=f"{name}.links.csv")
     profile_from_dict(doc, where=f"calibrated profile {name}")  # what is written must load
     return {"profile": doc, "kernels": raw_kernels, "kernels_report": report_k,
@@ -302,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += [(r.family, str(r.n), f"{r.median_pct:.1f}", f"{r.max_pct:.1f}", f"{r.median_pct_unscaled:.1f}")
                  for r in held.itertuples()]
         print(format_table(rows, right={1, 2, 3, 4}))
+    coll = result["profile"].get("executor", {}).get("collective_overhead_s")
+    if coll is not None:
+        print(f"\na collective between computations costs {coll * 1e6:.0f} us more than back to back")
     if result["links_report"] is not None:
         print("\ncollectives, held-out sizes:")
         print(_table(result["links_report"], ["link_class", "kind", "group"], "n_holdout", "median_ape_pct",

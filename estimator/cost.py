@@ -63,14 +63,14 @@ class StageTime:
 
 def tp_allreduce_s(profile: Profile, tp: int, tokens: float, h: int) -> float:
     """One all-reduce of the ``tokens × h`` activations (run dtype) over the tensor-parallel group."""
-    return profile.collective_s("all_reduce", tokens * h * profile.elem_bytes, tp, "intra")
+    return profile.in_call_s("all_reduce", tokens * h * profile.elem_bytes, tp, "intra")
 
 
 def head_comm_s(profile: Profile, model: ModelSpec, tp: int, head_tokens: float) -> float:
     """All-gather of the LM head's logits over the vocabulary (none for a value head)."""
     if model.head == "value" or tp == 1:
         return 0.0
-    return profile.collective_s("all_gather", head_tokens * model.vocab * profile.elem_bytes, tp, "intra")
+    return profile.in_call_s("all_gather", head_tokens * model.vocab * profile.elem_bytes, tp, "intra")
 
 
 def _extras_s(profile: Profile, sym: dict, extras: tuple[Extra, ...], mode: str) -> float:
@@ -137,7 +137,7 @@ def decode_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, first
         compute = compute + piece_s(profile, end_piece(f"head_{model.head}", tp), sym)
         compute = compute + piece_s(profile, choose, sym)
         comm += head_comm_s(profile, model, tp, batch)
-        comm += profile.collective_s("broadcast", batch * INT64, tp, "intra")
+        comm += profile.in_call_s("broadcast", batch * INT64, tp, "intra")
     compute = np.broadcast_to(np.asarray(compute, dtype=float), cached.shape).copy()
     return compute, np.full_like(compute, comm)
 

@@ -246,6 +246,7 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
             group = [layout.device(i, 0, k) for i in range(layout.dp)]
             if layout.dp > 1:
                 ar = profile.group_collective_s("all_reduce", params * profile.elem_bytes, *group_shape(group, dpn))
+                ar += profile.collective_overhead_s  # issued between computations (Profile.in_call_s)
                 ar += dp_flatten_s(profile, numels)  # the executor's flatten copies, on the same devices
                 dp_ports = ports
             if model.tied_embeddings and p > 1 and (first or last):
@@ -254,6 +255,7 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
                 pair = [layout.device(0, 0, 0), layout.device(0, 0, p - 1)]
                 embed_bytes = model.vocab * model.hidden / layout.tp * profile.elem_bytes
                 ar += profile.group_collective_s("all_reduce", embed_bytes, *group_shape(pair, dpn))
+                ar += profile.collective_overhead_s
                 # (it holds this stage's own ports; a partner on another node also uses the NICs)
                 dp_ports = ports
             opt = optimizer_s(profile, numels)

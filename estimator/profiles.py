@@ -180,6 +180,7 @@ class Profile:
     grad_overhead_s: float | None = None  # per op dispatched while autograd records (training forward)
     backward_overhead_s: float | None = None  # per op the autograd engine runs in a backward pass
     host: HostSharing | None = None  # devices of one host slow each other down (CPU); None: they do not
+    collective_overhead_s: float = 0.0  # executor: extra per collective issued between computations, seconds
 
     def alone(self) -> Profile:
         """The same device computing while its host's other devices idle (``host.alone``); the
@@ -271,6 +272,14 @@ class Profile:
         intra = self.collective_s(kind, size_bytes, per_node, "intra")
         return intra + self.collective_s(kind, size_bytes / per_node, nodes, "inter")
 
+    def in_call_s(self, kind: str, size_bytes: float, n: int, link_class: str = "intra") -> float:
+        """A collective a call issues between its computations (tensor- and data-parallel): the
+        curve's time plus ``executor.collective_overhead_s``, what arriving at different moments
+        adds there (:func:`calibration.collectives.measure_in_situ`)."""
+        if n <= 1 or size_bytes <= 0:
+            return 0.0
+        return self.collective_s(kind, size_bytes, n, link_class) + self.collective_overhead_s
+
     def p2p_s(self, size_bytes: float, link_class: str) -> float:
         """One point-to-point message."""
         if size_bytes <= 0:
@@ -350,7 +359,8 @@ def _obj(data: Any, key: str, where: str, keys: tuple[str, ...], numbers: bool =
 # Upper bounds no device comes near: a launch or link latency of a second, a petabyte of memory
 # (a GB200 has 192 GB) — above them is a typo or a unit error. Rates have none: a huge rate is
 # how a synthetic profile makes a resource free.
-_LIMITS = {"overhead_s": MAX_LATENCY_S, "alpha_s": MAX_LATENCY_S, "bytes": 1e15}
+_LIMITS = {"overhead_s": MAX_LATENCY_S, "alpha_s": MAX_LATENCY_S, "collective_overhead_s": MAX_LATENCY_S,
+           "bytes": 1e15}
 
 
 def _positive(node: dict, key: str, where: str, zero_ok: bool = False) -> float:
@@ -403,7 +413,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     meff = _obj(memory, "efficiency", m, ("by", "interpolation", "points"))
     links, names = parse_links(data["links"], where, curves_allowed=data["format"] != FORMATS[0])
     compose, dtype = _compose(compute, w)
-    call_s, mb_s = _executor(data, where)
+    call_s, mb_s, coll_s = _executor(data, where)
     return Profile(
         name=str(data["name"]), source=data["source"], device=str(data["device"]), date=str(data["date"]),
         software={str(k): str(v) for k, v in data["software"].items()},
@@ -414,7 +424,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         mem_bandwidth_Bps=_positive(bw, "bytes_per_s", f"{m}.bandwidth"),
         mem_efficiency=_curve(meff, f"{m}.efficiency", "bytes"),
         links=links, link_names=names, raw=data, path=path, compose=compose, dtype=dtype,
-        call_overhead_s=call_s, micro_batch_overhead_s=mb_s, host=_host(data, where),
+        call_overhead_s=call_s, micro_batch_overhead_s=mb_s, host=_host(data, where), collective_overhead_s=coll_s,
         **{k: _positive(launch, k, f"{w}.launch", zero_ok=True) for k in DISPATCH_KEYS if k in launch},
     )
 
@@ -434,13 +444,17 @@ def _compose(compute: dict, where: str) -> tuple[str, str]:
     return mode, dtype
 
 
-def _executor(data: dict, where: str) -> tuple[float, float]:
-    """The optional ``executor`` section: bookkeeping per call and per micro-batch pass."""
+def _executor(data: dict, where: str) -> tuple[float, float, float]:
+    """The optional ``executor`` section: bookkeeping per call and per micro-batch pass, and
+    (optional) the extra cost of a collective issued between computations."""
     if "executor" not in data:
-        return 0.0, 0.0
-    node = _obj(data, "executor", where, ("call_overhead_s", "micro_batch_overhead_s"))
-    return (_positive(node, "call_overhead_s", f"{where}: executor", zero_ok=True),
-            _positive(node, "micro_batch_overhead_s", f"{where}: executor", zero_ok=True))
+        return 0.0, 0.0, 0.0
+    node = _obj(data, "executor", where, ("call_overhead_s", "micro_batch_overhead_s"),
+                optional=("collective_overhead_s",))
+    w = f"{where}: executor"
+    coll = _positive(node, "collective_overhead_s", w, zero_ok=True) if "collective_overhead_s" in node else 0.0
+    return (_positive(node, "call_overhead_s", w, zero_ok=True),
+            _positive(node, "micro_batch_overhead_s", w, zero_ok=True), coll)
 
 
 def _host(data: dict, where: str) -> HostSharing | None:

@@ -44,6 +44,11 @@ def test_writes_a_measured_profile_with_its_raw_data_and_reports(tiny_profile: P
     kernels = pd.read_csv(tiny_profile / "tiny-cpu.kernels.csv")
     assert sorted(alone["family"].unique()) == sorted(kernels["family"].unique())
     assert set(pd.read_csv(tiny_profile / "tiny-cpu.host.report.csv")["split"]) == {"fit", "held-out"}
+    # what a collective costs between computations, beside the back-to-back curves
+    raw_links = pd.read_csv(tiny_profile / "tiny-cpu.links.csv")
+    in_situ = raw_links[raw_links["kind"] == "in_situ"]
+    assert len(in_situ) == 4 and prof.collective_overhead_s == max(0.0, in_situ["median_s"].median())
+    assert "in_situ" not in set(pd.read_csv(tiny_profile / "tiny-cpu.links.report.csv")["kind"])
     assert prof.source == "measured" and prof.compose == "serial" and prof.dtype == "float32"
     assert "python -m estimator.calibrate --grid tiny --name tiny-cpu" in prof.raw["compute"]["launch"]["command"]
     assert prof.micro_batch_overhead_s > 0 and prof.call_overhead_s >= 0
@@ -75,7 +80,8 @@ def test_collective_curves_reproduce_the_measured_medians_at_fitted_sizes(tiny_p
     prof = load_profile(tiny_profile / "tiny-cpu.json")
     raw = pd.read_csv(tiny_profile / "tiny-cpu.links.csv")
     ratios = []
-    for (kind, group), part in raw[raw["size_bytes"] > 0].groupby(["kind", "group_size"]):
+    curves = raw[(raw["size_bytes"] > 0) & (raw["kind"] != "in_situ")]
+    for (kind, group), part in curves.groupby(["kind", "group_size"]):
         points = prof.raw["links"]["intra"][kind]["curves"][str(group)]
         for size, time_s in points:
             assert prof.collective_s(kind, size, group) == pytest.approx(time_s, rel=1e-9)

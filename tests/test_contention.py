@@ -7,6 +7,7 @@ import copy
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from calibration.fit_compute import OpTable, fit_compute, params_from_sections
@@ -140,3 +141,22 @@ def test_fit_host_recovers_known_factors_on_held_out_rows():
     with pytest.raises(ConfigError, match="devices=1"):
         fit_host(shared, alone, sections, devices=1)
     assert np.isfinite(report["max_pct"]).all()
+
+
+def test_collectives_between_computations_cost_their_measured_extra():
+    from calibration.collectives import IN_SITU, in_situ_overhead_s
+    from estimator.cost import tp_allreduce_s
+
+    doc = _cpu_with_host()
+    doc["executor"]["collective_overhead_s"] = 2e-4
+    p, plain = profile_from_dict(doc), load_profile("cpu")
+    assert p.in_call_s("all_reduce", 4096, 2) == pytest.approx(plain.collective_s("all_reduce", 4096, 2) + 2e-4)
+    assert p.in_call_s("all_reduce", 4096, 1) == 0.0  # a group of one issues nothing
+    assert tp_allreduce_s(p, 2, 8, 128) == pytest.approx(tp_allreduce_s(plain, 2, 8, 128) + 2e-4)
+    doc["executor"]["collective_overhead_s"] = -1.0
+    with pytest.raises(ConfigError, match="collective_overhead_s"):
+        profile_from_dict(doc)
+    rows = pd.DataFrame({"kind": [IN_SITU, IN_SITU, IN_SITU, "all_reduce"], "median_s": [1e-4, 3e-4, -5e-5, 9.0]})
+    assert in_situ_overhead_s(rows) == pytest.approx(1e-4)
+    assert in_situ_overhead_s(rows.assign(median_s=-1e-4)) == 0.0  # never below zero
+    assert in_situ_overhead_s(rows[rows["kind"] == "all_reduce"]) is None
