@@ -1,4 +1,4 @@
-"""analysis.published: vTrain's table parsed, each row mapped to an SFT experiment, predicted."""
+"""analysis.vtrain and analysis.published: vTrain's table parsed, each row mapped to an SFT experiment, predicted."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import json
 import pandas as pd
 import pytest
 
-from analysis.published import (
+from analysis.published import main, predict_row
+from analysis.vtrain import (
     COLUMNS,
     PARAMS_COLUMN,
     load_table,
-    main,
     padded_vocab,
     parse_table,
-    predict_row,
     row_experiment,
     vtrain_profile,
 )
