@@ -106,7 +106,7 @@ def breakdown(df: Any, keys: list[str]) -> list[dict[str, Any]]:
 
 
 BREAKDOWNS = {"model": ["hidden", "layers"], "parallelism": ["tp", "pp", "dp"], "tp": ["tp"], "pp": ["pp"],
-              "dp": ["dp"], "gpus": ["gpus"]}
+              "dp": ["dp"], "gpus": ["gpus"], "micro_batch": ["hidden", "micro_batch"]}
 
 
 def summarize(df: Any, profile: Profile, engine: str, notes: dict[str, str], worst: int = 10) -> dict[str, Any]:
@@ -119,13 +119,24 @@ def summarize(df: Any, profile: Profile, engine: str, notes: dict[str, str], wor
         "max_ape": float(df.ape.max()), "spearman": rho,
         "mean_ratio": float((df.predicted_s / df.measured_s).mean()),
         "within_10pct": float((df.ape <= 0.10).mean()),
-        "engine": engine, "profile": profile.name, "profile_source": profile.source, "profile_path": profile.path,
+        "engine": engine, "profile": profile.name, "profile_source": profile.source,
+        "profile_path": _shown(profile.path),
         "model_features": notes,
         "predicted_share": {c: float((df[c] / df.predicted_s).mean()) for c in COMPONENTS},
         "not_fitting": int(len(unfit)), "not_fitting_rows": [int(r) for r in unfit.row],
         "worst": df.nlargest(worst, "ape").to_dict("records"),
         "breakdown": {name: breakdown(df, keys) for name, keys in BREAKDOWNS.items()},
     }
+
+
+def _shown(path: str) -> str:
+    """``path`` relative to the repository when inside it (so committed summaries hold no
+    machine's absolute paths)."""
+    root = PROFILE_DIR.parent.parent
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return path
 
 
 def _pct(x: float) -> str:
@@ -148,7 +159,7 @@ def render(summary: dict[str, Any]) -> str:
     rows += [(*(str(w[c]) for c in cols), f"{1e3 * w['predicted_s']:.1f}", f"{1e3 * w['measured_s']:.1f}",
               _pct(w["ape"])) for w in s["worst"]]
     lines += ["worst rows:", format_table(rows, right=set(range(len(rows[0])))), ""]
-    for name in ("model", "parallelism"):
+    for name in ("model", "parallelism", "micro_batch"):
         keys = BREAKDOWNS[name]
         table = [(*keys, "n", "MAPE", "max", "pred/meas")]
         table += [(*(str(b[k]) for k in keys), str(b["n"]), _pct(b["mape"]), _pct(b["max_ape"]), f"{b['ratio']:.3f}")
