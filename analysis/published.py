@@ -230,7 +230,6 @@ def _out_dir(path: str) -> Path:
 
 
 def run_vtrain(args: argparse.Namespace) -> int:
-    out = _out_dir(args.out) / "summary.json" if args.out else None
     try:
         profile = load_profile(args.profile, key="--profile")
     except ConfigError as exc:
@@ -238,7 +237,8 @@ def run_vtrain(args: argparse.Namespace) -> int:
                 if args.profile == DEFAULT_PROFILE else "")
         raise ConfigError(f"{exc}{hint}") from None
     rows = load_table(args.table)
-    _, _, notes = row_experiment(rows[0], profile.name)
+    notes = [row_experiment(r, profile.name)[2] for r in rows][0]  # every row valid before any work
+    out = _out_dir(args.out) / "summary.json" if args.out else None
     df = predict_table(rows, profile, args.engine, progress=not args.json)
     summary = {"table": str(args.table), **summarize(df, profile, args.engine, notes)}
     if out is not None:

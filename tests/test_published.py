@@ -163,3 +163,22 @@ def test_shipped_profile_is_what_its_recorded_command_makes(tmp_path):
     assert main([*command[3:], "--out", str(out)]) == 0
     made = json.loads(out.read_text())
     assert {**made, "date": None} == {**shipped, "date": None}
+
+
+def test_a_row_the_plan_rules_refuse_is_named_before_any_output(tmp_path, capsys):
+    table = tmp_path / "t.csv"
+    table.write_text(_table([ROWS[0], "8,32,4,1536,12,24,1024,8,1,1,219.7"]), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["vtrain", str(table), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "row 2: " in err and "tp=8 must divide heads=12" in err
+    assert not out.exists()
+
+
+def test_missing_profiles_are_named(tmp_path, capsys):
+    assert main(["make-profile", "--base", "a100-vidur", "--out", str(tmp_path / "p.json")]) == 2
+    assert "--base: unknown hardware profile 'a100-vidur'; known profiles:" in capsys.readouterr().err
+    table = tmp_path / "t.csv"
+    table.write_text(_table(ROWS), encoding="utf-8")
+    assert main(["vtrain", str(table), "--profile", "no-such-profile"]) == 2
+    assert "--profile: unknown hardware profile 'no-such-profile'" in capsys.readouterr().err
