@@ -1,0 +1,184 @@
+"""analysis.vtrain and analysis.published: vTrain's table parsed, each row mapped to an SFT experiment, predicted."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from analysis.published import main, predict_row
+from analysis.vtrain import (
+    COLUMNS,
+    PARAMS_COLUMN,
+    load_table,
+    padded_vocab,
+    parse_table,
+    row_experiment,
+    vtrain_profile,
+)
+from estimator.errors import ConfigError
+from estimator.profiles import PROFILE_DIR, load_profile, profile_from_dict
+from tests.conftest import ROOT
+
+HEADER = ",".join(COLUMNS)
+ROWS = ["2,16,8,1024,16,24,1024,1,1,2,372.160408",
+        "8,32,4,1024,16,24,1024,2,2,2,219.732754",
+        "4,16,4,2048,16,24,1024,1,2,2,410.490577"]
+SHIPPED = ROOT / "analysis" / "data" / "vtrain" / "ground_truth_single.csv"
+
+
+def _table(rows: list[str], bom: bool = True, params: list[str] | None = None) -> str:
+    header = HEADER if params is None else f"{PARAMS_COLUMN},{HEADER}"
+    lines = rows if params is None else [f"{p},{r}" for p, r in zip(params, rows)]
+    return ("\ufeff" if bom else "") + "\n".join([header, *lines]) + "\n"
+
+
+@pytest.mark.parametrize("bom", [True, False])
+def test_parser_reads_vtrain_format_with_or_without_bom(bom):
+    rows = parse_table(_table(ROWS, bom=bom))
+    assert [r.row for r in rows] == [1, 2, 3]
+    r = rows[1]
+    assert (r.gpus, r.global_batch, r.micro_batch, r.hidden, r.heads, r.layers, r.seq_len) == (8, 32, 4, 1024, 16,
+                                                                                                 24, 1024)
+    assert (r.tp, r.dp, r.pp) == (2, 2, 2)
+    assert r.measured_s == pytest.approx(0.219732754)
+    assert r.params_billion is None
+
+
+def test_parser_accepts_the_leading_parameters_column():
+    rows = parse_table(_table(ROWS, params=["0.35", "0.35", "1.3"]))
+    assert [r.params_billion for r in rows] == [0.35, 0.35, 1.3]
+    assert rows[2].hidden == 2048
+
+
+def test_shipped_table_parses_whole():
+    rows = load_table(SHIPPED)
+    assert len(rows) == 1440
+    assert all(r.dp * r.tp * r.pp == r.gpus for r in rows)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("8,32,0,1024,16,24,1024,2,2,2,219.7", "row 2: column 'micro batch'='0' must be a positive integer"),
+    ("8,32,4,1024,16,24,1024,1.5,2,2,219.7", "row 2: column 'tensor parallelism'='1.5' must be a positive integer"),
+    ("8,32,4,1024,16,24,1024,2,2,2,-3", "row 2: column 'iteration time (ms)'='-3' must be a positive number"),
+    ("8,32,4,1024,16,24,1024,2,2,2,abc", "row 2: column 'iteration time (ms)'='abc'"),
+    ("8,32,4,1024,16,24,1024,2,4,2,219.7", "row 2: column '# GPUs'=8 must equal data·tensor·pipeline parallelism"),
+    ("8,30,4,1024,16,24,1024,2,2,2,219.7", "row 2: column 'global batch'=30 must be divisible by"),
+])
+def test_parser_rejects_bad_rows_naming_row_and_column(bad, message):
+    with pytest.raises(ConfigError) as exc:
+        parse_table(_table([ROWS[0], bad, ROWS[2]]), where="t.csv")
+    assert message in str(exc.value) and str(exc.value).startswith("t.csv: ")
+
+
+def test_parser_rejects_wrong_headers():
+    with pytest.raises(ConfigError, match="missing \\['micro batch'\\]"):
+        parse_table(HEADER.replace("micro batch,", "") + "\n1,2,3,4,5,6,7,8,9,10\n")
+    with pytest.raises(ConfigError, match="has no rows"):
+        parse_table(HEADER + "\n")
+
+
+def test_vocabulary_is_padded_as_megatron_pads_it():
+    # Megatron: ceil(50257 / (128·tp)) · 128·tp
+    assert [padded_vocab(50257, tp) for tp in (1, 2, 4, 8)] == [50304, 50432, 50688, 51200]
+
+
+def test_row_maps_to_an_sft_experiment_and_its_plan():
+    row = parse_table(_table(ROWS))[1]  # 8 GPUs, global 32, micro 4, tp 2 dp 2 pp 2
+    exp, plan, notes = row_experiment(row, "a100-vtrain")
+    assert exp.algorithm == "sft" and exp.cluster.devices_per_node == 8 and exp.cluster.nodes == 1
+    (call,) = exp.workflow.calls
+    assert call.kind == "train" and call.workload.seqs == 32 and call.workload.seq_len == 1024
+    assert call.workload.minibatches == 1
+    lay = plan["actor_train"]
+    assert (lay.mesh.first, lay.mesh.size, lay.dp, lay.tp, lay.pp) == (0, 8, 2, 2, 2)
+    assert lay.micro_batches == 32 // (2 * 4)  # micro-batches per dp rank
+    m = exp.models["actor"]
+    assert (m.layers, m.hidden, m.heads, m.kv_heads, m.vocab) == (24, 1024, 16, 16, 50432)
+    assert m.tied_embeddings and m.head == "lm"
+    # GELU 4h, or a SwiGLU holding its parameters: 3·h·f ≈ 2·h·4h
+    assert (m.ffn == 4 * 1024) or abs(3 * m.ffn - 8 * 1024) <= 12
+    assert {"mlp", "norm", "positions", "bias", "recompute", "vocab"} <= set(notes)
+
+
+def test_row_on_two_nodes_and_bad_layout_name_the_row():
+    rows = parse_table(_table(["16,32,2,1024,16,24,1024,8,2,1,500.0", "6,12,2,1024,16,24,1024,1,6,1,300.0"]))
+    exp, plan, _ = row_experiment(rows[0])
+    assert exp.cluster.nodes == 2 and plan["actor_train"].mesh.size == 16
+    with pytest.raises(ConfigError, match="^row 2: .*mesh 0-5 must be an aligned power-of-two slice"):
+        row_experiment(rows[1])
+
+
+def test_evaluator_agrees_with_the_simulator_on_rows():
+    prof = load_profile("a100-vtrain")
+    for row in parse_table(_table(ROWS)):
+        fast, sim = predict_row(row, prof, "evaluator"), predict_row(row, prof, "simulator")
+        assert fast["predicted_s"] == pytest.approx(sim["predicted_s"], rel=1e-9)
+        assert fast["predicted_s"] > 0 and fast["fits"]
+
+
+def test_main_end_to_end_json(tmp_path, capsys):
+    table = tmp_path / "t.csv"
+    table.write_text(_table(ROWS), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["vtrain", str(table), "--json", "--out", str(out)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["n"] == 3 and got["engine"] == "evaluator" and got["profile"] == "a100-vtrain"
+    apes = [abs(r["predicted_s"] - r["measured_s"]) / r["measured_s"] for r in got["rows"]]
+    assert got["mape"] == pytest.approx(sum(apes) / 3) and got["max_ape"] == pytest.approx(max(apes))
+    assert [r["measured_s"] for r in got["rows"]] == pytest.approx([0.372160408, 0.219732754, 0.410490577])
+    assert -1 <= got["spearman"] <= 1 and "model_features" in got
+    assert {b["tp"] for b in got["breakdown"]["tp"]} == {1, 2}
+    csv = pd.read_csv(out / "predictions.csv")
+    assert len(csv) == 3 and {"predicted_s", "measured_s", "ape", "tp", "pp", "dp", "hidden"} <= set(csv.columns)
+    assert (out / "scatter.png").stat().st_size > 1000
+    assert json.loads((out / "summary.json").read_text())["n"] == 3
+
+
+def test_main_refuses_a_bad_row_in_one_line(tmp_path, capsys):
+    table = tmp_path / "t.csv"
+    table.write_text(_table([ROWS[0], "8,32,4,1024,16,24,1024,2,4,2,219.7"]), encoding="utf-8")
+    assert main(["vtrain", str(table)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "row 2: column '# GPUs'=8" in err[0]
+
+
+def test_profile_takes_vtrain_link_figures_and_keeps_measured_curves():
+    base = load_profile("a100-80g")
+    data = vtrain_profile(base, "x", command="cmd")
+    prof = profile_from_dict(data)
+    assert prof.links["intra"]["all_gather"].busbw_Bps == pytest.approx(150 * 2**30)
+    assert prof.links["inter"]["p2p"].busbw_Bps == pytest.approx(800 * 2**30 / 8 / 8)
+    assert data["links"]["intra"]["all_reduce"] == base.raw["links"]["intra"]["all_reduce"]
+    replaced = vtrain_profile(base, "x", replace_curves=True)
+    assert "curves" not in replaced["links"]["intra"]["all_reduce"]
+    assert profile_from_dict(replaced).links["intra"]["all_reduce"].busbw_Bps == pytest.approx(150 * 2**30)
+
+
+def test_shipped_profile_is_what_its_recorded_command_makes(tmp_path):
+    shipped = json.loads((PROFILE_DIR / "a100-vtrain.json").read_text())
+    command = shipped["notes"].split("Made by: ")[1].split()
+    out = tmp_path / "p.json"
+    assert main([*command[3:], "--out", str(out)]) == 0
+    made = json.loads(out.read_text())
+    assert {**made, "date": None} == {**shipped, "date": None}
+
+
+def test_a_row_the_plan_rules_refuse_is_named_before_any_output(tmp_path, capsys):
+    table = tmp_path / "t.csv"
+    table.write_text(_table([ROWS[0], "8,32,4,1536,12,24,1024,8,1,1,219.7"]), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["vtrain", str(table), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "row 2: " in err and "tp=8 must divide heads=12" in err
+    assert not out.exists()
+
+
+def test_missing_profiles_are_named(tmp_path, capsys):
+    assert main(["make-profile", "--base", "a100-vidur", "--out", str(tmp_path / "p.json")]) == 2
+    assert "--base: unknown hardware profile 'a100-vidur'; known profiles:" in capsys.readouterr().err
+    table = tmp_path / "t.csv"
+    table.write_text(_table(ROWS), encoding="utf-8")
+    assert main(["vtrain", str(table), "--profile", "no-such-profile"]) == 2
+    assert "--profile: unknown hardware profile 'no-such-profile'" in capsys.readouterr().err
