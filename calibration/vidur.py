@@ -8,16 +8,16 @@ host launch). Each op is one kernel of :mod:`calibration.fused`, so its FLOPs an
 from the same formulas the fused op set charges (:data:`VIDUR_OPS`):
 
 - GEMMs (attn_pre_proj = fused q/k/v, attn_post_proj = o, mlp_up_proj = gate+up when gated,
-  mlp_down_proj): the profile's FLOPs-efficiency curve (log-linear knots in log FLOPs), one
-  bandwidth efficiency and one floor, fitted jointly with :func:`scipy.optimize.least_squares`
-  on log time so that ``max(floor, F/(peak·eff(F)), B/(bw·eff_b))`` reproduces both the
+  mlp_down_proj): the profile's FLOPs-efficiency curve (log-linear knots in log FLOPs), its
+  by-bytes bandwidth curve and one floor, fitted jointly with :func:`scipy.optimize.least_squares`
+  on log time so that ``max(floor, F/(peak·eff(F)), B/(bw·eff_b(B)))`` reproduces both the
   compute-bound rows (many tokens) and the weight-bandwidth-bound ones (few tokens);
 - memory-bound ops (input_layernorm and post_attention_layernorm → rms_norm, attn_rope → rope,
   mlp_act → swiglu, add, emb → embedding): a bandwidth efficiency and a floor per kernel
   (``compute.kernels.by_kernel``), the same model without the FLOPs term;
-- the by-bytes memory curve for kernels vidur did not time (attention, losses, Adam, backward
-  elementwise kernels): the median bandwidth efficiency of the memory-bound ops per size,
-  non-decreasing; the kernel floor: the shortest time any op took.
+- the by-bytes memory curve (GEMMs, and kernels vidur did not time: attention, losses, Adam,
+  backward elementwise kernels) is the GEMMs' weight-streaming efficiency by bytes; the floor of
+  every kernel without its own is the GEMMs'.
 
 Fit on some models' tables, report on the others (:func:`check`): median and max absolute
 percentage error per op.
@@ -132,10 +132,9 @@ class Fit:
     """What the tables say about one GPU."""
 
     gemm_points: list[tuple[float, float]]  # (FLOPs, efficiency)
-    gemm_bandwidth: float  # bandwidth efficiency of a weight-bound GEMM
+    gemm_bandwidth: list[tuple[float, float]]  # (bytes, efficiency) of a weight-bound GEMM
     gemm_floor_s: float
     kernels: dict[str, tuple[float, float]]  # memory-bound kernel → (bandwidth efficiency, floor_s)
-    memory_points: list[tuple[float, float]]  # (bytes, efficiency) for kernels not timed
     floor_s: float  # the shortest op
     rows: int  # rows fitted
 
@@ -144,25 +143,30 @@ def _log_eff(flops: np.ndarray, logeff: np.ndarray) -> np.ndarray:
     return np.interp(np.log(flops), np.log(GEMM_KNOTS), logeff)
 
 
-def fit_gemms(rows: pd.DataFrame, peak: float, bw: float) -> tuple[list, float, float]:
-    """FLOPs-efficiency knots, bandwidth efficiency and floor of the GEMM rows."""
+def fit_gemms(rows: pd.DataFrame, peak: float, bw: float) -> tuple[list, list, float]:
+    """FLOPs-efficiency knots, by-bytes bandwidth-efficiency knots (a weight-bound GEMM streams
+    its weights at a rate that grows with their size) and the floor of the GEMM rows."""
     f, b, t = rows.flops.to_numpy(), rows.bytes.to_numpy(), rows.time_s.to_numpy()
+    k, m = len(GEMM_KNOTS), len(MEMORY_KNOTS)
 
     def model(p: np.ndarray) -> np.ndarray:
-        compute = f / (peak * np.exp(_log_eff(f, p[:-2])))
-        return np.maximum(np.maximum(compute, b / (bw * np.exp(p[-2]))), np.exp(p[-1]))
+        compute = f / (peak * np.exp(_log_eff(f, p[:k])))
+        memory = b / (bw * np.exp(np.interp(np.log(b), np.log(MEMORY_KNOTS), p[k:k + m])))
+        return np.maximum(np.maximum(compute, memory), np.exp(p[-1]))
 
-    k = len(GEMM_KNOTS)
-    x0 = np.concatenate([np.full(k, np.log(0.5)), [np.log(0.7), np.log(t.min())]])
-    lo = np.concatenate([np.full(k, np.log(1e-4)), [np.log(0.05), np.log(1e-7)]])
-    hi = np.concatenate([np.zeros(k), [np.log(1.2), np.log(1e-3)]])
+    x0 = np.concatenate([np.full(k, np.log(0.5)), np.full(m, np.log(0.7)), [np.log(t.min())]])
+    lo = np.concatenate([np.full(k, np.log(1e-4)), np.full(m, np.log(1e-3)), [np.log(1e-7)]])
+    hi = np.concatenate([np.zeros(k), np.zeros(m), [np.log(1e-3)]])
     # a small penalty on the curvature keeps knots no row pins (beyond the data) near their neighbours
-    fit = least_squares(lambda p: np.concatenate([np.log(model(p) / t), 0.05 * np.diff(p[:k], 2)]),
-                        x0, bounds=(lo, hi))
+    fit = least_squares(lambda p: np.concatenate([np.log(model(p) / t), 0.05 * np.diff(p[:k], 2),
+                                                  0.05 * np.diff(p[k:k + m], 2)]), x0, bounds=(lo, hi))
     eff = np.minimum(np.exp(fit.x[:k]), 1.0)
     seen = (GEMM_KNOTS >= f.min() / 4) & (GEMM_KNOTS <= f.max() * 4)
     points = [(float(x), round(float(e), 4)) for x, e, s in zip(GEMM_KNOTS, eff, seen) if s]
-    return points, float(np.exp(fit.x[-2])), float(np.exp(fit.x[-1]))
+    beff = np.minimum(np.exp(fit.x[k:k + m]), 1.0)
+    bseen = (MEMORY_KNOTS >= b.min() / 4) & (MEMORY_KNOTS <= b.max() * 4)
+    bpoints = [(float(x), round(float(e), 4)) for x, e, s in zip(MEMORY_KNOTS, beff, bseen) if s]
+    return points, bpoints, float(np.exp(fit.x[-1]))
 
 
 def fit_memory_kernel(rows: pd.DataFrame, bw: float) -> tuple[float, float]:
@@ -177,22 +181,6 @@ def fit_memory_kernel(rows: pd.DataFrame, bw: float) -> tuple[float, float]:
     return float(np.exp(fit.x[0])), float(np.exp(fit.x[1]))
 
 
-def memory_curve(rows: pd.DataFrame, kernels: dict[str, tuple[float, float]], bw: float) -> list:
-    """By-bytes curve for kernels not timed: per size knot, the median achieved efficiency of
-    the memory-bound rows within a factor 2 of it, out of the floor's reach; non-decreasing."""
-    eff = rows.bytes / (bw * rows.time_s)
-    free = rows.time_s > 2 * rows.kernel.map(lambda k: kernels[k][1])
-    pts = []
-    for x in MEMORY_KNOTS:
-        near = free & (rows.bytes >= x / 2) & (rows.bytes <= x * 2)
-        if near.sum() >= 3:
-            pts.append((float(x), float(min(eff[near].median(), 1.0))))
-    if not pts:
-        raise ConfigError("vidur tables: no memory-bound op is out of its floor's reach")
-    ys = np.maximum.accumulate([e for _, e in pts])
-    return [(x, round(float(y), 4)) for (x, _), y in zip(pts, ys)]
-
-
 def fit_tables(rows: pd.DataFrame, peak: float, bw: float) -> Fit:
     """Every figure the profile takes from the tables."""
     if rows.empty:
@@ -203,17 +191,10 @@ def fit_tables(rows: pd.DataFrame, peak: float, bw: float) -> Fit:
     points, gemm_bw, gemm_floor = fit_gemms(gemm, peak, bw)
     mem = rows[~rows.op.isin(GEMM_OPS)]
     kernels = {k: fit_memory_kernel(part, bw) for k, part in mem.groupby("kernel")}
-    return Fit(points, gemm_bw, gemm_floor, kernels, memory_curve(mem, kernels, bw),
-               float(rows.time_s.min()), len(rows))
+    return Fit(points, gemm_bw, gemm_floor, kernels, float(rows.time_s.min()), len(rows))
 
 
 # ---- the profile ----------------------------------------------------------------------------
-
-
-def _gemm_kernels() -> list[str]:
-    """Every GEMM kernel name of the fused op set (forward, dgrad, wgrad)."""
-    names = {k.op for ks in F.pieces().values() for k in ks}
-    return sorted(n for n in names if n.split("_")[0] in ("qkv", "o", "up", "down", "head"))
 
 
 def build_profile(base: dict, directory: str | Path, name: str, command: str,
@@ -246,23 +227,21 @@ def build_profile(base: dict, directory: str | Path, name: str, command: str,
                                "FLOPs 2·m·n·k of the layer shapes, fitted jointly with the weight-bandwidth "
                                "bound (scipy least_squares on log time) by calibration/vidur.py"}
     by_kernel = {k: {"bandwidth_efficiency": round(e, 4), "floor_s": round(f, 9)} for k, (e, f) in fit.kernels.items()}
-    for k in _gemm_kernels():
-        by_kernel[k] = {"bandwidth_efficiency": round(fit.gemm_bandwidth, 4), "floor_s": round(fit.gemm_floor_s, 9)}
     eff, why = ATTENTION[base["name"]]
     for k in ("flash_attention", "flash_attention_backward"):
-        by_kernel[k] = {"bandwidth_efficiency": fit.memory_points[-1][1], "floor_s": round(fit.floor_s, 9),
+        by_kernel[k] = {"bandwidth_efficiency": fit.gemm_bandwidth[-1][1], "floor_s": round(fit.floor_s, 9),
                         "flops_efficiency": eff,
                         "cite": f"{why}; bandwidth (decode's KV-cache reads): the by-bytes curve's largest point"}
-    c["kernels"] = {"floor_s": round(fit.floor_s, 9), "by_kernel": dict(sorted(by_kernel.items())),
+    c["kernels"] = {"floor_s": round(fit.gemm_floor_s, 9), "by_kernel": dict(sorted(by_kernel.items())),
                     "cite": f"{src}: memory-bound rows (input_layernorm, post_attention_layernorm → rms_norm; "
                             "attn_rope → rope; mlp_act → swiglu; add; emb → embedding) fitted as max(floor, "
-                            "bytes/(bw·eff)) per kernel; GEMM kernels (forward and gradient) share the GEMM rows' "
-                            "bandwidth efficiency and floor; floor_s: the shortest op in the tables; attention "
-                            "kernels cite their own source"}
+                            "bytes/(bw·eff)) per kernel; floor_s (every other kernel): the GEMM rows' fitted "
+                            "floor; attention kernels cite their own source"}
     doc["memory"]["efficiency"] = {
-        "by": "bytes", "interpolation": "log-linear", "points": [list(p) for p in fit.memory_points],
-        "cite": f"{src}: median achieved bandwidth of the memory-bound rows near each size, out of the floor's "
-                "reach, non-decreasing; used by kernels the tables do not time (attention, losses, Adam, backward)"}
+        "by": "bytes", "interpolation": "log-linear", "points": [list(p) for p in fit.gemm_bandwidth],
+        "cite": f"{src}: the weight-bandwidth bound of the GEMM rows (few tokens), fitted with the GEMM "
+                "efficiency; streaming bandwidth for GEMMs and every kernel the tables do not time "
+                "(attention, losses, Adam, backward)"}
     raw = load_vidur_network(root / "network" / topo)
     raw = raw[raw.link_class == "intra"]
     cite = (f"vidur NCCL timings on 8-GPU nodes ({VIDUR}/network/{topo}; sizes in bytes, median NCCL kernel "
