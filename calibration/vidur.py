@@ -9,9 +9,10 @@ from the same formulas the fused op set charges (:data:`VIDUR_OPS`):
 
 - GEMMs (attn_pre_proj = fused q/k/v, attn_post_proj = o, mlp_up_proj = gate+up when gated,
   mlp_down_proj): the profile's FLOPs-efficiency curve (log-linear knots in log FLOPs), its
-  by-bytes bandwidth curve and one floor, fitted jointly with :func:`scipy.optimize.least_squares`
-  on log time so that ``max(floor, F/(peak·eff(F)), B/(bw·eff_b(B)))`` reproduces both the
-  compute-bound rows (many tokens) and the weight-bandwidth-bound ones (few tokens);
+  by-bytes bandwidth curve and one floor, fitted with :func:`scipy.optimize.least_squares` on
+  log time so that ``max(floor, F/(peak·eff(F)), B/(bw·eff_b(B)))`` reproduces both the
+  weight-bandwidth-bound rows (few tokens: they give the bandwidth curve and the floor) and the
+  compute-bound ones (many tokens: the FLOPs curve, with the other two held);
 - memory-bound ops (input_layernorm and post_attention_layernorm → rms_norm, attn_rope → rope,
   mlp_act → swiglu, add, emb → embedding): a bandwidth efficiency and a floor per kernel
   (``compute.kernels.by_kernel``), the same model without the FLOPs term;
@@ -143,30 +144,44 @@ def _log_eff(flops: np.ndarray, logeff: np.ndarray) -> np.ndarray:
     return np.interp(np.log(flops), np.log(GEMM_KNOTS), logeff)
 
 
-def fit_gemms(rows: pd.DataFrame, peak: float, bw: float) -> tuple[list, list, float]:
-    """FLOPs-efficiency knots, by-bytes bandwidth-efficiency knots (a weight-bound GEMM streams
-    its weights at a rate that grows with their size) and the floor of the GEMM rows."""
-    f, b, t = rows.flops.to_numpy(), rows.bytes.to_numpy(), rows.time_s.to_numpy()
-    k, m = len(GEMM_KNOTS), len(MEMORY_KNOTS)
+def _knots(x: np.ndarray, knots: np.ndarray, logeff: np.ndarray) -> list[tuple[float, float]]:
+    """The knots within a factor 4 of the data, as (size, efficiency) points."""
+    seen = (knots >= x.min() / 4) & (knots <= x.max() * 4)
+    return [(float(k), round(float(min(np.exp(e), 1.0)), 4)) for k, e, s in zip(knots, logeff, seen) if s]
 
-    def model(p: np.ndarray) -> np.ndarray:
-        compute = f / (peak * np.exp(_log_eff(f, p[:k])))
-        memory = b / (bw * np.exp(np.interp(np.log(b), np.log(MEMORY_KNOTS), p[k:k + m])))
-        return np.maximum(np.maximum(compute, memory), np.exp(p[-1]))
 
-    x0 = np.concatenate([np.full(k, np.log(0.5)), np.full(m, np.log(0.7)), [np.log(t.min())]])
-    lo = np.concatenate([np.full(k, np.log(1e-4)), np.full(m, np.log(1e-3)), [np.log(1e-7)]])
-    hi = np.concatenate([np.zeros(k), np.zeros(m), [np.log(1e-3)]])
+def _smooth(p: np.ndarray) -> np.ndarray:
     # a small penalty on the curvature keeps knots no row pins (beyond the data) near their neighbours
-    fit = least_squares(lambda p: np.concatenate([np.log(model(p) / t), 0.05 * np.diff(p[:k], 2),
-                                                  0.05 * np.diff(p[k:k + m], 2)]), x0, bounds=(lo, hi))
-    eff = np.minimum(np.exp(fit.x[:k]), 1.0)
-    seen = (GEMM_KNOTS >= f.min() / 4) & (GEMM_KNOTS <= f.max() * 4)
-    points = [(float(x), round(float(e), 4)) for x, e, s in zip(GEMM_KNOTS, eff, seen) if s]
-    beff = np.minimum(np.exp(fit.x[k:k + m]), 1.0)
-    bseen = (MEMORY_KNOTS >= b.min() / 4) & (MEMORY_KNOTS <= b.max() * 4)
-    bpoints = [(float(x), round(float(e), 4)) for x, e, s in zip(MEMORY_KNOTS, beff, bseen) if s]
-    return points, bpoints, float(np.exp(fit.x[-1]))
+    return 0.05 * np.diff(p, 2)
+
+
+def fit_gemms(rows: pd.DataFrame, peak: float, bw: float) -> tuple[list, list, float]:
+    """FLOPs-efficiency knots, by-bytes bandwidth-efficiency knots and the floor of the GEMM rows,
+    each regime from its own rows: the weight-streaming curve and the floor from the
+    weight-bound rows (arithmetic intensity under an eighth of the machine balance peak/bw:
+    a handful of tokens), then the FLOPs curve from every row with those held."""
+    f, b, t = rows.flops.to_numpy(), rows.bytes.to_numpy(), rows.time_s.to_numpy()
+    bound = f / b < peak / bw / 8
+    if bound.sum() < 3 or (~bound).sum() < 3:
+        raise ConfigError("vidur tables: the GEMM rows need both few-token (weight-bound) and many-token rows")
+    lb, lm = np.log(b[bound]), np.log(MEMORY_KNOTS)
+
+    def memory(p: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        return nbytes / (bw * np.exp(np.interp(np.log(nbytes), lm, p)))
+
+    m = len(MEMORY_KNOTS)
+    mem = least_squares(lambda p: np.concatenate([
+        np.log(np.maximum(b[bound] / (bw * np.exp(np.interp(lb, lm, p[:m]))), np.exp(p[m])) / t[bound]),
+        _smooth(p[:m])]), np.concatenate([np.full(m, np.log(0.7)), [np.log(t.min())]]),
+        bounds=(np.concatenate([np.full(m, np.log(1e-3)), [np.log(1e-7)]]),
+                np.concatenate([np.zeros(m), [np.log(1e-3)]])))
+    floor = np.exp(mem.x[m])
+    held = np.maximum(memory(mem.x[:m], b), floor)
+    k = len(GEMM_KNOTS)
+    comp = least_squares(lambda p: np.concatenate([
+        np.log(np.maximum(f / (peak * np.exp(_log_eff(f, p))), held) / t), _smooth(p)]),
+        np.full(k, np.log(0.5)), bounds=(np.full(k, np.log(1e-4)), np.zeros(k)))
+    return _knots(f, GEMM_KNOTS, comp.x), _knots(b[bound], MEMORY_KNOTS, mem.x[:m]), float(floor)
 
 
 def fit_memory_kernel(rows: pd.DataFrame, bw: float) -> tuple[float, float]:
@@ -213,7 +228,8 @@ def build_profile(base: dict, directory: str | Path, name: str, command: str,
     fit = fit_tables(fit_rows, peak, bw)
     held = sorted(set(rows.model) - set(fit_models))
     src = (f"vidur per-op CUDA-event timings ({VIDUR}/compute/{gpu}; median ms, kernel time, no host launch; "
-           f"MIT licence, copy in calibration/vidur/) of {', '.join(fit_models)}; held out: {', '.join(held) or 'none'}")
+           f"MIT licence, copy in calibration/vidur/) of {', '.join(fit_models)}; "
+           f"held out: {', '.join(held) or 'none'}")
     doc = copy.deepcopy(base)
     doc.update(name=name, source="measured", date=datetime.date.today().isoformat(),
                notes=(f"Fused-kernel GPU profile built by: {command}. Compute and memory fitted on vidur's "

@@ -159,7 +159,8 @@ class Profile:
     backward_overhead_s: float | None = None  # per op the autograd engine runs in a backward pass
     ops: str = "executor"  # op census charged: executor (eager aten ops) | fused (one entry per fused kernel)
     kernel_floor_s: float = 0.0  # shortest time any kernel takes on the device, seconds
-    kernels: dict[str, tuple[float, ...]] = field(default_factory=dict)  # kernel → (bandwidth eff., floor_s[, FLOPs eff.])
+    # fused kernel → (bandwidth efficiency, floor_s[, FLOPs efficiency]) where the profile measured it
+    kernels: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def dispatch_s(self, mode: str = "nograd") -> float:
         """Host cost of one aten op in ``mode`` (:data:`DISPATCH_MODES`): in eager PyTorch an
@@ -446,7 +447,8 @@ def _kernels(compute: dict, where: str) -> tuple[float, dict[str, tuple[float, .
             raise ConfigError(f"{w}.by_kernel.{name} must be an object with keys "
                               "['bandwidth_efficiency', 'floor_s'] (optional: 'flops_efficiency', 'cite')")
         at = f"{w}.by_kernel.{name}"
-        figures = (number(entry, "bandwidth_efficiency", at, False, 1.5), number(entry, "floor_s", at, True, MAX_LATENCY_S))
+        figures = (number(entry, "bandwidth_efficiency", at, False, 1.5),
+                   number(entry, "floor_s", at, True, MAX_LATENCY_S))
         if "flops_efficiency" in entry:
             figures += (number(entry, "flops_efficiency", at, False, 1.0),)
         out[str(name)] = figures
