@@ -83,9 +83,9 @@ class Kernel:
     count: float = 1
 
     def entry(self) -> dict:
-        flops = [[c, e] for c, e in self.flops] or [0.0, {}]
-        if len(flops) == 1 and isinstance(flops[0], list):
-            flops = flops[0]
+        """The census entry: FLOPs one monomial, or a list of them where they are a sum."""
+        terms = [[c, e] for c, e in self.flops]
+        flops = terms[0] if len(terms) == 1 else (terms or [0.0, {}])
         return {"op": self.op, "count": [self.count, {}], "flops": flops,
                 "bytes": [[c, e] for c, e in self.bytes]}
 
@@ -106,7 +106,7 @@ def kv_width(c: float = 1.0) -> Mono:
 def gemm(op: str, m: Mono, k: list[Mono], n: list[Mono], bias: bool = False) -> Kernel:
     """``(m × k)·(k × n)``, ``k`` and ``n`` sums of monomials (q, k, v widths): ``2·m·n·k``
     FLOPs; input, weight and output once in bf16, and the bias where there is one."""
-    flops = [times(times(mm, 2.0 * a[0], *_syms(a)), b[0], *_syms(b)) for mm in [m] for a in k for b in n]
+    flops = [times(times(m, 2.0 * a[0], *_syms(a)), b[0], *_syms(b)) for a in k for b in n]
     nbytes = ([times(m, BF16 * a[0], *_syms(a)) for a in k]
               + [times(a, BF16 * b[0], *_syms(b)) for a in k for b in n]
               + [times(m, BF16 * b[0], *_syms(b)) for b in n]
@@ -130,7 +130,7 @@ def gemm_backward(op: str, m: Mono, k: list[Mono], n: list[Mono], bias: bool = F
     return [dx, Kernel(op + "_wgrad", flops, nbytes)]
 
 
-def norm(op: str, t: Mono, kind: str = "rms") -> Kernel:
+def norm(t: Mono, kind: str = "rms") -> Kernel:
     """Fused RMSNorm / LayerNorm over the full hidden width: x in, y out, weight (and bias)."""
     weights = 1 if kind == "rms" else 2
     return Kernel(f"{kind}_norm", [], [times(t, 2 * BF16, "hidden"), mono(BF16 * weights, "hidden")])
@@ -214,12 +214,12 @@ def block_kernels(phase: str, norm_kind: str = "rms", mlp: str = "swiglu", bias:
                  *gemm_backward("up_proj", t, h, up_n), activation_backward(t, mlp),
                  *gemm_backward("down_proj", t, [mono(1, "ffn")], h), add(t), add(t)])
     attn = flash_attention("rows", "1", "kv_len") if phase == "decode" else flash_attention("rows", "tokens", None)
-    out = [norm("input_norm", t, norm_kind), gemm("qkv_proj", t, h, list(QKV), bias), rotary(t), attn]
+    out = [norm(t, norm_kind), gemm("qkv_proj", t, h, list(QKV), bias), rotary(t), attn]
     if phase == "prefill":  # the KV cache write (vLLM reshape_and_cache): k, v in and out
         out.append(Kernel("kv_cache_write", [], [times(t, 2 * 2 * BF16 * kv_width()[0], *_syms(kv_width()))]))
     if phase == "decode":  # the new token's k, v appended
         out.append(Kernel("kv_cache_write", [], [times(t, 2 * 2 * BF16 * kv_width()[0], *_syms(kv_width()))]))
-    return out + [gemm("o_proj", t, [q_width()], h), add(t), norm("post_norm", t, norm_kind),
+    return out + [gemm("o_proj", t, [q_width()], h), add(t), norm(t, norm_kind),
                   gemm("up_proj", t, h, up_n), activation(t, mlp), gemm("down_proj", t, [mono(1, "ffn")], h), add(t)]
 
 
@@ -239,7 +239,7 @@ def head(kind: str, backward: bool = False) -> list[Kernel]:
     h = [mono(1, "hidden")]
     if backward:
         return [*gemm_backward("head", t, h, out_n), norm_backward(t)]
-    return [norm("final_norm", t), gemm("head", t, h, out_n)]
+    return [norm(t), gemm("head", t, h, out_n)]
 
 
 def loss(name: str, backward: bool = False) -> list[Kernel]:

@@ -66,11 +66,11 @@ T = F.mono(1, "rows", "tokens")
 # vidur op → the fused kernel it times (gated: SwiGLU MLP, else GELU)
 VIDUR_OPS = {
     "emb": lambda tp, gated: F.embed(tp)[0],
-    "input_layernorm": lambda tp, gated: F.norm("input_norm", T),
+    "input_layernorm": lambda tp, gated: F.norm(T),
     "attn_pre_proj": lambda tp, gated: F.gemm("qkv_proj", T, [F.mono(1, "hidden")], list(F.QKV)),
     "attn_rope": lambda tp, gated: F.rotary(T),
     "attn_post_proj": lambda tp, gated: F.gemm("o_proj", T, [F.q_width()], [F.mono(1, "hidden")]),
-    "post_attention_layernorm": lambda tp, gated: F.norm("post_norm", T),
+    "post_attention_layernorm": lambda tp, gated: F.norm(T),
     "mlp_up_proj": lambda tp, gated: _up(T, gated),
     "mlp_act": lambda tp, gated: F.activation(T, "swiglu" if gated else "gelu"),
     "mlp_down_proj": lambda tp, gated: F.gemm("down_proj", T, [F.mono(1, "ffn")], [F.mono(1, "hidden")]),
@@ -136,7 +136,6 @@ class Fit:
     gemm_bandwidth: list[tuple[float, float]]  # (bytes, efficiency) of a weight-bound GEMM
     gemm_floor_s: float
     kernels: dict[str, tuple[float, float]]  # memory-bound kernel → (bandwidth efficiency, floor_s)
-    floor_s: float  # the shortest op
     rows: int  # rows fitted
 
 
@@ -206,7 +205,7 @@ def fit_tables(rows: pd.DataFrame, peak: float, bw: float) -> Fit:
     points, gemm_bw, gemm_floor = fit_gemms(gemm, peak, bw)
     mem = rows[~rows.op.isin(GEMM_OPS)]
     kernels = {k: fit_memory_kernel(part, bw) for k, part in mem.groupby("kernel")}
-    return Fit(points, gemm_bw, gemm_floor, kernels, float(rows.time_s.min()), len(rows))
+    return Fit(points, gemm_bw, gemm_floor, kernels, len(rows))
 
 
 # ---- the profile ----------------------------------------------------------------------------
@@ -245,7 +244,7 @@ def build_profile(base: dict, directory: str | Path, name: str, command: str,
     by_kernel = {k: {"bandwidth_efficiency": round(e, 4), "floor_s": round(f, 9)} for k, (e, f) in fit.kernels.items()}
     eff, why = ATTENTION[base["name"]]
     for k in ("flash_attention", "flash_attention_backward"):
-        by_kernel[k] = {"bandwidth_efficiency": fit.gemm_bandwidth[-1][1], "floor_s": round(fit.floor_s, 9),
+        by_kernel[k] = {"bandwidth_efficiency": fit.gemm_bandwidth[-1][1], "floor_s": round(fit.gemm_floor_s, 9),
                         "flops_efficiency": eff,
                         "cite": f"{why}; bandwidth (decode's KV-cache reads): the by-bytes curve's largest point"}
     c["kernels"] = {"floor_s": round(fit.gemm_floor_s, 9), "by_kernel": dict(sorted(by_kernel.items())),

@@ -78,8 +78,9 @@ def load_census(path: str | None = None) -> Census:
     try:
         data = json.loads(where.read_text())
     except OSError as exc:
+        tool = "calibration.fused" if where.name == "fused.json" else "calibration.census"
         raise ConfigError(f"op census {str(where)!r}: {exc.strerror}; "
-                          "generate it with: python -m calibration.census") from None
+                          f"generate it with: python -m {tool}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"op census {str(where)!r}: not valid JSON: {exc}") from None
     if data.get("format") != CENSUS_FORMAT:
