@@ -30,10 +30,13 @@ elementwise kernel's backward reads its inputs and the output gradient and write
 gradients (SwiGLU: gate, up, dy in; dgate, dup out — ``5/3×`` the forward); a residual add's
 backward is free (the gradient passes through).
 
-Variants are parameters of :func:`block_kernels` (``norm``: rms | layer, ``mlp``: swiglu |
-gelu, ``bias``: q/k/v bias); the pieces written are those :func:`estimator.census.block_piece`
-names today (``+bias`` for a q/k/v bias). A LayerNorm / GELU block's piece name is not yet part
-of ``block_piece``: :data:`VARIANTS` is where such names go once it has them.
+Variants are parameters (:func:`block_kernels`: ``norm_kind`` rms | layer, ``mlp`` swiglu |
+gelu, ``bias`` q/k/v bias, ``linear_bias`` every projection's, ``positions`` rope | learned;
+:func:`embed`: ``learned_positions``; :func:`head`: ``norm_kind``);
+the pieces written are those :func:`estimator.census.block_piece` names today (``+bias`` for a
+q/k/v bias). A LayerNorm / GELU / learned-position model's piece names are not yet part of
+``block_piece``: :data:`VARIANTS` (and :func:`pieces` for embed and head) is where they go once
+it has them.
 
 Usage::
 
@@ -202,44 +205,53 @@ def flash_attention_backward(rows: str, q: str) -> Kernel:
 QKV = (q_width(), kv_width(2.0))  # q + k + v output width
 
 
-def block_kernels(phase: str, norm_kind: str = "rms", mlp: str = "swiglu", bias: bool = False) -> list[Kernel]:
-    """One block's kernels in ``phase`` (forward | prefill | decode | backward) on one rank."""
+def block_kernels(phase: str, norm_kind: str = "rms", mlp: str = "swiglu", bias: bool = False,
+                  positions: str = "rope", linear_bias: bool = False) -> list[Kernel]:
+    """One block's kernels in ``phase`` (forward | prefill | decode | backward) on one rank.
+    ``bias``: a q/k/v bias (Qwen); ``linear_bias``: every projection has one (GPT);
+    ``positions``: rope (a rotary kernel per block) | learned (added once, in the embedding)."""
     t = mono(1, "rows") if phase == "decode" else mono(1, "rows", "tokens")
     h = [mono(1, "hidden")]
     up_n = [mono(2 if mlp == "swiglu" else 1, "ffn")]
+    qkv_b, lin_b = bias or linear_bias, linear_bias
+    rope = positions == "rope"
     if phase == "backward":
-        return ([norm_backward(t, norm_kind), *gemm_backward("qkv_proj", t, h, list(QKV), bias),
-                 rotary_backward(t), flash_attention_backward("rows", "tokens"),
-                 *gemm_backward("o_proj", t, [q_width()], h), norm_backward(t, norm_kind),
-                 *gemm_backward("up_proj", t, h, up_n), activation_backward(t, mlp),
-                 *gemm_backward("down_proj", t, [mono(1, "ffn")], h), add(t), add(t)])
+        return ([norm_backward(t, norm_kind), *gemm_backward("qkv_proj", t, h, list(QKV), qkv_b),
+                 *([rotary_backward(t)] if rope else []), flash_attention_backward("rows", "tokens"),
+                 *gemm_backward("o_proj", t, [q_width()], h, lin_b), norm_backward(t, norm_kind),
+                 *gemm_backward("up_proj", t, h, up_n, lin_b), activation_backward(t, mlp),
+                 *gemm_backward("down_proj", t, [mono(1, "ffn")], h, lin_b), add(t), add(t)])
     attn = flash_attention("rows", "1", "kv_len") if phase == "decode" else flash_attention("rows", "tokens", None)
-    out = [norm(t, norm_kind), gemm("qkv_proj", t, h, list(QKV), bias), rotary(t), attn]
+    out = [norm(t, norm_kind), gemm("qkv_proj", t, h, list(QKV), qkv_b), *([rotary(t)] if rope else []), attn]
     if phase == "prefill":  # the KV cache write (vLLM reshape_and_cache): k, v in and out
         out.append(Kernel("kv_cache_write", [], [times(t, 2 * 2 * BF16 * kv_width()[0], *_syms(kv_width()))]))
     if phase == "decode":  # the new token's k, v appended
         out.append(Kernel("kv_cache_write", [], [times(t, 2 * 2 * BF16 * kv_width()[0], *_syms(kv_width()))]))
-    return out + [gemm("o_proj", t, [q_width()], h), add(t), norm(t, norm_kind),
-                  gemm("up_proj", t, h, up_n), activation(t, mlp), gemm("down_proj", t, [mono(1, "ffn")], h), add(t)]
+    return out + [gemm("o_proj", t, [q_width()], h, lin_b), add(t), norm(t, norm_kind),
+                  gemm("up_proj", t, h, up_n, lin_b), activation(t, mlp),
+                  gemm("down_proj", t, [mono(1, "ffn")], h, lin_b), add(t)]
 
 
-def embed(tp: bool, backward: bool = False) -> list[Kernel]:
+def embed(tp: bool, backward: bool = False, learned_positions: bool = False) -> list[Kernel]:
     """Embedding gather (ids in, rows of the table out; vocab-parallel: masked, zeros outside
-    the rank's slice) and, backward, the scatter-add of dy into the fp32 table gradient."""
+    the rank's slice) and, backward, the scatter-add of dy into the fp32 table gradient; with
+    ``learned_positions`` (GPT-style) the position rows are gathered and added in the same
+    kernel (one more row read per token) and their gradient accumulated."""
     t = mono(1, "rows", "tokens")
+    pos = [times(t, BF16 if not backward else 2 * FP32, "hidden")] if learned_positions else []
     if backward:
-        return [Kernel("embedding_backward", [], [times(t, BF16 + 2 * FP32, "hidden"), times(t, INT64)])]
-    return [Kernel("embedding", [], [times(t, 2 * BF16, "hidden"), times(t, INT64 * (2 if tp else 1))])]
+        return [Kernel("embedding_backward", [], [times(t, BF16 + 2 * FP32, "hidden"), times(t, INT64)] + pos)]
+    return [Kernel("embedding", [], [times(t, 2 * BF16, "hidden"), times(t, INT64 * (2 if tp else 1))] + pos)]
 
 
-def head(kind: str, backward: bool = False) -> list[Kernel]:
+def head(kind: str, backward: bool = False, norm_kind: str = "rms") -> list[Kernel]:
     """Final norm and the head GEMM (lm: vocab slice; value: one output)."""
     t = mono(1, "rows", "tokens")
     out_n = [mono(1, "vocab_local")] if kind == "lm" else [mono(1)]
     h = [mono(1, "hidden")]
     if backward:
-        return [*gemm_backward("head", t, h, out_n), norm_backward(t)]
-    return [norm(t), gemm("head", t, h, out_n)]
+        return [*gemm_backward("head", t, h, out_n), norm_backward(t, norm_kind)]
+    return [norm(t, norm_kind), gemm("head", t, h, out_n)]
 
 
 def loss(name: str, backward: bool = False) -> list[Kernel]:

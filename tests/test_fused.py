@@ -101,3 +101,26 @@ def test_a_measured_kernel_uses_its_own_bandwidth_and_floor():
     plain = prof.ops_s_many(np.zeros(2), np.array([big, tiny]), 0.0, "nograd", ("something_else",))
     assert plain[0] == pytest.approx(big / (prof.mem_bandwidth_Bps * prof.mem_efficiency(big)))
     assert plain[1] == pytest.approx(prof.kernel_floor_s)
+
+
+def test_gpt_style_variants_change_the_kernels_they_should():
+    """LayerNorm reads a bias too, GELU has one up projection, learned positions drop the rotary
+    kernel, every projection's bias is read once (hooks for GPT-style pieces)."""
+    from estimator.census import compile_piece
+
+    model = PRESETS["llama2-7b"]
+    sym = model_symbols(model, 1) | {"rows": 1.0, "tokens": 512.0}
+
+    def work(**kw):
+        w = compile_piece([k.entry() for k in fused.block_kernels("forward", **kw)])(sym)
+        return float((w.flops * w.count).sum()), float((w.bytes * w.count).sum()), int(w.count.sum())
+
+    f0, b0, n0 = work()
+    _, b_ln, _ = work(norm_kind="layer")
+    assert b_ln - b0 == pytest.approx(2 * 2 * model.hidden)  # two norms' biases, bf16
+    f_gelu, _, _ = work(mlp="gelu")
+    assert f0 - f_gelu == pytest.approx(2 * 512 * model.hidden * model.ffn)  # no gate projection
+    _, _, n_learned = work(positions="learned")
+    assert n_learned == n0 - 1
+    _, b_bias, _ = work(linear_bias=True)
+    assert b_bias - b0 == pytest.approx(2 * (3 * model.hidden + model.hidden + 2 * model.ffn + model.hidden))
