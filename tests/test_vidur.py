@@ -84,3 +84,15 @@ def test_import_vidur_writes_a_profile_and_its_reports(tmp_path, capsys):
 def test_bad_vidur_arguments_exit_2_naming_them(argv, match, tmp_path, capsys):
     assert cli_guard(calibrate.main, argv + ["--out", str(tmp_path)]) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["h100-vidur", "a100-vidur"])
+def test_vidur_profiles_say_which_numbers_are_measured_and_which_are_datasheet(name):
+    prov = load_profile(name).provenance()
+    for key in ("compute.efficiency", "compute.kernels", "memory.efficiency", "links.intra.all_reduce",
+                "links.intra.p2p"):
+        assert "vidur" in prov[key] and "7d475133" in prov[key], key
+    for key in ("compute.peak", "memory.bandwidth", "memory.capacity"):
+        assert "datasheet" in prov[key], key  # kept from the base profile
+    assert "FlashAttention-2" in prov["compute.kernels.by_kernel.flash_attention"]
+    assert "vidur" not in prov["links.inter.all_reduce"]
