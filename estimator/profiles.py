@@ -161,6 +161,17 @@ class Profile:
     kernel_floor_s: float = 0.0  # shortest time any kernel takes on the device, seconds
     # fused kernel → (bandwidth efficiency, floor_s[, FLOPs efficiency]) where the profile measured it
     kernels: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    _by_kinds: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # kinds → figures
+
+    def kernel_figures(self, kinds: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row of ``kinds``: bandwidth efficiency, floor and FLOPs efficiency (NaN where the
+        profile has none of its own), looked up once per tuple of kernel names."""
+        if kinds not in self._by_kinds:
+            figures = [self.kernels.get(k) for k in kinds]
+            self._by_kinds[kinds] = (np.array([f[0] if f else np.nan for f in figures]),
+                                     np.array([f[1] if f else self.kernel_floor_s for f in figures]),
+                                     np.array([f[2] if f and len(f) > 2 else np.nan for f in figures]))
+        return self._by_kinds[kinds]
 
     def dispatch_s(self, mode: str = "nograd") -> float:
         """Host cost of one aten op in ``mode`` (:data:`DISPATCH_MODES`): in eager PyTorch an
@@ -212,11 +223,8 @@ class Profile:
         floor = self.kernel_floor_s
         if kinds is not None and self.kernels:
             shape = (len(kinds),) + (1,) * (nbytes.ndim - 1)
-            measured = [self.kernels.get(k) for k in kinds]
-            scale = np.array([m[0] if m else np.nan for m in measured]).reshape(shape)
+            scale, floor, own = (a.reshape(shape) for a in self.kernel_figures(tuple(kinds)))
             mem_eff = np.where(np.isnan(scale), mem_eff, scale)
-            floor = np.array([m[1] if m else self.kernel_floor_s for m in measured]).reshape(shape)
-            own = np.array([m[2] if m and len(m) > 2 else np.nan for m in measured]).reshape(shape)
             if not np.isnan(own).all():
                 compute = np.where(np.isnan(own) | (flops <= 0), compute, flops / (self.peak_flops * own))
         memory = np.where(nbytes > 0, nbytes / (self.mem_bandwidth_Bps * mem_eff), 0.0)
