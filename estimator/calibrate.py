@@ -8,6 +8,8 @@ Usage::
     python -m estimator.calibrate --experiment examples/ppo-tiny-2xcpu.yaml --name cpu-ppo
     python -m estimator.calibrate --device cuda --base h200 --name h200-measured
     python -m estimator.calibrate --import-nccl-tests all_reduce.txt all_gather.txt --base h100-sxm --name my-h100
+    python -m estimator.calibrate --import-vidur calibration/vidur --base h100-sxm --name h100-vidur
+    python -m estimator.calibrate --check-vidur calibration/vidur/compute/h100 --profile h100-vidur
 
 A measurement runs three phases, each with a progress bar on stderr:
 
@@ -34,7 +36,10 @@ A measurement runs three phases, each with a progress bar on stderr:
 ``--quick`` finishes in about three minutes on a 2-core machine; the full grid in under twenty.
 What is not measured (inter-node links; intra-node links on one GPU) is kept from ``--base``
 with its citation. ``--import-nccl-tests`` builds the collective curves of a profile from the
-text or ``-J`` JSON output of NVIDIA's nccl-tests instead of measuring.
+text or ``-J`` JSON output of NVIDIA's nccl-tests instead of measuring. ``--import-vidur`` builds
+a fused-kernel GPU profile (``compute.ops: fused``) from vidur's public per-op and NCCL tables
+(:mod:`calibration.vidur`: compute fitted on Llama-2-7B and -70B, the other models held out),
+and ``--check-vidur`` prints a profile's per-op error against such tables.
 
 Writes into ``--out`` (default ``calibration/profiles``): ``NAME.json`` (the profile, its
 ``command`` the exact command line), ``NAME.kernels.csv`` and ``NAME.links.csv`` (raw rows),
@@ -88,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=str(PROFILE_DIR), help="directory to write into (default calibration/profiles)")
     ap.add_argument("--import-nccl-tests", nargs="+", metavar="FILE",
                     help="build collective curves from nccl-tests output instead of measuring")
+    ap.add_argument("--import-vidur", metavar="DIR",
+                    help="build a fused-kernel profile from vidur's tables under DIR (compute/, network/)")
+    ap.add_argument("--check-vidur", metavar="DIR", help="per-op error of --profile against vidur tables under DIR")
+    ap.add_argument("--profile", help="profile to check with --check-vidur: name or path")
     ap.add_argument("--json", action="store_true", help="print one machine-readable object")
     return ap
 
@@ -107,6 +116,13 @@ def _check_args(args: argparse.Namespace) -> None:
     parent = out if out.exists() else out.parent
     if not parent.exists() or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out={args.out!r}: {parent} is not a writable directory")
+    for flag, value in (("--import-vidur", args.import_vidur), ("--check-vidur", args.check_vidur)):
+        if value is not None and not Path(value).is_dir():
+            raise ConfigError(f"{flag}: {value!r} is not a directory of vidur tables")
+    if args.import_vidur is not None and (args.base is None or args.name is None):
+        raise ConfigError("--import-vidur needs --base PROFILE and --name NAME")
+    if args.check_vidur is not None and not args.profile:
+        raise ConfigError("--check-vidur needs --profile NAME")
     if args.import_nccl_tests:
         if args.base is None or args.name is None:
             raise ConfigError("--import-nccl-tests needs --base PROFILE and --name NAME")
@@ -267,12 +283,68 @@ def _summary(result: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
             "links_report": records(result.get("links_report"))}
 
 
+def _import_vidur(args: argparse.Namespace, out: Path, command: str) -> int:
+    from calibration import vidur
+
+    base = load_profile(args.base).raw
+    files = _outputs(out, args.name)
+    doc, raw, report = vidur.build_profile(base, args.import_vidur, args.name, command)
+    profile = profile_from_dict(doc, where=f"imported profile {args.name}")
+    rows = vidur.load_compute(Path(args.import_vidur) / "compute" / vidur.GPUS[base["name"]][0])
+    result = vidur.check(profile, rows, vidur.fitted_models(profile, list(rows.model.unique())))
+    per = [{"model": k.split(":")[0], "op": k.split(":")[1], **v} for k, v in result["by_model_op"].items()]
+    texts = {files["profile"]: json.dumps(doc, indent=2) + "\n", files["links"]: raw.to_csv(index=False),
+             files["links_report"]: report.to_csv(index=False),
+             files["kernels_report"]: pd_records_csv(per)}
+    _write_all(texts, files["profile"])
+    if args.json:
+        print(json.dumps({"profile": str(files["profile"]), "name": args.name, "check": result}, indent=2))
+        return 0
+    print(f"profile {args.name} (vidur tables, fused kernels) written to {files['profile']}")
+    print(_vidur_table(result))
+    return 0
+
+
+def pd_records_csv(records: list[dict]) -> str:
+    import pandas as pd
+
+    return pd.DataFrame.from_records(records).to_csv(index=False)
+
+
+def _check_vidur(args: argparse.Namespace) -> int:
+    from calibration import vidur
+
+    profile = load_profile(args.profile, "--profile")
+    rows = vidur.load_compute(args.check_vidur)
+    result = vidur.check(profile, rows, vidur.fitted_models(profile, list(rows.model.unique())))
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "by_model_op"}, indent=2))
+        return 0
+    print(_vidur_table(result))
+    return 0
+
+
+def _vidur_table(result: dict) -> str:
+    """Per-op and per-model error of a profile against vidur's tables."""
+    rows = [("op", "n", "median |err| %", "max |err| %")]
+    rows += [(op, str(v["n"]), f"{v['median_ape']:.1f}", f"{v['max_ape']:.1f}") for op, v in result["ops"].items()]
+    models = [("model", "n", "median |err| %", "max |err| %")]
+    models += [(m + (" (fitted)" if v["fitted"] else " (held out)"), str(v["n"]), f"{v['median_ape']:.1f}",
+                f"{v['max_ape']:.1f}") for m, v in result["models"].items()]
+    return (f"profile {result['profile']} against vidur's per-op tables ({result['n']} rows, device time only): "
+            f"median |err| {result['median_ape']:.1f} %\n\n" + format_table(rows) + "\n\n" + format_table(models))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _check_args(args)
     command = "python -m estimator.calibrate " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.check_vidur is not None:
+        return _check_vidur(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.import_vidur is not None:
+        return _import_vidur(args, out, command)
     if args.import_nccl_tests:
         from estimator.nccl_tests import import_nccl_tests
 

@@ -29,6 +29,9 @@ from estimator.models import ModelSpec
 
 CENSUS_FORMAT = "rlhf-plan/census-v1"
 CENSUS_PATH = Path(__file__).resolve().parent.parent / "calibration" / "census" / "executor.json"
+# op set → census document: the eager executor's aten ops, or what a fused GPU stack (Megatron /
+# vLLM kernels, written from formulas by ``python -m calibration.fused``) dispatches per piece
+OP_SET_PATHS = {"executor": CENSUS_PATH, "fused": CENSUS_PATH.with_name("fused.json")}
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,9 @@ def load_census(path: str | None = None) -> Census:
     try:
         data = json.loads(where.read_text())
     except OSError as exc:
+        tool = "calibration.fused" if where.name == "fused.json" else "calibration.census"
         raise ConfigError(f"op census {str(where)!r}: {exc.strerror}; "
-                          "generate it with: python -m calibration.census") from None
+                          f"generate it with: python -m {tool}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"op census {str(where)!r}: not valid JSON: {exc}") from None
     if data.get("format") != CENSUS_FORMAT:
@@ -84,15 +88,29 @@ def load_census(path: str | None = None) -> Census:
     return Census(data["dtypes"], str(data.get("torch", "")))
 
 
+def load_op_set(ops: str = "executor") -> Census:
+    """The census of op set ``ops`` (:data:`OP_SET_PATHS`), parsed once."""
+    if ops not in OP_SET_PATHS:
+        raise ConfigError(f"op set {ops!r} must be one of {sorted(OP_SET_PATHS)}")
+    return load_census(None if ops == "executor" else str(OP_SET_PATHS[ops]))
+
+
+def _terms(node: list) -> list:
+    """An entry's FLOPs: one monomial ``[c, {symbol: exp}]`` or a list of them (summed)."""
+    return node if node and isinstance(node[0], list) else [node]
+
+
 @dataclass(frozen=True)
 class Compiled:
     """A piece's monomials as matrices, so evaluating it is a few numpy products."""
 
     symbols: tuple[str, ...]
-    coef: np.ndarray  # (3, ops): count, flops, bytes-term constants per row of ``exps``
-    exps: np.ndarray  # (rows, symbols) exponents: counts, then flops, then bytes terms
+    coef: np.ndarray  # (rows,): count, flops-term, bytes-term constants per row of ``exps``
+    exps: np.ndarray  # (rows, symbols) exponents: counts, then flops terms, then bytes terms
     term_op: np.ndarray  # (terms,) which op each bytes term belongs to
     ops: int
+    flop_op: np.ndarray | None = None  # (flops terms,) which op each flops term belongs to; None: one each
+    kinds: tuple[str, ...] = ()  # each op's name (a fused kernel's name selects its profile figures)
 
     def __call__(self, values: dict) -> PieceWork:
         n = self.ops
@@ -107,20 +125,29 @@ class Compiled:
         else:
             rows = np.ones((self.exps.shape[0],) + shape)
         rows = rows * self.coef.reshape(-1, *([1] * len(shape)))
-        count, flops, terms = rows[:n], rows[n:2 * n], rows[2 * n:]
+        nf = n if self.flop_op is None else len(self.flop_op)
+        count, flops, terms = rows[:n], rows[n:n + nf], rows[n + nf:]
+        if self.flop_op is not None:
+            summed = np.zeros((n,) + shape)
+            np.add.at(summed, self.flop_op, flops)
+            flops = summed
         nbytes = np.zeros((n,) + shape)
         np.add.at(nbytes, self.term_op, terms)
         return PieceWork(flops, nbytes, count)
 
 
 def compile_piece(entries: list) -> Compiled:
-    monos = [e["count"] for e in entries] + [e["flops"] for e in entries]
+    flop_terms = [_terms(e["flops"]) for e in entries]
+    single = all(len(t) == 1 for t in flop_terms)
+    flop_op = None if single else np.array([i for i, t in enumerate(flop_terms) for _ in t], dtype=int)
+    monos = [e["count"] for e in entries] + [m for t in flop_terms for m in t]
     term_op = [i for i, e in enumerate(entries) for _ in e["bytes"]]
     monos += [t for e in entries for t in e["bytes"]]
     symbols = tuple(sorted({s for _, exps in monos for s in exps}))
     exps = np.array([[m[1].get(s, 0) for s in symbols] for m in monos], dtype=float).reshape(len(monos), len(symbols))
     coef = np.array([float(m[0]) for m in monos])
-    return Compiled(symbols, coef, exps, np.array(term_op, dtype=int), len(entries))
+    return Compiled(symbols, coef, exps, np.array(term_op, dtype=int), len(entries), flop_op,
+                    tuple(str(e.get("op", "")) for e in entries))
 
 
 def piece_work(entries: list, values: dict) -> PieceWork:

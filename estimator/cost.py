@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from estimator.census import block_piece, end_piece, load_census, model_symbols, tensors_work
+from estimator.census import block_piece, end_piece, load_op_set, model_symbols, tensors_work
 from estimator.models import ModelSpec
 from estimator.profiles import Profile
 
@@ -42,10 +42,17 @@ Extra = tuple[str, dict]  # a census piece on the last stage and its symbols bey
 def piece_s(profile: Profile, name: str, values: dict, mode: str = "nograd") -> np.ndarray | float:
     """Seconds of one census piece at ``values`` (arrays give an array), its ops dispatched in
     ``mode`` (nograd | grad: autograd records them | backward: the autograd engine runs them)."""
-    w = load_census().compiled(profile.dtype, name)(values)
+    piece = load_op_set(profile.ops).compiled(profile.dtype, name)
+    w = piece(values)
     if not len(w.count):
         return 0.0
-    t = (w.count * profile.ops_s_many(w.flops, w.bytes, 1.0, mode)).sum(axis=0)
+    if profile.ops == "fused" and profile.compose == "overlap":
+        # a fused stack launches a piece's few kernels back to back, asynchronously: the piece
+        # takes the longer of its kernels' device time and its launches' host time
+        device = (w.count * profile.ops_s_many(w.flops, w.bytes, 0.0, mode, piece.kinds)).sum(axis=0)
+        t = np.maximum(device, w.count.sum(axis=0) * profile.dispatch_s(mode))
+    else:
+        t = (w.count * profile.ops_s_many(w.flops, w.bytes, 1.0, mode, piece.kinds)).sum(axis=0)
     return float(t) if np.ndim(t) == 0 else t
 
 
@@ -173,7 +180,8 @@ def stage_params(model: ModelSpec, tp: int, pp: int, stage: int, stage_layers: i
 def optimizer_s(profile: Profile, numels: list[int]) -> float:
     """One ``ShardAdam`` step and ``zero_grad`` over parameter tensors of ``numels`` elements:
     the census's multi-tensor ops, each over all the tensors' bytes, plus its per-tensor ops."""
-    flops, nbytes, launches = tensors_work(load_census(), profile.dtype, "optimizer", len(numels), float(sum(numels)))
+    census = load_op_set(profile.ops)
+    flops, nbytes, launches = tensors_work(census, profile.dtype, "optimizer", len(numels), float(sum(numels)))
     return profile.op_s(flops, nbytes, launches) if numels else 0.0
 
 
@@ -182,5 +190,6 @@ def dp_flatten_s(profile: Profile, numels: list[int]) -> float:
     and back (none for a single tensor, which is reduced in place), as one memory-bound pass."""
     if len(numels) <= 1:
         return 0.0
-    _, nbytes, launches = tensors_work(load_census(), profile.dtype, "dp_allreduce", len(numels), float(sum(numels)))
+    census = load_op_set(profile.ops)
+    _, nbytes, launches = tensors_work(census, profile.dtype, "dp_allreduce", len(numels), float(sum(numels)))
     return profile.op_s(0.0, nbytes, launches)

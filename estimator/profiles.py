@@ -11,7 +11,10 @@ paper or public benchmark) or ``command`` (the measurement that produced them)::
                                 "points": [[2.1e9, 0.18], ...], "cite": "..."},
                  "launch": {"overhead_s": 5e-6, "cite": "..."},  # optional: grad_ and backward_overhead_s
                  "compose": {"mode": "overlap", "cite": "..."},  # optional, default overlap
-                 "dtype": "bfloat16"},  # optional: the run dtype (float32 for the CPU executor)
+                 "dtype": "bfloat16",  # optional: the run dtype (float32 for the CPU executor)
+                 "ops": "executor",  # optional: the op census it charges (executor | fused)
+                 "kernels": {"floor_s": ..., "by_kernel": {"rms_norm": {"bandwidth_efficiency": ...,
+                             "floor_s": ...}}, "cite": ...}},  # optional: per fused-kernel figures
      "memory": {"capacity": {"bytes": ..., "cite": ...}, "bandwidth": {"bytes_per_s": ..., "cite": ...},
                 "efficiency": {"by": "bytes", ...}},
      "links": {"intra": {"name": "...", "all_reduce": {"alpha_s": ..., "busbw_bytes_per_s": ..., "cite": ...},
@@ -77,6 +80,7 @@ RUN_DTYPES = ("bfloat16", "float32")  # the dtypes the op census records
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 DISPATCH_MODES = ("nograd", "grad", "backward")
 DISPATCH_KEYS = ("grad_overhead_s", "backward_overhead_s")  # optional in compute.launch
+OP_SETS = ("executor", "fused")  # the op censuses a profile can charge (estimator.census.OP_SET_PATHS)
 ALONE_TERMS = ("flops", "bytes", "dispatch", "executor")  # host.alone: one factor per cost term
 MAX_HOST_DEVICES = 1024  # host.devices: simulated devices sharing one host's cores
 
@@ -199,6 +203,21 @@ class Profile:
                        backward_overhead_s=scaled(self.backward_overhead_s, "dispatch"),
                        call_overhead_s=self.call_overhead_s * a["executor"],
                        micro_batch_overhead_s=self.micro_batch_overhead_s * a["executor"], host=None)
+    ops: str = "executor"  # op census charged: executor (eager aten ops) | fused (one entry per fused kernel)
+    kernel_floor_s: float = 0.0  # shortest time any kernel takes on the device, seconds
+    # fused kernel → (bandwidth efficiency, floor_s[, FLOPs efficiency]) where the profile measured it
+    kernels: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    _by_kinds: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # kinds → figures
+
+    def kernel_figures(self, kinds: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per row of ``kinds``: bandwidth efficiency, floor and FLOPs efficiency (NaN where the
+        profile has none of its own), looked up once per tuple of kernel names."""
+        if kinds not in self._by_kinds:
+            figures = [self.kernels.get(k) for k in kinds]
+            self._by_kinds[kinds] = (np.array([f[0] if f else np.nan for f in figures]),
+                                     np.array([f[1] if f else self.kernel_floor_s for f in figures]),
+                                     np.array([f[2] if f and len(f) > 2 else np.nan for f in figures]))
+        return self._by_kinds[kinds]
 
     def dispatch_s(self, mode: str = "nograd") -> float:
         """Host cost of one aten op in ``mode`` (:data:`DISPATCH_MODES`): in eager PyTorch an
@@ -232,17 +251,32 @@ class Profile:
         run one after the other on one thread), the longer of the two when it is overlap
         (CUDA: launches are asynchronous, so a stream of ops is bound by whichever is slower)."""
         device = max(self.compute_s(flops), self.memory_s(nbytes))
+        if (flops > 0 or nbytes > 0) and self.kernel_floor_s:
+            device = max(device, self.kernel_floor_s)
         host = launches * self.dispatch_s(mode)
         return device + host if self.compose == "serial" else max(device, host)
 
     def ops_s_many(self, flops: np.ndarray, nbytes: np.ndarray, launches: np.ndarray | float = 1,
-                   mode: str = "nograd") -> np.ndarray:
-        """Vectorised :meth:`op_s` over arrays of ops."""
+                   mode: str = "nograd", kinds: tuple[str, ...] | None = None) -> np.ndarray:
+        """Vectorised :meth:`op_s` over arrays of ops. ``kinds`` names the kernel of each row
+        (the first axis): a kernel the profile measured (``compute.kernels``) moves its bytes
+        at its own bandwidth efficiency instead of the by-bytes curve, and no kernel takes less
+        than its floor (the profile's kernel floor where it has none of its own)."""
         flops = np.asarray(flops, dtype=float)
         nbytes = np.asarray(nbytes, dtype=float)
         compute = np.where(flops > 0, flops / (self.peak_flops * self.flops_efficiency.many(flops)), 0.0)
-        memory = np.where(nbytes > 0, nbytes / (self.mem_bandwidth_Bps * self.mem_efficiency.many(nbytes)), 0.0)
+        mem_eff = self.mem_efficiency.many(nbytes)
+        floor = self.kernel_floor_s
+        if kinds is not None and self.kernels:
+            shape = (len(kinds),) + (1,) * (nbytes.ndim - 1)
+            scale, floor, own = (a.reshape(shape) for a in self.kernel_figures(tuple(kinds)))
+            mem_eff = np.where(np.isnan(scale), mem_eff, scale)
+            if not np.isnan(own).all():
+                compute = np.where(np.isnan(own) | (flops <= 0), compute, flops / (self.peak_flops * own))
+        memory = np.where(nbytes > 0, nbytes / (self.mem_bandwidth_Bps * mem_eff), 0.0)
         device = np.maximum(compute, memory)
+        if self.kernel_floor_s or self.kernels:
+            device = np.where((flops > 0) | (nbytes > 0), np.maximum(device, floor), 0.0)
         host = np.asarray(launches, dtype=float) * self.dispatch_s(mode)
         return device + host if self.compose == "serial" else np.maximum(device, host)
 
@@ -401,7 +435,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     if not isinstance(data["software"], dict):
         raise ConfigError(f"{where}: software must be an object of name → version")
     compute = _obj(data, "compute", where, ("peak", "efficiency", "launch"), numbers=False,
-                   optional=("compose", "dtype"))
+                   optional=("compose", "dtype", "ops", "kernels"))
     memory = _obj(data, "memory", where, ("capacity", "bandwidth", "efficiency"), numbers=False)
     w = f"{where}: compute"
     peak = _obj(compute, "peak", w, ("flops_per_s",))
@@ -414,6 +448,10 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     links, names = parse_links(data["links"], where, curves_allowed=data["format"] != FORMATS[0])
     compose, dtype = _compose(compute, w)
     call_s, mb_s, coll_s = _executor(data, where)
+    ops = compute.get("ops", "executor")
+    if ops not in OP_SETS:
+        raise ConfigError(f"{w}.ops={ops!r} must be one of {OP_SETS}")
+    floor_s, kernels = _kernels(compute, w)
     return Profile(
         name=str(data["name"]), source=data["source"], device=str(data["device"]), date=str(data["date"]),
         software={str(k): str(v) for k, v in data["software"].items()},
@@ -425,6 +463,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         mem_efficiency=_curve(meff, f"{m}.efficiency", "bytes"),
         links=links, link_names=names, raw=data, path=path, compose=compose, dtype=dtype,
         call_overhead_s=call_s, micro_batch_overhead_s=mb_s, host=_host(data, where), collective_overhead_s=coll_s,
+        ops=ops, kernel_floor_s=floor_s, kernels=kernels,
         **{k: _positive(launch, k, f"{w}.launch", zero_ok=True) for k in DISPATCH_KEYS if k in launch},
     )
 
@@ -476,3 +515,29 @@ def _host(data: dict, where: str) -> HostSharing | None:
         factors[term] = f
     return HostSharing(devices, factors)
 
+
+def _kernels(compute: dict, where: str) -> tuple[float, dict[str, tuple[float, ...]]]:
+    """The optional ``compute.kernels`` section: a floor no kernel goes below and, per fused
+    kernel the profile measured, its bandwidth efficiency in (0, 1.5] (above 1 where a kernel's
+    operands stay in the on-chip cache), its own floor and, optionally, its own FLOPs efficiency
+    (a kernel slower than a GEMM of its size, e.g. attention), with a ``cite`` of its own."""
+    if "kernels" not in compute:
+        return 0.0, {}
+    node = _obj(compute, "kernels", where, ("floor_s", "by_kernel"))
+    w = f"{where}.kernels"
+    floor = number(node, "floor_s", w, True, MAX_LATENCY_S)
+    if not isinstance(node["by_kernel"], dict):
+        raise ConfigError(f"{w}.by_kernel must be an object of kernel name → figures")
+    out = {}
+    for name, entry in node["by_kernel"].items():
+        keys = {"bandwidth_efficiency", "floor_s"}
+        if not isinstance(entry, dict) or not keys <= set(entry) <= keys | {"flops_efficiency", "cite"}:
+            raise ConfigError(f"{w}.by_kernel.{name} must be an object with keys "
+                              "['bandwidth_efficiency', 'floor_s'] (optional: 'flops_efficiency', 'cite')")
+        at = f"{w}.by_kernel.{name}"
+        figures = (number(entry, "bandwidth_efficiency", at, False, 1.5),
+                   number(entry, "floor_s", at, True, MAX_LATENCY_S))
+        if "flops_efficiency" in entry:
+            figures += (number(entry, "flops_efficiency", at, False, 1.0),)
+        out[str(name)] = figures
+    return floor, out
