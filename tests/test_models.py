@@ -74,9 +74,12 @@ def test_from_hf_config_mistral_without_kv_key(tmp_path):
 
 
 def test_from_hf_config_rejects_unknown_architecture(tmp_path):
-    cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
-    with pytest.raises(ConfigError, match="unsupported architecture.*GPT2LMHeadModel"):
+    cfg = {"architectures": ["BloomForCausalLM"], "model_type": "bloom"}
+    with pytest.raises(ConfigError, match="unsupported architecture.*BloomForCausalLM.*model_type='bloom'"):
         from_hf_config(_write(tmp_path, cfg))
+    (tmp_path / "t").mkdir()
+    with pytest.raises(ConfigError, match="model_type='falcon'"):
+        from_hf_config(_write(tmp_path / "t", {"model_type": "falcon"}))
 
 
 def test_from_hf_config_missing_keys_and_files(tmp_path):
