@@ -110,7 +110,7 @@ def on_stage(info: ParamInfo, model: ModelSpec, layout: Layout, pp_rank: int) ->
         return info.layer in layout.stage_layers(model.layers, pp_rank)
     last = pp_rank == layout.pp - 1
     if info.where == "first":
-        return pp_rank == 0 or (last and model.tied_embeddings)
+        return pp_rank == 0 or (last and model.tied_embeddings and info.name == "embed_tokens.weight")
     return last
 
 
