@@ -57,7 +57,7 @@ class ModelSpec:
     name: str
     layers: int  # transformer blocks
     hidden: int  # model width h
-    ffn: int  # SwiGLU inner width f
+    ffn: int  # MLP inner width f
     heads: int  # attention (query) heads a
     kv_heads: int  # key/value heads g (grouped-query attention); == heads for MHA
     vocab: int  # vocabulary size V
@@ -131,9 +131,9 @@ class ModelSpec:
 
     @property
     def rotary_dim(self) -> int:
-        """Dimensions of each head that rotary embeddings rotate (GPT-NeoX's ``rotary_ndims``:
-        ``int(head_dim · rotary_pct)``; the epsilon keeps 0.25 · 64 from rounding down)."""
-        return int(self.head_dim * self.rotary_fraction + 1e-9)
+        """Dimensions of each head that rotary embeddings rotate: GPT-NeoX's ``rotary_ndims``,
+        ``int(head_dim · rotary_pct)``, rounded down as Hugging Face rounds it."""
+        return int(self.head_dim * self.rotary_fraction)
 
     @property
     def family(self) -> str:
