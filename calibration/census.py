@@ -14,8 +14,9 @@ checked against a second recording at other primes (:func:`calibration.opcount.c
 Symbols: ``rows`` sequences of the micro-batch, ``tokens`` new positions per sequence (the
 whole sequence for a training forward), ``kv_len`` keys a decode step attends, ``hidden``,
 ``kv_heads`` and ``group`` (query heads per K/V head) on this rank, ``half_head_dim``,
-``ffn`` and ``vocab_local`` on this rank, ``tp``, ``vocab`` (full), ``response`` tokens of
-a loss (pair losses see ``2·rows`` rows), ``numel`` of a parameter tensor.
+``half_rot_dim`` (half the rotated part of a head, GPT-NeoX's partial rotary), ``ffn`` and
+``vocab_local`` on this rank, ``positions`` (rows of a learned position table), ``tp``,
+``vocab`` (full), ``response`` tokens of a loss (pair losses see ``2·rows`` rows), ``numel`` of a parameter tensor.
 
     python -m calibration.census            # rewrite calibration/census/executor.json
     python -m calibration.census --check    # exit 1, naming the pieces that changed, if stale
@@ -27,6 +28,7 @@ It prints, per piece and dtype, the aten ops dispatched at the first prime assig
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -36,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from calibration.opcount import check_against, record, symbolic, totals
-from estimator.census import CENSUS_FORMAT, CENSUS_PATH
+from estimator.census import BLOCK_VARIANTS, CENSUS_FORMAT, CENSUS_PATH
 from estimator.errors import cli_guard
 from estimator.io import atomic_write_json
 from estimator.models import ModelSpec
@@ -50,46 +52,62 @@ from executor.optim import ShardAdam
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # two assignments of distinct primes ≥ 11; the second checks the symbolic record of the first
 PRIMES_A = dict(group=11, kv_heads=13, half_head_dim=17, rows=19, tokens=29, response=23, kv_len=31,
-                hidden=37, ffn=41, vocab_local=43, tp=47, vocab=53, numel=59)
+                hidden=37, ffn=41, vocab_local=43, tp=47, vocab=53, numel=59, positions=73)
 PRIMES_B = dict(group=13, kv_heads=11, half_head_dim=19, rows=17, tokens=31, response=29, kv_len=23,
-                hidden=41, ffn=37, vocab_local=47, tp=43, vocab=59, numel=53)
+                hidden=41, ffn=37, vocab_local=47, tp=43, vocab=59, numel=53, positions=79)
+# partial rotary needs half_rot_dim < half_head_dim: both above the other primes
+PARTIAL_PRIMES_A = dict(half_head_dim=67, half_rot_dim=61)
+PARTIAL_PRIMES_B = dict(half_head_dim=71, half_rot_dim=67)
 MAX_TP = 64  # ranks of the fake world; groups of tp ranks are cut from it
 Thunk = Callable[[], None]
 
 
-def _spec(v: dict, bias: bool = False, head: str = "lm") -> ModelSpec:
-    """A one-block model whose head_dim is 2·half_head_dim; the residual width comes from the
-    parameters (``hidden``), so it is a symbol of its own."""
+def _spec(v: dict, variant: str = "", head: str = "lm") -> ModelSpec:
+    """A one-block model of architecture ``variant`` (a :data:`BLOCK_VARIANTS` tag) whose
+    head_dim is 2·half_head_dim; the residual width comes from the parameters (``hidden``), so it
+    is a symbol of its own."""
     nh, d = v["kv_heads"] * v["group"], 2 * v["half_head_dim"]
-    return ModelSpec("census", 1, nh * d, v["ffn"], nh, v["kv_heads"], v["vocab_local"], head=head, qkv_bias=bias)
+    fields = dict(BLOCK_VARIANTS[variant])
+    if fields.get("positions") == "learned":
+        fields["max_positions"] = v["positions"]
+    if "rotary_fraction" in fields:
+        fields["rotary_fraction"] = v["half_rot_dim"] / v["half_head_dim"]
+    return ModelSpec("census", 1, nh * d, v["ffn"], nh, v["kv_heads"], v["vocab_local"], head=head, **fields)
 
 
 def _rand(*shape: int, dtype: torch.dtype, grad: bool = False) -> torch.Tensor:
     return (torch.randn(shape) * 0.02).to(dtype).requires_grad_(grad)
 
 
-def _block_params(v: dict, dtype: torch.dtype, bias: bool, grad: bool = False) -> M.Params:
+def _block_params(v: dict, dt: torch.dtype, spec: ModelSpec, grad: bool = False) -> M.Params:
     h, f, d = v["hidden"], v["ffn"], 2 * v["half_head_dim"]
     q, kv = v["kv_heads"] * v["group"] * d, v["kv_heads"] * d
     shapes = {"input_layernorm.weight": (h,), "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
               "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
               "post_attention_layernorm.weight": (h,), "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
               "mlp.down_proj.weight": (h, f)}
-    if bias:
+    if spec.qkv_bias or spec.bias:
         shapes |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
-    return {f"layers.0.{n}": _rand(*s, dtype=dtype, grad=grad) for n, s in shapes.items()}
+    if spec.bias:
+        shapes |= {"self_attn.o_proj.bias": (h,), "mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,),
+                   "mlp.down_proj.bias": (h,)}
+    if spec.norm == "layernorm":
+        shapes |= {"input_layernorm.bias": (h,), "post_attention_layernorm.bias": (h,)}
+    if spec.mlp != "swiglu":
+        shapes = {n: s for n, s in shapes.items() if not n.startswith("mlp.gate_proj")}
+    return {f"layers.0.{n}": _rand(*s, dtype=dt, grad=grad) for n, s in shapes.items()}
 
 
 def _group(v: dict, tp: bool) -> dist.ProcessGroup | None:
     return dist.new_group(list(range(v["tp"]))) if tp else None
 
 
-# ---- the pieces: (values, dtype, tensor-parallel?, qkv bias?) → the thunk to record -------------
+# ---- the pieces: (values, dtype, tensor-parallel?, variant tag) → the thunk to record ------------
 
 
-def block_forward(v, dt, tp, bias, cache=False, decode=False, backward=False) -> Thunk:
-    spec, b = _spec(v, bias), v["rows"]
-    params = _block_params(v, dt, bias, grad=backward)
+def block_forward(v, dt, tp, variant, cache=False, decode=False, backward=False) -> Thunk:
+    spec, b = _spec(v, variant), v["rows"]
+    params = _block_params(v, dt, spec, grad=backward)
     hooks = tensor_parallel_hooks(_group(v, tp))
     t, start = (1, v["kv_len"] - 1) if decode else (v["tokens"], 0)
     kv = M.KVCache(start + t) if cache else None
@@ -106,29 +124,36 @@ def block_forward(v, dt, tp, bias, cache=False, decode=False, backward=False) ->
     return torch.no_grad()(lambda: M.block(params, 0, x, ctx))
 
 
-def rotary(v, dt, tp, bias, decode=False) -> Thunk:
+def rotary(v, dt, tp, variant, decode=False) -> Thunk:
     spec = _spec(v)
     start, t = (v["kv_len"] - 1, 1) if decode else (0, v["tokens"])
     return lambda: M.context(spec, start, t, dt, torch.device("cpu"))
 
 
-def embed(v, dt, tp, bias, backward=False) -> Thunk:
-    w = _rand(v["vocab_local"], v["hidden"], dtype=dt, grad=backward)
+def embed(v, dt, tp, variant, backward=False) -> Thunk:
+    """The (vocab-parallel) embedding; ``+learned`` adds the position table's rows (a view)."""
+    params = {"embed_tokens.weight": _rand(v["vocab_local"], v["hidden"], dtype=dt, grad=backward)}
+    if variant == "+learned":
+        params["embed_positions.weight"] = _rand(v["positions"], v["hidden"], dtype=dt, grad=backward)
     tokens = torch.randint(0, v["vocab_local"] * (v["tp"] if tp else 1), (v["rows"], v["tokens"]))
     ends = TensorParallel(_spec(v), _group(v, tp), 0)
     if backward:
-        out = ends.embed({"embed_tokens.weight": w}, tokens)
+        out = ends.embed(params, tokens)
         grad = torch.randn_like(out)
         return lambda: torch.autograd.backward(out, grad)
-    return torch.no_grad()(lambda: ends.embed({"embed_tokens.weight": w}, tokens))
+    return torch.no_grad()(lambda: ends.embed(params, tokens))
 
 
-def head(v, dt, tp, bias, kind="lm", backward=False) -> Thunk:
+def head(v, dt, tp, variant, kind="lm", backward=False) -> Thunk:
+    """Final norm and head; ``+layernorm`` is a LayerNorm with its bias."""
     rows = v["vocab_local"] if kind == "lm" else 1
     params = {"norm.weight": _rand(v["hidden"], dtype=dt, grad=backward),
               ("lm_head.weight" if kind == "lm" else "value_head.weight"): _rand(rows, v["hidden"], dtype=dt,
                                                                                   grad=backward)}
-    ends = TensorParallel(_spec(v, head=kind), _group(v, tp), 0)
+    if variant == "+layernorm":
+        params["norm.bias"] = _rand(v["hidden"], dtype=dt, grad=backward)
+    spec = dataclasses.replace(_spec(v, head=kind), norm="layernorm" if variant else "rmsnorm")
+    ends = TensorParallel(spec, _group(v, tp), 0)
     x = _rand(v["rows"], v["tokens"], v["hidden"], dtype=dt, grad=backward)
     if backward:
         out = ends.final(params, x)
@@ -137,7 +162,7 @@ def head(v, dt, tp, bias, kind="lm", backward=False) -> Thunk:
     return torch.no_grad()(lambda: ends.final(params, x))
 
 
-def choose(v, dt, tp, bias, greedy=False) -> Thunk:
+def choose(v, dt, tp, variant, greedy=False) -> Thunk:
     """One generated token per row: the engine's promote, sample, broadcast and log-prob."""
     logits = _rand(v["rows"], v["vocab"], dtype=dt)
     sampler = Sampler(0, 0, "actor_gen", 1.0, greedy)
@@ -171,7 +196,7 @@ LOSSES = {  # as executor.calls composes them, on the model output of one micro-
 }
 
 
-def loss(v, dt, tp, bias, name="ppo_actor", backward=False) -> Thunk:
+def loss(v, dt, tp, variant, name="ppo_actor", backward=False) -> Thunk:
     logits, values, seq, p, t = _loss_inputs(v, dt, name in PAIRED)
     fn = LOSSES[name]
     if backward:
@@ -180,7 +205,7 @@ def loss(v, dt, tp, bias, name="ppo_actor", backward=False) -> Thunk:
     return torch.no_grad()(lambda: fn(logits, values, seq, p, t))
 
 
-def optimizer(v, dt, tp, bias, tensors=2) -> Thunk:
+def optimizer(v, dt, tp, variant, tensors=2) -> Thunk:
     """One Adam step and zero_grad over ``tensors`` parameters of ``numel`` elements each
     (after a first step made the state)."""
     ws = {f"w{i}": _rand(v["numel"], dtype=dt, grad=True) for i in range(tensors)}
@@ -193,7 +218,7 @@ def optimizer(v, dt, tp, bias, tensors=2) -> Thunk:
     return lambda: (opt.step(), opt.zero_grad())
 
 
-def dp_allreduce(v, dt, tp, bias, tensors=2) -> Thunk:
+def dp_allreduce(v, dt, tp, variant, tensors=2) -> Thunk:
     """The flatten copies around the data-parallel gradient sum of ``tensors`` gradients."""
     grads = [_rand(v["numel"], dtype=dt) for _ in range(tensors)]
     group = dist.new_group([0, 1])
@@ -203,28 +228,30 @@ def dp_allreduce(v, dt, tp, bias, tensors=2) -> Thunk:
 def _pieces() -> dict[str, Callable]:
     out: dict[str, Callable] = {}
     for tp in (False, True):
-        for bias in (False, True):
-            tag = ("@tp" if tp else "") + ("+bias" if bias else "")
+        for variant in BLOCK_VARIANTS:
+            tag = ("@tp" if tp else "") + variant
             for name, kw in (("block_forward", {}), ("block_prefill", {"cache": True}),
                              ("block_decode", {"cache": True, "decode": True}), ("block_backward", {"backward": True})):
-                out[name + tag] = (block_forward, tp, bias, kw)
+                out[name + tag] = (block_forward, tp, variant, kw)
         tag = "@tp" if tp else ""
-        out["embed" + tag] = (embed, tp, False, {})
-        out["embed_backward" + tag] = (embed, tp, False, {"backward": True})
+        for variant in ("", "+learned"):
+            out["embed" + tag + variant] = (embed, tp, variant, {})
+            out["embed_backward" + tag + variant] = (embed, tp, variant, {"backward": True})
         for kind in ("lm", "value"):
-            out[f"head_{kind}{tag}"] = (head, tp, False, {"kind": kind})
-            out[f"head_{kind}_backward{tag}"] = (head, tp, False, {"kind": kind, "backward": True})
-    out["rotary"] = (rotary, False, False, {})
-    out["rotary_decode"] = (rotary, False, False, {"decode": True})
-    out["sample"] = (choose, False, False, {})
-    out["greedy"] = (choose, False, False, {"greedy": True})
+            for variant in ("", "+layernorm"):
+                out[f"head_{kind}{tag}{variant}"] = (head, tp, variant, {"kind": kind})
+                out[f"head_{kind}_backward{tag}{variant}"] = (head, tp, variant, {"kind": kind, "backward": True})
+    out["rotary"] = (rotary, False, "", {})
+    out["rotary_decode"] = (rotary, False, "", {"decode": True})
+    out["sample"] = (choose, False, "", {})
+    out["greedy"] = (choose, False, "", {"greedy": True})
     for name in LOSSES:
-        out[f"loss_{name}"] = (loss, False, False, {"name": name})
+        out[f"loss_{name}"] = (loss, False, "", {"name": name})
         if name != "ref_logp":
-            out[f"loss_{name}_backward"] = (loss, False, False, {"name": name, "backward": True})
+            out[f"loss_{name}_backward"] = (loss, False, "", {"name": name, "backward": True})
     for k in (2, 3):  # linear in the number of tensors: two counts fix it
-        out[f"optimizer_{k}"] = (optimizer, False, False, {"tensors": k})
-        out[f"dp_allreduce_{k}"] = (dp_allreduce, False, False, {"tensors": k})
+        out[f"optimizer_{k}"] = (optimizer, False, "", {"tensors": k})
+        out[f"dp_allreduce_{k}"] = (dp_allreduce, False, "", {"tensors": k})
     return out
 
 
@@ -261,12 +288,15 @@ def _build(names: list[str] | None, dtypes: list[str] | None, progress: bool) ->
         work = tqdm(work, desc="census", unit="piece", file=sys.stderr)
     pieces: dict[str, dict[str, list]] = {d: {} for d in (dtypes or DTYPES)}
     for dname, name in work:
-        fn, tp, bias, kw = selected[name]
+        fn, tp, variant, kw = selected[name]
         dt = DTYPES[dname]
-        run = lambda v, fn=fn, tp=tp, bias=bias, kw=kw, dt=dt: fn(v, dt, tp, bias, **kw)  # noqa: E731
-        ops_a, ops_b = record(run, PRIMES_A), record(run, PRIMES_B)
-        entries = symbolic(ops_a, PRIMES_A, ops_b, PRIMES_B)
-        check_against(entries, ops_b, PRIMES_B, f"{name} ({dname})")
+        run = lambda v, fn=fn, tp=tp, variant=variant, kw=kw, dt=dt: fn(v, dt, tp, variant, **kw)  # noqa: E731
+        primes_a, primes_b = PRIMES_A, PRIMES_B
+        if "+partial" in variant:
+            primes_a, primes_b = PRIMES_A | PARTIAL_PRIMES_A, PRIMES_B | PARTIAL_PRIMES_B
+        ops_a, ops_b = record(run, primes_a), record(run, primes_b)
+        entries = symbolic(ops_a, primes_a, ops_b, primes_b)
+        check_against(entries, ops_b, primes_b, f"{name} ({dname})")
         pieces[dname][name] = entries
     return {"format": CENSUS_FORMAT, "torch": torch.__version__.split("+")[0],
             "command": "python -m calibration.census", "dtypes": pieces}
@@ -286,7 +316,8 @@ def _table(doc: dict) -> str:
     rows = [("piece",) + tuple(f"ops ({d})" for d in doc["dtypes"])]
     names = sorted({n for pieces in doc["dtypes"].values() for n in pieces})
     for n in names:
-        counts = [totals(doc["dtypes"][d].get(n, []), PRIMES_A)[0] for d in doc["dtypes"]]
+        primes = PRIMES_A | PARTIAL_PRIMES_A if "+partial" in n else PRIMES_A
+        counts = [totals(doc["dtypes"][d].get(n, []), primes)[0] for d in doc["dtypes"]]
         rows.append((n,) + tuple(f"{c:.0f}" for c in counts))
     return format_table(rows)
 

@@ -5,7 +5,12 @@ the executor's own code under a dispatch recorder (see that module); the estimat
 imports the executor or torch. Per run dtype and piece it lists aten ops, each with a count,
 its FLOPs and the bytes it reads and writes, every one a monomial ``c·Π symbol^e`` of shape
 symbols (``rows``, ``tokens``, ``kv_len``, ``hidden``, ``kv_heads``, ``group``,
-``half_head_dim``, ``ffn``, ``vocab_local``, ``tp``, ``vocab``, ``response``, ``numel``).
+``half_head_dim``, ``half_rot_dim``, ``positions``, ``ffn``, ``vocab_local``, ``tp``, ``vocab``, ``response``,
+``numel``).
+
+Blocks are recorded once per architecture variant (:data:`BLOCK_VARIANTS`: LLaMA, Qwen2's q/k/v
+biases, GPT-2, OPT, GPT-NeoX), named ``block_<phase>[@tp]<variant>``; the embedding has a
+``+learned`` variant (the position table added), the final norm and head a ``+layernorm`` one.
 
 :func:`piece_work` evaluates one piece at concrete symbols (numpy arrays allowed, so decode
 steps over a growing KV length evaluate in one call) into per-op arrays of FLOPs, bytes and
@@ -159,18 +164,63 @@ def model_symbols(model: ModelSpec, tp: int) -> dict[str, float]:
     """The model's shape symbols on one rank of a tensor-parallel group of ``tp``."""
     g = model.kv_heads // tp
     return {"hidden": model.hidden, "kv_heads": g, "group": model.heads // model.kv_heads,
-            "half_head_dim": model.head_dim / 2, "ffn": model.ffn / tp, "vocab_local": model.vocab / tp,
-            "vocab": model.vocab, "tp": tp}
+            "half_head_dim": model.head_dim / 2, "half_rot_dim": model.rotary_dim / 2, "ffn": model.ffn / tp,
+            "vocab_local": model.vocab / tp, "vocab": model.vocab, "tp": tp,
+            "positions": max(model.max_positions, 1)}
+
+
+# The block architectures the census records: variant tag → the ModelSpec fields that make it.
+BLOCK_VARIANTS: dict[str, dict] = {
+    "": {},  # LLaMA, Mistral
+    "+bias": {"qkv_bias": True},  # Qwen2
+    "+layernorm+gelu+biases+learned": {"norm": "layernorm", "mlp": "gelu", "bias": True,
+                                       "positions": "learned"},  # GPT-2
+    "+layernorm+relu+biases+learned": {"norm": "layernorm", "mlp": "relu", "bias": True,
+                                       "positions": "learned"},  # OPT
+    "+layernorm+gelu+biases+partial+parallel": {"norm": "layernorm", "mlp": "gelu", "bias": True,
+                                                "parallel_residual": True, "rotary_fraction": 0.5},  # GPT-NeoX
+}
+
+
+def block_variant(model: ModelSpec) -> str:
+    """The variant tag of ``model``'s block: one ``+`` tag per field that departs from LLaMA."""
+    tags = "+layernorm" if model.norm == "layernorm" else ""
+    tags += "" if model.mlp == "swiglu" else "+" + model.mlp
+    tags += "+biases" if model.bias else "+bias" if model.qkv_bias else ""
+    tags += "+learned" if model.positions == "learned" else "+partial" if model.rotary_dim < model.head_dim else ""
+    return tags + ("+parallel" if model.parallel_residual else "")
 
 
 def block_piece(phase: str, model: ModelSpec, tp: int) -> str:
     """Census name of one block's ``phase`` (forward | prefill | decode | backward)."""
-    return f"block_{phase}" + ("@tp" if tp > 1 else "") + ("+bias" if model.qkv_bias else "")
+    tag = block_variant(model)
+    if tag not in BLOCK_VARIANTS:
+        raise ConfigError(
+            f"model {model.name!r}: the op census records no block with norm={model.norm!r}, mlp={model.mlp!r}, "
+            f"bias={model.bias}, qkv_bias={model.qkv_bias}, positions={model.positions!r}, "
+            f"rotary_fraction={model.rotary_fraction:g}, parallel_residual={model.parallel_residual} "
+            f"(variant {tag!r}); recorded variants: {[v or 'llama' for v in BLOCK_VARIANTS]}")
+    return f"block_{phase}" + ("@tp" if tp > 1 else "") + tag
 
 
-def end_piece(name: str, tp: int) -> str:
-    """Census name of a vocabulary-split piece (embed, head_lm, …) on a group of ``tp``."""
-    return name + ("@tp" if tp > 1 else "")
+def end_piece(name: str, tp: int, model: ModelSpec | None = None) -> str:
+    """Census name of a vocabulary-split piece (embed, head_lm, …) on a group of ``tp``: the
+    embedding of a model with learned positions is ``+learned``, a LayerNorm model's final norm
+    and head ``+layernorm``."""
+    tag = ""
+    if model is not None and name.startswith("embed") and model.positions == "learned":
+        tag = "+learned"
+    elif model is not None and name.startswith("head") and model.norm == "layernorm":
+        tag = "+layernorm"
+    return name + ("@tp" if tp > 1 else "") + tag
+
+
+def rotary_piece(model: ModelSpec, decode: bool = False) -> tuple[str, dict] | None:
+    """The rotary tables' piece of one stage pass and the symbols it is evaluated at (its
+    width is the rotated part of a head), or None for learned positions."""
+    if model.positions == "learned":
+        return None
+    return ("rotary_decode" if decode else "rotary"), {"half_head_dim": model.rotary_dim / 2}
 
 
 def tensors_work(census: Census, dtype: str, piece: str, tensors: int, numel: float) -> tuple[float, float, float]:

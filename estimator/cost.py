@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from estimator.census import block_piece, end_piece, load_op_set, model_symbols, tensors_work
+from estimator.census import block_piece, end_piece, load_op_set, model_symbols, rotary_piece, tensors_work
 from estimator.models import ModelSpec
 from estimator.profiles import Profile
 
@@ -80,6 +80,12 @@ def head_comm_s(profile: Profile, model: ModelSpec, tp: int, head_tokens: float)
     return profile.in_call_s("all_gather", head_tokens * model.vocab * profile.elem_bytes, tp, "intra")
 
 
+def _rotary_s(profile: Profile, model: ModelSpec, sym: dict, decode: bool = False) -> np.ndarray | float:
+    """The rotary tables of one stage pass (none for learned positions)."""
+    piece = rotary_piece(model, decode)
+    return 0.0 if piece is None else piece_s(profile, piece[0], sym | piece[1])
+
+
 def _extras_s(profile: Profile, sym: dict, extras: tuple[Extra, ...], mode: str) -> float:
     return sum(piece_s(profile, name, sym | over, mode) for name, over in extras)
 
@@ -96,13 +102,13 @@ def forward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, firs
     mode = "grad" if grad else "nograd"
     sym = model_symbols(model, tp) | {"rows": batch, "tokens": new}
     compute = (layers * piece_s(profile, block_piece(phase, model, tp), sym, mode)
-               + piece_s(profile, "rotary", sym))  # the rotary tables need no gradient
+               + _rotary_s(profile, model, sym))  # the rotary tables need no gradient
     comm = 2 * layers * tp_allreduce_s(profile, tp, n, model.hidden)
     if first:
-        compute += piece_s(profile, end_piece("embed", tp), sym, mode)
+        compute += piece_s(profile, end_piece("embed", tp, model), sym, mode)
         comm += tp_allreduce_s(profile, tp, n, model.hidden) if tp > 1 else 0.0
     if last:
-        head = end_piece(f"head_{model.head}", tp)
+        head = end_piece(f"head_{model.head}", tp, model)
         compute += piece_s(profile, head, sym | {"tokens": head_tokens / batch}, mode)
         compute += _extras_s(profile, sym, extras, mode)
         comm += head_comm_s(profile, model, tp, head_tokens)
@@ -118,9 +124,9 @@ def backward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, fir
     sym = model_symbols(model, tp) | {"rows": batch, "tokens": new}
     compute = layers * piece_s(profile, block_piece("backward", model, tp), sym, "backward")
     if first:
-        compute += piece_s(profile, end_piece("embed_backward", tp), sym, "backward")
+        compute += piece_s(profile, end_piece("embed_backward", tp, model), sym, "backward")
     if last:
-        compute += piece_s(profile, end_piece(f"head_{model.head}_backward", tp), sym, "backward")
+        compute += piece_s(profile, end_piece(f"head_{model.head}_backward", tp, model), sym, "backward")
         compute += _extras_s(profile, sym, extras, "backward")
     ars = 2 * layers + (1 if last and model.head == "lm" else 0)
     return StageTime(compute + profile.micro_batch_overhead_s, ars * tp_allreduce_s(profile, tp, n, model.hidden))
@@ -135,13 +141,13 @@ def decode_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, first
     cached = np.asarray(cached, dtype=float)
     sym = model_symbols(model, tp) | {"rows": batch, "tokens": 1.0, "kv_len": cached + 1.0}
     compute = layers * piece_s(profile, block_piece("decode", model, tp), sym)
-    compute = compute + piece_s(profile, "rotary_decode", sym) + profile.micro_batch_overhead_s
+    compute = compute + _rotary_s(profile, model, sym, decode=True) + profile.micro_batch_overhead_s
     comm = 2 * layers * tp_allreduce_s(profile, tp, batch, model.hidden)
     if first:
-        compute = compute + piece_s(profile, end_piece("embed", tp), sym)
+        compute = compute + piece_s(profile, end_piece("embed", tp, model), sym)
         comm += tp_allreduce_s(profile, tp, batch, model.hidden) if tp > 1 else 0.0
     if last:
-        compute = compute + piece_s(profile, end_piece(f"head_{model.head}", tp), sym)
+        compute = compute + piece_s(profile, end_piece(f"head_{model.head}", tp, model), sym)
         compute = compute + piece_s(profile, choose, sym)
         comm += head_comm_s(profile, model, tp, batch)
         comm += profile.in_call_s("broadcast", batch * INT64, tp, "intra")
@@ -153,21 +159,23 @@ def decode_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, first
 
 
 def layer_split_params(model: ModelSpec) -> int:
-    """Parameters of one block that tensor parallelism splits (all but the two norms)."""
-    return model.params_per_layer - 2 * model.hidden
+    """Parameters of one block that tensor parallelism splits (all but the norms and the
+    row-parallel biases)."""
+    return model.params_per_layer - model.replicated_params_per_layer
 
 
 def stage_params(model: ModelSpec, tp: int, pp: int, stage: int, stage_layers: int) -> float:
     """Parameters one device of pipeline stage ``stage`` holds (see :func:`sharding.shard`):
-    its blocks split over ``tp`` (norms replicated), the vocab-split embedding on the first
-    stage, and on the last the final norm and the head (a second embedding copy when tied)."""
+    its blocks split over ``tp`` (norms and row-parallel biases replicated), the vocab-split
+    embedding (and the whole learned position table) on the first stage, and on the last the
+    final norm and the head (a second embedding copy when tied)."""
     h = model.hidden
-    n = stage_layers * (layer_split_params(model) / tp + 2 * h)
+    n = stage_layers * (layer_split_params(model) / tp + model.replicated_params_per_layer)
     embed = model.vocab * h / tp
     if stage == 0:
-        n += embed
+        n += embed + model.position_params
     if stage == pp - 1:
-        n += h  # final norm
+        n += model.norm_params  # final norm
         if model.head == "value":
             n += h
         elif not model.tied_embeddings:

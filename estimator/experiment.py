@@ -82,6 +82,10 @@ class Experiment:
             raise ConfigError(f"ppo_minibatches={p.ppo_minibatches} must divide batch_size={p.batch_size}")
         if self.algorithm != "grpo" and p.group_size != 1:
             raise ConfigError(f"group_size={p.group_size} applies to grpo only")
+        for role, m in self.models.items():
+            if m.positions == "learned" and p.prompt_len + p.gen_len > m.max_positions:
+                raise ConfigError(f"models.{role}: prompt_len + gen_len = {p.prompt_len + p.gen_len} tokens exceeds "
+                                  f"model {m.name!r}'s max_positions={m.max_positions} learned positions")
         object.__setattr__(self, "workflow", build(self.algorithm, p))
 
     @property

@@ -18,7 +18,10 @@ Assumptions (bytes per parameter ``P`` of a device's shard, see :func:`cost.stag
   gate/up projections, replicated over tensor-parallel ranks (8h bytes); Q, O (4h), K and V
   (4·kv) and the attention log-sum-exp (4a, fp32), split over ranks; gate and up outputs, their
   SiLU and product (8f), split. Per token per layer: ``8h + (4h + 4kv + 8f + 4a)/t`` bytes
-  (LLaMA-2-7B, t=1: 37.5·h, against Korthikanti's 34·h for a GPT block).
+  (LLaMA-2-7B, t=1: 37.5·h, against Korthikanti's 34·h for a GPT block). A GELU MLP saves
+  fc1's output and its GELU (4f), a ReLU MLP only the ReLU's output (2f, which both its own
+  backward and fc2's read); LayerNorm saves the same input as RMSNorm (its mean and inverse
+  deviation are per token, negligible).
   Training under 1F1B keeps ``min(m, p − stage)`` micro-batches in flight on a stage; the last
   stage also holds fp32 log-probabilities over the gathered vocabulary, their gradient and the
   bf16 logits (10 bytes per token and vocabulary entry). Inference and prefill hold one layer's
@@ -41,6 +44,7 @@ from estimator.plan import Layout, Plan
 from estimator.workflow import Call, Workflow
 
 GiB = float(1 << 30)
+MLP_ACTIVATION_BYTES = {"swiglu": 8, "gelu": 4, "relu": 2}  # saved MLP bytes per token and unit of ffn
 
 
 def fmt_bytes(n: float) -> str:
@@ -86,7 +90,7 @@ def home_bytes(model: ModelSpec, layout: Layout, trained: bool, zero1: bool = Fa
 def activation_bytes_per_token_layer(model: ModelSpec, tp: int) -> float:
     """Saved activations of one block per token (see the module docstring)."""
     h, kv, f, a = model.hidden, model.kv_dim, model.ffn, model.heads
-    return 8 * h + (4 * h + 4 * kv + 8 * f + 4 * a) / tp
+    return 8 * h + (4 * h + 4 * kv + MLP_ACTIVATION_BYTES[model.mlp] * f + 4 * a) / tp
 
 
 def head_bytes(model: ModelSpec, tokens: float) -> float:

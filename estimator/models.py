@@ -6,6 +6,21 @@ heads of width ``d = h/a``): ``L·(2h² + 2·h·g·d + 3·h·f + 2h) + h + 2·V�
 q and o projections, k and v, the three SwiGLU matrices and two RMSNorm weights — plus q/k/v
 biases for Qwen2-style models, minus one ``V·h`` for tied embeddings, and a scalar value head
 (``h`` weights) in place of the LM head for critics and reward models.
+
+GPT-style families (GPT-2, Radford et al. 2019; OPT, Zhang et al. 2022, arXiv 2205.01068;
+GPT-NeoX / Pythia, Black et al. 2022, arXiv 2204.06745) change the terms, each by one field:
+
+- ``norm="layernorm"``: every norm has a weight and a bias, ``2h`` per norm instead of ``h``;
+- ``mlp="gelu"`` or ``"relu"``: two matrices fc1 (h→f) and fc2 (f→h), ``2·h·f`` instead of
+  ``3·h·f`` (GPT-2 and OPT use ``f = 4h``);
+- ``bias=True``: every linear layer carries a bias: ``h + 2·g·d`` (q, k, v) ``+ h`` (o) ``+ f + h``
+  (fc1, fc2; SwiGLU: ``2f + h``);
+- ``positions="learned"``: a ``max_positions × h`` table added to the token embedding (OPT's
+  table has two extra rows, counted as published);
+- ``parallel_residual`` and ``rotary_fraction`` (GPT-NeoX) change the computation, not the count.
+
+GPT-2 small, for instance: ``12·(12h² + 13h) + 2h + V·h + 1024·h`` = 124,439,808 at h = 768,
+V = 50,257 (tied head).
 """
 
 from __future__ import annotations
@@ -19,6 +34,10 @@ from estimator.errors import ConfigError
 from estimator.loading import is_dir, load_json
 
 HEAD_KINDS = ("lm", "value")
+OPT_POSITION_OFFSET = 2  # OPT's learned position table has 2 rows before position 0
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu", "relu")
+POSITIONS = ("rotary", "learned")
 BF16_BYTES = 2
 
 
@@ -28,12 +47,17 @@ _SHAPE_LIMITS = {"layers": rules.MAX_LAYERS, "hidden": rules.MAX_HIDDEN, "ffn": 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A decoder-only transformer (RMSNorm, rotary, SwiGLU, grouped-query attention)."""
+    """A decoder-only pre-norm transformer with grouped-query attention.
+
+    The defaults are the LLaMA architecture (RMSNorm, rotary positions, SwiGLU MLP, no
+    biases); ``norm``, ``mlp``, ``positions``/``max_positions``, ``bias``,
+    ``parallel_residual`` and ``rotary_fraction`` describe GPT-2, OPT and GPT-NeoX blocks.
+    """
 
     name: str
     layers: int  # transformer blocks
     hidden: int  # model width h
-    ffn: int  # SwiGLU inner width f
+    ffn: int  # MLP inner width f
     heads: int  # attention (query) heads a
     kv_heads: int  # key/value heads g (grouped-query attention); == heads for MHA
     vocab: int  # vocabulary size V
@@ -41,10 +65,17 @@ class ModelSpec:
     tied_embeddings: bool = False  # LM head shares the embedding matrix
     qkv_bias: bool = False  # q/k/v projections carry biases (Qwen2)
     rope_theta: float = 10000.0  # rotary base
-    norm_eps: float = 1e-5  # RMSNorm epsilon
+    norm_eps: float = 1e-5  # norm epsilon (RMSNorm or LayerNorm)
+    norm: str = "rmsnorm"  # "rmsnorm" (weight) or "layernorm" (weight and bias)
+    mlp: str = "swiglu"  # "swiglu" (gate, up, down of width ffn) or "gelu" / "relu" (fc1 h→ffn, fc2 ffn→h)
+    positions: str = "rotary"  # "rotary" or "learned" (a max_positions × hidden table added to the embedding)
+    max_positions: int = 0  # rows of the learned position table (needed ≥ 1 with positions="learned")
+    bias: bool = False  # every linear layer (q/k/v/o, MLP) carries a bias (GPT-2, OPT, GPT-NeoX)
+    parallel_residual: bool = False  # attention and MLP read the same block input (GPT-NeoX)
+    rotary_fraction: float = 1.0  # rotary on the first fraction of each head's dimensions (GPT-NeoX)
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = self._variant_problems()
         for field, hi in _SHAPE_LIMITS.items():
             try:
                 rules.integer(field, getattr(self, field), lo=1, hi=hi)
@@ -60,8 +91,10 @@ class ModelSpec:
                 problems.append(f"hidden={self.hidden} must be divisible by heads={self.heads}")
             if self.heads % self.kv_heads:
                 problems.append(f"heads={self.heads} must be divisible by kv_heads={self.kv_heads}")
-            if self.head_dim % 2:
-                problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+            if self.positions == "rotary" and (self.rotary_dim % 2 or self.rotary_dim < 2):
+                problems.append(f"rotary_dim={self.rotary_dim} (head_dim={self.head_dim} × "
+                                f"rotary_fraction={self.rotary_fraction:g}) must be even and at least 2 "
+                                "for rotary embeddings")
         if self.head not in HEAD_KINDS:
             problems.append(f"head={self.head!r} must be one of {HEAD_KINDS}")
         if self.head == "value" and self.tied_embeddings:
@@ -69,9 +102,54 @@ class ModelSpec:
         if problems:
             raise ConfigError(f"model {self.name!r}: " + "; ".join(problems))
 
+    def _variant_problems(self) -> list[str]:
+        """What is wrong with the architecture fields (norm, mlp, positions, …)."""
+        problems = []
+        for field, allowed in (("norm", NORMS), ("mlp", MLPS), ("positions", POSITIONS)):
+            if getattr(self, field) not in allowed:
+                problems.append(f"{field}={getattr(self, field)!r} must be one of {allowed}")
+        for field in ("bias", "parallel_residual"):
+            if not isinstance(getattr(self, field), bool):
+                problems.append(f"{field}={getattr(self, field)!r} must be true or false")
+        try:
+            rules.integer("max_positions", self.max_positions, lo=0, hi=rules.MAX_SEQ_TOKENS)
+            if self.positions == "learned" and self.max_positions < 1:
+                problems.append(f"max_positions={self.max_positions} must be at least 1 with positions='learned'")
+        except ConfigError as exc:
+            problems.append(str(exc))
+        try:
+            rules.real("rotary_fraction", self.rotary_fraction, positive=True, hi=1.0)
+            if self.positions == "learned" and self.rotary_fraction != 1.0:
+                problems.append(f"rotary_fraction={self.rotary_fraction:g} needs positions='rotary'")
+        except ConfigError as exc:
+            problems.append(str(exc))
+        return problems
+
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that rotary embeddings rotate: GPT-NeoX's ``rotary_ndims``,
+        ``int(head_dim · rotary_pct)``, rounded down as Hugging Face rounds it."""
+        return int(self.head_dim * self.rotary_fraction)
+
+    @property
+    def family(self) -> str:
+        """The architecture family the fields describe (for messages)."""
+        if self.parallel_residual or self.rotary_fraction != 1.0:
+            return "gpt-neox"
+        if self.mlp == "relu":
+            return "opt"
+        if self.norm == "layernorm" or self.mlp == "gelu" or self.positions == "learned" or self.bias:
+            return "gpt2"
+        return "qwen2" if self.qkv_bias else "llama"
+
+    @property
+    def norm_params(self) -> int:
+        """Parameters of one norm: RMSNorm weight, or LayerNorm weight and bias."""
+        return self.hidden * (2 if self.norm == "layernorm" else 1)
 
     @property
     def kv_dim(self) -> int:
@@ -79,14 +157,34 @@ class ModelSpec:
         return self.kv_heads * self.head_dim
 
     @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices of width ``ffn`` in the MLP: SwiGLU 3, GELU / ReLU 2."""
+        return 3 if self.mlp == "swiglu" else 2
+
+    @property
     def params_per_layer(self) -> int:
         h, f, kv = self.hidden, self.ffn, self.kv_dim
-        attn = 2 * h * h + 2 * h * kv + (h + 2 * kv if self.qkv_bias else 0)
-        return attn + 3 * h * f + 2 * h  # + two RMSNorm weight vectors
+        attn = 2 * h * h + 2 * h * kv + (h + 2 * kv if self.qkv_bias or self.bias else 0)
+        mlp = self.mlp_matrices * h * f
+        if self.bias:  # o_proj; fc1 (SwiGLU: gate and up) and fc2
+            attn += h
+            mlp += (self.mlp_matrices - 1) * f + h
+        return attn + mlp + 2 * self.norm_params  # + the two norms
+
+    @property
+    def replicated_params_per_layer(self) -> int:
+        """Parameters of one block that tensor parallelism replicates: the two norms and the
+        biases of the row-parallel o_proj and fc2 (added once, after the all-reduce)."""
+        return 2 * self.norm_params + (2 * self.hidden if self.bias else 0)
+
+    @property
+    def position_params(self) -> int:
+        """The learned position table (none for rotary positions)."""
+        return self.max_positions * self.hidden if self.positions == "learned" else 0
 
     @property
     def embedding_params(self) -> int:
-        return self.vocab * self.hidden
+        return self.vocab * self.hidden + self.position_params
 
     @property
     def head_params(self) -> int:
@@ -99,7 +197,7 @@ class ModelSpec:
         """Total parameter count."""
         return (
             self.layers * self.params_per_layer
-            + self.hidden  # final norm
+            + self.norm_params  # final norm
             + self.embedding_params
             + self.head_params
         )
@@ -124,6 +222,21 @@ def _qwen(name: str, layers: int, hidden: int, ffn: int, heads: int, kv: int, vo
                      qkv_bias=True, rope_theta=1_000_000.0, norm_eps=1e-6)
 
 
+def _opt(name: str, layers: int, hidden: int, heads: int) -> ModelSpec:
+    """OPT (Zhang et al. 2022, arXiv 2205.01068, Table 1): ffn = 4h, vocabulary 50,272, 2,048
+    positions plus the 2 offset rows of its learned table, tied LM head, ReLU MLP."""
+    return ModelSpec(name, layers, hidden, 4 * hidden, heads, heads, 50272, tied_embeddings=True,
+                     norm="layernorm", mlp="relu", positions="learned", max_positions=2048 + OPT_POSITION_OFFSET,
+                     bias=True)
+
+
+def _gpt2(name: str, layers: int, hidden: int, heads: int) -> ModelSpec:
+    """GPT-2 (Radford et al. 2019; Hugging Face ``gpt2`` configs): ffn = 4h, vocabulary 50,257,
+    1,024 learned positions, tied LM head, GELU (tanh approximation) MLP."""
+    return ModelSpec(name, layers, hidden, 4 * hidden, heads, heads, 50257, tied_embeddings=True,
+                     norm="layernorm", mlp="gelu", positions="learned", max_positions=1024, bias=True)
+
+
 # Values from each model's published Hugging Face config.json.
 PRESETS: dict[str, ModelSpec] = {
     m.name: m
@@ -141,9 +254,25 @@ PRESETS: dict[str, ModelSpec] = {
         _qwen("qwen2.5-14b", 48, 5120, 13824, 40, 8, 152064, tied=False),
         _qwen("qwen2.5-32b", 64, 5120, 27648, 40, 8, 152064, tied=False),
         _qwen("qwen2.5-72b", 80, 8192, 29568, 64, 8, 152064, tied=False),
+        # DeepSpeed-Chat's RLHF models (shapes of the OPT paper's Table 1)
+        _opt("opt-125m", 12, 768, 12),
+        _opt("opt-1.3b", 24, 2048, 32),
+        _opt("opt-2.7b", 32, 2560, 32),
+        _opt("opt-6.7b", 32, 4096, 32),
+        _opt("opt-13b", 40, 5120, 40),
+        _opt("opt-30b", 48, 7168, 56),
+        _opt("opt-66b", 64, 9216, 72),
+        _gpt2("gpt2", 12, 768, 12),
+        _gpt2("gpt2-medium", 24, 1024, 16),
+        _gpt2("gpt2-large", 36, 1280, 20),
+        _gpt2("gpt2-xl", 48, 1600, 25),
         # Tiny models the CPU executor runs in seconds.
         _llama("tiny-2l-128h", 2, 128, 256, 4, 2, 256),
         _llama("tiny-4l-256h", 4, 256, 512, 8, 4, 512),
+        ModelSpec("tiny-gpt-2l-128h", 2, 128, 512, 4, 4, 256, tied_embeddings=True, norm="layernorm",
+                  mlp="gelu", positions="learned", max_positions=64, bias=True),
+        ModelSpec("tiny-neox-2l-128h", 2, 128, 512, 4, 4, 256, norm="layernorm", mlp="gelu", bias=True,
+                  parallel_residual=True, rotary_fraction=0.25),
     )
 }
 
@@ -151,14 +280,17 @@ _HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "GPT2LMHeadModel": "gpt2",
+    "OPTForCausalLM": "opt",
+    "GPTNeoXForCausalLM": "gpt_neox",
 }
-_HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "opt": "opt",
+                   "gpt_neox": "gpt_neox"}
 
 
 def from_hf_config(path: str | Path) -> ModelSpec:
-    """Read a Hugging Face ``config.json`` (LLaMA, Mistral or Qwen2 style) into a ModelSpec.
-
-    ``path`` is the file or the directory that holds it.
+    """Read a Hugging Face ``config.json`` (LLaMA, Mistral, Qwen2, GPT-2, OPT or GPT-NeoX style)
+    into a ModelSpec. ``path`` is the file or the directory that holds it.
     """
     path = Path(path)
     if is_dir(path) and path.suffix != ".json":
@@ -175,32 +307,111 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     style = style or _HF_MODEL_TYPES.get(model_type)
     if style is None:
         raise ConfigError(
-            f"model config {str(path)!r}: unsupported architecture "
-            f"{archs or cfg.get('model_type')!r}; supported: {sorted(_HF_ARCHITECTURES)}"
+            f"{where}: unsupported architecture {archs or model_type!r} (model_type={model_type!r}); "
+            f"supported: {sorted(_HF_ARCHITECTURES)} (model_type {sorted(_HF_MODEL_TYPES)})"
         )
-    required = ("num_hidden_layers", "hidden_size", "intermediate_size",
-                "num_attention_heads", "vocab_size")
-    missing = [k for k in required if k not in cfg]
+    reader = {"llama": _llama_fields, "qwen2": _llama_fields, "gpt2": _gpt2_fields, "opt": _opt_fields,
+              "gpt_neox": _neox_fields}[style]
+    return ModelSpec(name=path.parent.name or path.stem, **reader(cfg, where, style))
+
+
+def _require(cfg: dict, where: str, keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in cfg]
     if missing:
-        raise ConfigError(f"model config {str(path)!r} lacks keys {missing}")
+        raise ConfigError(f"{where} lacks keys {missing}")
+
+
+def _flag(cfg: dict, where: str, key: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key}={value!r} must be true or false")
+    return value
+
+
+def _eps(cfg: dict, where: str, key: str, default: float) -> float:
+    return rules.real(f"{where}: {key}", cfg.get(key, default), positive=True)
+
+
+def _llama_fields(cfg: dict, where: str, style: str) -> dict:
+    _require(cfg, where, ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                          "vocab_size"))
     heads = cfg["num_attention_heads"]
-    rope_theta = rules.real(f"{where}: rope_theta", cfg.get("rope_theta", 10000.0), positive=True)
-    norm_eps = rules.real(f"{where}: rms_norm_eps", cfg.get("rms_norm_eps", 1e-5), positive=True)
-    for key in ("tie_word_embeddings", "attention_bias"):
-        if not isinstance(cfg.get(key, False), bool):
-            raise ConfigError(f"{where}: {key}={cfg[key]!r} must be true or false")
-    return ModelSpec(
-        name=path.parent.name or path.stem,
-        layers=cfg["num_hidden_layers"],
-        hidden=cfg["hidden_size"],
-        ffn=cfg["intermediate_size"],
-        heads=heads,
+    return dict(
+        layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], ffn=cfg["intermediate_size"], heads=heads,
         kv_heads=heads if cfg.get("num_key_value_heads") is None else cfg["num_key_value_heads"],
         vocab=cfg["vocab_size"],
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=bool(cfg.get("attention_bias", style == "qwen2")),
-        rope_theta=rope_theta,
-        norm_eps=norm_eps,
+        tied_embeddings=_flag(cfg, where, "tie_word_embeddings", False),
+        qkv_bias=_flag(cfg, where, "attention_bias", style == "qwen2"),
+        rope_theta=rules.real(f"{where}: rope_theta", cfg.get("rope_theta", 10000.0), positive=True),
+        norm_eps=_eps(cfg, where, "rms_norm_eps", 1e-5),
+    )
+
+
+def _activation(cfg: dict, where: str, key: str, allowed: dict[str, str], default: str) -> str:
+    act = cfg.get(key, default)
+    if act not in allowed:
+        raise ConfigError(f"{where}: {key}={act!r} is not supported; supported: {sorted(allowed)}")
+    return allowed[act]
+
+
+def _gpt2_fields(cfg: dict, where: str, style: str) -> dict:
+    """GPT-2: n_inner None means 4·n_embd; gelu_new is GELU's tanh approximation."""
+    _require(cfg, where, ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size"))
+    h = cfg["n_embd"]
+    inner = cfg.get("n_inner")
+    return dict(
+        layers=cfg["n_layer"], hidden=h, ffn=4 * h if inner is None else inner, heads=cfg["n_head"],
+        kv_heads=cfg["n_head"], vocab=cfg["vocab_size"],
+        tied_embeddings=_flag(cfg, where, "tie_word_embeddings", True),
+        norm_eps=_eps(cfg, where, "layer_norm_epsilon", 1e-5),
+        norm="layernorm", bias=True, positions="learned", max_positions=cfg["n_positions"],
+        mlp=_activation(cfg, where, "activation_function", {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu",
+                                                            "gelu": "gelu", "relu": "relu"}, "gelu_new"),
+    )
+
+
+def _opt_fields(cfg: dict, where: str, style: str) -> dict:
+    """OPT: the learned table has ``max_position_embeddings + 2`` rows; opt-350m's projection of
+    a narrower word embedding and post-norm blocks are not modelled, so they are refused."""
+    _require(cfg, where, ("hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
+                          "max_position_embeddings", "vocab_size"))
+    h = cfg["hidden_size"]
+    proj = cfg.get("word_embed_proj_dim", h)
+    if proj != h:
+        raise ConfigError(f"{where}: word_embed_proj_dim={proj!r} differs from hidden_size={h!r} "
+                          "(opt-350m's projected embedding); only word_embed_proj_dim == hidden_size is supported")
+    if not _flag(cfg, where, "do_layer_norm_before", True):
+        raise ConfigError(f"{where}: do_layer_norm_before=false (post-norm blocks) is not supported; "
+                          "only pre-norm OPT models are")
+    if not _flag(cfg, where, "enable_bias", True):
+        raise ConfigError(f"{where}: enable_bias=false is not supported; OPT's linear layers carry biases")
+    max_pos = rules.integer(f"{where}: max_position_embeddings", cfg["max_position_embeddings"],
+                            hi=rules.MAX_SEQ_TOKENS)
+    return dict(
+        layers=cfg["num_hidden_layers"], hidden=h, ffn=cfg["ffn_dim"], heads=cfg["num_attention_heads"],
+        kv_heads=cfg["num_attention_heads"], vocab=cfg["vocab_size"],
+        tied_embeddings=_flag(cfg, where, "tie_word_embeddings", True),
+        norm="layernorm", bias=True, positions="learned", max_positions=max_pos + OPT_POSITION_OFFSET,
+        mlp=_activation(cfg, where, "activation_function", {"relu": "relu", "gelu": "gelu"}, "relu"),
+    )
+
+
+def _neox_fields(cfg: dict, where: str, style: str) -> dict:
+    """GPT-NeoX / Pythia: rotary on ``rotary_pct`` of each head, parallel residual by default."""
+    _require(cfg, where, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                          "vocab_size", "rotary_pct"))
+    theta = cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0))
+    return dict(
+        layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], ffn=cfg["intermediate_size"],
+        heads=cfg["num_attention_heads"], kv_heads=cfg["num_attention_heads"], vocab=cfg["vocab_size"],
+        tied_embeddings=_flag(cfg, where, "tie_word_embeddings", False),
+        norm_eps=_eps(cfg, where, "layer_norm_eps", 1e-5),
+        rope_theta=rules.real(f"{where}: rotary_emb_base", theta, positive=True),
+        norm="layernorm", bias=_flag(cfg, where, "attention_bias", True),
+        parallel_residual=_flag(cfg, where, "use_parallel_residual", True),
+        rotary_fraction=rules.real(f"{where}: rotary_pct", cfg["rotary_pct"], positive=True, hi=1.0),
+        mlp=_activation(cfg, where, "hidden_act", {"gelu": "gelu", "gelu_new": "gelu", "gelu_fast": "gelu",
+                                                   "gelu_pytorch_tanh": "gelu", "relu": "relu"}, "gelu"),
     )
 
 

@@ -25,9 +25,11 @@ def linear_flops(m: int, n: int, k: int) -> float:
 
 
 def projection_flops_per_token(model: ModelSpec) -> float:
-    """Per layer and token: q, k, v, o projections ``2·(2h² + 2·h·kv)`` + SwiGLU ``2·3·h·f``."""
+    """Per layer and token: q, k, v, o projections ``2·(2h² + 2·h·kv)`` + SwiGLU ``2·3·h·f``
+    (a GELU / ReLU MLP: ``2·2·h·f``). Biases, norms and activations are elementwise: no
+    matrix-product FLOPs (``FlopCounterMode`` counts ``addmm`` as its product alone)."""
     h = model.hidden
-    return 2.0 * (2 * h * h + 2 * h * model.kv_dim) + 2.0 * 3 * h * model.ffn
+    return 2.0 * (2 * h * h + 2 * h * model.kv_dim) + 2.0 * model.mlp_matrices * h * model.ffn
 
 
 def attended_keys(new: int, cached: int = 0) -> float:

@@ -4,16 +4,21 @@ sends what when parameters or call outputs move between layouts.
 Pure functions of (model, layout, device); no process group, no tensors. The executor moves
 exactly these slices; the estimator charges exactly these bytes.
 
-Parameters use Hugging Face LLaMA names. Tensor-parallel splits (Megatron):
+Parameters use Hugging Face LLaMA names for every family: a GELU / ReLU MLP's fc1 (GPT-2
+``c_fc``, OPT ``fc1``, GPT-NeoX ``dense_h_to_4h``) is ``mlp.up_proj`` and its fc2 is
+``mlp.down_proj``; LayerNorm biases are ``*layernorm.bias`` and ``norm.bias``; the learned
+position table is ``embed_positions.weight``. Tensor-parallel splits (Megatron):
 
-- column-parallel (split the output rows, dim 0): q/k/v projections (+ biases), gate, up;
-- row-parallel (split the input columns, dim 1): o_proj, down_proj;
+- column-parallel (split the output rows, dim 0): q/k/v projections, gate, up (fc1), and
+  their biases;
+- row-parallel (split the input columns, dim 1): o_proj, down_proj (fc2);
 - vocab-parallel (split dim 0): embedding and LM head;
-- replicated: RMSNorm weights, the scalar value head.
+- replicated: norm weights and biases, the biases of o_proj and down_proj (added once, after
+  the all-reduce), the learned position table, the scalar value head.
 
 Pipeline stages own contiguous blocks of layers (:meth:`Layout.stage_layers`); the first
-stage owns the embedding, the last the final norm and the head (and, with tied embeddings, a
-copy of the embedding that serves as the head).
+stage owns the embedding (and the position table), the last the final norm and the head (and,
+with tied embeddings, a copy of the embedding that serves as the head).
 """
 
 from __future__ import annotations
@@ -58,23 +63,44 @@ def param_inventory(model: ModelSpec) -> list[ParamInfo]:
     """Every parameter of ``model`` in a fixed order (embedding, blocks, final norm, head)."""
     h, f, kv, v = model.hidden, model.ffn, model.kv_dim, model.vocab
     out = [ParamInfo("embed_tokens.weight", (v, h), VOCAB, None, "first")]
+    if model.positions == "learned":
+        out.append(ParamInfo("embed_positions.weight", (model.max_positions, h), REPLICATED, None, "first"))
+    mlp_in = ("gate_proj", "up_proj") if model.mlp == "swiglu" else ("up_proj",)
     for i in range(model.layers):
         p = f"layers.{i}."
-        out.append(ParamInfo(p + "input_layernorm.weight", (h,), REPLICATED, i))
+        out += _norm(p + "input_layernorm", model, i)
         for proj, rows in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
             out.append(ParamInfo(p + f"self_attn.{proj}.weight", (rows, h), COLUMN, i))
-            if model.qkv_bias:
+            if model.qkv_bias or model.bias:
                 out.append(ParamInfo(p + f"self_attn.{proj}.bias", (rows,), COLUMN, i))
-        out.append(ParamInfo(p + "self_attn.o_proj.weight", (h, h), ROW, i))
-        out.append(ParamInfo(p + "post_attention_layernorm.weight", (h,), REPLICATED, i))
-        out.append(ParamInfo(p + "mlp.gate_proj.weight", (f, h), COLUMN, i))
-        out.append(ParamInfo(p + "mlp.up_proj.weight", (f, h), COLUMN, i))
-        out.append(ParamInfo(p + "mlp.down_proj.weight", (h, f), ROW, i))
-    out.append(ParamInfo("norm.weight", (h,), REPLICATED, None, "last"))
+        out += _linear_out(p + "self_attn.o_proj", (h, h), model.bias, i)
+        out += _norm(p + "post_attention_layernorm", model, i)
+        for proj in mlp_in:
+            out.append(ParamInfo(p + f"mlp.{proj}.weight", (f, h), COLUMN, i))
+            if model.bias:
+                out.append(ParamInfo(p + f"mlp.{proj}.bias", (f,), COLUMN, i))
+        out += _linear_out(p + "mlp.down_proj", (h, f), model.bias, i)
+    out += _norm("norm", model, None, "last")
     if model.head == "value":
         out.append(ParamInfo("value_head.weight", (1, h), REPLICATED, None, "last"))
     elif not model.tied_embeddings:
         out.append(ParamInfo("lm_head.weight", (v, h), VOCAB, None, "last"))
+    return out
+
+
+def _norm(name: str, model: ModelSpec, layer: int | None, where: str = "block") -> list[ParamInfo]:
+    """A norm's weight, and its bias for LayerNorm: replicated."""
+    out = [ParamInfo(name + ".weight", (model.hidden,), REPLICATED, layer, where)]
+    if model.norm == "layernorm":
+        out.append(ParamInfo(name + ".bias", (model.hidden,), REPLICATED, layer, where))
+    return out
+
+
+def _linear_out(name: str, shape: tuple[int, int], bias: bool, layer: int) -> list[ParamInfo]:
+    """A row-parallel projection; its bias is replicated (added once, after the all-reduce)."""
+    out = [ParamInfo(name + ".weight", shape, ROW, layer)]
+    if bias:
+        out.append(ParamInfo(name + ".bias", (shape[0],), REPLICATED, layer))
     return out
 
 
@@ -84,7 +110,7 @@ def on_stage(info: ParamInfo, model: ModelSpec, layout: Layout, pp_rank: int) ->
         return info.layer in layout.stage_layers(model.layers, pp_rank)
     last = pp_rank == layout.pp - 1
     if info.where == "first":
-        return pp_rank == 0 or (last and model.tied_embeddings)
+        return pp_rank == 0 or (last and model.tied_embeddings and info.name == "embed_tokens.weight")
     return last
 
 

@@ -47,11 +47,11 @@ def realloc_bytes(model: ModelSpec, src: Layout, dst: Layout, devices_per_node: 
     replicas that hold a slice (data-parallel ranks; every tensor-parallel rank for replicated
     parameters; both ends of a pipeline for tied embeddings)."""
     h, L = model.hidden, model.layers
-    split_layer, rep_layer = layer_split_params(model), 2 * h
+    split_layer, rep_layer = layer_split_params(model), model.replicated_params_per_layer
     embed = model.vocab * h
     tied = model.tied_embeddings and model.head == "lm"
     head_split = 0 if model.head == "value" or tied else embed
-    last_rep = h + (h if model.head == "value" else 0)  # final norm (+ value head)
+    last_rep = model.norm_params + (h if model.head == "value" else 0)  # final norm (+ value head)
     lcm = math.lcm(src.tp, dst.tp)
     last = src.pp - 1
     embed_stages = [0, last] if tied and last > 0 else [0]
@@ -75,6 +75,8 @@ def realloc_bytes(model: ModelSpec, src: Layout, dst: Layout, devices_per_node: 
         dst_layers = dst.stage_layers(L, dpp)
         if dpp == 0 or (dpp == dst.pp - 1 and tied):
             split_from(d, embed_stages, lo, hi, embed)
+        if dpp == 0 and model.position_params:  # the learned position table: first stage, replicated
+            replicated_from(d, 0, model.position_params)
         for spp in range(src.pp):
             common = _overlap(dst_layers, src_layers[spp])
             if common:

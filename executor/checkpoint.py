@@ -58,6 +58,7 @@ def wanted_boxes(path: Path, index: dict, model: ModelSpec, boxes: dict[str, Box
     """The boxes to read (default: every parameter whole), less a value head the checkpoint
     lacks when ``fresh_head``; raises :class:`ConfigError` naming every missing or misshapen
     tensor."""
+    refuse_family(path, model)
     wanted = boxes if boxes is not None else full_boxes(model)
     if fresh_head and model.head == "value" and not any(n in index for n in VALUE_HEAD_NAMES):
         wanted = {n: b for n, b in wanted.items() if n != "value_head.weight"}
@@ -65,6 +66,19 @@ def wanted_boxes(path: Path, index: dict, model: ModelSpec, boxes: dict[str, Box
     if problems:
         raise ConfigError(f"checkpoint {str(path)!r}: " + "; ".join(problems))
     return wanted
+
+
+LOADABLE_FAMILIES = ("llama", "qwen2")
+
+
+def refuse_family(path: Path, model: ModelSpec) -> None:
+    """GPT-2, OPT and GPT-NeoX checkpoints name and lay out their tensors differently (fused
+    q/k/v, Conv1D weights, OPT's offset position rows); reading them is not supported, so they
+    are refused rather than loaded wrongly."""
+    if model.family not in LOADABLE_FAMILIES:
+        raise ConfigError(f"checkpoint {str(path)!r}: loading {model.family} weights is not supported "
+                          f"(only {', '.join(LOADABLE_FAMILIES)} checkpoints); give the config alone to "
+                          "start the model from seeded weights")
 
 
 def found_name(name: str, index: dict) -> str | None:

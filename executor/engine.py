@@ -73,10 +73,13 @@ class TensorParallel:
     group: dist.ProcessGroup | None
     vocab_start: int  # first vocabulary row of this rank's embedding / head slice
 
-    def embed(self, params: M.Params, tokens: Tensor) -> Tensor:
+    def embed(self, params: M.Params, tokens: Tensor, start: int = 0) -> Tensor:
+        """Token embedding (summed over the vocabulary split), plus learned positions from
+        ``start`` (replicated: every rank adds the same rows after the all-reduce)."""
         if self.group is None:
-            return M.embed(params, tokens)
-        return vocab_parallel_embed(params["embed_tokens.weight"], tokens, self.vocab_start, self.group)
+            return M.embed(params, tokens, start)
+        x = vocab_parallel_embed(params["embed_tokens.weight"], tokens, self.vocab_start, self.group)
+        return M.add_positions(params, x, start)
 
     def final(self, params: M.Params, x: Tensor) -> Tensor:
         """Logits over the full vocabulary (B, T, V), or values (B, T)."""
@@ -147,7 +150,7 @@ class Engine:
     def _stage(self, inp: Tensor, start: int, cache: M.KVCache | None, last_position: bool = False) -> Tensor:
         """This stage's blocks; on the last stage also the head, on the last position only when
         ``last_position`` (generation needs no logits for the prompt's other positions)."""
-        x = self.tensor.embed(self.params, inp) if self.first else inp
+        x = self.tensor.embed(self.params, inp, start) if self.first else inp
         ctx = M.context(self.model, start, x.shape[1], x.dtype, x.device, cache, self.tensor.hooks)
         x = M.blocks(self.params, self.layers, x, ctx)
         if not self.last:

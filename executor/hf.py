@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from estimator.errors import ConfigError
 from estimator.models import ModelSpec, from_hf_config
 from estimator.sharding import Box
 from executor.checkpoint import (
@@ -63,7 +64,10 @@ def save_hf(path: str | Path, model: ModelSpec, params: Params) -> None:
 
 def hf_config(model: ModelSpec) -> dict:
     """A ``config.json`` that :func:`estimator.models.from_hf_config` reads back as ``model``
-    (up to the head kind, which configs do not carry)."""
+    (up to the head kind, which configs do not carry); LLaMA and Qwen2 architectures only."""
+    if model.family not in ("llama", "qwen2"):
+        raise ConfigError(f"model {model.name!r}: writing a {model.family} checkpoint is not supported "
+                          "(LLaMA-style configs only)")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

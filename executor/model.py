@@ -1,13 +1,20 @@
 """The decoder as plain torch functions over an explicit parameter dict.
 
 LLaMA architecture (RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query causal attention)
-with an LM head or a scalar value head. Parameters are a ``dict[str, Tensor]`` keyed by the
-names of :func:`estimator.sharding.param_inventory`, so one set of functions runs both the
-full model and a tensor-parallel shard: head counts and widths are read from the tensors'
-shapes (a shard of ``tp`` has ``heads/tp`` query heads, ``kv_heads/tp`` key/value heads and
-``ffn/tp`` MLP width). There is no parallel code here: the engine passes :class:`TPHooks` that
+with an LM head or a scalar value head, and the GPT-style variants :class:`ModelSpec` names:
+LayerNorm (weight and bias), a two-matrix GELU or ReLU MLP (GELU in its tanh approximation,
+GPT-2's ``gelu_new``, for every GELU model — GPT-NeoX's exact GELU differs from it by less
+than 1e-3), biases on every linear layer, a learned position table added to the token
+embedding, GPT-NeoX's parallel residual and rotary embeddings on a fraction of each head.
+
+Parameters are a ``dict[str, Tensor]`` keyed by the names of
+:func:`estimator.sharding.param_inventory`, so one set of functions runs both the full model
+and a tensor-parallel shard: head counts and widths are read from the tensors' shapes (a
+shard of ``tp`` has ``heads/tp`` query heads, ``kv_heads/tp`` key/value heads and ``ffn/tp``
+MLP width). There is no parallel code here: the engine passes :class:`TPHooks` that
 wrap the column-parallel inputs and row-parallel outputs of each sub-layer, and handles the
-vocab-parallel embedding and head itself.
+vocab-parallel embedding and head itself. A row-parallel projection's bias is added after the
+``exit`` hook (once, not once per shard).
 """
 
 from __future__ import annotations
@@ -110,6 +117,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * xf.to(x.dtype)
 
 
+def norm(params: Params, name: str, x: Tensor, model: ModelSpec) -> Tensor:
+    """The norm ``name`` (``layers.0.input_layernorm``, ``norm``) of ``model``'s kind."""
+    if model.norm == "layernorm":
+        return F.layer_norm(x, (x.shape[-1],), params[name + ".weight"], params[name + ".bias"], model.norm_eps)
+    return rms_norm(x, params[name + ".weight"], model.norm_eps)
+
+
 def rotary(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos and sin for ``positions`` (T,), each (T, head_dim) in the rotate-half layout of
     Hugging Face LLaMA checkpoints."""
@@ -128,6 +142,19 @@ def _rotate_half(x: Tensor) -> Tensor:
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: (B, nh, T, hs); cos, sin: (T, hs)."""
     return x * cos + _rotate_half(x) * sin
+
+
+def apply_partial_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary on the first ``rot = cos.shape[-1]`` dimensions of each head, the rest passed
+    through (GPT-NeoX's ``rotary_pct``); x: (B, nh, T, hs); cos, sin: (T, rot)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return apply_rotary(x, cos, sin)
+    # A copy whose first rot dimensions are overwritten, rather than a concatenation with the
+    # pass-through slice: every tensor is rot or hs wide, so the op census stays a monomial.
+    out = x.clone()  # (B, nh, T, hs)
+    out[..., :rot] = apply_rotary(x[..., :rot], cos, sin)
+    return out
 
 
 class KVCache:
@@ -162,21 +189,31 @@ class Context:
 
     model: ModelSpec
     start: int  # position of the first token of this pass
-    cos: Tensor  # (T, hs)
-    sin: Tensor  # (T, hs)
+    cos: Tensor | None  # (T, rotary_dim); None for learned positions
+    sin: Tensor | None  # (T, rotary_dim)
     cache: KVCache | None = None
     hooks: TPHooks = field(default_factory=TPHooks)
 
 
 def context(model: ModelSpec, start: int, length: int, dtype: torch.dtype, device: torch.device,
             cache: KVCache | None = None, hooks: TPHooks = NO_TP) -> Context:
+    if model.positions == "learned":  # added to the embedding instead (see embed)
+        return Context(model, start, None, None, cache, hooks)
     positions = torch.arange(start, start + length, device=device)
-    cos, sin = rotary(positions, model.head_dim, model.rope_theta, dtype)
+    cos, sin = rotary(positions, model.rotary_dim, model.rope_theta, dtype)
     return Context(model, start, cos, sin, cache, hooks)
 
 
 def _linear(params: Params, name: str, x: Tensor) -> Tensor:
     return F.linear(x, params[name + ".weight"], params.get(name + ".bias"))
+
+
+def _row_linear(params: Params, name: str, x: Tensor, hooks: TPHooks) -> Tensor:
+    """A row-parallel projection: partial products summed by ``hooks.exit``, then the
+    (replicated) bias once."""
+    out = hooks.exit(F.linear(x, params[name + ".weight"]))
+    bias = params.get(name + ".bias")
+    return out if bias is None else out + bias
 
 
 def attention(params: Params, layer: int, x: Tensor, ctx: Context) -> Tensor:
@@ -188,7 +225,8 @@ def attention(params: Params, layer: int, x: Tensor, ctx: Context) -> Tensor:
     q = _linear(params, p + "q_proj", x).view(b, t, -1, hs).transpose(1, 2)  # (B, nh, T, hs)
     k = _linear(params, p + "k_proj", x).view(b, t, -1, hs).transpose(1, 2)  # (B, g, T, hs)
     v = _linear(params, p + "v_proj", x).view(b, t, -1, hs).transpose(1, 2)  # (B, g, T, hs)
-    q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+    if ctx.cos is not None:
+        q, k = apply_partial_rotary(q, ctx.cos, ctx.sin), apply_partial_rotary(k, ctx.cos, ctx.sin)
     if ctx.cache is not None:
         k, v = ctx.cache.update(layer, ctx.start, k, v)  # (B, g, S, hs), S = start + T
     mask, causal = _causal_mask(ctx.start, t, x.device), ctx.start == 0 and t > 1
@@ -200,7 +238,7 @@ def attention(params: Params, layer: int, x: Tensor, ctx: Context) -> Tensor:
         v = v.repeat_interleave(groups, dim=1)  # (B, nh, S, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, nh·hs)
-    return ctx.hooks.exit(_linear(params, p + "o_proj", y))
+    return _row_linear(params, p + "o_proj", y, ctx.hooks)
 
 
 def _causal_mask(start: int, t: int, device: torch.device) -> Tensor | None:
@@ -212,25 +250,51 @@ def _causal_mask(start: int, t: int, device: torch.device) -> Tensor | None:
     return keys[None, :] <= queries[:, None]  # (T, S)
 
 
+def _gelu(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")  # GPT-2's gelu_new
+
+
+ACTIVATIONS = {"gelu": _gelu, "relu": F.relu}
+
+
 def mlp(params: Params, layer: int, x: Tensor, ctx: Context) -> Tensor:
-    """SwiGLU: down(silu(gate(x)) · up(x)); x: (B, T, C) normed input."""
+    """SwiGLU: down(silu(gate(x)) · up(x)); GELU / ReLU: down(act(up(x))); x: (B, T, C) normed input."""
     p = f"layers.{layer}.mlp."
     x = ctx.hooks.enter(x)
-    inner = F.silu(_linear(params, p + "gate_proj", x)) * _linear(params, p + "up_proj", x)
-    return ctx.hooks.exit(_linear(params, p + "down_proj", inner))
+    if ctx.model.mlp == "swiglu":
+        inner = F.silu(_linear(params, p + "gate_proj", x)) * _linear(params, p + "up_proj", x)
+    else:
+        inner = ACTIVATIONS[ctx.model.mlp](_linear(params, p + "up_proj", x))  # (B, T, f)
+    return _row_linear(params, p + "down_proj", inner, ctx.hooks)
 
 
 def block(params: Params, layer: int, x: Tensor, ctx: Context) -> Tensor:
-    """One pre-norm transformer block; x: (B, T, C) residual stream."""
+    """One pre-norm transformer block; x: (B, T, C) residual stream. With a parallel residual
+    (GPT-NeoX) attention and MLP both read the block input: ``x + attn(ln1(x)) + mlp(ln2(x))``."""
     p = f"layers.{layer}."
-    eps = ctx.model.norm_eps
-    x = x + attention(params, layer, rms_norm(x, params[p + "input_layernorm.weight"], eps), ctx)
-    return x + mlp(params, layer, rms_norm(x, params[p + "post_attention_layernorm.weight"], eps), ctx)
+    m = ctx.model
+    attn = attention(params, layer, norm(params, p + "input_layernorm", x, m), ctx)
+    if m.parallel_residual:
+        return x + attn + mlp(params, layer, norm(params, p + "post_attention_layernorm", x, m), ctx)
+    x = x + attn
+    return x + mlp(params, layer, norm(params, p + "post_attention_layernorm", x, m), ctx)
 
 
-def embed(params: Params, tokens: Tensor) -> Tensor:
-    """tokens (B, T) → (B, T, C)."""
-    return F.embedding(tokens, params["embed_tokens.weight"])
+def add_positions(params: Params, x: Tensor, start: int) -> Tensor:
+    """x (B, T, C) plus rows ``start..start+T`` of the learned position table, when the model
+    has one (its first pipeline stage holds it whole); x unchanged otherwise."""
+    table = params.get("embed_positions.weight")
+    if table is None:
+        return x
+    t = x.shape[1]
+    if start + t > table.shape[0]:
+        raise ValueError(f"position {start + t - 1} is beyond the learned table of {table.shape[0]} positions")
+    return x + table[start:start + t]  # (B, T, C) + (T, C)
+
+
+def embed(params: Params, tokens: Tensor, start: int = 0) -> Tensor:
+    """tokens (B, T) at positions ``start..start+T`` → (B, T, C)."""
+    return add_positions(params, F.embedding(tokens, params["embed_tokens.weight"]), start)
 
 
 def head_weight_name(model: ModelSpec) -> str:
@@ -240,7 +304,7 @@ def head_weight_name(model: ModelSpec) -> str:
 
 
 def final_norm(params: Params, x: Tensor, model: ModelSpec) -> Tensor:
-    return rms_norm(x, params["norm.weight"], model.norm_eps)
+    return norm(params, "norm", x, model)
 
 
 def head(params: Params, x: Tensor, model: ModelSpec) -> Tensor:
@@ -265,7 +329,7 @@ def forward(params: Params, model: ModelSpec, tokens: Tensor, cache: KVCache | N
             start: int = 0, last_position: bool = False) -> Tensor:
     """The full, unsharded model: tokens (B, T) → logits (B, T, V) or values (B, T); with
     ``last_position``, those of the last position only (B, 1, V) or (B, 1)."""
-    x = embed(params, tokens)
+    x = embed(params, tokens, start)
     ctx = context(model, start, tokens.shape[1], x.dtype, x.device, cache)
     x = blocks(params, range(model.layers), x, ctx)
     return final(params, x[:, -1:] if last_position else x, model)

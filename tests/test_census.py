@@ -4,6 +4,7 @@ ops.py's FLOP formulas against torch's counter."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import pytest
@@ -12,8 +13,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from calibration import census as C
 from calibration.opcount import OpRecorder, check_against, monomial, symbolic, totals
-from estimator.census import block_piece, load_census, model_symbols, piece_work
+from estimator.census import (
+    BLOCK_VARIANTS,
+    block_piece,
+    block_variant,
+    end_piece,
+    load_census,
+    model_symbols,
+    piece_work,
+)
 from estimator.cluster import DeviceMesh
+from estimator.errors import ConfigError
 from estimator.models import PRESETS, ModelSpec
 from estimator.ops import head_flops_per_token, projection_flops_per_token
 from estimator.plan import Layout
@@ -22,9 +32,15 @@ from executor import model as M
 TINY = PRESETS["tiny-2l-128h"]  # multi-head attention, untied
 GQA = ModelSpec("gqa", 2, 256, 384, 8, 2, 96)  # four query heads per K/V head
 TIED = ModelSpec("tied", 2, 128, 256, 4, 4, 80, tied_embeddings=True, qkv_bias=True)
-# representative pieces: tp hooks, KV cache, backward, vocab-parallel ends, sampler, loss, Adam
+GPT = PRESETS["tiny-gpt-2l-128h"]  # LayerNorm, GELU, learned positions, biases, tied
+OPT = dataclasses.replace(GPT, name="tiny-opt", mlp="relu", tied_embeddings=False)
+NEOX = PRESETS["tiny-neox-2l-128h"]  # parallel residual, rotary on a quarter of each head
+# representative pieces: tp hooks, KV cache, backward, vocab-parallel ends, sampler, loss, Adam,
+# and the GPT-style blocks and ends
 CHECKED = ["block_forward@tp", "block_decode", "block_backward+bias", "embed@tp", "head_lm@tp",
-           "head_lm_backward@tp", "sample", "loss_ppo_actor_backward", "optimizer_3", "dp_allreduce_3"]
+           "head_lm_backward@tp", "sample", "loss_ppo_actor_backward", "optimizer_3", "dp_allreduce_3",
+           "block_backward@tp+layernorm+gelu+biases+learned", "block_decode+layernorm+gelu+biases+partial+parallel",
+           "embed_backward@tp+learned", "head_value_backward+layernorm"]
 
 
 def test_committed_census_is_current_with_the_executor():
@@ -98,7 +114,7 @@ def _census(name: str, model: ModelSpec, tp: int, **sym) -> tuple[float, float, 
     return (float(w.count.sum()), float((w.count * w.flops).sum()), float((w.count * w.bytes).sum()))
 
 
-@pytest.mark.parametrize("model", [TINY, GQA, TIED], ids=lambda m: m.name)
+@pytest.mark.parametrize("model", [TINY, GQA, TIED, GPT, OPT, NEOX], ids=lambda m: m.name)
 def test_census_is_exact_at_real_model_shapes(model):
     """The census, recorded at prime dimensions, predicts the ops, FLOPs and bytes of the
     executor's block at a real model's shapes (a tp=2 shard: its local heads and widths)."""
@@ -119,7 +135,7 @@ def test_census_is_exact_at_real_model_shapes(model):
         assert got == pytest.approx(_census(block_piece("decode", model, 1), model, tp, rows=b, kv_len=s + 1))
 
 
-@pytest.mark.parametrize("model", [TINY, GQA, TIED], ids=lambda m: m.name)
+@pytest.mark.parametrize("model", [TINY, GQA, TIED, GPT, OPT, NEOX], ids=lambda m: m.name)
 @pytest.mark.parametrize("tp", [1, 2])
 def test_ops_flop_formulas_match_the_flop_counter(model, tp):
     """ops.py's projection and head FLOPs are what FlopCounterMode counts for the executor's
@@ -138,3 +154,40 @@ def test_ops_flop_formulas_match_the_flop_counter(model, tp):
     census = _census(block_piece("forward", model, tp), model, tp, rows=b, tokens=s)[1]
     attention = 4 * model.hidden / tp * b * s * s
     assert census == pytest.approx(b * s * projection_flops_per_token(model) / tp + attention, rel=1e-12)
+
+
+def test_each_recorded_variant_is_the_tag_of_its_fields():
+    for tag, fields in BLOCK_VARIANTS.items():
+        extra = {"max_positions": 8} if fields.get("positions") == "learned" else {}
+        spec = ModelSpec("v", 1, 64, 64, 2, 2, 16, **fields, **extra)
+        assert block_variant(spec) == tag
+        assert block_piece("backward", spec, 2) in load_census().dtypes["float32"]
+    assert end_piece("embed", 2, GPT) == "embed@tp+learned" and end_piece("head_lm", 1, GPT) == "head_lm+layernorm"
+    assert end_piece("embed", 1, TINY) == "embed" and block_piece("forward", TIED, 1) == "block_forward+bias"
+    lone = dataclasses.replace(TINY, name="lone", norm="layernorm")  # a combination no family has
+    with pytest.raises(ConfigError, match="model 'lone': the op census records no block with norm='layernorm'"):
+        block_piece("forward", lone, 1)
+
+
+@pytest.mark.parametrize("model", [GPT, NEOX], ids=lambda m: m.name)
+def test_gpt_style_ends_and_backward_are_exact_at_real_shapes(model):
+    """The embedding with learned positions, the LayerNorm head and a GPT-style block's
+    backward, recorded at prime shapes, predict the executor at a real model's shapes."""
+    from executor.engine import TensorParallel
+
+    b, s = 2, 7
+    params = {n: p.requires_grad_(True) for n, p in M.init_params(model, 0).items()}
+    ends = TensorParallel(model, None, 0)
+    tokens = torch.randint(0, model.vocab, (b, s))
+    got = _recorded(torch.no_grad()(functools.partial(ends.embed, params, tokens, 3)))
+    assert got == pytest.approx(_census(end_piece("embed", 1, model), model, 1, rows=b, tokens=s))
+    x = torch.randn(b, s, model.hidden, requires_grad=True)
+    out = ends.final(params, x)
+    grad = torch.randn_like(out)
+    got = _recorded(functools.partial(torch.autograd.backward, out, grad))
+    assert got == pytest.approx(_census(end_piece("head_lm_backward", 1, model), model, 1, rows=b, tokens=s))
+    x = x.detach().requires_grad_(True)  # no gradient to accumulate into
+    out = M.block(params, 0, x, M.context(model, 0, s, torch.float32, torch.device("cpu")))
+    grad = torch.randn_like(out)
+    got = _recorded(functools.partial(torch.autograd.backward, out, grad))
+    assert got == pytest.approx(_census(block_piece("backward", model, 1), model, 1, rows=b, tokens=s))

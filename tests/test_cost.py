@@ -33,6 +33,8 @@ from tests.synthetic import linear_profile, linear_profile_dict
 
 TINY = PRESETS["tiny-2l-128h"]
 TIED = ModelSpec("tied", 3, 64, 128, 4, 2, 64, tied_embeddings=True, qkv_bias=True)
+GPT = PRESETS["tiny-gpt-2l-128h"]  # LayerNorm, GELU, learned positions, biases, tied
+NEOX = PRESETS["tiny-neox-2l-128h"].as_value_model()  # parallel residual, partial rotary
 
 
 def test_forward_stage_on_a_linear_profile_is_census_flops_over_peak():
@@ -75,7 +77,7 @@ def test_tp_communication_counts_two_allreduces_per_layer():
 
 
 def test_stage_params_match_the_shards():
-    for model in (TINY, TIED, PRESETS["tiny-4l-256h"].as_value_model()):
+    for model in (TINY, TIED, PRESETS["tiny-4l-256h"].as_value_model(), GPT, NEOX):
         for tp in (1, 2):
             for pp in (1, 2):
                 lay = Layout(DeviceMesh(0, tp * pp), 1, tp, pp)
@@ -102,7 +104,8 @@ def _layouts(cluster: Cluster, model: ModelSpec) -> list[Layout]:
     return out
 
 
-@pytest.mark.parametrize("model", [TINY, TIED, PRESETS["tiny-4l-256h"].as_value_model()], ids=lambda m: m.name)
+@pytest.mark.parametrize("model", [TINY, TIED, PRESETS["tiny-4l-256h"].as_value_model(), GPT],
+                         ids=lambda m: m.name)
 def test_fast_realloc_matches_realloc_plan_exactly(model):
     cluster = Cluster(2, 4, "cpu")
     lays = _layouts(cluster, model)

@@ -145,3 +145,12 @@ def test_cli_plan_tp_not_dividing_heads_exit_2(tmp_path):
     r = _cli(str(_write(tmp_path, tiny3, "tiny3.yaml")), "--plan", str(plan))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "call ref_inf: tp=3 must divide heads=8" in r.stderr
+
+
+def test_learned_positions_bound_prompt_and_generation(tmp_path):
+    data = GOOD | {"models": {r: "tiny-gpt-2l-128h" for r in ("actor", "critic", "ref", "reward")},
+                   "prompt_len": 40, "gen_len": 24}
+    assert load_experiment(_write(tmp_path, data)).models["actor"].max_positions == 64
+    with pytest.raises(ConfigError, match=r"models.actor: prompt_len \+ gen_len = 65 tokens exceeds model "
+                                          r"'tiny-gpt-2l-128h''s max_positions=64"):
+        load_experiment(_write(tmp_path, data | {"gen_len": 25}, "long.yaml"))

@@ -3,6 +3,7 @@ causality, KV-cache consistency, and Hugging Face checkpoint loading."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,7 +13,7 @@ from safetensors.torch import save_file
 
 from estimator.cluster import DeviceMesh
 from estimator.errors import ConfigError
-from estimator.models import ModelSpec
+from estimator.models import PRESETS, ModelSpec
 from estimator.plan import Layout
 from estimator.sharding import param_inventory, shard
 from executor import model as M
@@ -206,3 +207,91 @@ def test_load_names_missing_and_misshapen_tensors(tmp_path):
     (tmp_path / "c" / "config.json").write_text(json.dumps(hf_config(TINY)))
     with pytest.raises(ConfigError, match="no \\*.safetensors"):
         load_hf(tmp_path / "c")
+
+
+# ---- GPT-style families -------------------------------------------------------------------------
+
+GPT = PRESETS["tiny-gpt-2l-128h"]  # LayerNorm, GELU, learned positions, biases, tied head
+NEOX = PRESETS["tiny-neox-2l-128h"]  # parallel residual, rotary on a quarter of each head
+OPT = dataclasses.replace(GPT, name="tiny-opt", mlp="relu")
+
+
+def _naive_gpt_forward(p: dict, model: ModelSpec, tokens: torch.Tensor) -> torch.Tensor:
+    """GPT-2 / OPT / GPT-NeoX blocks written out: explicit LayerNorm statistics, GELU's tanh
+    formula, per-head loops; independent of executor.model."""
+    hs, rot, eps = model.head_dim, model.rotary_dim, model.norm_eps
+    b, t = tokens.shape
+
+    def ln(x, name):
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + eps) * p[name + ".weight"] + p[name + ".bias"]
+
+    def act(x):
+        if model.mlp == "relu":
+            return torch.clamp(x, min=0)
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+    def rope(x):  # rotate pairs (i, i + rot/2) of the first rot dimensions
+        out = x.clone()
+        for i in range(rot // 2):
+            ang = torch.arange(t, dtype=F64) / model.rope_theta ** (2 * i / rot)
+            a, c = x[..., i], x[..., i + rot // 2]
+            out[..., i] = a * torch.cos(ang) - c * torch.sin(ang)
+            out[..., i + rot // 2] = c * torch.cos(ang) + a * torch.sin(ang)
+        return out
+
+    def lin(x, name):
+        return x @ p[name + ".weight"].T + p[name + ".bias"]
+
+    x = p["embed_tokens.weight"][tokens]
+    if model.positions == "learned":
+        x = x + p["embed_positions.weight"][:t]
+    mask = torch.full((t, t), -math.inf, dtype=F64).triu(1)
+    for layer in range(model.layers):
+        pre = f"layers.{layer}."
+        h = ln(x, pre + "input_layernorm")
+        q, k, v = (lin(h, pre + f"self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj"))
+        heads = []
+        for j in range(model.heads):
+            qj, kj, vj = (z[..., j * hs:(j + 1) * hs] for z in (q, k, v))
+            if model.positions == "rotary":
+                qj, kj = rope(qj), rope(kj)
+            heads.append(torch.softmax(qj @ kj.transpose(1, 2) / math.sqrt(hs) + mask, dim=-1) @ vj)
+        attn = lin(torch.cat(heads, -1), pre + "self_attn.o_proj")
+        mlp_in = x if model.parallel_residual else x + attn
+        mlp = lin(act(lin(ln(mlp_in, pre + "post_attention_layernorm"), pre + "mlp.up_proj")), pre + "mlp.down_proj")
+        x = mlp_in + mlp + (attn if model.parallel_residual else 0)
+    head = p["embed_tokens.weight"] if model.tied_embeddings else p["lm_head.weight"]
+    return ln(x, "norm") @ head.T
+
+
+@pytest.mark.parametrize("model", [GPT, OPT, NEOX], ids=lambda m: m.name)
+def test_gpt_style_forward_matches_naive_reference(model):
+    params = M.init_params(model, 0, F64)
+    assert ("embed_positions.weight" in params) == (model.positions == "learned")
+    assert {"norm.bias", "layers.0.mlp.down_proj.bias"} <= set(params) and "layers.0.mlp.gate_proj.weight" not in params
+    tokens = _tokens(2, 9, model.vocab)
+    torch.testing.assert_close(M.forward(params, model, tokens), _naive_gpt_forward(params, model, tokens),
+                               rtol=0, atol=1e-12)
+    cache = M.KVCache(9)  # incremental decoding adds the positions it is at
+    chunks = [M.forward(params, model, tokens[:, lo:hi], cache, lo) for lo, hi in ((0, 5), (5, 6), (6, 9))]
+    torch.testing.assert_close(torch.cat(chunks, 1), M.forward(params, model, tokens), rtol=0, atol=1e-12)
+
+
+def test_learned_positions_beyond_the_table_are_refused():
+    params = M.init_params(GPT, 0, F64)
+    with pytest.raises(ValueError, match="beyond the learned table of 64 positions"):
+        M.forward(params, GPT, _tokens(1, 65, GPT.vocab))
+
+
+def test_gpt_family_checkpoints_are_refused_not_loaded(tmp_path):
+    spec = GPT
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": spec.hidden, "n_layer": 2,
+                                                      "n_head": 4, "n_positions": 64, "vocab_size": spec.vocab,
+                                                      "n_inner": spec.ffn}))
+    save_file({"wte.weight": torch.zeros(spec.vocab, spec.hidden)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConfigError, match="loading gpt2 weights is not supported"):
+        load_hf(tmp_path)
+    with pytest.raises(ConfigError, match="writing a gpt2 checkpoint is not supported"):
+        hf_config(spec)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from estimator.errors import ConfigError
 from estimator.models import PRESETS, ModelSpec, from_hf_config, get_model
+from tests.conftest import ROOT
 
 PUBLISHED = {  # billions, from the Hugging Face model cards' parameter counts
     "llama2-7b": 6.738, "llama2-13b": 13.016, "codellama-34b": 33.744, "llama2-70b": 68.977,
@@ -74,9 +76,12 @@ def test_from_hf_config_mistral_without_kv_key(tmp_path):
 
 
 def test_from_hf_config_rejects_unknown_architecture(tmp_path):
-    cfg = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
-    with pytest.raises(ConfigError, match="unsupported architecture.*GPT2LMHeadModel"):
+    cfg = {"architectures": ["BloomForCausalLM"], "model_type": "bloom"}
+    with pytest.raises(ConfigError, match="unsupported architecture.*BloomForCausalLM.*model_type='bloom'"):
         from_hf_config(_write(tmp_path, cfg))
+    (tmp_path / "t").mkdir()
+    with pytest.raises(ConfigError, match="model_type='falcon'"):
+        from_hf_config(_write(tmp_path / "t", {"model_type": "falcon"}))
 
 
 def test_from_hf_config_missing_keys_and_files(tmp_path):
@@ -89,3 +94,95 @@ def test_from_hf_config_missing_keys_and_files(tmp_path):
 def test_get_model_unknown_preset_lists_known():
     with pytest.raises(ConfigError, match="unknown model preset 'llama9-1b'.*llama2-7b"):
         get_model("llama9-1b")
+
+
+# ---- GPT-style families -------------------------------------------------------------------------
+
+FIXTURES = ROOT / "tests" / "fixtures" / "hf-configs"
+# Exact counts: sum of p.numel() over Hugging Face transformers' OPTForCausalLM / GPT2LMHeadModel
+# built on the meta device at each published config (the tied head counted once); OPT's nominal
+# sizes are the paper's rounded figures (Zhang et al. 2022, arXiv 2205.01068, Table 1).
+HF_COUNTS = {
+    "opt-125m": (125_239_296, 0.125), "opt-1.3b": (1_315_758_080, 1.3), "opt-2.7b": (2_651_596_800, 2.7),
+    "opt-6.7b": (6_658_473_984, 6.7), "opt-13b": (12_853_473_280, 13.0), "opt-30b": (29_974_540_288, 30.0),
+    "opt-66b": (65_719_701_504, 66.0), "gpt2": (124_439_808, 0.124), "gpt2-medium": (354_823_168, 0.355),
+    "gpt2-large": (774_030_080, 0.774), "gpt2-xl": (1_557_611_200, 1.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HF_COUNTS))
+def test_gpt_style_presets_count_what_hugging_face_counts(name):
+    exact, nominal = HF_COUNTS[name]
+    assert PRESETS[name].params == exact
+    # the paper's sizes are rounded to two digits: 1.3B is 1.316B (1.2 % above), 13B 12.85B
+    assert PRESETS[name].params / 1e9 == pytest.approx(nominal, rel=0.04)
+
+
+def test_gpt_style_parameter_formula_by_hand():
+    m = ModelSpec("g", layers=2, hidden=8, ffn=32, heads=2, kv_heads=2, vocab=10, norm="layernorm", mlp="gelu",
+                  positions="learned", max_positions=6, bias=True, tied_embeddings=True)
+    # per layer: q/k/v/o 4·64 + their biases 4·8 + fc1 256 + 32 + fc2 256 + 8 + two LayerNorms 2·16 = 872
+    assert m.params_per_layer == 872
+    assert m.replicated_params_per_layer == 2 * 16 + 2 * 8  # norms, o_proj and fc2 biases
+    assert m.embedding_params == 10 * 8 + 6 * 8
+    assert m.params == 2 * 872 + 16 + 10 * 8 + 6 * 8  # + final LayerNorm, tied head
+    swiglu = dataclasses.replace(m, mlp="swiglu")  # gate and up biases of width ffn, down's of width h
+    assert swiglu.params_per_layer == 872 + 256 + 32
+    assert dataclasses.replace(m, bias=False, norm="rmsnorm").params_per_layer == 256 + 512 + 16
+    neox = dataclasses.replace(m, positions="rotary", max_positions=0, parallel_residual=True, rotary_fraction=0.5)
+    assert neox.params == m.params - 6 * 8 and neox.rotary_dim == 2
+
+
+def test_gpt_style_fields_name_every_bad_value():
+    base = dict(name="bad", layers=1, hidden=8, ffn=4, heads=2, kv_heads=2, vocab=5)
+    cases = [({"norm": "batchnorm"}, "norm='batchnorm' must be one of"),
+             ({"mlp": "geglu"}, "mlp='geglu' must be one of"),
+             ({"positions": "alibi"}, "positions='alibi' must be one of"),
+             ({"positions": "learned"}, "max_positions=0 must be at least 1 with positions='learned'"),
+             ({"max_positions": -1}, "max_positions=-1"),
+             ({"rotary_fraction": 0.0}, "rotary_fraction=0.0 must be positive"),
+             ({"rotary_fraction": 1.5}, "rotary_fraction=1.5 exceeds"),
+             ({"rotary_fraction": 0.25}, r"rotary_dim=1 \(head_dim=4 × rotary_fraction=0.25\) must be even"),
+             ({"positions": "learned", "max_positions": 8, "rotary_fraction": 0.5}, "needs positions='rotary'"),
+             ({"bias": 1}, "bias=1 must be true or false"),
+             ({"parallel_residual": "yes"}, "parallel_residual='yes' must be true or false")]
+    for fields, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            ModelSpec(**(base | fields))
+    odd = ModelSpec("ok", 1, 6, 4, 2, 2, 5, positions="learned", max_positions=4)  # no rotary: odd heads fine
+    assert odd.head_dim == 3
+
+
+def test_from_hf_config_reads_published_gpt2_opt_and_pythia_configs():
+    """Configs of https://huggingface.co/openai-community/gpt2, https://huggingface.co/facebook/opt-125m
+    and https://huggingface.co/EleutherAI/pythia-160m (162,322,944 parameters in Pythia's table)."""
+    gpt2 = from_hf_config(FIXTURES / "gpt2")
+    assert gpt2 == dataclasses.replace(PRESETS["gpt2"], name="gpt2")
+    opt = from_hf_config(FIXTURES / "opt-125m" / "config.json")
+    assert opt == dataclasses.replace(PRESETS["opt-125m"], name="opt-125m")
+    assert opt.max_positions == 2050 and opt.mlp == "relu" and opt.tied_embeddings
+    pythia = from_hf_config(FIXTURES / "pythia-160m")
+    assert pythia.params == 162_322_944
+    assert (pythia.parallel_residual, pythia.rotary_dim, pythia.tied_embeddings, pythia.bias) == (True, 16, False, True)
+
+
+def test_from_hf_config_gpt_style_keys(tmp_path):
+    gpt2 = json.loads((FIXTURES / "gpt2" / "config.json").read_text())
+    assert from_hf_config(_write(tmp_path, gpt2 | {"n_inner": 1000})).ffn == 1000
+    for i, (cfg, match) in enumerate([
+        ({k: v for k, v in gpt2.items() if k != "n_positions"}, r"lacks keys \['n_positions'\]"),
+        (gpt2 | {"activation_function": "swish"}, "activation_function='swish' is not supported"),
+        (json.loads((FIXTURES / "opt-350m" / "config.json").read_text()), "word_embed_proj_dim=512 differs"),
+        (json.loads((FIXTURES / "opt-125m" / "config.json").read_text()) | {"do_layer_norm_before": False},
+         "do_layer_norm_before=false"),
+        ({k: v for k, v in json.loads((FIXTURES / "pythia-160m" / "config.json").read_text()).items()
+          if k != "rotary_pct"}, r"lacks keys \['rotary_pct'\]"),
+    ]):
+        (tmp_path / str(i)).mkdir()
+        with pytest.raises(ConfigError, match=match):
+            from_hf_config(_write(tmp_path / str(i), cfg))
+    neox = json.loads((FIXTURES / "pythia-160m" / "config.json").read_text()) | {"use_parallel_residual": False,
+                                                                               "rotary_pct": 1.0}
+    (tmp_path / "n").mkdir()
+    spec = from_hf_config(_write(tmp_path / "n", neox))
+    assert not spec.parallel_residual and spec.rotary_dim == spec.head_dim

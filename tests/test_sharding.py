@@ -36,10 +36,13 @@ def models(draw) -> ModelSpec:
     heads = kv * draw(st.sampled_from([1, 2]))
     head_dim = draw(st.sampled_from([2, 4]))
     head = draw(st.sampled_from(["lm", "value"]))
+    learned = draw(st.booleans())
     return ModelSpec(
         "m", draw(st.integers(1, 4)), heads * head_dim, 4 * draw(st.integers(1, 4)), heads, kv,
         4 * draw(st.integers(1, 4)), head=head, tied_embeddings=head == "lm" and draw(st.booleans()),
-        qkv_bias=draw(st.booleans()))
+        qkv_bias=draw(st.booleans()), norm=draw(st.sampled_from(["rmsnorm", "layernorm"])),
+        mlp=draw(st.sampled_from(["swiglu", "gelu", "relu"])), bias=draw(st.booleans()),
+        positions="learned" if learned else "rotary", max_positions=draw(st.integers(1, 8)) if learned else 0)
 
 
 @st.composite
