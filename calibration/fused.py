@@ -33,10 +33,10 @@ backward is free (the gradient passes through).
 Variants are parameters (:func:`block_kernels`: ``norm_kind`` rms | layer, ``mlp`` swiglu |
 gelu, ``bias`` q/k/v bias, ``linear_bias`` every projection's, ``positions`` rope | learned;
 :func:`embed`: ``learned_positions``; :func:`head`: ``norm_kind``);
-the pieces written are those :func:`estimator.census.block_piece` names today (``+bias`` for a
-q/k/v bias). A LayerNorm / GELU / learned-position model's piece names are not yet part of
-``block_piece``: :data:`VARIANTS` (and :func:`pieces` for embed and head) is where they go once
-it has them.
+the pieces written are every block variant the executor's census records
+(:data:`estimator.census.BLOCK_VARIANTS`, named by :func:`estimator.census.block_piece`:
+LLaMA, Qwen2's q/k/v bias, GPT-2, OPT, GPT-NeoX), and the ``+learned`` embedding and
+``+layernorm`` head of GPT-style models.
 
 Usage::
 
@@ -51,7 +51,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from estimator.census import CENSUS_FORMAT, OP_SET_PATHS
+from estimator.census import BLOCK_VARIANTS, CENSUS_FORMAT, OP_SET_PATHS
 from estimator.errors import cli_guard
 from estimator.io import atomic_write_text
 
@@ -294,9 +294,21 @@ def optimizer(tensors: int) -> list[Kernel]:
 
 LOSSES = ("dpo_actor", "grpo_actor", "ppo_actor", "ppo_critic", "remax_actor", "rw_reward", "sft_actor")
 PHASES = ("forward", "prefill", "decode", "backward")
-# piece-name suffix → block_kernels arguments; GPT-style (layer norm, GELU) names join here once
-# estimator.census.block_piece names them
-VARIANTS = {"": {}, "+bias": {"bias": True}}
+
+
+def block_arguments(fields: dict) -> dict:
+    """:func:`block_kernels` arguments of a block variant given by its ModelSpec fields (an
+    :data:`estimator.census.BLOCK_VARIANTS` entry). A parallel residual and partial rotary
+    change no kernel's work here: the fused rotary kernel's traffic is the q/k rows either way,
+    and a parallel block still adds each branch's output once."""
+    return {"norm_kind": "layer" if fields.get("norm") == "layernorm" else "rms",
+            "mlp": fields.get("mlp", "swiglu"), "bias": bool(fields.get("qkv_bias", False)),
+            "linear_bias": bool(fields.get("bias", False)),
+            "positions": "learned" if fields.get("positions") == "learned" else "rope"}
+
+
+# piece-name suffix → block_kernels arguments: every block variant the executor's census records
+VARIANTS = {tag: block_arguments(fields) for tag, fields in BLOCK_VARIANTS.items()}
 
 
 def pieces() -> dict[str, list[Kernel]]:
@@ -309,9 +321,13 @@ def pieces() -> dict[str, list[Kernel]]:
     for tp in ("", "@tp"):
         out[f"embed{tp}"] = embed(bool(tp))
         out[f"embed_backward{tp}"] = embed(bool(tp), backward=True)
+        out[f"embed{tp}+learned"] = embed(bool(tp), learned_positions=True)
+        out[f"embed_backward{tp}+learned"] = embed(bool(tp), backward=True, learned_positions=True)
         for kind in ("lm", "value"):
             out[f"head_{kind}{tp}"] = head(kind)
             out[f"head_{kind}_backward{tp}"] = head(kind, backward=True)
+            out[f"head_{kind}{tp}+layernorm"] = head(kind, norm_kind="layer")
+            out[f"head_{kind}_backward{tp}+layernorm"] = head(kind, backward=True, norm_kind="layer")
     for name in LOSSES:
         out[f"loss_{name}"] = loss(name)
         out[f"loss_{name}_backward"] = loss(name, backward=True)
