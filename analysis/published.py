@@ -6,6 +6,9 @@ Usage::
         --out analysis/results/published/vtrain-single
     python -m analysis.published vtrain TABLE.csv --profile a100-80g --json
     python -m analysis.published make-profile --base a100-80g --name a100-vtrain
+    python -m analysis.published fit-profile analysis/data/vtrain/ground_truth_single.csv \
+        --base a100-vtrain --name a100-vtrain-fit --fit-layers 12,20
+    python -m analysis.published vtrain TABLE.csv --profile a100-vtrain-fit --held-out-layers 16,24
 
 ``vtrain`` reads a table in vTrain's column format (:mod:`analysis.vtrain`: vTrain, Bang et
 al., MICRO 2024, github.com/VIA-Research/vTrain) and predicts every row as one SFT train call of
@@ -20,6 +23,12 @@ prints the summary with every row. Rows predicted not to fit in memory are count
 never dropped: each of them ran. No constant is fitted to the rows: the profile is the only
 source of time. ``summary.model_features`` says which features of the model were honoured
 and which approximated.
+
+``fit-profile`` fits three numbers of a profile (:func:`fit_profile`: the host cost per op
+dispatched, a scale on the peak FLOP rate, the extra cost of a collective between computations)
+to the rows of the layer counts ``--fit-layers`` only — a disjoint part of the table, as a user
+would fit their own cluster's runs — and records in every fitted number's ``cite`` which rows it
+was fitted on; ``vtrain --held-out-layers`` then reports the other rows apart.
 
 ``make-profile`` writes the profile of vTrain's cluster (:func:`analysis.vtrain.vtrain_profile`):
 ``--base`` (default ``a100-80g``) with vTrain's stated 150 GB/s intra-node and 800 Gb/s per node
@@ -150,7 +159,10 @@ def render(summary: dict[str, Any]) -> str:
              f"Spearman {s['spearman']:.3f}   predicted/measured {s['mean_ratio']:.3f}   "
              f"within 10 %: {_pct(s['within_10pct'])}",
              f"predicted not to fit in memory: {s['not_fitting']} rows"
-             + (f" ({s['not_fitting_rows'][:20]})" if s["not_fitting"] else ""), "",
+             + (f" ({s['not_fitting_rows'][:20]})" if s["not_fitting"] else ""),
+             *[f"{name.replace('_', '-')} rows (layers {p['layers']}): n {p['n']}, MAPE {_pct(p['mape'])}, "
+               f"median {_pct(p['median_ape'])}, max {_pct(p['max_ape'])}, Spearman {p['spearman']:.3f}"
+               for name, p in s.get("parts", {}).items() if p["n"]], "",
              "busiest stage's share of the predicted time: " + ", ".join(
                  f"{k.removesuffix('_s')} {_pct(v)}" for k, v in s["predicted_share"].items()),
              "model features: " + "; ".join(f"{k}: {v}" for k, v in s["model_features"].items()), ""]
@@ -215,6 +227,103 @@ def make_profile(args: argparse.Namespace) -> int:
 
 
 
+FIT_TERMS = ("dispatch_s", "flops_scale", "collective_overhead_s")
+FIT_BOUNDS = ((1e-7, 0.05, 0.0), (1e-3, 1.5, 5e-4))  # per op host cost; peak × scale; extra per collective
+
+
+def fitted_doc(base: Profile, name: str, x: Any, cite: str) -> dict:
+    """``base``'s document with the three fitted numbers (:data:`FIT_TERMS`): the host cost
+    per op dispatched (autograd's and the backward's costs kept in the base's proportion), the
+    peak FLOP rate scaled, and the extra cost of a collective between computations."""
+    import copy
+
+    dispatch_s, scale, coll_s = (float(v) for v in x)
+    doc = copy.deepcopy(base.raw)
+    doc["name"], doc["source"] = name, "measured"
+    launch = doc["compute"]["launch"]
+    ratio = dispatch_s / base.launch_overhead_s if base.launch_overhead_s > 0 else None
+    for key in ("grad_overhead_s", "backward_overhead_s"):
+        if key in launch:
+            launch[key] = launch[key] * ratio if ratio is not None else dispatch_s
+    launch.update(overhead_s=dispatch_s, cite=cite)
+    launch.pop("command", None)
+    peak = doc["compute"]["peak"]
+    peak.update(flops_per_s=base.peak_flops * scale, cite=f"{peak.get('cite', peak.get('command', ''))}; × "
+                f"{scale:.4g} {cite}")
+    peak.pop("command", None)
+    executor = doc.setdefault("executor", {"call_overhead_s": 0.0, "micro_batch_overhead_s": 0.0})
+    executor.update(collective_overhead_s=coll_s, cite=cite)
+    executor.pop("command", None)
+    return doc
+
+
+def fit_profile(rows: list[VTrainRow], base: Profile, name: str, cite: str, progress: bool = True
+                ) -> tuple[dict, dict[str, Any]]:
+    """Fit :data:`FIT_TERMS` to ``rows`` by bounded least squares of the log error
+    (``scipy.optimize.least_squares``), starting from ``base``'s own figures."""
+    import numpy as np
+    from scipy import optimize
+    from tqdm import tqdm
+
+    from estimator.profiles import profile_from_dict
+
+    measured = np.array([r.measured_s for r in rows])
+    bar = tqdm(desc="fit evaluations", unit="eval", file=sys.stderr, disable=not progress)
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        prof = profile_from_dict(fitted_doc(base, name, x, cite), where=f"profile {name}")
+        pred = predict_table(rows, prof, progress=False)["predicted_s"].to_numpy()
+        bar.update()
+        return np.log(pred / measured)
+
+    x0 = np.clip([base.launch_overhead_s, 1.0, base.collective_overhead_s], *FIT_BOUNDS)
+    fit = optimize.least_squares(residuals, x0, bounds=FIT_BOUNDS, x_scale=[1e-5, 0.1, 1e-5], diff_step=1e-2,
+                                 method="trf", xtol=1e-4, ftol=1e-5)
+    evaluations = bar.n
+    bar.close()
+    doc = fitted_doc(base, name, fit.x, cite)
+    return doc, {**dict(zip(FIT_TERMS, (float(v) for v in fit.x))), "evaluations": int(evaluations),
+                 "fit_rows": len(rows), "fit_mape": float(np.mean(np.abs(np.expm1(fit.fun))))}
+
+
+def _layers(text: str, flag: str) -> set[int]:
+    try:
+        out = {int(v) for v in text.split(",") if v.strip()}
+    except ValueError:
+        raise ConfigError(f"{flag}={text!r} must be layer counts separated by commas, e.g. 12,20") from None
+    if not out or min(out) < 1:
+        raise ConfigError(f"{flag}={text!r} must name at least one positive layer count")
+    return out
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    out = check_output_path(args.out or PROFILE_DIR / f"{args.name}.json", "--out")
+    base = load_profile(args.base, key="--base")
+    rows = load_table(args.table)
+    layers = _layers(args.fit_layers, "--fit-layers")
+    fit_rows = [r for r in rows if r.layers in layers]
+    if not fit_rows:
+        raise ConfigError(f"--fit-layers={args.fit_layers}: no row of {args.table} has those layer counts "
+                          f"(the table has {sorted({r.layers for r in rows})})")
+    command = (f"python -m analysis.published fit-profile {args.table} --base {args.base} --name {args.name} "
+               f"--fit-layers {args.fit_layers}")
+    cite = (f"fitted by `{command}` on the {len(fit_rows)} rows with {sorted(layers)} layers; "
+            f"rows of other layer counts are held out")
+    doc, result = fit_profile(fit_rows, base, args.name, cite, progress=not args.json)
+    doc["notes"] = f"{base.name} with three numbers {cite}: " + ", ".join(
+        f"{k} {result[k]:.4g}" for k in FIT_TERMS)
+    from estimator.profiles import profile_from_dict
+
+    profile_from_dict(doc, where=f"profile {out}")
+    atomic_write_text(out, json.dumps(doc, indent=2) + "\n", "--out")
+    result.update(profile=str(out), fit_layers=sorted(layers))
+    print(json.dumps(result, indent=2) if args.json else
+          f"wrote {out}: " + ", ".join(f"{k} {result[k]:.4g}" for k in FIT_TERMS)
+          + f" (fit on {result['fit_rows']} rows, MAPE there {_pct(result['fit_mape'])}, "
+            f"{result['evaluations']} evaluations)")
+    return 0
+
+
 def _out_dir(path: str) -> Path:
     """``--out`` as a directory, made if absent, with every file it will hold writable."""
     out = Path(path)
@@ -229,6 +338,16 @@ def _out_dir(path: str) -> Path:
     return out
 
 
+def _part(df: Any) -> dict[str, Any]:
+    from scipy.stats import spearmanr
+
+    if df.empty:
+        return {"n": 0}
+    rho = float(spearmanr(df.predicted_s, df.measured_s).statistic) if len(df) > 1 else float("nan")
+    return {"n": int(len(df)), "mape": float(df.ape.mean()), "median_ape": float(df.ape.median()),
+            "max_ape": float(df.ape.max()), "spearman": rho, "layers": sorted(int(v) for v in df.layers.unique())}
+
+
 def run_vtrain(args: argparse.Namespace) -> int:
     try:
         profile = load_profile(args.profile, key="--profile")
@@ -241,6 +360,9 @@ def run_vtrain(args: argparse.Namespace) -> int:
     out = _out_dir(args.out) / "summary.json" if args.out else None
     df = predict_table(rows, profile, args.engine, progress=not args.json)
     summary = {"table": str(args.table), **summarize(df, profile, args.engine, notes)}
+    if args.held_out_layers:
+        held = df.layers.isin(_layers(args.held_out_layers, "--held-out-layers"))
+        summary["parts"] = {name: _part(df[mask]) for name, mask in (("held_out", held), ("fitted", ~held))}
     if out is not None:
         atomic_write_text(out.parent / "predictions.csv", df.to_csv(index=False, float_format="%.6g"))
         scatter(df, out.parent / "scatter.png",
@@ -265,6 +387,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--engine", choices=ENGINES, default="evaluator",
                    help="fast evaluator (default) or the discrete-event simulator")
     v.add_argument("--out", help="directory for predictions.csv, scatter.png, summary.json")
+    v.add_argument("--held-out-layers", help="also report the rows of these layer counts (e.g. 16,24: those a "
+                                             "fit-profile run held out) and the others apart")
     v.add_argument("--json", action="store_true", help="print one JSON object")
     m = sub.add_parser("make-profile", help="derive the profile of vTrain's A100 cluster from a base profile")
     m.add_argument("--base", default="a100-80g", help="base A100 profile name or file (default a100-80g)")
@@ -276,6 +400,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="inter-node bandwidth per node, Gb/s (vTrain's default 800)")
     m.add_argument("--replace-curves", action="store_true",
                    help="use the stated figures for collectives the base has measured curves for too")
+    f = sub.add_parser("fit-profile", help="fit a profile's host cost per op, peak rate and per-collective "
+                                           "extra to the rows of some layer counts, holding the rest out")
+    f.add_argument("table", help="CSV in vTrain's column format")
+    f.add_argument("--base", default=DEFAULT_PROFILE, help=f"profile to start from (default {DEFAULT_PROFILE})")
+    f.add_argument("--name", required=True, help="name of the fitted profile")
+    f.add_argument("--fit-layers", required=True, help="layer counts whose rows are fitted, e.g. 12,20")
+    f.add_argument("--out", help="profile file to write (default calibration/profiles/<name>.json)")
+    f.add_argument("--json", action="store_true", help="print one JSON object")
     return ap
 
 
@@ -286,6 +418,8 @@ def _main(argv: list[str] | None) -> int:
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{flag}={value:g} must be a positive number")
         return make_profile(args)
+    if args.command == "fit-profile":
+        return run_fit(args)
     return run_vtrain(args)
 
 

@@ -183,3 +183,40 @@ def test_missing_profiles_are_named(tmp_path, capsys):
     table.write_text(_table(ROWS), encoding="utf-8")
     assert main(["vtrain", str(table), "--profile", "no-such-profile"]) == 2
     assert "--profile: unknown hardware profile 'no-such-profile'" in capsys.readouterr().err
+
+
+FIT_ROWS = ["2,8,1,1024,16,12,1024,2,1,1,1", "2,16,4,1024,16,12,1024,1,2,1,1", "4,16,2,2048,16,12,1024,4,1,1,1",
+            "8,32,8,1024,16,12,1024,8,1,1,1", "2,16,8,2048,16,12,1024,1,1,2,1", "4,8,1,1024,16,12,1024,2,1,2,1",
+            "8,16,1,1024,16,16,1024,8,1,1,1"]
+
+
+def test_fit_profile_recovers_known_numbers_from_rows_they_produced(tmp_path, capsys):
+    """Rows timed by a profile with known host cost, peak scale and per-collective extra: the
+    fit, started from the base, recovers the three numbers from the 12-layer rows, and the
+    16-layer row it held out is then predicted as it was produced."""
+    from analysis.published import fitted_doc
+
+    base = load_profile("a100-vtrain")
+    truth = profile_from_dict(fitted_doc(base, "truth", (2.5e-5, 0.6, 4e-5), "synthetic"))
+    rows = parse_table(_table(FIT_ROWS))
+    lines = [r.rsplit(",", 1)[0] + f",{1e3 * predict_row(row, truth)['predicted_s']:.9g}"
+             for r, row in zip(FIT_ROWS, rows)]
+    table = tmp_path / "t.csv"
+    table.write_text(_table(lines), encoding="utf-8")
+    out = tmp_path / "fitted.json"
+    assert main(["fit-profile", str(table), "--base", "a100-vtrain", "--name", "fitted", "--fit-layers", "12",
+                 "--out", str(out), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["fit_rows"] == 6 and got["fit_mape"] < 0.01
+    assert got["dispatch_s"] == pytest.approx(2.5e-5, rel=0.05)
+    assert got["flops_scale"] == pytest.approx(0.6, rel=0.05)
+    assert got["collective_overhead_s"] == pytest.approx(4e-5, rel=0.2)
+    fitted = load_profile(str(out))
+    assert "held out" in fitted.raw["compute"]["launch"]["cite"] and fitted.source == "measured"
+    assert main(["vtrain", str(table), "--profile", str(out), "--held-out-layers", "16", "--json"]) == 0
+    parts = json.loads(capsys.readouterr().out)["parts"]
+    assert parts["held_out"]["n"] == 1 and parts["held_out"]["mape"] < 0.02 and parts["fitted"]["n"] == 6
+    # no row with the layer counts asked for: refused by name, nothing written
+    assert main(["fit-profile", str(table), "--name", "x", "--fit-layers", "30",
+                 "--out", str(tmp_path / "x.json")]) == 2
+    assert "--fit-layers=30: no row" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
