@@ -87,7 +87,7 @@ def _group(v: dict, tp: bool) -> dist.ProcessGroup | None:
 # ---- the pieces: (values, dtype, tensor-parallel?, qkv bias?) → the thunk to record -------------
 
 
-def block_forward(v, dt, tp, bias, cache=False, decode=False, backward=False) -> Thunk:
+def block_forward(v, dt, tp, bias, cache=False, decode=False, backward=False, recompute=False) -> Thunk:
     spec, b = _spec(v, bias), v["rows"]
     params = _block_params(v, dt, bias, grad=backward)
     hooks = tensor_parallel_hooks(_group(v, tp))
@@ -99,8 +99,8 @@ def block_forward(v, dt, tp, bias, cache=False, decode=False, backward=False) ->
             M.block(params, 0, _rand(b, start, v["hidden"], dtype=dt), past)
     ctx = M.context(spec, start, t, dt, torch.device("cpu"), kv, hooks)
     x = _rand(b, t, v["hidden"], dtype=dt, grad=backward)
-    if backward:
-        out = M.block(params, 0, x, ctx)
+    if backward:  # recompute: the block's forward runs again inside its backward (M.blocks)
+        out = M.blocks(params, [0], x, ctx, recompute=recompute)
         grad = torch.randn_like(out)
         return lambda: torch.autograd.backward(out, grad)
     return torch.no_grad()(lambda: M.block(params, 0, x, ctx))
@@ -206,7 +206,8 @@ def _pieces() -> dict[str, Callable]:
         for bias in (False, True):
             tag = ("@tp" if tp else "") + ("+bias" if bias else "")
             for name, kw in (("block_forward", {}), ("block_prefill", {"cache": True}),
-                             ("block_decode", {"cache": True, "decode": True}), ("block_backward", {"backward": True})):
+                             ("block_decode", {"cache": True, "decode": True}), ("block_backward", {"backward": True}),
+                             ("block_backward_recompute", {"backward": True, "recompute": True})):
                 out[name + tag] = (block_forward, tp, bias, kw)
         tag = "@tp" if tp else ""
         out["embed" + tag] = (embed, tp, False, {})
