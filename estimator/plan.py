@@ -194,8 +194,8 @@ def _shape_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layo
     if layout.pp > model.layers:
         out.append(f"call {name}: pp={layout.pp} exceeds layers={model.layers} of model {model.name}")
     if layout.recompute != "none" and call.kind != "train":
-        out.append(f"call {name}: recompute={layout.recompute!r} applies to train calls only; "
-                   f"this is a {call.kind} call (use recompute='none')")
+        out.append(f"call {name}: recompute={layout.recompute!r} applies to train calls only, "
+                   f"not to this {call.kind} call (use recompute='none')")
     return out
 
 
