@@ -254,16 +254,21 @@ def _degrees(size: int, model: ModelSpec, cluster: Cluster) -> list[tuple[int, i
     return out
 
 
+def recompute_choices(call: Call) -> tuple[str, ...]:
+    """The recompute settings a layout of ``call`` may have: all for a train call, else none."""
+    return RECOMPUTE_CHOICES if call.kind == "train" else ("none",)
+
+
 def enumerate_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> list[Layout]:
-    """Every valid layout of ``call``: each mesh × (dp, tp, pp) × micro-batch choice, without
-    recompute (the search adds recompute to train calls' shapes, :mod:`search.space`)."""
+    """Every valid layout of ``call``: each mesh × (dp, tp, pp) × micro-batch choice (× recompute
+    setting for a train call)."""
     out = []
     for mesh in cluster.meshes():
         for dp, tp, pp in _degrees(mesh.size, model, cluster):
             for mb in MICRO_BATCH_CHOICES:
                 lay = Layout(mesh, dp, tp, pp, mb)
                 if not layout_problems(call, model, cluster, lay):
-                    out.append(lay)
+                    out += [lay] + [Layout(mesh, dp, tp, pp, mb, rc) for rc in recompute_choices(call)[1:]]
     return out
 
 
@@ -294,4 +299,4 @@ def count_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> int:
                 dp = sizes[where] // (tp * pp)
                 splits = sum((per_step % (dp * mb) == 0).astype(np.int64) for mb in MICRO_BATCH_CHOICES)
                 total += int((splits * meshes[where]).sum())
-    return total
+    return total * len(recompute_choices(call))  # recompute is valid wherever its layout is
