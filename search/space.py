@@ -199,12 +199,16 @@ def _candidates(experiment: Experiment, name: str, firsts: dict[int, list[int]],
     return out
 
 
-def _resident_max(experiment: Experiment, role: str, home: _Candidates) -> float:
-    """The most bytes ``role`` keeps resident on one device over its home call's kept shapes."""
+def _resident_max(experiment: Experiment, role: str, home: _Candidates, capacity: float) -> float:
+    """The most bytes ``role`` can keep resident on one device: over its home call's valid
+    placements whose resident bytes fit at all (with or without recompute, the call itself
+    aside)."""
     model = experiment.models[role]
     trained = role in experiment.workflow.trained_roles()
-    return max((sum(parts.values()) for size, shapes in home.kept.items() for dp, tp, pp, mb in shapes
-                for parts in home_bytes(model, Layout(DeviceMesh(0, size), dp, tp, pp, mb), trained)), default=0.0)
+    placements = {(size, dp, tp, pp) for size, shapes in home.valid.items() for dp, tp, pp, _ in shapes}
+    most = (max(sum(parts.values()) for parts in home_bytes(model, Layout(DeviceMesh(0, s), dp, tp, pp), trained))
+            for s, dp, tp, pp in placements)
+    return max((b for b in most if b <= capacity), default=0.0)
 
 
 def _recompute_useful(experiment: Experiment, name: str, lay: Layout, home: bool, others: float,
@@ -233,7 +237,7 @@ def build_space(experiment: Experiment, profile: Profile, recompute: bool = True
     homes = home_calls(wf)
     order = wf.topological_order()
     found = {n: _candidates(experiment, n, firsts, homes[wf[n].role] == n, cap) for n in order}
-    resident = {r: _resident_max(experiment, r, found[c]) for r, c in homes.items()}
+    resident = {r: _resident_max(experiment, r, found[c], cap) for r, c in homes.items()}
     calls = []
     for name in order:
         call, cand = wf[name], found[name]
