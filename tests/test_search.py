@@ -14,7 +14,7 @@ from estimator.memory import plan_memory
 from estimator.plan import Plan, check, enumerate_layouts
 from estimator.profiles import load_profile
 from search import run_search
-from search.anneal import split_evals
+from search.anneal import RECOMPUTE_P, Chain, split_evals
 from search.exact import EXACT_MAX_PLANS
 from search.space import build_space
 from tests.conftest import EXAMPLES, tiny_experiment
@@ -113,3 +113,15 @@ def test_recompute_is_chosen_by_predicted_time_where_memory_demands(capacity, re
         assert (result.plan["actor_train"].recompute == "full") is recomputes
     if recomputes is False:
         assert build_space(exp, profile)["actor_train"].recompute_count == 0
+
+
+def test_annealing_proposes_recompute_where_only_it_fits_and_otherwise_by_chance():
+    exp = tiny_experiment("sft", devices_per_node=2, batch_size=8, minibatches=1)
+    profile = linear_profile()
+    chain = Chain(exp, profile, build_space(exp, profile), (0, 0), top_k=1)
+    both = [(1, 1, 1, 2, "none"), (1, 1, 1, 2, "full")]
+    only = [(1, 1, 1, 4, "full")]
+    picks = [chain._pick_shape(both + only) for _ in range(4000)]
+    assert picks.count(only[0]) == pytest.approx(2000, rel=0.1)  # degrees first, uniformly
+    assert picks.count(both[1]) == pytest.approx(2000 * RECOMPUTE_P, rel=0.15)
+    assert set(picks) == set(both + only)
