@@ -2,7 +2,7 @@
 
 Every structural kind the estimator models must be measured, so :func:`sample_plans` first
 draws, kind by kind, a plan that has it (:data:`KINDS`: tensor, pipeline and data parallelism,
-disjoint meshes, parameter reallocation, several micro-batches), then fills the sample with
+disjoint meshes, parameter reallocation, several micro-batches, activation recompute), then fills the sample with
 random plans. Two kinds of draw alternate: *colocated* (every call on one mesh with one
 (dp, tp, pp) shape, micro-batches per call) and *free* (each call its own valid layout from
 :func:`estimator.plan.enumerate_layouts`). Every plan passes :func:`estimator.plan.check` and
@@ -21,7 +21,7 @@ from estimator.memory import home_calls, plan_memory
 from estimator.plan import Layout, Plan, enumerate_layouts, validate
 from estimator.profiles import Profile
 
-KINDS = ("tp", "pp", "dp", "disjoint", "realloc", "micro_batches")
+KINDS = ("tp", "pp", "dp", "disjoint", "realloc", "micro_batches", "recompute")
 TRIES_PER_PLAN = 400
 
 
@@ -31,6 +31,8 @@ def plan_kinds(plan: Plan, experiment: Experiment) -> set[str]:
     kinds = {k for k, attr in (("tp", "tp"), ("pp", "pp"), ("dp", "dp"), ("micro_batches", "micro_batches"))
              if any(getattr(lay, attr) > 1 for lay in lays)}
     meshes = {lay.mesh for lay in lays}
+    if any(lay.recompute != "none" for lay in lays):
+        kinds.add("recompute")
     if any(not a.overlaps(b) for a, b in itertools.combinations(meshes, 2)):
         kinds.add("disjoint")
     wf = experiment.workflow

@@ -3,6 +3,7 @@
     python benchmarks/bench_search.py
     python benchmarks/bench_search.py --budget 30 --reference-factor 10 --repeats 2 --json
     python benchmarks/bench_search.py --real-weak-scaling --budget 30
+    python benchmarks/bench_search.py --real-weak-scaling --budget 30 --recompute
 
 Default: for examples/ppo-llama2-70b-128xh100.yaml and examples/ppo-llama2-7b-8xh100.yaml, a
 reference search with ``reference-factor`` × ``budget`` seconds fixes the best plan found
@@ -17,7 +18,10 @@ speed-up over each baseline.
 reference LLaMA-2 7B on 8, 13B on 16, CodeLlama-34B on 32 and LLaMA-2 70B on 64 and 128
 H100s, critic and reward LLaMA-2 7B throughout (ReaL's "X+7B" pairs); the table gives the
 searched plan's simulated speed-up over ``megatron`` (ReaL reports 26 % on average over this
-baseline, 81 % in long-context settings) and over the other baselines.
+baseline, 81 % in long-context settings) and over the other baselines. Without
+``--recompute`` neither the search nor the baselines recompute activations; with it the search
+may recompute any train call where memory demands, and the ``megatron`` baseline recomputes
+every train call (Megatron-LM's ``--recompute-granularity full``, as it is usually run).
 
 The machine's load changes every time figure: run it on an otherwise idle machine.
 """
@@ -33,6 +37,7 @@ from pathlib import Path
 from estimator.experiment import Experiment, experiment_from_dict, load_experiment
 from estimator.plan import format_table
 from estimator.profiles import load_profile
+from search.baselines import build
 from search.run import run_search
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -81,19 +86,24 @@ def real_experiment(model: str, nodes: int, gen: int, batch: int) -> Experiment:
         "cluster": {"nodes": nodes, "devices_per_node": 8, "device": "h100-sxm"}})
 
 
-def weak_scaling(budget: float, chains: int | None) -> list[dict]:
+def weak_scaling(budget: float, chains: int | None, recompute: bool = False) -> list[dict]:
     rows = []
     profile = load_profile("h100-sxm")
     for model, nodes in REAL_SIZES:
         for gen, batch in REAL_SETTINGS:
             exp = real_experiment(model, nodes, gen, batch)
             print(f"{exp.name}: search, {budget:.0f} s", file=sys.stderr)
-            r = run_search(exp, profile, time_budget_s=budget, chains=chains, progress=False)
+            r = run_search(exp, profile, time_budget_s=budget, chains=chains, progress=False, recompute=recompute)
+            baselines = dict(r.baselines)
+            if recompute:
+                baselines["megatron"] = build("megatron", exp, profile, recompute="full")
+            plan = r.plan.layouts.values()
             rows.append({"experiment": exp.name, "model": model, "devices": 8 * nodes, "gen_len": gen,
                          "batch": batch, "iteration_s": r.iteration_s, "evaluated": r.evaluated,
+                         "recomputes": sum(lay.recompute != "none" for lay in plan),
                          "speedup": {n: (b.iteration_s / r.iteration_s if b.iteration_s else None)
-                                     for n, b in r.baselines.items()},
-                         "megatron_s": r.baselines["megatron"].iteration_s})
+                                     for n, b in baselines.items()},
+                         "megatron_s": baselines["megatron"].iteration_s})
     return rows
 
 
@@ -115,11 +125,12 @@ def render_examples(results: list[dict]) -> str:
 
 
 def render_weak(rows: list[dict]) -> str:
-    table = [("actor+ref / critic+reward", "GPUs", "gen/batch", "searched s", "megatron s", "vs megatron",
-              "vs colocate", "vs split", "vs real-heuristic")]
+    table = [("actor+ref / critic+reward", "GPUs", "gen/batch", "searched s", "recomputing", "megatron s",
+              "vs megatron", "vs colocate", "vs split", "vs real-heuristic")]
     for r in rows:
         sp = r["speedup"]
         table.append((f"{r['model']}+7b", str(r["devices"]), f"{r['gen_len']}/{r['batch']}", f"{r['iteration_s']:.2f}",
+                      str(r["recomputes"]),
                       "-" if r["megatron_s"] is None else f"{r['megatron_s']:.2f}", _x(sp["megatron"]),
                       _x(sp["colocate"]), _x(sp["split"]), _x(sp["real-heuristic"])))
     vs = [r["speedup"]["megatron"] for r in rows if r["speedup"]["megatron"]]
@@ -134,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed searches per example (default 2)")
     parser.add_argument("--chains", type=int, help="parallel chains (default: one per core)")
     parser.add_argument("--real-weak-scaling", action="store_true", help="ReaL's weak-scaling table instead")
+    parser.add_argument("--recompute", action="store_true",
+                        help="with --real-weak-scaling: the search and the megatron baseline may recompute activations")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.real_weak_scaling:
-        rows = weak_scaling(args.budget, args.chains)
+        rows = weak_scaling(args.budget, args.chains, args.recompute)
         print(json.dumps(rows, indent=2) if args.json else render_weak(rows))
         return 0
     paths = [EXAMPLES / "ppo-llama2-70b-128xh100.yaml", EXAMPLES / "ppo-llama2-7b-8xh100.yaml"]

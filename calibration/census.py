@@ -105,7 +105,7 @@ def _group(v: dict, tp: bool) -> dist.ProcessGroup | None:
 # ---- the pieces: (values, dtype, tensor-parallel?, variant tag) → the thunk to record ------------
 
 
-def block_forward(v, dt, tp, variant, cache=False, decode=False, backward=False) -> Thunk:
+def block_forward(v, dt, tp, variant, cache=False, decode=False, backward=False, recompute=False) -> Thunk:
     spec, b = _spec(v, variant), v["rows"]
     params = _block_params(v, dt, spec, grad=backward)
     hooks = tensor_parallel_hooks(_group(v, tp))
@@ -117,8 +117,8 @@ def block_forward(v, dt, tp, variant, cache=False, decode=False, backward=False)
             M.block(params, 0, _rand(b, start, v["hidden"], dtype=dt), past)
     ctx = M.context(spec, start, t, dt, torch.device("cpu"), kv, hooks)
     x = _rand(b, t, v["hidden"], dtype=dt, grad=backward)
-    if backward:
-        out = M.block(params, 0, x, ctx)
+    if backward:  # recompute: the block's forward runs again inside its backward (M.blocks)
+        out = M.blocks(params, [0], x, ctx, recompute=recompute)
         grad = torch.randn_like(out)
         return lambda: torch.autograd.backward(out, grad)
     return torch.no_grad()(lambda: M.block(params, 0, x, ctx))
@@ -231,7 +231,8 @@ def _pieces() -> dict[str, Callable]:
         for variant in BLOCK_VARIANTS:
             tag = ("@tp" if tp else "") + variant
             for name, kw in (("block_forward", {}), ("block_prefill", {"cache": True}),
-                             ("block_decode", {"cache": True, "decode": True}), ("block_backward", {"backward": True})):
+                             ("block_decode", {"cache": True, "decode": True}), ("block_backward", {"backward": True}),
+                             ("block_backward_recompute", {"backward": True, "recompute": True})):
                 out[name + tag] = (block_forward, tp, variant, kw)
         tag = "@tp" if tp else ""
         for variant in ("", "+learned"):

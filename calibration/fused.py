@@ -318,6 +318,9 @@ def pieces() -> dict[str, list[Kernel]]:
         for suffix, kw in VARIANTS.items():
             for tp in ("", "@tp"):  # same kernels; the tp split is in the symbols
                 out[f"block_{phase}{tp}{suffix}"] = block_kernels(phase, **kw)
+                if phase == "backward":  # full recompute: the block's forward kernels again, then its backward
+                    out[f"block_backward_recompute{tp}{suffix}"] = (block_kernels("forward", **kw)
+                                                                    + block_kernels("backward", **kw))
     for tp in ("", "@tp"):
         out[f"embed{tp}"] = embed(bool(tp))
         out[f"embed_backward{tp}"] = embed(bool(tp), backward=True)

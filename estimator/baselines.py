@@ -10,6 +10,8 @@ per pipeline stage, so pipelines fill; with a profile, more while a device would
 
 from __future__ import annotations
 
+import dataclasses
+
 from estimator.errors import ConfigError
 from estimator.experiment import Experiment
 from estimator.memory import plan_memory
@@ -36,10 +38,11 @@ def _candidates(call: Call, experiment: Experiment) -> list[Layout]:
     return out
 
 
-def symmetric_plan(experiment: Experiment, profile: Profile | None = None) -> Plan:
+def symmetric_plan(experiment: Experiment, profile: Profile | None = None, recompute: str = "none") -> Plan:
     """Every call on all devices: tp = devices per node, pp = nodes, dp = 1, stepped down where
     the model or the batch does not allow it; with ``profile``, micro-batches raised call by call
-    until the plan fits in memory (or no more are valid)."""
+    until the plan fits in memory (or no more are valid). ``recompute`` ("none" | "full"): the
+    train calls' activation recompute (Megatron's ``--recompute-granularity full``)."""
     wf = experiment.workflow
     layouts = {}
     for name in wf.topological_order():
@@ -47,7 +50,8 @@ def symmetric_plan(experiment: Experiment, profile: Profile | None = None) -> Pl
         if not cands:
             raise ConfigError(f"call {name}: no whole-cluster layout is valid, so there is no symmetric "
                               "baseline plan for this experiment; give a plan with --plan")
-        layouts[name] = cands[0]
+        train = wf[name].kind == "train"
+        layouts[name] = dataclasses.replace(cands[0], recompute=recompute) if train else cands[0]
     plan = check(Plan(layouts), experiment)
     if profile is None:
         return plan
@@ -69,4 +73,4 @@ def _fit_micro_batches(plan: Plan, experiment: Experiment, profile: Profile) -> 
             wf[name], experiment.models[wf[name].role], cl, Layout(lay.mesh, lay.dp, lay.tp, lay.pp, m))]
         if not more:
             return Plan(layouts)
-        layouts[name] = Layout(lay.mesh, lay.dp, lay.tp, lay.pp, more[0])
+        layouts[name] = dataclasses.replace(lay, micro_batches=more[0])

@@ -14,8 +14,11 @@ Per stage of a pipeline, :func:`forward_stage` returns compute time and tensor-p
 communication separately: two all-reduces of ``b·s·h`` per layer forward (after o_proj and
 down_proj), one after the vocab-parallel embedding, and an all-gather of the logits over the
 vocabulary. :func:`backward_stage` has two all-reduces per layer (Megatron's f operators)
-plus one for the LM head's input. The profile's ``executor.micro_batch_overhead_s`` is added
-to every stage pass; the lowering spreads ``call_overhead_s`` over a call's passes.
+plus one for the LM head's input, and one more per layer when the layout recomputes
+activations (the re-run forward's g operator after o_proj; recomputing stops before down_proj
+and its all-reduce, see :func:`backward_stage`). The profile's
+``executor.micro_batch_overhead_s`` is added to every stage pass; the lowering spreads
+``call_overhead_s`` over a call's passes.
 
 Decoding (:func:`decode_stage`) is vectorised over steps: the census pieces are evaluated
 with the KV length as an array, so each step's attention is charged exactly.
@@ -116,19 +119,25 @@ def forward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, firs
 
 
 def backward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, first: bool, last: bool,
-                   batch: float, new: int, extras: tuple[Extra, ...] = ()) -> StageTime:
+                   batch: float, new: int, extras: tuple[Extra, ...] = (), recompute: bool = False) -> StageTime:
     """Backward of the same micro-batch: the loss's backward (``extras``) and the head's on
     the last stage, each block's, the embedding's on the first; two all-reduces per layer,
-    one more for the LM head's input on the last stage."""
+    one more for the LM head's input on the last stage. ``recompute``: each block's forward
+    runs again inside its backward (the census's checkpointed block backward: the forward's
+    ops up to the block's last saved tensor, where torch's non-reentrant checkpoint stops
+    recomputing — so not down_proj —, the checkpoint's detaches, the backward's), with the
+    re-run forward's one all-reduce per layer (after o_proj; the one after down_proj is not
+    re-run)."""
     n = batch * new
     sym = model_symbols(model, tp) | {"rows": batch, "tokens": new}
-    compute = layers * piece_s(profile, block_piece("backward", model, tp), sym, "backward")
+    block = block_piece("backward_recompute" if recompute else "backward", model, tp)
+    compute = layers * piece_s(profile, block, sym, "backward")
     if first:
         compute += piece_s(profile, end_piece("embed_backward", tp, model), sym, "backward")
     if last:
         compute += piece_s(profile, end_piece(f"head_{model.head}_backward", tp, model), sym, "backward")
         compute += _extras_s(profile, sym, extras, "backward")
-    ars = 2 * layers + (1 if last and model.head == "lm" else 0)
+    ars = (3 if recompute else 2) * layers + (1 if last and model.head == "lm" else 0)
     return StageTime(compute + profile.micro_batch_overhead_s, ars * tp_allreduce_s(profile, tp, n, model.hidden))
 
 

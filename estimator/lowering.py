@@ -240,7 +240,8 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
         fwd = StageTime(fwd.compute_s + spread, fwd.comm_s)
         bwd, ar, opt, dp_ports = StageTime(0.0, 0.0), 0.0, 0.0, ()
         if call.kind == "train":
-            bwd = backward_stage(profile, model, layout.tp, layers, first, last, b, new, tail_b)
+            bwd = backward_stage(profile, model, layout.tp, layers, first, last, b, new, tail_b,
+                                 recompute=layout.recompute == "full")
             params = stage_params(model, layout.tp, layout.pp, k, layers)
             numels = [box_numel(box) for box in shard(model, layout, layout.device(0, 0, k)).values()]
             group = [layout.device(i, 0, k) for i in range(layout.dp)]

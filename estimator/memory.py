@@ -22,7 +22,10 @@ Assumptions (bytes per parameter ``P`` of a device's shard, see :func:`cost.stag
   fc1's output and its GELU (4f), a ReLU MLP only the ReLU's output (2f, which both its own
   backward and fc2's read); LayerNorm saves the same input as RMSNorm (its mean and inverse
   deviation are per token, negligible).
-  Training under 1F1B keeps ``min(m, p − stage)`` micro-batches in flight on a stage; the last
+  Training under 1F1B keeps ``min(m, p − stage)`` micro-batches in flight on a stage (with
+  activation recompute, ``recompute="full"``, only each block's input, ``2h`` bytes per token
+  and layer, plus one block's full activations for one micro-batch during its backward:
+  Korthikanti et al. 2022 §4.1, Megatron's ``--recompute-granularity full``); the last
   stage also holds fp32 log-probabilities over the gathered vocabulary, their gradient and the
   bf16 logits (10 bytes per token and vocabulary entry). Inference and prefill hold one layer's
   working set (the same per-layer count, one micro-batch) plus the head's logits.
@@ -117,7 +120,10 @@ def call_bytes(call: Call, model: ModelSpec, layout: Layout, at_home: bool) -> l
         if call.kind == "train":
             tokens = mb * w.seq_len
             in_flight = min(layout.micro_batches, layout.pp - k)
-            parts["activations"] = in_flight * tokens * (layers * per_layer + BF16 * model.hidden)
+            saved = BF16 * model.hidden if layout.recompute == "full" else per_layer
+            parts["activations"] = in_flight * tokens * (layers * saved + BF16 * model.hidden)
+            # recompute: the block being back-propagated holds its full activations again
+            parts["activations"] += tokens * per_layer if layout.recompute == "full" else 0.0
             parts["activations"] += head_bytes(model, tokens) if last else 0.0
         elif call.kind == "inference":
             tokens = mb * w.seq_len

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 PLAN_FORMAT = "rlhf-plan/plan-v1"
 MICRO_BATCH_CHOICES = (1, 2, 4, 8, 16, 32)
+# Activation recompute of a train call (Megatron's --recompute-granularity full, method uniform):
+# "none" keeps every block's activations for backward; "full" keeps only each block's input and
+# re-runs the block's forward during its backward.
+RECOMPUTE_CHOICES = ("none", "full")
 
 
 @dataclass(frozen=True, order=True)
@@ -41,6 +45,7 @@ class Layout:
     tp: int  # tensor-parallel degree
     pp: int  # pipeline stages
     micro_batches: int = 1  # per data-parallel rank and minibatch
+    recompute: str = "none"  # activation recompute in a train call's backward (RECOMPUTE_CHOICES)
 
     def __post_init__(self) -> None:
         bad = [
@@ -51,6 +56,8 @@ class Layout:
         ]
         if bad:
             raise ConfigError(f"layout {', '.join(bad)}: degrees must be positive integers")
+        if self.recompute not in RECOMPUTE_CHOICES:
+            raise ConfigError(f"layout recompute={self.recompute!r}: must be one of {list(RECOMPUTE_CHOICES)}")
 
     @property
     def size(self) -> int:
@@ -77,14 +84,15 @@ class Layout:
         return range(start, start + base + (1 if pp_rank < extra else 0))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mesh": str(self.mesh), "dp": self.dp, "tp": self.tp, "pp": self.pp,
-                "micro_batches": self.micro_batches}
+        out = {"mesh": str(self.mesh), "dp": self.dp, "tp": self.tp, "pp": self.pp,
+               "micro_batches": self.micro_batches}
+        return out | ({"recompute": self.recompute} if self.recompute != "none" else {})
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "layout") -> Layout:
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: must be an object with mesh, dp, tp, pp, micro_batches")
-        allowed = {"mesh", "dp", "tp", "pp", "micro_batches"}
+        allowed = {"mesh", "dp", "tp", "pp", "micro_batches", "recompute"}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -94,11 +102,14 @@ class Layout:
         for k in ("dp", "tp", "pp", "micro_batches"):
             rules.integer(f"{where}.{k}", data.get(k, 1), lo=1, hi=rules.MAX_DEVICES if k != "micro_batches"
                           else rules.MAX_BATCH)
+        recompute = data.get("recompute", "none")
+        if recompute not in RECOMPUTE_CHOICES:
+            raise ConfigError(f"{where}.recompute: {recompute!r} is not one of {list(RECOMPUTE_CHOICES)}")
         try:
             mesh = DeviceMesh.parse(data["mesh"])
         except ConfigError as exc:
             raise ConfigError(f"{where}.mesh: {exc}") from None
-        return cls(mesh, data["dp"], data["tp"], data["pp"], data.get("micro_batches", 1))
+        return cls(mesh, data["dp"], data["tp"], data["pp"], data.get("micro_batches", 1), recompute)
 
 
 @dataclass(frozen=True)
@@ -138,10 +149,11 @@ class Plan:
         return cls.from_data(load_json(path, "plan file", expect=None), where=f"plan {path}")
 
     def table(self) -> str:
-        """A readable table of the plan."""
-        rows = [("call", "mesh", "devices", "dp", "tp", "pp", "micro_batches")]
+        """A readable table of the plan (a recompute column when any layout recomputes)."""
+        extra = any(lay.recompute != "none" for lay in self.layouts.values())
+        rows = [("call", "mesh", "devices", "dp", "tp", "pp", "micro_batches") + (("recompute",) if extra else ())]
         rows += [(c, str(lay.mesh), str(lay.mesh.size), str(lay.dp), str(lay.tp), str(lay.pp),
-                  str(lay.micro_batches)) for c, lay in self.layouts.items()]
+                  str(lay.micro_batches)) + ((lay.recompute,) if extra else ()) for c, lay in self.layouts.items()]
         return format_table(rows)
 
 
@@ -181,6 +193,9 @@ def _shape_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layo
                    f"one node of {dpn} devices (tp must divide {dpn})")
     if layout.pp > model.layers:
         out.append(f"call {name}: pp={layout.pp} exceeds layers={model.layers} of model {model.name}")
+    if layout.recompute != "none" and call.kind != "train":
+        out.append(f"call {name}: recompute={layout.recompute!r} applies to train calls only, "
+                   f"not to this {call.kind} call (use recompute='none')")
     return out
 
 
@@ -239,15 +254,21 @@ def _degrees(size: int, model: ModelSpec, cluster: Cluster) -> list[tuple[int, i
     return out
 
 
+def recompute_choices(call: Call) -> tuple[str, ...]:
+    """The recompute settings a layout of ``call`` may have: all for a train call, else none."""
+    return RECOMPUTE_CHOICES if call.kind == "train" else ("none",)
+
+
 def enumerate_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> list[Layout]:
-    """Every valid layout of ``call``: each mesh × (dp, tp, pp) × micro-batch choice."""
+    """Every valid layout of ``call``: each mesh × (dp, tp, pp) × micro-batch choice (× recompute
+    setting for a train call)."""
     out = []
     for mesh in cluster.meshes():
         for dp, tp, pp in _degrees(mesh.size, model, cluster):
             for mb in MICRO_BATCH_CHOICES:
                 lay = Layout(mesh, dp, tp, pp, mb)
                 if not layout_problems(call, model, cluster, lay):
-                    out.append(lay)
+                    out += [lay] + [Layout(mesh, dp, tp, pp, mb, rc) for rc in recompute_choices(call)[1:]]
     return out
 
 
@@ -278,4 +299,4 @@ def count_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> int:
                 dp = sizes[where] // (tp * pp)
                 splits = sum((per_step % (dp * mb) == 0).astype(np.int64) for mb in MICRO_BATCH_CHOICES)
                 total += int((splits * meshes[where]).sum())
-    return total
+    return total * len(recompute_choices(call))  # recompute is valid wherever its layout is

@@ -147,12 +147,15 @@ class Engine:
 
     # -- one stage's computation: pipeline ends around tensor-parallel blocks
 
-    def _stage(self, inp: Tensor, start: int, cache: M.KVCache | None, last_position: bool = False) -> Tensor:
+    def _stage(self, inp: Tensor, start: int, cache: M.KVCache | None, last_position: bool = False,
+               recompute: bool = False) -> Tensor:
         """This stage's blocks; on the last stage also the head, on the last position only when
-        ``last_position`` (generation needs no logits for the prompt's other positions)."""
+        ``last_position`` (generation needs no logits for the prompt's other positions).
+        ``recompute``: each block under activation checkpointing (a training forward whose
+        layout recomputes); the tensor-parallel hooks run again with the block's forward."""
         x = self.tensor.embed(self.params, inp, start) if self.first else inp
         ctx = M.context(self.model, start, x.shape[1], x.dtype, x.device, cache, self.tensor.hooks)
-        x = M.blocks(self.params, self.layers, x, ctx)
+        x = M.blocks(self.params, self.layers, x, ctx, recompute)
         if not self.last:
             return x
         return self.tensor.final(self.params, x[:, -1:] if last_position else x)
@@ -215,7 +218,7 @@ class Engine:
         if not self.first:
             inp.requires_grad_(True)
         with self.mark("forward", mb):
-            out = self._stage(inp, 0, None)
+            out = self._stage(inp, 0, None, recompute=self.layout.recompute == "full")
             if self.last:
                 return inp, loss_fn(mb, out)
         self.link.send(out, self.next)

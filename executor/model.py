@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from estimator.models import ModelSpec
 from estimator.plan import Layout
@@ -319,9 +320,12 @@ def final(params: Params, x: Tensor, model: ModelSpec) -> Tensor:
     return head(params, final_norm(params, x, model), model)
 
 
-def blocks(params: Params, layers: Iterable[int], x: Tensor, ctx: Context) -> Tensor:
+def blocks(params: Params, layers: Iterable[int], x: Tensor, ctx: Context, recompute: bool = False) -> Tensor:
+    """The blocks ``layers`` in order; with ``recompute`` each runs under activation
+    checkpointing (Megatron's full recompute): autograd keeps only the block's input and runs
+    its forward again during its backward."""
     for i in layers:
-        x = block(params, i, x, ctx)
+        x = checkpoint(block, params, i, x, ctx, use_reentrant=False) if recompute else block(params, i, x, ctx)
     return x
 
 

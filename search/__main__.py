@@ -21,7 +21,8 @@ peak memory per device against capacity, MFU and the roofline bound, the fast ev
 figure against the simulator's, every baseline's time (or why it does not fit) with the
 speed-up over it, and where the time goes. ``--out`` writes the plan file that
 ``estimator.predict --plan`` and ``executor.run --plan`` take; ``--trace`` the predicted
-Chrome trace (Perfetto). ``--json`` prints one object with ``iteration_s``, ``plan``,
+Chrome trace (Perfetto). Train calls may recompute activations where memory demands it;
+``--no-recompute`` leaves that option out. ``--json`` prints one object with ``iteration_s``, ``plan``,
 ``baselines.<name>.iteration_s`` (null when it does not fit), ``evaluated``, ``space_log10``,
 ``roofline_s``, ``peak_memory_bytes`` and more.
 
@@ -55,6 +56,8 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--chains", type=int, help="parallel chains (default: one per core)")
     parser.add_argument("--out", help="write the best plan (JSON) here")
     parser.add_argument("--trace", help="write the best plan's predicted Chrome trace (JSON) here")
+    parser.add_argument("--no-recompute", action="store_true",
+                        help="leave activation recompute of train calls out of the search")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     check_budget(args.time_budget)
@@ -71,7 +74,8 @@ def _main(argv: list[str] | None) -> int:
     profile = load_profile(args.profile or experiment.cluster.device)
 
     result = run_search(experiment, profile, time_budget_s=args.time_budget, max_evals=args.max_evals,
-                        seed=args.seed, chains=args.chains, progress=not args.json)
+                        seed=args.seed, chains=args.chains, progress=not args.json,
+                        recompute=not args.no_recompute)
     sim, memory, summary = predict(experiment, result.plan, profile)
     if args.out:
         atomic_write_text(args.out, result.plan.to_json())

@@ -3,7 +3,8 @@
 A chain's state is one layout per call. Each step proposes one move:
 
 - *call*: one call gets another layout — a fresh one from its space, another shape on the same
-  mesh, the same shape on another mesh of that size, or the mesh another call uses;
+  mesh, the same shape on another mesh of that size, or the mesh another call uses (a train
+  call's new shape recomputes activations only where just that variant fits, or by chance);
 - *reshape*: a role's home call gets other (dp, tp, pp) on its mesh, and so do the role's calls
   that shared its placement (moving one alone would make it reallocate);
 - *role*: all calls of one role move together to another mesh (a random one, or the mesh of
@@ -52,6 +53,7 @@ from search.space import CallSpace, Space, make_layout, shape_of
 T_START = 0.2  # accept a 20 % slow-down with probability 1/e at the start
 T_END = 5e-3  # … and a 0.5 % one at the end
 PATIENCE = 2000  # evaluations without a new best before a chain returns to its best
+RECOMPUTE_P = 0.25  # chance a proposed shape recomputes where it may either way
 REPORT_EVERY_S = 0.25  # progress messages from chain processes
 MAX_IDLE = 10_000  # proposals in a row that change nothing before a chain gives up
 
@@ -122,15 +124,27 @@ class Chain:
     def _pick(self, seq):
         return seq[int(self.rng.integers(len(seq)))]
 
+    def _pick_shape(self, shapes):
+        """A shape: (dp, tp, pp, micro-batches) uniformly, then recompute — ``none`` unless only
+        the recomputing variant fits, or with probability :data:`RECOMPUTE_P` — so the longer
+        backward is proposed where memory may need it without halving the moves elsewhere."""
+        variants: dict[tuple, list] = {}
+        for sh in shapes:
+            variants.setdefault(sh[:4], []).append(sh)
+        options = self._pick(list(variants.values()))
+        if len(options) == 1:
+            return options[0]
+        return options[1] if self.rng.random() < RECOMPUTE_P else options[0]
+
     def _fresh(self, cs: CallSpace) -> Layout:
         size = self._pick(cs.sizes)
-        return make_layout(self._pick(cs.firsts[size]), size, self._pick(cs.shapes[size]))
+        return make_layout(self._pick(cs.firsts[size]), size, self._pick_shape(cs.shapes[size]))
 
     def _on(self, cs: CallSpace, mesh: DeviceMesh, keep: Layout) -> Layout | None:
         shapes = cs.shapes.get(mesh.size, ())
         if mesh.first not in cs.firsts.get(mesh.size, ()) or not shapes:
             return None
-        shape = shape_of(keep) if shape_of(keep) in shapes else self._pick(shapes)
+        shape = shape_of(keep) if shape_of(keep) in shapes else self._pick_shape(shapes)
         return make_layout(mesh.first, mesh.size, shape)
 
     def _call_move(self, state: list[Layout]) -> list[Layout] | None:
@@ -141,7 +155,7 @@ class Chain:
         if u < 0.3:
             new = self._fresh(cs)
         elif u < 0.55:
-            new = make_layout(cur.mesh.first, size, self._pick(cs.shapes[size]))
+            new = make_layout(cur.mesh.first, size, self._pick_shape(cs.shapes[size]))
         elif u < 0.75:
             new = make_layout(self._pick(cs.firsts[size]), size, shape_of(cur))
         else:
@@ -155,7 +169,7 @@ class Chain:
         shapes = [sh for sh in cs.shapes.get(mesh.size, ()) if sh[:3] == degrees]
         if not shapes or mesh.first not in cs.firsts.get(mesh.size, ()):
             return None
-        shape = shape_of(keep) if shape_of(keep) in shapes else self._pick(shapes)
+        shape = shape_of(keep) if shape_of(keep) in shapes else self._pick_shape(shapes)
         return make_layout(mesh.first, mesh.size, shape)
 
     def _reshape_move(self, state: list[Layout]) -> list[Layout] | None:
@@ -164,7 +178,7 @@ class Chain:
         role = self._pick(list(self.roles))
         home = state[self.home[role]]
         cs = self.space.calls[self.home[role]]
-        shape = self._pick(cs.shapes[home.mesh.size])
+        shape = self._pick_shape(cs.shapes[home.mesh.size])
         new = list(state)
         for c in self.roles[role]:
             if shape_of(state[c])[:3] == shape_of(home)[:3] and state[c].mesh == home.mesh:

@@ -5,9 +5,11 @@ Usage::
     python -m search.baselines examples/ppo-llama2-7b-8xh100.yaml --name megatron
     python -m search.baselines examples/ppo-llama2-7b-8xh100.yaml --name real-heuristic --out plan.json
     python -m search.baselines examples/ppo-llama2-70b-128xh100.yaml --name colocate --json
+    python -m search.baselines examples/ppo-llama2-7b-8xh100.yaml --name megatron --recompute full
 
 - ``megatron`` — every call on all devices, tp = devices per node, pp = nodes, dp = 1 (ReaL's
-  "heuristic" baseline; :func:`estimator.baselines.symmetric_plan`).
+  "heuristic" baseline; :func:`estimator.baselines.symmetric_plan`); ``--recompute full`` makes
+  its train calls recompute activations.
 - ``colocate`` — every call on all devices with the smallest tp·pp that fits memory, the rest
   data parallel (DeepSpeed-Chat style).
 - ``split`` — actor and reference on one half of the devices, critic and reward on the other
@@ -29,6 +31,7 @@ and peak memory; ``--out`` writes the plan file (only when it fits). Exit codes:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -40,7 +43,15 @@ from estimator.errors import ConfigError, cli_guard
 from estimator.experiment import Experiment, load_experiment
 from estimator.io import atomic_write_text
 from estimator.memory import fmt_bytes, plan_memory
-from estimator.plan import MICRO_BATCH_CHOICES, Layout, Plan, check, divisors, layout_problems
+from estimator.plan import (
+    MICRO_BATCH_CHOICES,
+    RECOMPUTE_CHOICES,
+    Layout,
+    Plan,
+    check,
+    divisors,
+    layout_problems,
+)
 from estimator.profiles import Profile, load_profile
 from estimator.simulator import simulate
 from search.checks import check_out
@@ -92,7 +103,7 @@ def _fit(exp: Experiment, profile: Profile, plan: Plan) -> Plan:
             wf[name], exp.models[wf[name].role], exp.cluster, Layout(lay.mesh, lay.dp, lay.tp, lay.pp, m))]
         if not more:
             return Plan(layouts)
-        layouts = {**layouts, name: Layout(lay.mesh, lay.dp, lay.tp, lay.pp, more[0])}
+        layouts = {**layouts, name: dataclasses.replace(lay, micro_batches=more[0])}
 
 
 def _halves(exp: Experiment, first_share: float = 0.5) -> tuple[DeviceMesh, DeviceMesh]:
@@ -121,10 +132,11 @@ def _build(exp: Experiment, profile: Profile, rule: Callable[[str], tuple[Device
     return _fit(exp, profile, check(Plan(layouts), exp))
 
 
-def megatron(exp: Experiment, profile: Profile) -> Plan:
-    """Every call on all devices, tp = devices per node, pp = nodes, dp = 1 (stepped down)."""
+def megatron(exp: Experiment, profile: Profile, recompute: str = "none") -> Plan:
+    """Every call on all devices, tp = devices per node, pp = nodes, dp = 1 (stepped down);
+    ``recompute="full"``: train calls recompute activations, as Megatron-LM is usually run."""
     try:
-        return symmetric_plan(exp, profile)
+        return symmetric_plan(exp, profile, recompute)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -217,13 +229,23 @@ BASELINES: dict[str, Callable[[Experiment, Profile], Plan]] = {
     "megatron": megatron, "colocate": colocate, "split": split, "real-heuristic": real_heuristic}
 
 
-def build(name: str, experiment: Experiment, profile: Profile, simulate_it: bool = True) -> Baseline:
+RECOMPUTING = ("megatron",)  # baselines that take a ``recompute`` setting for their train calls
+
+
+def build(name: str, experiment: Experiment, profile: Profile, simulate_it: bool = True,
+          recompute: str = "none") -> Baseline:
     """The baseline ``name`` for ``experiment``: its plan, simulated time (when ``simulate_it``
-    and it fits) or why it does not fit. Unknown names raise :class:`ConfigError`."""
+    and it fits) or why it does not fit; ``recompute`` for the baselines in :data:`RECOMPUTING`.
+    Unknown names or settings raise :class:`ConfigError`."""
     if name not in BASELINES:
         raise ConfigError(f"baseline {name!r} is not known; known: {', '.join(BASELINES)}")
+    if recompute not in RECOMPUTE_CHOICES:
+        raise ConfigError(f"recompute={recompute!r} must be one of {list(RECOMPUTE_CHOICES)}")
+    if recompute != "none" and name not in RECOMPUTING:
+        raise ConfigError(f"baseline {name!r} takes no recompute setting (only {', '.join(RECOMPUTING)} does)")
     try:
-        plan = BASELINES[name](experiment, profile)
+        plan = BASELINES[name](experiment, profile, recompute) if name in RECOMPUTING else \
+            BASELINES[name](experiment, profile)
     except ConfigError as exc:
         return Baseline(name, None, None, str(exc))
     memory = plan_memory(experiment, plan, profile.capacity_bytes)
@@ -238,6 +260,8 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("experiment", help="experiment YAML file")
     parser.add_argument("--name", required=True, help=f"baseline: {', '.join(BASELINES)}")
     parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
+    parser.add_argument("--recompute", default="none", choices=RECOMPUTE_CHOICES,
+                        help="activation recompute of the train calls (megatron only; default none)")
     parser.add_argument("--out", help="write the plan JSON here (only when it fits)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -247,7 +271,7 @@ def _main(argv: list[str] | None) -> int:
     profile = load_profile(args.profile or experiment.cluster.device)
     if args.out:
         check_out(args.out)
-    base = build(args.name, experiment, profile)
+    base = build(args.name, experiment, profile, recompute=args.recompute)
     memory = plan_memory(experiment, base.plan, profile.capacity_bytes) if base.plan else None
     if args.out and base.feasible:
         atomic_write_text(args.out, base.plan.to_json())

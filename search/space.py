@@ -1,8 +1,9 @@
-"""The plan space: per call, every valid mesh × (dp, tp, pp) × micro-batch count that can fit.
+"""The plan space: per call, every valid mesh × (dp, tp, pp) × micro-batch count (× activation
+recompute for a train call) that can fit.
 
 Whether a layout is valid depends on its mesh only through the mesh's size (a mesh is an
 aligned power-of-two slice of one node or a run of whole nodes, :meth:`Cluster.meshes`), so
-a call's candidates are kept as *shapes* ``(dp, tp, pp, micro_batches)`` per mesh size plus the
+a call's candidates are kept as *shapes* ``(dp, tp, pp, micro_batches, recompute)`` per mesh size plus the
 first devices of the meshes of that size. The space is counted from these, never listed: on
 128 nodes × 8 devices a call has about 10,000 meshes and a million layouts, and the joint space
 is their product (``log10`` reported).
@@ -14,10 +15,19 @@ on a device whatever the rest of the plan is: the bytes the call adds while it r
 so without a reallocated copy) plus, for the call that is its role's home, the role's resident
 weights, gradients and optimizer state (:mod:`estimator.memory`) exceed the capacity. Every
 plan that fits uses only kept shapes, so the pruning loses nothing.
+
+Recompute: a train call's shape is also kept with ``recompute="full"`` where that can matter.
+Recompute only trades time (a longer backward) for memory, so it is dropped where it cannot
+win: where it does not fit alone, where it saves no bytes on any stage (one block per stage
+and one micro-batch in flight keep the block's activations either way), and where the shape
+without it fits next to the most every other role can keep resident on one device (any plan
+using it would then fit, faster, without). Among the rest the search picks by predicted time
+and memory, so a recomputing layout wins only where a plan would not fit without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,19 +35,27 @@ from estimator.cluster import DeviceMesh
 from estimator.errors import ConfigError
 from estimator.experiment import Experiment
 from estimator.memory import call_bytes, fmt_bytes, home_bytes, home_calls
-from estimator.plan import MICRO_BATCH_CHOICES, Layout, Plan, divisors, format_table, layout_problems
+from estimator.plan import (
+    MICRO_BATCH_CHOICES,
+    Layout,
+    Plan,
+    divisors,
+    format_table,
+    layout_problems,
+    recompute_choices,
+)
 from estimator.profiles import Profile
 
-Shape = tuple[int, int, int, int]  # (dp, tp, pp, micro_batches)
+Shape = tuple[int, int, int, int, str]  # (dp, tp, pp, micro_batches, recompute)
 
 
 def shape_of(layout: Layout) -> Shape:
-    return (layout.dp, layout.tp, layout.pp, layout.micro_batches)
+    return (layout.dp, layout.tp, layout.pp, layout.micro_batches, layout.recompute)
 
 
 def make_layout(first: int, size: int, shape: Shape) -> Layout:
-    dp, tp, pp, mb = shape
-    return Layout(DeviceMesh(first, size), dp, tp, pp, mb)
+    dp, tp, pp, mb, recompute = shape
+    return Layout(DeviceMesh(first, size), dp, tp, pp, mb, recompute)
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,11 @@ class CallSpace:
     def count(self) -> int:
         """Layouts kept (valid and able to fit)."""
         return sum(len(self.shapes[s]) * len(self.firsts[s]) for s in self.shapes)
+
+    @property
+    def recompute_count(self) -> int:
+        """Of the kept layouts, those that recompute activations."""
+        return sum(sum(sh[4] != "none" for sh in self.shapes[s]) * len(self.firsts[s]) for s in self.shapes)
 
     def contains(self, layout: Layout) -> bool:
         s = layout.mesh.size
@@ -96,13 +119,15 @@ class Space:
         return all(c.contains(plan[c.name]) for c in self.calls)
 
     def table(self) -> str:
-        rows = [("call", "role", "valid layouts", "kept (can fit)", "mesh sizes")]
-        rows += [(c.name, c.role, f"{c.valid:,}", f"{c.count:,}", _sizes_text(c.sizes)) for c in self.calls]
-        return format_table(rows, right={2, 3})
+        rows = [("call", "role", "valid layouts", "kept (can fit)", "of which recompute", "mesh sizes")]
+        rows += [(c.name, c.role, f"{c.valid:,}", f"{c.count:,}", f"{c.recompute_count:,}", _sizes_text(c.sizes))
+                 for c in self.calls]
+        return format_table(rows, right={2, 3, 4})
 
     def summary(self) -> dict:
         return {"log10_size": self.log10_size,
-                "calls": {c.name: {"valid": c.valid, "kept": c.count} for c in self.calls}}
+                "calls": {c.name: {"valid": c.valid, "kept": c.count, "recompute": c.recompute_count}
+                          for c in self.calls}}
 
 
 def _sizes_text(sizes: tuple[int, ...]) -> str:
@@ -116,7 +141,9 @@ def _degrees(size: int, per_node: int, layers: int) -> list[tuple[int, int, int]
             for pp in divisors(size // tp) if pp <= layers]
 
 
-def _fits_alone(experiment: Experiment, name: str, layout: Layout, home: bool, capacity: float) -> bool:
+def _stage_bytes(experiment: Experiment, name: str, layout: Layout, home: bool) -> list[float]:
+    """Per stage, the bytes ``name`` adds at home plus, for its role's home call, the role's
+    resident weights, gradients and optimizer state."""
     call = experiment.workflow[name]
     model = experiment.models[call.role]
     dynamic = [sum(p.values()) for p in call_bytes(call, model, layout, at_home=True)]
@@ -124,48 +151,112 @@ def _fits_alone(experiment: Experiment, name: str, layout: Layout, home: bool, c
         trained = call.role in experiment.workflow.trained_roles()
         static = [sum(p.values()) for p in home_bytes(model, layout, trained)]
         dynamic = [a + b for a, b in zip(dynamic, static)]
-    return max(dynamic) <= capacity
+    return dynamic
 
 
-def build_space(experiment: Experiment, profile: Profile) -> Space:
-    """The pruned plan space of ``experiment`` on ``profile`` (see the module docstring).
+def _fits_alone(experiment: Experiment, name: str, layout: Layout, home: bool, capacity: float) -> bool:
+    return max(_stage_bytes(experiment, name, layout, home)) <= capacity
+
+
+Degrees = tuple[int, int, int, int]  # (dp, tp, pp, micro_batches)
+
+
+@dataclass
+class _Candidates:
+    """One call's shapes before recompute: valid ones and, of those, the ones kept."""
+
+    valid: dict[int, list[Degrees]]  # mesh size → every valid (dp, tp, pp, micro_batches)
+    kept: dict[int, list[Degrees]]  # mesh size → those that can fit without recompute
+    count: int  # valid layouts without recompute (shapes × meshes)
+
+
+def _candidates(experiment: Experiment, name: str, firsts: dict[int, list[int]], home: bool,
+                capacity: float) -> _Candidates:
+    cl = experiment.cluster
+    call = experiment.workflow[name]
+    model = experiment.models[call.role]
+    out = _Candidates({}, {}, 0)
+    for size, starts in firsts.items():
+        valid, kept = [], []
+        for dp, tp, pp in _degrees(size, cl.devices_per_node, model.layers):
+            mesh = DeviceMesh(starts[0], size)
+            # a rule mb=1 breaks, every micro-batch count breaks (dp·mb is a multiple of dp)
+            if layout_problems(call, model, cl, Layout(mesh, dp, tp, pp, 1)):
+                continue
+            fits = False
+            for mb in MICRO_BATCH_CHOICES:
+                lay = Layout(mesh, dp, tp, pp, mb)
+                if mb > 1 and layout_problems(call, model, cl, lay):
+                    continue
+                valid.append((dp, tp, pp, mb))
+                # a call's bytes never grow with more micro-batches, so once one count fits
+                # every larger one does
+                fits = fits or _fits_alone(experiment, name, lay, home, capacity)
+                if fits:
+                    kept.append((dp, tp, pp, mb))
+        out.valid[size], out.kept[size] = valid, kept
+        out.count += len(valid) * len(starts)
+    return out
+
+
+def _resident_max(experiment: Experiment, role: str, home: _Candidates, capacity: float) -> float:
+    """The most bytes ``role`` can keep resident on one device: over its home call's valid
+    placements whose resident bytes fit at all (with or without recompute, the call itself
+    aside)."""
+    model = experiment.models[role]
+    trained = role in experiment.workflow.trained_roles()
+    placements = {(size, dp, tp, pp) for size, shapes in home.valid.items() for dp, tp, pp, _ in shapes}
+    most = (max(sum(parts.values()) for parts in home_bytes(model, Layout(DeviceMesh(0, s), dp, tp, pp), trained))
+            for s, dp, tp, pp in placements)
+    return max((b for b in most if b <= capacity), default=0.0)
+
+
+def _recompute_useful(experiment: Experiment, name: str, lay: Layout, home: bool, others: float,
+                      capacity: float) -> bool:
+    """Whether recompute on ``lay`` (a train call) can be in a fastest plan that fits: it must
+    fit alone, save bytes on some stage, and the layout without it must be able to overflow a
+    device next to the most that other roles can keep resident there (``others``). Otherwise
+    dropping recompute keeps any plan fitting and makes it faster."""
+    full = _stage_bytes(experiment, name, dataclasses.replace(lay, recompute="full"), home)
+    if max(full) > capacity:
+        return False
+    plain = _stage_bytes(experiment, name, lay, home)
+    return any(f < p for f, p in zip(full, plain)) and max(plain) + others > capacity
+
+
+def build_space(experiment: Experiment, profile: Profile, recompute: bool = True) -> Space:
+    """The pruned plan space of ``experiment`` on ``profile`` (see the module docstring);
+    ``recompute=False`` leaves activation recompute out.
 
     Raises :class:`ConfigError` naming the call when a call has no layout that can fit."""
     cl, wf = experiment.cluster, experiment.workflow
+    cap = profile.capacity_bytes
     firsts: dict[int, list[int]] = {}
     for mesh in cl.meshes():
         firsts.setdefault(mesh.size, []).append(mesh.first)
     homes = home_calls(wf)
+    order = wf.topological_order()
+    found = {n: _candidates(experiment, n, firsts, homes[wf[n].role] == n, cap) for n in order}
+    resident = {r: _resident_max(experiment, r, found[c], cap) for r, c in homes.items()}
     calls = []
-    for name in wf.topological_order():
-        call = wf[name]
-        model = experiment.models[call.role]
+    for name in order:
+        call, cand = wf[name], found[name]
+        choices = recompute_choices(call)
         shapes: dict[int, tuple[Shape, ...]] = {}
-        valid = 0
-        for size, starts in firsts.items():
-            kept = []
-            for dp, tp, pp in _degrees(size, cl.devices_per_node, model.layers):
-                mesh = DeviceMesh(starts[0], size)
-                # a rule mb=1 breaks, every micro-batch count breaks (dp·mb is a multiple of dp)
-                if layout_problems(call, model, cl, Layout(mesh, dp, tp, pp, 1)):
-                    continue
-                fits = False
-                for mb in MICRO_BATCH_CHOICES:
-                    lay = Layout(mesh, dp, tp, pp, mb)
-                    if mb > 1 and layout_problems(call, model, cl, lay):
-                        continue
-                    valid += len(starts)
-                    # a call's bytes never grow with more micro-batches, so once one count fits
-                    # every larger one does
-                    fits = fits or _fits_alone(experiment, name, lay, homes[call.role] == name,
-                                               profile.capacity_bytes)
-                    if fits:
-                        kept.append((dp, tp, pp, mb))
+        home = homes[call.role] == name
+        others = sum(v for r, v in resident.items() if r != call.role or not home)
+        for size in firsts:
+            kept: list[Shape] = [(*d, "none") for d in cand.kept[size]]
+            if recompute and len(choices) > 1:
+                kept += [(*d, "full") for d in cand.valid[size]
+                         if _recompute_useful(experiment, name, make_layout(firsts[size][0], size, (*d, "none")),
+                                              home, others, cap)]
             shapes[size] = tuple(kept)
-        space = CallSpace(name, call.role, shapes, {s: tuple(f) for s, f in firsts.items()}, valid)
+        space = CallSpace(name, call.role, shapes, {s: tuple(f) for s, f in firsts.items()},
+                          cand.count * len(choices))
         if not space.count:
-            cap = fmt_bytes(profile.capacity_bytes)
-            why = "no valid layout" if not valid else f"no valid layout fits in {cap} per device"
+            model = experiment.models[call.role]
+            why = "no valid layout" if not cand.count else f"no valid layout fits in {fmt_bytes(cap)} per device"
             raise ConfigError(f"call {name}: {why} on the cluster's {cl.num_devices} devices "
                               f"(model {model.name}); no plan exists")
         calls.append(space)

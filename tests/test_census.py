@@ -191,3 +191,23 @@ def test_gpt_style_ends_and_backward_are_exact_at_real_shapes(model):
     grad = torch.randn_like(out)
     got = _recorded(functools.partial(torch.autograd.backward, out, grad))
     assert got == pytest.approx(_census(block_piece("backward", model, 1), model, 1, rows=b, tokens=s))
+
+
+@pytest.mark.parametrize("recompute,expected", [(False, 2), (True, 3)])
+def test_tensor_parallel_all_reduces_of_a_block_backward(recompute, expected, monkeypatch):
+    """What :func:`estimator.cost.backward_stage` charges: a block's backward all-reduces the
+    gradients of its two column-parallel inputs (Megatron's f); recomputing it re-runs o_proj's
+    all-reduce too, but not down_proj's, after the block's last saved tensor (torch's
+    non-reentrant checkpoint stops there)."""
+    created = C._init_fake_world()
+    try:
+        counted = []
+        real = torch.distributed.all_reduce
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: counted.append(1) or real(*a, **k))
+        thunk = C.block_forward(C.PRIMES_A, torch.float32, True, "", backward=True, recompute=recompute)
+        counted.clear()  # the forward's own all-reduces ran while preparing
+        thunk()
+        assert len(counted) == expected
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()

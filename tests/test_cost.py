@@ -300,3 +300,44 @@ def test_census_dtype_follows_the_profile():
     f32 = sum(e["count"][0] for e in load_census().piece("float32", "block_forward"))
     bf16 = sum(e["count"][0] for e in load_census().piece("bfloat16", "block_forward"))
     assert bf16 > f32  # the norms' up- and down-casts
+
+
+def test_recompute_charges_the_checkpointed_forward_by_hand():
+    """tiny-2l-128h (h 128, f 256, 4 heads of 32, 2 K/V heads: kv_dim 64), 2 sequences of 16
+    tokens, 2 blocks, a linear 1 TFLOP/s profile without memory or dispatch cost. A recomputing
+    backward runs each block's forward again up to its last saved tensor: the q, k, v, o
+    projections, attention and gate/up, but not down_proj, whose output nothing saves (torch's
+    non-reentrant checkpoint stops recomputing there)."""
+    p = linear_profile(peak=1e12, bw=1e30, link_bw=1e9)
+    b, s, L, h, f, kv = 2, 16, 2, 128, 256, 64
+    plain = backward_stage(p, TINY, 1, L, False, False, b, s)
+    again = backward_stage(p, TINY, 1, L, False, False, b, s, recompute=True)
+    per_token = 2 * (2 * h * h + 2 * h * kv) + 2 * 2 * h * f  # q, k, v, o; gate and up
+    attention = 4 * h * s * s  # per sequence, the counter's full square
+    extra = L * b * (s * per_token + attention)  # 2·2·(16·229376 + 131072) = 15,204,352 FLOPs
+    assert extra == 15_204_352
+    assert again.compute_s - plain.compute_s == pytest.approx(extra / 1e12, rel=1e-9)
+    # one more all-reduce per block under tensor parallelism: the re-run o_proj's output (the
+    # recompute stops before down_proj and its all-reduce; tests/test_census.py counts them)
+    tp = 2
+    one = 2 * (tp - 1) / tp * (b * s * h * BF16) / 1e9  # ring all-reduce of b·s·h bf16 at 1 GB/s
+    assert backward_stage(p, TINY, tp, L, False, False, b, s).comm_s == pytest.approx(2 * L * one)
+    assert backward_stage(p, TINY, tp, L, False, False, b, s, recompute=True).comm_s == pytest.approx(3 * L * one)
+    # every op dispatches again: the forward's, the checkpoint's detaches of the saved tensors
+    census = load_census()
+    ops = {n: sum(e["count"][0] for e in census.piece("float32", n))
+           for n in ("block_forward", "block_backward", "block_backward_recompute")}
+    assert ops["block_backward_recompute"] > ops["block_forward"] + ops["block_backward"]
+
+
+def test_lowering_recomputes_only_where_the_layout_says():
+    exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    prof = load_profile("cpu")
+    call = exp.workflow["actor_train"]
+    lay = Layout(DeviceMesh(0, 2), 1, 1, 2, 2)
+    base = lower_call(call, exp.models["actor"], lay, 2, prof)
+    rc = lower_call(call, exp.models["actor"], dataclasses.replace(lay, recompute="full"), 2, prof)
+    for a, r in zip(base.stages, rc.stages):
+        assert a.fwd == r.fwd and a.optimizer_s == r.optimizer_s
+        assert r.bwd.compute_s > a.bwd.compute_s
+    assert call_s(rc) > call_s(base)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -125,3 +126,24 @@ def test_every_algorithm_evaluates_and_agrees(algorithm):
         got = ev.evaluate(plan)
         assert got.iteration_s == pytest.approx(sim, rel=0.03)
         assert got.peak_memory_bytes == pytest.approx(plan_memory(exp, plan, prof.capacity_bytes).peak.peak_bytes)
+
+
+@pytest.mark.parametrize("name", ["ppo-tiny-2xcpu", "ppo-llama2-7b-8xh100"])
+def test_evaluator_agrees_with_simulator_under_recompute(name):
+    """Recomputing train calls: both charge the same longer backward, the memory model the
+    smaller activations; the plan is slower and never needs more memory."""
+    exp = load_experiment(EXAMPLES / f"{name}.yaml")
+    prof = load_profile(exp.cluster.device)
+    costs = Costs(exp, prof)
+    ev = Evaluator(exp, prof, costs=costs)
+    wf = exp.workflow
+    for drawn in _random_plans(exp, 4, seed=5):
+        plan = Plan({c: dataclasses.replace(v, recompute="none") for c, v in drawn.layouts.items()})
+        rc = Plan({c: dataclasses.replace(v, recompute="full") if wf[c].kind == "train" else v
+                   for c, v in plan.layouts.items()})
+        sim = simulate(exp, rc, prof, costs=costs).iteration_s
+        fast = ev.evaluate(rc)
+        assert fast.iteration_s == pytest.approx(sim, rel=0.03), rc.table()
+        assert fast.iteration_s > ev.evaluate(plan).iteration_s
+        assert fast.peak_memory_bytes <= ev.evaluate(plan).peak_memory_bytes
+        assert fast.peak_memory_bytes == pytest.approx(plan_memory(exp, rc, prof.capacity_bytes).peak.peak_bytes)

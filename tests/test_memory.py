@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -65,6 +66,33 @@ def test_call_bytes_by_kind():
     # away from home a call holds its own copy of the weights
     away = call_bytes(wf["ref_inf"], TINY, lay, at_home=False)
     assert away[0]["realloc"] == 2 * stage_params(TINY, 1, 2, 0, 1)
+
+
+def test_recompute_keeps_each_block_input_and_one_block_by_hand():
+    """tiny-2l-128h: one block's saved activations are 8·128 + 4·128 + 4·64 + 8·256 + 4·4 =
+    3856 bytes per token; a block input is 2·128 = 256. PPO actor_train, 4 sequences of 32
+    tokens per minibatch, dp 2, pp 2, 2 micro-batches: 32 tokens per micro-batch, one block
+    per stage."""
+    exp = tiny_experiment("ppo", batch_size=8, minibatches=2)
+    call = exp.workflow["actor_train"]
+    plain = Layout(DeviceMesh(0, 4), 2, 1, 2, 2)
+    full = Layout(DeviceMesh(0, 4), 2, 1, 2, 2, recompute="full")
+    before = call_bytes(call, TINY, plain, at_home=True)
+    after = call_bytes(call, TINY, full, at_home=True)
+    # stage 0 keeps 2 micro-batches (1F1B): without recompute 2·32·(3856 + 256) = 263,168 B
+    assert before[0]["activations"] == 263_168
+    # with it, each block's input and the stage's input per micro-batch, plus one block's
+    # activations of the micro-batch in backward: 2·32·(256 + 256) + 32·3856 = 156,160 B
+    assert after[0]["activations"] == 156_160
+    # the last stage: one micro-batch 32·(256 + 256) + 32·3856, and the head's 10·32·256
+    assert after[1]["activations"] == 16_384 + 123_392 + 81_920
+    # one stage of both blocks: recompute keeps 2 block inputs instead of 2 blocks' activations
+    one_stage = Layout(DeviceMesh(0, 1), 1, 1, 1, 1)
+    a = call_bytes(call, TINY, one_stage, at_home=True)[0]["activations"]
+    b = call_bytes(call, TINY, dataclasses.replace(one_stage, recompute="full"), at_home=True)[0]["activations"]
+    tokens = 4 * 32  # the whole minibatch in one micro-batch
+    head = 10 * tokens * TINY.vocab
+    assert a - head == tokens * (2 * 3856 + 256) and b - head == tokens * (2 * 256 + 256 + 3856)
 
 
 def test_plan_memory_adds_homes_and_the_largest_call():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from estimator.cluster import Cluster, DeviceMesh
 from estimator.errors import ConfigError
 from estimator.models import PRESETS, ModelSpec
-from estimator.plan import Layout, Plan, enumerate_layouts, layout_problems, validate
+from estimator.plan import RECOMPUTE_CHOICES, Layout, Plan, enumerate_layouts, layout_problems, validate
 from estimator.workflow import Call, Workload
 from tests.conftest import tiny_experiment
 
@@ -99,7 +101,7 @@ def test_stage_layers_partition_all_layers(layers, pp):
 
 
 layouts = st.builds(Layout, st.builds(DeviceMesh, st.integers(0, 64), st.integers(1, 64)), st.integers(1, 8),
-                    st.integers(1, 8), st.integers(1, 8), st.integers(1, 32))
+                    st.integers(1, 8), st.integers(1, 8), st.integers(1, 32), st.sampled_from(RECOMPUTE_CHOICES))
 
 
 @given(st.dictionaries(st.text("abcdefgh_", min_size=1, max_size=12), layouts, max_size=6))
@@ -150,6 +152,8 @@ def test_paired_batch_divisibility_counts_pairs():
     ('{"calls": {"a": {"mesh": "x", "dp": 1, "tp": 1, "pp": 1}}}', "calls.a.mesh"),
     ('{"calls": {"a": {"mesh": "0", "dp": 0, "tp": 1, "pp": 1}}}', "calls.a.dp=0 must be at least 1"),
     ('{"calls": {}', "not valid JSON"),
+    ('{"calls": {"a": {"mesh": "0", "dp": 1, "tp": 1, "pp": 1, "recompute": "some"}}}',
+     "calls.a.recompute: 'some' is not one of ['none', 'full']"),
 ])
 def test_plan_json_errors_name_the_key(text, error):
     with pytest.raises(ConfigError) as err:
@@ -170,3 +174,31 @@ def test_model_spec_tp_divisibility_is_checked_for_value_heads_too():
     call = _call(8, 1, kind="inference")
     probs = layout_problems(call, critic, Cluster(1, 8, "x"), Layout(DeviceMesh(0, 8), 1, 8, 1))
     assert _rules(probs) == {"heads", "kv_heads", "ffn", "vocab"}
+
+
+def test_recompute_is_a_train_layout_option():
+    """Plan files without the key load as no recompute; with it, the key round-trips, the table
+    grows a column, and only train calls may recompute."""
+    old = '{"calls": {"a": {"mesh": "0-1", "dp": 2, "tp": 1, "pp": 1}}}'
+    assert Plan.from_json(old)["a"].recompute == "none"
+    plan = Plan({"actor_train": Layout(DeviceMesh(0, 2), 2, 1, 1, 2, "full"),
+                 "ref_inf": Layout(DeviceMesh(0, 2), 2, 1, 1)})
+    assert '"recompute": "full"' in plan.to_json() and plan.to_json().count("recompute") == 1
+    assert Plan.from_json(plan.to_json()) == plan
+    lines = plan.table().splitlines()
+    assert lines[0].split()[-1] == "recompute" and lines[2].split()[-1] == "full" and lines[3].split()[-1] == "none"
+    assert "recompute" not in Plan({"ref_inf": plan["ref_inf"]}).table()
+    with pytest.raises(ConfigError, match="recompute='partial': must be one of"):
+        Layout(DeviceMesh(0, 1), 1, 1, 1, 1, "partial")
+    # ordering and hashing still work on layouts that differ only in recompute (search keys)
+    a, b = Layout(DeviceMesh(0, 1), 1, 1, 1, 1), Layout(DeviceMesh(0, 1), 1, 1, 1, 1, "full")
+    assert a != b and len({a, b}) == 2 and sorted([b, a]) == [b, a]
+
+    exp = tiny_experiment("ppo", devices_per_node=2, batch_size=8, minibatches=2)
+    one = Layout(DeviceMesh(0, 1), 1, 1, 1)
+    layouts = {c: one for c in exp.workflow.call_names}
+    layouts["actor_train"] = dataclasses.replace(one, recompute="full")
+    assert validate(Plan(layouts), exp) == []
+    layouts["ref_inf"] = dataclasses.replace(one, recompute="full")
+    assert validate(Plan(layouts), exp) == [
+        "call ref_inf: recompute='full' applies to train calls only, not to this inference call (use recompute='none')"]

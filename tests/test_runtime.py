@@ -115,6 +115,25 @@ def test_dpo_update_is_the_same_under_every_example_plan():
     assert_invariant(exp, names, run_all(exp, plans), ("actor",))
 
 
+def _recomputing(plan: Plan, experiment: Experiment) -> Plan:
+    """``plan`` with every train call recomputing its activations."""
+    wf = experiment.workflow
+    return Plan({c: dataclasses.replace(lay, recompute="full") if wf[c].kind == "train" else lay
+                 for c, lay in plan.layouts.items()})
+
+
+def test_activation_recompute_computes_the_same_update(ppo_runs):
+    """Checkpointed blocks (tensor-parallel hooks re-run, pipeline stages re-entered) change
+    memory and time, never the update: tp2, pp2 and dp2 with recompute match the single-device
+    run without it."""
+    exp, runs = ppo_runs
+    names = ["tp2", "pp2", "dp2"]
+    plans = [_recomputing(Plan.load(str(PLANS / "ppo-tiny-2xcpu" / f"{n}.json")), exp) for n in names]
+    assert all(p["actor_train"].recompute == "full" and p["actor_gen"].recompute == "none" for p in plans)
+    results = run_all(exp, plans)
+    assert_invariant(exp, ["single-device", *names], [runs["single-device"], *results], ("actor", "critic"))
+
+
 def _layout(mesh: str, dp: int = 1, tp: int = 1, pp: int = 1, mb: int = 1) -> Layout:
     return Layout(DeviceMesh.parse(mesh), dp, tp, pp, mb)
 

@@ -11,17 +11,18 @@ from estimator.cluster import Cluster
 from estimator.evaluator import Evaluator
 from estimator.experiment import load_experiment
 from estimator.memory import plan_memory
-from estimator.plan import check
+from estimator.plan import Plan, check, enumerate_layouts
 from estimator.profiles import load_profile
 from search import run_search
-from search.anneal import split_evals
+from search.anneal import RECOMPUTE_P, Chain, split_evals
 from search.exact import EXACT_MAX_PLANS
 from search.space import build_space
 from tests.conftest import EXAMPLES, tiny_experiment
 from tests.synthetic import linear_profile
 
 # Tiny models on one node of 4 devices, memory tight enough that trained roles need two devices:
-# spaces of 164,025 (PPO) and 127,776 (GRPO) plans, which the exact search enumerates.
+# spaces of 164,025 (PPO) and 127,776 (GRPO) plans without activation recompute, which the exact
+# search enumerates (recompute would double the trained roles' layouts here).
 SMALL = {"ppo": dict(batch_size=1, minibatches=1), "grpo": dict(batch_size=2, minibatches=1)}
 TIGHT = 4e6  # bytes per device
 
@@ -33,9 +34,9 @@ def _search_best(result) -> float:
 @pytest.mark.parametrize("algorithm", sorted(SMALL))
 def test_annealing_finds_the_optimum_the_exact_search_proves(algorithm):
     exp, profile = tiny_experiment(algorithm, **SMALL[algorithm]), linear_profile(capacity=TIGHT)
-    space = build_space(exp, profile)
+    space = build_space(exp, profile, recompute=False)
     assert 50_000 < space.size <= EXACT_MAX_PLANS
-    exact = run_search(exp, profile, max_evals=1, progress=False, top_k=1, method="auto")
+    exact = run_search(exp, profile, max_evals=1, progress=False, top_k=1, method="auto", recompute=False)
     assert exact.method == "exact" and exact.evaluated == space.size
     optimum = _search_best(exact)
     # the proof: no plan of the space that fits is faster (checked here on a sample of it)
@@ -45,7 +46,7 @@ def test_annealing_finds_the_optimum_the_exact_search_proves(algorithm):
         assert r.feasible and r.iteration_s >= optimum - 1e-15
     for seed in (0, 1):
         annealed = run_search(exp, profile, max_evals=3000, seed=seed, chains=1, progress=False, top_k=1,
-                              method="anneal")
+                              method="anneal", recompute=False)
         assert annealed.method == "anneal" and annealed.evaluated == 3000
         assert _search_best(annealed) == pytest.approx(optimum, rel=1e-12)
 
@@ -92,3 +93,35 @@ def test_1024_devices_start_at_once_and_return_within_the_budget():
     # stopping the re-ranking workers)
     assert result.elapsed_s <= budget + result.slowest_eval_s + 5.0
     check(result.plan, big)
+
+
+@pytest.mark.parametrize("capacity,recomputes", [(3.1e6, True), (3.7e6, None), (1e9, False)])
+def test_recompute_is_chosen_by_predicted_time_where_memory_demands(capacity, recomputes):
+    """SFT of the tiny model on two devices: the exact search over the pruned space finds the
+    fastest layout of all that fit, recompute or not (brute force over every valid layout). At
+    3.1 MB only recomputing layouts fit; with room to spare none is kept."""
+    exp = tiny_experiment("sft", devices_per_node=2, batch_size=8, minibatches=1)
+    profile = dataclasses.replace(load_profile("cpu"), capacity_bytes=capacity)
+    result = run_search(exp, profile, max_evals=1, progress=False, top_k=1, method="exact")
+    ev = Evaluator(exp, profile)
+    call = exp.workflow["actor_train"]
+    every = [ev.evaluate(Plan({"actor_train": lay}))
+             for lay in enumerate_layouts(call, exp.models["actor"], exp.cluster)]
+    assert any(r.feasible for r in every)
+    assert _search_best(result) == pytest.approx(min(r.iteration_s for r in every if r.feasible), rel=1e-12)
+    if recomputes is not None:
+        assert (result.plan["actor_train"].recompute == "full") is recomputes
+    if recomputes is False:
+        assert build_space(exp, profile)["actor_train"].recompute_count == 0
+
+
+def test_annealing_proposes_recompute_where_only_it_fits_and_otherwise_by_chance():
+    exp = tiny_experiment("sft", devices_per_node=2, batch_size=8, minibatches=1)
+    profile = linear_profile()
+    chain = Chain(exp, profile, build_space(exp, profile), (0, 0), top_k=1)
+    both = [(1, 1, 1, 2, "none"), (1, 1, 1, 2, "full")]
+    only = [(1, 1, 1, 4, "full")]
+    picks = [chain._pick_shape(both + only) for _ in range(4000)]
+    assert picks.count(only[0]) == pytest.approx(2000, rel=0.1)  # degrees first, uniformly
+    assert picks.count(both[1]) == pytest.approx(2000 * RECOMPUTE_P, rel=0.15)
+    assert set(picks) == set(both + only)

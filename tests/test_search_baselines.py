@@ -7,6 +7,7 @@ import json
 import pytest
 
 from estimator.baselines import symmetric_plan
+from estimator.errors import ConfigError
 from estimator.experiment import load_experiment
 from estimator.memory import plan_memory
 from estimator.plan import Plan, check
@@ -38,6 +39,22 @@ def test_megatron_is_the_symmetric_plan_and_colocate_one_model_parallel_size_on_
     colocate = build("colocate", exp, profile, simulate_it=False).plan
     assert {lay.mesh for lay in colocate.layouts.values()} == {exp.cluster.whole()}
     assert len({lay.tp * lay.pp for lay in colocate.layouts.values()}) == 1
+
+
+def test_megatron_with_recompute_recomputes_every_train_call():
+    exp, profile = load_experiment(SEVEN_B), load_profile("h100-sxm")
+    plain = build("megatron", exp, profile)
+    full = build("megatron", exp, profile, recompute="full")
+    wf = exp.workflow
+    for name, lay in full.plan.layouts.items():
+        assert lay.recompute == ("full" if wf[name].kind == "train" else "none")
+        other = plain.plan[name]  # the same placement; micro-batches may differ, fitted to memory
+        assert (lay.mesh, lay.dp, lay.tp, lay.pp) == (other.mesh, other.dp, other.tp, other.pp)
+    assert full.feasible and full.iteration_s > plain.iteration_s
+    # needing less memory, the recomputing train calls fit with no more micro-batches
+    assert all(full.plan[c].micro_batches <= plain.plan[c].micro_batches for c in ("actor_train", "critic_train"))
+    with pytest.raises(ConfigError, match="baseline 'colocate' takes no recompute setting"):
+        build("colocate", exp, profile, recompute="full")
 
 
 def test_split_puts_actor_and_reference_apart_from_critic_and_reward():

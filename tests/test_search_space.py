@@ -9,6 +9,7 @@ import pytest
 
 from estimator.cluster import Cluster
 from estimator.errors import ConfigError
+from estimator.evaluator import Evaluator
 from estimator.experiment import load_experiment
 from estimator.memory import plan_memory
 from estimator.plan import Plan, enumerate_layouts
@@ -24,8 +25,11 @@ def test_valid_counts_match_the_enumerated_layouts_and_kept_layouts_are_valid():
     for cs in space.calls:
         listed = enumerate_layouts(exp.workflow[cs.name], exp.models[cs.role], exp.cluster)
         assert cs.valid == len(listed)
-        assert set(cs.layouts()) == set(listed)  # nothing pruned with 80 GB per device
-        assert cs.count == len(listed)
+        # nothing pruned with 80 GB per device, but recompute, which no plan would need there
+        plain = {lay for lay in listed if lay.recompute == "none"}
+        assert set(cs.layouts()) == plain and cs.recompute_count == 0
+        assert cs.count == len(plain)
+        assert len(plain) < len(listed) if exp.workflow[cs.name].kind == "train" else len(plain) == len(listed)
     assert space.log10_size == pytest.approx(math.log10(space.size))
 
 
@@ -38,10 +42,21 @@ def test_memory_pruning_drops_only_layouts_no_plan_can_fit():
     dropped = [lay for lay in listed if not train.contains(lay)]
     assert 0 < len(dropped) < len(listed)
     cheapest = {c.name: min(c.layouts(), key=lambda lay: (lay.mesh.size, lay.micro_batches)) for c in space.calls}
+    assert 0 < train.recompute_count < sum(lay.recompute == "full" for lay in listed)
+    assert space.summary()["calls"]["actor_train"]["recompute"] == train.recompute_count
+    row = next(line for line in space.table().splitlines() if line.startswith("actor_train"))
+    assert row.split()[4] == f"{train.recompute_count:,}" and "of which recompute" in space.table()
+    ev = Evaluator(exp, profile)
     for lay in dropped[:: max(1, len(dropped) // 10)]:
-        # with every other call on the smallest mesh it allows, the dropped layout still overflows
+        # with every other call on the smallest mesh it allows, the dropped layout still
+        # overflows, or (recompute) the same layout without it fits and is faster
         plan = Plan({**cheapest, "actor_train": lay})
-        assert not plan_memory(exp, plan, profile.capacity_bytes).feasible
+        if not plan_memory(exp, plan, profile.capacity_bytes).feasible:
+            continue
+        twin = dataclasses.replace(lay, recompute="none")
+        assert lay.recompute == "full" and train.contains(twin)
+        without = ev.evaluate(Plan({**cheapest, "actor_train": twin}))
+        assert without.feasible and without.iteration_s < ev.evaluate(plan).iteration_s
 
 
 def test_a_call_that_cannot_fit_anywhere_is_an_error_naming_it():
