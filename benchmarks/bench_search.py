@@ -78,22 +78,24 @@ def bench_example(path: Path, budget: float, factor: float, repeats: int, chains
                         for n, b in ref.baselines.items()}}
 
 
-def real_experiment(model: str, nodes: int, gen: int, batch: int) -> Experiment:
+def real_experiment(model: str, nodes: int, gen: int, batch: int, device: str = "h100-sxm") -> Experiment:
     return experiment_from_dict({
         "name": f"ppo-{model}+7b-{8 * nodes}xh100-gen{gen}", "algorithm": "ppo",
         "models": {"actor": model, "ref": model, "critic": "llama2-7b", "reward": "llama2-7b"},
         "batch_size": batch, "prompt_len": 128, "gen_len": gen, "ppo_minibatches": 4,
-        "cluster": {"nodes": nodes, "devices_per_node": 8, "device": "h100-sxm"}})
+        "cluster": {"nodes": nodes, "devices_per_node": 8, "device": device}})
 
 
-def weak_scaling(budget: float, chains: int | None, recompute: bool = False) -> list[dict]:
+def weak_scaling(budget: float, chains: int | None, recompute: bool = False, device: str = "h100-sxm",
+                 max_evals: int | None = None) -> list[dict]:
     rows = []
-    profile = load_profile("h100-sxm")
+    profile = load_profile(device, key="--profile")
     for model, nodes in REAL_SIZES:
         for gen, batch in REAL_SETTINGS:
-            exp = real_experiment(model, nodes, gen, batch)
+            exp = real_experiment(model, nodes, gen, batch, device)
             print(f"{exp.name}: search, {budget:.0f} s", file=sys.stderr)
-            r = run_search(exp, profile, time_budget_s=budget, chains=chains, progress=False, recompute=recompute)
+            r = run_search(exp, profile, time_budget_s=budget, chains=chains, progress=False, recompute=recompute,
+                           max_evals=max_evals)
             baselines = dict(r.baselines)
             if recompute:
                 baselines["megatron"] = build("megatron", exp, profile, recompute="full")
@@ -147,10 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-weak-scaling", action="store_true", help="ReaL's weak-scaling table instead")
     parser.add_argument("--recompute", action="store_true",
                         help="with --real-weak-scaling: the search and the megatron baseline may recompute activations")
+    parser.add_argument("--profile", default="h100-sxm",
+                        help="with --real-weak-scaling: the H100 profile (default h100-sxm, datasheet; h100-vidur "
+                             "is fitted on vidur's measured kernels)")
+    parser.add_argument("--max-evals", type=int,
+                        help="with --real-weak-scaling: plans per search, so a run repeats exactly on any machine")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.real_weak_scaling:
-        rows = weak_scaling(args.budget, args.chains, args.recompute)
+        rows = weak_scaling(args.budget, args.chains, args.recompute, args.profile, args.max_evals)
         print(json.dumps(rows, indent=2) if args.json else render_weak(rows))
         return 0
     paths = [EXAMPLES / "ppo-llama2-70b-128xh100.yaml", EXAMPLES / "ppo-llama2-7b-8xh100.yaml"]

@@ -26,10 +26,23 @@ from tests.test_fit_compute import TRUE, synthetic_raw
 ALONE = {"flops": 0.5, "bytes": 0.8, "dispatch": 0.25, "executor": 0.4, "command": "synthetic"}
 
 
-def _cpu_with_host(alone: dict = ALONE, devices: int = 2) -> dict:
+def _cpu_without_host() -> dict:
+    """The shipped CPU profile less what this module tests: host sharing and the extra cost of
+    a collective between computations."""
     doc = copy.deepcopy(json.loads((ROOT / "calibration" / "profiles" / "cpu.json").read_text()))
+    doc.pop("host", None)
+    doc["executor"].pop("collective_overhead_s", None)
+    return doc
+
+
+def _cpu_with_host(alone: dict = ALONE, devices: int = 2) -> dict:
+    doc = _cpu_without_host()
     doc["host"] = {"devices": devices, "alone": dict(alone), "command": "synthetic"}
     return doc
+
+
+def _plain():
+    return profile_from_dict(_cpu_without_host())
 
 
 def test_host_section_parses_and_alone_scales_each_term():
@@ -45,7 +58,7 @@ def test_host_section_parses_and_alone_scales_each_term():
     assert p.host.weight(1) == 0.0 and p.host.weight(2) == 1.0 and p.host.weight(1.25) == 0.25
     assert p.host.factor("flops", 1.5) == pytest.approx(0.75)
     # a profile without the section is its own alone profile
-    plain = load_profile("cpu")
+    plain = _plain()
     assert plain.host is None and plain.alone() is plain
 
 
@@ -103,7 +116,7 @@ def _plan(calls: dict) -> Plan:
 
 def test_a_plan_on_one_device_of_two_runs_alone_and_one_on_both_as_measured():
     exp = load_experiment(PPO)
-    shared, host = load_profile("cpu"), profile_from_dict(_cpu_with_host())
+    shared, host = _plain(), profile_from_dict(_cpu_with_host())
     alone = host.alone()
     one, both = _plan(ONE_DEVICE), _plan(BOTH)
     ev = Evaluator(exp, host)
@@ -149,7 +162,7 @@ def test_collectives_between_computations_cost_their_measured_extra():
 
     doc = _cpu_with_host()
     doc["executor"]["collective_overhead_s"] = 2e-4
-    p, plain = profile_from_dict(doc), load_profile("cpu")
+    p, plain = profile_from_dict(doc), _plain()
     assert p.in_call_s("all_reduce", 4096, 2) == pytest.approx(plain.collective_s("all_reduce", 4096, 2) + 2e-4)
     assert p.in_call_s("all_reduce", 4096, 1) == 0.0  # a group of one issues nothing
     assert tp_allreduce_s(p, 2, 8, 128) == pytest.approx(tp_allreduce_s(plain, 2, 8, 128) + 2e-4)
@@ -160,3 +173,10 @@ def test_collectives_between_computations_cost_their_measured_extra():
     assert in_situ_overhead_s(rows) == pytest.approx(1e-4)
     assert in_situ_overhead_s(rows.assign(median_s=-1e-4)) == 0.0  # never below zero
     assert in_situ_overhead_s(rows[rows["kind"] == "all_reduce"]) is None
+
+
+def test_the_shipped_cpu_profile_says_how_its_host_is_shared():
+    cpu = load_profile("cpu")
+    assert cpu.host is not None and cpu.host.devices == 2
+    assert all(0 < f <= 1 for f in cpu.host.alone.values())
+    assert cpu.collective_overhead_s >= 0 and "estimator.calibrate" in cpu.raw["host"]["command"]
