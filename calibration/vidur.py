@@ -89,6 +89,10 @@ def load_compute(directory: str | Path) -> pd.DataFrame:
     paths = sorted(root.rglob("mlp.csv")) if root.is_dir() else []
     if not paths:
         raise ConfigError(f"{directory}: no vidur compute table (compute/<gpu>/<org>/<model>/mlp.csv) under it")
+    gpus = sorted({p.parent.parent.parent for p in paths})  # compute/<gpu>/<org>/<model>/mlp.csv
+    if len(gpus) > 1:
+        raise ConfigError(f"{directory}: holds the tables of {len(gpus)} GPUs ({', '.join(g.name for g in gpus)}); "
+                          f"one profile is one GPU: give one of {', '.join(str(g) for g in gpus)}")
     frames = []
     for path in paths:
         df = pd.read_csv(path)

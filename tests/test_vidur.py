@@ -80,6 +80,8 @@ def test_import_vidur_writes_a_profile_and_its_reports(tmp_path, capsys):
     (["--import-vidur", "no/such/dir", "--base", "h100-sxm", "--name", "x"], "is not a directory of vidur tables"),
     (["--check-vidur", "calibration/vidur"], "--check-vidur needs --profile NAME"),
     (["--import-vidur", "calibration/vidur", "--base", "h200", "--name", "x"], "vidur has tables for the bases"),
+    # one profile is one GPU: a directory with both GPUs' tables would judge H100 on A100 rows
+    (["--check-vidur", "calibration/vidur", "--profile", "h100-vidur"], "holds the tables of 2 GPUs (a100, h100)"),
 ])
 def test_bad_vidur_arguments_exit_2_naming_them(argv, match, tmp_path, capsys):
     assert cli_guard(calibrate.main, argv + ["--out", str(tmp_path)]) == 2
