@@ -28,6 +28,10 @@ judged on the same measurements:
   and op kind, Spearman and Kendall rank correlation, whether the predicted-best plan is the
   measured-best.
 
+Run again into the same ``--out``, it removes the plan and timeline files of plans the earlier
+run had and this one has not (named by their plan ids; nothing else in the directory), so the
+directory holds one validation.
+
 Exit codes: 0 done (runs that failed are listed and left out); 1 no plan could be measured;
 2 invalid experiment, profile, plan or option.
 """
@@ -38,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -293,8 +298,30 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
     return _finish(cands, experiment, out, notes, settings, args.json)
 
 
+OWN_FILES = {"plans": re.compile(r"^(?P<id>[^.]+)\.json$"),
+             "timelines": re.compile(r"^(?P<id>[^.]+)\.(predicted|measured-\d+)\.json$")}
+
+
+def clear_stale(out: Path, ids: set[str]) -> list[str]:
+    """Remove the plan and timeline files an earlier validation left in ``out`` for plans this
+    one does not have (their names say whose they are), so the directory holds one run; other
+    files are left alone. The names removed."""
+    gone = []
+    for sub, own in OWN_FILES.items():
+        for f in sorted((out / sub).glob("*.json")) if (out / sub).is_dir() else []:
+            m = own.match(f.name)
+            if m and m.group("id") not in ids:
+                f.unlink()
+                gone.append(f"{sub}/{f.name}")
+    return gone
+
+
 def _finish(cands: list[Candidate], experiment: Experiment, out: Path, notes: list[str], settings: dict[str, Any],
             as_json: bool) -> int:
+    gone = clear_stale(out, {c.id for c in cands})
+    if gone:
+        notes = notes + [f"removed {len(gone)} file(s) of plans an earlier validation in {out} had and this one "
+                         "has not"]
     try:
         rep = report(cands, experiment, out, notes, settings)
     except RuntimeError as exc:

@@ -182,3 +182,23 @@ def test_a_baseline_that_does_not_apply_is_named_with_its_reason():
     assert "baseline-split" not in [c.id for c in cands]
     assert any(n.startswith("baseline split left out: ") for n in notes), notes
 
+
+
+def test_a_rerun_into_the_same_directory_leaves_no_file_of_plans_it_does_not_have(tmp_path: Path, capsys):
+    out = tmp_path / "val"
+    for sub in ("plans", "timelines"):
+        (out / sub).mkdir(parents=True)
+    stale = [out / "plans" / "old-plan.json", out / "timelines" / "old-plan.predicted.json",
+             out / "timelines" / "old-plan.measured-0.json"]
+    for f in stale:
+        f.write_text("{}")
+    mine = out / "timelines" / "notes.txt"  # not a validation file: left alone
+    mine.write_text("keep")
+    rc = validate.main([str(EXAMPLES / "dpo-tiny-2xcpu.yaml"), "--plan-dir", str(EXAMPLES / "plans" / "dpo-tiny-2xcpu"),
+                        "--iterations", "1", "--runs", "1", "--out", str(out), "--json"], runner=stretched_runner)
+    assert rc == 0
+    assert not any(f.exists() for f in stale) and mine.read_text() == "keep"
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any("removed 3 file(s)" in n for n in notes)
+    ids = {p.stem for p in (EXAMPLES / "plans" / "dpo-tiny-2xcpu").glob("*.json")}
+    assert {p.stem for p in (out / "plans").glob("*.json")} == ids
