@@ -195,9 +195,12 @@ def measure(grid: Grid, device: torch.device | None = None, tick: Callable[[int]
 
 
 IN_SITU = "in_situ"  # rows of :func:`measure_in_situ`: the extra cost of a collective between computations
-IN_SITU_SIZES = (4096, 65536)  # bytes: a decode step's activations and a prefill's, on tiny models
-IN_SITU_WORK = ((64, 128, 256), (128, 256, 512))  # (m, k, n) products between the collectives
-IN_SITU_STEPS = 64  # compute → all-reduce steps per timed repeat
+# the executor's own tensor-parallel block (one rank of tiny-2l-128h at tp 2): a decode step and a
+# forward of 16 tokens, 4 rows each; every step all-reduces twice
+IN_SITU_SHAPES = {"decode": dict(rows=4, tokens=1, kv_len=24), "forward": dict(rows=4, tokens=16, kv_len=16)}
+IN_SITU_BLOCK = dict(group=2, kv_heads=1, half_head_dim=16, hidden=128, ffn=128, vocab_local=128, tp=2,
+                     response=1, vocab=256, numel=1, positions=64)
+IN_SITU_STEPS = 32  # block steps per timed repeat
 
 
 def _own_elapsed(body: Callable[[], None], repeats: int, group: dist.ProcessGroup, device: torch.device) -> float:
@@ -215,40 +218,48 @@ def _own_elapsed(body: Callable[[], None], repeats: int, group: dist.ProcessGrou
 
 
 def measure_in_situ(device: torch.device | None = None, repeats: int = 7) -> list[dict]:
-    """What a collective costs where the executor issues it: between computations. Every rank
-    of the first two runs ``IN_SITU_STEPS`` steps of (a product, an all-reduce) — tensor
-    parallelism's pattern — then the products alone and the all-reduces alone, each rank's own
-    time as the executor measures it; the difference per step, (both − products − all-reduces)
-    / steps, is what arriving at different moments (the ranks' products do not end together)
-    and waking a waiting process add to each collective. Rank 0 gets one row per (product,
-    size): kind ``in_situ``, ``median_s`` the extra seconds per collective."""
+    """What a tensor-parallel collective costs where the executor issues it: between the
+    computations of its own block. Ranks 0 and 1 run ``IN_SITU_STEPS`` steps of the executor's
+    tensor-parallel block (:func:`calibration.census.block_forward` with the engine's hooks on a
+    real two-rank group: two all-reduces a step), then the same block without the group (its
+    computations alone) and the all-reduces alone, each rank's own time as the executor
+    measures it; (block − computations − all-reduces) / all-reduces is what arriving at
+    different moments and waking a waiting process add to each collective, and what the hooks'
+    autograd functions cost. Rank 0 gets one row per shape (decode step, forward): kind
+    ``in_situ``, ``median_s`` the extra seconds per collective. Every rank takes part in
+    creating the groups."""
+    from calibration.census import block_forward
+
     rank = dist.get_rank()
     device = device or torch.device("cpu")
     group = dist.new_group([0, 1])
     rows: list[dict] = []
-    if rank < 2:
-        for m, k, n in IN_SITU_WORK:
-            a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
-            for size in IN_SITU_SIZES:
-                buf = torch.ones(size // ELEMENT, device=device)
+    for phase, shape in IN_SITU_SHAPES.items():
+        v = {**IN_SITU_BLOCK, **shape}
+        decode = phase == "decode"
+        tp_step = block_forward(v, torch.float32, True, "", cache=decode, decode=decode)  # creates a group
+        if rank >= 2:
+            continue
+        local_step = block_forward(v, torch.float32, False, "", cache=decode, decode=decode)
+        buf = torch.ones(v["rows"] * v["tokens"] * v["hidden"], device=device)
 
-                def steps(a: torch.Tensor = a, b: torch.Tensor = b, buf: torch.Tensor = buf, mm: bool = True,
-                          reduce: bool = True) -> None:
-                    for _ in range(IN_SITU_STEPS):
-                        if mm:
-                            torch.mm(a, b)
-                        if reduce:
-                            dist.all_reduce(buf, group=group)
+        def steps(step: Callable[[], None] | None, reduces: int = 0, buf: torch.Tensor = buf) -> None:
+            for _ in range(IN_SITU_STEPS):
+                if step is not None:
+                    step()
+                for _ in range(reduces):
+                    dist.all_reduce(buf, group=group)
 
-                steps()  # warm-up
-                t_both = _own_elapsed(steps, repeats, group, device)
-                t_mm = _own_elapsed(functools.partial(steps, reduce=False), repeats, group, device)
-                t_ar = _own_elapsed(functools.partial(steps, mm=False), repeats, group, device)
-                if rank == 0:
-                    rows.append(dict(kind=IN_SITU, link_class="intra", group="2", group_size=2, size_bytes=size,
-                                     median_s=(t_both - t_mm - t_ar) / IN_SITU_STEPS, p10_s=t_mm / IN_SITU_STEPS,
-                                     p90_s=t_ar / IN_SITU_STEPS, repeats=repeats, calls=IN_SITU_STEPS,
-                                     backend=str(dist.get_backend())))
+        steps(tp_step)  # warm-up
+        t_tp = _own_elapsed(functools.partial(steps, tp_step), repeats, group, device)
+        t_local = _own_elapsed(functools.partial(steps, local_step), repeats, group, device)
+        t_ar = _own_elapsed(functools.partial(steps, None, 2), repeats, group, device)
+        if rank == 0:
+            n = 2 * IN_SITU_STEPS
+            rows.append(dict(kind=IN_SITU, link_class="intra", group="2", group_size=2,
+                             size_bytes=buf.numel() * ELEMENT, median_s=(t_tp - t_local - t_ar) / n,
+                             p10_s=t_local / IN_SITU_STEPS, p90_s=t_ar / n, repeats=repeats, calls=n,
+                             backend=str(dist.get_backend())))
     dist.barrier()
     return rows
 

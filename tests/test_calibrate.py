@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from calibration.collectives import IN_SITU_SHAPES
 from calibration.fit_compute import OpTable, params_from_sections, row_modes
 from estimator import calibrate
 from estimator.profiles import load_profile
@@ -47,7 +48,7 @@ def test_writes_a_measured_profile_with_its_raw_data_and_reports(tiny_profile: P
     # what a collective costs between computations, beside the back-to-back curves
     raw_links = pd.read_csv(tiny_profile / "tiny-cpu.links.csv")
     in_situ = raw_links[raw_links["kind"] == "in_situ"]
-    assert len(in_situ) == 4 and prof.collective_overhead_s == max(0.0, in_situ["median_s"].median())
+    assert len(in_situ) == len(IN_SITU_SHAPES) and prof.collective_overhead_s == max(0.0, in_situ["median_s"].median())
     assert "in_situ" not in set(pd.read_csv(tiny_profile / "tiny-cpu.links.report.csv")["kind"])
     assert prof.source == "measured" and prof.compose == "serial" and prof.dtype == "float32"
     assert "python -m estimator.calibrate --grid tiny --name tiny-cpu" in prof.raw["compute"]["launch"]["command"]
