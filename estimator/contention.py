@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from estimator.lowering import CallCost, DecodeChunk, StageCost, StageTime
+from estimator.lowering import CallCost, Costs, DecodeChunk, StageCost, StageTime
+from estimator.plan import Layout
 
 ROUNDS = 2  # schedule → weights rounds after the first schedule at weight 1
 WEIGHT_STEP = 1e-3  # weights are rounded to this, so blended costs cache well
@@ -63,6 +64,15 @@ def blend(alone: CallCost, shared: CallCost, weight: float) -> CallCost:
         return shared
     return dataclasses.replace(shared, stages=tuple(_mix_stage(a, b, weight)
                                                     for a, b in zip(alone.stages, shared.stages)))
+
+
+def call_cost(costs: Costs, call: str, layout: Layout, weight: float = 1.0) -> CallCost:
+    """``call`` lowered on ``layout`` with its host ``weight`` busy: :func:`blend` of the
+    profile's and the alone profile's lowering (:attr:`estimator.lowering.Costs.alone`)."""
+    shared = costs.call(call, layout)
+    if weight >= 1.0 or costs.alone is costs:
+        return shared
+    return blend(costs.alone.call(call, layout), shared, weight)
 
 
 def rounded(weight: float) -> float:

@@ -162,10 +162,8 @@ class Evaluator:
         self._mem_rows: list[np.ndarray] = []
         self._mem_tuples: list[tuple[float, ...]] = []
         self._mem_matrix: np.ndarray | None = None
-        # host sharing (a CPU profile's ``host``): the profile with the host's other devices
-        # idle, and durations by layout and weight
+        # host sharing (a CPU profile's ``host``): durations by layout and weight
         self.host = profile.host
-        self._alone_costs = Costs(experiment, profile.alone()) if self.host is not None else None
         self._weighted: list[dict[tuple[int, float], float]] = [{} for _ in range(self.n)]
 
     # -- interning and cached pieces
@@ -195,19 +193,13 @@ class Evaluator:
             v = self._duration[c][lid] = call_s(self.costs.call(self.names[c], self._layouts[lid]))
         return v
 
-    def call_cost(self, c: int, lid: int, weight: float = 1.0) -> CallCost:
-        """Call ``c`` lowered on layout ``lid`` with its host ``weight`` busy (:mod:`estimator.contention`)."""
-        shared = self.costs.call(self.names[c], self._layouts[lid])
-        if self._alone_costs is None or weight >= 1.0:
-            return shared
-        return contention.blend(self._alone_costs.call(self.names[c], self._layouts[lid]), shared, weight)
-
     def _weighted_s(self, c: int, lid: int, weight: float) -> float:
         if weight >= 1.0:
             return self.duration_s(c, lid)
         v = self._weighted[c].get((lid, weight))
         if v is None:
-            v = self._weighted[c][(lid, weight)] = call_s(self.call_cost(c, lid, weight))
+            cc = contention.call_cost(self.costs, self.names[c], self._layouts[lid], weight)
+            v = self._weighted[c][(lid, weight)] = call_s(cc)
         return v
 
     def call_weights(self, plan: Plan) -> dict[str, float]:
@@ -394,7 +386,7 @@ class Evaluator:
         rows_lids, rows_dur, rows_re, rows_data, rows_st, rows_dyn = [], [], [], [], [], []
         for plan in plans:
             lids = self._lids(plan)
-            dur, realloc, data = self._inputs(lids, self._weights(lids) if self.host is not None else None)
+            dur, realloc, data = self._inputs(lids, self._weights(lids))
             rows_lids.append(lids)
             rows_dur.append(dur)
             rows_re.append(realloc)

@@ -283,6 +283,7 @@ class Costs:
         self._realloc: dict[tuple, dict[Pair, int]] = {}
         self._data: dict[tuple, dict[Pair, int]] = {}
         self._times: dict[tuple, float] = {}
+        self._alone: Costs | None = None
         # data names each consumer reads from each producer
         self.edge_data: dict[tuple[str, str], tuple[str, ...]] = {}
         for prod, cons, data in self.workflow.edges():
@@ -295,6 +296,15 @@ class Costs:
             model = self.experiment.models[call.role]
             self._calls[key] = lower_call(call, model, layout, self.dpn, self.profile, self.experiment.algorithm)
         return self._calls[key]
+
+    @property
+    def alone(self) -> Costs:
+        """The same experiment on :meth:`Profile.alone` — a device whose host-mates idle
+        (:mod:`estimator.contention`) —, built once; these costs themselves when the profile
+        says nothing about sharing a host."""
+        if self._alone is None:
+            self._alone = self if self.profile.host is None else Costs(self.experiment, self.profile.alone())
+        return self._alone
 
     def realloc_pairs(self, role: str, home: Layout, layout: Layout) -> dict[Pair, int]:
         """Bytes per pair moving ``role``'s parameters from its home layout to ``layout``

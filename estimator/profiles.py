@@ -91,8 +91,8 @@ class HostSharing:
     device on one machine). The profile's compute figures hold with all ``devices`` busy; a
     device computing alone takes ``alone[term]`` times as long for each term of an op's cost
     (device FLOPs, memory traffic, host dispatch, the executor's fixed costs). With ``k`` of the
-    host's devices busy (itself included) each factor is interpolated linearly in ``k``:
-    :meth:`factor`."""
+    host's devices busy (itself included) a call's cost lies between the alone and the all-busy
+    figures at :meth:`weight` of ``k`` (:mod:`estimator.contention`)."""
 
     devices: int  # simulated devices that were busy at once when the compute figures were taken
     alone: dict[str, float]  # term → time alone / time with every device busy
@@ -103,10 +103,6 @@ class HostSharing:
         if self.devices <= 1:
             return 1.0
         return min(max((busy - 1.0) / (self.devices - 1), 0.0), 1.0)
-
-    def factor(self, term: str, busy: float) -> float:
-        a = self.alone[term]
-        return a + (1.0 - a) * self.weight(busy)
 
 
 @dataclass(frozen=True)

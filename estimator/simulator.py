@@ -151,7 +151,6 @@ class Simulation:
         # fixed point unless given; every call as profiled when the profile says nothing of it
         self.weights = weights if weights is not None else _host_weights(experiment, plan, profile, iterations,
                                                                           self.costs)
-        self.alone_costs = Costs(experiment, profile.alone()) if profile.host is not None else None
         self.graph = instance_graph(experiment.workflow, iterations)
         wf = experiment.workflow
         homes = {c: plan[self.costs.homes[wf[c].role]] for c in wf.call_names}
@@ -190,7 +189,7 @@ class Simulation:
         yield from self._after(self.dev_preds.ended[i] + self.graph.version_preds[i])
         yield from self._after(self.dev_preds.reallocated[i], self.reallocated)
         start = env.now
-        cc = self._call_cost(node.call)
+        cc = contention.call_cost(self.costs, node.call, self.plan[node.call], self.weights.get(node.call, 1.0))
         yield from self._realloc(node.iteration, cc)
         realloc_end = env.now
         self.reallocated[i].succeed()
@@ -208,13 +207,6 @@ class Simulation:
         self.done[i].succeed()
         if self.progress is not None:
             self.progress(f"iteration {node.iteration} {node.call} done at {env.now:.3f} s simulated")
-
-    def _call_cost(self, call: str) -> CallCost:
-        shared = self.costs.call(call, self.plan[call])
-        w = self.weights.get(call, 1.0)
-        if self.alone_costs is None or w >= 1.0:
-            return shared
-        return contention.blend(self.alone_costs.call(call, self.plan[call]), shared, w)
 
     def _realloc(self, it: int, cc: CallCost) -> Generator[simpy.Event, Any, None]:
         role = self.experiment.workflow[cc.call].role

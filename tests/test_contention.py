@@ -56,7 +56,6 @@ def test_host_section_parses_and_alone_scales_each_term():
     assert a.call_overhead_s == pytest.approx(p.call_overhead_s * 0.4)
     # weights: one busy device is alone, every device busy is the profile as measured
     assert p.host.weight(1) == 0.0 and p.host.weight(2) == 1.0 and p.host.weight(1.25) == 0.25
-    assert p.host.factor("flops", 1.5) == pytest.approx(0.75)
     # a profile without the section is its own alone profile
     plain = _plain()
     assert plain.host is None and plain.alone() is plain
