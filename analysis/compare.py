@@ -70,18 +70,16 @@ def call_durations(timeline: Timeline, warmup: int) -> pd.Series:
     """call → its compute window in seconds, averaged over the steady iterations."""
     df = timeline.to_dataframe()
     df = df[df["iteration"].isin(steady_iterations(timeline, warmup))]
-    wrapped = df[df["op"] == "compute"]
-    spans = wrapped if not wrapped.empty else df[~df["op"].isin(OUTSIDE_COMPUTE)]
-    window = spans.groupby(["call", "iteration"]).agg(lo=("start_s", "min"), hi=("end_s", "max"))
+    window = _compute_spans(df).groupby(["call", "iteration"]).agg(lo=("start_s", "min"), hi=("end_s", "max"))
     return (window["hi"] - window["lo"]).groupby("call").mean().rename("duration_s")
 
 
-def _compute_ends(df: pd.DataFrame) -> pd.Series:
-    """(call, iteration) → when the call's computation ended: its ``compute`` spans (the
-    executor's) or else its op spans (the simulator's)."""
+def _compute_spans(df: pd.DataFrame) -> pd.DataFrame:
+    """The spans that make up calls' computations: the ``compute`` wrappers where the timeline
+    has them (the executor's), else every op span outside reallocation and data (the
+    simulator's)."""
     wrapped = df[df["op"] == "compute"]
-    spans = wrapped if not wrapped.empty else df[~df["op"].isin(OUTSIDE_COMPUTE)]
-    return spans.groupby(["call", "iteration"])["end_s"].max()
+    return wrapped if not wrapped.empty else df[~df["op"].isin(OUTSIDE_COMPUTE)]
 
 
 def _transfers(df: pd.DataFrame, producers: Mapping[str, Sequence[str]]) -> pd.DataFrame:
@@ -93,7 +91,7 @@ def _transfers(df: pd.DataFrame, producers: Mapping[str, Sequence[str]]) -> pd.D
         rows.append((call, it, "realloc", max(0.0, g["end_s"].max() - g["start_s"].max())))
     data = df[df["op"] == "data"]
     if not data.empty:
-        ends = _compute_ends(df)
+        ends = _compute_spans(df).groupby(["call", "iteration"])["end_s"].max()
         starts = df[df["op"] == "compute"].groupby(["call", "iteration"])["start_s"].min()
         for (call, it), g in data.groupby(["call", "iteration"]):
             if (call, it) in starts.index:  # the executor's: only the waits before the compute

@@ -276,25 +276,23 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
     out = Path(args.out or Path("analysis", "results", experiment.name))
     if args.rescore:
         cands, notes = from_results(Path(args.rescore), experiment)
-        runs = max(len(c.measured) for c in cands)
-        settings = {"experiment": str(args.experiment), "plans": len(cands), "iterations": args.iterations,
-                    "runs": runs, "profile": profile.name, "seed": args.seed, "rescored": str(args.rescore)}
-        predict(cands, experiment, profile, args.iterations, out)
-        if Path(args.rescore).resolve() != out.resolve():
-            for c in cands:  # the measured runs go with the comparison they belong to
-                for r, tl in enumerate(c.measured):
-                    tl.save(out / "timelines" / f"{c.id}.measured-{r}.json")
-        return _finish(cands, experiment, out, notes, settings, args.json)
-    if args.plan_dir:
+    elif args.plan_dir:
         cands, notes = from_dir(Path(args.plan_dir), experiment), [f"plans from {args.plan_dir}"]
     else:
         cands, notes = choose(experiment, profile, args.plans, args.seed, args.search_evals)
+    runs = max(len(c.measured) for c in cands) if args.rescore else args.runs
     settings = {"experiment": str(args.experiment), "plans": len(cands), "iterations": args.iterations,
-                "runs": args.runs, "profile": profile.name, "seed": args.seed}
+                "runs": runs, "profile": profile.name, "seed": args.seed,
+                **({"rescored": str(args.rescore)} if args.rescore else {})}
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     predict(cands, experiment, profile, args.iterations, out)
-    measure(cands, Path(args.experiment), out, args.iterations, args.runs, runner)
+    if not args.rescore:
+        measure(cands, Path(args.experiment), out, args.iterations, args.runs, runner)
+    elif Path(args.rescore).resolve() != out.resolve():
+        for c in cands:  # the measured runs go with the comparison they belong to
+            for r, tl in enumerate(c.measured):
+                tl.save(out / "timelines" / f"{c.id}.measured-{r}.json")
     return _finish(cands, experiment, out, notes, settings, args.json)
 
 
