@@ -21,8 +21,8 @@ ten worst rows and the error per model size and per parallel layout, and writes 
 it fits in memory, the busiest stage's work), ``scatter.png`` and ``summary.json``. ``--json``
 prints the summary with every row. Rows predicted not to fit in memory are counted and named,
 never dropped: each of them ran. No constant is fitted to the rows: the profile is the only
-source of time. ``summary.model_features`` says which features of the model were honoured
-and which approximated.
+source of time. ``summary.model_features`` says how each feature of vTrain's setting is
+expressed.
 
 ``fit-profile`` fits three numbers of a profile (:func:`fit_profile`: the host cost per op
 dispatched, a scale on the peak FLOP rate, the extra cost of a collective between computations)

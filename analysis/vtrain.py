@@ -23,7 +23,6 @@ the stated figures for every collective.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import datetime
 import io
 import math
@@ -171,48 +170,22 @@ def padded_vocab(vocab: int, tp: int) -> int:
     return -(-vocab // multiple) * multiple
 
 
-def _has(cls: type, name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(cls)}
-
-
 # the GPT-3 block's features and the ModelSpec field that expresses each
 GPT_FEATURES = {"norm": "layernorm", "mlp": "gelu", "positions": "learned", "bias": True}
 
 
 def gpt_model(row: VTrainRow) -> tuple[ModelSpec, dict[str, str]]:
-    """The GPT-3-style model of a row and, per model feature, how it was honoured.
-
-    Multi-head attention, GELU MLP of 4·hidden, LayerNorm, learned positions (as many as the
-    sequence), biases, tied input and output embeddings (GPT-3 / Megatron GPT). A feature
-    :class:`ModelSpec` cannot express yet is approximated, and the returned notes say so: a
-    SwiGLU MLP in place of GELU gets inner width ≈ 8·hidden/3 (a multiple of 8), so its three
-    matrices hold the parameters and GEMM FLOPs of GELU's two of width 4·hidden."""
+    """The GPT-3-style model of a row and, per model feature, how it was honoured: multi-head
+    attention, GELU MLP of 4·hidden, LayerNorm, learned positions (as many as the sequence),
+    biases, tied input and output embeddings (GPT-3 / Megatron GPT)."""
     h = row.hidden
-    kwargs: dict[str, Any] = {}
-    notes: dict[str, str] = {}
-    for name, value in GPT_FEATURES.items():
-        if _has(ModelSpec, name):
-            kwargs[name] = value
-            notes[name] = f"{value} (honoured)"
-    if "mlp" in kwargs:
-        ffn = 4 * h
-    else:
-        ffn = max(8, round(8 * h / 3 / 8) * 8)
-        notes["mlp"] = ("approximated: SwiGLU of width 8·hidden/3 rounded to a multiple of 8 "
-                        "(the parameters and GEMM FLOPs of GELU 4·hidden)")
-    for name, value in GPT_FEATURES.items():
-        notes.setdefault(name, f"not expressible yet: the model has {_LLAMA_DEFAULT[name]}, not {value}")
-    if _has(ModelSpec, "max_positions"):
-        kwargs["max_positions"] = row.seq_len
-    vocab = padded_vocab(GPT_VOCAB, row.tp)
+    notes = {name: f"{value} (honoured)" for name, value in GPT_FEATURES.items()}
     notes["vocab"] = f"{GPT_VOCAB} padded to a multiple of {VOCAB_MULTIPLE}·tp (Megatron)"
     notes["tied_embeddings"] = "honoured"
-    spec = ModelSpec(f"gpt-h{h}-l{row.layers}", row.layers, h, ffn, row.heads, row.heads, vocab,
-                     tied_embeddings=True, **kwargs)
+    spec = ModelSpec(f"gpt-h{h}-l{row.layers}", row.layers, h, 4 * h, row.heads, row.heads,
+                     padded_vocab(GPT_VOCAB, row.tp), tied_embeddings=True, max_positions=row.seq_len,
+                     **GPT_FEATURES)
     return spec, notes
-
-
-_LLAMA_DEFAULT = {"norm": "RMSNorm", "mlp": "SwiGLU", "positions": "rotary positions", "bias": "no biases"}
 
 
 def row_experiment(row: VTrainRow, device: str = DEFAULT_PROFILE) -> tuple[Experiment, Plan, dict[str, str]]:
@@ -228,13 +201,8 @@ def row_experiment(row: VTrainRow, device: str = DEFAULT_PROFILE) -> tuple[Exper
         params = WorkflowParams(batch_size=row.global_batch, prompt_len=1, gen_len=row.seq_len - 1)
         experiment = Experiment("sft", {"actor": model}, params, Cluster(nodes, GPUS_PER_NODE, device),
                                 name=f"vtrain-row-{row.row}")
-        extra: dict[str, Any] = {}
-        if _has(Layout, "recompute"):
-            extra["recompute"] = "full"
-            notes["recompute"] = "full (honoured)"
-        else:
-            notes["recompute"] = "not expressible yet: no recompute charged (one forward per micro-batch missing)"
-        layout = Layout(DeviceMesh(0, row.gpus), row.dp, row.tp, row.pp, row.micro_batches, **extra)
+        notes["recompute"] = "full (honoured)"
+        layout = Layout(DeviceMesh(0, row.gpus), row.dp, row.tp, row.pp, row.micro_batches, recompute="full")
         plan = check(Plan({"actor_train": layout}), experiment)
     except ConfigError as exc:
         raise ConfigError(f"row {row.row}: {exc}") from None
