@@ -216,8 +216,10 @@ def fit_tables(rows: pd.DataFrame, peak: float, bw: float) -> Fit:
 
 
 def build_profile(base: dict, directory: str | Path, name: str, command: str,
-                  fit_models: tuple[str, ...] = FIT_MODELS) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    """The profile document (``compute.ops: fused``), the links' raw rows and their report."""
+                  fit_models: tuple[str, ...] = FIT_MODELS
+                  ) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The profile document (``compute.ops: fused``), the links' raw rows and their report, and
+    the compute rows it was fitted on and judged with (:func:`load_compute`)."""
     gpu, topo = _gpu(base)
     root = Path(directory)
     rows = load_compute(root / "compute" / gpu)
@@ -238,7 +240,7 @@ def build_profile(base: dict, directory: str | Path, name: str, command: str,
                notes=(f"Fused-kernel GPU profile built by: {command}. Compute and memory fitted on vidur's "
                       f"per-op tables; peak, bandwidth, capacity, host launch and inter-node links from the "
                       f"{base['name']} datasheet profile. Check: python -m estimator.calibrate --check-vidur "
-                      f"calibration/vidur --profile {name}"))
+                      f"calibration/vidur/compute/{gpu} --profile {name}"))
     c = doc["compute"]
     c["ops"] = "fused"
     c["efficiency"] = {"by": "flops", "interpolation": "log-linear", "points": [list(p) for p in fit.gemm_points],
@@ -269,7 +271,7 @@ def build_profile(base: dict, directory: str | Path, name: str, command: str,
     links, report = fit_links(raw, 0.25, cite=cite)
     doc = apply_links(doc, links, raw_csv=f"{name}.links.csv")
     profile_from_dict(doc, where=f"imported profile {name}")
-    return doc, raw, report
+    return doc, raw, report, rows
 
 
 def _gpu(base: dict) -> tuple[str, str]:

@@ -288,9 +288,8 @@ def _import_vidur(args: argparse.Namespace, out: Path, command: str) -> int:
 
     base = load_profile(args.base).raw
     files = _outputs(out, args.name)
-    doc, raw, report = vidur.build_profile(base, args.import_vidur, args.name, command)
+    doc, raw, report, rows = vidur.build_profile(base, args.import_vidur, args.name, command)
     profile = profile_from_dict(doc, where=f"imported profile {args.name}")
-    rows = vidur.load_compute(Path(args.import_vidur) / "compute" / vidur.GPUS[base["name"]][0])
     result = vidur.check(profile, rows, vidur.fitted_models(profile, list(rows.model.unique())))
     per = [{"model": k.split(":")[0], "op": k.split(":")[1], **v} for k, v in result["by_model_op"].items()]
     texts = {files["profile"]: json.dumps(doc, indent=2) + "\n", files["links"]: raw.to_csv(index=False),

@@ -37,7 +37,7 @@ def test_shipped_profiles_are_what_the_import_writes(tmp_path):
     for base, name in (("h100-sxm", "h100-vidur"), ("a100-80g", "a100-vidur")):
         shipped = load_profile(name).raw
         assert f"--import-vidur calibration/vidur --base {base} --name {name}" in shipped["notes"]
-        doc, _, _ = vidur.build_profile(load_profile(base).raw, TABLES, name, "cmd")
+        doc, _, _, _ = vidur.build_profile(load_profile(base).raw, TABLES, name, "cmd")
         for section in ("compute", "memory", "links"):
             assert doc[section] == shipped[section], f"{name}.{section} is stale: rerun the command in its notes"
         assert shipped["source"] == "measured" and shipped["compute"]["ops"] == "fused"
