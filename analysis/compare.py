@@ -9,7 +9,8 @@ iterations count (those after ``warmup``; all of them when there are no more). T
   when the timeline has them (the executor's, which enclose everything it does for the call
   besides reallocation and waiting for inputs), else of its op spans (the simulator's);
 - **op kind**: per (call, pipeline stage, kind) the seconds a device spends in that kind per
-  iteration (max over the stage's devices, as the executor reports reallocation and data time)
+  iteration (max over the stage's devices, as the executor reports reallocation and data time),
+  each op counted from when the stage's last device began it (:func:`lock_step`)
   — so decode, recorded per step by the executor and per chunk by the simulator, is compared
   summed per call and stage. Tensor-parallel collectives, which the executor runs inside its
   forward, backward and decode spans without timing them apart, are counted in the predicted op
@@ -116,6 +117,23 @@ def fold_comm(df: pd.DataFrame, ops: Sequence[str] = INSIDE_OPS) -> pd.DataFrame
     return df
 
 
+def lock_step(spans: pd.DataFrame) -> pd.DataFrame:
+    """``spans`` with each op's duration counted from when the last device of its stage began
+    it: the tensor-parallel ranks (and data-parallel replicas) of a stage run each micro-batch's
+    op together, and a rank that enters early waits inside its span, at the first collective,
+    for a partner still busy with its previous call — time the op itself does not take. Spans
+    are matched across the stage's devices by (call, op, iteration, micro-batch) and their order
+    on the device (decode steps share a micro-batch)."""
+    if spans.empty:
+        return spans
+    spans = spans.sort_values("start_s", kind="stable")
+    key = ["call", "stage", "op", "iteration", "micro_batch"]
+    spans["_k"] = spans.groupby(key + ["device"]).cumcount()
+    last_start = spans.groupby(key + ["_k"])["start_s"].transform("max")
+    spans["duration_s"] = (spans["end_s"] - last_start).clip(lower=0.0)
+    return spans.drop(columns="_k")
+
+
 def op_durations(timeline: Timeline, warmup: int, producers: Mapping[str, Sequence[str]] | None = None,
                  fold: Sequence[str] = ()) -> pd.DataFrame:
     """Rows (call, stage, kind, duration_s): seconds per steady iteration on the stage's busiest
@@ -127,7 +145,7 @@ def op_durations(timeline: Timeline, warmup: int, producers: Mapping[str, Sequen
     df = df[df["iteration"].isin(steady)]
     if fold:
         df = fold_comm(df, fold)
-    staged = df[df["op"].isin(OP_KINDS) & ~df["op"].isin(UNSTAGED)].copy()
+    staged = lock_step(df[df["op"].isin(OP_KINDS) & ~df["op"].isin(UNSTAGED)].copy())
     staged["kind"] = staged["op"].map(OP_KINDS)
     per_device = staged.groupby(["call", "stage", "kind", "iteration", "device"])["duration_s"].sum()
     per_iter = per_device.groupby(["call", "stage", "kind", "iteration"]).max()

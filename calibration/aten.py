@@ -53,6 +53,11 @@ class AtenOp:
     bytes: float  # bytes read + written in device memory
 
     @property
+    def kind(self) -> str:
+        """The op without its overload, as the census names kinds: ``aten.mm``."""
+        return ".".join(self.name.split(".")[:2])
+
+    @property
     def work(self) -> bool:
         """Whether the op does any device work (views and allocations do not)."""
         return self.flops > 0 or self.bytes > 0
@@ -125,13 +130,21 @@ def record(fn: Callable[[], Any]) -> list[AtenOp]:
 
 
 def encode(ops: list[AtenOp]) -> str:
-    """Compact text of (flops, bytes) per op for a CSV cell: ``"f:b;f:b;…"`` (views ``0:0``)."""
-    return ";".join(f"{o.flops:.6g}:{o.bytes:.6g}" for o in ops)
+    """Compact text of (flops, bytes, kind) per op for a CSV cell: ``"f:b:kind;…"`` (views
+    ``0:0:aten.view``)."""
+    return ";".join(f"{o.flops:.6g}:{o.bytes:.6g}:{o.kind}" for o in ops)
 
 
 def decode(text: str) -> tuple[list[float], list[float]]:
     """Inverse of :func:`encode`: (flops per op, bytes per op)."""
+    f, b, _ = decode_kinds(text)
+    return f, b
+
+
+def decode_kinds(text: str) -> tuple[list[float], list[float], list[str]]:
+    """Inverse of :func:`encode`: flops, bytes and kind per op (kind ``""`` in rows written
+    before kinds were recorded, ``"f:b;…"``)."""
     if not isinstance(text, str) or not text:
-        return [], []
-    pairs = [p.split(":") for p in text.split(";")]
-    return [float(f) for f, _ in pairs], [float(b) for _, b in pairs]
+        return [], [], []
+    parts = [p.split(":") for p in text.split(";")]
+    return [float(p[0]) for p in parts], [float(p[1]) for p in parts], [p[2] if len(p) > 2 else "" for p in parts]

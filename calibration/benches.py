@@ -185,7 +185,55 @@ def _piece(case: Any, mk: Maker) -> Bench:
                        else M.final(a["p"], x, m))
             return out, torch.randn_like(out)
         return Bench(train_args, lambda a, st: torch.autograd.backward(*st), prepare=forward)
+    if case.family == "pass":
+        return _pass(case, mk)
     raise ValueError(f"no bench for piece {case.family!r}")
+
+
+def _pass(case: Any, mk: Maker) -> Bench:
+    """One whole stage pass of the model as the engine's ``_stage`` runs it on one device: the
+    embedding, the rotary tables, every block and the final norm and head — ``forward``
+    (inference), ``prefill`` (into a fresh cache, head on the last position), ``decode`` (one
+    token against a cache of ``kv − 1`` positions), ``train`` (the forward autograd records)
+    and ``backward`` (that forward's backward)."""
+    m, b, s, kv, op = case.spec, case.batch, case.seq, case.kv, case.op
+    layers = range(m.layers)
+
+    def model_params(grad: bool) -> M.Params:
+        seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=mk.gen))
+        return {n: t.to(mk.device).requires_grad_(grad) for n, t in M.init_params(m, seed, mk.dtype).items()}
+
+    def stage(p: M.Params, tokens: torch.Tensor, start: int, cache: M.KVCache | None, last: bool) -> torch.Tensor:
+        x = M.embed(p, tokens, start)
+        x = M.blocks(p, layers, x, _ctx(m, mk, start, tokens.shape[1], cache))
+        return M.final(p, x[:, -1:] if last else x, m)
+
+    if op == "decode":
+        def decode_args() -> Args:
+            p, cache = model_params(False), M.KVCache(kv)
+            for layer in layers:
+                k = mk.randn(b, m.kv_heads, kv - 1, m.head_dim)
+                cache.update(layer, 0, k, k.clone())
+            return {"p": p, "tokens": mk.tokens(b, 1, m.vocab), "cache": cache}
+        return Bench(decode_args, lambda a, _: stage(a["p"], a["tokens"], kv - 1, a["cache"], True))
+
+    def args(grad: bool = False) -> Callable[[], Args]:
+        return lambda: {"p": model_params(grad), "tokens": mk.tokens(b, s, m.vocab)}
+    if op == "forward":
+        return Bench(args(), lambda a, _: stage(a["p"], a["tokens"], 0, None, False))
+    if op == "prefill":
+        return Bench(args(), lambda a, c: stage(a["p"], a["tokens"], 0, c, True), prepare=lambda a: M.KVCache(s + 1))
+    if op == "train":
+        return Bench(args(True), lambda a, _: stage(a["p"], a["tokens"], 0, None, False), grad=True)
+    if op == "backward":
+        def forward(a: Args) -> tuple[torch.Tensor, torch.Tensor]:
+            for t in a["p"].values():
+                t.grad = None
+            with torch.enable_grad():
+                out = stage(a["p"], a["tokens"], 0, None, False)
+            return out, torch.randn_like(out)
+        return Bench(args(True), lambda a, st: torch.autograd.backward(*st), prepare=forward)
+    raise ValueError(f"no pass {op!r}")
 
 
 def build(case: Any, mk: Maker) -> Bench:

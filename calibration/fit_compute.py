@@ -69,14 +69,16 @@ GOAL_PCT = 10.0
 STATS = ("median_s", "p10_s", "p90_s")
 DISPATCH_MODES = ("nograd", "grad", "backward")  # estimator.profiles.DISPATCH_MODES
 BACKWARD_PIECES = ("block_bwd", "head_bwd")
+IN_MODEL = tuple(f for f in PIECES if f != "optimizer")  # pieces of the model's own code (compute.in_model)
 
 
 def row_modes(raw: pd.DataFrame) -> np.ndarray:
     """Per row, how its ops are dispatched (an index into :data:`DISPATCH_MODES`): a backward
     piece runs in the autograd engine, the training forward records the graph, and everything
     else — single ops, inference, decoding, the optimizer — runs under ``no_grad``."""
-    grad = (raw["family"] == "block_fwd") & (raw["op"] == "train")
-    return np.where(raw["family"].isin(BACKWARD_PIECES), 2, np.where(grad, 1, 0))
+    grad = raw["family"].isin(("block_fwd", "pass")) & (raw["op"] == "train")
+    backward = raw["family"].isin(BACKWARD_PIECES) | ((raw["family"] == "pass") & (raw["op"] == "backward"))
+    return np.where(backward, 2, np.where(grad, 1, 0))
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class Params:
     mode: str  # serial | overlap
     grad_overhead_s: float | None = None  # per op autograd records (training forward); None: overhead_s
     backward_overhead_s: float | None = None  # per op of a backward pass; None: overhead_s
+    # device time of an op inside the model's code against the same op timed alone, per dispatch mode
+    device_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def dispatch(self, modes: np.ndarray) -> np.ndarray:
         """Host cost per op for each entry of ``modes`` (:data:`DISPATCH_MODES` indices), as
@@ -107,13 +111,16 @@ def _eff(sizes: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def op_times(flops: np.ndarray, nbytes: np.ndarray, launches: np.ndarray | float, p: Params,
-             modes: np.ndarray | int = 0) -> np.ndarray:
+             modes: np.ndarray | int = 0, in_model: np.ndarray | bool = False) -> np.ndarray:
     """Seconds of ops of ``flops`` and ``nbytes`` issuing ``launches`` each in dispatch
-    ``modes`` (indices into :data:`DISPATCH_MODES`), by the contract."""
+    ``modes`` (indices into :data:`DISPATCH_MODES`), by the contract; ``in_model``: the op runs
+    inside the executor's model code (a piece or a pass), its device time scaled by the mode's
+    ``device_scale``."""
     flops, nbytes = np.asarray(flops, dtype=float), np.asarray(nbytes, dtype=float)
     compute = np.where(flops > 0, flops / (p.peak_flops * _eff(flops, p.compute_points)), 0.0)
     memory = np.where(nbytes > 0, nbytes / (p.bandwidth * _eff(nbytes, p.memory_points)), 0.0)
-    device, host = np.maximum(compute, memory), np.asarray(launches, dtype=float) * p.dispatch(modes)
+    scale = np.where(in_model, np.asarray(p.device_scale)[np.asarray(modes, dtype=int)], 1.0)
+    device, host = np.maximum(compute, memory) * scale, np.asarray(launches, dtype=float) * p.dispatch(modes)
     return device + host if p.mode == "serial" else np.maximum(device, host)
 
 
@@ -130,21 +137,23 @@ class OpTable:
         self.n = len(raw)
         self.row, self.flops, self.bytes = np.asarray(rows, dtype=int), np.asarray(flops), np.asarray(nbytes)
         self.modes = row_modes(raw.reset_index(drop=True))[self.row] if len(raw) else np.zeros(0, dtype=int)
+        self.in_model = raw["family"].isin(IN_MODEL).to_numpy()[self.row] if len(raw) else np.zeros(0, dtype=bool)
 
     def predict(self, p: Params) -> np.ndarray:
         """Predicted seconds of every row: the sum of its ops."""
-        times = op_times(self.flops, self.bytes, 1.0, p, self.modes)
+        times = op_times(self.flops, self.bytes, 1.0, p, self.modes, self.in_model)
         return np.bincount(self.row, weights=times, minlength=self.n)
 
 
 def params_from_sections(sections: dict) -> Params:
     """The contract's numbers from fitted (or loaded) profile sections."""
     c, m = sections["compute"], sections["memory"]
-    launch = c["launch"]
+    launch, scale = c["launch"], c.get("in_model", {})
     return Params(float(c["peak"]["flops_per_s"]), np.asarray(c["efficiency"]["points"], dtype=float),
                   float(m["bandwidth"]["bytes_per_s"]), np.asarray(m["efficiency"]["points"], dtype=float),
                   float(launch["overhead_s"]), str(c["compose"]["mode"]),
-                  launch.get("grad_overhead_s"), launch.get("backward_overhead_s"))
+                  launch.get("grad_overhead_s"), launch.get("backward_overhead_s"),
+                  tuple(float(scale.get(k, 1.0)) for k in DISPATCH_MODES))
 
 
 # ---- the fit ------------------------------------------------------------------------------------
@@ -224,7 +233,7 @@ def _error_pct(pred: np.ndarray, measured: np.ndarray) -> np.ndarray:
 
 
 def fit_compute(raw: pd.DataFrame, holdout_every: int = 2, command: str = "python -m calibration.kernels",
-                stat: str = "median_s") -> tuple[dict, pd.DataFrame]:
+                stat: str = "median_s", in_model: bool = True) -> tuple[dict, pd.DataFrame]:
     """Fitted ``compute``, ``memory`` (without capacity) and, when measured, ``executor``
     sections in the profile format, and the report (see the module docstring). ``stat`` is
     the column fitted and reported against: the median of the repeats, or ``p10_s`` where
@@ -268,10 +277,54 @@ def fit_compute(raw: pd.DataFrame, holdout_every: int = 2, command: str = "pytho
     for i, field in ((1, "grad_overhead_s"), (2, "backward_overhead_s")):
         if (modes == i).any():
             p = replace(p, **{field: fit_one(lambda o, f=field, q=p: replace(q, **{f: o}), modes == i)})
+    if in_model:
+        p = fit_in_model(train, table, p, lambda o: fit_params(train, work, o, mode))
     sections = to_sections(p, command)
     if (raw["family"] == "executor").any():
         sections["executor"] = executor_section(raw, command)
     return sections, report(kernels, np.where(held, "held-out", "fit"), p)
+
+
+SCALE_BOUNDS = (0.5, 4.0)  # device time inside the model's code against the same op alone
+OVERHEAD_BOUNDS = (1e-8, 1e-3)  # host seconds per aten op
+
+
+def fit_in_model(train: pd.DataFrame, table: OpTable, p: Params,
+                 curves: Callable[[float], Params] | None = None) -> Params:
+    """Per dispatch mode, the host cost per op and the in-model device scale that best predict
+    the whole stage passes of that mode (``pass`` rows: the engine's own sequence of pieces):
+    bounded least squares (``scipy.optimize.least_squares``) of the passes' log error, the
+    curves rederived at each no-grad cost by ``curves`` (they are read off single ops less
+    that cost) and held for the other modes. ``p`` unchanged where the rows hold no pass."""
+    measured = train["median_s"].to_numpy()
+    modes = row_modes(train)
+    passes = (train["family"] == "pass").to_numpy()
+    fields = ("overhead_s", "grad_overhead_s", "backward_overhead_s")
+    for i, name in enumerate(fields):
+        rows = passes & (modes == i)
+        if not rows.any():
+            continue
+
+        def with_(x: np.ndarray, i: int = i, name: str = name, q: Params = p) -> Params:
+            base = curves(float(np.exp(x[0]))) if i == 0 and curves is not None else q
+            scale = list(q.device_scale)
+            scale[i] = float(np.exp(x[1]))
+            kept = {f: getattr(q, f) for f in fields[1:]} | {name: float(np.exp(x[0]))}
+            return replace(base, **kept, device_scale=tuple(scale))
+
+        def residuals(x: np.ndarray, rows: np.ndarray = rows, with_=with_) -> np.ndarray:
+            try:
+                pred = table.predict(with_(x))[rows]
+            except ConfigError:  # no single op left above its dispatch cost: no curves
+                return np.full(int(rows.sum()), 1e3)
+            return np.log(pred / measured[rows])
+
+        x0 = np.log([np.clip(p.dispatch(np.array([i]))[0], *OVERHEAD_BOUNDS), 1.0])
+        fit = optimize.least_squares(residuals, x0, method="trf",
+                                     bounds=(np.log([OVERHEAD_BOUNDS[0], SCALE_BOUNDS[0]]),
+                                             np.log([OVERHEAD_BOUNDS[1], SCALE_BOUNDS[1]])))
+        p = with_(fit.x)
+    return p
 
 
 def to_sections(p: Params, command: str) -> dict:
@@ -286,7 +339,9 @@ def to_sections(p: Params, command: str) -> dict:
                                **{k: v for k, v in (("grad_overhead_s", p.grad_overhead_s),
                                                     ("backward_overhead_s", p.backward_overhead_s))
                                   if v is not None}},
-                    "compose": {"mode": p.mode, "command": command}},
+                    "compose": {"mode": p.mode, "command": command},
+                    **({"in_model": {**{k: float(f"{v:.6g}") for k, v in zip(DISPATCH_MODES, p.device_scale)},
+                                     "command": command}} if any(v != 1.0 for v in p.device_scale) else {})},
         "memory": {"bandwidth": {"bytes_per_s": p.bandwidth, "command": command},
                    "efficiency": {"by": "bytes", "points": points(p.memory_points), **curve}},
     }

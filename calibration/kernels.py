@@ -47,7 +47,8 @@ from estimator.io import atomic_write_text
 from estimator.models import PRESETS, ModelSpec
 
 DEFAULT_MODELS = ("tiny-2l-128h", "tiny-4l-256h")
-PIECES = ("block_fwd", "block_bwd", "head", "head_bwd", "context", "optimizer")
+PIECES = ("block_fwd", "block_bwd", "head", "head_bwd", "context", "optimizer", "pass")
+PASSES = {"decode": ("decode",), "prefill": ("prefill", "forward"), "train": ("train", "backward")}
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,9 @@ def _model_cases(m: ModelSpec, tp: int, phases: list[tuple[str, int, int, int]])
             yield case("head", "last" if phase == "decode" else "all", phase, b, s, kv)
         if phase == "prefill":
             yield case("block_fwd", "forward", phase, b, s, kv)  # inference: no cache
+        if tp == 1:  # whole stage passes, as the engine runs them (the unsharded model)
+            for op in PASSES[phase]:
+                yield case("pass", op, phase, b, s, kv)
     for op in ("q_proj", "gate_up", "head"):
         yield Case("adam", op, name, tp, 0, 0, 0, "train", spec=m)
     yield Case("optimizer", "block", name, tp, 0, 0, 0, "train", spec=m)

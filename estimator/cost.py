@@ -199,7 +199,7 @@ def optimizer_s(profile: Profile, numels: list[int]) -> float:
     the census's multi-tensor ops, each over all the tensors' bytes, plus its per-tensor ops."""
     census = load_op_set(profile.ops)
     flops, nbytes, launches = tensors_work(census, profile.dtype, "optimizer", len(numels), float(sum(numels)))
-    return profile.op_s(flops, nbytes, launches) if numels else 0.0
+    return profile.op_s(flops, nbytes, launches, in_model=False) if numels else 0.0
 
 
 def dp_flatten_s(profile: Profile, numels: list[int]) -> float:
@@ -209,4 +209,4 @@ def dp_flatten_s(profile: Profile, numels: list[int]) -> float:
         return 0.0
     census = load_op_set(profile.ops)
     _, nbytes, launches = tensors_work(census, profile.dtype, "dp_allreduce", len(numels), float(sum(numels)))
-    return profile.op_s(0.0, nbytes, launches)
+    return profile.op_s(0.0, nbytes, launches, in_model=False)

@@ -181,6 +181,8 @@ class Profile:
     backward_overhead_s: float | None = None  # per op the autograd engine runs in a backward pass
     host: HostSharing | None = None  # devices of one host slow each other down (CPU); None: they do not
     collective_overhead_s: float = 0.0  # executor: extra per collective issued between computations, seconds
+    # device time of an op inside the executor's model code against the same op timed alone, per dispatch mode
+    device_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def alone(self) -> Profile:
         """The same device computing while its host's other devices idle (``host.alone``); the
@@ -226,6 +228,13 @@ class Profile:
             return self.backward_overhead_s
         return self.launch_overhead_s
 
+    def in_model_scale(self, mode: str = "nograd") -> float:
+        """How much longer an op's device time is inside the executor's model code than the
+        same op timed alone (``compute.in_model``, per dispatch mode; 1 when the profile does
+        not say): operands and outputs of a pass's many tensors are not the warm, reused ones
+        of an op timed in a loop."""
+        return self.device_scale[DISPATCH_MODES.index(mode)]
+
     @property
     def elem_bytes(self) -> int:
         """Bytes of one element in the run dtype: what activations, gradients and parameters
@@ -240,20 +249,25 @@ class Profile:
         """Seconds to move ``nbytes`` through device memory in one op."""
         return nbytes / (self.mem_bandwidth_Bps * self.mem_efficiency(nbytes)) if nbytes > 0 else 0.0
 
-    def op_s(self, flops: float, nbytes: float, launches: float = 1, mode: str = "nograd") -> float:
+    def op_s(self, flops: float, nbytes: float, launches: float = 1, mode: str = "nograd",
+             in_model: bool = True) -> float:
         """Device time — the longer of compute at the fitted efficiency and memory traffic at
         the fitted bandwidth — combined with host time, ``launches`` aten ops dispatched at
         :meth:`dispatch_s` each: added when ``compose`` is serial (CPU: dispatch and kernel
         run one after the other on one thread), the longer of the two when it is overlap
-        (CUDA: launches are asynchronous, so a stream of ops is bound by whichever is slower)."""
-        device = max(self.compute_s(flops), self.memory_s(nbytes))
+        (CUDA: launches are asynchronous, so a stream of ops is bound by whichever is slower).
+        ``in_model``: the op runs inside the model's code (``compute.in_model`` applies); the
+        optimizer's and the gradient copies' ops do not."""
+        scale = self.in_model_scale(mode) if in_model else 1.0
+        device = max(self.compute_s(flops), self.memory_s(nbytes)) * scale
         if (flops > 0 or nbytes > 0) and self.kernel_floor_s:
             device = max(device, self.kernel_floor_s)
         host = launches * self.dispatch_s(mode)
         return device + host if self.compose == "serial" else max(device, host)
 
     def ops_s_many(self, flops: np.ndarray, nbytes: np.ndarray, launches: np.ndarray | float = 1,
-                   mode: str = "nograd", kinds: tuple[str, ...] | None = None) -> np.ndarray:
+                   mode: str = "nograd", kinds: tuple[str, ...] | None = None,
+                   in_model: bool = True) -> np.ndarray:
         """Vectorised :meth:`op_s` over arrays of ops. ``kinds`` names the kernel of each row
         (the first axis): a kernel the profile measured (``compute.kernels``) moves its bytes
         at its own bandwidth efficiency instead of the by-bytes curve, and no kernel takes less
@@ -270,7 +284,7 @@ class Profile:
             if not np.isnan(own).all():
                 compute = np.where(np.isnan(own) | (flops <= 0), compute, flops / (self.peak_flops * own))
         memory = np.where(nbytes > 0, nbytes / (self.mem_bandwidth_Bps * mem_eff), 0.0)
-        device = np.maximum(compute, memory)
+        device = np.maximum(compute, memory) * (self.in_model_scale(mode) if in_model else 1.0)
         if self.kernel_floor_s or self.kernels:
             device = np.where((flops > 0) | (nbytes > 0), np.maximum(device, floor), 0.0)
         host = np.asarray(launches, dtype=float) * self.dispatch_s(mode)
@@ -431,7 +445,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     if not isinstance(data["software"], dict):
         raise ConfigError(f"{where}: software must be an object of name → version")
     compute = _obj(data, "compute", where, ("peak", "efficiency", "launch"), numbers=False,
-                   optional=("compose", "dtype", "ops", "kernels"))
+                   optional=("compose", "dtype", "ops", "kernels", "in_model"))
     memory = _obj(data, "memory", where, ("capacity", "bandwidth", "efficiency"), numbers=False)
     w = f"{where}: compute"
     peak = _obj(compute, "peak", w, ("flops_per_s",))
@@ -459,9 +473,24 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         mem_efficiency=_curve(meff, f"{m}.efficiency", "bytes"),
         links=links, link_names=names, raw=data, path=path, compose=compose, dtype=dtype,
         call_overhead_s=call_s, micro_batch_overhead_s=mb_s, host=_host(data, where), collective_overhead_s=coll_s,
-        ops=ops, kernel_floor_s=floor_s, kernels=kernels,
+        ops=ops, kernel_floor_s=floor_s, kernels=kernels, device_scale=_in_model(compute, w),
         **{k: _positive(launch, k, f"{w}.launch", zero_ok=True) for k in DISPATCH_KEYS if k in launch},
     )
+
+
+def _in_model(compute: dict, where: str) -> tuple[float, float, float]:
+    """The optional ``compute.in_model`` section: {mode: scale ≥ 1/4 and ≤ 4 for each of
+    :data:`DISPATCH_MODES` it names, command | cite}; modes it does not name scale by 1."""
+    if "in_model" not in compute:
+        return (1.0, 1.0, 1.0)
+    node = _obj(compute, "in_model", where, (), optional=DISPATCH_MODES)
+    out = []
+    for mode in DISPATCH_MODES:
+        v = node.get(mode, 1.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.25 <= v <= 4.0:
+            raise ConfigError(f"{where}.in_model.{mode}={v!r} must be a number in [0.25, 4]")
+        out.append(float(v))
+    return tuple(out)
 
 
 def _compose(compute: dict, where: str) -> tuple[str, str]:

@@ -53,31 +53,33 @@ def kl_shaped_rewards(old_logp: Tensor, ref_logp: Tensor, reward: Tensor, kl_coe
     return r
 
 
+def reverse_discount(x: Tensor, factor: float) -> Tensor:
+    """``y_t = Σ_{j≥t} factor^{j−t}·x_j`` along the last axis: the recurrence
+    ``y_t = x_t + factor·y_{t+1}`` (``y`` past the end 0) as one product with the triangular
+    matrix of powers, not a Python loop over positions (a loop costs a dispatch per position
+    and op, which on a CPU outweighs the arithmetic). Powers that underflow are zero."""
+    g = x.shape[-1]
+    pos = torch.arange(g, device=x.device)
+    lag = (pos[:, None] - pos[None, :]).to(x.dtype)  # j − t at [j, t]
+    weights = torch.where(lag >= 0, torch.tensor(factor, dtype=x.dtype, device=x.device) ** lag,
+                          torch.zeros((), dtype=x.dtype, device=x.device))
+    return x @ weights
+
+
 def gae(rewards: Tensor, values: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2015, arXiv 1506.02438), per sequence.
 
     ``δ_t = r_t + γ·V_{t+1} − V_t`` with ``V_G = 0`` (the episode ends with the response),
     ``A_t = δ_t + γλ·A_{t+1}``; returns ``R_t = A_t + V_t``. Inputs and outputs ``(b, G)``.
     """
-    g = rewards.shape[1]
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(g)):
-        next_v = values[:, t + 1] if t + 1 < g else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_v - values[:, t]
-        last = delta + gamma * lam * last
-        adv[:, t] = last
+    next_v = torch.nn.functional.pad(values[:, 1:], (0, 1))
+    adv = reverse_discount(rewards + gamma * next_v - values, gamma * lam)
     return adv, adv + values
 
 
 def discounted_returns(rewards: Tensor, gamma: float) -> Tensor:
     """Reward-to-go ``G_t = Σ_{t'≥t} γ^{t'−t}·r_{t'}`` per sequence, ``(b, G)``."""
-    out = torch.zeros_like(rewards)
-    run = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        run = rewards[:, t] + gamma * run
-        out[:, t] = run
-    return out
+    return reverse_discount(rewards, gamma)
 
 
 def ppo_advantages(old_logp: Tensor, ref_logp: Tensor, reward: Tensor, values: Tensor,

@@ -69,10 +69,13 @@ def test_the_estimator_prices_every_raw_row_as_the_fit_does(tiny_profile: Path):
     table = OpTable(raw)
     fit = table.predict(params_from_sections(prof.raw))
     modes = np.array(["nograd", "grad", "backward"])[row_modes(raw)]
+    assert prof.device_scale != (1.0, 1.0, 1.0)  # the tiny grid's passes set the in-model scales
     for mode in ("nograd", "grad", "backward"):
-        sel = table.modes == ["nograd", "grad", "backward"].index(mode)
-        est = np.bincount(table.row[sel], prof.ops_s_many(table.flops[sel], table.bytes[sel], 1.0, mode),
-                          minlength=len(raw))
+        est = np.zeros(len(raw))
+        for inside in (True, False):  # a piece's ops run inside the model's code, a single op alone
+            sel = (table.modes == ["nograd", "grad", "backward"].index(mode)) & (table.in_model == inside)
+            est += np.bincount(table.row[sel], prof.ops_s_many(table.flops[sel], table.bytes[sel], 1.0, mode,
+                                                                in_model=inside), minlength=len(raw))
         rows = modes == mode
         assert np.allclose(est[rows], fit[rows], rtol=1e-9), mode
 

@@ -181,3 +181,17 @@ def test_untimed_tensor_parallel_collectives_count_in_the_op_they_follow():
     timed = Timeline.of(list(meas.spans) + [Span(1.4, 1.6, 0, 0, "train", "tp_allreduce", 0, 0)], "measured")
     ops = compare_plan("p", pred, [timed], {"train": "train"}, warmup=0).ops.set_index("kind")
     assert ops.loc["forward", "predicted_s"] == pytest.approx(1.0) and "tp_comm" in ops.index
+
+
+def test_a_stage_op_counts_from_when_its_last_device_began_it():
+    """Two tensor-parallel ranks run each micro-batch's forward together; rank 1 enters its
+    first forward 5 s early and waits inside it for rank 0. Each op counts from the later
+    start; a rank's own slower step still counts in full (the stage takes the busiest)."""
+    spans = [Span(0.0, 6.0, 1, 0, "inf", "forward", 0, 0), Span(5.0, 6.0, 0, 0, "inf", "forward", 0, 0),
+             Span(6.0, 7.0, 1, 0, "inf", "forward", 1, 0), Span(6.0, 7.5, 0, 0, "inf", "forward", 1, 0),
+             # decode steps share a micro-batch: matched by their order on each device
+             Span(8.0, 8.5, 0, 0, "inf", "decode", 0, 0), Span(8.2, 8.6, 1, 0, "inf", "decode", 0, 0),
+             Span(8.6, 9.0, 0, 0, "inf", "decode", 0, 0), Span(8.6, 9.1, 1, 0, "inf", "decode", 0, 0)]
+    ops = op_durations(Timeline.of(spans, "measured"), 0).set_index(["call", "kind"])
+    assert ops.loc[("inf", "forward"), "duration_s"] == pytest.approx(1.0 + 1.5)
+    assert ops.loc[("inf", "decode"), "duration_s"] == pytest.approx(0.4 + 0.5)

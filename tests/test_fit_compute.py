@@ -112,6 +112,52 @@ def test_dispatch_costs_per_mode_are_recovered_from_training_pieces():
     assert prof.op_s(0.0, 0.0, 10, "nograd") < prof.op_s(0.0, 0.0, 10, "grad") < prof.op_s(0.0, 0.0, 10, "backward")
 
 
+def test_in_model_device_scale_and_dispatch_per_mode_are_recovered_from_whole_passes():
+    """Ops inside the model's code run their device part slower than alone: whole passes
+    timed with a known in-model scale and dispatch cost per mode give both back, and the
+    estimator's profile charges the scale on every op it prices in that mode."""
+    from dataclasses import replace
+
+    from estimator.profiles import profile_from_dict
+
+    truth = replace(TRUE, grad_overhead_s=7e-6, backward_overhead_s=11e-6, device_scale=(1.5, 1.3, 1.2))
+    raw = synthetic_raw(truth)
+    singles = raw[raw["family"].isin(("gemm", "elementwise", "norm"))]
+    rng = np.random.default_rng(2)
+    extra = []
+    for op in ("forward", "train", "backward"):
+        for i in range(16):
+            pick = singles.iloc[rng.choice(len(singles), size=int(rng.integers(5, 40)))]
+            ops = [tuple(map(float, o.split(":"))) for text in pick["ops"] for o in text.split(";")]
+            extra.append({**_row("pass", op, ops, float(i)), "piece": True})
+    extra = pd.DataFrame(extra)
+    extra["median_s"] = OpTable(extra).predict(truth)
+    extra["p10_s"] = extra["p90_s"] = extra["median_s"]
+    raw = pd.concat([raw, extra], ignore_index=True)
+    sections, report = fit_compute(raw)
+    scale = sections["compute"]["in_model"]
+    assert [scale[m] for m in ("nograd", "grad", "backward")] == pytest.approx([1.5, 1.3, 1.2], rel=0.03)
+    launch = sections["compute"]["launch"]
+    # the curves are binned medians of single ops, not the truth's exact shape: the host cost
+    # per op absorbs what they miss on the passes' ops
+    assert [launch["overhead_s"], launch["grad_overhead_s"], launch["backward_overhead_s"]] == pytest.approx(
+        [3e-6, 7e-6, 11e-6], rel=0.15)
+    held = report.set_index(["family", "split"]).loc[("pass/forward", "held-out")]
+    assert held["median_pct"] < 3
+    # without the in-model fit the same passes are predicted too fast
+    _, plain = fit_compute(raw, in_model=False)
+    assert plain.set_index(["family", "split"]).loc[("pass/forward", "held-out"), "bias_pct"] < -10
+    doc = json.loads((ROOT / "calibration/profiles/cpu.json").read_text())
+    doc["compute"] = {**doc["compute"], **sections["compute"]}
+    prof = profile_from_dict(doc)
+    alone = replace(prof, device_scale=(1.0, 1.0, 1.0))
+    for mode in ("nograd", "grad", "backward"):
+        assert prof.op_s(1e9, 0.0, 0, mode) == pytest.approx(scale[mode] * alone.op_s(1e9, 0.0, 0, mode))
+    doc["compute"]["in_model"]["grad"] = 9.0
+    with pytest.raises(ConfigError, match=r"in_model.grad=9.0 must be a number in \[0.25, 4\]"):
+        profile_from_dict(doc)
+
+
 def test_held_out_rows_do_not_move_the_fit():
     raw = synthetic_raw()
     sections, report = fit_compute(raw)
@@ -177,7 +223,7 @@ def test_tiny_grid_fit_reproduces_its_measurements_and_round_trips(tiny_measured
     # The fast samples: on a shared machine preemption lengthens the others at random.
     sections, report = fit_compute(tiny_measured, command="python -m calibration.kernels --tiny", stat="p10_s")
     assert set(sections) == {"compute", "memory", "executor"}
-    assert set(sections["compute"]) == {"peak", "efficiency", "launch", "compose"}
+    assert set(sections["compute"]) == {"peak", "efficiency", "launch", "compose", "in_model"}
     assert sections["compute"]["compose"]["mode"] == "serial"  # CPU: the host waits for every op
     for sec in (sections["compute"]["efficiency"], sections["memory"]["efficiency"]):
         Curve(tuple(map(tuple, sec["points"])), sec["interpolation"])  # valid profile curves

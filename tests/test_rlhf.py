@@ -67,6 +67,18 @@ def test_gae_with_lambda_one_is_monte_carlo():
     assert torch.allclose(adv, ret - values)
 
 
+def test_reverse_discount_equals_the_recurrence_it_replaces():
+    """The closed form against the loop it stands for, on long sequences and small factors."""
+    for g, factor in ((1, 0.9), (7, 0.95), (300, 0.99), (50, 0.0), (64, 1.0)):
+        x = _rand(3, g, seed=g)
+        y = torch.zeros_like(x)
+        run = torch.zeros_like(x[:, 0])
+        for t in reversed(range(g)):
+            run = x[:, t] + factor * run
+            y[:, t] = run
+        assert torch.allclose(rlhf.reverse_discount(x, factor), y, rtol=1e-10, atol=1e-12), (g, factor)
+
+
 def test_discounted_returns_by_hand():
     r = torch.tensor([[1.0, 0.0, 2.0]], dtype=D)
     assert rlhf.discounted_returns(r, 0.5)[0].tolist() == pytest.approx([1.5, 1.0, 2.0])
