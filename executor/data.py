@@ -162,6 +162,11 @@ class Source:
     group_size: int = 1
     table: Tensor | None = None  # (n, width) loaded examples, or None for synthetic
 
+    @property
+    def rows_per_iteration(self) -> int:
+        """Rows one iteration's data holds: its prompts (× the group), or two per pair."""
+        return self.examples_per_iteration * (2 if self.kind == "pairs" else self.group_size)
+
     def rows(self, iteration: int, lo: int, hi: int) -> Tensor:
         """Global rows ``[lo, hi)`` of this iteration's data: (hi − lo, width) token ids."""
         rows = torch.arange(lo, hi)

@@ -127,6 +127,7 @@ class RankRuntime:
         self.dpn = experiment.cluster.devices_per_node
         self.homes = home_layouts(experiment, plan)
         self.source: Source = source_for(experiment)
+        self._source_it, self._source_all = -1, torch.empty(0)
         timeout = timedelta(seconds=options.timeout_s) if options.timeout_s else None
         self.groups: GroupRegistry = build_groups(group_layouts(experiment, plan), world_size, timeout=timeout)
         self.params = {role: self._init(role) for role, home in self.homes.items() if self._in(home)}
@@ -198,7 +199,7 @@ class RankRuntime:
     def _inputs(self, it: int, call: Call, layout: Layout) -> dict[str, Pieces]:
         """Source rows built here; produced rows copied or received (waiting for producers)."""
         rows = dp_rows(call, layout, layout.coords(self.device)[0])
-        inputs = {name: [(r, self.source.rows(it, *r).to(self.torch_device)) for r in rows]
+        inputs = {name: [(r, self._source_rows(it, *r)) for r in rows]
                   for name in call.inputs if name in SOURCES}
         produced = [name for name in call.inputs if name not in SOURCES]
         if produced:
@@ -207,6 +208,14 @@ class RankRuntime:
                     inputs[name] = gather_input(self.input_plans[(call.name, name)], self.device, it, call.name,
                                                 name, self.store, self.mailbox)
         return inputs
+
+    def _source_rows(self, it: int, lo: int, hi: int) -> Tensor:
+        """Rows ``[lo, hi)`` of iteration ``it``'s source data, built once per iteration on this
+        device and sliced for every call that reads them (not rebuilt call by call)."""
+        if self._source_it != it:
+            self._source_it = it
+            self._source_all = self.source.rows(it, 0, self.source.rows_per_iteration).to(self.torch_device)
+        return self._source_all[lo:hi]
 
     def _compute(self, it: int, call: Call, layout: Layout, params: M.Params, inputs: dict, stage: int) -> None:
         if self.options.fault == (self.device, call.name):

@@ -132,3 +132,14 @@ def test_source_for_an_experiment_reads_its_file(tmp_path):
     exp = tiny_experiment("ppo")
     assert data.source_for(exp).kind == "prompts" and data.source_for(exp).table is None
     assert data.source_for(tiny_experiment("dpo")).kind == "pairs"
+
+
+@pytest.mark.parametrize("kind,examples,group,rows", [("prompts", 6, 1, 6), ("prompts", 3, 4, 12), ("pairs", 5, 1, 10),
+                                                      ("sft", 4, 1, 4)])
+def test_a_whole_iteration_sliced_equals_each_range_built_alone(kind, examples, group, rows):
+    """The runtime builds an iteration's source rows once and slices them for every call."""
+    src = Source(kind, 7, 5, 3, 50, examples, group)
+    assert src.rows_per_iteration == rows
+    whole = src.rows(2, 0, rows)
+    for lo, hi in ((0, rows), (0, 2), (2, rows), (1, 3)):
+        assert torch.equal(whole[lo:hi], src.rows(2, lo, hi))
