@@ -195,7 +195,8 @@ def _pass(case: Any, mk: Maker) -> Bench:
     embedding, the rotary tables, every block and the final norm and head — ``forward``
     (inference), ``prefill`` (into a fresh cache, head on the last position), ``decode`` (one
     token against a cache of ``kv − 1`` positions), ``train`` (the forward autograd records)
-    and ``backward`` (that forward's backward)."""
+    and ``backward`` (that forward's backward); ``train_recompute`` and ``backward_recompute``
+    the same with every block under activation checkpointing."""
     m, b, s, kv, op = case.spec, case.batch, case.seq, case.kv, case.op
     layers = range(m.layers)
 
@@ -203,9 +204,12 @@ def _pass(case: Any, mk: Maker) -> Bench:
         seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=mk.gen))
         return {n: t.to(mk.device).requires_grad_(grad) for n, t in M.init_params(m, seed, mk.dtype).items()}
 
+    recompute = op.endswith("_recompute")
+    op = op.removesuffix("_recompute")
+
     def stage(p: M.Params, tokens: torch.Tensor, start: int, cache: M.KVCache | None, last: bool) -> torch.Tensor:
         x = M.embed(p, tokens, start)
-        x = M.blocks(p, layers, x, _ctx(m, mk, start, tokens.shape[1], cache))
+        x = M.blocks(p, layers, x, _ctx(m, mk, start, tokens.shape[1], cache), recompute)
         return M.final(p, x[:, -1:] if last else x, m)
 
     if op == "decode":

@@ -72,12 +72,28 @@ BACKWARD_PIECES = ("block_bwd", "head_bwd")
 IN_MODEL = tuple(f for f in PIECES if f != "optimizer")  # pieces of the model's own code (compute.in_model)
 
 
+RECOMPUTE_PASSES = ("train_recompute", "backward_recompute")  # pass ops that checkpoint every block
+
+
+def checkpointed_blocks(raw: pd.DataFrame) -> np.ndarray:
+    """(rows, 2): blocks each row runs under activation checkpointing, in its forward (column
+    0) and in its backward (column 1) — the recomputing passes' layers, 0 elsewhere."""
+    out = np.zeros((len(raw), 2))
+    if len(raw) and "layers" in raw:
+        layers = raw["layers"].fillna(0).to_numpy(dtype=float)
+        for j, op in enumerate(RECOMPUTE_PASSES):
+            sel = ((raw["family"] == "pass") & (raw["op"] == op)).to_numpy()
+            out[sel, j] = layers[sel]
+    return out
+
+
 def row_modes(raw: pd.DataFrame) -> np.ndarray:
     """Per row, how its ops are dispatched (an index into :data:`DISPATCH_MODES`): a backward
     piece runs in the autograd engine, the training forward records the graph, and everything
     else — single ops, inference, decoding, the optimizer — runs under ``no_grad``."""
-    grad = raw["family"].isin(("block_fwd", "pass")) & (raw["op"] == "train")
-    backward = raw["family"].isin(BACKWARD_PIECES) | ((raw["family"] == "pass") & (raw["op"] == "backward"))
+    grad = raw["family"].isin(("block_fwd", "pass")) & raw["op"].isin(("train", "train_recompute"))
+    backward = raw["family"].isin(BACKWARD_PIECES) | (
+        (raw["family"] == "pass") & raw["op"].isin(("backward", "backward_recompute")))
     return np.where(backward, 2, np.where(grad, 1, 0))
 
 
@@ -95,6 +111,8 @@ class Params:
     backward_overhead_s: float | None = None  # per op of a backward pass; None: overhead_s
     # device time of an op inside the model's code against the same op timed alone, per dispatch mode
     device_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # activation checkpointing's own cost per block beyond the ops it runs: (forward, backward)
+    checkpoint_s: tuple[float, float] = (0.0, 0.0)
 
     def dispatch(self, modes: np.ndarray) -> np.ndarray:
         """Host cost per op for each entry of ``modes`` (:data:`DISPATCH_MODES` indices), as
@@ -138,22 +156,25 @@ class OpTable:
         self.row, self.flops, self.bytes = np.asarray(rows, dtype=int), np.asarray(flops), np.asarray(nbytes)
         self.modes = row_modes(raw.reset_index(drop=True))[self.row] if len(raw) else np.zeros(0, dtype=int)
         self.in_model = raw["family"].isin(IN_MODEL).to_numpy()[self.row] if len(raw) else np.zeros(0, dtype=bool)
+        self.checkpointed = checkpointed_blocks(raw.reset_index(drop=True))
 
     def predict(self, p: Params) -> np.ndarray:
-        """Predicted seconds of every row: the sum of its ops."""
+        """Predicted seconds of every row: the sum of its ops, plus activation checkpointing's
+        own cost per block on the passes that recompute."""
         times = op_times(self.flops, self.bytes, 1.0, p, self.modes, self.in_model)
-        return np.bincount(self.row, weights=times, minlength=self.n)
+        return np.bincount(self.row, weights=times, minlength=self.n) + self.checkpointed @ np.asarray(p.checkpoint_s)
 
 
 def params_from_sections(sections: dict) -> Params:
     """The contract's numbers from fitted (or loaded) profile sections."""
     c, m = sections["compute"], sections["memory"]
-    launch, scale = c["launch"], c.get("in_model", {})
+    launch, scale, ex = c["launch"], c.get("in_model", {}), sections.get("executor", {})
     return Params(float(c["peak"]["flops_per_s"]), np.asarray(c["efficiency"]["points"], dtype=float),
                   float(m["bandwidth"]["bytes_per_s"]), np.asarray(m["efficiency"]["points"], dtype=float),
                   float(launch["overhead_s"]), str(c["compose"]["mode"]),
                   launch.get("grad_overhead_s"), launch.get("backward_overhead_s"),
-                  tuple(float(scale.get(k, 1.0)) for k in DISPATCH_MODES))
+                  tuple(float(scale.get(k, 1.0)) for k in DISPATCH_MODES),
+                  tuple(float(ex.get(f"checkpoint_{k}_s", 0.0)) for k in ("forward", "backward")))
 
 
 # ---- the fit ------------------------------------------------------------------------------------
@@ -282,6 +303,9 @@ def fit_compute(raw: pd.DataFrame, holdout_every: int = 2, command: str = "pytho
     sections = to_sections(p, command)
     if (raw["family"] == "executor").any():
         sections["executor"] = executor_section(raw, command)
+    if any(p.checkpoint_s):
+        sections.setdefault("executor", {"call_overhead_s": 0.0, "micro_batch_overhead_s": 0.0, "command": command})
+        sections["executor"].update(checkpoint_forward_s=p.checkpoint_s[0], checkpoint_backward_s=p.checkpoint_s[1])
     return sections, report(kernels, np.where(held, "held-out", "fit"), p)
 
 
@@ -292,39 +316,71 @@ OVERHEAD_BOUNDS = (1e-8, 1e-3)  # host seconds per aten op
 def fit_in_model(train: pd.DataFrame, table: OpTable, p: Params,
                  curves: Callable[[float], Params] | None = None) -> Params:
     """Per dispatch mode, the host cost per op and the in-model device scale that best predict
-    the whole stage passes of that mode (``pass`` rows: the engine's own sequence of pieces):
-    bounded least squares (``scipy.optimize.least_squares``) of the passes' log error, the
-    curves rederived at each no-grad cost by ``curves`` (they are read off single ops less
-    that cost) and held for the other modes. ``p`` unchanged where the rows hold no pass."""
+    the whole stage passes of that mode (``pass`` rows: the engine's own sequence of pieces),
+    in squared log error: for each host cost the best scale (``scipy.optimize.least_squares``),
+    the host cost searched on a log grid around the staged fit's and refined by bounded scalar
+    minimisation (the curves, read off single ops less the no-grad cost, are rederived at each
+    no-grad candidate by ``curves``, which makes that loss piecewise smooth only; the other
+    modes hold them). Then activation checkpointing's own cost (:func:`fit_checkpoint`). ``p``
+    unchanged where the rows hold no pass."""
     measured = train["median_s"].to_numpy()
     modes = row_modes(train)
-    passes = (train["family"] == "pass").to_numpy()
+    passes = ((train["family"] == "pass") & ~train["op"].isin(RECOMPUTE_PASSES)).to_numpy()
     fields = ("overhead_s", "grad_overhead_s", "backward_overhead_s")
     for i, name in enumerate(fields):
         rows = passes & (modes == i)
         if not rows.any():
             continue
 
-        def with_(x: np.ndarray, i: int = i, name: str = name, q: Params = p) -> Params:
-            base = curves(float(np.exp(x[0]))) if i == 0 and curves is not None else q
+        def at(o: float, k: float, i: int = i, name: str = name, q: Params = p) -> Params:
+            base = curves(o) if i == 0 and curves is not None else q
             scale = list(q.device_scale)
-            scale[i] = float(np.exp(x[1]))
-            kept = {f: getattr(q, f) for f in fields[1:]} | {name: float(np.exp(x[0]))}
+            scale[i] = k
+            kept = {f: getattr(q, f) for f in fields[1:]} | {name: o}
             return replace(base, **kept, device_scale=tuple(scale))
 
-        def residuals(x: np.ndarray, rows: np.ndarray = rows, with_=with_) -> np.ndarray:
+        def best_scale(log_o: float, rows: np.ndarray = rows, at=at, i: int = i) -> tuple[float, float]:
+            """(loss, scale) at host cost exp(log_o)."""
+            o = float(np.exp(log_o))
             try:
-                pred = table.predict(with_(x))[rows]
-            except ConfigError:  # no single op left above its dispatch cost: no curves
-                return np.full(int(rows.sum()), 1e3)
-            return np.log(pred / measured[rows])
+                q = at(o, 1.0)
+            except ConfigError:  # no single op left above this dispatch cost: no curves
+                return np.inf, 1.0
+            fit = optimize.least_squares(lambda x: np.log(table.predict(replace(q, device_scale=_with(
+                q.device_scale, i, float(np.exp(x[0])))))[rows] / measured[rows]), [0.0],
+                bounds=(np.log([SCALE_BOUNDS[0]]), np.log([SCALE_BOUNDS[1]])), method="trf")
+            return float(2 * fit.cost), float(np.exp(fit.x[0]))
 
-        x0 = np.log([np.clip(p.dispatch(np.array([i]))[0], *OVERHEAD_BOUNDS), 1.0])
-        fit = optimize.least_squares(residuals, x0, method="trf",
-                                     bounds=(np.log([OVERHEAD_BOUNDS[0], SCALE_BOUNDS[0]]),
-                                             np.log([OVERHEAD_BOUNDS[1], SCALE_BOUNDS[1]])))
-        p = with_(fit.x)
-    return p
+        start = float(np.log(np.clip(p.dispatch(np.array([i]))[0], *OVERHEAD_BOUNDS)))
+        grid = np.clip(start + np.log(10.0) * np.linspace(-1, 1, 21), *np.log(OVERHEAD_BOUNDS))
+        losses = [best_scale(g)[0] for g in grid]
+        j = int(np.argmin(losses))
+        lo, hi = grid[max(j - 1, 0)], grid[min(j + 1, len(grid) - 1)]
+        refined = optimize.minimize_scalar(lambda g: best_scale(g)[0], bounds=(lo, hi), method="bounded",
+                                           options={"xatol": 1e-4})
+        log_o = float(refined.x) if refined.fun <= losses[j] else float(grid[j])
+        p = at(float(np.exp(log_o)), best_scale(log_o)[1])
+    return fit_checkpoint(train, table, p)
+
+
+def _with(values: tuple[float, ...], i: int, v: float) -> tuple[float, ...]:
+    return tuple(v if k == i else x for k, x in enumerate(values))
+
+
+def fit_checkpoint(train: pd.DataFrame, table: OpTable, p: Params) -> Params:
+    """Activation checkpointing's own cost per block (its saved-tensor hooks, the RNG state it
+    keeps, the recomputation it arranges), forward and backward: the median over the
+    recomputing passes of what they take beyond their ops, per checkpointed block, at least
+    0. ``p`` unchanged where the rows hold no recomputing pass."""
+    measured = train["median_s"].to_numpy()
+    base = replace(p, checkpoint_s=(0.0, 0.0))
+    extra = measured - table.predict(base)
+    out = []
+    for j in range(2):
+        blocks = table.checkpointed[:, j]
+        sel = blocks > 0
+        out.append(max(float(np.median(extra[sel] / blocks[sel])), 0.0) if sel.any() else 0.0)
+    return replace(p, checkpoint_s=(out[0], out[1]))
 
 
 def to_sections(p: Params, command: str) -> dict:

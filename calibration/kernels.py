@@ -48,7 +48,8 @@ from estimator.models import PRESETS, ModelSpec
 
 DEFAULT_MODELS = ("tiny-2l-128h", "tiny-4l-256h")
 PIECES = ("block_fwd", "block_bwd", "head", "head_bwd", "context", "optimizer", "pass")
-PASSES = {"decode": ("decode",), "prefill": ("prefill", "forward"), "train": ("train", "backward")}
+PASSES = {"decode": ("decode",), "prefill": ("prefill", "forward"),
+          "train": ("train", "backward", "train_recompute", "backward_recompute")}
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,7 @@ def case_row(case: Any, level: Any, mk: Maker, clock: Clock, device_name: str) -
     samples, inner, rotate = time_bench(bench, level.repeats, level.warmup, level.sample_s, clock)
     return {"family": case.family, "op": case.op, "model": case.model, "tp": case.tp, "batch": case.batch,
             "seq": case.seq, "kv": case.kv, "phase": case.phase, "size": case.size, "piece": case.piece,
+            "layers": case.spec.layers if case.spec is not None else 0,
             "flops": sum(o.flops for o in ops), "bytes": sum(o.bytes for o in ops), "launches": len(ops),
             "work_ops": sum(o.work for o in ops),
             "median_s": float(np.median(samples)), "p10_s": float(np.percentile(samples, 10)),

@@ -95,17 +95,20 @@ def _extras_s(profile: Profile, sym: dict, extras: tuple[Extra, ...], mode: str)
 
 def forward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, first: bool, last: bool,
                   batch: float, new: int, head_tokens: float | None = None, phase: str = "forward",
-                  extras: tuple[Extra, ...] = (), grad: bool = False) -> StageTime:
+                  extras: tuple[Extra, ...] = (), grad: bool = False, recompute: bool = False) -> StageTime:
     """Forward of ``batch`` sequences over ``new`` tokens through a stage of ``layers`` blocks
     (``phase`` forward, or prefill into a KV cache); the head runs on ``head_tokens`` positions
     (default: all), then the last stage runs ``extras`` (token choice, loss). ``grad``: a
-    training forward, whose ops autograd records."""
+    training forward, whose ops autograd records; ``recompute``: its blocks run under activation
+    checkpointing, which costs the profile's ``checkpoint_s[0]`` per block beyond their ops."""
     n = batch * new
     head_tokens = n if head_tokens is None else head_tokens
     mode = "grad" if grad else "nograd"
     sym = model_symbols(model, tp) | {"rows": batch, "tokens": new}
     compute = (layers * piece_s(profile, block_piece(phase, model, tp), sym, mode)
                + _rotary_s(profile, model, sym))  # the rotary tables need no gradient
+    if recompute:
+        compute += layers * profile.checkpoint_s[0]
     comm = 2 * layers * tp_allreduce_s(profile, tp, n, model.hidden)
     if first:
         compute += piece_s(profile, end_piece("embed", tp, model), sym, mode)
@@ -127,11 +130,11 @@ def backward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, fir
     ops up to the block's last saved tensor, where torch's non-reentrant checkpoint stops
     recomputing — so not down_proj —, the checkpoint's detaches, the backward's), with the
     re-run forward's one all-reduce per layer (after o_proj; the one after down_proj is not
-    re-run)."""
+    re-run), and the checkpoint's own cost per block beyond its ops (``checkpoint_s[1]``)."""
     n = batch * new
     sym = model_symbols(model, tp) | {"rows": batch, "tokens": new}
     block = block_piece("backward_recompute" if recompute else "backward", model, tp)
-    compute = layers * piece_s(profile, block, sym, "backward")
+    compute = layers * (piece_s(profile, block, sym, "backward") + (profile.checkpoint_s[1] if recompute else 0.0))
     if first:
         compute += piece_s(profile, end_piece("embed_backward", tp, model), sym, "backward")
     if last:

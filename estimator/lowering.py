@@ -236,7 +236,7 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
         devices = _stage_devices(layout, k)
         ports = tuple(group_ports(devices, dpn))  # every port of the stage's devices (group_ports)
         fwd = forward_stage(profile, model, layout.tp, layers, first, last, b, new, head, phase, tail_f,
-                            grad=call.kind == "train")
+                            grad=call.kind == "train", recompute=layout.recompute == "full")
         fwd = StageTime(fwd.compute_s + spread, fwd.comm_s)
         bwd, ar, opt, dp_ports = StageTime(0.0, 0.0), 0.0, 0.0, ()
         if call.kind == "train":

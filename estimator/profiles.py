@@ -183,6 +183,8 @@ class Profile:
     collective_overhead_s: float = 0.0  # executor: extra per collective issued between computations, seconds
     # device time of an op inside the executor's model code against the same op timed alone, per dispatch mode
     device_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # executor: activation checkpointing's own cost per block, (forward, backward), seconds
+    checkpoint_s: tuple[float, float] = (0.0, 0.0)
 
     def alone(self) -> Profile:
         """The same device computing while its host's other devices idle (``host.alone``); the
@@ -457,7 +459,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     meff = _obj(memory, "efficiency", m, ("by", "interpolation", "points"))
     links, names = parse_links(data["links"], where, curves_allowed=data["format"] != FORMATS[0])
     compose, dtype = _compose(compute, w)
-    call_s, mb_s, coll_s = _executor(data, where)
+    call_s, mb_s, coll_s, ckpt_f, ckpt_b = _executor(data, where)
     ops = compute.get("ops", "executor")
     if ops not in OP_SETS:
         raise ConfigError(f"{w}.ops={ops!r} must be one of {OP_SETS}")
@@ -474,6 +476,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         links=links, link_names=names, raw=data, path=path, compose=compose, dtype=dtype,
         call_overhead_s=call_s, micro_batch_overhead_s=mb_s, host=_host(data, where), collective_overhead_s=coll_s,
         ops=ops, kernel_floor_s=floor_s, kernels=kernels, device_scale=_in_model(compute, w),
+        checkpoint_s=(ckpt_f, ckpt_b),
         **{k: _positive(launch, k, f"{w}.launch", zero_ok=True) for k in DISPATCH_KEYS if k in launch},
     )
 
@@ -508,17 +511,20 @@ def _compose(compute: dict, where: str) -> tuple[str, str]:
     return mode, dtype
 
 
-def _executor(data: dict, where: str) -> tuple[float, float, float]:
+EXECUTOR_OPTIONAL = ("collective_overhead_s", "checkpoint_forward_s", "checkpoint_backward_s")
+
+
+def _executor(data: dict, where: str) -> tuple[float, ...]:
     """The optional ``executor`` section: bookkeeping per call and per micro-batch pass, and
-    (optional) the extra cost of a collective issued between computations."""
+    (optional, 0 when absent) the extra cost of a collective issued between computations and
+    activation checkpointing's own cost per block in the forward and in the backward."""
     if "executor" not in data:
-        return 0.0, 0.0, 0.0
-    node = _obj(data, "executor", where, ("call_overhead_s", "micro_batch_overhead_s"),
-                optional=("collective_overhead_s",))
+        return (0.0,) * (2 + len(EXECUTOR_OPTIONAL))
+    node = _obj(data, "executor", where, ("call_overhead_s", "micro_batch_overhead_s"), optional=EXECUTOR_OPTIONAL)
     w = f"{where}: executor"
-    coll = _positive(node, "collective_overhead_s", w, zero_ok=True) if "collective_overhead_s" in node else 0.0
+    more = tuple(_positive(node, k, w, zero_ok=True) if k in node else 0.0 for k in EXECUTOR_OPTIONAL)
     return (_positive(node, "call_overhead_s", w, zero_ok=True),
-            _positive(node, "micro_batch_overhead_s", w, zero_ok=True), coll)
+            _positive(node, "micro_batch_overhead_s", w, zero_ok=True), *more)
 
 
 def _host(data: dict, where: str) -> HostSharing | None:

@@ -76,6 +76,7 @@ def test_the_estimator_prices_every_raw_row_as_the_fit_does(tiny_profile: Path):
             sel = (table.modes == ["nograd", "grad", "backward"].index(mode)) & (table.in_model == inside)
             est += np.bincount(table.row[sel], prof.ops_s_many(table.flops[sel], table.bytes[sel], 1.0, mode,
                                                                 in_model=inside), minlength=len(raw))
+        est += table.checkpointed @ np.asarray(prof.checkpoint_s)  # checkpointing's own cost per block
         rows = modes == mode
         assert np.allclose(est[rows], fit[rows], rtol=1e-9), mode
 

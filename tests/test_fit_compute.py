@@ -120,16 +120,17 @@ def test_in_model_device_scale_and_dispatch_per_mode_are_recovered_from_whole_pa
 
     from estimator.profiles import profile_from_dict
 
-    truth = replace(TRUE, grad_overhead_s=7e-6, backward_overhead_s=11e-6, device_scale=(1.5, 1.3, 1.2))
+    truth = replace(TRUE, grad_overhead_s=7e-6, backward_overhead_s=11e-6, device_scale=(1.5, 1.3, 1.2),
+                    checkpoint_s=(2e-4, 3e-4))
     raw = synthetic_raw(truth)
     singles = raw[raw["family"].isin(("gemm", "elementwise", "norm"))]
     rng = np.random.default_rng(2)
     extra = []
-    for op in ("forward", "train", "backward"):
+    for op in ("forward", "train", "backward", "train_recompute", "backward_recompute"):
         for i in range(16):
             pick = singles.iloc[rng.choice(len(singles), size=int(rng.integers(5, 40)))]
             ops = [tuple(map(float, o.split(":"))) for text in pick["ops"] for o in text.split(";")]
-            extra.append({**_row("pass", op, ops, float(i)), "piece": True})
+            extra.append({**_row("pass", op, ops, float(i)), "piece": True, "layers": int(rng.integers(1, 5))})
     extra = pd.DataFrame(extra)
     extra["median_s"] = OpTable(extra).predict(truth)
     extra["p10_s"] = extra["p90_s"] = extra["median_s"]
@@ -139,11 +140,15 @@ def test_in_model_device_scale_and_dispatch_per_mode_are_recovered_from_whole_pa
     assert [scale[m] for m in ("nograd", "grad", "backward")] == pytest.approx([1.5, 1.3, 1.2], rel=0.03)
     launch = sections["compute"]["launch"]
     # the curves are binned medians of single ops, not the truth's exact shape: the host cost
-    # per op absorbs what they miss on the passes' ops
+    # per op absorbs what they miss on the passes' ops (here up to a fifth)
     assert [launch["overhead_s"], launch["grad_overhead_s"], launch["backward_overhead_s"]] == pytest.approx(
-        [3e-6, 7e-6, 11e-6], rel=0.15)
-    held = report.set_index(["family", "split"]).loc[("pass/forward", "held-out")]
-    assert held["median_pct"] < 3
+        [3e-6, 7e-6, 11e-6], rel=0.25)
+    held = report.set_index(["family", "split"])
+    assert held.loc[("pass/forward", "held-out"), "median_pct"] < 3
+    # activation checkpointing's own cost per block, beyond the ops it runs
+    ex = sections["executor"]
+    assert [ex["checkpoint_forward_s"], ex["checkpoint_backward_s"]] == pytest.approx([2e-4, 3e-4], rel=0.1)
+    assert held.loc[("pass/backward_recompute", "held-out"), "median_pct"] < 5
     # without the in-model fit the same passes are predicted too fast
     _, plain = fit_compute(raw, in_model=False)
     assert plain.set_index(["family", "split"]).loc[("pass/forward", "held-out"), "bias_pct"] < -10
