@@ -317,7 +317,8 @@ def fit_in_model(train: pd.DataFrame, table: OpTable, p: Params,
                  curves: Callable[[float], Params] | None = None) -> Params:
     """Per dispatch mode, the host cost per op and the in-model device scale that best predict
     the whole stage passes of that mode (``pass`` rows: the engine's own sequence of pieces),
-    in squared log error: for each host cost the best scale (``scipy.optimize.least_squares``),
+    in squared log error, each kind of pass weighted alike: for each host cost the best scale
+    (``scipy.optimize.least_squares``),
     the host cost searched on a log grid around the staged fit's and refined by bounded scalar
     minimisation (the curves, read off single ops less the no-grad cost, are rederived at each
     no-grad candidate by ``curves``, which makes that loss piecewise smooth only; the other
@@ -327,10 +328,13 @@ def fit_in_model(train: pd.DataFrame, table: OpTable, p: Params,
     modes = row_modes(train)
     passes = ((train["family"] == "pass") & ~train["op"].isin(RECOMPUTE_PASSES)).to_numpy()
     fields = ("overhead_s", "grad_overhead_s", "backward_overhead_s")
+    groups = _group(train).to_numpy()
     for i, name in enumerate(fields):
         rows = passes & (modes == i)
         if not rows.any():
             continue
+        codes = pd.factorize(groups[rows])[0]
+        weight = 1.0 / np.sqrt(np.bincount(codes)[codes])  # each kind of pass alike (decode has more shapes)
 
         def at(o: float, k: float, i: int = i, name: str = name, q: Params = p) -> Params:
             base = curves(o) if i == 0 and curves is not None else q
@@ -339,14 +343,15 @@ def fit_in_model(train: pd.DataFrame, table: OpTable, p: Params,
             kept = {f: getattr(q, f) for f in fields[1:]} | {name: o}
             return replace(base, **kept, device_scale=tuple(scale))
 
-        def best_scale(log_o: float, rows: np.ndarray = rows, at=at, i: int = i) -> tuple[float, float]:
+        def best_scale(log_o: float, rows: np.ndarray = rows, at=at, i: int = i,
+                       weight: np.ndarray = weight) -> tuple[float, float]:
             """(loss, scale) at host cost exp(log_o)."""
             o = float(np.exp(log_o))
             try:
                 q = at(o, 1.0)
             except ConfigError:  # no single op left above this dispatch cost: no curves
                 return np.inf, 1.0
-            fit = optimize.least_squares(lambda x: np.log(table.predict(replace(q, device_scale=_with(
+            fit = optimize.least_squares(lambda x: weight * np.log(table.predict(replace(q, device_scale=_with(
                 q.device_scale, i, float(np.exp(x[0])))))[rows] / measured[rows]), [0.0],
                 bounds=(np.log([SCALE_BOUNDS[0]]), np.log([SCALE_BOUNDS[1]])), method="trf")
             return float(2 * fit.cost), float(np.exp(fit.x[0]))
