@@ -5,9 +5,10 @@ executor's ``--timeline`` — so the joins are on the same columns (DESIGN §4.9
 iterations count (those after ``warmup``; all of them when there are no more). Three levels:
 
 - **plan**: the steady-state iteration time (:meth:`Timeline.steady_state_s`);
-- **call**: each call's compute window per iteration — first to last of its ``compute`` spans
-  when the timeline has them (the executor's, which enclose everything it does for the call
-  besides reallocation and waiting for inputs), else of its op spans (the simulator's);
+- **call**: each call's compute window per iteration — from when the last of its devices
+  began to the last end of its ``compute`` spans when the timeline has them (the executor's,
+  which enclose everything it does for the call besides reallocation and waiting for inputs),
+  else of its op spans (the simulator's);
 - **op kind**: per (call, pipeline stage, kind) the seconds a device spends in that kind per
   iteration (max over the stage's devices, as the executor reports reallocation and data time),
   each op counted from when the stage's last device began it (:func:`lock_step`)
@@ -68,11 +69,15 @@ def steady_iterations(timeline: Timeline, warmup: int) -> list[int]:
 
 
 def call_durations(timeline: Timeline, warmup: int) -> pd.Series:
-    """call → its compute window in seconds, averaged over the steady iterations."""
+    """call → its compute window in seconds, averaged over the steady iterations: from when
+    the last of its devices has begun (the simulator starts a call once all its devices are
+    free; a device of the executor that enters early waits inside the call) to its last end."""
     df = timeline.to_dataframe()
     df = df[df["iteration"].isin(steady_iterations(timeline, warmup))]
-    window = _compute_spans(df).groupby(["call", "iteration"]).agg(lo=("start_s", "min"), hi=("end_s", "max"))
-    return (window["hi"] - window["lo"]).groupby("call").mean().rename("duration_s")
+    per_device = _compute_spans(df).groupby(["call", "iteration", "device"]).agg(lo=("start_s", "min"),
+                                                                               hi=("end_s", "max"))
+    window = per_device.groupby(["call", "iteration"]).agg(lo=("lo", "max"), hi=("hi", "max"))
+    return (window["hi"] - window["lo"]).clip(lower=0.0).groupby("call").mean().rename("duration_s")
 
 
 def _compute_spans(df: pd.DataFrame) -> pd.DataFrame:

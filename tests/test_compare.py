@@ -195,3 +195,12 @@ def test_a_stage_op_counts_from_when_its_last_device_began_it():
     ops = op_durations(Timeline.of(spans, "measured"), 0).set_index(["call", "kind"])
     assert ops.loc[("inf", "forward"), "duration_s"] == pytest.approx(1.0 + 1.5)
     assert ops.loc[("inf", "decode"), "duration_s"] == pytest.approx(0.4 + 0.5)
+
+
+def test_a_call_window_opens_when_its_last_device_has_entered():
+    """The simulator starts a call once all its devices are free; the executor's early device
+    waits inside its compute span. The window runs from the later entry to the last end."""
+    from analysis.compare import call_durations
+
+    spans = [Span(0.0, 7.0, 1, 0, "inf", "compute", -1, 0), Span(5.0, 7.5, 0, 0, "inf", "compute", -1, 0)]
+    assert call_durations(Timeline.of(spans, "measured"), 0)["inf"] == pytest.approx(2.5)
