@@ -195,6 +195,7 @@ def measure(grid: Grid, device: torch.device | None = None, tick: Callable[[int]
 
 
 IN_SITU = "in_situ"  # rows of :func:`measure_in_situ`: the extra cost of a collective between computations
+IN_SITU_P2P = "in_situ_p2p"  # rows of :func:`measure_in_situ_p2p`: the same for a pipeline message
 # the executor's own tensor-parallel block (one rank of tiny-2l-128h at tp 2): a decode step and a
 # forward of 16 tokens, 4 rows each; every step all-reduces twice
 IN_SITU_SHAPES = {"decode": dict(rows=4, tokens=1, kv_len=24), "forward": dict(rows=4, tokens=16, kv_len=16)}
@@ -217,7 +218,7 @@ def _own_elapsed(body: Callable[[], None], repeats: int, group: dist.ProcessGrou
     return float(times.median())
 
 
-def measure_in_situ(device: torch.device | None = None, repeats: int = 7) -> list[dict]:
+def measure_in_situ(device: torch.device | None = None, repeats: int = 15) -> list[dict]:
     """What a tensor-parallel collective costs where the executor issues it: between the
     computations of its own block. Ranks 0 and 1 run ``IN_SITU_STEPS`` steps of the executor's
     tensor-parallel block (:func:`calibration.census.block_forward` with the engine's hooks on a
@@ -264,10 +265,72 @@ def measure_in_situ(device: torch.device | None = None, repeats: int = 7) -> lis
     return rows
 
 
-def in_situ_overhead_s(raw: pd.DataFrame) -> float | None:
-    """The extra seconds per collective between computations (:func:`measure_in_situ`): the
-    median over its rows, never below zero; None without such rows."""
-    rows = raw[raw["kind"] == IN_SITU]
+def measure_in_situ_p2p(device: torch.device | None = None, repeats: int = 15) -> list[dict]:
+    """What a pipeline message costs where the executor sends it: between the computations of
+    two stages. Rank 0 runs ``IN_SITU_STEPS`` forward micro-batches of the executor's block
+    (one rank of tiny-2l-128h, 4 rows of 16 tokens) and sends each micro-batch's activations
+    through the engine's :class:`executor.comm.StageLink` (queued, posted with the stage's next
+    step); rank 1 receives each and runs the block on it. Against the ideal pipeline — both
+    ranks computing at once, ``steps + 1`` blocks, plus each message at its back-to-back time
+    — (pipeline − ideal) / steps is what a message adds between computations: a sender that
+    keeps computing after posting leaves the transport's own thread little time to run. Rank 0
+    gets one row: kind ``in_situ_p2p``, ``median_s`` the extra seconds per message."""
+    from calibration.census import block_forward
+    from executor.comm import StageLink
+
+    rank = dist.get_rank()
+    device = device or torch.device("cpu")
+    group = dist.new_group([0, 1])
+    if rank >= 2:
+        dist.barrier()
+        return []
+    v = {**IN_SITU_BLOCK, **IN_SITU_SHAPES["forward"], "tp": 1}
+    shape = (v["rows"], v["tokens"], v["hidden"])
+    step = block_forward(v, torch.float32, False, "")
+    buf = torch.ones(shape, device=device)
+    link = StageLink()
+
+    def pipeline() -> None:
+        for _ in range(IN_SITU_STEPS):
+            if rank == 0:
+                link.flush()  # the engine's first stage posts queued sends before computing
+                step()
+                link.send(buf, 1)
+            else:
+                link.recv(shape, buf.dtype, device, 0)
+                step()
+        link.wait()
+
+    def alone() -> None:
+        for _ in range(IN_SITU_STEPS):
+            step()
+
+    def messages() -> None:
+        for _ in range(IN_SITU_STEPS):
+            if rank == 0:
+                dist.send(buf, 1)
+            else:
+                dist.recv(buf, 0)
+
+    pipeline()  # warm-up
+    t_pipe = _own_elapsed(pipeline, repeats, group, device)
+    t_block = _own_elapsed(alone, repeats, group, device) / IN_SITU_STEPS
+    t_msg = _own_elapsed(messages, repeats, group, device) / IN_SITU_STEPS
+    rows: list[dict] = []
+    if rank == 0:
+        extra = (t_pipe - (IN_SITU_STEPS + 1) * t_block - IN_SITU_STEPS * t_msg) / IN_SITU_STEPS
+        rows.append(dict(kind=IN_SITU_P2P, link_class="intra", group="2", group_size=2,
+                         size_bytes=buf.numel() * ELEMENT, median_s=extra, p10_s=t_block, p90_s=t_msg,
+                         repeats=repeats, calls=IN_SITU_STEPS, backend=str(dist.get_backend())))
+    dist.barrier()
+    return rows
+
+
+def in_situ_overhead_s(raw: pd.DataFrame, kind: str = IN_SITU) -> float | None:
+    """The extra seconds per collective between computations (:func:`measure_in_situ`; kind
+    ``in_situ_p2p``: per pipeline message, :func:`measure_in_situ_p2p`): the median over its
+    rows, never below zero; None without such rows."""
+    rows = raw[raw["kind"] == kind]
     return None if rows.empty else max(0.0, float(rows["median_s"].median()))
 
 
@@ -294,7 +357,7 @@ def _worker(rank: int, world: int, port: int, grid: Grid, queue, device_type: st
     try:
         rows = measure(grid, device, tick=lambda n: queue.put(("tick", n)), shared_clock=True)
         if in_situ:
-            rows += measure_in_situ(device)
+            rows += measure_in_situ(device) + measure_in_situ_p2p(device)
         if rank == 0:
             queue.put(("rows", rows))
     finally:

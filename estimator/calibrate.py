@@ -240,11 +240,13 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
                     f"profile {base.get('name')!r} with its citation.")
     report_l = None
     if raw_links is not None:
-        in_situ = collectives.in_situ_overhead_s(raw_links)
-        if in_situ is not None:
-            doc.setdefault("executor", {"call_overhead_s": 0.0, "micro_batch_overhead_s": 0.0, "command": command})
-            doc["executor"]["collective_overhead_s"] = in_situ
-        links, report_l = fit_links(raw_links[raw_links["kind"] != collectives.IN_SITU], LINK_HOLDOUT,
+        for kind, key in ((collectives.IN_SITU, "collective_overhead_s"), (collectives.IN_SITU_P2P, "p2p_overhead_s")):
+            in_situ = collectives.in_situ_overhead_s(raw_links, kind)
+            if in_situ is not None:
+                doc.setdefault("executor", {"call_overhead_s": 0.0, "micro_batch_overhead_s": 0.0, "command": command})
+                doc["executor"][key] = in_situ
+        in_situ_kinds = (collectives.IN_SITU, collectives.IN_SITU_P2P)
+        links, report_l = fit_links(raw_links[~raw_links["kind"].isin(in_situ_kinds)], LINK_HOLDOUT,
                                     command=command)
         doc = apply_links(doc, links, raw_csv=f"{name}.links.csv")
     profile_from_dict(doc, where=f"calibrated profile {name}")  # what is written must load

@@ -144,7 +144,7 @@ def _send(profile: Profile, layout: Layout, k: int, nbytes: float, dpn: int) -> 
     cls = "inter" if "inter" in classes else "intra"
     fwd = tuple(p for s, d in pairs for p in pair_ports(s, d, dpn))
     bwd = tuple(p for s, d in pairs for p in pair_ports(d, s, dpn))
-    return profile.p2p_s(nbytes, cls), fwd, bwd, cls
+    return profile.stage_send_s(nbytes, cls), fwd, bwd, cls
 
 
 def _rows(call: Call, layout: Layout) -> float:
@@ -181,7 +181,7 @@ def _decode(profile: Profile, call: Call, model: ModelSpec, layout: Layout, b: f
         sends.append(_send(profile, layout, k, b * model.hidden * profile.elem_bytes, dpn)[0])
     feedback = 0.0
     if p > 1:
-        feedback = profile.p2p_s(b * INT64, link_class(layout.device(0, 0, p - 1), layout.device(0, 0, 0), dpn))
+        feedback = profile.stage_send_s(b * INT64, link_class(layout.device(0, 0, p - 1), layout.device(0, 0, 0), dpn))
         sends[-1] = feedback
     d_arr = np.array(d)  # (stages, steps)
     rounds = np.maximum(m * d_arr.max(axis=0), d_arr.sum(axis=0) + sum(sends))

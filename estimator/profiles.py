@@ -185,6 +185,7 @@ class Profile:
     device_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # executor: activation checkpointing's own cost per block, (forward, backward), seconds
     checkpoint_s: tuple[float, float] = (0.0, 0.0)
+    p2p_overhead_s: float = 0.0  # executor: extra per pipeline message sent between computations, seconds
 
     def alone(self) -> Profile:
         """The same device computing while its host's other devices idle (``host.alone``); the
@@ -326,6 +327,11 @@ class Profile:
             return 0.0
         return self.collective_s(kind, size_bytes, n, link_class) + self.collective_overhead_s
 
+    def stage_send_s(self, size_bytes: float, link_class: str) -> float:
+        """One pipeline message between stages as the executor sends it, between computations:
+        its back-to-back time plus ``executor.p2p_overhead_s``."""
+        return self.p2p_s(size_bytes, link_class) + (self.p2p_overhead_s if size_bytes > 0 else 0.0)
+
     def p2p_s(self, size_bytes: float, link_class: str) -> float:
         """One point-to-point message."""
         if size_bytes <= 0:
@@ -459,7 +465,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     meff = _obj(memory, "efficiency", m, ("by", "interpolation", "points"))
     links, names = parse_links(data["links"], where, curves_allowed=data["format"] != FORMATS[0])
     compose, dtype = _compose(compute, w)
-    call_s, mb_s, coll_s, ckpt_f, ckpt_b = _executor(data, where)
+    call_s, mb_s, coll_s, ckpt_f, ckpt_b, p2p_s = _executor(data, where)
     ops = compute.get("ops", "executor")
     if ops not in OP_SETS:
         raise ConfigError(f"{w}.ops={ops!r} must be one of {OP_SETS}")
@@ -476,7 +482,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         links=links, link_names=names, raw=data, path=path, compose=compose, dtype=dtype,
         call_overhead_s=call_s, micro_batch_overhead_s=mb_s, host=_host(data, where), collective_overhead_s=coll_s,
         ops=ops, kernel_floor_s=floor_s, kernels=kernels, device_scale=_in_model(compute, w),
-        checkpoint_s=(ckpt_f, ckpt_b),
+        checkpoint_s=(ckpt_f, ckpt_b), p2p_overhead_s=p2p_s,
         **{k: _positive(launch, k, f"{w}.launch", zero_ok=True) for k in DISPATCH_KEYS if k in launch},
     )
 
@@ -511,13 +517,14 @@ def _compose(compute: dict, where: str) -> tuple[str, str]:
     return mode, dtype
 
 
-EXECUTOR_OPTIONAL = ("collective_overhead_s", "checkpoint_forward_s", "checkpoint_backward_s")
+EXECUTOR_OPTIONAL = ("collective_overhead_s", "checkpoint_forward_s", "checkpoint_backward_s", "p2p_overhead_s")
 
 
 def _executor(data: dict, where: str) -> tuple[float, ...]:
     """The optional ``executor`` section: bookkeeping per call and per micro-batch pass, and
-    (optional, 0 when absent) the extra cost of a collective issued between computations and
-    activation checkpointing's own cost per block in the forward and in the backward."""
+    (optional, 0 when absent) the extra cost of a collective issued between computations,
+    activation checkpointing's own cost per block in the forward and in the backward, and the
+    extra cost of a pipeline message sent between computations."""
     if "executor" not in data:
         return (0.0,) * (2 + len(EXECUTOR_OPTIONAL))
     node = _obj(data, "executor", where, ("call_overhead_s", "micro_batch_overhead_s"), optional=EXECUTOR_OPTIONAL)

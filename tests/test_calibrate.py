@@ -49,7 +49,9 @@ def test_writes_a_measured_profile_with_its_raw_data_and_reports(tiny_profile: P
     raw_links = pd.read_csv(tiny_profile / "tiny-cpu.links.csv")
     in_situ = raw_links[raw_links["kind"] == "in_situ"]
     assert len(in_situ) == len(IN_SITU_SHAPES) and prof.collective_overhead_s == max(0.0, in_situ["median_s"].median())
-    assert "in_situ" not in set(pd.read_csv(tiny_profile / "tiny-cpu.links.report.csv")["kind"])
+    p2p = raw_links[raw_links["kind"] == "in_situ_p2p"]
+    assert len(p2p) == 1 and prof.p2p_overhead_s == max(0.0, float(p2p["median_s"].iloc[0]))
+    assert not {"in_situ", "in_situ_p2p"} & set(pd.read_csv(tiny_profile / "tiny-cpu.links.report.csv")["kind"])
     assert prof.source == "measured" and prof.compose == "serial" and prof.dtype == "float32"
     assert "python -m estimator.calibrate --grid tiny --name tiny-cpu" in prof.raw["compute"]["launch"]["command"]
     assert prof.micro_batch_overhead_s > 0 and prof.call_overhead_s >= 0
@@ -85,7 +87,7 @@ def test_collective_curves_reproduce_the_measured_medians_at_fitted_sizes(tiny_p
     prof = load_profile(tiny_profile / "tiny-cpu.json")
     raw = pd.read_csv(tiny_profile / "tiny-cpu.links.csv")
     ratios = []
-    curves = raw[(raw["size_bytes"] > 0) & (raw["kind"] != "in_situ")]
+    curves = raw[(raw["size_bytes"] > 0) & ~raw["kind"].isin(("in_situ", "in_situ_p2p"))]
     for (kind, group), part in curves.groupby(["kind", "group_size"]):
         points = prof.raw["links"]["intra"][kind]["curves"][str(group)]
         for size, time_s in points:

@@ -28,10 +28,11 @@ ALONE = {"flops": 0.5, "bytes": 0.8, "dispatch": 0.25, "executor": 0.4, "command
 
 def _cpu_without_host() -> dict:
     """The shipped CPU profile less what this module tests: host sharing and the extra cost of
-    a collective between computations."""
+    a collective or a pipeline message between computations."""
     doc = copy.deepcopy(json.loads((ROOT / "calibration" / "profiles" / "cpu.json").read_text()))
     doc.pop("host", None)
     doc["executor"].pop("collective_overhead_s", None)
+    doc["executor"].pop("p2p_overhead_s", None)
     return doc
 
 
@@ -179,3 +180,30 @@ def test_the_shipped_cpu_profile_says_how_its_host_is_shared():
     assert cpu.host is not None and cpu.host.devices == 2
     assert all(0 < f <= 1 for f in cpu.host.alone.values())
     assert cpu.collective_overhead_s >= 0 and "estimator.calibrate" in cpu.raw["host"]["command"]
+
+
+def test_pipeline_messages_between_computations_cost_their_measured_extra():
+    """Every stage-to-stage message of a pipelined call — training and inference activations,
+    decoding's per-step sends and the token fed back — costs the profile's in-situ extra."""
+    from calibration.collectives import IN_SITU_P2P, in_situ_overhead_s
+    from estimator.cluster import DeviceMesh
+    from estimator.lowering import Costs
+    from estimator.plan import Layout
+
+    doc = _cpu_with_host()
+    doc["executor"]["p2p_overhead_s"] = 3e-4
+    p, plain = profile_from_dict(doc), _plain()
+    assert p.stage_send_s(4096, "intra") == pytest.approx(plain.p2p_s(4096, "intra") + 3e-4)
+    assert p.stage_send_s(0, "intra") == 0.0
+    exp = load_experiment(str(ROOT / "examples/ppo-tiny-2xcpu.yaml"))
+    pp = Layout(DeviceMesh(0, 2), 1, 1, 2, micro_batches=2)
+    with_, without = Costs(exp, p).call("actor_gen", pp), Costs(exp, plain).call("actor_gen", pp)
+    assert with_.stages[0].send_s == pytest.approx(without.stages[0].send_s + 3e-4)
+    assert with_.feedback_s == pytest.approx(without.feedback_s + 3e-4)
+    assert Costs(exp, p).call("actor_train", pp).stages[0].send_s == pytest.approx(
+        Costs(exp, plain).call("actor_train", pp).stages[0].send_s + 3e-4)
+    doc["executor"]["p2p_overhead_s"] = -1.0
+    with pytest.raises(ConfigError, match="p2p_overhead_s"):
+        profile_from_dict(doc)
+    rows = pd.DataFrame({"kind": [IN_SITU_P2P, "in_situ", IN_SITU_P2P], "median_s": [2e-4, 9.0, 4e-4]})
+    assert in_situ_overhead_s(rows, IN_SITU_P2P) == pytest.approx(3e-4)
