@@ -383,9 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         rows += [(r.family, str(r.n), f"{r.median_pct:.1f}", f"{r.max_pct:.1f}", f"{r.median_pct_unscaled:.1f}")
                  for r in held.itertuples()]
         print(format_table(rows, right={1, 2, 3, 4}))
-    coll = result["profile"].get("executor", {}).get("collective_overhead_s")
-    if coll is not None:
-        print(f"\na collective between computations costs {coll * 1e6:.0f} us more than back to back")
+    ex = result["profile"].get("executor", {})
+    for key, what in (("collective_overhead_s", "a collective"), ("p2p_overhead_s", "a pipeline message")):
+        if ex.get(key) is not None:
+            print(f"\n{what} between computations costs {ex[key] * 1e6:.0f} us more than back to back")
+    for key, where in (("checkpoint_forward_s", "forward"), ("checkpoint_backward_s", "backward")):
+        if ex.get(key) is not None:
+            print(f"activation checkpointing costs {ex[key] * 1e6:.0f} us per block in the {where} beyond its ops")
     if result["links_report"] is not None:
         print("\ncollectives, held-out sizes:")
         print(_table(result["links_report"], ["link_class", "kind", "group"], "n_holdout", "median_ape_pct",
