@@ -110,18 +110,40 @@ def _expected(schedule: list[Message], src: int, dst: int, iterations: int) -> I
 
 
 class Mailbox:
-    """Receives of one device, posted in each sender's order (see the module docstring)."""
+    """Receives of one device, posted in each sender's order (see the module docstring).
+
+    With ``ahead`` (gloo), :meth:`post_iteration` posts every receive of an iteration when it
+    begins, so a message lands as soon as its sender posts it, whatever either side computes
+    meanwhile; posted one by one when the consumer asks instead, each receive is a fresh
+    rendezvous with a sender that may be busy computing, and on a loaded host its transport
+    thread answers milliseconds later. NCCL runs a communicator's operations in order on one
+    stream, so there receives stay posted on demand."""
 
     def __init__(self, device: int, schedule: list[Message], iterations: int, row_specs: dict,
-                 group: dist.ProcessGroup | None, torch_device: torch.device):
+                 group: dist.ProcessGroup | None, torch_device: torch.device, ahead: bool = False):
         self.device, self.group, self.torch_device = device, group, torch_device
         self.row_specs = row_specs  # data name → (row shape, dtype)
+        self.ahead = ahead
         senders = sorted({m.src for m in schedule if m.dst == device})
-        # Plain generators, not bound methods: a generator holding ``self`` would make a reference
+        # Plain lists, not bound methods: a generator holding ``self`` would make a reference
         # cycle that keeps the process group alive past destroy_process_group, and gloo aborts
         # when it is finally collected at interpreter exit.
-        self.expected = {s: _expected(schedule, s, device, iterations) for s in senders}
+        self.expected = {s: list(_expected(schedule, s, device, iterations)) for s in senders}
+        self.next = dict.fromkeys(senders, 0)  # per sender: its next expected message not yet posted
         self.posted: dict[tuple[int, str, str, int], tuple[Message, Tensor, dist.Work]] = {}
+
+    def post_iteration(self, it: int) -> None:
+        """With ``ahead``: post every receive of iteration ``it`` (and any earlier left)."""
+        if not self.ahead:
+            return
+        for src, expected in self.expected.items():
+            while self.next[src] < len(expected) and expected[self.next[src]][0] <= it:
+                self._post_next(src)
+
+    def _post_next(self, src: int) -> None:
+        it, m = self.expected[src][self.next[src]]
+        self.next[src] += 1
+        self._post(it, m)
 
     def _post(self, it: int, m: Message) -> None:
         shape, dtype = self.row_specs[m.data]
@@ -132,7 +154,9 @@ class Mailbox:
         """The rows ``src`` sends this device for (iteration, consumer, data), as pieces."""
         key = (it, consumer, data, src)
         while key not in self.posted:
-            self._post(*next(self.expected[src]))
+            if self.next[src] >= len(self.expected[src]):
+                raise KeyError(f"no message from {src} for {consumer}/{data} in iteration {it}")
+            self._post_next(src)
         m, buf, work = self.posted.pop(key)
         work.wait()
         parts = buf.split([hi - lo for lo, hi in m.rows])

@@ -142,7 +142,8 @@ class RankRuntime:
         data_group = dist.new_group(list(range(world_size)), timeout=timeout) if world_size > 1 else None
         specs = {d: row_spec(d, experiment, self.dtype) for c in experiment.workflow.calls for d in c.inputs}
         self.outbox = Outbox(device, data_group)
-        self.mailbox = Mailbox(device, self.schedule, options.iterations, specs, data_group, torch_device)
+        ahead = data_group is not None and dist.get_backend(data_group) == "gloo"
+        self.mailbox = Mailbox(device, self.schedule, options.iterations, specs, data_group, torch_device, ahead)
         self.losses: dict[tuple[int, str, int], float] = {}
         self.rec: Recorder | None = None
 
@@ -162,6 +163,8 @@ class RankRuntime:
         final = self.plan[self.exp.workflow.topological_order()[-1]]
         reporter = self.options.progress and self.device == final.device(0, 0, final.pp - 1)
         for i, node in enumerate(nodes):
+            if i == 0 or nodes[i - 1].iteration != node.iteration:
+                self.mailbox.post_iteration(node.iteration)
             self.run_call(node.iteration, self.exp.workflow[node.call])
             if i + 1 == len(nodes) or nodes[i + 1].iteration != node.iteration:
                 self.store.clear()  # every consumer of this iteration's data on this device is done
