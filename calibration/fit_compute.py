@@ -31,6 +31,17 @@ they cost their dispatch only). :func:`fit_compute` fits
   what they reach); ops without FLOPs (``elementwise``, ``stream``, ``dispatch``,
   ``embedding``, ``softmax``) ``memory.efficiency`` by bytes. Rows whose device
   time is under a tenth of their time are dispatch-bound and say nothing about rates;
+- then, on whole stage passes (``pass`` rows) where the grid has them (:func:`fit_in_model`):
+  per dispatch mode, the host cost per op and ``compute.in_model``, how much longer an op's
+  device time is inside the model's code than alone in a loop (a pass's many fresh tensors
+  against one warm, reused set) — fitted to the passes of that mode, each kind of pass
+  weighted alike, the curves rederived at each no-grad candidate; the optimizer's ops are
+  not model code and keep scale 1. The estimator predicts whole passes as sums of pieces, and
+  on a CPU the pieces and the ops timed alone both leave out what a real pass costs;
+- activation checkpointing's own cost per block beyond the ops it runs (its saved-tensor
+  hooks, the state it keeps for the recomputation), forward and backward
+  (:func:`fit_checkpoint`): the median excess per checkpointed block of the recomputing
+  passes, written as ``executor.checkpoint_forward_s`` / ``checkpoint_backward_s``;
 - ``executor`` (when :mod:`calibration.overheads` rows are present): the per-micro-batch cost
   is the slope over micro-batches of the engine's time outside its marked computations, the
   per-call cost the intercept of the call's (``scipy.stats.linregress``).

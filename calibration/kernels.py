@@ -15,7 +15,12 @@ length). For each it builds
 (b) the executor's whole pieces — ``block_fwd`` (:func:`executor.model.block` at prefill with
     its KV cache, at decode, and the inference/training forward), ``block_bwd``, ``head``
     (final norm + head) and its backward, ``context`` (rotary tables of one pass) and
-    ``optimizer`` (:class:`executor.optim.ShardAdam` over one block's shards).
+    ``optimizer`` (:class:`executor.optim.ShardAdam` over one block's shards);
+(c) whole stage passes of the unsharded model (tensor-parallel width 1) — ``pass``: the
+    embedding, rotary tables, every block, final norm and head as the engine's ``_stage`` runs
+    them, at ``forward`` (inference), ``prefill``, ``decode``, ``train`` (the forward autograd
+    records) and ``backward``, and both training ones with every block under activation
+    checkpointing (``train_recompute``, ``backward_recompute``).
 
 Tensor-parallel collectives are not part of these pieces (``executor.comm`` hooks are left as
 the identity): they are measured by the collective benchmarks. :mod:`calibration.timing` runs
