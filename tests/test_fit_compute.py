@@ -65,6 +65,25 @@ def synthetic_raw(p: Params = TRUE, seed: int = 0) -> pd.DataFrame:
     return raw
 
 
+def with_mixtures(raw: pd.DataFrame, truth: Params, kinds: list[tuple[str, str]], per_kind: int,
+                  rng: np.random.Generator, sizes: tuple[int, int] = (20, 21), layers: bool = False) -> pd.DataFrame:
+    """``raw`` plus ``per_kind`` rows of each (family, op) made of random single ops' ops
+    (``sizes``: how many, drawn from [lo, hi)), timed exactly by ``truth``; ``layers``: each
+    row also says how many blocks it checkpoints (1–4)."""
+    singles = raw[raw["family"].isin(("gemm", "elementwise", "norm"))]
+    out = []
+    for family, op in kinds:
+        for i in range(per_kind):
+            pick = singles.iloc[rng.choice(len(singles), size=int(rng.integers(*sizes)))]
+            ops = [tuple(map(float, o.split(":"))) for text in pick["ops"] for o in text.split(";")]
+            out.append({**_row(family, op, ops, float(i)), "piece": True,
+                        **({"layers": int(rng.integers(1, 5))} if layers else {})})
+    extra = pd.DataFrame(out)
+    extra["median_s"] = OpTable(extra).predict(truth)
+    extra["p10_s"] = extra["p90_s"] = extra["median_s"]
+    return pd.concat([raw, extra], ignore_index=True)
+
+
 def test_fit_recovers_a_known_profile():
     raw = synthetic_raw()
     sections, report = fit_compute(raw)
@@ -85,19 +104,8 @@ def test_dispatch_costs_per_mode_are_recovered_from_training_pieces():
     from estimator.profiles import profile_from_dict
 
     truth = replace(TRUE, grad_overhead_s=7e-6, backward_overhead_s=11e-6)
-    raw = synthetic_raw(truth)
-    singles = raw[raw["family"].isin(("gemm", "elementwise", "norm"))]
-    rng = np.random.default_rng(1)
-    extra = []
-    for family, op in (("block_fwd", "train"), ("block_bwd", "train")):
-        for i in range(12):
-            pick = singles.iloc[rng.choice(len(singles), size=20)]
-            ops = [tuple(map(float, o.split(":"))) for text in pick["ops"] for o in text.split(";")]
-            extra.append({**_row(family, op, ops, float(i)), "piece": True})
-    extra = pd.DataFrame(extra)
-    extra["median_s"] = OpTable(extra).predict(truth)
-    extra["p10_s"] = extra["p90_s"] = extra["median_s"]
-    raw = pd.concat([raw, extra], ignore_index=True)
+    raw = with_mixtures(synthetic_raw(truth), truth, [("block_fwd", "train"), ("block_bwd", "train")], 12,
+                        np.random.default_rng(1))
     sections, _ = fit_compute(raw)
     launch = sections["compute"]["launch"]
     assert launch["overhead_s"] == pytest.approx(3e-6, rel=0.05)
@@ -122,19 +130,8 @@ def test_in_model_device_scale_and_dispatch_per_mode_are_recovered_from_whole_pa
 
     truth = replace(TRUE, grad_overhead_s=7e-6, backward_overhead_s=11e-6, device_scale=(1.5, 1.3, 1.2),
                     checkpoint_s=(2e-4, 3e-4))
-    raw = synthetic_raw(truth)
-    singles = raw[raw["family"].isin(("gemm", "elementwise", "norm"))]
-    rng = np.random.default_rng(2)
-    extra = []
-    for op in ("forward", "train", "backward", "train_recompute", "backward_recompute"):
-        for i in range(16):
-            pick = singles.iloc[rng.choice(len(singles), size=int(rng.integers(5, 40)))]
-            ops = [tuple(map(float, o.split(":"))) for text in pick["ops"] for o in text.split(";")]
-            extra.append({**_row("pass", op, ops, float(i)), "piece": True, "layers": int(rng.integers(1, 5))})
-    extra = pd.DataFrame(extra)
-    extra["median_s"] = OpTable(extra).predict(truth)
-    extra["p10_s"] = extra["p90_s"] = extra["median_s"]
-    raw = pd.concat([raw, extra], ignore_index=True)
+    passes = [("pass", op) for op in ("forward", "train", "backward", "train_recompute", "backward_recompute")]
+    raw = with_mixtures(synthetic_raw(truth), truth, passes, 16, np.random.default_rng(2), sizes=(5, 40), layers=True)
     sections, report = fit_compute(raw)
     scale = sections["compute"]["in_model"]
     assert [scale[m] for m in ("nograd", "grad", "backward")] == pytest.approx([1.5, 1.3, 1.2], rel=0.03)
