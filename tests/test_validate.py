@@ -106,7 +106,8 @@ def test_rescore_predicts_earlier_runs_again_with_another_profile(tmp_path: Path
     doc["memory"]["bandwidth"]["bytes_per_s"] *= 2
     for k in ("overhead_s", "grad_overhead_s", "backward_overhead_s"):
         doc["compute"]["launch"][k] /= 2
-    for k in ("call_overhead_s", "micro_batch_overhead_s", "collective_overhead_s"):
+    for k in ("call_overhead_s", "micro_batch_overhead_s", "collective_overhead_s", "p2p_overhead_s",
+              "checkpoint_forward_s", "checkpoint_backward_s"):
         if k in doc["executor"]:
             doc["executor"][k] /= 2
     for cls in doc["links"].values():
