@@ -7,8 +7,12 @@ copies around the data-parallel gradient sum — is charged exactly the aten ops
 dispatches for it (:mod:`estimator.census`; counted from the executor's code by
 ``python -m calibration.census``), each op at :meth:`Profile.op_s` of its FLOPs, bytes and one
 dispatch: device time (the longer of compute and memory traffic) plus host dispatch on a
-``serial`` profile (CPU), the longer of the two on an ``overlap`` one (CUDA). Backward is its
-own census piece, not a multiple of the forward. No other constant enters.
+``serial`` profile (CPU), the longer of the two on an ``overlap`` one (CUDA), the device part
+scaled by the profile's measured ``compute.in_model`` factor for the dispatch mode (ops inside
+the model's code; not the optimizer's or the gradient copies'). Backward is its own census
+piece, not a multiple of the forward. A recomputing layout also pays activation
+checkpointing's measured cost per block (``executor.checkpoint_*_s``). No other constant
+enters.
 
 Per stage of a pipeline, :func:`forward_stage` returns compute time and tensor-parallel
 communication separately: two all-reduces of ``b·s·h`` per layer forward (after o_proj and
