@@ -136,15 +136,9 @@ def encode(ops: list[AtenOp]) -> str:
 
 
 def decode(text: str) -> tuple[list[float], list[float]]:
-    """Inverse of :func:`encode`: (flops per op, bytes per op)."""
-    f, b, _ = decode_kinds(text)
-    return f, b
-
-
-def decode_kinds(text: str) -> tuple[list[float], list[float], list[str]]:
-    """Inverse of :func:`encode`: flops, bytes and kind per op (kind ``""`` in rows written
-    before kinds were recorded, ``"f:b;…"``)."""
+    """Inverse of :func:`encode`: (flops per op, bytes per op); rows written before kinds were
+    recorded (``"f:b;…"``) read alike."""
     if not isinstance(text, str) or not text:
-        return [], [], []
+        return [], []
     parts = [p.split(":") for p in text.split(";")]
-    return [float(p[0]) for p in parts], [float(p[1]) for p in parts], [p[2] if len(p) > 2 else "" for p in parts]
+    return [float(p[0]) for p in parts], [float(p[1]) for p in parts]

@@ -60,6 +60,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -349,11 +350,10 @@ def fit_in_model(train: pd.DataFrame, table: OpTable, p: Params,
 
         def at(o: float, k: float, i: int = i, name: str = name, q: Params = p) -> Params:
             base = curves(o) if i == 0 and curves is not None else q
-            scale = list(q.device_scale)
-            scale[i] = k
             kept = {f: getattr(q, f) for f in fields[1:]} | {name: o}
-            return replace(base, **kept, device_scale=tuple(scale))
+            return replace(base, **kept, device_scale=_with(q.device_scale, i, k))
 
+        @functools.cache
         def best_scale(log_o: float, rows: np.ndarray = rows, at=at, i: int = i,
                        weight: np.ndarray = weight) -> tuple[float, float]:
             """(loss, scale) at host cost exp(log_o)."""
