@@ -1,6 +1,6 @@
 """Predicted against measured: timelines joined per plan, per call and per op kind, and the errors.
 
-Both sides are :class:`estimator.timeline.Timeline` s — the simulator's prediction and the
+Both sides are :class:`estimator.spec.timeline.Timeline` s — the simulator's prediction and the
 executor's ``--timeline`` — so the joins are on the same columns (DESIGN §4.9). Only steady-state
 iterations count (those after ``warmup``; all of them when there are no more). Three levels:
 
@@ -43,8 +43,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from estimator.plan import format_table
-from estimator.timeline import Timeline
+from estimator.base.tables import format_table
+from estimator.spec.timeline import Timeline
 
 OP_KINDS = {"prefill": "prefill", "decode": "decode", "forward": "forward", "backward": "backward",
             "optimizer": "optimizer", "tp_allreduce": "tp_comm", "pp_send": "pp_comm", "dp_allreduce": "dp_comm",

@@ -39,8 +39,8 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 
 from analysis.compare import KIND_ORDER  # noqa: E402
-from estimator.errors import ConfigError, cli_guard  # noqa: E402
-from estimator.timeline import TIMELINE_FORMAT, Span, Timeline  # noqa: E402
+from estimator.base.errors import ConfigError, cli_guard  # noqa: E402
+from estimator.spec.timeline import TIMELINE_FORMAT, Span, Timeline  # noqa: E402
 
 PER_DEVICE_MAX = 16  # above this many devices, one row per pipeline stage
 COMM_OPS = {"tp_allreduce", "dp_allreduce", "pp_send", "data"}
@@ -52,7 +52,7 @@ HATCH = "0.3"  # hatch lines of communication (no outline: dense traffic would t
 @cache
 def _known_calls() -> tuple[str, ...]:
     """Every call name of the workflow presets, in a fixed order: each gets its own colour."""
-    from estimator.workflow import ALGORITHMS, WorkflowParams, build
+    from estimator.spec.workflow import ALGORITHMS, WorkflowParams, build
 
     names: dict[str, None] = {}
     for algo in ALGORITHMS:

@@ -47,12 +47,13 @@ from pathlib import Path
 from typing import Any
 
 from analysis.vtrain import DEFAULT_PROFILE, VTrainRow, load_table, row_experiment, vtrain_profile
-from estimator.errors import ConfigError, cli_guard
-from estimator.experiment import Experiment
-from estimator.io import atomic_write_json, atomic_write_text, check_output_path
-from estimator.memory import GiB, plan_memory
-from estimator.plan import Plan, format_table
-from estimator.profiles import PROFILE_DIR, Profile, load_profile
+from estimator.base.errors import ConfigError, cli_guard
+from estimator.base.io import atomic_write_json, atomic_write_text, check_output_path
+from estimator.base.tables import format_table
+from estimator.cost.memory import GiB, plan_memory
+from estimator.profile.profiles import PROFILE_DIR, Profile, load_profile
+from estimator.spec.experiment import Experiment
+from estimator.spec.plan import Plan
 
 ENGINES = ("evaluator", "simulator")
 
@@ -66,7 +67,7 @@ def components(experiment: Experiment, plan: Plan, profile: Profile) -> dict[str
     """What the busiest pipeline stage spends one iteration on, by kind of work: kernels of
     every micro-batch's forward and backward, their tensor-parallel collectives, the gradient
     all-reduce and the Adam step (the rest of an iteration is pipeline fill and drain, sends)."""
-    from estimator.lowering import Costs
+    from estimator.cost.lowering import Costs
 
     cc = Costs(experiment, profile).call("actor_train", plan["actor_train"])
     st = max(cc.stages, key=lambda s: s.fwd.total_s + s.bwd.total_s)
@@ -79,8 +80,8 @@ def components(experiment: Experiment, plan: Plan, profile: Profile) -> dict[str
 def predict_row(row: VTrainRow, profile: Profile, engine: str = "evaluator") -> dict[str, Any]:
     """Predicted iteration time, memory and the busiest stage's work (:func:`components`) of
     one row on ``profile``."""
-    from estimator.evaluator import Evaluator
-    from estimator.simulator import simulate
+    from estimator.sim.evaluator import Evaluator
+    from estimator.sim.simulator import simulate
 
     experiment, plan, _ = row_experiment(row, profile.name)
     memory = plan_memory(experiment, plan, profile.capacity_bytes)
@@ -210,7 +211,7 @@ def scatter(df: Any, out: Path, title: str) -> Path:
 
 
 def make_profile(args: argparse.Namespace) -> int:
-    from estimator.profiles import profile_from_dict
+    from estimator.profile.profiles import profile_from_dict
 
     out = check_output_path(args.out or PROFILE_DIR / f"{args.name}.json", "--out")
     base = load_profile(args.base, key="--base")
@@ -265,7 +266,7 @@ def fit_profile(rows: list[VTrainRow], base: Profile, name: str, cite: str, prog
     from scipy import optimize
     from tqdm import tqdm
 
-    from estimator.profiles import profile_from_dict
+    from estimator.profile.profiles import profile_from_dict
 
     measured = np.array([r.measured_s for r in rows])
     bar = tqdm(desc="fit evaluations", unit="eval", file=sys.stderr, disable=not progress)
@@ -312,7 +313,7 @@ def run_fit(args: argparse.Namespace) -> int:
     doc, result = fit_profile(fit_rows, base, args.name, cite, progress=not args.json)
     doc["notes"] = f"{base.name} with three numbers {cite}: " + ", ".join(
         f"{k} {result[k]:.4g}" for k in FIT_TERMS)
-    from estimator.profiles import profile_from_dict
+    from estimator.profile.profiles import profile_from_dict
 
     profile_from_dict(doc, where=f"profile {out}")
     atomic_write_text(out, json.dumps(doc, indent=2) + "\n", "--out")

@@ -5,7 +5,7 @@ draws, kind by kind, a plan that has it (:data:`KINDS`: tensor, pipeline and dat
 disjoint meshes, parameter reallocation, several micro-batches, activation recompute), then fills the sample with
 random plans. Two kinds of draw alternate: *colocated* (every call on one mesh with one
 (dp, tp, pp) shape, micro-batches per call) and *free* (each call its own valid layout from
-:func:`estimator.plan.enumerate_layouts`). Every plan passes :func:`estimator.plan.check` and
+:func:`estimator.spec.plan.enumerate_layouts`). Every plan passes :func:`estimator.spec.plan.check` and
 fits in memory under the profile; no plan appears twice. Same seed, same sample.
 """
 
@@ -15,11 +15,11 @@ import itertools
 import random
 from collections.abc import Sequence
 
-from estimator.experiment import Experiment
-from estimator.lowering import same_placement
-from estimator.memory import home_calls, plan_memory
-from estimator.plan import Layout, Plan, enumerate_layouts, validate
-from estimator.profiles import Profile
+from estimator.cost.lowering import same_placement
+from estimator.cost.memory import home_calls, plan_memory
+from estimator.profile.profiles import Profile
+from estimator.spec.experiment import Experiment
+from estimator.spec.plan import Layout, Plan, enumerate_layouts, validate
 
 KINDS = ("tp", "pp", "dp", "disjoint", "realloc", "micro_batches", "recompute")
 TRIES_PER_PLAN = 400

@@ -50,14 +50,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from estimator.errors import ConfigError, cli_guard
-from estimator.experiment import Experiment, load_experiment
-from estimator.io import atomic_write_json, atomic_write_text
-from estimator.loading import load_json
-from estimator.plan import Plan, check
-from estimator.profiles import Profile, load_profile
-from estimator.simulator import simulate
-from estimator.timeline import Timeline
+from estimator.base.errors import ConfigError, cli_guard
+from estimator.base.io import atomic_write_json, atomic_write_text
+from estimator.base.loading import load_json
+from estimator.profile.profiles import Profile, load_profile
+from estimator.sim.simulator import simulate
+from estimator.spec.experiment import Experiment, load_experiment
+from estimator.spec.plan import Plan, check
+from estimator.spec.timeline import Timeline
 
 ROOT = Path(__file__).resolve().parent.parent
 PER_DEVICE_MAX = 16  # predicted timelines of larger clusters keep one device per stage

@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from estimator.cluster import Cluster, DeviceMesh
-from estimator.errors import ConfigError
-from estimator.experiment import Experiment
-from estimator.loading import MAX_DATA_BYTES, read_text
-from estimator.models import ModelSpec
-from estimator.plan import Layout, Plan, check
-from estimator.profiles import Profile
-from estimator.workflow import WorkflowParams
+from estimator.base.errors import ConfigError
+from estimator.base.loading import MAX_DATA_BYTES, read_text
+from estimator.profile.profiles import Profile
+from estimator.spec.cluster import Cluster, DeviceMesh
+from estimator.spec.experiment import Experiment
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Layout, Plan, check
+from estimator.spec.workflow import WorkflowParams
 
 PARAMS_COLUMN = "Parameters (billion)"
 # vTrain's header → field of VTrainRow

@@ -33,14 +33,14 @@ from typing import Any
 
 import pandas as pd
 
-from estimator.errors import ConfigError, cli_guard
-from estimator.experiment import Experiment, load_experiment
-from estimator.io import atomic_write_json, atomic_write_text
-from estimator.models import get_model
-from estimator.plan import Plan, check
-from estimator.profiles import Profile, load_profile
-from estimator.simulator import simulate
-from estimator.workflow import ROLES, VALUE_ROLES
+from estimator.base.errors import ConfigError, cli_guard
+from estimator.base.io import atomic_write_json, atomic_write_text
+from estimator.profile.profiles import Profile, load_profile
+from estimator.sim.simulator import simulate
+from estimator.spec.experiment import Experiment, load_experiment
+from estimator.spec.models import get_model
+from estimator.spec.plan import Plan, check
+from estimator.spec.workflow import ROLES, VALUE_ROLES
 
 CLUSTER_KEYS = {"nodes": int, "devices_per_node": int, "device": str}
 WORKLOAD_KEYS = {"gen_len": int, "prompt_len": int, "batch_size": int, "group_size": int}

@@ -22,13 +22,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from estimator.base.tables import format_table
 from estimator.baselines import symmetric_plan
-from estimator.evaluator import Evaluator
-from estimator.experiment import load_experiment
-from estimator.lowering import Costs
-from estimator.plan import Plan, enumerate_layouts, format_table
-from estimator.profiles import load_profile
-from estimator.simulator import simulate
+from estimator.cost.lowering import Costs
+from estimator.profile.profiles import load_profile
+from estimator.sim.evaluator import Evaluator
+from estimator.sim.simulator import simulate
+from estimator.spec.experiment import load_experiment
+from estimator.spec.plan import Plan, enumerate_layouts
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SIM_GOAL_S = 1.0

@@ -23,12 +23,13 @@ import time
 
 import torch
 
-from estimator.cluster import Cluster, DeviceMesh
-from estimator.errors import cli_guard
-from estimator.experiment import Experiment, load_experiment
-from estimator.models import get_model
-from estimator.plan import Layout, Plan, format_table
-from estimator.workflow import VALUE_ROLES
+from estimator.base.errors import cli_guard
+from estimator.base.tables import format_table
+from estimator.spec.cluster import Cluster, DeviceMesh
+from estimator.spec.experiment import Experiment, load_experiment
+from estimator.spec.models import get_model
+from estimator.spec.plan import Layout, Plan
+from estimator.spec.workflow import VALUE_ROLES
 from executor.launch import launch
 from executor.runtime import DTYPES, RunOptions, merge, run_rank
 

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from calibration.fit_compute import STATS, fit_compute
 from calibration.kernels import LEVELS, grid, measure
 from calibration.overheads import MICRO_BATCHES, measure_overheads
-from estimator.errors import cli_guard
-from estimator.io import atomic_write_text
+from estimator.base.errors import cli_guard
+from estimator.base.io import atomic_write_text
 
 
 def run(level: str, device: str, experiment: str | None) -> tuple[pd.DataFrame, float]:

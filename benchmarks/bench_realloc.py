@@ -31,10 +31,11 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from estimator.cluster import DeviceMesh
-from estimator.models import PRESETS, ModelSpec
-from estimator.plan import Layout, format_table
-from estimator.sharding import box_shape, realloc_plan, shard
+from estimator.base.tables import format_table
+from estimator.spec.cluster import DeviceMesh
+from estimator.spec.models import PRESETS, ModelSpec
+from estimator.spec.plan import Layout
+from estimator.spec.sharding import box_shape, realloc_plan, shard
 from executor.launch import launch
 from executor.realloc import reallocate
 

@@ -34,9 +34,9 @@ import math
 import sys
 from pathlib import Path
 
-from estimator.experiment import Experiment, experiment_from_dict, load_experiment
-from estimator.plan import format_table
-from estimator.profiles import load_profile
+from estimator.base.tables import format_table
+from estimator.profile.profiles import load_profile
+from estimator.spec.experiment import Experiment, experiment_from_dict, load_experiment
 from search.baselines import build
 from search.run import run_search
 

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"cases": out, "load_average_1min": load}, indent=2))
         return 0
-    from estimator.plan import format_table
+    from estimator.base.tables import format_table
 
     rows = [("example", "first call s (median)", "min", "max", "invalid plan refused s (median)", "min", "max")]
     for algorithm, v in out.items():

@@ -7,7 +7,7 @@ backward consumes, a fresh KV cache for a prefill) and ``run(args, state)`` is t
 Single ops call exactly what :mod:`executor.model` calls (``F.linear``, ``rms_norm``,
 ``apply_rotary``, ``scaled_dot_product_attention`` on the repeated K/V heads, …); pieces call
 the executor's functions themselves on one block's shard of the tensor-parallel layout
-(:func:`estimator.sharding.shard` of rank 0), with the tensor-parallel hooks left as the
+(:func:`estimator.spec.sharding.shard` of rank 0), with the tensor-parallel hooks left as the
 identity, so collectives stay out of kernel times.
 """
 
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from estimator.cluster import DeviceMesh
-from estimator.models import ModelSpec
-from estimator.plan import Layout
-from estimator.sharding import box_shape, shard
+from estimator.spec.cluster import DeviceMesh
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Layout
+from estimator.spec.sharding import box_shape, shard
 from executor import model as M
 from executor.comm import vocab_parallel_embed
 from executor.optim import ShardAdam

@@ -38,11 +38,11 @@ import torch
 import torch.distributed as dist
 
 from calibration.opcount import check_against, record, symbolic, totals
-from estimator.census import BLOCK_VARIANTS, CENSUS_FORMAT, CENSUS_PATH
-from estimator.errors import cli_guard
-from estimator.io import atomic_write_json
-from estimator.models import ModelSpec
-from estimator.plan import format_table
+from estimator.base.errors import cli_guard
+from estimator.base.io import atomic_write_json
+from estimator.base.tables import format_table
+from estimator.cost.census import BLOCK_VARIANTS, CENSUS_FORMAT, CENSUS_PATH
+from estimator.spec.models import ModelSpec
 from executor import comm, rlhf
 from executor import model as M
 from executor.data import Sampler

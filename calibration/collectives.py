@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from estimator.errors import ConfigError
+from estimator.base.errors import ConfigError
 
 KINDS = ("all_reduce", "all_gather", "broadcast", "p2p", "reduce_scatter")
 COLUMNS = ("kind", "link_class", "group", "group_size", "size_bytes", "median_s", "p10_s", "p90_s",

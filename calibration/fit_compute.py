@@ -70,7 +70,7 @@ from scipy import optimize, stats
 
 from calibration.aten import decode
 from calibration.kernels import PIECES
-from estimator.errors import ConfigError
+from estimator.base.errors import ConfigError
 
 COMPUTE_FAMILIES = ("gemm", "attention")
 MEMORY_FAMILIES = ("elementwise", "stream", "dispatch", "embedding", "softmax")
@@ -79,7 +79,7 @@ MIN_DEVICE_FRACTION = 0.1
 BIN_DECADES = 0.25
 GOAL_PCT = 10.0
 STATS = ("median_s", "p10_s", "p90_s")
-DISPATCH_MODES = ("nograd", "grad", "backward")  # estimator.profiles.DISPATCH_MODES
+DISPATCH_MODES = ("nograd", "grad", "backward")  # estimator.profile.profiles.DISPATCH_MODES
 BACKWARD_PIECES = ("block_bwd", "head_bwd")
 IN_MODEL = tuple(f for f in PIECES if f != "optimizer")  # pieces of the model's own code (compute.in_model)
 
@@ -128,7 +128,7 @@ class Params:
 
     def dispatch(self, modes: np.ndarray) -> np.ndarray:
         """Host cost per op for each entry of ``modes`` (:data:`DISPATCH_MODES` indices), as
-        :meth:`estimator.profiles.Profile.dispatch_s` charges it."""
+        :meth:`estimator.profile.profiles.Profile.dispatch_s` charges it."""
         per_mode = np.array([self.overhead_s,
                              self.overhead_s if self.grad_overhead_s is None else self.grad_overhead_s,
                              self.overhead_s if self.backward_overhead_s is None else self.backward_overhead_s])
@@ -136,7 +136,7 @@ class Params:
 
 
 def _eff(sizes: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Log-linear interpolation held flat beyond the ends (``estimator.profiles.Curve``)."""
+    """Log-linear interpolation held flat beyond the ends (``estimator.profile.profiles.Curve``)."""
     return np.interp(np.log(np.maximum(sizes, 1e-300)), np.log(points[:, 0]), points[:, 1])
 
 

@@ -5,7 +5,7 @@ The CPU profile's compute figures are timed with every simulated device of the h
 leaves some idle — one device generating while the other waits, a single-device plan — runs its
 ops faster. The calibration therefore times the same grid a second time with one process
 alone, and :func:`fit_host` fits the profile's ``host`` section
-(:class:`estimator.profiles.HostSharing`): one factor per term of the cost contract
+(:class:`estimator.profile.profiles.HostSharing`): one factor per term of the cost contract
 (:func:`calibration.fit_compute.op_times`) — device FLOPs, memory traffic, host dispatch —
 by bounded least squares (``scipy.optimize.least_squares``) of the log error of the alone rows
 predicted with the shared figures so scaled, each family weighted alike, on the same training
@@ -33,8 +33,8 @@ from calibration.fit_compute import (
     holdout_mask,
     params_from_sections,
 )
-from estimator.errors import ConfigError
-from estimator.profiles import ALONE_TERMS
+from estimator.base.errors import ConfigError
+from estimator.profile.profiles import ALONE_TERMS
 
 FACTOR_BOUNDS = (0.05, 1.0)  # alone never slower than shared; never 20× faster
 

@@ -3,7 +3,7 @@
 Raw timings are rows ``kind, link_class, group, size_bytes, median_s`` (what
 :mod:`calibration.collectives` measures, or public tables such as vidur's NCCL timings). For
 each (link class, kind, group) the sizes are split into a fit part and a held-out part; the
-curve is fitted on the fit part only (:func:`estimator.links.fit_time_curve`: medians per size,
+curve is fitted on the fit part only (:func:`estimator.profile.collectives.fit_time_curve`: medians per size,
 log-size bins, isotonic least squares in log time) and the report gives, per kind and group,
 the absolute percentage error of the curve on the held-out sizes: n, median and max.
 
@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from estimator.errors import ConfigError, cli_guard
-from estimator.io import atomic_write_json, atomic_write_text
-from estimator.links import TimeCurve, fit_time_curve, merge_entry
-from estimator.profiles import PROFILE_DIR, PROFILE_FORMAT, load_profile, profile_from_dict
+from estimator.base.errors import ConfigError, cli_guard
+from estimator.base.io import atomic_write_json, atomic_write_text
+from estimator.profile.collectives import TimeCurve, fit_time_curve, merge_entry
+from estimator.profile.profiles import PROFILE_DIR, PROFILE_FORMAT, load_profile, profile_from_dict
 
 KEYS = ["link_class", "kind", "group"]
 REPORT_COLUMNS = ["link_class", "kind", "group", "n_fit", "n_holdout", "median_ape_pct", "max_ape_pct"]
@@ -96,7 +96,7 @@ def _ape(curve: TimeCurve, test: pd.DataFrame) -> np.ndarray:
 
 def apply_links(profile: dict, links: dict, raw_csv: str | None = None) -> dict:
     """``profile`` (a parsed profile document) with the fitted curves merged into its entries
-    (:func:`estimator.links.merge_entry`); classes and kinds not fitted keep theirs.
+    (:func:`estimator.profile.collectives.merge_entry`); classes and kinds not fitted keep theirs.
     ``raw_csv`` names the raw file beside it."""
     out = copy.deepcopy(profile)
     out["format"] = PROFILE_FORMAT

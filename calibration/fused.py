@@ -6,7 +6,7 @@ flash attention, one GEMM for o, the residual add, one GEMM for gate+up, a fused
 GELU), one GEMM for down, the second residual add — instead of the eager executor's dozens of
 aten ops with float32 norm upcasts. This module writes that op set as a census document
 (``calibration/census/fused.json``, format ``rlhf-plan/census-v1``, the same piece names and
-shape symbols as the executor's census, so :mod:`estimator.cost` charges either unchanged; a
+shape symbols as the executor's census, so :mod:`estimator.cost.pieces` charges either unchanged; a
 profile selects it with ``compute.ops: "fused"``). Every entry is one kernel with its minimal
 work, from formulas:
 
@@ -34,7 +34,7 @@ Variants are parameters (:func:`block_kernels`: ``norm_kind`` rms | layer, ``mlp
 gelu, ``bias`` q/k/v bias, ``linear_bias`` every projection's, ``positions`` rope | learned;
 :func:`embed`: ``learned_positions``; :func:`head`: ``norm_kind``);
 the pieces written are every block variant the executor's census records
-(:data:`estimator.census.BLOCK_VARIANTS`, named by :func:`estimator.census.block_piece`:
+(:data:`estimator.cost.census.BLOCK_VARIANTS`, named by :func:`estimator.cost.census.block_piece`:
 LLaMA, Qwen2's q/k/v bias, GPT-2, OPT, GPT-NeoX), and the ``+learned`` embedding and
 ``+layernorm`` head of GPT-style models.
 
@@ -51,9 +51,9 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from estimator.census import BLOCK_VARIANTS, CENSUS_FORMAT, OP_SET_PATHS
-from estimator.errors import cli_guard
-from estimator.io import atomic_write_text
+from estimator.base.errors import cli_guard
+from estimator.base.io import atomic_write_text
+from estimator.cost.census import BLOCK_VARIANTS, CENSUS_FORMAT, OP_SET_PATHS
 
 Mono = tuple[float, dict[str, int]]  # c·Π symbol^e
 BF16, FP32, INT64 = 2, 4, 8
@@ -298,7 +298,7 @@ PHASES = ("forward", "prefill", "decode", "backward")
 
 def block_arguments(fields: dict) -> dict:
     """:func:`block_kernels` arguments of a block variant given by its ModelSpec fields (an
-    :data:`estimator.census.BLOCK_VARIANTS` entry). A parallel residual and partial rotary
+    :data:`estimator.cost.census.BLOCK_VARIANTS` entry). A parallel residual and partial rotary
     change no kernel's work here: the fused rotary kernel's traffic is the q/k rows either way,
     and a parallel block still adds each branch's output once."""
     return {"norm_kind": "layer" if fields.get("norm") == "layernorm" else "rms",
@@ -312,7 +312,7 @@ VARIANTS = {tag: block_arguments(fields) for tag, fields in BLOCK_VARIANTS.items
 
 
 def pieces() -> dict[str, list[Kernel]]:
-    """Every piece :mod:`estimator.cost` asks for, by its census name."""
+    """Every piece :mod:`estimator.cost.pieces` asks for, by its census name."""
     out: dict[str, list[Kernel]] = {}
     for phase in PHASES:
         for suffix, kw in VARIANTS.items():

@@ -46,10 +46,10 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from estimator.errors import ConfigError, cli_guard
-from estimator.experiment import Experiment, load_experiment
-from estimator.io import atomic_write_text
-from estimator.models import PRESETS, ModelSpec
+from estimator.base.errors import ConfigError, cli_guard
+from estimator.base.io import atomic_write_text
+from estimator.spec.experiment import Experiment, load_experiment
+from estimator.spec.models import PRESETS, ModelSpec
 
 DEFAULT_MODELS = ("tiny-2l-128h", "tiny-4l-256h")
 PIECES = ("block_fwd", "block_bwd", "head", "head_bwd", "context", "optimizer", "pass")

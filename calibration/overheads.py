@@ -37,12 +37,12 @@ import torch
 
 from calibration.aten import record
 from calibration.timing import DTYPES, Clock, _Threads, torch_device
-from estimator.cluster import Cluster, DeviceMesh
-from estimator.errors import ConfigError
-from estimator.experiment import Experiment
-from estimator.models import PRESETS
-from estimator.plan import Layout
-from estimator.workflow import VALUE_ROLES, WorkflowParams
+from estimator.base.errors import ConfigError
+from estimator.spec.cluster import Cluster, DeviceMesh
+from estimator.spec.experiment import Experiment
+from estimator.spec.models import PRESETS
+from estimator.spec.plan import Layout
+from estimator.spec.workflow import VALUE_ROLES, WorkflowParams
 from executor import model as M
 from executor.calls import CallRun, run_call
 from executor.comm import GroupRegistry

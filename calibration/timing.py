@@ -29,7 +29,7 @@ import torch
 
 from calibration.aten import encode, record
 from calibration.benches import Bench, Maker, build, grad_mode
-from estimator.errors import ConfigError
+from estimator.base.errors import ConfigError
 
 ROTATE_BYTES = 32 << 20  # more than the last-level cache of the CPUs and GPUs at hand
 MAX_ROTATE = 16

@@ -37,9 +37,9 @@ from scipy.optimize import least_squares
 
 from calibration import fused as F
 from calibration.fit_links import apply_links, fit_links, load_vidur_network
-from estimator.census import compile_piece
-from estimator.errors import ConfigError
-from estimator.profiles import Profile, profile_from_dict
+from estimator.base.errors import ConfigError
+from estimator.cost.census import compile_piece
+from estimator.profile.profiles import Profile, profile_from_dict
 
 VIDUR = "microsoft/vidur commit 7d475133, data/profiling"
 FIT_MODELS = ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-70b-hf")

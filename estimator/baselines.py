@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from estimator.errors import ConfigError
-from estimator.experiment import Experiment
-from estimator.memory import plan_memory
-from estimator.plan import MICRO_BATCH_CHOICES, Layout, Plan, check, divisors, layout_problems
-from estimator.profiles import Profile
-from estimator.workflow import Call
+from estimator.base.errors import ConfigError
+from estimator.cost.memory import plan_memory
+from estimator.profile.profiles import Profile
+from estimator.spec.experiment import Experiment
+from estimator.spec.plan import MICRO_BATCH_CHOICES, Layout, Plan, check, divisors, layout_problems
+from estimator.spec.workflow import Call
 
 
 def _candidates(call: Call, experiment: Experiment) -> list[Layout]:

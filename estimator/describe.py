@@ -19,11 +19,12 @@ import json
 import sys
 from typing import Any
 
-from estimator.errors import cli_guard
-from estimator.experiment import Experiment, load_experiment
-from estimator.ops import call_flops
-from estimator.plan import Plan, check, count_layouts, format_table
-from estimator.profiles import load_profile
+from estimator.base.errors import cli_guard
+from estimator.base.tables import format_table
+from estimator.cost.ops import call_flops
+from estimator.profile.profiles import load_profile
+from estimator.spec.experiment import Experiment, load_experiment
+from estimator.spec.plan import Plan, check, count_layouts
 
 
 def describe(exp: Experiment) -> dict[str, Any]:

@@ -31,16 +31,17 @@ import sys
 import time
 from typing import Any
 
-from estimator import rules
+from estimator.base import rules
+from estimator.base.errors import cli_guard
+from estimator.base.io import check_output_path
+from estimator.base.tables import format_table
 from estimator.baselines import symmetric_plan
-from estimator.errors import cli_guard
-from estimator.experiment import Experiment, load_experiment
-from estimator.io import check_output_path
-from estimator.memory import GiB, MemoryReport, plan_memory
-from estimator.plan import Plan, check, format_table
-from estimator.profiles import Profile, load_profile
-from estimator.roofline import mfu, roofline_s
-from estimator.simulator import SimResult, simulate
+from estimator.cost.memory import GiB, MemoryReport, plan_memory
+from estimator.cost.roofline import mfu, roofline_s
+from estimator.profile.profiles import Profile, load_profile
+from estimator.sim.simulator import SimResult, simulate
+from estimator.spec.experiment import Experiment, load_experiment
+from estimator.spec.plan import Plan, check
 
 COMM_OPS = ("tp_allreduce", "dp_allreduce")
 EXIT_INFEASIBLE = 1

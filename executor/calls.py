@@ -1,8 +1,8 @@
 """The model function calls of every workflow preset, on top of :class:`executor.engine.Engine`.
 
 A call runs on each device of its layout with the rows that device holds (its data-parallel
-rows, :func:`estimator.sharding.dp_rows`), split into the micro-batches of
-:func:`estimator.sharding.micro_batch_rows`; outputs come out on the last pipeline stage.
+rows, :func:`estimator.spec.sharding.dp_rows`), split into the micro-batches of
+:func:`estimator.spec.sharding.micro_batch_rows`; outputs come out on the last pipeline stage.
 
 - **generate** — KV-cached decoding of exactly ``gen_len`` tokens; tokens come from
   :class:`executor.data.Sampler` (Gumbel-max keyed by global row, or argmax for greedy calls);
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from estimator.experiment import Experiment
-from estimator.plan import Layout
-from estimator.sharding import Range, dp_rows, micro_batch_rows
-from estimator.workflow import Call
+from estimator.spec.experiment import Experiment
+from estimator.spec.plan import Layout
+from estimator.spec.sharding import Range, dp_rows, micro_batch_rows
+from estimator.spec.workflow import Call
 from executor import rlhf
 from executor.data import Sampler
 from executor.engine import Engine

@@ -1,5 +1,5 @@
 """Hugging Face checkpoints checked without torch: tensor names and shapes from the safetensors
-headers (read by :func:`estimator.loading.read_safetensors_header`), so ``executor.run`` refuses
+headers (read by :func:`estimator.base.loading.read_safetensors_header`), so ``executor.run`` refuses
 a checkpoint that does not fit its model before any process starts::
 
     from executor.checkpoint import check_checkpoint
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from estimator.errors import ConfigError
-from estimator.loading import read_safetensors_header
-from estimator.models import ModelSpec
-from estimator.sharding import Box, full_boxes, param_inventory
+from estimator.base.errors import ConfigError
+from estimator.base.loading import read_safetensors_header
+from estimator.spec.models import ModelSpec
+from estimator.spec.sharding import Box, full_boxes, param_inventory
 
 TRUNK_PREFIX = "model."
 VALUE_HEAD_NAMES = ("value_head.weight", "score.weight")

@@ -2,7 +2,7 @@
 
 Every group a set of layouts needs is created once, up front, by every process in the same
 order (``torch.distributed.new_group`` is collective over the default group). Ranks are the
-global device ids of :meth:`estimator.plan.Layout.device`. The operators take their group as
+global device ids of :meth:`estimator.spec.plan.Layout.device`. The operators take their group as
 an argument; a ``None`` group (degree 1) makes each of them the identity.
 """
 
@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from estimator.errors import ConfigError
-from estimator.plan import Layout
+from estimator.base.errors import ConfigError
+from estimator.spec.plan import Layout
 
 Ranks = tuple[int, ...]
 

@@ -1,6 +1,6 @@
 """Call outputs travel from their producer to their consumers as soon as they exist.
 
-Who sends which rows to whom is the pure plan of :func:`estimator.sharding.rows_plan`: the
+Who sends which rows to whom is the pure plan of :func:`estimator.spec.sharding.rows_plan`: the
 holders of an output (every tensor-parallel rank of the producer's last stage) cover the rows
 each device of a consuming call needs. Everything one device sends another for one (consumer,
 data) pair is one message.
@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from estimator.experiment import Experiment
-from estimator.plan import Plan
-from estimator.sharding import Range, RowTransfer, data_needs, output_holders, rows_plan
-from estimator.workflow import SOURCES
+from estimator.spec.experiment import Experiment
+from estimator.spec.plan import Plan
+from estimator.spec.sharding import Range, RowTransfer, data_needs, output_holders, rows_plan
+from estimator.spec.workflow import SOURCES
 from executor.realloc import gather_rows
 
 Pieces = list[tuple[Range, Tensor]]  # (global row range, those rows)

@@ -4,8 +4,8 @@ The parallelisms compose in a fixed order (torchtitan's ``parallelize_llama``):
 
 1. pipeline — the stage owns blocks ``Layout.stage_layers``; the first stage embeds tokens,
    others receive activations from the previous stage; the last applies the final norm and
-   head, others send activations on (:func:`estimator.schedule.schedule_1f1b` orders training,
-   :func:`estimator.schedule.generation_rounds` generation);
+   head, others send activations on (:func:`estimator.spec.schedule.schedule_1f1b` orders training,
+   :func:`estimator.spec.schedule.generation_rounds` generation);
 2. tensor — inside the stage, Megatron's f/g operators around column- and row-parallel
    projections (:func:`tensor_parallel_hooks`), a vocab-parallel embedding and an LM head
    gathered over the vocabulary (:class:`TensorParallel`);
@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from estimator.models import ModelSpec
-from estimator.plan import Layout
-from estimator.schedule import FORWARD, generation_rounds, schedule_1f1b
-from estimator.sharding import box_shape, shard
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Layout
+from estimator.spec.schedule import FORWARD, generation_rounds, schedule_1f1b
+from estimator.spec.sharding import box_shape, shard
 from executor import model as M
 from executor.comm import (
     GroupRegistry,
@@ -115,7 +115,7 @@ def reduce_gradients(params: M.Params, model: ModelSpec, embed_group: dist.Proce
 class Engine:
     """Runs one call's compute for ``model`` on global rank ``device`` under ``layout``.
 
-    ``params`` are this device's shards (names and shapes of :func:`estimator.sharding.shard`);
+    ``params`` are this device's shards (names and shapes of :func:`estimator.spec.sharding.shard`);
     the engine computes with these very tensors, so an optimizer over them sees the gradients.
     """
 
@@ -295,7 +295,7 @@ class Engine:
 
 
 def _check_params(params: M.Params, boxes: dict) -> None:
-    """The shards must be exactly those :func:`estimator.sharding.shard` names, box shapes."""
+    """The shards must be exactly those :func:`estimator.spec.sharding.shard` names, box shapes."""
     problems = [f"missing {n!r}" for n in boxes if n not in params]
     problems += [f"unexpected {n!r}" for n in params if n not in boxes]
     for n, box in boxes.items():

@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from estimator.errors import ConfigError
-from estimator.models import ModelSpec, from_hf_config
-from estimator.sharding import Box
+from estimator.base.errors import ConfigError
+from estimator.spec.models import ModelSpec, from_hf_config
+from estimator.spec.sharding import Box
 from executor.checkpoint import (
     TRUNK_PREFIX,
     check_checkpoint,
@@ -36,7 +36,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, model: ModelSp
     """Read a checkpoint into a params dict keyed by :func:`param_inventory` names.
 
     ``model`` defaults to the spec of ``config.json`` (give ``spec.as_value_model()`` to load a
-    critic). ``boxes`` (name → global box, e.g. :func:`estimator.sharding.shard`) reads only
+    critic). ``boxes`` (name → global box, e.g. :func:`estimator.spec.sharding.shard`) reads only
     those slices of those parameters; by default every parameter is read whole. With
     ``fresh_head``, a value model's head that the checkpoint lacks (a language model's
     checkpoint) is left out of the result for the caller to initialise. Raises
@@ -63,7 +63,7 @@ def save_hf(path: str | Path, model: ModelSpec, params: Params) -> None:
 
 
 def hf_config(model: ModelSpec) -> dict:
-    """A ``config.json`` that :func:`estimator.models.from_hf_config` reads back as ``model``
+    """A ``config.json`` that :func:`estimator.spec.models.from_hf_config` reads back as ``model``
     (up to the head kind, which configs do not carry); LLaMA and Qwen2 architectures only."""
     if model.family not in ("llama", "qwen2"):
         raise ConfigError(f"model {model.name!r}: writing a {model.family} checkpoint is not supported "

@@ -30,7 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from estimator.io import atomic_write_text
+from estimator.base.io import atomic_write_text
 
 POLL_S = 0.05
 GRACE_S = 1.0  # after a failure, how long to wait for other ranks' reports before killing them

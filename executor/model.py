@@ -8,7 +8,7 @@ than 1e-3), biases on every linear layer, a learned position table added to the 
 embedding, GPT-NeoX's parallel residual and rotary embeddings on a fraction of each head.
 
 Parameters are a ``dict[str, Tensor]`` keyed by the names of
-:func:`estimator.sharding.param_inventory`, so one set of functions runs both the full model
+:func:`estimator.spec.sharding.param_inventory`, so one set of functions runs both the full model
 and a tensor-parallel shard: head counts and widths are read from the tensors' shapes (a
 shard of ``tp`` has ``heads/tp`` query heads, ``kv_heads/tp`` key/value heads and ``ffn/tp``
 MLP width). There is no parallel code here: the engine passes :class:`TPHooks` that
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from estimator.models import ModelSpec
-from estimator.plan import Layout
-from estimator.sharding import Box, param_inventory, shard
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Layout
+from estimator.spec.sharding import Box, param_inventory, shard
 
 INIT_STD = 0.02  # GPT-2 / LLaMA initializer range
 # scaled_dot_product_attention takes grouped K/V heads itself from torch 2.5 on; older torch

@@ -4,7 +4,7 @@ process starts; :mod:`executor.data` turns the examples into tensors.
 ``prompts`` lines are lists of token ids, fitted to ``prompt_len``; ``sft`` lines a list or
 ``{"prompt": [...], "response": [...]}``; ``pairs`` (dpo, rw) lines ``{"prompt": [...],
 "chosen": [...], "rejected": [...]}`` (see :mod:`executor.data`). The file is read through
-:mod:`estimator.loading` (size cap, UTF-8, strict JSON per line); errors name file and line::
+:mod:`estimator.base.loading` (size cap, UTF-8, strict JSON per line); errors name file and line::
 
     from executor.prompts import check_prompts
     check_prompts(experiment)
@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from estimator.errors import ConfigError
-from estimator.loading import MAX_DATA_BYTES, parse_json, read_text
+from estimator.base.errors import ConfigError
+from estimator.base.loading import MAX_DATA_BYTES, parse_json, read_text
 
 PAD_ID = 0
 

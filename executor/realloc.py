@@ -1,7 +1,7 @@
 """Moving parameters and call outputs between layouts.
 
-The slices come from the pure shard math (:func:`estimator.sharding.realloc_plan`,
-:func:`estimator.sharding.rows_plan`); this module only moves them, copying as little as it
+The slices come from the pure shard math (:func:`estimator.spec.sharding.realloc_plan`,
+:func:`estimator.spec.sharding.rows_plan`); this module only moves them, copying as little as it
 can, since a local copy costs about as much as sending the bytes (on CPU both are memory
 copies, and they compete for the same cores):
 
@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from estimator.models import ModelSpec
-from estimator.plan import Layout
-from estimator.sharding import Box, Range, RowTransfer, Transfer, box_shape, group_by_pair, realloc_plan, shard
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Layout
+from estimator.spec.sharding import Box, Range, RowTransfer, Transfer, box_shape, group_by_pair, realloc_plan, shard
 from executor.comm import exchange
 from executor.model import Params, local_index
 

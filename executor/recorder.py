@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from estimator.timeline import Span
+from estimator.spec.timeline import Span
 
 
 class Recorder:

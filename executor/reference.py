@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from estimator.experiment import Experiment
-from estimator.sharding import full_boxes
+from estimator.spec.experiment import Experiment
+from estimator.spec.sharding import full_boxes
 from executor import model as M
 from executor import rlhf
 from executor.data import Sampler, source_for

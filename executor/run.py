@@ -37,12 +37,13 @@ import sys
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from estimator import rules
-from estimator.errors import ConfigError, cli_guard
-from estimator.experiment import Experiment, load_experiment
-from estimator.io import check_output_path
-from estimator.plan import Plan, check, format_table
-from estimator.profiles import load_profile
+from estimator.base import rules
+from estimator.base.errors import ConfigError, cli_guard
+from estimator.base.io import check_output_path
+from estimator.base.tables import format_table
+from estimator.profile.profiles import load_profile
+from estimator.spec.experiment import Experiment, load_experiment
+from estimator.spec.plan import Plan, check
 from executor.checkpoint import check_checkpoint
 from executor.prompts import check_prompts
 

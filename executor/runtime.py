@@ -18,7 +18,7 @@ iteration in topological order — and takes part in whatever involves its devic
 Steps that do not involve a device cost it nothing, so calls on disjoint meshes run
 concurrently; a device waits only where data or weights must reach it. Each process records
 spans ``(call, op, micro_batch, start, end)`` on a clock zeroed by a barrier at the start;
-:func:`merge` joins them into one measured :class:`estimator.timeline.Timeline`.
+:func:`merge` joins them into one measured :class:`estimator.spec.timeline.Timeline`.
 
 Initial weights depend only on (experiment seed, role) — see :func:`role_seed` — or come from
 the role's Hugging Face checkpoint (:func:`initial_params`), so a run's numbers do not depend on
@@ -39,11 +39,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from estimator.experiment import Experiment
-from estimator.plan import Layout, Plan
-from estimator.sharding import Box, dp_rows, param_inventory, shard
-from estimator.timeline import Span, Timeline
-from estimator.workflow import SOURCES, Call
+from estimator.spec.experiment import Experiment
+from estimator.spec.plan import Layout, Plan
+from estimator.spec.sharding import Box, dp_rows, param_inventory, shard
+from estimator.spec.timeline import Span, Timeline
+from estimator.spec.workflow import SOURCES, Call
 from executor import model as M
 from executor.calls import CallRun, Pieces, row_spec, run_call
 from executor.comm import GroupRegistry, build_groups

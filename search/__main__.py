@@ -35,11 +35,11 @@ import argparse
 import json
 import sys
 
-from estimator.errors import ConfigError, cli_guard
-from estimator.experiment import load_experiment
-from estimator.io import atomic_write_text
+from estimator.base.errors import ConfigError, cli_guard
+from estimator.base.io import atomic_write_text
 from estimator.predict import TRACE_PER_DEVICE_MAX, predict
-from estimator.profiles import load_profile
+from estimator.profile.profiles import load_profile
+from estimator.spec.experiment import load_experiment
 from search.checks import check_budget, check_out, check_positive
 from search.result import render_report, result_json
 from search.run import DEFAULT_TIME_BUDGET_S, default_experiment, run_search

@@ -41,11 +41,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from estimator.cluster import DeviceMesh
-from estimator.evaluator import Evaluator, call_s
-from estimator.experiment import Experiment
-from estimator.plan import Layout, Plan
-from estimator.profiles import Profile
+from estimator.profile.profiles import Profile
+from estimator.sim.evaluator import Evaluator, call_s
+from estimator.spec.cluster import DeviceMesh
+from estimator.spec.experiment import Experiment
+from estimator.spec.plan import Layout, Plan
 from search.space import CallSpace, Space, make_layout, shape_of
 
 # Tuned on the 7B example (30,000 evaluations, seeds 0-2: within 0.1 % of the best plan a

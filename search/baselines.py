@@ -37,13 +37,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from estimator.base.errors import ConfigError, cli_guard
+from estimator.base.io import atomic_write_text
 from estimator.baselines import symmetric_plan
-from estimator.cluster import DeviceMesh
-from estimator.errors import ConfigError, cli_guard
-from estimator.experiment import Experiment, load_experiment
-from estimator.io import atomic_write_text
-from estimator.memory import fmt_bytes, plan_memory
-from estimator.plan import (
+from estimator.cost.memory import fmt_bytes, plan_memory
+from estimator.profile.profiles import Profile, load_profile
+from estimator.sim.simulator import simulate
+from estimator.spec.cluster import DeviceMesh
+from estimator.spec.experiment import Experiment, load_experiment
+from estimator.spec.plan import (
     MICRO_BATCH_CHOICES,
     RECOMPUTE_CHOICES,
     Layout,
@@ -52,8 +54,6 @@ from estimator.plan import (
     divisors,
     layout_problems,
 )
-from estimator.profiles import Profile, load_profile
-from estimator.simulator import simulate
 from search.checks import check_out
 
 SMALL_MODEL_PARAMS = 8e9  # ReaL's one-node rule: tp 2 up to this size, tp 4 above

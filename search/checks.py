@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from estimator.errors import ConfigError
-from estimator.io import check_output_path
+from estimator.base.errors import ConfigError
+from estimator.base.io import check_output_path
 
 
 def check_out(path: str, flag: str = "--out") -> Path:
-    """``path`` can be written (:func:`estimator.io.check_output_path`: a regular file or a
+    """``path`` can be written (:func:`estimator.base.io.check_output_path`: a regular file or a
     character device, through symlinks, in an existing writable directory)."""
     return check_output_path(path, flag)
 

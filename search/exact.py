@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from estimator.evaluator import Evaluator
-from estimator.plan import Layout, Plan
+from estimator.sim.evaluator import Evaluator
+from estimator.spec.plan import Layout, Plan
 from search.space import Space
 
 EXACT_MAX_PLANS = 200_000  # ~10 s of batched evaluation on one core

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from estimator.memory import MemoryReport
-from estimator.plan import format_table
+from estimator.base.tables import format_table
+from estimator.cost.memory import MemoryReport
 from estimator.predict import render
 from search.run import SearchResult
 

@@ -25,14 +25,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from estimator.errors import ConfigError
-from estimator.evaluator import Evaluator
-from estimator.experiment import Experiment, experiment_from_dict
-from estimator.memory import plan_memory
-from estimator.plan import Plan
-from estimator.profiles import Profile
-from estimator.roofline import mfu, roofline_s
-from estimator.simulator import simulate
+from estimator.base.errors import ConfigError
+from estimator.cost.memory import plan_memory
+from estimator.cost.roofline import mfu, roofline_s
+from estimator.profile.profiles import Profile
+from estimator.sim.evaluator import Evaluator
+from estimator.sim.simulator import simulate
+from estimator.spec.experiment import Experiment, experiment_from_dict
+from estimator.spec.plan import Plan
 from search.anneal import GREEDY, Key, anneal, default_chains
 from search.baselines import BASELINES, Baseline, build
 from search.exact import EXACT_MAX_PLANS, exact_search

@@ -8,12 +8,12 @@ first devices of the meshes of that size. The space is counted from these, never
 128 nodes × 8 devices a call has about 10,000 meshes and a million layouts, and the joint space
 is their product (``log10`` reported).
 
-Pruning, before any search: a shape is dropped when :func:`estimator.plan.layout_problems`
+Pruning, before any search: a shape is dropped when :func:`estimator.spec.plan.layout_problems`
 rejects it (tp must divide heads, kv heads, ffn and vocabulary and stay inside a node, pp at
 most the layers, the batch divisible by dp·micro-batches), or when the call alone cannot fit
 on a device whatever the rest of the plan is: the bytes the call adds while it runs (at home,
 so without a reallocated copy) plus, for the call that is its role's home, the role's resident
-weights, gradients and optimizer state (:mod:`estimator.memory`) exceed the capacity. Every
+weights, gradients and optimizer state (:mod:`estimator.cost.memory`) exceed the capacity. Every
 plan that fits uses only kept shapes, so the pruning loses nothing.
 
 Recompute: a train call's shape is also kept with ``recompute="full"`` where that can matter.
@@ -31,11 +31,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from estimator.cluster import DeviceMesh
-from estimator.errors import ConfigError
-from estimator.experiment import Experiment
-from estimator.memory import call_bytes, fmt_bytes, home_bytes, home_calls
-from estimator.plan import (
+from estimator.base.errors import ConfigError
+from estimator.cost.memory import call_bytes, fmt_bytes, home_bytes, home_calls
+from estimator.profile.profiles import Profile
+from estimator.spec.cluster import DeviceMesh
+from estimator.spec.experiment import Experiment
+from estimator.spec.plan import (
     MICRO_BATCH_CHOICES,
     Layout,
     Plan,
@@ -44,7 +45,6 @@ from estimator.plan import (
     layout_problems,
     recompute_choices,
 )
-from estimator.profiles import Profile
 
 Shape = tuple[int, int, int, int, str]  # (dp, tp, pp, micro_batches, recompute)
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from estimator.cluster import Cluster
-from estimator.experiment import Experiment, load_experiment
-from estimator.models import PRESETS, ModelSpec
-from estimator.workflow import WorkflowParams
+from estimator.spec.cluster import Cluster
+from estimator.spec.experiment import Experiment, load_experiment
+from estimator.spec.models import PRESETS, ModelSpec
+from estimator.spec.workflow import WorkflowParams
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -34,7 +34,7 @@ def cluster4() -> Cluster:
 
 def tiny_experiment(algorithm: str = "ppo", nodes: int = 1, devices_per_node: int = 4,
                     batch_size: int = 8, minibatches: int = 2, group_size: int = 1) -> Experiment:
-    from estimator.workflow import ROLES, VALUE_ROLES
+    from estimator.spec.workflow import ROLES, VALUE_ROLES
 
     model = PRESETS["tiny-2l-128h"]
     models = {r: (model.as_value_model() if r in VALUE_ROLES else model) for r in ROLES[algorithm]}

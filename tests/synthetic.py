@@ -7,13 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from estimator.cluster import Cluster, DeviceMesh
-from estimator.cost import StageTime
-from estimator.lowering import CallCost, StageCost
-from estimator.plan import Layout, Plan
-from estimator.profiles import COLLECTIVES, Profile, profile_from_dict
-from estimator.transfers import Pair, isolated_transfer_s, pair_ports
-from estimator.workflow import Call, Workflow, Workload
+from estimator.cost.lowering import CallCost, StageCost
+from estimator.cost.pieces import StageTime
+from estimator.cost.transfers import Pair, isolated_transfer_s, pair_ports
+from estimator.profile.profiles import COLLECTIVES, Profile, profile_from_dict
+from estimator.spec.cluster import Cluster, DeviceMesh
+from estimator.spec.plan import Layout, Plan
+from estimator.spec.workflow import Call, Workflow, Workload
 
 CITE = {"cite": "synthetic test profile"}
 
@@ -59,7 +59,7 @@ def call_cost(name: str, kind: str, layout: Layout, fwd: float, bwd: float = 0.0
 
 @dataclass
 class StubCosts:
-    """Stands in for :class:`estimator.lowering.Costs` with hand-made calls and transfers."""
+    """Stands in for :class:`estimator.cost.lowering.Costs` with hand-made calls and transfers."""
 
     calls: dict[str, CallCost]
     homes: dict[str, str]

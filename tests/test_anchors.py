@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from estimator.baselines import symmetric_plan
-from estimator.cost import decode_stage
-from estimator.experiment import experiment_from_dict
-from estimator.models import PRESETS
+from estimator.cost.pieces import decode_stage
 from estimator.predict import predict
-from estimator.profiles import load_profile
+from estimator.profile.profiles import load_profile
+from estimator.spec.experiment import experiment_from_dict
+from estimator.spec.models import PRESETS
 
 # public Megatron-LM runs reach 40-52 % MFU (Narayanan et al. 2021, arXiv:2104.04473, 1T on 3,072 A100s:
 # 52 %), widened to a band a planner must land in

@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from calibration import pipeline as calibrate
 from calibration.collectives import IN_SITU_SHAPES
 from calibration.fit_compute import OpTable, params_from_sections, row_modes
-from estimator import calibrate
-from estimator.profiles import load_profile
+from estimator.profile.profiles import load_profile
 from tests.conftest import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "nccl-tests"
@@ -151,7 +151,7 @@ def _children(pid: int) -> list[int]:
     (["--import-nccl-tests", str(FIXTURES / "all_reduce_perf.h100x8.txt")], "needs --base PROFILE and --name"),
 ])
 def test_bad_arguments_exit_2_naming_them_before_any_work(argv, match, tmp_path, capsys):
-    from estimator.errors import cli_guard
+    from estimator.base.errors import cli_guard
 
     assert cli_guard(calibrate.main, argv + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -160,7 +160,7 @@ def test_bad_arguments_exit_2_naming_them_before_any_work(argv, match, tmp_path,
 
 
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
-    from estimator.errors import cli_guard
+    from estimator.base.errors import cli_guard
 
     f = tmp_path / "file"
     f.write_text("x")

@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from calibration import census as C
 from calibration.opcount import OpRecorder, check_against, monomial, symbolic, totals
-from estimator.census import (
+from estimator.base.errors import ConfigError
+from estimator.cost.census import (
     BLOCK_VARIANTS,
     block_piece,
     block_variant,
@@ -22,11 +23,10 @@ from estimator.census import (
     model_symbols,
     piece_work,
 )
-from estimator.cluster import DeviceMesh
-from estimator.errors import ConfigError
-from estimator.models import PRESETS, ModelSpec
-from estimator.ops import head_flops_per_token, projection_flops_per_token
-from estimator.plan import Layout
+from estimator.cost.ops import head_flops_per_token, projection_flops_per_token
+from estimator.spec.cluster import DeviceMesh
+from estimator.spec.models import PRESETS, ModelSpec
+from estimator.spec.plan import Layout
 from executor import model as M
 
 TINY = PRESETS["tiny-2l-128h"]  # multi-head attention, untied
@@ -195,7 +195,7 @@ def test_gpt_style_ends_and_backward_are_exact_at_real_shapes(model):
 
 @pytest.mark.parametrize("recompute,expected", [(False, 2), (True, 3)])
 def test_tensor_parallel_all_reduces_of_a_block_backward(recompute, expected, monkeypatch):
-    """What :func:`estimator.cost.backward_stage` charges: a block's backward all-reduces the
+    """What :func:`estimator.cost.pieces.backward_stage` charges: a block's backward all-reduces the
     gradients of its two column-parallel inputs (Megatron's f); recomputing it re-runs o_proj's
     all-reduce too, but not down_proj's, after the block's last saved tensor (torch's
     non-reentrant checkpoint stops there)."""

@@ -14,9 +14,9 @@ import torch
 
 from calibration.collectives import GRIDS, KINDS, Grid, cases, run_local, size_grid
 from calibration.fit_links import apply_links, fit_links, load_vidur_network, split_holdout
-from estimator.errors import ConfigError
-from estimator.links import TimeCurve, bus_factor, fit_time_curve
-from estimator.profiles import PROFILE_DIR, load_profile, profile_from_dict
+from estimator.base.errors import ConfigError
+from estimator.profile.collectives import TimeCurve, bus_factor, fit_time_curve
+from estimator.profile.profiles import PROFILE_DIR, load_profile, profile_from_dict
 from tests.synthetic import linear_profile_dict
 
 CURVE = ((1e3, 10e-6), (1e5, 40e-6), (1e7, 1e-3))

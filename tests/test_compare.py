@@ -15,7 +15,7 @@ from analysis.compare import (
     summary,
     summary_table,
 )
-from estimator.timeline import Span, Timeline
+from estimator.spec.timeline import Span, Timeline
 
 KINDS = {"gen": "generate", "train": "train"}
 

@@ -12,13 +12,13 @@ import pytest
 
 from calibration.fit_compute import OpTable, fit_compute, params_from_sections
 from calibration.fit_host import fit_host, scaled
-from estimator.contention import blend, busy_weights
-from estimator.errors import ConfigError
-from estimator.evaluator import Evaluator
-from estimator.experiment import load_experiment
-from estimator.plan import Plan
-from estimator.profiles import load_profile, profile_from_dict
-from estimator.simulator import simulate
+from estimator.base.errors import ConfigError
+from estimator.profile.profiles import load_profile, profile_from_dict
+from estimator.sim.evaluator import Evaluator
+from estimator.sim.hostshare import blend, busy_weights
+from estimator.sim.simulator import simulate
+from estimator.spec.experiment import load_experiment
+from estimator.spec.plan import Plan
 from tests.conftest import EXAMPLES, ROOT
 from tests.synthetic import call_cost, lay
 from tests.test_fit_compute import TRUE, synthetic_raw
@@ -158,7 +158,7 @@ def test_fit_host_recovers_known_factors_on_held_out_rows():
 
 def test_collectives_between_computations_cost_their_measured_extra():
     from calibration.collectives import IN_SITU, in_situ_overhead_s
-    from estimator.cost import tp_allreduce_s
+    from estimator.cost.pieces import tp_allreduce_s
 
     doc = _cpu_with_host()
     doc["executor"]["collective_overhead_s"] = 2e-4
@@ -186,9 +186,9 @@ def test_pipeline_messages_between_computations_cost_their_measured_extra():
     """Every stage-to-stage message of a pipelined call — training and inference activations,
     decoding's per-step sends and the token fed back — costs the profile's in-situ extra."""
     from calibration.collectives import IN_SITU_P2P, in_situ_overhead_s
-    from estimator.cluster import DeviceMesh
-    from estimator.lowering import Costs
-    from estimator.plan import Layout
+    from estimator.cost.lowering import Costs
+    from estimator.spec.cluster import DeviceMesh
+    from estimator.spec.plan import Layout
 
     doc = _cpu_with_host()
     doc["executor"]["p2p_overhead_s"] = 3e-4

@@ -8,26 +8,26 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from estimator.census import load_census
-from estimator.cluster import Cluster, DeviceMesh
-from estimator.cost import (
+from estimator.base.errors import ConfigError
+from estimator.cost.census import load_census
+from estimator.cost.lowering import lower_call
+from estimator.cost.ops import head_flops_per_token, projection_flops_per_token
+from estimator.cost.pieces import (
     BF16,
     backward_stage,
     decode_stage,
     forward_stage,
     stage_params,
 )
-from estimator.errors import ConfigError
-from estimator.evaluator import call_s
-from estimator.experiment import load_experiment
-from estimator.lowering import lower_call
-from estimator.models import PRESETS, ModelSpec
-from estimator.ops import head_flops_per_token, projection_flops_per_token
-from estimator.plan import Layout, divisors
-from estimator.profiles import load_profile, profile_from_dict
-from estimator.sharding import box_numel, realloc_plan, shard
-from estimator.transfers import LinkBook, data_bytes, pair_ports, realloc_bytes
-from estimator.workflow import Call, Workload
+from estimator.cost.transfers import LinkBook, data_bytes, pair_ports, realloc_bytes
+from estimator.profile.profiles import load_profile, profile_from_dict
+from estimator.sim.evaluator import call_s
+from estimator.spec.cluster import Cluster, DeviceMesh
+from estimator.spec.experiment import load_experiment
+from estimator.spec.models import PRESETS, ModelSpec
+from estimator.spec.plan import Layout, divisors
+from estimator.spec.sharding import box_numel, realloc_plan, shard
+from estimator.spec.workflow import Call, Workload
 from tests.conftest import EXAMPLES
 from tests.synthetic import linear_profile, linear_profile_dict
 
@@ -228,7 +228,7 @@ def test_llama2_7b_training_mfu_is_plausible_on_h100(dp, tp, pp, mb):
     call = exp.workflow["actor_train"]
     model = exp.models["actor"]
     cc = lower_call(call, model, Layout(DeviceMesh(0, 8), dp, tp, pp, mb), 8, prof)
-    from estimator.ops import call_flops
+    from estimator.cost.ops import call_flops
     mfu = call_flops(call, model) / (call_s(cc) * 8 * prof.peak_flops)
     # The executor is eager torch: RMSNorm in float32 over the full (replicated) hidden width,
     # unfused rotary and SwiGLU, the loss over float32 logits — work the census charges and

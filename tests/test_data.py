@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from estimator.errors import ConfigError
+from estimator.base.errors import ConfigError
 from executor import data
 from executor.data import Sampler, Source, load_jsonl
 

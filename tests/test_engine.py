@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from estimator.cluster import DeviceMesh
-from estimator.models import ModelSpec
-from estimator.plan import Layout
-from estimator.sharding import shard
+from estimator.spec.cluster import DeviceMesh
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Layout
+from estimator.spec.sharding import shard
 from executor import model as M
 from executor.comm import build_groups, dp_ranks, embed_ranks, layout_groups, stage_neighbour, tp_ranks
 from executor.engine import Engine

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from estimator.baselines import symmetric_plan
-from estimator.evaluator import Evaluator, call_s
-from estimator.experiment import load_experiment
-from estimator.lowering import Costs
-from estimator.memory import plan_memory
-from estimator.plan import Layout, Plan, check, enumerate_layouts
-from estimator.profiles import load_profile
-from estimator.roofline import roofline_s
-from estimator.simulator import simulate
-from estimator.workflow import Call
+from estimator.cost.lowering import Costs
+from estimator.cost.memory import plan_memory
+from estimator.cost.roofline import roofline_s
+from estimator.profile.profiles import load_profile
+from estimator.sim.evaluator import Evaluator, call_s
+from estimator.sim.simulator import simulate
+from estimator.spec.experiment import load_experiment
+from estimator.spec.plan import Layout, Plan, check, enumerate_layouts
+from estimator.spec.workflow import Call
 from tests.conftest import EXAMPLES, tiny_experiment
 from tests.synthetic import StubCosts, call_cost, lay, linear_profile, plan_of, workload, world
 

@@ -9,9 +9,9 @@ import sys
 import pytest
 import yaml
 
+from estimator.base.errors import ConfigError
 from estimator.describe import main as describe_main
-from estimator.errors import ConfigError
-from estimator.experiment import load_experiment
+from estimator.spec.experiment import load_experiment
 from tests.conftest import EXAMPLES, ROOT
 
 GOOD = {

@@ -19,8 +19,8 @@ from calibration.fit_compute import (
 )
 from calibration.kernels import grid, measure
 from calibration.overheads import MICRO_BATCHES, measure_overheads
-from estimator.errors import ConfigError
-from estimator.profiles import Curve
+from estimator.base.errors import ConfigError
+from estimator.profile.profiles import Curve
 from tests.conftest import ROOT
 
 TRUE = Params(peak_flops=50e9, compute_points=np.array([[1e4, 0.05], [1e6, 0.5], [1e8, 1.0]]),
@@ -101,7 +101,7 @@ def test_dispatch_costs_per_mode_are_recovered_from_training_pieces():
     recovers each, and the estimator's profile charges them where it charges those pieces."""
     from dataclasses import replace
 
-    from estimator.profiles import profile_from_dict
+    from estimator.profile.profiles import profile_from_dict
 
     truth = replace(TRUE, grad_overhead_s=7e-6, backward_overhead_s=11e-6)
     raw = with_mixtures(synthetic_raw(truth), truth, [("block_fwd", "train"), ("block_bwd", "train")], 12,
@@ -126,7 +126,7 @@ def test_in_model_device_scale_and_dispatch_per_mode_are_recovered_from_whole_pa
     estimator's profile charges the scale on every op it prices in that mode."""
     from dataclasses import replace
 
-    from estimator.profiles import profile_from_dict
+    from estimator.profile.profiles import profile_from_dict
 
     truth = replace(TRUE, grad_overhead_s=7e-6, backward_overhead_s=11e-6, device_scale=(1.5, 1.3, 1.2),
                     checkpoint_s=(2e-4, 3e-4))

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from calibration import fused
-from estimator.census import OP_SET_PATHS, load_op_set, model_symbols
-from estimator.cost import piece_s
-from estimator.errors import ConfigError
-from estimator.models import PRESETS
-from estimator.ops import projection_flops_per_token
-from estimator.profiles import load_profile, profile_from_dict
+from estimator.base.errors import ConfigError
+from estimator.cost.census import OP_SET_PATHS, load_op_set, model_symbols
+from estimator.cost.ops import projection_flops_per_token
+from estimator.cost.pieces import piece_s
+from estimator.profile.profiles import load_profile, profile_from_dict
+from estimator.spec.models import PRESETS
 
 
 def _work(name: str, model, tp: int, **sym):
@@ -60,7 +60,7 @@ def test_decode_reads_the_weights_and_the_kv_cache_once():
 
 
 def test_optimizer_is_one_multi_tensor_kernel_and_flattening_is_free():
-    from estimator.census import tensors_work
+    from estimator.cost.census import tensors_work
 
     census = load_op_set("fused")
     _, nbytes, launches = tensors_work(census, "bfloat16", "optimizer", 300, 1e9)
@@ -106,7 +106,7 @@ def test_a_measured_kernel_uses_its_own_bandwidth_and_floor():
 def test_gpt_style_variants_change_the_kernels_they_should():
     """LayerNorm reads a bias too, GELU has one up projection, learned positions drop the rotary
     kernel, every projection's bias is read once (hooks for GPT-style pieces)."""
-    from estimator.census import compile_piece
+    from estimator.cost.census import compile_piece
 
     model = PRESETS["llama2-7b"]
     sym = model_symbols(model, 1) | {"rows": 1.0, "tokens": 512.0}

@@ -86,7 +86,7 @@ RATES = ("flops_per_s", "bytes_per_s", "busbw_bytes_per_s")
 
 def _optional_link_part(doc: Any, path: tuple) -> bool:
     """A collective entry's curve of one group size may go while another remains, and its curves
-    while it keeps a latency and bandwidth (estimator/links.py)."""
+    while it keeps a latency and bandwidth (estimator/profile/collectives.py)."""
     parent = doc
     for k in path[:-1]:
         parent = parent[k]

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from calibration.aten import decode, encode, record
 from calibration.kernels import LEVELS, PIECES, grid, measure, tp_widths
 from calibration.timing import torch_device
-from estimator.errors import ConfigError
-from estimator.models import PRESETS
+from estimator.base.errors import ConfigError
+from estimator.spec.models import PRESETS
 from tests.conftest import EXAMPLES
 
 SINGLE_FAMILIES = {"gemm", "attention", "elementwise", "norm", "rotary", "embedding", "softmax", "adam",

@@ -1,4 +1,4 @@
-"""The one loading path (estimator.loading) and the output-path rule (estimator.io): every
+"""The one loading path (estimator.base.loading) and the output-path rule (estimator.base.io): every
 input rule named in a ConfigError, no hang, no traceback; outputs never replace what is not a
 regular file."""
 
@@ -10,9 +10,9 @@ import struct
 
 import pytest
 
-from estimator.errors import ConfigError
-from estimator.io import atomic_write_json, atomic_write_text, check_output_path
-from estimator.loading import (
+from estimator.base.errors import ConfigError
+from estimator.base.io import atomic_write_json, atomic_write_text, check_output_path
+from estimator.base.loading import (
     MAX_DEPTH,
     MAX_YAML_ALIASES,
     load_json,

@@ -7,9 +7,7 @@ import re
 
 import pytest
 
-from estimator.cluster import DeviceMesh
-from estimator.cost import stage_params
-from estimator.memory import (
+from estimator.cost.memory import (
     GiB,
     activation_bytes_per_token_layer,
     call_bytes,
@@ -17,9 +15,11 @@ from estimator.memory import (
     home_calls,
     plan_memory,
 )
-from estimator.models import PRESETS
-from estimator.plan import Layout, Plan
-from estimator.workflow import WorkflowParams, remax
+from estimator.cost.pieces import stage_params
+from estimator.spec.cluster import DeviceMesh
+from estimator.spec.models import PRESETS
+from estimator.spec.plan import Layout, Plan
+from estimator.spec.workflow import WorkflowParams, remax
 from tests.conftest import tiny_experiment
 
 TINY = PRESETS["tiny-2l-128h"]

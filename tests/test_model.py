@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from estimator.cluster import DeviceMesh
-from estimator.errors import ConfigError
-from estimator.models import PRESETS, ModelSpec
-from estimator.plan import Layout
-from estimator.sharding import param_inventory, shard
+from estimator.base.errors import ConfigError
+from estimator.spec.cluster import DeviceMesh
+from estimator.spec.models import PRESETS, ModelSpec
+from estimator.spec.plan import Layout
+from estimator.spec.sharding import param_inventory, shard
 from executor import model as M
 from executor.hf import hf_config, load_hf, save_hf
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from estimator.errors import ConfigError
-from estimator.models import PRESETS, ModelSpec, from_hf_config, get_model
+from estimator.base.errors import ConfigError
+from estimator.spec.models import PRESETS, ModelSpec, from_hf_config, get_model
 from tests.conftest import ROOT
 
 PUBLISHED = {  # billions, from the Hugging Face model cards' parameter counts

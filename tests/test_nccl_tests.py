@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from estimator.errors import ConfigError
-from estimator.nccl_tests import import_nccl_tests, parse_nccl_tests, parse_text
-from estimator.profiles import load_profile, profile_from_dict
+from calibration.nccl_tests import import_nccl_tests, parse_nccl_tests, parse_text
+from estimator.base.errors import ConfigError
+from estimator.profile.profiles import load_profile, profile_from_dict
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "nccl-tests"
 

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from estimator.cluster import Cluster, DeviceMesh
-from estimator.errors import ConfigError
-from estimator.models import PRESETS, ModelSpec
-from estimator.plan import RECOMPUTE_CHOICES, Layout, Plan, enumerate_layouts, layout_problems, validate
-from estimator.workflow import Call, Workload
+from estimator.base.errors import ConfigError
+from estimator.spec.cluster import Cluster, DeviceMesh
+from estimator.spec.models import PRESETS, ModelSpec
+from estimator.spec.plan import RECOMPUTE_CHOICES, Layout, Plan, enumerate_layouts, layout_problems, validate
+from estimator.spec.workflow import Call, Workload
 from tests.conftest import tiny_experiment
 
 clusters = st.builds(Cluster, nodes=st.integers(1, 4), devices_per_node=st.sampled_from([1, 2, 4, 6, 8]),

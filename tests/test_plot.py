@@ -10,8 +10,8 @@ import pytest
 
 from analysis import plot
 from analysis.compare import compare_plan, join
-from estimator.errors import EXIT_INVALID
-from estimator.timeline import Span, Timeline
+from estimator.base.errors import EXIT_INVALID
+from estimator.spec.timeline import Span, Timeline
 from tests.test_compare import KINDS, measured, predicted
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from estimator.baselines import symmetric_plan
-from estimator.experiment import load_experiment
-from estimator.plan import validate
 from estimator.predict import main
-from estimator.profiles import load_profile
+from estimator.profile.profiles import load_profile
+from estimator.spec.experiment import load_experiment
+from estimator.spec.plan import validate
 from tests.conftest import EXAMPLES
 
 TINY = str(EXAMPLES / "ppo-tiny-2xcpu.yaml")

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from estimator.errors import ConfigError
-from estimator.profiles import (
+from estimator.base.errors import ConfigError
+from estimator.profile.profiles import (
     COLLECTIVES,
     PROFILE_DIR,
     Curve,

@@ -17,8 +17,8 @@ from analysis.vtrain import (
     row_experiment,
     vtrain_profile,
 )
-from estimator.errors import ConfigError
-from estimator.profiles import PROFILE_DIR, load_profile, profile_from_dict
+from estimator.base.errors import ConfigError
+from estimator.profile.profiles import PROFILE_DIR, load_profile, profile_from_dict
 from tests.conftest import ROOT
 
 HEADER = ",".join(COLUMNS)

@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from estimator.cluster import DeviceMesh
-from estimator.models import ModelSpec
-from estimator.plan import Layout
-from estimator.sharding import input_needs, output_holders, rows_plan, shard
-from estimator.workflow import Call, Workload
+from estimator.spec.cluster import DeviceMesh
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Layout
+from estimator.spec.sharding import input_needs, output_holders, rows_plan, shard
+from estimator.spec.workflow import Call, Workload
 from executor import model as M
 from executor.launch import launch
 from executor.realloc import DIRECT_MIN_BYTES, contiguous_in, gather_rows, move_rows, reallocate, route

@@ -12,12 +12,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from estimator.cluster import Cluster
 from estimator.describe import main as describe_main
-from estimator.models import PRESETS
-from estimator.plan import count_layouts, enumerate_layouts
 from estimator.predict import main as predict_main
-from estimator.workflow import WorkflowParams, build
+from estimator.spec.cluster import Cluster
+from estimator.spec.models import PRESETS
+from estimator.spec.plan import count_layouts, enumerate_layouts
+from estimator.spec.workflow import WorkflowParams, build
 from tests.conftest import EXAMPLES
 
 TINY = {
@@ -232,7 +232,7 @@ def test_an_over_long_profile_name_is_named_not_a_traceback(tmp_path, capsys):
 
 
 def test_profile_numbers_have_upper_bounds(tmp_path, capsys):
-    from estimator.profiles import PROFILE_DIR
+    from estimator.profile.profiles import PROFILE_DIR
 
     prof = json.loads((PROFILE_DIR / "cpu.json").read_text())
     prof["compute"]["launch"]["overhead_s"] = 2**70

@@ -90,7 +90,7 @@ def test_non_finite_hyperparams_and_bad_profiles_are_refused(tmp_path, capsys, n
 
 
 def test_garbage_safetensors_beside_a_config(tmp_path, capsys, no_launch):
-    from estimator.models import PRESETS
+    from estimator.spec.models import PRESETS
     from executor.hf import hf_config
 
     (tmp_path / "ckpt").mkdir()

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from estimator.experiment import load_experiment
-from estimator.timeline import Timeline
+from estimator.spec.experiment import load_experiment
+from estimator.spec.timeline import Timeline
 from executor.run import main, table
 from tests.conftest import EXAMPLES, ROOT
 
@@ -54,7 +54,7 @@ def test_bad_flags_exit_2(flags, message, capsys):
 
 def test_a_checkpoint_that_does_not_fit_exits_2_before_starting(tmp_path, capsys, monkeypatch):
     import executor.launch as launch_mod
-    from estimator.models import PRESETS
+    from estimator.spec.models import PRESETS
     from executor import model as M
     from executor.hf import save_hf
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from estimator.cluster import DeviceMesh
-from estimator.experiment import Experiment, load_experiment
-from estimator.models import PRESETS
-from estimator.plan import Layout, Plan, check
-from estimator.schedule import BACKWARD, FORWARD, schedule_1f1b
-from estimator.sharding import shard
+from estimator.spec.cluster import DeviceMesh
+from estimator.spec.experiment import Experiment, load_experiment
+from estimator.spec.models import PRESETS
+from estimator.spec.plan import Layout, Plan, check
+from estimator.spec.schedule import BACKWARD, FORWARD, schedule_1f1b
+from estimator.spec.sharding import shard
 from executor.dataflow import Mailbox, message_schedule
 from executor.launch import WorkerFailed, launch
 from executor.runtime import RunOptions, RunResult, home_layouts, initial_params, merge, role_seed, run_rank
@@ -372,7 +372,7 @@ def test_gpt_style_models_train_the_same_under_tp_pp_dp_and_reallocation():
     ones added once after the all-reduce —, tied head) and GPT-NeoX style (parallel residual,
     partial rotary): one PPO iteration under a single device and under a plan that gives each
     call its own tp / pp / dp layout (so parameters are reallocated), against the textbook loop."""
-    from estimator.workflow import VALUE_ROLES
+    from estimator.spec.workflow import VALUE_ROLES
     from executor.reference import run_ppo
 
     runs = []

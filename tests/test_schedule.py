@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-import estimator.simulator
+import estimator.sim.simulator
 import executor.engine
-from estimator.schedule import BACKWARD, DECODE, FORWARD, PREFILL, generation_rounds, schedule_1f1b
+from estimator.spec.schedule import BACKWARD, DECODE, FORWARD, PREFILL, generation_rounds, schedule_1f1b
 
 SHAPES = [(p, m) for p in (1, 2, 3, 4, 8) for m in (1, 2, 3, 5, 8, 16)]
 
@@ -59,5 +59,5 @@ def test_generation_rounds_prefill_then_one_decode_round_per_token():
 
 
 def test_simulator_and_executor_call_the_same_schedule():
-    assert estimator.simulator.schedule_1f1b is executor.engine.schedule_1f1b is schedule_1f1b
-    assert estimator.simulator.generation_rounds is executor.engine.generation_rounds is generation_rounds
+    assert estimator.sim.simulator.schedule_1f1b is executor.engine.schedule_1f1b is schedule_1f1b
+    assert estimator.sim.simulator.generation_rounds is executor.engine.generation_rounds is generation_rounds

@@ -7,12 +7,12 @@ import dataclasses
 
 import pytest
 
-from estimator.cluster import Cluster
-from estimator.evaluator import Evaluator
-from estimator.experiment import load_experiment
-from estimator.memory import plan_memory
-from estimator.plan import Plan, check, enumerate_layouts
-from estimator.profiles import load_profile
+from estimator.cost.memory import plan_memory
+from estimator.profile.profiles import load_profile
+from estimator.sim.evaluator import Evaluator
+from estimator.spec.cluster import Cluster
+from estimator.spec.experiment import load_experiment
+from estimator.spec.plan import Plan, check, enumerate_layouts
 from search import run_search
 from search.anneal import RECOMPUTE_P, Chain, split_evals
 from search.exact import EXACT_MAX_PLANS

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
+from estimator.base.errors import ConfigError
 from estimator.baselines import symmetric_plan
-from estimator.errors import ConfigError
-from estimator.experiment import load_experiment
-from estimator.memory import plan_memory
-from estimator.plan import Plan, check
-from estimator.profiles import load_profile
+from estimator.cost.memory import plan_memory
+from estimator.profile.profiles import load_profile
+from estimator.spec.experiment import load_experiment
+from estimator.spec.plan import Plan, check
 from search.baselines import BASELINES, build, main
 from tests.conftest import EXAMPLES, tiny_experiment
 from tests.synthetic import linear_profile, linear_profile_dict

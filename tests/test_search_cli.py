@@ -7,8 +7,8 @@ import json
 import pytest
 
 import search.__main__ as cli
-from estimator.experiment import load_experiment
-from estimator.plan import Plan, check
+from estimator.spec.experiment import load_experiment
+from estimator.spec.plan import Plan, check
 from tests.conftest import EXAMPLES
 
 TINY = str(EXAMPLES / "ppo-tiny-2xcpu.yaml")

@@ -7,13 +7,13 @@ import math
 
 import pytest
 
-from estimator.cluster import Cluster
-from estimator.errors import ConfigError
-from estimator.evaluator import Evaluator
-from estimator.experiment import load_experiment
-from estimator.memory import plan_memory
-from estimator.plan import Plan, enumerate_layouts
-from estimator.profiles import load_profile
+from estimator.base.errors import ConfigError
+from estimator.cost.memory import plan_memory
+from estimator.profile.profiles import load_profile
+from estimator.sim.evaluator import Evaluator
+from estimator.spec.cluster import Cluster
+from estimator.spec.experiment import load_experiment
+from estimator.spec.plan import Plan, enumerate_layouts
 from search.space import build_space
 from tests.conftest import EXAMPLES, tiny_experiment
 from tests.synthetic import linear_profile

@@ -9,10 +9,10 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from estimator.cluster import DeviceMesh
-from estimator.models import ModelSpec
-from estimator.plan import Layout
-from estimator.sharding import (
+from estimator.spec.cluster import DeviceMesh
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Layout
+from estimator.spec.sharding import (
     box_numel,
     dp_rows,
     group_by_pair,
@@ -25,7 +25,7 @@ from estimator.sharding import (
     rows_plan,
     shard,
 )
-from estimator.workflow import Call, Workload
+from estimator.spec.workflow import Call, Workload
 
 WORLD = 8  # devices the random layouts draw from
 

@@ -9,15 +9,15 @@ import os
 import pytest
 
 from estimator.baselines import symmetric_plan
-from estimator.cost import StageTime
-from estimator.experiment import load_experiment
-from estimator.lowering import DecodeChunk
-from estimator.plan import Plan
-from estimator.profiles import load_profile
-from estimator.roofline import roofline_s
-from estimator.simulator import simulate
-from estimator.transfers import group_ports
-from estimator.workflow import Call
+from estimator.cost.lowering import DecodeChunk
+from estimator.cost.pieces import StageTime
+from estimator.cost.roofline import roofline_s
+from estimator.cost.transfers import group_ports
+from estimator.profile.profiles import load_profile
+from estimator.sim.simulator import simulate
+from estimator.spec.experiment import load_experiment
+from estimator.spec.plan import Plan
+from estimator.spec.workflow import Call
 from tests.conftest import EXAMPLES, ROOT
 from tests.synthetic import StubCosts, call_cost, lay, linear_profile, plan_of, workload, world
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from estimator.errors import ConfigError
-from estimator.timeline import Span, Timeline
+from estimator.base.errors import ConfigError
+from estimator.spec.timeline import Span, Timeline
 
 
 def _timeline():

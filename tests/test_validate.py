@@ -12,13 +12,13 @@ import pytest
 
 from analysis import validate
 from analysis.sampler import KINDS, plan_kinds, sample_plans
-from estimator.errors import EXIT_INVALID
-from estimator.experiment import load_experiment
-from estimator.memory import plan_memory
-from estimator.plan import Plan
-from estimator.plan import validate as plan_problems
-from estimator.profiles import load_profile
-from estimator.timeline import Timeline
+from estimator.base.errors import EXIT_INVALID
+from estimator.cost.memory import plan_memory
+from estimator.profile.profiles import load_profile
+from estimator.spec.experiment import load_experiment
+from estimator.spec.plan import Plan
+from estimator.spec.plan import validate as plan_problems
+from estimator.spec.timeline import Timeline
 from tests.conftest import EXAMPLES, ROOT
 
 STRETCH = 1.25  # measured = 1.25 × predicted: every absolute error is 0.25 / 1.25 = 20 %
@@ -176,7 +176,7 @@ def test_baselines_and_the_searched_best_come_first_then_the_sample(ppo_tiny):
 
 
 def test_a_baseline_that_does_not_apply_is_named_with_its_reason():
-    from estimator.experiment import load_experiment
+    from estimator.spec.experiment import load_experiment
 
     dpo = load_experiment(EXAMPLES / "dpo-tiny-2xcpu.yaml")
     cands, notes = validate.choose(dpo, load_profile("cpu"), 6, 0, 200)

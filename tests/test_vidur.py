@@ -8,10 +8,10 @@ import json
 
 import pytest
 
+from calibration import pipeline as calibrate
 from calibration import vidur
-from estimator import calibrate
-from estimator.errors import cli_guard
-from estimator.profiles import PROFILE_DIR, load_profile
+from estimator.base.errors import cli_guard
+from estimator.profile.profiles import PROFILE_DIR, load_profile
 from tests.conftest import ROOT
 
 TABLES = ROOT / "calibration" / "vidur"

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from analysis import whatif
+from estimator.base.errors import EXIT_INVALID, ConfigError
 from estimator.baselines import symmetric_plan
-from estimator.errors import EXIT_INVALID, ConfigError
-from estimator.experiment import load_experiment
-from estimator.profiles import load_profile
-from estimator.simulator import simulate
+from estimator.profile.profiles import load_profile
+from estimator.sim.simulator import simulate
+from estimator.spec.experiment import load_experiment
 from tests.conftest import EXAMPLES
 
 EXP = EXAMPLES / "ppo-llama2-7b-8xh100.yaml"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from estimator.errors import ConfigError
-from estimator.workflow import Call, CallInstance, Workflow, WorkflowParams, Workload, build
+from estimator.base.errors import ConfigError
+from estimator.spec.workflow import Call, CallInstance, Workflow, WorkflowParams, Workload, build
 
 P = WorkflowParams(batch_size=16, prompt_len=8, gen_len=4, ppo_minibatches=2, group_size=4)
 

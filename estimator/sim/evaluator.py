@@ -2,7 +2,7 @@
 
 Screens many plans a second for the search; the simulator re-ranks the best (DESIGN §4.8).
 Each call's duration on its layout comes from a closed form of its lowered stage costs
-(:mod:`estimator.lowering`), cached per (call, layout):
+(:mod:`estimator.cost.lowering`), cached per (call, layout):
 
 - inference, ``m`` micro-batches through ``p`` stages with forward ``f_k`` and send ``s_k``:
   ``Σ f_k + Σ s_k + (m − 1)·max f_k``;
@@ -14,7 +14,7 @@ Each call's duration on its layout comes from a closed form of its lowered stage
 
 Reallocation and data transfers cost what they cost on idle links (cached per pair of
 layouts). Call instances of ``K`` iterations are then scheduled in (iteration, topological)
-order exactly as the simulator orders them (:mod:`estimator.instances`): a call starts when
+order exactly as the simulator orders them (:mod:`estimator.sim.instances`): a call starts when
 every device it occupies is free — its mesh, and its home's when it reallocates — and its
 weights are ready, reallocates (freeing the home's devices), waits for its inputs, runs. The
 steady-state period is ``(end of iteration K − end of iteration 1)/(K − 1)``. What the
@@ -29,13 +29,13 @@ from operator import add
 
 import numpy as np
 
-from estimator import contention
-from estimator.experiment import Experiment
-from estimator.instances import instance_graph
-from estimator.lowering import CallCost, Costs
-from estimator.memory import call_bytes, home_bytes
-from estimator.plan import Layout, Plan
-from estimator.profiles import Profile
+from estimator.cost.lowering import CallCost, Costs
+from estimator.cost.memory import call_bytes, home_bytes
+from estimator.profile.profiles import Profile
+from estimator.sim import hostshare
+from estimator.sim.instances import instance_graph
+from estimator.spec.experiment import Experiment
+from estimator.spec.plan import Layout, Plan
 
 
 def inference_s(cc: CallCost) -> float:
@@ -198,13 +198,13 @@ class Evaluator:
             return self.duration_s(c, lid)
         v = self._weighted[c].get((lid, weight))
         if v is None:
-            cc = contention.call_cost(self.costs, self.names[c], self._layouts[lid], weight)
+            cc = hostshare.call_cost(self.costs, self.names[c], self._layouts[lid], weight)
             v = self._weighted[c][(lid, weight)] = call_s(cc)
         return v
 
     def call_weights(self, plan: Plan) -> dict[str, float]:
         """Per call: how busy its host is while it computes, 0 (alone) … 1 (every device busy),
-        the fixed point of :mod:`estimator.contention`; every call 1 when the profile says
+        the fixed point of :mod:`estimator.sim.hostshare`; every call 1 when the profile says
         nothing about sharing a host."""
         return dict(zip(self.names, self._weights(self._lids(plan))))
 
@@ -214,9 +214,9 @@ class Evaluator:
             return weights
         spans = [self._span[lid] for lid in lids]
         steady = list(range(1, self.iterations)) or [0]
-        for _ in range(contention.ROUNDS):
+        for _ in range(hostshare.ROUNDS):
             windows = self._schedule(lids, weights)[3]
-            weights = [contention.rounded(w) for w in contention.busy_weights(
+            weights = [hostshare.rounded(w) for w in hostshare.busy_weights(
                 spans, windows, self.experiment.cluster.devices_per_node, self.num_devices, self.host.weight, steady)]
         return weights
 
@@ -323,7 +323,7 @@ class Evaluator:
         """Ends of every iteration, starts/ends of the last iteration's calls, and every
         iteration's compute windows per call. A device is free when the last call that occupies
         it ends, or has reallocated where only that call's home occupies it (calls run in
-        instance order; see :mod:`estimator.instances`). ``weights``: each call's host weight
+        instance order; see :mod:`estimator.sim.instances`). ``weights``: each call's host weight
         (:meth:`call_weights`); None charges every call as profiled."""
         n, version, place, span = self.n, self.version_preds, self._place_of, self._span
         dur, realloc, data = self._inputs(lids, weights)

@@ -4,20 +4,20 @@ On a CPU the executor runs one single-threaded process per simulated device, and
 host those processes share more than cores (memory bandwidth, caches, on a virtual machine the
 physical cores behind its vCPUs): an op takes longer while the other devices of its host
 compute too. A profile that measured this carries a ``host`` section
-(:class:`estimator.profiles.HostSharing`): its compute figures hold with every device of the
+(:class:`estimator.profile.profiles.HostSharing`): its compute figures hold with every device of the
 host busy, and ``host.alone`` says how much faster each cost term is with the device alone.
 
 A call's cost is then a blend of its cost lowered on the profile (every device busy) and on
-:meth:`~estimator.profiles.Profile.alone` (its host-mates idle), weighted by how busy the host
+:meth:`~estimator.profile.profiles.Profile.alone` (its host-mates idle), weighted by how busy the host
 is while it computes: ``k`` = the call's own devices on the host plus, for every other device of
 the host, the fraction of the call's compute window that device spends computing for other
-calls; the weight is :meth:`~estimator.profiles.HostSharing.weight` of ``k`` (0 alone, 1 every
+calls; the weight is :meth:`~estimator.profile.profiles.HostSharing.weight` of ``k`` (0 alone, 1 every
 device busy), the largest over the hosts the call spans, since its stages run in lock step.
 
 How busy the host-mates are depends on the schedule, and the schedule on the costs, so the
 weights are a fixed point: schedule with every call at weight 1 (the profile as measured), read
 each call's weight off that schedule, schedule again with them, and repeat :data:`ROUNDS` times.
-The fast evaluator does this (:meth:`estimator.evaluator.Evaluator.call_weights`) and the
+The fast evaluator does this (:meth:`estimator.sim.evaluator.Evaluator.call_weights`) and the
 simulator runs with the evaluator's weights, so both charge the same blended costs.
 """
 
@@ -26,8 +26,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from estimator.lowering import CallCost, Costs, DecodeChunk, StageCost, StageTime
-from estimator.plan import Layout
+from estimator.cost.lowering import CallCost, Costs, DecodeChunk, StageCost, StageTime
+from estimator.spec.plan import Layout
 
 ROUNDS = 2  # schedule → weights rounds after the first schedule at weight 1
 WEIGHT_STEP = 1e-3  # weights are rounded to this, so blended costs cache well
@@ -68,7 +68,7 @@ def blend(alone: CallCost, shared: CallCost, weight: float) -> CallCost:
 
 def call_cost(costs: Costs, call: str, layout: Layout, weight: float = 1.0) -> CallCost:
     """``call`` lowered on ``layout`` with its host ``weight`` busy: :func:`blend` of the
-    profile's and the alone profile's lowering (:attr:`estimator.lowering.Costs.alone`)."""
+    profile's and the alone profile's lowering (:attr:`estimator.cost.lowering.Costs.alone`)."""
     shared = costs.call(call, layout)
     if weight >= 1.0 or costs.alone is costs:
         return shared
@@ -100,7 +100,7 @@ def busy_weights(spans: Sequence[tuple[int, int]], windows: Sequence[Sequence[Wi
 
     ``spans[c]`` is call ``c``'s devices as a half-open range, ``windows[i][c]`` its compute
     window in iteration ``i``, ``weight_of(k)`` maps a busy-device count to a weight
-    (:meth:`~estimator.profiles.HostSharing.weight`)."""
+    (:meth:`~estimator.profile.profiles.HostSharing.weight`)."""
     n = len(spans)
     busy: list[list[Window]] = [[] for _ in range(num_devices)]
     for per_call in windows:

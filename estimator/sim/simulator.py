@@ -1,11 +1,11 @@
 """Discrete-event simulation of a plan (simpy): devices compute, links carry, iterations overlap.
 
-Lowering (:mod:`estimator.lowering`) turns each call under its layout into per-stage tasks.
+Lowering (:mod:`estimator.cost.lowering`) turns each call under its layout into per-stage tasks.
 Here every call instance of ``K`` unrolled iterations is a simpy process that
 
 1. waits for its devices (each device runs its calls in (iteration, topological) order; an
    instance that reallocates also needs its home's devices, which are free again once it has
-   reallocated: :func:`estimator.instances.device_preds`) and for the weights it needs (its
+   reallocated: :func:`estimator.sim.instances.device_preds`) and for the weights it needs (its
    role's train call of the previous iteration: version edges);
 2. reallocates its role's parameters from their home layout when it runs elsewhere
    (point-to-point messages, one per (sender, receiver) pair, on the links they use);
@@ -20,7 +20,7 @@ are recorded on the stage's first device. Devices are claimed call by call in a 
 (step 1) rather than through a ``simpy.Resource`` queue, so whichever call becomes ready first
 cannot overtake an earlier one on a shared device: the order is each device's program, the same
 one the fast evaluator schedules. Links are the device ports of
-:class:`estimator.transfers.LinkBook`, shared first come, first served: concurrent messages on
+:class:`estimator.cost.transfers.LinkBook`, shared first come, first served: concurrent messages on
 one port queue behind each other. Tensor-parallel collectives hold the NVLink ports of their
 stage for their total time at the end of each task (see :meth:`Simulation._tp_comm`).
 
@@ -38,16 +38,16 @@ from typing import Any
 
 import simpy
 
-from estimator import contention
-from estimator.evaluator import Evaluator
-from estimator.experiment import Experiment
-from estimator.instances import device_preds, instance_graph
-from estimator.lowering import CallCost, Costs, StageCost
-from estimator.plan import Plan
-from estimator.profiles import Profile
-from estimator.schedule import FORWARD, generation_rounds, schedule_1f1b
-from estimator.timeline import Span, Timeline
-from estimator.transfers import LinkBook, local_copy_s
+from estimator.cost.lowering import CallCost, Costs, StageCost
+from estimator.cost.transfers import LinkBook, local_copy_s
+from estimator.profile.profiles import Profile
+from estimator.sim import hostshare
+from estimator.sim.evaluator import Evaluator
+from estimator.sim.instances import device_preds, instance_graph
+from estimator.spec.experiment import Experiment
+from estimator.spec.plan import Plan
+from estimator.spec.schedule import FORWARD, generation_rounds, schedule_1f1b
+from estimator.spec.timeline import Span, Timeline
 
 SpanRow = tuple[float, float, int, int, str, str, int, int, str]  # Span's fields, in order
 
@@ -147,7 +147,7 @@ class Simulation:
                  env: simpy.Environment | None = None, weights: dict[str, float] | None = None):
         self.experiment, self.plan, self.profile = experiment, plan, profile
         self.costs = costs if costs is not None else Costs(experiment, profile)
-        # host sharing: each call's host weight (estimator.contention), the fast evaluator's
+        # host sharing: each call's host weight (estimator.sim.hostshare), the fast evaluator's
         # fixed point unless given; every call as profiled when the profile says nothing of it
         self.weights = weights if weights is not None else _host_weights(experiment, plan, profile, iterations,
                                                                           self.costs)
@@ -189,7 +189,7 @@ class Simulation:
         yield from self._after(self.dev_preds.ended[i] + self.graph.version_preds[i])
         yield from self._after(self.dev_preds.reallocated[i], self.reallocated)
         start = env.now
-        cc = contention.call_cost(self.costs, node.call, self.plan[node.call], self.weights.get(node.call, 1.0))
+        cc = hostshare.call_cost(self.costs, node.call, self.plan[node.call], self.weights.get(node.call, 1.0))
         yield from self._realloc(node.iteration, cc)
         realloc_end = env.now
         self.reallocated[i].succeed()

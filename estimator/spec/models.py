@@ -29,9 +29,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from estimator import rules
-from estimator.errors import ConfigError
-from estimator.loading import is_dir, load_json
+from estimator.base import rules
+from estimator.base.errors import ConfigError
+from estimator.base.loading import is_dir, load_json
 
 HEAD_KINDS = ("lm", "value")
 OPT_POSITION_OFFSET = 2  # OPT's learned position table has 2 rows before position 0

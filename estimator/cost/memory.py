@@ -40,11 +40,11 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from estimator.cost import BF16, FP32, stage_params
-from estimator.experiment import Experiment
-from estimator.models import ModelSpec
-from estimator.plan import Layout, Plan
-from estimator.workflow import Call, Workflow
+from estimator.cost.pieces import BF16, FP32, stage_params
+from estimator.spec.experiment import Experiment
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Layout, Plan
+from estimator.spec.workflow import Call, Workflow
 
 GiB = float(1 << 30)
 MLP_ACTIVATION_BYTES = {"swiglu": 8, "gelu": 4, "relu": 2}  # saved MLP bytes per token and unit of ffn

@@ -14,7 +14,7 @@ biases, GPT-2, OPT, GPT-NeoX), named ``block_<phase>[@tp]<variant>``; the embedd
 
 :func:`piece_work` evaluates one piece at concrete symbols (numpy arrays allowed, so decode
 steps over a growing KV length evaluate in one call) into per-op arrays of FLOPs, bytes and
-launches, which :meth:`estimator.profiles.Profile.ops_s_many` turns into seconds op by op.
+launches, which :meth:`estimator.profile.profiles.Profile.ops_s_many` turns into seconds op by op.
 FLOPs are torch's ``FlopCounterMode`` formulas (``2·m·n·k`` per product; attention's full
 ``4·b·heads·q·k·d`` square, causal or not, as the counter counts it and the CPU math kernel
 computes it).
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from estimator.errors import ConfigError
-from estimator.models import ModelSpec
+from estimator.base.errors import ConfigError
+from estimator.spec.models import ModelSpec
 
 CENSUS_FORMAT = "rlhf-plan/census-v1"
-CENSUS_PATH = Path(__file__).resolve().parent.parent / "calibration" / "census" / "executor.json"
+CENSUS_PATH = Path(__file__).resolve().parents[2] / "calibration" / "census" / "executor.json"
 # op set → census document: the eager executor's aten ops, or what a fused GPU stack (Megatron /
 # vLLM kernels, written from formulas by ``python -m calibration.fused``) dispatches per piece
 OP_SET_PATHS = {"executor": CENSUS_PATH, "fused": CENSUS_PATH.with_name("fused.json")}

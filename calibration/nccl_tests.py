@@ -34,9 +34,9 @@ from typing import Any
 
 import pandas as pd
 
-from estimator.errors import ConfigError
-from estimator.links import fit_time_curve, merge_entry
-from estimator.profiles import PROFILE_FORMAT, profile_from_dict
+from estimator.base.errors import ConfigError
+from estimator.profile.collectives import fit_time_curve, merge_entry
+from estimator.profile.profiles import PROFILE_FORMAT, profile_from_dict
 
 # nccl-tests binary → collective kind of the profile
 BINARIES = {"all_reduce": "all_reduce", "all_gather": "all_gather", "broadcast": "broadcast",
@@ -278,7 +278,7 @@ def import_nccl_tests(files: list[str | Path], base: dict, name: str) -> dict:
         curves = {group: fit_time_curve(g.size_bytes.to_numpy(), g.time_s.to_numpy())
                   for group, g in part.groupby("group")}
         measured = f"nccl-tests output {', '.join(srcs)} ({'in' if IN_PLACE[kind] else 'out-of'}-place times, " \
-                   "pooled by median and fitted monotone by estimator.links.fit_time_curve)"
+                   "pooled by median and fitted monotone by estimator.profile.collectives.fit_time_curve)"
         out["links"][cls][kind] = merge_entry(out["links"][cls][kind], curves, {"cite": measured})
     profile_from_dict(out, where=f"profile {name!r} imported from nccl-tests")  # checks the result
     return out

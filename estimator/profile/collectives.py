@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from estimator.errors import ConfigError
-from estimator.rules import MAX_LATENCY_S
+from estimator.base.errors import ConfigError
+from estimator.base.rules import MAX_LATENCY_S
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "p2p", "broadcast")
 LINK_CLASSES = ("intra", "inter")  # inside a node (NVLink) / between nodes (NIC)

@@ -4,7 +4,7 @@
 ``--timeline``, plans, profiles, tables); CLIs call it on each output path *before* a run or
 search starts, so a bad path costs nothing and never loses results::
 
-    from estimator.io import atomic_write_json, check_output_path
+    from estimator.base.io import atomic_write_json, check_output_path
     out = check_output_path(args.trace, "--trace")      # ConfigError if it cannot be written
     ...                                                 # the long run
     atomic_write_json(out, trace)
@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from estimator.errors import ConfigError
+from estimator.base.errors import ConfigError
 
 
 def check_output_path(path: str | Path | None, what: str = "output file") -> Path:

@@ -28,12 +28,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from estimator import rules
-from estimator.cluster import Cluster
-from estimator.errors import ConfigError
-from estimator.loading import check_input_path, load_yaml
-from estimator.models import ModelSpec, checkpoint_dir, get_model
-from estimator.workflow import ALGORITHMS, ROLES, VALUE_ROLES, Workflow, WorkflowParams, build
+from estimator.base import rules
+from estimator.base.errors import ConfigError
+from estimator.base.loading import check_input_path, load_yaml
+from estimator.spec.cluster import Cluster
+from estimator.spec.models import ModelSpec, checkpoint_dir, get_model
+from estimator.spec.workflow import ALGORITHMS, ROLES, VALUE_ROLES, Workflow, WorkflowParams, build
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _unknown_key(where: str, key: str, allowed: tuple[str, ...] | list[str]) -> 
     return ConfigError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
 
 
-# key → upper bound (estimator/rules.py says why each is above any real run)
+# key → upper bound (estimator/base/rules.py says why each is above any real run)
 _INT_LIMITS = {"batch_size": rules.MAX_BATCH, "prompt_len": rules.MAX_SEQ_TOKENS, "gen_len": rules.MAX_SEQ_TOKENS,
                "ppo_minibatches": rules.MAX_BATCH, "group_size": rules.MAX_GROUP, "cluster.nodes": rules.MAX_DEVICES,
                "cluster.devices_per_node": rules.MAX_DEVICES_PER_NODE}
@@ -188,7 +188,7 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
         raise ConfigError(f"{where}: cluster.device={device!r} must be a profile name or a path to a profile .json")
     if device.endswith(".json") or "/" in device:
         # relative to the experiment file; the profile itself is loaded and checked by
-        # estimator.profiles.load_profile, which every command naming one calls
+        # estimator.profile.profiles.load_profile, which every command naming one calls
         path = Path(device) if base_dir is None or Path(device).is_absolute() else base_dir / device
         device = str(path)
 

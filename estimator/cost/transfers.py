@@ -2,9 +2,9 @@
 
 Parameter reallocation and call outputs move as point-to-point messages, one per (sender,
 receiver) pair. :func:`realloc_bytes` is an aggregated, exact equivalent of
-:func:`estimator.sharding.realloc_plan` — it sums bytes per pair per (pipeline stage,
+:func:`estimator.spec.sharding.realloc_plan` — it sums bytes per pair per (pipeline stage,
 tensor-parallel slice) instead of per parameter, so it stays fast for 70B models on 128
-devices — and :func:`data_bytes` sums :func:`estimator.sharding.rows_plan` per pair.
+devices — and :func:`data_bytes` sums :func:`estimator.spec.sharding.rows_plan` per pair.
 
 Links. Every device has four ports: NVLink out and in (to devices of its node, through the
 switch) and NIC out and in (to other nodes; one NIC per device). A message from ``s`` to ``d``
@@ -23,12 +23,12 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 
-from estimator.cost import BF16, FP32, INT64, layer_split_params
-from estimator.models import ModelSpec
-from estimator.plan import Layout
-from estimator.profiles import Profile
-from estimator.sharding import data_needs, output_holders, pick_sender, rows_plan
-from estimator.workflow import Call
+from estimator.cost.pieces import BF16, FP32, INT64, layer_split_params
+from estimator.profile.profiles import Profile
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Layout
+from estimator.spec.sharding import data_needs, output_holders, pick_sender, rows_plan
+from estimator.spec.workflow import Call
 
 Pair = tuple[int, int]  # (sender, receiver) global device ids
 NVL_OUT, NVL_IN, NIC_OUT, NIC_IN = range(4)
@@ -43,7 +43,7 @@ def realloc_bytes(model: ModelSpec, src: Layout, dst: Layout, devices_per_node: 
                   elem_bytes: int = BF16) -> dict[Pair, int]:
     """Bytes (``elem_bytes`` per parameter, bf16 by default) each (sender, receiver) pair moves
     when ``model`` goes from ``src`` to ``dst``; pairs with ``sender == receiver`` are local copies. Equal to summing
-    :func:`~estimator.sharding.realloc_plan` per pair, including its choice of sender among the
+    :func:`~estimator.spec.sharding.realloc_plan` per pair, including its choice of sender among the
     replicas that hold a slice (data-parallel ranks; every tensor-parallel rank for replicated
     parameters; both ends of a pipeline for tied embeddings)."""
     h, L = model.hidden, model.layers

@@ -17,9 +17,9 @@ each input rule holds for all of them at once:
   JSON's scanner bounds its own recursion);
 - the top-level type is the one the caller expects (``expect=dict`` for documents).
 
-Every failure is a :class:`~estimator.errors.ConfigError` naming the file and the rule::
+Every failure is a :class:`~estimator.base.errors.ConfigError` naming the file and the rule::
 
-    from estimator.loading import load_json, load_yaml, read_text
+    from estimator.base.loading import load_json, load_yaml, read_text
     raw = load_yaml("examples/ppo-tiny-2xcpu.yaml", "experiment")          # a dict
     plan = load_json("plan.json", "plan", expect=dict)
     lines = read_text("prompts.jsonl", "prompts file", max_bytes=1 << 30).splitlines()
@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from estimator.errors import ConfigError
+from estimator.base.errors import ConfigError
 
 MAX_DOC_BYTES = 16 << 20  # experiment, plan, profile, model config: real ones are a few KiB
 MAX_DATA_BYTES = 4 << 30  # prompt files, timelines, tables

@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from estimator import rules
-from estimator.errors import ConfigError
+from estimator.base import rules
+from estimator.base.errors import ConfigError
 
 
 def is_power_of_two(n: int) -> bool:

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from estimator.errors import ConfigError
-from estimator.io import atomic_write_json
-from estimator.loading import MAX_DATA_BYTES, load_json
+from estimator.base.errors import ConfigError
+from estimator.base.io import atomic_write_json
+from estimator.base.loading import MAX_DATA_BYTES, load_json
 
 TIMELINE_FORMAT = "rlhf-plan/timeline-v1"
 

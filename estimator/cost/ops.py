@@ -11,8 +11,8 @@ square).
 
 from __future__ import annotations
 
-from estimator.models import ModelSpec
-from estimator.workflow import Call
+from estimator.spec.models import ModelSpec
+from estimator.spec.workflow import Call
 
 # Model FLOPs for MFU (PaLM Appendix B convention): backward = 2 × forward (gradients w.r.t.
 # inputs and weights). The cost model does not use it: it charges the census's backward.

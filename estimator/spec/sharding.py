@@ -27,9 +27,9 @@ import bisect
 from collections import defaultdict
 from dataclasses import dataclass
 
-from estimator.models import ModelSpec
-from estimator.plan import Layout
-from estimator.workflow import Call
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Layout
+from estimator.spec.workflow import Call
 
 Box = tuple[tuple[int, int], ...]  # per dimension [start, stop)
 Range = tuple[int, int]  # [start, stop)

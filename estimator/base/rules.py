@@ -21,7 +21,7 @@ MAX_TIMEOUT_S         86,400       a collective timeout of a day
 
 Usage::
 
-    from estimator.rules import integer, real
+    from estimator.base.rules import integer, real
     nodes = integer("experiment x.yaml: cluster.nodes", nodes, hi=MAX_DEVICES)
     lr = real("hyperparams.lr", lr, positive=True, hi=1.0)
 """
@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from estimator.errors import ConfigError
+from estimator.base.errors import ConfigError
 
 MAX_DEVICES = 1 << 16
 MAX_DEVICES_PER_NODE = 128

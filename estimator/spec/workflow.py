@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from estimator.errors import ConfigError
+from estimator.base.errors import ConfigError
 
 CALL_KINDS = ("generate", "inference", "train")
 ALGORITHMS = ("ppo", "grpo", "dpo", "remax", "sft", "rw")

@@ -34,7 +34,7 @@ Efficiency curves map an op's size (FLOPs or bytes) to the fraction of peak it r
 are looked up by interpolation in log(size) between points (or as steps, Calculon-style) and
 held flat beyond the first and last point.
 
-Links (``estimator/links.py`` has the whole rule): each collective kind on each link class
+Links (``estimator/profile/collectives.py`` has the whole rule): each collective kind on each link class
 holds measured time curves per group size — interpolated in log(size)–log(time), held at the
 smallest size's time below it, extended at the last segment's bandwidth beyond the largest,
 and served to a group size not measured from the nearest measured one scaled by the bus
@@ -61,18 +61,18 @@ from typing import Any
 
 import numpy as np
 
-from estimator.errors import ConfigError
-from estimator.io import atomic_write_json
-from estimator.links import COLLECTIVES, LINK_CLASSES, LinkCost, bus_factor, number, parse_links
-from estimator.loading import is_file, load_json
-from estimator.rules import MAX_LATENCY_S
+from estimator.base.errors import ConfigError
+from estimator.base.io import atomic_write_json
+from estimator.base.loading import is_file, load_json
+from estimator.base.rules import MAX_LATENCY_S
+from estimator.profile.collectives import COLLECTIVES, LINK_CLASSES, LinkCost, bus_factor, number, parse_links
 
 __all__ = ["COLLECTIVES", "FORMATS", "LINK_CLASSES", "PROFILE_DIR", "PROFILE_FORMAT", "Curve", "LinkCost",
            "Profile", "bus_factor", "known_profiles", "load_profile", "profile_from_dict"]
 
 PROFILE_FORMAT = "rlhf-plan/profile-v2"  # what new files are written in
 FORMATS = ("rlhf-plan/profile-v1", PROFILE_FORMAT)  # what loads; v1 has no collective curves
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "calibration" / "profiles"
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "calibration" / "profiles"
 SOURCES = ("measured", "datasheet")
 INTERPOLATIONS = ("log-linear", "step")
 COMPOSE_MODES = ("serial", "overlap")
@@ -80,7 +80,7 @@ RUN_DTYPES = ("bfloat16", "float32")  # the dtypes the op census records
 DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 DISPATCH_MODES = ("nograd", "grad", "backward")
 DISPATCH_KEYS = ("grad_overhead_s", "backward_overhead_s")  # optional in compute.launch
-OP_SETS = ("executor", "fused")  # the op censuses a profile can charge (estimator.census.OP_SET_PATHS)
+OP_SETS = ("executor", "fused")  # the op censuses a profile can charge (estimator.cost.census.OP_SET_PATHS)
 ALONE_TERMS = ("flops", "bytes", "dispatch", "executor")  # host.alone: one factor per cost term
 MAX_HOST_DEVICES = 1024  # host.devices: simulated devices sharing one host's cores
 
@@ -92,7 +92,7 @@ class HostSharing:
     device computing alone takes ``alone[term]`` times as long for each term of an op's cost
     (device FLOPs, memory traffic, host dispatch, the executor's fixed costs). With ``k`` of the
     host's devices busy (itself included) a call's cost lies between the alone and the all-busy
-    figures at :meth:`weight` of ``k`` (:mod:`estimator.contention`)."""
+    figures at :meth:`weight` of ``k`` (:mod:`estimator.sim.hostshare`)."""
 
     devices: int  # simulated devices that were busy at once when the compute figures were taken
     alone: dict[str, float]  # term → time alone / time with every device busy
@@ -367,7 +367,7 @@ def known_profiles() -> list[str]:
 
 def load_profile(name_or_path: str | Path, key: str = "") -> Profile:
     """A shipped profile by name (``calibration/profiles/<name>.json``) or a profile file by path,
-    read through :mod:`estimator.loading` and checked; ``key`` (e.g. ``"cluster.device"``)
+    read through :mod:`estimator.base.loading` and checked; ``key`` (e.g. ``"cluster.device"``)
     prefixes every error so it names where the profile was given."""
     prefix = f"{key}: " if key else ""
     text = str(name_or_path)

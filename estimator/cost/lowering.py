@@ -17,7 +17,7 @@ ends after ``m·d_k``); the next stage starts a chunk one micro-batch (``d_k + s
 previous one. This is exact for equal stages and constant step times; KV growth enters
 exactly, step by step.
 
-Each stage's task costs come from the executor's op census (:mod:`estimator.cost`): on the last
+Each stage's task costs come from the executor's op census (:mod:`estimator.cost.pieces`): on the last
 stage the head is followed by the token choice (generation), the ``ref_logp`` log-probs
 (inference) or the call's loss and its backward (training, named by algorithm and role). The
 profile's per-call executor overhead is spread evenly over the call's forward passes.
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from estimator.cost import (
+from estimator.cost.memory import home_calls
+from estimator.cost.pieces import (
     INT64,
     PAIRED_LOSSES,
     Extra,
@@ -44,13 +45,7 @@ from estimator.cost import (
     optimizer_s,
     stage_params,
 )
-from estimator.experiment import Experiment
-from estimator.memory import home_calls
-from estimator.models import ModelSpec
-from estimator.plan import Layout
-from estimator.profiles import Profile
-from estimator.sharding import box_numel, shard
-from estimator.transfers import (
+from estimator.cost.transfers import (
     Pair,
     data_bytes,
     group_ports,
@@ -60,7 +55,12 @@ from estimator.transfers import (
     pair_ports,
     realloc_bytes,
 )
-from estimator.workflow import Call
+from estimator.profile.profiles import Profile
+from estimator.spec.experiment import Experiment
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Layout
+from estimator.spec.sharding import box_numel, shard
+from estimator.spec.workflow import Call
 
 MAX_DECODE_CHUNKS = 8  # decode steps are simulated in at most this many chunks per stage
 
@@ -300,7 +300,7 @@ class Costs:
     @property
     def alone(self) -> Costs:
         """The same experiment on :meth:`Profile.alone` — a device whose host-mates idle
-        (:mod:`estimator.contention`) —, built once; these costs themselves when the profile
+        (:mod:`estimator.sim.hostshare`) —, built once; these costs themselves when the profile
         says nothing about sharing a host."""
         if self._alone is None:
             self._alone = self if self.profile.host is None else Costs(self.experiment, self.profile.alone())

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from estimator.cluster import DeviceMesh
-from estimator.lowering import same_placement
-from estimator.plan import Layout, Plan
-from estimator.workflow import CallInstance, Workflow
+from estimator.cost.lowering import same_placement
+from estimator.spec.cluster import DeviceMesh
+from estimator.spec.plan import Layout, Plan
+from estimator.spec.workflow import CallInstance, Workflow
 
 
 @dataclass(frozen=True)

@@ -18,15 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from estimator import rules
-from estimator.cluster import Cluster, DeviceMesh
-from estimator.errors import ConfigError, PlanInvalidError
-from estimator.loading import load_json, parse_json
-from estimator.models import ModelSpec
-from estimator.workflow import Call
+from estimator.base import rules
+from estimator.base.errors import ConfigError, PlanInvalidError
+from estimator.base.loading import load_json, parse_json
+from estimator.base.tables import format_table
+from estimator.spec.cluster import Cluster, DeviceMesh
+from estimator.spec.models import ModelSpec
+from estimator.spec.workflow import Call
 
 if TYPE_CHECKING:
-    from estimator.experiment import Experiment
+    from estimator.spec.experiment import Experiment
 
 PLAN_FORMAT = "rlhf-plan/plan-v1"
 MICRO_BATCH_CHOICES = (1, 2, 4, 8, 16, 32)
@@ -155,19 +156,6 @@ class Plan:
         rows += [(c, str(lay.mesh), str(lay.mesh.size), str(lay.dp), str(lay.tp), str(lay.pp),
                   str(lay.micro_batches)) + ((lay.recompute,) if extra else ()) for c, lay in self.layouts.items()]
         return format_table(rows)
-
-
-def format_table(rows: list[tuple[str, ...]], right: set[int] | None = None) -> str:
-    """Align rows (first row is the header) into a plain-text table."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    right = right if right is not None else set(range(1, len(widths)))
-
-    def fmt(row: tuple[str, ...]) -> str:
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        return "  ".join(cells).rstrip()
-
-    lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)]
-    return "\n".join(lines + [fmt(r) for r in rows[1:]])
 
 
 def layout_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layout) -> list[str]:

@@ -1,7 +1,7 @@
 """Lower bounds no plan can beat, and model FLOP utilisation.
 
 Each call needs at least ``max(F/(N·peak), B/(N·bw))`` seconds of the whole cluster of ``N``
-devices: its FLOPs ``F`` (:func:`estimator.ops.call_flops`) at peak, and the bytes ``B`` it
+devices: its FLOPs ``F`` (:func:`estimator.cost.ops.call_flops`) at peak, and the bytes ``B`` it
 must read from device memory at full bandwidth — for generation, every decode step reads all
 weights once and every sequence's KV cache; otherwise the weights once. Calls of one iteration
 share the cluster, so the sum over calls bounds the steady-state iteration time from below.
@@ -9,12 +9,12 @@ share the cluster, so the sum over calls bounds the steady-state iteration time 
 
 from __future__ import annotations
 
-from estimator.cost import BF16
-from estimator.experiment import Experiment
-from estimator.models import ModelSpec
-from estimator.ops import call_flops
-from estimator.profiles import Profile
-from estimator.workflow import Call
+from estimator.cost.ops import call_flops
+from estimator.cost.pieces import BF16
+from estimator.profile.profiles import Profile
+from estimator.spec.experiment import Experiment
+from estimator.spec.models import ModelSpec
+from estimator.spec.workflow import Call
 
 
 def decode_bytes(call: Call, model: ModelSpec) -> float:

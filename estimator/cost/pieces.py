@@ -4,7 +4,7 @@ Every piece a call runs on one device — a block's forward, prefill, decode ste
 the rotary tables of each stage pass, the (vocab-parallel) embedding, the final norm and
 head, the token choice, the loss and its backward, Adam per parameter tensor, the flatten
 copies around the data-parallel gradient sum — is charged exactly the aten ops the executor
-dispatches for it (:mod:`estimator.census`; counted from the executor's code by
+dispatches for it (:mod:`estimator.cost.census`; counted from the executor's code by
 ``python -m calibration.census``), each op at :meth:`Profile.op_s` of its FLOPs, bytes and one
 dispatch: device time (the longer of compute and memory traffic) plus host dispatch on a
 ``serial`` profile (CPU), the longer of the two on an ``overlap`` one (CUDA), the device part
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from estimator.census import block_piece, end_piece, load_op_set, model_symbols, rotary_piece, tensors_work
-from estimator.models import ModelSpec
-from estimator.profiles import Profile
+from estimator.cost.census import block_piece, end_piece, load_op_set, model_symbols, rotary_piece, tensors_work
+from estimator.profile.profiles import Profile
+from estimator.spec.models import ModelSpec
 
 BF16 = 2  # bytes per bf16 element
 FP32 = 4
