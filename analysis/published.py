@@ -81,7 +81,7 @@ def predict_row(row: VTrainRow, profile: Profile, engine: str = "evaluator") -> 
     """Predicted iteration time, memory and the busiest stage's work (:func:`components`) of
     one row on ``profile``."""
     from estimator.sim.evaluator import Evaluator
-    from estimator.sim.simulator import simulate
+    from estimator.sim.simulate import simulate
 
     experiment, plan, _ = row_experiment(row, profile.name)
     memory = plan_memory(experiment, plan, profile.capacity_bytes)

@@ -15,8 +15,7 @@ import itertools
 import random
 from collections.abc import Sequence
 
-from estimator.cost.lowering import same_placement
-from estimator.cost.memory import home_calls, plan_memory
+from estimator.cost.memory import plan_memory
 from estimator.profile.profiles import Profile
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Layout, Plan, enumerate_layouts, validate
@@ -36,8 +35,8 @@ def plan_kinds(plan: Plan, experiment: Experiment) -> set[str]:
     if any(not a.overlaps(b) for a, b in itertools.combinations(meshes, 2)):
         kinds.add("disjoint")
     wf = experiment.workflow
-    homes = home_calls(wf)
-    if any(not same_placement(plan[c], plan[homes[wf[c].role]]) for c in wf.call_names):
+    homes = wf.home_calls()
+    if any(not plan[c].same_placement(plan[homes[wf[c].role]]) for c in wf.call_names):
         kinds.add("realloc")
     return kinds
 
@@ -49,14 +48,11 @@ def _layouts(experiment: Experiment) -> dict[str, list[Layout]]:
 
 def _colocated(rng: random.Random, options: dict[str, list[Layout]]) -> Plan | None:
     """Every call on one mesh with one (mesh, dp, tp, pp) shape, each its own micro-batches."""
-    def shape(lay: Layout) -> tuple:
-        return (lay.mesh, lay.dp, lay.tp, lay.pp)
-
-    common = set.intersection(*({shape(lay) for lay in lays} for lays in options.values()))
+    common = set.intersection(*({lay.placement for lay in lays} for lays in options.values()))
     if not common:
         return None
     chosen = rng.choice(sorted(common, key=str))
-    return Plan({c: rng.choice([lay for lay in lays if shape(lay) == chosen]) for c, lays in options.items()})
+    return Plan({c: rng.choice([lay for lay in lays if lay.placement == chosen]) for c, lays in options.items()})
 
 
 def _free(rng: random.Random, options: dict[str, list[Layout]]) -> Plan:

@@ -54,7 +54,7 @@ from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_json, atomic_write_text
 from estimator.base.loading import load_json
 from estimator.profile.profiles import Profile, load_profile
-from estimator.sim.simulator import simulate
+from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check
 from estimator.spec.timeline import Timeline

@@ -36,7 +36,7 @@ import pandas as pd
 from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_json, atomic_write_text
 from estimator.profile.profiles import Profile, load_profile
-from estimator.sim.simulator import simulate
+from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.models import get_model
 from estimator.spec.plan import Plan, check

@@ -27,7 +27,7 @@ from estimator.baselines import symmetric_plan
 from estimator.cost.lowering import Costs
 from estimator.profile.profiles import load_profile
 from estimator.sim.evaluator import Evaluator
-from estimator.sim.simulator import simulate
+from estimator.sim.simulate import simulate
 from estimator.spec.experiment import load_experiment
 from estimator.spec.plan import Plan, enumerate_layouts
 

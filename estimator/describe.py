@@ -82,7 +82,7 @@ def render(info: dict[str, Any]) -> str:
               _human(c["flops"]), str(c["layouts"])) for c in info["calls"]]
     parts.append(format_table(rows, right={4, 5, 6, 7, 8, 9}))
     if info["version_edges"]:
-        edges = ", ".join(f"{a}(i) -> {b}(i+1)" for a, b in info["version_edges"])
+        edges = ", ".join(f"{a}(i) -> {b}(i+{lag})" for a, b, lag in info["version_edges"])
         parts += ["", f"version edges: {edges}"]
     return "\n".join(parts)
 

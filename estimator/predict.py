@@ -39,7 +39,8 @@ from estimator.baselines import symmetric_plan
 from estimator.cost.memory import GiB, MemoryReport, plan_memory
 from estimator.cost.roofline import mfu, roofline_s
 from estimator.profile.profiles import Profile, load_profile
-from estimator.sim.simulator import SimResult, simulate
+from estimator.sim.simulate import simulate
+from estimator.sim.simulator import SimResult
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check
 

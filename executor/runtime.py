@@ -84,20 +84,8 @@ def initial_params(experiment: Experiment, role: str, boxes: dict[str, Box], dty
 
 
 def home_layouts(experiment: Experiment, plan: Plan) -> dict[str, Layout]:
-    """role → home layout: its train call's layout if it has one, else its first call's
-    (topological order)."""
-    wf = experiment.workflow
-    trained = wf.trained_roles()
-    homes: dict[str, Layout] = {}
-    for name in wf.topological_order():
-        role = wf[name].role
-        homes.setdefault(role, plan[trained.get(role, name)])
-    return homes
-
-
-def same_shards(a: Layout, b: Layout) -> bool:
-    """Whether two layouts hold the same slices on the same devices (micro-batches aside)."""
-    return (a.mesh, a.dp, a.tp, a.pp) == (b.mesh, b.dp, b.tp, b.pp)
+    """role → home layout: the layout of its home call (:meth:`Workflow.home_calls`)."""
+    return {role: plan[call] for role, call in experiment.workflow.home_calls().items()}
 
 
 def group_layouts(experiment: Experiment, plan: Plan) -> list[Layout]:
@@ -183,7 +171,7 @@ class RankRuntime:
 
     def run_call(self, it: int, call: Call) -> None:
         layout, home = self.plan[call.name], self.homes[call.role]
-        realloc = not same_shards(layout, home)
+        realloc = not layout.same_placement(home)
         if not (self._in(layout) or (realloc and self._in(home))):
             return
         self.status(f"call {call.name} (iteration {it})")

@@ -42,7 +42,7 @@ from estimator.base.io import atomic_write_text
 from estimator.baselines import symmetric_plan
 from estimator.cost.memory import fmt_bytes, plan_memory
 from estimator.profile.profiles import Profile, load_profile
-from estimator.sim.simulator import simulate
+from estimator.sim.simulate import simulate
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import (

@@ -30,7 +30,7 @@ from estimator.cost.memory import plan_memory
 from estimator.cost.roofline import mfu, roofline_s
 from estimator.profile.profiles import Profile
 from estimator.sim.evaluator import Evaluator
-from estimator.sim.simulator import simulate
+from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, experiment_from_dict
 from estimator.spec.plan import Plan
 from search.anneal import GREEDY, Key, anneal, default_chains

@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass
 
 from estimator.base.errors import ConfigError
-from estimator.cost.memory import call_bytes, fmt_bytes, home_bytes, home_calls
+from estimator.cost.memory import call_bytes, fmt_bytes, home_bytes
 from estimator.profile.profiles import Profile
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
@@ -234,7 +234,7 @@ def build_space(experiment: Experiment, profile: Profile, recompute: bool = True
     firsts: dict[int, list[int]] = {}
     for mesh in cl.meshes():
         firsts.setdefault(mesh.size, []).append(mesh.first)
-    homes = home_calls(wf)
+    homes = wf.home_calls()
     order = wf.topological_order()
     found = {n: _candidates(experiment, n, firsts, homes[wf[n].role] == n, cap) for n in order}
     resident = {r: _resident_max(experiment, r, found[c], cap) for r, c in homes.items()}

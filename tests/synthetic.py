@@ -54,7 +54,7 @@ def stage(layout: Layout, k: int, fwd: float, bwd: float = 0.0, send: float = 0.
 def call_cost(name: str, kind: str, layout: Layout, fwd: float, bwd: float = 0.0, send: float = 0.0,
               minibatches: int = 1, dpn: int = 8, **kw) -> CallCost:
     stages = tuple(stage(layout, k, fwd, bwd, send, dpn, **kw) for k in range(layout.pp))
-    return CallCost(name, kind, layout, stages, layout.micro_batches, minibatches, 0.0, 0)
+    return CallCost(name, kind, layout, stages, layout.micro_batches, minibatches, 0.0)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from estimator.base.errors import ConfigError
 from estimator.profile.profiles import load_profile, profile_from_dict
 from estimator.sim.evaluator import Evaluator
 from estimator.sim.hostshare import blend, busy_weights
-from estimator.sim.simulator import simulate
+from estimator.sim.simulate import simulate
 from estimator.spec.experiment import load_experiment
 from estimator.spec.plan import Plan
 from tests.conftest import EXAMPLES, ROOT

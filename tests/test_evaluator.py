@@ -14,7 +14,7 @@ from estimator.cost.memory import plan_memory
 from estimator.cost.roofline import roofline_s
 from estimator.profile.profiles import load_profile
 from estimator.sim.evaluator import Evaluator, call_s
-from estimator.sim.simulator import simulate
+from estimator.sim.simulate import simulate
 from estimator.spec.experiment import load_experiment
 from estimator.spec.plan import Layout, Plan, check, enumerate_layouts
 from estimator.spec.workflow import Call

@@ -12,7 +12,6 @@ from estimator.cost.memory import (
     activation_bytes_per_token_layer,
     call_bytes,
     home_bytes,
-    home_calls,
     plan_memory,
 )
 from estimator.cost.pieces import stage_params
@@ -27,9 +26,9 @@ TINY = PRESETS["tiny-2l-128h"]
 
 def test_home_is_the_train_call_else_the_first_call():
     exp = tiny_experiment("ppo")
-    assert home_calls(exp.workflow) == {"actor": "actor_train", "critic": "critic_train",
+    assert exp.workflow.home_calls() == {"actor": "actor_train", "critic": "critic_train",
                                         "ref": "ref_inf", "reward": "reward_inf"}
-    assert home_calls(remax(WorkflowParams(8, 4, 4)))["reward"] == "reward_inf"
+    assert remax(WorkflowParams(8, 4, 4)).home_calls()["reward"] == "reward_inf"
 
 
 def test_home_bytes_mixed_precision_adam():

@@ -9,12 +9,12 @@ import os
 import pytest
 
 from estimator.baselines import symmetric_plan
-from estimator.cost.lowering import DecodeChunk
+from estimator.cost.decode import DecodeChunk
 from estimator.cost.pieces import StageTime
 from estimator.cost.roofline import roofline_s
 from estimator.cost.transfers import group_ports
 from estimator.profile.profiles import load_profile
-from estimator.sim.simulator import simulate
+from estimator.sim.simulate import simulate
 from estimator.spec.experiment import load_experiment
 from estimator.spec.plan import Plan
 from estimator.spec.workflow import Call

@@ -13,7 +13,7 @@ from analysis import whatif
 from estimator.base.errors import EXIT_INVALID, ConfigError
 from estimator.baselines import symmetric_plan
 from estimator.profile.profiles import load_profile
-from estimator.sim.simulator import simulate
+from estimator.sim.simulate import simulate
 from estimator.spec.experiment import load_experiment
 from tests.conftest import EXAMPLES
 

@@ -29,8 +29,8 @@ def test_ppo_graph():
     trains = {"actor_train", "critic_train"}
     assert _edges(wf) == ({("actor_gen", i) for i in infs} | {("actor_gen", t) for t in trains}
                           | {(i, t) for i in infs for t in trains})
-    assert set(wf.version_edges()) == {("actor_train", "actor_gen"), ("actor_train", "actor_train"),
-                                       ("critic_train", "critic_inf"), ("critic_train", "critic_train")}
+    assert set(wf.version_edges()) == {("actor_train", "actor_gen", 1), ("actor_train", "actor_train", 1),
+                                       ("critic_train", "critic_inf", 1), ("critic_train", "critic_train", 1)}
     assert wf["actor_train"].workload.minibatches == 2
     assert wf["actor_gen"].workload.seqs == 16 and wf["ref_inf"].workload.seq_len == 12
     assert wf.topological_order()[0] == "actor_gen"
@@ -43,7 +43,7 @@ def test_grpo_graph_has_no_critic_and_group_samples():
     assert wf["actor_gen"].workload.seqs == 16 * 4
     assert _edges(wf) == {("actor_gen", "ref_inf"), ("actor_gen", "reward_inf"), ("actor_gen", "actor_train"),
                           ("ref_inf", "actor_train"), ("reward_inf", "actor_train")}
-    assert set(wf.version_edges()) == {("actor_train", "actor_gen"), ("actor_train", "actor_train")}
+    assert set(wf.version_edges()) == {("actor_train", "actor_gen", 1), ("actor_train", "actor_train", 1)}
 
 
 def test_dpo_graph_pairs():
@@ -60,14 +60,14 @@ def test_remax_graph_two_generations():
     assert wf["actor_gen_greedy"].workload.greedy and not wf["actor_gen"].workload.greedy
     assert ("actor_gen_greedy", "reward_inf_greedy") in _edges(wf)
     assert ("reward_inf_greedy", "actor_train") in _edges(wf)
-    assert ("actor_train", "actor_gen_greedy") in wf.version_edges()
+    assert ("actor_train", "actor_gen_greedy", 1) in wf.version_edges()
 
 
 def test_sft_and_rw_single_call():
     assert build("sft", P).call_names == ("actor_train",)
     rw = build("rw", P)
     assert rw.call_names == ("reward_train",) and rw["reward_train"].workload.paired
-    assert rw.version_edges() == [("reward_train", "reward_train")]
+    assert rw.version_edges() == [("reward_train", "reward_train", 1)]
 
 
 def test_unroll_links_iterations_by_version_edges():

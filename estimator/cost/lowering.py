@@ -5,17 +5,7 @@ same time), so a pipeline stage is one simulated entity holding all ``dp·tp`` o
 Per stage, :class:`StageCost` holds one micro-batch's forward and backward (compute and
 tensor-parallel communication apart), the activation send to the next stage, the gradient
 all-reduce over data-parallel replicas and the optimizer step; for generation, the prefill
-forward and the decode steps grouped into chunks.
-
-Decoding interleaves micro-batches through the stages (the executor's order): a step of
-micro-batch j enters stage 0 once its previous token came back from the last stage. With
-per-micro-batch stage times ``d_k`` and sends ``s_k`` (``s_{p−1}`` the token fed back), one
-step of all ``m`` micro-batches — a round — takes the max-plus cycle time
-``R = max(m·max_k d_k, Σ_k (d_k + s_k))``: either the busiest stage or one token's round trip
-limits it. A chunk of steps occupies each stage for the sum of its rounds (the final round
-ends after ``m·d_k``); the next stage starts a chunk one micro-batch (``d_k + s_k``) after the
-previous one. This is exact for equal stages and constant step times; KV growth enters
-exactly, step by step.
+forward and the decode steps grouped into chunks (:mod:`estimator.cost.decode`).
 
 Each stage's task costs come from the executor's op census (:mod:`estimator.cost.pieces`): on the last
 stage the head is followed by the token choice (generation), the ``ref_logp`` log-probs
@@ -30,16 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-from estimator.cost.memory import home_calls
+from estimator.cost.decode import DecodeChunk, decode_chunks
 from estimator.cost.pieces import (
-    INT64,
     PAIRED_LOSSES,
     Extra,
     StageTime,
     backward_stage,
-    decode_stage,
     dp_flatten_s,
     forward_stage,
     optimizer_s,
@@ -51,9 +37,8 @@ from estimator.cost.transfers import (
     group_ports,
     group_shape,
     isolated_transfer_s,
-    link_class,
-    pair_ports,
     realloc_bytes,
+    stage_send,
 )
 from estimator.profile.profiles import Profile
 from estimator.spec.experiment import Experiment
@@ -61,20 +46,6 @@ from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
 from estimator.spec.sharding import box_numel, shard
 from estimator.spec.workflow import Call
-
-MAX_DECODE_CHUNKS = 8  # decode steps are simulated in at most this many chunks per stage
-
-
-@dataclass(frozen=True)
-class DecodeChunk:
-    """A run of decode steps on one stage, all micro-batches interleaved."""
-
-    steps: int  # decode steps in the chunk
-    duration_s: float  # the stage's busy window: sum of round periods
-    compute_s: float  # of which kernels (all micro-batches)
-    comm_s: float  # of which tensor-parallel collectives
-    lag_s: float  # first micro-batch through this stage and its send: when the next stage may start
-    send_bytes: float  # activations (or fed-back tokens) this stage sends over the chunk, per pair
 
 
 @dataclass(frozen=True)
@@ -112,39 +83,10 @@ class CallCost:
     micro_batches: int
     minibatches: int  # optimizer steps (train), 1 otherwise
     feedback_s: float  # generation: last stage → first stage token message (0 without pipeline)
-    decode_steps: int
 
     @property
     def pp(self) -> int:
         return len(self.stages)
-
-
-def placement(layout: Layout) -> tuple:
-    """Where a layout puts parameter shards and batch rows: its layout less micro-batches."""
-    return layout.mesh, layout.dp, layout.tp, layout.pp
-
-
-def same_placement(a: Layout, b: Layout) -> bool:
-    return placement(a) == placement(b)
-
-
-def _stage_devices(layout: Layout, k: int) -> tuple[int, ...]:
-    block = layout.dp * layout.tp
-    first = layout.mesh.first + k * block
-    return tuple(range(first, first + block))
-
-
-def _send(profile: Profile, layout: Layout, k: int, nbytes: float, dpn: int) -> tuple[float, tuple, tuple, str]:
-    """Stage k → k+1 messages, one per (dp, tp) pair in parallel: time, ports both ways, and
-    the slowest link class among the pairs."""
-    if k >= layout.pp - 1:
-        return 0.0, (), (), "intra"
-    pairs = [(layout.device(i, t, k), layout.device(i, t, k + 1)) for i in range(layout.dp) for t in range(layout.tp)]
-    classes = {link_class(s, d, dpn) for s, d in pairs}
-    cls = "inter" if "inter" in classes else "intra"
-    fwd = tuple(p for s, d in pairs for p in pair_ports(s, d, dpn))
-    bwd = tuple(p for s, d in pairs for p in pair_ports(d, s, dpn))
-    return profile.stage_send_s(nbytes, cls), fwd, bwd, cls
 
 
 def _rows(call: Call, layout: Layout) -> float:
@@ -153,49 +95,6 @@ def _rows(call: Call, layout: Layout) -> float:
     if call.kind == "train":
         return w.units_per_minibatch * (2 if w.paired else 1) / layout.dp / layout.micro_batches
     return w.seqs / layout.dp / layout.micro_batches
-
-
-def _chunks(total: int) -> list[tuple[int, int]]:
-    """Split steps ``0 .. total-1`` into at most MAX_DECODE_CHUNKS contiguous runs."""
-    n = min(total, MAX_DECODE_CHUNKS)
-    bounds = [round(i * total / n) for i in range(n + 1)]
-    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
-def _decode(profile: Profile, call: Call, model: ModelSpec, layout: Layout, b: float,
-            dpn: int) -> tuple[list[tuple[DecodeChunk, ...]], float]:
-    """Decode chunks per stage and the fed-back token's message time."""
-    w, p, m = call.workload, layout.pp, layout.micro_batches
-    steps = w.gen_len - 1
-    if steps <= 0:
-        return [() for _ in range(p)], 0.0
-    cached = w.prompt_len + np.arange(steps, dtype=float)  # tokens in the cache before each step
-    d, comp, comm, sends = [], [], [], []
-    choose = "greedy" if w.greedy else "sample"
-    for k in range(p):
-        c, a = decode_stage(profile, model, layout.tp, len(layout.stage_layers(model.layers, k)),
-                            k == 0, k == p - 1, b, cached, choose)
-        comp.append(c)
-        comm.append(a)
-        d.append(c + a)
-        sends.append(_send(profile, layout, k, b * model.hidden * profile.elem_bytes, dpn)[0])
-    feedback = 0.0
-    if p > 1:
-        feedback = profile.stage_send_s(b * INT64, link_class(layout.device(0, 0, p - 1), layout.device(0, 0, 0), dpn))
-        sends[-1] = feedback
-    d_arr = np.array(d)  # (stages, steps)
-    rounds = np.maximum(m * d_arr.max(axis=0), d_arr.sum(axis=0) + sum(sends))
-    out = []
-    for k in range(p):
-        busy = rounds.copy()
-        busy[-1] = m * d_arr[k, -1]  # the final round ends when this stage's last micro-batch does
-        per_send = b * model.hidden * profile.elem_bytes if k < p - 1 else b * INT64
-        out.append(tuple(
-            DecodeChunk(b1 - a1, float(busy[a1:b1].sum()), float(m * comp[k][a1:b1].sum()),
-                        float(m * comm[k][a1:b1].sum()), float(d_arr[k, a1] + sends[k]),
-                        per_send * m * (b1 - a1) if p > 1 else 0.0)
-            for a1, b1 in _chunks(steps)))
-    return out, feedback
 
 
 def _tail(call: Call, algorithm: str, b: float) -> tuple[tuple[Extra, ...], tuple[Extra, ...]]:
@@ -224,7 +123,7 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
     decode, feedback = ([() for _ in range(p)], 0.0)
     if call.kind == "generate":
         new, head, phase = w.prompt_len, b, "prefill"  # prefill: the head runs on the last position only
-        decode, feedback = _decode(profile, call, model, layout, b, dpn)
+        decode, feedback = decode_chunks(profile, call, model, layout, b, dpn)
     else:
         new, head, phase = w.seq_len, None, "forward"
     tail_f, tail_b = _tail(call, algorithm, b)
@@ -233,7 +132,7 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
     for k in range(p):
         layers = len(layout.stage_layers(model.layers, k))
         first, last = k == 0, k == p - 1
-        devices = _stage_devices(layout, k)
+        devices = tuple(layout.stage_devices(k))
         ports = tuple(group_ports(devices, dpn))  # every port of the stage's devices (group_ports)
         fwd = forward_stage(profile, model, layout.tp, layers, first, last, b, new, head, phase, tail_f,
                             grad=call.kind == "train", recompute=layout.recompute == "full")
@@ -261,12 +160,11 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
                 dp_ports = ports
             opt = optimizer_s(profile, numels)
         act_bytes = b * new * model.hidden * profile.elem_bytes  # one micro-batch's activations
-        send_s, send_ports, recv_ports, cls = _send(profile, layout, k, act_bytes, dpn)
+        send_s, send_ports, recv_ports, cls = stage_send(profile, layout, k, act_bytes, dpn)
         stages.append(StageCost(k, devices, fwd, bwd, send_s, send_ports, recv_ports, ar, dp_ports, opt, cls,
                                 decode[k], ports if layout.tp > 1 else ()))
-    steps = w.gen_len - 1 if call.kind == "generate" else 0
     return CallCost(call.name, call.kind, layout, tuple(stages), layout.micro_batches,
-                    w.minibatches if call.kind == "train" else 1, feedback, max(steps, 0))
+                    w.minibatches if call.kind == "train" else 1, feedback)
 
 
 class Costs:
@@ -278,7 +176,7 @@ class Costs:
         self.workflow = experiment.workflow
         self.dpn = experiment.cluster.devices_per_node
         self.num_devices = experiment.cluster.num_devices
-        self.homes = home_calls(self.workflow)
+        self.homes = self.workflow.home_calls()
         self._calls: dict[tuple[str, Layout], CallCost] = {}
         self._realloc: dict[tuple, dict[Pair, int]] = {}
         self._data: dict[tuple, dict[Pair, int]] = {}
@@ -309,19 +207,19 @@ class Costs:
     def realloc_pairs(self, role: str, home: Layout, layout: Layout) -> dict[Pair, int]:
         """Bytes per pair moving ``role``'s parameters from its home layout to ``layout``
         (cached per model and pair of placements, so roles sharing a model share it)."""
-        if same_placement(home, layout):
+        if home.same_placement(layout):
             return {}
         model = self.experiment.models[role]
-        key = (model, placement(home), placement(layout))
+        key = (model, home.placement, layout.placement)
         if key not in self._realloc:
             self._realloc[key] = realloc_bytes(model, home, layout, self.dpn, self.profile.elem_bytes)
         return self._realloc[key]
 
     def realloc_s(self, role: str, home: Layout, layout: Layout) -> float:
         """Reallocation time on otherwise idle links, local copies included."""
-        if same_placement(home, layout):
+        if home.same_placement(layout):
             return 0.0
-        key = ("realloc", self.experiment.models[role], placement(home), placement(layout))
+        key = ("realloc", self.experiment.models[role], home.placement, layout.placement)
         if key not in self._times:
             pairs = self.realloc_pairs(role, home, layout)
             self._times[key] = isolated_transfer_s(pairs, self.profile, self.num_devices, self.dpn, True)
@@ -330,7 +228,7 @@ class Costs:
     def data_pairs(self, producer: str, src: Layout, consumer: str, dst: Layout) -> dict[Pair, int]:
         """Bytes per pair bringing ``producer``'s outputs to ``consumer`` (rows depend on the
         placements only, not on micro-batches)."""
-        key = (producer, placement(src), consumer, placement(dst))
+        key = (producer, src.placement, consumer, dst.placement)
         if key not in self._data:
             wf = self.workflow
             self._data[key] = data_bytes(self.experiment.algorithm, wf[producer], src, wf[consumer], dst,
@@ -338,7 +236,7 @@ class Costs:
         return self._data[key]
 
     def data_s(self, producer: str, src: Layout, consumer: str, dst: Layout) -> float:
-        key = ("data", producer, placement(src), consumer, placement(dst))
+        key = ("data", producer, src.placement, consumer, dst.placement)
         if key not in self._times:
             pairs = self.data_pairs(producer, src, consumer, dst)
             self._times[key] = isolated_transfer_s(pairs, self.profile, self.num_devices, self.dpn)

@@ -44,7 +44,7 @@ from estimator.cost.pieces import BF16, FP32, stage_params
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout, Plan
-from estimator.spec.workflow import Call, Workflow
+from estimator.spec.workflow import Call
 
 GiB = float(1 << 30)
 MLP_ACTIVATION_BYTES = {"swiglu": 8, "gelu": 4, "relu": 2}  # saved MLP bytes per token and unit of ffn
@@ -57,19 +57,6 @@ def fmt_bytes(n: float) -> str:
             return f"{n / size:.1f} {unit}"
     return f"{n:.0f} B"
 PARTS = ("weights", "grads", "optimizer", "realloc", "activations", "kv_cache")
-
-
-def home_calls(workflow: Workflow) -> dict[str, str]:
-    """role → the call whose layout is the role's home: its train call, else its first call in
-    topological order."""
-    first: dict[str, str] = {}
-    train: dict[str, str] = {}
-    for name in workflow.topological_order():
-        call = workflow[name]
-        first.setdefault(call.role, name)
-        if call.kind == "train":
-            train.setdefault(call.role, name)
-    return {role: train.get(role, call) for role, call in first.items()}
 
 
 def stage_param_counts(model: ModelSpec, layout: Layout) -> list[float]:
@@ -177,21 +164,16 @@ class MemoryReport:
         return [msg]
 
 
-def _stage_devices(layout: Layout, stage: int) -> range:
-    block = layout.dp * layout.tp
-    return range(layout.mesh.first + stage * block, layout.mesh.first + (stage + 1) * block)
-
-
 def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float, zero1: bool = False) -> MemoryReport:
     """Peak memory of every device under ``plan``."""
     wf = experiment.workflow
-    homes = home_calls(wf)
+    homes = wf.home_calls()
     trained = wf.trained_roles()
     static: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PARTS, 0.0))
     for role, call in homes.items():
         layout = plan[call]
         for k, parts in enumerate(home_bytes(experiment.models[role], layout, role in trained, zero1)):
-            for d in _stage_devices(layout, k):
+            for d in layout.stage_devices(k):
                 for key, v in parts.items():
                     static[d][key] += v
     best: dict[int, tuple[float, str, dict[str, float]]] = {}
@@ -199,10 +181,10 @@ def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float, zero1
         call = wf[name]
         layout = plan[name]
         home = plan[homes[call.role]]
-        at_home = (layout.mesh, layout.dp, layout.tp, layout.pp) == (home.mesh, home.dp, home.tp, home.pp)
+        at_home = layout.same_placement(home)
         for k, parts in enumerate(call_bytes(call, experiment.models[call.role], layout, at_home)):
             total = sum(parts.values())
-            for d in _stage_devices(layout, k):
+            for d in layout.stage_devices(k):
                 if d not in best or total > best[d][0]:
                     best[d] = (total, name, parts)
     devices = []

@@ -20,7 +20,7 @@ from estimator.spec.workflow import Call
 def decode_bytes(call: Call, model: ModelSpec) -> float:
     """Bytes every decode step of a generate call must read, summed over its steps."""
     w = call.workload
-    steps = w.gen_len - 1
+    steps = w.decode_steps
     kv_token = 2 * model.layers * model.kv_dim * BF16  # K and V of one cached token
     # step t (1-based) attends prompt + t positions of each sequence
     kv = w.seqs * kv_token * (steps * w.prompt_len + steps * (steps + 1) / 2)

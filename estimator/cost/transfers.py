@@ -228,3 +228,16 @@ def isolated_transfer_s(pairs: dict[Pair, int], profile: Profile, num_devices: i
     """Time to move ``pairs`` on otherwise idle links (and local copies, when they count)."""
     t = LinkBook(num_devices).send_all(pairs, 0.0, profile, devices_per_node)[1]
     return max(t, local_copy_s(pairs, profile)) if local_copies else t
+
+
+def stage_send(profile: Profile, layout: Layout, k: int, nbytes: float, dpn: int) -> tuple[float, tuple, tuple, str]:
+    """Stage k → k+1 messages, one per (dp, tp) pair in parallel: time, ports both ways, and
+    the slowest link class among the pairs."""
+    if k >= layout.pp - 1:
+        return 0.0, (), (), "intra"
+    pairs = [(layout.device(i, t, k), layout.device(i, t, k + 1)) for i in range(layout.dp) for t in range(layout.tp)]
+    classes = {link_class(s, d, dpn) for s, d in pairs}
+    cls = "inter" if "inter" in classes else "intra"
+    fwd = tuple(p for s, d in pairs for p in pair_ports(s, d, dpn))
+    bwd = tuple(p for s, d in pairs for p in pair_ports(d, s, dpn))
+    return profile.stage_send_s(nbytes, cls), fwd, bwd, cls

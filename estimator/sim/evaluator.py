@@ -133,7 +133,8 @@ class Evaluator:
         graph = instance_graph(wf, 1)
         # per call (topological index): producers and version predecessors, by call index
         self.data_preds = [tuple(index[graph.nodes[j].call] for j in graph.data_preds[i]) for i in range(self.n)]
-        self.version_preds = [tuple(dict.fromkeys(index[t] for t, c in wf.version_edges() if c == n))
+        # per call: (its role's train call, lag in iterations) it waits for (version edges)
+        self.version_preds = [tuple(dict.fromkeys((index[e.train], e.lag) for e in wf.version_edges() if e.call == n))
                               for n in self.names]
         self.roles = [wf[n].role for n in self.names]
         self.home = [index[self.costs.homes[r]] for r in self.roles]
@@ -175,8 +176,7 @@ class Evaluator:
             self._layouts.append(layout)
             self._span.append((layout.mesh.first, layout.mesh.first + layout.mesh.size))
             self._mesh_of.append(self._meshes.setdefault(layout.mesh, len(self._meshes)))
-            place = (layout.mesh, layout.dp, layout.tp, layout.pp)
-            self._place_of.append(self._places.setdefault(place, len(self._places)))
+            self._place_of.append(self._places.setdefault(layout.placement, len(self._places)))
         return i
 
     def _lids(self, plan: Plan) -> list[int]:
@@ -209,16 +209,9 @@ class Evaluator:
         return dict(zip(self.names, self._weights(self._lids(plan))))
 
     def _weights(self, lids: list[int]) -> list[float]:
-        weights = [1.0] * self.n
-        if self.host is None:
-            return weights
-        spans = [self._span[lid] for lid in lids]
-        steady = list(range(1, self.iterations)) or [0]
-        for _ in range(hostshare.ROUNDS):
-            windows = self._schedule(lids, weights)[3]
-            weights = [hostshare.rounded(w) for w in hostshare.busy_weights(
-                spans, windows, self.experiment.cluster.devices_per_node, self.num_devices, self.host.weight, steady)]
-        return weights
+        return hostshare.fixed_point(lambda weights: self._schedule(lids, weights)[3],
+                                     [self._span[lid] for lid in lids], self.experiment.cluster.devices_per_node,
+                                     self.num_devices, self.host, self.iterations)
 
     def _realloc_s(self, c: int, home: int, lid: int) -> float:
         if self._place_of[home] == self._place_of[lid]:
@@ -266,10 +259,9 @@ class Evaluator:
 
     def _per_device(self, layout: Layout, per_stage: list[dict[str, float]]) -> int:
         out = np.zeros(self.num_devices)
-        block = layout.dp * layout.tp
         for k, parts in enumerate(per_stage):
-            lo = layout.mesh.first + k * block
-            out[lo:lo + block] = sum(parts.values())
+            devices = layout.stage_devices(k)
+            out[devices.start:devices.stop] = sum(parts.values())
         self._mem_rows.append(out)
         self._mem_tuples.append(tuple(out.tolist()))
         self._mem_matrix = None
@@ -336,8 +328,8 @@ class Evaluator:
         last_end = [0.0] * n
         starts = [0.0] * n
         ends_per_it, windows = [], []
+        history: list[list[float]] = []  # every finished iteration's call ends, for version edges
         for it in range(self.iterations):
-            prev = last_end[:]  # previous iteration's ends, for version edges
             it_end = 0.0
             for c in range(n):
                 a, b = spans[c]
@@ -346,10 +338,9 @@ class Evaluator:
                 if away:
                     ha, hb = away
                     t = max(t, *free[ha:hb])
-                if it:
-                    for v in version[c]:
-                        if prev[v] > t:
-                            t = prev[v]
+                for v, lag in version[c]:
+                    if it >= lag and history[it - lag][v] > t:
+                        t = history[it - lag][v]
                 starts[c] = t
                 t += realloc[c]
                 if away:
@@ -362,6 +353,7 @@ class Evaluator:
                 free[a:b] = [t] * (b - a)
                 if t > it_end:
                     it_end = t
+            history.append(last_end[:])
             ends_per_it.append(it_end)
             windows.append([(e - d, e) for e, d in zip(last_end, dur)])
         return ends_per_it, starts, last_end, windows
@@ -410,20 +402,20 @@ class Evaluator:
         data = np.asarray(rows_data).reshape(len(plans), -1)
         last = np.zeros((len(plans), n))
         last_re = np.zeros((len(plans), n))  # when each call's home devices were free again
-        ends = []
+        ends, history = [], []
         for it in range(self.iterations):
-            prev = last.copy()
             for c in range(n):
                 t = np.maximum(np.where(ended[:, c, :], last, 0.0).max(axis=1),
                                np.where(reallocated[:, c, :], last_re, 0.0).max(axis=1))
-                if it:
-                    for v in self.version_preds[c]:
-                        t = np.maximum(t, prev[:, v])
+                for v, lag in self.version_preds[c]:
+                    if it >= lag:
+                        t = np.maximum(t, history[it - lag][:, v])
                 t = t + realloc[:, c]
                 last_re[:, c] = t
                 for col in self._edge_cols[c]:
                     t = np.maximum(t, last[:, self._edges[col][2]] + data[:, col])
                 last[:, c] = t + dur[:, c]
+            history.append(last.copy())
             ends.append(last.max(axis=1))
         period = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0]
         rows = self._matrix()

@@ -15,18 +15,21 @@ calls; the weight is :meth:`~estimator.profile.profiles.HostSharing.weight` of `
 device busy), the largest over the hosts the call spans, since its stages run in lock step.
 
 How busy the host-mates are depends on the schedule, and the schedule on the costs, so the
-weights are a fixed point: schedule with every call at weight 1 (the profile as measured), read
-each call's weight off that schedule, schedule again with them, and repeat :data:`ROUNDS` times.
-The fast evaluator does this (:meth:`estimator.sim.evaluator.Evaluator.call_weights`) and the
-simulator runs with the evaluator's weights, so both charge the same blended costs.
+weights are a fixed point (:func:`fixed_point`): schedule with every call at weight 1 (the
+profile as measured), read each call's weight off that schedule, schedule again with them, and
+repeat :data:`ROUNDS` times. The schedule is the fast evaluator's list schedule
+(:meth:`estimator.sim.evaluator.Evaluator.call_weights`); the simulator is given the weights it
+finds (:func:`estimator.sim.simulate.simulate`), so both engines charge the same blended costs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from estimator.cost.lowering import CallCost, Costs, DecodeChunk, StageCost, StageTime
+from estimator.cost.decode import DecodeChunk
+from estimator.cost.lowering import CallCost, Costs, StageCost, StageTime
+from estimator.profile.profiles import HostSharing
 from estimator.spec.plan import Layout
 
 ROUNDS = 2  # schedule → weights rounds after the first schedule at weight 1
@@ -131,3 +134,23 @@ def busy_weights(spans: Sequence[tuple[int, int]], windows: Sequence[Sequence[Wi
             total += worst
         out.append(total / len(iterations))
     return out
+
+
+def fixed_point(schedule: Callable[[list[float]], Sequence[Sequence[Window]]], spans: Sequence[tuple[int, int]],
+                devices_per_node: int, num_devices: int, host: HostSharing | None, iterations: int) -> list[float]:
+    """Per call: its host weight, the fixed point of schedule → weights, :data:`ROUNDS` rounds
+    after a first schedule at weight 1; every call 1 when ``host`` is None (nothing is known
+    about sharing a host).
+
+    ``schedule(weights)`` gives every iteration's compute window per call with those weights;
+    ``spans[c]`` is call ``c``'s devices as a half-open range. The first iteration is left out
+    of the average when there are more (it starts on an idle host)."""
+    weights = [1.0] * len(spans)
+    if host is None:
+        return weights
+    steady = list(range(1, iterations)) or [0]
+    for _ in range(ROUNDS):
+        windows = schedule(weights)
+        weights = [rounded(w) for w in busy_weights(spans, windows, devices_per_node, num_devices, host.weight,
+                                                     steady)]
+    return weights

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from estimator.cost.lowering import same_placement
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.plan import Layout, Plan
 from estimator.spec.workflow import CallInstance, Workflow
@@ -60,7 +59,7 @@ class DevicePreds:
 def occupied(call: str, plan: Plan, homes: dict[str, Layout]) -> tuple[DeviceMesh, ...]:
     """The meshes an instance of ``call`` occupies: its own, and its home's when it reallocates."""
     layout, home = plan[call], homes[call]
-    return (layout.mesh,) if same_placement(layout, home) else (layout.mesh, home.mesh)
+    return (layout.mesh,) if layout.same_placement(home) else (layout.mesh, home.mesh)
 
 
 def _meet(a: tuple[DeviceMesh, ...], b: tuple[DeviceMesh, ...]) -> bool:

@@ -42,7 +42,6 @@ from estimator.cost.lowering import CallCost, Costs, StageCost
 from estimator.cost.transfers import LinkBook, local_copy_s
 from estimator.profile.profiles import Profile
 from estimator.sim import hostshare
-from estimator.sim.evaluator import Evaluator
 from estimator.sim.instances import device_preds, instance_graph
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Plan
@@ -147,10 +146,9 @@ class Simulation:
                  env: simpy.Environment | None = None, weights: dict[str, float] | None = None):
         self.experiment, self.plan, self.profile = experiment, plan, profile
         self.costs = costs if costs is not None else Costs(experiment, profile)
-        # host sharing: each call's host weight (estimator.sim.hostshare), the fast evaluator's
-        # fixed point unless given; every call as profiled when the profile says nothing of it
-        self.weights = weights if weights is not None else _host_weights(experiment, plan, profile, iterations,
-                                                                          self.costs)
+        # host sharing: each call's host weight (estimator.sim.hostshare); a call not named is
+        # charged as profiled (weight 1)
+        self.weights = weights or {}
         self.graph = instance_graph(experiment.workflow, iterations)
         wf = experiment.workflow
         homes = {c: plan[self.costs.homes[wf[c].role]] for c in wf.call_names}
@@ -171,7 +169,7 @@ class Simulation:
         self.env.run()
         meta = {"plan": {c: lay.to_dict() for c, lay in self.plan.layouts.items()},
                 "profile": self.profile.name, "iterations": self.iterations}
-        stages = {(c, k): range(lay.mesh.first + k * lay.dp * lay.tp, lay.mesh.first + (k + 1) * lay.dp * lay.tp)
+        stages = {(c, k): lay.stage_devices(k)
                   for c, lay in self.plan.layouts.items() for k in range(lay.pp)}
         return SimResult(self.iterations, self.records, self.rows, meta, stages)
 
@@ -329,16 +327,3 @@ class Simulation:
                 # the chunk's activations occupy the link; the round time already counts their latency
                 self._send(it, cc, st, st.send_ports, -1, self.profile.p2p_s(chunk.send_bytes, st.send_class))
             yield self.env.timeout(chunk.duration_s + delay)
-
-
-def _host_weights(experiment: Experiment, plan: Plan, profile: Profile, iterations: int, costs: Costs
-                  ) -> dict[str, float]:
-    if profile.host is None:
-        return {}
-    return Evaluator(experiment, profile, iterations, costs).call_weights(plan)
-
-
-def simulate(experiment: Experiment, plan: Plan, profile: Profile, iterations: int = 3,
-             costs: Costs | None = None, progress: Callable[[str], None] | None = None) -> SimResult:
-    """Simulate ``iterations`` iterations of ``plan``; see :class:`SimResult`."""
-    return Simulation(experiment, plan, profile, iterations, costs, progress).run()

@@ -77,6 +77,22 @@ class Layout:
         dp_rank = (local // self.tp) % self.dp
         return dp_rank, tp_rank, local // (self.tp * self.dp)
 
+    @property
+    def placement(self) -> tuple[DeviceMesh, int, int, int]:
+        """Where the layout puts parameter shards and batch rows: the layout less micro-batches
+        and recompute, which change how a call runs but not what each device holds."""
+        return self.mesh, self.dp, self.tp, self.pp
+
+    def same_placement(self, other: Layout) -> bool:
+        """Whether ``other`` holds every shard and row where this layout does (no reallocation)."""
+        return self.placement == other.placement
+
+    def stage_devices(self, pp_rank: int) -> range:
+        """The ``dp·tp`` devices of pipeline stage ``pp_rank``, contiguous by the rank order."""
+        block = self.dp * self.tp
+        first = self.mesh.first + pp_rank * block
+        return range(first, first + block)
+
     def stage_layers(self, layers: int, pp_rank: int) -> range:
         """Transformer blocks held by pipeline stage ``pp_rank`` (as even as possible, earlier
         stages take the remainder)."""

@@ -3,7 +3,8 @@
 A :class:`Workflow` is a set of :class:`Call` s. Data edges come from what calls read and
 write (``seq`` written by ``actor_gen`` and read by ``ref_inf`` makes an edge). Version edges
 tie iterations together: the train call of role R in iteration i precedes every call of R in
-iteration i+1, because those calls need the updated weights. Unrolling K iterations gives the
+iteration i + lag, because those calls need the updated weights (:class:`VersionEdge`; the lag
+is :data:`SYNC_LAG`, one iteration, in every workflow today: synchronous training). Unrolling K iterations gives the
 graph the simulator and the runtime both execute.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from estimator.base.errors import ConfigError
 
@@ -18,6 +20,7 @@ CALL_KINDS = ("generate", "inference", "train")
 ALGORITHMS = ("ppo", "grpo", "dpo", "remax", "sft", "rw")
 # Data every iteration starts from; produced by no call.
 SOURCES = frozenset({"prompts", "pairs"})
+SYNC_LAG = 1  # iterations from a role's update to the first call that reads it: synchronous RL
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,11 @@ class Workload:
     @property
     def seq_len(self) -> int:
         return self.prompt_len + self.gen_len
+
+    @property
+    def decode_steps(self) -> int:
+        """Decode steps of a generate call: the prefill chooses the first token, each step one more."""
+        return self.gen_len - 1
 
     @property
     def units(self) -> int:
@@ -78,6 +86,14 @@ class CallInstance:
 
     iteration: int
     call: str
+
+
+class VersionEdge(NamedTuple):
+    """Role R's ``train`` call in iteration i precedes R's ``call`` in iteration i + ``lag``."""
+
+    train: str
+    call: str
+    lag: int  # iterations
 
 
 @dataclass(frozen=True)
@@ -143,18 +159,26 @@ class Workflow:
     def predecessors(self, name: str) -> list[str]:
         return list(dict.fromkeys(p for p, c, _ in self.edges() if c == name))
 
-    def version_edges(self) -> list[tuple[str, str]]:
-        """``(train call of role R, call of R)``: the first in iteration i, the second in i+1."""
+    def version_edges(self) -> list[VersionEdge]:
+        """Every role's train call to each call of that role, ``lag`` iterations later."""
         out = []
         for train in self.calls:
             if train.kind != "train":
                 continue
-            out.extend((train.name, c.name) for c in self.calls if c.role == train.role)
+            out.extend(VersionEdge(train.name, c.name, SYNC_LAG) for c in self.calls if c.role == train.role)
         return out
 
     def trained_roles(self) -> dict[str, str]:
         """role → its train call."""
         return {c.role: c.name for c in self.calls if c.kind == "train"}
+
+    def home_calls(self) -> dict[str, str]:
+        """role → the call whose layout is the role's home, where its weights live between
+        calls: its train call, else its first call in topological order."""
+        first: dict[str, str] = {}
+        for name in self.topological_order():
+            first.setdefault(self[name].role, name)
+        return first | self.trained_roles()
 
     def topological_order(self) -> list[str]:
         """Calls ordered so every producer precedes its consumers; ties keep declaration order."""
@@ -182,8 +206,8 @@ class Workflow:
         data_edges = list(dict.fromkeys((p, c) for p, c, _ in self.edges()))
         for i in range(iterations):
             edges.extend((CallInstance(i, p), CallInstance(i, c)) for p, c in data_edges)
-            if i + 1 < iterations:
-                edges.extend((CallInstance(i, t), CallInstance(i + 1, c)) for t, c in self.version_edges())
+            edges.extend((CallInstance(i, e.train), CallInstance(i + e.lag, e.call))
+                         for e in self.version_edges() if i + e.lag < iterations)
         return nodes, edges
 
 
