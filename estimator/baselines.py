@@ -6,6 +6,8 @@ no data parallelism. Where the model cannot be split that way (tp must divide he
 heads, ffn and vocabulary; pp may not exceed the layers; the batch must split over
 dp·micro-batches) tp and pp step down and dp takes up the rest. Micro-batches: at least one
 per pipeline stage, so pipelines fill; with a profile, more while a device would overflow.
+The same two rules (:func:`closest_layout`, :func:`fit_micro_batches`) build every baseline of
+:mod:`search.baselines`.
 """
 
 from __future__ import annotations
@@ -15,27 +17,28 @@ import dataclasses
 from estimator.base.errors import ConfigError
 from estimator.cost.memory import plan_memory
 from estimator.profile.profiles import Profile
+from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import MICRO_BATCH_CHOICES, Layout, Plan, check, divisors, layout_problems
-from estimator.spec.workflow import Call
 
 
-def _candidates(call: Call, experiment: Experiment) -> list[Layout]:
-    """Valid whole-cluster layouts, most tensor parallelism first, then most stages, each with
-    the fewest micro-batches that is at least the number of stages (or the most that is valid)."""
-    cl = experiment.cluster
-    mesh = cl.whole()
+def closest_layout(experiment: Experiment, name: str, mesh: DeviceMesh, tp: int, pp: int) -> Layout | None:
+    """The layout of call ``name`` on ``mesh`` closest to (tp, pp): tp steps down first, then pp,
+    dp takes the rest; the fewest micro-batches that is at least the number of stages (or the
+    most that is valid). None when no degrees are valid."""
+    call, cl = experiment.workflow[name], experiment.cluster
     model = experiment.models[call.role]
-    out = []
-    for tp in sorted(divisors(cl.devices_per_node), reverse=True):
-        for pp in sorted(divisors(cl.nodes), reverse=True):
-            dp = mesh.size // (tp * pp)
+    for t in sorted(divisors(tp), reverse=True):
+        for p in sorted(divisors(pp), reverse=True):
+            if mesh.size % (t * p):
+                continue
+            dp = mesh.size // (t * p)
             valid = [m for m in MICRO_BATCH_CHOICES
-                     if not layout_problems(call, model, cl, Layout(mesh, dp, tp, pp, m))]
+                     if not layout_problems(call, model, cl, Layout(mesh, dp, t, p, m))]
             if valid:
-                enough = [m for m in valid if m >= pp]
-                out.append(Layout(mesh, dp, tp, pp, enough[0] if enough else valid[-1]))
-    return out
+                enough = [m for m in valid if m >= p]
+                return Layout(mesh, dp, t, p, enough[0] if enough else valid[-1])
+    return None
 
 
 def symmetric_plan(experiment: Experiment, profile: Profile | None = None, recompute: str = "none") -> Plan:
@@ -43,34 +46,34 @@ def symmetric_plan(experiment: Experiment, profile: Profile | None = None, recom
     the model or the batch does not allow it; with ``profile``, micro-batches raised call by call
     until the plan fits in memory (or no more are valid). ``recompute`` ("none" | "full"): the
     train calls' activation recompute (Megatron's ``--recompute-granularity full``)."""
-    wf = experiment.workflow
+    wf, cl = experiment.workflow, experiment.cluster
     layouts = {}
     for name in wf.topological_order():
-        cands = _candidates(wf[name], experiment)
-        if not cands:
+        lay = closest_layout(experiment, name, cl.whole(), cl.devices_per_node, cl.nodes)
+        if lay is None:
             raise ConfigError(f"call {name}: no whole-cluster layout is valid, so there is no symmetric "
                               "baseline plan for this experiment; give a plan with --plan")
         train = wf[name].kind == "train"
-        layouts[name] = dataclasses.replace(cands[0], recompute=recompute) if train else cands[0]
+        layouts[name] = dataclasses.replace(lay, recompute=recompute) if train else lay
     plan = check(Plan(layouts), experiment)
     if profile is None:
         return plan
-    return _fit_micro_batches(plan, experiment, profile)
+    return fit_micro_batches(experiment, profile, plan)
 
 
-def _fit_micro_batches(plan: Plan, experiment: Experiment, profile: Profile) -> Plan:
-    cl, wf = experiment.cluster, experiment.workflow
-    layouts = dict(plan.layouts)
+def fit_micro_batches(experiment: Experiment, profile: Profile, plan: Plan) -> Plan:
+    """Raise the micro-batches of the call at the fullest device until the plan fits (or no
+    larger valid count is left)."""
+    wf, layouts = experiment.workflow, dict(plan.layouts)
     while True:
         report = plan_memory(experiment, Plan(layouts), profile.capacity_bytes)
-        if report.feasible:
-            return Plan(layouts)
         name = report.peak.call
-        if not name:
+        if report.feasible or not name:
             return Plan(layouts)
         lay = layouts[name]
         more = [m for m in MICRO_BATCH_CHOICES if m > lay.micro_batches and not layout_problems(
-            wf[name], experiment.models[wf[name].role], cl, Layout(lay.mesh, lay.dp, lay.tp, lay.pp, m))]
+            wf[name], experiment.models[wf[name].role], experiment.cluster,
+            dataclasses.replace(lay, micro_batches=m, recompute="none"))]
         if not more:
             return Plan(layouts)
-        layouts[name] = dataclasses.replace(lay, micro_batches=more[0])
+        layouts = {**layouts, name: dataclasses.replace(lay, micro_batches=more[0])}

@@ -45,8 +45,8 @@ from estimator.profile.profiles import Profile
 from estimator.sim.evaluator import Evaluator, call_s
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
-from estimator.spec.plan import Layout, Plan
-from search.space import CallSpace, Space, make_layout, shape_of
+from estimator.spec.plan import Layout
+from search.space import CallSpace, Key, Space, make_layout, shape_of
 
 # Tuned on the 7B example (30,000 evaluations, seeds 0-2: within 0.1 % of the best plan a
 # 300 s search finds, against 1-6 % for 0.05 → 5e-4)
@@ -57,7 +57,6 @@ RECOMPUTE_P = 0.25  # chance a proposed shape recomputes where it may either way
 REPORT_EVERY_S = 0.25  # progress messages from chain processes
 MAX_IDLE = 10_000  # proposals in a row that change nothing before a chain gives up
 
-Key = tuple[Layout, ...]  # one layout per call, topological order
 GREEDY = "greedy"  # a start computed by the chain itself: greedy_plan
 Progress = Callable[[int, int, float], None]  # (chain, evaluations so far, best period)
 
@@ -111,7 +110,7 @@ class Chain:
     def score(self, key: Key) -> tuple[bool, float]:
         """(fits, period if it fits else bytes over capacity)."""
         t = time.monotonic()
-        r = self.ev.evaluate(Plan(dict(zip(self.names, key))))
+        r = self.ev.evaluate(self.space.plan(key))
         self.slowest = max(self.slowest, time.monotonic() - t)
         self.evaluated += 1
         if r.feasible:

@@ -31,7 +31,6 @@ and peak memory; ``--out`` writes the plan file (only when it fits). Exit codes:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -39,20 +38,17 @@ from dataclasses import dataclass
 
 from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_text
-from estimator.baselines import symmetric_plan
+from estimator.baselines import closest_layout, fit_micro_batches, symmetric_plan
 from estimator.cost.memory import fmt_bytes, plan_memory
 from estimator.profile.profiles import Profile, load_profile
 from estimator.sim.simulate import simulate
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import (
-    MICRO_BATCH_CHOICES,
     RECOMPUTE_CHOICES,
-    Layout,
     Plan,
     check,
     divisors,
-    layout_problems,
 )
 from search.checks import check_out
 
@@ -70,40 +66,6 @@ class Baseline:
     @property
     def feasible(self) -> bool:
         return self.plan is not None and self.reason is None
-
-
-def _layout(exp: Experiment, name: str, mesh: DeviceMesh, tp: int, pp: int) -> Layout | None:
-    """The layout on ``mesh`` closest to (tp, pp): tp steps down first, then pp; dp takes the rest."""
-    call, cl = exp.workflow[name], exp.cluster
-    model = exp.models[call.role]
-    for t in sorted(divisors(tp), reverse=True):
-        for p in sorted(divisors(pp), reverse=True):
-            if mesh.size % (t * p):
-                continue
-            dp = mesh.size // (t * p)
-            valid = [m for m in MICRO_BATCH_CHOICES
-                     if not layout_problems(call, model, cl, Layout(mesh, dp, t, p, m))]
-            if valid:
-                enough = [m for m in valid if m >= p]
-                return Layout(mesh, dp, t, p, enough[0] if enough else valid[-1])
-    return None
-
-
-def _fit(exp: Experiment, profile: Profile, plan: Plan) -> Plan:
-    """Raise the micro-batches of the call at the fullest device until the plan fits (or no
-    larger valid count is left)."""
-    wf, layouts = exp.workflow, dict(plan.layouts)
-    while True:
-        report = plan_memory(exp, Plan(layouts), profile.capacity_bytes)
-        name = report.peak.call
-        if report.feasible or not name:
-            return Plan(layouts)
-        lay = layouts[name]
-        more = [m for m in MICRO_BATCH_CHOICES if m > lay.micro_batches and not layout_problems(
-            wf[name], exp.models[wf[name].role], exp.cluster, Layout(lay.mesh, lay.dp, lay.tp, lay.pp, m))]
-        if not more:
-            return Plan(layouts)
-        layouts = {**layouts, name: dataclasses.replace(lay, micro_batches=more[0])}
 
 
 def _halves(exp: Experiment, first_share: float = 0.5) -> tuple[DeviceMesh, DeviceMesh]:
@@ -125,11 +87,11 @@ def _build(exp: Experiment, profile: Profile, rule: Callable[[str], tuple[Device
     layouts = {}
     for name in exp.workflow.topological_order():
         mesh, tp, pp = rule(name)
-        lay = _layout(exp, name, mesh, tp, pp)
+        lay = closest_layout(exp, name, mesh, tp, pp)
         if lay is None:
             raise ConfigError(f"call {name}: no valid layout on mesh {mesh}")
         layouts[name] = lay
-    return _fit(exp, profile, check(Plan(layouts), exp))
+    return fit_micro_batches(exp, profile, check(Plan(layouts), exp))
 
 
 def megatron(exp: Experiment, profile: Profile, recompute: str = "none") -> Plan:
@@ -194,7 +156,7 @@ def _training_meshes(exp: Experiment, share: float) -> tuple[DeviceMesh, DeviceM
         return _halves(exp)
     for a in sorted(range(1, nodes), key=lambda a: (abs(a - nodes * share), a)):
         actor, critic = _halves(exp, a / nodes)
-        if all(_layout(exp, n, m, *_real_training(exp, m, r)[1:]) is not None
+        if all(closest_layout(exp, n, m, *_real_training(exp, m, r)[1:]) is not None
                for n, m, r in (("actor_train", actor, "actor"), ("critic_train", critic, "critic"))):
             return actor, critic
     return _halves(exp, share)

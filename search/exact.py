@@ -16,19 +16,14 @@ from collections.abc import Callable
 import numpy as np
 
 from estimator.sim.evaluator import Evaluator
-from estimator.spec.plan import Layout, Plan
-from search.space import Space
+from search.space import Key, Space
 
 EXACT_MAX_PLANS = 200_000  # ~10 s of batched evaluation on one core
 BATCH = 4096
 
-Key = tuple[Layout, ...]
-
-
 def exact_search(space: Space, evaluator: Evaluator, top_k: int,
                  progress: Callable[[int, float], None] | None = None) -> tuple[list[tuple[float, Key]], int]:
     """The ``top_k`` fastest distinct plans that fit, fastest first, and the plans evaluated."""
-    names = space.names
     per_call = [c.layouts() for c in space.calls]
     top: list[tuple[float, int, Key]] = []  # (period, enumeration index, plan)
     evaluated = 0
@@ -37,7 +32,7 @@ def exact_search(space: Space, evaluator: Evaluator, top_k: int,
         batch = list(itertools.islice(product, BATCH))
         if not batch:
             break
-        r = evaluator.evaluate_many([Plan(dict(zip(names, key))) for key in batch])
+        r = evaluator.evaluate_many([space.plan(key) for key in batch])
         ok = np.flatnonzero(r.feasible)
         best = ok[np.argsort(r.iteration_s[ok], kind="stable")][:top_k]
         top += [(float(r.iteration_s[i]), evaluated + int(i), batch[i]) for i in best]

@@ -33,7 +33,7 @@ from estimator.sim.evaluator import Evaluator
 from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, experiment_from_dict
 from estimator.spec.plan import Plan
-from search.anneal import GREEDY, Key, anneal, default_chains
+from search.anneal import GREEDY, anneal, default_chains
 from search.baselines import BASELINES, Baseline, build
 from search.exact import EXACT_MAX_PLANS, exact_search
 from search.space import Space, build_space
@@ -98,10 +98,6 @@ class SearchResult:
         return self.evaluator_s / self.iteration_s - 1.0
 
 
-def _key(space: Space, plan: Plan) -> Key:
-    return tuple(plan[n] for n in space.names)
-
-
 def _sim_worker(experiment: Experiment, profile: Profile, jobs: list[tuple[int, Plan, bool]], queue) -> None:
     ev = None
     for i, plan, need_eval in jobs:
@@ -162,7 +158,7 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
     space = build_space(experiment, profile, recompute)
     baselines = {name: build(name, experiment, profile, simulate_it=False) for name in BASELINES}
     ev = Evaluator(experiment, profile)
-    starts: list = [_key(space, b.plan) for b in baselines.values() if b.feasible and space.contains(b.plan)]
+    starts: list = [space.key(b.plan) for b in baselines.values() if b.feasible and space.contains(b.plan)]
     starts.append(GREEDY)  # computed by the chain that starts from it
     setup_s = time.monotonic() - t0
     exact = method == "exact" or (method == "auto" and space.size <= EXACT_MAX_PLANS)
@@ -193,12 +189,12 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
     search_s = time.monotonic() - t0 - setup_s
     # simulated in this order while the budget lasts: the evaluator's best, the baselines (so the
     # speed-ups are the simulator's), then the other candidates
-    found = [(Plan(dict(zip(space.names, key))), period, "search") for period, key in top]
+    found = [(space.plan(key), period, "search") for period, key in top]
     cands, seen = found[:1], {key for _, key in top}
     for b in baselines.values():
-        if b.feasible and _key(space, b.plan) not in seen:
+        if b.feasible and space.key(b.plan) not in seen:
             cands.append((b.plan, None, f"baseline {b.name}"))
-            seen.add(_key(space, b.plan))
+            seen.add(space.key(b.plan))
     cands += found[1:]
     if not cands:
         raise ConfigError(f"no plan fits in {profile.capacity_bytes / 2**30:.1f} GiB per device: no baseline "
@@ -222,10 +218,10 @@ def _bar(progress: bool, total: int | None):
 def _result(experiment: Experiment, profile: Profile, space: Space, baselines: dict[str, Baseline],
             candidates: tuple[Candidate, ...], evaluated: int, method: str, chains: int, setup_s: float,
             t0: float, slowest_eval_s: float, search_s: float) -> SearchResult:
-    by_plan = {_key(space, c.plan): c for c in candidates}
+    by_plan = {space.key(c.plan): c for c in candidates}
     for name, b in baselines.items():
         if b.feasible:
-            c = by_plan[_key(space, b.plan)]
+            c = by_plan[space.key(b.plan)]
             if c.simulator_s is not None:
                 baselines[name] = dataclasses.replace(b, iteration_s=c.simulator_s)
             elif c.evaluator_s is not None:

@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass
 
 from estimator.base.errors import ConfigError
+from estimator.base.tables import format_table
 from estimator.cost.memory import call_bytes, fmt_bytes, home_bytes
 from estimator.profile.profiles import Profile
 from estimator.spec.cluster import DeviceMesh
@@ -41,12 +42,12 @@ from estimator.spec.plan import (
     Layout,
     Plan,
     divisors,
-    format_table,
     layout_problems,
     recompute_choices,
 )
 
 Shape = tuple[int, int, int, int, str]  # (dp, tp, pp, micro_batches, recompute)
+Key = tuple[Layout, ...]  # a plan as the search holds it: one layout per call, the space's call order
 
 
 def shape_of(layout: Layout) -> Shape:
@@ -105,6 +106,14 @@ class Space:
 
     def __getitem__(self, name: str) -> CallSpace:
         return self.calls[self.names.index(name)]
+
+    def plan(self, key: Key) -> Plan:
+        """The plan a search key stands for."""
+        return Plan(dict(zip(self.names, key)))
+
+    def key(self, plan: Plan) -> Key:
+        """The search key of ``plan``: its layouts in this space's call order."""
+        return tuple(plan[n] for n in self.names)
 
     @property
     def log10_size(self) -> float:
