@@ -154,38 +154,52 @@ class Curve:
         return np.asarray(self._ys)[np.clip(idx, 0, len(self._ys) - 1)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Profile:
-    """One device kind: compute, memory and links, with the provenance of every number."""
+    """One device kind: compute, memory and links, with the provenance of every number.
 
+    Fields are grouped as the profile file's sections are (``compute``, ``memory``, ``links``,
+    ``executor``, ``host``); the file itself is kept in ``raw``."""
+
+    # the header
     name: str
     source: str  # measured | datasheet
     device: str  # device model in words
     date: str  # ISO date the figures were collected
     software: dict[str, str]  # versions (driver, CUDA, torch, NCCL) of a measurement
+    # compute
     peak_flops: float  # dense bf16 FLOP/s
     flops_efficiency: Curve  # by FLOPs of one op
     launch_overhead_s: float  # per aten op dispatched outside autograd (inference, generation), seconds
+    grad_overhead_s: float | None = None  # per op dispatched while autograd records (training forward)
+    backward_overhead_s: float | None = None  # per op the autograd engine runs in a backward pass
+    compose: str = "overlap"  # serial | overlap: how host dispatch and device work combine
+    dtype: str = "bfloat16"  # run dtype the device's figures are for (selects the op census)
+    # device time of an op inside the executor's model code against the same op timed alone, per dispatch mode
+    device_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    ops: str = "executor"  # op census charged: executor (eager aten ops) | fused (one entry per fused kernel)
+    kernel_floor_s: float = 0.0  # shortest time any kernel takes on the device, seconds
+    # fused kernel → (bandwidth efficiency, floor_s[, FLOPs efficiency]) where the profile measured it
+    kernels: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    # memory
     capacity_bytes: float  # device memory, bytes
     mem_bandwidth_Bps: float  # device memory bandwidth, bytes/s
     mem_efficiency: Curve  # by bytes of one op
+    # links
     links: dict[str, dict[str, LinkCost]]  # link class → collective → cost
     link_names: dict[str, str]  # link class → what it is, e.g. "NVLink 4 via NVSwitch"
+    # executor: the runtime's own costs beyond its ops
+    call_overhead_s: float = 0.0  # bookkeeping per call, seconds
+    micro_batch_overhead_s: float = 0.0  # bookkeeping per micro-batch stage pass, seconds
+    collective_overhead_s: float = 0.0  # extra per collective issued between computations, seconds
+    p2p_overhead_s: float = 0.0  # extra per pipeline message sent between computations, seconds
+    checkpoint_s: tuple[float, float] = (0.0, 0.0)  # activation checkpointing per block, (forward, backward), s
+    # host
+    host: HostSharing | None = None  # devices of one host slow each other down (CPU); None: they do not
+    # where it came from
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)  # the file
     path: str = ""  # where it was loaded from
-    compose: str = "overlap"  # serial | overlap: how host dispatch and device work combine
-    dtype: str = "bfloat16"  # run dtype the device's figures are for (selects the op census)
-    call_overhead_s: float = 0.0  # executor bookkeeping per call, seconds
-    micro_batch_overhead_s: float = 0.0  # executor bookkeeping per micro-batch stage pass, seconds
-    grad_overhead_s: float | None = None  # per op dispatched while autograd records (training forward)
-    backward_overhead_s: float | None = None  # per op the autograd engine runs in a backward pass
-    host: HostSharing | None = None  # devices of one host slow each other down (CPU); None: they do not
-    collective_overhead_s: float = 0.0  # executor: extra per collective issued between computations, seconds
-    # device time of an op inside the executor's model code against the same op timed alone, per dispatch mode
-    device_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    # executor: activation checkpointing's own cost per block, (forward, backward), seconds
-    checkpoint_s: tuple[float, float] = (0.0, 0.0)
-    p2p_overhead_s: float = 0.0  # executor: extra per pipeline message sent between computations, seconds
+    _by_kinds: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # kinds → figures
 
     def alone(self) -> Profile:
         """The same device computing while its host's other devices idle (``host.alone``); the
@@ -204,12 +218,6 @@ class Profile:
                        backward_overhead_s=scaled(self.backward_overhead_s, "dispatch"),
                        call_overhead_s=self.call_overhead_s * a["executor"],
                        micro_batch_overhead_s=self.micro_batch_overhead_s * a["executor"], host=None)
-    ops: str = "executor"  # op census charged: executor (eager aten ops) | fused (one entry per fused kernel)
-    kernel_floor_s: float = 0.0  # shortest time any kernel takes on the device, seconds
-    # fused kernel → (bandwidth efficiency, floor_s[, FLOPs efficiency]) where the profile measured it
-    kernels: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    _by_kinds: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # kinds → figures
-
     def kernel_figures(self, kinds: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row of ``kinds``: bandwidth efficiency, floor and FLOPs efficiency (NaN where the
         profile has none of its own), looked up once per tuple of kernel names."""
