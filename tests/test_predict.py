@@ -27,6 +27,7 @@ def test_json_output(capsys):
     assert set(out["calls"]) == {"actor_gen", "ref_inf", "reward_inf", "critic_inf", "actor_train", "critic_train"}
     for v in out["calls"].values():
         assert v["duration_s"] > 0 and v["start_s"] >= 0
+        assert v["duration_s"] >= v["comm_s"] + v["wait_s"] + v["realloc_s"] - 1e-9 and v["wait_s"] >= 0
     assert "symmetric" in out["plan_source"]
 
 
@@ -46,6 +47,7 @@ def test_table_output_says_the_plan_is_symmetric(capsys):
     out = capsys.readouterr().out
     assert "symmetric baseline plan (no --plan given)" in out
     assert "predicted iteration time" in out and "roofline lower bound" in out and "peak GiB" in out
+    assert "comm s  wait s  realloc s" in out
 
 
 def test_infeasible_plan_exits_1_with_the_reason(tmp_path, capsys):
