@@ -17,7 +17,8 @@ last simulated iteration, of which communication — collectives and moving inpu
 for inputs to be produced, and parameter reallocation), peak memory
 per device against capacity, model FLOP utilisation and the roofline lower bound. ``--json``
 prints one object instead, with ``iteration_s``, ``profile``, ``profile_source`` (measured or
-datasheet), ``profile_path``, ``feasible``, ``reasons``,
+datasheet), ``profile_path``, ``op_set`` (``ops``: the op set the profile charges, ``executor``
+or ``fused``; ``stack``; ``text``: the line the table prints), ``feasible``, ``reasons``,
 ``peak_memory_bytes``, ``roofline_s``, ``mfu`` and ``calls.<name>.{start_s, duration_s, comm_s, wait_s,
 realloc_s, ...}``.
 
@@ -40,7 +41,7 @@ from estimator.experiment import Experiment, load_experiment
 from estimator.io import check_output_path
 from estimator.memory import GiB, MemoryReport, plan_memory
 from estimator.plan import Plan, check, format_table
-from estimator.profiles import Profile, load_profile
+from estimator.profiles import Profile, load_profile, op_set
 from estimator.roofline import mfu, roofline_s
 from estimator.simulator import SimResult, simulate
 
@@ -109,6 +110,7 @@ def predict(experiment: Experiment, plan: Plan, profile: Profile, iterations: in
         "profile": profile.name,
         "profile_source": profile.source,  # measured | datasheet
         "profile_path": profile.path,
+        "op_set": op_set(profile),  # the software stack the op costs are for (compute.ops)
         "iterations": iterations,
         "iteration_s": period,
         "feasible": memory.feasible,
@@ -127,6 +129,7 @@ def render(summary: dict[str, Any], memory: MemoryReport, plan_source: str) -> s
     where = f"{summary['profile_source']}, {summary['profile_path']}" if summary.get("profile_path") else \
         summary["profile_source"]
     lines = [f"experiment {summary['experiment']} on profile {summary['profile']} ({where}): {plan_source}",
+             summary["op_set"]["text"],
              f"predicted iteration time {summary['iteration_s']:.3f} s (steady state over "
              f"{summary['iterations']} simulated iterations)", ""]
     rows = [("call", "mesh", "dp", "tp", "pp", "micro", "start s", "duration s", "comm s", "wait s", "realloc s")]

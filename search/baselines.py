@@ -52,7 +52,7 @@ from estimator.plan import (
     divisors,
     layout_problems,
 )
-from estimator.profiles import Profile, load_profile
+from estimator.profiles import Profile, load_profile, op_set
 from estimator.simulator import simulate
 from search.checks import check_out
 
@@ -276,11 +276,13 @@ def _main(argv: list[str] | None) -> int:
     if args.out and base.feasible:
         atomic_write_text(args.out, base.plan.to_json())
     if args.json:
-        print(json.dumps({"name": base.name, "iteration_s": base.iteration_s, "reason": base.reason,
+        print(json.dumps({"name": base.name, "op_set": op_set(profile), "iteration_s": base.iteration_s,
+                          "reason": base.reason,
                           "peak_memory_bytes": memory.peak.peak_bytes if memory else None,
                           "plan": json.loads(base.plan.to_json()) if base.plan else None}, indent=2))
     else:
         print(f"baseline {base.name} for {experiment.name} on profile {profile.name}")
+        print(op_set(profile)["text"])
         if base.plan:
             print(base.plan.table())
         if base.feasible:
