@@ -7,10 +7,12 @@ Usage::
     python -m analysis.validate examples/grpo-tiny-2xcpu.yaml --plans 4 --iterations 3 --runs 1 --json
     python -m analysis.validate examples/ppo-tiny-2xcpu.yaml --rescore analysis/results/ppo-tiny-2xcpu --out /tmp/ppo
 
-The plans: every baseline that fits (:mod:`search.baselines`; those left out are named with
-the reason) and the searched best plan (:func:`search.run_search`, at most ``--search-evals``
-plans, seeded, so it repeats exactly), then a seeded sample covering every structural kind
-(:mod:`analysis.sampler`) up to ``--plans``; or exactly the plan files in ``--plan-dir``. Each plan is simulated for
+The plans, exactly ``--plans`` of them: the searched best plan (:func:`search.run_search`, at
+most ``--search-evals`` plans, seeded, so it repeats exactly), every baseline that fits
+(:mod:`search.baselines`; those that do not fit, or that ``--plans`` leaves no room for, are
+named with the reason), then a seeded sample covering every structural kind
+(:mod:`analysis.sampler`) up to ``--plans`` (fewer only when no further distinct plan fits,
+which a note says); or exactly the plan files in ``--plan-dir``. Each plan is simulated for
 ``--iterations`` iterations and run with ``python -m executor.run`` in ``--runs`` fresh
 processes, one run at a time (progress bar on stderr). Everything is written into ``--out``
 (default ``analysis/results/<experiment>``), each file atomically. ``--rescore DIR`` runs
@@ -55,7 +57,7 @@ from estimator.experiment import Experiment, load_experiment
 from estimator.io import atomic_write_json, atomic_write_text
 from estimator.loading import load_json
 from estimator.plan import Plan, check
-from estimator.profiles import Profile, load_profile
+from estimator.profiles import Profile, load_profile, op_set
 from estimator.simulator import simulate
 from estimator.timeline import Timeline
 
@@ -104,7 +106,9 @@ def search_plans(experiment: Experiment, profile: Profile, seed: int,
 
 def choose(experiment: Experiment, profile: Profile, n: int, seed: int,
            max_evals: int) -> tuple[list[Candidate], list[str]]:
-    """The plans to validate: baselines and the searched best, then a sample up to ``n``."""
+    """Exactly ``n`` plans where that many exist: the searched best, the baselines that fit in
+    their order while ``n`` leaves room (those left out are named), then a sample; fewer only
+    when the sample runs out of distinct plans that fit (said in a note)."""
     from analysis.sampler import sample_plans
 
     first, notes = search_plans(experiment, profile, seed, max_evals)
@@ -113,11 +117,22 @@ def choose(experiment: Experiment, profile: Profile, n: int, seed: int,
         same = unique.setdefault(c.plan.to_json(), c)
         if same is not c:
             notes.append(f"{c.id} is the same plan as {same.id}; validated once as {same.id}")
-    sampled, missing = sample_plans(experiment, profile, max(n - len(unique), 0), seed,
-                                    exclude=[c.plan for c in unique.values()])
-    cands = list(unique.values()) + [Candidate(f"sample-{i:02d}", p, "sample") for i, p in enumerate(sampled)]
+    found = list(unique.values())
+    # the searched best first, then the baselines in their order; listed baselines first
+    keep = {id(c) for c in sorted(found, key=lambda c: c.origin != "search")[:n]}
+    for c in found:
+        if id(c) not in keep:
+            notes.append(f"{c.id} left out: --plans {n} leaves no room for it (the searched best comes first, "
+                         "then the baselines in their order)")
+    kept = [c for c in found if id(c) in keep]
+    want = max(n - len(kept), 0)
+    sampled, missing = sample_plans(experiment, profile, want, seed, exclude=[c.plan for c in found])
+    cands = kept + [Candidate(f"sample-{i:02d}", p, "sample") for i, p in enumerate(sampled)]
     if missing:
         notes.append(f"no valid plan of kind(s) {missing} exists for this experiment; the sample lacks them")
+    if len(sampled) < want:
+        notes.append(f"only {len(cands)} of --plans {n}: the sample found no further distinct plan that is valid "
+                     "and fits in memory")
     return cands, notes
 
 
@@ -193,8 +208,8 @@ def predict(cands: list[Candidate], experiment: Experiment, profile: Profile, it
         c.predicted.save(out / "timelines" / f"{c.id}.predicted.json")
 
 
-def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: list[str], settings: dict[str, Any]
-           ) -> dict[str, Any]:
+def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: list[str], settings: dict[str, Any],
+           profile: Profile) -> dict[str, Any]:
     """Join, summarise, write the CSVs, figures and summary; the summary as a dict."""
     from analysis import compare, plot
 
@@ -222,9 +237,11 @@ def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: lis
     plot.stacked(chosen.predicted, chosen.measured[0], out / "timelines.png", f"{experiment.name}, plan {best}")
     failed = {c.id: c.failures for c in cands if c.failures}
     per_plan = json.loads(plans.drop(columns=["plan_file"]).to_json(orient="records"))
-    doc = {"experiment": experiment.name, "settings": settings, "notes": notes, "failed_runs": failed,
+    priced = op_set(profile)
+    doc = {"experiment": experiment.name, "op_set": priced, "settings": settings, "notes": notes,
+           "failed_runs": failed,
            "plans": per_plan, **json.loads(json.dumps(s, default=_plain))}
-    text = "\n".join([f"validation of {experiment.name}: {len(done)} plans measured",
+    text = "\n".join([f"validation of {experiment.name}: {len(done)} plans measured", f"predictions {priced['text']}",
                       *[f"note: {n}" for n in notes],
                       *[f"failed: {k}: {'; '.join(v)}" for k, v in failed.items()], "",
                       compare.plan_table(plans), "", compare.summary_table(s), "",
@@ -293,7 +310,7 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
         for c in cands:  # the measured runs go with the comparison they belong to
             for r, tl in enumerate(c.measured):
                 tl.save(out / "timelines" / f"{c.id}.measured-{r}.json")
-    return _finish(cands, experiment, out, notes, settings, args.json)
+    return _finish(cands, experiment, out, notes, settings, args.json, profile)
 
 
 OWN_FILES = {"plans": re.compile(r"^(?P<id>[^.]+)\.json$"),
@@ -315,13 +332,13 @@ def clear_stale(out: Path, ids: set[str]) -> list[str]:
 
 
 def _finish(cands: list[Candidate], experiment: Experiment, out: Path, notes: list[str], settings: dict[str, Any],
-            as_json: bool) -> int:
+            as_json: bool, profile: Profile) -> int:
     gone = clear_stale(out, {c.id for c in cands})
     if gone:
         notes = notes + [f"removed {len(gone)} file(s) of plans an earlier validation in {out} had and this one "
                          "has not"]
     try:
-        rep = report(cands, experiment, out, notes, settings)
+        rep = report(cands, experiment, out, notes, settings, profile)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NOTHING_MEASURED
