@@ -26,7 +26,13 @@ Chrome trace (Perfetto). Train calls may recompute activations where memory dema
 ``baselines.<name>.iteration_s`` (null when it does not fit), ``evaluated``, ``space_log10``,
 ``roofline_s``, ``peak_memory_bytes`` and more.
 
-Exit codes: 0 a plan was found; 2 invalid input (checked before any search work).
+When no plan exists it says why: a call that fits on no layout is named with the least it
+needs on a device, by part (weights, grads, optimizer, reallocated copy, activations, KV
+cache); when every call fits alone but no plan fits, the tightest call of the plan tried with
+the lowest peak is named with its device's bytes by part against the capacity.
+
+Exit codes: 0 a plan was found; 2 invalid input (checked before any search work) or no plan
+fits (the reason as above).
 """
 
 from __future__ import annotations
