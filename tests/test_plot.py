@@ -55,12 +55,69 @@ def test_gantt_writes_a_png_for_predicted_and_measured(tmp_path: Path):
     assert _is_png(plot.write_gantt(measured(11.0), tmp_path / "m.png", iterations=1))
 
 
-def test_gantt_above_16_devices_draws_one_row_per_stage(tmp_path: Path):
+def test_gantt_above_16_devices_without_a_plan_draws_every_device_as_a_thin_row(tmp_path: Path):
     spans = [Span(0.0, 1.0, d, 0, "actor_train", "forward", 0, d // 8) for d in range(32)]
     tl = Timeline.of(spans)
-    rows = plot._rows(tl, None)
-    assert sorted(rows["device"]) == [0, 8, 16, 24]
+    groups = plot.device_groups(tl, set(range(32)))
+    assert groups == [range(d, d + 1) for d in range(32)]
+    assert sorted(plot._place(tl, plot._rows(tl, None), groups)["row"]) == list(range(32))
     assert _is_png(plot.write_gantt(tl, tmp_path / "big.png"))
+
+
+def _layout(mesh: str, dp: int, tp: int, pp: int) -> dict:
+    return {"mesh": mesh, "dp": dp, "tp": tp, "pp": pp, "micro_batches": 1}
+
+
+def test_gantt_above_16_devices_groups_rows_by_stages_and_shows_every_busy_device(tmp_path: Path):
+    """Generation on 32 devices in one stage (recorded on device 0 only), training on 0-15 in
+    two stages, a critic on 16-31: three groups, and generation is drawn on all three."""
+    plan = {"gen": _layout("0-31", 4, 8, 1), "train": _layout("0-15", 2, 4, 2), "critic": _layout("16-31", 2, 8, 1)}
+    spans = [Span(0.0, 2.0, 0, 0, "gen", "decode", 0, 0), Span(2.0, 3.0, 0, 0, "train", "forward", 0, 0),
+             Span(3.0, 4.0, 8, 0, "train", "forward", 0, 1), Span(2.0, 5.0, 16, 0, "critic", "forward", 0, 0),
+             Span(0.0, 0.1, 0, 0, "gen", "realloc", -1, 0, "realloc actor")]
+    tl = Timeline(tuple(spans), "predicted", {"plan": plan, "spans": "one device per pipeline stage"})
+    groups = plot.device_groups(tl, {0, 8, 16})
+    assert groups == [range(0, 8), range(8, 16), range(16, 32)]
+    placed = plot._place(tl, plot._rows(tl, None), groups)
+    rows = {(c, op): sorted(g["row"]) for (c, op), g in placed.groupby(["call", "op"])}
+    assert rows == {("gen", "decode"): [0, 1, 2], ("gen", "realloc"): [0, 1, 2], ("train", "forward"): [0, 1],
+                    ("critic", "forward"): [2]}
+    assert placed.loc[(placed["call"] == "train"), ["row", "stage"]].values.tolist() == [[0, 0], [1, 1]]
+    fig, ax = plot.plt.subplots()
+    plot.gantt(tl, ax)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["dev 0-7 (8)", "dev 8-15 (8)", "dev 16-31 (16)"]
+    plot.plt.close(fig)
+
+
+def test_a_simulated_big_cluster_draws_each_call_on_every_device_group_it_runs_on():
+    """The simulator's timeline of a 32-device plan, one device per stage or every device,
+    lands on the same rows: each call on exactly the groups its stages cover."""
+    from analysis.whatif import apply
+    from estimator.experiment import load_experiment
+    from estimator.plan import Plan, check
+    from estimator.profiles import load_profile
+    from estimator.simulator import simulate
+    from tests.conftest import EXAMPLES
+
+    big = {"nodes": 4, "devices_per_node": 8, "batch_size": 64}
+    exp = apply(load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml"), big)
+    lay = {"actor_gen": _layout("0-31", 32, 1, 1), "ref_inf": _layout("0-31", 16, 1, 2),
+           "reward_inf": _layout("0-15", 8, 2, 1), "critic_inf": _layout("16-31", 8, 2, 1),
+           "actor_train": _layout("0-15", 8, 1, 2), "critic_train": _layout("16-31", 16, 1, 1)}
+    plan = check(Plan.from_data({"calls": lay}), exp)
+    result = simulate(exp, plan, load_profile("cpu"), iterations=1)
+    placements = []
+    for per_device in (False, True):
+        tl = result.timeline(per_device)
+        df = plot._rows(tl, None)
+        groups = plot.device_groups(tl, set(df.loc[df["device"] >= 0, "device"]))
+        assert groups == [range(0, 8), range(8, 16), range(16, 32)]
+        placed = plot._place(tl, df, groups)
+        assert {c: sorted(set(g["row"])) for c, g in placed.groupby("call")} == {
+            "actor_gen": [0, 1, 2], "ref_inf": [0, 1, 2], "reward_inf": [0, 1], "critic_inf": [2],
+            "actor_train": [0, 1], "critic_train": [2]}
+        placements.append(sorted(zip(placed["row"], placed["call"], placed["op"], placed["start_s"])))
+    assert placements[0] == placements[1]
 
 
 def test_validation_figures_write_pngs(tmp_path: Path):
