@@ -16,9 +16,10 @@ calls (from the plan the timeline records: :func:`device_groups`), each stage's 
 every row its devices make up, so a call on 32 devices shows on all of them; compute coloured by call with the
 same colour for a call in every figure (:func:`call_color`), reallocation hatched, and
 communication and data movement in a thin lane under each row; spans that occupy only a link
-get rows of their own at the bottom. The validation figures: :func:`scatter` (predicted against
-measured iteration times, y = x and ±10 % bands), :func:`error_bars` (per call and per op kind)
-and :func:`stacked` (a plan's predicted and measured timelines on one time axis).
+get rows of their own at the bottom. The validation figures: :func:`scatter` (measured on x,
+predicted on y — as :mod:`analysis.published` draws them — with y = x and ±10 % bands),
+:func:`error_bars` (per call and per op kind) and :func:`stacked` (a plan's predicted and
+measured timelines on one time axis).
 """
 
 from __future__ import annotations
@@ -284,8 +285,26 @@ def stacked(predicted: Timeline, measured: Timeline, out: str | Path, title: str
 # ---- validation figures -------------------------------------------------------------------------
 
 
+def log_ticks(ax: Axes, lo: float, hi: float) -> None:
+    """Log x and y axes over [lo, hi] with plain-number labels at 1, 2 and 5 of each decade
+    (at each power of ten over more than three decades), so even a range inside one decade
+    gets several labelled ticks; other minor ticks unlabelled."""
+    import math
+
+    from matplotlib.ticker import LogLocator
+
+    subs = (1.0, 2.0, 5.0) if math.log10(hi / lo) <= 3 else (1.0,)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=subs))
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_locator(LogLocator(base=10, subs=[s for s in range(1, 10) if s not in subs]))
+        axis.set_minor_formatter(NullFormatter())  # labelled minor ticks would overlap
+
+
 def scatter(plans: pd.DataFrame, out: str | Path, title: str = "") -> Path:
-    """Measured against predicted iteration time per plan (bars: min..max over runs), y = x, ±10 %."""
+    """Predicted (y) against measured (x) iteration time per plan — the measured median with
+    the runs' min..max as horizontal bars — with y = x and ±10 % bands; log axes when the
+    plans span a decade or more."""
     df = plans.dropna(subset=["predicted_s", "measured_s"])
     if df.empty:
         raise ValueError("scatter: no plan with both a predicted and a measured time")
@@ -295,27 +314,26 @@ def scatter(plans: pd.DataFrame, out: str | Path, title: str = "") -> Path:
     xs = pd.Series([lo, hi])
     ax.plot(xs, xs, color="black", linewidth=1, label="y = x")
     ax.fill_between(xs, xs * 0.9, xs * 1.1, color="tab:green", alpha=0.15, label="±10 %")
-    yerr = [df["measured_s"] - df["measured_min_s"], df["measured_max_s"] - df["measured_s"]]
-    ax.errorbar(df["predicted_s"], df["measured_s"], yerr=yerr, fmt="o", color="tab:blue", capsize=3,
-                label="plan (median, min–max over runs)")
+    xerr = [df["measured_s"] - df["measured_min_s"], df["measured_max_s"] - df["measured_s"]]
+    ax.errorbar(df["measured_s"], df["predicted_s"], xerr=xerr, fmt="o", color="tab:blue", capsize=3,
+                label="plan (measured median, min–max over runs)")
     if len(df) <= 30:
         for _, r in df.iterrows():
-            ax.annotate(str(r["plan"]), (r["predicted_s"], r["measured_s"]), fontsize=7,
+            ax.annotate(str(r["plan"]), (r["measured_s"], r["predicted_s"]), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
     values = pd.concat([df["predicted_s"], df["measured_s"]])
     if values.max() / values.min() > 10:  # plans a decade apart: log axes, plain-number ticks
         ax.set_xscale("log")
         ax.set_yscale("log")
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(FormatStrFormatter("%g"))
-            axis.set_minor_formatter(NullFormatter())  # labelled minor ticks would overlap
+        log_ticks(ax, lo, hi)
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
-    ax.set_xlabel("predicted iteration time (s)")
-    ax.set_ylabel("measured iteration time (s)")
-    ax.set_title(title or "predicted vs measured iteration time", fontsize=10)
+    ax.set_xlabel("measured iteration time (s), median of the runs")
+    ax.set_ylabel("predicted iteration time (s)")
+    ax.set_title(title or "measured (x) vs predicted (y) iteration time", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
+    ax.grid(which="minor", alpha=0.12)
     return _save(fig, out)
 
 

@@ -6,6 +6,7 @@ Usage::
     python -m analysis.validate examples/dpo-tiny-2xcpu.yaml --plan-dir examples/plans/dpo-tiny-2xcpu --runs 3
     python -m analysis.validate examples/grpo-tiny-2xcpu.yaml --plans 4 --iterations 3 --runs 1 --json
     python -m analysis.validate examples/ppo-tiny-2xcpu.yaml --rescore analysis/results/ppo-tiny-2xcpu --out /tmp/ppo
+    python -m analysis.validate examples/ppo-tiny-2xcpu.yaml --replot analysis/results/ppo-tiny-2xcpu
 
 The plans, exactly ``--plans`` of them: the searched best plan (:func:`search.run_search`, at
 most ``--search-evals`` plans, seeded, so it repeats exactly), every baseline that fits
@@ -15,10 +16,11 @@ named with the reason), then a seeded sample covering every structural kind
 which a note says); or exactly the plan files in ``--plan-dir``. Each plan is simulated for
 ``--iterations`` iterations and run with ``python -m executor.run`` in ``--runs`` fresh
 processes, one run at a time (progress bar on stderr). Everything is written into ``--out``
-(default ``analysis/results/<experiment>``), each file atomically. ``--rescore DIR`` runs
-nothing: it predicts the plans of an earlier validation in DIR again — with this tree's model
-and ``--profile`` — against the runs measured there, so a change to the model or the profile is
-judged on the same measurements:
+(default ``analysis/results/<experiment>``), each file atomically. ``--replot DIR`` runs and
+predicts nothing: it redraws the figures of an earlier validation in DIR from its tables and
+timelines. ``--rescore DIR`` runs nothing: it predicts the plans of an earlier validation in
+DIR again — with this tree's model and ``--profile`` — against the runs measured there, so a
+change to the model or the profile is judged on the same measurements:
 
 - ``plans/<id>.json`` the plans, ``timelines/<id>.predicted.json`` and ``<id>.measured-<r>.json``;
 - ``plans.csv`` (per plan: predicted and measured iteration time, the runs' min and max, the
@@ -211,7 +213,7 @@ def predict(cands: list[Candidate], experiment: Experiment, profile: Profile, it
 def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: list[str], settings: dict[str, Any],
            profile: Profile) -> dict[str, Any]:
     """Join, summarise, write the CSVs, figures and summary; the summary as a dict."""
-    from analysis import compare, plot
+    from analysis import compare
 
     kinds = {c: experiment.workflow[c].kind for c in experiment.workflow.call_names}
     done = [c for c in cands if c.measured]
@@ -231,10 +233,8 @@ def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: lis
         atomic_write_text(out / name, df.to_csv(index=False, float_format="%.9g"))
     s = compare.summary(plans, calls, ops)
     best = plans.loc[plans["measured_s"].idxmin(), "plan"]
-    plot.scatter(plans, out / "scatter.png", f"{experiment.name}: predicted vs measured iteration time")
-    plot.error_bars(calls, ops, out / "errors.png")
     chosen = next(c for c in done if c.id == best)
-    plot.stacked(chosen.predicted, chosen.measured[0], out / "timelines.png", f"{experiment.name}, plan {best}")
+    draw(out, experiment.name, profile, plans, calls, ops, chosen.predicted, chosen.measured[0])
     failed = {c.id: c.failures for c in cands if c.failures}
     per_plan = json.loads(plans.drop(columns=["plan_file"]).to_json(orient="records"))
     priced = op_set(profile)
@@ -249,6 +249,50 @@ def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: lis
     atomic_write_text(out / "summary.txt", text + "\n")
     atomic_write_json(out / "summary.json", _nan_to_none(doc))
     return {"text": text, "summary": _nan_to_none(doc)}
+
+
+def draw(out: Path, experiment: str, profile: Profile, plans: Any, calls: Any, ops: Any, predicted: Timeline,
+         measured: Timeline) -> list[Path]:
+    """The figures: ``scatter.png``, ``errors.png`` and ``timelines.png`` (the measured-best
+    plan's ``predicted`` above its first ``measured`` run)."""
+    from analysis import plot
+
+    best = plans.loc[plans["measured_s"].idxmin(), "plan"]
+    return [plot.scatter(plans, out / "scatter.png", scatter_title(experiment, list(plans["origin"]), profile)),
+            plot.error_bars(calls, ops, out / "errors.png"),
+            plot.stacked(predicted, measured, out / "timelines.png", f"{experiment}, plan {best}")]
+
+
+def replot(directory: Path, experiment: Experiment, profile: Profile) -> list[Path]:
+    """Redraw the figures of an earlier validation in ``directory`` from its tables and
+    timelines, predicting and running nothing."""
+    import pandas as pd
+
+    try:
+        plans = pd.read_csv(directory / "plans.csv").rename(
+            columns={"predicted_iteration_s": "predicted_s", "measured_iteration_s": "measured_s"})
+        calls, ops = pd.read_csv(directory / "calls.csv"), pd.read_csv(directory / "ops.csv")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--replot {str(directory)!r}: {exc} (not a validation output directory)") from None
+    best = plans.loc[plans["measured_s"].idxmin(), "plan"]
+    predicted = Timeline.load(directory / "timelines" / f"{best}.predicted.json")
+    measured = Timeline.load(directory / "timelines" / f"{best}.measured-0.json")
+    return draw(directory, experiment.name, profile, plans, calls, ops, predicted, measured)
+
+
+def scatter_title(experiment: str, origins: list[str], profile: Profile) -> str:
+    """Experiment, profile and plans, e.g. ``ppo-tiny-2xcpu on profile cpu (this project's eager
+    executor)`` over ``20 plans (4 baselines, the searched best, 15 sampled): …``."""
+    def part(origin: str, n: int) -> str:
+        if origin == "search":
+            return "the searched best"
+        one, many = {"baseline": ("baseline", "baselines"), "sample": ("sampled", "sampled"),
+                     "file": ("from a file", "from files")}.get(origin, (origin, origin))
+        return f"{n} {one if n == 1 else many}"
+
+    what = ", ".join(part(o, origins.count(o)) for o in dict.fromkeys(origins))
+    return (f"{experiment} on profile {profile.name} ({op_set(profile)['stack']})\n"
+            f"{len(origins)} plans ({what}): measured (x) vs predicted (y) iteration time")
 
 
 def _plain(x: Any) -> Any:
@@ -269,6 +313,9 @@ def _parser() -> argparse.ArgumentParser:
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--plans", type=int, default=20, help="plans to validate (default 20)")
     which.add_argument("--plan-dir", help="validate exactly the plan files (*.json) in this directory")
+    which.add_argument("--replot", metavar="DIR",
+                       help="run and predict nothing: redraw the figures of an earlier validation in DIR from its "
+                            "tables and timelines")
     which.add_argument("--rescore", metavar="DIR",
                        help="run nothing: predict the plans of an earlier validation in DIR again (this model, "
                             "--profile) against the runs measured there, and write the comparison into --out")
@@ -291,6 +338,11 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
     experiment = load_experiment(args.experiment)
     profile = load_profile(args.profile or experiment.cluster.device)
     out = Path(args.out or Path("analysis", "results", experiment.name))
+    if args.replot:
+        drawn = replot(Path(args.replot), experiment, profile)
+        print(json.dumps({"wrote": [str(f) for f in drawn]}) if args.json else
+              "\n".join(f"wrote {f}" for f in drawn))
+        return 0
     if args.rescore:
         cands, notes = from_results(Path(args.rescore), experiment)
     elif args.plan_dir:

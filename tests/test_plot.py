@@ -139,3 +139,68 @@ def test_cli_draws_a_trace_and_rejects_a_bad_file(tmp_path: Path, capsys):
     assert plot.main([str(tmp_path / "bad.json")]) == EXIT_INVALID
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error:") and "traceEvents" in err
+
+
+def _kept_figure(monkeypatch) -> list:
+    """Keep the figure a plotting function saves, to look at its axes."""
+    figures = []
+    save = plot._save
+
+    def keep(fig, out):
+        figures.append(fig)
+        fig.canvas.draw()
+        return save(fig, out)
+
+    monkeypatch.setattr(plot, "_save", keep)
+    return figures
+
+
+def _labels(axis, lo: float, hi: float) -> list[str]:
+    fmt = axis.get_major_formatter()
+    return [fmt(v) for v in axis.get_majorticklocs() if lo <= v <= hi and fmt(v)]
+
+
+def test_validation_scatter_puts_measured_on_x_predicted_on_y_with_readable_log_ticks(tmp_path, monkeypatch):
+    figures = _kept_figure(monkeypatch)
+    plans = pd.DataFrame({"plan": ["a", "b", "c"], "predicted_s": [0.03, 0.2, 1.3], "measured_s": [0.035, 0.25, 1.1],
+                          "measured_min_s": [0.033, 0.24, 1.0], "measured_max_s": [0.04, 0.27, 1.2]})
+    plot.scatter(plans, tmp_path / "s.png", "exp on profile cpu")
+    ax = figures[0].axes[0]
+    points = next(line for line in ax.lines if line.get_marker() == "o")
+    assert list(points.get_xdata()) == [0.035, 0.25, 1.1] and list(points.get_ydata()) == [0.03, 0.2, 1.3]
+    assert ax.get_xlabel().startswith("measured") and ax.get_ylabel().startswith("predicted")
+    assert ax.get_xscale() == "log"
+    lo, hi = ax.get_xlim()
+    for axis in (ax.xaxis, ax.yaxis):
+        assert _labels(axis, lo, hi) == ["0.05", "0.1", "0.2", "0.5", "1"]  # 1, 2 and 5 of each decade
+
+
+def test_published_scatter_uses_the_same_convention_and_names_table_plan_and_profile(tmp_path, monkeypatch):
+    from analysis.published import scatter, scatter_title
+    from estimator.profiles import load_profile
+
+    figures = _kept_figure(monkeypatch)
+    df = pd.DataFrame({"tp": [1, 2, 1], "pp": [1, 1, 2], "measured_s": [0.1, 0.3, 0.9],
+                       "predicted_s": [0.08, 0.33, 1.0]})
+    title = scatter_title("analysis/data/vtrain/ground_truth_single.csv", 3, load_profile("a100-vtrain"),
+                          {"mape": 0.123, "spearman": 0.95})
+    assert title.startswith("vTrain ground_truth_single.csv: 3 one-node A100 runs, each one SFT train call")
+    assert "profile a100-vtrain (this project's eager executor): MAPE 12.3 %" in title
+    scatter(df, tmp_path / "s.png", title)
+    ax = figures[0].axes[0]
+    from matplotlib.collections import PathCollection
+
+    xy = sorted(tuple(p) for c in ax.collections if isinstance(c, PathCollection) for p in c.get_offsets())
+    assert [tuple(round(v, 6) for v in p) for p in xy] == [(100.0, 80.0), (300.0, 330.0), (900.0, 1000.0)]
+    assert ax.get_xlabel().startswith("measured") and ax.get_ylabel().startswith("predicted")
+    lo, hi = ax.get_xlim()
+    assert len(_labels(ax.xaxis, lo, hi)) >= 4 and ax.get_title() == title
+
+
+def test_validation_scatter_title_names_experiment_profile_and_plans():
+    from analysis.validate import scatter_title
+    from estimator.profiles import load_profile
+
+    title = scatter_title("ppo-tiny-2xcpu", ["baseline"] * 4 + ["search"] + ["sample"] * 15, load_profile("cpu"))
+    assert title == ("ppo-tiny-2xcpu on profile cpu (this project's eager executor)\n20 plans (4 baselines, the "
+                     "searched best, 15 sampled): measured (x) vs predicted (y) iteration time")

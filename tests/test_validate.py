@@ -222,3 +222,26 @@ def test_plans_n_validates_exactly_n_and_names_the_baselines_left_out(n: int, tm
     assert sorted(p.name for p in (out / "plans").iterdir()) == sorted(f"{p}.json" for p in plans["plan"])
     assert s["op_set"]["ops"] == "executor" and "eager executor" in s["op_set"]["text"]
     assert "predictions priced for this project's eager executor" in (out / "summary.txt").read_text()
+
+
+def test_replot_redraws_the_figures_from_the_tables_and_touches_nothing_else(tmp_path: Path, capsys):
+    out = tmp_path / "val"
+    exp = str(EXAMPLES / "dpo-tiny-2xcpu.yaml")
+    assert validate.main([exp, "--plan-dir", str(EXAMPLES / "plans" / "dpo-tiny-2xcpu"), "--iterations", "2",
+                          "--runs", "1", "--out", str(out)], runner=stretched_runner) == 0
+    figures = ("scatter.png", "errors.png", "timelines.png")
+    before = {f: (out / f).read_bytes() for f in figures}
+    others = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in figures}
+    for f in figures:
+        (out / f).unlink()
+    capsys.readouterr()
+
+    def no_runs(*args):
+        raise AssertionError("--replot ran a plan")
+
+    assert validate.main([exp, "--replot", str(out)], runner=no_runs) == 0
+    assert capsys.readouterr().out.splitlines() == [f"wrote {out / f}" for f in figures]
+    assert {f: (out / f).read_bytes() for f in figures} == before  # the same figures, redrawn
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in figures} == others
+    assert validate.main([exp, "--replot", str(tmp_path / "nothing")]) == EXIT_INVALID
+    assert "not a validation output directory" in capsys.readouterr().err
