@@ -16,7 +16,8 @@ consulted). While it runs, a progress bar on stderr shows the elapsed time, plan
 and the best iteration time so far.
 
 Prints the plan space per call, the best plan (per call: mesh, dp/tp/pp, micro-batches,
-predicted start, duration, communication and reallocation), its predicted iteration time,
+predicted start, duration, communication, waiting for inputs and reallocation), the op set
+it was priced for, its predicted iteration time,
 peak memory per device against capacity, MFU and the roofline bound, the fast evaluator's
 figure against the simulator's, every baseline's time (or why it does not fit) with the
 speed-up over it, and where the time goes. ``--out`` writes the plan file that
