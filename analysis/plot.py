@@ -10,13 +10,16 @@ Usage::
     python -m analysis.plot measured.json --out measured.png --iterations 1
 
 The input is a Chrome trace (``--trace`` of ``estimator.predict`` or ``executor.run``) or a
-timeline (``--timeline``, ``rlhf-plan/timeline-v1``). :func:`gantt` draws one row per device
-(one per pipeline stage's first device above 16 devices), compute coloured by call with the
+timeline (``--timeline``, ``rlhf-plan/timeline-v1``). :func:`gantt` draws one row per device;
+above 16 devices one row per group of devices that run the same pipeline stages of the same
+calls (from the plan the timeline records: :func:`device_groups`), each stage's spans on
+every row its devices make up, so a call on 32 devices shows on all of them; compute coloured by call with the
 same colour for a call in every figure (:func:`call_color`), reallocation hatched, and
 communication and data movement in a thin lane under each row; spans that occupy only a link
-get rows of their own at the bottom. The validation figures: :func:`scatter` (predicted against
-measured iteration times, y = x and ±10 % bands), :func:`error_bars` (per call and per op kind)
-and :func:`stacked` (a plan's predicted and measured timelines on one time axis).
+get rows of their own at the bottom. The validation figures: :func:`scatter` (measured on x,
+predicted on y — as :mod:`analysis.published` draws them — with y = x and ±10 % bands),
+:func:`error_bars` (per call and per op kind) and :func:`stacked` (a plan's predicted and
+measured timelines on one time axis).
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 
 from analysis.compare import KIND_ORDER  # noqa: E402
 from estimator.base.errors import ConfigError, cli_guard  # noqa: E402
+from estimator.spec.cluster import DeviceMesh  # noqa: E402
 from estimator.spec.timeline import TIMELINE_FORMAT, Span, Timeline  # noqa: E402
 
-PER_DEVICE_MAX = 16  # above this many devices, one row per pipeline stage
+PER_DEVICE_MAX = 16  # above this many devices, one row per group of devices running the same stages
 COMM_OPS = {"tp_allreduce", "dp_allreduce", "pp_send", "data"}
 WRAPPERS = {"call", "compute"}
 DPI = 130
@@ -112,44 +116,110 @@ def _rows(tl: Timeline, iterations: int | None) -> pd.DataFrame:
     df = tl.to_dataframe()
     if iterations is not None and not df.empty:
         df = df[df["iteration"] >= df["iteration"].max() - iterations + 1]
-    if df["device"].nunique() > PER_DEVICE_MAX:
-        # a stage's devices run in lock step: keep the first device of each repeated span
-        keys = ["iteration", "call", "op", "micro_batch", "stage", "start_s", "end_s", "resource"]
-        df = df.sort_values("device").drop_duplicates(keys)
     return df
+
+
+def stage_ranges(tl: Timeline) -> dict[tuple[str, int], range]:
+    """(call, pipeline stage) → its devices, from the plan in the timeline's metadata (the
+    simulator and the executor record it); empty when there is none."""
+    plan = (tl.meta or {}).get("plan")
+    out: dict[tuple[str, int], range] = {}
+    if not isinstance(plan, dict):
+        return out
+    for call, lay in plan.items():
+        try:
+            mesh = DeviceMesh.parse(lay["mesh"])
+            block, pp = int(lay["dp"]) * int(lay["tp"]), int(lay["pp"])
+        except (KeyError, TypeError, ValueError):  # ConfigError is a ValueError
+            return {}
+        for k in range(pp):
+            out[(str(call), k)] = range(mesh.first + k * block, mesh.first + (k + 1) * block)
+    return out
+
+
+def _compressed(tl: Timeline) -> bool:
+    """Whether the timeline keeps one device per pipeline stage (a large predicted cluster)."""
+    return (tl.meta or {}).get("spans") == "one device per pipeline stage"
+
+
+def device_groups(tl: Timeline, devices: set[int]) -> list[range]:
+    """The chart's rows of devices: one per device up to :data:`PER_DEVICE_MAX` devices;
+    beyond, one per group of devices that run the same pipeline stages of the same calls (the
+    finest split of the plan's stage ranges), so a call on 32 devices is drawn on every row
+    those devices make up; without the plan, one row per device that has spans."""
+    ranges = stage_ranges(tl)
+    covered = {d for r in ranges.values() for d in r}
+    everything = devices | covered
+    if not ranges or (len(everything) <= PER_DEVICE_MAX and not _compressed(tl)):
+        return [range(d, d + 1) for d in sorted(devices)]
+    cuts = {r.start for r in ranges.values()} | {r.stop for r in ranges.values()}
+    for d in everything - covered:
+        cuts |= {d, d + 1}
+    bounds = sorted(cuts)
+    return [range(a, b) for a, b in zip(bounds, bounds[1:]) if any(d in everything for d in range(a, b))]
+
+
+def _place(tl: Timeline, df: pd.DataFrame, groups: list[range]) -> pd.DataFrame:
+    """The device spans of ``df`` with a ``row`` column: the index of each group the span's
+    device stands for — in a timeline with one device per stage, every group of the stage's
+    devices; otherwise the group of the span's device, drawn from its first device only (the
+    others run the same ops)."""
+    spans = df[df["device"] >= 0]
+    if all(len(g) == 1 for g in groups):
+        index = {g.start: i for i, g in enumerate(groups)}
+        return spans.assign(row=spans["device"].map(index))
+    ranges = stage_ranges(tl)
+    compressed = _compressed(tl)
+    of_device = {d: i for i, g in enumerate(groups) for d in g}
+
+    def rows(device: int, call: str, stage: int) -> list[int]:
+        if not compressed:
+            i = of_device[device]
+            return [i] if groups[i].start == device else []
+        rng = ranges.get((call, stage)) if stage >= 0 else None
+        if rng is None or device not in rng:
+            rng = next((r for (c, _), r in ranges.items() if c == call and device in r), range(device, device + 1))
+        return [i for i, g in enumerate(groups) if g.start >= rng.start and g.stop <= rng.stop]
+
+    keys = list(zip(spans["device"], spans["call"], spans["stage"]))
+    memo = {k: rows(*k) for k in set(keys)}
+    return spans.assign(row=[memo[k] for k in keys]).explode("row").dropna(subset=["row"]).astype({"row": int})
+
+
+def _group_label(g: range) -> str:
+    return f"dev {g.start}" if len(g) == 1 else f"dev {g.start}-{g.stop - 1} ({len(g)})"
 
 
 def gantt(tl: Timeline, ax: Axes, iterations: int | None = None, title: str | None = None,
           legend: bool = True) -> Axes:
     """Draw ``tl`` (its last ``iterations`` iterations, default all) on ``ax``."""
     df = _rows(tl, iterations)
-    devices = sorted(d for d in df["device"].unique() if d >= 0)
+    groups = device_groups(tl, {int(d) for d in df.loc[df["device"] >= 0, "device"].unique()})
+    placed = _place(tl, df, groups)
     links = sorted({r.split(" ")[0] for r in df.loc[df["device"] < 0, "resource"]})
-    ys = {d: i for i, d in enumerate(devices)}
-    link_y = {name: len(devices) + i * 0.5 for i, name in enumerate(links)}
-    for (device, call, op, resource), g in df.groupby(["device", "call", "op", "resource"], sort=True):
+    link_y = {name: len(groups) + i * 0.5 for i, name in enumerate(links)}
+    for (row, call, op), g in placed.groupby(["row", "call", "op"], sort=True):
         bars = list(zip(g["start_s"], g["duration_s"]))
         color = call_color(call)
-        if device < 0:
-            ax.broken_barh(bars, (link_y[resource.split(" ")[0]] - 0.15, 0.3), facecolors=color,
-                           edgecolor=HATCH, linewidth=0, hatch="xx")
-        elif op in WRAPPERS:
+        if op in WRAPPERS:
             if op == "compute":  # the executor's whole compute window, faint behind its ops
-                ax.broken_barh(bars, (ys[device] - 0.3, 0.6), facecolors=color, alpha=0.18, linewidth=0)
+                ax.broken_barh(bars, (row - 0.3, 0.6), facecolors=color, alpha=0.18, linewidth=0)
         elif op in COMM_OPS:
-            ax.broken_barh(bars, (ys[device] + 0.3, 0.15), facecolors=color, edgecolor=HATCH,
-                           linewidth=0, hatch="xx")
+            ax.broken_barh(bars, (row + 0.3, 0.15), facecolors=color, edgecolor=HATCH, linewidth=0, hatch="xx")
         elif op == "realloc":
-            ax.broken_barh(bars, (ys[device] - 0.3, 0.6), facecolors="white", edgecolor=color, linewidth=0.8,
-                           hatch="////")
+            ax.broken_barh(bars, (row - 0.3, 0.6), facecolors="white", edgecolor=color, linewidth=0.8, hatch="////")
         else:
-            ax.broken_barh(bars, (ys[device] - 0.3, 0.6), facecolors=color, linewidth=0)
-    per = "device" if df["device"].nunique() <= PER_DEVICE_MAX else "stage (first device)"
-    ax.set_yticks(list(ys.values()) + list(link_y.values()),
-                  [f"dev {d}" for d in devices] + [f"link: {n}" for n in links])
-    ax.set_ylim(max([len(devices) - 0.4] + [y + 0.4 for y in link_y.values()]), -0.6)
+            ax.broken_barh(bars, (row - 0.3, 0.6), facecolors=color, linewidth=0)
+    for (resource, call), g in df[df["device"] < 0].groupby(["resource", "call"], sort=True):
+        ax.broken_barh(list(zip(g["start_s"], g["duration_s"])), (link_y[resource.split(" ")[0]] - 0.15, 0.3),
+                       facecolors=call_color(call), edgecolor=HATCH, linewidth=0, hatch="xx")
+    grouped = any(len(g) > 1 for g in groups)
+    ax.set_yticks(list(range(len(groups))) + list(link_y.values()),
+                  [_group_label(g) for g in groups] + [f"link: {n}" for n in links],
+                  fontsize=None if len(groups) <= PER_DEVICE_MAX else 7)
+    ax.set_ylim(max([len(groups) - 0.4] + [y + 0.4 for y in link_y.values()]), -0.6)
     ax.set_xlabel("time (s)")
-    ax.set_ylabel(per)
+    ax.set_ylabel("device group (same stages)" if grouped else "device")
     ax.set_xlim(left=df["start_s"].min() if not df.empty else 0.0)
     ax.set_title(title or _title(tl), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
@@ -189,7 +259,9 @@ def _save(fig: Any, out: str | Path) -> Path:
 def _height(tl: Timeline) -> float:
     df = _rows(tl, None)
     links = {r.split(" ")[0] for r in df.loc[df["device"] < 0, "resource"]}
-    return 1.4 + 0.5 * df.loc[df["device"] >= 0, "device"].nunique() + 0.3 * len(links)
+    groups = device_groups(tl, {int(d) for d in df.loc[df["device"] >= 0, "device"].unique()})
+    per_row = 0.5 if len(groups) <= PER_DEVICE_MAX else 0.25  # many ungrouped devices: thin rows
+    return 1.4 + per_row * len(groups) + 0.3 * len(links)
 
 
 def write_gantt(tl: Timeline, out: str | Path, iterations: int | None = None, title: str | None = None) -> Path:
@@ -213,8 +285,26 @@ def stacked(predicted: Timeline, measured: Timeline, out: str | Path, title: str
 # ---- validation figures -------------------------------------------------------------------------
 
 
+def log_ticks(ax: Axes, lo: float, hi: float) -> None:
+    """Log x and y axes over [lo, hi] with plain-number labels at 1, 2 and 5 of each decade
+    (at each power of ten over more than three decades), so even a range inside one decade
+    gets several labelled ticks; other minor ticks unlabelled."""
+    import math
+
+    from matplotlib.ticker import LogLocator
+
+    subs = (1.0, 2.0, 5.0) if math.log10(hi / lo) <= 3 else (1.0,)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=subs))
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_locator(LogLocator(base=10, subs=[s for s in range(1, 10) if s not in subs]))
+        axis.set_minor_formatter(NullFormatter())  # labelled minor ticks would overlap
+
+
 def scatter(plans: pd.DataFrame, out: str | Path, title: str = "") -> Path:
-    """Measured against predicted iteration time per plan (bars: min..max over runs), y = x, ±10 %."""
+    """Predicted (y) against measured (x) iteration time per plan — the measured median with
+    the runs' min..max as horizontal bars — with y = x and ±10 % bands; log axes when the
+    plans span a decade or more."""
     df = plans.dropna(subset=["predicted_s", "measured_s"])
     if df.empty:
         raise ValueError("scatter: no plan with both a predicted and a measured time")
@@ -224,27 +314,26 @@ def scatter(plans: pd.DataFrame, out: str | Path, title: str = "") -> Path:
     xs = pd.Series([lo, hi])
     ax.plot(xs, xs, color="black", linewidth=1, label="y = x")
     ax.fill_between(xs, xs * 0.9, xs * 1.1, color="tab:green", alpha=0.15, label="±10 %")
-    yerr = [df["measured_s"] - df["measured_min_s"], df["measured_max_s"] - df["measured_s"]]
-    ax.errorbar(df["predicted_s"], df["measured_s"], yerr=yerr, fmt="o", color="tab:blue", capsize=3,
-                label="plan (median, min–max over runs)")
+    xerr = [df["measured_s"] - df["measured_min_s"], df["measured_max_s"] - df["measured_s"]]
+    ax.errorbar(df["measured_s"], df["predicted_s"], xerr=xerr, fmt="o", color="tab:blue", capsize=3,
+                label="plan (measured median, min–max over runs)")
     if len(df) <= 30:
         for _, r in df.iterrows():
-            ax.annotate(str(r["plan"]), (r["predicted_s"], r["measured_s"]), fontsize=7,
+            ax.annotate(str(r["plan"]), (r["measured_s"], r["predicted_s"]), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")
     values = pd.concat([df["predicted_s"], df["measured_s"]])
     if values.max() / values.min() > 10:  # plans a decade apart: log axes, plain-number ticks
         ax.set_xscale("log")
         ax.set_yscale("log")
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(FormatStrFormatter("%g"))
-            axis.set_minor_formatter(NullFormatter())  # labelled minor ticks would overlap
+        log_ticks(ax, lo, hi)
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
-    ax.set_xlabel("predicted iteration time (s)")
-    ax.set_ylabel("measured iteration time (s)")
-    ax.set_title(title or "predicted vs measured iteration time", fontsize=10)
+    ax.set_xlabel("measured iteration time (s), median of the runs")
+    ax.set_ylabel("predicted iteration time (s)")
+    ax.set_title(title or "measured (x) vs predicted (y) iteration time", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
+    ax.grid(which="minor", alpha=0.12)
     return _save(fig, out)
 
 

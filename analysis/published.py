@@ -51,7 +51,7 @@ from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_json, atomic_write_text, check_output_path
 from estimator.base.tables import format_table
 from estimator.cost.memory import GiB, plan_memory
-from estimator.profile.profiles import PROFILE_DIR, Profile, load_profile
+from estimator.profile.profiles import PROFILE_DIR, Profile, load_profile, op_set
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Plan
 
@@ -131,6 +131,7 @@ def summarize(df: Any, profile: Profile, engine: str, notes: dict[str, str], wor
         "within_10pct": float((df.ape <= 0.10).mean()),
         "engine": engine, "profile": profile.name, "profile_source": profile.source,
         "profile_path": _shown(profile.path),
+        "op_set": {k: v for k, v in op_set(profile).items() if k != "text"},
         "model_features": notes,
         "predicted_share": {c: float((df[c] / df.predicted_s).mean()) for c in COMPONENTS},
         "not_fitting": int(len(unfit)), "not_fitting_rows": [int(r) for r in unfit.row],
@@ -155,7 +156,8 @@ def _pct(x: float) -> str:
 
 def render(summary: dict[str, Any]) -> str:
     s = summary
-    lines = [f"{s['n']} rows on profile {s['profile']} ({s['profile_source']}), {s['engine']}",
+    lines = [f"{s['n']} rows on profile {s['profile']} ({s['profile_source']}), {s['engine']}; priced for "
+             f"{s['op_set']['stack']} (compute.ops={s['op_set']['ops']})",
              f"MAPE {_pct(s['mape'])}   median {_pct(s['median_ape'])}   max {_pct(s['max_ape'])}   "
              f"Spearman {s['spearman']:.3f}   predicted/measured {s['mean_ratio']:.3f}   "
              f"within 10 %: {_pct(s['within_10pct'])}",
@@ -182,12 +184,12 @@ def render(summary: dict[str, Any]) -> str:
 
 
 def scatter(df: Any, out: Path, title: str) -> Path:
-    import matplotlib
+    """Predicted (y) against measured (x) iteration time per row, coloured by layout, with
+    y = x, ±10 % bands and plain-number log ticks (the validation scatter's convention,
+    :func:`analysis.plot.scatter`); written atomically."""
+    from analysis.plot import _save, log_ticks, plt
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 6.0))
+    fig, ax = plt.subplots(figsize=(6.4, 6.2))
     groups = df.assign(key="tp" + df.tp.astype(str) + " pp" + df.pp.astype(str)).groupby("key")
     for i, (key, g) in enumerate(groups):
         ax.scatter(1e3 * g.measured_s, 1e3 * g.predicted_s, s=9, alpha=0.7, label=key, color=plt.cm.tab10(i % 10))
@@ -196,15 +198,22 @@ def scatter(df: Any, out: Path, title: str) -> Path:
     xs = [lo, hi]
     ax.plot(xs, xs, color="black", lw=1, label="y = x")
     ax.fill_between(xs, [0.9 * x for x in xs], [1.1 * x for x in xs], color="grey", alpha=0.2, label="±10 %")
-    ax.set(xscale="log", yscale="log", xlim=xs, ylim=xs, xlabel="measured iteration time (ms)",
-           ylabel="predicted iteration time (ms)", title=title)
+    ax.set(xscale="log", yscale="log", xlim=xs, ylim=xs, xlabel="measured iteration time (ms), vTrain's table",
+           ylabel="predicted iteration time (ms)")
+    log_ticks(ax, lo, hi)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.grid(which="minor", alpha=0.12)
     ax.legend(fontsize=7, loc="upper left", ncol=2)
-    fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return _save(fig, out)
+
+
+def scatter_title(table: str, rows: int, profile: Profile, summary: dict[str, Any]) -> str:
+    """Experiment (the table), plan (one SFT train call per row, on the row's layout) and
+    profile, with the headline errors."""
+    return (f"vTrain {Path(table).name}: {rows:,} one-node A100 runs, each one SFT train call on its row's "
+            f"tp/pp/dp\nprofile {profile.name} ({op_set(profile)['stack']}): MAPE {_pct(summary['mape'])}, "
+            f"Spearman {summary['spearman']:.3f}; measured (x) vs predicted (y)")
 
 
 # ---- the commands ------------------------------------------------------------------------
@@ -366,8 +375,7 @@ def run_vtrain(args: argparse.Namespace) -> int:
         summary["parts"] = {name: _part(df[mask]) for name, mask in (("held_out", held), ("fitted", ~held))}
     if out is not None:
         atomic_write_text(out.parent / "predictions.csv", df.to_csv(index=False, float_format="%.6g"))
-        scatter(df, out.parent / "scatter.png",
-                f"vTrain one-node runs: MAPE {_pct(summary['mape'])}, Spearman {summary['spearman']:.3f}")
+        scatter(df, out.parent / "scatter.png", scatter_title(args.table, len(df), profile, summary))
         atomic_write_json(out, summary)
     if args.json:
         print(json.dumps({**summary, "rows": df.to_dict("records")}, indent=2))

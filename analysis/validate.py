@@ -6,17 +6,21 @@ Usage::
     python -m analysis.validate examples/dpo-tiny-2xcpu.yaml --plan-dir examples/plans/dpo-tiny-2xcpu --runs 3
     python -m analysis.validate examples/grpo-tiny-2xcpu.yaml --plans 4 --iterations 3 --runs 1 --json
     python -m analysis.validate examples/ppo-tiny-2xcpu.yaml --rescore analysis/results/ppo-tiny-2xcpu --out /tmp/ppo
+    python -m analysis.validate examples/ppo-tiny-2xcpu.yaml --replot analysis/results/ppo-tiny-2xcpu
 
-The plans: every baseline that fits (:mod:`search.baselines`; those left out are named with
-the reason) and the searched best plan (:func:`search.run_search`, at most ``--search-evals``
-plans, seeded, so it repeats exactly), then a seeded sample covering every structural kind
-(:mod:`analysis.sampler`) up to ``--plans``; or exactly the plan files in ``--plan-dir``. Each plan is simulated for
+The plans, exactly ``--plans`` of them: the searched best plan (:func:`search.run_search`, at
+most ``--search-evals`` plans, seeded, so it repeats exactly), every baseline that fits
+(:mod:`search.baselines`; those that do not fit, or that ``--plans`` leaves no room for, are
+named with the reason), then a seeded sample covering every structural kind
+(:mod:`analysis.sampler`) up to ``--plans`` (fewer only when no further distinct plan fits,
+which a note says); or exactly the plan files in ``--plan-dir``. Each plan is simulated for
 ``--iterations`` iterations and run with ``python -m executor.run`` in ``--runs`` fresh
 processes, one run at a time (progress bar on stderr). Everything is written into ``--out``
-(default ``analysis/results/<experiment>``), each file atomically. ``--rescore DIR`` runs
-nothing: it predicts the plans of an earlier validation in DIR again — with this tree's model
-and ``--profile`` — against the runs measured there, so a change to the model or the profile is
-judged on the same measurements:
+(default ``analysis/results/<experiment>``), each file atomically. ``--replot DIR`` runs and
+predicts nothing: it redraws the figures of an earlier validation in DIR from its tables and
+timelines. ``--rescore DIR`` runs nothing: it predicts the plans of an earlier validation in
+DIR again — with this tree's model and ``--profile`` — against the runs measured there, so a
+change to the model or the profile is judged on the same measurements:
 
 - ``plans/<id>.json`` the plans, ``timelines/<id>.predicted.json`` and ``<id>.measured-<r>.json``;
 - ``plans.csv`` (per plan: predicted and measured iteration time, the runs' min and max, the
@@ -53,7 +57,7 @@ from typing import Any
 from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_json, atomic_write_text
 from estimator.base.loading import load_json
-from estimator.profile.profiles import Profile, load_profile
+from estimator.profile.profiles import Profile, load_profile, op_set
 from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check
@@ -104,7 +108,9 @@ def search_plans(experiment: Experiment, profile: Profile, seed: int,
 
 def choose(experiment: Experiment, profile: Profile, n: int, seed: int,
            max_evals: int) -> tuple[list[Candidate], list[str]]:
-    """The plans to validate: baselines and the searched best, then a sample up to ``n``."""
+    """Exactly ``n`` plans where that many exist: the searched best, the baselines that fit in
+    their order while ``n`` leaves room (those left out are named), then a sample; fewer only
+    when the sample runs out of distinct plans that fit (said in a note)."""
     from analysis.sampler import sample_plans
 
     first, notes = search_plans(experiment, profile, seed, max_evals)
@@ -113,11 +119,22 @@ def choose(experiment: Experiment, profile: Profile, n: int, seed: int,
         same = unique.setdefault(c.plan.to_json(), c)
         if same is not c:
             notes.append(f"{c.id} is the same plan as {same.id}; validated once as {same.id}")
-    sampled, missing = sample_plans(experiment, profile, max(n - len(unique), 0), seed,
-                                    exclude=[c.plan for c in unique.values()])
-    cands = list(unique.values()) + [Candidate(f"sample-{i:02d}", p, "sample") for i, p in enumerate(sampled)]
+    found = list(unique.values())
+    # the searched best first, then the baselines in their order; listed baselines first
+    keep = {id(c) for c in sorted(found, key=lambda c: c.origin != "search")[:n]}
+    for c in found:
+        if id(c) not in keep:
+            notes.append(f"{c.id} left out: --plans {n} leaves no room for it (the searched best comes first, "
+                         "then the baselines in their order)")
+    kept = [c for c in found if id(c) in keep]
+    want = max(n - len(kept), 0)
+    sampled, missing = sample_plans(experiment, profile, want, seed, exclude=[c.plan for c in found])
+    cands = kept + [Candidate(f"sample-{i:02d}", p, "sample") for i, p in enumerate(sampled)]
     if missing:
         notes.append(f"no valid plan of kind(s) {missing} exists for this experiment; the sample lacks them")
+    if len(sampled) < want:
+        notes.append(f"only {len(cands)} of --plans {n}: the sample found no further distinct plan that is valid "
+                     "and fits in memory")
     return cands, notes
 
 
@@ -193,10 +210,10 @@ def predict(cands: list[Candidate], experiment: Experiment, profile: Profile, it
         c.predicted.save(out / "timelines" / f"{c.id}.predicted.json")
 
 
-def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: list[str], settings: dict[str, Any]
-           ) -> dict[str, Any]:
+def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: list[str], settings: dict[str, Any],
+           profile: Profile) -> dict[str, Any]:
     """Join, summarise, write the CSVs, figures and summary; the summary as a dict."""
-    from analysis import compare, plot
+    from analysis import compare
 
     kinds = {c: experiment.workflow[c].kind for c in experiment.workflow.call_names}
     done = [c for c in cands if c.measured]
@@ -216,15 +233,15 @@ def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: lis
         atomic_write_text(out / name, df.to_csv(index=False, float_format="%.9g"))
     s = compare.summary(plans, calls, ops)
     best = plans.loc[plans["measured_s"].idxmin(), "plan"]
-    plot.scatter(plans, out / "scatter.png", f"{experiment.name}: predicted vs measured iteration time")
-    plot.error_bars(calls, ops, out / "errors.png")
     chosen = next(c for c in done if c.id == best)
-    plot.stacked(chosen.predicted, chosen.measured[0], out / "timelines.png", f"{experiment.name}, plan {best}")
+    draw(out, experiment.name, profile, plans, calls, ops, chosen.predicted, chosen.measured[0])
     failed = {c.id: c.failures for c in cands if c.failures}
     per_plan = json.loads(plans.drop(columns=["plan_file"]).to_json(orient="records"))
-    doc = {"experiment": experiment.name, "settings": settings, "notes": notes, "failed_runs": failed,
+    priced = op_set(profile)
+    doc = {"experiment": experiment.name, "op_set": priced, "settings": settings, "notes": notes,
+           "failed_runs": failed,
            "plans": per_plan, **json.loads(json.dumps(s, default=_plain))}
-    text = "\n".join([f"validation of {experiment.name}: {len(done)} plans measured",
+    text = "\n".join([f"validation of {experiment.name}: {len(done)} plans measured", f"predictions {priced['text']}",
                       *[f"note: {n}" for n in notes],
                       *[f"failed: {k}: {'; '.join(v)}" for k, v in failed.items()], "",
                       compare.plan_table(plans), "", compare.summary_table(s), "",
@@ -232,6 +249,50 @@ def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: lis
     atomic_write_text(out / "summary.txt", text + "\n")
     atomic_write_json(out / "summary.json", _nan_to_none(doc))
     return {"text": text, "summary": _nan_to_none(doc)}
+
+
+def draw(out: Path, experiment: str, profile: Profile, plans: Any, calls: Any, ops: Any, predicted: Timeline,
+         measured: Timeline) -> list[Path]:
+    """The figures: ``scatter.png``, ``errors.png`` and ``timelines.png`` (the measured-best
+    plan's ``predicted`` above its first ``measured`` run)."""
+    from analysis import plot
+
+    best = plans.loc[plans["measured_s"].idxmin(), "plan"]
+    return [plot.scatter(plans, out / "scatter.png", scatter_title(experiment, list(plans["origin"]), profile)),
+            plot.error_bars(calls, ops, out / "errors.png"),
+            plot.stacked(predicted, measured, out / "timelines.png", f"{experiment}, plan {best}")]
+
+
+def replot(directory: Path, experiment: Experiment, profile: Profile) -> list[Path]:
+    """Redraw the figures of an earlier validation in ``directory`` from its tables and
+    timelines, predicting and running nothing."""
+    import pandas as pd
+
+    try:
+        plans = pd.read_csv(directory / "plans.csv").rename(
+            columns={"predicted_iteration_s": "predicted_s", "measured_iteration_s": "measured_s"})
+        calls, ops = pd.read_csv(directory / "calls.csv"), pd.read_csv(directory / "ops.csv")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--replot {str(directory)!r}: {exc} (not a validation output directory)") from None
+    best = plans.loc[plans["measured_s"].idxmin(), "plan"]
+    predicted = Timeline.load(directory / "timelines" / f"{best}.predicted.json")
+    measured = Timeline.load(directory / "timelines" / f"{best}.measured-0.json")
+    return draw(directory, experiment.name, profile, plans, calls, ops, predicted, measured)
+
+
+def scatter_title(experiment: str, origins: list[str], profile: Profile) -> str:
+    """Experiment, profile and plans, e.g. ``ppo-tiny-2xcpu on profile cpu (this project's eager
+    executor)`` over ``20 plans (4 baselines, the searched best, 15 sampled): …``."""
+    def part(origin: str, n: int) -> str:
+        if origin == "search":
+            return "the searched best"
+        one, many = {"baseline": ("baseline", "baselines"), "sample": ("sampled", "sampled"),
+                     "file": ("from a file", "from files")}.get(origin, (origin, origin))
+        return f"{n} {one if n == 1 else many}"
+
+    what = ", ".join(part(o, origins.count(o)) for o in dict.fromkeys(origins))
+    return (f"{experiment} on profile {profile.name} ({op_set(profile)['stack']})\n"
+            f"{len(origins)} plans ({what}): measured (x) vs predicted (y) iteration time")
 
 
 def _plain(x: Any) -> Any:
@@ -252,6 +313,9 @@ def _parser() -> argparse.ArgumentParser:
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--plans", type=int, default=20, help="plans to validate (default 20)")
     which.add_argument("--plan-dir", help="validate exactly the plan files (*.json) in this directory")
+    which.add_argument("--replot", metavar="DIR",
+                       help="run and predict nothing: redraw the figures of an earlier validation in DIR from its "
+                            "tables and timelines")
     which.add_argument("--rescore", metavar="DIR",
                        help="run nothing: predict the plans of an earlier validation in DIR again (this model, "
                             "--profile) against the runs measured there, and write the comparison into --out")
@@ -274,6 +338,11 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
     experiment = load_experiment(args.experiment)
     profile = load_profile(args.profile or experiment.cluster.device)
     out = Path(args.out or Path("analysis", "results", experiment.name))
+    if args.replot:
+        drawn = replot(Path(args.replot), experiment, profile)
+        print(json.dumps({"wrote": [str(f) for f in drawn]}) if args.json else
+              "\n".join(f"wrote {f}" for f in drawn))
+        return 0
     if args.rescore:
         cands, notes = from_results(Path(args.rescore), experiment)
     elif args.plan_dir:
@@ -293,7 +362,7 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
         for c in cands:  # the measured runs go with the comparison they belong to
             for r, tl in enumerate(c.measured):
                 tl.save(out / "timelines" / f"{c.id}.measured-{r}.json")
-    return _finish(cands, experiment, out, notes, settings, args.json)
+    return _finish(cands, experiment, out, notes, settings, args.json, profile)
 
 
 OWN_FILES = {"plans": re.compile(r"^(?P<id>[^.]+)\.json$"),
@@ -315,13 +384,13 @@ def clear_stale(out: Path, ids: set[str]) -> list[str]:
 
 
 def _finish(cands: list[Candidate], experiment: Experiment, out: Path, notes: list[str], settings: dict[str, Any],
-            as_json: bool) -> int:
+            as_json: bool, profile: Profile) -> int:
     gone = clear_stale(out, {c.id for c in cands})
     if gone:
         notes = notes + [f"removed {len(gone)} file(s) of plans an earlier validation in {out} had and this one "
                          "has not"]
     try:
-        rep = report(cands, experiment, out, notes, settings)
+        rep = report(cands, experiment, out, notes, settings, profile)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_NOTHING_MEASURED

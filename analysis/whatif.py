@@ -14,10 +14,17 @@ experiment is changed with :func:`dataclasses.replace`, the search finds its bes
 (``search.run_search``), the simulator times it and every baseline (``search.baselines``), and
 the row gets the best iteration time, throughput (tokens/s: every sequence's prompt and
 generated tokens; samples/s: sequences trained), GPU-hours per 1,000 steps and the speedup
-over each baseline. ``--out`` (default ``analysis/results/whatif-<experiment>``) receives
-``whatif.csv``, ``whatif.png``, ``whatif.json`` and each point's best plan under ``plans/``.
+over each baseline that fits. Every row names its ``profile`` and ``op_set`` (the profile's
+``compute.ops``: ``executor`` prices this project's eager executor, ``fused`` a fused
+Megatron/vLLM-style stack). A point where no plan exists (a call fits nowhere, or no plan
+fits) is kept as a row with ``status`` "no plan" and the search's ``reason``, and the table
+names it; the other points go on. ``--out`` (default
+``analysis/results/whatif-<experiment>``) receives ``whatif.csv``, ``whatif.png`` (the points
+with a plan), ``whatif.json`` and each point's best plan under ``plans/``.
 
-Exit code 2 for an unknown key, a bad value, or a point whose experiment is invalid (named).
+Exit codes: 0 at least one point has a plan; 1 no point has one (the CSV names each reason);
+2 an unknown key, a bad value, or a point whose experiment or profile is invalid (named,
+before any search).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import pandas as pd
 
 from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_json, atomic_write_text
-from estimator.profile.profiles import Profile, load_profile
+from estimator.profile.profiles import OP_SET_STACKS, Profile, load_profile
 from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.models import get_model
@@ -45,7 +52,9 @@ from estimator.spec.workflow import ROLES, VALUE_ROLES
 CLUSTER_KEYS = {"nodes": int, "devices_per_node": int, "device": str}
 WORKLOAD_KEYS = {"gen_len": int, "prompt_len": int, "batch_size": int, "group_size": int}
 Searcher = Callable[[Experiment, Profile], Plan]  # the best plan the search finds
-Baselines = Callable[[Experiment, Profile], dict[str, Plan]]  # baseline name → plan (those that exist)
+Baselines = Callable[[Experiment, Profile], dict[str, Plan]]  # baseline name → plan (those that fit)
+PLANNED, NO_PLAN = "planned", "no plan"  # a row's status
+EXIT_NO_POINT_PLANNED = 1
 
 
 def parse_vary(texts: Sequence[str], algorithm: str) -> dict[str, list[Any]]:
@@ -114,23 +123,42 @@ def point_row(experiment: Experiment, profile: Profile, best: Plan, baselines: M
     return row
 
 
+def point_label(point: Mapping[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in point.items())
+
+
 def sweep(experiment: Experiment, varies: Mapping[str, list[Any]], profile_arg: str | None, searcher: Searcher,
           baselines: Baselines, out: Path) -> pd.DataFrame:
-    """One row per grid point (progress bar on stderr); each point's best plan is written to ``out/plans``."""
+    """One row per grid point (progress bar on stderr); each point's best plan is written to
+    ``out/plans``. Every point's experiment and profile are checked before any search, so bad
+    input fails at once; a point where no plan exists (the search raises :class:`ConfigError`:
+    a call fits nowhere, or no plan fits) gets ``status`` "no plan" and the ``reason``, and the
+    sweep goes on."""
     from tqdm import tqdm
 
     if profile_arg and "device" in varies:
         raise ConfigError("--profile and --vary device exclude each other: each device brings its own profile")
     points = [dict(zip(varies, values)) for values in itertools.product(*varies.values())]
+    checked = []
+    for point in points:
+        exp = apply(experiment, point)
+        try:
+            profile = load_profile(profile_arg or exp.cluster.device)
+        except ConfigError as exc:
+            raise ConfigError(f"point {point_label(point)}: {exc}") from None
+        checked.append((point, exp, profile))
     rows = []
     (out / "plans").mkdir(parents=True, exist_ok=True)
-    for i, point in enumerate(tqdm(points, desc="what-if points", unit="point", file=sys.stderr)):
-        exp = apply(experiment, point)
-        profile = load_profile(profile_arg or exp.cluster.device)
-        best = check(searcher(exp, profile), exp)
+    for i, (point, exp, profile) in enumerate(tqdm(checked, desc="what-if points", unit="point", file=sys.stderr)):
+        where = {**point, "profile": profile.name, "op_set": profile.ops}
+        try:
+            best = check(searcher(exp, profile), exp)
+        except ConfigError as exc:
+            rows.append({**where, "status": NO_PLAN, "reason": str(exc), "plan_file": ""})
+            continue
         plan_file = out / "plans" / f"point-{i:02d}.json"
         atomic_write_text(plan_file, best.to_json())
-        rows.append({**point, **point_row(exp, profile, best, baselines(exp, profile)),
+        rows.append({**where, "status": PLANNED, "reason": "", **point_row(exp, profile, best, baselines(exp, profile)),
                      "plan_file": str(plan_file.relative_to(out))})
     return pd.DataFrame(rows)
 
@@ -185,7 +213,8 @@ def search_functions(budget_s: float, seed: int, max_evals: int | None = None) -
 
     def baselines(exp: Experiment, profile: Profile) -> dict[str, Plan]:
         built = {n: sb.build(n, exp, profile) for n in sb.BASELINES}
-        return {n: b.plan for n, b in built.items() if b.plan is not None}
+        # a speedup over a plan that does not fit in memory means nothing
+        return {n: b.plan for n, b in built.items() if b.feasible}
 
     return searcher, baselines
 
@@ -213,15 +242,39 @@ def _main(argv: list[str] | None, functions: tuple[Searcher, Baselines] | None =
     searcher, baselines = functions or search_functions(args.search_budget_s, args.seed, args.search_evals)
     out = Path(args.out or Path("analysis", "results", f"whatif-{experiment.name}"))
     df = sweep(experiment, varies, args.profile, searcher, baselines, out)
+    planned = df["status"] == PLANNED
     atomic_write_text(out / "whatif.csv", df.to_csv(index=False, float_format="%.9g"))
     atomic_write_json(out / "whatif.json", json.loads(df.to_json(orient="records")))
-    plot_sweep(df, list(varies), out / "whatif.png")
+    if planned.any():
+        plot_sweep(df[planned], list(varies), out / "whatif.png")
     if args.json:
         print(df.to_json(orient="records", indent=2))
     else:
-        print(df.drop(columns=["plan_file"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-        print(f"\nwrote {out}")
+        print(render(df, list(varies), out))
+    if not planned.any():
+        print(f"error: no point of the sweep has a plan; {out / 'whatif.csv'} names each point's reason",
+              file=sys.stderr)
+        return EXIT_NO_POINT_PLANNED
     return 0
+
+
+def render(df: pd.DataFrame, keys: Sequence[str], out: Path) -> str:
+    """The table (a point without a plan shows "no plan" and dashes), the points without a plan
+    with their reasons, and the stack each profile priced."""
+    shown = df.drop(columns=["plan_file", "reason"]).astype(object)
+    for col in shown.columns:
+        if pd.api.types.is_float_dtype(df[col]):
+            shown[col] = [("-" if pd.isna(v) else f"{v:.4g}") for v in df[col]]
+    lines = [shown.to_string(index=False), ""]
+    failed = df[df["status"] != PLANNED]
+    if not failed.empty:
+        lines.append(f"{len(failed)} of {len(df)} point(s) have no plan:")
+        lines += [f"  {point_label({k: r[k] for k in keys})}: {r['reason']}" for _, r in failed.iterrows()]
+        lines.append("")
+    for name, ops in dict.fromkeys(zip(df["profile"], df["op_set"])):
+        lines.append(f"profile {name}: priced for {OP_SET_STACKS[ops]} (compute.ops={ops})")
+    lines.append(f"wrote {out}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None, functions: tuple[Searcher, Baselines] | None = None) -> int:

@@ -13,11 +13,14 @@ node, pp across nodes) and says so. ``--profile`` names a shipped profile or a p
 (default: the cluster's device). ``--trace`` writes a Chrome trace (open it in Perfetto).
 
 Prints the steady-state iteration time, a per-call table (layout, start and duration in the
-last simulated iteration, of which communication and parameter reallocation), peak memory
+last simulated iteration, of which communication — collectives and moving inputs —, waiting
+for inputs to be produced, and parameter reallocation), peak memory
 per device against capacity, model FLOP utilisation and the roofline lower bound. ``--json``
 prints one object instead, with ``iteration_s``, ``profile``, ``profile_source`` (measured or
-datasheet), ``profile_path``, ``feasible``, ``reasons``,
-``peak_memory_bytes``, ``roofline_s``, ``mfu`` and ``calls.<name>.{start_s, duration_s, ...}``.
+datasheet), ``profile_path``, ``op_set`` (``ops``: the op set the profile charges, ``executor``
+or ``fused``; ``stack``; ``text``: the line the table prints), ``feasible``, ``reasons``,
+``peak_memory_bytes``, ``roofline_s``, ``mfu`` and ``calls.<name>.{start_s, duration_s, comm_s, wait_s,
+realloc_s, ...}``.
 
 Exit codes: 0 predicted; 1 the plan does not fit in memory (the reasons are printed);
 2 invalid experiment, profile or plan (one line per violated rule).
@@ -38,7 +41,7 @@ from estimator.base.tables import format_table
 from estimator.baselines import symmetric_plan
 from estimator.cost.memory import GiB, MemoryReport, plan_memory
 from estimator.cost.roofline import mfu, roofline_s
-from estimator.profile.profiles import Profile, load_profile
+from estimator.profile.profiles import Profile, load_profile, op_set
 from estimator.sim.simulate import simulate
 from estimator.sim.simulator import SimResult
 from estimator.spec.experiment import Experiment, load_experiment
@@ -66,8 +69,9 @@ class Progress:
 
 def call_rows(result: SimResult) -> dict[str, dict[str, float]]:
     """Per call of the last iteration: start (from the iteration's first start), duration, and
-    of which communication (tensor/data-parallel collectives on its busiest stage, plus waiting
-    for inputs) and reallocation."""
+    of which communication (tensor/data-parallel collectives on its busiest stage, plus moving
+    its inputs once they exist), waiting for inputs (until the last producer has finished: idle
+    time, not communication) and reallocation."""
     last = max(result.records)[0]
     recs = {c: r for (it, c), r in result.records.items() if it == last}
     origin = min(r.start_s for r in recs.values())
@@ -79,7 +83,7 @@ def call_rows(result: SimResult) -> dict[str, dict[str, float]]:
     for c, r in recs.items():
         busiest = max((v for (call, _), v in comm.items() if call == c), default=0.0)
         out[c] = {"start_s": r.start_s - origin, "duration_s": r.duration_s,
-                  "comm_s": busiest + r.data_s, "realloc_s": r.realloc_s}
+                  "comm_s": busiest + r.data_s - r.wait_s, "wait_s": r.wait_s, "realloc_s": r.realloc_s}
     return out
 
 
@@ -108,6 +112,7 @@ def predict(experiment: Experiment, plan: Plan, profile: Profile, iterations: in
         "profile": profile.name,
         "profile_source": profile.source,  # measured | datasheet
         "profile_path": profile.path,
+        "op_set": op_set(profile),  # the software stack the op costs are for (compute.ops)
         "iterations": iterations,
         "iteration_s": period,
         "feasible": memory.feasible,
@@ -126,12 +131,13 @@ def render(summary: dict[str, Any], memory: MemoryReport, plan_source: str) -> s
     where = f"{summary['profile_source']}, {summary['profile_path']}" if summary.get("profile_path") else \
         summary["profile_source"]
     lines = [f"experiment {summary['experiment']} on profile {summary['profile']} ({where}): {plan_source}",
+             summary["op_set"]["text"],
              f"predicted iteration time {summary['iteration_s']:.3f} s (steady state over "
              f"{summary['iterations']} simulated iterations)", ""]
-    rows = [("call", "mesh", "dp", "tp", "pp", "micro", "start s", "duration s", "comm s", "realloc s")]
+    rows = [("call", "mesh", "dp", "tp", "pp", "micro", "start s", "duration s", "comm s", "wait s", "realloc s")]
     for c, v in summary["calls"].items():
         rows.append((c, v["mesh"], str(v["dp"]), str(v["tp"]), str(v["pp"]), str(v["micro_batches"]),
-                     f"{v['start_s']:.3f}", f"{v['duration_s']:.3f}", f"{v['comm_s']:.3f}", f"{v['realloc_s']:.3f}"))
+                     *(f"{v[k]:.3f}" for k in ("start_s", "duration_s", "comm_s", "wait_s", "realloc_s"))))
     lines += [format_table(rows), ""]
     mem_rows = [("devices", "peak GiB", "capacity GiB", "largest call")]
     cap = f"{memory.capacity_bytes / GiB:.1f}"

@@ -13,7 +13,11 @@ prints the results. Across nodes, run this on every node with its ``--node_rank`
         -m executor.run examples/ppo-llama2-70b-128xh100.yaml --plan plan.json --dtype bfloat16
 
 The plan is validated first; an invalid plan exits with code 2 and one line per violated rule
-before any process starts. The first ``--warmup`` iterations (default 1 when there are more
+before any process starts. So does a local run this host cannot hold: one process per device
+of the experiment's cluster (all of them, even those the plan leaves idle, which a note says),
+each holding what the estimator's memory model predicts for its device in the run's dtype plus
+the Python and torch runtime, summed against the host's available memory (``MemAvailable``);
+the error gives the figures. The first ``--warmup`` iterations (default 1 when there are more
 than one) are left out of the steady-state iteration time. ``--json`` prints ``iteration_s``
 (steady state), ``iterations_s`` (each), ``warmup_iterations`` and per call ``duration_s`` (its
 compute, first start to last end over its devices), ``realloc_s``, ``data_s`` and ``span_s``
@@ -35,6 +39,7 @@ import re
 import signal
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from estimator.base import rules
@@ -57,6 +62,14 @@ EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 DTYPE_NAMES = ("bfloat16", "float32", "float64")  # executor.runtime.DTYPES; a test holds them equal
 DEFAULT_TIMEOUT_S = 300.0  # executor.launch.DEFAULT_TIMEOUT_S; a test holds them equal
+
+
+# What one process of a CPU run holds besides its model state: the interpreter, torch and gloo.
+# Measured: the largest worker's peak RSS of `python -m executor.run examples/ppo-tiny-2xcpu.yaml
+# --plan examples/plans/ppo-tiny-2xcpu/dp2.json --iterations 2` with torch 2.13 (CPU) was 299 MiB,
+# its model state a few MiB; the parent process that starts the workers holds about as much.
+PROCESS_BASE_BYTES = 300 * 2**20
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4, "float64": 8}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -104,6 +117,72 @@ def options_from(args: argparse.Namespace, experiment: Experiment, plan: Plan) -
     fault = parse_fault(args.inject_fault)
     check_fault(fault, experiment, plan)
     return warmup, fault
+
+
+def host_available_bytes() -> tuple[float, str] | None:
+    """Memory this host can give a new run without swapping, and where the figure comes from:
+    ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the free pages ``os.sysconf`` reports;
+    None when neither is known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "MemAvailable" and value.split()[1:] == ["kB"]:
+                return float(value.split()[0]) * 1024, "MemAvailable in /proc/meminfo"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "free pages (os.sysconf)"
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def in_run_dtype(parts: dict[str, float], dtype: str) -> dict[str, float]:
+    """The memory model's bytes by part (:mod:`estimator.cost.memory`: bf16 weights, gradients,
+    copies, activations and KV cache; 12 bytes of fp32 Adam state per parameter) as the
+    executor holds them in ``dtype``: tensors scale with the element size; a 16-bit run keeps
+    fp32 master weights and moments (12 bytes per parameter, as modelled), a float32 or
+    float64 run updates its parameters in place and keeps two moments of its own dtype."""
+    scale = DTYPE_BYTES[dtype] / DTYPE_BYTES["bfloat16"]
+    out = {k: v * scale for k, v in parts.items()}
+    if "optimizer" in parts and DTYPE_BYTES[dtype] >= 4:
+        out["optimizer"] = parts["optimizer"] * (2 * DTYPE_BYTES[dtype]) / 12
+    return out
+
+
+def check_host_memory(experiment: Experiment, plan: Plan, dtype: str,
+                      available: tuple[float, str] | None = None) -> str | None:
+    """Refuse a CPU run this host cannot hold, before any process starts.
+
+    A local run starts one process per device of the experiment's cluster on this host, each
+    holding what the memory model predicts for its device (:func:`estimator.cost.memory.plan_memory`,
+    in the run dtype: :func:`in_run_dtype`) plus :data:`PROCESS_BASE_BYTES`, and the parent one
+    more base. Raises :class:`ConfigError` with the figures when their sum exceeds the host's
+    available memory (:func:`host_available_bytes`); returns a note when the plan leaves some of
+    the cluster's devices idle (their processes start all the same), else None."""
+    from estimator.cost.memory import fmt_bytes, plan_memory
+
+    world = experiment.cluster.num_devices
+    used = sorted({d for lay in plan.layouts.values() for d in lay.mesh.devices})
+    idle = "" if len(used) == world else (
+        f"the plan uses {len(used)} of the cluster's {world} devices ({', '.join(map(str, used))}), but a run "
+        f"starts one process per device of the cluster, so {world - len(used)} of them only idle")
+    memory = plan_memory(experiment, plan, float("inf"))
+    per_device = [in_run_dtype(d.parts, dtype) for d in memory.devices]
+    totals = [sum(p.values()) + PROCESS_BASE_BYTES for p in per_device]
+    need = sum(totals) + PROCESS_BASE_BYTES
+    available = available if available is not None else host_available_bytes()
+    if available is not None and need > available[0]:
+        worst = max(range(world), key=lambda d: (totals[d], -d))
+        parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in per_device[worst].items() if v > 0)
+        raise ConfigError(
+            f"this host cannot hold the run: it needs about {fmt_bytes(need)} of host memory and "
+            f"{fmt_bytes(available[0])} is available ({available[1]}): {world} worker processes on this host, "
+            f"one per device of {experiment.name}'s {world}-device cluster, the fullest (device {worst}, during "
+            f"{memory.devices[worst].call or 'no call'}) {fmt_bytes(totals[worst])} in {dtype} ({parts}, plus "
+            f"{fmt_bytes(PROCESS_BASE_BYTES)} of Python and torch per process, the parent's included)"
+            + (f"; {idle}" if idle else "")
+            + "; run a smaller experiment (e.g. examples/*-tiny-2xcpu.yaml) or run it on its GPUs under torchrun")
+    return f"note: {idle}" if idle else None
 
 
 def run_local(experiment: Experiment, plan: Plan, options: RunOptions,
@@ -236,6 +315,10 @@ def _main(argv: list[str] | None) -> int:
 
     options = RunOptions(args.iterations, warmup, args.dtype, fault=fault, timeout_s=args.timeout_s, progress=True)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not under_torchrun:  # every process of a local run lives on this host
+        note = check_host_memory(experiment, plan, args.dtype)
+        if note:
+            print(note, file=sys.stderr)
     try:
         if under_torchrun:
             result = run_torchrun(experiment, plan, options, args.timeout_s)

@@ -286,7 +286,8 @@ def merge(results: list[RankResult], experiment: Experiment, plan: Plan, options
     """One timeline, summed losses and full parameters from every process's result."""
     spans = [s for r in results for s in r.spans]
     timeline = Timeline.of(spans, source="measured", experiment=experiment.name, dtype=options.dtype,
-                           warmup_iterations=options.warmup, **meta)
+                           warmup_iterations=options.warmup,
+                           plan={c: lay.to_dict() for c, lay in plan.layouts.items()}, **meta)
     losses: dict[tuple[int, str, int], float] = {}
     for r in results:
         for key, value in r.losses.items():

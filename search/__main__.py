@@ -16,7 +16,8 @@ consulted). While it runs, a progress bar on stderr shows the elapsed time, plan
 and the best iteration time so far.
 
 Prints the plan space per call, the best plan (per call: mesh, dp/tp/pp, micro-batches,
-predicted start, duration, communication and reallocation), its predicted iteration time,
+predicted start, duration, communication, waiting for inputs and reallocation), the op set
+it was priced for, its predicted iteration time,
 peak memory per device against capacity, MFU and the roofline bound, the fast evaluator's
 figure against the simulator's, every baseline's time (or why it does not fit) with the
 speed-up over it, and where the time goes. ``--out`` writes the plan file that
@@ -26,7 +27,13 @@ Chrome trace (Perfetto). Train calls may recompute activations where memory dema
 ``baselines.<name>.iteration_s`` (null when it does not fit), ``evaluated``, ``space_log10``,
 ``roofline_s``, ``peak_memory_bytes`` and more.
 
-Exit codes: 0 a plan was found; 2 invalid input (checked before any search work).
+When no plan exists it says why: a call that fits on no layout is named with the least it
+needs on a device, by part (weights, grads, optimizer, reallocated copy, activations, KV
+cache); when every call fits alone but no plan fits, the tightest call of the plan tried with
+the lowest peak is named with its device's bytes by part against the capacity.
+
+Exit codes: 0 a plan was found; 2 invalid input (checked before any search work) or no plan
+fits (the reason as above).
 """
 
 from __future__ import annotations

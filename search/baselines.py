@@ -40,7 +40,7 @@ from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_text
 from estimator.baselines import closest_layout, fit_micro_batches, symmetric_plan
 from estimator.cost.memory import fmt_bytes, plan_memory
-from estimator.profile.profiles import Profile, load_profile
+from estimator.profile.profiles import Profile, load_profile, op_set
 from estimator.sim.simulate import simulate
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment, load_experiment
@@ -238,11 +238,13 @@ def _main(argv: list[str] | None) -> int:
     if args.out and base.feasible:
         atomic_write_text(args.out, base.plan.to_json())
     if args.json:
-        print(json.dumps({"name": base.name, "iteration_s": base.iteration_s, "reason": base.reason,
+        print(json.dumps({"name": base.name, "op_set": op_set(profile), "iteration_s": base.iteration_s,
+                          "reason": base.reason,
                           "peak_memory_bytes": memory.peak.peak_bytes if memory else None,
                           "plan": json.loads(base.plan.to_json()) if base.plan else None}, indent=2))
     else:
         print(f"baseline {base.name} for {experiment.name} on profile {profile.name}")
+        print(op_set(profile)["text"])
         if base.plan:
             print(base.plan.table())
         if base.feasible:

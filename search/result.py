@@ -93,6 +93,7 @@ def result_json(result: SearchResult, summary: dict[str, Any]) -> dict[str, Any]
     return {
         "experiment": result.experiment,
         "profile": result.profile,
+        "op_set": summary["op_set"],  # the software stack the op costs are for
         "iteration_s": result.iteration_s,
         "simulated": result.simulated,
         "evaluator_s": result.evaluator_s,

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from estimator.base.errors import ConfigError
-from estimator.cost.memory import plan_memory
+from estimator.cost.memory import fmt_bytes, home_calls, plan_memory
 from estimator.cost.roofline import mfu, roofline_s
 from estimator.profile.profiles import Profile
 from estimator.sim.evaluator import Evaluator
@@ -36,7 +36,7 @@ from estimator.spec.plan import Plan
 from search.anneal import GREEDY, anneal, default_chains
 from search.baselines import BASELINES, Baseline, build
 from search.exact import EXACT_MAX_PLANS, exact_search
-from search.space import Space, build_space
+from search.space import Space, build_space, least_memory_plan, parts_text
 
 ANNEAL_SHARE = 0.75  # of the time budget; the rest re-ranks with the simulator
 TOP_K = 5  # distinct evaluator candidates the simulator re-ranks
@@ -197,13 +197,34 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
             seen.add(space.key(b.plan))
     cands += found[1:]
     if not cands:
-        raise ConfigError(f"no plan fits in {profile.capacity_bytes / 2**30:.1f} GiB per device: no baseline "
-                          f"fits and the search found none among {evaluated:,} plans")
+        raise ConfigError(no_fit_reason(experiment, profile, space, baselines, evaluated))
     deadline = None if max_evals is not None else t0 + time_budget_s
     evals, sims = simulate_all(experiment, profile, [c[0] for c in cands], [c[1] for c in cands], deadline, chains)
     candidates = tuple(Candidate(p, e, s, src) for (p, _, src), e, s in zip(cands, evals, sims))
     return _result(experiment, profile, space, baselines, candidates, evaluated, method, chains, setup_s, t0,
                    slowest, search_s)
+
+
+def no_fit_reason(experiment: Experiment, profile: Profile, space: Space, baselines: dict[str, Baseline],
+                  evaluated: int) -> str:
+    """Why no plan fits, naming the tightest call and what fills the device: of the baselines
+    and a plan built to need little memory (:func:`search.space.least_memory_plan`), the one
+    with the lowest peak, its fullest device, the call running there at the peak and that
+    device's bytes by part, against the capacity."""
+    tried = [("a least-memory plan (each role at home on its largest mesh, most sharded)",
+              least_memory_plan(experiment, space))]
+    tried += [(f"baseline {b.name}", b.plan) for b in baselines.values() if b.plan is not None]
+    reports = [(plan_memory(experiment, plan, profile.capacity_bytes), what, plan) for what, plan in tried]
+    memory, what, plan = min(reports, key=lambda r: r[0].peak.peak_bytes)
+    worst = memory.peak
+    homes = home_calls(experiment.workflow)
+    resident = [role for role, call in homes.items() if worst.device in plan[call].mesh.devices]
+    return (f"no plan fits in {fmt_bytes(profile.capacity_bytes)} per device: no baseline fits and the search "
+            f"found none among {evaluated:,} plans. Tightest plan tried, {what}: {worst.call or 'no call'} is "
+            f"the tightest call, {fmt_bytes(worst.peak_bytes)} on device {worst.device} against "
+            f"{fmt_bytes(memory.capacity_bytes)} ({parts_text(worst.parts)}; the device keeps the resident "
+            f"state of {', '.join(resident) or 'no role'})"
+            + (f"; {len(memory.over) - 1} more device(s) over capacity" if len(memory.over) > 1 else ""))
 
 
 def _bar(progress: bool, total: int | None):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from estimator.base.errors import ConfigError
 from estimator.base.tables import format_table
-from estimator.cost.memory import call_bytes, fmt_bytes, home_bytes
+from estimator.cost.memory import PARTS, call_bytes, fmt_bytes, home_bytes
 from estimator.profile.profiles import Profile
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
@@ -86,6 +86,12 @@ class CallSpace:
     def contains(self, layout: Layout) -> bool:
         s = layout.mesh.size
         return shape_of(layout) in self.shapes.get(s, ()) and layout.mesh.first in self.firsts.get(s, ())
+
+    def layouts_on(self, mesh: DeviceMesh) -> list[Layout]:
+        """The kept layouts on ``mesh``."""
+        if mesh.first not in self.firsts.get(mesh.size, ()):
+            return []
+        return [make_layout(mesh.first, mesh.size, sh) for sh in self.shapes.get(mesh.size, ())]
 
     def layouts(self) -> list[Layout]:
         """Every kept layout (only for small spaces: the exact search lists them)."""
@@ -150,17 +156,48 @@ def _degrees(size: int, per_node: int, layers: int) -> list[tuple[int, int, int]
             for pp in divisors(size // tp) if pp <= layers]
 
 
-def _stage_bytes(experiment: Experiment, name: str, layout: Layout, home: bool) -> list[float]:
+def _stage_parts(experiment: Experiment, name: str, layout: Layout, home: bool) -> list[dict[str, float]]:
     """Per stage, the bytes ``name`` adds at home plus, for its role's home call, the role's
-    resident weights, gradients and optimizer state."""
+    resident weights, gradients and optimizer state, by part (:data:`estimator.cost.memory.PARTS`)."""
     call = experiment.workflow[name]
     model = experiment.models[call.role]
-    dynamic = [sum(p.values()) for p in call_bytes(call, model, layout, at_home=True)]
+    parts = [dict(p) for p in call_bytes(call, model, layout, at_home=True)]
     if home:
         trained = call.role in experiment.workflow.trained_roles()
-        static = [sum(p.values()) for p in home_bytes(model, layout, trained)]
-        dynamic = [a + b for a, b in zip(dynamic, static)]
-    return dynamic
+        for stage, static in zip(parts, home_bytes(model, layout, trained)):
+            for key, v in static.items():
+                stage[key] = stage.get(key, 0.0) + v
+    return parts
+
+
+def _stage_bytes(experiment: Experiment, name: str, layout: Layout, home: bool) -> list[float]:
+    """Per stage, the total of :func:`_stage_parts`."""
+    return [sum(p.values()) for p in _stage_parts(experiment, name, layout, home)]
+
+
+def parts_text(parts: dict[str, float]) -> str:
+    """``weights 12.6 GiB, grads 12.6 GiB, …`` (parts above zero, in :data:`PARTS` order)."""
+    return ", ".join(f"{k} {fmt_bytes(parts[k])}" for k in PARTS if parts.get(k, 0.0) > 0)
+
+
+def layout_text(layout: Layout) -> str:
+    text = f"mesh {layout.mesh} dp{layout.dp} tp{layout.tp} pp{layout.pp} mb{layout.micro_batches}"
+    return text + (f" recompute {layout.recompute}" if layout.recompute != "none" else "")
+
+
+def least_call_bytes(experiment: Experiment, name: str, layouts: list[Layout], home: bool
+                     ) -> tuple[float, Layout, dict[str, float]]:
+    """Of ``layouts``, the one whose fullest stage needs the fewest bytes for ``name`` alone
+    (as :func:`_stage_parts` counts them): (those bytes, the layout, that stage's parts)."""
+    best: tuple[float, Layout, dict[str, float]] | None = None
+    for lay in layouts:
+        stages = _stage_parts(experiment, name, lay, home)
+        worst = max(stages, key=lambda p: sum(p.values()))
+        if best is None or sum(worst.values()) < best[0]:
+            best = (sum(worst.values()), lay, worst)
+    if best is None:
+        raise ValueError(f"least_call_bytes: no layout given for {name}")
+    return best
 
 
 def _fits_alone(experiment: Experiment, name: str, layout: Layout, home: bool, capacity: float) -> bool:
@@ -266,10 +303,39 @@ def build_space(experiment: Experiment, profile: Profile, recompute: bool = True
         if not space.count:
             model = experiment.models[call.role]
             why = "no valid layout" if not cand.count else f"no valid layout fits in {fmt_bytes(cap)} per device"
-            raise ConfigError(f"call {name}: {why} on the cluster's {cl.num_devices} devices "
-                              f"(model {model.name}); no plan exists")
+            msg = f"call {name}: {why} on the cluster's {cl.num_devices} devices (model {model.name}); no plan exists"
+            if cand.count:
+                valid = [make_layout(firsts[size][0], size, (*d, rc)) for size, shapes in cand.valid.items()
+                         for d in shapes for rc in (choices if recompute else ("none",))]
+                need, lay, parts = least_call_bytes(experiment, name, valid, home)
+                msg += (f"; the least it needs is {fmt_bytes(need)} on a device ({layout_text(lay)}: "
+                        f"{parts_text(parts)}) against {fmt_bytes(cap)}")
+            raise ConfigError(msg)
         calls.append(space)
     roles: dict[str, list[str]] = {}
     for c in calls:
         roles.setdefault(c.role, []).append(c.name)
     return Space(tuple(calls), {r: tuple(v) for r, v in roles.items()}, homes)
+
+
+def least_memory_plan(experiment: Experiment, space: Space) -> Plan:
+    """A plan that needs little memory per device, to explain why none fits: each role's home
+    call on its largest mesh (from device 0) with the shape whose fullest stage needs the fewest
+    bytes, and each other call on its role's home placement where its space has it (no
+    reallocated copy), else likewise on its largest mesh."""
+    layouts: dict[str, Layout] = {}
+
+    def on_largest(cs: CallSpace) -> list[Layout]:
+        size = max(cs.sizes)
+        return [make_layout(cs.firsts[size][0], size, sh) for sh in cs.shapes[size]]
+
+    for home in space.homes.values():
+        layouts[home] = least_call_bytes(experiment, home, on_largest(space[home]), True)[1]
+    for cs in space.calls:
+        if cs.name in layouts:
+            continue
+        home = layouts[space.homes[cs.role]]
+        placed = [lay for lay in cs.layouts_on(home.mesh)
+                  if (lay.dp, lay.tp, lay.pp) == (home.dp, home.tp, home.pp)]
+        layouts[cs.name] = least_call_bytes(experiment, cs.name, placed or on_largest(cs), False)[1]
+    return Plan({n: layouts[n] for n in space.names})

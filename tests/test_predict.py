@@ -27,6 +27,7 @@ def test_json_output(capsys):
     assert set(out["calls"]) == {"actor_gen", "ref_inf", "reward_inf", "critic_inf", "actor_train", "critic_train"}
     for v in out["calls"].values():
         assert v["duration_s"] > 0 and v["start_s"] >= 0
+        assert v["duration_s"] >= v["comm_s"] + v["wait_s"] + v["realloc_s"] - 1e-9 and v["wait_s"] >= 0
     assert "symmetric" in out["plan_source"]
 
 
@@ -46,6 +47,7 @@ def test_table_output_says_the_plan_is_symmetric(capsys):
     out = capsys.readouterr().out
     assert "symmetric baseline plan (no --plan given)" in out
     assert "predicted iteration time" in out and "roofline lower bound" in out and "peak GiB" in out
+    assert "comm s  wait s  realloc s" in out
 
 
 def test_infeasible_plan_exits_1_with_the_reason(tmp_path, capsys):
@@ -110,3 +112,20 @@ def test_symmetric_plan_steps_tp_down_where_heads_do_not_split():
     exp = load_experiment(EXAMPLES / "grpo-qwen2.5-7b-16xh100.yaml")  # 4 kv heads: tp <= 4 on 8-GPU nodes
     plan = symmetric_plan(exp)
     assert {(lay.dp, lay.tp, lay.pp) for lay in plan.layouts.values()} == {(2, 4, 2)}
+
+
+EAGER, FUSED = "this project's eager executor", "a fused Megatron/vLLM-style stack"
+
+
+@pytest.mark.parametrize("profile,ops,stack,other,other_stack", [
+    ("h100-sxm", "executor", EAGER, "h100-vidur", FUSED), ("h100-vidur", "fused", FUSED, "h100-sxm", EAGER)])
+def test_output_names_the_op_set_the_plan_was_priced_for(profile, ops, stack, other, other_stack, capsys):
+    exp = str(EXAMPLES / "ppo-llama2-7b-8xh100.yaml")
+    assert main([exp, "--profile", profile, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["op_set"]["ops"], out["op_set"]["stack"]) == (ops, stack)
+    assert out["op_set"]["other_stack_profiles"] == [other]
+    assert main([exp, "--profile", profile]) == 0
+    second = capsys.readouterr().out.splitlines()[1]
+    assert second == (f"priced for {stack} (profile {profile}, compute.ops={ops}); "
+                      f"for {other_stack} on this device use {other}")

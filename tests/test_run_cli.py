@@ -122,3 +122,49 @@ def test_runs_under_torchrun(tmp_path):
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     rep = json.loads(proc.stdout)
     assert len(rep["iterations_s"]) == 1 and rep["calls"]["critic_train"]["duration_s"] > 0
+
+
+def test_in_run_dtype_follows_what_the_executor_holds():
+    from executor.run import in_run_dtype
+
+    p = 1000.0  # parameters on the device
+    model = {"weights": 2 * p, "grads": 2 * p, "optimizer": 12 * p, "activations": 100.0, "kv_cache": 10.0}
+    assert in_run_dtype(model, "bfloat16") == model  # fp32 master weights and moments: 12 bytes, as modelled
+    assert in_run_dtype(model, "float32") == {"weights": 4 * p, "grads": 4 * p, "optimizer": 8 * p,
+                                              "activations": 200.0, "kv_cache": 20.0}  # moments only
+    assert in_run_dtype(model, "float64")["optimizer"] == 16 * p
+
+
+def test_a_run_the_host_cannot_hold_exits_2_with_the_figures_before_starting(capsys, monkeypatch):
+    """The 8×H100 7B example with a plan on 2 of its devices, on a host with 64 GiB available."""
+    import executor.launch as launch_mod
+    import executor.run as run_mod
+    from estimator.cost.memory import fmt_bytes, plan_memory
+    from estimator.spec.plan import Plan
+
+    monkeypatch.setattr(launch_mod, "launch", lambda *a, **k: pytest.fail("processes started for a run too big"))
+    monkeypatch.setattr(run_mod, "host_available_bytes", lambda: (64 * 2.0**30, "MemAvailable in /proc/meminfo"))
+    exp_path = EXAMPLES / "ppo-llama2-7b-8xh100.yaml"
+    assert main([str(exp_path), "--plan", str(PLANS / "tp2.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    exp = load_experiment(exp_path)
+    memory = plan_memory(exp, Plan.load(str(PLANS / "tp2.json")), float("inf"))
+    need = sum(sum(run_mod.in_run_dtype(d.parts, "float32").values()) for d in memory.devices)
+    need += 9 * run_mod.PROCESS_BASE_BYTES  # 8 workers and the parent
+    assert err[0].startswith(f"error: this host cannot hold the run: it needs about {fmt_bytes(need)} of host "
+                             "memory and 64.0 GiB is available (MemAvailable in /proc/meminfo): 8 worker processes")
+    assert "the fullest (device 0, during actor_train)" in err[0] and "in float32 (weights " in err[0]
+    assert "the plan uses 2 of the cluster's 8 devices (0, 1)" in err[0]
+
+
+def test_a_plan_on_part_of_the_cluster_is_noted_and_small_runs_pass_the_check():
+    from estimator.spec.plan import Plan
+    from executor.run import check_host_memory
+
+    exp = load_experiment(PPO)
+    plenty = (64 * 2.0**30, "test")
+    assert check_host_memory(exp, Plan.load(str(PLANS / "dp2.json")), "float32", plenty) is None
+    note = check_host_memory(exp, Plan.load(str(PLANS / "second-device.json")), "float32", plenty)
+    assert note == ("note: the plan uses 1 of the cluster's 2 devices (1), but a run starts one process per "
+                    "device of the cluster, so 1 of them only idle")

@@ -125,3 +125,33 @@ def test_annealing_proposes_recompute_where_only_it_fits_and_otherwise_by_chance
     assert picks.count(only[0]) == pytest.approx(2000, rel=0.1)  # degrees first, uniformly
     assert picks.count(both[1]) == pytest.approx(2000 * RECOMPUTE_P, rel=0.15)
     assert set(picks) == set(both + only)
+
+
+def test_no_plan_fits_names_the_tightest_call_and_its_memory_by_part():
+    """Four 7B models on two H100s: every call fits alone, but no plan holds all four roles'
+    resident state; the error names the call and device at the lowest peak of the plans it
+    tried, with the bytes by part against the capacity."""
+    import search.baselines as sb
+    from estimator.base.errors import ConfigError
+    from estimator.cost.memory import fmt_bytes
+    from estimator.spec.experiment import experiment_from_dict
+    from search.space import least_memory_plan
+
+    exp = experiment_from_dict({
+        "name": "ppo-7b-2xh100", "algorithm": "ppo", "batch_size": 64, "prompt_len": 128, "gen_len": 128,
+        "ppo_minibatches": 4, "models": {r: "llama2-7b" for r in ("actor", "critic", "ref", "reward")},
+        "cluster": {"nodes": 1, "devices_per_node": 2, "device": "h100-sxm"}}, where="test")
+    profile = load_profile("h100-sxm")
+    space = build_space(exp, profile)  # every call fits somewhere alone
+    with pytest.raises(ConfigError) as err:
+        run_search(exp, profile, max_evals=100, chains=1, progress=False)
+    msg = str(err.value)
+    plans = [least_memory_plan(exp, space)] + [b.plan for b in (sb.build(n, exp, profile, simulate_it=False)
+                                                                for n in sb.BASELINES) if b.plan is not None]
+    peak = min((plan_memory(exp, p, profile.capacity_bytes).peak for p in plans), key=lambda d: d.peak_bytes)
+    assert msg.startswith("no plan fits in 74.5 GiB per device: no baseline fits and the search found none among")
+    assert f"{peak.call} is the tightest call, {fmt_bytes(peak.peak_bytes)} on device {peak.device} " \
+           "against 74.5 GiB (weights " in msg
+    for part in ("grads", "optimizer", "kv_cache"):
+        assert f"{part} {fmt_bytes(peak.parts[part])}" in msg
+    assert "resident state of actor, ref, reward, critic" in msg

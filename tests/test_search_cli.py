@@ -65,6 +65,7 @@ def test_search_writes_a_plan_the_other_tools_take_and_prints_the_json_keys(tmp_
     assert set(summary["baselines"]) == {"megatron", "colocate", "split", "real-heuristic"}
     assert all(b["iteration_s"] >= summary["iteration_s"] for b in summary["baselines"].values())
     assert summary["evaluated"] == 200 and summary["roofline_s"] <= summary["iteration_s"]
+    assert summary["op_set"]["ops"] == "executor" and "eager executor" in summary["op_set"]["text"]
     plan = check(Plan.load(str(out)), load_experiment(TINY))
     assert json.loads(plan.to_json()) == summary["plan"]
     assert json.loads(trace.read_text())["traceEvents"]
@@ -76,3 +77,4 @@ def test_search_prints_the_report_table(capsys):
     for needle in ("plan space: 10^", "predicted iteration time", "roofline lower bound", "real-heuristic",
                    "where the time goes:", "reallocation"):
         assert needle in text
+    assert "priced for this project's eager executor (profile cpu, compute.ops=executor)" in text

@@ -75,3 +75,24 @@ def test_1024_devices_are_counted_not_listed():
     assert gen.count == sum(len(gen.shapes[s]) * len(gen.firsts[s]) for s in gen.shapes)
     assert gen.count > 100_000 and space.log10_size > 30
     assert space.size == math.prod(c.count for c in space.calls)
+
+
+def test_a_call_that_cannot_fit_names_the_least_it_needs_by_part():
+    from estimator.cost.memory import call_bytes, fmt_bytes, home_bytes
+
+    exp = tiny_experiment("ppo")
+    with pytest.raises(ConfigError) as err:
+        build_space(exp, linear_profile(capacity=1e6))
+    msg = str(err.value)
+    call, model = exp.workflow["actor_train"], exp.models["actor"]
+
+    def need(lay) -> float:  # the fullest stage: the call at home plus the role's resident state
+        dynamic = call_bytes(call, model, lay, at_home=True)
+        static = home_bytes(model, lay, trained=True)
+        return max(sum(d.values()) + sum(s.values()) for d, s in zip(dynamic, static))
+
+    least = min(need(lay) for lay in enumerate_layouts(call, model, exp.cluster))
+    assert f"the least it needs is {fmt_bytes(least)} on a device (mesh " in msg
+    for part in ("weights", "grads", "optimizer", "activations"):
+        assert f"{part} " in msg.split("the least it needs")[1]
+    assert msg.endswith("against 976.6 KiB")

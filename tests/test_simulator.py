@@ -245,3 +245,20 @@ def test_predicted_trace_matches_the_golden_file():
     assert [k for k, _ in got] == [k for k, _ in want]
     for (key, times), (_, expected) in zip(got, want):
         assert times == pytest.approx(expected, rel=1e-9, abs=1e-6), key
+
+
+def test_waiting_for_a_producer_is_wait_not_communication():
+    """A consumer on a disjoint mesh starts with the run, waits 3 s for its producer to end,
+    then 1 s for the data to arrive: 3 s of waiting and 1 s of communication, not 4 s of it."""
+    from estimator.predict import call_rows
+
+    la, lb = lay(0, 1), lay(1, 1)
+    calls = [_call("a", "x", outputs=("d",)), _call("b", "y", inputs=("d",))]
+    costs = {"a": call_cost("a", "inference", la, 3.0), "b": call_cost("b", "inference", lb, 2.0)}
+    r = _run(calls, costs, {"a": la, "b": lb}, data={("a", "b"): {(0, 1): 10**9}})
+    rec = r.records[(0, "b")]
+    assert (rec.start_s, rec.compute_start_s, rec.end_s) == pytest.approx((0.0, 4.0, 6.0))
+    assert (rec.data_s, rec.wait_s) == pytest.approx((4.0, 3.0))
+    rows = call_rows(r)
+    assert (rows["b"]["comm_s"], rows["b"]["wait_s"]) == pytest.approx((1.0, 3.0))
+    assert (rows["a"]["comm_s"], rows["a"]["wait_s"]) == pytest.approx((0.0, 0.0))

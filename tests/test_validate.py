@@ -203,3 +203,45 @@ def test_a_rerun_into_the_same_directory_leaves_no_file_of_plans_it_does_not_hav
     assert any("removed 3 file(s)" in n for n in notes)
     ids = {p.stem for p in (EXAMPLES / "plans" / "dpo-tiny-2xcpu").glob("*.json")}
     assert {p.stem for p in (out / "plans").glob("*.json")} == ids
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_plans_n_validates_exactly_n_and_names_the_baselines_left_out(n: int, tmp_path: Path, capsys):
+    out = tmp_path / "val"
+    rc = validate.main([str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--plans", str(n), "--iterations", "2", "--runs", "1",
+                        "--search-evals", "200", "--out", str(out), "--json"], runner=stretched_runner)
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out)
+    plans = pd.read_csv(out / "plans.csv")
+    assert len(plans) == n and s["settings"]["plans"] == n
+    assert "searched-best" in set(plans["plan"])  # the searched best is never the one left out
+    # on this example all four baselines fit and differ from the searched best: 5 plans before the cut
+    left_out = [note.split(" ")[0] for note in s["notes"] if f"left out: --plans {n} leaves no room" in note]
+    baselines = ["baseline-megatron", "baseline-colocate", "baseline-split", "baseline-real-heuristic"]
+    assert list(plans["plan"]) == baselines[:n - 1] + ["searched-best"] and left_out == baselines[n - 1:]
+    assert sorted(p.name for p in (out / "plans").iterdir()) == sorted(f"{p}.json" for p in plans["plan"])
+    assert s["op_set"]["ops"] == "executor" and "eager executor" in s["op_set"]["text"]
+    assert "predictions priced for this project's eager executor" in (out / "summary.txt").read_text()
+
+
+def test_replot_redraws_the_figures_from_the_tables_and_touches_nothing_else(tmp_path: Path, capsys):
+    out = tmp_path / "val"
+    exp = str(EXAMPLES / "dpo-tiny-2xcpu.yaml")
+    assert validate.main([exp, "--plan-dir", str(EXAMPLES / "plans" / "dpo-tiny-2xcpu"), "--iterations", "2",
+                          "--runs", "1", "--out", str(out)], runner=stretched_runner) == 0
+    figures = ("scatter.png", "errors.png", "timelines.png")
+    before = {f: (out / f).read_bytes() for f in figures}
+    others = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in figures}
+    for f in figures:
+        (out / f).unlink()
+    capsys.readouterr()
+
+    def no_runs(*args):
+        raise AssertionError("--replot ran a plan")
+
+    assert validate.main([exp, "--replot", str(out)], runner=no_runs) == 0
+    assert capsys.readouterr().out.splitlines() == [f"wrote {out / f}" for f in figures]
+    assert {f: (out / f).read_bytes() for f in figures} == before  # the same figures, redrawn
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in figures} == others
+    assert validate.main([exp, "--replot", str(tmp_path / "nothing")]) == EXIT_INVALID
+    assert "not a validation output directory" in capsys.readouterr().err

@@ -85,3 +85,45 @@ def test_a_real_search_sweep_repeats_exactly(tmp_path: Path):
     assert (a["best_iteration_s"] > 0).all() and len(a) == 2
     # the searched plan is never predicted slower than a baseline
     assert (a["speedup_over_megatron"] >= 1.0).all() and (a["speedup_over_split"] >= 1.0).all()
+
+
+def _no_plan_for_long_generation(e, p):
+    if e.params.gen_len > 100:
+        raise ConfigError("call actor_gen: no valid layout fits in 1.0 GiB per device")
+    return symmetric_plan(e, p)
+
+
+def test_a_point_without_a_plan_is_recorded_and_the_rest_kept(tmp_path: Path, capsys):
+    functions = (_no_plan_for_long_generation, STAND_IN[1])
+    rc = whatif.main([str(EXP), "--vary", "gen_len=64,128,32", "--out", str(tmp_path)], functions=functions)
+    assert rc == 0
+    df = pd.read_csv(tmp_path / "whatif.csv", keep_default_na=False)
+    assert df["gen_len"].tolist() == [64, 128, 32]
+    assert df["status"].tolist() == ["planned", "no plan", "planned"]
+    failed = df.set_index("gen_len").loc[128]
+    assert "actor_gen: no valid layout fits" in failed["reason"] and failed["plan_file"] == ""
+    assert failed["best_iteration_s"] == ""
+    assert all((tmp_path / p).is_file() for p in df.loc[df["status"] == "planned", "plan_file"])
+    out = capsys.readouterr().out
+    assert "no plan" in out and "1 of 3 point(s) have no plan:" in out
+    assert "gen_len=128: call actor_gen: no valid layout fits" in out
+    assert (tmp_path / "whatif.png").is_file()
+
+
+def test_a_sweep_where_no_point_has_a_plan_exits_1_with_the_reasons_written(tmp_path: Path, capsys):
+    functions = (_no_plan_for_long_generation, STAND_IN[1])
+    rc = whatif.main([str(EXP), "--vary", "gen_len=128,256", "--out", str(tmp_path), "--json"], functions=functions)
+    assert rc == whatif.EXIT_NO_POINT_PLANNED
+    rows = pd.read_json(tmp_path / "whatif.json")
+    assert rows["status"].tolist() == ["no plan", "no plan"] and rows["reason"].str.contains("actor_gen").all()
+    assert "no point of the sweep has a plan" in capsys.readouterr().err
+
+
+def test_rows_name_the_profile_and_the_stack_it_prices(tmp_path: Path, capsys):
+    rc = whatif.main([str(EXP), "--vary", "device=h100-sxm,h100-vidur", "--out", str(tmp_path)], functions=STAND_IN)
+    assert rc == 0
+    df = pd.read_csv(tmp_path / "whatif.csv")
+    assert df[["profile", "op_set"]].values.tolist() == [["h100-sxm", "executor"], ["h100-vidur", "fused"]]
+    out = capsys.readouterr().out
+    assert "profile h100-sxm: priced for this project's eager executor" in out
+    assert "profile h100-vidur: priced for a fused Megatron/vLLM-style stack" in out

@@ -54,6 +54,7 @@ in the hot loop only interpolate.
 from __future__ import annotations
 
 import bisect
+import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -587,3 +588,37 @@ def _kernels(compute: dict, where: str) -> tuple[float, dict[str, tuple[float, .
             figures += (number(entry, "flops_efficiency", at, False, 1.0),)
         out[str(name)] = figures
     return floor, out
+
+
+# ---- which software stack a profile prices ---------------------------------------------------
+
+OP_SET_STACKS = {"executor": "this project's eager executor", "fused": "a fused Megatron/vLLM-style stack"}
+
+
+def op_set(profile: Profile) -> dict[str, Any]:
+    """Which op set ``profile`` charges (``compute.ops``), the stack that is, the shipped
+    profiles of the same device that charge the other op set (so a figure can be redone for
+    the other stack), and ``text``: all that in one line, e.g. ``priced for this project's
+    eager executor (profile h100-sxm, compute.ops=executor); for a fused Megatron/vLLM-style
+    stack on this device use h100-vidur``."""
+    others = []
+    for path in sorted(PROFILE_DIR.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        compute = doc.get("compute") if isinstance(doc, dict) else None
+        if (isinstance(compute, dict) and doc.get("device") == profile.device
+                and compute.get("ops", "executor") != profile.ops):
+            others.append(path.stem)
+    text = f"priced for {OP_SET_STACKS[profile.ops]} (profile {profile.name}, compute.ops={profile.ops})"
+    if others:
+        other = next(v for k, v in OP_SET_STACKS.items() if k != profile.ops)
+        text += f"; for {other} on this device use {', '.join(others)}"
+    return {"ops": profile.ops, "stack": OP_SET_STACKS[profile.ops], "profile": profile.name,
+            "other_stack_profiles": others, "text": text}
+
+
+def op_set_line(profile: Profile) -> str:
+    """:func:`op_set`'s one line."""
+    return op_set(profile)["text"]

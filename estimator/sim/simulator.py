@@ -85,6 +85,9 @@ class CallRecord:
     end_s: float
     realloc_s: float  # time spent reallocating parameters
     data_s: float  # time from the end of reallocation until the inputs arrived
+    # of data_s, the time until the last producer had finished (waiting for inputs to exist,
+    # not moving them); the rest is the transfer still under way once they did
+    wait_s: float = 0.0
 
     @property
     def duration_s(self) -> float:
@@ -192,6 +195,7 @@ class Simulation:
         realloc_end = env.now
         self.reallocated[i].succeed()
         yield from self._after(self.graph.data_preds[i])
+        produced = env.now
         arrival = max((self.arrivals[(j, i)] for j in self.graph.data_preds[i]), default=env.now)
         if arrival > env.now:
             yield env.timeout(arrival - env.now)
@@ -200,7 +204,8 @@ class Simulation:
         run = {"generate": self._generate, "inference": self._inference, "train": self._train}[cc.kind]
         yield env.all_of([env.process(run(node.iteration, cc, st, box)) for st in cc.stages])
         self.records[(node.iteration, node.call)] = CallRecord(
-            node.iteration, node.call, start, compute_start, env.now, realloc_end - start, compute_start - realloc_end)
+            node.iteration, node.call, start, compute_start, env.now, realloc_end - start, compute_start - realloc_end,
+            produced - realloc_end)
         self._send_outputs(i)
         self.done[i].succeed()
         if self.progress is not None:
