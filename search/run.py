@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from estimator.base.errors import ConfigError
-from estimator.cost.memory import fmt_bytes, home_calls, plan_memory
+from estimator.cost.memory import fmt_bytes, plan_memory
 from estimator.cost.roofline import mfu, roofline_s
 from estimator.profile.profiles import Profile
 from estimator.sim.evaluator import Evaluator
@@ -217,7 +217,7 @@ def no_fit_reason(experiment: Experiment, profile: Profile, space: Space, baseli
     reports = [(plan_memory(experiment, plan, profile.capacity_bytes), what, plan) for what, plan in tried]
     memory, what, plan = min(reports, key=lambda r: r[0].peak.peak_bytes)
     worst = memory.peak
-    homes = home_calls(experiment.workflow)
+    homes = experiment.workflow.home_calls()
     resident = [role for role, call in homes.items() if worst.device in plan[call].mesh.devices]
     return (f"no plan fits in {fmt_bytes(profile.capacity_bytes)} per device: no baseline fits and the search "
             f"found none among {evaluated:,} plans. Tightest plan tried, {what}: {worst.call or 'no call'} is "
