@@ -50,11 +50,17 @@ def describe(exp: Experiment) -> dict[str, Any]:
             "layouts": count_layouts(c, model, exp.cluster),
         })
     cl = exp.cluster
+    lengths = {"prompt": exp.params.prompt_lengths, "gen": exp.params.gen_lengths}
+    rows = exp.rollout_rows
+    drawn = exp.lengths(0) if rows else None
     return {
         "name": exp.name,
         "algorithm": exp.algorithm,
         "models": models,
         "calls": calls,
+        "lengths": {k: d.summary() | {"kind": d.kind, "at_cap": round(d.cap_mass(), 6)} for k, d in lengths.items()},
+        # the sequences one iteration generates: prompt + response tokens of iteration 0's draw
+        "tokens_per_iteration": int(drawn[0].sum() + drawn[1].sum()) if rows else None,
         "version_edges": [list(e) for e in wf.version_edges()],
         "cluster": {"nodes": cl.nodes, "devices_per_node": cl.devices_per_node, "devices": cl.num_devices,
                     "device": cl.device, "meshes": cl.num_meshes()},
@@ -81,6 +87,14 @@ def render(info: dict[str, Any]) -> str:
               str(c["workload"]["prompt_len"]), str(c["workload"]["gen_len"]), str(c["workload"]["minibatches"]),
               _human(c["flops"]), str(c["layouts"])) for c in info["calls"]]
     parts.append(format_table(rows, right={4, 5, 6, 7, 8, 9}))
+    lengths = info["lengths"]
+    if any(d["kind"] != "fixed" for d in lengths.values()):
+        rows = [("lengths", "kind", "mean", "p50", "p90", "p99", "max", "at cap")]
+        rows += [(k, d["kind"], f"{d['mean']:.1f}", f"{d['p50']:g}", f"{d['p90']:g}", f"{d['p99']:g}",
+                  f"{d['max']:g}", f"{100 * d['at_cap']:.1f} %") for k, d in lengths.items()]
+        parts += ["", format_table(rows)]
+    if info["tokens_per_iteration"] is not None:
+        parts += ["", f"tokens per iteration (prompt + response, iteration 0): {info['tokens_per_iteration']:,}"]
     if info["version_edges"]:
         edges = ", ".join(f"{a}(i) -> {b}(i+{lag})" for a, b, lag in info["version_edges"])
         parts += ["", f"version edges: {edges}"]

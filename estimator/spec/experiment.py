@@ -8,7 +8,11 @@ Schema (every key but the first eight is optional)::
                               # (the executor starts from the weights beside it, if any)
     batch_size: 512           # prompts (pairs for dpo/rw) per iteration
     prompt_len: 128
-    gen_len: 128              # generated tokens (response tokens for dpo/rw/sft)
+    gen_len: 128              # generated tokens (response tokens for dpo/rw/sft); or, where the
+                              # algorithm generates, a distribution: {max: 4096, mean: 795},
+                              # {max: 4096, mean: 795, p99: 3500 | sigma: 1.2}, {max: 4096,
+                              # lengths: FILE}, each with group_corr (grpo); prompt_len alike
+                              # (estimator.spec.lengths)
     ppo_minibatches: 4        # optimizer steps per train call
     cluster: {nodes: 1, devices_per_node: 8, device: h100-sxm}
     group_size: 8             # grpo: samples per prompt (default 1)
@@ -28,12 +32,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from estimator.base import rules
 from estimator.base.errors import ConfigError
 from estimator.base.loading import check_input_path, load_yaml
 from estimator.spec.cluster import Cluster
+from estimator.spec.lengths import parse_lengths
 from estimator.spec.models import ModelSpec, checkpoint_dir, get_model
-from estimator.spec.workflow import ALGORITHMS, ROLES, VALUE_ROLES, Workflow, WorkflowParams, build
+from estimator.spec.workflow import ALGORITHMS, GENERATING, ROLES, VALUE_ROLES, Workflow, WorkflowParams, build
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,12 @@ class Experiment:
             raise ConfigError(f"ppo_minibatches={p.ppo_minibatches} must divide batch_size={p.batch_size}")
         if self.algorithm != "grpo" and p.group_size != 1:
             raise ConfigError(f"group_size={p.group_size} applies to grpo only")
+        for key, dist in (("prompt_len", p.prompt_lengths), ("gen_len", p.gen_lengths)):
+            if not dist.fixed and self.algorithm not in GENERATING:
+                raise ConfigError(f"{key}: a length distribution applies to algorithms that generate "
+                                  f"({', '.join(GENERATING)}), not to {self.algorithm}; give an integer")
+            if dist.group_corr and (self.algorithm != "grpo" or p.group_size == 1):
+                raise ConfigError(f"{key}.group_corr={dist.group_corr:g} applies to grpo with group_size > 1")
         for role, m in self.models.items():
             if m.positions == "learned" and p.prompt_len + p.gen_len > m.max_positions:
                 raise ConfigError(f"models.{role}: prompt_len + gen_len = {p.prompt_len + p.gen_len} tokens exceeds "
@@ -91,6 +104,19 @@ class Experiment:
     @property
     def tokens_per_iteration(self) -> int:
         return self.workflow.calls[0].workload.seqs * self.params.prompt_len
+
+    @property
+    def rollout_rows(self) -> int:
+        """Sequences one iteration generates (prompts × the group); 0 without generation."""
+        gens = [c.workload.seqs for c in self.workflow.calls if c.kind == "generate"]
+        return max(gens, default=0)
+
+    def lengths(self, iteration: int) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt, response) tokens of every generated row of ``iteration``, by global row: a
+        pure function of (seed, iteration, row), the same for the estimator and the executor."""
+        p, rows = self.params, self.rollout_rows
+        return (p.prompt_lengths.draw(self.seed, iteration, rows, "prompt", p.group_size),
+                p.gen_lengths.draw(self.seed, iteration, rows, "gen", p.group_size))
 
 
 _REQUIRED = ("algorithm", "models", "batch_size", "prompt_len", "gen_len", "cluster")
@@ -167,7 +193,9 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
         if ckpt is not None:
             checkpoints[role] = str(ckpt)
 
-    ints = {k: _positive_int(where, k, raw[k]) for k in ("batch_size", "prompt_len", "gen_len")}
+    ints = {"batch_size": _positive_int(where, "batch_size", raw["batch_size"])}
+    dists = {k: parse_lengths(raw[k], f"{where}: {k}", _INT_LIMITS[k], base_dir) for k in ("prompt_len", "gen_len")}
+    ints |= {k: d.max for k, d in dists.items()}
     ints["ppo_minibatches"] = _positive_int(where, "ppo_minibatches", raw.get("ppo_minibatches", 1))
     ints["group_size"] = _positive_int(where, "group_size", raw.get("group_size", 1))
 
@@ -215,7 +243,7 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
         return Experiment(
             algorithm=algorithm,
             models=models,
-            params=WorkflowParams(**ints),
+            params=WorkflowParams(**ints, prompt_lengths=dists["prompt_len"], gen_lengths=dists["gen_len"]),
             cluster=Cluster(nodes, dpn, device),
             hyper=_hyperparams(where, raw.get("hyperparams", {})),
             seed=seed,

@@ -35,6 +35,9 @@ MICRO_BATCH_CHOICES = (1, 2, 4, 8, 16, 32)
 # "none" keeps every block's activations for backward; "full" keeps only each block's input and
 # re-runs the block's forward during its backward.
 RECOMPUTE_CHOICES = ("none", "full")
+# optional layout limits (0: unset) → the largest value a plan file may give
+OPTIONAL_LIMITS = {"max_concurrency": rules.MAX_BATCH,
+                   "max_tokens_per_micro_batch": rules.MAX_BATCH * rules.MAX_SEQ_TOKENS}
 
 
 @dataclass(frozen=True, order=True)
@@ -47,6 +50,13 @@ class Layout:
     pp: int  # pipeline stages
     micro_batches: int = 1  # per data-parallel rank and minibatch
     recompute: str = "none"  # activation recompute in a train call's backward (RECOMPUTE_CHOICES)
+    # generate: requests each engine replica (data-parallel rank) runs at once, vLLM's
+    # max_num_seqs; 0: as many as the KV pool holds
+    max_concurrency: int = 0
+    # train/inference: tokens (prompt + response, padding included) per micro-batch and
+    # data-parallel rank, rows packed in order until the next would pass it (verl's
+    # ppo_max_token_len_per_gpu, AReaL's max_tokens_per_mb); 0: ``micro_batches`` equal splits
+    max_tokens_per_micro_batch: int = 0
 
     def __post_init__(self) -> None:
         bad = [
@@ -59,6 +69,10 @@ class Layout:
             raise ConfigError(f"layout {', '.join(bad)}: degrees must be positive integers")
         if self.recompute not in RECOMPUTE_CHOICES:
             raise ConfigError(f"layout recompute={self.recompute!r}: must be one of {list(RECOMPUTE_CHOICES)}")
+        bad = [f"{k}={getattr(self, k)!r}" for k in OPTIONAL_LIMITS
+               if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool) or getattr(self, k) < 0]
+        if bad:
+            raise ConfigError(f"layout {', '.join(bad)}: must be a whole number, 0 for unset")
 
     @property
     def size(self) -> int:
@@ -100,16 +114,22 @@ class Layout:
         start = pp_rank * base + min(pp_rank, extra)
         return range(start, start + base + (1 if pp_rank < extra else 0))
 
+    @property
+    def token_budget(self) -> bool:
+        """Whether micro-batches are cut by a token budget rather than counted."""
+        return self.max_tokens_per_micro_batch > 0
+
     def to_dict(self) -> dict[str, Any]:
         out = {"mesh": str(self.mesh), "dp": self.dp, "tp": self.tp, "pp": self.pp,
                "micro_batches": self.micro_batches}
-        return out | ({"recompute": self.recompute} if self.recompute != "none" else {})
+        out |= {"recompute": self.recompute} if self.recompute != "none" else {}
+        return out | {k: getattr(self, k) for k in OPTIONAL_LIMITS if getattr(self, k)}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "layout") -> Layout:
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: must be an object with mesh, dp, tp, pp, micro_batches")
-        allowed = {"mesh", "dp", "tp", "pp", "micro_batches", "recompute"}
+        allowed = {"mesh", "dp", "tp", "pp", "micro_batches", "recompute", *OPTIONAL_LIMITS}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -126,7 +146,11 @@ class Layout:
             mesh = DeviceMesh.parse(data["mesh"])
         except ConfigError as exc:
             raise ConfigError(f"{where}.mesh: {exc}") from None
-        return cls(mesh, data["dp"], data["tp"], data["pp"], data.get("micro_batches", 1), recompute)
+        for k, hi in OPTIONAL_LIMITS.items():
+            if k in data:
+                rules.integer(f"{where}.{k}", data[k], lo=1, hi=hi)
+        return cls(mesh, data["dp"], data["tp"], data["pp"], data.get("micro_batches", 1), recompute,
+                   **{k: data[k] for k in OPTIONAL_LIMITS if k in data})
 
 
 @dataclass(frozen=True)
@@ -168,9 +192,12 @@ class Plan:
     def table(self) -> str:
         """A readable table of the plan (a recompute column when any layout recomputes)."""
         extra = any(lay.recompute != "none" for lay in self.layouts.values())
-        rows = [("call", "mesh", "devices", "dp", "tp", "pp", "micro_batches") + (("recompute",) if extra else ())]
+        limits = [k for k in OPTIONAL_LIMITS if any(getattr(lay, k) for lay in self.layouts.values())]
+        rows = [("call", "mesh", "devices", "dp", "tp", "pp", "micro_batches") + (("recompute",) if extra else ())
+                + tuple(limits)]
         rows += [(c, str(lay.mesh), str(lay.mesh.size), str(lay.dp), str(lay.tp), str(lay.pp),
-                  str(lay.micro_batches)) + ((lay.recompute,) if extra else ()) for c, lay in self.layouts.items()]
+                  str(lay.micro_batches)) + ((lay.recompute,) if extra else ())
+                 + tuple(str(getattr(lay, k) or "-") for k in limits) for c, lay in self.layouts.items()]
         return format_table(rows)
 
 
@@ -197,6 +224,12 @@ def _shape_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layo
                    f"one node of {dpn} devices (tp must divide {dpn})")
     if layout.pp > model.layers:
         out.append(f"call {name}: pp={layout.pp} exceeds layers={model.layers} of model {model.name}")
+    if layout.max_concurrency and call.kind != "generate":
+        out.append(f"call {name}: max_concurrency={layout.max_concurrency} applies to generate calls only, "
+                   f"not to this {call.kind} call")
+    if layout.token_budget and call.kind == "generate":
+        out.append(f"call {name}: max_tokens_per_micro_batch={layout.max_tokens_per_micro_batch} applies to "
+                   "train and inference calls only, not to this generate call (use max_concurrency)")
     if layout.recompute != "none" and call.kind != "train":
         out.append(f"call {name}: recompute={layout.recompute!r} applies to train calls only, "
                    f"not to this {call.kind} call (use recompute='none')")
@@ -208,7 +241,27 @@ def _batch_splits(call: Call, dp: int, micro_batches: int) -> bool:
     return call.workload.units_per_minibatch % (dp * micro_batches) == 0
 
 
+def _budget_problem(call: Call, layout: Layout) -> str | None:
+    """A token budget needs the batch split over dp alone and room for the longest row (a pair
+    for paired data)."""
+    w, budget = call.workload, layout.max_tokens_per_micro_batch
+    unit = "pairs" if w.paired else "sequences"
+    if layout.micro_batches != 1:
+        return (f"call {call.name}: micro_batches={layout.micro_batches} with max_tokens_per_micro_batch="
+                f"{budget}: the budget cuts the micro-batches; leave micro_batches at 1")
+    if w.units_per_minibatch % layout.dp:
+        return (f"call {call.name}: batch of {w.units_per_minibatch} {unit} per minibatch is not divisible by "
+                f"dp = {layout.dp}")
+    longest = w.seq_len * (2 if w.paired else 1)
+    if budget < longest:
+        return (f"call {call.name}: max_tokens_per_micro_batch={budget} is below the longest "
+                f"{'pair' if w.paired else 'row'}, {longest} tokens (prompt_len + gen_len at their caps)")
+    return None
+
+
 def _batch_problem(call: Call, layout: Layout) -> str | None:
+    if layout.token_budget:
+        return _budget_problem(call, layout)
     if _batch_splits(call, layout.dp, layout.micro_batches):
         return None
     w = call.workload

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from estimator.base.errors import ConfigError
+from estimator.spec.lengths import Lengths
 
 CALL_KINDS = ("generate", "inference", "train")
 ALGORITHMS = ("ppo", "grpo", "dpo", "remax", "sft", "rw")
+GENERATING = ("ppo", "grpo", "remax")  # algorithms whose iteration generates responses
 # Data every iteration starts from; produced by no call.
 SOURCES = frozenset({"prompts", "pairs"})
 SYNC_LAG = 1  # iterations from a role's update to the first call that reads it: synchronous RL
@@ -216,10 +218,27 @@ class WorkflowParams:
     """The workload knobs of an experiment that shape its workflow."""
 
     batch_size: int  # prompts (or pairs) per iteration
-    prompt_len: int
-    gen_len: int
+    prompt_len: int  # tokens of prompt: the cap when prompt lengths are a distribution
+    gen_len: int  # tokens of response: the cap when response lengths are a distribution
     ppo_minibatches: int = 1
     group_size: int = 1  # grpo: samples per prompt
+    # the distributions of prompt and response lengths (estimator.spec.lengths); None: every
+    # sequence exactly prompt_len and gen_len tokens
+    prompt_lengths: Lengths | None = None
+    gen_lengths: Lengths | None = None
+
+    def __post_init__(self) -> None:
+        for name, cap in (("prompt_lengths", self.prompt_len), ("gen_lengths", self.gen_len)):
+            dist = getattr(self, name)
+            if dist is None:
+                object.__setattr__(self, name, Lengths(cap))
+            elif dist.max != cap:
+                raise ConfigError(f"{name}: its cap {dist.max} must equal {name.split('_')[0]}_len={cap}")
+
+    @property
+    def variable(self) -> bool:
+        """Whether any length is drawn from a distribution (not every sequence alike)."""
+        return not (self.prompt_lengths.fixed and self.gen_lengths.fixed)
 
 
 CallSpec = tuple[str, str, str, tuple[str, ...], tuple[str, ...], Workload]
