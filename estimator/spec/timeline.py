@@ -4,6 +4,8 @@ The estimator and the executor produce the same type, so analysis compares them 
 A span is one op of one call on one device: ``(device, iteration, call, op, micro_batch,
 stage, start_s, end_s)``. Communication spans also name the link they used in ``resource``
 (compute spans leave it empty); a span that occupies only a link has ``device = -1``.
+A timeline may also hold counter samples (:class:`Sample`): a quantity over time on one device,
+e.g. a generate call's running batch (``running``) at every decode step.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ class Span:
         return self.end_s - self.start_s
 
 
+@dataclass(frozen=True, order=True)
+class Sample:
+    """A counter's value on one device from ``t_s`` until its next sample."""
+
+    t_s: float  # seconds since the run started
+    device: int  # global device id (a data-parallel replica's first device)
+    iteration: int
+    call: str
+    name: str  # e.g. "running": requests a generate call's engine replica runs in this step
+    value: float
+
+
 @dataclass(frozen=True)
 class Timeline:
     """Spans of one run plus where they come from (``predicted`` or ``measured``)."""
@@ -46,13 +60,16 @@ class Timeline:
     spans: tuple[Span, ...]
     source: str = "predicted"  # predicted | measured
     meta: dict[str, Any] | None = None  # free-form provenance (plan, profile, host, …)
+    counters: tuple[Sample, ...] = ()  # counter samples, in time order
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spans", tuple(sorted(self.spans)))
+        object.__setattr__(self, "counters", tuple(sorted(self.counters)))
 
     @classmethod
-    def of(cls, spans: Iterable[Span], source: str = "predicted", **meta: Any) -> Timeline:
-        return cls(tuple(spans), source, meta or None)
+    def of(cls, spans: Iterable[Span], source: str = "predicted", counters: Iterable[Sample] = (),
+           **meta: Any) -> Timeline:
+        return cls(tuple(spans), source, meta or None, tuple(counters))
 
     @property
     def iterations(self) -> list[int]:
@@ -130,6 +147,9 @@ class Timeline:
                 "args": {"iteration": s.iteration, "micro_batch": s.micro_batch, "stage": s.stage,
                          "device": s.device},
             })
+        for c in self.counters:
+            events.append({"name": f"{c.call}:{c.name} dev{c.device}", "ph": "C", "pid": 0, "ts": c.t_s * 1e6,
+                           "args": {c.name: c.value}})
         return {"traceEvents": events, "displayTimeUnit": "ms",
                 "otherData": {"source": self.source, **(self.meta or {})}}
 
@@ -137,8 +157,9 @@ class Timeline:
         return atomic_write_json(path, self.chrome_trace())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": TIMELINE_FORMAT, "source": self.source, "meta": self.meta or {},
-                "spans": [asdict(s) for s in self.spans]}
+        out = {"format": TIMELINE_FORMAT, "source": self.source, "meta": self.meta or {},
+               "spans": [asdict(s) for s in self.spans]}
+        return out | ({"counters": [asdict(c) for c in self.counters]} if self.counters else {})
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "timeline") -> Timeline:
@@ -148,7 +169,11 @@ class Timeline:
             spans = tuple(Span(**s) for s in data["spans"])
         except (TypeError, KeyError) as exc:
             raise ConfigError(f"{where}: bad span: {exc}") from None
-        return cls(spans, data.get("source", "predicted"), data.get("meta") or None)
+        try:
+            counters = tuple(Sample(**c) for c in data.get("counters", []))
+        except (TypeError, KeyError) as exc:
+            raise ConfigError(f"{where}: bad counter sample: {exc}") from None
+        return cls(spans, data.get("source", "predicted"), data.get("meta") or None, counters)
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
