@@ -1,6 +1,7 @@
 """The one aten-op recorder (calibration.aten) against what the ops really do, counted by hand:
 causal attention with grouped K/V heads (forward and backward), embedding lookups (forward
-and backward), views, allocations, in-place ops and copies, at two shapes each."""
+and backward), views, allocations, in-place ops and copies — both as recorded and as the
+committed census charges them, at two shapes each."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from calibration.aten import AtenOp, attention_flop_terms, decode, encode, record
+from calibration.opcount import monomial
+from estimator.census import load_census, piece_work
 
 FLASH = "aten._scaled_dot_product_flash_attention_for_cpu"
 FLASH_BWD = FLASH + "_backward"
@@ -24,6 +27,15 @@ EMBEDDING_SHAPES = [(1000, 32, 3, 5, torch.float32), (517, 24, 2, 7, torch.bfloa
 def _only(ops: list[AtenOp], kind: str) -> AtenOp:
     (op,) = [o for o in ops if o.kind == kind]
     return op
+
+
+def _census_op(dtype: torch.dtype, piece: str, op: str, **symbols: float) -> tuple[float, float]:
+    """(FLOPs, bytes) the committed census charges for every ``op`` of ``piece`` at ``symbols``."""
+    name = "float32" if dtype == torch.float32 else "bfloat16"
+    entries = [e for e in load_census().piece(name, piece) if e["op"] == op]
+    assert entries, f"{piece} ({name}) has no {op}"
+    w = piece_work(entries, symbols)
+    return float((w.count * w.flops).sum()), float((w.count * w.bytes).sum())
 
 
 def _attention_hand_counts(b, h, hk, t, d, e):
@@ -60,13 +72,30 @@ def test_causal_attention_with_grouped_heads_is_counted_by_the_pairs_it_attends(
     assert bwd.flops != 2.5 * 4 * b * h * t * t * d
 
 
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: f"b{s[0]}h{s[1]}kv{s[2]}t{s[3]}d{s[4]}")
+def test_census_charges_causal_attention_by_the_pairs_it_attends(shape):
+    """The committed census's attention in a block's forward, prefill and backward, evaluated at
+    a real shape: the same hand counts (it is the executor's own SDPA call, recorded at primes)."""
+    b, h, hk, t, d, dt = shape
+    fwd_flops, fwd_bytes, bwd_flops, bwd_bytes = _attention_hand_counts(b, h, hk, t, d, ELEMENT[dt])
+    symbols = dict(rows=b, tokens=t, kv_heads=hk, group=h // hk, half_head_dim=d / 2)
+    for piece in ("block_forward", "block_prefill", "block_forward@tp"):
+        assert _census_op(dt, piece, FLASH, **symbols) == pytest.approx((fwd_flops, fwd_bytes), rel=1e-12)
+    assert _census_op(dt, "block_backward", FLASH_BWD, **symbols) == pytest.approx((bwd_flops, bwd_bytes), rel=1e-12)
+    # the recomputing backward runs the forward once more
+    assert _census_op(dt, "block_backward_recompute", FLASH, **symbols) == pytest.approx((fwd_flops, fwd_bytes),
+                                                                                         rel=1e-12)
+
+
 def test_a_decode_step_attends_every_cached_key():
     """One new query against kv cached keys, no mask: 4·d FLOPs per key and query head."""
     for b, h, hk, kv, d in ((2, 8, 2, 9, 16), (1, 6, 3, 31, 8)):
         q, k, v = torch.randn(b, h, 1, d), torch.randn(b, hk, kv, d), torch.randn(b, hk, kv, d)
         op = _only(record(functools.partial(F.scaled_dot_product_attention, q, k, v, enable_gqa=True)), FLASH)
         assert op.flops == 4 * b * h * kv * d
-        assert op.bytes == 4 * (2 * b * h * d + 2 * b * hk * kv * d + b * h)
+        got = _census_op(torch.float32, "block_decode", FLASH, rows=b, kv_len=kv, kv_heads=hk, group=h // hk,
+                         half_head_dim=d / 2)
+        assert got == pytest.approx((4 * b * h * kv * d, 4 * (2 * b * h * d + 2 * b * hk * kv * d + b * h)), rel=1e-12)
 
 
 @pytest.mark.parametrize("tq,tk", [(3, 5), (5, 3), (4, 4)])
@@ -108,6 +137,18 @@ def test_embedding_reads_the_rows_it_gathers_and_its_backward_what_it_writes(sha
     grad = torch.randn_like(out["y"])
     bwd = _only(record(lambda: out["y"].backward(grad)), "aten.embedding_dense_backward")
     assert (bwd.flops, bwd.bytes) == (0, bwd_bytes)
+
+
+@pytest.mark.parametrize("shape", EMBEDDING_SHAPES, ids=lambda s: f"v{s[0]}d{s[1]}")
+def test_census_charges_the_embedding_by_the_rows_it_gathers(shape):
+    vocab, width, b, t, dt = shape
+    fwd_bytes, bwd_bytes = _embedding_hand_counts(vocab, width, b * t, ELEMENT[dt])
+    symbols = dict(rows=b, tokens=t, hidden=width, vocab_local=vocab)
+    for piece in ("embed", "embed@tp", "embed+learned"):
+        assert _census_op(dt, piece, "aten.embedding", **symbols) == pytest.approx((0, fwd_bytes), rel=1e-12)
+    for piece in ("embed_backward", "embed_backward@tp"):
+        got = _census_op(dt, piece, "aten.embedding_dense_backward", **symbols)
+        assert got == pytest.approx((0, bwd_bytes), rel=1e-12)
 
 
 def test_views_and_allocations_move_nothing_but_are_dispatched():
@@ -158,3 +199,7 @@ def test_encode_decode_round_trip():
 def test_an_op_with_negative_work_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"'aten.neg.default'.*\[-4\]"):
         AtenOp("aten.neg.default", (), (-4,))
+
+
+def test_negative_terms_factor_with_their_sign():
+    assert monomial(-2 * 11 * 13, {11: "rows", 13: "tokens"}) == (-2, (("rows", 1), ("tokens", 1)))
