@@ -5,7 +5,7 @@ Each piece (:data:`PIECES`) runs the executor's own code — :mod:`executor.mode
 the engine's tensor-parallel hooks, :class:`executor.engine.TensorParallel`'s ends, the
 engine's token choice with the sampler, the losses of :mod:`executor.rlhf`, ``ShardAdam``, the
 data-parallel gradient sum — on inputs whose every dimension is a product of shape symbols set
-to distinct primes, under :class:`calibration.opcount.OpRecorder`. Tensor parallelism runs over
+to distinct primes, under :func:`calibration.aten.record`. Tensor parallelism runs over
 an in-process ``fake`` process group of ``tp`` ranks (collectives are no-ops there; the links
 charge them), so the local copies around collectives are recorded as the executor issues them.
 Each piece is recorded once per run dtype (bfloat16: GPU runs; float32: the CPU default) and

@@ -1,99 +1,42 @@
-"""Recording the aten ops a piece of executor code dispatches, as functions of shape symbols.
+"""The aten ops a piece of executor code dispatches, as functions of shape symbols.
 
-A piece runs under :class:`OpRecorder`, a ``TorchDispatchMode`` that sees every aten op below
-autograd: its name, the tensors it reads and writes, and — from the formulas of
-``torch.utils.flop_counter`` — its FLOPs. Every dimension of the piece is a product of shape
-symbols whose values are distinct primes of at least 11 (:data:`SYMBOL_PRIMES`), so each
-observed count factors uniquely into a constant times a monomial of the symbols
-(:func:`monomial`): an output of ``19·29·37`` elements is ``rows·tokens·hidden``. Ops with the
-same name and the same symbolic work are merged; a count that differs between two recordings at different
-primes is factored alike (``tp`` ``empty_like`` buffers of an all-gather), one that does not
-is a constant. :func:`check_against` then re-runs the
-piece with other primes and requires the symbolic record to predict those counts exactly, so
-a coincidence (eleven identical ops read as ``rows``) cannot pass.
+A piece is recorded by :func:`calibration.aten.record` — the recorder the kernel benchmarks
+use too, so the census and the rows a profile is fitted on count FLOPs and bytes by one
+convention (its module docstring states it: views and allocations move no bytes, in-place
+targets are read and written, gathers read the rows they return, causal attention counts the
+pairs its mask keeps, …). Every dimension of the piece is a product of shape symbols whose
+values are distinct primes of at least 11 (:data:`calibration.census.PRIMES_A`), so each term
+of an op's FLOPs or bytes factors uniquely into a constant times a monomial of the symbols
+(:func:`monomial`): an output of ``19·29·37`` elements is ``rows·tokens·hidden``. An op's
+FLOPs are the sum of its terms' monomials (causal attention's ``B·H·d·T² + B·H·d·T``: two),
+and so are its bytes (one term per tensor access). Ops with the same name and the same
+symbolic work are merged; a count that differs between two recordings at different primes is
+factored alike (``tp`` ``empty_like`` buffers of an all-gather), one that does not is a
+constant. :func:`check_against` then requires the symbolic record to predict a recording at
+other primes exactly, so a coincidence (eleven identical ops read as ``rows``) cannot pass.
 
-Bytes are each distinct tensor an op reads or writes, once (an in-place op's destination is
-both), at its element size. Views, ``_unsafe_view`` and allocations move no bytes; they are still dispatched,
-so they count as launches (the host cost of dispatch). Collectives (``c10d``) are charged by
-the links, not here.
+Census entries: ``{"op", "count", "flops", "bytes"}``; ``count`` a monomial ``[c, {symbol:
+exponent}]``, ``flops`` one monomial or a list of them (summed; :mod:`estimator.cost.census` reads
+both), ``bytes`` a list of monomials (summed).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+from calibration.aten import AtenOp
+from calibration.aten import record as record_ops
 
 Mono = tuple[int, tuple[tuple[str, int], ...]]  # (constant, ((symbol, exponent), ...)) sorted
-COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
-ALLOCATIONS = ("empty", "empty_like", "new_empty", "empty_strided", "_unsafe_view")  # no bytes moved
-aten = torch.ops.aten
-
-
-def _cpu_sdpa_flops(func, args, out) -> int | None:
-    """torch's counter has no formula for the CPU flash kernels; use its generic SDPA ones
-    with K/V widened to the query heads (grouped heads are read once per query head)."""
-    if func is aten._scaled_dot_product_flash_attention_for_cpu.default:
-        q, k = args[0], args[1]
-        kv = (k.shape[0], q.shape[1], k.shape[2], k.shape[3])
-        return sdpa_flop_count(tuple(q.shape), kv, kv)
-    if func is aten._scaled_dot_product_flash_attention_for_cpu_backward.default:
-        grad, q, k = args[0], args[1], args[2]
-        kv = (k.shape[0], q.shape[1], k.shape[2], k.shape[3])
-        return sdpa_backward_flop_count(tuple(grad.shape), tuple(q.shape), kv, kv)
-    return None
-
-
-def op_flops(func, args, kwargs, out) -> int:
-    cpu = _cpu_sdpa_flops(func, args, out)
-    if cpu is not None:
-        return int(cpu)
-    formula = flop_registry.get(func._overloadpacket)
-    return int(formula(*args, **kwargs, out_val=out)) if formula else 0
-
-
-def _tensors(tree) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
-
-
-@dataclass
-class OpRecorder(TorchDispatchMode):
-    """Every aten op dispatched inside the ``with`` block: (name, flops, [(numel, itemsize)])."""
-
-    ops: list[tuple[str, int, tuple[tuple[int, int], ...]]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        super().__init__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func.namespace in COLLECTIVE_NAMESPACES:
-            return out
-        name = f"{func.namespace}.{func._overloadpacket.__name__}"
-        moved: tuple[tuple[int, int], ...] = ()
-        if not func.is_view and func._overloadpacket.__name__ not in ALLOCATIONS:
-            seen, touched = set(), []
-            for t in _tensors(args) + _tensors(kwargs) + _tensors(out):
-                # the same memory once, whether an in-place destination or an alias of an input
-                key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-                if key not in seen:
-                    seen.add(key)
-                    touched.append((t.numel(), t.element_size()))
-            moved = tuple(touched)
-        self.ops.append((name, op_flops(func, args, kwargs, out), moved))
-        return out
+Terms = tuple[tuple[tuple[tuple[str, int], ...], int], ...]  # ((exponents, constant), ...) sorted
 
 
 def monomial(n: int, primes: dict[int, str]) -> Mono:
     """``n`` as constant × Π symbol^exponent; raises if a factor of ≥ 11 is no symbol's prime."""
     if n == 0:
         return (0, ())
+    sign, n = (-1 if n < 0 else 1), abs(n)
     exps: dict[str, int] = {}
     for p, sym in primes.items():
         while n % p == 0:
@@ -105,28 +48,36 @@ def monomial(n: int, primes: dict[int, str]) -> Mono:
             rest //= q
     if rest != 1:
         raise ValueError(f"factor {rest} of an observed count belongs to no shape symbol")
-    return (n, tuple(sorted(exps.items())))
+    return (sign * n, tuple(sorted(exps.items())))
 
 
-def _add(terms: dict, mono: Mono) -> None:
-    c, key = mono
-    terms[key] = terms.get(key, 0) + c
+def factor(terms: tuple[int, ...], primes: dict[int, str]) -> Terms:
+    """A sum of terms as a sum of monomials, equal monomials merged. Equal terms are first
+    multiplied up, so ``tp`` equal buffers read as ``tp``, not as a constant."""
+    out: dict[tuple[tuple[str, int], ...], int] = {}
+    for term, k in Counter(terms).items():
+        c, exps = monomial(k * term, primes)
+        out[exps] = out.get(exps, 0) + c
+    return tuple(sorted((e, c) for e, c in out.items() if c))
 
 
-def _merge(ops: list, values: dict[str, int]) -> Counter:
+def _merge(ops: list[AtenOp], values: dict[str, int]) -> Counter:
     """Ops with the same name and symbolic work, counted."""
     primes = {v: k for k, v in values.items()}
-    merged: Counter = Counter()
-    for name, flops, moved in ops:
-        terms: dict = {}
-        # equal tensors first multiplied up, so tp equal buffers read as tp, not a constant
-        for (numel, size), k in Counter(moved).items():
-            _add(terms, monomial(k * numel * size, primes))
-        merged[(name, monomial(flops, primes), tuple(sorted((k, c) for k, c in terms.items() if c)))] += 1
-    return merged
+    return Counter((o.kind, factor(o.flop_terms, primes), factor(o.byte_terms, primes)) for o in ops)
 
 
-def symbolic(ops: list, values: dict[str, int], other_ops: list, other: dict[str, int]) -> list[dict]:
+def encode(mono: Mono) -> list:
+    return [mono[0], dict(mono[1])]
+
+
+def _flops_entry(flops: Terms) -> list:
+    """One monomial, or a list of them where the FLOPs are a sum."""
+    monos = [encode((c, e)) for e, c in flops]
+    return monos[0] if len(monos) == 1 else (monos or [0, {}])
+
+
+def symbolic(ops: list[AtenOp], values: dict[str, int], other_ops: list[AtenOp], other: dict[str, int]) -> list[dict]:
     """Census entries (op, count, flops and bytes as monomials) from recordings of one piece at
     two prime assignments: a count the same in both is a constant (seven views), one that
     changes is a monomial of the symbols (``tp`` buffers)."""
@@ -136,12 +87,8 @@ def symbolic(ops: list, values: dict[str, int], other_ops: list, other: dict[str
     for (name, flops, nbytes), count in merged.items():
         same = again.get((name, flops, nbytes)) == count
         out.append({"op": name, "count": encode((count, ()) if same else monomial(count, primes)),
-                    "flops": encode(flops), "bytes": [encode((c, k)) for k, c in nbytes]})
+                    "flops": _flops_entry(flops), "bytes": [encode((c, e)) for e, c in nbytes]})
     return sorted(out, key=lambda e: (e["op"], str(e)))
-
-
-def encode(mono: Mono) -> list:
-    return [mono[0], dict(mono[1])]
 
 
 def evaluate(mono: list, values: dict[str, float]) -> float:
@@ -152,30 +99,30 @@ def evaluate(mono: list, values: dict[str, float]) -> float:
     return out
 
 
+def flop_monomials(node: list) -> list:
+    """An entry's FLOPs as a list of monomials (one monomial or a list of them)."""
+    return node if node and isinstance(node[0], list) else [node]
+
+
 def totals(entries: list[dict], values: dict[str, float]) -> tuple[float, float, float]:
     """(ops dispatched, FLOPs, bytes) of a census piece at ``values``."""
     n = f = b = 0.0
     for e in entries:
         k = evaluate(e["count"], values)
         n += k
-        f += k * evaluate(e["flops"], values)
+        f += k * sum(evaluate(t, values) for t in flop_monomials(e["flops"]))
         b += k * sum(evaluate(t, values) for t in e["bytes"])
     return n, f, b
 
 
-def record(run: Callable[[dict[str, int]], Callable[[], None]], values: dict[str, int]) -> list:
+def record(run: Callable[[dict[str, int]], Callable[[], None]], values: dict[str, int]) -> list[AtenOp]:
     """Ops of one piece: ``run(values)`` prepares inputs and returns the thunk to record."""
-    thunk = run(values)
-    rec = OpRecorder()
-    with rec:
-        thunk()
-    return rec.ops
+    return record_ops(run(values))
 
 
-def check_against(entries: list[dict], ops: list, values: dict[str, int], piece: str) -> None:
+def check_against(entries: list[dict], ops: list[AtenOp], values: dict[str, int], piece: str) -> None:
     """The symbolic record must predict a recording at other primes exactly."""
-    want = (float(len(ops)), float(sum(f for _, f, _ in ops)),
-            float(sum(n * s for _, _, moved in ops for n, s in moved)))
+    want = (float(len(ops)), sum(o.flops for o in ops), sum(o.bytes for o in ops))
     got = totals(entries, values)
     if any(abs(g - w) > 1e-9 * max(1.0, w) for g, w in zip(got, want)):
         raise ValueError(f"census piece {piece!r}: the symbolic record predicts (ops, flops, bytes) "

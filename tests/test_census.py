@@ -12,7 +12,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from calibration import census as C
-from calibration.opcount import OpRecorder, check_against, monomial, symbolic, totals
+from calibration.aten import AtenOp, record
+from calibration.opcount import check_against, monomial, symbolic, totals
 from estimator.base.errors import ConfigError
 from estimator.cost.census import (
     BLOCK_VARIANTS,
@@ -23,7 +24,7 @@ from estimator.cost.census import (
     model_symbols,
     piece_work,
 )
-from estimator.cost.ops import head_flops_per_token, projection_flops_per_token
+from estimator.cost.ops import attention_core_flops, head_flops_per_token, projection_flops_per_token
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.models import PRESETS, ModelSpec
 from estimator.spec.plan import Layout
@@ -92,8 +93,8 @@ def test_monomials_factor_over_the_symbols_only():
 
 def test_a_constant_count_is_not_read_as_a_symbol():
     """Eleven identical views are a constant, whatever prime ``rows`` happens to be."""
-    ops_a = [("aten.view", 0, ())] * 11 + [("aten.neg", 0, ((11, 4), (11, 4)))]
-    ops_b = [("aten.view", 0, ())] * 11 + [("aten.neg", 0, ((13, 4), (13, 4)))]
+    ops_a = [AtenOp("aten.view.default")] * 11 + [AtenOp("aten.neg.default", (), (11 * 4, 11 * 4))]
+    ops_b = [AtenOp("aten.view.default")] * 11 + [AtenOp("aten.neg.default", (), (13 * 4, 13 * 4))]
     entries = symbolic(ops_a, {"rows": 11}, ops_b, {"rows": 13})
     assert totals(entries, {"rows": 13}) == (12.0, 0.0, 2 * 13 * 4.0)
     check_against(entries, ops_b, {"rows": 13}, "toy")
@@ -102,11 +103,8 @@ def test_a_constant_count_is_not_read_as_a_symbol():
 
 
 def _recorded(thunk) -> tuple[float, float, float]:
-    rec = OpRecorder()
-    with rec:
-        thunk()
-    return (float(len(rec.ops)), float(sum(f for _, f, _ in rec.ops)),
-            float(sum(n * s for _, _, moved in rec.ops for n, s in moved)))
+    ops = record(thunk)
+    return float(len(ops)), sum(o.flops for o in ops), sum(o.bytes for o in ops)
 
 
 def _census(name: str, model: ModelSpec, tp: int, **sym) -> tuple[float, float, float]:
@@ -139,8 +137,8 @@ def test_census_is_exact_at_real_model_shapes(model):
 @pytest.mark.parametrize("tp", [1, 2])
 def test_ops_flop_formulas_match_the_flop_counter(model, tp):
     """ops.py's projection and head FLOPs are what FlopCounterMode counts for the executor's
-    shard of a tp group; attention is the counter's full 4·h·s² square (it counts causal
-    attention unmasked), which the census charges."""
+    shard of a tp group; the census charges attention as ops.py counts it, by the causal
+    (query, key) pairs (4·h·s(s+1)/2), not the counter's full square."""
     params = M.init_shards(model, Layout(DeviceMesh(0, tp), 1, tp, 1), 0, 0, torch.float32)
     b, s = 2, 12
     tokens = torch.randint(0, model.vocab // tp, (b, s))
@@ -152,7 +150,8 @@ def test_ops_flop_formulas_match_the_flop_counter(model, tp):
     want = b * s * (model.layers * projection_flops_per_token(model) + head_flops_per_token(model)) / tp
     assert counted == pytest.approx(want, rel=1e-12)
     census = _census(block_piece("forward", model, tp), model, tp, rows=b, tokens=s)[1]
-    attention = 4 * model.hidden / tp * b * s * s
+    attention = b * attention_core_flops(model, s) / tp
+    assert attention == pytest.approx(2 * model.hidden / tp * b * s * (s + 1), rel=1e-12)
     assert census == pytest.approx(b * s * projection_flops_per_token(model) / tp + attention, rel=1e-12)
 
 

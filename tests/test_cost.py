@@ -39,26 +39,28 @@ NEOX = PRESETS["tiny-neox-2l-128h"].as_value_model()  # parallel residual, parti
 
 def test_forward_stage_on_a_linear_profile_is_census_flops_over_peak():
     """With unbounded bandwidth and free dispatch a stage costs its FLOPs at peak: the block's
-    projections (ops.projection_flops_per_token), attention as the counter counts it (the full
-    4·h·s² square), the LM head; nothing else does arithmetic the counter sees."""
+    projections (ops.projection_flops_per_token), causal attention at 4·h per attended (query,
+    key) pair, s(s+1)/2 of them, the LM head; nothing else does arithmetic the counter sees."""
     p = linear_profile(peak=1e12, bw=1e30, link_bw=1e9)
     m = PRESETS["llama2-7b"]
     b, s = 4, 128
     t = forward_stage(p, m, tp=1, layers=m.layers, first=True, last=True, batch=b, new=s)
-    want = b * (m.layers * (s * projection_flops_per_token(m) + 4 * m.hidden * s * s) + s * head_flops_per_token(m))
+    attention = 4 * m.hidden * s * (s + 1) // 2
+    want = b * (m.layers * (s * projection_flops_per_token(m) + attention) + s * head_flops_per_token(m))
     assert t.comm_s == 0.0
     assert t.compute_s == pytest.approx(want / 1e12, rel=1e-9)
 
 
 def test_backward_is_its_own_piece_not_a_multiple_of_the_forward():
-    """Backward GEMMs are exactly twice the forward's; attention's backward is the counter's
-    2.5×; on a profile with memory traffic and dispatch the ratio is no fixed factor."""
+    """Backward GEMMs are exactly twice the forward's; attention's backward is 2.5× its causal
+    forward (five products against two, over the same attended pairs); on a profile with memory
+    traffic and dispatch the ratio is no fixed factor."""
     p = linear_profile(peak=1e12, bw=1e30, link_bw=1e9)
     m = PRESETS["llama2-7b"]
     b, s, L = 2, 64, 2
     fwd = forward_stage(p, m, 1, L, False, False, b, s)
     bwd = backward_stage(p, m, 1, L, False, False, b, s)
-    att = 4 * m.hidden * s * s * b * L
+    att = 4 * m.hidden * s * (s + 1) // 2 * b * L  # causal: s(s+1)/2 pairs per sequence
     assert bwd.compute_s * 1e12 == pytest.approx(2 * (fwd.compute_s * 1e12 - att) + 2.5 * att, rel=1e-9)
     # dispatch only: each op the executor dispatches costs one launch, backward's own count
     host = linear_profile(peak=1e30, bw=1e30, link_bw=1e9, launch=1e-5)
@@ -313,9 +315,9 @@ def test_recompute_charges_the_checkpointed_forward_by_hand():
     plain = backward_stage(p, TINY, 1, L, False, False, b, s)
     again = backward_stage(p, TINY, 1, L, False, False, b, s, recompute=True)
     per_token = 2 * (2 * h * h + 2 * h * kv) + 2 * 2 * h * f  # q, k, v, o; gate and up
-    attention = 4 * h * s * s  # per sequence, the counter's full square
-    extra = L * b * (s * per_token + attention)  # 2·2·(16·229376 + 131072) = 15,204,352 FLOPs
-    assert extra == 15_204_352
+    attention = 4 * h * s * (s + 1) // 2  # per sequence: 4·h per causal (query, key) pair
+    extra = L * b * (s * per_token + attention)  # 2·2·(16·229376 + 69632) = 14,958,592 FLOPs
+    assert extra == 14_958_592
     assert again.compute_s - plain.compute_s == pytest.approx(extra / 1e12, rel=1e-9)
     # one more all-reduce per block under tensor parallelism: the re-run o_proj's output (the
     # recompute stops before down_proj and its all-reduce; tests/test_census.py counts them)

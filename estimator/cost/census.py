@@ -3,10 +3,11 @@
 ``calibration/census/executor.json`` is written by ``python -m calibration.census``, which runs
 the executor's own code under a dispatch recorder (see that module); the estimator never
 imports the executor or torch. Per run dtype and piece it lists aten ops, each with a count,
-its FLOPs and the bytes it reads and writes, every one a monomial ``c·Π symbol^e`` of shape
-symbols (``rows``, ``tokens``, ``kv_len``, ``hidden``, ``kv_heads``, ``group``,
-``half_head_dim``, ``half_rot_dim``, ``positions``, ``ffn``, ``vocab_local``, ``tp``, ``vocab``, ``response``,
-``numel``).
+its FLOPs and the bytes it reads and writes: the count a monomial ``c·Π symbol^e`` of shape
+symbols, FLOPs one monomial or a list of them (summed), bytes a list of them (summed). Symbols:
+``rows``, ``tokens``, ``kv_len``, ``hidden``, ``kv_heads``, ``group``, ``half_head_dim``,
+``half_rot_dim``, ``positions``, ``ffn``, ``vocab_local``, ``tp``, ``vocab``, ``response``,
+``numel``.
 
 Blocks are recorded once per architecture variant (:data:`BLOCK_VARIANTS`: LLaMA, Qwen2's q/k/v
 biases, GPT-2, OPT, GPT-NeoX), named ``block_<phase>[@tp]<variant>``; the embedding has a
@@ -15,9 +16,11 @@ biases, GPT-2, OPT, GPT-NeoX), named ``block_<phase>[@tp]<variant>``; the embedd
 :func:`piece_work` evaluates one piece at concrete symbols (numpy arrays allowed, so decode
 steps over a growing KV length evaluate in one call) into per-op arrays of FLOPs, bytes and
 launches, which :meth:`estimator.profile.profiles.Profile.ops_s_many` turns into seconds op by op.
-FLOPs are torch's ``FlopCounterMode`` formulas (``2·m·n·k`` per product; attention's full
-``4·b·heads·q·k·d`` square, causal or not, as the counter counts it and the CPU math kernel
-computes it).
+FLOPs and bytes follow the recorder's convention (:mod:`calibration.aten`, shared with the
+kernel rows a profile is fitted on): torch's ``FlopCounterMode`` formulas (``2·m·n·k`` per
+product); causal attention ``4·b·heads·d`` per attended (query, key) pair, ``s(s+1)/2`` pairs
+over ``s`` tokens (``2·b·heads·d·(s² + s)``, two monomials), its backward ``2.5×``; gathers
+(embedding) read the rows they return, not the table.
 """
 
 from __future__ import annotations
