@@ -27,6 +27,8 @@ import bisect
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
+
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
 from estimator.spec.workflow import Call
@@ -242,6 +244,29 @@ def micro_batch_rows(call: Call, layout: Layout, dp_rank: int) -> list[list[Rang
         units = (hi - lo) // per_unit
         size = units // layout.micro_batches * per_unit
         out.append([(lo + j * size, lo + (j + 1) * size) for j in range(layout.micro_batches)])
+    return out
+
+
+def budget_micro_batches(rows: Range, tokens: np.ndarray, budget: int, per_unit: int = 1) -> list[Range]:
+    """Rows ``[lo, hi)`` cut into micro-batches by a token budget: whole units (a pair is two
+    rows) are packed in row order while the micro-batch, padded to its longest row, stays
+    within ``budget`` tokens; ``tokens[r − lo]`` is row r's prompt plus response tokens. One
+    rule for the executor, which batches so, and the estimator, which charges it."""
+    lo, hi = rows
+    tokens = np.asarray(tokens)
+    if len(tokens) != hi - lo:
+        raise ValueError(f"tokens for {len(tokens)} rows, range {rows} holds {hi - lo}")
+    out, start, longest = [], lo, 0
+    for u in range(lo, hi, per_unit):
+        unit = int(tokens[u - lo:u - lo + per_unit].max())
+        if unit * per_unit > budget:
+            raise ValueError(f"rows {u}..{u + per_unit - 1}: {unit * per_unit} tokens pass the budget {budget}")
+        if u > start and max(longest, unit) * (u + per_unit - start) > budget:
+            out.append((start, u))
+            start, longest = u, 0
+        longest = max(longest, unit)
+    if hi > start:
+        out.append((start, hi))
     return out
 
 
