@@ -39,6 +39,7 @@ from estimator.base.errors import cli_guard
 from estimator.base.io import check_output_path
 from estimator.base.tables import format_table
 from estimator.baselines import symmetric_plan
+from estimator.cost.lowering import Costs
 from estimator.cost.memory import GiB, MemoryReport, plan_memory
 from estimator.cost.roofline import mfu, roofline_s
 from estimator.profile.profiles import Profile, load_profile, op_set
@@ -103,7 +104,8 @@ def predict(experiment: Experiment, plan: Plan, profile: Profile, iterations: in
             progress: Progress | None = None) -> tuple[SimResult, MemoryReport, dict[str, Any]]:
     """Simulate ``plan`` and check its memory; returns the result, the memory report and the
     summary object that ``--json`` prints."""
-    result = simulate(experiment, plan, profile, iterations, progress=progress)
+    costs = Costs(experiment, profile)
+    result = simulate(experiment, plan, profile, iterations, costs=costs, progress=progress)
     memory = plan_memory(experiment, plan, profile.capacity_bytes)
     period = result.iteration_s
     rows = call_rows(result)
@@ -124,6 +126,10 @@ def predict(experiment: Experiment, plan: Plan, profile: Profile, iterations: in
         "mfu": mfu(experiment, profile, period),
         "calls": {c: {**plan[c].to_dict(), **rows[c]} for c in experiment.workflow.topological_order()},
     }
+    for c, v in summary["calls"].items():  # continuous-batching generation, in the last iteration
+        ro = costs.call(c, plan[c], iterations - 1).rollout
+        if ro is not None:
+            v["generation"] = ro.summary()
     return result, memory, summary
 
 
@@ -139,6 +145,15 @@ def render(summary: dict[str, Any], memory: MemoryReport, plan_source: str) -> s
         rows.append((c, v["mesh"], str(v["dp"]), str(v["tp"]), str(v["pp"]), str(v["micro_batches"]),
                      *(f"{v[k]:.3f}" for k in ("start_s", "duration_s", "comm_s", "wait_s", "realloc_s"))))
     lines += [format_table(rows), ""]
+    gen = {c: v["generation"] for c, v in summary["calls"].items() if "generation" in v}
+    if gen:
+        rows = [("generation", "replicas", "engines", "cap", "KV pool", "peak running", "preempted", "tokens",
+                 "tail s")]
+        rows += [(c, str(g["replicas"]), str(g["engines_per_replica"]), str(g["max_concurrency"] or "-"),
+                  f"{g['kv_tokens_per_engine']:,}" if g["kv_tokens_per_engine"] else "-", str(g["peak_running"]),
+                  str(g["preemptions"]), f"{g['tokens']:,}", f"{g['tail_s']:.3f}") for c, g in gen.items()]
+        lines += [format_table(rows), "(continuous batching, last simulated iteration; tail: from 90 % of "
+                  "requests finished to the last)", ""]
     mem_rows = [("devices", "peak GiB", "capacity GiB", "largest call")]
     cap = f"{memory.capacity_bytes / GiB:.1f}"
     mem_rows += [(devs, f"{peak:.1f}", cap, call or "-") for devs, peak, call in memory_groups(memory)]

@@ -212,7 +212,7 @@ def no_fit_reason(experiment: Experiment, profile: Profile, space: Space, baseli
     with the lowest peak, its fullest device, the call running there at the peak and that
     device's bytes by part, against the capacity."""
     tried = [("a least-memory plan (each role at home on its largest mesh, most sharded)",
-              least_memory_plan(experiment, space))]
+              least_memory_plan(experiment, space, profile.capacity_bytes))]
     tried += [(f"baseline {b.name}", b.plan) for b in baselines.values() if b.plan is not None]
     reports = [(plan_memory(experiment, plan, profile.capacity_bytes), what, plan) for what, plan in tried]
     memory, what, plan = min(reports, key=lambda r: r[0].peak.peak_bytes)

@@ -156,12 +156,14 @@ def _degrees(size: int, per_node: int, layers: int) -> list[tuple[int, int, int]
             for pp in divisors(size // tp) if pp <= layers]
 
 
-def _stage_parts(experiment: Experiment, name: str, layout: Layout, home: bool) -> list[dict[str, float]]:
+def _stage_parts(experiment: Experiment, name: str, layout: Layout, home: bool,
+                 capacity: float | None = None) -> list[dict[str, float]]:
     """Per stage, the bytes ``name`` adds at home plus, for its role's home call, the role's
     resident weights, gradients and optimizer state, by part (:data:`estimator.cost.memory.PARTS`)."""
     call = experiment.workflow[name]
     model = experiment.models[call.role]
-    parts = [dict(p) for p in call_bytes(call, model, layout, at_home=True)]
+    engine = None if capacity is None else experiment.kv_fraction * capacity
+    parts = [dict(p) for p in call_bytes(call, model, layout, at_home=True, engine_bytes=engine)]
     if home:
         trained = call.role in experiment.workflow.trained_roles()
         for stage, static in zip(parts, home_bytes(model, layout, trained)):
@@ -170,9 +172,10 @@ def _stage_parts(experiment: Experiment, name: str, layout: Layout, home: bool) 
     return parts
 
 
-def _stage_bytes(experiment: Experiment, name: str, layout: Layout, home: bool) -> list[float]:
+def _stage_bytes(experiment: Experiment, name: str, layout: Layout, home: bool,
+                 capacity: float | None = None) -> list[float]:
     """Per stage, the total of :func:`_stage_parts`."""
-    return [sum(p.values()) for p in _stage_parts(experiment, name, layout, home)]
+    return [sum(p.values()) for p in _stage_parts(experiment, name, layout, home, capacity)]
 
 
 def parts_text(parts: dict[str, float]) -> str:
@@ -185,13 +188,13 @@ def layout_text(layout: Layout) -> str:
     return text + (f" recompute {layout.recompute}" if layout.recompute != "none" else "")
 
 
-def least_call_bytes(experiment: Experiment, name: str, layouts: list[Layout], home: bool
-                     ) -> tuple[float, Layout, dict[str, float]]:
+def least_call_bytes(experiment: Experiment, name: str, layouts: list[Layout], home: bool,
+                     capacity: float | None = None) -> tuple[float, Layout, dict[str, float]]:
     """Of ``layouts``, the one whose fullest stage needs the fewest bytes for ``name`` alone
     (as :func:`_stage_parts` counts them): (those bytes, the layout, that stage's parts)."""
     best: tuple[float, Layout, dict[str, float]] | None = None
     for lay in layouts:
-        stages = _stage_parts(experiment, name, lay, home)
+        stages = _stage_parts(experiment, name, lay, home, capacity)
         worst = max(stages, key=lambda p: sum(p.values()))
         if best is None or sum(worst.values()) < best[0]:
             best = (sum(worst.values()), lay, worst)
@@ -201,7 +204,7 @@ def least_call_bytes(experiment: Experiment, name: str, layouts: list[Layout], h
 
 
 def _fits_alone(experiment: Experiment, name: str, layout: Layout, home: bool, capacity: float) -> bool:
-    return max(_stage_bytes(experiment, name, layout, home)) <= capacity
+    return max(_stage_bytes(experiment, name, layout, home, capacity)) <= capacity
 
 
 Degrees = tuple[int, int, int, int]  # (dp, tp, pp, micro_batches)
@@ -263,10 +266,10 @@ def _recompute_useful(experiment: Experiment, name: str, lay: Layout, home: bool
     fit alone, save bytes on some stage, and the layout without it must be able to overflow a
     device next to the most that other roles can keep resident there (``others``). Otherwise
     dropping recompute keeps any plan fitting and makes it faster."""
-    full = _stage_bytes(experiment, name, dataclasses.replace(lay, recompute="full"), home)
+    full = _stage_bytes(experiment, name, dataclasses.replace(lay, recompute="full"), home, capacity)
     if max(full) > capacity:
         return False
-    plain = _stage_bytes(experiment, name, lay, home)
+    plain = _stage_bytes(experiment, name, lay, home, capacity)
     return any(f < p for f, p in zip(full, plain)) and max(plain) + others > capacity
 
 
@@ -307,7 +310,7 @@ def build_space(experiment: Experiment, profile: Profile, recompute: bool = True
             if cand.count:
                 valid = [make_layout(firsts[size][0], size, (*d, rc)) for size, shapes in cand.valid.items()
                          for d in shapes for rc in (choices if recompute else ("none",))]
-                need, lay, parts = least_call_bytes(experiment, name, valid, home)
+                need, lay, parts = least_call_bytes(experiment, name, valid, home, cap)
                 msg += (f"; the least it needs is {fmt_bytes(need)} on a device ({layout_text(lay)}: "
                         f"{parts_text(parts)}) against {fmt_bytes(cap)}")
             raise ConfigError(msg)
@@ -318,7 +321,7 @@ def build_space(experiment: Experiment, profile: Profile, recompute: bool = True
     return Space(tuple(calls), {r: tuple(v) for r, v in roles.items()}, homes)
 
 
-def least_memory_plan(experiment: Experiment, space: Space) -> Plan:
+def least_memory_plan(experiment: Experiment, space: Space, capacity: float | None = None) -> Plan:
     """A plan that needs little memory per device, to explain why none fits: each role's home
     call on its largest mesh (from device 0) with the shape whose fullest stage needs the fewest
     bytes, and each other call on its role's home placement where its space has it (no
@@ -330,12 +333,12 @@ def least_memory_plan(experiment: Experiment, space: Space) -> Plan:
         return [make_layout(cs.firsts[size][0], size, sh) for sh in cs.shapes[size]]
 
     for home in space.homes.values():
-        layouts[home] = least_call_bytes(experiment, home, on_largest(space[home]), True)[1]
+        layouts[home] = least_call_bytes(experiment, home, on_largest(space[home]), True, capacity)[1]
     for cs in space.calls:
         if cs.name in layouts:
             continue
         home = layouts[space.homes[cs.role]]
         placed = [lay for lay in cs.layouts_on(home.mesh)
                   if (lay.dp, lay.tp, lay.pp) == (home.dp, home.tp, home.pp)]
-        layouts[cs.name] = least_call_bytes(experiment, cs.name, placed or on_largest(cs), False)[1]
+        layouts[cs.name] = least_call_bytes(experiment, cs.name, placed or on_largest(cs), False, capacity)[1]
     return Plan({n: layouts[n] for n in space.names})

@@ -69,7 +69,9 @@ class StubCosts:
     realloc: dict[tuple[str, str], dict[Pair, int]] = field(default_factory=dict)  # (role, call) → pairs
     data: dict[tuple[str, str], dict[Pair, int]] = field(default_factory=dict)  # (producer, consumer) → pairs
 
-    def call(self, name: str, layout: Layout) -> CallCost:
+    varying: bool = False  # every iteration alike
+
+    def call(self, name: str, layout: Layout, iteration: int = 0) -> CallCost:
         return self.calls[name]
 
     def realloc_pairs(self, role: str, home: Layout, layout: Layout) -> dict[Pair, int]:

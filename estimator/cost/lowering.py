@@ -18,9 +18,13 @@ simulator and the evaluator pay for lowering once.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
+
 from estimator.cost.decode import DecodeChunk, decode_chunks
+from estimator.cost.memory import call_bytes
 from estimator.cost.pieces import (
     PAIRED_LOSSES,
     Extra,
@@ -31,6 +35,7 @@ from estimator.cost.pieces import (
     optimizer_s,
     stage_params,
 )
+from estimator.cost.rollout import RolloutCost, continuous, engine_tokens, kv_free_bytes, rollout_cost
 from estimator.cost.transfers import (
     Pair,
     data_bytes,
@@ -44,7 +49,7 @@ from estimator.profile.profiles import Profile
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
-from estimator.spec.sharding import box_numel, shard
+from estimator.spec.sharding import box_numel, budget_micro_batches, dp_rows, micro_batch_rows, shard
 from estimator.spec.workflow import Call
 
 
@@ -83,6 +88,9 @@ class CallCost:
     micro_batches: int
     minibatches: int  # optimizer steps (train), 1 otherwise
     feedback_s: float  # generation: last stage → first stage token message (0 without pipeline)
+    # generation as continuous-batching engines (estimator.cost.rollout); None: the fixed-length
+    # model of the stages' prefill and decode chunks
+    rollout: RolloutCost | None = None
 
     @property
     def pp(self) -> int:
@@ -115,10 +123,58 @@ def _passes(call: Call, layout: Layout) -> int:
     return layout.micro_batches * (call.workload.minibatches if call.kind == "train" else 1)
 
 
+def micro_batch_shapes(call: Call, layout: Layout, tokens: np.ndarray) -> list[list[tuple[int, int]]]:
+    """Per data-parallel rank, (rows, tokens of its longest row) of every micro-batch of every
+    minibatch, as the executor cuts them: ``micro_batches`` equal splits, or by the layout's
+    token budget (:func:`estimator.spec.sharding.budget_micro_batches`); ``tokens`` per global row."""
+    per_unit = 2 if call.workload.paired else 1
+    out = []
+    for r in range(layout.dp):
+        if layout.token_budget:
+            ranges = [mb for rows in dp_rows(call, layout, r)
+                      for mb in budget_micro_batches(rows, tokens[rows[0]:rows[1]], layout.max_tokens_per_micro_batch,
+                                                     per_unit)]
+        else:
+            ranges = [mb for step in micro_batch_rows(call, layout, r) for mb in step]
+        out.append([(hi - lo, int(tokens[lo:hi].max())) for lo, hi in ranges if hi > lo])
+    return out
+
+
+def _drawn_shape(call: Call, layout: Layout, tokens: np.ndarray) -> tuple[list[tuple[int, int]], int]:
+    """The micro-batches of the slowest data-parallel rank (by padded tokens; replicas run in
+    lock step, so it sets the pace) and its micro-batches per minibatch."""
+    shapes = micro_batch_shapes(call, layout, tokens)
+    worst = max(shapes, key=lambda mbs: sum(rows * n for rows, n in mbs))
+    steps = call.workload.minibatches if call.kind == "train" else 1
+    return worst, max(1, round(len(worst) / steps))
+
+
+def _mean_time(times: list[StageTime]) -> StageTime:
+    return StageTime(sum(x.compute_s for x in times) / len(times), sum(x.comm_s for x in times) / len(times))
+
+
 def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: int, profile: Profile,
-               algorithm: str = "ppo") -> CallCost:
-    """Per-stage task costs of ``call`` under ``layout`` (``algorithm`` names a train call's loss)."""
+               algorithm: str = "ppo", lengths: tuple[np.ndarray, np.ndarray] | None = None,
+               kv_tokens: int = 0) -> CallCost:
+    """Per-stage task costs of ``call`` under ``layout`` (``algorithm`` names a train call's loss).
+
+    ``lengths``: (prompt, response) tokens per global row of the iteration when they vary. A
+    generate call then runs as continuous batching (:mod:`estimator.cost.rollout`, with a KV
+    pool of ``kv_tokens`` per engine, 0 unlimited); an inference or train call charges each
+    micro-batch padded to its longest row, as the executor batches (equal splits or the
+    layout's token budget), every micro-batch at the slowest rank's mean."""
     w, dpn, p = call.workload, devices_per_node, layout.pp
+    if continuous(call, layout):
+        prompt, gen = lengths if lengths is not None else (np.full(w.seqs, w.prompt_len), np.full(w.seqs, w.gen_len))
+        ro = rollout_cost(profile, call, model, layout, prompt, gen, kv_tokens, dpn)
+        zero = StageTime(0.0, 0.0)
+        stages = tuple(StageCost(k, tuple(layout.stage_devices(k)), zero, zero, 0.0, (), (), 0.0, (), 0.0)
+                       for k in range(p))
+        return CallCost(call.name, call.kind, layout, stages, layout.micro_batches, 1, 0.0, ro)
+    shapes, given = None, layout
+    if lengths is not None and call.kind != "generate":
+        shapes, m = _drawn_shape(call, layout, lengths[0] + lengths[1])
+        layout = dataclasses.replace(layout, micro_batches=m)
     b = _rows(call, layout)
     decode, feedback = ([() for _ in range(p)], 0.0)
     if call.kind == "generate":
@@ -134,13 +190,24 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
         first, last = k == 0, k == p - 1
         devices = tuple(layout.stage_devices(k))
         ports = tuple(group_ports(devices, dpn))  # every port of the stage's devices (group_ports)
-        fwd = forward_stage(profile, model, layout.tp, layers, first, last, b, new, head, phase, tail_f,
-                            grad=call.kind == "train", recompute=layout.recompute == "full")
+        recompute = layout.recompute == "full"
+        if shapes is None:
+            fwd = forward_stage(profile, model, layout.tp, layers, first, last, b, new, head, phase, tail_f,
+                                grad=call.kind == "train", recompute=recompute)
+        else:
+            fwd = _mean_time([forward_stage(profile, model, layout.tp, layers, first, last, rows, n, None, phase,
+                                            _tail(call, algorithm, rows)[0], grad=call.kind == "train",
+                                            recompute=recompute) for rows, n in shapes])
         fwd = StageTime(fwd.compute_s + spread, fwd.comm_s)
         bwd, ar, opt, dp_ports = StageTime(0.0, 0.0), 0.0, 0.0, ()
         if call.kind == "train":
-            bwd = backward_stage(profile, model, layout.tp, layers, first, last, b, new, tail_b,
-                                 recompute=layout.recompute == "full")
+            if shapes is None:
+                bwd = backward_stage(profile, model, layout.tp, layers, first, last, b, new, tail_b,
+                                     recompute=recompute)
+            else:
+                bwd = _mean_time([backward_stage(profile, model, layout.tp, layers, first, last, rows, n,
+                                                 _tail(call, algorithm, rows)[1], recompute=recompute)
+                                  for rows, n in shapes])
             params = stage_params(model, layout.tp, layout.pp, k, layers)
             numels = [box_numel(box) for box in shard(model, layout, layout.device(0, 0, k)).values()]
             group = [layout.device(i, 0, k) for i in range(layout.dp)]
@@ -159,11 +226,12 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
                 # (it holds this stage's own ports; a partner on another node also uses the NICs)
                 dp_ports = ports
             opt = optimizer_s(profile, numels)
-        act_bytes = b * new * model.hidden * profile.elem_bytes  # one micro-batch's activations
+        # one micro-batch's activations (the largest one's, where lengths vary)
+        act_bytes = (b * new if shapes is None else max(r * n for r, n in shapes)) * model.hidden * profile.elem_bytes
         send_s, send_ports, recv_ports, cls = stage_send(profile, layout, k, act_bytes, dpn)
         stages.append(StageCost(k, devices, fwd, bwd, send_s, send_ports, recv_ports, ar, dp_ports, opt, cls,
                                 decode[k], ports if layout.tp > 1 else ()))
-    return CallCost(call.name, call.kind, layout, tuple(stages), layout.micro_batches,
+    return CallCost(call.name, call.kind, given, tuple(stages), layout.micro_batches,
                     w.minibatches if call.kind == "train" else 1, feedback)
 
 
@@ -177,7 +245,8 @@ class Costs:
         self.dpn = experiment.cluster.devices_per_node
         self.num_devices = experiment.cluster.num_devices
         self.homes = self.workflow.home_calls()
-        self._calls: dict[tuple[str, Layout], CallCost] = {}
+        self._calls: dict[tuple, CallCost] = {}
+        self._lengths: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._realloc: dict[tuple, dict[Pair, int]] = {}
         self._data: dict[tuple, dict[Pair, int]] = {}
         self._times: dict[tuple, float] = {}
@@ -187,13 +256,38 @@ class Costs:
         for prod, cons, data in self.workflow.edges():
             self.edge_data[(prod, cons)] = self.edge_data.get((prod, cons), ()) + (data,)
 
-    def call(self, name: str, layout: Layout) -> CallCost:
-        key = (name, layout)
+    def call(self, name: str, layout: Layout, iteration: int = 0) -> CallCost:
+        """``name`` lowered on ``layout`` in ``iteration`` (whose drawn lengths it charges where
+        lengths vary; every iteration alike otherwise)."""
+        call = self.workflow[name]
+        vary = call.workload.lengths_vary
+        key = (name, layout, iteration) if vary else (name, layout)
         if key not in self._calls:
-            call = self.workflow[name]
             model = self.experiment.models[call.role]
-            self._calls[key] = lower_call(call, model, layout, self.dpn, self.profile, self.experiment.algorithm)
+            kv = self.kv_tokens(name, layout) if continuous(call, layout) else 0
+            self._calls[key] = lower_call(call, model, layout, self.dpn, self.profile, self.experiment.algorithm,
+                                          self.lengths(iteration) if vary else None, kv)
         return self._calls[key]
+
+    @property
+    def varying(self) -> bool:
+        """Whether calls cost differently from iteration to iteration (lengths are drawn)."""
+        return self.experiment.params.variable
+
+    def lengths(self, iteration: int) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt, response) tokens per generated row of ``iteration``, drawn once."""
+        if iteration not in self._lengths:
+            self._lengths[iteration] = self.experiment.lengths(iteration)
+        return self._lengths[iteration]
+
+    def kv_tokens(self, name: str, layout: Layout) -> int:
+        """The KV pool of one virtual engine of generate call ``name`` on ``layout``, tokens
+        (:mod:`estimator.cost.rollout`: the engine holds ``kv_fraction`` of each device)."""
+        call = self.workflow[name]
+        model = self.experiment.models[call.role]
+        engine = self.experiment.kv_fraction * self.profile.capacity_bytes
+        acts = [parts.get("activations", 0.0) for parts in call_bytes(call, model, layout, at_home=True)]
+        return engine_tokens(kv_free_bytes(model, layout, engine, acts), model, layout)
 
     @property
     def alone(self) -> Costs:

@@ -37,10 +37,12 @@ Calls on one device run one at a time, so a device's peak is its homes plus the 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from estimator.cost.pieces import BF16, FP32, stage_params
+from estimator.cost.rollout import check_pool, continuous, engine_tokens, kv_free_bytes
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout, Plan
@@ -91,8 +93,15 @@ def head_bytes(model: ModelSpec, tokens: float) -> float:
     return (BF16 + 2 * FP32) * tokens * model.vocab
 
 
-def call_bytes(call: Call, model: ModelSpec, layout: Layout, at_home: bool) -> list[dict[str, float]]:
-    """Per stage: bytes ``call`` adds on each device while it runs."""
+def call_bytes(call: Call, model: ModelSpec, layout: Layout, at_home: bool,
+               engine_bytes: float | None = None) -> list[dict[str, float]]:
+    """Per stage: bytes ``call`` adds on each device while it runs.
+
+    A generate call that runs as continuous-batching engines (:mod:`estimator.cost.rollout`)
+    holds ``engine_bytes`` on each device (``kv_fraction`` of its memory): its weights, its
+    activations and, in the rest, its KV pool — an unbounded amount when that pool cannot hold
+    one request at the caps, so the layout never fits. Without ``engine_bytes`` the fixed-length
+    rule stands: every sequence's KV resident."""
     w = call.workload
     rows = w.units_per_minibatch * (2 if w.paired else 1) // layout.dp  # sequences per dp rank and step
     if call.kind != "train":
@@ -119,7 +128,24 @@ def call_bytes(call: Call, model: ModelSpec, layout: Layout, at_home: bool) -> l
             kv_per_seq = 2 * layers * (model.kv_dim / layout.tp) * w.seq_len * BF16
             parts["kv_cache"] = rows * kv_per_seq
             parts["activations"] = mb * w.prompt_len * per_layer + (head_bytes(model, mb) if last else 0.0)
+        if layout.token_budget and call.kind != "generate":  # the largest micro-batch holds the budget
+            tokens = layout.max_tokens_per_micro_batch
+            if call.kind == "train":
+                in_flight = min(max(1, rows * w.seq_len // tokens), layout.pp - k)
+                saved = BF16 * model.hidden if layout.recompute == "full" else per_layer
+                parts["activations"] = in_flight * tokens * (layers * saved + BF16 * model.hidden)
+                parts["activations"] += tokens * per_layer if layout.recompute == "full" else 0.0
+            else:
+                parts["activations"] = tokens * per_layer
+            parts["activations"] += head_bytes(model, tokens) if last else 0.0
         out.append(parts)
+    if engine_bytes is not None and continuous(call, layout):
+        acts = [parts["activations"] for parts in out]
+        pool = engine_tokens(kv_free_bytes(model, layout, engine_bytes, acts), model, layout)
+        fits = check_pool(w.prompt_len, w.gen_len, pool)
+        for k, parts in enumerate(out):
+            weights = BF16 * stage_param_counts(model, layout)[k]
+            parts["kv_cache"] = max(engine_bytes - weights - parts["activations"], 0.0) if fits else math.inf
     return out
 
 
@@ -165,7 +191,8 @@ class MemoryReport:
 
 
 def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float, zero1: bool = False) -> MemoryReport:
-    """Peak memory of every device under ``plan``."""
+    """Peak memory of every device under ``plan`` (a generation engine holding the
+    experiment's ``kv_fraction`` of ``capacity_bytes``)."""
     wf = experiment.workflow
     homes = wf.home_calls()
     trained = wf.trained_roles()
@@ -182,7 +209,8 @@ def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float, zero1
         layout = plan[name]
         home = plan[homes[call.role]]
         at_home = layout.same_placement(home)
-        for k, parts in enumerate(call_bytes(call, experiment.models[call.role], layout, at_home)):
+        engine = experiment.kv_fraction * capacity_bytes
+        for k, parts in enumerate(call_bytes(call, experiment.models[call.role], layout, at_home, engine)):
             total = sum(parts.values())
             for d in layout.stage_devices(k):
                 if d not in best or total > best[d][0]:

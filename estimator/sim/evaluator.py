@@ -61,6 +61,8 @@ def train_s(cc: CallCost) -> float:
 
 
 def generate_s(cc: CallCost) -> float:
+    if cc.rollout is not None:
+        return cc.rollout.duration_s
     st, m = cc.stages, cc.micro_batches
     f = [s.fwd.total_s for s in st]
     prefill_end, reach, peak = [], 0.0, 0.0
@@ -165,6 +167,7 @@ class Evaluator:
         self._mem_matrix: np.ndarray | None = None
         # host sharing (a CPU profile's ``host``): durations by layout and weight
         self.host = profile.host
+        self.varying = self.costs.varying  # lengths drawn per iteration: durations per iteration
         self._weighted: list[dict[tuple[int, float], float]] = [{} for _ in range(self.n)]
 
     # -- interning and cached pieces
@@ -187,19 +190,22 @@ class Evaluator:
             out.append(self._id(layouts[name]) if i is None else i)
         return out
 
-    def duration_s(self, c: int, lid: int) -> float:
-        v = self._duration[c].get(lid)
+    def duration_s(self, c: int, lid: int, it: int = 0) -> float:
+        """Call ``c`` on layout ``lid`` in iteration ``it`` (every iteration alike unless
+        lengths are drawn)."""
+        key = (lid, it) if self.varying else lid
+        v = self._duration[c].get(key)
         if v is None:
-            v = self._duration[c][lid] = call_s(self.costs.call(self.names[c], self._layouts[lid]))
+            v = self._duration[c][key] = call_s(self.costs.call(self.names[c], self._layouts[lid], it))
         return v
 
-    def _weighted_s(self, c: int, lid: int, weight: float) -> float:
+    def _weighted_s(self, c: int, lid: int, weight: float, it: int = 0) -> float:
         if weight >= 1.0:
-            return self.duration_s(c, lid)
-        v = self._weighted[c].get((lid, weight))
+            return self.duration_s(c, lid, it)
+        v = self._weighted[c].get((lid, weight, it))
         if v is None:
-            cc = hostshare.call_cost(self.costs, self.names[c], self._layouts[lid], weight)
-            v = self._weighted[c][(lid, weight)] = call_s(cc)
+            cc = hostshare.call_cost(self.costs, self.names[c], self._layouts[lid], weight, it)
+            v = self._weighted[c][(lid, weight, it)] = call_s(cc)
         return v
 
     def call_weights(self, plan: Plan) -> dict[str, float]:
@@ -231,16 +237,17 @@ class Evaluator:
         return v
 
     def _inputs(self, lids: list[int], weights: list[float] | None = None
-                ) -> tuple[list[float], list[float], list[list[tuple[int, float]]]]:
-        """Per call: duration (with its host ``weights`` busy; as profiled without), reallocation
-        time, and (producer, transfer time) of its inputs."""
+                ) -> tuple[list[list[float]], list[float], list[list[tuple[int, float]]]]:
+        """Per iteration (one list for all of them unless lengths are drawn) the duration of
+        every call (with its host ``weights`` busy; as profiled without); per call its
+        reallocation time and (producer, transfer time) of its inputs."""
         dur, realloc, data = [], [], []
         place, home = self._place_of, self.home
         for c, lid in enumerate(lids):
             if weights is not None and weights[c] < 1.0:
                 dur.append(self._weighted_s(c, lid, weights[c]))
             else:
-                v = self._duration[c].get(lid)
+                v = self._duration[c].get(lid) if not self.varying else None
                 dur.append(self.duration_s(c, lid) if v is None else v)
             h = lids[home[c]]
             if place[h] == place[lid]:
@@ -253,7 +260,11 @@ class Evaluator:
                 v = self._data[c][e].get(lids[p] * KEY + lid)
                 row.append((p, self._data_s(c, e, lids[p], lid) if v is None else v))
             data.append(row)
-        return dur, realloc, data
+        durs = [dur]
+        for it in range(1, self.iterations if self.varying else 1):
+            durs.append([self._weighted_s(c, lid, weights[c], it) if weights is not None
+                         else self.duration_s(c, lid, it) for c, lid in enumerate(lids)])
+        return durs, realloc, data
 
     # -- memory
 
@@ -288,7 +299,8 @@ class Evaluator:
 
     def _dynamic_row(self, c: int, lid: int, key: int) -> int:
         call, layout = self.experiment.workflow[self.names[c]], self._layouts[lid]
-        parts = call_bytes(call, self.experiment.models[call.role], layout, at_home=bool(key & 1))
+        parts = call_bytes(call, self.experiment.models[call.role], layout, at_home=bool(key & 1),
+                           engine_bytes=self.experiment.kv_fraction * self.capacity)
         row = self._dynamic[c][key] = self._per_device(layout, parts)
         return row
 
@@ -318,7 +330,7 @@ class Evaluator:
         instance order; see :mod:`estimator.sim.instances`). ``weights``: each call's host weight
         (:meth:`call_weights`); None charges every call as profiled."""
         n, version, place, span = self.n, self.version_preds, self._place_of, self._span
-        dur, realloc, data = self._inputs(lids, weights)
+        durs, realloc, data = self._inputs(lids, weights)
         spans, homes = [], []  # per call: its mesh's devices; its home's when it reallocates, else None
         for lid, h in zip(lids, self.home):
             h = lids[h]
@@ -331,6 +343,7 @@ class Evaluator:
         history: list[list[float]] = []  # every finished iteration's call ends, for version edges
         for it in range(self.iterations):
             it_end = 0.0
+            dur = durs[min(it, len(durs) - 1)]
             for c in range(n):
                 a, b = spans[c]
                 t = max(free[a:b])
@@ -380,7 +393,7 @@ class Evaluator:
             lids = self._lids(plan)
             dur, realloc, data = self._inputs(lids, self._weights(lids))
             rows_lids.append(lids)
-            rows_dur.append(dur)
+            rows_dur.append(dur)  # (iterations or 1, calls)
             rows_re.append(realloc)
             rows_data.append([ds for row in data for _, ds in row])
             st, dyn = self._memory_rows(lids)
@@ -414,7 +427,7 @@ class Evaluator:
                 last_re[:, c] = t
                 for col in self._edge_cols[c]:
                     t = np.maximum(t, last[:, self._edges[col][2]] + data[:, col])
-                last[:, c] = t + dur[:, c]
+                last[:, c] = t + dur[:, min(it, dur.shape[1] - 1), c]
             history.append(last.copy())
             ends.append(last.max(axis=1))
         period = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0]

@@ -65,17 +65,26 @@ def blend(alone: CallCost, shared: CallCost, weight: float) -> CallCost:
     stages keep the shared figures: the links are not part of the host sharing."""
     if weight >= 1.0:
         return shared
+    if shared.rollout is not None:  # a rollout's every op scales alike: blend its times
+        a, b = alone.rollout, shared.rollout
+        scale = _mix(a.duration_s, b.duration_s, weight) / b.duration_s if b.duration_s > 0 else 1.0
+        return dataclasses.replace(shared, rollout=dataclasses.replace(
+            b, duration_s=b.duration_s * scale, compute_s=b.compute_s * scale, comm_s=b.comm_s * scale,
+            replica_s=tuple(x * scale for x in b.replica_s), tail_s=b.tail_s * scale,
+            running=tuple((t * scale, n) for t, n in b.running),
+            windows=tuple((s * scale, e * scale, op, j) for s, e, op, j in b.windows)))
     return dataclasses.replace(shared, stages=tuple(_mix_stage(a, b, weight)
                                                     for a, b in zip(alone.stages, shared.stages)))
 
 
-def call_cost(costs: Costs, call: str, layout: Layout, weight: float = 1.0) -> CallCost:
-    """``call`` lowered on ``layout`` with its host ``weight`` busy: :func:`blend` of the
-    profile's and the alone profile's lowering (:attr:`estimator.cost.lowering.Costs.alone`)."""
-    shared = costs.call(call, layout)
+def call_cost(costs: Costs, call: str, layout: Layout, weight: float = 1.0, iteration: int = 0) -> CallCost:
+    """``call`` lowered on ``layout`` (in ``iteration``) with its host ``weight`` busy:
+    :func:`blend` of the profile's and the alone profile's lowering
+    (:attr:`estimator.cost.lowering.Costs.alone`)."""
+    shared = costs.call(call, layout, iteration)
     if weight >= 1.0 or costs.alone is costs:
         return shared
-    return blend(costs.alone.call(call, layout), shared, weight)
+    return blend(costs.alone.call(call, layout, iteration), shared, weight)
 
 
 def rounded(weight: float) -> float:

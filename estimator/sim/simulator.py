@@ -46,7 +46,7 @@ from estimator.sim.instances import device_preds, instance_graph
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Plan
 from estimator.spec.schedule import FORWARD, generation_rounds, schedule_1f1b
-from estimator.spec.timeline import Span, Timeline
+from estimator.spec.timeline import Sample, Span, Timeline
 
 SpanRow = tuple[float, float, int, int, str, str, int, int, str]  # Span's fields, in order
 
@@ -105,6 +105,7 @@ class SimResult:
     # (call, pipeline stage) → its devices; the simulation runs each stage's dp·tp devices in
     # lock-step and records one of them, the timeline repeats its spans on all of them.
     stage_devices: dict[tuple[str, int], range] = field(default_factory=dict, repr=False)
+    counters: list[tuple[float, int, int, str, str, float]] = field(default_factory=list, repr=False)
     _timelines: dict[bool, Timeline] = field(default_factory=dict, repr=False)
 
     def iteration_ends(self) -> list[float]:
@@ -125,7 +126,8 @@ class SimResult:
         if per_device not in self._timelines:
             spans = [Span(*row) for row in self._rows(per_device)]
             meta = {**self.meta, "spans": "every device" if per_device else "one device per pipeline stage"}
-            self._timelines[per_device] = Timeline(tuple(spans), "predicted", meta)
+            self._timelines[per_device] = Timeline(tuple(spans), "predicted", meta,
+                                                   tuple(Sample(*c) for c in self.counters))
         return self._timelines[per_device]
 
     def _rows(self, per_device: bool) -> list[SpanRow]:
@@ -164,6 +166,7 @@ class Simulation:
         self.reallocated = [self.env.event() for _ in self.graph.nodes]  # home devices free again
         self.arrivals: dict[tuple[int, int], float] = {}
         self.rows: list[SpanRow] = []
+        self.counters: list[tuple[float, int, int, str, str, float]] = []  # Sample's fields, in order
         self.records: dict[tuple[int, str], CallRecord] = {}
 
     def run(self) -> SimResult:
@@ -174,7 +177,7 @@ class Simulation:
                 "profile": self.profile.name, "iterations": self.iterations}
         stages = {(c, k): lay.stage_devices(k)
                   for c, lay in self.plan.layouts.items() for k in range(lay.pp)}
-        return SimResult(self.iterations, self.records, self.rows, meta, stages)
+        return SimResult(self.iterations, self.records, self.rows, meta, stages, self.counters)
 
     # -- one call instance
 
@@ -190,7 +193,8 @@ class Simulation:
         yield from self._after(self.dev_preds.ended[i] + self.graph.version_preds[i])
         yield from self._after(self.dev_preds.reallocated[i], self.reallocated)
         start = env.now
-        cc = hostshare.call_cost(self.costs, node.call, self.plan[node.call], self.weights.get(node.call, 1.0))
+        cc = hostshare.call_cost(self.costs, node.call, self.plan[node.call], self.weights.get(node.call, 1.0),
+                                 node.iteration)
         yield from self._realloc(node.iteration, cc)
         realloc_end = env.now
         self.reallocated[i].succeed()
@@ -309,7 +313,22 @@ class Simulation:
             self.rows.append((now, now + st.optimizer_s, st.rep, it, cc.call, "optimizer", -1, k, ""))
             yield self.env.timeout(st.optimizer_s)
 
+    def _rollout(self, it: int, cc: CallCost, st: StageCost) -> Generator:
+        """A continuous-batching rollout (:mod:`estimator.cost.rollout`): every stage busy for
+        the slowest replica's rollout, its prefill and decode windows as spans, and the running
+        batch of the slowest replica's first device as a counter (stage 0 records it)."""
+        ro, now = cc.rollout, self.env.now
+        for start, end, op, engine in ro.windows:
+            self.rows.append((now + start, now + end, st.rep, it, cc.call, op, engine, st.index, ""))
+        if st.index == 0:
+            device = cc.layout.device(ro.slowest, 0, 0)
+            self.counters += [(now + t, device, it, cc.call, "running", n) for t, n in ro.running]
+        yield self.env.timeout(ro.duration_s)
+
     def _generate(self, it: int, cc: CallCost, st: StageCost, box: Mailbox) -> Generator:
+        if cc.rollout is not None:
+            yield from self._rollout(it, cc, st)
+            return
         k, last = st.index, st.index == cc.pp - 1
 
         def first_token() -> None:  # the first sampled token heads back to the first stage

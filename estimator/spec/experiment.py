@@ -17,6 +17,9 @@ Schema (every key but the first eight is optional)::
     cluster: {nodes: 1, devices_per_node: 8, device: h100-sxm}
     group_size: 8             # grpo: samples per prompt (default 1)
     seed: 0                   # weights, prompts and sampling
+    kv_fraction: 0.9          # device memory a generation engine may hold (vLLM's
+                              # gpu_memory_utilization); used where generation runs as
+                              # continuous batching (estimator.cost.rollout)
     prompts: prompts.jsonl    # token ids, one JSON list per line; synthetic if absent
     hyperparams: {lr: 1.0e-6, kl_coef: 0.05, clip_eps: 0.2, value_clip: 0.2,
                   gamma: 1.0, lam: 0.95, dpo_beta: 0.1, temperature: 1.0}
@@ -67,6 +70,9 @@ class Experiment:
     cluster: Cluster
     hyper: Hyperparams = Hyperparams()
     seed: int = 0
+    # share of each device's memory a continuous-batching generation engine may hold (weights,
+    # activations and its KV pool), vLLM's gpu_memory_utilization (estimator.cost.rollout)
+    kv_fraction: float = 0.9
     prompts_path: str | None = None  # JSONL of token ids, or None for synthetic prompts
     name: str = "experiment"
     # role → Hugging Face checkpoint directory its initial weights come from (executor only;
@@ -120,7 +126,7 @@ class Experiment:
 
 
 _REQUIRED = ("algorithm", "models", "batch_size", "prompt_len", "gen_len", "cluster")
-_OPTIONAL = ("ppo_minibatches", "group_size", "seed", "prompts", "hyperparams", "name")
+_OPTIONAL = ("ppo_minibatches", "group_size", "seed", "prompts", "hyperparams", "name", "kv_fraction")
 _CLUSTER_KEYS = ("nodes", "devices_per_node", "device")
 
 
@@ -221,6 +227,7 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
         device = str(path)
 
     seed = rules.integer(f"{where}: seed", raw.get("seed", 0), lo=0, hi=rules.MAX_SEED)
+    kv_fraction = rules.real(f"{where}: kv_fraction", raw.get("kv_fraction", 0.9), lo=0.0, hi=1.0, positive=True)
     if ints["prompt_len"] + ints["gen_len"] > rules.MAX_SEQ_TOKENS:
         raise ConfigError(f"{where}: prompt_len + gen_len = {ints['prompt_len'] + ints['gen_len']:,} tokens exceeds "
                           f"the limit {rules.MAX_SEQ_TOKENS:,} per sequence")
@@ -247,6 +254,7 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
             cluster=Cluster(nodes, dpn, device),
             hyper=_hyperparams(where, raw.get("hyperparams", {})),
             seed=seed,
+            kv_fraction=kv_fraction,
             prompts_path=prompts,
             name=str(name),
             checkpoints=checkpoints,

@@ -35,6 +35,7 @@ class Workload:
     minibatches: int = 1  # optimizer steps per execution (train); 1 otherwise
     paired: bool = False  # sequences come as (chosen, rejected) pairs kept together
     greedy: bool = False  # generate: argmax decoding instead of sampling
+    lengths_vary: bool = False  # prompt or response lengths are drawn from a distribution (caps above)
 
     def __post_init__(self) -> None:
         problems = [
@@ -249,9 +250,9 @@ def _calls(specs: Iterable[CallSpec]) -> tuple[Call, ...]:
 
 
 def ppo(p: WorkflowParams) -> Workflow:
-    gen = Workload(p.batch_size, p.prompt_len, p.gen_len)
-    inf = Workload(p.batch_size, p.prompt_len, p.gen_len)
-    train = Workload(p.batch_size, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches)
+    gen = Workload(p.batch_size, p.prompt_len, p.gen_len, lengths_vary=p.variable)
+    inf = Workload(p.batch_size, p.prompt_len, p.gen_len, lengths_vary=p.variable)
+    train = Workload(p.batch_size, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches, lengths_vary=p.variable)
     rl_data = ("seq", "old_logp", "ref_logp", "rewards", "values")
     return Workflow("ppo", _calls([
         ("actor_gen", "actor", "generate", ("prompts",), ("seq", "old_logp"), gen),
@@ -265,9 +266,9 @@ def ppo(p: WorkflowParams) -> Workflow:
 
 def grpo(p: WorkflowParams) -> Workflow:
     n = p.batch_size * p.group_size
-    gen = Workload(n, p.prompt_len, p.gen_len)
-    inf = Workload(n, p.prompt_len, p.gen_len)
-    train = Workload(n, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches)
+    gen = Workload(n, p.prompt_len, p.gen_len, lengths_vary=p.variable)
+    inf = Workload(n, p.prompt_len, p.gen_len, lengths_vary=p.variable)
+    train = Workload(n, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches, lengths_vary=p.variable)
     return Workflow("grpo", _calls([
         ("actor_gen", "actor", "generate", ("prompts",), ("seq", "old_logp"), gen),
         ("ref_inf", "ref", "inference", ("seq",), ("ref_logp",), inf),
@@ -287,10 +288,10 @@ def dpo(p: WorkflowParams) -> Workflow:
 
 
 def remax(p: WorkflowParams) -> Workflow:
-    sampled = Workload(p.batch_size, p.prompt_len, p.gen_len)
-    greedy = Workload(p.batch_size, p.prompt_len, p.gen_len, greedy=True)
-    inf = Workload(p.batch_size, p.prompt_len, p.gen_len)
-    train = Workload(p.batch_size, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches)
+    sampled = Workload(p.batch_size, p.prompt_len, p.gen_len, lengths_vary=p.variable)
+    greedy = Workload(p.batch_size, p.prompt_len, p.gen_len, greedy=True, lengths_vary=p.variable)
+    inf = Workload(p.batch_size, p.prompt_len, p.gen_len, lengths_vary=p.variable)
+    train = Workload(p.batch_size, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches, lengths_vary=p.variable)
     return Workflow("remax", _calls([
         ("actor_gen", "actor", "generate", ("prompts",), ("seq", "old_logp"), sampled),
         ("actor_gen_greedy", "actor", "generate", ("prompts",), ("seq_greedy",), greedy),

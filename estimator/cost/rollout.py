@@ -1,0 +1,367 @@
+"""The rollout model: a generate call as continuous-batching engines, priced event by event.
+
+A generate call whose response lengths vary (``gen_len`` a distribution) or whose layout caps
+the requests in flight (``max_concurrency``) runs as an inference engine would
+(DESIGN §4.13): one engine replica per data-parallel rank, ``micro_batches`` virtual engines
+per replica (vLLM's, one per micro-batch in flight through the pipeline stages), each serving
+its requests by :func:`estimator.spec.batching.schedule` — admission under the running cap and
+the KV pool, prefill alone, decode steps with the running set, preemption by recompute. A
+generate call with fixed lengths and no cap keeps the fixed-length model of
+:mod:`estimator.cost.decode` (every request admitted at once, its KV resident throughout).
+
+**Costs.** An engine's schedule is a list of ops: a prefill of the admitted requests (the
+census's prefill block at their count and the longest of their prefill lengths, the executor
+padding them; a fused stack packs them, so there at their mean length), then decode steps at
+the running batch and KV length (the longest running request's for the executor, whose
+attention pads to it; the mean for a fused stack's paged attention). Decode costs are
+evaluated for all steps at once as arrays (never a Python loop per token); prefill costs once
+per distinct (requests, tokens).
+
+**Rounds.** Virtual engines interleave through the stages as the executor runs them: a round
+is one op of every engine that still has work. A round of ops ``c[j, k]`` (engine j, stage k)
+and stage-to-stage messages ``s_k`` takes the max-plus cycle time of
+:mod:`estimator.cost.decode`, ``R = max(max_k Σ_j c[j, k], max_j Σ_k (c[j, k] + s_k))``: the
+busiest stage, or one engine's round trip. With one stage the engines simply take turns. A
+replica's rollout is the sum of its rounds; the call ends with the slowest replica.
+
+**KV pool.** The engine may hold ``kv_fraction`` of each device's memory (vLLM's
+``gpu_memory_utilization``): its weights and activations, and the rest as KV cache. The pool of
+an engine, in tokens, is the smallest over its stages of that rest divided by a token's keys
+and values on the stage, shared evenly by the replica's virtual engines. A layout whose pool
+cannot hold one request at the cap (:func:`estimator.spec.batching.kv_need`) cannot run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from estimator.cost.pieces import (
+    BF16,
+    INT64,
+    StageTime,
+    block_piece,
+    end_piece,
+    forward_stage,
+    head_comm_s,
+    model_symbols,
+    piece_s,
+    rotary_piece,
+    stage_params,
+    tp_allreduce_s,
+)
+from estimator.cost.transfers import link_class, stage_send
+from estimator.profile.profiles import Profile
+from estimator.spec.batching import EngineRun, kv_need, schedule
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Layout
+from estimator.spec.sharding import dp_rows
+from estimator.spec.workflow import Call
+
+DEFAULT_KV_FRACTION = 0.9  # vLLM's default gpu_memory_utilization
+
+
+def continuous(call: Call, layout: Layout) -> bool:
+    """Whether ``call`` on ``layout`` runs as continuous-batching engines (see the module
+    docstring) rather than the fixed-length model."""
+    return call.kind == "generate" and (call.workload.lengths_vary or layout.max_concurrency > 0)
+
+
+def kv_bytes_per_token(model: ModelSpec, layout: Layout, stage: int) -> float:
+    """Keys and values of one token on one device of ``stage`` (bf16, the engine's dtype)."""
+    layers = len(layout.stage_layers(model.layers, stage))
+    return 2.0 * layers * (model.kv_dim / layout.tp) * BF16
+
+
+def engine_tokens(free_bytes: list[float], model: ModelSpec, layout: Layout) -> int:
+    """KV pool of one virtual engine, in tokens, from each stage's bytes left for KV on a device."""
+    per_replica = min(int(max(f, 0.0) // kv_bytes_per_token(model, layout, k)) for k, f in enumerate(free_bytes))
+    return per_replica // layout.micro_batches
+
+
+def engine_cap(layout: Layout) -> int:
+    """Running requests one virtual engine may hold: the replica's ``max_concurrency`` split
+    evenly over its virtual engines (0: no cap)."""
+    return layout.max_concurrency // layout.micro_batches if layout.max_concurrency else 0
+
+
+def engine_rows(call: Call, layout: Layout, dp_rank: int) -> list[tuple[int, int]]:
+    """Global rows of each virtual engine of replica ``dp_rank``: its data-parallel rows split
+    into ``micro_batches`` contiguous runs (the first ones one longer where they do not divide)."""
+    (lo, hi), = dp_rows(call, layout, dp_rank)
+    m = layout.micro_batches
+    base, extra = divmod(hi - lo, m)
+    out, start = [], lo
+    for j in range(m):
+        stop = start + base + (1 if j < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+@dataclass(frozen=True)
+class RolloutCost:
+    """A generate call's rollout on a layout for one iteration's lengths."""
+
+    replicas: int  # engine replicas (data-parallel ranks)
+    engines: int  # virtual engines per replica
+    max_concurrency: int  # per virtual engine (0: no cap)
+    kv_tokens: int  # KV pool per virtual engine, tokens (0: unlimited)
+    duration_s: float  # the slowest replica's rollout
+    compute_s: float  # of which kernels (the slowest replica)
+    comm_s: float  # of which tensor-parallel collectives and stage messages
+    replica_s: tuple[float, ...]  # each replica's rollout
+    peak_running: int  # most requests one replica ran at once
+    preemptions: int  # over every engine
+    tokens: int  # response tokens generated
+    recomputed_tokens: int  # tokens prefilled again after a preemption
+    tail_s: float  # from 90 % of the call's requests finished to the last
+    # the slowest replica over time: (offset s, requests running) where the count changes
+    running: tuple[tuple[float, int], ...]
+    slowest: int  # the data-parallel rank of the slowest replica
+    # the slowest replica's ops merged per engine and kind: (start s, end s, op, engine)
+    windows: tuple[tuple[float, float, str, int], ...]
+
+    def summary(self) -> dict:
+        """``estimator.predict --json``: the call's ``generation`` object."""
+        return {"replicas": self.replicas, "engines_per_replica": self.engines,
+                "max_concurrency": self.max_concurrency * self.engines if self.max_concurrency else None,
+                "kv_tokens_per_engine": self.kv_tokens or None, "peak_running": self.peak_running,
+                "preemptions": self.preemptions, "tokens": self.tokens,
+                "recomputed_tokens": self.recomputed_tokens, "tail_s": self.tail_s}
+
+
+class _StageCosts:
+    """Per-op seconds of one stage of a generate call, cached by shape."""
+
+    def __init__(self, profile: Profile, model: ModelSpec, layout: Layout, k: int, choose: str, dpn: int):
+        self.profile, self.model, self.layout, self.k = profile, model, layout, k
+        self.layers = len(layout.stage_layers(model.layers, k))
+        self.first, self.last = k == 0, k == layout.pp - 1
+        self.choose, self.dpn = choose, dpn
+        self.fused = profile.ops == "fused"
+        self._prefill: dict[tuple[int, int], StageTime] = {}
+        self._comm: dict[int, tuple[float, float]] = {}
+
+    def prefill(self, rows: int, tokens: int) -> StageTime:
+        key = (rows, tokens)
+        if key not in self._prefill:
+            p, m = self.profile, self.model
+            st = forward_stage(p, m, self.layout.tp, self.layers, self.first, self.last, rows, tokens, rows,
+                               "prefill", ((self.choose, {}),))
+            send = stage_send(p, self.layout, self.k, rows * tokens * m.hidden * p.elem_bytes, self.dpn)[0]
+            self._prefill[key] = StageTime(st.compute_s, st.comm_s + send)
+        return self._prefill[key]
+
+    def _step_comm(self, batch: int) -> tuple[float, float]:
+        """(collectives, message to the next stage) of one decode step at ``batch``."""
+        if batch not in self._comm:
+            p, m, tp = self.profile, self.model, self.layout.tp
+            comm = 2 * self.layers * tp_allreduce_s(p, tp, batch, m.hidden)
+            if self.first and tp > 1:
+                comm += tp_allreduce_s(p, tp, batch, m.hidden)
+            if self.last:
+                comm += head_comm_s(p, m, tp, batch) + p.in_call_s("broadcast", batch * INT64, tp, "intra")
+            if self.last and self.layout.pp > 1:  # the chosen tokens go back to the first stage
+                cls = link_class(self.layout.device(0, 0, self.k), self.layout.device(0, 0, 0), self.dpn)
+                send = p.stage_send_s(batch * INT64, cls)
+            else:
+                send = stage_send(p, self.layout, self.k, batch * m.hidden * p.elem_bytes, self.dpn)[0]
+            self._comm[batch] = (comm, send)
+        return self._comm[batch]
+
+    def decode(self, batch: np.ndarray, kv_max: np.ndarray, kv_mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(compute, comm + message) per decode step, arrays over steps."""
+        p, m, tp = self.profile, self.model, self.layout.tp
+        kv = kv_mean if self.fused else kv_max
+        sym = model_symbols(m, tp) | {"rows": batch.astype(float), "tokens": 1.0, "kv_len": kv.astype(float)}
+        compute = self.layers * piece_s(p, block_piece("decode", m, tp), sym)
+        rot = rotary_piece(m, True)
+        if rot is not None:
+            compute = compute + piece_s(p, rot[0], sym | rot[1])
+        if self.first:
+            compute = compute + piece_s(p, end_piece("embed", tp, m), sym)
+        if self.last:
+            compute = compute + piece_s(p, end_piece(f"head_{m.head}", tp, m), sym) + piece_s(p, self.choose, sym)
+        compute = np.broadcast_to(np.asarray(compute, dtype=float) + p.micro_batch_overhead_s, batch.shape)
+        uniq, inv = np.unique(batch, return_inverse=True)
+        table = np.array([sum(self._step_comm(int(b))) for b in uniq])
+        return compute, table[inv]
+
+
+@dataclass
+class _EngineOps:
+    """One engine's ops in order — kind 0 prefill, 1 decode — with their shapes; decode steps
+    carry the index of their segment among the call's decode segments and their step in it."""
+
+    run: EngineRun
+    kind: np.ndarray
+    batch: np.ndarray  # prefill: requests prefilled; decode: running requests
+    tokens: np.ndarray  # prefill: longest prefill; decode: unused
+    mean: np.ndarray  # prefill: mean prefill tokens; decode: unused
+    seg: np.ndarray  # decode: its segment's index in the call's decode segments
+    step: np.ndarray  # decode: its step in the segment
+    running: np.ndarray  # requests in the engine during the op
+    seg_end: np.ndarray  # per schedule segment: index of its last op (−1: none)
+
+
+class _Segments:
+    """Every decode segment of a call's engines: batch, longest and mean KV at its first step, steps."""
+
+    def __init__(self) -> None:
+        self.batch: list[int] = []
+        self.kv_max: list[int] = []
+        self.kv_mean: list[float] = []
+        self.steps: list[int] = []
+
+    def add(self, batch: int, kv_max: int, kv_sum: int, steps: int) -> int:
+        self.batch.append(batch)
+        self.kv_max.append(kv_max)
+        self.kv_mean.append(kv_sum / batch)
+        self.steps.append(steps)
+        return len(self.batch) - 1
+
+    def step_costs(self, stage: _StageCosts) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(compute, comm) at the first and at the last step of every segment: the costs are
+        evaluated there and interpolated linearly over the steps between (KV grows one token a
+        step, and a step's cost is close to linear in it)."""
+        b = np.array(self.batch, dtype=np.int64)
+        last = np.array(self.steps, dtype=np.int64) - 1
+        kv = np.array(self.kv_max, dtype=np.int64)
+        mean = np.array(self.kv_mean)
+        comp, comm = stage.decode(np.concatenate((b, b)), np.concatenate((kv, kv + last)),
+                                  np.concatenate((mean, mean + last)))
+        n = len(b)
+        return comp[:n], comp[n:], comm[:n], comm[n:]
+
+
+def _engine_ops(run: EngineRun, segments: _Segments) -> _EngineOps:
+    # one block per prefill and per run of decode steps: (kind, ops, batch, tokens, mean, segment, running)
+    blocks: list[tuple[int, int, int, int, float, int, int]] = []
+    ends, n = [], 0
+    for s in run.segments:
+        if s.prefill:
+            blocks.append((0, 1, len(s.prefill), max(s.prefill_tokens), sum(s.prefill_tokens) / len(s.prefill), -1,
+                           max(s.batch, len(s.prefill))))
+            n += 1
+        if s.steps:
+            blocks.append((1, s.steps, s.batch, 0, 0.0, segments.add(s.batch, s.kv_max, s.kv_sum, s.steps), s.batch))
+            n += s.steps
+        ends.append(n - 1)
+    if not blocks:
+        z = np.zeros(0, dtype=np.int64)
+        return _EngineOps(run, z.astype(np.int8), z, z, z.astype(float), z, z, z, np.array(ends, dtype=np.int64))
+    kind, count, batch, tokens, mean, seg, running = (np.array(c) for c in zip(*blocks))
+    first = np.cumsum(count) - count
+    step = np.arange(int(count.sum())) - np.repeat(first, count)
+    return _EngineOps(run, np.repeat(kind, count).astype(np.int8), np.repeat(batch, count),
+                      np.repeat(tokens, count), np.repeat(mean, count).astype(float), np.repeat(seg, count), step,
+                      np.repeat(running, count), np.array(ends, dtype=np.int64))
+
+
+def _op_costs(ops: _EngineOps, stage: _StageCosts, ends: tuple[np.ndarray, ...],
+              steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(compute, comm) per op of one engine on one stage; ``ends``: the segments' step costs
+    at their first and last steps (:meth:`_Segments.step_costs`)."""
+    comp = np.zeros(len(ops.kind))
+    comm = np.zeros(len(ops.kind))
+    dec = ops.kind == 1
+    if dec.any():
+        c0, c1, a0, a1 = ends
+        seg, k = ops.seg[dec], ops.step[dec]
+        frac = k / np.maximum(steps[seg] - 1, 1)
+        comp[dec] = c0[seg] + (c1[seg] - c0[seg]) * frac
+        comm[dec] = a0[seg] + (a1[seg] - a0[seg]) * frac
+    for i in np.flatnonzero(~dec):
+        tokens = int(round(ops.mean[i])) if stage.fused else int(ops.tokens[i])
+        st = stage.prefill(int(ops.batch[i]), tokens)
+        comp[i], comm[i] = st.compute_s, st.comm_s
+    return comp, comm
+
+
+def _rounds(comp: np.ndarray, comm: np.ndarray) -> np.ndarray:
+    """Round periods from per-op costs ``(engines, stages, rounds)`` (max-plus cycle time)."""
+    total = comp + comm
+    busiest = total.sum(axis=0).max(axis=0)  # per stage, all engines' ops of the round
+    trip = total.sum(axis=1).max(axis=0)  # per engine, its op through every stage
+    return np.maximum(busiest, trip)
+
+
+def rollout_cost(profile: Profile, call: Call, model: ModelSpec, layout: Layout, prompt: np.ndarray,
+                 gen: np.ndarray, kv_tokens: int, devices_per_node: int) -> RolloutCost:
+    """The rollout of ``call`` on ``layout`` with these lengths (by global row) and a KV pool of
+    ``kv_tokens`` per virtual engine (0: unlimited)."""
+    cap = engine_cap(layout)
+    choose = "greedy" if call.workload.greedy else "sample"
+    stages = [_StageCosts(profile, model, layout, k, choose, devices_per_node) for k in range(layout.pp)]
+    segments = _Segments()
+    replicas, preempt, recomputed = [], 0, 0
+    for r in range(layout.dp):
+        engines = []
+        for lo, hi in engine_rows(call, layout, r):
+            run = schedule(prompt[lo:hi], gen[lo:hi], cap, kv_tokens)
+            engines.append(_engine_ops(run, segments))
+            preempt += run.preemptions
+            recomputed += sum(t - int(prompt[lo + q]) for s in run.segments
+                              for q, t in zip(s.prefill, s.prefill_tokens))
+        replicas.append(engines)
+    steps = np.array(segments.steps, dtype=np.int64)
+    ends = [segments.step_costs(st) if len(steps) else () for st in stages]
+    replica_s, finishes, peak = [], [], 0
+    worst = None
+    for r, engines in enumerate(replicas):
+        rounds = max((len(e.kind) for e in engines), default=0)
+        comp = np.zeros((len(engines), layout.pp, rounds))
+        comm = np.zeros_like(comp)
+        running = np.zeros(rounds, dtype=np.int64)
+        for j, e in enumerate(engines):
+            for k, st in enumerate(stages):
+                c, a = _op_costs(e, st, ends[k], steps)
+                comp[j, k, :len(c)], comm[j, k, :len(a)] = c, a
+            running[:len(e.kind)] += e.running
+        period = _rounds(comp, comm)
+        t_end = np.cumsum(period)
+        dur = float(t_end[-1]) if rounds else 0.0
+        replica_s.append(dur)
+        for e in engines:
+            for s, last in zip(e.run.segments, e.seg_end):
+                if s.finished and last >= 0:
+                    finishes += [t_end[last]] * len(s.finished)
+        peak = max(peak, int(running.max(initial=0)))
+        busy, talk = comp.sum(), comm.sum()
+        share = busy / (busy + talk) if busy + talk > 0 else 1.0
+        if worst is None or dur > worst[0]:
+            worst = (dur, dur * share, dur * (1 - share), engines, t_end, running, r)
+    dur, compute_s, comm_s, engines, t_end, running, slowest = worst
+    finishes = np.sort(np.asarray(finishes, dtype=float))
+    t90 = finishes[int(np.ceil(0.9 * len(finishes))) - 1] if len(finishes) else 0.0
+    starts = np.concatenate(([0.0], t_end[:-1])) if len(t_end) else np.zeros(0)
+    change = np.flatnonzero(np.diff(running, prepend=-1)) if len(running) else np.zeros(0, dtype=np.int64)
+    series = tuple((float(starts[i]), int(running[i])) for i in change) + ((dur, 0),)
+    windows = []
+    for j, e in enumerate(engines):
+        if not len(e.kind):
+            continue
+        flips = np.flatnonzero(np.diff(e.kind.astype(np.int64), prepend=-1, append=-1))
+        for a, b in zip(flips[:-1], flips[1:]):
+            windows.append((float(starts[a]), float(t_end[b - 1]), "decode" if e.kind[a] else "prefill", j))
+    return RolloutCost(layout.dp, layout.micro_batches, cap, kv_tokens, dur, compute_s, comm_s, tuple(replica_s),
+                       peak, preempt, int(np.sum(gen)), recomputed, float(finishes[-1] - t90) if len(finishes) else 0.0,
+                       series, slowest, tuple(sorted(windows)))
+
+
+def kv_free_bytes(model: ModelSpec, layout: Layout, engine_bytes: float, activations: list[float]) -> list[float]:
+    """Per stage: bytes left for KV on a device when the engine holds ``engine_bytes`` in all
+    (kv_fraction × capacity): less its weights (bf16) and its activations."""
+    out = []
+    for k, act in enumerate(activations):
+        layers = len(layout.stage_layers(model.layers, k))
+        weights = BF16 * stage_params(model, layout.tp, layout.pp, k, layers)
+        out.append(engine_bytes - weights - act)
+    return out
+
+
+def check_pool(prompt_cap: int, gen_cap: int, kv_tokens: int) -> bool:
+    """Whether a pool of ``kv_tokens`` per engine holds one request at the caps."""
+    return kv_tokens >= kv_need(np.array([prompt_cap]), np.array([gen_cap]))
