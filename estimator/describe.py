@@ -46,7 +46,7 @@ def describe(exp: Experiment) -> dict[str, Any]:
             "after": wf.predecessors(name),
             "workload": {"seqs": w.seqs, "prompt_len": w.prompt_len, "gen_len": w.gen_len,
                          "minibatches": w.minibatches, "paired": w.paired, "greedy": w.greedy},
-            "flops": call_flops(c, model),
+            "flops": call_flops(c, model, exp.lengths(0) if exp.params.variable else None),
             "layouts": count_layouts(c, model, exp.cluster),
         })
     cl = exp.cluster

@@ -46,17 +46,36 @@ from estimator.spec.plan import (
     recompute_choices,
 )
 
-Shape = tuple[int, int, int, int, str]  # (dp, tp, pp, micro_batches, recompute)
+# (dp, tp, pp, micro-batching, recompute); micro-batching is a count of equal micro-batches, or
+# minus a token budget per micro-batch (Layout.max_tokens_per_micro_batch) where lengths vary
+Shape = tuple[int, int, int, int, str]
+BUDGET_FACTORS = (1, 2, 4, 8, 16, 32)  # token budgets searched: these multiples of the longest row
 Key = tuple[Layout, ...]  # a plan as the search holds it: one layout per call, the space's call order
 
 
 def shape_of(layout: Layout) -> Shape:
-    return (layout.dp, layout.tp, layout.pp, layout.micro_batches, layout.recompute)
+    batching = -layout.max_tokens_per_micro_batch if layout.token_budget else layout.micro_batches
+    return (layout.dp, layout.tp, layout.pp, batching, layout.recompute)
 
 
 def make_layout(first: int, size: int, shape: Shape) -> Layout:
     dp, tp, pp, mb, recompute = shape
+    if mb < 0:
+        return Layout(DeviceMesh(first, size), dp, tp, pp, 1, recompute, max_tokens_per_micro_batch=-mb)
     return Layout(DeviceMesh(first, size), dp, tp, pp, mb, recompute)
+
+
+def batching_choices(experiment: Experiment, name: str) -> tuple[int, ...]:
+    """Micro-batchings a call's layouts may have (:data:`Shape`): every count of
+    :data:`MICRO_BATCH_CHOICES`, and where lengths vary and the call is not a generation, token
+    budgets of :data:`BUDGET_FACTORS` times its longest row (a pair for paired data) — what
+    sequence packing and dynamic batching give the frameworks that have them."""
+    call = experiment.workflow[name]
+    w = call.workload
+    if not w.lengths_vary or call.kind == "generate":
+        return MICRO_BATCH_CHOICES
+    longest = w.seq_len * (2 if w.paired else 1)
+    return MICRO_BATCH_CHOICES + tuple(-f * longest for f in BUDGET_FACTORS)
 
 
 @dataclass(frozen=True)
@@ -207,7 +226,7 @@ def _fits_alone(experiment: Experiment, name: str, layout: Layout, home: bool, c
     return max(_stage_bytes(experiment, name, layout, home, capacity)) <= capacity
 
 
-Degrees = tuple[int, int, int, int]  # (dp, tp, pp, micro_batches)
+Degrees = tuple[int, int, int, int]  # (dp, tp, pp, micro-batching as in Shape)
 
 
 @dataclass
@@ -225,23 +244,28 @@ def _candidates(experiment: Experiment, name: str, firsts: dict[int, list[int]],
     call = experiment.workflow[name]
     model = experiment.models[call.role]
     out = _Candidates({}, {}, 0)
+    choices = batching_choices(experiment, name)
+    engines = call.kind == "generate" and call.workload.lengths_vary
     for size, starts in firsts.items():
         valid, kept = [], []
         for dp, tp, pp in _degrees(size, cl.devices_per_node, model.layers):
             mesh = DeviceMesh(starts[0], size)
-            # a rule mb=1 breaks, every micro-batch count breaks (dp·mb is a multiple of dp)
-            if layout_problems(call, model, cl, Layout(mesh, dp, tp, pp, 1)):
+            # a rule mb=1 breaks, every micro-batch count breaks (dp·mb is a multiple of dp);
+            # continuous-batching engines run one virtual engine per stage (mb = pp)
+            first = pp if engines else 1
+            if layout_problems(call, model, cl, Layout(mesh, dp, tp, pp, first)):
                 continue
             fits = False
-            for mb in MICRO_BATCH_CHOICES:
-                lay = Layout(mesh, dp, tp, pp, mb)
-                if mb > 1 and layout_problems(call, model, cl, lay):
+            for mb in ((pp,) if engines else choices):
+                lay = make_layout(starts[0], size, (dp, tp, pp, mb, "none"))
+                if mb != first and layout_problems(call, model, cl, lay):
                     continue
                 valid.append((dp, tp, pp, mb))
                 # a call's bytes never grow with more micro-batches, so once one count fits
-                # every larger one does
-                fits = fits or _fits_alone(experiment, name, lay, home, capacity)
-                if fits:
+                # every larger one does; each token budget is judged on its own
+                fits_here = _fits_alone(experiment, name, lay, home, capacity) if mb < 0 or not fits else True
+                fits = fits or (fits_here and mb > 0)
+                if fits_here:
                     kept.append((dp, tp, pp, mb))
         out.valid[size], out.kept[size] = valid, kept
         out.count += len(valid) * len(starts)

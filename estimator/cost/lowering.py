@@ -149,24 +149,26 @@ def _drawn_shape(call: Call, layout: Layout, tokens: np.ndarray) -> tuple[list[t
     return worst, max(1, round(len(worst) / steps))
 
 
-def _mean_time(times: list[StageTime]) -> StageTime:
-    return StageTime(sum(x.compute_s for x in times) / len(times), sum(x.comm_s for x in times) / len(times))
+def _mean_time(t: StageTime) -> StageTime:
+    """The mean of a stage time evaluated over arrays of micro-batch shapes."""
+    return StageTime(float(np.mean(t.compute_s)), float(np.mean(t.comm_s)))
 
 
 def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: int, profile: Profile,
                algorithm: str = "ppo", lengths: tuple[np.ndarray, np.ndarray] | None = None,
-               kv_tokens: int = 0) -> CallCost:
+               kv_tokens: int = 0, rollout: RolloutCost | None = None) -> CallCost:
     """Per-stage task costs of ``call`` under ``layout`` (``algorithm`` names a train call's loss).
 
     ``lengths``: (prompt, response) tokens per global row of the iteration when they vary. A
     generate call then runs as continuous batching (:mod:`estimator.cost.rollout`, with a KV
     pool of ``kv_tokens`` per engine, 0 unlimited); an inference or train call charges each
     micro-batch padded to its longest row, as the executor batches (equal splits or the
-    layout's token budget), every micro-batch at the slowest rank's mean."""
+    layout's token budget), every micro-batch at the slowest rank's mean. ``rollout``: the
+    generate call's rollout where it was priced already."""
     w, dpn, p = call.workload, devices_per_node, layout.pp
     if continuous(call, layout):
         prompt, gen = lengths if lengths is not None else (np.full(w.seqs, w.prompt_len), np.full(w.seqs, w.gen_len))
-        ro = rollout_cost(profile, call, model, layout, prompt, gen, kv_tokens, dpn)
+        ro = rollout or rollout_cost(profile, call, model, layout, prompt, gen, kv_tokens, dpn)
         zero = StageTime(0.0, 0.0)
         stages = tuple(StageCost(k, tuple(layout.stage_devices(k)), zero, zero, 0.0, (), (), 0.0, (), 0.0)
                        for k in range(p))
@@ -195,9 +197,10 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
             fwd = forward_stage(profile, model, layout.tp, layers, first, last, b, new, head, phase, tail_f,
                                 grad=call.kind == "train", recompute=recompute)
         else:
-            fwd = _mean_time([forward_stage(profile, model, layout.tp, layers, first, last, rows, n, None, phase,
-                                            _tail(call, algorithm, rows)[0], grad=call.kind == "train",
-                                            recompute=recompute) for rows, n in shapes])
+            rows, n = (np.array(x, dtype=float) for x in zip(*shapes))
+            fwd = _mean_time(forward_stage(profile, model, layout.tp, layers, first, last, rows, n, None, phase,
+                                           _tail(call, algorithm, rows)[0], grad=call.kind == "train",
+                                           recompute=recompute))
         fwd = StageTime(fwd.compute_s + spread, fwd.comm_s)
         bwd, ar, opt, dp_ports = StageTime(0.0, 0.0), 0.0, 0.0, ()
         if call.kind == "train":
@@ -205,9 +208,8 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
                 bwd = backward_stage(profile, model, layout.tp, layers, first, last, b, new, tail_b,
                                      recompute=recompute)
             else:
-                bwd = _mean_time([backward_stage(profile, model, layout.tp, layers, first, last, rows, n,
-                                                 _tail(call, algorithm, rows)[1], recompute=recompute)
-                                  for rows, n in shapes])
+                bwd = _mean_time(backward_stage(profile, model, layout.tp, layers, first, last, rows, n,
+                                                _tail(call, algorithm, rows)[1], recompute=recompute))
             params = stage_params(model, layout.tp, layout.pp, k, layers)
             numels = [box_numel(box) for box in shard(model, layout, layout.device(0, 0, k)).values()]
             group = [layout.device(i, 0, k) for i in range(layout.dp)]
@@ -247,6 +249,8 @@ class Costs:
         self.homes = self.workflow.home_calls()
         self._calls: dict[tuple, CallCost] = {}
         self._lengths: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._rollouts: dict[tuple, RolloutCost] = {}
+        self._schedules: dict[tuple[str, int], dict] = {}  # (call, iteration) → engine schedules
         self._realloc: dict[tuple, dict[Pair, int]] = {}
         self._data: dict[tuple, dict[Pair, int]] = {}
         self._times: dict[tuple, float] = {}
@@ -264,10 +268,26 @@ class Costs:
         key = (name, layout, iteration) if vary else (name, layout)
         if key not in self._calls:
             model = self.experiment.models[call.role]
-            kv = self.kv_tokens(name, layout) if continuous(call, layout) else 0
+            lengths = self.lengths(iteration) if vary else None
+            ro = self._rollout(name, layout, iteration if vary else 0) if continuous(call, layout) else None
             self._calls[key] = lower_call(call, model, layout, self.dpn, self.profile, self.experiment.algorithm,
-                                          self.lengths(iteration) if vary else None, kv)
+                                          lengths, ro.kv_tokens if ro else 0, ro)
         return self._calls[key]
+
+    def _rollout(self, name: str, layout: Layout, iteration: int) -> RolloutCost:
+        """A generate call's rollout, cached by what it depends on: the mesh's size (which link
+        classes it spans), not where the mesh starts."""
+        key = (name, layout.mesh.size, layout.dp, layout.tp, layout.pp, layout.micro_batches,
+               layout.max_concurrency, iteration)
+        if key not in self._rollouts:
+            call = self.workflow[name]
+            w = call.workload
+            prompt, gen = (self.lengths(iteration) if w.lengths_vary
+                           else (np.full(w.seqs, w.prompt_len), np.full(w.seqs, w.gen_len)))
+            schedules = self._schedules.setdefault((name, iteration), {})
+            self._rollouts[key] = rollout_cost(self.profile, call, self.experiment.models[call.role], layout, prompt,
+                                               gen, self.kv_tokens(name, layout), self.dpn, schedules)
+        return self._rollouts[key]
 
     @property
     def varying(self) -> bool:

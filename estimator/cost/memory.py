@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 from estimator.cost.pieces import BF16, FP32, stage_params
 from estimator.cost.rollout import check_pool, continuous, engine_tokens, kv_free_bytes
+from estimator.spec.batching import PREFILL_TOKENS
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout, Plan
@@ -140,6 +141,12 @@ def call_bytes(call: Call, model: ModelSpec, layout: Layout, at_home: bool,
             parts["activations"] += head_bytes(model, tokens) if last else 0.0
         out.append(parts)
     if engine_bytes is not None and continuous(call, layout):
+        # a prefill step batches at most PREFILL_TOKENS (one request of any length alone)
+        prefill = min(mb * w.prompt_len, max(PREFILL_TOKENS, w.seq_len))
+        for k, parts in enumerate(out):
+            last = k == layout.pp - 1
+            rows_in = min(mb, prefill / w.prompt_len)
+            parts["activations"] = prefill * per_layer + (head_bytes(model, rows_in) if last else 0.0)
         acts = [parts["activations"] for parts in out]
         pool = engine_tokens(kv_free_bytes(model, layout, engine_bytes, acts), model, layout)
         fits = check_pool(w.prompt_len, w.gen_len, pool)

@@ -11,6 +11,8 @@ square).
 
 from __future__ import annotations
 
+import numpy as np
+
 from estimator.spec.models import ModelSpec
 from estimator.spec.workflow import Call
 
@@ -63,9 +65,17 @@ def generate_flops(model: ModelSpec, batch: int, prompt_len: int, gen_len: int) 
     return forward_flops(model, batch, prompt_len + gen_len - 1, head_tokens=gen_len)
 
 
-def call_flops(call: Call, model: ModelSpec) -> float:
-    """FLOPs of one execution of ``call`` (all minibatches; no activation recompute)."""
+def call_flops(call: Call, model: ModelSpec, lengths: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """FLOPs of one execution of ``call`` (all minibatches; no activation recompute).
+    ``lengths``: (prompt, response) tokens per row where they vary (the caps otherwise); the
+    FLOPs are then summed row by row, padding excluded."""
     w = call.workload
+    if lengths is not None and w.lengths_vary:
+        p, g = (np.asarray(x, dtype=float) for x in lengths)
+        if call.kind == "generate":
+            return float(np.sum(forward_flops(model, 1, p + g - 1, head_tokens=g)))
+        fwd = float(np.sum(forward_flops(model, 1, p + g)))
+        return fwd * (1.0 + BACKWARD_FACTOR) if call.kind == "train" else fwd
     if call.kind == "generate":
         return generate_flops(model, w.seqs, w.prompt_len, w.gen_len)
     fwd = forward_flops(model, w.seqs, w.seq_len)

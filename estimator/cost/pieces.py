@@ -75,16 +75,39 @@ class StageTime:
         return self.compute_s + self.comm_s
 
 
+EACH_POINTS = 48  # distinct sizes a scalar cost is evaluated at for an array (_each)
+
+
+def _each(fn, x):  # noqa: ANN001, ANN202
+    """A scalar cost function (a collective's time against its size) over an array of sizes:
+    exactly at up to :data:`EACH_POINTS` distinct sizes, beyond that interpolated log-log
+    between that many log-spaced ones (the collective curves are log-log interpolations)."""
+    if np.ndim(x) == 0:
+        return fn(float(x))
+    uniq, inv = np.unique(np.asarray(x, dtype=float), return_inverse=True)
+    if len(uniq) <= EACH_POINTS or uniq[0] <= 0:
+        return np.array([fn(float(u)) for u in uniq])[inv]
+    grid = np.geomspace(uniq[0], uniq[-1], EACH_POINTS)
+    values = np.array([fn(float(g)) for g in grid])
+    if (values <= 0).any():
+        return np.interp(uniq, grid, values)[inv]
+    return np.exp(np.interp(np.log(uniq), np.log(grid), np.log(values)))[inv]
+
+
 def tp_allreduce_s(profile: Profile, tp: int, tokens: float, h: int) -> float:
-    """One all-reduce of the ``tokens × h`` activations (run dtype) over the tensor-parallel group."""
-    return profile.in_call_s("all_reduce", tokens * h * profile.elem_bytes, tp, "intra")
+    """One all-reduce of the ``tokens × h`` activations (run dtype) over the tensor-parallel group
+    (``tokens`` may be an array)."""
+    if tp == 1:
+        return 0.0
+    return _each(lambda n: profile.in_call_s("all_reduce", n * h * profile.elem_bytes, tp, "intra"), tokens)
 
 
 def head_comm_s(profile: Profile, model: ModelSpec, tp: int, head_tokens: float) -> float:
     """All-gather of the LM head's logits over the vocabulary (none for a value head)."""
     if model.head == "value" or tp == 1:
         return 0.0
-    return profile.in_call_s("all_gather", head_tokens * model.vocab * profile.elem_bytes, tp, "intra")
+    return _each(lambda n: profile.in_call_s("all_gather", n * model.vocab * profile.elem_bytes, tp, "intra"),
+                 head_tokens)
 
 
 def _rotary_s(profile: Profile, model: ModelSpec, sym: dict, decode: bool = False) -> np.ndarray | float:

@@ -40,7 +40,6 @@ import numpy as np
 from estimator.cost.pieces import (
     BF16,
     INT64,
-    StageTime,
     block_piece,
     end_piece,
     forward_stage,
@@ -59,7 +58,8 @@ from estimator.spec.plan import Layout
 from estimator.spec.sharding import dp_rows
 from estimator.spec.workflow import Call
 
-DEFAULT_KV_FRACTION = 0.9  # vLLM's default gpu_memory_utilization
+COMM_POINTS = 48  # distinct batches a decode step's communication is evaluated at
+GRID_BATCH, GRID_KV = 24, 6  # the decode-cost grid of calls with many segments (_Segments.step_costs)
 
 
 def continuous(call: Call, layout: Layout) -> bool:
@@ -141,18 +141,28 @@ class _StageCosts:
         self.first, self.last = k == 0, k == layout.pp - 1
         self.choose, self.dpn = choose, dpn
         self.fused = profile.ops == "fused"
-        self._prefill: dict[tuple[int, int], StageTime] = {}
+        self._prefill: dict[tuple[int, int], tuple[float, float]] = {}
         self._comm: dict[int, tuple[float, float]] = {}
 
-    def prefill(self, rows: int, tokens: int) -> StageTime:
-        key = (rows, tokens)
-        if key not in self._prefill:
+    def prefill_many(self, rows: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(compute, comm + message) of prefills of ``rows`` requests over ``tokens`` each,
+        evaluated once per distinct shape, all at once."""
+        pairs = np.stack((rows, tokens), axis=1)
+        uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        missing = [tuple(u) for u in uniq.tolist() if tuple(u) not in self._prefill]
+        if missing:
             p, m = self.profile, self.model
-            st = forward_stage(p, m, self.layout.tp, self.layers, self.first, self.last, rows, tokens, rows,
-                               "prefill", ((self.choose, {}),))
-            send = stage_send(p, self.layout, self.k, rows * tokens * m.hidden * p.elem_bytes, self.dpn)[0]
-            self._prefill[key] = StageTime(st.compute_s, st.comm_s + send)
-        return self._prefill[key]
+            r, n = (np.array(x, dtype=float) for x in zip(*missing))
+            st = forward_stage(p, m, self.layout.tp, self.layers, self.first, self.last, r, n, r, "prefill",
+                               ((self.choose, {}),))
+            compute = np.broadcast_to(np.asarray(st.compute_s, dtype=float), r.shape)
+            comm = np.broadcast_to(np.asarray(st.comm_s, dtype=float), r.shape)
+            for i, key in enumerate(missing):
+                send = stage_send(p, self.layout, self.k, key[0] * key[1] * m.hidden * p.elem_bytes, self.dpn)[0]
+                self._prefill[key] = (float(compute[i]), float(comm[i]) + send)
+        table = np.array([self._prefill[tuple(u)] for u in uniq.tolist()])
+        return table[inv, 0], table[inv, 1]
 
     def _step_comm(self, batch: int) -> tuple[float, float]:
         """(collectives, message to the next stage) of one decode step at ``batch``."""
@@ -185,9 +195,21 @@ class _StageCosts:
         if self.last:
             compute = compute + piece_s(p, end_piece(f"head_{m.head}", tp, m), sym) + piece_s(p, self.choose, sym)
         compute = np.broadcast_to(np.asarray(compute, dtype=float) + p.micro_batch_overhead_s, batch.shape)
+        return compute, self._comm_of(batch)
+
+    def _comm_of(self, batch: np.ndarray) -> np.ndarray:
+        """:meth:`_step_comm` of every batch: exactly at up to :data:`COMM_POINTS` distinct
+        batches, beyond that interpolated log-log between that many (the collective curves are
+        log-log interpolations themselves)."""
         uniq, inv = np.unique(batch, return_inverse=True)
-        table = np.array([sum(self._step_comm(int(b))) for b in uniq])
-        return compute, table[inv]
+        if len(uniq) <= COMM_POINTS:
+            return np.array([sum(self._step_comm(int(b))) for b in uniq])[inv]
+        grid = np.unique(np.geomspace(uniq[0], uniq[-1], COMM_POINTS).round().astype(np.int64))
+        values = np.array([sum(self._step_comm(int(b))) for b in grid])
+        if not values.any():
+            return np.zeros(len(batch))
+        logs = np.interp(np.log(uniq), np.log(grid), np.log(np.maximum(values, 1e-30)))
+        return np.where(values.max() > 0, np.exp(logs), 0.0)[inv]
 
 
 @dataclass
@@ -223,17 +245,40 @@ class _Segments:
         return len(self.batch) - 1
 
     def step_costs(self, stage: _StageCosts) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(compute, comm) at the first and at the last step of every segment: the costs are
-        evaluated there and interpolated linearly over the steps between (KV grows one token a
-        step, and a step's cost is close to linear in it)."""
+        """(compute, comm) at the first and at the last step of every segment, interpolated
+        linearly over the steps between (KV grows one token a step, and a step's cost is close
+        to linear in it). With many segments the step cost is evaluated on a grid instead —
+        :data:`GRID_BATCH` batches (log-spaced) × :data:`GRID_KV` KV lengths — and read off it
+        bilinearly (log batch, KV)."""
         b = np.array(self.batch, dtype=np.int64)
         last = np.array(self.steps, dtype=np.int64) - 1
-        kv = np.array(self.kv_max, dtype=np.int64)
-        mean = np.array(self.kv_mean)
-        comp, comm = stage.decode(np.concatenate((b, b)), np.concatenate((kv, kv + last)),
-                                  np.concatenate((mean, mean + last)))
+        kv = np.array(self.kv_mean if stage.fused else self.kv_max, dtype=float)
+        bb, kk = np.concatenate((b, b)), np.concatenate((kv, kv + last))
+        if len(bb) <= GRID_BATCH * GRID_KV:
+            comp, comm = stage.decode(bb, kk, kk)
+        else:
+            comp, comm = _on_grid(stage, bb, kk)
         n = len(b)
         return comp[:n], comp[n:], comm[:n], comm[n:]
+
+
+def _on_grid(stage: _StageCosts, batch: np.ndarray, kv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decode step costs at (batch, kv) read bilinearly off a grid of evaluated steps."""
+    gb = np.unique(np.geomspace(batch.min(), batch.max(), GRID_BATCH).round())
+    gk = np.unique(np.linspace(kv.min(), kv.max(), GRID_KV).round())
+    mb, mk = np.meshgrid(gb, gk, indexing="ij")
+    comp, comm = stage.decode(mb.ravel().astype(np.int64), mk.ravel(), mk.ravel())
+    out = []
+    for table in (comp.reshape(mb.shape), comm.reshape(mb.shape)):
+        lb = np.log(gb)
+        i = np.clip(np.searchsorted(lb, np.log(batch)) - 1, 0, max(len(gb) - 2, 0))
+        j = np.clip(np.searchsorted(gk, kv) - 1, 0, max(len(gk) - 2, 0))
+        i1, j1 = np.minimum(i + 1, len(gb) - 1), np.minimum(j + 1, len(gk) - 1)
+        wb = np.where(i1 > i, (np.log(batch) - lb[i]) / (lb[i1] - lb[i] + (i1 == i)), 0.0)
+        wk = np.where(j1 > j, (kv - gk[j]) / (gk[j1] - gk[j] + (j1 == j)), 0.0)
+        out.append((1 - wb) * ((1 - wk) * table[i, j] + wk * table[i, j1])
+                   + wb * ((1 - wk) * table[i1, j] + wk * table[i1, j1]))
+    return out[0], out[1]
 
 
 def _engine_ops(run: EngineRun, segments: _Segments) -> _EngineOps:
@@ -273,10 +318,10 @@ def _op_costs(ops: _EngineOps, stage: _StageCosts, ends: tuple[np.ndarray, ...],
         frac = k / np.maximum(steps[seg] - 1, 1)
         comp[dec] = c0[seg] + (c1[seg] - c0[seg]) * frac
         comm[dec] = a0[seg] + (a1[seg] - a0[seg]) * frac
-    for i in np.flatnonzero(~dec):
-        tokens = int(round(ops.mean[i])) if stage.fused else int(ops.tokens[i])
-        st = stage.prefill(int(ops.batch[i]), tokens)
-        comp[i], comm[i] = st.compute_s, st.comm_s
+    pre = np.flatnonzero(~dec)
+    if len(pre):
+        tokens = np.rint(ops.mean[pre]).astype(np.int64) if stage.fused else ops.tokens[pre]
+        comp[pre], comm[pre] = stage.prefill_many(ops.batch[pre], tokens)
     return comp, comm
 
 
@@ -289,18 +334,29 @@ def _rounds(comp: np.ndarray, comm: np.ndarray) -> np.ndarray:
 
 
 def rollout_cost(profile: Profile, call: Call, model: ModelSpec, layout: Layout, prompt: np.ndarray,
-                 gen: np.ndarray, kv_tokens: int, devices_per_node: int) -> RolloutCost:
+                 gen: np.ndarray, kv_tokens: int, devices_per_node: int,
+                 schedules: dict | None = None, stage_costs: list | None = None) -> RolloutCost:
     """The rollout of ``call`` on ``layout`` with these lengths (by global row) and a KV pool of
-    ``kv_tokens`` per virtual engine (0: unlimited)."""
+    ``kv_tokens`` per virtual engine (0: unlimited). ``schedules``: a cache of engine schedules
+    by (rows, cap, pool) for calls with the same lengths (layouts that deal rows alike share them).
+    ``stage_costs``: per stage, what prices its ops (default: the census on ``profile``)."""
     cap = engine_cap(layout)
     choose = "greedy" if call.workload.greedy else "sample"
-    stages = [_StageCosts(profile, model, layout, k, choose, devices_per_node) for k in range(layout.pp)]
+    stages = stage_costs or [_StageCosts(profile, model, layout, k, choose, devices_per_node) for k in range(layout.pp)]
     segments = _Segments()
     replicas, preempt, recomputed = [], 0, 0
     for r in range(layout.dp):
         engines = []
         for lo, hi in engine_rows(call, layout, r):
-            run = schedule(prompt[lo:hi], gen[lo:hi], cap, kv_tokens)
+            # a cap or a pool that can never bind schedules as none (and shares the schedule)
+            c = 0 if cap >= hi - lo else cap
+            kv = 0 if kv_tokens >= int(np.sum(prompt[lo:hi]) + np.sum(gen[lo:hi])) else kv_tokens
+            key = (lo, hi, c, kv)
+            run = schedules.get(key) if schedules is not None else None
+            if run is None:
+                run = schedule(prompt[lo:hi], gen[lo:hi], c, kv)
+                if schedules is not None:
+                    schedules[key] = run
             engines.append(_engine_ops(run, segments))
             preempt += run.preemptions
             recomputed += sum(t - int(prompt[lo + q]) for s in run.segments

@@ -9,6 +9,8 @@ share the cluster, so the sum over calls bounds the steady-state iteration time 
 
 from __future__ import annotations
 
+import numpy as np
+
 from estimator.cost.ops import call_flops
 from estimator.cost.pieces import BF16
 from estimator.profile.profiles import Profile
@@ -17,31 +19,44 @@ from estimator.spec.models import ModelSpec
 from estimator.spec.workflow import Call
 
 
-def decode_bytes(call: Call, model: ModelSpec) -> float:
-    """Bytes every decode step of a generate call must read, summed over its steps."""
+def decode_bytes(call: Call, model: ModelSpec, lengths: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    """Bytes every decode step of a generate call must read, summed over its steps: the weights
+    once a step (as many steps as the longest response needs) and each sequence's KV cache."""
     w = call.workload
-    steps = w.decode_steps
     kv_token = 2 * model.layers * model.kv_dim * BF16  # K and V of one cached token
+    if lengths is not None and w.lengths_vary:
+        p, g = (np.asarray(x, dtype=float) for x in lengths)
+        steps = g - 1
+        return float(steps.max()) * model.bytes() + kv_token * float(np.sum(steps * p + steps * (steps + 1) / 2))
+    steps = w.decode_steps
     # step t (1-based) attends prompt + t positions of each sequence
     kv = w.seqs * kv_token * (steps * w.prompt_len + steps * (steps + 1) / 2)
     return steps * model.bytes() + kv
 
 
-def call_floor_s(call: Call, model: ModelSpec, profile: Profile, devices: int) -> float:
-    flops = call_flops(call, model) / (devices * profile.peak_flops)
-    nbytes = decode_bytes(call, model) if call.kind == "generate" else float(model.bytes())
+def call_floor_s(call: Call, model: ModelSpec, profile: Profile, devices: int,
+                 lengths: tuple[np.ndarray, np.ndarray] | None = None) -> float:
+    flops = call_flops(call, model, lengths) / (devices * profile.peak_flops)
+    nbytes = decode_bytes(call, model, lengths) if call.kind == "generate" else float(model.bytes())
     return max(flops, nbytes / (devices * profile.mem_bandwidth_Bps))
 
 
+def _lengths(experiment: Experiment) -> tuple[np.ndarray, np.ndarray] | None:
+    """Iteration 0's drawn lengths where they vary (every iteration draws alike)."""
+    return experiment.lengths(0) if experiment.params.variable else None
+
+
 def roofline_s(experiment: Experiment, profile: Profile) -> float:
-    """Lower bound on the iteration time of any plan for ``experiment`` on its cluster."""
-    n = experiment.cluster.num_devices
-    return sum(call_floor_s(c, experiment.models[c.role], profile, n) for c in experiment.workflow.calls)
+    """Lower bound on the iteration time of any plan for ``experiment`` on its cluster (with
+    iteration 0's lengths where they are drawn)."""
+    n, lengths = experiment.cluster.num_devices, _lengths(experiment)
+    return sum(call_floor_s(c, experiment.models[c.role], profile, n, lengths) for c in experiment.workflow.calls)
 
 
 def model_flops(experiment: Experiment) -> float:
-    """FLOPs of one iteration's calls (no recompute)."""
-    return sum(call_flops(c, experiment.models[c.role]) for c in experiment.workflow.calls)
+    """FLOPs of one iteration's calls (no recompute; iteration 0's lengths where they are drawn)."""
+    lengths = _lengths(experiment)
+    return sum(call_flops(c, experiment.models[c.role], lengths) for c in experiment.workflow.calls)
 
 
 def mfu(experiment: Experiment, profile: Profile, iteration_s: float) -> float:

@@ -10,12 +10,15 @@ divides the engine's share. Each engine serves its requests first come, first se
 order, by :func:`schedule`:
 
 1. **Admission**, at a step boundary: the next waiting request is admitted while fewer than
-   ``max_running`` requests run (vLLM's ``max_num_seqs``; 0: no cap) and the KV pool
+   ``max_running`` requests run (vLLM's ``max_num_seqs``; 0: no cap), the KV pool
    (``kv_tokens`` per engine; 0: unlimited) holds every running request's next step plus the
-   new one's prompt (and the tokens it had generated, if it was preempted) and its first step.
-   No request jumps the queue. An admitted request is **prefilled alone** — one forward of the
-   admitted requests before the next decode step, not chunked into it (vLLM V0's default; V1
-   chunks) — and the prefill samples its first token.
+   new one's prompt (and the tokens it had generated, if it was preempted) and its first step,
+   and the step's prefill stays within ``prefill_tokens`` (vLLM's ``max_num_batched_tokens``;
+   the first request of a step is admitted whatever its length). No request jumps the queue.
+   Admitted requests are **prefilled alone** — one forward of the step's admitted requests, not
+   chunked into decode steps (vLLM V0's scheduling; V1 chunks) — which samples each one's first
+   token; while the prefill budget alone holds the queue back, prefill steps follow one another
+   before decoding resumes (prefills first, as V0 schedules them).
 2. **Decode steps**: every running request writes one token's keys and values and samples its
    next token. A request of response length L leaves after its L-th token (L − 1 decode steps
    after a fresh prefill), freeing its slot and KV at the end of that step.
@@ -38,6 +41,8 @@ import heapq
 from dataclasses import dataclass
 
 import numpy as np
+
+PREFILL_TOKENS = 8192  # tokens one prefill step may batch, per engine (vLLM's max_num_batched_tokens)
 
 
 @dataclass(frozen=True)
@@ -124,10 +129,11 @@ class _Running:
         return out
 
 
-def schedule(prompt: np.ndarray, gen: np.ndarray, max_running: int = 0, kv_tokens: int = 0) -> EngineRun:
+def schedule(prompt: np.ndarray, gen: np.ndarray, max_running: int = 0, kv_tokens: int = 0,
+             prefill_tokens: int = PREFILL_TOKENS) -> EngineRun:
     """The continuous-batching schedule of one engine serving requests ``0 .. n−1`` in order:
     prompt and response tokens of each (every one ≥ 1). ``kv_tokens`` (0: unlimited) must hold
-    :func:`kv_need`; ``max_running`` 0 means no cap."""
+    :func:`kv_need`; ``max_running`` and ``prefill_tokens`` 0 mean no cap."""
     prompt = [int(x) for x in prompt]
     gen = [int(x) for x in gen]
     n = len(prompt)
@@ -148,12 +154,16 @@ def schedule(prompt: np.ndarray, gen: np.ndarray, max_running: int = 0, kv_token
     preemptions = peak = 0
     while queue or len(run):
         admitted, tokens, leaving, preempted = [], [], [], []
+        budget_held = False  # the prefill budget, not the cap or the pool, stopped admission
         # 1. admission, first come first served, while the cap and the pool allow the coming step
         while queue and len(run) < cap:
             r = queue[-1]
             # the running requests' next step plus this one's prompt, tokens so far and first step;
             # an idle engine always admits (the pool holds any one request: kv_need)
             if pool is not None and len(run) and run.base_sum + len(run) * step + prompt[r] + done[r] + 1 > pool:
+                break
+            if prefill_tokens and tokens and sum(tokens) + prompt[r] + done[r] > prefill_tokens:
+                budget_held = True
                 break
             queue.pop()
             admitted.append(r)
@@ -170,8 +180,10 @@ def schedule(prompt: np.ndarray, gen: np.ndarray, max_running: int = 0, kv_token
             preempted.append(r)
             queue.append(r)
             preemptions += 1
-        if not len(run):
-            segments.append(Segment(tuple(admitted), tuple(tokens), tuple(preempted), 0, 0, 0, 0, tuple(leaving)))
+        if not len(run) or budget_held:  # nothing to decode, or more prefill comes first
+            kv_sum = run.base_sum + len(run) * step
+            segments.append(Segment(tuple(admitted), tuple(tokens), tuple(preempted), 0, len(run), kv_sum,
+                                    run.max_base() + step if len(run) else 0, tuple(leaving)))
             continue
         peak = max(peak, len(run))
         # 3. decode until the next completion, or the last step the pool holds

@@ -253,12 +253,11 @@ def budget_micro_batches(rows: Range, tokens: np.ndarray, budget: int, per_unit:
     within ``budget`` tokens; ``tokens[r − lo]`` is row r's prompt plus response tokens. One
     rule for the executor, which batches so, and the estimator, which charges it."""
     lo, hi = rows
-    tokens = np.asarray(tokens)
     if len(tokens) != hi - lo:
         raise ValueError(f"tokens for {len(tokens)} rows, range {rows} holds {hi - lo}")
+    units = np.asarray(tokens).reshape(-1, per_unit).max(axis=1).tolist()
     out, start, longest = [], lo, 0
-    for u in range(lo, hi, per_unit):
-        unit = int(tokens[u - lo:u - lo + per_unit].max())
+    for u, unit in zip(range(lo, hi, per_unit), units):
         if unit * per_unit > budget:
             raise ValueError(f"rows {u}..{u + per_unit - 1}: {unit * per_unit} tokens pass the budget {budget}")
         if u > start and max(longest, unit) * (u + per_unit - start) > budget:
