@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
@@ -279,6 +280,43 @@ def stacked(predicted: Timeline, measured: Timeline, out: str | Path, title: str
     gantt(measured, axes[1], iterations, f"measured {title}".strip())
     axes[0].set_xlabel("")
     axes[0].set_xlim(0.0, 1.02 * max(predicted.makespan_s, measured.makespan_s))
+    return _save(fig, out)
+
+
+def running_curves(tl: Timeline, call: str, iteration: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per device that recorded it, the running batch of ``call`` in ``iteration`` as a step
+    function: (times from the call's start, requests running from then on)."""
+    out: dict[int, tuple[list[float], list[float]]] = {}
+    samples = [c for c in tl.counters if c.call == call and c.iteration == iteration and c.name == "running"]
+    if not samples:
+        return {}
+    start = min(c.t_s for c in samples)
+    for c in samples:
+        ts, vs = out.setdefault(c.device, ([], []))
+        ts.append(c.t_s - start)
+        vs.append(c.value)
+    return {d: (np.array(ts), np.array(vs)) for d, (ts, vs) in out.items()}
+
+
+def running_batch(predicted: Timeline, measured: Timeline, call: str, iteration: int, out: str | Path,
+                  title: str = "") -> Path | None:
+    """A generate call's running batch over time, predicted against measured, each from the
+    call's first counter sample (the predicted curve is the slowest replica's). None when
+    either timeline recorded no running batch for ``call``."""
+    pred, meas = running_curves(predicted, call, iteration), running_curves(measured, call, iteration)
+    if not pred or not meas:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for d, (ts, vs) in pred.items():
+        ax.step(ts, vs, where="post", color="tab:blue", lw=2, label=f"predicted (device {d})")
+    for d, (ts, vs) in meas.items():
+        ax.step(ts, vs, where="post", lw=1, alpha=0.8, label=f"measured (device {d})")
+    ax.set_xlabel(f"seconds from the start of {call}, iteration {iteration}")
+    ax.set_ylabel("requests running")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"{call}: running batch, predicted vs measured")
     return _save(fig, out)
 
 

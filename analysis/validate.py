@@ -258,9 +258,18 @@ def draw(out: Path, experiment: str, profile: Profile, plans: Any, calls: Any, o
     from analysis import plot
 
     best = plans.loc[plans["measured_s"].idxmin(), "plan"]
-    return [plot.scatter(plans, out / "scatter.png", scatter_title(experiment, list(plans["origin"]), profile)),
-            plot.error_bars(calls, ops, out / "errors.png"),
-            plot.stacked(predicted, measured, out / "timelines.png", f"{experiment}, plan {best}")]
+    figures = [plot.scatter(plans, out / "scatter.png", scatter_title(experiment, list(plans["origin"]), profile)),
+               plot.error_bars(calls, ops, out / "errors.png"),
+               plot.stacked(predicted, measured, out / "timelines.png", f"{experiment}, plan {best}")]
+    # a continuous-batching generation: its running batch, predicted against measured
+    gens = sorted({c.call for c in predicted.counters if c.name == "running"})
+    its = measured.iterations
+    for call in gens:
+        fig = plot.running_batch(predicted, measured, call, its[-1] if its else 0, out / f"running-{call}.png",
+                                 f"{experiment}, plan {best}: {call} running batch (last iteration)")
+        if fig is not None:
+            figures.append(fig)
+    return figures
 
 
 def replot(directory: Path, experiment: Experiment, profile: Profile) -> list[Path]:
