@@ -8,9 +8,16 @@ all-reduce over data-parallel replicas and the optimizer step; for generation, t
 forward and the decode steps grouped into chunks (:mod:`estimator.cost.decode`).
 
 Each stage's task costs come from the executor's op census (:mod:`estimator.cost.pieces`): on the last
-stage the head is followed by the token choice (generation), the ``ref_logp`` log-probs
-(inference) or the call's loss and its backward (training, named by algorithm and role). The
-profile's per-call executor overhead is spread evenly over the call's forward passes.
+stage the head is followed by the token choice (generation), the response log-probs of a
+``ref_logp`` or ``old_logp`` inference (one census piece, ``loss_ref_logp``: the same
+``response_logp`` at the policy temperature, whichever policy's weights) or the call's loss
+and its backward (training, named by algorithm and role). The profile's per-call executor
+overhead is spread evenly over the call's forward passes.
+
+A generate call that writes rewards (a verifier, ``models.reward: rule``) ends with the
+verifier on its last stage's hosts: :attr:`CallCost.reward_s`, the experiment's
+``reward_s_per_sample`` × the sequences of one data-parallel replica (the replicas check their
+own sequences side by side), after the call's last decode step.
 
 :class:`Costs` caches all of it per (call, layout) and transfers per pair of layouts, so the
 simulator and the evaluator pay for lowering once.
@@ -83,6 +90,7 @@ class CallCost:
     micro_batches: int
     minibatches: int  # optimizer steps (train), 1 otherwise
     feedback_s: float  # generation: last stage → first stage token message (0 without pipeline)
+    reward_s: float = 0.0  # generation under a verifier: the host scoring its sequences, at the end
 
     @property
     def pp(self) -> int:
@@ -97,6 +105,20 @@ def _rows(call: Call, layout: Layout) -> float:
     return w.seqs / layout.dp / layout.micro_batches
 
 
+# inference outputs that are response log-probs of a language model (rlhf.response_logp)
+LOGP_OUTPUTS = frozenset({"ref_logp", "old_logp"})
+REWARD_OUTPUTS = frozenset({"rewards", "rewards_greedy"})
+
+
+def verifier_s(call: Call, layout: Layout, reward_s_per_sample: float) -> float:
+    """Host seconds a generate call spends scoring its sequences with a verifier: the sequences
+    of one data-parallel replica (the replicas score theirs at the same time) × the seconds per
+    sample; 0 for a call that writes no rewards."""
+    if call.kind != "generate" or not REWARD_OUTPUTS & set(call.outputs):
+        return 0.0
+    return reward_s_per_sample * call.workload.seqs / layout.dp
+
+
 def _tail(call: Call, algorithm: str, b: float) -> tuple[tuple[Extra, ...], tuple[Extra, ...]]:
     """Census pieces the last stage runs after the head, forward and backward: the token
     choice of generation, the log-probs of a ``ref_logp`` inference, a train call's loss."""
@@ -104,7 +126,8 @@ def _tail(call: Call, algorithm: str, b: float) -> tuple[tuple[Extra, ...], tupl
     if call.kind == "generate":
         return (("greedy" if w.greedy else "sample", {}),), ()
     if call.kind == "inference":
-        return ((("loss_ref_logp", {"response": w.gen_len}),) if "ref_logp" in call.outputs else ()), ()
+        logp = LOGP_OUTPUTS & set(call.outputs)
+        return ((("loss_ref_logp", {"response": w.gen_len}),) if logp else ()), ()
     objective = f"{algorithm}_{call.role}"
     over = {"response": w.gen_len, "rows": b / 2 if objective in PAIRED_LOSSES else b}
     return ((f"loss_{objective}", over),), ((f"loss_{objective}_backward", over),)
@@ -116,8 +139,9 @@ def _passes(call: Call, layout: Layout) -> int:
 
 
 def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: int, profile: Profile,
-               algorithm: str = "ppo") -> CallCost:
-    """Per-stage task costs of ``call`` under ``layout`` (``algorithm`` names a train call's loss)."""
+               algorithm: str = "ppo", reward_s_per_sample: float = 0.0) -> CallCost:
+    """Per-stage task costs of ``call`` under ``layout`` (``algorithm`` names a train call's loss;
+    ``reward_s_per_sample``: a verifier's host seconds per sequence, :func:`verifier_s`)."""
     w, dpn, p = call.workload, devices_per_node, layout.pp
     b = _rows(call, layout)
     decode, feedback = ([() for _ in range(p)], 0.0)
@@ -164,7 +188,8 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
         stages.append(StageCost(k, devices, fwd, bwd, send_s, send_ports, recv_ports, ar, dp_ports, opt, cls,
                                 decode[k], ports if layout.tp > 1 else ()))
     return CallCost(call.name, call.kind, layout, tuple(stages), layout.micro_batches,
-                    w.minibatches if call.kind == "train" else 1, feedback)
+                    w.minibatches if call.kind == "train" else 1, feedback,
+                    verifier_s(call, layout, reward_s_per_sample))
 
 
 class Costs:
@@ -192,7 +217,8 @@ class Costs:
         if key not in self._calls:
             call = self.workflow[name]
             model = self.experiment.models[call.role]
-            self._calls[key] = lower_call(call, model, layout, self.dpn, self.profile, self.experiment.algorithm)
+            self._calls[key] = lower_call(call, model, layout, self.dpn, self.profile, self.experiment.algorithm,
+                                          self.experiment.reward_s_per_sample)
         return self._calls[key]
 
     @property
