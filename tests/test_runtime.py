@@ -419,3 +419,30 @@ def test_grpo_with_a_verifier_and_recomputed_old_logprobs_trains_the_same_under_
     assert_invariant(recomputed, ["single-device", "mixed", "from-generation"], results, ("actor",))
     reward_spans = {(s.device, s.iteration) for s in results[1].timeline.spans if s.op == "reward"}
     assert reward_spans == {(d, i) for d in (0, 1) for i in (0, 1)}  # every replica scores its own rows
+
+
+def test_ppo_and_remax_with_a_verifier_and_recomputed_old_logprobs_train_the_same_under_two_plans():
+    """The other two generating workflows: ReMax's greedy call writes ``rewards_greedy`` by the
+    rule too, PPO's critic trains on the rule's rewards; every call sharded differently from
+    the single-device plan."""
+    from estimator.spec.experiment import experiment_from_dict
+
+    runs, roles = [], []
+    for algorithm, trained in (("ppo", ("actor", "critic")), ("remax", ("actor",))):
+        models = {"actor": "tiny-2l-128h", "ref": "tiny-2l-128h", "reward": "rule"}
+        if algorithm == "ppo":
+            models["critic"] = "tiny-2l-128h"
+        exp = experiment_from_dict({
+            "algorithm": algorithm, "models": models, "batch_size": 8, "prompt_len": 8, "gen_len": 24,
+            "ppo_minibatches": 2, "seed": 3, "old_logprobs": "recompute", "hyperparams": {"lr": 1e-3},
+            "cluster": {"nodes": 1, "devices_per_node": 2, "device": "cpu"}})
+        calls = exp.workflow.call_names
+        assert "actor_inf" in calls and not any(c.startswith("reward_inf") for c in calls)
+        single = Plan({c: _layout("0") for c in calls})
+        shapes = [dict(dp=2), dict(tp=2), dict(pp=2, mb=2)]
+        mixed = Plan({c: _layout("0-1", **shapes[i % 3]) for i, c in enumerate(calls)})
+        runs += [(exp, single), (exp, mixed)]
+        roles.append(trained)
+    results = run_many(runs)
+    for i, trained in enumerate(roles):
+        assert_invariant(runs[2 * i][0], ["single-device", "mixed"], results[2 * i:2 * i + 2], trained)
