@@ -121,7 +121,7 @@ def verifier_s(call: Call, layout: Layout, reward_s_per_sample: float) -> float:
 
 def _tail(call: Call, algorithm: str, b: float) -> tuple[tuple[Extra, ...], tuple[Extra, ...]]:
     """Census pieces the last stage runs after the head, forward and backward: the token
-    choice of generation, the log-probs of a ``ref_logp`` inference, a train call's loss."""
+    choice of generation, the log-probs of a ``ref_logp`` or ``old_logp`` inference, a train call's loss."""
     w = call.workload
     if call.kind == "generate":
         return (("greedy" if w.greedy else "sample", {}),), ()
