@@ -48,9 +48,9 @@ from estimator.spec.timeline import Timeline
 
 OP_KINDS = {"prefill": "prefill", "decode": "decode", "forward": "forward", "backward": "backward",
             "optimizer": "optimizer", "tp_allreduce": "tp_comm", "pp_send": "pp_comm", "dp_allreduce": "dp_comm",
-            "realloc": "realloc", "data": "data"}
+            "reward": "reward", "realloc": "realloc", "data": "data"}
 KIND_ORDER = ("prefill", "decode", "forward", "backward", "optimizer", "tp_comm", "pp_comm", "dp_comm",
-              "realloc", "data")
+              "reward", "realloc", "data")
 UNSTAGED = {"realloc", "data"}
 INSIDE_OPS = ("tp_allreduce",)  # collectives a compute op encloses, when they are not timed alone
 OUTSIDE_COMPUTE = {"realloc", "data", "call", "compute"}

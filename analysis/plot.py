@@ -57,11 +57,13 @@ HATCH = "0.3"  # hatch lines of communication (no outline: dense traffic would t
 @cache
 def _known_calls() -> tuple[str, ...]:
     """Every call name of the workflow presets, in a fixed order: each gets its own colour."""
-    from estimator.spec.workflow import ALGORITHMS, WorkflowParams, build
+    from estimator.spec.workflow import ALGORITHMS, GENERATING, WorkflowParams, build
 
     names: dict[str, None] = {}
     for algo in ALGORITHMS:
         names.update(dict.fromkeys(build(algo, WorkflowParams(2, 2, 2)).call_names))
+    for algo in GENERATING:  # calls an option adds (actor_inf) come after, so the others keep their colours
+        names.update(dict.fromkeys(build(algo, WorkflowParams(2, 2, 2, old_logprobs="recompute")).call_names))
     return tuple(names)
 
 

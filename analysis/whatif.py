@@ -8,8 +8,9 @@ Usage::
     python -m analysis.whatif examples/grpo-qwen2.5-7b-16xh100.yaml --vary device=h100-sxm,h800,a100-80g
 
 Keys: ``nodes``, ``devices_per_node``, ``device`` (the cluster), ``gen_len``, ``prompt_len``,
-``batch_size``, ``group_size`` (the workload), or a role of the algorithm (``actor``,
-``critic``, …) set to a model preset. Several ``--vary`` make a grid. At every point the
+``batch_size``, ``group_size`` (the workload), or a role of the algorithm that holds a model
+(``actor``, ``critic``, …; not ``reward`` when it is a verifier, ``reward: rule``) set to a
+model preset. Several ``--vary`` make a grid. At every point the
 experiment is changed with :func:`dataclasses.replace`, the search finds its best plan
 (``search.run_search``), the simulator times it and every baseline (``search.baselines``), and
 the row gets the best iteration time, throughput (tokens/s: every sequence's prompt and
@@ -57,15 +58,20 @@ PLANNED, NO_PLAN = "planned", "no plan"  # a row's status
 EXIT_NO_POINT_PLANNED = 1
 
 
-def parse_vary(texts: Sequence[str], algorithm: str) -> dict[str, list[Any]]:
-    """``["nodes=1,2", "actor=llama2-13b"]`` → ``{"nodes": [1, 2], "actor": ["llama2-13b"]}``."""
-    roles = ROLES[algorithm]
+def parse_vary(texts: Sequence[str], algorithm: str, roles: Sequence[str] | None = None) -> dict[str, list[Any]]:
+    """``["nodes=1,2", "actor=llama2-13b"]`` → ``{"nodes": [1, 2], "actor": ["llama2-13b"]}``.
+
+    ``roles``: the roles that hold a model (default every role of ``algorithm``); a verifier
+    reward (``models.reward: rule``) holds none, so ``reward`` cannot be varied."""
+    roles = ROLES[algorithm] if roles is None else tuple(roles)
     out: dict[str, list[Any]] = {}
     for text in texts:
         key, sep, values = text.partition("=")
         kind = CLUSTER_KEYS.get(key) or WORKLOAD_KEYS.get(key) or (str if key in roles else None)
         if not sep or not values:
             raise ConfigError(f"--vary {text!r} must look like KEY=V1,V2,…")
+        if kind is None and key in ROLES[algorithm]:
+            raise ConfigError(f"--vary {text!r}: models.{key} is a rule (a verifier), which holds no model to vary")
         if kind is None:
             allowed = [*CLUSTER_KEYS, *WORKLOAD_KEYS, *roles]
             raise ConfigError(f"--vary {text!r}: unknown key {key!r}; allowed: {allowed}")
@@ -85,13 +91,21 @@ def parse_vary(texts: Sequence[str], algorithm: str) -> dict[str, list[Any]]:
 def apply(experiment: Experiment, point: Mapping[str, Any]) -> Experiment:
     """The experiment with ``point``'s values (cluster fields, workload fields, role models)."""
     cluster = dataclasses.replace(experiment.cluster, **{k: v for k, v in point.items() if k in CLUSTER_KEYS})
-    params = dataclasses.replace(experiment.params, **{k: v for k, v in point.items() if k in WORKLOAD_KEYS})
+    label = ",".join(f"{k}={v}" for k, v in point.items())
+    workload = {k: v for k, v in point.items() if k in WORKLOAD_KEYS}
+    for key in ("prompt_len", "gen_len"):  # a fixed length follows the new count; a distribution cannot
+        dist = getattr(experiment.params, f"{key.split('_')[0]}_lengths")
+        if key in workload and not dist.fixed:
+            raise ConfigError(f"point {label}: --vary {key} needs a fixed {key}; the experiment's is a "
+                              f"distribution ({dist.kind}), whose shape a new count would not say")
+        if key in workload:
+            workload[f"{key.split('_')[0]}_lengths"] = None
+    params = dataclasses.replace(experiment.params, **workload)
     models = dict(experiment.models)
     for role, name in point.items():
         if role in models:
             spec = get_model(name)
             models[role] = spec.as_value_model() if role in VALUE_ROLES else spec
-    label = ",".join(f"{k}={v}" for k, v in point.items())
     try:
         return dataclasses.replace(experiment, cluster=cluster, params=params, models=models,
                                    name=f"{experiment.name}[{label}]")
@@ -236,7 +250,7 @@ def _parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None, functions: tuple[Searcher, Baselines] | None = None) -> int:
     args = _parser().parse_args(argv)
     experiment = load_experiment(args.experiment)
-    varies = parse_vary(args.vary, experiment.algorithm)
+    varies = parse_vary(args.vary, experiment.algorithm, tuple(experiment.models))
     if args.search_evals is not None and args.search_evals < 1:
         raise ConfigError(f"--search-evals={args.search_evals} must be at least 1")
     searcher, baselines = functions or search_functions(args.search_budget_s, args.seed, args.search_evals)

@@ -7,7 +7,9 @@ heads, ffn and vocabulary; pp may not exceed the layers; the batch must split ov
 dp·micro-batches) tp and pp step down and dp takes up the rest. Micro-batches: at least one
 per pipeline stage, so pipelines fill; with a profile, more while a device would overflow.
 The same two rules (:func:`closest_layout`, :func:`fit_micro_batches`) build every baseline of
-:mod:`search.baselines`.
+:mod:`search.baselines`. Every call is placed, so the actor's recomputed old log-probs
+(``actor_inf``) run on all devices like the reference's inference, and a verifier reward
+(``models.reward: rule``) has no call to place.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Describe an experiment: its models, calls, cluster and how many layouts each call has.
 
+A verifier reward (``models.reward: rule``) is listed as the reward role's row with no model
+(``verifier`` in ``--json``: its ``reward_s_per_sample``), and ``old_logprobs`` says whether
+the generate call writes the old log-probs or ``actor_inf`` recomputes them.
+
 Usage::
 
     python -m estimator.describe examples/ppo-llama2-7b-8xh100.yaml
@@ -25,6 +29,7 @@ from estimator.cost.ops import call_flops
 from estimator.profile.profiles import load_profile
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check, count_layouts
+from estimator.spec.workflow import GENERATING
 
 
 def describe(exp: Experiment) -> dict[str, Any]:
@@ -57,6 +62,9 @@ def describe(exp: Experiment) -> dict[str, Any]:
         "name": exp.name,
         "algorithm": exp.algorithm,
         "models": models,
+        # a verifier in place of a reward model (models.reward: rule), else None
+        "verifier": {"reward_s_per_sample": exp.reward_s_per_sample} if exp.verifier else None,
+        "old_logprobs": exp.params.old_logprobs if exp.algorithm in GENERATING else None,
         "calls": calls,
         "lengths": {k: d.summary() | {"kind": d.kind, "at_cap": round(d.cap_mass(), 6)} for k, d in lengths.items()},
         # the sequences one iteration generates: prompt + response tokens of iteration 0's draw
@@ -81,6 +89,9 @@ def render(info: dict[str, Any]) -> str:
     rows = [("role", "model", "params", "bf16 bytes", "layers", "hidden", "heads/kv", "head")]
     rows += [(r, m["name"], _human(m["params"]), _human(m["bytes_bf16"], "B"), str(m["layers"]), str(m["hidden"]),
               f"{m['heads']}/{m['kv_heads']}", m["head"]) for r, m in info["models"].items()]
+    if info["verifier"] is not None:
+        seconds = info["verifier"]["reward_s_per_sample"]
+        rows.append(("reward", f"rule (verifier, {seconds:g} s per sample)", "-", "-", "-", "-", "-", "-"))
     parts += [format_table(rows), ""]
     rows = [("call", "kind", "role", "after", "seqs", "prompt", "gen", "minibatches", "FLOPs", "layouts")]
     rows += [(c["name"], c["kind"], c["role"], ",".join(c["after"]) or "-", str(c["workload"]["seqs"]),
@@ -93,6 +104,10 @@ def render(info: dict[str, Any]) -> str:
         rows += [(k, d["kind"], f"{d['mean']:.1f}", f"{d['p50']:g}", f"{d['p90']:g}", f"{d['p99']:g}",
                   f"{d['max']:g}", f"{100 * d['at_cap']:.1f} %") for k, d in lengths.items()]
         parts += ["", format_table(rows)]
+    if info["old_logprobs"] is not None:
+        how = ("actor_inf recomputes them" if info["old_logprobs"] == "recompute"
+               else "the generate call writes them")
+        parts += ["", f"old log-probs: {info['old_logprobs']} ({how})"]
     if info["tokens_per_iteration"] is not None:
         parts += ["", f"tokens per iteration (prompt + response, iteration 0): {info['tokens_per_iteration']:,}"]
     if info["version_edges"]:

@@ -14,13 +14,15 @@ node, pp across nodes) and says so. ``--profile`` names a shipped profile or a p
 
 Prints the steady-state iteration time, a per-call table (layout, start and duration in the
 last simulated iteration, of which communication — collectives and moving inputs —, waiting
-for inputs to be produced, and parameter reallocation), peak memory
+for inputs to be produced, and parameter reallocation; a verifier's host time is part of its
+generate call's duration), peak memory
 per device against capacity, model FLOP utilisation and the roofline lower bound. ``--json``
 prints one object instead, with ``iteration_s``, ``profile``, ``profile_source`` (measured or
 datasheet), ``profile_path``, ``op_set`` (``ops``: the op set the profile charges, ``executor``
 or ``fused``; ``stack``; ``text``: the line the table prints), ``feasible``, ``reasons``,
 ``peak_memory_bytes``, ``roofline_s``, ``mfu`` and ``calls.<name>.{start_s, duration_s, comm_s, wait_s,
-realloc_s, ...}``.
+realloc_s, reward_s, ...}`` (``reward_s``: a verifier's host time at the end of a generate call,
+``reward_s_per_sample`` × the sequences of a data-parallel replica).
 
 Exit codes: 0 predicted; 1 the plan does not fit in memory (the reasons are printed);
 2 invalid experiment, profile or plan (one line per violated rule).
@@ -77,14 +79,18 @@ def call_rows(result: SimResult) -> dict[str, dict[str, float]]:
     recs = {c: r for (it, c), r in result.records.items() if it == last}
     origin = min(r.start_s for r in recs.values())
     comm: dict[tuple[str, int], float] = {}
+    reward: dict[str, float] = {}
     for start, end, _, it, call, op, _, stage, _ in result.rows:
         if it == last and op in COMM_OPS:
             comm[(call, stage)] = comm.get((call, stage), 0.0) + (end - start)
+        elif it == last and op == "reward":
+            reward[call] = end - start
     out = {}
     for c, r in recs.items():
         busiest = max((v for (call, _), v in comm.items() if call == c), default=0.0)
         out[c] = {"start_s": r.start_s - origin, "duration_s": r.duration_s,
-                  "comm_s": busiest + r.data_s - r.wait_s, "wait_s": r.wait_s, "realloc_s": r.realloc_s}
+                  "comm_s": busiest + r.data_s - r.wait_s, "wait_s": r.wait_s, "realloc_s": r.realloc_s,
+                  "reward_s": reward.get(c, 0.0)}
     return out
 
 

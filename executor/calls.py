@@ -6,10 +6,13 @@ rows, :func:`estimator.spec.sharding.dp_rows`), split into the micro-batches of
 
 - **generate** — KV-cached decoding of exactly ``gen_len`` tokens; tokens come from
   :class:`executor.data.Sampler` (Gumbel-max keyed by global row, or argmax for greedy calls);
-  writes the sequences and, for sampling calls, their log-probabilities (at the sampling
-  temperature).
-- **inference** — one forward: response log-probs (LM heads), per-token values (critic) or one
-  score per sequence (reward model).
+  writes the sequences and, for sampling calls whose old log-probs are not recomputed, their
+  log-probabilities (at the sampling temperature); under a verifier (``models.reward: rule``)
+  the last stage then scores its sequences (:class:`executor.verifier.Verifier`, a ``reward``
+  span) and writes the rewards too.
+- **inference** — one forward: response log-probs (LM heads: the reference's ``ref_logp``, or
+  the actor's ``old_logp`` when recomputed, both at the policy temperature), per-token values
+  (critic) or one score per sequence (reward model).
 - **train** — one Adam step per minibatch. The loss of each micro-batch is divided by the
   count of the *whole minibatch* (tokens, or pairs for DPO and reward models) and the engine
   sums gradients over data-parallel replicas, so every plan takes the same step. Advantages
@@ -36,6 +39,7 @@ from executor.data import Sampler
 from executor.engine import Engine
 from executor.optim import ShardAdam
 from executor.realloc import gather_rows
+from executor.verifier import Verifier
 
 Pieces = list[tuple[Range, Tensor]]  # (global row range, those rows)
 TOKENS = frozenset({"prompts", "pairs", "seq", "seq_greedy"})
@@ -134,11 +138,15 @@ def generate(c: CallRun) -> dict[str, Pieces]:
     res = c.engine.generate(prompts, w.gen_len, choose, exp.hyper.temperature)
     if res is None:
         return {}
-    seq_name, *logp_name = c.call.outputs
-    out = {seq_name: c.outputs([s for s, _ in res])}
-    if logp_name:
-        dtype = c.engine.dtype
-        out[logp_name[0]] = c.outputs([lp.to(dtype) for _, lp in res])
+    names, dtype = c.call.outputs, c.engine.dtype
+    out = {next(n for n in names if n in TOKENS): c.outputs([s for s, _ in res])}
+    if "old_logp" in names:
+        out["old_logp"] = c.outputs([lp.to(dtype) for _, lp in res])
+    rewards = [n for n in names if n in PER_SEQUENCE]
+    if rewards:  # a verifier: score the sequences here, on the last stage, as they come out
+        verify = Verifier.of(exp)
+        with c.span("reward"):
+            out[rewards[0]] = c.outputs([verify(s, dtype) for s, _ in res])
     return out
 
 
@@ -159,7 +167,7 @@ def inference(c: CallRun) -> dict[str, Pieces]:
 
 def _inference_output(c: CallRun, name: str) -> Callable[[Tensor, Tensor], Tensor]:
     p, temp = c.prompt_len, policy_temperature(c.experiment)
-    if name == "ref_logp":
+    if name in ("ref_logp", "old_logp"):  # the reference's, or the actor's own recomputed
         return lambda logits, tok: rlhf.response_logp(logits, tok.to(logits.device), p, temp)
     if name == "values":
         return lambda values, _: rlhf.response_values(values, p)

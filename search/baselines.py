@@ -20,6 +20,13 @@ Usage::
   4 + 4 devices, tp 2 / dp 2 up to 8 B parameters, tp 4 above); reference inference on all
   devices with tp 4, dp 2; reward and critic inference on one half each.
 
+The actor's recomputed old log-probs (``old_logprobs: recompute``: ``actor_inf``) are an
+inference call of the actor, laid out as each baseline lays out the actor's calls: on all
+devices in ``megatron`` and ``colocate``, on the actor's half in ``split``, and in
+``real-heuristic`` like the reference's inference (all devices, tp 4, dp 2), the other forward
+of an actor-sized model over the rollout. A verifier reward (``models.reward: rule``) has no
+call to place; ``split`` then has nothing to put beside the actor unless there is a critic.
+
 Where a model or the batch does not allow a degree, tp and then pp step down and dp takes the
 rest; micro-batches start at the fewest valid count that is at least the pipeline depth and
 rise call by call while a device would overflow. A baseline that still does not fit keeps its
@@ -132,7 +139,8 @@ def split(exp: Experiment, profile: Profile) -> Plan:
     half Megatron-style (tp across its node, pp across its nodes)."""
     roles = set(exp.models)
     if not roles & {"critic", "reward"}:
-        raise ConfigError(f"the {exp.algorithm} workflow has no critic or reward model to split from the actor")
+        rule = " (its reward is a verifier, models.reward: rule, which holds no model)" if exp.verifier else ""
+        raise ConfigError(f"the {exp.algorithm} workflow has no critic or reward model to split from the actor{rule}")
     first, second = _halves(exp)
     wf = exp.workflow
     return _build(exp, profile, lambda n: _megatron_on(exp, second if wf[n].role in ("critic", "reward") else first))

@@ -347,3 +347,34 @@ def test_lowering_recomputes_only_where_the_layout_says():
         assert r.bwd.compute_s > a.bwd.compute_s + layers * prof.checkpoint_s[1]
     assert prof.checkpoint_s[0] > 0 and prof.checkpoint_s[1] > 0
     assert call_s(rc) > call_s(base)
+
+
+def test_recomputed_old_logprobs_cost_what_the_reference_forward_costs():
+    """``actor_inf`` runs the same forward and ``response_logp`` as ``ref_inf`` (the census
+    piece ``loss_ref_logp``) on an actor-sized model: the same stage costs on the same layout;
+    a forward without log-probs (a value model's) leaves the piece out."""
+    from estimator.spec.workflow import WorkflowParams, build
+
+    prof = load_profile("h100-sxm")
+    m = PRESETS["llama2-7b"]
+    wf = build("grpo", WorkflowParams(8, 64, 64, 1, 4, old_logprobs="recompute"))
+    layout = Layout(DeviceMesh(0, 4), 2, 2, 1, 2)
+    actor, ref = (lower_call(wf[n], m, layout, 8, prof, "grpo") for n in ("actor_inf", "ref_inf"))
+    assert actor.stages == ref.stages and actor.reward_s == 0.0
+    bare = dataclasses.replace(wf["ref_inf"], outputs=("values",))
+    assert lower_call(bare, m, layout, 8, prof, "grpo").stages[0].fwd.compute_s < ref.stages[0].fwd.compute_s
+
+
+def test_a_verifier_is_charged_on_the_generate_call_per_replica_sequence():
+    from estimator.spec.workflow import WorkflowParams, build
+
+    prof = load_profile("h100-sxm")
+    m = PRESETS["llama2-7b"]
+    wf = build("grpo", WorkflowParams(8, 64, 64, 1, 4, verifier=True))  # 32 sequences
+    gen = wf["actor_gen"]
+    for dp, want in ((1, 32 * 0.25), (4, 8 * 0.25)):
+        layout = Layout(DeviceMesh(0, 4), dp, 4 // dp, 1, 1)
+        assert lower_call(gen, m, layout, 8, prof, "grpo", 0.25).reward_s == pytest.approx(want)
+        assert lower_call(gen, m, layout, 8, prof, "grpo").reward_s == 0.0
+    plain = build("grpo", WorkflowParams(8, 64, 64, 1, 4))["actor_gen"]  # no rewards written: no verifier
+    assert lower_call(plain, m, Layout(DeviceMesh(0, 1), 1, 1, 1, 1), 8, prof, "grpo", 0.25).reward_s == 0.0

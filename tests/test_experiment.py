@@ -154,3 +154,66 @@ def test_learned_positions_bound_prompt_and_generation(tmp_path):
     with pytest.raises(ConfigError, match=r"models.actor: prompt_len \+ gen_len = 65 tokens exceeds model "
                                           r"'tiny-gpt-2l-128h''s max_positions=64"):
         load_experiment(_write(tmp_path, data | {"gen_len": 25}, "long.yaml"))
+
+
+RULE = {**GOOD, "algorithm": "grpo", "group_size": 2,
+        "models": {"actor": "tiny-2l-128h", "ref": "tiny-2l-128h", "reward": "rule"}}
+
+
+def test_a_verifier_reward_holds_no_model_and_recompute_adds_actor_inf(tmp_path):
+    exp = load_experiment(_write(tmp_path, {**RULE, "reward_s_per_sample": 0.5, "old_logprobs": "recompute"}))
+    assert exp.verifier and exp.reward_s_per_sample == 0.5 and set(exp.models) == {"actor", "ref"}
+    assert set(exp.models) == set(exp.workflow.roles)
+    assert exp.workflow.call_names == ("actor_gen", "actor_inf", "ref_inf", "actor_train")
+    plain = load_experiment(_write(tmp_path, RULE))
+    assert plain.reward_s_per_sample == 0.0 and plain.params.old_logprobs == "from_generation"
+    assert "actor_inf" not in plain.workflow and plain.workflow.producer("old_logp") == "actor_gen"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"reward_s_per_sample": -0.1}, "reward_s_per_sample=-0.1 must be at least 0"),
+    ({"reward_s_per_sample": ".5"}, "reward_s_per_sample='.5' must be a number"),
+    ({"reward_s_per_sample": 1e9}, "reward_s_per_sample=1000000000.0 exceeds the limit 3600"),
+    ({"old_logprobs": "bogus"}, "old_logprobs='bogus' must be one of from_generation, recompute"),
+    ({"models": {**RULE["models"], "actor": "rule"}}, "models.actor='rule': only the reward role may be a rule"),
+    ({"models": {**RULE["models"], "reward": "tiny-2l-128h"}, "reward_s_per_sample": 0.1},
+     "reward_s_per_sample applies to a verifier reward only: give models.reward: rule"),
+    ({"algorithm": "dpo", "group_size": 1, "models": {"actor": "tiny-2l-128h", "ref": "tiny-2l-128h"},
+      "old_logprobs": "recompute"}, "old_logprobs='recompute' applies to algorithms that generate (ppo, grpo, remax), "
+                                    "not to dpo"),
+    ({"algorithm": "sft", "group_size": 1, "models": {"actor": "tiny-2l-128h"}, "old_logprobs": "from_generation"},
+     "old_logprobs='from_generation' applies to algorithms that generate"),
+    ({"algorithm": "rw", "group_size": 1, "models": {"reward": "rule"}},
+     "models.reward='rule': a verifier scores generated responses, so it applies to ppo, grpo, remax, not to rw"),
+])
+def test_verifier_and_old_logprobs_errors_name_the_key_and_rule(tmp_path, change, message):
+    with pytest.raises(ConfigError) as err:
+        load_experiment(_write(tmp_path, {**RULE, **change}))
+    assert message in str(err.value)
+
+
+def test_an_experiment_refuses_verifier_seconds_without_a_verifier():
+    import dataclasses
+
+    exp = load_experiment(EXAMPLES / "grpo-tiny-2xcpu.yaml")
+    with pytest.raises(ConfigError, match="reward_s_per_sample=0.5 applies to a verifier reward only"):
+        dataclasses.replace(exp, reward_s_per_sample=0.5)
+    with pytest.raises(ConfigError, match=r"missing \['reward'\]"):  # a model reward needs its model
+        dataclasses.replace(exp, models={r: m for r, m in exp.models.items() if r != "reward"})
+
+
+def test_describe_names_the_verifier_and_the_old_logprobs(tmp_path, capsys):
+    path = _write(tmp_path, {**RULE, "reward_s_per_sample": 0.25, "old_logprobs": "recompute"})
+    assert describe_main([str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["verifier"] == {"reward_s_per_sample": 0.25} and info["old_logprobs"] == "recompute"
+    assert "reward" not in info["models"] and [c["name"] for c in info["calls"]][1] == "actor_inf"
+    assert describe_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "rule (verifier, 0.25 s per sample)" in out and "old log-probs: recompute" in out
+
+
+def test_cli_bad_old_logprobs_is_one_line_exit_2(tmp_path):
+    r = _cli(str(_write(tmp_path, {**RULE, "old_logprobs": "bogus"})))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "old_logprobs='bogus'" in r.stderr

@@ -116,3 +116,20 @@ def test_infeasible_plan_names_device_and_bytes():
     assert re.match(r"predicted \d+\.\d MiB on device 0 against 976\.6 KiB during \w+ \(weights \d", reason)
     assert "3 more device(s) over capacity" in reason
     assert report.peak.peak_bytes / GiB > 0
+
+
+def test_a_verifier_holds_no_memory_and_actor_inf_is_a_copy_away_from_home():
+    """Under ``reward: rule`` only the actor's and the reference's weights live anywhere; the
+    recomputing ``actor_inf`` on another placement holds a reallocated copy, at home none."""
+    base = tiny_experiment("grpo", devices_per_node=4, group_size=2)
+    params = dataclasses.replace(base.params, verifier=True, old_logprobs="recompute")
+    exp = dataclasses.replace(base, params=params, models={r: m for r, m in base.models.items() if r != "reward"})
+    home, half = Layout(DeviceMesh(0, 4), 1, 4, 1), Layout(DeviceMesh(0, 2), 1, 2, 1)
+    plan = Plan({"actor_gen": home, "actor_inf": half, "ref_inf": Layout(DeviceMesh(2, 2), 1, 2, 1),
+                 "actor_train": home})
+    report = plan_memory(exp, plan, capacity_bytes=1e12)
+    p_actor, p_ref = stage_params(TINY, 4, 1, 0, 2), stage_params(TINY, 2, 1, 0, 2)
+    assert [d.parts["weights"] for d in report.devices] == [2 * p_actor] * 2 + [2 * p_actor + 2 * p_ref] * 2
+    away = call_bytes(exp.workflow["actor_inf"], TINY, half, at_home=False)[0]
+    assert away["realloc"] == 2 * stage_params(TINY, 2, 1, 0, 2)
+    assert call_bytes(exp.workflow["actor_inf"], TINY, home, at_home=True)[0]["realloc"] == 0.0

@@ -394,3 +394,55 @@ def test_gpt_style_models_train_the_same_under_tp_pp_dp_and_reallocation():
             for pname, t in expect[role].items():
                 diff = (results[i].params[role][pname] - t.detach()).abs().max().item()
                 assert diff < TOL, f"{exp.models[role].name} {role} {pname} differs from the reference by {diff:.3g}"
+
+
+def test_grpo_with_a_verifier_and_recomputed_old_logprobs_trains_the_same_under_every_plan():
+    """``reward: rule`` (rewards written by actor_gen on its last stage) and ``old_logprobs:
+    recompute`` (an actor_inf call on a layout of its own): one device, and a plan with
+    data-parallel generation and training, a tensor-parallel actor_inf that reallocates the
+    actor's weights and a pipelined reference take the same step — and so does the run whose
+    generate call writes the old log-probs itself, the same quantity."""
+    from estimator.spec.experiment import experiment_from_dict
+
+    raw = {"algorithm": "grpo", "models": {"actor": "tiny-2l-128h", "ref": "tiny-2l-128h", "reward": "rule"},
+           "batch_size": 4, "group_size": 4, "prompt_len": 8, "gen_len": 24, "ppo_minibatches": 2, "seed": 3,
+           "hyperparams": {"lr": 1e-3, "temperature": 0.7},
+           "cluster": {"nodes": 1, "devices_per_node": 2, "device": "cpu"}}
+    recomputed = experiment_from_dict({**raw, "old_logprobs": "recompute"})
+    written = experiment_from_dict(raw)
+    assert "actor_inf" in recomputed.workflow and "reward_inf" not in recomputed.workflow
+    single = Plan({c: _layout("0") for c in recomputed.workflow.call_names})
+    mixed = Plan({"actor_gen": _layout("0-1", dp=2), "actor_inf": _layout("0-1", tp=2),
+                  "ref_inf": _layout("0-1", pp=2, mb=2), "actor_train": _layout("0-1", dp=2, mb=2)})
+    results = run_many([(recomputed, single), (recomputed, mixed),
+                        (written, Plan({c: _layout("0") for c in written.workflow.call_names}))], iterations=2)
+    assert_invariant(recomputed, ["single-device", "mixed", "from-generation"], results, ("actor",))
+    reward_spans = {(s.device, s.iteration) for s in results[1].timeline.spans if s.op == "reward"}
+    assert reward_spans == {(d, i) for d in (0, 1) for i in (0, 1)}  # every replica scores its own rows
+
+
+def test_ppo_and_remax_with_a_verifier_and_recomputed_old_logprobs_train_the_same_under_two_plans():
+    """The other two generating workflows: ReMax's greedy call writes ``rewards_greedy`` by the
+    rule too, PPO's critic trains on the rule's rewards; every call sharded differently from
+    the single-device plan."""
+    from estimator.spec.experiment import experiment_from_dict
+
+    runs, roles = [], []
+    for algorithm, trained in (("ppo", ("actor", "critic")), ("remax", ("actor",))):
+        models = {"actor": "tiny-2l-128h", "ref": "tiny-2l-128h", "reward": "rule"}
+        if algorithm == "ppo":
+            models["critic"] = "tiny-2l-128h"
+        exp = experiment_from_dict({
+            "algorithm": algorithm, "models": models, "batch_size": 8, "prompt_len": 8, "gen_len": 24,
+            "ppo_minibatches": 2, "seed": 3, "old_logprobs": "recompute", "hyperparams": {"lr": 1e-3},
+            "cluster": {"nodes": 1, "devices_per_node": 2, "device": "cpu"}})
+        calls = exp.workflow.call_names
+        assert "actor_inf" in calls and not any(c.startswith("reward_inf") for c in calls)
+        single = Plan({c: _layout("0") for c in calls})
+        shapes = [dict(dp=2), dict(tp=2), dict(pp=2, mb=2)]
+        mixed = Plan({c: _layout("0-1", **shapes[i % 3]) for i, c in enumerate(calls)})
+        runs += [(exp, single), (exp, mixed)]
+        roles.append(trained)
+    results = run_many(runs)
+    for i, trained in enumerate(roles):
+        assert_invariant(runs[2 * i][0], ["single-device", "mixed"], results[2 * i:2 * i + 2], trained)

@@ -103,3 +103,43 @@ def test_cli_writes_the_plan_and_exits_by_fit(tmp_path, capsys):
     assert main([str(SEVEN_B), "--name", "deepspeed"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'deepspeed'" in err[0]
+
+
+def _verified_7b(tmp_path, **extra):
+    """The 8×H100 PPO example with a verifier reward and recomputed old log-probs."""
+    import yaml
+
+    raw = yaml.safe_load(SEVEN_B.read_text())
+    raw["models"]["reward"] = "rule"
+    path = tmp_path / "verified.yaml"
+    path.write_text(yaml.safe_dump({**raw, "old_logprobs": "recompute", **extra}))
+    return load_experiment(path)
+
+
+def test_baselines_place_actor_inf_with_the_actor_and_nothing_for_a_verifier(tmp_path):
+    exp, profile = _verified_7b(tmp_path), load_profile("h100-sxm")
+    assert "reward_inf" not in exp.workflow and "actor_inf" in exp.workflow
+    plans = {name: build(name, exp, profile, simulate_it=False).plan for name in BASELINES}
+    for name, plan in plans.items():
+        check(plan, exp)
+        assert set(plan.layouts) == set(exp.workflow.call_names), name
+    whole = {str(plans["megatron"][c].mesh) for c in exp.workflow.call_names}
+    assert whole == {"0-7"} and plans["colocate"]["actor_inf"].mesh == plans["colocate"]["actor_gen"].mesh
+    split = plans["split"]  # the critic still stands beside the actor
+    assert str(split["actor_inf"].mesh) == str(split["actor_train"].mesh) == "0-3"
+    assert {str(split[c].mesh) for c in ("critic_inf", "critic_train")} == {"4-7"}
+    real = plans["real-heuristic"]  # like the reference's inference: all devices, tp 4, dp 2
+    shape = (str(real["actor_inf"].mesh), real["actor_inf"].dp, real["actor_inf"].tp, real["actor_inf"].pp)
+    assert shape == ("0-7", 2, 4, 1) == (str(real["ref_inf"].mesh), real["ref_inf"].dp, real["ref_inf"].tp,
+                                         real["ref_inf"].pp)
+
+
+def test_split_says_a_verifier_holds_no_model_to_split_off(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load((EXAMPLES / "grpo-qwen2.5-7b-16xh100.yaml").read_text())
+    raw["models"]["reward"] = "rule"
+    path = tmp_path / "grpo-rule.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    b = build("split", load_experiment(path), load_profile("h100-sxm"), simulate_it=False)
+    assert b.plan is None and "models.reward: rule" in b.reason and "holds no model" in b.reason

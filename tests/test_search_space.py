@@ -96,3 +96,19 @@ def test_a_call_that_cannot_fit_names_the_least_it_needs_by_part():
     for part in ("weights", "grads", "optimizer", "activations"):
         assert f"{part} " in msg.split("the least it needs")[1]
     assert msg.endswith("against 976.6 KiB")
+
+
+def test_the_space_lays_out_actor_inf_and_nothing_for_a_verifier():
+    """``old_logprobs: recompute`` and ``reward: rule``: the space has layouts for ``actor_inf``
+    (an actor call: the same count as the reference's forward over the same rollout) and none
+    for a reward; any plan of it evaluates."""
+    base = tiny_experiment("grpo", group_size=2)
+    params = dataclasses.replace(base.params, verifier=True, old_logprobs="recompute")
+    exp = dataclasses.replace(base, params=params, models={r: m for r, m in base.models.items() if r != "reward"})
+    space = build_space(exp, linear_profile(), recompute=False)
+    assert space.names == tuple(exp.workflow.topological_order()) and "actor_inf" in space.names
+    assert space.roles == {"actor": ("actor_gen", "actor_inf", "actor_train"), "ref": ("ref_inf",)}
+    assert space.homes == {"actor": "actor_train", "ref": "ref_inf"}
+    assert space["actor_inf"].count == space["ref_inf"].count > 1
+    plan = space.plan(tuple(space[n].layouts()[-1] for n in space.names))
+    assert Evaluator(exp, linear_profile()).evaluate(plan).iteration_s > 0

@@ -262,3 +262,38 @@ def test_waiting_for_a_producer_is_wait_not_communication():
     rows = call_rows(r)
     assert (rows["b"]["comm_s"], rows["b"]["wait_s"]) == pytest.approx((1.0, 3.0))
     assert (rows["a"]["comm_s"], rows["a"]["wait_s"]) == pytest.approx((0.0, 0.0))
+
+
+def test_a_verifier_lengthens_its_generate_call_by_its_seconds_per_replica_sequence():
+    """``reward_s_per_sample`` × the sequences of one data-parallel replica, at the end of the
+    generate call: 0.25 s × 16 sequences / dp 2 = 2 s longer in the evaluator and the
+    simulator, a ``reward`` span on every device of the last stage, and — every call on one
+    mesh, one after the other — an iteration 2 s longer."""
+    from estimator.sim.evaluator import Evaluator
+    from estimator.spec.cluster import DeviceMesh
+    from estimator.spec.experiment import experiment_from_dict
+    from estimator.spec.plan import Layout
+
+    raw = {"algorithm": "grpo", "models": {"actor": "tiny-2l-128h", "ref": "tiny-2l-128h", "reward": "rule"},
+           "batch_size": 4, "group_size": 4, "prompt_len": 16, "gen_len": 16, "old_logprobs": "recompute",
+           "cluster": {"nodes": 1, "devices_per_node": 2, "device": "h100-sxm"}}
+    plain, verified = (experiment_from_dict({**raw, "reward_s_per_sample": s}) for s in (0.0, 0.25))
+    both = DeviceMesh(0, 2)
+    plan = Plan({"actor_gen": Layout(both, 2, 1, 1, 1), "actor_inf": Layout(both, 1, 2, 1, 1),
+                 "ref_inf": Layout(both, 1, 1, 2, 2), "actor_train": Layout(both, 2, 1, 1, 1)})
+    prof = load_profile("h100-sxm")
+    (a, b) = (simulate(e, plan, prof, 2) for e in (plain, verified))
+    for it in range(2):
+        assert b.records[(it, "actor_gen")].duration_s - a.records[(it, "actor_gen")].duration_s == pytest.approx(2.0)
+        for call in ("actor_inf", "ref_inf", "actor_train"):
+            assert b.records[(it, call)].duration_s == pytest.approx(a.records[(it, call)].duration_s)
+    assert b.iteration_s - a.iteration_s == pytest.approx(2.0)
+    spans = [s for s in b.timeline().spans if s.op == "reward"]
+    want = [(i, d, "actor_gen") for i in (0, 1) for d in (0, 1)]
+    assert sorted((s.iteration, s.device, s.call) for s in spans) == want
+    assert all(s.duration_s == pytest.approx(2.0) and s.end_s == b.records[(s.iteration, "actor_gen")].end_s
+               for s in spans)
+    assert not [s for s in a.timeline().spans if s.op == "reward"]
+    ea, eb = (Evaluator(e, prof, 2).evaluate(plan) for e in (plain, verified))
+    (sa, xa), (sb, xb) = ea.calls["actor_gen"], eb.calls["actor_gen"]
+    assert (xb - sb) - (xa - sa) == pytest.approx(2.0) and eb.iteration_s - ea.iteration_s == pytest.approx(2.0)

@@ -127,3 +127,24 @@ def test_rows_name_the_profile_and_the_stack_it_prices(tmp_path: Path, capsys):
     out = capsys.readouterr().out
     assert "profile h100-sxm: priced for this project's eager executor" in out
     assert "profile h100-vidur: priced for a fused Megatron/vLLM-style stack" in out
+
+
+def test_a_verifier_reward_has_no_model_to_vary():
+    assert whatif.parse_vary(["actor=llama2-13b"], "grpo", ("actor", "ref")) == {"actor": ["llama2-13b"]}
+    with pytest.raises(ConfigError, match="models.reward is a rule \\(a verifier\\), which holds no model to vary"):
+        whatif.parse_vary(["reward=llama2-7b"], "grpo", ("actor", "ref"))
+    assert whatif.parse_vary(["reward=llama2-7b"], "grpo") == {"reward": ["llama2-7b"]}  # a reward model
+
+
+def test_varying_a_length_follows_a_fixed_count_and_refuses_a_distribution():
+    import dataclasses
+
+    from estimator.spec.lengths import Lengths
+
+    exp = load_experiment(EXP)
+    changed = whatif.apply(exp, {"prompt_len": 64})
+    assert changed.params.prompt_lengths.max == 64 and changed.params.prompt_lengths.fixed
+    assert changed.params.gen_lengths == exp.params.gen_lengths
+    drawn = dataclasses.replace(exp.params, gen_lengths=Lengths(exp.params.gen_len, "lognormal", mu=3.9, sigma=0.5))
+    with pytest.raises(ConfigError, match="--vary gen_len needs a fixed gen_len; the experiment's is a distribution"):
+        whatif.apply(dataclasses.replace(exp, params=drawn), {"gen_len": 256})

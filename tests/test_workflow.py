@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from estimator.base.errors import ConfigError
@@ -114,3 +116,51 @@ def test_workload_rejects_bad_values():
         Workload(3, 1, 1, paired=True)
     with pytest.raises(ConfigError, match="kind='eval'"):
         Call("c", "x", "eval", (), (), Workload(1, 1, 1))
+
+
+VERIFIED = WorkflowParams(batch_size=16, prompt_len=8, gen_len=4, ppo_minibatches=2, group_size=4, verifier=True)
+RECOMPUTED = WorkflowParams(batch_size=16, prompt_len=8, gen_len=4, ppo_minibatches=2, group_size=4,
+                            old_logprobs="recompute")
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "remax"])
+def test_a_verifier_replaces_the_reward_calls_by_generate_outputs(algorithm):
+    wf = build(algorithm, dataclasses.replace(VERIFIED, group_size=4 if algorithm == "grpo" else 1))
+    _assert_topological(wf)
+    assert "reward" not in wf.roles
+    assert not {"reward_inf", "reward_inf_greedy"} & set(wf.call_names)
+    assert wf.producer("rewards") == "actor_gen"
+    assert wf["actor_gen"].outputs == ("seq", "old_logp", "rewards")
+    assert ("actor_gen", "actor_train", "rewards") in wf.edges()
+    if algorithm == "remax":
+        assert wf["actor_gen_greedy"].outputs == ("seq_greedy", "rewards_greedy")
+        assert ("actor_gen_greedy", "actor_train", "rewards_greedy") in wf.edges()
+    if algorithm == "ppo":
+        assert ("actor_gen", "critic_train", "rewards") in wf.edges()
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo", "remax"])
+def test_recomputed_old_logprobs_are_an_actor_inference_over_the_rollout(algorithm):
+    group = 4 if algorithm == "grpo" else 1
+    wf = build(algorithm, dataclasses.replace(RECOMPUTED, group_size=group))
+    _assert_topological(wf)
+    inf = wf["actor_inf"]
+    assert (inf.role, inf.kind, inf.inputs, inf.outputs) == ("actor", "inference", ("seq",), ("old_logp",))
+    assert inf.workload == wf["ref_inf"].workload
+    assert wf["actor_gen"].outputs == ("seq",) and wf.producer("old_logp") == "actor_inf"
+    assert ("actor_gen", "actor_inf", "seq") in wf.edges() and ("actor_inf", "actor_train", "old_logp") in wf.edges()
+    # versioned like the actor: the update of iteration i reaches it in i + 1, and it reads the
+    # weights that generated the rollout (before actor_train, which needs its output)
+    assert ("actor_train", "actor_inf", 1) in wf.version_edges()
+    order = wf.topological_order()
+    assert order.index("actor_gen") < order.index("actor_inf") < order.index("actor_train")
+    assert wf.home_calls()["actor"] == "actor_train"
+    both = build(algorithm, dataclasses.replace(RECOMPUTED, verifier=True, group_size=group))
+    assert both["actor_gen"].outputs == ("seq", "rewards") and "actor_inf" in both
+
+
+def test_default_options_keep_the_workflows_and_bad_old_logprobs_are_refused():
+    for algorithm in ("ppo", "grpo", "remax"):
+        assert "actor_inf" not in build(algorithm, dataclasses.replace(P, group_size=1))
+    with pytest.raises(ConfigError, match="old_logprobs='bogus' must be one of from_generation, recompute"):
+        WorkflowParams(16, 8, 4, old_logprobs="bogus")

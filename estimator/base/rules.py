@@ -17,6 +17,8 @@ MAX_GROUP             1,024        GRPO samples per prompt (DeepSeekMath uses 64
 MAX_SIM_ITERATIONS    1,000        simulated iterations: the steady state shows after 2-3
 MAX_RUN_ITERATIONS    1,000,000    executed iterations in one command
 MAX_TIMEOUT_S         86,400       a collective timeout of a day
+MAX_HOST_S_PER_SAMPLE 3,600        host seconds per sample (a verifier): an hour to check
+                                   one response is beyond any sandbox or proof checker
 ====================  ===========  =========================================================
 
 Usage::
@@ -41,6 +43,7 @@ MAX_GROUP = 1024
 MAX_SIM_ITERATIONS = 1000
 MAX_RUN_ITERATIONS = 1_000_000
 MAX_TIMEOUT_S = 86_400.0
+MAX_HOST_S_PER_SAMPLE = 3600.0
 MAX_LATENCY_S = 1.0  # a launch or link latency of a second is a typo or a unit error
 MAX_SEED = (1 << 63) - 1  # seeds travel as int64 in the executor
 # model shapes (ModelSpec): an order of magnitude above the largest public configs

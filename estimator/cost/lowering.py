@@ -8,9 +8,16 @@ all-reduce over data-parallel replicas and the optimizer step; for generation, t
 forward and the decode steps grouped into chunks (:mod:`estimator.cost.decode`).
 
 Each stage's task costs come from the executor's op census (:mod:`estimator.cost.pieces`): on the last
-stage the head is followed by the token choice (generation), the ``ref_logp`` log-probs
-(inference) or the call's loss and its backward (training, named by algorithm and role). The
-profile's per-call executor overhead is spread evenly over the call's forward passes.
+stage the head is followed by the token choice (generation), the response log-probs of a
+``ref_logp`` or ``old_logp`` inference (one census piece, ``loss_ref_logp``: the same
+``response_logp`` at the policy temperature, whichever policy's weights) or the call's loss
+and its backward (training, named by algorithm and role). The profile's per-call executor
+overhead is spread evenly over the call's forward passes.
+
+A generate call that writes rewards (a verifier, ``models.reward: rule``) ends with the
+verifier on its last stage's hosts: :attr:`CallCost.reward_s`, the experiment's
+``reward_s_per_sample`` × the sequences of one data-parallel replica (the replicas check their
+own sequences side by side), after the call's last decode step.
 
 :class:`Costs` caches all of it per (call, layout) and transfers per pair of layouts, so the
 simulator and the evaluator pay for lowering once.
@@ -91,6 +98,7 @@ class CallCost:
     # generation as continuous-batching engines (estimator.cost.rollout); None: the fixed-length
     # model of the stages' prefill and decode chunks
     rollout: RolloutCost | None = None
+    reward_s: float = 0.0  # generation under a verifier: the host scoring its sequences, at the end
 
     @property
     def pp(self) -> int:
@@ -105,14 +113,29 @@ def _rows(call: Call, layout: Layout) -> float:
     return w.seqs / layout.dp / layout.micro_batches
 
 
+# inference outputs that are response log-probs of a language model (rlhf.response_logp)
+LOGP_OUTPUTS = frozenset({"ref_logp", "old_logp"})
+REWARD_OUTPUTS = frozenset({"rewards", "rewards_greedy"})
+
+
+def verifier_s(call: Call, layout: Layout, reward_s_per_sample: float) -> float:
+    """Host seconds a generate call spends scoring its sequences with a verifier: the sequences
+    of one data-parallel replica (the replicas score theirs at the same time) × the seconds per
+    sample; 0 for a call that writes no rewards."""
+    if call.kind != "generate" or not REWARD_OUTPUTS & set(call.outputs):
+        return 0.0
+    return reward_s_per_sample * call.workload.seqs / layout.dp
+
+
 def _tail(call: Call, algorithm: str, b: float) -> tuple[tuple[Extra, ...], tuple[Extra, ...]]:
     """Census pieces the last stage runs after the head, forward and backward: the token
-    choice of generation, the log-probs of a ``ref_logp`` inference, a train call's loss."""
+    choice of generation, the log-probs of a ``ref_logp`` or ``old_logp`` inference, a train call's loss."""
     w = call.workload
     if call.kind == "generate":
         return (("greedy" if w.greedy else "sample", {}),), ()
     if call.kind == "inference":
-        return ((("loss_ref_logp", {"response": w.gen_len}),) if "ref_logp" in call.outputs else ()), ()
+        logp = LOGP_OUTPUTS & set(call.outputs)
+        return ((("loss_ref_logp", {"response": w.gen_len}),) if logp else ()), ()
     objective = f"{algorithm}_{call.role}"
     over = {"response": w.gen_len, "rows": b / 2 if objective in PAIRED_LOSSES else b}
     return ((f"loss_{objective}", over),), ((f"loss_{objective}_backward", over),)
@@ -155,9 +178,11 @@ def _mean_time(t: StageTime) -> StageTime:
 
 
 def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: int, profile: Profile,
-               algorithm: str = "ppo", lengths: tuple[np.ndarray, np.ndarray] | None = None,
-               kv_tokens: int = 0, rollout: RolloutCost | None = None) -> CallCost:
-    """Per-stage task costs of ``call`` under ``layout`` (``algorithm`` names a train call's loss).
+               algorithm: str = "ppo", reward_s_per_sample: float = 0.0,
+               lengths: tuple[np.ndarray, np.ndarray] | None = None, kv_tokens: int = 0,
+               rollout: RolloutCost | None = None) -> CallCost:
+    """Per-stage task costs of ``call`` under ``layout`` (``algorithm`` names a train call's loss;
+    ``reward_s_per_sample``: a verifier's host seconds per sequence, :func:`verifier_s`).
 
     ``lengths``: (prompt, response) tokens per global row of the iteration when they vary. A
     generate call then runs as continuous batching (:mod:`estimator.cost.rollout`, with a KV
@@ -172,7 +197,8 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
         zero = StageTime(0.0, 0.0)
         stages = tuple(StageCost(k, tuple(layout.stage_devices(k)), zero, zero, 0.0, (), (), 0.0, (), 0.0)
                        for k in range(p))
-        return CallCost(call.name, call.kind, layout, stages, layout.micro_batches, 1, 0.0, ro)
+        return CallCost(call.name, call.kind, layout, stages, layout.micro_batches, 1, 0.0, ro,
+                        verifier_s(call, layout, reward_s_per_sample))
     shapes, given = None, layout
     if lengths is not None and call.kind != "generate":
         shapes, m = _drawn_shape(call, layout, lengths[0] + lengths[1])
@@ -234,7 +260,8 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
         stages.append(StageCost(k, devices, fwd, bwd, send_s, send_ports, recv_ports, ar, dp_ports, opt, cls,
                                 decode[k], ports if layout.tp > 1 else ()))
     return CallCost(call.name, call.kind, given, tuple(stages), layout.micro_batches,
-                    w.minibatches if call.kind == "train" else 1, feedback)
+                    w.minibatches if call.kind == "train" else 1, feedback, None,
+                    verifier_s(call, layout, reward_s_per_sample))
 
 
 class Costs:
@@ -271,7 +298,7 @@ class Costs:
             lengths = self.lengths(iteration) if vary else None
             ro = self._rollout(name, layout, iteration if vary else 0) if continuous(call, layout) else None
             self._calls[key] = lower_call(call, model, layout, self.dpn, self.profile, self.experiment.algorithm,
-                                          lengths, ro.kv_tokens if ro else 0, ro)
+                                          self.experiment.reward_s_per_sample, lengths, ro.kv_tokens if ro else 0, ro)
         return self._calls[key]
 
     def _rollout(self, name: str, layout: Layout, iteration: int) -> RolloutCost:

@@ -10,7 +10,8 @@ Each call's duration on its layout comes from a closed form of its lowered stage
   then each stage's gradient all-reduce and Adam step, the step ending with its slowest stage
   and the next starting as soon as each stage is free again;
 - generation: the prefill pipeline, then the decode chunks stage by stage (the recurrence the
-  simulator follows, chunk by chunk).
+  simulator follows, chunk by chunk), then the verifier scoring the sequences on the host
+  (:attr:`~estimator.cost.lowering.CallCost.reward_s`, 0 without one).
 
 Reallocation and data transfers cost what they cost on idle links (cached per pair of
 layouts). Call instances of ``K`` iterations are then scheduled in (iteration, topological)
@@ -89,7 +90,7 @@ def call_s(cc: CallCost) -> float:
     if cc.kind == "train":
         return train_s(cc)
     if cc.kind == "generate":
-        return generate_s(cc)
+        return generate_s(cc) + cc.reward_s
     return inference_s(cc)
 
 

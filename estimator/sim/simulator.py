@@ -13,7 +13,9 @@ Here every call instance of ``K`` unrolled iterations is a simpy process that
 4. runs one process per pipeline stage — forward passes per micro-batch for inference,
    1F1B for training followed by the gradient all-reduce and the optimizer step per
    minibatch, micro-batched prefill then chunked decoding for generation — exchanging
-   activations and gradients as messages between stages.
+   activations and gradients as messages between stages;
+5. for a generate call under a verifier, scores its sequences on the last stage's hosts once
+   every stage is done: a ``reward`` span of :attr:`CallCost.reward_s`.
 
 A stage process stands for all ``dp·tp`` devices of its stage, which run in lock step; spans
 are recorded on the stage's first device. Devices are claimed call by call in a fixed order
@@ -207,6 +209,7 @@ class Simulation:
         box = Mailbox(env)
         run = {"generate": self._generate, "inference": self._inference, "train": self._train}[cc.kind]
         yield env.all_of([env.process(run(node.iteration, cc, st, box)) for st in cc.stages])
+        yield from self._verify(node.iteration, cc)
         self.records[(node.iteration, node.call)] = CallRecord(
             node.iteration, node.call, start, compute_start, env.now, realloc_end - start, compute_start - realloc_end,
             produced - realloc_end)
@@ -228,6 +231,15 @@ class Simulation:
             self.rows.append((now, end, st.rep, it, cc.call, "realloc", -1, st.index, f"realloc {role}"))
         if end > now:
             yield self.env.timeout(end - now)
+
+    def _verify(self, it: int, cc: CallCost) -> Generator[simpy.Event, Any, None]:
+        """A verifier scoring a generate call's sequences on the hosts of its last stage (every
+        data-parallel replica its own rows, side by side): one host span."""
+        if cc.reward_s <= 0:
+            return
+        now, last = self.env.now, cc.stages[-1]
+        self.rows.append((now, now + cc.reward_s, last.rep, it, cc.call, "reward", -1, last.index, ""))
+        yield self.env.timeout(cc.reward_s)
 
     def _send_outputs(self, i: int) -> None:
         """Send this instance's outputs to each consumer's devices now."""

@@ -5,7 +5,8 @@ Schema (every key but the first eight is optional)::
     algorithm: ppo            # ppo | grpo | dpo | remax | sft | rw
     models: {actor: llama2-7b, critic: llama2-7b, ref: llama2-7b, reward: llama2-7b}
                               # preset name, or a path to a Hugging Face config.json
-                              # (the executor starts from the weights beside it, if any)
+                              # (the executor starts from the weights beside it, if any);
+                              # reward: rule (ppo, grpo, remax) — a verifier, no reward model
     batch_size: 512           # prompts (pairs for dpo/rw) per iteration
     prompt_len: 128
     gen_len: 128              # generated tokens (response tokens for dpo/rw/sft); or, where the
@@ -23,6 +24,21 @@ Schema (every key but the first eight is optional)::
     prompts: prompts.jsonl    # token ids, one JSON list per line; synthetic if absent
     hyperparams: {lr: 1.0e-6, kl_coef: 0.05, clip_eps: 0.2, value_clip: 0.2,
                   gamma: 1.0, lam: 0.95, dpo_beta: 0.1, temperature: 1.0}
+    reward_s_per_sample: 0.002  # with reward: rule: host seconds the verifier takes per sequence
+                              # (default 0), charged by the estimator only
+    old_logprobs: recompute   # ppo, grpo, remax: from_generation (default) | recompute
+
+A verifier reward (``models.reward: rule``) holds no model: the reward role has no weights, no
+memory and no layout, and no ``reward_inf`` call runs; each generate call scores the sequences
+it produced on its last pipeline stage's hosts right after generating them, so ``rewards``
+(``rewards_greedy`` for ReMax's greedy call) is one of its outputs. The executor applies a
+deterministic rule (:mod:`executor.verifier`; a real task plugs in its checker) and measures
+what that rule costs; the estimator charges ``reward_s_per_sample`` × the sequences of each
+data-parallel replica at the end of the generate call, a host span ``reward`` in the predicted
+timeline, so an expensive checker (a sandbox, a proof checker) can be modelled without being
+run. ``old_logprobs: recompute`` adds an ``actor_inf`` call: the actor's forward over the
+rollout computes ``old_logp`` with the weights that generated it, on a layout of its own, and
+the generate call writes only the sequences (see :mod:`estimator.spec.workflow`).
 
 Unknown keys, wrong types, unknown presets and impossible values raise
 :class:`ConfigError` naming the key.
@@ -43,7 +59,18 @@ from estimator.base.loading import check_input_path, load_yaml
 from estimator.spec.cluster import Cluster
 from estimator.spec.lengths import parse_lengths
 from estimator.spec.models import ModelSpec, checkpoint_dir, get_model
-from estimator.spec.workflow import ALGORITHMS, GENERATING, ROLES, VALUE_ROLES, Workflow, WorkflowParams, build
+from estimator.spec.workflow import (
+    ALGORITHMS,
+    GENERATING,
+    OLD_LOGPROBS,
+    REWARD_RULE,
+    ROLES,
+    VALUE_ROLES,
+    Workflow,
+    WorkflowParams,
+    build,
+    model_roles,
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +92,7 @@ class Experiment:
     """Everything a plan is made for: algorithm, models per role, workload, cluster."""
 
     algorithm: str
-    models: dict[str, ModelSpec]  # role → model (value head for critic/reward)
+    models: dict[str, ModelSpec]  # role → model (value head for critic/reward); no reward under a verifier
     params: WorkflowParams
     cluster: Cluster
     hyper: Hyperparams = Hyperparams()
@@ -78,12 +105,16 @@ class Experiment:
     # role → Hugging Face checkpoint directory its initial weights come from (executor only;
     # roles without one start from seeded weights)
     checkpoints: dict[str, str] = field(default_factory=dict)
+    # verifier (params.verifier): host seconds its rule takes per sequence; the estimator charges
+    # it at the end of each generate call, the executor measures its own rule instead
+    reward_s_per_sample: float = 0.0
     workflow: Workflow = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
-        need = ROLES.get(self.algorithm)
-        if need is None:
+        if self.algorithm not in ROLES:
             raise ConfigError(f"algorithm={self.algorithm!r} must be one of {', '.join(ALGORITHMS)}")
+        self._check_options()
+        need = model_roles(self.algorithm, self.params.verifier)
         missing = [r for r in need if r not in self.models]
         extra = [r for r in self.models if r not in need]
         if missing or extra:
@@ -107,6 +138,28 @@ class Experiment:
                                   f"model {m.name!r}'s max_positions={m.max_positions} learned positions")
         object.__setattr__(self, "workflow", build(self.algorithm, p))
 
+    def _check_options(self) -> None:
+        """The verifier and the old log-probs apply to the algorithms that generate."""
+        p, alg = self.params, self.algorithm
+        if p.verifier and alg not in GENERATING:
+            raise ConfigError(f"models.reward={REWARD_RULE!r}: a verifier scores generated responses, so it applies "
+                              f"to {', '.join(GENERATING)}, not to {alg}")
+        if p.old_logprobs != OLD_LOGPROBS[0] and alg not in GENERATING:
+            raise ConfigError(f"old_logprobs={p.old_logprobs!r} applies to algorithms that generate "
+                              f"({', '.join(GENERATING)}), not to {alg}")
+        r = self.reward_s_per_sample
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 <= r <= rules.MAX_HOST_S_PER_SAMPLE:
+            raise ConfigError(f"reward_s_per_sample={r!r} must be a number of seconds in "
+                              f"[0, {rules.MAX_HOST_S_PER_SAMPLE:g}]")
+        if r and not p.verifier:
+            raise ConfigError(f"reward_s_per_sample={r:g} applies to a verifier reward only "
+                              f"(models.reward: {REWARD_RULE})")
+
+    @property
+    def verifier(self) -> bool:
+        """Whether a rule scores the rollouts (``models.reward: rule``) instead of a reward model."""
+        return self.params.verifier
+
     @property
     def tokens_per_iteration(self) -> int:
         return self.workflow.calls[0].workload.seqs * self.params.prompt_len
@@ -126,7 +179,8 @@ class Experiment:
 
 
 _REQUIRED = ("algorithm", "models", "batch_size", "prompt_len", "gen_len", "cluster")
-_OPTIONAL = ("ppo_minibatches", "group_size", "seed", "prompts", "hyperparams", "name", "kv_fraction")
+_OPTIONAL = ("ppo_minibatches", "group_size", "seed", "prompts", "hyperparams", "name", "kv_fraction",
+             "reward_s_per_sample", "old_logprobs")
 _CLUSTER_KEYS = ("nodes", "devices_per_node", "device")
 
 
@@ -169,6 +223,24 @@ def _hyperparams(where: str, raw: Any) -> Hyperparams:
     return Hyperparams(**values)
 
 
+def _rollout_options(where: str, raw: dict, algorithm: str, verifier: bool) -> dict[str, Any]:
+    """``old_logprobs`` and ``reward_s_per_sample``, each checked against the rule it needs."""
+    old = raw.get("old_logprobs", OLD_LOGPROBS[0])
+    if "old_logprobs" in raw and algorithm not in GENERATING:
+        raise ConfigError(f"{where}: old_logprobs={old!r} applies to algorithms that generate "
+                          f"({', '.join(GENERATING)}), not to {algorithm}")
+    if not isinstance(old, str) or old not in OLD_LOGPROBS:
+        raise ConfigError(f"{where}: old_logprobs={old!r} must be one of {', '.join(OLD_LOGPROBS)}")
+    seconds = 0.0
+    if "reward_s_per_sample" in raw:
+        if not verifier:
+            raise ConfigError(f"{where}: reward_s_per_sample applies to a verifier reward only: give "
+                              f"models.reward: {REWARD_RULE}")
+        seconds = rules.real(f"{where}: reward_s_per_sample", raw["reward_s_per_sample"], lo=0.0,
+                             hi=rules.MAX_HOST_S_PER_SAMPLE)
+    return {"old_logprobs": old, "reward_s_per_sample": seconds}
+
+
 def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | None = None) -> Experiment:
     """Build an Experiment from parsed YAML, checking every key."""
     raw = _mapping(where, "the document", raw)
@@ -185,11 +257,17 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
 
     models_raw = _mapping(where, "models", raw["models"])
     models, checkpoints = {}, {}
+    verifier = False
     for role, name in models_raw.items():
         if role not in ROLES[algorithm]:
             raise _unknown_key(f"{where}: models ({algorithm} roles)", role, list(ROLES[algorithm]))
         if not isinstance(name, str):
             raise ConfigError(f"{where}: models.{role}={name!r} must be a preset name or a path")
+        if name == REWARD_RULE:
+            if role != "reward":
+                raise ConfigError(f"{where}: models.{role}={name!r}: only the reward role may be a rule (a verifier)")
+            verifier = True
+            continue
         try:
             spec = get_model(name, base_dir)
         except ConfigError as exc:
@@ -243,6 +321,7 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
             prompts = str(check_input_path(path, "prompts file"))
         except ConfigError as exc:
             raise ConfigError(f"{where}: prompts={prompts!r}: {exc}") from None
+    options = _rollout_options(where, raw, algorithm, verifier)
     name = raw.get("name", where)
     if not isinstance(name, (str, int, float)) or isinstance(name, bool) or len(str(name)) > 200:
         raise ConfigError(f"{where}: name={str(name)[:60]!r} must be a short string (at most 200 characters)")
@@ -250,7 +329,8 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
         return Experiment(
             algorithm=algorithm,
             models=models,
-            params=WorkflowParams(**ints, prompt_lengths=dists["prompt_len"], gen_lengths=dists["gen_len"]),
+            params=WorkflowParams(**ints, prompt_lengths=dists["prompt_len"], gen_lengths=dists["gen_len"],
+                                  verifier=verifier, old_logprobs=options["old_logprobs"]),
             cluster=Cluster(nodes, dpn, device),
             hyper=_hyperparams(where, raw.get("hyperparams", {})),
             seed=seed,
@@ -258,6 +338,7 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
             prompts_path=prompts,
             name=str(name),
             checkpoints=checkpoints,
+            reward_s_per_sample=options["reward_s_per_sample"],
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

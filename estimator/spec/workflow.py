@@ -6,6 +6,18 @@ tie iterations together: the train call of role R in iteration i precedes every 
 iteration i + lag, because those calls need the updated weights (:class:`VersionEdge`; the lag
 is :data:`SYNC_LAG`, one iteration, in every workflow today: synchronous training). Unrolling K iterations gives the
 graph the simulator and the runtime both execute.
+
+Two experiment options reshape the generating workflows (ppo, grpo, remax):
+
+- a verifier reward (``models.reward: rule``, :attr:`WorkflowParams.verifier`): no reward
+  model and no ``reward_inf`` (nor ``reward_inf_greedy``) call; each generate call scores its
+  own sequences on the host once they are complete, so ``rewards`` (``rewards_greedy``)
+  becomes one of its outputs;
+- recomputed old log-probs (``old_logprobs: recompute``, :attr:`WorkflowParams.old_logprobs`):
+  an ``actor_inf`` call — the actor's forward over ``seq`` with the weights that generated it —
+  writes ``old_logp``, and the generate call writes only ``seq`` (verl's ``compute_log_prob``,
+  OpenRLHF's and NeMo-RL's policy log-probs, AReaL's ``recompute_logprob``). It is a call of
+  the actor, so the actor's version edge reaches it and its home stays ``actor_train``.
 """
 
 from __future__ import annotations
@@ -23,6 +35,9 @@ GENERATING = ("ppo", "grpo", "remax")  # algorithms whose iteration generates re
 # Data every iteration starts from; produced by no call.
 SOURCES = frozenset({"prompts", "pairs"})
 SYNC_LAG = 1  # iterations from a role's update to the first call that reads it: synchronous RL
+# where the old log-probs the policy loss compares against come from
+OLD_LOGPROBS = ("from_generation", "recompute")
+REWARD_RULE = "rule"  # models.reward: a verifier scores the rollouts, no reward model
 
 
 @dataclass(frozen=True)
@@ -227,14 +242,22 @@ class WorkflowParams:
     # sequence exactly prompt_len and gen_len tokens
     prompt_lengths: Lengths | None = None
     gen_lengths: Lengths | None = None
+    verifier: bool = False  # rewards from a rule on the host after generation, not a reward model
+    old_logprobs: str = "from_generation"  # from_generation | recompute (an actor_inf call)
 
     def __post_init__(self) -> None:
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ConfigError(f"old_logprobs={self.old_logprobs!r} must be one of {', '.join(OLD_LOGPROBS)}")
         for name, cap in (("prompt_lengths", self.prompt_len), ("gen_lengths", self.gen_len)):
             dist = getattr(self, name)
             if dist is None:
                 object.__setattr__(self, name, Lengths(cap))
             elif dist.max != cap:
                 raise ConfigError(f"{name}: its cap {dist.max} must equal {name.split('_')[0]}_len={cap}")
+
+    @property
+    def recompute_logprobs(self) -> bool:
+        return self.old_logprobs == "recompute"
 
     @property
     def variable(self) -> bool:
@@ -249,15 +272,39 @@ def _calls(specs: Iterable[CallSpec]) -> tuple[Call, ...]:
     return tuple(Call(*spec) for spec in specs)
 
 
+def _gen_outputs(p: WorkflowParams, seq: str = "seq", rewards: str = "rewards", logp: bool = True
+                 ) -> tuple[str, ...]:
+    """A generate call's outputs: its sequences, their log-probs (unless the policy is a sampling
+    call whose old log-probs ``actor_inf`` recomputes) and, under a verifier, their rewards."""
+    return ((seq,) + (("old_logp",) if logp and not p.recompute_logprobs else ())
+            + ((rewards,) if p.verifier else ()))
+
+
+def _old_logp(p: WorkflowParams, inf: Workload) -> list[CallSpec]:
+    """``actor_inf`` when old log-probs are recomputed: the actor's forward over the rollout."""
+    return [("actor_inf", "actor", "inference", ("seq",), ("old_logp",), inf)] if p.recompute_logprobs else []
+
+
+def _reward_model(p: WorkflowParams, inf: Workload, greedy: bool = False) -> list[CallSpec]:
+    """The reward model's calls (none under a verifier: the generate calls write the rewards)."""
+    if p.verifier:
+        return []
+    calls: list[CallSpec] = [("reward_inf", "reward", "inference", ("seq",), ("rewards",), inf)]
+    if greedy:
+        calls.append(("reward_inf_greedy", "reward", "inference", ("seq_greedy",), ("rewards_greedy",), inf))
+    return calls
+
+
 def ppo(p: WorkflowParams) -> Workflow:
     gen = Workload(p.batch_size, p.prompt_len, p.gen_len, lengths_vary=p.variable)
     inf = Workload(p.batch_size, p.prompt_len, p.gen_len, lengths_vary=p.variable)
     train = Workload(p.batch_size, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches, lengths_vary=p.variable)
     rl_data = ("seq", "old_logp", "ref_logp", "rewards", "values")
     return Workflow("ppo", _calls([
-        ("actor_gen", "actor", "generate", ("prompts",), ("seq", "old_logp"), gen),
+        ("actor_gen", "actor", "generate", ("prompts",), _gen_outputs(p), gen),
+        *_old_logp(p, inf),
         ("ref_inf", "ref", "inference", ("seq",), ("ref_logp",), inf),
-        ("reward_inf", "reward", "inference", ("seq",), ("rewards",), inf),
+        *_reward_model(p, inf),
         ("critic_inf", "critic", "inference", ("seq",), ("values",), inf),
         ("actor_train", "actor", "train", rl_data, (), train),
         ("critic_train", "critic", "train", rl_data, (), train),
@@ -270,9 +317,10 @@ def grpo(p: WorkflowParams) -> Workflow:
     inf = Workload(n, p.prompt_len, p.gen_len, lengths_vary=p.variable)
     train = Workload(n, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches, lengths_vary=p.variable)
     return Workflow("grpo", _calls([
-        ("actor_gen", "actor", "generate", ("prompts",), ("seq", "old_logp"), gen),
+        ("actor_gen", "actor", "generate", ("prompts",), _gen_outputs(p), gen),
+        *_old_logp(p, inf),
         ("ref_inf", "ref", "inference", ("seq",), ("ref_logp",), inf),
-        ("reward_inf", "reward", "inference", ("seq",), ("rewards",), inf),
+        *_reward_model(p, inf),
         ("actor_train", "actor", "train", ("seq", "old_logp", "ref_logp", "rewards"), (), train),
     ]))
 
@@ -293,10 +341,11 @@ def remax(p: WorkflowParams) -> Workflow:
     inf = Workload(p.batch_size, p.prompt_len, p.gen_len, lengths_vary=p.variable)
     train = Workload(p.batch_size, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches, lengths_vary=p.variable)
     return Workflow("remax", _calls([
-        ("actor_gen", "actor", "generate", ("prompts",), ("seq", "old_logp"), sampled),
-        ("actor_gen_greedy", "actor", "generate", ("prompts",), ("seq_greedy",), greedy),
-        ("reward_inf", "reward", "inference", ("seq",), ("rewards",), inf),
-        ("reward_inf_greedy", "reward", "inference", ("seq_greedy",), ("rewards_greedy",), inf),
+        ("actor_gen", "actor", "generate", ("prompts",), _gen_outputs(p), sampled),
+        ("actor_gen_greedy", "actor", "generate", ("prompts",),
+         _gen_outputs(p, "seq_greedy", "rewards_greedy", logp=False), greedy),
+        *_old_logp(p, inf),
+        *_reward_model(p, inf, greedy=True),
         ("ref_inf", "ref", "inference", ("seq",), ("ref_logp",), inf),
         ("actor_train", "actor", "train",
          ("seq", "old_logp", "ref_logp", "rewards", "rewards_greedy"), (), train),
@@ -327,6 +376,12 @@ ROLES = {
 }
 # Roles whose model carries a scalar value head.
 VALUE_ROLES = frozenset({"critic", "reward"})
+
+
+def model_roles(algorithm: str, verifier: bool = False) -> tuple[str, ...]:
+    """The roles of ``algorithm`` that hold a model: :data:`ROLES`, less ``reward`` when a
+    verifier (``models.reward: rule``) scores the rollouts."""
+    return tuple(r for r in ROLES[algorithm] if not (verifier and r == "reward"))
 
 
 def build(algorithm: str, params: WorkflowParams) -> Workflow:
