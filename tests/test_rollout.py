@@ -228,3 +228,24 @@ def test_token_budget_micro_batches_pack_rows_in_order() -> None:
     assert budget_micro_batches((0, 4), np.array([5, 3, 4, 4]), 16, per_unit=2) == [(0, 2), (2, 4)]
     with pytest.raises(ValueError, match="pass the budget"):
         budget_micro_batches((0, 2), np.array([20, 1]), 12)
+
+
+def test_the_modern_grpo_example_fits_and_its_tail_costs() -> None:
+    """examples/grpo-llama3-8b-8xh100.yaml (NeMo-RL v0.3's GRPO setting): the search finds a plan
+    that fits, and on that plan the long-tailed rollout takes at least 1.5× the generation of
+    the same plan with every response exactly the mean length."""
+    from estimator.predict import predict
+    from estimator.spec.experiment import load_experiment
+    from search import run_search
+    from tests.conftest import EXAMPLES
+
+    exp = load_experiment(EXAMPLES / "grpo-llama3-8b-8xh100.yaml")
+    prof = load_profile(exp.cluster.device)
+    found = run_search(exp, prof, max_evals=120, seed=3, chains=1, progress=False)
+    _, memory, summary = predict(exp, found.plan, prof, 2)
+    assert memory.feasible
+    gen = summary["calls"]["actor_gen"]
+    assert gen["generation"]["tail_s"] > 0 and gen["generation"]["tokens"] == int(exp.lengths(1)[1].sum())
+    fixed = dataclasses.replace(exp, params=dataclasses.replace(exp.params, gen_len=795, gen_lengths=None))
+    _, _, flat = predict(fixed, found.plan, prof, 2)
+    assert gen["duration_s"] >= 1.5 * flat["calls"]["actor_gen"]["duration_s"]

@@ -200,8 +200,9 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
         return CallCost(call.name, call.kind, layout, stages, layout.micro_batches, 1, 0.0, ro,
                         verifier_s(call, layout, reward_s_per_sample))
     shapes, given = None, layout
-    if lengths is not None and call.kind != "generate":
-        shapes, m = _drawn_shape(call, layout, lengths[0] + lengths[1])
+    if call.kind != "generate" and (lengths is not None or layout.token_budget):
+        tokens = lengths[0] + lengths[1] if lengths is not None else np.full(w.seqs, w.seq_len)
+        shapes, m = _drawn_shape(call, layout, tokens)
         layout = dataclasses.replace(layout, micro_batches=m)
     b = _rows(call, layout)
     decode, feedback = ([() for _ in range(p)], 0.0)
