@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -23,3 +23,6 @@ class RunOptions:
     fault: tuple[int, str] | None = None
     timeout_s: float | None = None  # per-collective timeout on every group the run creates
     progress: bool = False  # print a line to stderr as each iteration ends
+    # generate call → KV tokens of each engine replica (data-parallel rank), split evenly over
+    # its virtual engines (executor.serving); a call not named has an unlimited pool
+    kv_tokens: dict[str, int] = field(default_factory=dict)
