@@ -12,7 +12,10 @@ The parallelisms compose in a fixed order (torchtitan's ``parallelize_llama``):
 3. data — after the backward passes, gradients are summed over replicas
    (:func:`reduce_gradients`, which first joins the two copies of tied embeddings).
 
-The model code (:mod:`executor.model`) stays free of all three. The engine times each
+Generation runs as micro-batched rounds of one KV cache each (:meth:`Engine.generate`) or, with
+continuous batching, as virtual engines over KV pools that follow
+:func:`estimator.spec.batching.schedule` forward by forward (:meth:`Engine.serve`, planned by
+:mod:`executor.serving`). The model code (:mod:`executor.model`) stays free of all three. The engine times each
 micro-batch's compute on its stage through ``mark`` (``forward``, ``backward``, ``prefill``,
 ``decode`` and the gradient ``dp_allreduce``), leaving out the waits for a neighbour's data.
 """

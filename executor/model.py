@@ -252,10 +252,15 @@ class PoolDecode:
     lengths: Tensor  # (B,) keys each row attends after this step's write
     width: int  # the longest of them: the padded KV length
     mask: Tensor = field(init=False)  # (B, 1, 1, width): key j is row b's when j < lengths[b]
+    rows: Tensor = field(init=False)  # (B,) 0 .. B−1
+    written: Tensor = field(init=False)  # (B,) the position each row writes
 
     def __post_init__(self) -> None:
+        # once per step, not once per block
         keys = torch.arange(self.width, device=self.lengths.device)
         self.mask = (keys[None, :] < self.lengths[:, None])[:, None, None, :]
+        self.rows = torch.arange(self.lengths.shape[0], device=self.lengths.device)
+        self.written = self.lengths - 1
 
     def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         b = k.shape[0]
@@ -263,9 +268,8 @@ class PoolDecode:
             raise ValueError(f"KV pool of {self.pool.slots} slots × {self.pool.max_len} positions cannot hold "
                              f"{b} rows × {self.width} positions")
         keys, values = self.pool._buffers(layer, k)
-        rows, pos = torch.arange(b, device=k.device), self.lengths - 1
-        keys[rows, :, pos] = k[:, :, 0]  # (B, g, hs) at each row's own position
-        values[rows, :, pos] = v[:, :, 0]
+        keys[self.rows, :, self.written] = k[:, :, 0]  # (B, g, hs) at each row's own position
+        values[self.rows, :, self.written] = v[:, :, 0]
         return keys[:b, :, :self.width], values[:b, :, :self.width]
 
 

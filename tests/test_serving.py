@@ -159,3 +159,29 @@ def test_fixed_lengths_under_a_cap_match_the_plain_generation():
     assert torch.equal(results[0]["seq"], results[1]["seq"])
     assert (results[0]["logp"] - results[1]["logp"]).abs().max().item() < 1e-10
     assert results[0]["counts"] == []  # the plain path records no running batch
+
+
+def test_run_options_refuse_a_negative_kv_pool():
+    from executor.options import RunOptions
+
+    with pytest.raises(ValueError, match="actor_gen=-5"):
+        RunOptions(kv_tokens={"actor_gen": -5})
+
+
+def test_plan_refuses_a_cap_below_the_virtual_engines():
+    from estimator.spec.plan import layout_problems
+
+    exp = tiny_experiment("grpo", devices_per_node=2, batch_size=4, minibatches=1, group_size=2)
+    call = exp.workflow["actor_gen"]
+    lay = Layout(DeviceMesh.parse("0"), 1, 1, 1, 4, max_concurrency=2)
+    problems = layout_problems(call, exp.models["actor"], exp.cluster, lay)
+    assert any("max_concurrency=2 is below micro_batches=4" in p for p in problems)
+    ok = dataclasses.replace(lay, max_concurrency=4)
+    assert not layout_problems(call, exp.models["actor"], exp.cluster, ok)
+
+
+def test_a_pool_too_small_for_the_longest_request_is_refused(served):
+    exp, _, _ = served
+    prompt, gen = exp.lengths(0)
+    with pytest.raises(ValueError, match="cannot hold the longest request"):
+        engine_steps(prompt, gen, 0, int(np.max(prompt + gen - 1)) - 1)
