@@ -268,9 +268,11 @@ class PoolDecode:
             raise ValueError(f"KV pool of {self.pool.slots} slots × {self.pool.max_len} positions cannot hold "
                              f"{b} rows × {self.width} positions")
         keys, values = self.pool._buffers(layer, k)
+        # the running rows' padded view first: the scatter then touches only it, not the pool
+        keys, values = keys[:b, :, :self.width], values[:b, :, :self.width]  # (B, g, width, hs)
         keys[self.rows, :, self.written] = k[:, :, 0]  # (B, g, hs) at each row's own position
         values[self.rows, :, self.written] = v[:, :, 0]
-        return keys[:b, :, :self.width], values[:b, :, :self.width]
+        return keys, values
 
 
 @dataclass
