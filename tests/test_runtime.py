@@ -400,9 +400,9 @@ def test_gpt_style_models_train_the_same_under_tp_pp_dp_and_reallocation():
 
 def test_long_tail_grpo_trains_the_same_under_continuous_batching_and_token_budgets():
     """GRPO with groups and long-tailed response lengths (``gen_len: {max: 16, mean: …}``) and
-    prompts of drawn length: a single device, then plans mixing dp, tp and a pipeline with a
-    concurrency cap, a small KV pool (preemptions) and token-budget micro-batches, all take
-    the same steps."""
+    prompts of drawn length: a single device, then plans generating under dp, a pipeline and tp
+    with a concurrency cap, a small KV pool (preemptions) and token-budget micro-batches, all
+    take the same steps; so does PPO (masked GAE and critic) under a mixed plan."""
     from tests.test_serving import long_tail
 
     base = tiny_experiment("grpo", devices_per_node=2, batch_size=4, minibatches=2, group_size=2)
@@ -426,18 +426,21 @@ def test_long_tail_grpo_trains_the_same_under_continuous_batching_and_token_budg
     assert any(schedule(p[lo:hi], g[lo:hi], 0, need).preemptions
                for p, g in [exp.lengths(it) for it in range(2)] for lo, hi in ((0, 4), (4, 8)))
     options = RunOptions(iterations=2, dtype="float64", return_params=True, kv_tokens={"actor_gen": kv})
+    tensor = Plan({"actor_gen": lay(_layout("0-1", tp=2), max_concurrency=3),
+                   "ref_inf": _layout("0"), "reward_inf": _layout("1"),
+                   "actor_train": lay(_layout("0-1", tp=2), max_tokens_per_micro_batch=48)})
     # PPO with the same lengths: masked GAE, critic values and the critic's loss
     ppo = long_tail(tiny_experiment("ppo", devices_per_node=2, batch_size=4, minibatches=2), cap=16, mu=1.6)
     ppo_single = Plan({c: _layout("0") for c in ppo.workflow.call_names})
     shapes = [dict(pp=2, mb=2), dict(tp=2), dict(dp=2)]
     ppo_mixed = Plan({c: _layout("0-1", **shapes[i % 3]) for i, c in enumerate(ppo.workflow.call_names)})
-    runs = [(exp, single), (exp, mixed), (exp, piped), (ppo, ppo_single), (ppo, ppo_mixed)]
+    runs = [(exp, single), (exp, mixed), (exp, piped), (exp, tensor), (ppo, ppo_single), (ppo, ppo_mixed)]
     for e, plan in runs:
         check(plan, e)
     per_rank = launch(2, _run_many, (runs, options), timeout_s=180)
     results = [merge([r[i] for r in per_rank], e, p, options) for i, (e, p) in enumerate(runs)]
-    assert_invariant(exp, ["single-device", "mixed", "piped"], results[:3], ("actor",))
-    assert_invariant(ppo, ["single-device", "mixed"], results[3:], ("actor", "critic"))
+    assert_invariant(exp, ["single-device", "mixed", "piped", "tensor"], results[:4], ("actor",))
+    assert_invariant(ppo, ["single-device", "mixed"], results[4:], ("actor", "critic"))
     # the piped plan's train call ran budget_micro_batches' micro-batches (more than one a minibatch)
     call, cut = exp.workflow["actor_train"], False
     for it in range(2):
