@@ -186,7 +186,8 @@ def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, adv: Tensor, cli
               kl_coef: float, norm: int, mask: Tensor | None = None) -> Tensor:
     """GRPO loss (DeepSeekMath eq. 3): per token the clipped surrogate with the sequence's
     group-normalised advantage plus ``kl_coef·KL_k3(π‖π_ref)``, summed ÷ ``norm`` (tokens of
-    the minibatch; responses have equal length, so this is the paper's mean of means)."""
+    the minibatch; with equal lengths this is the paper's mean of means, with drawn lengths the
+    mean over the minibatch's real tokens, as DAPO's token-level loss)."""
     per_token = clipped_surrogate(logp, old_logp, adv.unsqueeze(-1).expand_as(logp), clip_eps)
     return _total(per_token + kl_coef * k3_kl(logp, ref_logp), mask) / norm
 
