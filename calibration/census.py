@@ -12,7 +12,8 @@ Each piece is recorded once per run dtype (bfloat16: GPU runs; float32: the CPU 
 checked against a second recording at other primes (:func:`calibration.opcount.check_against`).
 
 Symbols: ``rows`` sequences of the micro-batch, ``tokens`` new positions per sequence (the
-whole sequence for a training forward), ``kv_len`` keys a decode step attends, ``hidden``,
+whole sequence for a training forward), ``kv_len`` keys a decode step attends (padded to the
+longest row in a continuous-batching step), ``hidden``,
 ``kv_heads`` and ``group`` (query heads per K/V head) on this rank, ``half_head_dim``,
 ``half_rot_dim`` (half the rotated part of a head, GPT-NeoX's partial rotary), ``ffn`` and
 ``vocab_local`` on this rank, ``positions`` (rows of a learned position table), ``tp``,
@@ -21,6 +22,16 @@ whole sequence for a training forward), ``kv_len`` keys a decode step attends, `
     python -m calibration.census            # rewrite calibration/census/executor.json
     python -m calibration.census --check    # exit 1, naming the pieces that changed, if stale
     python -m calibration.census --check --json
+
+Generation with fixed lengths runs ``block_prefill`` and ``block_decode`` (one KV cache per
+micro-batch, every row at the same position); continuous batching (:mod:`executor.serving`)
+prefills right-padded rows into a KV pool with ``block_prefill_batched`` at ``rows`` × the
+longest row (``block_prefill``'s FLOPs and bytes, plus the views that pick the rows' slots; a
+test holds them so), and decodes with
+``block_decode_batched`` (``rows`` = the running batch, ``kv_len`` = the padded KV length: each
+row writes its own position and attends under a padding mask), its per-step tables and mask
+``rotary_decode_batched`` and its token choice ``sample_ending`` / ``greedy_ending`` (each row at
+its own position; EOS at its length).
 
 It prints, per piece and dtype, the aten ops dispatched at the first prime assignment.
 """
@@ -105,10 +116,13 @@ def _group(v: dict, tp: bool) -> dist.ProcessGroup | None:
 # ---- the pieces: (values, dtype, tensor-parallel?, variant tag) → the thunk to record ------------
 
 
-def block_forward(v, dt, tp, variant, cache=False, decode=False, backward=False, recompute=False) -> Thunk:
+def block_forward(v, dt, tp, variant, cache=False, decode=False, backward=False, recompute=False,
+                  pool=False) -> Thunk:
     spec, b = _spec(v, variant), v["rows"]
     params = _block_params(v, dt, spec, grad=backward)
     hooks = tensor_parallel_hooks(_group(v, tp))
+    if pool:
+        return _pool_decode(v, dt, spec, params, hooks) if decode else _pool_prefill(v, dt, spec, params, hooks)
     t, start = (1, v["kv_len"] - 1) if decode else (v["tokens"], 0)
     kv = M.KVCache(start + t) if cache else None
     if decode:  # the cache holds kv_len − 1 positions before the step
@@ -124,8 +138,48 @@ def block_forward(v, dt, tp, variant, cache=False, decode=False, backward=False,
     return torch.no_grad()(lambda: M.block(params, 0, x, ctx))
 
 
-def rotary(v, dt, tp, variant, decode=False) -> Thunk:
+def _pool_lengths(v) -> torch.Tensor:
+    """KV lengths of a continuous-batching decode step's rows: the longest ``kv_len`` (the
+    padded length), the others shorter."""
+    return torch.arange(v["kv_len"] - v["rows"] + 1, v["kv_len"] + 1).clamp(min=1)
+
+
+def _pool_prefill(v, dt, spec, params, hooks) -> Thunk:
+    """A continuous-batching prefill: ``rows`` right-padded to ``tokens`` (the longest) into the
+    slots after two running requests of a KV pool longer than the rows
+    (:class:`executor.model.PoolPrefill`)."""
+    b, t = v["rows"], v["tokens"]
+    pool = M.KVPool(b + 2, 2 * t)
+    ctx = M.context(spec, 0, t, dt, torch.device("cpu"), pool.prefill(2), hooks)
+    x = _rand(b, t, v["hidden"], dtype=dt)
+    return torch.no_grad()(lambda: M.block(params, 0, x, ctx))
+
+
+def _pool_decode(v, dt, spec, params, hooks) -> Thunk:
+    """One continuous-batching decode step of ``rows`` running requests over a KV pool, keys
+    padded to ``kv_len`` and masked per row (:class:`executor.model.PoolDecode`), in the slots
+    of a pool with room to spare."""
+    b, width = v["rows"], v["kv_len"]
+    pool = M.KVPool(b + 2, 2 * width)  # more slots and positions than the step uses, as in general
+    cpu = torch.device("cpu")
+    with torch.no_grad():  # the pool holds the rows' earlier positions
+        M.block(params, 0, _rand(b, width - 1, v["hidden"], dtype=dt),
+                M.context(spec, 0, width - 1, dt, cpu, pool.prefill(0), hooks))
+    lengths = _pool_lengths(v)
+    ctx = M.context(spec, 1, 1, dt, cpu, pool.decode(lengths, width), hooks, positions=lengths - 1)
+    x = _rand(b, 1, v["hidden"], dtype=dt)
+    return torch.no_grad()(lambda: M.block(params, 0, x, ctx))
+
+
+def rotary(v, dt, tp, variant, decode=False, pool=False) -> Thunk:
+    """The rotary tables of a pass; ``pool``: a continuous-batching decode step's, one position
+    per row, with the pass's padding mask (built once per step, outside the blocks)."""
     spec = _spec(v)
+    if pool:
+        lengths = _pool_lengths(v)
+        kv = M.KVPool(v["rows"], v["kv_len"])
+        return lambda: M.context(spec, 1, 1, dt, torch.device("cpu"), kv.decode(lengths, v["kv_len"]),
+                                 positions=lengths - 1)
     start, t = (v["kv_len"] - 1, 1) if decode else (0, v["tokens"])
     return lambda: M.context(spec, start, t, dt, torch.device("cpu"))
 
@@ -162,12 +216,18 @@ def head(v, dt, tp, variant, kind="lm", backward=False) -> Thunk:
     return torch.no_grad()(lambda: ends.final(params, x))
 
 
-def choose(v, dt, tp, variant, greedy=False) -> Thunk:
-    """One generated token per row: the engine's promote, sample, broadcast and log-prob."""
+def choose(v, dt, tp, variant, greedy=False, ending=False) -> Thunk:
+    """One generated token per row: the engine's promote, sample, broadcast and log-prob;
+    ``ending``: continuous batching's, each row at its own position and ending at its length
+    (:meth:`executor.data.Sampler.ending`)."""
     logits = _rand(v["rows"], v["vocab"], dtype=dt)
     sampler = Sampler(0, 0, "actor_gen", 1.0, greedy)
     rows = torch.arange(v["rows"])
     engine = SimpleNamespace(torch_device=torch.device("cpu"), tp_group=_group(v, tp), tp_root=0)
+    if ending:
+        lengths, positions = torch.full((v["rows"],), 5), rows % 5
+        return torch.no_grad()(lambda: Engine._choose(engine, 0, positions, logits,
+                                                      lambda mb, s, lg: sampler.ending(rows, s, lengths, lg), 1.0))
     return torch.no_grad()(lambda: Engine._choose(engine, 0, 1, logits, lambda mb, s, lg: sampler(rows, s, lg), 1.0))
 
 
@@ -231,7 +291,10 @@ def _pieces() -> dict[str, Callable]:
         for variant in BLOCK_VARIANTS:
             tag = ("@tp" if tp else "") + variant
             for name, kw in (("block_forward", {}), ("block_prefill", {"cache": True}),
-                             ("block_decode", {"cache": True, "decode": True}), ("block_backward", {"backward": True}),
+                             ("block_decode", {"cache": True, "decode": True}),
+                             ("block_prefill_batched", {"pool": True}),
+                             ("block_decode_batched", {"pool": True, "decode": True}),
+                             ("block_backward", {"backward": True}),
                              ("block_backward_recompute", {"backward": True, "recompute": True})):
                 out[name + tag] = (block_forward, tp, variant, kw)
         tag = "@tp" if tp else ""
@@ -244,8 +307,11 @@ def _pieces() -> dict[str, Callable]:
                 out[f"head_{kind}_backward{tag}{variant}"] = (head, tp, variant, {"kind": kind, "backward": True})
     out["rotary"] = (rotary, False, "", {})
     out["rotary_decode"] = (rotary, False, "", {"decode": True})
+    out["rotary_decode_batched"] = (rotary, False, "", {"pool": True})
     out["sample"] = (choose, False, "", {})
     out["greedy"] = (choose, False, "", {"greedy": True})
+    out["sample_ending"] = (choose, False, "", {"ending": True})
+    out["greedy_ending"] = (choose, False, "", {"greedy": True, "ending": True})
     for name in LOSSES:
         out[f"loss_{name}"] = (loss, False, "", {"name": name})
         if name != "ref_logp":

@@ -334,9 +334,17 @@ def pieces() -> dict[str, list[Kernel]]:
     for name in LOSSES:
         out[f"loss_{name}"] = loss(name)
         out[f"loss_{name}_backward"] = loss(name, backward=True)
+    # continuous batching: a serving stack prefills and decodes its running batch with the same
+    # kernels (paged attention reads each row's own KV; at the padded kv_len an upper bound)
+    for suffix in VARIANTS:
+        for tp in ("", "@tp"):
+            out[f"block_prefill_batched{tp}{suffix}"] = out[f"block_prefill{tp}{suffix}"]
+            out[f"block_decode_batched{tp}{suffix}"] = out[f"block_decode{tp}{suffix}"]
     out["loss_ref_logp"] = loss("ref_logp")
     out["sample"], out["greedy"] = sampler(False), sampler(True)
+    out["sample_ending"], out["greedy_ending"] = sampler(False), sampler(True)  # EOS forced in the sampling kernel
     out["rotary"], out["rotary_decode"] = [], []  # cos/sin come with the fused rotary kernel
+    out["rotary_decode_batched"] = []
     for n in (2, 3):
         out[f"optimizer_{n}"] = optimizer(n)
         out[f"dp_allreduce_{n}"] = []  # a contiguous gradient buffer: reduced in place, no copies

@@ -14,8 +14,10 @@ ever moves between devices.
   truncated to ``gen_len``. There is no attention mask: pads are ordinary tokens.
 
 Sampling (:func:`sample`) is Gumbel-max over ``logits / temperature`` with noise from the same
-hash of ``(seed, iteration, call, step, global row, vocab index)``: a sequence draws the same
-token whichever device, micro-batch or data-parallel rank generates it.
+hash of ``(seed, iteration, call, response position, global row, vocab index)``: a sequence
+draws the same token whichever device, micro-batch, data-parallel rank or engine step generates
+it. With a length distribution every response ends with :func:`eos_id` at its drawn length
+(:meth:`Sampler.ending`).
 """
 
 from __future__ import annotations
@@ -97,6 +99,12 @@ def name_key(name: str) -> int:
 # ---- sampling -------------------------------------------------------------------------------
 
 
+def eos_id(vocab: int) -> int:
+    """The end-of-sequence token of a vocabulary of ``vocab`` ids: its last id. A response of
+    drawn length L (a length distribution) samples it as its L-th token; fixed lengths use none."""
+    return vocab - 1
+
+
 @dataclass(frozen=True)
 class Sampler:
     """Chooses the next token of each row; plan-invariant by construction."""
@@ -107,11 +115,14 @@ class Sampler:
     temperature: float = 1.0
     greedy: bool = False
 
-    def __call__(self, rows: Tensor, step: int, logits: Tensor) -> Tensor:
-        """``rows`` (b,) global row ids, ``logits`` (b, V) → token ids (b,)."""
+    def __call__(self, rows: Tensor, step: int | Tensor, logits: Tensor) -> Tensor:
+        """``rows`` (b,) global row ids, ``logits`` (b, V) → token ids (b,); ``step`` is the
+        response position of the token, one for all rows or one per row (b,)."""
         if self.greedy:
             return logits.argmax(-1)
         vocab = torch.arange(logits.shape[-1], device=logits.device)
+        if isinstance(step, Tensor):
+            step = step.to(logits.device)[:, None]  # the same bits as an integer key (see _combine)
         h = hash_keys(self.seed, self.iteration, name_key(self.call), STREAM_SAMPLE, step,
                       rows.to(logits.device)[:, None], vocab[None, :], device=logits.device)
         # in the logits' own precision (at least float32): the uniforms carry 24 bits, exact in
@@ -119,6 +130,14 @@ class Sampler:
         dtype = torch.promote_types(logits.dtype, torch.float32)
         gumbel = -torch.log(-torch.log(uniform(h, dtype)))  # (b, V)
         return (logits.to(dtype) / self.temperature + gumbel).argmax(-1)
+
+    def ending(self, rows: Tensor, positions: Tensor, lengths: Tensor, logits: Tensor) -> Tensor:
+        """Tokens of rows that stop at their drawn response lengths (b,): :func:`eos_id` at
+        position ``length − 1`` and never before (it is left out of the choice there), so every
+        response ends exactly at its length; ``positions`` (b,) are the rows' response positions."""
+        eos = eos_id(logits.shape[-1])
+        choice = self(rows, positions, logits.index_fill(-1, torch.tensor([eos], device=logits.device), -torch.inf))
+        return torch.where(positions.to(choice.device) == lengths.to(choice.device) - 1, eos, choice)
 
 
 def sample(logits: Tensor, rows: Tensor, step: int, seed: int, iteration: int, call: str,

@@ -12,7 +12,10 @@ The parallelisms compose in a fixed order (torchtitan's ``parallelize_llama``):
 3. data — after the backward passes, gradients are summed over replicas
    (:func:`reduce_gradients`, which first joins the two copies of tied embeddings).
 
-The model code (:mod:`executor.model`) stays free of all three. The engine times each
+Generation runs as micro-batched rounds of one KV cache each (:meth:`Engine.generate`) or, with
+continuous batching, as virtual engines over KV pools that follow
+:func:`estimator.spec.batching.schedule` forward by forward (:meth:`Engine.serve`, planned by
+:mod:`executor.serving`). The model code (:mod:`executor.model`) stays free of all three. The engine times each
 micro-batch's compute on its stage through ``mark`` (``forward``, ``backward``, ``prefill``,
 ``decode`` and the gradient ``dp_allreduce``), leaving out the waits for a neighbour's data.
 """
@@ -29,7 +32,7 @@ from torch import Tensor
 
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
-from estimator.spec.schedule import FORWARD, generation_rounds, schedule_1f1b
+from estimator.spec.schedule import FORWARD, PREFILL, generation_rounds, schedule_1f1b
 from estimator.spec.sharding import box_shape, shard
 from executor import model as M
 from executor.comm import (
@@ -41,8 +44,12 @@ from executor.comm import (
     reduce_from_region,
     vocab_parallel_embed,
 )
+from executor.serving import EnginePlan, Step
 
 LossFn = Callable[[int, Tensor], Tensor]
+# (engine, requests (B,), response positions (B,), logits (B, V)) → tokens (B,)
+ServeChooseFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+CountFn = Callable[[float], None]
 ChooseFn = Callable[[int, int, Tensor], Tensor]
 MarkFn = Callable[[str, int], AbstractContextManager]  # (op, micro-batch) → a timed block
 CPU = torch.device("cpu")
@@ -73,13 +80,13 @@ class TensorParallel:
     group: dist.ProcessGroup | None
     vocab_start: int  # first vocabulary row of this rank's embedding / head slice
 
-    def embed(self, params: M.Params, tokens: Tensor, start: int = 0) -> Tensor:
+    def embed(self, params: M.Params, tokens: Tensor, start: int = 0, positions: Tensor | None = None) -> Tensor:
         """Token embedding (summed over the vocabulary split), plus learned positions from
-        ``start`` (replicated: every rank adds the same rows after the all-reduce)."""
+        ``start`` or at ``positions`` (replicated: every rank adds the same rows after the all-reduce)."""
         if self.group is None:
-            return M.embed(params, tokens, start)
+            return M.embed(params, tokens, start, positions)
         x = vocab_parallel_embed(params["embed_tokens.weight"], tokens, self.vocab_start, self.group)
-        return M.add_positions(params, x, start)
+        return M.add_positions(params, x, start, positions)
 
     def final(self, params: M.Params, x: Tensor) -> Tensor:
         """Logits over the full vocabulary (B, T, V), or values (B, T)."""
@@ -107,6 +114,16 @@ def reduce_gradients(params: M.Params, model: ModelSpec, embed_group: dist.Proce
     if model.tied_embeddings and "embed_tokens.weight" in params:
         all_reduce_sum([params["embed_tokens.weight"].grad], embed_group)
     all_reduce_sum([p.grad for p in params.values()], dp_group)
+
+
+@dataclass(frozen=True)
+class EngineWork:
+    """One virtual engine's requests under continuous batching."""
+
+    seqs: Tensor  # (n, prompt_cap + gen_cap): each prompt at 0 .. P−1, pads after
+    prompt: Tensor  # (n,) prompt tokens of each request
+    gen_cap: int  # response tokens at most
+    plan: EnginePlan  # the forwards that run its schedule (executor.serving.engine_steps)
 
 
 # ---- the engine --------------------------------------------------------------------------------
@@ -147,17 +164,22 @@ class Engine:
 
     # -- one stage's computation: pipeline ends around tensor-parallel blocks
 
-    def _stage(self, inp: Tensor, start: int, cache: M.KVCache | None, last_position: bool = False,
-               recompute: bool = False) -> Tensor:
+    def _stage(self, inp: Tensor, start: int, cache: M.KVCache | M.PoolPrefill | M.PoolDecode | None,
+               last_position: bool = False, recompute: bool = False, positions: Tensor | None = None,
+               last: Tensor | None = None) -> Tensor:
         """This stage's blocks; on the last stage also the head, on the last position only when
-        ``last_position`` (generation needs no logits for the prompt's other positions).
+        ``last_position`` (generation needs no logits for the prompt's other positions), or on
+        each row's own last position ``last`` (B,) (right-padded rows). ``positions`` (B,):
+        one token per row at its own position (a decode step over a KV pool).
         ``recompute``: each block under activation checkpointing (a training forward whose
         layout recomputes); the tensor-parallel hooks run again with the block's forward."""
-        x = self.tensor.embed(self.params, inp, start) if self.first else inp
-        ctx = M.context(self.model, start, x.shape[1], x.dtype, x.device, cache, self.tensor.hooks)
+        x = self.tensor.embed(self.params, inp, start, positions) if self.first else inp
+        ctx = M.context(self.model, start, x.shape[1], x.dtype, x.device, cache, self.tensor.hooks, positions)
         x = M.blocks(self.params, self.layers, x, ctx, recompute)
         if not self.last:
             return x
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last][:, None]  # (B, 1, C)
         return self.tensor.final(self.params, x[:, -1:] if last_position else x)
 
     def _input(self, tokens: Tensor) -> Tensor:
@@ -267,6 +289,78 @@ class Engine:
         if not self.last:
             return None
         return [(s, torch.stack(lp, dim=1)) for s, lp in zip(seqs, logps)]
+
+    @torch.no_grad()
+    def serve(self, work: list[EngineWork], choose: ServeChooseFn, temperature: float = 1.0,
+              count: CountFn | None = None) -> list[tuple[Tensor, Tensor]] | None:
+        """Continuous batching (:mod:`executor.serving`): virtual engine ``e`` runs the forwards
+        ``work[e].plan.steps`` over its own KV pool; round ``k`` runs step ``k`` of every engine
+        that has one, so the engines interleave through the stages as micro-batches do. Returns
+        (sequences (n, width), logp (n, gen_cap), 0 past each response) per engine on the last
+        stage, None elsewhere; ``count(value)`` records the replica's running batch at the first
+        decode step of every segment, and 0 once every engine is done."""
+        pools = [M.KVPool(w.plan.slots, w.plan.max_len) for w in work]
+        seqs = [w.seqs.clone().to(self.torch_device) for w in work]
+        logps = [torch.zeros(w.seqs.shape[0], w.gen_cap, dtype=torch.float64, device=self.torch_device)
+                 for w in work]
+        running = [0] * len(work)  # each engine's decode batch, for the counter
+        for k in range(max((len(w.plan.steps) for w in work), default=0)):
+            for e, w in enumerate(work):
+                if k >= len(w.plan.steps):
+                    continue
+                st = w.plan.steps[k]
+                if st.running >= 0 and count is not None:
+                    running[e] = st.running
+                    count(float(sum(running)))
+                for src, dst, length in st.moves:
+                    pools[e].move(src, dst, length)
+                inp = self._serve_input(w, st, k, seqs[e])
+                req = torch.tensor(st.requests, dtype=torch.long, device=self.torch_device)
+                # the KV length after the step, which is also where its new token goes
+                at = torch.tensor(st.lengths, dtype=torch.long, device=self.torch_device)
+                with self.mark(st.op, e):
+                    if st.op == PREFILL:
+                        y = self._stage(inp, 0, pools[e].prefill(st.first_slot), last=at - 1)
+                    else:
+                        y = self._stage(inp, 1, pools[e].decode(at, st.width), positions=at - 1)
+                    if self.last:
+                        pos = at - w.prompt[req]  # response position of each row's new token
+                        tok, logp = self._choose(e, pos, y[:, -1], lambda mb, s, lg, req=req: choose(mb, req, s, lg),
+                                                 temperature)
+                if k + 1 == len(w.plan.steps) and count is not None:
+                    running[e] = 0
+                    count(float(sum(running)))
+                if not self.last:
+                    self.link.send(y, self.next)
+                    continue
+                seqs[e][req, at] = tok
+                logps[e][req, pos] = logp.to(torch.float64)
+                if k + 1 < len(w.plan.steps) and not self.first:
+                    self.link.send(tok, self.first_rank)
+        self.link.wait()
+        if not self.last:
+            return None
+        return list(zip(seqs, logps))
+
+    def _serve_input(self, w: EngineWork, st: Step, k: int, seq: Tensor) -> Tensor:
+        """A step's input: on the first stage its tokens (after taking in those the engine's
+        previous step sampled, from the last stage), activations (B, T, C) elsewhere."""
+        b = len(st.requests)
+        if not self.first:
+            t = st.width if st.op == PREFILL else 1
+            return self.link.recv((b, t, self.model.hidden), self.dtype, self.torch_device, self.prev)
+        if k > 0 and not self.last:
+            prev = w.plan.steps[k - 1]
+            got = self.link.recv((len(prev.requests),), torch.long, self.torch_device, self.last_rank)
+            seq[torch.tensor(prev.requests, device=self.torch_device),
+                torch.tensor(prev.lengths, device=self.torch_device)] = got
+        else:
+            self.link.flush()
+        req = torch.tensor(st.requests, dtype=torch.long, device=self.torch_device)
+        if st.op == PREFILL:
+            return seq[req, :st.width]  # (B, T): prompt and generated tokens, then the pads past each
+        lengths = torch.tensor(st.lengths, dtype=torch.long, device=self.torch_device)
+        return seq[req, lengths - 1][:, None]  # (B, 1): each row's last token
 
     def _gen_input(self, prompt: Tensor, seq: Tensor, step: int) -> Tensor:
         """The prompt first, then the token chosen last step (from the last stage, or held

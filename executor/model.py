@@ -184,25 +184,125 @@ class KVCache:
         return self.keys[layer][:, :, :start + t], self.values[layer][:, :, :start + t]
 
 
+class KVPool:
+    """Keys and values of one generation engine's request slots: per block one preallocated
+    tensor ``(slots, g, max_len, hs)`` (allocated on first use with the block's K/V heads, so a
+    tensor-parallel shard holds only its own), not a list of growing tensors.
+
+    The engine keeps its running requests in slots ``0 .. B−1`` (a request that leaves hands its
+    slot to the one in the highest slot, :meth:`move`), so a decode step reads the view
+    ``[:B, :, :kv_max]``; a prefill writes its admitted requests into the slots after them. Each
+    forward goes through a pass (:meth:`prefill`, :meth:`decode`) with the cache's ``update``."""
+
+    def __init__(self, slots: int, max_len: int):
+        self.slots, self.max_len = slots, max_len  # requests at once; positions per request
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+
+    def _buffers(self, layer: int, k: Tensor) -> tuple[Tensor, Tensor]:
+        if layer not in self.keys:
+            _, g, _, hs = k.shape
+            self.keys[layer] = k.new_empty((self.slots, g, self.max_len, hs))
+            self.values[layer] = k.new_empty((self.slots, g, self.max_len, hs))
+        return self.keys[layer], self.values[layer]
+
+    def prefill(self, first: int) -> PoolPrefill:
+        """A prefill whose rows go to slots ``first, first + 1, …``."""
+        return PoolPrefill(self, first)
+
+    def decode(self, lengths: Tensor, width: int) -> PoolDecode:
+        """One decode step of slots ``0 .. B−1``: row b writes position ``lengths[b] − 1`` and
+        attends to its ``lengths[b]`` keys, the rows padded to ``width`` = max(lengths)."""
+        return PoolDecode(self, lengths, width)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Slot ``src``'s first ``length`` positions to slot ``dst`` (a request changes slot)."""
+        for layer in self.keys:
+            self.keys[layer][dst, :, :length] = self.keys[layer][src, :, :length]
+            self.values[layer][dst, :, :length] = self.values[layer][src, :, :length]
+
+
+@dataclass
+class PoolPrefill:
+    """A prefill into a :class:`KVPool`: right-padded rows attend causally among their own
+    positions (pads sit after every real token, so no real position sees one); all ``T``
+    positions are written to the rows' slots — those past a row's length are never read (a
+    decode step masks them, and overwrites them as the request grows)."""
+
+    pool: KVPool
+    first: int
+    mask: Tensor | None = None
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        b, _, t, _ = k.shape
+        if t > self.pool.max_len or self.first + b > self.pool.slots:
+            raise ValueError(f"KV pool of {self.pool.slots} slots × {self.pool.max_len} positions cannot hold "
+                             f"{b} rows from slot {self.first} × {t} positions")
+        keys, values = self.pool._buffers(layer, k)
+        keys[self.first:self.first + b, :, start:start + t] = k
+        values[self.first:self.first + b, :, start:start + t] = v
+        return keys[self.first:self.first + b, :, :start + t], values[self.first:self.first + b, :, :start + t]
+
+
+@dataclass
+class PoolDecode:
+    """One decode step over a :class:`KVPool`'s slots ``0 .. B−1`` (see :meth:`KVPool.decode`)."""
+
+    pool: KVPool
+    lengths: Tensor  # (B,) keys each row attends after this step's write
+    width: int  # the longest of them: the padded KV length
+    mask: Tensor = field(init=False)  # (B, 1, 1, width): key j is row b's when j < lengths[b]
+    rows: Tensor = field(init=False)  # (B,) 0 .. B−1
+    written: Tensor = field(init=False)  # (B,) the position each row writes
+
+    def __post_init__(self) -> None:
+        # once per step, not once per block
+        keys = torch.arange(self.width, device=self.lengths.device)
+        self.mask = (keys[None, :] < self.lengths[:, None])[:, None, None, :]
+        self.rows = torch.arange(self.lengths.shape[0], device=self.lengths.device)
+        self.written = self.lengths - 1
+
+    def update(self, layer: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        b = k.shape[0]
+        if self.width > self.pool.max_len or b > self.pool.slots:
+            raise ValueError(f"KV pool of {self.pool.slots} slots × {self.pool.max_len} positions cannot hold "
+                             f"{b} rows × {self.width} positions")
+        keys, values = self.pool._buffers(layer, k)
+        # the running rows' padded view first: the scatter then touches only it, not the pool
+        keys, values = keys[:b, :, :self.width], values[:b, :, :self.width]  # (B, g, width, hs)
+        keys[self.rows, :, self.written] = k[:, :, 0]  # (B, g, hs) at each row's own position
+        values[self.rows, :, self.written] = v[:, :, 0]
+        return keys, values
+
+
 @dataclass
 class Context:
     """What every block of one forward pass shares: rotary tables, cache, hooks."""
 
     model: ModelSpec
     start: int  # position of the first token of this pass
-    cos: Tensor | None  # (T, rotary_dim); None for learned positions
-    sin: Tensor | None  # (T, rotary_dim)
-    cache: KVCache | None = None
+    cos: Tensor | None  # (T, rotary_dim), or (B, 1, 1, rotary_dim) per row; None for learned positions
+    sin: Tensor | None  # (T, rotary_dim), or (B, 1, 1, rotary_dim)
+    cache: KVCache | PoolPrefill | PoolDecode | None = None
     hooks: TPHooks = field(default_factory=TPHooks)
+    mask: Tensor | None = None  # attention mask instead of the causal one (a pool's decode step)
 
 
 def context(model: ModelSpec, start: int, length: int, dtype: torch.dtype, device: torch.device,
-            cache: KVCache | None = None, hooks: TPHooks = NO_TP) -> Context:
+            cache: KVCache | PoolPrefill | PoolDecode | None = None, hooks: TPHooks = NO_TP,
+            positions: Tensor | None = None) -> Context:
+    """``positions`` (B,): one new token per row, each at its own position (a pool's decode
+    step); else the pass covers positions ``start .. start + length − 1`` of every row."""
+    mask = getattr(cache, "mask", None)
     if model.positions == "learned":  # added to the embedding instead (see embed)
-        return Context(model, start, None, None, cache, hooks)
+        return Context(model, start, None, None, cache, hooks, mask)
+    if positions is not None:
+        cos, sin = rotary(positions, model.rotary_dim, model.rope_theta, dtype)  # (B, rot)
+        b = positions.shape[0]
+        return Context(model, start, cos.view(b, 1, 1, -1), sin.view(b, 1, 1, -1), cache, hooks, mask)
     positions = torch.arange(start, start + length, device=device)
     cos, sin = rotary(positions, model.rotary_dim, model.rope_theta, dtype)
-    return Context(model, start, cos, sin, cache, hooks)
+    return Context(model, start, cos, sin, cache, hooks, mask)
 
 
 def _linear(params: Params, name: str, x: Tensor) -> Tensor:
@@ -230,7 +330,10 @@ def attention(params: Params, layer: int, x: Tensor, ctx: Context) -> Tensor:
         q, k = apply_partial_rotary(q, ctx.cos, ctx.sin), apply_partial_rotary(k, ctx.cos, ctx.sin)
     if ctx.cache is not None:
         k, v = ctx.cache.update(layer, ctx.start, k, v)  # (B, g, S, hs), S = start + T
-    mask, causal = _causal_mask(ctx.start, t, x.device), ctx.start == 0 and t > 1
+    if ctx.mask is not None:
+        mask, causal = ctx.mask, False
+    else:
+        mask, causal = _causal_mask(ctx.start, t, x.device), ctx.start == 0 and t > 1
     if SDPA_GQA:  # the kernel reads each K/V head for its whole group of query heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
     else:
@@ -281,21 +384,27 @@ def block(params: Params, layer: int, x: Tensor, ctx: Context) -> Tensor:
     return x + mlp(params, layer, norm(params, p + "post_attention_layernorm", x, m), ctx)
 
 
-def add_positions(params: Params, x: Tensor, start: int) -> Tensor:
-    """x (B, T, C) plus rows ``start..start+T`` of the learned position table, when the model
-    has one (its first pipeline stage holds it whole); x unchanged otherwise."""
+def add_positions(params: Params, x: Tensor, start: int, positions: Tensor | None = None) -> Tensor:
+    """x (B, T, C) plus rows ``start..start+T`` of the learned position table (or, for one token
+    per row, rows ``positions`` (B,)), when the model has one (its first pipeline stage holds
+    it whole); x unchanged otherwise."""
     table = params.get("embed_positions.weight")
     if table is None:
         return x
+    if positions is not None:
+        if int(positions.max()) >= table.shape[0]:
+            raise ValueError(f"position {int(positions.max())} is beyond the learned table of {table.shape[0]} "
+                             "positions")
+        return x + table[positions][:, None]  # (B, 1, C) + (B, 1, C)
     t = x.shape[1]
     if start + t > table.shape[0]:
         raise ValueError(f"position {start + t - 1} is beyond the learned table of {table.shape[0]} positions")
     return x + table[start:start + t]  # (B, T, C) + (T, C)
 
 
-def embed(params: Params, tokens: Tensor, start: int = 0) -> Tensor:
-    """tokens (B, T) at positions ``start..start+T`` → (B, T, C)."""
-    return add_positions(params, F.embedding(tokens, params["embed_tokens.weight"]), start)
+def embed(params: Params, tokens: Tensor, start: int = 0, positions: Tensor | None = None) -> Tensor:
+    """tokens (B, T) at positions ``start..start+T`` (or one token per row at ``positions``) → (B, T, C)."""
+    return add_positions(params, F.embedding(tokens, params["embed_tokens.weight"]), start, positions)
 
 
 def head_weight_name(model: ModelSpec) -> str:

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -23,3 +23,13 @@ class RunOptions:
     fault: tuple[int, str] | None = None
     timeout_s: float | None = None  # per-collective timeout on every group the run creates
     progress: bool = False  # print a line to stderr as each iteration ends
+    # generate call → KV tokens of each engine replica (data-parallel rank), split evenly over
+    # its virtual engines (executor.serving); a call not named has an unlimited pool
+    kv_tokens: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [f"{call}={n!r}" for call, n in self.kv_tokens.items()
+               if not isinstance(n, int) or isinstance(n, bool) or n < 0]
+        if bad:
+            raise ValueError(f"kv_tokens {', '.join(bad)}: KV tokens per engine replica must be whole numbers "
+                             "(0: unlimited)")

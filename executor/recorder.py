@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from estimator.spec.timeline import Span
+from estimator.spec.timeline import Sample, Span
 
 
 class Recorder:
@@ -28,6 +28,7 @@ class Recorder:
         self.cuda = torch_device.type == "cuda"
         self.stream = torch.cuda.current_stream(torch_device) if self.cuda else None
         self.spans: list[Span] = []
+        self.counters: list[Sample] = []
         self._events: list[tuple[Any, Any, Span]] = []  # (start, end, span with placeholder times)
         # Only the compute stream: a device-wide synchronize would also wait for pushed sends
         # whose receivers have not posted yet (see executor.dataflow) and could deadlock.
@@ -51,6 +52,11 @@ class Recorder:
         self.sync()  # GPU work is asynchronous: close the span when it is done
         end = time.perf_counter() - self.t0
         self.spans.append(Span(start, end, self.device, iteration, call, op, -1, stage))
+
+    def sample(self, iteration: int, call: str, name: str, value: float) -> None:
+        """A counter's value from now on (e.g. a generate call's running batch). On a GPU the
+        host clock runs ahead of the queued work, so the value is placed at the host's time."""
+        self.counters.append(Sample(time.perf_counter() - self.t0, self.device, iteration, call, name, value))
 
     @contextmanager
     def fine(self, iteration: int, call: str, op: str, micro_batch: int, stage: int) -> Iterator[None]:

@@ -46,7 +46,9 @@ from estimator.base import rules
 from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import check_output_path
 from estimator.base.tables import format_table
-from estimator.profile.profiles import load_profile
+from estimator.cost.lowering import Costs
+from estimator.cost.rollout import continuous
+from estimator.profile.profiles import Profile, load_profile
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check
 from executor.checkpoint import check_checkpoint
@@ -294,14 +296,25 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def engine_pools(experiment: Experiment, plan: Plan, profile: Profile) -> dict[str, int]:
+    """KV tokens per engine replica of every continuous-batching generate call: the pool the
+    estimator gives it (:mod:`estimator.cost.rollout`, ``kv_fraction`` of the experiment's
+    device), so the run admits and preempts as predicted."""
+    costs = Costs(experiment, profile)
+    wf = experiment.workflow
+    return {c: costs.kv_tokens(c, plan[c]) * plan[c].micro_batches for c in wf.call_names
+            if continuous(wf[c], plan[c])}
+
+
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     # Everything is checked here, before torch is imported or any process starts.
     outputs = {flag: check_output_path(getattr(args, flag.strip("-")), flag)
                for flag in ("--trace", "--timeline") if getattr(args, flag.strip("-")) is not None}
     experiment = load_experiment(args.experiment)
-    load_profile(experiment.cluster.device, key="cluster.device")
+    profile = load_profile(experiment.cluster.device, key="cluster.device")
     plan = check(Plan.load(args.plan), experiment)
+    kv_tokens = engine_pools(experiment, plan, profile)
     warmup, fault = options_from(args, experiment, plan)
     check_prompts(experiment)
     for role, path in experiment.checkpoints.items():
@@ -313,7 +326,8 @@ def _main(argv: list[str] | None) -> int:
     from executor.launch import WorkerFailed
     from executor.options import RunOptions
 
-    options = RunOptions(args.iterations, warmup, args.dtype, fault=fault, timeout_s=args.timeout_s, progress=True)
+    options = RunOptions(args.iterations, warmup, args.dtype, fault=fault, timeout_s=args.timeout_s, progress=True,
+                         kv_tokens=kv_tokens)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if not under_torchrun:  # every process of a local run lives on this host
         note = check_host_memory(experiment, plan, args.dtype)

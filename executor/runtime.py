@@ -42,7 +42,7 @@ from torch import Tensor
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Layout, Plan
 from estimator.spec.sharding import Box, dp_rows, param_inventory, shard
-from estimator.spec.timeline import Span, Timeline
+from estimator.spec.timeline import Sample, Span, Timeline
 from estimator.spec.workflow import SOURCES, Call
 from executor import model as M
 from executor.calls import CallRun, Pieces, row_spec, run_call
@@ -102,6 +102,7 @@ class RankResult:
     spans: list[Span]
     losses: dict[tuple[int, str, int], float]  # (iteration, call, minibatch) → loss summed here
     params: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # role → home shards
+    counters: list[Sample] = field(default_factory=list)  # e.g. generate calls' running batches
 
 
 class RankRuntime:
@@ -165,7 +166,7 @@ class RankRuntime:
         params = {}
         if self.options.return_params:
             params = {r: {n: t.detach().cpu() for n, t in p.items()} for r, p in self.params.items()}
-        return RankResult(self.device, self.rec.finish(), self.losses, params)
+        return RankResult(self.device, self.rec.finish(), self.losses, params, self.rec.counters)
 
     # -- one call
 
@@ -213,15 +214,19 @@ class RankRuntime:
             os._exit(FAULT_EXIT_CODE)
         engine = Engine(self.exp.models[call.role], layout, self.device, params, self.groups, self.torch_device,
                         mark=lambda op, mb: self.rec.fine(it, call.name, op, mb, stage))
+        dp_rank, tp_rank, _ = layout.coords(self.device)
+        count = None
+        if call.kind == "generate" and self.device == layout.device(dp_rank, 0, 0):  # the replica's first device
+            count = lambda value: self.rec.sample(it, call.name, "running", value)  # noqa: E731
         run = CallRun(self.exp, call, layout, self.device, it, engine, inputs,
-                      span=lambda op: self.rec.span(it, call.name, op, stage))
+                      span=lambda op: self.rec.span(it, call.name, op, stage),
+                      kv_tokens=self.options.kv_tokens.get(call.name, 0), count=count)
         with self.rec.span(it, call.name, "compute", stage):
             outputs = run_call(run, self.optimizers.get(call.role))
         if outputs:
             self.store.update(outputs)
             with self.rec.span(it, call.name, "data"):
                 self.outbox.push(it, [m for m in self.schedule if m.producer == call.name], self.store)
-        _, tp_rank, _ = layout.coords(self.device)
         if tp_rank == 0:  # tensor-parallel ranks share one loss; count it once
             for k, loss in enumerate(run.losses):
                 self.losses[(it, call.name, k)] = loss
@@ -285,7 +290,8 @@ def merge(results: list[RankResult], experiment: Experiment, plan: Plan, options
           **meta: Any) -> RunResult:
     """One timeline, summed losses and full parameters from every process's result."""
     spans = [s for r in results for s in r.spans]
-    timeline = Timeline.of(spans, source="measured", experiment=experiment.name, dtype=options.dtype,
+    counters = sorted((c for r in results for c in r.counters), key=lambda c: (c.t_s, c.device))
+    timeline = Timeline.of(spans, source="measured", counters=counters, experiment=experiment.name, dtype=options.dtype,
                            warmup_iterations=options.warmup,
                            plan={c: lay.to_dict() for c, lay in plan.layouts.items()}, **meta)
     losses: dict[tuple[int, str, int], float] = {}

@@ -45,3 +45,11 @@ class Verifier:
     def __call__(self, seq: Tensor, dtype: torch.dtype) -> Tensor:
         """``seq`` (b, P + G) token ids → rewards (b,) in ``dtype``."""
         return (seq[:, self.prompt_len:] == self.answer).any(dim=1).to(dtype)
+
+    def rows(self, seq: Tensor, prompt: Tensor, gen: Tensor, dtype: torch.dtype) -> Tensor:
+        """Right-padded rows of drawn lengths: ``seq`` (b, width), each row's response at
+        ``[prompt[i], prompt[i] + gen[i])`` → rewards (b,); padding is never read."""
+        pos = torch.arange(seq.shape[1], device=seq.device)[None, :]
+        start = prompt.to(seq.device)[:, None]
+        real = (pos >= start) & (pos < start + gen.to(seq.device)[:, None])
+        return ((seq == self.answer) & real).any(dim=1).to(dtype)

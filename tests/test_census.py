@@ -210,3 +210,33 @@ def test_tensor_parallel_all_reduces_of_a_block_backward(recompute, expected, mo
     finally:
         if created:
             torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("model", [GQA, GPT, NEOX], ids=lambda m: m.name)
+def test_continuous_batching_blocks_are_the_census_pieces(model):
+    """A prefill of right-padded rows into a KV pool is ``block_prefill_batched`` at rows × the
+    longest row — a ``block_prefill``'s FLOPs and bytes, and only views more — and a decode
+    step over the pool (rows of different KV lengths, padded to the longest and masked) is
+    ``block_decode_batched`` at rows = the running batch, kv_len = the padded KV length — at a
+    real model's shapes, unsharded and as a tp=2 shard."""
+    for tp in (1, 2):
+        params = M.init_shards(model, Layout(DeviceMesh(0, tp), 1, tp, 1), 0, 0, torch.float32)
+        cpu = torch.device("cpu")
+        b, longest = 3, 10
+        x = torch.randn(b, longest, model.hidden)
+        pool = M.KVPool(b + 2, 16)
+        prefill = M.context(model, 0, longest, torch.float32, cpu, pool.prefill(2))
+        ops = record(torch.no_grad()(functools.partial(M.block, params, 0, x, prefill)))
+        got = (float(len(ops)), sum(o.flops for o in ops), sum(o.bytes for o in ops))
+        assert got == pytest.approx(_census(block_piece("prefill_batched", model, 1), model, tp, rows=b,
+                                            tokens=longest))
+        plain = _census(block_piece("prefill", model, 1), model, tp, rows=b, tokens=longest)
+        views = sum(o.name.startswith("aten.slice") for o in ops)
+        assert got[1:] == pytest.approx(plain[1:]) and 0 < got[0] - plain[0] <= views
+        lengths = torch.tensor([11, 7, 9])  # after the step's write; the pool's slots 0 .. 2
+        with torch.no_grad():
+            M.block(params, 0, x, M.context(model, 0, longest, torch.float32, cpu, pool.prefill(0)))
+        step = M.context(model, 1, 1, torch.float32, cpu, pool.decode(lengths, 11), positions=lengths - 1)
+        x1 = x[:, :1].contiguous()
+        got = _recorded(torch.no_grad()(functools.partial(M.block, params, 0, x1, step)))
+        assert got == pytest.approx(_census(block_piece("decode_batched", model, 1), model, tp, rows=b, kv_len=11))

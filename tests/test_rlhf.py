@@ -169,3 +169,46 @@ def test_micro_batch_losses_sum_to_the_minibatch_loss_and_gradient(loss):
     (g_parts,) = torch.autograd.grad(total, logp)
     assert total.item() == pytest.approx(full.item(), abs=1e-12)
     assert torch.allclose(g_parts, g_full, atol=1e-14, rtol=0)
+
+
+def test_right_padded_rows_use_only_their_real_tokens():
+    """Rows of drawn length, right-padded: each row's log-probs, values, GAE, returns and losses
+    equal those of the row alone, cut to its own prompt and response (the fixed-length code)."""
+    torch.manual_seed(0)
+    b, cap_p, cap_g, vocab = 3, 5, 6, 11
+    prompts, lengths = torch.tensor([5, 2, 4]), torch.tensor([6, 1, 3])
+    width = cap_p + cap_g
+    logits = torch.randn(b, width, vocab, dtype=torch.float64)
+    seq = torch.randint(0, vocab, (b, width))
+    values = torch.randn(b, width, dtype=torch.float64)
+    old, ref = torch.randn(b, cap_g, dtype=torch.float64), torch.randn(b, cap_g, dtype=torch.float64)
+    reward = torch.randn(b, dtype=torch.float64)
+    logp = rlhf.response_logp_rows(logits, seq, prompts, cap_g, 0.7)
+    v = rlhf.response_values_rows(values, prompts, cap_g)
+    mask = rlhf.response_mask(lengths, cap_g)
+    adv, ret = rlhf.ppo_advantages(old, ref, reward, torch.where(mask, v, 0.0), 0.1, 0.9, 0.8, lengths)
+    score = rlhf.sequence_reward_at(values, prompts + lengths - 1)
+    for r in range(b):
+        p, n = int(prompts[r]), int(lengths[r])
+        one = slice(r, r + 1)
+        end = p + n
+        want = rlhf.response_logp(logits[one, :end], seq[one, :end], p, 0.7)
+        assert torch.allclose(logp[one, :n], want)
+        assert torch.allclose(v[one, :n], rlhf.response_values(values[one, :end], p))
+        a, g = rlhf.ppo_advantages(old[one, :n], ref[one, :n], reward[one], v[one, :n], 0.1, 0.9, 0.8)
+        assert torch.allclose(adv[one, :n], a) and torch.allclose(ret[one, :n], g)
+        assert (adv[one, n:] == 0).all()
+        assert score[r] == values[r, end - 1]
+    # losses sum only the real tokens: garbage past the ends changes nothing
+    noisy = torch.where(mask, logp, torch.full_like(logp, 1e6))
+    norm = int(lengths.sum())
+    assert rlhf.grpo_loss(noisy, old, ref, reward, 0.2, 0.05, norm, mask) == \
+        pytest.approx(float(rlhf.grpo_loss(logp, old, ref, reward, 0.2, 0.05, norm, mask)))
+    per_row = sum(float(rlhf.grpo_loss(logp[r:r + 1, :int(lengths[r])], old[r:r + 1, :int(lengths[r])],
+                                       ref[r:r + 1, :int(lengths[r])], reward[r:r + 1], 0.2, 0.05, norm))
+                  for r in range(b))
+    assert float(rlhf.grpo_loss(logp, old, ref, reward, 0.2, 0.05, norm, mask)) == pytest.approx(per_row)
+    returns = rlhf.remax_returns(old, ref, reward, reward / 2, 0.1, 0.9, lengths)
+    assert (returns[mask == 0] == 0).all()
+    assert torch.allclose(returns[1, :1], rlhf.remax_returns(old[1:2, :1], ref[1:2, :1], reward[1:2],
+                                                             reward[1:2] / 2, 0.1, 0.9)[0])

@@ -179,7 +179,7 @@ def test_census_priced_segments_stay_close_to_pricing_every_step() -> None:
     ro = rollout_cost(prof, call, model, lay, prompt, gen, 0, 2)
     from estimator.cost.rollout import _StageCosts
 
-    st = _StageCosts(prof, model, lay, 0, "sample", 2)
+    st = _StageCosts(prof, model, lay, 0, "sample_ending", 2)
     total = 0.0
     for s in schedule(prompt, gen).segments:
         if s.prefill:
@@ -215,7 +215,7 @@ def test_engines_are_one_per_stage_and_caps_split_over_them() -> None:
     assert any("micro_batches must equal pp=2" in p
                for p in layout_problems(call, model, cl, Layout(DeviceMesh(0, 2), 1, 1, 2, 1)))
     assert not layout_problems(call, model, cl, Layout(DeviceMesh(0, 2), 1, 1, 2, 2))
-    assert any("max_concurrency=1 must be at least micro_batches=2" in p
+    assert any("max_concurrency=1 is below micro_batches=2" in p
                for p in layout_problems(call, model, cl, Layout(DeviceMesh(0, 2), 1, 1, 2, 2, max_concurrency=1)))
     assert engine_rows(call, Layout(DeviceMesh(0, 2), 2, 1, 1, 1), 1) == [(4, 8)]
 

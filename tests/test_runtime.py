@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from estimator.spec.batching import kv_need, schedule
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment, load_experiment
+from estimator.spec.lengths import LOGNORMAL, Lengths
 from estimator.spec.models import PRESETS
 from estimator.spec.plan import Layout, Plan, check
 from estimator.spec.schedule import BACKWARD, FORWARD, schedule_1f1b
-from estimator.spec.sharding import shard
+from estimator.spec.sharding import budget_micro_batches, dp_rows, shard
 from executor.dataflow import Mailbox, message_schedule
 from executor.launch import WorkerFailed, launch
 from executor.runtime import RunOptions, RunResult, home_layouts, initial_params, merge, role_seed, run_rank
@@ -446,3 +448,64 @@ def test_ppo_and_remax_with_a_verifier_and_recomputed_old_logprobs_train_the_sam
     results = run_many(runs)
     for i, trained in enumerate(roles):
         assert_invariant(runs[2 * i][0], ["single-device", "mixed"], results[2 * i:2 * i + 2], trained)
+
+
+def test_long_tail_grpo_trains_the_same_under_continuous_batching_and_token_budgets():
+    """GRPO with groups and long-tailed response lengths (``gen_len: {max: 16, mean: …}``) and
+    prompts of drawn length: a single device, then plans generating under dp, a pipeline and tp
+    with a concurrency cap, a small KV pool (preemptions) and token-budget micro-batches, all
+    take the same steps; so does PPO (masked GAE and critic) under a mixed plan."""
+    from tests.test_serving import long_tail
+
+    base = tiny_experiment("grpo", devices_per_node=2, batch_size=4, minibatches=2, group_size=2)
+    exp = long_tail(base, cap=16, mu=1.6, sigma=1.0, prompt=Lengths(16, LOGNORMAL, mu=2.2, sigma=0.4))
+    _, gen = exp.lengths(0)
+    assert exp.params.gen_lengths.mean() < 8 and len(set(gen.tolist())) > 3
+    single = Plan({c: _layout("0") for c in exp.workflow.call_names})
+    lay = dataclasses.replace
+    mixed = Plan({"actor_gen": lay(_layout("0-1", dp=2, mb=2), max_concurrency=2),
+                  "ref_inf": _layout("0-1", tp=2),
+                  "reward_inf": _layout("0-1", pp=2, mb=2),
+                  "actor_train": lay(_layout("0-1", pp=2), max_tokens_per_micro_batch=64)})
+    piped = Plan({"actor_gen": _layout("0-1", pp=2, mb=2),
+                  "ref_inf": lay(_layout("0-1", dp=2), max_tokens_per_micro_batch=32),
+                  "reward_inf": _layout("0"),
+                  "actor_train": lay(_layout("0-1", dp=2), max_tokens_per_micro_batch=32)})
+    # a KV pool that holds just the longest request per virtual engine of the pipelined
+    # generation (two engines a replica) preempts there
+    need = max(kv_need(*exp.lengths(it)) for it in range(2))
+    kv = 2 * need
+    assert any(schedule(p[lo:hi], g[lo:hi], 0, need).preemptions
+               for p, g in [exp.lengths(it) for it in range(2)] for lo, hi in ((0, 4), (4, 8)))
+    options = RunOptions(iterations=2, dtype="float64", return_params=True, kv_tokens={"actor_gen": kv})
+    tensor = Plan({"actor_gen": lay(_layout("0-1", tp=2), max_concurrency=3),
+                   "ref_inf": _layout("0"), "reward_inf": _layout("1"),
+                   "actor_train": lay(_layout("0-1", tp=2), max_tokens_per_micro_batch=48)})
+    # PPO with the same lengths: masked GAE, critic values and the critic's loss
+    ppo = long_tail(tiny_experiment("ppo", devices_per_node=2, batch_size=4, minibatches=2), cap=16, mu=1.6)
+    ppo_single = Plan({c: _layout("0") for c in ppo.workflow.call_names})
+    shapes = [dict(pp=2, mb=2), dict(tp=2), dict(dp=2)]
+    ppo_mixed = Plan({c: _layout("0-1", **shapes[i % 3]) for i, c in enumerate(ppo.workflow.call_names)})
+    runs = [(exp, single), (exp, mixed), (exp, piped), (exp, tensor), (ppo, ppo_single), (ppo, ppo_mixed)]
+    for e, plan in runs:
+        check(plan, e)
+    per_rank = launch(2, _run_many, (runs, options), timeout_s=180)
+    results = [merge([r[i] for r in per_rank], e, p, options) for i, (e, p) in enumerate(runs)]
+    assert_invariant(exp, ["single-device", "mixed", "piped", "tensor"], results[:4], ("actor",))
+    assert_invariant(ppo, ["single-device", "mixed"], results[4:], ("actor", "critic"))
+    # the piped plan's train call ran budget_micro_batches' micro-batches (more than one a minibatch)
+    call, cut = exp.workflow["actor_train"], False
+    for it in range(2):
+        prompt, gen = exp.lengths(it)
+        for dp_rank, device in ((0, 0), (1, 1)):
+            want = [budget_micro_batches(r, (prompt + gen)[r[0]:r[1]], 32)
+                    for r in dp_rows(call, piped["actor_train"], dp_rank)]
+            forwards = [s for s in results[2].timeline.spans
+                        if (s.iteration, s.call, s.op, s.device) == (it, "actor_train", "forward", device)]
+            assert len(forwards) == sum(len(m) for m in want)
+            cut |= len(forwards) > len(want)
+    assert cut, "the budget never cut a minibatch in two"
+    # the measured running batch follows the schedule on each replica's first device
+    running = [c for c in results[0].timeline.counters if c.name == "running" and c.iteration == 0]
+    run = schedule(*exp.lengths(0), 0, kv)
+    assert [c.value for c in running] == [float(s.batch) for s in run.segments if s.steps] + [0.0]

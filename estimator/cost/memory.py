@@ -140,7 +140,7 @@ def call_bytes(call: Call, model: ModelSpec, layout: Layout, at_home: bool,
                 parts["activations"] = tokens * per_layer
             parts["activations"] += head_bytes(model, tokens) if last else 0.0
         out.append(parts)
-    if engine_bytes is not None and continuous(call, layout):
+    if engine_bytes is not None and math.isfinite(engine_bytes) and continuous(call, layout):
         # a prefill step batches at most PREFILL_TOKENS (one request of any length alone)
         prefill = min(mb * w.prompt_len, max(PREFILL_TOKENS, w.seq_len))
         for k, parts in enumerate(out):

@@ -10,10 +10,12 @@ generate call with fixed lengths and no cap keeps the fixed-length model of
 :mod:`estimator.cost.decode` (every request admitted at once, its KV resident throughout).
 
 **Costs.** An engine's schedule is a list of ops: a prefill of the admitted requests (the
-census's prefill block at their count and the longest of their prefill lengths, the executor
-padding them; a fused stack packs them, so there at their mean length), then decode steps at
-the running batch and KV length (the longest running request's for the executor, whose
-attention pads to it; the mean for a fused stack's paged attention). Decode costs are
+census's ``block_prefill_batched`` at their count and the longest of their prefill lengths, the
+executor padding them; a fused stack packs them, so there at their mean length), then decode
+steps at the running batch and KV length (``block_decode_batched``: the longest running
+request's for the executor, whose attention pads to it; the mean for a fused stack's paged
+attention), each ending with the token choice (``sample_ending`` where responses end at a drawn
+length). Decode costs are
 evaluated for all steps at once as arrays (never a Python loop per token); prefill costs once
 per distinct (requests, tokens).
 
@@ -154,7 +156,7 @@ class _StageCosts:
         if missing:
             p, m = self.profile, self.model
             r, n = (np.array(x, dtype=float) for x in zip(*missing))
-            st = forward_stage(p, m, self.layout.tp, self.layers, self.first, self.last, r, n, r, "prefill",
+            st = forward_stage(p, m, self.layout.tp, self.layers, self.first, self.last, r, n, r, "prefill_batched",
                                ((self.choose, {}),))
             compute = np.broadcast_to(np.asarray(st.compute_s, dtype=float), r.shape)
             comm = np.broadcast_to(np.asarray(st.comm_s, dtype=float), r.shape)
@@ -186,10 +188,10 @@ class _StageCosts:
         p, m, tp = self.profile, self.model, self.layout.tp
         kv = kv_mean if self.fused else kv_max
         sym = model_symbols(m, tp) | {"rows": batch.astype(float), "tokens": 1.0, "kv_len": kv.astype(float)}
-        compute = self.layers * piece_s(p, block_piece("decode", m, tp), sym)
+        compute = self.layers * piece_s(p, block_piece("decode_batched", m, tp), sym)
         rot = rotary_piece(m, True)
-        if rot is not None:
-            compute = compute + piece_s(p, rot[0], sym | rot[1])
+        if rot is not None:  # per-row tables and the step's padding mask
+            compute = compute + piece_s(p, "rotary_decode_batched", sym | rot[1])
         if self.first:
             compute = compute + piece_s(p, end_piece("embed", tp, m), sym)
         if self.last:
@@ -341,7 +343,9 @@ def rollout_cost(profile: Profile, call: Call, model: ModelSpec, layout: Layout,
     by (rows, cap, pool) for calls with the same lengths (layouts that deal rows alike share them).
     ``stage_costs``: per stage, what prices its ops (default: the census on ``profile``)."""
     cap = engine_cap(layout)
-    choose = "greedy" if call.workload.greedy else "sample"
+    # the token choice; responses of drawn lengths end with EOS at their length (the executor's
+    # ``Sampler.ending``)
+    choose = ("greedy" if call.workload.greedy else "sample") + ("_ending" if call.workload.lengths_vary else "")
     stages = stage_costs or [_StageCosts(profile, model, layout, k, choose, devices_per_node) for k in range(layout.pp)]
     segments = _Segments()
     replicas, preempt, recomputed = [], 0, 0

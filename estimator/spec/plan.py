@@ -51,7 +51,8 @@ class Layout:
     micro_batches: int = 1  # per data-parallel rank and minibatch
     recompute: str = "none"  # activation recompute in a train call's backward (RECOMPUTE_CHOICES)
     # generate: requests each engine replica (data-parallel rank) runs at once, vLLM's
-    # max_num_seqs; 0: as many as the KV pool holds
+    # max_num_seqs, split evenly over its micro_batches virtual engines (max_concurrency //
+    # micro_batches each, so at least micro_batches); 0: as many as the KV pool holds
     max_concurrency: int = 0
     # train/inference: tokens (prompt + response, padding included) per micro-batch and
     # data-parallel rank, rows packed in order until the next would pass it (verl's
@@ -229,12 +230,13 @@ def _shape_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layo
         out.append(f"call {name}: micro_batches={layout.micro_batches} on a continuous-batching engine (lengths vary "
                    f"or max_concurrency is set): it runs one virtual engine per pipeline stage, as vLLM does, so "
                    f"micro_batches must equal pp={layout.pp}")
-    if layout.max_concurrency and layout.max_concurrency < layout.micro_batches:
-        out.append(f"call {name}: max_concurrency={layout.max_concurrency} must be at least micro_batches="
-                   f"{layout.micro_batches}: each virtual engine runs max_concurrency // micro_batches requests")
     if layout.max_concurrency and call.kind != "generate":
         out.append(f"call {name}: max_concurrency={layout.max_concurrency} applies to generate calls only, "
                    f"not to this {call.kind} call")
+    if call.kind == "generate" and 0 < layout.max_concurrency < layout.micro_batches:
+        out.append(f"call {name}: max_concurrency={layout.max_concurrency} is below micro_batches="
+                   f"{layout.micro_batches}: the cap is split evenly over a replica's virtual engines "
+                   f"(max_concurrency // micro_batches each), so each needs at least one request")
     if layout.token_budget and call.kind == "generate":
         out.append(f"call {name}: max_tokens_per_micro_batch={layout.max_tokens_per_micro_batch} applies to "
                    "train and inference calls only, not to this generate call (use max_concurrency)")
