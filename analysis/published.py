@@ -53,6 +53,7 @@ from estimator.io import atomic_write_json, atomic_write_text, check_output_path
 from estimator.memory import GiB, plan_memory
 from estimator.plan import Plan, format_table
 from estimator.profiles import PROFILE_DIR, Profile, load_profile
+from estimator.progress import progress_bar
 
 ENGINES = ("evaluator", "simulator")
 
@@ -100,9 +101,8 @@ def predict_row(row: VTrainRow, profile: Profile, engine: str = "evaluator") -> 
 def predict_table(rows: list[VTrainRow], profile: Profile, engine: str = "evaluator",
                   progress: bool = True) -> Any:  # -> pandas.DataFrame
     import pandas as pd
-    from tqdm import tqdm
 
-    it = tqdm(rows, desc="vTrain rows", unit="row", file=sys.stderr, disable=not progress)
+    it = progress_bar(rows, desc="vTrain rows", unit="row", disable=not progress)
     return pd.DataFrame([predict_row(r, profile, engine) for r in it])
 
 
@@ -263,12 +263,11 @@ def fit_profile(rows: list[VTrainRow], base: Profile, name: str, cite: str, prog
     (``scipy.optimize.least_squares``), starting from ``base``'s own figures."""
     import numpy as np
     from scipy import optimize
-    from tqdm import tqdm
 
     from estimator.profiles import profile_from_dict
 
     measured = np.array([r.measured_s for r in rows])
-    bar = tqdm(desc="fit evaluations", unit="eval", file=sys.stderr, disable=not progress)
+    bar = progress_bar(desc="fit evaluations", unit="eval", disable=not progress)
 
     def residuals(x: np.ndarray) -> np.ndarray:
         prof = profile_from_dict(fitted_doc(base, name, x, cite), where=f"profile {name}")

@@ -56,6 +56,7 @@ from estimator.io import atomic_write_json, atomic_write_text
 from estimator.loading import load_json
 from estimator.plan import Plan, check
 from estimator.profiles import Profile, load_profile
+from estimator.progress import progress_bar
 from estimator.simulator import simulate
 from estimator.timeline import Timeline
 
@@ -169,9 +170,7 @@ def run_executor(experiment_path: Path, plan_file: Path, iterations: int, out: P
 def measure(cands: list[Candidate], experiment_path: Path, out: Path, iterations: int, runs: int,
             runner: Runner) -> None:
     """Run every plan ``runs`` times, one run at a time, with a progress bar."""
-    from tqdm import tqdm
-
-    with tqdm(total=len(cands) * runs, desc="executor runs", unit="run", file=sys.stderr) as bar:
+    with progress_bar(total=len(cands) * runs, desc="executor runs", unit="run") as bar:
         for c in cands:
             for r in range(runs):
                 bar.set_postfix_str(f"{c.id} run {r + 1}/{runs}")

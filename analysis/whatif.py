@@ -39,6 +39,7 @@ from estimator.io import atomic_write_json, atomic_write_text
 from estimator.models import get_model
 from estimator.plan import Plan, check
 from estimator.profiles import Profile, load_profile
+from estimator.progress import progress_bar
 from estimator.simulator import simulate
 from estimator.workflow import ROLES, VALUE_ROLES
 
@@ -117,14 +118,12 @@ def point_row(experiment: Experiment, profile: Profile, best: Plan, baselines: M
 def sweep(experiment: Experiment, varies: Mapping[str, list[Any]], profile_arg: str | None, searcher: Searcher,
           baselines: Baselines, out: Path) -> pd.DataFrame:
     """One row per grid point (progress bar on stderr); each point's best plan is written to ``out/plans``."""
-    from tqdm import tqdm
-
     if profile_arg and "device" in varies:
         raise ConfigError("--profile and --vary device exclude each other: each device brings its own profile")
     points = [dict(zip(varies, values)) for values in itertools.product(*varies.values())]
     rows = []
     (out / "plans").mkdir(parents=True, exist_ok=True)
-    for i, point in enumerate(tqdm(points, desc="what-if points", unit="point", file=sys.stderr)):
+    for i, point in enumerate(progress_bar(points, desc="what-if points", unit="point")):
         exp = apply(experiment, point)
         profile = load_profile(profile_arg or exp.cluster.device)
         best = check(searcher(exp, profile), exp)

@@ -50,6 +50,7 @@ from estimator.errors import ConfigError, cli_guard
 from estimator.experiment import Experiment, load_experiment
 from estimator.io import atomic_write_text
 from estimator.models import PRESETS, ModelSpec
+from estimator.progress import progress_bar
 
 DEFAULT_MODELS = ("tiny-2l-128h", "tiny-4l-256h")
 PIECES = ("block_fwd", "block_bwd", "head", "head_bwd", "context", "optimizer", "pass")
@@ -238,13 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", metavar="RAW.csv", help="also write the raw rows (with their aten ops) here")
     ap.add_argument("--json", action="store_true", help="print the raw rows as JSON")
     args = ap.parse_args(argv)
-    from tqdm import tqdm
-
     from calibration.timing import torch_device
 
     torch_device(args.device)  # refuse a missing GPU before building the grid
     cases = grid(args.level or "quick", experiment=args.experiment)
-    with tqdm(total=len(cases), desc="kernels", unit="case", file=sys.stderr) as bar:
+    with progress_bar(total=len(cases), desc="kernels", unit="case") as bar:
         raw = measure(cases, args.device, args.dtype, args.level or "quick", progress=bar.update)
     if args.csv:
         atomic_write_text(args.csv, raw.to_csv(index=False))

@@ -69,6 +69,7 @@ from estimator.errors import ConfigError, cli_guard
 from estimator.io import atomic_write_text, check_output_path
 from estimator.plan import format_table
 from estimator.profiles import PROFILE_DIR, load_profile, profile_from_dict
+from estimator.progress import progress_bar
 
 LEVELS = ("tiny", "quick", "full")  # tiny: the test grid (seconds)
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -180,7 +181,6 @@ def _default_base(device: str) -> str:
 def measure_profile(args: argparse.Namespace, base: dict, name: str, command: str) -> dict[str, Any]:
     """Run the three phases; return the profile document, raw tables and reports."""
     import pandas as pd
-    from tqdm import tqdm
 
     from calibration import collectives, kernels, overheads
     from calibration.fit_compute import fit_compute
@@ -194,8 +194,8 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     total = len(cases) + 1 + 2 * len(overheads.MICRO_BATCHES)  # the kernel grid, then the fixed costs
     together = args.device == "cpu" and world >= 2  # the CPU executor's processes compute at once
-    with tqdm(total=total, desc="kernels" + (f" ({world} processes in step)" if together else ""), unit="case",
-              file=sys.stderr) as bar:
+    with progress_bar(total=total, desc="kernels" + (f" ({world} processes in step)" if together else ""),
+                      unit="case") as bar:
         if together:
             from calibration.together import measure_together
 
@@ -206,12 +206,12 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
                                     ignore_index=True)
     raw_alone = None
     if together:  # the same grid with one process alone: how much faster a device is with its host idle
-        with tqdm(total=total, desc="kernels (1 process alone)", unit="case", file=sys.stderr) as bar:
+        with progress_bar(total=total, desc="kernels (1 process alone)", unit="case") as bar:
             raw_alone = measure_together(cases, level, dtype, 1, progress=bar.update)
     raw_links = None
     if world >= 2:
         grid = collectives.GRIDS[level]
-        with tqdm(total=collectives.cases(grid, world), desc="collectives", unit="case", file=sys.stderr) as bar:
+        with progress_bar(total=collectives.cases(grid, world), desc="collectives", unit="case") as bar:
             raw_links = collectives.run_local(grid, world, progress=bar, device=args.device,
                                               in_situ=args.device == "cpu")
     sections, report_k = fit_compute(raw_kernels, command=command)

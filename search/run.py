@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from estimator.experiment import Experiment, experiment_from_dict
 from estimator.memory import plan_memory
 from estimator.plan import Plan
 from estimator.profiles import Profile
+from estimator.progress import progress_bar
 from estimator.roofline import mfu, roofline_s
 from estimator.simulator import simulate
 from search.anneal import GREEDY, Key, anneal, default_chains
@@ -213,10 +213,9 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
 def _bar(progress: bool, total: int | None):
     if not progress:
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit=" plans", desc="search", file=sys.stderr, dynamic_ncols=True,
-                bar_format="{desc}: {n_fmt} plans [{elapsed}, {rate_fmt}] {postfix}")
+    # tqdm puts ", " before a postfix itself: it goes inside the brackets
+    return progress_bar(total=total, unit=" plans", desc="search",
+                        bar_format="{desc}: {n_fmt} plans [{elapsed}, {rate_fmt}{postfix}]")
 
 
 def _result(experiment: Experiment, profile: Profile, space: Space, baselines: dict[str, Baseline],
