@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from estimator.errors import ConfigError
-from estimator.io import atomic_write_json, atomic_write_text, check_output_path
+from estimator.io import atomic_write_json, atomic_write_text, check_output_dir, check_output_path
 from estimator.loading import (
     MAX_DEPTH,
     MAX_YAML_ALIASES,
@@ -169,6 +169,18 @@ def test_output_refuses_directory_fifo_and_missing_parent(tmp_path):
     _raises(check_output_path, "", "--trace", match="the path is empty")
     _raises(check_output_path, "a\0b", "--trace", match="NUL byte")
     assert not list(tmp_path.glob(".*.tmp"))  # no temp file left behind
+
+
+def test_an_output_directory_may_be_missing_but_must_be_creatable(tmp_path):
+    assert check_output_dir(tmp_path, "--out") == tmp_path.resolve()
+    assert check_output_dir(tmp_path / "a" / "b", "--out") == (tmp_path / "a" / "b").resolve()
+    assert not (tmp_path / "a").exists()  # checking creates nothing
+    (tmp_path / "f").write_text("x")
+    _raises(check_output_dir, tmp_path / "f", "--out", match="--out")
+    _raises(check_output_dir, tmp_path / "f", "--out", match="is not a directory")
+    _raises(check_output_dir, tmp_path / "f" / "sub", "--out", match=f"{str(tmp_path / 'f')!r} is not a directory")
+    _raises(check_output_dir, "", "--out", match="the path is empty")
+    _raises(check_output_dir, "a\0b", "--out", match="NUL byte")
 
 
 def test_output_follows_a_symlink_instead_of_replacing_it(tmp_path):
