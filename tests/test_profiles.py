@@ -99,6 +99,15 @@ def test_invalid_profiles_name_the_rule(edit, match):
         profile_from_dict(data)
 
 
+@pytest.mark.parametrize("value", ["1", True, None])
+def test_a_collective_curve_point_must_be_a_number(value):
+    data = json.loads((PROFILE_DIR / "h100-sxm.json").read_text())
+    curve = data["links"]["intra"]["all_reduce"]["curves"]["2"]
+    curve[0][0] = value  # float() would take "1" and True as 1.0
+    with pytest.raises(ConfigError, match=r"links\.intra\.all_reduce\.curves\['2'\]: \[.*\] must be numbers"):
+        profile_from_dict(data)
+
+
 def test_measured_profile_may_carry_commands():
     data = linear_profile_dict()
     data["source"] = "measured"
