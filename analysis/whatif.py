@@ -33,9 +33,10 @@ from typing import Any
 
 import pandas as pd
 
+from estimator import rules
 from estimator.errors import ConfigError, cli_guard
 from estimator.experiment import Experiment, load_experiment
-from estimator.io import atomic_write_json, atomic_write_text
+from estimator.io import atomic_write_json, atomic_write_text, check_output_dir
 from estimator.models import get_model
 from estimator.plan import Plan, check
 from estimator.profiles import Profile, load_profile
@@ -45,6 +46,10 @@ from estimator.workflow import ROLES, VALUE_ROLES
 
 CLUSTER_KEYS = {"nodes": int, "devices_per_node": int, "device": str}
 WORKLOAD_KEYS = {"gen_len": int, "prompt_len": int, "batch_size": int, "group_size": int}
+# the bounds an experiment file has for the same keys (estimator/rules.py says why)
+LIMITS = {"nodes": rules.MAX_DEVICES, "devices_per_node": rules.MAX_DEVICES_PER_NODE,
+          "gen_len": rules.MAX_SEQ_TOKENS, "prompt_len": rules.MAX_SEQ_TOKENS, "batch_size": rules.MAX_BATCH,
+          "group_size": rules.MAX_GROUP}
 Searcher = Callable[[Experiment, Profile], Plan]  # the best plan the search finds
 Baselines = Callable[[Experiment, Profile], dict[str, Plan]]  # baseline name → plan (those that exist)
 
@@ -68,7 +73,13 @@ def parse_vary(texts: Sequence[str], algorithm: str) -> dict[str, list[Any]]:
             bad = [v for v in items if not v.isdigit() or int(v) < 1]
             if bad:
                 raise ConfigError(f"--vary {key}={values}: {bad} must be positive integers")
+            big = [v for v in items if int(v) > LIMITS[key]]
+            if big:
+                raise ConfigError(f"--vary {key}={values}: {big} exceed the limit {LIMITS[key]:,}")
         out[key] = [kind(v) for v in items]
+        twice = sorted({str(v) for v in out[key] if out[key].count(v) > 1})
+        if twice:
+            raise ConfigError(f"--vary {key}={values}: {twice} given more than once; each value is one point")
     if not out:
         raise ConfigError("give at least one --vary KEY=V1,V2,…")
     return out
@@ -78,17 +89,23 @@ def apply(experiment: Experiment, point: Mapping[str, Any]) -> Experiment:
     """The experiment with ``point``'s values (cluster fields, workload fields, role models)."""
     cluster = dataclasses.replace(experiment.cluster, **{k: v for k, v in point.items() if k in CLUSTER_KEYS})
     params = dataclasses.replace(experiment.params, **{k: v for k, v in point.items() if k in WORKLOAD_KEYS})
-    models = dict(experiment.models)
-    for role, name in point.items():
-        if role in models:
-            spec = get_model(name)
-            models[role] = spec.as_value_model() if role in VALUE_ROLES else spec
     label = ",".join(f"{k}={v}" for k, v in point.items())
+    models = dict(experiment.models)
     try:
+        for role, name in point.items():
+            if role in models:
+                spec = get_model(name)
+                models[role] = spec.as_value_model() if role in VALUE_ROLES else spec
+        if params.prompt_len + params.gen_len > rules.MAX_SEQ_TOKENS:
+            raise ConfigError(f"prompt_len + gen_len = {params.prompt_len + params.gen_len:,} tokens exceeds the "
+                              f"limit {rules.MAX_SEQ_TOKENS:,} per sequence")
+        if params.batch_size * params.group_size > rules.MAX_BATCH:
+            raise ConfigError(f"batch_size·group_size = {params.batch_size * params.group_size:,} sequences "
+                              f"exceeds the limit {rules.MAX_BATCH:,} per iteration")
         return dataclasses.replace(experiment, cluster=cluster, params=params, models=models,
                                    name=f"{experiment.name}[{label}]")
     except ConfigError as exc:
-        raise ConfigError(f"point {label}: {exc}") from None
+        raise ConfigError(f"--vary point {label}: {exc}") from None
 
 
 def samples_per_iteration(experiment: Experiment) -> int:
@@ -117,15 +134,22 @@ def point_row(experiment: Experiment, profile: Profile, best: Plan, baselines: M
 
 def sweep(experiment: Experiment, varies: Mapping[str, list[Any]], profile_arg: str | None, searcher: Searcher,
           baselines: Baselines, out: Path) -> pd.DataFrame:
-    """One row per grid point (progress bar on stderr); each point's best plan is written to ``out/plans``."""
-    if profile_arg and "device" in varies:
+    """One row per grid point (progress bar on stderr); each point's best plan is written to
+    ``out/plans``. Every point's experiment and profile are checked before the first search."""
+    if profile_arg is not None and "device" in varies:
         raise ConfigError("--profile and --vary device exclude each other: each device brings its own profile")
     points = [dict(zip(varies, values)) for values in itertools.product(*varies.values())]
+    setups = []
+    for point in points:
+        exp = apply(experiment, point)
+        if profile_arg is not None:
+            profile = load_profile(profile_arg, "--profile")
+        else:
+            profile = load_profile(exp.cluster.device, "--vary point " + ",".join(f"{k}={v}" for k, v in point.items()))
+        setups.append((point, exp, profile))
     rows = []
     (out / "plans").mkdir(parents=True, exist_ok=True)
-    for i, point in enumerate(progress_bar(points, desc="what-if points", unit="point")):
-        exp = apply(experiment, point)
-        profile = load_profile(profile_arg or exp.cluster.device)
+    for i, (point, exp, profile) in enumerate(progress_bar(setups, desc="what-if points", unit="point")):
         best = check(searcher(exp, profile), exp)
         plan_file = out / "plans" / f"point-{i:02d}.json"
         atomic_write_text(plan_file, best.to_json())
@@ -205,12 +229,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None, functions: tuple[Searcher, Baselines] | None = None) -> int:
     args = _parser().parse_args(argv)
+    rules.real("--search-budget-s", args.search_budget_s, positive=True)
+    rules.integer("--seed", args.seed, lo=0, hi=rules.MAX_SEED)
+    if args.search_evals is not None:
+        rules.integer("--search-evals", args.search_evals, lo=1)
     experiment = load_experiment(args.experiment)
     varies = parse_vary(args.vary, experiment.algorithm)
-    if args.search_evals is not None and args.search_evals < 1:
-        raise ConfigError(f"--search-evals={args.search_evals} must be at least 1")
+    out_arg = args.out if args.out is not None else str(Path("analysis", "results", f"whatif-{experiment.name}"))
+    check_output_dir(out_arg, "--out")  # before the first search; "" is refused, not taken as "."
+    out = Path(out_arg)
     searcher, baselines = functions or search_functions(args.search_budget_s, args.seed, args.search_evals)
-    out = Path(args.out or Path("analysis", "results", f"whatif-{experiment.name}"))
     df = sweep(experiment, varies, args.profile, searcher, baselines, out)
     atomic_write_text(out / "whatif.csv", df.to_csv(index=False, float_format="%.9g"))
     atomic_write_json(out / "whatif.json", json.loads(df.to_json(orient="records")))

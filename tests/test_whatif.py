@@ -85,3 +85,43 @@ def test_a_real_search_sweep_repeats_exactly(tmp_path: Path):
     assert (a["best_iteration_s"] > 0).all() and len(a) == 2
     # the searched plan is never predicted slower than a baseline
     assert (a["speedup_over_megatron"] >= 1.0).all() and (a["speedup_over_split"] >= 1.0).all()
+
+
+def test_parse_vary_bounds_and_repeats():
+    with pytest.raises(ConfigError, match=r"--vary batch_size=8,2000000: \['2000000'\] exceed the limit 1,048,576"):
+        whatif.parse_vary(["batch_size=8,2000000"], "ppo")
+    with pytest.raises(ConfigError, match=r"--vary nodes=1,01: \['1'\] given more than once"):
+        whatif.parse_vary(["nodes=1,01"], "ppo")
+    with pytest.raises(ConfigError, match=r"--vary point prompt_len=1048576: prompt_len \+ gen_len = 1,048,704"):
+        whatif.apply(load_experiment(EXP), {"prompt_len": 1 << 20})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--search-budget-s", "-1"], "--search-budget-s=-1.0 must be positive"),
+    (["--search-budget-s", "nan"], "--search-budget-s=nan must be a finite number"),
+    (["--seed", "-1"], "--seed=-1 must be a non-negative integer"),
+    (["--search-evals", "0"], "--search-evals=0 must be at least 1"),
+    (["--profile", ""], "--profile: the hardware profile name is empty"),
+    (["--out", ""], "--out: the path is empty"),
+    (["--vary", "gen_len=8,2000000"], "exceed the limit"),
+    (["--vary", "nodes=1,2", "--vary", "batch_size=8,7"], "--vary point nodes=1,batch_size=7: "),  # the 2nd point
+])
+def test_every_flag_and_point_is_checked_before_the_first_search(tmp_path: Path, capsys, flags, message):
+    searched = []
+    functions = (lambda e, p: searched.append(e) or symmetric_plan(e, p), STAND_IN[1])
+    argv = [str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--out", str(tmp_path / "w")] + flags
+    if "--vary" not in flags:
+        argv += ["--vary", "nodes=1"]
+    assert whatif.main(argv, functions=functions) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err, err
+    assert searched == [] and not (tmp_path / "w").exists()
+
+
+def test_out_may_be_a_new_directory_but_not_a_file(tmp_path: Path, capsys):
+    (tmp_path / "f").write_text("x")
+    argv = [str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--vary", "gen_len=8"]
+    assert whatif.main(argv + ["--out", str(tmp_path / "f" / "w")], functions=STAND_IN) == EXIT_INVALID
+    assert "is not a directory" in capsys.readouterr().err
+    assert whatif.main(argv + ["--out", str(tmp_path / "new" / "w")], functions=STAND_IN) == 0
+    assert (tmp_path / "new" / "w" / "whatif.csv").is_file()
