@@ -212,7 +212,7 @@ def scatter(df: Any, out: Path, title: str) -> Path:
 def make_profile(args: argparse.Namespace) -> int:
     from estimator.profiles import profile_from_dict
 
-    out = check_output_path(args.out or PROFILE_DIR / f"{args.name}.json", "--out")
+    out = check_output_path(args.out if args.out is not None else PROFILE_DIR / f"{args.name}.json", "--out")
     base = load_profile(args.base, key="--base")
     command = (f"python -m analysis.published make-profile --base {args.base} --name {args.name}"
                + (f" --intra-GBps {args.intra_GBps:g}" if args.intra_GBps != 150 else "")
@@ -296,7 +296,7 @@ def _layers(text: str, flag: str) -> set[int]:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    out = check_output_path(args.out or PROFILE_DIR / f"{args.name}.json", "--out")
+    out = check_output_path(args.out if args.out is not None else PROFILE_DIR / f"{args.name}.json", "--out")
     base = load_profile(args.base, key="--base")
     rows = load_table(args.table)
     layers = _layers(args.fit_layers, "--fit-layers")

@@ -52,7 +52,7 @@ from typing import Any
 
 from estimator.errors import ConfigError, cli_guard
 from estimator.experiment import Experiment, load_experiment
-from estimator.io import atomic_write_json, atomic_write_text
+from estimator.io import atomic_write_json, atomic_write_text, check_output_dir
 from estimator.loading import load_json
 from estimator.plan import Plan, check
 from estimator.profiles import Profile, load_profile
@@ -271,8 +271,11 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
     experiment = load_experiment(args.experiment)
-    profile = load_profile(args.profile or experiment.cluster.device)
-    out = Path(args.out or Path("analysis", "results", experiment.name))
+    profile = (load_profile(args.profile, key="--profile") if args.profile is not None
+               else load_profile(experiment.cluster.device, key="cluster.device"))
+    out_arg = args.out if args.out is not None else str(Path("analysis", "results", experiment.name))
+    check_output_dir(out_arg, "--out")  # before any plan is predicted or run; "" is refused, not taken as "."
+    out = Path(out_arg)
     if args.rescore:
         cands, notes = from_results(Path(args.rescore), experiment)
     elif args.plan_dir:

@@ -183,6 +183,8 @@ def test_missing_profiles_are_named(tmp_path, capsys):
     table.write_text(_table(ROWS), encoding="utf-8")
     assert main(["vtrain", str(table), "--profile", "no-such-profile"]) == 2
     assert "--profile: unknown hardware profile 'no-such-profile'" in capsys.readouterr().err
+    assert main(["make-profile", "--base", "a100-80g", "--name", "x", "--out", ""]) == 2
+    assert "--out: the path is empty" in capsys.readouterr().err
 
 
 FIT_ROWS = ["2,8,1,1024,16,12,1024,2,1,1,1", "2,16,4,1024,16,12,1024,1,2,1,1", "4,16,2,2048,16,12,1024,4,1,1,1",

@@ -101,3 +101,11 @@ def test_cli_writes_the_plan_and_exits_by_fit(tmp_path, capsys):
     assert main([str(SEVEN_B), "--name", "deepspeed"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'deepspeed'" in err[0]
+
+
+def test_cli_refuses_an_empty_profile_or_out(tmp_path, capsys):
+    tiny = str(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    assert main([tiny, "--name", "megatron", "--profile", ""]) == 2
+    assert "--profile: the hardware profile name is empty" in capsys.readouterr().err
+    assert main([tiny, "--name", "megatron", "--out", ""]) == 2
+    assert "the path is empty" in capsys.readouterr().err

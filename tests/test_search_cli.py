@@ -76,3 +76,14 @@ def test_search_prints_the_report_table(capsys):
     for needle in ("plan space: 10^", "predicted iteration time", "roofline lower bound", "real-heuristic",
                    "where the time goes:", "reallocation"):
         assert needle in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--profile", ""], "--profile: the hardware profile name is empty"),  # was: the cluster's device
+    (["--out", ""], "--out: the path is empty"),  # was: no plan written, exit 0
+    (["--trace", ""], "--trace: the path is empty"),
+    (["--chains", "100000"], "--chains 100000 exceeds the limit 1,024"),
+])
+def test_an_empty_path_or_profile_and_too_many_chains_exit_2(flags, message, capsys, no_search):
+    assert cli.main([TINY] + flags) == 2
+    assert message in _one_error_line(capsys)
