@@ -66,7 +66,8 @@ from pathlib import Path
 from typing import Any
 
 from estimator.errors import ConfigError, cli_guard
-from estimator.io import atomic_write_text, check_output_path
+from estimator.experiment import load_experiment
+from estimator.io import atomic_write_text, check_output_dir, check_output_path
 from estimator.plan import format_table
 from estimator.profiles import PROFILE_DIR, load_profile, profile_from_dict
 from estimator.progress import progress_bar
@@ -111,12 +112,9 @@ def _check_args(args: argparse.Namespace) -> None:
                           "starting with a letter or digit")
     if args.base == "":
         raise ConfigError("--base must name a profile or a profile file, not ''")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out={args.out!r} is not a directory")
-    parent = out if out.exists() else out.parent
-    if not parent.exists() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out={args.out!r}: {parent} is not a writable directory")
+    check_output_dir(args.out, "--out")  # created when the results are written
+    if args.experiment is not None:
+        load_experiment(args.experiment)  # a bad experiment is refused before any measurement
     for flag, value in (("--import-vidur", args.import_vidur), ("--check-vidur", args.check_vidur)):
         if value is not None and not Path(value).is_dir():
             raise ConfigError(f"{flag}: {value!r} is not a directory of vidur tables")
@@ -343,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_vidur is not None:
         return _check_vidur(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # checked by _check_args
     if args.import_vidur is not None:
         return _import_vidur(args, out, command)
     if args.import_nccl_tests:

@@ -149,14 +149,37 @@ def _children(pid: int) -> list[int]:
     (["--base", "no-such-profile", "--grid", "tiny"], "unknown hardware profile 'no-such-profile'"),
     (["--import-nccl-tests", "missing.txt", "--base", "h100-sxm", "--name", "x"], "'missing.txt' is not a readable"),
     (["--import-nccl-tests", str(FIXTURES / "all_reduce_perf.h100x8.txt")], "needs --base PROFILE and --name"),
+    (["--experiment", "no-such.yaml", "--grid", "tiny"], "experiment file 'no-such.yaml' does not exist"),
+    (["--experiment", str(FIXTURES), "--grid", "tiny"], "is a directory"),
 ])
-def test_bad_arguments_exit_2_naming_them_before_any_work(argv, match, tmp_path, capsys):
+def test_bad_arguments_exit_2_naming_them_before_any_work(argv, match, tmp_path, capsys, monkeypatch):
     from estimator.errors import cli_guard
 
+    def measure(*args):
+        raise AssertionError("the measurement started before the arguments were checked")
+
+    monkeypatch.setattr(calibrate, "measure_profile", measure)
     assert cli_guard(calibrate.main, argv + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_out_directory_is_created_when_the_profile_is_written(tmp_path, monkeypatch):
+    from estimator.errors import cli_guard
+
+    measured = []
+
+    def measure(args, base, name, command):  # stands in for the measurement (minutes)
+        measured.append(name)
+        return {"profile": base, "kernels": None, "kernels_report": None, "links": None, "links_report": None,
+                "alone": None, "host_report": None}
+
+    monkeypatch.setattr(calibrate, "measure_profile", measure)
+    monkeypatch.setattr(calibrate, "_table", lambda *a: "")
+    out = tmp_path / "a" / "b"
+    assert cli_guard(calibrate.main, ["--grid", "tiny", "--name", "x", "--out", str(out), "--json"]) == 0
+    assert measured == ["x"] and (out / "x.json").is_file()
 
 
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
