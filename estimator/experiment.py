@@ -23,14 +23,13 @@ Unknown keys, wrong types, unknown presets and impossible values raise
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from estimator import rules
 from estimator.cluster import Cluster
-from estimator.errors import ConfigError
+from estimator.errors import ConfigError, did_you_mean
 from estimator.loading import check_input_path, load_yaml
 from estimator.models import ModelSpec, checkpoint_dir, get_model
 from estimator.workflow import ALGORITHMS, ROLES, VALUE_ROLES, Workflow, WorkflowParams, build
@@ -99,9 +98,7 @@ _CLUSTER_KEYS = ("nodes", "devices_per_node", "device")
 
 
 def _unknown_key(where: str, key: str, allowed: tuple[str, ...] | list[str]) -> ConfigError:
-    close = difflib.get_close_matches(str(key), allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
+    return ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}")
 
 
 # key → upper bound (estimator/rules.py says why each is above any real run)

@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from estimator.errors import ConfigError
+from estimator.errors import ConfigError, did_you_mean
 from estimator.io import atomic_write_json
 from estimator.links import COLLECTIVES, LINK_CLASSES, LinkCost, bus_factor, number, parse_links
 from estimator.loading import is_file, load_json
@@ -379,8 +379,8 @@ def load_profile(name_or_path: str | Path, key: str = "") -> Profile:
         path = PROFILE_DIR / f"{text}.json"
         if not is_file(path):
             shown = text if len(text) <= 80 else text[:77] + "..."
-            raise ConfigError(f"{prefix}unknown hardware profile {shown!r}; known profiles: "
-                              f"{', '.join(known_profiles())} (or give a path to a profile .json)")
+            raise ConfigError(f"{prefix}unknown hardware profile {shown!r}{did_you_mean(text, known_profiles())}; "
+                              f"known profiles: {', '.join(known_profiles())} (or give a path to a profile .json)")
     try:
         data = load_json(path, "hardware profile", expect=dict)
         return profile_from_dict(data, where=f"profile {path}", path=str(path))

@@ -81,6 +81,8 @@ def test_load_by_path(tmp_path):
 def test_unknown_name_lists_known_profiles():
     with pytest.raises(ConfigError, match="unknown hardware profile 'b200'.*h100-sxm"):
         load_profile("b200")
+    with pytest.raises(ConfigError, match=r"unknown hardware profile 'h100_sxm' \(did you mean 'h100-sxm'\?\)"):
+        load_profile("h100_sxm")
 
 
 @pytest.mark.parametrize("edit,match", [

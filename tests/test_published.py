@@ -177,7 +177,8 @@ def test_a_row_the_plan_rules_refuse_is_named_before_any_output(tmp_path, capsys
 
 def test_missing_profiles_are_named(tmp_path, capsys):
     assert main(["make-profile", "--base", "a100-nope", "--out", str(tmp_path / "p.json")]) == 2
-    assert "--base: unknown hardware profile 'a100-nope'; known profiles:" in capsys.readouterr().err
+    assert "--base: unknown hardware profile 'a100-nope' (did you mean 'a100-vtrain'?); known profiles:" in \
+        capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
     table = tmp_path / "t.csv"
     table.write_text(_table(ROWS), encoding="utf-8")
