@@ -38,7 +38,7 @@ from estimator.errors import ConfigError, cli_guard
 from estimator.experiment import Experiment, load_experiment
 from estimator.io import atomic_write_json, atomic_write_text, check_output_dir
 from estimator.models import get_model
-from estimator.plan import Plan, check
+from estimator.plan import Plan, check, format_table
 from estimator.profiles import Profile, load_profile
 from estimator.progress import progress_bar
 from estimator.simulator import simulate
@@ -158,6 +158,26 @@ def sweep(experiment: Experiment, varies: Mapping[str, list[Any]], profile_arg: 
     return pd.DataFrame(rows)
 
 
+TABLE_COLUMNS = {"best_iteration_s": "best s", "tokens_per_s": "tokens/s", "samples_per_s": "samples/s",
+                 "gpu_hours_per_1000_steps": "GPU-h/1k steps"}
+
+
+def render(df: pd.DataFrame, keys: Sequence[str]) -> str:
+    """The sweep as a table that fits a terminal: the varied keys, the best plan's figures under
+    short headings and the speed-up over each baseline ("vs megatron"); the baselines' own times
+    and the full column names are in whatif.csv and ``--json``."""
+    speedups = [c for c in df.columns if c.startswith("speedup_over_")]
+    rows = [(*keys, *TABLE_COLUMNS.values(), *(f"vs {c.removeprefix('speedup_over_')}" for c in speedups))]
+    for _, r in df.iterrows():
+        rows.append((*(str(r[k]) for k in keys), *(_figure(r[c]) for c in TABLE_COLUMNS),
+                     *(f"{r[c]:.2f}x" for c in speedups)))
+    return format_table(rows, right=set(range(len(keys), len(rows[0]))))
+
+
+def _figure(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
 def plot_sweep(df: pd.DataFrame, keys: Sequence[str], out: Path) -> Path:
     """Best iteration time, throughput, GPU-hours and speedups against the first varied key,
     one line per combination of the others."""
@@ -246,8 +266,8 @@ def _main(argv: list[str] | None, functions: tuple[Searcher, Baselines] | None =
     if args.json:
         print(df.to_json(orient="records", indent=2))
     else:
-        print(df.drop(columns=["plan_file"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-        print(f"\nwrote {out}")
+        print(render(df, list(varies)))
+        print(f"\nwrote {out} (whatif.csv and whatif.json also hold each baseline's iteration time)")
     return 0
 
 

@@ -4,6 +4,7 @@ of the search itself."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -125,3 +126,25 @@ def test_out_may_be_a_new_directory_but_not_a_file(tmp_path: Path, capsys):
     assert "is not a directory" in capsys.readouterr().err
     assert whatif.main(argv + ["--out", str(tmp_path / "new" / "w")], functions=STAND_IN) == 0
     assert (tmp_path / "new" / "w" / "whatif.csv").is_file()
+
+
+def test_the_printed_table_fits_a_terminal_and_json_keeps_every_column(tmp_path: Path, capsys):
+    import search.baselines as sb
+
+    def baselines(e, p):  # the four baselines: the widest table whatif prints for one key
+        return {n: b.plan for n in sb.BASELINES if (b := sb.build(n, e, p)).plan is not None}
+
+    argv = [str(EXP), "--vary", "gen_len=64,128", "--vary", "nodes=1,2", "--out", str(tmp_path)]
+    assert whatif.main(argv, functions=(STAND_IN[0], baselines)) == 0
+    table, wrote = capsys.readouterr().out.split("\n\n")
+    lines = table.splitlines()
+    assert max(map(len, lines)) <= 120, max(lines, key=len)
+    assert wrote.startswith(f"wrote {tmp_path} ")
+    assert lines[0].split()[:4] == ["gen_len", "nodes", "best", "s"] and "vs real-heuristic" in lines[0]
+    df = pd.read_csv(tmp_path / "whatif.csv")
+    first = lines[2].split()
+    assert first[:2] == ["64", "1"] and first[2] == f"{df['best_iteration_s'][0]:.4g}"
+    assert first[-1] == f"{df['speedup_over_real-heuristic'][0]:.2f}x"
+    assert whatif.main(argv + ["--json"], functions=(STAND_IN[0], baselines)) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {"megatron_iteration_s", "speedup_over_megatron", "gpu_hours_per_1000_steps"} <= set(rows[0])
