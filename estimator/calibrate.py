@@ -33,7 +33,9 @@ A measurement runs three phases, each with a progress bar on stderr:
    costs, and one time curve per collective kind and group size — each fitted on part of the
    rows and reported on the rest (median and max absolute percentage error per family).
 
-``--quick`` finishes in about three minutes on a 2-core machine; the full grid in under twenty.
+``--quick`` finishes in about three minutes on a 2-core machine, the full grid in under twenty;
+``--quick`` is a smoke test of the pipeline, and the output says so, and which families and
+collective curves are under-sampled (:func:`caveats`), next to their held-out errors.
 What is not measured (inter-node links; intra-node links on one GPU) is kept from ``--base``
 with its citation. ``--import-nccl-tests`` builds the collective curves of a profile from the
 text or ``-J`` JSON output of NVIDIA's nccl-tests instead of measuring. ``--import-vidur`` builds
@@ -270,6 +272,43 @@ def _table(report: Any, keys: list[str], n: str, median: str, worst: str) -> str
     return format_table(rows, right=set(range(len(keys), len(keys) + 3)))
 
 
+# A held-out figure rests on its rows: a family fitted on fewer than MIN_FIT_ROWS shapes, or
+# judged on fewer than MIN_HELD_OUT_ROWS, or a collective curve fitted on fewer than
+# MIN_CURVE_SIZES message sizes, says more about which few shapes were drawn than about the fit.
+MIN_FIT_ROWS = 8
+MIN_HELD_OUT_ROWS = 4
+MIN_CURVE_SIZES = 8
+SMOKE_LEVELS = ("tiny", "quick")  # grids that check the pipeline, not the profile's accuracy
+
+
+def caveats(level: str, kernels_report: Any, links_report: Any = None) -> list[str]:
+    """What the held-out errors of a calibration do not say: that a ``--quick`` (or tiny) grid
+    is a smoke test, and which families and collective curves are under-sampled, read from the
+    reports' row counts."""
+    out = []
+    if level in SMOKE_LEVELS:
+        flag = "--quick" if level == "quick" else f"--grid {level}"
+        out.append(f"{flag} is a smoke test of the calibration (few shapes per family, few repeats): its "
+                   "held-out errors show the pipeline works, not how accurate the profile is; measure the full "
+                   "grid (no --quick) for a profile to plan with")
+    thin = []
+    if kernels_report is not None and len(kernels_report):
+        n = kernels_report.pivot_table(index="family", columns="split", values="n", aggfunc="sum", fill_value=0)
+        for family, row in n.iterrows():
+            fit, held = int(row.get("fit", 0)), int(row.get("held-out", 0))
+            if fit < MIN_FIT_ROWS or held < MIN_HELD_OUT_ROWS:
+                thin.append(f"{family} ({fit} fitted, {held} held out)")
+    if links_report is not None and len(links_report):
+        for r in links_report.itertuples():
+            if r.n_fit < MIN_CURVE_SIZES:
+                thin.append(f"{r.link_class} {r.kind} group {r.group} ({r.n_fit} sizes fitted)")
+    if thin:
+        out.append(f"under-sampled (fewer than {MIN_FIT_ROWS} fitted or {MIN_HELD_OUT_ROWS} held-out rows, or a "
+                   f"collective curve on fewer than {MIN_CURVE_SIZES} sizes; their errors rest on a handful of "
+                   "shapes): " + "; ".join(thin))
+    return out
+
+
 def _summary(result: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
     def records(df: Any) -> list[dict]:
         return [] if df is None else json.loads(df.to_json(orient="records"))
@@ -366,9 +405,12 @@ def main(argv: list[str] | None = None) -> int:
             texts[files[key]] = result[key].to_csv(index=False)
     _write_all(texts, files["profile"])
     if args.json:
-        print(json.dumps(_summary(result, files), indent=2))
+        notes = caveats(args.level or "full", result["kernels_report"], result["links_report"])
+        print(json.dumps({**_summary(result, files), "caveats": notes}, indent=2))
         return 0
     print(f"profile {name} (measured on {result['profile']['device']}) written to {files['profile']}")
+    for line in caveats(args.level or "full", result["kernels_report"], result["links_report"]):
+        print(f"\nnote: {line}")
     print("\nkernels and executor pieces, held-out shapes:")
     print(_table(result["kernels_report"], ["family"], "n", "median_pct", "max_pct"))
     if result["host_report"] is not None:
