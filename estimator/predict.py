@@ -39,6 +39,7 @@ from estimator.io import check_output_path
 from estimator.memory import GiB, MemoryReport, plan_memory
 from estimator.plan import Plan, check, format_table
 from estimator.profiles import Profile, load_profile
+from estimator.progress import LOG_INTERVAL_S, is_terminal
 from estimator.roofline import mfu, roofline_s
 from estimator.simulator import SimResult, simulate
 
@@ -48,16 +49,18 @@ TRACE_PER_DEVICE_MAX = 16  # larger clusters get one trace track per pipeline st
 
 
 class Progress:
-    """Progress lines on stderr, only once a run has taken more than a second."""
+    """Progress lines on stderr, only once a run has taken more than a second: every half second
+    on a terminal, every :data:`estimator.progress.LOG_INTERVAL_S` in a log."""
 
     def __init__(self, quiet: bool = False):
         self.start = time.monotonic()
         self.last = self.start
         self.quiet = quiet
+        self.every_s = 0.5 if is_terminal(sys.stderr) else LOG_INTERVAL_S
 
     def __call__(self, message: str) -> None:
         now = time.monotonic()
-        if not self.quiet and now - self.start > 1.0 and now - self.last > 0.5:
+        if not self.quiet and now - self.start > 1.0 and now - self.last > self.every_s:
             print(f"  {message}", file=sys.stderr, flush=True)
             self.last = now
 

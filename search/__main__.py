@@ -13,7 +13,7 @@ Without an experiment it searches the built-in default: PPO with four LLaMA-2 7B
 the search and its re-ranking; ``--max-evals N`` instead fixes how many plans the evaluator
 scores, so the same seed gives the same plan on any machine (the wall clock is then not
 consulted). While it runs, a progress bar on stderr shows the elapsed time, plans evaluated
-and the best iteration time so far.
+and the best iteration time so far (piped into a log: one plain line every few seconds).
 
 Prints the plan space per call, the best plan (per call: mesh, dp/tp/pp, micro-batches,
 predicted start, duration, communication and reallocation), its predicted iteration time,

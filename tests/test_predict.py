@@ -110,3 +110,29 @@ def test_symmetric_plan_steps_tp_down_where_heads_do_not_split():
     exp = load_experiment(EXAMPLES / "grpo-qwen2.5-7b-16xh100.yaml")  # 4 kv heads: tp <= 4 on 8-GPU nodes
     plan = symmetric_plan(exp)
     assert {(lay.dp, lay.tp, lay.pp) for lay in plan.layouts.values()} == {(2, 4, 2)}
+
+
+def test_progress_lines_are_every_half_second_on_a_terminal_and_sparse_in_a_log(monkeypatch):
+    import contextlib
+    import io
+
+    import estimator.predict as predict_mod
+    from estimator.progress import LOG_INTERVAL_S
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    now = [0.0]
+    monkeypatch.setattr(predict_mod.time, "monotonic", lambda: now[0])
+    lines = {}
+    for name, stream in (("terminal", Terminal()), ("log", io.StringIO())):
+        now[0] = 0.0
+        with contextlib.redirect_stderr(stream):
+            progress = predict_mod.Progress()
+            for _ in range(600):  # a message every 0.1 s for 60 s
+                now[0] += 0.1
+                progress("iteration 0 actor_gen done")
+        lines[name] = stream.getvalue().count("\n")
+    assert 100 <= lines["terminal"] <= 120  # every 0.5 s after the first second
+    assert lines["log"] <= 60 / LOG_INTERVAL_S + 1
