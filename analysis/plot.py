@@ -25,7 +25,6 @@ measured timelines on one time axis).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import zlib
 from functools import cache
@@ -43,9 +42,12 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 
 from analysis.compare import KIND_ORDER  # noqa: E402
+from estimator.base import rules  # noqa: E402
 from estimator.base.errors import ConfigError, cli_guard  # noqa: E402
+from estimator.base.io import check_output_dir, check_output_path  # noqa: E402
+from estimator.base.loading import MAX_DATA_BYTES, load_json  # noqa: E402
 from estimator.spec.cluster import DeviceMesh  # noqa: E402
-from estimator.spec.timeline import TIMELINE_FORMAT, Span, Timeline  # noqa: E402
+from estimator.spec.timeline import TIMELINE_FORMAT, Span, Timeline, check_source, span_from_dict  # noqa: E402
 
 PER_DEVICE_MAX = 16  # above this many devices, one row per group of devices running the same stages
 COMM_OPS = {"tp_allreduce", "dp_allreduce", "pp_send", "data"}
@@ -80,36 +82,62 @@ def call_color(call: str) -> Any:
 
 
 def from_chrome_trace(data: dict[str, Any], where: str = "trace") -> Timeline:
-    """The timeline a :meth:`Timeline.chrome_trace` document was made from."""
+    """The timeline a :meth:`Timeline.chrome_trace` document was made from, every event checked:
+    a complete event ("ph": "X") has a ``ts`` and optional ``dur`` in microseconds (finite, not
+    negative), a name, and ``args`` with the span's device, iteration, micro-batch and stage."""
     events = data.get("traceEvents")
     if not isinstance(events, list):
         raise ConfigError(f"{where}: no traceEvents list; expected a Chrome trace or a {TIMELINE_FORMAT} file")
-    tracks = {e.get("tid"): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    for i, e in enumerate(events):
+        if not isinstance(e, dict):
+            raise ConfigError(f"{where}: traceEvents[{i}]={e!r:.60} must be an object")
+        if not isinstance(e.get("tid", 0), (int, str)) or isinstance(e.get("tid"), bool):
+            raise ConfigError(f"{where}: traceEvents[{i}].tid={e['tid']!r:.60} must be an integer or a name")
+        if not isinstance(e.get("args", {}), dict):
+            raise ConfigError(f"{where}: traceEvents[{i}].args={e['args']!r:.60} must be an object")
+    tracks = {}
+    for i, e in enumerate(events):
+        if e.get("ph") == "M" and e.get("name") == "thread_name":
+            name = e.get("args", {}).get("name")
+            if not isinstance(name, str):
+                raise ConfigError(f"{where}: traceEvents[{i}].args.name={name!r:.60} must name the track")
+            tracks[e.get("tid")] = name
     spans = []
-    for e in events:
-        if e.get("ph") != "X":
-            continue
-        call, _, op = str(e.get("name", "")).partition(":")
-        args, track = e.get("args", {}), tracks.get(e.get("tid"), "")
-        start = float(e["ts"]) / 1e6
-        spans.append(Span(start, start + float(e.get("dur", 0.0)) / 1e6, int(args.get("device", -1)),
-                          int(args.get("iteration", 0)), call, op or "span", int(args.get("micro_batch", -1)),
-                          int(args.get("stage", -1)), "" if track.startswith("device ") else track))
-    other = dict(data.get("otherData") or {})
-    return Timeline(tuple(spans), str(other.pop("source", "predicted")), other or None)
+    for i, e in enumerate(events):
+        if e.get("ph") == "X":
+            spans.append(_event_span(e, tracks, f"{where}: traceEvents[{i}]"))
+    other = data.get("otherData") or {}
+    if not isinstance(other, dict):
+        raise ConfigError(f"{where}: otherData={other!r:.60} must be an object")
+    other = dict(other)
+    return Timeline(tuple(spans), check_source(other.pop("source", "predicted"), where), other or None)
+
+
+def _event_span(e: dict[str, Any], tracks: dict[Any, str], where: str) -> Span:
+    """One complete event as a span (:func:`estimator.spec.timeline.span_from_dict` checks it)."""
+    if "ts" not in e:
+        raise ConfigError(f"{where}: a complete event needs ts (its start in microseconds)")
+    ts = rules.real(f"{where}.ts", e["ts"], lo=0.0)
+    dur = rules.real(f"{where}.dur", e.get("dur", 0.0), lo=0.0)
+    name = e.get("name", "")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.name={name!r:.60} must be a string (call:op)")
+    call, _, op = name.partition(":")
+    args, track = e.get("args", {}), tracks.get(e.get("tid"), "")
+    raw = {"start_s": ts / 1e6, "end_s": ts / 1e6 + dur / 1e6, "call": call, "op": op or "span",
+           "device": args.get("device", -1), "iteration": args.get("iteration", 0),
+           "micro_batch": args.get("micro_batch", -1), "stage": args.get("stage", -1),
+           "resource": "" if track.startswith("device ") else track}
+    return span_from_dict(raw, where)
 
 
 def load_any(path: str | Path) -> Timeline:
-    """A timeline file or a Chrome trace file."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    if isinstance(data, dict) and data.get("format") == TIMELINE_FORMAT:
-        return Timeline.from_dict(data, where=str(path))
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a Chrome trace or a {TIMELINE_FORMAT} object")
-    return from_chrome_trace(data, where=str(path))
+    """A timeline file or a Chrome trace file, read strictly (:mod:`estimator.base.loading`)."""
+    data = load_json(path, "timeline or trace", expect=dict, max_bytes=MAX_DATA_BYTES)
+    where = f"timeline or trace {str(path)!r}"
+    if data.get("format") == TIMELINE_FORMAT:
+        return Timeline.from_dict(data, where=where)
+    return from_chrome_trace(data, where=where)
 
 
 # ---- Gantt ---------------------------------------------------------------------------------------
@@ -246,6 +274,14 @@ def _title(tl: Timeline) -> str:
     meta = tl.meta or {}
     what = meta.get("experiment") or meta.get("profile") or ""
     return f"{tl.source} timeline" + (f" — {what}" if what else "")
+
+
+def check_figure_path(path: str | Path, what: str) -> Path:
+    """A figure file can be written at ``path``: its directory exists (or can be created, as
+    :func:`_save` does) and ``path`` is no directory (:mod:`estimator.base.io`'s rules)."""
+    parent = Path(path).parent
+    check_output_dir(parent, what)
+    return check_output_path(path, what) if parent.is_dir() else Path(path)
 
 
 def _save(fig: Any, out: str | Path) -> Path:
@@ -422,12 +458,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    if args.iterations is not None and args.iterations < 1:
-        raise ConfigError(f"--iterations={args.iterations} must be at least 1")
+    if args.iterations is not None:
+        rules.integer("--iterations", args.iterations, lo=1)
+    if args.out is not None:
+        check_figure_path(args.out, "--out")
     tl = load_any(args.timeline)
     if not tl.spans:
         raise ConfigError(f"{args.timeline}: the timeline has no spans to draw")
-    out = write_gantt(tl, args.out or Path(args.timeline).with_suffix(".png"), args.iterations, args.title)
+    out = args.out if args.out is not None else check_figure_path(Path(args.timeline).with_suffix(".png"), "figure")
+    out = write_gantt(tl, out, args.iterations, args.title)
     print(f"wrote {out} ({len(tl.spans)} spans, {len(tl.iterations)} iterations, {tl.source})")
     return 0
 

@@ -49,6 +49,7 @@ from typing import Any
 from analysis.vtrain import DEFAULT_PROFILE, VTrainRow, load_table, row_experiment, vtrain_profile
 from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_json, atomic_write_text, check_output_path
+from estimator.base.progress import progress_bar
 from estimator.base.tables import format_table
 from estimator.cost.memory import GiB, plan_memory
 from estimator.profile.profiles import PROFILE_DIR, Profile, load_profile, op_set
@@ -101,9 +102,8 @@ def predict_row(row: VTrainRow, profile: Profile, engine: str = "evaluator") -> 
 def predict_table(rows: list[VTrainRow], profile: Profile, engine: str = "evaluator",
                   progress: bool = True) -> Any:  # -> pandas.DataFrame
     import pandas as pd
-    from tqdm import tqdm
 
-    it = tqdm(rows, desc="vTrain rows", unit="row", file=sys.stderr, disable=not progress)
+    it = progress_bar(rows, desc="vTrain rows", unit="row", disable=not progress)
     return pd.DataFrame([predict_row(r, profile, engine) for r in it])
 
 
@@ -222,7 +222,7 @@ def scatter_title(table: str, rows: int, profile: Profile, summary: dict[str, An
 def make_profile(args: argparse.Namespace) -> int:
     from estimator.profile.profiles import profile_from_dict
 
-    out = check_output_path(args.out or PROFILE_DIR / f"{args.name}.json", "--out")
+    out = check_output_path(args.out if args.out is not None else PROFILE_DIR / f"{args.name}.json", "--out")
     base = load_profile(args.base, key="--base")
     command = (f"python -m analysis.published make-profile --base {args.base} --name {args.name}"
                + (f" --intra-GBps {args.intra_GBps:g}" if args.intra_GBps != 150 else "")
@@ -273,12 +273,11 @@ def fit_profile(rows: list[VTrainRow], base: Profile, name: str, cite: str, prog
     (``scipy.optimize.least_squares``), starting from ``base``'s own figures."""
     import numpy as np
     from scipy import optimize
-    from tqdm import tqdm
 
     from estimator.profile.profiles import profile_from_dict
 
     measured = np.array([r.measured_s for r in rows])
-    bar = tqdm(desc="fit evaluations", unit="eval", file=sys.stderr, disable=not progress)
+    bar = progress_bar(desc="fit evaluations", unit="eval", disable=not progress)
 
     def residuals(x: np.ndarray) -> np.ndarray:
         prof = profile_from_dict(fitted_doc(base, name, x, cite), where=f"profile {name}")
@@ -307,7 +306,7 @@ def _layers(text: str, flag: str) -> set[int]:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    out = check_output_path(args.out or PROFILE_DIR / f"{args.name}.json", "--out")
+    out = check_output_path(args.out if args.out is not None else PROFILE_DIR / f"{args.name}.json", "--out")
     base = load_profile(args.base, key="--base")
     rows = load_table(args.table)
     layers = _layers(args.fit_layers, "--fit-layers")

@@ -55,8 +55,9 @@ from pathlib import Path
 from typing import Any
 
 from estimator.base.errors import ConfigError, cli_guard
-from estimator.base.io import atomic_write_json, atomic_write_text
+from estimator.base.io import atomic_write_json, atomic_write_text, check_output_dir
 from estimator.base.loading import load_json
+from estimator.base.progress import progress_bar
 from estimator.profile.profiles import Profile, load_profile, op_set
 from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, load_experiment
@@ -186,9 +187,7 @@ def run_executor(experiment_path: Path, plan_file: Path, iterations: int, out: P
 def measure(cands: list[Candidate], experiment_path: Path, out: Path, iterations: int, runs: int,
             runner: Runner) -> None:
     """Run every plan ``runs`` times, one run at a time, with a progress bar."""
-    from tqdm import tqdm
-
-    with tqdm(total=len(cands) * runs, desc="executor runs", unit="run", file=sys.stderr) as bar:
+    with progress_bar(total=len(cands) * runs, desc="executor runs", unit="run") as bar:
         for c in cands:
             for r in range(runs):
                 bar.set_postfix_str(f"{c.id} run {r + 1}/{runs}")
@@ -345,13 +344,16 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
     experiment = load_experiment(args.experiment)
-    profile = load_profile(args.profile or experiment.cluster.device)
-    out = Path(args.out or Path("analysis", "results", experiment.name))
+    profile = (load_profile(args.profile, key="--profile") if args.profile is not None
+               else load_profile(experiment.cluster.device, key="cluster.device"))
     if args.replot:
         drawn = replot(Path(args.replot), experiment, profile)
         print(json.dumps({"wrote": [str(f) for f in drawn]}) if args.json else
               "\n".join(f"wrote {f}" for f in drawn))
         return 0
+    out_arg = args.out if args.out is not None else str(Path("analysis", "results", experiment.name))
+    check_output_dir(out_arg, "--out")  # before any plan is predicted or run; "" is refused, not taken as "."
+    out = Path(out_arg)
     if args.rescore:
         cands, notes = from_results(Path(args.rescore), experiment)
     elif args.plan_dir:

@@ -41,8 +41,11 @@ from typing import Any
 
 import pandas as pd
 
+from estimator.base import rules
 from estimator.base.errors import ConfigError, cli_guard
-from estimator.base.io import atomic_write_json, atomic_write_text
+from estimator.base.io import atomic_write_json, atomic_write_text, check_output_dir
+from estimator.base.progress import progress_bar
+from estimator.base.tables import format_table
 from estimator.profile.profiles import OP_SET_STACKS, Profile, load_profile
 from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, load_experiment
@@ -52,6 +55,10 @@ from estimator.spec.workflow import ROLES, VALUE_ROLES
 
 CLUSTER_KEYS = {"nodes": int, "devices_per_node": int, "device": str}
 WORKLOAD_KEYS = {"gen_len": int, "prompt_len": int, "batch_size": int, "group_size": int}
+# the bounds an experiment file has for the same keys (estimator/base/rules.py says why)
+LIMITS = {"nodes": rules.MAX_DEVICES, "devices_per_node": rules.MAX_DEVICES_PER_NODE,
+          "gen_len": rules.MAX_SEQ_TOKENS, "prompt_len": rules.MAX_SEQ_TOKENS, "batch_size": rules.MAX_BATCH,
+          "group_size": rules.MAX_GROUP}
 Searcher = Callable[[Experiment, Profile], Plan]  # the best plan the search finds
 Baselines = Callable[[Experiment, Profile], dict[str, Plan]]  # baseline name → plan (those that fit)
 PLANNED, NO_PLAN = "planned", "no plan"  # a row's status
@@ -82,7 +89,13 @@ def parse_vary(texts: Sequence[str], algorithm: str, roles: Sequence[str] | None
             bad = [v for v in items if not v.isdigit() or int(v) < 1]
             if bad:
                 raise ConfigError(f"--vary {key}={values}: {bad} must be positive integers")
+            big = [v for v in items if int(v) > LIMITS[key]]
+            if big:
+                raise ConfigError(f"--vary {key}={values}: {big} exceed the limit {LIMITS[key]:,}")
         out[key] = [kind(v) for v in items]
+        twice = sorted({str(v) for v in out[key] if out[key].count(v) > 1})
+        if twice:
+            raise ConfigError(f"--vary {key}={values}: {twice} given more than once; each value is one point")
     if not out:
         raise ConfigError("give at least one --vary KEY=V1,V2,…")
     return out
@@ -107,10 +120,20 @@ def apply(experiment: Experiment, point: Mapping[str, Any]) -> Experiment:
             spec = get_model(name)
             models[role] = spec.as_value_model() if role in VALUE_ROLES else spec
     try:
+        for role, name in point.items():
+            if role in models:
+                spec = get_model(name)
+                models[role] = spec.as_value_model() if role in VALUE_ROLES else spec
+        if params.prompt_len + params.gen_len > rules.MAX_SEQ_TOKENS:
+            raise ConfigError(f"prompt_len + gen_len = {params.prompt_len + params.gen_len:,} tokens exceeds the "
+                              f"limit {rules.MAX_SEQ_TOKENS:,} per sequence")
+        if params.batch_size * params.group_size > rules.MAX_BATCH:
+            raise ConfigError(f"batch_size·group_size = {params.batch_size * params.group_size:,} sequences "
+                              f"exceeds the limit {rules.MAX_BATCH:,} per iteration")
         return dataclasses.replace(experiment, cluster=cluster, params=params, models=models,
                                    name=f"{experiment.name}[{label}]")
     except ConfigError as exc:
-        raise ConfigError(f"point {label}: {exc}") from None
+        raise ConfigError(f"--vary point {label}: {exc}") from None
 
 
 def samples_per_iteration(experiment: Experiment) -> int:
@@ -148,22 +171,20 @@ def sweep(experiment: Experiment, varies: Mapping[str, list[Any]], profile_arg: 
     input fails at once; a point where no plan exists (the search raises :class:`ConfigError`:
     a call fits nowhere, or no plan fits) gets ``status`` "no plan" and the ``reason``, and the
     sweep goes on."""
-    from tqdm import tqdm
-
-    if profile_arg and "device" in varies:
+    if profile_arg is not None and "device" in varies:
         raise ConfigError("--profile and --vary device exclude each other: each device brings its own profile")
     points = [dict(zip(varies, values)) for values in itertools.product(*varies.values())]
     checked = []
     for point in points:
         exp = apply(experiment, point)
-        try:
-            profile = load_profile(profile_arg or exp.cluster.device)
-        except ConfigError as exc:
-            raise ConfigError(f"point {point_label(point)}: {exc}") from None
+        if profile_arg is not None:
+            profile = load_profile(profile_arg, "--profile")
+        else:
+            profile = load_profile(exp.cluster.device, f"--vary point {point_label(point)}")
         checked.append((point, exp, profile))
     rows = []
     (out / "plans").mkdir(parents=True, exist_ok=True)
-    for i, (point, exp, profile) in enumerate(tqdm(checked, desc="what-if points", unit="point", file=sys.stderr)):
+    for i, (point, exp, profile) in enumerate(progress_bar(checked, desc="what-if points", unit="point")):
         where = {**point, "profile": profile.name, "op_set": profile.ops}
         try:
             best = check(searcher(exp, profile), exp)
@@ -175,6 +196,16 @@ def sweep(experiment: Experiment, varies: Mapping[str, list[Any]], profile_arg: 
         rows.append({**where, "status": PLANNED, "reason": "", **point_row(exp, profile, best, baselines(exp, profile)),
                      "plan_file": str(plan_file.relative_to(out))})
     return pd.DataFrame(rows)
+
+
+TABLE_COLUMNS = {"best_iteration_s": "best s", "tokens_per_s": "tokens/s", "samples_per_s": "samples/s",
+                 "gpu_hours_per_1000_steps": "GPU-h/1k steps"}
+
+
+def _figure(v: float | None) -> str:
+    if v is None or pd.isna(v):
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
 
 
 def plot_sweep(df: pd.DataFrame, keys: Sequence[str], out: Path) -> Path:
@@ -249,12 +280,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _main(argv: list[str] | None, functions: tuple[Searcher, Baselines] | None = None) -> int:
     args = _parser().parse_args(argv)
+    rules.real("--search-budget-s", args.search_budget_s, positive=True)
+    rules.integer("--seed", args.seed, lo=0, hi=rules.MAX_SEED)
+    if args.search_evals is not None:
+        rules.integer("--search-evals", args.search_evals, lo=1)
     experiment = load_experiment(args.experiment)
     varies = parse_vary(args.vary, experiment.algorithm, tuple(experiment.models))
-    if args.search_evals is not None and args.search_evals < 1:
-        raise ConfigError(f"--search-evals={args.search_evals} must be at least 1")
+    out_arg = args.out if args.out is not None else str(Path("analysis", "results", f"whatif-{experiment.name}"))
+    check_output_dir(out_arg, "--out")  # before the first search; "" is refused, not taken as "."
+    out = Path(out_arg)
     searcher, baselines = functions or search_functions(args.search_budget_s, args.seed, args.search_evals)
-    out = Path(args.out or Path("analysis", "results", f"whatif-{experiment.name}"))
     df = sweep(experiment, varies, args.profile, searcher, baselines, out)
     planned = df["status"] == PLANNED
     atomic_write_text(out / "whatif.csv", df.to_csv(index=False, float_format="%.9g"))
@@ -273,21 +308,27 @@ def _main(argv: list[str] | None, functions: tuple[Searcher, Baselines] | None =
 
 
 def render(df: pd.DataFrame, keys: Sequence[str], out: Path) -> str:
-    """The table (a point without a plan shows "no plan" and dashes), the points without a plan
-    with their reasons, and the stack each profile priced."""
-    shown = df.drop(columns=["plan_file", "reason"]).astype(object)
-    for col in shown.columns:
-        if pd.api.types.is_float_dtype(df[col]):
-            shown[col] = [("-" if pd.isna(v) else f"{v:.4g}") for v in df[col]]
-    lines = [shown.to_string(index=False), ""]
+    """The sweep as a table that fits a terminal: the varied keys, whether the point has a plan,
+    the best plan's figures under short headings and the speed-up over each baseline that fits
+    ("vs megatron"; dashes where none); then the points without a plan with their reasons and
+    the stack each profile priced. The baselines' own times and the full column names are in
+    whatif.csv and ``--json``."""
+    speedups = [c for c in df.columns if c.startswith("speedup_over_")]
     failed = df[df["status"] != PLANNED]
+    status = ("status",) if not failed.empty else ()  # a column only where some point has no plan
+    rows = [(*keys, *status, *TABLE_COLUMNS.values(), *(f"vs {c.removeprefix('speedup_over_')}" for c in speedups))]
+    for _, r in df.iterrows():
+        rows.append((*(str(r[k]) for k in keys), *((str(r["status"]),) if status else ()),
+                     *(_figure(r.get(c)) for c in TABLE_COLUMNS),
+                     *(("-" if pd.isna(r[c]) else f"{r[c]:.2f}x") for c in speedups)))
+    lines = [format_table(rows, right=set(range(len(keys) + len(status), len(rows[0])))), ""]
     if not failed.empty:
         lines.append(f"{len(failed)} of {len(df)} point(s) have no plan:")
         lines += [f"  {point_label({k: r[k] for k in keys})}: {r['reason']}" for _, r in failed.iterrows()]
         lines.append("")
     for name, ops in dict.fromkeys(zip(df["profile"], df["op_set"])):
         lines.append(f"profile {name}: priced for {OP_SET_STACKS[ops]} (compute.ops={ops})")
-    lines.append(f"wrote {out}")
+    lines.append(f"wrote {out} (whatif.csv and whatif.json also hold each baseline's iteration time)")
     return "\n".join(lines)
 
 

@@ -18,19 +18,19 @@ import sys
 import time
 
 import pandas as pd
-from tqdm import tqdm
 
 from calibration.fit_compute import STATS, fit_compute
 from calibration.kernels import LEVELS, grid, measure
 from calibration.overheads import MICRO_BATCHES, measure_overheads
 from estimator.base.errors import cli_guard
 from estimator.base.io import atomic_write_text
+from estimator.base.progress import progress_bar
 
 
 def run(level: str, device: str, experiment: str | None) -> tuple[pd.DataFrame, float]:
     cases = grid(level, experiment=experiment)
     t0 = time.perf_counter()
-    with tqdm(total=len(cases) + 1 + 2 * len(MICRO_BATCHES), desc="kernels", unit="case", file=sys.stderr) as bar:
+    with progress_bar(total=len(cases) + 1 + 2 * len(MICRO_BATCHES), desc="kernels", unit="case") as bar:
         kernels = measure(cases, device=device, level=level, progress=bar.update)
         overheads = measure_overheads(device=device, repeats=LEVELS[level].repeats, progress=bar.update)
     return pd.concat([kernels, overheads], ignore_index=True), time.perf_counter() - t0

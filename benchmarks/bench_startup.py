@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tqdm import tqdm
+from estimator.base.progress import progress_bar
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {}
     jobs = [(a, r) for a in args.algorithms for r in range(args.repeats)]
     times: dict[str, dict[str, list[float]]] = {a: {"first_call_s": [], "refusal_s": []} for a in args.algorithms}
-    for algorithm, _ in tqdm(jobs, desc="executor.run", unit="run", file=sys.stderr):
+    for algorithm, _ in progress_bar(jobs, desc="executor.run", unit="run"):
         example = CASES[algorithm]
         times[algorithm]["first_call_s"].append(first_call_s(example, str(EXAMPLES / "plans" / example / "dp2.json")))
         times[algorithm]["refusal_s"].append(refusal_s(example))

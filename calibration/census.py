@@ -350,9 +350,9 @@ def _build(names: list[str] | None, dtypes: list[str] | None, progress: bool) ->
     selected = {n: PIECES[n] for n in (names or PIECES)}
     work = [(d, n) for d in (dtypes or DTYPES) for n in selected]
     if progress:
-        from tqdm import tqdm
+        from estimator.base.progress import progress_bar
 
-        work = tqdm(work, desc="census", unit="piece", file=sys.stderr)
+        work = progress_bar(work, desc="census", unit="piece")
     pieces: dict[str, dict[str, list]] = {d: {} for d in (dtypes or DTYPES)}
     for dname, name in work:
         fn, tp, variant, kw = selected[name]

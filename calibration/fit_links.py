@@ -28,8 +28,9 @@ import numpy as np
 import pandas as pd
 
 from estimator.base.errors import ConfigError, cli_guard
-from estimator.base.io import atomic_write_json, atomic_write_text
-from estimator.profile.collectives import TimeCurve, fit_time_curve, merge_entry
+from estimator.base.io import atomic_write_json, atomic_write_text, check_output_dir
+from estimator.base.loading import is_dir, load_table
+from estimator.profile.collectives import LINK_CLASSES, TimeCurve, fit_time_curve, merge_entry
 from estimator.profile.profiles import PROFILE_DIR, PROFILE_FORMAT, load_profile, profile_from_dict
 
 KEYS = ["link_class", "kind", "group"]
@@ -123,11 +124,8 @@ def load_vidur_network(directory: str | Path) -> pd.DataFrame:
         path = d / f"{name}.csv"
         if not path.is_file():
             continue
-        df = pd.read_csv(path)
         col = f"time_stats.{name}.median"
-        need = {col, "num_workers", "size", "devices_per_node"}
-        if not need <= set(df.columns):
-            raise ConfigError(f"{path}: missing column(s) {sorted(need - set(df.columns))} of vidur's network table")
+        df = load_table(path, "vidur network table", (col, "num_workers", "size", "devices_per_node"))
         nodes = np.maximum(1, df.num_workers // df.devices_per_node)
         per_node = df.num_workers // nodes
         group = np.where(nodes > 1, np.where(per_node > 1, nodes.astype(str) + "x" + per_node.astype(str),
@@ -155,12 +153,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", required=True, help="profile to refit: name or path")
     ap.add_argument("--holdout", type=float, default=0.25, help="fraction of interior sizes held out (0.25)")
     ap.add_argument("--classes", default="intra", help="link classes to refit, comma-separated (intra)")
-    ap.add_argument("--out", default=str(PROFILE_DIR), help="directory for profile, raw CSV and report")
+    ap.add_argument("--out", default=str(PROFILE_DIR),
+                    help="directory for profile, raw CSV and report (created if missing)")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
-    base = load_profile(args.profile)
-    raw = load_vidur_network(args.vidur)
-    raw = raw[raw.link_class.isin(args.classes.split(","))]
+    if not (isinstance(args.holdout, float) and 0 <= args.holdout < 1):  # nan fails both comparisons
+        raise ConfigError(f"--holdout={args.holdout!r} must be a fraction in [0, 1)")
+    classes = args.classes.split(",")
+    unknown = [c for c in classes if c not in LINK_CLASSES]
+    if unknown:
+        raise ConfigError(f"--classes={args.classes!r}: unknown link class(es) {unknown}; "
+                          f"allowed: {', '.join(LINK_CLASSES)}")
+    if not is_dir(args.vidur):
+        raise ConfigError(f"--vidur={args.vidur!r} is not a directory (one of vidur's data/profiling/network/*)")
+    out = check_output_dir(args.out, "--out")
+    base = load_profile(args.profile, key="--profile")
+    try:
+        raw = load_vidur_network(args.vidur)
+    except ConfigError as exc:
+        raise ConfigError(f"--vidur: {exc}") from None
+    found = sorted(raw.link_class.unique())
+    raw = raw[raw.link_class.isin(classes)]
+    if raw.empty:
+        raise ConfigError(f"--classes={args.classes!r}: the tables under --vidur {args.vidur!r} have no timings of "
+                          f"that class; they have {', '.join(found)}")
     stem = f"{base.name}.links"
     cite = (f"vidur NCCL timings on 8-GPU nodes (microsoft/vidur commit 7d475133, data/profiling/network/"
             f"{Path(args.vidur).name}; sizes in bytes, median NCCL kernel times on a quiet GPU, no host "
@@ -168,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             f"curves fitted on {1 - args.holdout:.0%} of the sizes by python -m calibration.fit_links, "
             f"held-out error in {stem}.report.csv")
     links, report = fit_links(raw, args.holdout, cite=cite)
-    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{stem}.csv", raw.to_csv(index=False))
     atomic_write_text(out / f"{stem}.report.csv", report.to_csv(index=False))
     atomic_write_json(out / f"{base.name}.json", apply_links(base.raw, links, raw_csv=f"{stem}.csv"))

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_text
+from estimator.base.progress import progress_bar
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.models import PRESETS, ModelSpec
 
@@ -238,13 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", metavar="RAW.csv", help="also write the raw rows (with their aten ops) here")
     ap.add_argument("--json", action="store_true", help="print the raw rows as JSON")
     args = ap.parse_args(argv)
-    from tqdm import tqdm
-
     from calibration.timing import torch_device
 
     torch_device(args.device)  # refuse a missing GPU before building the grid
     cases = grid(args.level or "quick", experiment=args.experiment)
-    with tqdm(total=len(cases), desc="kernels", unit="case", file=sys.stderr) as bar:
+    with progress_bar(total=len(cases), desc="kernels", unit="case") as bar:
         raw = measure(cases, args.device, args.dtype, args.level or "quick", progress=bar.update)
     if args.csv:
         atomic_write_text(args.csv, raw.to_csv(index=False))

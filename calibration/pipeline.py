@@ -34,7 +34,9 @@ A measurement runs three phases, each with a progress bar on stderr:
    costs, and one time curve per collective kind and group size — each fitted on part of the
    rows and reported on the rest (median and max absolute percentage error per family).
 
-``--quick`` finishes in about three minutes on a 2-core machine; the full grid in under twenty.
+``--quick`` finishes in about three minutes on a 2-core machine, the full grid in under twenty;
+``--quick`` is a smoke test of the pipeline, and the output says so, and which families and
+collective curves are under-sampled (:func:`caveats`), next to their held-out errors.
 What is not measured (inter-node links; intra-node links on one GPU) is kept from ``--base``
 with its citation. ``--import-nccl-tests`` builds the collective curves of a profile from the
 text or ``-J`` JSON output of NVIDIA's nccl-tests instead of measuring. ``--import-vidur`` builds
@@ -67,9 +69,11 @@ from pathlib import Path
 from typing import Any
 
 from estimator.base.errors import ConfigError, cli_guard
-from estimator.base.io import atomic_write_text, check_output_path
+from estimator.base.io import atomic_write_text, check_output_dir, check_output_path
+from estimator.base.progress import progress_bar
 from estimator.base.tables import format_table
 from estimator.profile.profiles import PROFILE_DIR, load_profile, profile_from_dict
+from estimator.spec.experiment import load_experiment
 
 LEVELS = ("tiny", "quick", "full")  # tiny: the test grid (seconds)
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -111,12 +115,9 @@ def _check_args(args: argparse.Namespace) -> None:
                           "starting with a letter or digit")
     if args.base == "":
         raise ConfigError("--base must name a profile or a profile file, not ''")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out={args.out!r} is not a directory")
-    parent = out if out.exists() else out.parent
-    if not parent.exists() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out={args.out!r}: {parent} is not a writable directory")
+    check_output_dir(args.out, "--out")  # created when the results are written
+    if args.experiment is not None:
+        load_experiment(args.experiment)  # a bad experiment is refused before any measurement
     for flag, value in (("--import-vidur", args.import_vidur), ("--check-vidur", args.check_vidur)):
         if value is not None and not Path(value).is_dir():
             raise ConfigError(f"{flag}: {value!r} is not a directory of vidur tables")
@@ -181,7 +182,6 @@ def _default_base(device: str) -> str:
 def measure_profile(args: argparse.Namespace, base: dict, name: str, command: str) -> dict[str, Any]:
     """Run the three phases; return the profile document, raw tables and reports."""
     import pandas as pd
-    from tqdm import tqdm
 
     from calibration import collectives, kernels, overheads
     from calibration.fit_compute import fit_compute
@@ -195,8 +195,8 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     total = len(cases) + 1 + 2 * len(overheads.MICRO_BATCHES)  # the kernel grid, then the fixed costs
     together = args.device == "cpu" and world >= 2  # the CPU executor's processes compute at once
-    with tqdm(total=total, desc="kernels" + (f" ({world} processes in step)" if together else ""), unit="case",
-              file=sys.stderr) as bar:
+    with progress_bar(total=total, desc="kernels" + (f" ({world} processes in step)" if together else ""),
+                      unit="case") as bar:
         if together:
             from calibration.together import measure_together
 
@@ -207,12 +207,12 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
                                     ignore_index=True)
     raw_alone = None
     if together:  # the same grid with one process alone: how much faster a device is with its host idle
-        with tqdm(total=total, desc="kernels (1 process alone)", unit="case", file=sys.stderr) as bar:
+        with progress_bar(total=total, desc="kernels (1 process alone)", unit="case") as bar:
             raw_alone = measure_together(cases, level, dtype, 1, progress=bar.update)
     raw_links = None
     if world >= 2:
         grid = collectives.GRIDS[level]
-        with tqdm(total=collectives.cases(grid, world), desc="collectives", unit="case", file=sys.stderr) as bar:
+        with progress_bar(total=collectives.cases(grid, world), desc="collectives", unit="case") as bar:
             raw_links = collectives.run_local(grid, world, progress=bar, device=args.device,
                                               in_situ=args.device == "cpu")
     sections, report_k = fit_compute(raw_kernels, command=command)
@@ -271,6 +271,43 @@ def _table(report: Any, keys: list[str], n: str, median: str, worst: str) -> str
     rows += [tuple(str(r[k]) for k in keys) + (str(r[n]), f"{r[median]:.1f}", f"{r[worst]:.1f}")
              for _, r in held.iterrows()]
     return format_table(rows, right=set(range(len(keys), len(keys) + 3)))
+
+
+# A held-out figure rests on its rows: a family fitted on fewer than MIN_FIT_ROWS shapes, or
+# judged on fewer than MIN_HELD_OUT_ROWS, or a collective curve fitted on fewer than
+# MIN_CURVE_SIZES message sizes, says more about which few shapes were drawn than about the fit.
+MIN_FIT_ROWS = 8
+MIN_HELD_OUT_ROWS = 4
+MIN_CURVE_SIZES = 8
+SMOKE_LEVELS = ("tiny", "quick")  # grids that check the pipeline, not the profile's accuracy
+
+
+def caveats(level: str, kernels_report: Any, links_report: Any = None) -> list[str]:
+    """What the held-out errors of a calibration do not say: that a ``--quick`` (or tiny) grid
+    is a smoke test, and which families and collective curves are under-sampled, read from the
+    reports' row counts."""
+    out = []
+    if level in SMOKE_LEVELS:
+        flag = "--quick" if level == "quick" else f"--grid {level}"
+        out.append(f"{flag} is a smoke test of the calibration (few shapes per family, few repeats): its "
+                   "held-out errors show the pipeline works, not how accurate the profile is; measure the full "
+                   "grid (no --quick) for a profile to plan with")
+    thin = []
+    if kernels_report is not None and len(kernels_report):
+        n = kernels_report.pivot_table(index="family", columns="split", values="n", aggfunc="sum", fill_value=0)
+        for family, row in n.iterrows():
+            fit, held = int(row.get("fit", 0)), int(row.get("held-out", 0))
+            if fit < MIN_FIT_ROWS or held < MIN_HELD_OUT_ROWS:
+                thin.append(f"{family} ({fit} fitted, {held} held out)")
+    if links_report is not None and len(links_report):
+        for r in links_report.itertuples():
+            if r.n_fit < MIN_CURVE_SIZES:
+                thin.append(f"{r.link_class} {r.kind} group {r.group} ({r.n_fit} sizes fitted)")
+    if thin:
+        out.append(f"under-sampled (fewer than {MIN_FIT_ROWS} fitted or {MIN_HELD_OUT_ROWS} held-out rows, or a "
+                   f"collective curve on fewer than {MIN_CURVE_SIZES} sizes; their errors rest on a handful of "
+                   "shapes): " + "; ".join(thin))
+    return out
 
 
 def _summary(result: dict[str, Any], files: dict[str, Path]) -> dict[str, Any]:
@@ -344,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_vidur is not None:
         return _check_vidur(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # checked by _check_args
     if args.import_vidur is not None:
         return _import_vidur(args, out, command)
     if args.import_nccl_tests:
@@ -369,9 +406,12 @@ def main(argv: list[str] | None = None) -> int:
             texts[files[key]] = result[key].to_csv(index=False)
     _write_all(texts, files["profile"])
     if args.json:
-        print(json.dumps(_summary(result, files), indent=2))
+        notes = caveats(args.level or "full", result["kernels_report"], result["links_report"])
+        print(json.dumps({**_summary(result, files), "caveats": notes}, indent=2))
         return 0
     print(f"profile {name} (measured on {result['profile']['device']}) written to {files['profile']}")
+    for line in caveats(args.level or "full", result["kernels_report"], result["links_report"]):
+        print(f"\nnote: {line}")
     print("\nkernels and executor pieces, held-out shapes:")
     print(_table(result["kernels_report"], ["family"], "n", "median_pct", "max_pct"))
     if result["host_report"] is not None:

@@ -39,6 +39,7 @@ from typing import Any
 from estimator.base import rules
 from estimator.base.errors import cli_guard
 from estimator.base.io import check_output_path
+from estimator.base.progress import LOG_INTERVAL_S, is_terminal
 from estimator.base.tables import format_table
 from estimator.baselines import symmetric_plan
 from estimator.cost.lowering import Costs
@@ -56,16 +57,18 @@ TRACE_PER_DEVICE_MAX = 16  # larger clusters get one trace track per pipeline st
 
 
 class Progress:
-    """Progress lines on stderr, only once a run has taken more than a second."""
+    """Progress lines on stderr, only once a run has taken more than a second: every half second
+    on a terminal, every :data:`estimator.base.progress.LOG_INTERVAL_S` in a log."""
 
     def __init__(self, quiet: bool = False):
         self.start = time.monotonic()
         self.last = self.start
         self.quiet = quiet
+        self.every_s = 0.5 if is_terminal(sys.stderr) else LOG_INTERVAL_S
 
     def __call__(self, message: str) -> None:
         now = time.monotonic()
-        if not self.quiet and now - self.start > 1.0 and now - self.last > 0.5:
+        if not self.quiet and now - self.start > 1.0 and now - self.last > self.every_s:
             print(f"  {message}", file=sys.stderr, flush=True)
             self.last = now
 

@@ -354,6 +354,11 @@ def _main(argv: list[str] | None) -> int:
         print(json.dumps(rep, indent=2))
     else:
         print(table(rep, experiment))
+    # where the files went: after the table, or on stderr so that --json's stdout stays one object
+    wrote = {"--trace": f"wrote Chrome trace {args.trace} (open it in Perfetto)",
+             "--timeline": f"wrote measured timeline {args.timeline} (rlhf-plan/timeline-v1)"}
+    for flag in outputs:
+        print(wrote[flag], file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

@@ -13,7 +13,7 @@ Without an experiment it searches the built-in default: PPO with four LLaMA-2 7B
 the search and its re-ranking; ``--max-evals N`` instead fixes how many plans the evaluator
 scores, so the same seed gives the same plan on any machine (the wall clock is then not
 consulted). While it runs, a progress bar on stderr shows the elapsed time, plans evaluated
-and the best iteration time so far.
+and the best iteration time so far (piped into a log: one plain line every few seconds).
 
 Prints the plan space per call, the best plan (per call: mesh, dp/tp/pp, micro-batches,
 predicted start, duration, communication, waiting for inputs and reallocation), the op set
@@ -47,7 +47,7 @@ from estimator.base.io import atomic_write_text
 from estimator.predict import TRACE_PER_DEVICE_MAX, predict
 from estimator.profile.profiles import load_profile
 from estimator.spec.experiment import load_experiment
-from search.checks import check_budget, check_out, check_positive
+from search.checks import MAX_CHAINS, check_budget, check_out, check_positive
 from search.result import render_report, result_json
 from search.run import DEFAULT_TIME_BUDGET_S, default_experiment, run_search
 
@@ -71,23 +71,24 @@ def _main(argv: list[str] | None) -> int:
     if args.max_evals is not None:
         check_positive(args.max_evals, "--max-evals")
     if args.chains is not None:
-        check_positive(args.chains, "--chains")
+        check_positive(args.chains, "--chains", hi=MAX_CHAINS)
     if args.seed < 0:
         raise ConfigError(f"--seed {args.seed} must be a non-negative integer")
     for flag, path in (("--out", args.out), ("--trace", args.trace)):
-        if path:
+        if path is not None:
             check_out(path, flag)
     experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
-    profile = load_profile(args.profile or experiment.cluster.device)
+    profile = (load_profile(args.profile, key="--profile") if args.profile is not None
+               else load_profile(experiment.cluster.device, key="cluster.device"))
 
     result = run_search(experiment, profile, time_budget_s=args.time_budget, max_evals=args.max_evals,
                         seed=args.seed, chains=args.chains, progress=not args.json,
                         recompute=not args.no_recompute)
     sim, memory, summary = predict(experiment, result.plan, profile)
-    if args.out:
+    if args.out is not None:
         atomic_write_text(args.out, result.plan.to_json())
     per_device = experiment.cluster.num_devices <= TRACE_PER_DEVICE_MAX
-    if args.trace:
+    if args.trace is not None:
         sim.timeline(per_device).write_chrome_trace(args.trace)
     if args.json:
         print(json.dumps(result_json(result, summary), indent=2))

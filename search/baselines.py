@@ -238,12 +238,13 @@ def _main(argv: list[str] | None) -> int:
     if args.name not in BASELINES:
         raise ConfigError(f"--name {args.name!r} is not a baseline; known: {', '.join(BASELINES)}")
     experiment = load_experiment(args.experiment)
-    profile = load_profile(args.profile or experiment.cluster.device)
-    if args.out:
+    profile = (load_profile(args.profile, key="--profile") if args.profile is not None
+               else load_profile(experiment.cluster.device, key="cluster.device"))
+    if args.out is not None:
         check_out(args.out)
     base = build(args.name, experiment, profile, recompute=args.recompute)
     memory = plan_memory(experiment, base.plan, profile.capacity_bytes) if base.plan else None
-    if args.out and base.feasible:
+    if args.out is not None and base.feasible:
         atomic_write_text(args.out, base.plan.to_json())
     if args.json:
         print(json.dumps({"name": base.name, "op_set": op_set(profile), "iteration_s": base.iteration_s,

@@ -9,6 +9,10 @@ from pathlib import Path
 from estimator.base.errors import ConfigError
 from estimator.base.io import check_output_path
 
+# Each chain is a process: more than this is no machine's core count, and would only exhaust
+# the process table.
+MAX_CHAINS = 1024
+
 
 def check_out(path: str, flag: str = "--out") -> Path:
     """``path`` can be written (:func:`estimator.base.io.check_output_path`: a regular file or a
@@ -23,7 +27,9 @@ def check_budget(seconds: float) -> float:
     return seconds
 
 
-def check_positive(value: int, flag: str) -> int:
+def check_positive(value: int, flag: str, hi: int | None = None) -> int:
     if value < 1:
         raise ConfigError(f"{flag} {value!r} must be a positive integer")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{flag} {value!r} exceeds the limit {hi:,}")
     return value

@@ -8,6 +8,7 @@ more simulation of the winner (:func:`estimator.predict.predict`), so ``python -
 from __future__ import annotations
 
 import json
+import textwrap
 from typing import Any
 
 from estimator.base.tables import format_table
@@ -55,7 +56,12 @@ def where_time_goes(summary: dict[str, Any]) -> list[str]:
     return [line1, line2]
 
 
+NOTE_WIDTH = 64  # characters of a baseline's note per table line; --json has the whole reason
+
+
 def baseline_table(result: SearchResult) -> str:
+    """Each baseline's time and the speed-up over it; a long note (why it does not fit) wraps onto
+    lines of its own, so the table stays as wide as its columns."""
     rows = [("baseline", "iteration s", "speedup of the searched plan", "note")]
     for name, b in result.baselines.items():
         sp = speedups(result)[name]
@@ -63,9 +69,11 @@ def baseline_table(result: SearchResult) -> str:
             why = b.note or ""
             if b.reason:
                 why = f"does not fit: {b.reason}" if b.plan else f"not applicable: {b.reason}"
-            rows.append((name, "-", "-", why))
+            cells = (name, "-", "-")
         else:
-            rows.append((name, f"{b.iteration_s:.3f}", f"{sp:.2f}x", b.note or ""))
+            why, cells = b.note or "", (name, f"{b.iteration_s:.3f}", f"{sp:.2f}x")
+        lines = textwrap.wrap(why, NOTE_WIDTH) or [""]
+        rows += [(*cells, lines[0])] + [("", "", "", line) for line in lines[1:]]
     return format_table(rows, right={1, 2})
 
 

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from estimator.base.errors import ConfigError
+from estimator.base.progress import progress_bar
 from estimator.cost.memory import fmt_bytes, plan_memory
 from estimator.cost.roofline import mfu, roofline_s
 from estimator.profile.profiles import Profile
@@ -230,10 +230,9 @@ def no_fit_reason(experiment: Experiment, profile: Profile, space: Space, baseli
 def _bar(progress: bool, total: int | None):
     if not progress:
         return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit=" plans", desc="search", file=sys.stderr, dynamic_ncols=True,
-                bar_format="{desc}: {n_fmt} plans [{elapsed}, {rate_fmt}] {postfix}")
+    # tqdm puts ", " before a postfix itself: it goes inside the brackets
+    return progress_bar(total=total, unit=" plans", desc="search",
+                        bar_format="{desc}: {n_fmt} plans [{elapsed}, {rate_fmt}{postfix}]")
 
 
 def _result(experiment: Experiment, profile: Profile, space: Space, baselines: dict[str, Baseline],

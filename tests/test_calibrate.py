@@ -149,14 +149,37 @@ def _children(pid: int) -> list[int]:
     (["--base", "no-such-profile", "--grid", "tiny"], "unknown hardware profile 'no-such-profile'"),
     (["--import-nccl-tests", "missing.txt", "--base", "h100-sxm", "--name", "x"], "'missing.txt' is not a readable"),
     (["--import-nccl-tests", str(FIXTURES / "all_reduce_perf.h100x8.txt")], "needs --base PROFILE and --name"),
+    (["--experiment", "no-such.yaml", "--grid", "tiny"], "experiment file 'no-such.yaml' does not exist"),
+    (["--experiment", str(FIXTURES), "--grid", "tiny"], "is a directory"),
 ])
-def test_bad_arguments_exit_2_naming_them_before_any_work(argv, match, tmp_path, capsys):
+def test_bad_arguments_exit_2_naming_them_before_any_work(argv, match, tmp_path, capsys, monkeypatch):
     from estimator.base.errors import cli_guard
 
+    def measure(*args):
+        raise AssertionError("the measurement started before the arguments were checked")
+
+    monkeypatch.setattr(calibrate, "measure_profile", measure)
     assert cli_guard(calibrate.main, argv + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and match in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_out_directory_is_created_when_the_profile_is_written(tmp_path, monkeypatch):
+    from estimator.base.errors import cli_guard
+
+    measured = []
+
+    def measure(args, base, name, command):  # stands in for the measurement (minutes)
+        measured.append(name)
+        return {"profile": base, "kernels": None, "kernels_report": None, "links": None, "links_report": None,
+                "alone": None, "host_report": None}
+
+    monkeypatch.setattr(calibrate, "measure_profile", measure)
+    monkeypatch.setattr(calibrate, "_table", lambda *a: "")
+    out = tmp_path / "a" / "b"
+    assert cli_guard(calibrate.main, ["--grid", "tiny", "--name", "x", "--out", str(out), "--json"]) == 0
+    assert measured == ["x"] and (out / "x.json").is_file()
 
 
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
@@ -180,3 +203,44 @@ def test_nccl_tests_import_builds_a_loadable_profile_with_the_measured_curves(tm
     assert prof.peak_flops == base.peak_flops  # the rest of the base is kept
     doc = json.loads((tmp_path / "my-h100.json").read_text())
     assert doc["format"] == "rlhf-plan/profile-v2"
+
+
+def _reports() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Synthetic held-out reports: gemm well sampled, dispatch and adam not; one thin curve."""
+    kernels = pd.DataFrame([("gemm", "fit", 150, 30.0, 400.0), ("gemm", "held-out", 150, 33.0, 411.0),
+                            ("dispatch", "fit", 1, 60.0, 60.0), ("dispatch", "held-out", 1, 70.0, 70.0),
+                            ("adam", "fit", 9, 7.0, 30.0), ("adam", "held-out", 3, 14.0, 34.0)],
+                           columns=["family", "split", "n", "median_pct", "max_pct"])
+    links = pd.DataFrame([("intra", "all_reduce", "2", 6, 2, 74.0, 90.0), ("intra", "p2p", "2", 40, 12, 8.0, 27.0)],
+                         columns=["link_class", "kind", "group", "n_fit", "n_holdout", "median_ape_pct",
+                                  "max_ape_pct"])
+    return kernels, links
+
+
+def test_caveats_call_quick_a_smoke_test_and_name_the_under_sampled_families():
+    kernels, links = _reports()
+    notes = calibrate.caveats("quick", kernels, links)
+    assert len(notes) == 2 and notes[0].startswith("--quick is a smoke test")
+    assert "dispatch (1 fitted, 1 held out)" in notes[1] and "adam (9 fitted, 3 held out)" in notes[1]
+    assert "intra all_reduce group 2 (6 sizes fitted)" in notes[1]
+    assert "gemm" not in notes[1] and "p2p" not in notes[1]  # well sampled: no caveat
+    # the full grid is no smoke test; a well-sampled report has nothing to say
+    assert calibrate.caveats("full", kernels, links) == notes[1:]
+    assert calibrate.caveats("full", kernels[kernels.family == "gemm"], links[links.kind == "p2p"]) == []
+    assert calibrate.caveats("tiny", kernels.iloc[:0], None)[0].startswith("--grid tiny is a smoke test")
+
+
+def test_a_quick_calibration_prints_its_caveats(tmp_path, monkeypatch, capsys):
+    kernels, links = _reports()
+
+    def measure(args, base, name, command):  # stands in for the measurement (minutes)
+        return {"profile": base, "kernels": None, "kernels_report": kernels, "links": None, "links_report": links,
+                "alone": None, "host_report": None}
+
+    monkeypatch.setattr(calibrate, "measure_profile", measure)
+    assert calibrate.main(["--quick", "--name", "q", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "note: --quick is a smoke test" in out and "dispatch (1 fitted, 1 held out)" in out
+    assert out.index("note: --quick") < out.index("median |err| %")  # read before the errors
+    assert calibrate.main(["--quick", "--name", "q", "--out", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["caveats"] == calibrate.caveats("quick", kernels, links)

@@ -233,3 +233,50 @@ def test_multi_node_fit_keeps_the_pair_that_serves_other_shapes():
     s, t = raw.size_bytes.iloc[20], raw.median_s.iloc[20]
     assert prof.group_collective_s("all_reduce", s, 8, 2) == pytest.approx(t, rel=1e-3)
     assert prof.collective_s("all_reduce", s, 2, "inter") == pytest.approx(1e-5 + s / 1e9)
+
+
+VIDUR_H100 = PROFILE_DIR.parent / "vidur" / "network" / "h100_dgx"
+
+
+def test_fit_links_cli_creates_a_missing_out_directory(tmp_path, capsys):
+    from calibration.fit_links import main
+
+    out = tmp_path / "new" / "profiles"
+    assert main(["--vidur", str(VIDUR_H100), "--profile", "h100-sxm", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["h100-sxm.json", "h100-sxm.links.csv",
+                                                     "h100-sxm.links.report.csv"]
+    assert load_profile(out / "h100-sxm.json").raw["links"]["intra"]["all_reduce"]["curves"]
+    assert "all_reduce" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--holdout", "nan"], "--holdout=nan must be a fraction in [0, 1)"),
+    (["--holdout", "1"], "--holdout=1.0 must be a fraction in [0, 1)"),
+    (["--classes", "intra,nvlink"], "--classes='intra,nvlink': unknown link class(es) ['nvlink']"),
+    (["--vidur", "no/such/dir"], "--vidur='no/such/dir' is not a directory"),
+    (["--profile", "h100"], "--profile: unknown hardware profile 'h100'"),
+    (["--out", ""], "--out: the path is empty"),
+])
+def test_fit_links_cli_names_a_bad_flag_before_any_work(flags, message, tmp_path, capsys):
+    from calibration.fit_links import main
+    from estimator.base.errors import cli_guard
+
+    argv = ["--vidur", str(VIDUR_H100), "--profile", "h100-sxm", "--out", str(tmp_path / "out")] + flags
+    assert cli_guard(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_links_cli_says_when_the_tables_lack_a_class(tmp_path, capsys):
+    from calibration.fit_links import main
+    from estimator.base.errors import cli_guard
+
+    raw = pd.DataFrame({"time_stats.all_reduce.median": [0.5, 1.0], "num_workers": [2, 8], "size": [2048, 4096],
+                        "devices_per_node": [8, 8]})
+    raw.to_csv(tmp_path / "all_reduce.csv", index=False)
+    argv = ["--vidur", str(tmp_path), "--profile", "h100-sxm", "--classes", "inter", "--out", str(tmp_path / "o")]
+    assert cli_guard(main, argv) == 2
+    err = capsys.readouterr().err
+    assert "--classes='inter': the tables under --vidur" in err and err.strip().endswith("they have intra"), err
+    assert not (tmp_path / "o").exists()

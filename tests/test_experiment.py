@@ -52,6 +52,8 @@ def test_value_roles_get_value_heads(tmp_path):
     ({"batchsize": 8}, "unknown key 'batchsize' (did you mean 'batch_size'?)"),
     ({"algorithm": "ppo3"}, "algorithm='ppo3' must be one of"),
     ({"models": {**GOOD["models"], "actor": "llama9-7b"}}, "models.actor: unknown model preset 'llama9-7b'"),
+    ({"models": {**GOOD["models"], "ref": "tiny-2l-128"}},
+     "models.ref: unknown model preset 'tiny-2l-128' (did you mean 'tiny-2l-128h'?)"),
     ({"models": {**GOOD["models"], "critc": "tiny-2l-128h"}}, "unknown key 'critc' (did you mean 'critic'?)"),
     ({"models": {"actor": "tiny-2l-128h"}}, "missing ['critic', 'ref', 'reward']"),
     ({"batch_size": "eight"}, "batch_size='eight' must be an integer"),

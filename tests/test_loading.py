@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from estimator.base.errors import ConfigError
-from estimator.base.io import atomic_write_json, atomic_write_text, check_output_path
+from estimator.base.io import atomic_write_json, atomic_write_text, check_output_dir, check_output_path
 from estimator.base.loading import (
     MAX_DEPTH,
     MAX_YAML_ALIASES,
@@ -23,6 +23,7 @@ from estimator.base.loading import (
     read_safetensors_header,
     read_text,
 )
+from tests.conftest import EXAMPLES
 
 
 def _raises(fn, *args, match: str, **kwargs) -> str:
@@ -60,6 +61,30 @@ def test_size_cap_and_utf8_offset(tmp_path):
 def test_yaml_duplicate_key_is_an_error_with_its_line():
     _raises(parse_yaml, "a: 1\nb: 2\na: 3\n", "exp", match="duplicate key 'a' (line 3)")
     _raises(parse_yaml, "m: {x: 1, x: 2}\n", "exp", match="duplicate key 'x'")
+
+
+def test_yaml_characters_the_reader_refuses_are_named_with_their_position(tmp_path):
+    # PyYAML's reader checks every character while the loader is built, before any parsing
+    _raises(parse_yaml, "a: 1\nb: x\x00y\n", "exp", match="character '\\x00' (U+0000) at line 2, column 5")
+    _raises(parse_yaml, "\x0c", "exp", match="(U+000C) at line 1, column 1")
+    _raises(parse_yaml, "a: '\ufffe'", "exp", match="(U+FFFE) at line 1, column 5")
+    path = tmp_path / "nul.yaml"
+    path.write_bytes(b"algorithm: ppo\nname: a\x00b\n")
+    message = _raises(load_yaml, path, "experiment file", match="YAML allows only printable characters")
+    assert str(path) in message and "line 2, column 8" in message
+
+
+def test_a_nul_byte_in_an_experiment_exits_2_naming_file_and_position(tmp_path, capsys):
+    from estimator.describe import main
+
+    text = (EXAMPLES / "ppo-tiny-2xcpu.yaml").read_text().replace("seed: 1", "seed: 1\x00")
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    line = text[:text.index("\x00")].count("\n") + 1
+    assert err.startswith("error: ") and str(path) in err and f"line {line}, column 8" in err, err
+    assert "Traceback" not in err
 
 
 def test_yaml_alias_bomb_is_refused_fast():
@@ -144,6 +169,18 @@ def test_output_refuses_directory_fifo_and_missing_parent(tmp_path):
     _raises(check_output_path, "", "--trace", match="the path is empty")
     _raises(check_output_path, "a\0b", "--trace", match="NUL byte")
     assert not list(tmp_path.glob(".*.tmp"))  # no temp file left behind
+
+
+def test_an_output_directory_may_be_missing_but_must_be_creatable(tmp_path):
+    assert check_output_dir(tmp_path, "--out") == tmp_path.resolve()
+    assert check_output_dir(tmp_path / "a" / "b", "--out") == (tmp_path / "a" / "b").resolve()
+    assert not (tmp_path / "a").exists()  # checking creates nothing
+    (tmp_path / "f").write_text("x")
+    _raises(check_output_dir, tmp_path / "f", "--out", match="--out")
+    _raises(check_output_dir, tmp_path / "f", "--out", match="is not a directory")
+    _raises(check_output_dir, tmp_path / "f" / "sub", "--out", match=f"{str(tmp_path / 'f')!r} is not a directory")
+    _raises(check_output_dir, "", "--out", match="the path is empty")
+    _raises(check_output_dir, "a\0b", "--out", match="NUL byte")
 
 
 def test_output_follows_a_symlink_instead_of_replacing_it(tmp_path):

@@ -96,6 +96,17 @@ def test_get_model_unknown_preset_lists_known():
         get_model("llama9-1b")
 
 
+@pytest.mark.parametrize("typo, preset", [("llama2-7bb", "llama2-7b"), ("tiny-2l-128", "tiny-2l-128h"),
+                                          ("qwen2.5-7", "qwen2.5-7b"), ("opt-1.3", "opt-1.3b")])
+def test_a_preset_typo_gets_the_hint_a_key_typo_gets(typo, preset):
+    with pytest.raises(ConfigError) as err:
+        get_model(typo)
+    assert f"unknown model preset {typo!r} (did you mean {preset!r}?); known presets:" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        get_model("zzzzzzzz")
+    assert "did you mean" not in str(err.value)  # no hint when nothing is close
+
+
 # ---- GPT-style families -------------------------------------------------------------------------
 
 FIXTURES = ROOT / "tests" / "fixtures" / "hf-configs"

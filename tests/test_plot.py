@@ -204,3 +204,47 @@ def test_validation_scatter_title_names_experiment_profile_and_plans():
     title = scatter_title("ppo-tiny-2xcpu", ["baseline"] * 4 + ["search"] + ["sample"] * 15, load_profile("cpu"))
     assert title == ("ppo-tiny-2xcpu on profile cpu (this project's eager executor)\n20 plans (4 baselines, the "
                      "searched best, 15 sampled): measured (x) vs predicted (y) iteration time")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: e.update(ts="0"), "traceEvents[3].ts='0' must be a number"),
+    (lambda e: e.update(ts=-5.0), "traceEvents[3].ts=-5.0 must be at least 0"),
+    (lambda e: e.update(dur=[]), "traceEvents[3].dur=[] must be a number"),
+    (lambda e: e.pop("ts"), "traceEvents[3]: a complete event needs ts"),
+    (lambda e: e.update(args="x"), "traceEvents[3].args='x' must be an object"),
+    (lambda e: e["args"].update(device="x"), "traceEvents[3].device='x' must be an integer"),
+    (lambda e: e["args"].update(iteration=1.5), "traceEvents[3].iteration=1.5 must be an integer"),
+    (lambda e: e.update(name=None), "traceEvents[3].name=None must be a string"),
+    (lambda e: e.update(tid=[1]), "traceEvents[3].tid=[1] must be an integer or a name"),
+])
+def test_a_trace_names_the_event_field_that_breaks_a_rule(tmp_path: Path, capsys, change, message):
+    trace = with_links().chrome_trace()
+    assert trace["traceEvents"][3]["ph"] == "X"
+    change(trace["traceEvents"][3])
+    (tmp_path / "t.json").write_text(json.dumps(trace))
+    assert plot.main([str(tmp_path / "t.json"), "--out", str(tmp_path / "g.png")]) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_cli_reads_strictly_and_checks_the_figure_path_first(tmp_path: Path, capsys):
+    with_links().save(tmp_path / "tl.json")
+    text = (tmp_path / "tl.json").read_text()
+    (tmp_path / "nan.json").write_text(text.replace('"end_s": 0.4', '"end_s": NaN', 1))
+    (tmp_path / "bytes.json").write_bytes(text.encode()[:50] + b"\xff" + text.encode()[50:])
+    (tmp_path / "file.txt").write_text("x")
+    for argv, message in (([str(tmp_path / "nan.json")], "NaN is not a JSON number"),
+                          ([str(tmp_path / "bytes.json")], "not UTF-8 text: byte 0xff at offset 50"),
+                          ([str(tmp_path), "--out", str(tmp_path / "g.png")], "is a directory"),
+                          ([str(tmp_path / "tl.json"), "--out", str(tmp_path)], "is a directory"),
+                          ([str(tmp_path / "tl.json"), "--out", str(tmp_path / "file.txt" / "g.png")],
+                           "is not a directory"),
+                          ([str(tmp_path / "tl.json"), "--out", ""], "the path is empty"),
+                          ([str(tmp_path / "tl.json"), "--iterations", "0"], "--iterations=0 must be at least 1")):
+        assert plot.main(argv) == EXIT_INVALID, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+    # a figure's missing directories are made, as before
+    assert plot.main([str(tmp_path / "tl.json"), "--out", str(tmp_path / "new" / "dir" / "g.png")]) == 0
+    assert _is_png(tmp_path / "new" / "dir" / "g.png")

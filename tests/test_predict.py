@@ -129,3 +129,29 @@ def test_output_names_the_op_set_the_plan_was_priced_for(profile, ops, stack, ot
     second = capsys.readouterr().out.splitlines()[1]
     assert second == (f"priced for {stack} (profile {profile}, compute.ops={ops}); "
                       f"for {other_stack} on this device use {other}")
+
+
+def test_progress_lines_are_every_half_second_on_a_terminal_and_sparse_in_a_log(monkeypatch):
+    import contextlib
+    import io
+
+    import estimator.predict as predict_mod
+    from estimator.base.progress import LOG_INTERVAL_S
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    now = [0.0]
+    monkeypatch.setattr(predict_mod.time, "monotonic", lambda: now[0])
+    lines = {}
+    for name, stream in (("terminal", Terminal()), ("log", io.StringIO())):
+        now[0] = 0.0
+        with contextlib.redirect_stderr(stream):
+            progress = predict_mod.Progress()
+            for _ in range(600):  # a message every 0.1 s for 60 s
+                now[0] += 0.1
+                progress("iteration 0 actor_gen done")
+        lines[name] = stream.getvalue().count("\n")
+    assert 100 <= lines["terminal"] <= 120  # every 0.5 s after the first second
+    assert lines["log"] <= 60 / LOG_INTERVAL_S + 1

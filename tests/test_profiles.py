@@ -81,6 +81,8 @@ def test_load_by_path(tmp_path):
 def test_unknown_name_lists_known_profiles():
     with pytest.raises(ConfigError, match="unknown hardware profile 'b200'.*h100-sxm"):
         load_profile("b200")
+    with pytest.raises(ConfigError, match=r"unknown hardware profile 'h100_sxm' \(did you mean 'h100-sxm'\?\)"):
+        load_profile("h100_sxm")
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -96,6 +98,15 @@ def test_invalid_profiles_name_the_rule(edit, match):
     data = copy.deepcopy(linear_profile_dict())
     edit(data)
     with pytest.raises(ConfigError, match=match):
+        profile_from_dict(data)
+
+
+@pytest.mark.parametrize("value", ["1", True, None])
+def test_a_collective_curve_point_must_be_a_number(value):
+    data = json.loads((PROFILE_DIR / "h100-sxm.json").read_text())
+    curve = data["links"]["intra"]["all_reduce"]["curves"]["2"]
+    curve[0][0] = value  # float() would take "1" and True as 1.0
+    with pytest.raises(ConfigError, match=r"links\.intra\.all_reduce\.curves\['2'\]: \[.*\] must be numbers"):
         profile_from_dict(data)
 
 

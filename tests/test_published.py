@@ -177,12 +177,15 @@ def test_a_row_the_plan_rules_refuse_is_named_before_any_output(tmp_path, capsys
 
 def test_missing_profiles_are_named(tmp_path, capsys):
     assert main(["make-profile", "--base", "a100-nope", "--out", str(tmp_path / "p.json")]) == 2
-    assert "--base: unknown hardware profile 'a100-nope'; known profiles:" in capsys.readouterr().err
+    assert "--base: unknown hardware profile 'a100-nope' (did you mean 'a100-vtrain'?); known profiles:" in \
+        capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
     table = tmp_path / "t.csv"
     table.write_text(_table(ROWS), encoding="utf-8")
     assert main(["vtrain", str(table), "--profile", "no-such-profile"]) == 2
     assert "--profile: unknown hardware profile 'no-such-profile'" in capsys.readouterr().err
+    assert main(["make-profile", "--base", "a100-80g", "--name", "x", "--out", ""]) == 2
+    assert "--out: the path is empty" in capsys.readouterr().err
 
 
 FIT_ROWS = ["2,8,1,1024,16,12,1024,2,1,1,1", "2,16,4,1024,16,12,1024,1,2,1,1", "4,16,2,2048,16,12,1024,4,1,1,1",

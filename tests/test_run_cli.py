@@ -83,6 +83,7 @@ def test_json_report_trace_and_timeline(tmp_path, capfd):
     out, err = capfd.readouterr()  # the workers' progress lines reach the terminal's stderr
     rep = json.loads(out)
     assert "starting 2 gloo worker processes" in err
+    assert f"wrote Chrome trace {trace} (open it in Perfetto)" in err and f"wrote measured timeline {timeline}" in err
     assert [ln.split(" done")[0] for ln in err.splitlines() if " done after " in ln] == \
         ["iteration 1/2", "iteration 2/2"]
     exp = load_experiment(PPO)
@@ -168,3 +169,21 @@ def test_a_plan_on_part_of_the_cluster_is_noted_and_small_runs_pass_the_check():
     note = check_host_memory(exp, Plan.load(str(PLANS / "second-device.json")), "float32", plenty)
     assert note == ("note: the plan uses 1 of the cluster's 2 devices (1), but a run starts one process per "
                     "device of the cluster, so 1 of them only idle")
+
+
+def test_the_table_says_where_the_trace_and_timeline_went(tmp_path, capsys, monkeypatch):
+    import types
+
+    import executor.run as run_mod
+    from estimator.spec.timeline import Span
+
+    spans = [Span(0.0, 1.0, 0, 0, "actor_gen", "decode"), Span(1.0, 2.0, 0, 1, "actor_gen", "decode")]
+    result = types.SimpleNamespace(timeline=Timeline.of(spans, source="measured"), iteration_s=1.0,
+                                   iterations_s=[1.0, 1.0], warmup=1, call_stats=lambda: {})
+    monkeypatch.setattr(run_mod, "run_local", lambda *args: result)  # the workers are tested above
+    trace, timeline = tmp_path / "t.json", tmp_path / "tl.json"
+    assert main([PPO, "--plan", str(PLANS / "dp2.json"), "--trace", str(trace), "--timeline", str(timeline)]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(f"wrote Chrome trace {trace} (open it in Perfetto)\n"
+                                 f"wrote measured timeline {timeline} (rlhf-plan/timeline-v1)")
+    assert Timeline.load(timeline).spans == tuple(spans) and trace.is_file()

@@ -143,3 +143,11 @@ def test_split_says_a_verifier_holds_no_model_to_split_off(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     b = build("split", load_experiment(path), load_profile("h100-sxm"), simulate_it=False)
     assert b.plan is None and "models.reward: rule" in b.reason and "holds no model" in b.reason
+
+
+def test_cli_refuses_an_empty_profile_or_out(tmp_path, capsys):
+    tiny = str(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    assert main([tiny, "--name", "megatron", "--profile", ""]) == 2
+    assert "--profile: the hardware profile name is empty" in capsys.readouterr().err
+    assert main([tiny, "--name", "megatron", "--out", ""]) == 2
+    assert "the path is empty" in capsys.readouterr().err

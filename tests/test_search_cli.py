@@ -78,3 +78,37 @@ def test_search_prints_the_report_table(capsys):
                    "where the time goes:", "reallocation"):
         assert needle in text
     assert "priced for this project's eager executor (profile cpu, compute.ops=executor)" in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--profile", ""], "--profile: the hardware profile name is empty"),  # was: the cluster's device
+    (["--out", ""], "--out: the path is empty"),  # was: no plan written, exit 0
+    (["--trace", ""], "--trace: the path is empty"),
+    (["--chains", "100000"], "--chains 100000 exceeds the limit 1,024"),
+])
+def test_an_empty_path_or_profile_and_too_many_chains_exit_2(flags, message, capsys, no_search):
+    assert cli.main([TINY] + flags) == 2
+    assert message in _one_error_line(capsys)
+
+
+def test_a_long_baseline_note_wraps_instead_of_widening_the_table():
+    import types
+
+    from estimator.spec.plan import Plan
+    from search.baselines import Baseline
+    from search.result import NOTE_WIDTH, baseline_table
+
+    reason = ("predicted 342.9 GiB on device 0 against 74.5 GiB during actor_gen (weights 51.3 GiB, grads 32.1 GiB, "
+              "optimizer 192.7 GiB, realloc 64.2 GiB, activations 81.1 MiB, kv_cache 2.5 GiB); 15 more device(s) "
+              "over capacity")
+    plan = Plan({})
+    result = types.SimpleNamespace(iteration_s=7.0, baselines={
+        "megatron": Baseline("megatron", plan, 14.0, None),
+        "real-heuristic": Baseline("real-heuristic", plan, None, reason)})
+    lines = baseline_table(result).splitlines()
+    assert max(map(len, lines)) <= len("real-heuristic  iteration s  speedup of the searched plan  ") + NOTE_WIDTH
+    assert lines[2].split() == ["megatron", "14.000", "2.00x"]
+    assert lines[3].startswith("real-heuristic") and "does not fit: predicted 342.9 GiB" in lines[3]
+    # the continuation lines hold the rest of the note, word for word, under the note column
+    column = lines[0].index("note")
+    assert " ".join(line[column:].strip() for line in lines[3:]) == f"does not fit: {reason}"

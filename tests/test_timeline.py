@@ -58,3 +58,43 @@ def test_dataframe_and_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "other"}')
     with pytest.raises(ConfigError, match="not a rlhf-plan/timeline-v1 document"):
         Timeline.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("start_s", "0", "spans[1].start_s='0' must be a number"),
+    ("start_s", -1.0, "spans[1].start_s=-1.0 must be at least 0"),
+    ("end_s", 1.0, "spans[1]: end_s=1.0 is before start_s=2.0"),
+    ("end_s", True, "spans[1].end_s=True must be a number"),
+    ("device", -2, "spans[1].device=-2 must be at least -1"),
+    ("device", 1.5, "spans[1].device=1.5 must be an integer"),
+    ("iteration", -1, "spans[1].iteration=-1 must be a non-negative integer"),
+    ("micro_batch", None, "spans[1].micro_batch=None must be an integer"),
+    ("stage", "0", "spans[1].stage='0' must be an integer"),
+    ("call", "", "spans[1].call='' must be a non-empty name"),
+    ("op", [], "spans[1].op=[] must be a non-empty name"),
+    ("resource", 1, "spans[1].resource=1 must be a link name"),
+    ("colour", "red", "spans[1]: unknown key(s) ['colour']"),
+])
+def test_a_timeline_file_names_the_span_field_that_breaks_a_rule(tmp_path, field, value, message):
+    doc = _timeline().to_dict()
+    doc["spans"][1][field] = value
+    (tmp_path / "tl.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError) as err:
+        Timeline.load(tmp_path / "tl.json")
+    assert message in str(err.value) and "tl.json" in str(err.value), str(err.value)
+
+
+def test_a_timeline_document_checks_its_spans_source_and_meta():
+    doc = _timeline().to_dict()
+    del doc["spans"][0]["end_s"]
+    with pytest.raises(ConfigError, match=r"spans\[0\]: missing key\(s\) \['end_s'\]"):
+        Timeline.from_dict(doc)
+    for key, value, message in (("spans", {}, "spans must be a list"), ("source", "guessed", "source='guessed'"),
+                                ("meta", [1], "meta=[1] must be an object"), ("colour", 1, "unknown key(s)")):
+        with pytest.raises(ConfigError) as err:
+            Timeline.from_dict({**_timeline().to_dict(), key: value})
+        assert message in str(err.value)
+    optional = _timeline().to_dict()
+    for span in optional["spans"]:
+        del span["micro_batch"], span["stage"], span["resource"]
+    assert [s.micro_batch for s in Timeline.from_dict(optional).spans] == [-1] * 6

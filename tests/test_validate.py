@@ -151,6 +151,12 @@ def test_bad_options_exit_2_with_one_line(tmp_path: Path, capsys):
     assert err.strip() == "error: --runs=0 must be at least 1"
     assert validate.main([str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--plan-dir", str(tmp_path)]) == EXIT_INVALID
     assert "no *.json plan files" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    for flags, message in ((["--profile", ""], "--profile: the hardware profile name is empty"),
+                           (["--out", ""], "--out: the path is empty"),
+                           (["--out", str(tmp_path / "f" / "out")], "is not a directory")):
+        assert validate.main([str(EXAMPLES / "ppo-tiny-2xcpu.yaml")] + flags) == EXIT_INVALID
+        assert message in capsys.readouterr().err
 
 
 def test_a_failed_run_is_reported_not_hidden(tmp_path: Path):

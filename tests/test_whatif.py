@@ -4,6 +4,7 @@ of the search itself."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -148,3 +149,65 @@ def test_varying_a_length_follows_a_fixed_count_and_refuses_a_distribution():
     drawn = dataclasses.replace(exp.params, gen_lengths=Lengths(exp.params.gen_len, "lognormal", mu=3.9, sigma=0.5))
     with pytest.raises(ConfigError, match="--vary gen_len needs a fixed gen_len; the experiment's is a distribution"):
         whatif.apply(dataclasses.replace(exp, params=drawn), {"gen_len": 256})
+
+
+def test_parse_vary_bounds_and_repeats():
+    with pytest.raises(ConfigError, match=r"--vary batch_size=8,2000000: \['2000000'\] exceed the limit 1,048,576"):
+        whatif.parse_vary(["batch_size=8,2000000"], "ppo")
+    with pytest.raises(ConfigError, match=r"--vary nodes=1,01: \['1'\] given more than once"):
+        whatif.parse_vary(["nodes=1,01"], "ppo")
+    with pytest.raises(ConfigError, match=r"--vary point prompt_len=1048576: prompt_len \+ gen_len = 1,048,704"):
+        whatif.apply(load_experiment(EXP), {"prompt_len": 1 << 20})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--search-budget-s", "-1"], "--search-budget-s=-1.0 must be positive"),
+    (["--search-budget-s", "nan"], "--search-budget-s=nan must be a finite number"),
+    (["--seed", "-1"], "--seed=-1 must be a non-negative integer"),
+    (["--search-evals", "0"], "--search-evals=0 must be at least 1"),
+    (["--profile", ""], "--profile: the hardware profile name is empty"),
+    (["--out", ""], "--out: the path is empty"),
+    (["--vary", "gen_len=8,2000000"], "exceed the limit"),
+    (["--vary", "nodes=1,2", "--vary", "batch_size=8,7"], "--vary point nodes=1,batch_size=7: "),  # the 2nd point
+])
+def test_every_flag_and_point_is_checked_before_the_first_search(tmp_path: Path, capsys, flags, message):
+    searched = []
+    functions = (lambda e, p: searched.append(e) or symmetric_plan(e, p), STAND_IN[1])
+    argv = [str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--out", str(tmp_path / "w")] + flags
+    if "--vary" not in flags:
+        argv += ["--vary", "nodes=1"]
+    assert whatif.main(argv, functions=functions) == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "error: " in err and message in err, err
+    assert searched == [] and not (tmp_path / "w").exists()
+
+
+def test_out_may_be_a_new_directory_but_not_a_file(tmp_path: Path, capsys):
+    (tmp_path / "f").write_text("x")
+    argv = [str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--vary", "gen_len=8"]
+    assert whatif.main(argv + ["--out", str(tmp_path / "f" / "w")], functions=STAND_IN) == EXIT_INVALID
+    assert "is not a directory" in capsys.readouterr().err
+    assert whatif.main(argv + ["--out", str(tmp_path / "new" / "w")], functions=STAND_IN) == 0
+    assert (tmp_path / "new" / "w" / "whatif.csv").is_file()
+
+
+def test_the_printed_table_fits_a_terminal_and_json_keeps_every_column(tmp_path: Path, capsys):
+    import search.baselines as sb
+
+    def baselines(e, p):  # the four baselines: the widest table whatif prints for one key
+        return {n: b.plan for n in sb.BASELINES if (b := sb.build(n, e, p)).plan is not None}
+
+    argv = [str(EXP), "--vary", "gen_len=64,128", "--vary", "nodes=1,2", "--out", str(tmp_path)]
+    assert whatif.main(argv, functions=(STAND_IN[0], baselines)) == 0
+    table, rest = capsys.readouterr().out.split("\n\n", 1)
+    lines = table.splitlines()
+    assert max(map(len, lines)) <= 120, max(lines, key=len)
+    assert f"\nwrote {tmp_path} " in "\n" + rest and "priced for this project's eager executor" in rest
+    assert lines[0].split()[:4] == ["gen_len", "nodes", "best", "s"] and "vs real-heuristic" in lines[0]
+    df = pd.read_csv(tmp_path / "whatif.csv")
+    first = lines[2].split()
+    assert first[:2] == ["64", "1"] and first[2] == f"{df['best_iteration_s'][0]:.4g}"
+    assert first[-1] == f"{df['speedup_over_real-heuristic'][0]:.2f}x"
+    assert whatif.main(argv + ["--json"], functions=(STAND_IN[0], baselines)) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {"megatron_iteration_s", "speedup_over_megatron", "gpu_hours_per_1000_steps"} <= set(rows[0])

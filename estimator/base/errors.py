@@ -8,8 +8,9 @@ code 2 instead of a traceback.
 
 from __future__ import annotations
 
+import difflib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 EXIT_INVALID = 2
 
@@ -24,6 +25,12 @@ class PlanInvalidError(ConfigError):
     def __init__(self, messages: Sequence[str]):
         self.messages = list(messages)
         super().__init__("invalid plan: " + "; ".join(self.messages))
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a mistyped ``word``, or ""."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def cli_guard(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:

@@ -15,6 +15,8 @@ refused (renaming over it would destroy it); a character device (``/dev/null``) 
 place, as ``cat > /dev/null`` would; otherwise the parent directory must exist and be
 writable. A regular file is written to a same-directory temporary file and renamed into
 place, so a crash never leaves a half-written plan, profile, timeline or trace behind.
+:func:`check_output_dir` is the rule for a directory a command writes into (``--out DIR``): it
+may not exist yet, as long as it can be created.
 """
 
 from __future__ import annotations
@@ -57,6 +59,32 @@ def check_output_path(path: str | Path | None, what: str = "output file") -> Pat
         raise ConfigError(f"{what} {str(path)!r}: directory {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {str(path)!r}: directory {str(parent)!r} is not writable")
+    return target
+
+
+def check_output_dir(path: str | Path | None, what: str = "output directory") -> Path:
+    """The resolved directory to write ``what`` into: an existing writable directory, or one that
+    can be created because its nearest existing ancestor is one. Nothing is created here (the
+    caller makes it with ``mkdir(parents=True, exist_ok=True)`` when it writes)."""
+    if path is None or str(path) == "":
+        raise ConfigError(f"{what}: the path is empty; give a directory")
+    if "\0" in str(path):
+        raise ConfigError(f"{what} {str(path)!r}: the path contains a NUL byte")
+    target = Path(os.path.realpath(path))
+    probe = target
+    while True:  # up to the nearest part that exists ("/" always does)
+        try:
+            mode = probe.stat().st_mode
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            probe = probe.parent
+        except OSError as exc:
+            raise ConfigError(f"{what} {str(path)!r}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(mode):
+        where = "" if probe == target else f": {str(probe)!r}"
+        raise ConfigError(f"{what} {str(path)!r}{where} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {str(path)!r}: directory {str(probe)!r} is not writable")
     return target
 
 

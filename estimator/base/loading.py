@@ -240,9 +240,22 @@ def _expanded_size(node: Any, where: str) -> int:
     return sizes[id(node)]
 
 
+def _unreadable(text: str, exc: yaml.reader.ReaderError, where: str) -> ConfigError:
+    """A character YAML's reader refuses (a NUL byte, a control character), with its line and column."""
+    at = exc.position
+    line = text.count("\n", 0, at) + 1
+    column = at - (text.rfind("\n", 0, at) + 1) + 1
+    return ConfigError(f"{where}: not valid YAML: character {repr(chr(exc.character))} (U+{exc.character:04X}) at "
+                       f"line {line}, column {column} (offset {at}); YAML allows only printable characters, "
+                       "tab and newlines")
+
+
 def parse_yaml(text: str, where: str, expect: type | tuple[type, ...] | None = dict) -> Any:
     """Strict YAML (see the module docstring); an empty document is ``{}``."""
-    loader = _StrictLoader(text, where)
+    try:  # the reader checks every character as the loader is built
+        loader = _StrictLoader(text, where)
+    except yaml.reader.ReaderError as exc:
+        raise _unreadable(text, exc, where) from None
     try:
         node = loader.get_single_node()
         if node is None:

@@ -180,6 +180,9 @@ def _curves(node: Any, kind: str, cls: str, where: str) -> tuple[dict[int, TimeC
         w = f"{where}.curves[{key!r}]"
         if not isinstance(pts, list) or not all(isinstance(p, list) and len(p) == 2 for p in pts):
             raise ConfigError(f"{w} must be a list of [size_bytes, time_s] pairs")
+        wrong = [v for p in pts for v in p if not isinstance(v, (int, float)) or isinstance(v, bool)]
+        if wrong:  # float() would take "1" and True
+            raise ConfigError(f"{w}: {wrong[:3]!r} must be numbers")
         try:
             curve = TimeCurve(tuple((float(s), float(t)) for s, t in pts))
         except (TypeError, ValueError) as exc:

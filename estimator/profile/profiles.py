@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from estimator.base.errors import ConfigError
+from estimator.base.errors import ConfigError, did_you_mean
 from estimator.base.io import atomic_write_json
 from estimator.base.loading import is_file, load_json
 from estimator.base.rules import MAX_LATENCY_S
@@ -388,8 +388,8 @@ def load_profile(name_or_path: str | Path, key: str = "") -> Profile:
         path = PROFILE_DIR / f"{text}.json"
         if not is_file(path):
             shown = text if len(text) <= 80 else text[:77] + "..."
-            raise ConfigError(f"{prefix}unknown hardware profile {shown!r}; known profiles: "
-                              f"{', '.join(known_profiles())} (or give a path to a profile .json)")
+            raise ConfigError(f"{prefix}unknown hardware profile {shown!r}{did_you_mean(text, known_profiles())}; "
+                              f"known profiles: {', '.join(known_profiles())} (or give a path to a profile .json)")
     try:
         data = load_json(path, "hardware profile", expect=dict)
         return profile_from_dict(data, where=f"profile {path}", path=str(path))

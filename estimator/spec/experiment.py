@@ -46,7 +46,6 @@ Unknown keys, wrong types, unknown presets and impossible values raise
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from estimator.base import rules
-from estimator.base.errors import ConfigError
+from estimator.base.errors import ConfigError, did_you_mean
 from estimator.base.loading import check_input_path, load_yaml
 from estimator.spec.cluster import Cluster
 from estimator.spec.lengths import parse_lengths
@@ -185,9 +184,7 @@ _CLUSTER_KEYS = ("nodes", "devices_per_node", "device")
 
 
 def _unknown_key(where: str, key: str, allowed: tuple[str, ...] | list[str]) -> ConfigError:
-    close = difflib.get_close_matches(str(key), allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{where}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}")
+    return ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}")
 
 
 # key → upper bound (estimator/base/rules.py says why each is above any real run)

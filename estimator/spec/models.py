@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from estimator.base import rules
-from estimator.base.errors import ConfigError
+from estimator.base.errors import ConfigError, did_you_mean
 from estimator.base.loading import is_dir, load_json
 
 HEAD_KINDS = ("lm", "value")
@@ -441,6 +441,6 @@ def get_model(name_or_path: str, base_dir: str | Path | None = None) -> ModelSpe
     if path is not None:
         return from_hf_config(path)
     raise ConfigError(
-        f"unknown model preset {name_or_path!r}; known presets: {', '.join(sorted(PRESETS))} "
-        "(or give a path to a Hugging Face config.json)"
+        f"unknown model preset {name_or_path!r}{did_you_mean(name_or_path, PRESETS)}; known presets: "
+        f"{', '.join(sorted(PRESETS))} (or give a path to a Hugging Face config.json)"
     )

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from estimator.base import rules
 from estimator.base.errors import ConfigError
 from estimator.base.io import atomic_write_json
 from estimator.base.loading import MAX_DATA_BYTES, load_json
@@ -163,17 +164,21 @@ class Timeline:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "timeline") -> Timeline:
+        """A timeline document, every span checked (:func:`span_from_dict`)."""
         if not isinstance(data, dict) or data.get("format") != TIMELINE_FORMAT:
             raise ConfigError(f"{where}: not a {TIMELINE_FORMAT} document")
-        try:
-            spans = tuple(Span(**s) for s in data["spans"])
-        except (TypeError, KeyError) as exc:
-            raise ConfigError(f"{where}: bad span: {exc}") from None
-        try:
-            counters = tuple(Sample(**c) for c in data.get("counters", []))
-        except (TypeError, KeyError) as exc:
-            raise ConfigError(f"{where}: bad counter sample: {exc}") from None
-        return cls(spans, data.get("source", "predicted"), data.get("meta") or None, counters)
+        unknown = sorted(set(data) - {"format", "source", "meta", "spans", "counters"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: format, source, meta, spans, counters")
+        if not isinstance(data.get("spans"), list):
+            raise ConfigError(f"{where}: spans must be a list of span objects, got {type(data.get('spans')).__name__}")
+        spans = tuple(span_from_dict(s, f"{where}: spans[{i}]") for i, s in enumerate(data["spans"]))
+        counters = data.get("counters", [])
+        if not isinstance(counters, list):
+            raise ConfigError(f"{where}: counters must be a list of sample objects, got {type(counters).__name__}")
+        samples = tuple(sample_from_dict(c, f"{where}: counters[{i}]") for i, c in enumerate(counters))
+        return cls(spans, check_source(data.get("source", "predicted"), where), check_meta(data.get("meta"), where),
+                   samples)
 
     def save(self, path: str | Path) -> Path:
         return atomic_write_json(path, self.to_dict())
@@ -182,3 +187,70 @@ class Timeline:
     def load(cls, path: str | Path) -> Timeline:
         data = load_json(path, "timeline", expect=dict, max_bytes=MAX_DATA_BYTES)
         return cls.from_dict(data, where=f"timeline {path}")
+
+
+SPAN_REQUIRED = ("start_s", "end_s", "device", "iteration", "call", "op")
+SPAN_OPTIONAL = {"micro_batch": -1, "stage": -1, "resource": ""}  # key → value when absent
+SOURCES = ("predicted", "measured")
+
+
+def span_from_dict(raw: Any, where: str = "span") -> Span:
+    """One span of a timeline document with every field checked: times finite, from 0 and in
+    order, device ≥ -1 (-1: a link), iteration ≥ 0, micro-batch and stage ≥ -1 (-1: none), call
+    and op non-empty names, resource a link name or "". The message names the field and its value."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be an object with keys {', '.join(SPAN_REQUIRED)}, got {raw!r:.60}")
+    unknown = sorted(set(raw) - set(SPAN_REQUIRED) - set(SPAN_OPTIONAL))
+    missing = [k for k in SPAN_REQUIRED if k not in raw]
+    if unknown or missing:
+        raise ConfigError(f"{where}: " + "; ".join(([f"unknown key(s) {unknown}"] if unknown else [])
+                                                  + ([f"missing key(s) {missing}"] if missing else []))
+                          + f"; allowed: {', '.join((*SPAN_REQUIRED, *SPAN_OPTIONAL))}")
+    v = {**SPAN_OPTIONAL, **raw}
+    start = rules.real(f"{where}.start_s", v["start_s"], lo=0.0)
+    end = rules.real(f"{where}.end_s", v["end_s"], lo=0.0)
+    if end < start:
+        raise ConfigError(f"{where}: end_s={end!r} is before start_s={start!r}; a span ends after it starts")
+    ints = {"device": rules.integer(f"{where}.device", v["device"], lo=-1),
+            "iteration": rules.integer(f"{where}.iteration", v["iteration"], lo=0),
+            "micro_batch": rules.integer(f"{where}.micro_batch", v["micro_batch"], lo=-1),
+            "stage": rules.integer(f"{where}.stage", v["stage"], lo=-1)}
+    for key in ("call", "op"):
+        if not isinstance(v[key], str) or not v[key]:
+            raise ConfigError(f"{where}.{key}={v[key]!r:.60} must be a non-empty name")
+    if not isinstance(v["resource"], str):
+        raise ConfigError(f"{where}.resource={v['resource']!r:.60} must be a link name or \"\"")
+    return Span(start, end, call=v["call"], op=v["op"], resource=v["resource"], **ints)
+
+
+SAMPLE_KEYS = ("t_s", "device", "iteration", "call", "name", "value")
+
+
+def sample_from_dict(raw: Any, where: str = "sample") -> Sample:
+    """One counter sample with every field checked, as :func:`span_from_dict` checks spans."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be an object with keys {', '.join(SAMPLE_KEYS)}, got {raw!r:.60}")
+    unknown = sorted(set(raw) - set(SAMPLE_KEYS))
+    missing = [k for k in SAMPLE_KEYS if k not in raw]
+    if unknown or missing:
+        raise ConfigError(f"{where}: " + "; ".join(([f"unknown key(s) {unknown}"] if unknown else [])
+                                                  + ([f"missing key(s) {missing}"] if missing else []))
+                          + f"; allowed: {', '.join(SAMPLE_KEYS)}")
+    for key in ("call", "name"):
+        if not isinstance(raw[key], str) or not raw[key]:
+            raise ConfigError(f"{where}.{key}={raw[key]!r:.60} must be a non-empty name")
+    return Sample(rules.real(f"{where}.t_s", raw["t_s"], lo=0.0), rules.integer(f"{where}.device", raw["device"], lo=0),
+                  rules.integer(f"{where}.iteration", raw["iteration"], lo=0), raw["call"], raw["name"],
+                  rules.real(f"{where}.value", raw["value"], lo=None))
+
+
+def check_source(source: Any, where: str) -> str:
+    if source not in SOURCES:
+        raise ConfigError(f"{where}: source={source!r:.60} must be one of {', '.join(SOURCES)}")
+    return source
+
+
+def check_meta(meta: Any, where: str) -> dict[str, Any] | None:
+    if meta is not None and not isinstance(meta, dict):
+        raise ConfigError(f"{where}: meta={meta!r:.60} must be an object (or absent)")
+    return meta or None
