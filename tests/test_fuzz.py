@@ -46,9 +46,11 @@ FREE = {"experiment": {"name"}, "profile": {"name", "device", "date", "notes", "
                                         "tie_word_embeddings", "attention_bias"}}  # True is valid too
 NULLABLE = {"experiment": {"prompts"}, "profile": set(), "plan": set(), "model config": {"num_key_value_heads"}}
 OPTIONAL = {"experiment": {"ppo_minibatches", "group_size", "seed", "prompts", "hyperparams", "name", "lr",
-                           "kl_coef", "clip_eps", "value_clip", "gamma", "lam", "dpo_beta", "temperature"},
+                           "kl_coef", "clip_eps", "value_clip", "gamma", "lam", "dpo_beta", "temperature",
+                           "old_logprobs", "reward_s_per_sample", "kv_fraction", "group_corr", "p99", "sigma"},
             "profile": {"notes", "cite", "command", "name", "compose", "dtype", "executor", "grad_overhead_s",
-                        "backward_overhead_s", "raw"}, "plan": {"format", "micro_batches"},
+                        "backward_overhead_s", "raw"},
+            "plan": {"format", "micro_batches", "recompute", "max_concurrency", "max_tokens_per_micro_batch"},
             "model config": {"num_key_value_heads", "tie_word_embeddings", "attention_bias", "rope_theta",
                              "rms_norm_eps", "hidden_act", "architectures", "model_type"}}
 
