@@ -6,6 +6,8 @@ no data parallelism. Where the model cannot be split that way (tp must divide he
 heads, ffn and vocabulary; pp may not exceed the layers; the batch must split over
 dp·micro-batches) tp and pp step down and dp takes up the rest. Micro-batches: at least one
 per pipeline stage, so pipelines fill; with a profile, more while a device would overflow.
+Where lengths vary, a generate call runs one virtual engine per stage and the other calls a
+token budget of :data:`BUDGET_START` longest rows, halved while a device would overflow.
 The same two rules (:func:`closest_layout`, :func:`fit_micro_batches`) build every baseline of
 :mod:`search.baselines`. Every call is placed, so the actor's recomputed old log-probs
 (``actor_inf``) run on all devices like the reference's inference, and a verifier reward
@@ -23,6 +25,8 @@ from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import MICRO_BATCH_CHOICES, Layout, Plan, check, divisors, layout_problems
 
+BUDGET_START = 8  # a baseline's token budget per micro-batch, in longest rows, where lengths vary
+
 
 def closest_layout(experiment: Experiment, name: str, mesh: DeviceMesh, tp: int, pp: int) -> Layout | None:
     """The layout of call ``name`` on ``mesh`` closest to (tp, pp): tp steps down first, then pp,
@@ -30,11 +34,21 @@ def closest_layout(experiment: Experiment, name: str, mesh: DeviceMesh, tp: int,
     most that is valid). None when no degrees are valid."""
     call, cl = experiment.workflow[name], experiment.cluster
     model = experiment.models[call.role]
+    w = call.workload
     for t in sorted(divisors(tp), reverse=True):
         for p in sorted(divisors(pp), reverse=True):
             if mesh.size % (t * p):
                 continue
             dp = mesh.size // (t * p)
+            if w.lengths_vary:  # what frameworks run where lengths vary
+                if call.kind == "generate":  # one virtual engine per stage, as vLLM
+                    lay = Layout(mesh, dp, t, p, p)
+                else:  # dynamic batching: a token budget, as much as BUDGET_START longest rows
+                    lay = Layout(mesh, dp, t, p, 1, max_tokens_per_micro_batch=BUDGET_START * w.seq_len
+                                 * (2 if w.paired else 1))
+                if not layout_problems(call, model, cl, lay):
+                    return lay
+                continue
             valid = [m for m in MICRO_BATCH_CHOICES
                      if not layout_problems(call, model, cl, Layout(mesh, dp, t, p, m))]
             if valid:
@@ -73,6 +87,13 @@ def fit_micro_batches(experiment: Experiment, profile: Profile, plan: Plan) -> P
         if report.feasible or not name:
             return Plan(layouts)
         lay = layouts[name]
+        if lay.token_budget:  # a smaller budget, down to one longest row
+            w = wf[name].workload
+            smaller = dataclasses.replace(lay, max_tokens_per_micro_batch=lay.max_tokens_per_micro_batch // 2)
+            if smaller.max_tokens_per_micro_batch < w.seq_len * (2 if w.paired else 1):
+                return Plan(layouts)
+            layouts = {**layouts, name: smaller}
+            continue
         more = [m for m in MICRO_BATCH_CHOICES if m > lay.micro_batches and not layout_problems(
             wf[name], experiment.models[wf[name].role], experiment.cluster,
             dataclasses.replace(lay, micro_batches=m, recompute="none"))]

@@ -209,12 +209,14 @@ def test_a_generate_layout_is_infeasible_only_when_one_request_at_the_cap_cannot
     assert costs.kv_tokens("actor_gen", lay) > need
 
 
-def test_engines_are_one_per_stage_and_caps_split_over_them() -> None:
+def test_the_search_gives_engines_one_per_stage_and_caps_split_over_them() -> None:
+    from search.space import build_space
+
     exp = _experiment(gen_len={"max": 64, "mean": 8}, batch=8)
     call, model, cl = exp.workflow["actor_gen"], exp.models["actor"], exp.cluster
-    assert any("micro_batches must equal pp=2" in p
-               for p in layout_problems(call, model, cl, Layout(DeviceMesh(0, 2), 1, 1, 2, 1)))
-    assert not layout_problems(call, model, cl, Layout(DeviceMesh(0, 2), 1, 1, 2, 2))
+    space = build_space(exp, load_profile("cpu"))
+    shapes = [sh for sizes in space["actor_gen"].shapes.values() for sh in sizes]
+    assert shapes and all(mb == pp for _, _, pp, mb, _ in shapes)  # one virtual engine per stage
     assert any("max_concurrency=1 is below micro_batches=2" in p
                for p in layout_problems(call, model, cl, Layout(DeviceMesh(0, 2), 1, 1, 2, 2, max_concurrency=1)))
     assert engine_rows(call, Layout(DeviceMesh(0, 2), 2, 1, 1, 1), 1) == [(4, 8)]

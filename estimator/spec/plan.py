@@ -225,11 +225,6 @@ def _shape_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layo
                    f"one node of {dpn} devices (tp must divide {dpn})")
     if layout.pp > model.layers:
         out.append(f"call {name}: pp={layout.pp} exceeds layers={model.layers} of model {model.name}")
-    engines = call.kind == "generate" and (call.workload.lengths_vary or layout.max_concurrency)
-    if engines and layout.micro_batches != layout.pp:
-        out.append(f"call {name}: micro_batches={layout.micro_batches} on a continuous-batching engine (lengths vary "
-                   f"or max_concurrency is set): it runs one virtual engine per pipeline stage, as vLLM does, so "
-                   f"micro_batches must equal pp={layout.pp}")
     if layout.max_concurrency and call.kind != "generate":
         out.append(f"call {name}: max_concurrency={layout.max_concurrency} applies to generate calls only, "
                    f"not to this {call.kind} call")
