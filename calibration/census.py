@@ -150,7 +150,10 @@ def _pool_prefill(v, dt, spec, params, hooks) -> Thunk:
     (:class:`executor.model.PoolPrefill`)."""
     b, t = v["rows"], v["tokens"]
     pool = M.KVPool(b + 2, 2 * t)
-    ctx = M.context(spec, 0, t, dt, torch.device("cpu"), pool.prefill(2), hooks)
+    cpu = torch.device("cpu")
+    with torch.no_grad():  # two running requests hold the first slots (and the pool is allocated, as in a run)
+        M.block(params, 0, _rand(2, t, v["hidden"], dtype=dt), M.context(spec, 0, t, dt, cpu, pool.prefill(0), hooks))
+    ctx = M.context(spec, 0, t, dt, cpu, pool.prefill(2), hooks)
     x = _rand(b, t, v["hidden"], dtype=dt)
     return torch.no_grad()(lambda: M.block(params, 0, x, ctx))
 

@@ -202,8 +202,10 @@ class KVPool:
     def _buffers(self, layer: int, k: Tensor) -> tuple[Tensor, Tensor]:
         if layer not in self.keys:
             _, g, _, hs = k.shape
-            self.keys[layer] = k.new_empty((self.slots, g, self.max_len, hs))
-            self.values[layer] = k.new_empty((self.slots, g, self.max_len, hs))
+            # zeros, not uninitialised memory: a decode step reads padded positions under a mask,
+            # and a masked weight of 0 times a NaN left in memory would still be NaN
+            self.keys[layer] = k.new_zeros((self.slots, g, self.max_len, hs))
+            self.values[layer] = k.new_zeros((self.slots, g, self.max_len, hs))
         return self.keys[layer], self.values[layer]
 
     def prefill(self, first: int) -> PoolPrefill:
