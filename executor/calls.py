@@ -191,15 +191,23 @@ def generate(c: CallRun) -> dict[str, Pieces]:
     res = c.engine.generate(prompts, w.gen_len, choose, exp.hyper.temperature)
     if res is None:
         return {}
+    return generated(c, res, lambda verify, s, _: verify(s, c.engine.dtype))
+
+
+def generated(c: CallRun, res: list[tuple[Tensor, Tensor]],
+              score: Callable[[Verifier, Tensor, int], Tensor]) -> dict[str, Pieces]:
+    """A generate call's outputs from its micro-batches' (sequences, log-probs): the sequences,
+    the old log-probs where the call writes them, and under a verifier the rewards, scored here
+    on the last stage as they come out (``score(verifier, sequences, micro-batch)``)."""
     names, dtype = c.call.outputs, c.engine.dtype
     out = {next(n for n in names if n in TOKENS): c.outputs([s for s, _ in res])}
     if "old_logp" in names:
         out["old_logp"] = c.outputs([lp.to(dtype) for _, lp in res])
     rewards = [n for n in names if n in PER_SEQUENCE]
-    if rewards:  # a verifier: score the sequences here, on the last stage, as they come out
-        verify = Verifier.of(exp)
+    if rewards:
+        verify = Verifier.of(c.experiment)
         with c.span("reward"):
-            out[rewards[0]] = c.outputs([verify(s, dtype) for s, _ in res])
+            out[rewards[0]] = c.outputs([score(verify, s, i) for i, (s, _) in enumerate(res)])
     return out
 
 
@@ -231,17 +239,9 @@ def generate_batched(c: CallRun) -> dict[str, Pieces]:
     res = c.engine.serve(work, choose, exp.hyper.temperature, c.count)
     if res is None:
         return {}
-    names, dtype = c.call.outputs, c.engine.dtype
-    out = {next(n for n in names if n in TOKENS): c.outputs([s for s, _ in res])}
-    if "old_logp" in names:
-        out["old_logp"] = c.outputs([lp.to(dtype) for _, lp in res])
-    rewards = [n for n in names if n in PER_SEQUENCE]
-    if rewards:  # a verifier: score each response's real tokens here, on the last stage
-        verify = Verifier.of(exp)
-        with c.span("reward"):
-            out[rewards[0]] = c.outputs([verify.rows(s, prompt[lo:hi], gen[lo:hi], dtype)
-                                         for (s, _), (lo, hi) in zip(res, mbs)])
-    return out
+    # a verifier scores each response's real tokens only
+    return generated(c, res, lambda verify, s, e: verify.rows(s, prompt[mbs[e][0]:mbs[e][1]],
+                                                             gen[mbs[e][0]:mbs[e][1]], c.engine.dtype))
 
 
 # ---- inference --------------------------------------------------------------------------------
