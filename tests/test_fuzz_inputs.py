@@ -44,6 +44,7 @@ from estimator.profile.profiles import known_profiles
 from estimator.spec.models import PRESETS
 from estimator.spec.timeline import TIMELINE_FORMAT, Timeline
 from tests.conftest import EXAMPLES, ROOT
+from tests.test_fuzz import _paths  # every key path of a parsed document, lists cut at 3 items
 
 SEED = 20250611
 HANG_S = 10.0  # a case that takes longer is a hang (the slowest valid case takes well under 1 s)
@@ -75,18 +76,6 @@ class Case:
 
 HOSTILE_CHARS = ["\x00", "\x01", "\x07", "\x08", "\x0b", "\x0c", "\x0e", "\x1b", "\x1f", "\x7f", "\ufffe", "\uffff"]
 BAD_UTF8 = [b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\xc0\xaf"]
-
-
-def _paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
-    """Every key path (keys and list indices) of a parsed document, lists cut at 3 items."""
-    out = [prefix] if prefix else []
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            out += _paths(v, (*prefix, k))
-    elif isinstance(doc, list):
-        for i, v in enumerate(doc[:3]):
-            out += _paths(v, (*prefix, i))
-    return out
 
 
 def _get(doc: Any, path: tuple) -> Any:
