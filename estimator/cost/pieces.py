@@ -75,10 +75,10 @@ class StageTime:
         return self.compute_s + self.comm_s
 
 
-EACH_POINTS = 48  # distinct sizes a scalar cost is evaluated at for an array (_each)
+EACH_POINTS = 48  # distinct sizes a scalar cost is evaluated at for an array (each_distinct)
 
 
-def _each(fn, x):  # noqa: ANN001, ANN202
+def each_distinct(fn, x):  # noqa: ANN001, ANN202
     """A scalar cost function (a collective's time against its size) over an array of sizes:
     exactly at up to :data:`EACH_POINTS` distinct sizes, beyond that interpolated log-log
     between that many log-spaced ones (the collective curves are log-log interpolations)."""
@@ -99,14 +99,14 @@ def tp_allreduce_s(profile: Profile, tp: int, tokens: float, h: int) -> float:
     (``tokens`` may be an array)."""
     if tp == 1:
         return 0.0
-    return _each(lambda n: profile.in_call_s("all_reduce", n * h * profile.elem_bytes, tp, "intra"), tokens)
+    return each_distinct(lambda n: profile.in_call_s("all_reduce", n * h * profile.elem_bytes, tp, "intra"), tokens)
 
 
 def head_comm_s(profile: Profile, model: ModelSpec, tp: int, head_tokens: float) -> float:
     """All-gather of the LM head's logits over the vocabulary (none for a value head)."""
     if model.head == "value" or tp == 1:
         return 0.0
-    return _each(lambda n: profile.in_call_s("all_gather", n * model.vocab * profile.elem_bytes, tp, "intra"),
+    return each_distinct(lambda n: profile.in_call_s("all_gather", n * model.vocab * profile.elem_bytes, tp, "intra"),
                  head_tokens)
 
 

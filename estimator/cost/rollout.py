@@ -43,6 +43,7 @@ from estimator.cost.pieces import (
     BF16,
     INT64,
     block_piece,
+    each_distinct,
     end_piece,
     forward_stage,
     head_comm_s,
@@ -60,7 +61,6 @@ from estimator.spec.plan import Layout
 from estimator.spec.sharding import dp_rows
 from estimator.spec.workflow import Call
 
-COMM_POINTS = 48  # distinct batches a decode step's communication is evaluated at
 GRID_BATCH, GRID_KV = 24, 6  # the decode-cost grid of calls with many segments (_Segments.step_costs)
 
 
@@ -197,21 +197,8 @@ class _StageCosts:
         if self.last:
             compute = compute + piece_s(p, end_piece(f"head_{m.head}", tp, m), sym) + piece_s(p, self.choose, sym)
         compute = np.broadcast_to(np.asarray(compute, dtype=float) + p.micro_batch_overhead_s, batch.shape)
-        return compute, self._comm_of(batch)
-
-    def _comm_of(self, batch: np.ndarray) -> np.ndarray:
-        """:meth:`_step_comm` of every batch: exactly at up to :data:`COMM_POINTS` distinct
-        batches, beyond that interpolated log-log between that many (the collective curves are
-        log-log interpolations themselves)."""
-        uniq, inv = np.unique(batch, return_inverse=True)
-        if len(uniq) <= COMM_POINTS:
-            return np.array([sum(self._step_comm(int(b))) for b in uniq])[inv]
-        grid = np.unique(np.geomspace(uniq[0], uniq[-1], COMM_POINTS).round().astype(np.int64))
-        values = np.array([sum(self._step_comm(int(b))) for b in grid])
-        if not values.any():
-            return np.zeros(len(batch))
-        logs = np.interp(np.log(uniq), np.log(grid), np.log(np.maximum(values, 1e-30)))
-        return np.where(values.max() > 0, np.exp(logs), 0.0)[inv]
+        # a step's communication by its batch, at most EACH_POINTS evaluations (pieces.each_distinct)
+        return compute, each_distinct(lambda b: sum(self._step_comm(int(round(b)))), batch)
 
 
 @dataclass
