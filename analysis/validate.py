@@ -235,6 +235,7 @@ def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: lis
     chosen = next(c for c in done if c.id == best)
     draw(out, experiment.name, profile, plans, calls, ops, chosen.predicted, chosen.measured[0])
     failed = {c.id: c.failures for c in cands if c.failures}
+    notes = notes + host_notes(profile, [t for c in done for t in c.measured])
     per_plan = json.loads(plans.drop(columns=["plan_file"]).to_json(orient="records"))
     priced = op_set(profile)
     doc = {"experiment": experiment.name, "op_set": priced, "settings": settings, "notes": notes,
@@ -248,6 +249,24 @@ def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: lis
     atomic_write_text(out / "summary.txt", text + "\n")
     atomic_write_json(out / "summary.json", _nan_to_none(doc))
     return {"text": text, "summary": _nan_to_none(doc)}
+
+
+def host_notes(profile: Profile, measured: list[Timeline]) -> list[str]:
+    """A note when the runs were measured on another machine than the profile: a profile
+    prices one CPU (or GPU) model (``software.cpu`` / ``software.gpu``, written by the
+    calibration), and the runs' ``meta.host`` (written by the executor) names theirs; an error
+    then measures the two machines' difference as much as the model's."""
+    out = []
+    for key in ("gpu", "cpu"):
+        want = profile.software.get(key)
+        hosts = sorted({str(h[key]) for t in measured if (h := (t.meta or {}).get("host") or {}).get(key)})
+        if want and hosts and hosts != [want]:
+            out.append(f"the runs were measured on {key} {', '.join(hosts)}; profile {profile.name} on {want}: "
+                       "calibrate on the measuring host (python -m estimator.calibrate) to judge the model, not "
+                       "the difference of the machines")
+        if want and hosts:
+            break
+    return out
 
 
 def draw(out: Path, experiment: str, profile: Profile, plans: Any, calls: Any, ops: Any, predicted: Timeline,

@@ -196,12 +196,13 @@ def measure(grid: Grid, device: torch.device | None = None, tick: Callable[[int]
 
 IN_SITU = "in_situ"  # rows of :func:`measure_in_situ`: the extra cost of a collective between computations
 IN_SITU_P2P = "in_situ_p2p"  # rows of :func:`measure_in_situ_p2p`: the same for a pipeline message
-# the executor's own tensor-parallel block (one rank of tiny-2l-128h at tp 2): a decode step and a
-# forward of 16 tokens, 4 rows each; every step all-reduces twice
+# one rank of the executor's tiny-2l-128h at tp 2, a whole stage pass as tensor parallelism runs
+# it: a decode step of 4 rows and a forward of 4 rows × 16 tokens
 IN_SITU_SHAPES = {"decode": dict(rows=4, tokens=1, kv_len=24), "forward": dict(rows=4, tokens=16, kv_len=16)}
 IN_SITU_BLOCK = dict(group=2, kv_heads=1, half_head_dim=16, hidden=128, ffn=128, vocab_local=128, tp=2,
                      response=1, vocab=256, numel=1, positions=64)
-IN_SITU_STEPS = 32  # block steps per timed repeat
+IN_SITU_LAYERS = 2
+IN_SITU_STEPS = 32  # stage passes per timed repeat
 
 
 def _own_elapsed(body: Callable[[], None], repeats: int, group: dist.ProcessGroup, device: torch.device) -> float:
@@ -218,19 +219,34 @@ def _own_elapsed(body: Callable[[], None], repeats: int, group: dist.ProcessGrou
     return float(times.median())
 
 
+def _stage_pass(v: dict, phase: str, tp: bool) -> list[Callable[[], object]]:
+    """The thunks of one stage pass of the executor (:mod:`calibration.census`'s pieces, with
+    the engine's hooks on a real group when ``tp``): the vocab-parallel embedding (one
+    all-reduce), ``IN_SITU_LAYERS`` blocks (two each), the head (an all-gather of the logits)
+    and, in a decode step, the token choice (a broadcast). Creates groups: every rank calls it."""
+    from calibration.census import block_forward, choose, embed, head
+
+    decode = phase == "decode"
+    return [embed(v, torch.float32, tp, ""),
+            *[block_forward(v, torch.float32, tp, "", cache=decode, decode=decode) for _ in range(IN_SITU_LAYERS)],
+            head(v, torch.float32, tp, "", "lm"),
+            *([choose(v, torch.float32, tp, "")] if decode else [])]
+
+
 def measure_in_situ(device: torch.device | None = None, repeats: int = 15) -> list[dict]:
     """What a tensor-parallel collective costs where the executor issues it: between the
-    computations of its own block. Ranks 0 and 1 run ``IN_SITU_STEPS`` steps of the executor's
-    tensor-parallel block (:func:`calibration.census.block_forward` with the engine's hooks on a
-    real two-rank group: two all-reduces a step), then the same block without the group (its
-    computations alone) and the all-reduces alone, each rank's own time as the executor
-    measures it; (block − computations − all-reduces) / all-reduces is what arriving at
-    different moments and waking a waiting process add to each collective, and what the hooks'
-    autograd functions cost. Rank 0 gets one row per shape (decode step, forward): kind
-    ``in_situ``, ``median_s`` the extra seconds per collective. Every rank takes part in
-    creating the groups."""
-    from calibration.census import block_forward
-
+    computations of a whole stage pass. Ranks 0 and 1 run ``IN_SITU_STEPS`` passes of the
+    executor's tensor-parallel stage (:func:`_stage_pass` on a real two-rank group: all-reduces
+    after the embedding and each block's halves, an all-gather of the logits, in a decode step a
+    broadcast of the chosen tokens), then the same pass without the group (its computations
+    alone), and each kind of collective of the pass alone, back to back at the pass's sizes —
+    what the profile's curves price. (pass − computations − collectives) / collectives is what
+    arriving at different moments, waking a waiting process and alternating kinds add to each
+    collective, and what the hooks' autograd functions cost; a block alone (two all-reduces of
+    one kind a step) missed the last two and read 150 us where whole decode steps at tp 2 paid
+    about 400 us more per collective than the curves. Rank 0 gets one row per shape (decode
+    step, forward): kind ``in_situ``, ``median_s`` the extra seconds per collective. Every rank
+    takes part in creating the groups."""
     rank = dist.get_rank()
     device = device or torch.device("cpu")
     group = dist.new_group([0, 1])
@@ -238,28 +254,38 @@ def measure_in_situ(device: torch.device | None = None, repeats: int = 15) -> li
     for phase, shape in IN_SITU_SHAPES.items():
         v = {**IN_SITU_BLOCK, **shape}
         decode = phase == "decode"
-        tp_step = block_forward(v, torch.float32, True, "", cache=decode, decode=decode)  # creates a group
+        tp_pass = _stage_pass(v, phase, True)  # creates groups
         if rank >= 2:
             continue
-        local_step = block_forward(v, torch.float32, False, "", cache=decode, decode=decode)
-        buf = torch.ones(v["rows"] * v["tokens"] * v["hidden"], device=device)
+        local_pass = _stage_pass(v, phase, False)
+        rows_tokens = v["rows"] * (1 if decode else v["tokens"])
+        hidden = torch.ones(rows_tokens * v["hidden"], device=device)
+        logits = torch.ones(rows_tokens * v["vocab_local"], device=device)
+        gathered = [torch.empty_like(logits) for _ in range(2)]
+        token = torch.zeros(v["rows"], dtype=torch.long, device=device)
+        reduces = 1 + 2 * IN_SITU_LAYERS
+        alone = {"all_reduce": functools.partial(dist.all_reduce, hidden, group=group),
+                 "all_gather": functools.partial(dist.all_gather, gathered, logits, group=group)}
+        if decode:
+            alone["broadcast"] = functools.partial(dist.broadcast, token, 0, group=group)
+        count = {"all_reduce": reduces, "all_gather": 1, "broadcast": 1}
 
-        def steps(step: Callable[[], None] | None, reduces: int = 0, buf: torch.Tensor = buf) -> None:
+        def steps(thunks: list[Callable[[], object]], times: int = 1) -> None:
             for _ in range(IN_SITU_STEPS):
-                if step is not None:
-                    step()
-                for _ in range(reduces):
-                    dist.all_reduce(buf, group=group)
+                for fn in thunks:
+                    for _ in range(times):
+                        fn()
 
-        steps(tp_step)  # warm-up
-        t_tp = _own_elapsed(functools.partial(steps, tp_step), repeats, group, device)
-        t_local = _own_elapsed(functools.partial(steps, local_step), repeats, group, device)
-        t_ar = _own_elapsed(functools.partial(steps, None, 2), repeats, group, device)
+        steps(tp_pass)  # warm-up
+        t_tp = _own_elapsed(functools.partial(steps, tp_pass), repeats, group, device)
+        t_local = _own_elapsed(functools.partial(steps, local_pass), repeats, group, device)
+        t_coll = sum(_own_elapsed(functools.partial(steps, [fn], count[k]), repeats, group, device)
+                     for k, fn in alone.items())
         if rank == 0:
-            n = 2 * IN_SITU_STEPS
+            n = IN_SITU_STEPS * sum(count[k] for k in alone)
             rows.append(dict(kind=IN_SITU, link_class="intra", group="2", group_size=2,
-                             size_bytes=buf.numel() * ELEMENT, median_s=(t_tp - t_local - t_ar) / n,
-                             p10_s=t_local / IN_SITU_STEPS, p90_s=t_ar / n, repeats=repeats, calls=n,
+                             size_bytes=hidden.numel() * ELEMENT, median_s=(t_tp - t_local - t_coll) / n,
+                             p10_s=t_local / IN_SITU_STEPS, p90_s=t_coll / n, repeats=repeats, calls=n,
                              backend=str(dist.get_backend())))
     dist.barrier()
     return rows

@@ -213,11 +213,12 @@ def _spec(m: str | ModelSpec) -> ModelSpec:
 
 
 def measure(cases: list[Case], device: str = "cpu", dtype: str = "float32", level: str = "quick",
-            progress: Callable[[int], object] | None = None, seed: int = 0):
+            progress: Callable[[int], object] | None = None, seed: int = 0,
+            again: Callable[[Callable[[], list[dict]]], None] | None = None):
     """Time ``cases`` (see :func:`calibration.timing.measure`): one raw row per case."""
     from calibration.timing import measure as _measure
 
-    return _measure(cases, LEVELS[level], device=device, dtype=dtype, progress=progress, seed=seed)
+    return _measure(cases, LEVELS[level], device=device, dtype=dtype, progress=progress, seed=seed, again=again)
 
 
 # ---- optional command line ------------------------------------------------------------------------

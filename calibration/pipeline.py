@@ -20,8 +20,8 @@ A measurement runs three phases, each with a progress bar on stderr:
    runtime's fixed costs per call and per micro-batch (:mod:`calibration.overheads`). On CPU
    with a world size above 1, ``world`` processes time the grid in step
    (:mod:`calibration.together`), because the executor's processes compute at once and slow
-   each other down on a small host; then one process times the grid again alone, and the
-   profile's ``host`` section says how much faster each cost term is then
+   each other down on a small host; right after each case one process times it again while
+   the others wait, and the profile's ``host`` section says how much faster each cost term is then
    (:mod:`calibration.fit_host`, :mod:`estimator.sim.hostshare`);
 2. **collectives** (:mod:`calibration.collectives`): every collective the executor issues over
    torch.distributed (gloo on CPU, NCCL on GPUs), message sizes from bytes to tens or hundreds
@@ -195,20 +195,19 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
     dtype = "float32" if args.device == "cpu" else "bfloat16"
     total = len(cases) + 1 + 2 * len(overheads.MICRO_BATCHES)  # the kernel grid, then the fixed costs
     together = args.device == "cpu" and world >= 2  # the CPU executor's processes compute at once
-    with progress_bar(total=total, desc="kernels" + (f" ({world} processes in step)" if together else ""),
-                      unit="case") as bar:
+    raw_alone = None
+    desc = "kernels" + (f" ({world} processes in step, then one alone)" if together else "")
+    with progress_bar(total=total, desc=desc, unit="case") as bar:
         if together:
             from calibration.together import measure_together
 
-            raw_kernels = measure_together(cases, level, dtype, world, progress=bar.update)
+            # and each case again on one process while the others wait: how much faster a
+            # device is with its host idle (calibration.together says why case by case)
+            raw_kernels, raw_alone = measure_together(cases, level, dtype, world, progress=bar.update, alone=True)
         else:
             raw_kernels = pd.concat([kernels.measure(cases, args.device, dtype, level, progress=bar.update),
                                      overheads.measure_overheads(args.device, dtype, progress=bar.update)],
                                     ignore_index=True)
-    raw_alone = None
-    if together:  # the same grid with one process alone: how much faster a device is with its host idle
-        with progress_bar(total=total, desc="kernels (1 process alone)", unit="case") as bar:
-            raw_alone = measure_together(cases, level, dtype, 1, progress=bar.update)
     raw_links = None
     if world >= 2:
         grid = collectives.GRIDS[level]

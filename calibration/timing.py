@@ -30,6 +30,7 @@ import torch
 from calibration.aten import encode, record
 from calibration.benches import Bench, Maker, build, grad_mode
 from estimator.base.errors import ConfigError
+from estimator.base.host import cpu_model
 
 ROTATE_BYTES = 32 << 20  # more than the last-level cache of the CPUs and GPUs at hand
 MAX_ROTATE = 16
@@ -58,18 +59,8 @@ def device_info(device: str) -> dict[str, str]:
         if hasattr(torch.cuda, "nccl"):
             info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     else:
-        info["cpu"] = _cpu_model()
+        info["cpu"] = cpu_model()
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Clock:
@@ -180,8 +171,11 @@ class _Threads:
 
 
 def measure(cases: list, level: Any, device: str = "cpu", dtype: str = "float32",
-            progress: Callable[[int], object] | None = None, seed: int = 0) -> pd.DataFrame:
-    """One raw row per case (see :func:`case_row`), plus the composition rows."""
+            progress: Callable[[int], object] | None = None, seed: int = 0,
+            again: Callable[[Callable[[], list[dict]]], None] | None = None) -> pd.DataFrame:
+    """One raw row per case (see :func:`case_row`), plus the composition rows. ``again``: called
+    after each case (and after the composition rows) with a thunk that times it once more, for a
+    caller that times each case a second way right after the first (:mod:`calibration.together`)."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
     dev = torch_device(device)
@@ -193,7 +187,11 @@ def measure(cases: list, level: Any, device: str = "cpu", dtype: str = "float32"
             rows.append(case_row(case, level, mk, clock, name))
             if progress is not None:
                 progress(1)
+            if again is not None:
+                again(lambda case=case: [case_row(case, level, mk, clock, name)])
         rows += measure_compose(mk, clock, level, name)
+        if again is not None:
+            again(lambda: measure_compose(mk, clock, level, name))
     return pd.DataFrame(rows)
 
 

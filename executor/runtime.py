@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from estimator.base.host import cpu_model
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Layout, Plan
 from estimator.spec.sharding import Box, dp_rows, param_inventory, shard
@@ -286,13 +287,23 @@ def _extent(intervals: list[tuple[float, float]]) -> float:
     return max(e for _, e in intervals) - min(s for s, _ in intervals) if intervals else 0.0
 
 
+def host_info(gpu: bool = False) -> dict[str, str]:
+    """What the run measured on (a timeline's ``meta.host``): the CPU model and torch version,
+    and with ``gpu`` the GPU model in use, so a comparison can tell whether the profile it
+    predicts with was measured on the same kind of machine."""
+    info = {"cpu": cpu_model(), "torch": torch.__version__}
+    if gpu and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.cuda.current_device())
+    return info
+
+
 def merge(results: list[RankResult], experiment: Experiment, plan: Plan, options: RunOptions,
           **meta: Any) -> RunResult:
     """One timeline, summed losses and full parameters from every process's result."""
     spans = [s for r in results for s in r.spans]
     counters = sorted((c for r in results for c in r.counters), key=lambda c: (c.t_s, c.device))
     timeline = Timeline.of(spans, source="measured", counters=counters, experiment=experiment.name, dtype=options.dtype,
-                           warmup_iterations=options.warmup,
+                           warmup_iterations=options.warmup, host=host_info(meta.get("backend") == "nccl"),
                            plan={c: lay.to_dict() for c, lay in plan.layouts.items()}, **meta)
     losses: dict[tuple[int, str, int], float] = {}
     for r in results:

@@ -44,6 +44,9 @@ def test_writes_a_measured_profile_with_its_raw_data_and_reports(tiny_profile: P
     alone = pd.read_csv(tiny_profile / "tiny-cpu.kernels-alone.csv")
     kernels = pd.read_csv(tiny_profile / "tiny-cpu.kernels.csv")
     assert sorted(alone["family"].unique()) == sorted(kernels["family"].unique())
+    # each case timed alone right after it was timed with both processes busy: the same cases, in order
+    key = ["family", "op", "model", "tp", "batch", "seq", "kv", "phase"]
+    assert alone[key].astype(str).values.tolist() == kernels[key].astype(str).values.tolist()
     assert set(pd.read_csv(tiny_profile / "tiny-cpu.host.report.csv")["split"]) == {"fit", "held-out"}
     # what a collective costs between computations, beside the back-to-back curves
     raw_links = pd.read_csv(tiny_profile / "tiny-cpu.links.csv")

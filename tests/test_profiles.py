@@ -93,6 +93,13 @@ def test_unknown_name_lists_known_profiles():
     (lambda d: d.update(extra=1), r"unknown key\(s\) \['extra'\]"),
     (lambda d: d["memory"]["efficiency"].update(points=[[1e6, 1.5]]), r"efficiencies \[1.5\] must lie in"),
     (lambda d: d["memory"]["efficiency"].update(points=[[1e7, 0.5], [1e6, 0.6]]), r"strictly ascending"),
+    # a fixed cost in seconds is a latency: 2^70 s is a unit error, not a slow host
+    (lambda d: d.setdefault("executor", {"command": "x"}).update(call_overhead_s=2.0 ** 70, micro_batch_overhead_s=0),
+     r"call_overhead_s"),
+    (lambda d: d["compute"]["launch"].update(grad_overhead_s=2.0 ** 70), r"grad_overhead_s"),
+    # the raw rows behind a collective curve are named by a file beside the profile
+    (lambda d: d["links"]["intra"]["p2p"].update(raw=[[1]]), r"links.*p2p\.raw=\[\[1\]\]: must name the file"),
+    (lambda d: d["links"]["intra"]["p2p"].update(raw="x" * 300), r"p2p\.raw=.*must name the file"),
 ])
 def test_invalid_profiles_name_the_rule(edit, match):
     data = copy.deepcopy(linear_profile_dict())

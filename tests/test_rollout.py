@@ -122,6 +122,14 @@ def test_the_rollout_of_three_requests_under_a_cap_of_two_by_hand() -> None:
     assert [n for _, n in ro.running] == [2, 1, 0]
     # the last request finishes at the end; 90 % of 3 requests is the third, so the tail is 0
     assert ro.tail_s == 0.0
+    # the timeline's spans: each kind's busy time exactly, none overlapping, the last ending with
+    # the rollout — prefill, two steps, prefill, two steps
+    pre1, pre2 = 0.1 * 2 * 2, 0.1 * 1 * 2
+    want = [(0.0, pre1, "prefill", 0), (pre1, pre1 + step(2, 3) + step(2, 4), "decode", 0),
+            (pre1 + step(2, 3) + step(2, 4), pre1 + step(2, 3) + step(2, 4) + pre2, "prefill", 0),
+            (expected - step(2, 5) - step(1, 6), expected, "decode", 0)]
+    assert [w[2:] for w in ro.windows] == [w[2:] for w in want]
+    assert np.allclose([w[:2] for w in ro.windows], [w[:2] for w in want], rtol=1e-12)
 
 
 def test_the_rollout_with_one_preemption_by_hand() -> None:

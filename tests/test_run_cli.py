@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from estimator.spec.experiment import load_experiment
 from estimator.spec.timeline import Timeline
@@ -97,6 +98,7 @@ def test_json_report_trace_and_timeline(tmp_path, capfd):
     assert any(e.get("name") == "actor_train:compute" for e in events)
     tl = Timeline.load(timeline)
     assert tl.source == "measured" and tl.iterations == [0, 1] and tl.meta["warmup_iterations"] == 1
+    assert tl.meta["host"]["cpu"] and tl.meta["host"]["torch"] == torch.__version__  # what it measured on
     text = table(rep, exp)
     assert "warm-up (excluded)" in text and "excludes 1 warm-up iteration" in text
     assert all(name in text for name in exp.workflow.call_names)

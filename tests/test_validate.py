@@ -251,3 +251,13 @@ def test_replot_redraws_the_figures_from_the_tables_and_touches_nothing_else(tmp
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name not in figures} == others
     assert validate.main([exp, "--replot", str(tmp_path / "nothing")]) == EXIT_INVALID
     assert "not a validation output directory" in capsys.readouterr().err
+
+
+def test_runs_measured_on_another_cpu_than_the_profile_are_named():
+    profile = load_profile("cpu")  # software.cpu: the CPU model the shipped profile was measured on
+    same = Timeline.of([], "measured", host={"cpu": profile.software["cpu"], "torch": "x"})
+    other = Timeline.of([], "measured", host={"cpu": "Some Other CPU 9000", "torch": "x"})
+    bare = Timeline.of([], "measured")  # a run that predates the host record
+    assert validate.host_notes(profile, [same, bare]) == []
+    (note,) = validate.host_notes(profile, [same, other])
+    assert "Some Other CPU 9000" in note and profile.software["cpu"] in note and "calibrate" in note

@@ -122,7 +122,8 @@ class RolloutCost:
     # the slowest replica over time: (offset s, requests running) where the count changes
     running: tuple[tuple[float, int], ...]
     slowest: int  # the data-parallel rank of the slowest replica
-    # the slowest replica's ops merged per engine and kind: (start s, end s, op, engine)
+    # the slowest replica's busy time per stage and kind as spans (start s, end s, op, stage),
+    # :func:`_busy_windows`
     windows: tuple[tuple[float, float, str, int], ...]
 
     def summary(self) -> dict:
@@ -322,6 +323,32 @@ def _rounds(comp: np.ndarray, comm: np.ndarray) -> np.ndarray:
     return np.maximum(busiest, trip)
 
 
+def _busy_windows(engines: list[_EngineOps], cost: np.ndarray, starts: np.ndarray, t_end: np.ndarray
+                  ) -> tuple[tuple[float, float, str, int], ...]:
+    """A replica's prefill and decode time per stage as spans that do not overlap, from its ops'
+    seconds ``cost`` (engines, stages, rounds) and the rounds' ``starts`` and ``t_end``: a round
+    with prefills has them from its start; its decode steps and those of the rounds up to the
+    next round with prefills are one span that ends where that round begins (the last one where
+    the rollout ends). A span's length is the stage's busy time in that kind (exactly the sum of
+    its ops'), so the op-level comparison sums like the executor's per-step spans; a stage's
+    idle time within a run (waiting on other stages) lies before the run's decode span."""
+    rounds = cost.shape[2]
+    kind = np.full((len(engines), rounds), -1, dtype=np.int8)
+    for j, e in enumerate(engines):
+        kind[j, :len(e.kind)] = e.kind
+    out = []
+    for k in range(cost.shape[1]):
+        pre = np.where(kind == 0, cost[:, k], 0.0).sum(axis=0)
+        dec = np.where(kind == 1, cost[:, k], 0.0).sum(axis=0)
+        cuts = np.flatnonzero(pre > 0)  # rounds with prefills; each starts a run of rounds
+        out += [(float(t), float(t + p), "prefill", k) for t, p in zip(starts[cuts], pre[cuts])]
+        lo = np.unique(np.concatenate(([0], cuts)))
+        total = np.add.reduceat(dec, lo)
+        end = np.append(starts[lo[1:]], t_end[-1])  # each run ends where the next begins
+        out += [(float(t - d), float(t), "decode", k) for t, d in zip(end, total) if d > 0]
+    return tuple(sorted(out))
+
+
 def rollout_cost(profile: Profile, call: Call, model: ModelSpec, layout: Layout, prompt: np.ndarray,
                  gen: np.ndarray, kv_tokens: int, devices_per_node: int,
                  schedules: dict | None = None, stage_costs: list | None = None) -> RolloutCost:
@@ -379,20 +406,14 @@ def rollout_cost(profile: Profile, call: Call, model: ModelSpec, layout: Layout,
         busy, talk = comp.sum(), comm.sum()
         share = busy / (busy + talk) if busy + talk > 0 else 1.0
         if worst is None or dur > worst[0]:
-            worst = (dur, dur * share, dur * (1 - share), engines, t_end, running, r)
-    dur, compute_s, comm_s, engines, t_end, running, slowest = worst
+            worst = (dur, dur * share, dur * (1 - share), engines, t_end, running, r, comp + comm)
+    dur, compute_s, comm_s, engines, t_end, running, slowest, cost = worst
     finishes = np.sort(np.asarray(finishes, dtype=float))
     t90 = finishes[int(np.ceil(0.9 * len(finishes))) - 1] if len(finishes) else 0.0
     starts = np.concatenate(([0.0], t_end[:-1])) if len(t_end) else np.zeros(0)
     change = np.flatnonzero(np.diff(running, prepend=-1)) if len(running) else np.zeros(0, dtype=np.int64)
     series = tuple((float(starts[i]), int(running[i])) for i in change) + ((dur, 0),)
-    windows = []
-    for j, e in enumerate(engines):
-        if not len(e.kind):
-            continue
-        flips = np.flatnonzero(np.diff(e.kind.astype(np.int64), prepend=-1, append=-1))
-        for a, b in zip(flips[:-1], flips[1:]):
-            windows.append((float(starts[a]), float(t_end[b - 1]), "decode" if e.kind[a] else "prefill", j))
+    windows = _busy_windows(engines, cost, starts, t_end)
     return RolloutCost(layout.dp, layout.micro_batches, cap, kv_tokens, dur, compute_s, comm_s, tuple(replica_s),
                        peak, preempt, int(np.sum(gen)), recomputed, float(finishes[-1] - t90) if len(finishes) else 0.0,
                        series, slowest, tuple(sorted(windows)))

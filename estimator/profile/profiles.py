@@ -420,7 +420,10 @@ def _obj(data: Any, key: str, where: str, keys: tuple[str, ...], numbers: bool =
 # Upper bounds no device comes near: a launch or link latency of a second, a petabyte of memory
 # (a GB200 has 192 GB) — above them is a typo or a unit error. Rates have none: a huge rate is
 # how a synthetic profile makes a resource free.
-_LIMITS = {"overhead_s": MAX_LATENCY_S, "alpha_s": MAX_LATENCY_S, "collective_overhead_s": MAX_LATENCY_S,
+# every fixed cost in seconds is a latency: above MAX_LATENCY_S it is a mistake, not a device
+_LIMITS = {**{k: MAX_LATENCY_S for k in ("overhead_s", "alpha_s", "call_overhead_s", "micro_batch_overhead_s",
+                                         "collective_overhead_s", "checkpoint_forward_s", "checkpoint_backward_s",
+                                         "p2p_overhead_s", "grad_overhead_s", "backward_overhead_s")},
            "bytes": 1e15}
 
 

@@ -327,11 +327,12 @@ class Simulation:
 
     def _rollout(self, it: int, cc: CallCost, st: StageCost) -> Generator:
         """A continuous-batching rollout (:mod:`estimator.cost.rollout`): every stage busy for
-        the slowest replica's rollout, its prefill and decode windows as spans, and the running
-        batch of the slowest replica's first device as a counter (stage 0 records it)."""
+        the slowest replica's rollout, the stage's prefill and decode time as spans, and the
+        running batch of the slowest replica's first device as a counter (stage 0 records it)."""
         ro, now = cc.rollout, self.env.now
-        for start, end, op, engine in ro.windows:
-            self.rows.append((now + start, now + end, st.rep, it, cc.call, op, engine, st.index, ""))
+        for start, end, op, stage in ro.windows:
+            if stage == st.index:
+                self.rows.append((now + start, now + end, st.rep, it, cc.call, op, -1, st.index, ""))
         if st.index == 0:
             device = cc.layout.device(ro.slowest, 0, 0)
             self.counters += [(now + t, device, it, cc.call, "running", n) for t, n in ro.running]
