@@ -94,14 +94,20 @@ def cost_line(record: dict[str, Any]) -> str:
 
 
 def render(record: dict[str, Any], written: list[str]) -> str:
+    """The changes as a table (each rule once, numbered, under it), the cost, the notes, the files."""
     lines = [f"{record['framework']}: keys of {record['repo']} at commit {record['commit'][:12]}", ""]
     if record["changes"]:
-        rows = [("call", "field", "plan", record["framework"], "why")]
-        rows += [(c["call"], c["field"] + ("" if c["modelled"] else " *"), c["given"], c["exported"], c["why"])
-                 for c in record["changes"]]
+        rules: dict[str, int] = {}
+        for c in record["changes"]:
+            rules.setdefault(c["why"], len(rules) + 1)
+        rows = [("call", "field", "plan", record["framework"], "rule")]
+        rows += [(c["call"], c["field"] + ("" if c["modelled"] else " *"), c["given"], c["exported"],
+                  f"[{rules[c['why']]}]") for c in record["changes"]]
         lines += [format_table(rows, right=set()), ""]
+        lines += [f"[{i}] {why}" for why, i in rules.items()]
         if any(not c["modelled"] for c in record["changes"]):
-            lines += ["* not in the projected plan's prediction: this planner's layouts do not model it yet", ""]
+            lines.append("* not in the projected plan's prediction: this planner's layouts do not model it yet")
+        lines.append("")
     lines.append(cost_line(record))
     lines += [f"note: {n}" for n in record["notes"]]
     lines += [""] + [f"wrote {w}" for w in written]
