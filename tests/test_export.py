@@ -459,3 +459,54 @@ def test_search_finds_the_best_plan_verl_runs_and_exports_it(capsys, tmp_path):
                      "--export-dir", str(out)]) == 0
     text = capsys.readouterr().out
     assert "best plan verl can run" in text and "verl runs this plan as given: predicted" in text
+
+
+def _grpo_plan(exp, gen: dict, **over) -> Plan:
+    calls = {c: {"mesh": "0-7", "dp": 8, "tp": 1, "pp": 1, "micro_batches": 4} for c in exp.workflow.call_names}
+    calls["actor_gen"] = gen
+    for c, v in over.items():
+        calls[c] = v
+    return _plan(calls)
+
+
+def test_areal_runs_rollout_apart_or_on_the_actors_devices():
+    exp = load_experiment(CASES["grpo-llama3-8b-8xh100"][0])
+    four = {"mesh": "4-7", "dp": 4, "tp": 1, "pp": 1, "micro_batches": 4}
+    apart = _grpo_plan(exp, {"mesh": "0-3", "dp": 2, "tp": 2, "pp": 1, "micro_batches": 1},
+                       actor_train=four, actor_inf=four, ref_inf={**four, "mesh": "0-3"})
+    export = make_export("areal", exp, apart)
+    assert [(c.call, c.field) for c in export.changes] == [("ref_inf", "mesh")]  # the ref joins the actor
+    data = _overlay(export.files["config.yaml"])
+    assert data["rollout"]["backend"] == "sglang:d2p1t2" and data["actor"]["backend"] == "megatron:d4p1t1"
+    assert data["rollout"]["scheduling_strategy"] == {"type": "separation"} and "enable_offload" not in data
+    overlap = _grpo_plan(exp, {"mesh": "0-7", "dp": 4, "tp": 2, "pp": 1, "micro_batches": 1},
+                         actor_train=four, actor_inf=four, ref_inf=four)
+    export = make_export("areal", exp, overlap)
+    assert str(export.plan["actor_gen"].mesh) == "4-7" and export.plan["actor_gen"].dp == 2
+    data = _overlay(export.files["config.yaml"])
+    assert data["rollout"]["scheduling_strategy"] == {"type": "colocation", "target": "actor"}
+    assert data["enable_offload"] is True and data["actor"]["weight_update_mode"] == "disk"
+
+
+def test_nemo_rl_gives_the_policy_every_device_generation_does_not_take():
+    exp = load_experiment(CASES["grpo-llama3-8b-8xh100"][0])
+    two = {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4}
+    export = make_export("nemo-rl", exp, _grpo_plan(exp, {"mesh": "0-3", "dp": 2, "tp": 2, "pp": 1,
+                                                          "micro_batches": 1},
+                                                    actor_train=two, actor_inf=two, ref_inf=two))
+    assert all(str(export.plan[c].mesh) == "4-7" for c in ("actor_train", "actor_inf", "ref_inf"))
+    data = _overlay(export.files["config.yaml"])["policy"]["generation"]["colocated"]
+    assert data == {"enabled": False, "resources": {"gpus_per_node": 4, "num_nodes": 1}}
+    # generation on 0-1 leaves 2-7, no mesh of this planner: everything colocated on all devices
+    export = make_export("nemo-rl", exp, _grpo_plan(exp, {"mesh": "0-1", "dp": 2, "tp": 1, "pp": 1,
+                                                          "micro_batches": 1},
+                                                    actor_train=two, actor_inf=two, ref_inf=two))
+    assert all(str(export.plan[c].mesh) == "0-7" for c in exp.workflow.call_names)
+
+
+def test_frameworks_refuse_what_they_have_no_place_for():
+    dpo = load_experiment(EXAMPLES / "dpo-tiny-2xcpu.yaml")
+    plan = _everything_on(2, dpo)
+    for framework in FRAMEWORKS:
+        with pytest.raises(ConfigError, match=rf"^{framework}: .*\bdpo\b"):
+            make_export(framework, dpo, plan)
