@@ -510,3 +510,52 @@ def test_frameworks_refuse_what_they_have_no_place_for():
     for framework in FRAMEWORKS:
         with pytest.raises(ConfigError, match=rf"^{framework}: .*\bdpo\b"):
             make_export(framework, dpo, plan)
+
+
+# ---- import (verl) ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_importing_a_verl_export_gives_back_the_projected_plan(case):
+    from estimator.interop import importer
+
+    exp, plan = _case(case)
+    export = make_export("verl", exp, plan)
+    raw, back = importer("verl")(export.files["overrides.txt"], exp.cluster.device)
+    assert back == export.plan
+    p = exp.params
+    assert (raw["algorithm"], raw["batch_size"], raw["ppo_minibatches"]) == (exp.algorithm, p.batch_size,
+                                                                             p.ppo_minibatches)
+    assert raw["models"] == {r: m.name for r, m in exp.models.items()} | ({"reward": "rule"} if exp.verifier else {})
+    assert (raw["prompt_len"], raw["gen_len"]) == (p.prompt_len, p.gen_len)  # the caps: a config keeps no more
+    assert raw.get("old_logprobs", "from_generation") == p.old_logprobs
+
+
+def test_import_also_reads_caps_budgets_and_recompute():
+    from estimator.interop import importer
+
+    exp = load_experiment(PPO)
+    plan = _everything_on(8, exp, critic_inf={"micro_batches": 4},
+                          actor_gen={"dp": 4, "tp": 2, "max_concurrency": 32},
+                          actor_train={"dp": 2, "tp": 2, "pp": 2, "micro_batches": 4, "recompute": "full"},
+                          ref_inf={"micro_batches": 1, "max_tokens_per_micro_batch": 2048})
+    export = make_export("verl", exp, plan)
+    assert not export.projected
+    assert importer("verl")(export.files["overrides.txt"], "h100-sxm")[1] == plan
+
+
+def test_predict_from_a_verl_config_and_an_unknown_key_exits_2_naming_it(capsys, tmp_path):
+    from estimator.predict import main as predict_main
+
+    exp = load_experiment(TINY)
+    export = make_export("verl", exp, _everything_on(2, exp))
+    config = tmp_path / "overrides.txt"
+    config.write_text(export.files["overrides.txt"])
+    assert predict_main(["--from", "verl", str(config), "--profile", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["imported"]["plan"] == json.loads(export.plan.to_json()) and out["iteration_s"] > 0
+    assert out["imported"]["experiment"]["models"] == {r: "tiny-2l-128h" for r in ("actor", "ref", "critic", "reward")}
+    config.write_text(export.files["overrides.txt"] + "actor_rollout_ref.rollout.top_k=5\n")
+    assert predict_main(["--from", "verl", str(config)]) == 2
+    assert "['actor_rollout_ref.rollout.top_k'] are not ones the importer reads" in capsys.readouterr().err
+    assert predict_main(["--from", "openrlfh", str(config)]) == 2
+    assert "--from 'openrlfh'" in capsys.readouterr().err

@@ -5,6 +5,10 @@
 the plan and its reason, the projection that records each change, the export's files) is in
 :mod:`estimator.interop.common`.
 
+An importer (verl's today) reads the configuration back into the experiment and the plan it
+describes, and refuses by name any key it does not read; exporting and importing again gives
+the projected plan.
+
 An exporter turns an experiment and a plan into that framework's own configuration at a
 stated commit of its repository. Where the framework cannot express the plan, it builds the
 nearest plan it can run, in this project's vocabulary, and lists every change with the call,
@@ -17,6 +21,6 @@ whole contract), never the cost model or the simulator.
 
 from __future__ import annotations
 
-from estimator.interop.registry import FRAMEWORKS, exporter
+from estimator.interop.registry import FRAMEWORKS, IMPORTERS, exporter, importer
 
-__all__ = ["FRAMEWORKS", "exporter"]
+__all__ = ["FRAMEWORKS", "IMPORTERS", "exporter", "importer"]

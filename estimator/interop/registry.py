@@ -11,6 +11,8 @@ from estimator.interop import areal, nemo_rl, openrlhf, realhf, verl
 EXPORTERS: dict[str, ModuleType] = {
     "verl": verl, "openrlhf": openrlhf, "realhf": realhf, "areal": areal, "nemo-rl": nemo_rl}
 FRAMEWORKS = tuple(EXPORTERS)
+# name → importer: (config text, device profile name) → (the experiment file's mapping, plan)
+IMPORTERS = {"verl": verl.import_overrides}
 
 
 def exporter(name: str) -> ModuleType:
@@ -19,3 +21,11 @@ def exporter(name: str) -> ModuleType:
         raise ConfigError(f"framework {name!r} is not one the planner exports to{did_you_mean(name, FRAMEWORKS)}; "
                           f"choose one of {', '.join(FRAMEWORKS)}")
     return EXPORTERS[name]
+
+
+def importer(name: str):
+    """The importer of framework ``name``; ConfigError naming it otherwise."""
+    if name not in IMPORTERS:
+        raise ConfigError(f"--from {name!r}: the planner imports configs of {', '.join(IMPORTERS)}"
+                          f"{did_you_mean(name, IMPORTERS)}")
+    return IMPORTERS[name]

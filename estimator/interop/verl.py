@@ -38,7 +38,9 @@ replica, so the KV pool decides, as in the plan.
 
 from __future__ import annotations
 
+from estimator.base.errors import ConfigError
 from estimator.interop.common import (
+    HF_REPOS,
     Export,
     Projection,
     micro_batches_for,
@@ -50,7 +52,7 @@ from estimator.interop.common import (
     token_caps,
 )
 from estimator.spec.cluster import DeviceMesh
-from estimator.spec.experiment import Experiment
+from estimator.spec.experiment import Experiment, experiment_from_dict
 from estimator.spec.plan import Plan
 
 FRAMEWORK = "verl"
@@ -231,3 +233,176 @@ def export(experiment: Experiment, plan: Plan) -> Export:
     lines, notes = overrides(experiment, projected)
     return Export(FRAMEWORK, REPO, COMMIT, plan, projected, tuple(pr.changes),
                   {"overrides.txt": "\n".join(lines) + "\n"}, describe(projected, experiment), tuple(notes))
+
+
+# ---- import: the overrides back into an experiment and a plan ---------------------------------
+
+def _parse(text: str) -> dict[str, str]:
+    """``key=value`` per line (blank lines and ``#`` comments skipped); a line without ``=`` or a
+    key given twice is refused by name."""
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"verl overrides line {n}: {line!r} is not key=value")
+        if key in out:
+            raise ConfigError(f"verl overrides line {n}: key {key!r} is given twice")
+        out[key] = value
+    return out
+
+
+class _Reader:
+    """The overrides by key, each read once; what no rule read is named at the end."""
+
+    def __init__(self, values: dict[str, str]):
+        self.values, self.read = values, set()
+
+    def has(self, key: str) -> bool:
+        return key in self.values
+
+    def text(self, key: str, default: str | None = None) -> str:
+        if key not in self.values:
+            if default is None:
+                raise ConfigError(f"verl overrides: key {key!r} is missing; the importer needs it")
+            return default
+        self.read.add(key)
+        return self.values[key]
+
+    def number(self, key: str, kind: type = int, default: str | None = None) -> int | float:
+        value = self.text(key, default)
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"verl overrides: {key}={value!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+
+    def flag(self, key: str, default: str | None = None) -> bool:
+        value = self.text(key, default)
+        if value.lower() not in ("true", "false"):
+            raise ConfigError(f"verl overrides: {key}={value!r} must be True or False")
+        return value.lower() == "true"
+
+    def unread(self) -> list[str]:
+        return sorted(set(self.values) - self.read)
+
+
+def _model(path: str) -> str:
+    """A model path back to the planner's preset where it is a preset's repository."""
+    by_repo = {repo: name for name, repo in HF_REPOS.items()}
+    return by_repo.get(path, path)
+
+
+def read_experiment(r: _Reader, device: str) -> dict:
+    """The experiment the overrides describe (response lengths at their caps, as a config keeps
+    only the caps), as the experiment file's mapping."""
+    algorithm = {"grpo": "grpo", "gae": "ppo"}.get(r.text("algorithm.adv_estimator"))
+    if algorithm is None:
+        raise ConfigError(f"verl overrides: algorithm.adv_estimator={r.values['algorithm.adv_estimator']!r}: the "
+                          "importer reads grpo and gae (ppo)")
+    actor = _model(r.text(f"{ARO}.model.path"))
+    models = {"actor": actor, "ref": actor}
+    if algorithm == "ppo":
+        models["critic"] = _model(r.text("critic.model.path"))
+    models["reward"] = _model(r.text("reward_model.model.path")) if r.flag("reward_model.enable", "False") else "rule"
+    batch = r.number("data.train_batch_size")
+    mini = r.number(f"{ARO}.actor.ppo_mini_batch_size")
+    if mini <= 0 or batch % mini:
+        raise ConfigError(f"verl overrides: {ARO}.actor.ppo_mini_batch_size={mini} must divide "
+                          f"data.train_batch_size={batch}")
+    hyper = {"lr": r.number(f"{ARO}.actor.optim.lr", float, "1e-6"),
+             "clip_eps": r.number(f"{ARO}.actor.clip_ratio", float, "0.2"),
+             "gamma": r.number("algorithm.gamma", float, "1.0"), "lam": r.number("algorithm.lam", float, "1.0"),
+             "temperature": r.number(f"{ARO}.rollout.temperature", float, "1.0")}
+    if r.has(f"{ARO}.actor.kl_loss_coef"):
+        hyper["kl_coef"] = r.number(f"{ARO}.actor.kl_loss_coef", float)
+    if r.has("algorithm.kl_ctrl.kl_coef"):
+        hyper["kl_coef"] = r.number("algorithm.kl_ctrl.kl_coef", float)
+    if r.has("critic.cliprange_value"):
+        hyper["value_clip"] = r.number("critic.cliprange_value", float)
+    for key in (f"{ARO}.actor.use_kl_loss", "algorithm.use_kl_in_reward", f"{ARO}.actor.ppo_epochs",
+                f"{ARO}.rollout.name", f"{ARO}.rollout.data_parallel_size",
+                f"{ARO}.rollout.pipeline_model_parallel_size", "reward_model.use_reward_loop", "reward_model.strategy",
+                "reward_model.enable_resource_pool", "critic.optim.lr"):
+        if r.has(key):
+            r.text(key)  # settings the export writes and the plan does not vary
+    raw = {"algorithm": algorithm, "models": models, "batch_size": batch,
+           "prompt_len": r.number("data.max_prompt_length"), "gen_len": r.number("data.max_response_length"),
+           "ppo_minibatches": batch // mini, "kv_fraction": r.number(f"{ARO}.rollout.gpu_memory_utilization", float),
+           "hyperparams": hyper,
+           "cluster": {"nodes": r.number("trainer.nnodes"), "devices_per_node": r.number("trainer.n_gpus_per_node"),
+                       "device": device}}
+    if algorithm == "grpo":
+        raw["group_size"] = r.number(f"{ARO}.rollout.n")
+    elif r.has(f"{ARO}.rollout.n"):
+        r.text(f"{ARO}.rollout.n")
+    if r.has(MICRO["actor_inf"][1]):  # the actor's log-prob micro-batches: an actor_inf call
+        raw["old_logprobs"] = "recompute"
+    return raw
+
+
+def _layout(r: _Reader, experiment: Experiment, call: str, megatron: str | None, n: int) -> dict:
+    wf = experiment.workflow
+    tp = r.number(f"{megatron}.tensor_model_parallel_size") if megatron else 1
+    pp = r.number(f"{megatron}.pipeline_model_parallel_size") if megatron else 1
+    if tp < 1 or pp < 1 or n % (tp * pp):
+        raise ConfigError(f"verl overrides: call {call}: tp {tp} · pp {pp} must divide the {n} devices")
+    out = {"mesh": f"0-{n - 1}", "dp": n // (tp * pp), "tp": tp, "pp": pp, "micro_batches": 1}
+    rows_key, switch, budget_key = MICRO[call]
+    if call == "critic_inf":
+        rows_key, switch = MICRO["critic_train"][:2]
+    if r.flag(switch, "False"):
+        out["max_tokens_per_micro_batch"] = r.number(budget_key)
+        return out
+    rows = r.number(rows_key)
+    per = wf[call].workload.units_per_minibatch
+    if rows < 1 or per % (out["dp"] * rows):
+        raise ConfigError(f"verl overrides: {rows_key}={rows}: call {call}'s {per} rows per step do not split into "
+                          f"micro-batches of {rows} over dp = {out['dp']}")
+    out["micro_batches"] = per // (out["dp"] * rows)
+    return out
+
+
+def read_plan(r: _Reader, experiment: Experiment) -> Plan:
+    """The plan the overrides describe: every call on all devices (one resource pool)."""
+    wf, n = experiment.workflow, experiment.cluster.num_devices
+    tp = r.number(f"{ARO}.rollout.tensor_model_parallel_size")
+    if tp < 1 or n % tp:
+        raise ConfigError(f"verl overrides: {ARO}.rollout.tensor_model_parallel_size={tp} must divide the {n} devices")
+    seqs = r.number(f"{ARO}.rollout.max_num_seqs")
+    rows = wf["actor_gen"].workload.seqs // (n // tp)
+    calls = {"actor_gen": {"mesh": f"0-{n - 1}", "dp": n // tp, "tp": tp, "pp": 1, "micro_batches": 1}}
+    if seqs < rows:  # a replica's rows as the cap: the KV pool decides, as max_concurrency 0 says
+        calls["actor_gen"]["max_concurrency"] = seqs
+    homes = {"actor_inf": "actor_train", "critic_inf": "critic_train"}
+    for c in wf.call_names:
+        if c == "actor_gen":
+            continue
+        megatron = MEGATRON.get(homes.get(c, c))
+        calls[c] = _layout(r, experiment, c, megatron, n)
+        key = MEGATRON.get(c)
+        if wf[c].kind == "train":
+            if r.flag(f"{key}.use_distributed_optimizer", "False"):
+                raise ConfigError(f"verl overrides: {key}.use_distributed_optimizer=True: a sharded optimizer is "
+                                  "not in this planner's layouts yet")
+            if r.text(f"{key}.{RECOMPUTE[0].split('=')[0]}", "null") == "full":
+                calls[c]["recompute"] = "full"
+                for rule in RECOMPUTE[1:]:
+                    r.text(f"{key}.{rule.split('=')[0]}", "")
+    return Plan.from_data({"calls": calls}, where="verl overrides")
+
+
+def import_overrides(text: str, device: str) -> tuple[dict, Plan]:
+    """The experiment (as an experiment file's mapping, on ``device``) and the plan that verl
+    overrides describe; a key the importer does not read is refused by name."""
+    r = _Reader(_parse(text))
+    raw = read_experiment(r, device)
+    experiment = experiment_from_dict(raw, where="verl overrides")
+    plan = read_plan(r, experiment)
+    unread = r.unread()
+    if unread:
+        raise ConfigError(f"verl overrides: key(s) {unread} are not ones the importer reads; it reads what "
+                          "python -m estimator.export verl writes")
+    return raw, plan
