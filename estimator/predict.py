@@ -26,11 +26,13 @@ realloc_s, reward_s, ...}`` (``reward_s``: a verifier's host time at the end of 
 ``reward_s_per_sample`` × the sequences of a data-parallel replica).
 
 ``--from FRAMEWORK CONFIG`` reads another framework's configuration instead of an experiment
-file: the experiment and the plan it describes (:mod:`estimator.interop`; today verl's Hydra
-overrides, as ``python -m estimator.export verl`` writes them; lengths at their caps, a config
+file: the experiment and the plan it describes (:mod:`estimator.interop`; verl's Hydra overrides
+and OpenRLHF's launch command, as ``python -m estimator.export`` writes them; lengths at their
+caps, a config
 keeps only those; the cluster's device is ``--profile``, default ``h100-sxm``), and predicts
 that plan; a key the importer does not read exits 2 naming it. ``--json`` then also carries
-``imported.experiment`` and ``imported.plan``.
+``imported.experiment``, ``imported.plan`` and ``imported.notes`` (what was read but is not
+modelled, such as a ZeRO stage).
 
 Exit codes: 0 predicted; 1 the plan does not fit in memory (the reasons are printed);
 2 invalid experiment, profile or plan (one line per violated rule).
@@ -188,7 +190,7 @@ def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m estimator.predict", description=__doc__.split("\n")[0])
     parser.add_argument("experiment", help="experiment YAML file (with --from: the framework's config file)")
     parser.add_argument("--from", dest="source", metavar="FRAMEWORK",
-                        help="read CONFIG of this framework (verl) instead of an experiment file")
+                        help="read CONFIG of this framework (verl, openrlhf) instead of an experiment file")
     parser.add_argument("--plan", help="plan JSON file (default: the symmetric baseline)")
     parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
     parser.add_argument("--iterations", type=int, default=3,
@@ -203,9 +205,9 @@ def _main(argv: list[str] | None) -> int:
         read = importer(args.source)
         if args.plan is not None:
             raise ConfigError(f"--plan: the {args.source} config describes the plan; give one or the other")
-        raw, plan = read(_read_text(args.experiment), args.profile or "h100-sxm")
+        raw, plan, notes = read(_read_text(args.experiment), args.profile or "h100-sxm")
         experiment = experiment_from_dict(raw, where=f"{args.source} config {args.experiment}")
-        imported = {"framework": args.source, "experiment": raw, "plan": json.loads(plan.to_json())}
+        imported = {"framework": args.source, "experiment": raw, "plan": json.loads(plan.to_json()), "notes": notes}
     else:
         experiment = load_experiment(args.experiment)
     profile = load_profile(experiment.cluster.device, key="cluster.device")
@@ -229,6 +231,8 @@ def _main(argv: list[str] | None) -> int:
                          indent=2))
     else:
         print(render(summary, memory, source))
+        for note in (imported or {}).get("notes", []):
+            print(f"note: {note}")
         if args.trace:
             tracks = "one track per device" if per_device else "one track per pipeline stage"
             print(f"wrote Chrome trace {args.trace} ({tracks}, plus one per link)")

@@ -520,7 +520,7 @@ def test_importing_a_verl_export_gives_back_the_projected_plan(case):
 
     exp, plan = _case(case)
     export = make_export("verl", exp, plan)
-    raw, back = importer("verl")(export.files["overrides.txt"], exp.cluster.device)
+    raw, back, _ = importer("verl")(export.files["overrides.txt"], exp.cluster.device)
     assert back == export.plan
     p = exp.params
     assert (raw["algorithm"], raw["batch_size"], raw["ppo_minibatches"]) == (exp.algorithm, p.batch_size,
@@ -559,3 +559,41 @@ def test_predict_from_a_verl_config_and_an_unknown_key_exits_2_naming_it(capsys,
     assert "['actor_rollout_ref.rollout.top_k'] are not ones the importer reads" in capsys.readouterr().err
     assert predict_main(["--from", "openrlfh", str(config)]) == 2
     assert "--from 'openrlfh'" in capsys.readouterr().err
+
+
+# ---- import (OpenRLHF) --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_importing_an_openrlhf_command_gives_back_the_projected_plan(case, legacy):
+    """OpenRLHF always recomputes old log-probs: an experiment that takes them from generation
+    comes back with an actor_inf call on the actor's layout, the rest is the projected plan."""
+    from estimator.interop import importer
+
+    exp, plan = _case(case)
+    export = make_export("openrlhf", exp, plan, legacy_flags=legacy)
+    raw, back, notes = importer("openrlhf")(export.files["command.sh"], exp.cluster.device)
+    assert {c: back[c] for c in export.plan.layouts} == export.plan.layouts
+    assert set(back.layouts) - set(export.plan.layouts) <= {"actor_inf"}
+    assert back["actor_inf"].placement == back["actor_train"].placement
+    assert raw["old_logprobs"] == "recompute" and raw["batch_size"] == exp.params.batch_size
+    # the ZeRO-3 the projection chose is read, and said to be outside the layouts while they lack it
+    assert bool(notes) is not layouts_carry_shard() and all("zero_stage 3" in n for n in notes)
+
+
+def test_openrlhf_import_lays_separate_groups_out_in_order_and_names_an_unknown_flag():
+    from estimator.interop import importer
+
+    exp = load_experiment(PPO)
+    calls = {"actor_gen": {"mesh": "0-3", "dp": 4, "tp": 1, "pp": 1, "micro_batches": 1},
+             "actor_train": {"mesh": "4-5", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
+             "ref_inf": {"mesh": "4-5", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
+             "critic_train": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
+             "critic_inf": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
+             "reward_inf": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4}}
+    text = make_export("openrlhf", exp, _plan(calls)).files["command.sh"]
+    raw, back, notes = importer("openrlhf")(text, "h100-sxm")
+    assert {c: back[c].to_dict() for c in calls} == calls and not notes
+    assert raw["cluster"] == {"nodes": 1, "devices_per_node": 8, "device": "h100-sxm"}
+    with pytest.raises(ConfigError, match=r"flag '--vllm.enable_sleep' is not one the importer reads"):
+        importer("openrlhf")(text.replace('   "$@"', "   --vllm.enable_sleep \\\n   \"$@\""), "h100-sxm")

@@ -35,11 +35,15 @@ actor's.
 
 from __future__ import annotations
 
+import shlex
 from math import gcd
 
+from estimator.base.errors import ConfigError
 from estimator.interop.common import (
+    HF_REPOS,
     Export,
     Projection,
+    layouts_carry_shard,
     micro_batches_for,
     micro_rows,
     model_path,
@@ -48,7 +52,7 @@ from estimator.interop.common import (
     token_caps,
 )
 from estimator.spec.cluster import DeviceMesh
-from estimator.spec.experiment import Experiment
+from estimator.spec.experiment import Experiment, experiment_from_dict
 from estimator.spec.plan import Plan
 
 FRAMEWORK = "openrlhf"
@@ -303,3 +307,180 @@ def export(experiment: Experiment, plan: Plan, legacy_flags: bool = False) -> Ex
     pairs, notes = flags(experiment, projected, shard)
     return Export(FRAMEWORK, REPO, LEGACY_COMMIT if legacy_flags else COMMIT, plan, projected, tuple(pr.changes),
                   {"command.sh": command(pairs, legacy_flags)}, describe(projected, experiment, shard), tuple(notes))
+
+
+# ---- import: the launch command back into an experiment and a plan ----------------------------
+
+SWITCHES = {"--train.colocate_all", "--train.colocate_actor_ref", "--train.colocate_critic_reward",
+            "--actor.gradient_checkpointing_enable", "--train.dynamic_batch_enable", "--ds.packing_samples",
+            "--algo.kl.use_loss"}
+GROUP_FLAGS = {f"--{g}.{k}" for g in ("actor", "ref", "critic", "reward") for k in ("num_nodes", "num_gpus_per_node")}
+
+
+def _arguments(text: str) -> dict[str, str | None]:
+    """Flag → value (None for a switch) of the launch command, in the dotted spelling; the flat
+    spelling is read too. An unknown flag or one given twice is refused by name."""
+    body = text.replace("\\\n", " ")
+    lines = [line for line in body.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    tokens = shlex.split(" ".join(lines))
+    if ENTRY not in " ".join(tokens):
+        raise ConfigError(f"openrlhf command: no {ENTRY!r} in it")
+    tokens = tokens[tokens.index("openrlhf.cli.train_ppo_ray") + 1:]
+    dotted = {v: k for k, v in LEGACY.items()}
+    known = set(LEGACY) | GROUP_FLAGS
+    out: dict[str, str | None] = {}
+    i = 0
+    while i < len(tokens):
+        flag = tokens[i]
+        if flag == "$@":
+            i += 1
+            continue
+        name = dotted.get(flag, flag)
+        if name not in known:
+            raise ConfigError(f"openrlhf command: flag {flag!r} is not one the importer reads; it reads what "
+                              "python -m estimator.export openrlhf writes")
+        if name in out:
+            raise ConfigError(f"openrlhf command: flag {flag!r} is given twice")
+        if name in SWITCHES:
+            out[name], i = None, i + 1
+        else:
+            if i + 1 >= len(tokens):
+                raise ConfigError(f"openrlhf command: flag {flag!r} has no value")
+            out[name], i = tokens[i + 1], i + 2
+    return out
+
+
+def _int(args: dict, flag: str, default: int | None = None) -> int:
+    if flag not in args:
+        if default is None:
+            raise ConfigError(f"openrlhf command: flag {flag} is missing; the importer needs it")
+        return default
+    try:
+        return int(args[flag])
+    except (TypeError, ValueError):
+        raise ConfigError(f"openrlhf command: {flag} {args[flag]!r} is not an integer") from None
+
+
+def _float(args: dict, flag: str, default: float) -> float:
+    try:
+        return float(args.get(flag, default))
+    except (TypeError, ValueError):
+        raise ConfigError(f"openrlhf command: {flag} {args[flag]!r} is not a number") from None
+
+
+def _read_groups(args: dict) -> tuple[dict[str, int], int, int, bool]:
+    """Devices per group (vllm, actor, ref, critic, reward), the cluster's nodes and devices per
+    node, and whether every group shares all devices. Separate groups are laid out in that order:
+    Ray places them, the plan needs a placement."""
+    sizes = {g: _int(args, f"--{g}.num_nodes", 1) * _int(args, f"--{g}.num_gpus_per_node", 8)
+             for g in ("actor", "ref", "critic", "reward") if f"--{g}.num_gpus_per_node" in args}
+    sizes["vllm"] = _int(args, "--vllm.num_engines") * _int(args, "--vllm.tensor_parallel_size")
+    colocated = "--train.colocate_all" in args
+    per_node = max(_int(args, f"--{g}.num_gpus_per_node") for g in sizes if g != "vllm")
+    if colocated:
+        total = sizes["actor"]
+    else:
+        shared = {"ref": "--train.colocate_actor_ref", "reward": "--train.colocate_critic_reward"}
+        total = sum(n for g, n in sizes.items() if not (g in shared and shared[g] in args))
+        per_node = per_node if any(_int(args, f"--{g}.num_nodes", 1) > 1 for g in sizes if g != "vllm") else total
+    if total % per_node:
+        raise ConfigError(f"openrlhf command: {total} devices in all do not fill nodes of {per_node}")
+    return sizes, total // per_node, per_node, colocated
+
+
+def import_command(text: str, device: str) -> tuple[dict, Plan, list[str]]:
+    """The experiment (as an experiment file's mapping, on ``device``), the plan an OpenRLHF
+    launch command describes and notes: OpenRLHF recomputes old log-probs, so the experiment has
+    an ``actor_inf`` call on the actor's layout; a ZeRO stage above 0 is read into ``shard`` where
+    the layouts carry it, and named in a note otherwise."""
+    args = _arguments(text)
+    sizes, nodes, per_node, colocated = _read_groups(args)
+    grpo = args.get("--algo.advantage.estimator") == "group_norm"
+    actor = args.get("--actor.model_name_or_path")
+    if actor is None:
+        raise ConfigError("openrlhf command: flag --actor.model_name_or_path is missing; the importer needs it")
+    by_repo = {repo: name for name, repo in HF_REPOS.items()}
+    models = {"actor": by_repo.get(actor, actor), "ref": by_repo.get(actor, actor)}
+    if not grpo:
+        models["critic"] = by_repo.get(args.get("--critic.model_name_or_path", actor), actor)
+    reward = args.get("--reward.model_name_or_path")
+    models["reward"] = by_repo.get(reward, reward) if reward else "rule"
+    batch, group = _int(args, "--rollout.batch_size"), _int(args, "--rollout.n_samples_per_prompt", 1)
+    step = _int(args, "--train.batch_size")
+    if step < 1 or (batch * group) % step:
+        raise ConfigError(f"openrlhf command: --train.batch_size {step} must divide the {batch * group} samples of "
+                          "an iteration")
+    gen = _int(args, "--rollout.max_new_tokens")
+    raw = {"algorithm": "grpo" if grpo else "ppo", "models": models, "batch_size": batch,
+           "prompt_len": _int(args, "--data.max_len") - gen, "gen_len": gen, "ppo_minibatches": batch * group // step,
+           "kv_fraction": _float(args, "--vllm.gpu_memory_utilization", 0.9), "old_logprobs": "recompute",
+           "hyperparams": {"lr": _float(args, "--actor.adam.lr", 1e-6),
+                           "clip_eps": _float(args, "--actor.eps_clip", 0.2),
+                           "kl_coef": _float(args, "--algo.kl.init_coef", 0.01),
+                           "temperature": _float(args, "--rollout.temperature", 1.0)},
+           "cluster": {"nodes": nodes, "devices_per_node": per_node, "device": device}}
+    if grpo:
+        raw["group_size"] = group
+    else:
+        raw["hyperparams"] |= {"value_clip": _float(args, "--critic.value_clip", 0.5),
+                               "gamma": _float(args, "--algo.advantage.gamma", 1.0),
+                               "lam": _float(args, "--algo.advantage.lambd", 1.0)}
+    experiment = experiment_from_dict(raw, where="openrlhf command")
+    plan, notes = _read_plan(args, experiment, sizes, colocated)
+    return raw, plan, notes
+
+
+def _read_plan(args: dict, experiment: Experiment, sizes: dict[str, int],
+               colocated: bool) -> tuple[Plan, list[str]]:
+    wf, n = experiment.workflow, experiment.cluster.num_devices
+    meshes: dict[str, DeviceMesh] = {}
+    first = 0
+    for g in ("vllm", "actor", "ref", "critic", "reward"):
+        if g not in sizes:
+            continue
+        if colocated:
+            meshes[g] = DeviceMesh(0, n)
+        elif g == "ref" and "--train.colocate_actor_ref" in args:
+            meshes[g] = meshes["actor"]
+        elif g == "reward" and "--train.colocate_critic_reward" in args and "critic" in meshes:
+            meshes[g] = meshes["critic"]
+        else:
+            meshes[g], first = DeviceMesh(first, sizes[g]), first + sizes[g]
+    zero = _int(args, "--ds.zero_stage", 2)
+    shard = {v: k for k, v in ZERO_STAGE.items()}.get(zero)
+    if shard is None:
+        raise ConfigError(f"openrlhf command: --ds.zero_stage {zero}: the importer reads 0, 1 and 3")
+    notes = []
+    if shard != "none" and not layouts_carry_shard():
+        notes.append(f"--ds.zero_stage {zero} (shard: {shard}) read; this planner's layouts do not model sharded "
+                     "data parallelism yet, so the plan and its prediction keep replicated data-parallel ranks")
+        shard = "none"
+    tp_ds, gen_tp = _int(args, "--ds.tensor_parallel_size", 1), _int(args, "--vllm.tensor_parallel_size")
+    calls: dict[str, dict] = {}
+    for c in wf.call_names:
+        call = wf[c]
+        group = {"actor_gen": "vllm", "actor_inf": "actor", "actor_train": "actor", "ref_inf": "ref",
+                 "critic_inf": "critic", "critic_train": "critic", "reward_inf": "reward"}[c]
+        mesh = meshes[group]
+        tp = gen_tp if call.kind == "generate" else tp_ds
+        lay = {"mesh": str(mesh), "dp": mesh.size // tp, "tp": tp, "pp": 1, "micro_batches": 1}
+        if call.kind != "generate":
+            lay |= _read_micro(args, call, lay["dp"])
+        if call.kind == "train":
+            lay |= {"recompute": "full"} if "--actor.gradient_checkpointing_enable" in args else {}
+            lay |= {"shard": shard} if shard != "none" else {}
+        calls[c] = lay
+    return Plan.from_data({"calls": calls}, where="openrlhf command"), notes
+
+
+def _read_micro(args: dict, call, dp: int) -> dict:
+    train = call.kind == "train"
+    if "--train.dynamic_batch_enable" in args:
+        flag = "--train.max_tokens_per_gpu" if train else "--rollout.max_tokens_per_gpu"
+        return {"max_tokens_per_micro_batch": _int(args, flag, _int(args, "--train.max_tokens_per_gpu"))}
+    flag = "--train.micro_batch_size" if train else "--rollout.micro_batch_size"
+    rows, units = _int(args, flag, 1), call.workload.units_per_minibatch
+    if rows < 1 or units % (dp * rows):
+        raise ConfigError(f"openrlhf command: {flag} {rows}: call {call.name}'s {units} rows per step do not split "
+                          f"into micro-batches of {rows} over dp = {dp}")
+    return {"micro_batches": units // (dp * rows)}

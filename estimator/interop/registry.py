@@ -11,8 +11,8 @@ from estimator.interop import areal, nemo_rl, openrlhf, realhf, verl
 EXPORTERS: dict[str, ModuleType] = {
     "verl": verl, "openrlhf": openrlhf, "realhf": realhf, "areal": areal, "nemo-rl": nemo_rl}
 FRAMEWORKS = tuple(EXPORTERS)
-# name → importer: (config text, device profile name) → (the experiment file's mapping, plan)
-IMPORTERS = {"verl": verl.import_overrides}
+# name → importer: (config text, device profile name) → (the experiment file's mapping, plan, notes)
+IMPORTERS = {"verl": verl.import_overrides, "openrlhf": openrlhf.import_command}
 
 
 def exporter(name: str) -> ModuleType:

@@ -394,9 +394,10 @@ def read_plan(r: _Reader, experiment: Experiment) -> Plan:
     return Plan.from_data({"calls": calls}, where="verl overrides")
 
 
-def import_overrides(text: str, device: str) -> tuple[dict, Plan]:
-    """The experiment (as an experiment file's mapping, on ``device``) and the plan that verl
-    overrides describe; a key the importer does not read is refused by name."""
+def import_overrides(text: str, device: str) -> tuple[dict, Plan, list[str]]:
+    """The experiment (as an experiment file's mapping, on ``device``), the plan that verl
+    overrides describe and notes (none: what it cannot carry it refuses); a key the importer
+    does not read is refused by name."""
     r = _Reader(_parse(text))
     raw = read_experiment(r, device)
     experiment = experiment_from_dict(raw, where="verl overrides")
@@ -405,4 +406,4 @@ def import_overrides(text: str, device: str) -> tuple[dict, Plan]:
     if unread:
         raise ConfigError(f"verl overrides: key(s) {unread} are not ones the importer reads; it reads what "
                           "python -m estimator.export verl writes")
-    return raw, plan
+    return raw, plan, []
