@@ -7,6 +7,7 @@ Usage::
     python -m estimator.predict examples/ppo-tiny-2xcpu.yaml --plan PLAN.json --iterations 5
     python -m estimator.predict examples/ppo-llama2-70b-128xh100.yaml --profile h100-sxm --trace trace.json
     python -m estimator.predict examples/dpo-llama3-8b-8xa100.yaml --profile calibration/profiles/a100-80g.json
+    python -m estimator.predict --from verl overrides.txt --profile h100-vidur
 
 Without ``--plan`` it predicts the symmetric baseline (every call on all devices, tp across a
 node, pp across nodes) and says so. ``--profile`` names a shipped profile or a profile file
@@ -24,6 +25,15 @@ or ``fused``; ``stack``; ``text``: the line the table prints), ``feasible``, ``r
 realloc_s, reward_s, ...}`` (``reward_s``: a verifier's host time at the end of a generate call,
 ``reward_s_per_sample`` × the sequences of a data-parallel replica).
 
+``--from FRAMEWORK CONFIG`` reads another framework's configuration instead of an experiment
+file: the experiment and the plan it describes (:mod:`estimator.interop`; verl's Hydra overrides
+and OpenRLHF's launch command, as ``python -m estimator.export`` writes them; lengths at their
+caps, a config
+keeps only those; the cluster's device is ``--profile``, default ``h100-sxm``), and predicts
+that plan; a key the importer does not read exits 2 naming it. ``--json`` then also carries
+``imported.experiment``, ``imported.plan`` and ``imported.notes`` (what was read but is not
+modelled, such as a ZeRO stage).
+
 Exit codes: 0 predicted; 1 the plan does not fit in memory (the reasons are printed);
 2 invalid experiment, profile or plan (one line per violated rule).
 """
@@ -37,18 +47,20 @@ import time
 from typing import Any
 
 from estimator.base import rules
-from estimator.base.errors import cli_guard
+from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import check_output_path
+from estimator.base.loading import check_input_path
 from estimator.base.progress import LOG_INTERVAL_S, is_terminal
 from estimator.base.tables import format_table
 from estimator.baselines import symmetric_plan
 from estimator.cost.lowering import Costs
 from estimator.cost.memory import GiB, MemoryReport, plan_memory
 from estimator.cost.roofline import mfu, roofline_s
+from estimator.interop import importer
 from estimator.profile.profiles import Profile, load_profile, op_set
 from estimator.sim.simulate import simulate
 from estimator.sim.simulator import SimResult
-from estimator.spec.experiment import Experiment, load_experiment
+from estimator.spec.experiment import Experiment, experiment_from_dict, load_experiment
 from estimator.spec.plan import Plan, check
 
 COMM_OPS = ("tp_allreduce", "dp_allreduce")
@@ -176,7 +188,9 @@ def render(summary: dict[str, Any], memory: MemoryReport, plan_source: str) -> s
 
 def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m estimator.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", help="experiment YAML file")
+    parser.add_argument("experiment", help="experiment YAML file (with --from: the framework's config file)")
+    parser.add_argument("--from", dest="source", metavar="FRAMEWORK",
+                        help="read CONFIG of this framework (verl, openrlhf) instead of an experiment file")
     parser.add_argument("--plan", help="plan JSON file (default: the symmetric baseline)")
     parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
     parser.add_argument("--iterations", type=int, default=3,
@@ -186,11 +200,22 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     rules.integer("--iterations", args.iterations, lo=1, hi=rules.MAX_SIM_ITERATIONS)
     trace = check_output_path(args.trace, "--trace") if args.trace is not None else None
-    experiment = load_experiment(args.experiment)
+    imported = None
+    if args.source is not None:
+        read = importer(args.source)
+        if args.plan is not None:
+            raise ConfigError(f"--plan: the {args.source} config describes the plan; give one or the other")
+        raw, plan, notes = read(_read_text(args.experiment), args.profile or "h100-sxm")
+        experiment = experiment_from_dict(raw, where=f"{args.source} config {args.experiment}")
+        imported = {"framework": args.source, "experiment": raw, "plan": json.loads(plan.to_json()), "notes": notes}
+    else:
+        experiment = load_experiment(args.experiment)
     profile = load_profile(experiment.cluster.device, key="cluster.device")
     if args.profile is not None:
         profile = load_profile(args.profile, key="--profile")
-    if args.plan is not None:
+    if imported is not None:
+        plan, source = check(plan, experiment), f"the plan of {args.source} config {args.experiment}"
+    elif args.plan is not None:
         plan, source = check(Plan.load(args.plan), experiment), f"plan {args.plan}"
     else:
         plan, source = symmetric_plan(experiment, profile), "symmetric baseline plan (no --plan given)"
@@ -202,13 +227,24 @@ def _main(argv: list[str] | None) -> int:
     if trace is not None:
         result.timeline(per_device).write_chrome_trace(trace)
     if args.json:
-        print(json.dumps({**summary, "plan_source": source}, indent=2))
+        print(json.dumps({**summary, "plan_source": source} | ({"imported": imported} if imported else {}),
+                         indent=2))
     else:
         print(render(summary, memory, source))
+        for note in (imported or {}).get("notes", []):
+            print(f"note: {note}")
         if args.trace:
             tracks = "one track per device" if per_device else "one track per pipeline stage"
             print(f"wrote Chrome trace {args.trace} ({tracks}, plus one per link)")
     return 0 if memory.feasible else EXIT_INFEASIBLE
+
+
+def _read_text(path: str) -> str:
+    target = check_input_path(path, "framework config")
+    try:
+        return target.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"framework config {path!r}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

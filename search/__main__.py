@@ -7,6 +7,7 @@ Usage::
     python -m search examples/grpo-qwen2.5-7b-16xh100.yaml --max-evals 20000 --seed 1 --json
     python -m search examples/ppo-tiny-2xcpu.yaml --out plan.json --trace trace.json
     python -m search examples/dpo-llama3-8b-8xa100.yaml --profile calibration/profiles/a100-80g.json
+    python -m search examples/ppo-llama2-7b-8xh100.yaml --framework verl --export verl --export-dir verl-run/
 
 Without an experiment it searches the built-in default: PPO with four LLaMA-2 7B models on one
 8×H100 node (``examples/ppo-llama2-7b-8xh100.yaml``). ``--time-budget`` (default 20 s) bounds
@@ -27,6 +28,15 @@ Chrome trace (Perfetto). Train calls may recompute activations where memory dema
 ``baselines.<name>.iteration_s`` (null when it does not fit), ``evaluated``, ``space_log10``,
 ``roofline_s``, ``peak_memory_bytes`` and more.
 
+``--framework NAME`` (``verl``, ``openrlhf``, ``realhf``, ``areal``, ``nemo-rl``) also finds
+the best plan that framework can run: every plan the search re-ranked, projected onto what the
+framework runs by its exporter, simulated, the fastest that fits kept (:mod:`search.framework`;
+the best projection of the search's best plans, not a search of the framework's whole space);
+it prints that plan and its time against the best plan overall, and ``--out`` and ``--export``
+then take it. ``--export FRAMEWORK --export-dir DIR`` writes the plan in that framework's
+configuration into DIR and prints what the framework changes and what that costs, as
+``python -m estimator.export`` does.
+
 When no plan exists it says why: a call that fits on no layout is named with the least it
 needs on a device, by part (weights, grads, optimizer, reallocated copy, activations, KV
 cache); when every call fits alone but no plan fits, the tightest call of the plan tried with
@@ -43,11 +53,14 @@ import json
 import sys
 
 from estimator.base.errors import ConfigError, cli_guard
-from estimator.base.io import atomic_write_text
+from estimator.base.io import atomic_write_text, check_output_dir
+from estimator.export import make_export, predict_export, render, write_export
+from estimator.interop import FRAMEWORKS, exporter
 from estimator.predict import TRACE_PER_DEVICE_MAX, predict
 from estimator.profile.profiles import load_profile
 from estimator.spec.experiment import load_experiment
 from search.checks import MAX_CHAINS, check_budget, check_out, check_positive
+from search.framework import framework_best
 from search.result import render_report, result_json
 from search.run import DEFAULT_TIME_BUDGET_S, default_experiment, run_search
 
@@ -65,8 +78,17 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--trace", help="write the best plan's predicted Chrome trace (JSON) here")
     parser.add_argument("--no-recompute", action="store_true",
                         help="leave activation recompute of train calls out of the search")
+    parser.add_argument("--framework", help=f"also the best plan this framework can run: {', '.join(FRAMEWORKS)}")
+    parser.add_argument("--export", help=f"write the plan in this framework's configuration: {', '.join(FRAMEWORKS)}")
+    parser.add_argument("--export-dir", help="directory the --export files go into")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    for name in (args.framework, args.export):
+        if name is not None:
+            exporter(name)
+    if (args.export is None) != (args.export_dir is None):
+        raise ConfigError("--export FRAMEWORK and --export-dir DIR go together")
+    export_dir = check_output_dir(args.export_dir, "--export-dir") if args.export_dir is not None else None
     check_budget(args.time_budget)
     if args.max_evals is not None:
         check_positive(args.max_evals, "--max-evals")
@@ -84,18 +106,34 @@ def _main(argv: list[str] | None) -> int:
     result = run_search(experiment, profile, time_budget_s=args.time_budget, max_evals=args.max_evals,
                         seed=args.seed, chains=args.chains, progress=not args.json,
                         recompute=not args.no_recompute)
+    best = framework_best(experiment, profile, result, args.framework) if args.framework else None
+    plan = best.plan if best is not None else result.plan
     sim, memory, summary = predict(experiment, result.plan, profile)
+    if best is not None and args.trace is not None:
+        sim = predict(experiment, plan, profile)[0]
     if args.out is not None:
-        atomic_write_text(args.out, result.plan.to_json())
+        atomic_write_text(args.out, plan.to_json())
+    record, written = None, []
+    if args.export is not None:
+        export = make_export(args.export, experiment, plan)
+        record = predict_export(export, experiment, profile)
+        written = write_export(export, record, export_dir)
     per_device = experiment.cluster.num_devices <= TRACE_PER_DEVICE_MAX
     if args.trace is not None:
         sim.timeline(per_device).write_chrome_trace(args.trace)
     if args.json:
-        print(json.dumps(result_json(result, summary), indent=2))
+        extra = {"framework": best.to_json()} if best is not None else {}
+        extra |= {"export": record} if record is not None else {}
+        print(json.dumps(result_json(result, summary) | extra, indent=2))
         return 0
     print(render_report(result, summary, memory))
+    if best is not None:
+        print(f"\n{best.line()}\n{plan.table()}")
+    if record is not None:
+        print(f"\nexport to {args.export}:\n{render(record, written)}")
     if args.out:
-        print(f"wrote plan {args.out} (python -m estimator.predict {args.experiment or 'EXPERIMENT.yaml'} "
+        which = f"the {args.framework} " if best else ""
+        print(f"wrote {which}plan {args.out} (python -m estimator.predict {args.experiment or 'EXPERIMENT.yaml'} "
               f"--plan {args.out})")
     if args.trace:
         print(f"wrote Chrome trace {args.trace}")

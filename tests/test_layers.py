@@ -2,7 +2,8 @@
 
 Rooms of ``estimator/`` from the floor up: ``base`` imports nothing of the project; ``spec``
 only ``base``; ``profile`` ``base`` and ``spec``; ``cost`` those three; ``sim`` the rooms below
-it; the commands on top of the estimator any room. Nothing in ``estimator/`` imports ``search``,
+it; ``interop`` (the exporters to other frameworks) only ``base`` and ``spec``; the commands on top
+of the estimator any room. Nothing in ``estimator/`` imports ``search``,
 ``executor``, ``analysis`` or ``calibration`` — except the ``estimator.calibrate`` forwarder,
 and only inside a function. The executor's runtime reads the estimator's vocabulary (``spec``
 and ``base``) and nothing else of it, so a plan file is its whole contract; its command checks a
@@ -25,6 +26,7 @@ ROOMS = {
     "profile": {"base", "spec"},
     "cost": {"base", "spec", "profile"},
     "sim": {"base", "spec", "profile", "cost"},
+    "interop": {"base", "spec"},
 }
 FORWARDER = "estimator.calibrate"
 EXECUTOR_COMMAND = "executor.run"  # python -m executor.run

@@ -1,0 +1,162 @@
+"""ReaLHF: a plan as the ``allocation_mode=manual`` Hydra overrides of ReaLHF's PPO experiment.
+
+Key names and rules are taken from openpsi-project/ReaLHF at commit
+be75fce9931acb9298270fdda08fdca46b6ee8ba (2025-04-24), copied into ``tests/fixtures/realhf/``
+(every key written here is checked against their dataclasses):
+
+- ``realhf/experiments/common/ppo_exp.py``: ``PPOConfig`` with one ``MFCConfig`` per model
+  function call (``actor_gen``, ``actor_train``, ``critic_inf``, ``critic_train``, ``rew_inf``,
+  ``ref_inf``), each a ``device_mesh``, a ``parallel`` (``data_parallel_size``,
+  ``model_parallel_size``, ``pipeline_parallel_size``) and ``n_mbs`` micro-batches;
+- ``realhf/api/quickstart/device_mesh.py``: a mesh is ``NODE01:0,1,2,3`` (an aligned slice of 1,
+  2, 4 or 8 GPUs of one node) or ``NODE[01-02]`` (whole nodes), hosts ``NODE01``… when no cluster
+  spec names them; ``realhf/experiments/common/common.py``: ``allocation_mode``, ``n_nodes``,
+  ``n_gpus_per_node``, ``nodelist``;
+- ``realhf/api/quickstart/model.py`` and ``realhf/experiments/common/utils.py``: per model
+  ``gradient_checkpointing`` (on by default) and ``zero_stage`` — on the Megatron backend 0
+  (replicated) or 1 (distributed optimizer); stage 3 is refused there.
+
+ReaLHF takes a full per-call plan, so the meshes and degrees are written as planned. What its
+PPO experiment at that commit does not take: a token budget per micro-batch (a count of
+micro-batches instead, as many as keep each within the budget), a cap on running requests in
+generation (its generation runs the whole batch), and ``shard: full`` (ZeRO-3, not on the
+Megatron backend: ``zero_stage=1``). GRPO's grouped sampling, a verifier reward and recomputed
+old log-probs (``actor_inf``) are not in this experiment: such an experiment is refused with the
+reason.
+"""
+
+from __future__ import annotations
+
+from estimator.base.errors import ConfigError
+from estimator.interop.common import (
+    Export,
+    Projection,
+    micro_batches_for,
+    model_path,
+    shard_of,
+    token_caps,
+)
+from estimator.spec.cluster import Cluster, DeviceMesh
+from estimator.spec.experiment import Experiment
+from estimator.spec.models import ModelSpec
+from estimator.spec.plan import Plan
+
+FRAMEWORK = "realhf"
+REPO = "openpsi-project/ReaLHF"
+COMMIT = "be75fce9931acb9298270fdda08fdca46b6ee8ba"
+ENTRY = "python3 -m realhf.apps.quickstart ppo"
+NODE_PREFIX = "NODE"  # ReaLHF's host names without a cluster spec (cluster_spec.node_name_prefix)
+# this project's call → ReaLHF's MFCConfig field
+MFC = {"actor_gen": "actor_gen", "actor_train": "actor_train", "critic_inf": "critic_inf",
+       "critic_train": "critic_train", "reward_inf": "rew_inf", "ref_inf": "ref_inf"}
+ROLE_KEY = {"actor": "actor", "critic": "critic", "ref": "ref", "reward": "rew"}
+ZERO_STAGE = {"none": 0, "optimizer": 1}
+
+
+def family(model: ModelSpec) -> str:
+    """ReaLHF's model family (``realhf/api/from_hf/``) of a model's architecture."""
+    if model.mlp == "swiglu" and model.positions == "rotary" and not model.bias:
+        return "qwen2" if model.qkv_bias else "llama"
+    if model.mlp == "gelu" and model.positions == "learned" and model.norm == "layernorm" \
+            and not model.parallel_residual:
+        return "gpt2"
+    raise ConfigError(f"realhf: model {model.name!r} is of no architecture ReaLHF reads (llama, qwen2, gpt2, "
+                      "mistral, mixtral, gemma)")
+
+
+def _refuse(experiment: Experiment) -> None:
+    p, missing = experiment.params, []
+    if experiment.algorithm != "ppo":
+        missing.append(f"the {experiment.algorithm} algorithm (its experiment is ppo)")
+    if p.group_size > 1:
+        missing.append(f"grouped sampling (group_size={p.group_size})")
+    if experiment.verifier:
+        missing.append("a verifier reward (reward: rule)")
+    if p.old_logprobs == "recompute":
+        missing.append("recomputed old log-probs (the actor_inf call)")
+    if missing:
+        raise ConfigError(f"realhf: the PPO experiment of {REPO} at commit {COMMIT[:8]} does not take "
+                          f"{'; '.join(missing)}; export this experiment to another framework")
+
+
+def project(experiment: Experiment, plan: Plan) -> Projection:
+    """The plan as ReaLHF's PPO experiment runs it (the module docstring's rules)."""
+    _refuse(experiment)
+    pr = Projection(experiment, plan)
+    wf = experiment.workflow
+    for c in wf.call_names:
+        lay, call = pr[c], wf[c]
+        if lay.token_budget:
+            rows = max(1, lay.max_tokens_per_micro_batch // call.workload.seq_len)
+            pr.set(c, "ReaLHF's MFCConfig counts micro-batches (n_mbs), it takes no token budget: as many as keep "
+                      "each micro-batch within it", max_tokens_per_micro_batch=0,
+                   micro_batches=micro_batches_for(call, lay.dp, rows, FRAMEWORK))
+        if lay.max_concurrency:
+            pr.set(c, "ReaLHF's generation runs its whole batch at once; it takes no cap on running requests",
+                   max_concurrency=0)
+        if call.kind == "train" and shard_of(lay) == "full":
+            pr.set(c, "ReaLHF's Megatron backend refuses zero_stage 3; stage 1 shards the optimizer state",
+                   shard="optimizer")
+    return pr
+
+
+def mesh_name(mesh: DeviceMesh, cluster: Cluster) -> str:
+    """ReaLHF's name of a mesh, quoted for Hydra (its commas and brackets are Hydra's list
+    syntax, so ReaLHF's own example script quotes it too): ``'NODE01:0,1'`` for a slice of one
+    node, ``'NODE[01-02]'`` for whole nodes."""
+    per = cluster.devices_per_node
+    first, last = mesh.first // per + 1, mesh.last // per + 1
+    if mesh.size < per:
+        name = f"{NODE_PREFIX}{first:02d}:" + ",".join(str(d % per) for d in mesh.devices)
+    else:
+        name = f"{NODE_PREFIX}{first:02d}" if first == last else f"{NODE_PREFIX}[{first:02d}-{last:02d}]"
+    return f"'{name}'"
+
+
+def overrides(experiment: Experiment, plan: Plan) -> tuple[list[str], list[str]]:
+    """Hydra overrides for a plan ReaLHF runs as given, and notes."""
+    wf, p, h, cl = experiment.workflow, experiment.params, experiment.hyper, experiment.cluster
+    prompt_cap, gen_cap = token_caps(experiment)
+    out = ["allocation_mode=manual", f"n_nodes={cl.nodes}", f"n_gpus_per_node={cl.devices_per_node}",
+           f"nodelist={mesh_name(DeviceMesh(0, cl.num_devices), cl)}"]
+    notes: list[str] = []
+    homes = wf.trained_roles()
+    for role, key in ROLE_KEY.items():
+        path, note = model_path(experiment, role)
+        notes += [note] if note else []
+        out += [f"{key}.type._class={family(experiment.models[role])}", f"{key}.path={path}",
+                f"{key}.enable_bf16=True", f"{key}.enable_fp16=False"]
+        out += [f"{key}.type.is_critic=True"] if role in ("critic", "reward") else []
+        if role in homes:
+            lay = plan[homes[role]]
+            out += [f"{key}.gradient_checkpointing={lay.recompute == 'full'}",
+                    f"{key}.zero_stage={ZERO_STAGE[shard_of(lay)]}", f"{key}.optimizer.lr={h.lr:g}"]
+    out += [f"dataset.max_prompt_len={prompt_cap}", f"dataset.train_bs_n_seqs={p.batch_size}",
+            f"ppo.gen.max_new_tokens={gen_cap}",
+            f"ppo.gen.min_new_tokens={gen_cap if p.gen_lengths.fixed else 0}",
+            f"ppo.gen.temperature={h.temperature:g}", f"ppo.ppo_n_minibatches={p.ppo_minibatches}",
+            f"ppo.kl_ctl={h.kl_coef:g}", f"ppo.eps_clip={h.clip_eps:g}", f"ppo.value_eps_clip={h.value_clip:g}",
+            f"ppo.discount={h.gamma:g}", f"ppo.gae_lambda={h.lam:g}"]
+    for c in wf.call_names:
+        lay, key = plan[c], MFC[c]
+        out += [f"{key}.device_mesh={mesh_name(lay.mesh, cl)}", f"{key}.parallel.data_parallel_size={lay.dp}",
+                f"{key}.parallel.model_parallel_size={lay.tp}", f"{key}.parallel.pipeline_parallel_size={lay.pp}",
+                f"{key}.n_mbs={lay.micro_batches}"]
+    if not p.gen_lengths.fixed:
+        notes.append("ReaLHF's generation stops each response at its end-of-sequence token; the plan's length "
+                     "distribution is the experiment's assumption of where that is")
+    return out, notes
+
+
+def describe(plan: Plan, experiment: Experiment) -> str:
+    return f"its own per-call plan on {experiment.cluster.num_devices} devices"
+
+
+def export(experiment: Experiment, plan: Plan) -> Export:
+    """The plan as ReaLHF overrides, ``overrides.txt``, one per line, for
+    ``python3 -m realhf.apps.quickstart ppo``."""
+    pr = project(experiment, plan)
+    projected = pr.plan(FRAMEWORK)
+    lines, notes = overrides(experiment, projected)
+    return Export(FRAMEWORK, REPO, COMMIT, plan, projected, tuple(pr.changes),
+                  {"overrides.txt": "\n".join(lines) + "\n"}, describe(projected, experiment), tuple(notes))
