@@ -51,7 +51,7 @@ from estimator.sim.simulator import SimResult
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check
 
-COMM_OPS = ("tp_allreduce", "dp_allreduce")
+COMM_OPS = ("tp_allreduce", "dp_allreduce", "dp_reduce_scatter", "dp_allgather", "dp_shard_comm")
 EXIT_INFEASIBLE = 1
 TRACE_PER_DEVICE_MAX = 16  # larger clusters get one trace track per pipeline stage
 
