@@ -310,3 +310,20 @@ def test_the_search_space_offers_sharding_only_over_replicas():
     assert {lay.shard for lay in kept if lay.dp > 1} == set(SHARD_CHOICES)
     assert {lay.shard for lay in kept if lay.dp == 1} == {"none"}
     assert space.summary()["calls"]["actor_train"]["shard"] == sum(lay.shard != "none" for lay in kept)
+
+
+def test_predict_shows_the_sharding_of_each_call(capsys):
+    from estimator.predict import main as predict_main
+    from tests.conftest import EXAMPLES
+
+    plan = EXAMPLES / "plans" / "ppo-tiny-2xcpu" / "dp2-sharded.json"
+    assert predict_main([str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--plan", str(plan), "--iterations", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("call ") and "shard" in line).split()
+    column = header.index("shard")
+    rows = {line.split()[0]: line.split()[column] for line in lines if line.split()[:1] and
+            line.split()[0] in ("actor_train", "critic_train", "actor_gen") and len(line.split()) > column}
+    assert rows == {"actor_train": "full", "critic_train": "optimizer", "actor_gen": "none"}
+    assert predict_main([str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--plan",
+                         str(EXAMPLES / "plans" / "ppo-tiny-2xcpu" / "dp2.json"), "--iterations", "2"]) == 0
+    assert not any(line.startswith("call ") and "shard" in line for line in capsys.readouterr().out.splitlines())
