@@ -4,8 +4,9 @@ and bytes as functions of shape symbols, written as data the estimator reads.
 Each piece (:data:`PIECES`) runs the executor's own code — :mod:`executor.model` blocks with
 the engine's tensor-parallel hooks, :class:`executor.engine.TensorParallel`'s ends, the
 engine's token choice with the sampler, the losses of :mod:`executor.rlhf`, ``ShardAdam``, the
-data-parallel gradient sum — on inputs whose every dimension is a product of shape symbols set
-to distinct primes, under :func:`calibration.aten.record`. Tensor parallelism runs over
+data-parallel gradient sum, the flatten before a sharded group's reduce-scatter — on inputs
+whose every dimension is a product of shape symbols set to distinct primes, under
+:func:`calibration.aten.record`. Tensor parallelism runs over
 an in-process ``fake`` process group of ``tp`` ranks (collectives are no-ops there; the links
 charge them), so the local copies around collectives are recorded as the executor issues them.
 Each piece is recorded once per run dtype (bfloat16: GPU runs; float32: the CPU default) and
@@ -288,6 +289,15 @@ def dp_allreduce(v, dt, tp, variant, tensors=2) -> Thunk:
     return lambda: comm.all_reduce_sum(grads, group)
 
 
+def shard_flatten(v, dt, tp, variant, tensors=2) -> Thunk:
+    """The flatten of ``tensors`` gradients into one buffer before a sharded group's
+    reduce-scatter (:func:`executor.comm.flatten`): recorded for one rank, whose padding is
+    empty — the fewer than ``dp`` zeros more ranks pad with are no product of shape symbols,
+    and left out."""
+    grads = [_rand(v["numel"], dtype=dt) for _ in range(tensors)]
+    return lambda: comm.flatten(grads, 1)
+
+
 def _pieces() -> dict[str, Callable]:
     out: dict[str, Callable] = {}
     for tp in (False, True):
@@ -322,6 +332,7 @@ def _pieces() -> dict[str, Callable]:
     for k in (2, 3):  # linear in the number of tensors: two counts fix it
         out[f"optimizer_{k}"] = (optimizer, False, "", {"tensors": k})
         out[f"dp_allreduce_{k}"] = (dp_allreduce, False, "", {"tensors": k})
+        out[f"shard_flatten_{k}"] = (shard_flatten, False, "", {"tensors": k})
     return out
 
 

@@ -292,6 +292,12 @@ def optimizer(tensors: int) -> list[Kernel]:
             Kernel("zero_grad", [], [mono(FP32 * tensors, "numel")])]
 
 
+def shard_flatten(tensors: int) -> list[Kernel]:
+    """FSDP2's copy of a group's bf16 gradients into its reduce-scatter input (one
+    ``_chunk_cat`` kernel reading and writing every element once)."""
+    return [Kernel("chunk_cat", [], [mono(2 * BF16 * tensors, "numel")])]
+
+
 LOSSES = ("dpo_actor", "grpo_actor", "ppo_actor", "ppo_critic", "remax_actor", "rw_reward", "sft_actor")
 PHASES = ("forward", "prefill", "decode", "backward")
 
@@ -348,6 +354,7 @@ def pieces() -> dict[str, list[Kernel]]:
     for n in (2, 3):
         out[f"optimizer_{n}"] = optimizer(n)
         out[f"dp_allreduce_{n}"] = []  # a contiguous gradient buffer: reduced in place, no copies
+        out[f"shard_flatten_{n}"] = shard_flatten(n)
     return out
 
 

@@ -63,7 +63,7 @@ from estimator.sim.simulator import SimResult
 from estimator.spec.experiment import Experiment, experiment_from_dict, load_experiment
 from estimator.spec.plan import Plan, check
 
-COMM_OPS = ("tp_allreduce", "dp_allreduce")
+COMM_OPS = ("tp_allreduce", "dp_allreduce", "dp_reduce_scatter", "dp_allgather", "dp_shard_comm")
 EXIT_INFEASIBLE = 1
 TRACE_PER_DEVICE_MAX = 16  # larger clusters get one trace track per pipeline stage
 
@@ -161,9 +161,12 @@ def render(summary: dict[str, Any], memory: MemoryReport, plan_source: str) -> s
              summary["op_set"]["text"],
              f"predicted iteration time {summary['iteration_s']:.3f} s (steady state over "
              f"{summary['iterations']} simulated iterations)", ""]
-    rows = [("call", "mesh", "dp", "tp", "pp", "micro", "start s", "duration s", "comm s", "wait s", "realloc s")]
+    sharding = any("shard" in v for v in summary["calls"].values())  # a column only where a layout shards
+    rows = [("call", "mesh", "dp", "tp", "pp", "micro") + (("shard",) if sharding else ())
+            + ("start s", "duration s", "comm s", "wait s", "realloc s")]
     for c, v in summary["calls"].items():
         rows.append((c, v["mesh"], str(v["dp"]), str(v["tp"]), str(v["pp"]), str(v["micro_batches"]),
+                     *((v.get("shard", "none"),) if sharding else ()),
                      *(f"{v[k]:.3f}" for k in ("start_s", "duration_s", "comm_s", "wait_s", "realloc_s"))))
     lines += [format_table(rows), ""]
     gen = {c: v["generation"] for c, v in summary["calls"].items() if "generation" in v}

@@ -41,6 +41,7 @@ from executor.optim import ShardAdam
 from executor.realloc import gather_rows
 from executor.serving import engine_limits, engine_steps
 from executor.verifier import Verifier
+from executor.zero import ZeroAdam
 
 Pieces = list[tuple[Range, Tensor]]  # (global row range, those rows)
 TOKENS = frozenset({"prompts", "pairs", "seq", "seq_greedy"})
@@ -290,7 +291,7 @@ def _inference_output(c: CallRun, name: str) -> Callable[[Tensor, Tensor, Range]
 Objective = Callable[[Range, Tensor, Tensor], Tensor]
 
 
-def train(c: CallRun, optimizer: ShardAdam) -> None:
+def train(c: CallRun, optimizer: ShardAdam | ZeroAdam) -> None:
     """One optimizer step per minibatch; appends each minibatch's summed local loss."""
     objective = OBJECTIVES[(c.experiment.algorithm, c.call.role)](c)
     name = c.token_input()
@@ -301,9 +302,15 @@ def train(c: CallRun, optimizer: ShardAdam) -> None:
             return objective(mbs[i], tokens[i].to(out.device), out)
 
         loss = c.engine.forward_backward(tokens, loss_fn)
+        if optimizer.sharded:  # shard="optimizer": reduce-scatter, step the chunk, all-gather
+            with c.span("dp_reduce_scatter"):
+                optimizer.reduce()
         with c.span("optimizer"):
             optimizer.step()
             optimizer.zero_grad()
+        if optimizer.sharded:
+            with c.span("dp_allgather"):
+                optimizer.gather()
         if loss is not None:
             c.losses.append(loss)
 
@@ -438,7 +445,7 @@ OBJECTIVES: dict[tuple[str, str], Callable[[CallRun], Objective]] = {
 }
 
 
-def run_call(c: CallRun, optimizer: ShardAdam | None) -> dict[str, Pieces]:
+def run_call(c: CallRun, optimizer: ShardAdam | ZeroAdam | None) -> dict[str, Pieces]:
     """Run the call's compute on this device; outputs on the last stage, ``{}`` elsewhere."""
     if c.call.kind == "generate":
         return generate(c)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from estimator.base.errors import ConfigError
 from estimator.spec.plan import Layout
+from estimator.spec.sharding import flat_chunk
 
 Ranks = tuple[int, ...]
 
@@ -179,6 +180,15 @@ def vocab_parallel_embed(weight: Tensor, tokens: Tensor, vocab_start: int,
     out = F.embedding(local.masked_fill(outside, 0), weight)  # (B, T, C)
     out = out.masked_fill(outside[..., None], 0.0)
     return reduce_from_region(out, group)
+
+
+def flatten(tensors: list[Tensor], dp: int) -> Tensor:
+    """One flat buffer of ``tensors``, padded with zeros to ``dp`` equal chunks
+    (:func:`estimator.spec.sharding.flat_chunk`; the padding is concatenated even when empty,
+    so every call dispatches the same ops): a sharded group's reduce-scatter input."""
+    numel = sum(t.numel() for t in tensors)
+    pad = tensors[0].new_zeros(dp * flat_chunk(numel, dp) - numel)
+    return torch.cat([t.reshape(-1) for t in tensors] + [pad])
 
 
 def all_reduce_sum(tensors: list[Tensor], group: dist.ProcessGroup | None) -> None:

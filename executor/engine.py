@@ -10,7 +10,10 @@ The parallelisms compose in a fixed order (torchtitan's ``parallelize_llama``):
    projections (:func:`tensor_parallel_hooks`), a vocab-parallel embedding and an LM head
    gathered over the vocabulary (:class:`TensorParallel`);
 3. data — after the backward passes, gradients are summed over replicas
-   (:func:`reduce_gradients`, which first joins the two copies of tied embeddings).
+   (:func:`reduce_gradients`, which first joins the two copies of tied embeddings); under
+   ``shard="optimizer"`` the optimizer reduce-scatters them instead, and under ``shard="full"``
+   every group of parameters is gathered when a pass needs it and its gradients
+   reduce-scattered as soon as they are complete (:class:`executor.zero.FullShard`).
 
 Generation runs as micro-batched rounds of one KV cache each (:meth:`Engine.generate`) or, with
 continuous batching, as virtual engines over KV pools that follow
@@ -29,11 +32,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
 from estimator.spec.schedule import FORWARD, PREFILL, generation_rounds, schedule_1f1b
-from estimator.spec.sharding import box_shape, shard
+from estimator.spec.sharding import ENDS, box_shape, flat_chunk, shard, shard_groups
 from executor import model as M
 from executor.comm import (
     GroupRegistry,
@@ -45,6 +49,7 @@ from executor.comm import (
     vocab_parallel_embed,
 )
 from executor.serving import EnginePlan, Step
+from executor.zero import FullShard
 
 LossFn = Callable[[int, Tensor], Tensor]
 # (engine, requests (B,), response positions (B,), logits (B, V)) → tokens (B,)
@@ -134,6 +139,9 @@ class Engine:
 
     ``params`` are this device's shards (names and shapes of :func:`estimator.spec.sharding.shard`);
     the engine computes with these very tensors, so an optimizer over them sees the gradients.
+    A train call whose layout shards its parameters (``layout.sharded``) is given instead its
+    chunks of the groups of :func:`estimator.spec.sharding.shard_groups`, which it gathers as
+    its passes need them (:class:`executor.zero.FullShard`).
     """
 
     def __init__(self, model: ModelSpec, layout: Layout, device: int, params: M.Params,
@@ -143,7 +151,11 @@ class Engine:
         self.params = params
         self.torch_device = torch_device
         self.boxes = shard(model, layout, device)
-        _check_params(params, self.boxes)
+        self.full = FullShard(model, layout, device, params, groups.dp(layout, device)) if layout.sharded else None
+        if self.full is None:
+            _check_params(params, self.boxes)
+        else:
+            _check_chunks(params, model, layout, device)
         self.dtype = next(iter(params.values())).dtype
         dp_rank, tp_rank, pp_rank = layout.coords(device)
         self.stage = pp_rank
@@ -173,14 +185,51 @@ class Engine:
         one token per row at its own position (a decode step over a KV pool).
         ``recompute``: each block under activation checkpointing (a training forward whose
         layout recomputes); the tensor-parallel hooks run again with the block's forward."""
-        x = self.tensor.embed(self.params, inp, start, positions) if self.first else inp
+        ends = self._open(ENDS)
+        if self.first:
+            with self._saving(ENDS):
+                x = self.tensor.embed(ends, inp, start, positions)
+        else:
+            x = inp
         ctx = M.context(self.model, start, x.shape[1], x.dtype, x.device, cache, self.tensor.hooks, positions)
-        x = M.blocks(self.params, self.layers, x, ctx, recompute)
+        x = self._blocks(x, ctx, recompute)
         if not self.last:
             return x
         if last is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last][:, None]  # (B, 1, C)
-        return self.tensor.final(self.params, x[:, -1:] if last_position else x)
+        with self._saving(ENDS):
+            return self.tensor.final(ends, x[:, -1:] if last_position else x)
+
+    def _open(self, group: str) -> M.Params:
+        """The parameters a pass uses: this device's shards, or under full sharding the whole
+        tensors of a gathered group (:meth:`FullShard.open`)."""
+        if self.full is None:
+            return self.params
+        return self.full.open(group) if group in self.full.groups else {}
+
+    def _saving(self, group: str) -> AbstractContextManager:
+        """Under full sharding, autograd keeps group ``group``'s tensors packed (gathered again in backward)."""
+        if self.full is None or group not in self.full.groups:
+            return nullcontext()
+        return self.full.saving(group)
+
+    def _blocks(self, x: Tensor, ctx: M.Context, recompute: bool) -> Tensor:
+        """The stage's blocks, each gathered just before it runs under full sharding; under
+        recompute the checkpointed block gathers its weights again when it re-runs."""
+        if self.full is None:
+            return M.blocks(self.params, self.layers, x, ctx, recompute)
+        for i in self.layers:
+            group = f"layers.{i}"
+            if recompute:
+                x = checkpoint(self._gathered_block, i, x, ctx, use_reentrant=False)
+            else:
+                with self._saving(group):
+                    x = M.block(self.full.open(group), i, x, ctx)
+            self.full.release(group)
+        return x
+
+    def _gathered_block(self, i: int, x: Tensor, ctx: M.Context) -> Tensor:
+        return M.block(self.full.open(f"layers.{i}"), i, x, ctx)
 
     def _input(self, tokens: Tensor) -> Tensor:
         """Tokens on the first stage; the previous stage's activations (B, T, C) elsewhere."""
@@ -227,10 +276,14 @@ class Engine:
             else:
                 self._train_backward(mb, *saved.pop(mb))
         self.link.wait()
-        if self.dp_group is not None or self.embed_group is not None:
+        # under sharding the optimizer (ZeroAdam) or the passes (FullShard) reduce over replicas
+        dp_group = self.dp_group if self.layout.shard == "none" else None
+        if dp_group is not None or self.embed_group is not None:
             with self.mark("dp_allreduce", -1):
-                reduce_gradients(self.params, self.model, self.embed_group, self.dp_group)
+                reduce_gradients(self.params, self.model, self.embed_group, dp_group)
         for n, p in self.params.items():
+            if self.full is not None and p.grad is None:  # a chunk no pass used
+                p.grad = torch.zeros_like(p)
             if earlier[n] is not None:  # keep the caller's gradient tensors
                 p.grad = earlier[n].add_(p.grad)
         return float(torch.stack(losses).sum()) if self.last else None
@@ -239,6 +292,8 @@ class Engine:
         inp = self._input(tokens)
         if not self.first:
             inp.requires_grad_(True)
+        if self.full is not None:
+            self.full.begin("forward")
         with self.mark("forward", mb):
             out = self._stage(inp, 0, None, recompute=self.layout.recompute == "full")
             if self.last:
@@ -252,8 +307,12 @@ class Engine:
             grad = None
         else:
             grad = self.link.recv(tuple(out.shape), out.dtype, self.torch_device, self.next)
+        if self.full is not None:
+            self.full.begin("backward")
         with self.mark("backward", mb):
             torch.autograd.backward(out, grad)
+            if self.full is not None:
+                self.full.end()
         if not self.first:
             self.link.send(inp.grad, self.prev)
 
@@ -386,6 +445,16 @@ class Engine:
         scaled = logits if temperature == 1.0 else logits / temperature
         logp = torch.log_softmax(scaled, dim=-1).gather(-1, tok[:, None]).squeeze(-1)
         return tok, logp
+
+
+def _check_chunks(chunks: M.Params, model: ModelSpec, layout: Layout, device: int) -> None:
+    """Fully sharded parameters must be the chunks of :func:`estimator.spec.sharding.shard_groups`."""
+    boxes = shard(model, layout, device)
+    want = {g: flat_chunk(sum(int(torch.Size(box_shape(boxes[n])).numel()) for n in names), layout.dp)
+            for g, names in shard_groups(model, layout, device).items()}
+    got = {g: int(t.numel()) for g, t in chunks.items()}
+    if got != want:
+        raise ValueError(f"engine chunks do not match the layout's shard groups: {got} != {want}")
 
 
 def _check_params(params: M.Params, boxes: dict) -> None:

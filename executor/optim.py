@@ -28,6 +28,8 @@ class ShardAdam:
     start-up before its first call.
     """
 
+    sharded = False  # steps whole parameters (executor.zero.ZeroAdam steps a chunk)
+
     def __init__(self, params: dict[str, Tensor], lr: float):
         self.params = list(params.values())
         self.lr = lr

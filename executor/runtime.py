@@ -7,7 +7,10 @@ iteration in topological order — and takes part in whatever involves its devic
    first call's); a call on a differently sharded layout first receives its shards from home
    (:func:`executor.realloc.reallocate`; every device of home ∪ call takes part; shards a
    device already holds whole arrive as read-only views of its home shards) and drops them
-   after the call. Only home shards are ever trained, so those views never change under a call;
+   after the call. Only home shards are ever trained, so those views never change under a call.
+   A home that shards its parameters over its data-parallel ranks (``shard="full"``) keeps
+   chunks (:mod:`executor.zero`); a call reading it first all-gathers them on the home's
+   devices, then moves the whole shards as from an unsharded home;
 2. **data** — each input comes from the devices that hold the producer's output (its last
    stage), which pushed it the moment the producer finished (:mod:`executor.dataflow`); the
    call receives it when it starts. Source data (prompts, pairs) is built in place from
@@ -27,6 +30,7 @@ the plan.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -56,6 +60,7 @@ from executor.optim import ShardAdam
 from executor.options import RunOptions
 from executor.realloc import reallocate
 from executor.recorder import Recorder
+from executor.zero import FullShard, ZeroAdam, shard_chunks
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 FAULT_EXIT_CODE = 13  # exit status of a process stopped by fault injection
@@ -122,8 +127,7 @@ class RankRuntime:
         self.groups: GroupRegistry = build_groups(group_layouts(experiment, plan), world_size, timeout=timeout)
         self.params = {role: self._init(role) for role, home in self.homes.items() if self._in(home)}
         trained = experiment.workflow.trained_roles()
-        self.optimizers = {role: ShardAdam(p, experiment.hyper.lr)
-                           for role, p in self.params.items() if role in trained}
+        self.optimizers = {role: self._optimizer(role, p) for role, p in self.params.items() if role in trained}
         self.store: dict[str, Pieces] = {}  # outputs held here in the current iteration
         self.schedule = message_schedule(experiment, plan)
         self.input_plans = {(c.name, d): input_plan(experiment, plan, c.name, d)
@@ -141,9 +145,28 @@ class RankRuntime:
         return self.device in layout.mesh.devices
 
     def _init(self, role: str) -> M.Params:
-        boxes = shard(self.exp.models[role], self.homes[role], self.device)
-        params = initial_params(self.exp, role, boxes, self.dtype)
-        return {n: t.to(self.torch_device) for n, t in params.items()}
+        """This device's home parameters of ``role``: its shards, or their chunks where the home
+        shards them over its data-parallel ranks (:func:`executor.zero.shard_chunks`)."""
+        model, home = self.exp.models[role], self.homes[role]
+        boxes = shard(model, home, self.device)
+        params = {n: t.to(self.torch_device) for n, t in initial_params(self.exp, role, boxes, self.dtype).items()}
+        return shard_chunks(model, home, self.device, params) if home.sharded else params
+
+    def _optimizer(self, role: str, params: M.Params) -> ShardAdam | ZeroAdam:
+        """Adam over the home parameters; over this rank's chunk of them under ``shard="optimizer"``."""
+        home = self.homes[role]
+        if home.shard == "optimizer" and home.dp > 1:
+            return ZeroAdam(params, self.exp.hyper.lr, self.groups.dp(home, self.device), home.dp,
+                            home.coords(self.device)[0])
+        return ShardAdam(params, self.exp.hyper.lr)
+
+    def _whole(self, role: str) -> M.Params:
+        """This device's home shards of ``role``, whole: gathered over the home's data-parallel
+        group where the home shards them (every device of the home takes part)."""
+        home, params = self.homes[role], self.params[role]
+        if not home.sharded:
+            return params
+        return FullShard(self.exp.models[role], home, self.device, params, self.groups.dp(home, self.device)).whole()
 
     def run(self) -> RankResult:
         dist.barrier()
@@ -166,7 +189,7 @@ class RankRuntime:
         self.status("finished")
         params = {}
         if self.options.return_params:
-            params = {r: {n: t.detach().cpu() for n, t in p.items()} for r, p in self.params.items()}
+            params = {r: {n: t.detach().cpu() for n, t in self._whole(r).items()} for r in self.params}
         return RankResult(self.device, self.rec.finish(), self.losses, params, self.rec.counters)
 
     # -- one call
@@ -186,8 +209,12 @@ class RankRuntime:
 
     def _realloc(self, it: int, call: Call, layout: Layout, home: Layout) -> M.Params | None:
         with self.rec.span(it, call.name, "realloc"):
-            return reallocate(self.exp.models[call.role], home, self.params.get(call.role), layout, self.device,
-                              self.dpn, self.dtype, self.torch_device)
+            params = self._whole(call.role) if self._in(home) else None
+            whole = dataclasses.replace(home, shard="none")
+            if home.sharded and whole.same_placement(layout):  # the all-gather was the whole move
+                return params if self._in(layout) else None
+            return reallocate(self.exp.models[call.role], whole, params, layout, self.device, self.dpn, self.dtype,
+                              self.torch_device)
 
     def _inputs(self, it: int, call: Call, layout: Layout) -> dict[str, Pieces]:
         """Source rows built here; produced rows copied or received (waiting for producers)."""

@@ -124,16 +124,18 @@ class Chain:
         return seq[int(self.rng.integers(len(seq)))]
 
     def _pick_shape(self, shapes):
-        """A shape: (dp, tp, pp, micro-batches) uniformly, then recompute — ``none`` unless only
-        the recomputing variant fits, or with probability :data:`RECOMPUTE_P` — so the longer
-        backward is proposed where memory may need it without halving the moves elsewhere."""
+        """A shape: (dp, tp, pp, micro-batches) uniformly, then recompute and sharding — the
+        first kept setting (neither, where it fits) unless only one is kept, or with
+        probability :data:`RECOMPUTE_P` one of the others uniformly — so a longer backward or
+        sharded passes are proposed where memory may need them without halving the moves
+        elsewhere."""
         variants: dict[tuple, list] = {}
         for sh in shapes:
             variants.setdefault(sh[:4], []).append(sh)
         options = self._pick(list(variants.values()))
-        if len(options) == 1:
+        if len(options) == 1 or self.rng.random() >= RECOMPUTE_P:
             return options[0]
-        return options[1] if self.rng.random() < RECOMPUTE_P else options[0]
+        return options[1] if len(options) == 2 else self._pick(options[1:])
 
     def _fresh(self, cs: CallSpace) -> Layout:
         size = self._pick(cs.sizes)

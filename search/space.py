@@ -1,9 +1,9 @@
 """The plan space: per call, every valid mesh × (dp, tp, pp) × micro-batch count (× activation
-recompute for a train call) that can fit.
+recompute and data-parallel sharding for a train call) that can fit.
 
 Whether a layout is valid depends on its mesh only through the mesh's size (a mesh is an
 aligned power-of-two slice of one node or a run of whole nodes, :meth:`Cluster.meshes`), so
-a call's candidates are kept as *shapes* ``(dp, tp, pp, micro_batches, recompute)`` per mesh size plus the
+a call's candidates are kept as *shapes* ``(dp, tp, pp, micro_batches, recompute, shard)`` per mesh size plus the
 first devices of the meshes of that size. The space is counted from these, never listed: on
 128 nodes × 8 devices a call has about 10,000 meshes and a million layouts, and the joint space
 is their product (``log10`` reported).
@@ -23,6 +23,13 @@ and one micro-batch in flight keep the block's activations either way), and wher
 without it fits next to the most every other role can keep resident on one device (any plan
 using it would then fit, faster, without). Among the rest the search picks by predicted time
 and memory, so a recomputing layout wins only where a plan would not fit without it.
+
+Sharding (a train call over more than one data-parallel replica, :func:`shard_choices`):
+``shard="optimizer"`` and ``shard="full"`` are kept wherever they fit alone — each can be the
+fastest as well as the only fit (a step over a chunk of the optimizer; collectives that
+overlap the passes' compute against one exposed all-reduce) —, and recompute with either under
+the rule above, against the same sharding without it. A model too big to train replicated thus
+has its sharded layouts in the space, and the space of a train call grows at most threefold.
 """
 
 from __future__ import annotations
@@ -44,25 +51,27 @@ from estimator.spec.plan import (
     divisors,
     layout_problems,
     recompute_choices,
+    shard_choices,
 )
 
-# (dp, tp, pp, micro-batching, recompute); micro-batching is a count of equal micro-batches, or
-# minus a token budget per micro-batch (Layout.max_tokens_per_micro_batch) where lengths vary
-Shape = tuple[int, int, int, int, str]
+# (dp, tp, pp, micro-batching, recompute, shard); micro-batching is a count of equal
+# micro-batches, or minus a token budget per micro-batch (Layout.max_tokens_per_micro_batch)
+# where lengths vary
+Shape = tuple[int, int, int, int, str, str]
 BUDGET_FACTORS = (1, 2, 4, 8, 16, 32)  # token budgets searched: these multiples of the longest row
 Key = tuple[Layout, ...]  # a plan as the search holds it: one layout per call, the space's call order
 
 
 def shape_of(layout: Layout) -> Shape:
     batching = -layout.max_tokens_per_micro_batch if layout.token_budget else layout.micro_batches
-    return (layout.dp, layout.tp, layout.pp, batching, layout.recompute)
+    return (layout.dp, layout.tp, layout.pp, batching, layout.recompute, layout.shard)
 
 
 def make_layout(first: int, size: int, shape: Shape) -> Layout:
-    dp, tp, pp, mb, recompute = shape
+    dp, tp, pp, mb, recompute, shard = shape
     if mb < 0:
-        return Layout(DeviceMesh(first, size), dp, tp, pp, 1, recompute, max_tokens_per_micro_batch=-mb)
-    return Layout(DeviceMesh(first, size), dp, tp, pp, mb, recompute)
+        return Layout(DeviceMesh(first, size), dp, tp, pp, 1, recompute, max_tokens_per_micro_batch=-mb, shard=shard)
+    return Layout(DeviceMesh(first, size), dp, tp, pp, mb, recompute, shard=shard)
 
 
 def batching_choices(experiment: Experiment, name: str) -> tuple[int, ...]:
@@ -101,6 +110,11 @@ class CallSpace:
     def recompute_count(self) -> int:
         """Of the kept layouts, those that recompute activations."""
         return sum(sum(sh[4] != "none" for sh in self.shapes[s]) * len(self.firsts[s]) for s in self.shapes)
+
+    @property
+    def shard_count(self) -> int:
+        """Of the kept layouts, those that shard their data parallelism."""
+        return sum(sum(sh[5] != "none" for sh in self.shapes[s]) * len(self.firsts[s]) for s in self.shapes)
 
     def contains(self, layout: Layout) -> bool:
         s = layout.mesh.size
@@ -160,7 +174,8 @@ class Space:
 
     def summary(self) -> dict:
         return {"log10_size": self.log10_size,
-                "calls": {c.name: {"valid": c.valid, "kept": c.count, "recompute": c.recompute_count}
+                "calls": {c.name: {"valid": c.valid, "kept": c.count, "recompute": c.recompute_count,
+                                   "shard": c.shard_count}
                           for c in self.calls}}
 
 
@@ -204,7 +219,8 @@ def parts_text(parts: dict[str, float]) -> str:
 
 def layout_text(layout: Layout) -> str:
     text = f"mesh {layout.mesh} dp{layout.dp} tp{layout.tp} pp{layout.pp} mb{layout.micro_batches}"
-    return text + (f" recompute {layout.recompute}" if layout.recompute != "none" else "")
+    text += f" recompute {layout.recompute}" if layout.recompute != "none" else ""
+    return text + (f" shard {layout.shard}" if layout.shard != "none" else "")
 
 
 def least_call_bytes(experiment: Experiment, name: str, layouts: list[Layout], home: bool,
@@ -257,7 +273,7 @@ def _candidates(experiment: Experiment, name: str, firsts: dict[int, list[int]],
                 continue
             fits = False
             for mb in ((pp,) if engines else choices):
-                lay = make_layout(starts[0], size, (dp, tp, pp, mb, "none"))
+                lay = make_layout(starts[0], size, (dp, tp, pp, mb, "none", "none"))
                 if mb != first and layout_problems(call, model, cl, lay):
                     continue
                 valid.append((dp, tp, pp, mb))
@@ -284,17 +300,41 @@ def _resident_max(experiment: Experiment, role: str, home: _Candidates, capacity
     return max((b for b in most if b <= capacity), default=0.0)
 
 
-def _recompute_useful(experiment: Experiment, name: str, lay: Layout, home: bool, others: float,
-                      capacity: float) -> bool:
-    """Whether recompute on ``lay`` (a train call) can be in a fastest plan that fits: it must
-    fit alone, save bytes on some stage, and the layout without it must be able to overflow a
-    device next to the most that other roles can keep resident there (``others``). Otherwise
-    dropping recompute keeps any plan fitting and makes it faster."""
-    full = _stage_bytes(experiment, name, dataclasses.replace(lay, recompute="full"), home, capacity)
-    if max(full) > capacity:
+def _saving_useful(experiment: Experiment, name: str, lay: Layout, variant: Layout, home: bool, others: float,
+                   capacity: float) -> bool:
+    """Whether ``variant`` of ``lay`` (a train call's layout with activation recompute, which
+    only trades time for memory) can be in a fastest plan that fits: it must fit alone,
+    save bytes on some stage, and ``lay`` must be able to overflow a device next to the most
+    that other roles can keep resident there (``others``). Otherwise ``lay`` keeps any plan
+    fitting and makes it faster."""
+    saving = _stage_bytes(experiment, name, variant, home, capacity)
+    if max(saving) > capacity:
         return False
     plain = _stage_bytes(experiment, name, lay, home, capacity)
-    return any(f < p for f, p in zip(full, plain)) and max(plain) + others > capacity
+    return any(f < p for f, p in zip(saving, plain)) and max(plain) + others > capacity
+
+
+def _variants(experiment: Experiment, name: str, lay: Layout, kept: bool, home: bool, others: float,
+              capacity: float, recompute: bool) -> list[tuple[str, str]]:
+    """The (recompute, shard) settings of a train call's shape (``lay``: its degrees and
+    micro-batching, neither recomputing nor sharding) the space keeps (see the module
+    docstring); ``kept``: whether ``lay`` itself fits alone."""
+    call = experiment.workflow[name]
+    out = [("none", "none")] if kept else []
+    rcs = recompute_choices(call) if recompute else ("none",)
+    for shard in shard_choices(call, experiment.models[call.role], lay.dp, lay.pp):
+        for rc in rcs:
+            if (rc, shard) == ("none", "none"):
+                continue
+            variant = dataclasses.replace(lay, recompute=rc, shard=shard)
+            if rc == "none":  # sharding only lowers a device's bytes: it fits wherever the plain shape does
+                useful = kept or _fits_alone(experiment, name, variant, home, capacity)
+            else:
+                base = dataclasses.replace(lay, shard=shard)
+                useful = _saving_useful(experiment, name, base, variant, home, others, capacity)
+            if useful:
+                out.append((rc, shard))
+    return out
 
 
 def build_space(experiment: Experiment, profile: Profile, recompute: bool = True) -> Space:
@@ -318,22 +358,28 @@ def build_space(experiment: Experiment, profile: Profile, recompute: bool = True
         shapes: dict[int, tuple[Shape, ...]] = {}
         home = homes[call.role] == name
         others = sum(v for r, v in resident.items() if r != call.role or not home)
+        valid = 0
         for size in firsts:
-            kept: list[Shape] = [(*d, "none") for d in cand.kept[size]]
-            if recompute and len(choices) > 1:
-                kept += [(*d, "full") for d in cand.valid[size]
-                         if _recompute_useful(experiment, name, make_layout(firsts[size][0], size, (*d, "none")),
-                                              home, others, cap)]
+            # the plain shapes first, then their recomputing and sharding variants
+            kept: list[Shape] = [(*d, "none", "none") for d in cand.kept[size]]
+            plain = set(cand.kept[size])
+            for d in cand.valid[size]:
+                valid += len(shard_choices(call, experiment.models[call.role], d[0], d[2])) * len(firsts[size])
+                if call.kind == "train":
+                    lay = make_layout(firsts[size][0], size, (*d, "none", "none"))
+                    kept += [(*d, rc, sh) for rc, sh in _variants(experiment, name, lay, d in plain, home, others,
+                                                                 cap, recompute)[1 if d in plain else 0:]]
             shapes[size] = tuple(kept)
-        space = CallSpace(name, call.role, shapes, {s: tuple(f) for s, f in firsts.items()},
-                          cand.count * len(choices))
+        space = CallSpace(name, call.role, shapes, {s: tuple(f) for s, f in firsts.items()}, valid * len(choices))
         if not space.count:
             model = experiment.models[call.role]
             why = "no valid layout" if not cand.count else f"no valid layout fits in {fmt_bytes(cap)} per device"
             msg = f"call {name}: {why} on the cluster's {cl.num_devices} devices (model {model.name}); no plan exists"
             if cand.count:
-                valid = [make_layout(firsts[size][0], size, (*d, rc)) for size, shapes in cand.valid.items()
-                         for d in shapes for rc in (choices if recompute else ("none",))]
+                model = experiment.models[call.role]
+                valid = [make_layout(firsts[size][0], size, (*d, rc, sh)) for size, shapes in cand.valid.items()
+                         for d in shapes for rc in (choices if recompute else ("none",))
+                         for sh in shard_choices(call, model, d[0], d[2])]
                 need, lay, parts = least_call_bytes(experiment, name, valid, home, cap)
                 msg += (f"; the least it needs is {fmt_bytes(need)} on a device ({layout_text(lay)}: "
                         f"{parts_text(parts)}) against {fmt_bytes(cap)}")

@@ -156,3 +156,52 @@ def test_group_ranks_follow_the_layout_rank_order():
     groups = layout_groups(layout)
     assert len(groups) == len(set(groups)) == 4 + 4 + 4
     assert layout_groups(Layout(DeviceMesh(0, 2), 2, 1, 1)) == [(0,), (1,), (0, 1), (0,), (1,)]
+
+
+def _full_shard_case(rank: int, world: int, recompute: str) -> dict:
+    """A dp-2 training pass of two micro-batches under shard="full": the gathers it issues
+    (and which of them were prefetched, asynchronously) and the gradient of every parameter,
+    reassembled whole from the chunks, against the same pass replicated."""
+    from executor import zero
+
+    out = {}
+    for shard_mode in ("none", "full"):
+        lay = Layout(DeviceMesh(0, 2), 2, 1, 1, 2, recompute, shard=shard_mode)
+        groups = build_groups([lay], world)
+        whole = M.init_boxes(LM, shard(LM, lay, rank), SEED, torch.float64)
+        params = zero.shard_chunks(LM, lay, rank, whole) if lay.sharded else whole
+        calls: list[bool] = []
+        gather = zero.all_gather_flat
+
+        def counting(chunk, dp, group, async_op=False, gather=gather, calls=calls):  # noqa: ANN001, ANN202
+            calls.append(async_op)
+            return gather(chunk, dp, group, async_op)
+
+        zero.all_gather_flat = counting
+        try:
+            eng = Engine(LM, lay, rank, params, groups)
+            tokens = _tokens(2, SEQ, LM.vocab, salt=rank)
+            eng.forward_backward(tokens, lambda mb, logits, tokens=tokens: _loss(LM, tokens[mb], logits, 4))
+        finally:
+            zero.all_gather_flat = gather
+        if lay.sharded:
+            grads = {g: c.grad for g, c in params.items()}
+            full = zero.FullShard(LM, lay, rank, grads, groups.dp(lay, rank)).whole()
+        else:
+            full = {n: p.grad for n, p in params.items()}
+        out[shard_mode] = (len(calls), sum(calls), {n: t.numpy().copy() for n, t in full.items()})
+    return out
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_full_sharding_gathers_every_group_in_forward_and_again_in_backward(recompute):
+    """Three groups (the ends and two blocks) per pass: each micro-batch gathers them in
+    forward and again in backward (by re-gathering what autograd saved, or by re-running a
+    recomputed block), the next group prefetched asynchronously each time; the gradients,
+    reduce-scattered per micro-batch, are those of the replicated pass summed over replicas."""
+    for rank_out in run_gloo(2, _full_shard_case, recompute):
+        gathers, prefetched, grads = rank_out["full"]
+        assert (gathers, prefetched) == (2 * (3 + 3), 2 * (2 + 2))
+        assert rank_out["none"][:2] == (0, 0)
+        for name, g in rank_out["none"][2].items():
+            assert abs(grads[name] - g).max() < TOL, name

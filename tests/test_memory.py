@@ -36,7 +36,7 @@ def test_home_bytes_mixed_precision_adam():
     p = stage_params(TINY, 2, 1, 0, 2)
     assert home_bytes(TINY, lay, trained=False) == [{"weights": 2 * p}]
     assert home_bytes(TINY, lay, trained=True) == [{"weights": 2 * p, "grads": 2 * p, "optimizer": 12 * p}]
-    zero = home_bytes(TINY, lay, trained=True, zero1=True)[0]
+    zero = home_bytes(TINY, dataclasses.replace(lay, shard="optimizer"), trained=True)[0]
     assert zero["optimizer"] == 12 * p / 2  # ZeRO-1: 4 + 12/dp bytes per parameter
 
 

@@ -224,7 +224,7 @@ def test_the_search_gives_engines_one_per_stage_and_caps_split_over_them() -> No
     call, model, cl = exp.workflow["actor_gen"], exp.models["actor"], exp.cluster
     space = build_space(exp, load_profile("cpu"))
     shapes = [sh for sizes in space["actor_gen"].shapes.values() for sh in sizes]
-    assert shapes and all(mb == pp for _, _, pp, mb, _ in shapes)  # one virtual engine per stage
+    assert shapes and all(mb == pp for _, _, pp, mb, *_ in shapes)  # one virtual engine per stage
     assert any("max_concurrency=1 is below micro_batches=2" in p
                for p in layout_problems(call, model, cl, Layout(DeviceMesh(0, 2), 1, 1, 2, 2, max_concurrency=1)))
     assert engine_rows(call, Layout(DeviceMesh(0, 2), 2, 1, 1, 1), 1) == [(4, 8)]

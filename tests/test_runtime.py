@@ -136,6 +136,39 @@ def test_activation_recompute_computes_the_same_update(ppo_runs):
     assert_invariant(exp, ["single-device", *names], [runs["single-device"], *results], ("actor", "critic"))
 
 
+def _sharded(plan: Plan, experiment: Experiment, shard: str, recompute: str = "none") -> Plan:
+    """``plan`` with every train call over more than one replica sharding its data parallelism."""
+    wf = experiment.workflow
+    return Plan({c: dataclasses.replace(lay, shard=shard, recompute=recompute)
+                 if wf[c].kind == "train" and lay.dp > 1 else lay for c, lay in plan.layouts.items()})
+
+
+def test_sharded_data_parallelism_computes_the_same_update(ppo_runs):
+    """Under dp 2, ``shard="optimizer"`` (reduce-scatter, Adam on a chunk, all-gather) and
+    ``shard="full"`` (chunks at home, every group gathered in forward and again in backward,
+    reduce-scattered per micro-batch; the other calls gather the home before they reallocate),
+    with and without activation recompute, with micro-batches and reallocation to tp and pp
+    layouts, match the single-device run."""
+    exp, runs = ppo_runs
+    dp2 = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "dp2.json"))
+    mixed = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "mixed-micro-batches.json"))
+    gen_vs_train = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "gen-vs-train.json"))
+    plans = {"dp2-optimizer": _sharded(dp2, exp, "optimizer"), "dp2-full": _sharded(dp2, exp, "full"),
+             "dp2-full-recompute": _sharded(dp2, exp, "full", "full"),
+             "mixed-full": _sharded(mixed, exp, "full"), "gen-vs-train-full": _sharded(gen_vs_train, exp, "full")}
+    critic = plans["mixed-full"]["critic_train"]
+    assert critic.shard == "full" and critic.micro_batches == 2
+    assert plans["gen-vs-train-full"]["actor_train"].shard == "full"
+    results = run_all(exp, list(plans.values()))
+    assert_invariant(exp, ["single-device", *plans], [runs["single-device"], *results], ("actor", "critic"))
+    ops = {s.op for s in results[0].timeline.spans if s.call == "actor_train"}
+    assert {"dp_reduce_scatter", "dp_allgather"} <= ops and "dp_allreduce" not in ops
+    full_ops = {s.op for s in results[1].timeline.spans if s.call == "actor_train"}
+    assert not {"dp_reduce_scatter", "dp_allgather", "dp_allreduce"} & full_ops
+    realloc = {s.call for s in results[1].timeline.spans if s.op == "realloc"}
+    assert realloc == {"actor_gen", "critic_inf"}  # the calls reading a sharded home gather it
+
+
 def _layout(mesh: str, dp: int = 1, tp: int = 1, pp: int = 1, mb: int = 1) -> Layout:
     return Layout(DeviceMesh.parse(mesh), dp, tp, pp, mb)
 

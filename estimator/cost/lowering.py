@@ -4,7 +4,10 @@ Data-parallel replicas and the tensor-parallel ranks of a stage run in lock step
 same time), so a pipeline stage is one simulated entity holding all ``dp·tp`` of its devices.
 Per stage, :class:`StageCost` holds one micro-batch's forward and backward (compute and
 tensor-parallel communication apart), the activation send to the next stage, the gradient
-all-reduce over data-parallel replicas and the optimizer step; for generation, the prefill
+all-reduce over data-parallel replicas and the optimizer step — or, for a train layout that
+shards its data parallelism (:mod:`estimator.cost.dpshard`), the gradients' reduce-scatter,
+the step on this rank's chunk and the parameters' all-gather (``optimizer``), or the
+all-gathers and reduce-scatters each forward and backward exposes (``full``); for generation, the prefill
 forward and the decode steps grouped into chunks (:mod:`estimator.cost.decode`).
 
 Each stage's task costs come from the executor's op census (:mod:`estimator.cost.pieces`): on the last
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from estimator.cost.decode import DecodeChunk, decode_chunks
+from estimator.cost.dpshard import full_optimizer_s, full_shard_pass, optimizer_shard_step
 from estimator.cost.memory import call_bytes
 from estimator.cost.pieces import (
     PAIRED_LOSSES,
@@ -49,7 +53,7 @@ from estimator.cost.transfers import (
     group_ports,
     group_shape,
     isolated_transfer_s,
-    realloc_bytes,
+    sharded_realloc_bytes,
     stage_send,
 )
 from estimator.profile.profiles import Profile
@@ -77,6 +81,23 @@ class StageCost:
     send_class: str = "intra"  # link class of the sends to the next stage
     decode: tuple[DecodeChunk, ...] = ()  # generation only
     tp_ports: tuple[int, ...] = ()  # ports the tensor-parallel collectives hold (tp > 1)
+    # shard="optimizer": the all-gather of the updated parameters after each optimizer step
+    # (on dp_ports); dp_allreduce_s is then the gradients' reduce-scatter
+    dp_gather_s: float = 0.0
+    # shard="full": the data-parallel gathers and reduce-scatters one micro-batch's forward and
+    # backward expose beyond the compute they overlap (on dp_ports, after the pass's compute)
+    fwd_shard_s: float = 0.0
+    bwd_shard_s: float = 0.0
+
+    @property
+    def fwd_s(self) -> float:
+        """One micro-batch forward with all its communication."""
+        return self.fwd.total_s + self.fwd_shard_s
+
+    @property
+    def bwd_s(self) -> float:
+        """One micro-batch backward with all its communication."""
+        return self.bwd.total_s + self.bwd_shard_s
 
     @property
     def rep(self) -> int:
@@ -213,37 +234,47 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
         new, head, phase = w.seq_len, None, "forward"
     tail_f, tail_b = _tail(call, algorithm, b)
     spread = profile.call_overhead_s / _passes(call, layout)  # the call's bookkeeping, over its passes
+    recompute = layout.recompute == "full"
+
+    def passes(n_layers: int, at_first: bool, at_last: bool) -> tuple[StageTime, StageTime]:
+        """Forward and backward of a micro-batch through ``n_layers`` blocks and the ends."""
+        train = call.kind == "train"
+        if shapes is None:
+            f = forward_stage(profile, model, layout.tp, n_layers, at_first, at_last, b, new, head, phase,
+                              tail_f, grad=train, recompute=recompute)
+            bw = (backward_stage(profile, model, layout.tp, n_layers, at_first, at_last, b, new, tail_b,
+                                 recompute=recompute) if train else StageTime(0.0, 0.0))
+            return f, bw
+        rows, n = (np.array(x, dtype=float) for x in zip(*shapes))
+        extra_f, extra_b = _tail(call, algorithm, rows)
+        f = _mean_time(forward_stage(profile, model, layout.tp, n_layers, at_first, at_last, rows, n, None, phase,
+                                     extra_f, grad=train, recompute=recompute))
+        bw = (_mean_time(backward_stage(profile, model, layout.tp, n_layers, at_first, at_last, rows, n, extra_b,
+                                        recompute=recompute)) if train else StageTime(0.0, 0.0))
+        return f, bw
+
     stages = []
     for k in range(p):
         layers = len(layout.stage_layers(model.layers, k))
         first, last = k == 0, k == p - 1
         devices = tuple(layout.stage_devices(k))
         ports = tuple(group_ports(devices, dpn))  # every port of the stage's devices (group_ports)
-        recompute = layout.recompute == "full"
-        if shapes is None:
-            fwd = forward_stage(profile, model, layout.tp, layers, first, last, b, new, head, phase, tail_f,
-                                grad=call.kind == "train", recompute=recompute)
-        else:
-            rows, n = (np.array(x, dtype=float) for x in zip(*shapes))
-            fwd = _mean_time(forward_stage(profile, model, layout.tp, layers, first, last, rows, n, None, phase,
-                                           _tail(call, algorithm, rows)[0], grad=call.kind == "train",
-                                           recompute=recompute))
-        fwd = StageTime(fwd.compute_s + spread, fwd.comm_s)
-        bwd, ar, opt, dp_ports = StageTime(0.0, 0.0), 0.0, 0.0, ()
+        fwd, bwd = passes(layers, first, last)
+        ar, opt, dp_ports, gather, exposed = 0.0, 0.0, (), 0.0, (0.0, 0.0)
         if call.kind == "train":
-            if shapes is None:
-                bwd = backward_stage(profile, model, layout.tp, layers, first, last, b, new, tail_b,
-                                     recompute=recompute)
-            else:
-                bwd = _mean_time(backward_stage(profile, model, layout.tp, layers, first, last, rows, n,
-                                                _tail(call, algorithm, rows)[1], recompute=recompute))
             params = stage_params(model, layout.tp, layout.pp, k, layers)
             numels = [box_numel(box) for box in shard(model, layout, layout.device(0, 0, k)).values()]
             group = [layout.device(i, 0, k) for i in range(layout.dp)]
-            if layout.dp > 1:
+            if layout.dp > 1 and layout.shard == "none":
                 ar = profile.group_collective_s("all_reduce", params * profile.elem_bytes, *group_shape(group, dpn))
                 ar += profile.collective_overhead_s  # issued between computations (Profile.in_call_s)
                 ar += dp_flatten_s(profile, numels)  # the executor's flatten copies, on the same devices
+                dp_ports = ports
+            elif layout.dp > 1 and layout.shard == "optimizer":
+                step = optimizer_shard_step(profile, model, layout, k, dpn)
+                ar, gather, dp_ports = step.reduce_s, step.gather_s, ports
+            elif layout.sharded:
+                bwd, exposed = _full_shard(profile, model, layout, k, dpn, fwd, bwd, passes)
                 dp_ports = ports
             if model.tied_embeddings and p > 1 and (first or last):
                 # the two copies of a tied embedding (first stage, last stage) sum their gradients
@@ -254,15 +285,44 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
                 ar += profile.collective_overhead_s
                 # (it holds this stage's own ports; a partner on another node also uses the NICs)
                 dp_ports = ports
-            opt = optimizer_s(profile, numels)
+            if layout.dp > 1 and layout.shard == "optimizer":
+                opt = step.optimizer_s
+            elif layout.sharded:
+                opt = full_optimizer_s(profile, model, layout, k)
+            else:
+                opt = optimizer_s(profile, numels)
+        fwd = StageTime(fwd.compute_s + spread, fwd.comm_s)
         # one micro-batch's activations (the largest one's, where lengths vary)
         act_bytes = (b * new if shapes is None else max(r * n for r, n in shapes)) * model.hidden * profile.elem_bytes
         send_s, send_ports, recv_ports, cls = stage_send(profile, layout, k, act_bytes, dpn)
         stages.append(StageCost(k, devices, fwd, bwd, send_s, send_ports, recv_ports, ar, dp_ports, opt, cls,
-                                decode[k], ports if layout.tp > 1 else ()))
+                                decode[k], ports if layout.tp > 1 else (), gather, *exposed))
     return CallCost(call.name, call.kind, given, tuple(stages), layout.micro_batches,
                     w.minibatches if call.kind == "train" else 1, feedback, None,
                     verifier_s(call, layout, reward_s_per_sample))
+
+
+def _full_shard(profile: Profile, model: ModelSpec, layout: Layout, k: int, dpn: int, fwd: StageTime,
+                bwd: StageTime, passes) -> tuple[StageTime, tuple[float, float]]:  # noqa: ANN001
+    """A ``shard="full"`` stage's backward with the gradient flatten copies added to its
+    compute, and the gathers and reduce-scatters its forward and backward expose
+    (:func:`estimator.cost.dpshard.full_shard_pass`). A block's time (compute and
+    tensor-parallel communication) is the stage's less its ends, over its blocks; the
+    embedding's is the first stage's ends less a middle stage's, the head's backward the last
+    stage's ends less the embedding's."""
+    layers = len(layout.stage_layers(model.layers, k))
+    first, last = k == 0, k == layout.pp - 1
+    ends_f, ends_b = passes(0, first, last)
+    bare_f, bare_b = passes(0, False, False)
+    block_f = (fwd.total_s - ends_f.total_s) / layers if layers else 0.0
+    block_b = (bwd.total_s - ends_b.total_s) / layers if layers else 0.0
+    embed_f = embed_b = 0.0
+    if first:
+        emb_f, emb_b = passes(0, True, False)
+        embed_f, embed_b = emb_f.total_s - bare_f.total_s, emb_b.total_s - bare_b.total_s
+    head_b = ends_b.total_s - embed_b if last else 0.0
+    cost = full_shard_pass(profile, model, layout, k, dpn, block_f, block_b, embed_f, embed_b, head_b)
+    return StageTime(bwd.compute_s + cost.copies_s, bwd.comm_s), (cost.forward_s, cost.backward_s)
 
 
 class Costs:
@@ -354,7 +414,7 @@ class Costs:
         model = self.experiment.models[role]
         key = (model, home.placement, layout.placement)
         if key not in self._realloc:
-            self._realloc[key] = realloc_bytes(model, home, layout, self.dpn, self.profile.elem_bytes)
+            self._realloc[key] = sharded_realloc_bytes(model, home, layout, self.dpn, self.profile.elem_bytes)
         return self._realloc[key]
 
     def realloc_s(self, role: str, home: Layout, layout: Layout) -> float:

@@ -5,11 +5,12 @@ Assumptions (bytes per parameter ``P`` of a device's shard, see :func:`cost.stag
 - **Home.** Every role keeps its weights (bf16, 2·P) on its home layout for the whole run: the
   layout of its train call, or else of its first call in topological order. A trained role
   also keeps bf16 gradients (2·P) and mixed-precision Adam state — fp32 master weights, first
-  and second moments, 12·P — replicated over data-parallel ranks, 16·P in all, because the
-  executor all-reduces gradients and steps a full optimizer on every replica (no ZeRO).
-  ``zero1=True`` shards the fp32 state over data-parallel ranks instead: ``4 + 12/dp`` per
-  parameter (ZeRO-1 / Megatron's distributed optimizer); it changes memory only — the
-  simulator times the replicated optimizer the executor runs.
+  and second moments, 12·P — replicated over data-parallel ranks, 16·P in all, when the train
+  call's layout has ``shard="none"`` (gradients all-reduced, a full optimizer on every
+  replica). ``shard="optimizer"`` (ZeRO-1 / Megatron's distributed optimizer) splits the fp32
+  state over the ``dp`` ranks: ``4 + 12/dp`` bytes per parameter (the gradients stay whole:
+  backward accumulates into them before their reduce-scatter). ``shard="full"`` (ZeRO-3 /
+  FSDP) splits weights, gradients and state alike: ``16/dp`` per parameter at home.
 - **Reallocated copy.** A call on a layout other than its role's home holds its own bf16 copy
   of the shard (2·P) while it runs; the copy is dropped after it.
 - **Activations** (Korthikanti et al. 2022, recounted for LLaMA blocks: RMSNorm, SwiGLU,
@@ -31,6 +32,10 @@ Assumptions (bytes per parameter ``P`` of a device's shard, see :func:`cost.stag
   working set (the same per-layer count, one micro-batch) plus the head's logits.
 - **KV cache** for generation: ``2·layers·(kv/t)·(prompt + gen)·2`` bytes per sequence for every
   sequence of the data-parallel rank (all micro-batches stay resident).
+- **Gathered parameters** of a ``shard="full"`` train call (:func:`gathered_bytes`), while it
+  runs: a stage's end parameters (embedding, final norm, head: gathered for the whole pass) and
+  two blocks' (the one computing and the next, prefetched) as bf16 weights, and one block's —
+  or the ends', whichever is larger — unsharded gradient before its reduce-scatter.
 
 Calls on one device run one at a time, so a device's peak is its homes plus the largest call.
 """
@@ -68,16 +73,31 @@ def stage_param_counts(model: ModelSpec, layout: Layout) -> list[float]:
             for k in range(layout.pp)]
 
 
-def home_bytes(model: ModelSpec, layout: Layout, trained: bool, zero1: bool = False) -> list[dict[str, float]]:
-    """Per stage: bytes a role keeps on each device of its home layout."""
+def home_bytes(model: ModelSpec, layout: Layout, trained: bool) -> list[dict[str, float]]:
+    """Per stage: bytes a role keeps on each device of its home layout (split over the
+    data-parallel ranks as the layout's ``shard`` says)."""
+    whole = 1 if layout.shard == "none" else layout.dp  # the optimizer state's split
+    split = layout.dp if layout.shard == "full" else 1  # the weights' and gradients'
     out = []
     for p in stage_param_counts(model, layout):
-        parts = {"weights": BF16 * p}
+        parts = {"weights": BF16 * p / split}
         if trained:
-            parts["grads"] = BF16 * p
-            parts["optimizer"] = 3 * FP32 * p / (layout.dp if zero1 else 1)
+            parts["grads"] = BF16 * p / split
+            parts["optimizer"] = 3 * FP32 * p / whole
         out.append(parts)
     return out
+
+
+def gathered_bytes(model: ModelSpec, layout: Layout, stage: int) -> dict[str, float]:
+    """What a ``shard="full"`` train call gathers on a device of ``stage`` while it runs (see
+    the module docstring): bf16 weights of the stage's ends and of two blocks, and one block's
+    (or the ends') unsharded gradient; nothing for other layouts."""
+    if not layout.sharded:
+        return {}
+    layers = len(layout.stage_layers(model.layers, stage))
+    block = stage_params(model, layout.tp, layout.pp, stage, 1) - stage_params(model, layout.tp, layout.pp, stage, 0)
+    ends = stage_params(model, layout.tp, layout.pp, stage, 0)
+    return {"weights": BF16 * (ends + min(2, layers) * block), "grads": BF16 * max(block if layers else 0.0, ends)}
 
 
 def activation_bytes_per_token_layer(model: ModelSpec, tp: int) -> float:
@@ -139,6 +159,8 @@ def call_bytes(call: Call, model: ModelSpec, layout: Layout, at_home: bool,
             else:
                 parts["activations"] = tokens * per_layer
             parts["activations"] += head_bytes(model, tokens) if last else 0.0
+        if call.kind == "train":
+            parts.update(gathered_bytes(model, layout, k))
         out.append(parts)
     if engine_bytes is not None and math.isfinite(engine_bytes) and continuous(call, layout):
         # a prefill step batches at most PREFILL_TOKENS (one request of any length alone)
@@ -197,7 +219,7 @@ class MemoryReport:
         return [msg]
 
 
-def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float, zero1: bool = False) -> MemoryReport:
+def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float) -> MemoryReport:
     """Peak memory of every device under ``plan`` (a generation engine holding the
     experiment's ``kv_fraction`` of ``capacity_bytes``)."""
     wf = experiment.workflow
@@ -206,7 +228,7 @@ def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float, zero1
     static: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PARTS, 0.0))
     for role, call in homes.items():
         layout = plan[call]
-        for k, parts in enumerate(home_bytes(experiment.models[role], layout, role in trained, zero1)):
+        for k, parts in enumerate(home_bytes(experiment.models[role], layout, role in trained)):
             for d in layout.stage_devices(k):
                 for key, v in parts.items():
                     static[d][key] += v

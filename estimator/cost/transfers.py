@@ -19,6 +19,7 @@ others, which would idle them.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -27,7 +28,16 @@ from estimator.cost.pieces import BF16, FP32, INT64, layer_split_params
 from estimator.profile.profiles import Profile
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
-from estimator.spec.sharding import data_needs, output_holders, pick_sender, rows_plan
+from estimator.spec.sharding import (
+    box_numel,
+    data_needs,
+    flat_chunk,
+    output_holders,
+    pick_sender,
+    rows_plan,
+    shard,
+    shard_groups,
+)
 from estimator.spec.workflow import Call
 
 Pair = tuple[int, int]  # (sender, receiver) global device ids
@@ -86,6 +96,39 @@ def realloc_bytes(model: ModelSpec, src: Layout, dst: Layout, devices_per_node: 
             if head_split:
                 split_from(d, [last], lo, hi, head_split)
             replicated_from(d, last, last_rep)
+    return dict(out)
+
+
+def gather_bytes(model: ModelSpec, layout: Layout, elem_bytes: int = BF16) -> dict[Pair, int]:
+    """Bytes per pair of the all-gather that makes whole again the parameters a sharded home
+    (``shard="full"``) splits over its data-parallel ranks: within each data-parallel group
+    every rank sends its chunk of every flat group (:func:`estimator.spec.sharding.shard_groups`,
+    padded to equal chunks) to every other rank — a reallocation whose destination is every
+    rank. Empty for a layout that does not shard its parameters."""
+    if not layout.sharded:
+        return {}
+    out: dict[Pair, int] = {}
+    for k in range(layout.pp):
+        boxes = shard(model, layout, layout.device(0, 0, k))
+        groups = shard_groups(model, layout, layout.device(0, 0, k))
+        chunk = sum(flat_chunk(sum(box_numel(boxes[n]) for n in names), layout.dp) for names in groups.values())
+        for t in range(layout.tp):
+            ranks = [layout.device(i, t, k) for i in range(layout.dp)]
+            out.update({(a, b): chunk * elem_bytes for a in ranks for b in ranks if a != b})
+    return out
+
+
+def sharded_realloc_bytes(model: ModelSpec, src: Layout, dst: Layout, devices_per_node: int,
+                          elem_bytes: int = BF16) -> dict[Pair, int]:
+    """Bytes per pair moving ``model`` from ``src`` to ``dst`` when ``src`` may shard its
+    parameters: the all-gather that makes them whole on ``src``'s devices
+    (:func:`gather_bytes`), then — unless ``dst`` places them as the whole ``src`` does —
+    :func:`realloc_bytes` from the whole ``src``; both phases summed per pair."""
+    whole = dataclasses.replace(src, shard="none")
+    out = defaultdict(int, gather_bytes(model, src, elem_bytes))
+    if not whole.same_placement(dst):
+        for pair, nbytes in realloc_bytes(model, whole, dst, devices_per_node, elem_bytes).items():
+            out[pair] += nbytes
     return dict(out)
 
 

@@ -47,13 +47,14 @@ def inference_s(cc: CallCost) -> float:
 
 def train_s(cc: CallCost) -> float:
     m, st = cc.micro_batches, cc.stages
-    f = [s.fwd.total_s for s in st]
-    b = [s.bwd.total_s for s in st]
+    f = [s.fwd_s for s in st]
+    b = [s.bwd_s for s in st]
     sends = [s.send_s for s in st]
     pipe = sum(f) + sum(b) + 2 * sum(sends) + (m - 1) * max(x + y for x, y in zip(f, b))
     finish, lead_b, lead_f, period = [], 0.0, 0.0, 0.0
     for k, s in enumerate(st):
-        done = pipe - lead_b + s.dp_allreduce_s + s.optimizer_s  # stage k's last backward ends lead_b early
+        # stage k's last backward ends lead_b early
+        done = pipe - lead_b + s.dp_allreduce_s + s.optimizer_s + s.dp_gather_s
         finish.append(done)
         period = max(period, done - lead_f)  # the next step reaches stage k lead_f after stage 0
         lead_b += b[k] + sends[k]

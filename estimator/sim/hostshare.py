@@ -56,6 +56,8 @@ def _mix_stage(a: StageCost, b: StageCost, w: float) -> StageCost:
     return dataclasses.replace(
         b, fwd=_mix_time(a.fwd, b.fwd, w), bwd=_mix_time(a.bwd, b.bwd, w),
         dp_allreduce_s=_mix(a.dp_allreduce_s, b.dp_allreduce_s, w), optimizer_s=_mix(a.optimizer_s, b.optimizer_s, w),
+        dp_gather_s=_mix(a.dp_gather_s, b.dp_gather_s, w), fwd_shard_s=_mix(a.fwd_shard_s, b.fwd_shard_s, w),
+        bwd_shard_s=_mix(a.bwd_shard_s, b.bwd_shard_s, w),
         decode=tuple(_mix_chunk(x, y, w) for x, y in zip(a.decode, b.decode)))
 
 

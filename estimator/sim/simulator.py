@@ -256,10 +256,15 @@ class Simulation:
     # -- stage processes
 
     def _compute(self, it: int, cc: CallCost, st: StageCost, op: str, mb: int,
-                 compute_s: float, comm_s: float) -> simpy.Timeout:
+                 compute_s: float, comm_s: float, shard_s: float = 0.0) -> simpy.Timeout:
         now = self.env.now
         self.rows.append((now, now + compute_s, st.rep, it, cc.call, op, mb, st.index, ""))
-        return self.env.timeout(self._tp_comm(it, cc, st, mb, now + compute_s, comm_s) - now)
+        end = self._tp_comm(it, cc, st, mb, now + compute_s, comm_s)
+        if shard_s > 0:  # a fully sharded pass's exposed gathers and reduce-scatters
+            start, end = self.book.reserve(st.dp_ports, end, shard_s)
+            self.rows.append((start, end, st.rep, it, cc.call, "dp_shard_comm", mb, st.index,
+                              f"dp dev{st.devices[0]}-{st.devices[-1]}"))
+        return self.env.timeout(end - now)
 
     def _tp_comm(self, it: int, cc: CallCost, st: StageCost, mb: int, at: float, comm_s: float) -> float:
         """Book a task's tensor-parallel collectives on the stage's NVLink ports, from ``at`` (the
@@ -306,24 +311,32 @@ class Simulation:
                 if op == FORWARD:
                     if k > 0:
                         yield from box.wait(("f", step, k, j))
-                    yield self._compute(it, cc, st, "forward", j, st.fwd.compute_s, st.fwd.comm_s)
+                    yield self._compute(it, cc, st, "forward", j, st.fwd.compute_s, st.fwd.comm_s, st.fwd_shard_s)
                     if not last:
                         box.put(("f", step, k + 1, j), self._send(it, cc, st, st.send_ports, j, st.send_s))
                 else:
                     if not last:
                         yield from box.wait(("b", step, k, j))
-                    yield self._compute(it, cc, st, "backward", j, st.bwd.compute_s, st.bwd.comm_s)
+                    yield self._compute(it, cc, st, "backward", j, st.bwd.compute_s, st.bwd.comm_s, st.bwd_shard_s)
                     if k > 0:
                         prev = cc.stages[k - 1]
                         box.put(("b", step, k - 1, j), self._send(it, cc, prev, prev.recv_ports, j, prev.send_s))
-            if st.dp_allreduce_s > 0:
-                start, end = self.book.reserve(st.dp_ports, self.env.now, st.dp_allreduce_s)
-                self.rows.append((start, end, st.rep, it, cc.call, "dp_allreduce", -1, k,
-                                  f"dp dev{st.devices[0]}-{st.devices[-1]}"))
-                yield self.env.timeout(end - self.env.now)
+            reduce_op = "dp_allreduce" if st.dp_gather_s <= 0 else "dp_reduce_scatter"
+            yield from self._dp_collective(it, cc, st, reduce_op, st.dp_allreduce_s)
             now = self.env.now
             self.rows.append((now, now + st.optimizer_s, st.rep, it, cc.call, "optimizer", -1, k, ""))
             yield self.env.timeout(st.optimizer_s)
+            yield from self._dp_collective(it, cc, st, "dp_allgather", st.dp_gather_s)
+
+    def _dp_collective(self, it: int, cc: CallCost, st: StageCost, op: str, duration_s: float) -> Generator:
+        """A data-parallel collective of a stage, holding its ports (gradients before the step,
+        parameters after it under ``shard="optimizer"``)."""
+        if duration_s <= 0:
+            return
+        start, end = self.book.reserve(st.dp_ports, self.env.now, duration_s)
+        self.rows.append((start, end, st.rep, it, cc.call, op, -1, st.index,
+                          f"dp dev{st.devices[0]}-{st.devices[-1]}"))
+        yield self.env.timeout(end - self.env.now)
 
     def _rollout(self, it: int, cc: CallCost, st: StageCost) -> Generator:
         """A continuous-batching rollout (:mod:`estimator.cost.rollout`): every stage busy for

@@ -35,6 +35,13 @@ MICRO_BATCH_CHOICES = (1, 2, 4, 8, 16, 32)
 # "none" keeps every block's activations for backward; "full" keeps only each block's input and
 # re-runs the block's forward during its backward.
 RECOMPUTE_CHOICES = ("none", "full")
+# Data-parallel sharding of a train call's model state over its dp ranks: "none" replicates
+# parameters, gradients and Adam state on every rank (gradients all-reduced); "optimizer" is
+# ZeRO-1 / Megatron's distributed optimizer (Adam state and master weights split, gradients
+# reduce-scattered, parameters all-gathered after the step); "full" is ZeRO-3 / FSDP
+# (parameters, gradients and state split; each block's parameters all-gathered in forward and
+# again in backward, its gradients reduce-scattered).
+SHARD_CHOICES = ("none", "optimizer", "full")
 # optional layout limits (0: unset) → the largest value a plan file may give
 OPTIONAL_LIMITS = {"max_concurrency": rules.MAX_BATCH,
                    "max_tokens_per_micro_batch": rules.MAX_BATCH * rules.MAX_SEQ_TOKENS}
@@ -58,6 +65,7 @@ class Layout:
     # data-parallel rank, rows packed in order until the next would pass it (verl's
     # ppo_max_token_len_per_gpu, AReaL's max_tokens_per_mb); 0: ``micro_batches`` equal splits
     max_tokens_per_micro_batch: int = 0
+    shard: str = "none"  # train: data-parallel sharding of parameters, gradients, state (SHARD_CHOICES)
 
     def __post_init__(self) -> None:
         bad = [
@@ -70,6 +78,8 @@ class Layout:
             raise ConfigError(f"layout {', '.join(bad)}: degrees must be positive integers")
         if self.recompute not in RECOMPUTE_CHOICES:
             raise ConfigError(f"layout recompute={self.recompute!r}: must be one of {list(RECOMPUTE_CHOICES)}")
+        if self.shard not in SHARD_CHOICES:
+            raise ConfigError(f"layout shard={self.shard!r}: must be one of {list(SHARD_CHOICES)}")
         bad = [f"{k}={getattr(self, k)!r}" for k in OPTIONAL_LIMITS
                if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool) or getattr(self, k) < 0]
         if bad:
@@ -93,10 +103,22 @@ class Layout:
         return dp_rank, tp_rank, local // (self.tp * self.dp)
 
     @property
-    def placement(self) -> tuple[DeviceMesh, int, int, int]:
-        """Where the layout puts parameter shards and batch rows: the layout less micro-batches
-        and recompute, which change how a call runs but not what each device holds."""
-        return self.mesh, self.dp, self.tp, self.pp
+    def sharded(self) -> bool:
+        """Whether each data-parallel rank holds only its ``1/dp`` of the parameters between
+        passes (``shard="full"`` over more than one rank)."""
+        return self.shard == "full" and self.dp > 1
+
+    @property
+    def placement(self) -> tuple[DeviceMesh, int, int, int, bool]:
+        """Where the layout puts parameter shards and batch rows: the layout less micro-batches,
+        recompute and the other options, which change how a call runs but not what each
+        device holds — except full sharding. A ``shard="full"`` home keeps only ``1/dp`` of
+        each stage's parameters on a device, so a call on the very same mesh and degrees that
+        reads it (an inference or generate call, which never shards) must first gather the
+        parameters: it reallocates, and the all-gather is that reallocation (every rank a
+        destination). ``shard="optimizer"`` holds whole parameters on every rank after each
+        step, so it places them as ``"none"`` does."""
+        return self.mesh, self.dp, self.tp, self.pp, self.sharded
 
     def same_placement(self, other: Layout) -> bool:
         """Whether ``other`` holds every shard and row where this layout does (no reallocation)."""
@@ -124,13 +146,14 @@ class Layout:
         out = {"mesh": str(self.mesh), "dp": self.dp, "tp": self.tp, "pp": self.pp,
                "micro_batches": self.micro_batches}
         out |= {"recompute": self.recompute} if self.recompute != "none" else {}
+        out |= {"shard": self.shard} if self.shard != "none" else {}
         return out | {k: getattr(self, k) for k in OPTIONAL_LIMITS if getattr(self, k)}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "layout") -> Layout:
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: must be an object with mesh, dp, tp, pp, micro_batches")
-        allowed = {"mesh", "dp", "tp", "pp", "micro_batches", "recompute", *OPTIONAL_LIMITS}
+        allowed = {"mesh", "dp", "tp", "pp", "micro_batches", "recompute", "shard", *OPTIONAL_LIMITS}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -143,6 +166,9 @@ class Layout:
         recompute = data.get("recompute", "none")
         if recompute not in RECOMPUTE_CHOICES:
             raise ConfigError(f"{where}.recompute: {recompute!r} is not one of {list(RECOMPUTE_CHOICES)}")
+        shard_mode = data.get("shard", "none")
+        if shard_mode not in SHARD_CHOICES:
+            raise ConfigError(f"{where}.shard: {shard_mode!r} is not one of {list(SHARD_CHOICES)}")
         try:
             mesh = DeviceMesh.parse(data["mesh"])
         except ConfigError as exc:
@@ -151,7 +177,7 @@ class Layout:
             if k in data:
                 rules.integer(f"{where}.{k}", data[k], lo=1, hi=hi)
         return cls(mesh, data["dp"], data["tp"], data["pp"], data.get("micro_batches", 1), recompute,
-                   **{k: data[k] for k in OPTIONAL_LIMITS if k in data})
+                   shard=shard_mode, **{k: data[k] for k in OPTIONAL_LIMITS if k in data})
 
 
 @dataclass(frozen=True)
@@ -191,13 +217,14 @@ class Plan:
         return cls.from_data(load_json(path, "plan file", expect=None), where=f"plan {path}")
 
     def table(self) -> str:
-        """A readable table of the plan (a recompute column when any layout recomputes)."""
+        """A readable table of the plan (a recompute or shard column when any layout sets one)."""
         extra = any(lay.recompute != "none" for lay in self.layouts.values())
+        sharding = any(lay.shard != "none" for lay in self.layouts.values())
         limits = [k for k in OPTIONAL_LIMITS if any(getattr(lay, k) for lay in self.layouts.values())]
         rows = [("call", "mesh", "devices", "dp", "tp", "pp", "micro_batches") + (("recompute",) if extra else ())
-                + tuple(limits)]
+                + (("shard",) if sharding else ()) + tuple(limits)]
         rows += [(c, str(lay.mesh), str(lay.mesh.size), str(lay.dp), str(lay.tp), str(lay.pp),
-                  str(lay.micro_batches)) + ((lay.recompute,) if extra else ())
+                  str(lay.micro_batches)) + ((lay.recompute,) if extra else ()) + ((lay.shard,) if sharding else ())
                  + tuple(str(getattr(lay, k) or "-") for k in limits) for c, lay in self.layouts.items()]
         return format_table(rows)
 
@@ -238,6 +265,13 @@ def _shape_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layo
     if layout.recompute != "none" and call.kind != "train":
         out.append(f"call {name}: recompute={layout.recompute!r} applies to train calls only, "
                    f"not to this {call.kind} call (use recompute='none')")
+    if layout.shard != "none" and call.kind != "train":
+        out.append(f"call {name}: shard={layout.shard!r} applies to train calls only, "
+                   f"not to this {call.kind} call (use shard='none')")
+    if layout.sharded and model.tied_embeddings and layout.pp > 1:
+        out.append(f"call {name}: shard='full' with pp={layout.pp} and the tied embeddings of model {model.name}: "
+                   "the two copies of a tied embedding sum their gradients once per step, which a "
+                   "per-micro-batch reduce-scatter cannot; use pp=1 or shard='optimizer'")
     return out
 
 
@@ -321,16 +355,29 @@ def recompute_choices(call: Call) -> tuple[str, ...]:
     return RECOMPUTE_CHOICES if call.kind == "train" else ("none",)
 
 
+def shard_choices(call: Call, model: ModelSpec, dp: int, pp: int) -> tuple[str, ...]:
+    """The data-parallel sharding a layout of ``call`` with ``dp`` and ``pp`` may have and the
+    planner offers: every choice for a train call over more than one replica (less full
+    sharding where tied embeddings span a pipeline, see :func:`layout_problems`), else none
+    (with one replica sharding changes nothing)."""
+    if call.kind != "train" or dp <= 1:
+        return ("none",)
+    if model.tied_embeddings and pp > 1:
+        return tuple(c for c in SHARD_CHOICES if c != "full")
+    return SHARD_CHOICES
+
+
 def enumerate_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> list[Layout]:
     """Every valid layout of ``call``: each mesh × (dp, tp, pp) × micro-batch choice (× recompute
-    setting for a train call)."""
+    setting × data-parallel sharding for a train call, :func:`shard_choices`)."""
     out = []
     for mesh in cluster.meshes():
         for dp, tp, pp in _degrees(mesh.size, model, cluster):
             for mb in MICRO_BATCH_CHOICES:
                 lay = Layout(mesh, dp, tp, pp, mb)
                 if not layout_problems(call, model, cluster, lay):
-                    out += [lay] + [Layout(mesh, dp, tp, pp, mb, rc) for rc in recompute_choices(call)[1:]]
+                    out += [Layout(mesh, dp, tp, pp, mb, rc, shard=sh) for sh in shard_choices(call, model, dp, pp)
+                            for rc in recompute_choices(call)]
     return out
 
 
@@ -360,5 +407,6 @@ def count_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> int:
                     continue
                 dp = sizes[where] // (tp * pp)
                 splits = sum((per_step % (dp * mb) == 0).astype(np.int64) for mb in MICRO_BATCH_CHOICES)
-                total += int((splits * meshes[where]).sum())
+                sharding = np.where(dp > 1, len(shard_choices(call, model, 2, pp)), 1)  # only over replicas
+                total += int((splits * meshes[where] * sharding).sum())
     return total * len(recompute_choices(call))  # recompute is valid wherever its layout is

@@ -133,6 +133,31 @@ def shard(model: ModelSpec, layout: Layout, device: int) -> dict[str, Box]:
             for p in param_inventory(model) if on_stage(p, model, layout, pp_rank)}
 
 
+ENDS = "ends"  # the group of a stage's parameters outside its blocks
+
+
+def shard_groups(model: ModelSpec, layout: Layout, device: int) -> dict[str, list[str]]:
+    """The parameter groups a ``shard="full"`` layout gathers and reduce-scatters as one flat
+    buffer each (FSDP's units), in forward order: the stage's ends (:data:`ENDS`: embedding,
+    position table, final norm, head; gathered for the whole pass, absent on a stage with
+    none), then each block (``"layers.<i>"``). Names in inventory order; together exactly
+    :func:`shard`'s names."""
+    names = list(shard(model, layout, device))
+    ends = [n for n in names if not n.startswith("layers.")]
+    out = {ENDS: ends} if ends else {}
+    for n in names:
+        if n.startswith("layers."):
+            out.setdefault(".".join(n.split(".")[:2]), []).append(n)
+    return out
+
+
+def flat_chunk(numel: int, dp: int) -> int:
+    """Elements each of ``dp`` ranks holds of a flat buffer of ``numel``: the buffer is padded
+    with zeros to ``dp`` equal chunks (a collective moves equal parts), rank ``r`` holding
+    elements ``[r·c, (r+1)·c)``."""
+    return -(-numel // dp)
+
+
 def full_boxes(model: ModelSpec) -> dict[str, Box]:
     """name → the whole of every parameter of ``model``."""
     return {p.name: tp_box(p, 1, 0) for p in param_inventory(model)}
