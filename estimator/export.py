@@ -101,12 +101,10 @@ def render(record: dict[str, Any], written: list[str]) -> str:
         for c in record["changes"]:
             rules.setdefault(c["why"], len(rules) + 1)
         rows = [("call", "field", "plan", record["framework"], "rule")]
-        rows += [(c["call"], c["field"] + ("" if c["modelled"] else " *"), c["given"], c["exported"],
+        rows += [(c["call"], c["field"], c["given"], c["exported"],
                   f"[{rules[c['why']]}]") for c in record["changes"]]
         lines += [format_table(rows, right=set()), ""]
         lines += [f"[{i}] {why}" for why, i in rules.items()]
-        if any(not c["modelled"] for c in record["changes"]):
-            lines.append("* not in the projected plan's prediction: this planner's layouts do not model it yet")
         lines.append("")
     lines.append(cost_line(record))
     lines += [f"note: {n}" for n in record["notes"]]

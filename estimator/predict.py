@@ -31,8 +31,8 @@ and OpenRLHF's launch command, as ``python -m estimator.export`` writes them; le
 caps, a config
 keeps only those; the cluster's device is ``--profile``, default ``h100-sxm``), and predicts
 that plan; a key the importer does not read exits 2 naming it. ``--json`` then also carries
-``imported.experiment``, ``imported.plan`` and ``imported.notes`` (what was read but is not
-modelled, such as a ZeRO stage).
+``imported.experiment``, ``imported.plan`` and ``imported.notes`` (what the framework does
+that the plan does not say).
 
 Exit codes: 0 predicted; 1 the plan does not fit in memory (the reasons are printed);
 2 invalid experiment, profile or plan (one line per violated rule).

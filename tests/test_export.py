@@ -22,7 +22,7 @@ import yaml
 from estimator.base.errors import ConfigError
 from estimator.export import main, make_export
 from estimator.interop import FRAMEWORKS, exporter
-from estimator.interop.common import Projection, layouts_carry_shard, per_rank
+from estimator.interop.common import Projection, per_rank
 from estimator.interop.openrlhf import LEGACY
 from estimator.spec.experiment import load_experiment
 from estimator.spec.plan import Plan, validate
@@ -264,8 +264,7 @@ def test_the_projected_plan_is_valid_and_reexports_unchanged(framework, case):
     assert validate(first.plan, exp) == []
     again = make_export(framework, exp, first.plan)
     assert not again.projected and again.plan == first.plan
-    if all(c.modelled for c in first.changes):  # a change the layouts cannot carry yet is not in first.plan
-        assert again.files == first.files
+    assert again.files == first.files
 
 
 def test_verl_projects_a_disjoint_plan_onto_one_pool_and_names_each_change():
@@ -364,14 +363,13 @@ def test_realhf_writes_every_call_as_planned_and_counts_a_token_budget():
             "allocation_mode=manual", "nodelist='NODE01'"} <= lines
 
 
-def test_a_shard_change_is_listed_and_says_whether_the_prediction_has_it():
+def test_a_shard_change_is_listed_and_reaches_the_projected_plan():
     exp = load_experiment(PPO)
     pr = Projection(exp, _everything_on(8, exp))
     pr.set("actor_train", "a rule", shard="full")
     (change,) = pr.changes
     assert (change.call, change.field, change.given, change.exported) == ("actor_train", "shard", "none", "full")
-    assert change.modelled is layouts_carry_shard()
-    assert pr.shard("actor_train") == "full"
+    assert pr.shard("actor_train") == "full" and pr.plan("verl")["actor_train"].shard == "full"
 
 
 def test_an_uneven_split_is_refused_by_name():
@@ -543,6 +541,20 @@ def test_import_also_reads_caps_budgets_and_recompute():
     assert importer("verl")(export.files["overrides.txt"], "h100-sxm")[1] == plan
 
 
+def test_verl_round_trips_the_distributed_optimizer_and_projects_fsdp_onto_it():
+    from estimator.interop import importer
+
+    exp = load_experiment(PPO)
+    plan = _everything_on(8, exp, actor_train={"dp": 4, "tp": 2, "shard": "optimizer"},
+                          critic_train={"dp": 8, "tp": 1, "shard": "full"})
+    export = make_export("verl", exp, plan)
+    assert "actor_rollout_ref.actor.megatron.use_distributed_optimizer=True" in export.files["overrides.txt"]
+    (change,) = [c for c in export.changes if c.field == "shard"]  # Megatron has no ZeRO-3: the critic's
+    assert (change.call, change.given, change.exported) == ("critic_train", "full", "optimizer")
+    back = importer("verl")(export.files["overrides.txt"], "h100-sxm")[1]
+    assert back == export.plan and back["actor_train"].shard == back["critic_train"].shard == "optimizer"
+
+
 def test_predict_from_a_verl_config_and_an_unknown_key_exits_2_naming_it(capsys, tmp_path):
     from estimator.predict import main as predict_main
 
@@ -575,10 +587,14 @@ def test_importing_an_openrlhf_command_gives_back_the_projected_plan(case, legac
     raw, back, notes = importer("openrlhf")(export.files["command.sh"], exp.cluster.device)
     assert {c: back[c] for c in export.plan.layouts} == export.plan.layouts
     assert set(back.layouts) - set(export.plan.layouts) <= {"actor_inf"}
-    assert back["actor_inf"].placement == back["actor_train"].placement
+    inf, train = back["actor_inf"], back["actor_train"]  # the actor's devices and degrees (the home may shard)
+    assert (inf.mesh, inf.dp, inf.tp, inf.pp) == (train.mesh, train.dp, train.tp, train.pp)
     assert raw["old_logprobs"] == "recompute" and raw["batch_size"] == exp.params.batch_size
-    # the ZeRO-3 the projection chose is read, and said to be outside the layouts while they lack it
-    assert bool(notes) is not layouts_carry_shard() and all("zero_stage 3" in n for n in notes)
+    # the ZeRO stage the command gives comes back as the train calls' shard
+    stage = next(int(line.split()[1]) for line in export.files["command.sh"].splitlines()
+                 if line.strip().startswith("--ds.zero_stage") or line.strip().startswith("--zero_stage"))
+    trains = [c for c in export.plan.layouts if exp.workflow[c].kind == "train"]
+    assert {back[c].shard for c in trains} == {{0: "none", 1: "optimizer", 2: "optimizer", 3: "full"}[stage]}
 
 
 def test_openrlhf_import_lays_separate_groups_out_in_order_and_names_an_unknown_flag():

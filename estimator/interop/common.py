@@ -6,9 +6,6 @@ A projection starts from the plan as given and applies the framework's rules one
 (:meth:`Projection.set`); each field a rule changes becomes a :class:`Change` naming the call,
 the field, the value in the plan, the value the framework runs and the rule. The projected
 plan is a plan of this project's own vocabulary, so the estimator predicts it like any other.
-A rule that changes a layout field this version of the planner does not model (sharded data
-parallelism, ``shard``, before the layout carries it) is listed with ``modelled`` false: the
-prediction of the projected plan does not include it.
 """
 
 from __future__ import annotations
@@ -57,14 +54,8 @@ HF_REPOS = {
 
 
 def shard_of(layout: Layout) -> str:
-    """A layout's data-parallel sharding (``none`` where the layout does not carry the field)."""
-    return getattr(layout, "shard", "none")
-
-
-def layouts_carry_shard() -> bool:
-    """Whether this version's :class:`Layout` has the ``shard`` field, so a projection to a
-    sharded layout can be predicted."""
-    return "shard" in {f.name for f in dataclasses.fields(Layout)}
+    """A layout's data-parallel sharding (:data:`estimator.spec.plan.SHARD_CHOICES`)."""
+    return layout.shard
 
 
 @dataclass(frozen=True)
@@ -76,7 +67,6 @@ class Change:
     given: str  # the value in the plan
     exported: str  # the value the framework runs
     why: str  # the framework's rule
-    modelled: bool = True  # whether the projected plan's prediction includes the change
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -121,29 +111,20 @@ class Projection:
         self.experiment = experiment
         self.layouts = dict(plan.layouts)
         self.changes: list[Change] = []
-        self.shards = {c: shard_of(lay) for c, lay in plan.layouts.items()}  # what each train call shards
 
     def __getitem__(self, call: str) -> Layout:
         return self.layouts[call]
 
     def shard(self, call: str) -> str:
-        return self.shards[call]
+        return self.layouts[call].shard
 
     def set(self, call: str, why: str, **values: Any) -> None:
         """Give ``call`` these layout fields (``shard`` included), recording each that changes."""
         old = self.layouts[call]
-        shard = values.pop("shard", None)
         for key, value in values.items():
             if getattr(old, key) != value:
                 self.changes.append(Change(call, key, _text(getattr(old, key)), _text(value), why))
-        new = dataclasses.replace(old, **values)
-        if shard is not None and shard != self.shards[call]:
-            carried = layouts_carry_shard()
-            self.changes.append(Change(call, "shard", self.shards[call], shard, why, modelled=carried))
-            self.shards[call] = shard
-            if carried:
-                new = dataclasses.replace(new, shard=shard)
-        self.layouts[call] = new
+        self.layouts[call] = dataclasses.replace(old, **values)
 
     def plan(self, framework: str) -> Plan:
         """The projected plan; a framework rule that breaks a plan rule is a bug here, named."""

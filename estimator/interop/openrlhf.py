@@ -43,7 +43,6 @@ from estimator.interop.common import (
     HF_REPOS,
     Export,
     Projection,
-    layouts_carry_shard,
     micro_batches_for,
     micro_rows,
     model_path,
@@ -447,14 +446,11 @@ def _read_plan(args: dict, experiment: Experiment, sizes: dict[str, int],
         else:
             meshes[g], first = DeviceMesh(first, sizes[g]), first + sizes[g]
     zero = _int(args, "--ds.zero_stage", 2)
-    shard = {v: k for k, v in ZERO_STAGE.items()}.get(zero)
+    # ZeRO-2 also shards the gradients, which `optimizer` reduce-scatters already: read as `optimizer`
+    shard = {v: k for k, v in ZERO_STAGE.items()}.get(zero, "optimizer" if zero == 2 else None)
     if shard is None:
-        raise ConfigError(f"openrlhf command: --ds.zero_stage {zero}: the importer reads 0, 1 and 3")
-    notes = []
-    if shard != "none" and not layouts_carry_shard():
-        notes.append(f"--ds.zero_stage {zero} (shard: {shard}) read; this planner's layouts do not model sharded "
-                     "data parallelism yet, so the plan and its prediction keep replicated data-parallel ranks")
-        shard = "none"
+        raise ConfigError(f"openrlhf command: --ds.zero_stage {zero}: the importer reads 0, 1, 2 and 3")
+    notes: list[str] = []
     tp_ds, gen_tp = _int(args, "--ds.tensor_parallel_size", 1), _int(args, "--vllm.tensor_parallel_size")
     calls: dict[str, dict] = {}
     for c in wf.call_names:

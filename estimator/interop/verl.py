@@ -384,9 +384,8 @@ def read_plan(r: _Reader, experiment: Experiment) -> Plan:
         calls[c] = _layout(r, experiment, c, megatron, n)
         key = MEGATRON.get(c)
         if wf[c].kind == "train":
-            if r.flag(f"{key}.use_distributed_optimizer", "False"):
-                raise ConfigError(f"verl overrides: {key}.use_distributed_optimizer=True: a sharded optimizer is "
-                                  "not in this planner's layouts yet")
+            if r.flag(f"{key}.use_distributed_optimizer", "False") and calls[c]["dp"] > 1:
+                calls[c]["shard"] = "optimizer"  # Megatron's distributed optimizer: ZeRO-1
             if r.text(f"{key}.{RECOMPUTE[0].split('=')[0]}", "null") == "full":
                 calls[c]["recompute"] = "full"
                 for rule in RECOMPUTE[1:]:
