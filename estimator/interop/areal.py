@@ -28,8 +28,6 @@ A reward model is refused: AReaL's PPO experiment scores rollouts with a reward 
 
 from __future__ import annotations
 
-import yaml
-
 from estimator.base.errors import ConfigError
 from estimator.interop.common import (
     Export,
@@ -37,6 +35,7 @@ from estimator.interop.common import (
     micro_batches_for,
     micro_rows,
     model_path,
+    overlay_export,
     shard_of,
     token_caps,
 )
@@ -180,10 +179,7 @@ def describe(plan: Plan, experiment: Experiment) -> str:
 
 def export(experiment: Experiment, plan: Plan) -> Export:
     """The plan as an overlay of AReaL's config, ``config.yaml``."""
-    pr = project(experiment, plan)
-    projected = pr.plan(FRAMEWORK)
-    data, notes = config(experiment, projected)
-    text = (f"# AReaL config overlay ({REPO}@{COMMIT[:8]}, areal/api/cli_args.py): merge over your experiment's "
-            "config\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
-    return Export(FRAMEWORK, REPO, COMMIT, plan, projected, tuple(pr.changes), {"config.yaml": text},
-                  describe(projected, experiment), tuple(notes))
+    header = (f"AReaL config overlay ({REPO}@{COMMIT[:8]}, areal/api/cli_args.py): merge over your experiment's "
+              "config")
+    return overlay_export(FRAMEWORK, REPO, COMMIT, header, experiment, plan, project(experiment, plan), config,
+                          describe)

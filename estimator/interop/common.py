@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import yaml
 
 from estimator.base.errors import ConfigError
 from estimator.spec.experiment import Experiment
@@ -186,3 +189,16 @@ def token_caps(experiment: Experiment) -> tuple[int, int]:
 
 def mesh_text(layout: Layout) -> str:
     return f"{layout.mesh} dp{layout.dp} tp{layout.tp} pp{layout.pp}"
+
+
+def overlay_export(framework: str, repo: str, commit: str, header: str, experiment: Any, plan: Plan,
+                   pr: Projection, config: Callable[[Any, Plan], tuple[dict, list[str]]],
+                   describe: Callable[[Plan, Any], str]) -> Export:
+    """An export whose file is ``config.yaml``, an overlay of the framework's config: ``config``
+    of the projected plan (its data and notes) under the comment ``header``."""
+    projected = pr.plan(framework)
+    data, notes = config(experiment, projected)
+    text = f"# {header}\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    return Export(framework, repo, commit, plan, projected, tuple(pr.changes), {"config.yaml": text},
+                  describe(projected, experiment), tuple(notes))
+

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from math import gcd
 
-import yaml
-
 from estimator.base.errors import ConfigError
 from estimator.interop.common import (
     Export,
@@ -36,6 +34,7 @@ from estimator.interop.common import (
     micro_batches_for,
     micro_rows,
     model_path,
+    overlay_export,
     per_rank,
     shard_of,
     token_caps,
@@ -211,11 +210,7 @@ def describe(plan: Plan, experiment: Experiment) -> str:
 
 def export(experiment: Experiment, plan: Plan) -> Export:
     """The plan as an overlay of NeMo-RL's GRPO config, ``config.yaml``."""
-    pr = project(experiment, plan)
-    projected = pr.plan(FRAMEWORK)
-    data, notes = config(experiment, projected)
-    text = (f"# NeMo-RL config overlay ({REPO}@{COMMIT[:8]}): pass it as the GRPO config's overrides, e.g. "
-            "merged over examples/configs/grpo_math_1B.yaml\n"
-            + yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
-    return Export(FRAMEWORK, REPO, COMMIT, plan, projected, tuple(pr.changes), {"config.yaml": text},
-                  describe(projected, experiment), tuple(notes))
+    header = (f"NeMo-RL config overlay ({REPO}@{COMMIT[:8]}): pass it as the GRPO config's overrides, e.g. "
+              "merged over examples/configs/grpo_math_1B.yaml")
+    return overlay_export(FRAMEWORK, REPO, COMMIT, header, experiment, plan, project(experiment, plan), config,
+                          describe)
