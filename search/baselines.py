@@ -38,12 +38,13 @@ and peak memory; ``--out`` writes the plan file (only when it fits). Exit codes:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from estimator.base.errors import ConfigError, cli_guard
+from estimator.base.errors import ConfigError, cli_guard, did_you_mean
 from estimator.base.io import atomic_write_text
 from estimator.baselines import closest_layout, fit_micro_batches, symmetric_plan
 from estimator.cost.memory import fmt_bytes, plan_memory
@@ -89,14 +90,19 @@ def _halves(exp: Experiment, first_share: float = 0.5) -> tuple[DeviceMesh, Devi
     return DeviceMesh(0, dpn // 2), half
 
 
-def _build(exp: Experiment, profile: Profile, rule: Callable[[str], tuple[DeviceMesh, int, int]]) -> Plan:
-    """Lay out every call by ``rule`` (call → mesh, tp, pp), then fit micro-batches to memory."""
+def _build(exp: Experiment, profile: Profile, rule: Callable[[str], tuple[DeviceMesh, int, int]],
+           shard: str = "none", recompute: str = "none") -> Plan:
+    """Lay out every call by ``rule`` (call → mesh, tp, pp), the train calls with ``shard``
+    (where they have more than one data-parallel replica) and ``recompute``, then fit
+    micro-batches to memory."""
     layouts = {}
     for name in exp.workflow.topological_order():
         mesh, tp, pp = rule(name)
         lay = closest_layout(exp, name, mesh, tp, pp)
         if lay is None:
             raise ConfigError(f"call {name}: no valid layout on mesh {mesh}")
+        if exp.workflow[name].kind == "train":
+            lay = dataclasses.replace(lay, recompute=recompute, shard=shard if lay.dp > 1 else "none")
         layouts[name] = lay
     return fit_micro_batches(exp, profile, check(Plan(layouts), exp))
 
@@ -199,6 +205,66 @@ BASELINES: dict[str, Callable[[Experiment, Profile], Plan]] = {
     "megatron": megatron, "colocate": colocate, "split": split, "real-heuristic": real_heuristic}
 
 
+# ---- the frameworks' defaults -----------------------------------------------------------------
+
+
+def _colocated(exp: Experiment, profile: Profile, gen_tp: int, shard: str, recompute: str) -> Plan:
+    """Every role on all devices (one resource pool): generation in engines of ``gen_tp`` (tp
+    steps down where the model does not allow it, dp takes the rest, no pipeline stages), every
+    other call data parallel over all devices, the train calls with ``shard`` and ``recompute``."""
+    whole, wf = exp.cluster.whole(), exp.workflow
+    return _build(exp, profile, lambda n: (whole, gen_tp if wf[n].kind == "generate" else 1, 1), shard, recompute)
+
+
+def verl_default(exp: Experiment, profile: Profile) -> Plan:
+    """verl's default single-controller launch: every role on one resource pool of all devices
+    (``trainer.n_gpus_per_node``); the vLLM rollout at tp 4 where that divides the model (stepped
+    down otherwise) — what verl's example launches for 7–8B models set with
+    ``actor_rollout_ref.rollout.tensor_model_parallel_size=4`` (the generated config's default
+    is 2, volcengine/verl b178a3cd); the FSDP workers (full sharding) for actor, critic and
+    reference, with ``actor_rollout_ref.model.enable_gradient_checkpointing=True`` (the config's
+    default, ibid.)."""
+    return _colocated(exp, profile, 4, "full", "full")
+
+
+def openrlhf_hybrid(exp: Experiment, profile: Profile) -> Plan:
+    """OpenRLHF's hybrid engine (``--colocate_all_models``, flags of OpenRLHF/OpenRLHF c1ba971c's
+    ``train_ppo_ray.py``): every model and the vLLM engines on all devices, engines of tp 2
+    (``--vllm_tensor_parallel_size 2``), DeepSpeed ZeRO-3 (``--zero_stage 3``) and
+    ``--gradient_checkpointing`` for training."""
+    return _colocated(exp, profile, 2, "full", "full")
+
+
+def nemo_rl_default(exp: Experiment, profile: Profile) -> Plan:
+    """NeMo-RL's ``examples/configs/grpo_math_1B.yaml`` (NVIDIA-NeMo/RL 7ea279ab, copied in
+    ``tests/fixtures/nemo-rl/``): colocated generation (``colocated.enabled: true``), vLLM
+    ``tensor_parallel_size: 1`` (one engine per device), the DTensor policy (FSDP2,
+    ``dtensor_cfg``, ``tensor_parallel_size: 1``) with ``activation_checkpointing: false``. In the
+    plan vocabulary it is the same layout as :func:`dschat`."""
+    return _colocated(exp, profile, 1, "full", "none")
+
+
+def dschat(exp: Experiment, profile: Profile) -> Plan:
+    """DeepSpeed-Chat's step-3 RLHF (``training/step3_rlhf_finetuning``): ZeRO-3 for actor and
+    critic (``--actor_zero_stage 3 --critic_zero_stage 3``), every model on all devices, and
+    generation in the hybrid engine at ``--inference_tp_size 1``, its default."""
+    return _colocated(exp, profile, 1, "full", "none")
+
+
+def areal_default(exp: Experiment, profile: Profile) -> Plan:
+    """AReaL's default split (SGLang on 3/4 of the devices, FSDP training on the rest,
+    asynchronous with staleness 2) needs asynchronous RL, which plans cannot express yet."""
+    raise ConfigError("areal-default generates asynchronously (max_head_offpolicyness 2) on devices of its own; "
+                      "plans express synchronous RL only, so this baseline cannot be built yet")
+
+
+# name → constructor; beside BASELINES in the search's table, their sources in each docstring
+FRAMEWORK_BASELINES: dict[str, Callable[[Experiment, Profile], Plan]] = {
+    "verl-default": verl_default, "openrlhf-hybrid": openrlhf_hybrid, "nemo-rl-default": nemo_rl_default,
+    "dschat": dschat, "realhf-heuristic": real_heuristic, "areal-default": areal_default}
+ALL_BASELINES = {**BASELINES, **FRAMEWORK_BASELINES}
+
+
 RECOMPUTING = ("megatron",)  # baselines that take a ``recompute`` setting for their train calls
 
 
@@ -207,15 +273,16 @@ def build(name: str, experiment: Experiment, profile: Profile, simulate_it: bool
     """The baseline ``name`` for ``experiment``: its plan, simulated time (when ``simulate_it``
     and it fits) or why it does not fit; ``recompute`` for the baselines in :data:`RECOMPUTING`.
     Unknown names or settings raise :class:`ConfigError`."""
-    if name not in BASELINES:
-        raise ConfigError(f"baseline {name!r} is not known; known: {', '.join(BASELINES)}")
+    if name not in ALL_BASELINES:
+        raise ConfigError(f"baseline {name!r} is not known{did_you_mean(name, list(ALL_BASELINES))}; known: "
+                          f"{', '.join(ALL_BASELINES)}")
     if recompute not in RECOMPUTE_CHOICES:
         raise ConfigError(f"recompute={recompute!r} must be one of {list(RECOMPUTE_CHOICES)}")
     if recompute != "none" and name not in RECOMPUTING:
         raise ConfigError(f"baseline {name!r} takes no recompute setting (only {', '.join(RECOMPUTING)} does)")
     try:
-        plan = BASELINES[name](experiment, profile, recompute) if name in RECOMPUTING else \
-            BASELINES[name](experiment, profile)
+        plan = ALL_BASELINES[name](experiment, profile, recompute) if name in RECOMPUTING else \
+            ALL_BASELINES[name](experiment, profile)
     except ConfigError as exc:
         return Baseline(name, None, None, str(exc))
     memory = plan_memory(experiment, plan, profile.capacity_bytes)
@@ -228,15 +295,16 @@ def build(name: str, experiment: Experiment, profile: Profile, simulate_it: bool
 def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m search.baselines", description=__doc__.split("\n")[0])
     parser.add_argument("experiment", help="experiment YAML file")
-    parser.add_argument("--name", required=True, help=f"baseline: {', '.join(BASELINES)}")
+    parser.add_argument("--name", required=True, help=f"baseline: {', '.join(ALL_BASELINES)}")
     parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
     parser.add_argument("--recompute", default="none", choices=RECOMPUTE_CHOICES,
                         help="activation recompute of the train calls (megatron only; default none)")
     parser.add_argument("--out", help="write the plan JSON here (only when it fits)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    if args.name not in BASELINES:
-        raise ConfigError(f"--name {args.name!r} is not a baseline; known: {', '.join(BASELINES)}")
+    if args.name not in ALL_BASELINES:
+        raise ConfigError(f"--name {args.name!r} is not a baseline{did_you_mean(args.name, list(ALL_BASELINES))}; "
+                          f"known: {', '.join(ALL_BASELINES)}")
     experiment = load_experiment(args.experiment)
     profile = (load_profile(args.profile, key="--profile") if args.profile is not None
                else load_profile(experiment.cluster.device, key="cluster.device"))

@@ -34,7 +34,7 @@ from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, experiment_from_dict
 from estimator.spec.plan import Plan
 from search.anneal import GREEDY, anneal, default_chains
-from search.baselines import BASELINES, Baseline, build
+from search.baselines import ALL_BASELINES, Baseline, build
 from search.exact import EXACT_MAX_PLANS, exact_search
 from search.space import Space, build_space, least_memory_plan, parts_text
 
@@ -156,7 +156,7 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
     t0 = time.monotonic()
     chains = chains or default_chains()
     space = build_space(experiment, profile, recompute)
-    baselines = {name: build(name, experiment, profile, simulate_it=False) for name in BASELINES}
+    baselines = {name: build(name, experiment, profile, simulate_it=False) for name in ALL_BASELINES}
     ev = Evaluator(experiment, profile)
     starts: list = [space.key(b.plan) for b in baselines.values() if b.feasible and space.contains(b.plan)]
     starts.append(GREEDY)  # computed by the chain that starts from it

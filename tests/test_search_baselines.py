@@ -12,7 +12,7 @@ from estimator.cost.memory import plan_memory
 from estimator.profile.profiles import load_profile
 from estimator.spec.experiment import load_experiment
 from estimator.spec.plan import Plan, check
-from search.baselines import BASELINES, build, main
+from search.baselines import ALL_BASELINES, BASELINES, FRAMEWORK_BASELINES, build, main
 from tests.conftest import EXAMPLES, tiny_experiment
 from tests.synthetic import linear_profile, linear_profile_dict
 
@@ -23,7 +23,7 @@ SEVEN_B = EXAMPLES / "ppo-llama2-7b-8xh100.yaml"
 def test_every_baseline_is_a_valid_plan_that_fits_or_says_why_not(path):
     exp = load_experiment(path)
     profile = load_profile(exp.cluster.device)
-    for name in BASELINES:
+    for name in ALL_BASELINES:
         b = build(name, exp, profile, simulate_it=False)
         assert b.name == name
         if b.feasible:
@@ -151,3 +151,40 @@ def test_cli_refuses_an_empty_profile_or_out(tmp_path, capsys):
     assert "--profile: the hardware profile name is empty" in capsys.readouterr().err
     assert main([tiny, "--name", "megatron", "--out", ""]) == 2
     assert "the path is empty" in capsys.readouterr().err
+
+
+# framework default → (generation engines' tp it asks for, the train calls' recompute)
+FRAMEWORK_SHAPES = {"verl-default": (4, "full"), "openrlhf-hybrid": (2, "full"), "nemo-rl-default": (1, "none"),
+                    "dschat": (1, "none")}
+
+
+@pytest.mark.parametrize("name", sorted(FRAMEWORK_SHAPES))
+def test_a_framework_default_colocates_every_call_shards_training_and_sizes_its_engines(name):
+    exp, profile = load_experiment(SEVEN_B), load_profile("h100-sxm")
+    plan = build(name, exp, profile, simulate_it=False).plan
+    gen_tp, recompute = FRAMEWORK_SHAPES[name]
+    assert {lay.mesh for lay in plan.layouts.values()} == {exp.cluster.whole()}  # one resource pool
+    for call in exp.workflow.calls:
+        lay = plan[call.name]
+        assert lay.pp == 1 and lay.dp * lay.tp == exp.cluster.num_devices
+        if call.kind == "generate":
+            assert lay.tp == gen_tp  # LLaMA-2 7B takes each of 1, 2 and 4
+        else:
+            assert lay.tp == 1  # FSDP / ZeRO-3 data parallel over every device
+        if call.kind == "train":
+            assert (lay.shard, lay.recompute) == ("full", recompute)
+
+
+def test_realhf_heuristic_is_real_heuristic_and_areal_default_says_what_plans_lack():
+    exp, profile = load_experiment(SEVEN_B), load_profile("h100-sxm")
+    assert build("realhf-heuristic", exp, profile, simulate_it=False).plan == \
+        build("real-heuristic", exp, profile, simulate_it=False).plan
+    areal = build("areal-default", exp, profile, simulate_it=False)
+    assert areal.plan is None and "asynchronous" in areal.reason
+    assert set(FRAMEWORK_BASELINES) >= {"verl-default", "openrlhf-hybrid", "nemo-rl-default", "areal-default",
+                                        "realhf-heuristic", "dschat"}
+
+
+def test_an_unknown_baseline_name_gets_the_closest():
+    with pytest.raises(ConfigError, match=r"'verl-defualt' is not known \(did you mean 'verl-default'\?\)"):
+        build("verl-defualt", load_experiment(SEVEN_B), load_profile("h100-sxm"))
