@@ -322,14 +322,18 @@ def test_openrlhf_has_one_tp_and_one_micro_batch_size_for_training():
     assert "--train.colocate_all" in text and "--vllm.num_engines 8" in text
 
 
+# the 7B PPO example in three OpenRLHF groups: engines on 0-3, actor and reference on 4-5, critic and
+# reward on 6-7
+SEPARATE_GROUPS = {"actor_gen": {"mesh": "0-3", "dp": 4, "tp": 1, "pp": 1, "micro_batches": 1},
+                   "actor_train": {"mesh": "4-5", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
+                   "ref_inf": {"mesh": "4-5", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
+                   "critic_train": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
+                   "critic_inf": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
+                   "reward_inf": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4}}
+
 def test_openrlhf_keeps_separate_groups_and_refuses_partial_overlap():
     exp = load_experiment(PPO)
-    halves = {"actor_gen": {"mesh": "0-3", "dp": 4, "tp": 1, "pp": 1, "micro_batches": 1},
-              "actor_train": {"mesh": "4-5", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
-              "ref_inf": {"mesh": "4-5", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
-              "critic_train": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
-              "critic_inf": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
-              "reward_inf": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4}}
+    halves = SEPARATE_GROUPS
     export = make_export("openrlhf", exp, _plan(halves))
     assert not export.projected
     text = export.files["command.sh"]
@@ -369,7 +373,7 @@ def test_a_shard_change_is_listed_and_reaches_the_projected_plan():
     pr.set("actor_train", "a rule", shard="full")
     (change,) = pr.changes
     assert (change.call, change.field, change.given, change.exported) == ("actor_train", "shard", "none", "full")
-    assert pr.shard("actor_train") == "full" and pr.plan("verl")["actor_train"].shard == "full"
+    assert pr["actor_train"].shard == "full" and pr.plan("verl")["actor_train"].shard == "full"
 
 
 def test_an_uneven_split_is_refused_by_name():
@@ -601,12 +605,7 @@ def test_openrlhf_import_lays_separate_groups_out_in_order_and_names_an_unknown_
     from estimator.interop import importer
 
     exp = load_experiment(PPO)
-    calls = {"actor_gen": {"mesh": "0-3", "dp": 4, "tp": 1, "pp": 1, "micro_batches": 1},
-             "actor_train": {"mesh": "4-5", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
-             "ref_inf": {"mesh": "4-5", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
-             "critic_train": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
-             "critic_inf": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
-             "reward_inf": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4}}
+    calls = SEPARATE_GROUPS
     text = make_export("openrlhf", exp, _plan(calls)).files["command.sh"]
     raw, back, notes = importer("openrlhf")(text, "h100-sxm")
     assert {c: back[c].to_dict() for c in calls} == calls and not notes

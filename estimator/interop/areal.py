@@ -36,7 +36,6 @@ from estimator.interop.common import (
     micro_rows,
     model_path,
     overlay_export,
-    shard_of,
     token_caps,
 )
 from estimator.spec.experiment import Experiment
@@ -66,10 +65,10 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
     pr = Projection(experiment, plan)
     wf = experiment.workflow
     actor = pr["actor_train"]
-    if actor.pp > 1 and shard_of(actor) == "full":
+    if actor.pp > 1 and actor.shard == "full":
         pr.set("actor_train", "AReaL's FSDP backend (which shards parameters) has no pipeline stages; its Megatron "
                               "backend shards the optimizer state", shard="optimizer")
-    megatron = shard_of(pr["actor_train"]) != "full"
+    megatron = pr["actor_train"].shard != "full"
     for c in ("ref_inf", "critic_train"):
         if c in wf:
             _on_actor_devices(pr, experiment, c, megatron)
@@ -79,8 +78,8 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
             pr.set(inf, f"AReaL runs {inf} in the {wf[train].role}'s engine, with its mb_spec",
                    dp=home.dp, tp=home.tp, pp=home.pp, mesh=home.mesh, micro_batches=home.micro_batches,
                    max_tokens_per_micro_batch=home.max_tokens_per_micro_batch)
-    if "critic_train" in wf and shard_of(pr["critic_train"]) != shard_of(pr["actor_train"]):
-        pr.set("critic_train", "the critic takes the actor's training backend", shard=pr.shard("actor_train"))
+    if "critic_train" in wf and pr["critic_train"].shard != pr["actor_train"].shard:
+        pr.set("critic_train", "the critic takes the actor's training backend", shard=pr["actor_train"].shard)
     gen, home = pr["actor_gen"], pr["actor_train"].mesh
     if gen.mesh != home and gen.mesh.overlaps(home):
         pr.set("actor_gen", "AReaL runs its rollout servers on the actor's devices (colocation) or on devices of "
@@ -116,7 +115,7 @@ def _train_engine(experiment: Experiment, plan: Plan, call: str, megatron: bool)
            "optimizer": {"type": "adam", "lr": h.lr},
            "ppo_n_minibatches": experiment.params.ppo_minibatches, "dtype": "bfloat16"}
     if megatron:
-        out["megatron"] = {"ddp": {"use_distributed_optimizer": shard_of(lay) == "optimizer"}}
+        out["megatron"] = {"ddp": {"use_distributed_optimizer": lay.shard == "optimizer"}}
         if lay.recompute == "full":
             out["megatron"] |= {"recompute_granularity": "full", "recompute_method": "uniform",
                                 "recompute_num_layers": 1}
@@ -127,7 +126,7 @@ def config(experiment: Experiment, plan: Plan) -> tuple[dict, list[str]]:
     """The overlay (nested keys of AReaL's config) for a plan AReaL runs as given, and notes."""
     wf, p, h, cl = experiment.workflow, experiment.params, experiment.hyper, experiment.cluster
     prompt_cap, gen_cap = token_caps(experiment)
-    megatron = shard_of(plan["actor_train"]) != "full"
+    megatron = plan["actor_train"].shard != "full"
     gen = plan["actor_gen"]
     colocated = gen.mesh == plan["actor_train"].mesh
     notes: list[str] = []
@@ -173,7 +172,7 @@ def config(experiment: Experiment, plan: Plan) -> tuple[dict, list[str]]:
 def describe(plan: Plan, experiment: Experiment) -> str:
     gen, actor = plan["actor_gen"], plan["actor_train"]
     where = "on the actor's devices" if gen.mesh == actor.mesh else f"on devices {gen.mesh}"
-    megatron = shard_of(actor) != "full"
+    megatron = actor.shard != "full"
     return f"rollout sglang:d{gen.dp}p{gen.pp}t{gen.tp} {where}, actor {_backend(actor, megatron)} on {actor.mesh}"
 
 

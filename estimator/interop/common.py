@@ -56,11 +56,6 @@ HF_REPOS = {
 }
 
 
-def shard_of(layout: Layout) -> str:
-    """A layout's data-parallel sharding (:data:`estimator.spec.plan.SHARD_CHOICES`)."""
-    return layout.shard
-
-
 @dataclass(frozen=True)
 class Change:
     """One field of one call's layout that the framework runs differently from the plan."""
@@ -117,9 +112,6 @@ class Projection:
 
     def __getitem__(self, call: str) -> Layout:
         return self.layouts[call]
-
-    def shard(self, call: str) -> str:
-        return self.layouts[call].shard
 
     def set(self, call: str, why: str, **values: Any) -> None:
         """Give ``call`` these layout fields (``shard`` included), recording each that changes."""

@@ -36,7 +36,6 @@ from estimator.interop.common import (
     model_path,
     overlay_export,
     per_rank,
-    shard_of,
     token_caps,
 )
 from estimator.spec.cluster import DeviceMesh
@@ -80,7 +79,7 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
     wf, n = experiment.workflow, experiment.cluster.num_devices
     full = DeviceMesh(0, n)
     actor = pr["actor_train"]
-    if actor.pp > 1 and shard_of(actor) == "full":
+    if actor.pp > 1 and actor.shard == "full":
         pr.set("actor_train", "NeMo-RL's DTensor policy (which shards parameters) has no pipeline stages; its "
                               "Megatron policy shards the optimizer state", shard="optimizer")
     gen, home = pr["actor_gen"], pr["actor_train"].mesh
@@ -147,7 +146,7 @@ def config(experiment: Experiment, plan: Plan) -> tuple[dict, list[str]]:
     wf, p, h, cl = experiment.workflow, experiment.params, experiment.hyper, experiment.cluster
     prompt_cap, gen_cap = token_caps(experiment)
     actor, gen = plan["actor_train"], plan["actor_gen"]
-    megatron = shard_of(actor) != "full"
+    megatron = actor.shard != "full"
     path, note = model_path(experiment, "actor")
     notes = [note] if note else []
     infs = [c for c in ("actor_inf", "ref_inf") if c in wf]
@@ -166,7 +165,7 @@ def config(experiment: Experiment, plan: Plan) -> tuple[dict, list[str]]:
     checkpointing = actor.recompute == "full"
     if megatron:
         policy["dtensor_cfg"] = {"enabled": False}
-        optimizer = {"lr": h.lr, "use_distributed_optimizer": shard_of(actor) == "optimizer"}
+        optimizer = {"lr": h.lr, "use_distributed_optimizer": actor.shard == "optimizer"}
         policy["megatron_cfg"] = {"enabled": True, "tensor_model_parallel_size": actor.tp,
                                   "pipeline_model_parallel_size": actor.pp, "activation_checkpointing": checkpointing,
                                   "optimizer": optimizer}
@@ -202,7 +201,7 @@ def config(experiment: Experiment, plan: Plan) -> tuple[dict, list[str]]:
 
 def describe(plan: Plan, experiment: Experiment) -> str:
     gen, actor = plan["actor_gen"], plan["actor_train"]
-    kind = f"Megatron tp {actor.tp} pp {actor.pp}" if shard_of(actor) != "full" else f"DTensor tp {actor.tp}"
+    kind = f"Megatron tp {actor.tp} pp {actor.pp}" if actor.shard != "full" else f"DTensor tp {actor.tp}"
     where = ("colocated on all devices" if gen.mesh == actor.mesh
              else f"generation on {gen.mesh}, policy on {actor.mesh}")
     return f"{where}, vLLM tp {gen.tp} pp {gen.pp} × {gen.dp}, policy {kind} dp {actor.dp}"

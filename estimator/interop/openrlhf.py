@@ -60,6 +60,8 @@ COMMIT = "3c3be6234e0cb353e76bb8019947db9dfe99fca7"
 LEGACY_COMMIT = "c1ba971c3029c8776eedee5819525e8bfb9febc4"
 ENTRY = "python3 -m openrlhf.cli.train_ppo_ray"
 ZERO_STAGE = {"none": 0, "optimizer": 1, "full": 3}
+# --ds.zero_stage read back: ZeRO-2 also shards the gradients, which `optimizer` reduce-scatters already
+ZERO_READ = {0: "none", 1: "optimizer", 2: "optimizer", 3: "full"}
 # the role groups and the call that places each (its home); the engines are "vllm"
 GROUP_CALL = {"vllm": "actor_gen", "actor": "actor_train", "ref": "ref_inf", "critic": "critic_train",
               "reward": "reward_inf"}
@@ -164,7 +166,7 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
     for c in ds_calls:
         if wf[c].kind == "train" and c != "actor_train":
             pr.set(c, "OpenRLHF's --actor.gradient_checkpointing_enable and --ds.zero_stage apply to every model",
-                   recompute=actor.recompute, shard=pr.shard("actor_train"))
+                   recompute=actor.recompute, shard=pr["actor_train"].shard)
     return pr
 
 
@@ -302,7 +304,7 @@ def export(experiment: Experiment, plan: Plan, legacy_flags: bool = False) -> Ex
     spelling of OpenRLHF before commit ed62d0e2)."""
     pr = project(experiment, plan)
     projected = pr.plan(FRAMEWORK)
-    shard = pr.shard("actor_train")  # what the framework runs, also where the layouts cannot carry it yet
+    shard = projected["actor_train"].shard  # one ZeRO stage for every model
     pairs, notes = flags(experiment, projected, shard)
     return Export(FRAMEWORK, REPO, LEGACY_COMMIT if legacy_flags else COMMIT, plan, projected, tuple(pr.changes),
                   {"command.sh": command(pairs, legacy_flags)}, describe(projected, experiment, shard), tuple(notes))
@@ -446,8 +448,7 @@ def _read_plan(args: dict, experiment: Experiment, sizes: dict[str, int],
         else:
             meshes[g], first = DeviceMesh(first, sizes[g]), first + sizes[g]
     zero = _int(args, "--ds.zero_stage", 2)
-    # ZeRO-2 also shards the gradients, which `optimizer` reduce-scatters already: read as `optimizer`
-    shard = {v: k for k, v in ZERO_STAGE.items()}.get(zero, "optimizer" if zero == 2 else None)
+    shard = ZERO_READ.get(zero)
     if shard is None:
         raise ConfigError(f"openrlhf command: --ds.zero_stage {zero}: the importer reads 0, 1, 2 and 3")
     notes: list[str] = []

@@ -33,7 +33,6 @@ from estimator.interop.common import (
     Projection,
     micro_batches_for,
     model_path,
-    shard_of,
     token_caps,
 )
 from estimator.spec.cluster import Cluster, DeviceMesh
@@ -94,7 +93,7 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
         if lay.max_concurrency:
             pr.set(c, "ReaLHF's generation runs its whole batch at once; it takes no cap on running requests",
                    max_concurrency=0)
-        if call.kind == "train" and shard_of(lay) == "full":
+        if call.kind == "train" and lay.shard == "full":
             pr.set(c, "ReaLHF's Megatron backend refuses zero_stage 3; stage 1 shards the optimizer state",
                    shard="optimizer")
     return pr
@@ -130,7 +129,7 @@ def overrides(experiment: Experiment, plan: Plan) -> tuple[list[str], list[str]]
         if role in homes:
             lay = plan[homes[role]]
             out += [f"{key}.gradient_checkpointing={lay.recompute == 'full'}",
-                    f"{key}.zero_stage={ZERO_STAGE[shard_of(lay)]}", f"{key}.optimizer.lr={h.lr:g}"]
+                    f"{key}.zero_stage={ZERO_STAGE[lay.shard]}", f"{key}.optimizer.lr={h.lr:g}"]
     out += [f"dataset.max_prompt_len={prompt_cap}", f"dataset.train_bs_n_seqs={p.batch_size}",
             f"ppo.gen.max_new_tokens={gen_cap}",
             f"ppo.gen.min_new_tokens={gen_cap if p.gen_lengths.fixed else 0}",

@@ -48,7 +48,6 @@ from estimator.interop.common import (
     model_path,
     per_rank,
     require_algorithm,
-    shard_of,
     token_caps,
 )
 from estimator.spec.cluster import DeviceMesh
@@ -117,7 +116,7 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
     if "critic_inf" in wf and "critic_train" in wf:
         _critic_values(pr, experiment)
     for c in wf.call_names:
-        if wf[c].kind == "train" and shard_of(pr[c]) == "full":
+        if wf[c].kind == "train" and pr[c].shard == "full":
             pr.set(c, "verl's Megatron backend shards the optimizer state (use_distributed_optimizer), "
                       "not parameters and gradients", shard="optimizer")
     return pr
@@ -199,7 +198,7 @@ def _megatron(experiment: Experiment, plan: Plan, call: str) -> list[str]:
     lay, key = plan[call], MEGATRON[call]
     out = [f"{key}.tensor_model_parallel_size={lay.tp}", f"{key}.pipeline_model_parallel_size={lay.pp}"]
     if experiment.workflow[call].kind == "train":
-        out.append(f"{key}.use_distributed_optimizer={_bool(shard_of(lay) == 'optimizer')}")
+        out.append(f"{key}.use_distributed_optimizer={_bool(lay.shard == 'optimizer')}")
         if lay.recompute == "full":
             out += [f"{key}.{r}" for r in RECOMPUTE]
     return out

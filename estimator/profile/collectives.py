@@ -211,8 +211,8 @@ def parse_entry(node: Any, kind: str, cls: str, where: str, curves_allowed: bool
     if not (str(node.get("cite", "")).strip() or str(node.get("command", "")).strip()):
         raise ConfigError(f"{where} needs a 'cite' (source of the figures) or a 'command' "
                           "(the measurement that produced them)")
-    raw = node.get("raw", "x")
-    if not (isinstance(raw, str) and raw.strip() and "\x00" not in raw and len(raw.encode()) <= 255):
+    raw = node.get("raw")
+    if "raw" in node and not (isinstance(raw, str) and raw.strip() and "\x00" not in raw and len(raw.encode()) <= 255):
         raise ConfigError(f"{where}.raw={node['raw']!r:.60}: must name the file of raw rows beside the profile")
     pair = [k for k in ("alpha_s", "busbw_bytes_per_s") if k in node]
     if len(pair) == 1:
