@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=str(PROFILE_DIR), help="directory to write into (default calibration/profiles)")
     ap.add_argument("--import-nccl-tests", nargs="+", metavar="FILE",
                     help="build collective curves from nccl-tests output instead of measuring")
+    ap.add_argument("--ranks", type=int, metavar="N",
+                    help="with --import-nccl-tests: the ranks of a run whose output has no Rank lines (an excerpt); "
+                         "without it the group size is inferred from busbw/algbw")
     ap.add_argument("--import-vidur", metavar="DIR",
                     help="build a fused-kernel profile from vidur's tables under DIR (compute/, network/)")
     ap.add_argument("--check-vidur", metavar="DIR", help="per-op error of --profile against vidur tables under DIR")
@@ -125,6 +128,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--import-vidur needs --base PROFILE and --name NAME")
     if args.check_vidur is not None and not args.profile:
         raise ConfigError("--check-vidur needs --profile NAME")
+    if args.ranks is not None and not args.import_nccl_tests:
+        raise ConfigError("--ranks applies to --import-nccl-tests only")
+    if args.ranks is not None and not 2 <= args.ranks <= 65536:
+        raise ConfigError(f"--ranks={args.ranks} must be a group size between 2 and 65536")
     if args.import_nccl_tests:
         if args.base is None or args.name is None:
             raise ConfigError("--import-nccl-tests needs --base PROFILE and --name NAME")
@@ -384,15 +391,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.import_vidur is not None:
         return _import_vidur(args, out, command)
     if args.import_nccl_tests:
-        from calibration.nccl_tests import import_nccl_tests
+        from calibration.nccl_tests import profile_from_runs, read_runs, run_line
 
         base = load_profile(args.base).raw
         files = _outputs(out, args.name)
-        doc = import_nccl_tests(args.import_nccl_tests, base, args.name)
+        runs = read_runs(args.import_nccl_tests, args.ranks)
+        doc = profile_from_runs(runs, base, args.name)
         profile_from_dict(doc, where=f"imported profile {args.name}")
         _write_all({files["profile"]: json.dumps(doc, indent=2) + "\n"}, files["profile"])
-        print(json.dumps({"profile": str(files["profile"]), "name": args.name}) if args.json
-              else f"wrote {files['profile']} (collective curves from {len(args.import_nccl_tests)} file(s))")
+        if args.json:
+            print(json.dumps({"profile": str(files["profile"]), "name": args.name,
+                              "runs": [{"file": str(r.path), "kind": r.kind, "ranks": r.nranks, "nodes": r.nodes,
+                                        "ranks_from": r.ranks_from} for r in runs]}))
+        else:
+            print("\n".join(run_line(r) for r in runs))
+            print(f"wrote {files['profile']} (collective curves from {len(args.import_nccl_tests)} file(s))")
         return 0
     base_name = args.base or _default_base(args.device)
     base = load_profile(base_name).raw

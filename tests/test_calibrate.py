@@ -152,6 +152,9 @@ def _children(pid: int) -> list[int]:
     (["--base", "no-such-profile", "--grid", "tiny"], "unknown hardware profile 'no-such-profile'"),
     (["--import-nccl-tests", "missing.txt", "--base", "h100-sxm", "--name", "x"], "'missing.txt' is not a readable"),
     (["--import-nccl-tests", str(FIXTURES / "all_reduce_perf.h100x8.txt")], "needs --base PROFILE and --name"),
+    (["--ranks", "8", "--grid", "tiny"], "--ranks applies to --import-nccl-tests only"),
+    (["--import-nccl-tests", str(FIXTURES / "all_reduce_perf.excerpt.txt"), "--ranks", "1", "--base", "a100-80g",
+      "--name", "x"], "--ranks=1 must be a group size between 2 and 65536"),
     (["--experiment", "no-such.yaml", "--grid", "tiny"], "experiment file 'no-such.yaml' does not exist"),
     (["--experiment", str(FIXTURES), "--grid", "tiny"], "is a directory"),
 ])
@@ -206,6 +209,20 @@ def test_nccl_tests_import_builds_a_loadable_profile_with_the_measured_curves(tm
     assert prof.peak_flops == base.peak_flops  # the rest of the base is kept
     doc = json.loads((tmp_path / "my-h100.json").read_text())
     assert doc["format"] == "rlhf-plan/profile-v2"
+
+
+def test_an_nccl_tests_excerpt_imports_saying_where_its_group_size_came_from(tmp_path, capsys):
+    src = FIXTURES / "all_reduce_perf.excerpt.txt"  # nThread 1 nGpus 1, no Rank lines
+    assert calibrate.main(["--import-nccl-tests", str(src), "--base", "a100-80g", "--name", "pasted",
+                           "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "all_reduce_perf.excerpt.txt: all_reduce over 8 ranks on 1 node(s), inferred from busbw/algbw" in out
+    assert "8 ranks inferred from busbw/algbw" in load_profile(tmp_path / "pasted.json").raw["links"]["intra"][
+        "all_reduce"]["cite"]
+    assert calibrate.main(["--import-nccl-tests", str(src), "--ranks", "8", "--base", "a100-80g", "--name", "given",
+                           "--out", str(tmp_path), "--json"]) == 0
+    run, = json.loads(capsys.readouterr().out)["runs"]
+    assert run["ranks"] == 8 and run["ranks_from"].startswith("given by --ranks 8")
 
 
 def _reports() -> tuple[pd.DataFrame, pd.DataFrame]:

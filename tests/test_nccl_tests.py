@@ -78,7 +78,6 @@ def _lines(name: str) -> list[str]:
     (lambda ls: ls[:22] + ["         abc  junk\n"] + ls[22:], r"bad\.txt:23: not a results row: 'abc  junk'"),
     (lambda ls: [ls[i].replace("       0\n", "       3\n") if i == 20 else ls[i] for i in range(len(ls))],
      r"bad\.txt:21: 3 wrong elements"),
-    (lambda ls: [x for x in ls if "Rank" not in x and "nThread" not in x], r"no '#  Rank N"),
     (lambda ls: [x for x in ls if not x.lstrip("#").strip().startswith(("size", "(B)"))],
      r"no nccl-tests results table"),
 ])
@@ -98,6 +97,62 @@ def test_without_rank_lines_the_group_comes_from_nccl_info_or_nthread_ngpus():
     lines = [x for x in _lines("all_reduce_perf.h100x8.txt") if "Rank" not in x]
     run, = parse_text("".join(lines), "all_reduce_perf.log")  # nThread 1 nGpus 8: one process
     assert (run.nranks, run.nodes, run.group) == (8, 1, "8")
+
+
+EXCERPT = FIXTURES / "all_reduce_perf.excerpt.txt"  # nThread 1 nGpus 1, no Rank lines, as users paste
+
+
+def _with_factor(kind_factor: float, name: str, tmp_path: Path) -> Path:
+    """The excerpt's table with each busbw rewritten as algbw × ``kind_factor`` (2 decimals)."""
+    out = []
+    for line in EXCERPT.read_text().splitlines(keepends=True):
+        tokens = line.split()
+        if tokens and tokens[0].isdigit():
+            for at in (7, 11):  # busbw of each half, after time and algbw
+                tokens[at] = f"{float(tokens[at - 1]) * kind_factor:.2f}"
+            line = "  ".join(tokens) + "\n"
+        out.append(line)
+    path = tmp_path / name
+    path.write_text("".join(out))
+    return path
+
+
+def test_an_excerpt_without_rank_lines_takes_its_group_from_busbw_over_algbw(tmp_path):
+    """all-reduce busbw = algbw·2(n−1)/n (1.75 at 8 ranks); all-gather and reduce-scatter
+    algbw·(n−1)/n: the group size comes back from the ratio, and the profile says so."""
+    run, = parse_nccl_tests(EXCERPT)
+    assert (run.kind, run.nranks, run.nodes, run.group) == ("all_reduce", 8, 1, "8")
+    assert "inferred from busbw/algbw = 1.750" in run.ranks_from and "2(n−1)/n" in run.ranks_from
+    for kind, factor, n in (("all_gather", 3 / 4, 4), ("reduce_scatter", 15 / 16, 16), ("all_reduce", 1.0, 2)):
+        got, = parse_nccl_tests(_with_factor(factor, f"{kind}_perf.txt", tmp_path))
+        assert (got.kind, got.nranks, got.group) == (kind, n, str(n))
+    doc = import_nccl_tests([EXCERPT], copy.deepcopy(load_profile("a100-80g").raw), "a100-pasted")
+    entry = doc["links"]["intra"]["all_reduce"]
+    assert set(entry["curves"]) == {"8"} | set(load_profile("a100-80g").raw["links"]["intra"]["all_reduce"]
+                                              .get("curves", {}))
+    assert "all_reduce_perf.excerpt.txt: 8 ranks inferred from busbw/algbw = 1.7500" in entry["cite"]
+    row = run.rows.iloc[-2]  # a large message: the curve gives back the measured time
+    assert profile_from_dict(doc).collective_s("all_reduce", row.size_bytes, 8) == pytest.approx(row.time_s, rel=0.03)
+
+
+def test_ranks_given_for_an_excerpt_are_checked_against_what_the_output_says(tmp_path):
+    run, = parse_nccl_tests(EXCERPT, ranks=8)
+    assert run.nranks == 8 and run.ranks_from.startswith("given by --ranks 8, as busbw/algbw = 1.7500 says")
+    with pytest.raises(ConfigError, match=r"--ranks 4 contradicts busbw/algbw = 1\.7500, a all_reduce of 8 ranks"):
+        parse_nccl_tests(EXCERPT, ranks=4)
+    with pytest.raises(ConfigError, match=r"--ranks 4 contradicts the Rank lines, which say 8 ranks"):
+        parse_nccl_tests(FIXTURES / "all_reduce_perf.h100x8.txt", ranks=4)
+    # a broadcast moves each byte once whatever the group: only --ranks can say its size
+    lines = [x for x in _lines("broadcast_perf.v100x8.txt") if "Rank" not in x]
+    path = tmp_path / "broadcast_perf.txt"
+    path.write_text("".join(lines).replace("nGpus 8", "nGpus 1"))
+    with pytest.raises(ConfigError, match=r"broadcast's busbw equals its algbw whatever the group: pass --ranks N"):
+        parse_nccl_tests(path)
+    run, = parse_nccl_tests(path, ranks=8)
+    assert (run.nranks, run.group) == (8, "8") and run.ranks_from.startswith("given by --ranks 8 (no Rank lines")
+    # a ratio no whole group size has is refused, not rounded
+    with pytest.raises(ConfigError, match=r"busbw/algbw = 1\.7000 fits no whole group size"):
+        parse_nccl_tests(_with_factor(1.7, "all_reduce_perf.txt", tmp_path))
 
 
 def test_unnamed_output_needs_a_telling_file_name(tmp_path):
