@@ -78,6 +78,39 @@ def test_tp_communication_counts_two_allreduces_per_layer():
     assert t.comm_s == pytest.approx(2 * 3 * one)
 
 
+def _two_link_profile():
+    """Linear profile whose intra- and inter-node links differ (α, busbw per class)."""
+    d = linear_profile_dict(peak=1e30, bw=1e30)
+    for cls, alpha, busbw in (("intra", 1e-6, 1e11), ("inter", 2e-5, 1e9)):
+        for kind in ("all_reduce", "all_gather", "reduce_scatter", "p2p", "broadcast"):
+            d["links"][cls][kind] = {**d["links"][cls][kind], "alpha_s": alpha, "busbw_bytes_per_s": busbw}
+    return profile_from_dict(d)
+
+
+def test_a_tensor_parallel_group_across_nodes_pays_the_inter_node_links_by_hand():
+    """tp = 4 over 2 nodes of 2: each all-reduce of S bytes is the 2-rank intra-node phase
+    (α_i + 2·(1/2)·S/B_i) then, on each rank's NIC, the 2-node phase over S/2 (α_e + 2·(1/2)·(S/2)/B_e)."""
+    p = _two_link_profile()
+    m = PRESETS["llama2-7b"].as_value_model()
+    b, s, L = 2, 8, 3
+    S = b * s * m.hidden * BF16
+    inside = 1e-6 + S / 1e11  # tp = 2 inside one node: 2(n-1)/n = 1
+    across = (1e-6 + S / 1e11) + (2e-5 + (S / 2) / 1e9)
+    assert forward_stage(p, m, 2, L, False, False, b, s).comm_s == pytest.approx(2 * L * inside)
+    t = forward_stage(p, m, 4, L, False, False, b, s, tp_nodes=2)
+    assert t.comm_s == pytest.approx(2 * L * across)
+    assert backward_stage(p, m, 4, L, False, False, b, s, tp_nodes=2).comm_s == pytest.approx(2 * L * across)
+    # the same group priced as if it fitted in a node would be 50x cheaper: the inter phase dominates
+    assert forward_stage(p, m, 4, L, False, False, b, s).comm_s < t.comm_s / 10
+    # and the lowering of a layout that says tp_across_nodes charges exactly that
+    call = Call("actor_inf", "actor", "inference", (), (), Workload(b, 1, s - 1, 1))
+    lay = Layout(DeviceMesh(0, 4), 1, 4, 1, 1, tp_across_nodes=True)
+    cc = lower_call(call, m, lay, 2, p)
+    assert lay.tp_span(2) == (2, 2) and cc.stages[0].fwd.comm_s == pytest.approx(
+        forward_stage(p, m, 4, m.layers, True, True, b, s, tp_nodes=2).comm_s)
+    assert cc.stages[0].fwd.comm_s > 2 * m.layers * across
+
+
 def test_stage_params_match_the_shards():
     for model in (TINY, TIED, PRESETS["tiny-4l-256h"].as_value_model(), GPT, NEOX):
         for tp in (1, 2):

@@ -136,6 +136,47 @@ def test_validate_reports_unknown_missing_and_each_rule():
     assert len(msgs) == 7
 
 
+def test_tensor_parallelism_across_nodes_is_allowed_only_when_the_layout_says_so():
+    model, cluster = PRESETS["llama2-7b"], Cluster(4, 8, "a100-80g")
+    train, gen = _call(64, 2), _call(64, 1, "generate")
+    across = Layout(DeviceMesh(0, 32), 2, 16, 1, 4, tp_across_nodes=True)
+    assert layout_problems(train, model, cluster, across) == []
+    assert layout_problems(_call(64, 1, "inference"), model, cluster, across) == []
+    assert across.tp_span(8) == (8, 2) and dataclasses.replace(across, tp=4, dp=8).tp_span(8) == (4, 1)
+    refused = layout_problems(train, model, cluster, dataclasses.replace(across, tp_across_nodes=False))
+    assert refused == ["call c: tp=16 spans nodes; tensor-parallel groups must fit in one node of 8 devices "
+                       "(tp must divide 8), or the layout may say tp_across_nodes: true (tp a multiple of 8; "
+                       "Megatron allows it, its collectives then cross the inter-node links)"]
+    inside = Layout(DeviceMesh(0, 8), 2, 4, 1, 4, tp_across_nodes=True)
+    assert layout_problems(train, model, cluster, inside) == [
+        "call c: tp_across_nodes with tp=4, which fits in one node of 8 devices: leave tp_across_nodes unset"]
+    odd = layout_problems(train, PRESETS["tiny-2l-128h"], Cluster(3, 4, "cpu"),
+                          Layout(DeviceMesh(0, 12), 1, 6, 2, 1, tp_across_nodes=True))
+    assert "call c: tp=6 with tp_across_nodes must be a multiple of the 4 devices per node" in "\n".join(odd)
+    assert any("applies to train and inference calls only, not to this generate call" in p
+               for p in layout_problems(gen, model, cluster, across))
+
+
+def test_tp_across_nodes_is_carried_in_plan_json_only_when_set():
+    across = Layout(DeviceMesh(0, 16), 1, 16, 1, 2, tp_across_nodes=True)
+    plan = Plan({"actor_train": across, "ref_inf": Layout(DeviceMesh(0, 8), 1, 8, 1)})
+    text = plan.to_json()
+    assert text.count("tp_across_nodes") == 1 and Plan.from_json(text) == plan
+    assert "tp_across_nodes" in plan.table() and "tp_across_nodes" not in Plan({"r": Layout(DeviceMesh(0, 8), 1, 8,
+                                                                                              1)}).table()
+    with pytest.raises(ConfigError, match=r"calls.a.tp_across_nodes: 'yes' must be true or false"):
+        Plan.from_data({"calls": {"a": {"mesh": "0-15", "dp": 1, "tp": 16, "pp": 1, "tp_across_nodes": "yes"}}})
+    with pytest.raises(ConfigError, match="tp_across_nodes=1: must be true or false"):
+        Layout(DeviceMesh(0, 16), 1, 16, 1, tp_across_nodes=1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(clusters, models)
+def test_the_planners_space_keeps_tensor_parallel_groups_inside_a_node(cluster, model):
+    layouts = enumerate_layouts(_call(64, 2), model, cluster)
+    assert not any(lay.tp_across_nodes or lay.tp > cluster.devices_per_node for lay in layouts)
+
+
 def test_paired_batch_divisibility_counts_pairs():
     cluster = Cluster(1, 4, "cpu")
     model = PRESETS["tiny-2l-128h"]

@@ -189,3 +189,20 @@ def test_the_table_says_where_the_trace_and_timeline_went(tmp_path, capsys, monk
     assert out.rstrip().endswith(f"wrote Chrome trace {trace} (open it in Perfetto)\n"
                                  f"wrote measured timeline {timeline} (rlhf-plan/timeline-v1)")
     assert Timeline.load(timeline).spans == tuple(spans) and trace.is_file()
+
+
+def test_tensor_parallelism_across_simulated_nodes_runs_when_the_plan_says_so(tmp_path, capfd):
+    """On CPU the nodes are simulated: a DPO plan whose tensor-parallel groups span the two
+    one-device nodes runs with tp_across_nodes and is refused, naming the key, without it."""
+    exp = tmp_path / "dpo-2nodes.yaml"
+    exp.write_text((EXAMPLES / "dpo-tiny-2xcpu.yaml").read_text().replace(
+        "{nodes: 1, devices_per_node: 2, device: cpu}", "{nodes: 2, devices_per_node: 1, device: cpu}"))
+    layout = {"mesh": "0-1", "dp": 1, "tp": 2, "pp": 1, "tp_across_nodes": True}
+    plan = tmp_path / "tp-across.json"
+    plan.write_text(json.dumps({"calls": {"ref_inf": layout, "actor_train": {**layout, "micro_batches": 2}}}))
+    assert main([str(exp), "--plan", str(plan), "--json"]) == 0
+    rep = json.loads(capfd.readouterr().out)
+    assert rep["calls"]["actor_train"]["tp"] == 2 and rep["calls"]["actor_train"]["duration_s"] > 0
+    plan.write_text(plan.read_text().replace(', "tp_across_nodes": true', ""))
+    assert main([str(exp), "--plan", str(plan)]) == 2
+    assert "call actor_train: tp=2 spans nodes" in capfd.readouterr().err

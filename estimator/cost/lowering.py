@@ -235,22 +235,23 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
     tail_f, tail_b = _tail(call, algorithm, b)
     spread = profile.call_overhead_s / _passes(call, layout)  # the call's bookkeeping, over its passes
     recompute = layout.recompute == "full"
+    tp_nodes = layout.tp_span(dpn)[1]  # nodes one tensor-parallel group spans (tp_across_nodes)
 
     def passes(n_layers: int, at_first: bool, at_last: bool) -> tuple[StageTime, StageTime]:
         """Forward and backward of a micro-batch through ``n_layers`` blocks and the ends."""
         train = call.kind == "train"
         if shapes is None:
             f = forward_stage(profile, model, layout.tp, n_layers, at_first, at_last, b, new, head, phase,
-                              tail_f, grad=train, recompute=recompute)
+                              tail_f, grad=train, recompute=recompute, tp_nodes=tp_nodes)
             bw = (backward_stage(profile, model, layout.tp, n_layers, at_first, at_last, b, new, tail_b,
-                                 recompute=recompute) if train else StageTime(0.0, 0.0))
+                                 recompute=recompute, tp_nodes=tp_nodes) if train else StageTime(0.0, 0.0))
             return f, bw
         rows, n = (np.array(x, dtype=float) for x in zip(*shapes))
         extra_f, extra_b = _tail(call, algorithm, rows)
         f = _mean_time(forward_stage(profile, model, layout.tp, n_layers, at_first, at_last, rows, n, None, phase,
-                                     extra_f, grad=train, recompute=recompute))
+                                     extra_f, grad=train, recompute=recompute, tp_nodes=tp_nodes))
         bw = (_mean_time(backward_stage(profile, model, layout.tp, n_layers, at_first, at_last, rows, n, extra_b,
-                                        recompute=recompute)) if train else StageTime(0.0, 0.0))
+                                        recompute=recompute, tp_nodes=tp_nodes)) if train else StageTime(0.0, 0.0))
         return f, bw
 
     stages = []

@@ -17,12 +17,14 @@ enters.
 Per stage of a pipeline, :func:`forward_stage` returns compute time and tensor-parallel
 communication separately: two all-reduces of ``b·s·h`` per layer forward (after o_proj and
 down_proj), one after the vocab-parallel embedding, and an all-gather of the logits over the
-vocabulary. :func:`backward_stage` has two all-reduces per layer (Megatron's f operators)
-plus one for the LM head's input, and one more per layer when the layout recomputes
-activations (the re-run forward's g operator after o_proj; recomputing stops before down_proj
-and its all-reduce, see :func:`backward_stage`). The profile's
-``executor.micro_batch_overhead_s`` is added to every stage pass; the lowering spreads
-``call_overhead_s`` over a call's passes.
+vocabulary. A tensor-parallel group of whole nodes (``tp_nodes`` > 1, a layout's
+``tp_across_nodes``) runs each of them across the nodes (:meth:`Profile.in_call_group_s`: its
+ranks on a node over NVLink, then across nodes on the NICs, or a measured multi-node curve).
+:func:`backward_stage` has two all-reduces per layer (Megatron's f operators) plus one for
+the LM head's input, and one more per layer when the layout recomputes activations (the re-run
+forward's g operator after o_proj; recomputing stops before down_proj and its all-reduce, see
+:func:`backward_stage`). The profile's ``executor.micro_batch_overhead_s`` is added to every
+stage pass; the lowering spreads ``call_overhead_s`` over a call's passes.
 
 Decoding (:func:`decode_stage`) is vectorised over steps: the census pieces are evaluated
 with the KV length as an array, so each step's attention is charged exactly.
@@ -94,20 +96,27 @@ def each_distinct(fn, x):  # noqa: ANN001, ANN202
     return np.exp(np.interp(np.log(uniq), np.log(grid), np.log(values)))[inv]
 
 
-def tp_allreduce_s(profile: Profile, tp: int, tokens: float, h: int) -> float:
+def tp_collective_s(profile: Profile, kind: str, size_bytes: float, tp: int, nodes: int = 1) -> float:
+    """One collective a tensor-parallel group of ``tp`` ranks over ``nodes`` whole nodes (1:
+    inside a node) issues between computations."""
+    return profile.in_call_group_s(kind, size_bytes, tp // nodes, nodes)
+
+
+def tp_allreduce_s(profile: Profile, tp: int, tokens: float, h: int, nodes: int = 1) -> float:
     """One all-reduce of the ``tokens × h`` activations (run dtype) over the tensor-parallel group
-    (``tokens`` may be an array)."""
+    of ``tp`` ranks on ``nodes`` nodes (``tokens`` may be an array)."""
     if tp == 1:
         return 0.0
-    return each_distinct(lambda n: profile.in_call_s("all_reduce", n * h * profile.elem_bytes, tp, "intra"), tokens)
+    return each_distinct(lambda n: tp_collective_s(profile, "all_reduce", n * h * profile.elem_bytes, tp, nodes),
+                         tokens)
 
 
-def head_comm_s(profile: Profile, model: ModelSpec, tp: int, head_tokens: float) -> float:
+def head_comm_s(profile: Profile, model: ModelSpec, tp: int, head_tokens: float, nodes: int = 1) -> float:
     """All-gather of the LM head's logits over the vocabulary (none for a value head)."""
     if model.head == "value" or tp == 1:
         return 0.0
-    return each_distinct(lambda n: profile.in_call_s("all_gather", n * model.vocab * profile.elem_bytes, tp, "intra"),
-                 head_tokens)
+    return each_distinct(lambda n: tp_collective_s(profile, "all_gather", n * model.vocab * profile.elem_bytes, tp,
+                                                   nodes), head_tokens)
 
 
 def _rotary_s(profile: Profile, model: ModelSpec, sym: dict, decode: bool = False) -> np.ndarray | float:
@@ -122,12 +131,14 @@ def _extras_s(profile: Profile, sym: dict, extras: tuple[Extra, ...], mode: str)
 
 def forward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, first: bool, last: bool,
                   batch: float, new: int, head_tokens: float | None = None, phase: str = "forward",
-                  extras: tuple[Extra, ...] = (), grad: bool = False, recompute: bool = False) -> StageTime:
+                  extras: tuple[Extra, ...] = (), grad: bool = False, recompute: bool = False,
+                  tp_nodes: int = 1) -> StageTime:
     """Forward of ``batch`` sequences over ``new`` tokens through a stage of ``layers`` blocks
     (``phase`` forward, or prefill into a KV cache); the head runs on ``head_tokens`` positions
     (default: all), then the last stage runs ``extras`` (token choice, loss). ``grad``: a
     training forward, whose ops autograd records; ``recompute``: its blocks run under activation
-    checkpointing, which costs the profile's ``checkpoint_s[0]`` per block beyond their ops."""
+    checkpointing, which costs the profile's ``checkpoint_s[0]`` per block beyond their ops;
+    ``tp_nodes``: nodes one tensor-parallel group spans."""
     n = batch * new
     head_tokens = n if head_tokens is None else head_tokens
     mode = "grad" if grad else "nograd"
@@ -136,20 +147,21 @@ def forward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, firs
                + _rotary_s(profile, model, sym))  # the rotary tables need no gradient
     if recompute:
         compute += layers * profile.checkpoint_s[0]
-    comm = 2 * layers * tp_allreduce_s(profile, tp, n, model.hidden)
+    comm = 2 * layers * tp_allreduce_s(profile, tp, n, model.hidden, tp_nodes)
     if first:
         compute += piece_s(profile, end_piece("embed", tp, model), sym, mode)
-        comm += tp_allreduce_s(profile, tp, n, model.hidden) if tp > 1 else 0.0
+        comm += tp_allreduce_s(profile, tp, n, model.hidden, tp_nodes) if tp > 1 else 0.0
     if last:
         head = end_piece(f"head_{model.head}", tp, model)
         compute += piece_s(profile, head, sym | {"tokens": head_tokens / batch}, mode)
         compute += _extras_s(profile, sym, extras, mode)
-        comm += head_comm_s(profile, model, tp, head_tokens)
+        comm += head_comm_s(profile, model, tp, head_tokens, tp_nodes)
     return StageTime(compute + profile.micro_batch_overhead_s, comm)
 
 
 def backward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, first: bool, last: bool,
-                   batch: float, new: int, extras: tuple[Extra, ...] = (), recompute: bool = False) -> StageTime:
+                   batch: float, new: int, extras: tuple[Extra, ...] = (), recompute: bool = False,
+                   tp_nodes: int = 1) -> StageTime:
     """Backward of the same micro-batch: the loss's backward (``extras``) and the head's on
     the last stage, each block's, the embedding's on the first; two all-reduces per layer,
     one more for the LM head's input on the last stage. ``recompute``: each block's forward
@@ -168,7 +180,8 @@ def backward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, fir
         compute += piece_s(profile, end_piece(f"head_{model.head}_backward", tp, model), sym, "backward")
         compute += _extras_s(profile, sym, extras, "backward")
     ars = (3 if recompute else 2) * layers + (1 if last and model.head == "lm" else 0)
-    return StageTime(compute + profile.micro_batch_overhead_s, ars * tp_allreduce_s(profile, tp, n, model.hidden))
+    return StageTime(compute + profile.micro_batch_overhead_s, ars * tp_allreduce_s(profile, tp, n, model.hidden,
+                                                                                     tp_nodes))
 
 
 def decode_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, first: bool, last: bool,

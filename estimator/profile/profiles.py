@@ -336,6 +336,17 @@ class Profile:
             return 0.0
         return self.collective_s(kind, size_bytes, n, link_class) + self.collective_overhead_s
 
+    def in_call_group_s(self, kind: str, size_bytes: float, per_node: int, nodes: int) -> float:
+        """:meth:`in_call_s` of a group of ``per_node`` ranks on each of ``nodes`` nodes: inside
+        one node its curve, across nodes :meth:`group_collective_s` (a measured multi-node
+        curve, else the intra-node phase and the inter-node phase on the NICs), plus
+        ``executor.collective_overhead_s`` either way."""
+        if nodes <= 1:
+            return self.in_call_s(kind, size_bytes, per_node, "intra")
+        if size_bytes <= 0:
+            return 0.0
+        return self.group_collective_s(kind, size_bytes, per_node, nodes) + self.collective_overhead_s
+
     def stage_send_s(self, size_bytes: float, link_class: str) -> float:
         """One pipeline message between stages as the executor sends it, between computations:
         its back-to-back time plus ``executor.p2p_overhead_s``."""

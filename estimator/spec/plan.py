@@ -7,6 +7,13 @@ then data-parallel, then pipeline stages outermost::
 
 so a tensor-parallel group is ``tp`` neighbouring devices and stays inside a node whenever
 ``tp`` divides the devices per node. Executor and estimator both use :meth:`Layout.device`.
+
+Tensor parallelism across nodes is legal in Megatron (``--tensor-model-parallel-size`` larger
+than the GPUs of a node; slow, but run, e.g. in vTrain's multi-node measurements) and a layout
+may say so explicitly: ``tp_across_nodes`` lets ``tp`` be a multiple of the devices per node,
+each tensor-parallel group then whole neighbouring nodes, and the estimator prices its
+collectives on the inter-node links (:meth:`Layout.tp_span`). Without the key such a layout is
+refused, and the planner's own space never proposes one.
 """
 
 from __future__ import annotations
@@ -66,6 +73,9 @@ class Layout:
     # ppo_max_token_len_per_gpu, AReaL's max_tokens_per_mb); 0: ``micro_batches`` equal splits
     max_tokens_per_micro_batch: int = 0
     shard: str = "none"  # train: data-parallel sharding of parameters, gradients, state (SHARD_CHOICES)
+    # train/inference: tensor-parallel groups may span whole nodes (tp a multiple of the devices
+    # per node, Megatron allows it); the default keeps every group inside one node
+    tp_across_nodes: bool = False
 
     def __post_init__(self) -> None:
         bad = [
@@ -84,6 +94,8 @@ class Layout:
                if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool) or getattr(self, k) < 0]
         if bad:
             raise ConfigError(f"layout {', '.join(bad)}: must be a whole number, 0 for unset")
+        if not isinstance(self.tp_across_nodes, bool):
+            raise ConfigError(f"layout tp_across_nodes={self.tp_across_nodes!r}: must be true or false")
 
     @property
     def size(self) -> int:
@@ -124,6 +136,14 @@ class Layout:
         """Whether ``other`` holds every shard and row where this layout does (no reallocation)."""
         return self.placement == other.placement
 
+    def tp_span(self, devices_per_node: int) -> tuple[int, int]:
+        """(ranks of one tensor-parallel group on each node, nodes the group spans): ``(tp, 1)``
+        inside a node, ``(devices_per_node, tp / devices_per_node)`` for a group of whole nodes
+        (``tp_across_nodes``, which validation allows only with ``tp`` a multiple of the node)."""
+        if self.tp_across_nodes and self.tp > devices_per_node:
+            return devices_per_node, -(-self.tp // devices_per_node)
+        return self.tp, 1
+
     def stage_devices(self, pp_rank: int) -> range:
         """The ``dp·tp`` devices of pipeline stage ``pp_rank``, contiguous by the rank order."""
         block = self.dp * self.tp
@@ -147,13 +167,15 @@ class Layout:
                "micro_batches": self.micro_batches}
         out |= {"recompute": self.recompute} if self.recompute != "none" else {}
         out |= {"shard": self.shard} if self.shard != "none" else {}
+        out |= {"tp_across_nodes": True} if self.tp_across_nodes else {}
         return out | {k: getattr(self, k) for k in OPTIONAL_LIMITS if getattr(self, k)}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "layout") -> Layout:
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: must be an object with mesh, dp, tp, pp, micro_batches")
-        allowed = {"mesh", "dp", "tp", "pp", "micro_batches", "recompute", "shard", *OPTIONAL_LIMITS}
+        allowed = {"mesh", "dp", "tp", "pp", "micro_batches", "recompute", "shard", "tp_across_nodes",
+                   *OPTIONAL_LIMITS}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -176,8 +198,11 @@ class Layout:
         for k, hi in OPTIONAL_LIMITS.items():
             if k in data:
                 rules.integer(f"{where}.{k}", data[k], lo=1, hi=hi)
+        across = data.get("tp_across_nodes", False)
+        if not isinstance(across, bool):
+            raise ConfigError(f"{where}.tp_across_nodes: {across!r} must be true or false")
         return cls(mesh, data["dp"], data["tp"], data["pp"], data.get("micro_batches", 1), recompute,
-                   shard=shard_mode, **{k: data[k] for k in OPTIONAL_LIMITS if k in data})
+                   shard=shard_mode, tp_across_nodes=across, **{k: data[k] for k in OPTIONAL_LIMITS if k in data})
 
 
 @dataclass(frozen=True)
@@ -220,11 +245,13 @@ class Plan:
         """A readable table of the plan (a recompute or shard column when any layout sets one)."""
         extra = any(lay.recompute != "none" for lay in self.layouts.values())
         sharding = any(lay.shard != "none" for lay in self.layouts.values())
+        across = any(lay.tp_across_nodes for lay in self.layouts.values())
         limits = [k for k in OPTIONAL_LIMITS if any(getattr(lay, k) for lay in self.layouts.values())]
         rows = [("call", "mesh", "devices", "dp", "tp", "pp", "micro_batches") + (("recompute",) if extra else ())
-                + (("shard",) if sharding else ()) + tuple(limits)]
+                + (("shard",) if sharding else ()) + (("tp_across_nodes",) if across else ()) + tuple(limits)]
         rows += [(c, str(lay.mesh), str(lay.mesh.size), str(lay.dp), str(lay.tp), str(lay.pp),
                   str(lay.micro_batches)) + ((lay.recompute,) if extra else ()) + ((lay.shard,) if sharding else ())
+                 + (("yes" if lay.tp_across_nodes else "-",) if across else ())
                  + tuple(str(getattr(lay, k) or "-") for k in limits) for c, lay in self.layouts.items()]
         return format_table(rows)
 
@@ -246,10 +273,7 @@ def _shape_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layo
         value = getattr(model, dim)
         if value % layout.tp:
             out.append(f"call {name}: tp={layout.tp} must divide {dim}={value} of model {model.name}")
-    dpn = cluster.devices_per_node
-    if layout.tp > dpn or (layout.mesh.size > dpn and dpn % layout.tp):
-        out.append(f"call {name}: tp={layout.tp} spans nodes; tensor-parallel groups must fit in "
-                   f"one node of {dpn} devices (tp must divide {dpn})")
+    out += _span_problems(call, cluster, layout)
     if layout.pp > model.layers:
         out.append(f"call {name}: pp={layout.pp} exceeds layers={model.layers} of model {model.name}")
     if layout.max_concurrency and call.kind != "generate":
@@ -273,6 +297,27 @@ def _shape_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layo
                    "the two copies of a tied embedding sum their gradients once per step, which a "
                    "per-micro-batch reduce-scatter cannot; use pp=1 or shard='optimizer'")
     return out
+
+
+def _span_problems(call: Call, cluster: Cluster, layout: Layout) -> list[str]:
+    """Where tensor-parallel groups may lie: inside one node, or — ``tp_across_nodes`` — over
+    whole neighbouring nodes (tp a multiple of the devices per node) of a train or inference call."""
+    name, tp, dpn = call.name, layout.tp, cluster.devices_per_node
+    spans = tp > dpn or (layout.mesh.size > dpn and dpn % tp)
+    if not layout.tp_across_nodes:
+        return [f"call {name}: tp={tp} spans nodes; tensor-parallel groups must fit in one node of {dpn} devices "
+                f"(tp must divide {dpn}), or the layout may say tp_across_nodes: true (tp a multiple of {dpn}; "
+                "Megatron allows it, its collectives then cross the inter-node links)"] if spans else []
+    if call.kind == "generate":
+        return [f"call {name}: tp_across_nodes applies to train and inference calls only, not to this generate "
+                "call (the rollout model prices tensor-parallel collectives inside a node)"]
+    if not spans:
+        return [f"call {name}: tp_across_nodes with tp={tp}, which fits in one node of {dpn} devices: "
+                "leave tp_across_nodes unset"]
+    if tp % dpn:
+        return [f"call {name}: tp={tp} with tp_across_nodes must be a multiple of the {dpn} devices per node, "
+                "so that each tensor-parallel group is whole nodes"]
+    return []
 
 
 def _batch_splits(call: Call, dp: int, micro_batches: int) -> bool:
