@@ -20,9 +20,11 @@ ten worst rows and the error per model size and per parallel layout, and writes 
 ``predictions.csv`` (per row: configuration, ``predicted_s``, ``measured_s``, ``ape``, whether
 it fits in memory, the busiest stage's work), ``scatter.png`` and ``summary.json``. ``--json``
 prints the summary with every row. Rows predicted not to fit in memory are counted and named,
-never dropped: each of them ran. No constant is fitted to the rows: the profile is the only
-source of time. ``summary.model_features`` says how each feature of vTrain's setting is
-expressed.
+never dropped: each of them ran. A row the command cannot express — a value that does not
+parse, a layout the plan rules refuse — is skipped, never fatal to the table: the table output
+lists it with the reason and the JSON has it in ``skipped[]`` (``{row, reason}``); only a table
+with no row left exits 2. No constant is fitted to the rows: the profile is the only source
+of time. ``summary.model_features`` says how each feature of vTrain's setting is expressed.
 
 ``fit-profile`` fits three numbers of a profile (:func:`fit_profile`: the host cost per op
 dispatched, a scale on the peak FLOP rate, the extra cost of a collective between computations)
@@ -34,7 +36,8 @@ was fitted on; ``vtrain --held-out-layers`` then reports the other rows apart.
 ``--base`` (default ``a100-80g``) with vTrain's stated 150 GB/s intra-node and 800 Gb/s per node
 inter-node figures, the command recorded in its ``notes``.
 
-Exit codes: 0 done; 2 invalid table, profile or option (one line naming row and column).
+Exit codes: 0 done (rows skipped, if any, listed); 2 invalid table (header, CSV, no row that
+can be predicted), profile or option (one line).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from analysis.vtrain import DEFAULT_PROFILE, VTrainRow, load_table, row_experiment, vtrain_profile
+from analysis.vtrain import DEFAULT_PROFILE, Skipped, VTrainRow, load_rows, load_table, row_experiment, vtrain_profile
 from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_json, atomic_write_text, check_output_path
 from estimator.base.progress import progress_bar
@@ -163,6 +166,8 @@ def render(summary: dict[str, Any]) -> str:
              f"within 10 %: {_pct(s['within_10pct'])}",
              f"predicted not to fit in memory: {s['not_fitting']} rows"
              + (f" ({s['not_fitting_rows'][:20]})" if s["not_fitting"] else ""),
+             f"skipped (cannot be expressed): {len(s.get('skipped', []))} rows",
+             *[f"  row {k['row']}: {k['reason']}" for k in s.get("skipped", [])],
              *[f"{name.replace('_', '-')} rows (layers {p['layers']}): n {p['n']}, MAPE {_pct(p['mape'])}, "
                f"median {_pct(p['median_ape'])}, max {_pct(p['max_ape'])}, Spearman {p['spearman']:.3f}"
                for name, p in s.get("parts", {}).items() if p["n"]], "",
@@ -208,10 +213,12 @@ def scatter(df: Any, out: Path, title: str) -> Path:
     return _save(fig, out)
 
 
-def scatter_title(table: str, rows: int, profile: Profile, summary: dict[str, Any]) -> str:
-    """Experiment (the table), plan (one SFT train call per row, on the row's layout) and
-    profile, with the headline errors."""
-    return (f"vTrain {Path(table).name}: {rows:,} one-node A100 runs, each one SFT train call on its row's "
+def scatter_title(table: str, rows: int, profile: Profile, summary: dict[str, Any],
+                  gpus: tuple[int, int] = (1, 8)) -> str:
+    """Experiment (the table, its runs' GPU counts), plan (one SFT train call per row, on the
+    row's layout) and profile, with the headline errors."""
+    where = "one-node" if gpus[1] <= 8 else f"{gpus[0]}–{gpus[1]}-GPU"
+    return (f"vTrain {Path(table).name}: {rows:,} {where} A100 runs, each one SFT train call on its row's "
             f"tp/pp/dp\nprofile {profile.name} ({op_set(profile)['stack']}): MAPE {_pct(summary['mape'])}, "
             f"Spearman {summary['spearman']:.3f}; measured (x) vs predicted (y)")
 
@@ -357,6 +364,24 @@ def _part(df: Any) -> dict[str, Any]:
             "max_ape": float(df.ape.max()), "spearman": rho, "layers": sorted(int(v) for v in df.layers.unique())}
 
 
+def expressible(rows: list[VTrainRow], skipped: list[Skipped], profile: Profile
+                ) -> tuple[list[VTrainRow], list[Skipped], dict[str, str]]:
+    """The rows that map to a valid experiment and plan, the rows skipped (those that did not
+    parse, then those the plan rules refuse, each with its reason, in row order) and the
+    model-feature notes of the first row mapped."""
+    keep, notes = [], {}
+    skipped = list(skipped)
+    for r in rows:
+        try:
+            row_notes = row_experiment(r, profile.name)[2]
+        except ConfigError as exc:
+            skipped.append(Skipped(r.row, str(exc).removeprefix(f"row {r.row}: ")))
+            continue
+        notes = notes or row_notes
+        keep.append(r)
+    return keep, sorted(skipped, key=lambda s: s.row), notes
+
+
 def run_vtrain(args: argparse.Namespace) -> int:
     try:
         profile = load_profile(args.profile, key="--profile")
@@ -364,17 +389,21 @@ def run_vtrain(args: argparse.Namespace) -> int:
         hint = (f" (make it with: python -m analysis.published make-profile --base a100-80g --name {args.profile})"
                 if args.profile == DEFAULT_PROFILE else "")
         raise ConfigError(f"{exc}{hint}") from None
-    rows = load_table(args.table)
-    notes = [row_experiment(r, profile.name)[2] for r in rows][0]  # every row valid before any work
+    rows, skipped, notes = expressible(*load_rows(args.table), profile)
+    if not rows:
+        raise ConfigError(f"{args.table}: no row can be predicted; " + "; ".join(
+            f"row {s.row}: {s.reason}" for s in skipped[:3]) + (" …" if len(skipped) > 3 else ""))
     out = _out_dir(args.out) / "summary.json" if args.out else None
     df = predict_table(rows, profile, args.engine, progress=not args.json)
-    summary = {"table": str(args.table), **summarize(df, profile, args.engine, notes)}
+    summary = {"table": str(args.table), **summarize(df, profile, args.engine, notes),
+               "skipped": [s.to_dict() for s in skipped]}
     if args.held_out_layers:
         held = df.layers.isin(_layers(args.held_out_layers, "--held-out-layers"))
         summary["parts"] = {name: _part(df[mask]) for name, mask in (("held_out", held), ("fitted", ~held))}
     if out is not None:
         atomic_write_text(out.parent / "predictions.csv", df.to_csv(index=False, float_format="%.6g"))
-        scatter(df, out.parent / "scatter.png", scatter_title(args.table, len(df), profile, summary))
+        scatter(df, out.parent / "scatter.png", scatter_title(args.table, len(df), profile, summary,
+                                                              (int(df.gpus.min()), int(df.gpus.max()))))
         atomic_write_json(out, summary)
     if args.json:
         print(json.dumps({**summary, "rows": df.to_dict("records")}, indent=2))

@@ -3,7 +3,8 @@ row becomes an experiment and a plan of this project.
 
 vTrain (Bang et al., "vTrain", MICRO 2024; github.com/VIA-Research/vTrain, commit f8dda847)
 released the iteration times it validated against, measured with Megatron-DeepSpeed on A100
-GPUs (``data/ground_truth_single.csv``, copied with its LICENSE into ``analysis/data/vtrain/``).
+GPUs: 1,440 runs on one node (``data/ground_truth_single.csv``) and 109 on 64 to 512 GPUs
+(``data/ground_truth_multi.csv``), both copied with vTrain's LICENSE into ``analysis/data/vtrain/``.
 A table has the columns ``# GPUs, global batch, micro batch, hidden size, attention heads, #
 layers, sequence length, tensor parallelism, data parallelism, pipeline parallelism, iteration
 time (ms)``, optionally led by ``Parameters (billion)``, optionally after a UTF-8 byte-order
@@ -11,6 +12,10 @@ mark. The setting, from vTrain's configuration defaults (``src/config.py``) and 
 configs: a GPT-3-style decoder (vocabulary 50,257, LayerNorm, GELU MLP of 4·hidden, learned
 positions, biases, multi-head attention, tied embeddings), mixed precision, full activation
 checkpointing, 1F1B, nodes of 8 GPUs, 150 GB/s intra-node and 800 Gb/s per node inter-node.
+A row whose tensor parallelism is wider than a node (the multi-node table's tp = 16) is laid out
+with ``tp_across_nodes``, as Megatron runs it. :func:`parse_rows` keeps going past a row it
+cannot read and says why; :func:`row_experiment` names a row the plan rules refuse, so a table
+is predicted row by row and such rows are skipped with their reason.
 
 :func:`vtrain_profile` derives the cluster profile of that setting from a base A100 profile.
 Collectives the base holds measured curves for keep them (vTrain, too, reads measured NCCL
@@ -132,8 +137,30 @@ def parse_row(values: dict[str, str], row: int) -> VTrainRow:
     return VTrainRow(row=row, measured_s=measured_ms / 1e3, params_billion=params, **f)
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A row of a table that was not predicted, and why."""
+
+    row: int  # 1-based data row
+    reason: str  # one line naming the column or rule
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"row": self.row, "reason": self.reason}
+
+
 def parse_table(text: str, where: str = "table") -> list[VTrainRow]:
-    """Every row of a table in vTrain's column format (a leading byte-order mark is dropped)."""
+    """Every row of a table in vTrain's column format (a leading byte-order mark is dropped);
+    the first bad row is refused, naming row and column."""
+    rows, skipped = parse_rows(text, where)
+    if skipped:
+        raise ConfigError(f"{where}: row {skipped[0].row}: {skipped[0].reason}")
+    return rows
+
+
+def parse_rows(text: str, where: str = "table") -> tuple[list[VTrainRow], list[Skipped]]:
+    """The rows of a table in vTrain's column format that parse, and those that do not with
+    the reason (:func:`parse_row`'s message); a table whose header or CSV is wrong, or that has
+    no rows, is refused whole."""
     import pandas as pd
 
     text = text.removeprefix("\ufeff")
@@ -151,14 +178,22 @@ def parse_table(text: str, where: str = "table") -> list[VTrainRow]:
                           + ("" if missing or extra else "; the order differs"))
     if table.empty:
         raise ConfigError(f"{where}: the table has no rows")
-    try:
-        return [parse_row(rec, i + 1) for i, rec in enumerate(table.to_dict("records"))]
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    rows, skipped = [], []
+    for i, rec in enumerate(table.to_dict("records")):
+        try:
+            rows.append(parse_row(rec, i + 1))
+        except ConfigError as exc:
+            skipped.append(Skipped(i + 1, str(exc).removeprefix(f"row {i + 1}: ")))
+    return rows, skipped
 
 
 def load_table(path: str | Path) -> list[VTrainRow]:
     return parse_table(read_text(path, "vTrain table", MAX_DATA_BYTES), where=f"vTrain table {path}")
+
+
+def load_rows(path: str | Path) -> tuple[list[VTrainRow], list[Skipped]]:
+    """:func:`parse_rows` of a file."""
+    return parse_rows(read_text(path, "vTrain table", MAX_DATA_BYTES), where=f"vTrain table {path}")
 
 
 # ---- row → experiment and plan --------------------------------------------------------------
@@ -202,7 +237,8 @@ def row_experiment(row: VTrainRow, device: str = DEFAULT_PROFILE) -> tuple[Exper
         experiment = Experiment("sft", {"actor": model}, params, Cluster(nodes, GPUS_PER_NODE, device),
                                 name=f"vtrain-row-{row.row}")
         notes["recompute"] = "full (honoured)"
-        layout = Layout(DeviceMesh(0, row.gpus), row.dp, row.tp, row.pp, row.micro_batches, recompute="full")
+        layout = Layout(DeviceMesh(0, row.gpus), row.dp, row.tp, row.pp, row.micro_batches, recompute="full",
+                        tp_across_nodes=row.tp > GPUS_PER_NODE)
         plan = check(Plan({"actor_train": layout}), experiment)
     except ConfigError as exc:
         raise ConfigError(f"row {row.row}: {exc}") from None

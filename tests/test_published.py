@@ -136,12 +136,49 @@ def test_main_end_to_end_json(tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["n"] == 3
 
 
-def test_main_refuses_a_bad_row_in_one_line(tmp_path, capsys):
+def test_rows_that_cannot_be_expressed_are_skipped_with_the_reason_never_fatal(tmp_path, capsys):
+    """A row that does not parse and a row the plan rules refuse are listed in the table output
+    and in JSON skipped[] with their reasons; the others are predicted; exit 0."""
     table = tmp_path / "t.csv"
-    table.write_text(_table([ROWS[0], "8,32,4,1024,16,24,1024,2,4,2,219.7"]), encoding="utf-8")
-    assert main(["vtrain", str(table)]) == 2
+    table.write_text(_table([ROWS[0], "8,32,4,1024,16,24,1024,2,4,2,219.7", ROWS[1],
+                             "8,32,4,1536,12,24,1024,8,1,1,219.7", ROWS[2]]), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["vtrain", str(table), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "skipped (cannot be expressed): 2 rows" in text
+    assert "  row 2: column '# GPUs'=8 must equal data·tensor·pipeline parallelism" in text
+    assert "  row 4: invalid plan: call actor_train: tp=8 must divide heads=12" in text
+    assert main(["vtrain", str(table), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["n"] == 3 and [r["row"] for r in got["rows"]] == [1, 3, 5]
+    assert [s["row"] for s in got["skipped"]] == [2, 4] and "tp=8 must divide heads=12" in got["skipped"][1]["reason"]
+    assert json.loads((out / "summary.json").read_text())["skipped"] == got["skipped"]
+    assert len(pd.read_csv(out / "predictions.csv")) == 3
+
+
+def test_a_table_with_no_row_left_exits_2_in_one_line(tmp_path, capsys):
+    table = tmp_path / "t.csv"
+    table.write_text(_table(["8,32,4,1024,16,24,1024,2,4,2,219.7", "8,32,4,1536,12,24,1024,8,1,1,219.7"]),
+                     encoding="utf-8")
+    assert main(["vtrain", str(table), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "row 2: column '# GPUs'=8" in err[0]
+    assert len(err) == 1 and "no row can be predicted; row 1: column '# GPUs'=8" in err[0]
+    assert "row 2: invalid plan: call actor_train: tp=8 must divide heads=12" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_multi_node_table_maps_whole_including_tp_across_nodes():
+    """vTrain's 109 multi-node runs (64–512 GPUs, tp up to 16): every row maps to a valid plan;
+    tp 16 spans two 8-GPU nodes, as Megatron ran it."""
+    rows = load_table(SHIPPED.with_name("ground_truth_multi.csv"))
+    assert len(rows) == 109 and {r.gpus for r in rows} == {64, 256, 512}
+    wide = [r for r in rows if r.tp == 16]
+    assert len(wide) == 6
+    for r in rows:
+        exp, plan, _ = row_experiment(r)
+        lay = plan["actor_train"]
+        assert lay.tp_across_nodes == (r.tp > 8) and exp.cluster.nodes == r.gpus // 8
+    assert row_experiment(wide[0])[1]["actor_train"].tp_span(8) == (8, 2)
 
 
 def test_profile_takes_vtrain_link_figures_and_keeps_measured_curves():
@@ -163,16 +200,6 @@ def test_shipped_profile_is_what_its_recorded_command_makes(tmp_path):
     assert main([*command[3:], "--out", str(out)]) == 0
     made = json.loads(out.read_text())
     assert {**made, "date": None} == {**shipped, "date": None}
-
-
-def test_a_row_the_plan_rules_refuse_is_named_before_any_output(tmp_path, capsys):
-    table = tmp_path / "t.csv"
-    table.write_text(_table([ROWS[0], "8,32,4,1536,12,24,1024,8,1,1,219.7"]), encoding="utf-8")
-    out = tmp_path / "out"
-    assert main(["vtrain", str(table), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "row 2: " in err and "tp=8 must divide heads=12" in err
-    assert not out.exists()
 
 
 def test_missing_profiles_are_named(tmp_path, capsys):
