@@ -14,9 +14,12 @@ from estimator.cost.lowering import lower_call
 from estimator.cost.ops import head_flops_per_token, projection_flops_per_token
 from estimator.cost.pieces import (
     BF16,
+    _extras_s,
     backward_stage,
     decode_stage,
+    dp_flatten_s,
     forward_stage,
+    optimizer_s,
     stage_params,
 )
 from estimator.cost.transfers import LinkBook, data_bytes, pair_ports, realloc_bytes
@@ -109,6 +112,83 @@ def test_a_tensor_parallel_group_across_nodes_pays_the_inter_node_links_by_hand(
     assert lay.tp_span(2) == (2, 2) and cc.stages[0].fwd.comm_s == pytest.approx(
         forward_stage(p, m, 4, m.layers, True, True, b, s, tp_nodes=2).comm_s)
     assert cc.stages[0].fwd.comm_s > 2 * m.layers * across
+
+
+MEGATRON = {"name": "Megatron", "attention": "unfused", "cross_entropy": "vocab_parallel", "grad_buffer": "contiguous",
+            "optimizer": {"bytes_per_param": 36.0, "launches": 4, "cite": "test"}, "cite": "test"}
+
+
+def _with_trainer(trainer: dict | None = None, **kw):
+    d = linear_profile_dict(**kw)
+    if trainer is not None:
+        d["trainer"] = trainer
+    return profile_from_dict(d)
+
+
+def test_unfused_attention_adds_the_score_traffic_and_the_uncausal_flops_by_hand():
+    """Megatron's core attention over E = rows·heads/tp·s² scores, 2-byte elements: forward
+    13·E bytes (baddbmm writes E·2, softmax 2·2·E, dropout 2·2·E + a 1-byte mask, bmm reads
+    E·2) and 4·E·d FLOPs where the fused kernel has 2·E·d; backward 19·E bytes (each product's
+    two gradients read or write E·2 each, dropout's 2·2·E + the mask, softmax's 3·2·E) and
+    8·E·d FLOPs against the fused kernel's 5·E·d. The recomputing backward re-runs the forward's."""
+    m, tp, L, b, s = PRESETS["llama2-7b"], 2, 3, 2, 64
+    E, d = b * m.heads / tp * s * s, m.head_dim
+    for kw, fwd_extra, bwd_extra in (({"peak": 1e30, "bw": 1e12}, 13 * E / 1e12, 19 * E / 1e12),
+                                     ({"peak": 1e12, "bw": 1e30}, 2 * E * d / 1e12, 3 * E * d / 1e12)):
+        plain, megatron = _with_trainer(None, **kw), _with_trainer({**MEGATRON}, **kw)
+        f0, f1 = (forward_stage(p, m, tp, L, False, False, b, s, grad=True) for p in (plain, megatron))
+        assert f1.compute_s - f0.compute_s == pytest.approx(L * fwd_extra, rel=1e-9)
+        b0, b1 = (backward_stage(p, m, tp, L, False, False, b, s, recompute=True) for p in (plain, megatron))
+        assert b1.compute_s - b0.compute_s == pytest.approx(L * (bwd_extra + fwd_extra), rel=1e-9)
+        # generation's prefill is the serving engine's: the trainer's attention does not apply
+        pre = [forward_stage(p, m, tp, L, False, False, b, s, phase="prefill") for p in (plain, megatron)]
+        assert pre[0] == pre[1]
+
+
+def test_vocab_parallel_loss_all_reduces_three_numbers_per_token_instead_of_gathering_logits():
+    m, tp, b, s = PRESETS["llama2-7b"], 4, 2, 32
+    n = b * s
+    extras = (("loss_sft_actor", {"response": s - 1, "rows": b}),)
+    plain = _with_trainer(None, peak=1e30, bw=1e12, link_bw=1e9)
+    vp = _with_trainer({"attention": "fused", "cross_entropy": "vocab_parallel", "cite": "test"}, peak=1e30,
+                       bw=1e12, link_bw=1e9)
+    f0, f1 = (forward_stage(p, m, tp, 0, False, True, b, s, extras=extras, grad=True) for p in (plain, vp))
+    assert f0.comm_s == pytest.approx(3 / 4 * n * m.vocab * BF16 / 1e9)  # the logits' all-gather
+    assert f1.comm_s == pytest.approx(3 * 2 * 3 / 4 * n * 4 / 1e9)  # three fp32 all-reduces per token
+    from estimator.cost.census import model_symbols
+
+    sym = model_symbols(m, tp) | {"rows": b, "tokens": s}
+    loss_whole = _extras_s(vp, sym, extras, "grad")
+    loss_shard = _extras_s(vp, sym | {"vocab": m.vocab / tp}, extras, "grad")
+    assert loss_shard == pytest.approx(loss_whole / tp, rel=0.05) and loss_shard < loss_whole
+    b0, b1 = (backward_stage(p, m, tp, 0, False, True, b, s, extras=(("loss_sft_actor_backward", extras[0][1]),))
+              for p in (plain, vp))
+    assert b1.compute_s < b0.compute_s and b1.comm_s == b0.comm_s  # the head input's all-reduce stays
+
+
+def test_a_fused_optimizer_moves_its_bytes_per_parameter_and_a_contiguous_buffer_copies_nothing():
+    numels = [1_000_000, 3_000_000, 500_000]
+    megatron = _with_trainer({**MEGATRON}, peak=1e30, bw=1e12, launch=1e-5)
+    assert optimizer_s(megatron, numels) == pytest.approx(36.0 * sum(numels) / 1e12)
+    host_bound = _with_trainer({**MEGATRON}, peak=1e30, bw=1e30, launch=1e-5)
+    assert optimizer_s(host_bound, numels) == pytest.approx(4 * 1e-5)  # its four launches
+    plain = _with_trainer(None, peak=1e30, bw=1e12, launch=1e-5)
+    assert optimizer_s(plain, numels) > 4 * 1e-5 * len(numels)  # the census's Adam: ops per tensor
+    assert dp_flatten_s(plain, numels) > 0 and dp_flatten_s(megatron, numels) == 0.0
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"attention": "flash"}, r"trainer attention='flash' \(one of \['fused', 'unfused'\]\)"),
+    ({"grad_buffer": "x", "cross_entropy": "y"}, r"cross_entropy='y'.*grad_buffer='x'"),
+    ({"optimizer": {"bytes_per_param": -1, "launches": 4, "cite": "c"}}, r"optimizer.bytes_per_param=-1"),
+    ({"optimizer": {"bytes_per_param": 30, "launches": 0, "cite": "c"}}, r"optimizer.launches=0"),
+    ({"optimizer": {"bytes_per_param": 30}}, r"trainer.optimizer: missing key\(s\) \['cite', 'launches'\]"),
+    ({"cite": ""}, r"trainer needs a 'cite'"),
+    ({"speed": 2}, r"trainer: unknown key\(s\) \['speed'\]"),
+])
+def test_the_trainer_section_is_checked(edit, match):
+    with pytest.raises(ConfigError, match=match):
+        _with_trainer({**MEGATRON, **edit})
 
 
 def test_stage_params_match_the_shards():

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from estimator.cost.census import block_piece, end_piece, load_op_set, model_symbols, rotary_piece, tensors_work
+from estimator.cost.trainer import fused_optimizer_s, unfused_attention_s
 from estimator.profile.profiles import Profile
 from estimator.spec.models import ModelSpec
 
@@ -119,6 +120,27 @@ def head_comm_s(profile: Profile, model: ModelSpec, tp: int, head_tokens: float,
                                                    nodes), head_tokens)
 
 
+# Megatron's vocab-parallel cross entropy all-reduces these per token over the tensor-parallel
+# group: the max logit, the target's logit, the sum of exponentials (Shoeybi et al. 2019 §3,
+# megatron/core/tensor_parallel/cross_entropy.py)
+LOSS_ALLREDUCES = 3
+
+
+def loss_comm_s(profile: Profile, tp: int, tokens: float, nodes: int = 1) -> float:
+    """The vocab-parallel loss's all-reduces, one fp32 number per token each (``tokens`` may
+    be an array), where the executor all-gathers the logits instead (:func:`head_comm_s`)."""
+    if tp == 1:
+        return 0.0
+    return LOSS_ALLREDUCES * each_distinct(lambda n: tp_collective_s(profile, "all_reduce", n * FP32, tp, nodes),
+                                           tokens)
+
+
+def _vocab_parallel(profile: Profile, model: ModelSpec, phase: str) -> bool:
+    """Whether a pass's loss is the trainer's vocab-parallel cross entropy (train and inference
+    passes of a language model under a trainer that says so)."""
+    return profile.trainer.cross_entropy == "vocab_parallel" and phase == "forward" and model.head == "lm"
+
+
 def _rotary_s(profile: Profile, model: ModelSpec, sym: dict, decode: bool = False) -> np.ndarray | float:
     """The rotary tables of one stage pass (none for learned positions)."""
     piece = rotary_piece(model, decode)
@@ -145,6 +167,8 @@ def forward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, firs
     sym = model_symbols(model, tp) | {"rows": batch, "tokens": new}
     compute = (layers * piece_s(profile, block_piece(phase, model, tp), sym, mode)
                + _rotary_s(profile, model, sym))  # the rotary tables need no gradient
+    if profile.trainer.attention == "unfused" and phase == "forward":
+        compute += layers * unfused_attention_s(profile, model, tp, batch, new, False, mode)
     if recompute:
         compute += layers * profile.checkpoint_s[0]
     comm = 2 * layers * tp_allreduce_s(profile, tp, n, model.hidden, tp_nodes)
@@ -153,9 +177,16 @@ def forward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, firs
         comm += tp_allreduce_s(profile, tp, n, model.hidden, tp_nodes) if tp > 1 else 0.0
     if last:
         head = end_piece(f"head_{model.head}", tp, model)
-        compute += piece_s(profile, head, sym | {"tokens": head_tokens / batch}, mode)
-        compute += _extras_s(profile, sym, extras, mode)
-        comm += head_comm_s(profile, model, tp, head_tokens, tp_nodes)
+        if _vocab_parallel(profile, model, phase):
+            # the logits stay split: the head's gathered copy is the rank's own shard, the loss
+            # runs on it, and three per-token all-reduces replace the logits' all-gather
+            compute += piece_s(profile, head, sym | {"tokens": head_tokens / batch, "tp": 1.0}, mode)
+            compute += _extras_s(profile, sym | {"vocab": sym["vocab_local"]}, extras, mode)
+            comm += loss_comm_s(profile, tp, head_tokens, tp_nodes)
+        else:
+            compute += piece_s(profile, head, sym | {"tokens": head_tokens / batch}, mode)
+            compute += _extras_s(profile, sym, extras, mode)
+            comm += head_comm_s(profile, model, tp, head_tokens, tp_nodes)
     return StageTime(compute + profile.micro_batch_overhead_s, comm)
 
 
@@ -174,11 +205,16 @@ def backward_stage(profile: Profile, model: ModelSpec, tp: int, layers: int, fir
     sym = model_symbols(model, tp) | {"rows": batch, "tokens": new}
     block = block_piece("backward_recompute" if recompute else "backward", model, tp)
     compute = layers * (piece_s(profile, block, sym, "backward") + (profile.checkpoint_s[1] if recompute else 0.0))
+    if profile.trainer.attention == "unfused":  # the backward's, and the re-run forward's
+        compute += layers * unfused_attention_s(profile, model, tp, batch, new, True, "backward")
+        if recompute:
+            compute += layers * unfused_attention_s(profile, model, tp, batch, new, False, "backward")
     if first:
         compute += piece_s(profile, end_piece("embed_backward", tp, model), sym, "backward")
     if last:
         compute += piece_s(profile, end_piece(f"head_{model.head}_backward", tp, model), sym, "backward")
-        compute += _extras_s(profile, sym, extras, "backward")
+        loss_sym = sym | {"vocab": sym["vocab_local"]} if _vocab_parallel(profile, model, "forward") else sym
+        compute += _extras_s(profile, loss_sym, extras, "backward")
     ars = (3 if recompute else 2) * layers + (1 if last and model.head == "lm" else 0)
     return StageTime(compute + profile.micro_batch_overhead_s, ars * tp_allreduce_s(profile, tp, n, model.hidden,
                                                                                      tp_nodes))
@@ -239,7 +275,10 @@ def stage_params(model: ModelSpec, tp: int, pp: int, stage: int, stage_layers: i
 
 def optimizer_s(profile: Profile, numels: list[int]) -> float:
     """One ``ShardAdam`` step and ``zero_grad`` over parameter tensors of ``numels`` elements:
-    the census's multi-tensor ops, each over all the tensors' bytes, plus its per-tensor ops."""
+    the census's multi-tensor ops, each over all the tensors' bytes, plus its per-tensor ops;
+    under a trainer with a fused optimizer, its step instead (:func:`fused_optimizer_s`)."""
+    if profile.trainer.fused_optimizer:
+        return fused_optimizer_s(profile, float(sum(numels)))
     census = load_op_set(profile.ops)
     flops, nbytes, launches = tensors_work(census, profile.dtype, "optimizer", len(numels), float(sum(numels)))
     return profile.op_s(flops, nbytes, launches, in_model=False) if numels else 0.0
@@ -247,8 +286,9 @@ def optimizer_s(profile: Profile, numels: list[int]) -> float:
 
 def dp_flatten_s(profile: Profile, numels: list[int]) -> float:
     """The local copies that flatten ``numels`` gradients into one data-parallel all-reduce
-    and back (none for a single tensor, which is reduced in place), as one memory-bound pass."""
-    if len(numels) <= 1:
+    and back (none for a single tensor, which is reduced in place, or under a trainer whose
+    gradients live in one contiguous buffer), as one memory-bound pass."""
+    if len(numels) <= 1 or profile.trainer.grad_buffer == "contiguous":
         return 0.0
     census = load_op_set(profile.ops)
     _, nbytes, launches = tensors_work(census, profile.dtype, "dp_allreduce", len(numels), float(sum(numels)))

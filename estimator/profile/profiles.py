@@ -28,7 +28,10 @@ curve, the longer) combined with host dispatch (``launch.overhead_s`` per aten o
 ``no_grad``; ``grad_overhead_s`` per op autograd records and ``backward_overhead_s`` per op of a
 backward pass where the profile measured them) by ``+`` (``compose`` serial) or ``max``
 (overlap): :meth:`Profile.op_s`. The ``executor`` section holds
-the runtime's own bookkeeping per call and per micro-batch stage pass (default 0).
+the runtime's own bookkeeping per call and per micro-batch stage pass (default 0). The optional
+``trainer`` section says where the training software priced departs from the op census
+(:mod:`estimator.profile.trainer`: Megatron's unfused attention, vocab-parallel loss,
+contiguous gradient buffer, fused optimizer).
 
 Efficiency curves map an op's size (FLOPs or bytes) to the fraction of peak it reaches; they
 are looked up by interpolation in log(size) between points (or as steps, Calculon-style) and
@@ -67,6 +70,7 @@ from estimator.base.io import atomic_write_json
 from estimator.base.loading import is_file, load_json
 from estimator.base.rules import MAX_LATENCY_S
 from estimator.profile.collectives import COLLECTIVES, LINK_CLASSES, LinkCost, bus_factor, number, parse_links
+from estimator.profile.trainer import Trainer, parse_trainer
 
 __all__ = ["COLLECTIVES", "FORMATS", "LINK_CLASSES", "PROFILE_DIR", "PROFILE_FORMAT", "Curve", "LinkCost",
            "Profile", "bus_factor", "known_profiles", "load_profile", "profile_from_dict"]
@@ -197,6 +201,8 @@ class Profile:
     checkpoint_s: tuple[float, float] = (0.0, 0.0)  # activation checkpointing per block, (forward, backward), s
     # host
     host: HostSharing | None = None  # devices of one host slow each other down (CPU); None: they do not
+    # the training software priced, where it departs from the op census (estimator.profile.trainer)
+    trainer: Trainer = field(default_factory=Trainer)
     # where it came from
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)  # the file
     path: str = ""  # where it was loaded from
@@ -370,7 +376,7 @@ class Profile:
                 for k, v in node.items():
                     walk(v, f"{path}.{k}" if path else k)
 
-        walk({k: self.raw[k] for k in ("compute", "memory", "links", "executor") if k in self.raw}, "")
+        walk({k: self.raw[k] for k in ("compute", "memory", "links", "executor", "trainer") if k in self.raw}, "")
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -462,7 +468,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: must be a JSON object")
     top = ("format", "name", "source", "device", "date", "software", "compute", "memory", "links")
-    optional = {"notes", "executor", "host"}
+    optional = {"notes", "executor", "host", "trainer"}
     unknown = sorted(set(data) - set(top) - optional)
     missing = sorted(set(top) - set(data))
     if unknown or missing:
@@ -505,7 +511,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         links=links, link_names=names, raw=data, path=path, compose=compose, dtype=dtype,
         call_overhead_s=call_s, micro_batch_overhead_s=mb_s, host=_host(data, where), collective_overhead_s=coll_s,
         ops=ops, kernel_floor_s=floor_s, kernels=kernels, device_scale=_in_model(compute, w),
-        checkpoint_s=(ckpt_f, ckpt_b), p2p_overhead_s=p2p_s,
+        checkpoint_s=(ckpt_f, ckpt_b), p2p_overhead_s=p2p_s, trainer=parse_trainer(data, where),
         **{k: _positive(launch, k, f"{w}.launch", zero_ok=True) for k in DISPATCH_KEYS if k in launch},
     )
 
