@@ -4,6 +4,8 @@ Usage::
 
     python -m analysis.published vtrain analysis/data/vtrain/ground_truth_single.csv \\
         --out analysis/results/published/vtrain-single
+    python -m analysis.published vtrain analysis/data/vtrain/ground_truth_multi.csv --profile a100-vtrain-fit \\
+        --out analysis/results/published/vtrain-multi
     python -m analysis.published vtrain TABLE.csv --profile a100-80g --json
     python -m analysis.published make-profile --base a100-80g --name a100-vtrain
     python -m analysis.published fit-profile analysis/data/vtrain/ground_truth_single.csv \
@@ -26,15 +28,19 @@ lists it with the reason and the JSON has it in ``skipped[]`` (``{row, reason}``
 with no row left exits 2. No constant is fitted to the rows: the profile is the only source
 of time. ``summary.model_features`` says how each feature of vTrain's setting is expressed.
 
-``fit-profile`` fits three numbers of a profile (:func:`fit_profile`: the host cost per op
-dispatched, a scale on the peak FLOP rate, the extra cost of a collective between computations)
-to the rows of the layer counts ``--fit-layers`` only — a disjoint part of the table, as a user
-would fit their own cluster's runs — and records in every fitted number's ``cite`` which rows it
-was fitted on; ``vtrain --held-out-layers`` then reports the other rows apart.
+``fit-profile`` fits four numbers of a profile (:mod:`analysis.vtrain_fit`: the optimizer
+step's bytes per parameter and the bookkeeping per call, from the step each row with one stage
+and one data-parallel rank takes beyond its micro-batches; the host cost per op dispatched and
+the bookkeeping per micro-batch stage pass, by least squares) to the rows of the layer counts
+``--fit-layers`` only — a disjoint part of the table, as a user would fit their own cluster's
+runs — and records in every fitted number's ``cite`` which rows it was fitted on; ``vtrain
+--held-out-layers`` then reports the other rows apart.
 
 ``make-profile`` writes the profile of vTrain's cluster (:func:`analysis.vtrain.vtrain_profile`):
 ``--base`` (default ``a100-80g``) with vTrain's stated 150 GB/s intra-node and 800 Gb/s per node
-inter-node figures, the command recorded in its ``notes``.
+inter-node figures and the trainer vTrain measured (Megatron-DeepSpeed's unfused attention,
+vocab-parallel loss, contiguous gradient buffer and fused optimizer, :mod:`estimator.profile.trainer`),
+the command recorded in its ``notes``.
 
 Exit codes: 0 done (rows skipped, if any, listed); 2 invalid table (header, CSV, no row that
 can be predicted), profile or option (one line).
@@ -50,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.vtrain import DEFAULT_PROFILE, Skipped, VTrainRow, load_rows, load_table, row_experiment, vtrain_profile
+from analysis.vtrain_fit import TERMS, fit_profile
 from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_json, atomic_write_text, check_output_path
 from estimator.base.progress import progress_bar
@@ -133,6 +140,7 @@ def summarize(df: Any, profile: Profile, engine: str, notes: dict[str, str], wor
         "mean_ratio": float((df.predicted_s / df.measured_s).mean()),
         "within_10pct": float((df.ape <= 0.10).mean()),
         "engine": engine, "profile": profile.name, "profile_source": profile.source,
+        "trainer": profile.trainer.words(),
         "profile_path": _shown(profile.path),
         "op_set": {k: v for k, v in op_set(profile).items() if k != "text"},
         "model_features": notes,
@@ -161,6 +169,7 @@ def render(summary: dict[str, Any]) -> str:
     s = summary
     lines = [f"{s['n']} rows on profile {s['profile']} ({s['profile_source']}), {s['engine']}; priced for "
              f"{s['op_set']['stack']} (compute.ops={s['op_set']['ops']})",
+             f"trainer: {s['trainer']}",
              f"MAPE {_pct(s['mape'])}   median {_pct(s['median_ape'])}   max {_pct(s['max_ape'])}   "
              f"Spearman {s['spearman']:.3f}   predicted/measured {s['mean_ratio']:.3f}   "
              f"within 10 %: {_pct(s['within_10pct'])}",
@@ -169,7 +178,8 @@ def render(summary: dict[str, Any]) -> str:
              f"skipped (cannot be expressed): {len(s.get('skipped', []))} rows",
              *[f"  row {k['row']}: {k['reason']}" for k in s.get("skipped", [])],
              *[f"{name.replace('_', '-')} rows (layers {p['layers']}): n {p['n']}, MAPE {_pct(p['mape'])}, "
-               f"median {_pct(p['median_ape'])}, max {_pct(p['max_ape'])}, Spearman {p['spearman']:.3f}"
+               f"median {_pct(p['median_ape'])}, max {_pct(p['max_ape'])}, Spearman {p['spearman']:.3f}; "
+               + "; ".join(", ".join(f"{k} {b[k]} {_pct(b['mape'])}" for b in p[f"by_{k}"]) for k in ("tp", "pp"))
                for name, p in s.get("parts", {}).items() if p["n"]], "",
              "busiest stage's share of the predicted time: " + ", ".join(
                  f"{k.removesuffix('_s')} {_pct(v)}" for k, v in s["predicted_share"].items()),
@@ -188,28 +198,39 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip()
 
 
+MARKERS = "os^Dvp*hX"  # one per pipeline degree, in increasing order
+
+
 def scatter(df: Any, out: Path, title: str) -> Path:
-    """Predicted (y) against measured (x) iteration time per row, coloured by layout, with
-    y = x, ±10 % bands and plain-number log ticks (the validation scatter's convention,
-    :func:`analysis.plot.scatter`); written atomically."""
+    """Predicted (y) against measured (x) iteration time per row, coloured by tensor-parallel
+    degree and shaped by pipeline degree, with y = x, ±10 % bands and plain-number log ticks
+    (the validation scatter's convention, :func:`analysis.plot.scatter`); written atomically."""
+    from matplotlib.lines import Line2D
+
     from analysis.plot import _save, log_ticks, plt
 
     fig, ax = plt.subplots(figsize=(6.4, 6.2))
-    groups = df.assign(key="tp" + df.tp.astype(str) + " pp" + df.pp.astype(str)).groupby("key")
-    for i, (key, g) in enumerate(groups):
-        ax.scatter(1e3 * g.measured_s, 1e3 * g.predicted_s, s=9, alpha=0.7, label=key, color=plt.cm.tab10(i % 10))
+    tps, pps = sorted(df.tp.unique()), sorted(df.pp.unique())
+    colour = {tp: plt.cm.tab10(i % 10) for i, tp in enumerate(tps)}
+    marker = {pp: MARKERS[i % len(MARKERS)] for i, pp in enumerate(pps)}
+    for (tp, pp), g in df.groupby(["tp", "pp"]):
+        ax.scatter(1e3 * g.measured_s, 1e3 * g.predicted_s, s=11, alpha=0.7, color=colour[tp], marker=marker[pp])
     lo = 0.8 * 1e3 * min(df.measured_s.min(), df.predicted_s.min())
     hi = 1.25 * 1e3 * max(df.measured_s.max(), df.predicted_s.max())
     xs = [lo, hi]
-    ax.plot(xs, xs, color="black", lw=1, label="y = x")
-    ax.fill_between(xs, [0.9 * x for x in xs], [1.1 * x for x in xs], color="grey", alpha=0.2, label="±10 %")
+    ax.plot(xs, xs, color="black", lw=1)
+    ax.fill_between(xs, [0.9 * x for x in xs], [1.1 * x for x in xs], color="grey", alpha=0.2)
     ax.set(xscale="log", yscale="log", xlim=xs, ylim=xs, xlabel="measured iteration time (ms), vTrain's table",
            ylabel="predicted iteration time (ms)")
     log_ticks(ax, lo, hi)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.grid(which="minor", alpha=0.12)
-    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    handles = ([Line2D([], [], ls="", marker="o", color=colour[tp], label=f"tp {tp}") for tp in tps]
+               + [Line2D([], [], ls="", marker=marker[pp], color="dimgrey", label=f"pp {pp}") for pp in pps]
+               + [Line2D([], [], color="black", lw=1, label="y = x"),
+                  plt.Rectangle((0, 0), 1, 1, color="grey", alpha=0.2, label="±10 %")])
+    ax.legend(handles=handles, fontsize=7, loc="upper left", ncol=2)
     return _save(fig, out)
 
 
@@ -218,9 +239,10 @@ def scatter_title(table: str, rows: int, profile: Profile, summary: dict[str, An
     """Experiment (the table, its runs' GPU counts), plan (one SFT train call per row, on the
     row's layout) and profile, with the headline errors."""
     where = "one-node" if gpus[1] <= 8 else f"{gpus[0]}–{gpus[1]}-GPU"
+    trainer = f"; trainer {profile.trainer.name}" if profile.trainer.departs else ""
     return (f"vTrain {Path(table).name}: {rows:,} {where} A100 runs, each one SFT train call on its row's "
-            f"tp/pp/dp\nprofile {profile.name} ({op_set(profile)['stack']}): MAPE {_pct(summary['mape'])}, "
-            f"Spearman {summary['spearman']:.3f}; measured (x) vs predicted (y)")
+            f"tp/pp/dp\nprofile {profile.name} ({op_set(profile)['stack']}{trainer})\n"
+            f"MAPE {_pct(summary['mape'])}, Spearman {summary['spearman']:.3f}; measured (x) vs predicted (y)")
 
 
 # ---- the commands ------------------------------------------------------------------------
@@ -242,64 +264,6 @@ def make_profile(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({args.name}: {base.name} with vTrain's link figures)")
     return 0
 
-
-
-FIT_TERMS = ("dispatch_s", "flops_scale", "collective_overhead_s")
-FIT_BOUNDS = ((1e-7, 0.05, 0.0), (1e-3, 1.5, 5e-4))  # per op host cost; peak × scale; extra per collective
-
-
-def fitted_doc(base: Profile, name: str, x: Any, cite: str) -> dict:
-    """``base``'s document with the three fitted numbers (:data:`FIT_TERMS`): the host cost
-    per op dispatched (autograd's and the backward's costs kept in the base's proportion), the
-    peak FLOP rate scaled, and the extra cost of a collective between computations."""
-    import copy
-
-    dispatch_s, scale, coll_s = (float(v) for v in x)
-    doc = copy.deepcopy(base.raw)
-    doc["name"], doc["source"] = name, "measured"
-    launch = doc["compute"]["launch"]
-    ratio = dispatch_s / base.launch_overhead_s if base.launch_overhead_s > 0 else None
-    for key in ("grad_overhead_s", "backward_overhead_s"):
-        if key in launch:
-            launch[key] = launch[key] * ratio if ratio is not None else dispatch_s
-    launch.update(overhead_s=dispatch_s, cite=cite)
-    launch.pop("command", None)
-    peak = doc["compute"]["peak"]
-    peak.update(flops_per_s=base.peak_flops * scale, cite=f"{peak.get('cite', peak.get('command', ''))}; × "
-                f"{scale:.4g} {cite}")
-    peak.pop("command", None)
-    executor = doc.setdefault("executor", {"call_overhead_s": 0.0, "micro_batch_overhead_s": 0.0})
-    executor.update(collective_overhead_s=coll_s, cite=cite)
-    executor.pop("command", None)
-    return doc
-
-
-def fit_profile(rows: list[VTrainRow], base: Profile, name: str, cite: str, progress: bool = True
-                ) -> tuple[dict, dict[str, Any]]:
-    """Fit :data:`FIT_TERMS` to ``rows`` by bounded least squares of the log error
-    (``scipy.optimize.least_squares``), starting from ``base``'s own figures."""
-    import numpy as np
-    from scipy import optimize
-
-    from estimator.profile.profiles import profile_from_dict
-
-    measured = np.array([r.measured_s for r in rows])
-    bar = progress_bar(desc="fit evaluations", unit="eval", disable=not progress)
-
-    def residuals(x: np.ndarray) -> np.ndarray:
-        prof = profile_from_dict(fitted_doc(base, name, x, cite), where=f"profile {name}")
-        pred = predict_table(rows, prof, progress=False)["predicted_s"].to_numpy()
-        bar.update()
-        return np.log(pred / measured)
-
-    x0 = np.clip([base.launch_overhead_s, 1.0, base.collective_overhead_s], *FIT_BOUNDS)
-    fit = optimize.least_squares(residuals, x0, bounds=FIT_BOUNDS, x_scale=[1e-5, 0.1, 1e-5], diff_step=1e-2,
-                                 method="trf", xtol=1e-4, ftol=1e-5)
-    evaluations = bar.n
-    bar.close()
-    doc = fitted_doc(base, name, fit.x, cite)
-    return doc, {**dict(zip(FIT_TERMS, (float(v) for v in fit.x))), "evaluations": int(evaluations),
-                 "fit_rows": len(rows), "fit_mape": float(np.mean(np.abs(np.expm1(fit.fun))))}
 
 
 def _layers(text: str, flag: str) -> set[int]:
@@ -325,19 +289,24 @@ def run_fit(args: argparse.Namespace) -> int:
                f"--fit-layers {args.fit_layers}")
     cite = (f"fitted by `{command}` on the {len(fit_rows)} rows with {sorted(layers)} layers; "
             f"rows of other layer counts are held out")
-    doc, result = fit_profile(fit_rows, base, args.name, cite, progress=not args.json)
-    doc["notes"] = f"{base.name} with three numbers {cite}: " + ", ".join(
-        f"{k} {result[k]:.4g}" for k in FIT_TERMS)
+    doc, result = fit_profile(fit_rows, base, args.name, cite, _predicted, progress=not args.json)
+    fitted = [k for k in TERMS if k in result]
+    doc["notes"] = f"{base.name} with {len(fitted)} numbers {cite}: " + ", ".join(
+        f"{k} {result[k]:.4g}" for k in fitted)
     from estimator.profile.profiles import profile_from_dict
 
     profile_from_dict(doc, where=f"profile {out}")
     atomic_write_text(out, json.dumps(doc, indent=2) + "\n", "--out")
     result.update(profile=str(out), fit_layers=sorted(layers))
     print(json.dumps(result, indent=2) if args.json else
-          f"wrote {out}: " + ", ".join(f"{k} {result[k]:.4g}" for k in FIT_TERMS)
+          f"wrote {out}: " + ", ".join(f"{k} {result[k]:.4g}" for k in fitted)
           + f" (fit on {result['fit_rows']} rows, MAPE there {_pct(result['fit_mape'])}, "
             f"{result['evaluations']} evaluations)")
     return 0
+
+
+def _predicted(rows: list[VTrainRow], profile: Profile) -> Any:  # -> numpy array
+    return predict_table(rows, profile, progress=False)["predicted_s"].to_numpy()
 
 
 def _out_dir(path: str) -> Path:
@@ -361,7 +330,8 @@ def _part(df: Any) -> dict[str, Any]:
         return {"n": 0}
     rho = float(spearmanr(df.predicted_s, df.measured_s).statistic) if len(df) > 1 else float("nan")
     return {"n": int(len(df)), "mape": float(df.ape.mean()), "median_ape": float(df.ape.median()),
-            "max_ape": float(df.ape.max()), "spearman": rho, "layers": sorted(int(v) for v in df.layers.unique())}
+            "max_ape": float(df.ape.max()), "spearman": rho, "layers": sorted(int(v) for v in df.layers.unique()),
+            "by_tp": breakdown(df, ["tp"]), "by_pp": breakdown(df, ["pp"])}
 
 
 def expressible(rows: list[VTrainRow], skipped: list[Skipped], profile: Profile
@@ -437,8 +407,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="inter-node bandwidth per node, Gb/s (vTrain's default 800)")
     m.add_argument("--replace-curves", action="store_true",
                    help="use the stated figures for collectives the base has measured curves for too")
-    f = sub.add_parser("fit-profile", help="fit a profile's host cost per op, peak rate and per-collective "
-                                           "extra to the rows of some layer counts, holding the rest out")
+    f = sub.add_parser("fit-profile", help="fit a profile's optimizer bytes per parameter, per-call and "
+                                           "per-micro-batch bookkeeping and host cost per op to the rows of some "
+                                           "layer counts, holding the rest out")
     f.add_argument("table", help="CSV in vTrain's column format")
     f.add_argument("--base", default=DEFAULT_PROFILE, help=f"profile to start from (default {DEFAULT_PROFILE})")
     f.add_argument("--name", required=True, help="name of the fitted profile")

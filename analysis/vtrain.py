@@ -22,7 +22,13 @@ Collectives the base holds measured curves for keep them (vTrain, too, reads mea
 tables for groups of up to 8 GPUs and uses the 150 GB/s only beyond); the others take 150 GB/s
 bus bandwidth inside a node, and 800 Gb/s shared by the node's 8 GPUs between nodes, converted
 as vTrain's predictor converts (``src/predictor.py``: 1 GB = 2^30 B); ``replace_curves`` uses
-the stated figures for every collective.
+the stated figures for every collective. Its ``trainer`` section (:data:`TRAINER`,
+:mod:`estimator.profile.trainer`) is the software vTrain measured: Megatron's unfused attention
+(vTrain's traced model, ``src/model/gpt_modeling.py``: ``baddbmm``, the fused scale-mask-softmax,
+attention dropout, ``bmm``), logits kept split over the tensor-parallel group with Megatron's
+vocab-parallel cross entropy (``ShardedGptLogit`` gathers nothing), gradients all-reduced from
+one contiguous buffer, and a fused Adam (``src/model/fused_adam.py``) whose traffic, unfitted,
+is the least a mixed-precision Adam step moves (:data:`ADAM_BYTES_PER_PARAM`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 from estimator.base.errors import ConfigError
 from estimator.base.loading import MAX_DATA_BYTES, read_text
 from estimator.profile.profiles import Profile
+from estimator.profile.trainer import Trainer, trainer_dict
 from estimator.spec.cluster import Cluster, DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
@@ -62,6 +69,26 @@ DEFAULT_PROFILE = "a100-vtrain"
 VTRAIN_SOURCE = ("vTrain (Bang et al., MICRO 2024), github.com/VIA-Research/vTrain commit f8dda847, "
                  "src/config.py defaults")
 GiB_BINARY = 2 ** 30  # vTrain's predictor reads its GB and Gb as 2^30 (src/predictor.py)
+# A mixed-precision Adam step in one fused pass reads the fp32 gradient, master weight and two
+# moments (16 B) and writes the master weight and moments (12 B) and the 16-bit model weight
+# (2 B) per parameter (Micikevicius et al., "Mixed Precision Training", ICLR 2018; Kingma & Ba 2015)
+ADAM_BYTES_PER_PARAM = 30.0
+# Megatron's mixed-precision optimizer step: unscale and check the gradients, their norm, Adam,
+# the copy to the model's 16-bit weights, each one multi-tensor kernel (Megatron-LM
+# megatron/optimizer/optimizer.py, MixedPrecisionOptimizer.step)
+OPTIMIZER_LAUNCHES = 4
+TRAINER = Trainer("Megatron-DeepSpeed (vTrain's runs)", attention="unfused", cross_entropy="vocab_parallel",
+                  grad_buffer="contiguous", optimizer_bytes_per_param=ADAM_BYTES_PER_PARAM,
+                  optimizer_launches=OPTIMIZER_LAUNCHES)
+TRAINER_CITE = (f"{VTRAIN_SOURCE.split(', src/')[0]}: the traced model src/model/gpt_modeling.py (CoreAttention "
+                "as Megatron's: baddbmm, FusedScaleMaskSoftmax, attention dropout 0.1, bmm; ShardedGptLogit keeps "
+                "the logits vocab-split) and src/model/fused_adam.py; the loss is Megatron's vocab-parallel cross "
+                "entropy (Shoeybi et al. 2019, arXiv:1909.08053 §3); gradients all-reduced from one contiguous "
+                "buffer (Megatron-LM DistributedDataParallel)")
+OPTIMIZER_CITE = (f"{ADAM_BYTES_PER_PARAM:g} B per parameter: the least a mixed-precision Adam step moves, fp32 "
+                  "gradient, master weight and moments read, master weight and moments written, the 16-bit weight "
+                  "written (Micikevicius et al., ICLR 2018); 4 multi-tensor kernels (unscale, norm, Adam, copy: "
+                  "Megatron-LM megatron/optimizer/optimizer.py)")
 
 
 @dataclass(frozen=True)
@@ -267,7 +294,8 @@ def vtrain_profile(base: Profile, name: str, intra_GBps: float = 150.0, inter_Gb
             data["links"][cls][kind] = {"alpha_s": alpha, "busbw_bytes_per_s": busbw,
                                         "cite": f"{cite}; latency {alpha:.3g} s kept from {base.name}"}
     kept = "measured curves replaced too" if replace_curves else "measured curves of the base kept"
+    data["trainer"] = trainer_dict(TRAINER, TRAINER_CITE, OPTIMIZER_CITE)
     data.update(name=name, date=datetime.date.today().isoformat(),
-                notes=f"{base.name} with the link figures of vTrain's A100 cluster ({VTRAIN_SOURCE}; {kept}). "
-                      f"Made by: {command}")
+                notes=f"{base.name} with the link figures of vTrain's A100 cluster ({VTRAIN_SOURCE}; {kept}) and "
+                      f"the trainer it measured ({TRAINER.words()}). Made by: {command}")
     return data

@@ -185,7 +185,8 @@ def test_published_scatter_uses_the_same_convention_and_names_table_plan_and_pro
     title = scatter_title("analysis/data/vtrain/ground_truth_single.csv", 3, load_profile("a100-vtrain"),
                           {"mape": 0.123, "spearman": 0.95})
     assert title.startswith("vTrain ground_truth_single.csv: 3 one-node A100 runs, each one SFT train call")
-    assert "profile a100-vtrain (this project's eager executor): MAPE 12.3 %" in title
+    assert "profile a100-vtrain (this project's eager executor; trainer Megatron-DeepSpeed (vTrain's runs))\n" \
+           "MAPE 12.3 %" in title
     scatter(df, tmp_path / "s.png", title)
     ax = figures[0].axes[0]
     from matplotlib.collections import PathCollection

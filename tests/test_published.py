@@ -215,37 +215,46 @@ def test_missing_profiles_are_named(tmp_path, capsys):
     assert "--out: the path is empty" in capsys.readouterr().err
 
 
-FIT_ROWS = ["2,8,1,1024,16,12,1024,2,1,1,1", "2,16,4,1024,16,12,1024,1,2,1,1", "4,16,2,2048,16,12,1024,4,1,1,1",
-            "8,32,8,1024,16,12,1024,8,1,1,1", "2,16,8,2048,16,12,1024,1,1,2,1", "4,8,1,1024,16,12,1024,2,1,2,1",
-            "8,16,1,1024,16,16,1024,8,1,1,1"]
+FIT_ROWS = ["2,8,1,1024,16,12,1024,2,1,1,1", "2,16,1,1024,16,12,1024,2,1,1,1", "4,8,2,2048,16,12,1024,4,1,1,1",
+            "4,16,2,2048,16,12,1024,4,1,1,1", "2,16,4,1024,16,12,1024,1,2,1,1", "2,16,8,2048,16,12,1024,1,1,2,1",
+            "4,8,1,1024,16,12,1024,2,1,2,1", "8,16,1,1024,16,16,1024,8,1,1,1"]
 
 
 def test_fit_profile_recovers_known_numbers_from_rows_they_produced(tmp_path, capsys):
-    """Rows timed by a profile with known host cost, peak scale and per-collective extra: the
-    fit, started from the base, recovers the three numbers from the 12-layer rows, and the
-    16-layer row it held out is then predicted as it was produced."""
-    from analysis.published import fitted_doc
+    """Rows timed by a profile with known optimizer bytes per parameter, per-call and
+    per-micro-batch bookkeeping and host cost per op: the fit, started from the base, recovers
+    the four numbers from the 12-layer rows (the step from the two one-stage, one-replica
+    groups, the rest by least squares), and the 16-layer row it held out is then predicted as
+    it was produced."""
+    from analysis.vtrain_fit import fitted_doc, step_costs
 
     base = load_profile("a100-vtrain")
-    truth = profile_from_dict(fitted_doc(base, "truth", (2.5e-5, 0.6, 4e-5), "synthetic"))
+    known = {"optimizer_bytes_per_param": 44.0, "call_overhead_s": 3e-4, "dispatch_s": 2.5e-5,
+             "micro_batch_overhead_s": 8e-4}
+    truth = profile_from_dict(fitted_doc(base, "truth", known, "synthetic"))
     rows = parse_table(_table(FIT_ROWS))
     lines = [r.rsplit(",", 1)[0] + f",{1e3 * predict_row(row, truth)['predicted_s']:.9g}"
              for r, row in zip(FIT_ROWS, rows)]
+    step = step_costs(parse_table(_table(lines)), base)
+    assert step["groups"] == 2 and step["optimizer_bytes_per_param"] == pytest.approx(44.0, rel=0.01)
     table = tmp_path / "t.csv"
     table.write_text(_table(lines), encoding="utf-8")
     out = tmp_path / "fitted.json"
     assert main(["fit-profile", str(table), "--base", "a100-vtrain", "--name", "fitted", "--fit-layers", "12",
                  "--out", str(out), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
-    assert got["fit_rows"] == 6 and got["fit_mape"] < 0.01
+    assert got["fit_rows"] == 7 and got["fit_mape"] < 0.01 and got["evaluations"] > 0
+    assert got["optimizer_bytes_per_param"] == pytest.approx(44.0, rel=0.01)
+    assert got["call_overhead_s"] == pytest.approx(3e-4, abs=5e-5)
     assert got["dispatch_s"] == pytest.approx(2.5e-5, rel=0.05)
-    assert got["flops_scale"] == pytest.approx(0.6, rel=0.05)
-    assert got["collective_overhead_s"] == pytest.approx(4e-5, rel=0.2)
+    assert got["micro_batch_overhead_s"] == pytest.approx(8e-4, rel=0.1)
     fitted = load_profile(str(out))
     assert "held out" in fitted.raw["compute"]["launch"]["cite"] and fitted.source == "measured"
+    assert "held out" in fitted.raw["trainer"]["optimizer"]["cite"] and fitted.trainer.attention == "unfused"
     assert main(["vtrain", str(table), "--profile", str(out), "--held-out-layers", "16", "--json"]) == 0
     parts = json.loads(capsys.readouterr().out)["parts"]
-    assert parts["held_out"]["n"] == 1 and parts["held_out"]["mape"] < 0.02 and parts["fitted"]["n"] == 6
+    assert parts["held_out"]["n"] == 1 and parts["held_out"]["mape"] < 0.02 and parts["fitted"]["n"] == 7
+    assert [b["tp"] for b in parts["fitted"]["by_tp"]] == [1, 2, 4] and parts["held_out"]["by_pp"][0]["pp"] == 1
     # no row with the layer counts asked for: refused by name, nothing written
     assert main(["fit-profile", str(table), "--name", "x", "--fit-layers", "30",
                  "--out", str(tmp_path / "x.json")]) == 2
