@@ -350,7 +350,9 @@ class Costs:
 
     def call(self, name: str, layout: Layout, iteration: int = 0) -> CallCost:
         """``name`` lowered on ``layout`` in ``iteration`` (whose drawn lengths it charges where
-        lengths vary; every iteration alike otherwise)."""
+        lengths vary; every iteration alike otherwise). An asynchronous unroll's warm-up
+        iterations charge iteration 0's lengths (:meth:`Workflow.draw_iteration`)."""
+        iteration = self.workflow.draw_iteration(iteration)
         call = self.workflow[name]
         vary = call.workload.lengths_vary
         key = (name, layout, iteration) if vary else (name, layout)

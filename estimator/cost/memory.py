@@ -51,7 +51,7 @@ from estimator.cost.rollout import check_pool, continuous, engine_tokens, kv_fre
 from estimator.spec.batching import PREFILL_TOKENS
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
-from estimator.spec.plan import Layout, Plan
+from estimator.spec.plan import Layout, Plan, standing_copies
 from estimator.spec.workflow import Call
 
 GiB = float(1 << 30)
@@ -226,9 +226,12 @@ def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float) -> Me
     homes = wf.home_calls()
     trained = wf.trained_roles()
     static: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PARTS, 0.0))
-    for role, call in homes.items():
+    standing = standing_copies(wf, plan)  # rollout copies that stay between calls (asynchronous plans)
+    resident = [(role, call, role in trained) for role, call in homes.items()]
+    resident += [(wf[call].role, call, False) for call in sorted(standing)]
+    for role, call, with_state in resident:
         layout = plan[call]
-        for k, parts in enumerate(home_bytes(experiment.models[role], layout, role in trained)):
+        for k, parts in enumerate(home_bytes(experiment.models[role], layout, with_state)):
             for d in layout.stage_devices(k):
                 for key, v in parts.items():
                     static[d][key] += v
@@ -237,7 +240,7 @@ def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float) -> Me
         call = wf[name]
         layout = plan[name]
         home = plan[homes[call.role]]
-        at_home = layout.same_placement(home)
+        at_home = name in standing or layout.same_placement(home)
         engine = experiment.kv_fraction * capacity_bytes
         for k, parts in enumerate(call_bytes(call, experiment.models[call.role], layout, at_home, engine)):
             total = sum(parts.values())

@@ -24,7 +24,7 @@ from estimator.base.loading import load_json, parse_json
 from estimator.base.tables import format_table
 from estimator.spec.cluster import Cluster, DeviceMesh
 from estimator.spec.models import ModelSpec
-from estimator.spec.workflow import Call
+from estimator.spec.workflow import SYNC_LAG, Call, Workflow
 
 if TYPE_CHECKING:
     from estimator.spec.experiment import Experiment
@@ -227,6 +227,19 @@ class Plan:
                   str(lay.micro_batches)) + ((lay.recompute,) if extra else ()) + ((lay.shard,) if sharding else ())
                  + tuple(str(getattr(lay, k) or "-") for k in limits) for c, lay in self.layouts.items()]
         return format_table(rows)
+
+
+def standing_copies(workflow: Workflow, plan: Plan) -> frozenset[str]:
+    """Generate calls that keep a standing rollout copy of the actor: asynchronous ones (their
+    version edge lags more than one iteration) on a mesh that shares no device with the actor's
+    home. Such a call never reallocates: after each update the trainer pushes the new weights
+    to its copy (a weight-push instance, :mod:`estimator.sim.instances`), and the copy stays on
+    its devices between calls. Synchronous plans have none, so they run exactly as before."""
+    if not workflow.asynchronous:
+        return frozenset()
+    homes = workflow.home_calls()
+    return frozenset(c.name for c in workflow.calls
+                     if workflow.lag(c.name) > SYNC_LAG and not plan[c.name].mesh.overlaps(plan[homes[c.role]].mesh))
 
 
 def layout_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layout) -> list[str]:
