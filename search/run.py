@@ -144,13 +144,15 @@ def simulate_all(experiment: Experiment, profile: Profile, plans: list[Plan], kn
 def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float = DEFAULT_TIME_BUDGET_S,
                max_evals: int | None = None, seed: int = 0, chains: int | None = None,
                progress: bool | Callable[[float, int, float], None] = True, top_k: int = TOP_K,
-               method: str = "auto", recompute: bool = True) -> SearchResult:
+               method: str = "auto", recompute: bool = True, extra_starts: dict[str, Plan] | None = None
+               ) -> SearchResult:
     """Find the fastest plan that fits (see the module docstring). With ``max_evals`` the result
     depends only on the inputs and the seed; otherwise on ``time_budget_s`` seconds of search.
     ``method`` "auto" searches exactly when the space is small enough; "exact" or "anneal" force one.
     ``recompute=False`` keeps activation recompute out of the space (:func:`build_space`).
     ``progress``: True shows a progress bar on stderr; a callable gets (seconds since the call,
-    plans evaluated, best period so far) as the search goes."""
+    plans evaluated, best period so far) as the search goes. ``extra_starts``: more plans (by
+    label) the chains start from and the simulator re-ranks, like the baselines."""
     if method not in ("auto", "exact", "anneal"):
         raise ConfigError(f"method={method!r} must be 'auto', 'exact' or 'anneal'")
     t0 = time.monotonic()
@@ -159,6 +161,8 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
     baselines = {name: build(name, experiment, profile, simulate_it=False) for name in ALL_BASELINES}
     ev = Evaluator(experiment, profile)
     starts: list = [space.key(b.plan) for b in baselines.values() if b.feasible and space.contains(b.plan)]
+    extra = {label: p for label, p in (extra_starts or {}).items() if space.contains(p)}
+    starts += [space.key(p) for p in extra.values()]
     starts.append(GREEDY)  # computed by the chain that starts from it
     setup_s = time.monotonic() - t0
     exact = method == "exact" or (method == "auto" and space.size <= EXACT_MAX_PLANS)
@@ -195,6 +199,10 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
         if b.feasible and space.key(b.plan) not in seen:
             cands.append((b.plan, None, f"baseline {b.name}"))
             seen.add(space.key(b.plan))
+    for label, p in extra.items():
+        if space.key(p) not in seen:
+            cands.append((p, None, label))
+            seen.add(space.key(p))
     cands += found[1:]
     if not cands:
         raise ConfigError(no_fit_reason(experiment, profile, space, baselines, evaluated))

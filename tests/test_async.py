@@ -209,3 +209,49 @@ def test_staleness_needs_generation():
            "async": {"max_staleness": 1}}
     with pytest.raises(ConfigError, match="applies to algorithms that generate"):
         experiment_from_dict(raw)
+
+
+def test_search_with_max_staleness_reports_throughput_idle_and_the_synchronous_best(capsys):
+    from search.__main__ import main
+
+    assert main([str(EXAMPLES / "grpo-tiny-2xcpu.yaml"), "--max-staleness", "1", "--max-evals", "60",
+                 "--seed", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    a = out["asynchrony"]
+    assert a["max_staleness"] == 1 and a["synchronous"]["max_staleness"] == 0
+    assert a["staleness_max"] <= 1 and a["synchronous"]["staleness_max"] == 0
+    # the synchronous best is a start of the asynchronous search, so it is never beaten by it
+    assert a["iteration_s"] <= a["synchronous"]["iteration_s"] * 1.02
+    assert a["speedup_over_synchronous"] == pytest.approx(a["synchronous"]["iteration_s"] / a["iteration_s"])
+    for key in ("tokens_per_s", "rollout_idle", "trainer_idle", "staleness_mean", "push_s"):
+        assert key in a
+
+
+def test_split_baselines_build_and_areal_default_needs_asynchrony():
+    from search.baselines import build, split_points
+
+    e = load_experiment(EXAMPLES / "grpo-llama3-8b-8xh100.yaml")
+    prof = load_profile(e.cluster.device)
+    assert 4 in split_points(e)
+    assert "asynchronously" in build("areal-default", e, prof, simulate_it=False).reason
+    async_e = e.with_staleness(2)
+    for name in ("areal-3/4", "areal-default", "balanced"):
+        b = build(name, async_e, prof, simulate_it=False)
+        assert b.plan is not None, b.reason
+        gen = b.plan["actor_gen"].mesh
+        train = b.plan["actor_train"].mesh
+        assert not gen.overlaps(train) and gen.size + train.size == 8
+        assert standing_copies(async_e.workflow, b.plan) == {"actor_gen"}
+    share = build("areal-3/4", async_e, prof, simulate_it=False).plan["actor_gen"].mesh.size
+    assert share == min(split_points(e), key=lambda k: (abs(k - 6), -k))
+
+
+def test_whatif_varies_staleness_and_the_generation_share():
+    from analysis.whatif import parse_vary
+
+    v = parse_vary(["max_staleness=0,1,2", "gen_devices=2,4"], "grpo")
+    assert v == {"max_staleness": [0, 1, 2], "gen_devices": [2, 4]}
+    with pytest.raises(ConfigError, match="non-negative"):
+        parse_vary(["max_staleness=-1"], "grpo")
+    with pytest.raises(ConfigError, match="positive"):
+        parse_vary(["gen_devices=0"], "grpo")

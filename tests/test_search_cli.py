@@ -64,10 +64,10 @@ def test_search_writes_a_plan_the_other_tools_take_and_prints_the_json_keys(tmp_
         assert key in summary
     assert set(summary["baselines"]) == {"megatron", "colocate", "split", "real-heuristic", "verl-default",
                                          "openrlhf-hybrid", "nemo-rl-default", "dschat", "realhf-heuristic",
-                                         "areal-default"}
+                                         "areal-default", "areal-3/4", "balanced", "verl-colocate-sync"}
     # the frameworks' defaults beside the hand-written baselines; one the plans cannot express says why
     assert summary["baselines"]["areal-default"]["iteration_s"] is None
-    assert "asynchronous" in summary["baselines"]["areal-default"]["reason"]
+    assert "asynchronously" in summary["baselines"]["areal-default"]["reason"]
     assert all(b["iteration_s"] >= summary["iteration_s"] for b in summary["baselines"].values()
                if b["iteration_s"] is not None)
     assert summary["evaluated"] == 200 and summary["roofline_s"] <= summary["iteration_s"]
