@@ -255,3 +255,14 @@ def test_whatif_varies_staleness_and_the_generation_share():
         parse_vary(["max_staleness=-1"], "grpo")
     with pytest.raises(ConfigError, match="positive"):
         parse_vary(["gen_devices=0"], "grpo")
+
+
+def test_the_executor_refuses_an_asynchronous_experiment_before_starting(tmp_path, capsys):
+    from executor.run import main
+
+    text = (EXAMPLES / "grpo-tiny-2xcpu.yaml").read_text() + "async: {max_staleness: 1}\n"
+    exp = tmp_path / "async.yaml"
+    exp.write_text(text)
+    plan = EXAMPLES / "plans" / "grpo-tiny-2xcpu" / "disjoint.json"
+    assert main([str(exp), "--plan", str(plan)]) == 2
+    assert "async.max_staleness=1" in capsys.readouterr().err
