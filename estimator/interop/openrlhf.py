@@ -201,8 +201,13 @@ def _one_micro_size(experiment: Experiment, pr: Projection, calls: list[str], fl
 
 
 def _gpus(mesh: DeviceMesh, per_node: int) -> tuple[int, int]:
-    """(num_nodes, num_gpus_per_node) of a group on ``mesh``."""
-    return (mesh.size // per_node, per_node) if mesh.size > per_node else (1, mesh.size)
+    """(num_nodes, num_gpus_per_node) of a group on ``mesh``: its GPUs on one node, else in
+    bundles of as many as divide both its size and a node (Ray places each bundle of
+    ``num_gpus_per_node`` GPUs on one node: 12 GPUs on nodes of 8 are 3 bundles of 4)."""
+    if mesh.size <= per_node:
+        return 1, mesh.size
+    bundle = gcd(mesh.size, per_node)
+    return mesh.size // bundle, bundle
 
 
 def flags(experiment: Experiment, plan: Plan, shard: str) -> tuple[list[tuple[str, str | None]], list[str]]:
