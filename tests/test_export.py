@@ -399,6 +399,16 @@ def test_openrlhf_counts_a_group_of_part_nodes_in_bundles_that_fit_a_node():
 
     assert _gpus(DeviceMesh(0, 6), 8) == (1, 6) and _gpus(DeviceMesh(0, 16), 8) == (2, 8)
     assert _gpus(DeviceMesh(0, 12), 8) == (3, 4) and _gpus(DeviceMesh(4, 12), 8) == (3, 4)
+    # generation on six devices of a pipeline of three: OpenRLHF's engines have no stages, and six
+    # of them cannot take equal shares of 2048 sequences
+    exp = load_experiment(CASES["grpo-llama3-8b-8xh100"][0])
+    two = {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 8}
+    plan = _grpo_plan(exp, {"mesh": "0-5", "dp": 2, "tp": 1, "pp": 3, "micro_batches": 1},
+                      actor_train=two, actor_inf=two, ref_inf=two)
+    assert validate(plan, exp) == []
+    with pytest.raises(ConfigError, match=r"^openrlhf: call actor_gen: without pipeline stages its mesh 0-5 makes "
+                                          r"6 vLLM engines of tp 1, and plans split the batch of 2048"):
+        make_export("openrlhf", exp, plan)
 
 
 def test_a_shard_change_is_listed_and_reaches_the_projected_plan():

@@ -122,8 +122,13 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
     pr = Projection(experiment, plan)
     wf, n = experiment.workflow, experiment.cluster.num_devices
     gen = pr["actor_gen"]
+    engines, rows = gen.mesh.size // gen.tp, wf["actor_gen"].workload.units_per_minibatch
+    if rows % engines:
+        raise ConfigError(f"{FRAMEWORK}: call actor_gen: without pipeline stages its mesh {gen.mesh} makes {engines} "
+                          f"vLLM engines of tp {gen.tp}, and plans split the batch of {rows} sequences evenly over "
+                          "them, which it does not; give generation a mesh whose size over tp divides the batch")
     pr.set("actor_gen", "OpenRLHF generates in vLLM engines of --vllm.tensor_parallel_size devices, no pipeline "
-                        "stages", pp=1, dp=gen.mesh.size // gen.tp, micro_batches=1)
+                        "stages", pp=1, dp=engines, micro_batches=1)
     if pr["actor_gen"].max_concurrency:
         pr.set("actor_gen", "OpenRLHF has no flag for vLLM's max_num_seqs; the engine's KV pool bounds the "
                             "running requests", max_concurrency=0)
