@@ -24,7 +24,10 @@ figure against the simulator's, every baseline's time (or why it does not fit) w
 speed-up over it, and where the time goes. ``--out`` writes the plan file that
 ``estimator.predict --plan`` and ``executor.run --plan`` take; ``--trace`` the predicted
 Chrome trace (Perfetto). Train calls may recompute activations where memory demands it;
-``--no-recompute`` leaves that option out. ``--json`` prints one object with ``iteration_s``, ``plan``,
+``--no-recompute`` leaves that option out. The meshes searched are ReaL's aligned ones (a
+power-of-two slice of a node, or whole nodes); ``--uneven-meshes`` adds every contiguous run of
+devices (``0-5`` beside ``6-7`` on a node of 8, ``0-11`` beside ``12-15`` on two), the splits a
+disaggregated plan wants, in a larger space. ``--json`` prints one object with ``iteration_s``, ``plan``,
 ``baselines.<name>.iteration_s`` (null when it does not fit), ``evaluated``, ``space_log10``,
 ``roofline_s``, ``peak_memory_bytes`` and more.
 
@@ -84,12 +87,15 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--trace", help="write the best plan's predicted Chrome trace (JSON) here")
     parser.add_argument("--no-recompute", action="store_true",
                         help="leave activation recompute of train calls out of the search")
+    parser.add_argument("--uneven-meshes", action="store_true",
+                        help="also search meshes that are any contiguous run of devices (e.g. 0-5 and 6-7)")
     parser.add_argument("--framework", help=f"also the best plan this framework can run: {', '.join(FRAMEWORKS)}")
     parser.add_argument("--export", help=f"write the plan in this framework's configuration: {', '.join(FRAMEWORKS)}")
     parser.add_argument("--export-dir", help="directory the --export files go into")
     parser.add_argument("--max-staleness", type=int,
-                        help="asynchronous RL: search plans whose rollouts may lag up to this many policy versions, "
-                             "beside the best synchronous plan (default: the experiment's async.max_staleness)")
+                        help="asynchronous RL: search plans whose rollouts may lag up to this many policy versions "
+                             "(every contiguous run of devices in the space), beside the best synchronous plan "
+                             "(default: the experiment's async.max_staleness)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     for name in (args.framework, args.export):
@@ -119,10 +125,10 @@ def _main(argv: list[str] | None) -> int:
     if experiment.workflow.asynchronous:  # the synchronous best first: the asynchronous search starts from it too
         sync = run_search(experiment.with_staleness(0), profile, time_budget_s=args.time_budget,
                           max_evals=args.max_evals, seed=args.seed, chains=args.chains, progress=not args.json,
-                          recompute=not args.no_recompute)
+                          recompute=not args.no_recompute, uneven=args.uneven_meshes)
     result = run_search(experiment, profile, time_budget_s=args.time_budget, max_evals=args.max_evals,
                         seed=args.seed, chains=args.chains, progress=not args.json,
-                        recompute=not args.no_recompute,
+                        recompute=not args.no_recompute, uneven=args.uneven_meshes or sync is not None,
                         extra_starts={"synchronous best": sync.plan} if sync is not None else None)
     best = framework_best(experiment, profile, result, args.framework) if args.framework else None
     plan = best.plan if best is not None else result.plan

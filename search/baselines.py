@@ -290,17 +290,25 @@ def disaggregated(exp: Experiment, profile: Profile, gen_devices: int, gen_tp: i
                   "full", "full")
 
 
-def _nearest_split(exp: Experiment, share: float) -> int:
+def _nearest_splits(exp: Experiment, share: float) -> list[int]:
+    """Every split point, nearest ``share`` of the devices generating first (ties: more generating)."""
     points = split_points(exp)
     if not points:
         raise ConfigError(f"the cluster's {exp.cluster.num_devices} devices split into no two valid meshes")
-    return min(points, key=lambda k: (abs(k - share * exp.cluster.num_devices), -k))
+    return sorted(points, key=lambda k: (abs(k - share * exp.cluster.num_devices), -k))
 
 
 def areal_split(exp: Experiment, profile: Profile) -> Plan:
     """AReaL's split: the valid split nearest 3/4 of the devices generating (SGLang engines of
-    tp 1), FSDP training on the rest; trained with the experiment's staleness η."""
-    return disaggregated(exp, profile, _nearest_split(exp, AREAL_GEN_SHARE))
+    tp 1) whose calls all have a layout there (the rollout batch must split over the engines),
+    FSDP training on the rest; trained with the experiment's staleness η."""
+    problems = []
+    for k in _nearest_splits(exp, AREAL_GEN_SHARE):
+        try:
+            return disaggregated(exp, profile, k)
+        except ConfigError as exc:
+            problems.append(f"{k} generating: {exc}")
+    raise ConfigError("no split has a valid layout for every call: " + "; ".join(problems))
 
 
 def areal_default(exp: Experiment, profile: Profile) -> Plan:

@@ -144,12 +144,13 @@ def simulate_all(experiment: Experiment, profile: Profile, plans: list[Plan], kn
 def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float = DEFAULT_TIME_BUDGET_S,
                max_evals: int | None = None, seed: int = 0, chains: int | None = None,
                progress: bool | Callable[[float, int, float], None] = True, top_k: int = TOP_K,
-               method: str = "auto", recompute: bool = True, extra_starts: dict[str, Plan] | None = None
-               ) -> SearchResult:
+               method: str = "auto", recompute: bool = True, uneven: bool = False,
+               extra_starts: dict[str, Plan] | None = None) -> SearchResult:
     """Find the fastest plan that fits (see the module docstring). With ``max_evals`` the result
     depends only on the inputs and the seed; otherwise on ``time_budget_s`` seconds of search.
     ``method`` "auto" searches exactly when the space is small enough; "exact" or "anneal" force one.
-    ``recompute=False`` keeps activation recompute out of the space (:func:`build_space`).
+    ``recompute=False`` keeps activation recompute out of the space, ``uneven=True`` puts every
+    contiguous run of devices in it beside the aligned meshes (:func:`build_space`).
     ``progress``: True shows a progress bar on stderr; a callable gets (seconds since the call,
     plans evaluated, best period so far) as the search goes. ``extra_starts``: more plans (by
     label) the chains start from and the simulator re-ranks, like the baselines."""
@@ -157,7 +158,7 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
         raise ConfigError(f"method={method!r} must be 'auto', 'exact' or 'anneal'")
     t0 = time.monotonic()
     chains = chains or default_chains()
-    space = build_space(experiment, profile, recompute)
+    space = build_space(experiment, profile, recompute, uneven)
     baselines = {name: build(name, experiment, profile, simulate_it=False) for name in ALL_BASELINES}
     ev = Evaluator(experiment, profile)
     starts: list = [space.key(b.plan) for b in baselines.values() if b.feasible and space.contains(b.plan)]

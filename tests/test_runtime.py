@@ -173,6 +173,21 @@ def _layout(mesh: str, dp: int = 1, tp: int = 1, pp: int = 1, mb: int = 1) -> La
     return Layout(DeviceMesh.parse(mesh), dp, tp, pp, mb)
 
 
+def test_an_uneven_split_of_three_processes_trains_the_same():
+    """Meshes no aligned rule admits, on a node of three: generation on device 0 alone, the
+    other calls on the runs 0-1 and 1-2 with data, tensor and pipeline parallelism, parameters
+    reallocated between them — one process per device builds its groups from
+    ``Layout.device`` and takes the single device's step."""
+    exp = tiny_experiment("ppo", devices_per_node=3, batch_size=4, minibatches=2)
+    uneven = Plan({"actor_gen": _layout("0"), "ref_inf": _layout("1-2", dp=2), "reward_inf": _layout("1-2", pp=2, mb=2),
+                   "critic_inf": _layout("0-1", tp=2), "actor_train": _layout("1-2", dp=2),
+                   "critic_train": _layout("0-1", pp=2, mb=2)})
+    assert not any(exp.cluster.aligned(lay.mesh) for lay in uneven.layouts.values() if lay.mesh.size == 2)
+    single = Plan({c: _layout("0") for c in exp.workflow.call_names})
+    results = run_many([(exp, single), (exp, uneven)])
+    assert_invariant(exp, ["single-device", "uneven"], results, ("actor", "critic"))
+
+
 def test_remax_sft_and_rw_train_the_same_under_two_plans(tmp_path):
     examples = tmp_path / "sft.jsonl"  # sft reads a prompts file: the JSONL path end to end
     examples.write_text("\n".join(json.dumps(list(range(i, i + 20 + i))) for i in range(5)) + "\n")

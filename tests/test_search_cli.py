@@ -118,3 +118,18 @@ def test_a_long_baseline_note_wraps_instead_of_widening_the_table():
     # the continuation lines hold the rest of the note, word for word, under the note column
     column = lines[0].index("note")
     assert " ".join(line[column:].strip() for line in lines[3:]) == f"does not fit: {reason}"
+
+
+@pytest.mark.parametrize("flags,uneven", [([], False), (["--uneven-meshes"], True)])
+def test_uneven_meshes_reach_the_search_only_when_asked(flags, uneven, monkeypatch, capsys):
+    from estimator.base.errors import ConfigError
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise ConfigError("recorded")
+
+    monkeypatch.setattr(cli, "run_search", record)
+    assert cli.main([TINY] + flags) == 2 and "recorded" in capsys.readouterr().err
+    assert seen["uneven"] is uneven

@@ -57,6 +57,7 @@ from estimator.cost.transfers import (
     stage_send,
 )
 from estimator.profile.profiles import Profile
+from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
@@ -325,6 +326,16 @@ def _full_shard(profile: Profile, model: ModelSpec, layout: Layout, k: int, dpn:
     return StageTime(bwd.compute_s + cost.copies_s, bwd.comm_s), (cost.forward_s, cost.backward_s)
 
 
+def node_offset(mesh: DeviceMesh, devices_per_node: int) -> int:
+    """Where ``mesh`` lies against node boundaries as far as link classes go: -1 inside one
+    node (every pair of its devices on NVLink, wherever it starts), else its first device's
+    place in its node (the same on every node: moving a mesh by whole nodes keeps each pair's
+    link class)."""
+    if mesh.first // devices_per_node == mesh.last // devices_per_node:
+        return -1
+    return mesh.first % devices_per_node
+
+
 class Costs:
     """Lowered calls and transfer bytes of one experiment on one profile, computed once each."""
 
@@ -365,9 +376,11 @@ class Costs:
         return self._calls[key]
 
     def _rollout(self, name: str, layout: Layout, iteration: int) -> RolloutCost:
-        """A generate call's rollout, cached by what it depends on: the mesh's size (which link
-        classes it spans), not where the mesh starts."""
-        key = (name, layout.mesh.size, layout.dp, layout.tp, layout.pp, layout.micro_batches,
+        """A generate call's rollout, cached by what it depends on: the mesh's size and where it
+        lies against node boundaries (which link classes its messages take,
+        :func:`node_offset`), not which node it starts on."""
+        key = (name, layout.mesh.size, node_offset(layout.mesh, self.dpn), layout.dp, layout.tp, layout.pp,
+               layout.micro_batches,
                layout.max_concurrency, iteration)
         if key not in self._rollouts:
             call = self.workflow[name]
