@@ -186,8 +186,12 @@ def render_asynchrony(a: dict) -> str:
     table = format_table([("plan", "iteration s", "tokens/s trained", "rollout idle %", "trainer idle %",
                            "staleness mean / max", "push s"), *rows])
     sync_plan = Plan.from_data(a["synchronous"]["plan"]).table()
-    return (f"asynchronous RL: {a['speedup_over_synchronous']:.2f}x the best synchronous plan's throughput "
-            f"(discarded tokens: {a['discarded_tokens']})\n{table}\nbest synchronous plan:\n{sync_plan}")
+    gain = a["speedup_over_synchronous"]
+    head = (f"asynchronous RL: {gain:.2f}x the best synchronous plan's throughput (discarded tokens: "
+            f"{a['discarded_tokens']})" if gain > 1 else
+            f"asynchronous RL is predicted no faster here ({gain:.2f}x): run the best synchronous plan "
+            "(the two steady states train on different draws of the response lengths, about 1 % apart)")
+    return f"{head}\n{table}\nbest synchronous plan:\n{sync_plan}"
 
 
 def main(argv: list[str] | None = None) -> int:
