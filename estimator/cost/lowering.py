@@ -61,7 +61,7 @@ from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
-from estimator.spec.sharding import box_numel, budget_micro_batches, dp_rows, micro_batch_rows, shard
+from estimator.spec.sharding import box_numel, budget_micro_batches, dp_rows, micro_batch_rows, most_rows, shard
 from estimator.spec.workflow import Call
 
 
@@ -132,6 +132,8 @@ def _rows(call: Call, layout: Layout) -> float:
     w = call.workload
     if call.kind == "train":
         return w.units_per_minibatch * (2 if w.paired else 1) / layout.dp / layout.micro_batches
+    if call.kind == "generate":  # the fullest engine (requests dealt unevenly), which ends the call
+        return -(-most_rows(call, layout) // layout.micro_batches)
     return w.seqs / layout.dp / layout.micro_batches
 
 
@@ -146,7 +148,7 @@ def verifier_s(call: Call, layout: Layout, reward_s_per_sample: float) -> float:
     sample; 0 for a call that writes no rewards."""
     if call.kind != "generate" or not REWARD_OUTPUTS & set(call.outputs):
         return 0.0
-    return reward_s_per_sample * call.workload.seqs / layout.dp
+    return reward_s_per_sample * most_rows(call, layout)
 
 
 def _tail(call: Call, algorithm: str, b: float) -> tuple[tuple[Extra, ...], tuple[Extra, ...]]:

@@ -52,6 +52,7 @@ from estimator.spec.batching import PREFILL_TOKENS
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout, Plan, standing_copies
+from estimator.spec.sharding import most_rows
 from estimator.spec.workflow import Call
 
 GiB = float(1 << 30)
@@ -126,8 +127,10 @@ def call_bytes(call: Call, model: ModelSpec, layout: Layout, at_home: bool,
     w = call.workload
     rows = w.units_per_minibatch * (2 if w.paired else 1) // layout.dp  # sequences per dp rank and step
     if call.kind != "train":
-        rows = w.seqs // layout.dp
+        rows = most_rows(call, layout) if call.kind == "generate" else w.seqs // layout.dp
     mb = rows / layout.micro_batches  # sequences per micro-batch
+    if call.kind == "generate":
+        mb = -(-rows // layout.micro_batches)  # the fullest engine
     per_layer = activation_bytes_per_token_layer(model, layout.tp)
     out = []
     for k, p in enumerate(stage_param_counts(model, layout)):

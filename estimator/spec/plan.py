@@ -327,6 +327,12 @@ def _budget_problem(call: Call, layout: Layout) -> str | None:
 def _batch_problem(call: Call, layout: Layout) -> str | None:
     if layout.token_budget:
         return _budget_problem(call, layout)
+    if call.kind == "generate":  # engines share the requests unevenly; each needs one
+        engines = layout.dp * layout.micro_batches
+        if call.workload.seqs < engines:
+            return (f"call {call.name}: {call.workload.seqs} sequences cannot give each of dp·micro_batches = "
+                    f"{layout.dp}·{layout.micro_batches} = {engines} engines a request")
+        return None
     if _batch_splits(call, layout.dp, layout.micro_batches):
         return None
     w = call.workload
