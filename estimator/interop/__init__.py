@@ -5,7 +5,7 @@
 the plan and its reason, the projection that records each change, the export's files) is in
 :mod:`estimator.interop.common`.
 
-An importer (verl's and OpenRLHF's) reads the configuration back into the experiment and the plan it
+Each module's importer reads the configuration back into the experiment and the plan it
 describes, and refuses by name any key it does not read; exporting and importing again gives
 the projected plan.
 
