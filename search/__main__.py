@@ -47,7 +47,8 @@ describes): it predicts that plan, searches with it as a start (re-ranked like a
 the best plan is never predicted slower than the config when the config fits), finds the best
 plan that framework runs (``--framework``, which defaults to FRAMEWORK; the config itself is
 one of the plans considered) and ends with the three times and the speed-ups over the imported
-config. ``--json`` adds ``imported`` (``framework``, ``config``, ``experiment``, ``plan``,
+config (``--gen-mean TOKENS``: responses of that mean under the config's cap, as for
+``estimator.predict --from``). ``--json`` adds ``imported`` (``framework``, ``config``, ``experiment``, ``plan``,
 ``notes``, ``iteration_s``, ``fits``, ``reasons``) and ``speedups`` (``overall``, ``framework``).
 
 When no plan exists it says why: a call that fits on no layout is named with the least it
@@ -90,6 +91,8 @@ def _main(argv: list[str] | None) -> int:
                         "with --from, the framework's config file")
     parser.add_argument("--from", dest="source", metavar="FRAMEWORK",
                         help=f"read the experiment and a plan from this framework's config: {', '.join(IMPORTERS)}")
+    parser.add_argument("--gen-mean", type=float, metavar="TOKENS",
+                        help="with --from: responses of this mean length under the config's cap (default: at the cap)")
     parser.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_S,
                         help=f"seconds for the search and its re-ranking (default {DEFAULT_TIME_BUDGET_S:g})")
     parser.add_argument("--max-evals", type=int, help="plans to evaluate, for runs that must repeat exactly")
@@ -117,6 +120,8 @@ def _main(argv: list[str] | None) -> int:
             raise ConfigError(f"--from {args.source} needs the config file: python -m search --from {args.source} "
                               "CONFIG")
         args.framework = args.framework or args.source
+    elif args.gen_mean is not None:
+        raise ConfigError("--gen-mean goes with --from FRAMEWORK CONFIG; an experiment file gives gen_len itself")
     for name in (args.framework, args.export):
         if name is not None:
             exporter(name)
@@ -135,7 +140,7 @@ def _main(argv: list[str] | None) -> int:
             check_out(path, flag)
     imported = None
     if args.source is not None:
-        experiment, config_plan, imported = import_config(args.source, args.experiment, args.profile)
+        experiment, config_plan, imported = import_config(args.source, args.experiment, args.profile, args.gen_mean)
     else:
         experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
     if args.max_staleness is not None:

@@ -398,7 +398,8 @@ def read_experiment(r: Settings, device: str) -> tuple[dict, _Engines, list[str]
     gen = r.number("gconfig.max_new_tokens", int, 16384)
     if r.number("gconfig.min_new_tokens", int, 0) < gen:
         notes.append("AReaL stops each response at its end-of-sequence token (gconfig.min_new_tokens below "
-                     "max_new_tokens); the prediction takes every response at the cap, the most it can be")
+                     "max_new_tokens); the config keeps only the cap, at which the prediction takes every response "
+                     "unless given their mean")
     if not r.has("cluster.n_nodes"):
         notes.append(f"cluster.n_nodes is not given: AReaL's default, {DEFAULT_NODES} nodes")
     cluster = {"nodes": r.number("cluster.n_nodes", int, DEFAULT_NODES),

@@ -243,7 +243,9 @@ class Settings:
     def number(self, key: str, kind: type = int, default: Any = _REQUIRED) -> int | float:
         """An integer (``kind`` int) or a finite number; a bool, a fraction where an integer
         belongs or text that is no number is refused by name."""
-        value = self.get(key, default)
+        return self._as_number(key, self.get(key, default), kind)
+
+    def _as_number(self, key: str, value: Any, kind: type) -> int | float:
         what = "an integer" if kind is int else "a number"
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"{self.where}: {key}={value!r} is not {what}")
@@ -264,7 +266,7 @@ class Settings:
         value = self.get(key, default)
         if value is None or value == "null":
             return None
-        return self.number(key, kind)
+        return self._as_number(key, value, kind)
 
     def flag(self, key: str, default: Any = _REQUIRED) -> bool:
         value = self.get(key, default)

@@ -272,6 +272,9 @@ def _lengths(r: Settings) -> tuple[int, int, list[str]]:
     model_len = r.number(f"{G}.vllm_cfg.max_model_len", int, total)
     new = r.number(f"{G}.max_new_tokens", int, total)
     gen = min(new, model_len - prompt)
+    if gen < 1 and not r.has("data.max_input_seq_length"):
+        raise ConfigError(f"{WHERE}: data.max_input_seq_length is not given: its default, max_total_sequence_length="
+                          f"{total}, leaves no room for a response; give the prompts' cap")
     if gen < 1:
         raise ConfigError(f"{WHERE}: data.max_input_seq_length={prompt} leaves no room for a response within "
                           f"{G}.vllm_cfg.max_model_len={model_len}")
@@ -291,6 +294,8 @@ def read_experiment(r: Settings, device: str) -> tuple[dict, list[str]]:
         raise ConfigError(f"{WHERE}: {P}.train_global_batch_size={step} must divide the {prompts * group} samples of "
                           "a step (num_prompts_per_step × num_generations_per_prompt)")
     prompt, gen, notes = _lengths(r)
+    notes.append("NeMo-RL stops each response at its end-of-sequence token; the config keeps only the cap, at which "
+                 "the prediction takes every response unless given their mean")
     lo, hi = r.number("loss_fn.ratio_clip_min", float, 0.2), r.number("loss_fn.ratio_clip_max", float, 0.2)
     if hi != lo:
         notes.append(f"loss_fn.ratio_clip_max={hi:g} differs from ratio_clip_min={lo:g}: the experiment keeps one "

@@ -330,7 +330,8 @@ def read_experiment(r: Settings, device: str) -> tuple[dict, dict[str, dict], li
     notes = []
     if r.number("ppo.gen.min_new_tokens", int, 256) < raw["gen_len"]:
         notes.append("ReaLHF stops each response at its end-of-sequence token (ppo.gen.min_new_tokens below "
-                     "max_new_tokens); the prediction takes every response at the cap, the most it can be")
+                     "max_new_tokens); the config keeps only the cap, at which the prediction takes every response "
+                     "unless given their mean")
     return raw, train, notes
 
 
