@@ -149,7 +149,7 @@ def test_realhf_mesh_names_read_as_reallocated_meshes():
     assert read_mesh("'NODE02:4,5,6,7'", nodes, 8) == DeviceMesh(12, 4)
     assert read_mesh("NODE[02,04]", nodes, 8) == DeviceMesh(8, 16)  # consecutive in the nodelist
     for name, why in (("NODE01:0,2", "not contiguous"), ("NODE03", r"outside nodelist"),
-                      ("NODE[01,04]", "not consecutive")):
+                      ("NODE[01,04]", "not consecutive"), ("NODE[02-01]", "names no node")):
         with pytest.raises(ConfigError, match=why):
             read_mesh(name, nodes, 8)
 

@@ -389,7 +389,7 @@ def read_plan(r: Settings, experiment: Experiment) -> tuple[Plan, list[str]]:
         raise ConfigError(f"{WHERE}: {G}.backend={backend!r}: the importer reads vLLM generation")
     policy, gen_mesh = _meshes(r, experiment)
     tp, pp, shard, recompute = _policy(r)
-    if tp * pp < 1 or policy.size % (tp * pp):
+    if tp < 1 or pp < 1 or policy.size % (tp * pp):
         raise ConfigError(f"{WHERE}: the policy's tp {tp} · pp {pp} must divide its {policy.size} devices")
     dp = policy.size // (tp * pp)
     train, logprob, notes = _micro_batches(r, experiment, dp)
@@ -399,7 +399,7 @@ def read_plan(r: Settings, experiment: Experiment) -> tuple[Plan, list[str]]:
              "actor_inf": home | logprob, "ref_inf": home | logprob}
     gtp, gpp = r.number(f"{G}.vllm_cfg.tensor_parallel_size", int, 1), r.number(f"{G}.vllm_cfg.pipeline_parallel_size",
                                                                                int, 1)
-    if gtp * gpp < 1 or gen_mesh.size % (gtp * gpp):
+    if gtp < 1 or gpp < 1 or gen_mesh.size % (gtp * gpp):
         raise ConfigError(f"{WHERE}: vLLM's tp {gtp} · pp {gpp} must divide generation's {gen_mesh.size} devices")
     gen = {"mesh": str(gen_mesh), "dp": gen_mesh.size // (gtp * gpp), "tp": gtp, "pp": gpp, "micro_batches": gpp}
     gen |= {"max_concurrency": cap} if (cap := r.optional(f"{G}.vllm_kwargs.max_num_seqs", int, None)) else {}

@@ -245,6 +245,8 @@ def parse_nodelist(text: str) -> list[str]:
         if not first.isdigit() or (last and not last.isdigit()):
             raise ConfigError(f"{WHERE}: {text!r}: {part!r} is not a node number or a range a-b")
         ids += list(range(int(first), int(last or first) + 1))
+    if not ids:
+        raise ConfigError(f"{WHERE}: {text!r} names no node (a range a-b needs a <= b)")
     return [f"{prefix}{i:02d}" for i in ids]
 
 
