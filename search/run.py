@@ -13,8 +13,9 @@
 3. re-ranks the best ``top_k`` distinct plans, every baseline that fits and every plan the
    caller adds (``extra_starts``: the best synchronous plan, an imported config) with the full
    simulator, which decides. So the plan returned is never predicted slower than a baseline
-   that fits, nor than a plan the caller adds. With a time budget, simulations stop at the budget's end (a candidate not
-   simulated by then keeps its evaluator figure, flagged); with ``max_evals`` all run.
+   that fits, nor than a plan the caller adds. With a time budget, simulations stop at the
+   budget's end (a candidate not simulated by then keeps its evaluator figure, flagged); with
+   ``max_evals`` all run.
 """
 
 from __future__ import annotations

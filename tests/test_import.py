@@ -224,9 +224,17 @@ def test_generation_runs_one_micro_batch_per_pipeline_stage(framework):
     assert back == export.plan
 
 
+def test_areal_reads_its_off_policyness_as_the_experiments_staleness():
+    ref = {"scheduling_strategy": {"type": "colocation", "target": "actor"}}
+    raw, plan, _ = importer("areal")(_areal_config(rollout={"max_head_offpolicyness": 2}, ref=ref), "h100-sxm")
+    assert raw["async"] == {"max_staleness": 2}
+    assert experiment_from_dict(raw).max_staleness == 2
+    raw, _, _ = importer("areal")(_areal_config(rollout={"max_head_offpolicyness": 0}, ref=ref), "h100-sxm")
+    assert "async" not in raw
+
+
 def test_areal_refuses_what_plans_cannot_express():
-    cases = {"max_head_offpolicyness=2: asynchronous": _areal_config(rollout={"max_head_offpolicyness": 2}),
-             "consumer_batch_size=1 differs": _areal_config(rollout={"consumer_batch_size": 1}),
+    cases = {"consumer_batch_size=1 differs": _areal_config(rollout={"consumer_batch_size": 1}),
              "no ref section": _areal_config().replace("ref:\n  path: meta-llama/Meta-Llama-3-8B\n", ""),
              "max_length is not given": _areal_config(train_dataset={"max_length": None})}
     for why, text in cases.items():

@@ -25,7 +25,8 @@ distributed optimizer (``shard: optimizer``); a reference engine on FSDP has no 
 either; an SGLang server with pipeline stages runs one micro-batch per stage
 (sgl-project/sglang 00ff98d3, ``python/sglang/srt/managers/scheduler_pp_mixin.py``,
 ``init_pp_loop_state``: ``pp_size + pp_async_batch_depth`` running batches, the depth 0 by
-default). Generation runs synchronously (``max_head_offpolicyness: 0``), as the plan predicts.
+default). ``max_head_offpolicyness`` is the experiment's ``async.max_staleness`` (AReaL's η; 0 is
+synchronous).
 A reward model is refused: AReaL's PPO experiment scores rollouts with a reward function.
 
 The importer (:func:`import_config`) reads such an overlay back, or a config of the same keys:
@@ -50,9 +51,9 @@ token budget, ``gradient_checkpointing`` False, ``ppo_n_minibatches`` 4, ``recom
 False, ``kl_ctl`` 0.1, ``eps_clip`` 0.2 (critic 0.5), ``discount`` and ``gae_lambda`` 1.0,
 ``optimizer.lr`` 1e-3, ``sglang.mem_fraction_static`` and ``vllm.gpu_memory_utilization`` 0.9,
 ``sglang.max_running_requests`` none, ``vllm.max_num_seqs`` 256, ``scheduling_strategy``
-separation. Refused with the reason: asynchronous generation (``max_head_offpolicyness`` above 0),
-a ``consumer_batch_size`` other than the batch, no prompt cap (``train_dataset.max_length``), no
-reference model.
+separation, ``rollout.max_head_offpolicyness`` 0 (above 0 it is the experiment's
+``async.max_staleness``, AReaL's η). Refused with the reason: a ``consumer_batch_size`` other
+than the batch, no prompt cap (``train_dataset.max_length``), no reference model.
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ def config(experiment: Experiment, plan: Plan) -> tuple[dict, list[str]]:
         "eps_clip": h.clip_eps, "kl_ctl": h.kl_coef, "discount": h.gamma, "gae_lambda": h.lam,
         "temperature": h.temperature}
     out: dict = {"cluster": {"n_nodes": cl.nodes, "n_gpus_per_node": cl.devices_per_node},
-                 "rollout": {"backend": f"sglang:d{gen.dp}p{gen.pp}t{gen.tp}", "max_head_offpolicyness": 0,
+                 "rollout": {"backend": f"sglang:d{gen.dp}p{gen.pp}t{gen.tp}",
+                             "max_head_offpolicyness": experiment.max_staleness,
                              "max_concurrent_rollouts": wf["actor_gen"].workload.seqs,
                              "consumer_batch_size": p.batch_size},
                  "sglang": {"mem_fraction_static": experiment.kv_fraction,
@@ -375,10 +377,7 @@ def read_experiment(r: Settings, device: str) -> tuple[dict, _Engines, list[str]
     if not any(k.startswith("ref.") for k in r.values) or r.number("actor.kl_ctl", float, 0.1) == 0:
         raise ConfigError(f"{WHERE}: AReaL runs no reference model here (no ref section, or actor.kl_ctl 0), and "
                           "the planner's PPO and GRPO workflows compute reference log-probs")
-    lag = r.number("rollout.max_head_offpolicyness", int, 0)
-    if lag:
-        raise ConfigError(f"{WHERE}: rollout.max_head_offpolicyness={lag}: asynchronous generation, which plans "
-                          "cannot express yet; the importer reads synchronous configs (0)")
+    lag = r.number("rollout.max_head_offpolicyness", int, 0)  # η, the experiment's async.max_staleness
     batch = r.number("train_dataset.batch_size", int, 1)
     consumer = r.number("rollout.consumer_batch_size", int, 1)
     if consumer != batch:
@@ -417,6 +416,7 @@ def read_experiment(r: Settings, device: str) -> tuple[dict, _Engines, list[str]
            "old_logprobs": "recompute" if r.flag("actor.recompute_logprob", False) else "from_generation",
            "hyperparams": hyper, "cluster": cluster}
     raw |= {"group_size": samples} if not critic else {}
+    raw |= {"async": {"max_staleness": lag}} if lag else {}
     r.consume("rollout.max_concurrent_rollouts", "sglang.context_length", "vllm.max_model_len", "enable_offload",
               "actor.use_decoupled_loss", "actor.temperature", "actor.dtype", "actor.weight_update_mode",
               "actor.optimizer.type", "ref.optimizer", "ref.dtype", "critic.is_critic", "critic.optimizer.type",
