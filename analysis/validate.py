@@ -221,8 +221,11 @@ def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: lis
     producers: dict[str, list[str]] = {}
     for prod, cons, _ in experiment.workflow.edges():
         producers.setdefault(cons, []).append(prod)
-    plans, calls, ops = compare.join([compare.compare_plan(c.id, c.predicted, c.measured, kinds, producers=producers)
-                                      for c in done])
+    # an asynchronous run's steady state: after Workflow.warmup iterations, before its drain
+    wf = experiment.workflow
+    warmup = wf.warmup if wf.asynchronous else None
+    plans, calls, ops = compare.join([compare.compare_plan(c.id, c.predicted, c.measured, kinds, warmup, producers,
+                                                           wf.drain) for c in done])
     origin = {c.id: c.origin for c in cands}
     plans.insert(1, "plan_file", [f"plans/{p}.json" for p in plans["plan"]])
     plans.insert(2, "origin", plans["plan"].map(origin))
