@@ -284,3 +284,20 @@ def test_the_executor_runs_an_asynchronous_experiment_as_the_estimator_counts_it
     # updates 0-3 feed the rollouts of iterations 2-5; the last update feeds none
     assert sorted({s.iteration for s in measured.spans if s.op == "push"}) == [0, 1, 2, 3]
     assert measured.meta["drain_iterations"] == 1 and measured.meta["max_staleness"] == 1
+
+
+def test_predict_reports_throughput_idle_and_staleness_of_an_asynchronous_plan(tmp_path, capsys):
+    from estimator.predict import main
+
+    exp = tmp_path / "async.yaml"
+    exp.write_text((EXAMPLES / "grpo-tiny-2xcpu.yaml").read_text() + "async: {max_staleness: 2}\n")
+    plan = tmp_path / "plan.json"
+    plan.write_text(Plan({"actor_gen": lay("0"), "ref_inf": lay("1"), "reward_inf": lay("1"),
+                          "actor_train": lay("1")}).to_json())
+    assert main([str(exp), "--plan", str(plan), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["drain_iterations"] == 2 and out["warmup_iterations"] == 5
+    a = out["asynchrony"]
+    assert a["standing"] == ["actor_gen"] and a["staleness_max"] <= 2 and a["push_s"] > 0
+    assert main([str(exp), "--plan", str(plan)]) == 0
+    assert "tokens trained/s" in capsys.readouterr().out
