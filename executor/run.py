@@ -58,7 +58,7 @@ from estimator.cost.rollout import continuous
 from estimator.profile.profiles import Profile, load_profile
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check
-from estimator.spec.workflow import PUSH, steady_iterations
+from estimator.spec.workflow import MAX_STALENESS, PUSH, steady_iterations
 from executor.checkpoint import check_checkpoint
 from executor.prompts import check_prompts
 
@@ -322,6 +322,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeline", help="write the measured timeline (rlhf-plan/timeline-v1 JSON) here")
     ap.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
                     help=f"collective timeout per operation (default {DEFAULT_TIMEOUT_S:.0f})")
+    ap.add_argument("--max-staleness", type=int, default=None,
+                    help="train asynchronously with this staleness η, overriding the experiment's async.max_staleness")
     ap.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
     ap.add_argument("--inject-fault", metavar="RANK:CALL",
                     help="testing only: RANK exits abruptly when it starts CALL's compute")
@@ -344,6 +346,9 @@ def _main(argv: list[str] | None) -> int:
     outputs = {flag: check_output_path(getattr(args, flag.strip("-")), flag)
                for flag in ("--trace", "--timeline") if getattr(args, flag.strip("-")) is not None}
     experiment = load_experiment(args.experiment)
+    if args.max_staleness is not None:
+        experiment = experiment.with_staleness(rules.integer("--max-staleness", args.max_staleness, lo=0,
+                                                             hi=MAX_STALENESS))
     profile = load_profile(experiment.cluster.device, key="cluster.device")
     plan = check(Plan.load(args.plan), experiment)
     kv_tokens = engine_pools(experiment, plan, profile)
