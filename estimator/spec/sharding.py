@@ -71,11 +71,14 @@ def param_inventory(model: ModelSpec) -> list[ParamInfo]:
     for i in range(model.layers):
         p = f"layers.{i}."
         out += _norm(p + "input_layernorm", model, i)
-        for proj, rows in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
+        for proj, rows in (("q_proj", model.q_dim), ("k_proj", kv), ("v_proj", kv)):
             out.append(ParamInfo(p + f"self_attn.{proj}.weight", (rows, h), COLUMN, i))
             if model.qkv_bias or model.bias:
                 out.append(ParamInfo(p + f"self_attn.{proj}.bias", (rows,), COLUMN, i))
-        out += _linear_out(p + "self_attn.o_proj", (h, h), model.bias, i)
+        if model.qk_norm:  # Qwen3: one RMSNorm weight per head width, shared by every head
+            out += [ParamInfo(p + f"self_attn.{n}.weight", (model.head_dim,), REPLICATED, i)
+                    for n in ("q_norm", "k_norm")]
+        out += _linear_out(p + "self_attn.o_proj", (h, model.q_dim), model.bias, i)
         out += _norm(p + "post_attention_layernorm", model, i)
         for proj in mlp_in:
             out.append(ParamInfo(p + f"mlp.{proj}.weight", (f, h), COLUMN, i))
