@@ -57,7 +57,7 @@ from estimator.base.io import atomic_write_text, check_output_dir
 from estimator.export import make_export, predict_export, render, write_export
 from estimator.interop import FRAMEWORKS, exporter
 from estimator.predict import TRACE_PER_DEVICE_MAX, predict
-from estimator.profile.profiles import load_profile
+from estimator.profile.pricing import STACK_NAMES, experiment_profile
 from estimator.spec.experiment import load_experiment
 from search.checks import MAX_CHAINS, check_budget, check_out, check_positive
 from search.framework import framework_best
@@ -72,6 +72,9 @@ def _main(argv: list[str] | None) -> int:
                         help=f"seconds for the search and its re-ranking (default {DEFAULT_TIME_BUDGET_S:g})")
     parser.add_argument("--max-evals", type=int, help="plans to evaluate, for runs that must repeat exactly")
     parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
+    parser.add_argument("--stack", choices=STACK_NAMES,
+                        help="software stack to price (default: the experiment's cluster.stack, else megatron-vllm "
+                             "on a GPU, executor on a CPU)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the chains (default 0)")
     parser.add_argument("--chains", type=int, help="parallel chains (default: one per core)")
     parser.add_argument("--out", help="write the best plan (JSON) here")
@@ -100,8 +103,7 @@ def _main(argv: list[str] | None) -> int:
         if path is not None:
             check_out(path, flag)
     experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
-    profile = (load_profile(args.profile, key="--profile") if args.profile is not None
-               else load_profile(experiment.cluster.device, key="cluster.device"))
+    profile = experiment_profile(experiment, args.profile, args.stack)
 
     result = run_search(experiment, profile, time_budget_s=args.time_budget, max_evals=args.max_evals,
                         seed=args.seed, chains=args.chains, progress=not args.json,

@@ -380,7 +380,8 @@ class Profile:
                 for k, v in node.items():
                     walk(v, f"{path}.{k}" if path else k)
 
-        walk({k: self.raw[k] for k in ("compute", "memory", "links", "executor") if k in self.raw}, "")
+        walk({k: self.raw[k] for k in ("compute", "memory", "links", "executor", "host_link", "stacks")
+              if k in self.raw}, "")
         return out
 
     def save(self, path: str | Path) -> Path:

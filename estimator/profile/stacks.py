@@ -11,7 +11,8 @@ framework's default at a stated commit, or the rows a term was fitted on)::
         "generation": {
             "step": {"fixed_s": ..., "per_request_s": ..., "cite": ...},      # per engine step, host
             "launch": {"cuda_graphs": true, "graph_s": ..., "eager_kernel_s": ..., "cite": ...},
-            "scheduler": {"max_num_seqs": 1024, "prefill_chunk_tokens": 16384, "cite": ...}},
+            "scheduler": {"max_num_seqs": 1024, "prefill_chunk_tokens": 16384, "cite": ...},
+            "allreduce": {"curves": {"4": [[bytes, seconds], ...]}, "cite": ...}},  # optional
         "refit": {"per_tensor_s": ..., "cite": ...},                            # per parameter tensor
         "trainer": {"micro_batch_s": ..., "cite": ...}}}                        # per micro-batch pass
 
@@ -26,6 +27,9 @@ What each term is charged on (:mod:`estimator.cost.engine` and :mod:`estimator.c
   of its device time (eager vLLM decoding is launch-bound at small batches).
 - ``generation.scheduler``: vLLM's ``max_num_seqs`` (the running cap where the layout sets
   none) and ``max_num_batched_tokens`` (the prefill budget of one step).
+- ``generation.allreduce`` (optional): the engine's own tensor-parallel all-reduce inside a
+  step (vLLM's custom all-reduce kernel, one-shot over NVLink) per group size and message
+  size, used instead of the profile's NCCL curves up to its largest size measured.
 - ``refit.per_tensor_s``: the refit's fixed cost per parameter tensor of the model (gathered,
   converted to Hugging Face names, packed and handed over by CUDA IPC, loaded by vLLM),
   beside its bytes on the links and the host link.
@@ -37,6 +41,7 @@ What each term is charged on (:mod:`estimator.cost.engine` and :mod:`estimator.c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from estimator.base.errors import ConfigError
@@ -59,6 +64,9 @@ class EngineTerms:
     eager_kernel_s: float  # host time per kernel launched eagerly, seconds
     max_num_seqs: int  # running requests per engine where the layout sets no cap (vLLM max_num_seqs)
     prefill_chunk_tokens: int  # tokens one step may prefill (vLLM max_num_batched_tokens)
+    # the engine's own tensor-parallel all-reduce inside a step (vLLM's custom all-reduce): group
+    # size → ((bytes, seconds), ...) ascending; empty: the profile's collectives
+    allreduce: tuple[tuple[int, tuple[tuple[float, float], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         problems = [f"{k}={getattr(self, k)!r} must be a number of seconds in [0, {MAX_LATENCY_S:g}]"
@@ -76,6 +84,23 @@ class EngineTerms:
     def step_host_s(self, running: float) -> float:
         """Host time of one engine step with ``running`` requests (an array gives an array)."""
         return self.step_s + self.step_per_request_s * running
+
+    def allreduce_s(self, group: int, nbytes: float) -> float | None:
+        """The engine's all-reduce of ``nbytes`` over ``group`` ranks, interpolated log-log in
+        its measured curve (the nearest group size measured; held at the smallest size below
+        it), or None beyond the largest size measured (the engine falls back to NCCL there)."""
+        if not self.allreduce or group < 2:
+            return None
+        _, points = min(self.allreduce, key=lambda kv: (abs(kv[0] - group), kv[0]))
+        sizes = [b for b, _ in points]
+        if nbytes > sizes[-1]:
+            return None
+        if nbytes <= sizes[0]:
+            return points[0][1]
+        i = next(k for k in range(1, len(sizes)) if sizes[k] >= nbytes)
+        (b0, t0), (b1, t1) = points[i - 1], points[i]
+        w = math.log(nbytes / b0) / math.log(b1 / b0)
+        return math.exp(math.log(t0) + w * (math.log(t1) - math.log(t0)))
 
 
 @dataclass(frozen=True)
@@ -150,8 +175,10 @@ def parse_stack(node: object, where: str) -> StackTerms:
         shown = sorted(node) if isinstance(node, dict) else type(node).__name__
         raise ConfigError(f"{where} must be an object with keys ['generation', 'refit', 'trainer'], got {shown}")
     gen = node["generation"]
-    if not isinstance(gen, dict) or set(gen) != {"step", "launch", "scheduler"}:
-        raise ConfigError(f"{where}.generation must be an object with keys ['launch', 'scheduler', 'step']")
+    if not isinstance(gen, dict) or not {"step", "launch", "scheduler"} <= set(gen) <= {"step", "launch", "scheduler",
+                                                                                        "allreduce"}:
+        raise ConfigError(f"{where}.generation must be an object with keys ['launch', 'scheduler', 'step'] "
+                          "(optional 'allreduce')")
     w = f"{where}.generation"
     step = _group(gen, "step", w, ("fixed_s", "per_request_s"))
     launch = _group(gen, "launch", w, ("cuda_graphs", "graph_s", "eager_kernel_s"))
@@ -166,13 +193,40 @@ def parse_stack(node: object, where: str) -> StackTerms:
             launch["cuda_graphs"], _seconds(launch, "graph_s", f"{w}.launch"),
             _seconds(launch, "eager_kernel_s", f"{w}.launch"),
             _count(sched, "max_num_seqs", f"{w}.scheduler", MAX_RUNNING),
-            _count(sched, "prefill_chunk_tokens", f"{w}.scheduler", MAX_CHUNK_TOKENS))
+            _count(sched, "prefill_chunk_tokens", f"{w}.scheduler", MAX_CHUNK_TOKENS),
+            _allreduce(gen, w))
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     cites = {"generation.step": _cite(step), "generation.launch": _cite(launch),
              "generation.scheduler": _cite(sched), "refit": _cite(refit), "trainer": _cite(trainer)}
+    if "allreduce" in gen:
+        cites["generation.allreduce"] = _cite(gen["allreduce"])
     return StackTerms(engine, _seconds(refit, "per_tensor_s", f"{where}.refit"),
                       _seconds(trainer, "micro_batch_s", f"{where}.trainer"), cites)
+
+
+def _allreduce(gen: dict, where: str) -> tuple[tuple[int, tuple[tuple[float, float], ...]], ...]:
+    """The optional ``generation.allreduce``: ``{"curves": {group: [[bytes, seconds], ...]}, cite}``."""
+    if "allreduce" not in gen:
+        return ()
+    node = _group(gen, "allreduce", where, ("curves",))
+    curves = node["curves"]
+    w = f"{where}.allreduce.curves"
+    if not isinstance(curves, dict) or not curves:
+        raise ConfigError(f"{w} must be an object of group size → [[bytes, seconds], ...]")
+    out = []
+    for key, pts in curves.items():
+        if not str(key).isdigit() or int(key) < 2:
+            raise ConfigError(f"{w}: group size {key!r} must be a whole number of at least 2")
+        ok = isinstance(pts, list) and pts and all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                        and 0 < v < math.inf for v in p) for p in pts)
+        sizes = [p[0] for p in pts] if ok else []
+        if not ok or sizes != sorted(set(sizes)) or any(p[1] > MAX_LATENCY_S for p in pts):
+            raise ConfigError(f"{w}[{key!r}] must be [[bytes, seconds], ...] with positive, strictly ascending "
+                              f"sizes and times of at most {MAX_LATENCY_S:g} s")
+        out.append((int(key), tuple((float(b), float(t)) for b, t in pts)))
+    return tuple(sorted(out))
 
 
 def parse_stacks(data: dict, where: str) -> dict[str, StackTerms]:

@@ -170,6 +170,9 @@ class Simulation:
         self.rows: list[SpanRow] = []
         self.counters: list[tuple[float, int, int, str, str, float]] = []  # Sample's fields, in order
         self.records: dict[tuple[int, str], CallRecord] = {}
+        # a production stack's host copies around each call (estimator.cost.engine)
+        shares = self.costs.shares(plan.layouts)
+        self.moves = {c: self.costs.moves(c, plan.layouts, shares) for c in wf.call_names}
 
     def run(self) -> SimResult:
         for i in range(len(self.graph.nodes)):
@@ -206,10 +209,13 @@ class Simulation:
         if arrival > env.now:
             yield env.timeout(arrival - env.now)
         compute_start = env.now
+        moves = self.moves[node.call]
+        yield from self._host(node.iteration, cc, moves.inside_s, "host_copy", moves.parts)
         box = Mailbox(env)
         run = {"generate": self._generate, "inference": self._inference, "train": self._train}[cc.kind]
         yield env.all_of([env.process(run(node.iteration, cc, st, box)) for st in cc.stages])
         yield from self._verify(node.iteration, cc)
+        yield from self._host(node.iteration, cc, moves.after_s, "host_copy", moves.parts)
         self.records[(node.iteration, node.call)] = CallRecord(
             node.iteration, node.call, start, compute_start, env.now, realloc_end - start, compute_start - realloc_end,
             produced - realloc_end)
@@ -219,18 +225,33 @@ class Simulation:
             self.progress(f"iteration {node.iteration} {node.call} done at {env.now:.3f} s simulated")
 
     def _realloc(self, it: int, cc: CallCost) -> Generator[simpy.Event, Any, None]:
+        """Move the role's parameters from home (a production stack's refit for a generate
+        call: its links, then its fixed cost per tensor), then the host copies a production
+        stack makes before the call (:mod:`estimator.cost.engine`)."""
         role = self.experiment.workflow[cc.call].role
         home = self.plan[self.costs.homes[role]]
-        pairs = self.costs.realloc_pairs(role, home, cc.layout)
-        if not pairs:
+        pairs = self.costs.realloc_pairs(role, home, cc.layout, cc.call)
+        if pairs:
+            now = self.env.now
+            _, end = self.book.send_all(pairs, now, self.profile, self.costs.dpn)
+            end = max(end, now + local_copy_s(pairs, self.profile)) + self.costs.refit_fixed_s(role, cc.call)
+            for st in cc.stages:
+                self.rows.append((now, end, st.rep, it, cc.call, "realloc", -1, st.index, f"realloc {role}"))
+            if end > now:
+                yield self.env.timeout(end - now)
+        moves = self.moves[cc.call]
+        yield from self._host(it, cc, moves.before_s, "host_copy", moves.parts)
+
+    def _host(self, it: int, cc: CallCost, seconds: float, op: str, parts: tuple) -> Generator[simpy.Event, Any, None]:
+        """A host-side span of ``seconds`` on every stage of the call (host copies over each
+        device's own link), named by what moves."""
+        if seconds <= 0:
             return
         now = self.env.now
-        _, end = self.book.send_all(pairs, now, self.profile, self.costs.dpn)
-        end = max(end, now + local_copy_s(pairs, self.profile))
+        what = ", ".join(name for name, _ in parts)
         for st in cc.stages:
-            self.rows.append((now, end, st.rep, it, cc.call, "realloc", -1, st.index, f"realloc {role}"))
-        if end > now:
-            yield self.env.timeout(end - now)
+            self.rows.append((now, now + seconds, st.rep, it, cc.call, op, -1, st.index, what))
+        yield self.env.timeout(seconds)
 
     def _verify(self, it: int, cc: CallCost) -> Generator[simpy.Event, Any, None]:
         """A verifier scoring a generate call's sequences on the hosts of its last stage (every
