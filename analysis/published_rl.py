@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from estimator.base.errors import ConfigError
-from estimator.base.io import atomic_write_json, atomic_write_text, check_output_path
+from estimator.base.io import atomic_write_json, atomic_write_text, check_output_dir, check_output_path
 from estimator.base.progress import progress_bar
 from estimator.base.tables import format_table
 from estimator.cost.memory import plan_memory
@@ -371,7 +371,7 @@ def summarize(table: str, runs: list[dict[str, Any]], skipped: list[dict[str, st
     return {"table": table, "runs": runs, "skipped": skipped, "mape": mape(runs),
             "mape_by_role": {g: mape(rs) for g, rs in groups.items() if rs},
             "worst": [{"experiment_id": e, "metric": k, "ape": a} for a, e, k in errors[:worst]],
-            "phases": {k: PHASES[k] for k in {k for r in runs for k in r["phases"]}},
+            "phases": {k: PHASES[k] for k in ORDER if any(k in r["phases"] for r in runs)},
             "priced": sorted({op_set_text(r) for r in runs})}
 
 
@@ -447,8 +447,9 @@ def figure(s: dict[str, Any], out: Path, title: str) -> Path:
         steps = [r["phases"].get("step_time", {}).get(which) for r in s["runs"]]
         bx.scatter([i + offset for i, v in enumerate(steps) if v], [v for v in steps if v], marker="_", s=160,
                    color="black", label="step" if j else None, zorder=3)
-    bx.set_xticks(range(len(names)), [f"{n}\n({r['role'].replace('_', '-')})" for n, r in zip(names, s["runs"])],
-                  rotation=35, ha="right", fontsize=7)
+    labels = [f"{n}\n({r['role'].replace('_', '-')}" + (", rerun)" if r["value_kind"] == "third_party_rerun" else ")")
+              for n, r in zip(names, s["runs"])]
+    bx.set_xticks(range(len(names)), labels, rotation=35, ha="right", fontsize=7)
     bx.set(ylabel="seconds per step")
     bx.set_title("per run: left bar measured, right bar predicted; black tick: the whole step", fontsize=8)
     bx.legend(fontsize=7)
@@ -475,6 +476,7 @@ def run_rl(args: argparse.Namespace) -> int:
     summary = summarize(str(args.table), predict_runs(mapped, progress=not args.json), skipped)
     summary["priced"] = priced
     if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
         rows = ["experiment_id,value_kind,role,stack,profile,metric,predicted_s,measured_s,ape"]
         rows += [f"{r['experiment_id']},{r['value_kind']},{r['role']},{r['stack']},{r['profile']},{k},"
                  f"{v['predicted_s']:.4g},{v['measured_s']:.4g},{v['ape']:.4f}"
@@ -496,16 +498,16 @@ def run_rl(args: argparse.Namespace) -> int:
     return 0
 
 
+OUT_FILES = ("predictions.csv", "phases.png", "summary.json")
+
+
 def _out_dir(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {path!r} is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--out {path!r}: {exc.strerror or exc}") from None
-    for name in ("predictions.csv", "phases.png", "summary.json"):
-        check_output_path(out / name, "--out")
+    """``--out``, checked before any work (:func:`estimator.base.io.check_output_dir`; a file it
+    holds must be writable where the directory exists already); made when written."""
+    out = check_output_dir(path, "--out")
+    if out.is_dir():
+        for name in OUT_FILES:
+            check_output_path(out / name, "--out")
     return out
 
 

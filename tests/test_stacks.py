@@ -263,7 +263,7 @@ def test_an_unknown_stack_in_an_experiment_exits_2_naming_the_key(tmp_path, caps
     from estimator.predict import main as predict
 
     text = (EXAMPLES / "grpo-llama3-8b-8xh100.yaml").read_text().replace(
-        "device: h100-vidur}", "device: h100-vidur, stack: megatron-vlm}")
+        "stack: megatron-vllm}", "stack: megatron-vlm}")
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
     assert predict([str(bad)]) == 2
