@@ -326,6 +326,9 @@ def _main(argv: list[str] | None) -> int:
                for flag in ("--trace", "--timeline") if getattr(args, flag.strip("-")) is not None}
     experiment = load_experiment(args.experiment)
     check_models(experiment)
+    if experiment.workflow.asynchronous:
+        raise ConfigError(f"async.max_staleness={experiment.max_staleness}: the executor runs synchronous RL only "
+                          "(the estimator predicts asynchronous plans; set max_staleness 0 to run this plan here)")
     profile = load_profile(experiment.cluster.device, key="cluster.device")
     plan = check(Plan.load(args.plan), experiment)
     kv_tokens = engine_pools(experiment, plan, profile)

@@ -40,13 +40,13 @@ from math import gcd
 
 from estimator.base.errors import ConfigError
 from estimator.interop.common import (
-    HF_REPOS,
     Export,
     Projection,
     micro_batches_for,
     micro_rows,
     model_path,
     per_rank,
+    preset_of,
     require_algorithm,
     token_caps,
 )
@@ -122,8 +122,13 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
     pr = Projection(experiment, plan)
     wf, n = experiment.workflow, experiment.cluster.num_devices
     gen = pr["actor_gen"]
+    engines, rows = gen.mesh.size // gen.tp, wf["actor_gen"].workload.units_per_minibatch
+    if rows % engines:
+        raise ConfigError(f"{FRAMEWORK}: call actor_gen: without pipeline stages its mesh {gen.mesh} makes {engines} "
+                          f"vLLM engines of tp {gen.tp}, and plans split the batch of {rows} sequences evenly over "
+                          "them, which it does not; give generation a mesh whose size over tp divides the batch")
     pr.set("actor_gen", "OpenRLHF generates in vLLM engines of --vllm.tensor_parallel_size devices, no pipeline "
-                        "stages", pp=1, dp=gen.mesh.size // gen.tp, micro_batches=1)
+                        "stages", pp=1, dp=engines, micro_batches=1)
     if pr["actor_gen"].max_concurrency:
         pr.set("actor_gen", "OpenRLHF has no flag for vLLM's max_num_seqs; the engine's KV pool bounds the "
                             "running requests", max_concurrency=0)
@@ -201,8 +206,13 @@ def _one_micro_size(experiment: Experiment, pr: Projection, calls: list[str], fl
 
 
 def _gpus(mesh: DeviceMesh, per_node: int) -> tuple[int, int]:
-    """(num_nodes, num_gpus_per_node) of a group on ``mesh``."""
-    return (mesh.size // per_node, per_node) if mesh.size > per_node else (1, mesh.size)
+    """(num_nodes, num_gpus_per_node) of a group on ``mesh``: its GPUs on one node, else in
+    bundles of as many as divide both its size and a node (Ray places each bundle of
+    ``num_gpus_per_node`` GPUs on one node: 12 GPUs on nodes of 8 are 3 bundles of 4)."""
+    if mesh.size <= per_node:
+        return 1, mesh.size
+    bundle = gcd(mesh.size, per_node)
+    return mesh.size // bundle, bundle
 
 
 def flags(experiment: Experiment, plan: Plan, shard: str) -> tuple[list[tuple[str, str | None]], list[str]]:
@@ -400,12 +410,11 @@ def import_command(text: str, device: str) -> tuple[dict, Plan, list[str]]:
     actor = args.get("--actor.model_name_or_path")
     if actor is None:
         raise ConfigError("openrlhf command: flag --actor.model_name_or_path is missing; the importer needs it")
-    by_repo = {repo: name for name, repo in HF_REPOS.items()}
-    models = {"actor": by_repo.get(actor, actor), "ref": by_repo.get(actor, actor)}
+    models = {"actor": preset_of(actor), "ref": preset_of(actor)}
     if not grpo:
-        models["critic"] = by_repo.get(args.get("--critic.model_name_or_path", actor), actor)
+        models["critic"] = preset_of(args.get("--critic.model_name_or_path", actor))
     reward = args.get("--reward.model_name_or_path")
-    models["reward"] = by_repo.get(reward, reward) if reward else "rule"
+    models["reward"] = preset_of(reward) if reward else "rule"
     batch, group = _int(args, "--rollout.batch_size"), _int(args, "--rollout.n_samples_per_prompt", 1)
     step = _int(args, "--train.batch_size")
     if step < 1 or (batch * group) % step:
