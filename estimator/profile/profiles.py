@@ -67,6 +67,8 @@ from estimator.base.io import atomic_write_json
 from estimator.base.loading import is_file, load_json
 from estimator.base.rules import MAX_LATENCY_S
 from estimator.profile.collectives import COLLECTIVES, LINK_CLASSES, LinkCost, bus_factor, number, parse_links
+from estimator.profile.stacks import EngineTerms, HostLink, StackTerms, parse_host_link, parse_stacks
+from estimator.spec.stack import STACKS
 
 __all__ = ["COLLECTIVES", "FORMATS", "LINK_CLASSES", "PROFILE_DIR", "PROFILE_FORMAT", "Curve", "LinkCost",
            "Profile", "bus_factor", "known_profiles", "load_profile", "profile_from_dict"]
@@ -197,6 +199,13 @@ class Profile:
     checkpoint_s: tuple[float, float] = (0.0, 0.0)  # activation checkpointing per block, (forward, backward), s
     # host
     host: HostSharing | None = None  # devices of one host slow each other down (CPU); None: they do not
+    host_link: HostLink | None = None  # device ↔ host copies (PCIe), where the profile gives them
+    # the production stacks' own costs on this device (estimator.profile.stacks), by stack name
+    stacks: dict[str, StackTerms] = field(default_factory=dict)
+    # the stack this instance prices (estimator.profile.pricing.for_stack); "" : none named, the
+    # op census of compute.ops and nothing beyond it
+    stack: str = ""
+    stack_note: str = ""  # why another profile of the device was taken for the stack, if one was
     # where it came from
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)  # the file
     path: str = ""  # where it was loaded from
@@ -219,6 +228,18 @@ class Profile:
                        backward_overhead_s=scaled(self.backward_overhead_s, "dispatch"),
                        call_overhead_s=self.call_overhead_s * a["executor"],
                        micro_batch_overhead_s=self.micro_batch_overhead_s * a["executor"], host=None)
+    @property
+    def terms(self) -> StackTerms | None:
+        """The engine, refit and trainer numbers of the stack this instance prices (None: the
+        executor, no stack named, or a device without numbers for it)."""
+        return self.stacks.get(self.stack)
+
+    @property
+    def engine(self) -> EngineTerms | None:
+        """The serving engine's own costs where a production stack with numbers is priced."""
+        terms = self.terms
+        return terms.generation if terms is not None else None
+
     def kernel_figures(self, kinds: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row of ``kinds``: bandwidth efficiency, floor and FLOPs efficiency (NaN where the
         profile has none of its own), looked up once per tuple of kernel names."""
@@ -368,7 +389,8 @@ class Profile:
                 for k, v in node.items():
                     walk(v, f"{path}.{k}" if path else k)
 
-        walk({k: self.raw[k] for k in ("compute", "memory", "links", "executor") if k in self.raw}, "")
+        walk({k: self.raw[k] for k in ("compute", "memory", "links", "executor", "host_link", "stacks")
+              if k in self.raw}, "")
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -460,7 +482,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: must be a JSON object")
     top = ("format", "name", "source", "device", "date", "software", "compute", "memory", "links")
-    optional = {"notes", "executor", "host"}
+    optional = {"notes", "executor", "host", "host_link", "stacks"}
     unknown = sorted(set(data) - set(top) - optional)
     missing = sorted(set(top) - set(data))
     if unknown or missing:
@@ -504,6 +526,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         call_overhead_s=call_s, micro_batch_overhead_s=mb_s, host=_host(data, where), collective_overhead_s=coll_s,
         ops=ops, kernel_floor_s=floor_s, kernels=kernels, device_scale=_in_model(compute, w),
         checkpoint_s=(ckpt_f, ckpt_b), p2p_overhead_s=p2p_s,
+        host_link=parse_host_link(data, where), stacks=parse_stacks(data, where),
         **{k: _positive(launch, k, f"{w}.launch", zero_ok=True) for k in DISPATCH_KEYS if k in launch},
     )
 
@@ -612,7 +635,12 @@ def op_set(profile: Profile) -> dict[str, Any]:
     profiles of the same device that charge the other op set (so a figure can be redone for
     the other stack), and ``text``: all that in one line, e.g. ``priced for this project's
     eager executor (profile h100-sxm, compute.ops=executor); for a fused Megatron/vLLM-style
-    stack on this device use h100-vidur``."""
+    stack on this device use h100-vidur``. A profile priced for a named stack
+    (:func:`estimator.profile.pricing.for_stack`) says that stack instead:
+    ``stack_name``, whether the profile has numbers for its own costs (``terms``) and why
+    another profile of the device was taken (``note``)."""
+    if profile.stack:
+        return _stack_line(profile)
     others = []
     for path in sorted(PROFILE_DIR.glob("*.json")):
         try:
@@ -629,6 +657,20 @@ def op_set(profile: Profile) -> dict[str, Any]:
         text += f"; for {other} on this device use {', '.join(others)}"
     return {"ops": profile.ops, "stack": OP_SET_STACKS[profile.ops], "profile": profile.name,
             "other_stack_profiles": others, "text": text}
+
+
+def _stack_line(profile: Profile) -> dict[str, Any]:
+    stack = STACKS[profile.stack]
+    text = f"priced for {stack.name} ({stack.words}) on profile {profile.name} (compute.ops={profile.ops}"
+    if stack.production:
+        text += (f"; engine, refit and trainer terms from stacks.{stack.name})" if profile.terms is not None
+                 else "; no engine, refit or trainer terms for this device: kernels, links and host copies only)")
+    else:
+        text += ")"
+    if profile.stack_note:
+        text += f"; {profile.stack_note}"
+    return {"ops": profile.ops, "stack": stack.words, "stack_name": stack.name, "terms": profile.terms is not None,
+            "note": profile.stack_note, "profile": profile.name, "other_stack_profiles": [], "text": text}
 
 
 def op_set_line(profile: Profile) -> str:

@@ -14,7 +14,9 @@ Each call's duration on its layout comes from a closed form of its lowered stage
   (:attr:`~estimator.cost.lowering.CallCost.reward_s`, 0 without one).
 
 Reallocation and data transfers cost what they cost on idle links (cached per pair of
-layouts). Call instances of ``K`` iterations are then scheduled in (iteration, topological)
+layouts); on a production stack a generate call's refit and every call's host copies
+(:mod:`estimator.cost.engine`) join them: the copies before a call with its reallocation, those
+inside it with its duration. Call instances of ``K`` iterations are then scheduled in (iteration, topological)
 order exactly as the simulator orders them (:mod:`estimator.sim.instances`): a call starts when
 every device it occupies is free — its mesh, and its home's when it reallocates — and its
 weights are ready, reallocates (freeing the home's devices), waits for its inputs, runs. The
@@ -33,6 +35,7 @@ from operator import add
 
 import numpy as np
 
+from estimator.cost.engine import Moves
 from estimator.cost.lowering import CallCost, Costs
 from estimator.cost.memory import call_bytes, home_bytes
 from estimator.profile.profiles import Profile
@@ -149,6 +152,8 @@ class Evaluator:
                               for n in self.names]
         self.roles = [wf[n].role for n in self.names]
         self.home = [index[self.costs.homes[r]] for r in self.roles]
+        # calls that refit a serving engine: they reallocate even onto the home's placement
+        self.refit = [self.costs.refits(n) for n in self.names]
         self.trained = set(wf.trained_roles())
         self.capacity = profile.capacity_bytes
         self.num_devices = experiment.cluster.num_devices
@@ -229,13 +234,19 @@ class Evaluator:
                                      self.num_devices, self.host, self.iterations)
 
     def _realloc_s(self, c: int, home: int, lid: int) -> float:
-        if self._place_of[home] == self._place_of[lid]:
+        if self._place_of[home] == self._place_of[lid] and not self.refit[c]:
             return 0.0
         v = self._realloc[c].get(home * KEY + lid)
         if v is None:
             v = self._realloc[c][home * KEY + lid] = self.costs.realloc_s(
-                self.roles[c], self._layouts[home], self._layouts[lid])
+                self.roles[c], self._layouts[home], self._layouts[lid], self.names[c])
         return v
+
+    def _moves(self, lids: list[int]) -> list[Moves]:
+        """Per call, the host copies a production stack makes around it (:mod:`estimator.cost.engine`)."""
+        layouts = {n: self._layouts[lid] for n, lid in zip(self.names, lids)}
+        shares = self.costs.shares(layouts)
+        return [self.costs.moves(n, layouts, shares) for n in self.names]
 
     def _data_s(self, c: int, e: int, src: int, dst: int) -> float:
         v = self._data[c][e].get(src * KEY + dst)
@@ -259,7 +270,7 @@ class Evaluator:
                 v = self._duration[c].get(lid) if not self.varying else None
                 dur.append(self.duration_s(c, lid) if v is None else v)
             h = lids[home[c]]
-            if place[h] == place[lid]:
+            if place[h] == place[lid] and not self.refit[c]:
                 realloc.append(0.0)
             else:
                 v = self._realloc[c].get(h * KEY + lid)
@@ -273,6 +284,11 @@ class Evaluator:
         for it in range(1, self.iterations if self.varying else 1):
             durs.append([self._weighted_s(c, lid, weights[c], it) if weights is not None
                          else self.duration_s(c, lid, it) for c, lid in enumerate(lids)])
+        if self.costs.production:  # a production stack's host copies around its calls
+            for c, mv in enumerate(self._moves(lids)):
+                realloc[c] += mv.before_s
+                for d in durs:
+                    d[c] += mv.own_s
         return durs, realloc, data
 
     # -- memory
