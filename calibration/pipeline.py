@@ -227,6 +227,9 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
     doc["memory"] = {"capacity": _capacity(args.device, world, command), **sections["memory"]}
     if "executor" in sections:
         doc["executor"] = sections["executor"]
+    if args.device == "cpu":  # host memory is this device's memory: a copy there, at the figures just fitted
+        doc["host_link"] = {"name": "a copy within host memory: the CPU executor's device memory is host memory",
+                            "copy": "memory", "command": command}
     report_h = None
     if raw_alone is not None:
         from calibration.fit_host import fit_host

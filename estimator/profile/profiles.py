@@ -21,7 +21,9 @@ paper or public benchmark) or ``command`` (the measurement that produced them)::
                          "all_gather": {"curves": {"2": [[size_bytes, time_s], ...], "8": [...]},
                                         "command": ...}, "reduce_scatter": ..., "p2p": ..., "broadcast": ...},
                "inter": {..., "all_reduce": {"curves": {"2x8": [...]}, "alpha_s": ..., ...}}},
-     "executor": {"call_overhead_s": ..., "micro_batch_overhead_s": ..., "command": "..."}}  # optional
+     "executor": {"call_overhead_s": ..., "micro_batch_overhead_s": ..., "command": "..."},  # optional
+     "host_link": {"name": "PCIe Gen5 x16", "bytes_per_s": ..., "cite": ...}}  # optional; or {"name": ...,
+                   # "copy": "memory", "command": ...}: host memory is the device's own (CPU profiles)
 
 Compute time of one op is device time (FLOPs at the efficiency curve, bytes at the memory
 curve, the longer) combined with host dispatch (``launch.overhead_s`` per aten op under
@@ -43,6 +45,13 @@ factors — or a latency + nccl-tests *bus* bandwidth, so a collective over ``n`
 all-gather and reduce-scatter ``(n−1)/n``, broadcast and point-to-point 1. A collective over
 several nodes uses a measured ``"<nodes>x<per_node>"`` curve of ``links.inter`` where one
 exists and composes the intra-node and inter-node phases only where none does.
+
+The host link (``host_link``, optional: a profile without it cannot price offload) carries a
+device's copies to and from host memory (:mod:`estimator.cost.offload`): ``bytes_per_s`` per
+device and direction, each copy issued from the host at the launch cost of one op
+(:meth:`Profile.dispatch_s`), every device on a link of its own (a GPU's PCIe link); or
+``"copy": "memory"`` where host memory *is* the device's memory (the CPU executor), so a copy
+to host memory is one op reading and writing its bytes in device memory (:meth:`Profile.op_s`).
 
 Format ``rlhf-plan/profile-v2`` adds the curves; a ``rlhf-plan/profile-v1`` file (α + busbw
 only) still loads unchanged.
@@ -104,6 +113,18 @@ class HostSharing:
         if self.devices <= 1:
             return 1.0
         return min(max((busy - 1.0) / (self.devices - 1), 0.0), 1.0)
+
+
+HOST_COPY_KINDS = ("memory",)  # host_link.copy: what a copy to host memory is, where it is not a link
+
+
+@dataclass(frozen=True)
+class HostLink:
+    """How a device reaches host memory (the profile's ``host_link`` section)."""
+
+    name: str  # what it is, e.g. "PCIe Gen5 x16"
+    bytes_per_s: float = 0.0  # per device and direction; 0 where ``copy`` says what a copy is
+    copy: str = ""  # "memory": host memory is the device's own, a copy is a copy in device memory
 
 
 @dataclass(frozen=True)
@@ -197,6 +218,7 @@ class Profile:
     checkpoint_s: tuple[float, float] = (0.0, 0.0)  # activation checkpointing per block, (forward, backward), s
     # host
     host: HostSharing | None = None  # devices of one host slow each other down (CPU); None: they do not
+    host_link: HostLink | None = None  # copies to and from host memory; None: the profile cannot price offload
     # where it came from
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)  # the file
     path: str = ""  # where it was loaded from
@@ -347,6 +369,23 @@ class Profile:
             return 0.0
         return self.links[link_class]["p2p"].time_s(size_bytes, 2)
 
+    def host_copy_s(self, nbytes: float, copies: int = 1) -> float:
+        """``nbytes`` copied between one device and host memory in ``copies`` copies (one per
+        tensor), one direction: each copy issued at :meth:`dispatch_s` and the bytes at the host
+        link's rate, or — host memory being the device's own — each copy an op that reads and
+        writes its share in device memory. Raises :class:`ConfigError` on a profile without a
+        host link."""
+        link = self.host_link
+        if link is None:
+            raise ConfigError(f"profile {self.name}: has no host_link section, so it cannot price offload "
+                              "(moving training state to host memory); add one with its source, or plan "
+                              "with offload: none")
+        if nbytes <= 0 or copies <= 0:
+            return 0.0
+        if link.copy == "memory":
+            return copies * self.op_s(0.0, 2.0 * nbytes / copies, 1, in_model=False)
+        return copies * self.dispatch_s() + nbytes / link.bytes_per_s
+
     def provenance(self) -> dict[str, str]:
         """Dotted path of every group of numbers → its citation or command."""
         out: dict[str, str] = {}
@@ -359,7 +398,7 @@ class Profile:
                 for k, v in node.items():
                     walk(v, f"{path}.{k}" if path else k)
 
-        walk({k: self.raw[k] for k in ("compute", "memory", "links", "executor") if k in self.raw}, "")
+        walk({k: self.raw[k] for k in ("compute", "memory", "links", "executor", "host_link") if k in self.raw}, "")
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -451,7 +490,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: must be a JSON object")
     top = ("format", "name", "source", "device", "date", "software", "compute", "memory", "links")
-    optional = {"notes", "executor", "host"}
+    optional = {"notes", "executor", "host", "host_link"}
     unknown = sorted(set(data) - set(top) - optional)
     missing = sorted(set(top) - set(data))
     if unknown or missing:
@@ -493,6 +532,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         mem_efficiency=_curve(meff, f"{m}.efficiency", "bytes"),
         links=links, link_names=names, raw=data, path=path, compose=compose, dtype=dtype,
         call_overhead_s=call_s, micro_batch_overhead_s=mb_s, host=_host(data, where), collective_overhead_s=coll_s,
+        host_link=_host_link(data, where),
         ops=ops, kernel_floor_s=floor_s, kernels=kernels, device_scale=_in_model(compute, w),
         checkpoint_s=(ckpt_f, ckpt_b), p2p_overhead_s=p2p_s,
         **{k: _positive(launch, k, f"{w}.launch", zero_ok=True) for k in DISPATCH_KEYS if k in launch},
@@ -564,6 +604,22 @@ def _host(data: dict, where: str) -> HostSharing | None:
                               f"than with its host's other devices busy)")
         factors[term] = f
     return HostSharing(devices, factors)
+
+
+def _host_link(data: dict, where: str) -> HostLink | None:
+    """The optional ``host_link`` section: {"name", "bytes_per_s", cite | command} or {"name",
+    "copy": "memory", cite | command} (see the module docstring)."""
+    if "host_link" not in data:
+        return None
+    node = data["host_link"]
+    w = f"{where}: host_link"
+    if isinstance(node, dict) and "copy" in node:
+        node = _obj(data, "host_link", where, ("copy",), optional=("name",))
+        if node["copy"] not in HOST_COPY_KINDS:
+            raise ConfigError(f"{w}.copy={node['copy']!r} must be one of {list(HOST_COPY_KINDS)}")
+        return HostLink(str(node.get("name", "")), copy=node["copy"])
+    node = _obj(data, "host_link", where, ("bytes_per_s",), optional=("name",))
+    return HostLink(str(node.get("name", "")), _positive(node, "bytes_per_s", w))
 
 
 def _kernels(compute: dict, where: str) -> tuple[float, dict[str, tuple[float, ...]]]:
