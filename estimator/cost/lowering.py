@@ -36,6 +36,7 @@ import numpy as np
 from estimator.cost.decode import DecodeChunk, decode_chunks
 from estimator.cost.dpshard import full_optimizer_s, full_shard_pass, optimizer_shard_step
 from estimator.cost.memory import call_bytes
+from estimator.cost.offload import NONE, OffloadCost, offload_cost
 from estimator.cost.pieces import (
     PAIRED_LOSSES,
     Extra,
@@ -342,6 +343,8 @@ class Costs:
         self._realloc: dict[tuple, dict[Pair, int]] = {}
         self._data: dict[tuple, dict[Pair, int]] = {}
         self._times: dict[tuple, float] = {}
+        self._offloads: dict[tuple, OffloadCost] = {}
+        self.trained = set(self.workflow.trained_roles())
         self._alone: Costs | None = None
         # data names each consumer reads from each producer
         self.edge_data: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -426,6 +429,18 @@ class Costs:
             pairs = self.realloc_pairs(role, home, layout)
             self._times[key] = isolated_transfer_s(pairs, self.profile, self.num_devices, self.dpn, True)
         return self._times[key]
+
+    def offload(self, name: str, layout: Layout, home: Layout) -> OffloadCost:
+        """Host transfers of call ``name`` on ``layout`` when its role's home is ``home``
+        (:mod:`estimator.cost.offload`), cached per (call, layout, home)."""
+        if home.offload == "none":
+            return NONE
+        key = ("offload", name, layout, home)
+        if key not in self._offloads:
+            call = self.workflow[name]
+            self._offloads[key] = offload_cost(call, self.experiment.models[call.role], layout, home,
+                                               call.role in self.trained, self.profile)
+        return self._offloads[key]
 
     def data_pairs(self, producer: str, src: Layout, consumer: str, dst: Layout) -> dict[Pair, int]:
         """Bytes per pair bringing ``producer``'s outputs to ``consumer`` (rows depend on the

@@ -17,6 +17,12 @@ Here every call instance of ``K`` unrolled iterations is a simpy process that
 5. for a generate call under a verifier, scores its sequences on the last stage's hosts once
    every stage is done: a ``reward`` span of :attr:`CallCost.reward_s`.
 
+Host transfers of an offloading home (:mod:`estimator.cost.offload`) are ``offload`` spans on
+every stage: the upload once the inputs are in (before step 4), the download after step 5, and
+— for a call that reallocates from a home that offloads its weights — the upload on each of the
+home's devices before they send (step 2). Each device has a host link of its own that nothing
+else uses, so they hold no port of the :class:`LinkBook`.
+
 A stage process stands for all ``dp·tp`` devices of its stage, which run in lock step; spans
 are recorded on the stage's first device. Devices are claimed call by call in a fixed order
 (step 1) rather than through a ``simpy.Resource`` queue, so whichever call becomes ready first
@@ -159,6 +165,7 @@ class Simulation:
         self.graph = instance_graph(experiment.workflow, iterations)
         wf = experiment.workflow
         homes = {c: plan[self.costs.homes[wf[c].role]] for c in wf.call_names}
+        self.homes = homes  # call → its role's home layout
         self.dev_preds = device_preds(self.graph, plan, homes)
         self.iterations = iterations
         self.progress = progress
@@ -197,7 +204,8 @@ class Simulation:
         start = env.now
         cc = hostshare.call_cost(self.costs, node.call, self.plan[node.call], self.weights.get(node.call, 1.0),
                                  node.iteration)
-        yield from self._realloc(node.iteration, cc)
+        off = self.costs.offload(node.call, self.plan[node.call], self.homes[node.call])
+        yield from self._realloc(node.iteration, cc, off.source_s)
         realloc_end = env.now
         self.reallocated[i].succeed()
         yield from self._after(self.graph.data_preds[i])
@@ -205,11 +213,13 @@ class Simulation:
         arrival = max((self.arrivals[(j, i)] for j in self.graph.data_preds[i]), default=env.now)
         if arrival > env.now:
             yield env.timeout(arrival - env.now)
+        yield from self._host(node.iteration, cc, "upload", off.upload_s)
         compute_start = env.now
         box = Mailbox(env)
         run = {"generate": self._generate, "inference": self._inference, "train": self._train}[cc.kind]
         yield env.all_of([env.process(run(node.iteration, cc, st, box)) for st in cc.stages])
         yield from self._verify(node.iteration, cc)
+        yield from self._host(node.iteration, cc, "download", off.download_s)
         self.records[(node.iteration, node.call)] = CallRecord(
             node.iteration, node.call, start, compute_start, env.now, realloc_end - start, compute_start - realloc_end,
             produced - realloc_end)
@@ -218,12 +228,27 @@ class Simulation:
         if self.progress is not None:
             self.progress(f"iteration {node.iteration} {node.call} done at {env.now:.3f} s simulated")
 
-    def _realloc(self, it: int, cc: CallCost) -> Generator[simpy.Event, Any, None]:
+    def _host(self, it: int, cc: CallCost, what: str, duration_s: float) -> Generator[simpy.Event, Any, None]:
+        """A host transfer of the call's offloaded state on every stage at once (``what``:
+        upload or download); the call goes on when the slowest stage's is done."""
+        if duration_s <= 0:
+            return
+        now = self.env.now
+        for st in cc.stages:
+            self.rows.append((now, now + duration_s, st.rep, it, cc.call, "offload", -1, st.index, f"host {what}"))
+        yield self.env.timeout(duration_s)
+
+    def _realloc(self, it: int, cc: CallCost, source_s: float = 0.0) -> Generator[simpy.Event, Any, None]:
         role = self.experiment.workflow[cc.call].role
         home = self.plan[self.costs.homes[role]]
         pairs = self.costs.realloc_pairs(role, home, cc.layout)
         if not pairs:
             return
+        if source_s > 0:  # the home's devices upload the weights they send (offload="all")
+            now = self.env.now
+            self.rows += [(now, now + source_s, d, it, cc.call, "offload", -1, -1, f"host upload {role} to send")
+                          for d in home.mesh.devices]
+            yield self.env.timeout(source_s)
         now = self.env.now
         _, end = self.book.send_all(pairs, now, self.profile, self.costs.dpn)
         end = max(end, now + local_copy_s(pairs, self.profile))
