@@ -51,6 +51,7 @@ largest call (with what it brings back from host memory).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ from dataclasses import dataclass, field
 from estimator.cost.pieces import BF16, FP32, stage_params
 from estimator.cost.rollout import check_pool, continuous, engine_tokens, kv_free_bytes
 from estimator.spec.batching import PREFILL_TOKENS
+from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout, Plan
@@ -78,8 +80,14 @@ PARTS = ("weights", "grads", "optimizer", "realloc", "activations", "kv_cache")
 
 def stage_param_counts(model: ModelSpec, layout: Layout) -> list[float]:
     """Parameters per device of each pipeline stage."""
-    return [stage_params(model, layout.tp, layout.pp, k, len(layout.stage_layers(model.layers, k)))
-            for k in range(layout.pp)]
+    return list(_stage_param_counts(model, layout.tp, layout.pp))
+
+
+@functools.lru_cache(maxsize=4096)
+def _stage_param_counts(model: ModelSpec, tp: int, pp: int) -> tuple[float, ...]:
+    """:func:`stage_param_counts` by what it depends on (the search asks for the same ones often)."""
+    layout = Layout(DeviceMesh(0, tp * pp), 1, tp, pp)
+    return tuple(stage_params(model, tp, pp, k, len(layout.stage_layers(model.layers, k))) for k in range(pp))
 
 
 # Layout.offload → the parts of a trained home kept in host memory while other calls run
