@@ -24,6 +24,14 @@ full``) has no pipeline stages, so a sharded train call with ``pp > 1`` runs on 
 distributed optimizer (``shard: optimizer``); a reference engine on FSDP has no pipeline stages
 either. Generation runs synchronously (``max_head_offpolicyness: 0``), as the plan predicts.
 A reward model is refused: AReaL's PPO experiment scores rollouts with a reward function.
+
+Offload: an engine with ``offload: true`` (``TrainEngineConfig``; the experiment's
+``enable_offload`` switches torch_memory_saver on) pauses its whole CUDA memory — parameters,
+gradients, optimizer state — between its calls and resumes it for each
+(``areal/trainer/rl_trainer.py``, ``fsdp_engine.py``: ``offload`` / ``onload``): the plan's
+``offload: all``; ``optimizer`` alone has no spelling and runs as ``all``. A rollout colocated
+with the actor always offloads the actor (``_should_offload_actor``), so the projection sets
+``all`` there.
 """
 
 from __future__ import annotations
@@ -84,6 +92,13 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
     if gen.mesh != home and gen.mesh.overlaps(home):
         pr.set("actor_gen", "AReaL runs its rollout servers on the actor's devices (colocation) or on devices of "
                             "their own (separation)", mesh=home, dp=home.size // (gen.tp * gen.pp))
+    if pr["actor_gen"].mesh == home and pr["actor_train"].offload != "all":
+        pr.set("actor_train", "AReaL offloads the actor's engine whenever the rollout is colocated with it "
+                              "(torch_memory_saver: parameters, gradients and optimizer state)", offload="all")
+    for c in ("actor_train", "critic_train"):
+        if c in wf and pr[c].offload == "optimizer":
+            pr.set(c, "AReaL's engine offload (offload: true) pauses all of the engine's memory, not the optimizer "
+                      "state alone", offload="all")
     return pr
 
 
@@ -114,6 +129,8 @@ def _train_engine(experiment: Experiment, plan: Plan, call: str, megatron: bool)
            "gradient_checkpointing": lay.recompute == "full",
            "optimizer": {"type": "adam", "lr": h.lr},
            "ppo_n_minibatches": experiment.params.ppo_minibatches, "dtype": "bfloat16"}
+    if lay.offload == "all":
+        out["offload"] = True
     if megatron:
         out["megatron"] = {"ddp": {"use_distributed_optimizer": lay.shard == "optimizer"}}
         if lay.recompute == "full":
@@ -151,10 +168,12 @@ def config(experiment: Experiment, plan: Plan) -> tuple[dict, list[str]]:
         out["rollout"]["scheduling_strategy"] = {"type": "colocation", "target": "actor"}
         out["enable_offload"] = True
         actor["weight_update_mode"] = "disk"
-        notes.append("rollout colocated with the actor: AReaL offloads the engines between generation and training "
-                     "(enable_offload) and moves weights through disk; the predictions charge neither")
+        notes.append("rollout colocated with the actor: AReaL moves weights to the rollout servers through disk, "
+                     "which the predictions do not charge")
     else:
         out["rollout"]["scheduling_strategy"] = {"type": "separation"}
+    if any(plan[c].offload == "all" for c in ("actor_train", "critic_train") if c in wf):
+        out["enable_offload"] = True  # an engine's offload needs torch_memory_saver
     ref = plan["ref_inf"]
     out["ref"] = {"backend": _backend(ref, megatron), "path": path, "mb_spec": _mb_spec(ref), "optimizer": None,
                   "scheduling_strategy": {"type": "colocation", "target": "actor"}}
