@@ -18,6 +18,12 @@ iteration in topological order — and takes part in whatever involves its devic
 3. **compute** — the call itself (:mod:`executor.calls`); outputs stay on their holders until
    the iteration ends.
 
+A home that offloads (``Layout.offload`` of its train call, :mod:`executor.offload`) keeps its
+optimizer state — and under ``all`` its parameters — in a host buffer between calls: the
+devices of the home upload it before the train call and download it after (``offload`` spans
+around the compute), and under ``all`` upload the parameters before another call of the role
+reads them (at home; before the reallocation, on the home's devices) and free them after.
+
 Steps that do not involve a device cost it nothing, so calls on disjoint meshes run
 concurrently; a device waits only where data or weights must reach it. Each process records
 spans ``(call, op, micro_batch, start, end)`` on a clock zeroed by a barrier at the start;
@@ -56,6 +62,7 @@ from executor.data import Source, name_key, source_for
 from executor.dataflow import Mailbox, Outbox, gather_input, input_plan, message_schedule
 from executor.engine import Engine
 from executor.hf import load_hf
+from executor.offload import Offloader
 from executor.optim import ShardAdam
 from executor.options import RunOptions
 from executor.realloc import reallocate
@@ -128,6 +135,11 @@ class RankRuntime:
         self.params = {role: self._init(role) for role, home in self.homes.items() if self._in(home)}
         trained = experiment.workflow.trained_roles()
         self.optimizers = {role: self._optimizer(role, p) for role, p in self.params.items() if role in trained}
+        # a home that offloads starts with its state in the host buffer, where it stays between calls
+        self.offloaders = {role: Offloader(self.homes[role].offload, p, self.optimizers[role])
+                           for role, p in self.params.items() if role in trained and self.homes[role].offload != "none"}
+        for off in self.offloaders.values():
+            off.download(off.state())
         self.store: dict[str, Pieces] = {}  # outputs held here in the current iteration
         self.schedule = message_schedule(experiment, plan)
         self.input_plans = {(c.name, d): input_plan(experiment, plan, c.name, d)
@@ -189,6 +201,8 @@ class RankRuntime:
         self.status("finished")
         params = {}
         if self.options.return_params:
+            for off in self.offloaders.values():  # the final weights, from the host buffer where offloaded
+                off.upload(off.weights())
             params = {r: {n: t.detach().cpu() for n, t in self._whole(r).items()} for r in self.params}
         return RankResult(self.device, self.rec.finish(), self.losses, params, self.rec.counters)
 
@@ -201,11 +215,34 @@ class RankRuntime:
             return
         self.status(f"call {call.name} (iteration {it})")
         stage = layout.coords(self.device)[2] if self._in(layout) else -1
+        off = self.offloaders.get(call.role) if self._in(home) else None
         with self.rec.span(it, call.name, "call", stage):
-            params = self._realloc(it, call, layout, home) if realloc else self.params.get(call.role)
+            if realloc:
+                self._host(it, call, stage, off, "upload", off.weights() if off else [])
+                params = self._realloc(it, call, layout, home)
+                if off:  # sent: the host copy is current
+                    off.drop(off.weights())
+            else:
+                params = self.params.get(call.role)
             if self._in(layout):
                 inputs = self._inputs(it, call, layout)
+                train = call.kind == "train"
+                if off and not realloc:  # the train call has all its state back; another call the weights
+                    self._host(it, call, stage, off, "upload", off.state() if train else off.weights())
                 self._compute(it, call, layout, params, inputs, stage)
+                if off and not realloc:
+                    if train:
+                        self._host(it, call, stage, off, "download", off.state())
+                    else:
+                        off.drop(off.weights())
+
+    def _host(self, it: int, call: Call, stage: int, off: Offloader | None, what: str, tensors: list[Tensor]) -> None:
+        """Move ``tensors`` of an offloading home between the host buffer and the device
+        (``what``: upload or download), as an ``offload`` span when anything moves."""
+        if off is None or not tensors:
+            return
+        with self.rec.span(it, call.name, "offload", stage):
+            (off.upload if what == "upload" else off.download)(tensors)
 
     def _realloc(self, it: int, call: Call, layout: Layout, home: Layout) -> M.Params | None:
         with self.rec.span(it, call.name, "realloc"):
