@@ -1,5 +1,9 @@
 """Describe an experiment: its models, calls, cluster and how many layouts each call has.
 
+The cluster line counts its meshes — every contiguous run of devices — and of them the
+aligned ones the search takes by default (``--json``: ``cluster.runs``, ``cluster.meshes``);
+each call's layouts are counted on the aligned meshes.
+
 A verifier reward (``models.reward: rule``) is listed as the reward role's row with no model
 (``verifier`` in ``--json``: its ``reward_s_per_sample``), and ``old_logprobs`` says whether
 the generate call writes the old log-probs or ``actor_inf`` recomputes them.
@@ -71,7 +75,8 @@ def describe(exp: Experiment) -> dict[str, Any]:
         "tokens_per_iteration": int(drawn[0].sum() + drawn[1].sum()) if rows else None,
         "version_edges": [list(e) for e in wf.version_edges()],
         "cluster": {"nodes": cl.nodes, "devices_per_node": cl.devices_per_node, "devices": cl.num_devices,
-                    "device": cl.device, "meshes": cl.num_meshes()},
+                    # aligned meshes (the search's default, the per-call layouts below), of every run
+                    "device": cl.device, "meshes": cl.num_meshes(), "runs": cl.num_meshes(uneven=True)},
     }
 
 
@@ -85,7 +90,8 @@ def _human(n: float, unit: str = "") -> str:
 def render(info: dict[str, Any]) -> str:
     cl = info["cluster"]
     parts = [f"experiment {info['name']}: {info['algorithm']} on {cl['nodes']} node(s) x "
-             f"{cl['devices_per_node']} {cl['device']} = {cl['devices']} devices, {cl['meshes']} valid meshes", ""]
+             f"{cl['devices_per_node']} {cl['device']} = {cl['devices']} devices, {cl['runs']:,} meshes (contiguous "
+             f"runs), {cl['meshes']:,} of them aligned (searched by default; layouts below)", ""]
     rows = [("role", "model", "params", "bf16 bytes", "layers", "hidden", "heads/kv", "head")]
     rows += [(r, m["name"], _human(m["params"]), _human(m["bytes_bf16"], "B"), str(m["layers"]), str(m["hidden"]),
               f"{m['heads']}/{m['kv_heads']}", m["head"]) for r, m in info["models"].items()]

@@ -312,6 +312,9 @@ def _main(argv: list[str] | None) -> int:
     outputs = {flag: check_output_path(getattr(args, flag.strip("-")), flag)
                for flag in ("--trace", "--timeline") if getattr(args, flag.strip("-")) is not None}
     experiment = load_experiment(args.experiment)
+    if experiment.workflow.asynchronous:
+        raise ConfigError(f"async.max_staleness={experiment.max_staleness}: the executor runs synchronous RL only "
+                          "(the estimator predicts asynchronous plans; set max_staleness 0 to run this plan here)")
     profile = load_profile(experiment.cluster.device, key="cluster.device")
     plan = check(Plan.load(args.plan), experiment)
     kv_tokens = engine_pools(experiment, plan, profile)

@@ -24,7 +24,10 @@ figure against the simulator's, every baseline's time (or why it does not fit) w
 speed-up over it, and where the time goes. ``--out`` writes the plan file that
 ``estimator.predict --plan`` and ``executor.run --plan`` take; ``--trace`` the predicted
 Chrome trace (Perfetto). Train calls may recompute activations where memory demands it;
-``--no-recompute`` leaves that option out. ``--json`` prints one object with ``iteration_s``, ``plan``,
+``--no-recompute`` leaves that option out. The meshes searched are ReaL's aligned ones (a
+power-of-two slice of a node, or whole nodes); ``--uneven-meshes`` adds every contiguous run of
+devices (``0-5`` beside ``6-7`` on a node of 8, ``0-11`` beside ``12-15`` on two), the splits a
+disaggregated plan wants, in a larger space. ``--json`` prints one object with ``iteration_s``, ``plan``,
 ``baselines.<name>.iteration_s`` (null when it does not fit), ``evaluated``, ``space_log10``,
 ``roofline_s``, ``peak_memory_bytes`` and more.
 
@@ -52,13 +55,19 @@ import argparse
 import json
 import sys
 
+from estimator.base import rules
 from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_text, check_output_dir
+from estimator.base.tables import format_table
 from estimator.export import make_export, predict_export, render, write_export
 from estimator.interop import FRAMEWORKS, exporter
 from estimator.predict import TRACE_PER_DEVICE_MAX, predict
-from estimator.profile.profiles import load_profile
-from estimator.spec.experiment import load_experiment
+from estimator.profile.profiles import Profile, load_profile
+from estimator.sim.asynchrony import async_report
+from estimator.sim.simulator import SimResult
+from estimator.spec.experiment import Experiment, load_experiment
+from estimator.spec.plan import Plan
+from estimator.spec.workflow import MAX_STALENESS
 from search.checks import MAX_CHAINS, check_budget, check_out, check_positive
 from search.framework import framework_best
 from search.result import render_report, result_json
@@ -78,9 +87,15 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--trace", help="write the best plan's predicted Chrome trace (JSON) here")
     parser.add_argument("--no-recompute", action="store_true",
                         help="leave activation recompute of train calls out of the search")
+    parser.add_argument("--uneven-meshes", action="store_true",
+                        help="also search meshes that are any contiguous run of devices (e.g. 0-5 and 6-7)")
     parser.add_argument("--framework", help=f"also the best plan this framework can run: {', '.join(FRAMEWORKS)}")
     parser.add_argument("--export", help=f"write the plan in this framework's configuration: {', '.join(FRAMEWORKS)}")
     parser.add_argument("--export-dir", help="directory the --export files go into")
+    parser.add_argument("--max-staleness", type=int,
+                        help="asynchronous RL: search plans whose rollouts may lag up to this many policy versions "
+                             "(every contiguous run of devices in the space), beside the best synchronous plan "
+                             "(default: the experiment's async.max_staleness)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     for name in (args.framework, args.export):
@@ -100,15 +115,25 @@ def _main(argv: list[str] | None) -> int:
         if path is not None:
             check_out(path, flag)
     experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
+    if args.max_staleness is not None:
+        experiment = experiment.with_staleness(rules.integer("--max-staleness", args.max_staleness, lo=0,
+                                                             hi=MAX_STALENESS))
     profile = (load_profile(args.profile, key="--profile") if args.profile is not None
                else load_profile(experiment.cluster.device, key="cluster.device"))
 
+    sync = None
+    if experiment.workflow.asynchronous:  # the synchronous best first: the asynchronous search starts from it too
+        sync = run_search(experiment.with_staleness(0), profile, time_budget_s=args.time_budget,
+                          max_evals=args.max_evals, seed=args.seed, chains=args.chains, progress=not args.json,
+                          recompute=not args.no_recompute, uneven=args.uneven_meshes)
     result = run_search(experiment, profile, time_budget_s=args.time_budget, max_evals=args.max_evals,
                         seed=args.seed, chains=args.chains, progress=not args.json,
-                        recompute=not args.no_recompute)
+                        recompute=not args.no_recompute, uneven=args.uneven_meshes or sync is not None,
+                        extra_starts={"synchronous best": sync.plan} if sync is not None else None)
     best = framework_best(experiment, profile, result, args.framework) if args.framework else None
     plan = best.plan if best is not None else result.plan
     sim, memory, summary = predict(experiment, result.plan, profile)
+    asynchrony = compare_synchronous(experiment, profile, sim, result.plan, sync.plan) if sync is not None else None
     if best is not None and args.trace is not None:
         sim = predict(experiment, plan, profile)[0]
     if args.out is not None:
@@ -124,9 +149,12 @@ def _main(argv: list[str] | None) -> int:
     if args.json:
         extra = {"framework": best.to_json()} if best is not None else {}
         extra |= {"export": record} if record is not None else {}
+        extra |= {"asynchrony": asynchrony} if asynchrony is not None else {}
         print(json.dumps(result_json(result, summary) | extra, indent=2))
         return 0
     print(render_report(result, summary, memory))
+    if asynchrony is not None:
+        print("\n" + render_asynchrony(asynchrony))
     if best is not None:
         print(f"\n{best.line()}\n{plan.table()}")
     if record is not None:
@@ -138,6 +166,32 @@ def _main(argv: list[str] | None) -> int:
     if args.trace:
         print(f"wrote Chrome trace {args.trace}")
     return 0
+
+
+def compare_synchronous(experiment: Experiment, profile: Profile, sim: SimResult, plan: Plan, sync_plan: Plan) -> dict:
+    """The asynchronous best plan's throughput, idle fractions and staleness, beside the best
+    synchronous plan's (searched with the same budget and seed)."""
+    sync_exp = experiment.with_staleness(0)
+    sync_report = async_report(sync_exp, sync_plan, predict(sync_exp, sync_plan, profile)[0])
+    best = async_report(experiment, plan, sim)
+    return best.to_dict() | {"synchronous": sync_report.to_dict() | {"plan": json.loads(sync_plan.to_json())},
+                             "speedup_over_synchronous": sync_report.iteration_s / best.iteration_s}
+
+
+def render_asynchrony(a: dict) -> str:
+    rows = [[name, f"{r['iteration_s']:.4g}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['rollout_idle']:.1f}",
+             f"{100 * r['trainer_idle']:.1f}", f"{r['staleness_mean']:.2f} / {r['staleness_max']}",
+             f"{r['push_s']:.3f}" if r["standing"] else "-"]
+            for name, r in ((f"best, max staleness {a['max_staleness']}", a), ("best synchronous", a["synchronous"]))]
+    table = format_table([("plan", "iteration s", "tokens/s trained", "rollout idle %", "trainer idle %",
+                           "staleness mean / max", "push s"), *rows])
+    sync_plan = Plan.from_data(a["synchronous"]["plan"]).table()
+    gain = a["speedup_over_synchronous"]
+    head = (f"asynchronous RL: {gain:.2f}x the best synchronous plan's throughput (discarded tokens: "
+            f"{a['discarded_tokens']})" if gain > 1 else
+            f"asynchronous RL is predicted no faster here ({gain:.2f}x): run the best synchronous plan "
+            "(the two steady states train on different draws of the response lengths, about 1 % apart)")
+    return f"{head}\n{table}\nbest synchronous plan:\n{sync_plan}"
 
 
 def main(argv: list[str] | None = None) -> int:

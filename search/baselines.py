@@ -20,6 +20,17 @@ Usage::
   4 + 4 devices, tp 2 / dp 2 up to 8 B parameters, tp 4 above); reference inference on all
   devices with tp 4, dp 2; reward and critic inference on one half each.
 
+For asynchronous RL (``async.max_staleness``, ``python -m search --max-staleness``), with the
+split between generating and training devices that every framework leaves to its user:
+
+- ``areal-3/4`` — AReaL's rule: the valid split nearest 3/4 of the devices generating (engines
+  of tp 1), the rest training with FSDP and recompute; ``areal-default`` is the same plan, built
+  only for an asynchronous experiment;
+- ``balanced`` — the split that makes rollout time and training time closest (verl's advice for
+  ``fully_async_policy``);
+- ``verl-colocate-sync`` — ``verl-default`` trained synchronously (staleness 0), the reference
+  an asynchronous plan must beat.
+
 The actor's recomputed old log-probs (``old_logprobs: recompute``: ``actor_inf``) are an
 inference call of the actor, laid out as each baseline lays out the actor's calls: on all
 devices in ``megatron`` and ``colocate``, on the actor's half in ``split``, and in
@@ -283,18 +294,99 @@ def dschat(exp: Experiment, profile: Profile) -> Plan:
     return _colocated(exp, profile, 1, "full", "none")
 
 
+# ---- disaggregated plans: generation on devices of its own, training on the rest ------------
+
+AREAL_GEN_SHARE = 0.75  # AReaL's rule of thumb: 3/4 of the devices generate (arXiv 2505.24298, §6)
+AREAL_STALENESS = 2  # the η AReaL's examples train with (max_head_offpolicyness)
+
+
+def split_points(exp: Experiment) -> list[int]:
+    """Device counts ``k`` for which devices ``0..k-1`` and ``k..N-1`` are both valid meshes of
+    the cluster (every split the mesh rule admits)."""
+    cl = exp.cluster
+    n = cl.num_devices
+    return [k for k in range(1, n)
+            if not cl.mesh_problems(DeviceMesh(0, k)) and not cl.mesh_problems(DeviceMesh(k, n - k))]
+
+
+def disaggregated(exp: Experiment, profile: Profile, gen_devices: int, gen_tp: int = 1) -> Plan:
+    """The actor's generate calls on devices ``0..gen_devices-1`` (engines of ``gen_tp``, dp for
+    the rest), every other call data parallel on the remaining devices, training fully sharded
+    (FSDP) with activation recompute — AReaL's and verl's ``fully_async_policy`` shape."""
+    n = exp.cluster.num_devices
+    if gen_devices not in split_points(exp):
+        raise ConfigError(f"no split of {n} devices gives generation {gen_devices} of them as valid meshes "
+                          f"(valid: {split_points(exp) or 'none'})")
+    gen, rest, wf = DeviceMesh(0, gen_devices), DeviceMesh(gen_devices, n - gen_devices), exp.workflow
+    return _build(exp, profile, lambda c: (gen, gen_tp, 1) if wf[c].kind == "generate" else (rest, 1, 1),
+                  "full", "full")
+
+
+def _nearest_splits(exp: Experiment, share: float) -> list[int]:
+    """Every split point, nearest ``share`` of the devices generating first (ties: more generating)."""
+    points = split_points(exp)
+    if not points:
+        raise ConfigError(f"the cluster's {exp.cluster.num_devices} devices split into no two valid meshes")
+    return sorted(points, key=lambda k: (abs(k - share * exp.cluster.num_devices), -k))
+
+
+def areal_split(exp: Experiment, profile: Profile) -> Plan:
+    """AReaL's split: the valid split nearest 3/4 of the devices generating (SGLang engines of
+    tp 1) whose calls all have a layout there (the rollout batch must split over the engines),
+    FSDP training on the rest; trained with the experiment's staleness η."""
+    problems = []
+    for k in _nearest_splits(exp, AREAL_GEN_SHARE):
+        try:
+            return disaggregated(exp, profile, k)
+        except ConfigError as exc:
+            problems.append(f"{k} generating: {exc}")
+    raise ConfigError("no split has a valid layout for every call: " + "; ".join(problems))
+
+
 def areal_default(exp: Experiment, profile: Profile) -> Plan:
-    """AReaL's default split (SGLang on 3/4 of the devices, FSDP training on the rest,
-    asynchronous with staleness 2) needs asynchronous RL, which plans cannot express yet."""
-    raise ConfigError("areal-default generates asynchronously (max_head_offpolicyness 2) on devices of its own; "
-                      "plans express synchronous RL only, so this baseline cannot be built yet")
+    """AReaL's default launch: :func:`areal_split`, asynchronous (its examples set
+    ``max_head_offpolicyness`` 2). Built only for an asynchronous experiment: trained
+    synchronously on split devices it is not AReaL's default."""
+    if not exp.workflow.asynchronous:
+        raise ConfigError(f"areal-default trains asynchronously (max_head_offpolicyness {AREAL_STALENESS}); "
+                          "give the experiment async.max_staleness or search with --max-staleness")
+    return areal_split(exp, profile)
+
+
+def balanced(exp: Experiment, profile: Profile) -> Plan:
+    """verl's advice for ``fully_async_policy``: the split whose rollout time and training-side
+    time (every other call, one after another on the rest) are closest, each priced alone by the
+    evaluator's closed forms."""
+    from estimator.cost.lowering import Costs
+    from estimator.sim.evaluator import call_s
+
+    costs, best = Costs(exp, profile), None
+    for k in split_points(exp):
+        try:
+            plan = disaggregated(exp, profile, k)
+        except ConfigError:
+            continue
+        sides = [0.0, 0.0]
+        for name in exp.workflow.call_names:
+            sides[exp.workflow[name].kind != "generate"] += call_s(costs.call(name, plan[name]))
+        gap = abs(sides[0] - sides[1])
+        if best is None or gap < best[0]:
+            best = (gap, plan)
+    if best is None:
+        raise ConfigError(f"no split of the cluster's {exp.cluster.num_devices} devices has a valid layout for "
+                          "every call")
+    return best[1]
 
 
 # name → constructor; beside BASELINES in the search's table, their sources in each docstring
 FRAMEWORK_BASELINES: dict[str, Callable[[Experiment, Profile], Plan]] = {
     "verl-default": verl_default, "openrlhf-hybrid": openrlhf_hybrid, "nemo-rl-default": nemo_rl_default,
     "dschat": dschat, "realhf-heuristic": real_heuristic, "areal-default": areal_default}
-ALL_BASELINES = {**BASELINES, **FRAMEWORK_BASELINES}
+# the split every framework leaves to its user, beside the colocated default trained synchronously
+ASYNC_BASELINES: dict[str, Callable[[Experiment, Profile], Plan]] = {
+    "areal-3/4": areal_split, "balanced": balanced, "verl-colocate-sync": verl_default}
+SYNCHRONOUS = ("verl-colocate-sync",)  # baselines predicted at staleness 0 whatever the experiment's
+ALL_BASELINES = {**BASELINES, **FRAMEWORK_BASELINES, **ASYNC_BASELINES}
 
 
 RECOMPUTING = ("megatron",)  # baselines that take a ``recompute`` setting for their train calls
@@ -312,6 +404,8 @@ def build(name: str, experiment: Experiment, profile: Profile, simulate_it: bool
         raise ConfigError(f"recompute={recompute!r} must be one of {list(RECOMPUTE_CHOICES)}")
     if recompute != "none" and name not in RECOMPUTING:
         raise ConfigError(f"baseline {name!r} takes no recompute setting (only {', '.join(RECOMPUTING)} does)")
+    if name in SYNCHRONOUS:
+        experiment = experiment.with_staleness(0)
     try:
         plan = ALL_BASELINES[name](experiment, profile, recompute) if name in RECOMPUTING else \
             ALL_BASELINES[name](experiment, profile)

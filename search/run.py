@@ -145,21 +145,26 @@ def simulate_all(experiment: Experiment, profile: Profile, plans: list[Plan], kn
 def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float = DEFAULT_TIME_BUDGET_S,
                max_evals: int | None = None, seed: int = 0, chains: int | None = None,
                progress: bool | Callable[[float, int, float], None] = True, top_k: int = TOP_K,
-               method: str = "auto", recompute: bool = True) -> SearchResult:
+               method: str = "auto", recompute: bool = True, uneven: bool = False,
+               extra_starts: dict[str, Plan] | None = None) -> SearchResult:
     """Find the fastest plan that fits (see the module docstring). With ``max_evals`` the result
     depends only on the inputs and the seed; otherwise on ``time_budget_s`` seconds of search.
     ``method`` "auto" searches exactly when the space is small enough; "exact" or "anneal" force one.
-    ``recompute=False`` keeps activation recompute out of the space (:func:`build_space`).
+    ``recompute=False`` keeps activation recompute out of the space, ``uneven=True`` puts every
+    contiguous run of devices in it beside the aligned meshes (:func:`build_space`).
     ``progress``: True shows a progress bar on stderr; a callable gets (seconds since the call,
-    plans evaluated, best period so far) as the search goes."""
+    plans evaluated, best period so far) as the search goes. ``extra_starts``: more plans (by
+    label) the chains start from and the simulator re-ranks, like the baselines."""
     if method not in ("auto", "exact", "anneal"):
         raise ConfigError(f"method={method!r} must be 'auto', 'exact' or 'anneal'")
     t0 = time.monotonic()
     chains = chains or default_chains()
-    space = build_space(experiment, profile, recompute)
+    space = build_space(experiment, profile, recompute, uneven)
     baselines = {name: build(name, experiment, profile, simulate_it=False) for name in ALL_BASELINES}
     ev = Evaluator(experiment, profile)
     starts: list = [space.key(b.plan) for b in baselines.values() if b.feasible and space.contains(b.plan)]
+    extra = {label: p for label, p in (extra_starts or {}).items() if space.contains(p)}
+    starts += [space.key(p) for p in extra.values()]
     if not starts:  # no baseline fits: start from the plan built to need little memory where it fits
         least = least_memory_plan(experiment, space, profile.capacity_bytes)
         if space.contains(least) and plan_memory(experiment, least, profile.capacity_bytes).feasible:
@@ -200,6 +205,10 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
         if b.feasible and space.key(b.plan) not in seen:
             cands.append((b.plan, None, f"baseline {b.name}"))
             seen.add(space.key(b.plan))
+    for label, p in extra.items():
+        if space.key(p) not in seen:
+            cands.append((p, None, label))
+            seen.add(space.key(p))
     cands += found[1:]
     if not cands:
         raise ConfigError(no_fit_reason(experiment, profile, space, baselines, evaluated))

@@ -1,12 +1,17 @@
 """The plan space: per call, every valid mesh × (dp, tp, pp) × micro-batch count (× activation
 recompute, data-parallel sharding and offload for a train call) that can fit.
 
-Whether a layout is valid depends on its mesh only through the mesh's size (a mesh is an
-aligned power-of-two slice of one node or a run of whole nodes, :meth:`Cluster.meshes`), so
-a call's candidates are kept as *shapes* ``(dp, tp, pp, micro_batches, recompute, shard,
-offload)`` per mesh size plus the first devices of the meshes of that size. The space is
-counted from these, never listed: on 128 nodes × 8 devices a call has about 10,000 meshes and
-a million layouts, and the joint space is their product (``log10`` reported).
+The meshes are ReaL's aligned shapes by default (an aligned power-of-two slice of one node or a
+run of whole nodes, :meth:`Cluster.meshes`), and with ``uneven`` every contiguous run of devices
+(``0-5`` and ``6-7`` of a node, ``0-11`` of two): the splits a disaggregated plan needs, at
+N(N+1)/2 meshes on N devices. Whether a layout is valid depends on its mesh only through the
+mesh's size and whether its tensor-parallel groups stay inside nodes (always so on an aligned
+mesh whose size admits the tp; on a run, a matter of where it starts, :meth:`CallSpace.fits`),
+so a call's candidates are kept as *shapes* ``(dp, tp, pp, micro_batches, recompute, shard,
+offload)`` per mesh size plus the first devices of the meshes of that size, a shape standing on
+those meshes of its size where its tp fits. The space is counted from these, never listed: on
+128 nodes × 8 devices a call has about 10,000 meshes and a million layouts, and the joint space
+is their product (``log10`` reported).
 
 Pruning, before any search: a shape is dropped when :func:`estimator.spec.plan.layout_problems`
 rejects it (tp must divide heads, kv heads, ffn and vocabulary and stay inside a node, pp at
@@ -53,7 +58,7 @@ from estimator.base.tables import format_table
 from estimator.cost.memory import PARTS, call_bytes, fmt_bytes, home_bytes, stage_param_counts, state_bytes
 from estimator.cost.pieces import BF16
 from estimator.profile.profiles import Profile
-from estimator.spec.cluster import DeviceMesh
+from estimator.spec.cluster import DeviceMesh, fitting_count, straddling_group
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import (
     MICRO_BATCH_CHOICES,
@@ -102,51 +107,79 @@ def batching_choices(experiment: Experiment, name: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class CallSpace:
-    """The candidate layouts of one call: shapes per mesh size, and where meshes of each size start."""
+    """The candidate layouts of one call: shapes per mesh size, and where meshes of each size
+    start; a shape stands on the meshes of its size where its tp fits (:meth:`fits`)."""
 
     name: str
     role: str
-    shapes: dict[int, tuple[Shape, ...]]  # mesh size → shapes that are valid and can fit
-    firsts: dict[int, tuple[int, ...]]  # mesh size → first device of every mesh of that size
+    shapes: dict[int, tuple[Shape, ...]]  # mesh size → shapes that are valid on some mesh of it and can fit
+    firsts: dict[int, range]  # mesh size → first device of every mesh of that size
     valid: int  # layouts that pass validation (before memory pruning)
+    per_node: int  # devices per node of the cluster
+    _on: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # (size, phase) → shapes
 
     @property
     def sizes(self) -> tuple[int, ...]:
         return tuple(s for s in self.shapes if self.shapes[s])
 
+    def fits(self, first: int, size: int, tp: int) -> bool:
+        """Whether tensor parallelism ``tp`` keeps its groups inside nodes on the mesh."""
+        return straddling_group(first, size, tp, self.per_node) is None
+
+    def shapes_on(self, mesh: DeviceMesh) -> tuple[Shape, ...]:
+        """The shapes of ``mesh``'s size whose tp fits on it (all of them on an aligned mesh);
+        depends on the mesh's first device modulo the node only, so kept per that."""
+        key = (mesh.size, mesh.first % self.per_node)
+        if key not in self._on:
+            shapes = self.shapes.get(mesh.size, ())
+            fit = {tp: self.fits(mesh.first, mesh.size, tp) for tp in {sh[1] for sh in shapes}}
+            self._on[key] = tuple(sh for sh in shapes if fit[sh[1]])
+        return self._on[key]
+
+    def _count(self, keep) -> int:
+        """Kept layouts whose shape passes ``keep``: per size, per tp, the meshes it fits."""
+        total = 0
+        for size, shapes in self.shapes.items():
+            per_tp: dict[int, int] = {}
+            for sh in shapes:
+                if keep(sh):
+                    per_tp[sh[1]] = per_tp.get(sh[1], 0) + 1
+            total += sum(n * fitting_count(self.firsts[size], size, tp, self.per_node) for tp, n in per_tp.items())
+        return total
+
     @property
     def count(self) -> int:
         """Layouts kept (valid and able to fit)."""
-        return sum(len(self.shapes[s]) * len(self.firsts[s]) for s in self.shapes)
+        return self._count(lambda sh: True)
 
     @property
     def recompute_count(self) -> int:
         """Of the kept layouts, those that recompute activations."""
-        return sum(sum(sh[4] != "none" for sh in self.shapes[s]) * len(self.firsts[s]) for s in self.shapes)
+        return self._count(lambda sh: sh[4] != "none")
 
     @property
     def shard_count(self) -> int:
         """Of the kept layouts, those that shard their data parallelism."""
-        return sum(sum(sh[5] != "none" for sh in self.shapes[s]) * len(self.firsts[s]) for s in self.shapes)
+        return self._count(lambda sh: sh[5] != "none")
 
     @property
     def offload_count(self) -> int:
         """Of the kept layouts, those that offload their home's state to host memory."""
-        return sum(sum(sh[6] != "none" for sh in self.shapes[s]) * len(self.firsts[s]) for s in self.shapes)
+        return self._count(lambda sh: sh[6] != "none")
 
     def contains(self, layout: Layout) -> bool:
         s = layout.mesh.size
-        return shape_of(layout) in self.shapes.get(s, ()) and layout.mesh.first in self.firsts.get(s, ())
+        return layout.mesh.first in self.firsts.get(s, ()) and shape_of(layout) in self.shapes_on(layout.mesh)
 
     def layouts_on(self, mesh: DeviceMesh) -> list[Layout]:
         """The kept layouts on ``mesh``."""
         if mesh.first not in self.firsts.get(mesh.size, ()):
             return []
-        return [make_layout(mesh.first, mesh.size, sh) for sh in self.shapes.get(mesh.size, ())]
+        return [make_layout(mesh.first, mesh.size, sh) for sh in self.shapes_on(mesh)]
 
     def layouts(self) -> list[Layout]:
         """Every kept layout (only for small spaces: the exact search lists them)."""
-        return [make_layout(f, s, sh) for s in self.sizes for f in self.firsts[s] for sh in self.shapes[s]]
+        return [lay for s in self.sizes for f in self.firsts[s] for lay in self.layouts_on(DeviceMesh(f, s))]
 
 
 @dataclass(frozen=True)
@@ -202,10 +235,17 @@ def _sizes_text(sizes: tuple[int, ...]) -> str:
 
 
 def _degrees(size: int, per_node: int, layers: int) -> list[tuple[int, int, int]]:
-    """Every (dp, tp, pp) with dp·tp·pp = size, tp inside a node and pp at most the layers
+    """Every (dp, tp, pp) with dp·tp·pp = size, tp at most a node and pp at most the layers
     (a cheap first cut; :func:`layout_problems` still decides)."""
-    return [(size // (tp * pp), tp, pp) for tp in divisors(math.gcd(size, per_node))
+    return [(size // (tp * pp), tp, pp) for tp in divisors(size) if tp <= per_node
             for pp in divisors(size // tp) if pp <= layers]
+
+
+def _fitting_first(starts: range, size: int, tp: int, per_node: int) -> int | None:
+    """A first device of ``starts`` whose mesh keeps tp's groups inside nodes, None if none
+    does (one period of first devices modulo the node tells, :func:`fitting_count`)."""
+    period = per_node // math.gcd(starts.step, per_node)
+    return next((f for f in starts[:period] if straddling_group(f, size, tp, per_node) is None), None)
 
 
 def _stage_parts(experiment: Experiment, name: str, layout: Layout, home: bool,
@@ -278,7 +318,7 @@ class _Candidates:
     most: float = 0.0
 
 
-def _candidates(experiment: Experiment, name: str, firsts: dict[int, list[int]], home: bool,
+def _candidates(experiment: Experiment, name: str, firsts: dict[int, range], home: bool,
                 capacity: float) -> _Candidates:
     cl = experiment.cluster
     call = experiment.workflow[name]
@@ -287,19 +327,23 @@ def _candidates(experiment: Experiment, name: str, firsts: dict[int, list[int]],
     trained = call.role in experiment.workflow.trained_roles()
     choices = batching_choices(experiment, name)
     engines = call.kind == "generate" and call.workload.lengths_vary
+    dpn = cl.devices_per_node
     for size, starts in firsts.items():
         valid, kept = [], []
-        for dp, tp, pp in _degrees(size, cl.devices_per_node, model.layers):
-            mesh = DeviceMesh(starts[0], size)
+        for dp, tp, pp in _degrees(size, dpn, model.layers):
+            first = _fitting_first(starts, size, tp, dpn)
+            if first is None:
+                continue
+            mesh = DeviceMesh(first, size)  # the rules and memory of any other mesh where tp fits are the same
             # a rule mb=1 breaks, every micro-batch count breaks (dp·mb is a multiple of dp);
             # continuous-batching engines run one virtual engine per stage (mb = pp)
-            first = pp if engines else 1
-            if layout_problems(call, model, cl, Layout(mesh, dp, tp, pp, first)):
+            least = pp if engines else 1
+            if layout_problems(call, model, cl, Layout(mesh, dp, tp, pp, least)):
                 continue
             fits = False
             for mb in ((pp,) if engines else choices):
-                lay = make_layout(starts[0], size, (dp, tp, pp, mb, "none", "none", "none"))
-                if mb != first and layout_problems(call, model, cl, lay):
+                lay = make_layout(first, size, (dp, tp, pp, mb, "none", "none", "none"))
+                if mb != least and layout_problems(call, model, cl, lay):
                     continue
                 valid.append((dp, tp, pp, mb))
                 # a call's bytes never grow with more micro-batches, so once one count fits
@@ -317,7 +361,7 @@ def _candidates(experiment: Experiment, name: str, firsts: dict[int, list[int]],
                 if fits_here:
                     kept.append((dp, tp, pp, mb))
         out.valid[size], out.kept[size] = valid, kept
-        out.count += len(valid) * len(starts)
+        out.count += sum(fitting_count(starts, size, d[1], dpn) for d in valid)
     return out
 
 
@@ -385,16 +429,19 @@ def _variants(experiment: Experiment, name: str, lay: Layout, kept: bool, home: 
                 experiment, name, dataclasses.replace(lay, recompute=rc, shard=sh), others, adds, capacity) else [])]
 
 
-def build_space(experiment: Experiment, profile: Profile, recompute: bool = True) -> Space:
+def build_space(experiment: Experiment, profile: Profile, recompute: bool = True, uneven: bool = False) -> Space:
     """The pruned plan space of ``experiment`` on ``profile`` (see the module docstring);
-    ``recompute=False`` leaves activation recompute out.
+    ``recompute=False`` leaves activation recompute out; ``uneven`` puts every contiguous run of
+    devices in it beside the aligned meshes (:meth:`Cluster.meshes`), for disaggregated plans.
 
     Raises :class:`ConfigError` naming the call when a call has no layout that can fit."""
     cl, wf = experiment.cluster, experiment.workflow
-    cap = profile.capacity_bytes
-    firsts: dict[int, list[int]] = {}
-    for mesh in cl.meshes():
-        firsts.setdefault(mesh.size, []).append(mesh.first)
+    cap, dpn = profile.capacity_bytes, cl.devices_per_node
+    firsts = cl.mesh_starts(uneven)
+
+    def placed(size: int, shape: Shape) -> Layout:  # on a mesh of ``size`` where the shape's tp fits
+        return make_layout(_fitting_first(firsts[size], size, shape[1], dpn), size, shape)
+
     homes = wf.home_calls()
     order = wf.topological_order()
     found = {n: _candidates(experiment, n, firsts, homes[wf[n].role] == n, cap) for n in order}
@@ -415,21 +462,21 @@ def build_space(experiment: Experiment, profile: Profile, recompute: bool = True
             kept: list[Shape] = [(*d, "none", "none", "none") for d in cand.kept[size]]
             plain = set(cand.kept[size])
             for d in cand.valid[size]:
-                valid += len(shard_choices(call, experiment.models[call.role], d[0], d[2])) * len(firsts[size])
+                valid += (len(shard_choices(call, experiment.models[call.role], d[0], d[2]))
+                          * fitting_count(firsts[size], size, d[1], dpn))
                 if call.kind == "train":
-                    lay = make_layout(firsts[size][0], size, (*d, "none", "none", "none"))
+                    lay = placed(size, (*d, "none", "none", "none"))
                     kept += [(*d, *v) for v in _variants(experiment, name, lay, d in plain, home, others,
                                                          cap, recompute, adds[name])[1 if d in plain else 0:]]
             shapes[size] = tuple(kept)
-        space = CallSpace(name, call.role, shapes, {s: tuple(f) for s, f in firsts.items()},
-                          valid * len(choices) * len(offload_choices(call)))
+        space = CallSpace(name, call.role, shapes, firsts, valid * len(choices) * len(offload_choices(call)), dpn)
         if not space.count:
             model = experiment.models[call.role]
             why = "no valid layout" if not cand.count else f"no valid layout fits in {fmt_bytes(cap)} per device"
             msg = f"call {name}: {why} on the cluster's {cl.num_devices} devices (model {model.name}); no plan exists"
             if cand.count:
                 model = experiment.models[call.role]
-                valid = [make_layout(firsts[size][0], size, (*d, rc, sh, "none")) for size, shapes in cand.valid.items()
+                valid = [placed(size, (*d, rc, sh, "none")) for size, shapes in cand.valid.items()
                          for d in shapes for rc in (choices if recompute else ("none",))
                          for sh in shard_choices(call, model, d[0], d[2])]
                 need, lay, parts = least_call_bytes(experiment, name, valid, home, cap)
@@ -452,7 +499,7 @@ def least_memory_plan(experiment: Experiment, space: Space, capacity: float | No
 
     def on_largest(cs: CallSpace) -> list[Layout]:
         size = max(cs.sizes)
-        return [make_layout(cs.firsts[size][0], size, sh) for sh in cs.shapes[size]]
+        return cs.layouts_on(DeviceMesh(cs.firsts[size][0], size))
 
     for home in space.homes.values():
         chosen = least_call_bytes(experiment, home, on_largest(space[home]), True, capacity)[1]

@@ -367,6 +367,50 @@ def test_realhf_writes_every_call_as_planned_and_counts_a_token_budget():
             "allocation_mode=manual", "nodelist='NODE01'"} <= lines
 
 
+def test_realhf_widens_runs_its_device_meshes_cannot_name():
+    """ReaLHF names a power-of-two count of one node's GPUs or whole nodes: six GPUs become the
+    node, three the four from the same first device (pp 3 divides neither: data parallelism
+    takes the devices); two stay as planned."""
+    exp = load_experiment(PPO)
+    plan = _plan({
+        "actor_gen": {"mesh": "0-5", "dp": 1, "tp": 2, "pp": 3, "micro_batches": 1},
+        "ref_inf": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
+        "reward_inf": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
+        "critic_inf": {"mesh": "1-3", "dp": 1, "tp": 1, "pp": 3, "micro_batches": 4},
+        "actor_train": {"mesh": "0-7", "dp": 4, "tp": 2, "pp": 1, "micro_batches": 4},
+        "critic_train": {"mesh": "0-7", "dp": 4, "tp": 2, "pp": 1, "micro_batches": 4},
+    })
+    assert validate(plan, exp) == []
+    export = make_export("realhf", exp, plan)
+    got = {(c.call, c.field): (c.given, c.exported) for c in export.changes}
+    assert got == {("actor_gen", "mesh"): ("0-5", "0-7"), ("actor_gen", "dp"): ("1", "4"),
+                   ("actor_gen", "pp"): ("3", "1"),
+                   ("critic_inf", "mesh"): ("1-3", "1-4"), ("critic_inf", "pp"): ("3", "1"),
+                   ("critic_inf", "dp"): ("1", "4"), ("critic_inf", "micro_batches"): ("4", "1")}
+    assert all("power-of-two count of one node's GPUs" in c.why for c in export.changes)
+    lines = set(export.files["overrides.txt"].splitlines())
+    assert {"actor_gen.device_mesh='NODE01'", "critic_inf.device_mesh='NODE01:1,2,3,4'",
+            "ref_inf.device_mesh='NODE01:6,7'"} <= lines
+
+
+def test_openrlhf_counts_a_group_of_part_nodes_in_bundles_that_fit_a_node():
+    from estimator.interop.openrlhf import _gpus
+    from estimator.spec.cluster import DeviceMesh
+
+    assert _gpus(DeviceMesh(0, 6), 8) == (1, 6) and _gpus(DeviceMesh(0, 16), 8) == (2, 8)
+    assert _gpus(DeviceMesh(0, 12), 8) == (3, 4) and _gpus(DeviceMesh(4, 12), 8) == (3, 4)
+    # generation on six devices of a pipeline of three: OpenRLHF's engines have no stages, and six
+    # of them cannot take equal shares of 2048 sequences
+    exp = load_experiment(CASES["grpo-llama3-8b-8xh100"][0])
+    two = {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 8}
+    plan = _grpo_plan(exp, {"mesh": "0-5", "dp": 2, "tp": 1, "pp": 3, "micro_batches": 1},
+                      actor_train=two, actor_inf=two, ref_inf=two)
+    assert validate(plan, exp) == []
+    with pytest.raises(ConfigError, match=r"^openrlhf: call actor_gen: without pipeline stages its mesh 0-5 makes "
+                                          r"6 vLLM engines of tp 1, and plans split the batch of 2048"):
+        make_export("openrlhf", exp, plan)
+
+
 def test_a_shard_change_is_listed_and_reaches_the_projected_plan():
     exp = load_experiment(PPO)
     pr = Projection(exp, _everything_on(8, exp))
@@ -499,7 +543,8 @@ def test_nemo_rl_gives_the_policy_every_device_generation_does_not_take():
     assert all(str(export.plan[c].mesh) == "4-7" for c in ("actor_train", "actor_inf", "ref_inf"))
     data = _overlay(export.files["config.yaml"])["policy"]["generation"]["colocated"]
     assert data == {"enabled": False, "resources": {"gpus_per_node": 4, "num_nodes": 1}}
-    # generation on 0-1 leaves 2-7, no mesh of this planner: everything colocated on all devices
+    # generation on 0-1 leaves 2-7, where the policy's 512 rows per step do not split over 6 ranks:
+    # everything colocated on all devices
     export = make_export("nemo-rl", exp, _grpo_plan(exp, {"mesh": "0-1", "dp": 2, "tp": 1, "pp": 1,
                                                           "micro_batches": 1},
                                                     actor_train=two, actor_inf=two, ref_inf=two))

@@ -238,6 +238,21 @@ def _layout(mesh: str, dp: int = 1, tp: int = 1, pp: int = 1, mb: int = 1) -> La
     return Layout(DeviceMesh.parse(mesh), dp, tp, pp, mb)
 
 
+def test_an_uneven_split_of_three_processes_trains_the_same():
+    """Meshes no aligned rule admits, on a node of three: generation on device 0 alone, the
+    other calls on the runs 0-1 and 1-2 with data, tensor and pipeline parallelism, parameters
+    reallocated between them — one process per device builds its groups from
+    ``Layout.device`` and takes the single device's step."""
+    exp = tiny_experiment("ppo", devices_per_node=3, batch_size=4, minibatches=2)
+    uneven = Plan({"actor_gen": _layout("0"), "ref_inf": _layout("1-2", dp=2), "reward_inf": _layout("1-2", pp=2, mb=2),
+                   "critic_inf": _layout("0-1", tp=2), "actor_train": _layout("1-2", dp=2),
+                   "critic_train": _layout("0-1", pp=2, mb=2)})
+    assert not any(exp.cluster.aligned(lay.mesh) for lay in uneven.layouts.values() if lay.mesh.size == 2)
+    single = Plan({c: _layout("0") for c in exp.workflow.call_names})
+    results = run_many([(exp, single), (exp, uneven)])
+    assert_invariant(exp, ["single-device", "uneven"], results, ("actor", "critic"))
+
+
 def test_remax_sft_and_rw_train_the_same_under_two_plans(tmp_path):
     examples = tmp_path / "sft.jsonl"  # sft reads a prompts file: the JSONL path end to end
     examples.write_text("\n".join(json.dumps(list(range(i, i + 20 + i))) for i in range(5)) + "\n")
@@ -607,3 +622,33 @@ def test_long_tail_grpo_trains_the_same_under_continuous_batching_and_token_budg
     running = [c for c in results[0].timeline.counters if c.name == "running" and c.iteration == 0]
     run = schedule(*exp.lengths(0), 0, kv)
     assert [c.value for c in running] == [float(s.batch) for s in run.segments if s.steps] + [0.0]
+
+
+def test_engines_sharing_a_rollout_batch_unevenly_train_the_same():
+    """Five sequences over two engine replicas (three and two requests), one with two virtual
+    engines (two and one): the rollout server's uneven deal computes the update the single
+    device does."""
+    exp = tiny_experiment("ppo", devices_per_node=2, batch_size=5, minibatches=1)
+    assert exp.workflow["actor_gen"].workload.seqs == 5
+    uneven = Plan({"actor_gen": _layout("0-1", dp=2, mb=2), "ref_inf": _layout("1"), "reward_inf": _layout("0"),
+                   "critic_inf": _layout("1"), "actor_train": _layout("0"), "critic_train": _layout("1")})
+    single = Plan({c: _layout("0") for c in exp.workflow.call_names})
+    results = run_many([(exp, single), (exp, uneven)])
+    assert_invariant(exp, ["single-device", "uneven"], results, ("actor", "critic"))
+
+
+def test_continuous_batching_engines_sharing_a_batch_unevenly_train_the_same():
+    """Drawn response lengths (continuous batching): nine sequences (three prompts, three samples
+    each) over two replicas of two virtual engines (3 + 2 and 2 + 2 requests) against the single
+    device."""
+    from estimator.spec.experiment import experiment_from_dict
+
+    exp = experiment_from_dict({
+        "algorithm": "grpo", "models": {"actor": "tiny-2l-128h", "ref": "tiny-2l-128h", "reward": "tiny-2l-128h"},
+        "batch_size": 3, "group_size": 3, "prompt_len": 8, "gen_len": {"max": 16, "mean": 6}, "seed": 3,
+        "cluster": {"nodes": 1, "devices_per_node": 2, "device": "cpu"}})
+    uneven = Plan({"actor_gen": _layout("0-1", dp=2, mb=2), "ref_inf": _layout("1"), "reward_inf": _layout("1"),
+                   "actor_train": _layout("0")})
+    single = Plan({c: _layout("0") for c in exp.workflow.call_names})
+    results = run_many([(exp, single), (exp, uneven)])
+    assert_invariant(exp, ["single-device", "uneven"], results, ("actor",))

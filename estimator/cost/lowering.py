@@ -58,10 +58,11 @@ from estimator.cost.transfers import (
     stage_send,
 )
 from estimator.profile.profiles import Profile
+from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
-from estimator.spec.sharding import box_numel, budget_micro_batches, dp_rows, micro_batch_rows, shard
+from estimator.spec.sharding import box_numel, budget_micro_batches, dp_rows, micro_batch_rows, most_rows, shard
 from estimator.spec.workflow import Call
 
 
@@ -132,6 +133,8 @@ def _rows(call: Call, layout: Layout) -> float:
     w = call.workload
     if call.kind == "train":
         return w.units_per_minibatch * (2 if w.paired else 1) / layout.dp / layout.micro_batches
+    if call.kind == "generate":  # the fullest engine (requests dealt unevenly), which ends the call
+        return -(-most_rows(call, layout) // layout.micro_batches)
     return w.seqs / layout.dp / layout.micro_batches
 
 
@@ -146,7 +149,7 @@ def verifier_s(call: Call, layout: Layout, reward_s_per_sample: float) -> float:
     sample; 0 for a call that writes no rewards."""
     if call.kind != "generate" or not REWARD_OUTPUTS & set(call.outputs):
         return 0.0
-    return reward_s_per_sample * call.workload.seqs / layout.dp
+    return reward_s_per_sample * most_rows(call, layout)
 
 
 def _tail(call: Call, algorithm: str, b: float) -> tuple[tuple[Extra, ...], tuple[Extra, ...]]:
@@ -326,6 +329,16 @@ def _full_shard(profile: Profile, model: ModelSpec, layout: Layout, k: int, dpn:
     return StageTime(bwd.compute_s + cost.copies_s, bwd.comm_s), (cost.forward_s, cost.backward_s)
 
 
+def node_offset(mesh: DeviceMesh, devices_per_node: int) -> int:
+    """Where ``mesh`` lies against node boundaries as far as link classes go: -1 inside one
+    node (every pair of its devices on NVLink, wherever it starts), else its first device's
+    place in its node (the same on every node: moving a mesh by whole nodes keeps each pair's
+    link class)."""
+    if mesh.first // devices_per_node == mesh.last // devices_per_node:
+        return -1
+    return mesh.first % devices_per_node
+
+
 class Costs:
     """Lowered calls and transfer bytes of one experiment on one profile, computed once each."""
 
@@ -353,7 +366,9 @@ class Costs:
 
     def call(self, name: str, layout: Layout, iteration: int = 0) -> CallCost:
         """``name`` lowered on ``layout`` in ``iteration`` (whose drawn lengths it charges where
-        lengths vary; every iteration alike otherwise)."""
+        lengths vary; every iteration alike otherwise). An asynchronous unroll's warm-up
+        iterations charge iteration 0's lengths (:meth:`Workflow.draw_iteration`)."""
+        iteration = self.workflow.draw_iteration(iteration)
         call = self.workflow[name]
         vary = call.workload.lengths_vary
         key = (name, layout, iteration) if vary else (name, layout)
@@ -366,9 +381,11 @@ class Costs:
         return self._calls[key]
 
     def _rollout(self, name: str, layout: Layout, iteration: int) -> RolloutCost:
-        """A generate call's rollout, cached by what it depends on: the mesh's size (which link
-        classes it spans), not where the mesh starts."""
-        key = (name, layout.mesh.size, layout.dp, layout.tp, layout.pp, layout.micro_batches,
+        """A generate call's rollout, cached by what it depends on: the mesh's size and where it
+        lies against node boundaries (which link classes its messages take,
+        :func:`node_offset`), not which node it starts on."""
+        key = (name, layout.mesh.size, node_offset(layout.mesh, self.dpn), layout.dp, layout.tp, layout.pp,
+               layout.micro_batches,
                layout.max_concurrency, iteration)
         if key not in self._rollouts:
             call = self.workflow[name]

@@ -62,7 +62,8 @@ from estimator.spec.batching import PREFILL_TOKENS
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
-from estimator.spec.plan import Layout, Plan
+from estimator.spec.plan import Layout, Plan, standing_copies
+from estimator.spec.sharding import most_rows
 from estimator.spec.workflow import Call
 
 GiB = float(1 << 30)
@@ -193,8 +194,10 @@ def call_bytes(call: Call, model: ModelSpec, layout: Layout, at_home: bool,
     w = call.workload
     rows = w.units_per_minibatch * (2 if w.paired else 1) // layout.dp  # sequences per dp rank and step
     if call.kind != "train":
-        rows = w.seqs // layout.dp
+        rows = most_rows(call, layout) if call.kind == "generate" else w.seqs // layout.dp
     mb = rows / layout.micro_batches  # sequences per micro-batch
+    if call.kind == "generate":
+        mb = -(-rows // layout.micro_batches)  # the fullest engine
     per_layer = activation_bytes_per_token_layer(model, layout.tp)
     out = []
     for k, p in enumerate(stage_param_counts(model, layout)):
@@ -299,9 +302,12 @@ def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float) -> Me
     homes = wf.home_calls()
     trained = wf.trained_roles()
     static: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PARTS, 0.0))
-    for role, call in homes.items():
+    standing = standing_copies(wf, plan)  # rollout copies that stay between calls (asynchronous plans)
+    resident = [(role, call, role in trained) for role, call in homes.items()]
+    resident += [(wf[call].role, call, False) for call in sorted(standing)]
+    for role, call, with_state in resident:
         layout = plan[call]
-        for k, parts in enumerate(home_bytes(experiment.models[role], layout, role in trained)):
+        for k, parts in enumerate(home_bytes(experiment.models[role], layout, with_state)):
             for d in layout.stage_devices(k):
                 for key, v in parts.items():
                     static[d][key] += v
@@ -317,7 +323,7 @@ def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float) -> Me
         layout = plan[name]
         model = experiment.models[call.role]
         home = plan[homes[call.role]]
-        at_home = layout.same_placement(home)
+        at_home = name in standing or layout.same_placement(home)
         engine = experiment.kv_fraction * capacity_bytes
         back = restored_bytes(call, model, layout, home, call.role in trained)
         for k, parts in enumerate(call_bytes(call, model, layout, at_home, engine)):
@@ -325,8 +331,9 @@ def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float) -> Me
                 parts[key] = parts.get(key, 0.0) + v
             for d in layout.stage_devices(k):
                 take(d, name, parts)
-        for d, parts in source_bytes(model, layout, home, call.role in trained).items():
-            take(d, name, parts, "reallocating")
+        if name not in standing:  # a standing copy is fed by pushes, not reallocations
+            for d, parts in source_bytes(model, layout, home, call.role in trained).items():
+                take(d, name, parts, "reallocating")
     devices = []
     for d in range(experiment.cluster.num_devices):
         dyn, name, parts, phase = best.get(d, (0.0, "", {}, ""))

@@ -58,7 +58,7 @@ from estimator.profile.profiles import Profile
 from estimator.spec.batching import EngineRun, kv_need, schedule
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
-from estimator.spec.sharding import dp_rows
+from estimator.spec.sharding import micro_batch_rows
 from estimator.spec.workflow import Call
 
 GRID_BATCH, GRID_KV = 24, 6  # the decode-cost grid of calls with many segments (_Segments.step_costs)
@@ -91,15 +91,7 @@ def engine_cap(layout: Layout) -> int:
 def engine_rows(call: Call, layout: Layout, dp_rank: int) -> list[tuple[int, int]]:
     """Global rows of each virtual engine of replica ``dp_rank``: its data-parallel rows split
     into ``micro_batches`` contiguous runs (the first ones one longer where they do not divide)."""
-    (lo, hi), = dp_rows(call, layout, dp_rank)
-    m = layout.micro_batches
-    base, extra = divmod(hi - lo, m)
-    out, start = [], lo
-    for j in range(m):
-        stop = start + base + (1 if j < extra else 0)
-        out.append((start, stop))
-        start = stop
-    return out
+    return micro_batch_rows(call, layout, dp_rank)[0]
 
 
 @dataclass(frozen=True)

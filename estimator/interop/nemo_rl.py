@@ -50,7 +50,7 @@ from estimator.interop.common import (
 )
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
-from estimator.spec.plan import Plan
+from estimator.spec.plan import Layout, Plan
 
 FRAMEWORK = "nemo-rl"
 REPO = "NVIDIA-NeMo/RL"
@@ -66,9 +66,11 @@ def _refuse(experiment: Experiment) -> None:
                           "call; give models.reward: rule to export this experiment")
 
 
-def _policy_mesh(experiment: Experiment, gen: DeviceMesh) -> DeviceMesh | None:
+def _policy_mesh(experiment: Experiment, gen: DeviceMesh, actor: Layout) -> DeviceMesh | None:
     """The policy's devices when generation runs on ``gen`` apart: the rest of the cluster, or
-    None when that is no mesh or generation does not take what NeMo-RL can give it."""
+    None when generation does not take what NeMo-RL can give it (a run at one end of the
+    devices; whole nodes on several) or the actor's training cannot run on the rest with its
+    tp and pp (its batch split evenly over the data-parallel ranks left)."""
     cl = experiment.cluster
     n, per = cl.num_devices, cl.devices_per_node
     if gen.first == 0 and gen.size < n:
@@ -78,6 +80,10 @@ def _policy_mesh(experiment: Experiment, gen: DeviceMesh) -> DeviceMesh | None:
     else:
         return None
     if cl.mesh_problems(rest) or (cl.nodes > 1 and gen.size % per):
+        return None
+    model_parallel = actor.tp * actor.pp
+    units = experiment.workflow["actor_train"].workload.units_per_minibatch
+    if rest.size % model_parallel or units % (rest.size // model_parallel) or cl.tp_problem(rest, actor.tp):
         return None
     return rest
 
@@ -93,7 +99,7 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
         pr.set("actor_train", "NeMo-RL's DTensor policy (which shards parameters) has no pipeline stages; its "
                               "Megatron policy shards the optimizer state", shard="optimizer")
     gen, home = pr["actor_gen"], pr["actor_train"].mesh
-    apart = _policy_mesh(experiment, gen.mesh)
+    apart = _policy_mesh(experiment, gen.mesh, pr["actor_train"])
     if gen.mesh == home == full:
         target = full
     elif apart is not None and apart == home:

@@ -131,8 +131,13 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
     pr = Projection(experiment, plan)
     wf, n = experiment.workflow, experiment.cluster.num_devices
     gen = pr["actor_gen"]
+    engines, rows = gen.mesh.size // gen.tp, wf["actor_gen"].workload.units_per_minibatch
+    if rows % engines:
+        raise ConfigError(f"{FRAMEWORK}: call actor_gen: without pipeline stages its mesh {gen.mesh} makes {engines} "
+                          f"vLLM engines of tp {gen.tp}, and plans split the batch of {rows} sequences evenly over "
+                          "them, which it does not; give generation a mesh whose size over tp divides the batch")
     pr.set("actor_gen", "OpenRLHF generates in vLLM engines of --vllm.tensor_parallel_size devices, no pipeline "
-                        "stages", pp=1, dp=gen.mesh.size // gen.tp, micro_batches=1)
+                        "stages", pp=1, dp=engines, micro_batches=1)
     if pr["actor_gen"].max_concurrency:
         pr.set("actor_gen", "OpenRLHF has no flag for vLLM's max_num_seqs; the engine's KV pool bounds the "
                             "running requests", max_concurrency=0)
@@ -213,8 +218,13 @@ def _one_micro_size(experiment: Experiment, pr: Projection, calls: list[str], fl
 
 
 def _gpus(mesh: DeviceMesh, per_node: int) -> tuple[int, int]:
-    """(num_nodes, num_gpus_per_node) of a group on ``mesh``."""
-    return (mesh.size // per_node, per_node) if mesh.size > per_node else (1, mesh.size)
+    """(num_nodes, num_gpus_per_node) of a group on ``mesh``: its GPUs on one node, else in
+    bundles of as many as divide both its size and a node (Ray places each bundle of
+    ``num_gpus_per_node`` GPUs on one node: 12 GPUs on nodes of 8 are 3 bundles of 4)."""
+    if mesh.size <= per_node:
+        return 1, mesh.size
+    bundle = gcd(mesh.size, per_node)
+    return mesh.size // bundle, bundle
 
 
 def flags(experiment: Experiment, plan: Plan, shard: str) -> tuple[list[tuple[str, str | None]], list[str]]:

@@ -16,24 +16,30 @@ be75fce9931acb9298270fdda08fdca46b6ee8ba (2025-04-24), copied into ``tests/fixtu
   ``gradient_checkpointing`` (on by default) and ``zero_stage`` — on the Megatron backend 0
   (replicated) or 1 (distributed optimizer); stage 3 is refused there.
 
-ReaLHF takes a full per-call plan, so the meshes and degrees are written as planned. What its
-PPO experiment at that commit does not take: a token budget per micro-batch (a count of
-micro-batches instead, as many as keep each within the budget), a cap on running requests in
-generation (its generation runs the whole batch), ``shard: full`` (ZeRO-3, not on the
-Megatron backend: ``zero_stage=1``) and offload (``offload`` and ``optimizer.offload`` are
-"only valid for the deepspeed backend", ``__run_model_sanity_check`` in
-``realhf/experiments/common/common.py``: the state stays on the devices). GRPO's grouped
+ReaLHF takes a full per-call plan, so the meshes and degrees are written as planned where its
+``DeviceMesh`` can name the mesh: a power-of-two count of one node's GPUs, or whole nodes
+(``_is_valid_mapping``). A run it cannot name (``0-5``, or ``4-11`` on nodes of 8) is widened
+to the least it can that holds it, keeping tp and pp where they divide the new size and giving
+the extra devices to data parallelism. What its PPO experiment at that commit does not take: a
+token budget per micro-batch (a count of micro-batches instead, as many as keep each within the
+budget), a cap on running requests in generation (its generation runs the whole batch),
+``shard: full`` (ZeRO-3, not on the Megatron backend: ``zero_stage=1``) and offload (``offload``
+and ``optimizer.offload`` are "only valid for the deepspeed backend", ``__run_model_sanity_check``
+in ``realhf/experiments/common/common.py``: the state stays on the devices). GRPO's grouped
 sampling, a verifier reward and recomputed old log-probs (``actor_inf``) are not in this
 experiment: such an experiment is refused with the reason.
 """
 
 from __future__ import annotations
 
+from math import gcd
+
 from estimator.base.errors import ConfigError
 from estimator.interop.common import (
     Export,
     Projection,
     micro_batches_for,
+    micro_rows,
     model_path,
     token_caps,
 )
@@ -80,12 +86,39 @@ def _refuse(experiment: Experiment) -> None:
                           f"{'; '.join(missing)}; export this experiment to another framework")
 
 
+def realhf_mesh(mesh: DeviceMesh, cluster: Cluster) -> DeviceMesh:
+    """The least mesh ReaLHF's ``DeviceMesh`` takes that holds ``mesh``: a power-of-two count of
+    contiguous GPUs of its node (from its first device where the node has room, else ending
+    at the node's last), or the whole nodes it spans."""
+    per = cluster.devices_per_node
+    nodes = cluster.mesh_nodes(mesh)
+    size = 1 << (mesh.size - 1).bit_length()
+    if len(nodes) == 1 and size < per:
+        return DeviceMesh(min(mesh.first, (nodes[0] + 1) * per - size), size)
+    return DeviceMesh(nodes[0] * per, len(nodes) * per)
+
+
+def _widen(pr: Projection, experiment: Experiment, c: str) -> None:
+    """Move call ``c`` onto :func:`realhf_mesh` of its mesh (tp and pp cut to what divides the
+    new size, the rest data-parallel, micro-batches keeping their rows)."""
+    lay, call = pr[c], experiment.workflow[c]
+    mesh = realhf_mesh(lay.mesh, experiment.cluster)
+    tp = gcd(lay.tp, mesh.size)
+    pp = gcd(lay.pp, mesh.size // tp)
+    dp = mesh.size // (tp * pp)
+    mb = lay.micro_batches if lay.token_budget else micro_batches_for(call, dp, micro_rows(call, lay), FRAMEWORK)
+    pr.set(c, f"ReaLHF's device meshes are a power-of-two count of one node's GPUs or whole nodes; {lay.mesh} "
+              f"becomes the least such mesh that holds it", mesh=mesh, dp=dp, tp=tp, pp=pp, micro_batches=mb)
+
+
 def project(experiment: Experiment, plan: Plan) -> Projection:
     """The plan as ReaLHF's PPO experiment runs it (the module docstring's rules)."""
     _refuse(experiment)
     pr = Projection(experiment, plan)
     wf = experiment.workflow
     for c in wf.call_names:
+        if realhf_mesh(pr[c].mesh, experiment.cluster) != pr[c].mesh:
+            _widen(pr, experiment, c)
         lay, call = pr[c], wf[c]
         if lay.token_budget:
             rows = max(1, lay.max_tokens_per_micro_batch // call.workload.seq_len)

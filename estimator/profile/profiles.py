@@ -333,22 +333,31 @@ class Profile:
             return 0.0
         return self.links[link_class][kind].time_s(size_bytes, n)
 
-    def group_collective_s(self, kind: str, size_bytes: float, per_node: int, nodes: int) -> float:
+    def group_collective_s(self, kind: str, size_bytes: float, per_node: int, nodes: int,
+                           fewest: int | None = None) -> float:
         """A collective over ``per_node`` ranks on each of ``nodes`` nodes: a measured multi-node
         curve where the profile has one for that shape; otherwise hierarchically, the
         intra-node phase on NVLink, then ``1/per_node`` of the data per rank across nodes on
-        each rank's own NIC (a two-level ring)."""
+        each rank's own NIC (a two-level ring).
+
+        ``fewest``: where nodes hold different numbers of the group's ranks (a mesh that is
+        not whole nodes, ``0-11`` on nodes of 8), ``per_node`` is the most on one node and
+        ``fewest`` the least. The intra-node phase then takes as long as on the fullest node,
+        and across nodes each rank of the emptiest node carries ``1/fewest`` of the data on its
+        NIC, the slowest share; measured multi-node curves are of even shapes and not used."""
+        fewest = per_node if fewest is None else fewest
         if nodes <= 1:
             return self.collective_s(kind, size_bytes, per_node, "intra")
         if size_bytes <= 0:
             return 0.0
-        measured = self.links["inter"][kind].multi_node_s(size_bytes, nodes, per_node)
+        measured = (self.links["inter"][kind].multi_node_s(size_bytes, nodes, per_node)
+                    if fewest == per_node else None)
         if measured is not None:
             return measured
         if kind == "p2p" or kind == "broadcast":
             return self.collective_s(kind, size_bytes, 2, "inter")
         intra = self.collective_s(kind, size_bytes, per_node, "intra")
-        return intra + self.collective_s(kind, size_bytes / per_node, nodes, "inter")
+        return intra + self.collective_s(kind, size_bytes / fewest, nodes, "inter")
 
     def in_call_s(self, kind: str, size_bytes: float, n: int, link_class: str = "intra") -> float:
         """A collective a call issues between its computations (tensor- and data-parallel): the

@@ -21,9 +21,12 @@ Call instances of ``K`` iterations are then scheduled in (iteration, topological
 exactly as the simulator orders them (:mod:`estimator.sim.instances`): a call starts when
 every device it occupies is free — its mesh, and its home's when it reallocates — and its
 weights are ready, reallocates (freeing the home's devices), waits for its inputs, runs. The
-steady-state period is ``(end of iteration K − end of iteration 1)/(K − 1)``. What the
-evaluator leaves out is contention on shared links: between concurrent transfers, and between
-transfers and tensor-parallel collectives.
+steady-state period is ``(end of iteration K − end of iteration 1)/(K − 1)``. An asynchronous
+workflow (staleness η > 0) is scheduled instance by instance over the same graph the simulator
+runs (slot order, weight pushes to standing rollout copies: :mod:`estimator.sim.instances`),
+after ``2η`` more warm-up iterations and before ``η`` more that drain. What the evaluator
+leaves out is contention on shared links: between concurrent transfers, and between transfers
+and tensor-parallel collectives.
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ from estimator.cost.lowering import CallCost, Costs
 from estimator.cost.memory import call_bytes, home_bytes, restored_bytes, source_bytes
 from estimator.profile.profiles import Profile
 from estimator.sim import hostshare
-from estimator.sim.instances import instance_graph
+from estimator.sim.instances import device_preds, instance_graph, push_target, steady_iterations
 from estimator.spec.experiment import Experiment
-from estimator.spec.plan import Layout, Plan
+from estimator.spec.plan import Layout, Plan, standing_copies
 
 
 def inference_s(cc: CallCost) -> float:
@@ -131,9 +134,12 @@ class Evaluator:
     hashes each of a plan's layouts once and looks everything else up by integer keys."""
 
     def __init__(self, experiment: Experiment, profile: Profile, iterations: int = 3, costs: Costs | None = None):
-        self.experiment, self.profile, self.iterations = experiment, profile, iterations
-        self.costs = costs if costs is not None else Costs(experiment, profile)
         wf = experiment.workflow
+        self.experiment, self.profile, self.iterations = experiment, profile, steady_iterations(wf, iterations)
+        self.costs = costs if costs is not None else Costs(experiment, profile)
+        self.asynchronous = wf.asynchronous
+        self.warmup, self.drain = wf.warmup, wf.drain
+        self._graphs: dict[frozenset[str], object] = {}  # asynchronous: instance graph by standing copies
         self.names = tuple(wf.topological_order())
         self.n = len(self.names)
         index = {n: i for i, n in enumerate(self.names)}
@@ -316,13 +322,15 @@ class Evaluator:
         reallocation's, :func:`~estimator.cost.memory.source_bytes`)."""
         statics, dynamics = [], []
         place, home, static, dynamic, offloads = self._place_of, self.home, self._static, self._dynamic, self._offloads
+        standing = self._standing(lids) if self.asynchronous else ()
         for c, lid in enumerate(lids):
-            if home[c] == c:
+            copy = self.names[c] in standing  # its standing copy stays, like a home without training state
+            if home[c] == c or copy:
                 row = static[c].get(lid)
                 statics.append(self._static_row(c, lid) if row is None else row)
             h = lids[home[c]]
-            at_home = place[lid] == place[h]
-            weights_away = offloads[h] == "all"
+            at_home = copy or place[lid] == place[h]
+            weights_away = offloads[h] == "all" and not copy  # a standing copy is fed by pushes instead
             key = 4 * lid + 2 * weights_away + at_home
             row = dynamic[c].get(key)
             dynamics.append(self._dynamic_row(c, lid, h, key) if row is None else row)
@@ -335,7 +343,7 @@ class Evaluator:
 
     def _static_row(self, c: int, lid: int) -> int:
         role, layout = self.roles[c], self._layouts[lid]
-        parts = home_bytes(self.experiment.models[role], layout, role in self.trained)
+        parts = home_bytes(self.experiment.models[role], layout, role in self.trained and self.home[c] == c)
         row = self._static[c][lid] = self._per_device(layout, parts)
         return row
 
@@ -387,6 +395,8 @@ class Evaluator:
         it ends, or has reallocated where only that call's home occupies it (calls run in
         instance order; see :mod:`estimator.sim.instances`). ``weights``: each call's host weight
         (:meth:`call_weights`); None charges every call as profiled."""
+        if self.asynchronous:
+            return self._schedule_graph(lids, weights)
         n, version, place, span = self.n, self.version_preds, self._place_of, self._span
         durs, realloc, data = self._inputs(lids, weights)
         spans, homes = [], []  # per call: its mesh's devices; its home's when it reallocates, else None
@@ -429,22 +439,88 @@ class Evaluator:
             windows.append([(e - d, e) for e, d in zip(last_end, dur)])
         return ends_per_it, starts, last_end, windows
 
+    # -- asynchronous workflows: the instance graph itself
+
+    def _plan(self, lids: list[int]) -> Plan:
+        return Plan(dict(zip(self.names, (self._layouts[lid] for lid in lids))))
+
+    def _standing(self, lids: list[int]) -> frozenset[str]:
+        return standing_copies(self.experiment.workflow, self._plan(lids))
+
+    def _graph(self, standing: frozenset[str]):
+        g = self._graphs.get(standing)
+        if g is None:
+            g = self._graphs[standing] = instance_graph(self.experiment.workflow, self.iterations, standing)
+        return g
+
+    def _schedule_graph(self, lids: list[int], weights: list[float] | None = None
+                        ) -> tuple[list[float], list[float], list[float], list[list[tuple[float, float]]]]:
+        """:meth:`_schedule` for an asynchronous workflow: list scheduling of every instance of
+        the graph the simulator runs, in its order, on idle links."""
+        durs, realloc, data = self._inputs(lids, weights)
+        plan = self._plan(lids)
+        standing = standing_copies(self.experiment.workflow, plan)
+        graph = self._graph(standing)
+        homes = {name: plan[self.names[self.home[c]]] for c, name in enumerate(self.names)}
+        preds = device_preds(graph, plan, homes, standing)
+        index = {name: c for c, name in enumerate(self.names)}
+        end = [0.0] * len(graph.nodes)
+        lent = [0.0] * len(graph.nodes)  # when each instance's home devices were free again
+        ends = [0.0] * self.iterations
+        starts = [[0.0] * self.n for _ in range(self.iterations)]
+        last = [[0.0] * self.n for _ in range(self.iterations)]
+        for i, node in enumerate(graph.nodes):
+            t = max([end[j] for j in preds.ended[i] + graph.version_preds[i]]
+                    + [lent[j] for j in preds.reallocated[i]], default=0.0)
+            target = push_target(node.call)
+            if target is not None:  # a push takes what a reallocation of its copy would
+                g = index[target]
+                h = lids[self.home[g]]
+                source = self._offload_s(g, h, lids[g])[1] if self._offloads[h] != "none" else 0.0
+                end[i] = lent[i] = t + source + self._realloc_s(g, h, lids[g])
+                continue
+            c, it = index[node.call], node.iteration
+            starts[it][c] = t
+            t += 0.0 if node.call in standing else realloc[c]
+            lent[i] = t
+            arrive = dict(data[c])
+            for j in graph.data_preds[i]:
+                t = max(t, end[j] + arrive[index[graph.nodes[j].call]])
+            end[i] = t + durs[min(it, len(durs) - 1)][c]
+            last[it][c] = end[i]
+            ends[it] = max(ends[it], end[i])
+        windows = [[(e - durs[min(it, len(durs) - 1)][c], e) for c, e in enumerate(last[it])]
+                   for it in range(self.iterations)]
+        return ends, starts[-1], last[-1], windows
+
     def period_s(self, plan: Plan) -> float:
         """Steady-state iteration time of ``plan`` (no memory check)."""
         lids = self._lids(plan)
-        ends = self._schedule(lids, self._weights(lids))[0]
-        return (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0]
+        return self._period(self._schedule(lids, self._weights(lids))[0])
+
+    def _period(self, ends: list[float]) -> float:
+        """Steady-state period from every iteration's end: ``(end of the last − end of the
+        last warm-up iteration)/(iterations after it)``, the last ``drain`` iterations left out."""
+        if self.drain and len(ends) > self.warmup + self.drain:
+            ends = ends[:len(ends) - self.drain]
+        w = self.warmup if len(ends) > self.warmup else 0
+        return (ends[-1] - (ends[w - 1] if w else 0.0)) / (len(ends) - w)
 
     def evaluate(self, plan: Plan) -> Evaluation:
         lids = self._lids(plan)
         ends, starts, last, _ = self._schedule(lids, self._weights(lids))
-        period = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0]
+        period = self._period(ends)
         peak = self.peak_memory_bytes(lids)
         return Evaluation(period, peak <= self.capacity, peak, self.names, starts, last)
 
     def evaluate_many(self, plans: list[Plan]) -> BatchEvaluation:
         """Evaluate ``plans`` together: the lookups are per plan, the scheduling and memory
-        arithmetic run once over arrays of all plans (same results as :meth:`evaluate`)."""
+        arithmetic run once over arrays of all plans (same results as :meth:`evaluate`; an
+        asynchronous workflow's plans one by one)."""
+        if self.asynchronous:
+            evs = [self.evaluate(p) for p in plans]
+            return BatchEvaluation(np.array([e.iteration_s for e in evs]), np.array([e.feasible for e in evs]),
+                                   np.array([e.peak_memory_bytes for e in evs]))
         n = self.n
         rows_lids, rows_dur, rows_re, rows_data, rows_st, rows_dyn = [], [], [], [], [], []
         for plan in plans:

@@ -50,9 +50,9 @@ from estimator.cost.lowering import CallCost, Costs, StageCost
 from estimator.cost.transfers import LinkBook, local_copy_s
 from estimator.profile.profiles import Profile
 from estimator.sim import hostshare
-from estimator.sim.instances import device_preds, instance_graph
+from estimator.sim.instances import device_preds, instance_graph, push_target, steady_iterations
 from estimator.spec.experiment import Experiment
-from estimator.spec.plan import Plan
+from estimator.spec.plan import Layout, Plan, standing_copies
 from estimator.spec.schedule import FORWARD, generation_rounds, schedule_1f1b
 from estimator.spec.timeline import Sample, Span, Timeline
 
@@ -114,6 +114,10 @@ class SimResult:
     # lock-step and records one of them, the timeline repeats its spans on all of them.
     stage_devices: dict[tuple[str, int], range] = field(default_factory=dict, repr=False)
     counters: list[tuple[float, int, int, str, str, float]] = field(default_factory=list, repr=False)
+    # (update's iteration, generate call) → the push of that update to the call's standing copy
+    pushes: dict[tuple[int, str], CallRecord] = field(default_factory=dict, repr=False)
+    warmup: int = 1  # iterations before the steady state (Workflow.warmup)
+    drain: int = 0  # iterations after it (Workflow.drain)
     _timelines: dict[bool, Timeline] = field(default_factory=dict, repr=False)
 
     def iteration_ends(self) -> list[float]:
@@ -126,7 +130,7 @@ class SimResult:
     def iteration_s(self) -> float:
         """Steady-state period: :meth:`Timeline.steady_state_s` of one span per call instance."""
         spans = [Span(r.start_s, r.end_s, -1, r.iteration, r.call, "call") for r in self.records.values()]
-        return Timeline.of(spans).steady_state_s()
+        return Timeline.of(spans).steady_state_s(self.warmup, self.drain)
 
     def timeline(self, per_device: bool = True) -> Timeline:
         """The predicted timeline: a device span on every device of its stage (``per_device``),
@@ -162,12 +166,13 @@ class Simulation:
         # host sharing: each call's host weight (estimator.sim.hostshare); a call not named is
         # charged as profiled (weight 1)
         self.weights = weights or {}
-        self.graph = instance_graph(experiment.workflow, iterations)
         wf = experiment.workflow
+        self.standing = standing_copies(wf, plan)
+        self.iterations = steady_iterations(wf, iterations)
+        self.graph = instance_graph(wf, self.iterations, self.standing)
         homes = {c: plan[self.costs.homes[wf[c].role]] for c in wf.call_names}
         self.homes = homes  # call → its role's home layout
-        self.dev_preds = device_preds(self.graph, plan, homes)
-        self.iterations = iterations
+        self.dev_preds = device_preds(self.graph, plan, homes, self.standing)
         self.progress = progress
         self.env = env if env is not None else simpy.Environment()
         self.book = LinkBook(experiment.cluster.num_devices)
@@ -177,6 +182,7 @@ class Simulation:
         self.rows: list[SpanRow] = []
         self.counters: list[tuple[float, int, int, str, str, float]] = []  # Sample's fields, in order
         self.records: dict[tuple[int, str], CallRecord] = {}
+        self.pushes: dict[tuple[int, str], CallRecord] = {}  # (update's iteration, generate call) → its push
 
     def run(self) -> SimResult:
         for i in range(len(self.graph.nodes)):
@@ -186,7 +192,8 @@ class Simulation:
                 "profile": self.profile.name, "iterations": self.iterations}
         stages = {(c, k): lay.stage_devices(k)
                   for c, lay in self.plan.layouts.items() for k in range(lay.pp)}
-        return SimResult(self.iterations, self.records, self.rows, meta, stages, self.counters)
+        return SimResult(self.iterations, self.records, self.rows, meta, stages, self.counters, self.pushes,
+                         self.experiment.workflow.warmup, self.experiment.workflow.drain)
 
     # -- one call instance
 
@@ -201,6 +208,9 @@ class Simulation:
         env, node = self.env, self.graph.nodes[i]
         yield from self._after(self.dev_preds.ended[i] + self.graph.version_preds[i])
         yield from self._after(self.dev_preds.reallocated[i], self.reallocated)
+        if push_target(node.call) is not None:
+            yield from self._push(i)
+            return
         start = env.now
         cc = hostshare.call_cost(self.costs, node.call, self.plan[node.call], self.weights.get(node.call, 1.0),
                                  node.iteration)
@@ -238,24 +248,62 @@ class Simulation:
             self.rows.append((now, now + duration_s, st.rep, it, cc.call, "offload", -1, st.index, f"host {what}"))
         yield self.env.timeout(duration_s)
 
-    def _realloc(self, it: int, cc: CallCost, source_s: float = 0.0) -> Generator[simpy.Event, Any, None]:
-        role = self.experiment.workflow[cc.call].role
-        home = self.plan[self.costs.homes[role]]
-        pairs = self.costs.realloc_pairs(role, home, cc.layout)
-        if not pairs:
+    def _upload_to_send(self, it: int, call: str, role: str, source_s: float) -> Generator[simpy.Event, Any, None]:
+        """The home's devices upload the weights they are about to send (``offload="all"``)."""
+        if source_s <= 0:
             return
-        if source_s > 0:  # the home's devices upload the weights they send (offload="all")
-            now = self.env.now
-            self.rows += [(now, now + source_s, d, it, cc.call, "offload", -1, -1, f"host upload {role} to send")
-                          for d in home.mesh.devices]
-            yield self.env.timeout(source_s)
+        now = self.env.now
+        home = self.plan[self.costs.homes[role]]
+        self.rows += [(now, now + source_s, d, it, call, "offload", -1, -1, f"host upload {role} to send")
+                      for d in home.mesh.devices]
+        yield self.env.timeout(source_s)
+
+    def _realloc(self, it: int, cc: CallCost, source_s: float = 0.0) -> Generator[simpy.Event, Any, None]:
+        if cc.call in self.standing:
+            return  # its standing copy was pushed the weights it needs
+        role = self.experiment.workflow[cc.call].role
+        yield from self._upload_to_send(it, cc.call, role, source_s)
+        end = self._send_weights(role, cc.layout)
+        if end is None:
+            return
+        for st in cc.stages:
+            self.rows.append((self.env.now, end, st.rep, it, cc.call, "realloc", -1, st.index, f"realloc {role}"))
+        if end > self.env.now:
+            yield self.env.timeout(end - self.env.now)
+
+    def _send_weights(self, role: str, layout: Layout) -> float | None:
+        """Book the messages that bring ``role``'s weights from its home to ``layout`` now; when
+        the last one lands (None if nothing moves)."""
+        home = self.plan[self.costs.homes[role]]
+        pairs = self.costs.realloc_pairs(role, home, layout)
+        if not pairs:
+            return None
         now = self.env.now
         _, end = self.book.send_all(pairs, now, self.profile, self.costs.dpn)
-        end = max(end, now + local_copy_s(pairs, self.profile))
-        for st in cc.stages:
-            self.rows.append((now, end, st.rep, it, cc.call, "realloc", -1, st.index, f"realloc {role}"))
-        if end > now:
-            yield self.env.timeout(end - now)
+        return max(end, now + local_copy_s(pairs, self.profile))
+
+    def _push(self, i: int) -> Generator[simpy.Event, Any, None]:
+        """A weight push: the update's new weights from the home to the standing rollout copy
+        of the generate call it feeds (:mod:`estimator.sim.instances`), a span ``push`` on every
+        stage of both."""
+        env, node = self.env, self.graph.nodes[i]
+        target = push_target(node.call)
+        role = self.experiment.workflow[target].role
+        layout, home, begin = self.plan[target], self.plan[self.costs.homes[role]], env.now
+        yield from self._upload_to_send(node.iteration, node.call, role,
+                                        self.costs.offload(target, layout, home).source_s)
+        start = env.now
+        end = self._send_weights(role, layout) or start
+        for lay in (home, layout):
+            for k in range(lay.pp):
+                self.rows.append((start, end, lay.stage_devices(k).start, node.iteration, node.call, "push", -1, k,
+                                  f"push {role} to {target}"))
+        if end > start:
+            yield env.timeout(end - start)
+        self.pushes[(node.iteration, target)] = CallRecord(node.iteration, node.call, begin, start, end,
+                                                           end - begin, 0.0)
+        self.reallocated[i].succeed()
+        self.done[i].succeed()
 
     def _verify(self, it: int, cc: CallCost) -> Generator[simpy.Event, Any, None]:
         """A verifier scoring a generate call's sequences on the hosts of its last stage (every

@@ -27,6 +27,10 @@ Schema (every key but the first eight is optional)::
     reward_s_per_sample: 0.002  # with reward: rule: host seconds the verifier takes per sequence
                               # (default 0), charged by the estimator only
     old_logprobs: recompute   # ppo, grpo, remax: from_generation (default) | recompute
+    async: {max_staleness: 1} # ppo, grpo, remax: asynchronous training — the rollouts trained on
+                              # may come from a policy up to η versions old (default 0:
+                              # synchronous; estimator.spec.workflow.STALENESS_EQUIVALENTS
+                              # translates AReaL's, verl's, NeMo-RL's and OpenRLHF's settings)
 
 A verifier reward (``models.reward: rule``) holds no model: the reward role has no weights, no
 memory and no layout, and no ``reward_inf`` call runs; each generate call scores the sequences
@@ -46,7 +50,7 @@ Unknown keys, wrong types, unknown presets and impossible values raise
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +65,7 @@ from estimator.spec.models import ModelSpec, checkpoint_dir, get_model
 from estimator.spec.workflow import (
     ALGORITHMS,
     GENERATING,
+    MAX_STALENESS,
     OLD_LOGPROBS,
     REWARD_RULE,
     ROLES,
@@ -155,6 +160,15 @@ class Experiment:
                               f"(models.reward: {REWARD_RULE})")
 
     @property
+    def max_staleness(self) -> int:
+        """η: policy versions the actor's rollouts may lag (0: synchronous)."""
+        return self.params.max_staleness
+
+    def with_staleness(self, eta: int) -> Experiment:
+        """The same experiment trained with staleness ``eta``."""
+        return replace(self, params=replace(self.params, max_staleness=eta))
+
+    @property
     def verifier(self) -> bool:
         """Whether a rule scores the rollouts (``models.reward: rule``) instead of a reward model."""
         return self.params.verifier
@@ -179,7 +193,7 @@ class Experiment:
 
 _REQUIRED = ("algorithm", "models", "batch_size", "prompt_len", "gen_len", "cluster")
 _OPTIONAL = ("ppo_minibatches", "group_size", "seed", "prompts", "hyperparams", "name", "kv_fraction",
-             "reward_s_per_sample", "old_logprobs")
+             "reward_s_per_sample", "old_logprobs", "async")
 _CLUSTER_KEYS = ("nodes", "devices_per_node", "device")
 
 
@@ -235,7 +249,24 @@ def _rollout_options(where: str, raw: dict, algorithm: str, verifier: bool) -> d
                               f"models.reward: {REWARD_RULE}")
         seconds = rules.real(f"{where}: reward_s_per_sample", raw["reward_s_per_sample"], lo=0.0,
                              hi=rules.MAX_HOST_S_PER_SAMPLE)
-    return {"old_logprobs": old, "reward_s_per_sample": seconds}
+    return {"old_logprobs": old, "reward_s_per_sample": seconds, "max_staleness": _staleness(where, raw, algorithm)}
+
+
+def _staleness(where: str, raw: dict, algorithm: str) -> int:
+    """``async: {max_staleness: η}``: η policy versions, for the algorithms that generate."""
+    if "async" not in raw:
+        return 0
+    block = _mapping(where, "async", raw["async"])
+    for key in block:
+        if key != "max_staleness":
+            raise _unknown_key(f"{where}: async", key, ["max_staleness"])
+    if "max_staleness" not in block:
+        raise ConfigError(f"{where}: async needs max_staleness (policy versions a rollout may lag; 0: synchronous)")
+    eta = rules.integer(f"{where}: async.max_staleness", block["max_staleness"], lo=0, hi=MAX_STALENESS)
+    if eta and algorithm not in GENERATING:
+        raise ConfigError(f"{where}: async.max_staleness={eta} applies to algorithms that generate "
+                          f"({', '.join(GENERATING)}), not to {algorithm}")
+    return eta
 
 
 def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | None = None) -> Experiment:
@@ -327,7 +358,8 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
             algorithm=algorithm,
             models=models,
             params=WorkflowParams(**ints, prompt_lengths=dists["prompt_len"], gen_lengths=dists["gen_len"],
-                                  verifier=verifier, old_logprobs=options["old_logprobs"]),
+                                  verifier=verifier, old_logprobs=options["old_logprobs"],
+                                  max_staleness=options["max_staleness"]),
             cluster=Cluster(nodes, dpn, device),
             hyper=_hyperparams(where, raw.get("hyperparams", {})),
             seed=seed,

@@ -5,8 +5,11 @@ then data-parallel, then pipeline stages outermost::
 
     device = mesh.first + (pp_rank · dp + dp_rank) · tp + tp_rank
 
-so a tensor-parallel group is ``tp`` neighbouring devices and stays inside a node whenever
-``tp`` divides the devices per node. Executor and estimator both use :meth:`Layout.device`.
+so a tensor-parallel group is ``tp`` neighbouring devices, inside a node exactly when tp
+divides the mesh's devices on every node it spans (:meth:`Cluster.tp_problem`: on an aligned
+mesh, when tp divides the devices per node; on ``0-11`` of nodes of 8, for tp 1, 2 or 4), and a
+pipeline stage is ``dp·tp`` neighbouring devices, which may cross a node boundary anywhere.
+Executor and estimator both use :meth:`Layout.device`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from estimator.base.loading import load_json, parse_json
 from estimator.base.tables import format_table
 from estimator.spec.cluster import Cluster, DeviceMesh
 from estimator.spec.models import ModelSpec
-from estimator.spec.workflow import Call
+from estimator.spec.workflow import SYNC_LAG, Call, Workflow
 
 if TYPE_CHECKING:
     from estimator.spec.experiment import Experiment
@@ -253,6 +256,19 @@ class Plan:
         return format_table(rows)
 
 
+def standing_copies(workflow: Workflow, plan: Plan) -> frozenset[str]:
+    """Generate calls that keep a standing rollout copy of the actor: asynchronous ones (their
+    version edge lags more than one iteration) on a mesh that shares no device with the actor's
+    home. Such a call never reallocates: after each update the trainer pushes the new weights
+    to its copy (a weight-push instance, :mod:`estimator.sim.instances`), and the copy stays on
+    its devices between calls. Synchronous plans have none, so they run exactly as before."""
+    if not workflow.asynchronous:
+        return frozenset()
+    homes = workflow.home_calls()
+    return frozenset(c.name for c in workflow.calls
+                     if workflow.lag(c.name) > SYNC_LAG and not plan[c.name].mesh.overlaps(plan[homes[c.role]].mesh))
+
+
 def layout_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layout) -> list[str]:
     """Every rule ``layout`` breaks for ``call`` (empty: valid). Memory is the estimator's."""
     problem = _batch_problem(call, layout)
@@ -261,19 +277,29 @@ def layout_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layo
 
 def _shape_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layout) -> list[str]:
     """The rules on mesh and degrees (all but the batch split, the only one micro-batches change)."""
+    return _mesh_problems(call, cluster, layout) + _degree_problems(call, model, layout)
+
+
+def _mesh_problems(call: Call, cluster: Cluster, layout: Layout) -> list[str]:
+    """The rules that depend on where the mesh lies: in the cluster, its size the degrees'
+    product, tensor-parallel groups inside nodes (:meth:`Cluster.tp_problem`)."""
     name = call.name
     out = [f"call {name}: {p}" for p in cluster.mesh_problems(layout.mesh)]
     if layout.size != layout.mesh.size:
         out.append(f"call {name}: dp·tp·pp = {layout.dp}·{layout.tp}·{layout.pp} = {layout.size} "
                    f"must equal mesh {layout.mesh} size {layout.mesh.size}")
+    span = cluster.tp_problem(layout.mesh, layout.tp)
+    return out + ([f"call {name}: {span}"] if span else [])
+
+
+def _degree_problems(call: Call, model: ModelSpec, layout: Layout) -> list[str]:
+    """The rules on degrees and options that hold wherever the mesh lies."""
+    name = call.name
+    out = []
     for dim in ("heads", "kv_heads", "ffn", "vocab"):
         value = getattr(model, dim)
         if value % layout.tp:
             out.append(f"call {name}: tp={layout.tp} must divide {dim}={value} of model {model.name}")
-    dpn = cluster.devices_per_node
-    if layout.tp > dpn or (layout.mesh.size > dpn and dpn % layout.tp):
-        out.append(f"call {name}: tp={layout.tp} spans nodes; tensor-parallel groups must fit in "
-                   f"one node of {dpn} devices (tp must divide {dpn})")
     if layout.pp > model.layers:
         out.append(f"call {name}: pp={layout.pp} exceeds layers={model.layers} of model {model.name}")
     if layout.max_concurrency and call.kind != "generate":
@@ -328,6 +354,12 @@ def _budget_problem(call: Call, layout: Layout) -> str | None:
 def _batch_problem(call: Call, layout: Layout) -> str | None:
     if layout.token_budget:
         return _budget_problem(call, layout)
+    if call.kind == "generate":  # engines share the requests unevenly; each needs one
+        engines = layout.dp * layout.micro_batches
+        if call.workload.seqs < engines:
+            return (f"call {call.name}: {call.workload.seqs} sequences cannot give each of dp·micro_batches = "
+                    f"{layout.dp}·{layout.micro_batches} = {engines} engines a request")
+        return None
     if _batch_splits(call, layout.dp, layout.micro_batches):
         return None
     w = call.workload
@@ -399,12 +431,12 @@ def shard_choices(call: Call, model: ModelSpec, dp: int, pp: int) -> tuple[str, 
     return SHARD_CHOICES
 
 
-def enumerate_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> list[Layout]:
-    """Every valid layout of ``call``: each mesh × (dp, tp, pp) × micro-batch choice (× recompute
-    setting × data-parallel sharding × offload for a train call, :func:`shard_choices`,
-    :func:`offload_choices`)."""
+def enumerate_layouts(call: Call, model: ModelSpec, cluster: Cluster, uneven: bool = False) -> list[Layout]:
+    """Every valid layout of ``call``: each mesh (:meth:`Cluster.meshes`, every contiguous run
+    with ``uneven``) × (dp, tp, pp) × micro-batch choice (× recompute setting × data-parallel
+    sharding × offload for a train call, :func:`shard_choices`, :func:`offload_choices`)."""
     out = []
-    for mesh in cluster.meshes():
+    for mesh in cluster.meshes(uneven):
         for dp, tp, pp in _degrees(mesh.size, model, cluster):
             for mb in MICRO_BATCH_CHOICES:
                 lay = Layout(mesh, dp, tp, pp, mb)
@@ -415,33 +447,28 @@ def enumerate_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> list[La
     return out
 
 
-def count_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> int:
+def count_layouts(call: Call, model: ModelSpec, cluster: Cluster, uneven: bool = False) -> int:
     """``len(enumerate_layouts(...))``, computed without listing them.
 
-    For a valid mesh, the rules on degrees depend on its size only through whether it spans
-    nodes, so each (tp, pp) is checked once per kind of mesh at the first size it divides; the
-    batch rule and the count of meshes per size are arithmetic over all sizes at once. Every
-    tp that can be valid divides the devices per node (a slice's size does; a mesh spanning
-    nodes needs it)."""
-    by_size = cluster.mesh_sizes()
-    sizes = np.fromiter(by_size, dtype=np.int64, count=len(by_size))
-    meshes = np.fromiter(by_size.values(), dtype=np.int64, count=len(by_size))
-    spans = sizes > cluster.devices_per_node
+    Where the mesh lies matters only to whether tensor-parallel groups stay inside nodes, so
+    per tp the meshes of each size on which they do are counted (:meth:`Cluster.tp_mesh_counts`),
+    each (tp, pp) is checked once against the rules that hold wherever the mesh lies, and the
+    batch rule is arithmetic over all sizes at once."""
     per_step = call.workload.units_per_minibatch
     total = 0
-    for tp in divisors(cluster.devices_per_node):
+    for tp in range(1, cluster.devices_per_node + 1):
+        counts = {size: n for size, n in cluster.tp_mesh_counts(tp, uneven).items() if n and size % tp == 0}
+        if not counts:
+            continue
+        sizes = np.fromiter(counts, dtype=np.int64, count=len(counts))
+        meshes = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
         for pp in range(1, model.layers + 1):
-            fits = sizes % (tp * pp) == 0
-            for kind in (False, True):
-                where = np.flatnonzero(fits & (spans == kind))
-                if where.size == 0:
-                    continue
-                size = int(sizes[where[0]])
-                if _shape_problems(call, model, cluster, Layout(DeviceMesh(0, size), size // (tp * pp), tp, pp, 1)):
-                    continue
-                dp = sizes[where] // (tp * pp)
-                splits = sum((per_step % (dp * mb) == 0).astype(np.int64) for mb in MICRO_BATCH_CHOICES)
-                sharding = np.where(dp > 1, len(shard_choices(call, model, 2, pp)), 1)  # only over replicas
-                total += int((splits * meshes[where] * sharding).sum())
+            where = np.flatnonzero(sizes % (tp * pp) == 0)
+            if where.size == 0 or _degree_problems(call, model, Layout(DeviceMesh(0, tp * pp), 1, tp, pp)):
+                continue
+            dp = sizes[where] // (tp * pp)
+            splits = sum((per_step % (dp * mb) == 0).astype(np.int64) for mb in MICRO_BATCH_CHOICES)
+            sharding = np.where(dp > 1, len(shard_choices(call, model, 2, pp)), 1)  # only over replicas
+            total += int((splits * meshes[where] * sharding).sum())
     # recompute and offload are valid wherever their layout is
     return total * len(recompute_choices(call)) * len(offload_choices(call))

@@ -242,14 +242,29 @@ def group_by_pair(transfers: list[Transfer]) -> dict[tuple[int, int], list[Trans
 # ---- batch rows -------------------------------------------------------------------------
 
 
+def split_range(lo: int, hi: int, parts: int) -> list[Range]:
+    """``[lo, hi)`` in ``parts`` contiguous runs, the first ones one longer where they do not divide."""
+    base, extra = divmod(hi - lo, parts)
+    out, start = [], lo
+    for j in range(parts):
+        stop = start + base + (1 if j < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
 def dp_rows(call: Call, layout: Layout, dp_rank: int) -> list[Range]:
     """Global row ranges (sequences) data-parallel rank ``dp_rank`` processes, in order.
 
     Train calls split every PPO minibatch over the dp ranks, so every optimizer step sees
     the same global rows under any layout; other calls split the batch in dp blocks. Paired
-    data keeps (chosen, rejected) rows together.
+    data keeps (chosen, rejected) rows together. A generate call's engine replicas take the
+    requests as a rollout server deals them, unevenly where they do not divide (the first
+    replicas one more: :func:`split_range`), so any number of engines can serve a batch.
     """
     w = call.workload
+    if call.kind == "generate":
+        return [split_range(0, w.seqs, layout.dp)[dp_rank]]
     per_unit = 2 if w.paired else 1
     steps = w.minibatches if call.kind == "train" else 1
     step_units = w.units // steps
@@ -261,8 +276,18 @@ def dp_rows(call: Call, layout: Layout, dp_rank: int) -> list[Range]:
     return out
 
 
+def most_rows(call: Call, layout: Layout) -> int:
+    """Sequences of the fullest data-parallel rank (every rank alike but for a generate call whose
+    engines share the batch unevenly)."""
+    return sum(hi - lo for lo, hi in dp_rows(call, layout, 0))
+
+
 def micro_batch_rows(call: Call, layout: Layout, dp_rank: int) -> list[list[Range]]:
-    """Per minibatch (one entry for non-train calls), the row range of each micro-batch."""
+    """Per minibatch (one entry for non-train calls), the row range of each micro-batch (a
+    generate call's split as :func:`split_range` splits, the first ones one longer)."""
+    if call.kind == "generate":
+        (lo, hi), = dp_rows(call, layout, dp_rank)
+        return [split_range(lo, hi, layout.micro_batches)]
     per_unit = 2 if call.workload.paired else 1
     out = []
     for lo, hi in dp_rows(call, layout, dp_rank):
