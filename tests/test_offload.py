@@ -24,6 +24,7 @@ from estimator.cost.offload import ADAM_TENSORS, offload_cost
 from estimator.profile.profiles import load_profile, profile_from_dict
 from estimator.sim.evaluator import Evaluator
 from estimator.sim.simulate import simulate
+from estimator.sim.simulator import Simulation
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import load_experiment
 from estimator.spec.models import PRESETS
@@ -301,3 +302,27 @@ def test_the_search_space_offers_offload_where_it_can_matter():
     assert {lay.offload for lay in train.layouts()} == set(OFFLOAD_CHOICES)
     assert all(cs.offload_count == 0 for cs in space.calls if cs.name != "actor_train")
     assert json.loads(json.dumps(space.summary()))["calls"]["actor_train"]["offload"] == train.offload_count
+
+
+def test_a_push_to_a_standing_rollout_copy_uploads_an_offloaded_homes_weights_first():
+    """Asynchronous GRPO on two devices, generation standing on device 0, training on device 1
+    offloading everything: each push of the updated weights first uploads them on the trainer's
+    device (the same time a reallocation from that home would), and the evaluator agrees."""
+    from tests.test_async import _two_device
+
+    e, plan = _two_device(1)
+    off = Plan({c: dataclasses.replace(lay, offload="all") if c == "actor_train" else lay
+                for c, lay in plan.layouts.items()})
+    prof = load_profile("h100-sxm")
+    costs = Costs(e, prof)
+    source = costs.offload("actor_gen", off["actor_gen"], off["actor_train"]).source_s
+    assert source > 0
+    p = costs.realloc_s("actor", off["actor_train"], off["actor_gen"])
+    sim = Simulation(e, off, prof, 3, costs=costs).run()
+    push0 = sim.pushes[(0, "actor_gen")]
+    train0 = sim.records[(0, "actor_train")]
+    assert push0.start_s == pytest.approx(train0.end_s)
+    assert push0.end_s == pytest.approx(train0.end_s + source + p)
+    uploads = [s for s in sim.timeline(per_device=False).spans if s.op == "offload" and s.call.startswith("push")]
+    assert uploads and all(s.duration_s == pytest.approx(source) for s in uploads)
+    assert Evaluator(e, prof, 3, costs=costs).evaluate(off).iteration_s == pytest.approx(sim.iteration_s, rel=1e-9)
