@@ -8,6 +8,7 @@ Usage::
     python -m estimator.predict examples/ppo-llama2-70b-128xh100.yaml --profile h100-sxm --trace trace.json
     python -m estimator.predict examples/dpo-llama3-8b-8xa100.yaml --profile calibration/profiles/a100-80g.json
     python -m estimator.predict --from verl overrides.txt --profile h100-vidur
+    python -m estimator.predict --from areal config.yaml --profile h100-vidur --json
 
 Without ``--plan`` it predicts the symmetric baseline (every call on all devices, tp across a
 node, pp across nodes) and says so. ``--profile`` names a shipped profile or a profile file
@@ -26,13 +27,17 @@ realloc_s, reward_s, ...}`` (``reward_s``: a verifier's host time at the end of 
 ``reward_s_per_sample`` × the sequences of a data-parallel replica).
 
 ``--from FRAMEWORK CONFIG`` reads another framework's configuration instead of an experiment
-file: the experiment and the plan it describes (:mod:`estimator.interop`; verl's Hydra overrides
-and OpenRLHF's launch command, as ``python -m estimator.export`` writes them; lengths at their
-caps, a config
-keeps only those; the cluster's device is ``--profile``, default ``h100-sxm``), and predicts
-that plan; a key the importer does not read exits 2 naming it. ``--json`` then also carries
-``imported.experiment``, ``imported.plan`` and ``imported.notes`` (what the framework does
-that the plan does not say).
+file: the experiment and the plan it describes (:mod:`estimator.interop`; verl's Hydra overrides,
+OpenRLHF's launch command, ReaLHF's Hydra overrides, AReaL's and NeMo-RL's YAML config, with the
+keys ``python -m estimator.export`` writes; where a key is not given, the framework's default;
+lengths at their caps, a config keeps only those, unless ``--gen-mean TOKENS`` gives the
+responses' mean under the cap (continuous batching, as an experiment's ``gen_len: {max, mean}``);
+the cluster's device is ``--profile``, default ``h100-sxm``), and predicts that plan; a key the
+importer does not read exits 2 naming it.
+``--json`` then also carries ``imported.experiment``, ``imported.plan`` and ``imported.notes``
+(what the framework does that the plan does not say). The best plan for that config, overall
+and inside the framework, is the search's: ``python -m search --from FRAMEWORK CONFIG``
+(``--search`` here says so; the estimator does not import the search).
 
 Exit codes: 0 predicted; 1 the plan does not fit in memory (the reasons are printed);
 2 invalid experiment, profile or plan (one line per violated rule).
@@ -56,7 +61,7 @@ from estimator.baselines import symmetric_plan
 from estimator.cost.lowering import Costs
 from estimator.cost.memory import GiB, MemoryReport, plan_memory
 from estimator.cost.roofline import mfu, roofline_s
-from estimator.interop import importer
+from estimator.interop import IMPORTERS, importer
 from estimator.profile.profiles import Profile, load_profile, op_set
 from estimator.sim.simulate import simulate
 from estimator.sim.simulator import SimResult
@@ -202,7 +207,12 @@ def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m estimator.predict", description=__doc__.split("\n")[0])
     parser.add_argument("experiment", help="experiment YAML file (with --from: the framework's config file)")
     parser.add_argument("--from", dest="source", metavar="FRAMEWORK",
-                        help="read CONFIG of this framework (verl, openrlhf) instead of an experiment file")
+                        help=f"read CONFIG of this framework ({', '.join(IMPORTERS)}) instead of an experiment file")
+    parser.add_argument("--gen-mean", type=float, metavar="TOKENS",
+                        help="with --from: responses of this mean length under the config's cap (log-normal, as "
+                             "gen_len: {max, mean}); default: every response at the cap")
+    parser.add_argument("--search", action="store_true",
+                        help="with --from: the search's command for the best plans (python -m search --from)")
     parser.add_argument("--plan", help="plan JSON file (default: the symmetric baseline)")
     parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
     parser.add_argument("--iterations", type=int, default=3,
@@ -212,21 +222,23 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     rules.integer("--iterations", args.iterations, lo=1, hi=rules.MAX_SIM_ITERATIONS)
     trace = check_output_path(args.trace, "--trace") if args.trace is not None else None
+    if args.search:
+        raise ConfigError(search_hint(args.source, args.experiment, args.profile, args.gen_mean))
     imported = None
     if args.source is not None:
-        read = importer(args.source)
         if args.plan is not None:
+            importer(args.source)
             raise ConfigError(f"--plan: the {args.source} config describes the plan; give one or the other")
-        raw, plan, notes = read(_read_text(args.experiment), args.profile or "h100-sxm")
-        experiment = experiment_from_dict(raw, where=f"{args.source} config {args.experiment}")
-        imported = {"framework": args.source, "experiment": raw, "plan": json.loads(plan.to_json()), "notes": notes}
+        experiment, plan, imported = import_config(args.source, args.experiment, args.profile, args.gen_mean)
     else:
+        if args.gen_mean is not None:
+            raise ConfigError("--gen-mean goes with --from FRAMEWORK CONFIG; an experiment file gives gen_len itself")
         experiment = load_experiment(args.experiment)
     profile = load_profile(experiment.cluster.device, key="cluster.device")
     if args.profile is not None:
         profile = load_profile(args.profile, key="--profile")
     if imported is not None:
-        plan, source = check(plan, experiment), f"the plan of {args.source} config {args.experiment}"
+        source = f"the plan of {args.source} config {args.experiment}"
     elif args.plan is not None:
         plan, source = check(Plan.load(args.plan), experiment), f"plan {args.plan}"
     else:
@@ -249,6 +261,34 @@ def _main(argv: list[str] | None) -> int:
             tracks = "one track per device" if per_device else "one track per pipeline stage"
             print(f"wrote Chrome trace {args.trace} ({tracks}, plus one per link)")
     return 0 if memory.feasible else EXIT_INFEASIBLE
+
+
+def search_hint(framework: str | None, config: str, profile: str | None, gen_mean: float | None = None) -> str:
+    """Where ``--search`` goes: the search package's command (estimator sits below search)."""
+    if framework is None:
+        return "--search goes with --from FRAMEWORK CONFIG; for an experiment file: python -m search EXPERIMENT.yaml"
+    importer(framework)
+    flags = (f" --profile {profile}" if profile else "") + (f" --gen-mean {gen_mean:g}" if gen_mean else "")
+    return (f"--search: the search is its own command: python -m search --from {framework} {config}{flags} (it "
+            f"predicts the config, then finds the best plan overall and the best {framework} runs)")
+
+
+def import_config(framework: str, path: str, profile: str | None,
+                  gen_mean: float | None = None) -> tuple[Experiment, Plan, dict[str, Any]]:
+    """The experiment and the checked plan that framework ``framework``'s config file at ``path``
+    describes, on device ``profile`` (default ``h100-sxm``), and the record ``--json`` carries
+    (``framework``, ``experiment`` as its file's mapping, ``plan``, ``notes``). A config keeps
+    only the response cap; ``gen_mean`` (tokens) makes the responses the experiment file's
+    ``gen_len: {max: cap, mean: gen_mean}`` instead of all at the cap."""
+    read = importer(framework)
+    raw, plan, notes = read(_read_text(path), profile or "h100-sxm")
+    if gen_mean is not None:
+        raw = raw | {"gen_len": {"max": raw["gen_len"], "mean": gen_mean}}
+        notes = notes + [f"responses: a log-normal body of mean {gen_mean:g} tokens capped at {raw['gen_len']['max']} "
+                         "(--gen-mean), drawn as an experiment file's gen_len: {max, mean}"]
+    experiment = experiment_from_dict(raw, where=f"{framework} config {path}")
+    imported = {"framework": framework, "experiment": raw, "plan": json.loads(plan.to_json()), "notes": notes}
+    return experiment, check(plan, experiment), imported
 
 
 def _read_text(path: str) -> str:

@@ -8,6 +8,7 @@ Usage::
     python -m search examples/ppo-tiny-2xcpu.yaml --out plan.json --trace trace.json
     python -m search examples/dpo-llama3-8b-8xa100.yaml --profile calibration/profiles/a100-80g.json
     python -m search examples/ppo-llama2-7b-8xh100.yaml --framework verl --export verl --export-dir verl-run/
+    python -m search --from verl overrides.txt --max-evals 3000
 
 Without an experiment it searches the built-in default: PPO with four LLaMA-2 7B models on one
 8×H100 node (``examples/ppo-llama2-7b-8xh100.yaml``). ``--time-budget`` (default 20 s) bounds
@@ -40,6 +41,16 @@ then take it. ``--export FRAMEWORK --export-dir DIR`` writes the plan in that fr
 configuration into DIR and prints what the framework changes and what that costs, as
 ``python -m estimator.export`` does.
 
+``--from FRAMEWORK CONFIG`` starts from a framework's configuration instead of an experiment
+file (``python -m estimator.predict --from`` reads it: the experiment and the plan it
+describes): it predicts that plan, searches with it as a start (re-ranked like a baseline, so
+the best plan is never predicted slower than the config when the config fits), finds the best
+plan that framework runs (``--framework``, which defaults to FRAMEWORK; the config itself is
+one of the plans considered) and ends with the three times and the speed-ups over the imported
+config (``--gen-mean TOKENS``: responses of that mean under the config's cap, as for
+``estimator.predict --from``). ``--json`` adds ``imported`` (``framework``, ``config``, ``experiment``, ``plan``,
+``notes``, ``iteration_s``, ``fits``, ``reasons``) and ``speedups`` (``overall``, ``framework``).
+
 When no plan exists it says why: a call that fits on no layout is named with the least it
 needs on a device, by part (weights, grads, optimizer, reallocated copy, activations, KV
 cache); when every call fits alone but no plan fits, the tightest call of the plan tried with
@@ -60,8 +71,8 @@ from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_text, check_output_dir
 from estimator.base.tables import format_table
 from estimator.export import make_export, predict_export, render, write_export
-from estimator.interop import FRAMEWORKS, exporter
-from estimator.predict import TRACE_PER_DEVICE_MAX, predict
+from estimator.interop import FRAMEWORKS, IMPORTERS, exporter, importer
+from estimator.predict import TRACE_PER_DEVICE_MAX, import_config, predict
 from estimator.profile.profiles import Profile, load_profile
 from estimator.sim.asynchrony import async_report
 from estimator.sim.simulator import SimResult
@@ -70,13 +81,18 @@ from estimator.spec.plan import Plan
 from estimator.spec.workflow import MAX_STALENESS
 from search.checks import MAX_CHAINS, check_budget, check_out, check_positive
 from search.framework import framework_best
-from search.result import render_report, result_json
+from search.result import comparison_table, imported_text, render_report, result_json, speedups_over
 from search.run import DEFAULT_TIME_BUDGET_S, default_experiment, run_search
 
 
 def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m search", description=__doc__.split("\n")[0])
-    parser.add_argument("experiment", nargs="?", help="experiment YAML file (default: PPO, 4× LLaMA-2 7B, 8×H100)")
+    parser.add_argument("experiment", nargs="?", help="experiment YAML file (default: PPO, 4× LLaMA-2 7B, 8×H100); "
+                        "with --from, the framework's config file")
+    parser.add_argument("--from", dest="source", metavar="FRAMEWORK",
+                        help=f"read the experiment and a plan from this framework's config: {', '.join(IMPORTERS)}")
+    parser.add_argument("--gen-mean", type=float, metavar="TOKENS",
+                        help="with --from: responses of this mean length under the config's cap (default: at the cap)")
     parser.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_S,
                         help=f"seconds for the search and its re-ranking (default {DEFAULT_TIME_BUDGET_S:g})")
     parser.add_argument("--max-evals", type=int, help="plans to evaluate, for runs that must repeat exactly")
@@ -98,6 +114,14 @@ def _main(argv: list[str] | None) -> int:
                              "(default: the experiment's async.max_staleness)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    if args.source is not None:
+        importer(args.source)
+        if args.experiment is None:
+            raise ConfigError(f"--from {args.source} needs the config file: python -m search --from {args.source} "
+                              "CONFIG")
+        args.framework = args.framework or args.source
+    elif args.gen_mean is not None:
+        raise ConfigError("--gen-mean goes with --from FRAMEWORK CONFIG; an experiment file gives gen_len itself")
     for name in (args.framework, args.export):
         if name is not None:
             exporter(name)
@@ -114,23 +138,35 @@ def _main(argv: list[str] | None) -> int:
     for flag, path in (("--out", args.out), ("--trace", args.trace)):
         if path is not None:
             check_out(path, flag)
-    experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
+    imported = None
+    if args.source is not None:
+        experiment, config_plan, imported = import_config(args.source, args.experiment, args.profile, args.gen_mean)
+    else:
+        experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
     if args.max_staleness is not None:
         experiment = experiment.with_staleness(rules.integer("--max-staleness", args.max_staleness, lo=0,
                                                              hi=MAX_STALENESS))
     profile = (load_profile(args.profile, key="--profile") if args.profile is not None
                else load_profile(experiment.cluster.device, key="cluster.device"))
+    if imported is not None:
+        _, _, config_summary = predict(experiment, config_plan, profile)
+        imported |= {"config": args.experiment, "iteration_s": config_summary["iteration_s"],
+                     "fits": config_summary["feasible"], "reasons": config_summary["reasons"]}
 
     sync = None
     if experiment.workflow.asynchronous:  # the synchronous best first: the asynchronous search starts from it too
         sync = run_search(experiment.with_staleness(0), profile, time_budget_s=args.time_budget,
                           max_evals=args.max_evals, seed=args.seed, chains=args.chains, progress=not args.json,
                           recompute=not args.no_recompute, uneven=args.uneven_meshes)
+    starts = {"synchronous best": sync.plan} if sync is not None else {}
+    if imported is not None and imported["fits"]:  # the config the user runs: a start, and re-ranked
+        starts[f"imported {args.source} config"] = config_plan
     result = run_search(experiment, profile, time_budget_s=args.time_budget, max_evals=args.max_evals,
                         seed=args.seed, chains=args.chains, progress=not args.json,
                         recompute=not args.no_recompute, uneven=args.uneven_meshes or sync is not None,
-                        extra_starts={"synchronous best": sync.plan} if sync is not None else None)
-    best = framework_best(experiment, profile, result, args.framework) if args.framework else None
+                        extra_starts=starts or None)
+    also = [config_plan] if imported is not None else []
+    best = framework_best(experiment, profile, result, args.framework, also=also) if args.framework else None
     plan = best.plan if best is not None else result.plan
     sim, memory, summary = predict(experiment, result.plan, profile)
     asynchrony = compare_synchronous(experiment, profile, sim, result.plan, sync.plan) if sync is not None else None
@@ -150,19 +186,26 @@ def _main(argv: list[str] | None) -> int:
         extra = {"framework": best.to_json()} if best is not None else {}
         extra |= {"export": record} if record is not None else {}
         extra |= {"asynchrony": asynchrony} if asynchrony is not None else {}
+        extra |= {"imported": imported, "speedups": speedups_over(imported, result, best)} if imported else {}
         print(json.dumps(result_json(result, summary) | extra, indent=2))
         return 0
+    if imported is not None:
+        print(imported_text(imported) + "\n")
     print(render_report(result, summary, memory))
     if asynchrony is not None:
         print("\n" + render_asynchrony(asynchrony))
     if best is not None:
         print(f"\n{best.line()}\n{plan.table()}")
+    if imported is not None:
+        print("\n" + comparison_table(imported, result, best))
     if record is not None:
         print(f"\nexport to {args.export}:\n{render(record, written)}")
     if args.out:
         which = f"the {args.framework} " if best else ""
-        print(f"wrote {which}plan {args.out} (python -m estimator.predict {args.experiment or 'EXPERIMENT.yaml'} "
-              f"--plan {args.out})")
+        use = (f"add --export {args.framework} --export-dir DIR for {args.framework}'s configuration of it"
+               if imported is not None else
+               f"python -m estimator.predict {args.experiment or 'EXPERIMENT.yaml'} --plan {args.out}")
+        print(f"wrote {which}plan {args.out} ({use})")
     if args.trace:
         print(f"wrote Chrome trace {args.trace}")
     return 0

@@ -11,10 +11,12 @@
    them (provably the evaluator's optimum); otherwise anneals in parallel chains
    (:mod:`search.anneal`) from the start plans, until ``max_evals`` plans (exactly, for runs
    that must repeat) or until :data:`ANNEAL_SHARE` of the time budget;
-3. re-ranks the best ``top_k`` distinct plans and every baseline that fits with the full
+3. re-ranks the best ``top_k`` distinct plans, every baseline that fits and every plan the
+   caller adds (``extra_starts``: the best synchronous plan, an imported config) with the full
    simulator, which decides. So the plan returned is never predicted slower than a baseline
-   that fits. With a time budget, simulations stop at the budget's end (a candidate not
-   simulated by then keeps its evaluator figure, flagged); with ``max_evals`` all run.
+   that fits, nor than a plan the caller adds. With a time budget, simulations stop at the
+   budget's end (a candidate not simulated by then keeps its evaluator figure, flagged); with
+   ``max_evals`` all run.
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
     contiguous run of devices in it beside the aligned meshes (:func:`build_space`).
     ``progress``: True shows a progress bar on stderr; a callable gets (seconds since the call,
     plans evaluated, best period so far) as the search goes. ``extra_starts``: more plans (by
-    label) the chains start from and the simulator re-ranks, like the baselines."""
+    label) the simulator re-ranks, like the baselines, and the chains start from where the space
+    holds them (an imported config may lie outside it)."""
     if method not in ("auto", "exact", "anneal"):
         raise ConfigError(f"method={method!r} must be 'auto', 'exact' or 'anneal'")
     t0 = time.monotonic()
@@ -163,8 +166,8 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
     baselines = {name: build(name, experiment, profile, simulate_it=False) for name in ALL_BASELINES}
     ev = Evaluator(experiment, profile)
     starts: list = [space.key(b.plan) for b in baselines.values() if b.feasible and space.contains(b.plan)]
-    extra = {label: p for label, p in (extra_starts or {}).items() if space.contains(p)}
-    starts += [space.key(p) for p in extra.values()]
+    extra = dict(extra_starts or {})
+    starts += [space.key(p) for p in extra.values() if space.contains(p)]
     if not starts:  # no baseline fits: start from the plan built to need little memory where it fits
         least = least_memory_plan(experiment, space, profile.capacity_bytes)
         if space.contains(least) and plan_memory(experiment, least, profile.capacity_bytes).feasible:

@@ -731,6 +731,11 @@ def test_nemo_rl_offloads_the_policy_around_colocated_generation_and_the_optimiz
     data = _overlay(export.files["config.yaml"])
     assert data["policy"]["offload_optimizer_for_logprob"] is True
     assert _verl_has("policy.offload_optimizer_for_logprob", config)
+    from estimator.interop import importer
+
+    for done in (export, colocated):  # the importer reads the offload back, both ways
+        back = importer("nemo-rl")(done.files["config.yaml"], "h100-sxm")[1]
+        assert back["actor_train"].offload == done.plan["actor_train"].offload
     assert "offload_optimizer_for_logprob" not in _overlay(make_export("nemo-rl", exp, _plan({
         **{c: dict(v) for c, v in json.loads(apart.to_json())["calls"].items()},
         "actor_train": {"mesh": "4-7", "dp": 4, "tp": 1, "pp": 1, "micro_batches": 4}})).files["config.yaml"])["policy"]
@@ -749,6 +754,9 @@ def test_areal_engine_offload_is_all_and_realhf_has_none_on_megatron():
     data = _overlay(export.files["config.yaml"])
     assert data["actor"]["offload"] is True and data["enable_offload"] is True
     assert not [k for k in _flat(data) if not _dataclass_has(k, classes, "GRPOConfig")]
+    from estimator.interop import importer
+
+    assert importer("areal")(export.files["config.yaml"], "h100-sxm")[1]["actor_train"].offload == "all"
     ppo = load_experiment(PPO)
     lay = {"mesh": "0-7", "dp": 8, "tp": 1, "pp": 1, "micro_batches": 4}
     real = make_export("realhf", ppo, _plan({c: dict(lay, **({"offload": "all"} if ppo.workflow[c].kind == "train"

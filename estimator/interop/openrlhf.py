@@ -48,13 +48,13 @@ from math import gcd
 
 from estimator.base.errors import ConfigError
 from estimator.interop.common import (
-    HF_REPOS,
     Export,
     Projection,
     micro_batches_for,
     micro_rows,
     model_path,
     per_rank,
+    preset_of,
     require_algorithm,
     token_caps,
 )
@@ -423,12 +423,11 @@ def import_command(text: str, device: str) -> tuple[dict, Plan, list[str]]:
     actor = args.get("--actor.model_name_or_path")
     if actor is None:
         raise ConfigError("openrlhf command: flag --actor.model_name_or_path is missing; the importer needs it")
-    by_repo = {repo: name for name, repo in HF_REPOS.items()}
-    models = {"actor": by_repo.get(actor, actor), "ref": by_repo.get(actor, actor)}
+    models = {"actor": preset_of(actor), "ref": preset_of(actor)}
     if not grpo:
-        models["critic"] = by_repo.get(args.get("--critic.model_name_or_path", actor), actor)
+        models["critic"] = preset_of(args.get("--critic.model_name_or_path", actor))
     reward = args.get("--reward.model_name_or_path")
-    models["reward"] = by_repo.get(reward, reward) if reward else "rule"
+    models["reward"] = preset_of(reward) if reward else "rule"
     batch, group = _int(args, "--rollout.batch_size"), _int(args, "--rollout.n_samples_per_prompt", 1)
     step = _int(args, "--train.batch_size")
     if step < 1 or (batch * group) % step:
