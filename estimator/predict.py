@@ -63,6 +63,7 @@ from estimator.cost.memory import GiB, MemoryReport, plan_memory
 from estimator.cost.roofline import mfu, roofline_s
 from estimator.interop import IMPORTERS, importer
 from estimator.profile.profiles import Profile, load_profile, op_set
+from estimator.sim.asynchrony import async_report
 from estimator.sim.simulate import simulate
 from estimator.sim.simulator import SimResult
 from estimator.spec.experiment import Experiment, experiment_from_dict, load_experiment
@@ -146,7 +147,10 @@ def predict(experiment: Experiment, plan: Plan, profile: Profile, iterations: in
         "profile_source": profile.source,  # measured | datasheet
         "profile_path": profile.path,
         "op_set": op_set(profile),  # the software stack the op costs are for (compute.ops)
-        "iterations": iterations,
+        "iterations": result.iterations,  # simulated
+        "warmup_iterations": result.warmup,  # before the steady state
+        "drain_iterations": result.drain,  # after it (asynchronous: rollouts already generated)
+        "max_staleness": experiment.max_staleness,
         "iteration_s": period,
         "feasible": memory.feasible,
         "reasons": memory.reasons(),
@@ -158,10 +162,22 @@ def predict(experiment: Experiment, plan: Plan, profile: Profile, iterations: in
         "calls": {c: {**plan[c].to_dict(), **rows[c]} for c in experiment.workflow.topological_order()},
     }
     for c, v in summary["calls"].items():  # continuous-batching generation, in the last iteration
-        ro = costs.call(c, plan[c], iterations - 1).rollout
+        ro = costs.call(c, plan[c], result.iterations - 1).rollout
         if ro is not None:
             v["generation"] = ro.summary()
+    if experiment.workflow.asynchronous:
+        summary["asynchrony"] = async_report(experiment, plan, result).to_dict()
     return result, memory, summary
+
+
+def _window(summary: dict[str, Any]) -> str:
+    """Which simulated iterations the steady state is: all but the warm-up (and the drain)."""
+    n, w, d = summary["iterations"], summary.get("warmup_iterations", 1), summary.get("drain_iterations", 0)
+    text = f"steady state over {n} simulated iterations"
+    if d:
+        text = (f"steady state of iterations {w}-{n - d - 1} of {n} simulated: asynchronous with max staleness "
+                f"{summary.get('max_staleness', 0)}, {w} warm-up and {d} drain iteration(s) left out")
+    return text
 
 
 def render(summary: dict[str, Any], memory: MemoryReport, plan_source: str) -> str:
@@ -169,8 +185,15 @@ def render(summary: dict[str, Any], memory: MemoryReport, plan_source: str) -> s
         summary["profile_source"]
     lines = [f"experiment {summary['experiment']} on profile {summary['profile']} ({where}): {plan_source}",
              summary["op_set"]["text"],
-             f"predicted iteration time {summary['iteration_s']:.3f} s (steady state over "
-             f"{summary['iterations']} simulated iterations)", ""]
+             f"predicted iteration time {summary['iteration_s']:.3f} s ({_window(summary)})"]
+    a = summary.get("asynchrony")
+    if a is not None:
+        push = f"; weight push {a['push_s']:.3f} s to {', '.join(a['standing'])}" if a["standing"] else ""
+        lines.append(f"{a['tokens_per_s']:,.0f} tokens trained/s; idle: rollout devices "
+                     f"{100 * a['rollout_idle']:.1f} %, trainer devices {100 * a['trainer_idle']:.1f} %; "
+                     "staleness of consumed samples mean "
+                     f"{a['staleness_mean']:.2f}, max {a['staleness_max']}{push}")
+    lines.append("")
     sharding = any("shard" in v for v in summary["calls"].values())  # a column only where a layout shards
     offloading = any("offload" in v for v in summary["calls"].values())  # … or offloads
     rows = [("call", "mesh", "dp", "tp", "pp", "micro") + (("shard",) if sharding else ())

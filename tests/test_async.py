@@ -260,12 +260,44 @@ def test_whatif_varies_staleness_and_the_generation_share():
         parse_vary(["gen_devices=0"], "grpo")
 
 
-def test_the_executor_refuses_an_asynchronous_experiment_before_starting(tmp_path, capsys):
+def test_the_executor_runs_an_asynchronous_experiment_as_the_estimator_counts_it(tmp_path, capsys):
+    """``--iterations 3`` under η = 1 runs the 3 + 2η + η iterations the simulator unrolls,
+    leaves the warm-up (1 + 2η) and the drain (η) out of the steady state, and reports the
+    weight pushes to the standing copy of a generate call on a device of its own."""
+    from estimator.spec.timeline import Timeline
     from executor.run import main
 
     text = (EXAMPLES / "grpo-tiny-2xcpu.yaml").read_text() + "async: {max_staleness: 1}\n"
     exp = tmp_path / "async.yaml"
     exp.write_text(text)
-    plan = EXAMPLES / "plans" / "grpo-tiny-2xcpu" / "disjoint.json"
-    assert main([str(exp), "--plan", str(plan)]) == 2
-    assert "async.max_staleness=1" in capsys.readouterr().err
+    plan = tmp_path / "split.json"
+    plan.write_text(Plan({"actor_gen": lay("0"), "ref_inf": lay("1"), "reward_inf": lay("1"),
+                          "actor_train": lay("1")}).to_json())
+    timeline = tmp_path / "measured.json"
+    assert main([str(exp), "--plan", str(plan), "--iterations", "3", "--json", "--timeline", str(timeline)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["max_staleness"] == 1 and rep["warmup_iterations"] == 3 and rep["drain_iterations"] == 1
+    assert len(rep["iterations_s"]) == 6
+    assert rep["iteration_s"] == pytest.approx(sum(rep["iterations_s"][3:5]) / 2)  # the steady iterations 3, 4
+    assert list(rep["pushes"]) == ["push:actor_gen"] and rep["pushes"]["push:actor_gen"]["duration_s"] > 0
+    measured = Timeline.load(timeline)
+    # updates 0-3 feed the rollouts of iterations 2-5; the last update feeds none
+    assert sorted({s.iteration for s in measured.spans if s.op == "push"}) == [0, 1, 2, 3]
+    assert measured.meta["drain_iterations"] == 1 and measured.meta["max_staleness"] == 1
+
+
+def test_predict_reports_throughput_idle_and_staleness_of_an_asynchronous_plan(tmp_path, capsys):
+    from estimator.predict import main
+
+    exp = tmp_path / "async.yaml"
+    exp.write_text((EXAMPLES / "grpo-tiny-2xcpu.yaml").read_text() + "async: {max_staleness: 2}\n")
+    plan = tmp_path / "plan.json"
+    plan.write_text(Plan({"actor_gen": lay("0"), "ref_inf": lay("1"), "reward_inf": lay("1"),
+                          "actor_train": lay("1")}).to_json())
+    assert main([str(exp), "--plan", str(plan), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["drain_iterations"] == 2 and out["warmup_iterations"] == 5
+    a = out["asynchrony"]
+    assert a["standing"] == ["actor_gen"] and a["staleness_max"] <= 2 and a["push_s"] > 0
+    assert main([str(exp), "--plan", str(plan)]) == 0
+    assert "tokens trained/s" in capsys.readouterr().out

@@ -40,9 +40,10 @@ from estimator.cost.lowering import CallCost, Costs
 from estimator.cost.memory import call_bytes, home_bytes, restored_bytes, source_bytes
 from estimator.profile.profiles import Profile
 from estimator.sim import hostshare
-from estimator.sim.instances import device_preds, instance_graph, push_target, steady_iterations
+from estimator.sim.instances import device_preds, instance_graph
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Layout, Plan, standing_copies
+from estimator.spec.workflow import push_target, steady_iterations
 
 
 def inference_s(cc: CallCost) -> float:

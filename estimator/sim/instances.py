@@ -1,9 +1,9 @@
 """The unrolled graph of call instances both the simulator and the evaluator schedule.
 
-Instances come in (slot, topological) order (:meth:`estimator.spec.workflow.Workflow.unroll`;
-the slot is the iteration in synchronous training), which is also the order in which each
-device runs the instances placed on it (a runtime that gives each device a fixed program runs
-them this way, as the executor does). An instance occupies its mesh from its start to its end
+Instances come in the order of :meth:`estimator.spec.workflow.Workflow.program` — (slot,
+topological) order, the slot being the iteration in synchronous training, with the weight
+pushes below — which is also the order in which each device runs the instances placed on it
+(the executor walks this very program). An instance occupies its mesh from its start to its end
 and, when it runs away from its role's home layout, the home's devices too until its
 reallocation ends (they send the weights). It starts once every device it occupies is free.
 
@@ -32,21 +32,7 @@ from dataclasses import dataclass
 
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.plan import Layout, Plan
-from estimator.spec.workflow import CallInstance, Workflow
-
-PUSH = "push:"  # call-name prefix of a weight push to a standing rollout copy
-
-
-def steady_iterations(workflow: Workflow, iterations: int) -> int:
-    """Iterations to unroll for the steady state ``iterations`` give a synchronous workflow:
-    an asynchronous one's rollouts run η iterations ahead, so 2η more are warm-up and η more
-    drain (:attr:`~estimator.spec.workflow.Workflow.warmup`, ``drain``)."""
-    return iterations + workflow.warmup - 1 + workflow.drain
-
-
-def push_target(call: str) -> str | None:
-    """The generate call a weight-push instance feeds, or None for an ordinary call."""
-    return call[len(PUSH):] if call.startswith(PUSH) else None
+from estimator.spec.workflow import PUSH, CallInstance, Workflow, push_target
 
 
 @dataclass(frozen=True)
@@ -59,17 +45,8 @@ class InstanceGraph:
 
 def instance_graph(workflow: Workflow, iterations: int, standing: frozenset[str] = frozenset()) -> InstanceGraph:
     """``standing``: generate calls with a standing copy (:func:`~estimator.spec.plan.standing_copies`)."""
-    calls, edges = workflow.unroll(iterations)
-    trains = workflow.trained_roles()
-    pushes = {}  # update instance → the pushes that follow it
-    for g in sorted(standing):
-        train = trains[workflow[g].role]
-        pushes.update({CallInstance(i, train): pushes.get(CallInstance(i, train), ())
-                       + (CallInstance(i, PUSH + g),) for i in range(iterations - workflow.lag(g))})
-    nodes = []
-    for n in calls:
-        nodes.append(n)
-        nodes.extend(pushes.get(n, ()))
+    _, edges = workflow.unroll(iterations)
+    nodes = workflow.program(iterations, standing)
     index = {n: i for i, n in enumerate(nodes)}
     data = [[] for _ in nodes]
     version = [[] for _ in nodes]
@@ -83,9 +60,9 @@ def instance_graph(workflow: Workflow, iterations: int, standing: frozenset[str]
             succs[i].append(j)
         else:
             version[j].append(i)
-    for update, after in pushes.items():
-        for p in after:
-            version[index[p]].append(index[update])
+    for j, n in enumerate(nodes):
+        if push_target(n.call) is not None:
+            version[j].append(index[workflow.pushed_update(n)])
     freeze = lambda lists: tuple(tuple(dict.fromkeys(x)) for x in lists)  # noqa: E731
     return InstanceGraph(tuple(nodes), freeze(data), freeze(version), freeze(succs))
 

@@ -50,11 +50,12 @@ from estimator.cost.lowering import CallCost, Costs, StageCost
 from estimator.cost.transfers import LinkBook, local_copy_s
 from estimator.profile.profiles import Profile
 from estimator.sim import hostshare
-from estimator.sim.instances import device_preds, instance_graph, push_target, steady_iterations
+from estimator.sim.instances import device_preds, instance_graph
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Layout, Plan, standing_copies
 from estimator.spec.schedule import FORWARD, generation_rounds, schedule_1f1b
 from estimator.spec.timeline import Sample, Span, Timeline
+from estimator.spec.workflow import push_target, steady_iterations
 
 SpanRow = tuple[float, float, int, int, str, str, int, int, str]  # Span's fields, in order
 

@@ -13,6 +13,9 @@ translate as :data:`STALENESS_EQUIVALENTS` says). Every other edge keeps lag
 iterations gives the graph the simulator and the runtime both execute; its instances run in
 *slot* order (:meth:`Workflow.slot`): a generate call with lag η + 1 runs η slots ahead of its
 iteration, so with η = 0 the order is (iteration, topological) as before.
+:meth:`Workflow.program` adds the weight pushes to standing rollout copies
+(:func:`estimator.spec.plan.standing_copies`): the one order in which every device — simulated
+or real — runs its instances.
 
 Two experiment options reshape the generating workflows (ppo, grpo, remax):
 
@@ -56,6 +59,7 @@ STALENESS_EQUIVALENTS = {
 }
 # where the old log-probs the policy loss compares against come from
 OLD_LOGPROBS = ("from_generation", "recompute")
+PUSH = "push:"  # call-name prefix of a weight push to a standing rollout copy (Workflow.program)
 REWARD_RULE = "rule"  # models.reward: a verifier scores the rollouts, no reward model
 
 
@@ -222,7 +226,10 @@ class Workflow:
 
     def slot(self, instance: CallInstance) -> int:
         """Where an instance falls in every device's program: its iteration, less the lead of an
-        asynchronous generate call (η), which runs ahead of the iteration that trains on it."""
+        asynchronous generate call (η), which runs ahead of the iteration that trains on it. A
+        weight push falls in its update's slot."""
+        if push_target(instance.call) is not None:
+            return instance.iteration
         return instance.iteration - (self.lag(instance.call) - SYNC_LAG)
 
     @property
@@ -293,6 +300,45 @@ class Workflow:
             edges.extend((CallInstance(i, e.train), CallInstance(i + e.lag, e.call))
                          for e in self.version_edges() if i + e.lag < iterations)
         return nodes, edges
+
+    def program(self, iterations: int, standing: Iterable[str] = ()) -> list[CallInstance]:
+        """Every instance the devices run, in the order each runs those placed on it: the
+        (slot, topological) order of :meth:`unroll`, and right after each update ``i`` of the
+        actor a weight push ``push:<g>`` (iteration ``i``) to every generate call ``g`` in
+        ``standing`` (those with a standing copy, :func:`estimator.spec.plan.standing_copies`),
+        in name order, for ``i < iterations − lag(g)`` — later updates feed no rollout of the
+        run. The push of update ``i`` carries the weights ``g`` generates with in iteration
+        ``i + lag(g)``. Without standing copies the program is the unroll."""
+        nodes, _ = self.unroll(iterations)
+        trains = self.trained_roles()
+        after: dict[CallInstance, list[CallInstance]] = {}
+        for g in sorted(standing):
+            train = trains[self[g].role]
+            for i in range(iterations - self.lag(g)):
+                after.setdefault(CallInstance(i, train), []).append(CallInstance(i, PUSH + g))
+        out = []
+        for n in nodes:
+            out.append(n)
+            out.extend(after.get(n, ()))
+        return out
+
+    def pushed_update(self, push: CallInstance) -> CallInstance:
+        """The update whose weights a push instance carries: its role's train call, same iteration."""
+        return CallInstance(push.iteration, self.trained_roles()[self[push_target(push.call)].role])
+
+
+def push_target(call: str) -> str | None:
+    """The generate call a weight-push instance (:meth:`Workflow.program`) feeds, or None for an
+    ordinary call."""
+    return call[len(PUSH):] if call.startswith(PUSH) else None
+
+
+def steady_iterations(workflow: Workflow, iterations: int) -> int:
+    """Iterations to unroll for the steady state ``iterations`` give a synchronous workflow:
+    an asynchronous one's rollouts run η iterations ahead, so 2η more are warm-up and η more
+    drain (:attr:`Workflow.warmup`, :attr:`Workflow.drain`). The simulator and the executor
+    both run this many."""
+    return iterations + workflow.warmup - 1 + workflow.drain
 
 
 @dataclass(frozen=True)
