@@ -62,7 +62,8 @@ from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_json, atomic_write_text, check_output_dir
 from estimator.base.loading import load_json
 from estimator.base.progress import progress_bar
-from estimator.profile.profiles import Profile, load_profile, op_set
+from estimator.profile.pricing import experiment_profile
+from estimator.profile.profiles import Profile, op_set
 from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check
@@ -379,8 +380,7 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
                                                              hi=MAX_STALENESS))
         if runner is run_executor:
             runner = functools.partial(run_executor, max_staleness=args.max_staleness)
-    profile = (load_profile(args.profile, key="--profile") if args.profile is not None
-               else load_profile(experiment.cluster.device, key="cluster.device"))
+    profile = experiment_profile(experiment, args.profile)
     if args.replot:
         drawn = replot(Path(args.replot), experiment, profile)
         print(json.dumps({"wrote": [str(f) for f in drawn]}) if args.json else

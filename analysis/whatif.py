@@ -21,7 +21,9 @@ the row gets the best iteration time, throughput (tokens/s: every sequence's pro
 generated tokens; samples/s: sequences trained), GPU-hours per 1,000 steps and the speedup
 over each baseline that fits, and what the steady state does with the devices
 (:mod:`estimator.sim.asynchrony`: tokens trained per second, rollout and trainer idle fractions,
-mean staleness of the consumed samples). Every row names its ``profile`` and ``op_set`` (the profile's
+mean staleness of the consumed samples). Every row names its ``profile``, ``stack`` (the
+software stack priced, the experiment's ``cluster.stack`` or its device's default) and
+``op_set`` (the profile's
 ``compute.ops``: ``executor`` prices this project's eager executor, ``fused`` a fused
 Megatron/vLLM-style stack). A point where no plan exists (a call fits nowhere, or no plan
 fits) is kept as a row with ``status`` "no plan" and the search's ``reason``, and the table
@@ -52,12 +54,14 @@ from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_json, atomic_write_text, check_output_dir
 from estimator.base.progress import progress_bar
 from estimator.base.tables import format_table
-from estimator.profile.profiles import OP_SET_STACKS, Profile, load_profile
+from estimator.profile.pricing import for_stack
+from estimator.profile.profiles import Profile, load_profile
 from estimator.sim.asynchrony import async_report
 from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.models import get_model
 from estimator.spec.plan import Plan, check
+from estimator.spec.stack import STACKS, get_stack
 from estimator.spec.workflow import GENERATING, MAX_STALENESS, ROLES, VALUE_ROLES
 
 CLUSTER_KEYS = {"nodes": int, "devices_per_node": int, "device": str}
@@ -85,13 +89,13 @@ def parse_vary(texts: Sequence[str], algorithm: str, roles: Sequence[str] | None
     for text in texts:
         key, sep, values = text.partition("=")
         kind = (CLUSTER_KEYS.get(key) or WORKLOAD_KEYS.get(key) or PLAN_KEYS.get(key)
-                or (str if key in roles else None))
+                or (str if key in roles or key == "stack" else None))
         if not sep or not values:
             raise ConfigError(f"--vary {text!r} must look like KEY=V1,V2,…")
         if kind is None and key in ROLES[algorithm]:
             raise ConfigError(f"--vary {text!r}: models.{key} is a rule (a verifier), which holds no model to vary")
         if kind is None:
-            allowed = [*CLUSTER_KEYS, *WORKLOAD_KEYS, *PLAN_KEYS, *roles]
+            allowed = [*CLUSTER_KEYS, "stack", *WORKLOAD_KEYS, *PLAN_KEYS, *roles]
             raise ConfigError(f"--vary {text!r}: unknown key {key!r}; allowed: {allowed}")
         if key in out:
             raise ConfigError(f"--vary {key} given twice")
@@ -105,6 +109,9 @@ def parse_vary(texts: Sequence[str], algorithm: str, roles: Sequence[str] | None
             big = [v for v in items if int(v) > LIMITS[key]]
             if big:
                 raise ConfigError(f"--vary {key}={values}: {big} exceed the limit {LIMITS[key]:,}")
+        if key == "stack":
+            for v in items:
+                get_stack(v, f"--vary {key}")
         out[key] = [kind(v) for v in items]
         twice = sorted({str(v) for v in out[key] if out[key].count(v) > 1})
         if twice:
@@ -147,7 +154,7 @@ def apply(experiment: Experiment, point: Mapping[str, Any]) -> Experiment:
             raise ConfigError(f"batch_size·group_size = {params.batch_size * params.group_size:,} sequences "
                               f"exceeds the limit {rules.MAX_BATCH:,} per iteration")
         return dataclasses.replace(experiment, cluster=cluster, params=params, models=models,
-                                   name=f"{experiment.name}[{label}]")
+                                   stack=point.get("stack", experiment.stack), name=f"{experiment.name}[{label}]")
     except ConfigError as exc:
         raise ConfigError(f"--vary point {label}: {exc}") from None
 
@@ -198,14 +205,14 @@ def sweep(experiment: Experiment, varies: Mapping[str, list[Any]], profile_arg: 
     for point in points:
         exp = apply(experiment, point)
         if profile_arg is not None:
-            profile = load_profile(profile_arg, "--profile")
+            profile = for_stack(load_profile(profile_arg, "--profile"), exp.stack)
         else:
-            profile = load_profile(exp.cluster.device, f"--vary point {point_label(point)}")
+            profile = for_stack(load_profile(exp.cluster.device, f"--vary point {point_label(point)}"), exp.stack)
         checked.append((point, exp, profile))
     rows = []
     (out / "plans").mkdir(parents=True, exist_ok=True)
     for i, (point, exp, profile) in enumerate(progress_bar(checked, desc="what-if points", unit="point")):
-        where = {**point, "profile": profile.name, "op_set": profile.ops}
+        where = {**point, "profile": profile.name, "op_set": profile.ops, "stack": profile.stack}
         try:
             best = check(searcher(exp, profile) if "gen_devices" not in point
                          else split_plan(exp, profile, point["gen_devices"]), exp)
@@ -364,8 +371,8 @@ def render(df: pd.DataFrame, keys: Sequence[str], out: Path) -> str:
         lines.append(f"{len(failed)} of {len(df)} point(s) have no plan:")
         lines += [f"  {point_label({k: r[k] for k in keys})}: {r['reason']}" for _, r in failed.iterrows()]
         lines.append("")
-    for name, ops in dict.fromkeys(zip(df["profile"], df["op_set"])):
-        lines.append(f"profile {name}: priced for {OP_SET_STACKS[ops]} (compute.ops={ops})")
+    for name, ops, stack in dict.fromkeys(zip(df["profile"], df["op_set"], df["stack"])):
+        lines.append(f"profile {name}: priced for {stack} ({STACKS[stack].words}; compute.ops={ops})")
     lines.append(f"wrote {out} (whatif.csv and whatif.json also hold each baseline's iteration time)")
     return "\n".join(lines)
 

@@ -9,10 +9,14 @@ Usage::
     python -m estimator.predict examples/dpo-llama3-8b-8xa100.yaml --profile calibration/profiles/a100-80g.json
     python -m estimator.predict --from verl overrides.txt --profile h100-vidur
     python -m estimator.predict --from areal config.yaml --profile h100-vidur --json
+    python -m estimator.predict examples/grpo-llama3-8b-8xh100.yaml --stack executor
 
 Without ``--plan`` it predicts the symmetric baseline (every call on all devices, tp across a
 node, pp across nodes) and says so. ``--profile`` names a shipped profile or a profile file
-(default: the cluster's device). ``--trace`` writes a Chrome trace (open it in Perfetto).
+(default: the cluster's device); ``--stack`` the software stack it prices (default: the
+experiment's ``cluster.stack``, else ``megatron-vllm`` on a GPU and ``executor`` on a CPU;
+:mod:`estimator.profile.pricing` says which profile then prices it, and the output names it).
+``--trace`` writes a Chrome trace (open it in Perfetto).
 
 Prints the steady-state iteration time, a per-call table (layout, start and duration in the
 last simulated iteration, of which communication — collectives and moving inputs —, waiting
@@ -20,8 +24,10 @@ for inputs to be produced, and parameter reallocation; a verifier's host time is
 generate call's duration), peak memory
 per device against capacity, model FLOP utilisation and the roofline lower bound. ``--json``
 prints one object instead, with ``iteration_s``, ``profile``, ``profile_source`` (measured or
-datasheet), ``profile_path``, ``op_set`` (``ops``: the op set the profile charges, ``executor``
-or ``fused``; ``stack``; ``text``: the line the table prints), ``feasible``, ``reasons``,
+datasheet), ``profile_path``, ``stack`` (the software stack priced), ``op_set`` (``ops``: the op
+set the profile charges, ``executor`` or ``fused``; ``stack``: the stack in words; ``stack_name``,
+``terms``: whether the profile has the stack's own numbers, ``note``: why another profile of the
+device prices it; ``text``: the line the table prints), ``feasible``, ``reasons``,
 ``peak_memory_bytes``, ``roofline_s``, ``mfu`` and ``calls.<name>.{start_s, duration_s, comm_s, wait_s,
 realloc_s, reward_s, ...}`` (``reward_s``: a verifier's host time at the end of a generate call,
 ``reward_s_per_sample`` × the sequences of a data-parallel replica).
@@ -62,7 +68,8 @@ from estimator.cost.lowering import Costs
 from estimator.cost.memory import GiB, MemoryReport, plan_memory
 from estimator.cost.roofline import mfu, roofline_s
 from estimator.interop import IMPORTERS, importer
-from estimator.profile.profiles import Profile, load_profile, op_set
+from estimator.profile.pricing import STACK_NAMES, experiment_profile
+from estimator.profile.profiles import Profile, op_set
 from estimator.sim.asynchrony import async_report
 from estimator.sim.simulate import simulate
 from estimator.sim.simulator import SimResult
@@ -146,7 +153,8 @@ def predict(experiment: Experiment, plan: Plan, profile: Profile, iterations: in
         "profile": profile.name,
         "profile_source": profile.source,  # measured | datasheet
         "profile_path": profile.path,
-        "op_set": op_set(profile),  # the software stack the op costs are for (compute.ops)
+        "stack": profile.stack,  # the software stack it is priced for (estimator.profile.pricing)
+        "op_set": op_set(profile),  # the op costs and stack terms it is priced with (compute.ops)
         "iterations": result.iterations,  # simulated
         "warmup_iterations": result.warmup,  # before the steady state
         "drain_iterations": result.drain,  # after it (asynchronous: rollouts already generated)
@@ -238,6 +246,9 @@ def _main(argv: list[str] | None) -> int:
                         help="with --from: the search's command for the best plans (python -m search --from)")
     parser.add_argument("--plan", help="plan JSON file (default: the symmetric baseline)")
     parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
+    parser.add_argument("--stack", choices=STACK_NAMES,
+                        help="software stack to price (default: the experiment's cluster.stack, else megatron-vllm "
+                             "on a GPU, executor on a CPU)")
     parser.add_argument("--iterations", type=int, default=3,
                         help="iterations to simulate (default 3; the first is warm-up)")
     parser.add_argument("--trace", help="write a Chrome trace (JSON) here")
@@ -257,9 +268,7 @@ def _main(argv: list[str] | None) -> int:
         if args.gen_mean is not None:
             raise ConfigError("--gen-mean goes with --from FRAMEWORK CONFIG; an experiment file gives gen_len itself")
         experiment = load_experiment(args.experiment)
-    profile = load_profile(experiment.cluster.device, key="cluster.device")
-    if args.profile is not None:
-        profile = load_profile(args.profile, key="--profile")
+    profile = experiment_profile(experiment, args.profile, args.stack)
     if imported is not None:
         source = f"the plan of {args.source} config {args.experiment}"
     elif args.plan is not None:

@@ -340,12 +340,26 @@ def engine_pools(experiment: Experiment, plan: Plan, profile: Profile) -> dict[s
             if continuous(wf[c], plan[c])}
 
 
+def check_models(experiment: Experiment) -> None:
+    """The executor's transformer has no q/k norms and heads exactly hidden/heads wide: refuse a
+    model that needs either (Qwen3) with the reason, before any process starts."""
+    for role, m in experiment.models.items():
+        if m.qk_norm or m.attention_head_dim:
+            raise ConfigError(f"models.{role}: model {m.name!r} has "
+                              + ("q/k norms" if m.qk_norm else "")
+                              + (" and " if m.qk_norm and m.attention_head_dim else "")
+                              + (f"heads of {m.head_dim} (not hidden/heads)" if m.attention_head_dim else "")
+                              + ", which this project's executor does not implement; the estimator prices it "
+                              "on a production stack (cluster.stack)")
+
+
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     # Everything is checked here, before torch is imported or any process starts.
     outputs = {flag: check_output_path(getattr(args, flag.strip("-")), flag)
                for flag in ("--trace", "--timeline") if getattr(args, flag.strip("-")) is not None}
     experiment = load_experiment(args.experiment)
+    check_models(experiment)
     if args.max_staleness is not None:
         experiment = experiment.with_staleness(rules.integer("--max-staleness", args.max_staleness, lo=0,
                                                              hi=MAX_STALENESS))

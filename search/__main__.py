@@ -73,7 +73,8 @@ from estimator.base.tables import format_table
 from estimator.export import make_export, predict_export, render, write_export
 from estimator.interop import FRAMEWORKS, IMPORTERS, exporter, importer
 from estimator.predict import TRACE_PER_DEVICE_MAX, import_config, predict
-from estimator.profile.profiles import Profile, load_profile
+from estimator.profile.pricing import STACK_NAMES, experiment_profile
+from estimator.profile.profiles import Profile
 from estimator.sim.asynchrony import async_report
 from estimator.sim.simulator import SimResult
 from estimator.spec.experiment import Experiment, load_experiment
@@ -97,6 +98,9 @@ def _main(argv: list[str] | None) -> int:
                         help=f"seconds for the search and its re-ranking (default {DEFAULT_TIME_BUDGET_S:g})")
     parser.add_argument("--max-evals", type=int, help="plans to evaluate, for runs that must repeat exactly")
     parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
+    parser.add_argument("--stack", choices=STACK_NAMES,
+                        help="software stack to price (default: the experiment's cluster.stack, else megatron-vllm "
+                             "on a GPU, executor on a CPU)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the chains (default 0)")
     parser.add_argument("--chains", type=int, help="parallel chains (default: one per core)")
     parser.add_argument("--out", help="write the best plan (JSON) here")
@@ -146,8 +150,7 @@ def _main(argv: list[str] | None) -> int:
     if args.max_staleness is not None:
         experiment = experiment.with_staleness(rules.integer("--max-staleness", args.max_staleness, lo=0,
                                                              hi=MAX_STALENESS))
-    profile = (load_profile(args.profile, key="--profile") if args.profile is not None
-               else load_profile(experiment.cluster.device, key="cluster.device"))
+    profile = experiment_profile(experiment, args.profile, args.stack)
     if imported is not None:
         _, _, config_summary = predict(experiment, config_plan, profile)
         imported |= {"config": args.experiment, "iteration_s": config_summary["iteration_s"],

@@ -59,7 +59,8 @@ from estimator.base.errors import ConfigError, cli_guard, did_you_mean
 from estimator.base.io import atomic_write_text
 from estimator.baselines import closest_layout, fit_micro_batches, symmetric_plan
 from estimator.cost.memory import fmt_bytes, plan_memory
-from estimator.profile.profiles import Profile, load_profile, op_set
+from estimator.profile.pricing import STACK_NAMES, experiment_profile
+from estimator.profile.profiles import Profile, op_set
 from estimator.sim.simulate import simulate
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment, load_experiment
@@ -423,6 +424,9 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("experiment", help="experiment YAML file")
     parser.add_argument("--name", required=True, help=f"baseline: {', '.join(ALL_BASELINES)}")
     parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
+    parser.add_argument("--stack", choices=STACK_NAMES,
+                        help="software stack to price (default: the experiment's cluster.stack, else megatron-vllm "
+                             "on a GPU, executor on a CPU)")
     parser.add_argument("--recompute", default="none", choices=RECOMPUTE_CHOICES,
                         help="activation recompute of the train calls (megatron only; default none)")
     parser.add_argument("--out", help="write the plan JSON here (only when it fits)")
@@ -432,8 +436,7 @@ def _main(argv: list[str] | None) -> int:
         raise ConfigError(f"--name {args.name!r} is not a baseline{did_you_mean(args.name, list(ALL_BASELINES))}; "
                           f"known: {', '.join(ALL_BASELINES)}")
     experiment = load_experiment(args.experiment)
-    profile = (load_profile(args.profile, key="--profile") if args.profile is not None
-               else load_profile(experiment.cluster.device, key="cluster.device"))
+    profile = experiment_profile(experiment, args.profile, args.stack)
     if args.out is not None:
         check_out(args.out)
     base = build(args.name, experiment, profile, recompute=args.recompute)
@@ -441,7 +444,8 @@ def _main(argv: list[str] | None) -> int:
     if args.out is not None and base.feasible:
         atomic_write_text(args.out, base.plan.to_json())
     if args.json:
-        print(json.dumps({"name": base.name, "op_set": op_set(profile), "iteration_s": base.iteration_s,
+        print(json.dumps({"name": base.name, "stack": profile.stack, "op_set": op_set(profile),
+                          "iteration_s": base.iteration_s,
                           "reason": base.reason,
                           "peak_memory_bytes": memory.peak.peak_bytes if memory else None,
                           "plan": json.loads(base.plan.to_json()) if base.plan else None}, indent=2))

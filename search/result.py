@@ -103,7 +103,8 @@ def result_json(result: SearchResult, summary: dict[str, Any]) -> dict[str, Any]
     return {
         "experiment": result.experiment,
         "profile": result.profile,
-        "op_set": summary["op_set"],  # the software stack the op costs are for
+        "stack": summary["stack"],  # the software stack it was priced for
+        "op_set": summary["op_set"],  # the op costs and stack terms it was priced with
         "iteration_s": result.iteration_s,
         "simulated": result.simulated,
         "evaluator_s": result.evaluator_s,

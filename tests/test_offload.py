@@ -43,10 +43,12 @@ def _lay(mesh: str = "0-3", dp: int = 4, tp: int = 1, pp: int = 1, mb: int = 1, 
     return Layout(DeviceMesh.parse(mesh), dp, tp, pp, mb, **kw)
 
 
-def _host_profile(bw: float = 1e9, launch: float = 0.0, capacity: float = 80e9):
-    """The synthetic linear profile with a host link of ``bw`` bytes/s per device and direction."""
+def _host_profile(bw: float = 1e9, launch: float = 0.0, capacity: float = 80e9, d2h: float | None = None):
+    """The synthetic linear profile with a host link of ``bw`` bytes/s per device host → device
+    and ``d2h`` (default ``bw``) device → host."""
     doc = linear_profile_dict(launch=launch, capacity=capacity)
-    doc["host_link"] = {"name": "synthetic", "bytes_per_s": bw, "cite": "synthetic test profile"}
+    doc["host_link"] = {"h2d_bytes_per_s": bw, "d2h_bytes_per_s": d2h or bw, "alpha_s": 0.0,
+                        "cite": "synthetic test profile"}
     return profile_from_dict(doc)
 
 
@@ -155,21 +157,22 @@ def test_the_peak_by_hand_with_and_without_the_optimizer_offloaded():
 # ---- time --------------------------------------------------------------------------------------
 
 def test_transfer_times_by_hand_from_the_host_link():
-    """1 GB/s per device and direction, 1 µs per copy: the Adam state (12·P bytes in three
-    tensors per parameter tensor) up before the train call and down after it; under "all" the
-    weights (2·P in one copy per tensor) too, and up again before each other call of the role."""
+    """1 GB/s per device host → device, 2 GB/s device → host, 1 µs per copy: the Adam state
+    (12·P bytes in three tensors per parameter tensor) up before the train call and down after
+    it; under "all" the weights (2·P in one copy per tensor) too, and up again before each other
+    call of the role."""
     exp = tiny_experiment("ppo")
     wf = exp.workflow
-    prof = _host_profile(bw=1e9, launch=1e-6)
+    prof = _host_profile(bw=1e9, launch=1e-6, d2h=2e9)
     opt = _lay(offload="optimizer")
     oc = offload_cost(wf["actor_train"], TINY, opt, opt, True, prof)
-    adam = 12 * P / 1e9 + ADAM_TENSORS * TENSORS * 1e-6
-    assert (oc.upload_s, oc.download_s, oc.source_s) == (pytest.approx(adam), pytest.approx(adam), 0.0)
+    adam, adam_down = (12 * P / bw + ADAM_TENSORS * TENSORS * 1e-6 for bw in (1e9, 2e9))
+    assert (oc.upload_s, oc.download_s, oc.source_s) == (pytest.approx(adam), pytest.approx(adam_down), 0.0)
     assert not offload_cost(wf["actor_gen"], TINY, _lay(), opt, True, prof).any
     full = _lay(offload="all")
-    weights = 2 * P / 1e9 + TENSORS * 1e-6
+    weights, weights_down = (2 * P / bw + TENSORS * 1e-6 for bw in (1e9, 2e9))
     oc = offload_cost(wf["actor_train"], TINY, full, full, True, prof)
-    assert oc.upload_s == oc.download_s == pytest.approx(adam + weights)
+    assert oc.upload_s == pytest.approx(adam + weights) and oc.download_s == pytest.approx(adam_down + weights_down)
     at_home = offload_cost(wf["actor_gen"], TINY, _lay(mb=2), full, True, prof)
     assert (at_home.upload_s, at_home.download_s, at_home.source_s) == (pytest.approx(weights), 0.0, 0.0)
     away = offload_cost(wf["actor_gen"], TINY, _lay("4-7", dp=2, tp=2), full, True, prof)
@@ -184,16 +187,19 @@ def test_a_cpu_host_link_is_a_copy_in_host_memory_and_a_profile_without_one_says
     cpu = load_profile("cpu")
     assert cpu.host_link.copy == "memory"
     assert cpu.host_copy_s(8e6, 4) == pytest.approx(4 * cpu.op_s(0.0, 2 * 8e6 / 4, 1, in_model=False))
-    h100 = load_profile("h100-sxm")
-    assert h100.host_copy_s(52.8e9, 1) == pytest.approx(1.0 + h100.dispatch_s())
+    h100 = load_profile("h100-sxm")  # nvbandwidth#24: 35.2 GB/s host → device, 52.8 GB/s back
+    assert h100.host_copy_s(35.2e9, 1, "upload") == pytest.approx(1.0 + h100.dispatch_s())
+    assert h100.host_copy_s(52.8e9, 1, "download") == pytest.approx(1.0 + h100.dispatch_s())
+    with pytest.raises(ConfigError, match=r"host copy direction='sideways' must be one of \['upload', 'download'\]"):
+        h100.host_copy_s(1.0, 1, "sideways")
     bare = profile_from_dict(linear_profile_dict())
     with pytest.raises(ConfigError, match=r"profile linear: has no host_link section, so it cannot price offload"):
         bare.host_copy_s(1.0)
     doc = linear_profile_dict()
-    doc["host_link"] = {"name": "x", "bytes_per_s": 1e9}
+    doc["host_link"] = {"h2d_bytes_per_s": 1e9, "d2h_bytes_per_s": 1e9, "alpha_s": 0.0}
     with pytest.raises(ConfigError, match=r"host_link needs a 'cite'"):
         profile_from_dict(doc)
-    doc["host_link"] = {"name": "x", "copy": "disk", "cite": "y"}
+    doc["host_link"] = {"copy": "disk", "cite": "y"}
     with pytest.raises(ConfigError, match=r"host_link.copy='disk' must be one of \['memory'\]"):
         profile_from_dict(doc)
 

@@ -93,13 +93,15 @@ def test_cli_writes_the_plan_and_exits_by_fit(tmp_path, capsys):
     assert main([str(SEVEN_B), "--name", "real-heuristic", "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["iteration_s"] > 0 and summary["reason"] is None
-    assert summary["op_set"]["ops"] == "executor" and summary["op_set"]["other_stack_profiles"] == ["h100-vidur"]
+    assert summary["stack"] == "megatron-vllm" and summary["op_set"]["ops"] == "fused"  # a GPU's default
     check(Plan.load(str(out)), load_experiment(SEVEN_B))
     small = tmp_path / "small.json"
     small.write_text(json.dumps(linear_profile_dict(capacity=3e6)))
     assert main([str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--name", "megatron", "--profile", str(small)]) == 1
     text = capsys.readouterr().out
-    assert "does not fit" in text and "priced for this project's eager executor (profile linear" in text
+    # a bf16 profile prices a GPU's default, the production stack
+    assert "does not fit" in text and "priced for megatron-vllm (Megatron-Core training" in text
+    assert "on profile linear (compute.ops=fused; no engine, refit or trainer terms" in text
     assert main([str(SEVEN_B), "--name", "deepspeed"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'deepspeed'" in err[0]

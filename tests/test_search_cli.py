@@ -83,7 +83,7 @@ def test_search_prints_the_report_table(capsys):
     for needle in ("plan space: 10^", "predicted iteration time", "roofline lower bound", "real-heuristic",
                    "where the time goes:", "reallocation"):
         assert needle in text
-    assert "priced for this project's eager executor (profile cpu, compute.ops=executor)" in text
+    assert "priced for executor (this project's eager executor) on profile cpu (compute.ops=executor)" in text
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -169,9 +169,11 @@ def gathered_bytes(model: ModelSpec, layout: Layout, stage: int) -> dict[str, fl
 
 
 def activation_bytes_per_token_layer(model: ModelSpec, tp: int) -> float:
-    """Saved activations of one block per token (see the module docstring)."""
-    h, kv, f, a = model.hidden, model.kv_dim, model.ffn, model.heads
-    return 8 * h + (4 * h + 4 * kv + MLP_ACTIVATION_BYTES[model.mlp] * f + 4 * a) / tp
+    """Saved activations of one block per token (see the module docstring; Q and O are a·d
+    wide, and q/k norms save their inputs too)."""
+    h, kv, f, a, q = model.hidden, model.kv_dim, model.ffn, model.heads, model.q_dim
+    qk = 2 * (q + kv) if model.qk_norm else 0
+    return 8 * h + (4 * q + 4 * kv + qk + MLP_ACTIVATION_BYTES[model.mlp] * f + 4 * a) / tp
 
 
 def head_bytes(model: ModelSpec, tokens: float) -> float:

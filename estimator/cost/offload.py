@@ -33,7 +33,12 @@ simulator books them as ``offload`` spans (:mod:`estimator.sim.simulator`).
 One copy per tensor, as the frameworks and the executor move them: per parameter tensor of a
 stage (per flat group under ``shard="full"``, :func:`estimator.spec.sharding.shard_groups`; one
 flat chunk under ``shard="optimizer"``) one copy of the weights and three of the Adam state
-(master weights, two moments), each at :meth:`~estimator.profile.profiles.Profile.host_copy_s`.
+(master weights, two moments), each at :meth:`~estimator.profile.profiles.Profile.host_copy_s`
+(an upload at the host link's host → device rate, a download at its device → host rate).
+
+On a production stack this is the trainer's offload, the only one: NeMo-RL's colocated
+``offload_before_refit`` / ``offload_after_refit`` are ``offload="all"`` here, and
+:mod:`estimator.cost.engine` charges the serving engine's own sleep and wake beside it.
 """
 
 from __future__ import annotations
@@ -102,11 +107,12 @@ def offload_cost(call: Call, model: ModelSpec, layout: Layout, home: Layout, tra
     if home.offload == "none" or not trained:
         return NONE
     if call.kind == "train":
-        slowest = max(profile.host_copy_s(b, n) for b, n in moved(model, home, trained, weights_only=False))
-        return OffloadCost(upload_s=slowest, download_s=slowest)
+        state = moved(model, home, trained, weights_only=False)
+        return OffloadCost(upload_s=max(profile.host_copy_s(b, n, "upload") for b, n in state),
+                           download_s=max(profile.host_copy_s(b, n, "download") for b, n in state))
     if home.offload != "all":
         return NONE
-    slowest = max(profile.host_copy_s(b, n) for b, n in moved(model, home, trained, weights_only=True))
+    slowest = max(profile.host_copy_s(b, n, "upload") for b, n in moved(model, home, trained, weights_only=True))
     if layout.same_placement(home):
         return OffloadCost(upload_s=slowest)
     return OffloadCost(source_s=slowest)

@@ -22,8 +22,9 @@ paper or public benchmark) or ``command`` (the measurement that produced them)::
                                         "command": ...}, "reduce_scatter": ..., "p2p": ..., "broadcast": ...},
                "inter": {..., "all_reduce": {"curves": {"2x8": [...]}, "alpha_s": ..., ...}}},
      "executor": {"call_overhead_s": ..., "micro_batch_overhead_s": ..., "command": "..."},  # optional
-     "host_link": {"name": "PCIe Gen5 x16", "bytes_per_s": ..., "cite": ...}}  # optional; or {"name": ...,
-                   # "copy": "memory", "command": ...}: host memory is the device's own (CPU profiles)
+     "host_link": {"h2d_bytes_per_s": ..., "d2h_bytes_per_s": ..., "alpha_s": ..., "cite": ...},  # optional;
+                   # or {"copy": "memory", "command": ...}: host memory is the device's own (CPU profiles)
+     "stacks": {...}}  # optional: the production stacks' own costs (estimator/profile/stacks.py)
 
 Compute time of one op is device time (FLOPs at the efficiency curve, bytes at the memory
 curve, the longer) combined with host dispatch (``launch.overhead_s`` per aten op under
@@ -46,12 +47,15 @@ all-gather and reduce-scatter ``(n−1)/n``, broadcast and point-to-point 1. A c
 several nodes uses a measured ``"<nodes>x<per_node>"`` curve of ``links.inter`` where one
 exists and composes the intra-node and inter-node phases only where none does.
 
-The host link (``host_link``, optional: a profile without it cannot price offload) carries a
-device's copies to and from host memory (:mod:`estimator.cost.offload`): ``bytes_per_s`` per
-device and direction, each copy issued from the host at the launch cost of one op
-(:meth:`Profile.dispatch_s`), every device on a link of its own (a GPU's PCIe link); or
-``"copy": "memory"`` where host memory *is* the device's memory (the CPU executor), so a copy
-to host memory is one op reading and writing its bytes in device memory (:meth:`Profile.op_s`).
+The host link (``host_link``, optional: a profile without it cannot price offload; parsed by
+:func:`estimator.profile.stacks.parse_host_link`) carries a device's copies to and from host
+memory — the offload of :mod:`estimator.cost.offload` and a production stack's sleep, wake and
+reference swap (:mod:`estimator.cost.engine`), all through :meth:`Profile.host_copy_s`: an
+upload at ``h2d_bytes_per_s``, a download at ``d2h_bytes_per_s`` per device, each copy issued
+from the host at the launch cost of one op (:meth:`Profile.dispatch_s`) plus the link's
+``alpha_s``, every device on a link of its own (a GPU's PCIe link); or ``"copy": "memory"``
+where host memory *is* the device's memory (the CPU executor), so a copy to host memory is one
+op reading and writing its bytes in device memory (:meth:`Profile.op_s`).
 
 Format ``rlhf-plan/profile-v2`` adds the curves; a ``rlhf-plan/profile-v1`` file (α + busbw
 only) still loads unchanged.
@@ -76,6 +80,8 @@ from estimator.base.io import atomic_write_json
 from estimator.base.loading import is_file, load_json
 from estimator.base.rules import MAX_LATENCY_S
 from estimator.profile.collectives import COLLECTIVES, LINK_CLASSES, LinkCost, bus_factor, number, parse_links
+from estimator.profile.stacks import EngineTerms, HostLink, StackTerms, parse_host_link, parse_stacks
+from estimator.spec.stack import STACKS
 
 __all__ = ["COLLECTIVES", "FORMATS", "LINK_CLASSES", "PROFILE_DIR", "PROFILE_FORMAT", "Curve", "LinkCost",
            "Profile", "bus_factor", "known_profiles", "load_profile", "profile_from_dict"]
@@ -113,18 +119,6 @@ class HostSharing:
         if self.devices <= 1:
             return 1.0
         return min(max((busy - 1.0) / (self.devices - 1), 0.0), 1.0)
-
-
-HOST_COPY_KINDS = ("memory",)  # host_link.copy: what a copy to host memory is, where it is not a link
-
-
-@dataclass(frozen=True)
-class HostLink:
-    """How a device reaches host memory (the profile's ``host_link`` section)."""
-
-    name: str  # what it is, e.g. "PCIe Gen5 x16"
-    bytes_per_s: float = 0.0  # per device and direction; 0 where ``copy`` says what a copy is
-    copy: str = ""  # "memory": host memory is the device's own, a copy is a copy in device memory
 
 
 @dataclass(frozen=True)
@@ -218,7 +212,13 @@ class Profile:
     checkpoint_s: tuple[float, float] = (0.0, 0.0)  # activation checkpointing per block, (forward, backward), s
     # host
     host: HostSharing | None = None  # devices of one host slow each other down (CPU); None: they do not
-    host_link: HostLink | None = None  # copies to and from host memory; None: the profile cannot price offload
+    host_link: HostLink | None = None  # device ↔ host copies (PCIe), where the profile gives them
+    # the production stacks' own costs on this device (estimator.profile.stacks), by stack name
+    stacks: dict[str, StackTerms] = field(default_factory=dict)
+    # the stack this instance prices (estimator.profile.pricing.for_stack); "" : none named, the
+    # op census of compute.ops and nothing beyond it
+    stack: str = ""
+    stack_note: str = ""  # why another profile of the device was taken for the stack, if one was
     # where it came from
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)  # the file
     path: str = ""  # where it was loaded from
@@ -241,6 +241,18 @@ class Profile:
                        backward_overhead_s=scaled(self.backward_overhead_s, "dispatch"),
                        call_overhead_s=self.call_overhead_s * a["executor"],
                        micro_batch_overhead_s=self.micro_batch_overhead_s * a["executor"], host=None)
+    @property
+    def terms(self) -> StackTerms | None:
+        """The engine, refit and trainer numbers of the stack this instance prices (None: the
+        executor, no stack named, or a device without numbers for it)."""
+        return self.stacks.get(self.stack)
+
+    @property
+    def engine(self) -> EngineTerms | None:
+        """The serving engine's own costs where a production stack with numbers is priced."""
+        terms = self.terms
+        return terms.generation if terms is not None else None
+
     def kernel_figures(self, kinds: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row of ``kinds``: bandwidth efficiency, floor and FLOPs efficiency (NaN where the
         profile has none of its own), looked up once per tuple of kernel names."""
@@ -378,10 +390,12 @@ class Profile:
             return 0.0
         return self.links[link_class]["p2p"].time_s(size_bytes, 2)
 
-    def host_copy_s(self, nbytes: float, copies: int = 1) -> float:
+    def host_copy_s(self, nbytes: float, copies: int = 1, direction: str = "upload") -> float:
         """``nbytes`` copied between one device and host memory in ``copies`` copies (one per
-        tensor), one direction: each copy issued at :meth:`dispatch_s` and the bytes at the host
-        link's rate, or — host memory being the device's own — each copy an op that reads and
+        tensor), one ``direction`` (``"upload"``: host to device at ``h2d_bytes_per_s``,
+        ``"download"``: device to host at ``d2h_bytes_per_s``): each copy issued at
+        :meth:`dispatch_s` plus the link's ``alpha_s``, the bytes at the link's rate; or — host
+        memory being the device's own (``"copy": "memory"``) — each copy an op that reads and
         writes its share in device memory. Raises :class:`ConfigError` on a profile without a
         host link."""
         link = self.host_link
@@ -393,7 +407,7 @@ class Profile:
             return 0.0
         if link.copy == "memory":
             return copies * self.op_s(0.0, 2.0 * nbytes / copies, 1, in_model=False)
-        return copies * self.dispatch_s() + nbytes / link.bytes_per_s
+        return copies * (self.dispatch_s() + link.alpha_s) + nbytes / link.bytes_per_s(direction)
 
     def provenance(self) -> dict[str, str]:
         """Dotted path of every group of numbers → its citation or command."""
@@ -407,7 +421,8 @@ class Profile:
                 for k, v in node.items():
                     walk(v, f"{path}.{k}" if path else k)
 
-        walk({k: self.raw[k] for k in ("compute", "memory", "links", "executor", "host_link") if k in self.raw}, "")
+        walk({k: self.raw[k] for k in ("compute", "memory", "links", "executor", "host_link", "stacks")
+              if k in self.raw}, "")
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -499,7 +514,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: must be a JSON object")
     top = ("format", "name", "source", "device", "date", "software", "compute", "memory", "links")
-    optional = {"notes", "executor", "host", "host_link"}
+    optional = {"notes", "executor", "host", "host_link", "stacks"}
     unknown = sorted(set(data) - set(top) - optional)
     missing = sorted(set(top) - set(data))
     if unknown or missing:
@@ -541,9 +556,9 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         mem_efficiency=_curve(meff, f"{m}.efficiency", "bytes"),
         links=links, link_names=names, raw=data, path=path, compose=compose, dtype=dtype,
         call_overhead_s=call_s, micro_batch_overhead_s=mb_s, host=_host(data, where), collective_overhead_s=coll_s,
-        host_link=_host_link(data, where),
         ops=ops, kernel_floor_s=floor_s, kernels=kernels, device_scale=_in_model(compute, w),
         checkpoint_s=(ckpt_f, ckpt_b), p2p_overhead_s=p2p_s,
+        host_link=parse_host_link(data, where), stacks=parse_stacks(data, where),
         **{k: _positive(launch, k, f"{w}.launch", zero_ok=True) for k in DISPATCH_KEYS if k in launch},
     )
 
@@ -615,22 +630,6 @@ def _host(data: dict, where: str) -> HostSharing | None:
     return HostSharing(devices, factors)
 
 
-def _host_link(data: dict, where: str) -> HostLink | None:
-    """The optional ``host_link`` section: {"name", "bytes_per_s", cite | command} or {"name",
-    "copy": "memory", cite | command} (see the module docstring)."""
-    if "host_link" not in data:
-        return None
-    node = data["host_link"]
-    w = f"{where}: host_link"
-    if isinstance(node, dict) and "copy" in node:
-        node = _obj(data, "host_link", where, ("copy",), optional=("name",))
-        if node["copy"] not in HOST_COPY_KINDS:
-            raise ConfigError(f"{w}.copy={node['copy']!r} must be one of {list(HOST_COPY_KINDS)}")
-        return HostLink(str(node.get("name", "")), copy=node["copy"])
-    node = _obj(data, "host_link", where, ("bytes_per_s",), optional=("name",))
-    return HostLink(str(node.get("name", "")), _positive(node, "bytes_per_s", w))
-
-
 def _kernels(compute: dict, where: str) -> tuple[float, dict[str, tuple[float, ...]]]:
     """The optional ``compute.kernels`` section: a floor no kernel goes below and, per fused
     kernel the profile measured, its bandwidth efficiency in (0, 1.5] (above 1 where a kernel's
@@ -668,7 +667,12 @@ def op_set(profile: Profile) -> dict[str, Any]:
     profiles of the same device that charge the other op set (so a figure can be redone for
     the other stack), and ``text``: all that in one line, e.g. ``priced for this project's
     eager executor (profile h100-sxm, compute.ops=executor); for a fused Megatron/vLLM-style
-    stack on this device use h100-vidur``."""
+    stack on this device use h100-vidur``. A profile priced for a named stack
+    (:func:`estimator.profile.pricing.for_stack`) says that stack instead:
+    ``stack_name``, whether the profile has numbers for its own costs (``terms``) and why
+    another profile of the device was taken (``note``)."""
+    if profile.stack:
+        return _stack_line(profile)
     others = []
     for path in sorted(PROFILE_DIR.glob("*.json")):
         try:
@@ -685,6 +689,20 @@ def op_set(profile: Profile) -> dict[str, Any]:
         text += f"; for {other} on this device use {', '.join(others)}"
     return {"ops": profile.ops, "stack": OP_SET_STACKS[profile.ops], "profile": profile.name,
             "other_stack_profiles": others, "text": text}
+
+
+def _stack_line(profile: Profile) -> dict[str, Any]:
+    stack = STACKS[profile.stack]
+    text = f"priced for {stack.name} ({stack.words}) on profile {profile.name} (compute.ops={profile.ops}"
+    if stack.production:
+        text += (f"; engine, refit and trainer terms from stacks.{stack.name})" if profile.terms is not None
+                 else "; no engine, refit or trainer terms for this device: kernels, links and host copies only)")
+    else:
+        text += ")"
+    if profile.stack_note:
+        text += f"; {profile.stack_note}"
+    return {"ops": profile.ops, "stack": stack.words, "stack_name": stack.name, "terms": profile.terms is not None,
+            "note": profile.stack_note, "profile": profile.name, "other_stack_profiles": [], "text": text}
 
 
 def op_set_line(profile: Profile) -> str:

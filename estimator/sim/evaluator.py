@@ -16,9 +16,11 @@ Each call's duration on its layout comes from a closed form of its lowered stage
 Reallocation and data transfers cost what they cost on idle links (cached per pair of
 layouts). Host transfers of an offloading home (:mod:`estimator.cost.offload`) add to the
 duration of the call that makes them on its devices (the upload before it computes, the
-download after), and to the reallocation of a call whose home uploads the weights it sends.
-Call instances of ``K`` iterations are then scheduled in (iteration, topological) order
-exactly as the simulator orders them (:mod:`estimator.sim.instances`): a call starts when
+download after), and to the reallocation of a call whose home uploads the weights it sends; on
+a production stack a generate call's refit and every call's host copies
+(:mod:`estimator.cost.engine`) join them: the copies before a call with its reallocation, those
+inside it with its duration. Call instances of ``K`` iterations are then scheduled in (iteration, topological)
+order exactly as the simulator orders them (:mod:`estimator.sim.instances`): a call starts when
 every device it occupies is free — its mesh, and its home's when it reallocates — and its
 weights are ready, reallocates (freeing the home's devices), waits for its inputs, runs. The
 steady-state period is ``(end of iteration K − end of iteration 1)/(K − 1)``. An asynchronous
@@ -36,6 +38,7 @@ from operator import add
 
 import numpy as np
 
+from estimator.cost.engine import Moves
 from estimator.cost.lowering import CallCost, Costs
 from estimator.cost.memory import call_bytes, home_bytes, restored_bytes, source_bytes
 from estimator.profile.profiles import Profile
@@ -152,6 +155,8 @@ class Evaluator:
                               for n in self.names]
         self.roles = [wf[n].role for n in self.names]
         self.home = [index[self.costs.homes[r]] for r in self.roles]
+        # calls that refit a serving engine: they reallocate even onto the home's placement
+        self.refit = [self.costs.refits(n) for n in self.names]
         self.trained = set(wf.trained_roles())
         self.capacity = profile.capacity_bytes
         self.num_devices = experiment.cluster.num_devices
@@ -238,13 +243,19 @@ class Evaluator:
                                      self.num_devices, self.host, self.iterations)
 
     def _realloc_s(self, c: int, home: int, lid: int) -> float:
-        if self._place_of[home] == self._place_of[lid]:
+        if self._place_of[home] == self._place_of[lid] and not self.refit[c]:
             return 0.0
         v = self._realloc[c].get(home * KEY + lid)
         if v is None:
             v = self._realloc[c][home * KEY + lid] = self.costs.realloc_s(
-                self.roles[c], self._layouts[home], self._layouts[lid])
+                self.roles[c], self._layouts[home], self._layouts[lid], self.names[c])
         return v
+
+    def _moves(self, lids: list[int]) -> list[Moves]:
+        """Per call, the host copies a production stack makes around it (:mod:`estimator.cost.engine`)."""
+        layouts = {n: self._layouts[lid] for n, lid in zip(self.names, lids)}
+        shares = self.costs.shares(layouts)
+        return [self.costs.moves(n, layouts, shares) for n in self.names]
 
     def _data_s(self, c: int, e: int, src: int, dst: int) -> float:
         v = self._data[c][e].get(src * KEY + dst)
@@ -268,7 +279,7 @@ class Evaluator:
                 v = self._duration[c].get(lid) if not self.varying else None
                 dur.append(self.duration_s(c, lid) if v is None else v)
             h = lids[home[c]]
-            if place[h] == place[lid]:
+            if place[h] == place[lid] and not self.refit[c]:
                 realloc.append(0.0)
             else:
                 v = self._realloc[c].get(h * KEY + lid)
@@ -290,6 +301,11 @@ class Evaluator:
                 for d in durs:
                     d[c] += extra
                 realloc[c] += source
+        if self.costs.production:  # a production stack's host copies around its calls
+            for c, mv in enumerate(self._moves(lids)):
+                realloc[c] += mv.before_s
+                for d in durs:
+                    d[c] += mv.own_s
         return durs, realloc, data
 
     def _offload_s(self, c: int, home: int, lid: int) -> tuple[float, float]:

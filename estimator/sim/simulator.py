@@ -184,6 +184,9 @@ class Simulation:
         self.counters: list[tuple[float, int, int, str, str, float]] = []  # Sample's fields, in order
         self.records: dict[tuple[int, str], CallRecord] = {}
         self.pushes: dict[tuple[int, str], CallRecord] = {}  # (update's iteration, generate call) → its push
+        # a production stack's host copies around each call (estimator.cost.engine)
+        shares = self.costs.shares(plan.layouts)
+        self.moves = {c: self.costs.moves(c, plan.layouts, shares) for c in wf.call_names}
 
     def run(self) -> SimResult:
         for i in range(len(self.graph.nodes)):
@@ -224,13 +227,16 @@ class Simulation:
         arrival = max((self.arrivals[(j, i)] for j in self.graph.data_preds[i]), default=env.now)
         if arrival > env.now:
             yield env.timeout(arrival - env.now)
-        yield from self._host(node.iteration, cc, "upload", off.upload_s)
+        yield from self._offload(node.iteration, cc, "upload", off.upload_s)
         compute_start = env.now
+        moves = self.moves[node.call]
+        yield from self._host(node.iteration, cc, moves.inside_s, "host_copy", moves.parts)
         box = Mailbox(env)
         run = {"generate": self._generate, "inference": self._inference, "train": self._train}[cc.kind]
         yield env.all_of([env.process(run(node.iteration, cc, st, box)) for st in cc.stages])
         yield from self._verify(node.iteration, cc)
-        yield from self._host(node.iteration, cc, "download", off.download_s)
+        yield from self._host(node.iteration, cc, moves.after_s, "host_copy", moves.parts)
+        yield from self._offload(node.iteration, cc, "download", off.download_s)
         self.records[(node.iteration, node.call)] = CallRecord(
             node.iteration, node.call, start, compute_start, env.now, realloc_end - start, compute_start - realloc_end,
             produced - realloc_end)
@@ -239,15 +245,11 @@ class Simulation:
         if self.progress is not None:
             self.progress(f"iteration {node.iteration} {node.call} done at {env.now:.3f} s simulated")
 
-    def _host(self, it: int, cc: CallCost, what: str, duration_s: float) -> Generator[simpy.Event, Any, None]:
-        """A host transfer of the call's offloaded state on every stage at once (``what``:
-        upload or download); the call goes on when the slowest stage's is done."""
-        if duration_s <= 0:
-            return
-        now = self.env.now
-        for st in cc.stages:
-            self.rows.append((now, now + duration_s, st.rep, it, cc.call, "offload", -1, st.index, f"host {what}"))
-        yield self.env.timeout(duration_s)
+    def _offload(self, it: int, cc: CallCost, what: str, seconds: float) -> Generator[simpy.Event, Any, None]:
+        """A host transfer of the call's offloaded state (:mod:`estimator.cost.offload`) on every
+        stage at once (``what``: upload or download); the call goes on when the slowest stage's
+        is done."""
+        yield from self._host(it, cc, seconds, "offload", ((f"host {what}", seconds),))
 
     def _upload_to_send(self, it: int, call: str, role: str, source_s: float) -> Generator[simpy.Event, Any, None]:
         """The home's devices upload the weights they are about to send (``offload="all"``)."""
@@ -260,33 +262,49 @@ class Simulation:
         yield self.env.timeout(source_s)
 
     def _realloc(self, it: int, cc: CallCost, source_s: float = 0.0) -> Generator[simpy.Event, Any, None]:
-        if cc.call in self.standing:
-            return  # its standing copy was pushed the weights it needs
+        """Move the role's parameters from home (:meth:`_send_weights`; nothing for a call whose
+        standing copy was pushed them) — first uploading them on the home's devices where it
+        offloads them (``source_s``) —, then the host copies a production stack makes before the
+        call (:mod:`estimator.cost.engine`)."""
         role = self.experiment.workflow[cc.call].role
-        yield from self._upload_to_send(it, cc.call, role, source_s)
-        end = self._send_weights(role, cc.layout)
-        if end is None:
-            return
-        for st in cc.stages:
-            self.rows.append((self.env.now, end, st.rep, it, cc.call, "realloc", -1, st.index, f"realloc {role}"))
-        if end > self.env.now:
-            yield self.env.timeout(end - self.env.now)
+        if cc.call not in self.standing:
+            yield from self._upload_to_send(it, cc.call, role, source_s)
+        end = None if cc.call in self.standing else self._send_weights(role, cc.layout, cc.call)
+        if end is not None:
+            for st in cc.stages:
+                self.rows.append((self.env.now, end, st.rep, it, cc.call, "realloc", -1, st.index, f"realloc {role}"))
+            if end > self.env.now:
+                yield self.env.timeout(end - self.env.now)
+        moves = self.moves[cc.call]
+        yield from self._host(it, cc, moves.before_s, "host_copy", moves.parts)
 
-    def _send_weights(self, role: str, layout: Layout) -> float | None:
+    def _host(self, it: int, cc: CallCost, seconds: float, op: str, parts: tuple) -> Generator[simpy.Event, Any, None]:
+        """A host-side span of ``seconds`` on every stage of the call (host copies over each
+        device's own link), named by what moves."""
+        if seconds <= 0:
+            return
+        now = self.env.now
+        what = ", ".join(name for name, _ in parts)
+        for st in cc.stages:
+            self.rows.append((now, now + seconds, st.rep, it, cc.call, op, -1, st.index, what))
+        yield self.env.timeout(seconds)
+
+    def _send_weights(self, role: str, layout: Layout, call: str | None = None) -> float | None:
         """Book the messages that bring ``role``'s weights from its home to ``layout`` now; when
-        the last one lands (None if nothing moves)."""
+        the last one lands (None if nothing moves). For a generate call that refits a serving
+        engine (``call``, :meth:`Costs.refits`) the refit's messages and its fixed cost."""
         home = self.plan[self.costs.homes[role]]
-        pairs = self.costs.realloc_pairs(role, home, layout)
+        pairs = self.costs.realloc_pairs(role, home, layout, call)
         if not pairs:
             return None
         now = self.env.now
         _, end = self.book.send_all(pairs, now, self.profile, self.costs.dpn)
-        return max(end, now + local_copy_s(pairs, self.profile))
+        return max(end, now + local_copy_s(pairs, self.profile)) + self.costs.refit_fixed_s(role, call)
 
     def _push(self, i: int) -> Generator[simpy.Event, Any, None]:
         """A weight push: the update's new weights from the home to the standing rollout copy
-        of the generate call it feeds (:mod:`estimator.sim.instances`), a span ``push`` on every
-        stage of both."""
+        of the generate call it feeds (:mod:`estimator.sim.instances`; on a production stack the
+        engine's refit), a span ``push`` on every stage of both."""
         env, node = self.env, self.graph.nodes[i]
         target = push_target(node.call)
         role = self.experiment.workflow[target].role
@@ -294,7 +312,7 @@ class Simulation:
         yield from self._upload_to_send(node.iteration, node.call, role,
                                         self.costs.offload(target, layout, home).source_s)
         start = env.now
-        end = self._send_weights(role, layout) or start
+        end = self._send_weights(role, layout, target) or start
         for lay in (home, layout):
             for k in range(lay.pp):
                 self.rows.append((start, end, lay.stage_devices(k).start, node.iteration, node.call, "push", -1, k,

@@ -16,6 +16,9 @@ Schema (every key but the first eight is optional)::
                               # (estimator.spec.lengths)
     ppo_minibatches: 4        # optimizer steps per train call
     cluster: {nodes: 1, devices_per_node: 8, device: h100-sxm}
+                              # optional stack: executor | megatron-vllm | fsdp-vllm, the software
+                              # it is priced for (estimator.spec.stack; default: megatron-vllm on a
+                              # GPU profile, executor on a CPU one, estimator.profile.pricing)
     group_size: 8             # grpo: samples per prompt (default 1)
     seed: 0                   # weights, prompts and sampling
     kv_fraction: 0.9          # device memory a generation engine may hold (vLLM's
@@ -62,6 +65,7 @@ from estimator.base.loading import check_input_path, load_yaml
 from estimator.spec.cluster import Cluster
 from estimator.spec.lengths import parse_lengths
 from estimator.spec.models import ModelSpec, checkpoint_dir, get_model
+from estimator.spec.stack import get_stack
 from estimator.spec.workflow import (
     ALGORITHMS,
     GENERATING,
@@ -112,6 +116,8 @@ class Experiment:
     # verifier (params.verifier): host seconds its rule takes per sequence; the estimator charges
     # it at the end of each generate call, the executor measures its own rule instead
     reward_s_per_sample: float = 0.0
+    # the software stack it is priced for (estimator.spec.stack); None: the device's default
+    stack: str | None = None
     workflow: Workflow = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -143,8 +149,11 @@ class Experiment:
         object.__setattr__(self, "workflow", build(self.algorithm, p))
 
     def _check_options(self) -> None:
-        """The verifier and the old log-probs apply to the algorithms that generate."""
+        """The verifier and the old log-probs apply to the algorithms that generate; the stack
+        is a known one."""
         p, alg = self.params, self.algorithm
+        if self.stack is not None:
+            get_stack(self.stack)
         if p.verifier and alg not in GENERATING:
             raise ConfigError(f"models.reward={REWARD_RULE!r}: a verifier scores generated responses, so it applies "
                               f"to {', '.join(GENERATING)}, not to {alg}")
@@ -195,6 +204,7 @@ _REQUIRED = ("algorithm", "models", "batch_size", "prompt_len", "gen_len", "clus
 _OPTIONAL = ("ppo_minibatches", "group_size", "seed", "prompts", "hyperparams", "name", "kv_fraction",
              "reward_s_per_sample", "old_logprobs", "async")
 _CLUSTER_KEYS = ("nodes", "devices_per_node", "device")
+_CLUSTER_OPTIONAL = ("stack",)
 
 
 def _unknown_key(where: str, key: str, allowed: tuple[str, ...] | list[str]) -> ConfigError:
@@ -313,8 +323,8 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
 
     cl = _mapping(where, "cluster", raw["cluster"])
     for key in cl:
-        if key not in _CLUSTER_KEYS:
-            raise _unknown_key(f"{where}: cluster", key, list(_CLUSTER_KEYS))
+        if key not in _CLUSTER_KEYS + _CLUSTER_OPTIONAL:
+            raise _unknown_key(f"{where}: cluster", key, list(_CLUSTER_KEYS + _CLUSTER_OPTIONAL))
     missing = [k for k in _CLUSTER_KEYS if k not in cl]
     if missing:
         raise ConfigError(f"{where}: cluster is missing key(s) {', '.join(missing)}")
@@ -332,6 +342,9 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
         path = Path(device) if base_dir is None or Path(device).is_absolute() else base_dir / device
         device = str(path)
 
+    stack = cl.get("stack")
+    if stack is not None:
+        get_stack(stack, f"{where}: cluster.stack")
     seed = rules.integer(f"{where}: seed", raw.get("seed", 0), lo=0, hi=rules.MAX_SEED)
     kv_fraction = rules.real(f"{where}: kv_fraction", raw.get("kv_fraction", 0.9), lo=0.0, hi=1.0, positive=True)
     if ints["prompt_len"] + ints["gen_len"] > rules.MAX_SEQ_TOKENS:
@@ -368,6 +381,7 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
             name=str(name),
             checkpoints=checkpoints,
             reward_s_per_sample=options["reward_s_per_sample"],
+            stack=stack,
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

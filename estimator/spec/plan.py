@@ -467,7 +467,10 @@ def count_layouts(call: Call, model: ModelSpec, cluster: Cluster, uneven: bool =
             if where.size == 0 or _degree_problems(call, model, Layout(DeviceMesh(0, tp * pp), 1, tp, pp)):
                 continue
             dp = sizes[where] // (tp * pp)
-            splits = sum((per_step % (dp * mb) == 0).astype(np.int64) for mb in MICRO_BATCH_CHOICES)
+            if call.kind == "generate":  # engines share requests unevenly: one each is the rule
+                splits = sum((call.workload.seqs >= dp * mb).astype(np.int64) for mb in MICRO_BATCH_CHOICES)
+            else:
+                splits = sum((per_step % (dp * mb) == 0).astype(np.int64) for mb in MICRO_BATCH_CHOICES)
             sharding = np.where(dp > 1, len(shard_choices(call, model, 2, pp)), 1)  # only over replicas
             total += int((splits * meshes[where] * sharding).sum())
     # recompute and offload are valid wherever their layout is

@@ -71,11 +71,14 @@ def param_inventory(model: ModelSpec) -> list[ParamInfo]:
     for i in range(model.layers):
         p = f"layers.{i}."
         out += _norm(p + "input_layernorm", model, i)
-        for proj, rows in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
+        for proj, rows in (("q_proj", model.q_dim), ("k_proj", kv), ("v_proj", kv)):
             out.append(ParamInfo(p + f"self_attn.{proj}.weight", (rows, h), COLUMN, i))
             if model.qkv_bias or model.bias:
                 out.append(ParamInfo(p + f"self_attn.{proj}.bias", (rows,), COLUMN, i))
-        out += _linear_out(p + "self_attn.o_proj", (h, h), model.bias, i)
+        if model.qk_norm:  # Qwen3: one RMSNorm weight per head width, shared by every head
+            out += [ParamInfo(p + f"self_attn.{n}.weight", (model.head_dim,), REPLICATED, i)
+                    for n in ("q_norm", "k_norm")]
+        out += _linear_out(p + "self_attn.o_proj", (h, model.q_dim), model.bias, i)
         out += _norm(p + "post_attention_layernorm", model, i)
         for proj in mlp_in:
             out.append(ParamInfo(p + f"mlp.{proj}.weight", (f, h), COLUMN, i))
@@ -297,11 +300,14 @@ def micro_batch_rows(call: Call, layout: Layout, dp_rank: int) -> list[list[Rang
     return out
 
 
-def budget_micro_batches(rows: Range, tokens: np.ndarray, budget: int, per_unit: int = 1) -> list[Range]:
+def budget_micro_batches(rows: Range, tokens: np.ndarray, budget: int, per_unit: int = 1,
+                         packed: bool = False) -> list[Range]:
     """Rows ``[lo, hi)`` cut into micro-batches by a token budget: whole units (a pair is two
     rows) are packed in row order while the micro-batch, padded to its longest row, stays
     within ``budget`` tokens; ``tokens[r − lo]`` is row r's prompt plus response tokens. One
-    rule for the executor, which batches so, and the estimator, which charges it."""
+    rule for the executor, which batches so, and the estimator, which charges it. ``packed``:
+    the micro-batch's rows are concatenated without padding (sequence packing, as Megatron and
+    NeMo-RL pack), so their summed tokens stay within the budget."""
     lo, hi = rows
     if len(tokens) != hi - lo:
         raise ValueError(f"tokens for {len(tokens)} rows, range {rows} holds {hi - lo}")
@@ -310,10 +316,11 @@ def budget_micro_batches(rows: Range, tokens: np.ndarray, budget: int, per_unit:
     for u, unit in zip(range(lo, hi, per_unit), units):
         if unit * per_unit > budget:
             raise ValueError(f"rows {u}..{u + per_unit - 1}: {unit * per_unit} tokens pass the budget {budget}")
-        if u > start and max(longest, unit) * (u + per_unit - start) > budget:
+        filled = longest + unit * per_unit if packed else max(longest, unit) * (u + per_unit - start)
+        if u > start and filled > budget:
             out.append((start, u))
             start, longest = u, 0
-        longest = max(longest, unit)
+        longest = longest + unit * per_unit if packed else max(longest, unit)
     if hi > start:
         out.append((start, hi))
     return out
