@@ -53,14 +53,15 @@ from estimator.spec.workflow import push_target
 OP_KINDS = {"prefill": "prefill", "decode": "decode", "forward": "forward", "backward": "backward",
             "optimizer": "optimizer", "tp_allreduce": "tp_comm", "pp_send": "pp_comm", "dp_allreduce": "dp_comm",
             "dp_reduce_scatter": "dp_comm", "dp_allgather": "dp_comm", "dp_shard_comm": "dp_comm",
-            "reward": "reward", "realloc": "realloc", "push": "push", "data": "data"}
+            "reward": "reward", "realloc": "realloc", "push": "push", "data": "data", "offload": "offload"}
 KIND_ORDER = ("prefill", "decode", "forward", "backward", "optimizer", "tp_comm", "pp_comm", "dp_comm",
-              "reward", "realloc", "push", "data")
+              "reward", "realloc", "push", "data", "offload")
 UNSTAGED = {"realloc", "push", "data"}
 PUSH_KIND = "push"  # the call kind of a weight push
 # collectives a compute op encloses, when they are not timed alone
 INSIDE_OPS = ("tp_allreduce", "dp_shard_comm")
-OUTSIDE_COMPUTE = {"realloc", "data", "call", "compute"}
+# host transfers of offloaded state (Layout.offload) come before and after a call's computation
+OUTSIDE_COMPUTE = {"realloc", "data", "call", "compute", "offload"}
 CALL_KEYS, OP_KEYS = ["plan", "call"], ["plan", "call", "stage", "kind"]
 _VALUES = ["predicted_s", "measured_s", "measured_min_s", "measured_max_s"]
 

@@ -38,7 +38,9 @@ stated mean (a log-normal body and a point mass at the cap, :mod:`estimator.spec
 prompts of :data:`PROMPT_TOKENS` tokens (not published), every call colocated on all GPUs,
 generation in vLLM engines of the stated tensor-parallel size, training and log-probs on the
 stated trainer layout (the rest data parallel; Megatron's distributed optimizer, FSDP's full
-sharding) with NeMo-RL v0.3.0's token budgets per micro-batch (:func:`nemo_rl_settings`).
+sharding) with NeMo-RL v0.3.0's token budgets per micro-batch (:func:`nemo_rl_settings`), the
+policy's state offloaded to host memory while the engine generates (``offload: all``,
+:data:`COLOCATED_OFFLOAD`: NeMo-RL's colocated loop does so).
 """
 
 from __future__ import annotations
@@ -168,6 +170,13 @@ class Settings:
 
 
 NEMO_RL = "NVIDIA-NeMo/RL v0.3.0 (b1c86a81)"
+# NeMo-RL v0.3.0 offloads a colocated policy while vLLM generates: refit_policy_generation
+# (nemo_rl/algorithms/grpo.py at b1c86a81) calls policy.offload_before_refit() (the optimizer
+# state to the CPU) and, after the refit, policy.offload_after_refit() (the model too); the
+# step loop brings them back with prepare_for_lp_inference() and prepare_for_training() (both
+# DTensor and Megatron workers). In this project's vocabulary that is the train layout's
+# offload "all" (estimator.cost.offload), which prices its memory and its host copies by one rule.
+COLOCATED_OFFLOAD = "all"
 
 
 def nemo_rl_settings(run: RlRun, stack: str, preset: str) -> Settings:
@@ -284,14 +293,14 @@ def map_run(run: RlRun, profile: str | Path | None = None) -> Mapped | str:
                "actor_inf": Layout(whole, dp, tp, pp, max_tokens_per_micro_batch=settings.logprob_mb_tokens),
                "ref_inf": Layout(whole, dp, tp, pp, max_tokens_per_micro_batch=settings.logprob_mb_tokens),
                "actor_train": Layout(whole, dp, tp, pp, max_tokens_per_micro_batch=settings.train_mb_tokens,
-                                     shard=shard)}
+                                     shard=shard, offload=COLOCATED_OFFLOAD)}
     plan = Plan(layouts)
     problems = validate(plan, exp)
     if problems:
         return f"the stated layout is outside the plan vocabulary: {problems[0]}"
     notes = (f"{PRESETS[preset].name} ({run.actor}); stack {stack}",
              f"generation: {run.gpus // gen_tp} vLLM engine(s) of tp {gen_tp}; trainer tp {tp} pp {pp} dp {dp}, "
-             f"shard {shard}",
+             f"shard {shard}, offload {COLOCATED_OFFLOAD} (the colocated policy on the host while vLLM generates)",
              f"token budgets per micro-batch: train {settings.train_mb_tokens}, log-probs "
              f"{settings.logprob_mb_tokens}; gpu_memory_utilization {settings.kv_fraction} ({settings.source})",
              f"assumed: prompts of {PROMPT_TOKENS} tokens, responses up to {run.seq_cap - PROMPT_TOKENS} with mean "
@@ -306,7 +315,11 @@ def predict_phases(mapped: Mapped, profile: Profile | None = None, iterations: i
     """Every phase of :data:`PHASES` predicted for ``mapped`` (on ``profile``, default its own),
     seconds, read off the last simulated iteration: a call's own time runs from its compute
     start (after its reallocation and inputs) to its end, the refit is the generate call's
-    reallocation."""
+    reallocation. The trainer's download of its offloaded state after its last step counts to
+    the refit, not to training: NeMo-RL times it there (``offload_before_refit`` and
+    ``offload_after_refit`` run inside ``refit_policy_generation``, under the
+    ``prepare_for_generation`` timer), as its uploads sit in the prep timers that no phase of
+    the table holds (``logprob_inference_prep``, ``training_prep``) and only the step counts."""
     from estimator.sim.simulate import simulate
 
     prof = profile or mapped.profile
@@ -317,8 +330,10 @@ def predict_phases(mapped: Mapped, profile: Profile | None = None, iterations: i
     def own(call: str) -> float:
         return rec[call].end_s - rec[call].compute_start_s
 
-    train = own("actor_train")
-    refit = rec["actor_gen"].realloc_s
+    download = max((r[1] - r[0] for r in result.rows if r[3] == last and r[4] == "actor_train"
+                    and r[5] == "offload" and r[8] == "host download"), default=0.0)
+    train = own("actor_train") - download
+    refit = rec["actor_gen"].realloc_s + download
     return {"step_time": result.iteration_s, "gen_time": own("actor_gen"),
             "logprob_time": own("actor_inf") + own("ref_inf"), "old_log_prob_time": own("actor_inf"),
             "ref_time": own("ref_inf"), "train_time": train, "update_actor_time": train, "refit_time": refit,

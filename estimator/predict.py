@@ -102,23 +102,28 @@ def call_rows(result: SimResult) -> dict[str, dict[str, float]]:
     """Per call of the last iteration: start (from the iteration's first start), duration, and
     of which communication (tensor/data-parallel collectives on its busiest stage, plus moving
     its inputs once they exist), waiting for inputs (until the last producer has finished: idle
-    time, not communication) and reallocation."""
+    time, not communication), reallocation and host transfers of offloaded state (``host_s``,
+    on its devices; a home's upload before it reallocates is in ``realloc_s``)."""
     last = max(result.records)[0]
     recs = {c: r for (it, c), r in result.records.items() if it == last}
     origin = min(r.start_s for r in recs.values())
     comm: dict[tuple[str, int], float] = {}
     reward: dict[str, float] = {}
+    host: dict[tuple[str, int], float] = {}
     for start, end, _, it, call, op, _, stage, _ in result.rows:
         if it == last and op in COMM_OPS:
             comm[(call, stage)] = comm.get((call, stage), 0.0) + (end - start)
         elif it == last and op == "reward":
             reward[call] = end - start
+        elif it == last and op == "offload" and stage >= 0:
+            host[(call, stage)] = host.get((call, stage), 0.0) + (end - start)
     out = {}
     for c, r in recs.items():
         busiest = max((v for (call, _), v in comm.items() if call == c), default=0.0)
         out[c] = {"start_s": r.start_s - origin, "duration_s": r.duration_s,
                   "comm_s": busiest + r.data_s - r.wait_s, "wait_s": r.wait_s, "realloc_s": r.realloc_s,
-                  "reward_s": reward.get(c, 0.0)}
+                  "reward_s": reward.get(c, 0.0),
+                  "host_s": max((v for (call, _), v in host.items() if call == c), default=0.0)}
     return out
 
 
@@ -126,7 +131,7 @@ def memory_groups(report: MemoryReport) -> list[tuple[str, float, str]]:
     """Consecutive devices with the same peak and call, as (device range, peak, call)."""
     out: list[tuple[int, int, float, str]] = []
     for d in report.devices:
-        key = (round(d.peak_bytes / GiB, 1), d.call)
+        key = (round(d.peak_bytes / GiB, 1), d.during if d.call else "")
         if out and (out[-1][2], out[-1][3]) == key and out[-1][1] == d.device - 1:
             out[-1] = (out[-1][0], d.device, *key)
         else:
@@ -198,12 +203,16 @@ def render(summary: dict[str, Any], memory: MemoryReport, plan_source: str) -> s
                      f"{a['staleness_mean']:.2f}, max {a['staleness_max']}{push}")
     lines.append("")
     sharding = any("shard" in v for v in summary["calls"].values())  # a column only where a layout shards
+    offloading = any("offload" in v for v in summary["calls"].values())  # … or offloads
     rows = [("call", "mesh", "dp", "tp", "pp", "micro") + (("shard",) if sharding else ())
-            + ("start s", "duration s", "comm s", "wait s", "realloc s")]
+            + (("offload",) if offloading else ())
+            + ("start s", "duration s", "comm s", "wait s", "realloc s") + (("host s",) if offloading else ())]
     for c, v in summary["calls"].items():
         rows.append((c, v["mesh"], str(v["dp"]), str(v["tp"]), str(v["pp"]), str(v["micro_batches"]),
                      *((v.get("shard", "none"),) if sharding else ()),
-                     *(f"{v[k]:.3f}" for k in ("start_s", "duration_s", "comm_s", "wait_s", "realloc_s"))))
+                     *((v.get("offload", "none"),) if offloading else ()),
+                     *(f"{v[k]:.3f}" for k in ("start_s", "duration_s", "comm_s", "wait_s", "realloc_s")),
+                     *((f"{v['host_s']:.3f}",) if offloading else ())))
     lines += [format_table(rows), ""]
     gen = {c: v["generation"] for c, v in summary["calls"].items() if "generation" in v}
     if gen:

@@ -28,6 +28,12 @@ device:
    So the rollouts of iteration j are generated with the weights after update j − η − 1
    whatever the plan, as a single process running the same program computes them.
 
+A home that offloads (``Layout.offload`` of its train call, :mod:`executor.offload`) keeps its
+optimizer state — and under ``all`` its parameters — in a host buffer between calls: the
+devices of the home upload it before the train call and download it after (``offload`` spans
+around the compute), and under ``all`` upload the parameters before another call of the role
+reads them (at home; before the reallocation, on the home's devices) and free them after.
+
 Steps that do not involve a device cost it nothing, so calls on disjoint meshes run
 concurrently; a device waits only where data or weights must reach it. Each process records
 spans ``(call, op, micro_batch, start, end)`` on a clock zeroed by a barrier at the start;
@@ -66,6 +72,7 @@ from executor.data import Source, name_key, source_for
 from executor.dataflow import Mailbox, Outbox, gather_input, input_plan, message_schedule, send_order
 from executor.engine import Engine
 from executor.hf import load_hf
+from executor.offload import Offloader
 from executor.optim import ShardAdam
 from executor.options import RunOptions
 from executor.realloc import reallocate
@@ -139,6 +146,11 @@ class RankRuntime:
         self.params = {role: self._init(role) for role, home in self.homes.items() if self._in(home)}
         trained = wf.trained_roles()
         self.optimizers = {role: self._optimizer(role, p) for role, p in self.params.items() if role in trained}
+        # a home that offloads starts with its state in the host buffer, where it stays between calls
+        self.offloaders = {role: Offloader(self.homes[role].offload, p, self.optimizers[role])
+                           for role, p in self.params.items() if role in trained and self.homes[role].offload != "none"}
+        for off in self.offloaders.values():
+            off.download(off.state())
         self.standing = standing_copies(wf, plan)
         self.program = wf.program(options.iterations, self.standing)
         # generate call → this device's part of its standing copy
@@ -217,6 +229,8 @@ class RankRuntime:
         self.status("finished")
         params = {}
         if self.options.return_params:
+            for off in self.offloaders.values():  # the final weights, from the host buffer where offloaded
+                off.upload(off.weights())
             params = {r: {n: t.detach().cpu() for n, t in self._whole(r).items()} for r in self.params}
         return RankResult(self.device, self.rec.finish(), self.losses, params, self.rec.counters)
 
@@ -230,17 +244,38 @@ class RankRuntime:
             return
         self.status(f"call {call.name} (iteration {it})")
         stage = layout.coords(self.device)[2] if self._in(layout) else -1
+        off = self.offloaders.get(call.role) if self._in(home) else None
         with self.rec.span(it, call.name, "call", stage):
             if standing:
                 params = self.copies[call.name]
             elif realloc:
+                self._host(it, call.name, stage, off, "upload", off.weights() if off else [])
                 with self.rec.span(it, call.name, "realloc"):
                     params = self._move(call.role, layout)
+                if off:  # sent: the host copy is current
+                    off.drop(off.weights())
             else:
                 params = self.params.get(call.role)
             if self._in(layout):
                 inputs = self._inputs(it, call, layout)
+                train = call.kind == "train"
+                reads = off is not None and not realloc and not standing  # the home, here
+                if reads:  # the train call has all its state back; another call the weights
+                    self._host(it, call.name, stage, off, "upload", off.state() if train else off.weights())
                 self._compute(it, call, layout, params, inputs, stage)
+                if reads:
+                    if train:
+                        self._host(it, call.name, stage, off, "download", off.state())
+                    else:
+                        off.drop(off.weights())
+
+    def _host(self, it: int, name: str, stage: int, off: Offloader | None, what: str, tensors: list[Tensor]) -> None:
+        """Move ``tensors`` of an offloading home between the host buffer and the device
+        (``what``: upload or download), as an ``offload`` span of call ``name`` when anything moves."""
+        if off is None or not tensors:
+            return
+        with self.rec.span(it, name, "offload", stage):
+            (off.upload if what == "upload" else off.download)(tensors)
 
     def run_push(self, it: int, target: str) -> None:
         """The push of update ``it`` to ``target``'s standing copy: every device of the home and
@@ -252,10 +287,14 @@ class RankRuntime:
         name = PUSH + target
         self.status(f"call {name} (iteration {it})")
         stage = (layout if self._in(layout) else home).coords(self.device)[2]
+        off = self.offloaders.get(role) if self._in(home) else None
         with self.rec.span(it, name, "call", stage):
             self.copies.pop(target, None)  # generation pauses for the push: the old copy is done with
+            self._host(it, name, stage, off, "upload", off.weights() if off else [])  # offload="all": sent from here
             with self.rec.span(it, name, "push", stage):
                 copy = self._move(role, layout)
+            if off:  # sent: the host copy is current
+                off.drop(off.weights())
             if copy is not None:
                 self.copies[target] = copy
 

@@ -125,11 +125,11 @@ class Chain:
         return seq[int(self.rng.integers(len(seq)))]
 
     def _pick_shape(self, shapes):
-        """A shape: (dp, tp, pp, micro-batches) uniformly, then recompute and sharding — the
-        first kept setting (neither, where it fits) unless only one is kept, or with
-        probability :data:`RECOMPUTE_P` one of the others uniformly — so a longer backward or
-        sharded passes are proposed where memory may need them without halving the moves
-        elsewhere."""
+        """A shape: (dp, tp, pp, micro-batches) uniformly, then recompute, sharding and offload —
+        the first kept setting (none of them, where it fits) unless only one is kept, or with
+        probability :data:`RECOMPUTE_P` one of the others uniformly — so a longer backward,
+        sharded passes or host transfers are proposed where memory may need them without
+        halving the moves elsewhere."""
         variants: dict[tuple, list] = {}
         for sh in shapes:
             variants.setdefault(sh[:4], []).append(sh)

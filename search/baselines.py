@@ -103,10 +103,13 @@ def _halves(exp: Experiment, first_share: float = 0.5) -> tuple[DeviceMesh, Devi
 
 
 def _build(exp: Experiment, profile: Profile, rule: Callable[[str], tuple[DeviceMesh, int, int]],
-           shard: str = "none", recompute: str = "none") -> Plan:
+           shard: str = "none", recompute: str = "none", offloads: tuple[str, ...] = ("none",)) -> Plan:
     """Lay out every call by ``rule`` (call → mesh, tp, pp), the train calls with ``shard``
     (where they have more than one data-parallel replica) and ``recompute``, then fit
-    micro-batches to memory."""
+    micro-batches to memory. ``offloads``: the train calls' offload settings a user of the
+    framework tries in turn — its default first, then what its recipes set to fit —, the
+    first with which the plan fits as laid out (else the last) kept before micro-batches are
+    raised."""
     layouts = {}
     for name in exp.workflow.topological_order():
         mesh, tp, pp = rule(name)
@@ -116,7 +119,16 @@ def _build(exp: Experiment, profile: Profile, rule: Callable[[str], tuple[Device
         if exp.workflow[name].kind == "train":
             lay = dataclasses.replace(lay, recompute=recompute, shard=shard if lay.dp > 1 else "none")
         layouts[name] = lay
-    return fit_micro_batches(exp, profile, check(Plan(layouts), exp))
+    plan = check(Plan(layouts), exp)
+    for off in offloads:
+        if off != "none" and profile.host_link is None:
+            raise ConfigError(f"the framework offloads training state (offload: {off}) and profile {profile.name} "
+                              "has no host_link section to price it")
+        plan = Plan({n: dataclasses.replace(lay, offload=off) if exp.workflow[n].kind == "train" else lay
+                     for n, lay in layouts.items()})
+        if plan_memory(exp, plan, profile.capacity_bytes).feasible:
+            break
+    return fit_micro_batches(exp, profile, plan)
 
 
 def megatron(exp: Experiment, profile: Profile, recompute: str = "none") -> Plan:
@@ -220,12 +232,15 @@ BASELINES: dict[str, Callable[[Experiment, Profile], Plan]] = {
 # ---- the frameworks' defaults -----------------------------------------------------------------
 
 
-def _colocated(exp: Experiment, profile: Profile, gen_tp: int, shard: str, recompute: str) -> Plan:
+def _colocated(exp: Experiment, profile: Profile, gen_tp: int, shard: str, recompute: str,
+               offloads: tuple[str, ...] = ("none",)) -> Plan:
     """Every role on all devices (one resource pool): generation in engines of ``gen_tp`` (tp
     steps down where the model does not allow it, dp takes the rest, no pipeline stages), every
-    other call data parallel over all devices, the train calls with ``shard`` and ``recompute``."""
+    other call data parallel over all devices, the train calls with ``shard``, ``recompute`` and
+    the first of ``offloads`` that fits (:func:`_build`)."""
     whole, wf = exp.cluster.whole(), exp.workflow
-    return _build(exp, profile, lambda n: (whole, gen_tp if wf[n].kind == "generate" else 1, 1), shard, recompute)
+    return _build(exp, profile, lambda n: (whole, gen_tp if wf[n].kind == "generate" else 1, 1), shard, recompute,
+                  offloads)
 
 
 def verl_default(exp: Experiment, profile: Profile) -> Plan:
@@ -235,31 +250,48 @@ def verl_default(exp: Experiment, profile: Profile) -> Plan:
     ``actor_rollout_ref.rollout.tensor_model_parallel_size=4`` (the generated config's default
     is 2, volcengine/verl b178a3cd); the FSDP workers (full sharding) for actor, critic and
     reference, with ``actor_rollout_ref.model.enable_gradient_checkpointing=True`` (the config's
-    default, ibid.)."""
-    return _colocated(exp, profile, 4, "full", "full")
+    default, ibid.). Offload: none, the config's default (``actor.fsdp_config.param_offload`` and
+    ``optimizer_offload`` false, ibid.); where that does not fit, what verl's recipe for an 8B
+    model on one node of 8 GPUs sets — ``param_offload``, ``grad_offload`` and
+    ``optimizer_offload`` true (``examples/grpo_trainer/run_qwen3_vl-8b-megatron.sh``, ibid.),
+    ``offload: all``. Its recipes also offload the reference's weights
+    (``ref.fsdp_config.param_offload=True``), which the plan vocabulary cannot say: only a
+    train call offloads."""
+    return _colocated(exp, profile, 4, "full", "full", ("none", "all"))
 
 
 def openrlhf_hybrid(exp: Experiment, profile: Profile) -> Plan:
     """OpenRLHF's hybrid engine (``--colocate_all_models``, flags of OpenRLHF/OpenRLHF c1ba971c's
     ``train_ppo_ray.py``): every model and the vLLM engines on all devices, engines of tp 2
     (``--vllm_tensor_parallel_size 2``), DeepSpeed ZeRO-3 (``--zero_stage 3``) and
-    ``--gradient_checkpointing`` for training."""
-    return _colocated(exp, profile, 2, "full", "full")
+    ``--gradient_checkpointing`` for training; with ``--vllm.enable_sleep --ds.enable_sleep``, as
+    its README's hybrid-engine recipe and ``examples/scripts/train_ppo_ray_hybrid_engine.sh`` run
+    it (OpenRLHF/OpenRLHF 3c3be623): DeepSpeed's ``offload_states`` moves the optimizer state,
+    the fp32 master weights and the gradient buffers to the host while vLLM runs, not the bf16
+    parameters (``openrlhf/utils/deepspeed/deepspeed_utils.py``, ``offload_deepspeed_states``):
+    ``offload: optimizer``."""
+    return _colocated(exp, profile, 2, "full", "full", ("optimizer",))
 
 
 def nemo_rl_default(exp: Experiment, profile: Profile) -> Plan:
     """NeMo-RL's ``examples/configs/grpo_math_1B.yaml`` (NVIDIA-NeMo/RL 7ea279ab, copied in
     ``tests/fixtures/nemo-rl/``): colocated generation (``colocated.enabled: true``), vLLM
     ``tensor_parallel_size: 1`` (one engine per device), the DTensor policy (FSDP2,
-    ``dtensor_cfg``, ``tensor_parallel_size: 1``) with ``activation_checkpointing: false``. In the
-    plan vocabulary it is the same layout as :func:`dschat`."""
-    return _colocated(exp, profile, 1, "full", "none")
+    ``dtensor_cfg``, ``tensor_parallel_size: 1``) with ``activation_checkpointing: false``.
+    Colocated, its GRPO loop moves the policy's optimizer state and then its parameters to the
+    host before generation (``nemo_rl/algorithms/grpo.py``: ``policy.offload_after_refit()``;
+    ``dtensor_policy_worker.py``: ``offload_after_refit`` moves the model and the optimizer to
+    CPU) and back in ``prepare_for_lp_inference`` / ``prepare_for_training``: ``offload: all``.
+    In the plan vocabulary it is :func:`dschat`'s layout with that offload."""
+    return _colocated(exp, profile, 1, "full", "none", ("all",))
 
 
 def dschat(exp: Experiment, profile: Profile) -> Plan:
     """DeepSpeed-Chat's step-3 RLHF (``training/step3_rlhf_finetuning``): ZeRO-3 for actor and
     critic (``--actor_zero_stage 3 --critic_zero_stage 3``), every model on all devices, and
-    generation in the hybrid engine at ``--inference_tp_size 1``, its default."""
+    generation in the hybrid engine at ``--inference_tp_size 1``, its default. No offload: its
+    ``--offload`` is ZeRO-Offload, whose Adam steps on the CPU (DeepSpeedCPUAdam), a cost the
+    plan vocabulary does not have."""
     return _colocated(exp, profile, 1, "full", "none")
 
 

@@ -3,7 +3,8 @@
 :func:`run_search` builds the pruned space (:mod:`search.space`) and the four baselines
 (:mod:`search.baselines`), then
 
-1. hands the start plans — every baseline that fits and a greedy per-call plan (each call on
+1. hands the start plans — every baseline that fits (where none does, the least-memory plan of
+   :func:`search.space.least_memory_plan` if it fits) and a greedy per-call plan (each call on
    all devices with the shape the evaluator finds fastest for it alone) — to the chains, each
    of which scores its share and walks from the best;
 2. if the joint space has at most :data:`search.exact.EXACT_MAX_PLANS` plans, evaluates all of
@@ -167,6 +168,10 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
     starts: list = [space.key(b.plan) for b in baselines.values() if b.feasible and space.contains(b.plan)]
     extra = dict(extra_starts or {})
     starts += [space.key(p) for p in extra.values() if space.contains(p)]
+    if not starts:  # no baseline fits: start from the plan built to need little memory where it fits
+        least = least_memory_plan(experiment, space, profile.capacity_bytes)
+        if space.contains(least) and plan_memory(experiment, least, profile.capacity_bytes).feasible:
+            starts.append(space.key(least))
     starts.append(GREEDY)  # computed by the chain that starts from it
     setup_s = time.monotonic() - t0
     exact = method == "exact" or (method == "auto" and space.size <= EXACT_MAX_PLANS)
@@ -223,7 +228,7 @@ def no_fit_reason(experiment: Experiment, profile: Profile, space: Space, baseli
     and a plan built to need little memory (:func:`search.space.least_memory_plan`), the one
     with the lowest peak, its fullest device, the call running there at the peak and that
     device's bytes by part, against the capacity."""
-    tried = [("a least-memory plan (each role at home on its largest mesh, most sharded)",
+    tried = [("a least-memory plan (each role at home on its largest mesh, most sharded and offloaded)",
               least_memory_plan(experiment, space, profile.capacity_bytes))]
     tried += [(f"baseline {b.name}", b.plan) for b in baselines.values() if b.plan is not None]
     reports = [(plan_memory(experiment, plan, profile.capacity_bytes), what, plan) for what, plan in tried]
@@ -232,7 +237,7 @@ def no_fit_reason(experiment: Experiment, profile: Profile, space: Space, baseli
     homes = experiment.workflow.home_calls()
     resident = [role for role, call in homes.items() if worst.device in plan[call].mesh.devices]
     return (f"no plan fits in {fmt_bytes(profile.capacity_bytes)} per device: no baseline fits and the search "
-            f"found none among {evaluated:,} plans. Tightest plan tried, {what}: {worst.call or 'no call'} is "
+            f"found none among {evaluated:,} plans. Tightest plan tried, {what}: {worst.during} is "
             f"the tightest call, {fmt_bytes(worst.peak_bytes)} on device {worst.device} against "
             f"{fmt_bytes(memory.capacity_bytes)} ({parts_text(worst.parts)}; the device keeps the resident "
             f"state of {', '.join(resident) or 'no role'})"

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from estimator.cost.engine import NONE as NO_MOVES
 from estimator.cost.engine import Moves
 from estimator.cost.lowering import CallCost, StageCost
+from estimator.cost.offload import NONE, OffloadCost
 from estimator.cost.pieces import StageTime
 from estimator.cost.transfers import Pair, isolated_transfer_s, pair_ports
 from estimator.profile.profiles import COLLECTIVES, Profile, profile_from_dict
@@ -70,6 +71,7 @@ class StubCosts:
     num_devices: int = 8
     realloc: dict[tuple[str, str], dict[Pair, int]] = field(default_factory=dict)  # (role, call) → pairs
     data: dict[tuple[str, str], dict[Pair, int]] = field(default_factory=dict)  # (producer, consumer) → pairs
+    offloads: dict[str, OffloadCost] = field(default_factory=dict)  # call → its host transfers
 
     varying: bool = False  # every iteration alike
     production: bool = False  # no production stack: no refit beyond reallocation, no host copies
@@ -98,6 +100,9 @@ class StubCosts:
 
     def data_pairs(self, producer: str, src: Layout, consumer: str, dst: Layout) -> dict[Pair, int]:
         return self.data.get((producer, consumer), {})
+
+    def offload(self, name: str, layout: Layout, home: Layout) -> OffloadCost:
+        return self.offloads.get(name, NONE)
 
     def data_s(self, producer: str, src: Layout, consumer: str, dst: Layout) -> float:
         return isolated_transfer_s(self.data_pairs(producer, src, consumer, dst), self.profile,

@@ -4,6 +4,7 @@ stack terms consistent with their sources and the rows they were fitted on."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -19,8 +20,10 @@ from analysis.published_rl import (
     map_run,
 )
 from estimator.base.errors import ConfigError
+from estimator.cost.memory import plan_memory
 from estimator.profile.pricing import for_stack
 from estimator.profile.profiles import load_profile
+from estimator.spec.plan import Plan
 from tests.conftest import ROOT
 
 TABLE = ROOT / "analysis" / "data" / "published" / "nemo_rl_v03_blog.csv"
@@ -101,11 +104,17 @@ def test_a_run_maps_to_the_experiment_and_plan_its_source_states(runs):
     gen, train, inf = plan["actor_gen"], plan["actor_train"], plan["actor_inf"]
     assert (gen.dp, gen.tp, gen.pp) == (16, 4, 1)  # vLLM TP4 on 64 GPUs
     assert (train.dp, train.tp, train.pp, train.shard, train.max_tokens_per_micro_batch) == (4, 4, 4, "optimizer", 4096)
+    assert train.offload == "all"  # NeMo-RL's colocated loop offloads the policy while vLLM generates
     assert (inf.tp, inf.pp, inf.max_tokens_per_micro_batch) == (4, 4, 16384)
     assert m.profile.name == "h100-rl" and m.profile.stack == "megatron-vllm"
     fsdp = map_run(runs["nrl03-llama70b-dtensor"])
     t = fsdp.plan["actor_train"]
-    assert (t.dp, t.tp, t.pp, t.shard, fsdp.profile.stack) == (8, 8, 1, "full", "fsdp-vllm")
+    assert (t.dp, t.tp, t.pp, t.shard, t.offload, fsdp.profile.stack) == (8, 8, 1, "full", "all", "fsdp-vllm")
+    # offloaded while the engine generates, the 8B DTensor run fits as it ran; resident, it did not
+    small = map_run(runs["nrl03-llama8b-dtensor"])
+    assert plan_memory(small.experiment, small.plan, small.profile.capacity_bytes).feasible
+    kept = Plan({c: dataclasses.replace(lay, offload="none") for c, lay in small.plan.layouts.items()})
+    assert not plan_memory(small.experiment, kept, small.profile.capacity_bytes).feasible
     qwen = map_run(runs["nrl03-qwen3-32b-megatron"])  # vLLM TP not printed: NeMo-RL's later Qwen3-32B recipe
     assert qwen.plan["actor_gen"].tp == 4 and qwen.experiment.models["actor"].qk_norm
     assert any("not published" in n or "assumed" in n for n in qwen.notes)

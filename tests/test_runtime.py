@@ -169,6 +169,71 @@ def test_sharded_data_parallelism_computes_the_same_update(ppo_runs):
     assert realloc == {"actor_gen", "critic_inf"}  # the calls reading a sharded home gather it
 
 
+def _offloaded(plan: Plan, experiment: Experiment, offload: str, shard: str | None = None) -> Plan:
+    """``plan`` with every train call offloading ``offload`` (and sharding ``shard`` where it has replicas)."""
+    wf = experiment.workflow
+    out = {}
+    for c, lay in plan.layouts.items():
+        if wf[c].kind == "train":
+            lay = dataclasses.replace(lay, offload=offload)
+            if shard is not None and lay.dp > 1:
+                lay = dataclasses.replace(lay, shard=shard)
+        out[c] = lay
+    return Plan(out)
+
+
+def test_offload_computes_the_same_update_over_two_iterations():
+    """Under dp 2 (gloo), a home that keeps its Adam state — and under ``all`` its parameters —
+    in a host buffer between calls computes the single-device update over two iterations (the
+    moments leave after the first train call and come back for the second): replicated, ZeRO-1
+    and fully sharded homes, read at home and through reallocations (tp and pp layouts) that
+    upload the weights on the home's devices first."""
+    exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    single = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "single-device.json"))
+    dp2 = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "dp2.json"))
+    gen_vs_train = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "gen-vs-train.json"))
+    plans = {"dp2-optimizer": _offloaded(dp2, exp, "optimizer"), "dp2-all": _offloaded(dp2, exp, "all"),
+             "dp2-zero1-optimizer": _offloaded(dp2, exp, "optimizer", "optimizer"),
+             "dp2-full-all": _offloaded(dp2, exp, "all", "full"),
+             "gen-vs-train-all": _offloaded(gen_vs_train, exp, "all")}
+    assert not gen_vs_train["actor_gen"].same_placement(gen_vs_train["actor_train"])
+    results = run_all(exp, [single, *plans.values()], iterations=2)
+    assert_invariant(exp, ["single-device", *plans], results, ("actor", "critic"))
+    for name, res in zip(plans, results[1:]):
+        offload = {(s.call, s.iteration) for s in res.timeline.spans if s.op == "offload"}
+        assert {("actor_train", 0), ("actor_train", 1), ("critic_train", 1)} <= offload, name
+        # under all the generation reads the actor's weights: uploaded at home or on the home's devices
+        assert (("actor_gen", 1) in offload) == name.endswith("-all"), name
+
+
+def test_the_host_buffer_frees_the_device_copy_and_brings_back_the_same_values():
+    from executor.offload import Offloader, optimizer_tensors
+    from executor.optim import ShardAdam
+
+    torch.manual_seed(0)
+    params = {"w": torch.randn(4, 3, dtype=torch.bfloat16, requires_grad=True),
+              "b": torch.randn(3, dtype=torch.bfloat16, requires_grad=True)}
+    opt = ShardAdam(params, lr=1e-2)
+    for p in params.values():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.zero_grad()
+    state = optimizer_tensors(opt)
+    assert len(state) == 3 * len(params)  # bf16: float32 master weights and the two moments
+    off = Offloader("all", params, opt)
+    before = [t.clone() for t in off.state()]
+    moved = off.download(off.state())
+    assert moved == sum(t.numel() * t.element_size() for t in before)
+    assert all(t.numel() == 0 for t in off.state()) and not any(off.resident(t) for t in state)
+    off.upload(off.weights())  # another call of the role reads the weights, the state stays away
+    assert params["w"].shape == (4, 3) and all(t.numel() == 0 for t in state)
+    off.drop(off.weights())
+    off.upload(off.state())
+    assert all(torch.equal(a, b) for a, b in zip(off.state(), before))
+    with pytest.raises(RuntimeError, match="without a host copy"):
+        Offloader("all", {"x": torch.zeros(2)}, None).drop([torch.zeros(2)])
+
+
 def _layout(mesh: str, dp: int = 1, tp: int = 1, pp: int = 1, mb: int = 1) -> Layout:
     return Layout(DeviceMesh.parse(mesh), dp, tp, pp, mb)
 
@@ -701,3 +766,17 @@ def test_an_asynchronous_run_pushes_after_each_update_and_generates_ahead(async_
     for j in range(ASYNC_ITERATIONS - 1):
         assert compute[(j + 1, "actor_gen")][0] >= compute[(j, "actor_train")][1]
 
+
+
+def test_offload_under_staleness_pushes_from_the_host_buffer():
+    """GRPO under η = 1 on the split plan, the actor's home offloading everything: each push of
+    the update to the standing rollout copy uploads the weights from the host buffer first, and
+    the run takes the very steps of the single-process run."""
+    grpo = load_experiment(EXAMPLES / "grpo-tiny-2xcpu.yaml").with_staleness(1)
+    single = Plan.load(str(PLANS / "grpo-tiny-2xcpu" / "single-device.json"))
+    split = _offloaded(_split(grpo.workflow.call_names), grpo, "all")
+    base, res = run_many([(grpo, single), (grpo, split)], ASYNC_ITERATIONS)
+    assert _params_diff(res, base) < 1e-12
+    assert all(abs(res.losses[k] - v) < 1e-12 for k, v in base.losses.items())
+    offload = {s.call for s in res.timeline.spans if s.op == "offload"}
+    assert {"actor_train", "push:actor_gen"} <= offload

@@ -155,16 +155,18 @@ def test_cli_refuses_an_empty_profile_or_out(tmp_path, capsys):
     assert "the path is empty" in capsys.readouterr().err
 
 
-# framework default → (generation engines' tp it asks for, the train calls' recompute)
-FRAMEWORK_SHAPES = {"verl-default": (4, "full"), "openrlhf-hybrid": (2, "full"), "nemo-rl-default": (1, "none"),
-                    "dschat": (1, "none")}
+# framework default → (generation engines' tp it asks for, the train calls' recompute, their offload on
+# the 7B PPO example: verl's none fits there; OpenRLHF's hybrid engine sleeps DeepSpeed; NeMo-RL's
+# colocated policy goes to the host whole)
+FRAMEWORK_SHAPES = {"verl-default": (4, "full", "none"), "openrlhf-hybrid": (2, "full", "optimizer"),
+                    "nemo-rl-default": (1, "none", "all"), "dschat": (1, "none", "none")}
 
 
 @pytest.mark.parametrize("name", sorted(FRAMEWORK_SHAPES))
 def test_a_framework_default_colocates_every_call_shards_training_and_sizes_its_engines(name):
     exp, profile = load_experiment(SEVEN_B), load_profile("h100-sxm")
     plan = build(name, exp, profile, simulate_it=False).plan
-    gen_tp, recompute = FRAMEWORK_SHAPES[name]
+    gen_tp, recompute, offload = FRAMEWORK_SHAPES[name]
     assert {lay.mesh for lay in plan.layouts.values()} == {exp.cluster.whole()}  # one resource pool
     for call in exp.workflow.calls:
         lay = plan[call.name]
@@ -174,7 +176,7 @@ def test_a_framework_default_colocates_every_call_shards_training_and_sizes_its_
         else:
             assert lay.tp == 1  # FSDP / ZeRO-3 data parallel over every device
         if call.kind == "train":
-            assert (lay.shard, lay.recompute) == ("full", recompute)
+            assert (lay.shard, lay.recompute, lay.offload) == ("full", recompute, offload)
 
 
 def test_realhf_heuristic_is_real_heuristic_and_areal_default_says_what_plans_lack():

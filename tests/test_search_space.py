@@ -25,9 +25,10 @@ def test_valid_counts_match_the_enumerated_layouts_and_kept_layouts_are_valid():
     for cs in space.calls:
         listed = enumerate_layouts(exp.workflow[cs.name], exp.models[cs.role], exp.cluster)
         assert cs.valid == len(listed)
-        # nothing pruned with 80 GB per device, but recompute, which no plan would need there
-        plain = {lay for lay in listed if lay.recompute == "none"}
-        assert set(cs.layouts()) == plain and cs.recompute_count == 0
+        # nothing pruned with 80 GB per device, but recompute and offload, which no plan would
+        # need there
+        plain = {lay for lay in listed if lay.recompute == "none" and lay.offload == "none"}
+        assert set(cs.layouts()) == plain and cs.recompute_count == 0 and cs.offload_count == 0
         assert cs.count == len(plain)
         assert len(plain) < len(listed) if exp.workflow[cs.name].kind == "train" else len(plain) == len(listed)
     assert space.log10_size == pytest.approx(math.log10(space.size))
@@ -78,7 +79,7 @@ def test_1024_devices_are_counted_not_listed():
 
 
 def test_a_call_that_cannot_fit_names_the_least_it_needs_by_part():
-    from estimator.cost.memory import call_bytes, fmt_bytes, home_bytes
+    from estimator.cost.memory import call_bytes, fmt_bytes, state_bytes
 
     exp = tiny_experiment("ppo")
     with pytest.raises(ConfigError) as err:
@@ -86,9 +87,9 @@ def test_a_call_that_cannot_fit_names_the_least_it_needs_by_part():
     msg = str(err.value)
     call, model = exp.workflow["actor_train"], exp.models["actor"]
 
-    def need(lay) -> float:  # the fullest stage: the call at home plus the role's resident state
-        dynamic = call_bytes(call, model, lay, at_home=True)
-        static = home_bytes(model, lay, trained=True)
+    def need(lay) -> float:  # the fullest stage: the call at home plus all of the role's state
+        dynamic = call_bytes(call, model, lay, at_home=True)  # (an offloaded part is back for the train call)
+        static = state_bytes(model, lay, trained=True)
         return max(sum(d.values()) + sum(s.values()) for d, s in zip(dynamic, static))
 
     least = min(need(lay) for lay in enumerate_layouts(call, model, exp.cluster))
@@ -123,7 +124,7 @@ def test_uneven_spaces_count_and_list_every_run_where_tp_stays_in_a_node():
     default, uneven = build_space(exp, profile), build_space(exp, profile, uneven=True)
     for cs in uneven.calls:
         listed = enumerate_layouts(exp.workflow[cs.name], exp.models[cs.role], exp.cluster, uneven=True)
-        plain = [lay for lay in listed if lay.recompute == "none"]
+        plain = [lay for lay in listed if lay.recompute == "none" and lay.offload == "none"]  # (neither needed here)
         assert cs.valid == len(listed) and cs.count == len(plain) == len(cs.layouts())
         assert set(cs.layouts()) == set(plain)
         assert {DeviceMesh(1, 2), DeviceMesh(3, 2), DeviceMesh(2, 4)} <= {lay.mesh for lay in plain}

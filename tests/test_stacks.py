@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from estimator.base.errors import ConfigError
-from estimator.cost.engine import generate_moves, inference_moves, refit_pairs, tensor_count, train_moves
+from estimator.cost.engine import generate_moves, inference_moves, refit_pairs, tensor_count
 from estimator.cost.lowering import Costs, micro_batch_shapes
 from estimator.cost.rollout import rollout_cost
 from estimator.profile.pricing import default_stack, for_stack, resolve
@@ -58,7 +58,8 @@ def _experiment(batch: int = 3, devices: int = 1, gen: object = 8):
 def test_stack_terms_load_and_every_bad_value_is_named():
     p = _profile(fixed=1e-3, per_request=1e-5)
     assert p.stacks["megatron-vllm"].generation.step_host_s(100) == pytest.approx(2e-3)
-    assert p.host_link.seconds(2e9, 1e9) == pytest.approx(2.0)  # 2 GB out at 2 GB/s, 1 GB in at 1 GB/s
+    # 2 GB out at 2 GB/s, 1 GB in at 1 GB/s, each copy issued at one launch
+    assert p.host_copy_s(2e9, 1, "download") + p.host_copy_s(1e9, 1, "upload") == pytest.approx(2.0 + 2e-6)
     doc = linear_profile_dict()
     doc["stacks"] = {"megatron-vllm": _stack_doc()}
     doc["stacks"]["megatron-vllm"]["generation"]["step"]["fixed_s"] = -1
@@ -185,24 +186,61 @@ def test_every_engine_device_receives_the_whole_model_from_a_sharded_trainer():
 
 
 def test_host_copies_around_a_colocated_engine_by_hand():
+    """The engine wakes before generating and sleeps after it; the reference swaps in with the
+    policy's weights out and back where they are resident; the trainer's own state moves only
+    by its layout's offload (estimator.cost.offload), never here."""
     model = PRESETS["tiny-2l-128h"]
     h2d, d2h = 1e9, 2e9
     prof = for_stack(_profile(host=(h2d, d2h)), "megatron-vllm")
+    launch = prof.dispatch_s()
     home = Layout(DeviceMesh(0, 2), 2, 1, 1, shard="optimizer")
     gen = Layout(DeviceMesh(0, 2), 2, 1, 1)
-    p = model.params
-    weights, grads, optimizer = 2 * p, 2 * p, 12 * p / 2  # bf16 weights and grads; Adam split over dp 2
-    mv = generate_moves(prof, model, home, gen, shares=True)
-    assert mv.before_s == pytest.approx((optimizer + grads) / d2h + 2 * p / h2d + weights / d2h)
-    assert mv.after_s == pytest.approx(2 * p / d2h) and mv.inside_s == 0.0
-    assert train_moves(prof, model, home, True).before_s == pytest.approx((optimizer + grads) / h2d)
-    fsdp = for_stack(_profile(host=(h2d, d2h)), "fsdp-vllm")  # FSDP frees its gradients: none move
-    assert train_moves(fsdp, model, home, True).before_s == pytest.approx(optimizer / h2d)
+    weights = 2 * model.params  # bf16, replicated over dp 2
+    mv = generate_moves(prof, model, gen, shares=True)
+    assert mv.before_s == pytest.approx(weights / h2d + launch) and [w for w, _ in mv.parts] == [
+        "wake engine weights", "engine sleeps"]
+    assert mv.after_s == pytest.approx(weights / d2h + launch) and mv.inside_s == 0.0
+    ref = inference_moves(prof, model, gen, False, True, (model, home))
+    swap = weights / d2h + weights / h2d + weights / h2d + 3 * launch
+    assert ref.inside_s == pytest.approx(swap) and ref.before_s == 0.0
+    offloaded = Layout(DeviceMesh(0, 2), 2, 1, 1, shard="optimizer", offload="all")  # policy already on the host
+    assert inference_moves(prof, model, gen, False, True, (model, offloaded)).inside_s == pytest.approx(
+        weights / h2d + launch)
+    assert inference_moves(prof, model, gen, True, True, (model, home)) == inference_moves(
+        prof, model, gen, False, False, (model, home)) and not inference_moves(prof, model, gen, True, True, None).parts
+    assert generate_moves(prof, model, gen, shares=False).before_s == 0.0  # engine on devices of its own
+    assert generate_moves(load_profile("h100-vidur"), model, gen, True).before_s == 0.0  # no stack named
+
+
+def test_a_colocated_trainer_that_offloads_pays_its_layouts_copies_once():
+    """On a colocated production stack the train call's host copies are its layout's offload
+    (its upload before and download after, estimator.cost.offload) and nothing else: the
+    stack adds no trainer offload of its own, with or without a layout that offloads."""
+    from estimator.sim.simulate import simulate
+
     exp = _experiment(batch=4, devices=2)
-    ref = inference_moves(prof, exp.workflow["ref_inf"], model, gen, gen, False, True, (model, home))
-    assert ref.inside_s == pytest.approx(weights / d2h + 2 * p / h2d + weights / h2d) and ref.before_s == 0.0
-    assert generate_moves(prof, model, home, gen, shares=False).before_s == 0.0  # engine on devices of its own
-    assert generate_moves(load_profile("h100-vidur"), model, home, gen, True).before_s == 0.0  # no stack named
+    prof = for_stack(_profile(host=(1e8, 2e8)), "fsdp-vllm")
+    whole = DeviceMesh(0, 2)
+
+    def plan(offload: str) -> Plan:
+        return Plan({"actor_gen": Layout(whole, 2, 1, 1), "actor_inf": Layout(whole, 2, 1, 1),
+                     "ref_inf": Layout(whole, 2, 1, 1),
+                     "actor_train": Layout(whole, 2, 1, 1, shard="optimizer", offload=offload)})
+
+    costs = Costs(exp, prof)
+    kept, moved = plan("none"), plan("all")
+    assert costs.shares(kept.layouts) and costs.shares(moved.layouts)
+    for p in (kept, moved):
+        assert costs.moves("actor_train", p.layouts, True).before_s == 0.0
+        assert not {w for w, _ in costs.moves("actor_gen", p.layouts, True).parts} - {"wake engine weights",
+                                                                                      "engine sleeps"}
+    home = moved["actor_train"]
+    oc = costs.offload("actor_train", home, home)
+    assert oc.upload_s > 0 and oc.download_s > 0
+    for p, expected in ((kept, 0.0), (moved, oc.upload_s + oc.download_s)):
+        rows = [r for r in simulate(exp, p, prof, 2).rows if r[3] == 1 and r[4] == "actor_train" and r[2] == 0]
+        assert sum(r[1] - r[0] for r in rows if r[5] == "offload") == pytest.approx(expected)
+        assert not [r for r in rows if r[5] == "host_copy"]
 
 
 def test_a_colocated_production_plan_pays_its_host_copies_in_simulator_and_evaluator_alike():

@@ -1,33 +1,35 @@
-"""The production stacks' own costs beyond their kernels: refit, sleep and wake, offload.
+"""The production stacks' own costs beyond their kernels: refit, the engine's sleep and wake, the
+reference swap.
 
-A production stack (:mod:`estimator.spec.stack`) moves weights and state around its calls, as
-NeMo-RL v0.3.0 does when vLLM generation shares the training devices (``colocated.enabled``;
-the calls of ``nemo_rl/algorithms/grpo.py`` are named below). Per device, with ``P`` the
-trainer's bf16 weights on it, ``G`` its gradient buffers, ``O`` its optimizer state (all by
-:func:`estimator.cost.memory.home_bytes` of the role's home layout) and ``E`` the engine's bf16
-weights (its shard of the generate layout):
+A production stack (:mod:`estimator.spec.stack`) moves weights around its calls, as NeMo-RL
+v0.3.0 does when vLLM generation shares the training devices (``colocated.enabled``; the calls
+of ``nemo_rl/algorithms/grpo.py`` are named below). Per device, with ``E`` the engine's bf16
+weights (its shard of the generate layout), ``R`` the reference's and ``P`` the policy's bf16
+weights resident on its home (:func:`estimator.cost.memory.home_bytes`):
 
 =================  =====================================================  ================
 when               what moves (host link: to host ↓, to device ↑)          charged as
 =================  =====================================================  ================
-before generating  the refit: ``offload_before_refit`` O↓ (Megatron: G↓    the generate
-                   too), the engine's weights wake E↑, every engine device  call's
-                   receives the whole model (links) and loads its shard     reallocation
-                   (a local copy), ``refit.per_tensor_s`` per parameter
-                   tensor, ``offload_after_refit`` P↓
+before generating  the refit: the engine's weights wake E↑, every engine   the generate
+                   device receives the whole model (links) and loads its   call's
+                   shard (a local copy), ``refit.per_tensor_s`` per         reallocation
+                   parameter tensor
 end of generating  the engine sleeps (level 1): E↓                           the generate call
-before log-probs   ``prepare_for_lp_inference``: P↑                        the inference call's
-                                                                            reallocation
-reference          ``use_reference_model``: P↓, the reference's weights     the reference
-log-probs          ↑, then P↑ again                                         inference call
-before training    ``prepare_for_training``: O↑ (Megatron: G↑)             the train call's
-                                                                            reallocation
+reference          ``use_reference_model``: P↓ where resident, the          the reference
+log-probs          reference's weights R↑, then P↑ again                    inference call
 =================  =====================================================  ================
+
+The trainer's own state is not moved here: what it keeps in host memory, and when that moves,
+is the layout's ``offload`` (:mod:`estimator.cost.offload`, which charges the time and
+:mod:`estimator.cost.memory` the memory by one rule). NeMo-RL's ``offload_before_refit`` /
+``offload_after_refit`` / ``prepare_for_lp_inference`` / ``prepare_for_training`` are a layout
+with ``offload="all"`` there, not a second charge on the stack; a trainer whose layout offloads
+nothing keeps its state on the devices beside the engine, in time and in memory alike.
 
 Only where an engine shares devices with a trained role's home (:func:`colocated`); a stack
 with its engine on devices of its own keeps everything in place and pays the refit's links and
-per-tensor cost alone. Host copies take :meth:`estimator.profile.stacks.HostLink.seconds` on
-each device's own link (every device at once, so a stage's time is one device's).
+per-tensor cost alone. Host copies take :meth:`estimator.profile.profiles.Profile.host_copy_s`
+on each device's own link (every device at once, so a stage's time is one device's).
 """
 
 from __future__ import annotations
@@ -81,10 +83,10 @@ def engine_bytes(model: ModelSpec, layout: Layout) -> float:
                for k in range(layout.pp))
 
 
-def state_bytes(model: ModelSpec, home: Layout) -> dict[str, float]:
-    """The trainer's weights, gradients and optimizer state on its fullest stage's device."""
-    stages = home_bytes(model, home, trained=True)
-    return max(stages, key=lambda parts: sum(parts.values()))
+def resident_weights(model: ModelSpec, home: Layout) -> float:
+    """The trainer's bf16 weights resident on its fullest stage's device between its calls (0
+    where its layout offloads them, ``offload="all"``)."""
+    return max(parts.get("weights", 0.0) for parts in home_bytes(model, home, trained=True))
 
 
 def tensor_count(model: ModelSpec) -> int:
@@ -115,55 +117,38 @@ def refit_fixed_s(profile: Profile, model: ModelSpec) -> float:
 
 
 def _host(profile: Profile, parts: list[tuple[str, float, float]]) -> tuple[float, tuple[tuple[str, float], ...]]:
-    """(seconds, (what, seconds) each) of host copies ``(what, to_host bytes, to_device bytes)``."""
-    link = profile.host_link
-    if link is None:
+    """(seconds, (what, seconds) each) of host copies ``(what, to_host bytes, to_device bytes)``,
+    one copy each way."""
+    if profile.host_link is None:
         return 0.0, ()
-    timed = tuple((what, link.seconds(down, up)) for what, down, up in parts if down > 0 or up > 0)
+    timed = tuple((what, profile.host_copy_s(down, 1, "download") + profile.host_copy_s(up, 1, "upload"))
+                  for what, down, up in parts if down > 0 or up > 0)
     return sum(t for _, t in timed), timed
 
 
-def generate_moves(profile: Profile, model: ModelSpec, home: Layout, layout: Layout, shares: bool) -> Moves:
+def generate_moves(profile: Profile, model: ModelSpec, layout: Layout, shares: bool) -> Moves:
     """The host copies of a generate call of a trained role whose engine shares its devices
-    (``shares``): the refit's offloads and wake before it (its reallocation), the engine's sleep
+    (``shares``): the engine's weights wake before it (with its reallocation), and it sleeps
     after it. The refit's links and per-tensor cost are :func:`refit_pairs` and
-    :func:`refit_fixed_s`."""
+    :func:`refit_fixed_s`; the trainer's offload is its layout's (:mod:`estimator.cost.offload`)."""
     if not production(profile) or not shares:
         return NONE
-    stack = STACKS[profile.stack]
-    s, e = state_bytes(model, home), engine_bytes(model, layout)
-    grads = s.get("grads", 0.0) if stack.trainer == "megatron" else 0.0
-    offload = "offload optimizer" + (" and grads" if grads else "")
-    before, parts = _host(profile, [(offload, s["optimizer"] + grads, 0.0), ("wake engine weights", 0.0, e),
-                                    ("offload weights", s["weights"], 0.0)])
+    e = engine_bytes(model, layout)
+    before, wake = _host(profile, [("wake engine weights", 0.0, e)])
     after, sleep = _host(profile, [("engine sleeps", e, 0.0)])
-    return Moves(before, 0.0, after, parts + sleep)
+    return Moves(before, 0.0, after, wake + sleep)
 
 
-def inference_moves(profile: Profile, call: Call, model: ModelSpec, home: Layout, layout: Layout,
-                    trained: bool, shares: bool, policy: tuple[ModelSpec, Layout] | None) -> Moves:
-    """Host copies of an inference call on a colocated production stack: a trained role's
-    weights come back first (before it); a frozen reference kept in host memory is swapped in
-    for its call and the policy's weights (``policy``: the trained model and its home) back
-    after it (inside it)."""
-    if not production(profile) or not shares:
+def inference_moves(profile: Profile, model: ModelSpec, layout: Layout, trained: bool, shares: bool,
+                    policy: tuple[ModelSpec, Layout] | None) -> Moves:
+    """Host copies of an inference call on a colocated production stack: a frozen reference
+    kept in host memory is swapped in for its call, the policy's weights (``policy``: the
+    trained model and its home) out and back around it where they are resident (inside it).
+    A trained role's own call moves nothing here (its layout's offload does)."""
+    if not production(profile) or not shares or trained:
         return NONE
-    if trained:
-        t, parts = _host(profile, [("onload weights", 0.0, state_bytes(model, home)["weights"])])
-        return Moves(before_s=t, parts=parts)
     ref = engine_bytes(model, layout)
-    p = state_bytes(*policy)["weights"] if policy is not None else 0.0
+    p = resident_weights(*policy) if policy is not None else 0.0
     t, parts = _host(profile, [("policy weights out", p, 0.0), ("reference weights in", 0.0, ref),
                                ("policy weights back", 0.0, p)])
     return Moves(inside_s=t, parts=parts)
-
-
-def train_moves(profile: Profile, model: ModelSpec, home: Layout, shares: bool) -> Moves:
-    """Host copies before a train call on a colocated production stack: the optimizer state
-    (Megatron: and the gradient buffers) back on the device."""
-    if not production(profile) or not shares:
-        return NONE
-    s = state_bytes(model, home)
-    grads = s.get("grads", 0.0) if STACKS[profile.stack].trainer == "megatron" else 0.0
-    t, parts = _host(profile, [("onload optimizer" + (" and grads" if grads else ""), 0.0, s["optimizer"] + grads)])
-    return Moves(before_s=t, parts=parts)

@@ -44,9 +44,9 @@ from estimator.cost.engine import (
     production,
     refit_fixed_s,
     refit_pairs,
-    train_moves,
 )
 from estimator.cost.memory import call_bytes
+from estimator.cost.offload import NONE, OffloadCost, offload_cost
 from estimator.cost.pieces import (
     PAIRED_LOSSES,
     Extra,
@@ -375,6 +375,8 @@ class Costs:
         self._realloc: dict[tuple, dict[Pair, int]] = {}
         self._data: dict[tuple, dict[Pair, int]] = {}
         self._times: dict[tuple, float] = {}
+        self._offloads: dict[tuple, OffloadCost] = {}
+        self.trained = set(self.workflow.trained_roles())
         self._alone: Costs | None = None
         self._moves: dict[tuple, Moves] = {}
         self.trained = set(self.workflow.trained_roles())
@@ -507,14 +509,26 @@ class Costs:
             model, lay = self.experiment.models[call.role], layouts[name]
             trained = call.role in self.trained
             if call.kind == "generate":
-                out = generate_moves(self.profile, model, home, lay, True) if trained else NO_MOVES
+                out = generate_moves(self.profile, model, lay, True) if trained else NO_MOVES
             elif call.kind == "inference":
-                out = inference_moves(self.profile, call, model, home, lay, trained, True,
+                out = inference_moves(self.profile, model, lay, trained, True,
                                       (self.experiment.models[policy], policy_home) if policy else None)
             else:
-                out = train_moves(self.profile, model, home, True)
+                out = NO_MOVES  # the trainer's offload is its layout's (offload)
             self._moves[key] = out
         return self._moves[key]
+
+    def offload(self, name: str, layout: Layout, home: Layout) -> OffloadCost:
+        """Host transfers of call ``name`` on ``layout`` when its role's home is ``home``
+        (:mod:`estimator.cost.offload`), cached per (call, layout, home)."""
+        if home.offload == "none":
+            return NONE
+        key = ("offload", name, layout, home)
+        if key not in self._offloads:
+            call = self.workflow[name]
+            self._offloads[key] = offload_cost(call, self.experiment.models[call.role], layout, home,
+                                               call.role in self.trained, self.profile)
+        return self._offloads[key]
 
     def data_pairs(self, producer: str, src: Layout, consumer: str, dst: Layout) -> dict[Pair, int]:
         """Bytes per pair bringing ``producer``'s outputs to ``consumer`` (rows depend on the

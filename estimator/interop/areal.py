@@ -29,6 +29,14 @@ default). ``max_head_offpolicyness`` is the experiment's ``async.max_staleness``
 synchronous).
 A reward model is refused: AReaL's PPO experiment scores rollouts with a reward function.
 
+Offload: an engine with ``offload: true`` (``TrainEngineConfig``; the experiment's
+``enable_offload`` switches torch_memory_saver on) pauses its whole CUDA memory — parameters,
+gradients, optimizer state — between its calls and resumes it for each
+(``areal/trainer/rl_trainer.py``, ``fsdp_engine.py``: ``offload`` / ``onload``): the plan's
+``offload: all``; ``optimizer`` alone has no spelling and runs as ``all``. A rollout colocated
+with the actor always offloads the actor (``_should_offload_actor``), so the projection sets
+``all`` there.
+
 The importer (:func:`import_config`) reads such an overlay back, or a config of the same keys:
 each engine's backend string by the grammar above (``c`` and ``e`` above 1, which plans do not
 carry, refused by name), or the deprecated top-level ``allocation_mode`` (``sglang:d4t2+fsdp:d4``
@@ -124,6 +132,13 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
     if gen.micro_batches != gen.pp:
         pr.set("actor_gen", "an SGLang server runs one micro-batch per pipeline stage (SchedulerPPMixin."
                             "event_loop_pp), micro-batches = pp", micro_batches=gen.pp)
+    if pr["actor_gen"].mesh == home and pr["actor_train"].offload != "all":
+        pr.set("actor_train", "AReaL offloads the actor's engine whenever the rollout is colocated with it "
+                              "(torch_memory_saver: parameters, gradients and optimizer state)", offload="all")
+    for c in ("actor_train", "critic_train"):
+        if c in wf and pr[c].offload == "optimizer":
+            pr.set(c, "AReaL's engine offload (offload: true) pauses all of the engine's memory, not the optimizer "
+                      "state alone", offload="all")
     return pr
 
 
@@ -154,6 +169,8 @@ def _train_engine(experiment: Experiment, plan: Plan, call: str, megatron: bool)
            "gradient_checkpointing": lay.recompute == "full",
            "optimizer": {"type": "adam", "lr": h.lr},
            "ppo_n_minibatches": experiment.params.ppo_minibatches, "dtype": "bfloat16"}
+    if lay.offload == "all":
+        out["offload"] = True
     if megatron:
         out["megatron"] = {"ddp": {"use_distributed_optimizer": lay.shard == "optimizer"}}
         if lay.recompute == "full":
@@ -192,13 +209,15 @@ def config(experiment: Experiment, plan: Plan) -> tuple[dict, list[str]]:
         out["rollout"]["scheduling_strategy"] = {"type": "colocation", "target": "actor"}
         out["enable_offload"] = True
         actor["weight_update_mode"] = "disk"
-        notes.append("rollout colocated with the actor: AReaL offloads the engines between generation and training "
-                     "(enable_offload) and moves weights through disk; the predictions charge neither")
+        notes.append("rollout colocated with the actor: AReaL moves weights to the rollout servers through disk, "
+                     "which the predictions do not charge")
     else:
         out["rollout"]["scheduling_strategy"] = {"type": "separation"}
         notes.append("AReaL's scheduler places the engines (the local one: the actor's workers first, the rollout "
                      "servers on the next devices); the plan's device ranges are the placement the predictions "
                      "assume, the same time wherever the devices are alike")
+    if any(plan[c].offload == "all" for c in ("actor_train", "critic_train") if c in wf):
+        out["enable_offload"] = True  # an engine's offload needs torch_memory_saver
     ref = plan["ref_inf"]
     out["ref"] = {"backend": _backend(ref, megatron), "path": path, "mb_spec": _mb_spec(ref), "optimizer": None,
                   "scheduling_strategy": {"type": "colocation", "target": "actor"}}
@@ -366,6 +385,7 @@ def _train_layout(r: Settings, eng: _Engines, engine: str) -> dict:
         shard = "full"
     else:  # MegatronEngineConfig.ddp (DistributedDataParallelConfig) shards the optimizer by default
         shard = "optimizer" if r.flag(f"{engine}.megatron.ddp.use_distributed_optimizer", True) else "none"
+    lay |= {"offload": "all"} if r.flag(f"{engine}.offload", False) else {}  # the engine's whole memory
     return lay | ({"shard": shard} if d["d"] > 1 else {})
 
 
@@ -428,12 +448,15 @@ def read_plan(r: Settings, experiment: Experiment, eng: _Engines) -> tuple[Plan,
     """The plan the config describes: each engine's layout on the devices AReaL gives it."""
     wf = experiment.workflow
     calls = {"actor_train": _train_layout(r, eng, "actor")}
+    train_only = ("recompute", "shard", "offload")
+    if eng.meshes["rollout"] == eng.meshes["actor"]:  # a colocated rollout always offloads the actor
+        calls["actor_train"]["offload"] = "all"
     if "actor_inf" in wf:
-        calls["actor_inf"] = {k: v for k, v in calls["actor_train"].items() if k not in ("recompute", "shard")}
+        calls["actor_inf"] = {k: v for k, v in calls["actor_train"].items() if k not in train_only}
     calls["ref_inf"] = _train_layout(r, eng, "ref")
     if "critic_train" in wf:
         calls["critic_train"] = _train_layout(r, eng, "critic")
-        calls["critic_inf"] = {k: v for k, v in calls["critic_train"].items() if k not in ("recompute", "shard")}
+        calls["critic_inf"] = {k: v for k, v in calls["critic_train"].items() if k not in train_only}
     backend, d = eng.backends["rollout"]
     gen = {"mesh": str(eng.meshes["rollout"]), "dp": d["d"], "tp": d["t"], "pp": d["p"], "micro_batches": d["p"]}
     if backend == "sglang":
@@ -444,8 +467,8 @@ def read_plan(r: Settings, experiment: Experiment, eng: _Engines) -> tuple[Plan,
     calls["actor_gen"] = gen
     notes = []
     if eng.meshes["rollout"] == eng.meshes["actor"]:
-        notes.append("rollout colocated with the actor: AReaL offloads the engines between generation and training; "
-                     "the prediction charges neither offload")
+        notes.append("rollout colocated with the actor: AReaL offloads the actor's engine between generation and "
+                     "training, the plan's offload: all")
     else:
         notes.append("engines on devices of their own are placed in the order AReaL's local scheduler gives them "
                      "devices (actor, critic, reference, rollout servers; the legacy allocation_mode launcher starts "

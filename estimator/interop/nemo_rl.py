@@ -23,6 +23,16 @@ are as the plan counts them; vLLM with pipeline stages runs one virtual engine p
 (micro-batches = pp). NeMo-RL's GRPO has no critic and no reward model call (rewards come
 from its environments): such experiments are refused.
 
+Offload is not a switch with colocated generation: ``grpo.py`` always calls
+``policy.offload_after_refit()`` before generating ("unload optimizer to make space for
+generation"), which moves the policy's optimizer state and then its parameters to the host
+(``dtensor_policy_worker.py``), and ``prepare_for_lp_inference`` / ``prepare_for_training`` move
+them back — the plan's ``offload: all``, which the projection sets. With generation apart, only
+``policy.offload_optimizer_for_logprob`` moves the optimizer state out while the policy computes
+log-probs, the only other calls on its devices: ``offload: optimizer``; the parameters stay.
+(``dtensor_cfg.cpu_offload`` is FSDP2's CPU offload policy, parameters kept on the host through
+every pass, which the plan vocabulary does not have.)
+
 The importer (:func:`import_config`) reads such an overlay back, or a config of the same keys:
 the policy's model (as actor and reference), ``grpo.num_prompts_per_step`` prompts of
 ``num_generations_per_prompt`` samples, ``train_global_batch_size`` samples per optimizer step,
@@ -140,6 +150,14 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
             pr.set(c, f"NeMo-RL computes {'previous' if c == 'actor_inf' else 'reference'} log-probs in the policy's "
                       "workers", mesh=home.mesh, dp=home.dp, tp=home.tp, pp=home.pp,
                    micro_batches=_micro(wf[c], lay, home.dp))
+    home = pr["actor_train"]
+    if pr["actor_gen"].mesh == home.mesh and home.offload != "all":
+        pr.set("actor_train", "NeMo-RL's colocated GRPO moves the policy's optimizer state and parameters to the "
+                              "host before every generation (offload_after_refit) and back for log-probs and "
+                              "training", offload="all")
+    elif pr["actor_gen"].mesh != home.mesh and home.offload == "all":
+        pr.set("actor_train", "with generation apart NeMo-RL moves only the optimizer state to the host, while the "
+                              "policy computes log-probs (policy.offload_optimizer_for_logprob)", offload="optimizer")
     _batches(experiment, pr)
     gen = pr["actor_gen"]
     if gen.micro_batches != gen.pp:
@@ -223,6 +241,8 @@ def config(experiment: Experiment, plan: Plan) -> tuple[dict, list[str]]:
         "colocated": {"enabled": colocated} | ({"resources": resources} if resources else {})}
     if gen.max_concurrency:
         policy["generation"]["vllm_kwargs"] = {"max_num_seqs": gen.max_concurrency}
+    if not colocated and actor.offload == "optimizer":
+        policy["offload_optimizer_for_logprob"] = True
     out = {"cluster": {"gpus_per_node": cl.devices_per_node, "num_nodes": cl.nodes},
            "grpo": {"num_prompts_per_step": p.batch_size, "num_generations_per_prompt": p.group_size},
            "loss_fn": {"reference_policy_kl_penalty": h.kl_coef, "ratio_clip_min": h.clip_eps,
@@ -233,8 +253,8 @@ def config(experiment: Experiment, plan: Plan) -> tuple[dict, list[str]]:
                      "pass this experiment (old_logprobs: from_generation) does not have; the predictions do not "
                      "include it (set old_logprobs: recompute to plan for it)")
     if colocated:
-        notes.append("generation colocated with the policy: NeMo-RL offloads the policy while vLLM generates and "
-                     "puts vLLM to sleep while the policy trains; the predictions charge neither")
+        notes.append("generation colocated with the policy: NeMo-RL puts vLLM to sleep while the policy trains, as "
+                     "the plan's memory model assumes (the engine holds memory only while it generates)")
     else:
         notes.append("Ray places the policy's and the inference cluster's workers; the plan's device ranges are the "
                      "placement the predictions assume, the same time wherever the devices are alike")
@@ -404,9 +424,16 @@ def read_plan(r: Settings, experiment: Experiment) -> tuple[Plan, list[str]]:
     gen = {"mesh": str(gen_mesh), "dp": gen_mesh.size // (gtp * gpp), "tp": gtp, "pp": gpp, "micro_batches": gpp}
     gen |= {"max_concurrency": cap} if (cap := r.optional(f"{G}.vllm_kwargs.max_num_seqs", int, None)) else {}
     calls["actor_gen"] = gen
+    # colocated, the policy goes to the host before every generation; apart, the optimizer state
+    # leaves while the policy computes log-probs where offload_optimizer_for_logprob says so
     if policy == gen_mesh:
-        notes.append("generation colocated with the policy: NeMo-RL offloads the policy while vLLM generates and puts "
-                     "vLLM to sleep while the policy trains; the prediction charges neither")
+        calls["actor_train"]["offload"] = "all"
+        r.consume("policy.offload_optimizer_for_logprob")  # colocated, the whole policy moves anyway
+    elif r.flag("policy.offload_optimizer_for_logprob", False):
+        calls["actor_train"]["offload"] = "optimizer"
+    if policy == gen_mesh:
+        notes.append("generation colocated with the policy: NeMo-RL moves the policy to the host while vLLM generates "
+                     "(the plan's offload: all) and puts vLLM to sleep while the policy trains")
     else:
         notes.append("generation apart: the policy is placed on the first devices, generation on the rest (NeMo-RL "
                      "creates the training cluster first; Ray places both); the prediction is the same where the "

@@ -22,8 +22,10 @@ ReaLHF takes a full per-call plan, so the meshes and degrees are written as plan
 to the least it can that holds it, keeping tp and pp where they divide the new size and giving
 the extra devices to data parallelism. What its PPO experiment at that commit does not take: a
 token budget per micro-batch (a count of micro-batches instead, as many as keep each within the
-budget), a cap on running requests in generation (its generation runs the whole batch), and
-``shard: full`` (ZeRO-3, not on the Megatron backend: ``zero_stage=1``). GRPO's grouped
+budget), a cap on running requests in generation (its generation runs the whole batch),
+``shard: full`` (ZeRO-3, not on the Megatron backend: ``zero_stage=1``) and offload (``offload``
+and ``optimizer.offload`` are "only valid for the deepspeed backend", ``__run_model_sanity_check``
+in ``realhf/experiments/common/common.py``: the state stays on the devices). GRPO's grouped
 sampling, a verifier reward and recomputed old log-probs (``actor_inf``) are not in this
 experiment: such an experiment is refused with the reason.
 
@@ -154,6 +156,9 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
         if call.kind == "train" and lay.shard == "full":
             pr.set(c, "ReaLHF's Megatron backend refuses zero_stage 3; stage 1 shards the optimizer state",
                    shard="optimizer")
+        if call.kind == "train" and lay.offload != "none":
+            pr.set(c, "ReaLHF offloads only on its DeepSpeed backend (offload and optimizer.offload); on the "
+                      "Megatron backend the state stays on the devices", offload="none")
     return pr
 
 

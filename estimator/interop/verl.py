@@ -32,6 +32,14 @@ The projection (each rule is a :class:`~estimator.interop.common.Change` with it
 5. micro-batches keep their rows per micro-batch where the new dp allows (verl counts a
    micro-batch in rows per GPU).
 
+Offload (``Layout.offload`` of a train call) is the Megatron engine's own switches
+(``McoreEngineConfig``: ``{actor,critic}.megatron.{param,grad,optimizer}_offload``, false by
+default): ``optimizer`` sets ``optimizer_offload=True``; ``all`` sets all three, as verl's recipe
+for an 8B model on 8 GPUs does (``examples/grpo_trainer/run_qwen3_vl-8b-megatron.sh``). The
+worker loads what is offloaded before each of its calls and offloads it after
+(``megatron_workers.py``: ``update_actor``, ``compute_log_prob``, the rollout's weight sync), as
+the plan's ``all`` charges. Nothing is written for a plan that keeps its state on the devices.
+
 A generate call without ``max_concurrency`` gets ``rollout.max_num_seqs`` equal to the rows of a
 replica, so the KV pool decides, as in the plan.
 """
@@ -80,6 +88,9 @@ MICRO = {
     "reward_inf": ("reward_model.micro_batch_size_per_gpu", "reward_model.use_dynamic_bsz",
                    "reward_model.forward_max_token_len_per_gpu"),
 }
+# Layout.offload → the Megatron engine's offload switches set to True (the others stay false)
+OFFLOAD_KEYS = {"none": (), "optimizer": ("optimizer_offload",),
+                "all": ("param_offload", "grad_offload", "optimizer_offload")}
 RECOMPUTE = ("override_transformer_config.recompute_granularity=full",
              "override_transformer_config.recompute_method=uniform",
              "override_transformer_config.recompute_num_layers=1")
@@ -203,6 +214,7 @@ def _megatron(experiment: Experiment, plan: Plan, call: str) -> list[str]:
         out.append(f"{key}.use_distributed_optimizer={_bool(lay.shard == 'optimizer')}")
         if lay.recompute == "full":
             out += [f"{key}.{r}" for r in RECOMPUTE]
+        out += [f"{key}.{k}=True" for k in OFFLOAD_KEYS[lay.offload]]
     return out
 
 
@@ -334,7 +346,22 @@ def read_plan(r: Settings, experiment: Experiment) -> Plan:
                 calls[c]["recompute"] = "full"
                 for rule in RECOMPUTE[1:]:
                     r.text(f"{key}.{rule.split('=')[0]}", "")
+            offload = _offload(r, key)
+            if offload != "none":
+                calls[c]["offload"] = offload
     return Plan.from_data({"calls": calls}, where="verl overrides")
+
+
+def _offload(r: Settings, key: str) -> str:
+    """A train worker's offload switches back to ``Layout.offload``; a combination no setting
+    stands for is refused by name."""
+    on = tuple(k for k in OFFLOAD_KEYS["all"] if r.flag(f"{key}.{k}", "False"))
+    for setting, keys in OFFLOAD_KEYS.items():
+        if on == keys:
+            return setting
+    raise ConfigError(f"verl overrides: {key}: offload switches {', '.join(f'{k}=True' for k in on)} have no plan "
+                      "spelling: a plan offloads the optimizer state (optimizer_offload) or the parameters, "
+                      "gradients and optimizer state together (all three)")
 
 
 def import_overrides(text: str, device: str) -> tuple[dict, Plan, list[str]]:

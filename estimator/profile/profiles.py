@@ -21,7 +21,10 @@ paper or public benchmark) or ``command`` (the measurement that produced them)::
                          "all_gather": {"curves": {"2": [[size_bytes, time_s], ...], "8": [...]},
                                         "command": ...}, "reduce_scatter": ..., "p2p": ..., "broadcast": ...},
                "inter": {..., "all_reduce": {"curves": {"2x8": [...]}, "alpha_s": ..., ...}}},
-     "executor": {"call_overhead_s": ..., "micro_batch_overhead_s": ..., "command": "..."}}  # optional
+     "executor": {"call_overhead_s": ..., "micro_batch_overhead_s": ..., "command": "..."},  # optional
+     "host_link": {"h2d_bytes_per_s": ..., "d2h_bytes_per_s": ..., "alpha_s": ..., "cite": ...},  # optional;
+                   # or {"copy": "memory", "command": ...}: host memory is the device's own (CPU profiles)
+     "stacks": {...}}  # optional: the production stacks' own costs (estimator/profile/stacks.py)
 
 Compute time of one op is device time (FLOPs at the efficiency curve, bytes at the memory
 curve, the longer) combined with host dispatch (``launch.overhead_s`` per aten op under
@@ -43,6 +46,16 @@ factors — or a latency + nccl-tests *bus* bandwidth, so a collective over ``n`
 all-gather and reduce-scatter ``(n−1)/n``, broadcast and point-to-point 1. A collective over
 several nodes uses a measured ``"<nodes>x<per_node>"`` curve of ``links.inter`` where one
 exists and composes the intra-node and inter-node phases only where none does.
+
+The host link (``host_link``, optional: a profile without it cannot price offload; parsed by
+:func:`estimator.profile.stacks.parse_host_link`) carries a device's copies to and from host
+memory — the offload of :mod:`estimator.cost.offload` and a production stack's sleep, wake and
+reference swap (:mod:`estimator.cost.engine`), all through :meth:`Profile.host_copy_s`: an
+upload at ``h2d_bytes_per_s``, a download at ``d2h_bytes_per_s`` per device, each copy issued
+from the host at the launch cost of one op (:meth:`Profile.dispatch_s`) plus the link's
+``alpha_s``, every device on a link of its own (a GPU's PCIe link); or ``"copy": "memory"``
+where host memory *is* the device's memory (the CPU executor), so a copy to host memory is one
+op reading and writing its bytes in device memory (:meth:`Profile.op_s`).
 
 Format ``rlhf-plan/profile-v2`` adds the curves; a ``rlhf-plan/profile-v1`` file (α + busbw
 only) still loads unchanged.
@@ -376,6 +389,25 @@ class Profile:
         if size_bytes <= 0:
             return 0.0
         return self.links[link_class]["p2p"].time_s(size_bytes, 2)
+
+    def host_copy_s(self, nbytes: float, copies: int = 1, direction: str = "upload") -> float:
+        """``nbytes`` copied between one device and host memory in ``copies`` copies (one per
+        tensor), one ``direction`` (``"upload"``: host to device at ``h2d_bytes_per_s``,
+        ``"download"``: device to host at ``d2h_bytes_per_s``): each copy issued at
+        :meth:`dispatch_s` plus the link's ``alpha_s``, the bytes at the link's rate; or — host
+        memory being the device's own (``"copy": "memory"``) — each copy an op that reads and
+        writes its share in device memory. Raises :class:`ConfigError` on a profile without a
+        host link."""
+        link = self.host_link
+        if link is None:
+            raise ConfigError(f"profile {self.name}: has no host_link section, so it cannot price offload "
+                              "(moving training state to host memory); add one with its source, or plan "
+                              "with offload: none")
+        if nbytes <= 0 or copies <= 0:
+            return 0.0
+        if link.copy == "memory":
+            return copies * self.op_s(0.0, 2.0 * nbytes / copies, 1, in_model=False)
+        return copies * (self.dispatch_s() + link.alpha_s) + nbytes / link.bytes_per_s(direction)
 
     def provenance(self) -> dict[str, str]:
         """Dotted path of every group of numbers → its citation or command."""

@@ -35,8 +35,10 @@ What each term is charged on (:mod:`estimator.cost.engine` and :mod:`estimator.c
   beside its bytes on the links and the host link.
 - ``trainer.micro_batch_s``: the trainer's own cost per micro-batch pass of a train or
   inference call (its Python, packing, loss bookkeeping), beside the kernels.
-- ``host_link``: the device ↔ host copy bandwidth of one device (PCIe), both directions, which
-  offload, sleep and wake use.
+- ``host_link``: the device ↔ host copy bandwidth of one device (PCIe), each direction, which
+  the layout's offload (:mod:`estimator.cost.offload`), the engine's sleep and wake and the
+  reference swap use; or ``{"copy": "memory"}`` where host memory is the device's own (the CPU
+  executor).
 """
 
 from __future__ import annotations
@@ -119,23 +121,36 @@ class StackTerms:
                 raise ConfigError(f"{key}={v!r} must be a number of seconds in [0, {MAX_LATENCY_S:g}]")
 
 
+HOST_COPY_KINDS = ("memory",)  # host_link.copy: what a copy to host memory is, where it is not a link
+DIRECTIONS = ("upload", "download")  # host → device (h2d), device → host (d2h)
+
+
 @dataclass(frozen=True)
 class HostLink:
-    """Copies between one device's memory and host memory (``host_link``)."""
+    """Copies between one device's memory and host memory (``host_link``): a link with a rate
+    per direction, or (``copy``) no link at all — host memory is the device's own, as for the
+    CPU executor, and a copy is a copy in device memory
+    (:meth:`estimator.profile.profiles.Profile.host_copy_s` prices both)."""
 
-    h2d_Bps: float  # host → device, bytes/s
-    d2h_Bps: float  # device → host, bytes/s
-    alpha_s: float  # per copy, seconds
+    h2d_Bps: float = 0.0  # host → device, bytes/s; 0 where ``copy`` says what a copy is
+    d2h_Bps: float = 0.0  # device → host, bytes/s; 0 where ``copy`` says what a copy is
+    alpha_s: float = 0.0  # per copy, seconds
+    copy: str = ""  # "memory": host memory is the device's own; "": a link of h2d/d2h bytes/s
 
     def __post_init__(self) -> None:
+        if self.copy:
+            if self.copy not in HOST_COPY_KINDS:
+                raise ConfigError(f"host_link.copy={self.copy!r} must be one of {list(HOST_COPY_KINDS)}")
+            return
         if not (self.h2d_Bps > 0 and self.d2h_Bps > 0 and 0 <= self.alpha_s <= MAX_LATENCY_S):
             raise ConfigError(f"host_link: h2d_bytes_per_s={self.h2d_Bps!r} and d2h_bytes_per_s={self.d2h_Bps!r} "
                               f"must be positive and alpha_s={self.alpha_s!r} in [0, {MAX_LATENCY_S:g}]")
 
-    def seconds(self, to_host: float, to_device: float) -> float:
-        """Copies of ``to_host`` bytes out and ``to_device`` bytes in, one after the other."""
-        out = (to_host / self.d2h_Bps + self.alpha_s) if to_host > 0 else 0.0
-        return out + ((to_device / self.h2d_Bps + self.alpha_s) if to_device > 0 else 0.0)
+    def bytes_per_s(self, direction: str) -> float:
+        """The link's rate ``direction`` (``"upload"``: h2d, ``"download"``: d2h)."""
+        if direction not in DIRECTIONS:
+            raise ConfigError(f"host copy direction={direction!r} must be one of {list(DIRECTIONS)}")
+        return self.h2d_Bps if direction == "upload" else self.d2h_Bps
 
 
 def _group(node: object, key: str, where: str, keys: tuple[str, ...]) -> dict:
@@ -246,9 +261,15 @@ def parse_stacks(data: dict, where: str) -> dict[str, StackTerms]:
 
 
 def parse_host_link(data: dict, where: str) -> HostLink | None:
-    """The optional ``host_link`` section."""
+    """The optional ``host_link`` section: ``{h2d_bytes_per_s, d2h_bytes_per_s, alpha_s, cite}``,
+    or ``{"copy": "memory", cite | command}`` where host memory is the device's own."""
     if "host_link" not in data:
         return None
+    if isinstance(data["host_link"], dict) and "copy" in data["host_link"]:
+        node = _group(data, "host_link", where, ("copy",))
+        if node["copy"] not in HOST_COPY_KINDS:
+            raise ConfigError(f"{where}: host_link.copy={node['copy']!r} must be one of {list(HOST_COPY_KINDS)}")
+        return HostLink(copy=node["copy"])
     node = _group(data, "host_link", where, ("h2d_bytes_per_s", "d2h_bytes_per_s", "alpha_s"))
     w = f"{where}: host_link"
     return HostLink(number(node, "h2d_bytes_per_s", w, False, None), number(node, "d2h_bytes_per_s", w, False, None),

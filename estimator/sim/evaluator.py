@@ -14,7 +14,10 @@ Each call's duration on its layout comes from a closed form of its lowered stage
   (:attr:`~estimator.cost.lowering.CallCost.reward_s`, 0 without one).
 
 Reallocation and data transfers cost what they cost on idle links (cached per pair of
-layouts); on a production stack a generate call's refit and every call's host copies
+layouts). Host transfers of an offloading home (:mod:`estimator.cost.offload`) add to the
+duration of the call that makes them on its devices (the upload before it computes, the
+download after), and to the reallocation of a call whose home uploads the weights it sends; on
+a production stack a generate call's refit and every call's host copies
 (:mod:`estimator.cost.engine`) join them: the copies before a call with its reallocation, those
 inside it with its duration. Call instances of ``K`` iterations are then scheduled in (iteration, topological)
 order exactly as the simulator orders them (:mod:`estimator.sim.instances`): a call starts when
@@ -37,7 +40,7 @@ import numpy as np
 
 from estimator.cost.engine import Moves
 from estimator.cost.lowering import CallCost, Costs
-from estimator.cost.memory import call_bytes, home_bytes
+from estimator.cost.memory import call_bytes, home_bytes, restored_bytes, source_bytes
 from estimator.profile.profiles import Profile
 from estimator.sim import hostshare
 from estimator.sim.instances import device_preds, instance_graph
@@ -163,6 +166,7 @@ class Evaluator:
         # interned layouts: id → layout, device span, mesh id, placement id (micro-batches aside)
         self._ids: dict[Layout, int] = {}
         self._layouts: list[Layout] = []
+        self._offloads: list[str] = []  # per interned layout: its offload setting
         self._span: list[tuple[int, int]] = []
         self._mesh_of: list[int] = []
         self._meshes: dict = {}
@@ -176,9 +180,13 @@ class Evaluator:
         self._data: list[list[dict[int, float]]] = [[{} for _ in p] for p in self.data_preds]
         self._static: list[dict[int, int]] = [{} for _ in range(self.n)]
         self._dynamic: list[dict[int, int]] = [{} for _ in range(self.n)]
+        self._source: list[dict[int, int | None]] = [{} for _ in range(self.n)]
         self._mem_rows: list[np.ndarray] = []
         self._mem_tuples: list[tuple[float, ...]] = []
         self._mem_matrix: np.ndarray | None = None
+        self._zero_row = self._row(np.zeros(self.num_devices))  # pads batches of plans to equal rows
+        # host transfers (Layout.offload) by home · KEY + layout: (added to the duration, to the reallocation)
+        self._offload: list[dict[int, tuple[float, float]]] = [{} for _ in range(self.n)]
         # host sharing (a CPU profile's ``host``): durations by layout and weight
         self.host = profile.host
         self.varying = self.costs.varying  # lengths drawn per iteration: durations per iteration
@@ -191,6 +199,7 @@ class Evaluator:
         if i is None:
             i = self._ids[layout] = len(self._layouts)
             self._layouts.append(layout)
+            self._offloads.append(layout.offload)
             self._span.append((layout.mesh.first, layout.mesh.first + layout.mesh.size))
             self._mesh_of.append(self._meshes.setdefault(layout.mesh, len(self._meshes)))
             self._place_of.append(self._places.setdefault(layout.placement, len(self._places)))
@@ -284,6 +293,14 @@ class Evaluator:
         for it in range(1, self.iterations if self.varying else 1):
             durs.append([self._weighted_s(c, lid, weights[c], it) if weights is not None
                          else self.duration_s(c, lid, it) for c, lid in enumerate(lids)])
+        offloads = self._offloads
+        for c, lid in enumerate(lids):
+            h = lids[home[c]]
+            if offloads[h] != "none":
+                extra, source = self._offload_s(c, h, lid)
+                for d in durs:
+                    d[c] += extra
+                realloc[c] += source
         if self.costs.production:  # a production stack's host copies around its calls
             for c, mv in enumerate(self._moves(lids)):
                 realloc[c] += mv.before_s
@@ -291,31 +308,54 @@ class Evaluator:
                     d[c] += mv.own_s
         return durs, realloc, data
 
+    def _offload_s(self, c: int, home: int, lid: int) -> tuple[float, float]:
+        """Call ``c``'s host transfers (:mod:`estimator.cost.offload`): the uploads and download
+        on its own devices, added to its duration, and the upload on its home's devices,
+        added to its reallocation."""
+        v = self._offload[c].get(home * KEY + lid)
+        if v is None:
+            oc = self.costs.offload(self.names[c], self._layouts[lid], self._layouts[home])
+            v = self._offload[c][home * KEY + lid] = (oc.upload_s + oc.download_s, oc.source_s)
+        return v
+
     # -- memory
+
+    def _row(self, out: np.ndarray) -> int:
+        self._mem_rows.append(out)
+        self._mem_tuples.append(tuple(out.tolist()))
+        self._mem_matrix = None
+        return len(self._mem_rows) - 1
 
     def _per_device(self, layout: Layout, per_stage: list[dict[str, float]]) -> int:
         out = np.zeros(self.num_devices)
         for k, parts in enumerate(per_stage):
             devices = layout.stage_devices(k)
             out[devices.start:devices.stop] = sum(parts.values())
-        self._mem_rows.append(out)
-        self._mem_tuples.append(tuple(out.tolist()))
-        self._mem_matrix = None
-        return len(self._mem_rows) - 1
+        return self._row(out)
 
     def _memory_rows(self, lids: list[int]) -> tuple[list[int], list[int]]:
-        """Rows of the homes' and the calls' per-device bytes under these layouts."""
+        """Rows of the homes' resident and the calls' per-device bytes under these layouts (a
+        call reallocating from a home that offloads its weights adds a second row: its
+        reallocation's, :func:`~estimator.cost.memory.source_bytes`)."""
         statics, dynamics = [], []
-        place, home, static, dynamic = self._place_of, self.home, self._static, self._dynamic
+        place, home, static, dynamic, offloads = self._place_of, self.home, self._static, self._dynamic, self._offloads
         standing = self._standing(lids) if self.asynchronous else ()
         for c, lid in enumerate(lids):
             copy = self.names[c] in standing  # its standing copy stays, like a home without training state
             if home[c] == c or copy:
                 row = static[c].get(lid)
                 statics.append(self._static_row(c, lid) if row is None else row)
-            key = 2 * lid + (copy or place[lid] == place[lids[home[c]]])
+            h = lids[home[c]]
+            at_home = copy or place[lid] == place[h]
+            weights_away = offloads[h] == "all" and not copy  # a standing copy is fed by pushes instead
+            key = 4 * lid + 2 * weights_away + at_home
             row = dynamic[c].get(key)
-            dynamics.append(self._dynamic_row(c, lid, key) if row is None else row)
+            dynamics.append(self._dynamic_row(c, lid, h, key) if row is None else row)
+            if weights_away and not at_home:
+                row = self._source[c].get(h * KEY + lid, -1)
+                row = self._source_row(c, h, lid) if row == -1 else row
+                if row is not None:
+                    dynamics.append(row)
         return statics, dynamics
 
     def _static_row(self, c: int, lid: int) -> int:
@@ -324,11 +364,27 @@ class Evaluator:
         row = self._static[c][lid] = self._per_device(layout, parts)
         return row
 
-    def _dynamic_row(self, c: int, lid: int, key: int) -> int:
+    def _dynamic_row(self, c: int, lid: int, home: int, key: int) -> int:
         call, layout = self.experiment.workflow[self.names[c]], self._layouts[lid]
-        parts = call_bytes(call, self.experiment.models[call.role], layout, at_home=bool(key & 1),
+        model, trained = self.experiment.models[call.role], call.role in self.trained
+        parts = call_bytes(call, model, layout, at_home=bool(key & 1),
                            engine_bytes=self.experiment.kv_fraction * self.capacity)
+        back = restored_bytes(call, model, layout, self._layouts[home], trained)
+        parts = [{**p, **{k: p.get(k, 0.0) + v for k, v in b.items()}} for p, b in zip(parts, back)]
         row = self._dynamic[c][key] = self._per_device(layout, parts)
+        return row
+
+    def _source_row(self, c: int, home: int, lid: int) -> int | None:
+        call = self.experiment.workflow[self.names[c]]
+        per = source_bytes(self.experiment.models[call.role], self._layouts[lid], self._layouts[home],
+                           call.role in self.trained)
+        row = None
+        if per:
+            out = np.zeros(self.num_devices)
+            for d, parts in per.items():
+                out[d] = sum(parts.values())
+            row = self._row(out)
+        self._source[c][home * KEY + lid] = row
         return row
 
     def _matrix(self) -> np.ndarray:
@@ -436,7 +492,9 @@ class Evaluator:
             target = push_target(node.call)
             if target is not None:  # a push takes what a reallocation of its copy would
                 g = index[target]
-                end[i] = lent[i] = t + self._realloc_s(g, lids[self.home[g]], lids[g])
+                h = lids[self.home[g]]
+                source = self._offload_s(g, h, lids[g])[1] if self._offloads[h] != "none" else 0.0
+                end[i] = lent[i] = t + source + self._realloc_s(g, h, lids[g])
                 continue
             c, it = index[node.call], node.iteration
             starts[it][c] = t
@@ -492,6 +550,8 @@ class Evaluator:
             st, dyn = self._memory_rows(lids)
             rows_st.append(st)
             rows_dyn.append(dyn)
+        widest = max(map(len, rows_dyn), default=0)  # pad to equal rows (reallocation rows vary)
+        rows_dyn = [dyn + [self._zero_row] * (widest - len(dyn)) for dyn in rows_dyn]
         lids_a = np.asarray(rows_lids)  # (plans, calls)
         homes_a = lids_a[:, self.home]
         all_spans = np.asarray(self._span)

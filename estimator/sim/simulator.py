@@ -17,6 +17,12 @@ Here every call instance of ``K`` unrolled iterations is a simpy process that
 5. for a generate call under a verifier, scores its sequences on the last stage's hosts once
    every stage is done: a ``reward`` span of :attr:`CallCost.reward_s`.
 
+Host transfers of an offloading home (:mod:`estimator.cost.offload`) are ``offload`` spans on
+every stage: the upload once the inputs are in (before step 4), the download after step 5, and
+— for a call that reallocates from a home that offloads its weights — the upload on each of the
+home's devices before they send (step 2). Each device has a host link of its own that nothing
+else uses, so they hold no port of the :class:`LinkBook`.
+
 A stage process stands for all ``dp·tp`` devices of its stage, which run in lock step; spans
 are recorded on the stage's first device. Devices are claimed call by call in a fixed order
 (step 1) rather than through a ``simpy.Resource`` queue, so whichever call becomes ready first
@@ -166,6 +172,7 @@ class Simulation:
         self.iterations = steady_iterations(wf, iterations)
         self.graph = instance_graph(wf, self.iterations, self.standing)
         homes = {c: plan[self.costs.homes[wf[c].role]] for c in wf.call_names}
+        self.homes = homes  # call → its role's home layout
         self.dev_preds = device_preds(self.graph, plan, homes, self.standing)
         self.progress = progress
         self.env = env if env is not None else simpy.Environment()
@@ -211,7 +218,8 @@ class Simulation:
         start = env.now
         cc = hostshare.call_cost(self.costs, node.call, self.plan[node.call], self.weights.get(node.call, 1.0),
                                  node.iteration)
-        yield from self._realloc(node.iteration, cc)
+        off = self.costs.offload(node.call, self.plan[node.call], self.homes[node.call])
+        yield from self._realloc(node.iteration, cc, off.source_s)
         realloc_end = env.now
         self.reallocated[i].succeed()
         yield from self._after(self.graph.data_preds[i])
@@ -219,6 +227,7 @@ class Simulation:
         arrival = max((self.arrivals[(j, i)] for j in self.graph.data_preds[i]), default=env.now)
         if arrival > env.now:
             yield env.timeout(arrival - env.now)
+        yield from self._offload(node.iteration, cc, "upload", off.upload_s)
         compute_start = env.now
         moves = self.moves[node.call]
         yield from self._host(node.iteration, cc, moves.inside_s, "host_copy", moves.parts)
@@ -227,6 +236,7 @@ class Simulation:
         yield env.all_of([env.process(run(node.iteration, cc, st, box)) for st in cc.stages])
         yield from self._verify(node.iteration, cc)
         yield from self._host(node.iteration, cc, moves.after_s, "host_copy", moves.parts)
+        yield from self._offload(node.iteration, cc, "download", off.download_s)
         self.records[(node.iteration, node.call)] = CallRecord(
             node.iteration, node.call, start, compute_start, env.now, realloc_end - start, compute_start - realloc_end,
             produced - realloc_end)
@@ -235,11 +245,30 @@ class Simulation:
         if self.progress is not None:
             self.progress(f"iteration {node.iteration} {node.call} done at {env.now:.3f} s simulated")
 
-    def _realloc(self, it: int, cc: CallCost) -> Generator[simpy.Event, Any, None]:
+    def _offload(self, it: int, cc: CallCost, what: str, seconds: float) -> Generator[simpy.Event, Any, None]:
+        """A host transfer of the call's offloaded state (:mod:`estimator.cost.offload`) on every
+        stage at once (``what``: upload or download); the call goes on when the slowest stage's
+        is done."""
+        yield from self._host(it, cc, seconds, "offload", ((f"host {what}", seconds),))
+
+    def _upload_to_send(self, it: int, call: str, role: str, source_s: float) -> Generator[simpy.Event, Any, None]:
+        """The home's devices upload the weights they are about to send (``offload="all"``)."""
+        if source_s <= 0:
+            return
+        now = self.env.now
+        home = self.plan[self.costs.homes[role]]
+        self.rows += [(now, now + source_s, d, it, call, "offload", -1, -1, f"host upload {role} to send")
+                      for d in home.mesh.devices]
+        yield self.env.timeout(source_s)
+
+    def _realloc(self, it: int, cc: CallCost, source_s: float = 0.0) -> Generator[simpy.Event, Any, None]:
         """Move the role's parameters from home (:meth:`_send_weights`; nothing for a call whose
-        standing copy was pushed them), then the host copies a production stack makes before the
+        standing copy was pushed them) — first uploading them on the home's devices where it
+        offloads them (``source_s``) —, then the host copies a production stack makes before the
         call (:mod:`estimator.cost.engine`)."""
         role = self.experiment.workflow[cc.call].role
+        if cc.call not in self.standing:
+            yield from self._upload_to_send(it, cc.call, role, source_s)
         end = None if cc.call in self.standing else self._send_weights(role, cc.layout, cc.call)
         if end is not None:
             for st in cc.stages:
@@ -279,17 +308,19 @@ class Simulation:
         env, node = self.env, self.graph.nodes[i]
         target = push_target(node.call)
         role = self.experiment.workflow[target].role
-        layout, start = self.plan[target], env.now
+        layout, home, begin = self.plan[target], self.plan[self.costs.homes[role]], env.now
+        yield from self._upload_to_send(node.iteration, node.call, role,
+                                        self.costs.offload(target, layout, home).source_s)
+        start = env.now
         end = self._send_weights(role, layout, target) or start
-        home = self.plan[self.costs.homes[role]]
         for lay in (home, layout):
             for k in range(lay.pp):
                 self.rows.append((start, end, lay.stage_devices(k).start, node.iteration, node.call, "push", -1, k,
                                   f"push {role} to {target}"))
         if end > start:
             yield env.timeout(end - start)
-        self.pushes[(node.iteration, target)] = CallRecord(node.iteration, node.call, start, start, end,
-                                                           end - start, 0.0)
+        self.pushes[(node.iteration, target)] = CallRecord(node.iteration, node.call, begin, start, end,
+                                                           end - begin, 0.0)
         self.reallocated[i].succeed()
         self.done[i].succeed()
 

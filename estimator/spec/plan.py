@@ -45,6 +45,14 @@ RECOMPUTE_CHOICES = ("none", "full")
 # (parameters, gradients and state split; each block's parameters all-gathered in forward and
 # again in backward, its gradients reduce-scattered).
 SHARD_CHOICES = ("none", "optimizer", "full")
+# What a train call's home keeps in host memory while calls other than this train call run on
+# its devices, named after what moves: "none" keeps everything on the device; "optimizer" the
+# Adam state (fp32 master weights, first and second moments: verl's optimizer_offload,
+# NeMo-RL's optimizer offload before a colocated refit); "all" the Adam state, the gradients and
+# the bf16 parameters (verl's param_offload + optimizer_offload, DeepSpeed's offload_states
+# under OpenRLHF's --ds.enable_sleep). Uploaded before the train call, downloaded after it;
+# under "all" the parameters are also uploaded for each other call of the role that reads them.
+OFFLOAD_CHOICES = ("none", "optimizer", "all")
 # optional layout limits (0: unset) → the largest value a plan file may give
 OPTIONAL_LIMITS = {"max_concurrency": rules.MAX_BATCH,
                    "max_tokens_per_micro_batch": rules.MAX_BATCH * rules.MAX_SEQ_TOKENS}
@@ -69,6 +77,7 @@ class Layout:
     # ppo_max_token_len_per_gpu, AReaL's max_tokens_per_mb); 0: ``micro_batches`` equal splits
     max_tokens_per_micro_batch: int = 0
     shard: str = "none"  # train: data-parallel sharding of parameters, gradients, state (SHARD_CHOICES)
+    offload: str = "none"  # train: the home state kept in host memory between train calls (OFFLOAD_CHOICES)
 
     def __post_init__(self) -> None:
         bad = [
@@ -83,6 +92,8 @@ class Layout:
             raise ConfigError(f"layout recompute={self.recompute!r}: must be one of {list(RECOMPUTE_CHOICES)}")
         if self.shard not in SHARD_CHOICES:
             raise ConfigError(f"layout shard={self.shard!r}: must be one of {list(SHARD_CHOICES)}")
+        if self.offload not in OFFLOAD_CHOICES:
+            raise ConfigError(f"layout offload={self.offload!r}: must be one of {list(OFFLOAD_CHOICES)}")
         bad = [f"{k}={getattr(self, k)!r}" for k in OPTIONAL_LIMITS
                if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool) or getattr(self, k) < 0]
         if bad:
@@ -120,7 +131,14 @@ class Layout:
         reads it (an inference or generate call, which never shards) must first gather the
         parameters: it reallocates, and the all-gather is that reallocation (every rank a
         destination). ``shard="optimizer"`` holds whole parameters on every rank after each
-        step, so it places them as ``"none"`` does."""
+        step, so it places them as ``"none"`` does.
+
+        ``offload`` is not part of the placement either: it changes whether a shard is in
+        device memory while other calls run, not which device holds it. An offloaded shard
+        comes back to the very device it left (host memory is the device's own, behind its
+        host link), so a call on the same placement reads it there after the upload
+        (:mod:`estimator.cost.offload`) and a call elsewhere reallocates from those devices, as
+        from a home that never offloaded, once ``"all"`` has uploaded the parameters there."""
         return self.mesh, self.dp, self.tp, self.pp, self.sharded
 
     def same_placement(self, other: Layout) -> bool:
@@ -150,13 +168,14 @@ class Layout:
                "micro_batches": self.micro_batches}
         out |= {"recompute": self.recompute} if self.recompute != "none" else {}
         out |= {"shard": self.shard} if self.shard != "none" else {}
+        out |= {"offload": self.offload} if self.offload != "none" else {}
         return out | {k: getattr(self, k) for k in OPTIONAL_LIMITS if getattr(self, k)}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "layout") -> Layout:
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: must be an object with mesh, dp, tp, pp, micro_batches")
-        allowed = {"mesh", "dp", "tp", "pp", "micro_batches", "recompute", "shard", *OPTIONAL_LIMITS}
+        allowed = {"mesh", "dp", "tp", "pp", "micro_batches", "recompute", "shard", "offload", *OPTIONAL_LIMITS}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -172,6 +191,9 @@ class Layout:
         shard_mode = data.get("shard", "none")
         if shard_mode not in SHARD_CHOICES:
             raise ConfigError(f"{where}.shard: {shard_mode!r} is not one of {list(SHARD_CHOICES)}")
+        offload = data.get("offload", "none")
+        if offload not in OFFLOAD_CHOICES:
+            raise ConfigError(f"{where}.offload: {offload!r} is not one of {list(OFFLOAD_CHOICES)}")
         try:
             mesh = DeviceMesh.parse(data["mesh"])
         except ConfigError as exc:
@@ -180,7 +202,7 @@ class Layout:
             if k in data:
                 rules.integer(f"{where}.{k}", data[k], lo=1, hi=hi)
         return cls(mesh, data["dp"], data["tp"], data["pp"], data.get("micro_batches", 1), recompute,
-                   shard=shard_mode, **{k: data[k] for k in OPTIONAL_LIMITS if k in data})
+                   shard=shard_mode, offload=offload, **{k: data[k] for k in OPTIONAL_LIMITS if k in data})
 
 
 @dataclass(frozen=True)
@@ -220,14 +242,16 @@ class Plan:
         return cls.from_data(load_json(path, "plan file", expect=None), where=f"plan {path}")
 
     def table(self) -> str:
-        """A readable table of the plan (a recompute or shard column when any layout sets one)."""
+        """A readable table of the plan (a recompute, shard or offload column when any layout sets one)."""
         extra = any(lay.recompute != "none" for lay in self.layouts.values())
         sharding = any(lay.shard != "none" for lay in self.layouts.values())
+        offloading = any(lay.offload != "none" for lay in self.layouts.values())
         limits = [k for k in OPTIONAL_LIMITS if any(getattr(lay, k) for lay in self.layouts.values())]
         rows = [("call", "mesh", "devices", "dp", "tp", "pp", "micro_batches") + (("recompute",) if extra else ())
-                + (("shard",) if sharding else ()) + tuple(limits)]
+                + (("shard",) if sharding else ()) + (("offload",) if offloading else ()) + tuple(limits)]
         rows += [(c, str(lay.mesh), str(lay.mesh.size), str(lay.dp), str(lay.tp), str(lay.pp),
                   str(lay.micro_batches)) + ((lay.recompute,) if extra else ()) + ((lay.shard,) if sharding else ())
+                 + ((lay.offload,) if offloading else ())
                  + tuple(str(getattr(lay, k) or "-") for k in limits) for c, lay in self.layouts.items()]
         return format_table(rows)
 
@@ -294,6 +318,9 @@ def _degree_problems(call: Call, model: ModelSpec, layout: Layout) -> list[str]:
     if layout.shard != "none" and call.kind != "train":
         out.append(f"call {name}: shard={layout.shard!r} applies to train calls only, "
                    f"not to this {call.kind} call (use shard='none')")
+    if layout.offload != "none" and call.kind != "train":
+        out.append(f"call {name}: offload={layout.offload!r} applies to train calls only (it moves the trained "
+                   f"role's state between its train calls), not to this {call.kind} call (use offload='none')")
     if layout.sharded and model.tied_embeddings and layout.pp > 1:
         out.append(f"call {name}: shard='full' with pp={layout.pp} and the tied embeddings of model {model.name}: "
                    "the two copies of a tied embedding sum their gradients once per step, which a "
@@ -387,6 +414,11 @@ def recompute_choices(call: Call) -> tuple[str, ...]:
     return RECOMPUTE_CHOICES if call.kind == "train" else ("none",)
 
 
+def offload_choices(call: Call) -> tuple[str, ...]:
+    """The offload settings a layout of ``call`` may have: all for a train call, else none."""
+    return OFFLOAD_CHOICES if call.kind == "train" else ("none",)
+
+
 def shard_choices(call: Call, model: ModelSpec, dp: int, pp: int) -> tuple[str, ...]:
     """The data-parallel sharding a layout of ``call`` with ``dp`` and ``pp`` may have and the
     planner offers: every choice for a train call over more than one replica (less full
@@ -402,15 +434,16 @@ def shard_choices(call: Call, model: ModelSpec, dp: int, pp: int) -> tuple[str, 
 def enumerate_layouts(call: Call, model: ModelSpec, cluster: Cluster, uneven: bool = False) -> list[Layout]:
     """Every valid layout of ``call``: each mesh (:meth:`Cluster.meshes`, every contiguous run
     with ``uneven``) × (dp, tp, pp) × micro-batch choice (× recompute setting × data-parallel
-    sharding for a train call, :func:`shard_choices`)."""
+    sharding × offload for a train call, :func:`shard_choices`, :func:`offload_choices`)."""
     out = []
     for mesh in cluster.meshes(uneven):
         for dp, tp, pp in _degrees(mesh.size, model, cluster):
             for mb in MICRO_BATCH_CHOICES:
                 lay = Layout(mesh, dp, tp, pp, mb)
                 if not layout_problems(call, model, cluster, lay):
-                    out += [Layout(mesh, dp, tp, pp, mb, rc, shard=sh) for sh in shard_choices(call, model, dp, pp)
-                            for rc in recompute_choices(call)]
+                    out += [Layout(mesh, dp, tp, pp, mb, rc, shard=sh, offload=off)
+                            for sh in shard_choices(call, model, dp, pp) for rc in recompute_choices(call)
+                            for off in offload_choices(call)]
     return out
 
 
@@ -440,4 +473,5 @@ def count_layouts(call: Call, model: ModelSpec, cluster: Cluster, uneven: bool =
                 splits = sum((per_step % (dp * mb) == 0).astype(np.int64) for mb in MICRO_BATCH_CHOICES)
             sharding = np.where(dp > 1, len(shard_choices(call, model, 2, pp)), 1)  # only over replicas
             total += int((splits * meshes[where] * sharding).sum())
-    return total * len(recompute_choices(call))  # recompute is valid wherever its layout is
+    # recompute and offload are valid wherever their layout is
+    return total * len(recompute_choices(call)) * len(offload_choices(call))
