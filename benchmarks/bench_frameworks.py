@@ -24,7 +24,7 @@ from pathlib import Path
 from estimator.base.errors import ConfigError
 from estimator.base.tables import format_table
 from estimator.interop import FRAMEWORKS
-from estimator.profile.profiles import load_profile
+from estimator.profile.pricing import experiment_profile
 from estimator.spec.experiment import load_experiment
 from search.framework import framework_best
 from search.run import run_search
@@ -36,9 +36,10 @@ DEFAULT = ["examples/ppo-llama2-7b-8xh100.yaml", "examples/ppo-llama2-70b-128xh1
 
 def measure(path: str, max_evals: int, seed: int) -> dict:
     experiment = load_experiment(ROOT / path if not Path(path).is_absolute() else path)
-    profile = load_profile(experiment.cluster.device, key="cluster.device")
+    profile = experiment_profile(experiment)  # priced for the experiment's stack, as the search prices it
     result = run_search(experiment, profile, max_evals=max_evals, seed=seed, progress=False)
-    row = {"experiment": experiment.name, "profile": profile.name, "search_s": result.iteration_s, "frameworks": {}}
+    row = {"experiment": experiment.name, "profile": profile.name, "stack": profile.stack,
+           "search_s": result.iteration_s, "frameworks": {}}
     for name in FRAMEWORKS:
         try:
             best = framework_best(experiment, profile, result, name)
@@ -56,14 +57,14 @@ def measure(path: str, max_evals: int, seed: int) -> dict:
 
 
 def render(rows: list[dict]) -> str:
-    table = [("experiment", "search s", "best s", *FRAMEWORKS)]
+    table = [("experiment", "stack", "search s", "best s", *FRAMEWORKS)]
     for r in rows:
         cells = []
         for name in FRAMEWORKS:
             f = r["frameworks"][name]
             cells.append("-" if f["iteration_s"] is None else
                          f"{f['iteration_s']:.2f} ({f['slower']:.2f}x){'' if f['fits'] else '*'}")
-        table.append((r["experiment"], f"{r['search_s']:.2f}", f"{r['best_s']:.2f}", *cells))
+        table.append((r["experiment"], r["stack"] or "-", f"{r['search_s']:.2f}", f"{r['best_s']:.2f}", *cells))
     notes = [f"  {r['experiment']} / {name}: {f['reason']}" for r in rows for name, f in r["frameworks"].items()
              if f["iteration_s"] is None]
     return "\n".join([format_table(table), "(* no projection fits in memory: the fastest shown; - runs none of the "
