@@ -2,7 +2,10 @@
 
 Both sides are :class:`estimator.spec.timeline.Timeline` s — the simulator's prediction and the
 executor's ``--timeline`` — so the joins are on the same columns (DESIGN §4.9). Only steady-state
-iterations count (those after ``warmup``; all of them when there are no more). Three levels:
+iterations count (those after ``warmup`` and before the last ``drain``, which an asynchronous
+run has: :attr:`estimator.spec.workflow.Workflow.drain`; all of them when there are no more).
+A weight push to a standing rollout copy (call ``push:<generate call>``) is joined as a call of
+its own, of kind ``push``, its time the transfer proper as a reallocation's. Three levels:
 
 - **plan**: the steady-state iteration time (:meth:`Timeline.steady_state_s`);
 - **call**: each call's compute window per iteration — from when the last of its devices
@@ -45,17 +48,20 @@ from scipy import stats
 
 from estimator.base.tables import format_table
 from estimator.spec.timeline import Timeline
+from estimator.spec.workflow import push_target
 
 OP_KINDS = {"prefill": "prefill", "decode": "decode", "forward": "forward", "backward": "backward",
             "optimizer": "optimizer", "tp_allreduce": "tp_comm", "pp_send": "pp_comm", "dp_allreduce": "dp_comm",
             "dp_reduce_scatter": "dp_comm", "dp_allgather": "dp_comm", "dp_shard_comm": "dp_comm",
-            "reward": "reward", "realloc": "realloc", "data": "data"}
+            "reward": "reward", "realloc": "realloc", "push": "push", "data": "data", "offload": "offload"}
 KIND_ORDER = ("prefill", "decode", "forward", "backward", "optimizer", "tp_comm", "pp_comm", "dp_comm",
-              "reward", "realloc", "data")
-UNSTAGED = {"realloc", "data"}
+              "reward", "realloc", "push", "data", "offload")
+UNSTAGED = {"realloc", "push", "data"}
+PUSH_KIND = "push"  # the call kind of a weight push
 # collectives a compute op encloses, when they are not timed alone
 INSIDE_OPS = ("tp_allreduce", "dp_shard_comm")
-OUTSIDE_COMPUTE = {"realloc", "data", "call", "compute"}
+# host transfers of offloaded state (Layout.offload) come before and after a call's computation
+OUTSIDE_COMPUTE = {"realloc", "data", "call", "compute", "offload"}
 CALL_KEYS, OP_KEYS = ["plan", "call"], ["plan", "call", "stage", "kind"]
 _VALUES = ["predicted_s", "measured_s", "measured_min_s", "measured_max_s"]
 
@@ -65,17 +71,22 @@ def default_warmup(timeline: Timeline) -> int:
     return 1 if len(timeline.iterations) > 1 else 0
 
 
-def steady_iterations(timeline: Timeline, warmup: int) -> list[int]:
+def steady_iterations(timeline: Timeline, warmup: int, drain: int = 0) -> list[int]:
+    """The iterations after ``warmup`` and before the last ``drain`` (the drain only when
+    something is left: :meth:`Timeline.steady_state_s`'s rule); all of them when none is."""
     its = timeline.iterations
-    return [i for i in its if i >= warmup] or its
+    if drain and len(its) > warmup + drain:
+        its = its[:len(its) - drain]
+    return [i for i in its if i >= warmup] or timeline.iterations
 
 
-def call_durations(timeline: Timeline, warmup: int) -> pd.Series:
+def call_durations(timeline: Timeline, warmup: int, drain: int = 0) -> pd.Series:
     """call → its compute window in seconds, averaged over the steady iterations: from when
     the last of its devices has begun (the simulator starts a call once all its devices are
-    free; a device of the executor that enters early waits inside the call) to its last end."""
+    free; a device of the executor that enters early waits inside the call) to its last end.
+    A weight push's window is its ``push`` spans'."""
     df = timeline.to_dataframe()
-    df = df[df["iteration"].isin(steady_iterations(timeline, warmup))]
+    df = df[df["iteration"].isin(steady_iterations(timeline, warmup, drain))]
     per_device = _compute_spans(df).groupby(["call", "iteration", "device"]).agg(lo=("start_s", "min"),
                                                                                hi=("end_s", "max"))
     window = per_device.groupby(["call", "iteration"]).agg(lo=("lo", "max"), hi=("hi", "max"))
@@ -84,19 +95,20 @@ def call_durations(timeline: Timeline, warmup: int) -> pd.Series:
 
 def _compute_spans(df: pd.DataFrame) -> pd.DataFrame:
     """The spans that make up calls' computations: the ``compute`` wrappers where the timeline
-    has them (the executor's), else every op span outside reallocation and data (the
-    simulator's)."""
-    wrapped = df[df["op"] == "compute"]
-    return wrapped if not wrapped.empty else df[~df["op"].isin(OUTSIDE_COMPUTE)]
+    has them (the executor's) and its weight pushes, else every op span outside reallocation
+    and data (the simulator's, its pushes included)."""
+    if (df["op"] == "compute").any():
+        return df[df["op"].isin(("compute", "push"))]
+    return df[~df["op"].isin(OUTSIDE_COMPUTE)]
 
 
 def _transfers(df: pd.DataFrame, producers: Mapping[str, Sequence[str]]) -> pd.DataFrame:
-    """Rows (call, iteration, kind, duration_s) of reallocation and data transfer time proper
-    (see the module docstring)."""
+    """Rows (call, iteration, kind, duration_s) of reallocation, weight push and data transfer
+    time proper (see the module docstring)."""
     rows = []
-    re = df[df["op"] == "realloc"]
-    for (call, it), g in re.groupby(["call", "iteration"]):
-        rows.append((call, it, "realloc", max(0.0, g["end_s"].max() - g["start_s"].max())))
+    re = df[df["op"].isin(("realloc", "push"))]
+    for (call, it, op), g in re.groupby(["call", "iteration", "op"]):
+        rows.append((call, it, OP_KINDS[op], max(0.0, g["end_s"].max() - g["start_s"].max())))
     data = df[df["op"] == "data"]
     if not data.empty:
         ends = _compute_spans(df).groupby(["call", "iteration"])["end_s"].max()
@@ -142,13 +154,13 @@ def lock_step(spans: pd.DataFrame) -> pd.DataFrame:
 
 
 def op_durations(timeline: Timeline, warmup: int, producers: Mapping[str, Sequence[str]] | None = None,
-                 fold: Sequence[str] = ()) -> pd.DataFrame:
+                 fold: Sequence[str] = (), drain: int = 0) -> pd.DataFrame:
     """Rows (call, stage, kind, duration_s): seconds per steady iteration on the stage's busiest
-    device; reallocation and data (stage -1) as transfer time proper. ``producers``: call → the
-    calls whose outputs it reads (without it, a data wait counts from its own start); ``fold``:
-    span ops counted in the compute op they follow (:func:`fold_comm`)."""
+    device; reallocation, weight pushes and data (stage -1) as transfer time proper.
+    ``producers``: call → the calls whose outputs it reads (without it, a data wait counts from
+    its own start); ``fold``: span ops counted in the compute op they follow (:func:`fold_comm`)."""
     df = timeline.to_dataframe()
-    steady = steady_iterations(timeline, warmup)
+    steady = steady_iterations(timeline, warmup, drain)
     df = df[df["iteration"].isin(steady)]
     if fold:
         df = fold_comm(df, fold)
@@ -195,35 +207,37 @@ class PlanFrames:
 
 def compare_plan(plan_id: str, predicted: Timeline, measured: Sequence[Timeline],
                  call_kinds: Mapping[str, str], warmup: int | None = None,
-                 producers: Mapping[str, Sequence[str]] | None = None) -> PlanFrames:
+                 producers: Mapping[str, Sequence[str]] | None = None, drain: int = 0) -> PlanFrames:
     """Join one plan's prediction with its measured runs. ``call_kinds``: call → generate |
-    inference | train. ``warmup`` defaults to :func:`default_warmup` of each timeline.
-    ``producers``: call → the calls it reads outputs from (:func:`op_durations`)."""
+    inference | train (a weight push is of kind ``push``). ``warmup`` defaults to
+    :func:`default_warmup` of each timeline; ``drain``: the last iterations left out too (an
+    asynchronous workflow's :attr:`~estimator.spec.workflow.Workflow.drain`). ``producers``:
+    call → the calls it reads outputs from (:func:`op_durations`)."""
     if not measured:
         raise ValueError(f"plan {plan_id}: no measured run to compare with")
 
     def wu(tl: Timeline) -> int:
         return default_warmup(tl) if warmup is None else warmup
 
-    iters = pd.DataFrame({"duration_s": [m.steady_state_s(wu(m)) for m in measured], "plan": plan_id})
+    iters = pd.DataFrame({"duration_s": [m.steady_state_s(wu(m), drain) for m in measured], "plan": plan_id})
     plan = _runs([iters.iloc[[r]] for r in range(len(measured))], ["plan"])
-    plan.insert(1, "predicted_s", predicted.steady_state_s(wu(predicted)))
+    plan.insert(1, "predicted_s", predicted.steady_state_s(wu(predicted), drain))
     plan["runs"] = len(measured)
 
     def calls_of(tl: Timeline) -> pd.DataFrame:
-        return call_durations(tl, wu(tl)).reset_index().assign(plan=plan_id)
+        return call_durations(tl, wu(tl), drain).reset_index().assign(plan=plan_id)
 
     calls = _runs([calls_of(m) for m in measured], CALL_KEYS)
     pred_calls = calls_of(predicted).rename(columns={"duration_s": "predicted_s"})
     calls = pred_calls.merge(calls, on=CALL_KEYS, how="outer")
-    calls.insert(2, "call_kind", calls["call"].map(call_kinds))
+    calls.insert(2, "call_kind", [PUSH_KIND if push_target(c) else call_kinds.get(c) for c in calls["call"]])
 
     # what the measurement does not time on its own is compared inside the op that encloses it
     timed = set().union(*(set(m.to_dataframe()["op"]) for m in measured))
     fold = tuple(op for op in INSIDE_OPS if op not in timed)
 
     def ops_of(tl: Timeline, fold: Sequence[str] = ()) -> pd.DataFrame:
-        return op_durations(tl, wu(tl), producers, fold).assign(plan=plan_id)
+        return op_durations(tl, wu(tl), producers, fold, drain).assign(plan=plan_id)
 
     ops = _runs([ops_of(m) for m in measured], OP_KEYS)
     pred_ops = ops_of(predicted, fold).rename(columns={"duration_s": "predicted_s"})

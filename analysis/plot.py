@@ -50,7 +50,8 @@ from estimator.spec.cluster import DeviceMesh  # noqa: E402
 from estimator.spec.timeline import TIMELINE_FORMAT, Span, Timeline, check_source, span_from_dict  # noqa: E402
 
 PER_DEVICE_MAX = 16  # above this many devices, one row per group of devices running the same stages
-COMM_OPS = {"tp_allreduce", "dp_allreduce", "dp_reduce_scatter", "dp_allgather", "dp_shard_comm", "pp_send", "data"}
+COMM_OPS = {"tp_allreduce", "dp_allreduce", "dp_reduce_scatter", "dp_allgather", "dp_shard_comm", "pp_send", "data",
+            "offload"}
 WRAPPERS = {"call", "compute"}
 DPI = 130
 HATCH = "0.3"  # hatch lines of communication (no outline: dense traffic would turn black)

@@ -36,6 +36,11 @@ the bookkeeping per micro-batch stage pass, by least squares) to the rows of the
 runs — and records in every fitted number's ``cite`` which rows it was fitted on; ``vtrain
 --held-out-layers`` then reports the other rows apart.
 
+``rl`` and ``rl-fit`` predict published RL steps of other people's runs and fit the production
+stacks' own numbers on some of them (:mod:`analysis.published_rl` has both)::
+
+    python -m analysis.published rl analysis/data/published/nemo_rl_v03_blog.csv --out DIR
+
 ``make-profile`` writes the profile of vTrain's cluster (:func:`analysis.vtrain.vtrain_profile`):
 ``--base`` (default ``a100-80g``) with vTrain's stated 150 GB/s intra-node and 800 Gb/s per node
 inter-node figures and the trainer vTrain measured (Megatron-DeepSpeed's unfused attention,
@@ -55,6 +60,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from analysis import published_rl
 from analysis.vtrain import DEFAULT_PROFILE, Skipped, VTrainRow, load_rows, load_table, row_experiment, vtrain_profile
 from analysis.vtrain_fit import TERMS, fit_profile
 from estimator.base.errors import ConfigError, cli_guard
@@ -416,11 +422,14 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--fit-layers", required=True, help="layer counts whose rows are fitted, e.g. 12,20")
     f.add_argument("--out", help="profile file to write (default calibration/profiles/<name>.json)")
     f.add_argument("--json", action="store_true", help="print one JSON object")
+    published_rl.add_parsers(sub)  # rl, rl-fit: published RL steps (analysis/published_rl.py)
     return ap
 
 
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in published_rl.COMMANDS:
+        return published_rl.COMMANDS[args.command](args)
     if args.command == "make-profile":
         for flag, value in (("--intra-GBps", args.intra_GBps), ("--inter-Gbps", args.inter_Gbps)):
             if not math.isfinite(value) or value <= 0:

@@ -7,6 +7,8 @@ Usage::
     python -m analysis.validate examples/grpo-tiny-2xcpu.yaml --plans 4 --iterations 3 --runs 1 --json
     python -m analysis.validate examples/ppo-tiny-2xcpu.yaml --rescore analysis/results/ppo-tiny-2xcpu --out /tmp/ppo
     python -m analysis.validate examples/ppo-tiny-2xcpu.yaml --replot analysis/results/ppo-tiny-2xcpu
+    python -m analysis.validate examples/grpo-longtail-tiny-2xcpu.yaml --max-staleness 1 --plans 12 \
+        --out analysis/results/grpo-longtail-tiny-2xcpu-async1
 
 The plans, exactly ``--plans`` of them: the searched best plan (:func:`search.run_search`, at
 most ``--search-evals`` plans, seeded, so it repeats exactly), every baseline that fits
@@ -43,6 +45,7 @@ Exit codes: 0 done (runs that failed are listed and left out); 1 no plan could b
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -54,15 +57,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from estimator.base import rules
 from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_json, atomic_write_text, check_output_dir
 from estimator.base.loading import load_json
 from estimator.base.progress import progress_bar
-from estimator.profile.profiles import Profile, load_profile, op_set
+from estimator.profile.pricing import experiment_profile
+from estimator.profile.profiles import Profile, op_set
 from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check
 from estimator.spec.timeline import Timeline
+from estimator.spec.workflow import MAX_STALENESS
 
 ROOT = Path(__file__).resolve().parent.parent
 PER_DEVICE_MAX = 16  # predicted timelines of larger clusters keep one device per stage
@@ -168,14 +174,15 @@ def from_results(directory: Path, experiment: Experiment) -> tuple[list[Candidat
     return cands, [f"measured runs from {directory}, predicted again"]
 
 
-def run_executor(experiment_path: Path, plan_file: Path, iterations: int, out: Path, timeout_s: float = 900.0
-                 ) -> Timeline:
+def run_executor(experiment_path: Path, plan_file: Path, iterations: int, out: Path, timeout_s: float = 900.0,
+                 max_staleness: int | None = None) -> Timeline:
     """One fresh ``python -m executor.run`` process; its measured timeline."""
     # the executor of this very tree, whatever the caller's working directory
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "executor.run", str(experiment_path), "--plan", str(plan_file),
            "--iterations", str(iterations), "--timeline", str(out), "--json"]
+    cmd += ["--max-staleness", str(max_staleness)] if max_staleness is not None else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -221,8 +228,11 @@ def report(cands: list[Candidate], experiment: Experiment, out: Path, notes: lis
     producers: dict[str, list[str]] = {}
     for prod, cons, _ in experiment.workflow.edges():
         producers.setdefault(cons, []).append(prod)
-    plans, calls, ops = compare.join([compare.compare_plan(c.id, c.predicted, c.measured, kinds, producers=producers)
-                                      for c in done])
+    # an asynchronous run's steady state: after Workflow.warmup iterations, before its drain
+    wf = experiment.workflow
+    warmup = wf.warmup if wf.asynchronous else None
+    plans, calls, ops = compare.join([compare.compare_plan(c.id, c.predicted, c.measured, kinds, warmup, producers,
+                                                           wf.drain) for c in done])
     origin = {c.id: c.origin for c in cands}
     plans.insert(1, "plan_file", [f"plans/{p}.json" for p in plans["plan"]])
     plans.insert(2, "origin", plans["plan"].map(origin))
@@ -353,6 +363,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--search-evals", type=int, default=20_000,
                     help="plans the search evaluates at most, so runs repeat exactly (default 20000)")
     ap.add_argument("--out", help="output directory (default analysis/results/<experiment>)")
+    ap.add_argument("--max-staleness", type=int, default=None,
+                    help="validate asynchronous training with this staleness η (overrides the experiment's)")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return ap
 
@@ -363,8 +375,12 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
     experiment = load_experiment(args.experiment)
-    profile = (load_profile(args.profile, key="--profile") if args.profile is not None
-               else load_profile(experiment.cluster.device, key="cluster.device"))
+    if args.max_staleness is not None:
+        experiment = experiment.with_staleness(rules.integer("--max-staleness", args.max_staleness, lo=0,
+                                                             hi=MAX_STALENESS))
+        if runner is run_executor:
+            runner = functools.partial(run_executor, max_staleness=args.max_staleness)
+    profile = experiment_profile(experiment, args.profile)
     if args.replot:
         drawn = replot(Path(args.replot), experiment, profile)
         print(json.dumps({"wrote": [str(f) for f in drawn]}) if args.json else
@@ -381,7 +397,7 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
         cands, notes = choose(experiment, profile, args.plans, args.seed, args.search_evals)
     runs = max(len(c.measured) for c in cands) if args.rescore else args.runs
     settings = {"experiment": str(args.experiment), "plans": len(cands), "iterations": args.iterations,
-                "runs": runs, "profile": profile.name, "seed": args.seed,
+                "runs": runs, "profile": profile.name, "seed": args.seed, "max_staleness": experiment.max_staleness,
                 **({"rescored": str(args.rescore)} if args.rescore else {})}
     for n in notes:
         print(f"note: {n}", file=sys.stderr)

@@ -6,16 +6,24 @@ Usage::
     python -m analysis.whatif examples/ppo-llama2-7b-8xh100.yaml --vary gen_len=128,256,512 --vary nodes=1,2
     python -m analysis.whatif examples/ppo-llama2-7b-8xh100.yaml --vary actor=llama2-7b,llama2-13b --json
     python -m analysis.whatif examples/grpo-qwen2.5-7b-16xh100.yaml --vary device=h100-sxm,h800,a100-80g
+    python -m analysis.whatif examples/grpo-llama3-8b-8xh100.yaml --vary max_staleness=0,1,2,4
+    python -m analysis.whatif examples/grpo-llama3-8b-8xh100.yaml --vary gen_devices=2,4,6 --vary max_staleness=0,2
 
 Keys: ``nodes``, ``devices_per_node``, ``device`` (the cluster), ``gen_len``, ``prompt_len``,
-``batch_size``, ``group_size`` (the workload), or a role of the algorithm that holds a model
+``batch_size``, ``group_size``, ``max_staleness`` (the workload; η 0 is synchronous), ``gen_devices``
+(not searched: devices ``0..k-1`` generate and the rest train, :func:`search.baselines.disaggregated`,
+so throughput reads against the generation share of devices), or a role of the algorithm that holds a model
 (``actor``, ``critic``, …; not ``reward`` when it is a verifier, ``reward: rule``) set to a
 model preset. Several ``--vary`` make a grid. At every point the
 experiment is changed with :func:`dataclasses.replace`, the search finds its best plan
 (``search.run_search``), the simulator times it and every baseline (``search.baselines``), and
 the row gets the best iteration time, throughput (tokens/s: every sequence's prompt and
 generated tokens; samples/s: sequences trained), GPU-hours per 1,000 steps and the speedup
-over each baseline that fits. Every row names its ``profile`` and ``op_set`` (the profile's
+over each baseline that fits, and what the steady state does with the devices
+(:mod:`estimator.sim.asynchrony`: tokens trained per second, rollout and trainer idle fractions,
+mean staleness of the consumed samples). Every row names its ``profile``, ``stack`` (the
+software stack priced, the experiment's ``cluster.stack`` or its device's default) and
+``op_set`` (the profile's
 ``compute.ops``: ``executor`` prices this project's eager executor, ``fused`` a fused
 Megatron/vLLM-style stack). A point where no plan exists (a call fits nowhere, or no plan
 fits) is kept as a row with ``status`` "no plan" and the search's ``reason``, and the table
@@ -46,19 +54,25 @@ from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_json, atomic_write_text, check_output_dir
 from estimator.base.progress import progress_bar
 from estimator.base.tables import format_table
-from estimator.profile.profiles import OP_SET_STACKS, Profile, load_profile
+from estimator.profile.pricing import for_stack
+from estimator.profile.profiles import Profile, load_profile
+from estimator.sim.asynchrony import async_report
 from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.models import get_model
 from estimator.spec.plan import Plan, check
-from estimator.spec.workflow import ROLES, VALUE_ROLES
+from estimator.spec.stack import STACKS, get_stack
+from estimator.spec.workflow import GENERATING, MAX_STALENESS, ROLES, VALUE_ROLES
 
 CLUSTER_KEYS = {"nodes": int, "devices_per_node": int, "device": str}
-WORKLOAD_KEYS = {"gen_len": int, "prompt_len": int, "batch_size": int, "group_size": int}
+WORKLOAD_KEYS = {"gen_len": int, "prompt_len": int, "batch_size": int, "group_size": int, "max_staleness": int}
+# not the experiment but the plan: devices 0..k-1 generate, the rest train (no search at that point)
+PLAN_KEYS = {"gen_devices": int}
 # the bounds an experiment file has for the same keys (estimator/base/rules.py says why)
 LIMITS = {"nodes": rules.MAX_DEVICES, "devices_per_node": rules.MAX_DEVICES_PER_NODE,
           "gen_len": rules.MAX_SEQ_TOKENS, "prompt_len": rules.MAX_SEQ_TOKENS, "batch_size": rules.MAX_BATCH,
-          "group_size": rules.MAX_GROUP}
+          "group_size": rules.MAX_GROUP, "max_staleness": MAX_STALENESS, "gen_devices": rules.MAX_DEVICES}
+ZERO_ALLOWED = ("max_staleness",)  # 0 is synchronous
 Searcher = Callable[[Experiment, Profile], Plan]  # the best plan the search finds
 Baselines = Callable[[Experiment, Profile], dict[str, Plan]]  # baseline name → plan (those that fit)
 PLANNED, NO_PLAN = "planned", "no plan"  # a row's status
@@ -74,24 +88,30 @@ def parse_vary(texts: Sequence[str], algorithm: str, roles: Sequence[str] | None
     out: dict[str, list[Any]] = {}
     for text in texts:
         key, sep, values = text.partition("=")
-        kind = CLUSTER_KEYS.get(key) or WORKLOAD_KEYS.get(key) or (str if key in roles else None)
+        kind = (CLUSTER_KEYS.get(key) or WORKLOAD_KEYS.get(key) or PLAN_KEYS.get(key)
+                or (str if key in roles or key == "stack" else None))
         if not sep or not values:
             raise ConfigError(f"--vary {text!r} must look like KEY=V1,V2,…")
         if kind is None and key in ROLES[algorithm]:
             raise ConfigError(f"--vary {text!r}: models.{key} is a rule (a verifier), which holds no model to vary")
         if kind is None:
-            allowed = [*CLUSTER_KEYS, *WORKLOAD_KEYS, *roles]
+            allowed = [*CLUSTER_KEYS, "stack", *WORKLOAD_KEYS, *PLAN_KEYS, *roles]
             raise ConfigError(f"--vary {text!r}: unknown key {key!r}; allowed: {allowed}")
         if key in out:
             raise ConfigError(f"--vary {key} given twice")
         items = [v.strip() for v in values.split(",")]
         if kind is int:
-            bad = [v for v in items if not v.isdigit() or int(v) < 1]
+            lo = 0 if key in ZERO_ALLOWED else 1
+            bad = [v for v in items if not v.isdigit() or int(v) < lo]
             if bad:
-                raise ConfigError(f"--vary {key}={values}: {bad} must be positive integers")
+                raise ConfigError(f"--vary {key}={values}: {bad} must be "
+                                  f"{'non-negative' if lo == 0 else 'positive'} integers")
             big = [v for v in items if int(v) > LIMITS[key]]
             if big:
                 raise ConfigError(f"--vary {key}={values}: {big} exceed the limit {LIMITS[key]:,}")
+        if key == "stack":
+            for v in items:
+                get_stack(v, f"--vary {key}")
         out[key] = [kind(v) for v in items]
         twice = sorted({str(v) for v in out[key] if out[key].count(v) > 1})
         if twice:
@@ -106,6 +126,9 @@ def apply(experiment: Experiment, point: Mapping[str, Any]) -> Experiment:
     cluster = dataclasses.replace(experiment.cluster, **{k: v for k, v in point.items() if k in CLUSTER_KEYS})
     label = ",".join(f"{k}={v}" for k, v in point.items())
     workload = {k: v for k, v in point.items() if k in WORKLOAD_KEYS}
+    if workload.get("max_staleness") and experiment.algorithm not in GENERATING:
+        raise ConfigError(f"point {label}: max_staleness applies to algorithms that generate, not to "
+                          f"{experiment.algorithm}")
     for key in ("prompt_len", "gen_len"):  # a fixed length follows the new count; a distribution cannot
         dist = getattr(experiment.params, f"{key.split('_')[0]}_lengths")
         if key in workload and not dist.fixed:
@@ -131,7 +154,7 @@ def apply(experiment: Experiment, point: Mapping[str, Any]) -> Experiment:
             raise ConfigError(f"batch_size·group_size = {params.batch_size * params.group_size:,} sequences "
                               f"exceeds the limit {rules.MAX_BATCH:,} per iteration")
         return dataclasses.replace(experiment, cluster=cluster, params=params, models=models,
-                                   name=f"{experiment.name}[{label}]")
+                                   stack=point.get("stack", experiment.stack), name=f"{experiment.name}[{label}]")
     except ConfigError as exc:
         raise ConfigError(f"--vary point {label}: {exc}") from None
 
@@ -146,12 +169,16 @@ def samples_per_iteration(experiment: Experiment) -> int:
 def point_row(experiment: Experiment, profile: Profile, best: Plan, baselines: Mapping[str, Plan],
               iterations: int = 3) -> dict[str, Any]:
     """The figures of one point: the best plan's predicted time, throughput, cost and speedups."""
-    best_s = simulate(experiment, best, profile, iterations).iteration_s
+    result = simulate(experiment, best, profile, iterations)
+    best_s = result.iteration_s
     seqs = samples_per_iteration(experiment)
     tokens = seqs * (experiment.params.prompt_len + experiment.params.gen_len)
+    run = async_report(experiment, best, result)
     row: dict[str, Any] = {
         "best_iteration_s": best_s, "tokens_per_s": tokens / best_s, "samples_per_s": seqs / best_s,
         "gpu_hours_per_1000_steps": best_s * 1000 * experiment.cluster.num_devices / 3600,
+        "tokens_trained_per_s": run.tokens_per_s, "rollout_idle": run.rollout_idle,
+        "trainer_idle": run.trainer_idle, "staleness_mean": run.staleness_mean,
     }
     for name, plan in baselines.items():
         base_s = simulate(experiment, plan, profile, iterations).iteration_s
@@ -178,16 +205,17 @@ def sweep(experiment: Experiment, varies: Mapping[str, list[Any]], profile_arg: 
     for point in points:
         exp = apply(experiment, point)
         if profile_arg is not None:
-            profile = load_profile(profile_arg, "--profile")
+            profile = for_stack(load_profile(profile_arg, "--profile"), exp.stack)
         else:
-            profile = load_profile(exp.cluster.device, f"--vary point {point_label(point)}")
+            profile = for_stack(load_profile(exp.cluster.device, f"--vary point {point_label(point)}"), exp.stack)
         checked.append((point, exp, profile))
     rows = []
     (out / "plans").mkdir(parents=True, exist_ok=True)
     for i, (point, exp, profile) in enumerate(progress_bar(checked, desc="what-if points", unit="point")):
-        where = {**point, "profile": profile.name, "op_set": profile.ops}
+        where = {**point, "profile": profile.name, "op_set": profile.ops, "stack": profile.stack}
         try:
-            best = check(searcher(exp, profile), exp)
+            best = check(searcher(exp, profile) if "gen_devices" not in point
+                         else split_plan(exp, profile, point["gen_devices"]), exp)
         except ConfigError as exc:
             rows.append({**where, "status": NO_PLAN, "reason": str(exc), "plan_file": ""})
             continue
@@ -198,7 +226,8 @@ def sweep(experiment: Experiment, varies: Mapping[str, list[Any]], profile_arg: 
     return pd.DataFrame(rows)
 
 
-TABLE_COLUMNS = {"best_iteration_s": "best s", "tokens_per_s": "tokens/s", "samples_per_s": "samples/s",
+# the printed table (the idle fractions and the other columns are in whatif.csv, --json and the PNG)
+TABLE_COLUMNS = {"best_iteration_s": "best s", "tokens_trained_per_s": "tokens/s", "samples_per_s": "samples/s",
                  "gpu_hours_per_1000_steps": "GPU-h/1k steps"}
 
 
@@ -216,12 +245,14 @@ def plot_sweep(df: pd.DataFrame, keys: Sequence[str], out: Path) -> Path:
     x, rest = keys[0], list(keys[1:])
     numeric = pd.api.types.is_numeric_dtype(df[x])
     speedups = [c for c in df.columns if c.startswith("speedup_over_")]
-    panels = [("best_iteration_s", "best iteration time (s)"), ("tokens_per_s", "tokens/s"),
+    panels = [("best_iteration_s", "best iteration time (s)"),
+              ("tokens_trained_per_s", "tokens trained/s (drawn lengths)"),
               ("samples_per_s", "samples/s"), ("gpu_hours_per_1000_steps", "GPU-hours per 1,000 steps")]
     fig, grid = plt.subplots(2, 3, figsize=(13, 7.5))
+    idle_ax = grid.flat[5] if speedups else grid.flat[4]
     axes = list(grid.flat)[:len(panels) + (1 if speedups else 0)]
     for ax in list(grid.flat)[len(axes):]:
-        ax.set_visible(False)
+        ax.set_visible(ax is idle_ax)
     groups = df.groupby(rest, sort=False) if rest else [((), df)]
     for key, g in groups:
         label = ", ".join(f"{k}={v}" for k, v in zip(rest, key if isinstance(key, tuple) else (key,)))
@@ -232,19 +263,33 @@ def plot_sweep(df: pd.DataFrame, keys: Sequence[str], out: Path) -> Path:
         for col in speedups:
             axes[-1].plot(xs, g[col], marker="o", linestyle=style,
                           label=f"{col.removeprefix('speedup_over_')} {label}".strip())
+        for col, mark in (("rollout_idle", "o"), ("trainer_idle", "s")):
+            idle_ax.plot(xs, 100 * g[col], marker=mark, linestyle=style,
+                         label=f"{col.split('_')[0]} {label}".strip())
     for ax, (_, title) in zip(axes, panels):
         ax.set_title(title, fontsize=10)
     if speedups:
         axes[-1].axhline(1.0, color="black", linewidth=0.8)
         axes[-1].set_title("speedup of the best plan over each baseline", fontsize=10)
         axes[-1].legend(fontsize=7)
-    for ax in axes:
+    idle_ax.set_title("idle share of the steady state (%)", fontsize=10)
+    idle_ax.set_ylim(-5, 105)
+    idle_ax.legend(fontsize=7)
+    for ax in [*axes, idle_ax]:
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
     if rest:
         axes[0].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def split_plan(experiment: Experiment, profile: Profile, gen_devices: int) -> Plan:
+    """The plan of a ``gen_devices`` point: that many devices generate, the rest train
+    (:func:`search.baselines.disaggregated`)."""
+    from search.baselines import disaggregated
+
+    return disaggregated(experiment, profile, gen_devices)
 
 
 def search_functions(budget_s: float, seed: int, max_evals: int | None = None) -> tuple[Searcher, Baselines]:
@@ -326,8 +371,8 @@ def render(df: pd.DataFrame, keys: Sequence[str], out: Path) -> str:
         lines.append(f"{len(failed)} of {len(df)} point(s) have no plan:")
         lines += [f"  {point_label({k: r[k] for k in keys})}: {r['reason']}" for _, r in failed.iterrows()]
         lines.append("")
-    for name, ops in dict.fromkeys(zip(df["profile"], df["op_set"])):
-        lines.append(f"profile {name}: priced for {OP_SET_STACKS[ops]} (compute.ops={ops})")
+    for name, ops, stack in dict.fromkeys(zip(df["profile"], df["op_set"], df["stack"])):
+        lines.append(f"profile {name}: priced for {stack} ({STACKS[stack].words}; compute.ops={ops})")
     lines.append(f"wrote {out} (whatif.csv and whatif.json also hold each baseline's iteration time)")
     return "\n".join(lines)
 

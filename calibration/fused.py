@@ -35,8 +35,9 @@ gelu, ``bias`` q/k/v bias, ``linear_bias`` every projection's, ``positions`` rop
 :func:`embed`: ``learned_positions``; :func:`head`: ``norm_kind``);
 the pieces written are every block variant the executor's census records
 (:data:`estimator.cost.census.BLOCK_VARIANTS`, named by :func:`estimator.cost.census.block_piece`:
-LLaMA, Qwen2's q/k/v bias, GPT-2, OPT, GPT-NeoX), and the ``+learned`` embedding and
-``+layernorm`` head of GPT-style models.
+LLaMA, Qwen2's q/k/v bias, GPT-2, OPT, GPT-NeoX), Qwen3's ``+qknorm`` block (q/k norms, which
+the executor does not have: :data:`estimator.cost.census.FUSED_VARIANTS`), and the ``+learned``
+embedding and ``+layernorm`` head of GPT-style models.
 
 Usage::
 
@@ -53,7 +54,7 @@ from dataclasses import dataclass, field
 
 from estimator.base.errors import cli_guard
 from estimator.base.io import atomic_write_text
-from estimator.cost.census import BLOCK_VARIANTS, CENSUS_FORMAT, OP_SET_PATHS
+from estimator.cost.census import BLOCK_VARIANTS, CENSUS_FORMAT, FUSED_VARIANTS, OP_SET_PATHS
 
 Mono = tuple[float, dict[str, int]]  # c·Π symbol^e
 BF16, FP32, INT64 = 2, 4, 8
@@ -205,24 +206,38 @@ def flash_attention_backward(rows: str, q: str) -> Kernel:
 QKV = (q_width(), kv_width(2.0))  # q + k + v output width
 
 
+def qk_norms(t: Mono, backward: bool = False) -> list[Kernel]:
+    """Qwen3's RMSNorm of every head's q and of every head's k (one kernel each, over the
+    rank's q and k widths): rows in and out once and the ``d``-wide weight; backward: x, dy in,
+    dx out (3× the rows) and the weight read and its fp32 gradient written."""
+    out = []
+    for width in (q_width(), kv_width()):  # q, then k
+        rows = times(t, (3 if backward else 2) * BF16 * width[0], *_syms(width))
+        weight = mono((BF16 + FP32 if backward else BF16) * 2, "half_head_dim")
+        out.append(Kernel("rms_norm" + ("_backward" if backward else ""), [], [rows, weight]))
+    return out
+
+
 def block_kernels(phase: str, norm_kind: str = "rms", mlp: str = "swiglu", bias: bool = False,
-                  positions: str = "rope", linear_bias: bool = False) -> list[Kernel]:
+                  positions: str = "rope", linear_bias: bool = False, qk_norm: bool = False) -> list[Kernel]:
     """One block's kernels in ``phase`` (forward | prefill | decode | backward) on one rank.
-    ``bias``: a q/k/v bias (Qwen); ``linear_bias``: every projection has one (GPT);
-    ``positions``: rope (a rotary kernel per block) | learned (added once, in the embedding)."""
+    ``bias``: a q/k/v bias (Qwen2); ``linear_bias``: every projection has one (GPT);
+    ``positions``: rope (a rotary kernel per block) | learned (added once, in the embedding);
+    ``qk_norm``: an RMSNorm on q and on k before rotary (Qwen3)."""
     t = mono(1, "rows") if phase == "decode" else mono(1, "rows", "tokens")
     h = [mono(1, "hidden")]
     up_n = [mono(2 if mlp == "swiglu" else 1, "ffn")]
     qkv_b, lin_b = bias or linear_bias, linear_bias
     rope = positions == "rope"
+    qk = qk_norms(t, phase == "backward") if qk_norm else []
     if phase == "backward":
-        return ([norm_backward(t, norm_kind), *gemm_backward("qkv_proj", t, h, list(QKV), qkv_b),
+        return ([norm_backward(t, norm_kind), *gemm_backward("qkv_proj", t, h, list(QKV), qkv_b), *qk,
                  *([rotary_backward(t)] if rope else []), flash_attention_backward("rows", "tokens"),
                  *gemm_backward("o_proj", t, [q_width()], h, lin_b), norm_backward(t, norm_kind),
                  *gemm_backward("up_proj", t, h, up_n, lin_b), activation_backward(t, mlp),
                  *gemm_backward("down_proj", t, [mono(1, "ffn")], h, lin_b), add(t), add(t)])
     attn = flash_attention("rows", "1", "kv_len") if phase == "decode" else flash_attention("rows", "tokens", None)
-    out = [norm(t, norm_kind), gemm("qkv_proj", t, h, list(QKV), qkv_b), *([rotary(t)] if rope else []), attn]
+    out = [norm(t, norm_kind), gemm("qkv_proj", t, h, list(QKV), qkv_b), *qk, *([rotary(t)] if rope else []), attn]
     if phase == "prefill":  # the KV cache write (vLLM reshape_and_cache): k, v in and out
         out.append(Kernel("kv_cache_write", [], [times(t, 2 * 2 * BF16 * kv_width()[0], *_syms(kv_width()))]))
     if phase == "decode":  # the new token's k, v appended
@@ -309,12 +324,13 @@ def block_arguments(fields: dict) -> dict:
     and a parallel block still adds each branch's output once."""
     return {"norm_kind": "layer" if fields.get("norm") == "layernorm" else "rms",
             "mlp": fields.get("mlp", "swiglu"), "bias": bool(fields.get("qkv_bias", False)),
-            "linear_bias": bool(fields.get("bias", False)),
+            "linear_bias": bool(fields.get("bias", False)), "qk_norm": bool(fields.get("qk_norm", False)),
             "positions": "learned" if fields.get("positions") == "learned" else "rope"}
 
 
-# piece-name suffix → block_kernels arguments: every block variant the executor's census records
-VARIANTS = {tag: block_arguments(fields) for tag, fields in BLOCK_VARIANTS.items()}
+# piece-name suffix → block_kernels arguments: every block variant the executor's census records,
+# and those only a fused stack runs (Qwen3's q/k norms)
+VARIANTS = {tag: block_arguments(fields) for tag, fields in {**BLOCK_VARIANTS, **FUSED_VARIANTS}.items()}
 
 
 def pieces() -> dict[str, list[Kernel]]:

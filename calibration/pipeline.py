@@ -234,6 +234,10 @@ def measure_profile(args: argparse.Namespace, base: dict, name: str, command: st
     doc["memory"] = {"capacity": _capacity(args.device, world, command), **sections["memory"]}
     if "executor" in sections:
         doc["executor"] = sections["executor"]
+    if args.device == "cpu":  # host memory is this device's memory: a copy there, at the figures just fitted
+        doc["host_link"] = {"copy": "memory", "command": f"{command} (no figure of its own: the CPU executor's "
+                            "device memory is host memory, so a copy to host memory is one op reading and "
+                            "writing its bytes at this profile's measured memory bandwidth and launch cost)"}
     report_h = None
     if raw_alone is not None:
         from calibration.fit_host import fit_host

@@ -1,8 +1,14 @@
 """Describe an experiment: its models, calls, cluster and how many layouts each call has.
 
+The cluster line counts its meshes — every contiguous run of devices — and of them the
+aligned ones the search takes by default (``--json``: ``cluster.runs``, ``cluster.meshes``);
+each call's layouts are counted on the aligned meshes.
+
 A verifier reward (``models.reward: rule``) is listed as the reward role's row with no model
 (``verifier`` in ``--json``: its ``reward_s_per_sample``), and ``old_logprobs`` says whether
-the generate call writes the old log-probs or ``actor_inf`` recomputes them.
+the generate call writes the old log-probs or ``actor_inf`` recomputes them. It prices nothing,
+but says which software stack the experiment's plans are priced for and on which profile
+(``cluster.stack`` and ``cluster.priced`` in ``--json``; :mod:`estimator.profile.pricing`).
 
 Usage::
 
@@ -26,7 +32,8 @@ from typing import Any
 from estimator.base.errors import cli_guard
 from estimator.base.tables import format_table
 from estimator.cost.ops import call_flops
-from estimator.profile.profiles import load_profile
+from estimator.profile.pricing import experiment_profile
+from estimator.profile.profiles import op_set
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check, count_layouts
 from estimator.spec.workflow import GENERATING
@@ -71,7 +78,8 @@ def describe(exp: Experiment) -> dict[str, Any]:
         "tokens_per_iteration": int(drawn[0].sum() + drawn[1].sum()) if rows else None,
         "version_edges": [list(e) for e in wf.version_edges()],
         "cluster": {"nodes": cl.nodes, "devices_per_node": cl.devices_per_node, "devices": cl.num_devices,
-                    "device": cl.device, "meshes": cl.num_meshes()},
+                    # aligned meshes (the search's default, the per-call layouts below), of every run
+                    "device": cl.device, "meshes": cl.num_meshes(), "runs": cl.num_meshes(uneven=True)},
     }
 
 
@@ -85,7 +93,11 @@ def _human(n: float, unit: str = "") -> str:
 def render(info: dict[str, Any]) -> str:
     cl = info["cluster"]
     parts = [f"experiment {info['name']}: {info['algorithm']} on {cl['nodes']} node(s) x "
-             f"{cl['devices_per_node']} {cl['device']} = {cl['devices']} devices, {cl['meshes']} valid meshes", ""]
+             f"{cl['devices_per_node']} {cl['device']} = {cl['devices']} devices, {cl['runs']:,} meshes (contiguous "
+             f"runs), {cl['meshes']:,} of them aligned (searched by default; layouts below)"]
+    if cl.get("priced"):  # the stack its plans are priced for (describe itself prices nothing)
+        parts.append(f"stack: {cl['priced']}")
+    parts.append("")
     rows = [("role", "model", "params", "bf16 bytes", "layers", "hidden", "heads/kv", "head")]
     rows += [(r, m["name"], _human(m["params"]), _human(m["bytes_bf16"], "B"), str(m["layers"]), str(m["hidden"]),
               f"{m['heads']}/{m['kv_heads']}", m["head"]) for r, m in info["models"].items()]
@@ -123,9 +135,10 @@ def _main(argv: list[str] | None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     exp = load_experiment(args.experiment)
-    load_profile(exp.cluster.device, key="cluster.device")  # a bad profile is an invalid experiment
+    profile = experiment_profile(exp)  # a bad profile or stack is an invalid experiment
     plan = check(Plan.load(args.plan), exp) if args.plan is not None else None
     info = describe(exp)
+    info["cluster"] |= {"stack": profile.stack, "priced": op_set(profile)["text"]}
     if plan is not None:
         info["plan"] = {c: lay.to_dict() for c, lay in plan.layouts.items()}
     if args.json:

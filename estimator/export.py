@@ -43,7 +43,8 @@ from estimator.base.tables import format_table
 from estimator.interop import FRAMEWORKS, exporter
 from estimator.interop.common import Export
 from estimator.predict import predict
-from estimator.profile.profiles import Profile, load_profile
+from estimator.profile.pricing import STACK_NAMES, experiment_profile
+from estimator.profile.profiles import Profile, op_set
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check
 
@@ -66,7 +67,8 @@ def predict_export(export: Export, experiment: Experiment, profile: Profile, ite
     if export.projected:
         _, _, projected = predict(experiment, export.plan, profile, iterations)
     record = export.record(given["iteration_s"], projected["iteration_s"])
-    return record | {"profile": profile.name, "fits": given["feasible"], "projected_fits": projected["feasible"],
+    return record | {"profile": profile.name, "stack": profile.stack, "priced": op_set(profile)["text"],
+                     "fits": given["feasible"], "projected_fits": projected["feasible"],
                      "projected_reasons": projected["reasons"]}
 
 
@@ -107,6 +109,8 @@ def render(record: dict[str, Any], written: list[str]) -> str:
         lines += [f"[{i}] {why}" for why, i in rules.items()]
         lines.append("")
     lines.append(cost_line(record))
+    if record.get("priced"):
+        lines.append(record["priced"])
     lines += [f"note: {n}" for n in record["notes"]]
     lines += [""] + [f"wrote {w}" for w in written]
     return "\n".join(lines)
@@ -119,6 +123,9 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("plan", help="plan JSON file (python -m search --out writes one)")
     parser.add_argument("--out", required=True, help="directory to write the framework's files into")
     parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
+    parser.add_argument("--stack", choices=STACK_NAMES,
+                        help="software stack to price (default: the experiment's cluster.stack, else megatron-vllm "
+                             "on a GPU, executor on a CPU)")
     parser.add_argument("--iterations", type=int, default=3, help="iterations to simulate (default 3)")
     parser.add_argument("--legacy-flags", action="store_true",
                         help="openrlhf: the flat flag spelling of OpenRLHF before 2026-04 (--actor_num_nodes)")
@@ -128,8 +135,7 @@ def _main(argv: list[str] | None) -> int:
     rules.integer("--iterations", args.iterations, lo=1, hi=rules.MAX_SIM_ITERATIONS)
     out = check_output_dir(args.out, "--out")
     experiment = load_experiment(args.experiment)
-    profile = load_profile(args.profile, key="--profile") if args.profile is not None else \
-        load_profile(experiment.cluster.device, key="cluster.device")
+    profile = experiment_profile(experiment, args.profile, args.stack)
     plan = check(Plan.load(args.plan), experiment)
     export = make_export(args.framework, experiment, plan, args.legacy_flags)
     record = predict_export(export, experiment, profile, args.iterations)

@@ -101,11 +101,13 @@ class CallRun:
 
     def lengths(self) -> tuple[Tensor, Tensor]:
         """(prompt, response) tokens of every row of the iteration, by global row (int64):
-        :meth:`Experiment.lengths` for rollouts, the caps for other data."""
+        :meth:`Experiment.lengths` for rollouts, the caps for other data. An asynchronous run's
+        extra warm-up iterations draw iteration 0's, as the estimator charges them
+        (:meth:`~estimator.spec.workflow.Workflow.draw_iteration`)."""
         if self._lengths is None:
             p, w = self.experiment.params, self.call.workload
             if self.experiment.rollout_rows:
-                prompt, gen = self.experiment.lengths(self.iteration)
+                prompt, gen = self.experiment.lengths(self.experiment.workflow.draw_iteration(self.iteration))
                 self._lengths = torch.as_tensor(prompt), torch.as_tensor(gen)
             else:
                 self._lengths = torch.full((w.seqs,), p.prompt_len), torch.full((w.seqs,), p.gen_len)

@@ -10,14 +10,18 @@ a consumer receives them when it starts. So a producer never waits for its consu
 on disjoint meshes overlap as far as the dataflow allows. Messages travel on a process group of
 their own, so they cannot be confused with pipeline or reallocation traffic between the same
 two devices. Within the group, both ends know the exact order in which a sender posts its
-messages (:func:`message_schedule`: producers in the global call order, then consumers, then
-inputs), and a receiver posts its receives in that order (:class:`Mailbox`), which keeps
-point-to-point matching right without tags (NCCL has none).
+messages — producer instances in the order of the devices' program
+(:meth:`estimator.spec.workflow.Workflow.program`, where an asynchronous run's rollouts come
+η slots ahead of the iteration that reads them), then within one producer as
+:func:`message_schedule` lists them (consumers, inputs) — and a receiver posts its receives in
+that order (:class:`Mailbox`), which keeps point-to-point matching right without tags (NCCL has
+none). A receive is known by (iteration, consumer, data, sender), so the outputs of two
+iterations alive at once never mix.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +31,12 @@ from torch import Tensor
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Plan
 from estimator.spec.sharding import Range, RowTransfer, data_needs, output_holders, rows_plan
-from estimator.spec.workflow import SOURCES
+from estimator.spec.workflow import SOURCES, CallInstance, Workflow, push_target
 from executor.realloc import gather_rows
 
 Pieces = list[tuple[Range, Tensor]]  # (global row range, those rows)
+# The program's call instances in order, as (slot, iteration, call) (Workflow.program, Workflow.slot).
+Order = Sequence[tuple[int, int, str]]
 
 
 @dataclass(frozen=True)
@@ -101,25 +107,33 @@ class Outbox:
         self.pending = keep
 
 
-def _expected(schedule: list[Message], src: int, dst: int, iterations: int) -> Iterator[tuple[int, Message]]:
-    """The messages ``src`` sends ``dst``, in the order it sends them, over all iterations."""
-    for it in range(iterations):
-        for m in schedule:
-            if m.src == src and m.dst == dst:
-                yield it, m
+def send_order(workflow: Workflow, program: Sequence[CallInstance]) -> list[tuple[int, int, str]]:
+    """(slot, iteration, call) of the calls of a program (:meth:`Workflow.program`), in its
+    order: the order in which every sender posts its outputs."""
+    return [(workflow.slot(n), n.iteration, n.call) for n in program if push_target(n.call) is None]
+
+
+def _expected(schedule: list[Message], src: int, dst: int, order: Order) -> Iterator[tuple[int, int, Message]]:
+    """(slot, iteration, message) of the messages ``src`` sends ``dst``, in the order it sends
+    them: its producers' instances in program ``order``, each one's as the schedule lists them."""
+    mine = [m for m in schedule if m.src == src and m.dst == dst]
+    for slot, it, producer in order:
+        for m in mine:
+            if m.producer == producer:
+                yield slot, it, m
 
 
 class Mailbox:
     """Receives of one device, posted in each sender's order (see the module docstring).
 
-    With ``ahead`` (gloo), :meth:`post_iteration` posts every receive of an iteration when it
-    begins, so a message lands as soon as its sender posts it, whatever either side computes
+    With ``ahead`` (gloo), :meth:`post_slot` posts every receive of a slot of the program when
+    it begins, so a message lands as soon as its sender posts it, whatever either side computes
     meanwhile; posted one by one when the consumer asks instead, each receive is a fresh
     rendezvous with a sender that may be busy computing, and on a loaded host its transport
     thread answers milliseconds later. NCCL runs a communicator's operations in order on one
     stream, so there receives stay posted on demand."""
 
-    def __init__(self, device: int, schedule: list[Message], iterations: int, row_specs: dict,
+    def __init__(self, device: int, schedule: list[Message], order: Order, row_specs: dict,
                  group: dist.ProcessGroup | None, torch_device: torch.device, ahead: bool = False):
         self.device, self.group, self.torch_device = device, group, torch_device
         self.row_specs = row_specs  # data name → (row shape, dtype)
@@ -128,20 +142,20 @@ class Mailbox:
         # Plain lists, not bound methods: a generator holding ``self`` would make a reference
         # cycle that keeps the process group alive past destroy_process_group, and gloo aborts
         # when it is finally collected at interpreter exit.
-        self.expected = {s: list(_expected(schedule, s, device, iterations)) for s in senders}
+        self.expected = {s: list(_expected(schedule, s, device, order)) for s in senders}
         self.next = dict.fromkeys(senders, 0)  # per sender: its next expected message not yet posted
         self.posted: dict[tuple[int, str, str, int], tuple[Message, Tensor, dist.Work]] = {}
 
-    def post_iteration(self, it: int) -> None:
-        """With ``ahead``: post every receive of iteration ``it`` (and any earlier left)."""
+    def post_slot(self, slot: int) -> None:
+        """With ``ahead``: post every receive of messages produced in ``slot`` (and any earlier left)."""
         if not self.ahead:
             return
         for src, expected in self.expected.items():
-            while self.next[src] < len(expected) and expected[self.next[src]][0] <= it:
+            while self.next[src] < len(expected) and expected[self.next[src]][0] <= slot:
                 self._post_next(src)
 
     def _post_next(self, src: int) -> None:
-        it, m = self.expected[src][self.next[src]]
+        _, it, m = self.expected[src][self.next[src]]
         self.next[src] += 1
         self._post(it, m)
 

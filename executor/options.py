@@ -3,6 +3,7 @@
 
     from executor.options import RunOptions
     RunOptions(iterations=4, warmup=1, dtype="float32", timeout_s=300.0)
+    RunOptions(iterations=6, warmup=3, drain=1)  # max_staleness 1: 3 steady iterations
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 class RunOptions:
     """How to run a plan (the experiment and the plan say what)."""
 
-    iterations: int = 1
+    iterations: int = 1  # iterations run: an asynchronous experiment's warm-up and drain included
     warmup: int = 0  # leading iterations left out of the steady-state time
     dtype: str = "float32"  # float32 | float64 | bfloat16
     return_params: bool = False  # send each device's final home shards back (tests)
@@ -26,8 +27,13 @@ class RunOptions:
     # generate call → KV tokens of each engine replica (data-parallel rank), split evenly over
     # its virtual engines (executor.serving); a call not named has an unlimited pool
     kv_tokens: dict[str, int] = field(default_factory=dict)
+    # trailing iterations left out of the steady-state time (Workflow.drain: an asynchronous run's last η)
+    drain: int = 0
 
     def __post_init__(self) -> None:
+        if min(self.warmup, self.drain) < 0:
+            raise ValueError(f"warmup={self.warmup}, drain={self.drain}: iterations left out of the steady state "
+                             "cannot be negative")
         bad = [f"{call}={n!r}" for call, n in self.kv_tokens.items()
                if not isinstance(n, int) or isinstance(n, bool) or n < 0]
         if bad:

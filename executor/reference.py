@@ -4,6 +4,11 @@ The same math as the executor's single-device plan, written as the textbook loop
 the executor is tested against and the baseline ``benchmarks/bench_executor.py`` times it
 against. Initial weights, prompts and sampling are those of the executor
 (:func:`executor.runtime.initial_params`, :mod:`executor.data`).
+
+Under ``async: {max_staleness: η}`` it is the textbook asynchronous loop instead: a rollout
+queue η iterations deep, the rollouts of iteration j sampled with the actor's weights after
+update j − η − 1 (the first η + 1 with the initial weights); reference, reward and critic score
+them when they are trained on.
 """
 
 from __future__ import annotations
@@ -42,13 +47,20 @@ def generate(params: Params, experiment: Experiment, prompts: Tensor, sampler: S
     return seq, torch.stack(logps, dim=1)
 
 
+def rollout(experiment: Experiment, actor: Params, iteration: int) -> tuple[Tensor, Tensor]:
+    """Iteration ``iteration``'s sequences and their log-probs, sampled with ``actor``."""
+    exp, temp = experiment, experiment.hyper.temperature
+    prompts = source_for(exp).rows(iteration, 0, exp.params.batch_size)
+    return generate(actor, exp, prompts, Sampler(exp.seed, iteration, "actor_gen", temp))
+
+
 def ppo_iteration(experiment: Experiment, params: dict[str, Params], optimizers: dict[str, torch.optim.Optimizer],
-                  iteration: int) -> list[float]:
-    """One PPO iteration; returns the loss of every minibatch (actor's, then critic's)."""
+                  iteration: int, rolled: tuple[Tensor, Tensor] | None = None) -> list[float]:
+    """One PPO iteration on ``rolled`` (sequences, log-probs; sampled now with the actor when
+    None); returns the loss of every minibatch (actor's, then critic's)."""
     exp, h, p = experiment, experiment.hyper, experiment.params
     models, temp = exp.models, h.temperature
-    prompts = source_for(exp).rows(iteration, 0, p.batch_size)
-    seq, old_logp = generate(params["actor"], exp, prompts, Sampler(exp.seed, iteration, "actor_gen", temp))
+    seq, old_logp = rolled if rolled is not None else rollout(exp, params["actor"], iteration)
     with torch.no_grad():
         ref_logp = rlhf.response_logp(M.forward(params["ref"], models["ref"], seq), seq, p.prompt_len, temp)
         rewards = rlhf.sequence_reward(M.forward(params["reward"], models["reward"], seq))
@@ -84,6 +96,11 @@ def run_ppo(experiment: Experiment, iterations: int, dtype: torch.dtype = torch.
         for t in params[role].values():
             t.requires_grad_(True)
         optimizers[role] = torch.optim.Adam(list(params[role].values()), lr=experiment.hyper.lr)
+    eta = experiment.workflow.staleness
+    queue: dict[int, tuple[Tensor, Tensor]] = {}  # iteration → its rollouts, sampled ahead
     for it in range(iterations):
-        ppo_iteration(experiment, params, optimizers, it)
+        for j in range(it, min(it + eta, iterations - 1) + 1):  # iteration it + η's, with today's weights
+            if j not in queue:
+                queue[j] = rollout(experiment, params["actor"], j)
+        ppo_iteration(experiment, params, optimizers, it, queue.pop(it))
     return params

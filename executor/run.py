@@ -19,9 +19,16 @@ each holding what the estimator's memory model predicts for its device in the ru
 the Python and torch runtime, summed against the host's available memory (``MemAvailable``);
 the error gives the figures. The first ``--warmup`` iterations (default 1 when there are more
 than one) are left out of the steady-state iteration time. ``--json`` prints ``iteration_s``
-(steady state), ``iterations_s`` (each), ``warmup_iterations`` and per call ``duration_s`` (its
-compute, first start to last end over its devices), ``realloc_s``, ``data_s`` and ``span_s``
-(entry to exit, waiting for inputs included).
+(steady state), ``iterations_s`` (each), ``warmup_iterations``, ``drain_iterations`` and per
+call ``duration_s`` (its compute, first start to last end over its devices), ``realloc_s``,
+``data_s`` and ``span_s`` (entry to exit, waiting for inputs included).
+
+An asynchronous experiment (``async: {max_staleness: η}``) runs as the estimator predicts it:
+the rollouts of iteration j are generated η iterations ahead, with the weights of update
+j − η − 1; a generate call on devices apart from the actor's home keeps a standing copy that a
+weight push (``push:<call>`` in the timeline and under ``pushes``) refreshes after each update.
+``--iterations`` counts as in ``python -m estimator.predict``: 2η warm-up and η drain iterations
+are run besides them, and by default left out of the steady state with the first one.
 A worker that fails stops the run with exit code 1, naming its rank and call; a rank that stops
 responding (hung, or stopped with SIGSTOP) is the one named once its peers' collective timeout
 expires (``--timeout-s``, default 300 s). Experiment, profile, plan, prompts, checkpoints and
@@ -51,6 +58,7 @@ from estimator.cost.rollout import continuous
 from estimator.profile.profiles import Profile, load_profile
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check
+from estimator.spec.workflow import MAX_STALENESS, PUSH, steady_iterations
 from executor.checkpoint import check_checkpoint
 from executor.prompts import check_prompts
 
@@ -109,16 +117,23 @@ def check_fault(fault: tuple[int, str] | None, experiment: Experiment, plan: Pla
                           "would never fire")
 
 
-def options_from(args: argparse.Namespace, experiment: Experiment, plan: Plan) -> tuple[int, tuple | None]:
-    """Check the flags; (warm-up iterations, fault)."""
+def options_from(args: argparse.Namespace, experiment: Experiment, plan: Plan) -> tuple[int, int, tuple | None]:
+    """Check the flags; (iterations to run, warm-up iterations, fault). An asynchronous
+    workflow runs its warm-up and drain besides ``--iterations`` (:func:`steady_iterations`)
+    and leaves them out of the steady state by default, as the simulator does."""
     rules.integer("--iterations", args.iterations, lo=1, hi=rules.MAX_RUN_ITERATIONS)
-    warmup = args.warmup if args.warmup is not None else (1 if args.iterations > 1 else 0)
-    if not 0 <= warmup < args.iterations:
-        raise ConfigError(f"--warmup={warmup} must be below --iterations={args.iterations}")
+    wf = experiment.workflow
+    total = steady_iterations(wf, args.iterations)
+    # the first iteration is warm-up when there are more; an asynchronous run's 2η more always are
+    warmup = args.warmup if args.warmup is not None else wf.warmup - (0 if args.iterations > 1 else 1)
+    if not 0 <= warmup < total - wf.drain:
+        extra = (f" (with max_staleness={wf.staleness}, {total} iterations run, the last {wf.drain} of them "
+                 "drain)") if wf.asynchronous else ""
+        raise ConfigError(f"--warmup={warmup} must be below --iterations={args.iterations}{extra}")
     rules.real("--timeout-s", args.timeout_s, positive=True, hi=rules.MAX_TIMEOUT_S)
     fault = parse_fault(args.inject_fault)
     check_fault(fault, experiment, plan)
-    return warmup, fault
+    return total, warmup, fault
 
 
 def host_available_bytes() -> tuple[float, str] | None:
@@ -254,25 +269,42 @@ def report(result: RunResult, experiment: Experiment, plan: Plan) -> dict[str, A
         "iteration_s": result.iteration_s,
         "iterations_s": result.iterations_s,
         "warmup_iterations": result.warmup,
+        "drain_iterations": result.drain,
+        "max_staleness": experiment.workflow.staleness,
         "initial_weights": {role: experiment.checkpoints.get(role, "seeded") for role in experiment.models},
         "calls": {name: {**stats.get(name, empty), **plan[name].to_dict()}
                   for name in experiment.workflow.topological_order()},
+        # weight pushes to standing rollout copies: duration_s is the push itself
+        "pushes": {name: stats[name] for name in sorted(stats) if name.startswith(PUSH)},
     }
 
 
 def table(rep: dict[str, Any], experiment: Experiment) -> str:
-    warm = rep["warmup_iterations"]
-    its = [("iteration", "time_s", "")] + [
-        (str(i), f"{t:.4f}", "warm-up (excluded)" if i < warm else "") for i, t in enumerate(rep["iterations_s"])]
+    warm, drain, n = rep["warmup_iterations"], rep["drain_iterations"], len(rep["iterations_s"])
+    drained = drain if n > warm + drain else 0
+
+    def note(i: int) -> str:
+        return "warm-up (excluded)" if i < warm else "drain (excluded)" if i >= n - drained else ""
+
+    its = [("iteration", "time_s", "")] + [(str(i), f"{t:.4f}", note(i)) for i, t in enumerate(rep["iterations_s"])]
     rows = [("call", "role", "kind", "mesh", "dp", "tp", "pp", "mb", "compute_s", "realloc_s", "data_s", "span_s")]
     for name, c in rep["calls"].items():
         call = experiment.workflow[name]
         times = (f"{c[k]:.4f}" for k in ("duration_s", "realloc_s", "data_s", "span_s"))
         rows.append((name, call.role, call.kind, c["mesh"], str(c["dp"]), str(c["tp"]), str(c["pp"]),
                      str(c["micro_batches"]), *times))
-    steady = (f"steady-state iteration: {rep['iteration_s']:.4f} s "
-              f"(excludes {warm} warm-up iteration{'s' if warm != 1 else ''})" if warm else
+    homes = experiment.workflow.home_calls()
+    for name, c in rep["pushes"].items():  # home mesh → the standing copy's
+        target = name[len(PUSH):]
+        role = experiment.workflow[target].role
+        meshes = f"{rep['calls'][homes[role]]['mesh']}→{rep['calls'][target]['mesh']}"
+        rows.append((name, role, "push", meshes, "", "", "", "", f"{c['duration_s']:.4f}", "", "",
+                     f"{c['span_s']:.4f}"))
+    left = f"{warm} warm-up iteration{'s' if warm != 1 else ''}" + (f" and {drained} drain" if drained else "")
+    steady = (f"steady-state iteration: {rep['iteration_s']:.4f} s (excludes {left})" if warm else
               f"iteration: {rep['iteration_s']:.4f} s (no warm-up excluded; use --iterations > 1)")
+    if rep["max_staleness"]:
+        steady += f"; asynchronous, max_staleness {rep['max_staleness']}"
     weights = "initial weights: " + "; ".join(f"{role} {src}" for role, src in rep["initial_weights"].items())
     return "\n\n".join([format_table(its, right={1}), format_table(rows, right=set(range(4, 12))), steady,
                         weights])
@@ -290,6 +322,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeline", help="write the measured timeline (rlhf-plan/timeline-v1 JSON) here")
     ap.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
                     help=f"collective timeout per operation (default {DEFAULT_TIMEOUT_S:.0f})")
+    ap.add_argument("--max-staleness", type=int, default=None,
+                    help="train asynchronously with this staleness η, overriding the experiment's async.max_staleness")
     ap.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
     ap.add_argument("--inject-fault", metavar="RANK:CALL",
                     help="testing only: RANK exits abruptly when it starts CALL's compute")
@@ -306,16 +340,33 @@ def engine_pools(experiment: Experiment, plan: Plan, profile: Profile) -> dict[s
             if continuous(wf[c], plan[c])}
 
 
+def check_models(experiment: Experiment) -> None:
+    """The executor's transformer has no q/k norms and heads exactly hidden/heads wide: refuse a
+    model that needs either (Qwen3) with the reason, before any process starts."""
+    for role, m in experiment.models.items():
+        if m.qk_norm or m.attention_head_dim:
+            raise ConfigError(f"models.{role}: model {m.name!r} has "
+                              + ("q/k norms" if m.qk_norm else "")
+                              + (" and " if m.qk_norm and m.attention_head_dim else "")
+                              + (f"heads of {m.head_dim} (not hidden/heads)" if m.attention_head_dim else "")
+                              + ", which this project's executor does not implement; the estimator prices it "
+                              "on a production stack (cluster.stack)")
+
+
 def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     # Everything is checked here, before torch is imported or any process starts.
     outputs = {flag: check_output_path(getattr(args, flag.strip("-")), flag)
                for flag in ("--trace", "--timeline") if getattr(args, flag.strip("-")) is not None}
     experiment = load_experiment(args.experiment)
+    check_models(experiment)
+    if args.max_staleness is not None:
+        experiment = experiment.with_staleness(rules.integer("--max-staleness", args.max_staleness, lo=0,
+                                                             hi=MAX_STALENESS))
     profile = load_profile(experiment.cluster.device, key="cluster.device")
     plan = check(Plan.load(args.plan), experiment)
     kv_tokens = engine_pools(experiment, plan, profile)
-    warmup, fault = options_from(args, experiment, plan)
+    iterations, warmup, fault = options_from(args, experiment, plan)
     check_prompts(experiment)
     for role, path in experiment.checkpoints.items():
         try:
@@ -326,8 +377,8 @@ def _main(argv: list[str] | None) -> int:
     from executor.launch import WorkerFailed
     from executor.options import RunOptions
 
-    options = RunOptions(args.iterations, warmup, args.dtype, fault=fault, timeout_s=args.timeout_s, progress=True,
-                         kv_tokens=kv_tokens)
+    options = RunOptions(iterations, warmup, args.dtype, fault=fault, timeout_s=args.timeout_s, progress=True,
+                         kv_tokens=kv_tokens, drain=experiment.workflow.drain)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if not under_torchrun:  # every process of a local run lives on this host
         note = check_host_memory(experiment, plan, args.dtype)

@@ -1,7 +1,10 @@
 """Run K iterations of a workflow as a plan places it: one process per device.
 
-Every process walks the same global order — the nodes of :meth:`Workflow.unroll`, iteration by
-iteration in topological order — and takes part in whatever involves its device:
+Every process walks the same global order — the program of
+:meth:`estimator.spec.workflow.Workflow.program`: iteration by iteration in topological order,
+except that under staleness η an actor's generate call runs η slots ahead of the iteration that
+trains on its rollouts (the estimator's one schedule) — and takes part in whatever involves its
+device:
 
 1. **realloc** — a model's weights live at its HOME layout (its train call's layout, else its
    first call's); a call on a differently sharded layout first receives its shards from home
@@ -16,7 +19,20 @@ iteration in topological order — and takes part in whatever involves its devic
    call receives it when it starts. Source data (prompts, pairs) is built in place from
    (seed, iteration, row);
 3. **compute** — the call itself (:mod:`executor.calls`); outputs stay on their holders until
-   the iteration ends.
+   the iteration ends (kept per iteration: under staleness two iterations' are alive at once);
+4. **push** — a generate call with a standing rollout copy (asynchronous, on devices apart from
+   the actor's home: :func:`estimator.spec.plan.standing_copies`) keeps its weights between
+   calls and never reallocates: the program's push instance ``push:<call>`` after each actor
+   update moves the new weights home → copy (the reallocation above, every device of both
+   taking part) and replaces the copy. The copy starts as the initial weights, built in place.
+   So the rollouts of iteration j are generated with the weights after update j − η − 1
+   whatever the plan, as a single process running the same program computes them.
+
+A home that offloads (``Layout.offload`` of its train call, :mod:`executor.offload`) keeps its
+optimizer state — and under ``all`` its parameters — in a host buffer between calls: the
+devices of the home upload it before the train call and download it after (``offload`` spans
+around the compute), and under ``all`` upload the parameters before another call of the role
+reads them (at home; before the reallocation, on the home's devices) and free them after.
 
 Steps that do not involve a device cost it nothing, so calls on disjoint meshes run
 concurrently; a device waits only where data or weights must reach it. Each process records
@@ -45,17 +61,18 @@ from torch import Tensor
 
 from estimator.base.host import cpu_model
 from estimator.spec.experiment import Experiment
-from estimator.spec.plan import Layout, Plan
+from estimator.spec.plan import Layout, Plan, standing_copies
 from estimator.spec.sharding import Box, dp_rows, param_inventory, shard
 from estimator.spec.timeline import Sample, Span, Timeline
-from estimator.spec.workflow import SOURCES, Call
+from estimator.spec.workflow import PUSH, SOURCES, Call, push_target
 from executor import model as M
 from executor.calls import CallRun, Pieces, row_spec, run_call
 from executor.comm import GroupRegistry, build_groups
 from executor.data import Source, name_key, source_for
-from executor.dataflow import Mailbox, Outbox, gather_input, input_plan, message_schedule
+from executor.dataflow import Mailbox, Outbox, gather_input, input_plan, message_schedule, send_order
 from executor.engine import Engine
 from executor.hf import load_hf
+from executor.offload import Offloader
 from executor.optim import ShardAdam
 from executor.options import RunOptions
 from executor.realloc import reallocate
@@ -125,10 +142,20 @@ class RankRuntime:
         self._source_it, self._source_all = -1, torch.empty(0)
         timeout = timedelta(seconds=options.timeout_s) if options.timeout_s else None
         self.groups: GroupRegistry = build_groups(group_layouts(experiment, plan), world_size, timeout=timeout)
+        wf = experiment.workflow
         self.params = {role: self._init(role) for role, home in self.homes.items() if self._in(home)}
-        trained = experiment.workflow.trained_roles()
+        trained = wf.trained_roles()
         self.optimizers = {role: self._optimizer(role, p) for role, p in self.params.items() if role in trained}
-        self.store: dict[str, Pieces] = {}  # outputs held here in the current iteration
+        # a home that offloads starts with its state in the host buffer, where it stays between calls
+        self.offloaders = {role: Offloader(self.homes[role].offload, p, self.optimizers[role])
+                           for role, p in self.params.items() if role in trained and self.homes[role].offload != "none"}
+        for off in self.offloaders.values():
+            off.download(off.state())
+        self.standing = standing_copies(wf, plan)
+        self.program = wf.program(options.iterations, self.standing)
+        # generate call → this device's part of its standing copy
+        self.copies = {c: self._init_copy(c) for c in sorted(self.standing) if self._in(plan[c])}
+        self.store: dict[int, dict[str, Pieces]] = {}  # iteration → outputs held here
         self.schedule = message_schedule(experiment, plan)
         self.input_plans = {(c.name, d): input_plan(experiment, plan, c.name, d)
                             for c in experiment.workflow.calls for d in c.inputs if d not in SOURCES}
@@ -137,7 +164,8 @@ class RankRuntime:
         specs = {d: row_spec(d, experiment, self.dtype) for c in experiment.workflow.calls for d in c.inputs}
         self.outbox = Outbox(device, data_group)
         ahead = data_group is not None and dist.get_backend(data_group) == "gloo"
-        self.mailbox = Mailbox(device, self.schedule, options.iterations, specs, data_group, torch_device, ahead)
+        self.mailbox = Mailbox(device, self.schedule, send_order(wf, self.program), specs, data_group, torch_device,
+                               ahead)
         self.losses: dict[tuple[int, str, int], float] = {}
         self.rec: Recorder | None = None
 
@@ -151,6 +179,13 @@ class RankRuntime:
         boxes = shard(model, home, self.device)
         params = {n: t.to(self.torch_device) for n, t in initial_params(self.exp, role, boxes, self.dtype).items()}
         return shard_chunks(model, home, self.device, params) if home.sharded else params
+
+    def _init_copy(self, call: str) -> M.Params:
+        """This device's shards of ``call``'s standing copy before the first push: the initial
+        weights (a pure function of seed and role, or the checkpoint), built in place."""
+        role = self.exp.workflow[call].role
+        boxes = shard(self.exp.models[role], self.plan[call], self.device)
+        return {n: t.to(self.torch_device) for n, t in initial_params(self.exp, role, boxes, self.dtype).items()}
 
     def _optimizer(self, role: str, params: M.Params) -> ShardAdam | ZeroAdam:
         """Adam over the home parameters; over this rank's chunk of them under ``shard="optimizer"``."""
@@ -171,16 +206,21 @@ class RankRuntime:
     def run(self) -> RankResult:
         dist.barrier()
         self.rec = Recorder(self.device, self.torch_device)
-        nodes, _ = self.exp.workflow.unroll(self.options.iterations)
+        wf, nodes = self.exp.workflow, self.program
         # The last stage of the last call in topological order ends (close to) every iteration.
-        final = self.plan[self.exp.workflow.topological_order()[-1]]
+        final = self.plan[wf.topological_order()[-1]]
         reporter = self.options.progress and self.device == final.device(0, 0, final.pp - 1)
+        last = {node.iteration: i for i, node in enumerate(nodes)}  # iterations end in order
         for i, node in enumerate(nodes):
-            if i == 0 or nodes[i - 1].iteration != node.iteration:
-                self.mailbox.post_iteration(node.iteration)
-            self.run_call(node.iteration, self.exp.workflow[node.call])
-            if i + 1 == len(nodes) or nodes[i + 1].iteration != node.iteration:
-                self.store.clear()  # every consumer of this iteration's data on this device is done
+            if i == 0 or wf.slot(nodes[i - 1]) != wf.slot(node):
+                self.mailbox.post_slot(wf.slot(node))
+            target = push_target(node.call)
+            if target is None:
+                self.run_call(node.iteration, wf[node.call])
+            else:
+                self.run_push(node.iteration, target)
+            if last[node.iteration] == i:
+                self.store.pop(node.iteration, None)  # every consumer of this iteration's data here is done
                 self.outbox.wait(before=node.iteration)  # bound the send buffers alive
                 if reporter:
                     print(f"iteration {node.iteration + 1}/{self.options.iterations} done "
@@ -189,6 +229,8 @@ class RankRuntime:
         self.status("finished")
         params = {}
         if self.options.return_params:
+            for off in self.offloaders.values():  # the final weights, from the host buffer where offloaded
+                off.upload(off.weights())
             params = {r: {n: t.detach().cpu() for n, t in self._whole(r).items()} for r in self.params}
         return RankResult(self.device, self.rec.finish(), self.losses, params, self.rec.counters)
 
@@ -196,25 +238,76 @@ class RankRuntime:
 
     def run_call(self, it: int, call: Call) -> None:
         layout, home = self.plan[call.name], self.homes[call.role]
-        realloc = not layout.same_placement(home)
+        standing = call.name in self.standing
+        realloc = not standing and not layout.same_placement(home)
         if not (self._in(layout) or (realloc and self._in(home))):
             return
         self.status(f"call {call.name} (iteration {it})")
         stage = layout.coords(self.device)[2] if self._in(layout) else -1
+        off = self.offloaders.get(call.role) if self._in(home) else None
         with self.rec.span(it, call.name, "call", stage):
-            params = self._realloc(it, call, layout, home) if realloc else self.params.get(call.role)
+            if standing:
+                params = self.copies[call.name]
+            elif realloc:
+                self._host(it, call.name, stage, off, "upload", off.weights() if off else [])
+                with self.rec.span(it, call.name, "realloc"):
+                    params = self._move(call.role, layout)
+                if off:  # sent: the host copy is current
+                    off.drop(off.weights())
+            else:
+                params = self.params.get(call.role)
             if self._in(layout):
                 inputs = self._inputs(it, call, layout)
+                train = call.kind == "train"
+                reads = off is not None and not realloc and not standing  # the home, here
+                if reads:  # the train call has all its state back; another call the weights
+                    self._host(it, call.name, stage, off, "upload", off.state() if train else off.weights())
                 self._compute(it, call, layout, params, inputs, stage)
+                if reads:
+                    if train:
+                        self._host(it, call.name, stage, off, "download", off.state())
+                    else:
+                        off.drop(off.weights())
 
-    def _realloc(self, it: int, call: Call, layout: Layout, home: Layout) -> M.Params | None:
-        with self.rec.span(it, call.name, "realloc"):
-            params = self._whole(call.role) if self._in(home) else None
-            whole = dataclasses.replace(home, shard="none")
-            if home.sharded and whole.same_placement(layout):  # the all-gather was the whole move
-                return params if self._in(layout) else None
-            return reallocate(self.exp.models[call.role], whole, params, layout, self.device, self.dpn, self.dtype,
-                              self.torch_device)
+    def _host(self, it: int, name: str, stage: int, off: Offloader | None, what: str, tensors: list[Tensor]) -> None:
+        """Move ``tensors`` of an offloading home between the host buffer and the device
+        (``what``: upload or download), as an ``offload`` span of call ``name`` when anything moves."""
+        if off is None or not tensors:
+            return
+        with self.rec.span(it, name, "offload", stage):
+            (off.upload if what == "upload" else off.download)(tensors)
+
+    def run_push(self, it: int, target: str) -> None:
+        """The push of update ``it`` to ``target``'s standing copy: every device of the home and
+        the copy takes part; spans ``call`` and ``push`` under call ``push:<target>``."""
+        role = self.exp.workflow[target].role
+        layout, home = self.plan[target], self.homes[role]
+        if not (self._in(layout) or self._in(home)):
+            return
+        name = PUSH + target
+        self.status(f"call {name} (iteration {it})")
+        stage = (layout if self._in(layout) else home).coords(self.device)[2]
+        off = self.offloaders.get(role) if self._in(home) else None
+        with self.rec.span(it, name, "call", stage):
+            self.copies.pop(target, None)  # generation pauses for the push: the old copy is done with
+            self._host(it, name, stage, off, "upload", off.weights() if off else [])  # offload="all": sent from here
+            with self.rec.span(it, name, "push", stage):
+                copy = self._move(role, layout)
+            if off:  # sent: the host copy is current
+                off.drop(off.weights())
+            if copy is not None:
+                self.copies[target] = copy
+
+    def _move(self, role: str, layout: Layout) -> M.Params | None:
+        """``role``'s weights from its home to ``layout`` (:func:`executor.realloc.reallocate`;
+        every device of both calls it): this device's shards under ``layout``, or None."""
+        home = self.homes[role]
+        params = self._whole(role) if self._in(home) else None
+        whole = dataclasses.replace(home, shard="none")
+        if home.sharded and whole.same_placement(layout):  # the all-gather was the whole move
+            return params if self._in(layout) else None
+        return reallocate(self.exp.models[role], whole, params, layout, self.device, self.dpn, self.dtype,
+                          self.torch_device)
 
     def _inputs(self, it: int, call: Call, layout: Layout) -> dict[str, Pieces]:
         """Source rows built here; produced rows copied or received (waiting for producers)."""
@@ -226,7 +319,7 @@ class RankRuntime:
             with self.rec.span(it, call.name, "data"):
                 for name in produced:
                     inputs[name] = gather_input(self.input_plans[(call.name, name)], self.device, it, call.name,
-                                                name, self.store, self.mailbox)
+                                                name, self.store.get(it, {}), self.mailbox)
         return inputs
 
     def _source_rows(self, it: int, lo: int, hi: int) -> Tensor:
@@ -252,9 +345,10 @@ class RankRuntime:
         with self.rec.span(it, call.name, "compute", stage):
             outputs = run_call(run, self.optimizers.get(call.role))
         if outputs:
-            self.store.update(outputs)
+            held = self.store.setdefault(it, {})
+            held.update(outputs)
             with self.rec.span(it, call.name, "data"):
-                self.outbox.push(it, [m for m in self.schedule if m.producer == call.name], self.store)
+                self.outbox.push(it, [m for m in self.schedule if m.producer == call.name], held)
         if tp_rank == 0:  # tensor-parallel ranks share one loss; count it once
             for k, loss in enumerate(run.losses):
                 self.losses[(it, call.name, k)] = loss
@@ -271,39 +365,50 @@ class RunResult:
     warmup: int  # iterations left out of the steady-state time
     losses: dict[tuple[int, str, int], float]  # (iteration, call, minibatch) → minibatch loss
     params: dict[str, dict[str, Tensor]]  # role → full tensors (empty unless requested)
+    drain: int = 0  # trailing iterations left out of the steady-state time
+
+    def _calls(self) -> Timeline:
+        """The timeline without weight pushes: an iteration ends with its last call, as the
+        simulator's iteration time counts it (:attr:`estimator.sim.simulator.SimResult.iteration_s`)."""
+        return Timeline.of(s for s in self.timeline.spans if push_target(s.call) is None)
 
     @property
     def iteration_s(self) -> float:
-        """Steady-state time per iteration (after the warm-up iterations)."""
-        return self.timeline.steady_state_s(self.warmup)
+        """Steady-state time per iteration (after the warm-up iterations, before the drain)."""
+        return self._calls().steady_state_s(self.warmup, self.drain)
 
     @property
     def iterations_s(self) -> list[float]:
-        return self.timeline.iteration_times()
+        return self._calls().iteration_times()
 
     def call_stats(self) -> dict[str, dict[str, float]]:
-        """call → seconds, averaged over the iterations after the warm-up:
+        """call → seconds, averaged over the steady iterations (after the warm-up, before the
+        drain); a weight push ``push:<call>`` is one too:
 
-        - ``duration_s``: first compute start to last compute end over the call's devices;
+        - ``duration_s``: first compute start to last compute end over the call's devices; of a
+          push, the transfer itself: from when its last device joins to when its last is done
+          (a device that joins early waits in it for the other side);
         - ``span_s``: first entry to last exit, including waiting for inputs and weights;
         - ``realloc_s``, ``data_s``: the longest time any device spent receiving weights or
           moving inputs (waiting for a busy producer included).
         """
         its = self.timeline.iterations
-        steady = set([i for i in its if i >= self.warmup] or its)
+        end = len(its) - self.drain if len(its) > self.warmup + self.drain else len(its)
+        steady = set(its[self.warmup:end] or its)
         per: dict[tuple[int, str], dict[str, Any]] = {}
         for s in self.timeline.spans:
             if s.iteration not in steady:
                 continue
-            d = per.setdefault((s.iteration, s.call), {"compute": [], "call": [], "realloc": {}, "data": {}})
-            if s.op in ("compute", "call"):
+            d = per.setdefault((s.iteration, s.call),
+                               {"compute": [], "call": [], "push": [], "realloc": {}, "data": {}})
+            if s.op in ("compute", "call", "push"):
                 d[s.op].append((s.start_s, s.end_s))
             elif s.op in ("realloc", "data"):
                 d[s.op][s.device] = d[s.op].get(s.device, 0.0) + s.duration_s
         out: dict[str, dict[str, list[float]]] = {}
         for (_, call), d in per.items():
             acc = out.setdefault(call, {"duration_s": [], "span_s": [], "realloc_s": [], "data_s": []})
-            acc["duration_s"].append(_extent(d["compute"]))
+            acc["duration_s"].append(_joined(d["push"]) if d["push"] else _extent(d["compute"]))
             acc["span_s"].append(_extent(d["call"]))
             acc["realloc_s"].append(max(d["realloc"].values(), default=0.0))
             acc["data_s"].append(max(d["data"].values(), default=0.0))
@@ -312,6 +417,11 @@ class RunResult:
 
 def _extent(intervals: list[tuple[float, float]]) -> float:
     return max(e for _, e in intervals) - min(s for s, _ in intervals) if intervals else 0.0
+
+
+def _joined(intervals: list[tuple[float, float]]) -> float:
+    """From the last start to the last end: the time a transfer takes once all its devices are in."""
+    return max(0.0, max(e for _, e in intervals) - max(s for s, _ in intervals))
 
 
 def host_info(gpu: bool = False) -> dict[str, str]:
@@ -330,13 +440,14 @@ def merge(results: list[RankResult], experiment: Experiment, plan: Plan, options
     spans = [s for r in results for s in r.spans]
     counters = sorted((c for r in results for c in r.counters), key=lambda c: (c.t_s, c.device))
     timeline = Timeline.of(spans, source="measured", counters=counters, experiment=experiment.name, dtype=options.dtype,
-                           warmup_iterations=options.warmup, host=host_info(meta.get("backend") == "nccl"),
+                           warmup_iterations=options.warmup, drain_iterations=options.drain,
+                           max_staleness=experiment.workflow.staleness, host=host_info(meta.get("backend") == "nccl"),
                            plan={c: lay.to_dict() for c, lay in plan.layouts.items()}, **meta)
     losses: dict[tuple[int, str, int], float] = {}
     for r in results:
         for key, value in r.losses.items():
             losses[key] = losses.get(key, 0.0) + value
-    return RunResult(timeline, options.warmup, losses, assemble_params(results, experiment, plan))
+    return RunResult(timeline, options.warmup, losses, assemble_params(results, experiment, plan), options.drain)
 
 
 def assemble_params(results: list[RankResult], experiment: Experiment, plan: Plan) -> dict[str, dict[str, Tensor]]:

@@ -3,7 +3,8 @@
 A chain's state is one layout per call. Each step proposes one move:
 
 - *call*: one call gets another layout — a fresh one from its space, another shape on the same
-  mesh, the same shape on another mesh of that size, or the mesh another call uses (a train
+  mesh, the same shape on another mesh of that size (one where its tp stays inside nodes), or
+  the mesh another call uses (a train
   call's new shape recomputes activations only where just that variant fits, or by chance);
 - *reshape*: a role's home call gets other (dp, tp, pp) on its mesh, and so do the role's calls
   that shared its placement (moving one alone would make it reallocate);
@@ -124,11 +125,11 @@ class Chain:
         return seq[int(self.rng.integers(len(seq)))]
 
     def _pick_shape(self, shapes):
-        """A shape: (dp, tp, pp, micro-batches) uniformly, then recompute and sharding — the
-        first kept setting (neither, where it fits) unless only one is kept, or with
-        probability :data:`RECOMPUTE_P` one of the others uniformly — so a longer backward or
-        sharded passes are proposed where memory may need them without halving the moves
-        elsewhere."""
+        """A shape: (dp, tp, pp, micro-batches) uniformly, then recompute, sharding and offload —
+        the first kept setting (none of them, where it fits) unless only one is kept, or with
+        probability :data:`RECOMPUTE_P` one of the others uniformly — so a longer backward,
+        sharded passes or host transfers are proposed where memory may need them without
+        halving the moves elsewhere."""
         variants: dict[tuple, list] = {}
         for sh in shapes:
             variants.setdefault(sh[:4], []).append(sh)
@@ -137,12 +138,14 @@ class Chain:
             return options[0]
         return options[1] if len(options) == 2 else self._pick(options[1:])
 
-    def _fresh(self, cs: CallSpace) -> Layout:
+    def _fresh(self, cs: CallSpace) -> Layout | None:
         size = self._pick(cs.sizes)
-        return make_layout(self._pick(cs.firsts[size]), size, self._pick_shape(cs.shapes[size]))
+        first = self._pick(cs.firsts[size])
+        shapes = cs.shapes_on(DeviceMesh(first, size))  # none where no kept tp fits this run
+        return make_layout(first, size, self._pick_shape(shapes)) if shapes else None
 
     def _on(self, cs: CallSpace, mesh: DeviceMesh, keep: Layout) -> Layout | None:
-        shapes = cs.shapes.get(mesh.size, ())
+        shapes = cs.shapes_on(mesh)
         if mesh.first not in cs.firsts.get(mesh.size, ()) or not shapes:
             return None
         shape = shape_of(keep) if shape_of(keep) in shapes else self._pick_shape(shapes)
@@ -156,9 +159,10 @@ class Chain:
         if u < 0.3:
             new = self._fresh(cs)
         elif u < 0.55:
-            new = make_layout(cur.mesh.first, size, self._pick_shape(cs.shapes[size]))
+            new = make_layout(cur.mesh.first, size, self._pick_shape(cs.shapes_on(cur.mesh)))
         elif u < 0.75:
-            new = make_layout(self._pick(cs.firsts[size]), size, shape_of(cur))
+            first = self._pick(cs.firsts[size])
+            new = make_layout(first, size, shape_of(cur)) if cs.fits(first, size, cur.tp) else None
         else:
             new = self._on(cs, state[int(self.rng.integers(len(state)))].mesh, cur)
         if new is None or new == cur:
@@ -167,7 +171,7 @@ class Chain:
 
     def _placed(self, cs: CallSpace, mesh: DeviceMesh, degrees: tuple[int, int, int], keep: Layout) -> Layout | None:
         """``keep``'s call on ``mesh`` with these (dp, tp, pp), its micro-batches kept if valid."""
-        shapes = [sh for sh in cs.shapes.get(mesh.size, ()) if sh[:3] == degrees]
+        shapes = [sh for sh in cs.shapes_on(mesh) if sh[:3] == degrees]
         if not shapes or mesh.first not in cs.firsts.get(mesh.size, ()):
             return None
         shape = shape_of(keep) if shape_of(keep) in shapes else self._pick_shape(shapes)
@@ -179,7 +183,7 @@ class Chain:
         role = self._pick(list(self.roles))
         home = state[self.home[role]]
         cs = self.space.calls[self.home[role]]
-        shape = self._pick_shape(cs.shapes[home.mesh.size])
+        shape = self._pick_shape(cs.shapes_on(home.mesh))
         new = list(state)
         for c in self.roles[role]:
             if shape_of(state[c])[:3] == shape_of(home)[:3] and state[c].mesh == home.mesh:
@@ -294,10 +298,11 @@ def greedy_plan(space: Space, evaluator: Evaluator) -> Key:
     out = []
     for cs in space.calls:
         size = max(cs.sizes)
+        mesh = DeviceMesh(cs.firsts[size][0], size)
         first: dict[tuple[int, int, int], tuple] = {}
-        for sh in cs.shapes[size]:
+        for sh in cs.shapes_on(mesh):
             first.setdefault(sh[:3], sh)
-        layouts = [make_layout(cs.firsts[size][0], size, sh) for sh in first.values()]
+        layouts = [make_layout(mesh.first, size, sh) for sh in first.values()]
         out.append(min(layouts, key=lambda lay, n=cs.name: (call_s(evaluator.costs.call(n, lay)), lay)))
     return tuple(out)
 

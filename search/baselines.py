@@ -20,6 +20,17 @@ Usage::
   4 + 4 devices, tp 2 / dp 2 up to 8 B parameters, tp 4 above); reference inference on all
   devices with tp 4, dp 2; reward and critic inference on one half each.
 
+For asynchronous RL (``async.max_staleness``, ``python -m search --max-staleness``), with the
+split between generating and training devices that every framework leaves to its user:
+
+- ``areal-3/4`` — AReaL's rule: the valid split nearest 3/4 of the devices generating (engines
+  of tp 1), the rest training with FSDP and recompute; ``areal-default`` is the same plan, built
+  only for an asynchronous experiment;
+- ``balanced`` — the split that makes rollout time and training time closest (verl's advice for
+  ``fully_async_policy``);
+- ``verl-colocate-sync`` — ``verl-default`` trained synchronously (staleness 0), the reference
+  an asynchronous plan must beat.
+
 The actor's recomputed old log-probs (``old_logprobs: recompute``: ``actor_inf``) are an
 inference call of the actor, laid out as each baseline lays out the actor's calls: on all
 devices in ``megatron`` and ``colocate``, on the actor's half in ``split``, and in
@@ -48,7 +59,8 @@ from estimator.base.errors import ConfigError, cli_guard, did_you_mean
 from estimator.base.io import atomic_write_text
 from estimator.baselines import closest_layout, fit_micro_batches, symmetric_plan
 from estimator.cost.memory import fmt_bytes, plan_memory
-from estimator.profile.profiles import Profile, load_profile, op_set
+from estimator.profile.pricing import STACK_NAMES, experiment_profile
+from estimator.profile.profiles import Profile, op_set
 from estimator.sim.simulate import simulate
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment, load_experiment
@@ -91,10 +103,13 @@ def _halves(exp: Experiment, first_share: float = 0.5) -> tuple[DeviceMesh, Devi
 
 
 def _build(exp: Experiment, profile: Profile, rule: Callable[[str], tuple[DeviceMesh, int, int]],
-           shard: str = "none", recompute: str = "none") -> Plan:
+           shard: str = "none", recompute: str = "none", offloads: tuple[str, ...] = ("none",)) -> Plan:
     """Lay out every call by ``rule`` (call → mesh, tp, pp), the train calls with ``shard``
     (where they have more than one data-parallel replica) and ``recompute``, then fit
-    micro-batches to memory."""
+    micro-batches to memory. ``offloads``: the train calls' offload settings a user of the
+    framework tries in turn — its default first, then what its recipes set to fit —, the
+    first with which the plan fits as laid out (else the last) kept before micro-batches are
+    raised."""
     layouts = {}
     for name in exp.workflow.topological_order():
         mesh, tp, pp = rule(name)
@@ -104,7 +119,16 @@ def _build(exp: Experiment, profile: Profile, rule: Callable[[str], tuple[Device
         if exp.workflow[name].kind == "train":
             lay = dataclasses.replace(lay, recompute=recompute, shard=shard if lay.dp > 1 else "none")
         layouts[name] = lay
-    return fit_micro_batches(exp, profile, check(Plan(layouts), exp))
+    plan = check(Plan(layouts), exp)
+    for off in offloads:
+        if off != "none" and profile.host_link is None:
+            raise ConfigError(f"the framework offloads training state (offload: {off}) and profile {profile.name} "
+                              "has no host_link section to price it")
+        plan = Plan({n: dataclasses.replace(lay, offload=off) if exp.workflow[n].kind == "train" else lay
+                     for n, lay in layouts.items()})
+        if plan_memory(exp, plan, profile.capacity_bytes).feasible:
+            break
+    return fit_micro_batches(exp, profile, plan)
 
 
 def megatron(exp: Experiment, profile: Profile, recompute: str = "none") -> Plan:
@@ -208,12 +232,15 @@ BASELINES: dict[str, Callable[[Experiment, Profile], Plan]] = {
 # ---- the frameworks' defaults -----------------------------------------------------------------
 
 
-def _colocated(exp: Experiment, profile: Profile, gen_tp: int, shard: str, recompute: str) -> Plan:
+def _colocated(exp: Experiment, profile: Profile, gen_tp: int, shard: str, recompute: str,
+               offloads: tuple[str, ...] = ("none",)) -> Plan:
     """Every role on all devices (one resource pool): generation in engines of ``gen_tp`` (tp
     steps down where the model does not allow it, dp takes the rest, no pipeline stages), every
-    other call data parallel over all devices, the train calls with ``shard`` and ``recompute``."""
+    other call data parallel over all devices, the train calls with ``shard``, ``recompute`` and
+    the first of ``offloads`` that fits (:func:`_build`)."""
     whole, wf = exp.cluster.whole(), exp.workflow
-    return _build(exp, profile, lambda n: (whole, gen_tp if wf[n].kind == "generate" else 1, 1), shard, recompute)
+    return _build(exp, profile, lambda n: (whole, gen_tp if wf[n].kind == "generate" else 1, 1), shard, recompute,
+                  offloads)
 
 
 def verl_default(exp: Experiment, profile: Profile) -> Plan:
@@ -223,46 +250,144 @@ def verl_default(exp: Experiment, profile: Profile) -> Plan:
     ``actor_rollout_ref.rollout.tensor_model_parallel_size=4`` (the generated config's default
     is 2, volcengine/verl b178a3cd); the FSDP workers (full sharding) for actor, critic and
     reference, with ``actor_rollout_ref.model.enable_gradient_checkpointing=True`` (the config's
-    default, ibid.)."""
-    return _colocated(exp, profile, 4, "full", "full")
+    default, ibid.). Offload: none, the config's default (``actor.fsdp_config.param_offload`` and
+    ``optimizer_offload`` false, ibid.); where that does not fit, what verl's recipe for an 8B
+    model on one node of 8 GPUs sets — ``param_offload``, ``grad_offload`` and
+    ``optimizer_offload`` true (``examples/grpo_trainer/run_qwen3_vl-8b-megatron.sh``, ibid.),
+    ``offload: all``. Its recipes also offload the reference's weights
+    (``ref.fsdp_config.param_offload=True``), which the plan vocabulary cannot say: only a
+    train call offloads."""
+    return _colocated(exp, profile, 4, "full", "full", ("none", "all"))
 
 
 def openrlhf_hybrid(exp: Experiment, profile: Profile) -> Plan:
     """OpenRLHF's hybrid engine (``--colocate_all_models``, flags of OpenRLHF/OpenRLHF c1ba971c's
     ``train_ppo_ray.py``): every model and the vLLM engines on all devices, engines of tp 2
     (``--vllm_tensor_parallel_size 2``), DeepSpeed ZeRO-3 (``--zero_stage 3``) and
-    ``--gradient_checkpointing`` for training."""
-    return _colocated(exp, profile, 2, "full", "full")
+    ``--gradient_checkpointing`` for training; with ``--vllm.enable_sleep --ds.enable_sleep``, as
+    its README's hybrid-engine recipe and ``examples/scripts/train_ppo_ray_hybrid_engine.sh`` run
+    it (OpenRLHF/OpenRLHF 3c3be623): DeepSpeed's ``offload_states`` moves the optimizer state,
+    the fp32 master weights and the gradient buffers to the host while vLLM runs, not the bf16
+    parameters (``openrlhf/utils/deepspeed/deepspeed_utils.py``, ``offload_deepspeed_states``):
+    ``offload: optimizer``."""
+    return _colocated(exp, profile, 2, "full", "full", ("optimizer",))
 
 
 def nemo_rl_default(exp: Experiment, profile: Profile) -> Plan:
     """NeMo-RL's ``examples/configs/grpo_math_1B.yaml`` (NVIDIA-NeMo/RL 7ea279ab, copied in
     ``tests/fixtures/nemo-rl/``): colocated generation (``colocated.enabled: true``), vLLM
     ``tensor_parallel_size: 1`` (one engine per device), the DTensor policy (FSDP2,
-    ``dtensor_cfg``, ``tensor_parallel_size: 1``) with ``activation_checkpointing: false``. In the
-    plan vocabulary it is the same layout as :func:`dschat`."""
-    return _colocated(exp, profile, 1, "full", "none")
+    ``dtensor_cfg``, ``tensor_parallel_size: 1``) with ``activation_checkpointing: false``.
+    Colocated, its GRPO loop moves the policy's optimizer state and then its parameters to the
+    host before generation (``nemo_rl/algorithms/grpo.py``: ``policy.offload_after_refit()``;
+    ``dtensor_policy_worker.py``: ``offload_after_refit`` moves the model and the optimizer to
+    CPU) and back in ``prepare_for_lp_inference`` / ``prepare_for_training``: ``offload: all``.
+    In the plan vocabulary it is :func:`dschat`'s layout with that offload."""
+    return _colocated(exp, profile, 1, "full", "none", ("all",))
 
 
 def dschat(exp: Experiment, profile: Profile) -> Plan:
     """DeepSpeed-Chat's step-3 RLHF (``training/step3_rlhf_finetuning``): ZeRO-3 for actor and
     critic (``--actor_zero_stage 3 --critic_zero_stage 3``), every model on all devices, and
-    generation in the hybrid engine at ``--inference_tp_size 1``, its default."""
+    generation in the hybrid engine at ``--inference_tp_size 1``, its default. No offload: its
+    ``--offload`` is ZeRO-Offload, whose Adam steps on the CPU (DeepSpeedCPUAdam), a cost the
+    plan vocabulary does not have."""
     return _colocated(exp, profile, 1, "full", "none")
 
 
+# ---- disaggregated plans: generation on devices of its own, training on the rest ------------
+
+AREAL_GEN_SHARE = 0.75  # AReaL's rule of thumb: 3/4 of the devices generate (arXiv 2505.24298, §6)
+AREAL_STALENESS = 2  # the η AReaL's examples train with (max_head_offpolicyness)
+
+
+def split_points(exp: Experiment) -> list[int]:
+    """Device counts ``k`` for which devices ``0..k-1`` and ``k..N-1`` are both valid meshes of
+    the cluster (every split the mesh rule admits)."""
+    cl = exp.cluster
+    n = cl.num_devices
+    return [k for k in range(1, n)
+            if not cl.mesh_problems(DeviceMesh(0, k)) and not cl.mesh_problems(DeviceMesh(k, n - k))]
+
+
+def disaggregated(exp: Experiment, profile: Profile, gen_devices: int, gen_tp: int = 1) -> Plan:
+    """The actor's generate calls on devices ``0..gen_devices-1`` (engines of ``gen_tp``, dp for
+    the rest), every other call data parallel on the remaining devices, training fully sharded
+    (FSDP) with activation recompute — AReaL's and verl's ``fully_async_policy`` shape."""
+    n = exp.cluster.num_devices
+    if gen_devices not in split_points(exp):
+        raise ConfigError(f"no split of {n} devices gives generation {gen_devices} of them as valid meshes "
+                          f"(valid: {split_points(exp) or 'none'})")
+    gen, rest, wf = DeviceMesh(0, gen_devices), DeviceMesh(gen_devices, n - gen_devices), exp.workflow
+    return _build(exp, profile, lambda c: (gen, gen_tp, 1) if wf[c].kind == "generate" else (rest, 1, 1),
+                  "full", "full")
+
+
+def _nearest_splits(exp: Experiment, share: float) -> list[int]:
+    """Every split point, nearest ``share`` of the devices generating first (ties: more generating)."""
+    points = split_points(exp)
+    if not points:
+        raise ConfigError(f"the cluster's {exp.cluster.num_devices} devices split into no two valid meshes")
+    return sorted(points, key=lambda k: (abs(k - share * exp.cluster.num_devices), -k))
+
+
+def areal_split(exp: Experiment, profile: Profile) -> Plan:
+    """AReaL's split: the valid split nearest 3/4 of the devices generating (SGLang engines of
+    tp 1) whose calls all have a layout there (the rollout batch must split over the engines),
+    FSDP training on the rest; trained with the experiment's staleness η."""
+    problems = []
+    for k in _nearest_splits(exp, AREAL_GEN_SHARE):
+        try:
+            return disaggregated(exp, profile, k)
+        except ConfigError as exc:
+            problems.append(f"{k} generating: {exc}")
+    raise ConfigError("no split has a valid layout for every call: " + "; ".join(problems))
+
+
 def areal_default(exp: Experiment, profile: Profile) -> Plan:
-    """AReaL's default split (SGLang on 3/4 of the devices, FSDP training on the rest,
-    asynchronous with staleness 2) needs asynchronous RL, which plans cannot express yet."""
-    raise ConfigError("areal-default generates asynchronously (max_head_offpolicyness 2) on devices of its own; "
-                      "plans express synchronous RL only, so this baseline cannot be built yet")
+    """AReaL's default launch: :func:`areal_split`, asynchronous (its examples set
+    ``max_head_offpolicyness`` 2). Built only for an asynchronous experiment: trained
+    synchronously on split devices it is not AReaL's default."""
+    if not exp.workflow.asynchronous:
+        raise ConfigError(f"areal-default trains asynchronously (max_head_offpolicyness {AREAL_STALENESS}); "
+                          "give the experiment async.max_staleness or search with --max-staleness")
+    return areal_split(exp, profile)
+
+
+def balanced(exp: Experiment, profile: Profile) -> Plan:
+    """verl's advice for ``fully_async_policy``: the split whose rollout time and training-side
+    time (every other call, one after another on the rest) are closest, each priced alone by the
+    evaluator's closed forms."""
+    from estimator.cost.lowering import Costs
+    from estimator.sim.evaluator import call_s
+
+    costs, best = Costs(exp, profile), None
+    for k in split_points(exp):
+        try:
+            plan = disaggregated(exp, profile, k)
+        except ConfigError:
+            continue
+        sides = [0.0, 0.0]
+        for name in exp.workflow.call_names:
+            sides[exp.workflow[name].kind != "generate"] += call_s(costs.call(name, plan[name]))
+        gap = abs(sides[0] - sides[1])
+        if best is None or gap < best[0]:
+            best = (gap, plan)
+    if best is None:
+        raise ConfigError(f"no split of the cluster's {exp.cluster.num_devices} devices has a valid layout for "
+                          "every call")
+    return best[1]
 
 
 # name → constructor; beside BASELINES in the search's table, their sources in each docstring
 FRAMEWORK_BASELINES: dict[str, Callable[[Experiment, Profile], Plan]] = {
     "verl-default": verl_default, "openrlhf-hybrid": openrlhf_hybrid, "nemo-rl-default": nemo_rl_default,
     "dschat": dschat, "realhf-heuristic": real_heuristic, "areal-default": areal_default}
-ALL_BASELINES = {**BASELINES, **FRAMEWORK_BASELINES}
+# the split every framework leaves to its user, beside the colocated default trained synchronously
+ASYNC_BASELINES: dict[str, Callable[[Experiment, Profile], Plan]] = {
+    "areal-3/4": areal_split, "balanced": balanced, "verl-colocate-sync": verl_default}
+SYNCHRONOUS = ("verl-colocate-sync",)  # baselines predicted at staleness 0 whatever the experiment's
+ALL_BASELINES = {**BASELINES, **FRAMEWORK_BASELINES, **ASYNC_BASELINES}
 
 
 RECOMPUTING = ("megatron",)  # baselines that take a ``recompute`` setting for their train calls
@@ -280,6 +405,8 @@ def build(name: str, experiment: Experiment, profile: Profile, simulate_it: bool
         raise ConfigError(f"recompute={recompute!r} must be one of {list(RECOMPUTE_CHOICES)}")
     if recompute != "none" and name not in RECOMPUTING:
         raise ConfigError(f"baseline {name!r} takes no recompute setting (only {', '.join(RECOMPUTING)} does)")
+    if name in SYNCHRONOUS:
+        experiment = experiment.with_staleness(0)
     try:
         plan = ALL_BASELINES[name](experiment, profile, recompute) if name in RECOMPUTING else \
             ALL_BASELINES[name](experiment, profile)
@@ -297,6 +424,9 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("experiment", help="experiment YAML file")
     parser.add_argument("--name", required=True, help=f"baseline: {', '.join(ALL_BASELINES)}")
     parser.add_argument("--profile", help="hardware profile name or file (default: the cluster's device)")
+    parser.add_argument("--stack", choices=STACK_NAMES,
+                        help="software stack to price (default: the experiment's cluster.stack, else megatron-vllm "
+                             "on a GPU, executor on a CPU)")
     parser.add_argument("--recompute", default="none", choices=RECOMPUTE_CHOICES,
                         help="activation recompute of the train calls (megatron only; default none)")
     parser.add_argument("--out", help="write the plan JSON here (only when it fits)")
@@ -306,8 +436,7 @@ def _main(argv: list[str] | None) -> int:
         raise ConfigError(f"--name {args.name!r} is not a baseline{did_you_mean(args.name, list(ALL_BASELINES))}; "
                           f"known: {', '.join(ALL_BASELINES)}")
     experiment = load_experiment(args.experiment)
-    profile = (load_profile(args.profile, key="--profile") if args.profile is not None
-               else load_profile(experiment.cluster.device, key="cluster.device"))
+    profile = experiment_profile(experiment, args.profile, args.stack)
     if args.out is not None:
         check_out(args.out)
     base = build(args.name, experiment, profile, recompute=args.recompute)
@@ -315,7 +444,8 @@ def _main(argv: list[str] | None) -> int:
     if args.out is not None and base.feasible:
         atomic_write_text(args.out, base.plan.to_json())
     if args.json:
-        print(json.dumps({"name": base.name, "op_set": op_set(profile), "iteration_s": base.iteration_s,
+        print(json.dumps({"name": base.name, "stack": profile.stack, "op_set": op_set(profile),
+                          "iteration_s": base.iteration_s,
                           "reason": base.reason,
                           "peak_memory_bytes": memory.peak.peak_bytes if memory else None,
                           "plan": json.loads(base.plan.to_json()) if base.plan else None}, indent=2))

@@ -11,6 +11,7 @@ best is the cost of running in that framework.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from estimator.base.errors import ConfigError
@@ -45,10 +46,13 @@ class FrameworkBest:
                 "plan": {c: lay.to_dict() for c, lay in self.plan.layouts.items()}}
 
 
-def framework_best(experiment: Experiment, profile: Profile, result: SearchResult, framework: str) -> FrameworkBest:
-    """The fastest projection onto ``framework`` of the plans the search re-ranked (see above)."""
+def framework_best(experiment: Experiment, profile: Profile, result: SearchResult, framework: str,
+                   also: Sequence[Plan] = ()) -> FrameworkBest:
+    """The fastest projection onto ``framework`` of the plans the search re-ranked (see above)
+    and of the plans in ``also`` (a config imported from the framework, which it runs)."""
     module = exporter(framework)
     plans = [c.plan for c in result.candidates] + [b.plan for b in result.baselines.values() if b.plan is not None]
+    plans += list(also)
     projections: dict[str, Plan] = {}
     refused = []
     for plan in plans:

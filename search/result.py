@@ -14,6 +14,8 @@ from typing import Any
 from estimator.base.tables import format_table
 from estimator.cost.memory import MemoryReport
 from estimator.predict import render
+from estimator.spec.plan import Plan
+from search.framework import FrameworkBest
 from search.run import SearchResult
 
 
@@ -101,7 +103,8 @@ def result_json(result: SearchResult, summary: dict[str, Any]) -> dict[str, Any]
     return {
         "experiment": result.experiment,
         "profile": result.profile,
-        "op_set": summary["op_set"],  # the software stack the op costs are for
+        "stack": summary["stack"],  # the software stack it was priced for
+        "op_set": summary["op_set"],  # the op costs and stack terms it was priced with
         "iteration_s": result.iteration_s,
         "simulated": result.simulated,
         "evaluator_s": result.evaluator_s,
@@ -127,3 +130,39 @@ def result_json(result: SearchResult, summary: dict[str, Any]) -> dict[str, Any]
         "slowest_eval_s": result.slowest_eval_s,
         "elapsed_s": result.elapsed_s,
     }
+
+
+# ---- a config imported from a framework (python -m search --from) -----------------------------
+
+def speedups_over(imported: dict[str, Any], result: SearchResult,
+                  best: FrameworkBest | None) -> dict[str, float | None]:
+    """The imported config's predicted time over the best plan's, overall and in the framework
+    (None where the config does not fit: no speed-up over a plan that cannot run)."""
+    if not imported["fits"]:
+        return {"overall": None, "framework": None}
+    return {"overall": imported["iteration_s"] / result.iteration_s,
+            "framework": imported["iteration_s"] / best.iteration_s if best is not None else None}
+
+
+def imported_text(imported: dict[str, Any]) -> str:
+    """The imported config: its plan, predicted time, memory verdict and the importer's notes."""
+    fits = "fits in memory" if imported["fits"] else "DOES NOT FIT: " + "; ".join(imported["reasons"])
+    plan = Plan.from_data(imported["plan"], where="imported plan")
+    lines = [f"imported {imported['framework']} config {imported['config']}: predicted "
+             f"{imported['iteration_s']:.3f} s per iteration, {fits}", plan.table()]
+    return "\n".join(lines + [f"note: {n}" for n in imported["notes"]])
+
+
+def comparison_table(imported: dict[str, Any], result: SearchResult, best: FrameworkBest | None) -> str:
+    """The imported config against the best plan overall and the best the framework runs."""
+    sp = speedups_over(imported, result, best)
+    fw = imported["framework"]
+    rows = [("plan", "iteration s", "speed-up over the config")]
+    rows.append((f"imported {fw} config", f"{imported['iteration_s']:.3f}",
+                 "1.00x" if imported["fits"] else "does not fit"))
+    rows.append(("best plan overall", f"{result.iteration_s:.3f}",
+                 f"{sp['overall']:.2f}x" if sp["overall"] else "-"))
+    if best is not None:
+        rows.append((f"best plan {best.framework} runs", f"{best.iteration_s:.3f}",
+                     f"{sp['framework']:.2f}x" if sp["framework"] else "-"))
+    return format_table(rows, right={1, 2})

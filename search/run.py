@@ -3,17 +3,20 @@
 :func:`run_search` builds the pruned space (:mod:`search.space`) and the four baselines
 (:mod:`search.baselines`), then
 
-1. hands the start plans — every baseline that fits and a greedy per-call plan (each call on
+1. hands the start plans — every baseline that fits (where none does, the least-memory plan of
+   :func:`search.space.least_memory_plan` if it fits) and a greedy per-call plan (each call on
    all devices with the shape the evaluator finds fastest for it alone) — to the chains, each
    of which scores its share and walks from the best;
 2. if the joint space has at most :data:`search.exact.EXACT_MAX_PLANS` plans, evaluates all of
    them (provably the evaluator's optimum); otherwise anneals in parallel chains
    (:mod:`search.anneal`) from the start plans, until ``max_evals`` plans (exactly, for runs
    that must repeat) or until :data:`ANNEAL_SHARE` of the time budget;
-3. re-ranks the best ``top_k`` distinct plans and every baseline that fits with the full
+3. re-ranks the best ``top_k`` distinct plans, every baseline that fits and every plan the
+   caller adds (``extra_starts``: the best synchronous plan, an imported config) with the full
    simulator, which decides. So the plan returned is never predicted slower than a baseline
-   that fits. With a time budget, simulations stop at the budget's end (a candidate not
-   simulated by then keeps its evaluator figure, flagged); with ``max_evals`` all run.
+   that fits, nor than a plan the caller adds. With a time budget, simulations stop at the
+   budget's end (a candidate not simulated by then keeps its evaluator figure, flagged); with
+   ``max_evals`` all run.
 """
 
 from __future__ import annotations
@@ -144,21 +147,31 @@ def simulate_all(experiment: Experiment, profile: Profile, plans: list[Plan], kn
 def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float = DEFAULT_TIME_BUDGET_S,
                max_evals: int | None = None, seed: int = 0, chains: int | None = None,
                progress: bool | Callable[[float, int, float], None] = True, top_k: int = TOP_K,
-               method: str = "auto", recompute: bool = True) -> SearchResult:
+               method: str = "auto", recompute: bool = True, uneven: bool = False,
+               extra_starts: dict[str, Plan] | None = None) -> SearchResult:
     """Find the fastest plan that fits (see the module docstring). With ``max_evals`` the result
     depends only on the inputs and the seed; otherwise on ``time_budget_s`` seconds of search.
     ``method`` "auto" searches exactly when the space is small enough; "exact" or "anneal" force one.
-    ``recompute=False`` keeps activation recompute out of the space (:func:`build_space`).
+    ``recompute=False`` keeps activation recompute out of the space, ``uneven=True`` puts every
+    contiguous run of devices in it beside the aligned meshes (:func:`build_space`).
     ``progress``: True shows a progress bar on stderr; a callable gets (seconds since the call,
-    plans evaluated, best period so far) as the search goes."""
+    plans evaluated, best period so far) as the search goes. ``extra_starts``: more plans (by
+    label) the simulator re-ranks, like the baselines, and the chains start from where the space
+    holds them (an imported config may lie outside it)."""
     if method not in ("auto", "exact", "anneal"):
         raise ConfigError(f"method={method!r} must be 'auto', 'exact' or 'anneal'")
     t0 = time.monotonic()
     chains = chains or default_chains()
-    space = build_space(experiment, profile, recompute)
+    space = build_space(experiment, profile, recompute, uneven)
     baselines = {name: build(name, experiment, profile, simulate_it=False) for name in ALL_BASELINES}
     ev = Evaluator(experiment, profile)
     starts: list = [space.key(b.plan) for b in baselines.values() if b.feasible and space.contains(b.plan)]
+    extra = dict(extra_starts or {})
+    starts += [space.key(p) for p in extra.values() if space.contains(p)]
+    if not starts:  # no baseline fits: start from the plan built to need little memory where it fits
+        least = least_memory_plan(experiment, space, profile.capacity_bytes)
+        if space.contains(least) and plan_memory(experiment, least, profile.capacity_bytes).feasible:
+            starts.append(space.key(least))
     starts.append(GREEDY)  # computed by the chain that starts from it
     setup_s = time.monotonic() - t0
     exact = method == "exact" or (method == "auto" and space.size <= EXACT_MAX_PLANS)
@@ -195,6 +208,10 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
         if b.feasible and space.key(b.plan) not in seen:
             cands.append((b.plan, None, f"baseline {b.name}"))
             seen.add(space.key(b.plan))
+    for label, p in extra.items():
+        if space.key(p) not in seen:
+            cands.append((p, None, label))
+            seen.add(space.key(p))
     cands += found[1:]
     if not cands:
         raise ConfigError(no_fit_reason(experiment, profile, space, baselines, evaluated))
@@ -211,7 +228,7 @@ def no_fit_reason(experiment: Experiment, profile: Profile, space: Space, baseli
     and a plan built to need little memory (:func:`search.space.least_memory_plan`), the one
     with the lowest peak, its fullest device, the call running there at the peak and that
     device's bytes by part, against the capacity."""
-    tried = [("a least-memory plan (each role at home on its largest mesh, most sharded)",
+    tried = [("a least-memory plan (each role at home on its largest mesh, most sharded and offloaded)",
               least_memory_plan(experiment, space, profile.capacity_bytes))]
     tried += [(f"baseline {b.name}", b.plan) for b in baselines.values() if b.plan is not None]
     reports = [(plan_memory(experiment, plan, profile.capacity_bytes), what, plan) for what, plan in tried]
@@ -220,7 +237,7 @@ def no_fit_reason(experiment: Experiment, profile: Profile, space: Space, baseli
     homes = experiment.workflow.home_calls()
     resident = [role for role, call in homes.items() if worst.device in plan[call].mesh.devices]
     return (f"no plan fits in {fmt_bytes(profile.capacity_bytes)} per device: no baseline fits and the search "
-            f"found none among {evaluated:,} plans. Tightest plan tried, {what}: {worst.call or 'no call'} is "
+            f"found none among {evaluated:,} plans. Tightest plan tried, {what}: {worst.during} is "
             f"the tightest call, {fmt_bytes(worst.peak_bytes)} on device {worst.device} against "
             f"{fmt_bytes(memory.capacity_bytes)} ({parts_text(worst.parts)}; the device keeps the resident "
             f"state of {', '.join(resident) or 'no role'})"

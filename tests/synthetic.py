@@ -7,7 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from estimator.cost.engine import NONE as NO_MOVES
+from estimator.cost.engine import Moves
 from estimator.cost.lowering import CallCost, StageCost
+from estimator.cost.offload import NONE, OffloadCost
 from estimator.cost.pieces import StageTime
 from estimator.cost.transfers import Pair, isolated_transfer_s, pair_ports
 from estimator.profile.profiles import COLLECTIVES, Profile, profile_from_dict
@@ -68,21 +71,38 @@ class StubCosts:
     num_devices: int = 8
     realloc: dict[tuple[str, str], dict[Pair, int]] = field(default_factory=dict)  # (role, call) → pairs
     data: dict[tuple[str, str], dict[Pair, int]] = field(default_factory=dict)  # (producer, consumer) → pairs
+    offloads: dict[str, OffloadCost] = field(default_factory=dict)  # call → its host transfers
 
     varying: bool = False  # every iteration alike
+    production: bool = False  # no production stack: no refit beyond reallocation, no host copies
 
     def call(self, name: str, layout: Layout, iteration: int = 0) -> CallCost:
         return self.calls[name]
 
-    def realloc_pairs(self, role: str, home: Layout, layout: Layout) -> dict[Pair, int]:
+    def realloc_pairs(self, role: str, home: Layout, layout: Layout, call: str | None = None) -> dict[Pair, int]:
         return next((v for (r, c), v in self.realloc.items() if r == role and self.calls[c].layout == layout), {})
 
-    def realloc_s(self, role: str, home: Layout, layout: Layout) -> float:
+    def realloc_s(self, role: str, home: Layout, layout: Layout, call: str | None = None) -> float:
         return isolated_transfer_s(self.realloc_pairs(role, home, layout), self.profile, self.num_devices,
                                    self.dpn, True)
 
+    def refits(self, call: str | None) -> bool:
+        return False
+
+    def refit_fixed_s(self, role: str, call: str | None) -> float:
+        return 0.0
+
+    def shares(self, layouts: dict[str, Layout]) -> bool:
+        return False
+
+    def moves(self, name: str, layouts: dict[str, Layout], shares: bool) -> Moves:
+        return NO_MOVES
+
     def data_pairs(self, producer: str, src: Layout, consumer: str, dst: Layout) -> dict[Pair, int]:
         return self.data.get((producer, consumer), {})
+
+    def offload(self, name: str, layout: Layout, home: Layout) -> OffloadCost:
+        return self.offloads.get(name, NONE)
 
     def data_s(self, producer: str, src: Layout, consumer: str, dst: Layout) -> float:
         return isolated_transfer_s(self.data_pairs(producer, src, consumer, dst), self.profile,

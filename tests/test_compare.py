@@ -204,3 +204,35 @@ def test_a_call_window_opens_when_its_last_device_has_entered():
 
     spans = [Span(0.0, 7.0, 1, 0, "inf", "compute", -1, 0), Span(5.0, 7.5, 0, 0, "inf", "compute", -1, 0)]
     assert call_durations(Timeline.of(spans, "measured"), 0)["inf"] == pytest.approx(2.5)
+
+
+def test_an_asynchronous_run_joins_pushes_as_calls_and_leaves_out_the_drain():
+    """Five iterations, 3 of warm-up and 1 of drain (η = 1): only iteration 3 counts. A weight
+    push is a call of kind push on both sides, measured as the transfer proper: device 0 enters
+    it straight after generating and waits there for the update on device 1."""
+    pred, meas = [], []
+    for it in range(5):
+        o, m = 10.0 * it, 12.0 * it
+        pred += [Span(o, o + 3, 0, it, "gen", "decode", -1, 0), Span(o + 3, o + 7, 1, it, "train", "forward", 0, 0)]
+        meas += [Span(m, m + 3.5, 0, it, "gen", "compute", -1, 0), Span(m, m + 3.5, 0, it, "gen", "decode", 0, 0),
+                 Span(m + 3.5, m + 8, 1, it, "train", "compute", -1, 0),
+                 Span(m + 3.5, m + 8, 1, it, "train", "forward", 0, 0)]
+        if it < 4:  # the last update feeds no rollout: no push
+            pred += [Span(o + 7, o + 8, d, it, "push:gen", "push", -1, 0) for d in (0, 1)]
+            meas += [Span(m + 3.5, m + 9.5, 0, it, "push:gen", "push", -1, 0),
+                     Span(m + 3.5, m + 9.5, 0, it, "push:gen", "call", -1, 0),
+                     Span(m + 8, m + 9.5, 1, it, "push:gen", "push", -1, 0),
+                     Span(m + 8, m + 9.5, 1, it, "push:gen", "call", -1, 0)]
+    frames = compare_plan("a", Timeline.of(pred), [Timeline.of(meas, "measured")], KINDS, warmup=3, drain=1)
+    # iteration 3 ends with its push; the drain iteration 4 (shorter, no push) is left out
+    assert frames.plan.loc[0, "predicted_s"] == pytest.approx(10.0)
+    assert frames.plan.loc[0, "measured_s"] == pytest.approx(12.0)
+    calls = frames.calls.set_index("call")
+    assert calls.loc["push:gen", "call_kind"] == "push"
+    assert calls.loc["push:gen", ["predicted_s", "measured_s"]].tolist() == pytest.approx([1.0, 1.5])
+    assert calls.loc["gen", ["predicted_s", "measured_s"]].tolist() == pytest.approx([3.0, 3.5])
+    ops = frames.ops.set_index(["call", "stage", "kind"])
+    assert ops.loc[("push:gen", -1, "push"), ["predicted_s", "measured_s"]].tolist() == pytest.approx([1.0, 1.5])
+    assert not frames.ops["measured_s"].isna().any() and not frames.ops["predicted_s"].isna().any()
+    _, _, joined_ops = join([frames])
+    assert "push" in set(joined_ops["kind"])

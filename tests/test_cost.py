@@ -229,6 +229,122 @@ def test_fast_realloc_matches_realloc_plan_exactly(model):
             assert realloc_bytes(model, src, dst, 4) == _reference(model, src, dst, 4), (src, dst)
 
 
+def _uneven_layouts(cluster: Cluster, model: ModelSpec) -> list[Layout]:
+    """Layouts on runs that are not ReaL's meshes, tensor-parallel groups inside nodes."""
+    out = []
+    for mesh in cluster.meshes(uneven=True):
+        if cluster.aligned(mesh):
+            continue
+        for tp in divisors(mesh.size):
+            for pp in divisors(mesh.size // tp):
+                if (model.heads % tp == 0 and model.kv_heads % tp == 0 and pp <= model.layers
+                        and cluster.tp_problem(mesh, tp) is None):
+                    out.append(Layout(mesh, mesh.size // (tp * pp), tp, pp))
+    return out
+
+
+@pytest.mark.parametrize("model", [TINY, TIED], ids=lambda m: m.name)
+def test_fast_realloc_matches_realloc_plan_between_uneven_meshes(model):
+    cluster = Cluster(2, 4, "cpu")
+    uneven = _uneven_layouts(cluster, model)
+    assert {lay.mesh.size for lay in uneven} >= {2, 3, 5, 6, 7}
+    others = uneven[::7] + _layouts(cluster, model)[::5]
+    for src in uneven[::3]:
+        for dst in others:
+            assert realloc_bytes(model, src, dst, 4) == _reference(model, src, dst, 4), (src, dst)
+            assert realloc_bytes(model, dst, src, 4) == _reference(model, dst, src, 4), (dst, src)
+
+
+def test_realloc_between_uneven_meshes_by_hand():
+    """Three of a node's four devices (data-parallel) to a two-stage pipeline on devices 3 and
+    4, one on each node: the stage on node 0 takes block 0 and the embedding from a replica
+    on its node (device 3 % 3 = 0 of the three), the stage on node 1 block 1, the head and the
+    final norm from replica 4 % 3 = 1 across the nodes."""
+    split, rep, embed = 147456, 256, 32768  # tiny-2l-128h, as in test_realloc_bytes_by_hand
+    src, dst = Layout(DeviceMesh(0, 3), 3, 1, 1), Layout(DeviceMesh(3, 2), 1, 1, 2)
+    pairs = realloc_bytes(TINY, src, dst, 4)
+    assert pairs == {(0, 3): BF16 * (split + rep + embed), (1, 4): BF16 * (split + rep + embed + 128)}
+    p = profile_from_dict(_two_speed_links())
+    from estimator.cost.transfers import isolated_transfer_s
+
+    assert isolated_transfer_s(pairs, p, 8, 4) == pytest.approx(max(p.p2p_s(pairs[(0, 3)], "intra"),
+                                                                    p.p2p_s(pairs[(1, 4)], "inter")))
+    assert p.p2p_s(pairs[(1, 4)], "inter") == pytest.approx(pairs[(1, 4)] / 1e8)
+
+
+def _two_speed_links() -> dict:
+    """The linear profile with NVLink at 1 GB/s and the NIC at 0.1 GB/s, no latency."""
+    data = linear_profile_dict(link_bw=1e9)
+    inter = data["links"]["inter"]
+    inter.update({k: dict(v, busbw_bytes_per_s=1e8) for k, v in inter.items() if isinstance(v, dict)})
+    return data
+
+
+def test_data_parallel_groups_of_meshes_that_are_not_whole_nodes_by_hand():
+    """A data-parallel all-reduce of S bytes over a group with a ranks on one node and b on the
+    other: the NVLink phase as long as on the fuller node, then each rank of the emptier node
+    carries S/min(a, b) on its NIC (all-reduce moves 2(n−1)/n of the data at the bus bandwidth)."""
+    from estimator.cost.transfers import group_shape
+
+    p = profile_from_dict(_two_speed_links())
+    m = PRESETS["llama2-7b"].as_value_model()
+    call = Call("train", "critic", "train", ("seq",), (), Workload(16, 64, 64))
+    S = stage_params(m, 1, 1, 0, m.layers) * p.elem_bytes
+
+    def ring(n: int, nbytes: float, bw: float) -> float:
+        return 2 * (n - 1) / n * nbytes / bw
+
+    expect = {DeviceMesh(0, 8): ring(8, S, 1e9),  # one node
+              DeviceMesh(4, 8): ring(4, S, 1e9) + ring(2, S / 4, 1e8),  # 4 + 4
+              DeviceMesh(6, 8): ring(6, S, 1e9) + ring(2, S / 2, 1e8),  # 2 + 6
+              DeviceMesh(0, 12): ring(8, S, 1e9) + ring(2, S / 4, 1e8),  # 8 + 4, dp 12
+              DeviceMesh(0, 16): ring(8, S, 1e9) + ring(2, S / 8, 1e8)}  # whole nodes
+    assert group_shape(range(6, 14), 8) == (6, 2, 2) and group_shape(range(0, 16), 8) == (8, 2, 8)
+    ar = {mesh: lower_call(call, m, Layout(mesh, mesh.size, 1, 1, 1), 8, p).stages[0].dp_allreduce_s
+          for mesh in expect}
+    base = DeviceMesh(0, 8)
+    for mesh, want in expect.items():
+        if mesh.size == 8:  # the same flatten copies and overhead: only the collective differs
+            assert ar[mesh] - ar[base] == pytest.approx(want - expect[base], rel=1e-9), mesh
+    twelve, sixteen = DeviceMesh(0, 12), DeviceMesh(0, 16)
+    assert p.group_collective_s("all_reduce", S, *group_shape(twelve.devices, 8)) == pytest.approx(expect[twelve])
+    assert p.group_collective_s("all_reduce", S, *group_shape(sixteen.devices, 8)) == pytest.approx(expect[sixteen])
+
+
+def test_pipeline_stages_of_a_mesh_that_starts_mid_node_send_across_only_at_the_boundary():
+    """Mesh 4-11 on nodes of 8, tp 2 × pp 4: stages 4-5, 6-7 | 8-9, 10-11; only the message
+    from stage 1 to stage 2 crosses the nodes, on the NIC of each of its two pairs."""
+    from estimator.cost.transfers import NIC_IN, NIC_OUT, stage_send
+
+    p = profile_from_dict(_two_speed_links())
+    lay = Layout(DeviceMesh(4, 8), 1, 2, 4)
+    sends = [stage_send(p, lay, k, 1e6, 8) for k in range(4)]
+    assert [s[3] for s in sends] == ["intra", "inter", "intra", "intra"]
+    assert [s[0] for s in sends[:3]] == pytest.approx([1e6 / 1e9, 1e6 / 1e8, 1e6 / 1e9])
+    assert sends[1][1] == (4 * 6 + NIC_OUT, 4 * 8 + NIC_IN, 4 * 7 + NIC_OUT, 4 * 9 + NIC_IN)
+
+
+def test_rollouts_on_meshes_of_one_size_differ_where_one_crosses_nodes():
+    """A generation's rollout is shared between layouts whose links are alike: a pipeline on
+    devices 0-1 and one on 2-3 (one node each), not one on 3-4, whose stages talk over the NIC."""
+    from estimator.cost.lowering import Costs
+    from estimator.cost.rollout import rollout_cost
+    from tests.conftest import tiny_experiment
+
+    exp = tiny_experiment("grpo", nodes=2, devices_per_node=4, batch_size=8, group_size=2)
+    p = profile_from_dict(_two_speed_links())
+    costs = Costs(exp, p)
+    call, model = exp.workflow["actor_gen"], exp.models["actor"]
+    lays = [Layout(DeviceMesh(first, 2), 1, 1, 2, 2, max_concurrency=4) for first in (0, 2, 3)]
+    got = [costs.call("actor_gen", lay).rollout for lay in lays]
+    w = call.workload
+    lengths = (np.full(w.seqs, w.prompt_len), np.full(w.seqs, w.gen_len))
+    alone = [rollout_cost(p, call, model, lay, *lengths, costs.kv_tokens("actor_gen", lay), 4) for lay in lays]
+    assert got[0] is got[1] and got[2] is not got[0]
+    assert [r.duration_s for r in got] == pytest.approx([r.duration_s for r in alone])
+    assert alone[2].duration_s > alone[0].duration_s
+
+
 def test_realloc_bytes_by_hand():
     # tiny-2l-128h: per block 147456 split parameters + 256 norm weights; embedding and head
     # 32768 each (vocab split); final norm 128.

@@ -22,9 +22,9 @@ from tests.conftest import EXAMPLES, tiny_experiment
 from tests.synthetic import StubCosts, call_cost, lay, linear_profile, plan_of, workload, world
 
 
-def _random_plans(exp, count: int, seed: int) -> list[Plan]:
+def _random_plans(exp, count: int, seed: int, uneven: bool = False) -> list[Plan]:
     wf = exp.workflow
-    opts = {c: enumerate_layouts(wf[c], exp.models[wf[c].role], exp.cluster) for c in wf.call_names}
+    opts = {c: enumerate_layouts(wf[c], exp.models[wf[c].role], exp.cluster, uneven) for c in wf.call_names}
     rng = random.Random(seed)
     return [Plan({c: rng.choice(v) for c, v in opts.items()}) for _ in range(count)]
 
@@ -70,6 +70,24 @@ def test_evaluator_agrees_with_simulator_within_3_percent(name, count):
         fast = ev.evaluate(plan).iteration_s
         assert fast == pytest.approx(sim, rel=0.03), plan.table()
         assert min(sim, fast) >= roofline_s(exp, prof)
+
+
+@pytest.mark.parametrize("name", ["grpo-qwen2.5-7b-16xh100", "ppo-tiny-2x3cpu"])
+def test_evaluator_agrees_with_simulator_on_meshes_of_any_run(name):
+    """Plans drawn from every contiguous run (``0-11`` beside ``12-15``, runs that start mid-node
+    and cross it): the two engines share the layouts' groups, links and reallocations."""
+    if name == "ppo-tiny-2x3cpu":
+        exp = tiny_experiment("ppo", nodes=2, devices_per_node=3, batch_size=12, minibatches=2)
+    else:
+        exp = load_experiment(EXAMPLES / f"{name}.yaml")
+    prof = load_profile(exp.cluster.device)
+    costs = Costs(exp, prof)
+    ev = Evaluator(exp, prof, costs=costs)
+    plans = _random_plans(exp, 6, seed=5, uneven=True)
+    assert sum(not exp.cluster.aligned(lay.mesh) for p in plans for lay in p.layouts.values()) >= 6
+    for plan in plans:
+        sim = simulate(exp, plan, prof, costs=costs).iteration_s
+        assert ev.evaluate(plan).iteration_s == pytest.approx(sim, rel=0.03), plan.table()
 
 
 def test_evaluator_agrees_on_a_70b_plan_with_reallocation_and_concurrent_calls():

@@ -367,6 +367,50 @@ def test_realhf_writes_every_call_as_planned_and_counts_a_token_budget():
             "allocation_mode=manual", "nodelist='NODE01'"} <= lines
 
 
+def test_realhf_widens_runs_its_device_meshes_cannot_name():
+    """ReaLHF names a power-of-two count of one node's GPUs or whole nodes: six GPUs become the
+    node, three the four from the same first device (pp 3 divides neither: data parallelism
+    takes the devices); two stay as planned."""
+    exp = load_experiment(PPO)
+    plan = _plan({
+        "actor_gen": {"mesh": "0-5", "dp": 1, "tp": 2, "pp": 3, "micro_batches": 1},
+        "ref_inf": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
+        "reward_inf": {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 4},
+        "critic_inf": {"mesh": "1-3", "dp": 1, "tp": 1, "pp": 3, "micro_batches": 4},
+        "actor_train": {"mesh": "0-7", "dp": 4, "tp": 2, "pp": 1, "micro_batches": 4},
+        "critic_train": {"mesh": "0-7", "dp": 4, "tp": 2, "pp": 1, "micro_batches": 4},
+    })
+    assert validate(plan, exp) == []
+    export = make_export("realhf", exp, plan)
+    got = {(c.call, c.field): (c.given, c.exported) for c in export.changes}
+    assert got == {("actor_gen", "mesh"): ("0-5", "0-7"), ("actor_gen", "dp"): ("1", "4"),
+                   ("actor_gen", "pp"): ("3", "1"),
+                   ("critic_inf", "mesh"): ("1-3", "1-4"), ("critic_inf", "pp"): ("3", "1"),
+                   ("critic_inf", "dp"): ("1", "4"), ("critic_inf", "micro_batches"): ("4", "1")}
+    assert all("power-of-two count of one node's GPUs" in c.why for c in export.changes)
+    lines = set(export.files["overrides.txt"].splitlines())
+    assert {"actor_gen.device_mesh='NODE01'", "critic_inf.device_mesh='NODE01:1,2,3,4'",
+            "ref_inf.device_mesh='NODE01:6,7'"} <= lines
+
+
+def test_openrlhf_counts_a_group_of_part_nodes_in_bundles_that_fit_a_node():
+    from estimator.interop.openrlhf import _gpus
+    from estimator.spec.cluster import DeviceMesh
+
+    assert _gpus(DeviceMesh(0, 6), 8) == (1, 6) and _gpus(DeviceMesh(0, 16), 8) == (2, 8)
+    assert _gpus(DeviceMesh(0, 12), 8) == (3, 4) and _gpus(DeviceMesh(4, 12), 8) == (3, 4)
+    # generation on six devices of a pipeline of three: OpenRLHF's engines have no stages, and six
+    # of them cannot take equal shares of 2048 sequences
+    exp = load_experiment(CASES["grpo-llama3-8b-8xh100"][0])
+    two = {"mesh": "6-7", "dp": 2, "tp": 1, "pp": 1, "micro_batches": 8}
+    plan = _grpo_plan(exp, {"mesh": "0-5", "dp": 2, "tp": 1, "pp": 3, "micro_batches": 1},
+                      actor_train=two, actor_inf=two, ref_inf=two)
+    assert validate(plan, exp) == []
+    with pytest.raises(ConfigError, match=r"^openrlhf: call actor_gen: without pipeline stages its mesh 0-5 makes "
+                                          r"6 vLLM engines of tp 1, and plans split the batch of 2048"):
+        make_export("openrlhf", exp, plan)
+
+
 def test_a_shard_change_is_listed_and_reaches_the_projected_plan():
     exp = load_experiment(PPO)
     pr = Projection(exp, _everything_on(8, exp))
@@ -499,7 +543,8 @@ def test_nemo_rl_gives_the_policy_every_device_generation_does_not_take():
     assert all(str(export.plan[c].mesh) == "4-7" for c in ("actor_train", "actor_inf", "ref_inf"))
     data = _overlay(export.files["config.yaml"])["policy"]["generation"]["colocated"]
     assert data == {"enabled": False, "resources": {"gpus_per_node": 4, "num_nodes": 1}}
-    # generation on 0-1 leaves 2-7, no mesh of this planner: everything colocated on all devices
+    # generation on 0-1 leaves 2-7, where the policy's 512 rows per step do not split over 6 ranks:
+    # everything colocated on all devices
     export = make_export("nemo-rl", exp, _grpo_plan(exp, {"mesh": "0-1", "dp": 2, "tp": 1, "pp": 1,
                                                           "micro_batches": 1},
                                                     actor_train=two, actor_inf=two, ref_inf=two))
@@ -610,5 +655,111 @@ def test_openrlhf_import_lays_separate_groups_out_in_order_and_names_an_unknown_
     raw, back, notes = importer("openrlhf")(text, "h100-sxm")
     assert {c: back[c].to_dict() for c in calls} == calls and not notes
     assert raw["cluster"] == {"nodes": 1, "devices_per_node": 8, "device": "h100-sxm"}
-    with pytest.raises(ConfigError, match=r"flag '--vllm.enable_sleep' is not one the importer reads"):
-        importer("openrlhf")(text.replace('   "$@"', "   --vllm.enable_sleep \\\n   \"$@\""), "h100-sxm")
+    # ZeRO-Offload (Adam stepping on the CPU) is not the plan's offload: named, not read
+    with pytest.raises(ConfigError, match=r"flag '--ds.adam_offload' is not one the importer reads"):
+        importer("openrlhf")(text.replace('   "$@"', "   --ds.adam_offload \\\n   \"$@\""), "h100-sxm")
+
+
+# ---- offload ---------------------------------------------------------------------------------
+
+def test_verl_writes_the_megatron_offload_switches_and_reads_them_back():
+    """optimizer → optimizer_offload; all → param, grad and optimizer offload (verl's 8B recipe);
+    every key is in verl's default config; import gives the setting back; a combination no
+    setting stands for is refused by name."""
+    from estimator.interop import importer
+
+    config = yaml.safe_load((FIXTURES / "verl" / "_generated_ppo_megatron_trainer.yaml").read_text())
+    exp = load_experiment(PPO)
+    plan = _everything_on(8, exp, actor_train={"dp": 8, "offload": "all"},
+                          critic_train={"dp": 8, "shard": "optimizer", "offload": "optimizer"})
+    export = make_export("verl", exp, plan)
+    assert not [c for c in export.changes if c.field == "offload"]
+    lines = export.files["overrides.txt"].splitlines()
+    on = {line.split("=")[0] for line in lines if line.endswith("_offload=True")}
+    assert on == {f"actor_rollout_ref.actor.megatron.{k}_offload" for k in ("param", "grad", "optimizer")} | \
+        {"critic.megatron.optimizer_offload"}
+    assert not [line for line in lines if not _verl_has(line.split("=", 1)[0], config)]
+    back = importer("verl")(export.files["overrides.txt"], "h100-sxm")[1]
+    assert back == export.plan and (back["actor_train"].offload, back["critic_train"].offload) == ("all", "optimizer")
+    half = export.files["overrides.txt"].replace("actor_rollout_ref.actor.megatron.optimizer_offload=True\n", "")
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref.actor.megatron: offload switches param_offload=True, "
+                                          r"grad_offload=True have no plan spelling"):
+        importer("verl")(half, "h100-sxm")
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_openrlhf_sleeps_deepspeed_for_offload_and_runs_all_as_optimizer(legacy):
+    """--ds.enable_sleep (with --vllm.enable_sleep) is the optimizer offload of every DeepSpeed
+    model; all is projected onto it (DeepSpeed keeps its bf16 parameters) and named; import
+    reads optimizer back; the flags exist in both spellings."""
+    from estimator.interop import importer
+
+    exp = load_experiment(PPO)
+    plan = _everything_on(8, exp, actor_gen={"dp": 4, "tp": 2}, actor_train={"shard": "full", "offload": "all"},
+                          critic_train={"shard": "full"})
+    export = exporter("openrlhf").export(exp, plan, legacy_flags=legacy)
+    offloads = [(c.call, c.given, c.exported) for c in export.changes if c.field == "offload"]
+    assert offloads == [("actor_train", "all", "optimizer"), ("critic_train", "none", "optimizer")]
+    text = export.files["command.sh"]
+    sleep = ("--vllm_enable_sleep", "--deepspeed_enable_sleep") if legacy else ("--vllm.enable_sleep",
+                                                                                 "--ds.enable_sleep")
+    assert all(re.search(rf"^\s+{re.escape(f)} \\$", text, flags=re.M) for f in sleep)
+    known = _openrlhf_flags(FIXTURES / "openrlhf" / ("train_ppo_ray.legacy.py.txt" if legacy
+                                                     else "train_ppo_ray.py.txt"))
+    assert set(sleep) <= known
+    back = importer("openrlhf")(text, "h100-sxm")[1]  # (with the actor_inf call OpenRLHF always runs)
+    assert {c: back[c] for c in export.plan.layouts} == export.plan.layouts
+    assert {back[c].offload for c in ("actor_train", "critic_train")} == {"optimizer"}
+    plain = exporter("openrlhf").export(exp, _everything_on(8, exp, actor_gen={"dp": 4, "tp": 2})).files["command.sh"]
+    assert "enable_sleep" not in plain  # nothing written where the plan keeps its state on the devices
+
+
+def test_nemo_rl_offloads_the_policy_around_colocated_generation_and_the_optimizer_apart():
+    config = yaml.safe_load((FIXTURES / "nemo-rl" / "grpo_math_1B.yaml").read_text())
+    exp, plan = _case("grpo-llama3-8b-8xh100")
+    colocated = make_export("nemo-rl", exp, plan)
+    assert colocated.plan["actor_gen"].mesh == colocated.plan["actor_train"].mesh
+    assert colocated.plan["actor_train"].offload == "all"
+    assert any(c.field == "offload" and "offload_after_refit" in c.why for c in colocated.changes)
+    apart = _plan({"actor_gen": {"mesh": "0-3", "dp": 4, "tp": 1, "pp": 1, "micro_batches": 1},
+                   **{c: {"mesh": "4-7", "dp": 4, "tp": 1, "pp": 1, "micro_batches": 4,
+                          **({"offload": "all"} if c == "actor_train" else {})}
+                      for c in ("actor_inf", "ref_inf", "actor_train")}})
+    export = make_export("nemo-rl", exp, apart)
+    (change,) = [c for c in export.changes if c.field == "offload"]
+    assert (change.given, change.exported) == ("all", "optimizer")
+    data = _overlay(export.files["config.yaml"])
+    assert data["policy"]["offload_optimizer_for_logprob"] is True
+    assert _verl_has("policy.offload_optimizer_for_logprob", config)
+    from estimator.interop import importer
+
+    for done in (export, colocated):  # the importer reads the offload back, both ways
+        back = importer("nemo-rl")(done.files["config.yaml"], "h100-sxm")[1]
+        assert back["actor_train"].offload == done.plan["actor_train"].offload
+    assert "offload_optimizer_for_logprob" not in _overlay(make_export("nemo-rl", exp, _plan({
+        **{c: dict(v) for c, v in json.loads(apart.to_json())["calls"].items()},
+        "actor_train": {"mesh": "4-7", "dp": 4, "tp": 1, "pp": 1, "micro_batches": 4}})).files["config.yaml"])["policy"]
+
+
+def test_areal_engine_offload_is_all_and_realhf_has_none_on_megatron():
+    classes = _classes("areal")
+    exp, plan = _case("grpo-llama3-8b-8xh100")
+    apart = _plan({"actor_gen": {"mesh": "0-3", "dp": 4, "tp": 1, "pp": 1, "micro_batches": 1},
+                   **{c: {"mesh": "4-7", "dp": 4, "tp": 1, "pp": 1, "micro_batches": 4,
+                          **({"offload": "optimizer", "shard": "full"} if c == "actor_train" else {})}
+                      for c in ("actor_inf", "ref_inf", "actor_train")}})
+    export = make_export("areal", exp, apart)
+    (change,) = [c for c in export.changes if c.field == "offload"]
+    assert (change.call, change.given, change.exported) == ("actor_train", "optimizer", "all")
+    data = _overlay(export.files["config.yaml"])
+    assert data["actor"]["offload"] is True and data["enable_offload"] is True
+    assert not [k for k in _flat(data) if not _dataclass_has(k, classes, "GRPOConfig")]
+    from estimator.interop import importer
+
+    assert importer("areal")(export.files["config.yaml"], "h100-sxm")[1]["actor_train"].offload == "all"
+    ppo = load_experiment(PPO)
+    lay = {"mesh": "0-7", "dp": 8, "tp": 1, "pp": 1, "micro_batches": 4}
+    real = make_export("realhf", ppo, _plan({c: dict(lay, **({"offload": "all"} if ppo.workflow[c].kind == "train"
+                                                             else {})) for c in ppo.workflow.call_names}))
+    assert {(c.call, c.exported) for c in real.changes if c.field == "offload"} == {("actor_train", "none"),
+                                                                                     ("critic_train", "none")}

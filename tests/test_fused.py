@@ -4,6 +4,7 @@ formulas' FLOPs, and a profile's choice of op set (CPU profiles keep the executo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from calibration import fused
 from estimator.base.errors import ConfigError
-from estimator.cost.census import OP_SET_PATHS, load_op_set, model_symbols
+from estimator.cost.census import FUSED_VARIANTS, OP_SET_PATHS, load_op_set, model_symbols
 from estimator.cost.ops import projection_flops_per_token
 from estimator.cost.pieces import piece_s
 from estimator.profile.profiles import load_profile, profile_from_dict
@@ -29,7 +30,10 @@ def test_committed_fused_census_is_current_with_its_generator():
 
 def test_fused_census_has_every_piece_of_the_executor_census():
     executor = json.loads(OP_SET_PATHS["executor"].read_text())["dtypes"]["bfloat16"]
-    assert set(load_op_set("fused").dtypes["bfloat16"]) == set(executor)
+    fused_pieces = set(load_op_set("fused").dtypes["bfloat16"])
+    assert fused_pieces >= set(executor)
+    # beyond them only the blocks the executor cannot run (Qwen3's q/k norms)
+    assert fused_pieces - set(executor) and all(p.endswith(tuple(FUSED_VARIANTS)) for p in fused_pieces - set(executor))
 
 
 @pytest.mark.parametrize("name,tp", [("llama2-7b", 1), ("llama3-8b", 2), ("llama2-70b", 8)])
@@ -46,6 +50,24 @@ def test_block_flops_are_the_projections_plus_causal_attention(name, tp):
     back, _, _ = _work("block_backward" + ("@tp" if tp > 1 else ""), model, tp, rows=b, tokens=s)
     gemm = b * s * projection_flops_per_token(model) / tp
     assert back == pytest.approx(2 * gemm + 2.5 * attention, rel=1e-12)
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_qwen3_block_has_wide_heads_and_two_qk_norm_kernels(tp):
+    """Qwen3-32B: 64 heads of 128 on hidden 5120, so q and o are 8192 wide; the q and k norms
+    are two more memory-bound kernels that read and write the rank's q and k rows."""
+    model = PRESETS["qwen3-32b"]
+    assert model.q_dim == 8192 != model.hidden
+    b, s = 2, 1024
+    name = "block_forward" + ("@tp" if tp > 1 else "") + "+qknorm"
+    flops, nbytes, kernels = _work(name, model, tp, rows=b, tokens=s)
+    attention = 2.0 * b * s * s * model.q_dim / tp
+    assert flops == pytest.approx(b * s * projection_flops_per_token(model) / tp + attention, rel=1e-12)
+    assert kernels == 13  # the LLaMA block's 11 and the q and k norms
+    plain = dataclasses.replace(model, qk_norm=False)
+    _, plain_bytes, _ = _work("block_forward" + ("@tp" if tp > 1 else ""), plain, tp, rows=b, tokens=s)
+    rows_bytes = 2 * 2 * b * s * (model.q_dim + model.kv_dim) / tp  # q and k in and out, bf16
+    assert nbytes - plain_bytes == pytest.approx(rows_bytes + 2 * 2 * model.head_dim)
 
 
 def test_decode_reads_the_weights_and_the_kv_cache_once():

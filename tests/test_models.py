@@ -15,7 +15,54 @@ PUBLISHED = {  # billions, from the Hugging Face model cards' parameter counts
     "llama2-7b": 6.738, "llama2-13b": 13.016, "codellama-34b": 33.744, "llama2-70b": 68.977,
     "llama3-8b": 8.030, "llama3-70b": 70.554, "qwen2.5-0.5b": 0.494, "qwen2.5-1.5b": 1.544,
     "qwen2.5-7b": 7.616, "qwen2.5-14b": 14.770, "qwen2.5-32b": 32.764, "qwen2.5-72b": 72.706,
+    "qwen2.5-3b": 3.086, "llama3.1-8b": 8.030, "llama3.1-70b": 70.554, "llama3.3-70b": 70.554,
+    # Qwen3 model cards give one decimal (0.6B, 1.7B, 4.0B, 8.2B, 14.8B, 32.8B) and the
+    # non-embedding count (0.44, 1.4, 3.6, 6.95, 13.2, 31.2 B): both are checked below
+    "qwen3-0.6b": 0.596, "qwen3-1.7b": 1.721, "qwen3-4b": 4.022, "qwen3-8b": 8.191, "qwen3-14b": 14.768,
+    "qwen3-32b": 32.762,
+    "r1-distill-qwen-1.5b": 1.777, "r1-distill-qwen-7b": 7.616, "r1-distill-qwen-14b": 14.770,
+    "r1-distill-qwen-32b": 32.764,
 }
+QWEN3_CARDS = {  # model card: (parameters, non-embedding parameters), billions, as printed
+    "qwen3-0.6b": (0.6, 0.44), "qwen3-1.7b": (1.7, 1.4), "qwen3-4b": (4.0, 3.6), "qwen3-8b": (8.2, 6.95),
+    "qwen3-14b": (14.8, 13.2), "qwen3-32b": (32.8, 31.2)}
+
+
+@pytest.mark.parametrize("name,card", sorted(QWEN3_CARDS.items()))
+def test_qwen3_presets_round_to_their_model_cards(name, card):
+    m = PRESETS[name]
+    non_embedding = m.params - m.embedding_params - m.head_params
+    for count, printed in zip((m.params, non_embedding), card):
+        digits = len(str(printed).split(".")[1])  # as many decimals as the card prints
+        assert round(count / 1e9, digits) == printed
+
+
+def test_qwen3_32b_wide_heads_and_qk_norms_by_hand():
+    m = PRESETS["qwen3-32b"]
+    h, q, kv, f, d = 5120, 64 * 128, 8 * 128, 25600, 128
+    assert (m.head_dim, m.q_dim, m.kv_dim) == (d, q, kv)
+    # q and o are h × a·d, k and v h × g·d, three SwiGLU matrices, two block norms, the q and k norms
+    assert m.params_per_layer == 2 * h * q + 2 * h * kv + 3 * h * f + 2 * h + 2 * d
+    assert m.replicated_params_per_layer == 2 * h + 2 * d
+    assert m.family == "qwen3" and dataclasses.replace(m, qk_norm=False).params == m.params - 64 * 2 * d
+    from estimator.spec.sharding import param_inventory
+
+    names = {p.name: p.shape for p in param_inventory(m)}  # what sharding and reallocation move
+    assert names["layers.0.self_attn.q_proj.weight"] == (q, h) and names["layers.0.self_attn.o_proj.weight"] == (h, q)
+    assert names["layers.0.self_attn.k_norm.weight"] == (d,)
+    assert sum(p.numel for p in param_inventory(m)) == m.params
+
+
+@pytest.mark.parametrize("hf,preset", [("meta-llama/Llama-3.1-8B-Instruct", "llama3.1-8b"),
+                                       ("meta-llama/Llama-3.1-70B (base)", "llama3.1-70b"),
+                                       ("meta-llama/Llama-3.3-70B-Instruct", "llama3.3-70b"),
+                                       ("Qwen/Qwen3-32B", "qwen3-32b"), ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b"),
+                                       ("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B", "r1-distill-qwen-14b"),
+                                       ("Qwen3-30B-A3B (MoE)", None), ("mistralai/Mixtral-8x7B-v0.1", None)])
+def test_hugging_face_names_map_to_presets(hf, preset):
+    from estimator.spec.models import hf_preset
+
+    assert hf_preset(hf) == preset
 
 
 @pytest.mark.parametrize("name,billions", sorted(PUBLISHED.items()))
@@ -66,6 +113,22 @@ def test_from_hf_config_llama_and_qwen(tmp_path):
     (tmp_path / "q").mkdir()
     q = from_hf_config(_write(tmp_path / "q", qwen))
     assert q.qkv_bias and q.params == PRESETS["qwen2.5-7b"].params
+
+
+def test_from_hf_config_qwen3_reads_head_dim_and_sets_qk_norm(tmp_path):
+    """Qwen/Qwen3-32B's config.json (transformers 4.51): head_dim 128 on hidden 5120 / 64 heads."""
+    cfg = {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "head_dim": 128, "hidden_size": 5120,
+           "intermediate_size": 25600, "model_type": "qwen3", "num_attention_heads": 64, "num_hidden_layers": 64,
+           "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_theta": 1000000, "tie_word_embeddings": False,
+           "vocab_size": 151936}
+    m = from_hf_config(_write(tmp_path, cfg))
+    assert (m.qk_norm, m.head_dim, m.qkv_bias) == (True, 128, False)
+    assert m.params == PRESETS["qwen3-32b"].params
+    # Qwen3-8B's heads are hidden/heads wide: no override recorded
+    cfg8 = {**cfg, "hidden_size": 4096, "num_attention_heads": 32, "intermediate_size": 12288, "num_hidden_layers": 36}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg8))
+    m8 = from_hf_config(tmp_path / "m")
+    assert m8.attention_head_dim == 0 and m8.params == PRESETS["qwen3-8b"].params
 
 
 def test_from_hf_config_mistral_without_kv_key(tmp_path):

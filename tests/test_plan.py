@@ -28,32 +28,93 @@ def _call(seqs=64, minibatches=2, kind="train", paired=False):
 def _rules(problems):
     keys = {"must equal mesh": "size", "must divide heads": "heads", "must divide kv_heads": "kv_heads",
             "spans nodes": "span", "exceeds layers": "layers", "not divisible by dp": "batch",
-            "must be whole nodes": "mesh", "aligned power-of-two": "mesh", "exceeds the cluster": "mesh",
-            "must divide ffn": "ffn", "must divide vocab": "vocab"}
+            "exceeds the cluster": "mesh", "must divide ffn": "ffn", "must divide vocab": "vocab"}
     return {rule for p in problems for k, rule in keys.items() if k in p}
+
+
+def _real_rule(cluster: Cluster, mesh: DeviceMesh) -> bool:
+    """ReaL's meshes, written out: an aligned power-of-two slice of one node or whole nodes."""
+    dpn = cluster.devices_per_node
+    if mesh.last >= cluster.num_devices:
+        return False
+    if mesh.size < dpn:
+        return mesh.size & (mesh.size - 1) == 0 and dpn % mesh.size == 0 and mesh.first % mesh.size == 0
+    return mesh.first % dpn == 0 and mesh.size % dpn == 0
+
+
+def _straddles(cluster: Cluster, first: int, size: int, tp: int) -> bool:
+    """Whether a run of tp neighbouring devices from the mesh's first (cut at its end) spans
+    two nodes, or tp is more than a node."""
+    dpn = cluster.devices_per_node
+    groups = [range(first + j * tp, min(first + (j + 1) * tp, first + size)) for j in range(-(-size // tp))]
+    return tp > dpn or any(g[0] // dpn != g[-1] // dpn for g in groups)
 
 
 @given(clusters)
 def test_enumerated_meshes_are_exactly_the_valid_ones(cluster):
-    meshes = cluster.meshes()
-    assert len(set(meshes)) == len(meshes)
-    brute = {DeviceMesh(f, s) for f in range(cluster.num_devices) for s in range(1, cluster.num_devices - f + 1)
-             if not cluster.mesh_problems(DeviceMesh(f, s))}
-    assert set(meshes) == brute
-    for m in meshes:
-        nodes = cluster.mesh_nodes(m)
-        assert len(nodes) == 1 or m.size == len(nodes) * cluster.devices_per_node
+    runs = {DeviceMesh(f, s) for f in range(cluster.num_devices) for s in range(1, cluster.num_devices - f + 1)}
+    assert {m for m in runs if not cluster.mesh_problems(m)} == runs  # every contiguous run is a mesh
+    assert cluster.mesh_problems(DeviceMesh(cluster.num_devices - 1, 2))  # … of the cluster's devices
+    for uneven, expect in ((True, runs), (False, {m for m in runs if _real_rule(cluster, m)})):
+        meshes = cluster.meshes(uneven)
+        assert len(set(meshes)) == len(meshes) and set(meshes) == expect
+        assert meshes == sorted(meshes, key=lambda m: (m.size, m.first))
+        assert cluster.num_meshes(uneven) == len(meshes)
+        sizes = sorted({m.size for m in meshes})
+        assert cluster.mesh_sizes(uneven) == {s: sum(m.size == s for m in meshes) for s in sizes}
+    assert all(cluster.aligned(m) == _real_rule(cluster, m) for m in runs)
+
+
+@given(clusters, st.integers(1, 9))
+def test_tp_counts_per_mesh_size_match_the_listed_meshes(cluster, tp):
+    for uneven in (False, True):
+        listed = cluster.meshes(uneven)
+        counts = cluster.tp_mesh_counts(tp, uneven)
+        assert counts == {s: sum(m.size == s and not _straddles(cluster, m.first, s, tp) for m in listed)
+                          for s in cluster.mesh_sizes(uneven)}
+        for m in listed:
+            assert (cluster.tp_problem(m, tp) is None) == (not _straddles(cluster, m.first, m.size, tp))
+
+
+def test_a_straddling_tensor_parallel_group_is_named_with_its_mesh_and_devices():
+    cluster = Cluster(2, 8, "h100-sxm")
+    assert cluster.tp_problem(DeviceMesh(0, 6), 3) is None  # 6 of a node: tp 3 or 6 fit
+    assert cluster.tp_problem(DeviceMesh(2, 12), 6) is None  # 6 + 6 devices on two nodes
+    assert cluster.tp_problem(DeviceMesh(0, 12), 4) is None  # 8 + 4
+    msg = cluster.tp_problem(DeviceMesh(6, 8), 4)  # 2 + 6 devices: the group 6-9 crosses
+    assert msg == ("tp=4 spans nodes on mesh 6-13: its tensor-parallel group 6-9 straddles nodes 0 and 1 (nodes "
+                   "of 8 devices); tp must divide the mesh's devices on each node (2, 6)")
+    msg = cluster.tp_problem(DeviceMesh(0, 16), 3)  # whole nodes, tp not dividing a node
+    assert "tp=3 spans nodes on mesh 0-15: its tensor-parallel group 6-8 straddles nodes 0 and 1" in msg
+    assert "tp at most 8" in cluster.tp_problem(DeviceMesh(0, 16), 16)
+    assert cluster.node_parts(DeviceMesh(6, 8)) == (2, 6) and cluster.node_parts(DeviceMesh(3, 3)) == (3,)
 
 
 @settings(max_examples=60, deadline=None)
-@given(clusters, models, st.sampled_from([8, 16, 48, 64]), st.sampled_from([1, 2, 4]))
-def test_every_enumerated_layout_validates(cluster, model, seqs, minibatches):
+@given(clusters, models, st.sampled_from([8, 16, 48, 64]), st.sampled_from([1, 2, 4]), st.booleans())
+def test_every_enumerated_layout_validates(cluster, model, seqs, minibatches, uneven):
     call = _call(seqs * minibatches, minibatches)
-    layouts = enumerate_layouts(call, model, cluster)
+    layouts = enumerate_layouts(call, model, cluster, uneven)
     assert layouts, "a single device with dp=tp=pp=1 is always valid"
+    dpn = cluster.devices_per_node
     for lay in layouts:
         assert layout_problems(call, model, cluster, lay) == []
         assert lay.size == lay.mesh.size
+        assert uneven or cluster.aligned(lay.mesh)
+        for d in lay.mesh.devices:  # every tensor-parallel group inside one node
+            dp_rank, _, pp_rank = lay.coords(d)
+            assert len({lay.device(dp_rank, t, pp_rank) // dpn for t in range(lay.tp)}) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 40), st.integers(1, 6), st.integers(1, 6), st.integers(1, 6))
+def test_device_coordinates_round_trip_on_any_run(first, dp, tp, pp):
+    lay = Layout(DeviceMesh(first, dp * tp * pp), dp, tp, pp)
+    coords = [(d, t, p) for p in range(pp) for d in range(dp) for t in range(tp)]
+    assert [lay.device(*c) for c in coords] == list(lay.mesh.devices)  # tp innermost, then dp, then pp
+    assert [lay.coords(lay.device(*c)) for c in coords] == coords
+    assert [lay.stage_devices(p) for p in range(pp)] == [range(first + p * dp * tp, first + (p + 1) * dp * tp)
+                                                         for p in range(pp)]
 
 
 @settings(max_examples=200, deadline=None)
@@ -63,16 +124,15 @@ def test_random_layouts_are_judged_by_the_right_rules(cluster, model, first, siz
     call = _call(48, 2)
     lay = Layout(DeviceMesh(first, size), dp, tp, pp, mb)
     got = _rules(layout_problems(call, model, cluster, lay))
-    dpn = cluster.devices_per_node
     expected = set()
-    if cluster.mesh_problems(lay.mesh):
+    if first + size > cluster.num_devices:
         expected.add("mesh")
     if dp * tp * pp != size:
         expected.add("size")
     for dim in ("heads", "kv_heads", "ffn", "vocab"):
         if getattr(model, dim) % tp:
             expected.add(dim)
-    if tp > dpn or (size > dpn and dpn % tp):
+    if _straddles(cluster, first, size, tp):
         expected.add("span")
     if pp > model.layers:
         expected.add("layers")
@@ -145,14 +205,23 @@ def test_tensor_parallelism_across_nodes_is_allowed_only_when_the_layout_says_so
     assert across.tp_span(8) == (8, 2) and dataclasses.replace(across, tp=4, dp=8).tp_span(8) == (4, 1)
     refused = layout_problems(train, model, cluster, dataclasses.replace(across, tp_across_nodes=False))
     assert refused == ["call c: tp=16 spans nodes; tensor-parallel groups must fit in one node of 8 devices "
-                       "(tp must divide 8), or the layout may say tp_across_nodes: true (tp a multiple of 8; "
-                       "Megatron allows it, its collectives then cross the inter-node links)"]
+                       "(tp at most 8); or the layout may say tp_across_nodes: true (Megatron allows it; its "
+                       "collectives then cross the inter-node links)"]
     inside = Layout(DeviceMesh(0, 8), 2, 4, 1, 4, tp_across_nodes=True)
     assert layout_problems(train, model, cluster, inside) == [
-        "call c: tp_across_nodes with tp=4, which fits in one node of 8 devices: leave tp_across_nodes unset"]
+        "call c: tp_across_nodes with tp=4, whose groups stay inside nodes of 8 devices on mesh 0-7: "
+        "leave tp_across_nodes unset"]
     odd = layout_problems(train, PRESETS["tiny-2l-128h"], Cluster(3, 4, "cpu"),
                           Layout(DeviceMesh(0, 12), 1, 6, 2, 1, tp_across_nodes=True))
     assert "call c: tp=6 with tp_across_nodes must be a multiple of the 4 devices per node" in "\n".join(odd)
+    # whole nodes only: a mesh off a node's first device makes groups that straddle part-nodes
+    shifted = layout_problems(train, model, cluster, Layout(DeviceMesh(4, 16), 1, 16, 1, 4, tp_across_nodes=True))
+    assert shifted == ["call c: tp=16 with tp_across_nodes must be a multiple of the 8 devices per node on a mesh "
+                       "starting at a node's first device (mesh 4-19), so that each tensor-parallel group is whole "
+                       "nodes"]
+    # a group straddling nodes on an uneven mesh gets no tp_across_nodes hint: it could not be whole nodes
+    straddle = layout_problems(train, model, cluster, Layout(DeviceMesh(4, 8), 1, 8, 1, 4))
+    assert len(straddle) == 1 and "straddles" in straddle[0] and "tp_across_nodes" not in straddle[0]
     assert any("applies to train and inference calls only, not to this generate call" in p
                for p in layout_problems(gen, model, cluster, across))
 

@@ -103,11 +103,13 @@ def test_row_maps_to_an_sft_experiment_and_its_plan():
 
 
 def test_row_on_two_nodes_and_bad_layout_name_the_row():
-    rows = parse_table(_table(["16,32,2,1024,16,24,1024,8,2,1,500.0", "6,12,2,1024,16,24,1024,1,6,1,300.0"]))
+    rows = parse_table(_table(["16,32,2,1024,16,24,1024,8,2,1,500.0", "12,12,2,1536,24,24,1024,6,2,1,300.0",
+                               "6,12,2,1024,16,24,1024,1,6,1,300.0"]))
     exp, plan, _ = row_experiment(rows[0])
     assert exp.cluster.nodes == 2 and plan["actor_train"].mesh.size == 16
-    with pytest.raises(ConfigError, match="^row 2: .*mesh 0-5 must be an aligned power-of-two slice"):
+    with pytest.raises(ConfigError, match="^row 2: .*tp=6 spans nodes on mesh 0-11: its tensor-parallel group 6-11"):
         row_experiment(rows[1])
+    assert str(row_experiment(rows[2])[1]["actor_train"].mesh) == "0-5"  # six GPUs of a node: a mesh
 
 
 def test_evaluator_agrees_with_the_simulator_on_rows():

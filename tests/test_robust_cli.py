@@ -86,7 +86,9 @@ def test_layouts_are_counted_exactly_without_listing(nodes, dpn, batch, minibatc
     wf = build("ppo", WorkflowParams(batch_size=batch, prompt_len=8, gen_len=8, ppo_minibatches=minibatches))
     model = PRESETS["tiny-2l-128h"]
     for call in wf.calls:
-        assert count_layouts(call, model, cluster) == len(enumerate_layouts(call, model, cluster))
+        for uneven in (False, True):
+            listed = enumerate_layouts(call, model, cluster, uneven)
+            assert count_layouts(call, model, cluster, uneven) == len(listed)
 
 
 def test_describe_counts_layouts_of_a_4096_gpu_cluster(tmp_path, capsys):
@@ -97,6 +99,7 @@ def test_describe_counts_layouts_of_a_4096_gpu_cluster(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["cluster"]["devices"] == 4096
     assert info["cluster"]["meshes"] == 4096 + 2048 + 1024 + 512 * 513 // 2  # slices of 1, 2, 4 + node runs
+    assert info["cluster"]["runs"] == 4096 * 4097 // 2  # every contiguous run
 
 
 # ---- once tracebacks -----------------------------------------------------------------------

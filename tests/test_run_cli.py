@@ -11,7 +11,9 @@ import time
 import pytest
 import torch
 
+from estimator.base.errors import ConfigError
 from estimator.spec.experiment import load_experiment
+from estimator.spec.plan import Plan
 from estimator.spec.timeline import Timeline
 from executor.run import main, table
 from tests.conftest import EXAMPLES, ROOT
@@ -181,7 +183,7 @@ def test_the_table_says_where_the_trace_and_timeline_went(tmp_path, capsys, monk
 
     spans = [Span(0.0, 1.0, 0, 0, "actor_gen", "decode"), Span(1.0, 2.0, 0, 1, "actor_gen", "decode")]
     result = types.SimpleNamespace(timeline=Timeline.of(spans, source="measured"), iteration_s=1.0,
-                                   iterations_s=[1.0, 1.0], warmup=1, call_stats=lambda: {})
+                                   iterations_s=[1.0, 1.0], warmup=1, drain=0, call_stats=lambda: {})
     monkeypatch.setattr(run_mod, "run_local", lambda *args: result)  # the workers are tested above
     trace, timeline = tmp_path / "t.json", tmp_path / "tl.json"
     assert main([PPO, "--plan", str(PLANS / "dp2.json"), "--trace", str(trace), "--timeline", str(timeline)]) == 0
@@ -189,6 +191,38 @@ def test_the_table_says_where_the_trace_and_timeline_went(tmp_path, capsys, monk
     assert out.rstrip().endswith(f"wrote Chrome trace {trace} (open it in Perfetto)\n"
                                  f"wrote measured timeline {timeline} (rlhf-plan/timeline-v1)")
     assert Timeline.load(timeline).spans == tuple(spans) and trace.is_file()
+
+
+@pytest.mark.parametrize("eta, iterations, warmup, want", [
+    (0, 3, None, (3, 1)),  # synchronous: as before
+    (0, 1, None, (1, 0)),
+    (2, 3, None, (9, 5)),  # 3 + 2η warm-up and η drain run; 1 + 2η warm-up left out
+    (2, 1, None, (7, 4)),  # a single steady iteration: its 2η warm-up left out, as 0 without asynchrony
+    (1, 2, 0, (5, 0)),
+])
+def test_asynchronous_runs_count_iterations_as_the_estimator(eta, iterations, warmup, want):
+    import argparse
+
+    from executor.run import options_from
+
+    exp = load_experiment(EXAMPLES / "grpo-tiny-2xcpu.yaml").with_staleness(eta)
+    plan = Plan.load(str(EXAMPLES / "plans" / "grpo-tiny-2xcpu" / "single-device.json"))
+    args = argparse.Namespace(iterations=iterations, warmup=warmup, timeout_s=300.0, inject_fault=None)
+    total, warm, _ = options_from(args, exp, plan)
+    assert (total, warm) == want and total - warm - exp.workflow.drain >= 1
+
+
+def test_a_warmup_into_the_drain_names_the_iterations_run():
+    import argparse
+
+    from executor.run import options_from
+
+    exp = load_experiment(EXAMPLES / "grpo-tiny-2xcpu.yaml").with_staleness(1)
+    plan = Plan.load(str(EXAMPLES / "plans" / "grpo-tiny-2xcpu" / "single-device.json"))
+    args = argparse.Namespace(iterations=2, warmup=4, timeout_s=300.0, inject_fault=None)
+    with pytest.raises(ConfigError, match=r"--warmup=4 must be below --iterations=2 \(with max_staleness=1, 5 "
+                                          r"iterations run, the last 1 of them drain\)"):
+        options_from(args, exp, plan)
 
 
 def test_tensor_parallelism_across_simulated_nodes_runs_when_the_plan_says_so(tmp_path, capfd):

@@ -19,10 +19,10 @@ from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.lengths import LOGNORMAL, Lengths
 from estimator.spec.models import PRESETS
-from estimator.spec.plan import Layout, Plan, check
+from estimator.spec.plan import Layout, Plan, check, standing_copies
 from estimator.spec.schedule import BACKWARD, FORWARD, schedule_1f1b
 from estimator.spec.sharding import budget_micro_batches, dp_rows, shard
-from executor.dataflow import Mailbox, message_schedule
+from executor.dataflow import Mailbox, message_schedule, send_order
 from executor.launch import WorkerFailed, launch
 from executor.runtime import RunOptions, RunResult, home_layouts, initial_params, merge, role_seed, run_rank
 from tests.conftest import EXAMPLES, tiny_experiment
@@ -169,8 +169,88 @@ def test_sharded_data_parallelism_computes_the_same_update(ppo_runs):
     assert realloc == {"actor_gen", "critic_inf"}  # the calls reading a sharded home gather it
 
 
+def _offloaded(plan: Plan, experiment: Experiment, offload: str, shard: str | None = None) -> Plan:
+    """``plan`` with every train call offloading ``offload`` (and sharding ``shard`` where it has replicas)."""
+    wf = experiment.workflow
+    out = {}
+    for c, lay in plan.layouts.items():
+        if wf[c].kind == "train":
+            lay = dataclasses.replace(lay, offload=offload)
+            if shard is not None and lay.dp > 1:
+                lay = dataclasses.replace(lay, shard=shard)
+        out[c] = lay
+    return Plan(out)
+
+
+def test_offload_computes_the_same_update_over_two_iterations():
+    """Under dp 2 (gloo), a home that keeps its Adam state — and under ``all`` its parameters —
+    in a host buffer between calls computes the single-device update over two iterations (the
+    moments leave after the first train call and come back for the second): replicated, ZeRO-1
+    and fully sharded homes, read at home and through reallocations (tp and pp layouts) that
+    upload the weights on the home's devices first."""
+    exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    single = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "single-device.json"))
+    dp2 = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "dp2.json"))
+    gen_vs_train = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "gen-vs-train.json"))
+    plans = {"dp2-optimizer": _offloaded(dp2, exp, "optimizer"), "dp2-all": _offloaded(dp2, exp, "all"),
+             "dp2-zero1-optimizer": _offloaded(dp2, exp, "optimizer", "optimizer"),
+             "dp2-full-all": _offloaded(dp2, exp, "all", "full"),
+             "gen-vs-train-all": _offloaded(gen_vs_train, exp, "all")}
+    assert not gen_vs_train["actor_gen"].same_placement(gen_vs_train["actor_train"])
+    results = run_all(exp, [single, *plans.values()], iterations=2)
+    assert_invariant(exp, ["single-device", *plans], results, ("actor", "critic"))
+    for name, res in zip(plans, results[1:]):
+        offload = {(s.call, s.iteration) for s in res.timeline.spans if s.op == "offload"}
+        assert {("actor_train", 0), ("actor_train", 1), ("critic_train", 1)} <= offload, name
+        # under all the generation reads the actor's weights: uploaded at home or on the home's devices
+        assert (("actor_gen", 1) in offload) == name.endswith("-all"), name
+
+
+def test_the_host_buffer_frees_the_device_copy_and_brings_back_the_same_values():
+    from executor.offload import Offloader, optimizer_tensors
+    from executor.optim import ShardAdam
+
+    torch.manual_seed(0)
+    params = {"w": torch.randn(4, 3, dtype=torch.bfloat16, requires_grad=True),
+              "b": torch.randn(3, dtype=torch.bfloat16, requires_grad=True)}
+    opt = ShardAdam(params, lr=1e-2)
+    for p in params.values():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.zero_grad()
+    state = optimizer_tensors(opt)
+    assert len(state) == 3 * len(params)  # bf16: float32 master weights and the two moments
+    off = Offloader("all", params, opt)
+    before = [t.clone() for t in off.state()]
+    moved = off.download(off.state())
+    assert moved == sum(t.numel() * t.element_size() for t in before)
+    assert all(t.numel() == 0 for t in off.state()) and not any(off.resident(t) for t in state)
+    off.upload(off.weights())  # another call of the role reads the weights, the state stays away
+    assert params["w"].shape == (4, 3) and all(t.numel() == 0 for t in state)
+    off.drop(off.weights())
+    off.upload(off.state())
+    assert all(torch.equal(a, b) for a, b in zip(off.state(), before))
+    with pytest.raises(RuntimeError, match="without a host copy"):
+        Offloader("all", {"x": torch.zeros(2)}, None).drop([torch.zeros(2)])
+
+
 def _layout(mesh: str, dp: int = 1, tp: int = 1, pp: int = 1, mb: int = 1) -> Layout:
     return Layout(DeviceMesh.parse(mesh), dp, tp, pp, mb)
+
+
+def test_an_uneven_split_of_three_processes_trains_the_same():
+    """Meshes no aligned rule admits, on a node of three: generation on device 0 alone, the
+    other calls on the runs 0-1 and 1-2 with data, tensor and pipeline parallelism, parameters
+    reallocated between them — one process per device builds its groups from
+    ``Layout.device`` and takes the single device's step."""
+    exp = tiny_experiment("ppo", devices_per_node=3, batch_size=4, minibatches=2)
+    uneven = Plan({"actor_gen": _layout("0"), "ref_inf": _layout("1-2", dp=2), "reward_inf": _layout("1-2", pp=2, mb=2),
+                   "critic_inf": _layout("0-1", tp=2), "actor_train": _layout("1-2", dp=2),
+                   "critic_train": _layout("0-1", pp=2, mb=2)})
+    assert not any(exp.cluster.aligned(lay.mesh) for lay in uneven.layouts.values() if lay.mesh.size == 2)
+    single = Plan({c: _layout("0") for c in exp.workflow.call_names})
+    results = run_many([(exp, single), (exp, uneven)])
+    assert_invariant(exp, ["single-device", "uneven"], results, ("actor", "critic"))
 
 
 def test_remax_sft_and_rw_train_the_same_under_two_plans(tmp_path):
@@ -324,7 +404,7 @@ def test_a_mailbox_is_freed_without_the_cycle_collector():
     msgs = message_schedule(exp, Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "disjoint.json")))
     gc.disable()
     try:
-        box = Mailbox(1, msgs, 2, {}, None, torch.device("cpu"))
+        box = Mailbox(1, msgs, send_order(exp.workflow, exp.workflow.program(2)), {}, None, torch.device("cpu"))
         assert box.expected  # device 1 expects messages from device 0
         ref = weakref.ref(box)
         del box
@@ -358,10 +438,17 @@ def test_a_raising_worker_stops_the_run_naming_rank_and_call():
     assert multiprocessing.active_children() == []
 
 
-def test_a_worker_that_dies_mid_call_stops_the_run():
-    exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
-    plan = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "dp2.json"))
-    options = RunOptions(iterations=2, fault=(1, "actor_train"))
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_a_worker_that_dies_mid_call_stops_the_run(staleness):
+    """Rank 1 dies in its first update. Under staleness 1 on the split plan rank 0 generates
+    ahead, then waits for it in the push of that update: the run ends all the same."""
+    if staleness:
+        exp = load_experiment(EXAMPLES / "grpo-tiny-2xcpu.yaml").with_staleness(staleness)
+        plan = check(_split(exp.workflow.call_names), exp)
+    else:
+        exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+        plan = Plan.load(str(PLANS / "ppo-tiny-2xcpu" / "dp2.json"))
+    options = RunOptions(iterations=3, fault=(1, "actor_train"))
     start = time.monotonic()
     with pytest.raises(WorkerFailed) as info:
         launch(2, run_rank, (exp, plan, options), timeout_s=120)
@@ -542,3 +629,154 @@ def test_long_tail_grpo_trains_the_same_under_continuous_batching_and_token_budg
     running = [c for c in results[0].timeline.counters if c.name == "running" and c.iteration == 0]
     run = schedule(*exp.lengths(0), 0, kv)
     assert [c.value for c in running] == [float(s.batch) for s in run.segments if s.steps] + [0.0]
+
+
+def test_engines_sharing_a_rollout_batch_unevenly_train_the_same():
+    """Five sequences over two engine replicas (three and two requests), one with two virtual
+    engines (two and one): the rollout server's uneven deal computes the update the single
+    device does."""
+    exp = tiny_experiment("ppo", devices_per_node=2, batch_size=5, minibatches=1)
+    assert exp.workflow["actor_gen"].workload.seqs == 5
+    uneven = Plan({"actor_gen": _layout("0-1", dp=2, mb=2), "ref_inf": _layout("1"), "reward_inf": _layout("0"),
+                   "critic_inf": _layout("1"), "actor_train": _layout("0"), "critic_train": _layout("1")})
+    single = Plan({c: _layout("0") for c in exp.workflow.call_names})
+    results = run_many([(exp, single), (exp, uneven)])
+    assert_invariant(exp, ["single-device", "uneven"], results, ("actor", "critic"))
+
+
+def test_continuous_batching_engines_sharing_a_batch_unevenly_train_the_same():
+    """Drawn response lengths (continuous batching): nine sequences (three prompts, three samples
+    each) over two replicas of two virtual engines (3 + 2 and 2 + 2 requests) against the single
+    device."""
+    from estimator.spec.experiment import experiment_from_dict
+
+    exp = experiment_from_dict({
+        "algorithm": "grpo", "models": {"actor": "tiny-2l-128h", "ref": "tiny-2l-128h", "reward": "tiny-2l-128h"},
+        "batch_size": 3, "group_size": 3, "prompt_len": 8, "gen_len": {"max": 16, "mean": 6}, "seed": 3,
+        "cluster": {"nodes": 1, "devices_per_node": 2, "device": "cpu"}})
+    uneven = Plan({"actor_gen": _layout("0-1", dp=2, mb=2), "ref_inf": _layout("1"), "reward_inf": _layout("1"),
+                   "actor_train": _layout("0")})
+    single = Plan({c: _layout("0") for c in exp.workflow.call_names})
+    results = run_many([(exp, single), (exp, uneven)])
+    assert_invariant(exp, ["single-device", "uneven"], results, ("actor",))
+
+
+# ---- asynchronous training (async.max_staleness) ----------------------------------------------
+
+ASYNC_ITERATIONS = 4
+
+
+def _split(calls: tuple[str, ...]) -> Plan:
+    """Generation on device 0, every other call on device 1: under staleness η ≥ 1 the generate
+    call keeps a standing copy of the actor, refreshed by a push after each update."""
+    return Plan({c: _layout("0" if c == "actor_gen" else "1") for c in calls})
+
+
+@pytest.fixture(scope="module")
+def async_runs() -> dict[tuple[str, int, str], tuple[Experiment, Plan, RunResult]]:
+    """(algorithm, η, plan) → (experiment, plan, result): GRPO under η = 0, 1, 2 on one device,
+    on the split plan and (η = 1) with generation tensor-parallel over both devices (no standing
+    copy: it reallocates from the home as a synchronous run does); PPO under η = 1 split. All
+    in one set of processes, ``ASYNC_ITERATIONS`` iterations each."""
+    grpo = load_experiment(EXAMPLES / "grpo-tiny-2xcpu.yaml")
+    ppo = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    single = Plan.load(str(PLANS / "grpo-tiny-2xcpu" / "single-device.json"))
+    tp_gen = Plan.load(str(PLANS / "grpo-tiny-2xcpu" / "gen-vs-train.json"))
+    split = _split(grpo.workflow.call_names)
+    runs = {("grpo", 0, "single"): (grpo, single), ("grpo", 0, "split"): (grpo, split)}
+    for eta in (1, 2):
+        runs |= {("grpo", eta, "single"): (grpo.with_staleness(eta), single),
+                 ("grpo", eta, "split"): (grpo.with_staleness(eta), split)}
+    runs[("grpo", 1, "tp-gen")] = (grpo.with_staleness(1), tp_gen)
+    runs[("ppo", 1, "split")] = (ppo.with_staleness(1), _split(ppo.workflow.call_names))
+    results = run_many(list(runs.values()), ASYNC_ITERATIONS)
+    return {k: (e, p, r) for (k, (e, p)), r in zip(runs.items(), results)}
+
+
+def _params_diff(a: RunResult, b: RunResult, role: str = "actor") -> float:
+    return max((a.params[role][n] - b.params[role][n]).abs().max().item() for n in a.params[role])
+
+
+def test_an_asynchronous_update_equals_the_single_process_run_of_the_same_program(async_runs):
+    """Which weights generate which rollouts is the program's rule (Workflow.program), so a run
+    on two processes — a standing copy fed by pushes, or generation reallocated from the home —
+    takes the very steps of one process running the same program; and a different η takes
+    other steps."""
+    exp, split, _ = async_runs[("grpo", 1, "split")]
+    assert standing_copies(exp.workflow, split) == {"actor_gen"}
+    assert not standing_copies(exp.workflow, async_runs[("grpo", 1, "tp-gen")][1])
+    for eta, plans in ((0, ["split"]), (1, ["split", "tp-gen"]), (2, ["split"])):
+        base = async_runs[("grpo", eta, "single")][2]
+        for name in plans:
+            res = async_runs[("grpo", eta, name)][2]
+            assert _params_diff(res, base) < 1e-12, f"η={eta} {name}"
+            assert res.losses.keys() == base.losses.keys()
+            assert all(abs(res.losses[k] - v) < 1e-12 for k, v in base.losses.items()), f"η={eta} {name}"
+    reference = [async_runs[("grpo", eta, "single")][2] for eta in (0, 1, 2)]
+    for i in range(3):
+        for j in range(i):
+            # the same seed and data, rollouts from other policy versions: other updates
+            assert _params_diff(reference[i], reference[j]) > 1e-10, f"η={i} trained as η={j}"
+
+
+def test_asynchronous_ppo_is_the_textbook_loop_with_a_rollout_queue(async_runs):
+    """An oracle outside the executor: the plain-torch loop sampling iteration j's rollouts with
+    the weights after update j − η − 1 (executor.reference.run_ppo)."""
+    from executor.reference import run_ppo
+
+    exp, _, res = async_runs[("ppo", 1, "split")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only contend for the cores
+    try:
+        expected = {eta: run_ppo(exp.with_staleness(eta), ASYNC_ITERATIONS, dtype=torch.float64) for eta in (0, 1)}
+    finally:
+        torch.set_num_threads(threads)
+    for eta, close in ((1, True), (0, False)):
+        expect = expected[eta]
+        diff = max((res.params[role][n] - expect[role][n].detach()).abs().max().item()
+                   for role in ("actor", "critic") for n in expect[role])
+        assert (diff < TOL) == close, f"reference with η={eta}: differs by {diff:.3g}"
+
+
+def test_an_asynchronous_run_pushes_after_each_update_and_generates_ahead(async_runs):
+    """Measured order on the split plan: the push of update i (spans ``push`` and ``call`` on
+    both devices) for every update a later rollout reads, generation of iteration j + η starting
+    before the update of iteration j (in steady state) and after the push it reads; a
+    synchronous run generates only after the update."""
+    def starts(res: RunResult, op: str = "compute") -> dict[tuple[int, str], tuple[float, float]]:
+        return {(s.iteration, s.call): (s.start_s, s.end_s) for s in res.timeline.spans if s.op == op}
+
+    for eta in (1, 2):
+        exp, _, res = async_runs[("grpo", eta, "split")]
+        lag = exp.workflow.lag("actor_gen")
+        pushes = {(s.iteration, s.device, s.op) for s in res.timeline.spans if s.call == "push:actor_gen"}
+        assert pushes == {(i, d, op) for i in range(ASYNC_ITERATIONS - lag) for d in (0, 1) for op in ("call", "push")}
+        compute = starts(res)
+        # from the second update on, both devices leave the push of update j − 1 together: one
+        # generates at once, the other scores and trains (earlier, only η = 1 is certain to)
+        for j in range(1, ASYNC_ITERATIONS - eta):
+            assert compute[(j + eta, "actor_gen")][0] < compute[(j, "actor_train")][0], (eta, j)
+        # the rollouts of iteration i + lag start once the push of update i is done on their device
+        push = {s.iteration: s.end_s for s in res.timeline.spans if s.op == "push" and s.device == 0}
+        for i, end in push.items():
+            assert compute[(i + lag, "actor_gen")][0] >= end
+    _, _, sync = async_runs[("grpo", 0, "split")]
+    compute = starts(sync)
+    assert not any(s.call.startswith("push:") for s in sync.timeline.spans)
+    for j in range(ASYNC_ITERATIONS - 1):
+        assert compute[(j + 1, "actor_gen")][0] >= compute[(j, "actor_train")][1]
+
+
+
+def test_offload_under_staleness_pushes_from_the_host_buffer():
+    """GRPO under η = 1 on the split plan, the actor's home offloading everything: each push of
+    the update to the standing rollout copy uploads the weights from the host buffer first, and
+    the run takes the very steps of the single-process run."""
+    grpo = load_experiment(EXAMPLES / "grpo-tiny-2xcpu.yaml").with_staleness(1)
+    single = Plan.load(str(PLANS / "grpo-tiny-2xcpu" / "single-device.json"))
+    split = _offloaded(_split(grpo.workflow.call_names), grpo, "all")
+    base, res = run_many([(grpo, single), (grpo, split)], ASYNC_ITERATIONS)
+    assert _params_diff(res, base) < 1e-12
+    assert all(abs(res.losses[k] - v) < 1e-12 for k, v in base.losses.items())
+    offload = {s.call for s in res.timeline.spans if s.op == "offload"}
+    assert {"actor_train", "push:actor_gen"} <= offload

@@ -93,13 +93,15 @@ def test_cli_writes_the_plan_and_exits_by_fit(tmp_path, capsys):
     assert main([str(SEVEN_B), "--name", "real-heuristic", "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["iteration_s"] > 0 and summary["reason"] is None
-    assert summary["op_set"]["ops"] == "executor" and summary["op_set"]["other_stack_profiles"] == ["h100-vidur"]
+    assert summary["stack"] == "megatron-vllm" and summary["op_set"]["ops"] == "fused"  # a GPU's default
     check(Plan.load(str(out)), load_experiment(SEVEN_B))
     small = tmp_path / "small.json"
     small.write_text(json.dumps(linear_profile_dict(capacity=3e6)))
     assert main([str(EXAMPLES / "ppo-tiny-2xcpu.yaml"), "--name", "megatron", "--profile", str(small)]) == 1
     text = capsys.readouterr().out
-    assert "does not fit" in text and "priced for this project's eager executor (profile linear" in text
+    # a bf16 profile prices a GPU's default, the production stack
+    assert "does not fit" in text and "priced for megatron-vllm (Megatron-Core training" in text
+    assert "on profile linear (compute.ops=fused; no engine, refit or trainer terms" in text
     assert main([str(SEVEN_B), "--name", "deepspeed"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'deepspeed'" in err[0]
@@ -153,16 +155,18 @@ def test_cli_refuses_an_empty_profile_or_out(tmp_path, capsys):
     assert "the path is empty" in capsys.readouterr().err
 
 
-# framework default → (generation engines' tp it asks for, the train calls' recompute)
-FRAMEWORK_SHAPES = {"verl-default": (4, "full"), "openrlhf-hybrid": (2, "full"), "nemo-rl-default": (1, "none"),
-                    "dschat": (1, "none")}
+# framework default → (generation engines' tp it asks for, the train calls' recompute, their offload on
+# the 7B PPO example: verl's none fits there; OpenRLHF's hybrid engine sleeps DeepSpeed; NeMo-RL's
+# colocated policy goes to the host whole)
+FRAMEWORK_SHAPES = {"verl-default": (4, "full", "none"), "openrlhf-hybrid": (2, "full", "optimizer"),
+                    "nemo-rl-default": (1, "none", "all"), "dschat": (1, "none", "none")}
 
 
 @pytest.mark.parametrize("name", sorted(FRAMEWORK_SHAPES))
 def test_a_framework_default_colocates_every_call_shards_training_and_sizes_its_engines(name):
     exp, profile = load_experiment(SEVEN_B), load_profile("h100-sxm")
     plan = build(name, exp, profile, simulate_it=False).plan
-    gen_tp, recompute = FRAMEWORK_SHAPES[name]
+    gen_tp, recompute, offload = FRAMEWORK_SHAPES[name]
     assert {lay.mesh for lay in plan.layouts.values()} == {exp.cluster.whole()}  # one resource pool
     for call in exp.workflow.calls:
         lay = plan[call.name]
@@ -172,7 +176,7 @@ def test_a_framework_default_colocates_every_call_shards_training_and_sizes_its_
         else:
             assert lay.tp == 1  # FSDP / ZeRO-3 data parallel over every device
         if call.kind == "train":
-            assert (lay.shard, lay.recompute) == ("full", recompute)
+            assert (lay.shard, lay.recompute, lay.offload) == ("full", recompute, offload)
 
 
 def test_realhf_heuristic_is_real_heuristic_and_areal_default_says_what_plans_lack():

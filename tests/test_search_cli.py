@@ -64,10 +64,10 @@ def test_search_writes_a_plan_the_other_tools_take_and_prints_the_json_keys(tmp_
         assert key in summary
     assert set(summary["baselines"]) == {"megatron", "colocate", "split", "real-heuristic", "verl-default",
                                          "openrlhf-hybrid", "nemo-rl-default", "dschat", "realhf-heuristic",
-                                         "areal-default"}
+                                         "areal-default", "areal-3/4", "balanced", "verl-colocate-sync"}
     # the frameworks' defaults beside the hand-written baselines; one the plans cannot express says why
     assert summary["baselines"]["areal-default"]["iteration_s"] is None
-    assert "asynchronous" in summary["baselines"]["areal-default"]["reason"]
+    assert "asynchronously" in summary["baselines"]["areal-default"]["reason"]
     assert all(b["iteration_s"] >= summary["iteration_s"] for b in summary["baselines"].values()
                if b["iteration_s"] is not None)
     assert summary["evaluated"] == 200 and summary["roofline_s"] <= summary["iteration_s"]
@@ -83,7 +83,7 @@ def test_search_prints_the_report_table(capsys):
     for needle in ("plan space: 10^", "predicted iteration time", "roofline lower bound", "real-heuristic",
                    "where the time goes:", "reallocation"):
         assert needle in text
-    assert "priced for this project's eager executor (profile cpu, compute.ops=executor)" in text
+    assert "priced for executor (this project's eager executor) on profile cpu (compute.ops=executor)" in text
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -118,3 +118,18 @@ def test_a_long_baseline_note_wraps_instead_of_widening_the_table():
     # the continuation lines hold the rest of the note, word for word, under the note column
     column = lines[0].index("note")
     assert " ".join(line[column:].strip() for line in lines[3:]) == f"does not fit: {reason}"
+
+
+@pytest.mark.parametrize("flags,uneven", [([], False), (["--uneven-meshes"], True)])
+def test_uneven_meshes_reach_the_search_only_when_asked(flags, uneven, monkeypatch, capsys):
+    from estimator.base.errors import ConfigError
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise ConfigError("recorded")
+
+    monkeypatch.setattr(cli, "run_search", record)
+    assert cli.main([TINY] + flags) == 2 and "recorded" in capsys.readouterr().err
+    assert seen["uneven"] is uneven

@@ -11,9 +11,9 @@ from estimator.base.errors import ConfigError
 from estimator.cost.memory import plan_memory
 from estimator.profile.profiles import load_profile
 from estimator.sim.evaluator import Evaluator
-from estimator.spec.cluster import Cluster
+from estimator.spec.cluster import Cluster, DeviceMesh
 from estimator.spec.experiment import load_experiment
-from estimator.spec.plan import Plan, enumerate_layouts
+from estimator.spec.plan import Layout, Plan, enumerate_layouts
 from search.space import build_space
 from tests.conftest import EXAMPLES, tiny_experiment
 from tests.synthetic import linear_profile
@@ -25,9 +25,10 @@ def test_valid_counts_match_the_enumerated_layouts_and_kept_layouts_are_valid():
     for cs in space.calls:
         listed = enumerate_layouts(exp.workflow[cs.name], exp.models[cs.role], exp.cluster)
         assert cs.valid == len(listed)
-        # nothing pruned with 80 GB per device, but recompute, which no plan would need there
-        plain = {lay for lay in listed if lay.recompute == "none"}
-        assert set(cs.layouts()) == plain and cs.recompute_count == 0
+        # nothing pruned with 80 GB per device, but recompute and offload, which no plan would
+        # need there
+        plain = {lay for lay in listed if lay.recompute == "none" and lay.offload == "none"}
+        assert set(cs.layouts()) == plain and cs.recompute_count == 0 and cs.offload_count == 0
         assert cs.count == len(plain)
         assert len(plain) < len(listed) if exp.workflow[cs.name].kind == "train" else len(plain) == len(listed)
     assert space.log10_size == pytest.approx(math.log10(space.size))
@@ -78,7 +79,7 @@ def test_1024_devices_are_counted_not_listed():
 
 
 def test_a_call_that_cannot_fit_names_the_least_it_needs_by_part():
-    from estimator.cost.memory import call_bytes, fmt_bytes, home_bytes
+    from estimator.cost.memory import call_bytes, fmt_bytes, state_bytes
 
     exp = tiny_experiment("ppo")
     with pytest.raises(ConfigError) as err:
@@ -86,9 +87,9 @@ def test_a_call_that_cannot_fit_names_the_least_it_needs_by_part():
     msg = str(err.value)
     call, model = exp.workflow["actor_train"], exp.models["actor"]
 
-    def need(lay) -> float:  # the fullest stage: the call at home plus the role's resident state
-        dynamic = call_bytes(call, model, lay, at_home=True)
-        static = home_bytes(model, lay, trained=True)
+    def need(lay) -> float:  # the fullest stage: the call at home plus all of the role's state
+        dynamic = call_bytes(call, model, lay, at_home=True)  # (an offloaded part is back for the train call)
+        static = state_bytes(model, lay, trained=True)
         return max(sum(d.values()) + sum(s.values()) for d, s in zip(dynamic, static))
 
     least = min(need(lay) for lay in enumerate_layouts(call, model, exp.cluster))
@@ -112,3 +113,45 @@ def test_the_space_lays_out_actor_inf_and_nothing_for_a_verifier():
     assert space["actor_inf"].count == space["ref_inf"].count > 1
     plan = space.plan(tuple(space[n].layouts()[-1] for n in space.names))
     assert Evaluator(exp, linear_profile()).evaluate(plan).iteration_s > 0
+
+
+def test_uneven_spaces_count_and_list_every_run_where_tp_stays_in_a_node():
+    """With ``uneven`` a call's layouts are those of every contiguous run (2 nodes of 4: 36
+    meshes, 10 of them aligned): counted and listed as enumerate_layouts lists them, a shape
+    standing only on the runs its tp fits; the default space keeps the aligned ones."""
+    exp = tiny_experiment("ppo", nodes=2, devices_per_node=4)
+    profile = linear_profile()
+    default, uneven = build_space(exp, profile), build_space(exp, profile, uneven=True)
+    for cs in uneven.calls:
+        listed = enumerate_layouts(exp.workflow[cs.name], exp.models[cs.role], exp.cluster, uneven=True)
+        plain = [lay for lay in listed if lay.recompute == "none" and lay.offload == "none"]  # (neither needed here)
+        assert cs.valid == len(listed) and cs.count == len(plain) == len(cs.layouts())
+        assert set(cs.layouts()) == set(plain)
+        assert {DeviceMesh(1, 2), DeviceMesh(3, 2), DeviceMesh(2, 4)} <= {lay.mesh for lay in plain}
+        assert default[cs.name].count < cs.count
+    gen, aligned = uneven["actor_gen"], default["actor_gen"]
+    tp2 = [Layout(DeviceMesh(f, 2), 1, 2, 1, 1) for f in range(7)]
+    assert [gen.contains(lay) for lay in tp2] == [True, True, True, False, True, True, True]  # 3-4 crosses
+    assert [aligned.contains(lay) for lay in tp2] == [True, False, True, False, True, False, True]
+    odd, even = DeviceMesh(1, 4), DeviceMesh(2, 4)  # 3 + 1 and 2 + 2 devices on the two nodes
+    assert {sh[1] for sh in gen.shapes_on(odd)} == {1} and {sh[1] for sh in gen.shapes_on(even)} == {1, 2}
+    assert gen.layouts_on(odd) == [lay for lay in gen.layouts() if lay.mesh == odd]
+
+
+def test_annealing_on_an_uneven_space_visits_runs_and_keeps_valid_plans():
+    from estimator.spec.plan import validate
+    from search.anneal import Chain
+
+    exp = tiny_experiment("ppo", nodes=2, devices_per_node=4)
+    profile = linear_profile()
+    space = build_space(exp, profile, uneven=True)
+    chain = Chain(exp, profile, space, (3, 0), top_k=50)
+    seen = []
+    score = chain.score
+    chain.score = lambda key: (seen.append(key), score(key))[1]
+    result = chain.run([space.key(Plan({n: space[n].layouts()[0] for n in space.names}))], 300, None)
+    assert result.evaluated == 300 and len(result.top) == 50
+    assert any(not exp.cluster.aligned(lay.mesh) for key in seen for lay in key)
+    for key in seen:
+        plan = space.plan(key)
+        assert space.contains(plan) and validate(plan, exp) == []

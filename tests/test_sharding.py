@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from estimator.spec.cluster import DeviceMesh
-from estimator.spec.models import ModelSpec
+from estimator.spec.cluster import Cluster, DeviceMesh
+from estimator.spec.models import PRESETS, ModelSpec
 from estimator.spec.plan import Layout
 from estimator.spec.sharding import (
     box_numel,
@@ -182,3 +183,29 @@ def test_rows_plan_delivers_every_needed_row_once_from_a_holder(case):
             if rows <= set(_rows(holders.get(dst, []))):
                 assert t.src == dst, f"{t}: the receiver already holds these rows"
     assert {t.dst for t in plan} <= set(needs)
+
+
+@pytest.mark.parametrize("seqs,dp,mb", [(5, 2, 1), (2048, 6, 1), (2048, 6, 4), (7, 7, 1), (9, 2, 2)])
+def test_generate_rows_are_dealt_unevenly_but_exactly_once(seqs, dp, mb):
+    from estimator.spec.sharding import micro_batch_rows, most_rows
+    from estimator.spec.workflow import Call, Workload
+
+    call = Call("actor_gen", "actor", "generate", ("prompts",), ("seq",), Workload(seqs, 16, 16))
+    layout = Layout(DeviceMesh(0, dp), dp, 1, 1, mb)
+    rows = [r for k in range(dp) for r in micro_batch_rows(call, layout, k)[0]]
+    assert rows[0][0] == 0 and rows[-1][1] == seqs
+    assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))  # contiguous, each row once
+    sizes = [sum(hi - lo for lo, hi in dp_rows(call, layout, k)) for k in range(dp)]
+    assert max(sizes) - min(sizes) <= 1 and most_rows(call, layout) == max(sizes)
+
+
+def test_a_generate_layout_needs_a_request_per_engine():
+    from estimator.spec.plan import layout_problems
+    from estimator.spec.workflow import Call, Workload
+
+    call = Call("actor_gen", "actor", "generate", ("prompts",), ("seq",), Workload(6, 16, 16))
+    model = PRESETS["tiny-2l-128h"]
+    cluster = Cluster(1, 8, "cpu")
+    assert not layout_problems(call, model, cluster, Layout(DeviceMesh(0, 4), 4, 1, 1, 1))  # 2+2+1+1
+    problems = layout_problems(call, model, cluster, Layout(DeviceMesh(0, 4), 4, 1, 1, 2))
+    assert any("6 sequences cannot give each of dp·micro_batches = 4·2 = 8 engines a request" in p for p in problems)

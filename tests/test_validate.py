@@ -227,7 +227,7 @@ def test_plans_n_validates_exactly_n_and_names_the_baselines_left_out(n: int, tm
     assert list(plans["plan"]) == baselines[:n - 1] + ["searched-best"] and left_out == baselines[n - 1:]
     assert sorted(p.name for p in (out / "plans").iterdir()) == sorted(f"{p}.json" for p in plans["plan"])
     assert s["op_set"]["ops"] == "executor" and "eager executor" in s["op_set"]["text"]
-    assert "predictions priced for this project's eager executor" in (out / "summary.txt").read_text()
+    assert "predictions priced for executor (this project's eager executor)" in (out / "summary.txt").read_text()
 
 
 def test_replot_redraws_the_figures_from_the_tables_and_touches_nothing_else(tmp_path: Path, capsys):

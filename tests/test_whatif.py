@@ -121,13 +121,17 @@ def test_a_sweep_where_no_point_has_a_plan_exits_1_with_the_reasons_written(tmp_
 
 
 def test_rows_name_the_profile_and_the_stack_it_prices(tmp_path: Path, capsys):
-    rc = whatif.main([str(EXP), "--vary", "device=h100-sxm,h100-vidur", "--out", str(tmp_path)], functions=STAND_IN)
+    rc = whatif.main([str(EXP), "--vary", "device=h100-sxm", "--vary", "stack=executor,fsdp-vllm", "--out",
+                      str(tmp_path)], functions=STAND_IN)
     assert rc == 0
     df = pd.read_csv(tmp_path / "whatif.csv")
-    assert df[["profile", "op_set"]].values.tolist() == [["h100-sxm", "executor"], ["h100-vidur", "fused"]]
+    assert df[["profile", "stack", "op_set"]].values.tolist() == [["h100-sxm", "executor", "executor"],
+                                                                  ["h100-rl", "fsdp-vllm", "fused"]]
     out = capsys.readouterr().out
-    assert "profile h100-sxm: priced for this project's eager executor" in out
-    assert "profile h100-vidur: priced for a fused Megatron/vLLM-style stack" in out
+    assert "profile h100-sxm: priced for executor (this project's eager executor; compute.ops=executor)" in out
+    assert "profile h100-rl: priced for fsdp-vllm (PyTorch FSDP2 (DTensor) training with vLLM generation" in out
+    with pytest.raises(ConfigError, match="--vary stack='vllm' is not a stack"):
+        whatif.parse_vary(["stack=vllm"], "ppo")
 
 
 def test_a_verifier_reward_has_no_model_to_vary():
@@ -202,7 +206,7 @@ def test_the_printed_table_fits_a_terminal_and_json_keeps_every_column(tmp_path:
     table, rest = capsys.readouterr().out.split("\n\n", 1)
     lines = table.splitlines()
     assert max(map(len, lines)) <= 120, max(lines, key=len)
-    assert f"\nwrote {tmp_path} " in "\n" + rest and "priced for this project's eager executor" in rest
+    assert f"\nwrote {tmp_path} " in "\n" + rest and "profile h100-rl: priced for megatron-vllm" in rest
     assert lines[0].split()[:4] == ["gen_len", "nodes", "best", "s"] and "vs real-heuristic" in lines[0]
     df = pd.read_csv(tmp_path / "whatif.csv")
     first = lines[2].split()

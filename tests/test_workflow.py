@@ -164,3 +164,21 @@ def test_default_options_keep_the_workflows_and_bad_old_logprobs_are_refused():
         assert "actor_inf" not in build(algorithm, dataclasses.replace(P, group_size=1))
     with pytest.raises(ConfigError, match="old_logprobs='bogus' must be one of from_generation, recompute"):
         WorkflowParams(16, 8, 4, old_logprobs="bogus")
+
+
+def test_the_program_runs_rollouts_ahead_and_pushes_after_the_updates_they_feed():
+    """GRPO under η = 1 over 3 iterations, by hand: the rollouts of iteration j in slot j − 1,
+    and with a standing copy the push of update 0 (the only one a rollout of the run reads:
+    iteration 2's) right after it."""
+    from estimator.spec.workflow import push_target, steady_iterations
+
+    wf = dataclasses.replace(build("grpo", P), staleness=1)
+    gen, ref, rew, train, push = "actor_gen", "ref_inf", "reward_inf", "actor_train", "push:actor_gen"
+    want = [(0, gen), (1, gen), (0, ref), (0, rew), (0, train), (0, push), (2, gen), (1, ref), (1, rew),
+            (1, train), (2, ref), (2, rew), (2, train)]
+    program = wf.program(3, {gen})
+    assert [(n.iteration, n.call) for n in program] == want
+    assert wf.program(3) == wf.unroll(3)[0] == [n for n in program if push_target(n.call) is None]
+    assert wf.pushed_update(CallInstance(0, push)) == CallInstance(0, train)
+    assert [wf.slot(n) for n in program] == [-1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    assert steady_iterations(wf, 3) == 3 + 2 + 1 and steady_iterations(build("grpo", P), 3) == 3

@@ -35,7 +35,18 @@ import numpy as np
 
 from estimator.cost.decode import DecodeChunk, decode_chunks
 from estimator.cost.dpshard import full_optimizer_s, full_shard_pass, optimizer_shard_step
+from estimator.cost.engine import NONE as NO_MOVES
+from estimator.cost.engine import (
+    Moves,
+    colocated,
+    generate_moves,
+    inference_moves,
+    production,
+    refit_fixed_s,
+    refit_pairs,
+)
 from estimator.cost.memory import call_bytes
+from estimator.cost.offload import NONE, OffloadCost, offload_cost
 from estimator.cost.pieces import (
     PAIRED_LOSSES,
     Extra,
@@ -57,10 +68,12 @@ from estimator.cost.transfers import (
     stage_send,
 )
 from estimator.profile.profiles import Profile
+from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
-from estimator.spec.sharding import box_numel, budget_micro_batches, dp_rows, micro_batch_rows, shard
+from estimator.spec.sharding import box_numel, budget_micro_batches, dp_rows, micro_batch_rows, most_rows, shard
+from estimator.spec.stack import STACKS
 from estimator.spec.workflow import Call
 
 
@@ -131,6 +144,8 @@ def _rows(call: Call, layout: Layout) -> float:
     w = call.workload
     if call.kind == "train":
         return w.units_per_minibatch * (2 if w.paired else 1) / layout.dp / layout.micro_batches
+    if call.kind == "generate":  # the fullest engine (requests dealt unevenly), which ends the call
+        return -(-most_rows(call, layout) // layout.micro_batches)
     return w.seqs / layout.dp / layout.micro_batches
 
 
@@ -145,7 +160,7 @@ def verifier_s(call: Call, layout: Layout, reward_s_per_sample: float) -> float:
     sample; 0 for a call that writes no rewards."""
     if call.kind != "generate" or not REWARD_OUTPUTS & set(call.outputs):
         return 0.0
-    return reward_s_per_sample * call.workload.seqs / layout.dp
+    return reward_s_per_sample * most_rows(call, layout)
 
 
 def _tail(call: Call, algorithm: str, b: float) -> tuple[tuple[Extra, ...], tuple[Extra, ...]]:
@@ -167,27 +182,32 @@ def _passes(call: Call, layout: Layout) -> int:
     return layout.micro_batches * (call.workload.minibatches if call.kind == "train" else 1)
 
 
-def micro_batch_shapes(call: Call, layout: Layout, tokens: np.ndarray) -> list[list[tuple[int, int]]]:
+def micro_batch_shapes(call: Call, layout: Layout, tokens: np.ndarray,
+                       packed: bool = False) -> list[list[tuple[int, int]]]:
     """Per data-parallel rank, (rows, tokens of its longest row) of every micro-batch of every
     minibatch, as the executor cuts them: ``micro_batches`` equal splits, or by the layout's
-    token budget (:func:`estimator.spec.sharding.budget_micro_batches`); ``tokens`` per global row."""
+    token budget (:func:`estimator.spec.sharding.budget_micro_batches`); ``tokens`` per global row.
+    ``packed`` (a stack that packs sequences): the budget counts the rows' summed tokens and a
+    micro-batch is charged at its rows' mean length, nothing padded."""
     per_unit = 2 if call.workload.paired else 1
     out = []
     for r in range(layout.dp):
         if layout.token_budget:
             ranges = [mb for rows in dp_rows(call, layout, r)
                       for mb in budget_micro_batches(rows, tokens[rows[0]:rows[1]], layout.max_tokens_per_micro_batch,
-                                                     per_unit)]
+                                                     per_unit, packed)]
         else:
             ranges = [mb for step in micro_batch_rows(call, layout, r) for mb in step]
-        out.append([(hi - lo, int(tokens[lo:hi].max())) for lo, hi in ranges if hi > lo])
+        length = (lambda a: int(np.ceil(a.mean()))) if packed else (lambda a: int(a.max()))
+        out.append([(hi - lo, length(tokens[lo:hi])) for lo, hi in ranges if hi > lo])
     return out
 
 
-def _drawn_shape(call: Call, layout: Layout, tokens: np.ndarray) -> tuple[list[tuple[int, int]], int]:
+def _drawn_shape(call: Call, layout: Layout, tokens: np.ndarray,
+                 packed: bool = False) -> tuple[list[tuple[int, int]], int]:
     """The micro-batches of the slowest data-parallel rank (by padded tokens; replicas run in
     lock step, so it sets the pace) and its micro-batches per minibatch."""
-    shapes = micro_batch_shapes(call, layout, tokens)
+    shapes = micro_batch_shapes(call, layout, tokens, packed)
     worst = max(shapes, key=lambda mbs: sum(rows * n for rows, n in mbs))
     steps = call.workload.minibatches if call.kind == "train" else 1
     return worst, max(1, round(len(worst) / steps))
@@ -221,9 +241,10 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
         return CallCost(call.name, call.kind, layout, stages, layout.micro_batches, 1, 0.0, ro,
                         verifier_s(call, layout, reward_s_per_sample))
     shapes, given = None, layout
+    packed = bool(profile.stack) and STACKS[profile.stack].packing
     if call.kind != "generate" and (lengths is not None or layout.token_budget):
         tokens = lengths[0] + lengths[1] if lengths is not None else np.full(w.seqs, w.seq_len)
-        shapes, m = _drawn_shape(call, layout, tokens)
+        shapes, m = _drawn_shape(call, layout, tokens, packed)
         layout = dataclasses.replace(layout, micro_batches=m)
     b = _rows(call, layout)
     decode, feedback = ([() for _ in range(p)], 0.0)
@@ -234,6 +255,8 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
         new, head, phase = w.seq_len, None, "forward"
     tail_f, tail_b = _tail(call, algorithm, b)
     spread = profile.call_overhead_s / _passes(call, layout)  # the call's bookkeeping, over its passes
+    if profile.terms is not None:  # a production trainer's own cost per micro-batch pass
+        spread += profile.terms.trainer_micro_batch_s
     recompute = layout.recompute == "full"
     tp_nodes = layout.tp_span(dpn)[1]  # nodes one tensor-parallel group spans (tp_across_nodes)
 
@@ -326,6 +349,16 @@ def _full_shard(profile: Profile, model: ModelSpec, layout: Layout, k: int, dpn:
     return StageTime(bwd.compute_s + cost.copies_s, bwd.comm_s), (cost.forward_s, cost.backward_s)
 
 
+def node_offset(mesh: DeviceMesh, devices_per_node: int) -> int:
+    """Where ``mesh`` lies against node boundaries as far as link classes go: -1 inside one
+    node (every pair of its devices on NVLink, wherever it starts), else its first device's
+    place in its node (the same on every node: moving a mesh by whole nodes keeps each pair's
+    link class)."""
+    if mesh.first // devices_per_node == mesh.last // devices_per_node:
+        return -1
+    return mesh.first % devices_per_node
+
+
 class Costs:
     """Lowered calls and transfer bytes of one experiment on one profile, computed once each."""
 
@@ -343,7 +376,12 @@ class Costs:
         self._realloc: dict[tuple, dict[Pair, int]] = {}
         self._data: dict[tuple, dict[Pair, int]] = {}
         self._times: dict[tuple, float] = {}
+        self._offloads: dict[tuple, OffloadCost] = {}
+        self.trained = set(self.workflow.trained_roles())
         self._alone: Costs | None = None
+        self._moves: dict[tuple, Moves] = {}
+        self.trained = set(self.workflow.trained_roles())
+        self.production = production(profile)
         # data names each consumer reads from each producer
         self.edge_data: dict[tuple[str, str], tuple[str, ...]] = {}
         for prod, cons, data in self.workflow.edges():
@@ -351,7 +389,9 @@ class Costs:
 
     def call(self, name: str, layout: Layout, iteration: int = 0) -> CallCost:
         """``name`` lowered on ``layout`` in ``iteration`` (whose drawn lengths it charges where
-        lengths vary; every iteration alike otherwise)."""
+        lengths vary; every iteration alike otherwise). An asynchronous unroll's warm-up
+        iterations charge iteration 0's lengths (:meth:`Workflow.draw_iteration`)."""
+        iteration = self.workflow.draw_iteration(iteration)
         call = self.workflow[name]
         vary = call.workload.lengths_vary
         key = (name, layout, iteration) if vary else (name, layout)
@@ -364,9 +404,11 @@ class Costs:
         return self._calls[key]
 
     def _rollout(self, name: str, layout: Layout, iteration: int) -> RolloutCost:
-        """A generate call's rollout, cached by what it depends on: the mesh's size (which link
-        classes it spans), not where the mesh starts."""
-        key = (name, layout.mesh.size, layout.dp, layout.tp, layout.pp, layout.micro_batches,
+        """A generate call's rollout, cached by what it depends on: the mesh's size and where it
+        lies against node boundaries (which link classes its messages take,
+        :func:`node_offset`), not which node it starts on."""
+        key = (name, layout.mesh.size, node_offset(layout.mesh, self.dpn), layout.dp, layout.tp, layout.pp,
+               layout.micro_batches,
                layout.max_concurrency, iteration)
         if key not in self._rollouts:
             call = self.workflow[name]
@@ -407,26 +449,87 @@ class Costs:
             self._alone = self if self.profile.host is None else Costs(self.experiment, self.profile.alone())
         return self._alone
 
-    def realloc_pairs(self, role: str, home: Layout, layout: Layout) -> dict[Pair, int]:
+    def refits(self, call: str | None) -> bool:
+        """Whether ``call`` refits a serving engine: a generate call of a trained role on a
+        production stack, whose engine holds a copy of its own even where its layout places the
+        weights as the trainer does (:func:`estimator.cost.engine.refit_pairs`)."""
+        if call is None or not self.production:
+            return False
+        c = self.workflow[call]
+        return c.kind == "generate" and c.role in self.trained
+
+    def realloc_pairs(self, role: str, home: Layout, layout: Layout, call: str | None = None) -> dict[Pair, int]:
         """Bytes per pair moving ``role``'s parameters from its home layout to ``layout``
-        (cached per model and pair of placements, so roles sharing a model share it)."""
-        if home.same_placement(layout):
+        (cached per model and pair of placements, so roles sharing a model share it); for a
+        call that refits an engine (:meth:`refits`), the refit's."""
+        refit = self.refits(call)
+        if home.same_placement(layout) and not refit:
             return {}
         model = self.experiment.models[role]
-        key = (model, home.placement, layout.placement)
+        key = (model, home.placement, layout.placement, refit)
         if key not in self._realloc:
-            self._realloc[key] = sharded_realloc_bytes(model, home, layout, self.dpn, self.profile.elem_bytes)
+            self._realloc[key] = (refit_pairs(model, home, layout, self.dpn, self.profile.elem_bytes) if refit else
+                                  sharded_realloc_bytes(model, home, layout, self.dpn, self.profile.elem_bytes))
         return self._realloc[key]
 
-    def realloc_s(self, role: str, home: Layout, layout: Layout) -> float:
-        """Reallocation time on otherwise idle links, local copies included."""
-        if home.same_placement(layout):
+    def refit_fixed_s(self, role: str, call: str | None) -> float:
+        """The refit's fixed cost (per parameter tensor) for a call that refits, else 0."""
+        return refit_fixed_s(self.profile, self.experiment.models[role]) if self.refits(call) else 0.0
+
+    def realloc_s(self, role: str, home: Layout, layout: Layout, call: str | None = None) -> float:
+        """Reallocation time on otherwise idle links, local copies included (and a refit's
+        fixed cost for a call that refits)."""
+        refit = self.refits(call)
+        if home.same_placement(layout) and not refit:
             return 0.0
-        key = ("realloc", self.experiment.models[role], home.placement, layout.placement)
+        key = ("realloc", self.experiment.models[role], home.placement, layout.placement, refit)
         if key not in self._times:
-            pairs = self.realloc_pairs(role, home, layout)
+            pairs = self.realloc_pairs(role, home, layout, call)
             self._times[key] = isolated_transfer_s(pairs, self.profile, self.num_devices, self.dpn, True)
-        return self._times[key]
+        return self._times[key] + self.refit_fixed_s(role, call)
+
+    def shares(self, layouts: dict[str, Layout]) -> bool:
+        """Whether a plan's engine shares devices with a trained role's home (every call of the
+        production stacks then moves state over the host link, :mod:`estimator.cost.engine`)."""
+        if not self.production:
+            return False
+        homes = {r: layouts[c] for r, c in self.homes.items()}
+        return colocated({n: self.workflow[n] for n in layouts}, layouts, homes, self.trained)
+
+    def moves(self, name: str, layouts: dict[str, Layout], shares: bool) -> Moves:
+        """The host copies ``name`` pays on a production stack (:mod:`estimator.cost.engine`)
+        under a plan's ``layouts`` (``shares``: :meth:`shares` of the plan); none elsewhere."""
+        if not shares:
+            return NO_MOVES
+        call = self.workflow[name]
+        home = layouts[self.homes[call.role]]
+        policy = next((r for r in sorted(self.trained) if r != call.role), None)
+        policy_home = layouts[self.homes[policy]] if policy is not None else None
+        key = (name, layouts[name], home, policy_home)
+        if key not in self._moves:
+            model, lay = self.experiment.models[call.role], layouts[name]
+            trained = call.role in self.trained
+            if call.kind == "generate":
+                out = generate_moves(self.profile, model, lay, True) if trained else NO_MOVES
+            elif call.kind == "inference":
+                out = inference_moves(self.profile, model, lay, trained, True,
+                                      (self.experiment.models[policy], policy_home) if policy else None)
+            else:
+                out = NO_MOVES  # the trainer's offload is its layout's (offload)
+            self._moves[key] = out
+        return self._moves[key]
+
+    def offload(self, name: str, layout: Layout, home: Layout) -> OffloadCost:
+        """Host transfers of call ``name`` on ``layout`` when its role's home is ``home``
+        (:mod:`estimator.cost.offload`), cached per (call, layout, home)."""
+        if home.offload == "none":
+            return NONE
+        key = ("offload", name, layout, home)
+        if key not in self._offloads:
+            call = self.workflow[name]
+            self._offloads[key] = offload_cost(call, self.experiment.models[call.role], layout, home,
+                                               call.role in self.trained, self.profile)
+        return self._offloads[key]
 
     def data_pairs(self, producer: str, src: Layout, consumer: str, dst: Layout) -> dict[Pair, int]:
         """Bytes per pair bringing ``producer``'s outputs to ``consumer`` (rows depend on the

@@ -11,6 +11,14 @@ Assumptions (bytes per parameter ``P`` of a device's shard, see :func:`cost.stag
   state over the ``dp`` ranks: ``4 + 12/dp`` bytes per parameter (the gradients stay whole:
   backward accumulates into them before their reduce-scatter). ``shard="full"`` (ZeRO-3 /
   FSDP) splits weights, gradients and state alike: ``16/dp`` per parameter at home.
+- **Offload** (``Layout.offload`` of a train call's home, :mod:`estimator.cost.offload` for
+  its time). ``"optimizer"`` keeps the Adam state (the ``optimizer`` part above) in host memory
+  while any call but the role's train call runs; ``"all"`` also the gradients and the bf16
+  weights. During the train call every part is back on the devices. Under ``"all"`` another
+  call of the role that reads the home on its own placement has the weights back while it
+  runs, and one that reallocates has them back on the home's devices while it reallocates (a
+  peak of its own: the uploaded weights beside the copy being received, before the call
+  allocates its activations or KV pool).
 - **Reallocated copy.** A call on a layout other than its role's home holds its own bf16 copy
   of the shard (2·P) while it runs; the copy is dropped after it.
 - **Activations** (Korthikanti et al. 2022, recounted for LLaMA blocks: RMSNorm, SwiGLU,
@@ -37,11 +45,13 @@ Assumptions (bytes per parameter ``P`` of a device's shard, see :func:`cost.stag
   two blocks' (the one computing and the next, prefetched) as bf16 weights, and one block's —
   or the ends', whichever is larger — unsharded gradient before its reduce-scatter.
 
-Calls on one device run one at a time, so a device's peak is its homes plus the largest call.
+Calls on one device run one at a time, so a device's peak is its homes' resident bytes plus the
+largest call (with what it brings back from host memory).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -49,9 +59,11 @@ from dataclasses import dataclass, field
 from estimator.cost.pieces import BF16, FP32, stage_params
 from estimator.cost.rollout import check_pool, continuous, engine_tokens, kv_free_bytes
 from estimator.spec.batching import PREFILL_TOKENS
+from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
-from estimator.spec.plan import Layout, Plan
+from estimator.spec.plan import Layout, Plan, standing_copies
+from estimator.spec.sharding import most_rows
 from estimator.spec.workflow import Call
 
 GiB = float(1 << 30)
@@ -69,13 +81,24 @@ PARTS = ("weights", "grads", "optimizer", "realloc", "activations", "kv_cache")
 
 def stage_param_counts(model: ModelSpec, layout: Layout) -> list[float]:
     """Parameters per device of each pipeline stage."""
-    return [stage_params(model, layout.tp, layout.pp, k, len(layout.stage_layers(model.layers, k)))
-            for k in range(layout.pp)]
+    return list(_stage_param_counts(model, layout.tp, layout.pp))
 
 
-def home_bytes(model: ModelSpec, layout: Layout, trained: bool) -> list[dict[str, float]]:
-    """Per stage: bytes a role keeps on each device of its home layout (split over the
-    data-parallel ranks as the layout's ``shard`` says)."""
+@functools.lru_cache(maxsize=4096)
+def _stage_param_counts(model: ModelSpec, tp: int, pp: int) -> tuple[float, ...]:
+    """:func:`stage_param_counts` by what it depends on (the search asks for the same ones often)."""
+    layout = Layout(DeviceMesh(0, tp * pp), 1, tp, pp)
+    return tuple(stage_params(model, tp, pp, k, len(layout.stage_layers(model.layers, k))) for k in range(pp))
+
+
+# Layout.offload → the parts of a trained home kept in host memory while other calls run
+OFFLOADED = {"none": (), "optimizer": ("optimizer",), "all": ("optimizer", "grads", "weights")}
+
+
+def state_bytes(model: ModelSpec, layout: Layout, trained: bool) -> list[dict[str, float]]:
+    """Per stage: every byte of a role's state on each device of its home layout — weights,
+    and for a trained role gradients and Adam state — split over the data-parallel ranks as
+    the layout's ``shard`` says, wherever it is kept."""
     whole = 1 if layout.shard == "none" else layout.dp  # the optimizer state's split
     split = layout.dp if layout.shard == "full" else 1  # the weights' and gradients'
     out = []
@@ -86,6 +109,51 @@ def home_bytes(model: ModelSpec, layout: Layout, trained: bool) -> list[dict[str
             parts["optimizer"] = 3 * FP32 * p / whole
         out.append(parts)
     return out
+
+
+def offloaded_bytes(model: ModelSpec, layout: Layout, trained: bool) -> list[dict[str, float]]:
+    """Per stage: the part of :func:`state_bytes` the home keeps in host memory while calls other
+    than its train call run (``layout.offload``, :data:`OFFLOADED`); empty without offload."""
+    keep = OFFLOADED[layout.offload] if trained else ()
+    return [{k: v for k, v in parts.items() if k in keep} for parts in state_bytes(model, layout, trained)]
+
+
+def home_bytes(model: ModelSpec, layout: Layout, trained: bool) -> list[dict[str, float]]:
+    """Per stage: bytes a role keeps resident on each device of its home layout whatever call
+    runs — its state (:func:`state_bytes`) less what it offloads (:func:`offloaded_bytes`)."""
+    keep = OFFLOADED[layout.offload] if trained else ()
+    return [{k: v for k, v in parts.items() if k not in keep} for parts in state_bytes(model, layout, trained)]
+
+
+def restored_bytes(call: Call, model: ModelSpec, layout: Layout, home: Layout, trained: bool
+                   ) -> list[dict[str, float]]:
+    """Per stage of ``layout``: the offloaded bytes of ``call``'s role back on the devices while
+    ``call`` runs — all of them for its train call (the home itself), the weights for another
+    call of the role on the home's placement under ``offload="all"``, none otherwise."""
+    if home.offload == "none" or not trained:
+        return [{} for _ in range(layout.pp)]
+    if call.kind == "train":
+        return offloaded_bytes(model, home, trained)
+    if home.offload == "all" and layout.same_placement(home):
+        return [{"weights": parts["weights"]} for parts in offloaded_bytes(model, home, trained)]
+    return [{} for _ in range(layout.pp)]
+
+
+def source_bytes(model: ModelSpec, layout: Layout, home: Layout, trained: bool) -> dict[int, dict[str, float]]:
+    """Device → bytes while a call on ``layout`` reallocates from a home that offloads its
+    weights (``offload="all"``): the weights uploaded on the home's devices to be sent, and the
+    copy arriving on the call's; empty when the home keeps its weights or the call does not
+    reallocate."""
+    if not trained or home.offload != "all" or layout.same_placement(home):
+        return {}
+    out: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PARTS, 0.0))
+    for k, parts in enumerate(offloaded_bytes(model, home, trained)):
+        for d in home.stage_devices(k):
+            out[d]["weights"] += parts["weights"]
+    for k, p in enumerate(stage_param_counts(model, layout)):
+        for d in layout.stage_devices(k):
+            out[d]["realloc"] += BF16 * p
+    return dict(out)
 
 
 def gathered_bytes(model: ModelSpec, layout: Layout, stage: int) -> dict[str, float]:
@@ -101,9 +169,11 @@ def gathered_bytes(model: ModelSpec, layout: Layout, stage: int) -> dict[str, fl
 
 
 def activation_bytes_per_token_layer(model: ModelSpec, tp: int) -> float:
-    """Saved activations of one block per token (see the module docstring)."""
-    h, kv, f, a = model.hidden, model.kv_dim, model.ffn, model.heads
-    return 8 * h + (4 * h + 4 * kv + MLP_ACTIVATION_BYTES[model.mlp] * f + 4 * a) / tp
+    """Saved activations of one block per token (see the module docstring; Q and O are a·d
+    wide, and q/k norms save their inputs too)."""
+    h, kv, f, a, q = model.hidden, model.kv_dim, model.ffn, model.heads, model.q_dim
+    qk = 2 * (q + kv) if model.qk_norm else 0
+    return 8 * h + (4 * q + 4 * kv + qk + MLP_ACTIVATION_BYTES[model.mlp] * f + 4 * a) / tp
 
 
 def head_bytes(model: ModelSpec, tokens: float) -> float:
@@ -126,8 +196,10 @@ def call_bytes(call: Call, model: ModelSpec, layout: Layout, at_home: bool,
     w = call.workload
     rows = w.units_per_minibatch * (2 if w.paired else 1) // layout.dp  # sequences per dp rank and step
     if call.kind != "train":
-        rows = w.seqs // layout.dp
+        rows = most_rows(call, layout) if call.kind == "generate" else w.seqs // layout.dp
     mb = rows / layout.micro_batches  # sequences per micro-batch
+    if call.kind == "generate":
+        mb = -(-rows // layout.micro_batches)  # the fullest engine
     per_layer = activation_bytes_per_token_layer(model, layout.tp)
     out = []
     for k, p in enumerate(stage_param_counts(model, layout)):
@@ -186,6 +258,12 @@ class DeviceMemory:
     peak_bytes: float  # homes + the largest call
     call: str  # the call running at the peak ("" when none runs on the device)
     parts: dict[str, float] = field(default_factory=dict)  # PARTS → bytes at the peak
+    phase: str = ""  # "reallocating": the peak is while the call receives its weights from an offloaded home
+
+    @property
+    def during(self) -> str:
+        """The call at the peak, with its phase where the peak is not while it computes."""
+        return f"{self.call} ({self.phase})" if self.phase else (self.call or "no call")
 
 
 @dataclass(frozen=True)
@@ -213,7 +291,7 @@ class MemoryReport:
         worst = max(over, key=lambda d: (d.peak_bytes, -d.device))
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in worst.parts.items() if v > 0)
         msg = (f"predicted {fmt_bytes(worst.peak_bytes)} on device {worst.device} against "
-               f"{fmt_bytes(self.capacity_bytes)} during {worst.call or 'no call'} ({parts})")
+               f"{fmt_bytes(self.capacity_bytes)} during {worst.during} ({parts})")
         if len(over) > 1:
             msg += f"; {len(over) - 1} more device(s) over capacity"
         return [msg]
@@ -226,29 +304,43 @@ def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float) -> Me
     homes = wf.home_calls()
     trained = wf.trained_roles()
     static: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PARTS, 0.0))
-    for role, call in homes.items():
+    standing = standing_copies(wf, plan)  # rollout copies that stay between calls (asynchronous plans)
+    resident = [(role, call, role in trained) for role, call in homes.items()]
+    resident += [(wf[call].role, call, False) for call in sorted(standing)]
+    for role, call, with_state in resident:
         layout = plan[call]
-        for k, parts in enumerate(home_bytes(experiment.models[role], layout, role in trained)):
+        for k, parts in enumerate(home_bytes(experiment.models[role], layout, with_state)):
             for d in layout.stage_devices(k):
                 for key, v in parts.items():
                     static[d][key] += v
-    best: dict[int, tuple[float, str, dict[str, float]]] = {}
+    best: dict[int, tuple[float, str, dict[str, float], str]] = {}
+
+    def take(d: int, name: str, parts: dict[str, float], phase: str = "") -> None:
+        total = sum(parts.values())
+        if d not in best or total > best[d][0]:
+            best[d] = (total, name, parts, phase)
+
     for name in wf.topological_order():
         call = wf[name]
         layout = plan[name]
+        model = experiment.models[call.role]
         home = plan[homes[call.role]]
-        at_home = layout.same_placement(home)
+        at_home = name in standing or layout.same_placement(home)
         engine = experiment.kv_fraction * capacity_bytes
-        for k, parts in enumerate(call_bytes(call, experiment.models[call.role], layout, at_home, engine)):
-            total = sum(parts.values())
+        back = restored_bytes(call, model, layout, home, call.role in trained)
+        for k, parts in enumerate(call_bytes(call, model, layout, at_home, engine)):
+            for key, v in back[k].items():
+                parts[key] = parts.get(key, 0.0) + v
             for d in layout.stage_devices(k):
-                if d not in best or total > best[d][0]:
-                    best[d] = (total, name, parts)
+                take(d, name, parts)
+        if name not in standing:  # a standing copy is fed by pushes, not reallocations
+            for d, parts in source_bytes(model, layout, home, call.role in trained).items():
+                take(d, name, parts, "reallocating")
     devices = []
     for d in range(experiment.cluster.num_devices):
-        dyn, name, parts = best.get(d, (0.0, "", {}))
+        dyn, name, parts, phase = best.get(d, (0.0, "", {}, ""))
         merged = dict(static[d]) if d in static else dict.fromkeys(PARTS, 0.0)
         for key, v in parts.items():
             merged[key] += v
-        devices.append(DeviceMemory(d, sum(merged.values()), name, merged))
+        devices.append(DeviceMemory(d, sum(merged.values()), name, merged, phase))
     return MemoryReport(capacity_bytes, tuple(devices))

@@ -27,11 +27,12 @@ def linear_flops(m: int, n: int, k: int) -> float:
 
 
 def projection_flops_per_token(model: ModelSpec) -> float:
-    """Per layer and token: q, k, v, o projections ``2·(2h² + 2·h·kv)`` + SwiGLU ``2·3·h·f``
-    (a GELU / ReLU MLP: ``2·2·h·f``). Biases, norms and activations are elementwise: no
-    matrix-product FLOPs (``FlopCounterMode`` counts ``addmm`` as its product alone)."""
+    """Per layer and token: q, k, v, o projections ``2·(2h·q + 2·h·kv)`` (``q = a·d``, ``h``
+    unless a head is wider than h/a) + SwiGLU ``2·3·h·f`` (a GELU / ReLU MLP: ``2·2·h·f``).
+    Biases, norms and activations are elementwise: no matrix-product FLOPs (``FlopCounterMode``
+    counts ``addmm`` as its product alone)."""
     h = model.hidden
-    return 2.0 * (2 * h * h + 2 * h * model.kv_dim) + 2.0 * model.mlp_matrices * h * model.ffn
+    return 2.0 * (2 * h * model.q_dim + 2 * h * model.kv_dim) + 2.0 * model.mlp_matrices * h * model.ffn
 
 
 def attended_keys(new: int, cached: int = 0) -> float:
@@ -40,8 +41,9 @@ def attended_keys(new: int, cached: int = 0) -> float:
 
 
 def attention_core_flops(model: ModelSpec, new: int, cached: int = 0) -> float:
-    """Per layer and sequence: ``4·h`` per attended key (scores + weighted sum)."""
-    return 4.0 * model.hidden * attended_keys(new, cached)
+    """Per layer and sequence: ``4·a·d`` per attended key (scores + weighted sum; ``4·h``
+    where heads are h/a wide)."""
+    return 4.0 * model.q_dim * attended_keys(new, cached)
 
 
 def head_flops_per_token(model: ModelSpec) -> float:

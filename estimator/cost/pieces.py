@@ -66,6 +66,15 @@ def piece_s(profile: Profile, name: str, values: dict, mode: str = "nograd") -> 
     return float(t) if np.ndim(t) == 0 else t
 
 
+def piece_launches(profile: Profile, name: str, values: dict) -> np.ndarray | float:
+    """Kernels (or aten ops) one census piece launches at ``values`` (arrays give an array)."""
+    w = load_op_set(profile.ops).compiled(profile.dtype, name)(values)
+    if not len(w.count):
+        return 0.0
+    t = w.count.sum(axis=0)
+    return float(t) if np.ndim(t) == 0 else t
+
+
 @dataclass(frozen=True)
 class StageTime:
     """One micro-batch through one pipeline stage on one tensor-parallel rank."""

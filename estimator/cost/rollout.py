@@ -35,6 +35,7 @@ cannot hold one request at the cap (:func:`estimator.spec.batching.kv_need`) can
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,7 @@ from estimator.cost.pieces import (
     forward_stage,
     head_comm_s,
     model_symbols,
+    piece_launches,
     piece_s,
     rotary_piece,
     stage_params,
@@ -55,10 +57,10 @@ from estimator.cost.pieces import (
 )
 from estimator.cost.transfers import link_class, stage_send
 from estimator.profile.profiles import Profile
-from estimator.spec.batching import EngineRun, kv_need, schedule
+from estimator.spec.batching import PREFILL_TOKENS, EngineRun, kv_need, schedule
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
-from estimator.spec.sharding import dp_rows
+from estimator.spec.sharding import micro_batch_rows
 from estimator.spec.workflow import Call
 
 GRID_BATCH, GRID_KV = 24, 6  # the decode-cost grid of calls with many segments (_Segments.step_costs)
@@ -91,15 +93,7 @@ def engine_cap(layout: Layout) -> int:
 def engine_rows(call: Call, layout: Layout, dp_rank: int) -> list[tuple[int, int]]:
     """Global rows of each virtual engine of replica ``dp_rank``: its data-parallel rows split
     into ``micro_batches`` contiguous runs (the first ones one longer where they do not divide)."""
-    (lo, hi), = dp_rows(call, layout, dp_rank)
-    m = layout.micro_batches
-    base, extra = divmod(hi - lo, m)
-    out, start = [], lo
-    for j in range(m):
-        stop = start + base + (1 if j < extra else 0)
-        out.append((start, stop))
-        start = stop
-    return out
+    return micro_batch_rows(call, layout, dp_rank)[0]
 
 
 @dataclass(frozen=True)
@@ -136,7 +130,13 @@ class RolloutCost:
 
 
 class _StageCosts:
-    """Per-op seconds of one stage of a generate call, cached by shape."""
+    """Per-op seconds of one stage of a generate call, cached by shape.
+
+    On a production stack with engine numbers (``Profile.engine``) every op is one engine step:
+    its kernels at their device time, plus the step's host time — the scheduler's
+    (:meth:`EngineTerms.step_host_s` at the running requests, on the first stage, once per
+    step) and the launches' (one graph replay for a decode step under CUDA graphs, else each
+    kernel's eager launch)."""
 
     def __init__(self, profile: Profile, model: ModelSpec, layout: Layout, k: int, choose: str, dpn: int):
         self.profile, self.model, self.layout, self.k = profile, model, layout, k
@@ -144,8 +144,34 @@ class _StageCosts:
         self.first, self.last = k == 0, k == layout.pp - 1
         self.choose, self.dpn = choose, dpn
         self.fused = profile.ops == "fused"
+        self.engine = profile.engine
+        # an engine's kernels at their device time; its launches are the step's host time
+        self.kernels = dataclasses.replace(profile, launch_overhead_s=0.0) if self.engine else profile
         self._prefill: dict[tuple[int, int], tuple[float, float]] = {}
         self._comm: dict[int, tuple[float, float]] = {}
+        self._launches: dict[str, float] = {}
+
+    def _kernel_count(self, phase: str) -> float:
+        """Kernels one step of ``phase`` (decode | prefill) launches on this stage."""
+        if phase not in self._launches:
+            m, tp = self.model, self.layout.tp
+            sym = model_symbols(m, tp) | {"rows": 1.0, "tokens": 1.0, "kv_len": 1.0}
+            n = self.layers * piece_launches(self.profile, block_piece(f"{phase}_batched", m, tp), sym)
+            n += piece_launches(self.profile, end_piece("embed", tp, m), sym) if self.first else 0.0
+            if self.last:
+                n += piece_launches(self.profile, end_piece(f"head_{m.head}", tp, m), sym)
+                n += piece_launches(self.profile, self.choose, sym)
+            self._launches[phase] = float(n)
+        return self._launches[phase]
+
+    def host_s(self, phase: str, running: np.ndarray | float) -> np.ndarray | float:
+        """The engine's host time of one step of ``phase`` with ``running`` requests (0 without
+        engine numbers)."""
+        e = self.engine
+        if e is None:
+            return 0.0
+        launch = e.graph_s if phase == "decode" and e.cuda_graphs else self._kernel_count(phase) * e.eager_kernel_s
+        return (e.step_host_s(running) if self.first else 0.0) + launch
 
     def prefill_many(self, rows: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(compute, comm + message) of prefills of ``rows`` requests over ``tokens`` each,
@@ -157,23 +183,39 @@ class _StageCosts:
         if missing:
             p, m = self.profile, self.model
             r, n = (np.array(x, dtype=float) for x in zip(*missing))
-            st = forward_stage(p, m, self.layout.tp, self.layers, self.first, self.last, r, n, r, "prefill_batched",
-                               ((self.choose, {}),))
-            compute = np.broadcast_to(np.asarray(st.compute_s, dtype=float), r.shape)
+            st = forward_stage(self.kernels, m, self.layout.tp, self.layers, self.first, self.last, r, n, r,
+                               "prefill_batched", ((self.choose, {}),))
+            compute = np.broadcast_to(np.asarray(st.compute_s, dtype=float) + self.host_s("prefill", r), r.shape)
             comm = np.broadcast_to(np.asarray(st.comm_s, dtype=float), r.shape)
+            if self.engine is not None and self.engine.allreduce and self.layout.tp > 1:
+                # the engine's all-reduces instead of the profile's (the logits' gather stays)
+                ars = 2 * self.layers + (1 if self.first else 0)
+                own = np.array([ars * self.allreduce_s(float(a * b)) for a, b in zip(r, n)])
+                comm = comm - ars * np.array([tp_allreduce_s(p, self.layout.tp, float(a * b), m.hidden)
+                                              for a, b in zip(r, n)]) + own
             for i, key in enumerate(missing):
                 send = stage_send(p, self.layout, self.k, key[0] * key[1] * m.hidden * p.elem_bytes, self.dpn)[0]
                 self._prefill[key] = (float(compute[i]), float(comm[i]) + send)
         table = np.array([self._prefill[tuple(u)] for u in uniq.tolist()])
         return table[inv, 0], table[inv, 1]
 
+    def allreduce_s(self, tokens: float) -> float:
+        """One tensor-parallel all-reduce of ``tokens`` activations inside an engine step: the
+        engine's own (``EngineTerms.allreduce_s``) where it has one for the size, else the
+        profile's collective."""
+        p, tp = self.profile, self.layout.tp
+        if tp == 1:
+            return 0.0
+        own = self.engine.allreduce_s(tp, tokens * self.model.hidden * p.elem_bytes) if self.engine else None
+        return own if own is not None else tp_allreduce_s(p, tp, tokens, self.model.hidden)
+
     def _step_comm(self, batch: int) -> tuple[float, float]:
         """(collectives, message to the next stage) of one decode step at ``batch``."""
         if batch not in self._comm:
             p, m, tp = self.profile, self.model, self.layout.tp
-            comm = 2 * self.layers * tp_allreduce_s(p, tp, batch, m.hidden)
+            comm = 2 * self.layers * self.allreduce_s(batch)
             if self.first and tp > 1:
-                comm += tp_allreduce_s(p, tp, batch, m.hidden)
+                comm += self.allreduce_s(batch)
             if self.last:
                 comm += head_comm_s(p, m, tp, batch) + p.in_call_s("broadcast", batch * INT64, tp, "intra")
             if self.last and self.layout.pp > 1:  # the chosen tokens go back to the first stage
@@ -186,7 +228,7 @@ class _StageCosts:
 
     def decode(self, batch: np.ndarray, kv_max: np.ndarray, kv_mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(compute, comm + message) per decode step, arrays over steps."""
-        p, m, tp = self.profile, self.model, self.layout.tp
+        p, m, tp = self.kernels, self.model, self.layout.tp
         kv = kv_mean if self.fused else kv_max
         sym = model_symbols(m, tp) | {"rows": batch.astype(float), "tokens": 1.0, "kv_len": kv.astype(float)}
         compute = self.layers * piece_s(p, block_piece("decode_batched", m, tp), sym)
@@ -197,6 +239,7 @@ class _StageCosts:
             compute = compute + piece_s(p, end_piece("embed", tp, m), sym)
         if self.last:
             compute = compute + piece_s(p, end_piece(f"head_{m.head}", tp, m), sym) + piece_s(p, self.choose, sym)
+        compute = compute + self.host_s("decode", batch.astype(float))
         compute = np.broadcast_to(np.asarray(compute, dtype=float) + p.micro_batch_overhead_s, batch.shape)
         # a step's communication by its batch, at most EACH_POINTS evaluations (pieces.each_distinct)
         return compute, each_distinct(lambda b: sum(self._step_comm(int(round(b)))), batch)
@@ -356,7 +399,11 @@ def rollout_cost(profile: Profile, call: Call, model: ModelSpec, layout: Layout,
     ``kv_tokens`` per virtual engine (0: unlimited). ``schedules``: a cache of engine schedules
     by (rows, cap, pool) for calls with the same lengths (layouts that deal rows alike share them).
     ``stage_costs``: per stage, what prices its ops (default: the census on ``profile``)."""
-    cap = engine_cap(layout)
+    engine = profile.engine if profile is not None else None
+    # a serving engine's own cap (vLLM's max_num_seqs) where the layout sets none, and its
+    # prefill budget per step (max_num_batched_tokens)
+    cap = engine_cap(layout) or (max(engine.max_num_seqs // layout.micro_batches, 1) if engine else 0)
+    prefill_tokens = engine.prefill_chunk_tokens if engine else PREFILL_TOKENS
     # the token choice; responses of drawn lengths end with EOS at their length (the executor's
     # ``Sampler.ending``)
     choose = ("greedy" if call.workload.greedy else "sample") + ("_ending" if call.workload.lengths_vary else "")
@@ -372,7 +419,7 @@ def rollout_cost(profile: Profile, call: Call, model: ModelSpec, layout: Layout,
             key = (lo, hi, c, kv)
             run = schedules.get(key) if schedules is not None else None
             if run is None:
-                run = schedule(prompt[lo:hi], gen[lo:hi], c, kv)
+                run = schedule(prompt[lo:hi], gen[lo:hi], c, kv, prefill_tokens)
                 if schedules is not None:
                     schedules[key] = run
             engines.append(_engine_ops(run, segments))

@@ -167,12 +167,15 @@ def pair_ports(src: int, dst: int, devices_per_node: int) -> tuple[int, int]:
     return 4 * src + NIC_OUT, 4 * dst + NIC_IN
 
 
-def group_shape(devices: Iterable[int], devices_per_node: int) -> tuple[int, int]:
-    """(most members on one node, nodes spanned) of a communication group."""
+def group_shape(devices: Iterable[int], devices_per_node: int) -> tuple[int, int, int]:
+    """(most members on one node, nodes spanned, fewest members on one of them) of a
+    communication group, the arguments of :meth:`Profile.group_collective_s` after the size.
+    The two counts differ for a group of a mesh that is not whole nodes (the data-parallel
+    group of ``0-11`` on nodes of 8 has 8 members on node 0 and 4 on node 1)."""
     per_node: dict[int, int] = defaultdict(int)
     for d in devices:
         per_node[d // devices_per_node] += 1
-    return max(per_node.values()), len(per_node)
+    return max(per_node.values()), len(per_node), min(per_node.values())
 
 
 def group_ports(devices: Iterable[int], devices_per_node: int) -> list[int]:

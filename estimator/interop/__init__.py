@@ -1,11 +1,11 @@
-"""Exporters of plans to other RLHF frameworks' configurations, one module per framework:
-:mod:`estimator.interop.verl`, :mod:`estimator.interop.openrlhf`, :mod:`estimator.interop.realhf`,
+"""Exporters of plans to other RLHF frameworks' configurations and importers back, one module per
+framework: :mod:`estimator.interop.verl`, :mod:`estimator.interop.openrlhf`, :mod:`estimator.interop.realhf`,
 :mod:`estimator.interop.areal` and :mod:`estimator.interop.nemo_rl` (the names the commands take:
 :mod:`estimator.interop.registry`); what they share (a change of
 the plan and its reason, the projection that records each change, the export's files) is in
 :mod:`estimator.interop.common`.
 
-An importer (verl's and OpenRLHF's) reads the configuration back into the experiment and the plan it
+Each module's importer reads the configuration back into the experiment and the plan it
 describes, and refuses by name any key it does not read; exporting and importing again gives
 the projected plan.
 

@@ -1,6 +1,9 @@
 """What every exporter shares: a change of the plan and its reason, the projection that records
 each change as it makes it, the export it returns, and the settings every framework's config
-takes (batch split per rank, model paths).
+takes (batch split per rank, model paths); and what every importer shares: the settings of a
+config by dotted key, each read once, so that a key no rule read is named (:class:`Settings`),
+read from Hydra overrides (:func:`override_settings`) or a YAML overlay
+(:func:`overlay_settings`), and a model path back to its preset (:func:`preset_of`).
 
 A projection starts from the plan as given and applies the framework's rules one at a time
 (:meth:`Projection.set`); each field a rule changes becomes a :class:`Change` naming the call,
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +23,7 @@ from typing import Any
 import yaml
 
 from estimator.base.errors import ConfigError
+from estimator.base.loading import parse_yaml
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Layout, Plan, validate
 from estimator.spec.workflow import Call
@@ -194,3 +199,131 @@ def overlay_export(framework: str, repo: str, commit: str, header: str, experime
     return Export(framework, repo, commit, plan, projected, tuple(pr.changes), {"config.yaml": text},
                   describe(projected, experiment), tuple(notes))
 
+
+
+# ---- import: a framework config's settings back into the vocabulary ------------------------------
+
+_REQUIRED = object()  # a setting's default when the importer needs it given
+
+
+def preset_of(path: str) -> str:
+    """A model path back to the planner's preset where it is a preset's Hugging Face repository;
+    any other path as it is (the experiment reads it as a local ``config.json`` or its directory)."""
+    by_repo = {repo: name for name, repo in HF_REPOS.items()}
+    return by_repo.get(path, path)
+
+
+class Settings:
+    """A framework config's settings by dotted key, each marked as read when a rule reads it;
+    :meth:`finish` names what no rule read. Values are strings (Hydra overrides) or YAML scalars."""
+
+    def __init__(self, values: dict[str, Any], where: str, framework: str):
+        self.values, self.where, self.framework = values, where, framework
+        self.read: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.values
+
+    def get(self, key: str, default: Any = _REQUIRED) -> Any:
+        """The raw value (marked read), ``default`` when the key is not given; a required key
+        missing is refused by name."""
+        if key not in self.values:
+            if default is _REQUIRED:
+                raise ConfigError(f"{self.where}: key {key!r} is missing; the importer needs it")
+            return default
+        self.read.add(key)
+        return self.values[key]
+
+    def text(self, key: str, default: Any = _REQUIRED) -> str:
+        value = self.get(key, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.where}: {key}={value!r} must be a string")
+        return value
+
+    def number(self, key: str, kind: type = int, default: Any = _REQUIRED) -> int | float:
+        """An integer (``kind`` int) or a finite number; a bool, a fraction where an integer
+        belongs or text that is no number is refused by name."""
+        return self._as_number(key, self.get(key, default), kind)
+
+    def _as_number(self, key: str, value: Any, kind: type) -> int | float:
+        what = "an integer" if kind is int else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{self.where}: {key}={value!r} is not {what}")
+        try:
+            out = kind(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{self.where}: {key}={value!r} is not {what}") from None
+        if kind is int and (isinstance(out, float) or isinstance(value, float)):
+            if not float(out).is_integer():
+                raise ConfigError(f"{self.where}: {key}={value!r} is not {what}")
+            out = int(out)
+        if not math.isfinite(out):
+            raise ConfigError(f"{self.where}: {key}={value!r} is not a finite number")
+        return kind(out)
+
+    def optional(self, key: str, kind: type = int, default: Any = None) -> int | float | None:
+        """A number, or None where the value is null (YAML ``null``, Hydra ``null``)."""
+        value = self.get(key, default)
+        if value is None or value == "null":
+            return None
+        return self._as_number(key, value, kind)
+
+    def flag(self, key: str, default: Any = _REQUIRED) -> bool:
+        value = self.get(key, default)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{self.where}: {key}={value!r} must be True or False")
+
+    def consume(self, *keys: str) -> None:
+        """Mark settings read that the export writes and the plan does not vary."""
+        for key in keys:
+            if key in self.values:
+                self.read.add(key)
+
+    def unread(self) -> list[str]:
+        return sorted(set(self.values) - self.read)
+
+    def finish(self) -> None:
+        """Refuse, by name, every key no rule read."""
+        unread = self.unread()
+        if unread:
+            raise ConfigError(f"{self.where}: key(s) {unread} are not ones the importer reads; it reads what "
+                              f"python -m estimator.export {self.framework} writes")
+
+
+def override_settings(text: str, where: str, framework: str) -> Settings:
+    """``key=value`` per line (blank lines and ``#`` comments skipped); a line without ``=`` or a
+    key given twice is refused by name."""
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{where} line {n}: {line!r} is not key=value")
+        if key in out:
+            raise ConfigError(f"{where} line {n}: key {key!r} is given twice")
+        out[key] = value
+    return Settings(out, where, framework)
+
+
+def overlay_settings(text: str, where: str, framework: str) -> Settings:
+    """A YAML overlay's leaves by dotted key (``policy.generation.vllm_cfg.tensor_parallel_size``);
+    an empty mapping is a leaf of its own. Strict YAML: a key given twice is refused."""
+    data = parse_yaml(text, where)
+    out: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{where}: key {prefix}{key!r} must be a string")
+            if isinstance(value, dict) and value:
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk(data, "")
+    return Settings(out, where, framework)

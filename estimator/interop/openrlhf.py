@@ -23,14 +23,22 @@ What OpenRLHF can express, from ``train()``:
   (AutoTP), no pipeline parallelism (a train call's stages become data-parallel ranks, and ZeRO-3
   shards what the stages split); ``--actor.gradient_checkpointing_enable`` for actor and
   critic alike;
+- one offload setting for every DeepSpeed model: ``--ds.enable_sleep`` makes DeepSpeed's
+  ``offload_states`` move the optimizer state, the fp32 master weights and the gradient buffers
+  to the host while the engines run, and back for training (``ppo_actor.py``, ``ppo_critic.py``;
+  ``offload_deepspeed_states`` in ``openrlhf/utils/deepspeed/deepspeed_utils.py`` leaves the bf16
+  parameters on the GPU): the plan's ``offload: optimizer``, written with ``--vllm.enable_sleep``
+  (the engines drop their weights and KV cache between generations, what the plan's memory
+  model assumes) as OpenRLHF's hybrid-engine recipe does; ``offload: all`` runs as
+  ``optimizer``;
 - one micro-batch size for training (``--train.micro_batch_size``, rows per GPU) and one for
   the experience passes (``--rollout.micro_batch_size``), or one dynamic-batch switch with a
   token budget for each (``--train.max_tokens_per_gpu``, ``--rollout.max_tokens_per_gpu``).
 
 The projection applies these in that order and lists every change; the common micro-batch size
 is the largest that divides every call's (the smallest memory any call asked for), the common
-tp the actor's training tp where it fits every group, the recompute and shard setting the
-actor's.
+tp the actor's training tp where it fits every group, the recompute, shard and offload setting
+the actor's.
 """
 
 from __future__ import annotations
@@ -40,13 +48,13 @@ from math import gcd
 
 from estimator.base.errors import ConfigError
 from estimator.interop.common import (
-    HF_REPOS,
     Export,
     Projection,
     micro_batches_for,
     micro_rows,
     model_path,
     per_rank,
+    preset_of,
     require_algorithm,
     token_caps,
 )
@@ -85,6 +93,7 @@ LEGACY = {
     "--rollout.max_new_tokens": "--max_new_tokens", "--train.max_epochs": "--max_epochs",
     "--train.dynamic_batch_enable": "--use_dynamic_batch", "--train.max_tokens_per_gpu": "--train_max_tokens_per_gpu",
     "--rollout.max_tokens_per_gpu": "--rollout_max_tokens_per_gpu",
+    "--ds.enable_sleep": "--deepspeed_enable_sleep", "--vllm.enable_sleep": "--vllm_enable_sleep",
     "--actor.model_name_or_path": "--pretrain", "--critic.model_name_or_path": "--critic_pretrain",
     "--reward.model_name_or_path": "--reward_pretrain",
     "--actor.adam.lr": "--actor_learning_rate", "--critic.adam.lr": "--critic_learning_rate",
@@ -122,8 +131,13 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
     pr = Projection(experiment, plan)
     wf, n = experiment.workflow, experiment.cluster.num_devices
     gen = pr["actor_gen"]
+    engines, rows = gen.mesh.size // gen.tp, wf["actor_gen"].workload.units_per_minibatch
+    if rows % engines:
+        raise ConfigError(f"{FRAMEWORK}: call actor_gen: without pipeline stages its mesh {gen.mesh} makes {engines} "
+                          f"vLLM engines of tp {gen.tp}, and plans split the batch of {rows} sequences evenly over "
+                          "them, which it does not; give generation a mesh whose size over tp divides the batch")
     pr.set("actor_gen", "OpenRLHF generates in vLLM engines of --vllm.tensor_parallel_size devices, no pipeline "
-                        "stages", pp=1, dp=gen.mesh.size // gen.tp, micro_batches=1)
+                        "stages", pp=1, dp=engines, micro_batches=1)
     if pr["actor_gen"].max_concurrency:
         pr.set("actor_gen", "OpenRLHF has no flag for vLLM's max_num_seqs; the engine's KV pool bounds the "
                             "running requests", max_concurrency=0)
@@ -162,11 +176,14 @@ def project(experiment: Experiment, plan: Plan) -> Projection:
     _one_micro_size(experiment, pr, [c for c in ds_calls if wf[c].kind == "train"], "--train.micro_batch_size")
     _one_micro_size(experiment, pr, [c for c in ds_calls if wf[c].kind == "inference"],
                     "--rollout.micro_batch_size")
+    if pr["actor_train"].offload == "all":
+        pr.set("actor_train", "OpenRLHF's --ds.enable_sleep offloads DeepSpeed's optimizer state, master weights and "
+                              "gradient buffers, not its bf16 parameters", offload="optimizer")
     actor = pr["actor_train"]
     for c in ds_calls:
         if wf[c].kind == "train" and c != "actor_train":
-            pr.set(c, "OpenRLHF's --actor.gradient_checkpointing_enable and --ds.zero_stage apply to every model",
-                   recompute=actor.recompute, shard=pr["actor_train"].shard)
+            pr.set(c, "OpenRLHF's --actor.gradient_checkpointing_enable, --ds.zero_stage and --ds.enable_sleep apply "
+                      "to every model", recompute=actor.recompute, shard=actor.shard, offload=actor.offload)
     return pr
 
 
@@ -201,8 +218,13 @@ def _one_micro_size(experiment: Experiment, pr: Projection, calls: list[str], fl
 
 
 def _gpus(mesh: DeviceMesh, per_node: int) -> tuple[int, int]:
-    """(num_nodes, num_gpus_per_node) of a group on ``mesh``."""
-    return (mesh.size // per_node, per_node) if mesh.size > per_node else (1, mesh.size)
+    """(num_nodes, num_gpus_per_node) of a group on ``mesh``: its GPUs on one node, else in
+    bundles of as many as divide both its size and a node (Ray places each bundle of
+    ``num_gpus_per_node`` GPUs on one node: 12 GPUs on nodes of 8 are 3 bundles of 4)."""
+    if mesh.size <= per_node:
+        return 1, mesh.size
+    bundle = gcd(mesh.size, per_node)
+    return mesh.size // bundle, bundle
 
 
 def flags(experiment: Experiment, plan: Plan, shard: str) -> tuple[list[tuple[str, str | None]], list[str]]:
@@ -229,6 +251,7 @@ def flags(experiment: Experiment, plan: Plan, shard: str) -> tuple[list[tuple[st
     out += [("--ds.zero_stage", str(ZERO_STAGE[shard])), ("--ds.tensor_parallel_size", str(actor.tp)),
             ("--ds.param_dtype", "bf16")]
     out += [("--actor.gradient_checkpointing_enable", None)] if actor.recompute == "full" else []
+    out += [("--vllm.enable_sleep", None), ("--ds.enable_sleep", None)] if actor.offload != "none" else []
     out += _batch_flags(experiment, plan)
     out += [("--rollout.batch_size", str(p.batch_size)), ("--rollout.n_samples_per_prompt", str(p.group_size)),
             ("--train.batch_size", str(wf["actor_train"].workload.units_per_minibatch)),
@@ -314,7 +337,7 @@ def export(experiment: Experiment, plan: Plan, legacy_flags: bool = False) -> Ex
 
 SWITCHES = {"--train.colocate_all", "--train.colocate_actor_ref", "--train.colocate_critic_reward",
             "--actor.gradient_checkpointing_enable", "--train.dynamic_batch_enable", "--ds.packing_samples",
-            "--algo.kl.use_loss"}
+            "--algo.kl.use_loss", "--ds.enable_sleep", "--vllm.enable_sleep"}
 GROUP_FLAGS = {f"--{g}.{k}" for g in ("actor", "ref", "critic", "reward") for k in ("num_nodes", "num_gpus_per_node")}
 
 
@@ -400,12 +423,11 @@ def import_command(text: str, device: str) -> tuple[dict, Plan, list[str]]:
     actor = args.get("--actor.model_name_or_path")
     if actor is None:
         raise ConfigError("openrlhf command: flag --actor.model_name_or_path is missing; the importer needs it")
-    by_repo = {repo: name for name, repo in HF_REPOS.items()}
-    models = {"actor": by_repo.get(actor, actor), "ref": by_repo.get(actor, actor)}
+    models = {"actor": preset_of(actor), "ref": preset_of(actor)}
     if not grpo:
-        models["critic"] = by_repo.get(args.get("--critic.model_name_or_path", actor), actor)
+        models["critic"] = preset_of(args.get("--critic.model_name_or_path", actor))
     reward = args.get("--reward.model_name_or_path")
-    models["reward"] = by_repo.get(reward, reward) if reward else "rule"
+    models["reward"] = preset_of(reward) if reward else "rule"
     batch, group = _int(args, "--rollout.batch_size"), _int(args, "--rollout.n_samples_per_prompt", 1)
     step = _int(args, "--train.batch_size")
     if step < 1 or (batch * group) % step:
@@ -466,6 +488,7 @@ def _read_plan(args: dict, experiment: Experiment, sizes: dict[str, int],
         if call.kind == "train":
             lay |= {"recompute": "full"} if "--actor.gradient_checkpointing_enable" in args else {}
             lay |= {"shard": shard} if shard != "none" else {}
+            lay |= {"offload": "optimizer"} if "--ds.enable_sleep" in args else {}
         calls[c] = lay
     return Plan.from_data({"calls": calls}, where="openrlhf command"), notes
 

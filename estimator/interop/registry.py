@@ -1,4 +1,4 @@
-"""The exporters by framework name, and the one lookup that names a wrong name."""
+"""The exporters and importers by framework name, and the one lookup that names a wrong name."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ EXPORTERS: dict[str, ModuleType] = {
     "verl": verl, "openrlhf": openrlhf, "realhf": realhf, "areal": areal, "nemo-rl": nemo_rl}
 FRAMEWORKS = tuple(EXPORTERS)
 # name → importer: (config text, device profile name) → (the experiment file's mapping, plan, notes)
-IMPORTERS = {"verl": verl.import_overrides, "openrlhf": openrlhf.import_command}
+IMPORTERS = {"verl": verl.import_overrides, "openrlhf": openrlhf.import_command, "realhf": realhf.import_overrides,
+             "areal": areal.import_config, "nemo-rl": nemo_rl.import_config}
 
 
 def exporter(name: str) -> ModuleType:

@@ -32,6 +32,14 @@ The projection (each rule is a :class:`~estimator.interop.common.Change` with it
 5. micro-batches keep their rows per micro-batch where the new dp allows (verl counts a
    micro-batch in rows per GPU).
 
+Offload (``Layout.offload`` of a train call) is the Megatron engine's own switches
+(``McoreEngineConfig``: ``{actor,critic}.megatron.{param,grad,optimizer}_offload``, false by
+default): ``optimizer`` sets ``optimizer_offload=True``; ``all`` sets all three, as verl's recipe
+for an 8B model on 8 GPUs does (``examples/grpo_trainer/run_qwen3_vl-8b-megatron.sh``). The
+worker loads what is offloaded before each of its calls and offloads it after
+(``megatron_workers.py``: ``update_actor``, ``compute_log_prob``, the rollout's weight sync), as
+the plan's ``all`` charges. Nothing is written for a plan that keeps its state on the devices.
+
 A generate call without ``max_concurrency`` gets ``rollout.max_num_seqs`` equal to the rows of a
 replica, so the KV pool decides, as in the plan.
 """
@@ -40,13 +48,15 @@ from __future__ import annotations
 
 from estimator.base.errors import ConfigError
 from estimator.interop.common import (
-    HF_REPOS,
     Export,
     Projection,
+    Settings,
     micro_batches_for,
     micro_rows,
     model_path,
+    override_settings,
     per_rank,
+    preset_of,
     require_algorithm,
     token_caps,
 )
@@ -78,6 +88,9 @@ MICRO = {
     "reward_inf": ("reward_model.micro_batch_size_per_gpu", "reward_model.use_dynamic_bsz",
                    "reward_model.forward_max_token_len_per_gpu"),
 }
+# Layout.offload → the Megatron engine's offload switches set to True (the others stay false)
+OFFLOAD_KEYS = {"none": (), "optimizer": ("optimizer_offload",),
+                "all": ("param_offload", "grad_offload", "optimizer_offload")}
 RECOMPUTE = ("override_transformer_config.recompute_granularity=full",
              "override_transformer_config.recompute_method=uniform",
              "override_transformer_config.recompute_num_layers=1")
@@ -201,6 +214,7 @@ def _megatron(experiment: Experiment, plan: Plan, call: str) -> list[str]:
         out.append(f"{key}.use_distributed_optimizer={_bool(lay.shard == 'optimizer')}")
         if lay.recompute == "full":
             out += [f"{key}.{r}" for r in RECOMPUTE]
+        out += [f"{key}.{k}=True" for k in OFFLOAD_KEYS[lay.offload]]
     return out
 
 
@@ -236,76 +250,19 @@ def export(experiment: Experiment, plan: Plan) -> Export:
 
 # ---- import: the overrides back into an experiment and a plan ---------------------------------
 
-def _parse(text: str) -> dict[str, str]:
-    """``key=value`` per line (blank lines and ``#`` comments skipped); a line without ``=`` or a
-    key given twice is refused by name."""
-    out: dict[str, str] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"verl overrides line {n}: {line!r} is not key=value")
-        if key in out:
-            raise ConfigError(f"verl overrides line {n}: key {key!r} is given twice")
-        out[key] = value
-    return out
-
-
-class _Reader:
-    """The overrides by key, each read once; what no rule read is named at the end."""
-
-    def __init__(self, values: dict[str, str]):
-        self.values, self.read = values, set()
-
-    def has(self, key: str) -> bool:
-        return key in self.values
-
-    def text(self, key: str, default: str | None = None) -> str:
-        if key not in self.values:
-            if default is None:
-                raise ConfigError(f"verl overrides: key {key!r} is missing; the importer needs it")
-            return default
-        self.read.add(key)
-        return self.values[key]
-
-    def number(self, key: str, kind: type = int, default: str | None = None) -> int | float:
-        value = self.text(key, default)
-        try:
-            return kind(value)
-        except ValueError:
-            raise ConfigError(f"verl overrides: {key}={value!r} is not {'an integer' if kind is int else 'a number'}") \
-                from None
-
-    def flag(self, key: str, default: str | None = None) -> bool:
-        value = self.text(key, default)
-        if value.lower() not in ("true", "false"):
-            raise ConfigError(f"verl overrides: {key}={value!r} must be True or False")
-        return value.lower() == "true"
-
-    def unread(self) -> list[str]:
-        return sorted(set(self.values) - self.read)
-
-
-def _model(path: str) -> str:
-    """A model path back to the planner's preset where it is a preset's repository."""
-    by_repo = {repo: name for name, repo in HF_REPOS.items()}
-    return by_repo.get(path, path)
-
-
-def read_experiment(r: _Reader, device: str) -> dict:
+def read_experiment(r: Settings, device: str) -> dict:
     """The experiment the overrides describe (response lengths at their caps, as a config keeps
     only the caps), as the experiment file's mapping."""
     algorithm = {"grpo": "grpo", "gae": "ppo"}.get(r.text("algorithm.adv_estimator"))
     if algorithm is None:
         raise ConfigError(f"verl overrides: algorithm.adv_estimator={r.values['algorithm.adv_estimator']!r}: the "
                           "importer reads grpo and gae (ppo)")
-    actor = _model(r.text(f"{ARO}.model.path"))
+    actor = preset_of(r.text(f"{ARO}.model.path"))
     models = {"actor": actor, "ref": actor}
     if algorithm == "ppo":
-        models["critic"] = _model(r.text("critic.model.path"))
-    models["reward"] = _model(r.text("reward_model.model.path")) if r.flag("reward_model.enable", "False") else "rule"
+        models["critic"] = preset_of(r.text("critic.model.path"))
+    reward = r.flag("reward_model.enable", "False")
+    models["reward"] = preset_of(r.text("reward_model.model.path")) if reward else "rule"
     batch = r.number("data.train_batch_size")
     mini = r.number(f"{ARO}.actor.ppo_mini_batch_size")
     if mini <= 0 or batch % mini:
@@ -342,7 +299,7 @@ def read_experiment(r: _Reader, device: str) -> dict:
     return raw
 
 
-def _layout(r: _Reader, experiment: Experiment, call: str, megatron: str | None, n: int) -> dict:
+def _layout(r: Settings, experiment: Experiment, call: str, megatron: str | None, n: int) -> dict:
     wf = experiment.workflow
     tp = r.number(f"{megatron}.tensor_model_parallel_size") if megatron else 1
     pp = r.number(f"{megatron}.pipeline_model_parallel_size") if megatron else 1
@@ -364,7 +321,7 @@ def _layout(r: _Reader, experiment: Experiment, call: str, megatron: str | None,
     return out
 
 
-def read_plan(r: _Reader, experiment: Experiment) -> Plan:
+def read_plan(r: Settings, experiment: Experiment) -> Plan:
     """The plan the overrides describe: every call on all devices (one resource pool)."""
     wf, n = experiment.workflow, experiment.cluster.num_devices
     tp = r.number(f"{ARO}.rollout.tensor_model_parallel_size")
@@ -389,19 +346,31 @@ def read_plan(r: _Reader, experiment: Experiment) -> Plan:
                 calls[c]["recompute"] = "full"
                 for rule in RECOMPUTE[1:]:
                     r.text(f"{key}.{rule.split('=')[0]}", "")
+            offload = _offload(r, key)
+            if offload != "none":
+                calls[c]["offload"] = offload
     return Plan.from_data({"calls": calls}, where="verl overrides")
+
+
+def _offload(r: Settings, key: str) -> str:
+    """A train worker's offload switches back to ``Layout.offload``; a combination no setting
+    stands for is refused by name."""
+    on = tuple(k for k in OFFLOAD_KEYS["all"] if r.flag(f"{key}.{k}", "False"))
+    for setting, keys in OFFLOAD_KEYS.items():
+        if on == keys:
+            return setting
+    raise ConfigError(f"verl overrides: {key}: offload switches {', '.join(f'{k}=True' for k in on)} have no plan "
+                      "spelling: a plan offloads the optimizer state (optimizer_offload) or the parameters, "
+                      "gradients and optimizer state together (all three)")
 
 
 def import_overrides(text: str, device: str) -> tuple[dict, Plan, list[str]]:
     """The experiment (as an experiment file's mapping, on ``device``), the plan that verl
     overrides describe and notes (none: what it cannot carry it refuses); a key the importer
     does not read is refused by name."""
-    r = _Reader(_parse(text))
+    r = override_settings(text, "verl overrides", FRAMEWORK)
     raw = read_experiment(r, device)
     experiment = experiment_from_dict(raw, where="verl overrides")
     plan = read_plan(r, experiment)
-    unread = r.unread()
-    if unread:
-        raise ConfigError(f"verl overrides: key(s) {unread} are not ones the importer reads; it reads what "
-                          "python -m estimator.export verl writes")
+    r.finish()
     return raw, plan, []

@@ -21,7 +21,10 @@ paper or public benchmark) or ``command`` (the measurement that produced them)::
                          "all_gather": {"curves": {"2": [[size_bytes, time_s], ...], "8": [...]},
                                         "command": ...}, "reduce_scatter": ..., "p2p": ..., "broadcast": ...},
                "inter": {..., "all_reduce": {"curves": {"2x8": [...]}, "alpha_s": ..., ...}}},
-     "executor": {"call_overhead_s": ..., "micro_batch_overhead_s": ..., "command": "..."}}  # optional
+     "executor": {"call_overhead_s": ..., "micro_batch_overhead_s": ..., "command": "..."},  # optional
+     "host_link": {"h2d_bytes_per_s": ..., "d2h_bytes_per_s": ..., "alpha_s": ..., "cite": ...},  # optional;
+                   # or {"copy": "memory", "command": ...}: host memory is the device's own (CPU profiles)
+     "stacks": {...}}  # optional: the production stacks' own costs (estimator/profile/stacks.py)
 
 Compute time of one op is device time (FLOPs at the efficiency curve, bytes at the memory
 curve, the longer) combined with host dispatch (``launch.overhead_s`` per aten op under
@@ -47,6 +50,16 @@ all-gather and reduce-scatter ``(n−1)/n``, broadcast and point-to-point 1. A c
 several nodes uses a measured ``"<nodes>x<per_node>"`` curve of ``links.inter`` where one
 exists and composes the intra-node and inter-node phases only where none does.
 
+The host link (``host_link``, optional: a profile without it cannot price offload; parsed by
+:func:`estimator.profile.stacks.parse_host_link`) carries a device's copies to and from host
+memory — the offload of :mod:`estimator.cost.offload` and a production stack's sleep, wake and
+reference swap (:mod:`estimator.cost.engine`), all through :meth:`Profile.host_copy_s`: an
+upload at ``h2d_bytes_per_s``, a download at ``d2h_bytes_per_s`` per device, each copy issued
+from the host at the launch cost of one op (:meth:`Profile.dispatch_s`) plus the link's
+``alpha_s``, every device on a link of its own (a GPU's PCIe link); or ``"copy": "memory"``
+where host memory *is* the device's memory (the CPU executor), so a copy to host memory is one
+op reading and writing its bytes in device memory (:meth:`Profile.op_s`).
+
 Format ``rlhf-plan/profile-v2`` adds the curves; a ``rlhf-plan/profile-v1`` file (α + busbw
 only) still loads unchanged.
 
@@ -70,7 +83,9 @@ from estimator.base.io import atomic_write_json
 from estimator.base.loading import is_file, load_json
 from estimator.base.rules import MAX_LATENCY_S
 from estimator.profile.collectives import COLLECTIVES, LINK_CLASSES, LinkCost, bus_factor, number, parse_links
+from estimator.profile.stacks import EngineTerms, HostLink, StackTerms, parse_host_link, parse_stacks
 from estimator.profile.trainer import Trainer, parse_trainer
+from estimator.spec.stack import STACKS
 
 __all__ = ["COLLECTIVES", "FORMATS", "LINK_CLASSES", "PROFILE_DIR", "PROFILE_FORMAT", "Curve", "LinkCost",
            "Profile", "bus_factor", "known_profiles", "load_profile", "profile_from_dict"]
@@ -201,6 +216,13 @@ class Profile:
     checkpoint_s: tuple[float, float] = (0.0, 0.0)  # activation checkpointing per block, (forward, backward), s
     # host
     host: HostSharing | None = None  # devices of one host slow each other down (CPU); None: they do not
+    host_link: HostLink | None = None  # device ↔ host copies (PCIe), where the profile gives them
+    # the production stacks' own costs on this device (estimator.profile.stacks), by stack name
+    stacks: dict[str, StackTerms] = field(default_factory=dict)
+    # the stack this instance prices (estimator.profile.pricing.for_stack); "" : none named, the
+    # op census of compute.ops and nothing beyond it
+    stack: str = ""
+    stack_note: str = ""  # why another profile of the device was taken for the stack, if one was
     # the training software priced, where it departs from the op census (estimator.profile.trainer)
     trainer: Trainer = field(default_factory=Trainer)
     # where it came from
@@ -225,6 +247,18 @@ class Profile:
                        backward_overhead_s=scaled(self.backward_overhead_s, "dispatch"),
                        call_overhead_s=self.call_overhead_s * a["executor"],
                        micro_batch_overhead_s=self.micro_batch_overhead_s * a["executor"], host=None)
+    @property
+    def terms(self) -> StackTerms | None:
+        """The engine, refit and trainer numbers of the stack this instance prices (None: the
+        executor, no stack named, or a device without numbers for it)."""
+        return self.stacks.get(self.stack)
+
+    @property
+    def engine(self) -> EngineTerms | None:
+        """The serving engine's own costs where a production stack with numbers is priced."""
+        terms = self.terms
+        return terms.generation if terms is not None else None
+
     def kernel_figures(self, kinds: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per row of ``kinds``: bandwidth efficiency, floor and FLOPs efficiency (NaN where the
         profile has none of its own), looked up once per tuple of kernel names."""
@@ -317,22 +351,31 @@ class Profile:
             return 0.0
         return self.links[link_class][kind].time_s(size_bytes, n)
 
-    def group_collective_s(self, kind: str, size_bytes: float, per_node: int, nodes: int) -> float:
+    def group_collective_s(self, kind: str, size_bytes: float, per_node: int, nodes: int,
+                           fewest: int | None = None) -> float:
         """A collective over ``per_node`` ranks on each of ``nodes`` nodes: a measured multi-node
         curve where the profile has one for that shape; otherwise hierarchically, the
         intra-node phase on NVLink, then ``1/per_node`` of the data per rank across nodes on
-        each rank's own NIC (a two-level ring)."""
+        each rank's own NIC (a two-level ring).
+
+        ``fewest``: where nodes hold different numbers of the group's ranks (a mesh that is
+        not whole nodes, ``0-11`` on nodes of 8), ``per_node`` is the most on one node and
+        ``fewest`` the least. The intra-node phase then takes as long as on the fullest node,
+        and across nodes each rank of the emptiest node carries ``1/fewest`` of the data on its
+        NIC, the slowest share; measured multi-node curves are of even shapes and not used."""
+        fewest = per_node if fewest is None else fewest
         if nodes <= 1:
             return self.collective_s(kind, size_bytes, per_node, "intra")
         if size_bytes <= 0:
             return 0.0
-        measured = self.links["inter"][kind].multi_node_s(size_bytes, nodes, per_node)
+        measured = (self.links["inter"][kind].multi_node_s(size_bytes, nodes, per_node)
+                    if fewest == per_node else None)
         if measured is not None:
             return measured
         if kind == "p2p" or kind == "broadcast":
             return self.collective_s(kind, size_bytes, 2, "inter")
         intra = self.collective_s(kind, size_bytes, per_node, "intra")
-        return intra + self.collective_s(kind, size_bytes / per_node, nodes, "inter")
+        return intra + self.collective_s(kind, size_bytes / fewest, nodes, "inter")
 
     def in_call_s(self, kind: str, size_bytes: float, n: int, link_class: str = "intra") -> float:
         """A collective a call issues between its computations (tensor- and data-parallel): the
@@ -364,6 +407,25 @@ class Profile:
             return 0.0
         return self.links[link_class]["p2p"].time_s(size_bytes, 2)
 
+    def host_copy_s(self, nbytes: float, copies: int = 1, direction: str = "upload") -> float:
+        """``nbytes`` copied between one device and host memory in ``copies`` copies (one per
+        tensor), one ``direction`` (``"upload"``: host to device at ``h2d_bytes_per_s``,
+        ``"download"``: device to host at ``d2h_bytes_per_s``): each copy issued at
+        :meth:`dispatch_s` plus the link's ``alpha_s``, the bytes at the link's rate; or — host
+        memory being the device's own (``"copy": "memory"``) — each copy an op that reads and
+        writes its share in device memory. Raises :class:`ConfigError` on a profile without a
+        host link."""
+        link = self.host_link
+        if link is None:
+            raise ConfigError(f"profile {self.name}: has no host_link section, so it cannot price offload "
+                              "(moving training state to host memory); add one with its source, or plan "
+                              "with offload: none")
+        if nbytes <= 0 or copies <= 0:
+            return 0.0
+        if link.copy == "memory":
+            return copies * self.op_s(0.0, 2.0 * nbytes / copies, 1, in_model=False)
+        return copies * (self.dispatch_s() + link.alpha_s) + nbytes / link.bytes_per_s(direction)
+
     def provenance(self) -> dict[str, str]:
         """Dotted path of every group of numbers → its citation or command."""
         out: dict[str, str] = {}
@@ -376,7 +438,8 @@ class Profile:
                 for k, v in node.items():
                     walk(v, f"{path}.{k}" if path else k)
 
-        walk({k: self.raw[k] for k in ("compute", "memory", "links", "executor", "trainer") if k in self.raw}, "")
+        walk({k: self.raw[k] for k in ("compute", "memory", "links", "executor", "host_link", "stacks", "trainer")
+              if k in self.raw}, "")
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -468,7 +531,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: must be a JSON object")
     top = ("format", "name", "source", "device", "date", "software", "compute", "memory", "links")
-    optional = {"notes", "executor", "host", "trainer"}
+    optional = {"notes", "executor", "host", "host_link", "stacks", "trainer"}
     unknown = sorted(set(data) - set(top) - optional)
     missing = sorted(set(top) - set(data))
     if unknown or missing:
@@ -512,6 +575,7 @@ def profile_from_dict(data: Any, where: str = "profile", path: str = "") -> Prof
         call_overhead_s=call_s, micro_batch_overhead_s=mb_s, host=_host(data, where), collective_overhead_s=coll_s,
         ops=ops, kernel_floor_s=floor_s, kernels=kernels, device_scale=_in_model(compute, w),
         checkpoint_s=(ckpt_f, ckpt_b), p2p_overhead_s=p2p_s, trainer=parse_trainer(data, where),
+        host_link=parse_host_link(data, where), stacks=parse_stacks(data, where),
         **{k: _positive(launch, k, f"{w}.launch", zero_ok=True) for k in DISPATCH_KEYS if k in launch},
     )
 
@@ -620,7 +684,12 @@ def op_set(profile: Profile) -> dict[str, Any]:
     profiles of the same device that charge the other op set (so a figure can be redone for
     the other stack), and ``text``: all that in one line, e.g. ``priced for this project's
     eager executor (profile h100-sxm, compute.ops=executor); for a fused Megatron/vLLM-style
-    stack on this device use h100-vidur``."""
+    stack on this device use h100-vidur``. A profile priced for a named stack
+    (:func:`estimator.profile.pricing.for_stack`) says that stack instead:
+    ``stack_name``, whether the profile has numbers for its own costs (``terms``) and why
+    another profile of the device was taken (``note``)."""
+    if profile.stack:
+        return _stack_line(profile)
     others = []
     for path in sorted(PROFILE_DIR.glob("*.json")):
         try:
@@ -637,6 +706,20 @@ def op_set(profile: Profile) -> dict[str, Any]:
         text += f"; for {other} on this device use {', '.join(others)}"
     return {"ops": profile.ops, "stack": OP_SET_STACKS[profile.ops], "profile": profile.name,
             "other_stack_profiles": others, "text": text}
+
+
+def _stack_line(profile: Profile) -> dict[str, Any]:
+    stack = STACKS[profile.stack]
+    text = f"priced for {stack.name} ({stack.words}) on profile {profile.name} (compute.ops={profile.ops}"
+    if stack.production:
+        text += (f"; engine, refit and trainer terms from stacks.{stack.name})" if profile.terms is not None
+                 else "; no engine, refit or trainer terms for this device: kernels, links and host copies only)")
+    else:
+        text += ")"
+    if profile.stack_note:
+        text += f"; {profile.stack_note}"
+    return {"ops": profile.ops, "stack": stack.words, "stack_name": stack.name, "terms": profile.terms is not None,
+            "note": profile.stack_note, "profile": profile.name, "other_stack_profiles": [], "text": text}
 
 
 def op_set_line(profile: Profile) -> str:

@@ -14,13 +14,21 @@ Each call's duration on its layout comes from a closed form of its lowered stage
   (:attr:`~estimator.cost.lowering.CallCost.reward_s`, 0 without one).
 
 Reallocation and data transfers cost what they cost on idle links (cached per pair of
-layouts). Call instances of ``K`` iterations are then scheduled in (iteration, topological)
+layouts). Host transfers of an offloading home (:mod:`estimator.cost.offload`) add to the
+duration of the call that makes them on its devices (the upload before it computes, the
+download after), and to the reallocation of a call whose home uploads the weights it sends; on
+a production stack a generate call's refit and every call's host copies
+(:mod:`estimator.cost.engine`) join them: the copies before a call with its reallocation, those
+inside it with its duration. Call instances of ``K`` iterations are then scheduled in (iteration, topological)
 order exactly as the simulator orders them (:mod:`estimator.sim.instances`): a call starts when
 every device it occupies is free — its mesh, and its home's when it reallocates — and its
 weights are ready, reallocates (freeing the home's devices), waits for its inputs, runs. The
-steady-state period is ``(end of iteration K − end of iteration 1)/(K − 1)``. What the
-evaluator leaves out is contention on shared links: between concurrent transfers, and between
-transfers and tensor-parallel collectives.
+steady-state period is ``(end of iteration K − end of iteration 1)/(K − 1)``. An asynchronous
+workflow (staleness η > 0) is scheduled instance by instance over the same graph the simulator
+runs (slot order, weight pushes to standing rollout copies: :mod:`estimator.sim.instances`),
+after ``2η`` more warm-up iterations and before ``η`` more that drain. What the evaluator
+leaves out is contention on shared links: between concurrent transfers, and between transfers
+and tensor-parallel collectives.
 """
 
 from __future__ import annotations
@@ -30,13 +38,15 @@ from operator import add
 
 import numpy as np
 
+from estimator.cost.engine import Moves
 from estimator.cost.lowering import CallCost, Costs
-from estimator.cost.memory import call_bytes, home_bytes
+from estimator.cost.memory import call_bytes, home_bytes, restored_bytes, source_bytes
 from estimator.profile.profiles import Profile
 from estimator.sim import hostshare
-from estimator.sim.instances import instance_graph
+from estimator.sim.instances import device_preds, instance_graph
 from estimator.spec.experiment import Experiment
-from estimator.spec.plan import Layout, Plan
+from estimator.spec.plan import Layout, Plan, standing_copies
+from estimator.spec.workflow import push_target, steady_iterations
 
 
 def inference_s(cc: CallCost) -> float:
@@ -128,9 +138,12 @@ class Evaluator:
     hashes each of a plan's layouts once and looks everything else up by integer keys."""
 
     def __init__(self, experiment: Experiment, profile: Profile, iterations: int = 3, costs: Costs | None = None):
-        self.experiment, self.profile, self.iterations = experiment, profile, iterations
-        self.costs = costs if costs is not None else Costs(experiment, profile)
         wf = experiment.workflow
+        self.experiment, self.profile, self.iterations = experiment, profile, steady_iterations(wf, iterations)
+        self.costs = costs if costs is not None else Costs(experiment, profile)
+        self.asynchronous = wf.asynchronous
+        self.warmup, self.drain = wf.warmup, wf.drain
+        self._graphs: dict[frozenset[str], object] = {}  # asynchronous: instance graph by standing copies
         self.names = tuple(wf.topological_order())
         self.n = len(self.names)
         index = {n: i for i, n in enumerate(self.names)}
@@ -142,6 +155,8 @@ class Evaluator:
                               for n in self.names]
         self.roles = [wf[n].role for n in self.names]
         self.home = [index[self.costs.homes[r]] for r in self.roles]
+        # calls that refit a serving engine: they reallocate even onto the home's placement
+        self.refit = [self.costs.refits(n) for n in self.names]
         self.trained = set(wf.trained_roles())
         self.capacity = profile.capacity_bytes
         self.num_devices = experiment.cluster.num_devices
@@ -151,6 +166,7 @@ class Evaluator:
         # interned layouts: id → layout, device span, mesh id, placement id (micro-batches aside)
         self._ids: dict[Layout, int] = {}
         self._layouts: list[Layout] = []
+        self._offloads: list[str] = []  # per interned layout: its offload setting
         self._span: list[tuple[int, int]] = []
         self._mesh_of: list[int] = []
         self._meshes: dict = {}
@@ -164,9 +180,13 @@ class Evaluator:
         self._data: list[list[dict[int, float]]] = [[{} for _ in p] for p in self.data_preds]
         self._static: list[dict[int, int]] = [{} for _ in range(self.n)]
         self._dynamic: list[dict[int, int]] = [{} for _ in range(self.n)]
+        self._source: list[dict[int, int | None]] = [{} for _ in range(self.n)]
         self._mem_rows: list[np.ndarray] = []
         self._mem_tuples: list[tuple[float, ...]] = []
         self._mem_matrix: np.ndarray | None = None
+        self._zero_row = self._row(np.zeros(self.num_devices))  # pads batches of plans to equal rows
+        # host transfers (Layout.offload) by home · KEY + layout: (added to the duration, to the reallocation)
+        self._offload: list[dict[int, tuple[float, float]]] = [{} for _ in range(self.n)]
         # host sharing (a CPU profile's ``host``): durations by layout and weight
         self.host = profile.host
         self.varying = self.costs.varying  # lengths drawn per iteration: durations per iteration
@@ -179,6 +199,7 @@ class Evaluator:
         if i is None:
             i = self._ids[layout] = len(self._layouts)
             self._layouts.append(layout)
+            self._offloads.append(layout.offload)
             self._span.append((layout.mesh.first, layout.mesh.first + layout.mesh.size))
             self._mesh_of.append(self._meshes.setdefault(layout.mesh, len(self._meshes)))
             self._place_of.append(self._places.setdefault(layout.placement, len(self._places)))
@@ -222,13 +243,19 @@ class Evaluator:
                                      self.num_devices, self.host, self.iterations)
 
     def _realloc_s(self, c: int, home: int, lid: int) -> float:
-        if self._place_of[home] == self._place_of[lid]:
+        if self._place_of[home] == self._place_of[lid] and not self.refit[c]:
             return 0.0
         v = self._realloc[c].get(home * KEY + lid)
         if v is None:
             v = self._realloc[c][home * KEY + lid] = self.costs.realloc_s(
-                self.roles[c], self._layouts[home], self._layouts[lid])
+                self.roles[c], self._layouts[home], self._layouts[lid], self.names[c])
         return v
+
+    def _moves(self, lids: list[int]) -> list[Moves]:
+        """Per call, the host copies a production stack makes around it (:mod:`estimator.cost.engine`)."""
+        layouts = {n: self._layouts[lid] for n, lid in zip(self.names, lids)}
+        shares = self.costs.shares(layouts)
+        return [self.costs.moves(n, layouts, shares) for n in self.names]
 
     def _data_s(self, c: int, e: int, src: int, dst: int) -> float:
         v = self._data[c][e].get(src * KEY + dst)
@@ -252,7 +279,7 @@ class Evaluator:
                 v = self._duration[c].get(lid) if not self.varying else None
                 dur.append(self.duration_s(c, lid) if v is None else v)
             h = lids[home[c]]
-            if place[h] == place[lid]:
+            if place[h] == place[lid] and not self.refit[c]:
                 realloc.append(0.0)
             else:
                 v = self._realloc[c].get(h * KEY + lid)
@@ -266,44 +293,98 @@ class Evaluator:
         for it in range(1, self.iterations if self.varying else 1):
             durs.append([self._weighted_s(c, lid, weights[c], it) if weights is not None
                          else self.duration_s(c, lid, it) for c, lid in enumerate(lids)])
+        offloads = self._offloads
+        for c, lid in enumerate(lids):
+            h = lids[home[c]]
+            if offloads[h] != "none":
+                extra, source = self._offload_s(c, h, lid)
+                for d in durs:
+                    d[c] += extra
+                realloc[c] += source
+        if self.costs.production:  # a production stack's host copies around its calls
+            for c, mv in enumerate(self._moves(lids)):
+                realloc[c] += mv.before_s
+                for d in durs:
+                    d[c] += mv.own_s
         return durs, realloc, data
 
+    def _offload_s(self, c: int, home: int, lid: int) -> tuple[float, float]:
+        """Call ``c``'s host transfers (:mod:`estimator.cost.offload`): the uploads and download
+        on its own devices, added to its duration, and the upload on its home's devices,
+        added to its reallocation."""
+        v = self._offload[c].get(home * KEY + lid)
+        if v is None:
+            oc = self.costs.offload(self.names[c], self._layouts[lid], self._layouts[home])
+            v = self._offload[c][home * KEY + lid] = (oc.upload_s + oc.download_s, oc.source_s)
+        return v
+
     # -- memory
+
+    def _row(self, out: np.ndarray) -> int:
+        self._mem_rows.append(out)
+        self._mem_tuples.append(tuple(out.tolist()))
+        self._mem_matrix = None
+        return len(self._mem_rows) - 1
 
     def _per_device(self, layout: Layout, per_stage: list[dict[str, float]]) -> int:
         out = np.zeros(self.num_devices)
         for k, parts in enumerate(per_stage):
             devices = layout.stage_devices(k)
             out[devices.start:devices.stop] = sum(parts.values())
-        self._mem_rows.append(out)
-        self._mem_tuples.append(tuple(out.tolist()))
-        self._mem_matrix = None
-        return len(self._mem_rows) - 1
+        return self._row(out)
 
     def _memory_rows(self, lids: list[int]) -> tuple[list[int], list[int]]:
-        """Rows of the homes' and the calls' per-device bytes under these layouts."""
+        """Rows of the homes' resident and the calls' per-device bytes under these layouts (a
+        call reallocating from a home that offloads its weights adds a second row: its
+        reallocation's, :func:`~estimator.cost.memory.source_bytes`)."""
         statics, dynamics = [], []
-        place, home, static, dynamic = self._place_of, self.home, self._static, self._dynamic
+        place, home, static, dynamic, offloads = self._place_of, self.home, self._static, self._dynamic, self._offloads
+        standing = self._standing(lids) if self.asynchronous else ()
         for c, lid in enumerate(lids):
-            if home[c] == c:
+            copy = self.names[c] in standing  # its standing copy stays, like a home without training state
+            if home[c] == c or copy:
                 row = static[c].get(lid)
                 statics.append(self._static_row(c, lid) if row is None else row)
-            key = 2 * lid + (place[lid] == place[lids[home[c]]])
+            h = lids[home[c]]
+            at_home = copy or place[lid] == place[h]
+            weights_away = offloads[h] == "all" and not copy  # a standing copy is fed by pushes instead
+            key = 4 * lid + 2 * weights_away + at_home
             row = dynamic[c].get(key)
-            dynamics.append(self._dynamic_row(c, lid, key) if row is None else row)
+            dynamics.append(self._dynamic_row(c, lid, h, key) if row is None else row)
+            if weights_away and not at_home:
+                row = self._source[c].get(h * KEY + lid, -1)
+                row = self._source_row(c, h, lid) if row == -1 else row
+                if row is not None:
+                    dynamics.append(row)
         return statics, dynamics
 
     def _static_row(self, c: int, lid: int) -> int:
         role, layout = self.roles[c], self._layouts[lid]
-        parts = home_bytes(self.experiment.models[role], layout, role in self.trained)
+        parts = home_bytes(self.experiment.models[role], layout, role in self.trained and self.home[c] == c)
         row = self._static[c][lid] = self._per_device(layout, parts)
         return row
 
-    def _dynamic_row(self, c: int, lid: int, key: int) -> int:
+    def _dynamic_row(self, c: int, lid: int, home: int, key: int) -> int:
         call, layout = self.experiment.workflow[self.names[c]], self._layouts[lid]
-        parts = call_bytes(call, self.experiment.models[call.role], layout, at_home=bool(key & 1),
+        model, trained = self.experiment.models[call.role], call.role in self.trained
+        parts = call_bytes(call, model, layout, at_home=bool(key & 1),
                            engine_bytes=self.experiment.kv_fraction * self.capacity)
+        back = restored_bytes(call, model, layout, self._layouts[home], trained)
+        parts = [{**p, **{k: p.get(k, 0.0) + v for k, v in b.items()}} for p, b in zip(parts, back)]
         row = self._dynamic[c][key] = self._per_device(layout, parts)
+        return row
+
+    def _source_row(self, c: int, home: int, lid: int) -> int | None:
+        call = self.experiment.workflow[self.names[c]]
+        per = source_bytes(self.experiment.models[call.role], self._layouts[lid], self._layouts[home],
+                           call.role in self.trained)
+        row = None
+        if per:
+            out = np.zeros(self.num_devices)
+            for d, parts in per.items():
+                out[d] = sum(parts.values())
+            row = self._row(out)
+        self._source[c][home * KEY + lid] = row
         return row
 
     def _matrix(self) -> np.ndarray:
@@ -331,6 +412,8 @@ class Evaluator:
         it ends, or has reallocated where only that call's home occupies it (calls run in
         instance order; see :mod:`estimator.sim.instances`). ``weights``: each call's host weight
         (:meth:`call_weights`); None charges every call as profiled."""
+        if self.asynchronous:
+            return self._schedule_graph(lids, weights)
         n, version, place, span = self.n, self.version_preds, self._place_of, self._span
         durs, realloc, data = self._inputs(lids, weights)
         spans, homes = [], []  # per call: its mesh's devices; its home's when it reallocates, else None
@@ -373,22 +456,88 @@ class Evaluator:
             windows.append([(e - d, e) for e, d in zip(last_end, dur)])
         return ends_per_it, starts, last_end, windows
 
+    # -- asynchronous workflows: the instance graph itself
+
+    def _plan(self, lids: list[int]) -> Plan:
+        return Plan(dict(zip(self.names, (self._layouts[lid] for lid in lids))))
+
+    def _standing(self, lids: list[int]) -> frozenset[str]:
+        return standing_copies(self.experiment.workflow, self._plan(lids))
+
+    def _graph(self, standing: frozenset[str]):
+        g = self._graphs.get(standing)
+        if g is None:
+            g = self._graphs[standing] = instance_graph(self.experiment.workflow, self.iterations, standing)
+        return g
+
+    def _schedule_graph(self, lids: list[int], weights: list[float] | None = None
+                        ) -> tuple[list[float], list[float], list[float], list[list[tuple[float, float]]]]:
+        """:meth:`_schedule` for an asynchronous workflow: list scheduling of every instance of
+        the graph the simulator runs, in its order, on idle links."""
+        durs, realloc, data = self._inputs(lids, weights)
+        plan = self._plan(lids)
+        standing = standing_copies(self.experiment.workflow, plan)
+        graph = self._graph(standing)
+        homes = {name: plan[self.names[self.home[c]]] for c, name in enumerate(self.names)}
+        preds = device_preds(graph, plan, homes, standing)
+        index = {name: c for c, name in enumerate(self.names)}
+        end = [0.0] * len(graph.nodes)
+        lent = [0.0] * len(graph.nodes)  # when each instance's home devices were free again
+        ends = [0.0] * self.iterations
+        starts = [[0.0] * self.n for _ in range(self.iterations)]
+        last = [[0.0] * self.n for _ in range(self.iterations)]
+        for i, node in enumerate(graph.nodes):
+            t = max([end[j] for j in preds.ended[i] + graph.version_preds[i]]
+                    + [lent[j] for j in preds.reallocated[i]], default=0.0)
+            target = push_target(node.call)
+            if target is not None:  # a push takes what a reallocation of its copy would
+                g = index[target]
+                h = lids[self.home[g]]
+                source = self._offload_s(g, h, lids[g])[1] if self._offloads[h] != "none" else 0.0
+                end[i] = lent[i] = t + source + self._realloc_s(g, h, lids[g])
+                continue
+            c, it = index[node.call], node.iteration
+            starts[it][c] = t
+            t += 0.0 if node.call in standing else realloc[c]
+            lent[i] = t
+            arrive = dict(data[c])
+            for j in graph.data_preds[i]:
+                t = max(t, end[j] + arrive[index[graph.nodes[j].call]])
+            end[i] = t + durs[min(it, len(durs) - 1)][c]
+            last[it][c] = end[i]
+            ends[it] = max(ends[it], end[i])
+        windows = [[(e - durs[min(it, len(durs) - 1)][c], e) for c, e in enumerate(last[it])]
+                   for it in range(self.iterations)]
+        return ends, starts[-1], last[-1], windows
+
     def period_s(self, plan: Plan) -> float:
         """Steady-state iteration time of ``plan`` (no memory check)."""
         lids = self._lids(plan)
-        ends = self._schedule(lids, self._weights(lids))[0]
-        return (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0]
+        return self._period(self._schedule(lids, self._weights(lids))[0])
+
+    def _period(self, ends: list[float]) -> float:
+        """Steady-state period from every iteration's end: ``(end of the last − end of the
+        last warm-up iteration)/(iterations after it)``, the last ``drain`` iterations left out."""
+        if self.drain and len(ends) > self.warmup + self.drain:
+            ends = ends[:len(ends) - self.drain]
+        w = self.warmup if len(ends) > self.warmup else 0
+        return (ends[-1] - (ends[w - 1] if w else 0.0)) / (len(ends) - w)
 
     def evaluate(self, plan: Plan) -> Evaluation:
         lids = self._lids(plan)
         ends, starts, last, _ = self._schedule(lids, self._weights(lids))
-        period = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else ends[0]
+        period = self._period(ends)
         peak = self.peak_memory_bytes(lids)
         return Evaluation(period, peak <= self.capacity, peak, self.names, starts, last)
 
     def evaluate_many(self, plans: list[Plan]) -> BatchEvaluation:
         """Evaluate ``plans`` together: the lookups are per plan, the scheduling and memory
-        arithmetic run once over arrays of all plans (same results as :meth:`evaluate`)."""
+        arithmetic run once over arrays of all plans (same results as :meth:`evaluate`; an
+        asynchronous workflow's plans one by one)."""
+        if self.asynchronous:
+            evs = [self.evaluate(p) for p in plans]
+            return BatchEvaluation(np.array([e.iteration_s for e in evs]), np.array([e.feasible for e in evs]),
+                                   np.array([e.peak_memory_bytes for e in evs]))
         n = self.n
         rows_lids, rows_dur, rows_re, rows_data, rows_st, rows_dyn = [], [], [], [], [], []
         for plan in plans:
@@ -401,6 +550,8 @@ class Evaluator:
             st, dyn = self._memory_rows(lids)
             rows_st.append(st)
             rows_dyn.append(dyn)
+        widest = max(map(len, rows_dyn), default=0)  # pad to equal rows (reallocation rows vary)
+        rows_dyn = [dyn + [self._zero_row] * (widest - len(dyn)) for dyn in rows_dyn]
         lids_a = np.asarray(rows_lids)  # (plans, calls)
         homes_a = lids_a[:, self.home]
         all_spans = np.asarray(self._span)

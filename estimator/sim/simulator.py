@@ -17,6 +17,12 @@ Here every call instance of ``K`` unrolled iterations is a simpy process that
 5. for a generate call under a verifier, scores its sequences on the last stage's hosts once
    every stage is done: a ``reward`` span of :attr:`CallCost.reward_s`.
 
+Host transfers of an offloading home (:mod:`estimator.cost.offload`) are ``offload`` spans on
+every stage: the upload once the inputs are in (before step 4), the download after step 5, and
+— for a call that reallocates from a home that offloads its weights — the upload on each of the
+home's devices before they send (step 2). Each device has a host link of its own that nothing
+else uses, so they hold no port of the :class:`LinkBook`.
+
 A stage process stands for all ``dp·tp`` devices of its stage, which run in lock step; spans
 are recorded on the stage's first device. Devices are claimed call by call in a fixed order
 (step 1) rather than through a ``simpy.Resource`` queue, so whichever call becomes ready first
@@ -46,9 +52,10 @@ from estimator.profile.profiles import Profile
 from estimator.sim import hostshare
 from estimator.sim.instances import device_preds, instance_graph
 from estimator.spec.experiment import Experiment
-from estimator.spec.plan import Plan
+from estimator.spec.plan import Layout, Plan, standing_copies
 from estimator.spec.schedule import FORWARD, generation_rounds, schedule_1f1b
 from estimator.spec.timeline import Sample, Span, Timeline
+from estimator.spec.workflow import push_target, steady_iterations
 
 SpanRow = tuple[float, float, int, int, str, str, int, int, str]  # Span's fields, in order
 
@@ -108,6 +115,10 @@ class SimResult:
     # lock-step and records one of them, the timeline repeats its spans on all of them.
     stage_devices: dict[tuple[str, int], range] = field(default_factory=dict, repr=False)
     counters: list[tuple[float, int, int, str, str, float]] = field(default_factory=list, repr=False)
+    # (update's iteration, generate call) → the push of that update to the call's standing copy
+    pushes: dict[tuple[int, str], CallRecord] = field(default_factory=dict, repr=False)
+    warmup: int = 1  # iterations before the steady state (Workflow.warmup)
+    drain: int = 0  # iterations after it (Workflow.drain)
     _timelines: dict[bool, Timeline] = field(default_factory=dict, repr=False)
 
     def iteration_ends(self) -> list[float]:
@@ -120,7 +131,7 @@ class SimResult:
     def iteration_s(self) -> float:
         """Steady-state period: :meth:`Timeline.steady_state_s` of one span per call instance."""
         spans = [Span(r.start_s, r.end_s, -1, r.iteration, r.call, "call") for r in self.records.values()]
-        return Timeline.of(spans).steady_state_s()
+        return Timeline.of(spans).steady_state_s(self.warmup, self.drain)
 
     def timeline(self, per_device: bool = True) -> Timeline:
         """The predicted timeline: a device span on every device of its stage (``per_device``),
@@ -156,11 +167,13 @@ class Simulation:
         # host sharing: each call's host weight (estimator.sim.hostshare); a call not named is
         # charged as profiled (weight 1)
         self.weights = weights or {}
-        self.graph = instance_graph(experiment.workflow, iterations)
         wf = experiment.workflow
+        self.standing = standing_copies(wf, plan)
+        self.iterations = steady_iterations(wf, iterations)
+        self.graph = instance_graph(wf, self.iterations, self.standing)
         homes = {c: plan[self.costs.homes[wf[c].role]] for c in wf.call_names}
-        self.dev_preds = device_preds(self.graph, plan, homes)
-        self.iterations = iterations
+        self.homes = homes  # call → its role's home layout
+        self.dev_preds = device_preds(self.graph, plan, homes, self.standing)
         self.progress = progress
         self.env = env if env is not None else simpy.Environment()
         self.book = LinkBook(experiment.cluster.num_devices)
@@ -170,6 +183,10 @@ class Simulation:
         self.rows: list[SpanRow] = []
         self.counters: list[tuple[float, int, int, str, str, float]] = []  # Sample's fields, in order
         self.records: dict[tuple[int, str], CallRecord] = {}
+        self.pushes: dict[tuple[int, str], CallRecord] = {}  # (update's iteration, generate call) → its push
+        # a production stack's host copies around each call (estimator.cost.engine)
+        shares = self.costs.shares(plan.layouts)
+        self.moves = {c: self.costs.moves(c, plan.layouts, shares) for c in wf.call_names}
 
     def run(self) -> SimResult:
         for i in range(len(self.graph.nodes)):
@@ -179,7 +196,8 @@ class Simulation:
                 "profile": self.profile.name, "iterations": self.iterations}
         stages = {(c, k): lay.stage_devices(k)
                   for c, lay in self.plan.layouts.items() for k in range(lay.pp)}
-        return SimResult(self.iterations, self.records, self.rows, meta, stages, self.counters)
+        return SimResult(self.iterations, self.records, self.rows, meta, stages, self.counters, self.pushes,
+                         self.experiment.workflow.warmup, self.experiment.workflow.drain)
 
     # -- one call instance
 
@@ -194,10 +212,14 @@ class Simulation:
         env, node = self.env, self.graph.nodes[i]
         yield from self._after(self.dev_preds.ended[i] + self.graph.version_preds[i])
         yield from self._after(self.dev_preds.reallocated[i], self.reallocated)
+        if push_target(node.call) is not None:
+            yield from self._push(i)
+            return
         start = env.now
         cc = hostshare.call_cost(self.costs, node.call, self.plan[node.call], self.weights.get(node.call, 1.0),
                                  node.iteration)
-        yield from self._realloc(node.iteration, cc)
+        off = self.costs.offload(node.call, self.plan[node.call], self.homes[node.call])
+        yield from self._realloc(node.iteration, cc, off.source_s)
         realloc_end = env.now
         self.reallocated[i].succeed()
         yield from self._after(self.graph.data_preds[i])
@@ -205,11 +227,16 @@ class Simulation:
         arrival = max((self.arrivals[(j, i)] for j in self.graph.data_preds[i]), default=env.now)
         if arrival > env.now:
             yield env.timeout(arrival - env.now)
+        yield from self._offload(node.iteration, cc, "upload", off.upload_s)
         compute_start = env.now
+        moves = self.moves[node.call]
+        yield from self._host(node.iteration, cc, moves.inside_s, "host_copy", moves.parts)
         box = Mailbox(env)
         run = {"generate": self._generate, "inference": self._inference, "train": self._train}[cc.kind]
         yield env.all_of([env.process(run(node.iteration, cc, st, box)) for st in cc.stages])
         yield from self._verify(node.iteration, cc)
+        yield from self._host(node.iteration, cc, moves.after_s, "host_copy", moves.parts)
+        yield from self._offload(node.iteration, cc, "download", off.download_s)
         self.records[(node.iteration, node.call)] = CallRecord(
             node.iteration, node.call, start, compute_start, env.now, realloc_end - start, compute_start - realloc_end,
             produced - realloc_end)
@@ -218,19 +245,84 @@ class Simulation:
         if self.progress is not None:
             self.progress(f"iteration {node.iteration} {node.call} done at {env.now:.3f} s simulated")
 
-    def _realloc(self, it: int, cc: CallCost) -> Generator[simpy.Event, Any, None]:
-        role = self.experiment.workflow[cc.call].role
-        home = self.plan[self.costs.homes[role]]
-        pairs = self.costs.realloc_pairs(role, home, cc.layout)
-        if not pairs:
+    def _offload(self, it: int, cc: CallCost, what: str, seconds: float) -> Generator[simpy.Event, Any, None]:
+        """A host transfer of the call's offloaded state (:mod:`estimator.cost.offload`) on every
+        stage at once (``what``: upload or download); the call goes on when the slowest stage's
+        is done."""
+        yield from self._host(it, cc, seconds, "offload", ((f"host {what}", seconds),))
+
+    def _upload_to_send(self, it: int, call: str, role: str, source_s: float) -> Generator[simpy.Event, Any, None]:
+        """The home's devices upload the weights they are about to send (``offload="all"``)."""
+        if source_s <= 0:
             return
         now = self.env.now
-        _, end = self.book.send_all(pairs, now, self.profile, self.costs.dpn)
-        end = max(end, now + local_copy_s(pairs, self.profile))
+        home = self.plan[self.costs.homes[role]]
+        self.rows += [(now, now + source_s, d, it, call, "offload", -1, -1, f"host upload {role} to send")
+                      for d in home.mesh.devices]
+        yield self.env.timeout(source_s)
+
+    def _realloc(self, it: int, cc: CallCost, source_s: float = 0.0) -> Generator[simpy.Event, Any, None]:
+        """Move the role's parameters from home (:meth:`_send_weights`; nothing for a call whose
+        standing copy was pushed them) — first uploading them on the home's devices where it
+        offloads them (``source_s``) —, then the host copies a production stack makes before the
+        call (:mod:`estimator.cost.engine`)."""
+        role = self.experiment.workflow[cc.call].role
+        if cc.call not in self.standing:
+            yield from self._upload_to_send(it, cc.call, role, source_s)
+        end = None if cc.call in self.standing else self._send_weights(role, cc.layout, cc.call)
+        if end is not None:
+            for st in cc.stages:
+                self.rows.append((self.env.now, end, st.rep, it, cc.call, "realloc", -1, st.index, f"realloc {role}"))
+            if end > self.env.now:
+                yield self.env.timeout(end - self.env.now)
+        moves = self.moves[cc.call]
+        yield from self._host(it, cc, moves.before_s, "host_copy", moves.parts)
+
+    def _host(self, it: int, cc: CallCost, seconds: float, op: str, parts: tuple) -> Generator[simpy.Event, Any, None]:
+        """A host-side span of ``seconds`` on every stage of the call (host copies over each
+        device's own link), named by what moves."""
+        if seconds <= 0:
+            return
+        now = self.env.now
+        what = ", ".join(name for name, _ in parts)
         for st in cc.stages:
-            self.rows.append((now, end, st.rep, it, cc.call, "realloc", -1, st.index, f"realloc {role}"))
-        if end > now:
-            yield self.env.timeout(end - now)
+            self.rows.append((now, now + seconds, st.rep, it, cc.call, op, -1, st.index, what))
+        yield self.env.timeout(seconds)
+
+    def _send_weights(self, role: str, layout: Layout, call: str | None = None) -> float | None:
+        """Book the messages that bring ``role``'s weights from its home to ``layout`` now; when
+        the last one lands (None if nothing moves). For a generate call that refits a serving
+        engine (``call``, :meth:`Costs.refits`) the refit's messages and its fixed cost."""
+        home = self.plan[self.costs.homes[role]]
+        pairs = self.costs.realloc_pairs(role, home, layout, call)
+        if not pairs:
+            return None
+        now = self.env.now
+        _, end = self.book.send_all(pairs, now, self.profile, self.costs.dpn)
+        return max(end, now + local_copy_s(pairs, self.profile)) + self.costs.refit_fixed_s(role, call)
+
+    def _push(self, i: int) -> Generator[simpy.Event, Any, None]:
+        """A weight push: the update's new weights from the home to the standing rollout copy
+        of the generate call it feeds (:mod:`estimator.sim.instances`; on a production stack the
+        engine's refit), a span ``push`` on every stage of both."""
+        env, node = self.env, self.graph.nodes[i]
+        target = push_target(node.call)
+        role = self.experiment.workflow[target].role
+        layout, home, begin = self.plan[target], self.plan[self.costs.homes[role]], env.now
+        yield from self._upload_to_send(node.iteration, node.call, role,
+                                        self.costs.offload(target, layout, home).source_s)
+        start = env.now
+        end = self._send_weights(role, layout, target) or start
+        for lay in (home, layout):
+            for k in range(lay.pp):
+                self.rows.append((start, end, lay.stage_devices(k).start, node.iteration, node.call, "push", -1, k,
+                                  f"push {role} to {target}"))
+        if end > start:
+            yield env.timeout(end - start)
+        self.pushes[(node.iteration, target)] = CallRecord(node.iteration, node.call, begin, start, end,
+                                                           end - begin, 0.0)
+        self.reallocated[i].succeed()
+        self.done[i].succeed()
 
     def _verify(self, it: int, cc: CallCost) -> Generator[simpy.Event, Any, None]:
         """A verifier scoring a generate call's sequences on the hosts of its last stage (every

@@ -16,6 +16,9 @@ Schema (every key but the first eight is optional)::
                               # (estimator.spec.lengths)
     ppo_minibatches: 4        # optimizer steps per train call
     cluster: {nodes: 1, devices_per_node: 8, device: h100-sxm}
+                              # optional stack: executor | megatron-vllm | fsdp-vllm, the software
+                              # it is priced for (estimator.spec.stack; default: megatron-vllm on a
+                              # GPU profile, executor on a CPU one, estimator.profile.pricing)
     group_size: 8             # grpo: samples per prompt (default 1)
     seed: 0                   # weights, prompts and sampling
     kv_fraction: 0.9          # device memory a generation engine may hold (vLLM's
@@ -27,6 +30,10 @@ Schema (every key but the first eight is optional)::
     reward_s_per_sample: 0.002  # with reward: rule: host seconds the verifier takes per sequence
                               # (default 0), charged by the estimator only
     old_logprobs: recompute   # ppo, grpo, remax: from_generation (default) | recompute
+    async: {max_staleness: 1} # ppo, grpo, remax: asynchronous training — the rollouts trained on
+                              # may come from a policy up to η versions old (default 0:
+                              # synchronous; estimator.spec.workflow.STALENESS_EQUIVALENTS
+                              # translates AReaL's, verl's, NeMo-RL's and OpenRLHF's settings)
 
 A verifier reward (``models.reward: rule``) holds no model: the reward role has no weights, no
 memory and no layout, and no ``reward_inf`` call runs; each generate call scores the sequences
@@ -46,7 +53,7 @@ Unknown keys, wrong types, unknown presets and impossible values raise
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +65,11 @@ from estimator.base.loading import check_input_path, load_yaml
 from estimator.spec.cluster import Cluster
 from estimator.spec.lengths import parse_lengths
 from estimator.spec.models import ModelSpec, checkpoint_dir, get_model
+from estimator.spec.stack import get_stack
 from estimator.spec.workflow import (
     ALGORITHMS,
     GENERATING,
+    MAX_STALENESS,
     OLD_LOGPROBS,
     REWARD_RULE,
     ROLES,
@@ -107,6 +116,8 @@ class Experiment:
     # verifier (params.verifier): host seconds its rule takes per sequence; the estimator charges
     # it at the end of each generate call, the executor measures its own rule instead
     reward_s_per_sample: float = 0.0
+    # the software stack it is priced for (estimator.spec.stack); None: the device's default
+    stack: str | None = None
     workflow: Workflow = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -138,8 +149,11 @@ class Experiment:
         object.__setattr__(self, "workflow", build(self.algorithm, p))
 
     def _check_options(self) -> None:
-        """The verifier and the old log-probs apply to the algorithms that generate."""
+        """The verifier and the old log-probs apply to the algorithms that generate; the stack
+        is a known one."""
         p, alg = self.params, self.algorithm
+        if self.stack is not None:
+            get_stack(self.stack)
         if p.verifier and alg not in GENERATING:
             raise ConfigError(f"models.reward={REWARD_RULE!r}: a verifier scores generated responses, so it applies "
                               f"to {', '.join(GENERATING)}, not to {alg}")
@@ -153,6 +167,15 @@ class Experiment:
         if r and not p.verifier:
             raise ConfigError(f"reward_s_per_sample={r:g} applies to a verifier reward only "
                               f"(models.reward: {REWARD_RULE})")
+
+    @property
+    def max_staleness(self) -> int:
+        """η: policy versions the actor's rollouts may lag (0: synchronous)."""
+        return self.params.max_staleness
+
+    def with_staleness(self, eta: int) -> Experiment:
+        """The same experiment trained with staleness ``eta``."""
+        return replace(self, params=replace(self.params, max_staleness=eta))
 
     @property
     def verifier(self) -> bool:
@@ -179,8 +202,9 @@ class Experiment:
 
 _REQUIRED = ("algorithm", "models", "batch_size", "prompt_len", "gen_len", "cluster")
 _OPTIONAL = ("ppo_minibatches", "group_size", "seed", "prompts", "hyperparams", "name", "kv_fraction",
-             "reward_s_per_sample", "old_logprobs")
+             "reward_s_per_sample", "old_logprobs", "async")
 _CLUSTER_KEYS = ("nodes", "devices_per_node", "device")
+_CLUSTER_OPTIONAL = ("stack",)
 
 
 def _unknown_key(where: str, key: str, allowed: tuple[str, ...] | list[str]) -> ConfigError:
@@ -235,7 +259,24 @@ def _rollout_options(where: str, raw: dict, algorithm: str, verifier: bool) -> d
                               f"models.reward: {REWARD_RULE}")
         seconds = rules.real(f"{where}: reward_s_per_sample", raw["reward_s_per_sample"], lo=0.0,
                              hi=rules.MAX_HOST_S_PER_SAMPLE)
-    return {"old_logprobs": old, "reward_s_per_sample": seconds}
+    return {"old_logprobs": old, "reward_s_per_sample": seconds, "max_staleness": _staleness(where, raw, algorithm)}
+
+
+def _staleness(where: str, raw: dict, algorithm: str) -> int:
+    """``async: {max_staleness: η}``: η policy versions, for the algorithms that generate."""
+    if "async" not in raw:
+        return 0
+    block = _mapping(where, "async", raw["async"])
+    for key in block:
+        if key != "max_staleness":
+            raise _unknown_key(f"{where}: async", key, ["max_staleness"])
+    if "max_staleness" not in block:
+        raise ConfigError(f"{where}: async needs max_staleness (policy versions a rollout may lag; 0: synchronous)")
+    eta = rules.integer(f"{where}: async.max_staleness", block["max_staleness"], lo=0, hi=MAX_STALENESS)
+    if eta and algorithm not in GENERATING:
+        raise ConfigError(f"{where}: async.max_staleness={eta} applies to algorithms that generate "
+                          f"({', '.join(GENERATING)}), not to {algorithm}")
+    return eta
 
 
 def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | None = None) -> Experiment:
@@ -282,8 +323,8 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
 
     cl = _mapping(where, "cluster", raw["cluster"])
     for key in cl:
-        if key not in _CLUSTER_KEYS:
-            raise _unknown_key(f"{where}: cluster", key, list(_CLUSTER_KEYS))
+        if key not in _CLUSTER_KEYS + _CLUSTER_OPTIONAL:
+            raise _unknown_key(f"{where}: cluster", key, list(_CLUSTER_KEYS + _CLUSTER_OPTIONAL))
     missing = [k for k in _CLUSTER_KEYS if k not in cl]
     if missing:
         raise ConfigError(f"{where}: cluster is missing key(s) {', '.join(missing)}")
@@ -301,6 +342,9 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
         path = Path(device) if base_dir is None or Path(device).is_absolute() else base_dir / device
         device = str(path)
 
+    stack = cl.get("stack")
+    if stack is not None:
+        get_stack(stack, f"{where}: cluster.stack")
     seed = rules.integer(f"{where}: seed", raw.get("seed", 0), lo=0, hi=rules.MAX_SEED)
     kv_fraction = rules.real(f"{where}: kv_fraction", raw.get("kv_fraction", 0.9), lo=0.0, hi=1.0, positive=True)
     if ints["prompt_len"] + ints["gen_len"] > rules.MAX_SEQ_TOKENS:
@@ -327,7 +371,8 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
             algorithm=algorithm,
             models=models,
             params=WorkflowParams(**ints, prompt_lengths=dists["prompt_len"], gen_lengths=dists["gen_len"],
-                                  verifier=verifier, old_logprobs=options["old_logprobs"]),
+                                  verifier=verifier, old_logprobs=options["old_logprobs"],
+                                  max_staleness=options["max_staleness"]),
             cluster=Cluster(nodes, dpn, device),
             hyper=_hyperparams(where, raw.get("hyperparams", {})),
             seed=seed,
@@ -336,6 +381,7 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
             name=str(name),
             checkpoints=checkpoints,
             reward_s_per_sample=options["reward_s_per_sample"],
+            stack=stack,
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

@@ -5,7 +5,10 @@ architecture, Touvron et al. 2023, arXiv 2302.13971, with grouped-query attentio
 heads of width ``d = h/a``): ``L·(2h² + 2·h·g·d + 3·h·f + 2h) + h + 2·V·h`` — per block the
 q and o projections, k and v, the three SwiGLU matrices and two RMSNorm weights — plus q/k/v
 biases for Qwen2-style models, minus one ``V·h`` for tied embeddings, and a scalar value head
-(``h`` weights) in place of the LM head for critics and reward models.
+(``h`` weights) in place of the LM head for critics and reward models. Where a head is wider
+than ``h/a`` (Qwen3: ``d = 128`` at ``h = 5120``, ``a = 64``; ``attention_head_dim``), the q and
+o projections are ``h × a·d`` instead of ``h²``; Qwen3's RMSNorm on each head's q and k
+(``qk_norm``) adds two weights of ``d`` per block, replicated over tensor-parallel ranks.
 
 GPT-style families (GPT-2, Radford et al. 2019; OPT, Zhang et al. 2022, arXiv 2205.01068;
 GPT-NeoX / Pythia, Black et al. 2022, arXiv 2204.06745) change the terms, each by one field:
@@ -73,6 +76,9 @@ class ModelSpec:
     bias: bool = False  # every linear layer (q/k/v/o, MLP) carries a bias (GPT-2, OPT, GPT-NeoX)
     parallel_residual: bool = False  # attention and MLP read the same block input (GPT-NeoX)
     rotary_fraction: float = 1.0  # rotary on the first fraction of each head's dimensions (GPT-NeoX)
+    # width of one attention head where it is not hidden / heads (Qwen3's head_dim); 0: hidden / heads
+    attention_head_dim: int = 0
+    qk_norm: bool = False  # an RMSNorm on each head's q and k before rotary (Qwen3)
 
     def __post_init__(self) -> None:
         problems = self._variant_problems()
@@ -87,8 +93,9 @@ class ModelSpec:
             except ConfigError as exc:
                 problems.append(str(exc))
         if not problems:
-            if self.hidden % self.heads:
-                problems.append(f"hidden={self.hidden} must be divisible by heads={self.heads}")
+            if self.hidden % self.heads and not self.attention_head_dim:
+                problems.append(f"hidden={self.hidden} must be divisible by heads={self.heads} "
+                                "(or give attention_head_dim)")
             if self.heads % self.kv_heads:
                 problems.append(f"heads={self.heads} must be divisible by kv_heads={self.kv_heads}")
             if self.positions == "rotary" and (self.rotary_dim % 2 or self.rotary_dim < 2):
@@ -108,13 +115,17 @@ class ModelSpec:
         for field, allowed in (("norm", NORMS), ("mlp", MLPS), ("positions", POSITIONS)):
             if getattr(self, field) not in allowed:
                 problems.append(f"{field}={getattr(self, field)!r} must be one of {allowed}")
-        for field in ("bias", "parallel_residual"):
+        for field in ("bias", "parallel_residual", "qk_norm"):
             if not isinstance(getattr(self, field), bool):
                 problems.append(f"{field}={getattr(self, field)!r} must be true or false")
         try:
             rules.integer("max_positions", self.max_positions, lo=0, hi=rules.MAX_SEQ_TOKENS)
             if self.positions == "learned" and self.max_positions < 1:
                 problems.append(f"max_positions={self.max_positions} must be at least 1 with positions='learned'")
+        except ConfigError as exc:
+            problems.append(str(exc))
+        try:
+            rules.integer("attention_head_dim", self.attention_head_dim, lo=0, hi=rules.MAX_HIDDEN)
         except ConfigError as exc:
             problems.append(str(exc))
         try:
@@ -127,7 +138,13 @@ class ModelSpec:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        """Width of one attention head: ``attention_head_dim`` where given, else hidden / heads."""
+        return self.attention_head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the q projection's output (and the o projection's input): a·d."""
+        return self.heads * self.head_dim
 
     @property
     def rotary_dim(self) -> int:
@@ -144,6 +161,8 @@ class ModelSpec:
             return "opt"
         if self.norm == "layernorm" or self.mlp == "gelu" or self.positions == "learned" or self.bias:
             return "gpt2"
+        if self.qk_norm:
+            return "qwen3"
         return "qwen2" if self.qkv_bias else "llama"
 
     @property
@@ -162,9 +181,14 @@ class ModelSpec:
         return 3 if self.mlp == "swiglu" else 2
 
     @property
+    def qk_norm_params(self) -> int:
+        """Weights of the q and k norms of one block (Qwen3: one ``d`` each), 0 without them."""
+        return 2 * self.head_dim if self.qk_norm else 0
+
+    @property
     def params_per_layer(self) -> int:
-        h, f, kv = self.hidden, self.ffn, self.kv_dim
-        attn = 2 * h * h + 2 * h * kv + (h + 2 * kv if self.qkv_bias or self.bias else 0)
+        h, f, kv, q = self.hidden, self.ffn, self.kv_dim, self.q_dim
+        attn = 2 * h * q + 2 * h * kv + (q + 2 * kv if self.qkv_bias or self.bias else 0) + self.qk_norm_params
         mlp = self.mlp_matrices * h * f
         if self.bias:  # o_proj; fc1 (SwiGLU: gate and up) and fc2
             attn += h
@@ -173,9 +197,10 @@ class ModelSpec:
 
     @property
     def replicated_params_per_layer(self) -> int:
-        """Parameters of one block that tensor parallelism replicates: the two norms and the
-        biases of the row-parallel o_proj and fc2 (added once, after the all-reduce)."""
-        return 2 * self.norm_params + (2 * self.hidden if self.bias else 0)
+        """Parameters of one block that tensor parallelism replicates: the two norms (and the q/k
+        norms, which act on one head) and the biases of the row-parallel o_proj and fc2 (added
+        once, after the all-reduce)."""
+        return 2 * self.norm_params + (2 * self.hidden if self.bias else 0) + self.qk_norm_params
 
     @property
     def position_params(self) -> int:
@@ -222,6 +247,21 @@ def _qwen(name: str, layers: int, hidden: int, ffn: int, heads: int, kv: int, vo
                      qkv_bias=True, rope_theta=1_000_000.0, norm_eps=1e-6)
 
 
+def _qwen3(name: str, layers: int, hidden: int, ffn: int, heads: int, tied: bool) -> ModelSpec:
+    """Qwen3 dense (Qwen/Qwen3-*/config.json, transformers 4.51): 8 key/value heads of
+    ``head_dim`` 128 whatever the width, RMSNorm on q and k, no q/k/v bias, vocabulary 151,936,
+    rope_theta 1,000,000, rms_norm_eps 1e-6; the three smallest tie their embeddings."""
+    return ModelSpec(name, layers, hidden, ffn, heads, 8, 151936, tied_embeddings=tied, rope_theta=1_000_000.0,
+                     norm_eps=1e-6, attention_head_dim=128, qk_norm=True)
+
+
+def _r1_distill(name: str, base: ModelSpec, theta: float, tied: bool = False) -> ModelSpec:
+    """DeepSeek-R1-Distill-Qwen (deepseek-ai/DeepSeek-R1-Distill-Qwen-*/config.json): the
+    Qwen2.5 base it was distilled into (1.5B and 7B from Qwen2.5-Math, whose rope_theta is
+    10,000 and whose 1.5B does not tie its embeddings; 14B and 32B from Qwen2.5)."""
+    return dataclasses.replace(base, name=name, rope_theta=theta, tied_embeddings=tied)
+
+
 def _opt(name: str, layers: int, hidden: int, heads: int) -> ModelSpec:
     """OPT (Zhang et al. 2022, arXiv 2205.01068, Table 1): ffn = 4h, vocabulary 50,272, 2,048
     positions plus the 2 offset rows of its learned table, tied LM head, ReLU MLP."""
@@ -254,6 +294,21 @@ PRESETS: dict[str, ModelSpec] = {
         _qwen("qwen2.5-14b", 48, 5120, 13824, 40, 8, 152064, tied=False),
         _qwen("qwen2.5-32b", 64, 5120, 27648, 40, 8, 152064, tied=False),
         _qwen("qwen2.5-72b", 80, 8192, 29568, 64, 8, 152064, tied=False),
+        # Llama 3.1 and 3.3 keep Llama 3's shapes (meta-llama/Llama-3.1-8B, -3.1-70B,
+        # -3.3-70B-Instruct config.json; rope_scaling "llama3" stretches positions only)
+        _llama("llama3.1-8b", 32, 4096, 14336, 32, 8, 128256, theta=500_000.0),
+        _llama("llama3.1-70b", 80, 8192, 28672, 64, 8, 128256, theta=500_000.0),
+        _llama("llama3.3-70b", 80, 8192, 28672, 64, 8, 128256, theta=500_000.0),
+        _qwen3("qwen3-0.6b", 28, 1024, 3072, 16, tied=True),
+        _qwen3("qwen3-1.7b", 28, 2048, 6144, 16, tied=True),
+        _qwen3("qwen3-4b", 36, 2560, 9728, 32, tied=True),
+        _qwen3("qwen3-8b", 36, 4096, 12288, 32, tied=False),
+        _qwen3("qwen3-14b", 40, 5120, 17408, 40, tied=False),
+        _qwen3("qwen3-32b", 64, 5120, 25600, 64, tied=False),
+        _r1_distill("r1-distill-qwen-1.5b", _qwen("q", 28, 1536, 8960, 12, 2, 151936, tied=False), 10_000.0),
+        _r1_distill("r1-distill-qwen-7b", _qwen("q", 28, 3584, 18944, 28, 4, 152064, tied=False), 10_000.0),
+        _r1_distill("r1-distill-qwen-14b", _qwen("q", 48, 5120, 13824, 40, 8, 152064, tied=False), 1_000_000.0),
+        _r1_distill("r1-distill-qwen-32b", _qwen("q", 64, 5120, 27648, 40, 8, 152064, tied=False), 1_000_000.0),
         # DeepSpeed-Chat's RLHF models (shapes of the OPT paper's Table 1)
         _opt("opt-125m", 12, 768, 12),
         _opt("opt-1.3b", 24, 2048, 32),
@@ -276,20 +331,52 @@ PRESETS: dict[str, ModelSpec] = {
     )
 }
 
+# Hugging Face repository names (lower case, without the organisation) → preset: the
+# instruction-tuned and base checkpoints of a size share an architecture
+HF_NAMES: dict[str, str] = {
+    **{f"llama-2-{s}-hf": f"llama2-{s}" for s in ("7b", "13b", "70b")},
+    **{f"llama-2-{s}-chat-hf": f"llama2-{s}" for s in ("7b", "13b", "70b")},
+    "meta-llama-3-8b": "llama3-8b", "meta-llama-3-8b-instruct": "llama3-8b",
+    "meta-llama-3-70b": "llama3-70b", "meta-llama-3-70b-instruct": "llama3-70b",
+    "llama-3.1-8b": "llama3.1-8b", "llama-3.1-8b-instruct": "llama3.1-8b",
+    "meta-llama-3.1-8b": "llama3.1-8b", "meta-llama-3.1-8b-instruct": "llama3.1-8b",
+    "llama-3.1-70b": "llama3.1-70b", "llama-3.1-70b-instruct": "llama3.1-70b",
+    "meta-llama-3.1-70b": "llama3.1-70b", "meta-llama-3.1-70b-instruct": "llama3.1-70b",
+    "llama-3.3-70b-instruct": "llama3.3-70b",
+    **{f"qwen2.5-{s}": f"qwen2.5-{s}" for s in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b")},
+    **{f"qwen2.5-{s}-instruct": f"qwen2.5-{s}" for s in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b")},
+    **{f"qwen3-{s}": f"qwen3-{s}" for s in ("0.6b", "1.7b", "4b", "8b", "14b", "32b")},
+    **{f"qwen3-{s}-base": f"qwen3-{s}" for s in ("0.6b", "1.7b", "4b", "8b", "14b")},
+    **{f"deepseek-r1-distill-qwen-{s}": f"r1-distill-qwen-{s}" for s in ("1.5b", "7b", "14b", "32b")},
+}
+
+
+def hf_preset(name: str) -> str | None:
+    """The preset of a Hugging Face model name (``meta-llama/Llama-3.1-8B-Instruct`` →
+    ``llama3.1-8b``; the organisation, case and a trailing remark in parentheses are ignored),
+    or None when there is none."""
+    base = name.split("(")[0].strip().rstrip("/").split("/")[-1].lower()
+    if base in PRESETS:
+        return base
+    return HF_NAMES.get(base)
+
+
 _HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "GPT2LMHeadModel": "gpt2",
     "OPTForCausalLM": "opt",
     "GPTNeoXForCausalLM": "gpt_neox",
 }
-_HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "opt": "opt",
+_HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2",
+                   "opt": "opt",
                    "gpt_neox": "gpt_neox"}
 
 
 def from_hf_config(path: str | Path) -> ModelSpec:
-    """Read a Hugging Face ``config.json`` (LLaMA, Mistral, Qwen2, GPT-2, OPT or GPT-NeoX style)
+    """Read a Hugging Face ``config.json`` (LLaMA, Mistral, Qwen2, Qwen3, GPT-2, OPT or GPT-NeoX style)
     into a ModelSpec. ``path`` is the file or the directory that holds it.
     """
     path = Path(path)
@@ -310,7 +397,8 @@ def from_hf_config(path: str | Path) -> ModelSpec:
             f"{where}: unsupported architecture {archs or model_type!r} (model_type={model_type!r}); "
             f"supported: {sorted(_HF_ARCHITECTURES)} (model_type {sorted(_HF_MODEL_TYPES)})"
         )
-    reader = {"llama": _llama_fields, "qwen2": _llama_fields, "gpt2": _gpt2_fields, "opt": _opt_fields,
+    reader = {"llama": _llama_fields, "qwen2": _llama_fields, "qwen3": _llama_fields, "gpt2": _gpt2_fields,
+              "opt": _opt_fields,
               "gpt_neox": _neox_fields}[style]
     return ModelSpec(name=path.parent.name or path.stem, **reader(cfg, where, style))
 
@@ -333,10 +421,18 @@ def _eps(cfg: dict, where: str, key: str, default: float) -> float:
 
 
 def _llama_fields(cfg: dict, where: str, style: str) -> dict:
+    """LLaMA / Mistral / Qwen2 / Qwen3: Qwen2 biases its q/k/v by default; Qwen3 names its head
+    width (``head_dim``, which need not be hidden / heads) and normalises q and k per head."""
     _require(cfg, where, ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                           "vocab_size"))
     heads = cfg["num_attention_heads"]
-    return dict(
+    head_dim = cfg.get("head_dim")
+    extra = {}
+    if head_dim is not None and head_dim * heads != cfg["hidden_size"]:
+        extra["attention_head_dim"] = rules.integer(f"{where}: head_dim", head_dim, lo=1, hi=rules.MAX_HIDDEN)
+    if style == "qwen3":
+        extra["qk_norm"] = True
+    return dict(**extra,
         layers=cfg["num_hidden_layers"], hidden=cfg["hidden_size"], ffn=cfg["intermediate_size"], heads=heads,
         kv_heads=heads if cfg.get("num_key_value_heads") is None else cfg["num_key_value_heads"],
         vocab=cfg["vocab_size"],

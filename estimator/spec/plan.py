@@ -5,15 +5,18 @@ then data-parallel, then pipeline stages outermost::
 
     device = mesh.first + (pp_rank · dp + dp_rank) · tp + tp_rank
 
-so a tensor-parallel group is ``tp`` neighbouring devices and stays inside a node whenever
-``tp`` divides the devices per node. Executor and estimator both use :meth:`Layout.device`.
+so a tensor-parallel group is ``tp`` neighbouring devices, inside a node exactly when tp
+divides the mesh's devices on every node it spans (:meth:`Cluster.tp_problem`: on an aligned
+mesh, when tp divides the devices per node; on ``0-11`` of nodes of 8, for tp 1, 2 or 4), and a
+pipeline stage is ``dp·tp`` neighbouring devices, which may cross a node boundary anywhere.
+Executor and estimator both use :meth:`Layout.device`.
 
 Tensor parallelism across nodes is legal in Megatron (``--tensor-model-parallel-size`` larger
 than the GPUs of a node; slow, but run, e.g. in vTrain's multi-node measurements) and a layout
-may say so explicitly: ``tp_across_nodes`` lets ``tp`` be a multiple of the devices per node,
-each tensor-parallel group then whole neighbouring nodes, and the estimator prices its
-collectives on the inter-node links (:meth:`Layout.tp_span`). Without the key such a layout is
-refused, and the planner's own space never proposes one.
+may say so explicitly: ``tp_across_nodes`` lets ``tp`` be a multiple of the devices per node on
+a mesh that starts at a node's first device, each tensor-parallel group then whole neighbouring
+nodes, and the estimator prices its collectives on the inter-node links (:meth:`Layout.tp_span`).
+Without the key such a layout is refused, and the planner's own space never proposes one.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from estimator.base.loading import load_json, parse_json
 from estimator.base.tables import format_table
 from estimator.spec.cluster import Cluster, DeviceMesh
 from estimator.spec.models import ModelSpec
-from estimator.spec.workflow import Call
+from estimator.spec.workflow import SYNC_LAG, Call, Workflow
 
 if TYPE_CHECKING:
     from estimator.spec.experiment import Experiment
@@ -49,6 +52,14 @@ RECOMPUTE_CHOICES = ("none", "full")
 # (parameters, gradients and state split; each block's parameters all-gathered in forward and
 # again in backward, its gradients reduce-scattered).
 SHARD_CHOICES = ("none", "optimizer", "full")
+# What a train call's home keeps in host memory while calls other than this train call run on
+# its devices, named after what moves: "none" keeps everything on the device; "optimizer" the
+# Adam state (fp32 master weights, first and second moments: verl's optimizer_offload,
+# NeMo-RL's optimizer offload before a colocated refit); "all" the Adam state, the gradients and
+# the bf16 parameters (verl's param_offload + optimizer_offload, DeepSpeed's offload_states
+# under OpenRLHF's --ds.enable_sleep). Uploaded before the train call, downloaded after it;
+# under "all" the parameters are also uploaded for each other call of the role that reads them.
+OFFLOAD_CHOICES = ("none", "optimizer", "all")
 # optional layout limits (0: unset) → the largest value a plan file may give
 OPTIONAL_LIMITS = {"max_concurrency": rules.MAX_BATCH,
                    "max_tokens_per_micro_batch": rules.MAX_BATCH * rules.MAX_SEQ_TOKENS}
@@ -73,6 +84,7 @@ class Layout:
     # ppo_max_token_len_per_gpu, AReaL's max_tokens_per_mb); 0: ``micro_batches`` equal splits
     max_tokens_per_micro_batch: int = 0
     shard: str = "none"  # train: data-parallel sharding of parameters, gradients, state (SHARD_CHOICES)
+    offload: str = "none"  # train: the home state kept in host memory between train calls (OFFLOAD_CHOICES)
     # train/inference: tensor-parallel groups may span whole nodes (tp a multiple of the devices
     # per node, Megatron allows it); the default keeps every group inside one node
     tp_across_nodes: bool = False
@@ -90,12 +102,14 @@ class Layout:
             raise ConfigError(f"layout recompute={self.recompute!r}: must be one of {list(RECOMPUTE_CHOICES)}")
         if self.shard not in SHARD_CHOICES:
             raise ConfigError(f"layout shard={self.shard!r}: must be one of {list(SHARD_CHOICES)}")
+        if self.offload not in OFFLOAD_CHOICES:
+            raise ConfigError(f"layout offload={self.offload!r}: must be one of {list(OFFLOAD_CHOICES)}")
+        if not isinstance(self.tp_across_nodes, bool):
+            raise ConfigError(f"layout tp_across_nodes={self.tp_across_nodes!r}: must be true or false")
         bad = [f"{k}={getattr(self, k)!r}" for k in OPTIONAL_LIMITS
                if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool) or getattr(self, k) < 0]
         if bad:
             raise ConfigError(f"layout {', '.join(bad)}: must be a whole number, 0 for unset")
-        if not isinstance(self.tp_across_nodes, bool):
-            raise ConfigError(f"layout tp_across_nodes={self.tp_across_nodes!r}: must be true or false")
 
     @property
     def size(self) -> int:
@@ -129,7 +143,14 @@ class Layout:
         reads it (an inference or generate call, which never shards) must first gather the
         parameters: it reallocates, and the all-gather is that reallocation (every rank a
         destination). ``shard="optimizer"`` holds whole parameters on every rank after each
-        step, so it places them as ``"none"`` does."""
+        step, so it places them as ``"none"`` does.
+
+        ``offload`` is not part of the placement either: it changes whether a shard is in
+        device memory while other calls run, not which device holds it. An offloaded shard
+        comes back to the very device it left (host memory is the device's own, behind its
+        host link), so a call on the same placement reads it there after the upload
+        (:mod:`estimator.cost.offload`) and a call elsewhere reallocates from those devices, as
+        from a home that never offloaded, once ``"all"`` has uploaded the parameters there."""
         return self.mesh, self.dp, self.tp, self.pp, self.sharded
 
     def same_placement(self, other: Layout) -> bool:
@@ -167,6 +188,7 @@ class Layout:
                "micro_batches": self.micro_batches}
         out |= {"recompute": self.recompute} if self.recompute != "none" else {}
         out |= {"shard": self.shard} if self.shard != "none" else {}
+        out |= {"offload": self.offload} if self.offload != "none" else {}
         out |= {"tp_across_nodes": True} if self.tp_across_nodes else {}
         return out | {k: getattr(self, k) for k in OPTIONAL_LIMITS if getattr(self, k)}
 
@@ -174,7 +196,7 @@ class Layout:
     def from_dict(cls, data: Any, where: str = "layout") -> Layout:
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: must be an object with mesh, dp, tp, pp, micro_batches")
-        allowed = {"mesh", "dp", "tp", "pp", "micro_batches", "recompute", "shard", "tp_across_nodes",
+        allowed = {"mesh", "dp", "tp", "pp", "micro_batches", "recompute", "shard", "offload", "tp_across_nodes",
                    *OPTIONAL_LIMITS}
         unknown = sorted(set(data) - allowed)
         if unknown:
@@ -191,6 +213,9 @@ class Layout:
         shard_mode = data.get("shard", "none")
         if shard_mode not in SHARD_CHOICES:
             raise ConfigError(f"{where}.shard: {shard_mode!r} is not one of {list(SHARD_CHOICES)}")
+        offload = data.get("offload", "none")
+        if offload not in OFFLOAD_CHOICES:
+            raise ConfigError(f"{where}.offload: {offload!r} is not one of {list(OFFLOAD_CHOICES)}")
         try:
             mesh = DeviceMesh.parse(data["mesh"])
         except ConfigError as exc:
@@ -202,7 +227,8 @@ class Layout:
         if not isinstance(across, bool):
             raise ConfigError(f"{where}.tp_across_nodes: {across!r} must be true or false")
         return cls(mesh, data["dp"], data["tp"], data["pp"], data.get("micro_batches", 1), recompute,
-                   shard=shard_mode, tp_across_nodes=across, **{k: data[k] for k in OPTIONAL_LIMITS if k in data})
+                   shard=shard_mode, offload=offload, tp_across_nodes=across,
+                   **{k: data[k] for k in OPTIONAL_LIMITS if k in data})
 
 
 @dataclass(frozen=True)
@@ -242,18 +268,34 @@ class Plan:
         return cls.from_data(load_json(path, "plan file", expect=None), where=f"plan {path}")
 
     def table(self) -> str:
-        """A readable table of the plan (a recompute or shard column when any layout sets one)."""
+        """A readable table of the plan (a recompute, shard or offload column when any layout sets one)."""
         extra = any(lay.recompute != "none" for lay in self.layouts.values())
         sharding = any(lay.shard != "none" for lay in self.layouts.values())
+        offloading = any(lay.offload != "none" for lay in self.layouts.values())
         across = any(lay.tp_across_nodes for lay in self.layouts.values())
         limits = [k for k in OPTIONAL_LIMITS if any(getattr(lay, k) for lay in self.layouts.values())]
         rows = [("call", "mesh", "devices", "dp", "tp", "pp", "micro_batches") + (("recompute",) if extra else ())
-                + (("shard",) if sharding else ()) + (("tp_across_nodes",) if across else ()) + tuple(limits)]
+                + (("shard",) if sharding else ()) + (("offload",) if offloading else ())
+                + (("tp_across_nodes",) if across else ()) + tuple(limits)]
         rows += [(c, str(lay.mesh), str(lay.mesh.size), str(lay.dp), str(lay.tp), str(lay.pp),
                   str(lay.micro_batches)) + ((lay.recompute,) if extra else ()) + ((lay.shard,) if sharding else ())
+                 + ((lay.offload,) if offloading else ())
                  + (("yes" if lay.tp_across_nodes else "-",) if across else ())
                  + tuple(str(getattr(lay, k) or "-") for k in limits) for c, lay in self.layouts.items()]
         return format_table(rows)
+
+
+def standing_copies(workflow: Workflow, plan: Plan) -> frozenset[str]:
+    """Generate calls that keep a standing rollout copy of the actor: asynchronous ones (their
+    version edge lags more than one iteration) on a mesh that shares no device with the actor's
+    home. Such a call never reallocates: after each update the trainer pushes the new weights
+    to its copy (a weight-push instance, :mod:`estimator.sim.instances`), and the copy stays on
+    its devices between calls. Synchronous plans have none, so they run exactly as before."""
+    if not workflow.asynchronous:
+        return frozenset()
+    homes = workflow.home_calls()
+    return frozenset(c.name for c in workflow.calls
+                     if workflow.lag(c.name) > SYNC_LAG and not plan[c.name].mesh.overlaps(plan[homes[c.role]].mesh))
 
 
 def layout_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layout) -> list[str]:
@@ -264,16 +306,52 @@ def layout_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layo
 
 def _shape_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layout) -> list[str]:
     """The rules on mesh and degrees (all but the batch split, the only one micro-batches change)."""
+    return _mesh_problems(call, cluster, layout) + _degree_problems(call, model, layout)
+
+
+def _mesh_problems(call: Call, cluster: Cluster, layout: Layout) -> list[str]:
+    """The rules that depend on where the mesh lies: in the cluster, its size the degrees'
+    product, tensor-parallel groups inside nodes (:meth:`Cluster.tp_problem`)."""
     name = call.name
     out = [f"call {name}: {p}" for p in cluster.mesh_problems(layout.mesh)]
     if layout.size != layout.mesh.size:
         out.append(f"call {name}: dp·tp·pp = {layout.dp}·{layout.tp}·{layout.pp} = {layout.size} "
                    f"must equal mesh {layout.mesh} size {layout.mesh.size}")
+    return out + _span_problems(call, cluster, layout)
+
+
+def _span_problems(call: Call, cluster: Cluster, layout: Layout) -> list[str]:
+    """Where tensor-parallel groups may lie: inside nodes (:meth:`Cluster.tp_problem`), or —
+    ``tp_across_nodes`` — over whole neighbouring nodes (tp a multiple of the devices per node,
+    the mesh starting at a node's first device) for a train or inference call."""
+    name, tp, dpn = call.name, layout.tp, cluster.devices_per_node
+    span = cluster.tp_problem(layout.mesh, tp)
+    whole = tp % dpn == 0 and layout.mesh.first % dpn == 0
+    if not layout.tp_across_nodes:
+        hint = ("; or the layout may say tp_across_nodes: true (Megatron allows it; its collectives then "
+                "cross the inter-node links)") if span and whole else ""
+        return [f"call {name}: {span}{hint}"] if span else []
+    if call.kind == "generate":
+        return [f"call {name}: tp_across_nodes applies to train and inference calls only, not to this generate "
+                "call (the rollout model prices tensor-parallel collectives inside a node)"]
+    if span is None:
+        return [f"call {name}: tp_across_nodes with tp={tp}, whose groups stay inside nodes of {dpn} devices on "
+                f"mesh {layout.mesh}: leave tp_across_nodes unset"]
+    if not whole:
+        return [f"call {name}: tp={tp} with tp_across_nodes must be a multiple of the {dpn} devices per node on a "
+                f"mesh starting at a node's first device (mesh {layout.mesh}), so that each tensor-parallel group "
+                "is whole nodes"]
+    return []
+
+
+def _degree_problems(call: Call, model: ModelSpec, layout: Layout) -> list[str]:
+    """The rules on degrees and options that hold wherever the mesh lies."""
+    name = call.name
+    out = []
     for dim in ("heads", "kv_heads", "ffn", "vocab"):
         value = getattr(model, dim)
         if value % layout.tp:
             out.append(f"call {name}: tp={layout.tp} must divide {dim}={value} of model {model.name}")
-    out += _span_problems(call, cluster, layout)
     if layout.pp > model.layers:
         out.append(f"call {name}: pp={layout.pp} exceeds layers={model.layers} of model {model.name}")
     if layout.max_concurrency and call.kind != "generate":
@@ -292,32 +370,14 @@ def _shape_problems(call: Call, model: ModelSpec, cluster: Cluster, layout: Layo
     if layout.shard != "none" and call.kind != "train":
         out.append(f"call {name}: shard={layout.shard!r} applies to train calls only, "
                    f"not to this {call.kind} call (use shard='none')")
+    if layout.offload != "none" and call.kind != "train":
+        out.append(f"call {name}: offload={layout.offload!r} applies to train calls only (it moves the trained "
+                   f"role's state between its train calls), not to this {call.kind} call (use offload='none')")
     if layout.sharded and model.tied_embeddings and layout.pp > 1:
         out.append(f"call {name}: shard='full' with pp={layout.pp} and the tied embeddings of model {model.name}: "
                    "the two copies of a tied embedding sum their gradients once per step, which a "
                    "per-micro-batch reduce-scatter cannot; use pp=1 or shard='optimizer'")
     return out
-
-
-def _span_problems(call: Call, cluster: Cluster, layout: Layout) -> list[str]:
-    """Where tensor-parallel groups may lie: inside one node, or — ``tp_across_nodes`` — over
-    whole neighbouring nodes (tp a multiple of the devices per node) of a train or inference call."""
-    name, tp, dpn = call.name, layout.tp, cluster.devices_per_node
-    spans = tp > dpn or (layout.mesh.size > dpn and dpn % tp)
-    if not layout.tp_across_nodes:
-        return [f"call {name}: tp={tp} spans nodes; tensor-parallel groups must fit in one node of {dpn} devices "
-                f"(tp must divide {dpn}), or the layout may say tp_across_nodes: true (tp a multiple of {dpn}; "
-                "Megatron allows it, its collectives then cross the inter-node links)"] if spans else []
-    if call.kind == "generate":
-        return [f"call {name}: tp_across_nodes applies to train and inference calls only, not to this generate "
-                "call (the rollout model prices tensor-parallel collectives inside a node)"]
-    if not spans:
-        return [f"call {name}: tp_across_nodes with tp={tp}, which fits in one node of {dpn} devices: "
-                "leave tp_across_nodes unset"]
-    if tp % dpn:
-        return [f"call {name}: tp={tp} with tp_across_nodes must be a multiple of the {dpn} devices per node, "
-                "so that each tensor-parallel group is whole nodes"]
-    return []
 
 
 def _batch_splits(call: Call, dp: int, micro_batches: int) -> bool:
@@ -346,6 +406,12 @@ def _budget_problem(call: Call, layout: Layout) -> str | None:
 def _batch_problem(call: Call, layout: Layout) -> str | None:
     if layout.token_budget:
         return _budget_problem(call, layout)
+    if call.kind == "generate":  # engines share the requests unevenly; each needs one
+        engines = layout.dp * layout.micro_batches
+        if call.workload.seqs < engines:
+            return (f"call {call.name}: {call.workload.seqs} sequences cannot give each of dp·micro_batches = "
+                    f"{layout.dp}·{layout.micro_batches} = {engines} engines a request")
+        return None
     if _batch_splits(call, layout.dp, layout.micro_batches):
         return None
     w = call.workload
@@ -400,6 +466,11 @@ def recompute_choices(call: Call) -> tuple[str, ...]:
     return RECOMPUTE_CHOICES if call.kind == "train" else ("none",)
 
 
+def offload_choices(call: Call) -> tuple[str, ...]:
+    """The offload settings a layout of ``call`` may have: all for a train call, else none."""
+    return OFFLOAD_CHOICES if call.kind == "train" else ("none",)
+
+
 def shard_choices(call: Call, model: ModelSpec, dp: int, pp: int) -> tuple[str, ...]:
     """The data-parallel sharding a layout of ``call`` with ``dp`` and ``pp`` may have and the
     planner offers: every choice for a train call over more than one replica (less full
@@ -412,46 +483,47 @@ def shard_choices(call: Call, model: ModelSpec, dp: int, pp: int) -> tuple[str, 
     return SHARD_CHOICES
 
 
-def enumerate_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> list[Layout]:
-    """Every valid layout of ``call``: each mesh × (dp, tp, pp) × micro-batch choice (× recompute
-    setting × data-parallel sharding for a train call, :func:`shard_choices`)."""
+def enumerate_layouts(call: Call, model: ModelSpec, cluster: Cluster, uneven: bool = False) -> list[Layout]:
+    """Every valid layout of ``call``: each mesh (:meth:`Cluster.meshes`, every contiguous run
+    with ``uneven``) × (dp, tp, pp) × micro-batch choice (× recompute setting × data-parallel
+    sharding × offload for a train call, :func:`shard_choices`, :func:`offload_choices`)."""
     out = []
-    for mesh in cluster.meshes():
+    for mesh in cluster.meshes(uneven):
         for dp, tp, pp in _degrees(mesh.size, model, cluster):
             for mb in MICRO_BATCH_CHOICES:
                 lay = Layout(mesh, dp, tp, pp, mb)
                 if not layout_problems(call, model, cluster, lay):
-                    out += [Layout(mesh, dp, tp, pp, mb, rc, shard=sh) for sh in shard_choices(call, model, dp, pp)
-                            for rc in recompute_choices(call)]
+                    out += [Layout(mesh, dp, tp, pp, mb, rc, shard=sh, offload=off)
+                            for sh in shard_choices(call, model, dp, pp) for rc in recompute_choices(call)
+                            for off in offload_choices(call)]
     return out
 
 
-def count_layouts(call: Call, model: ModelSpec, cluster: Cluster) -> int:
+def count_layouts(call: Call, model: ModelSpec, cluster: Cluster, uneven: bool = False) -> int:
     """``len(enumerate_layouts(...))``, computed without listing them.
 
-    For a valid mesh, the rules on degrees depend on its size only through whether it spans
-    nodes, so each (tp, pp) is checked once per kind of mesh at the first size it divides; the
-    batch rule and the count of meshes per size are arithmetic over all sizes at once. Every
-    tp that can be valid divides the devices per node (a slice's size does; a mesh spanning
-    nodes needs it)."""
-    by_size = cluster.mesh_sizes()
-    sizes = np.fromiter(by_size, dtype=np.int64, count=len(by_size))
-    meshes = np.fromiter(by_size.values(), dtype=np.int64, count=len(by_size))
-    spans = sizes > cluster.devices_per_node
+    Where the mesh lies matters only to whether tensor-parallel groups stay inside nodes, so
+    per tp the meshes of each size on which they do are counted (:meth:`Cluster.tp_mesh_counts`),
+    each (tp, pp) is checked once against the rules that hold wherever the mesh lies, and the
+    batch rule is arithmetic over all sizes at once."""
     per_step = call.workload.units_per_minibatch
     total = 0
-    for tp in divisors(cluster.devices_per_node):
+    for tp in range(1, cluster.devices_per_node + 1):
+        counts = {size: n for size, n in cluster.tp_mesh_counts(tp, uneven).items() if n and size % tp == 0}
+        if not counts:
+            continue
+        sizes = np.fromiter(counts, dtype=np.int64, count=len(counts))
+        meshes = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
         for pp in range(1, model.layers + 1):
-            fits = sizes % (tp * pp) == 0
-            for kind in (False, True):
-                where = np.flatnonzero(fits & (spans == kind))
-                if where.size == 0:
-                    continue
-                size = int(sizes[where[0]])
-                if _shape_problems(call, model, cluster, Layout(DeviceMesh(0, size), size // (tp * pp), tp, pp, 1)):
-                    continue
-                dp = sizes[where] // (tp * pp)
+            where = np.flatnonzero(sizes % (tp * pp) == 0)
+            if where.size == 0 or _degree_problems(call, model, Layout(DeviceMesh(0, tp * pp), 1, tp, pp)):
+                continue
+            dp = sizes[where] // (tp * pp)
+            if call.kind == "generate":  # engines share requests unevenly: one each is the rule
+                splits = sum((call.workload.seqs >= dp * mb).astype(np.int64) for mb in MICRO_BATCH_CHOICES)
+            else:
                 splits = sum((per_step % (dp * mb) == 0).astype(np.int64) for mb in MICRO_BATCH_CHOICES)
-                sharding = np.where(dp > 1, len(shard_choices(call, model, 2, pp)), 1)  # only over replicas
-                total += int((splits * meshes[where] * sharding).sum())
-    return total * len(recompute_choices(call))  # recompute is valid wherever its layout is
+            sharding = np.where(dp > 1, len(shard_choices(call, model, 2, pp)), 1)  # only over replicas
+            total += int((splits * meshes[where] * sharding).sum())
+    # recompute and offload are valid wherever their layout is
+    return total * len(recompute_choices(call)) * len(offload_choices(call))

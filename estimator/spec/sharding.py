@@ -71,11 +71,14 @@ def param_inventory(model: ModelSpec) -> list[ParamInfo]:
     for i in range(model.layers):
         p = f"layers.{i}."
         out += _norm(p + "input_layernorm", model, i)
-        for proj, rows in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
+        for proj, rows in (("q_proj", model.q_dim), ("k_proj", kv), ("v_proj", kv)):
             out.append(ParamInfo(p + f"self_attn.{proj}.weight", (rows, h), COLUMN, i))
             if model.qkv_bias or model.bias:
                 out.append(ParamInfo(p + f"self_attn.{proj}.bias", (rows,), COLUMN, i))
-        out += _linear_out(p + "self_attn.o_proj", (h, h), model.bias, i)
+        if model.qk_norm:  # Qwen3: one RMSNorm weight per head width, shared by every head
+            out += [ParamInfo(p + f"self_attn.{n}.weight", (model.head_dim,), REPLICATED, i)
+                    for n in ("q_norm", "k_norm")]
+        out += _linear_out(p + "self_attn.o_proj", (h, model.q_dim), model.bias, i)
         out += _norm(p + "post_attention_layernorm", model, i)
         for proj in mlp_in:
             out.append(ParamInfo(p + f"mlp.{proj}.weight", (f, h), COLUMN, i))
@@ -242,14 +245,29 @@ def group_by_pair(transfers: list[Transfer]) -> dict[tuple[int, int], list[Trans
 # ---- batch rows -------------------------------------------------------------------------
 
 
+def split_range(lo: int, hi: int, parts: int) -> list[Range]:
+    """``[lo, hi)`` in ``parts`` contiguous runs, the first ones one longer where they do not divide."""
+    base, extra = divmod(hi - lo, parts)
+    out, start = [], lo
+    for j in range(parts):
+        stop = start + base + (1 if j < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
 def dp_rows(call: Call, layout: Layout, dp_rank: int) -> list[Range]:
     """Global row ranges (sequences) data-parallel rank ``dp_rank`` processes, in order.
 
     Train calls split every PPO minibatch over the dp ranks, so every optimizer step sees
     the same global rows under any layout; other calls split the batch in dp blocks. Paired
-    data keeps (chosen, rejected) rows together.
+    data keeps (chosen, rejected) rows together. A generate call's engine replicas take the
+    requests as a rollout server deals them, unevenly where they do not divide (the first
+    replicas one more: :func:`split_range`), so any number of engines can serve a batch.
     """
     w = call.workload
+    if call.kind == "generate":
+        return [split_range(0, w.seqs, layout.dp)[dp_rank]]
     per_unit = 2 if w.paired else 1
     steps = w.minibatches if call.kind == "train" else 1
     step_units = w.units // steps
@@ -261,8 +279,18 @@ def dp_rows(call: Call, layout: Layout, dp_rank: int) -> list[Range]:
     return out
 
 
+def most_rows(call: Call, layout: Layout) -> int:
+    """Sequences of the fullest data-parallel rank (every rank alike but for a generate call whose
+    engines share the batch unevenly)."""
+    return sum(hi - lo for lo, hi in dp_rows(call, layout, 0))
+
+
 def micro_batch_rows(call: Call, layout: Layout, dp_rank: int) -> list[list[Range]]:
-    """Per minibatch (one entry for non-train calls), the row range of each micro-batch."""
+    """Per minibatch (one entry for non-train calls), the row range of each micro-batch (a
+    generate call's split as :func:`split_range` splits, the first ones one longer)."""
+    if call.kind == "generate":
+        (lo, hi), = dp_rows(call, layout, dp_rank)
+        return [split_range(lo, hi, layout.micro_batches)]
     per_unit = 2 if call.workload.paired else 1
     out = []
     for lo, hi in dp_rows(call, layout, dp_rank):
@@ -272,11 +300,14 @@ def micro_batch_rows(call: Call, layout: Layout, dp_rank: int) -> list[list[Rang
     return out
 
 
-def budget_micro_batches(rows: Range, tokens: np.ndarray, budget: int, per_unit: int = 1) -> list[Range]:
+def budget_micro_batches(rows: Range, tokens: np.ndarray, budget: int, per_unit: int = 1,
+                         packed: bool = False) -> list[Range]:
     """Rows ``[lo, hi)`` cut into micro-batches by a token budget: whole units (a pair is two
     rows) are packed in row order while the micro-batch, padded to its longest row, stays
     within ``budget`` tokens; ``tokens[r − lo]`` is row r's prompt plus response tokens. One
-    rule for the executor, which batches so, and the estimator, which charges it."""
+    rule for the executor, which batches so, and the estimator, which charges it. ``packed``:
+    the micro-batch's rows are concatenated without padding (sequence packing, as Megatron and
+    NeMo-RL pack), so their summed tokens stay within the budget."""
     lo, hi = rows
     if len(tokens) != hi - lo:
         raise ValueError(f"tokens for {len(tokens)} rows, range {rows} holds {hi - lo}")
@@ -285,10 +316,11 @@ def budget_micro_batches(rows: Range, tokens: np.ndarray, budget: int, per_unit:
     for u, unit in zip(range(lo, hi, per_unit), units):
         if unit * per_unit > budget:
             raise ValueError(f"rows {u}..{u + per_unit - 1}: {unit * per_unit} tokens pass the budget {budget}")
-        if u > start and max(longest, unit) * (u + per_unit - start) > budget:
+        filled = longest + unit * per_unit if packed else max(longest, unit) * (u + per_unit - start)
+        if u > start and filled > budget:
             out.append((start, u))
             start, longest = u, 0
-        longest = max(longest, unit)
+        longest = longest + unit * per_unit if packed else max(longest, unit)
     if hi > start:
         out.append((start, hi))
     return out

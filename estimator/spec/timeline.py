@@ -100,9 +100,12 @@ class Timeline:
         ends = self.iteration_ends()
         return [e - (ends[i - 1] if i else 0.0) for i, e in enumerate(ends)]
 
-    def steady_state_s(self, warmup: int = 1) -> float:
-        """Mean iteration period after ``warmup`` iterations (all of them if too few)."""
+    def steady_state_s(self, warmup: int = 1, drain: int = 0) -> float:
+        """Mean iteration period after ``warmup`` iterations and before the last ``drain`` (all of
+        them if too few)."""
         ends = self.iteration_ends()
+        if drain and len(ends) > warmup + drain:
+            ends = ends[:len(ends) - drain]
         if not ends:
             return 0.0
         if len(ends) <= warmup:

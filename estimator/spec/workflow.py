@@ -3,9 +3,19 @@
 A :class:`Workflow` is a set of :class:`Call` s. Data edges come from what calls read and
 write (``seq`` written by ``actor_gen`` and read by ``ref_inf`` makes an edge). Version edges
 tie iterations together: the train call of role R in iteration i precedes every call of R in
-iteration i + lag, because those calls need the updated weights (:class:`VersionEdge`; the lag
-is :data:`SYNC_LAG`, one iteration, in every workflow today: synchronous training). Unrolling K iterations gives the
-graph the simulator and the runtime both execute.
+iteration i + lag, because those calls need the updated weights (:class:`VersionEdge`). The lag
+is :data:`SYNC_LAG`, one iteration, for every edge of synchronous training. Asynchronous training
+with staleness η (:attr:`Workflow.staleness`) gives the edge from the actor's train call to its
+generate calls lag η + 1: the rollouts trained on in iteration i may come from a policy up to η
+versions older than the one being updated (AReaL's η; verl's, NeMo-RL's and OpenRLHF's settings
+translate as :data:`STALENESS_EQUIVALENTS` says). Every other edge keeps lag
+1: recomputed old log-probs (``actor_inf``) and the critic read the latest weights. Unrolling K
+iterations gives the graph the simulator and the runtime both execute; its instances run in
+*slot* order (:meth:`Workflow.slot`): a generate call with lag η + 1 runs η slots ahead of its
+iteration, so with η = 0 the order is (iteration, topological) as before.
+:meth:`Workflow.program` adds the weight pushes to standing rollout copies
+(:func:`estimator.spec.plan.standing_copies`): the one order in which every device — simulated
+or real — runs its instances.
 
 Two experiment options reshape the generating workflows (ppo, grpo, remax):
 
@@ -23,7 +33,7 @@ Two experiment options reshape the generating workflows (ppo, grpo, remax):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from estimator.base.errors import ConfigError
@@ -35,8 +45,21 @@ GENERATING = ("ppo", "grpo", "remax")  # algorithms whose iteration generates re
 # Data every iteration starts from; produced by no call.
 SOURCES = frozenset({"prompts", "pairs"})
 SYNC_LAG = 1  # iterations from a role's update to the first call that reads it: synchronous RL
+MAX_STALENESS = 64  # policy versions a rollout may lag behind: far above any published setting (AReaL: 1–8)
+# How each framework's setting translates to η (the largest number of policy updates between
+# the weights that generated a sample and the update that trains on it):
+STALENESS_EQUIVALENTS = {
+    "AReaL": "max_head_offpolicyness = η (the paper's η; 0 is synchronous)",
+    "verl fully_async_policy": "trigger_parameter_sync_step = k pushes weights every k updates, so a sample "
+                               "lags up to about k updates (η ≈ k; a staleness_threshold above 0 lets that share "
+                               "of a batch come from one version earlier); one_step_off_policy is η = 1",
+    "NeMo-RL async GRPO": "max_trajectory_age_steps = η (updates between the generating weights and the step "
+                          "that trains on the trajectory)",
+    "OpenRLHF --async_train": "one rollout batch queued ahead of the trainer: η = 1",
+}
 # where the old log-probs the policy loss compares against come from
 OLD_LOGPROBS = ("from_generation", "recompute")
+PUSH = "push:"  # call-name prefix of a weight push to a standing rollout copy (Workflow.program)
 REWARD_RULE = "rule"  # models.reward: a verifier scores the rollouts, no reward model
 
 
@@ -120,6 +143,7 @@ class Workflow:
 
     algorithm: str
     calls: tuple[Call, ...]
+    staleness: int = 0  # η: policy versions the actor's rollouts may lag the update that trains on them
     _index: Mapping[str, Call] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -144,6 +168,13 @@ class Workflow:
         if twice:
             # A role's weights live at its train call's layout; two train calls would need two homes.
             raise ConfigError(f"workflow {self.algorithm}: roles {twice} have more than one train call")
+        if not isinstance(self.staleness, int) or isinstance(self.staleness, bool) \
+                or not 0 <= self.staleness <= MAX_STALENESS:
+            raise ConfigError(f"workflow {self.algorithm}: max_staleness={self.staleness!r} must be a whole number "
+                              f"of policy versions in [0, {MAX_STALENESS}]")
+        if self.staleness and not any(c.kind == "generate" and c.role == "actor" for c in self.calls):
+            raise ConfigError(f"workflow {self.algorithm}: max_staleness={self.staleness} applies to workflows "
+                              f"whose actor generates ({', '.join(GENERATING)})")
         object.__setattr__(self, "_index", {c.name: c for c in self.calls})
         self.topological_order()  # raises on cycles
 
@@ -178,13 +209,51 @@ class Workflow:
         return list(dict.fromkeys(p for p, c, _ in self.edges() if c == name))
 
     def version_edges(self) -> list[VersionEdge]:
-        """Every role's train call to each call of that role, ``lag`` iterations later."""
+        """Every role's train call to each call of that role, ``lag`` iterations later: η + 1 to
+        the actor's generate calls, :data:`SYNC_LAG` to every other."""
         out = []
         for train in self.calls:
             if train.kind != "train":
                 continue
-            out.extend(VersionEdge(train.name, c.name, SYNC_LAG) for c in self.calls if c.role == train.role)
+            out.extend(VersionEdge(train.name, c.name, self.lag(c.name)) for c in self.calls if c.role == train.role)
         return out
+
+    def lag(self, name: str) -> int:
+        """Iterations between an update of ``name``'s role and the first instance of ``name`` that
+        reads it."""
+        c = self[name]
+        return SYNC_LAG + (self.staleness if c.kind == "generate" and c.role == "actor" else 0)
+
+    def slot(self, instance: CallInstance) -> int:
+        """Where an instance falls in every device's program: its iteration, less the lead of an
+        asynchronous generate call (η), which runs ahead of the iteration that trains on it. A
+        weight push falls in its update's slot."""
+        if push_target(instance.call) is not None:
+            return instance.iteration
+        return instance.iteration - (self.lag(instance.call) - SYNC_LAG)
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.staleness > 0
+
+    @property
+    def warmup(self) -> int:
+        """Iterations before the steady state: the first (its calls start on idle devices), and
+        under staleness η the 2η more it takes the rollouts to run η iterations ahead."""
+        return 1 + 2 * self.staleness
+
+    @property
+    def drain(self) -> int:
+        """Iterations after the steady state: under staleness η the last η iterations find their
+        rollouts already generated, so they run faster than the steady state and are left out."""
+        return self.staleness
+
+    def draw_iteration(self, iteration: int) -> int:
+        """The iteration whose drawn lengths an unrolled ``iteration`` charges: itself, less the
+        2η extra warm-up iterations of an asynchronous unroll, which repeat iteration 0's. So
+        the steady-state iterations of any η draw the lengths a synchronous run's do, and a
+        comparison across η is not one of different draws."""
+        return max(0, iteration - 2 * self.staleness)
 
     def trained_roles(self) -> dict[str, str]:
         """role → its train call."""
@@ -213,13 +282,17 @@ class Workflow:
     def unroll(self, iterations: int) -> tuple[list[CallInstance], list[tuple[CallInstance, CallInstance]]]:
         """Instances of every call in ``iterations`` iterations and all edges between them.
 
-        Nodes come in (iteration, topological) order, which is itself a valid topological
-        order of the unrolled graph.
+        Nodes come in (slot, topological) order (:meth:`slot`; with η = 0 the slot is the
+        iteration), which is itself a valid topological order of the unrolled graph: a call
+        that runs ahead is a generate call, which reads no other call's data, and its version
+        edge reaches back at least one slot.
         """
         if iterations < 1:
             raise ConfigError(f"iterations={iterations} must be at least 1")
         order = self.topological_order()
-        nodes = [CallInstance(i, n) for i in range(iterations) for n in order]
+        rank = {n: k for k, n in enumerate(order)}
+        nodes = sorted((CallInstance(i, n) for i in range(iterations) for n in order),
+                       key=lambda x: (self.slot(x), rank[x.call]))
         edges: list[tuple[CallInstance, CallInstance]] = []
         data_edges = list(dict.fromkeys((p, c) for p, c, _ in self.edges()))
         for i in range(iterations):
@@ -227,6 +300,45 @@ class Workflow:
             edges.extend((CallInstance(i, e.train), CallInstance(i + e.lag, e.call))
                          for e in self.version_edges() if i + e.lag < iterations)
         return nodes, edges
+
+    def program(self, iterations: int, standing: Iterable[str] = ()) -> list[CallInstance]:
+        """Every instance the devices run, in the order each runs those placed on it: the
+        (slot, topological) order of :meth:`unroll`, and right after each update ``i`` of the
+        actor a weight push ``push:<g>`` (iteration ``i``) to every generate call ``g`` in
+        ``standing`` (those with a standing copy, :func:`estimator.spec.plan.standing_copies`),
+        in name order, for ``i < iterations − lag(g)`` — later updates feed no rollout of the
+        run. The push of update ``i`` carries the weights ``g`` generates with in iteration
+        ``i + lag(g)``. Without standing copies the program is the unroll."""
+        nodes, _ = self.unroll(iterations)
+        trains = self.trained_roles()
+        after: dict[CallInstance, list[CallInstance]] = {}
+        for g in sorted(standing):
+            train = trains[self[g].role]
+            for i in range(iterations - self.lag(g)):
+                after.setdefault(CallInstance(i, train), []).append(CallInstance(i, PUSH + g))
+        out = []
+        for n in nodes:
+            out.append(n)
+            out.extend(after.get(n, ()))
+        return out
+
+    def pushed_update(self, push: CallInstance) -> CallInstance:
+        """The update whose weights a push instance carries: its role's train call, same iteration."""
+        return CallInstance(push.iteration, self.trained_roles()[self[push_target(push.call)].role])
+
+
+def push_target(call: str) -> str | None:
+    """The generate call a weight-push instance (:meth:`Workflow.program`) feeds, or None for an
+    ordinary call."""
+    return call[len(PUSH):] if call.startswith(PUSH) else None
+
+
+def steady_iterations(workflow: Workflow, iterations: int) -> int:
+    """Iterations to unroll for the steady state ``iterations`` give a synchronous workflow:
+    an asynchronous one's rollouts run η iterations ahead, so 2η more are warm-up and η more
+    drain (:attr:`Workflow.warmup`, :attr:`Workflow.drain`). The simulator and the executor
+    both run this many."""
+    return iterations + workflow.warmup - 1 + workflow.drain
 
 
 @dataclass(frozen=True)
@@ -244,6 +356,7 @@ class WorkflowParams:
     gen_lengths: Lengths | None = None
     verifier: bool = False  # rewards from a rule on the host after generation, not a reward model
     old_logprobs: str = "from_generation"  # from_generation | recompute (an actor_inf call)
+    max_staleness: int = 0  # η: asynchronous training (experiment key async.max_staleness); 0: synchronous
 
     def __post_init__(self) -> None:
         if self.old_logprobs not in OLD_LOGPROBS:
@@ -387,4 +500,5 @@ def model_roles(algorithm: str, verifier: bool = False) -> tuple[str, ...]:
 def build(algorithm: str, params: WorkflowParams) -> Workflow:
     if algorithm not in PRESETS:
         raise ConfigError(f"algorithm={algorithm!r} must be one of {', '.join(ALGORITHMS)}")
-    return PRESETS[algorithm](params)
+    wf = PRESETS[algorithm](params)
+    return replace(wf, staleness=params.max_staleness) if params.max_staleness else wf

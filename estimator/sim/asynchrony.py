@@ -1,0 +1,114 @@
+"""What an asynchronous (or synchronous) plan does with its devices: throughput, idle, staleness.
+
+From a simulated run (:class:`estimator.sim.simulator.SimResult`) over its steady-state
+iterations — after the warm-up and before the drain of :class:`~estimator.spec.workflow.Workflow`:
+
+- **effective throughput**: tokens (prompt + response) of the samples the actor's train call
+  consumes per iteration, over the steady-state period — the figure AReaL's and verl's
+  asynchronous results report;
+- **idle fractions** of the rollout devices (the meshes of the actor's generate calls) and of
+  the trainer devices (the actor's home mesh), as verl logs ``rollouter/idle_ratio`` and
+  ``trainer/idle_ratio``: the share of the steady-state window a device is neither computing,
+  reallocating nor pushing weights (waiting for inputs counts as idle), averaged over the
+  devices; in a colocated plan both name the same devices;
+- **staleness of consumed samples**: the train call of iteration ``j`` consumes the rollouts of
+  iteration ``j``; they were generated with the weights of version ``v`` — the number of updates
+  whose weights had reached the generate call when it started (by a push to its standing copy,
+  or by reallocation from the home) — so their staleness is ``j − v`` (0 in synchronous
+  training, at most η);
+- **discarded tokens**: always 0 here, because a push waits for the generate call in progress
+  to end (no request is interrupted; :mod:`estimator.sim.instances`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from estimator.spec.experiment import Experiment
+from estimator.spec.plan import Plan
+
+if TYPE_CHECKING:
+    from estimator.sim.simulator import SimResult
+
+
+@dataclass(frozen=True)
+class AsyncReport:
+    max_staleness: int  # η the experiment allows
+    iteration_s: float  # steady-state period, seconds
+    tokens_per_s: float  # prompt + response tokens trained per second
+    rollout_idle: float  # share of the window the rollout devices idle, 0..1
+    trainer_idle: float  # share of the window the trainer devices idle, 0..1
+    staleness_mean: float  # policy versions, over the consumed samples of the steady state
+    staleness_max: int
+    discarded_tokens: int  # tokens generated and thrown away (none: pushes wait for call boundaries)
+    push_s: float  # mean seconds of one weight push to a standing copy (0: none)
+    standing: tuple[str, ...]  # generate calls with a standing rollout copy
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["standing"] = list(self.standing)
+        return out
+
+
+def _busy(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Seconds of [lo, hi] covered by the union of ``intervals``."""
+    total, reach = 0.0, lo
+    for a, b in sorted(intervals):
+        a, b = max(a, reach), min(b, hi)
+        if b > a:
+            total += b - a
+            reach = b
+    return total
+
+
+def _idle(devices: set[int], spans: dict[int, list[tuple[float, float]]], lo: float, hi: float) -> float:
+    if not devices or hi <= lo:
+        return 0.0
+    return float(np.mean([1.0 - _busy(spans.get(d, []), lo, hi) / (hi - lo) for d in sorted(devices)]))
+
+
+def async_report(experiment: Experiment, plan: Plan, result: SimResult) -> AsyncReport:
+    wf = experiment.workflow
+    homes = wf.home_calls()
+    gens = [c.name for c in wf.calls if c.kind == "generate" and c.role == "actor"]
+    train = wf.trained_roles().get("actor")
+    ends = result.iteration_ends()
+    last = len(ends) - 1 - (wf.drain if len(ends) > wf.warmup + wf.drain else 0)
+    first = min(wf.warmup, last)
+    lo, hi = (ends[first - 1] if first else 0.0), ends[last]
+    spans: dict[int, list[tuple[float, float]]] = {}
+    for r in list(result.records.values()) + list(result.pushes.values()):
+        layouts = [plan[r.call]] if r.call in plan else []
+        if r.call not in plan:  # a push: the copy's and the home's devices
+            target = r.call.split(":", 1)[1]
+            layouts = [plan[target], plan[homes[wf[target].role]]]
+        for lay in layouts:
+            busy = [(r.start_s, r.start_s + r.realloc_s), (r.compute_start_s, r.end_s)]
+            for d in lay.mesh.devices:
+                spans.setdefault(d, []).extend(busy)
+    rollout = {d for g in gens for d in plan[g].mesh.devices}
+    trainer = set(plan[homes["actor"]].mesh.devices) if "actor" in homes else set()
+    stale, tokens = [], []
+    for j in range(first, last + 1):
+        for g in gens:
+            start = result.records[(j, g)].start_s
+            if g in _standing(result):
+                version = sum(1 for (i, c), p in result.pushes.items() if c == g and p.end_s <= start)
+            else:
+                version = sum(1 for (i, c), r in result.records.items() if c == train and r.end_s <= start)
+            stale.append(j - version)
+        prompt, gen = experiment.lengths(wf.draw_iteration(j))
+        tokens.append(float(prompt.sum() + gen.sum()))
+    period = result.iteration_s
+    pushes = [p.end_s - p.start_s for p in result.pushes.values()]
+    return AsyncReport(wf.staleness, period, float(np.mean(tokens)) / period if period > 0 else 0.0,
+                       _idle(rollout, spans, lo, hi), _idle(trainer, spans, lo, hi),
+                       float(np.mean(stale)) if stale else 0.0, int(max(stale, default=0)), 0,
+                       float(np.mean(pushes)) if pushes else 0.0, _standing(result))
+
+
+def _standing(result: SimResult) -> tuple[str, ...]:
+    return tuple(sorted({c for _, c in result.pushes}))
