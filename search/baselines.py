@@ -58,9 +58,11 @@ from dataclasses import dataclass
 from estimator.base.errors import ConfigError, cli_guard, did_you_mean
 from estimator.base.io import atomic_write_text
 from estimator.baselines import closest_layout, fit_micro_batches, symmetric_plan
+from estimator.cost.lowering import Costs
 from estimator.cost.memory import fmt_bytes, plan_memory
 from estimator.profile.pricing import STACK_NAMES, experiment_profile
 from estimator.profile.profiles import Profile, op_set
+from estimator.sim.evaluator import call_s
 from estimator.sim.simulate import simulate
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment, load_experiment
@@ -358,9 +360,6 @@ def balanced(exp: Experiment, profile: Profile) -> Plan:
     """verl's advice for ``fully_async_policy``: the split whose rollout time and training-side
     time (every other call, one after another on the rest) are closest, each priced alone by the
     evaluator's closed forms."""
-    from estimator.cost.lowering import Costs
-    from estimator.sim.evaluator import call_s
-
     costs, best = Costs(exp, profile), None
     for k in split_points(exp):
         try:

@@ -72,7 +72,15 @@ from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
-from estimator.spec.sharding import box_numel, budget_micro_batches, dp_rows, micro_batch_rows, most_rows, shard
+from estimator.spec.sharding import (
+    box_numel,
+    budget_micro_batches,
+    dp_rows,
+    fullest_engine_rows,
+    micro_batch_rows,
+    most_rows,
+    shard,
+)
 from estimator.spec.stack import STACKS
 from estimator.spec.workflow import Call
 
@@ -145,7 +153,7 @@ def _rows(call: Call, layout: Layout) -> float:
     if call.kind == "train":
         return w.units_per_minibatch * (2 if w.paired else 1) / layout.dp / layout.micro_batches
     if call.kind == "generate":  # the fullest engine (requests dealt unevenly), which ends the call
-        return -(-most_rows(call, layout) // layout.micro_batches)
+        return fullest_engine_rows(call, layout)
     return w.seqs / layout.dp / layout.micro_batches
 
 

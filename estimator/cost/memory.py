@@ -63,7 +63,7 @@ from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout, Plan, standing_copies
-from estimator.spec.sharding import most_rows
+from estimator.spec.sharding import fullest_engine_rows, most_rows
 from estimator.spec.workflow import Call
 
 GiB = float(1 << 30)
@@ -199,7 +199,7 @@ def call_bytes(call: Call, model: ModelSpec, layout: Layout, at_home: bool,
         rows = most_rows(call, layout) if call.kind == "generate" else w.seqs // layout.dp
     mb = rows / layout.micro_batches  # sequences per micro-batch
     if call.kind == "generate":
-        mb = -(-rows // layout.micro_batches)  # the fullest engine
+        mb = fullest_engine_rows(call, layout)
     per_layer = activation_bytes_per_token_layer(model, layout.tp)
     out = []
     for k, p in enumerate(stage_param_counts(model, layout)):

@@ -22,6 +22,7 @@ iterations — after the warm-up and before the drain of :class:`~estimator.spec
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,8 @@ import numpy as np
 
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Plan
+from estimator.spec.timeline import steady_window
+from estimator.spec.workflow import push_target
 
 if TYPE_CHECKING:
     from estimator.sim.simulator import SimResult
@@ -76,29 +79,26 @@ def async_report(experiment: Experiment, plan: Plan, result: SimResult) -> Async
     gens = [c.name for c in wf.calls if c.kind == "generate" and c.role == "actor"]
     train = wf.trained_roles().get("actor")
     ends = result.iteration_ends()
-    last = len(ends) - 1 - (wf.drain if len(ends) > wf.warmup + wf.drain else 0)
-    first = min(wf.warmup, last)
+    first, last = steady_window(len(ends), wf.warmup, wf.drain)  # the window the period is taken over
     lo, hi = (ends[first - 1] if first else 0.0), ends[last]
     spans: dict[int, list[tuple[float, float]]] = {}
     for r in list(result.records.values()) + list(result.pushes.values()):
-        layouts = [plan[r.call]] if r.call in plan else []
-        if r.call not in plan:  # a push: the copy's and the home's devices
-            target = r.call.split(":", 1)[1]
-            layouts = [plan[target], plan[homes[wf[target].role]]]
+        target = push_target(r.call)  # a push holds the copy's and the home's devices
+        layouts = [plan[r.call]] if target is None else [plan[target], plan[homes[wf[target].role]]]
         for lay in layouts:
             busy = [(r.start_s, r.start_s + r.realloc_s), (r.compute_start_s, r.end_s)]
             for d in lay.mesh.devices:
                 spans.setdefault(d, []).extend(busy)
     rollout = {d for g in gens for d in plan[g].mesh.devices}
     trainer = set(plan[homes["actor"]].mesh.devices) if "actor" in homes else set()
+    standing = tuple(sorted({c for _, c in result.pushes}))
+    # when each version reached each generate call: its pushes, else the updates it reallocates from
+    arrivals = {g: sorted(p.end_s for (_, c), p in result.pushes.items() if c == g) if g in standing else
+                sorted(r.end_s for (_, c), r in result.records.items() if c == train) for g in gens}
     stale, tokens = [], []
     for j in range(first, last + 1):
         for g in gens:
-            start = result.records[(j, g)].start_s
-            if g in _standing(result):
-                version = sum(1 for (i, c), p in result.pushes.items() if c == g and p.end_s <= start)
-            else:
-                version = sum(1 for (i, c), r in result.records.items() if c == train and r.end_s <= start)
+            version = bisect.bisect_right(arrivals[g], result.records[(j, g)].start_s)
             stale.append(j - version)
         prompt, gen = experiment.lengths(wf.draw_iteration(j))
         tokens.append(float(prompt.sum() + gen.sum()))
@@ -107,8 +107,4 @@ def async_report(experiment: Experiment, plan: Plan, result: SimResult) -> Async
     return AsyncReport(wf.staleness, period, float(np.mean(tokens)) / period if period > 0 else 0.0,
                        _idle(rollout, spans, lo, hi), _idle(trainer, spans, lo, hi),
                        float(np.mean(stale)) if stale else 0.0, int(max(stale, default=0)), 0,
-                       float(np.mean(pushes)) if pushes else 0.0, _standing(result))
-
-
-def _standing(result: SimResult) -> tuple[str, ...]:
-    return tuple(sorted({c for _, c in result.pushes}))
+                       float(np.mean(pushes)) if pushes else 0.0, standing)

@@ -46,6 +46,7 @@ from estimator.sim import hostshare
 from estimator.sim.instances import device_preds, instance_graph
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Layout, Plan, standing_copies
+from estimator.spec.timeline import steady_period
 from estimator.spec.workflow import push_target, steady_iterations
 
 
@@ -518,10 +519,7 @@ class Evaluator:
     def _period(self, ends: list[float]) -> float:
         """Steady-state period from every iteration's end: ``(end of the last − end of the
         last warm-up iteration)/(iterations after it)``, the last ``drain`` iterations left out."""
-        if self.drain and len(ends) > self.warmup + self.drain:
-            ends = ends[:len(ends) - self.drain]
-        w = self.warmup if len(ends) > self.warmup else 0
-        return (ends[-1] - (ends[w - 1] if w else 0.0)) / (len(ends) - w)
+        return steady_period(ends, self.warmup, self.drain)
 
     def evaluate(self, plan: Plan) -> Evaluation:
         lids = self._lids(plan)

@@ -285,6 +285,13 @@ def most_rows(call: Call, layout: Layout) -> int:
     return sum(hi - lo for lo, hi in dp_rows(call, layout, 0))
 
 
+def fullest_engine_rows(call: Call, layout: Layout) -> int:
+    """Sequences of a generate call's fullest virtual engine: the first of replica 0, where
+    :func:`split_range` deals the extra requests first."""
+    (lo, hi), *_ = micro_batch_rows(call, layout, 0)[0]
+    return hi - lo
+
+
 def micro_batch_rows(call: Call, layout: Layout, dp_rank: int) -> list[list[Range]]:
     """Per minibatch (one entry for non-train calls), the row range of each micro-batch (a
     generate call's split as :func:`split_range` splits, the first ones one longer)."""

@@ -54,6 +54,20 @@ class Sample:
     value: float
 
 
+def steady_window(iterations: int, warmup: int = 1, drain: int = 0) -> tuple[int, int]:
+    """``(w, last)``: the steady state runs from the end of iteration ``w − 1`` (the start when
+    ``w`` is 0) to the end of iteration ``last`` — after ``warmup`` iterations and before the last
+    ``drain`` where there are enough of them, over every iteration where there are not."""
+    last = iterations - 1 - (drain if iterations > warmup + drain else 0)
+    return (warmup if last + 1 > warmup else 0), last
+
+
+def steady_period(ends: list[float], warmup: int = 1, drain: int = 0) -> float:
+    """Mean period over the :func:`steady_window` of iterations ending at ``ends``."""
+    w, last = steady_window(len(ends), warmup, drain)
+    return (ends[last] - (ends[w - 1] if w else 0.0)) / (last + 1 - w)
+
+
 @dataclass(frozen=True)
 class Timeline:
     """Spans of one run plus where they come from (``predicted`` or ``measured``)."""
@@ -102,16 +116,9 @@ class Timeline:
 
     def steady_state_s(self, warmup: int = 1, drain: int = 0) -> float:
         """Mean iteration period after ``warmup`` iterations and before the last ``drain`` (all of
-        them if too few)."""
+        them if too few): :func:`steady_period`."""
         ends = self.iteration_ends()
-        if drain and len(ends) > warmup + drain:
-            ends = ends[:len(ends) - drain]
-        if not ends:
-            return 0.0
-        if len(ends) <= warmup:
-            return ends[-1] / len(ends)
-        base = ends[warmup - 1] if warmup > 0 else 0.0
-        return (ends[-1] - base) / (len(ends) - warmup)
+        return steady_period(ends, warmup, drain) if ends else 0.0
 
     def per_call(self, iteration: int | None = None) -> dict[str, dict[str, float]]:
         """call → {start_s, end_s, duration_s} (in ``iteration``; default: the last one)."""
