@@ -145,9 +145,10 @@ class Evaluator:
         self.asynchronous = wf.asynchronous
         self.warmup, self.drain = wf.warmup, wf.drain
         self._graphs: dict[frozenset[str], object] = {}  # asynchronous: instance graph by standing copies
+        self._last_program: tuple = (None, None)  # asynchronous: (layout ids, what _program derives)
         self.names = tuple(wf.topological_order())
         self.n = len(self.names)
-        index = {n: i for i, n in enumerate(self.names)}
+        self._index = index = {n: i for i, n in enumerate(self.names)}  # call name → topological index
         graph = instance_graph(wf, 1)
         # per call (topological index): producers and version predecessors, by call index
         self.data_preds = [tuple(index[graph.nodes[j].call] for j in graph.data_preds[i]) for i in range(self.n)]
@@ -471,17 +472,25 @@ class Evaluator:
             g = self._graphs[standing] = instance_graph(self.experiment.workflow, self.iterations, standing)
         return g
 
+    def _program(self, lids: list[int]) -> tuple:
+        """The standing copies, instance graph and device predecessors of a plan, kept for the
+        last plan asked (the host-sharing fixed point schedules one plan several times)."""
+        key = tuple(lids)
+        if self._last_program[0] != key:
+            plan = self._plan(lids)
+            standing = standing_copies(self.experiment.workflow, plan)
+            graph = self._graph(standing)
+            homes = {name: plan[self.names[self.home[c]]] for c, name in enumerate(self.names)}
+            self._last_program = (key, (standing, graph, device_preds(graph, plan, homes, standing)))
+        return self._last_program[1]
+
     def _schedule_graph(self, lids: list[int], weights: list[float] | None = None
                         ) -> tuple[list[float], list[float], list[float], list[list[tuple[float, float]]]]:
         """:meth:`_schedule` for an asynchronous workflow: list scheduling of every instance of
         the graph the simulator runs, in its order, on idle links."""
         durs, realloc, data = self._inputs(lids, weights)
-        plan = self._plan(lids)
-        standing = standing_copies(self.experiment.workflow, plan)
-        graph = self._graph(standing)
-        homes = {name: plan[self.names[self.home[c]]] for c, name in enumerate(self.names)}
-        preds = device_preds(graph, plan, homes, standing)
-        index = {name: c for c, name in enumerate(self.names)}
+        standing, graph, preds = self._program(lids)
+        index = self._index
         end = [0.0] * len(graph.nodes)
         lent = [0.0] * len(graph.nodes)  # when each instance's home devices were free again
         ends = [0.0] * self.iterations
