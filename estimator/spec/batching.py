@@ -38,6 +38,7 @@ O(requests) segments, computed with heaps, never a loop per token.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,7 @@ class Segment:
     kv_sum: int  # their KV tokens together at the first of these steps (+ batch a step after)
     kv_max: int  # the longest one's KV tokens at the first of these steps (+ 1 a step after)
     finished: tuple[int, ...]  # requests that leave at the end (after the prefill or the last step)
+    switch: int = -1  # weights version the engine takes at the start of this segment (-1: none)
 
 
 @dataclass(frozen=True)
@@ -130,10 +132,21 @@ class _Running:
 
 
 def schedule(prompt: np.ndarray, gen: np.ndarray, max_running: int = 0, kv_tokens: int = 0,
-             prefill_tokens: int = PREFILL_TOKENS) -> EngineRun:
+             prefill_tokens: int = PREFILL_TOKENS, needs: Sequence[int] | None = None,
+             may_switch: Callable[[int, list[int]], bool] | None = None, recompute: bool = True) -> EngineRun:
     """The continuous-batching schedule of one engine serving requests ``0 .. n−1`` in order:
     prompt and response tokens of each (every one ≥ 1). ``kv_tokens`` (0: unlimited) must hold
-    :func:`kv_need`; ``max_running`` and ``prefill_tokens`` 0 mean no cap."""
+    :func:`kv_need`; ``max_running`` and ``prefill_tokens`` 0 mean no cap.
+
+    **Versions** (a streaming rollout, :mod:`estimator.spec.stream`): ``needs[r]`` is the
+    weights version request ``r`` must be admitted under (non-decreasing in ``r``; the engine
+    starts at version 0). When the next request needs a newer version, the engine takes it at
+    a segment boundary once ``may_switch(version, finished)`` allows (``finished``: the requests
+    done so far, in the order they finished); until then it admits nothing and decodes what
+    runs. With ``recompute`` (AReaL's interruptible generation) the switch evicts every running
+    request — a segment of preemptions only, marked ``switch`` — and they are prefilled again
+    under the new weights, keeping their tokens; otherwise (PipelineRL's) they go on with the
+    keys and values they have, and the switch marks the segment that admits the new request."""
     prompt = [int(x) for x in prompt]
     gen = [int(x) for x in gen]
     n = len(prompt)
@@ -152,12 +165,30 @@ def schedule(prompt: np.ndarray, gen: np.ndarray, max_running: int = 0, kv_token
     step = 0  # decode steps so far
     segments: list[Segment] = []
     preemptions = peak = 0
+    version, finished_order = 0, []
+    need = [int(v) for v in needs] if needs is not None else None
     while queue or len(run):
         admitted, tokens, leaving, preempted = [], [], [], []
         budget_held = False  # the prefill budget, not the cap or the pool, stopped admission
+        switch, gated = -1, False
         # 1. admission, first come first served, while the cap and the pool allow the coming step
         while queue and len(run) < cap:
             r = queue[-1]
+            if need is not None and need[r] > version:
+                if admitted or not (may_switch is None or may_switch(need[r], finished_order)):
+                    gated = True  # the switch waits for a segment boundary, or for what it needs
+                    break
+                version = switch = need[r]
+                if recompute and len(run):  # the running requests start over under the new weights
+                    evicted = []
+                    while len(run):
+                        q = run.youngest()
+                        done[q] = run.remove(q) + step - prompt[q]
+                        evicted.append(q)
+                        queue.append(q)
+                    segments.append(Segment((), (), tuple(evicted), 0, 0, 0, 0, (), switch))
+                    switch = -1
+                    continue
             # the running requests' next step plus this one's prompt, tokens so far and first step;
             # an idle engine always admits (the pool holds any one request: kv_need)
             if pool is not None and len(run) and run.base_sum + len(run) * step + prompt[r] + done[r] + 1 > pool:
@@ -180,10 +211,14 @@ def schedule(prompt: np.ndarray, gen: np.ndarray, max_running: int = 0, kv_token
             preempted.append(r)
             queue.append(r)
             preemptions += 1
+        finished_order += leaving
         if not len(run) or budget_held:  # nothing to decode, or more prefill comes first
+            if gated and not admitted and not leaving and not len(run):
+                raise ValueError(f"the engine waits for version {need[queue[-1]]} with nothing running, "
+                                 "and may_switch never allows it")
             kv_sum = run.base_sum + len(run) * step
             segments.append(Segment(tuple(admitted), tuple(tokens), tuple(preempted), 0, len(run), kv_sum,
-                                    run.max_base() + step if len(run) else 0, tuple(leaving)))
+                                    run.max_base() + step if len(run) else 0, tuple(leaving), switch))
             continue
         peak = max(peak, len(run))
         # 3. decode until the next completion, or the last step the pool holds
@@ -195,6 +230,7 @@ def schedule(prompt: np.ndarray, gen: np.ndarray, max_running: int = 0, kv_token
         finished = run.pop_finished(step)
         for r in finished:
             done[r] = gen[r]
+        finished_order += finished
         segments.append(Segment(tuple(admitted), tuple(tokens), tuple(preempted), steps, batch, kv_sum, kv_max,
-                                tuple(leaving + finished)))
+                                tuple(leaving + finished), switch))
     return EngineRun(tuple(segments), n, preemptions, peak)

@@ -33,7 +33,11 @@ Schema (every key but the first eight is optional)::
     async: {max_staleness: 1} # ppo, grpo, remax: asynchronous training — the rollouts trained on
                               # may come from a policy up to η versions old (default 0:
                               # synchronous; estimator.spec.workflow.STALENESS_EQUIVALENTS
-                              # translates AReaL's, verl's, NeMo-RL's and OpenRLHF's settings)
+                              # translates AReaL's, verl's, NeMo-RL's and OpenRLHF's settings);
+                              # streaming: off (default) | recompute | keep — ppo, grpo with
+                              # η ≥ 1: a rollout on devices of its own serves consecutive
+                              # iterations as one stream, trained on as trajectories finish
+                              # (estimator.spec.stream)
 
 A verifier reward (``models.reward: rule``) holds no model: the reward role has no weights, no
 memory and no layout, and no ``reward_inf`` call runs; each generate call scores the sequences
@@ -73,6 +77,7 @@ from estimator.spec.workflow import (
     OLD_LOGPROBS,
     REWARD_RULE,
     ROLES,
+    STREAMING,
     VALUE_ROLES,
     Workflow,
     WorkflowParams,
@@ -173,9 +178,17 @@ class Experiment:
         """η: policy versions the actor's rollouts may lag (0: synchronous)."""
         return self.params.max_staleness
 
-    def with_staleness(self, eta: int) -> Experiment:
-        """The same experiment trained with staleness ``eta``."""
-        return replace(self, params=replace(self.params, max_staleness=eta))
+    def with_staleness(self, eta: int, streaming: str | None = None) -> Experiment:
+        """The same experiment trained with staleness ``eta``, its rollout served as ``streaming``
+        says (None: as now where ``eta`` allows a stream, else off)."""
+        if streaming is None:
+            streaming = self.params.streaming if eta >= 1 else "off"
+        return replace(self, params=replace(self.params, max_staleness=eta, streaming=streaming))
+
+    @property
+    def streaming(self) -> str:
+        """How a standing rollout copy serves (:data:`~estimator.spec.workflow.STREAMING`)."""
+        return self.params.streaming
 
     @property
     def verifier(self) -> bool:
@@ -259,24 +272,31 @@ def _rollout_options(where: str, raw: dict, algorithm: str, verifier: bool) -> d
                               f"models.reward: {REWARD_RULE}")
         seconds = rules.real(f"{where}: reward_s_per_sample", raw["reward_s_per_sample"], lo=0.0,
                              hi=rules.MAX_HOST_S_PER_SAMPLE)
-    return {"old_logprobs": old, "reward_s_per_sample": seconds, "max_staleness": _staleness(where, raw, algorithm)}
+    eta, streaming = _asynchrony(where, raw, algorithm)
+    return {"old_logprobs": old, "reward_s_per_sample": seconds, "max_staleness": eta, "streaming": streaming}
 
 
-def _staleness(where: str, raw: dict, algorithm: str) -> int:
-    """``async: {max_staleness: η}``: η policy versions, for the algorithms that generate."""
+def _asynchrony(where: str, raw: dict, algorithm: str) -> tuple[int, str]:
+    """``async: {max_staleness: η, streaming: …}``: η policy versions, for the algorithms that
+    generate, and how a standing rollout copy serves (:data:`STREAMING`)."""
     if "async" not in raw:
-        return 0
+        return 0, "off"
     block = _mapping(where, "async", raw["async"])
     for key in block:
-        if key != "max_staleness":
-            raise _unknown_key(f"{where}: async", key, ["max_staleness"])
+        if key not in ("max_staleness", "streaming"):
+            raise _unknown_key(f"{where}: async", key, ["max_staleness", "streaming"])
     if "max_staleness" not in block:
         raise ConfigError(f"{where}: async needs max_staleness (policy versions a rollout may lag; 0: synchronous)")
     eta = rules.integer(f"{where}: async.max_staleness", block["max_staleness"], lo=0, hi=MAX_STALENESS)
     if eta and algorithm not in GENERATING:
         raise ConfigError(f"{where}: async.max_staleness={eta} applies to algorithms that generate "
                           f"({', '.join(GENERATING)}), not to {algorithm}")
-    return eta
+    streaming = block.get("streaming", "off")
+    if streaming not in STREAMING:
+        raise ConfigError(f"{where}: async.streaming={streaming!r} must be one of {', '.join(STREAMING)}")
+    if streaming != "off" and eta < 1:
+        raise ConfigError(f"{where}: async.streaming={streaming} needs max_staleness ≥ 1, not {eta}")
+    return eta, streaming
 
 
 def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | None = None) -> Experiment:
@@ -372,7 +392,7 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
             models=models,
             params=WorkflowParams(**ints, prompt_lengths=dists["prompt_len"], gen_lengths=dists["gen_len"],
                                   verifier=verifier, old_logprobs=options["old_logprobs"],
-                                  max_staleness=options["max_staleness"]),
+                                  max_staleness=options["max_staleness"], streaming=options["streaming"]),
             cluster=Cluster(nodes, dpn, device),
             hyper=_hyperparams(where, raw.get("hyperparams", {})),
             seed=seed,

@@ -59,6 +59,7 @@ STALENESS_EQUIVALENTS = {
 }
 # where the old log-probs the policy loss compares against come from
 OLD_LOGPROBS = ("from_generation", "recompute")
+STREAMING = ("off", "recompute", "keep")  # Workflow.streaming (estimator.spec.stream)
 PUSH = "push:"  # call-name prefix of a weight push to a standing rollout copy (Workflow.program)
 REWARD_RULE = "rule"  # models.reward: a verifier scores the rollouts, no reward model
 
@@ -144,6 +145,10 @@ class Workflow:
     algorithm: str
     calls: tuple[Call, ...]
     staleness: int = 0  # η: policy versions the actor's rollouts may lag the update that trains on them
+    # how a standing rollout copy serves (estimator.spec.stream.STREAMING): "off", or a stream
+    # of consecutive iterations' requests consumed as they finish, switching weights with a
+    # re-prefill ("recompute") or keeping the KV ("keep")
+    streaming: str = "off"
     _index: Mapping[str, Call] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -175,6 +180,15 @@ class Workflow:
         if self.staleness and not any(c.kind == "generate" and c.role == "actor" for c in self.calls):
             raise ConfigError(f"workflow {self.algorithm}: max_staleness={self.staleness} applies to workflows "
                               f"whose actor generates ({', '.join(GENERATING)})")
+        if self.streaming not in STREAMING:
+            raise ConfigError(f"workflow {self.algorithm}: streaming={self.streaming!r} must be one of "
+                              f"{', '.join(STREAMING)}")
+        if self.streaming != "off" and self.staleness < 1:
+            raise ConfigError(f"workflow {self.algorithm}: streaming={self.streaming} needs max_staleness ≥ 1 "
+                              "(with 0 no rollout of the next iteration may start before the update)")
+        if self.streaming != "off" and sum(c.kind == "generate" for c in self.calls) != 1:
+            raise ConfigError(f"workflow {self.algorithm}: streaming applies to workflows with one generate "
+                              "call (ppo, grpo), not to one whose rollouts pair with a greedy baseline's")
         object.__setattr__(self, "_index", {c.name: c for c in self.calls})
         self.topological_order()  # raises on cycles
 
@@ -357,6 +371,7 @@ class WorkflowParams:
     verifier: bool = False  # rewards from a rule on the host after generation, not a reward model
     old_logprobs: str = "from_generation"  # from_generation | recompute (an actor_inf call)
     max_staleness: int = 0  # η: asynchronous training (experiment key async.max_staleness); 0: synchronous
+    streaming: str = "off"  # async.streaming: Workflow.streaming
 
     def __post_init__(self) -> None:
         if self.old_logprobs not in OLD_LOGPROBS:
@@ -501,4 +516,6 @@ def build(algorithm: str, params: WorkflowParams) -> Workflow:
     if algorithm not in PRESETS:
         raise ConfigError(f"algorithm={algorithm!r} must be one of {', '.join(ALGORITHMS)}")
     wf = PRESETS[algorithm](params)
-    return replace(wf, staleness=params.max_staleness) if params.max_staleness else wf
+    if not params.max_staleness and params.streaming == "off":
+        return wf
+    return replace(wf, staleness=params.max_staleness, streaming=params.streaming)
