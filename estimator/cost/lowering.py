@@ -58,6 +58,7 @@ from estimator.cost.pieces import (
     stage_params,
 )
 from estimator.cost.rollout import RolloutCost, continuous, engine_tokens, kv_free_bytes, rollout_cost
+from estimator.cost.stream import StreamCost, stream_cost
 from estimator.cost.transfers import (
     Pair,
     data_bytes,
@@ -71,7 +72,7 @@ from estimator.profile.profiles import Profile
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
-from estimator.spec.plan import Layout
+from estimator.spec.plan import Layout, Plan
 from estimator.spec.sharding import (
     box_numel,
     budget_micro_batches,
@@ -380,6 +381,7 @@ class Costs:
         self._calls: dict[tuple, CallCost] = {}
         self._lengths: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._rollouts: dict[tuple, RolloutCost] = {}
+        self._streams: dict[tuple, StreamCost] = {}
         self._schedules: dict[tuple[str, int], dict] = {}  # (call, iteration) → engine schedules
         self._realloc: dict[tuple, dict[Pair, int]] = {}
         self._data: dict[tuple, dict[Pair, int]] = {}
@@ -427,6 +429,16 @@ class Costs:
             self._rollouts[key] = rollout_cost(self.profile, call, self.experiment.models[call.role], layout, prompt,
                                                gen, self.kv_tokens(name, layout), self.dpn, schedules)
         return self._rollouts[key]
+
+    def stream(self, name: str, layout: Layout, iterations: int) -> StreamCost:
+        """Generate call ``name`` streaming on ``layout`` over ``iterations`` unrolled iterations
+        (:mod:`estimator.cost.stream`; whether it may stream is
+        :func:`estimator.spec.stream.streaming_calls`'s to say)."""
+        key = (name, layout, iterations)
+        if key not in self._streams:
+            self._streams[key] = stream_cost(self.profile, self.experiment, Plan({name: layout}), name, iterations,
+                                             self.kv_tokens(name, layout), self.dpn)
+        return self._streams[key]
 
     @property
     def varying(self) -> bool:

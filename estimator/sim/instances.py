@@ -16,6 +16,12 @@ and the copy's (generation pauses for it, between two generate calls: no request
 interrupted, so no tokens are discarded) from its start to its end, and the generate call of
 iteration ``i + lag`` waits for the push of iteration ``i`` instead of the update itself.
 
+A generate call that *streams* (:mod:`estimator.spec.stream`) keeps its standing copy busy
+across iterations: its instance of iteration ``j`` is the stretch of the stream up to the moment
+the share of iteration ``j`` is done, and the stream — not the instance's start — waits for each
+push, at the switch the rule puts it; such a push holds only the home's devices here
+(:func:`occupied`).
+
 Predecessors are of three kinds:
 
 - data: producers of what it reads, same iteration (their outputs are sent when they end);
@@ -78,13 +84,16 @@ class DevicePreds:
 Occupancy = tuple[tuple[DeviceMesh, ...], tuple[DeviceMesh, ...]]  # (held to the end, held while reallocating)
 
 
-def occupied(call: str, plan: Plan, homes: dict[str, Layout], standing: frozenset[str] = frozenset()) -> Occupancy:
+def occupied(call: str, plan: Plan, homes: dict[str, Layout], standing: frozenset[str] = frozenset(),
+             streaming: frozenset[str] = frozenset()) -> Occupancy:
     """The meshes an instance of ``call`` holds until it ends, and those it holds only while it
     reallocates (its home's, when it runs elsewhere). A push holds the home's and the copy's
-    meshes to its end; a call with a standing copy holds only its own."""
+    meshes to its end — only the home's where the copy streams (``streaming``,
+    :mod:`estimator.spec.stream`: the stream takes it in between its own steps); a call with a
+    standing copy holds only its own."""
     target = push_target(call)
     if target is not None:
-        return (plan[target].mesh, homes[target].mesh), ()
+        return ((homes[target].mesh,) if target in streaming else (plan[target].mesh, homes[target].mesh)), ()
     layout, home = plan[call], homes[call]
     lent = () if call in standing or layout.same_placement(home) else (home.mesh,)
     return (layout.mesh,), lent
@@ -95,10 +104,10 @@ def _meet(a: tuple[DeviceMesh, ...], b: tuple[DeviceMesh, ...]) -> bool:
 
 
 def device_preds(graph: InstanceGraph, plan: Plan, homes: dict[str, Layout],
-                 standing: frozenset[str] = frozenset()) -> DevicePreds:
+                 standing: frozenset[str] = frozenset(), streaming: frozenset[str] = frozenset()) -> DevicePreds:
     """``homes``: call name → the home layout of its role (where its weights live)."""
     names = dict.fromkeys(n.call for n in graph.nodes)
-    occ = {c: occupied(c, plan, homes, standing) for c in names}
+    occ = {c: occupied(c, plan, homes, standing, streaming) for c in names}
     latest: dict[str, int] = {}
     ended, reallocated = [], []
     for i, node in enumerate(graph.nodes):

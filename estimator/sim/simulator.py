@@ -47,6 +47,7 @@ from typing import Any
 import simpy
 
 from estimator.cost.lowering import CallCost, Costs, StageCost
+from estimator.cost.stream import EMIT, StreamCost
 from estimator.cost.transfers import LinkBook, local_copy_s
 from estimator.profile.profiles import Profile
 from estimator.sim import hostshare
@@ -54,8 +55,9 @@ from estimator.sim.instances import device_preds, instance_graph
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Layout, Plan, standing_copies
 from estimator.spec.schedule import FORWARD, generation_rounds, schedule_1f1b
+from estimator.spec.stream import streaming_calls
 from estimator.spec.timeline import Sample, Span, Timeline
-from estimator.spec.workflow import push_target, steady_iterations
+from estimator.spec.workflow import PUSH, push_target, steady_iterations
 
 SpanRow = tuple[float, float, int, int, str, str, int, int, str]  # Span's fields, in order
 
@@ -119,6 +121,9 @@ class SimResult:
     pushes: dict[tuple[int, str], CallRecord] = field(default_factory=dict, repr=False)
     warmup: int = 1  # iterations before the steady state (Workflow.warmup)
     drain: int = 0  # iterations after it (Workflow.drain)
+    # streaming generate call → its stream as priced, and the intervals its devices computed
+    streams: dict[str, StreamCost] = field(default_factory=dict, repr=False)
+    stream_busy: dict[str, list[tuple[float, float]]] = field(default_factory=dict, repr=False)
     _timelines: dict[bool, Timeline] = field(default_factory=dict, repr=False)
 
     def iteration_ends(self) -> list[float]:
@@ -173,7 +178,8 @@ class Simulation:
         self.graph = instance_graph(wf, self.iterations, self.standing)
         homes = {c: plan[self.costs.homes[wf[c].role]] for c in wf.call_names}
         self.homes = homes  # call → its role's home layout
-        self.dev_preds = device_preds(self.graph, plan, homes, self.standing)
+        self.streaming = streaming_calls(experiment, plan)
+        self.dev_preds = device_preds(self.graph, plan, homes, self.standing, self.streaming)
         self.progress = progress
         self.env = env if env is not None else simpy.Environment()
         self.book = LinkBook(experiment.cluster.num_devices)
@@ -187,17 +193,41 @@ class Simulation:
         # a production stack's host copies around each call (estimator.cost.engine)
         shares = self.costs.shares(plan.layouts)
         self.moves = {c: self.costs.moves(c, plan.layouts, shares) for c in wf.call_names}
+        # streaming generate calls (estimator.spec.stream): each replica's stream, the events it
+        # signals (per iteration its share emitted, per version its arrival at the switch), the
+        # intervals it computed, and each node's index
+        self.streams = {g: self._stream_cost(g) for g in sorted(self.streaming)}
+        self.index = {(n.iteration, n.call): i for i, n in enumerate(self.graph.nodes)}
+        self.emitted = {g: [[self.env.event() for _ in st.replicas] for _ in range(self.iterations)]
+                        for g, st in self.streams.items()}
+        self.gated = {g: {v + 1: [self.env.event() for _ in st.replicas]
+                          for v in range(len(st.replicas[0].stream.switch_segment))}
+                      for g, st in self.streams.items()}
+        self.stream_busy: dict[str, list[tuple[float, float]]] = {g: [] for g in self.streams}
+        self.emit_at: dict[tuple[int, str], float] = {}  # when every replica had emitted an iteration
+
+    def _stream_cost(self, call: str) -> StreamCost:
+        """A streaming call's cost, blended by its host weight as any call's is."""
+        shared = self.costs.stream(call, self.plan[call], self.iterations)
+        weight = self.weights.get(call, 1.0)
+        if weight >= 1.0 or self.costs.alone is self.costs:
+            return shared
+        return shared.blend(self.costs.alone.stream(call, self.plan[call], self.iterations), weight)
 
     def run(self) -> SimResult:
         for i in range(len(self.graph.nodes)):
             self.env.process(self._instance(i))
+        for g, st in self.streams.items():
+            for r in range(len(st.replicas)):
+                self.env.process(self._stream(g, r))
         self.env.run()
         meta = {"plan": {c: lay.to_dict() for c, lay in self.plan.layouts.items()},
                 "profile": self.profile.name, "iterations": self.iterations}
         stages = {(c, k): lay.stage_devices(k)
                   for c, lay in self.plan.layouts.items() for k in range(lay.pp)}
         return SimResult(self.iterations, self.records, self.rows, meta, stages, self.counters, self.pushes,
-                         self.experiment.workflow.warmup, self.experiment.workflow.drain)
+                         self.experiment.workflow.warmup, self.experiment.workflow.drain, self.streams,
+                         self.stream_busy)
 
     # -- one call instance
 
@@ -210,6 +240,9 @@ class Simulation:
 
     def _instance(self, i: int) -> Generator[simpy.Event, Any, None]:
         env, node = self.env, self.graph.nodes[i]
+        if node.call in self.streaming:
+            yield from self._emit(i)
+            return
         yield from self._after(self.dev_preds.ended[i] + self.graph.version_preds[i])
         yield from self._after(self.dev_preds.reallocated[i], self.reallocated)
         if push_target(node.call) is not None:
@@ -309,6 +342,8 @@ class Simulation:
         target = push_target(node.call)
         role = self.experiment.workflow[target].role
         layout, home, begin = self.plan[target], self.plan[self.costs.homes[role]], env.now
+        if target in self.streaming:  # every replica of the stream has come to the switch
+            yield env.all_of(self.gated[target][node.iteration + 1])
         yield from self._upload_to_send(node.iteration, node.call, role,
                                         self.costs.offload(target, layout, home).source_s)
         start = env.now
@@ -322,6 +357,52 @@ class Simulation:
         self.pushes[(node.iteration, target)] = CallRecord(node.iteration, node.call, begin, start, end,
                                                            end - begin, 0.0)
         self.reallocated[i].succeed()
+        self.done[i].succeed()
+
+    # -- streaming rollouts
+
+    def _stream(self, call: str, r: int) -> Generator[simpy.Event, Any, None]:
+        """Replica ``r`` of a streaming generate call: its ops in order, as one ``prefill`` and
+        one ``decode`` span per stretch between events on each stage; at an emit it signals that
+        its share of the iteration is done, at a gate it waits for the push of the version."""
+        rs, layout = self.streams[call].replicas[r], self.plan[call]
+        done, label = 0, 0
+        for pos, kind, idx in rs.events:
+            if pos > done:
+                start = self.env.now
+                pre, dec = rs.span_s(done, pos)
+                for k in range(layout.pp):
+                    device = layout.device(r, 0, k)
+                    if pre > 0:
+                        self.rows.append((start, start + pre, device, label, call, "prefill", -1, k, "stream"))
+                    if dec > 0:
+                        self.rows.append((start + pre, start + pre + dec, device, label, call, "decode", -1, k,
+                                          "stream"))
+                self.stream_busy[call].append((start, start + pre + dec))
+                yield self.env.timeout(pre + dec)
+                done = pos
+            if kind == EMIT:
+                self.emitted[call][idx][r].succeed()
+                label = idx + 1
+            else:
+                self.gated[call][idx][r].succeed()
+                push = self.done[self.index[(idx - 1, PUSH + call)]]
+                if not push.processed:
+                    yield push
+
+    def _emit(self, i: int) -> Generator[simpy.Event, Any, None]:
+        """A streaming call's instance of iteration ``j``: it ends when every replica has done
+        its share of ``j`` (and a verifier has scored it), and began where iteration ``j − 1``'s
+        ended."""
+        node = self.graph.nodes[i]
+        yield self.env.all_of(self.emitted[node.call][node.iteration])
+        start = self.emit_at.get((node.iteration - 1, node.call), 0.0)
+        self.emit_at[(node.iteration, node.call)] = self.env.now
+        cc = self.costs.call(node.call, self.plan[node.call], node.iteration)
+        yield from self._verify(node.iteration, cc)
+        self.records[(node.iteration, node.call)] = CallRecord(node.iteration, node.call, start, start,
+                                                               self.env.now, 0.0, 0.0)
+        self._send_outputs(i)
         self.done[i].succeed()
 
     def _verify(self, it: int, cc: CallCost) -> Generator[simpy.Event, Any, None]:

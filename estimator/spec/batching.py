@@ -38,7 +38,7 @@ O(requests) segments, computed with heaps, never a loop per token.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +60,7 @@ class Segment:
     kv_max: int  # the longest one's KV tokens at the first of these steps (+ 1 a step after)
     finished: tuple[int, ...]  # requests that leave at the end (after the prefill or the last step)
     switch: int = -1  # weights version the engine takes at the start of this segment (-1: none)
+    leaving: int = 0  # how many of ``finished`` (the first ones) left right after the prefill
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class EngineRun:
     requests: int
     preemptions: int
     peak_running: int
+    waiting: int = -1  # a streaming engine stopped, idle, for this version (-1: it served every request)
 
     @property
     def decode_steps(self) -> int:
@@ -133,20 +135,23 @@ class _Running:
 
 def schedule(prompt: np.ndarray, gen: np.ndarray, max_running: int = 0, kv_tokens: int = 0,
              prefill_tokens: int = PREFILL_TOKENS, needs: Sequence[int] | None = None,
-             may_switch: Callable[[int, list[int]], bool] | None = None, recompute: bool = True) -> EngineRun:
+             switch_at: Sequence[int] = (), recompute: bool = True) -> EngineRun:
     """The continuous-batching schedule of one engine serving requests ``0 .. n−1`` in order:
     prompt and response tokens of each (every one ≥ 1). ``kv_tokens`` (0: unlimited) must hold
     :func:`kv_need`; ``max_running`` and ``prefill_tokens`` 0 mean no cap.
 
     **Versions** (a streaming rollout, :mod:`estimator.spec.stream`): ``needs[r]`` is the
     weights version request ``r`` must be admitted under (non-decreasing in ``r``; the engine
-    starts at version 0). When the next request needs a newer version, the engine takes it at
-    a segment boundary once ``may_switch(version, finished)`` allows (``finished``: the requests
-    done so far, in the order they finished); until then it admits nothing and decodes what
-    runs. With ``recompute`` (AReaL's interruptible generation) the switch evicts every running
-    request — a segment of preemptions only, marked ``switch`` — and they are prefilled again
-    under the new weights, keeping their tokens; otherwise (PipelineRL's) they go on with the
-    keys and values they have, and the switch marks the segment that admits the new request."""
+    starts at version 0), and ``switch_at[v − 1]`` the number of ops — prefills and decode
+    steps — the engine has run when it takes version ``v`` (a run of decode steps is cut there).
+    A request that needs a version the engine has not taken waits, and the engine decodes what
+    runs; with nothing running it takes the version at once where its switch point is known,
+    and otherwise stops: the run ends ``waiting`` for that version (the simulator learns when
+    its push arrives and schedules again). With ``recompute`` (AReaL's interruptible generation)
+    a switch evicts every running request — a segment of preemptions only, marked ``switch`` —
+    and they are prefilled again under the new weights, keeping their tokens; otherwise
+    (PipelineRL's) they go on with the keys and values they have and ``switch`` marks the next
+    segment."""
     prompt = [int(x) for x in prompt]
     gen = [int(x) for x in gen]
     n = len(prompt)
@@ -165,30 +170,35 @@ def schedule(prompt: np.ndarray, gen: np.ndarray, max_running: int = 0, kv_token
     step = 0  # decode steps so far
     segments: list[Segment] = []
     preemptions = peak = 0
-    version, finished_order = 0, []
-    need = [int(v) for v in needs] if needs is not None else None
+    need = [int(v) for v in needs] if needs is not None else [0] * n
+    points = [int(x) for x in switch_at]
+    version = ops = 0  # weights version taken; ops run (prefills and decode steps)
+    waiting = -1
     while queue or len(run):
+        # 0. a switch whose point has come, or that an idle engine waits for and knows
+        reached = sum(1 for x in points if x <= ops)
+        if not len(run) and queue and need[queue[-1]] > max(version, reached) and need[queue[-1]] <= len(points):
+            reached = need[queue[-1]]
+        switch = -1
+        if reached > version:
+            version = switch = reached
+            if recompute and len(run):  # the running requests start over under the new weights
+                evicted = []
+                while len(run):
+                    q = run.youngest()
+                    done[q] = run.remove(q) + step - prompt[q]
+                    evicted.append(q)
+                    queue.append(q)
+                segments.append(Segment((), (), tuple(evicted), 0, 0, 0, 0, (), switch))
+                switch = -1
+        if queue and not len(run) and need[queue[-1]] > version:
+            waiting = need[queue[-1]]  # idle, and the version's switch point is not known yet
+            break
         admitted, tokens, leaving, preempted = [], [], [], []
         budget_held = False  # the prefill budget, not the cap or the pool, stopped admission
-        switch, gated = -1, False
         # 1. admission, first come first served, while the cap and the pool allow the coming step
-        while queue and len(run) < cap:
+        while queue and len(run) < cap and need[queue[-1]] <= version:
             r = queue[-1]
-            if need is not None and need[r] > version:
-                if admitted or not (may_switch is None or may_switch(need[r], finished_order)):
-                    gated = True  # the switch waits for a segment boundary, or for what it needs
-                    break
-                version = switch = need[r]
-                if recompute and len(run):  # the running requests start over under the new weights
-                    evicted = []
-                    while len(run):
-                        q = run.youngest()
-                        done[q] = run.remove(q) + step - prompt[q]
-                        evicted.append(q)
-                        queue.append(q)
-                    segments.append(Segment((), (), tuple(evicted), 0, 0, 0, 0, (), switch))
-                    switch = -1
-                    continue
             # the running requests' next step plus this one's prompt, tokens so far and first step;
             # an idle engine always admits (the pool holds any one request: kv_need)
             if pool is not None and len(run) and run.base_sum + len(run) * step + prompt[r] + done[r] + 1 > pool:
@@ -204,6 +214,7 @@ def schedule(prompt: np.ndarray, gen: np.ndarray, max_running: int = 0, kv_token
                 leaving.append(r)
             else:
                 run.add(r, prompt[r] + done[r] - step, step + gen[r] - done[r])
+        ops += 1 if admitted else 0
         # 2. preemption (recompute): the youngest leaves while the coming step outgrows the pool
         while pool is not None and len(run) and run.base_sum + len(run) * step > pool:
             r = run.youngest()
@@ -211,26 +222,24 @@ def schedule(prompt: np.ndarray, gen: np.ndarray, max_running: int = 0, kv_token
             preempted.append(r)
             queue.append(r)
             preemptions += 1
-        finished_order += leaving
-        if not len(run) or budget_held:  # nothing to decode, or more prefill comes first
-            if gated and not admitted and not leaving and not len(run):
-                raise ValueError(f"the engine waits for version {need[queue[-1]]} with nothing running, "
-                                 "and may_switch never allows it")
+        # decode steps until the next completion, the last step the pool holds, or a switch point
+        steps = run.next_finish() - step if len(run) else 0
+        if pool is not None and len(run):
+            steps = min(steps, (pool - run.base_sum - len(run) * step) // len(run) + 1)
+        if version < len(points) and len(run):
+            steps = min(steps, max(points[version] - ops, 0))
+        if not steps or budget_held:  # nothing to decode, more prefill first, or a switch now
             kv_sum = run.base_sum + len(run) * step
             segments.append(Segment(tuple(admitted), tuple(tokens), tuple(preempted), 0, len(run), kv_sum,
-                                    run.max_base() + step if len(run) else 0, tuple(leaving), switch))
+                                    run.max_base() + step if len(run) else 0, tuple(leaving), switch, len(leaving)))
             continue
         peak = max(peak, len(run))
-        # 3. decode until the next completion, or the last step the pool holds
-        steps = run.next_finish() - step
-        if pool is not None:
-            steps = min(steps, (pool - run.base_sum - len(run) * step) // len(run) + 1)
         batch, kv_sum, kv_max = len(run), run.base_sum + len(run) * step, run.max_base() + step
         step += steps
+        ops += steps
         finished = run.pop_finished(step)
         for r in finished:
             done[r] = gen[r]
-        finished_order += finished
         segments.append(Segment(tuple(admitted), tuple(tokens), tuple(preempted), steps, batch, kv_sum, kv_max,
-                                tuple(leaving + finished), switch))
-    return EngineRun(tuple(segments), n, preemptions, peak)
+                                tuple(leaving + finished), switch, len(leaving)))
+    return EngineRun(tuple(segments), n, preemptions, peak, waiting)

@@ -16,19 +16,21 @@ training). Each engine replica then follows :func:`stream_engine`:
    longest responses before it admits the next batch's prompts.
 2. **Admission under η.** A request of iteration ``b`` is admitted under weights version
    ``b − η`` or newer (version ``v``: the weights after ``v`` updates; a rollout trained on in
-   iteration ``b`` is at most η versions old when admitted — AReaL's admission rule). When the
-   next request needs a newer version the engine admits nothing until it has it, and keeps
-   decoding what runs.
-3. **The switch.** The engine takes version ``v`` at a segment boundary, once it has finished
-   its share of every iteration before ``v`` (so the update that makes version ``v`` never waits
-   for this engine), and then waits — running nothing — until the push of version ``v`` has
-   reached it (:mod:`estimator.sim.simulator`; the executor receives it there). Deciding the
-   switch by the engine's own progress, not by when the weights happen to arrive, makes which
-   weights generated every token a function of the lengths alone: the executor is
-   deterministic and tested against a single-process replay. With ``recompute`` (AReaL's
-   interruptible generation) the running requests are evicted at the switch and prefilled
-   again under the new weights, keeping their tokens; with ``keep`` (PipelineRL's) they go on
-   with the keys and values they have.
+   iteration ``b`` is at most η versions old when admitted — AReaL's admission rule). While the
+   next request needs a version the engine has not taken, it admits nothing and keeps decoding
+   what runs; with nothing left running it waits for the version.
+3. **The switch.** The engine takes version ``v`` after a given number of ops (prefills and
+   decode steps, ``switch_at``), cutting a run of decode steps there. The estimator finds the
+   number as AReaL's rollout workers do: the push of version ``v`` is offered once the update is
+   done, every replica takes it at the end of the op it is running (or at once, idle), the
+   weights move, and generation resumes under them (:class:`estimator.sim.simulator.Simulation`).
+   The executor follows the switch points it is given (the prediction's), so which weights
+   generated every token is fixed before the run: it is deterministic and tested against a
+   single-process replay. With ``recompute`` (AReaL's interruptible generation) the running
+   requests are evicted at the switch and prefilled again under the new weights, keeping their
+   tokens; with ``keep`` (PipelineRL's) they go on with the keys and values they have. A switch
+   cannot come before the engine has done its share of iteration ``v − 1`` (that update would
+   wait for it).
 4. **Consumption.** The train call of iteration ``j`` takes from each engine the next
    ``n_e(j)`` units it finished — its share of the batch, in the order they finished, a GRPO
    group (``group_size`` rows of one prompt) finishing with its last member. A trajectory's
@@ -47,7 +49,7 @@ import numpy as np
 
 from estimator.base.errors import ConfigError
 from estimator.spec.batching import PREFILL_TOKENS, EngineRun, schedule
-from estimator.spec.plan import Plan, standing_copies
+from estimator.spec.plan import Layout, Plan, standing_copies
 from estimator.spec.sharding import split_range
 
 if TYPE_CHECKING:
@@ -61,11 +63,16 @@ class EngineStream:
     run: EngineRun  # the schedule over every iteration's requests, with its version switches
     batch: np.ndarray  # per request: the iteration whose prompt it serves
     row: np.ndarray  # per request: its row in that iteration's batch (global)
-    admitted_version: np.ndarray  # per request: the weights version it was (first) admitted under
-    consumed: tuple[tuple[int, ...], ...]  # per iteration j: the requests its train call takes from here
-    emit_segment: tuple[int, ...]  # per iteration j: the segment at whose end the engine's share is done
-    switch_segment: tuple[int, ...]  # per version v ≥ 1 (index v − 1): the segment that takes it
-    # (len(segments): the stream ended first)
+    admitted_version: np.ndarray  # per request: the weights version it was (first) admitted under (-1: not yet)
+    # per iteration j whose share is done: the requests its train call takes from here, in order
+    consumed: tuple[tuple[int, ...], ...]
+    emit_op: tuple[int, ...]  # per such iteration: the ops run when the share was done
+    switch_at: tuple[int, ...]  # per version v ≥ 1 taken (index v − 1): the ops run when it was
+
+    @property
+    def complete(self) -> bool:
+        """Whether the stream served every request (else it waits for ``run.waiting``)."""
+        return self.run.waiting < 0
 
     def staleness(self, j: int) -> np.ndarray:
         """Policy versions between each trajectory consumed in iteration ``j`` and the update."""
@@ -79,11 +86,15 @@ def needed_version(batch: int, eta: int) -> int:
 
 def stream_engine(prompts: Sequence[np.ndarray], gens: Sequence[np.ndarray], rows: Sequence[tuple[int, int]],
                   eta: int, group: int = 1, max_running: int = 0, kv_tokens: int = 0,
-                  prefill_tokens: int = PREFILL_TOKENS, recompute: bool = True) -> EngineStream:
+                  prefill_tokens: int = PREFILL_TOKENS, recompute: bool = True,
+                  switch_at: Sequence[int] = ()) -> EngineStream:
     """The stream of one engine: ``prompts[b]``, ``gens[b]`` are iteration ``b``'s prompt and
     response tokens by global row, ``rows[b]`` the engine's row range of it (a multiple of
     ``group`` rows), ``eta`` the staleness bound, ``max_running`` / ``kv_tokens`` /
-    ``prefill_tokens`` the engine's limits as in :func:`~estimator.spec.batching.schedule`."""
+    ``prefill_tokens`` the engine's limits as in :func:`~estimator.spec.batching.schedule`, and
+    ``switch_at[v − 1]`` the ops after which it takes version ``v`` (those not given: the
+    stream stops, idle, where it first needs one). A switch before the engine has done its
+    share of iteration ``v − 1`` is refused: that update would wait for this very engine."""
     if eta < 1:
         raise ConfigError(f"a streaming rollout needs max_staleness ≥ 1, not {eta}: with 0 no request of the next "
                           "iteration may start before the update")
@@ -99,42 +110,42 @@ def stream_engine(prompts: Sequence[np.ndarray], gens: Sequence[np.ndarray], row
     gen = np.concatenate([np.asarray(g)[lo:hi] for g, (lo, hi) in zip(gens, rows)])
     units_before = np.cumsum([0] + [n // group for n in sizes])  # units of the iterations before b
     needs = [needed_version(int(b), eta) for b in batch]
-
-    def units_done(finished: list[int]) -> int:
-        """Groups finished: a group is done when all of its members are."""
-        per = np.bincount(np.asarray(finished, dtype=np.int64) // group, minlength=len(batch) // group)
-        return int(np.sum(per == group))
-
-    def may_switch(v: int, finished: list[int]) -> bool:
-        return units_done(finished) >= units_before[min(v, len(rows))]
-
-    run = schedule(prompt, gen, max_running, kv_tokens, prefill_tokens, needs, may_switch, recompute)
-    # the order units finished, the segment each did, and the version each request was admitted under
+    run = schedule(prompt, gen, max_running, kv_tokens, prefill_tokens, needs, switch_at, recompute)
+    # the order units finished and the ops run by then; the version each request was admitted
+    # under; the ops run at each switch
     seen = np.zeros(len(batch) // group, dtype=np.int64)
-    unit_order, unit_segment = [], []
+    unit_order, unit_ops = [], []
     admitted = np.full(len(batch), -1, dtype=np.int64)
-    version, switches = 0, []
-    for k, seg in enumerate(run.segments):
+    version = ops = 0
+    taken = []
+    for seg in run.segments:
         if seg.switch >= 0:
-            switches += [k] * (seg.switch - version)
+            taken += [ops] * (seg.switch - version)
             version = seg.switch
+            if len(unit_order) < units_before[min(version, len(rows))]:
+                share = units_before[min(version, len(rows))]
+                raise ConfigError(f"switch to version {version} after {ops} ops: the engine has finished "
+                                  f"{len(unit_order)} units, fewer than its share of the iterations before "
+                                  f"({share}), so the update it waits for would wait for it")
+        ops += 1 if seg.prefill else 0
         for r in seg.prefill:
             if admitted[r] < 0:
                 admitted[r] = version
-        for r in seg.finished:
+        for i, r in enumerate(seg.finished):
             u = r // group
             seen[u] += 1
             if seen[u] == group:
                 unit_order.append(u)
-                unit_segment.append(k)
-    last_needed = needed_version(len(rows) - 1, eta)
-    switches += [len(run.segments)] * (last_needed - version)
+                unit_ops.append(ops + (seg.steps if i >= seg.leaving else 0))
+        ops += seg.steps
     consumed, emits = [], []
     for j in range(len(rows)):
+        if len(unit_order) < units_before[j + 1]:
+            break
         units = unit_order[units_before[j]:units_before[j + 1]]
         consumed.append(tuple(int(u * group + m) for u in units for m in range(group)))
-        emits.append(int(max(unit_segment[units_before[j]:units_before[j + 1]])))
-    return EngineStream(run, batch, row, admitted, tuple(consumed), tuple(emits), tuple(switches))
+        emits.append(int(unit_ops[units_before[j + 1] - 1]))
+    return EngineStream(run, batch, row, admitted, tuple(consumed), tuple(emits), tuple(taken))
 
 
 def stream_problems(experiment: Experiment, plan: Plan, call: str) -> list[str]:
@@ -169,15 +180,31 @@ def streaming_calls(experiment: Experiment, plan: Plan) -> frozenset[str]:
     return frozenset(c.name for c in wf.calls if c.kind == "generate" and not stream_problems(experiment, plan, c.name))
 
 
-def call_streams(experiment: Experiment, plan: Plan, call: str, iterations: int, max_running: int = 0,
-                 kv_tokens: int = 0, prefill_tokens: int = PREFILL_TOKENS) -> list[EngineStream]:
-    """Per data-parallel replica of streaming generate call ``call``, its stream over
-    ``iterations`` unrolled iterations: iteration ``b``'s lengths are those the unroll draws for
-    it (:meth:`~estimator.spec.workflow.Workflow.draw_iteration`), the limits those of one engine."""
-    wf, layout = experiment.workflow, plan[call]
+def replica_stream(experiment: Experiment, layout: Layout, call: str, iterations: int, replica: int,
+                   max_running: int = 0, kv_tokens: int = 0, prefill_tokens: int = PREFILL_TOKENS,
+                   switch_at: Sequence[int] = ()) -> EngineStream:
+    """Replica ``replica`` of streaming generate call ``call`` on ``layout``: its stream over
+    ``iterations`` unrolled iterations (:func:`stream_engine`). Iteration ``b``'s lengths are
+    those the unroll draws for it (:meth:`~estimator.spec.workflow.Workflow.draw_iteration`), its
+    rows those :func:`~estimator.spec.sharding.split_range` deals the replica, the limits those
+    of one engine."""
+    wf = experiment.workflow
     drawn = [experiment.lengths(wf.draw_iteration(b)) for b in range(iterations)]
-    prompts, gens = [d[0] for d in drawn], [d[1] for d in drawn]
-    rows = split_range(0, wf[call].workload.seqs, layout.dp)
-    return [stream_engine(prompts, gens, [rows[r]] * iterations, wf.staleness, experiment.params.group_size,
-                          max_running, kv_tokens, prefill_tokens, wf.streaming == "recompute")
+    rows = split_range(0, wf[call].workload.seqs, layout.dp)[replica]
+    return stream_engine([d[0] for d in drawn], [d[1] for d in drawn], [rows] * iterations, wf.staleness,
+                         experiment.params.group_size, max_running, kv_tokens, prefill_tokens,
+                         wf.streaming == "recompute", switch_at)
+
+
+def call_streams(experiment: Experiment, plan: Plan, call: str, iterations: int, max_running: int = 0,
+                 kv_tokens: int = 0, prefill_tokens: int = PREFILL_TOKENS,
+                 switch_at: Sequence[Sequence[int]] | None = None) -> list[EngineStream]:
+    """Every replica's :func:`replica_stream` of ``call`` under ``plan``, ``switch_at[r]``
+    replica ``r``'s switch points (none given: each stream stops where it first needs an
+    update)."""
+    layout = plan[call]
+    if switch_at is not None and len(switch_at) != layout.dp:
+        raise ConfigError(f"{call}: switch points for {len(switch_at)} replicas, but the layout has dp={layout.dp}")
+    return [replica_stream(experiment, layout, call, iterations, r, max_running, kv_tokens, prefill_tokens,
+                           switch_at[r] if switch_at is not None else ())
             for r in range(layout.dp)]
