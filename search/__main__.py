@@ -79,7 +79,7 @@ from estimator.sim.asynchrony import async_report
 from estimator.sim.simulator import SimResult
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan
-from estimator.spec.workflow import MAX_STALENESS
+from estimator.spec.workflow import MAX_STALENESS, STREAMING
 from search.checks import MAX_CHAINS, check_budget, check_out, check_positive
 from search.framework import framework_best
 from search.result import comparison_table, imported_text, render_report, result_json, speedups_over
@@ -116,6 +116,11 @@ def _main(argv: list[str] | None) -> int:
                         help="asynchronous RL: search plans whose rollouts may lag up to this many policy versions "
                              "(every contiguous run of devices in the space), beside the best synchronous plan "
                              "(default: the experiment's async.max_staleness)")
+    parser.add_argument("--streaming", choices=STREAMING,
+                        help="asynchronous RL: how a rollout on devices of its own serves — off, or one stream of "
+                             "consecutive iterations trained on as trajectories finish, switching weights with a "
+                             "re-prefill (recompute, AReaL's) or keeping the KV (keep, PipelineRL's) (default: the "
+                             "experiment's async.streaming)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.source is not None:
@@ -147,9 +152,13 @@ def _main(argv: list[str] | None) -> int:
         experiment, config_plan, imported = import_config(args.source, args.experiment, args.profile, args.gen_mean)
     else:
         experiment = load_experiment(args.experiment) if args.experiment else default_experiment()
-    if args.max_staleness is not None:
-        experiment = experiment.with_staleness(rules.integer("--max-staleness", args.max_staleness, lo=0,
-                                                             hi=MAX_STALENESS))
+    if args.max_staleness is not None or args.streaming is not None:
+        eta = (rules.integer("--max-staleness", args.max_staleness, lo=0, hi=MAX_STALENESS)
+               if args.max_staleness is not None else experiment.max_staleness)
+        if args.streaming not in (None, "off") and eta < 1:
+            raise ConfigError(f"--streaming {args.streaming} needs a max staleness of 1 or more (--max-staleness), "
+                              f"not {eta}")
+        experiment = experiment.with_staleness(eta, args.streaming)
     profile = experiment_profile(experiment, args.profile, args.stack)
     if imported is not None:
         _, _, config_summary = predict(experiment, config_plan, profile)
@@ -233,8 +242,10 @@ def render_asynchrony(a: dict) -> str:
                            "staleness mean / max", "push s"), *rows])
     sync_plan = Plan.from_data(a["synchronous"]["plan"]).table()
     gain = a["speedup_over_synchronous"]
+    served = (f"; streaming {', '.join(a['streaming'])}, {a['recomputed_tokens']:,} tokens prefilled again"
+              if a["streaming"] else "")
     head = (f"asynchronous RL: {gain:.2f}x the best synchronous plan's throughput (discarded tokens: "
-            f"{a['discarded_tokens']})" if gain > 1 else
+            f"{a['discarded_tokens']}{served})" if gain > 1 else
             f"asynchronous RL is predicted no faster here ({gain:.2f}x): run the best synchronous plan "
             "(the two steady states train on different draws of the response lengths, about 1 % apart)")
     return f"{head}\n{table}\nbest synchronous plan:\n{sync_plan}"

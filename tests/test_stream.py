@@ -1,10 +1,21 @@
 """Streaming rollouts (estimator.spec.stream): admission under η, the switch, consumption."""
 
+from functools import cache
+
 import numpy as np
 import pytest
 
 from estimator.base.errors import ConfigError
-from estimator.spec.stream import stream_engine
+from estimator.cost.lowering import Costs
+from estimator.cost.stream import engine_limits
+from estimator.profile.profiles import load_profile
+from estimator.sim.evaluator import Evaluator
+from estimator.sim.simulate import simulate
+from estimator.spec.experiment import load_experiment
+from estimator.spec.plan import Layout, Plan
+from estimator.spec.stream import call_streams, needed_version, stream_engine, stream_problems, streaming_calls
+from estimator.spec.workflow import PUSH
+from tests.conftest import EXAMPLES
 
 
 def _stream(gens, eta=1, cap=0, group=1, recompute=True, switch_at=()):
@@ -84,3 +95,99 @@ def test_bad_streams_are_refused():
         _stream([[1, 1]], eta=0)
     with pytest.raises(ConfigError, match="multiple of the group size 2"):
         stream_engine([np.ones(3)], [np.ones(3)], [(0, 3)], 1, group=2)
+
+
+# ---- the simulated stream ------------------------------------------------------------------
+
+
+
+ITERATIONS = 4
+
+
+def _layout(mesh: str, **kw) -> Layout:
+    return Layout.from_dict({"mesh": mesh, "dp": 1, "tp": 1, "pp": 1, **kw})
+
+
+def _split(cap: int = 8, gen_mb: int = 1) -> Plan:
+    """Generation on device 0 (a standing copy under η ≥ 1), every other call on device 1."""
+    return Plan({"actor_gen": _layout("0", max_concurrency=cap, micro_batches=gen_mb), "actor_inf": _layout("1"),
+                 "ref_inf": _layout("1"), "actor_train": _layout("1")})
+
+
+@cache
+def _run(eta: int, streaming: str, cap: int = 8):
+    exp = load_experiment(EXAMPLES / "grpo-longtail-tiny-2xcpu.yaml").with_staleness(eta, streaming)
+    plan = _split(cap)
+    return exp, plan, simulate(exp, plan, load_profile("cpu-epyc"), ITERATIONS)
+
+
+def test_which_plans_stream():
+    exp = load_experiment(EXAMPLES / "grpo-longtail-tiny-2xcpu.yaml").with_staleness(1, "recompute")
+    assert streaming_calls(exp, _split()) == {"actor_gen"}
+    assert streaming_calls(exp.with_staleness(1, "off"), _split()) == frozenset()
+    colocated = Plan({c: _layout("0-1", dp=2) for c in exp.workflow.call_names})
+    assert "no standing copy" in stream_problems(exp, colocated, "actor_gen")[0]
+    assert "2 virtual engines" in " ".join(stream_problems(exp, _split(gen_mb=2), "actor_gen"))
+    shared = Plan(_split().layouts | {"ref_inf": _layout("0")})
+    assert "ref_inf also run" in " ".join(stream_problems(exp, shared, "actor_gen"))
+
+
+def test_every_trajectory_is_trained_on_once_admitted_within_the_bound():
+    exp, _, res = _run(2, "recompute")
+    (summary,) = res.streams.values()
+    (s,) = summary.streams
+    consumed = [r for j in range(len(s.consumed)) for r in s.consumed[j]]
+    assert sorted(consumed) == list(range(len(s.batch)))  # each once
+    assert all(s.admitted_version[r] >= needed_version(int(s.batch[r]), 2) for r in range(len(s.batch)))
+    wf = exp.workflow
+    total = sum(float(sum(exp.lengths(wf.draw_iteration(b))[0]) + sum(exp.lengths(wf.draw_iteration(b))[1]))
+                for b in range(res.iterations))
+    assert abs(sum(summary.tokens) - total) < 1e-6
+    assert any(int(s.batch[r]) != j for j in range(len(s.consumed)) for r in s.consumed[j])  # out of order
+    assert summary.recomputed_tokens > 0  # some switch evicted running requests
+
+
+def test_a_stream_takes_each_push_at_the_end_of_the_op_it_runs():
+    """The push of version v is offered when update v − 1 ends; the replica stops at the end of
+    the op in progress (its stream span ends there), and the weights move from then on."""
+    exp, plan, res = _run(1, "recompute")
+    (summary,) = res.streams.values()
+    longest = float(max(_priced_ops(exp, plan, summary).op_s))  # every device busy: the slowest an op runs
+    spans = [s for s in res.timeline().spans if s.device == 0 and s.call == "actor_gen"]
+    for (u, _), push in res.pushes.items():
+        offered = res.records[(u, "actor_train")].end_s
+        stop = max((s.end_s for s in spans if s.end_s <= push.compute_start_s + 1e-12), default=0.0)
+        assert push.compute_start_s >= offered - 1e-12
+        assert push.compute_start_s == max(stop, offered) or abs(push.compute_start_s - max(stop, offered)) < 1e-9
+        assert push.compute_start_s - offered <= longest + 1e-9, u
+        # nothing of the stream runs while its weights move
+        assert not any(s.start_s < push.end_s - 1e-12 and s.end_s > push.compute_start_s + 1e-12 for s in spans)
+
+
+def _priced_ops(exp, plan, summary):
+    costs = Costs(exp, load_profile("cpu-epyc"))
+    return costs.stream("actor_gen", plan["actor_gen"], len(summary.streams[0].consumed), 0,
+                        tuple(summary.switch_at[0]))
+
+
+def test_the_switch_points_the_simulation_found_give_its_stream_back():
+    """What the executor follows: the stream scheduled again from the recorded switch points."""
+    exp, plan, res = _run(2, "recompute")
+    (summary,) = res.streams.values()
+    cap, prefill = engine_limits(load_profile("cpu-epyc"), plan["actor_gen"])
+    kv = Costs(exp, load_profile("cpu-epyc")).kv_tokens("actor_gen", plan["actor_gen"])
+    again = call_streams(exp, plan, "actor_gen", res.iterations, cap, kv, prefill, summary.switch_at)
+    assert [a.consumed for a in again] == [s.consumed for s in summary.streams]
+    assert [a.run.segments for a in again] == [s.run.segments for s in summary.streams]
+
+
+def test_a_stream_fills_the_tail_and_the_evaluator_agrees():
+    """Capped at 8 running requests, a synchronous-batch rollout idles through each batch's long
+    tail; the stream admits the next batch's prompts behind it and is faster at η = 2."""
+    _, _, batch = _run(2, "off")
+    exp, plan, stream = _run(2, "recompute")
+    assert stream.iteration_s < 0.95 * batch.iteration_s
+    assert Evaluator(exp, load_profile("cpu-epyc"), ITERATIONS).evaluate(plan).iteration_s == \
+        pytest.approx(stream.iteration_s, rel=1e-12)
+    assert {(i, c) for i, c in stream.pushes} == {(u, "actor_gen") for u in range(stream.iterations - 3)}
+    assert all(PUSH + "actor_gen" not in k for k in stream.records)

@@ -58,7 +58,7 @@ from estimator.cost.pieces import (
     stage_params,
 )
 from estimator.cost.rollout import RolloutCost, continuous, engine_tokens, kv_free_bytes, rollout_cost
-from estimator.cost.stream import StreamCost, stream_cost
+from estimator.cost.stream import PricedStream, stream_replica
 from estimator.cost.transfers import (
     Pair,
     data_bytes,
@@ -72,7 +72,7 @@ from estimator.profile.profiles import Profile
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
-from estimator.spec.plan import Layout, Plan
+from estimator.spec.plan import Layout
 from estimator.spec.sharding import (
     box_numel,
     budget_micro_batches,
@@ -381,7 +381,7 @@ class Costs:
         self._calls: dict[tuple, CallCost] = {}
         self._lengths: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._rollouts: dict[tuple, RolloutCost] = {}
-        self._streams: dict[tuple, StreamCost] = {}
+        self._streams: dict[tuple, PricedStream] = {}
         self._schedules: dict[tuple[str, int], dict] = {}  # (call, iteration) → engine schedules
         self._realloc: dict[tuple, dict[Pair, int]] = {}
         self._data: dict[tuple, dict[Pair, int]] = {}
@@ -430,14 +430,16 @@ class Costs:
                                                gen, self.kv_tokens(name, layout), self.dpn, schedules)
         return self._rollouts[key]
 
-    def stream(self, name: str, layout: Layout, iterations: int) -> StreamCost:
-        """Generate call ``name`` streaming on ``layout`` over ``iterations`` unrolled iterations
+    def stream(self, name: str, layout: Layout, iterations: int, replica: int,
+               switch_at: tuple[int, ...] = ()) -> PricedStream:
+        """Replica ``replica`` of generate call ``name`` streaming on ``layout`` over
+        ``iterations`` unrolled iterations with these switch points, scheduled and priced
         (:mod:`estimator.cost.stream`; whether it may stream is
         :func:`estimator.spec.stream.streaming_calls`'s to say)."""
-        key = (name, layout, iterations)
+        key = (name, layout, iterations, replica, switch_at)
         if key not in self._streams:
-            self._streams[key] = stream_cost(self.profile, self.experiment, Plan({name: layout}), name, iterations,
-                                             self.kv_tokens(name, layout), self.dpn)
+            self._streams[key] = stream_replica(self.profile, self.experiment, layout, name, iterations, replica,
+                                                self.kv_tokens(name, layout), self.dpn, switch_at)
         return self._streams[key]
 
     @property

@@ -1,24 +1,18 @@
-"""A streaming rollout priced: each engine replica's stream (:mod:`estimator.spec.stream`) as
-ops with seconds, and the events the simulator stops it at.
+"""A streaming rollout priced: an engine replica's stream (:mod:`estimator.spec.stream`) as ops
+with seconds, and what the trainer gets from it.
 
 An engine replica's stream is one :class:`~estimator.spec.batching.EngineRun` over consecutive
 iterations' requests; its ops — prefills and decode steps — are priced exactly as a rollout's
 (:mod:`estimator.cost.rollout`: the same stage costs, segment interpolation and round rule, one
-virtual engine per replica). Laid end to end they give the stream's time on idle weights; the
-simulator (:class:`estimator.sim.simulator.Simulation`) cuts it at two kinds of event:
-
-- **emit** ``j``: after the op that finishes the replica's share of iteration ``j`` — its
-  rollouts go to the calls that read them;
-- **gate** ``v``: before the first op run under weights version ``v`` — the replica waits there
-  until the push of version ``v`` has reached it (with ``recompute``, the ops after it begin with
-  the re-prefill of the requests the switch evicted).
-
-At equal positions emits come first (the rule lets the switch to ``v`` happen only after the
-share of iteration ``v − 1`` is done).
+virtual engine per replica). The simulator (:class:`estimator.sim.simulator.Simulation`) walks
+them in time, stopping where the replica's share of an iteration is done (an *emit*) and where a
+push arrives; each switch it learns reschedules the stream from there (the ops before a switch
+point do not change).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,82 +21,90 @@ from estimator.cost.rollout import _engine_ops, _op_costs, _rounds, _Segments, _
 from estimator.profile.profiles import Profile
 from estimator.spec.batching import PREFILL_TOKENS
 from estimator.spec.experiment import Experiment
-from estimator.spec.plan import Plan
-from estimator.spec.stream import EngineStream, call_streams
-
-EMIT, GATE = 0, 1  # event kinds, in the order they run at one position
+from estimator.spec.plan import Layout
+from estimator.spec.stream import EngineStream, replica_stream
 
 
 @dataclass(frozen=True)
-class ReplicaStream:
-    """One replica's stream priced: its ops' seconds in order, and where it stops."""
+class PricedStream:
+    """One replica's stream and its ops' seconds."""
 
     stream: EngineStream
     op_s: np.ndarray  # seconds of each op (a round through the stages)
     prefill: np.ndarray  # per op: whether it is a prefill
-    # (position, kind, index): before op ``position`` (= after ``position`` ops), an emit of
-    # iteration ``index`` or a gate of version ``index``; sorted
-    events: tuple[tuple[int, int, int], ...]
+
+    @property
+    def ends(self) -> np.ndarray:
+        """Seconds from the stream's start to the end of each op, on weights that never wait."""
+        return np.cumsum(self.op_s)
 
     def span_s(self, a: int, b: int) -> tuple[float, float]:
         """(prefill, decode) seconds of ops ``a .. b − 1``."""
         s, p = self.op_s[a:b], self.prefill[a:b]
         return float(s[p].sum()), float(s[~p].sum())
 
-
-@dataclass(frozen=True)
-class StreamCost:
-    """A streaming generate call priced over the unrolled iterations."""
-
-    call: str
-    replicas: tuple[ReplicaStream, ...]
-    tokens: tuple[float, ...]  # per iteration: prompt + response tokens of the trajectories its train call takes
-    staleness: tuple[np.ndarray, ...]  # per iteration: the versions each consumed trajectory lags
-    recomputed_tokens: int  # tokens prefilled again (switches under recompute, preemptions)
-
-    def blend(self, alone: StreamCost, weight: float) -> StreamCost:
-        """The stream with every op's seconds between ``alone``'s (weight 0) and these (1): a
-        CPU host whose other devices are busy that share of the time
-        (:mod:`estimator.sim.hostshare`)."""
-        reps = tuple(ReplicaStream(b.stream, a.op_s + weight * (b.op_s - a.op_s), b.prefill, b.events)
-                     for a, b in zip(alone.replicas, self.replicas))
-        return StreamCost(self.call, reps, self.tokens, self.staleness, self.recomputed_tokens)
+    def blend(self, alone: PricedStream, weight: float) -> PricedStream:
+        """Every op's seconds between ``alone``'s (weight 0) and these (1): a CPU host whose other
+        devices are busy that share of the time (:mod:`estimator.sim.hostshare`)."""
+        return PricedStream(self.stream, alone.op_s + weight * (self.op_s - alone.op_s), self.prefill)
 
 
-def _replica(profile: Profile, experiment: Experiment, plan: Plan, call: str, stream: EngineStream,
-             devices_per_node: int) -> ReplicaStream:
-    layout, c = plan[call], experiment.workflow[call]
+def engine_limits(profile: Profile, layout: Layout) -> tuple[int, int]:
+    """(running cap, prefill tokens per step) of one engine, as a rollout's
+    (:func:`estimator.cost.rollout.rollout_cost`): the layout's cap, else a serving engine's."""
+    engine = profile.engine
+    cap = engine_cap(layout) or (engine.max_num_seqs if engine else 0)
+    return cap, (engine.prefill_chunk_tokens if engine else PREFILL_TOKENS)
+
+
+def price_stream(profile: Profile, experiment: Experiment, layout: Layout, call: str, stream: EngineStream,
+                 devices_per_node: int) -> PricedStream:
+    """The seconds of every op of ``stream``, replica of ``call`` on ``layout``."""
+    c = experiment.workflow[call]
     model = experiment.models[c.role]
     choose = ("greedy" if c.workload.greedy else "sample") + ("_ending" if c.workload.lengths_vary else "")
-    stages = [_StageCosts(profile, model, layout, k, choose, devices_per_node) for k in range(layout.pp)]
     segments = _Segments()
     ops = _engine_ops(stream.run, segments)
+    if not len(ops.kind):
+        return PricedStream(stream, np.zeros(0), np.zeros(0, dtype=bool))
     steps = np.array(segments.steps, dtype=np.int64)
     comp = np.zeros((1, layout.pp, len(ops.kind)))
     comm = np.zeros_like(comp)
-    for k, st in enumerate(stages):
+    for k in range(layout.pp):
+        st = _StageCosts(profile, model, layout, k, choose, devices_per_node)
         ends = segments.step_costs(st) if len(steps) else ()
         comp[0, k], comm[0, k] = _op_costs(ops, st, ends, steps)
-    op_s = _rounds(comp, comm) if len(ops.kind) else np.zeros(0)
-    before = np.concatenate(([0], ops.seg_end + 1))  # ops run before each segment (and after the last)
-    n = len(stream.run.segments)
-    events = [(int(before[k + 1]), EMIT, j) for j, k in enumerate(stream.emit_segment)]
-    events += [(int(before[min(k, n)]), GATE, v + 1) for v, k in enumerate(stream.switch_segment)]
-    return ReplicaStream(stream, op_s, ops.kind == 0, tuple(sorted(events)))
+    return PricedStream(stream, _rounds(comp, comm), ops.kind == 0)
 
 
-def stream_cost(profile: Profile, experiment: Experiment, plan: Plan, call: str, iterations: int,
-                kv_tokens: int, devices_per_node: int) -> StreamCost:
-    """Streaming generate call ``call`` of ``plan`` over ``iterations`` unrolled iterations, its
-    engines' KV pools ``kv_tokens`` each (0: unlimited) and their caps as a rollout's
-    (the layout's ``max_concurrency``, else a serving engine's ``max_num_seqs``)."""
-    layout, engine = plan[call], profile.engine
-    cap = engine_cap(layout) or (engine.max_num_seqs if engine else 0)
-    prefill = engine.prefill_chunk_tokens if engine else PREFILL_TOKENS
-    streams = call_streams(experiment, plan, call, iterations, cap, kv_tokens, prefill)
-    replicas = tuple(_replica(profile, experiment, plan, call, s, devices_per_node) for s in streams)
+def stream_replica(profile: Profile, experiment: Experiment, layout: Layout, call: str, iterations: int,
+                   replica: int, kv_tokens: int, devices_per_node: int, switch_at: Sequence[int] = ()) -> PricedStream:
+    """Replica ``replica`` of streaming ``call`` with these switch points, scheduled and priced."""
+    cap, prefill = engine_limits(profile, layout)
+    stream = replica_stream(experiment, layout, call, iterations, replica, cap, kv_tokens, prefill, switch_at)
+    return price_stream(profile, experiment, layout, call, stream, devices_per_node)
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """What a streaming call's replicas gave the trainer, iteration by iteration."""
+
+    call: str
+    streams: tuple[EngineStream, ...]  # per replica, as run (its switch points included)
+    tokens: tuple[float, ...]  # per iteration: prompt + response tokens of the trajectories trained on
+    staleness: tuple[np.ndarray, ...]  # per iteration: the versions each of them lags
+    recomputed_tokens: int  # tokens prefilled again (at switches under recompute, after preemptions)
+
+    @property
+    def switch_at(self) -> list[list[int]]:
+        """Per replica, its switch points (ops run when it took each version)."""
+        return [list(s.switch_at) for s in self.streams]
+
+
+def summarize(experiment: Experiment, call: str, streams: Sequence[EngineStream]) -> StreamSummary:
     wf = experiment.workflow
-    drawn = [experiment.lengths(wf.draw_iteration(b)) for b in range(iterations)]
+    iterations = min(len(s.consumed) for s in streams)
+    drawn = [experiment.lengths(wf.draw_iteration(b)) for b in range(int(max(s.batch.max() for s in streams)) + 1)]
     tokens, stale, recomputed = [], [], 0
     for j in range(iterations):
         total = 0.0
@@ -114,4 +116,4 @@ def stream_cost(profile: Profile, experiment: Experiment, plan: Plan, call: str,
     for s in streams:
         for seg in s.run.segments:
             recomputed += sum(t - int(drawn[s.batch[r]][0][s.row[r]]) for r, t in zip(seg.prefill, seg.prefill_tokens))
-    return StreamCost(call, replicas, tuple(tokens), tuple(stale), recomputed)
+    return StreamSummary(call, tuple(streams), tuple(tokens), tuple(stale), recomputed)

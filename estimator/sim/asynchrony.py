@@ -15,9 +15,15 @@ iterations — after the warm-up and before the drain of :class:`~estimator.spec
   iteration ``j``; they were generated with the weights of version ``v`` — the number of updates
   whose weights had reached the generate call when it started (by a push to its standing copy,
   or by reallocation from the home) — so their staleness is ``j − v`` (0 in synchronous
-  training, at most η);
-- **discarded tokens**: always 0 here, because a push waits for the generate call in progress
-  to end (no request is interrupted; :mod:`estimator.sim.instances`).
+  training, at most η). A streaming rollout (:mod:`estimator.spec.stream`) hands the trainer
+  the first trajectories to finish, each as old as the version it was admitted under: a
+  response overtaken by shorter ones can be older than η;
+- **discarded tokens**: always 0 here — a push waits for the generate call in progress to end,
+  or, streaming, the running requests keep their tokens across it (under ``recompute`` their
+  keys and values are prefilled again: **recomputed tokens**).
+
+A streaming rollout's devices are busy while its stream computes and while pushes reach them
+(the stream is one process across iterations, so its instances' extents say nothing of idling).
 """
 
 from __future__ import annotations
@@ -46,13 +52,16 @@ class AsyncReport:
     trainer_idle: float  # share of the window the trainer devices idle, 0..1
     staleness_mean: float  # policy versions, over the consumed samples of the steady state
     staleness_max: int
-    discarded_tokens: int  # tokens generated and thrown away (none: pushes wait for call boundaries)
+    discarded_tokens: int  # tokens generated and thrown away (none: no request is dropped)
     push_s: float  # mean seconds of one weight push to a standing copy (0: none)
     standing: tuple[str, ...]  # generate calls with a standing rollout copy
+    streaming: tuple[str, ...] = ()  # of them, those that stream (estimator.spec.stream)
+    recomputed_tokens: int = 0  # tokens prefilled again by the streams (switches under recompute, preemptions)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["standing"] = list(self.standing)
+        out["streaming"] = list(self.streaming)
         return out
 
 
@@ -81,9 +90,11 @@ def async_report(experiment: Experiment, plan: Plan, result: SimResult) -> Async
     ends = result.iteration_ends()
     first, last = steady_window(len(ends), wf.warmup, wf.drain)  # the window the period is taken over
     lo, hi = (ends[first - 1] if first else 0.0), ends[last]
-    spans: dict[int, list[tuple[float, float]]] = {}
+    spans: dict[int, list[tuple[float, float]]] = {d: list(b) for d, b in result.stream_busy.items()}
     for r in list(result.records.values()) + list(result.pushes.values()):
         target = push_target(r.call)  # a push holds the copy's and the home's devices
+        if r.call in result.streams:
+            continue  # a stream's busy time is its own
         layouts = [plan[r.call]] if target is None else [plan[target], plan[homes[wf[target].role]]]
         for lay in layouts:
             busy = [(r.start_s, r.start_s + r.realloc_s), (r.compute_start_s, r.end_s)]
@@ -98,13 +109,21 @@ def async_report(experiment: Experiment, plan: Plan, result: SimResult) -> Async
     stale, tokens = [], []
     for j in range(first, last + 1):
         for g in gens:
-            version = bisect.bisect_right(arrivals[g], result.records[(j, g)].start_s)
-            stale.append(j - version)
-        prompt, gen = experiment.lengths(wf.draw_iteration(j))
-        tokens.append(float(prompt.sum() + gen.sum()))
+            if g in result.streams:
+                stale += [int(x) for x in result.streams[g].staleness[j]]
+            else:
+                version = bisect.bisect_right(arrivals[g], result.records[(j, g)].start_s)
+                stale.append(j - version)
+        streamed = [result.streams[g] for g in gens if g in result.streams]
+        if streamed:  # the trajectories the stream handed the trainer
+            tokens.append(streamed[0].tokens[j])
+        else:
+            prompt, gen = experiment.lengths(wf.draw_iteration(j))
+            tokens.append(float(prompt.sum() + gen.sum()))
     period = result.iteration_s
     pushes = [p.end_s - p.start_s for p in result.pushes.values()]
     return AsyncReport(wf.staleness, period, float(np.mean(tokens)) / period if period > 0 else 0.0,
                        _idle(rollout, spans, lo, hi), _idle(trainer, spans, lo, hi),
                        float(np.mean(stale)) if stale else 0.0, int(max(stale, default=0)), 0,
-                       float(np.mean(pushes)) if pushes else 0.0, standing)
+                       float(np.mean(pushes)) if pushes else 0.0, standing, tuple(sorted(result.streams)),
+                       sum(s.recomputed_tokens for s in result.streams.values()))

@@ -44,8 +44,10 @@ from estimator.cost.memory import call_bytes, home_bytes, restored_bytes, source
 from estimator.profile.profiles import Profile
 from estimator.sim import hostshare
 from estimator.sim.instances import device_preds, instance_graph
+from estimator.sim.simulator import Simulation
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Layout, Plan, standing_copies
+from estimator.spec.stream import streaming_calls
 from estimator.spec.timeline import steady_period
 from estimator.spec.workflow import push_target, steady_iterations
 
@@ -141,6 +143,7 @@ class Evaluator:
     def __init__(self, experiment: Experiment, profile: Profile, iterations: int = 3, costs: Costs | None = None):
         wf = experiment.workflow
         self.experiment, self.profile, self.iterations = experiment, profile, steady_iterations(wf, iterations)
+        self._unrolled = iterations  # as asked: the simulator of a streaming plan unrolls it again
         self.costs = costs if costs is not None else Costs(experiment, profile)
         self.asynchronous = wf.asynchronous
         self.warmup, self.drain = wf.warmup, wf.drain
@@ -415,6 +418,8 @@ class Evaluator:
         instance order; see :mod:`estimator.sim.instances`). ``weights``: each call's host weight
         (:meth:`call_weights`); None charges every call as profiled."""
         if self.asynchronous:
+            if streaming_calls(self.experiment, self._plan(lids)):
+                return self._simulated(lids, weights)
             return self._schedule_graph(lids, weights)
         n, version, place, span = self.n, self.version_preds, self._place_of, self._span
         durs, realloc, data = self._inputs(lids, weights)
@@ -519,6 +524,23 @@ class Evaluator:
         windows = [[(e - durs[min(it, len(durs) - 1)][c], e) for c, e in enumerate(last[it])]
                    for it in range(self.iterations)]
         return ends, starts[-1], last[-1], windows
+
+    def _simulated(self, lids: list[int], weights: list[float] | None = None
+                   ) -> tuple[list[float], list[float], list[float], list[list[tuple[float, float]]]]:
+        """:meth:`_schedule` for a plan with a streaming rollout (:mod:`estimator.spec.stream`):
+        when a push reaches the stream depends on when its replicas' ops end, which no list
+        schedule of whole instances says, so the discrete-event simulator runs it."""
+        named = dict(zip(self.names, weights)) if weights is not None else None
+        res = Simulation(self.experiment, self._plan(lids), self.profile, self._unrolled, self.costs,
+                         weights=named).run()
+        index = self._index
+        starts = [[0.0] * self.n for _ in range(self.iterations)]
+        last = [[0.0] * self.n for _ in range(self.iterations)]
+        windows = [[(0.0, 0.0)] * self.n for _ in range(self.iterations)]
+        for (it, call), r in res.records.items():
+            c = index[call]
+            starts[it][c], last[it][c], windows[it][c] = r.start_s, r.end_s, (r.compute_start_s, r.end_s)
+        return [float(e) for e in res.iteration_ends()], starts[-1], last[-1], windows
 
     def period_s(self, plan: Plan) -> float:
         """Steady-state iteration time of ``plan`` (no memory check)."""

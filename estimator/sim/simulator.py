@@ -44,10 +44,11 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import simpy
 
 from estimator.cost.lowering import CallCost, Costs, StageCost
-from estimator.cost.stream import EMIT, StreamCost
+from estimator.cost.stream import PricedStream, StreamSummary, summarize
 from estimator.cost.transfers import LinkBook, local_copy_s
 from estimator.profile.profiles import Profile
 from estimator.sim import hostshare
@@ -121,9 +122,10 @@ class SimResult:
     pushes: dict[tuple[int, str], CallRecord] = field(default_factory=dict, repr=False)
     warmup: int = 1  # iterations before the steady state (Workflow.warmup)
     drain: int = 0  # iterations after it (Workflow.drain)
-    # streaming generate call → its stream as priced, and the intervals its devices computed
-    streams: dict[str, StreamCost] = field(default_factory=dict, repr=False)
-    stream_busy: dict[str, list[tuple[float, float]]] = field(default_factory=dict, repr=False)
+    # streaming generate call → what its replicas gave the trainer (their switch points included)
+    streams: dict[str, StreamSummary] = field(default_factory=dict, repr=False)
+    # device of a streaming call → the intervals its stream computed
+    stream_busy: dict[int, list[tuple[float, float]]] = field(default_factory=dict, repr=False)
     _timelines: dict[bool, Timeline] = field(default_factory=dict, repr=False)
 
     def iteration_ends(self) -> list[float]:
@@ -193,40 +195,45 @@ class Simulation:
         # a production stack's host copies around each call (estimator.cost.engine)
         shares = self.costs.shares(plan.layouts)
         self.moves = {c: self.costs.moves(c, plan.layouts, shares) for c in wf.call_names}
-        # streaming generate calls (estimator.spec.stream): each replica's stream, the events it
-        # signals (per iteration its share emitted, per version its arrival at the switch), the
-        # intervals it computed, and each node's index
-        self.streams = {g: self._stream_cost(g) for g in sorted(self.streaming)}
+        # streaming generate calls (estimator.spec.stream): per iteration and replica the event of
+        # its share emitted; per version the push offered, and each replica's taking it
         self.index = {(n.iteration, n.call): i for i, n in enumerate(self.graph.nodes)}
-        self.emitted = {g: [[self.env.event() for _ in st.replicas] for _ in range(self.iterations)]
-                        for g, st in self.streams.items()}
-        self.gated = {g: {v + 1: [self.env.event() for _ in st.replicas]
-                          for v in range(len(st.replicas[0].stream.switch_segment))}
-                      for g, st in self.streams.items()}
-        self.stream_busy: dict[str, list[tuple[float, float]]] = {g: [] for g in self.streams}
+        self.emitted: dict[str, list[list[simpy.Event]]] = {}
+        self.offered: dict[str, dict[int, simpy.Event]] = {}
+        self.accepted: dict[str, dict[int, list[simpy.Event]]] = {}
+        for g in sorted(self.streaming):
+            dp = plan[g].dp
+            versions = [n.iteration + 1 for n in self.graph.nodes if n.call == PUSH + g]
+            self.emitted[g] = [[self.env.event() for _ in range(dp)] for _ in range(self.iterations)]
+            self.offered[g] = {v: self.env.event() for v in versions}
+            self.accepted[g] = {v: [self.env.event() for _ in range(dp)] for v in versions}
+        self.final_streams: dict[str, list] = {g: [None] * plan[g].dp for g in self.streaming}
+        self.stream_busy: dict[int, list[tuple[float, float]]] = {}
         self.emit_at: dict[tuple[int, str], float] = {}  # when every replica had emitted an iteration
 
-    def _stream_cost(self, call: str) -> StreamCost:
-        """A streaming call's cost, blended by its host weight as any call's is."""
-        shared = self.costs.stream(call, self.plan[call], self.iterations)
+    def _priced(self, call: str, replica: int, switch_at: tuple[int, ...]) -> PricedStream:
+        """A streaming replica's ops priced, blended by the call's host weight as any call's are."""
+        layout = self.plan[call]
+        shared = self.costs.stream(call, layout, self.iterations, replica, switch_at)
         weight = self.weights.get(call, 1.0)
         if weight >= 1.0 or self.costs.alone is self.costs:
             return shared
-        return shared.blend(self.costs.alone.stream(call, self.plan[call], self.iterations), weight)
+        return shared.blend(self.costs.alone.stream(call, layout, self.iterations, replica, switch_at), weight)
 
     def run(self) -> SimResult:
         for i in range(len(self.graph.nodes)):
             self.env.process(self._instance(i))
-        for g, st in self.streams.items():
-            for r in range(len(st.replicas)):
+        for g in sorted(self.streaming):
+            for r in range(self.plan[g].dp):
                 self.env.process(self._stream(g, r))
         self.env.run()
+        streams = {g: summarize(self.experiment, g, self.final_streams[g]) for g in sorted(self.streaming)}
         meta = {"plan": {c: lay.to_dict() for c, lay in self.plan.layouts.items()},
                 "profile": self.profile.name, "iterations": self.iterations}
         stages = {(c, k): lay.stage_devices(k)
                   for c, lay in self.plan.layouts.items() for k in range(lay.pp)}
         return SimResult(self.iterations, self.records, self.rows, meta, stages, self.counters, self.pushes,
-                         self.experiment.workflow.warmup, self.experiment.workflow.drain, self.streams,
+                         self.experiment.workflow.warmup, self.experiment.workflow.drain, streams,
                          self.stream_busy)
 
     # -- one call instance
@@ -342,8 +349,9 @@ class Simulation:
         target = push_target(node.call)
         role = self.experiment.workflow[target].role
         layout, home, begin = self.plan[target], self.plan[self.costs.homes[role]], env.now
-        if target in self.streaming:  # every replica of the stream has come to the switch
-            yield env.all_of(self.gated[target][node.iteration + 1])
+        if target in self.streaming:  # offered: every replica takes it at the end of the op it runs
+            self.offered[target][node.iteration + 1].succeed()
+            yield env.all_of(self.accepted[target][node.iteration + 1])
         yield from self._upload_to_send(node.iteration, node.call, role,
                                         self.costs.offload(target, layout, home).source_s)
         start = env.now
@@ -362,33 +370,71 @@ class Simulation:
     # -- streaming rollouts
 
     def _stream(self, call: str, r: int) -> Generator[simpy.Event, Any, None]:
-        """Replica ``r`` of a streaming generate call: its ops in order, as one ``prefill`` and
-        one ``decode`` span per stretch between events on each stage; at an emit it signals that
-        its share of the iteration is done, at a gate it waits for the push of the version."""
-        rs, layout = self.streams[call].replicas[r], self.plan[call]
-        done, label = 0, 0
-        for pos, kind, idx in rs.events:
-            if pos > done:
-                start = self.env.now
-                pre, dec = rs.span_s(done, pos)
-                for k in range(layout.pp):
-                    device = layout.device(r, 0, k)
-                    if pre > 0:
-                        self.rows.append((start, start + pre, device, label, call, "prefill", -1, k, "stream"))
-                    if dec > 0:
-                        self.rows.append((start + pre, start + pre + dec, device, label, call, "decode", -1, k,
-                                          "stream"))
-                self.stream_busy[call].append((start, start + pre + dec))
-                yield self.env.timeout(pre + dec)
-                done = pos
-            if kind == EMIT:
-                self.emitted[call][idx][r].succeed()
-                label = idx + 1
-            else:
-                self.gated[call][idx][r].succeed()
-                push = self.done[self.index[(idx - 1, PUSH + call)]]
+        """Replica ``r`` of a streaming generate call (:mod:`estimator.spec.stream`): its ops in
+        time, as ``prefill`` and ``decode`` spans per stretch between stops. Where its share of an
+        iteration is done it signals the emit; when the push of the next version is offered it
+        takes it at the end of the op in progress (at once if idle), waits for the transfer, and
+        schedules its stream again with that switch point; with nothing it may run, it waits."""
+        env, layout = self.env, self.plan[call]
+        devices = [layout.device(r, t, k) for k in range(layout.pp) for t in range(layout.tp)]
+        switch_at: tuple[int, ...] = ()
+        ps = self._priced(call, r, switch_at)
+        pos = emitted = 0
+        while True:
+            st = ps.stream
+            while emitted < len(st.emit_op) and st.emit_op[emitted] <= pos:
+                self.emitted[call][emitted][r].succeed()
+                emitted += 1
+            v = len(switch_at) + 1
+            offer = self.offered[call].get(v)
+            if offer is not None and offer.triggered:  # take version v here
+                self.accepted[call][v][r].succeed()
+                push = self.done[self.index[(v - 1, PUSH + call)]]
                 if not push.processed:
                     yield push
+                switch_at += (pos,)
+                ps = self._priced(call, r, switch_at)
+                continue
+            if pos >= len(ps.op_s):
+                if offer is None:
+                    if not st.complete:
+                        raise AssertionError(f"{call} replica {r} waits for version {st.run.waiting}, which no push "
+                                             "of the run brings")
+                    self.final_streams[call][r] = st
+                    return
+                yield offer  # idle until the weights it needs are offered
+                continue
+            later = [e for e in st.emit_op if e > pos]
+            target = min(later) if later else len(ps.op_s)
+            ends = ps.ends
+            base = ends[pos - 1] if pos else 0.0
+            start = env.now
+            if offer is None:
+                yield env.timeout(ends[target - 1] - base)
+            else:
+                yield env.timeout(ends[target - 1] - base) | offer
+                if offer.triggered and env.now - start < ends[target - 1] - base:
+                    # the op in progress ends, then the replica stops for the push
+                    q = pos + int(np.searchsorted(ends[pos:target] - base, env.now - start, side="left"))
+                    target = min(q + 1, target)
+                    if ends[target - 1] - base > env.now - start:
+                        yield env.timeout(ends[target - 1] - base - (env.now - start))
+            self._stream_spans(call, ps, pos, target, start, devices)
+            pos = target
+
+    def _stream_spans(self, call: str, ps: PricedStream, a: int, b: int, start: float, devices: list[int]) -> None:
+        """Ops ``a .. b − 1`` of a replica's stream, run from ``start``: a ``prefill`` and a
+        ``decode`` span on each of its devices, labelled with the iteration whose share comes next."""
+        pre, dec = ps.span_s(a, b)
+        label = sum(1 for e in ps.stream.emit_op if e < b)
+        layout = self.plan[call]
+        for d in devices:
+            k = layout.coords(d)[2]
+            if pre > 0:
+                self.rows.append((start, start + pre, d, label, call, "prefill", -1, k, "stream"))
+            if dec > 0:
+                self.rows.append((start + pre, start + pre + dec, d, label, call, "decode", -1, k, "stream"))
+            self.stream_busy.setdefault(d, []).append((start, start + pre + dec))
 
     def _emit(self, i: int) -> Generator[simpy.Event, Any, None]:
         """A streaming call's instance of iteration ``j``: it ends when every replica has done
