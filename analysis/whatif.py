@@ -8,9 +8,11 @@ Usage::
     python -m analysis.whatif examples/grpo-qwen2.5-7b-16xh100.yaml --vary device=h100-sxm,h800,a100-80g
     python -m analysis.whatif examples/grpo-llama3-8b-8xh100.yaml --vary max_staleness=0,1,2,4
     python -m analysis.whatif examples/grpo-llama3-8b-8xh100.yaml --vary gen_devices=2,4,6 --vary max_staleness=0,2
+    python -m analysis.whatif examples/grpo-llama3-8b-8xh100.yaml --vary max_staleness=1,2 --vary streaming=off,recompute
 
 Keys: ``nodes``, ``devices_per_node``, ``device`` (the cluster), ``gen_len``, ``prompt_len``,
-``batch_size``, ``group_size``, ``max_staleness`` (the workload; η 0 is synchronous), ``gen_devices``
+``batch_size``, ``group_size``, ``max_staleness`` (the workload; η 0 is synchronous), ``streaming``
+(``off``, ``recompute``, ``keep``: :mod:`estimator.spec.stream`; off wherever η is 0), ``gen_devices``
 (not searched: devices ``0..k-1`` generate and the rest train, :func:`search.baselines.disaggregated`,
 so throughput reads against the generation share of devices), or a role of the algorithm that holds a model
 (``actor``, ``critic``, …; not ``reward`` when it is a verifier, ``reward: rule``) set to a
@@ -62,10 +64,11 @@ from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.models import get_model
 from estimator.spec.plan import Plan, check
 from estimator.spec.stack import STACKS, get_stack
-from estimator.spec.workflow import GENERATING, MAX_STALENESS, ROLES, VALUE_ROLES
+from estimator.spec.workflow import GENERATING, MAX_STALENESS, ROLES, STREAMING, VALUE_ROLES
 
 CLUSTER_KEYS = {"nodes": int, "devices_per_node": int, "device": str}
-WORKLOAD_KEYS = {"gen_len": int, "prompt_len": int, "batch_size": int, "group_size": int, "max_staleness": int}
+WORKLOAD_KEYS = {"gen_len": int, "prompt_len": int, "batch_size": int, "group_size": int, "max_staleness": int,
+                 "streaming": str}
 # not the experiment but the plan: devices 0..k-1 generate, the rest train (no search at that point)
 PLAN_KEYS = {"gen_devices": int}
 # the bounds an experiment file has for the same keys (estimator/base/rules.py says why)
@@ -112,6 +115,10 @@ def parse_vary(texts: Sequence[str], algorithm: str, roles: Sequence[str] | None
         if key == "stack":
             for v in items:
                 get_stack(v, f"--vary {key}")
+        if key == "streaming":
+            bad = [v for v in items if v not in STREAMING]
+            if bad:
+                raise ConfigError(f"--vary {key}={values}: {bad} must be one of {', '.join(STREAMING)}")
         out[key] = [kind(v) for v in items]
         twice = sorted({str(v) for v in out[key] if out[key].count(v) > 1})
         if twice:
@@ -137,6 +144,8 @@ def apply(experiment: Experiment, point: Mapping[str, Any]) -> Experiment:
         if key in workload:
             workload[f"{key.split('_')[0]}_lengths"] = None
     params = dataclasses.replace(experiment.params, **workload)
+    if params.max_staleness == 0:  # a stream needs η ≥ 1: at η = 0 every rollout is synchronous
+        params = dataclasses.replace(params, streaming="off")
     models = dict(experiment.models)
     for role, name in point.items():
         if role in models:

@@ -75,6 +75,7 @@ from estimator.sim.simulate import simulate
 from estimator.sim.simulator import SimResult
 from estimator.spec.experiment import Experiment, experiment_from_dict, load_experiment
 from estimator.spec.plan import Plan, check
+from estimator.spec.stream import stream_problems
 
 COMM_OPS = ("tp_allreduce", "dp_allreduce", "dp_reduce_scatter", "dp_allgather", "dp_shard_comm")
 EXIT_INFEASIBLE = 1
@@ -175,6 +176,13 @@ def predict(experiment: Experiment, plan: Plan, profile: Profile, iterations: in
             v["generation"] = ro.summary()
     if experiment.workflow.asynchronous:
         summary["asynchrony"] = async_report(experiment, plan, result).to_dict()
+        summary["asynchrony"]["streaming_mode"] = experiment.streaming
+        # per streaming call, each replica's switch points: what the executor follows
+        summary["asynchrony"]["switch_at"] = {g: s.switch_at for g, s in result.streams.items()}
+        if experiment.streaming != "off":
+            summary["asynchrony"]["not_streaming"] = {
+                c.name: stream_problems(experiment, plan, c.name) for c in experiment.workflow.calls
+                if c.kind == "generate" and c.name not in result.streams}
     return result, memory, summary
 
 
@@ -201,6 +209,12 @@ def render(summary: dict[str, Any], memory: MemoryReport, plan_source: str) -> s
                      f"{100 * a['rollout_idle']:.1f} %, trainer devices {100 * a['trainer_idle']:.1f} %; "
                      "staleness of consumed samples mean "
                      f"{a['staleness_mean']:.2f}, max {a['staleness_max']}{push}")
+        if a.get("streaming"):
+            lines.append(f"streaming ({a['streaming_mode']}): {', '.join(a['streaming'])} serves consecutive "
+                         "iterations as one stream, trained on as trajectories finish; "
+                         f"{a['recomputed_tokens']:,} tokens prefilled again")
+        for call, why in a.get("not_streaming", {}).items():
+            lines.append(f"not streaming: {call}: {'; '.join(why)}")
     lines.append("")
     sharding = any("shard" in v for v in summary["calls"].values())  # a column only where a layout shards
     offloading = any("offload" in v for v in summary["calls"].values())  # … or offloads

@@ -215,3 +215,14 @@ def test_the_printed_table_fits_a_terminal_and_json_keeps_every_column(tmp_path:
     assert whatif.main(argv + ["--json"], functions=(STAND_IN[0], baselines)) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {"megatron_iteration_s", "speedup_over_megatron", "gpu_hours_per_1000_steps"} <= set(rows[0])
+
+
+def test_streaming_varies_and_is_off_where_the_point_is_synchronous():
+    assert whatif.parse_vary(["max_staleness=0,1", "streaming=off,recompute"], "grpo") == {
+        "max_staleness": [0, 1], "streaming": ["off", "recompute"]}
+    with pytest.raises(ConfigError, match="must be one of off, recompute, keep"):
+        whatif.parse_vary(["streaming=on"], "grpo")
+    exp = load_experiment(EXAMPLES / "grpo-longtail-tiny-2xcpu.yaml")
+    assert whatif.apply(exp, {"max_staleness": 2, "streaming": "keep"}).workflow.streaming == "keep"
+    synchronous = whatif.apply(exp, {"max_staleness": 0, "streaming": "recompute"})
+    assert synchronous.workflow.streaming == "off" and not synchronous.workflow.asynchronous
