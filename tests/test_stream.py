@@ -13,6 +13,7 @@ from estimator.sim.evaluator import Evaluator
 from estimator.sim.simulate import simulate
 from estimator.spec.experiment import load_experiment
 from estimator.spec.plan import Layout, Plan
+from estimator.spec.sharding import dp_rows
 from estimator.spec.stream import call_streams, needed_version, stream_engine, stream_problems, streaming_calls
 from estimator.spec.workflow import PUSH
 from tests.conftest import EXAMPLES
@@ -191,3 +192,12 @@ def test_a_stream_fills_the_tail_and_the_evaluator_agrees():
         pytest.approx(stream.iteration_s, rel=1e-12)
     assert {(i, c) for i, c in stream.pushes} == {(u, "actor_gen") for u in range(stream.iterations - 3)}
     assert all(PUSH + "actor_gen" not in k for k in stream.records)
+
+
+def test_a_streaming_rollout_deals_whole_groups():
+    exp = load_experiment(EXAMPLES / "grpo-longtail-tiny-2xcpu.yaml")  # 4 prompts × 8
+    gen = exp.with_staleness(1, "recompute").workflow["actor_gen"]
+    assert gen.workload.group == 8 and exp.workflow["actor_gen"].workload.group == 1
+    lay = _layout("0-2", dp=3)
+    assert [dp_rows(gen, lay, r) for r in range(3)] == [[(0, 16)], [(16, 24)], [(24, 32)]]
+    assert [dp_rows(exp.workflow["actor_gen"], lay, r) for r in range(3)] == [[(0, 11)], [(11, 22)], [(22, 32)]]

@@ -263,11 +263,13 @@ def dp_rows(call: Call, layout: Layout, dp_rank: int) -> list[Range]:
     the same global rows under any layout; other calls split the batch in dp blocks. Paired
     data keeps (chosen, rejected) rows together. A generate call's engine replicas take the
     requests as a rollout server deals them, unevenly where they do not divide (the first
-    replicas one more: :func:`split_range`), so any number of engines can serve a batch.
+    replicas one more: :func:`split_range`), so any number of engines can serve a batch; a
+    streaming GRPO rollout deals whole groups (``Workload.group``).
     """
     w = call.workload
     if call.kind == "generate":
-        return [split_range(0, w.seqs, layout.dp)[dp_rank]]
+        lo, hi = split_range(0, w.seqs // w.group, layout.dp)[dp_rank]  # whole groups (1 row each by default)
+        return [(lo * w.group, hi * w.group)]
     per_unit = 2 if w.paired else 1
     steps = w.minibatches if call.kind == "train" else 1
     step_units = w.units // steps

@@ -6,9 +6,9 @@ Under ``async: {max_staleness: η, streaming: recompute | keep}``
 (:data:`estimator.spec.workflow.STREAMING`), the
 actor's generate call streams where its plan gives it a standing copy
 (:func:`estimator.spec.plan.standing_copies`) that runs nothing else, one virtual engine per
-replica (``micro_batches`` 1), and a share of every batch that whole groups make
-(:func:`stream_problems` says why not otherwise; such a plan runs as plain asynchronous
-training). Each engine replica then follows :func:`stream_engine`:
+replica (``micro_batches`` 1), and at least one prompt per replica (:func:`stream_problems`
+says why not otherwise; such a plan runs as plain asynchronous training). Its replicas are dealt
+whole GRPO groups (``Workload.group``). Each engine replica then follows :func:`stream_engine`:
 
 1. **Requests.** It serves its rows of iteration 0, then its rows of iteration 1, … (the rows
    :func:`estimator.spec.sharding.dp_rows` deals it each iteration) as one queue, by
@@ -50,7 +50,7 @@ import numpy as np
 from estimator.base.errors import ConfigError
 from estimator.spec.batching import PREFILL_TOKENS, EngineRun, schedule
 from estimator.spec.plan import Layout, Plan, standing_copies
-from estimator.spec.sharding import split_range
+from estimator.spec.sharding import dp_rows
 
 if TYPE_CHECKING:
     from estimator.spec.experiment import Experiment
@@ -164,11 +164,9 @@ def stream_problems(experiment: Experiment, plan: Plan, call: str) -> list[str]:
         out.append(f"{', '.join(others)} also run on {call}'s devices")
     if layout.micro_batches != 1:
         out.append(f"{call} runs {layout.micro_batches} virtual engines per replica; a stream needs 1")
-    group = experiment.params.group_size
-    shares = sorted({hi - lo for lo, hi in split_range(0, wf[call].workload.seqs, layout.dp)})
-    if any(n % group for n in shares):
-        out.append(f"{call}'s replicas take {'/'.join(map(str, shares))} rows an iteration, not whole groups of "
-                   f"{group}")
+    units = wf[call].workload.seqs // wf[call].workload.group
+    if units < layout.dp:
+        out.append(f"{call} has {layout.dp} replicas for {units} prompts an iteration: some would serve none")
     return out
 
 
@@ -186,11 +184,11 @@ def replica_stream(experiment: Experiment, layout: Layout, call: str, iterations
     """Replica ``replica`` of streaming generate call ``call`` on ``layout``: its stream over
     ``iterations`` unrolled iterations (:func:`stream_engine`). Iteration ``b``'s lengths are
     those the unroll draws for it (:meth:`~estimator.spec.workflow.Workflow.draw_iteration`), its
-    rows those :func:`~estimator.spec.sharding.split_range` deals the replica, the limits those
-    of one engine."""
+    rows those :func:`~estimator.spec.sharding.dp_rows` deals the replica (whole groups), the
+    limits those of one engine."""
     wf = experiment.workflow
     drawn = [experiment.lengths(wf.draw_iteration(b)) for b in range(iterations)]
-    rows = split_range(0, wf[call].workload.seqs, layout.dp)[replica]
+    (rows,) = dp_rows(wf[call], layout, replica)
     return stream_engine([d[0] for d in drawn], [d[1] for d in drawn], [rows] * iterations, wf.staleness,
                          experiment.params.group_size, max_running, kv_tokens, prefill_tokens,
                          wf.streaming == "recompute", switch_at)

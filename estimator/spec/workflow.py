@@ -75,6 +75,9 @@ class Workload:
     paired: bool = False  # sequences come as (chosen, rejected) pairs kept together
     greedy: bool = False  # generate: argmax decoding instead of sampling
     lengths_vary: bool = False  # prompt or response lengths are drawn from a distribution (caps above)
+    # generate: rows dealt to engine replicas in whole groups of this many (a streaming GRPO
+    # rollout's prompts with their samples, estimator.spec.stream); 1: row by row
+    group: int = 1
 
     def __post_init__(self) -> None:
         problems = [
@@ -84,6 +87,8 @@ class Workload:
         ]
         if not problems and self.paired and self.seqs % 2:
             problems.append(f"seqs={self.seqs} must be even for paired data")
+        if not problems and (not isinstance(self.group, int) or self.group < 1 or self.seqs % self.group):
+            problems.append(f"group={self.group!r} must be a positive integer dividing seqs={self.seqs}")
         if problems:
             raise ConfigError("workload: " + "; ".join(problems))
 
@@ -441,7 +446,9 @@ def ppo(p: WorkflowParams) -> Workflow:
 
 def grpo(p: WorkflowParams) -> Workflow:
     n = p.batch_size * p.group_size
-    gen = Workload(n, p.prompt_len, p.gen_len, lengths_vary=p.variable)
+    # a stream consumes whole groups, so its engines take whole groups
+    gen = Workload(n, p.prompt_len, p.gen_len, lengths_vary=p.variable,
+                   group=p.group_size if p.streaming != "off" else 1)
     inf = Workload(n, p.prompt_len, p.gen_len, lengths_vary=p.variable)
     train = Workload(n, p.prompt_len, p.gen_len, minibatches=p.ppo_minibatches, lengths_vary=p.variable)
     return Workflow("grpo", _calls([
