@@ -80,6 +80,7 @@ from estimator.sim.simulator import SimResult
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan
 from estimator.spec.workflow import MAX_STALENESS, STREAMING
+from search.baselines import split_starts
 from search.checks import MAX_CHAINS, check_budget, check_out, check_positive
 from search.framework import framework_best
 from search.result import comparison_table, imported_text, render_report, result_json, speedups_over
@@ -171,6 +172,8 @@ def _main(argv: list[str] | None) -> int:
                           max_evals=args.max_evals, seed=args.seed, chains=args.chains, progress=not args.json,
                           recompute=not args.no_recompute, uneven=args.uneven_meshes)
     starts = {"synchronous best": sync.plan} if sync is not None else {}
+    if sync is not None:  # and disaggregated splits: the asynchronous best often lies far from the synchronous
+        starts |= split_starts(experiment, profile)
     if imported is not None and imported["fits"]:  # the config the user runs: a start, and re-ranked
         starts[f"imported {args.source} config"] = config_plan
     result = run_search(experiment, profile, time_budget_s=args.time_budget, max_evals=args.max_evals,

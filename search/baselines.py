@@ -333,6 +333,23 @@ def _nearest_splits(exp: Experiment, share: float) -> list[int]:
     return sorted(points, key=lambda k: (abs(k - share * exp.cluster.num_devices), -k))
 
 
+def split_starts(exp: Experiment, profile: Profile, shares: tuple[float, ...] = (0.25, 0.5, 0.75)) -> dict[str, Plan]:
+    """Disaggregated plans that generate on about each share of the devices (the valid split
+    nearest it that builds): starting points for an asynchronous search, whose space of splits is
+    large and whose best plans — a streaming rollout's above all — lie far from a synchronous one."""
+    out: dict[str, Plan] = {}
+    n = exp.cluster.num_devices
+    for share in shares:
+        for k in _nearest_splits(exp, share) if split_points(exp) else []:
+            try:
+                plan = disaggregated(exp, profile, k)
+            except ConfigError:
+                continue
+            out.setdefault(f"split {k}+{n - k}", plan)
+            break
+    return out
+
+
 def areal_split(exp: Experiment, profile: Profile) -> Plan:
     """AReaL's split: the valid split nearest 3/4 of the devices generating (SGLang engines of
     tp 1) whose calls all have a layout there (the rollout batch must split over the engines),
