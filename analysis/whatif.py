@@ -8,7 +8,7 @@ Usage::
     python -m analysis.whatif examples/grpo-qwen2.5-7b-16xh100.yaml --vary device=h100-sxm,h800,a100-80g
     python -m analysis.whatif examples/grpo-llama3-8b-8xh100.yaml --vary max_staleness=0,1,2,4
     python -m analysis.whatif examples/grpo-llama3-8b-8xh100.yaml --vary gen_devices=2,4,6 --vary max_staleness=0,2
-    python -m analysis.whatif examples/grpo-llama3-8b-8xh100.yaml --vary max_staleness=1,2 --vary streaming=off,recompute
+    python -m analysis.whatif examples/grpo-llama3-8b-8xh100.yaml --vary max_staleness=1,2 --vary streaming=off,keep
 
 Keys: ``nodes``, ``devices_per_node``, ``device`` (the cluster), ``gen_len``, ``prompt_len``,
 ``batch_size``, ``group_size``, ``max_staleness`` (the workload; η 0 is synchronous), ``streaming``
