@@ -131,6 +131,17 @@ class EngineWork:
     plan: EnginePlan  # the forwards that run its schedule (executor.serving.engine_steps)
 
 
+@dataclass
+class Served:
+    """A virtual engine while it serves (:meth:`Engine.open`, :meth:`Engine.serve_step`)."""
+
+    work: EngineWork
+    pool: M.KVPool
+    seq: Tensor  # (n, width) its rows: prompts, then the tokens sampled so far
+    logp: Tensor  # (n, gen_cap) float64: each sampled token's log-probability (last stage)
+    owed: int = -1  # first stage of a pipeline: the step whose tokens the last stage still has to send
+
+
 # ---- the engine --------------------------------------------------------------------------------
 
 
@@ -173,6 +184,14 @@ class Engine:
         vocab_box = self.boxes.get("embed_tokens.weight") or self.boxes.get("lm_head.weight")
         self.tensor = TensorParallel(model, self.tp_group, vocab_box[0][0] if vocab_box else 0)
         self.link = StageLink()
+
+    def load(self, params: M.Params) -> None:
+        """Compute with ``params`` from now on: a standing rollout copy's new weights, the same
+        shards (:mod:`executor.stream` swaps them between two forwards of a stream)."""
+        if self.full is not None:
+            raise ValueError("a layout that shards its parameters over data-parallel ranks cannot swap them")
+        _check_params(params, self.boxes)
+        self.params = params
 
     # -- one stage's computation: pipeline ends around tensor-parallel blocks
 
@@ -358,68 +377,90 @@ class Engine:
         (sequences (n, width), logp (n, gen_cap), 0 past each response) per engine on the last
         stage, None elsewhere; ``count(value)`` records the replica's running batch at the first
         decode step of every segment, and 0 once every engine is done."""
-        pools = [M.KVPool(w.plan.slots, w.plan.max_len) for w in work]
-        seqs = [w.seqs.clone().to(self.torch_device) for w in work]
-        logps = [torch.zeros(w.seqs.shape[0], w.gen_cap, dtype=torch.float64, device=self.torch_device)
-                 for w in work]
+        served = [self.open(w) for w in work]
         running = [0] * len(work)  # each engine's decode batch, for the counter
         for k in range(max((len(w.plan.steps) for w in work), default=0)):
-            for e, w in enumerate(work):
+            for e, (w, s) in enumerate(zip(work, served)):
                 if k >= len(w.plan.steps):
                     continue
                 st = w.plan.steps[k]
                 if st.running >= 0 and count is not None:
                     running[e] = st.running
                     count(float(sum(running)))
-                for src, dst, length in st.moves:
-                    pools[e].move(src, dst, length)
-                inp = self._serve_input(w, st, k, seqs[e])
-                req = torch.tensor(st.requests, dtype=torch.long, device=self.torch_device)
-                # the KV length after the step, which is also where its new token goes
-                at = torch.tensor(st.lengths, dtype=torch.long, device=self.torch_device)
-                with self.mark(st.op, e):
-                    if st.op == PREFILL:
-                        y = self._stage(inp, 0, pools[e].prefill(st.first_slot), last=at - 1)
-                    else:
-                        y = self._stage(inp, 1, pools[e].decode(at, st.width), positions=at - 1)
-                    if self.last:
-                        pos = at - w.prompt[req]  # response position of each row's new token
-                        tok, logp = self._choose(e, pos, y[:, -1], lambda mb, s, lg, req=req: choose(mb, req, s, lg),
-                                                 temperature)
+                self.serve_step(s, e, k, choose, temperature)
                 if k + 1 == len(w.plan.steps) and count is not None:
                     running[e] = 0
                     count(float(sum(running)))
-                if not self.last:
-                    self.link.send(y, self.next)
-                    continue
-                seqs[e][req, at] = tok
-                logps[e][req, pos] = logp.to(torch.float64)
-                if k + 1 < len(w.plan.steps) and not self.first:
-                    self.link.send(tok, self.first_rank)
         self.link.wait()
         if not self.last:
             return None
-        return list(zip(seqs, logps))
+        return [(s.seq, s.logp) for s in served]
 
-    def _serve_input(self, w: EngineWork, st: Step, k: int, seq: Tensor) -> Tensor:
+    def open(self, work: EngineWork) -> Served:
+        """A virtual engine about to run ``work.plan.steps``: its KV pool and its rows."""
+        return Served(work, M.KVPool(work.plan.slots, work.plan.max_len), work.seqs.clone().to(self.torch_device),
+                      torch.zeros(work.seqs.shape[0], work.gen_cap, dtype=torch.float64, device=self.torch_device))
+
+    @torch.no_grad()
+    def serve_step(self, s: Served, e: int, k: int, choose: ServeChooseFn, temperature: float = 1.0) -> None:
+        """Forward ``k`` of virtual engine ``e`` (:meth:`serve`); on the last stage the tokens it
+        samples go into ``s.seq`` and their log-probabilities into ``s.logp``."""
+        w = s.work
+        st = w.plan.steps[k]
+        for src, dst, length in st.moves:
+            s.pool.move(src, dst, length)
+        inp = self._serve_input(s, st)
+        req = torch.tensor(st.requests, dtype=torch.long, device=self.torch_device)
+        # the KV length after the step, which is also where its new token goes
+        at = torch.tensor(st.lengths, dtype=torch.long, device=self.torch_device)
+        with self.mark(st.op, e):
+            if st.op == PREFILL:
+                y = self._stage(inp, 0, s.pool.prefill(st.first_slot), last=at - 1)
+            else:
+                y = self._stage(inp, 1, s.pool.decode(at, st.width), positions=at - 1)
+            if self.last:
+                pos = at - w.prompt[req]  # response position of each row's new token
+                tok, logp = self._choose(e, pos, y[:, -1], lambda mb, p, lg: choose(mb, req, p, lg), temperature)
+        more = k + 1 < len(w.plan.steps)
+        if not self.last:
+            self.link.send(y, self.next)
+            s.owed = k if more and self.first else -1  # the last stage sends this step's tokens back
+            return
+        s.seq[req, at] = tok
+        s.logp[req, pos] = logp.to(torch.float64)
+        if more and not self.first:
+            self.link.send(tok, self.first_rank)
+
+    def settle(self, s: Served) -> None:
+        """Bring a virtual engine to rest between two of its steps, so that other traffic
+        between the stages (a weight push) cannot meet its messages: the first stage takes in
+        the tokens the last step sampled, and every send completes."""
+        self._take_tokens(s)
+        self.link.wait()
+
+    def _take_tokens(self, s: Served) -> None:
+        """On the first stage, the tokens the engine's previous step sampled, from the last stage."""
+        if s.owed < 0:
+            self.link.flush()
+            return
+        prev, s.owed = s.work.plan.steps[s.owed], -1
+        got = self.link.recv((len(prev.requests),), torch.long, self.torch_device, self.last_rank)
+        s.seq[torch.tensor(prev.requests, device=self.torch_device),
+              torch.tensor(prev.lengths, device=self.torch_device)] = got
+
+    def _serve_input(self, s: Served, st: Step) -> Tensor:
         """A step's input: on the first stage its tokens (after taking in those the engine's
         previous step sampled, from the last stage), activations (B, T, C) elsewhere."""
         b = len(st.requests)
         if not self.first:
             t = st.width if st.op == PREFILL else 1
             return self.link.recv((b, t, self.model.hidden), self.dtype, self.torch_device, self.prev)
-        if k > 0 and not self.last:
-            prev = w.plan.steps[k - 1]
-            got = self.link.recv((len(prev.requests),), torch.long, self.torch_device, self.last_rank)
-            seq[torch.tensor(prev.requests, device=self.torch_device),
-                torch.tensor(prev.lengths, device=self.torch_device)] = got
-        else:
-            self.link.flush()
+        self._take_tokens(s)
         req = torch.tensor(st.requests, dtype=torch.long, device=self.torch_device)
         if st.op == PREFILL:
-            return seq[req, :st.width]  # (B, T): prompt and generated tokens, then the pads past each
+            return s.seq[req, :st.width]  # (B, T): prompt and generated tokens, then the pads past each
         lengths = torch.tensor(st.lengths, dtype=torch.long, device=self.torch_device)
-        return seq[req, lengths - 1][:, None]  # (B, 1): each row's last token
+        return s.seq[req, lengths - 1][:, None]  # (B, 1): each row's last token
 
     def _gen_input(self, prompt: Tensor, seq: Tensor, step: int) -> Tensor:
         """The prompt first, then the token chosen last step (from the last stage, or held

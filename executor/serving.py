@@ -69,9 +69,16 @@ def engine_limits(max_concurrency: int, kv_tokens: int, micro_batches: int) -> t
 def engine_steps(prompt: np.ndarray, gen: np.ndarray, max_running: int = 0, kv_tokens: int = 0) -> EnginePlan:
     """The forwards of one engine serving requests ``0 .. n−1`` (prompt and response tokens of
     each) under :func:`estimator.spec.batching.schedule`."""
+    return run_steps(schedule(np.asarray(prompt), np.asarray(gen), max_running, kv_tokens), prompt, gen)
+
+
+def run_steps(run: EngineRun, prompt: np.ndarray, gen: np.ndarray) -> EnginePlan:
+    """The forwards that run schedule ``run`` of requests ``0 .. n−1`` (prompt and response
+    tokens of each), checked against it segment by segment, one a prefill or decode op of the
+    schedule; a streaming rollout's (:mod:`estimator.spec.stream`, whose switch points count
+    these ops) as well as a call's."""
     prompt = np.asarray(prompt, dtype=np.int64)
     gen = np.asarray(gen, dtype=np.int64)
-    run = schedule(prompt, gen, max_running, kv_tokens)
     done = [0] * len(prompt)  # tokens each request has generated
     order: list[int] = []  # order[s]: the request in slot s
     moves: list[tuple[int, int, int]] = []
