@@ -57,7 +57,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from estimator.base import rules
 from estimator.base.errors import ConfigError, cli_guard
 from estimator.base.io import atomic_write_json, atomic_write_text, check_output_dir
 from estimator.base.loading import load_json
@@ -68,12 +67,14 @@ from estimator.sim.simulate import simulate
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check
 from estimator.spec.timeline import Timeline
-from estimator.spec.workflow import MAX_STALENESS
+from estimator.spec.workflow import STREAMING
+from executor.run import with_async
 
 ROOT = Path(__file__).resolve().parent.parent
 PER_DEVICE_MAX = 16  # predicted timelines of larger clusters keep one device per stage
 EXIT_NOTHING_MEASURED = 1
-Runner = Callable[[Path, Path, int, Path], Timeline]  # (experiment, plan file, iterations, timeline out)
+# (experiment, plan file, iterations, timeline out); a streaming plan's runs also get ``switch_at``
+Runner = Callable[..., Timeline]
 
 
 SEARCH_TIME_CAP_S = 3600.0  # run_search needs a time budget; with max_evals it is not what stops it
@@ -89,6 +90,7 @@ class Candidate:
     predicted: Timeline | None = None
     measured: list[Timeline] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    switch_at: dict[str, list[list[int]]] = field(default_factory=dict)  # a stream's predicted switch points
 
 
 def search_plans(experiment: Experiment, profile: Profile, seed: int,
@@ -175,14 +177,18 @@ def from_results(directory: Path, experiment: Experiment) -> tuple[list[Candidat
 
 
 def run_executor(experiment_path: Path, plan_file: Path, iterations: int, out: Path, timeout_s: float = 900.0,
-                 max_staleness: int | None = None) -> Timeline:
-    """One fresh ``python -m executor.run`` process; its measured timeline."""
+                 max_staleness: int | None = None, streaming: str | None = None,
+                 switch_at: dict[str, list[list[int]]] | None = None) -> Timeline:
+    """One fresh ``python -m executor.run`` process; its measured timeline. A streaming plan
+    runs at the switch points given (the prediction's), so both sides serve the same stream."""
     # the executor of this very tree, whatever the caller's working directory
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "executor.run", str(experiment_path), "--plan", str(plan_file),
            "--iterations", str(iterations), "--timeline", str(out), "--json"]
     cmd += ["--max-staleness", str(max_staleness)] if max_staleness is not None else []
+    cmd += ["--streaming", streaming] if streaming is not None else []
+    cmd += ["--switch-at", json.dumps(switch_at)] if switch_at else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -199,8 +205,9 @@ def measure(cands: list[Candidate], experiment_path: Path, out: Path, iterations
             for r in range(runs):
                 bar.set_postfix_str(f"{c.id} run {r + 1}/{runs}")
                 try:
+                    points = {"switch_at": c.switch_at} if c.switch_at else {}
                     c.measured.append(runner(experiment_path, out / "plans" / f"{c.id}.json", iterations,
-                                             out / "timelines" / f"{c.id}.measured-{r}.json"))
+                                             out / "timelines" / f"{c.id}.measured-{r}.json", **points))
                 except (RuntimeError, subprocess.TimeoutExpired, ConfigError) as exc:
                     c.failures.append(f"run {r}: {exc}")
                 bar.update()
@@ -212,7 +219,9 @@ def predict(cands: list[Candidate], experiment: Experiment, profile: Profile, it
         (out / sub).mkdir(parents=True, exist_ok=True)
     for c in cands:
         atomic_write_text(out / "plans" / f"{c.id}.json", c.plan.to_json())
-        c.predicted = simulate(experiment, c.plan, profile, iterations).timeline(per_device)
+        res = simulate(experiment, c.plan, profile, iterations)
+        c.predicted = res.timeline(per_device)
+        c.switch_at = {g: s.switch_at for g, s in res.streams.items()}
         c.predicted.save(out / "timelines" / f"{c.id}.predicted.json")
 
 
@@ -365,6 +374,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="output directory (default analysis/results/<experiment>)")
     ap.add_argument("--max-staleness", type=int, default=None,
                     help="validate asynchronous training with this staleness η (overrides the experiment's)")
+    ap.add_argument("--streaming", choices=STREAMING, default=None,
+                    help="validate streaming rollouts (recompute | keep) or none (off), overriding the "
+                         "experiment's async.streaming")
     ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     return ap
 
@@ -375,11 +387,9 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
     experiment = load_experiment(args.experiment)
-    if args.max_staleness is not None:
-        experiment = experiment.with_staleness(rules.integer("--max-staleness", args.max_staleness, lo=0,
-                                                             hi=MAX_STALENESS))
-        if runner is run_executor:
-            runner = functools.partial(run_executor, max_staleness=args.max_staleness)
+    experiment = with_async(experiment, args.max_staleness, args.streaming)
+    if runner is run_executor and (args.max_staleness is not None or args.streaming is not None):
+        runner = functools.partial(run_executor, max_staleness=args.max_staleness, streaming=args.streaming)
     profile = experiment_profile(experiment, args.profile)
     if args.replot:
         drawn = replot(Path(args.replot), experiment, profile)
@@ -398,6 +408,7 @@ def _main(argv: list[str] | None, runner: Runner = run_executor) -> int:
     runs = max(len(c.measured) for c in cands) if args.rescore else args.runs
     settings = {"experiment": str(args.experiment), "plans": len(cands), "iterations": args.iterations,
                 "runs": runs, "profile": profile.name, "seed": args.seed, "max_staleness": experiment.max_staleness,
+                "streaming": experiment.streaming,
                 **({"rescored": str(args.rescore)} if args.rescore else {})}
     for n in notes:
         print(f"note: {n}", file=sys.stderr)

@@ -82,6 +82,9 @@ class CallRun:
     span: Callable[[str], AbstractContextManager] = lambda op: nullcontext()  # times a named op
     kv_tokens: int = 0  # generate: KV tokens of each engine replica (0: unlimited)
     count: Callable[[float], None] | None = None  # generate: records the replica's running batch
+    # (prompt, response) tokens by global row where the rows are not the iteration's own draw: a
+    # streaming rollout's consumed rows (executor.stream.row_sources); None: the iteration's
+    row_lengths: tuple[Tensor, Tensor] | None = None
     losses: list[float] = field(default_factory=list)  # train: summed loss per minibatch (last stage)
     _derived: dict[str, Pieces] = field(default_factory=dict)
     _lengths: tuple[Tensor, Tensor] | None = None
@@ -103,10 +106,13 @@ class CallRun:
         """(prompt, response) tokens of every row of the iteration, by global row (int64):
         :meth:`Experiment.lengths` for rollouts, the caps for other data. An asynchronous run's
         extra warm-up iterations draw iteration 0's, as the estimator charges them
-        (:meth:`~estimator.spec.workflow.Workflow.draw_iteration`)."""
+        (:meth:`~estimator.spec.workflow.Workflow.draw_iteration`). Under a streaming rollout
+        each row has the lengths of the request it holds (``row_lengths``)."""
         if self._lengths is None:
             p, w = self.experiment.params, self.call.workload
-            if self.experiment.rollout_rows:
+            if self.row_lengths is not None:
+                self._lengths = self.row_lengths
+            elif self.experiment.rollout_rows:
                 prompt, gen = self.experiment.lengths(self.experiment.workflow.draw_iteration(self.iteration))
                 self._lengths = torch.as_tensor(prompt), torch.as_tensor(gen)
             else:

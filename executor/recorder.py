@@ -53,6 +53,16 @@ class Recorder:
         end = time.perf_counter() - self.t0
         self.spans.append(Span(start, end, self.device, iteration, call, op, -1, stage))
 
+    def now(self) -> float:
+        """Seconds on this recorder's clock."""
+        return time.perf_counter() - self.t0
+
+    def close(self, start: float, iteration: int, call: str, op: str, stage: int = -1) -> None:
+        """A coarse span that began at ``start`` (:meth:`now`) and ends now: one that no block
+        of code encloses (a streaming rollout's share of an iteration, :mod:`executor.stream`)."""
+        self.sync()
+        self.spans.append(Span(start, self.now(), self.device, iteration, call, op, -1, stage))
+
     def sample(self, iteration: int, call: str, name: str, value: float) -> None:
         """A counter's value from now on (e.g. a generate call's running batch). On a GPU the
         host clock runs ahead of the queued work, so the value is placed at the host's time."""

@@ -28,7 +28,13 @@ the rollouts of iteration j are generated η iterations ahead, with the weights 
 j − η − 1; a generate call on devices apart from the actor's home keeps a standing copy that a
 weight push (``push:<call>`` in the timeline and under ``pushes``) refreshes after each update.
 ``--iterations`` counts as in ``python -m estimator.predict``: 2η warm-up and η drain iterations
-are run besides them, and by default left out of the steady state with the first one.
+are run besides them, and by default left out of the steady state with the first one. Under
+``async.streaming`` (or ``--streaming recompute|keep``) a standing copy that runs nothing else
+serves its rollouts as one stream across iterations (:mod:`executor.stream`), taking each
+version at the switch points ``--switch-at`` gives (the prediction's: ``python -m
+estimator.predict --json`` reports them under ``asynchrony.switch_at``, and
+``analysis.validate`` passes them), else where the engine first needs it; ``--json`` says
+which calls stream, and at which points, under ``streaming``.
 A worker that fails stops the run with exit code 1, naming its rank and call; a rank that stops
 responding (hung, or stopped with SIGSTOP) is the one named once its peers' collective timeout
 expires (``--timeout-s``, default 300 s). Experiment, profile, plan, prompts, checkpoints and
@@ -58,7 +64,8 @@ from estimator.cost.rollout import continuous
 from estimator.profile.profiles import Profile, load_profile
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check
-from estimator.spec.workflow import MAX_STALENESS, PUSH, steady_iterations
+from estimator.spec.stream import streaming_calls
+from estimator.spec.workflow import MAX_STALENESS, PUSH, STREAMING, steady_iterations
 from executor.checkpoint import check_checkpoint
 from executor.prompts import check_prompts
 
@@ -261,7 +268,8 @@ def run_torchrun(experiment: Experiment, plan: Plan, options: RunOptions, timeou
     return merge(gathered, experiment, plan, options, backend=backend, world_size=world) if rank == 0 else None
 
 
-def report(result: RunResult, experiment: Experiment, plan: Plan) -> dict[str, Any]:
+def report(result: RunResult, experiment: Experiment, plan: Plan,
+           points: dict[str, list[tuple[int, ...]]] | None = None) -> dict[str, Any]:
     stats = result.call_stats()
     empty = {"duration_s": 0.0, "span_s": 0.0, "realloc_s": 0.0, "data_s": 0.0}
     return {
@@ -271,6 +279,8 @@ def report(result: RunResult, experiment: Experiment, plan: Plan) -> dict[str, A
         "warmup_iterations": result.warmup,
         "drain_iterations": result.drain,
         "max_staleness": experiment.workflow.staleness,
+        "streaming": {"mode": experiment.streaming, "calls": sorted(streaming_calls(experiment, plan)),
+                      "switch_at": {c: [list(p) for p in ps] for c, ps in (points or {}).items()}},
         "initial_weights": {role: experiment.checkpoints.get(role, "seeded") for role in experiment.models},
         "calls": {name: {**stats.get(name, empty), **plan[name].to_dict()}
                   for name in experiment.workflow.topological_order()},
@@ -305,9 +315,23 @@ def table(rep: dict[str, Any], experiment: Experiment) -> str:
               f"iteration: {rep['iteration_s']:.4f} s (no warm-up excluded; use --iterations > 1)")
     if rep["max_staleness"]:
         steady += f"; asynchronous, max_staleness {rep['max_staleness']}"
+    if rep["streaming"]["calls"]:
+        steady += f"; {', '.join(rep['streaming']['calls'])} streamed ({rep['streaming']['mode']})"
     weights = "initial weights: " + "; ".join(f"{role} {src}" for role, src in rep["initial_weights"].items())
     return "\n\n".join([format_table(its, right={1}), format_table(rows, right=set(range(4, 12))), steady,
                         weights])
+
+
+def stream_points(experiment: Experiment, plan: Plan, options: RunOptions) -> dict[str, list[tuple[int, ...]]]:
+    """Every streaming call's switch points per replica as the run will take them
+    (:func:`executor.stream.engine_streams`; a ConfigError where the rule refuses given ones).
+    Imports torch only where a call streams."""
+    calls = sorted(streaming_calls(experiment, plan))
+    if not calls:
+        return {}
+    from executor.stream import engine_streams
+
+    return {c: [s.switch_at for s in engine_streams(experiment, plan, c, options)] for c in calls}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -324,6 +348,12 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"collective timeout per operation (default {DEFAULT_TIMEOUT_S:.0f})")
     ap.add_argument("--max-staleness", type=int, default=None,
                     help="train asynchronously with this staleness η, overriding the experiment's async.max_staleness")
+    ap.add_argument("--streaming", choices=STREAMING, default=None,
+                    help="serve a standing rollout copy as one stream (recompute | keep) or not (off), overriding "
+                         "the experiment's async.streaming; needs max_staleness ≥ 1")
+    ap.add_argument("--switch-at", metavar="JSON",
+                    help='a streaming call\'s switch points per replica (ops run when it takes each version), '
+                         'e.g. \'{"actor_gen": [[398, 610]]}\'; default: where each replica needs the version')
     ap.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
     ap.add_argument("--inject-fault", metavar="RANK:CALL",
                     help="testing only: RANK exits abruptly when it starts CALL's compute")
@@ -338,6 +368,47 @@ def engine_pools(experiment: Experiment, plan: Plan, profile: Profile) -> dict[s
     wf = experiment.workflow
     return {c: costs.kv_tokens(c, plan[c]) * plan[c].micro_batches for c in wf.call_names
             if continuous(wf[c], plan[c])}
+
+
+def with_async(experiment: Experiment, max_staleness: int | None, streaming: str | None) -> Experiment:
+    """The experiment under ``--max-staleness`` and ``--streaming`` (None: the file's
+    ``async.max_staleness`` / ``async.streaming``; a new η keeps the file's streaming where it
+    allows one)."""
+    if max_staleness is None and streaming is None:
+        return experiment
+    eta = experiment.max_staleness if max_staleness is None else rules.integer(
+        "--max-staleness", max_staleness, lo=0, hi=MAX_STALENESS)
+    if streaming not in (None, "off") and eta < 1:
+        raise ConfigError(f"--streaming {streaming} needs max_staleness ≥ 1 (--max-staleness), not {eta}: with 0 "
+                          "no rollout of the next iteration may start before the update")
+    return experiment.with_staleness(eta, streaming)
+
+
+def parse_switch_at(text: str | None, experiment: Experiment, plan: Plan) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """``--switch-at`` JSON → call → per replica its switch points; each call must stream under
+    the plan and have one list of whole numbers, in order, per data-parallel replica."""
+    if text is None:
+        return {}
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--switch-at is not JSON ({exc.msg} at character {exc.pos})") from None
+    streaming = streaming_calls(experiment, plan)
+    if not isinstance(raw, dict):
+        raise ConfigError('--switch-at must be an object, call → per replica a list of ops, e.g. {"actor_gen": [[96]]}')
+    out = {}
+    for call, points in raw.items():
+        if call not in streaming:
+            raise ConfigError(f"--switch-at: {call!r} does not stream under this plan (streaming: "
+                              f"{', '.join(sorted(streaming)) or 'none'})")
+        ok = isinstance(points, list) and len(points) == plan[call].dp and all(
+            isinstance(p, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p)
+            and p == sorted(p) for p in points)
+        if not ok:
+            raise ConfigError(f"--switch-at {call}: {json.dumps(points)[:80]} must be {plan[call].dp} list(s) (one a "
+                              "replica) of ops run, whole numbers ≥ 0 in order")
+        out[call] = tuple(tuple(p) for p in points)
+    return out
 
 
 def check_models(experiment: Experiment) -> None:
@@ -360,13 +431,12 @@ def _main(argv: list[str] | None) -> int:
                for flag in ("--trace", "--timeline") if getattr(args, flag.strip("-")) is not None}
     experiment = load_experiment(args.experiment)
     check_models(experiment)
-    if args.max_staleness is not None:
-        experiment = experiment.with_staleness(rules.integer("--max-staleness", args.max_staleness, lo=0,
-                                                             hi=MAX_STALENESS))
+    experiment = with_async(experiment, args.max_staleness, args.streaming)
     profile = load_profile(experiment.cluster.device, key="cluster.device")
     plan = check(Plan.load(args.plan), experiment)
     kv_tokens = engine_pools(experiment, plan, profile)
     iterations, warmup, fault = options_from(args, experiment, plan)
+    switch_at = parse_switch_at(args.switch_at, experiment, plan)
     check_prompts(experiment)
     for role, path in experiment.checkpoints.items():
         try:
@@ -378,7 +448,8 @@ def _main(argv: list[str] | None) -> int:
     from executor.options import RunOptions
 
     options = RunOptions(iterations, warmup, args.dtype, fault=fault, timeout_s=args.timeout_s, progress=True,
-                         kv_tokens=kv_tokens, drain=experiment.workflow.drain)
+                         kv_tokens=kv_tokens, drain=experiment.workflow.drain, switch_at=switch_at)
+    points = stream_points(experiment, plan, options)  # refuses points the rule refuses, before any process starts
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if not under_torchrun:  # every process of a local run lives on this host
         note = check_host_memory(experiment, plan, args.dtype)
@@ -400,7 +471,7 @@ def _main(argv: list[str] | None) -> int:
         result.timeline.write_chrome_trace(outputs["--trace"])
     if "--timeline" in outputs:
         result.timeline.save(outputs["--timeline"])
-    rep = report(result, experiment, plan)
+    rep = report(result, experiment, plan, points)
     if args.json:
         print(json.dumps(rep, indent=2))
     else:

@@ -26,7 +26,14 @@ device:
    update moves the new weights home → copy (the reallocation above, every device of both
    taking part) and replaces the copy. The copy starts as the initial weights, built in place.
    So the rollouts of iteration j are generated with the weights after update j − η − 1
-   whatever the plan, as a single process running the same program computes them.
+   whatever the plan, as a single process running the same program computes them;
+5. **stream** — a standing copy that streams (``async.streaming``,
+   :func:`estimator.spec.stream.streaming_calls`) instead serves every iteration's requests as
+   one continuous-batching stream (:mod:`executor.stream`): at instance (j, call) its devices
+   serve until iteration j's rows are emitted, taking the pushes inside the stream where the
+   shared rule switches versions (they leave the push instances of the program to the home),
+   and every call of iteration j reads its rows' lengths and prompts from the requests they
+   hold (:func:`executor.stream.row_sources`).
 
 A home that offloads (``Layout.offload`` of its train call, :mod:`executor.offload`) keeps its
 optimizer state — and under ``all`` its parameters — in a host buffer between calls: the
@@ -63,6 +70,7 @@ from estimator.base.host import cpu_model
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Layout, Plan, standing_copies
 from estimator.spec.sharding import Box, dp_rows, param_inventory, shard
+from estimator.spec.stream import streaming_calls
 from estimator.spec.timeline import Sample, Span, Timeline
 from estimator.spec.workflow import PUSH, SOURCES, Call, push_target
 from executor import model as M
@@ -77,6 +85,7 @@ from executor.optim import ShardAdam
 from executor.options import RunOptions
 from executor.realloc import reallocate
 from executor.recorder import Recorder
+from executor.stream import Emitted, StreamServer, merge_emitted, row_sources, source_rows
 from executor.zero import FullShard, ZeroAdam, shard_chunks
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -126,6 +135,7 @@ class RankResult:
     losses: dict[tuple[int, str, int], float]  # (iteration, call, minibatch) → loss summed here
     params: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # role → home shards
     counters: list[Sample] = field(default_factory=list)  # e.g. generate calls' running batches
+    streams: dict[str, Emitted] = field(default_factory=dict)  # streaming call → what it emitted here (tests)
 
 
 class RankRuntime:
@@ -155,6 +165,11 @@ class RankRuntime:
         self.program = wf.program(options.iterations, self.standing)
         # generate call → this device's part of its standing copy
         self.copies = {c: self._init_copy(c) for c in sorted(self.standing) if self._in(plan[c])}
+        # streaming rollouts (executor.stream): the calls that stream, the server of each one this
+        # device serves (made when the stream starts), and where each iteration's rollout rows come from
+        self.streaming = streaming_calls(experiment, plan)
+        self.servers: dict[str, StreamServer] = {}
+        self.row_sources = row_sources(experiment, plan, options)
         self.store: dict[int, dict[str, Pieces]] = {}  # iteration → outputs held here
         self.schedule = message_schedule(experiment, plan)
         self.input_plans = {(c.name, d): input_plan(experiment, plan, c.name, d)
@@ -215,9 +230,11 @@ class RankRuntime:
             if i == 0 or wf.slot(nodes[i - 1]) != wf.slot(node):
                 self.mailbox.post_slot(wf.slot(node))
             target = push_target(node.call)
-            if target is None:
+            if node.call in self.streaming and self._in(self.plan[node.call]):
+                self.run_stream(node.iteration, node.call)
+            elif target is None:
                 self.run_call(node.iteration, wf[node.call])
-            else:
+            elif not (target in self.streaming and self._in(self.plan[target])):  # a stream takes its own
                 self.run_push(node.iteration, target)
             if last[node.iteration] == i:
                 self.store.pop(node.iteration, None)  # every consumer of this iteration's data here is done
@@ -232,7 +249,8 @@ class RankRuntime:
             for off in self.offloaders.values():  # the final weights, from the host buffer where offloaded
                 off.upload(off.weights())
             params = {r: {n: t.detach().cpu() for n, t in self._whole(r).items()} for r in self.params}
-        return RankResult(self.device, self.rec.finish(), self.losses, params, self.rec.counters)
+        streams = {c: srv.emitted for c, srv in self.servers.items() if srv.emitted is not None}
+        return RankResult(self.device, self.rec.finish(), self.losses, params, self.rec.counters, streams)
 
     # -- one call
 
@@ -277,13 +295,14 @@ class RankRuntime:
         with self.rec.span(it, name, "offload", stage):
             (off.upload if what == "upload" else off.download)(tensors)
 
-    def run_push(self, it: int, target: str) -> None:
+    def run_push(self, it: int, target: str) -> M.Params | None:
         """The push of update ``it`` to ``target``'s standing copy: every device of the home and
-        the copy takes part; spans ``call`` and ``push`` under call ``push:<target>``."""
+        the copy takes part; spans ``call`` and ``push`` under call ``push:<target>``. Returns
+        this device's shards of the new copy (None off the copy)."""
         role = self.exp.workflow[target].role
         layout, home = self.plan[target], self.homes[role]
         if not (self._in(layout) or self._in(home)):
-            return
+            return None
         name = PUSH + target
         self.status(f"call {name} (iteration {it})")
         stage = (layout if self._in(layout) else home).coords(self.device)[2]
@@ -297,6 +316,41 @@ class RankRuntime:
                 off.drop(off.weights())
             if copy is not None:
                 self.copies[target] = copy
+        return copy
+
+    def run_stream(self, it: int, name: str) -> None:
+        """Instance (``it``, ``name``) of a streaming generate call on a device of its copy: the
+        stream served until iteration ``it`` is emitted (:class:`executor.stream.StreamServer`),
+        its outputs posted as a call's are."""
+        self.status(f"call {name} (iteration {it}, streaming)")
+        if self._faulted(name, it):
+            os._exit(FAULT_EXIT_CODE)
+        server = self.servers.get(name)
+        if server is None:
+            layout = self.plan[name]
+            engine = Engine(self.exp.models[self.exp.workflow[name].role], layout, self.device, self.copies[name],
+                            self.groups, self.torch_device)
+            dp_rank = layout.coords(self.device)[0]
+            count = None
+            if self.device == layout.device(dp_rank, 0, 0):  # the replica's first device
+                count = lambda i, value: self.rec.sample(i, name, "running", value)  # noqa: E731
+            server = self.servers[name] = StreamServer(self.exp, self.plan, name, self.device, self.options, engine,
+                                                       self.source, self.rec, count)
+        server.advance(it, lambda v: self.run_push(v - 1, name), lambda j, out: self._post(j, name, out))
+
+    def _faulted(self, call: str, it: int) -> bool:
+        """Whether fault injection (``RunOptions.fault``) stops this rank at this call's compute."""
+        fault = self.options.fault
+        return fault is not None and tuple(fault[:2]) == (self.device, call) and (len(fault) < 3 or fault[2] == it)
+
+    def _post(self, it: int, name: str, outputs: dict[str, Pieces]) -> None:
+        """Keep a call's outputs of iteration ``it`` here and push them to their consumers."""
+        if not outputs:
+            return
+        held = self.store.setdefault(it, {})
+        held.update(outputs)
+        with self.rec.span(it, name, "data"):
+            self.outbox.push(it, [m for m in self.schedule if m.producer == name], held)
 
     def _move(self, role: str, layout: Layout) -> M.Params | None:
         """``role``'s weights from its home to ``layout`` (:func:`executor.realloc.reallocate`;
@@ -327,11 +381,14 @@ class RankRuntime:
         device and sliced for every call that reads them (not rebuilt call by call)."""
         if self._source_it != it:
             self._source_it = it
-            self._source_all = self.source.rows(it, 0, self.source.rows_per_iteration).to(self.torch_device)
+            src = self.row_sources.get(it)  # a streaming rollout's rows: each that of its request
+            rows = (source_rows(self.source, src.batch, src.row) if src is not None
+                    else self.source.rows(it, 0, self.source.rows_per_iteration))
+            self._source_all = rows.to(self.torch_device)
         return self._source_all[lo:hi]
 
     def _compute(self, it: int, call: Call, layout: Layout, params: M.Params, inputs: dict, stage: int) -> None:
-        if self.options.fault == (self.device, call.name):
+        if self._faulted(call.name, it):
             os._exit(FAULT_EXIT_CODE)
         engine = Engine(self.exp.models[call.role], layout, self.device, params, self.groups, self.torch_device,
                         mark=lambda op, mb: self.rec.fine(it, call.name, op, mb, stage))
@@ -339,16 +396,14 @@ class RankRuntime:
         count = None
         if call.kind == "generate" and self.device == layout.device(dp_rank, 0, 0):  # the replica's first device
             count = lambda value: self.rec.sample(it, call.name, "running", value)  # noqa: E731
+        src = self.row_sources.get(it)
         run = CallRun(self.exp, call, layout, self.device, it, engine, inputs,
                       span=lambda op: self.rec.span(it, call.name, op, stage),
-                      kv_tokens=self.options.kv_tokens.get(call.name, 0), count=count)
+                      kv_tokens=self.options.kv_tokens.get(call.name, 0), count=count,
+                      row_lengths=src.lengths() if src is not None else None)
         with self.rec.span(it, call.name, "compute", stage):
             outputs = run_call(run, self.optimizers.get(call.role))
-        if outputs:
-            held = self.store.setdefault(it, {})
-            held.update(outputs)
-            with self.rec.span(it, call.name, "data"):
-                self.outbox.push(it, [m for m in self.schedule if m.producer == call.name], held)
+        self._post(it, call.name, outputs)
         if tp_rank == 0:  # tensor-parallel ranks share one loss; count it once
             for k, loss in enumerate(run.losses):
                 self.losses[(it, call.name, k)] = loss
@@ -366,6 +421,7 @@ class RunResult:
     losses: dict[tuple[int, str, int], float]  # (iteration, call, minibatch) → minibatch loss
     params: dict[str, dict[str, Tensor]]  # role → full tensors (empty unless requested)
     drain: int = 0  # trailing iterations left out of the steady-state time
+    streams: dict[str, Emitted] = field(default_factory=dict)  # streaming call → its emitted rows (on request)
 
     def _calls(self) -> Timeline:
         """The timeline without weight pushes: an iteration ends with its last call, as the
@@ -447,7 +503,10 @@ def merge(results: list[RankResult], experiment: Experiment, plan: Plan, options
     for r in results:
         for key, value in r.losses.items():
             losses[key] = losses.get(key, 0.0) + value
-    return RunResult(timeline, options.warmup, losses, assemble_params(results, experiment, plan), options.drain)
+    streams = {c: merge_emitted({r.device: r.streams[c] for r in results if c in r.streams}, experiment, plan, c)
+               for c in sorted({c for r in results for c in r.streams})}
+    return RunResult(timeline, options.warmup, losses, assemble_params(results, experiment, plan), options.drain,
+                     streams)
 
 
 def assemble_params(results: list[RankResult], experiment: Experiment, plan: Plan) -> dict[str, dict[str, Tensor]]:

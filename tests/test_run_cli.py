@@ -10,12 +10,13 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from estimator.base.errors import ConfigError
-from estimator.spec.experiment import load_experiment
+from estimator.spec.experiment import experiment_from_dict, load_experiment
 from estimator.spec.plan import Plan
 from estimator.spec.timeline import Timeline
-from executor.run import main, table
+from executor.run import main, table, with_async
 from tests.conftest import EXAMPLES, ROOT
 
 PPO = str(EXAMPLES / "ppo-tiny-2xcpu.yaml")
@@ -223,6 +224,46 @@ def test_a_warmup_into_the_drain_names_the_iterations_run():
     with pytest.raises(ConfigError, match=r"--warmup=4 must be below --iterations=2 \(with max_staleness=1, 5 "
                                           r"iterations run, the last 1 of them drain\)"):
         options_from(args, exp, plan)
+
+
+def test_streaming_flags_keep_or_override_the_files_async_block():
+    """``--max-staleness`` keeps the file's ``async.streaming`` where η allows a stream;
+    ``--streaming`` overrides it, and refuses a stream at η = 0 in one line."""
+    base = load_experiment(EXAMPLES / "grpo-longtail-tiny-2xcpu.yaml")
+    raw = {**yaml.safe_load((EXAMPLES / "grpo-longtail-tiny-2xcpu.yaml").read_text()),
+           "async": {"max_staleness": 1, "streaming": "keep"}}
+    streaming = experiment_from_dict(raw)
+    assert with_async(streaming, 2, None).streaming == "keep"
+    assert with_async(streaming, 0, None).streaming == "off"
+    assert with_async(streaming, None, "recompute").streaming == "recompute"
+    got = with_async(base, 1, "recompute")
+    assert (got.max_staleness, got.streaming) == (1, "recompute")
+    assert with_async(base, None, None) is base
+    with pytest.raises(ConfigError, match="--streaming keep needs max_staleness ≥ 1"):
+        with_async(base, None, "keep")
+
+
+def test_switch_points_are_checked_before_any_process_starts():
+    """``--switch-at`` names calls that stream, one ordered list a replica; points the rule
+    refuses (a switch before the replica's share of the previous iteration) are refused."""
+    from executor.options import RunOptions
+    from executor.run import parse_switch_at, stream_points
+
+    exp = load_experiment(EXAMPLES / "grpo-longtail-tiny-2xcpu.yaml").with_staleness(1, "recompute")
+    plan = Plan.load(str(EXAMPLES / "plans" / "grpo-longtail-tiny-2xcpu" / "disjoint-cap8.json"))
+    assert parse_switch_at('{"actor_gen": [[276, 436]]}', exp, plan) == {"actor_gen": ((276, 436),)}
+    for text, match in (('{"ref_inf": [[1]]}', "does not stream"), ('{"actor_gen": [[5, 2]]}', "in order"),
+                        ('{"actor_gen": [[1], [2]]}', "1 list"), ("[1", "not JSON")):
+        with pytest.raises(ConfigError, match=match):
+            parse_switch_at(text, exp, plan)
+    too_early = RunOptions(iterations=4, switch_at={"actor_gen": ((1, 2),)})
+    with pytest.raises(ConfigError, match="fewer than its share"):
+        stream_points(exp, plan, too_early)
+    default = stream_points(exp, plan, RunOptions(iterations=4))["actor_gen"]
+    assert len(default) == 1 and len(default[0]) == 2  # versions 1 and 2 feed iterations 2 and 3
+    assert main([str(EXAMPLES / "grpo-longtail-tiny-2xcpu.yaml"), "--plan",
+                 str(EXAMPLES / "plans" / "grpo-longtail-tiny-2xcpu" / "disjoint-cap8.json"), "--max-staleness", "1",
+                 "--streaming", "recompute", "--switch-at", '{"actor_gen": [[1, 2]]}']) == 2
 
 
 def test_tensor_parallelism_across_simulated_nodes_runs_when_the_plan_says_so(tmp_path, capfd):
