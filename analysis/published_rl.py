@@ -210,6 +210,13 @@ def stack_of(run: RlRun) -> str | None:
     return None
 
 
+def batching_of(run: RlRun) -> str:
+    """How the run's trainer cuts its token budgets: NeMo-RL's sequence packing (every v0.3.0
+    config), or its dynamic batching where the source says it ran that instead (the 70B DTensor
+    rows: "dynamic batching instead of sequence packing", NVIDIA-NeMo/RL issue 769)."""
+    return "dynamic" if re.search(r"dynamic batching", run.plan, re.IGNORECASE) else "packed"
+
+
 def _degree(text: str, name: str) -> int | None:
     m = re.search(rf"\b{name}\s*(\d+)", text)
     return int(m.group(1)) if m else None
@@ -281,7 +288,7 @@ def map_run(run: RlRun, profile: str | Path | None = None) -> Mapped | str:
            "ppo_minibatches": max(1, round(per_step / run.train_batch)), "old_logprobs": "recompute",
            "kv_fraction": settings.kv_fraction, "seed": 0, "name": run.experiment_id,
            "cluster": {"nodes": run.nodes, "devices_per_node": run.gpus // run.nodes, "device": str(priced.path),
-                       "stack": stack}}
+                       "stack": stack, "micro_batching": batching_of(run)}}
     try:
         exp = experiment_from_dict(raw, where=f"run {run.experiment_id}")
     except ConfigError as exc:
@@ -302,7 +309,8 @@ def map_run(run: RlRun, profile: str | Path | None = None) -> Mapped | str:
              f"generation: {run.gpus // gen_tp} vLLM engine(s) of tp {gen_tp}; trainer tp {tp} pp {pp} dp {dp}, "
              f"shard {shard}, offload {COLOCATED_OFFLOAD} (the colocated policy on the host while vLLM generates)",
              f"token budgets per micro-batch: train {settings.train_mb_tokens}, log-probs "
-             f"{settings.logprob_mb_tokens}; gpu_memory_utilization {settings.kv_fraction} ({settings.source})",
+             f"{settings.logprob_mb_tokens}, {batching_of(run)} (sequence packing, or dynamic batching: sorted by "
+             f"length, padded to the longest); gpu_memory_utilization {settings.kv_fraction} ({settings.source})",
              f"assumed: prompts of {PROMPT_TOKENS} tokens, responses up to {run.seq_cap - PROMPT_TOKENS} with mean "
              f"{run.mean_len:g} (log-normal body, point mass at the cap)")
     return Mapped(run, exp, plan, priced, notes)

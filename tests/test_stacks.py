@@ -15,7 +15,7 @@ from estimator.base.errors import ConfigError
 from estimator.cost.engine import generate_moves, inference_moves, refit_pairs, tensor_count
 from estimator.cost.lowering import Costs, micro_batch_shapes
 from estimator.cost.rollout import rollout_cost
-from estimator.profile.pricing import default_stack, for_stack, resolve
+from estimator.profile.pricing import default_stack, for_stack, micro_batching, resolve
 from estimator.profile.profiles import load_profile, op_set, profile_from_dict
 from estimator.profile.stacks import EngineTerms
 from estimator.spec.cluster import DeviceMesh
@@ -267,8 +267,39 @@ def test_packed_micro_batches_count_summed_tokens_and_are_charged_at_their_mean(
     assert budget_micro_batches((0, 6), tokens, 12, packed=True) == [(0, 2), (2, 4), (4, 6)]  # 8, 11, 4
     exp = _experiment(batch=6)
     lay = Layout(DeviceMesh(0, 1), 1, 1, 1, max_tokens_per_micro_batch=12)
-    assert micro_batch_shapes(exp.workflow["actor_inf"], lay, tokens, packed=True) == [[(2, 4), (2, 6), (2, 2)]]
+    assert micro_batch_shapes(exp.workflow["actor_inf"], lay, tokens, "packed") == [[(2, 4), (2, 6), (2, 2)]]
     assert micro_batch_shapes(exp.workflow["actor_inf"], lay, tokens) == [[(2, 5), (1, 9), (3, 2)]]
+
+
+def test_dynamic_batching_sorts_rounds_and_pads_each_micro_batch_to_its_longest():
+    """NeMo-RL's dynamic batching: a rank's rows sorted by length, each rounded up to 64 tokens,
+    cut so that rows × the longest stay within the budget; beside the executor's rows in order,
+    padded, and sequence packing."""
+    tokens = np.array([100, 40, 250, 20, 20, 70])
+    exp = _experiment(batch=6)
+    lay = Layout(DeviceMesh(0, 1), 1, 1, 1, max_tokens_per_micro_batch=256)
+    call = exp.workflow["actor_inf"]
+    # sorted and rounded: 64 64 64 | 128 128 | 256
+    assert micro_batch_shapes(call, lay, tokens, "dynamic") == [[(3, 64), (2, 128), (1, 256)]]
+    assert micro_batch_shapes(call, lay, tokens, "padded") == [[(2, 100), (1, 250), (3, 70)]]
+    assert micro_batch_shapes(call, lay, tokens, "packed") == [[(2, 70), (1, 250), (3, 37)]]
+
+
+def test_micro_batching_is_the_experiments_or_the_stacks_and_the_executor_only_pads():
+    raw = {"algorithm": "grpo", "models": {"actor": "tiny-2l-128h", "ref": "tiny-2l-128h", "reward": "rule"},
+           "batch_size": 2, "prompt_len": 2, "gen_len": 4, "cluster": {"nodes": 1, "devices_per_node": 1,
+                                                                        "device": "cpu"}}
+    cpu = load_profile("cpu")
+    assert micro_batching(experiment_from_dict(raw), cpu) == "padded"
+    gpu = raw | {"cluster": raw["cluster"] | {"device": "h100-rl", "stack": "fsdp-vllm"}}
+    h100 = load_profile("h100-rl")
+    assert micro_batching(experiment_from_dict(gpu), for_stack(h100, "fsdp-vllm")) == "packed"
+    dynamic = gpu | {"cluster": gpu["cluster"] | {"micro_batching": "dynamic"}}
+    assert micro_batching(experiment_from_dict(dynamic), for_stack(h100, "fsdp-vllm")) == "dynamic"
+    with pytest.raises(ConfigError, match="pads micro-batches in row order"):
+        micro_batching(experiment_from_dict(raw | {"cluster": raw["cluster"] | {"micro_batching": "dynamic"}}), cpu)
+    with pytest.raises(ConfigError, match="micro_batching='sorted' must be one of packed, dynamic, padded"):
+        experiment_from_dict(raw | {"cluster": raw["cluster"] | {"micro_batching": "sorted"}})
 
 
 # ---- every output names the stack -----------------------------------------------------------------

@@ -68,6 +68,7 @@ from estimator.cost.transfers import (
     sharded_realloc_bytes,
     stage_send,
 )
+from estimator.profile.pricing import micro_batching
 from estimator.profile.profiles import Profile
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment
@@ -82,7 +83,7 @@ from estimator.spec.sharding import (
     most_rows,
     shard,
 )
-from estimator.spec.stack import STACKS
+from estimator.spec.stack import DYNAMIC_ROUND, STACKS
 from estimator.spec.workflow import Call
 
 
@@ -192,15 +193,33 @@ def _passes(call: Call, layout: Layout) -> int:
 
 
 def micro_batch_shapes(call: Call, layout: Layout, tokens: np.ndarray,
-                       packed: bool = False) -> list[list[tuple[int, int]]]:
-    """Per data-parallel rank, (rows, tokens of its longest row) of every micro-batch of every
-    minibatch, as the executor cuts them: ``micro_batches`` equal splits, or by the layout's
-    token budget (:func:`estimator.spec.sharding.budget_micro_batches`); ``tokens`` per global row.
-    ``packed`` (a stack that packs sequences): the budget counts the rows' summed tokens and a
-    micro-batch is charged at its rows' mean length, nothing padded."""
+                       batching: str = "padded") -> list[list[tuple[int, int]]]:
+    """Per data-parallel rank, (rows, tokens each row is charged) of every micro-batch of every
+    minibatch: ``micro_batches`` equal splits, or cut by the layout's token budget as
+    ``batching`` says (:data:`estimator.spec.stack.MICRO_BATCHING`); ``tokens`` per global row.
+
+    - ``padded`` (the executor's): rows in order, padded to the longest
+      (:func:`estimator.spec.sharding.budget_micro_batches`);
+    - ``packed`` (sequence packing): the budget counts the rows' summed tokens and a
+      micro-batch is charged at its rows' mean length, nothing padded;
+    - ``dynamic`` (NeMo-RL's dynamic batching): each minibatch share of a rank sorted by length,
+      every row rounded up to :data:`~estimator.spec.stack.DYNAMIC_ROUND` tokens, cut so that
+      rows × the longest stay within the budget, and charged at the longest."""
     per_unit = 2 if call.workload.paired else 1
+    packed = batching == "packed"
     out = []
     for r in range(layout.dp):
+        if layout.token_budget and batching == "dynamic":
+            shapes = []
+            for lo, hi in dp_rows(call, layout, r):
+                units = np.sort(np.asarray(tokens[lo:hi]).reshape(-1, per_unit).max(axis=1))
+                units = np.ceil(units / DYNAMIC_ROUND) * DYNAMIC_ROUND
+                rows = np.repeat(units, per_unit)
+                cut = budget_micro_batches((0, len(rows)), rows, max(layout.max_tokens_per_micro_batch,
+                                                                     int(rows.max())))
+                shapes += [(b - a, int(rows[a:b].max())) for a, b in cut if b > a]
+            out.append(shapes)
+            continue
         if layout.token_budget:
             ranges = [mb for rows in dp_rows(call, layout, r)
                       for mb in budget_micro_batches(rows, tokens[rows[0]:rows[1]], layout.max_tokens_per_micro_batch,
@@ -213,10 +232,10 @@ def micro_batch_shapes(call: Call, layout: Layout, tokens: np.ndarray,
 
 
 def _drawn_shape(call: Call, layout: Layout, tokens: np.ndarray,
-                 packed: bool = False) -> tuple[list[tuple[int, int]], int]:
+                 batching: str = "padded") -> tuple[list[tuple[int, int]], int]:
     """The micro-batches of the slowest data-parallel rank (by padded tokens; replicas run in
     lock step, so it sets the pace) and its micro-batches per minibatch."""
-    shapes = micro_batch_shapes(call, layout, tokens, packed)
+    shapes = micro_batch_shapes(call, layout, tokens, batching)
     worst = max(shapes, key=lambda mbs: sum(rows * n for rows, n in mbs))
     steps = call.workload.minibatches if call.kind == "train" else 1
     return worst, max(1, round(len(worst) / steps))
@@ -230,7 +249,7 @@ def _mean_time(t: StageTime) -> StageTime:
 def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: int, profile: Profile,
                algorithm: str = "ppo", reward_s_per_sample: float = 0.0,
                lengths: tuple[np.ndarray, np.ndarray] | None = None, kv_tokens: int = 0,
-               rollout: RolloutCost | None = None) -> CallCost:
+               rollout: RolloutCost | None = None, batching: str | None = None) -> CallCost:
     """Per-stage task costs of ``call`` under ``layout`` (``algorithm`` names a train call's loss;
     ``reward_s_per_sample``: a verifier's host seconds per sequence, :func:`verifier_s`).
 
@@ -239,7 +258,8 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
     pool of ``kv_tokens`` per engine, 0 unlimited); an inference or train call charges each
     micro-batch padded to its longest row, as the executor batches (equal splits or the
     layout's token budget), every micro-batch at the slowest rank's mean. ``rollout``: the
-    generate call's rollout where it was priced already."""
+    generate call's rollout where it was priced already. ``batching``: how the trainer cuts a
+    token budget (:func:`micro_batch_shapes`; None: as the profile's stack does)."""
     w, dpn, p = call.workload, devices_per_node, layout.pp
     if continuous(call, layout):
         prompt, gen = lengths if lengths is not None else (np.full(w.seqs, w.prompt_len), np.full(w.seqs, w.gen_len))
@@ -250,10 +270,11 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
         return CallCost(call.name, call.kind, layout, stages, layout.micro_batches, 1, 0.0, ro,
                         verifier_s(call, layout, reward_s_per_sample))
     shapes, given = None, layout
-    packed = bool(profile.stack) and STACKS[profile.stack].packing
+    if batching is None:
+        batching = STACKS[profile.stack].micro_batching if profile.stack else "padded"
     if call.kind != "generate" and (lengths is not None or layout.token_budget):
         tokens = lengths[0] + lengths[1] if lengths is not None else np.full(w.seqs, w.seq_len)
-        shapes, m = _drawn_shape(call, layout, tokens, packed)
+        shapes, m = _drawn_shape(call, layout, tokens, batching)
         layout = dataclasses.replace(layout, micro_batches=m)
     b = _rows(call, layout)
     decode, feedback = ([() for _ in range(p)], 0.0)
@@ -392,6 +413,7 @@ class Costs:
         self._moves: dict[tuple, Moves] = {}
         self.trained = set(self.workflow.trained_roles())
         self.production = production(profile)
+        self.batching = micro_batching(experiment, profile)
         # data names each consumer reads from each producer
         self.edge_data: dict[tuple[str, str], tuple[str, ...]] = {}
         for prod, cons, data in self.workflow.edges():
@@ -410,7 +432,8 @@ class Costs:
             lengths = self.lengths(iteration) if vary else None
             ro = self._rollout(name, layout, iteration if vary else 0) if continuous(call, layout) else None
             self._calls[key] = lower_call(call, model, layout, self.dpn, self.profile, self.experiment.algorithm,
-                                          self.experiment.reward_s_per_sample, lengths, ro.kv_tokens if ro else 0, ro)
+                                          self.experiment.reward_s_per_sample, lengths, ro.kv_tokens if ro else 0, ro,
+                                          self.batching)
         return self._calls[key]
 
     def _rollout(self, name: str, layout: Layout, iteration: int) -> RolloutCost:

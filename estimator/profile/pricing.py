@@ -27,7 +27,8 @@ from pathlib import Path
 
 from estimator.base.errors import ConfigError
 from estimator.profile.profiles import PROFILE_DIR, Profile, load_profile
-from estimator.spec.stack import DEFAULT_GPU_STACK, EXECUTOR, STACK_NAMES, get_stack
+from estimator.spec.experiment import Experiment
+from estimator.spec.stack import DEFAULT_GPU_STACK, EXECUTOR, STACK_NAMES, STACKS, get_stack
 
 __all__ = ["STACK_NAMES", "default_stack", "experiment_profile", "for_stack", "prices", "resolve"]
 
@@ -116,3 +117,17 @@ def experiment_profile(experiment, profile: str | Path | None = None, stack: str
     """:func:`resolve` for an :class:`~estimator.spec.experiment.Experiment` and a command's
     ``--profile`` and ``--stack`` (None: the experiment's)."""
     return resolve(experiment.cluster.device, experiment.stack, profile, stack)
+
+
+def micro_batching(experiment: Experiment, profile: Profile) -> str:
+    """How the trainer of ``experiment`` cuts micro-batches on ``profile``'s stack: the
+    experiment's ``cluster.micro_batching``, else the stack's. The executor pads rows in order
+    and nothing else, so a plan priced for it cannot say otherwise."""
+    stack = STACKS[profile.stack] if profile.stack else STACKS[EXECUTOR]
+    if experiment.micro_batching is None:
+        return stack.micro_batching
+    if not stack.production and experiment.micro_batching != "padded":
+        raise ConfigError(f"cluster.micro_batching={experiment.micro_batching}: this project's executor pads "
+                          "micro-batches in row order (padded); packed and dynamic are a production stack's "
+                          "(cluster.stack: megatron-vllm or fsdp-vllm)")
+    return experiment.micro_batching

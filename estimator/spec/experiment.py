@@ -18,7 +18,10 @@ Schema (every key but the first eight is optional)::
     cluster: {nodes: 1, devices_per_node: 8, device: h100-sxm}
                               # optional stack: executor | megatron-vllm | fsdp-vllm, the software
                               # it is priced for (estimator.spec.stack; default: megatron-vllm on a
-                              # GPU profile, executor on a CPU one, estimator.profile.pricing)
+                              # GPU profile, executor on a CPU one, estimator.profile.pricing);
+                              # optional micro_batching: packed | dynamic | padded, how the
+                              # trainer cuts its token budgets (default: packed on a production
+                              # stack, padded on the executor; estimator.spec.stack)
     group_size: 8             # grpo: samples per prompt (default 1)
     seed: 0                   # weights, prompts and sampling
     kv_fraction: 0.9          # device memory a generation engine may hold (vLLM's
@@ -69,7 +72,7 @@ from estimator.base.loading import check_input_path, load_yaml
 from estimator.spec.cluster import Cluster
 from estimator.spec.lengths import parse_lengths
 from estimator.spec.models import ModelSpec, checkpoint_dir, get_model
-from estimator.spec.stack import get_stack
+from estimator.spec.stack import MICRO_BATCHING, get_stack
 from estimator.spec.workflow import (
     ALGORITHMS,
     GENERATING,
@@ -123,6 +126,8 @@ class Experiment:
     reward_s_per_sample: float = 0.0
     # the software stack it is priced for (estimator.spec.stack); None: the device's default
     stack: str | None = None
+    # how the trainer cuts micro-batches (estimator.spec.stack.MICRO_BATCHING); None: the stack's
+    micro_batching: str | None = None
     workflow: Workflow = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -159,6 +164,9 @@ class Experiment:
         p, alg = self.params, self.algorithm
         if self.stack is not None:
             get_stack(self.stack)
+        if self.micro_batching is not None and self.micro_batching not in MICRO_BATCHING:
+            raise ConfigError(f"cluster.micro_batching={self.micro_batching!r} must be one of "
+                              f"{', '.join(MICRO_BATCHING)}")
         if p.verifier and alg not in GENERATING:
             raise ConfigError(f"models.reward={REWARD_RULE!r}: a verifier scores generated responses, so it applies "
                               f"to {', '.join(GENERATING)}, not to {alg}")
@@ -217,7 +225,7 @@ _REQUIRED = ("algorithm", "models", "batch_size", "prompt_len", "gen_len", "clus
 _OPTIONAL = ("ppo_minibatches", "group_size", "seed", "prompts", "hyperparams", "name", "kv_fraction",
              "reward_s_per_sample", "old_logprobs", "async")
 _CLUSTER_KEYS = ("nodes", "devices_per_node", "device")
-_CLUSTER_OPTIONAL = ("stack",)
+_CLUSTER_OPTIONAL = ("stack", "micro_batching")
 
 
 def _unknown_key(where: str, key: str, allowed: tuple[str, ...] | list[str]) -> ConfigError:
@@ -365,6 +373,10 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
     stack = cl.get("stack")
     if stack is not None:
         get_stack(stack, f"{where}: cluster.stack")
+    micro_batching = cl.get("micro_batching")
+    if micro_batching is not None and micro_batching not in MICRO_BATCHING:
+        raise ConfigError(f"{where}: cluster.micro_batching={micro_batching!r} must be one of "
+                          f"{', '.join(MICRO_BATCHING)}")
     seed = rules.integer(f"{where}: seed", raw.get("seed", 0), lo=0, hi=rules.MAX_SEED)
     kv_fraction = rules.real(f"{where}: kv_fraction", raw.get("kv_fraction", 0.9), lo=0.0, hi=1.0, positive=True)
     if ints["prompt_len"] + ints["gen_len"] > rules.MAX_SEQ_TOKENS:
@@ -402,6 +414,7 @@ def experiment_from_dict(raw: Any, where: str = "experiment", base_dir: Path | N
             checkpoints=checkpoints,
             reward_s_per_sample=options["reward_s_per_sample"],
             stack=stack,
+            micro_batching=micro_batching,
         )
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

@@ -40,6 +40,15 @@ from dataclasses import dataclass
 from estimator.base.errors import ConfigError, did_you_mean
 
 EXECUTOR = "executor"
+# How a trainer cuts a token budget into micro-batches (experiment key cluster.micro_batching):
+# "packed" concatenates rows without padding (NeMo-RL sequence_packing, Megatron's packed
+# sequences); "dynamic" sorts a rank's rows by length and pads each micro-batch to its longest,
+# rounded up to DYNAMIC_ROUND (NeMo-RL dynamic_batching); "padded" takes rows in order, padded to
+# the longest (this project's executor)
+MICRO_BATCHING = ("packed", "dynamic", "padded")
+# NeMo-RL dynamic_batching.sequence_length_round (docs/design-docs/sequence-packing-and-dynamic-
+# batching.md, examples/configs/grpo_math_8B.yaml: 64)
+DYNAMIC_ROUND = 64
 DEFAULT_GPU_STACK = "megatron-vllm"  # the stack a GPU experiment is priced on unless it names one
 
 
@@ -64,6 +73,11 @@ class Stack:
                                        ("engine", ("executor", "vllm"))) if getattr(self, k) not in allowed]
         if problems:
             raise ConfigError(f"stack {self.name!r}: " + "; ".join(problems))
+
+    @property
+    def micro_batching(self) -> str:
+        """How it cuts micro-batches unless the experiment says (:data:`MICRO_BATCHING`)."""
+        return "packed" if self.packing else "padded"
 
     @property
     def production(self) -> bool:
