@@ -131,16 +131,18 @@ class FullShardPass:
 
 
 def full_shard_pass(profile: Profile, model: ModelSpec, layout: Layout, stage: int, dpn: int,
-                    block_f: float, block_b: float, embed_f: float, embed_b: float, head_b: float) -> FullShardPass:
+                    block_f: float, block_b: float, embed_f: float, embed_b: float, head_b: float,
+                    reduce_bytes: int = 0) -> FullShardPass:
     """Exposed communication of one micro-batch through ``stage`` (see the module docstring);
     ``block_f``/``block_b``: one block's forward/backward time, ``embed_*``: the embedding's
-    (first stage), ``head_b``: the head and loss backward (last stage)."""
+    (first stage), ``head_b``: the head and loss backward (last stage); ``reduce_bytes``: bytes
+    per gradient element the reduce-scatters carry (0: the profile's element, as the gathers)."""
     groups = group_numels(model, layout, stage)
     first, last = stage == 0, stage == layout.pp - 1
 
     def coll(kind: str, g: str) -> float:
-        return dp_collective_s(profile, kind, padded_bytes(sum(groups[g]), layout.dp, profile.elem_bytes), layout,
-                               stage, dpn)
+        elem = reduce_bytes if kind == "reduce_scatter" and reduce_bytes else profile.elem_bytes
+        return dp_collective_s(profile, kind, padded_bytes(sum(groups[g]), layout.dp, elem), layout, stage, dpn)
 
     blocks = [g for g in groups if g != ENDS]
     ends = ENDS in groups

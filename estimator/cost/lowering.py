@@ -375,7 +375,8 @@ def _full_shard(profile: Profile, model: ModelSpec, layout: Layout, k: int, dpn:
         emb_f, emb_b = passes(0, True, False)
         embed_f, embed_b = emb_f.total_s - bare_f.total_s, emb_b.total_s - bare_b.total_s
     head_b = ends_b.total_s - embed_b if last else 0.0
-    cost = full_shard_pass(profile, model, layout, k, dpn, block_f, block_b, embed_f, embed_b, head_b)
+    reduce_bytes = STACKS[profile.stack].reduce_bytes if profile.stack else 0
+    cost = full_shard_pass(profile, model, layout, k, dpn, block_f, block_b, embed_f, embed_b, head_b, reduce_bytes)
     return StageTime(bwd.compute_s + cost.copies_s, bwd.comm_s), (cost.forward_s, cost.backward_s)
 
 

@@ -66,6 +66,11 @@ class Stack:
     # a generation engine on devices training uses sleeps while they train, and the trainer keeps
     # its optimizer state (and weights between calls) in host memory while the engine generates
     colocated_offload: bool = False
+    # bytes per element of a fully sharded trainer's gradient reduce-scatters (0: the profile's
+    # element, as its all-gathers): FSDP2 as NeMo-RL v0.3.0 wraps it reduces in float32
+    # (nemo_rl/models/dtensor/parallelize.py at b1c86a81: MixedPrecisionPolicy(param_dtype=bf16,
+    # reduce_dtype=torch.float32))
+    reduce_bytes: int = 0
 
     def __post_init__(self) -> None:
         problems = [f"{k}={getattr(self, k)!r} must be one of {allowed}"
@@ -90,7 +95,7 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
     Stack("megatron-vllm", "fused", "megatron", "vllm", "Megatron-Core training with vLLM generation",
           packing=True, colocated_offload=True),
     Stack("fsdp-vllm", "fused", "fsdp", "vllm", "PyTorch FSDP2 (DTensor) training with vLLM generation",
-          packing=True, colocated_offload=True),
+          packing=True, colocated_offload=True, reduce_bytes=4),
 )}
 STACK_NAMES = tuple(STACKS)
 
