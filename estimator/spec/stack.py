@@ -15,7 +15,8 @@ executor        executor   this project's  its own     nothing beyond the census
 megatron-vllm   fused      Megatron-Core   vLLM        sequence packing; a colocated engine sleeps and
                                                        the trainer offloads its state to the host while
                                                        it generates; the refit gathers the whole model
-fsdp-vllm       fused      PyTorch FSDP2   vLLM        the same around a DTensor (FSDP2) trainer
+fsdp-vllm       fused      PyTorch FSDP2   vLLM        the same around a DTensor (FSDP2) trainer, whose
+                                                       gradients are reduce-scattered in float32
 ==============  =========  ==============  ==========  =============================================
 
 The production stacks are described as NVIDIA NeMo-RL v0.3.0 runs them (github.com/NVIDIA-NeMo/RL,
