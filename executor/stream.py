@@ -50,7 +50,14 @@ from estimator.base.errors import ConfigError
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Plan
 from estimator.spec.sharding import Range, dp_rows, param_inventory, shard
-from estimator.spec.stream import EngineStream, call_streams, needed_version, replica_stream, streaming_calls
+from estimator.spec.stream import (
+    EngineStream,
+    call_streams,
+    needed_version,
+    replica_stream,
+    request_lengths,
+    streaming_calls,
+)
 from executor import model as M
 from executor.calls import CallRun, Pieces, generated, right_aligned
 from executor.data import Sampler, Source
@@ -139,17 +146,6 @@ class RowSources:
         return torch.as_tensor(self.prompt), torch.as_tensor(self.gen)
 
 
-def drawn_lengths(experiment: Experiment, batch: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt, response) tokens of row ``row[i]`` of iteration ``batch[i]``: the lengths the
-    unroll draws for that iteration (:meth:`~estimator.spec.workflow.Workflow.draw_iteration`)."""
-    prompt, gen = np.zeros(len(batch), dtype=np.int64), np.zeros(len(batch), dtype=np.int64)
-    for b in np.unique(batch):
-        at = batch == b
-        p, g = experiment.lengths(experiment.workflow.draw_iteration(int(b)))
-        prompt[at], gen[at] = p[row[at]], g[row[at]]
-    return prompt, gen
-
-
 def row_sources(experiment: Experiment, plan: Plan, options: RunOptions) -> dict[int, RowSources]:
     """Iteration ``j`` → the source of each global row of its rollouts, where the plan streams
     them (empty where it does not): replica by replica, the requests ``consumed[j]`` of its
@@ -164,7 +160,7 @@ def row_sources(experiment: Experiment, plan: Plan, options: RunOptions) -> dict
         picks = [list(s.consumed[j]) for s in streams]
         batch = np.concatenate([s.batch[q] for s, q in zip(streams, picks)])
         row = np.concatenate([s.row[q] for s, q in zip(streams, picks)])
-        out[j] = RowSources(batch, row, *drawn_lengths(experiment, batch, row))
+        out[j] = RowSources(batch, row, *request_lengths(experiment, batch, row))
     return out
 
 
@@ -207,7 +203,7 @@ class StreamServer:
         self.stream = engine_streams(experiment, plan, call, options)[dp_rank]
         (self.range,) = dp_rows(self.call, self.layout, dp_rank)
         s = self.stream
-        self.prompt, self.gen = drawn_lengths(experiment, s.batch, s.row)
+        self.prompt, self.gen = request_lengths(experiment, s.batch, s.row)
         w = self.call.workload
         plan_steps = run_steps(s.run, self.prompt, self.gen)
         seqs = right_aligned(source_rows(source, s.batch, s.row), torch.as_tensor(self.prompt),

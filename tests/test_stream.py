@@ -7,7 +7,7 @@ import pytest
 
 from estimator.base.errors import ConfigError
 from estimator.cost.lowering import Costs
-from estimator.cost.stream import engine_limits
+from estimator.cost.rollout import serving_limits
 from estimator.profile.profiles import load_profile
 from estimator.sim.evaluator import Evaluator
 from estimator.sim.simulate import simulate
@@ -175,7 +175,7 @@ def test_the_switch_points_the_simulation_found_give_its_stream_back():
     """What the executor follows: the stream scheduled again from the recorded switch points."""
     exp, plan, res = _run(2, "recompute")
     (summary,) = res.streams.values()
-    cap, prefill = engine_limits(load_profile("cpu-epyc"), plan["actor_gen"])
+    cap, prefill = serving_limits(load_profile("cpu-epyc"), plan["actor_gen"])
     kv = Costs(exp, load_profile("cpu-epyc")).kv_tokens("actor_gen", plan["actor_gen"])
     again = call_streams(exp, plan, "actor_gen", res.iterations, cap, kv, prefill, summary.switch_at)
     assert [a.consumed for a in again] == [s.consumed for s in summary.streams]

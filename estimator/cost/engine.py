@@ -43,7 +43,7 @@ from estimator.profile.profiles import Profile
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
 from estimator.spec.sharding import param_inventory
-from estimator.spec.stack import STACKS
+from estimator.spec.stack import priced_stack
 from estimator.spec.workflow import Call
 
 
@@ -66,7 +66,7 @@ NONE = Moves()
 
 def production(profile: Profile) -> bool:
     """Whether ``profile`` prices a production stack (a serving engine, a production trainer)."""
-    return bool(profile.stack) and STACKS[profile.stack].production
+    return priced_stack(profile.stack).production
 
 
 def colocated(calls: dict[str, Call], layouts: dict[str, Layout], homes: dict[str, Layout],

@@ -83,7 +83,7 @@ from estimator.spec.sharding import (
     most_rows,
     shard,
 )
-from estimator.spec.stack import DYNAMIC_ROUND, STACKS
+from estimator.spec.stack import DYNAMIC_ROUND, priced_stack
 from estimator.spec.workflow import Call
 
 
@@ -271,7 +271,7 @@ def lower_call(call: Call, model: ModelSpec, layout: Layout, devices_per_node: i
                         verifier_s(call, layout, reward_s_per_sample))
     shapes, given = None, layout
     if batching is None:
-        batching = STACKS[profile.stack].micro_batching if profile.stack else "padded"
+        batching = priced_stack(profile.stack).micro_batching
     if call.kind != "generate" and (lengths is not None or layout.token_budget):
         tokens = lengths[0] + lengths[1] if lengths is not None else np.full(w.seqs, w.seq_len)
         shapes, m = _drawn_shape(call, layout, tokens, batching)
@@ -375,8 +375,8 @@ def _full_shard(profile: Profile, model: ModelSpec, layout: Layout, k: int, dpn:
         emb_f, emb_b = passes(0, True, False)
         embed_f, embed_b = emb_f.total_s - bare_f.total_s, emb_b.total_s - bare_b.total_s
     head_b = ends_b.total_s - embed_b if last else 0.0
-    reduce_bytes = STACKS[profile.stack].reduce_bytes if profile.stack else 0
-    cost = full_shard_pass(profile, model, layout, k, dpn, block_f, block_b, embed_f, embed_b, head_b, reduce_bytes)
+    cost = full_shard_pass(profile, model, layout, k, dpn, block_f, block_b, embed_f, embed_b, head_b,
+                           priced_stack(profile.stack).reduce_bytes)
     return StageTime(bwd.compute_s + cost.copies_s, bwd.comm_s), (cost.forward_s, cost.backward_s)
 
 

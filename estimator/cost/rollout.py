@@ -90,6 +90,38 @@ def engine_cap(layout: Layout) -> int:
     return layout.max_concurrency // layout.micro_batches if layout.max_concurrency else 0
 
 
+def serving_limits(profile: Profile | None, layout: Layout) -> tuple[int, int]:
+    """(running cap, prefill tokens per step) of one virtual engine: the layout's cap, else a
+    serving engine's own (vLLM's ``max_num_seqs``, split over the virtual engines), and the
+    engine's prefill budget per step (``max_num_batched_tokens``), else :data:`PREFILL_TOKENS`."""
+    engine = profile.engine if profile is not None else None
+    cap = engine_cap(layout) or (max(engine.max_num_seqs // layout.micro_batches, 1) if engine else 0)
+    return cap, (engine.prefill_chunk_tokens if engine else PREFILL_TOKENS)
+
+
+def generation_stages(profile: Profile, call: Call, model: ModelSpec, layout: Layout, devices_per_node: int
+                      ) -> list[_StageCosts]:
+    """What prices each stage's ops of generate call ``call`` on ``layout``; the token choice
+    ends responses of drawn lengths with EOS at their length (the executor's ``Sampler.ending``)."""
+    choose = ("greedy" if call.workload.greedy else "sample") + ("_ending" if call.workload.lengths_vary else "")
+    return [_StageCosts(profile, model, layout, k, choose, devices_per_node) for k in range(layout.pp)]
+
+
+def engine_op_costs(engines: list[_EngineOps], stages: list[_StageCosts], ends: list[tuple[np.ndarray, ...]],
+                    steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(compute, comm) of every op of a replica's virtual engines on every stage, arrays
+    ``(engines, stages, rounds)`` padded with zeros past an engine's last op; ``ends``: per
+    stage, the segments' step costs (:meth:`_Segments.step_costs`)."""
+    rounds = max((len(e.kind) for e in engines), default=0)
+    comp = np.zeros((len(engines), len(stages), rounds))
+    comm = np.zeros_like(comp)
+    for j, e in enumerate(engines):
+        for k, st in enumerate(stages):
+            c, a = _op_costs(e, st, ends[k], steps)
+            comp[j, k, :len(c)], comm[j, k, :len(a)] = c, a
+    return comp, comm
+
+
 def engine_rows(call: Call, layout: Layout, dp_rank: int) -> list[tuple[int, int]]:
     """Global rows of each virtual engine of replica ``dp_rank``: its data-parallel rows split
     into ``micro_batches`` contiguous runs (the first ones one longer where they do not divide)."""
@@ -399,15 +431,8 @@ def rollout_cost(profile: Profile, call: Call, model: ModelSpec, layout: Layout,
     ``kv_tokens`` per virtual engine (0: unlimited). ``schedules``: a cache of engine schedules
     by (rows, cap, pool) for calls with the same lengths (layouts that deal rows alike share them).
     ``stage_costs``: per stage, what prices its ops (default: the census on ``profile``)."""
-    engine = profile.engine if profile is not None else None
-    # a serving engine's own cap (vLLM's max_num_seqs) where the layout sets none, and its
-    # prefill budget per step (max_num_batched_tokens)
-    cap = engine_cap(layout) or (max(engine.max_num_seqs // layout.micro_batches, 1) if engine else 0)
-    prefill_tokens = engine.prefill_chunk_tokens if engine else PREFILL_TOKENS
-    # the token choice; responses of drawn lengths end with EOS at their length (the executor's
-    # ``Sampler.ending``)
-    choose = ("greedy" if call.workload.greedy else "sample") + ("_ending" if call.workload.lengths_vary else "")
-    stages = stage_costs or [_StageCosts(profile, model, layout, k, choose, devices_per_node) for k in range(layout.pp)]
+    cap, prefill_tokens = serving_limits(profile, layout)
+    stages = stage_costs or generation_stages(profile, call, model, layout, devices_per_node)
     segments = _Segments()
     replicas, preempt, recomputed = [], 0, 0
     for r in range(layout.dp):
@@ -432,14 +457,10 @@ def rollout_cost(profile: Profile, call: Call, model: ModelSpec, layout: Layout,
     replica_s, finishes, peak = [], [], 0
     worst = None
     for r, engines in enumerate(replicas):
-        rounds = max((len(e.kind) for e in engines), default=0)
-        comp = np.zeros((len(engines), layout.pp, rounds))
-        comm = np.zeros_like(comp)
+        comp, comm = engine_op_costs(engines, stages, ends, steps)
+        rounds = comp.shape[2]
         running = np.zeros(rounds, dtype=np.int64)
-        for j, e in enumerate(engines):
-            for k, st in enumerate(stages):
-                c, a = _op_costs(e, st, ends[k], steps)
-                comp[j, k, :len(c)], comm[j, k, :len(a)] = c, a
+        for e in engines:
             running[:len(e.kind)] += e.running
         period = _rounds(comp, comm)
         t_end = np.cumsum(period)

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
-from estimator.cost.rollout import _engine_ops, _op_costs, _rounds, _Segments, _StageCosts, engine_cap
+from estimator.cost.rollout import _engine_ops, _rounds, _Segments, engine_op_costs, generation_stages, serving_limits
 from estimator.profile.profiles import Profile
-from estimator.spec.batching import PREFILL_TOKENS
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Layout
-from estimator.spec.stream import EngineStream, replica_stream
+from estimator.spec.stream import EngineStream, replica_stream, request_lengths
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class PricedStream:
     op_s: np.ndarray  # seconds of each op (a round through the stages)
     prefill: np.ndarray  # per op: whether it is a prefill
 
-    @property
+    @cached_property
     def ends(self) -> np.ndarray:
         """Seconds from the stream's start to the end of each op, on weights that never wait."""
         return np.cumsum(self.op_s)
@@ -49,38 +49,25 @@ class PricedStream:
         return PricedStream(self.stream, alone.op_s + weight * (self.op_s - alone.op_s), self.prefill)
 
 
-def engine_limits(profile: Profile, layout: Layout) -> tuple[int, int]:
-    """(running cap, prefill tokens per step) of one engine, as a rollout's
-    (:func:`estimator.cost.rollout.rollout_cost`): the layout's cap, else a serving engine's."""
-    engine = profile.engine
-    cap = engine_cap(layout) or (engine.max_num_seqs if engine else 0)
-    return cap, (engine.prefill_chunk_tokens if engine else PREFILL_TOKENS)
-
-
 def price_stream(profile: Profile, experiment: Experiment, layout: Layout, call: str, stream: EngineStream,
                  devices_per_node: int) -> PricedStream:
     """The seconds of every op of ``stream``, replica of ``call`` on ``layout``."""
     c = experiment.workflow[call]
-    model = experiment.models[c.role]
-    choose = ("greedy" if c.workload.greedy else "sample") + ("_ending" if c.workload.lengths_vary else "")
     segments = _Segments()
     ops = _engine_ops(stream.run, segments)
     if not len(ops.kind):
         return PricedStream(stream, np.zeros(0), np.zeros(0, dtype=bool))
     steps = np.array(segments.steps, dtype=np.int64)
-    comp = np.zeros((1, layout.pp, len(ops.kind)))
-    comm = np.zeros_like(comp)
-    for k in range(layout.pp):
-        st = _StageCosts(profile, model, layout, k, choose, devices_per_node)
-        ends = segments.step_costs(st) if len(steps) else ()
-        comp[0, k], comm[0, k] = _op_costs(ops, st, ends, steps)
+    stages = generation_stages(profile, c, experiment.models[c.role], layout, devices_per_node)
+    ends = [segments.step_costs(st) if len(steps) else () for st in stages]
+    comp, comm = engine_op_costs([ops], stages, ends, steps)
     return PricedStream(stream, _rounds(comp, comm), ops.kind == 0)
 
 
 def stream_replica(profile: Profile, experiment: Experiment, layout: Layout, call: str, iterations: int,
                    replica: int, kv_tokens: int, devices_per_node: int, switch_at: Sequence[int] = ()) -> PricedStream:
     """Replica ``replica`` of streaming ``call`` with these switch points, scheduled and priced."""
-    cap, prefill = engine_limits(profile, layout)
+    cap, prefill = serving_limits(profile, layout)
     stream = replica_stream(experiment, layout, call, iterations, replica, cap, kv_tokens, prefill, switch_at)
     return price_stream(profile, experiment, layout, call, stream, devices_per_node)
 
@@ -102,18 +89,11 @@ class StreamSummary:
 
 
 def summarize(experiment: Experiment, call: str, streams: Sequence[EngineStream]) -> StreamSummary:
-    wf = experiment.workflow
     iterations = min(len(s.consumed) for s in streams)
-    drawn = [experiment.lengths(wf.draw_iteration(b)) for b in range(int(max(s.batch.max() for s in streams)) + 1)]
-    tokens, stale, recomputed = [], [], 0
-    for j in range(iterations):
-        total = 0.0
-        for s in streams:
-            q = np.array(s.consumed[j], dtype=np.int64)
-            total += sum(float(drawn[b][0][r] + drawn[b][1][r]) for b, r in zip(s.batch[q], s.row[q]))
-        tokens.append(total)
-        stale.append(np.concatenate([s.staleness(j) for s in streams]))
-    for s in streams:
-        for seg in s.run.segments:
-            recomputed += sum(t - int(drawn[s.batch[r]][0][s.row[r]]) for r, t in zip(seg.prefill, seg.prefill_tokens))
-    return StreamSummary(call, tuple(streams), tuple(tokens), tuple(stale), recomputed)
+    lengths = [request_lengths(experiment, s.batch, s.row) for s in streams]  # per replica, per request
+    tokens = tuple(float(sum((p[list(s.consumed[j])] + g[list(s.consumed[j])]).sum()
+                             for s, (p, g) in zip(streams, lengths))) for j in range(iterations))
+    stale = tuple(np.concatenate([s.staleness(j) for s in streams]) for j in range(iterations))
+    recomputed = sum(t - int(p[r]) for s, (p, _) in zip(streams, lengths) for seg in s.run.segments
+                     for r, t in zip(seg.prefill, seg.prefill_tokens))
+    return StreamSummary(call, tuple(streams), tokens, stale, recomputed)

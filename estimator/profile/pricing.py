@@ -28,7 +28,7 @@ from pathlib import Path
 from estimator.base.errors import ConfigError
 from estimator.profile.profiles import PROFILE_DIR, Profile, load_profile
 from estimator.spec.experiment import Experiment
-from estimator.spec.stack import DEFAULT_GPU_STACK, EXECUTOR, STACK_NAMES, STACKS, get_stack
+from estimator.spec.stack import DEFAULT_GPU_STACK, EXECUTOR, STACK_NAMES, get_stack, priced_stack
 
 __all__ = ["STACK_NAMES", "default_stack", "experiment_profile", "for_stack", "prices", "resolve"]
 
@@ -123,7 +123,7 @@ def micro_batching(experiment: Experiment, profile: Profile) -> str:
     """How the trainer of ``experiment`` cuts micro-batches on ``profile``'s stack: the
     experiment's ``cluster.micro_batching``, else the stack's. The executor pads rows in order
     and nothing else, so a plan priced for it cannot say otherwise."""
-    stack = STACKS[profile.stack] if profile.stack else STACKS[EXECUTOR]
+    stack = priced_stack(profile.stack)
     if experiment.micro_batching is None:
         return stack.micro_batching
     if not stack.production and experiment.micro_batching != "padded":

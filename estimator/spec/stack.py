@@ -101,6 +101,11 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
 STACK_NAMES = tuple(STACKS)
 
 
+def priced_stack(name: str | None) -> Stack:
+    """The stack a profile prices (its ``stack``; None: this project's executor)."""
+    return STACKS[name or EXECUTOR]
+
+
 def get_stack(name: str, key: str = "cluster.stack") -> Stack:
     """The stack called ``name``; an unknown name is a :class:`ConfigError` naming ``key``."""
     if not isinstance(name, str) or name not in STACKS:

@@ -148,6 +148,18 @@ def stream_engine(prompts: Sequence[np.ndarray], gens: Sequence[np.ndarray], row
     return EngineStream(run, batch, row, admitted, tuple(consumed), tuple(emits), tuple(taken))
 
 
+def request_lengths(experiment: Experiment, batch: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt, response) tokens of row ``row[i]`` of iteration ``batch[i]``: the lengths the
+    unroll draws for that iteration (:meth:`~estimator.spec.workflow.Workflow.draw_iteration`),
+    as a stream's requests carry them."""
+    prompt, gen = np.zeros(len(batch), dtype=np.int64), np.zeros(len(batch), dtype=np.int64)
+    for b in np.unique(batch):
+        at = batch == b
+        p, g = experiment.lengths(experiment.workflow.draw_iteration(int(b)))
+        prompt[at], gen[at] = p[row[at]], g[row[at]]
+    return prompt, gen
+
+
 def stream_problems(experiment: Experiment, plan: Plan, call: str) -> list[str]:
     """Why generate call ``call`` does not stream under ``plan`` (empty: it streams). It needs
     the experiment's ``async.streaming``, a standing copy
