@@ -378,6 +378,26 @@ def log_ticks(ax: Axes, lo: float, hi: float) -> None:
         axis.set_minor_formatter(NullFormatter())  # labelled minor ticks would overlap
 
 
+LABEL_GAP_PT = 9.0  # vertical room one 7-point label takes, points
+LABEL_WIDTH_PT = 110.0  # horizontal room a plan's label takes, about (its length varies)
+
+
+def _label_points(ax: Axes, xs: list[float], ys: list[float], labels: list[str]) -> None:
+    """Name each point beside it, labels that would overlap their neighbours' pushed up one at a
+    time (the axes' scales and limits must be set first: the gap is measured on the page)."""
+    to_pt = 72.0 / ax.figure.dpi
+    page = [ax.transData.transform((x, y)) * to_pt for x, y in zip(xs, ys)]
+    placed: list[tuple[float, float]] = []  # (x, y) of each label placed, points
+    for i in sorted(range(len(xs)), key=lambda i: (page[i][1], page[i][0])):
+        x, y = page[i][0] + 4.0, page[i][1] + 3.0
+        while any(abs(px - x) < LABEL_WIDTH_PT and abs(py - y) < LABEL_GAP_PT for px, py in placed):
+            y += LABEL_GAP_PT / 3
+        placed.append((x, y))
+        ax.annotate(labels[i], (xs[i], ys[i]), fontsize=7, xytext=(x - page[i][0], y - page[i][1]),
+                    textcoords="offset points",
+                    arrowprops={"arrowstyle": "-", "linewidth": 0.4, "color": "0.5"} if y - page[i][1] > 6 else None)
+
+
 def scatter(plans: pd.DataFrame, out: str | Path, title: str = "") -> Path:
     """Predicted (y) against measured (x) iteration time per plan — the measured median with
     the runs' min..max as horizontal bars — with y = x and ±10 % bands; log axes when the
@@ -394,10 +414,6 @@ def scatter(plans: pd.DataFrame, out: str | Path, title: str = "") -> Path:
     xerr = [df["measured_s"] - df["measured_min_s"], df["measured_max_s"] - df["measured_s"]]
     ax.errorbar(df["measured_s"], df["predicted_s"], xerr=xerr, fmt="o", color="tab:blue", capsize=3,
                 label="plan (measured median, min–max over runs)")
-    if len(df) <= 30:
-        for _, r in df.iterrows():
-            ax.annotate(str(r["plan"]), (r["measured_s"], r["predicted_s"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
     values = pd.concat([df["predicted_s"], df["measured_s"]])
     if values.max() / values.min() > 10:  # plans a decade apart: log axes, plain-number ticks
         ax.set_xscale("log")
@@ -405,6 +421,8 @@ def scatter(plans: pd.DataFrame, out: str | Path, title: str = "") -> Path:
         log_ticks(ax, lo, hi)
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
+    if len(df) <= 30:
+        _label_points(ax, df["measured_s"].tolist(), df["predicted_s"].tolist(), [str(p) for p in df["plan"]])
     ax.set_xlabel("measured iteration time (s), median of the runs")
     ax.set_ylabel("predicted iteration time (s)")
     ax.set_title(title or "measured (x) vs predicted (y) iteration time", fontsize=10)
