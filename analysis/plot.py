@@ -383,19 +383,21 @@ LABEL_WIDTH_PT = 110.0  # horizontal room a plan's label takes, about (its lengt
 
 
 def _label_points(ax: Axes, xs: list[float], ys: list[float], labels: list[str]) -> None:
-    """Name each point beside it, labels that would overlap their neighbours' pushed up one at a
-    time (the axes' scales and limits must be set first: the gap is measured on the page)."""
+    """Name each point beside it, labels that would overlap their neighbours' pushed up in
+    3-point steps (the axes' scales and limits must be set first: the gap is measured on the
+    page)."""
     to_pt = 72.0 / ax.figure.dpi
     page = [ax.transData.transform((x, y)) * to_pt for x, y in zip(xs, ys)]
     placed: list[tuple[float, float]] = []  # (x, y) of each label placed, points
     for i in sorted(range(len(xs)), key=lambda i: (page[i][1], page[i][0])):
-        x, y = page[i][0] + 4.0, page[i][1] + 3.0
-        while any(abs(px - x) < LABEL_WIDTH_PT and abs(py - y) < LABEL_GAP_PT for px, py in placed):
-            y += LABEL_GAP_PT / 3
-        placed.append((x, y))
-        ax.annotate(labels[i], (xs[i], ys[i]), fontsize=7, xytext=(x - page[i][0], y - page[i][1]),
-                    textcoords="offset points",
-                    arrowprops={"arrowstyle": "-", "linewidth": 0.4, "color": "0.5"} if y - page[i][1] > 6 else None)
+        # offsets in whole steps, so the same points redrawn from a table's rounded values
+        # give the same figure
+        lift = 0
+        while any(abs(px - page[i][0] - 4.0) < LABEL_WIDTH_PT and abs(py - page[i][1] - 3.0 - lift) < LABEL_GAP_PT
+                  for px, py in placed):
+            lift += 3
+        placed.append((page[i][0] + 4.0, page[i][1] + 3.0 + lift))
+        ax.annotate(labels[i], (xs[i], ys[i]), fontsize=7, xytext=(4, 3 + lift), textcoords="offset points")
 
 
 def scatter(plans: pd.DataFrame, out: str | Path, title: str = "") -> Path:
