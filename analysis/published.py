@@ -101,7 +101,7 @@ def predict_row(row: VTrainRow, profile: Profile, engine: str = "evaluator") -> 
     from estimator.sim.simulate import simulate
 
     experiment, plan, _ = row_experiment(row, profile.name)
-    memory = plan_memory(experiment, plan, profile.capacity_bytes)
+    memory = plan_memory(experiment, plan, profile.capacity_bytes, profile.stack)
     if engine == "simulator":
         predicted = simulate(experiment, plan, profile, iterations=2).iteration_s
     else:

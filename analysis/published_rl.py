@@ -49,6 +49,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -367,7 +368,7 @@ def predict_runs(mapped: list[Mapped], progress: bool = True) -> list[dict[str, 
         phases = {k: {"predicted_s": predicted[k], "measured_s": v, "ape": abs(predicted[k] - v) / v}
                   for k, v in m.run.measured.items() if k in predicted}
         unknown = sorted(set(m.run.measured) - set(predicted))
-        memory = plan_memory(m.experiment, m.plan, m.profile.capacity_bytes)
+        memory = plan_memory(m.experiment, m.plan, m.profile.capacity_bytes, m.profile.stack)
         out.append({"experiment_id": m.run.experiment_id, "value_kind": m.run.value_kind,
                     "role": "fitted" if m.run.experiment_id in fitted_runs(m.profile) else "held_out",
                     "stack": m.profile.stack, "profile": m.profile.name, "fits_memory": memory.feasible,
@@ -398,6 +399,37 @@ def summarize(table: str, runs: list[dict[str, Any]], skipped: list[dict[str, st
             "priced": sorted({op_set_text(r) for r in runs})}
 
 
+def configuration(run: RlRun) -> tuple:
+    """What makes two runs of a table the same configuration: everything it prints but the
+    measured outcomes (phases, mean response length) and who measured it."""
+    fields = (run.system, run.mode, run.actor, run.gpu, run.gpus, run.nodes, run.seq_cap, run.prompts, run.samples,
+              run.train_batch, run.plan)
+    return tuple(None if isinstance(v, float) and math.isnan(v) else v for v in fields)
+
+
+def repeat_spread(runs: list[RlRun]) -> dict[str, Any]:
+    """How far two measurements of one configuration lie apart: every run that is not the
+    source's own report (``value_kind`` other than ``reported``: a third-party rerun) against
+    the reported run of the same :func:`configuration`, per metric both measured, the repeat's
+    relative difference (repeat / report − 1). ``spread``: per metric the median and the largest
+    absolute difference over the pairs; no goal on a phase can be tighter than that."""
+    reported = {configuration(r): r for r in runs if r.value_kind == "reported"}
+    pairs = []
+    for r in runs:
+        base = reported.get(configuration(r)) if r.value_kind != "reported" else None
+        if base is None:
+            continue
+        diff = {m: r.measured[m] / base.measured[m] - 1 for m in ORDER if m in r.measured and m in base.measured}
+        pairs.append({"reported": base.experiment_id, "repeat": r.experiment_id, "value_kind": r.value_kind,
+                      "difference": diff})
+    spread = {}
+    for m in ORDER:
+        d = sorted(abs(p["difference"][m]) for p in pairs if m in p["difference"])
+        if d:
+            spread[m] = {"pairs": len(d), "median": statistics.median(d), "max": d[-1]}
+    return {"pairs": pairs, "spread": spread}
+
+
 def op_set_text(run: dict[str, Any]) -> str:
     return f"{run['stack']} on {run['profile']}"
 
@@ -422,6 +454,16 @@ def render(s: dict[str, Any], lines_of_priced: list[str]) -> str:
     for name, errs in [("all runs", s["mape"])] + [(g.replace("_", "-"), e) for g, e in s["mape_by_role"].items()]:
         table.append((name, *(_pct(errs[m]) if m in errs else "-" for m in metrics)))
     out += [format_table(table, right=set(range(1, len(table[0])))), ""]
+    spread = s.get("repeats", {}).get("spread", {})
+    if spread:
+        shown = [m for m in metrics if m in spread]
+        table = [("two measurements of one configuration", *(m.removesuffix("_time") for m in shown))]
+        for p in s["repeats"]["pairs"]:
+            table.append((f"{p['repeat']} / {p['reported']} - 1",
+                          *(f"{100 * p['difference'][m]:+.0f} %" if m in p["difference"] else "-" for m in shown)))
+        for stat in ("median", "max"):
+            table.append((f"{stat} |difference|", *(_pct(spread[m][stat]) for m in shown)))
+        out += [format_table(table, right=set(range(1, len(table[0])))), ""]
     out.append("worst: " + "; ".join(f"{w['experiment_id']} {w['metric']} {_pct(w['ape'])}" for w in s["worst"]))
     out += [f"skipped {k['experiment_id']}: {k['reason']}" for k in s["skipped"]]
     return "\n".join(out)
@@ -498,6 +540,7 @@ def run_rl(args: argparse.Namespace) -> int:
     priced = sorted({op_set(m.profile)["text"] for m in mapped})
     summary = summarize(str(args.table), predict_runs(mapped, progress=not args.json), skipped)
     summary["priced"] = priced
+    summary["repeats"] = repeat_spread(runs)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         rows = ["experiment_id,value_kind,role,stack,profile,metric,predicted_s,measured_s,ape"]

@@ -84,7 +84,7 @@ def sample_plans(experiment: Experiment, profile: Profile, n: int, seed: int = 0
                 continue
             if want is not None and want not in plan_kinds(plan, experiment):
                 continue
-            if not plan_memory(experiment, plan, profile.capacity_bytes).feasible:
+            if not plan_memory(experiment, plan, profile.capacity_bytes, profile.stack).feasible:
                 continue
             seen.add(_key(plan))
             return plan

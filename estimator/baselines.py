@@ -82,7 +82,7 @@ def fit_micro_batches(experiment: Experiment, profile: Profile, plan: Plan) -> P
     larger valid count is left)."""
     wf, layouts = experiment.workflow, dict(plan.layouts)
     while True:
-        report = plan_memory(experiment, Plan(layouts), profile.capacity_bytes)
+        report = plan_memory(experiment, Plan(layouts), profile.capacity_bytes, profile.stack)
         name = report.peak.call
         if report.feasible or not name:
             return Plan(layouts)

@@ -146,7 +146,7 @@ def predict(experiment: Experiment, plan: Plan, profile: Profile, iterations: in
     summary object that ``--json`` prints."""
     costs = Costs(experiment, profile)
     result = simulate(experiment, plan, profile, iterations, costs=costs, progress=progress)
-    memory = plan_memory(experiment, plan, profile.capacity_bytes)
+    memory = plan_memory(experiment, plan, profile.capacity_bytes, profile.stack)
     period = result.iteration_s
     rows = call_rows(result)
     summary = {

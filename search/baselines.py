@@ -128,7 +128,7 @@ def _build(exp: Experiment, profile: Profile, rule: Callable[[str], tuple[Device
                               "has no host_link section to price it")
         plan = Plan({n: dataclasses.replace(lay, offload=off) if exp.workflow[n].kind == "train" else lay
                      for n, lay in layouts.items()})
-        if plan_memory(exp, plan, profile.capacity_bytes).feasible:
+        if plan_memory(exp, plan, profile.capacity_bytes, profile.stack).feasible:
             break
     return fit_micro_batches(exp, profile, plan)
 
@@ -154,7 +154,7 @@ def colocate(exp: Experiment, profile: Profile) -> Plan:
             plan = _build(exp, profile, lambda _name, g=g, tp=tp: (whole, tp, g // tp))
         except ConfigError:
             continue
-        if plan_memory(exp, plan, profile.capacity_bytes).feasible:
+        if plan_memory(exp, plan, profile.capacity_bytes, profile.stack).feasible:
             return plan
     if plan is None:
         raise ConfigError("no whole-cluster layout is valid for every call")
@@ -428,7 +428,7 @@ def build(name: str, experiment: Experiment, profile: Profile, simulate_it: bool
             ALL_BASELINES[name](experiment, profile)
     except ConfigError as exc:
         return Baseline(name, None, None, str(exc))
-    memory = plan_memory(experiment, plan, profile.capacity_bytes)
+    memory = plan_memory(experiment, plan, profile.capacity_bytes, profile.stack)
     if not memory.feasible:
         return Baseline(name, plan, None, memory.reasons()[0])
     seconds = simulate(experiment, plan, profile).iteration_s if simulate_it else None
@@ -456,7 +456,7 @@ def _main(argv: list[str] | None) -> int:
     if args.out is not None:
         check_out(args.out)
     base = build(args.name, experiment, profile, recompute=args.recompute)
-    memory = plan_memory(experiment, base.plan, profile.capacity_bytes) if base.plan else None
+    memory = plan_memory(experiment, base.plan, profile.capacity_bytes, profile.stack) if base.plan else None
     if args.out is not None and base.feasible:
         atomic_write_text(args.out, base.plan.to_json())
     if args.json:

@@ -66,7 +66,7 @@ def framework_best(experiment: Experiment, profile: Profile, result: SearchResul
         raise ConfigError(f"{framework} can run none of the search's plans: " + "; ".join(sorted(set(refused))))
     scored = []
     for i, plan in enumerate(projections.values()):
-        fits = plan_memory(experiment, plan, profile.capacity_bytes).feasible
+        fits = plan_memory(experiment, plan, profile.capacity_bytes, profile.stack).feasible
         scored.append((not fits, simulate(experiment, plan, profile).iteration_s, i, plan))
     unfit, seconds, _, plan = min(scored, key=lambda t: t[:3])
     return FrameworkBest(framework, plan, seconds, not unfit, len(projections), result.iteration_s)

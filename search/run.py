@@ -170,7 +170,7 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
     starts += [space.key(p) for p in extra.values() if space.contains(p)]
     if not starts:  # no baseline fits: start from the plan built to need little memory where it fits
         least = least_memory_plan(experiment, space, profile.capacity_bytes)
-        if space.contains(least) and plan_memory(experiment, least, profile.capacity_bytes).feasible:
+        if space.contains(least) and plan_memory(experiment, least, profile.capacity_bytes, profile.stack).feasible:
             starts.append(space.key(least))
     starts.append(GREEDY)  # computed by the chain that starts from it
     setup_s = time.monotonic() - t0
@@ -231,7 +231,8 @@ def no_fit_reason(experiment: Experiment, profile: Profile, space: Space, baseli
     tried = [("a least-memory plan (each role at home on its largest mesh, most sharded and offloaded)",
               least_memory_plan(experiment, space, profile.capacity_bytes))]
     tried += [(f"baseline {b.name}", b.plan) for b in baselines.values() if b.plan is not None]
-    reports = [(plan_memory(experiment, plan, profile.capacity_bytes), what, plan) for what, plan in tried]
+    reports = [(plan_memory(experiment, plan, profile.capacity_bytes, profile.stack), what, plan)
+               for what, plan in tried]
     memory, what, plan = min(reports, key=lambda r: r[0].peak.peak_bytes)
     worst = memory.peak
     homes = experiment.workflow.home_calls()
@@ -273,7 +274,7 @@ def _result(experiment: Experiment, profile: Profile, space: Space, baselines: d
     else:  # the budget ended before the first simulation: the evaluator's best stands
         win = min((c for c in candidates if c.evaluator_s is not None), key=lambda c: c.evaluator_s)
         seconds = win.evaluator_s
-    memory = plan_memory(experiment, win.plan, profile.capacity_bytes)
+    memory = plan_memory(experiment, win.plan, profile.capacity_bytes, profile.stack)
     return SearchResult(
         experiment=experiment.name, profile=profile.name, plan=win.plan, iteration_s=seconds,
         simulated=bool(simulated), evaluator_s=win.evaluator_s, evaluated=evaluated, method=method,

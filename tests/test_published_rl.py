@@ -18,6 +18,7 @@ from analysis.published_rl import (
     fitted_runs,
     load_table,
     map_run,
+    repeat_spread,
 )
 from estimator.base.errors import ConfigError
 from estimator.cost.memory import plan_memory
@@ -110,11 +111,14 @@ def test_a_run_maps_to_the_experiment_and_plan_its_source_states(runs):
     fsdp = map_run(runs["nrl03-llama70b-dtensor"])
     t = fsdp.plan["actor_train"]
     assert (t.dp, t.tp, t.pp, t.shard, t.offload, fsdp.profile.stack) == (8, 8, 1, "full", "all", "fsdp-vllm")
-    # offloaded while the engine generates, the 8B DTensor run fits as it ran; resident, it did not
-    small = map_run(runs["nrl03-llama8b-dtensor"])
-    assert plan_memory(small.experiment, small.plan, small.profile.capacity_bytes).feasible
+    # the 8B Megatron run fits as it ran: the policy offloaded while the engine generates, the
+    # reference in host memory between its log-probs; with either resident, it would not
+    small = map_run(runs["nrl03-llama8b-megatron"])
+    cap, stack = small.profile.capacity_bytes, small.profile.stack
+    assert plan_memory(small.experiment, small.plan, cap, stack).feasible
     kept = Plan({c: dataclasses.replace(lay, offload="none") for c, lay in small.plan.layouts.items()})
-    assert not plan_memory(small.experiment, kept, small.profile.capacity_bytes).feasible
+    assert not plan_memory(small.experiment, kept, cap, stack).feasible
+    assert not plan_memory(small.experiment, small.plan, cap, None).feasible
     qwen = map_run(runs["nrl03-qwen3-32b-megatron"])  # vLLM TP not printed: NeMo-RL's later Qwen3-32B recipe
     assert qwen.plan["actor_gen"].tp == 4 and qwen.experiment.models["actor"].qk_norm
     assert any("not published" in n or "assumed" in n for n in qwen.notes)
@@ -134,3 +138,23 @@ def test_the_shipped_profiles_stack_terms_match_their_sources_and_name_their_row
             assert "fitted by `python -m analysis.published rl-fit" in terms.cites[key]
     with pytest.raises(ConfigError):
         map_run(load_table(TABLE)[0], "no-such-profile")
+
+
+def test_two_measurements_of_one_configuration_pair_by_their_settings(runs):
+    """A rerun pairs with the source's own report of the same settings (not with a run that
+    differs in any printed setting, nor with itself), and the spread per phase is by hand."""
+    table = list(runs.values())
+    out = repeat_spread(table)
+    pairs = {p["repeat"]: p for p in out["pairs"]}
+    assert {k: p["reported"] for k, p in pairs.items()} == {
+        "i959-llama8b-megatron": "nrl03-llama8b-megatron", "i959-llama8b-dtensor": "nrl03-llama8b-dtensor",
+        "i959-llama70b-megatron": "nrl03-llama70b-megatron", "i959-llama70b-dtensor": "nrl03-llama70b-dtensor"}
+    assert pairs["i959-llama70b-megatron"]["difference"]["refit_time"] == pytest.approx(26 / 14 - 1)
+    refit = sorted(abs(runs[k].measured["refit_time"] / runs[p["reported"]].measured["refit_time"] - 1)
+                   for k, p in pairs.items())
+    assert out["spread"]["refit_time"] == {"pairs": 4, "median": pytest.approx((refit[1] + refit[2]) / 2),
+                                           "max": pytest.approx(refit[-1])}
+    # a rerun whose printed layout differs is another configuration: no pair
+    moved = dataclasses.replace(runs["i959-llama70b-megatron"], plan="Megatron TP8 PP2; vLLM TP4")
+    assert [p["repeat"] for p in repeat_spread([runs["nrl03-llama70b-megatron"], moved])["pairs"]] == []
+    assert repeat_spread([runs["nrl03-llama8b-megatron"]]) == {"pairs": [], "spread": {}}

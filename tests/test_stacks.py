@@ -23,6 +23,7 @@ from estimator.spec.experiment import experiment_from_dict
 from estimator.spec.models import PRESETS
 from estimator.spec.plan import Layout, Plan
 from estimator.spec.sharding import budget_micro_batches, param_inventory
+from estimator.spec.stack import priced_stack
 from tests.conftest import EXAMPLES
 from tests.synthetic import CITE, linear_profile_dict
 
@@ -183,6 +184,23 @@ def test_every_engine_device_receives_the_whole_model_from_a_sharded_trainer():
     # the half it lacks, gathered (the flat chunks pad to equal halves), then its tp shard loaded
     assert all(model.params <= received[d] <= model.params + 64 for d in (0, 1))
     assert local[0] == local[1] < 2 * model.params
+    # an FSDP trainer's float32 master weights: twice the bytes gathered, the same shard loaded
+    wide = refit_pairs(model, home, gen, 8, gather_bytes=4)
+    for d in (0, 1):
+        assert sum(b for (s, r), b in wide.items() if r == d and s != d) == 2 * received[d]
+        assert wide[(d, d)] == local[d]
+
+
+def test_the_fsdp_stack_refit_gathers_float32_master_weights():
+    assert priced_stack("fsdp-vllm").refit_bytes == 4 and priced_stack("megatron-vllm").refit_bytes == 0
+    exp = _experiment(devices=2)
+    home = Layout(DeviceMesh(0, 2), 2, 1, 1, shard="full")
+    gen = Layout(DeviceMesh(0, 2), 1, 2, 1)
+    moved = {}
+    for stack in ("megatron-vllm", "fsdp-vllm"):
+        pairs = Costs(exp, for_stack(_profile(), stack)).realloc_pairs("actor", home, gen, "actor_gen")
+        moved[stack] = sum(b for (s, r), b in pairs.items() if s != r)
+    assert moved["fsdp-vllm"] == 2 * moved["megatron-vllm"] > 0
 
 
 def test_host_copies_around_a_colocated_engine_by_hand():
@@ -347,3 +365,49 @@ def test_a_stack_in_the_experiment_is_what_it_is_priced_on(tmp_path):
     assert exp.stack == "executor" and resolve(exp.cluster.device, exp.stack).name == "h100-sxm"
     raw["cluster"]["stack"] = "fsdp-vllm"
     assert resolve("h100-sxm", experiment_from_dict(raw).stack).stack == "fsdp-vllm"
+
+
+def test_a_colocated_production_stack_keeps_the_reference_in_host_memory_between_its_calls():
+    """NeMo-RL keeps the reference's weights on the CPU and swaps them in for its log-probs: on a
+    production stack whose engine shares the trainer's devices the reference holds device
+    memory only during ref_inf (the evaluator agrees); with the engine on devices of its own,
+    or on the executor's stack, it stays resident."""
+    from estimator.cost.memory import plan_memory, swapped_roles
+    from estimator.sim.evaluator import Evaluator
+
+    def experiment(ref: str):
+        return experiment_from_dict({
+            "algorithm": "grpo", "models": {"actor": "tiny-2l-128h", "ref": ref, "reward": "rule"},
+            "batch_size": 4, "group_size": 1, "prompt_len": 2, "gen_len": 8, "old_logprobs": "recompute",
+            "cluster": {"nodes": 1, "devices_per_node": 4, "device": "cpu"}})
+
+    whole, half, rest = DeviceMesh(0, 4), DeviceMesh(0, 2), DeviceMesh(2, 2)
+    shared = Plan({"actor_gen": Layout(whole, 4, 1, 1), "actor_inf": Layout(whole, 4, 1, 1),
+                   "ref_inf": Layout(whole, 4, 1, 1),
+                   "actor_train": Layout(whole, 4, 1, 1, shard="optimizer", offload="all")})
+    apart = Plan({"actor_gen": Layout(rest, 2, 1, 1), "actor_inf": Layout(half, 2, 1, 1),
+                  "ref_inf": Layout(half, 2, 1, 1), "actor_train": Layout(half, 2, 1, 1, shard="optimizer")})
+    exp = experiment("tiny-2l-128h")
+    assert swapped_roles(exp, shared, "megatron-vllm") == {"ref"}
+    assert swapped_roles(exp, apart, "megatron-vllm") == swapped_roles(exp, shared, None) == frozenset()
+    # a small reference: training stays every device's largest call, which no longer has the
+    # reference's weights beside it
+    ref = 2 * PRESETS["tiny-2l-128h"].params  # bf16, replicated over dp
+    host, resident = plan_memory(exp, shared, 1e12, "megatron-vllm"), plan_memory(exp, shared, 1e12, None)
+    for swapped, kept in zip(host.devices, resident.devices):
+        assert swapped.during == kept.during == "actor_train"
+        assert swapped.peak_bytes == pytest.approx(kept.peak_bytes - ref)
+    # a large one: its own call is the peak, its weights back on the devices for it
+    big = experiment("tiny-4l-256h")
+    host, resident = plan_memory(big, shared, 1e12, "megatron-vllm"), plan_memory(big, shared, 1e12, None)
+    for swapped, kept in zip(host.devices, resident.devices):
+        assert swapped.during == "ref_inf" and swapped.parts["weights"] == 2 * PRESETS["tiny-4l-256h"].params
+        assert swapped.peak_bytes < kept.peak_bytes  # the trainer's state is not beside it
+    assert plan_memory(exp, apart, 1e12, "megatron-vllm").peak.peak_bytes == \
+        pytest.approx(plan_memory(exp, apart, 1e12, None).peak.peak_bytes)
+    for e in (exp, big):
+        prof = for_stack(_profile(), "megatron-vllm")
+        for plan in (shared, apart):
+            fast = Evaluator(e, prof, costs=Costs(e, prof)).evaluate(plan)
+            assert fast.peak_memory_bytes == pytest.approx(
+                plan_memory(e, plan, prof.capacity_bytes, prof.stack).peak.peak_bytes)

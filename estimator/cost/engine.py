@@ -26,9 +26,11 @@ is the layout's ``offload`` (:mod:`estimator.cost.offload`, which charges the ti
 with ``offload="all"`` there, not a second charge on the stack; a trainer whose layout offloads
 nothing keeps its state on the devices beside the engine, in time and in memory alike.
 
-Only where an engine shares devices with a trained role's home (:func:`colocated`); a stack
-with its engine on devices of its own keeps everything in place and pays the refit's links and
-per-tensor cost alone. Host copies take :meth:`estimator.profile.profiles.Profile.host_copy_s`
+Only where an engine shares devices with a trained role's home
+(:func:`estimator.cost.memory.colocated`); a stack with its engine on devices of its own keeps
+everything in place and pays the refit's links and per-tensor cost alone. The memory model
+keeps the same books (:func:`estimator.cost.memory.swapped_roles`): a swapped-in reference
+holds device memory only while its call runs. Host copies take :meth:`estimator.profile.profiles.Profile.host_copy_s`
 on each device's own link (every device at once, so a stage's time is one device's).
 """
 
@@ -44,7 +46,6 @@ from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout
 from estimator.spec.sharding import param_inventory
 from estimator.spec.stack import priced_stack
-from estimator.spec.workflow import Call
 
 
 @dataclass(frozen=True)
@@ -69,14 +70,6 @@ def production(profile: Profile) -> bool:
     return priced_stack(profile.stack).production
 
 
-def colocated(calls: dict[str, Call], layouts: dict[str, Layout], homes: dict[str, Layout],
-              trained: set[str]) -> bool:
-    """Whether a generate call's devices overlap a trained role's home (the engine shares the
-    training devices, NeMo-RL's ``colocated.enabled``)."""
-    return any(c.kind == "generate" and layouts[n].mesh.overlaps(homes[r].mesh)
-               for n, c in calls.items() for r in trained)
-
-
 def engine_bytes(model: ModelSpec, layout: Layout) -> float:
     """The engine's bf16 weights on its fullest device under ``layout``."""
     return max(BF16 * stage_params(model, layout.tp, layout.pp, k, len(layout.stage_layers(model.layers, k)))
@@ -95,14 +88,15 @@ def tensor_count(model: ModelSpec) -> int:
 
 
 def refit_pairs(model: ModelSpec, home: Layout, layout: Layout, devices_per_node: int,
-                elem_bytes: int = BF16) -> dict[Pair, int]:
+                elem_bytes: int = BF16, gather_bytes: int = 0) -> dict[Pair, int]:
     """Bytes per (sender, receiver) pair of a production stack's refit: every device of the
     engine receives the whole model, gathered from the trainer's shards (NeMo-RL's
     ``get_weights_ipc_handles``: tensor-parallel all-gather, pipeline broadcast, DTensor
-    ``full_tensor``), then loads its own shard into the engine's buffers (a local copy, the
-    ``(d, d)`` pairs)."""
+    ``full_tensor``) at ``gather_bytes`` per element (0: ``elem_bytes``; the stack's
+    ``refit_bytes``), then loads its own shard into the engine's buffers at ``elem_bytes`` (a
+    local copy, the ``(d, d)`` pairs)."""
     whole = Layout(layout.mesh, layout.mesh.size, 1, 1)
-    out = dict(sharded_realloc_bytes(model, home, whole, devices_per_node, elem_bytes))
+    out = dict(sharded_realloc_bytes(model, home, whole, devices_per_node, gather_bytes or elem_bytes))
     for k in range(layout.pp):
         shard = elem_bytes * stage_params(model, layout.tp, layout.pp, k, len(layout.stage_layers(model.layers, k)))
         for d in layout.stage_devices(k):

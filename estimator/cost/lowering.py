@@ -38,14 +38,13 @@ from estimator.cost.dpshard import full_optimizer_s, full_shard_pass, optimizer_
 from estimator.cost.engine import NONE as NO_MOVES
 from estimator.cost.engine import (
     Moves,
-    colocated,
     generate_moves,
     inference_moves,
     production,
     refit_fixed_s,
     refit_pairs,
 )
-from estimator.cost.memory import call_bytes
+from estimator.cost.memory import call_bytes, colocated
 from estimator.cost.offload import NONE, OffloadCost, offload_cost
 from estimator.cost.pieces import (
     PAIRED_LOSSES,
@@ -514,7 +513,8 @@ class Costs:
         model = self.experiment.models[role]
         key = (model, home.placement, layout.placement, refit)
         if key not in self._realloc:
-            self._realloc[key] = (refit_pairs(model, home, layout, self.dpn, self.profile.elem_bytes) if refit else
+            self._realloc[key] = (refit_pairs(model, home, layout, self.dpn, self.profile.elem_bytes,
+                                              priced_stack(self.profile.stack).refit_bytes) if refit else
                                   sharded_realloc_bytes(model, home, layout, self.dpn, self.profile.elem_bytes))
         return self._realloc[key]
 

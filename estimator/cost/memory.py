@@ -19,6 +19,13 @@ Assumptions (bytes per parameter ``P`` of a device's shard, see :func:`cost.stag
   runs, and one that reallocates has them back on the home's devices while it reallocates (a
   peak of its own: the uploaded weights beside the copy being received, before the call
   allocates its activations or KV pool).
+- **Swapped frozen roles** (:func:`swapped_roles`). On a production stack whose generation
+  engine shares devices with a trained role's home, a frozen role that only runs inference
+  (the reference) keeps its weights in host memory and has them on its devices only while its
+  call runs, as NeMo-RL keeps the reference's state dict on the CPU and swaps it into the
+  policy for its log-probs (``use_reference_model``); :mod:`estimator.cost.engine` charges the
+  copies. The policy's weights that the swap moves out meanwhile are still counted (an upper
+  bound; under ``offload="all"`` none are resident then).
 - **Reallocated copy.** A call on a layout other than its role's home holds its own bf16 copy
   of the shard (2·P) while it runs; the copy is dropped after it.
 - **Activations** (Korthikanti et al. 2022, recounted for LLaMA blocks: RMSNorm, SwiGLU,
@@ -54,6 +61,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from estimator.cost.pieces import BF16, FP32, stage_params
@@ -64,6 +72,7 @@ from estimator.spec.experiment import Experiment
 from estimator.spec.models import ModelSpec
 from estimator.spec.plan import Layout, Plan, standing_copies
 from estimator.spec.sharding import fullest_engine_rows, most_rows
+from estimator.spec.stack import priced_stack
 from estimator.spec.workflow import Call
 
 GiB = float(1 << 30)
@@ -297,15 +306,54 @@ class MemoryReport:
         return [msg]
 
 
-def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float) -> MemoryReport:
-    """Peak memory of every device under ``plan`` (a generation engine holding the
-    experiment's ``kv_fraction`` of ``capacity_bytes``)."""
+def colocated(calls: dict[str, Call], layouts: dict[str, Layout], homes: dict[str, Layout],
+              trained: Iterable[str]) -> bool:
+    """Whether a generate call's devices overlap a trained role's home (the engine shares the
+    training devices, NeMo-RL's ``colocated.enabled``)."""
+    return any(c.kind == "generate" and layouts[n].mesh.overlaps(homes[r].mesh)
+               for n, c in calls.items() for r in trained)
+
+
+def swappable_roles(experiment: Experiment) -> frozenset[str]:
+    """Frozen roles whose every call is an inference call (the reference, a reward model): the
+    roles a production stack keeps in host memory when it shares devices with its engine."""
+    wf = experiment.workflow
+    trained = wf.trained_roles()
+    return frozenset(r for r in wf.home_calls() if r not in trained
+                     and all(c.kind == "inference" for c in wf.calls if c.role == r))
+
+
+def swapped_roles(experiment: Experiment, plan: Plan, stack: str | None) -> frozenset[str]:
+    """The :func:`swappable_roles` whose weights stay in host memory between their calls under
+    ``plan`` priced for ``stack`` (None: this project's executor): all of them on a production
+    stack whose engine shares devices with a trained role's home (:func:`colocated`), none
+    elsewhere (:func:`estimator.cost.engine.inference_moves` charges the same swap)."""
+    if not priced_stack(stack).production:
+        return frozenset()
+    wf = experiment.workflow
+    homes = {r: plan[c] for r, c in wf.home_calls().items()}
+    calls = {c.name: c for c in wf.calls}
+    if not colocated(calls, {n: plan[n] for n in calls}, homes, wf.trained_roles()):
+        return frozenset()
+    return swappable_roles(experiment)
+
+
+def swapped_in_bytes(model: ModelSpec, layout: Layout) -> list[dict[str, float]]:
+    """Per stage: a swapped role's bf16 weights on its call's devices while the call runs."""
+    return [{"weights": BF16 * p} for p in stage_param_counts(model, layout)]
+
+
+def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float, stack: str | None = None) -> MemoryReport:
+    """Peak memory of every device under ``plan`` priced for ``stack`` (the profile's; None:
+    this project's executor), a generation engine holding the experiment's ``kv_fraction`` of
+    ``capacity_bytes``."""
     wf = experiment.workflow
     homes = wf.home_calls()
     trained = wf.trained_roles()
     static: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(PARTS, 0.0))
     standing = standing_copies(wf, plan)  # rollout copies that stay between calls (asynchronous plans)
-    resident = [(role, call, role in trained) for role, call in homes.items()]
+    swapped = swapped_roles(experiment, plan, stack)
+    resident = [(role, call, role in trained) for role, call in homes.items() if role not in swapped]
     resident += [(wf[call].role, call, False) for call in sorted(standing)]
     for role, call, with_state in resident:
         layout = plan[call]
@@ -328,6 +376,8 @@ def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float) -> Me
         at_home = name in standing or layout.same_placement(home)
         engine = experiment.kv_fraction * capacity_bytes
         back = restored_bytes(call, model, layout, home, call.role in trained)
+        if call.role in swapped and at_home:
+            back = swapped_in_bytes(model, layout)
         for k, parts in enumerate(call_bytes(call, model, layout, at_home, engine)):
             for key, v in back[k].items():
                 parts[key] = parts.get(key, 0.0) + v

@@ -40,7 +40,14 @@ import numpy as np
 
 from estimator.cost.engine import Moves
 from estimator.cost.lowering import CallCost, Costs
-from estimator.cost.memory import call_bytes, home_bytes, restored_bytes, source_bytes
+from estimator.cost.memory import (
+    call_bytes,
+    home_bytes,
+    restored_bytes,
+    source_bytes,
+    swappable_roles,
+    swapped_in_bytes,
+)
 from estimator.profile.profiles import Profile
 from estimator.sim import hostshare
 from estimator.sim.instances import device_preds, instance_graph
@@ -163,6 +170,14 @@ class Evaluator:
         # calls that refit a serving engine: they reallocate even onto the home's placement
         self.refit = [self.costs.refits(n) for n in self.names]
         self.trained = set(wf.trained_roles())
+        # calls of frozen roles a production stack swaps in from host memory where its engine
+        # shares the training devices (estimator.cost.memory.swapped_roles), and the calls whose
+        # layouts decide whether it does (generate calls, trained homes)
+        swappable = swappable_roles(experiment) if self.costs.production else frozenset()
+        self._swappable = [c for c, r in enumerate(self.roles) if r in swappable]
+        self._sharing = sorted({c for c, n in enumerate(self.names) if wf[n].kind == "generate"}
+                               | {index[self.costs.homes[r]] for r in self.trained})
+        self._shares: dict[tuple[int, ...], bool] = {}
         self.capacity = profile.capacity_bytes
         self.num_devices = experiment.cluster.num_devices
         # data edges as (consumer, its e-th producer, producer), and each consumer's columns
@@ -179,7 +194,7 @@ class Evaluator:
         self._places: dict[tuple, int] = {}
         # caches, per call: duration by layout; reallocation by home · KEY + layout; per
         # producer, data transfer by src · KEY + dst; memory vectors by layout (home) and by
-        # 2·layout + away-from-home (call)
+        # 8·layout + 4·swapped-in + 2·weights-away + at-home (call)
         self._duration: list[dict[int, float]] = [{} for _ in range(self.n)]
         self._realloc: list[dict[int, float]] = [{} for _ in range(self.n)]
         self._data: list[list[dict[int, float]]] = [[{} for _ in p] for p in self.data_preds]
@@ -345,15 +360,17 @@ class Evaluator:
         statics, dynamics = [], []
         place, home, static, dynamic, offloads = self._place_of, self.home, self._static, self._dynamic, self._offloads
         standing = self._standing(lids) if self.asynchronous else ()
+        swapped = self._swapped(lids)
         for c, lid in enumerate(lids):
             copy = self.names[c] in standing  # its standing copy stays, like a home without training state
-            if home[c] == c or copy:
+            swap = c in swapped  # its weights wait in host memory, on the devices only while it runs
+            if (home[c] == c or copy) and not swap:
                 row = static[c].get(lid)
                 statics.append(self._static_row(c, lid) if row is None else row)
             h = lids[home[c]]
             at_home = copy or place[lid] == place[h]
             weights_away = offloads[h] == "all" and not copy  # a standing copy is fed by pushes instead
-            key = 4 * lid + 2 * weights_away + at_home
+            key = 8 * lid + 4 * swap + 2 * weights_away + at_home
             row = dynamic[c].get(key)
             dynamics.append(self._dynamic_row(c, lid, h, key) if row is None else row)
             if weights_away and not at_home:
@@ -362,6 +379,17 @@ class Evaluator:
                 if row is not None:
                     dynamics.append(row)
         return statics, dynamics
+
+    def _swapped(self, lids: list[int]) -> tuple[int, ...]:
+        """Calls whose frozen role waits in host memory under these layouts (none unless the
+        engine shares a trained home's devices on a production stack)."""
+        if not self._swappable:
+            return ()
+        key = tuple(lids[c] for c in self._sharing)
+        shares = self._shares.get(key)
+        if shares is None:
+            shares = self._shares[key] = self.costs.shares({n: self._layouts[lid] for n, lid in zip(self.names, lids)})
+        return tuple(self._swappable) if shares else ()
 
     def _static_row(self, c: int, lid: int) -> int:
         role, layout = self.roles[c], self._layouts[lid]
@@ -374,7 +402,8 @@ class Evaluator:
         model, trained = self.experiment.models[call.role], call.role in self.trained
         parts = call_bytes(call, model, layout, at_home=bool(key & 1),
                            engine_bytes=self.experiment.kv_fraction * self.capacity)
-        back = restored_bytes(call, model, layout, self._layouts[home], trained)
+        back = (swapped_in_bytes(model, layout) if key & 4 and key & 1 else
+                restored_bytes(call, model, layout, self._layouts[home], trained))
         parts = [{**p, **{k: p.get(k, 0.0) + v for k, v in b.items()}} for p, b in zip(parts, back)]
         row = self._dynamic[c][key] = self._per_device(layout, parts)
         return row

@@ -16,7 +16,8 @@ megatron-vllm   fused      Megatron-Core   vLLM        sequence packing; a coloc
                                                        the trainer offloads its state to the host while
                                                        it generates; the refit gathers the whole model
 fsdp-vllm       fused      PyTorch FSDP2   vLLM        the same around a DTensor (FSDP2) trainer, whose
-                                                       gradients are reduce-scattered in float32
+                                                       gradients are reduce-scattered in float32 and
+                                                       whose float32 master weights the refit gathers
 ==============  =========  ==============  ==========  =============================================
 
 The production stacks are described as NVIDIA NeMo-RL v0.3.0 runs them (github.com/NVIDIA-NeMo/RL,
@@ -72,6 +73,12 @@ class Stack:
     # (nemo_rl/models/dtensor/parallelize.py at b1c86a81: MixedPrecisionPolicy(param_dtype=bf16,
     # reduce_dtype=torch.float32))
     reduce_bytes: int = 0
+    # bytes per element of the weights the refit gathers whole (0: the profile's element): the
+    # FSDP2 trainer of NeMo-RL v0.3.0 keeps float32 master weights (dtensor_policy_worker.py at
+    # b1c86a81 loads the model with torch_dtype=torch.float32), and get_weights_ipc_handles
+    # gathers each with full_tensor() before casting it to bfloat16; Megatron-Core gathers its
+    # bfloat16 weights
+    refit_bytes: int = 0
 
     def __post_init__(self) -> None:
         problems = [f"{k}={getattr(self, k)!r} must be one of {allowed}"
@@ -96,7 +103,7 @@ STACKS: dict[str, Stack] = {s.name: s for s in (
     Stack("megatron-vllm", "fused", "megatron", "vllm", "Megatron-Core training with vLLM generation",
           packing=True, colocated_offload=True),
     Stack("fsdp-vllm", "fused", "fsdp", "vllm", "PyTorch FSDP2 (DTensor) training with vLLM generation",
-          packing=True, colocated_offload=True, reduce_bytes=4),
+          packing=True, colocated_offload=True, reduce_bytes=4, refit_bytes=4),
 )}
 STACK_NAMES = tuple(STACKS)
 
