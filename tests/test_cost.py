@@ -411,6 +411,27 @@ def test_link_book_fills_gaps_a_waiting_transfer_leaves():
     assert book.reserve(pair_ports(3, 2, 4), 3.0, 2.0) == (3.0, 5.0)  # exactly fits the gap left
 
 
+def test_link_book_takes_the_earliest_window_free_on_every_port_by_brute_force():
+    """Against an oracle that tries every candidate start (the request time and each booking's
+    end) and keeps the first window that overlaps no booking of any port: random requests of
+    one to four ports, zero-length ones among them, at non-decreasing request times."""
+    rng = np.random.default_rng(7)
+    book, held = LinkBook(3), {p: [] for p in range(12)}
+    now = 0.0
+    for _ in range(600):
+        now += float(rng.choice([0.0, 0.0, rng.exponential(0.3)]))
+        ports = tuple(int(p) for p in rng.choice(12, size=int(rng.integers(1, 5)), replace=False))
+        duration = float(rng.choice([0.0, rng.exponential(1.0), rng.integers(1, 4) * 0.25]))
+        candidates = sorted({now} | {e for p in ports for _, e in held[p] if e >= now})
+        start = next(t for t in candidates
+                     if not any(s < t + duration and e > t for p in ports for s, e in held[p]))
+        assert book.reserve(ports, now, duration) == (start, start + duration)
+        for p in ports:
+            held[p].append((start, start + duration))
+            # what the book keeps: every booking still running or to come, in order
+            assert [iv for iv in book.booked(p) if iv[1] > now] == sorted(iv for iv in held[p] if iv[1] > now)
+
+
 def test_decode_steps_integrate_kv_growth_exactly():
     prof = load_profile("h100-sxm")
     m = PRESETS["llama2-7b"]

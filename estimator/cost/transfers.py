@@ -18,9 +18,9 @@ others, which would idle them.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import math
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -191,15 +191,6 @@ def port_name(port: int, devices_per_node: int) -> str:
     return f"{PORT_NAMES[port % 4]} dev{d} (node {d // devices_per_node})"
 
 
-def _first_ending_after(booked: list[tuple[float, float]], t: float) -> int:
-    """Index of the first interval ending after ``t`` in a port's bookings, which are disjoint
-    and sorted, so their ends are sorted too."""
-    i = bisect.bisect_right(booked, (t, math.inf)) - 1  # the last one starting at or before t
-    if i >= 0 and booked[i][1] > t:
-        return i
-    return i + 1
-
-
 class LinkBook:
     """First-come, first-served reservations of device ports (see the module docstring).
 
@@ -207,37 +198,53 @@ class LinkBook:
     the time it is made, in which all its ports are free. A booking that had to wait for one
     port leaves its other ports free before it, and later requests may use those gaps: a port
     is never held idle for a transfer that cannot start yet. Requests never start before the
-    simulation's present, so intervals that ended before the request time are dropped."""
+    simulation's present, so intervals that ended before the request time are dropped.
+
+    A port's bookings are disjoint, so kept as two sorted lists, their starts and their ends:
+    the first booking ending after ``t`` is ``bisect_right(ends, t)``."""
 
     def __init__(self, num_devices: int):
         self.num_devices = num_devices
-        self.busy: list[list[tuple[float, float]]] = [[] for _ in range(4 * num_devices)]  # (start, end), sorted
+        self.starts: list[list[float]] = [[] for _ in range(4 * num_devices)]  # per port, sorted
+        self.ends: list[list[float]] = [[] for _ in range(4 * num_devices)]  # per port, sorted
         self.free_at = [0.0] * (4 * num_devices)  # seconds: end of each port's last booking
+
+    def booked(self, port: int) -> list[tuple[float, float]]:
+        """The (start, end) intervals booked on ``port``, in order."""
+        return list(zip(self.starts[port], self.ends[port]))
 
     def reserve(self, ports: Iterable[int], now: float, duration_s: float) -> tuple[float, float]:
         """Hold ``ports`` together for ``duration_s`` from the earliest time all are free, not
         before ``now``; returns (start, end)."""
-        ports = list(ports)
-        busy, free = self.busy, self.free_at
+        ports = tuple(ports)
+        free = self.free_at
         if all(free[p] <= now for p in ports):  # the common case: every port idle from now on
             end = now + duration_s
             for p in ports:
-                busy[p] = [(now, end)]
+                self.starts[p] = [now]
+                self.ends[p] = [end]
                 free[p] = end
             return now, end
-        booked = [busy[p] for p in ports]
-        for b in booked:
-            del b[:_first_ending_after(b, now)]
+        books = [(self.starts[p], self.ends[p]) for p in ports]
+        for starts, ends in books:
+            gone = bisect_right(ends, now)
+            if gone:
+                del starts[:gone], ends[:gone]
         start, moved = now, True
         while moved:
             moved = False
-            for b in booked:
-                i = _first_ending_after(b, start)
-                if i < len(b) and b[i][0] < start + duration_s:  # overlaps the window: start after it
-                    start, moved = b[i][1], True
+            for starts, ends in books:
+                i = bisect_right(ends, start)
+                while i < len(ends) and starts[i] < start + duration_s:  # overlaps the window: start after it
+                    start, moved = ends[i], True
+                    i += 1
         end = start + duration_s
-        for p, b in zip(ports, booked):
-            bisect.insort(b, (start, end))
+        for p, (starts, ends) in zip(ports, books):
+            i = bisect_left(starts, start)
+            while i < len(starts) and starts[i] == start and ends[i] <= end:  # (start, end) in tuple order
+                i += 1
+            starts.insert(i, start)
+            ends.insert(i, end)
             free[p] = max(free[p], end)
         return start, end
 

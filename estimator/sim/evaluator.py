@@ -34,7 +34,7 @@ and tensor-parallel collectives.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from operator import add
+from operator import add, itemgetter
 
 import numpy as np
 
@@ -174,10 +174,11 @@ class Evaluator:
         # shares the training devices (estimator.cost.memory.swapped_roles), and the calls whose
         # layouts decide whether it does (generate calls, trained homes)
         swappable = swappable_roles(experiment) if self.costs.production else frozenset()
-        self._swappable = [c for c, r in enumerate(self.roles) if r in swappable]
-        self._sharing = sorted({c for c, n in enumerate(self.names) if wf[n].kind == "generate"}
-                               | {index[self.costs.homes[r]] for r in self.trained})
-        self._shares: dict[tuple[int, ...], bool] = {}
+        self._swappable = tuple(c for c, r in enumerate(self.roles) if r in swappable)
+        sharing = sorted({c for c, n in enumerate(self.names) if wf[n].kind == "generate"}
+                         | {index[self.costs.homes[r]] for r in self.trained})
+        self._sharing_key = itemgetter(*sharing) if sharing else (lambda lids: ())
+        self._shares: dict[object, bool] = {}
         self.capacity = profile.capacity_bytes
         self.num_devices = experiment.cluster.num_devices
         # data edges as (consumer, its e-th producer, producer), and each consumer's columns
@@ -385,11 +386,11 @@ class Evaluator:
         engine shares a trained home's devices on a production stack)."""
         if not self._swappable:
             return ()
-        key = tuple(lids[c] for c in self._sharing)
+        key = self._sharing_key(lids)
         shares = self._shares.get(key)
         if shares is None:
             shares = self._shares[key] = self.costs.shares({n: self._layouts[lid] for n, lid in zip(self.names, lids)})
-        return tuple(self._swappable) if shares else ()
+        return self._swappable if shares else ()
 
     def _static_row(self, c: int, lid: int) -> int:
         role, layout = self.roles[c], self._layouts[lid]
