@@ -37,7 +37,9 @@ the best plan that framework can run: every plan the search re-ranked, projected
 framework runs by its exporter, simulated, the fastest that fits kept (:mod:`search.framework`;
 the best projection of the search's best plans, not a search of the framework's whole space);
 it prints that plan and its time against the best plan overall, and ``--out`` and ``--export``
-then take it. ``--export FRAMEWORK --export-dir DIR`` writes the plan in that framework's
+then take it. A projection that fits and runs faster than the search's own best becomes the
+best plan overall too (a candidate ``projection onto NAME`` among the re-ranked).
+``--export FRAMEWORK --export-dir DIR`` writes the plan in that framework's
 configuration into DIR and prints what the framework changes and what that costs, as
 ``python -m estimator.export`` does.
 
@@ -63,6 +65,7 @@ fits (the reason as above).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -84,7 +87,7 @@ from search.baselines import split_starts
 from search.checks import MAX_CHAINS, check_budget, check_out, check_positive
 from search.framework import framework_best
 from search.result import comparison_table, imported_text, render_report, result_json, speedups_over
-from search.run import DEFAULT_TIME_BUDGET_S, default_experiment, run_search
+from search.run import DEFAULT_TIME_BUDGET_S, adopt, default_experiment, run_search
 
 
 def _main(argv: list[str] | None) -> int:
@@ -182,6 +185,10 @@ def _main(argv: list[str] | None) -> int:
                         extra_starts=starts or None)
     also = [config_plan] if imported is not None else []
     best = framework_best(experiment, profile, result, args.framework, also=also) if args.framework else None
+    if best is not None and best.fits and best.iteration_s < result.iteration_s:
+        # a projection beat the search's own best: it is the best plan overall too
+        result = adopt(experiment, profile, result, best.plan, best.iteration_s, f"projection onto {args.framework}")
+        best = dataclasses.replace(best, overall_s=result.iteration_s)
     plan = best.plan if best is not None else result.plan
     sim, memory, summary = predict(experiment, result.plan, profile)
     asynchrony = compare_synchronous(experiment, profile, sim, result.plan, sync.plan) if sync is not None else None

@@ -222,6 +222,21 @@ def run_search(experiment: Experiment, profile: Profile, *, time_budget_s: float
                    slowest, search_s)
 
 
+def adopt(experiment: Experiment, profile: Profile, result: SearchResult, plan: Plan, simulator_s: float,
+          source: str) -> SearchResult:
+    """``result`` with one more simulated candidate, ``plan`` (from ``source``, such as a
+    framework's projection of a re-ranked plan: :mod:`search.framework`), re-ranked with the
+    others, so the best plan overall is never slower than a plan the search predicted that
+    fits; ``plan`` must fit in memory."""
+    if not plan_memory(experiment, plan, profile.capacity_bytes, profile.stack).feasible:
+        raise ValueError(f"adopt: the plan from {source} does not fit in memory")
+    extra = Candidate(plan, Evaluator(experiment, profile).period_s(plan), simulator_s, source)
+    t0 = time.monotonic() - result.elapsed_s
+    return _result(experiment, profile, result.space, dict(result.baselines), result.candidates + (extra,),
+                   result.evaluated, result.method, result.chains, result.setup_s, t0, result.slowest_eval_s,
+                   result.search_s)
+
+
 def no_fit_reason(experiment: Experiment, profile: Profile, space: Space, baselines: dict[str, Baseline],
                   evaluated: int) -> str:
     """Why no plan fits, naming the tightest call and what fills the device: of the baselines

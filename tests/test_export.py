@@ -1,6 +1,6 @@
 """Exporters to other frameworks (estimator.interop) and ``python -m estimator.export``.
 
-Each exporter's files for the 7B PPO and 8B GRPO examples' searched plans are compared with
+Each exporter's files for a searched plan of the 7B PPO and 8B GRPO examples are compared with
 golden files under ``tests/golden/export/``; after a deliberate change regenerate them with
 ``RLHF_PLAN_UPDATE_GOLDEN=1 python -m pytest tests/test_export.py -k golden`` and review the
 diff. Every key or flag an export writes is looked up in the framework's own default config or
@@ -31,8 +31,10 @@ from tests.conftest import EXAMPLES
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 GOLDEN = ROOT / "tests" / "golden" / "export"
-# example → (experiment, its searched plan), the plan written by
-# ``python -m search EXAMPLE --max-evals 3000 --chains 2 --seed 0 --out PLAN``
+# example → (experiment, a searched plan kept as a fixed input): written by
+# ``python -m search EXAMPLE --max-evals 3000 --chains 2 --seed 0 --out PLAN`` when the examples
+# were priced on this project's executor and h100-vidur; the search finds other plans on today's
+# default stack, and these stay as they are so that the exporters' files do not move with it
 CASES = {name: (EXAMPLES / f"{name}.yaml", GOLDEN / "plans" / f"{name}.json")
          for name in ("ppo-llama2-7b-8xh100", "grpo-llama3-8b-8xh100")}
 PPO = CASES["ppo-llama2-7b-8xh100"][0]
@@ -505,6 +507,41 @@ def test_search_finds_the_best_plan_verl_runs_and_exports_it(capsys, tmp_path):
                      "--export-dir", str(out)]) == 0
     text = capsys.readouterr().out
     assert "best plan verl can run" in text and "verl runs this plan as given: predicted" in text
+
+
+def test_a_faster_projection_becomes_the_best_plan_overall(capsys, monkeypatch):
+    """A framework's projection that fits and runs faster than the search's own best is the best
+    plan overall too: re-ranked with the candidates (search.run.adopt), and the command reports
+    it as both."""
+    import dataclasses
+
+    import search.__main__ as cli
+    from estimator.profile.profiles import load_profile
+    from estimator.sim.simulate import simulate
+    from search.framework import framework_best
+    from search.run import adopt, run_search
+
+    exp = load_experiment(TINY)
+    prof = load_profile(exp.cluster.device)
+    result = run_search(exp, prof, max_evals=60, seed=0, chains=1, progress=False)
+    other = next(c.plan for c in result.candidates if c.plan != result.plan and c.simulator_s is not None)
+    slower = simulate(exp, other, prof).iteration_s
+    assert slower >= result.iteration_s
+    kept = adopt(exp, prof, result, other, slower, "projection onto verl")
+    assert kept.plan == result.plan and kept.iteration_s == result.iteration_s
+    assert kept.candidates[-1].source == "projection onto verl" and len(kept.candidates) == len(result.candidates) + 1
+    won = adopt(exp, prof, result, other, 0.5 * result.iteration_s, "projection onto verl")
+    assert won.plan == other and won.iteration_s == 0.5 * result.iteration_s and won.mfu > result.mfu
+    assert won.baselines.keys() == result.baselines.keys()
+
+    def faster(*args, **kwargs):  # the framework's best claims half the search's time
+        best = framework_best(*args, **kwargs)
+        return dataclasses.replace(best, iteration_s=0.5 * best.overall_s)
+
+    monkeypatch.setattr(cli, "framework_best", faster)
+    assert cli.main([TINY, "--max-evals", "60", "--chains", "1", "--seed", "0", "--framework", "verl", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["iteration_s"] == summary["framework"]["iteration_s"] == summary["framework"]["overall_s"]
 
 
 def _grpo_plan(exp, gen: dict, **over) -> Plan:

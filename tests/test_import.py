@@ -1,8 +1,8 @@
 """Importers of ReaLHF, AReaL and NeMo-RL configs (estimator.interop), ``python -m
 estimator.predict --from`` for them, and ``python -m search --from``.
 
-The round trips export the 7B PPO and 8B GRPO examples' searched plans (the golden plans of
-``tests/test_export.py``) where the framework takes the experiment: ReaLHF the PPO one, NeMo-RL
+The round trips export a searched plan of the 7B PPO and 8B GRPO examples (the golden plans of
+``tests/test_export.py``, fixed inputs) where the framework takes the experiment: ReaLHF the PPO one, NeMo-RL
 the GRPO one, AReaL the GRPO one and the PPO one with a verifier reward (AReaL has no
 reward-model engine).
 """
