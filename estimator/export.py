@@ -21,7 +21,11 @@ launch command, one flag per line; ``--legacy-flags``: OpenRLHF's flat spelling 
 ``config.yaml`` (AReaL, NeMo-RL: an overlay of their config) — and
 ``export.json`` with ``framework``, ``commit``, ``projected``, ``changes``, ``notes``,
 ``predicted_s``, ``projected_predicted_s``, ``projected_fits`` and both plans, each file
-atomically. ``--json`` prints that object.
+atomically. ``--json`` prints that object. The projection is priced for the framework's own
+trainer where the experiment is priced on a production stack (``projected_stack``: NeMo-RL's
+and AReaL's DTensor/FSDP trainer ``fsdp-vllm``, their Megatron and verl's ``megatron-vllm``;
+``framework_stack`` says which the framework runs, ``stack`` the experiment's), so that
+importing the files again predicts the same.
 
 An experiment a framework cannot take at all (an algorithm or a reward model it has no place
 for) is refused with the reason. Exit codes: 0 written; 2 invalid input or a refused experiment
@@ -43,10 +47,11 @@ from estimator.base.tables import format_table
 from estimator.interop import FRAMEWORKS, exporter
 from estimator.interop.common import Export
 from estimator.predict import predict
-from estimator.profile.pricing import STACK_NAMES, experiment_profile
+from estimator.profile.pricing import STACK_NAMES, experiment_profile, for_stack
 from estimator.profile.profiles import Profile, op_set
 from estimator.spec.experiment import Experiment, load_experiment
 from estimator.spec.plan import Plan, check
+from estimator.spec.stack import priced_stack
 
 RECORD = "export.json"
 
@@ -59,17 +64,29 @@ def make_export(framework: str, experiment: Experiment, plan: Plan, legacy_flags
     return module.export(experiment, plan, legacy_flags=True) if legacy_flags else module.export(experiment, plan)
 
 
+def framework_profile(export: Export, profile: Profile) -> Profile:
+    """The profile the framework's run of the projected plan is priced on: ``profile`` for the
+    framework's own production stack (:attr:`Export.stack`: NeMo-RL's and AReaL's DTensor/FSDP
+    trainer is ``fsdp-vllm``, Megatron ``megatron-vllm``) where ``profile`` prices a production
+    stack; ``profile`` itself on this project's executor or for a framework no stack describes."""
+    if export.stack is None or export.stack == profile.stack or not priced_stack(profile.stack).production:
+        return profile
+    return for_stack(profile, export.stack)
+
+
 def predict_export(export: Export, experiment: Experiment, profile: Profile, iterations: int = 3) -> dict[str, Any]:
     """The ``export.json`` object: the export with the simulator's steady-state iteration time
-    of the given plan and of the projected one (the same figure when nothing was projected)."""
+    of the given plan (on ``profile``) and of the projected one (on :func:`framework_profile`;
+    the same figure when nothing was projected on the same stack)."""
     _, _, given = predict(experiment, export.given, profile, iterations)
     projected = given
-    if export.projected:
-        _, _, projected = predict(experiment, export.plan, profile, iterations)
+    theirs = framework_profile(export, profile)
+    if export.projected or theirs is not profile:
+        _, _, projected = predict(experiment, export.plan, theirs, iterations)
     record = export.record(given["iteration_s"], projected["iteration_s"])
     return record | {"profile": profile.name, "stack": profile.stack, "priced": op_set(profile)["text"],
-                     "fits": given["feasible"], "projected_fits": projected["feasible"],
-                     "projected_reasons": projected["reasons"]}
+                     "projected_stack": theirs.stack, "fits": given["feasible"],
+                     "projected_fits": projected["feasible"], "projected_reasons": projected["reasons"]}
 
 
 def write_export(export: Export, record: dict[str, Any], out: Path) -> list[str]:
@@ -86,13 +103,17 @@ def write_export(export: Export, record: dict[str, Any], out: Path) -> list[str]
 def cost_line(record: dict[str, Any]) -> str:
     """One sentence: what the framework runs and what that costs against the plan."""
     fw, given, proj = record["framework"], record["predicted_s"], record["projected_predicted_s"]
-    if not record["projected"]:
-        return f"{fw} runs this plan as given: predicted {given:.1f} s"
+    ours, theirs = record.get("stack"), record.get("projected_stack", record.get("stack"))
+    how = f"can run this plan only as {record['summary']}" if record["projected"] else "runs this plan as given"
+    if theirs == ours and not record["projected"]:
+        return f"{fw} {how}: predicted {given:.1f} s"
     delta = 100.0 * (proj / given - 1.0)
     fits = "" if record["projected_fits"] else " (and it does not fit in memory: " + \
         "; ".join(record["projected_reasons"]) + ")"
-    return (f"{fw} can run this plan only as {record['summary']}: predicted {proj:.1f} s against {given:.1f} s "
-            f"({delta:+.1f} %){fits}")
+    if theirs != ours:
+        return (f"{fw} {how}, priced for its {theirs} trainer: predicted {proj:.1f} s against {given:.1f} s for "
+                f"{ours} ({delta:+.1f} %){fits}")
+    return f"{fw} {how}: predicted {proj:.1f} s against {given:.1f} s ({delta:+.1f} %){fits}"
 
 
 def render(record: dict[str, Any], written: list[str]) -> str:

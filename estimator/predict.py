@@ -40,6 +40,9 @@ lengths at their caps, a config keeps only those, unless ``--gen-mean TOKENS`` g
 responses' mean under the cap (continuous batching, as an experiment's ``gen_len: {max, mean}``);
 the cluster's device is ``--profile``, default ``h100-sxm``), and predicts that plan; a key the
 importer does not read exits 2 naming it.
+The config's trainer names the stack priced (``cluster.stack``: NeMo-RL's and AReaL's
+DTensor/FSDP trainer ``fsdp-vllm``, Megatron and verl's ``megatron-vllm``; ``--stack``
+overrides it; OpenRLHF's DeepSpeed and ReaLHF's own trainer take the device's default).
 ``--json`` then also carries ``imported.experiment``, ``imported.plan`` and ``imported.notes``
 (what the framework does that the plan does not say). The best plan for that config, overall
 and inside the framework, is the search's: ``python -m search --from FRAMEWORK CONFIG``
@@ -68,13 +71,14 @@ from estimator.cost.lowering import Costs
 from estimator.cost.memory import GiB, MemoryReport, plan_memory
 from estimator.cost.roofline import mfu, roofline_s
 from estimator.interop import IMPORTERS, importer
-from estimator.profile.pricing import STACK_NAMES, experiment_profile
-from estimator.profile.profiles import Profile, op_set
+from estimator.profile.pricing import STACK_NAMES, default_stack, experiment_profile
+from estimator.profile.profiles import Profile, load_profile, op_set
 from estimator.sim.asynchrony import async_report
 from estimator.sim.simulate import simulate
 from estimator.sim.simulator import SimResult
 from estimator.spec.experiment import Experiment, experiment_from_dict, load_experiment
 from estimator.spec.plan import Plan, check
+from estimator.spec.stack import EXECUTOR
 from estimator.spec.stream import stream_problems
 
 COMM_OPS = ("tp_allreduce", "dp_allreduce", "dp_reduce_scatter", "dp_allgather", "dp_shard_comm")
@@ -327,7 +331,11 @@ def import_config(framework: str, path: str, profile: str | None,
     only the response cap; ``gen_mean`` (tokens) makes the responses the experiment file's
     ``gen_len: {max: cap, mean: gen_mean}`` instead of all at the cap."""
     read = importer(framework)
-    raw, plan, notes = read(_read_text(path), profile or "h100-sxm")
+    device = profile or "h100-sxm"
+    raw, plan, notes = read(_read_text(path), device)
+    if raw["cluster"].get("stack") and default_stack(load_profile(device, key="--profile")) == EXECUTOR:
+        # the framework's trainer is a production stack's; on a CPU device the executor prices it
+        raw = raw | {"cluster": {k: v for k, v in raw["cluster"].items() if k != "stack"}}
     if gen_mean is not None:
         raw = raw | {"gen_len": {"max": raw["gen_len"], "mean": gen_mean}}
         notes = notes + [f"responses: a log-normal body of mean {gen_mean:g} tokens capped at {raw['gen_len']['max']} "

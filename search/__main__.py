@@ -185,7 +185,7 @@ def _main(argv: list[str] | None) -> int:
                         extra_starts=starts or None)
     also = [config_plan] if imported is not None else []
     best = framework_best(experiment, profile, result, args.framework, also=also) if args.framework else None
-    if best is not None and best.fits and best.iteration_s < result.iteration_s:
+    if best is not None and best.fits and best.stack is None and best.iteration_s < result.iteration_s:
         # a projection beat the search's own best: it is the best plan overall too
         result = adopt(experiment, profile, result, best.plan, best.iteration_s, f"projection onto {args.framework}")
         best = dataclasses.replace(best, overall_s=result.iteration_s)

@@ -6,7 +6,9 @@ framework runs by its exporter (:mod:`estimator.interop`), the distinct projecti
 simulated, and the fastest that fits in memory is the framework's plan (the fastest of all when
 none fits, said so). So the framework's plan is the best projection of the search's best
 plans, not the optimum of the framework's whole space; its predicted time against the overall
-best is the cost of running in that framework.
+best is the cost of running in that framework. The projections are priced for the framework's
+own trainer where the search prices a production stack (:func:`estimator.export.framework_profile`:
+a NeMo-RL or AReaL plan that trains fully sharded runs DTensor/FSDP, ``fsdp-vllm``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 from estimator.base.errors import ConfigError
 from estimator.cost.memory import plan_memory
+from estimator.export import framework_profile
 from estimator.interop import exporter
 from estimator.profile.profiles import Profile
 from estimator.sim.simulate import simulate
@@ -32,17 +35,19 @@ class FrameworkBest:
     fits: bool
     projections: int  # distinct projected plans simulated
     overall_s: float  # the search's best plan, for the comparison
+    stack: str | None = None  # the framework trainer's stack its time is priced for, where not the search's
 
     def line(self) -> str:
         slower = self.iteration_s / self.overall_s
         fits = "" if self.fits else "; none of them fits in memory, this is the fastest"
+        stack = f", priced for its {self.stack} trainer" if self.stack else ""
         return (f"best plan {self.framework} can run (the best of {self.projections} projection(s) of the "
-                f"search's re-ranked plans onto what {self.framework} runs): predicted {self.iteration_s:.3f} s, "
-                f"{slower:.2f}x the best plan overall ({self.overall_s:.3f} s){fits}")
+                f"search's re-ranked plans onto what {self.framework} runs{stack}): predicted "
+                f"{self.iteration_s:.3f} s, {slower:.2f}x the best plan overall ({self.overall_s:.3f} s){fits}")
 
     def to_json(self) -> dict:
         return {"framework": self.framework, "iteration_s": self.iteration_s, "fits": self.fits,
-                "projections": self.projections, "overall_s": self.overall_s,
+                "projections": self.projections, "overall_s": self.overall_s, "stack": self.stack,
                 "plan": {c: lay.to_dict() for c, lay in self.plan.layouts.items()}}
 
 
@@ -57,16 +62,17 @@ def framework_best(experiment: Experiment, profile: Profile, result: SearchResul
     refused = []
     for plan in plans:
         try:
-            projected = module.export(experiment, plan).plan
+            export = module.export(experiment, plan)
         except ConfigError as exc:
             refused.append(str(exc))
             continue
-        projections.setdefault(projected.to_json(), projected)
+        projections.setdefault(export.plan.to_json(), (export.plan, framework_profile(export, profile)))
     if not projections:
         raise ConfigError(f"{framework} can run none of the search's plans: " + "; ".join(sorted(set(refused))))
     scored = []
-    for i, plan in enumerate(projections.values()):
-        fits = plan_memory(experiment, plan, profile.capacity_bytes, profile.stack).feasible
-        scored.append((not fits, simulate(experiment, plan, profile).iteration_s, i, plan))
-    unfit, seconds, _, plan = min(scored, key=lambda t: t[:3])
-    return FrameworkBest(framework, plan, seconds, not unfit, len(projections), result.iteration_s)
+    for i, (plan, theirs) in enumerate(projections.values()):
+        fits = plan_memory(experiment, plan, theirs.capacity_bytes, theirs.stack).feasible
+        scored.append((not fits, simulate(experiment, plan, theirs).iteration_s, i, plan, theirs.stack))
+    unfit, seconds, _, plan, stack = min(scored, key=lambda t: t[:3])
+    return FrameworkBest(framework, plan, seconds, not unfit, len(projections), result.iteration_s,
+                         stack if stack != profile.stack else None)

@@ -389,3 +389,36 @@ def test_gen_mean_gives_back_the_exports_prediction_of_a_length_distribution(fra
     assert at_cap > out["iteration_s"]  # every response at 32 tokens takes longer than a mean of 8
     assert predict_main([str(TINY_PPO), "--gen-mean", "8"]) == 2
     assert "--gen-mean goes with --from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("framework", ["areal", "nemo-rl"])
+def test_a_fully_sharded_trainer_is_priced_as_fsdp_both_ways(framework, capsys, tmp_path):
+    """NeMo-RL and AReaL train a fully sharded layout with DTensor/FSDP: the export prices its
+    projection for fsdp-vllm where the experiment is on megatron-vllm, and the config read back
+    predicts the same (its trainer names the stack; --stack overrides it)."""
+    import dataclasses
+
+    from estimator.export import predict_export
+    from estimator.predict import predict
+    from estimator.profile.pricing import experiment_profile
+
+    exp = load_experiment(GRPO)
+    plan = Plan.load(str(CASES["grpo-llama3-8b-8xh100"][1]))
+    plan = Plan({c: dataclasses.replace(lay, shard="full", pp=1, dp=lay.dp * lay.pp) if c == "actor_train" else lay
+                 for c, lay in plan.layouts.items()})
+    export = make_export(framework, exp, plan)
+    assert export.stack == "fsdp-vllm"
+    profile = experiment_profile(exp)
+    record = predict_export(export, exp, profile)
+    assert (record["stack"], record["projected_stack"], record["framework_stack"]) == ("megatron-vllm", "fsdp-vllm",
+                                                                                     "fsdp-vllm")
+    on_megatron = predict(exp, export.plan, profile)[2]["iteration_s"]
+    assert record["projected_predicted_s"] != pytest.approx(on_megatron, rel=1e-6)
+    config = tmp_path / "config.yaml"
+    config.write_text(export.files["config.yaml"])
+    assert predict_main(["--from", framework, str(config), "--gen-mean", "795", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stack"] == "fsdp-vllm" and out["imported"]["experiment"]["cluster"]["stack"] == "fsdp-vllm"
+    assert out["iteration_s"] == pytest.approx(record["projected_predicted_s"], rel=1e-9)
+    predict_main(["--from", framework, str(config), "--gen-mean", "795", "--stack", "megatron-vllm", "--json"])
+    assert json.loads(capsys.readouterr().out)["iteration_s"] == pytest.approx(on_megatron, rel=1e-9)

@@ -88,6 +88,10 @@ class Export:
     files: dict[str, str]  # file name → text, written into the export directory
     summary: str  # how the framework runs the plan, in a phrase
     notes: tuple[str, ...] = ()  # what the framework does beside the plan (not a layout change)
+    # the production stack (estimator.spec.stack) the framework's trainer runs the plan on, its
+    # projection priced on it where the experiment is priced on a production stack (None: the
+    # experiment's stack; a framework whose trainer no stack describes)
+    stack: str | None = None
 
     @property
     def projected(self) -> bool:
@@ -100,7 +104,7 @@ class Export:
                 "changes": [c.to_dict() for c in self.changes], "notes": list(self.notes),
                 "predicted_s": predicted_s, "projected_predicted_s": projected_predicted_s,
                 "plan": json.loads(self.given.to_json()), "projected_plan": json.loads(self.plan.to_json()),
-                "files": sorted(self.files)}
+                "files": sorted(self.files), "framework_stack": self.stack}
 
 
 def _text(value: object) -> str:
@@ -192,12 +196,23 @@ def overlay_export(framework: str, repo: str, commit: str, header: str, experime
                    pr: Projection, config: Callable[[Any, Plan], tuple[dict, list[str]]],
                    describe: Callable[[Plan, Any], str]) -> Export:
     """An export whose file is ``config.yaml``, an overlay of the framework's config: ``config``
-    of the projected plan (its data and notes) under the comment ``header``."""
+    of the projected plan (its data and notes) under the comment ``header``; the framework picks
+    its trainer by the projected train layout (:func:`trainer_stack`)."""
     projected = pr.plan(framework)
     data, notes = config(experiment, projected)
     text = f"# {header}\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
     return Export(framework, repo, commit, plan, projected, tuple(pr.changes), {"config.yaml": text},
-                  describe(projected, experiment), tuple(notes))
+                  describe(projected, experiment), tuple(notes), trainer_stack(projected))
+
+
+# the production stacks (estimator.spec.stack) a framework's trainer backend is priced as
+FSDP_STACK, MEGATRON_STACK = "fsdp-vllm", "megatron-vllm"
+
+
+def trainer_stack(plan: Plan, call: str = "actor_train") -> str:
+    """The production stack of a framework that picks its trainer by the train layout's sharding
+    (AReaL, NeMo-RL): a fully sharded layout trains with FSDP (DTensor), any other with Megatron."""
+    return FSDP_STACK if plan[call].shard == "full" else MEGATRON_STACK
 
 
 

@@ -62,6 +62,8 @@ from math import gcd
 
 from estimator.base.errors import ConfigError
 from estimator.interop.common import (
+    FSDP_STACK,
+    MEGATRON_STACK,
     Export,
     Projection,
     Settings,
@@ -330,7 +332,8 @@ def read_experiment(r: Settings, device: str) -> tuple[dict, list[str]]:
            "hyperparams": {"lr": lr, "kl_coef": r.number("loss_fn.reference_policy_kl_penalty", float, 0.01),
                            "clip_eps": lo, "temperature": r.number(f"{G}.temperature", float, 1.0)},
            "cluster": {"nodes": r.number("cluster.num_nodes", int, 1),
-                       "devices_per_node": r.number("cluster.gpus_per_node", int, 1), "device": device}}
+                       "devices_per_node": r.number("cluster.gpus_per_node", int, 1), "device": device,
+                       "stack": MEGATRON_STACK if megatron else FSDP_STACK}}
     return raw, notes
 
 

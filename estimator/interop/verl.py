@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from estimator.base.errors import ConfigError
 from estimator.interop.common import (
+    MEGATRON_STACK,
     Export,
     Projection,
     Settings,
@@ -245,7 +246,8 @@ def export(experiment: Experiment, plan: Plan) -> Export:
     projected = pr.plan(FRAMEWORK)
     lines, notes = overrides(experiment, projected)
     return Export(FRAMEWORK, REPO, COMMIT, plan, projected, tuple(pr.changes),
-                  {"overrides.txt": "\n".join(lines) + "\n"}, describe(projected, experiment), tuple(notes))
+                  {"overrides.txt": "\n".join(lines) + "\n"}, describe(projected, experiment), tuple(notes),
+                  MEGATRON_STACK)  # the Megatron trainer of ppo_megatron_trainer
 
 
 # ---- import: the overrides back into an experiment and a plan ---------------------------------
@@ -289,7 +291,7 @@ def read_experiment(r: Settings, device: str) -> dict:
            "ppo_minibatches": batch // mini, "kv_fraction": r.number(f"{ARO}.rollout.gpu_memory_utilization", float),
            "hyperparams": hyper,
            "cluster": {"nodes": r.number("trainer.nnodes"), "devices_per_node": r.number("trainer.n_gpus_per_node"),
-                       "device": device}}
+                       "device": device, "stack": MEGATRON_STACK}}
     if algorithm == "grpo":
         raw["group_size"] = r.number(f"{ARO}.rollout.n")
     elif r.has(f"{ARO}.rollout.n"):
