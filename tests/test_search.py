@@ -14,7 +14,7 @@ from estimator.spec.cluster import Cluster
 from estimator.spec.experiment import load_experiment
 from estimator.spec.plan import Plan, check, enumerate_layouts
 from search import run_search
-from search.anneal import RECOMPUTE_P, Chain, split_evals
+from search.anneal import RECOMPUTE_P, Chain, polish_shapes, split_evals
 from search.exact import EXACT_MAX_PLANS
 from search.space import build_space
 from tests.conftest import EXAMPLES, tiny_experiment
@@ -123,6 +123,43 @@ def test_annealing_proposes_recompute_where_only_it_fits_and_otherwise_by_chance
     assert picks.count(only[0]) == pytest.approx(2000, rel=0.1)  # degrees first, uniformly
     assert picks.count(both[1]) == pytest.approx(2000 * RECOMPUTE_P, rel=0.15)
     assert set(picks) == set(both + only)
+
+
+def test_polish_tries_other_degrees_with_the_current_settings_then_every_setting_of_its_degrees():
+    shapes = [(4, 1, 1, 1, "none", "none", "none"), (4, 1, 1, 2, "none", "none", "none"),
+              (4, 1, 1, 2, "full", "none", "none"), (2, 2, 1, 1, "none", "none", "none"),
+              (2, 2, 1, 2, "none", "none", "none"), (1, 4, 1, 1, "none", "optimizer", "none")]
+    current = (4, 1, 1, 2, "none", "none", "none")
+    tried = polish_shapes(shapes, current)
+    # (2, 2, 1) at the current settings; (1, 4, 1) has no such shape: its first kept one
+    assert tried[:2] == [(2, 2, 1, 2, "none", "none", "none"), (1, 4, 1, 1, "none", "optimizer", "none")]
+    assert tried[2:] == shapes[:3]  # every setting of the current degrees
+    assert len(set(tried)) == len(tried)
+
+
+def test_polish_ends_at_a_plan_no_single_reshape_improves_and_keeps_to_its_budget():
+    """From a searched plan of a tiny PPO: the polished plan is at least as fast, and no reshape
+    polish_shapes offers for any call makes it faster (checked one by one); a budget of five
+    evaluations stops it after five."""
+    from search.space import make_layout, shape_of
+
+    exp = load_experiment(EXAMPLES / "ppo-tiny-2xcpu.yaml")
+    profile = load_profile(exp.cluster.device)
+    space = build_space(exp, profile)
+    chain = Chain(exp, profile, space, (0, 0), top_k=4)
+    start = list(space.key(run_search(exp, profile, max_evals=40, seed=0, chains=1, progress=False).plan))
+    fits, cost = chain.score(tuple(start))
+    assert fits
+    state, polished = chain.polish(list(start), cost, lambda: False)
+    assert polished <= cost and chain.score(tuple(state)) == (True, polished)
+    for c, cs in enumerate(space.calls):
+        for shape in polish_shapes(cs.shapes_on(state[c].mesh), shape_of(state[c])):
+            lay = make_layout(state[c].mesh.first, state[c].mesh.size, shape)
+            fits, other = chain.score(tuple(state[:c] + [lay] + state[c + 1:]))
+            assert not fits or other >= polished, (space.names[c], shape)
+    budget = Chain(exp, profile, space, (0, 0), top_k=4)
+    budget.polish(list(start), cost, lambda: budget.evaluated >= 5)
+    assert budget.evaluated == 5
 
 
 def test_no_plan_fits_names_the_tightest_call_and_its_memory_by_part():
