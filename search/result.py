@@ -81,7 +81,7 @@ def baseline_table(result: SearchResult) -> str:
 
 def render_report(result: SearchResult, summary: dict[str, Any], memory: MemoryReport) -> str:
     how = ("exact search over the whole space" if result.method == "exact"
-           else f"simulated annealing, {result.chains} chain(s)")
+           else f"simulated annealing, {result.chains} chain(s), each polishing its best plan")
     lines = [f"plan space: 10^{result.space_log10:.1f} plans", result.space.table(), "",
              f"searched {result.evaluated:,} plans ({how}) in {result.elapsed_s:.1f} s; "
              f"the simulator re-ranked {sum(c.simulator_s is not None for c in result.candidates)} of "
