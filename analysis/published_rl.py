@@ -65,6 +65,7 @@ from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment, experiment_from_dict
 from estimator.spec.models import PRESETS, hf_preset
 from estimator.spec.plan import Layout, Plan, validate
+from estimator.spec.stack import FSDP_VLLM, MEGATRON_VLLM
 
 # table metric → what it measures, as the prediction is read off the simulated timeline
 PHASES = {
@@ -187,9 +188,9 @@ def nemo_rl_settings(run: RlRun, stack: str, preset: str) -> Settings:
     ``logprob_batch_size`` (4 in grpo_math_8B_megatron.yaml and grpo_math_70B_megatron.yaml, 2 in
     grpo_math_8B.yaml), ``gpu_memory_utilization`` 0.6 in all of them."""
     seq = run.seq_cap
-    if stack == "fsdp-vllm" and preset.endswith("-8b"):
+    if stack == FSDP_VLLM and preset.endswith("-8b"):
         lp, where = 2, "examples/configs/grpo_math_8B.yaml"
-    elif stack == "megatron-vllm" and preset.endswith("-8b"):
+    elif stack == MEGATRON_VLLM and preset.endswith("-8b"):
         lp, where = 4, "examples/configs/grpo_math_8B_megatron.yaml"
     else:
         lp, where = 4, "examples/configs/grpo_math_70B_megatron.yaml (no v0.3.0 config for this run; its values)"
@@ -205,9 +206,9 @@ def stack_of(run: RlRun) -> str | None:
     """The production stack a run's system names (None: neither Megatron nor DTensor/FSDP)."""
     s = run.system.lower()
     if "megatron" in s:
-        return "megatron-vllm"
+        return MEGATRON_VLLM
     if "dtensor" in s or "fsdp" in s:
-        return "fsdp-vllm"
+        return FSDP_VLLM
     return None
 
 
@@ -296,7 +297,7 @@ def map_run(run: RlRun, profile: str | Path | None = None) -> Mapped | str:
         return f"not an experiment of this project: {exc}"
     whole = DeviceMesh(0, run.gpus)
     dp = run.gpus // (tp * pp)
-    shard = ("optimizer" if stack == "megatron-vllm" else "full") if dp > 1 else "none"
+    shard = ("optimizer" if stack == MEGATRON_VLLM else "full") if dp > 1 else "none"
     layouts = {"actor_gen": Layout(whole, run.gpus // gen_tp, gen_tp, 1),
                "actor_inf": Layout(whole, dp, tp, pp, max_tokens_per_micro_batch=settings.logprob_mb_tokens),
                "ref_inf": Layout(whole, dp, tp, pp, max_tokens_per_micro_batch=settings.logprob_mb_tokens),
@@ -585,7 +586,7 @@ FIT_PHASES = ("gen_time", "logprob_time", "train_time", "refit_time")
 AR_ELEMENTS = (512, 4096, 32768, 262144, 524288, 1048576)
 VLLM_ALLREDUCE_US = {2: (9.5, 8.8, 8.7, 12.9, 17.7, 26.6), 4: (9.1, 8.5, 9.2, 20.6, 26.9, 40.2),
                      8: (10.1, 9.3, 11.8, 24.1, 30.4, 45.0)}
-STACK_NAMES_FIT = ("megatron-vllm", "fsdp-vllm")
+STACK_NAMES_FIT = (MEGATRON_VLLM, FSDP_VLLM)
 
 
 def _decode_kernels(profile: Profile, preset: str = "llama3.1-8b") -> float:
@@ -593,7 +594,7 @@ def _decode_kernels(profile: Profile, preset: str = "llama3.1-8b") -> float:
     from estimator.cost.census import block_piece, end_piece, model_symbols
     from estimator.cost.pieces import piece_launches
 
-    m, fused = PRESETS[preset], for_stack(profile, "megatron-vllm")
+    m, fused = PRESETS[preset], for_stack(profile, MEGATRON_VLLM)
     sym = model_symbols(m, 1) | {"rows": 1.0, "tokens": 1.0, "kv_len": 1.0}
     return (m.layers * piece_launches(fused, block_piece("decode_batched", m, 1), sym)
             + sum(piece_launches(fused, p, sym) for p in (end_piece("embed", 1, m), end_piece("head_lm", 1, m),

@@ -70,8 +70,6 @@ import re
 
 from estimator.base.errors import ConfigError
 from estimator.interop.common import (
-    FSDP_STACK,
-    MEGATRON_STACK,
     Export,
     Projection,
     Settings,
@@ -86,6 +84,7 @@ from estimator.interop.common import (
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment, experiment_from_dict
 from estimator.spec.plan import Layout, Plan
+from estimator.spec.stack import FSDP_VLLM, MEGATRON_VLLM
 
 FRAMEWORK = "areal"
 REPO = "inclusionAI/AReaL"
@@ -426,7 +425,7 @@ def read_experiment(r: Settings, device: str) -> tuple[dict, _Engines, list[str]
     cluster = {"nodes": r.number("cluster.n_nodes", int, DEFAULT_NODES),
                "devices_per_node": r.number("cluster.n_gpus_per_node", int, 8), "device": device}
     eng = _Engines(r, cluster["nodes"] * cluster["devices_per_node"], critic)
-    cluster["stack"] = MEGATRON_STACK if eng.backends["actor"][0] == "megatron" else FSDP_STACK
+    cluster["stack"] = MEGATRON_VLLM if eng.backends["actor"][0] == "megatron" else FSDP_VLLM
     kv = "vllm.gpu_memory_utilization" if eng.backends["rollout"][0] == "vllm" else "sglang.mem_fraction_static"
     hyper = {"lr": r.number("actor.optimizer.lr", float, 1e-3), "kl_coef": r.number("actor.kl_ctl", float, 0.1),
              "clip_eps": r.number("actor.eps_clip", float, 0.2), "gamma": r.number("actor.discount", float, 1.0),

@@ -26,6 +26,7 @@ from estimator.base.errors import ConfigError
 from estimator.base.loading import parse_yaml
 from estimator.spec.experiment import Experiment
 from estimator.spec.plan import Layout, Plan, validate
+from estimator.spec.stack import FSDP_VLLM, MEGATRON_VLLM
 from estimator.spec.workflow import Call
 
 # a train call's data-parallel sharding: replicated, ZeRO-1 / distributed optimizer, ZeRO-3 / FSDP
@@ -205,14 +206,10 @@ def overlay_export(framework: str, repo: str, commit: str, header: str, experime
                   describe(projected, experiment), tuple(notes), trainer_stack(projected))
 
 
-# the production stacks (estimator.spec.stack) a framework's trainer backend is priced as
-FSDP_STACK, MEGATRON_STACK = "fsdp-vllm", "megatron-vllm"
-
-
 def trainer_stack(plan: Plan, call: str = "actor_train") -> str:
     """The production stack of a framework that picks its trainer by the train layout's sharding
     (AReaL, NeMo-RL): a fully sharded layout trains with FSDP (DTensor), any other with Megatron."""
-    return FSDP_STACK if plan[call].shard == "full" else MEGATRON_STACK
+    return FSDP_VLLM if plan[call].shard == "full" else MEGATRON_VLLM
 
 
 

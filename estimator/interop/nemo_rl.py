@@ -62,8 +62,6 @@ from math import gcd
 
 from estimator.base.errors import ConfigError
 from estimator.interop.common import (
-    FSDP_STACK,
-    MEGATRON_STACK,
     Export,
     Projection,
     Settings,
@@ -79,6 +77,7 @@ from estimator.interop.common import (
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment, experiment_from_dict
 from estimator.spec.plan import Layout, Plan
+from estimator.spec.stack import FSDP_VLLM, MEGATRON_VLLM
 
 FRAMEWORK = "nemo-rl"
 REPO = "NVIDIA-NeMo/RL"
@@ -333,7 +332,7 @@ def read_experiment(r: Settings, device: str) -> tuple[dict, list[str]]:
                            "clip_eps": lo, "temperature": r.number(f"{G}.temperature", float, 1.0)},
            "cluster": {"nodes": r.number("cluster.num_nodes", int, 1),
                        "devices_per_node": r.number("cluster.gpus_per_node", int, 1), "device": device,
-                       "stack": MEGATRON_STACK if megatron else FSDP_STACK}}
+                       "stack": MEGATRON_VLLM if megatron else FSDP_VLLM}}
     return raw, notes
 
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 from estimator.base.errors import ConfigError
 from estimator.interop.common import (
-    MEGATRON_STACK,
     Export,
     Projection,
     Settings,
@@ -64,6 +63,7 @@ from estimator.interop.common import (
 from estimator.spec.cluster import DeviceMesh
 from estimator.spec.experiment import Experiment, experiment_from_dict
 from estimator.spec.plan import Plan
+from estimator.spec.stack import MEGATRON_VLLM
 
 FRAMEWORK = "verl"
 REPO = "volcengine/verl"
@@ -247,7 +247,7 @@ def export(experiment: Experiment, plan: Plan) -> Export:
     lines, notes = overrides(experiment, projected)
     return Export(FRAMEWORK, REPO, COMMIT, plan, projected, tuple(pr.changes),
                   {"overrides.txt": "\n".join(lines) + "\n"}, describe(projected, experiment), tuple(notes),
-                  MEGATRON_STACK)  # the Megatron trainer of ppo_megatron_trainer
+                  MEGATRON_VLLM)  # the Megatron trainer of ppo_megatron_trainer
 
 
 # ---- import: the overrides back into an experiment and a plan ---------------------------------
@@ -291,7 +291,7 @@ def read_experiment(r: Settings, device: str) -> dict:
            "ppo_minibatches": batch // mini, "kv_fraction": r.number(f"{ARO}.rollout.gpu_memory_utilization", float),
            "hyperparams": hyper,
            "cluster": {"nodes": r.number("trainer.nnodes"), "devices_per_node": r.number("trainer.n_gpus_per_node"),
-                       "device": device, "stack": MEGATRON_STACK}}
+                       "device": device, "stack": MEGATRON_VLLM}}
     if algorithm == "grpo":
         raw["group_size"] = r.number(f"{ARO}.rollout.n")
     elif r.has(f"{ARO}.rollout.n"):

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from estimator.base.errors import ConfigError, did_you_mean
 
 EXECUTOR = "executor"
+MEGATRON_VLLM, FSDP_VLLM = "megatron-vllm", "fsdp-vllm"  # the production stacks
 # How a trainer cuts a token budget into micro-batches (experiment key cluster.micro_batching):
 # "packed" concatenates rows without padding (NeMo-RL sequence_packing, Megatron's packed
 # sequences); "dynamic" sorts a rank's rows by length and pads each micro-batch to its longest,
@@ -51,7 +52,7 @@ MICRO_BATCHING = ("packed", "dynamic", "padded")
 # NeMo-RL dynamic_batching.sequence_length_round (docs/design-docs/sequence-packing-and-dynamic-
 # batching.md, examples/configs/grpo_math_8B.yaml: 64)
 DYNAMIC_ROUND = 64
-DEFAULT_GPU_STACK = "megatron-vllm"  # the stack a GPU experiment is priced on unless it names one
+DEFAULT_GPU_STACK = MEGATRON_VLLM  # the stack a GPU experiment is priced on unless it names one
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,9 @@ class Stack:
 
 STACKS: dict[str, Stack] = {s.name: s for s in (
     Stack(EXECUTOR, "executor", "executor", "executor", "this project's eager executor"),
-    Stack("megatron-vllm", "fused", "megatron", "vllm", "Megatron-Core training with vLLM generation",
+    Stack(MEGATRON_VLLM, "fused", "megatron", "vllm", "Megatron-Core training with vLLM generation",
           packing=True, colocated_offload=True),
-    Stack("fsdp-vllm", "fused", "fsdp", "vllm", "PyTorch FSDP2 (DTensor) training with vLLM generation",
+    Stack(FSDP_VLLM, "fused", "fsdp", "vllm", "PyTorch FSDP2 (DTensor) training with vLLM generation",
           packing=True, colocated_offload=True, reduce_bytes=4, refit_bytes=4),
 )}
 STACK_NAMES = tuple(STACKS)
