@@ -47,6 +47,7 @@ from estimator.cost.memory import (
     source_bytes,
     swappable_roles,
     swapped_in_bytes,
+    swapped_roles,
 )
 from estimator.profile.profiles import Profile
 from estimator.sim import hostshare
@@ -170,15 +171,15 @@ class Evaluator:
         # calls that refit a serving engine: they reallocate even onto the home's placement
         self.refit = [self.costs.refits(n) for n in self.names]
         self.trained = set(wf.trained_roles())
-        # calls of frozen roles a production stack swaps in from host memory where its engine
-        # shares the training devices (estimator.cost.memory.swapped_roles), and the calls whose
-        # layouts decide whether it does (generate calls, trained homes)
+        # calls of frozen roles a production stack may swap in from host memory
+        # (estimator.cost.memory.swapped_roles), and the calls whose layouts decide whether it
+        # does (generate calls, trained homes): the swapped calls are cached by those layouts
         swappable = swappable_roles(experiment) if self.costs.production else frozenset()
         self._swappable = tuple(c for c, r in enumerate(self.roles) if r in swappable)
         sharing = sorted({c for c, n in enumerate(self.names) if wf[n].kind == "generate"}
                          | {index[self.costs.homes[r]] for r in self.trained})
         self._sharing_key = itemgetter(*sharing) if sharing else (lambda lids: ())
-        self._shares: dict[object, bool] = {}
+        self._swapped_calls: dict[object, tuple[int, ...]] = {}
         self.capacity = profile.capacity_bytes
         self.num_devices = experiment.cluster.num_devices
         # data edges as (consumer, its e-th producer, producer), and each consumer's columns
@@ -387,10 +388,12 @@ class Evaluator:
         if not self._swappable:
             return ()
         key = self._sharing_key(lids)
-        shares = self._shares.get(key)
-        if shares is None:
-            shares = self._shares[key] = self.costs.shares({n: self._layouts[lid] for n, lid in zip(self.names, lids)})
-        return self._swappable if shares else ()
+        calls = self._swapped_calls.get(key)
+        if calls is None:
+            plan = Plan({n: self._layouts[lid] for n, lid in zip(self.names, lids)})
+            roles = swapped_roles(self.experiment, plan, self.costs.profile.stack)
+            calls = self._swapped_calls[key] = tuple(c for c in self._swappable if self.roles[c] in roles)
+        return calls
 
     def _static_row(self, c: int, lid: int) -> int:
         role, layout = self.roles[c], self._layouts[lid]
