@@ -190,7 +190,7 @@ def check_host_memory(experiment: Experiment, plan: Plan, dtype: str,
     idle = "" if len(used) == world else (
         f"the plan uses {len(used)} of the cluster's {world} devices ({', '.join(map(str, used))}), but a run "
         f"starts one process per device of the cluster, so {world - len(used)} of them only idle")
-    memory = plan_memory(experiment, plan, float("inf"))
+    memory = plan_memory(experiment, plan, float("inf"), None)
     per_device = [in_run_dtype(d.parts, dtype) for d in memory.devices]
     totals = [sum(p.values()) + PROCESS_BASE_BYTES for p in per_device]
     need = sum(totals) + PROCESS_BASE_BYTES

@@ -124,14 +124,14 @@ def test_standing_copy_is_resident_on_the_rollout_devices():
     e, plan = _two_device(1)
     prof = load_profile("h100-sxm")
     weights = home_bytes(e.models["actor"], plan["actor_gen"], trained=False)[0]["weights"]
-    sync = plan_memory(e.with_staleness(0), plan, prof.capacity_bytes).devices[0]
-    copy = plan_memory(e, plan, prof.capacity_bytes).devices[0]
+    sync = plan_memory(e.with_staleness(0), plan, prof.capacity_bytes, prof.stack).devices[0]
+    copy = plan_memory(e, plan, prof.capacity_bytes, prof.stack).devices[0]
     # synchronous: the rollout reallocates a copy for its own duration; asynchronous: the copy
     # stands beside the reference's weights through every call on the device
     assert sync.parts["weights"] + weights == pytest.approx(copy.parts["weights"])
     assert copy.parts["realloc"] == 0.0
     assert Evaluator(e, prof, 3).evaluate(plan).peak_memory_bytes == pytest.approx(
-        max(d.peak_bytes for d in plan_memory(e, plan, prof.capacity_bytes).devices))
+        max(d.peak_bytes for d in plan_memory(e, plan, prof.capacity_bytes, prof.stack).devices))
 
 
 @pytest.mark.parametrize("eta", [0, 1, 2, 3])

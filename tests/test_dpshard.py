@@ -129,7 +129,7 @@ def test_a_fully_sharded_train_call_holds_two_gathered_blocks_and_its_ends():
 
 def test_plan_memory_follows_the_train_calls_sharding():
     exp = tiny_experiment("sft", devices_per_node=2, batch_size=8, minibatches=1)
-    peaks = {s: plan_memory(exp, Plan({"actor_train": _layout(shard=s)}), 80e9).devices[0].parts
+    peaks = {s: plan_memory(exp, Plan({"actor_train": _layout(shard=s)}), 80e9, None).devices[0].parts
              for s in SHARD_CHOICES}
     assert peaks["none"]["optimizer"] == 12 * TOTAL and peaks["optimizer"]["optimizer"] == 6 * TOTAL
     assert peaks["full"]["weights"] == TOTAL + 2 * (ENDS_NUMEL + 2 * BLOCK)
@@ -280,7 +280,7 @@ def test_the_search_picks_full_sharding_where_only_it_fits():
     cap = (least["full"] + min(least["none"], least["optimizer"])) / 2
     result = run_search(exp, linear_profile(capacity=cap), max_evals=1, progress=False, top_k=1, method="exact")
     assert result.plan["actor_train"].shard == "full"
-    assert plan_memory(exp, result.plan, cap).feasible
+    assert plan_memory(exp, result.plan, cap, None).feasible
 
 
 def test_the_search_prefers_the_optimizer_sharding_where_replicas_train():

@@ -128,7 +128,7 @@ def test_batch_evaluation_equals_one_by_one_and_memory_matches():
     assert np.allclose(batch.iteration_s, [s.iteration_s for s in single])
     assert np.allclose(batch.peak_memory_bytes, [s.peak_memory_bytes for s in single])
     for plan, s in zip(plans[:20], single):
-        report = plan_memory(exp, plan, prof.capacity_bytes)
+        report = plan_memory(exp, plan, prof.capacity_bytes, prof.stack)
         assert s.peak_memory_bytes == pytest.approx(report.peak.peak_bytes)
         assert s.feasible == report.feasible
     assert set(single[0].calls) == set(exp.workflow.call_names)
@@ -145,7 +145,8 @@ def test_every_algorithm_evaluates_and_agrees(algorithm):
         # the CPU profile's collectives cost ~0.6 ms each between computations, so link
         # contention between stages, which the evaluator leaves out, weighs up to ~4 % here
         assert got.iteration_s == pytest.approx(sim, rel=0.05)
-        assert got.peak_memory_bytes == pytest.approx(plan_memory(exp, plan, prof.capacity_bytes).peak.peak_bytes)
+        memory = plan_memory(exp, plan, prof.capacity_bytes, prof.stack)
+        assert got.peak_memory_bytes == pytest.approx(memory.peak.peak_bytes)
 
 
 @pytest.mark.parametrize("name", ["ppo-tiny-2xcpu", "ppo-llama2-7b-8xh100"])
@@ -166,4 +167,5 @@ def test_evaluator_agrees_with_simulator_under_recompute(name):
         assert fast.iteration_s == pytest.approx(sim, rel=0.03), rc.table()
         assert fast.iteration_s > ev.evaluate(plan).iteration_s
         assert fast.peak_memory_bytes <= ev.evaluate(plan).peak_memory_bytes
-        assert fast.peak_memory_bytes == pytest.approx(plan_memory(exp, rc, prof.capacity_bytes).peak.peak_bytes)
+        memory = plan_memory(exp, rc, prof.capacity_bytes, prof.stack)
+        assert fast.peak_memory_bytes == pytest.approx(memory.peak.peak_bytes)

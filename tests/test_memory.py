@@ -98,7 +98,7 @@ def test_plan_memory_adds_homes_and_the_largest_call():
     exp = tiny_experiment("dpo", devices_per_node=4)
     home = Layout(DeviceMesh(0, 4), 1, 4, 1)
     other = Layout(DeviceMesh(0, 2), 1, 2, 1)
-    report = plan_memory(exp, Plan({"ref_inf": other, "actor_train": home}), capacity_bytes=1e12)
+    report = plan_memory(exp, Plan({"ref_inf": other, "actor_train": home}), capacity_bytes=1e12, stack=None)
     p_actor, p_ref = stage_params(TINY, 4, 1, 0, 2), stage_params(TINY, 2, 1, 0, 2)
     d0 = report.devices[0]
     assert d0.parts["weights"] == 2 * p_actor + 2 * p_ref  # both homes
@@ -110,7 +110,7 @@ def test_plan_memory_adds_homes_and_the_largest_call():
 def test_infeasible_plan_names_device_and_bytes():
     exp = tiny_experiment("dpo", devices_per_node=4)
     lay = Layout(DeviceMesh(0, 4), 1, 4, 1)
-    report = plan_memory(exp, Plan({"ref_inf": lay, "actor_train": lay}), capacity_bytes=1e6)
+    report = plan_memory(exp, Plan({"ref_inf": lay, "actor_train": lay}), capacity_bytes=1e6, stack=None)
     assert not report.feasible
     (reason,) = report.reasons()
     assert re.match(r"predicted \d+\.\d MiB on device 0 against 976\.6 KiB during \w+ \(weights \d", reason)
@@ -127,7 +127,7 @@ def test_a_verifier_holds_no_memory_and_actor_inf_is_a_copy_away_from_home():
     home, half = Layout(DeviceMesh(0, 4), 1, 4, 1), Layout(DeviceMesh(0, 2), 1, 2, 1)
     plan = Plan({"actor_gen": home, "actor_inf": half, "ref_inf": Layout(DeviceMesh(2, 2), 1, 2, 1),
                  "actor_train": home})
-    report = plan_memory(exp, plan, capacity_bytes=1e12)
+    report = plan_memory(exp, plan, capacity_bytes=1e12, stack=None)
     p_actor, p_ref = stage_params(TINY, 4, 1, 0, 2), stage_params(TINY, 2, 1, 0, 2)
     assert [d.parts["weights"] for d in report.devices] == [2 * p_actor] * 2 + [2 * p_actor + 2 * p_ref] * 2
     away = call_bytes(exp.workflow["actor_inf"], TINY, half, at_home=False)[0]

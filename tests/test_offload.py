@@ -143,10 +143,10 @@ def test_the_peak_by_hand_with_and_without_the_optimizer_offloaded():
     V = exp.models["critic"].params
     adds = {c: sum(call_bytes(wf[c], exp.models[wf[c].role], plan[c], True)[0].values()) for c in wf.call_names}
     resident = 2 * P + 2 * P + 2 * V + 2 * V + 2 * P + 2 * V  # actor, critic (weights, grads); ref, reward
-    none = plan_memory(exp, plan, 80e9)
+    none = plan_memory(exp, plan, 80e9, None)
     assert none.peak.call == "actor_gen"
     assert none.peak.peak_bytes == pytest.approx(resident + 12 * P + 12 * V + max(adds.values()))
-    off = plan_memory(exp, _offloading(plan, exp, "optimizer"), 80e9)
+    off = plan_memory(exp, _offloading(plan, exp, "optimizer"), 80e9, None)
     rows = dict(adds, actor_train=adds["actor_train"] + 12 * P, critic_train=adds["critic_train"] + 12 * V)
     assert off.peak.peak_bytes == pytest.approx(resident + max(rows.values()))
     assert off.peak.call == "actor_train" and off.peak.parts["optimizer"] == pytest.approx(12 * P)

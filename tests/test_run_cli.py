@@ -155,7 +155,7 @@ def test_a_run_the_host_cannot_hold_exits_2_with_the_figures_before_starting(cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     exp = load_experiment(exp_path)
-    memory = plan_memory(exp, Plan.load(str(PLANS / "tp2.json")), float("inf"))
+    memory = plan_memory(exp, Plan.load(str(PLANS / "tp2.json")), float("inf"), None)
     need = sum(sum(run_mod.in_run_dtype(d.parts, "float32").values()) for d in memory.devices)
     need += 9 * run_mod.PROCESS_BASE_BYTES  # 8 workers and the parent
     assert err[0].startswith(f"error: this host cannot hold the run: it needs about {fmt_bytes(need)} of host "

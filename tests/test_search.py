@@ -58,7 +58,7 @@ def test_the_searched_plan_is_never_predicted_slower_than_a_baseline_that_fits(p
     evals = 100 if exp.cluster.num_devices <= 16 else 20  # new layouts on 128 devices cost a lowering each
     result = run_search(exp, profile, max_evals=evals, chains=1, progress=False, top_k=1)
     check(result.plan, exp)
-    assert plan_memory(exp, result.plan, profile.capacity_bytes).feasible
+    assert plan_memory(exp, result.plan, profile.capacity_bytes, profile.stack).feasible
     assert result.simulated and result.peak_memory_bytes <= result.capacity_bytes
     assert result.roofline_s <= result.iteration_s
     fits = [b for b in result.baselines.values() if b.feasible]
@@ -185,7 +185,8 @@ def test_no_plan_fits_names_the_tightest_call_and_its_memory_by_part():
     msg = str(err.value)
     plans = [least_memory_plan(exp, space)] + [b.plan for b in (sb.build(n, exp, profile, simulate_it=False)
                                                                 for n in sb.BASELINES) if b.plan is not None]
-    peak = min((plan_memory(exp, p, profile.capacity_bytes).peak for p in plans), key=lambda d: d.peak_bytes)
+    peak = min((plan_memory(exp, p, profile.capacity_bytes, profile.stack).peak for p in plans),
+               key=lambda d: d.peak_bytes)
     assert msg.startswith("no plan fits in 74.5 GiB per device: no baseline fits and the search found none among")
     assert f"{peak.call} is the tightest call, {fmt_bytes(peak.peak_bytes)} on device {peak.device} " \
            "against 74.5 GiB (weights " in msg

@@ -28,7 +28,7 @@ def test_every_baseline_is_a_valid_plan_that_fits_or_says_why_not(path):
         assert b.name == name
         if b.feasible:
             check(b.plan, exp)
-            assert plan_memory(exp, b.plan, profile.capacity_bytes).feasible
+            assert plan_memory(exp, b.plan, profile.capacity_bytes, profile.stack).feasible
         else:
             assert b.reason and b.iteration_s is None
 

@@ -52,7 +52,7 @@ def test_memory_pruning_drops_only_layouts_no_plan_can_fit():
         # with every other call on the smallest mesh it allows, the dropped layout still
         # overflows, or (recompute) the same layout without it fits and is faster
         plan = Plan({**cheapest, "actor_train": lay})
-        if not plan_memory(exp, plan, profile.capacity_bytes).feasible:
+        if not plan_memory(exp, plan, profile.capacity_bytes, profile.stack).feasible:
             continue
         twin = dataclasses.replace(lay, recompute="none")
         assert lay.recompute == "full" and train.contains(twin)

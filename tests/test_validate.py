@@ -32,7 +32,8 @@ def test_sample_covers_every_structural_kind_with_valid_distinct_plans(name: str
     assert missing == [] and len(plans) == 20
     assert set().union(*(plan_kinds(p, exp) for p in plans)) == set(KINDS)
     assert len({p.to_json() for p in plans}) == 20
-    assert all(not plan_problems(p, exp) and plan_memory(exp, p, profile.capacity_bytes).feasible for p in plans)
+    assert all(not plan_problems(p, exp) and plan_memory(exp, p, profile.capacity_bytes, profile.stack).feasible
+               for p in plans)
     again, _ = sample_plans(exp, profile, 20, seed=3)
     assert [p.to_json() for p in again] == [p.to_json() for p in plans]
     other, _ = sample_plans(exp, profile, 20, seed=4)

@@ -343,7 +343,7 @@ def swapped_in_bytes(model: ModelSpec, layout: Layout) -> list[dict[str, float]]
     return [{"weights": BF16 * p} for p in stage_param_counts(model, layout)]
 
 
-def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float, stack: str | None = None) -> MemoryReport:
+def plan_memory(experiment: Experiment, plan: Plan, capacity_bytes: float, stack: str | None) -> MemoryReport:
     """Peak memory of every device under ``plan`` priced for ``stack`` (the profile's; None:
     this project's executor), a generation engine holding the experiment's ``kv_fraction`` of
     ``capacity_bytes``."""
